@@ -1,0 +1,129 @@
+import { DEFAULT_RETRY_DELAYS_MS, parseDurations } from './core/retry.js';
+
+/**
+ * Environment → validated, frozen configuration. The only module that reads `process.env`;
+ * every invalid value fails start-up with a message naming the variable.
+ */
+
+export interface ApiClient {
+  readonly clientId: string;
+  readonly token: string;
+}
+
+export interface Config {
+  readonly port: number;
+  readonly host: string;
+  readonly publicUrl: string;
+  readonly dataDir: string;
+  /** From `BROKER_API_KEYS`; empty means "generate one and keep it in the data dir". */
+  readonly apiClients: readonly ApiClient[];
+  readonly ingestToken?: string;
+  readonly endpointAllowlist: readonly string[];
+  readonly retryDelaysMs: readonly number[];
+  readonly store: 'sqlite' | 'dynamodb';
+  readonly dynamodbEndpoint?: string;
+  readonly tablePrefix: string;
+  readonly eventBus?: string;
+  readonly topicsDir: string;
+  readonly maxBodyBytes: number;
+  readonly maxIngestBodyBytes: number;
+  readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
+}
+
+export class ConfigError extends Error {
+  constructor(variable: string, message: string) {
+    super(`${variable}: ${message}`);
+    this.name = 'ConfigError';
+  }
+}
+
+type Env = Readonly<Record<string, string | undefined>>;
+
+export function loadConfig(env: Env = process.env): Config {
+  const port = int(env, 'PORT', 8080, 0, 65535);
+  const host = str(env, 'HOST') ?? '127.0.0.1';
+  const publicUrl = (str(env, 'BROKER_PUBLIC_URL') ?? `http://${host.includes(':') ? `[${host}]` : host}:${port}`).replace(
+    /\/+$/,
+    '',
+  );
+  if (!/^https?:\/\/[^/]+/.test(publicUrl)) throw new ConfigError('BROKER_PUBLIC_URL', `${publicUrl} is not an http(s) URL`);
+  const storeKind = str(env, 'BROKER_STORE') ?? 'sqlite';
+  if (storeKind !== 'sqlite' && storeKind !== 'dynamodb') {
+    throw new ConfigError('BROKER_STORE', `must be sqlite or dynamodb, not ${storeKind}`);
+  }
+  const logLevel = str(env, 'BROKER_LOG_LEVEL') ?? 'info';
+  if (logLevel !== 'debug' && logLevel !== 'info' && logLevel !== 'warn' && logLevel !== 'error') {
+    throw new ConfigError('BROKER_LOG_LEVEL', 'must be debug, info, warn or error');
+  }
+  const dynamodbEndpoint = str(env, 'DYNAMODB_ENDPOINT');
+  const ingestToken = str(env, 'BROKER_INGEST_TOKEN');
+  if (ingestToken !== undefined && ingestToken.length < 16) {
+    throw new ConfigError('BROKER_INGEST_TOKEN', 'must be at least 16 characters');
+  }
+  const eventBus = str(env, 'BROKER_EVENT_BUS');
+  return Object.freeze({
+    port,
+    host,
+    publicUrl,
+    dataDir: str(env, 'BROKER_DATA_DIR') ?? './data',
+    apiClients: Object.freeze(parseApiKeys(str(env, 'BROKER_API_KEYS'))),
+    ...(ingestToken === undefined ? {} : { ingestToken }),
+    endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
+    retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
+    store: storeKind,
+    ...(dynamodbEndpoint === undefined ? {} : { dynamodbEndpoint }),
+    tablePrefix: str(env, 'BROKER_TABLE_PREFIX') ?? 'fhir-broker-',
+    ...(eventBus === undefined ? {} : { eventBus }),
+    topicsDir: str(env, 'BROKER_TOPICS_DIR') ?? 'subscriptions/topics',
+    // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
+    maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),
+    // 10 MiB: 1,000 CloudTrail events of ~3 KB each, with room to spare.
+    maxIngestBodyBytes: int(env, 'BROKER_MAX_INGEST_BYTES', 10 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+    logLevel,
+  });
+}
+
+function str(env: Env, name: string): string | undefined {
+  const v = env[name]?.trim();
+  return v === undefined || v === '' ? undefined : v;
+}
+
+function int(env: Env, name: string, fallback: number, min: number, max: number): number {
+  const raw = str(env, name);
+  if (raw === undefined) return fallback;
+  const n = Number(raw);
+  if (!/^\d+$/.test(raw) || n < min || n > max) throw new ConfigError(name, `must be an integer from ${min} to ${max}`);
+  return n;
+}
+
+function list(raw: string | undefined): string[] {
+  return raw === undefined ? [] : raw.split(',').map((s) => s.trim()).filter((s) => s !== '');
+}
+
+function parseApiKeys(raw: string | undefined): ApiClient[] {
+  const clients = list(raw).map((pair) => {
+    const colon = pair.indexOf(':');
+    const clientId = colon === -1 ? '' : pair.slice(0, colon);
+    const token = colon === -1 ? '' : pair.slice(colon + 1);
+    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(clientId)) {
+      throw new ConfigError('BROKER_API_KEYS', 'each entry is clientId:token with a clientId of letters, digits, _ . -');
+    }
+    // Never echo the token itself: config errors end up in logs.
+    if (token.length < 16) throw new ConfigError('BROKER_API_KEYS', `the token of ${clientId} must be at least 16 characters`);
+    return { clientId, token };
+  });
+  const ids = new Set(clients.map((c) => c.clientId));
+  const tokens = new Set(clients.map((c) => c.token));
+  if (ids.size !== clients.length) throw new ConfigError('BROKER_API_KEYS', 'a clientId appears twice');
+  if (tokens.size !== clients.length) throw new ConfigError('BROKER_API_KEYS', 'two clients share a token');
+  return clients;
+}
+
+function retryDelays(raw: string | undefined): number[] {
+  if (raw === undefined) return [...DEFAULT_RETRY_DELAYS_MS];
+  try {
+    return parseDurations(raw);
+  } catch (err) {
+    throw new ConfigError('BROKER_RETRY_DELAYS', (err as Error).message);
+  }
+}

@@ -1,0 +1,118 @@
+import { Ajv } from 'ajv';
+import type { Interaction, ResourceChange } from './types.js';
+
+/**
+ * EventBridge "AWS API Call via CloudTrail" events from AWS HealthLake → ResourceChange.
+ * Only the envelope is validated strictly; the CloudTrail detail is read defensively because
+ * AWS adds fields over time and older events lack some (e.g. `additionalEventData`).
+ */
+
+const envelopeSchema = {
+  type: 'object',
+  required: ['id', 'source', 'detail-type'],
+  properties: {
+    id: { type: 'string', minLength: 1, maxLength: 256 },
+    source: { type: 'string', minLength: 1, maxLength: 256 },
+    'detail-type': { type: 'string', minLength: 1, maxLength: 256 },
+    time: { type: 'string', maxLength: 64 },
+    region: { type: 'string', maxLength: 64 },
+    account: { type: 'string', maxLength: 64 },
+    detail: { type: 'object' },
+  },
+} as const;
+
+const ajv = new Ajv({ allErrors: false, strict: true });
+const validateEnvelope = ajv.compile<EventBridgeEnvelope>(envelopeSchema);
+
+export interface EventBridgeEnvelope {
+  id: string;
+  source: string;
+  'detail-type': string;
+  time?: string;
+  region?: string;
+  account?: string;
+  detail?: Record<string, unknown>;
+}
+
+const WRITE_CALLS: Readonly<Record<string, Interaction>> = {
+  CreateResource: 'create',
+  UpdateResource: 'update',
+  DeleteResource: 'delete',
+};
+
+const RESOURCE_TYPE = /^[A-Z][A-Za-z]{1,63}$/;
+const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
+const DATASTORE_ID = /^[A-Za-z0-9\-]{1,128}$/;
+const REGION = /^[a-z]{2}(-[a-z]+)+-\d$/;
+
+export type ParsedEvent =
+  | { readonly kind: 'change'; readonly change: ResourceChange }
+  | { readonly kind: 'ignored'; readonly eventId: string; readonly reason: string };
+
+/** Thrown for a body element that is not an EventBridge event at all. */
+export class InvalidEnvelopeError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'InvalidEnvelopeError';
+  }
+}
+
+/** `receivedAt` stands in for the change time when the event carries none. */
+export function parseEventBridgeEvent(input: unknown, receivedAt: string): ParsedEvent {
+  if (!validateEnvelope(input)) {
+    const e = validateEnvelope.errors?.[0];
+    throw new InvalidEnvelopeError(`${e?.instancePath || '(event)'} ${e?.message ?? 'is invalid'}`.trim());
+  }
+  const event = input;
+  const ignored = (reason: string): ParsedEvent => ({ kind: 'ignored', eventId: event.id, reason });
+  if (event.source !== 'aws.healthlake') return ignored(`source ${event.source} is not aws.healthlake`);
+  if (event['detail-type'] !== 'AWS API Call via CloudTrail') return ignored(`detail-type ${event['detail-type']}`);
+  const detail = event.detail;
+  if (detail === undefined) return ignored('CloudTrail event without detail');
+  const eventName = typeof detail.eventName === 'string' ? detail.eventName : '';
+  const interaction = Object.hasOwn(WRITE_CALLS, eventName) ? WRITE_CALLS[eventName] : undefined;
+  if (interaction === undefined) return ignored(`${eventName || 'unnamed call'} is not a resource write`);
+  if (detail.errorCode !== undefined && detail.errorCode !== null) return ignored(`failed call (${String(detail.errorCode)})`);
+  if (detail.readOnly === true) return ignored('read-only call');
+
+  const params = asRecord(detail.requestParameters);
+  const resourceType = params?.resourceType;
+  const datastoreId = params?.datastoreId;
+  if (typeof resourceType !== 'string' || !RESOURCE_TYPE.test(resourceType)) {
+    return ignored(`${eventName} without a valid requestParameters.resourceType`);
+  }
+  if (typeof datastoreId !== 'string' || !DATASTORE_ID.test(datastoreId)) {
+    return ignored(`${eventName} without a valid requestParameters.datastoreId`);
+  }
+  const rawId = asRecord(detail.additionalEventData)?.resourceId;
+  const resourceId = typeof rawId === 'string' && FHIR_ID.test(rawId) ? rawId : undefined;
+  const regionCandidate = typeof detail.awsRegion === 'string' ? detail.awsRegion : event.region;
+  const region = regionCandidate !== undefined && REGION.test(regionCandidate) ? regionCandidate : 'us-east-1';
+  const time = pickTime(detail.eventTime, event.time) ?? receivedAt;
+
+  return {
+    kind: 'change',
+    change: {
+      eventId: event.id,
+      resourceType,
+      ...(resourceId === undefined ? {} : { resourceId }),
+      interaction,
+      datastoreId,
+      fhirBase: `https://healthlake.${region}.amazonaws.com/datastore/${datastoreId}/r4`,
+      time,
+    },
+  };
+}
+
+function asRecord(value: unknown): Record<string, unknown> | undefined {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
+    ? (value as Record<string, unknown>)
+    : undefined;
+}
+
+function pickTime(...candidates: unknown[]): string | undefined {
+  for (const c of candidates) {
+    if (typeof c === 'string' && !Number.isNaN(Date.parse(c))) return new Date(Date.parse(c)).toISOString();
+  }
+  return undefined;
+}

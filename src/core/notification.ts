@@ -1,0 +1,122 @@
+import { BACKPORT_PROFILE } from './fhir-urls.js';
+import type { FhirResource, Interaction, Notification, PayloadContent, SubscriptionRecord } from './types.js';
+
+/**
+ * Notification bundles of the Subscriptions R5 Backport IG on R4: a `history` Bundle whose first
+ * entry is the `Parameters` subscription status, then one entry per focus resource (id-only) with
+ * `request` and `response` as a history Bundle requires (bdl-3, bdl-4).
+ */
+
+export type NotificationType = 'handshake' | 'heartbeat' | 'event-notification' | 'query-status' | 'query-event';
+
+export type StatusSource = Pick<SubscriptionRecord, 'id' | 'kind' | 'topic' | 'status' | 'error' | 'eventsSinceStart'>;
+
+export interface BundleContext {
+  /** Broker FHIR base, e.g. `http://127.0.0.1:8080/fhir`. */
+  readonly fhirBase: string;
+  /** Fresh ids for the bundle and the status Parameters. */
+  readonly newId: () => string;
+  readonly timestamp: string;
+}
+
+const REQUEST: Readonly<Record<Interaction, { method: string; status: string }>> = {
+  create: { method: 'POST', status: '201' },
+  update: { method: 'PUT', status: '200' },
+  delete: { method: 'DELETE', status: '204' },
+};
+
+export function buildStatusParameters(
+  sub: StatusSource,
+  type: NotificationType,
+  events: readonly Notification[],
+  content: PayloadContent,
+  ctx: BundleContext,
+): FhirResource {
+  const parameter: unknown[] = [
+    { name: 'subscription', valueReference: { reference: `${ctx.fhirBase}/Subscription/${sub.id}` } },
+  ];
+  if (sub.kind === 'topic') parameter.push({ name: 'topic', valueCanonical: sub.topic });
+  parameter.push(
+    { name: 'status', valueCode: sub.status },
+    { name: 'type', valueCode: type },
+    { name: 'events-since-subscription-start', valueString: String(sub.eventsSinceStart) },
+  );
+  for (const n of events) {
+    const part: unknown[] = [
+      { name: 'event-number', valueString: String(n.eventNumber) },
+      { name: 'timestamp', valueInstant: n.change.time },
+    ];
+    const focus = focusOf(n, content);
+    if (focus !== undefined) part.push({ name: 'focus', valueReference: { reference: focus } });
+    parameter.push({ name: 'notification-event', part });
+  }
+  if (sub.status === 'error' && sub.error !== undefined) {
+    parameter.push({ name: 'error', valueCodeableConcept: { text: sub.error } });
+  }
+  return {
+    resourceType: 'Parameters',
+    id: ctx.newId(),
+    meta: { profile: [BACKPORT_PROFILE.status] },
+    parameter,
+  };
+}
+
+export function buildNotificationBundle(
+  sub: StatusSource,
+  type: NotificationType,
+  events: readonly Notification[],
+  content: PayloadContent,
+  ctx: BundleContext,
+): FhirResource {
+  const status = buildStatusParameters(sub, type, events, content, ctx);
+  const entry: unknown[] = [
+    {
+      fullUrl: `urn:uuid:${status.id}`,
+      resource: status,
+      request: { method: 'GET', url: `${ctx.fhirBase}/Subscription/${sub.id}/$status` },
+      response: { status: '200' },
+    },
+  ];
+  if (content !== 'empty') {
+    for (const n of events) {
+      const focus = focusOf(n, content);
+      if (focus === undefined) continue;
+      const { resourceType, resourceId, interaction } = n.change;
+      const req = REQUEST[interaction];
+      entry.push({
+        fullUrl: focus,
+        request: { method: req.method, url: interaction === 'create' ? resourceType : `${resourceType}/${resourceId}` },
+        response: { status: req.status, lastModified: n.change.time },
+      });
+    }
+  }
+  return {
+    resourceType: 'Bundle',
+    id: ctx.newId(),
+    meta: { profile: [BACKPORT_PROFILE.notification] },
+    type: 'history',
+    timestamp: ctx.timestamp,
+    entry,
+  };
+}
+
+/** `$status` answer: a searchset of status Parameters, one per subscription. */
+export function buildStatusBundle(subs: readonly StatusSource[], ctx: BundleContext): FhirResource {
+  return {
+    resourceType: 'Bundle',
+    id: ctx.newId(),
+    type: 'searchset',
+    timestamp: ctx.timestamp,
+    total: subs.length,
+    entry: subs.map((sub) => {
+      const resource = buildStatusParameters(sub, 'query-status', [], 'empty', ctx);
+      return { fullUrl: `urn:uuid:${resource.id}`, resource, search: { mode: 'match' } };
+    }),
+  };
+}
+
+/** The changed resource's absolute URL on the FHIR server, when content and the event allow one. */
+function focusOf(n: Notification, content: PayloadContent): string | undefined {
+  if (content === 'empty' || n.change.resourceId === undefined) return undefined;
+  return `${n.change.fhirBase}/${n.change.resourceType}/${n.change.resourceId}`;
+}

@@ -1,0 +1,66 @@
+import { BrokerError } from './errors.js';
+import type { SubscriptionStatus } from './types.js';
+
+/**
+ * The subscription status machine: requested → active → error → off. The broker moves a
+ * subscription forward (handshake, failures, 410); only the client moves it back to `requested`.
+ */
+
+export type StatusEvent =
+  | { readonly kind: 'handshake-succeeded' }
+  | { readonly kind: 'handshake-failed'; readonly reason: string }
+  | { readonly kind: 'delivery-exhausted'; readonly reason: string }
+  | { readonly kind: 'endpoint-gone'; readonly reason: string };
+
+export interface StatusChange {
+  readonly status: SubscriptionStatus;
+  readonly error?: string;
+}
+
+/** Broker-driven transitions; returns undefined when the event does not apply in this status. */
+export function applyStatusEvent(current: SubscriptionStatus, event: StatusEvent): StatusChange | undefined {
+  switch (event.kind) {
+    case 'handshake-succeeded':
+      return current === 'requested' ? { status: 'active' } : undefined;
+    case 'handshake-failed':
+      return current === 'requested' ? { status: 'error', error: event.reason } : undefined;
+    case 'delivery-exhausted':
+      return current === 'active' ? { status: 'error', error: event.reason } : undefined;
+    case 'endpoint-gone':
+      return current === 'off' ? undefined : { status: 'off', error: event.reason };
+    default: {
+      const never: never = event;
+      throw new Error(`unhandled status event ${JSON.stringify(never)}`);
+    }
+  }
+}
+
+/**
+ * The status a client's PUT leads to. `channelChanged`: a new endpoint must be verified again.
+ * Asking for `active` on an inactive subscription is taken as asking to re-activate it.
+ */
+export function clientStatusChange(
+  current: SubscriptionStatus,
+  asked: SubscriptionStatus | undefined,
+  channelChanged: boolean,
+): SubscriptionStatus {
+  switch (asked) {
+    case 'off':
+      return 'off';
+    case 'error':
+      throw new BrokerError('INVALID_STATUS_CHANGE', 'Only the broker sets status error; send requested to re-activate', {
+        expression: 'Subscription.status',
+      });
+    case 'requested':
+      return 'requested';
+    case 'active':
+    case undefined:
+      if (current === 'active' && !channelChanged) return 'active';
+      if (current === 'off' && asked === undefined) return 'off';
+      return 'requested';
+    default: {
+      const never: never = asked;
+      throw new Error(`unhandled status ${String(never)}`);
+    }
+  }
+}

@@ -1,0 +1,414 @@
+import { Ajv } from 'ajv';
+import { BrokerError } from './errors.js';
+import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
+import type { TopicCatalog, TopicDefinition } from './topics.js';
+import type {
+  Channel,
+  FhirResource,
+  MatchSpec,
+  PayloadContent,
+  SubscriptionKind,
+  SubscriptionStatus,
+} from './types.js';
+import { INTERACTIONS } from './types.js';
+
+/**
+ * A client's FHIR Subscription (R4, Subscriptions R5 Backport IG or classic criteria) →
+ * what the broker needs to match and deliver. Fails closed: anything the broker cannot honour
+ * from a CloudTrail event is refused with a reason, never silently widened or narrowed.
+ */
+
+export interface SubscriptionSpec {
+  readonly kind: SubscriptionKind;
+  readonly topic: string;
+  readonly match: MatchSpec;
+  readonly channel: Channel;
+  /** The client's own secret, when it sent one. */
+  readonly webhookSecret?: string;
+  /** The status the client sent, if any; the status machine decides what it leads to. */
+  readonly askedStatus?: SubscriptionStatus;
+  readonly end?: string;
+  /** The resource as the broker will store it: without the secret, status left to the broker. */
+  readonly resource: FhirResource;
+}
+
+interface Extension {
+  url: string;
+  valueString?: string;
+  valueCode?: string;
+  valueUnsignedInt?: number;
+  valuePositiveInt?: number;
+  [key: string]: unknown;
+}
+
+interface SubscriptionJson {
+  resourceType: 'Subscription';
+  id?: string;
+  status?: string;
+  criteria: string;
+  _criteria?: { extension?: Extension[] };
+  end?: string;
+  reason?: string;
+  channel: {
+    type: string;
+    endpoint?: string;
+    payload?: string;
+    _payload?: { extension?: Extension[] };
+    header?: string[];
+    extension?: Extension[];
+  };
+  [key: string]: unknown;
+}
+
+const extension = {
+  type: 'object',
+  required: ['url'],
+  properties: { url: { type: 'string', minLength: 1 } },
+} as const;
+const extensions = { type: 'array', items: extension, maxItems: 50 } as const;
+
+const subscriptionSchema = {
+  type: 'object',
+  required: ['resourceType', 'criteria', 'channel'],
+  properties: {
+    resourceType: { const: 'Subscription' },
+    id: { type: 'string', pattern: '^[A-Za-z0-9\\-.]{1,64}$' },
+    status: { enum: ['requested', 'active', 'error', 'off'] },
+    criteria: { type: 'string', minLength: 1, maxLength: 2048 },
+    _criteria: { type: 'object', properties: { extension: extensions } },
+    end: { type: 'string', format: 'date-time' },
+    reason: { type: 'string', maxLength: 1024 },
+    channel: {
+      type: 'object',
+      required: ['type'],
+      properties: {
+        type: { type: 'string' },
+        endpoint: { type: 'string', maxLength: 2048 },
+        payload: { type: 'string', maxLength: 256 },
+        _payload: { type: 'object', properties: { extension: extensions } },
+        header: { type: 'array', items: { type: 'string', maxLength: 4096 }, maxItems: 20 },
+        extension: extensions,
+      },
+    },
+  },
+} as const;
+
+const ajv = new Ajv({ strict: false, allErrors: false });
+ajv.addFormat('date-time', {
+  type: 'string',
+  validate: (s: string) => /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/.test(s),
+});
+const validateSubscription = ajv.compile<SubscriptionJson>(subscriptionSchema);
+
+const RESOURCE_TYPE = /^[A-Z][A-Za-z]{1,63}$/;
+const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
+const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}$/;
+/** Headers the broker owns: hop-by-hop, framing, and the signature it computes itself. */
+const FORBIDDEN_HEADERS = new Set([
+  'host',
+  'connection',
+  'keep-alive',
+  'proxy-authenticate',
+  'proxy-authorization',
+  'proxy-connection',
+  'te',
+  'trailer',
+  'transfer-encoding',
+  'upgrade',
+  'content-length',
+  'content-type',
+  'expect',
+  'webhook-id',
+  'webhook-timestamp',
+  'webhook-signature',
+]);
+const JSON_PAYLOADS = new Set(['application/fhir+json', 'application/json']);
+const MAX_HEARTBEAT_SECONDS = 24 * 60 * 60;
+/** 60 s: longer than any sane webhook handler; keeps a slow endpoint from pinning a connection. */
+const MAX_TIMEOUT_SECONDS = 60;
+const MAX_MAX_COUNT = 1000;
+export const WEBHOOK_SECRET_PREFIX = 'whsec_';
+
+export function parseSubscription(input: unknown, topics: TopicCatalog): SubscriptionSpec {
+  if (!validateSubscription(input)) {
+    const e = validateSubscription.errors?.[0];
+    const where = `Subscription${(e?.instancePath ?? '').replaceAll('/', '.')}`;
+    const missing = e?.keyword === 'required' ? ` (missing ${String(e.params.missingProperty)})` : '';
+    throw new BrokerError('INVALID_RESOURCE', `${where} ${e?.message ?? 'is invalid'}${missing}`, {
+      expression: where,
+    });
+  }
+  const sub = input;
+  const isTopic = /^https?:\/\//.test(sub.criteria);
+  const kind: SubscriptionKind = isTopic ? 'topic' : 'classic';
+  const match = isTopic ? topicMatch(sub, topics) : classicMatch(sub);
+  const channel = parseChannel(sub, kind);
+  const webhookSecret = parseSecret(sub.channel.extension);
+  const askedStatus = sub.status as SubscriptionStatus | undefined;
+  return {
+    kind,
+    topic: sub.criteria,
+    match,
+    channel,
+    ...(webhookSecret === undefined ? {} : { webhookSecret }),
+    ...(askedStatus === undefined ? {} : { askedStatus }),
+    ...(sub.end === undefined ? {} : { end: sub.end }),
+    resource: storedResource(sub, kind),
+  };
+}
+
+function topicMatch(sub: SubscriptionJson, topics: TopicCatalog): MatchSpec {
+  const topic = topics.byCanonical(sub.criteria);
+  if (topic === undefined) {
+    throw new BrokerError('UNKNOWN_TOPIC', `Unknown topic ${sub.criteria}; see GET /fhir/SubscriptionTopic`, {
+      expression: 'Subscription.criteria',
+    });
+  }
+  const filters: string[] = [];
+  for (const ext of sub._criteria?.extension ?? []) {
+    if (ext.url !== BACKPORT_EXT.filterCriteria) continue;
+    if (typeof ext.valueString !== 'string' || ext.valueString.trim() === '') {
+      throw new BrokerError('INVALID_RESOURCE', 'backport-filter-criteria needs a valueString', {
+        expression: 'Subscription._criteria.extension',
+      });
+    }
+    filters.push(ext.valueString.trim());
+  }
+  return applyFilters(topic, filters);
+}
+
+/** Each filter is `[Type]?param=value[&param=value]` or `param=value`; all filters must hold (AND). */
+function applyFilters(topic: TopicDefinition, filters: readonly string[]): MatchSpec {
+  let types: readonly string[] | '*' = topic.resourceTypes;
+  let ids: Set<string> | undefined;
+  for (const filter of filters) {
+    const q = filter.indexOf('?');
+    const prefix = q === -1 ? (filter.includes('=') ? '' : filter) : filter.slice(0, q);
+    const query = q === -1 ? (filter.includes('=') ? filter : '') : filter.slice(q + 1);
+    const scope = prefix === '' || prefix === 'Resource' ? '*' : prefix;
+    if (scope !== '*') {
+      if (!RESOURCE_TYPE.test(scope)) throw unsupportedFilter(filter, `${scope} is not a resource type`);
+      if (types !== '*' && !types.includes(scope)) {
+        throw unsupportedFilter(filter, `topic ${topic.url} does not trigger on ${scope}`);
+      }
+      types = types === '*' ? [scope] : types.filter((t) => t === scope);
+    }
+    for (const pair of query.split('&').filter((p) => p !== '')) {
+      const eq = pair.indexOf('=');
+      const name = decodeURIComponent(eq === -1 ? pair : pair.slice(0, eq));
+      const value = eq === -1 ? '' : decodeURIComponent(pair.slice(eq + 1));
+      if (!topicAllows(topic, scope, name)) {
+        throw unsupportedFilter(
+          filter,
+          `${name} is not a filter of topic ${topic.url} for ${scope === '*' ? 'its resources' : scope} (canFilterBy: ${describeFilters(topic)})`,
+        );
+      }
+      const values = value.split(',').filter((v) => v !== '');
+      if (values.length === 0) throw unsupportedFilter(filter, `${name} needs a value`);
+      if (name === '_type') {
+        for (const v of values) if (!RESOURCE_TYPE.test(v)) throw unsupportedFilter(filter, `${v} is not a resource type`);
+        types = types === '*' ? values : types.filter((t) => values.includes(t));
+      } else {
+        for (const v of values) if (!FHIR_ID.test(v)) throw unsupportedFilter(filter, `${v} is not a FHIR id`);
+        ids = ids === undefined ? new Set(values) : new Set(values.filter((v) => ids?.has(v)));
+      }
+    }
+  }
+  if (types !== '*' && types.length === 0) {
+    throw unsupportedFilter(filters.join(' & '), 'the filters exclude every resource type of the topic');
+  }
+  if (ids !== undefined && ids.size === 0) {
+    throw unsupportedFilter(filters.join(' & '), 'the _id filters exclude every resource');
+  }
+  return {
+    resourceTypes: types,
+    interactions: topic.interactions,
+    ...(ids === undefined ? {} : { ids: [...ids] }),
+  };
+}
+
+function topicAllows(topic: TopicDefinition, scope: string, name: string): boolean {
+  if (topic.filters.get('*')?.has(name)) return true;
+  if (scope !== '*') return topic.filters.get(scope)?.has(name) ?? false;
+  // An unscoped filter on a single-type topic applies to that type.
+  return topic.resourceTypes !== '*' && topic.resourceTypes.every((t) => topic.filters.get(t)?.has(name));
+}
+
+function describeFilters(topic: TopicDefinition): string {
+  const parts = [...topic.filters].map(([type, params]) => `${type === '*' ? 'Resource' : type}: ${[...params].join(', ')}`);
+  return parts.length === 0 ? 'none' : parts.join('; ');
+}
+
+function unsupportedFilter(filter: string, why: string): BrokerError {
+  return new BrokerError('UNSUPPORTED_FILTER', `Filter "${filter}" cannot be honoured: ${why}`, {
+    expression: 'Subscription._criteria.extension',
+  });
+}
+
+/** Classic R4 criteria: `Type` or `Type?_id=a,b`. Content filters need the resource body, which events lack. */
+function classicMatch(sub: SubscriptionJson): MatchSpec {
+  const criteria = sub.criteria.trim();
+  const q = criteria.indexOf('?');
+  const type = q === -1 ? criteria : criteria.slice(0, q);
+  if (!RESOURCE_TYPE.test(type)) {
+    throw new BrokerError('UNSUPPORTED_CRITERIA', `Criteria "${criteria}": ${type} is not a resource type`, {
+      expression: 'Subscription.criteria',
+    });
+  }
+  let ids: string[] | undefined;
+  for (const pair of (q === -1 ? '' : criteria.slice(q + 1)).split('&').filter((p) => p !== '')) {
+    const eq = pair.indexOf('=');
+    const name = decodeURIComponent(eq === -1 ? pair : pair.slice(0, eq));
+    const values = (eq === -1 ? '' : decodeURIComponent(pair.slice(eq + 1))).split(',').filter((v) => v !== '');
+    if (name !== '_id') {
+      throw new BrokerError(
+        'UNSUPPORTED_CRITERIA',
+        `Criteria "${criteria}": search parameter ${name} cannot be evaluated from a CloudTrail event; only _id is supported`,
+        { expression: 'Subscription.criteria' },
+      );
+    }
+    if (values.length === 0 || !values.every((v) => FHIR_ID.test(v))) {
+      throw new BrokerError('UNSUPPORTED_CRITERIA', `Criteria "${criteria}": _id needs FHIR ids`, {
+        expression: 'Subscription.criteria',
+      });
+    }
+    ids = ids === undefined ? values : ids.filter((v) => values.includes(v));
+  }
+  return { resourceTypes: [type], interactions: [...INTERACTIONS], ...(ids === undefined ? {} : { ids }) };
+}
+
+function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
+  const ch = sub.channel;
+  if (ch.type === 'websocket') {
+    throw new BrokerError('UNSUPPORTED_CHANNEL', 'Channel type websocket is not available yet; use rest-hook', {
+      expression: 'Subscription.channel.type',
+    });
+  }
+  if (ch.type !== 'rest-hook') {
+    throw new BrokerError('UNSUPPORTED_CHANNEL', `Channel type ${ch.type} is not supported; use rest-hook`, {
+      expression: 'Subscription.channel.type',
+    });
+  }
+  if (ch.endpoint === undefined || ch.endpoint === '') {
+    throw new BrokerError('INVALID_ENDPOINT', 'A rest-hook channel needs channel.endpoint', {
+      expression: 'Subscription.channel.endpoint',
+    });
+  }
+  if (ch.payload !== undefined && !JSON_PAYLOADS.has(ch.payload)) {
+    throw new BrokerError(
+      'UNSUPPORTED_CONTENT',
+      `Payload ${ch.payload} is not supported; use application/fhir+json or application/json`,
+      { expression: 'Subscription.channel.payload' },
+    );
+  }
+  const contentExt = ch._payload?.extension?.find((e) => e.url === BACKPORT_EXT.payloadContent);
+  const content = parseContent(contentExt, kind, ch.payload);
+  const channelExt = ch.extension ?? [];
+  return {
+    type: 'rest-hook',
+    endpoint: ch.endpoint,
+    ...(ch.payload === undefined ? {} : { payload: ch.payload }),
+    content,
+    headers: parseHeaders(ch.header ?? []),
+    ...optionalInt(channelExt, BACKPORT_EXT.heartbeatPeriod, 'valueUnsignedInt', 'heartbeatPeriodSeconds', 1, MAX_HEARTBEAT_SECONDS),
+    ...optionalInt(channelExt, BACKPORT_EXT.timeout, 'valueUnsignedInt', 'timeoutSeconds', 1, MAX_TIMEOUT_SECONDS),
+    ...optionalInt(channelExt, BACKPORT_EXT.maxCount, 'valuePositiveInt', 'maxCount', 1, MAX_MAX_COUNT),
+  };
+}
+
+function parseContent(ext: Extension | undefined, kind: SubscriptionKind, payload: string | undefined): PayloadContent {
+  if (kind === 'classic') {
+    if (payload !== undefined) {
+      throw new BrokerError(
+        'UNSUPPORTED_CONTENT',
+        'A classic Subscription with channel.payload would carry the full resource, which a CloudTrail event does not include; omit payload (empty POST) or use a topic-based Subscription with id-only content',
+        { expression: 'Subscription.channel.payload' },
+      );
+    }
+    return 'empty';
+  }
+  if (ext === undefined) return payload === undefined ? 'empty' : 'id-only';
+  const code = ext.valueCode;
+  if (code === 'empty' || code === 'id-only') return code;
+  if (code === 'full-resource') {
+    throw new BrokerError(
+      'UNSUPPORTED_CONTENT',
+      'full-resource content is not available: the broker does not fetch resources from the FHIR server yet; use id-only',
+      { expression: 'Subscription.channel._payload' },
+    );
+  }
+  throw new BrokerError('UNSUPPORTED_CONTENT', `Unknown payload content ${String(code)} (empty, id-only)`, {
+    expression: 'Subscription.channel._payload',
+  });
+}
+
+function parseHeaders(headers: readonly string[]): string[] {
+  return headers.map((h) => {
+    const colon = h.indexOf(':');
+    const name = colon === -1 ? '' : h.slice(0, colon).trim();
+    const value = colon === -1 ? '' : h.slice(colon + 1).trim();
+    if (!HEADER_NAME.test(name) || /[\r\n\0]/.test(value)) {
+      throw new BrokerError('INVALID_HEADER', `channel.header "${name || h.slice(0, 40)}" is not "Name: value"`, {
+        expression: 'Subscription.channel.header',
+      });
+    }
+    if (FORBIDDEN_HEADERS.has(name.toLowerCase())) {
+      throw new BrokerError('INVALID_HEADER', `channel.header ${name} is set by the broker and cannot be overridden`, {
+        expression: 'Subscription.channel.header',
+      });
+    }
+    return `${name}: ${value}`;
+  });
+}
+
+function optionalInt<K extends string>(
+  exts: readonly Extension[],
+  url: string,
+  valueKey: 'valueUnsignedInt' | 'valuePositiveInt',
+  key: K,
+  min: number,
+  max: number,
+): { [P in K]?: number } {
+  const ext = exts.find((e) => e.url === url);
+  if (ext === undefined) return {};
+  const v = ext[valueKey];
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    throw new BrokerError('INVALID_RESOURCE', `${url.split('/').pop()} needs ${valueKey} between ${min} and ${max}`, {
+      expression: 'Subscription.channel.extension',
+    });
+  }
+  return { [key]: v } as { [P in K]?: number };
+}
+
+function parseSecret(exts: readonly Extension[] | undefined): string | undefined {
+  const ext = exts?.find((e) => e.url === BROKER_EXT.webhookSecret);
+  if (ext === undefined) return undefined;
+  const v = ext.valueString;
+  if (typeof v !== 'string' || !isWebhookSecret(v)) {
+    throw new BrokerError('INVALID_SECRET', 'webhook-secret must be whsec_ followed by base64 of 24 to 64 bytes', {
+      expression: 'Subscription.channel.extension',
+    });
+  }
+  return v;
+}
+
+export function isWebhookSecret(v: string): boolean {
+  if (!v.startsWith(WEBHOOK_SECRET_PREFIX)) return false;
+  const b64 = v.slice(WEBHOOK_SECRET_PREFIX.length);
+  if (!/^[A-Za-z0-9+/]+={0,2}$/.test(b64)) return false;
+  const bytes = Buffer.from(b64, 'base64').length;
+  return bytes >= 24 && bytes <= 64;
+}
+
+/** The client's resource minus what the broker owns (secret, status, error, id, meta). */
+function storedResource(sub: SubscriptionJson, kind: SubscriptionKind): FhirResource {
+  const { id: _id, meta: _meta, status: _status, error: _error, text: _text, ...rest } = sub;
+  const channelExt = (sub.channel.extension ?? []).filter((e) => e.url !== BROKER_EXT.webhookSecret);
+  const { extension: _ext, ...channel } = sub.channel;
+  return {
+    ...rest,
+    resourceType: 'Subscription',
+    ...(kind === 'topic' ? { meta: { profile: [BACKPORT_PROFILE.subscription] } } : {}),
+    channel: channelExt.length === 0 ? channel : { ...channel, extension: channelExt },
+  };
+}

@@ -1,0 +1,146 @@
+import { Ajv } from 'ajv';
+import { INTERACTIONS, type FhirResource, type Interaction } from './types.js';
+
+/**
+ * SubscriptionTopic definitions (R4B shape) the broker offers. Only what a CloudTrail event can
+ * decide is honoured: the triggering resource type and interaction, and `_id` / `_type` filters.
+ */
+
+export const BROKER_CANONICAL_BASE = 'https://fhir-subscription-broker.org/fhir';
+const STRUCTURE_DEFINITION = 'http://hl7.org/fhir/StructureDefinition/';
+
+/** Filter parameters a topic may declare that the broker can evaluate from the event alone. */
+export const EVENT_FILTER_PARAMETERS: ReadonlySet<string> = new Set(['_id', '_type']);
+
+export interface TopicDefinition {
+  readonly url: string;
+  readonly id: string;
+  /** `'*'` for a topic triggered by any resource type (`.../StructureDefinition/Resource`). */
+  readonly resourceTypes: readonly string[] | '*';
+  readonly interactions: readonly Interaction[];
+  /** Allowed filter parameters by resource type (`'*'` key: any of the topic's types). */
+  readonly filters: ReadonlyMap<string, ReadonlySet<string>>;
+  readonly resource: FhirResource;
+}
+
+const topicSchema = {
+  type: 'object',
+  required: ['resourceType', 'id', 'url', 'status', 'resourceTrigger'],
+  properties: {
+    resourceType: { const: 'SubscriptionTopic' },
+    id: { type: 'string', pattern: '^[A-Za-z0-9\\-.]{1,64}$' },
+    url: { type: 'string', minLength: 1 },
+    status: { enum: ['draft', 'active', 'retired', 'unknown'] },
+    resourceTrigger: {
+      type: 'array',
+      minItems: 1,
+      items: {
+        type: 'object',
+        required: ['resource'],
+        properties: {
+          resource: { type: 'string', minLength: 1 },
+          supportedInteraction: { type: 'array', items: { enum: ['create', 'update', 'delete'] } },
+        },
+      },
+    },
+    canFilterBy: {
+      type: 'array',
+      items: {
+        type: 'object',
+        required: ['filterParameter'],
+        properties: { resource: { type: 'string' }, filterParameter: { type: 'string' } },
+      },
+    },
+  },
+} as const;
+
+interface TopicJson {
+  resourceType: 'SubscriptionTopic';
+  id: string;
+  url: string;
+  status: string;
+  resourceTrigger: { resource: string; supportedInteraction?: Interaction[] }[];
+  canFilterBy?: { resource?: string; filterParameter: string }[];
+}
+
+const ajv = new Ajv({ strict: false });
+const validateTopic = ajv.compile<TopicJson>(topicSchema);
+
+export class InvalidTopicError extends Error {
+  constructor(source: string, message: string) {
+    super(`${source}: ${message}`);
+    this.name = 'InvalidTopicError';
+  }
+}
+
+/** Turn a resource type canonical (`http://hl7.org/fhir/StructureDefinition/Patient`) or bare name into a type. */
+function resourceTypeOf(resource: string): string {
+  return resource.startsWith(STRUCTURE_DEFINITION) ? resource.slice(STRUCTURE_DEFINITION.length) : resource;
+}
+
+export function parseTopic(json: unknown, source: string): TopicDefinition {
+  if (!validateTopic(json)) {
+    const e = validateTopic.errors?.[0];
+    throw new InvalidTopicError(source, `${e?.instancePath || '(topic)'} ${e?.message ?? 'is invalid'}`);
+  }
+  const types = new Set<string>();
+  const interactions = new Set<Interaction>();
+  let anyType = false;
+  for (const trigger of json.resourceTrigger) {
+    const type = resourceTypeOf(trigger.resource);
+    if (type === 'Resource' || type === 'DomainResource') anyType = true;
+    else types.add(type);
+    for (const i of trigger.supportedInteraction ?? INTERACTIONS) interactions.add(i);
+  }
+  const filters = new Map<string, Set<string>>();
+  for (const f of json.canFilterBy ?? []) {
+    if (!EVENT_FILTER_PARAMETERS.has(f.filterParameter)) {
+      throw new InvalidTopicError(
+        source,
+        `canFilterBy ${f.filterParameter} cannot be evaluated from a CloudTrail event (supported: _id, _type)`,
+      );
+    }
+    const key = f.resource === undefined ? '*' : resourceTypeOf(f.resource);
+    const normalized = key === 'Resource' || key === 'DomainResource' ? '*' : key;
+    const set = filters.get(normalized) ?? new Set<string>();
+    set.add(f.filterParameter);
+    filters.set(normalized, set);
+  }
+  return {
+    url: json.url,
+    id: json.id,
+    resourceTypes: anyType ? '*' : [...types],
+    interactions: INTERACTIONS.filter((i) => interactions.has(i)),
+    filters,
+    resource: json as unknown as FhirResource,
+  };
+}
+
+/** The topics the broker offers, by canonical URL (with or without `|version`). */
+export class TopicCatalog {
+  readonly #byUrl = new Map<string, TopicDefinition>();
+  readonly #byId = new Map<string, TopicDefinition>();
+
+  constructor(topics: readonly TopicDefinition[]) {
+    for (const t of topics) {
+      if (this.#byUrl.has(t.url) || this.#byId.has(t.id)) {
+        throw new InvalidTopicError(t.id, `duplicate topic url or id ${t.url}`);
+      }
+      this.#byUrl.set(t.url, t);
+      this.#byId.set(t.id, t);
+    }
+  }
+
+  byCanonical(canonical: string): TopicDefinition | undefined {
+    const bar = canonical.indexOf('|');
+    return this.#byUrl.get(bar === -1 ? canonical : canonical.slice(0, bar));
+  }
+
+  byId(id: string): TopicDefinition | undefined {
+    return this.#byId.get(id);
+  }
+
+  all(): readonly TopicDefinition[] {
+    return [...this.#byUrl.values()];
+  }
+}

@@ -1,0 +1,102 @@
+/** The domain vocabulary. Pure data: no I/O, no SDK types. */
+
+export type Interaction = 'create' | 'update' | 'delete';
+export const INTERACTIONS: readonly Interaction[] = ['create', 'update', 'delete'];
+
+/** One write to the FHIR server, as far as the CloudTrail event tells it. */
+export interface ResourceChange {
+  /** EventBridge event id: the deduplication key. */
+  readonly eventId: string;
+  readonly resourceType: string;
+  /** Absent on older events that carry no `additionalEventData.resourceId`. */
+  readonly resourceId?: string;
+  readonly interaction: Interaction;
+  readonly datastoreId: string;
+  /** Base URL of the FHIR server that holds the resource (used for focus references). */
+  readonly fhirBase: string;
+  /** When the write happened (ISO 8601). */
+  readonly time: string;
+}
+
+export type SubscriptionStatus = 'requested' | 'active' | 'error' | 'off';
+export type ChannelType = 'rest-hook' | 'websocket';
+export type PayloadContent = 'empty' | 'id-only' | 'full-resource';
+
+/**
+ * What a subscription matches, reduced to what a CloudTrail event carries.
+ * `resourceTypes` `'*'` means every type; `ids`, when present, restricts to those resource ids.
+ */
+export interface MatchSpec {
+  readonly resourceTypes: readonly string[] | '*';
+  readonly interactions: readonly Interaction[];
+  readonly ids?: readonly string[];
+}
+
+export interface Channel {
+  readonly type: ChannelType;
+  readonly endpoint?: string;
+  /** MIME type of the payload (`channel.payload`); absent for classic subscriptions without payload. */
+  readonly payload?: string;
+  readonly content: PayloadContent;
+  readonly headers: readonly string[];
+  readonly heartbeatPeriodSeconds?: number;
+  readonly timeoutSeconds?: number;
+  readonly maxCount?: number;
+}
+
+export type SubscriptionKind = 'topic' | 'classic';
+
+/** A subscription as the broker keeps it. `resource` is the client's FHIR Subscription, normalised. */
+export interface SubscriptionRecord {
+  readonly id: string;
+  readonly owner: string;
+  readonly kind: SubscriptionKind;
+  /** Topic canonical for topic-based, the criteria string for classic. */
+  readonly topic: string;
+  readonly status: SubscriptionStatus;
+  readonly error?: string;
+  readonly match: MatchSpec;
+  readonly channel: Channel;
+  readonly webhookSecret: string;
+  readonly end?: string;
+  readonly eventsSinceStart: number;
+  readonly createdAt: string;
+  readonly updatedAt: string;
+  /** The client's Subscription resource (without the webhook secret), as last written. */
+  readonly resource: FhirResource;
+}
+
+/** One matched change queued for one subscription, numbered per subscription. */
+export interface Notification {
+  readonly subscriptionId: string;
+  readonly eventNumber: number;
+  readonly change: ResourceChange;
+}
+
+export type DeliveryState = 'pending' | 'delivered' | 'dead';
+
+export interface StoredNotification extends Notification {
+  readonly state: DeliveryState;
+  readonly attempts: number;
+  /** Epoch ms when the next attempt is due. */
+  readonly dueAt: number;
+  readonly lastError?: string;
+}
+
+/** A FHIR resource as untyped JSON: the broker reads only the fields it validates. */
+export interface FhirResource {
+  readonly resourceType: string;
+  readonly id?: string;
+  readonly [key: string]: unknown;
+}
+
+/** Time comes through a port so tests are exact and never sleep. */
+export interface Clock {
+  now(): number;
+}
+
+export interface IdSource {
+  uuid(): string;
+}
+
+export const systemClock: Clock = { now: () => Date.now() };

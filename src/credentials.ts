@@ -1,0 +1,44 @@
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { ApiClient, Config } from './config.js';
+
+/**
+ * Credentials for a laptop start with no configuration: when `BROKER_API_KEYS` or
+ * `BROKER_INGEST_TOKEN` is unset, one is generated once and kept (mode 0600) in the data dir,
+ * so restarts keep working with the same tokens.
+ */
+
+export interface Credentials {
+  readonly apiClients: readonly ApiClient[];
+  readonly ingestToken: string;
+  /** What was generated or loaded from the data dir (to print once at start; never logged). */
+  readonly local: { apiClient?: ApiClient; ingestToken?: string };
+}
+
+const FILE = 'credentials.json';
+
+export function resolveCredentials(config: Config): Credentials {
+  if (config.apiClients.length > 0 && config.ingestToken !== undefined) {
+    return { apiClients: config.apiClients, ingestToken: config.ingestToken, local: {} };
+  }
+  mkdirSync(config.dataDir, { recursive: true });
+  const path = join(config.dataDir, FILE);
+  let kept: { apiClient: ApiClient; ingestToken: string };
+  if (existsSync(path)) {
+    kept = JSON.parse(readFileSync(path, 'utf8')) as typeof kept;
+  } else {
+    kept = {
+      apiClient: { clientId: 'local', token: `fsb_${randomBytes(24).toString('base64url')}` },
+      ingestToken: `fsbi_${randomBytes(24).toString('base64url')}`,
+    };
+    writeFileSync(path, `${JSON.stringify(kept, null, 2)}\n`, { mode: 0o600 });
+  }
+  const useApi = config.apiClients.length === 0;
+  const useIngest = config.ingestToken === undefined;
+  return {
+    apiClients: useApi ? [kept.apiClient] : config.apiClients,
+    ingestToken: useIngest ? kept.ingestToken : (config.ingestToken as string),
+    local: { ...(useApi ? { apiClient: kept.apiClient } : {}), ...(useIngest ? { ingestToken: kept.ingestToken } : {}) },
+  };
+}

@@ -1,0 +1,126 @@
+import { isIP } from 'node:net';
+
+/**
+ * Which IP addresses a webhook may reach. Private, loopback, link-local (cloud metadata), CGNAT,
+ * multicast and reserved ranges are refused, in IPv4, IPv6 and IPv4-mapped/compatible IPv6 forms,
+ * unless an operator allow-lists them.
+ */
+
+interface Range {
+  readonly net: bigint;
+  readonly bits: number;
+  readonly reason: string;
+}
+
+const V4_RANGES: readonly [string, number, string][] = [
+  ['0.0.0.0', 8, 'unspecified ("this network")'],
+  ['10.0.0.0', 8, 'private'],
+  ['100.64.0.0', 10, 'carrier-grade NAT'],
+  ['127.0.0.0', 8, 'loopback'],
+  ['169.254.0.0', 16, 'link-local (cloud metadata)'],
+  ['172.16.0.0', 12, 'private'],
+  ['192.0.0.0', 24, 'IETF protocol assignments'],
+  ['192.0.2.0', 24, 'documentation'],
+  ['192.88.99.0', 24, '6to4 relay'],
+  ['192.168.0.0', 16, 'private'],
+  ['198.18.0.0', 15, 'benchmarking'],
+  ['198.51.100.0', 24, 'documentation'],
+  ['203.0.113.0', 24, 'documentation'],
+  ['224.0.0.0', 4, 'multicast'],
+  ['240.0.0.0', 4, 'reserved'],
+];
+
+const V6_RANGES: readonly [string, number, string][] = [
+  ['::', 128, 'unspecified'],
+  ['::1', 128, 'loopback'],
+  ['64:ff9b:1::', 48, 'local NAT64'],
+  ['100::', 64, 'discard-only'],
+  ['2001::', 23, 'IETF protocol assignments'],
+  ['2001:db8::', 32, 'documentation'],
+  ['2002::', 16, '6to4 (embeds an IPv4 address)'],
+  ['fc00::', 7, 'unique local (private)'],
+  ['fe80::', 10, 'link-local'],
+  ['fec0::', 10, 'site-local (deprecated)'],
+  ['ff00::', 8, 'multicast'],
+];
+
+const v4 = V4_RANGES.map(([a, bits, reason]) => ({ net: v4ToBig(a), bits, reason }));
+const v6 = V6_RANGES.map(([a, bits, reason]) => ({ net: v6ToBig(a), bits, reason }));
+
+export function v4ToBig(addr: string): bigint {
+  return addr.split('.').reduce((acc, part) => (acc << 8n) | BigInt(Number(part)), 0n);
+}
+
+/** Expands any valid IPv6 text form (including a dotted IPv4 tail) to a 128-bit integer. */
+export function v6ToBig(addr: string): bigint {
+  let text = addr.split('%')[0] as string;
+  const dotted = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  if (dotted !== null) {
+    const n = v4ToBig(dotted[1] as string);
+    text = `${text.slice(0, -(dotted[1] as string).length)}${(n >> 16n).toString(16)}:${(n & 0xffffn).toString(16)}`;
+  }
+  const [head = '', tail] = text.split('::') as [string, string | undefined];
+  const headParts = head === '' ? [] : head.split(':');
+  const tailParts = tail === undefined || tail === '' ? [] : tail.split(':');
+  const fill = tail === undefined ? 0 : 8 - headParts.length - tailParts.length;
+  const groups = [...headParts, ...Array<string>(fill).fill('0'), ...tailParts];
+  return groups.reduce((acc, g) => (acc << 16n) | BigInt(Number.parseInt(g, 16)), 0n);
+}
+
+function inRange(value: bigint, width: number, r: Range): boolean {
+  const shift = BigInt(width - r.bits);
+  return value >> shift === r.net >> shift;
+}
+
+/** Why `ip` is not a public unicast address, or undefined when it is. */
+export function blockedReason(ip: string): string | undefined {
+  const family = isIP(ip);
+  if (family === 4) return v4.find((r) => inRange(v4ToBig(ip), 32, r))?.reason;
+  if (family !== 6) return 'not an IP address';
+  const value = v6ToBig(ip);
+  // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (compatible) reach the embedded IPv4 address.
+  const high = value >> 32n;
+  if (high === 0xffffn || (high === 0n && value > 1n)) {
+    const embedded = value & 0xffffffffn;
+    const asV4 = [24n, 16n, 8n, 0n].map((s) => String((embedded >> s) & 0xffn)).join('.');
+    const reason = blockedReason(asV4);
+    return reason === undefined ? undefined : `${reason} (IPv4 in IPv6)`;
+  }
+  return v6.find((r) => inRange(value, 128, r))?.reason;
+}
+
+/** Hosts or CIDRs exempt from the block (`BROKER_ENDPOINT_ALLOWLIST`). */
+export class Allowlist {
+  readonly #hosts = new Set<string>();
+  readonly #cidrs: { family: 4 | 6; range: Range }[] = [];
+
+  constructor(entries: readonly string[]) {
+    for (const raw of entries) {
+      const entry = raw.trim().toLowerCase().replace(/^\[|\]$/g, '');
+      const [addr = '', bitsText] = entry.split('/');
+      const family = isIP(addr);
+      if (family === 0) {
+        if (bitsText !== undefined) throw new TypeError(`allowlist entry ${raw}: a CIDR needs an IP address`);
+        this.#hosts.add(entry);
+        continue;
+      }
+      const width = family === 4 ? 32 : 128;
+      const bits = bitsText === undefined ? width : Number(bitsText);
+      if (!Number.isInteger(bits) || bits < 0 || bits > width) throw new TypeError(`allowlist entry ${raw}: bad prefix`);
+      const net = family === 4 ? v4ToBig(addr) : v6ToBig(addr);
+      this.#cidrs.push({ family: family as 4 | 6, range: { net, bits, reason: 'allowlisted' } });
+    }
+  }
+
+  hasHost(host: string): boolean {
+    return this.#hosts.has(host.toLowerCase().replace(/^\[|\]$/g, ''));
+  }
+
+  hasAddress(ip: string): boolean {
+    const family = isIP(ip);
+    if (family === 0) return false;
+    if (this.#hosts.has(ip.toLowerCase())) return true;
+    const value = family === 4 ? v4ToBig(ip) : v6ToBig(ip);
+    return this.#cidrs.some((c) => c.family === family && inRange(value, family === 4 ? 32 : 128, c.range));
+  }
+}

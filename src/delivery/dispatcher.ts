@@ -1,0 +1,354 @@
+import { nextRetryDelay } from '../core/retry.js';
+import { buildNotificationBundle, type NotificationType } from '../core/notification.js';
+import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
+import type { Logger } from '../observability/logger.js';
+import type { Metrics } from '../observability/metrics.js';
+import type { SubscriptionRegistry } from '../service/subscription-registry.js';
+import type { DeliveryUpdate, Store } from '../store/store.js';
+import type { SendResult, Sender } from './rest-hook-sender.js';
+
+/**
+ * Delivers what the outbox holds. It never re-evaluates a subscription's criteria: matching
+ * happened when the change arrived, and the outbox row is the decision.
+ *
+ * One lane per subscription keeps notifications in event-number order with one request in flight;
+ * lanes run independently under a global concurrency cap, so a slow endpoint holds only its own
+ * lane. A lane buffers a bounded window in memory and reads the rest back from the store.
+ */
+
+export interface DispatcherOptions {
+  readonly fhirBase: string;
+  readonly retryDelaysMs: readonly number[];
+  /** Requests in flight across all lanes. */
+  readonly maxInFlight?: number;
+  /** Notifications a lane keeps in memory before it reads the rest back from the store. */
+  readonly laneBuffer?: number;
+  readonly defaultTimeoutMs?: number;
+}
+
+interface QueuedNotification {
+  readonly note: StoredNotification;
+  /** Epoch ms when the event was accepted, for the latency histogram (absent after a restart). */
+  readonly acceptedAt?: number;
+}
+
+class Lane {
+  queue: QueuedNotification[] = [];
+  running = false;
+  /** The store holds pending notifications beyond what `queue` has. */
+  backlog = false;
+  /** Highest event number delivered or dead-lettered here: never read back from the store again. */
+  done = 0;
+  timer: NodeJS.Timeout | undefined;
+}
+
+// 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
+const DEFAULT_TIMEOUT_MS = 10_000;
+
+export class Dispatcher {
+  readonly #store: Store;
+  readonly #sender: Sender;
+  readonly #registry: SubscriptionRegistry;
+  readonly #clock: Clock;
+  readonly #ids: IdSource;
+  readonly #random: () => number;
+  readonly #logger: Logger;
+  readonly #metrics: Metrics;
+  readonly #opts: Required<DispatcherOptions>;
+  readonly #lanes = new Map<string, Lane>();
+  readonly #slotWaiters: (() => void)[] = [];
+  readonly #running = new Set<Promise<unknown>>();
+  #inFlight = 0;
+  #closed = false;
+  #updates: DeliveryUpdate[] = [];
+  #flushing: Promise<void> | undefined;
+
+  constructor(deps: {
+    store: Store;
+    sender: Sender;
+    registry: SubscriptionRegistry;
+    clock: Clock;
+    ids: IdSource;
+    random?: () => number;
+    logger: Logger;
+    metrics: Metrics;
+    options: DispatcherOptions;
+  }) {
+    this.#store = deps.store;
+    this.#sender = deps.sender;
+    this.#registry = deps.registry;
+    this.#clock = deps.clock;
+    this.#ids = deps.ids;
+    this.#random = deps.random ?? Math.random;
+    this.#logger = deps.logger;
+    this.#metrics = deps.metrics;
+    this.#opts = {
+      maxInFlight: 64,
+      laneBuffer: 256,
+      defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
+      ...deps.options,
+    };
+    deps.registry.listen({
+      onRequested: (id) => this.#track(this.#handshake(id)),
+      onActivated: (id) => this.#wake(id, true),
+      onRemoved: (id) => this.#forget(id),
+    });
+  }
+
+  /** Resume after a restart: handshakes still owed, and every lane with pending notifications. */
+  async start(): Promise<void> {
+    for (const sub of this.#registry.all()) if (sub.status === 'requested') this.#track(this.#handshake(sub.id));
+    for (const id of await this.#store.subscriptionsWithPending()) this.#wake(id, true);
+  }
+
+  /** Hand over notifications that were just committed. */
+  enqueue(notifications: readonly Notification[], acceptedAt: number): void {
+    const touched = new Set<string>();
+    for (const n of notifications) {
+      const lane = this.#lane(n.subscriptionId);
+      if (lane.backlog || lane.queue.length >= this.#opts.laneBuffer) {
+        lane.backlog = true;
+      } else {
+        lane.queue.push({ note: { ...n, state: 'pending', attempts: 0, dueAt: acceptedAt }, acceptedAt });
+      }
+      touched.add(n.subscriptionId);
+    }
+    for (const id of touched) this.#wake(id, false);
+  }
+
+  get outboxDepth(): number {
+    let depth = 0;
+    for (const lane of this.#lanes.values()) depth += lane.queue.length;
+    return depth;
+  }
+
+  /** Stop taking new work, let in-flight attempts finish within `graceMs`, persist what is known. */
+  async close(graceMs = 5000): Promise<void> {
+    this.#closed = true;
+    for (const lane of this.#lanes.values()) clearTimeout(lane.timer);
+    for (const w of this.#slotWaiters.splice(0)) w();
+    await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
+    await this.#flush();
+  }
+
+  #lane(id: string): Lane {
+    let lane = this.#lanes.get(id);
+    if (lane === undefined) {
+      lane = new Lane();
+      this.#lanes.set(id, lane);
+    }
+    return lane;
+  }
+
+  #forget(id: string): void {
+    const lane = this.#lanes.get(id);
+    if (lane !== undefined) clearTimeout(lane.timer);
+    this.#lanes.delete(id);
+  }
+
+  #wake(id: string, reload: boolean): void {
+    if (this.#closed) return;
+    const lane = this.#lane(id);
+    if (reload) lane.backlog = true;
+    if (lane.running) return;
+    clearTimeout(lane.timer);
+    lane.timer = undefined;
+    this.#track(this.#drain(id, lane));
+  }
+
+  #track(p: Promise<unknown>): void {
+    this.#running.add(p);
+    void p.finally(() => this.#running.delete(p));
+  }
+
+  async #drain(id: string, lane: Lane): Promise<void> {
+    lane.running = true;
+    try {
+      while (!this.#closed && this.#lanes.get(id) === lane) {
+        const sub = this.#registry.get(id);
+        if (sub === undefined || sub.status !== 'active') return;
+        if (lane.queue.length === 0 && lane.backlog) await this.#reload(id, lane);
+        const head = lane.queue[0];
+        if (head === undefined) return;
+        const now = this.#clock.now();
+        if (head.note.dueAt > now) {
+          lane.timer = setTimeout(() => this.#wake(id, false), head.note.dueAt - now);
+          return;
+        }
+        const batch = takeDue(lane.queue, sub.channel.maxCount ?? 1, now);
+        const result = await this.#withSlot(() => this.#sendNotifications(sub, batch.map((q) => q.note)));
+        if (!(await this.#settle(sub, lane, batch, result))) return;
+      }
+    } catch (err) {
+      this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
+    } finally {
+      lane.running = false;
+    }
+  }
+
+  async #reload(id: string, lane: Lane): Promise<void> {
+    const rows = await this.#store.pendingNotifications(id, lane.done, this.#opts.laneBuffer);
+    const queued = new Set(lane.queue.map((q) => q.note.eventNumber));
+    for (const note of rows) if (!queued.has(note.eventNumber)) lane.queue.push({ note });
+    lane.queue.sort((a, b) => a.note.eventNumber - b.note.eventNumber);
+    lane.backlog = rows.length === this.#opts.laneBuffer;
+  }
+
+  /** Apply an attempt's outcome; true when the lane may go on sending now. */
+  async #settle(sub: SubscriptionRecord, lane: Lane, batch: QueuedNotification[], result: SendResult): Promise<boolean> {
+    const now = this.#clock.now();
+    if (result.ok) {
+      lane.queue.splice(0, batch.length);
+      for (const q of batch) {
+        lane.done = Math.max(lane.done, q.note.eventNumber);
+        this.#record({ ...q.note, state: 'delivered', attempts: q.note.attempts + 1, dueAt: now });
+        if (q.acceptedAt !== undefined) this.#metrics.observe('broker_delivery_latency_seconds', (now - q.acceptedAt) / 1000);
+      }
+      this.#metrics.inc('broker_notifications_total', { outcome: 'delivered' }, batch.length);
+      return true;
+    }
+    const attempts = (batch[0]?.note.attempts ?? 0) + 1;
+    this.#logger.warn('delivery failed', {
+      subscription: sub.id,
+      eventNumbers: batch.map((q) => q.note.eventNumber),
+      attempt: attempts,
+      error: result.error,
+    });
+    if (result.status === 410) {
+      await this.#registry.transition(sub.id, { kind: 'endpoint-gone', reason: 'endpoint answered 410 Gone' });
+      this.#metrics.inc('broker_notifications_total', { outcome: 'gone' }, batch.length);
+      return false;
+    }
+    const delay = result.permanent
+      ? undefined
+      : (result.retryAfterMs ?? nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random()));
+    if (delay === undefined) {
+      lane.queue.splice(0, batch.length);
+      for (const q of batch) {
+        lane.done = Math.max(lane.done, q.note.eventNumber);
+        this.#record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
+      }
+      this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);
+      await this.#registry.transition(sub.id, {
+        kind: 'delivery-exhausted',
+        reason: `delivery failed after ${attempts} attempt(s): ${result.error}`,
+      });
+      return false;
+    }
+    const dueAt = now + delay;
+    batch.forEach((q, i) => {
+      const note: StoredNotification = { ...q.note, attempts, dueAt, lastError: result.error };
+      lane.queue[i] = { ...q, note };
+      this.#record(note);
+    });
+    this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
+    lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
+    return false;
+  }
+
+  async #handshake(id: string): Promise<void> {
+    const sub = this.#registry.get(id);
+    if (sub === undefined || sub.status !== 'requested' || this.#closed) return;
+    if (sub.kind === 'classic') {
+      // R4 classic Subscriptions have no handshake: the endpoint was vetted at registration.
+      await this.#registry.transition(id, { kind: 'handshake-succeeded' });
+      return;
+    }
+    const result = await this.#withSlot(() => this.#sendBundle(sub, 'handshake', [], `${id}-handshake-${this.#ids.uuid()}`));
+    this.#metrics.inc('broker_handshakes_total', { outcome: result.ok ? 'ok' : 'failed' });
+    if (result.ok) await this.#registry.transition(id, { kind: 'handshake-succeeded' });
+    else {
+      this.#logger.warn('handshake failed', { subscription: id, error: result.error });
+      await this.#registry.transition(id, { kind: 'handshake-failed', reason: `handshake failed: ${result.error}` });
+    }
+  }
+
+  #sendNotifications(sub: SubscriptionRecord, notes: readonly StoredNotification[]): Promise<SendResult> {
+    const first = notes[0]?.eventNumber ?? 0;
+    const last = notes[notes.length - 1]?.eventNumber ?? first;
+    const webhookId = first === last ? `${sub.id}-${first}` : `${sub.id}-${first}-${last}`;
+    return this.#sendBundle(sub, 'event-notification', notes, webhookId);
+  }
+
+  #sendBundle(
+    sub: SubscriptionRecord,
+    type: NotificationType,
+    notes: readonly Notification[],
+    webhookId: string,
+  ): Promise<SendResult> {
+    const endpoint = sub.channel.endpoint;
+    if (endpoint === undefined) return Promise.resolve({ ok: false, error: 'no endpoint', permanent: true });
+    const lastNumber = notes[notes.length - 1]?.eventNumber;
+    // Classic subscriptions without payload get an empty POST, as R4 prescribes.
+    const body =
+      sub.kind === 'classic'
+        ? ''
+        : JSON.stringify(
+            buildNotificationBundle(
+              { ...sub, eventsSinceStart: Math.max(sub.eventsSinceStart, lastNumber ?? 0) },
+              type,
+              notes,
+              sub.channel.content,
+              { fhirBase: this.#opts.fhirBase, newId: () => this.#ids.uuid(), timestamp: new Date(this.#clock.now()).toISOString() },
+            ),
+          );
+    return this.#sender.send({
+      endpoint,
+      headers: sub.channel.headers,
+      ...(sub.kind === 'classic' ? {} : { contentType: sub.channel.payload ?? 'application/fhir+json' }),
+      body,
+      webhookId,
+      secrets: [sub.webhookSecret],
+      timeoutMs: (sub.channel.timeoutSeconds ?? 0) * 1000 || this.#opts.defaultTimeoutMs,
+    });
+  }
+
+  async #withSlot<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.#inFlight >= this.#opts.maxInFlight && !this.#closed) {
+      await new Promise<void>((resolve) => this.#slotWaiters.push(resolve));
+    }
+    this.#inFlight++;
+    try {
+      return await fn();
+    } finally {
+      this.#inFlight--;
+      this.#slotWaiters.shift()?.();
+    }
+  }
+
+  /** Delivery states are written behind, batched: losing one to a crash only means a redelivery. */
+  #record(note: StoredNotification): void {
+    this.#updates.push({
+      subscriptionId: note.subscriptionId,
+      eventNumber: note.eventNumber,
+      state: note.state,
+      attempts: note.attempts,
+      dueAt: note.dueAt,
+      ...(note.lastError === undefined ? {} : { lastError: note.lastError }),
+    });
+    if (this.#flushing === undefined) {
+      this.#flushing = new Promise<void>((resolve) => setImmediate(resolve)).then(() => this.#flush());
+    }
+  }
+
+  async #flush(): Promise<void> {
+    const updates = this.#updates;
+    this.#updates = [];
+    this.#flushing = undefined;
+    if (updates.length === 0) return;
+    try {
+      await this.#store.recordDeliveries(updates);
+    } catch (err) {
+      this.#logger.error('could not record delivery states; they will be redelivered', { err: err as Error });
+    }
+  }
+}
+
+function takeDue(queue: readonly QueuedNotification[], max: number, now: number): QueuedNotification[] {
+  const out: QueuedNotification[] = [];
+  for (const q of queue) {
+    if (out.length >= max || q.note.dueAt > now) break;
+    out.push(q);
+  }
+  return out;
+}

@@ -1,0 +1,110 @@
+import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
+import { isIP } from 'node:net';
+import { BrokerError } from '../core/errors.js';
+import { type Allowlist, blockedReason } from './address-policy.js';
+
+/**
+ * The SSRF guard. At registration it refuses endpoints that are not https (unless allow-listed)
+ * or that name or resolve to a blocked address. At delivery, `lookup` is the socket's resolver:
+ * a DNS answer that changed since registration is checked again and the socket connects to the
+ * vetted address itself, so there is no window between check and use.
+ */
+
+export type Resolver = (host: string) => Promise<readonly LookupAddress[]>;
+
+export const systemResolver: Resolver = (host) =>
+  new Promise((resolve, reject) => {
+    dnsLookup(host, { all: true, verbatim: true }, (err, addresses) => (err ? reject(err) : resolve(addresses)));
+  });
+
+export class EndpointRefusedError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'EndpointRefusedError';
+  }
+}
+
+export class EndpointGuard {
+  readonly #allow: Allowlist;
+  readonly #resolve: Resolver;
+
+  constructor(allow: Allowlist, resolve: Resolver = systemResolver) {
+    this.#allow = allow;
+    this.#resolve = resolve;
+  }
+
+  /** Registration-time check; throws a BrokerError the HTTP edge turns into a 422. */
+  async checkEndpoint(endpoint: string): Promise<URL> {
+    let url: URL;
+    try {
+      url = new URL(endpoint);
+    } catch {
+      throw refuse('INVALID_ENDPOINT', `channel.endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not an absolute URL`);
+    }
+    if (url.protocol !== 'https:' && url.protocol !== 'http:') {
+      throw refuse('INVALID_ENDPOINT', `channel.endpoint must be https, not ${url.protocol.replace(':', '')}`);
+    }
+    if (url.username !== '' || url.password !== '') {
+      throw refuse('INVALID_ENDPOINT', 'channel.endpoint must not carry credentials; use channel.header');
+    }
+    const host = url.hostname.replace(/^\[|\]$/g, '');
+    const hostAllowed = this.#allow.hasHost(host);
+    if (url.protocol === 'http:' && !hostAllowed && !this.#allow.hasAddress(host)) {
+      throw refuse('INVALID_ENDPOINT', `channel.endpoint must be https; ${host} is not on BROKER_ENDPOINT_ALLOWLIST`);
+    }
+    if (hostAllowed) return url;
+    try {
+      await this.vet(host);
+    } catch (err) {
+      throw refuse('ENDPOINT_FORBIDDEN', `channel.endpoint ${host}: ${(err as Error).message}`);
+    }
+    return url;
+  }
+
+  /** Resolve `host` and return the addresses a socket may use; throws EndpointRefusedError. */
+  async vet(host: string): Promise<readonly LookupAddress[]> {
+    const literal = isIP(host);
+    if (literal !== 0) {
+      this.#assertAllowed(host);
+      return [{ address: host, family: literal }];
+    }
+    if (this.#allow.hasHost(host)) return this.#resolve(host);
+    let addresses: readonly LookupAddress[];
+    try {
+      addresses = await this.#resolve(host);
+    } catch (err) {
+      throw new EndpointRefusedError(`does not resolve (${(err as NodeJS.ErrnoException).code ?? 'DNS error'})`);
+    }
+    if (addresses.length === 0) throw new EndpointRefusedError('does not resolve');
+    // Every answer must pass: a round-robin record with one private address is a rebinding tool.
+    for (const a of addresses) this.#assertAllowed(a.address);
+    return addresses;
+  }
+
+  /** A `net.connect` / undici `connect.lookup` resolver that only ever yields vetted addresses. */
+  readonly lookup = (
+    hostname: string,
+    options: { all?: boolean } | number | undefined,
+    callback: (err: Error | null, address: string | LookupAddress[], family?: number) => void,
+  ): void => {
+    const all = typeof options === 'object' && options !== null && options.all === true;
+    this.vet(hostname.replace(/^\[|\]$/g, '')).then(
+      (addresses) => {
+        const first = addresses[0] as LookupAddress;
+        if (all) callback(null, [...addresses]);
+        else callback(null, first.address, first.family);
+      },
+      (err: unknown) => callback(err as Error, all ? [] : '', 0),
+    );
+  };
+
+  #assertAllowed(ip: string): void {
+    if (this.#allow.hasAddress(ip)) return;
+    const reason = blockedReason(ip);
+    if (reason !== undefined) throw new EndpointRefusedError(`${ip} is a ${reason} address`);
+  }
+}
+
+function refuse(code: 'INVALID_ENDPOINT' | 'ENDPOINT_FORBIDDEN', message: string): BrokerError {
+  return new BrokerError(code, message, { expression: 'Subscription.channel.endpoint' });
+}

@@ -1,0 +1,127 @@
+import { Agent, errors as undiciErrors, request } from 'undici';
+import type { Clock } from '../core/types.js';
+import { type EndpointGuard, EndpointRefusedError } from './endpoint-guard.js';
+import { signWebhook } from './webhook-signature.js';
+
+/**
+ * Sends one signed HTTP POST to a rest-hook endpoint. One undici Agent (keep-alive pool) for the
+ * process, whose sockets resolve through the SSRF guard; redirects are never followed (a 3xx is a
+ * failure) and at most 64 KiB of a response is read.
+ */
+
+export interface WebhookRequest {
+  readonly endpoint: string;
+  /** `Name: value` pairs from `channel.header`. */
+  readonly headers: readonly string[];
+  /** Absent: an empty-body POST (classic subscription without payload). */
+  readonly contentType?: string;
+  readonly body: string;
+  readonly webhookId: string;
+  readonly secrets: readonly string[];
+  readonly timeoutMs: number;
+}
+
+export type SendResult =
+  | { readonly ok: true; readonly status: number }
+  | {
+      readonly ok: false;
+      /** HTTP status, or undefined when no response came (refused, timeout, blocked). */
+      readonly status?: number;
+      readonly error: string;
+      /** From `Retry-After`, when the endpoint asked for a pause. */
+      readonly retryAfterMs?: number;
+      /** The endpoint is forbidden by the SSRF guard: retrying cannot help. */
+      readonly permanent?: boolean;
+    };
+
+export interface Sender {
+  send(req: WebhookRequest): Promise<SendResult>;
+  close(): Promise<void>;
+}
+
+const MAX_RESPONSE_BYTES = 64 * 1024;
+
+export class RestHookSender implements Sender {
+  readonly #agent: Agent;
+  readonly #clock: Clock;
+  readonly #userAgent: string;
+
+  constructor(guard: EndpointGuard, clock: Clock, options: { connections?: number; userAgent?: string } = {}) {
+    this.#clock = clock;
+    this.#userAgent = options.userAgent ?? 'fhir-subscription-broker';
+    this.#agent = new Agent({
+      connections: options.connections ?? 32,
+      keepAliveTimeout: 30_000,
+      connect: { lookup: guard.lookup as never, timeout: 10_000 },
+    });
+  }
+
+  async send(req: WebhookRequest): Promise<SendResult> {
+    const timestamp = Math.floor(this.#clock.now() / 1000);
+    const headers: Record<string, string> = {
+      'user-agent': this.#userAgent,
+      'webhook-id': req.webhookId,
+      'webhook-timestamp': String(timestamp),
+      'webhook-signature': signWebhook(req.secrets, req.webhookId, timestamp, req.body),
+    };
+    if (req.contentType !== undefined) headers['content-type'] = req.contentType;
+    for (const h of req.headers) {
+      const colon = h.indexOf(':');
+      headers[h.slice(0, colon).trim().toLowerCase()] = h.slice(colon + 1).trim();
+    }
+    try {
+      const res = await request(req.endpoint, {
+        method: 'POST',
+        headers,
+        body: req.body,
+        dispatcher: this.#agent,
+        headersTimeout: req.timeoutMs,
+        bodyTimeout: req.timeoutMs,
+        signal: AbortSignal.timeout(req.timeoutMs),
+      });
+      await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
+      if (res.statusCode >= 200 && res.statusCode < 300) return { ok: true, status: res.statusCode };
+      const retryAfterMs = parseRetryAfter(res.headers['retry-after'], this.#clock.now());
+      const error =
+        res.statusCode >= 300 && res.statusCode < 400
+          ? `HTTP ${res.statusCode} redirect (not followed)`
+          : `HTTP ${res.statusCode}`;
+      return { ok: false, status: res.statusCode, error, ...(retryAfterMs === undefined ? {} : { retryAfterMs }) };
+    } catch (err) {
+      return describeFailure(err, req.timeoutMs);
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.#agent.close();
+  }
+}
+
+function describeFailure(err: unknown, timeoutMs: number): SendResult {
+  const cause = (err as { cause?: unknown }).cause;
+  if (err instanceof EndpointRefusedError || cause instanceof EndpointRefusedError) {
+    const refused = err instanceof EndpointRefusedError ? err : (cause as EndpointRefusedError);
+    return { ok: false, error: `endpoint refused: ${refused.message}`, permanent: true };
+  }
+  if (
+    err instanceof undiciErrors.HeadersTimeoutError ||
+    err instanceof undiciErrors.BodyTimeoutError ||
+    err instanceof undiciErrors.ConnectTimeoutError ||
+    (err as Error).name === 'TimeoutError' ||
+    (err as Error).name === 'AbortError'
+  ) {
+    return { ok: false, error: `timeout after ${timeoutMs} ms` };
+  }
+  const code = (err as NodeJS.ErrnoException).code ?? (cause as NodeJS.ErrnoException | undefined)?.code;
+  return { ok: false, error: code === undefined ? (err as Error).message : `connection failed (${code})` };
+}
+
+/** `Retry-After` as seconds or an HTTP date; capped at a day so a hostile value cannot park a queue forever. */
+export function parseRetryAfter(value: string | string[] | undefined, nowMs: number): number | undefined {
+  const v = Array.isArray(value) ? value[0] : value;
+  if (v === undefined) return undefined;
+  const DAY = 86_400_000;
+  if (/^\d+$/.test(v.trim())) return Math.min(Number(v.trim()) * 1000, DAY);
+  const at = Date.parse(v);
+  return Number.isNaN(at) ? undefined : Math.min(Math.max(at - nowMs, 0), DAY);
+}

@@ -1,0 +1,95 @@
+import { Hono } from 'hono';
+import { BrokerError } from '../core/errors.js';
+import type { Logger } from '../observability/logger.js';
+import type { Metrics } from '../observability/metrics.js';
+import type { IngestService } from '../service/ingest.js';
+import type { ApiKeyAuth, IngestAuth } from './auth.js';
+import { readJsonBody } from './body.js';
+import { type FhirRouteDeps, mountFhirRoutes } from './fhir-routes.js';
+import { fhirResponse, operationOutcome, outcomeOf } from './outcome.js';
+
+/** The hono app: every route of the contract, one error handler, one not-found handler. */
+
+export interface AppDeps extends FhirRouteDeps {
+  readonly ingest: IngestService;
+  readonly ingestAuth: IngestAuth;
+  readonly apiAuth: ApiKeyAuth;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  readonly maxIngestBodyBytes: number;
+}
+
+/** Paths and the methods they allow, for 405 answers. */
+const ROUTES: readonly [string, readonly string[]][] = [
+  ['/events', ['POST']],
+  ['/healthz', ['GET']],
+  ['/metrics', ['GET']],
+  ['/fhir/metadata', ['GET']],
+  ['/fhir/SubscriptionTopic', ['GET']],
+  ['/fhir/SubscriptionTopic/:id', ['GET']],
+  ['/fhir/Subscription', ['GET', 'POST']],
+  ['/fhir/Subscription/$status', ['GET']],
+  ['/fhir/Subscription/:id/$status', ['GET']],
+  ['/fhir/Subscription/:id/$events', ['GET']],
+  ['/fhir/Subscription/:id', ['GET', 'PUT', 'DELETE']],
+];
+
+export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }> {
+  const app = new Hono<{ Variables: { owner: string } }>();
+
+  app.get('/healthz', async () => {
+    try {
+      await deps.store.ping();
+      return Response.json({ status: 'ok' });
+    } catch (err) {
+      deps.logger.error('health check failed', { err: err as Error });
+      return Response.json({ status: 'unavailable', reason: 'store unreachable' }, { status: 503 });
+    }
+  });
+
+  app.get('/metrics', (c) => {
+    deps.apiAuth.authenticate(c.req.header('authorization'));
+    return new Response(deps.metrics.render(), { headers: { 'content-type': 'text/plain; version=0.0.4' } });
+  });
+
+  app.post('/events', async (c) => {
+    deps.ingestAuth.check(c.req.header('authorization'));
+    const body = await readJsonBody(c, deps.maxIngestBodyBytes);
+    const result = await deps.ingest.ingest(body);
+    return c.json(result, 202);
+  });
+
+  mountFhirRoutes(app, deps);
+
+  for (const [path, methods] of ROUTES) {
+    app.all(path, (c) => {
+      throw new BrokerError('METHOD_NOT_ALLOWED', `${c.req.method} is not allowed on ${c.req.path}; use ${methods.join(', ')}`);
+    });
+  }
+
+  app.notFound((c) =>
+    fhirResponse(operationOutcome('NOT_FOUND', `No route for ${c.req.method} ${c.req.path}`), 404),
+  );
+
+  app.onError((err, c) => {
+    const { status, body } = outcomeOf(err);
+    if (status >= 500) deps.logger.error('request failed', { method: c.req.method, path: c.req.path, err });
+    const headers: Record<string, string> = {};
+    if (err instanceof BrokerError && err.code === 'UNAUTHORIZED') headers['www-authenticate'] = 'Bearer';
+    if (err instanceof BrokerError && err.code === 'METHOD_NOT_ALLOWED') {
+      const route = ROUTES.find(([p]) => matchPath(p, c.req.path));
+      if (route !== undefined) headers.allow = route[1].join(', ');
+    }
+    return fhirResponse(body, status, headers);
+  });
+
+  return app;
+}
+
+function matchPath(pattern: string, path: string): boolean {
+  const p = pattern.split('/');
+  const q = path.split('/');
+  return p.length === q.length && p.every((seg, i) => seg.startsWith(':') || seg === q[i]);
+}
+
+export const ROUTE_TABLE = ROUTES;

@@ -1,0 +1,50 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { BrokerError } from '../core/errors.js';
+
+/**
+ * Bearer-token authentication. Tokens are compared as SHA-256 digests: a Map look-up on the
+ * digest, then a constant-time comparison, so response time does not leak token prefixes.
+ */
+
+const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
+
+export function bearerToken(header: string | undefined): string | undefined {
+  const m = header === undefined ? null : /^Bearer\s+(\S+)\s*$/i.exec(header);
+  return m?.[1];
+}
+
+export class ApiKeyAuth {
+  readonly #clients = new Map<string, { clientId: string; digest: Buffer }>();
+
+  constructor(clients: readonly { clientId: string; token: string }[]) {
+    for (const c of clients) {
+      const d = digest(c.token);
+      this.#clients.set(d.toString('hex'), { clientId: c.clientId, digest: d });
+    }
+  }
+
+  /** The client id for an `Authorization` header; throws UNAUTHORIZED. */
+  authenticate(header: string | undefined): string {
+    const token = bearerToken(header);
+    if (token !== undefined) {
+      const d = digest(token);
+      const hit = this.#clients.get(d.toString('hex'));
+      if (hit !== undefined && timingSafeEqual(hit.digest, d)) return hit.clientId;
+    }
+    throw new BrokerError('UNAUTHORIZED', 'Send Authorization: Bearer <API key> with a key from BROKER_API_KEYS');
+  }
+}
+
+export class IngestAuth {
+  readonly #digest: Buffer;
+
+  constructor(token: string) {
+    this.#digest = digest(token);
+  }
+
+  check(header: string | undefined): void {
+    const token = bearerToken(header);
+    if (token !== undefined && timingSafeEqual(digest(token), this.#digest)) return;
+    throw new BrokerError('UNAUTHORIZED', 'Send Authorization: Bearer <ingest token> (BROKER_INGEST_TOKEN)');
+  }
+}

@@ -1,0 +1,77 @@
+/** Prometheus text-format metrics, held per broker instance (no module-level state). */
+
+type Labels = Readonly<Record<string, string>>;
+
+const LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+interface Family {
+  readonly help: string;
+  readonly type: 'counter' | 'gauge' | 'histogram';
+}
+
+const FAMILIES = {
+  broker_events_total: { help: 'EventBridge events received, by outcome', type: 'counter' },
+  broker_notifications_total: { help: 'Notification deliveries, by outcome', type: 'counter' },
+  broker_handshakes_total: { help: 'Handshakes, by outcome', type: 'counter' },
+  broker_delivery_latency_seconds: { help: 'Ingest to successful webhook delivery', type: 'histogram' },
+  broker_outbox_depth: { help: 'Notifications waiting for delivery', type: 'gauge' },
+  broker_subscriptions: { help: 'Subscriptions in the matching index', type: 'gauge' },
+} as const satisfies Record<string, Family>;
+
+export type MetricName = keyof typeof FAMILIES;
+
+export class Metrics {
+  readonly #counters = new Map<string, number>();
+  readonly #gauges = new Map<MetricName, () => number>();
+  readonly #histograms = new Map<string, { buckets: number[]; sum: number; count: number }>();
+
+  inc(name: MetricName, labels: Labels = {}, by = 1): void {
+    const key = seriesKey(name, labels);
+    this.#counters.set(key, (this.#counters.get(key) ?? 0) + by);
+  }
+
+  gauge(name: MetricName, read: () => number): void {
+    this.#gauges.set(name, read);
+  }
+
+  observe(name: MetricName, seconds: number): void {
+    let h = this.#histograms.get(name);
+    if (h === undefined) {
+      h = { buckets: LATENCY_BUCKETS_S.map(() => 0), sum: 0, count: 0 };
+      this.#histograms.set(name, h);
+    }
+    for (let i = 0; i < LATENCY_BUCKETS_S.length; i++) if (seconds <= (LATENCY_BUCKETS_S[i] as number)) h.buckets[i]! += 1;
+    h.sum += seconds;
+    h.count += 1;
+  }
+
+  value(name: MetricName, labels: Labels = {}): number {
+    return this.#counters.get(seriesKey(name, labels)) ?? 0;
+  }
+
+  render(): string {
+    const lines: string[] = [];
+    for (const [name, family] of Object.entries(FAMILIES) as [MetricName, Family][]) {
+      lines.push(`# HELP ${name} ${family.help}`, `# TYPE ${name} ${family.type}`);
+      if (family.type === 'counter') {
+        for (const [key, v] of this.#counters) if (key === name || key.startsWith(`${name}{`)) lines.push(`${key} ${v}`);
+      } else if (family.type === 'gauge') {
+        const read = this.#gauges.get(name);
+        if (read !== undefined) lines.push(`${name} ${read()}`);
+      } else {
+        const h = this.#histograms.get(name);
+        if (h !== undefined) {
+          LATENCY_BUCKETS_S.forEach((le, i) => lines.push(`${name}_bucket{le="${le}"} ${h.buckets[i]}`));
+          lines.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
+        }
+      }
+    }
+    return `${lines.join('\n')}\n`;
+  }
+}
+
+function seriesKey(name: string, labels: Labels): string {
+  const entries = Object.entries(labels);
+  if (entries.length === 0) return name;
+  return `${name}{${entries.map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, '_')}"`).join(',')}}`;
+}

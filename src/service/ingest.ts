@@ -1,0 +1,133 @@
+import { InvalidEnvelopeError, parseEventBridgeEvent } from '../core/cloudtrail.js';
+import { BrokerError } from '../core/errors.js';
+import type { Clock, Notification } from '../core/types.js';
+import type { Logger } from '../observability/logger.js';
+import type { Metrics } from '../observability/metrics.js';
+import type { AcceptItem, AcceptOutcome, Store } from '../store/store.js';
+import type { SubscriptionRegistry } from './subscription-registry.js';
+
+/**
+ * Ingest: EventBridge events → ResourceChange → matched once → committed with their
+ * notifications → handed to the dispatcher. Requests that arrive together share one store
+ * transaction (group commit), so the cost of a durable commit is paid once per batch.
+ */
+
+export interface IngestResult {
+  readonly accepted: number;
+  readonly ignored: number;
+  readonly duplicates: number;
+}
+
+export interface NotificationSink {
+  enqueue(notifications: readonly Notification[], acceptedAt: number): void;
+}
+
+/** 1,000: ten times EventBridge's largest PutEvents batch; a request beyond it is refused whole. */
+export const MAX_EVENTS_PER_REQUEST = 1000;
+
+interface PendingCommit {
+  readonly items: readonly AcceptItem[];
+  readonly resolve: (outcomes: AcceptOutcome[]) => void;
+  readonly reject: (err: unknown) => void;
+}
+
+export class IngestService {
+  readonly #store: Store;
+  readonly #registry: SubscriptionRegistry;
+  readonly #sink: NotificationSink;
+  readonly #clock: Clock;
+  readonly #logger: Logger;
+  readonly #metrics: Metrics;
+  #pending: PendingCommit[] = [];
+  #scheduled = false;
+
+  constructor(deps: {
+    store: Store;
+    registry: SubscriptionRegistry;
+    sink: NotificationSink;
+    clock: Clock;
+    logger: Logger;
+    metrics: Metrics;
+  }) {
+    this.#store = deps.store;
+    this.#registry = deps.registry;
+    this.#sink = deps.sink;
+    this.#clock = deps.clock;
+    this.#logger = deps.logger;
+    this.#metrics = deps.metrics;
+  }
+
+  /** Validates every event first: one malformed element refuses the request and stores nothing. */
+  async ingest(body: unknown): Promise<IngestResult> {
+    const events = Array.isArray(body) ? body : [body];
+    if (events.length > MAX_EVENTS_PER_REQUEST) {
+      throw new BrokerError('TOO_MANY_EVENTS', `${events.length} events in one request; the limit is ${MAX_EVENTS_PER_REQUEST}`);
+    }
+    const receivedAt = this.#clock.now();
+    const receivedIso = new Date(receivedAt).toISOString();
+    const items: AcceptItem[] = [];
+    let ignored = 0;
+    events.forEach((event, i) => {
+      let parsed: ReturnType<typeof parseEventBridgeEvent>;
+      try {
+        parsed = parseEventBridgeEvent(event, receivedIso);
+      } catch (err) {
+        if (err instanceof InvalidEnvelopeError) {
+          const where = Array.isArray(body) ? `event [${i}]` : 'event';
+          throw new BrokerError('INVALID_EVENT', `${where}: ${err.message}`, { cause: err });
+        }
+        throw err;
+      }
+      if (parsed.kind === 'ignored') {
+        ignored++;
+        this.#logger.info('event ignored', { eventId: parsed.eventId, reason: parsed.reason });
+        return;
+      }
+      items.push({ change: parsed.change, subscriptionIds: this.#registry.match(parsed.change, receivedAt) });
+    });
+
+    const outcomes = items.length === 0 ? [] : await this.#commit(items);
+    const notifications = outcomes.flatMap((o) => o.notifications);
+    const duplicates = outcomes.filter((o) => o.duplicate).length;
+    this.#registry.noteNotifications(notifications);
+    this.#sink.enqueue(notifications, receivedAt);
+
+    const result = { accepted: outcomes.length - duplicates, ignored, duplicates };
+    this.#metrics.inc('broker_events_total', { outcome: 'accepted' }, result.accepted);
+    this.#metrics.inc('broker_events_total', { outcome: 'ignored' }, result.ignored);
+    this.#metrics.inc('broker_events_total', { outcome: 'duplicate' }, result.duplicates);
+    if (result.accepted > 0 || duplicates > 0) {
+      this.#logger.debug('events accepted', { ...result, notifications: notifications.length });
+    }
+    return result;
+  }
+
+  #commit(items: readonly AcceptItem[]): Promise<AcceptOutcome[]> {
+    return new Promise((resolve, reject) => {
+      this.#pending.push({ items, resolve, reject });
+      if (!this.#scheduled) {
+        this.#scheduled = true;
+        setImmediate(() => void this.#flush());
+      }
+    });
+  }
+
+  async #flush(): Promise<void> {
+    const batch = this.#pending;
+    this.#pending = [];
+    this.#scheduled = false;
+    const all = batch.flatMap((p) => p.items);
+    try {
+      const outcomes = await this.#store.acceptChanges(all, this.#clock.now());
+      let offset = 0;
+      for (const p of batch) {
+        p.resolve(outcomes.slice(offset, offset + p.items.length));
+        offset += p.items.length;
+      }
+    } catch (err) {
+      this.#logger.error('could not commit events; the senders will retry', { err: err as Error, events: all.length });
+      const failure = new BrokerError('STORE_UNAVAILABLE', 'The events could not be stored; retry', { cause: err });
+      for (const p of batch) p.reject(failure);
+    }
+  }
+}

@@ -1,0 +1,219 @@
+import { BrokerError } from '../core/errors.js';
+import { BROKER_EXT } from '../core/fhir-urls.js';
+import { MatchIndex } from '../core/match-index.js';
+import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
+import { parseSubscription } from '../core/subscription.js';
+import type { TopicCatalog } from '../core/topics.js';
+import type { Clock, FhirResource, IdSource, Notification, ResourceChange, SubscriptionRecord } from '../core/types.js';
+import type { EndpointGuard } from '../delivery/endpoint-guard.js';
+import { generateWebhookSecret } from '../delivery/webhook-signature.js';
+import type { Logger } from '../observability/logger.js';
+import type { Store } from '../store/store.js';
+
+/**
+ * The subscription registry: the one way subscriptions change. Each change is written to the
+ * store first, then to the in-memory cache and matching index, so they never run ahead of what
+ * is durable. Owners see only their own subscriptions; another owner's id is "not found".
+ */
+
+export interface RegistryListener {
+  /** A subscription now wants a handshake (created or re-activated). */
+  onRequested(id: string): void;
+  /** A subscription became active: pending notifications may flow. */
+  onActivated(id: string): void;
+  onRemoved(id: string): void;
+}
+
+export interface CreateResult {
+  readonly record: SubscriptionRecord;
+  /** Set when the broker generated the secret: shown to the client once, in the create response. */
+  readonly generatedSecret?: string;
+}
+
+export class SubscriptionRegistry {
+  readonly #store: Store;
+  readonly #topics: TopicCatalog;
+  readonly #guard: EndpointGuard;
+  readonly #clock: Clock;
+  readonly #ids: IdSource;
+  readonly #logger: Logger;
+  readonly #index = new MatchIndex();
+  readonly #cache = new Map<string, SubscriptionRecord>();
+  #listener: RegistryListener | undefined;
+
+  constructor(deps: { store: Store; topics: TopicCatalog; guard: EndpointGuard; clock: Clock; ids: IdSource; logger: Logger }) {
+    this.#store = deps.store;
+    this.#topics = deps.topics;
+    this.#guard = deps.guard;
+    this.#clock = deps.clock;
+    this.#ids = deps.ids;
+    this.#logger = deps.logger;
+  }
+
+  listen(listener: RegistryListener): void {
+    this.#listener = listener;
+  }
+
+  async load(): Promise<void> {
+    for (const rec of await this.#store.listSubscriptions()) this.#remember(rec);
+    this.#logger.info('subscriptions loaded', { count: this.#cache.size });
+  }
+
+  get(id: string): SubscriptionRecord | undefined {
+    return this.#cache.get(id);
+  }
+
+  all(): IterableIterator<SubscriptionRecord> {
+    return this.#cache.values();
+  }
+
+  get size(): number {
+    return this.#index.size;
+  }
+
+  match(change: ResourceChange, nowMs: number): string[] {
+    return this.#index.match(change, nowMs);
+  }
+
+  /** Keep the cached event counters in step after notifications were committed. */
+  noteNotifications(notifications: readonly Notification[]): void {
+    for (const n of notifications) {
+      const rec = this.#cache.get(n.subscriptionId);
+      if (rec !== undefined && n.eventNumber > rec.eventsSinceStart) {
+        this.#cache.set(rec.id, { ...rec, eventsSinceStart: n.eventNumber });
+      }
+    }
+  }
+
+  async create(owner: string, body: unknown): Promise<CreateResult> {
+    const spec = parseSubscription(body, this.#topics);
+    if (spec.askedStatus === 'error') {
+      throw new BrokerError('INVALID_STATUS_CHANGE', 'Only the broker sets status error', { expression: 'Subscription.status' });
+    }
+    if (spec.channel.endpoint !== undefined) await this.#guard.checkEndpoint(spec.channel.endpoint);
+    const now = new Date(this.#clock.now()).toISOString();
+    const generatedSecret = spec.webhookSecret === undefined ? generateWebhookSecret() : undefined;
+    const record: SubscriptionRecord = {
+      id: this.#ids.uuid(),
+      owner,
+      kind: spec.kind,
+      topic: spec.topic,
+      status: spec.askedStatus === 'off' ? 'off' : 'requested',
+      match: spec.match,
+      channel: spec.channel,
+      webhookSecret: spec.webhookSecret ?? (generatedSecret as string),
+      ...(spec.end === undefined ? {} : { end: spec.end }),
+      eventsSinceStart: 0,
+      createdAt: now,
+      updatedAt: now,
+      resource: spec.resource,
+    };
+    await this.#store.insertSubscription(record);
+    this.#remember(record);
+    this.#logger.info('subscription created', { subscription: record.id, owner, kind: record.kind, topic: record.topic });
+    if (record.status === 'requested') this.#listener?.onRequested(record.id);
+    return { record, ...(generatedSecret === undefined ? {} : { generatedSecret }) };
+  }
+
+  /** The owner's subscription, fresh from the store (counters included), or NOT_FOUND. */
+  async read(owner: string, id: string): Promise<SubscriptionRecord> {
+    const rec = await this.#store.getSubscription(id);
+    if (rec === undefined || rec.owner !== owner) throw new BrokerError('NOT_FOUND', `Subscription/${id} not found`);
+    return rec;
+  }
+
+  async search(owner: string): Promise<SubscriptionRecord[]> {
+    return this.#store.listSubscriptions(owner);
+  }
+
+  async update(owner: string, id: string, body: unknown): Promise<SubscriptionRecord> {
+    const bodyId = (body as { id?: unknown } | null)?.id;
+    if (bodyId !== undefined && bodyId !== id) {
+      throw new BrokerError('ID_MISMATCH', `Resource id ${String(bodyId)} does not match Subscription/${id}`, {
+        expression: 'Subscription.id',
+      });
+    }
+    const current = await this.read(owner, id);
+    const spec = parseSubscription(body, this.#topics);
+    const channelChanged = JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
+    if (spec.channel.endpoint !== undefined && spec.channel.endpoint !== current.channel.endpoint) {
+      await this.#guard.checkEndpoint(spec.channel.endpoint);
+    }
+    const status = clientStatusChange(current.status, spec.askedStatus, channelChanged);
+    // The client's PUT never yields `error`, so a previous error reason is cleared.
+    const { error: _previousError, end: _previousEnd, ...base } = current;
+    const next: SubscriptionRecord = {
+      ...base,
+      kind: spec.kind,
+      topic: spec.topic,
+      status,
+      match: spec.match,
+      channel: spec.channel,
+      webhookSecret: spec.webhookSecret ?? current.webhookSecret,
+      ...(spec.end === undefined ? {} : { end: spec.end }),
+      updatedAt: new Date(this.#clock.now()).toISOString(),
+      resource: spec.resource,
+    };
+    const stored = await this.#store.replaceSubscription(next);
+    if (stored === undefined) throw new BrokerError('NOT_FOUND', `Subscription/${id} not found`);
+    this.#remember(stored);
+    this.#logger.info('subscription updated', { subscription: id, owner, status });
+    if (status === 'requested') this.#listener?.onRequested(id);
+    return stored;
+  }
+
+  async delete(owner: string, id: string): Promise<void> {
+    await this.read(owner, id);
+    await this.#store.deleteSubscription(id);
+    this.#cache.delete(id);
+    this.#index.remove(id);
+    this.#listener?.onRemoved(id);
+    this.#logger.info('subscription deleted', { subscription: id, owner });
+  }
+
+  /** A broker-driven status change (handshake, failures, 410). Returns the new record if it applied. */
+  async transition(id: string, event: StatusEvent): Promise<SubscriptionRecord | undefined> {
+    const current = this.#cache.get(id);
+    if (current === undefined) return undefined;
+    const change = applyStatusEvent(current.status, event);
+    if (change === undefined) return undefined;
+    const updated = await this.#store.updateStatus(
+      id,
+      { ...change, expected: [current.status] },
+      new Date(this.#clock.now()).toISOString(),
+    );
+    if (updated === undefined) return undefined;
+    this.#remember(updated);
+    this.#logger.info('subscription status changed', {
+      subscription: id,
+      from: current.status,
+      to: updated.status,
+      ...(change.error === undefined ? {} : { reason: change.error }),
+    });
+    if (updated.status === 'active') this.#listener?.onActivated(id);
+    return updated;
+  }
+
+  /** The FHIR Subscription a client sees: its resource plus id, meta, status and error. */
+  render(rec: SubscriptionRecord, options: { secret?: string } = {}): FhirResource {
+    const resource = rec.resource as FhirResource & { channel: Record<string, unknown>; meta?: Record<string, unknown> };
+    const channel: Record<string, unknown> = { ...resource.channel };
+    if (options.secret !== undefined) {
+      const ext = Array.isArray(channel.extension) ? channel.extension : [];
+      channel.extension = [...ext, { url: BROKER_EXT.webhookSecret, valueString: options.secret }];
+    }
+    return {
+      ...resource,
+      id: rec.id,
+      meta: { ...(resource.meta ?? {}), lastUpdated: rec.updatedAt },
+      status: rec.status,
+      ...(rec.error === undefined ? {} : { error: rec.error }),
+      channel,
+    };
+  }
+
+  #remember(rec: SubscriptionRecord): void {
+    this.#cache.set(rec.id, rec);
+    this.#index.upsert(rec);
+  }
+}

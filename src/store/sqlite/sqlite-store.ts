@@ -1,0 +1,275 @@
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import type {
+  Channel,
+  DeliveryState,
+  FhirResource,
+  MatchSpec,
+  Notification,
+  ResourceChange,
+  StoredNotification,
+  SubscriptionKind,
+  SubscriptionRecord,
+  SubscriptionStatus,
+} from '../../core/types.js';
+import type { AcceptItem, AcceptOutcome, DeliveryUpdate, StatusUpdate, Store } from '../store.js';
+
+/**
+ * The embedded store: one SQLite file in WAL mode. `synchronous = FULL` makes a commit durable
+ * against power loss, not only a process crash; ingest batches requests so the fsync is shared.
+ */
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS subscriptions (
+  id TEXT PRIMARY KEY,
+  owner TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  topic TEXT NOT NULL,
+  status TEXT NOT NULL,
+  error TEXT,
+  match_json TEXT NOT NULL,
+  channel_json TEXT NOT NULL,
+  webhook_secret TEXT NOT NULL,
+  end_at TEXT,
+  events_since_start INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  resource_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subscriptions_owner ON subscriptions(owner);
+CREATE TABLE IF NOT EXISTS seen_events (
+  event_id TEXT PRIMARY KEY,
+  received_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS notifications (
+  subscription_id TEXT NOT NULL,
+  event_number INTEGER NOT NULL,
+  change_json TEXT NOT NULL,
+  state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  due_at INTEGER NOT NULL,
+  last_error TEXT,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (subscription_id, event_number)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS notifications_pending ON notifications(subscription_id) WHERE state = 'pending';
+`;
+
+interface SubscriptionRow {
+  id: string;
+  owner: string;
+  kind: string;
+  topic: string;
+  status: string;
+  error: string | null;
+  match_json: string;
+  channel_json: string;
+  webhook_secret: string;
+  end_at: string | null;
+  events_since_start: number;
+  created_at: string;
+  updated_at: string;
+  resource_json: string;
+}
+
+interface NotificationRow {
+  subscription_id: string;
+  event_number: number;
+  change_json: string;
+  state: string;
+  attempts: number;
+  due_at: number;
+  last_error: string | null;
+}
+
+/** Statuses that still collect notifications; mirrors the matching index. */
+const COLLECTING = "('requested', 'active', 'error')";
+
+export class SqliteStore implements Store {
+  readonly #db: Database.Database;
+  readonly #stmt;
+
+  constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
+    mkdirSync(dataDir, { recursive: true });
+    this.#db = new Database(join(dataDir, 'broker.sqlite3'));
+    this.#db.pragma('journal_mode = WAL');
+    this.#db.pragma(`synchronous = ${options.synchronous ?? 'FULL'}`);
+    this.#db.pragma('busy_timeout = 5000');
+    this.#db.pragma('foreign_keys = ON');
+    this.#db.exec(SCHEMA);
+    const db = this.#db;
+    this.#stmt = {
+      insertSub: db.prepare(`INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
+        webhook_secret, end_at, events_since_start, created_at, updated_at, resource_json)
+        VALUES (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret, @end_at,
+        @events_since_start, @created_at, @updated_at, @resource_json)`),
+      getSub: db.prepare<[string], SubscriptionRow>('SELECT * FROM subscriptions WHERE id = ?'),
+      listAll: db.prepare<[], SubscriptionRow>('SELECT * FROM subscriptions ORDER BY created_at, id'),
+      listOwner: db.prepare<[string], SubscriptionRow>(
+        'SELECT * FROM subscriptions WHERE owner = ? ORDER BY created_at, id',
+      ),
+      replaceSub: db.prepare(`UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
+        match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret, end_at = @end_at,
+        updated_at = @updated_at, resource_json = @resource_json WHERE id = @id`),
+      setStatus: db.prepare('UPDATE subscriptions SET status = ?, error = ?, updated_at = ? WHERE id = ?'),
+      deleteSub: db.prepare('DELETE FROM subscriptions WHERE id = ?'),
+      deleteNotes: db.prepare('DELETE FROM notifications WHERE subscription_id = ?'),
+      seen: db.prepare('INSERT OR IGNORE INTO seen_events (event_id, received_at) VALUES (?, ?)'),
+      bump: db.prepare<[string], { n: number }>(
+        `UPDATE subscriptions SET events_since_start = events_since_start + 1
+         WHERE id = ? AND status IN ${COLLECTING} RETURNING events_since_start AS n`,
+      ),
+      insertNote: db.prepare(`INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts,
+        due_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)`),
+      pending: db.prepare<[string, number, number], NotificationRow>(
+        `SELECT * FROM notifications WHERE subscription_id = ? AND state = 'pending' AND event_number > ?
+         ORDER BY event_number LIMIT ?`,
+      ),
+      withPending: db.prepare<[], { subscription_id: string }>(
+        "SELECT DISTINCT subscription_id FROM notifications WHERE state = 'pending'",
+      ),
+      delivery: db.prepare(
+        `UPDATE notifications SET state = @state, attempts = @attempts, due_at = @dueAt, last_error = @lastError
+         WHERE subscription_id = @subscriptionId AND event_number = @eventNumber`,
+      ),
+      range: db.prepare<[string, number, number, number], NotificationRow>(
+        `SELECT * FROM notifications WHERE subscription_id = ? AND event_number BETWEEN ? AND ?
+         ORDER BY event_number LIMIT ?`,
+      ),
+      ping: db.prepare('SELECT 1'),
+    };
+  }
+
+  async insertSubscription(rec: SubscriptionRecord): Promise<void> {
+    this.#stmt.insertSub.run(toRow(rec));
+  }
+
+  async getSubscription(id: string): Promise<SubscriptionRecord | undefined> {
+    const row = this.#stmt.getSub.get(id);
+    return row === undefined ? undefined : fromRow(row);
+  }
+
+  async listSubscriptions(owner?: string): Promise<SubscriptionRecord[]> {
+    const rows = owner === undefined ? this.#stmt.listAll.all() : this.#stmt.listOwner.all(owner);
+    return rows.map(fromRow);
+  }
+
+  async replaceSubscription(rec: SubscriptionRecord): Promise<SubscriptionRecord | undefined> {
+    const changed = this.#stmt.replaceSub.run(toRow(rec)).changes;
+    return changed === 0 ? undefined : this.getSubscription(rec.id);
+  }
+
+  async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
+    return this.#db.transaction(() => {
+      const row = this.#stmt.getSub.get(id);
+      if (row === undefined) return undefined;
+      if (update.expected !== undefined && !update.expected.includes(row.status as SubscriptionStatus)) return undefined;
+      this.#stmt.setStatus.run(update.status, update.error ?? null, at, id);
+      return fromRow({ ...row, status: update.status, error: update.error ?? null, updated_at: at });
+    })();
+  }
+
+  async deleteSubscription(id: string): Promise<boolean> {
+    return this.#db.transaction(() => {
+      this.#stmt.deleteNotes.run(id);
+      return this.#stmt.deleteSub.run(id).changes > 0;
+    })();
+  }
+
+  async acceptChanges(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
+    return this.#db.transaction(() =>
+      items.map((item): AcceptOutcome => {
+        if (this.#stmt.seen.run(item.change.eventId, receivedAt).changes === 0) {
+          return { duplicate: true, notifications: [] };
+        }
+        const notifications: Notification[] = [];
+        const changeJson = JSON.stringify(item.change);
+        for (const subscriptionId of item.subscriptionIds) {
+          const bumped = this.#stmt.bump.get(subscriptionId);
+          if (bumped === undefined) continue; // deleted or switched off since it was matched
+          this.#stmt.insertNote.run(subscriptionId, bumped.n, changeJson, receivedAt, receivedAt);
+          notifications.push({ subscriptionId, eventNumber: bumped.n, change: item.change });
+        }
+        return { duplicate: false, notifications };
+      }),
+    )();
+  }
+
+  async pendingNotifications(subscriptionId: string, afterEventNumber: number, limit: number): Promise<StoredNotification[]> {
+    return this.#stmt.pending.all(subscriptionId, afterEventNumber, limit).map(fromNotificationRow);
+  }
+
+  async subscriptionsWithPending(): Promise<string[]> {
+    return this.#stmt.withPending.all().map((r) => r.subscription_id);
+  }
+
+  async recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
+    this.#db.transaction(() => {
+      for (const u of updates) this.#stmt.delivery.run({ ...u, lastError: u.lastError ?? null });
+    })();
+  }
+
+  async notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]> {
+    return this.#stmt.range.all(subscriptionId, from, to, limit).map(fromNotificationRow);
+  }
+
+  async ping(): Promise<void> {
+    this.#stmt.ping.get();
+  }
+
+  async close(): Promise<void> {
+    if (this.#db.open) this.#db.close();
+  }
+}
+
+function toRow(rec: SubscriptionRecord): SubscriptionRow {
+  return {
+    id: rec.id,
+    owner: rec.owner,
+    kind: rec.kind,
+    topic: rec.topic,
+    status: rec.status,
+    error: rec.error ?? null,
+    match_json: JSON.stringify(rec.match),
+    channel_json: JSON.stringify(rec.channel),
+    webhook_secret: rec.webhookSecret,
+    end_at: rec.end ?? null,
+    events_since_start: rec.eventsSinceStart,
+    created_at: rec.createdAt,
+    updated_at: rec.updatedAt,
+    resource_json: JSON.stringify(rec.resource),
+  };
+}
+
+// Rows are written only by this adapter from validated records, so reading them back is trusted.
+function fromRow(row: SubscriptionRow): SubscriptionRecord {
+  return {
+    id: row.id,
+    owner: row.owner,
+    kind: row.kind as SubscriptionKind,
+    topic: row.topic,
+    status: row.status as SubscriptionStatus,
+    ...(row.error === null ? {} : { error: row.error }),
+    match: JSON.parse(row.match_json) as MatchSpec,
+    channel: JSON.parse(row.channel_json) as Channel,
+    webhookSecret: row.webhook_secret,
+    ...(row.end_at === null ? {} : { end: row.end_at }),
+    eventsSinceStart: row.events_since_start,
+    createdAt: row.created_at,
+    updatedAt: row.updated_at,
+    resource: JSON.parse(row.resource_json) as FhirResource,
+  };
+}
+
+function fromNotificationRow(row: NotificationRow): StoredNotification {
+  return {
+    subscriptionId: row.subscription_id,
+    eventNumber: row.event_number,
+    change: JSON.parse(row.change_json) as ResourceChange,
+    state: row.state as DeliveryState,
+    attempts: row.attempts,
+    dueAt: row.due_at,
+    ...(row.last_error === null ? {} : { lastError: row.last_error }),
+  };
+}

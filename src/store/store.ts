@@ -1,0 +1,69 @@
+import type {
+  DeliveryState,
+  Notification,
+  ResourceChange,
+  StoredNotification,
+  SubscriptionRecord,
+  SubscriptionStatus,
+} from '../core/types.js';
+
+/**
+ * The Store port, owned by the core. Adapters: `sqlite/` (embedded default) and `dynamodb/`.
+ * Every method is async so a network store fits the same shape.
+ */
+
+export interface AcceptItem {
+  readonly change: ResourceChange;
+  /** The subscriptions the change matched when it arrived (matching is never redone later). */
+  readonly subscriptionIds: readonly string[];
+}
+
+export interface AcceptOutcome {
+  readonly duplicate: boolean;
+  /** Notifications created, with their per-subscription event numbers. */
+  readonly notifications: readonly Notification[];
+}
+
+export interface DeliveryUpdate {
+  readonly subscriptionId: string;
+  readonly eventNumber: number;
+  readonly state: DeliveryState;
+  readonly attempts: number;
+  readonly dueAt: number;
+  readonly lastError?: string;
+}
+
+export interface StatusUpdate {
+  readonly status: SubscriptionStatus;
+  readonly error?: string;
+  /** Apply only when the stored status is one of these (compare-and-set). */
+  readonly expected?: readonly SubscriptionStatus[];
+}
+
+export interface Store {
+  insertSubscription(rec: SubscriptionRecord): Promise<void>;
+  getSubscription(id: string): Promise<SubscriptionRecord | undefined>;
+  listSubscriptions(owner?: string): Promise<SubscriptionRecord[]>;
+  /** Replace everything the client controls; the event counter is the store's and is kept. */
+  replaceSubscription(rec: SubscriptionRecord): Promise<SubscriptionRecord | undefined>;
+  updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined>;
+  /** Deletes the subscription and its notifications. */
+  deleteSubscription(id: string): Promise<boolean>;
+
+  /**
+   * Atomically, for each item: record its event id (a seen id makes it a duplicate and writes
+   * nothing), take the next event number of each matched subscription, and queue the notification.
+   * Resolves only once everything is durable.
+   */
+  acceptChanges(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]>;
+
+  /** Pending notifications of one subscription, oldest event number first. */
+  pendingNotifications(subscriptionId: string, afterEventNumber: number, limit: number): Promise<StoredNotification[]>;
+  subscriptionsWithPending(): Promise<string[]>;
+  recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void>;
+  /** Stored notifications with `from <= eventNumber <= to`, oldest first. */
+  notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]>;
+
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}
