@@ -13,7 +13,9 @@ export interface ApiClient {
 export interface Config {
   readonly port: number;
   readonly host: string;
+  /** `BROKER_PUBLIC_URL`, or `http://HOST:PORT` (with PORT=0, main.ts fills in the bound port). */
   readonly publicUrl: string;
+  readonly publicUrlExplicit: boolean;
   readonly dataDir: string;
   /** From `BROKER_API_KEYS`; empty means "generate one and keep it in the data dir". */
   readonly apiClients: readonly ApiClient[];
@@ -42,11 +44,10 @@ type Env = Readonly<Record<string, string | undefined>>;
 export function loadConfig(env: Env = process.env): Config {
   const port = int(env, 'PORT', 8080, 0, 65535);
   const host = str(env, 'HOST') ?? '127.0.0.1';
-  const publicUrl = (str(env, 'BROKER_PUBLIC_URL') ?? `http://${host.includes(':') ? `[${host}]` : host}:${port}`).replace(
-    /\/+$/,
-    '',
-  );
-  if (!/^https?:\/\/[^/]+/.test(publicUrl)) throw new ConfigError('BROKER_PUBLIC_URL', `${publicUrl} is not an http(s) URL`);
+  const explicitUrl = str(env, 'BROKER_PUBLIC_URL');
+  const publicUrl = (explicitUrl ?? defaultPublicUrl(host, port)).replace(/\/+$/, '');
+  if (!/^https?:\/\/[^/]+/.test(publicUrl))
+    throw new ConfigError('BROKER_PUBLIC_URL', `${publicUrl} is not an http(s) URL`);
   const storeKind = str(env, 'BROKER_STORE') ?? 'sqlite';
   if (storeKind !== 'sqlite' && storeKind !== 'dynamodb') {
     throw new ConfigError('BROKER_STORE', `must be sqlite or dynamodb, not ${storeKind}`);
@@ -65,6 +66,7 @@ export function loadConfig(env: Env = process.env): Config {
     port,
     host,
     publicUrl,
+    publicUrlExplicit: explicitUrl !== undefined,
     dataDir: str(env, 'BROKER_DATA_DIR') ?? './data',
     apiClients: Object.freeze(parseApiKeys(str(env, 'BROKER_API_KEYS'))),
     ...(ingestToken === undefined ? {} : { ingestToken }),
@@ -83,6 +85,10 @@ export function loadConfig(env: Env = process.env): Config {
   });
 }
 
+export function defaultPublicUrl(host: string, port: number): string {
+  return `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+}
+
 function str(env: Env, name: string): string | undefined {
   const v = env[name]?.trim();
   return v === undefined || v === '' ? undefined : v;
@@ -97,7 +103,12 @@ function int(env: Env, name: string, fallback: number, min: number, max: number)
 }
 
 function list(raw: string | undefined): string[] {
-  return raw === undefined ? [] : raw.split(',').map((s) => s.trim()).filter((s) => s !== '');
+  return raw === undefined
+    ? []
+    : raw
+        .split(',')
+        .map((s) => s.trim())
+        .filter((s) => s !== '');
 }
 
 function parseApiKeys(raw: string | undefined): ApiClient[] {
@@ -106,10 +117,14 @@ function parseApiKeys(raw: string | undefined): ApiClient[] {
     const clientId = colon === -1 ? '' : pair.slice(0, colon);
     const token = colon === -1 ? '' : pair.slice(colon + 1);
     if (!/^[A-Za-z0-9_.-]{1,64}$/.test(clientId)) {
-      throw new ConfigError('BROKER_API_KEYS', 'each entry is clientId:token with a clientId of letters, digits, _ . -');
+      throw new ConfigError(
+        'BROKER_API_KEYS',
+        'each entry is clientId:token with a clientId of letters, digits, _ . -',
+      );
     }
     // Never echo the token itself: config errors end up in logs.
-    if (token.length < 16) throw new ConfigError('BROKER_API_KEYS', `the token of ${clientId} must be at least 16 characters`);
+    if (token.length < 16)
+      throw new ConfigError('BROKER_API_KEYS', `the token of ${clientId} must be at least 16 characters`);
     return { clientId, token };
   });
   const ids = new Set(clients.map((c) => c.clientId));

@@ -39,6 +39,9 @@ export function resolveCredentials(config: Config): Credentials {
   return {
     apiClients: useApi ? [kept.apiClient] : config.apiClients,
     ingestToken: useIngest ? kept.ingestToken : (config.ingestToken as string),
-    local: { ...(useApi ? { apiClient: kept.apiClient } : {}), ...(useIngest ? { ingestToken: kept.ingestToken } : {}) },
+    local: {
+      ...(useApi ? { apiClient: kept.apiClient } : {}),
+      ...(useIngest ? { ingestToken: kept.ingestToken } : {}),
+    },
   };
 }

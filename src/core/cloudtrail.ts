@@ -42,7 +42,7 @@ const WRITE_CALLS: Readonly<Record<string, Interaction>> = {
 
 const RESOURCE_TYPE = /^[A-Z][A-Za-z]{1,63}$/;
 const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
-const DATASTORE_ID = /^[A-Za-z0-9\-]{1,128}$/;
+const DATASTORE_ID = /^[A-Za-z0-9-]{1,128}$/;
 const REGION = /^[a-z]{2}(-[a-z]+)+-\d$/;
 
 export type ParsedEvent =
@@ -72,7 +72,8 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   const eventName = typeof detail.eventName === 'string' ? detail.eventName : '';
   const interaction = Object.hasOwn(WRITE_CALLS, eventName) ? WRITE_CALLS[eventName] : undefined;
   if (interaction === undefined) return ignored(`${eventName || 'unnamed call'} is not a resource write`);
-  if (detail.errorCode !== undefined && detail.errorCode !== null) return ignored(`failed call (${String(detail.errorCode)})`);
+  if (detail.errorCode !== undefined && detail.errorCode !== null)
+    return ignored(`failed call (${String(detail.errorCode)})`);
   if (detail.readOnly === true) return ignored('read-only call');
 
   const params = asRecord(detail.requestParameters);

@@ -48,9 +48,13 @@ export function clientStatusChange(
     case 'off':
       return 'off';
     case 'error':
-      throw new BrokerError('INVALID_STATUS_CHANGE', 'Only the broker sets status error; send requested to re-activate', {
-        expression: 'Subscription.status',
-      });
+      throw new BrokerError(
+        'INVALID_STATUS_CHANGE',
+        'Only the broker sets status error; send requested to re-activate',
+        {
+          expression: 'Subscription.status',
+        },
+      );
     case 'requested':
       return 'requested';
     case 'active':

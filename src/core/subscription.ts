@@ -206,7 +206,8 @@ function applyFilters(topic: TopicDefinition, filters: readonly string[]): Match
       const values = value.split(',').filter((v) => v !== '');
       if (values.length === 0) throw unsupportedFilter(filter, `${name} needs a value`);
       if (name === '_type') {
-        for (const v of values) if (!RESOURCE_TYPE.test(v)) throw unsupportedFilter(filter, `${v} is not a resource type`);
+        for (const v of values)
+          if (!RESOURCE_TYPE.test(v)) throw unsupportedFilter(filter, `${v} is not a resource type`);
         types = types === '*' ? values : types.filter((t) => values.includes(t));
       } else {
         for (const v of values) if (!FHIR_ID.test(v)) throw unsupportedFilter(filter, `${v} is not a FHIR id`);
@@ -235,7 +236,9 @@ function topicAllows(topic: TopicDefinition, scope: string, name: string): boole
 }
 
 function describeFilters(topic: TopicDefinition): string {
-  const parts = [...topic.filters].map(([type, params]) => `${type === '*' ? 'Resource' : type}: ${[...params].join(', ')}`);
+  const parts = [...topic.filters].map(
+    ([type, params]) => `${type === '*' ? 'Resource' : type}: ${[...params].join(', ')}`,
+  );
   return parts.length === 0 ? 'none' : parts.join('; ');
 }
 
@@ -310,7 +313,14 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
     ...(ch.payload === undefined ? {} : { payload: ch.payload }),
     content,
     headers: parseHeaders(ch.header ?? []),
-    ...optionalInt(channelExt, BACKPORT_EXT.heartbeatPeriod, 'valueUnsignedInt', 'heartbeatPeriodSeconds', 1, MAX_HEARTBEAT_SECONDS),
+    ...optionalInt(
+      channelExt,
+      BACKPORT_EXT.heartbeatPeriod,
+      'valueUnsignedInt',
+      'heartbeatPeriodSeconds',
+      1,
+      MAX_HEARTBEAT_SECONDS,
+    ),
     ...optionalInt(channelExt, BACKPORT_EXT.timeout, 'valueUnsignedInt', 'timeoutSeconds', 1, MAX_TIMEOUT_SECONDS),
     ...optionalInt(channelExt, BACKPORT_EXT.maxCount, 'valuePositiveInt', 'maxCount', 1, MAX_MAX_COUNT),
   };

@@ -1,5 +1,5 @@
 import { Ajv } from 'ajv';
-import { INTERACTIONS, type FhirResource, type Interaction } from './types.js';
+import { type FhirResource, INTERACTIONS, type Interaction } from './types.js';
 
 /**
  * SubscriptionTopic definitions (R4B shape) the broker offers. Only what a CloudTrail event can

@@ -96,7 +96,10 @@ export class Allowlist {
 
   constructor(entries: readonly string[]) {
     for (const raw of entries) {
-      const entry = raw.trim().toLowerCase().replace(/^\[|\]$/g, '');
+      const entry = raw
+        .trim()
+        .toLowerCase()
+        .replace(/^\[|\]$/g, '');
       const [addr = '', bitsText] = entry.split('/');
       const family = isIP(addr);
       if (family === 0) {
@@ -106,7 +109,8 @@ export class Allowlist {
       }
       const width = family === 4 ? 32 : 128;
       const bits = bitsText === undefined ? width : Number(bitsText);
-      if (!Number.isInteger(bits) || bits < 0 || bits > width) throw new TypeError(`allowlist entry ${raw}: bad prefix`);
+      if (!Number.isInteger(bits) || bits < 0 || bits > width)
+        throw new TypeError(`allowlist entry ${raw}: bad prefix`);
       const net = family === 4 ? v4ToBig(addr) : v6ToBig(addr);
       this.#cidrs.push({ family: family as 4 | 6, range: { net, bits, reason: 'allowlisted' } });
     }

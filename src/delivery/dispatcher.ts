@@ -1,11 +1,11 @@
-import { nextRetryDelay } from '../core/retry.js';
 import { buildNotificationBundle, type NotificationType } from '../core/notification.js';
+import { nextRetryDelay } from '../core/retry.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { DeliveryUpdate, Store } from '../store/store.js';
-import type { SendResult, Sender } from './rest-hook-sender.js';
+import type { Sender, SendResult } from './rest-hook-sender.js';
 
 /**
  * Delivers what the outbox holds. It never re-evaluates a subscription's criteria: matching
@@ -176,7 +176,12 @@ export class Dispatcher {
           return;
         }
         const batch = takeDue(lane.queue, sub.channel.maxCount ?? 1, now);
-        const result = await this.#withSlot(() => this.#sendNotifications(sub, batch.map((q) => q.note)));
+        const result = await this.#withSlot(() =>
+          this.#sendNotifications(
+            sub,
+            batch.map((q) => q.note),
+          ),
+        );
         if (!(await this.#settle(sub, lane, batch, result))) return;
       }
     } catch (err) {
@@ -195,14 +200,20 @@ export class Dispatcher {
   }
 
   /** Apply an attempt's outcome; true when the lane may go on sending now. */
-  async #settle(sub: SubscriptionRecord, lane: Lane, batch: QueuedNotification[], result: SendResult): Promise<boolean> {
+  async #settle(
+    sub: SubscriptionRecord,
+    lane: Lane,
+    batch: QueuedNotification[],
+    result: SendResult,
+  ): Promise<boolean> {
     const now = this.#clock.now();
     if (result.ok) {
       lane.queue.splice(0, batch.length);
       for (const q of batch) {
         lane.done = Math.max(lane.done, q.note.eventNumber);
         this.#record({ ...q.note, state: 'delivered', attempts: q.note.attempts + 1, dueAt: now });
-        if (q.acceptedAt !== undefined) this.#metrics.observe('broker_delivery_latency_seconds', (now - q.acceptedAt) / 1000);
+        if (q.acceptedAt !== undefined)
+          this.#metrics.observe('broker_delivery_latency_seconds', (now - q.acceptedAt) / 1000);
       }
       this.#metrics.inc('broker_notifications_total', { outcome: 'delivered' }, batch.length);
       return true;
@@ -254,7 +265,9 @@ export class Dispatcher {
       await this.#registry.transition(id, { kind: 'handshake-succeeded' });
       return;
     }
-    const result = await this.#withSlot(() => this.#sendBundle(sub, 'handshake', [], `${id}-handshake-${this.#ids.uuid()}`));
+    const result = await this.#withSlot(() =>
+      this.#sendBundle(sub, 'handshake', [], `${id}-handshake-${this.#ids.uuid()}`),
+    );
     this.#metrics.inc('broker_handshakes_total', { outcome: result.ok ? 'ok' : 'failed' });
     if (result.ok) await this.#registry.transition(id, { kind: 'handshake-succeeded' });
     else {
@@ -289,7 +302,11 @@ export class Dispatcher {
               type,
               notes,
               sub.channel.content,
-              { fhirBase: this.#opts.fhirBase, newId: () => this.#ids.uuid(), timestamp: new Date(this.#clock.now()).toISOString() },
+              {
+                fhirBase: this.#opts.fhirBase,
+                newId: () => this.#ids.uuid(),
+                timestamp: new Date(this.#clock.now()).toISOString(),
+              },
             ),
           );
     return this.#sender.send({

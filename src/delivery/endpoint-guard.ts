@@ -39,7 +39,10 @@ export class EndpointGuard {
     try {
       url = new URL(endpoint);
     } catch {
-      throw refuse('INVALID_ENDPOINT', `channel.endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not an absolute URL`);
+      throw refuse(
+        'INVALID_ENDPOINT',
+        `channel.endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not an absolute URL`,
+      );
     }
     if (url.protocol !== 'https:' && url.protocol !== 'http:') {
       throw refuse('INVALID_ENDPOINT', `channel.endpoint must be https, not ${url.protocol.replace(':', '')}`);

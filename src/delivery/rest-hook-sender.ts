@@ -1,4 +1,4 @@
-import { Agent, errors as undiciErrors, request } from 'undici';
+import { Agent, request, errors as undiciErrors } from 'undici';
 import type { Clock } from '../core/types.js';
 import { type EndpointGuard, EndpointRefusedError } from './endpoint-guard.js';
 import { signWebhook } from './webhook-signature.js';
@@ -92,8 +92,9 @@ export class RestHookSender implements Sender {
     }
   }
 
+  /** Aborts whatever is still in flight: callers give attempts their grace period first. */
   async close(): Promise<void> {
-    await this.#agent.close();
+    await this.#agent.destroy();
   }
 }
 

@@ -63,13 +63,14 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
 
   for (const [path, methods] of ROUTES) {
     app.all(path, (c) => {
-      throw new BrokerError('METHOD_NOT_ALLOWED', `${c.req.method} is not allowed on ${c.req.path}; use ${methods.join(', ')}`);
+      throw new BrokerError(
+        'METHOD_NOT_ALLOWED',
+        `${c.req.method} is not allowed on ${c.req.path}; use ${methods.join(', ')}`,
+      );
     });
   }
 
-  app.notFound((c) =>
-    fhirResponse(operationOutcome('NOT_FOUND', `No route for ${c.req.method} ${c.req.path}`), 404),
-  );
+  app.notFound((c) => fhirResponse(operationOutcome('NOT_FOUND', `No route for ${c.req.method} ${c.req.path}`), 404));
 
   app.onError((err, c) => {
     const { status, body } = outcomeOf(err);

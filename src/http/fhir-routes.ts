@@ -54,14 +54,18 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     await next();
   });
 
-  app.get('/fhir/SubscriptionTopic', (c) => {
+  app.get('/fhir/SubscriptionTopic', () => {
     const all = topics.all();
     return fhirResponse({
       resourceType: 'Bundle',
       type: 'searchset',
       total: all.length,
       link: [{ relation: 'self', url: `${fhirBase}/SubscriptionTopic` }],
-      entry: all.map((t) => ({ fullUrl: `${fhirBase}/SubscriptionTopic/${t.id}`, resource: t.resource, search: { mode: 'match' } })),
+      entry: all.map((t) => ({
+        fullUrl: `${fhirBase}/SubscriptionTopic/${t.id}`,
+        resource: t.resource,
+        search: { mode: 'match' },
+      })),
     });
   });
   app.get('/fhir/SubscriptionTopic/:id', (c) => {
@@ -74,9 +78,13 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const body = await readJsonBody(c, deps.maxBodyBytes);
     const { record, generatedSecret } = await registry.create(c.get('owner'), body);
     const location = `${fhirBase}/Subscription/${record.id}`;
-    return fhirResponse(registry.render(record, generatedSecret === undefined ? {} : { secret: generatedSecret }), 201, {
-      location,
-    });
+    return fhirResponse(
+      registry.render(record, generatedSecret === undefined ? {} : { secret: generatedSecret }),
+      201,
+      {
+        location,
+      },
+    );
   });
 
   app.get('/fhir/Subscription', async (c) => {
@@ -90,7 +98,11 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
       type: 'searchset',
       total: subs.length,
       link: [{ relation: 'self', url: `${fhirBase}/Subscription` }],
-      entry: subs.map((s) => ({ fullUrl: `${fhirBase}/Subscription/${s.id}`, resource: registry.render(s), search: { mode: 'match' } })),
+      entry: subs.map((s) => ({
+        fullUrl: `${fhirBase}/Subscription/${s.id}`,
+        resource: registry.render(s),
+        search: { mode: 'match' },
+      })),
     });
   });
 
@@ -113,7 +125,8 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const since = eventNumberParam(c.req.query('eventsSinceNumber'), 'eventsSinceNumber') ?? 1;
     const until = eventNumberParam(c.req.query('eventsUntilNumber'), 'eventsUntilNumber') ?? sub.eventsSinceStart;
     const notes = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
-    const content = sub.channel.content === 'empty' && c.req.query('content') === 'id-only' ? 'id-only' : sub.channel.content;
+    const content =
+      sub.channel.content === 'empty' && c.req.query('content') === 'id-only' ? 'id-only' : sub.channel.content;
     return fhirResponse(buildNotificationBundle(sub, 'query-event', notes, content, ctx()));
   });
 
@@ -156,7 +169,9 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
     fhirVersion: '4.0.1',
     format: ['json'],
     instantiates: ['http://hl7.org/fhir/uv/subscriptions-backport/CapabilityStatement/backport-subscription-server-r4'],
-    implementationGuide: ['http://hl7.org/fhir/uv/subscriptions-backport/ImplementationGuide/hl7.fhir.uv.subscriptions-backport|1.1.0'],
+    implementationGuide: [
+      'http://hl7.org/fhir/uv/subscriptions-backport/ImplementationGuide/hl7.fhir.uv.subscriptions-backport|1.1.0',
+    ],
     rest: [
       {
         mode: 'server',
@@ -174,8 +189,16 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
               { name: 'status', type: 'token' },
             ],
             operation: [
-              { name: 'status', definition: 'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status' },
-              { name: 'events', definition: 'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events' },
+              {
+                name: 'status',
+                definition:
+                  'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status',
+              },
+              {
+                name: 'events',
+                definition:
+                  'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events',
+              },
             ],
           },
           {

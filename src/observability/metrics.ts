@@ -40,7 +40,8 @@ export class Metrics {
       h = { buckets: LATENCY_BUCKETS_S.map(() => 0), sum: 0, count: 0 };
       this.#histograms.set(name, h);
     }
-    for (let i = 0; i < LATENCY_BUCKETS_S.length; i++) if (seconds <= (LATENCY_BUCKETS_S[i] as number)) h.buckets[i]! += 1;
+    for (let i = 0; i < LATENCY_BUCKETS_S.length; i++)
+      if (seconds <= (LATENCY_BUCKETS_S[i] as number)) h.buckets[i]! += 1;
     h.sum += seconds;
     h.count += 1;
   }
@@ -54,14 +55,17 @@ export class Metrics {
     for (const [name, family] of Object.entries(FAMILIES) as [MetricName, Family][]) {
       lines.push(`# HELP ${name} ${family.help}`, `# TYPE ${name} ${family.type}`);
       if (family.type === 'counter') {
-        for (const [key, v] of this.#counters) if (key === name || key.startsWith(`${name}{`)) lines.push(`${key} ${v}`);
+        for (const [key, v] of this.#counters)
+          if (key === name || key.startsWith(`${name}{`)) lines.push(`${key} ${v}`);
       } else if (family.type === 'gauge') {
         const read = this.#gauges.get(name);
         if (read !== undefined) lines.push(`${name} ${read()}`);
       } else {
         const h = this.#histograms.get(name);
         if (h !== undefined) {
-          LATENCY_BUCKETS_S.forEach((le, i) => lines.push(`${name}_bucket{le="${le}"} ${h.buckets[i]}`));
+          LATENCY_BUCKETS_S.forEach((le, i) => {
+            lines.push(`${name}_bucket{le="${le}"} ${h.buckets[i]}`);
+          });
           lines.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
         }
       }

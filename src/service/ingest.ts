@@ -61,7 +61,10 @@ export class IngestService {
   async ingest(body: unknown): Promise<IngestResult> {
     const events = Array.isArray(body) ? body : [body];
     if (events.length > MAX_EVENTS_PER_REQUEST) {
-      throw new BrokerError('TOO_MANY_EVENTS', `${events.length} events in one request; the limit is ${MAX_EVENTS_PER_REQUEST}`);
+      throw new BrokerError(
+        'TOO_MANY_EVENTS',
+        `${events.length} events in one request; the limit is ${MAX_EVENTS_PER_REQUEST}`,
+      );
     }
     const receivedAt = this.#clock.now();
     const receivedIso = new Date(receivedAt).toISOString();

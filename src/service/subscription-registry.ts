@@ -41,7 +41,14 @@ export class SubscriptionRegistry {
   readonly #cache = new Map<string, SubscriptionRecord>();
   #listener: RegistryListener | undefined;
 
-  constructor(deps: { store: Store; topics: TopicCatalog; guard: EndpointGuard; clock: Clock; ids: IdSource; logger: Logger }) {
+  constructor(deps: {
+    store: Store;
+    topics: TopicCatalog;
+    guard: EndpointGuard;
+    clock: Clock;
+    ids: IdSource;
+    logger: Logger;
+  }) {
     this.#store = deps.store;
     this.#topics = deps.topics;
     this.#guard = deps.guard;
@@ -88,7 +95,9 @@ export class SubscriptionRegistry {
   async create(owner: string, body: unknown): Promise<CreateResult> {
     const spec = parseSubscription(body, this.#topics);
     if (spec.askedStatus === 'error') {
-      throw new BrokerError('INVALID_STATUS_CHANGE', 'Only the broker sets status error', { expression: 'Subscription.status' });
+      throw new BrokerError('INVALID_STATUS_CHANGE', 'Only the broker sets status error', {
+        expression: 'Subscription.status',
+      });
     }
     if (spec.channel.endpoint !== undefined) await this.#guard.checkEndpoint(spec.channel.endpoint);
     const now = new Date(this.#clock.now()).toISOString();
@@ -110,7 +119,12 @@ export class SubscriptionRegistry {
     };
     await this.#store.insertSubscription(record);
     this.#remember(record);
-    this.#logger.info('subscription created', { subscription: record.id, owner, kind: record.kind, topic: record.topic });
+    this.#logger.info('subscription created', {
+      subscription: record.id,
+      owner,
+      kind: record.kind,
+      topic: record.topic,
+    });
     if (record.status === 'requested') this.#listener?.onRequested(record.id);
     return { record, ...(generatedSecret === undefined ? {} : { generatedSecret }) };
   }
@@ -135,7 +149,8 @@ export class SubscriptionRegistry {
     }
     const current = await this.read(owner, id);
     const spec = parseSubscription(body, this.#topics);
-    const channelChanged = JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
+    const channelChanged =
+      JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
     if (spec.channel.endpoint !== undefined && spec.channel.endpoint !== current.channel.endpoint) {
       await this.#guard.checkEndpoint(spec.channel.endpoint);
     }
@@ -196,7 +211,10 @@ export class SubscriptionRegistry {
 
   /** The FHIR Subscription a client sees: its resource plus id, meta, status and error. */
   render(rec: SubscriptionRecord, options: { secret?: string } = {}): FhirResource {
-    const resource = rec.resource as FhirResource & { channel: Record<string, unknown>; meta?: Record<string, unknown> };
+    const resource = rec.resource as FhirResource & {
+      channel: Record<string, unknown>;
+      meta?: Record<string, unknown>;
+    };
     const channel: Record<string, unknown> = { ...resource.channel };
     if (options.secret !== undefined) {
       const ext = Array.isArray(channel.extension) ? channel.extension : [];

@@ -4,7 +4,9 @@ import { InvalidTopicError, parseTopic, TopicCatalog } from '../core/topics.js';
 
 /** Loads every `*.json` SubscriptionTopic from a directory; a bad file stops start-up with its name. */
 export function loadTopicCatalog(dir: string): TopicCatalog {
-  const files = readdirSync(dir).filter((f) => f.endsWith('.json')).sort();
+  const files = readdirSync(dir)
+    .filter((f) => f.endsWith('.json'))
+    .sort();
   return new TopicCatalog(
     files.map((file) => {
       const path = join(dir, file);

@@ -164,7 +164,8 @@ export class SqliteStore implements Store {
     return this.#db.transaction(() => {
       const row = this.#stmt.getSub.get(id);
       if (row === undefined) return undefined;
-      if (update.expected !== undefined && !update.expected.includes(row.status as SubscriptionStatus)) return undefined;
+      if (update.expected !== undefined && !update.expected.includes(row.status as SubscriptionStatus))
+        return undefined;
       this.#stmt.setStatus.run(update.status, update.error ?? null, at, id);
       return fromRow({ ...row, status: update.status, error: update.error ?? null, updated_at: at });
     })();
@@ -196,7 +197,11 @@ export class SqliteStore implements Store {
     )();
   }
 
-  async pendingNotifications(subscriptionId: string, afterEventNumber: number, limit: number): Promise<StoredNotification[]> {
+  async pendingNotifications(
+    subscriptionId: string,
+    afterEventNumber: number,
+    limit: number,
+  ): Promise<StoredNotification[]> {
     return this.#stmt.pending.all(subscriptionId, afterEventNumber, limit).map(fromNotificationRow);
   }
 
@@ -210,7 +215,12 @@ export class SqliteStore implements Store {
     })();
   }
 
-  async notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]> {
+  async notificationsInRange(
+    subscriptionId: string,
+    from: number,
+    to: number,
+    limit: number,
+  ): Promise<StoredNotification[]> {
     return this.#stmt.range.all(subscriptionId, from, to, limit).map(fromNotificationRow);
   }
 

@@ -1,0 +1,111 @@
+import { randomUUID } from 'node:crypto';
+import type { Hono } from 'hono';
+import type { Config } from './config.js';
+import { type Clock, type IdSource, systemClock } from './core/types.js';
+import { type Credentials, resolveCredentials } from './credentials.js';
+import { Allowlist } from './delivery/address-policy.js';
+import { Dispatcher } from './delivery/dispatcher.js';
+import { EndpointGuard, type Resolver, systemResolver } from './delivery/endpoint-guard.js';
+import { RestHookSender } from './delivery/rest-hook-sender.js';
+import { createApp } from './http/app.js';
+import { ApiKeyAuth, IngestAuth } from './http/auth.js';
+import { createLogger, type Logger } from './observability/logger.js';
+import { Metrics } from './observability/metrics.js';
+import { IngestService } from './service/ingest.js';
+import { SubscriptionRegistry } from './service/subscription-registry.js';
+import { SqliteStore } from './store/sqlite/sqlite-store.js';
+import type { Store } from './store/store.js';
+import { loadTopicCatalog } from './store/topic-files.js';
+
+/**
+ * Builds one broker from a config: every adapter created once and injected. `main.ts` serves it;
+ * tests drive `app.request()` in-process or start the real process.
+ */
+
+export interface Broker {
+  readonly app: Hono<{ Variables: { owner: string } }>;
+  readonly store: Store;
+  readonly registry: SubscriptionRegistry;
+  readonly dispatcher: Dispatcher;
+  readonly metrics: Metrics;
+  readonly credentials: Credentials;
+  readonly logger: Logger;
+  /** Resume owed handshakes and pending deliveries. */
+  start(): Promise<void>;
+  /** Finish in-flight attempts within `graceMs`, then release the store and sockets. */
+  close(graceMs?: number): Promise<void>;
+}
+
+export interface BrokerOverrides {
+  readonly clock?: Clock;
+  readonly ids?: IdSource;
+  readonly random?: () => number;
+  readonly logger?: Logger;
+  readonly resolver?: Resolver;
+  readonly store?: Store;
+  readonly version?: string;
+}
+
+export async function createBroker(config: Config, overrides: BrokerOverrides = {}): Promise<Broker> {
+  const logger = overrides.logger ?? createLogger(config.logLevel);
+  const version = overrides.version ?? '0.0.0';
+  const credentials = resolveCredentials(config);
+  const clock = overrides.clock ?? systemClock;
+  const ids = overrides.ids ?? { uuid: () => randomUUID() };
+  const metrics = new Metrics();
+  const store = overrides.store ?? new SqliteStore(config.dataDir);
+  const topics = loadTopicCatalog(config.topicsDir);
+  const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? systemResolver);
+  const sender = new RestHookSender(guard, clock, { userAgent: `fhir-subscription-broker/${version}` });
+  const registry = new SubscriptionRegistry({ store, topics, guard, clock, ids, logger });
+  await registry.load();
+  const dispatcher = new Dispatcher({
+    store,
+    sender,
+    registry,
+    clock,
+    ids,
+    logger,
+    metrics,
+    ...(overrides.random === undefined ? {} : { random: overrides.random }),
+    options: { fhirBase: `${config.publicUrl}/fhir`, retryDelaysMs: config.retryDelaysMs },
+  });
+  const ingest = new IngestService({ store, registry, sink: dispatcher, clock, logger, metrics });
+  metrics.gauge('broker_outbox_depth', () => dispatcher.outboxDepth);
+  metrics.gauge('broker_subscriptions', () => registry.size);
+  const apiAuth = new ApiKeyAuth(credentials.apiClients);
+
+  const app = createApp({
+    registry,
+    store,
+    topics,
+    auth: apiAuth,
+    apiAuth,
+    ingestAuth: new IngestAuth(credentials.ingestToken),
+    ingest,
+    clock,
+    ids,
+    metrics,
+    logger,
+    publicUrl: config.publicUrl,
+    maxBodyBytes: config.maxBodyBytes,
+    maxIngestBodyBytes: config.maxIngestBodyBytes,
+    version,
+  });
+
+  return {
+    app,
+    store,
+    registry,
+    dispatcher,
+    metrics,
+    credentials,
+    logger,
+    start: () => dispatcher.start(),
+    async close(graceMs = 5000) {
+      await dispatcher.close(graceMs);
+      await sender.close();
+      await store.close();
+    },
+  };
+}

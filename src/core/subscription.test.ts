@@ -1,0 +1,466 @@
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { loadTopicCatalog } from '../store/topic-files.js';
+import { BrokerError, type ErrorCode } from './errors.js';
+import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
+import { isWebhookSecret, parseSubscription, type SubscriptionSpec } from './subscription.js';
+
+const topics = loadTopicCatalog(join(import.meta.dirname, '..', '..', 'subscriptions', 'topics'));
+
+const TOPIC_BASE = 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic';
+const PATIENT_TOPIC = `${TOPIC_BASE}/patient-change`;
+const RESOURCE_TOPIC = `${TOPIC_BASE}/resource-change`;
+const ENDPOINT = 'https://hooks.example.com/fhir';
+const ALL = ['create', 'update', 'delete'];
+// 32 bytes of base64: a valid Standard Webhooks secret.
+const SECRET = `whsec_${Buffer.alloc(32, 7).toString('base64')}`;
+
+type Json = Record<string, unknown>;
+
+function filter(valueString: string): Json {
+  return { url: BACKPORT_EXT.filterCriteria, valueString };
+}
+
+function topicSub(options: { topic?: string; filters?: string[]; channel?: Json; extra?: Json } = {}): Json {
+  return {
+    resourceType: 'Subscription',
+    criteria: options.topic ?? PATIENT_TOPIC,
+    ...(options.filters === undefined ? {} : { _criteria: { extension: options.filters.map(filter) } }),
+    channel: { type: 'rest-hook', endpoint: ENDPOINT, payload: 'application/fhir+json', ...options.channel },
+    ...options.extra,
+  };
+}
+
+function classicSub(criteria: string, channel: Json = {}): Json {
+  return { resourceType: 'Subscription', criteria, channel: { type: 'rest-hook', endpoint: ENDPOINT, ...channel } };
+}
+
+function parse(input: unknown): SubscriptionSpec {
+  return parseSubscription(input, topics);
+}
+
+/** The BrokerError code `parse(input)` throws, or a description of what happened instead. */
+function errorCode(input: unknown): ErrorCode | string {
+  try {
+    parse(input);
+    return 'no error';
+  } catch (err) {
+    return err instanceof BrokerError ? err.code : `${(err as Error).name}: ${(err as Error).message}`;
+  }
+}
+
+function thrown(input: unknown): BrokerError {
+  try {
+    parse(input);
+  } catch (err) {
+    if (err instanceof BrokerError) return err;
+    throw err;
+  }
+  throw new Error('expected parseSubscription to throw');
+}
+
+describe('parseSubscription: topic-based', () => {
+  it('parses a topic subscription with id-only content and keeps everything the broker needs', () => {
+    const input = topicSub({
+      filters: ['Patient?_id=a,b'],
+      channel: {
+        _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'id-only' }] },
+        header: ['Authorization: Bearer abc'],
+        extension: [
+          { url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 60 },
+          { url: BACKPORT_EXT.timeout, valueUnsignedInt: 30 },
+          { url: BACKPORT_EXT.maxCount, valuePositiveInt: 10 },
+        ],
+      },
+      extra: { status: 'requested', end: '2030-01-01T00:00:00Z', reason: 'chart sync' },
+    });
+    expect(parse(input)).toEqual({
+      kind: 'topic',
+      topic: PATIENT_TOPIC,
+      match: { resourceTypes: ['Patient'], interactions: ALL, ids: ['a', 'b'] },
+      channel: {
+        type: 'rest-hook',
+        endpoint: ENDPOINT,
+        payload: 'application/fhir+json',
+        content: 'id-only',
+        headers: ['Authorization: Bearer abc'],
+        heartbeatPeriodSeconds: 60,
+        timeoutSeconds: 30,
+        maxCount: 10,
+      },
+      askedStatus: 'requested',
+      end: '2030-01-01T00:00:00Z',
+      resource: {
+        resourceType: 'Subscription',
+        meta: { profile: [BACKPORT_PROFILE.subscription] },
+        criteria: PATIENT_TOPIC,
+        _criteria: { extension: [filter('Patient?_id=a,b')] },
+        end: '2030-01-01T00:00:00Z',
+        reason: 'chart sync',
+        channel: {
+          type: 'rest-hook',
+          endpoint: ENDPOINT,
+          payload: 'application/fhir+json',
+          _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'id-only' }] },
+          header: ['Authorization: Bearer abc'],
+          extension: [
+            { url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 60 },
+            { url: BACKPORT_EXT.timeout, valueUnsignedInt: 30 },
+            { url: BACKPORT_EXT.maxCount, valuePositiveInt: 10 },
+          ],
+        },
+      },
+    });
+  });
+
+  it('matches every type of the resource-change topic without filters', () => {
+    expect(parse(topicSub({ topic: RESOURCE_TOPIC })).match).toEqual({ resourceTypes: '*', interactions: ALL });
+  });
+
+  it('narrows resource-change to the types of an unscoped _type filter', () => {
+    expect(parse(topicSub({ topic: RESOURCE_TOPIC, filters: ['_type=Patient,Observation'] })).match).toEqual({
+      resourceTypes: ['Patient', 'Observation'],
+      interactions: ALL,
+    });
+  });
+
+  it('narrows resource-change with Resource?_type=', () => {
+    expect(parse(topicSub({ topic: RESOURCE_TOPIC, filters: ['Resource?_type=Patient'] })).match).toEqual({
+      resourceTypes: ['Patient'],
+      interactions: ALL,
+    });
+  });
+
+  it('narrows resource-change to a type and ids with Patient?_id=', () => {
+    expect(parse(topicSub({ topic: RESOURCE_TOPIC, filters: ['Patient?_id=p1'] })).match).toEqual({
+      resourceTypes: ['Patient'],
+      interactions: ALL,
+      ids: ['p1'],
+    });
+  });
+
+  it('applies an unscoped _id filter to a single-type topic', () => {
+    expect(parse(topicSub({ filters: ['_id=1'] })).match).toEqual({
+      resourceTypes: ['Patient'],
+      interactions: ALL,
+      ids: ['1'],
+    });
+  });
+
+  it('ANDs several filters: ids are intersected', () => {
+    expect(parse(topicSub({ filters: ['Patient?_id=a,b', 'Patient?_id=b,c'] })).match).toEqual({
+      resourceTypes: ['Patient'],
+      interactions: ALL,
+      ids: ['b'],
+    });
+  });
+
+  it('ANDs several filters: types are intersected', () => {
+    const sub = topicSub({ topic: RESOURCE_TOPIC, filters: ['_type=Patient,Observation', '_type=Observation'] });
+    expect(parse(sub).match).toEqual({ resourceTypes: ['Observation'], interactions: ALL });
+  });
+
+  it('ignores _criteria extensions that are not filter criteria', () => {
+    const sub = {
+      ...topicSub(),
+      _criteria: { extension: [{ url: 'https://example.org/other', valueString: 'Patient?name=x' }] },
+    };
+    expect(parse(sub).match).toEqual({ resourceTypes: ['Patient'], interactions: ALL });
+  });
+
+  it('resolves a versioned topic canonical', () => {
+    expect(parse(topicSub({ topic: `${PATIENT_TOPIC}|1.0.0` })).match).toEqual({
+      resourceTypes: ['Patient'],
+      interactions: ALL,
+    });
+  });
+
+  it('defaults to id-only content when a payload is given, and empty when not', () => {
+    expect(parse(topicSub()).channel.content).toBe('id-only');
+    const noPayload = {
+      resourceType: 'Subscription',
+      criteria: PATIENT_TOPIC,
+      channel: { type: 'rest-hook', endpoint: ENDPOINT },
+    };
+    expect(parse(noPayload).channel).toEqual({ type: 'rest-hook', endpoint: ENDPOINT, content: 'empty', headers: [] });
+  });
+
+  it('honours explicit empty content', () => {
+    const sub = topicSub({
+      channel: { _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'empty' }] } },
+    });
+    expect(parse(sub).channel.content).toBe('empty');
+  });
+
+  it('accepts application/json as payload', () => {
+    expect(parse(topicSub({ channel: { payload: 'application/json' } })).channel.payload).toBe('application/json');
+  });
+
+  it('normalises header spacing', () => {
+    expect(parse(topicSub({ channel: { header: ['  X-Api-Key :  k1  '] } })).channel.headers).toEqual([
+      'X-Api-Key: k1',
+    ]);
+  });
+});
+
+describe('parseSubscription: the stored resource', () => {
+  it('drops the webhook secret, status, id, meta, text and error, and keeps other channel extensions', () => {
+    const input = topicSub({
+      channel: {
+        extension: [
+          { url: BROKER_EXT.webhookSecret, valueString: SECRET },
+          { url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 120 },
+        ],
+      },
+      extra: {
+        id: 'client-chosen',
+        meta: { versionId: '3', profile: ['https://example.org/other'] },
+        status: 'active',
+        error: 'something',
+        text: { status: 'generated', div: '<div xmlns="http://www.w3.org/1999/xhtml">x</div>' },
+      },
+    });
+    const spec = parse(input);
+    expect(spec.webhookSecret).toBe(SECRET);
+    expect(spec.askedStatus).toBe('active');
+    expect(spec.resource).toEqual({
+      resourceType: 'Subscription',
+      meta: { profile: [BACKPORT_PROFILE.subscription] },
+      criteria: PATIENT_TOPIC,
+      channel: {
+        type: 'rest-hook',
+        endpoint: ENDPOINT,
+        payload: 'application/fhir+json',
+        extension: [{ url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 120 }],
+      },
+    });
+    expect(JSON.stringify(spec.resource)).not.toContain(SECRET);
+  });
+
+  it('removes channel.extension entirely when the secret was the only one', () => {
+    const spec = parse(topicSub({ channel: { extension: [{ url: BROKER_EXT.webhookSecret, valueString: SECRET }] } }));
+    expect(spec.resource.channel).toEqual({ type: 'rest-hook', endpoint: ENDPOINT, payload: 'application/fhir+json' });
+  });
+
+  it('leaves webhookSecret and askedStatus out when the client sent none', () => {
+    const spec = parse(topicSub());
+    expect(Object.hasOwn(spec, 'webhookSecret')).toBe(false);
+    expect(Object.hasOwn(spec, 'askedStatus')).toBe(false);
+    expect(Object.hasOwn(spec, 'end')).toBe(false);
+  });
+
+  it('does not modify the input', () => {
+    const input = topicSub({ channel: { extension: [{ url: BROKER_EXT.webhookSecret, valueString: SECRET }] } });
+    const before = structuredClone(input);
+    parse(input);
+    expect(input).toEqual(before);
+  });
+});
+
+describe('parseSubscription: classic criteria', () => {
+  it('parses a bare resource type', () => {
+    expect(parse(classicSub('Patient'))).toEqual({
+      kind: 'classic',
+      topic: 'Patient',
+      match: { resourceTypes: ['Patient'], interactions: ALL },
+      channel: { type: 'rest-hook', endpoint: ENDPOINT, content: 'empty', headers: [] },
+      resource: {
+        resourceType: 'Subscription',
+        criteria: 'Patient',
+        channel: { type: 'rest-hook', endpoint: ENDPOINT },
+      },
+    });
+  });
+
+  it('parses Patient?_id=1', () => {
+    expect(parse(classicSub('Patient?_id=1')).match).toEqual({
+      resourceTypes: ['Patient'],
+      interactions: ALL,
+      ids: ['1'],
+    });
+  });
+
+  it('parses a comma-separated _id list', () => {
+    expect(parse(classicSub('Observation?_id=o1,o2')).match).toEqual({
+      resourceTypes: ['Observation'],
+      interactions: ALL,
+      ids: ['o1', 'o2'],
+    });
+  });
+
+  it.each([
+    ['a search parameter other than _id', 'Patient?name=x'],
+    ['a modifier on _id', 'Patient?_id:not=1'],
+    ['a lower-case type', 'patient'],
+    ['a relative URL', 'Patient/123'],
+    ['an empty _id', 'Patient?_id='],
+    ['an _id that is not a FHIR id', 'Patient?_id=a/b'],
+  ])('refuses %s with UNSUPPORTED_CRITERIA', (_name, criteria) => {
+    expect(errorCode(classicSub(criteria))).toBe('UNSUPPORTED_CRITERIA');
+  });
+
+  it('refuses a classic subscription with a payload (it would promise the full resource)', () => {
+    expect(errorCode(classicSub('Patient', { payload: 'application/fhir+json' }))).toBe('UNSUPPORTED_CONTENT');
+  });
+
+  it('refuses malformed percent-encoding in classic criteria as UNSUPPORTED_CRITERIA, not a URIError', () => {
+    expect(errorCode(classicSub('Patient?_id=%E0%A4%A'))).toBe('UNSUPPORTED_CRITERIA');
+  });
+});
+
+describe('parseSubscription: refusals', () => {
+  it('refuses an unknown topic with UNKNOWN_TOPIC', () => {
+    expect(errorCode(topicSub({ topic: `${TOPIC_BASE}/nope` }))).toBe('UNKNOWN_TOPIC');
+    expect(errorCode(topicSub({ topic: 'http://hl7.org/SubscriptionTopic/admission' }))).toBe('UNKNOWN_TOPIC');
+  });
+
+  it.each<[string, string, string[]]>([
+    ['a search parameter the topic does not offer', PATIENT_TOPIC, ['Patient?name=x']],
+    ['a modifier on _id', PATIENT_TOPIC, ['Patient?_id:not=1']],
+    ['a type the topic does not trigger on', PATIENT_TOPIC, ['Observation?_id=1']],
+    ['_type on a topic that does not offer it', PATIENT_TOPIC, ['_type=Patient']],
+    ['Resource?_type on a single-type topic', PATIENT_TOPIC, ['Resource?_type=Patient']],
+    ['an _id value that is not a FHIR id', PATIENT_TOPIC, ['Patient?_id=a/b']],
+    ['a filter without a value', PATIENT_TOPIC, ['Patient?_id=']],
+    ['a scope that is not a resource type', RESOURCE_TOPIC, ['patient?_id=1']],
+    ['a _type value that is not a resource type', RESOURCE_TOPIC, ['_type=patient']],
+    ['filters that exclude every type', RESOURCE_TOPIC, ['_type=Patient', '_type=Observation']],
+    ['a scope contradicting _type', RESOURCE_TOPIC, ['Patient?_type=Observation']],
+    ['filters that exclude every id', PATIENT_TOPIC, ['Patient?_id=a', 'Patient?_id=b']],
+  ])('refuses %s with UNSUPPORTED_FILTER', (_name, topic, filters) => {
+    expect(errorCode(topicSub({ topic, filters }))).toBe('UNSUPPORTED_FILTER');
+  });
+
+  it('refuses malformed percent-encoding in a filter as UNSUPPORTED_FILTER, not a URIError', () => {
+    expect(errorCode(topicSub({ filters: ['Patient?_id=%E0%A4%A'] }))).toBe('UNSUPPORTED_FILTER');
+  });
+
+  it('points UNSUPPORTED_FILTER at the filter extension and names the filter', () => {
+    const err = thrown(topicSub({ filters: ['Patient?name=x'] }));
+    expect(err.expression).toBe('Subscription._criteria.extension');
+    expect(err.message).toContain('"Patient?name=x"');
+    expect(err.status).toBe(422);
+  });
+
+  it('refuses a filter extension without a valueString', () => {
+    const sub = { ...topicSub(), _criteria: { extension: [{ url: BACKPORT_EXT.filterCriteria, valueCode: 'x' }] } };
+    expect(errorCode(sub)).toBe('INVALID_RESOURCE');
+    expect(errorCode(topicSub({ filters: ['   '] }))).toBe('INVALID_RESOURCE');
+  });
+
+  it.each([
+    ['websocket', 'websocket'],
+    ['email', 'email'],
+    ['message', 'message'],
+  ])('refuses channel type %s with UNSUPPORTED_CHANNEL', (_name, type) => {
+    expect(errorCode(topicSub({ channel: { type } }))).toBe('UNSUPPORTED_CHANNEL');
+  });
+
+  it('refuses full-resource content with UNSUPPORTED_CONTENT', () => {
+    const sub = topicSub({
+      channel: { _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'full-resource' }] } },
+    });
+    expect(errorCode(sub)).toBe('UNSUPPORTED_CONTENT');
+  });
+
+  it('refuses an unknown content code with UNSUPPORTED_CONTENT', () => {
+    const sub = topicSub({
+      channel: { _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'everything' }] } },
+    });
+    expect(errorCode(sub)).toBe('UNSUPPORTED_CONTENT');
+  });
+
+  it('refuses an XML payload with UNSUPPORTED_CONTENT', () => {
+    expect(errorCode(topicSub({ channel: { payload: 'application/fhir+xml' } }))).toBe('UNSUPPORTED_CONTENT');
+  });
+
+  it('refuses a rest-hook without endpoint with INVALID_ENDPOINT', () => {
+    const sub = { resourceType: 'Subscription', criteria: PATIENT_TOPIC, channel: { type: 'rest-hook' } };
+    expect(errorCode(sub)).toBe('INVALID_ENDPOINT');
+    expect(errorCode(topicSub({ channel: { endpoint: '' } }))).toBe('INVALID_ENDPOINT');
+  });
+
+  it.each([
+    ['Host', 'Host: evil.example.com'],
+    ['Transfer-Encoding', 'Transfer-Encoding: chunked'],
+    ['webhook-signature', 'webhook-signature: v1,abc'],
+    ['Webhook-Signature in another case', 'Webhook-Signature: v1,abc'],
+    ['Content-Length', 'Content-Length: 0'],
+    ['a header without a colon', 'Authorization Bearer x'],
+    ['a header with an empty name', ': value'],
+    ['a header name with a space', 'X Api: v'],
+    ['a value smuggling a second header', 'X-A: a\r\nHost: evil'],
+    ['a value with a NUL', 'X-A: a\u0000b'],
+  ])('refuses %s with INVALID_HEADER', (_name, header) => {
+    expect(errorCode(topicSub({ channel: { header: [header] } }))).toBe('INVALID_HEADER');
+  });
+
+  it.each([
+    ['without the whsec_ prefix', Buffer.alloc(32, 1).toString('base64')],
+    ['too short', `whsec_${Buffer.alloc(8, 1).toString('base64')}`],
+    ['too long', `whsec_${Buffer.alloc(65, 1).toString('base64')}`],
+    ['not base64', 'whsec_not*base64*at*all*not*base64*at*all'],
+  ])('refuses a webhook secret %s with INVALID_SECRET', (_name, secret) => {
+    const sub = topicSub({ channel: { extension: [{ url: BROKER_EXT.webhookSecret, valueString: secret }] } });
+    expect(errorCode(sub)).toBe('INVALID_SECRET');
+  });
+
+  it('refuses a webhook secret that is not a string with INVALID_SECRET', () => {
+    const sub = topicSub({ channel: { extension: [{ url: BROKER_EXT.webhookSecret, valueCode: SECRET }] } });
+    expect(errorCode(sub)).toBe('INVALID_SECRET');
+  });
+
+  it.each<[string, unknown]>([
+    ['a string', 'not a subscription'],
+    ['null', null],
+    ['another resourceType', { resourceType: 'Patient', criteria: 'Patient', channel: { type: 'rest-hook' } }],
+    ['no channel', { resourceType: 'Subscription', criteria: PATIENT_TOPIC }],
+    ['no criteria', { resourceType: 'Subscription', channel: { type: 'rest-hook', endpoint: ENDPOINT } }],
+    ['an empty criteria', classicSub('')],
+    ['an unknown status', { ...classicSub('Patient'), status: 'paused' }],
+    ['an id with a slash', { ...classicSub('Patient'), id: 'a/b' }],
+    ['an end that is not a date-time', { ...classicSub('Patient'), end: 'tomorrow' }],
+    ['headers that are not an array', classicSub('Patient', { header: 'X-A: b' })],
+    ['a channel without type', { resourceType: 'Subscription', criteria: 'Patient', channel: { endpoint: ENDPOINT } }],
+  ])('refuses %s with INVALID_RESOURCE', (_name, input) => {
+    expect(errorCode(input)).toBe('INVALID_RESOURCE');
+  });
+
+  it('names the missing property', () => {
+    const err = thrown({ resourceType: 'Subscription', criteria: PATIENT_TOPIC });
+    expect(err.message).toBe("Subscription must have required property 'channel' (missing channel)");
+    expect(err.status).toBe(400);
+  });
+
+  it.each<[string, string, Json]>([
+    ['a heartbeat of 0', BACKPORT_EXT.heartbeatPeriod, { valueUnsignedInt: 0 }],
+    ['a heartbeat over a day', BACKPORT_EXT.heartbeatPeriod, { valueUnsignedInt: 86_401 }],
+    ['a fractional heartbeat', BACKPORT_EXT.heartbeatPeriod, { valueUnsignedInt: 1.5 }],
+    ['a heartbeat as a string', BACKPORT_EXT.heartbeatPeriod, { valueUnsignedInt: '60' }],
+    ['a heartbeat in the wrong value[x]', BACKPORT_EXT.heartbeatPeriod, { valueInteger: 60 }],
+    ['a timeout over 60 s', BACKPORT_EXT.timeout, { valueUnsignedInt: 61 }],
+    ['a maxCount over 1000', BACKPORT_EXT.maxCount, { valuePositiveInt: 1001 }],
+    ['a maxCount of 0', BACKPORT_EXT.maxCount, { valuePositiveInt: 0 }],
+  ])('refuses %s with INVALID_RESOURCE', (_name, url, value) => {
+    expect(errorCode(topicSub({ channel: { extension: [{ url, ...value }] } }))).toBe('INVALID_RESOURCE');
+  });
+
+  it('accepts the heartbeat bounds 1 and 86400', () => {
+    const one = topicSub({ channel: { extension: [{ url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 1 }] } });
+    const day = topicSub({
+      channel: { extension: [{ url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 86_400 }] },
+    });
+    expect(parse(one).channel.heartbeatPeriodSeconds).toBe(1);
+    expect(parse(day).channel.heartbeatPeriodSeconds).toBe(86_400);
+  });
+});
+
+describe('isWebhookSecret', () => {
+  it('accepts 24 to 64 bytes after whsec_', () => {
+    expect(isWebhookSecret(`whsec_${Buffer.alloc(24, 1).toString('base64')}`)).toBe(true);
+    expect(isWebhookSecret(`whsec_${Buffer.alloc(64, 1).toString('base64')}`)).toBe(true);
+    expect(isWebhookSecret(`whsec_${Buffer.alloc(23, 1).toString('base64')}`)).toBe(false);
+    expect(isWebhookSecret(`whsec_${Buffer.alloc(65, 1).toString('base64')}`)).toBe(false);
+    expect(isWebhookSecret('whsec_')).toBe(false);
+  });
+});

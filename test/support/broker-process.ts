@@ -1,0 +1,118 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+
+/**
+ * Starts the real broker (`node --import tsx src/main.ts`) on port 0 and learns its port from the
+ * `listening` log line. Kill it with SIGKILL to simulate a crash, or stop it with SIGTERM.
+ */
+
+export const API_KEYS = { alice: 'alice-token-0123456789abcdef', bob: 'bob-token-0123456789abcdef01' } as const;
+export const INGEST_TOKEN = 'ingest-token-0123456789abcdef';
+
+export interface BrokerProcess {
+  readonly url: string;
+  readonly dataDir: string;
+  readonly child: ChildProcess;
+  readonly logs: Record<string, unknown>[];
+  readonly stderr: string[];
+  kill(signal?: NodeJS.Signals): Promise<number | null>;
+  /** Resolves when a log record satisfying `predicate` has been written (woken per line, no polling). */
+  waitForLog(
+    predicate: (rec: Record<string, unknown>) => boolean,
+    what: string,
+    timeoutMs?: number,
+  ): Promise<Record<string, unknown>>;
+  /** Resolves when the subscription has moved to `status` (from the status-change log line). */
+  waitForStatus(id: string, status: string, timeoutMs?: number): Promise<void>;
+}
+
+export function newDataDir(): string {
+  return mkdtempSync(join(tmpdir(), 'fsb-'));
+}
+
+export async function startBroker(env: Record<string, string> = {}, dataDir = newDataDir()): Promise<BrokerProcess> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/main.ts'], {
+    cwd: process.cwd(),
+    env: {
+      PATH: process.env.PATH ?? '',
+      PORT: '0',
+      HOST: '127.0.0.1',
+      BROKER_DATA_DIR: dataDir,
+      BROKER_API_KEYS: `alice:${API_KEYS.alice},bob:${API_KEYS.bob}`,
+      BROKER_INGEST_TOKEN: INGEST_TOKEN,
+      BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
+      BROKER_LOG_LEVEL: 'info',
+      ...env,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const logs: Record<string, unknown>[] = [];
+  const stderr: string[] = [];
+  const waiters = new Set<() => void>();
+  createInterface({ input: child.stderr! }).on('line', (l) => stderr.push(l));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const port = await new Promise<number>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`broker did not start: ${stderr.join('\n')}`)), 30_000);
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      let rec: Record<string, unknown>;
+      try {
+        rec = JSON.parse(line) as Record<string, unknown>;
+      } catch {
+        return;
+      }
+      logs.push(rec);
+      for (const w of waiters) w();
+      if (rec.msg === 'listening') {
+        clearTimeout(timer);
+        resolve(rec.port as number);
+      }
+    });
+    void exited.then((code) => reject(new Error(`broker exited with ${code}: ${stderr.join('\n')}`)));
+  });
+  // PORT=0: the public URL must name the real port, so the test passes it back on restarts too.
+  const waitForLog = (
+    predicate: (rec: Record<string, unknown>) => boolean,
+    what: string,
+    timeoutMs = 15_000,
+  ): Promise<Record<string, unknown>> => {
+    const hit = logs.find(predicate);
+    if (hit !== undefined) return Promise.resolve(hit);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        waiters.delete(check);
+        reject(new Error(`timed out waiting for log: ${what}`));
+      }, timeoutMs);
+      const check = (): void => {
+        const found = logs.find(predicate);
+        if (found === undefined) return;
+        clearTimeout(timer);
+        waiters.delete(check);
+        resolve(found);
+      };
+      waiters.add(check);
+    });
+  };
+  return {
+    url: `http://127.0.0.1:${port}`,
+    waitForLog,
+    async waitForStatus(id: string, status: string, timeoutMs?: number) {
+      await waitForLog(
+        (r) => r.msg === 'subscription status changed' && r.subscription === id && r.to === status,
+        `Subscription/${id} → ${status}`,
+        timeoutMs,
+      );
+    },
+    dataDir,
+    child,
+    logs,
+    stderr,
+    async kill(signal: NodeJS.Signals = 'SIGTERM') {
+      if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
+      child.kill(signal);
+      return exited;
+    },
+  };
+}

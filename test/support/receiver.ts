@@ -1,0 +1,99 @@
+import { once } from 'node:events';
+import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+/**
+ * A real HTTP webhook receiver on 127.0.0.1:0. It records every request and answers with what
+ * `respond` says (204 by default). `waitFor` resolves when a predicate over the recorded requests
+ * holds, woken by each arrival (no polling).
+ */
+
+export interface ReceivedRequest {
+  readonly path: string;
+  readonly method: string;
+  readonly headers: IncomingHttpHeaders;
+  readonly body: string;
+  readonly at: number;
+}
+
+export type Responder = (req: ReceivedRequest) => {
+  status: number;
+  headers?: Record<string, string>;
+  delayMs?: number;
+};
+
+export class Receiver {
+  readonly requests: ReceivedRequest[] = [];
+  respond: Responder = () => ({ status: 204 });
+  readonly #server: Server;
+  readonly #waiters = new Set<() => void>();
+
+  private constructor() {
+    this.#server = createServer((req, res) => {
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => chunks.push(c));
+      req.on('end', () => {
+        const received: ReceivedRequest = {
+          path: req.url ?? '',
+          method: req.method ?? '',
+          headers: req.headers,
+          body: Buffer.concat(chunks).toString('utf8'),
+          at: Date.now(),
+        };
+        const answer = this.respond(received);
+        const reply = (): void => {
+          if (answer.status >= 200 && answer.status < 300) {
+            this.requests.push(received);
+          } else {
+            this.failures.push(received);
+          }
+          res.writeHead(answer.status, answer.headers).end();
+          for (const w of this.#waiters) w();
+        };
+        if (answer.delayMs === undefined) reply();
+        else setTimeout(reply, answer.delayMs);
+      });
+    });
+  }
+
+  /** Requests answered with a non-2xx status. */
+  readonly failures: ReceivedRequest[] = [];
+
+  static async start(): Promise<Receiver> {
+    const r = new Receiver();
+    r.#server.listen(0, '127.0.0.1');
+    await once(r.#server, 'listening');
+    return r;
+  }
+
+  get url(): string {
+    return `http://127.0.0.1:${(this.#server.address() as AddressInfo).port}`;
+  }
+
+  on(path: string): ReceivedRequest[] {
+    return this.requests.filter((r) => r.path === path);
+  }
+
+  waitFor(predicate: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
+    if (predicate()) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#waiters.delete(check);
+        reject(new Error(`timed out waiting for ${what}`));
+      }, timeoutMs);
+      const check = (): void => {
+        if (!predicate()) return;
+        clearTimeout(timer);
+        this.#waiters.delete(check);
+        resolve();
+      };
+      this.#waiters.add(check);
+    });
+  }
+
+  async close(): Promise<void> {
+    this.#server.closeAllConnections();
+    this.#server.close();
+    await once(this.#server, 'close').catch(() => undefined);
+  }
+}
