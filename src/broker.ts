@@ -68,7 +68,11 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     logger,
     metrics,
     ...(overrides.random === undefined ? {} : { random: overrides.random }),
-    options: { fhirBase: `${config.publicUrl}/fhir`, retryDelaysMs: config.retryDelaysMs },
+    options: {
+      fhirBase: `${config.publicUrl}/fhir`,
+      retryDelaysMs: config.retryDelaysMs,
+      retentionMs: config.eventRetentionMs,
+    },
   });
   const ingest = new IngestService({ store, registry, sink: dispatcher, clock, logger, metrics });
   metrics.gauge('broker_outbox_depth', () => dispatcher.outboxDepth);

@@ -22,6 +22,8 @@ export interface Config {
   readonly ingestToken?: string;
   readonly endpointAllowlist: readonly string[];
   readonly retryDelaysMs: readonly number[];
+  /** How long delivered notifications stay available to `$events`, and event ids to deduplication. */
+  readonly eventRetentionMs: number;
   readonly store: 'sqlite' | 'dynamodb';
   readonly dynamodbEndpoint?: string;
   readonly tablePrefix: string;
@@ -72,6 +74,7 @@ export function loadConfig(env: Env = process.env): Config {
     ...(ingestToken === undefined ? {} : { ingestToken }),
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
+    eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),
     store: storeKind,
     ...(dynamodbEndpoint === undefined ? {} : { dynamodbEndpoint }),
     tablePrefix: str(env, 'BROKER_TABLE_PREFIX') ?? 'fhir-broker-',
@@ -132,6 +135,23 @@ function parseApiKeys(raw: string | undefined): ApiClient[] {
   if (ids.size !== clients.length) throw new ConfigError('BROKER_API_KEYS', 'a clientId appears twice');
   if (tokens.size !== clients.length) throw new ConfigError('BROKER_API_KEYS', 'two clients share a token');
   return clients;
+}
+
+// 7 days: long enough to cover a weekend outage of a subscriber, and EventBridge's 24 h retries.
+const DEFAULT_RETENTION_MS = 7 * 86_400_000;
+
+function retention(raw: string | undefined): number {
+  if (raw === undefined) return DEFAULT_RETENTION_MS;
+  let ms: number[];
+  try {
+    ms = parseDurations(raw);
+  } catch (err) {
+    throw new ConfigError('BROKER_EVENT_RETENTION', (err as Error).message);
+  }
+  if (ms.length !== 1 || (ms[0] as number) < 60_000) {
+    throw new ConfigError('BROKER_EVENT_RETENTION', 'must be one duration of at least 1m, e.g. 7d');
+  }
+  return ms[0] as number;
 }
 
 function retryDelays(raw: string | undefined): number[] {

@@ -58,6 +58,8 @@ export interface SubscriptionRecord {
   readonly match: MatchSpec;
   readonly channel: Channel;
   readonly webhookSecret: string;
+  /** After a rotation, the old secret also signs until `until` (ISO), so receivers can switch over. */
+  readonly previousSecret?: { readonly secret: string; readonly until: string };
   readonly end?: string;
   readonly eventsSinceStart: number;
   readonly createdAt: string;

@@ -21,6 +21,10 @@ export interface DispatcherOptions {
   readonly retryDelaysMs: readonly number[];
   /** Requests in flight across all lanes. */
   readonly maxInFlight?: number;
+  /** Requests in flight to one endpoint origin (scheme://host:port), however many subscriptions share it. */
+  readonly maxInFlightPerOrigin?: number;
+  /** How long delivered notifications stay for `$events`; older ones are purged hourly. */
+  readonly retentionMs?: number;
   /** Notifications a lane keeps in memory before it reads the rest back from the store. */
   readonly laneBuffer?: number;
   readonly defaultTimeoutMs?: number;
@@ -40,7 +44,13 @@ class Lane {
   /** Highest event number delivered or dead-lettered here: never read back from the store again. */
   done = 0;
   timer: NodeJS.Timeout | undefined;
+  /** Epoch ms of the last successful request to the endpoint (notification or heartbeat). */
+  lastSentAt = 0;
+  heartbeat: NodeJS.Timeout | undefined;
 }
+
+// 1 h: purging is cheap and retention is counted in days.
+const PURGE_INTERVAL_MS = 60 * 60 * 1000;
 
 // 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
 const DEFAULT_TIMEOUT_MS = 10_000;
@@ -56,7 +66,9 @@ export class Dispatcher {
   readonly #metrics: Metrics;
   readonly #opts: Required<DispatcherOptions>;
   readonly #lanes = new Map<string, Lane>();
-  readonly #slotWaiters: (() => void)[] = [];
+  readonly #slotWaiters = new Set<() => void>();
+  readonly #perOrigin = new Map<string, number>();
+  #purgeTimer: NodeJS.Timeout | undefined;
   readonly #running = new Set<Promise<unknown>>();
   #inFlight = 0;
   #closed = false;
@@ -84,6 +96,8 @@ export class Dispatcher {
     this.#metrics = deps.metrics;
     this.#opts = {
       maxInFlight: 64,
+      maxInFlightPerOrigin: 8,
+      retentionMs: 7 * 86_400_000,
       laneBuffer: 256,
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
       ...deps.options,
@@ -92,6 +106,7 @@ export class Dispatcher {
       onRequested: (id) => this.#track(this.#handshake(id)),
       onActivated: (id) => this.#wake(id, true),
       onRemoved: (id) => this.#forget(id),
+      onChanged: (id) => this.#scheduleHeartbeat(id),
     });
   }
 
@@ -99,6 +114,10 @@ export class Dispatcher {
   async start(): Promise<void> {
     for (const sub of this.#registry.all()) if (sub.status === 'requested') this.#track(this.#handshake(sub.id));
     for (const id of await this.#store.subscriptionsWithPending()) this.#wake(id, true);
+    for (const sub of this.#registry.all()) this.#scheduleHeartbeat(sub.id);
+    await this.#purge();
+    this.#purgeTimer = setInterval(() => void this.#purge(), PURGE_INTERVAL_MS);
+    this.#purgeTimer.unref();
   }
 
   /** Hand over notifications that were just committed. */
@@ -125,8 +144,12 @@ export class Dispatcher {
   /** Stop taking new work, let in-flight attempts finish within `graceMs`, persist what is known. */
   async close(graceMs = 5000): Promise<void> {
     this.#closed = true;
-    for (const lane of this.#lanes.values()) clearTimeout(lane.timer);
-    for (const w of this.#slotWaiters.splice(0)) w();
+    clearInterval(this.#purgeTimer);
+    for (const lane of this.#lanes.values()) {
+      clearTimeout(lane.timer);
+      clearTimeout(lane.heartbeat);
+    }
+    for (const w of this.#slotWaiters) w();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
     await this.#flush();
   }
@@ -142,7 +165,10 @@ export class Dispatcher {
 
   #forget(id: string): void {
     const lane = this.#lanes.get(id);
-    if (lane !== undefined) clearTimeout(lane.timer);
+    if (lane !== undefined) {
+      clearTimeout(lane.timer);
+      clearTimeout(lane.heartbeat);
+    }
     this.#lanes.delete(id);
   }
 
@@ -176,7 +202,7 @@ export class Dispatcher {
           return;
         }
         const batch = takeDue(lane.queue, sub.channel.maxCount ?? 1, now);
-        const result = await this.#withSlot(() =>
+        const result = await this.#withSlot(sub, () =>
           this.#sendNotifications(
             sub,
             batch.map((q) => q.note),
@@ -208,6 +234,7 @@ export class Dispatcher {
   ): Promise<boolean> {
     const now = this.#clock.now();
     if (result.ok) {
+      lane.lastSentAt = now;
       lane.queue.splice(0, batch.length);
       for (const q of batch) {
         lane.done = Math.max(lane.done, q.note.eventNumber);
@@ -265,7 +292,7 @@ export class Dispatcher {
       await this.#registry.transition(id, { kind: 'handshake-succeeded' });
       return;
     }
-    const result = await this.#withSlot(() =>
+    const result = await this.#withSlot(sub, () =>
       this.#sendBundle(sub, 'handshake', [], `${id}-handshake-${this.#ids.uuid()}`),
     );
     this.#metrics.inc('broker_handshakes_total', { outcome: result.ok ? 'ok' : 'failed' });
@@ -315,21 +342,76 @@ export class Dispatcher {
       ...(sub.kind === 'classic' ? {} : { contentType: sub.channel.payload ?? 'application/fhir+json' }),
       body,
       webhookId,
-      secrets: [sub.webhookSecret],
+      secrets: this.#registry.signingSecrets(sub),
       timeoutMs: (sub.channel.timeoutSeconds ?? 0) * 1000 || this.#opts.defaultTimeoutMs,
     });
   }
 
-  async #withSlot<T>(fn: () => Promise<T>): Promise<T> {
-    while (this.#inFlight >= this.#opts.maxInFlight && !this.#closed) {
-      await new Promise<void>((resolve) => this.#slotWaiters.push(resolve));
+  /** Runs `fn` within the global and per-origin in-flight caps. */
+  async #withSlot<T>(sub: SubscriptionRecord, fn: () => Promise<T>): Promise<T> {
+    const origin = originOf(sub.channel.endpoint);
+    const busy = (): boolean =>
+      this.#inFlight >= this.#opts.maxInFlight || (this.#perOrigin.get(origin) ?? 0) >= this.#opts.maxInFlightPerOrigin;
+    while (busy() && !this.#closed) {
+      await new Promise<void>((resolve) => {
+        const wake = (): void => {
+          this.#slotWaiters.delete(wake);
+          resolve();
+        };
+        this.#slotWaiters.add(wake);
+      });
     }
     this.#inFlight++;
+    this.#perOrigin.set(origin, (this.#perOrigin.get(origin) ?? 0) + 1);
     try {
       return await fn();
     } finally {
       this.#inFlight--;
-      this.#slotWaiters.shift()?.();
+      const left = (this.#perOrigin.get(origin) ?? 1) - 1;
+      if (left === 0) this.#perOrigin.delete(origin);
+      else this.#perOrigin.set(origin, left);
+      // Waiters re-check their own caps: a freed slot for one origin must not starve another.
+      for (const w of [...this.#slotWaiters]) w();
+    }
+  }
+
+  /**
+   * Heartbeats for subscriptions with `heartbeat-period`: sent when nothing else reached the
+   * endpoint within the period, carrying the current status (also while in `error`).
+   */
+  #scheduleHeartbeat(id: string): void {
+    const sub = this.#registry.get(id);
+    const period = (sub?.channel.heartbeatPeriodSeconds ?? 0) * 1000;
+    const lane = this.#lanes.get(id);
+    if (lane !== undefined) clearTimeout(lane.heartbeat);
+    if (sub === undefined || period === 0 || this.#closed || (sub.status !== 'active' && sub.status !== 'error'))
+      return;
+    const owner = this.#lane(id);
+    const due = Math.max(owner.lastSentAt + period - this.#clock.now(), 0) || period;
+    owner.heartbeat = setTimeout(() => this.#track(this.#heartbeat(id, period)), due);
+    owner.heartbeat.unref();
+  }
+
+  async #heartbeat(id: string, period: number): Promise<void> {
+    const sub = this.#registry.get(id);
+    const lane = this.#lanes.get(id);
+    if (sub === undefined || lane === undefined || this.#closed) return;
+    const now = this.#clock.now();
+    if (now - lane.lastSentAt >= period && !lane.running) {
+      const result = await this.#withSlot(sub, () => this.#sendBundle(sub, 'heartbeat', [], `${id}-heartbeat-${now}`));
+      this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : 'failed' });
+      if (result.ok) lane.lastSentAt = this.#clock.now();
+      else this.#logger.warn('heartbeat failed', { subscription: id, error: result.error });
+    }
+    this.#scheduleHeartbeat(id);
+  }
+
+  async #purge(): Promise<void> {
+    try {
+      const purged = await this.#store.purge(this.#clock.now() - this.#opts.retentionMs);
+      if (purged.notifications > 0 || purged.eventIds > 0) this.#logger.info('retention purge', purged);
+    } catch (err) {
+      this.#logger.error('retention purge failed', { err: err as Error });
     }
   }
 
@@ -358,6 +440,14 @@ export class Dispatcher {
     } catch (err) {
       this.#logger.error('could not record delivery states; they will be redelivered', { err: err as Error });
     }
+  }
+}
+
+function originOf(endpoint: string | undefined): string {
+  try {
+    return endpoint === undefined ? '' : new URL(endpoint).origin;
+  } catch {
+    return endpoint ?? '';
   }
 }
 

@@ -13,6 +13,7 @@ const FAMILIES = {
   broker_events_total: { help: 'EventBridge events received, by outcome', type: 'counter' },
   broker_notifications_total: { help: 'Notification deliveries, by outcome', type: 'counter' },
   broker_handshakes_total: { help: 'Handshakes, by outcome', type: 'counter' },
+  broker_heartbeats_total: { help: 'Heartbeats, by outcome', type: 'counter' },
   broker_delivery_latency_seconds: { help: 'Ingest to successful webhook delivery', type: 'histogram' },
   broker_outbox_depth: { help: 'Notifications waiting for delivery', type: 'gauge' },
   broker_subscriptions: { help: 'Subscriptions in the matching index', type: 'gauge' },

@@ -22,7 +22,12 @@ export interface RegistryListener {
   /** A subscription became active: pending notifications may flow. */
   onActivated(id: string): void;
   onRemoved(id: string): void;
+  /** Anything else about the subscription changed (status, channel, heartbeat period). */
+  onChanged(id: string): void;
 }
+
+/** 24 h: how long a rotated-out webhook secret keeps signing, so receivers can switch without a gap. */
+export const SECRET_OVERLAP_MS = 24 * 60 * 60 * 1000;
 
 export interface CreateResult {
   readonly record: SubscriptionRecord;
@@ -165,15 +170,22 @@ export class SubscriptionRegistry {
       match: spec.match,
       channel: spec.channel,
       webhookSecret: spec.webhookSecret ?? current.webhookSecret,
+      ...this.#rotation(current, spec.webhookSecret),
       ...(spec.end === undefined ? {} : { end: spec.end }),
       updatedAt: new Date(this.#clock.now()).toISOString(),
       resource: spec.resource,
     };
+    if (status === 'requested' && current.status !== 'requested') {
+      // Re-activation: what was dead-lettered goes back in the queue, delivered after the handshake.
+      const requeued = await this.#store.requeueDeadLetters(id, this.#clock.now());
+      if (requeued > 0) this.#logger.info('dead letters requeued', { subscription: id, count: requeued });
+    }
     const stored = await this.#store.replaceSubscription(next);
     if (stored === undefined) throw new BrokerError('NOT_FOUND', `Subscription/${id} not found`);
     this.#remember(stored);
     this.#logger.info('subscription updated', { subscription: id, owner, status });
     if (status === 'requested') this.#listener?.onRequested(id);
+    this.#listener?.onChanged(id);
     return stored;
   }
 
@@ -206,7 +218,24 @@ export class SubscriptionRegistry {
       ...(change.error === undefined ? {} : { reason: change.error }),
     });
     if (updated.status === 'active') this.#listener?.onActivated(id);
+    this.#listener?.onChanged(id);
     return updated;
+  }
+
+  /** The secrets that sign for this subscription now: the current one, and a rotated-out one for 24 h. */
+  signingSecrets(rec: SubscriptionRecord): string[] {
+    const previous = rec.previousSecret;
+    return previous !== undefined && Date.parse(previous.until) > this.#clock.now()
+      ? [rec.webhookSecret, previous.secret]
+      : [rec.webhookSecret];
+  }
+
+  #rotation(current: SubscriptionRecord, next: string | undefined): Pick<SubscriptionRecord, 'previousSecret'> {
+    if (next === undefined || next === current.webhookSecret) {
+      return current.previousSecret === undefined ? {} : { previousSecret: current.previousSecret };
+    }
+    const until = new Date(this.#clock.now() + SECRET_OVERLAP_MS).toISOString();
+    return { previousSecret: { secret: current.webhookSecret, until } };
   }
 
   /** The FHIR Subscription a client sees: its resource plus id, meta, status and error. */

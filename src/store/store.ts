@@ -64,6 +64,15 @@ export interface Store {
   /** Stored notifications with `from <= eventNumber <= to`, oldest first. */
   notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]>;
 
+  /** Dead-lettered notifications of a subscription become pending again, due at `dueAt`; returns how many. */
+  requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number>;
+  /**
+   * Forget what is older than `before` (epoch ms): delivered and dead-lettered notifications
+   * (the `$events` retention window) and seen event ids (the deduplication window). Pending
+   * notifications are never purged.
+   */
+  purge(before: number): Promise<{ notifications: number; eventIds: number }>;
+
   ping(): Promise<void>;
   close(): Promise<void>;
 }

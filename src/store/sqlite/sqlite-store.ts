@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS subscriptions (
   match_json TEXT NOT NULL,
   channel_json TEXT NOT NULL,
   webhook_secret TEXT NOT NULL,
+  previous_secret_json TEXT,
   end_at TEXT,
   events_since_start INTEGER NOT NULL DEFAULT 0,
   created_at TEXT NOT NULL,
@@ -54,6 +55,8 @@ CREATE TABLE IF NOT EXISTS notifications (
   PRIMARY KEY (subscription_id, event_number)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS notifications_pending ON notifications(subscription_id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
+CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
 `;
 
 interface SubscriptionRow {
@@ -66,6 +69,7 @@ interface SubscriptionRow {
   match_json: string;
   channel_json: string;
   webhook_secret: string;
+  previous_secret_json: string | null;
   end_at: string | null;
   events_since_start: number;
   created_at: string;
@@ -101,8 +105,9 @@ export class SqliteStore implements Store {
     const db = this.#db;
     this.#stmt = {
       insertSub: db.prepare(`INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
-        webhook_secret, end_at, events_since_start, created_at, updated_at, resource_json)
-        VALUES (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret, @end_at,
+        webhook_secret, previous_secret_json, end_at, events_since_start, created_at, updated_at, resource_json)
+        VALUES (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret,
+        @previous_secret_json, @end_at,
         @events_since_start, @created_at, @updated_at, @resource_json)`),
       getSub: db.prepare<[string], SubscriptionRow>('SELECT * FROM subscriptions WHERE id = ?'),
       listAll: db.prepare<[], SubscriptionRow>('SELECT * FROM subscriptions ORDER BY created_at, id'),
@@ -110,7 +115,8 @@ export class SqliteStore implements Store {
         'SELECT * FROM subscriptions WHERE owner = ? ORDER BY created_at, id',
       ),
       replaceSub: db.prepare(`UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
-        match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret, end_at = @end_at,
+        match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
+        previous_secret_json = @previous_secret_json, end_at = @end_at,
         updated_at = @updated_at, resource_json = @resource_json WHERE id = @id`),
       setStatus: db.prepare('UPDATE subscriptions SET status = ?, error = ?, updated_at = ? WHERE id = ?'),
       deleteSub: db.prepare('DELETE FROM subscriptions WHERE id = ?'),
@@ -137,6 +143,12 @@ export class SqliteStore implements Store {
         `SELECT * FROM notifications WHERE subscription_id = ? AND event_number BETWEEN ? AND ?
          ORDER BY event_number LIMIT ?`,
       ),
+      requeue: db.prepare(
+        `UPDATE notifications SET state = 'pending', attempts = 0, due_at = ?, last_error = NULL
+         WHERE subscription_id = ? AND state = 'dead'`,
+      ),
+      purgeNotes: db.prepare("DELETE FROM notifications WHERE state IN ('delivered', 'dead') AND created_at < ?"),
+      purgeSeen: db.prepare('DELETE FROM seen_events WHERE received_at < ?'),
       ping: db.prepare('SELECT 1'),
     };
   }
@@ -224,6 +236,17 @@ export class SqliteStore implements Store {
     return this.#stmt.range.all(subscriptionId, from, to, limit).map(fromNotificationRow);
   }
 
+  async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
+    return this.#stmt.requeue.run(dueAt, subscriptionId).changes;
+  }
+
+  async purge(before: number): Promise<{ notifications: number; eventIds: number }> {
+    return this.#db.transaction(() => ({
+      notifications: this.#stmt.purgeNotes.run(before).changes,
+      eventIds: this.#stmt.purgeSeen.run(before).changes,
+    }))();
+  }
+
   async ping(): Promise<void> {
     this.#stmt.ping.get();
   }
@@ -244,6 +267,7 @@ function toRow(rec: SubscriptionRecord): SubscriptionRow {
     match_json: JSON.stringify(rec.match),
     channel_json: JSON.stringify(rec.channel),
     webhook_secret: rec.webhookSecret,
+    previous_secret_json: rec.previousSecret === undefined ? null : JSON.stringify(rec.previousSecret),
     end_at: rec.end ?? null,
     events_since_start: rec.eventsSinceStart,
     created_at: rec.createdAt,
@@ -264,6 +288,9 @@ function fromRow(row: SubscriptionRow): SubscriptionRecord {
     match: JSON.parse(row.match_json) as MatchSpec,
     channel: JSON.parse(row.channel_json) as Channel,
     webhookSecret: row.webhook_secret,
+    ...(row.previous_secret_json === null
+      ? {}
+      : { previousSecret: JSON.parse(row.previous_secret_json) as { secret: string; until: string } }),
     ...(row.end_at === null ? {} : { end: row.end_at }),
     eventsSinceStart: row.events_since_start,
     createdAt: row.created_at,

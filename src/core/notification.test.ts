@@ -1,0 +1,336 @@
+import { describe, expect, it } from 'vitest';
+import { validateFhir } from '../../test/support/fhir-schema.js';
+import { BACKPORT_PROFILE } from './fhir-urls.js';
+import {
+  type BundleContext,
+  buildNotificationBundle,
+  buildStatusBundle,
+  buildStatusParameters,
+  type StatusSource,
+} from './notification.js';
+import type { FhirResource, Interaction, Notification } from './types.js';
+
+const BROKER = 'http://127.0.0.1:8080/fhir';
+const HEALTHLAKE = 'https://healthlake.us-east-1.amazonaws.com/datastore/ds1/r4';
+const TOPIC = 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change';
+const NOW = '2030-01-01T00:00:00.000Z';
+
+/** Sequential ids so the expected bundles are exact. */
+function context(): BundleContext {
+  let n = 0;
+  return {
+    fhirBase: BROKER,
+    newId: () => {
+      n += 1;
+      return `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`;
+    },
+    timestamp: NOW,
+  };
+}
+
+const ID1 = '00000000-0000-4000-8000-000000000001';
+const ID2 = '00000000-0000-4000-8000-000000000002';
+const ID3 = '00000000-0000-4000-8000-000000000003';
+
+const topicSub: StatusSource = { id: 'sub1', kind: 'topic', topic: TOPIC, status: 'active', eventsSinceStart: 3 };
+const classicSub: StatusSource = {
+  id: 'sub2',
+  kind: 'classic',
+  topic: 'Patient',
+  status: 'active',
+  eventsSinceStart: 1,
+};
+
+function note(
+  eventNumber: number,
+  interaction: Interaction,
+  resourceId?: string,
+  resourceType = 'Patient',
+): Notification {
+  return {
+    subscriptionId: 'sub1',
+    eventNumber,
+    change: {
+      eventId: `ev${eventNumber}`,
+      resourceType,
+      ...(resourceId === undefined ? {} : { resourceId }),
+      interaction,
+      datastoreId: 'ds1',
+      fhirBase: HEALTHLAKE,
+      time: `2029-12-31T23:59:0${eventNumber}.000Z`,
+    },
+  };
+}
+
+function statusEntry(id: string, subId: string, parameter: unknown[]): unknown {
+  return {
+    fullUrl: `urn:uuid:${id}`,
+    resource: { resourceType: 'Parameters', id, meta: { profile: [BACKPORT_PROFILE.status] }, parameter },
+    request: { method: 'GET', url: `${BROKER}/Subscription/${subId}/$status` },
+    response: { status: '200' },
+  };
+}
+
+function head(sub: StatusSource, type: string): unknown[] {
+  return [
+    { name: 'subscription', valueReference: { reference: `${BROKER}/Subscription/${sub.id}` } },
+    ...(sub.kind === 'topic' ? [{ name: 'topic', valueCanonical: sub.topic }] : []),
+    { name: 'status', valueCode: sub.status },
+    { name: 'type', valueCode: type },
+    { name: 'events-since-subscription-start', valueString: String(sub.eventsSinceStart) },
+  ];
+}
+
+/** Asserts the bundle is valid FHIR R4 and returns it, so every built bundle is also schema-checked. */
+function valid(resource: FhirResource): FhirResource {
+  expect(validateFhir(resource)).toEqual([]);
+  return resource;
+}
+
+describe('buildNotificationBundle', () => {
+  it('builds a handshake: a history bundle with only the status entry', () => {
+    const sub: StatusSource = { ...topicSub, status: 'requested', eventsSinceStart: 0 };
+    expect(valid(buildNotificationBundle(sub, 'handshake', [], 'id-only', context()))).toEqual({
+      resourceType: 'Bundle',
+      id: ID2,
+      meta: { profile: [BACKPORT_PROFILE.notification] },
+      type: 'history',
+      timestamp: NOW,
+      entry: [statusEntry(ID1, 'sub1', head(sub, 'handshake'))],
+    });
+  });
+
+  it('builds a heartbeat with no events', () => {
+    const bundle = valid(buildNotificationBundle(topicSub, 'heartbeat', [], 'empty', context()));
+    expect(bundle.entry).toEqual([statusEntry(ID1, 'sub1', head(topicSub, 'heartbeat'))]);
+  });
+
+  it('builds an id-only event notification with a focus and a request/response entry per interaction', () => {
+    const events = [note(1, 'create', 'p1'), note(2, 'update', 'p2'), note(3, 'delete', 'p3')];
+    expect(valid(buildNotificationBundle(topicSub, 'event-notification', events, 'id-only', context()))).toEqual({
+      resourceType: 'Bundle',
+      id: ID2,
+      meta: { profile: [BACKPORT_PROFILE.notification] },
+      type: 'history',
+      timestamp: NOW,
+      entry: [
+        statusEntry(ID1, 'sub1', [
+          ...head(topicSub, 'event-notification'),
+          {
+            name: 'notification-event',
+            part: [
+              { name: 'event-number', valueString: '1' },
+              { name: 'timestamp', valueInstant: '2029-12-31T23:59:01.000Z' },
+              { name: 'focus', valueReference: { reference: `${HEALTHLAKE}/Patient/p1` } },
+            ],
+          },
+          {
+            name: 'notification-event',
+            part: [
+              { name: 'event-number', valueString: '2' },
+              { name: 'timestamp', valueInstant: '2029-12-31T23:59:02.000Z' },
+              { name: 'focus', valueReference: { reference: `${HEALTHLAKE}/Patient/p2` } },
+            ],
+          },
+          {
+            name: 'notification-event',
+            part: [
+              { name: 'event-number', valueString: '3' },
+              { name: 'timestamp', valueInstant: '2029-12-31T23:59:03.000Z' },
+              { name: 'focus', valueReference: { reference: `${HEALTHLAKE}/Patient/p3` } },
+            ],
+          },
+        ]),
+        {
+          fullUrl: `${HEALTHLAKE}/Patient/p1`,
+          request: { method: 'POST', url: 'Patient' },
+          response: { status: '201', lastModified: '2029-12-31T23:59:01.000Z' },
+        },
+        {
+          fullUrl: `${HEALTHLAKE}/Patient/p2`,
+          request: { method: 'PUT', url: 'Patient/p2' },
+          response: { status: '200', lastModified: '2029-12-31T23:59:02.000Z' },
+        },
+        {
+          fullUrl: `${HEALTHLAKE}/Patient/p3`,
+          request: { method: 'DELETE', url: 'Patient/p3' },
+          response: { status: '204', lastModified: '2029-12-31T23:59:03.000Z' },
+        },
+      ],
+    });
+  });
+
+  it('names neither focus nor entry for an event without a resource id', () => {
+    const events = [note(4, 'update', undefined, 'Observation')];
+    const bundle = valid(buildNotificationBundle(topicSub, 'event-notification', events, 'id-only', context()));
+    expect(bundle.entry).toEqual([
+      statusEntry(ID1, 'sub1', [
+        ...head(topicSub, 'event-notification'),
+        {
+          name: 'notification-event',
+          part: [
+            { name: 'event-number', valueString: '4' },
+            { name: 'timestamp', valueInstant: '2029-12-31T23:59:04.000Z' },
+          ],
+        },
+      ]),
+    ]);
+  });
+
+  it('builds empty content with no focus and only the status entry', () => {
+    const events = [note(1, 'create', 'p1'), note(2, 'delete', 'p2')];
+    const bundle = valid(buildNotificationBundle(topicSub, 'event-notification', events, 'empty', context()));
+    expect(bundle.entry).toEqual([
+      statusEntry(ID1, 'sub1', [
+        ...head(topicSub, 'event-notification'),
+        {
+          name: 'notification-event',
+          part: [
+            { name: 'event-number', valueString: '1' },
+            { name: 'timestamp', valueInstant: '2029-12-31T23:59:01.000Z' },
+          ],
+        },
+        {
+          name: 'notification-event',
+          part: [
+            { name: 'event-number', valueString: '2' },
+            { name: 'timestamp', valueInstant: '2029-12-31T23:59:02.000Z' },
+          ],
+        },
+      ]),
+    ]);
+  });
+
+  it('leaves out the topic parameter for a classic subscription', () => {
+    const bundle = valid(
+      buildNotificationBundle(classicSub, 'event-notification', [note(1, 'update', 'p1')], 'empty', context()),
+    );
+    expect(bundle.entry).toEqual([
+      statusEntry(ID1, 'sub2', [
+        { name: 'subscription', valueReference: { reference: `${BROKER}/Subscription/sub2` } },
+        { name: 'status', valueCode: 'active' },
+        { name: 'type', valueCode: 'event-notification' },
+        { name: 'events-since-subscription-start', valueString: '1' },
+        {
+          name: 'notification-event',
+          part: [
+            { name: 'event-number', valueString: '1' },
+            { name: 'timestamp', valueInstant: '2029-12-31T23:59:01.000Z' },
+          ],
+        },
+      ]),
+    ]);
+  });
+
+  it('builds a valid query-event bundle', () => {
+    const events = [note(1, 'create', 'p1'), note(2, 'update')];
+    const bundle = valid(buildNotificationBundle(topicSub, 'query-event', events, 'id-only', context()));
+    expect(Array.isArray(bundle.entry) ? bundle.entry.length : 0).toBe(2);
+  });
+});
+
+describe('buildStatusParameters', () => {
+  it('carries the error parameter when the status is error', () => {
+    const sub: StatusSource = { ...topicSub, status: 'error', error: 'endpoint answered 500 seven times' };
+    expect(valid(buildStatusParameters(sub, 'query-status', [], 'empty', context()))).toEqual({
+      resourceType: 'Parameters',
+      id: ID1,
+      meta: { profile: [BACKPORT_PROFILE.status] },
+      parameter: [
+        ...head(sub, 'query-status'),
+        { name: 'error', valueCodeableConcept: { text: 'endpoint answered 500 seven times' } },
+      ],
+    });
+  });
+
+  it('leaves a stale error out once the subscription is no longer in error', () => {
+    const sub: StatusSource = { ...topicSub, status: 'active', error: 'old failure' };
+    const params = buildStatusParameters(sub, 'query-status', [], 'empty', context());
+    expect(params.parameter).toEqual(head(sub, 'query-status'));
+  });
+});
+
+describe('buildStatusBundle', () => {
+  it('builds a searchset with one status Parameters per subscription', () => {
+    const errored: StatusSource = { ...classicSub, status: 'error', error: 'gone' };
+    expect(valid(buildStatusBundle([topicSub, errored], context()))).toEqual({
+      resourceType: 'Bundle',
+      id: ID1,
+      type: 'searchset',
+      timestamp: NOW,
+      total: 2,
+      entry: [
+        {
+          fullUrl: `urn:uuid:${ID2}`,
+          resource: {
+            resourceType: 'Parameters',
+            id: ID2,
+            meta: { profile: [BACKPORT_PROFILE.status] },
+            parameter: head(topicSub, 'query-status'),
+          },
+          search: { mode: 'match' },
+        },
+        {
+          fullUrl: `urn:uuid:${ID3}`,
+          resource: {
+            resourceType: 'Parameters',
+            id: ID3,
+            meta: { profile: [BACKPORT_PROFILE.status] },
+            parameter: [...head(errored, 'query-status'), { name: 'error', valueCodeableConcept: { text: 'gone' } }],
+          },
+          search: { mode: 'match' },
+        },
+      ],
+    });
+  });
+
+  it('builds an empty searchset', () => {
+    expect(valid(buildStatusBundle([], context()))).toEqual({
+      resourceType: 'Bundle',
+      id: ID1,
+      type: 'searchset',
+      timestamp: NOW,
+      total: 0,
+      entry: [],
+    });
+  });
+});
+
+describe('validateFhir', () => {
+  const good = (): Record<string, unknown> => ({
+    resourceType: 'Bundle',
+    type: 'history',
+    entry: [{ fullUrl: 'urn:uuid:x', request: { method: 'GET', url: 'Patient/1' }, response: { status: '200' } }],
+  });
+
+  it('accepts a minimal valid bundle', () => {
+    expect(validateFhir(good())).toEqual([]);
+  });
+
+  it('rejects an entry.request.method that is not an HTTP verb', () => {
+    const bad = { ...good(), entry: [{ request: { method: 'FOO', url: 'Patient/1' } }] };
+    expect(validateFhir(bad)).toEqual([
+      '/entry/0/request/method must be equal to one of the allowed values (["GET","HEAD","POST","PUT","DELETE","PATCH"])',
+    ]);
+  });
+
+  it('rejects an unknown Bundle.type and an unknown property', () => {
+    expect(validateFhir({ ...good(), type: 'notification' }).length).toBeGreaterThan(0);
+    expect(validateFhir({ ...good(), colour: 'blue' })).toEqual([
+      '(resource) must NOT have additional properties (colour)',
+    ]);
+  });
+
+  it('rejects a contained resource of an unknown type and a malformed nested Parameters', () => {
+    expect(validateFhir({ ...good(), entry: [{ resource: { resourceType: 'Nope' } }] })).toEqual([
+      '/entry/0/resource value of tag "resourceType" must be in oneOf',
+    ]);
+    const badParams = { resourceType: 'Parameters', parameter: [{ name: 'x', valueInstant: 'yesterday' }] };
+    expect(validateFhir({ ...good(), entry: [{ resource: badParams }] }).length).toBeGreaterThan(0);
+  });
+
+  it('rejects something that is not a resource', () => {
+    expect(validateFhir({ type: 'history' }).length).toBeGreaterThan(0);
+    expect(validateFhir('Bundle').length).toBeGreaterThan(0);
+  });
+});

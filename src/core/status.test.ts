@@ -1,0 +1,111 @@
+import { describe, expect, it } from 'vitest';
+import { BrokerError } from './errors.js';
+import { applyStatusEvent, clientStatusChange, type StatusEvent } from './status.js';
+import type { SubscriptionStatus } from './types.js';
+
+const STATUSES: readonly SubscriptionStatus[] = ['requested', 'active', 'error', 'off'];
+
+describe('applyStatusEvent', () => {
+  const handshakeOk: StatusEvent = { kind: 'handshake-succeeded' };
+  const handshakeFailed: StatusEvent = { kind: 'handshake-failed', reason: 'endpoint answered 404' };
+  const exhausted: StatusEvent = { kind: 'delivery-exhausted', reason: '7 attempts failed' };
+  const gone: StatusEvent = { kind: 'endpoint-gone', reason: 'endpoint answered 410' };
+
+  it.each<[string, StatusEvent, SubscriptionStatus, ReturnType<typeof applyStatusEvent>]>([
+    ['a successful handshake activates a requested subscription', handshakeOk, 'requested', { status: 'active' }],
+    ['a successful handshake does nothing when active', handshakeOk, 'active', undefined],
+    ['a successful handshake does not revive an errored subscription', handshakeOk, 'error', undefined],
+    ['a successful handshake does not revive an off subscription', handshakeOk, 'off', undefined],
+    [
+      'a failed handshake puts a requested subscription in error',
+      handshakeFailed,
+      'requested',
+      { status: 'error', error: 'endpoint answered 404' },
+    ],
+    ['a failed handshake does nothing when active', handshakeFailed, 'active', undefined],
+    ['a failed handshake does nothing when in error', handshakeFailed, 'error', undefined],
+    ['a failed handshake does nothing when off', handshakeFailed, 'off', undefined],
+    ['exhausted delivery does nothing while requested', exhausted, 'requested', undefined],
+    [
+      'exhausted delivery puts an active subscription in error',
+      exhausted,
+      'active',
+      { status: 'error', error: '7 attempts failed' },
+    ],
+    ['exhausted delivery does nothing when already in error', exhausted, 'error', undefined],
+    ['exhausted delivery does nothing when off', exhausted, 'off', undefined],
+    [
+      'a gone endpoint switches a requested subscription off',
+      gone,
+      'requested',
+      { status: 'off', error: 'endpoint answered 410' },
+    ],
+    [
+      'a gone endpoint switches an active subscription off',
+      gone,
+      'active',
+      { status: 'off', error: 'endpoint answered 410' },
+    ],
+    [
+      'a gone endpoint switches an errored subscription off',
+      gone,
+      'error',
+      { status: 'off', error: 'endpoint answered 410' },
+    ],
+    ['a gone endpoint leaves an off subscription alone', gone, 'off', undefined],
+  ])('%s', (_name, event, current, expected) => {
+    expect(applyStatusEvent(current, event)).toEqual(expected);
+  });
+
+  it('never moves a subscription back to requested', () => {
+    const events: StatusEvent[] = [handshakeOk, handshakeFailed, exhausted, gone];
+    for (const current of STATUSES) {
+      for (const event of events) expect(applyStatusEvent(current, event)?.status).not.toBe('requested');
+    }
+  });
+});
+
+describe('clientStatusChange', () => {
+  it.each<[SubscriptionStatus, SubscriptionStatus | undefined, boolean, SubscriptionStatus]>([
+    // Asking for off always switches off.
+    ['requested', 'off', false, 'off'],
+    ['active', 'off', true, 'off'],
+    ['error', 'off', false, 'off'],
+    ['off', 'off', false, 'off'],
+    // Asking for requested always restarts the handshake.
+    ['requested', 'requested', false, 'requested'],
+    ['active', 'requested', false, 'requested'],
+    ['error', 'requested', false, 'requested'],
+    ['off', 'requested', false, 'requested'],
+    // Active and unchanged stays active; a new channel must be verified again.
+    ['active', 'active', false, 'active'],
+    ['active', 'active', true, 'requested'],
+    ['active', undefined, false, 'active'],
+    ['active', undefined, true, 'requested'],
+    // Asking for active on an inactive subscription re-activates it through the handshake.
+    ['requested', 'active', false, 'requested'],
+    ['error', 'active', false, 'requested'],
+    ['off', 'active', false, 'requested'],
+    // No status asked: an off subscription stays off, the others go (back) through the handshake.
+    ['off', undefined, false, 'off'],
+    ['off', undefined, true, 'off'],
+    ['requested', undefined, false, 'requested'],
+    ['error', undefined, false, 'requested'],
+    ['error', undefined, true, 'requested'],
+  ])('%s asked %s (channel changed: %s) → %s', (current, asked, channelChanged, expected) => {
+    expect(clientStatusChange(current, asked, channelChanged)).toBe(expected);
+  });
+
+  it.each(STATUSES)('refuses a client asking for error from %s', (current) => {
+    let caught: unknown;
+    try {
+      clientStatusChange(current, 'error', false);
+    } catch (err) {
+      caught = err;
+    }
+    expect(caught).toBeInstanceOf(BrokerError);
+    expect((caught as BrokerError).code).toBe('INVALID_STATUS_CHANGE');
+    expect((caught as BrokerError).expression).toBe('Subscription.status');
+    expect((caught as BrokerError).status).toBe(422);
+  });
+});

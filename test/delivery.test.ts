@@ -1,0 +1,307 @@
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Webhook } from 'standardwebhooks';
+import { afterEach, describe, expect, it } from 'vitest';
+import { eventLike, eventNumbers, focusOf, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { inProcessBroker, secretOf, type TestBroker } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+
+/**
+ * Delivery that loses nothing: retries through 503s, timeouts and refused connections; 410 turns a
+ * subscription off; an endpoint that never recovers is dead-lettered without slowing its
+ * neighbours; re-activation re-queues; $events fills gaps; signatures survive secret rotation.
+ */
+
+const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
+const timeoutExt = (seconds: number) => ({
+  extension: [{ url: `${BACKPORT}/backport-timeout`, valueUnsignedInt: seconds }],
+});
+
+const cleanups: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+async function setup(env: Record<string, string> = {}): Promise<{ t: TestBroker; receiver: Receiver }> {
+  const receiver = await Receiver.start();
+  const t = await inProcessBroker({ BROKER_RETRY_DELAYS: '20ms,20ms,20ms,20ms,20ms,20ms', ...env });
+  cleanups.push(
+    () => receiver.close(),
+    () => t.broker.close(0),
+  );
+  return { t, receiver };
+}
+
+const patientEvents = (prefix: string, n: number) =>
+  Array.from({ length: n }, (_, i) =>
+    eventLike('healthlake-update-patient', `${prefix}-${i + 1}`, `${prefix}-p${i + 1}`),
+  );
+
+const bundlesOn = (receiver: Receiver, path: string) => receiver.on(path).map((r) => JSON.parse(r.body) as Json);
+const notificationsOn = (receiver: Receiver, path: string) =>
+  bundlesOn(receiver, path).filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification');
+
+describe('retries', () => {
+  it('delivers everything, in order and signed, to an endpoint that fails for a while then recovers', async () => {
+    const { t, receiver } = await setup();
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/flaky`, { channel: timeoutExt(1) }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    // After the handshake: two 503s, one answer slower than the 1 s timeout, then health.
+    let failures = 0;
+    receiver.respond = (req) => {
+      if (!req.body.includes('event-notification')) return { status: 204 };
+      failures++;
+      if (failures <= 2) return { status: 503 };
+      if (failures === 3) return { status: 204, delayMs: 1500 };
+      return { status: 204 };
+    };
+    await t.post(patientEvents('flaky', 5));
+    await receiver.waitFor(() => notificationsOn(receiver, '/flaky').length >= 5, 'five notifications');
+    // The slow answer (204 after the timeout) is recorded by the receiver too: at-least-once.
+    const numbers = notificationsOn(receiver, '/flaky').flatMap(eventNumbers);
+    expect([...new Set(numbers)]).toEqual([1, 2, 3, 4, 5]);
+    expect(numbers).toEqual([...numbers].sort((a, b) => a - b));
+    const wh = new Webhook(secretOf(sub));
+    for (const r of [...receiver.requests, ...receiver.failures]) {
+      expect(() => wh.verify(r.body, r.headers as Record<string, string>)).not.toThrow();
+    }
+    // Every attempt of one notification carries the same webhook-id.
+    const ids = [...receiver.failures, ...receiver.requests]
+      .filter((r) => r.body.includes('"event-number"') && eventNumbers(JSON.parse(r.body)).includes(1))
+      .map((r) => r.headers['webhook-id']);
+    expect(ids.length).toBeGreaterThanOrEqual(3);
+    expect(new Set(ids).size).toBe(1);
+    expect(t.broker.metrics.value('broker_notifications_total', { outcome: 'retried' })).toBeGreaterThanOrEqual(3);
+    const status = await t.call('GET', `/fhir/Subscription/${sub.id}/$status`);
+    expect(statusOf(status.body).params.get('events-since-subscription-start')?.valueString).toBe('5');
+    expect(statusOf(status.body).params.get('status')?.valueCode).toBe('active');
+  });
+
+  it('retries a refused connection until the endpoint comes back', async () => {
+    const { t } = await setup({ BROKER_RETRY_DELAYS: '100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms' });
+    const bodies: string[] = [];
+    let onBody = (): void => {};
+    const listen = async (port: number) => {
+      const server = createServer((req, res) => {
+        const chunks: Buffer[] = [];
+        req.on('data', (c: Buffer) => chunks.push(c));
+        req.on('end', () => {
+          bodies.push(Buffer.concat(chunks).toString('utf8'));
+          res.writeHead(204).end();
+          onBody();
+        });
+      });
+      await new Promise<void>((r) => server.listen(port, '127.0.0.1', r));
+      return server;
+    };
+    const first = await listen(0);
+    const port = (first.address() as AddressInfo).port;
+    const sub = await t.create(topicSubscription('patient-change', `http://127.0.0.1:${port}/back`));
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    first.closeAllConnections();
+    await new Promise((r) => first.close(r));
+
+    await t.post(patientEvents('refused', 3));
+    await t.logger.waitFor(
+      (r) => r.msg === 'delivery failed' && r.error === 'connection failed (ECONNREFUSED)',
+      'a refused attempt',
+    );
+    const second = await listen(port);
+    cleanups.push(async () => {
+      second.closeAllConnections();
+      second.close();
+    });
+    const done = () =>
+      bodies.filter((b) => b.includes('event-notification')).flatMap((b) => eventNumbers(JSON.parse(b)));
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('timed out waiting for three notifications')), 15_000);
+      onBody = () => {
+        if (done().length < 3) return;
+        clearTimeout(timer);
+        resolve();
+      };
+      onBody();
+    });
+    expect(done()).toEqual([1, 2, 3]);
+    expect(t.broker.metrics.value('broker_notifications_total', { outcome: 'retried' })).toBeGreaterThanOrEqual(1);
+  });
+
+  it('honours Retry-After', async () => {
+    const { t, receiver } = await setup();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/later`));
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    let first = true;
+    receiver.respond = () => {
+      if (!first) return { status: 204 };
+      first = false;
+      return { status: 429, headers: { 'retry-after': '1' } };
+    };
+    await t.post(patientEvents('ra', 1));
+    await receiver.waitFor(() => receiver.requests.length >= 2, 'the retry');
+    const [refused] = receiver.failures;
+    const retried = receiver.requests[1];
+    expect((retried?.at ?? 0) - (refused?.at ?? 0)).toBeGreaterThanOrEqual(900);
+  });
+});
+
+describe('giving up', () => {
+  it('turns the subscription off when the endpoint answers 410 Gone', async () => {
+    const { t, receiver } = await setup();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/gone`));
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    receiver.respond = () => ({ status: 410 });
+    await t.post(patientEvents('gone', 1));
+    await t.logger.waitForStatus(sub.id as string, 'off');
+    const read = await t.call('GET', `/fhir/Subscription/${sub.id}`);
+    expect([read.body.status, read.body.error]).toEqual(['off', 'endpoint answered 410 Gone']);
+    expect(receiver.failures.length).toBe(1);
+  });
+
+  it('dead-letters after the schedule, sets error with the reason, and never delays a healthy neighbour', async () => {
+    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '100ms,100ms,100ms' });
+    const bad = await t.create(topicSubscription('patient-change', `${receiver.url}/down`, { channel: timeoutExt(1) }));
+    const good = await t.create(topicSubscription('patient-change', `${receiver.url}/up`));
+    await t.logger.waitForStatus(bad.id as string, 'active');
+    await t.logger.waitForStatus(good.id as string, 'active');
+    // The bad endpoint hangs past its timeout on every notification.
+    receiver.respond = (req) => (req.path === '/down' ? { status: 204, delayMs: 3000 } : { status: 204 });
+    await t.post(patientEvents('dl', 20));
+    // The healthy subscriber has all twenty while the bad one is still on its first attempt.
+    await receiver.waitFor(() => notificationsOn(receiver, '/up').length === 20, 'healthy subscriber');
+    expect(receiver.on('/down').filter((r) => r.body.includes('event-notification'))).toEqual([]);
+
+    const failed = await t.logger.waitForStatus(bad.id as string, 'error', 20_000);
+    expect(failed.reason).toBe('delivery failed after 4 attempt(s): timeout after 1000 ms');
+    const read = await t.call('GET', `/fhir/Subscription/${bad.id}`);
+    expect(read.body.error).toBe('delivery failed after 4 attempt(s): timeout after 1000 ms');
+    const status = await t.call('GET', `/fhir/Subscription/${bad.id}/$status`);
+    expect(statusOf(status.body).params.get('status')?.valueCode).toBe('error');
+    expect(statusOf(status.body).params.get('error')?.valueCodeableConcept).toEqual({ text: read.body.error });
+    expect(t.broker.metrics.value('broker_notifications_total', { outcome: 'dead-lettered' })).toBe(1);
+
+    // The client fixes its endpoint and asks for the subscription back: handshake, then everything.
+    receiver.respond = () => ({ status: 204 });
+    await t.call('PUT', `/fhir/Subscription/${bad.id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/down`),
+      id: bad.id,
+      status: 'requested',
+    });
+    await receiver.waitFor(
+      () => new Set(notificationsOn(receiver, '/down').flatMap(eventNumbers)).size === 20,
+      'recovered',
+    );
+    const numbers = notificationsOn(receiver, '/down').flatMap(eventNumbers);
+    expect([...new Set(numbers)]).toEqual(Array.from({ length: 20 }, (_, i) => i + 1));
+  });
+});
+
+describe('$events', () => {
+  it('returns exactly the requested range of stored notifications', async () => {
+    const { t, receiver } = await setup();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/ev`));
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    await t.post(patientEvents('ev', 6));
+    const res = await t.call('GET', `/fhir/Subscription/${sub.id}/$events?eventsSinceNumber=2&eventsUntilNumber=4`);
+    expect(res.status).toBe(200);
+    const { params, events } = statusOf(res.body);
+    expect(params.get('type')?.valueCode).toBe('query-event');
+    expect(events.map((e) => focusOf(e)?.split('/').pop())).toEqual(['ev-p2', 'ev-p3', 'ev-p4']);
+    expect(eventNumbers(res.body)).toEqual([2, 3, 4]);
+    const all = await t.call('GET', `/fhir/Subscription/${sub.id}/$events`);
+    expect(eventNumbers(all.body)).toEqual([1, 2, 3, 4, 5, 6]);
+    const empty = await t.call('GET', `/fhir/Subscription/${sub.id}/$events?eventsSinceNumber=7`);
+    expect(eventNumbers(empty.body)).toEqual([]);
+  });
+});
+
+describe('signatures', () => {
+  it('signs with the old and the new secret for a day after a rotation', async () => {
+    const { t, receiver } = await setup();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/rot`));
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    const oldSecret = secretOf(sub);
+    const newSecret = `whsec_${Buffer.alloc(32, 7).toString('base64')}`;
+    const put = await t.call('PUT', `/fhir/Subscription/${sub.id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/rot`, {
+        channel: {
+          extension: [
+            {
+              url: 'https://fhir-subscription-broker.org/fhir/StructureDefinition/webhook-secret',
+              valueString: newSecret,
+            },
+          ],
+        },
+      }),
+      id: sub.id,
+      status: 'active',
+    });
+    expect(put.status).toBe(200);
+    expect(JSON.stringify(put.body)).not.toContain(newSecret);
+    expect(put.body.status).toBe('active');
+    await t.post(patientEvents('rot', 1));
+    await receiver.waitFor(() => notificationsOn(receiver, '/rot').length === 1, 'notification');
+    const r = receiver.on('/rot').at(-1);
+    expect(String(r?.headers['webhook-signature']).split(' ')).toHaveLength(2);
+    for (const secret of [oldSecret, newSecret]) {
+      expect(() => new Webhook(secret).verify(r?.body ?? '', r?.headers as Record<string, string>)).not.toThrow();
+    }
+  });
+});
+
+describe('heartbeats', () => {
+  it('sends heartbeats carrying the current status when nothing else was sent', async () => {
+    const { t, receiver } = await setup();
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/hb`, {
+        channel: { extension: [{ url: `${BACKPORT}/backport-heartbeat-period`, valueUnsignedInt: 1 }] },
+      }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    await receiver.waitFor(
+      () => bundlesOn(receiver, '/hb').some((b) => statusOf(b).params.get('type')?.valueCode === 'heartbeat'),
+      'a heartbeat',
+    );
+    const hb = bundlesOn(receiver, '/hb').find(
+      (b) => statusOf(b).params.get('type')?.valueCode === 'heartbeat',
+    ) as Json;
+    expect(statusOf(hb).params.get('status')?.valueCode).toBe('active');
+    expect(statusOf(hb).params.get('events-since-subscription-start')?.valueString).toBe('0');
+    expect(statusOf(hb).events).toEqual([]);
+  });
+});
+
+describe('SSRF at delivery', () => {
+  it('refuses a DNS answer that changed to a private address after registration, and records why', async () => {
+    let answers = 0;
+    const receiver = await Receiver.start();
+    const t = await inProcessBroker(
+      {},
+      {
+        resolver: async () => {
+          answers++;
+          // Registration sees a public address; the socket's own lookup sees a private one.
+          return answers === 1 ? [{ address: '93.184.215.14', family: 4 }] : [{ address: '10.0.0.8', family: 4 }];
+        },
+      },
+    );
+    cleanups.push(
+      () => receiver.close(),
+      () => t.broker.close(0),
+    );
+    const sub = await t.create(topicSubscription('patient-change', 'https://rebind.example.com/hook'));
+    const failed = await t.logger.waitForStatus(sub.id as string, 'error');
+    expect(failed.reason).toBe('handshake failed: endpoint refused: 10.0.0.8 is a private address');
+    expect(answers).toBe(2);
+  });
+
+  it('treats a redirect as a failure and never follows it', async () => {
+    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '10ms' });
+    receiver.respond = () => ({ status: 302, headers: { location: 'http://169.254.169.254/latest/meta-data/' } });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/redirect`));
+    const failed = await t.logger.waitForStatus(sub.id as string, 'error');
+    expect(failed.reason).toBe('handshake failed: HTTP 302 redirect (not followed)');
+    expect(receiver.failures.map((r) => r.path)).toEqual(['/redirect']);
+  });
+});
