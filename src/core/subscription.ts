@@ -195,8 +195,9 @@ function applyFilters(topic: TopicDefinition, filters: readonly string[]): Match
     }
     for (const pair of query.split('&').filter((p) => p !== '')) {
       const eq = pair.indexOf('=');
-      const name = decodeURIComponent(eq === -1 ? pair : pair.slice(0, eq));
-      const value = eq === -1 ? '' : decodeURIComponent(pair.slice(eq + 1));
+      const bad = () => unsupportedFilter(filter, 'malformed percent-encoding');
+      const name = decodeOr(eq === -1 ? pair : pair.slice(0, eq), bad);
+      const value = eq === -1 ? '' : decodeOr(pair.slice(eq + 1), bad);
       if (!topicAllows(topic, scope, name)) {
         throw unsupportedFilter(
           filter,
@@ -261,8 +262,12 @@ function classicMatch(sub: SubscriptionJson): MatchSpec {
   let ids: string[] | undefined;
   for (const pair of (q === -1 ? '' : criteria.slice(q + 1)).split('&').filter((p) => p !== '')) {
     const eq = pair.indexOf('=');
-    const name = decodeURIComponent(eq === -1 ? pair : pair.slice(0, eq));
-    const values = (eq === -1 ? '' : decodeURIComponent(pair.slice(eq + 1))).split(',').filter((v) => v !== '');
+    const bad = () =>
+      new BrokerError('UNSUPPORTED_CRITERIA', `Criteria "${criteria}": malformed percent-encoding`, {
+        expression: 'Subscription.criteria',
+      });
+    const name = decodeOr(eq === -1 ? pair : pair.slice(0, eq), bad);
+    const values = (eq === -1 ? '' : decodeOr(pair.slice(eq + 1), bad)).split(',').filter((v) => v !== '');
     if (name !== '_id') {
       throw new BrokerError(
         'UNSUPPORTED_CRITERIA',
@@ -277,7 +282,20 @@ function classicMatch(sub: SubscriptionJson): MatchSpec {
     }
     ids = ids === undefined ? values : ids.filter((v) => values.includes(v));
   }
+  if (ids !== undefined && ids.length === 0) {
+    throw new BrokerError('UNSUPPORTED_CRITERIA', `Criteria "${criteria}": the _id values exclude every resource`, {
+      expression: 'Subscription.criteria',
+    });
+  }
   return { resourceTypes: [type], interactions: [...INTERACTIONS], ...(ids === undefined ? {} : { ids }) };
+}
+
+function decodeOr(text: string, fail: () => BrokerError): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    throw fail();
+  }
 }
 
 function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {

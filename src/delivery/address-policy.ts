@@ -44,6 +44,8 @@ const V6_RANGES: readonly [string, number, string][] = [
   ['ff00::', 8, 'multicast'],
 ];
 
+const NAT64_WELL_KNOWN = 0x64ff9bn << 64n;
+
 const v4 = V4_RANGES.map(([a, bits, reason]) => ({ net: v4ToBig(a), bits, reason }));
 const v6 = V6_RANGES.map(([a, bits, reason]) => ({ net: v6ToBig(a), bits, reason }));
 
@@ -80,7 +82,8 @@ export function blockedReason(ip: string): string | undefined {
   const value = v6ToBig(ip);
   // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (compatible) reach the embedded IPv4 address.
   const high = value >> 32n;
-  if (high === 0xffffn || (high === 0n && value > 1n)) {
+  // 64:ff9b::/96 (RFC 6052 NAT64) is forwarded by a NAT64 gateway to the embedded IPv4 address.
+  if (high === 0xffffn || (high === 0n && value > 1n) || high === NAT64_WELL_KNOWN) {
     const embedded = value & 0xffffffffn;
     const asV4 = [24n, 16n, 8n, 0n].map((s) => String((embedded >> s) & 0xffn)).join('.');
     const reason = blockedReason(asV4);
@@ -108,7 +111,7 @@ export class Allowlist {
         continue;
       }
       const width = family === 4 ? 32 : 128;
-      const bits = bitsText === undefined ? width : Number(bitsText);
+      const bits = bitsText === undefined ? width : /^\d{1,3}$/.test(bitsText) ? Number(bitsText) : Number.NaN;
       if (!Number.isInteger(bits) || bits < 0 || bits > width)
         throw new TypeError(`allowlist entry ${raw}: bad prefix`);
       const net = family === 4 ? v4ToBig(addr) : v6ToBig(addr);
