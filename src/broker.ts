@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import type { Hono } from 'hono';
 import type { Config } from './config.js';
 import { type Clock, type IdSource, systemClock } from './core/types.js';
@@ -6,13 +7,19 @@ import { type Credentials, resolveCredentials } from './credentials.js';
 import { Allowlist } from './delivery/address-policy.js';
 import { Dispatcher } from './delivery/dispatcher.js';
 import { EndpointGuard, type Resolver, systemResolver } from './delivery/endpoint-guard.js';
+import { LocalWebSocketHub } from './delivery/local-websocket-hub.js';
 import { RestHookSender } from './delivery/rest-hook-sender.js';
+import { WebSocketChannel } from './delivery/websocket-channel.js';
+import { InMemoryBindings } from './delivery/websocket-port.js';
+import { BindingTokens } from './delivery/ws-binding-token.js';
 import { createApp } from './http/app.js';
 import { ApiKeyAuth, IngestAuth } from './http/auth.js';
 import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
 import { IngestService } from './service/ingest.js';
 import { SubscriptionRegistry } from './service/subscription-registry.js';
+import { DynamoDbStore } from './store/dynamodb/dynamodb-store.js';
+import { ensureTables } from './store/dynamodb/tables.js';
 import { SqliteStore } from './store/sqlite/sqlite-store.js';
 import type { Store } from './store/store.js';
 import { loadTopicCatalog } from './store/topic-files.js';
@@ -27,6 +34,9 @@ export interface Broker {
   readonly store: Store;
   readonly registry: SubscriptionRegistry;
   readonly dispatcher: Dispatcher;
+  /** The local WebSocket hub: `main.ts` hands it the sockets upgraded on `/ws`. */
+  readonly websocketHub: LocalWebSocketHub;
+  readonly apiAuth: ApiKeyAuth;
   readonly metrics: Metrics;
   readonly credentials: Credentials;
   readonly logger: Logger;
@@ -53,13 +63,36 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const clock = overrides.clock ?? systemClock;
   const ids = overrides.ids ?? { uuid: () => randomUUID() };
   const metrics = new Metrics();
-  const store = overrides.store ?? new SqliteStore(config.dataDir);
+  const dynamodb = overrides.store === undefined && config.store === 'dynamodb' ? dynamoDbClient(config) : undefined;
+  const store =
+    overrides.store ??
+    (dynamodb === undefined ? new SqliteStore(config.dataDir) : await openDynamoDbStore(dynamodb, config));
   const topics = loadTopicCatalog(config.topicsDir);
   const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? systemResolver);
   const sender = new RestHookSender(guard, clock, { userAgent: `fhir-subscription-broker/${version}` });
   const registry = new SubscriptionRegistry({ store, topics, guard, clock, ids, logger });
   await registry.load();
+  const bindingTokens = new BindingTokens(credentials.wsTokenSecret);
+  const websocketHub = new LocalWebSocketHub({
+    logger,
+    metrics,
+    limits: { maxBufferedBytes: config.wsSendBufferBytes },
+  });
+  const websocket = new WebSocketChannel({
+    port: websocketHub,
+    bindings: new InMemoryBindings(),
+    registry,
+    store,
+    tokens: bindingTokens,
+    clock,
+    ids,
+    logger,
+    metrics,
+    fhirBase: `${config.publicUrl}/fhir`,
+  });
+  websocketHub.handle(websocket);
   const dispatcher = new Dispatcher({
+    websocket,
     store,
     sender,
     registry,
@@ -95,6 +128,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     maxBodyBytes: config.maxBodyBytes,
     maxIngestBodyBytes: config.maxIngestBodyBytes,
     version,
+    bindingTokens,
+    wsTokenTtlMs: config.wsTokenTtlMs,
   });
 
   return {
@@ -102,14 +137,31 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     store,
     registry,
     dispatcher,
+    websocketHub,
+    apiAuth,
     metrics,
     credentials,
     logger,
     start: () => dispatcher.start(),
     async close(graceMs = 5000) {
+      websocketHub.closeAll();
       await dispatcher.close(graceMs);
       await sender.close();
       await store.close();
+      dynamodb?.destroy();
     },
   };
+}
+
+function dynamoDbClient(config: Config): DynamoDBClient {
+  return new DynamoDBClient({
+    region: config.awsRegion,
+    ...(config.dynamodbEndpoint === undefined ? {} : { endpoint: config.dynamodbEndpoint }),
+  });
+}
+
+/** With an endpoint override (DynamoDB Local) the broker creates its tables; on AWS the CDK stack does. */
+async function openDynamoDbStore(client: DynamoDBClient, config: Config): Promise<DynamoDbStore> {
+  if (config.dynamodbEndpoint !== undefined) await ensureTables(client, config.tablePrefix);
+  return new DynamoDbStore(client, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
 }

@@ -20,6 +20,12 @@ export interface Config {
   /** From `BROKER_API_KEYS`; empty means "generate one and keep it in the data dir". */
   readonly apiClients: readonly ApiClient[];
   readonly ingestToken?: string;
+  /** HMAC key of WebSocket binding tokens (generated and kept in the data dir when unset). */
+  readonly wsTokenSecret?: string;
+  /** Lifetime of a binding token from `$get-ws-binding-token`. */
+  readonly wsTokenTtlMs: number;
+  /** Bytes queued to one WebSocket before its reader counts as too slow and is closed. */
+  readonly wsSendBufferBytes: number;
   readonly endpointAllowlist: readonly string[];
   readonly retryDelaysMs: readonly number[];
   /** How long delivered notifications stay available to `$events`, and event ids to deduplication. */
@@ -27,6 +33,8 @@ export interface Config {
   readonly store: 'sqlite' | 'dynamodb';
   readonly dynamodbEndpoint?: string;
   readonly tablePrefix: string;
+  /** `AWS_REGION`, else `AWS_DEFAULT_REGION`, else us-east-1: where the AWS SDK clients go. */
+  readonly awsRegion: string;
   readonly eventBus?: string;
   readonly topicsDir: string;
   readonly maxBodyBytes: number;
@@ -64,6 +72,17 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('BROKER_INGEST_TOKEN', 'must be at least 16 characters');
   }
   const eventBus = str(env, 'BROKER_EVENT_BUS');
+  const awsRegion = str(env, 'AWS_REGION') ?? str(env, 'AWS_DEFAULT_REGION') ?? 'us-east-1';
+  if (!/^[a-z]{2}(-[a-z]+)+-\d+$/.test(awsRegion)) {
+    throw new ConfigError(
+      str(env, 'AWS_REGION') === undefined ? 'AWS_DEFAULT_REGION' : 'AWS_REGION',
+      `${awsRegion} is not an AWS region`,
+    );
+  }
+  const wsTokenSecret = str(env, 'BROKER_WS_TOKEN_SECRET');
+  if (wsTokenSecret !== undefined && wsTokenSecret.length < 32) {
+    throw new ConfigError('BROKER_WS_TOKEN_SECRET', 'must be at least 32 characters');
+  }
   return Object.freeze({
     port,
     host,
@@ -72,12 +91,17 @@ export function loadConfig(env: Env = process.env): Config {
     dataDir: str(env, 'BROKER_DATA_DIR') ?? './data',
     apiClients: Object.freeze(parseApiKeys(str(env, 'BROKER_API_KEYS'))),
     ...(ingestToken === undefined ? {} : { ingestToken }),
+    ...(wsTokenSecret === undefined ? {} : { wsTokenSecret }),
+    wsTokenTtlMs: singleDuration(env, 'BROKER_WS_TOKEN_TTL', 10 * 60_000, 1000),
+    // 1 MiB: dozens of bundles; a reader further behind than that is not keeping up.
+    wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
     eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),
     store: storeKind,
     ...(dynamodbEndpoint === undefined ? {} : { dynamodbEndpoint }),
     tablePrefix: str(env, 'BROKER_TABLE_PREFIX') ?? 'fhir-broker-',
+    awsRegion,
     ...(eventBus === undefined ? {} : { eventBus }),
     topicsDir: str(env, 'BROKER_TOPICS_DIR') ?? 'subscriptions/topics',
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
@@ -139,6 +163,20 @@ function parseApiKeys(raw: string | undefined): ApiClient[] {
 
 // 7 days: long enough to cover a weekend outage of a subscriber, and EventBridge's 24 h retries.
 const DEFAULT_RETENTION_MS = 7 * 86_400_000;
+
+function singleDuration(env: Env, name: string, fallback: number, minMs: number): number {
+  const raw = str(env, name);
+  if (raw === undefined) return fallback;
+  let ms: number[];
+  try {
+    ms = parseDurations(raw);
+  } catch (err) {
+    throw new ConfigError(name, (err as Error).message);
+  }
+  if (ms.length !== 1 || (ms[0] as number) < minMs)
+    throw new ConfigError(name, `must be one duration of at least ${minMs} ms`);
+  return ms[0] as number;
+}
 
 function retention(raw: string | undefined): number {
   if (raw === undefined) return DEFAULT_RETENTION_MS;

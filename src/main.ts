@@ -1,10 +1,12 @@
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
+import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createAdaptorServer } from '@hono/node-server';
 import { type Broker, createBroker } from './broker.js';
 import { defaultPublicUrl, loadConfig } from './config.js';
 import type { Credentials } from './credentials.js';
+import { attachWebSocket } from './http/websocket-upgrade.js';
 
 /**
  * Composition root for `npm start`: config → listen → broker → serve, and a graceful stop.
@@ -14,9 +16,6 @@ import type { Credentials } from './credentials.js';
 
 async function main(): Promise<void> {
   let config = loadConfig();
-  if (config.store !== 'sqlite') {
-    throw new Error(`BROKER_STORE=${config.store} is not available in this build; use sqlite`);
-  }
   const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
     version: string;
   };
@@ -32,6 +31,7 @@ async function main(): Promise<void> {
 
   broker = await createBroker(config, { version });
   const { logger } = broker;
+  attachWebSocket(server as Server, { hub: broker.websocketHub, apiAuth: broker.apiAuth, logger });
   logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
   printLocalCredentials(broker.credentials.local, config.dataDir);
   await broker.start();

@@ -184,7 +184,9 @@ describe('broker end to end (SQLite, rest-hook)', () => {
       classic: subs.classic,
       everything: subs.everything,
     })) {
-      const ext = ((sub?.channel as Json).extension as Json[]).find((e) => String(e.url).endsWith('/webhook-secret'));
+      const ext = (((sub ?? {}).channel as Json).extension as Json[]).find((e) =>
+        String(e.url).endsWith('/webhook-secret'),
+      );
       expect(ext?.valueString).toMatch(/^whsec_/);
       const wh = new Webhook(String(ext?.valueString));
       expect(receiver.on(`/hook/${name}`).length).toBeGreaterThan(0);

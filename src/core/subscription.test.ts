@@ -348,8 +348,26 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(topicSub({ filters: ['   '] }))).toBe('INVALID_RESOURCE');
   });
 
+  it('accepts a websocket channel without an endpoint, topic-based and classic', () => {
+    const { endpoint: _endpoint, ...channel } = topicSub().channel as Record<string, unknown>;
+    const topic = parseSubscription({ ...topicSub(), channel: { ...channel, type: 'websocket' } }, topics);
+    expect([topic.channel.type, topic.channel.endpoint, topic.channel.content]).toEqual([
+      'websocket',
+      undefined,
+      'id-only',
+    ]);
+    const classic = parseSubscription(
+      {
+        resourceType: 'Subscription',
+        criteria: 'Patient',
+        channel: { type: 'websocket', payload: 'application/fhir+json' },
+      },
+      topics,
+    );
+    expect([classic.kind, classic.channel.type, classic.channel.content]).toEqual(['classic', 'websocket', 'empty']);
+  });
+
   it.each([
-    ['websocket', 'websocket'],
     ['email', 'email'],
     ['message', 'message'],
   ])('refuses channel type %s with UNSUPPORTED_CHANNEL', (_name, type) => {

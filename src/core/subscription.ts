@@ -4,6 +4,7 @@ import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
 import type { TopicCatalog, TopicDefinition } from './topics.js';
 import type {
   Channel,
+  ChannelType,
   FhirResource,
   MatchSpec,
   PayloadContent,
@@ -300,17 +301,17 @@ function decodeOr(text: string, fail: () => BrokerError): string {
 
 function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
   const ch = sub.channel;
-  if (ch.type === 'websocket') {
-    throw new BrokerError('UNSUPPORTED_CHANNEL', 'Channel type websocket is not available yet; use rest-hook', {
-      expression: 'Subscription.channel.type',
-    });
+  if (ch.type !== 'rest-hook' && ch.type !== 'websocket') {
+    throw new BrokerError(
+      'UNSUPPORTED_CHANNEL',
+      `Channel type ${ch.type} is not supported; use rest-hook or websocket`,
+      {
+        expression: 'Subscription.channel.type',
+      },
+    );
   }
-  if (ch.type !== 'rest-hook') {
-    throw new BrokerError('UNSUPPORTED_CHANNEL', `Channel type ${ch.type} is not supported; use rest-hook`, {
-      expression: 'Subscription.channel.type',
-    });
-  }
-  if (ch.endpoint === undefined || ch.endpoint === '') {
+  const type: ChannelType = ch.type;
+  if (type === 'rest-hook' && (ch.endpoint === undefined || ch.endpoint === '')) {
     throw new BrokerError('INVALID_ENDPOINT', 'A rest-hook channel needs channel.endpoint', {
       expression: 'Subscription.channel.endpoint',
     });
@@ -323,11 +324,13 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
     );
   }
   const contentExt = ch._payload?.extension?.find((e) => e.url === BACKPORT_EXT.payloadContent);
-  const content = parseContent(contentExt, kind, ch.payload);
+  // A classic websocket Subscription only ever gets `ping <id>`: its payload is moot.
+  const content = type === 'websocket' && kind === 'classic' ? 'empty' : parseContent(contentExt, kind, ch.payload);
   const channelExt = ch.extension ?? [];
   return {
-    type: 'rest-hook',
-    endpoint: ch.endpoint,
+    type,
+    // A websocket channel has no endpoint: clients come to the broker's /ws.
+    ...(type === 'rest-hook' ? { endpoint: ch.endpoint } : {}),
     ...(ch.payload === undefined ? {} : { payload: ch.payload }),
     content,
     headers: parseHeaders(ch.header ?? []),

@@ -30,6 +30,11 @@ export interface DispatcherOptions {
   readonly defaultTimeoutMs?: number;
 }
 
+/** Pushes notifications of websocket subscriptions to the sockets bound to them. */
+export interface WebSocketDeliverer {
+  deliver(sub: SubscriptionRecord, type: NotificationType, notes: readonly Notification[]): Promise<number>;
+}
+
 interface QueuedNotification {
   readonly note: StoredNotification;
   /** Epoch ms when the event was accepted, for the latency histogram (absent after a restart). */
@@ -58,6 +63,7 @@ const DEFAULT_TIMEOUT_MS = 10_000;
 export class Dispatcher {
   readonly #store: Store;
   readonly #sender: Sender;
+  readonly #websocket: WebSocketDeliverer | undefined;
   readonly #registry: SubscriptionRegistry;
   readonly #clock: Clock;
   readonly #ids: IdSource;
@@ -78,6 +84,7 @@ export class Dispatcher {
   constructor(deps: {
     store: Store;
     sender: Sender;
+    websocket?: WebSocketDeliverer;
     registry: SubscriptionRegistry;
     clock: Clock;
     ids: IdSource;
@@ -88,6 +95,7 @@ export class Dispatcher {
   }) {
     this.#store = deps.store;
     this.#sender = deps.sender;
+    this.#websocket = deps.websocket;
     this.#registry = deps.registry;
     this.#clock = deps.clock;
     this.#ids = deps.ids;
@@ -287,8 +295,9 @@ export class Dispatcher {
   async #handshake(id: string): Promise<void> {
     const sub = this.#registry.get(id);
     if (sub === undefined || sub.status !== 'requested' || this.#closed) return;
-    if (sub.kind === 'classic') {
+    if (sub.kind === 'classic' || sub.channel.type === 'websocket') {
       // R4 classic Subscriptions have no handshake: the endpoint was vetted at registration.
+      // A websocket subscription has no endpoint to verify: its handshake goes to each socket at bind.
       await this.#registry.transition(id, { kind: 'handshake-succeeded' });
       return;
     }
@@ -316,6 +325,11 @@ export class Dispatcher {
     notes: readonly Notification[],
     webhookId: string,
   ): Promise<SendResult> {
+    if (sub.channel.type === 'websocket') {
+      const ws = this.#websocket;
+      if (ws === undefined) return Promise.resolve({ ok: false, error: 'no websocket channel', permanent: true });
+      return ws.deliver(sub, type, notes).then((reached) => ({ ok: true, status: reached }));
+    }
     const endpoint = sub.channel.endpoint;
     if (endpoint === undefined) return Promise.resolve({ ok: false, error: 'no endpoint', permanent: true });
     const lastNumber = notes[notes.length - 1]?.eventNumber;
@@ -349,6 +363,8 @@ export class Dispatcher {
 
   /** Runs `fn` within the global and per-origin in-flight caps. */
   async #withSlot<T>(sub: SubscriptionRecord, fn: () => Promise<T>): Promise<T> {
+    // Local socket writes need no network slot.
+    if (sub.channel.type === 'websocket') return fn();
     const origin = originOf(sub.channel.endpoint);
     const busy = (): boolean =>
       this.#inFlight >= this.#opts.maxInFlight || (this.#perOrigin.get(origin) ?? 0) >= this.#opts.maxInFlightPerOrigin;

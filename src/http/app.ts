@@ -6,6 +6,7 @@ import type { IngestService } from '../service/ingest.js';
 import type { ApiKeyAuth, IngestAuth } from './auth.js';
 import { readJsonBody } from './body.js';
 import { type FhirRouteDeps, mountFhirRoutes } from './fhir-routes.js';
+import { loadLivePage } from './live-page.js';
 import { fhirResponse, operationOutcome, outcomeOf } from './outcome.js';
 
 /** The hono app: every route of the contract, one error handler, one not-found handler. */
@@ -31,6 +32,10 @@ const ROUTES: readonly [string, readonly string[]][] = [
   ['/fhir/Subscription/$status', ['GET']],
   ['/fhir/Subscription/:id/$status', ['GET']],
   ['/fhir/Subscription/:id/$events', ['GET']],
+  ['/fhir/Subscription/$get-ws-binding-token', ['GET', 'POST']],
+  ['/fhir/Subscription/:id/$get-ws-binding-token', ['GET', 'POST']],
+  ['/ws', ['GET']],
+  ['/live', ['GET']],
   ['/fhir/Subscription/:id', ['GET', 'PUT', 'DELETE']],
 ];
 
@@ -60,6 +65,19 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
   });
 
   mountFhirRoutes(app, deps);
+
+  const live = loadLivePage();
+  app.get('/live', () => new Response(live.html, { headers: live.headers }));
+  // A plain GET reaches here; upgrades are taken over by the WebSocket server before routing.
+  app.get('/ws', () =>
+    fhirResponse(
+      operationOutcome('UPGRADE_REQUIRED', 'GET /ws is a WebSocket endpoint: send an Upgrade request'),
+      426,
+      {
+        upgrade: 'websocket',
+      },
+    ),
+  );
 
   for (const [path, methods] of ROUTES) {
     app.all(path, (c) => {

@@ -1,9 +1,10 @@
-import type { Hono } from 'hono';
+import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE } from '../core/fhir-urls.js';
 import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, IdSource, SubscriptionRecord } from '../core/types.js';
+import type { BindingTokens } from '../delivery/ws-binding-token.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import type { ApiKeyAuth } from './auth.js';
@@ -22,6 +23,8 @@ export interface FhirRouteDeps {
   readonly publicUrl: string;
   readonly maxBodyBytes: number;
   readonly version: string;
+  readonly bindingTokens: BindingTokens;
+  readonly wsTokenTtlMs: number;
 }
 
 /** 1,000: the most stored notifications one `$events` call returns; page with eventsSinceNumber. */
@@ -115,6 +118,50 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     return fhirResponse(buildStatusBundle(subs, ctx()));
   });
 
+  const wsUrl = `${deps.publicUrl.replace(/^http/, 'ws')}/ws`;
+  const bindingToken = async (owner: string, ids: readonly string[] | undefined): Promise<Response> => {
+    const subs =
+      ids === undefined
+        ? (await registry.search(owner)).filter((s) => s.channel.type === 'websocket' && s.status !== 'off')
+        : await Promise.all(ids.map((id) => registry.read(owner, id)));
+    for (const s of subs) {
+      if (s.channel.type !== 'websocket') {
+        throw new BrokerError('UNSUPPORTED_CHANNEL', `Subscription/${s.id} is not a websocket subscription`);
+      }
+    }
+    if (subs.length === 0) throw new BrokerError('NOT_FOUND', 'No websocket subscriptions to bind');
+    const expiresAt = deps.clock.now() + deps.wsTokenTtlMs;
+    const token = deps.bindingTokens.issue({ owner, subscriptions: subs.map((s) => s.id), expiresAt });
+    return fhirResponse({
+      resourceType: 'Parameters',
+      parameter: [
+        { name: 'token', valueString: token },
+        { name: 'expiration', valueDateTime: new Date(expiresAt).toISOString() },
+        ...subs.map((s) => ({ name: 'subscription', valueString: s.id })),
+        { name: 'websocket-url', valueUrl: wsUrl },
+      ],
+    });
+  };
+  /** Type-level POST may name the subscriptions in a Parameters body (`id` parameters). */
+  const idsFromBody = async (c: Context<Env>): Promise<string[] | undefined> => {
+    if (c.req.header('content-type') === undefined) return undefined;
+    const body = (await readJsonBody(c, deps.maxBodyBytes)) as { resourceType?: unknown; parameter?: unknown };
+    if (body.resourceType !== 'Parameters')
+      throw new BrokerError('INVALID_RESOURCE', 'The body must be a Parameters resource');
+    const params = Array.isArray(body.parameter)
+      ? (body.parameter as { name?: unknown; valueString?: unknown; valueId?: unknown }[])
+      : [];
+    const ids = params.filter((p) => p.name === 'id').map((p) => String(p.valueString ?? p.valueId ?? ''));
+    return ids.length === 0 ? undefined : ids;
+  };
+  const queryIds = (c: Context<Env>) => c.req.queries('id')?.flatMap((v) => v.split(','));
+  app.get('/fhir/Subscription/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), queryIds(c)));
+  app.post('/fhir/Subscription/$get-ws-binding-token', async (c) =>
+    bindingToken(c.get('owner'), (await idsFromBody(c)) ?? queryIds(c)),
+  );
+  app.get('/fhir/Subscription/:id/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), [c.req.param('id')]));
+  app.post('/fhir/Subscription/:id/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), [c.req.param('id')]));
+
   app.get('/fhir/Subscription/:id/$status', async (c) => {
     const sub = await registry.read(c.get('owner'), c.req.param('id'));
     return fhirResponse(buildStatusBundle([sub], ctx()));
@@ -198,6 +245,11 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
                 name: 'events',
                 definition:
                   'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events',
+              },
+              {
+                name: 'get-ws-binding-token',
+                definition:
+                  'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-get-ws-binding-token',
               },
             ],
           },

@@ -17,6 +17,11 @@ const FAMILIES = {
   broker_delivery_latency_seconds: { help: 'Ingest to successful webhook delivery', type: 'histogram' },
   broker_outbox_depth: { help: 'Notifications waiting for delivery', type: 'gauge' },
   broker_subscriptions: { help: 'Subscriptions in the matching index', type: 'gauge' },
+  broker_websocket_connections: { help: 'Open WebSocket connections on this instance', type: 'gauge' },
+  broker_websocket_binds_total: { help: 'WebSocket binds, by outcome', type: 'counter' },
+  broker_websocket_messages_total: { help: 'Notification messages pushed over WebSockets', type: 'counter' },
+  broker_websocket_closed_total: { help: 'WebSockets closed by the broker, by reason', type: 'counter' },
+  broker_websocket_protocol_errors_total: { help: 'Client messages that broke the protocol', type: 'counter' },
 } as const satisfies Record<string, Family>;
 
 export type MetricName = keyof typeof FAMILIES;

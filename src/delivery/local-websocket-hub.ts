@@ -1,0 +1,181 @@
+import { randomUUID } from 'node:crypto';
+import type { WebSocket } from 'ws';
+import type { Logger } from '../observability/logger.js';
+import type { Metrics } from '../observability/metrics.js';
+import type { Connection } from './websocket-channel.js';
+import { CLOSE, type SendOutcome, type WebSocketPort } from './websocket-port.js';
+
+/**
+ * The local WebSocket adapter: sockets accepted on the broker's own port. Sockets are hostile by
+ * default: capped message size (set on the server), a message-rate cap, a bounded send buffer
+ * (a slow reader is closed rather than let memory grow), ping/pong with dead-socket cleanup, and
+ * every callback guarded so one bad socket never affects another.
+ */
+
+export interface HubLimits {
+  /** Bytes a socket may have queued for sending before it counts as a slow consumer. */
+  readonly maxBufferedBytes: number;
+  readonly pingIntervalMs: number;
+  /** Client messages per second (token bucket with a burst of the same size). */
+  readonly maxMessagesPerSecond: number;
+}
+
+export const DEFAULT_HUB_LIMITS: HubLimits = {
+  // 1 MiB: dozens of notification bundles; a reader further behind than that is not keeping up.
+  maxBufferedBytes: 1024 * 1024,
+  // 30 s: well inside the 60 s idle timeouts of common proxies and load balancers.
+  pingIntervalMs: 30_000,
+  maxMessagesPerSecond: 20,
+};
+
+interface Socket {
+  readonly ws: WebSocket;
+  readonly conn: Connection;
+  alive: boolean;
+  tokens: number;
+  refilledAt: number;
+}
+
+export interface MessageHandler {
+  onMessage(conn: Connection, text: string): Promise<void>;
+  onClose(connectionId: string): Promise<void>;
+}
+
+export class LocalWebSocketHub implements WebSocketPort {
+  readonly #sockets = new Map<string, Socket>();
+  readonly #limits: HubLimits;
+  readonly #logger: Logger;
+  readonly #metrics: Metrics;
+  readonly #pinger: NodeJS.Timeout;
+  #handler: MessageHandler | undefined;
+
+  constructor(deps: { logger: Logger; metrics: Metrics; limits?: Partial<HubLimits> }) {
+    this.#limits = { ...DEFAULT_HUB_LIMITS, ...deps.limits };
+    this.#logger = deps.logger;
+    this.#metrics = deps.metrics;
+    this.#pinger = setInterval(() => this.#pingAll(), this.#limits.pingIntervalMs);
+    this.#pinger.unref();
+    deps.metrics.gauge('broker_websocket_connections', () => this.#sockets.size);
+  }
+
+  handle(handler: MessageHandler): void {
+    this.#handler = handler;
+  }
+
+  get size(): number {
+    return this.#sockets.size;
+  }
+
+  accept(ws: WebSocket, apiOwner?: string): string {
+    const id = randomUUID();
+    const socket: Socket = {
+      ws,
+      conn: { id, ...(apiOwner === undefined ? {} : { apiOwner }) },
+      alive: true,
+      tokens: this.#limits.maxMessagesPerSecond,
+      refilledAt: Date.now(),
+    };
+    this.#sockets.set(id, socket);
+    ws.on('pong', () => {
+      socket.alive = true;
+    });
+    ws.on('message', (data, isBinary) => this.#guard(id, () => this.#onMessage(socket, data, isBinary)));
+    ws.on('close', () => this.#guard(id, () => this.#onClose(id)));
+    ws.on('error', (err) => {
+      this.#logger.info('websocket error', { connection: id, err });
+      ws.terminate();
+    });
+    return id;
+  }
+
+  async send(connectionId: string, text: string): Promise<SendOutcome> {
+    const socket = this.#sockets.get(connectionId);
+    if (socket === undefined || socket.ws.readyState !== socket.ws.OPEN) return 'gone';
+    if (socket.ws.bufferedAmount + Buffer.byteLength(text) > this.#limits.maxBufferedBytes) {
+      this.#metrics.inc('broker_websocket_closed_total', { reason: 'slow-consumer' });
+      this.#logger.warn('websocket slow consumer closed', {
+        connection: connectionId,
+        buffered: socket.ws.bufferedAmount,
+      });
+      socket.ws.close(CLOSE.slowConsumer, 'slow consumer: send buffer full');
+      // A client that stopped reading may never finish the closing handshake either.
+      setTimeout(() => socket.ws.terminate(), 1000).unref();
+      return 'gone';
+    }
+    socket.ws.send(text);
+    return 'sent';
+  }
+
+  async close(connectionId: string, code: number, reason: string): Promise<void> {
+    const socket = this.#sockets.get(connectionId);
+    if (socket === undefined) return;
+    socket.ws.close(code, reason);
+    setTimeout(() => socket.ws.terminate(), 1000).unref();
+  }
+
+  async isOpen(connectionId: string): Promise<boolean> {
+    const socket = this.#sockets.get(connectionId);
+    return socket !== undefined && socket.ws.readyState === socket.ws.OPEN;
+  }
+
+  /** Close every socket (shutdown). */
+  closeAll(code: number = CLOSE.goingAway, reason = 'broker shutting down'): void {
+    clearInterval(this.#pinger);
+    for (const s of this.#sockets.values()) s.ws.close(code, reason);
+  }
+
+  async #onMessage(socket: Socket, data: unknown, isBinary: boolean): Promise<void> {
+    if (isBinary) {
+      this.#metrics.inc('broker_websocket_closed_total', { reason: 'binary' });
+      socket.ws.close(CLOSE.unsupportedData, 'binary frames are not supported');
+      return;
+    }
+    const now = Date.now();
+    const rate = this.#limits.maxMessagesPerSecond;
+    socket.tokens = Math.min(rate, socket.tokens + ((now - socket.refilledAt) / 1000) * rate);
+    socket.refilledAt = now;
+    if (socket.tokens < 1) {
+      this.#metrics.inc('broker_websocket_closed_total', { reason: 'flood' });
+      socket.ws.close(CLOSE.flood, 'too many messages');
+      return;
+    }
+    socket.tokens -= 1;
+    const text = Buffer.isBuffer(data)
+      ? data.toString('utf8')
+      : Array.isArray(data)
+        ? Buffer.concat(data).toString('utf8')
+        : String(data);
+    await this.#handler?.onMessage(socket.conn, text);
+  }
+
+  async #onClose(id: string): Promise<void> {
+    this.#sockets.delete(id);
+    await this.#handler?.onClose(id);
+  }
+
+  #pingAll(): void {
+    for (const [id, s] of this.#sockets) {
+      if (!s.alive) {
+        this.#metrics.inc('broker_websocket_closed_total', { reason: 'no-pong' });
+        s.ws.terminate();
+        this.#sockets.delete(id);
+        this.#guard(id, () => this.#handler?.onClose(id) ?? Promise.resolve());
+        continue;
+      }
+      s.alive = false;
+      try {
+        s.ws.ping();
+      } catch {
+        s.ws.terminate();
+      }
+    }
+  }
+
+  /** One socket's failure is logged and closes that socket only. */
+  #guard(id: string, fn: () => Promise<void>): void {
+    fn().catch((err: unknown) => {
+      this.#logger.error('websocket handler failed', { connection: id, err: err as Error });
+      this.#sockets.get(id)?.ws.terminate();
+    });
+  }
+}

@@ -1,0 +1,249 @@
+import { buildNotificationBundle, type NotificationType } from '../core/notification.js';
+import type { Clock, IdSource, Notification, SubscriptionRecord } from '../core/types.js';
+import type { Logger } from '../observability/logger.js';
+import type { Metrics } from '../observability/metrics.js';
+import type { SubscriptionRegistry } from '../service/subscription-registry.js';
+import type { Store } from '../store/store.js';
+import { type Binding, type BindingStore, CLOSE, type WebSocketPort } from './websocket-port.js';
+import { type ClientMessage, parseClientMessage } from './websocket-protocol.js';
+import { BindingTokenError, type BindingTokens } from './ws-binding-token.js';
+
+/**
+ * The websocket channel of the backport IG, independent of the socket layer: binding (token or
+ * R4 `bind`), handshake, catch-up from stored notifications, and live delivery.
+ *
+ * Catch-up without gaps or duplicates: while a binding catches up, live messages for it are held;
+ * once the stored range is sent, held messages newer than what was sent follow, then it is live.
+ */
+
+export interface Connection {
+  readonly id: string;
+  /** Owner proven by `Authorization: Bearer <API key>` at upgrade (needed for R4 `bind`). */
+  readonly apiOwner?: string;
+}
+
+/** Most stored notifications one catch-up sends: beyond this the client should use `$events`. */
+const MAX_CATCH_UP = 1000;
+
+interface Held {
+  readonly text: string;
+  readonly lastEventNumber: number;
+}
+
+export class WebSocketChannel {
+  readonly #port: WebSocketPort;
+  readonly #bindings: BindingStore;
+  readonly #registry: SubscriptionRegistry;
+  readonly #store: Store;
+  readonly #tokens: BindingTokens;
+  readonly #clock: Clock;
+  readonly #ids: IdSource;
+  readonly #logger: Logger;
+  readonly #metrics: Metrics;
+  readonly #fhirBase: string;
+  /** `${connectionId} ${subscriptionId}` → messages held while that binding catches up. */
+  readonly #catchingUp = new Map<string, Held[]>();
+  /** `${connectionId} ${subscriptionId}` → highest event number its catch-up sent (later live copies are skipped). */
+  readonly #caughtUpTo = new Map<string, number>();
+
+  constructor(deps: {
+    port: WebSocketPort;
+    bindings: BindingStore;
+    registry: SubscriptionRegistry;
+    store: Store;
+    tokens: BindingTokens;
+    clock: Clock;
+    ids: IdSource;
+    logger: Logger;
+    metrics: Metrics;
+    fhirBase: string;
+  }) {
+    this.#port = deps.port;
+    this.#bindings = deps.bindings;
+    this.#registry = deps.registry;
+    this.#store = deps.store;
+    this.#tokens = deps.tokens;
+    this.#clock = deps.clock;
+    this.#ids = deps.ids;
+    this.#logger = deps.logger;
+    this.#metrics = deps.metrics;
+    this.#fhirBase = deps.fhirBase;
+  }
+
+  /** One text message from a client. Protocol errors close only that connection. */
+  async onMessage(conn: Connection, text: string): Promise<void> {
+    const msg = parseClientMessage(text);
+    switch (msg.kind) {
+      case 'bind-with-token':
+        return this.#bindWithToken(conn, msg);
+      case 'unbind':
+        await this.#bindings.unbind(conn.id, msg.subscriptionId);
+        await this.#port.send(
+          conn.id,
+          msg.json
+            ? JSON.stringify({ type: 'unbound', payload: { subscription: msg.subscriptionId ?? null } })
+            : `unbound${msg.subscriptionId === undefined ? '' : ` ${msg.subscriptionId}`}`,
+        );
+        return;
+      case 'bind':
+        return this.#bindR4(conn, msg.subscriptionId);
+      case 'invalid':
+        this.#metrics.inc('broker_websocket_protocol_errors_total');
+        await this.#port.close(conn.id, CLOSE.policy, msg.reason.slice(0, 120));
+        return;
+      default: {
+        const never: never = msg;
+        throw new Error(`unhandled message ${JSON.stringify(never)}`);
+      }
+    }
+  }
+
+  async onClose(connectionId: string): Promise<void> {
+    for (const map of [this.#catchingUp, this.#caughtUpTo]) {
+      for (const key of [...map.keys()]) if (key.startsWith(`${connectionId} `)) map.delete(key);
+    }
+    await this.#bindings.unbind(connectionId);
+  }
+
+  /**
+   * Push one notification to every connection bound to the subscription. Returns how many were
+   * reached. A websocket channel has no retry: a client that was away catches up on its next bind.
+   */
+  async deliver(sub: SubscriptionRecord, type: NotificationType, notes: readonly Notification[]): Promise<number> {
+    const bindings = await this.#bindings.bindingsFor(sub.id);
+    if (bindings.length === 0) return 0;
+    const last = notes[notes.length - 1]?.eventNumber ?? 0;
+    let bundleText: string | undefined;
+    let reached = 0;
+    for (const b of bindings) {
+      let text: string;
+      if (b.mode === 'r4') {
+        if (type !== 'event-notification') continue;
+        text = `ping ${sub.id}`;
+      } else {
+        bundleText ??= JSON.stringify(this.#bundle(sub, type, notes, last));
+        text = bundleText;
+      }
+      const key = `${b.connectionId} ${sub.id}`;
+      const held = this.#catchingUp.get(key);
+      if (held !== undefined) {
+        held.push({ text, lastEventNumber: last });
+        continue;
+      }
+      if (type === 'event-notification' && last <= (this.#caughtUpTo.get(key) ?? 0)) continue;
+      if (await this.#sendOrForget(b, text)) reached++;
+    }
+    this.#metrics.inc('broker_websocket_messages_total', { outcome: 'sent' }, reached);
+    return reached;
+  }
+
+  async #bindWithToken(conn: Connection, msg: Extract<ClientMessage, { kind: 'bind-with-token' }>): Promise<void> {
+    let subs: SubscriptionRecord[];
+    try {
+      const claims = this.#tokens.verify(msg.token, this.#clock.now());
+      subs = claims.subscriptions.map((id) => {
+        const sub = this.#registry.get(id);
+        // Checked again at bind time: the subscription may have been deleted or changed since.
+        if (sub === undefined || sub.owner !== claims.owner) throw new BindingTokenError(`unknown subscription ${id}`);
+        if (sub.channel.type !== 'websocket')
+          throw new BindingTokenError(`Subscription/${id} is not a websocket subscription`);
+        if (sub.status === 'off') throw new BindingTokenError(`Subscription/${id} is off`);
+        return sub;
+      });
+    } catch (err) {
+      const reason = err instanceof BindingTokenError ? err.message : 'bind failed';
+      this.#metrics.inc('broker_websocket_binds_total', { outcome: 'refused' });
+      this.#logger.info('websocket bind refused', { connection: conn.id, reason });
+      await this.#port.send(
+        conn.id,
+        msg.json ? JSON.stringify({ type: 'error', payload: { message: reason } }) : `error ${reason}`,
+      );
+      await this.#port.close(conn.id, CLOSE.bindRefused, reason);
+      return;
+    }
+    for (const sub of subs) {
+      const last = msg.lastEventNumbers?.[sub.id] ?? msg.lastEventNumber;
+      await this.#bindOne(conn.id, sub, last);
+    }
+    this.#metrics.inc('broker_websocket_binds_total', { outcome: 'bound' }, subs.length);
+  }
+
+  async #bindOne(connectionId: string, sub: SubscriptionRecord, lastSeen: number | undefined): Promise<void> {
+    const key = `${connectionId} ${sub.id}`;
+    const binding: Binding = { connectionId, subscriptionId: sub.id, mode: 'bundle' };
+    // Hold live messages from the moment of binding until the stored range has been sent.
+    if (lastSeen !== undefined) this.#catchingUp.set(key, []);
+    await this.#bindings.bind(binding);
+    const current = this.#registry.get(sub.id) ?? sub;
+    await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
+    if (lastSeen === undefined) return;
+    let sent = lastSeen;
+    try {
+      const stored = await this.#store.notificationsInRange(
+        sub.id,
+        lastSeen + 1,
+        Number.MAX_SAFE_INTEGER,
+        MAX_CATCH_UP,
+      );
+      for (const note of stored) {
+        if (
+          !(await this.#sendOrForget(
+            binding,
+            JSON.stringify(this.#bundle(current, 'event-notification', [note], note.eventNumber)),
+          ))
+        )
+          return;
+        sent = note.eventNumber;
+      }
+    } finally {
+      const held = this.#catchingUp.get(key) ?? [];
+      this.#catchingUp.delete(key);
+      for (const h of held) {
+        if (h.lastEventNumber <= sent) continue;
+        if (!(await this.#sendOrForget(binding, h.text))) break;
+        sent = h.lastEventNumber;
+      }
+      this.#caughtUpTo.set(key, sent);
+    }
+  }
+
+  async #bindR4(conn: Connection, id: string): Promise<void> {
+    const sub = this.#registry.get(id);
+    if (
+      conn.apiOwner === undefined ||
+      sub === undefined ||
+      sub.owner !== conn.apiOwner ||
+      sub.channel.type !== 'websocket'
+    ) {
+      // Another client's subscription is indistinguishable from none.
+      await this.#port.send(
+        conn.id,
+        `error ${id} unknown subscription or not authorised (connect with Authorization: Bearer <API key>)`,
+      );
+      await this.#port.close(conn.id, CLOSE.bindRefused, 'bind refused');
+      return;
+    }
+    await this.#bindings.bind({ connectionId: conn.id, subscriptionId: id, mode: 'r4' });
+    await this.#port.send(conn.id, `bound ${id}`);
+  }
+
+  async #sendOrForget(b: Binding, text: string): Promise<boolean> {
+    const outcome = await this.#port.send(b.connectionId, text);
+    if (outcome === 'gone') await this.onClose(b.connectionId);
+    return outcome === 'sent';
+  }
+
+  #bundle(sub: SubscriptionRecord, type: NotificationType, notes: readonly Notification[], count: number) {
+    return buildNotificationBundle(
+      { ...sub, eventsSinceStart: Math.max(sub.eventsSinceStart, count) },
+      type,
+      notes,
+      sub.channel.content,
+      {
+        fhirBase: this.#fhirBase,
+        newId: () => this.#ids.uuid(),
+        timestamp: new Date(this.#clock.now()).toISOString(),
+      },
+    );
+  }
+}

@@ -1,0 +1,88 @@
+/**
+ * The WebSocket port: what delivery needs from a socket layer. The local hub (`ws` on the
+ * broker's own port) is the first adapter; the API Gateway management API is the second. The
+ * core never sees either.
+ */
+
+/** `sent`; `gone`: the connection no longer exists (forget it); `refused`: alive but not taking more. */
+export type SendOutcome = 'sent' | 'gone' | 'refused';
+
+export interface WebSocketPort {
+  send(connectionId: string, text: string): Promise<SendOutcome>;
+  close(connectionId: string, code: number, reason: string): Promise<void>;
+  isOpen(connectionId: string): Promise<boolean>;
+}
+
+/** `bundle`: backport notification bundles as JSON text; `r4`: the classic R4 `ping <id>`. */
+export type BindingMode = 'bundle' | 'r4';
+
+export interface Binding {
+  readonly connectionId: string;
+  readonly subscriptionId: string;
+  readonly mode: BindingMode;
+}
+
+/** Which connections are bound to which subscriptions: in memory locally, a table on AWS. */
+export interface BindingStore {
+  bind(binding: Binding): Promise<void>;
+  /** Without `subscriptionId`: every binding of the connection. */
+  unbind(connectionId: string, subscriptionId?: string): Promise<void>;
+  bindingsFor(subscriptionId: string): Promise<readonly Binding[]>;
+  bindingsOf(connectionId: string): Promise<readonly Binding[]>;
+}
+
+/** Close codes the broker uses (4000–4999 is the application range of RFC 6455). */
+export const CLOSE = {
+  normal: 1000,
+  goingAway: 1001,
+  unsupportedData: 1003,
+  policy: 1008,
+  tooBig: 1009,
+  /** The client did not answer pings: the connection is dead. */
+  noPong: 4000,
+  /** The client read too slowly: its send buffer passed the cap. */
+  slowConsumer: 4001,
+  /** More messages than the per-socket rate allows. */
+  flood: 4002,
+  /** A bind was refused (bad, expired or foreign token or subscription). */
+  bindRefused: 4003,
+} as const;
+
+export class InMemoryBindings implements BindingStore {
+  readonly #bySub = new Map<string, Map<string, Binding>>();
+  readonly #byConn = new Map<string, Map<string, Binding>>();
+
+  async bind(b: Binding): Promise<void> {
+    nested(this.#bySub, b.subscriptionId).set(b.connectionId, b);
+    nested(this.#byConn, b.connectionId).set(b.subscriptionId, b);
+  }
+
+  async unbind(connectionId: string, subscriptionId?: string): Promise<void> {
+    const mine = this.#byConn.get(connectionId);
+    if (mine === undefined) return;
+    for (const sub of subscriptionId === undefined ? [...mine.keys()] : [subscriptionId]) {
+      mine.delete(sub);
+      const conns = this.#bySub.get(sub);
+      conns?.delete(connectionId);
+      if (conns?.size === 0) this.#bySub.delete(sub);
+    }
+    if (mine.size === 0) this.#byConn.delete(connectionId);
+  }
+
+  async bindingsFor(subscriptionId: string): Promise<readonly Binding[]> {
+    return [...(this.#bySub.get(subscriptionId)?.values() ?? [])];
+  }
+
+  async bindingsOf(connectionId: string): Promise<readonly Binding[]> {
+    return [...(this.#byConn.get(connectionId)?.values() ?? [])];
+  }
+}
+
+function nested<V>(map: Map<string, Map<string, V>>, key: string): Map<string, V> {
+  let inner = map.get(key);
+  if (inner === undefined) {
+    inner = new Map();
+    map.set(key, inner);
+  }
+  return inner;
+}

@@ -1,0 +1,70 @@
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+
+/**
+ * Binding tokens for `$get-ws-binding-token`: short-lived, bound to one client and the listed
+ * subscriptions. Stateless (HMAC-SHA256 over the claims), so any broker instance or Lambda that
+ * holds the key can verify them without a shared store.
+ */
+
+export interface BindingClaims {
+  readonly owner: string;
+  readonly subscriptions: readonly string[];
+  /** Epoch ms. */
+  readonly expiresAt: number;
+}
+
+export class BindingTokenError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'BindingTokenError';
+  }
+}
+
+const VERSION = 'v1';
+
+export class BindingTokens {
+  readonly #key: Buffer;
+
+  constructor(key: string) {
+    if (key.length < 32) throw new TypeError('the binding-token key must be at least 32 characters');
+    this.#key = Buffer.from(key, 'utf8');
+  }
+
+  issue(claims: BindingClaims): string {
+    const body = Buffer.from(
+      JSON.stringify({
+        o: claims.owner,
+        s: claims.subscriptions,
+        e: claims.expiresAt,
+        n: randomBytes(8).toString('hex'),
+      }),
+    ).toString('base64url');
+    return `${VERSION}.${body}.${this.#mac(body)}`;
+  }
+
+  /** The claims of a genuine, unexpired token; throws BindingTokenError saying what is wrong. */
+  verify(token: string, nowMs: number): BindingClaims {
+    const [version, body, mac] = token.split('.');
+    if (version !== VERSION || body === undefined || mac === undefined) throw new BindingTokenError('malformed token');
+    const expected = Buffer.from(this.#mac(body));
+    const given = Buffer.from(mac);
+    if (expected.length !== given.length || !timingSafeEqual(expected, given))
+      throw new BindingTokenError('invalid token');
+    let parsed: { o?: unknown; s?: unknown; e?: unknown };
+    try {
+      parsed = JSON.parse(Buffer.from(body, 'base64url').toString('utf8')) as typeof parsed;
+    } catch {
+      throw new BindingTokenError('malformed token');
+    }
+    const { o, s, e } = parsed;
+    if (typeof o !== 'string' || !Array.isArray(s) || !s.every((x) => typeof x === 'string') || typeof e !== 'number') {
+      throw new BindingTokenError('malformed token');
+    }
+    if (e <= nowMs) throw new BindingTokenError('token expired');
+    return { owner: o, subscriptions: s as string[], expiresAt: e };
+  }
+
+  #mac(body: string): string {
+    return createHmac('sha256', this.#key).update(`${VERSION}.${body}`).digest('base64url');
+  }
+}

@@ -1,0 +1,732 @@
+import { setTimeout as delay } from 'node:timers/promises';
+import {
+  BatchGetItemCommand,
+  BatchWriteItemCommand,
+  ConditionalCheckFailedException,
+  DeleteItemCommand,
+  type DynamoDBClient,
+  GetItemCommand,
+  PutItemCommand,
+  QueryCommand,
+  type QueryCommandInput,
+  ScanCommand,
+  type ScanCommandInput,
+  TransactionCanceledException,
+  TransactWriteItemsCommand,
+  UpdateItemCommand,
+} from '@aws-sdk/client-dynamodb';
+import type {
+  Channel,
+  DeliveryState,
+  FhirResource,
+  MatchSpec,
+  Notification,
+  ResourceChange,
+  StoredNotification,
+  SubscriptionKind,
+  SubscriptionRecord,
+  SubscriptionStatus,
+} from '../../core/types.js';
+import type { AcceptItem, AcceptOutcome, DeliveryUpdate, StatusUpdate, Store } from '../store.js';
+import { Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
+import { SubscriptionExistsError, UnprocessedItemsError, WriteConflictError } from './errors.js';
+import { INDEX, type TableNames, TTL_ATTRIBUTE, tableNames } from './tables.js';
+
+/**
+ * The Store port on DynamoDB (low-level client, injected). Four tables, `<prefix><role>`; the
+ * design and its reasons are in docs/dynamodb.md.
+ *
+ * - `subscriptions` (pk `id`): the record as flat attributes, JSON blobs as strings. The event
+ *   counter `eventsSinceStart` lives on this item, so taking the next number is one UpdateItem:
+ *   `ADD eventsSinceStart 1` with the condition "status collects" and `ReturnValues: UPDATED_NEW`.
+ *   A separate counter item could not check the status in the same write. GSI `by-owner`
+ *   (owner, createdAt) lists an owner's subscriptions; sparse GSI `collecting-by-owner` holds only
+ *   subscriptions in requested/active/error (attribute `collectingOwner`, removed otherwise).
+ * - `notifications` (pk `subscriptionId`, sk `eventNumber`): state, attempts, dueAt, lastError,
+ *   createdAt. Sparse GSI `pending` (attribute `pendingSubscriptionId`, present only while pending).
+ * - `event-ids` (pk `eventId`, sk `scope`): scope `#event` marks an EventBridge id as accepted
+ *   (the dedupe key); scope `<subscriptionId>` is the marker "this event already has notification
+ *   `eventNumber` for this subscription". Both carry the TTL attribute `expiresAt`; TTL deletion
+ *   is lazy, so reads treat an expired item as absent.
+ * - `connections` (pk `connectionId`, TTL): created here, used by the API Gateway pusher.
+ *
+ * acceptChanges, per event, in this order:
+ *   1. one consistent BatchGetItem of the dedupe keys and markers of the whole batch;
+ *   2. a live `#event` key ⇒ duplicate, nothing written;
+ *   3. per matched subscription: a live marker ⇒ reuse its notification (a retry of a
+ *      half-finished acceptance); else take the next number (conditional ADD) and write the
+ *      notification and its marker in one TransactWriteItems, with a ConditionCheck that the
+ *      subscription still exists (so a concurrent delete cannot leave an orphan);
+ *   4. write the `#event` key last. Until it is written, a retry redoes only what is missing.
+ * Every write is acknowledged by DynamoDB before the method resolves: an accepted event is durable.
+ *
+ * Caveats, honestly:
+ * - Event numbers can have gaps. A process that dies between step 3's counter increment and its
+ *   transaction, or a subscription deleted in between, consumes a number no notification carries.
+ *   The Backport IG lets a client see a gap in `events-since-subscription-start` and ask `$events`,
+ *   which then has nothing for that number. SQLite never has gaps.
+ * - Calls within one store instance are serialised, so numbers follow acceptance order. Across
+ *   processes (several Lambdas) two batches may interleave numbers for the same subscription.
+ * - GSI reads are eventually consistent on AWS: `listSubscriptions(owner)` may briefly miss a new
+ *   subscription, and `pendingNotifications` / `subscriptionsWithPending` may briefly show a
+ *   notification that was just delivered (a redelivery; receivers dedupe on `webhook-id`).
+ *   DynamoDB Local updates GSIs synchronously, so the contract suite cannot see this.
+ * - `recordDeliveries` writes item by item, not in one transaction (a lost update is a redelivery).
+ * - `purge` and `requeueDeadLetters` scan/query with filters: fine for the retention window of a
+ *   broker, not free. `deleteSubscription` deletes notifications in batches around the subscription
+ *   delete; a crash in between can leave notifications of a deleted subscription behind.
+ */
+
+/** The `scope` of the item that marks an EventBridge id as accepted (FHIR ids cannot contain `#`). */
+const EVENT_SCOPE = '#event';
+
+/** Statuses that still collect notifications; mirrors the matching index and the SQLite adapter. */
+const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error'];
+
+// 7 days: the default event retention (config.eventRetentionMs); purge() usually removes them first.
+const DEFAULT_EVENT_TTL_MS = 7 * 86_400_000;
+
+// DynamoDB's own request limits.
+const BATCH_GET_MAX = 100;
+const BATCH_WRITE_MAX = 25;
+/** Parallel single-item writes per burst: enough to overlap round trips, few enough not to throttle. */
+const WRITE_CONCURRENCY = 16;
+/** Transaction conflicts (another writer on the same subscription item) are retried this often. */
+const MAX_TRANSACTION_ATTEMPTS = 5;
+/** Unprocessed batch items are retried this often, with a growing pause as DynamoDB advises. */
+const MAX_BATCH_ATTEMPTS = 8;
+
+export interface DynamoDbStoreOptions {
+  /** How long an accepted event id (and its markers) deduplicates; the TTL of those items. */
+  readonly eventTtlMs?: number;
+}
+
+export class DynamoDbStore implements Store {
+  readonly #client: DynamoDBClient;
+  readonly #tables: TableNames;
+  readonly #eventTtlMs: number;
+  /** Tail of the acceptChanges chain: calls on one instance run one after another. */
+  #accepting: Promise<unknown> = Promise.resolve();
+
+  constructor(client: DynamoDBClient, tablePrefix: string, options: DynamoDbStoreOptions = {}) {
+    this.#client = client;
+    this.#tables = tableNames(tablePrefix);
+    this.#eventTtlMs = options.eventTtlMs ?? DEFAULT_EVENT_TTL_MS;
+  }
+
+  async insertSubscription(rec: SubscriptionRecord): Promise<void> {
+    try {
+      await this.#client.send(
+        new PutItemCommand({
+          TableName: this.#tables.subscriptions,
+          Item: toSubscriptionItem(rec),
+          ConditionExpression: 'attribute_not_exists(id)',
+        }),
+      );
+    } catch (err) {
+      if (err instanceof ConditionalCheckFailedException) throw new SubscriptionExistsError(rec.id, { cause: err });
+      throw err;
+    }
+  }
+
+  async getSubscription(id: string): Promise<SubscriptionRecord | undefined> {
+    const out = await this.#client.send(
+      new GetItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(id) }, ConsistentRead: true }),
+    );
+    return out.Item === undefined ? undefined : fromSubscriptionItem(out.Item);
+  }
+
+  async listSubscriptions(owner?: string): Promise<SubscriptionRecord[]> {
+    const items =
+      owner === undefined
+        ? await this.#scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true })
+        : await this.#queryAll({
+            TableName: this.#tables.subscriptions,
+            IndexName: INDEX.byOwner,
+            KeyConditionExpression: '#owner = :owner',
+            ExpressionAttributeNames: { '#owner': 'owner' },
+            ExpressionAttributeValues: { ':owner': S(owner) },
+          });
+    // Same order as SQLite's `ORDER BY created_at, id` (binary string comparison).
+    return items.map(fromSubscriptionItem).sort((a, b) => compare(a.createdAt, b.createdAt) || compare(a.id, b.id));
+  }
+
+  async replaceSubscription(rec: SubscriptionRecord): Promise<SubscriptionRecord | undefined> {
+    // Owner, creation time and the event counter are the store's: not touched here.
+    const e = new Expression()
+      .set('kind', S(rec.kind))
+      .set('topic', S(rec.topic))
+      .set('status', S(rec.status))
+      .setOrRemove('error', rec.error === undefined ? undefined : S(rec.error))
+      .set('match', S(JSON.stringify(rec.match)))
+      .set('channel', S(JSON.stringify(rec.channel)))
+      .set('webhookSecret', S(rec.webhookSecret))
+      .setOrRemove(
+        'previousSecret',
+        rec.previousSecret === undefined ? undefined : S(JSON.stringify(rec.previousSecret)),
+      )
+      .setOrRemove('end', rec.end === undefined ? undefined : S(rec.end))
+      .set('updatedAt', S(rec.updatedAt))
+      .set('resource', S(JSON.stringify(rec.resource)))
+      .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(rec.status));
+    return this.#updateSubscription(rec.id, e, `attribute_exists(${e.name('id')})`);
+  }
+
+  async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
+    if (update.expected !== undefined && update.expected.length === 0) return undefined;
+    const e = new Expression()
+      .set('status', S(update.status))
+      .setOrRemove('error', update.error === undefined ? undefined : S(update.error))
+      .set('updatedAt', S(at))
+      .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(update.status));
+    const exists = `attribute_exists(${e.name('id')})`;
+    const condition = update.expected === undefined ? exists : `${exists} AND ${e.in('status', update.expected)}`;
+    return this.#updateSubscription(id, e, condition);
+  }
+
+  async deleteSubscription(id: string): Promise<boolean> {
+    // Notifications first, then the subscription, then once more for any that an acceptance
+    // committed in between (none can commit after: its transaction checks the subscription exists).
+    await this.#deleteNotificationsOf(id);
+    const out = await this.#client.send(
+      new DeleteItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(id) }, ReturnValues: 'ALL_OLD' }),
+    );
+    await this.#deleteNotificationsOf(id);
+    return out.Attributes !== undefined;
+  }
+
+  acceptChanges(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
+    const run = this.#accepting.then(() => this.#accept(items, receivedAt));
+    this.#accepting = run.catch(() => undefined);
+    return run;
+  }
+
+  async pendingNotifications(
+    subscriptionId: string,
+    afterEventNumber: number,
+    limit: number,
+  ): Promise<StoredNotification[]> {
+    if (limit <= 0) return [];
+    const items = await this.#queryAll(
+      {
+        TableName: this.#tables.notifications,
+        IndexName: INDEX.pending,
+        KeyConditionExpression: 'pendingSubscriptionId = :s AND eventNumber > :after',
+        ExpressionAttributeValues: { ':s': S(subscriptionId), ':after': N(afterEventNumber) },
+      },
+      limit,
+    );
+    return items.map(fromNotificationItem);
+  }
+
+  async subscriptionsWithPending(): Promise<string[]> {
+    const items = await this.#scanAll({
+      TableName: this.#tables.notifications,
+      IndexName: INDEX.pending,
+      ProjectionExpression: 'pendingSubscriptionId',
+    });
+    return [...new Set(items.map((i) => readString(i, 'pendingSubscriptionId')))].sort(compare);
+  }
+
+  async recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
+    // Writes run in parallel, so keep only the last outcome per notification (SQLite applies in order).
+    const last = new Map<string, DeliveryUpdate>();
+    for (const u of updates) last.set(`${u.subscriptionId}\n${u.eventNumber}`, u);
+    await inBursts([...last.values()], (u) => this.#recordDelivery(u));
+  }
+
+  async notificationsInRange(
+    subscriptionId: string,
+    from: number,
+    to: number,
+    limit: number,
+  ): Promise<StoredNotification[]> {
+    // DynamoDB rejects BETWEEN with a lower bound above the upper one.
+    if (from > to || limit <= 0) return [];
+    const items = await this.#queryAll(
+      {
+        TableName: this.#tables.notifications,
+        ConsistentRead: true,
+        KeyConditionExpression: 'subscriptionId = :s AND eventNumber BETWEEN :from AND :to',
+        ExpressionAttributeValues: { ':s': S(subscriptionId), ':from': N(from), ':to': N(to) },
+      },
+      limit,
+    );
+    return items.map(fromNotificationItem);
+  }
+
+  async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
+    const dead = await this.#queryAll({
+      TableName: this.#tables.notifications,
+      ConsistentRead: true,
+      KeyConditionExpression: 'subscriptionId = :s',
+      FilterExpression: '#state = :dead',
+      ProjectionExpression: 'subscriptionId, eventNumber',
+      ExpressionAttributeNames: { '#state': 'state' },
+      ExpressionAttributeValues: { ':s': S(subscriptionId), ':dead': S('dead') },
+    });
+    const requeued = await inBursts(dead, async (key) => {
+      const e = new Expression()
+        .set('state', S('pending'))
+        .set('attempts', N(0))
+        .set('dueAt', N(dueAt))
+        .setOrRemove('lastError', undefined)
+        .copyOrRemove('pendingSubscriptionId', 'subscriptionId', true);
+      const condition = `${e.name('state')} = ${e.value(S('dead'))}`;
+      return this.#conditionalWrite(
+        new UpdateItemCommand({
+          TableName: this.#tables.notifications,
+          Key: notificationKey(key),
+          UpdateExpression: e.update,
+          ConditionExpression: condition,
+          ...e.bindings,
+        }),
+      );
+    });
+    return requeued.filter(Boolean).length;
+  }
+
+  async purge(before: number): Promise<{ notifications: number; eventIds: number }> {
+    const oldNotes = await this.#scanAll({
+      TableName: this.#tables.notifications,
+      ConsistentRead: true,
+      FilterExpression: '#state IN (:delivered, :dead) AND createdAt < :before',
+      ProjectionExpression: 'subscriptionId, eventNumber',
+      ExpressionAttributeNames: { '#state': 'state' },
+      ExpressionAttributeValues: { ':delivered': S('delivered'), ':dead': S('dead'), ':before': N(before) },
+    });
+    const notes = await inBursts(oldNotes, (key) =>
+      // Re-checked on delete: a dead letter requeued since the scan is pending and stays.
+      this.#conditionalWrite(
+        new DeleteItemCommand({
+          TableName: this.#tables.notifications,
+          Key: notificationKey(key),
+          ConditionExpression: '#state IN (:delivered, :dead) AND createdAt < :before',
+          ExpressionAttributeNames: { '#state': 'state' },
+          ExpressionAttributeValues: { ':delivered': S('delivered'), ':dead': S('dead'), ':before': N(before) },
+        }),
+      ),
+    );
+    const oldIds = await this.#scanAll({
+      TableName: this.#tables.eventIds,
+      ConsistentRead: true,
+      FilterExpression: 'receivedAt < :before',
+      ProjectionExpression: 'eventId, #scope',
+      ExpressionAttributeNames: { '#scope': 'scope' },
+      ExpressionAttributeValues: { ':before': N(before) },
+    });
+    const ids = await inBursts(oldIds, (key) =>
+      this.#conditionalWrite(
+        new DeleteItemCommand({
+          TableName: this.#tables.eventIds,
+          Key: { eventId: S(readString(key, 'eventId')), scope: S(readString(key, 'scope')) },
+          ConditionExpression: 'attribute_exists(eventId)',
+        }),
+      ),
+    );
+    return {
+      notifications: notes.filter(Boolean).length,
+      // Markers go with their event id but are not event ids themselves.
+      eventIds: oldIds.filter((key, i) => ids[i] === true && readString(key, 'scope') === EVENT_SCOPE).length,
+    };
+  }
+
+  async ping(): Promise<void> {
+    // A data-plane read: /healthz is polled, and DescribeTable has low control-plane limits.
+    await this.#client.send(new GetItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(EVENT_SCOPE) } }));
+  }
+
+  /** The client belongs to the composition root, which destroys it; only wait for acceptances. */
+  async close(): Promise<void> {
+    await this.#accepting;
+  }
+
+  async #accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
+    const expiresAt = Math.ceil((receivedAt + this.#eventTtlMs) / 1000);
+    const known = await this.#readEventIds(items, receivedAt);
+    const acceptedHere = new Set<string>();
+    const outcomes: AcceptOutcome[] = [];
+    for (const { change, subscriptionIds } of items) {
+      if (acceptedHere.has(change.eventId) || known.has(eventIdKey(change.eventId, EVENT_SCOPE))) {
+        outcomes.push({ duplicate: true, notifications: [] });
+        continue;
+      }
+      acceptedHere.add(change.eventId);
+      const created = await Promise.all(
+        [...new Set(subscriptionIds)].map((subscriptionId) => {
+          const marker = known.get(eventIdKey(change.eventId, subscriptionId));
+          return marker === undefined
+            ? this.#notify(change, subscriptionId, receivedAt, expiresAt)
+            : this.#existingNotification(subscriptionId, marker);
+        }),
+      );
+      await this.#client.send(
+        new PutItemCommand({
+          TableName: this.#tables.eventIds,
+          Item: eventIdItem(change.eventId, EVENT_SCOPE, receivedAt, expiresAt),
+        }),
+      );
+      outcomes.push({ duplicate: false, notifications: created.filter((n) => n !== undefined) });
+    }
+    return outcomes;
+  }
+
+  /** Live (unexpired) event-id items for every event and (event, subscription) pair of a batch. */
+  async #readEventIds(items: readonly AcceptItem[], receivedAt: number): Promise<Map<string, number>> {
+    const keys = new Map<string, Item>();
+    for (const { change, subscriptionIds } of items) {
+      for (const scope of [EVENT_SCOPE, ...subscriptionIds]) {
+        keys.set(eventIdKey(change.eventId, scope), { eventId: S(change.eventId), scope: S(scope) });
+      }
+    }
+    const found = new Map<string, number>();
+    for (const item of await this.#batchGet(this.#tables.eventIds, [...keys.values()])) {
+      if (readNumber(item, TTL_ATTRIBUTE) * 1000 <= receivedAt) continue; // expired, not yet deleted by TTL
+      const key = eventIdKey(readString(item, 'eventId'), readString(item, 'scope'));
+      found.set(key, item.eventNumber === undefined ? 0 : readNumber(item, 'eventNumber'));
+    }
+    return found;
+  }
+
+  /** Number and queue one notification; undefined when the subscription no longer collects. */
+  async #notify(
+    change: ResourceChange,
+    subscriptionId: string,
+    receivedAt: number,
+    expiresAt: number,
+  ): Promise<Notification | undefined> {
+    const eventNumber = await this.#takeEventNumber(subscriptionId);
+    if (eventNumber === undefined) return undefined;
+    const note: Item = {
+      subscriptionId: S(subscriptionId),
+      eventNumber: N(eventNumber),
+      change: S(JSON.stringify(change)),
+      state: S('pending'),
+      attempts: N(0),
+      dueAt: N(receivedAt),
+      createdAt: N(receivedAt),
+      pendingSubscriptionId: S(subscriptionId),
+    };
+    const marker = {
+      ...eventIdItem(change.eventId, subscriptionId, receivedAt, expiresAt),
+      eventNumber: N(eventNumber),
+    };
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.#client.send(
+          new TransactWriteItemsCommand({
+            TransactItems: [
+              {
+                Put: {
+                  TableName: this.#tables.notifications,
+                  Item: note,
+                  ConditionExpression: 'attribute_not_exists(subscriptionId)',
+                },
+              },
+              {
+                Put: {
+                  TableName: this.#tables.eventIds,
+                  Item: marker,
+                  ConditionExpression: `attribute_not_exists(eventId) OR ${TTL_ATTRIBUTE} <= :now`,
+                  ExpressionAttributeValues: { ':now': N(Math.floor(receivedAt / 1000)) },
+                  ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
+                },
+              },
+              {
+                ConditionCheck: {
+                  TableName: this.#tables.subscriptions,
+                  Key: { id: S(subscriptionId) },
+                  ConditionExpression: 'attribute_exists(id)',
+                },
+              },
+            ],
+          }),
+        );
+        return { subscriptionId, eventNumber, change };
+      } catch (err) {
+        if (!(err instanceof TransactionCanceledException)) throw err;
+        const [noteReason, markerReason, subscriptionReason] = err.CancellationReasons ?? [];
+        // Deleted since its number was taken: the number stays unused (see the caveats above).
+        if (subscriptionReason?.Code === 'ConditionalCheckFailed') return undefined;
+        // Another acceptance of the same event got there first: its notification is the one.
+        if (markerReason?.Code === 'ConditionalCheckFailed') {
+          const winner = markerReason.Item ?? (await this.#readMarker(change.eventId, subscriptionId));
+          return winner === undefined
+            ? undefined
+            : this.#existingNotification(subscriptionId, readNumber(winner, 'eventNumber'));
+        }
+        const conflict = [noteReason, markerReason, subscriptionReason].some((r) => r?.Code === 'TransactionConflict');
+        if (!conflict) throw err;
+        if (attempt >= MAX_TRANSACTION_ATTEMPTS) {
+          throw new WriteConflictError(`queueing event ${eventNumber} for ${subscriptionId}`, attempt, { cause: err });
+        }
+        await delay(20 * 2 ** attempt);
+      }
+    }
+  }
+
+  async #readMarker(eventId: string, subscriptionId: string): Promise<Item | undefined> {
+    const out = await this.#client.send(
+      new GetItemCommand({
+        TableName: this.#tables.eventIds,
+        Key: { eventId: S(eventId), scope: S(subscriptionId) },
+        ConsistentRead: true,
+      }),
+    );
+    return out.Item;
+  }
+
+  /** `ADD eventsSinceStart 1` if the subscription still collects; undefined if not (or gone). */
+  async #takeEventNumber(subscriptionId: string): Promise<number | undefined> {
+    const e = new Expression().add('eventsSinceStart', N(1));
+    const condition = `attribute_exists(${e.name('id')}) AND ${e.in('status', COLLECTING)}`;
+    try {
+      const out = await this.#client.send(
+        new UpdateItemCommand({
+          TableName: this.#tables.subscriptions,
+          Key: { id: S(subscriptionId) },
+          UpdateExpression: e.update,
+          ConditionExpression: condition,
+          ReturnValues: 'UPDATED_NEW',
+          ...e.bindings,
+        }),
+      );
+      return readNumber(out.Attributes ?? {}, 'eventsSinceStart');
+    } catch (err) {
+      if (err instanceof ConditionalCheckFailedException) return undefined;
+      throw err;
+    }
+  }
+
+  /** The notification an earlier (half-finished) acceptance queued; undefined if it is gone since. */
+  async #existingNotification(subscriptionId: string, eventNumber: number): Promise<Notification | undefined> {
+    const out = await this.#client.send(
+      new GetItemCommand({
+        TableName: this.#tables.notifications,
+        Key: { subscriptionId: S(subscriptionId), eventNumber: N(eventNumber) },
+        ConsistentRead: true,
+      }),
+    );
+    if (out.Item === undefined) return undefined;
+    const {
+      state: _state,
+      attempts: _attempts,
+      dueAt: _dueAt,
+      lastError: _lastError,
+      ...note
+    } = fromNotificationItem(out.Item);
+    return note;
+  }
+
+  async #updateSubscription(id: string, e: Expression, condition: string): Promise<SubscriptionRecord | undefined> {
+    try {
+      const out = await this.#client.send(
+        new UpdateItemCommand({
+          TableName: this.#tables.subscriptions,
+          Key: { id: S(id) },
+          UpdateExpression: e.update,
+          ConditionExpression: condition,
+          ReturnValues: 'ALL_NEW',
+          ...e.bindings,
+        }),
+      );
+      return out.Attributes === undefined ? undefined : fromSubscriptionItem(out.Attributes);
+    } catch (err) {
+      if (err instanceof ConditionalCheckFailedException) return undefined;
+      throw err;
+    }
+  }
+
+  async #recordDelivery(u: DeliveryUpdate): Promise<boolean> {
+    const e = new Expression()
+      .set('state', S(u.state))
+      .set('attempts', N(u.attempts))
+      .set('dueAt', N(u.dueAt))
+      .setOrRemove('lastError', u.lastError === undefined ? undefined : S(u.lastError))
+      .copyOrRemove('pendingSubscriptionId', 'subscriptionId', u.state === 'pending');
+    // An outcome for a notification that no longer exists is ignored, not written as a new item.
+    return this.#conditionalWrite(
+      new UpdateItemCommand({
+        TableName: this.#tables.notifications,
+        Key: { subscriptionId: S(u.subscriptionId), eventNumber: N(u.eventNumber) },
+        UpdateExpression: e.update,
+        ConditionExpression: `attribute_exists(${e.name('subscriptionId')})`,
+        ...e.bindings,
+      }),
+    );
+  }
+
+  /** Sends a conditional write; false when its condition did not hold. */
+  async #conditionalWrite(command: UpdateItemCommand | DeleteItemCommand): Promise<boolean> {
+    try {
+      // The union is sent through the client's overloads one type at a time.
+      if (command instanceof UpdateItemCommand) await this.#client.send(command);
+      else await this.#client.send(command);
+      return true;
+    } catch (err) {
+      if (err instanceof ConditionalCheckFailedException) return false;
+      throw err;
+    }
+  }
+
+  async #deleteNotificationsOf(subscriptionId: string): Promise<void> {
+    const keys = await this.#queryAll({
+      TableName: this.#tables.notifications,
+      ConsistentRead: true,
+      KeyConditionExpression: 'subscriptionId = :s',
+      ProjectionExpression: 'subscriptionId, eventNumber',
+      ExpressionAttributeValues: { ':s': S(subscriptionId) },
+    });
+    for (let i = 0; i < keys.length; i += BATCH_WRITE_MAX) {
+      const requests = keys
+        .slice(i, i + BATCH_WRITE_MAX)
+        .map((key) => ({ DeleteRequest: { Key: notificationKey(key) } }));
+      let pending: typeof requests = requests;
+      for (let attempt = 1; pending.length > 0; attempt++) {
+        if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError('BatchWriteItem', pending.length);
+        if (attempt > 1) await delay(50 * 2 ** attempt);
+        const out = await this.#client.send(
+          new BatchWriteItemCommand({ RequestItems: { [this.#tables.notifications]: pending } }),
+        );
+        pending = (out.UnprocessedItems?.[this.#tables.notifications] ?? []).flatMap((r) =>
+          r.DeleteRequest?.Key === undefined ? [] : [{ DeleteRequest: { Key: r.DeleteRequest.Key } }],
+        );
+      }
+    }
+  }
+
+  async #batchGet(table: string, keys: readonly Item[]): Promise<Item[]> {
+    const found: Item[] = [];
+    for (let i = 0; i < keys.length; i += BATCH_GET_MAX) {
+      let pending: Item[] = keys.slice(i, i + BATCH_GET_MAX);
+      for (let attempt = 1; pending.length > 0; attempt++) {
+        if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError('BatchGetItem', pending.length);
+        if (attempt > 1) await delay(50 * 2 ** attempt);
+        const out = await this.#client.send(
+          new BatchGetItemCommand({ RequestItems: { [table]: { Keys: pending, ConsistentRead: true } } }),
+        );
+        found.push(...(out.Responses?.[table] ?? []));
+        pending = out.UnprocessedKeys?.[table]?.Keys ?? [];
+      }
+    }
+    return found;
+  }
+
+  /** Every page of a query, or pages until `limit` items. */
+  async #queryAll(input: QueryCommandInput, limit = Number.POSITIVE_INFINITY): Promise<Item[]> {
+    const items: Item[] = [];
+    let start: Item | undefined;
+    do {
+      const left = limit - items.length;
+      const out = await this.#client.send(
+        new QueryCommand({
+          ...input,
+          ...(Number.isFinite(left) ? { Limit: left } : {}),
+          ...(start === undefined ? {} : { ExclusiveStartKey: start }),
+        }),
+      );
+      items.push(...(out.Items ?? []));
+      start = out.LastEvaluatedKey;
+    } while (start !== undefined && items.length < limit);
+    return items;
+  }
+
+  async #scanAll(input: ScanCommandInput): Promise<Item[]> {
+    const items: Item[] = [];
+    let start: Item | undefined;
+    do {
+      const out = await this.#client.send(
+        new ScanCommand({ ...input, ...(start === undefined ? {} : { ExclusiveStartKey: start }) }),
+      );
+      items.push(...(out.Items ?? []));
+      start = out.LastEvaluatedKey;
+    } while (start !== undefined);
+    return items;
+  }
+}
+
+function toSubscriptionItem(rec: SubscriptionRecord): Item {
+  return {
+    id: S(rec.id),
+    owner: S(rec.owner),
+    kind: S(rec.kind),
+    topic: S(rec.topic),
+    status: S(rec.status),
+    ...(rec.error === undefined ? {} : { error: S(rec.error) }),
+    match: S(JSON.stringify(rec.match)),
+    channel: S(JSON.stringify(rec.channel)),
+    webhookSecret: S(rec.webhookSecret),
+    ...(rec.previousSecret === undefined ? {} : { previousSecret: S(JSON.stringify(rec.previousSecret)) }),
+    ...(rec.end === undefined ? {} : { end: S(rec.end) }),
+    eventsSinceStart: N(rec.eventsSinceStart),
+    createdAt: S(rec.createdAt),
+    updatedAt: S(rec.updatedAt),
+    resource: S(JSON.stringify(rec.resource)),
+    ...(COLLECTING.includes(rec.status) ? { collectingOwner: S(rec.owner) } : {}),
+  };
+}
+
+// Items are written only by this adapter from validated records, so reading them back is trusted
+// as far as their JSON goes; missing or mistyped attributes fail loudly (CorruptItemError).
+function fromSubscriptionItem(item: Item): SubscriptionRecord {
+  const error = readOptionalString(item, 'error');
+  const previousSecret = readOptionalString(item, 'previousSecret');
+  const end = readOptionalString(item, 'end');
+  return {
+    id: readString(item, 'id'),
+    owner: readString(item, 'owner'),
+    kind: readString(item, 'kind') as SubscriptionKind,
+    topic: readString(item, 'topic'),
+    status: readString(item, 'status') as SubscriptionStatus,
+    ...(error === undefined ? {} : { error }),
+    match: JSON.parse(readString(item, 'match')) as MatchSpec,
+    channel: JSON.parse(readString(item, 'channel')) as Channel,
+    webhookSecret: readString(item, 'webhookSecret'),
+    ...(previousSecret === undefined
+      ? {}
+      : { previousSecret: JSON.parse(previousSecret) as { secret: string; until: string } }),
+    ...(end === undefined ? {} : { end }),
+    eventsSinceStart: readNumber(item, 'eventsSinceStart'),
+    createdAt: readString(item, 'createdAt'),
+    updatedAt: readString(item, 'updatedAt'),
+    resource: JSON.parse(readString(item, 'resource')) as FhirResource,
+  };
+}
+
+function fromNotificationItem(item: Item): StoredNotification {
+  const lastError = readOptionalString(item, 'lastError');
+  return {
+    subscriptionId: readString(item, 'subscriptionId'),
+    eventNumber: readNumber(item, 'eventNumber'),
+    change: JSON.parse(readString(item, 'change')) as ResourceChange,
+    state: readString(item, 'state') as DeliveryState,
+    attempts: readNumber(item, 'attempts'),
+    dueAt: readNumber(item, 'dueAt'),
+    ...(lastError === undefined ? {} : { lastError }),
+  };
+}
+
+function notificationKey(item: Item): Item {
+  return { subscriptionId: S(readString(item, 'subscriptionId')), eventNumber: N(readNumber(item, 'eventNumber')) };
+}
+
+function eventIdItem(eventId: string, scope: string, receivedAt: number, expiresAt: number): Item {
+  return { eventId: S(eventId), scope: S(scope), receivedAt: N(receivedAt), [TTL_ATTRIBUTE]: N(expiresAt) };
+}
+
+function eventIdKey(eventId: string, scope: string): string {
+  return `${scope}\n${eventId}`;
+}
+
+function compare(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/** Runs `fn` over `items`, at most WRITE_CONCURRENCY at a time; results in input order. */
+async function inBursts<T, R>(items: readonly T[], fn: (item: T) => Promise<R>): Promise<R[]> {
+  const results: R[] = [];
+  for (let i = 0; i < items.length; i += WRITE_CONCURRENCY) {
+    results.push(...(await Promise.all(items.slice(i, i + WRITE_CONCURRENCY).map(fn))));
+  }
+  return results;
+}

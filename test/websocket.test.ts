@@ -1,0 +1,287 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { BindingTokens } from '../src/delivery/ws-binding-token.js';
+import { API_KEYS, type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
+import {
+  Client,
+  eventLike,
+  eventNumbers,
+  focusOf,
+  type Json,
+  statusOf,
+  topicSubscription,
+} from './support/fhir-client.js';
+import { validateFhir } from './support/fhir-schema.js';
+import { WsClient } from './support/ws-client.js';
+
+/**
+ * The websocket channel against the real server process with real `ws` clients: binding with both
+ * message forms, handshakes, matching events only, heartbeats, refusals, R4 bind/ping, catch-up
+ * after a reconnect, and hostile frames that close only the offending socket.
+ */
+
+const WS_SECRET = 'ws-token-secret-for-tests-0123456789abcdef';
+const HL = 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4';
+
+const subscriptionRef = (bundle: Json): string =>
+  String(((statusOf(bundle).params.get('subscription') ?? {}).valueReference as Json | undefined)?.reference);
+
+const wsSubscription = (topic: string, options: { filters?: string[]; channel?: Json } = {}): Json => {
+  const sub = topicSubscription(topic, 'unused', options);
+  const { endpoint: _endpoint, ...channel } = sub.channel as Json;
+  return { ...sub, channel: { ...channel, type: 'websocket' } };
+};
+
+describe('websocket channel (real server, real ws clients)', () => {
+  let broker: BrokerProcess;
+  let alice: Client;
+  let bob: Client;
+  let counter = 0;
+  const sockets: WsClient[] = [];
+
+  beforeAll(async () => {
+    broker = await startBroker({ BROKER_WS_TOKEN_SECRET: WS_SECRET, BROKER_WS_SEND_BUFFER: '4096' });
+    alice = new Client(broker.url, API_KEYS.alice);
+    bob = new Client(broker.url, API_KEYS.bob);
+  });
+  afterAll(async () => {
+    for (const s of sockets) s.close();
+    await broker?.kill('SIGTERM');
+  });
+
+  const wsUrl = () => `${broker.url.replace('http', 'ws')}/ws`;
+  const connect = async (headers: Record<string, string> = {}) => {
+    const c = await WsClient.connect(wsUrl(), headers);
+    sockets.push(c);
+    return c;
+  };
+  const create = async (sub: Json) => {
+    const created = await alice.create(sub);
+    await broker.waitForStatus(created.id as string, 'active');
+    return created.id as string;
+  };
+  const token = async (id: string, client: Client = alice) => {
+    const res = await client.call('GET', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+    expect(res.status).toBe(200);
+    return ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString as string;
+  };
+  const patientChange = async (resourceId: string) => {
+    counter++;
+    const res = await alice.postEvents(
+      eventLike('healthlake-update-patient', `ws-${counter}`, resourceId),
+      INGEST_TOKEN,
+    );
+    expect(res.status).toBe(202);
+  };
+  const notificationsOf = (c: WsClient, sub: string) =>
+    c.bundles.filter(
+      (b) =>
+        statusOf(b).params.get('type')?.valueCode === 'event-notification' && subscriptionRef(b).endsWith(`/${sub}`),
+    );
+  const handshakesOf = (c: WsClient) =>
+    c.bundles
+      .filter((b) => statusOf(b).params.get('type')?.valueCode === 'handshake')
+      .map((b) => subscriptionRef(b).split('/').pop());
+
+  it('issues binding tokens with the websocket URL', async () => {
+    const id = await create(wsSubscription('patient-change'));
+    const res = await alice.call('POST', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+    const params = Object.fromEntries((res.body.parameter as Json[]).map((p) => [p.name, p]));
+    expect(res.body.resourceType).toBe('Parameters');
+    expect(params.subscription?.valueString).toBe(id);
+    expect(params['websocket-url']?.valueUrl).toBe(wsUrl());
+    expect(Date.parse(String(params.expiration?.valueDateTime))).toBeGreaterThan(Date.now());
+    expect(String(params.token?.valueString)).toMatch(/^v1\./);
+    // Another client's subscription does not exist for it.
+    expect((await bob.call('GET', `/fhir/Subscription/${id}/$get-ws-binding-token`)).status).toBe(404);
+  });
+
+  it('binds with the text form, sends the handshake, then only matching events', async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=ws-a,ws-b'] }));
+    const c = await connect();
+    c.send(`bind-with-token ${await token(id)}`);
+    await c.waitFor(() => handshakesOf(c).includes(id), 'handshake');
+    const handshake = c.bundles[0] as Json;
+    expect(statusOf(handshake).params.get('status')?.valueCode).toBe('active');
+    expect(validateFhir(handshake)).toEqual([]);
+
+    await patientChange('ws-a');
+    await patientChange('not-mine');
+    await patientChange('ws-b');
+    await c.waitFor(() => notificationsOf(c, id).length === 2, 'two notifications');
+    const got = notificationsOf(c, id);
+    expect(got.map(eventNumbers)).toEqual([[1], [2]]);
+    expect(got.map((b) => statusOf(b).events.map(focusOf))).toEqual([[`${HL}/Patient/ws-a`], [`${HL}/Patient/ws-b`]]);
+    for (const b of got) expect(validateFhir(b)).toEqual([]);
+  });
+
+  it('binds with the JSON form; several sockets per subscription and several subscriptions per socket', async () => {
+    const a = await create(wsSubscription('patient-change', { filters: ['Patient?_id=multi'] }));
+    const b = await create(wsSubscription('resource-change', { filters: ['_type=Patient'] }));
+    const both = await alice.call('GET', `/fhir/Subscription/$get-ws-binding-token?id=${a}&id=${b}`);
+    const bothToken = ((both.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString as string;
+    const one = await connect();
+    const two = await connect();
+    one.send(JSON.stringify({ type: 'bind-with-token', payload: { token: bothToken } }));
+    two.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await token(a) } }));
+    await one.waitFor(() => handshakesOf(one).length === 2, 'two handshakes');
+    await two.waitFor(() => handshakesOf(two).length === 1, 'one handshake');
+    expect(handshakesOf(one).sort()).toEqual([a, b].sort());
+
+    await patientChange('multi');
+    await one.waitFor(() => notificationsOf(one, a).length === 1 && notificationsOf(one, b).length === 1, 'both subs');
+    await two.waitFor(() => notificationsOf(two, a).length === 1, 'second socket');
+
+    // unbind one subscription: the socket keeps the other.
+    one.send(`unbind ${a}`);
+    await one.waitFor(() => one.messages.includes(`unbound ${a}`), 'unbound');
+    await patientChange('multi');
+    await one.waitFor(() => notificationsOf(one, b).length === 2, 'b still bound');
+    await two.waitFor(() => notificationsOf(two, a).length === 2, 'a on the other socket');
+    expect(notificationsOf(one, a)).toHaveLength(1);
+  });
+
+  it('refuses a bad, an expired and a foreign token, closing only that socket', async () => {
+    const id = await create(wsSubscription('patient-change'));
+    const tokens = new BindingTokens(WS_SECRET);
+    const cases: [string, string][] = [
+      ['not-a-token', 'malformed token'],
+      [`${(await token(id)).slice(0, -4)}AAAA`, 'invalid token'],
+      [tokens.issue({ owner: 'alice', subscriptions: [id], expiresAt: Date.now() - 1 }), 'token expired'],
+      [
+        tokens.issue({ owner: 'bob', subscriptions: [id], expiresAt: Date.now() + 60_000 }),
+        `unknown subscription ${id}`,
+      ],
+    ];
+    const healthy = await connect();
+    healthy.send(`bind-with-token ${await token(id)}`);
+    await healthy.waitFor(() => handshakesOf(healthy).length === 1, 'healthy handshake');
+    for (const [bad, reason] of cases) {
+      const c = await connect();
+      c.send(`bind-with-token ${bad}`);
+      const closed = await c.waitForClose();
+      expect([closed.code, c.messages]).toEqual([4003, [`error ${reason}`]]);
+    }
+    await patientChange('after-refusals');
+    await healthy.waitFor(() => notificationsOf(healthy, id).length >= 1, 'healthy still receives');
+    expect(healthy.closed).toBeUndefined();
+  });
+
+  it('sends heartbeats over the socket', async () => {
+    const id = await create(
+      wsSubscription('patient-change', {
+        channel: {
+          extension: [
+            {
+              url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period',
+              valueUnsignedInt: 1,
+            },
+          ],
+        },
+      }),
+    );
+    const c = await connect();
+    c.send(`bind-with-token ${await token(id)}`);
+    await c.waitFor(
+      () => c.bundles.some((b) => statusOf(b).params.get('type')?.valueCode === 'heartbeat'),
+      'heartbeat',
+      5000,
+    );
+  });
+
+  it('speaks the classic R4 bind/bound/ping exchange to the owner only', async () => {
+    const created = await alice.create({
+      resourceType: 'Subscription',
+      status: 'requested',
+      reason: 'r4',
+      criteria: 'Patient?_id=r4-patient',
+      channel: { type: 'websocket' },
+    });
+    const id = created.id as string;
+    await broker.waitForStatus(id, 'active');
+    const owner = await connect({ authorization: `Bearer ${API_KEYS.alice}` });
+    owner.send(`bind ${id}`);
+    await owner.waitFor(() => owner.messages.includes(`bound ${id}`), 'bound');
+    await patientChange('r4-patient');
+    await owner.waitFor(() => owner.messages.includes(`ping ${id}`), 'ping');
+    expect(owner.messages).toEqual([`bound ${id}`, `ping ${id}`]);
+
+    for (const headers of [{}, { authorization: `Bearer ${API_KEYS.bob}` }] as Record<string, string>[]) {
+      const other = await connect(headers);
+      other.send(`bind ${id}`);
+      expect((await other.waitForClose()).code).toBe(4003);
+    }
+    await expect(WsClient.connect(wsUrl(), { authorization: 'Bearer wrong-key-0123456789' })).rejects.toThrow(
+      'upgrade refused: 401',
+    );
+  });
+
+  it('catches a reconnecting client up with exactly the events it missed, then goes live', async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=cu'] }));
+    const first = await connect();
+    first.send(`bind-with-token ${await token(id)}`);
+    await first.waitFor(() => handshakesOf(first).length === 1, 'handshake');
+    await patientChange('cu');
+    await patientChange('cu');
+    await first.waitFor(() => notificationsOf(first, id).length === 2, 'first two');
+    first.close();
+    await first.waitForClose();
+
+    await patientChange('cu');
+    await patientChange('cu');
+    await patientChange('cu');
+    const again = await connect();
+    again.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await token(id), lastEventNumber: 2 } }));
+    await again.waitFor(() => notificationsOf(again, id).length === 3, 'caught up');
+    await patientChange('cu');
+    await again.waitFor(() => notificationsOf(again, id).length === 4, 'live');
+    expect(handshakesOf(again)).toEqual([id]);
+    expect(notificationsOf(again, id).map(eventNumbers)).toEqual([[3], [4], [5], [6]]);
+  });
+
+  it('closes sockets that send binary junk, huge or unknown messages or floods, and no other', async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=survivor'] }));
+    const healthy = await connect();
+    healthy.send(`bind-with-token ${await token(id)}`);
+    await healthy.waitFor(() => handshakesOf(healthy).length === 1, 'handshake');
+
+    const binary = await connect();
+    binary.socket.send(Buffer.from([0, 1, 2, 255]));
+    const huge = await connect();
+    huge.send(`bind-with-token ${'x'.repeat(20_000)}`);
+    const unknown = await connect();
+    unknown.send('subscribe everything');
+    const badJson = await connect();
+    badJson.send('{"type": "bind-with-token", ');
+    const flood = await connect();
+    for (let i = 0; i < 60; i++) flood.send('unbind');
+
+    expect((await binary.waitForClose()).code).toBe(1003);
+    expect((await huge.waitForClose()).code).toBe(1009);
+    expect(await unknown.waitForClose()).toEqual({ code: 1008, reason: 'unknown command "subscribe"' });
+    expect(await badJson.waitForClose()).toEqual({ code: 1008, reason: 'malformed JSON' });
+    expect((await flood.waitForClose()).code).toBe(4002);
+
+    await patientChange('survivor');
+    await healthy.waitFor(() => notificationsOf(healthy, id).length === 1, 'healthy socket still served');
+    expect(healthy.closed).toBeUndefined();
+  });
+
+  it('disconnects a slow consumer instead of buffering without bound', async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=slow'] }));
+    const slow = await connect();
+    slow.send(`bind-with-token ${await token(id)}`);
+    await slow.waitFor(() => handshakesOf(slow).length === 1, 'handshake');
+    slow.socket.pause();
+    const batch = (n: number) =>
+      Array.from({ length: 1000 }, (_, i) => eventLike('healthlake-update-patient', `slow-${n}-${i}`, 'slow'));
+    for (let n = 0; n < 8 && slow.closed === undefined; n++) {
+      expect((await alice.postEvents(batch(n), INGEST_TOKEN)).status).toBe(202);
+      const log = await broker
+        .waitForLog((r) => r.msg === 'websocket slow consumer closed', 'slow consumer', 2000)
+        .catch(() => undefined);
+      if (log !== undefined) break;
+    }
+    slow.socket.resume();
+    expect((await slow.waitForClose()).code).toBe(4001);
+  });
+});
