@@ -1,7 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
+import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
 import type { Hono } from 'hono';
+import { EventBridgePublisher } from './aws/eventbridge-publisher.js';
 import type { Config } from './config.js';
+import type { LifecycleSink } from './core/lifecycle.js';
 import { type Clock, type IdSource, systemClock } from './core/types.js';
 import { type Credentials, resolveCredentials } from './credentials.js';
 import { Allowlist } from './delivery/address-policy.js';
@@ -10,7 +13,7 @@ import { EndpointGuard, type Resolver, systemResolver } from './delivery/endpoin
 import { LocalWebSocketHub } from './delivery/local-websocket-hub.js';
 import { RestHookSender } from './delivery/rest-hook-sender.js';
 import { WebSocketChannel } from './delivery/websocket-channel.js';
-import { InMemoryBindings } from './delivery/websocket-port.js';
+import { type BindingStore, InMemoryBindings, type WebSocketPort } from './delivery/websocket-port.js';
 import { BindingTokens } from './delivery/ws-binding-token.js';
 import { createApp } from './http/app.js';
 import { ApiKeyAuth, IngestAuth } from './http/auth.js';
@@ -53,6 +56,10 @@ export interface BrokerOverrides {
   readonly logger?: Logger;
   readonly resolver?: Resolver;
   readonly store?: Store;
+  /** Where WebSocket messages go: the local hub by default, API Gateway on AWS. */
+  readonly websocketPort?: WebSocketPort;
+  readonly bindings?: BindingStore;
+  readonly lifecycle?: LifecycleSink;
   readonly version?: string;
 }
 
@@ -70,7 +77,24 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const topics = loadTopicCatalog(config.topicsDir);
   const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? systemResolver);
   const sender = new RestHookSender(guard, clock, { userAgent: `fhir-subscription-broker/${version}` });
-  const registry = new SubscriptionRegistry({ store, topics, guard, clock, ids, logger });
+  const lifecycle =
+    overrides.lifecycle ??
+    (config.eventBus === undefined
+      ? undefined
+      : new EventBridgePublisher({
+          client: new EventBridgeClient({ region: config.awsRegion }),
+          bus: config.eventBus,
+          logger,
+        }));
+  const registry = new SubscriptionRegistry({
+    store,
+    topics,
+    guard,
+    clock,
+    ids,
+    logger,
+    ...(lifecycle === undefined ? {} : { lifecycle }),
+  });
   await registry.load();
   const bindingTokens = new BindingTokens(credentials.wsTokenSecret);
   const websocketHub = new LocalWebSocketHub({
@@ -79,8 +103,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     limits: { maxBufferedBytes: config.wsSendBufferBytes },
   });
   const websocket = new WebSocketChannel({
-    port: websocketHub,
-    bindings: new InMemoryBindings(),
+    port: overrides.websocketPort ?? websocketHub,
+    bindings: overrides.bindings ?? new InMemoryBindings(),
     registry,
     store,
     tokens: bindingTokens,
@@ -93,6 +117,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   websocketHub.handle(websocket);
   const dispatcher = new Dispatcher({
     websocket,
+    ...(lifecycle === undefined ? {} : { lifecycle }),
     store,
     sender,
     registry,
@@ -105,6 +130,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       fhirBase: `${config.publicUrl}/fhir`,
       retryDelaysMs: config.retryDelaysMs,
       retentionMs: config.eventRetentionMs,
+      maxInFlight: config.maxInFlight,
+      maxInFlightPerOrigin: config.maxInFlightPerOrigin,
     },
   });
   const ingest = new IngestService({ store, registry, sink: dispatcher, clock, logger, metrics });
@@ -146,6 +173,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     async close(graceMs = 5000) {
       websocketHub.closeAll();
       await dispatcher.close(graceMs);
+      await lifecycle?.flush();
       await sender.close();
       await store.close();
       dynamodb?.destroy();

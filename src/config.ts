@@ -28,6 +28,9 @@ export interface Config {
   readonly wsSendBufferBytes: number;
   readonly endpointAllowlist: readonly string[];
   readonly retryDelaysMs: readonly number[];
+  /** Webhook requests in flight in all, and to one endpoint origin (scheme://host:port). */
+  readonly maxInFlight: number;
+  readonly maxInFlightPerOrigin: number;
   /** How long delivered notifications stay available to `$events`, and event ids to deduplication. */
   readonly eventRetentionMs: number;
   readonly store: 'sqlite' | 'dynamodb';
@@ -97,6 +100,8 @@ export function loadConfig(env: Env = process.env): Config {
     wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
+    maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 256, 1, 10_000),
+    maxInFlightPerOrigin: int(env, 'BROKER_MAX_IN_FLIGHT_PER_ORIGIN', 32, 1, 1000),
     eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),
     store: storeKind,
     ...(dynamodbEndpoint === undefined ? {} : { dynamodbEndpoint }),

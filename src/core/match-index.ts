@@ -14,39 +14,64 @@ const ANY = '*';
 /** Statuses whose subscriptions still collect notifications (delivery waits until `active`). */
 const MATCHING: ReadonlySet<SubscriptionStatus> = new Set(['requested', 'active', 'error']);
 
+/** Subscription id → its end (epoch ms), kept in the bucket so a match needs no second look-up. */
+type Bucket = Map<string, number>;
+
+/** One `type + interaction` slot: subscriptions on every id, and those filtered to some ids. */
+interface Slot {
+  readonly all: Bucket;
+  readonly byId: Map<string, Bucket>;
+}
+
 interface Entry {
-  readonly keys: readonly string[];
-  readonly endMs: number;
+  /** Where the subscription is filed: slot key and, for id filters, the resource id. */
+  readonly places: readonly (readonly [string, string | undefined])[];
 }
 
 export class MatchIndex {
-  readonly #buckets = new Map<string, Set<string>>();
+  readonly #slots = new Map<string, Slot>();
   readonly #entries = new Map<string, Entry>();
 
   /** Add, replace or (for statuses that no longer match) remove a subscription. */
   upsert(sub: Pick<SubscriptionRecord, 'id' | 'status' | 'match' | 'end'>): void {
     this.remove(sub.id);
     if (!MATCHING.has(sub.status)) return;
-    const keys = keysOf(sub.match);
-    for (const key of keys) {
-      let bucket = this.#buckets.get(key);
-      if (bucket === undefined) {
-        bucket = new Set();
-        this.#buckets.set(key, bucket);
-      }
-      bucket.add(sub.id);
-    }
     const endMs = sub.end === undefined ? Number.POSITIVE_INFINITY : Date.parse(sub.end);
-    this.#entries.set(sub.id, { keys, endMs });
+    const places = placesOf(sub.match);
+    for (const [key, resourceId] of places) {
+      let slot = this.#slots.get(key);
+      if (slot === undefined) {
+        slot = { all: new Map(), byId: new Map() };
+        this.#slots.set(key, slot);
+      }
+      if (resourceId === undefined) {
+        slot.all.set(sub.id, endMs);
+      } else {
+        let bucket = slot.byId.get(resourceId);
+        if (bucket === undefined) {
+          bucket = new Map();
+          slot.byId.set(resourceId, bucket);
+        }
+        bucket.set(sub.id, endMs);
+      }
+    }
+    this.#entries.set(sub.id, { places });
   }
 
   remove(id: string): void {
     const entry = this.#entries.get(id);
     if (entry === undefined) return;
-    for (const key of entry.keys) {
-      const bucket = this.#buckets.get(key);
-      bucket?.delete(id);
-      if (bucket?.size === 0) this.#buckets.delete(key);
+    for (const [key, resourceId] of entry.places) {
+      const slot = this.#slots.get(key);
+      if (slot === undefined) continue;
+      if (resourceId === undefined) {
+        slot.all.delete(id);
+      } else {
+        const bucket = slot.byId.get(resourceId);
+        bucket?.delete(id);
+        if (bucket?.size === 0) slot.byId.delete(resourceId);
+      }
+      if (slot.all.size === 0 && slot.byId.size === 0) this.#slots.delete(key);
     }
     this.#entries.delete(id);
   }
@@ -55,12 +80,8 @@ export class MatchIndex {
   match(change: ResourceChange, nowMs: number): string[] {
     const out: string[] = [];
     const { resourceType: type, interaction: i, resourceId: id } = change;
-    this.#collect(`${type}\u0000${i}`, nowMs, out);
-    this.#collect(`${ANY}\u0000${i}`, nowMs, out);
-    if (id !== undefined) {
-      this.#collect(`${type}\u0000${i}\u0000${id}`, nowMs, out);
-      this.#collect(`${ANY}\u0000${i}\u0000${id}`, nowMs, out);
-    }
+    this.#collect(this.#slots.get(`${type}\u0000${i}`), id, nowMs, out);
+    this.#collect(this.#slots.get(`${ANY}\u0000${i}`), id, nowMs, out);
     return out;
   }
 
@@ -68,26 +89,26 @@ export class MatchIndex {
     return this.#entries.size;
   }
 
-  #collect(key: string, nowMs: number, out: string[]): void {
-    const bucket = this.#buckets.get(key);
-    if (bucket === undefined) return;
-    for (const id of bucket) {
-      const entry = this.#entries.get(id);
-      if (entry !== undefined && entry.endMs > nowMs) out.push(id);
-    }
+  #collect(slot: Slot | undefined, resourceId: string | undefined, nowMs: number, out: string[]): void {
+    if (slot === undefined) return;
+    for (const [sub, endMs] of slot.all) if (endMs > nowMs) out.push(sub);
+    if (resourceId === undefined || slot.byId.size === 0) return;
+    const bucket = slot.byId.get(resourceId);
+    if (bucket !== undefined) for (const [sub, endMs] of bucket) if (endMs > nowMs) out.push(sub);
   }
 }
 
-function keysOf(spec: MatchSpec): string[] {
+function placesOf(spec: MatchSpec): [string, string | undefined][] {
   const types = spec.resourceTypes === '*' ? [ANY] : spec.resourceTypes;
-  const keys: string[] = [];
+  const places: [string, string | undefined][] = [];
   for (const type of types) {
     for (const i of spec.interactions) {
-      if (spec.ids === undefined) keys.push(`${type}\u0000${i}`);
-      else for (const id of spec.ids) keys.push(`${type}\u0000${i}\u0000${id}`);
+      const key = `${type}\u0000${i}`;
+      if (spec.ids === undefined) places.push([key, undefined]);
+      else for (const id of spec.ids) places.push([key, id]);
     }
   }
-  return keys;
+  return places;
 }
 
 /** The reference semantics the index must agree with; also the bench's linear-scan baseline. */

@@ -1,3 +1,4 @@
+import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { buildNotificationBundle, type NotificationType } from '../core/notification.js';
 import { nextRetryDelay } from '../core/retry.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
@@ -64,6 +65,7 @@ export class Dispatcher {
   readonly #store: Store;
   readonly #sender: Sender;
   readonly #websocket: WebSocketDeliverer | undefined;
+  readonly #lifecycle: LifecycleSink;
   readonly #registry: SubscriptionRegistry;
   readonly #clock: Clock;
   readonly #ids: IdSource;
@@ -72,7 +74,7 @@ export class Dispatcher {
   readonly #metrics: Metrics;
   readonly #opts: Required<DispatcherOptions>;
   readonly #lanes = new Map<string, Lane>();
-  readonly #slotWaiters = new Set<() => void>();
+  readonly #slotWaiters: { readonly origin: string; readonly resolve: () => void }[] = [];
   readonly #perOrigin = new Map<string, number>();
   #purgeTimer: NodeJS.Timeout | undefined;
   readonly #running = new Set<Promise<unknown>>();
@@ -85,6 +87,7 @@ export class Dispatcher {
     store: Store;
     sender: Sender;
     websocket?: WebSocketDeliverer;
+    lifecycle?: LifecycleSink;
     registry: SubscriptionRegistry;
     clock: Clock;
     ids: IdSource;
@@ -96,6 +99,7 @@ export class Dispatcher {
     this.#store = deps.store;
     this.#sender = deps.sender;
     this.#websocket = deps.websocket;
+    this.#lifecycle = deps.lifecycle ?? noLifecycleSink;
     this.#registry = deps.registry;
     this.#clock = deps.clock;
     this.#ids = deps.ids;
@@ -103,8 +107,8 @@ export class Dispatcher {
     this.#logger = deps.logger;
     this.#metrics = deps.metrics;
     this.#opts = {
-      maxInFlight: 64,
-      maxInFlightPerOrigin: 8,
+      maxInFlight: 256,
+      maxInFlightPerOrigin: 32,
       retentionMs: 7 * 86_400_000,
       laneBuffer: 256,
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
@@ -143,6 +147,38 @@ export class Dispatcher {
     for (const id of touched) this.#wake(id, false);
   }
 
+  /**
+   * Resolves once nothing is in flight (or `timeoutMs` passed) and delivery states are written:
+   * a Lambda invocation awaits this before returning, since a frozen container sends nothing.
+   */
+  async idle(timeoutMs: number): Promise<void> {
+    const deadline = this.#clock.now() + timeoutMs;
+    while (this.#running.size > 0 && this.#clock.now() < deadline) {
+      const left = deadline - this.#clock.now();
+      await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, left).unref())]);
+    }
+    await this.#flush();
+  }
+
+  /**
+   * For a scheduler that runs every `windowMs` (the AWS dispatcher function): send a heartbeat to
+   * each subscription whose heartbeat period boundary fell within the last window. Stateless, so
+   * any instance may run it; granularity is the window.
+   */
+  async sendDueHeartbeats(windowMs: number): Promise<number> {
+    const now = this.#clock.now();
+    const due = [...this.#registry.all()].filter((sub) => {
+      const period = (sub.channel.heartbeatPeriodSeconds ?? 0) * 1000;
+      if (period === 0 || (sub.status !== 'active' && sub.status !== 'error')) return false;
+      return Math.floor(now / period) !== Math.floor((now - windowMs) / period);
+    });
+    const results = await Promise.all(
+      due.map((sub) => this.#withSlot(sub, () => this.#sendBundle(sub, 'heartbeat', [], `${sub.id}-heartbeat-${now}`))),
+    );
+    for (const r of results) this.#metrics.inc('broker_heartbeats_total', { outcome: r.ok ? 'ok' : 'failed' });
+    return due.length;
+  }
+
   get outboxDepth(): number {
     let depth = 0;
     for (const lane of this.#lanes.values()) depth += lane.queue.length;
@@ -157,7 +193,10 @@ export class Dispatcher {
       clearTimeout(lane.timer);
       clearTimeout(lane.heartbeat);
     }
-    for (const w of this.#slotWaiters) w();
+    for (const w of this.#slotWaiters.splice(0)) {
+      this.#reserve(w.origin);
+      w.resolve();
+    }
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
     await this.#flush();
   }
@@ -262,6 +301,14 @@ export class Dispatcher {
     });
     if (result.status === 410) {
       await this.#registry.transition(sub.id, { kind: 'endpoint-gone', reason: 'endpoint answered 410 Gone' });
+      this.#lifecycle.publish({
+        type: 'Endpoint Disabled',
+        subscriptionId: sub.id,
+        owner: sub.owner,
+        endpointOrigin: originOf(sub.channel.endpoint),
+        reason: 'endpoint answered 410 Gone',
+        time: new Date(now).toISOString(),
+      });
       this.#metrics.inc('broker_notifications_total', { outcome: 'gone' }, batch.length);
       return false;
     }
@@ -275,6 +322,14 @@ export class Dispatcher {
         this.#record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
       }
       this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);
+      this.#lifecycle.publish({
+        type: 'Notification Dead-Lettered',
+        subscriptionId: sub.id,
+        owner: sub.owner,
+        eventNumbers: batch.map((q) => q.note.eventNumber),
+        reason: result.error,
+        time: new Date(now).toISOString(),
+      });
       await this.#registry.transition(sub.id, {
         kind: 'delivery-exhausted',
         reason: `delivery failed after ${attempts} attempt(s): ${result.error}`,
@@ -361,24 +416,18 @@ export class Dispatcher {
     });
   }
 
-  /** Runs `fn` within the global and per-origin in-flight caps. */
+  /**
+   * Runs `fn` within the global and per-origin in-flight caps. Waiters queue first-in first-out;
+   * a freed slot wakes the oldest waiter whose origin is under its cap, so one busy origin
+   * cannot starve the others and no waiter is woken for nothing.
+   */
   async #withSlot<T>(sub: SubscriptionRecord, fn: () => Promise<T>): Promise<T> {
     // Local socket writes need no network slot.
     if (sub.channel.type === 'websocket') return fn();
     const origin = originOf(sub.channel.endpoint);
-    const busy = (): boolean =>
-      this.#inFlight >= this.#opts.maxInFlight || (this.#perOrigin.get(origin) ?? 0) >= this.#opts.maxInFlightPerOrigin;
-    while (busy() && !this.#closed) {
-      await new Promise<void>((resolve) => {
-        const wake = (): void => {
-          this.#slotWaiters.delete(wake);
-          resolve();
-        };
-        this.#slotWaiters.add(wake);
-      });
-    }
-    this.#inFlight++;
-    this.#perOrigin.set(origin, (this.#perOrigin.get(origin) ?? 0) + 1);
+    if (this.#canStart(origin) || this.#closed) this.#reserve(origin);
+    // Otherwise the slot is reserved for us by whoever frees it (#wakeNext).
+    else await new Promise<void>((resolve) => this.#slotWaiters.push({ origin, resolve }));
     try {
       return await fn();
     } finally {
@@ -386,9 +435,28 @@ export class Dispatcher {
       const left = (this.#perOrigin.get(origin) ?? 1) - 1;
       if (left === 0) this.#perOrigin.delete(origin);
       else this.#perOrigin.set(origin, left);
-      // Waiters re-check their own caps: a freed slot for one origin must not starve another.
-      for (const w of [...this.#slotWaiters]) w();
+      this.#wakeNext();
     }
+  }
+
+  #canStart(origin: string): boolean {
+    return (
+      this.#inFlight < this.#opts.maxInFlight && (this.#perOrigin.get(origin) ?? 0) < this.#opts.maxInFlightPerOrigin
+    );
+  }
+
+  #wakeNext(): void {
+    const i = this.#slotWaiters.findIndex((w) => this.#canStart(w.origin));
+    if (i === -1) return;
+    const [next] = this.#slotWaiters.splice(i, 1);
+    if (next === undefined) return;
+    this.#reserve(next.origin);
+    next.resolve();
+  }
+
+  #reserve(origin: string): void {
+    this.#inFlight++;
+    this.#perOrigin.set(origin, (this.#perOrigin.get(origin) ?? 0) + 1);
   }
 
   /**

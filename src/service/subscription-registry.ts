@@ -1,5 +1,6 @@
 import { BrokerError } from '../core/errors.js';
 import { BROKER_EXT } from '../core/fhir-urls.js';
+import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { MatchIndex } from '../core/match-index.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
 import { parseSubscription } from '../core/subscription.js';
@@ -44,9 +45,11 @@ export class SubscriptionRegistry {
   readonly #logger: Logger;
   readonly #index = new MatchIndex();
   readonly #cache = new Map<string, SubscriptionRecord>();
+  readonly #lifecycle: LifecycleSink;
   #listener: RegistryListener | undefined;
 
   constructor(deps: {
+    lifecycle?: LifecycleSink;
     store: Store;
     topics: TopicCatalog;
     guard: EndpointGuard;
@@ -60,6 +63,7 @@ export class SubscriptionRegistry {
     this.#clock = deps.clock;
     this.#ids = deps.ids;
     this.#logger = deps.logger;
+    this.#lifecycle = deps.lifecycle ?? noLifecycleSink;
   }
 
   listen(listener: RegistryListener): void {
@@ -184,6 +188,17 @@ export class SubscriptionRegistry {
     if (stored === undefined) throw new BrokerError('NOT_FOUND', `Subscription/${id} not found`);
     this.#remember(stored);
     this.#logger.info('subscription updated', { subscription: id, owner, status });
+    if (status !== current.status) {
+      this.#lifecycle.publish({
+        type: 'Subscription Status Changed',
+        subscriptionId: id,
+        owner,
+        from: current.status,
+        to: status,
+        reason: 'changed by the client',
+        time: stored.updatedAt,
+      });
+    }
     if (status === 'requested') this.#listener?.onRequested(id);
     this.#listener?.onChanged(id);
     return stored;
@@ -216,6 +231,15 @@ export class SubscriptionRegistry {
       from: current.status,
       to: updated.status,
       ...(change.error === undefined ? {} : { reason: change.error }),
+    });
+    this.#lifecycle.publish({
+      type: 'Subscription Status Changed',
+      subscriptionId: id,
+      owner: updated.owner,
+      from: current.status,
+      to: updated.status,
+      ...(change.error === undefined ? {} : { reason: change.error }),
+      time: updated.updatedAt,
     });
     if (updated.status === 'active') this.#listener?.onActivated(id);
     this.#listener?.onChanged(id);

@@ -93,12 +93,14 @@ const COLLECTING = "('requested', 'active', 'error')";
 export class SqliteStore implements Store {
   readonly #db: Database.Database;
   readonly #stmt;
+  readonly #synchronous: 'FULL' | 'NORMAL';
 
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
     mkdirSync(dataDir, { recursive: true });
     this.#db = new Database(join(dataDir, 'broker.sqlite3'));
     this.#db.pragma('journal_mode = WAL');
-    this.#db.pragma(`synchronous = ${options.synchronous ?? 'FULL'}`);
+    this.#synchronous = options.synchronous ?? 'FULL';
+    this.#db.pragma(`synchronous = ${this.#synchronous}`);
     this.#db.pragma('busy_timeout = 5000');
     this.#db.pragma('foreign_keys = ON');
     this.#db.exec(SCHEMA);
@@ -221,10 +223,21 @@ export class SqliteStore implements Store {
     return this.#stmt.withPending.all().map((r) => r.subscription_id);
   }
 
+  /**
+   * Delivery states commit without their own fsync (`synchronous = NORMAL` for this transaction):
+   * the next event commit (FULL) makes them durable, and one lost to a power cut only means a
+   * redelivery, which at-least-once allows. This keeps the event loop off the disk.
+   */
   async recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
-    this.#db.transaction(() => {
-      for (const u of updates) this.#stmt.delivery.run({ ...u, lastError: u.lastError ?? null });
-    })();
+    const full = this.#synchronous === 'FULL';
+    if (full) this.#db.pragma('synchronous = NORMAL');
+    try {
+      this.#db.transaction(() => {
+        for (const u of updates) this.#stmt.delivery.run({ ...u, lastError: u.lastError ?? null });
+      })();
+    } finally {
+      if (full) this.#db.pragma('synchronous = FULL');
+    }
   }
 
   async notificationsInRange(

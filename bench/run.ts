@@ -1,0 +1,57 @@
+import { execFileSync } from 'node:child_process';
+import { cpus, loadavg } from 'node:os';
+import { runMatch } from './match.js';
+import { runPipeline } from './pipeline.js';
+import { printTable, type TargetCheck } from './util.js';
+
+/**
+ * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`) runs one.
+ * Each suite prints its own table; this prints the machine first and the targets last.
+ */
+
+const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = { match: runMatch, pipeline: runPipeline };
+
+async function main(): Promise<void> {
+  const asked = process.argv.slice(2).filter((a) => a !== '--');
+  const unknown = asked.filter((a) => !(a in SUITES));
+  if (unknown.length > 0) {
+    console.error(`unknown suite(s): ${unknown.join(', ')}; choose from ${Object.keys(SUITES).join(', ')}`);
+    process.exit(2);
+  }
+  const names = asked.length === 0 ? Object.keys(SUITES) : asked;
+  const cpu = cpus();
+  console.log(
+    `fhir-subscription-broker bench — ${new Date().toISOString()} — node ${process.version} — ${cpu.length} x ${cpu[0]?.model ?? 'cpu'}`,
+  );
+  console.log(`broker source: ${revision()}`);
+  const load = (): string =>
+    loadavg()
+      .map((l) => l.toFixed(2))
+      .join(' ');
+  console.log(`load average at start: ${load()} (other processes on these cores skew every figure below)`);
+  const started = performance.now();
+  const checks: TargetCheck[] = [];
+  for (const name of names) checks.push(...(await (SUITES[name] as () => Promise<TargetCheck[]>)()));
+  console.log('\n## targets\n');
+  printTable([
+    ['suite', 'target', 'measured', 'met'],
+    ...checks.map((c) => [c.suite, c.target, c.measured, c.met ? 'yes' : 'NO']),
+  ]);
+  console.log(`\ntotal ${((performance.now() - started) / 1000).toFixed(1)} s; load average at end: ${load()}`);
+}
+
+/** The commit the figures belong to, and whether src/ differs from it. */
+function revision(): string {
+  try {
+    const git = (...args: string[]): string => execFileSync('git', args, { encoding: 'utf8' }).trim();
+    const dirty = git('status', '--porcelain', '--', 'src') !== '';
+    return `${git('rev-parse', '--short', 'HEAD')}${dirty ? ' + uncommitted changes in src/' : ''}`;
+  } catch {
+    return 'unknown (not a git checkout)';
+  }
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exitCode = 1;
+});
