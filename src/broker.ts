@@ -40,11 +40,20 @@ export interface Broker {
   /** The local WebSocket hub: `main.ts` hands it the sockets upgraded on `/ws`. */
   readonly websocketHub: LocalWebSocketHub;
   readonly apiAuth: ApiKeyAuth;
+  readonly ingest: IngestService;
+  /** The websocket channel (binding protocol and delivery), whatever the socket layer. */
+  readonly websocket: WebSocketChannel;
   readonly metrics: Metrics;
   readonly credentials: Credentials;
   readonly logger: Logger;
   /** Resume owed handshakes and pending deliveries. */
   start(): Promise<void>;
+  /**
+   * Reload subscriptions from the store when the in-memory copy is older than `maxAgeMs`: for
+   * several stateless instances (Lambda) sharing one store, where another instance may have
+   * created or changed a subscription.
+   */
+  refreshSubscriptions(maxAgeMs: number): Promise<void>;
   /** Finish in-flight attempts within `graceMs`, then release the store and sockets. */
   close(graceMs?: number): Promise<void>;
 }
@@ -96,6 +105,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     ...(lifecycle === undefined ? {} : { lifecycle }),
   });
   await registry.load();
+  let loadedAt = clock.now();
   const bindingTokens = new BindingTokens(credentials.wsTokenSecret);
   const websocketHub = new LocalWebSocketHub({
     logger,
@@ -157,6 +167,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     version,
     bindingTokens,
     wsTokenTtlMs: config.wsTokenTtlMs,
+    websocketUrl: config.websocketUrl,
   });
 
   return {
@@ -166,10 +177,17 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     dispatcher,
     websocketHub,
     apiAuth,
+    ingest,
+    websocket,
     metrics,
     credentials,
     logger,
     start: () => dispatcher.start(),
+    async refreshSubscriptions(maxAgeMs: number) {
+      if (clock.now() - loadedAt < maxAgeMs) return;
+      await registry.reload();
+      loadedAt = clock.now();
+    },
     async close(graceMs = 5000) {
       websocketHub.closeAll();
       await dispatcher.close(graceMs);

@@ -16,6 +16,12 @@ export interface Config {
   /** `BROKER_PUBLIC_URL`, or `http://HOST:PORT` (with PORT=0, main.ts fills in the bound port). */
   readonly publicUrl: string;
   readonly publicUrlExplicit: boolean;
+  /** `websocket-url` handed out with binding tokens: `BROKER_WEBSOCKET_URL`, or the public URL's ws form + `/ws`. */
+  readonly websocketUrl: string;
+  /** API Gateway WebSocket management endpoint (`https://{api}.execute-api.{region}.amazonaws.com/{stage}`), on AWS. */
+  readonly wsManagementEndpoint?: string;
+  /** Secrets Manager secret with apiKeys, ingestToken and wsTokenSecret, on AWS. */
+  readonly secretArn?: string;
   readonly dataDir: string;
   /** From `BROKER_API_KEYS`; empty means "generate one and keep it in the data dir". */
   readonly apiClients: readonly ApiClient[];
@@ -91,6 +97,9 @@ export function loadConfig(env: Env = process.env): Config {
     host,
     publicUrl,
     publicUrlExplicit: explicitUrl !== undefined,
+    websocketUrl: str(env, 'BROKER_WEBSOCKET_URL') ?? `${publicUrl.replace(/^http/, 'ws')}/ws`,
+    ...optional('wsManagementEndpoint', str(env, 'BROKER_WS_MANAGEMENT_ENDPOINT')),
+    ...optional('secretArn', str(env, 'BROKER_SECRET_ARN')),
     dataDir: str(env, 'BROKER_DATA_DIR') ?? './data',
     apiClients: Object.freeze(parseApiKeys(str(env, 'BROKER_API_KEYS'))),
     ...(ingestToken === undefined ? {} : { ingestToken }),
@@ -115,6 +124,15 @@ export function loadConfig(env: Env = process.env): Config {
     maxIngestBodyBytes: int(env, 'BROKER_MAX_INGEST_BYTES', 10 * 1024 * 1024, 1024, 256 * 1024 * 1024),
     logLevel,
   });
+}
+
+function optional<K extends string>(key: K, value: string | undefined): { [P in K]?: string } {
+  return (value === undefined ? {} : { [key]: value }) as { [P in K]?: string };
+}
+
+/** Config from the process environment with some values supplied by the caller (e.g. from a secret). */
+export function loadConfigWith(overrides: Readonly<Record<string, string>>): Config {
+  return loadConfig({ ...process.env, ...overrides });
 }
 
 export function defaultPublicUrl(host: string, port: number): string {

@@ -27,7 +27,13 @@ async function main(): Promise<void> {
   server.listen(config.port, config.host);
   await once(server, 'listening');
   const port = (server.address() as AddressInfo).port;
-  if (!config.publicUrlExplicit) config = { ...config, publicUrl: defaultPublicUrl(config.host, port) };
+  if (!config.publicUrlExplicit) {
+    const derivedWs = `${config.publicUrl.replace(/^http/, 'ws')}/ws`;
+    const publicUrl = defaultPublicUrl(config.host, port);
+    const websocketUrl =
+      config.websocketUrl === derivedWs ? `${publicUrl.replace(/^http/, 'ws')}/ws` : config.websocketUrl;
+    config = { ...config, publicUrl, websocketUrl };
+  }
 
   broker = await createBroker(config, { version });
   const { logger } = broker;

@@ -24,7 +24,11 @@ describe('openapi.yaml', () => {
       methods.map((m) => `${m} ${path.replace(/:([A-Za-z]+)/g, '{$1}')}`),
     ).sort();
     const documented = Object.entries(doc.paths)
-      .flatMap(([path, ops]) => Object.keys(ops).filter((k) => METHODS.has(k)).map((m) => `${m.toUpperCase()} ${path}`))
+      .flatMap(([path, ops]) =>
+        Object.keys(ops)
+          .filter((k) => METHODS.has(k))
+          .map((m) => `${m.toUpperCase()} ${path}`),
+      )
       .sort();
     expect(documented).toEqual(app);
   });

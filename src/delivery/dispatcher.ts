@@ -128,8 +128,10 @@ export class Dispatcher {
     for (const id of await this.#store.subscriptionsWithPending()) this.#wake(id, true);
     for (const sub of this.#registry.all()) this.#scheduleHeartbeat(sub.id);
     await this.#purge();
-    this.#purgeTimer = setInterval(() => void this.#purge(), PURGE_INTERVAL_MS);
-    this.#purgeTimer.unref();
+    if (this.#purgeTimer === undefined) {
+      this.#purgeTimer = setInterval(() => void this.#purge(), PURGE_INTERVAL_MS);
+      this.#purgeTimer.unref();
+    }
   }
 
   /** Hand over notifications that were just committed. */

@@ -25,6 +25,7 @@ export interface FhirRouteDeps {
   readonly version: string;
   readonly bindingTokens: BindingTokens;
   readonly wsTokenTtlMs: number;
+  readonly websocketUrl: string;
 }
 
 /** 1,000: the most stored notifications one `$events` call returns; page with eventsSinceNumber. */
@@ -118,7 +119,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     return fhirResponse(buildStatusBundle(subs, ctx()));
   });
 
-  const wsUrl = `${deps.publicUrl.replace(/^http/, 'ws')}/ws`;
+  const wsUrl = deps.websocketUrl;
   const bindingToken = async (owner: string, ids: readonly string[] | undefined): Promise<Response> => {
     const subs =
       ids === undefined

@@ -75,6 +75,18 @@ export class SubscriptionRegistry {
     this.#logger.info('subscriptions loaded', { count: this.#cache.size });
   }
 
+  /** Replace the cache and index with what the store holds now. */
+  async reload(): Promise<void> {
+    const fresh = await this.#store.listSubscriptions();
+    const ids = new Set(fresh.map((r) => r.id));
+    for (const id of [...this.#cache.keys()]) {
+      if (ids.has(id)) continue;
+      this.#cache.delete(id);
+      this.#index.remove(id);
+    }
+    for (const rec of fresh) this.#remember(rec);
+  }
+
   get(id: string): SubscriptionRecord | undefined {
     return this.#cache.get(id);
   }

@@ -80,6 +80,9 @@ import { INDEX, type TableNames, TTL_ATTRIBUTE, tableNames } from './tables.js';
 /** The `scope` of the item that marks an EventBridge id as accepted (FHIR ids cannot contain `#`). */
 const EVENT_SCOPE = '#event';
 
+/** A subscription id that cannot exist (FHIR ids have no `#`): what `ping` reads. */
+const PING_KEY = '#ping';
+
 /** Statuses that still collect notifications; mirrors the matching index and the SQLite adapter. */
 const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error'];
 
@@ -273,14 +276,16 @@ export class DynamoDbStore implements Store {
         .setOrRemove('lastError', undefined)
         .copyOrRemove('pendingSubscriptionId', 'subscriptionId', true);
       const condition = `${e.name('state')} = ${e.value(S('dead'))}`;
-      return this.#conditionalWrite(
-        new UpdateItemCommand({
-          TableName: this.#tables.notifications,
-          Key: notificationKey(key),
-          UpdateExpression: e.update,
-          ConditionExpression: condition,
-          ...e.bindings,
-        }),
+      return conditionHeld(
+        this.#client.send(
+          new UpdateItemCommand({
+            TableName: this.#tables.notifications,
+            Key: notificationKey(key),
+            UpdateExpression: e.update,
+            ConditionExpression: condition,
+            ...e.bindings,
+          }),
+        ),
       );
     });
     return requeued.filter(Boolean).length;
@@ -297,14 +302,16 @@ export class DynamoDbStore implements Store {
     });
     const notes = await inBursts(oldNotes, (key) =>
       // Re-checked on delete: a dead letter requeued since the scan is pending and stays.
-      this.#conditionalWrite(
-        new DeleteItemCommand({
-          TableName: this.#tables.notifications,
-          Key: notificationKey(key),
-          ConditionExpression: '#state IN (:delivered, :dead) AND createdAt < :before',
-          ExpressionAttributeNames: { '#state': 'state' },
-          ExpressionAttributeValues: { ':delivered': S('delivered'), ':dead': S('dead'), ':before': N(before) },
-        }),
+      conditionHeld(
+        this.#client.send(
+          new DeleteItemCommand({
+            TableName: this.#tables.notifications,
+            Key: notificationKey(key),
+            ConditionExpression: '#state IN (:delivered, :dead) AND createdAt < :before',
+            ExpressionAttributeNames: { '#state': 'state' },
+            ExpressionAttributeValues: { ':delivered': S('delivered'), ':dead': S('dead'), ':before': N(before) },
+          }),
+        ),
       ),
     );
     const oldIds = await this.#scanAll({
@@ -316,12 +323,14 @@ export class DynamoDbStore implements Store {
       ExpressionAttributeValues: { ':before': N(before) },
     });
     const ids = await inBursts(oldIds, (key) =>
-      this.#conditionalWrite(
-        new DeleteItemCommand({
-          TableName: this.#tables.eventIds,
-          Key: { eventId: S(readString(key, 'eventId')), scope: S(readString(key, 'scope')) },
-          ConditionExpression: 'attribute_exists(eventId)',
-        }),
+      conditionHeld(
+        this.#client.send(
+          new DeleteItemCommand({
+            TableName: this.#tables.eventIds,
+            Key: { eventId: S(readString(key, 'eventId')), scope: S(readString(key, 'scope')) },
+            ConditionExpression: 'attribute_exists(eventId)',
+          }),
+        ),
       ),
     );
     return {
@@ -333,7 +342,7 @@ export class DynamoDbStore implements Store {
 
   async ping(): Promise<void> {
     // A data-plane read: /healthz is polled, and DescribeTable has low control-plane limits.
-    await this.#client.send(new GetItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(EVENT_SCOPE) } }));
+    await this.#client.send(new GetItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(PING_KEY) } }));
   }
 
   /** The client belongs to the composition root, which destroys it; only wait for acceptances. */
@@ -545,28 +554,17 @@ export class DynamoDbStore implements Store {
       .setOrRemove('lastError', u.lastError === undefined ? undefined : S(u.lastError))
       .copyOrRemove('pendingSubscriptionId', 'subscriptionId', u.state === 'pending');
     // An outcome for a notification that no longer exists is ignored, not written as a new item.
-    return this.#conditionalWrite(
-      new UpdateItemCommand({
-        TableName: this.#tables.notifications,
-        Key: { subscriptionId: S(u.subscriptionId), eventNumber: N(u.eventNumber) },
-        UpdateExpression: e.update,
-        ConditionExpression: `attribute_exists(${e.name('subscriptionId')})`,
-        ...e.bindings,
-      }),
+    return conditionHeld(
+      this.#client.send(
+        new UpdateItemCommand({
+          TableName: this.#tables.notifications,
+          Key: { subscriptionId: S(u.subscriptionId), eventNumber: N(u.eventNumber) },
+          UpdateExpression: e.update,
+          ConditionExpression: `attribute_exists(${e.name('subscriptionId')})`,
+          ...e.bindings,
+        }),
+      ),
     );
-  }
-
-  /** Sends a conditional write; false when its condition did not hold. */
-  async #conditionalWrite(command: UpdateItemCommand | DeleteItemCommand): Promise<boolean> {
-    try {
-      // The union is sent through the client's overloads one type at a time.
-      if (command instanceof UpdateItemCommand) await this.#client.send(command);
-      else await this.#client.send(command);
-      return true;
-    } catch (err) {
-      if (err instanceof ConditionalCheckFailedException) return false;
-      throw err;
-    }
   }
 
   async #deleteNotificationsOf(subscriptionId: string): Promise<void> {
@@ -716,6 +714,17 @@ function eventIdItem(eventId: string, scope: string, receivedAt: number, expires
 
 function eventIdKey(eventId: string, scope: string): string {
   return `${scope}\n${eventId}`;
+}
+
+/** Awaits a conditional write; false when its condition did not hold. */
+async function conditionHeld(write: Promise<unknown>): Promise<boolean> {
+  try {
+    await write;
+    return true;
+  } catch (err) {
+    if (err instanceof ConditionalCheckFailedException) return false;
+    throw err;
+  }
 }
 
 function compare(a: string, b: string): number {

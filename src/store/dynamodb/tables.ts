@@ -29,6 +29,8 @@ export const INDEX = {
   collectingByOwner: 'collecting-by-owner',
   /** notifications, sparse: only pending ones, by subscription and event number. */
   pending: 'pending',
+  /** connections, sparse: binding items by subscription (for delivery over API Gateway). */
+  connectionsBySubscription: 'by-subscription',
 } as const;
 
 /** The TTL attribute (epoch seconds) on event ids, per-subscription markers and connections. */
@@ -130,8 +132,27 @@ export function tableDefinitions(prefix: string): TableDefinition[] {
       input: {
         TableName: names.connections,
         BillingMode: 'PAY_PER_REQUEST',
-        AttributeDefinitions: [{ AttributeName: 'connectionId', AttributeType: 'S' }],
-        KeySchema: [{ AttributeName: 'connectionId', KeyType: 'HASH' }],
+        // One `#connection` item per API Gateway connection and one `sub#<id>` item per binding.
+        AttributeDefinitions: [
+          { AttributeName: 'connectionId', AttributeType: 'S' },
+          { AttributeName: 'sk', AttributeType: 'S' },
+          { AttributeName: 'subscriptionId', AttributeType: 'S' },
+        ],
+        KeySchema: [
+          { AttributeName: 'connectionId', KeyType: 'HASH' },
+          { AttributeName: 'sk', KeyType: 'RANGE' },
+        ],
+        GlobalSecondaryIndexes: [
+          {
+            // Sparse: only binding items carry subscriptionId.
+            IndexName: INDEX.connectionsBySubscription,
+            KeySchema: [
+              { AttributeName: 'subscriptionId', KeyType: 'HASH' },
+              { AttributeName: 'connectionId', KeyType: 'RANGE' },
+            ],
+            Projection: all,
+          },
+        ],
       },
     },
   ];

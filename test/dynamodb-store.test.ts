@@ -1,0 +1,159 @@
+import { randomUUID } from 'node:crypto';
+import {
+  DeleteItemCommand,
+  DeleteTableCommand,
+  DescribeTableCommand,
+  DescribeTimeToLiveCommand,
+  type DynamoDBClient,
+  QueryCommand,
+  UpdateItemCommand,
+} from '@aws-sdk/client-dynamodb';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
+import { SubscriptionExistsError } from '../src/store/dynamodb/errors.js';
+import { ensureTables, INDEX, tableDefinitions, tableNames } from '../src/store/dynamodb/tables.js';
+import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
+import { change, item, RECEIVED, record } from './support/store-fixtures.js';
+
+/**
+ * What only the DynamoDB adapter has: table creation, the crash-retry path of acceptChanges,
+ * TTL-expired items, sparse indexes. The shared behaviour is in store-contract.test.ts.
+ */
+
+let local: DynamoDbLocal;
+let client: DynamoDBClient;
+let prefix: string;
+let store: DynamoDbStore;
+
+beforeAll(async () => {
+  local = await startDynamoDbLocal();
+  client = local.client;
+});
+afterAll(() => local?.stop());
+
+beforeEach(async () => {
+  prefix = `ddb-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(client, prefix);
+  store = new DynamoDbStore(client, prefix);
+  await store.insertSubscription(record('s1'));
+});
+
+afterEach(async () => {
+  await store.close();
+  await Promise.all(
+    tableDefinitions(prefix).map((d) => client.send(new DeleteTableCommand({ TableName: d.input.TableName }))),
+  );
+});
+
+const names = () => tableNames(prefix);
+
+describe('ensureTables', () => {
+  it('creates the four tables, ACTIVE, with TTL on event ids and connections', async () => {
+    const t = names();
+    const described = await Promise.all(
+      [t.subscriptions, t.notifications, t.eventIds, t.connections].map(async (TableName) => {
+        const { Table } = await client.send(new DescribeTableCommand({ TableName }));
+        const ttl = await client.send(new DescribeTimeToLiveCommand({ TableName }));
+        return [
+          TableName,
+          Table?.TableStatus,
+          Table?.BillingModeSummary?.BillingMode,
+          (Table?.GlobalSecondaryIndexes ?? []).map((i) => i.IndexName).sort(),
+          ttl.TimeToLiveDescription?.AttributeName ?? null,
+        ];
+      }),
+    );
+    expect(described).toEqual([
+      [t.subscriptions, 'ACTIVE', 'PAY_PER_REQUEST', [INDEX.byOwner, INDEX.collectingByOwner], null],
+      [t.notifications, 'ACTIVE', 'PAY_PER_REQUEST', [INDEX.pending], null],
+      [t.eventIds, 'ACTIVE', 'PAY_PER_REQUEST', [], 'expiresAt'],
+      [t.connections, 'ACTIVE', 'PAY_PER_REQUEST', [INDEX.connectionsBySubscription], 'expiresAt'],
+    ]);
+  });
+
+  it('leaves existing tables and their items alone when run again', async () => {
+    await ensureTables(client, prefix);
+    expect(await store.getSubscription('s1')).toEqual(record('s1'));
+  });
+});
+
+describe('DynamoDbStore', () => {
+  it('raises SubscriptionExistsError for a taken id', async () => {
+    await expect(store.insertSubscription(record('s1', { owner: 'bob' }))).rejects.toThrow(SubscriptionExistsError);
+  });
+
+  it('finishes a half-done acceptance on retry without a second notification or number', async () => {
+    await store.acceptChanges([item('e1', ['s1'])], RECEIVED);
+    // A crash after the notification and its marker, before the event id was recorded.
+    await client.send(
+      new DeleteItemCommand({ TableName: names().eventIds, Key: { eventId: { S: 'e1' }, scope: { S: '#event' } } }),
+    );
+    expect(await store.acceptChanges([item('e1', ['s1'])], RECEIVED + 1)).toEqual([
+      { duplicate: false, notifications: [{ subscriptionId: 's1', eventNumber: 1, change: change('e1', 'p1') }] },
+    ]);
+    expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => n.eventNumber)).toEqual([1]);
+    expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(1);
+    expect(await store.acceptChanges([item('e1', ['s1'])], RECEIVED + 2)).toEqual([
+      { duplicate: true, notifications: [] },
+    ]);
+  });
+
+  it('leaves a gap in event numbers when a process died between taking a number and queueing', async () => {
+    await client.send(
+      new UpdateItemCommand({
+        TableName: names().subscriptions,
+        Key: { id: { S: 's1' } },
+        UpdateExpression: 'ADD eventsSinceStart :one',
+        ExpressionAttributeValues: { ':one': { N: '1' } },
+      }),
+    );
+    const [outcome] = await store.acceptChanges([item('e1', ['s1'])], RECEIVED);
+    expect(outcome?.notifications.map((n) => n.eventNumber)).toEqual([2]);
+    expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => n.eventNumber)).toEqual([2]);
+  });
+
+  it('treats an event id past its TTL as new even before DynamoDB deletes it', async () => {
+    const shortLived = new DynamoDbStore(client, prefix, { eventTtlMs: 60_000 });
+    await shortLived.acceptChanges([item('e1', ['s1'])], RECEIVED);
+    expect(await shortLived.acceptChanges([item('e1', ['s1'])], RECEIVED + 59_000)).toEqual([
+      { duplicate: true, notifications: [] },
+    ]);
+    expect(await shortLived.acceptChanges([item('e1', ['s1'])], RECEIVED + 60_000)).toEqual([
+      { duplicate: false, notifications: [{ subscriptionId: 's1', eventNumber: 2, change: change('e1', 'p1') }] },
+    ]);
+  });
+
+  it('numbers concurrent acceptChanges calls on one store in call order', async () => {
+    const [a, b] = await Promise.all([
+      store.acceptChanges([item('e1', ['s1']), item('e2', ['s1'])], RECEIVED),
+      store.acceptChanges([item('e3', ['s1'])], RECEIVED),
+    ]);
+    expect([...(a ?? []), ...(b ?? [])].flatMap((o) => o.notifications.map((n) => n.eventNumber))).toEqual([1, 2, 3]);
+  });
+
+  it('keeps the sparse indexes to collecting subscriptions and pending notifications', async () => {
+    const query = async (IndexName: string, TableName: string, key: string) => {
+      const out = await client.send(
+        new QueryCommand({
+          TableName,
+          IndexName,
+          KeyConditionExpression: '#k = :v',
+          ExpressionAttributeNames: { '#k': key },
+          ExpressionAttributeValues: { ':v': { S: key === 'collectingOwner' ? 'alice' : 's1' } },
+        }),
+      );
+      return (out.Items ?? []).length;
+    };
+    const collecting = () => query(INDEX.collectingByOwner, names().subscriptions, 'collectingOwner');
+    const pending = () => query(INDEX.pending, names().notifications, 'pendingSubscriptionId');
+
+    await store.acceptChanges([item('e1', ['s1']), item('e2', ['s1'])], RECEIVED);
+    expect([await collecting(), await pending()]).toEqual([1, 2]);
+    await store.recordDeliveries([{ subscriptionId: 's1', eventNumber: 1, state: 'dead', attempts: 1, dueAt: 0 }]);
+    await store.updateStatus('s1', { status: 'off' }, RECEIVED.toString());
+    expect([await collecting(), await pending()]).toEqual([0, 1]);
+    await store.replaceSubscription(record('s1', { status: 'requested' }));
+    await store.requeueDeadLetters('s1', RECEIVED);
+    expect([await collecting(), await pending()]).toEqual([1, 2]);
+  });
+});

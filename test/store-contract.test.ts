@@ -1,0 +1,649 @@
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DeleteTableCommand } from '@aws-sdk/client-dynamodb';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
+import { ensureTables, tableDefinitions } from '../src/store/dynamodb/tables.js';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
+import type { Store } from '../src/store/store.js';
+import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
+import { change, item, RECEIVED, record, T0 } from './support/store-fixtures.js';
+
+/**
+ * The Store port's contract, run against every adapter: what the core may rely on, whichever
+ * store is behind it. Each test gets a fresh store (a temp dir, or a fresh table prefix).
+ */
+
+interface OpenStore {
+  readonly store: Store;
+  /** Closes the store and opens a new one over the same data (a process restart). */
+  reopen(): Promise<Store>;
+  dispose(): Promise<void>;
+}
+
+interface Adapter {
+  readonly name: string;
+  start(): Promise<void>;
+  stop(): Promise<void>;
+  open(): Promise<OpenStore>;
+}
+
+function sqliteAdapter(): Adapter {
+  return {
+    name: 'sqlite',
+    start: async () => {},
+    stop: async () => {},
+    async open() {
+      const dir = mkdtempSync(join(tmpdir(), 'broker-store-contract-'));
+      let store: Store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+      return {
+        get store() {
+          return store;
+        },
+        async reopen() {
+          await store.close();
+          store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+          return store;
+        },
+        async dispose() {
+          await store.close();
+          rmSync(dir, { recursive: true, force: true });
+        },
+      };
+    },
+  };
+}
+
+function dynamoDbAdapter(): Adapter {
+  let local: DynamoDbLocal | undefined;
+  const running = (): DynamoDbLocal => {
+    if (local === undefined) throw new Error('DynamoDB Local is not running');
+    return local;
+  };
+  return {
+    name: 'dynamodb',
+    async start() {
+      local = await startDynamoDbLocal();
+    },
+    async stop() {
+      await local?.stop();
+    },
+    async open() {
+      const { client } = running();
+      const prefix = `contract-${randomUUID().slice(0, 8)}-`;
+      await ensureTables(client, prefix);
+      let store: Store = new DynamoDbStore(client, prefix);
+      return {
+        get store() {
+          return store;
+        },
+        async reopen() {
+          await store.close();
+          store = new DynamoDbStore(client, prefix);
+          return store;
+        },
+        async dispose() {
+          await store.close();
+          await Promise.all(
+            tableDefinitions(prefix).map((d) => client.send(new DeleteTableCommand({ TableName: d.input.TableName }))),
+          );
+        },
+      };
+    },
+  };
+}
+
+describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (adapter) => {
+  let opened: OpenStore;
+  let store: Store;
+
+  beforeAll(() => adapter.start());
+  afterAll(() => adapter.stop());
+
+  beforeEach(async () => {
+    opened = await adapter.open();
+    store = opened.store;
+  });
+
+  afterEach(() => opened.dispose());
+
+  describe('subscriptions', () => {
+    it('reads back exactly what it stored', async () => {
+      const rec = record('s1', {
+        end: '2031-01-01T00:00:00Z',
+        error: 'earlier failure',
+        status: 'error',
+        previousSecret: { secret: `whsec_${Buffer.alloc(32, 2).toString('base64')}`, until: '2030-01-02T00:00:00Z' },
+      });
+      await store.insertSubscription(rec);
+      expect(await store.getSubscription('s1')).toEqual(rec);
+    });
+
+    it('leaves optional fields out rather than storing nulls', async () => {
+      await store.insertSubscription(record('s1'));
+      const got = await store.getSubscription('s1');
+      expect(got).toEqual(record('s1'));
+      expect(Object.keys(got ?? {}).filter((k) => ['end', 'error', 'previousSecret'].includes(k))).toEqual([]);
+    });
+
+    it('answers undefined for an unknown id', async () => {
+      expect(await store.getSubscription('nope')).toBeUndefined();
+    });
+
+    it('refuses a second subscription with the same id', async () => {
+      await store.insertSubscription(record('s1'));
+      await expect(store.insertSubscription(record('s1', { owner: 'bob' }))).rejects.toThrow();
+      expect(await store.getSubscription('s1')).toEqual(record('s1'));
+    });
+
+    it('lists all subscriptions or one owner’s, oldest first, ties by id', async () => {
+      await store.insertSubscription(record('b', { createdAt: '2030-01-01T00:00:02.000Z' }));
+      await store.insertSubscription(record('a', { createdAt: '2030-01-01T00:00:02.000Z' }));
+      await store.insertSubscription(record('c', { owner: 'bob', createdAt: '2030-01-01T00:00:01.000Z' }));
+      expect((await store.listSubscriptions()).map((s) => s.id)).toEqual(['c', 'a', 'b']);
+      expect((await store.listSubscriptions('alice')).map((s) => s.id)).toEqual(['a', 'b']);
+      expect((await store.listSubscriptions('bob')).map((s) => s.id)).toEqual(['c']);
+      expect(await store.listSubscriptions('carol')).toEqual([]);
+    });
+
+    it('lists the current state of each subscription, counters included', async () => {
+      await store.insertSubscription(record('s1'));
+      await store.insertSubscription(record('s2', { owner: 'bob' }));
+      await store.acceptChanges([item('e1', ['s1'])], RECEIVED);
+      await store.updateStatus('s2', { status: 'off' }, '2030-03-01T00:00:00.000Z');
+      expect(await store.listSubscriptions()).toEqual([
+        record('s1', { eventsSinceStart: 1 }),
+        record('s2', { owner: 'bob', status: 'off', updatedAt: '2030-03-01T00:00:00.000Z' }),
+      ]);
+      expect(await store.listSubscriptions('alice')).toEqual([record('s1', { eventsSinceStart: 1 })]);
+    });
+
+    it('replaces what the client controls but keeps owner, event counter and creation time', async () => {
+      await store.insertSubscription(record('s1', { error: 'old', previousSecret: { secret: 'x', until: T0 } }));
+      await store.acceptChanges([item('e1', ['s1']), item('e2', ['s1'])], RECEIVED);
+      const next = record('s1', {
+        owner: 'mallory',
+        status: 'requested',
+        channel: { type: 'rest-hook', endpoint: 'https://new.example.com/y', content: 'empty', headers: [] },
+        match: { resourceTypes: ['Patient'], interactions: ['delete'], ids: ['p9'] },
+        eventsSinceStart: 0,
+        createdAt: '2099-01-01T00:00:00.000Z',
+        updatedAt: '2030-02-01T00:00:00.000Z',
+        end: '2031-01-01T00:00:00Z',
+      });
+      const expected = { ...next, owner: 'alice', eventsSinceStart: 2, createdAt: T0 };
+      expect(await store.replaceSubscription(next)).toEqual(expected);
+      expect(await store.getSubscription('s1')).toEqual(expected);
+      expect((await store.listSubscriptions('alice')).map((s) => s.id)).toEqual(['s1']);
+      expect(await store.listSubscriptions('mallory')).toEqual([]);
+    });
+
+    it('answers undefined when replacing an unknown subscription, and creates nothing', async () => {
+      expect(await store.replaceSubscription(record('ghost'))).toBeUndefined();
+      expect(await store.getSubscription('ghost')).toBeUndefined();
+      expect(await store.listSubscriptions()).toEqual([]);
+    });
+
+    it('updates the status unconditionally when no status is expected', async () => {
+      await store.insertSubscription(record('s1', { status: 'requested' }));
+      const at = '2030-03-01T00:00:00.000Z';
+      const expected = record('s1', { status: 'error', error: 'handshake failed', updatedAt: at });
+      expect(await store.updateStatus('s1', { status: 'error', error: 'handshake failed' }, at)).toEqual(expected);
+      expect(await store.getSubscription('s1')).toEqual(expected);
+    });
+
+    it('compare-and-sets the status: applies only when the stored status is expected', async () => {
+      await store.insertSubscription(record('s1', { status: 'requested' }));
+      const at = '2030-03-01T00:00:00.000Z';
+      expect(await store.updateStatus('s1', { status: 'error', error: 'x', expected: ['active'] }, at)).toBeUndefined();
+      expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'requested' }));
+      expect(await store.updateStatus('s1', { status: 'active', expected: ['requested', 'error'] }, at)).toEqual(
+        record('s1', { status: 'active', updatedAt: at }),
+      );
+      expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'active', updatedAt: at }));
+    });
+
+    it('never applies a compare-and-set that expects no status', async () => {
+      await store.insertSubscription(record('s1'));
+      expect(await store.updateStatus('s1', { status: 'off', expected: [] }, T0)).toBeUndefined();
+      expect(await store.getSubscription('s1')).toEqual(record('s1'));
+    });
+
+    it('clears a previous error when the new status carries none', async () => {
+      await store.insertSubscription(record('s1', { status: 'error', error: 'old' }));
+      const updated = await store.updateStatus('s1', { status: 'requested' }, T0);
+      expect(updated).toEqual(record('s1', { status: 'requested' }));
+      expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'requested' }));
+    });
+
+    it('answers undefined when updating the status of an unknown subscription, and creates nothing', async () => {
+      expect(await store.updateStatus('ghost', { status: 'off' }, T0)).toBeUndefined();
+      expect(await store.updateStatus('ghost', { status: 'off', expected: ['active'] }, T0)).toBeUndefined();
+      expect(await store.getSubscription('ghost')).toBeUndefined();
+    });
+
+    it('deletes a subscription with its notifications', async () => {
+      await store.insertSubscription(record('s1'));
+      await store.insertSubscription(record('s2'));
+      await store.acceptChanges([item('e1', ['s1', 's2']), item('e2', ['s1'])], RECEIVED);
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: 0 },
+      ]);
+      expect(await store.deleteSubscription('s1')).toBe(true);
+      expect(await store.getSubscription('s1')).toBeUndefined();
+      expect(await store.listSubscriptions()).toEqual([record('s2', { eventsSinceStart: 1 })]);
+      expect(await store.pendingNotifications('s1', 0, 100)).toEqual([]);
+      expect(await store.notificationsInRange('s1', 0, 100, 100)).toEqual([]);
+      expect(await store.subscriptionsWithPending()).toEqual(['s2']);
+      expect((await store.pendingNotifications('s2', 0, 100)).map((n) => n.eventNumber)).toEqual([1]);
+    });
+
+    it('answers false when deleting an unknown subscription', async () => {
+      expect(await store.deleteSubscription('ghost')).toBe(false);
+    });
+  });
+
+  describe('acceptChanges', () => {
+    beforeEach(async () => {
+      await store.insertSubscription(record('s1'));
+      await store.insertSubscription(record('s2'));
+    });
+
+    it('numbers events per subscription from 1 and returns the notifications it queued', async () => {
+      const outcomes = await store.acceptChanges([item('e1', ['s1']), item('e2', ['s1', 's2'])], RECEIVED);
+      expect(outcomes).toEqual([
+        { duplicate: false, notifications: [{ subscriptionId: 's1', eventNumber: 1, change: change('e1', 'p1') }] },
+        {
+          duplicate: false,
+          notifications: [
+            { subscriptionId: 's1', eventNumber: 2, change: change('e2', 'p1') },
+            { subscriptionId: 's2', eventNumber: 1, change: change('e2', 'p1') },
+          ],
+        },
+      ]);
+      expect(await store.acceptChanges([item('e3', ['s2'])], RECEIVED)).toEqual([
+        { duplicate: false, notifications: [{ subscriptionId: 's2', eventNumber: 2, change: change('e3', 'p1') }] },
+      ]);
+      expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(2);
+      expect((await store.getSubscription('s2'))?.eventsSinceStart).toBe(2);
+    });
+
+    it('answers an empty batch with no outcomes', async () => {
+      expect(await store.acceptChanges([], RECEIVED)).toEqual([]);
+    });
+
+    it('queues the notification as pending, due when received, with no attempts', async () => {
+      await store.acceptChanges([item('e1', ['s1'])], RECEIVED);
+      expect(await store.pendingNotifications('s1', 0, 10)).toEqual([
+        {
+          subscriptionId: 's1',
+          eventNumber: 1,
+          change: change('e1', 'p1'),
+          state: 'pending',
+          attempts: 0,
+          dueAt: RECEIVED,
+        },
+      ]);
+    });
+
+    it('records a change that matched nothing, so a replay of it is still a duplicate', async () => {
+      expect(await store.acceptChanges([item('e1', [])], RECEIVED)).toEqual([{ duplicate: false, notifications: [] }]);
+      expect(await store.acceptChanges([item('e1', ['s1'])], RECEIVED)).toEqual([
+        { duplicate: true, notifications: [] },
+      ]);
+      expect(await store.pendingNotifications('s1', 0, 10)).toEqual([]);
+      expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(0);
+    });
+
+    it('writes nothing for a duplicate event id from an earlier batch', async () => {
+      await store.acceptChanges([item('e1', ['s1'])], RECEIVED);
+      expect(await store.acceptChanges([item('e1', ['s1', 's2'])], RECEIVED + 1)).toEqual([
+        { duplicate: true, notifications: [] },
+      ]);
+      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([1]);
+      expect(await store.pendingNotifications('s2', 0, 10)).toEqual([]);
+      expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(1);
+      expect((await store.getSubscription('s2'))?.eventsSinceStart).toBe(0);
+    });
+
+    it('writes nothing for a duplicate event id within one batch', async () => {
+      const outcomes = await store.acceptChanges(
+        [item('e1', ['s1']), item('e2', ['s1']), item('e1', ['s1'])],
+        RECEIVED,
+      );
+      expect(outcomes).toEqual([
+        { duplicate: false, notifications: [{ subscriptionId: 's1', eventNumber: 1, change: change('e1', 'p1') }] },
+        { duplicate: false, notifications: [{ subscriptionId: 's1', eventNumber: 2, change: change('e2', 'p1') }] },
+        { duplicate: true, notifications: [] },
+      ]);
+      expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(2);
+    });
+
+    it('skips a subscription switched off since matching, and one deleted since', async () => {
+      await store.updateStatus('s1', { status: 'off' }, T0);
+      await store.deleteSubscription('s2');
+      expect(await store.acceptChanges([item('e1', ['s1', 's2'])], RECEIVED)).toEqual([
+        { duplicate: false, notifications: [] },
+      ]);
+      expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(0);
+      expect(await store.getSubscription('s2')).toBeUndefined();
+      expect(await store.subscriptionsWithPending()).toEqual([]);
+      expect(await store.notificationsInRange('s2', 0, 10, 10)).toEqual([]);
+    });
+
+    it('keeps collecting for subscriptions in requested and error', async () => {
+      await store.updateStatus('s1', { status: 'requested' }, T0);
+      await store.updateStatus('s2', { status: 'error', error: 'x' }, T0);
+      const [outcome] = await store.acceptChanges([item('e1', ['s1', 's2'])], RECEIVED);
+      expect(outcome?.notifications.map((n) => [n.subscriptionId, n.eventNumber])).toEqual([
+        ['s1', 1],
+        ['s2', 1],
+      ]);
+    });
+
+    it('stops collecting after a replace switches it off, and numbers on after it is back', async () => {
+      await store.acceptChanges([item('e1', ['s1'])], RECEIVED);
+      await store.replaceSubscription(record('s1', { status: 'off' }));
+      expect(await store.acceptChanges([item('e2', ['s1'])], RECEIVED)).toEqual([
+        { duplicate: false, notifications: [] },
+      ]);
+      await store.replaceSubscription(record('s1', { status: 'requested' }));
+      const [outcome] = await store.acceptChanges([item('e3', ['s1'])], RECEIVED);
+      expect(outcome?.notifications).toEqual([{ subscriptionId: 's1', eventNumber: 2, change: change('e3', 'p1') }]);
+    });
+
+    it('round-trips a change without a resource id', async () => {
+      await store.acceptChanges([{ change: change('e1'), subscriptionIds: ['s1'] }], RECEIVED);
+      const [n] = await store.pendingNotifications('s1', 0, 10);
+      expect(n?.change).toEqual(change('e1'));
+      expect(Object.keys(n?.change ?? {})).not.toContain('resourceId');
+    });
+  });
+
+  describe('notifications', () => {
+    beforeEach(async () => {
+      await store.insertSubscription(record('s1'));
+      await store.insertSubscription(record('s2'));
+      await store.acceptChanges(
+        ['e1', 'e2', 'e3', 'e4', 'e5'].map((id) => item(id, ['s1'], `p-${id}`)),
+        RECEIVED,
+      );
+    });
+
+    it('lists pending notifications oldest first, after a given event number, up to a limit', async () => {
+      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([1, 2, 3, 4, 5]);
+      expect((await store.pendingNotifications('s1', 2, 10)).map((n) => n.eventNumber)).toEqual([3, 4, 5]);
+      expect((await store.pendingNotifications('s1', 0, 2)).map((n) => n.eventNumber)).toEqual([1, 2]);
+      expect((await store.pendingNotifications('s1', 2, 2)).map((n) => n.eventNumber)).toEqual([3, 4]);
+      expect((await store.pendingNotifications('s1', 5, 10)).map((n) => n.eventNumber)).toEqual([]);
+      expect(await store.pendingNotifications('s2', 0, 10)).toEqual([]);
+    });
+
+    it('lists the subscriptions with pending notifications, each once', async () => {
+      expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+      await store.acceptChanges([item('e6', ['s2', 's1'])], RECEIVED);
+      expect((await store.subscriptionsWithPending()).sort()).toEqual(['s1', 's2']);
+      await store.recordDeliveries([
+        { subscriptionId: 's2', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: 0 },
+      ]);
+      expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+    });
+
+    it('records delivery outcomes: delivered and dead leave the pending list, retries stay with their state', async () => {
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: RECEIVED },
+        {
+          subscriptionId: 's1',
+          eventNumber: 2,
+          state: 'pending',
+          attempts: 2,
+          dueAt: RECEIVED + 30_000,
+          lastError: 'HTTP 503',
+        },
+        { subscriptionId: 's1', eventNumber: 3, state: 'dead', attempts: 7, dueAt: RECEIVED, lastError: 'timeout' },
+      ]);
+      expect(await store.pendingNotifications('s1', 0, 10)).toEqual([
+        {
+          subscriptionId: 's1',
+          eventNumber: 2,
+          change: change('e2', 'p-e2'),
+          state: 'pending',
+          attempts: 2,
+          dueAt: RECEIVED + 30_000,
+          lastError: 'HTTP 503',
+        },
+        {
+          subscriptionId: 's1',
+          eventNumber: 4,
+          change: change('e4', 'p-e4'),
+          state: 'pending',
+          attempts: 0,
+          dueAt: RECEIVED,
+        },
+        {
+          subscriptionId: 's1',
+          eventNumber: 5,
+          change: change('e5', 'p-e5'),
+          state: 'pending',
+          attempts: 0,
+          dueAt: RECEIVED,
+        },
+      ]);
+      expect(await store.notificationsInRange('s1', 1, 3, 10)).toEqual([
+        {
+          subscriptionId: 's1',
+          eventNumber: 1,
+          change: change('e1', 'p-e1'),
+          state: 'delivered',
+          attempts: 1,
+          dueAt: RECEIVED,
+        },
+        {
+          subscriptionId: 's1',
+          eventNumber: 2,
+          change: change('e2', 'p-e2'),
+          state: 'pending',
+          attempts: 2,
+          dueAt: RECEIVED + 30_000,
+          lastError: 'HTTP 503',
+        },
+        {
+          subscriptionId: 's1',
+          eventNumber: 3,
+          change: change('e3', 'p-e3'),
+          state: 'dead',
+          attempts: 7,
+          dueAt: RECEIVED,
+          lastError: 'timeout',
+        },
+      ]);
+    });
+
+    it('clears lastError when a later outcome carries none', async () => {
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'pending', attempts: 1, dueAt: RECEIVED, lastError: 'HTTP 500' },
+      ]);
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 2, dueAt: RECEIVED },
+      ]);
+      expect(await store.notificationsInRange('s1', 1, 1, 10)).toEqual([
+        {
+          subscriptionId: 's1',
+          eventNumber: 1,
+          change: change('e1', 'p-e1'),
+          state: 'delivered',
+          attempts: 2,
+          dueAt: RECEIVED,
+        },
+      ]);
+    });
+
+    it('applies outcomes for the same notification in the order given', async () => {
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'pending', attempts: 1, dueAt: RECEIVED + 5, lastError: 'x' },
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 2, dueAt: RECEIVED + 9 },
+      ]);
+      const [n] = await store.notificationsInRange('s1', 1, 1, 1);
+      expect([n?.state, n?.attempts, n?.dueAt, n?.lastError]).toEqual(['delivered', 2, RECEIVED + 9, undefined]);
+    });
+
+    it('ignores an outcome for a notification that does not exist', async () => {
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 99, state: 'delivered', attempts: 1, dueAt: 0 },
+        { subscriptionId: 'ghost', eventNumber: 1, state: 'pending', attempts: 1, dueAt: 0 },
+      ]);
+      expect((await store.notificationsInRange('s1', 0, 1000, 1000)).map((n) => n.eventNumber)).toEqual([
+        1, 2, 3, 4, 5,
+      ]);
+      expect(await store.notificationsInRange('ghost', 0, 1000, 1000)).toEqual([]);
+      expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+    });
+
+    it('lists stored notifications in an inclusive range whatever their state, up to a limit', async () => {
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 2, state: 'delivered', attempts: 1, dueAt: 0 },
+      ]);
+      expect((await store.notificationsInRange('s1', 2, 4, 10)).map((n) => n.eventNumber)).toEqual([2, 3, 4]);
+      expect((await store.notificationsInRange('s1', 1, 5, 2)).map((n) => n.eventNumber)).toEqual([1, 2]);
+      expect((await store.notificationsInRange('s1', 0, 1, 10)).map((n) => n.eventNumber)).toEqual([1]);
+      expect((await store.notificationsInRange('s1', 4, 2, 10)).map((n) => n.eventNumber)).toEqual([]);
+      expect((await store.notificationsInRange('s1', 6, 9, 10)).map((n) => n.eventNumber)).toEqual([]);
+      expect(await store.notificationsInRange('s2', 0, 10, 10)).toEqual([]);
+    });
+  });
+
+  describe('dead letters', () => {
+    beforeEach(async () => {
+      await store.insertSubscription(record('s1'));
+      await store.insertSubscription(record('s2'));
+      await store.acceptChanges(
+        ['e1', 'e2', 'e3', 'e4'].map((id) => item(id, ['s1', 's2'], `p-${id}`)),
+        RECEIVED,
+      );
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: RECEIVED },
+        { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 7, dueAt: RECEIVED, lastError: 'HTTP 500' },
+        { subscriptionId: 's1', eventNumber: 3, state: 'dead', attempts: 7, dueAt: RECEIVED, lastError: 'HTTP 500' },
+        { subscriptionId: 's2', eventNumber: 1, state: 'dead', attempts: 7, dueAt: RECEIVED, lastError: 'timeout' },
+      ]);
+    });
+
+    it('requeues the dead letters of one subscription as fresh pending notifications due at the given time', async () => {
+      const due = RECEIVED + 60_000;
+      expect(await store.requeueDeadLetters('s1', due)).toBe(2);
+      expect(await store.notificationsInRange('s1', 1, 4, 10)).toEqual([
+        {
+          subscriptionId: 's1',
+          eventNumber: 1,
+          change: change('e1', 'p-e1'),
+          state: 'delivered',
+          attempts: 1,
+          dueAt: RECEIVED,
+        },
+        {
+          subscriptionId: 's1',
+          eventNumber: 2,
+          change: change('e2', 'p-e2'),
+          state: 'pending',
+          attempts: 0,
+          dueAt: due,
+        },
+        {
+          subscriptionId: 's1',
+          eventNumber: 3,
+          change: change('e3', 'p-e3'),
+          state: 'pending',
+          attempts: 0,
+          dueAt: due,
+        },
+        {
+          subscriptionId: 's1',
+          eventNumber: 4,
+          change: change('e4', 'p-e4'),
+          state: 'pending',
+          attempts: 0,
+          dueAt: RECEIVED,
+        },
+      ]);
+      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([2, 3, 4]);
+      // Another subscription's dead letters stay dead.
+      expect((await store.notificationsInRange('s2', 1, 1, 1)).map((n) => n.state)).toEqual(['dead']);
+    });
+
+    it('answers 0 when there is nothing dead to requeue', async () => {
+      expect(await store.requeueDeadLetters('s1', RECEIVED)).toBe(2);
+      expect(await store.requeueDeadLetters('s1', RECEIVED)).toBe(0);
+      expect(await store.requeueDeadLetters('ghost', RECEIVED)).toBe(0);
+    });
+  });
+
+  describe('purge', () => {
+    const LATER = RECEIVED + 10_000;
+
+    beforeEach(async () => {
+      await store.insertSubscription(record('s1'));
+      await store.acceptChanges([item('e1', ['s1']), item('e2', ['s1']), item('e3', ['s1']), item('e0', [])], RECEIVED);
+      await store.acceptChanges([item('e4', ['s1'])], LATER);
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: RECEIVED },
+        { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 7, dueAt: RECEIVED, lastError: 'x' },
+        { subscriptionId: 's1', eventNumber: 4, state: 'delivered', attempts: 1, dueAt: LATER },
+      ]);
+    });
+
+    it('forgets delivered and dead notifications and event ids older than the cut-off, never pending ones', async () => {
+      expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 2, eventIds: 4 });
+      expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => [n.eventNumber, n.state])).toEqual([
+        [3, 'pending'],
+        [4, 'delivered'],
+      ]);
+      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([3]);
+      expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 0, eventIds: 0 });
+    });
+
+    it('accepts a forgotten event id again as new, and still deduplicates the ones it kept', async () => {
+      await store.purge(RECEIVED + 1);
+      expect(await store.acceptChanges([item('e1', ['s1']), item('e4', ['s1'])], LATER)).toEqual([
+        { duplicate: false, notifications: [{ subscriptionId: 's1', eventNumber: 5, change: change('e1', 'p1') }] },
+        { duplicate: true, notifications: [] },
+      ]);
+    });
+
+    it('keeps everything at or after the cut-off', async () => {
+      expect(await store.purge(RECEIVED)).toEqual({ notifications: 0, eventIds: 0 });
+      expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => n.eventNumber)).toEqual([1, 2, 3, 4]);
+      expect(await store.acceptChanges([item('e1', ['s1'])], LATER)).toEqual([{ duplicate: true, notifications: [] }]);
+    });
+  });
+
+  describe('lifecycle', () => {
+    it('answers ping', async () => {
+      await expect(store.ping()).resolves.toBeUndefined();
+    });
+
+    it('keeps subscriptions, notifications, counters and seen event ids across close and reopen', async () => {
+      await store.insertSubscription(record('s1'));
+      await store.acceptChanges([item('e1', ['s1']), item('e2', ['s1'])], RECEIVED);
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: 0 },
+      ]);
+
+      store = await opened.reopen();
+      await store.ping();
+      expect(await store.getSubscription('s1')).toEqual(record('s1', { eventsSinceStart: 2 }));
+      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([2]);
+      expect(await store.acceptChanges([item('e2', ['s1'])], RECEIVED)).toEqual([
+        { duplicate: true, notifications: [] },
+      ]);
+      const [next] = await store.acceptChanges([item('e3', ['s1'])], RECEIVED);
+      expect(next?.notifications.map((n) => n.eventNumber)).toEqual([3]);
+    });
+
+    it('tolerates a second close', async () => {
+      await store.close();
+      await expect(store.close()).resolves.toBeUndefined();
+    });
+  });
+});

