@@ -1,0 +1,87 @@
+import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
+import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
+import { GetSecretValueCommand, SecretsManagerClient } from '@aws-sdk/client-secrets-manager';
+import { type Broker, type BrokerOverrides, createBroker } from '../broker.js';
+import { type Config, loadConfigWith } from '../config.js';
+import { createLogger } from '../observability/logger.js';
+import { DynamoDbBindings } from '../store/dynamodb/dynamodb-bindings.js';
+import { DynamoDbStore } from '../store/dynamodb/dynamodb-store.js';
+import { ApiGatewayWebSocketPort } from './apigw-websocket-port.js';
+
+/**
+ * The broker as Lambda functions see it: DynamoDB store and bindings, API Gateway as the
+ * WebSocket port, credentials from Secrets Manager. Built once per container (module top level
+ * of each handler) and reused across invocations.
+ */
+
+export interface AwsBroker extends Broker {
+  readonly bindings: DynamoDbBindings;
+}
+
+/** The Secrets Manager secret: `{"apiKeys": "client:token,...", "ingestToken": "...", "wsTokenSecret": "..."}`. */
+interface BrokerSecret {
+  apiKeys?: unknown;
+  ingestToken?: unknown;
+  wsTokenSecret?: unknown;
+}
+
+export async function secretEnv(secretArn: string, client: SecretsManagerClient): Promise<Record<string, string>> {
+  const out = await client.send(new GetSecretValueCommand({ SecretId: secretArn }));
+  let secret: BrokerSecret;
+  try {
+    secret = JSON.parse(out.SecretString ?? '') as BrokerSecret;
+  } catch {
+    throw new Error(`secret ${secretArn} is not JSON`);
+  }
+  const env: Record<string, string> = {};
+  if (typeof secret.apiKeys === 'string') env.BROKER_API_KEYS = secret.apiKeys;
+  if (typeof secret.ingestToken === 'string') env.BROKER_INGEST_TOKEN = secret.ingestToken;
+  if (typeof secret.wsTokenSecret === 'string') env.BROKER_WS_TOKEN_SECRET = secret.wsTokenSecret;
+  for (const key of ['BROKER_API_KEYS', 'BROKER_INGEST_TOKEN', 'BROKER_WS_TOKEN_SECRET']) {
+    if (env[key] === undefined) throw new Error(`secret ${secretArn} lacks ${key}`);
+  }
+  return env;
+}
+
+/** Clients are injectable for tests (DynamoDB Local, a management API double); by default made here, once. */
+export async function createAwsBroker(
+  options: {
+    config?: Config;
+    dynamodb?: DynamoDBClient;
+    management?: ApiGatewayManagementApiClient;
+    overrides?: BrokerOverrides;
+  } = {},
+): Promise<AwsBroker> {
+  let config = options.config;
+  if (config === undefined) {
+    const base = loadConfigWith({ BROKER_STORE: 'dynamodb' });
+    const fromSecret =
+      base.secretArn === undefined
+        ? {}
+        : await secretEnv(base.secretArn, new SecretsManagerClient({ region: base.awsRegion }));
+    // Lambda's file system is read-only outside /tmp.
+    config = loadConfigWith({ BROKER_STORE: 'dynamodb', BROKER_DATA_DIR: '/tmp/fhir-broker', ...fromSecret });
+  }
+  const dynamodb =
+    options.dynamodb ??
+    new DynamoDBClient({
+      region: config.awsRegion,
+      ...(config.dynamodbEndpoint === undefined ? {} : { endpoint: config.dynamodbEndpoint }),
+    });
+  if (config.wsManagementEndpoint === undefined && options.management === undefined) {
+    throw new Error('BROKER_WS_MANAGEMENT_ENDPOINT is required on AWS (the WebSocket API stage URL)');
+  }
+  const management =
+    options.management ??
+    new ApiGatewayManagementApiClient({ region: config.awsRegion, endpoint: config.wsManagementEndpoint });
+  const logger = options.overrides?.logger ?? createLogger(config.logLevel);
+  const bindings = new DynamoDbBindings({ client: dynamodb, tablePrefix: config.tablePrefix });
+  const broker = await createBroker(config, {
+    store: new DynamoDbStore(dynamodb, config.tablePrefix, { eventTtlMs: config.eventRetentionMs }),
+    bindings,
+    ...options.overrides,
+    logger,
+    websocketPort: new ApiGatewayWebSocketPort({ client: management, logger }),
+  });
+  return { ...broker, bindings };
+}

@@ -1,0 +1,9 @@
+import { createAwsBroker } from './aws-broker.js';
+import { createHandlers, type WebSocketEvent } from './handlers.js';
+
+/** API Gateway WebSocket routes: `$connect`, `$disconnect`, `$default`. */
+const handlers = createHandlers(createAwsBroker());
+
+export const connect = (event: WebSocketEvent) => handlers.connect(event);
+export const disconnect = (event: WebSocketEvent) => handlers.disconnect(event);
+export const message = (event: WebSocketEvent) => handlers.message(event);

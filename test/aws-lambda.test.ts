@@ -1,0 +1,302 @@
+import { randomUUID } from 'node:crypto';
+import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
+import type { Context } from 'aws-lambda';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ApiGatewayWebSocketPort, MAX_MESSAGE_BYTES } from '../src/aws/apigw-websocket-port.js';
+import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
+import { createHandlers, type Handlers } from '../src/aws/handlers.js';
+import { loadConfig } from '../src/config.js';
+import { ensureTables } from '../src/store/dynamodb/tables.js';
+import { ManagementApiDouble } from './support/aws-doubles.js';
+import { DUMMY_CREDENTIALS, type DynamoDbLocal, LOCAL_REGION, startDynamoDbLocal } from './support/dynamodb-local.js';
+import {
+  eventLike,
+  eventNumbers,
+  fixture,
+  focusOf,
+  type Json,
+  statusOf,
+  topicSubscription,
+} from './support/fhir-client.js';
+import { Receiver } from './support/receiver.js';
+import { RecordingLogger } from './support/recording-logger.js';
+
+/**
+ * The real Lambda handlers against DynamoDB Local, a real webhook receiver, and a double of the
+ * API Gateway management API that records the exact (SigV4-signed) requests the SDK sends.
+ */
+
+const ALICE = 'alice-token-0123456789abcdef';
+const INGEST = 'ingest-token-0123456789abcdef';
+const HL = 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4';
+const context = {} as Context;
+
+describe('Lambda handlers on DynamoDB Local', () => {
+  let local: DynamoDbLocal;
+  let management: ManagementApiDouble;
+  let receiver: Receiver;
+  let broker: AwsBroker;
+  let handlers: Handlers;
+  const logger = new RecordingLogger();
+
+  beforeAll(async () => {
+    local = await startDynamoDbLocal();
+    management = await ManagementApiDouble.start();
+    receiver = await Receiver.start();
+    const prefix = `lambda-${randomUUID().slice(0, 8)}-`;
+    await ensureTables(local.client, prefix);
+    const config = loadConfig({
+      BROKER_STORE: 'dynamodb',
+      BROKER_TABLE_PREFIX: prefix,
+      BROKER_API_KEYS: `alice:${ALICE}`,
+      BROKER_INGEST_TOKEN: INGEST,
+      BROKER_WS_TOKEN_SECRET: 'lambda-ws-secret-0123456789abcdefghijkl',
+      BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
+      BROKER_PUBLIC_URL: 'https://api.example.com',
+      BROKER_WEBSOCKET_URL: 'wss://ws.example.com/prod',
+      AWS_REGION: LOCAL_REGION,
+    });
+    broker = await createAwsBroker({
+      config,
+      dynamodb: local.client,
+      management: new ApiGatewayManagementApiClient({
+        endpoint: management.url,
+        region: LOCAL_REGION,
+        credentials: DUMMY_CREDENTIALS,
+      }),
+      overrides: { logger },
+    });
+    handlers = createHandlers(Promise.resolve(broker));
+  });
+
+  afterAll(async () => {
+    await broker?.close(0);
+    await management?.close();
+    await receiver?.close();
+    await local?.stop();
+  });
+
+  /** An API Gateway HTTP API (payload v2) event, as the $default route hands it over. */
+  async function api(method: string, path: string, body?: unknown) {
+    const [rawPath, rawQueryString = ''] = path.split('?');
+    const res = await handlers.api(
+      {
+        version: '2.0',
+        routeKey: '$default',
+        rawPath,
+        rawQueryString,
+        headers: {
+          authorization: `Bearer ${ALICE}`,
+          host: 'api.example.com',
+          ...(body === undefined ? {} : { 'content-type': 'application/fhir+json' }),
+        },
+        requestContext: {
+          accountId: '111122223333',
+          apiId: 'api',
+          domainName: 'api.example.com',
+          domainPrefix: 'api',
+          http: { method, path: rawPath, protocol: 'HTTP/1.1', sourceIp: '203.0.113.1', userAgent: 'test' },
+          requestId: randomUUID(),
+          routeKey: '$default',
+          stage: '$default',
+          time: '26/Nov/2026:12:00:00 +0000',
+          timeEpoch: Date.now(),
+        },
+        isBase64Encoded: false,
+        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+      } as unknown as Parameters<Handlers['api']>[0],
+      context,
+    );
+    const text = 'body' in res && typeof res.body === 'string' ? res.body : '';
+    return { status: res.statusCode, body: (text === '' ? {} : JSON.parse(text)) as Json };
+  }
+
+  const ws = (
+    connectionId: string,
+    routeKey: string,
+    extra: { body?: string; headers?: Record<string, string> } = {},
+  ) => ({
+    requestContext: { connectionId, routeKey },
+    ...extra,
+  });
+
+  it('creates a subscription through the API function and activates it by handshake', async () => {
+    const created = await api(
+      'POST',
+      '/fhir/Subscription',
+      topicSubscription('patient-change', `${receiver.url}/lambda`),
+    );
+    expect(created.status).toBe(201);
+    expect(created.body.status).toBe('requested');
+    // The invocation waited for the handshake it started.
+    expect(receiver.on('/lambda')).toHaveLength(1);
+    const read = await api('GET', `/fhir/Subscription/${created.body.id}`);
+    expect(read.body.status).toBe('active');
+  });
+
+  it('ingests the fixture events through the EventBridge function and delivers before returning', async () => {
+    const results = [];
+    for (const name of [
+      'healthlake-create-patient',
+      'healthlake-update-patient',
+      'healthlake-create-observation',
+      'healthlake-read-patient',
+      'healthlake-create-patient-failed',
+      'healthlake-import-job-submitted',
+      'healthlake-create-patient',
+    ]) {
+      results.push(await handlers.events(fixture(name)));
+    }
+    expect(results).toEqual([
+      { accepted: 1, ignored: 0, duplicates: 0 },
+      { accepted: 1, ignored: 0, duplicates: 0 },
+      { accepted: 1, ignored: 0, duplicates: 0 },
+      { accepted: 0, ignored: 1, duplicates: 0 },
+      { accepted: 0, ignored: 1, duplicates: 0 },
+      { accepted: 0, ignored: 1, duplicates: 0 },
+      { accepted: 0, ignored: 0, duplicates: 1 },
+    ]);
+    const bundles = receiver
+      .on('/lambda')
+      .slice(1)
+      .map((r) => JSON.parse(r.body) as Json);
+    expect(bundles.map(eventNumbers)).toEqual([[1], [2]]);
+    expect(bundles.map((b) => statusOf(b).events.map(focusOf))).toEqual([
+      [`${HL}/Patient/a1b2c3d4-5678-90ab-cdef-EXAMPLE22222`],
+      [`${HL}/Patient/a1b2c3d4-5678-90ab-cdef-EXAMPLE22222`],
+    ]);
+  });
+
+  it('binds a WebSocket through the $connect/$default functions and pushes through the management API', async () => {
+    const sub = await api('POST', '/fhir/Subscription', {
+      resourceType: 'Subscription',
+      criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
+      _criteria: {
+        extension: [
+          {
+            url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria',
+            valueString: 'Patient?_id=ws-p',
+          },
+        ],
+      },
+      channel: {
+        type: 'websocket',
+        payload: 'application/fhir+json',
+        _payload: {
+          extension: [
+            {
+              url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content',
+              valueCode: 'id-only',
+            },
+          ],
+        },
+      },
+    });
+    expect(sub.status).toBe(201);
+    const id = sub.body.id as string;
+    const tokenParams = await api('POST', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+    const param = (name: string) => (tokenParams.body.parameter as Json[]).find((p) => p.name === name) as Json;
+    expect(param('websocket-url').valueUrl).toBe('wss://ws.example.com/prod');
+
+    management.live.add('conn-1');
+    expect(await handlers.connect(ws('conn-1', '$connect'))).toEqual({ statusCode: 200 });
+    expect(
+      await handlers.message(ws('conn-1', '$default', { body: `bind-with-token ${param('token').valueString}` })),
+    ).toEqual({ statusCode: 200 });
+    const [handshake] = management.posted('conn-1').map((b) => JSON.parse(b) as Json);
+    expect(statusOf(handshake as Json).params.get('type')?.valueCode).toBe('handshake');
+
+    await handlers.events(eventLike('healthlake-update-patient', 'lambda-ws-1', 'ws-p'));
+    const pushed = management.posted('conn-1').map((b) => JSON.parse(b) as Json);
+    expect(pushed.map((b) => statusOf(b).params.get('type')?.valueCode)).toEqual(['handshake', 'event-notification']);
+    expect(statusOf(pushed[1] as Json).events.map(focusOf)).toEqual([`${HL}/Patient/ws-p`]);
+
+    // The SDK signed every request with SigV4 for execute-api.
+    const post = management.requests.find((r) => r.method === 'POST');
+    expect(post?.headers.authorization).toMatch(
+      /^AWS4-HMAC-SHA256 Credential=local\/\d{8}\/us-east-1\/execute-api\/aws4_request/,
+    );
+
+    // A connection that left without $disconnect: 410 Gone → its bindings are deleted.
+    management.live.add('conn-2');
+    await handlers.connect(ws('conn-2', '$connect'));
+    const again = await api('GET', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+    const token2 = ((again.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString as string;
+    await handlers.message(
+      ws('conn-2', '$default', { body: JSON.stringify({ type: 'bind-with-token', payload: { token: token2 } }) }),
+    );
+    management.live.delete('conn-2');
+    expect((await broker.bindings.bindingsFor(id)).map((b) => b.connectionId).sort()).toEqual(['conn-1', 'conn-2']);
+    await handlers.events(eventLike('healthlake-update-patient', 'lambda-ws-2', 'ws-p'));
+    expect((await broker.bindings.bindingsFor(id)).map((b) => b.connectionId)).toEqual(['conn-1']);
+    expect(management.requests.filter((r) => r.path === '/@connections/conn-2').map((r) => r.method)).toEqual([
+      'POST',
+      'POST',
+    ]);
+
+    expect(await handlers.disconnect(ws('conn-1', '$disconnect'))).toEqual({ statusCode: 200 });
+    expect(await broker.bindings.bindingsFor(id)).toEqual([]);
+  });
+
+  it('refuses a $connect with a bad API key, and lets the owner use R4 bind', async () => {
+    expect(
+      await handlers.connect(ws('conn-bad', '$connect', { headers: { Authorization: 'Bearer nope-nope-nope-nope' } })),
+    ).toEqual({
+      statusCode: 401,
+      body: 'Unauthorized',
+    });
+    const sub = await api('POST', '/fhir/Subscription', {
+      resourceType: 'Subscription',
+      criteria: 'Patient?_id=r4-lambda',
+      channel: { type: 'websocket' },
+    });
+    management.live.add('conn-r4');
+    await handlers.connect(ws('conn-r4', '$connect', { headers: { Authorization: `Bearer ${ALICE}` } }));
+    await handlers.message(ws('conn-r4', '$default', { body: `bind ${sub.body.id}` }));
+    await handlers.events(eventLike('healthlake-update-patient', 'lambda-r4-1', 'r4-lambda'));
+    expect(management.posted('conn-r4')).toEqual([`bound ${sub.body.id}`, `ping ${sub.body.id}`]);
+  });
+
+  it('replaces a message over 128 KiB with a pointer to $events', async () => {
+    management.live.add('conn-big');
+    const huge = JSON.stringify({ resourceType: 'Bundle', padding: 'x'.repeat(MAX_MESSAGE_BYTES) });
+    const direct = new ApiGatewayWebSocketPort({
+      client: new ApiGatewayManagementApiClient({
+        endpoint: management.url,
+        region: LOCAL_REGION,
+        credentials: DUMMY_CREDENTIALS,
+      }),
+      logger,
+    });
+    expect(await direct.send('conn-big', huge)).toBe('sent');
+    const [sent] = management.posted('conn-big').map((b) => JSON.parse(b) as Json);
+    expect(sent?.type).toBe('error');
+    expect(String((sent?.payload as Json).message)).toContain('exceeds API Gateway');
+    expect(await direct.send('conn-unknown', 'hello')).toBe('gone');
+  });
+
+  it('runs the scheduled dispatcher: owed handshakes and heartbeats', async () => {
+    const created = await api(
+      'POST',
+      '/fhir/Subscription',
+      topicSubscription('patient-change', `${receiver.url}/heartbeat`, {
+        channel: {
+          extension: [
+            {
+              url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period',
+              valueUnsignedInt: 1,
+            },
+          ],
+        },
+      }),
+    );
+    expect(created.status).toBe(201);
+    // A one-minute window spans sixty one-second periods: one heartbeat per run.
+    const result = await handlers.dispatch(60_000);
+    expect(result.heartbeats).toBeGreaterThanOrEqual(1);
+    const types = receiver
+      .on('/heartbeat')
+      .map((r) => statusOf(JSON.parse(r.body) as Json).params.get('type')?.valueCode);
+    expect(types).toEqual(['handshake', 'heartbeat']);
+  });
+});

@@ -1,0 +1,132 @@
+import { once } from 'node:events';
+import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+/**
+ * Local HTTP doubles for the two AWS endpoints that cannot run here: the API Gateway management
+ * API (`/@connections/{id}`) and EventBridge `PutEvents`. They record every request exactly as the
+ * AWS SDK sent it (SigV4 headers included) so tests assert what would reach AWS.
+ */
+
+export interface RecordedRequest {
+  readonly method: string;
+  readonly path: string;
+  readonly headers: IncomingHttpHeaders;
+  readonly body: string;
+}
+
+interface Answer {
+  readonly status: number;
+  readonly headers?: Record<string, string>;
+  readonly body?: string;
+}
+
+abstract class HttpDouble {
+  readonly requests: RecordedRequest[] = [];
+  readonly #server: Server;
+
+  protected constructor() {
+    this.#server = createServer((req, res) => {
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => chunks.push(c));
+      req.on('end', () => {
+        const recorded = {
+          method: req.method ?? '',
+          path: req.url ?? '',
+          headers: req.headers,
+          body: Buffer.concat(chunks).toString('utf8'),
+        };
+        this.requests.push(recorded);
+        const { status, headers, body } = this.answer(recorded);
+        res.writeHead(status, headers).end(body);
+      });
+    });
+  }
+
+  protected abstract answer(req: RecordedRequest): Answer;
+
+  protected async listen(): Promise<void> {
+    this.#server.listen(0, '127.0.0.1');
+    await once(this.#server, 'listening');
+  }
+
+  get url(): string {
+    return `http://127.0.0.1:${(this.#server.address() as AddressInfo).port}`;
+  }
+
+  async close(): Promise<void> {
+    this.#server.closeAllConnections();
+    this.#server.close();
+  }
+}
+
+/** API Gateway management API: connections in `live` exist; any other id is gone (410 GoneException). */
+export class ManagementApiDouble extends HttpDouble {
+  readonly live = new Set<string>();
+
+  static async start(): Promise<ManagementApiDouble> {
+    const d = new ManagementApiDouble();
+    await d.listen();
+    return d;
+  }
+
+  /** Messages posted to a connection, decoded. */
+  posted(connectionId: string): string[] {
+    return this.requests
+      .filter((r) => r.method === 'POST' && r.path === `/@connections/${connectionId}`)
+      .map((r) => r.body);
+  }
+
+  protected answer(req: RecordedRequest): Answer {
+    const id = decodeURIComponent(req.path.replace(/^\/@connections\//, ''));
+    if (!this.live.has(id)) {
+      return {
+        status: 410,
+        headers: { 'content-type': 'application/json', 'x-amzn-errortype': 'GoneException' },
+        body: JSON.stringify({ message: `connection ${id} is gone` }),
+      };
+    }
+    if (req.method === 'DELETE') this.live.delete(id);
+    if (req.method === 'GET') {
+      return {
+        status: 200,
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ connectedAt: '2026-11-26T00:00:00Z' }),
+      };
+    }
+    return { status: req.method === 'DELETE' ? 204 : 200 };
+  }
+}
+
+/** EventBridge PutEvents (AWS JSON 1.1). `failNext` rejects that many of the next entries once each. */
+export class EventBridgeDouble extends HttpDouble {
+  failNext = 0;
+
+  static async start(): Promise<EventBridgeDouble> {
+    const d = new EventBridgeDouble();
+    await d.listen();
+    return d;
+  }
+
+  /** Every entry of every PutEvents request, in order. */
+  get entries(): { Source: string; DetailType: string; Detail: string; EventBusName: string }[][] {
+    return this.requests.map((r) => (JSON.parse(r.body) as { Entries: never[] }).Entries);
+  }
+
+  protected answer(req: RecordedRequest): Answer {
+    const entries = (JSON.parse(req.body) as { Entries: unknown[] }).Entries;
+    const results = entries.map((_, i) => {
+      if (this.failNext > 0) {
+        this.failNext--;
+        return { ErrorCode: 'InternalFailure', ErrorMessage: 'try again' };
+      }
+      return { EventId: `${this.requests.length}-${i}` };
+    });
+    const failed = results.filter((r) => 'ErrorCode' in r).length;
+    return {
+      status: 200,
+      headers: { 'content-type': 'application/x-amz-json-1.1' },
+      body: JSON.stringify({ FailedEntryCount: failed, Entries: results }),
+    };
+  }
+}
