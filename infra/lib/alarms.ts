@@ -1,0 +1,65 @@
+import { type CfnCondition, Duration } from 'aws-cdk-lib';
+import { Alarm, ComparisonOperator, type IMetric, TreatMissingData } from 'aws-cdk-lib/aws-cloudwatch';
+import { SnsAction } from 'aws-cdk-lib/aws-cloudwatch-actions';
+import type { IFunction } from 'aws-cdk-lib/aws-lambda';
+import { CfnSubscription, Topic } from 'aws-cdk-lib/aws-sns';
+import type { IQueue } from 'aws-cdk-lib/aws-sqs';
+import { Construct } from 'constructs';
+
+export interface BrokerAlarmsProps {
+  readonly deadLetterQueue: IQueue;
+  readonly eventsFunction: IFunction;
+  readonly dispatcherFunction: IFunction;
+  /** The `AlarmEmail` parameter's value; subscribed only when `emailSet` holds. */
+  readonly email: string;
+  readonly emailSet: CfnCondition;
+}
+
+/**
+ * Alarms on the things that mean "a change may not reach its subscribers": a dead-lettered event,
+ * a failing events function, a failing dispatcher. Each one fires on the first occurrence.
+ */
+export class BrokerAlarms extends Construct {
+  readonly topic: Topic;
+
+  constructor(scope: Construct, id: string, props: BrokerAlarmsProps) {
+    super(scope, id);
+    // No KMS key: CloudWatch cannot publish to a topic encrypted with the AWS managed SNS key.
+    this.topic = new Topic(this, 'Topic', { displayName: 'fhir-subscription-broker alarms', enforceSSL: true });
+    const email = new CfnSubscription(this, 'Email', {
+      topicArn: this.topic.topicArn,
+      protocol: 'email',
+      endpoint: props.email,
+    });
+    email.cfnOptions.condition = props.emailSet;
+
+    const action = new SnsAction(this.topic);
+    const alarm = (alarmId: string, description: string, metric: IMetric) =>
+      new Alarm(this, alarmId, {
+        alarmDescription: description,
+        metric,
+        threshold: 0,
+        comparisonOperator: ComparisonOperator.GREATER_THAN_THRESHOLD,
+        evaluationPeriods: 1,
+        // No data means no messages and no invocations: healthy.
+        treatMissingData: TreatMissingData.NOT_BREACHING,
+      }).addAlarmAction(action);
+
+    const period = Duration.minutes(5);
+    alarm(
+      'DeadLetters',
+      'HealthLake events in the dead-letter queue: changes that did not reach the broker',
+      props.deadLetterQueue.metricApproximateNumberOfMessagesVisible({ period, statistic: 'Maximum' }),
+    );
+    alarm(
+      'EventsErrors',
+      'The events function failed: HealthLake changes are being retried or dead-lettered',
+      props.eventsFunction.metricErrors({ period, statistic: 'Sum' }),
+    );
+    alarm(
+      'DispatcherErrors',
+      'The dispatcher failed: retries, handshakes, heartbeats and purges are not running',
+      props.dispatcherFunction.metricErrors({ period, statistic: 'Sum' }),
+    );
+  }
+}

@@ -1,0 +1,98 @@
+import { CfnCondition, CfnOutput, CfnParameter, Duration, Fn, Stack, type StackProps } from 'aws-cdk-lib';
+import { EventBus, Rule, Schedule } from 'aws-cdk-lib/aws-events';
+import { LambdaFunction as LambdaTarget } from 'aws-cdk-lib/aws-events-targets';
+import type { Construct } from 'constructs';
+import { BrokerAlarms } from './alarms.js';
+import { BrokerApis } from './apis.js';
+import { CredentialsSecret } from './credentials-secret.js';
+import { BrokerFunctions } from './functions.js';
+import { HealthLakeIngest } from './ingest.js';
+import { BrokerTables } from './tables.js';
+import { ConditionalTrail } from './trail.js';
+
+export const DEFAULT_TABLE_PREFIX = 'fhir-broker-';
+
+export interface BrokerStackProps extends StackProps {
+  /** Prefix of table and event bus names; change it to run a second broker in one account and region. */
+  readonly tablePrefix?: string;
+}
+
+/** fhir-subscription-broker on AWS: Lambda over DynamoDB, behind API Gateway, fed by EventBridge. */
+export class BrokerStack extends Stack {
+  constructor(scope: Construct, id: string, props: BrokerStackProps = {}) {
+    super(scope, id, {
+      description: 'fhir-subscription-broker: FHIR Subscriptions for AWS HealthLake changes',
+      ...props,
+    });
+    const tablePrefix = props.tablePrefix ?? DEFAULT_TABLE_PREFIX;
+
+    const datastoreId = new CfnParameter(this, 'HealthLakeDatastoreId', {
+      type: 'String',
+      default: '',
+      description: 'Only this HealthLake datastore feeds the broker; empty for every datastore in the region.',
+    });
+    const createTrail = new CfnParameter(this, 'CreateCloudTrailTrail', {
+      type: 'String',
+      default: 'false',
+      allowedValues: ['true', 'false'],
+      description: 'true to create a CloudTrail trail; EventBridge sees HealthLake API calls only while one records.',
+    });
+    const alarmEmail = new CfnParameter(this, 'AlarmEmail', {
+      type: 'String',
+      default: '',
+      description: 'Email address subscribed to the alarm topic; empty for none.',
+    });
+    const isSet = (id: string, parameter: CfnParameter) =>
+      new CfnCondition(this, id, { expression: Fn.conditionNot(Fn.conditionEquals(parameter.valueAsString, '')) });
+    const datastoreIdSet = isSet('HealthLakeDatastoreIdSet', datastoreId);
+    const alarmEmailSet = isSet('AlarmEmailSet', alarmEmail);
+    const trailWanted = new CfnCondition(this, 'CreateCloudTrailTrailWanted', {
+      expression: Fn.conditionEquals(createTrail.valueAsString, 'true'),
+    });
+
+    const tables = new BrokerTables(this, 'Tables', tablePrefix);
+    const eventBus = new EventBus(this, 'EventBus', { eventBusName: `${tablePrefix}events` });
+    const credentials = new CredentialsSecret(this, 'Secret').secret;
+    const apis = new BrokerApis(this, 'Apis');
+    const functions = new BrokerFunctions(this, 'Functions', { tablePrefix, tables, apis, eventBus, credentials });
+    apis.route({
+      http: functions.api,
+      connect: functions.wsConnect,
+      disconnect: functions.wsDisconnect,
+      message: functions.wsMessage,
+    });
+
+    const ingest = new HealthLakeIngest(this, 'HealthLake', {
+      handler: functions.events,
+      datastoreId: datastoreId.valueAsString,
+      datastoreIdSet,
+    });
+    new Rule(this, 'DispatcherSchedule', {
+      description: 'fhir-subscription-broker dispatcher: retries, handshakes, heartbeats, purge',
+      schedule: Schedule.rate(Duration.minutes(1)),
+      // No retries: the next tick, a minute later, does the same work.
+      targets: [new LambdaTarget(functions.dispatcher, { retryAttempts: 0 })],
+    });
+    functions.dispatcher.configureAsyncInvoke({ retryAttempts: 0 });
+    new ConditionalTrail(this, 'CloudTrail', trailWanted);
+    new BrokerAlarms(this, 'Alarms', {
+      deadLetterQueue: ingest.deadLetterQueue,
+      eventsFunction: functions.events,
+      dispatcherFunction: functions.dispatcher,
+      email: alarmEmail.valueAsString,
+      emailSet: alarmEmailSet,
+    });
+
+    new CfnOutput(this, 'HttpApiUrl', { value: apis.httpUrl, description: 'Base URL: {url}/fhir/metadata' });
+    new CfnOutput(this, 'WebSocketUrl', { value: apis.webSocketUrl, description: 'WebSocket URL for clients' });
+    new CfnOutput(this, 'SecretArn', {
+      value: credentials.secretArn,
+      description: 'JSON secret: apiKeys (clientId:token), ingestToken, wsTokenSecret',
+    });
+    new CfnOutput(this, 'EventBusName', { value: eventBus.eventBusName, description: 'Broker lifecycle events' });
+    new CfnOutput(this, 'DeadLetterQueueUrl', {
+      value: ingest.deadLetterQueue.queueUrl,
+      description: 'HealthLake events that did not reach the broker',
+    });
+  }
+}

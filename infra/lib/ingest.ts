@@ -1,0 +1,70 @@
+import { type CfnCondition, Duration, Fn } from 'aws-cdk-lib';
+import { type CfnRule, Rule } from 'aws-cdk-lib/aws-events';
+import { LambdaFunction as LambdaTarget } from 'aws-cdk-lib/aws-events-targets';
+import type { Function as LambdaFunction } from 'aws-cdk-lib/aws-lambda';
+import { SqsDestination } from 'aws-cdk-lib/aws-lambda-destinations';
+import { Queue, QueueEncryption } from 'aws-cdk-lib/aws-sqs';
+import { Construct } from 'constructs';
+
+/** HealthLake writes the broker understands (ARCHITECTURE.md, "Events the broker understands"). */
+export const HEALTHLAKE_EVENT_NAMES = ['CreateResource', 'UpdateResource', 'DeleteResource'];
+
+export interface HealthLakeIngestProps {
+  readonly handler: LambdaFunction;
+  /** The `HealthLakeDatastoreId` parameter's value; only read when `datastoreIdSet` holds. */
+  readonly datastoreId: string;
+  readonly datastoreIdSet: CfnCondition;
+}
+
+/**
+ * HealthLake's CloudTrail events on the default bus → the events function. Nothing is dropped
+ * silently: an event EventBridge cannot hand to Lambda (after 24 h of retries), and an event the
+ * function fails on (after Lambda's own retries), both land in one dead-letter queue.
+ */
+export class HealthLakeIngest extends Construct {
+  readonly deadLetterQueue: Queue;
+  readonly rule: Rule;
+
+  constructor(scope: Construct, id: string, props: HealthLakeIngestProps) {
+    super(scope, id);
+    this.deadLetterQueue = new Queue(this, 'DeadLetterQueue', {
+      // SSE-SQS, not KMS: EventBridge and Lambda can write to it without a key policy.
+      encryption: QueueEncryption.SQS_MANAGED,
+      enforceSSL: true,
+      // 14 days, SQS's maximum: time to notice the alarm and redrive.
+      retentionPeriod: Duration.days(14),
+    });
+
+    const detail = { eventName: HEALTHLAKE_EVENT_NAMES };
+    this.rule = new Rule(this, 'Rule', {
+      description: 'HealthLake resource writes (CloudTrail) to fhir-subscription-broker',
+      eventPattern: { source: ['aws.healthlake'], detailType: ['AWS API Call via CloudTrail'], detail },
+      targets: [
+        new LambdaTarget(props.handler, {
+          deadLetterQueue: this.deadLetterQueue,
+          // 185 attempts over 24 h: EventBridge's maximum, so an outage of the function loses nothing.
+          retryAttempts: 185,
+          maxEventAge: Duration.hours(24),
+        }),
+      ],
+    });
+    // One pattern, two shapes: any datastore while the parameter is empty, else only that one.
+    (this.rule.node.defaultChild as CfnRule).addPropertyOverride(
+      'EventPattern.detail',
+      Fn.conditionIf(
+        props.datastoreIdSet.logicalId,
+        { ...detail, requestParameters: { datastoreId: [props.datastoreId] } },
+        detail,
+      ),
+    );
+
+    // EventBridge invokes asynchronously: once Lambda accepts an event, the target's retry policy
+    // no longer applies and a failing function is retried by Lambda. Keep those failures too.
+    props.handler.configureAsyncInvoke({
+      retryAttempts: 2,
+      // 6 h: Lambda's maximum event age for asynchronous invocations.
+      maxEventAge: Duration.hours(6),
+      onFailure: new SqsDestination(this.deadLetterQueue),
+    });
+  }
+}

@@ -1,0 +1,591 @@
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { App } from 'aws-cdk-lib';
+import { Match, Template } from 'aws-cdk-lib/assertions';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { TTL_ATTRIBUTE, tableDefinitions } from '../../src/store/dynamodb/tables.js';
+import { SKIP_BUNDLING_CONTEXT } from '../lib/broker-function.js';
+import { BrokerStack, type BrokerStackProps } from '../lib/broker-stack.js';
+
+type Json = unknown;
+type JsonObject = Record<string, Json>;
+type Resource = { Type: string; Properties: JsonObject; Condition?: string; [key: string]: Json };
+
+function synth(props: BrokerStackProps = {}): Template {
+  const app = new App({ context: { [SKIP_BUNDLING_CONTEXT]: true } });
+  return Template.fromStack(new BrokerStack(app, 'Broker', props));
+}
+
+/** The one resource of `type` whose properties match `props`, with its logical id. */
+function only(template: Template, type: string, props: JsonObject = {}): { id: string; resource: Resource } {
+  const found = Object.entries(template.findResources(type, { Properties: props }));
+  expect(found, `${type} matching ${JSON.stringify(props)}`).toHaveLength(1);
+  const [id, resource] = found[0] as [string, Resource];
+  return { id, resource };
+}
+
+function resources(template: Template, type?: string): [string, Resource][] {
+  const all = (template.toJSON() as { Resources: Record<string, Resource> }).Resources;
+  return Object.entries(all).filter(([, r]) => type === undefined || r.Type === type);
+}
+
+/**
+ * Evaluates what CloudFormation would: parameter Refs (defaults, then `overrides`), conditions,
+ * Fn::If, Fn::Equals, Fn::Not. Everything else is returned as it is.
+ */
+function evaluate(template: Template, value: Json, overrides: Record<string, string>): Json {
+  const json = template.toJSON() as {
+    Parameters: Record<string, { Default?: string }>;
+    Conditions: Record<string, Json>;
+  };
+  const params: Record<string, string | undefined> = {
+    ...Object.fromEntries(Object.entries(json.Parameters).map(([name, p]) => [name, p.Default])),
+    ...overrides,
+  };
+  const condition = (name: string): boolean => ev(json.Conditions[name]) === true;
+  const ev = (v: Json): Json => {
+    if (Array.isArray(v)) return v.map(ev);
+    if (v === null || typeof v !== 'object') return v;
+    const entries = Object.entries(v);
+    const [key, arg] = entries[0] ?? [];
+    if (entries.length === 1 && Array.isArray(arg)) {
+      if (key === 'Fn::If') return ev(condition(arg[0] as string) ? arg[1] : arg[2]);
+      if (key === 'Fn::Equals') return ev(arg[0]) === ev(arg[1]);
+      if (key === 'Fn::Not') return ev(arg[0]) !== true;
+    }
+    if (key === 'Ref' && typeof arg === 'string' && params[arg] !== undefined) return params[arg];
+    return Object.fromEntries(entries.map(([k, x]) => [k, ev(x)]));
+  };
+  return ev(value);
+}
+
+function statements(template: Template): { where: string; statement: JsonObject }[] {
+  const out: { where: string; statement: JsonObject }[] = [];
+  const add = (where: string, doc: Json) => {
+    for (const s of (doc as { Statement: JsonObject[] }).Statement) out.push({ where, statement: s });
+  };
+  for (const [id, r] of resources(template)) {
+    if (r.Type === 'AWS::IAM::Policy' || r.Type === 'AWS::IAM::ManagedPolicy') add(id, r.Properties.PolicyDocument);
+    if (r.Type === 'AWS::IAM::Role') {
+      for (const p of (r.Properties.Policies ?? []) as JsonObject[]) add(id, p.PolicyDocument);
+    }
+  }
+  return out;
+}
+
+const list = (v: Json): Json[] => (Array.isArray(v) ? v : [v]);
+
+const HEALTHLAKE_PATTERN = {
+  source: ['aws.healthlake'],
+  'detail-type': ['AWS API Call via CloudTrail'],
+  detail: { eventName: ['CreateResource', 'UpdateResource', 'DeleteResource'] },
+};
+
+describe('BrokerStack', () => {
+  let template: Template;
+  let ids: Record<'events' | 'api' | 'dispatcher' | 'connect' | 'disconnect' | 'message', string>;
+  let dlq: string;
+  let rule: string;
+
+  beforeAll(() => {
+    template = synth();
+    const fn = (handler: string, description: string) =>
+      only(template, 'AWS::Lambda::Function', { Handler: handler, Description: description }).id;
+    ids = {
+      events: fn('index.handler', 'HealthLake change events'),
+      api: fn('index.handler', 'REST API (/fhir, /events, ...)'),
+      dispatcher: fn('index.handler', 'Retries, handshakes, heartbeats, purge'),
+      connect: fn('index.connect', 'WebSocket $connect'),
+      disconnect: fn('index.disconnect', 'WebSocket $disconnect'),
+      message: fn('index.message', 'WebSocket messages'),
+    };
+    dlq = only(template, 'AWS::SQS::Queue').id;
+    rule = only(template, 'AWS::Events::Rule', { EventPattern: Match.objectLike({ source: ['aws.healthlake'] }) }).id;
+  });
+
+  describe('HealthLake events', () => {
+    const pattern = (overrides: Record<string, string>) =>
+      evaluate(template, template.toJSON().Resources[rule].Properties.EventPattern, overrides);
+
+    it('matches HealthLake writes from every datastore while HealthLakeDatastoreId is empty', () => {
+      expect(pattern({})).toStrictEqual(HEALTHLAKE_PATTERN);
+      expect(pattern({ HealthLakeDatastoreId: '' })).toStrictEqual(HEALTHLAKE_PATTERN);
+    });
+
+    it('matches only the named datastore when HealthLakeDatastoreId is set', () => {
+      expect(pattern({ HealthLakeDatastoreId: '0123456789abcdef0123456789abcdef' })).toStrictEqual({
+        ...HEALTHLAKE_PATTERN,
+        detail: {
+          ...HEALTHLAKE_PATTERN.detail,
+          requestParameters: { datastoreId: ['0123456789abcdef0123456789abcdef'] },
+        },
+      });
+    });
+
+    it('listens on the default bus and targets the events function with 24 h of retries and a DLQ', () => {
+      const props = template.toJSON().Resources[rule].Properties;
+      expect(props.EventBusName).toBeUndefined();
+      expect(props.Targets).toStrictEqual([
+        {
+          Id: 'Target0',
+          Arn: { 'Fn::GetAtt': [ids.events, 'Arn'] },
+          DeadLetterConfig: { Arn: { 'Fn::GetAtt': [dlq, 'Arn'] } },
+          RetryPolicy: { MaximumRetryAttempts: 185, MaximumEventAgeInSeconds: 86_400 },
+        },
+      ]);
+      template.hasResourceProperties('AWS::Lambda::Permission', {
+        Action: 'lambda:InvokeFunction',
+        FunctionName: { 'Fn::GetAtt': [ids.events, 'Arn'] },
+        Principal: 'events.amazonaws.com',
+        SourceArn: { 'Fn::GetAtt': [rule, 'Arn'] },
+      });
+    });
+
+    it('keeps a dead-letter queue that is encrypted, TLS-only, holds 14 days and admits only the rule', () => {
+      template.hasResourceProperties('AWS::SQS::Queue', {
+        SqsManagedSseEnabled: true,
+        MessageRetentionPeriod: 1_209_600,
+      });
+      template.hasResourceProperties('AWS::SQS::QueuePolicy', {
+        Queues: [{ Ref: dlq }],
+        PolicyDocument: {
+          Statement: Match.arrayWith([
+            Match.objectLike({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } } }),
+            Match.objectLike({
+              Effect: 'Allow',
+              Action: 'sqs:SendMessage',
+              Principal: { Service: 'events.amazonaws.com' },
+              Condition: { ArnEquals: { 'aws:SourceArn': { 'Fn::GetAtt': [rule, 'Arn'] } } },
+            }),
+          ]),
+        },
+      });
+    });
+
+    it('sends events the function fails on to the same dead-letter queue', () => {
+      template.hasResourceProperties('AWS::Lambda::EventInvokeConfig', {
+        FunctionName: { Ref: ids.events },
+        MaximumRetryAttempts: 2,
+        MaximumEventAgeInSeconds: 21_600,
+        DestinationConfig: { OnFailure: { Destination: { 'Fn::GetAtt': [dlq, 'Arn'] } } },
+      });
+    });
+  });
+
+  describe('tables', () => {
+    const definitions = tableDefinitions('fhir-broker-');
+
+    it('creates exactly the tables the DynamoDB store defines, with their keys and indexes', () => {
+      const tables = resources(template, 'AWS::DynamoDB::Table').map(([, r]) => r.Properties as JsonObject);
+      expect(tables.map((t) => t.TableName).sort()).toStrictEqual([
+        'fhir-broker-connections',
+        'fhir-broker-event-ids',
+        'fhir-broker-notifications',
+        'fhir-broker-subscriptions',
+      ]);
+      for (const { input } of definitions) {
+        const table = tables.find((t) => t.TableName === input.TableName) ?? {};
+        const byName = (a: { AttributeName?: string }, b: { AttributeName?: string }) =>
+          String(a.AttributeName).localeCompare(String(b.AttributeName));
+        expect(table.KeySchema, input.TableName).toStrictEqual(input.KeySchema);
+        expect([...(table.AttributeDefinitions as [])].sort(byName), input.TableName).toStrictEqual(
+          [...(input.AttributeDefinitions ?? [])].sort(byName),
+        );
+        expect(table.GlobalSecondaryIndexes, input.TableName).toStrictEqual(
+          input.GlobalSecondaryIndexes?.map((g) => ({
+            IndexName: g.IndexName,
+            KeySchema: g.KeySchema,
+            Projection: { ProjectionType: 'ALL' },
+          })),
+        );
+      }
+    });
+
+    it('keys subscriptions by id, notifications by subscription and number, event ids by id and scope', () => {
+      const keys = (name: string) =>
+        only(template, 'AWS::DynamoDB::Table', { TableName: `fhir-broker-${name}` }).resource.Properties.KeySchema;
+      expect(keys('subscriptions')).toStrictEqual([{ AttributeName: 'id', KeyType: 'HASH' }]);
+      expect(keys('notifications')).toStrictEqual([
+        { AttributeName: 'subscriptionId', KeyType: 'HASH' },
+        { AttributeName: 'eventNumber', KeyType: 'RANGE' },
+      ]);
+      expect(keys('event-ids')).toStrictEqual([
+        { AttributeName: 'eventId', KeyType: 'HASH' },
+        { AttributeName: 'scope', KeyType: 'RANGE' },
+      ]);
+      expect(keys('connections')).toEqual(expect.arrayContaining([{ AttributeName: 'connectionId', KeyType: 'HASH' }]));
+    });
+
+    it.each(definitions.map((d) => [d.input.TableName, d.ttl] as const))(
+      '%s is on demand, recoverable, encrypted with the AWS managed key and retained (TTL: %s)',
+      (name, ttl) => {
+        const { resource } = only(template, 'AWS::DynamoDB::Table', { TableName: name });
+        expect(resource.DeletionPolicy).toBe('Retain');
+        expect(resource.UpdateReplacePolicy).toBe('Retain');
+        expect(resource.Properties).toMatchObject({
+          BillingMode: 'PAY_PER_REQUEST',
+          PointInTimeRecoverySpecification: { PointInTimeRecoveryEnabled: true },
+          SSESpecification: { SSEEnabled: true },
+        });
+        expect(resource.Properties.TimeToLiveSpecification).toStrictEqual(
+          ttl ? { AttributeName: TTL_ATTRIBUTE, Enabled: true } : undefined,
+        );
+      },
+    );
+
+    it('names tables, the bus and BROKER_TABLE_PREFIX after the tablePrefix prop', () => {
+      const staged = synth({ tablePrefix: 'staging-broker-' });
+      staged.hasResourceProperties('AWS::DynamoDB::Table', { TableName: 'staging-broker-subscriptions' });
+      staged.hasResourceProperties('AWS::Events::EventBus', { Name: 'staging-broker-events' });
+      staged.hasResourceProperties('AWS::Lambda::Function', {
+        Environment: { Variables: Match.objectLike({ BROKER_TABLE_PREFIX: 'staging-broker-' }) },
+      });
+    });
+  });
+
+  describe('APIs', () => {
+    it('routes every HTTP request to the API function ($default, payload 2.0) on an auto-deployed stage', () => {
+      const api = only(template, 'AWS::ApiGatewayV2::Api', { ProtocolType: 'HTTP' }).id;
+      const integration = only(template, 'AWS::ApiGatewayV2::Integration', {
+        ApiId: { Ref: api },
+        IntegrationType: 'AWS_PROXY',
+        IntegrationUri: { 'Fn::GetAtt': [ids.api, 'Arn'] },
+        PayloadFormatVersion: '2.0',
+      }).id;
+      expect(template.findResources('AWS::ApiGatewayV2::Route', { Properties: { ApiId: { Ref: api } } })).toStrictEqual(
+        {
+          [only(template, 'AWS::ApiGatewayV2::Route', { ApiId: { Ref: api } }).id]: expect.objectContaining({
+            Properties: {
+              ApiId: { Ref: api },
+              AuthorizationType: 'NONE',
+              RouteKey: '$default',
+              Target: { 'Fn::Join': ['', ['integrations/', { Ref: integration }]] },
+            },
+          }),
+        },
+      );
+      template.hasResourceProperties('AWS::ApiGatewayV2::Stage', {
+        ApiId: { Ref: api },
+        StageName: '$default',
+        AutoDeploy: true,
+      });
+    });
+
+    it('routes $connect, $disconnect and $default WebSocket frames to their functions on the prod stage', () => {
+      const api = only(template, 'AWS::ApiGatewayV2::Api', { ProtocolType: 'WEBSOCKET' }).id;
+      const routes = resources(template, 'AWS::ApiGatewayV2::Route').filter(
+        ([, r]) => (r.Properties.ApiId as { Ref: string }).Ref === api,
+      );
+      const byKey = Object.fromEntries(
+        routes.map(([, r]) => {
+          const integrationId = (r.Properties.Target as { 'Fn::Join': [string, [string, { Ref: string }]] })[
+            'Fn::Join'
+          ][1][1].Ref;
+          const uri = JSON.stringify(template.toJSON().Resources[integrationId].Properties.IntegrationUri);
+          const fn = Object.entries(ids).find(([, id]) => uri.includes(`"${id}"`))?.[0];
+          return [r.Properties.RouteKey, fn];
+        }),
+      );
+      expect(byKey).toStrictEqual({ $connect: 'connect', $disconnect: 'disconnect', $default: 'message' });
+      template.hasResourceProperties('AWS::ApiGatewayV2::Stage', {
+        ApiId: { Ref: api },
+        StageName: 'prod',
+        AutoDeploy: true,
+      });
+      for (const fn of [ids.connect, ids.disconnect, ids.message]) {
+        template.hasResourceProperties('AWS::Lambda::Permission', {
+          FunctionName: { 'Fn::GetAtt': [fn, 'Arn'] },
+          Principal: 'apigateway.amazonaws.com',
+        });
+      }
+    });
+  });
+
+  describe('functions', () => {
+    it.each(['events', 'api', 'dispatcher', 'connect', 'disconnect', 'message'] as const)(
+      'the %s function runs Node 20 on arm64 with the whole broker environment',
+      (name) => {
+        const httpApi = only(template, 'AWS::ApiGatewayV2::Api', { ProtocolType: 'HTTP' }).id;
+        const wsApi = only(template, 'AWS::ApiGatewayV2::Api', { ProtocolType: 'WEBSOCKET' }).id;
+        const bus = only(template, 'AWS::Events::EventBus', { Name: 'fhir-broker-events' }).id;
+        const secret = only(template, 'AWS::SecretsManager::Secret', { SecretString: Match.anyValue() }).id;
+        const wsUrl = (scheme: string) => ({
+          'Fn::Join': [
+            '',
+            [
+              `${scheme}://`,
+              { Ref: wsApi },
+              '.execute-api.',
+              { Ref: 'AWS::Region' },
+              '.',
+              { Ref: 'AWS::URLSuffix' },
+              '/prod',
+            ],
+          ],
+        });
+        const props = template.toJSON().Resources[ids[name]].Properties;
+        expect(props.Runtime).toBe('nodejs22.x');
+        expect(props.Architectures).toStrictEqual(['arm64']);
+        expect(props.Environment.Variables).toStrictEqual({
+          BROKER_STORE: 'dynamodb',
+          BROKER_TABLE_PREFIX: 'fhir-broker-',
+          BROKER_PUBLIC_URL: { 'Fn::GetAtt': [httpApi, 'ApiEndpoint'] },
+          BROKER_WEBSOCKET_URL: wsUrl('wss'),
+          BROKER_WS_MANAGEMENT_ENDPOINT: wsUrl('https'),
+          BROKER_EVENT_BUS: { Ref: bus },
+          BROKER_SECRET_ARN: { Ref: secret },
+          BROKER_TOPICS_DIR: '/var/task/subscriptions/topics',
+          BROKER_MAX_INGEST_BYTES: '6000000',
+          NODE_OPTIONS: '--enable-source-maps',
+        });
+      },
+    );
+
+    it('runs the dispatcher every minute, without retries (the next tick retries)', () => {
+      template.hasResourceProperties('AWS::Events::Rule', {
+        ScheduleExpression: 'rate(1 minute)',
+        Targets: [
+          Match.objectLike({
+            Arn: { 'Fn::GetAtt': [ids.dispatcher, 'Arn'] },
+            RetryPolicy: { MaximumRetryAttempts: 0 },
+          }),
+        ],
+      });
+      template.hasResourceProperties('AWS::Lambda::EventInvokeConfig', {
+        FunctionName: { Ref: ids.dispatcher },
+        MaximumRetryAttempts: 0,
+      });
+    });
+  });
+
+  describe('credentials', () => {
+    it('composes the JSON secret from three generated values, with no secret in the template', () => {
+      const generators = resources(template, 'AWS::SecretsManager::Secret').filter(
+        ([, r]) => r.Properties.GenerateSecretString !== undefined,
+      );
+      expect(generators.map(([, r]) => r.Properties.GenerateSecretString)).toStrictEqual([
+        { ExcludePunctuation: true, IncludeSpace: false, PasswordLength: 40 },
+        { ExcludePunctuation: true, IncludeSpace: false, PasswordLength: 40 },
+        { ExcludePunctuation: true, IncludeSpace: false, PasswordLength: 64 },
+      ]);
+      const [apiKey, ingest, ws] = generators.map(([id]) => id);
+      const secret = only(template, 'AWS::SecretsManager::Secret', { SecretString: Match.anyValue() }).resource;
+      const parts = (secret.Properties.SecretString as { 'Fn::Join': [string, Json[]] })['Fn::Join'][1];
+      // Rebuild the JSON with each reference as <ref:id>, then parse it: the shape the functions read.
+      const shape = parts
+        .map((p) => (typeof p === 'string' ? p : `<ref:${(p as { Ref: string }).Ref}>`))
+        .join('')
+        .replaceAll(/\{\{resolve:secretsmanager:(<ref:[^>]+>):SecretString:::\}\}/g, '$1');
+      expect(JSON.parse(shape)).toStrictEqual({
+        apiKeys: `local:<ref:${apiKey}>`,
+        ingestToken: `<ref:${ingest}>`,
+        wsTokenSecret: `<ref:${ws}>`,
+      });
+    });
+  });
+
+  describe('IAM', () => {
+    it('grants no statement with every action on every resource', () => {
+      const all = statements(template);
+      expect(all.length).toBeGreaterThan(0);
+      const offending = all.filter(
+        ({ statement: s }) =>
+          s.Effect === 'Allow' &&
+          list(s.Action).some((a) => a === '*' || a === '*:*') &&
+          list(s.Resource).includes('*'),
+      );
+      expect(offending).toStrictEqual([]);
+    });
+
+    it('grants no service-wide wildcard action (dynamodb:*, sqs:*, …)', () => {
+      const wildcards = statements(template).flatMap(({ where, statement }) =>
+        list(statement.Action)
+          .filter((a) => typeof a === 'string' && a.endsWith('*'))
+          .map((a) => `${where}: ${String(a)}`),
+      );
+      expect(wildcards).toStrictEqual([]);
+    });
+
+    it('scopes secrets, bus and WebSocket management to the stack’s own resources', () => {
+      const secret = only(template, 'AWS::SecretsManager::Secret', { SecretString: Match.anyValue() }).id;
+      const bus = only(template, 'AWS::Events::EventBus').id;
+      const wsApi = only(template, 'AWS::ApiGatewayV2::Api', { ProtocolType: 'WEBSOCKET' }).id;
+      const resourcesOf = (action: string) => {
+        const found = statements(template)
+          .filter(({ statement }) => list(statement.Action).includes(action))
+          .map(({ statement }) => JSON.stringify(statement.Resource));
+        expect(found.length, action).toBeGreaterThan(0);
+        return [...new Set(found)];
+      };
+      expect(resourcesOf('secretsmanager:GetSecretValue')).toStrictEqual([JSON.stringify({ Ref: secret })]);
+      expect(resourcesOf('events:PutEvents')).toStrictEqual([JSON.stringify({ 'Fn::GetAtt': [bus, 'Arn'] })]);
+      expect(resourcesOf('execute-api:ManageConnections')).toStrictEqual([
+        JSON.stringify({
+          'Fn::Join': [
+            '',
+            [
+              'arn:',
+              { Ref: 'AWS::Partition' },
+              ':execute-api:',
+              { Ref: 'AWS::Region' },
+              ':',
+              { Ref: 'AWS::AccountId' },
+              ':',
+              { Ref: wsApi },
+              '/prod/*/@connections/*',
+            ],
+          ],
+        }),
+      ]);
+    });
+  });
+
+  describe('CloudTrail', () => {
+    it('creates the trail, its bucket and the bucket policy only when CreateCloudTrailTrail is true', () => {
+      const conditional = resources(template).filter(([, r]) => r.Condition === 'CreateCloudTrailTrailWanted');
+      expect(conditional.map(([, r]) => r.Type).sort()).toStrictEqual([
+        'AWS::CloudTrail::Trail',
+        'AWS::S3::Bucket',
+        'AWS::S3::BucketPolicy',
+      ]);
+      const condition = template.toJSON().Conditions.CreateCloudTrailTrailWanted;
+      expect(evaluate(template, condition, {})).toBe(false);
+      expect(evaluate(template, condition, { CreateCloudTrailTrail: 'true' })).toBe(true);
+      template.hasParameter('CreateCloudTrailTrail', {
+        Type: 'String',
+        Default: 'false',
+        AllowedValues: ['true', 'false'],
+      });
+    });
+
+    it('records write management events into an encrypted, private, TLS-only bucket', () => {
+      const bucket = only(template, 'AWS::S3::Bucket').id;
+      template.hasResourceProperties('AWS::CloudTrail::Trail', {
+        IsLogging: true,
+        S3BucketName: { Ref: bucket },
+        EventSelectors: [{ IncludeManagementEvents: true, ReadWriteType: 'WriteOnly' }],
+      });
+      template.hasResourceProperties('AWS::S3::Bucket', {
+        BucketEncryption: {
+          ServerSideEncryptionConfiguration: [{ ServerSideEncryptionByDefault: { SSEAlgorithm: 'AES256' } }],
+        },
+        PublicAccessBlockConfiguration: {
+          BlockPublicAcls: true,
+          BlockPublicPolicy: true,
+          IgnorePublicAcls: true,
+          RestrictPublicBuckets: true,
+        },
+      });
+      template.hasResourceProperties('AWS::S3::BucketPolicy', {
+        PolicyDocument: {
+          Statement: Match.arrayWith([
+            Match.objectLike({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } } }),
+          ]),
+        },
+      });
+    });
+  });
+
+  describe('alarms', () => {
+    it('alarms on any dead letter, events-function error and dispatcher error', () => {
+      const topic = only(template, 'AWS::SNS::Topic').id;
+      const alarm = (namespace: string, metric: string, dimension: JsonObject) =>
+        template.hasResourceProperties('AWS::CloudWatch::Alarm', {
+          Namespace: namespace,
+          MetricName: metric,
+          Dimensions: [dimension],
+          ComparisonOperator: 'GreaterThanThreshold',
+          Threshold: 0,
+          EvaluationPeriods: 1,
+          TreatMissingData: 'notBreaching',
+          AlarmActions: [{ Ref: topic }],
+        });
+      alarm('AWS/SQS', 'ApproximateNumberOfMessagesVisible', {
+        Name: 'QueueName',
+        Value: { 'Fn::GetAtt': [dlq, 'QueueName'] },
+      });
+      alarm('AWS/Lambda', 'Errors', { Name: 'FunctionName', Value: { Ref: ids.events } });
+      alarm('AWS/Lambda', 'Errors', { Name: 'FunctionName', Value: { Ref: ids.dispatcher } });
+      template.resourceCountIs('AWS::CloudWatch::Alarm', 3);
+    });
+
+    it('subscribes AlarmEmail to the alarm topic only when it is given', () => {
+      template.hasResource('AWS::SNS::Subscription', {
+        Condition: 'AlarmEmailSet',
+        Properties: { Protocol: 'email', Endpoint: { Ref: 'AlarmEmail' } },
+      });
+      const condition = template.toJSON().Conditions.AlarmEmailSet;
+      expect(evaluate(template, condition, {})).toBe(false);
+      expect(evaluate(template, condition, { AlarmEmail: 'ops@example.org' })).toBe(true);
+    });
+  });
+
+  it('outputs the HTTP API URL, WebSocket URL, secret ARN, bus name and DLQ URL', () => {
+    const outputs = template.toJSON().Outputs as Record<string, { Value: Json }>;
+    expect(Object.keys(outputs).sort()).toStrictEqual([
+      'DeadLetterQueueUrl',
+      'EventBusName',
+      'HttpApiUrl',
+      'SecretArn',
+      'WebSocketUrl',
+    ]);
+    expect(outputs.DeadLetterQueueUrl?.Value).toStrictEqual({ Ref: dlq });
+  });
+
+  it('has no circular dependency between resources', () => {
+    const all = new Map(resources(template));
+    const edges = (r: Resource): string[] => {
+      const found = new Set<string>(list(r.DependsOn ?? []) as string[]);
+      const walk = (v: Json) => {
+        if (Array.isArray(v)) v.forEach(walk);
+        else if (v !== null && typeof v === 'object') {
+          for (const [k, x] of Object.entries(v)) {
+            if (k === 'Ref' && typeof x === 'string' && all.has(x)) found.add(x);
+            else if (k === 'Fn::GetAtt' && Array.isArray(x) && all.has(x[0] as string)) found.add(x[0] as string);
+            else walk(x);
+          }
+        }
+      };
+      walk(r.Properties);
+      return [...found];
+    };
+    const state = new Map<string, 'visiting' | 'done'>();
+    const visit = (id: string, path: string[]): void => {
+      if (state.get(id) === 'done') return;
+      if (state.get(id) === 'visiting') throw new Error(`cycle: ${[...path, id].join(' → ')}`);
+      state.set(id, 'visiting');
+      for (const next of edges(all.get(id) as Resource)) visit(next, [...path, id]);
+      state.set(id, 'done');
+    };
+    expect(() => {
+      for (const id of all.keys()) visit(id, []);
+    }).not.toThrow();
+  });
+
+  it('bundles each entry with the local esbuild: ESM, require shim, source map, SDK left to the runtime', () => {
+    const outdir = mkdtempSync(join(tmpdir(), 'broker-synth-'));
+    try {
+      const app = new App({ outdir });
+      const stack = new BrokerStack(app, 'Bundled');
+      app.synth();
+      const functions = resources(Template.fromStack(stack), 'AWS::Lambda::Function');
+      expect(functions).toHaveLength(6);
+      for (const [id, fn] of functions) {
+        const handler = String(fn.Properties.Handler).replace(/^index\./, '');
+        const asset = join(outdir, `asset.${String((fn.Properties.Code as JsonObject).S3Key).replace(/\.zip$/, '')}`);
+        const code = readFileSync(join(asset, 'index.mjs'), 'utf8');
+        expect(code.startsWith("import { createRequire } from 'module';"), id).toBe(true);
+        expect(code, id).toMatch(new RegExp(`export\\{[^}]*\\bas ${handler}\\b`));
+        expect(existsSync(join(asset, 'index.mjs.map')), id).toBe(true);
+        const imports = [...code.matchAll(/\bfrom"([@\w:./-]+)"/g)].map((m) => m[1] as string);
+        expect(
+          imports.filter((m) => !m.startsWith('node:') && !m.startsWith('@aws-sdk/')),
+          id,
+        ).toStrictEqual([]);
+      }
+    } finally {
+      rmSync(outdir, { recursive: true, force: true });
+    }
+  });
+});
