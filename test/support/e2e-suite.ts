@@ -254,5 +254,31 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
       expect(mine.body.total).toBe(5);
       expect((await alice.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
     });
+
+    it('serves health and metrics, and never writes a secret to its log', async () => {
+      expect(await (await fetch(`${broker.url}/healthz`)).json()).toEqual({ status: 'ok' });
+      expect((await fetch(`${broker.url}/metrics`)).status).toBe(401);
+      const metrics = await (
+        await fetch(`${broker.url}/metrics`, { headers: { authorization: `Bearer ${API_KEYS.alice}` } })
+      ).text();
+      expect(metrics).toContain('broker_events_total{outcome="accepted"} 7');
+      expect(metrics).toContain('broker_events_total{outcome="duplicate"} 3');
+      expect(metrics).toContain('broker_events_total{outcome="ignored"} 3');
+      expect(metrics).toMatch(/broker_delivery_latency_seconds_count \d+/);
+      const secrets = [
+        API_KEYS.alice,
+        API_KEYS.bob,
+        INGEST_TOKEN,
+        ...Object.values(subs).map((s) => JSON.stringify(s).match(/whsec_[A-Za-z0-9+/=]+/)?.[0] ?? 'none'),
+      ];
+      const written = JSON.stringify(broker.logs) + broker.stderr.join('\n');
+      for (const secret of secrets) expect(written.includes(secret)).toBe(false);
+      expect(broker.logs.length).toBeGreaterThan(10);
+    });
+
+    it('stops cleanly on SIGTERM', async () => {
+      expect(await broker.kill('SIGTERM')).toBe(0);
+      expect(broker.logs.some((r) => r.msg === 'shutting down' && r.signal === 'SIGTERM')).toBe(true);
+    });
   });
 }
