@@ -23,7 +23,7 @@ const WS_SECRET = 'ws-token-secret-for-tests-0123456789abcdef';
 const HL = 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4';
 
 const subscriptionRef = (bundle: Json): string =>
-  String(((statusOf(bundle).params.get('subscription') ?? {}).valueReference as Json | undefined)?.reference);
+  String((statusOf(bundle).params.get('subscription')?.valueReference as Json | undefined)?.reference);
 
 const wsSubscription = (topic: string, options: { filters?: string[]; channel?: Json } = {}): Json => {
   const sub = topicSubscription(topic, 'unused', options);
