@@ -271,7 +271,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
     expect(await direct.send('conn-big', huge)).toBe('sent');
     const [sent] = management.posted('conn-big').map((b) => JSON.parse(b) as Json);
     expect(sent?.type).toBe('error');
-    expect(String(((sent ?? {}).payload as Json).message)).toContain('exceeds API Gateway');
+    expect(String(((sent as Json).payload as Json).message)).toContain('exceeds API Gateway');
     expect(await direct.send('conn-unknown', 'hello')).toBe('gone');
   });
 
