@@ -2,6 +2,7 @@ import { rmSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { API_KEYS, type BrokerProcess, INGEST_TOKEN, newDataDir, startBroker } from './support/broker-process.js';
 import { Client, eventLike, focusOf, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { prng } from './support/prng.js';
 import type { ReceivedRequest } from './support/receiver.js';
 import { Receiver } from './support/receiver.js';
 
@@ -15,18 +16,6 @@ import { Receiver } from './support/receiver.js';
  */
 
 const WORKERS = 4;
-
-/** Small deterministic PRNG, so a failing run can be reproduced from its seed. */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface StreamEvent {
   readonly key: string; // "Patient/p-7": what the notification's focus names
@@ -102,7 +91,7 @@ describe('crash safety: SIGKILL mid-stream, restart on the same data dir', () =>
     async ({ killAt, n: total, seed }) => {
       const run = `k${killAt}`;
       const label = `[killAt=${killAt} seed=${seed}]`;
-      const rand = mulberry32(seed);
+      const rand = prng(seed);
       const dataDir = newDataDir();
       dirs.push(dataDir);
 

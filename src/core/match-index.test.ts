@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { MatchIndex, matchesSpec } from './match-index.js';
 import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, SubscriptionStatus } from './types.js';
+import { prng } from '../../test/support/prng.js';
 
 type IndexedSub = Pick<SubscriptionRecord, 'id' | 'status' | 'match' | 'end'>;
 
@@ -23,17 +24,6 @@ function sub(id: string, match: MatchSpec, status: SubscriptionStatus = 'active'
   return { id, status, match, ...(end === undefined ? {} : { end }) };
 }
 
-/** mulberry32: a tiny seeded PRNG so the randomized comparison is the same on every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
-  };
-}
 
 describe('MatchIndex agrees with matchesSpec', () => {
   const TYPES = ['Patient', 'Observation', 'Encounter', 'Condition', 'MedicationRequest'];

@@ -3,6 +3,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { Waiters } from './waiters.js';
 
 /**
  * Starts the real broker (`node --import tsx src/main.ts`) on port 0 and learns its port from the
@@ -51,7 +52,7 @@ export async function startBroker(env: Record<string, string> = {}, dataDir = ne
   });
   const logs: Record<string, unknown>[] = [];
   const stderr: string[] = [];
-  const waiters = new Set<() => void>();
+  const waiters = new Waiters();
   createInterface({ input: child.stderr! }).on('line', (l) => stderr.push(l));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const port = await new Promise<number>((resolve, reject) => {
@@ -64,7 +65,7 @@ export async function startBroker(env: Record<string, string> = {}, dataDir = ne
         return;
       }
       logs.push(rec);
-      for (const w of waiters) w();
+      waiters.wake();
       if (rec.msg === 'listening') {
         clearTimeout(timer);
         resolve(rec.port as number);
@@ -77,24 +78,7 @@ export async function startBroker(env: Record<string, string> = {}, dataDir = ne
     predicate: (rec: Record<string, unknown>) => boolean,
     what: string,
     timeoutMs = 15_000,
-  ): Promise<Record<string, unknown>> => {
-    const hit = logs.find(predicate);
-    if (hit !== undefined) return Promise.resolve(hit);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        waiters.delete(check);
-        reject(new Error(`timed out waiting for log: ${what}`));
-      }, timeoutMs);
-      const check = (): void => {
-        const found = logs.find(predicate);
-        if (found === undefined) return;
-        clearTimeout(timer);
-        waiters.delete(check);
-        resolve(found);
-      };
-      waiters.add(check);
-    });
-  };
+  ): Promise<Record<string, unknown>> => waiters.until(() => logs.find(predicate), `log: ${what}`, timeoutMs);
   return {
     url: `http://127.0.0.1:${port}`,
     waitForLog,

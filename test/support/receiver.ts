@@ -1,6 +1,7 @@
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { Waiters } from './waiters.js';
 
 /**
  * A real HTTP webhook receiver on 127.0.0.1:0. It records every request and answers with what
@@ -26,7 +27,7 @@ export class Receiver {
   readonly requests: ReceivedRequest[] = [];
   respond: Responder = () => ({ status: 204 });
   readonly #server: Server;
-  readonly #waiters = new Set<() => void>();
+  readonly #waiters = new Waiters();
 
   private constructor() {
     this.#server = createServer((req, res) => {
@@ -48,7 +49,7 @@ export class Receiver {
             this.failures.push(received);
           }
           res.writeHead(answer.status, answer.headers).end();
-          for (const w of this.#waiters) w();
+          this.#waiters.wake();
         };
         if (answer.delayMs === undefined) reply();
         else setTimeout(reply, answer.delayMs);
@@ -74,21 +75,8 @@ export class Receiver {
     return this.requests.filter((r) => r.path === path);
   }
 
-  waitFor(predicate: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
-    if (predicate()) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#waiters.delete(check);
-        reject(new Error(`timed out waiting for ${what}`));
-      }, timeoutMs);
-      const check = (): void => {
-        if (!predicate()) return;
-        clearTimeout(timer);
-        this.#waiters.delete(check);
-        resolve();
-      };
-      this.#waiters.add(check);
-    });
+  async waitFor(predicate: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
+    await this.#waiters.until(() => (predicate() ? true : undefined), what, timeoutMs);
   }
 
   async close(): Promise<void> {

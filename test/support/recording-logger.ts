@@ -1,9 +1,10 @@
 import type { Logger } from '../../src/observability/logger.js';
+import { Waiters } from './waiters.js';
 
 /** A Logger that keeps every record, so in-process tests can wait for what the broker reports. */
 export class RecordingLogger implements Logger {
   readonly records: Record<string, unknown>[] = [];
-  readonly #waiters = new Set<() => void>();
+  readonly #waiters = new Waiters();
 
   debug(msg: string, fields?: Record<string, unknown>): void {
     this.#add('debug', msg, fields);
@@ -25,23 +26,7 @@ export class RecordingLogger implements Logger {
     timeoutMs = 15_000,
     since = 0,
   ): Promise<Record<string, unknown>> {
-    const find = () => this.records.slice(since).find(predicate);
-    const hit = find();
-    if (hit !== undefined) return Promise.resolve(hit);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#waiters.delete(check);
-        reject(new Error(`timed out waiting for log: ${what}`));
-      }, timeoutMs);
-      const check = (): void => {
-        const found = find();
-        if (found === undefined) return;
-        clearTimeout(timer);
-        this.#waiters.delete(check);
-        resolve(found);
-      };
-      this.#waiters.add(check);
-    });
+    return this.#waiters.until(() => this.records.slice(since).find(predicate), `log: ${what}`, timeoutMs);
   }
 
   waitForStatus(id: string, status: string, timeoutMs?: number, since = 0): Promise<Record<string, unknown>> {
@@ -60,6 +45,6 @@ export class RecordingLogger implements Logger {
 
   #add(level: string, msg: string, fields?: Record<string, unknown>): void {
     this.records.push({ level, msg, ...fields });
-    for (const w of [...this.#waiters]) w();
+    this.#waiters.wake();
   }
 }

@@ -1,10 +1,11 @@
 import WebSocket from 'ws';
+import { Waiters } from './waiters.js';
 
 /** A real `ws` client that records every frame and can wait for one (woken per frame, no polling). */
 export class WsClient {
   readonly messages: string[] = [];
   closed: { code: number; reason: string } | undefined;
-  readonly #waiters = new Set<() => void>();
+  readonly #waiters = new Waiters();
 
   private constructor(readonly socket: WebSocket) {
     socket.on('message', (data) => {
@@ -38,25 +39,14 @@ export class WsClient {
     return this.messages.filter((m) => m.startsWith('{')).map((m) => JSON.parse(m) as Record<string, unknown>);
   }
 
-  waitFor(predicate: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
-    if (predicate()) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#waiters.delete(check);
-        reject(
-          new Error(
-            `timed out waiting for ${what}; got ${JSON.stringify(this.messages.slice(-3))} closed=${JSON.stringify(this.closed)}`,
-          ),
+  async waitFor(predicate: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
+    await this.#waiters
+      .until(() => (predicate() ? true : undefined), what, timeoutMs)
+      .catch((err: Error) => {
+        throw new Error(
+          `${err.message}; got ${JSON.stringify(this.messages.slice(-3))} closed=${JSON.stringify(this.closed)}`,
         );
-      }, timeoutMs);
-      const check = (): void => {
-        if (!predicate()) return;
-        clearTimeout(timer);
-        this.#waiters.delete(check);
-        resolve();
-      };
-      this.#waiters.add(check);
-    });
+      });
   }
 
   waitForClose(timeoutMs = 10_000): Promise<{ code: number; reason: string }> {
@@ -70,6 +60,6 @@ export class WsClient {
   }
 
   #wake(): void {
-    for (const w of [...this.#waiters]) w();
+    this.#waiters.wake();
   }
 }
