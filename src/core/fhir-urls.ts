@@ -22,6 +22,8 @@ export const BROKER_BASE = 'https://fhir-subscription-broker.org/fhir';
 
 export const BROKER_EXT = {
   webhookSecret: `${BROKER_BASE}/StructureDefinition/webhook-secret`,
+  /** On CapabilityStatement.rest: the broker's WebSocket endpoint. */
+  websocketUrl: `${BROKER_BASE}/StructureDefinition/websocket-url`,
 } as const;
 
 export const ERROR_CODE_SYSTEM = `${BROKER_BASE}/CodeSystem/error-code`;

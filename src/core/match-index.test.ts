@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
+import { prng } from '../../test/support/prng.js';
 import { MatchIndex, matchesSpec } from './match-index.js';
 import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, SubscriptionStatus } from './types.js';
-import { prng } from '../../test/support/prng.js';
 
 type IndexedSub = Pick<SubscriptionRecord, 'id' | 'status' | 'match' | 'end'>;
 
@@ -23,7 +23,6 @@ function change(resourceType: string, interaction: Interaction, resourceId?: str
 function sub(id: string, match: MatchSpec, status: SubscriptionStatus = 'active', end?: string): IndexedSub {
   return { id, status, match, ...(end === undefined ? {} : { end }) };
 }
-
 
 describe('MatchIndex agrees with matchesSpec', () => {
   const TYPES = ['Patient', 'Observation', 'Encounter', 'Condition', 'MedicationRequest'];

@@ -1,6 +1,6 @@
 import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
-import { BACKPORT_EXT, BACKPORT_PROFILE } from '../core/fhir-urls.js';
+import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from '../core/fhir-urls.js';
 import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, IdSource, SubscriptionRecord } from '../core/types.js';
@@ -223,6 +223,8 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
     rest: [
       {
         mode: 'server',
+        // Where websocket-channel clients connect (also returned by $get-ws-binding-token).
+        extension: [{ url: BROKER_EXT.websocketUrl, valueUrl: deps.websocketUrl }],
         security: {
           description: 'Authorization: Bearer <API key>. Each client sees only its own Subscriptions.',
         },

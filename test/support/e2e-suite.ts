@@ -255,6 +255,38 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
       expect((await alice.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
     });
 
+    it('describes itself in a CapabilityStatement without authentication', async () => {
+      const res = await fetch(`${broker.url}/fhir/metadata`);
+      expect(res.headers.get('content-type')).toBe('application/fhir+json; charset=utf-8');
+      const cs = (await res.json()) as Json;
+      expect(validateFhir(cs)).toEqual([]);
+      const rest = (cs.rest as Json[])[0] as Json;
+      expect(rest.extension).toEqual([
+        {
+          url: 'https://fhir-subscription-broker.org/fhir/StructureDefinition/websocket-url',
+          valueUrl: `${broker.url.replace('http', 'ws')}/ws`,
+        },
+      ]);
+      const subscription = (rest.resource as Json[]).find((r) => r.type === 'Subscription') as Json;
+      expect(subscription.supportedProfile).toEqual([
+        'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription',
+      ]);
+      expect((subscription.extension as Json[]).map((e) => e.valueCanonical).sort()).toEqual(
+        ['encounter-change', 'observation-change', 'patient-change', 'resource-change'].map((t) => `${TOPIC}/${t}`),
+      );
+      expect((subscription.operation as Json[]).map((o) => o.name)).toEqual([
+        'status',
+        'events',
+        'get-ws-binding-token',
+      ]);
+      const topics = await alice.call('GET', '/fhir/SubscriptionTopic');
+      expect(topics.body.total).toBe(4);
+      expect((await alice.call('GET', '/fhir/SubscriptionTopic/patient-change')).body.url).toBe(
+        `${TOPIC}/patient-change`,
+      );
+      expect((await alice.call('GET', '/fhir/SubscriptionTopic/nope')).status).toBe(404);
+    });
+
     it('serves health and metrics, and never writes a secret to its log', async () => {
       expect(await (await fetch(`${broker.url}/healthz`)).json()).toEqual({ status: 'ok' });
       expect((await fetch(`${broker.url}/metrics`)).status).toBe(401);
