@@ -22,31 +22,31 @@ import { fmt, percentile, printTable, prng, shuffle, type TargetCheck } from './
  */
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
-const API_TOKEN = 'bench-api-token-0123456789abcdef';
-const INGEST_TOKEN = 'bench-ingest-token-0123456789abcdef';
+export const API_TOKEN = 'bench-api-token-0123456789abcdef';
+export const INGEST_TOKEN = 'bench-ingest-token-0123456789abcdef';
 const TOPIC = 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change';
 const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
 const DATASTORE = 'abcdef01234567890abcdef012345678';
 
-const SUBSCRIPTIONS = 100;
+export const SUBSCRIPTIONS = 100;
 /** Patient ids `pat-00000`…: each is in one subscriber's panel, every other one in a second one. */
-const PATIENTS = 10_000;
-const BURST_EVENTS = 10_000;
-const BURST_CONCURRENCY = 32;
-const RATE = 500;
-const RATE_SECONDS = 10;
+export const PATIENTS = 10_000;
+export const BURST_EVENTS = 10_000;
+export const BURST_CONCURRENCY = 32;
+export const RATE = 500;
+export const RATE_SECONDS = 10;
 const P99_TARGET_MS = 20;
 
-const patientId = (i: number): string => `pat-${String(i).padStart(5, '0')}`;
+export const patientId = (i: number): string => `pat-${String(i).padStart(5, '0')}`;
 
 /** Subscriber indexes whose `_id` filter holds patient i (1 or 2 of them; 1.5 on average). */
-function panelsOf(i: number): number[] {
+export function panelsOf(i: number): number[] {
   const first = i % SUBSCRIPTIONS;
   if (i % 2 === 1) return [first];
   return [first, (first + 1 + (Math.floor(i / SUBSCRIPTIONS) % (SUBSCRIPTIONS - 1))) % SUBSCRIPTIONS];
 }
 
-function subscriptionBody(n: number, endpoint: string, ids: readonly string[]): unknown {
+export function subscriptionBody(n: number, endpoint: string, ids: readonly string[]): unknown {
   return {
     resourceType: 'Subscription',
     meta: { profile: [`${BACKPORT}/backport-subscription`] },
@@ -77,7 +77,7 @@ const TEMPLATE = JSON.parse(readFileSync(join(ROOT, 'test/fixtures/healthlake-up
 };
 
 /** A HealthLake UpdateResource event for Patient/<resourceId>, shaped like the fixture. */
-function updatePatientEvent(eventId: string, resourceId: string): unknown {
+export function updatePatientEvent(eventId: string, resourceId: string): unknown {
   const now = new Date().toISOString();
   return {
     ...TEMPLATE,
@@ -96,7 +96,7 @@ function updatePatientEvent(eventId: string, resourceId: string): unknown {
 // ---------------------------------------------------------------------------------------------
 // Receiver
 
-class Receiver {
+export class Receiver {
   readonly server: Server;
   handshakes = 0;
   notifications = 0;
@@ -105,6 +105,8 @@ class Receiver {
   sendTimes: Map<string, number> | undefined;
   latencies: number[] = [];
   unexpected = 0;
+  /** Event notifications answered 503 on a `/fail/` path (a failing subscriber; its handshake gets 204). */
+  refused = 0;
 
   constructor() {
     this.server = createServer((req, res) => this.#handle(req, res));
@@ -127,6 +129,13 @@ class Receiver {
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
       const at = performance.now();
+      if (req.url?.startsWith('/fail/')) {
+        const handshake = Buffer.concat(chunks).includes('"valueCode":"handshake"');
+        if (handshake) this.handshakes++;
+        else this.refused++;
+        res.writeHead(handshake ? 204 : 503).end();
+        return;
+      }
       res.writeHead(204).end();
       try {
         this.#record(JSON.parse(Buffer.concat(chunks).toString('utf8')) as Bundle, at);
@@ -172,7 +181,7 @@ interface Bundle {
 // ---------------------------------------------------------------------------------------------
 // Broker child process
 
-interface Broker {
+export interface Broker {
   readonly child: ChildProcess;
   readonly port: number;
   readonly warnings: string[];
@@ -180,7 +189,16 @@ interface Broker {
   exited(): string | undefined;
 }
 
-function startBroker(dataDir: string): Promise<Broker> {
+export interface StartOptions {
+  /** Extra environment (wins over the defaults below). */
+  readonly env?: Readonly<Record<string, string>>;
+  /** Script to run instead of the broker (the bench's forwarder speaks the same `listening` line). */
+  readonly script?: string;
+  /** Start through `bash -c 'ulimit -n N; exec node …'` (the pid is still node's). */
+  readonly nofile?: number;
+}
+
+export function startBroker(dataDir: string, options: StartOptions = {}): Promise<Broker> {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BROKER_') && k !== 'PORT') env[k] = v;
   Object.assign(env, {
@@ -191,13 +209,18 @@ function startBroker(dataDir: string): Promise<Broker> {
     BROKER_INGEST_TOKEN: INGEST_TOKEN,
     BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
     BROKER_LOG_LEVEL: 'info',
+    ...options.env,
   });
   const nodeArgs = process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
-  const child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', 'src/main.ts'], {
-    cwd: ROOT,
-    env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const args = [...nodeArgs, '--import', 'tsx', options.script ?? 'src/main.ts'];
+  const child =
+    options.nofile === undefined
+      ? spawn(process.execPath, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn('bash', ['-c', `ulimit -n ${options.nofile} 2>/dev/null; exec "$0" "$@"`, process.execPath, ...args], {
+          cwd: ROOT,
+          env,
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
   const warnings: string[] = [];
   let stderr = '';
   let exited: string | undefined;
@@ -230,7 +253,7 @@ function startBroker(dataDir: string): Promise<Broker> {
   });
 }
 
-async function stopBroker(child: ChildProcess): Promise<void> {
+export async function stopBroker(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   child.kill('SIGTERM');
@@ -240,7 +263,7 @@ async function stopBroker(child: ChildProcess): Promise<void> {
 }
 
 /** Latency of a durable (synchronous=FULL, WAL) one-row SQLite commit in `dir`: the disk's fsync cost. */
-function fsyncProbe(dir: string): { p50: number; p99: number } {
+export function fsyncProbe(dir: string): { p50: number; p99: number } {
   const db = new Database(join(dir, 'probe.sqlite3'));
   try {
     db.pragma('journal_mode = WAL');
@@ -262,28 +285,28 @@ function fsyncProbe(dir: string): { p50: number; p99: number } {
 }
 
 /** [steal, total] jiffies of all CPUs: how much the hypervisor took from this VM. */
-function stealJiffies(): [number, number] {
+export function stealJiffies(): [number, number] {
   const cpu = readFileSync('/proc/stat', 'utf8').split('\n')[0]?.trim().split(/\s+/).slice(1).map(Number) ?? [];
   return [cpu[7] ?? 0, cpu.slice(0, 8).reduce((a, b) => a + b, 0)];
 }
 
-function procStatus(pid: number): { rssKb: number; hwmKb: number } {
+export function procStatus(pid: number): { rssKb: number; hwmKb: number } {
   const text = readFileSync(`/proc/${pid}/status`, 'utf8');
   const kb = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(text)?.[1] ?? Number.NaN);
   return { rssKb: kb('VmRSS'), hwmKb: kb('VmHWM') };
 }
 
 /** User+system CPU seconds the process has used so far. */
-function cpuSeconds(pid: number): number {
+export function cpuSeconds(pid: number): number {
   const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
   return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 // ---------------------------------------------------------------------------------------------
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-async function waitFor(what: string, timeoutMs: number, done: () => boolean | Promise<boolean>): Promise<void> {
+export async function waitFor(what: string, timeoutMs: number, done: () => boolean | Promise<boolean>): Promise<void> {
   const deadline = performance.now() + timeoutMs;
   while (!(await done())) {
     if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
@@ -291,7 +314,7 @@ async function waitFor(what: string, timeoutMs: number, done: () => boolean | Pr
   }
 }
 
-async function json(pool: Pool, path: string, method: 'GET' | 'POST', token: string, body?: unknown) {
+export async function json(pool: Pool, path: string, method: 'GET' | 'POST', token: string, body?: unknown) {
   const res = await pool.request({
     path,
     method,
@@ -302,7 +325,11 @@ async function json(pool: Pool, path: string, method: 'GET' | 'POST', token: str
   return { status: res.statusCode, body: text === '' ? undefined : (JSON.parse(text) as Record<string, unknown>) };
 }
 
-async function subscribe(pool: Pool, receiverPort: number): Promise<void> {
+export async function subscribe(
+  pool: Pool,
+  receiverPort: number,
+  pathOf: (n: number) => string = (n) => `/hook/${n}`,
+): Promise<string[]> {
   const panels: string[][] = Array.from({ length: SUBSCRIPTIONS }, () => []);
   for (let i = 0; i < PATIENTS; i++) for (const s of panelsOf(i)) panels[s]?.push(patientId(i));
   const ids: string[] = [];
@@ -312,7 +339,7 @@ async function subscribe(pool: Pool, receiverPort: number): Promise<void> {
       '/fhir/Subscription',
       'POST',
       API_TOKEN,
-      subscriptionBody(n, `http://127.0.0.1:${receiverPort}/hook/${n}`, panel),
+      subscriptionBody(n, `http://127.0.0.1:${receiverPort}${pathOf(n)}`, panel),
     );
     if (res.status !== 201) throw new Error(`create subscription ${n}: HTTP ${res.status} ${JSON.stringify(res.body)}`);
     ids.push(String(res.body?.id));
@@ -324,14 +351,15 @@ async function subscribe(pool: Pool, receiverPort: number): Promise<void> {
     }
     return true;
   });
+  return ids;
 }
 
-interface Post {
+export interface Post {
   readonly status: number;
   readonly accepted: number;
 }
 
-async function postEvents(pool: Pool, events: unknown): Promise<Post> {
+export async function postEvents(pool: Pool, events: unknown): Promise<Post> {
   const res = await pool.request({
     path: '/events',
     method: 'POST',
@@ -343,7 +371,7 @@ async function postEvents(pool: Pool, events: unknown): Promise<Post> {
   return { status: res.statusCode, accepted };
 }
 
-interface BurstResult {
+export interface BurstResult {
   readonly label: string;
   readonly events: number;
   readonly requests: number;
@@ -355,8 +383,16 @@ interface BurstResult {
   readonly rssMiB: number;
 }
 
+export interface BurstOptions {
+  /** Notifications the receiver counts for patient i (default: every panel holding it). */
+  readonly countOf?: (i: number) => number;
+  /** Stop starting requests after this many seconds. */
+  readonly maxSeconds?: number;
+  readonly deliverTimeoutMs?: number;
+}
+
 /** Closed loop: `concurrency` clients post `total` events `perRequest` at a time, then wait for delivery. */
-async function burst(
+export async function burst(
   pool: Pool,
   receiver: Receiver,
   pid: number,
@@ -364,16 +400,16 @@ async function burst(
   perRequest: number,
   total: number,
   concurrency: number,
+  options: BurstOptions = {},
 ): Promise<BurstResult> {
+  const countOf = options.countOf ?? ((i: number) => panelsOf(i).length);
   const rand = prng(0xb0057 + perRequest);
-  const requests: { resourceId: string; eventId: string }[][] = [];
-  let expected = 0;
+  const requests: { resourceId: string; eventId: string; expected: number }[][] = [];
   for (let e = 0; e < total; e += perRequest) {
     const batch = [];
     for (let k = 0; k < perRequest; k++) {
       const i = Math.floor(rand() * PATIENTS);
-      expected += panelsOf(i).length;
-      batch.push({ resourceId: patientId(i), eventId: `${run}-b${perRequest}-${e + k}` });
+      batch.push({ resourceId: patientId(i), eventId: `${run}-b${perRequest}-${e + k}`, expected: countOf(i) });
     }
     requests.push(batch);
   }
@@ -382,10 +418,16 @@ async function burst(
   let next = 0;
   let failures = 0;
   let accepted = 0;
+  let issued = 0;
+  let expected = 0;
   const t0 = performance.now();
+  // With maxSeconds, no new request starts after the deadline (slow stores): figures cover what was sent.
+  const deadline = t0 + (options.maxSeconds ?? Number.POSITIVE_INFINITY) * 1000;
   const client = async (): Promise<void> => {
-    while (next < requests.length) {
+    while (next < requests.length && performance.now() < deadline) {
       const batch = requests[next++] ?? [];
+      issued += batch.length;
+      for (const b of batch) expected += b.expected;
       const events = batch.map((b) => updatePatientEvent(b.eventId, b.resourceId));
       const res = await postEvents(pool, perRequest === 1 ? events[0] : events);
       if (res.status !== 202) failures++;
@@ -394,13 +436,17 @@ async function burst(
   };
   await Promise.all(Array.from({ length: concurrency }, client));
   const t1 = performance.now();
-  await waitFor(`${expected} notifications`, 60_000, () => receiver.notifications - before >= expected);
+  await waitFor(
+    `${expected} notifications`,
+    options.deliverTimeoutMs ?? 60_000,
+    () => receiver.notifications - before >= expected,
+  );
   const cpu1 = cpuSeconds(pid);
-  if (accepted !== total) failures += total - accepted;
+  if (accepted !== issued) failures += issued - accepted;
   return {
     label: perRequest === 1 ? '1 event/request' : `${perRequest} events/request`,
-    events: total,
-    requests: requests.length,
+    events: issued,
+    requests: Math.ceil(issued / perRequest),
     ingestSeconds: (t1 - t0) / 1000,
     notifications: receiver.notifications - before,
     deliverSeconds: (receiver.lastAt - t0) / 1000,
@@ -410,7 +456,7 @@ async function burst(
   };
 }
 
-interface RateResult {
+export interface RateResult {
   readonly events: number;
   readonly seconds: number;
   readonly notifications: number;
@@ -423,13 +469,28 @@ interface RateResult {
 }
 
 /** Open loop: event i is due at t0 + i/rate whatever the answers; latency counts from that time. */
-async function openLoop(pool: Pool, receiver: Receiver, pid: number, run: string): Promise<RateResult> {
-  const total = RATE * RATE_SECONDS;
+export interface OpenLoopOptions {
+  /** Notifications the receiver counts for patient i (default: every panel holding it). */
+  readonly countOf?: (i: number) => number;
+  readonly rate?: number;
+  readonly seconds?: number;
+}
+
+export async function openLoop(
+  pool: Pool,
+  receiver: Receiver,
+  pid: number,
+  run: string,
+  options: OpenLoopOptions = {},
+): Promise<RateResult> {
+  const countOf = options.countOf ?? ((i: number) => panelsOf(i).length);
+  const rate = options.rate ?? RATE;
+  const total = rate * (options.seconds ?? RATE_SECONDS);
   const order = shuffle(
     prng(0x0be7),
     Array.from({ length: PATIENTS }, (_, i) => i),
   ).slice(0, total);
-  const expected = order.reduce((sum, i) => sum + panelsOf(i).length, 0);
+  const expected = order.reduce((sum, i) => sum + countOf(i), 0);
   const sendTimes = new Map<string, number>();
   receiver.sendTimes = sendTimes;
   receiver.latencies = [];
@@ -439,7 +500,7 @@ async function openLoop(pool: Pool, receiver: Receiver, pid: number, run: string
   const inflight: Promise<void>[] = [];
   let failures = 0;
   let maxLag = 0;
-  const interval = 1000 / RATE;
+  const interval = 1000 / rate;
   const cpu0 = cpuSeconds(pid);
   const t0 = performance.now() + 5;
   let sent = 0;

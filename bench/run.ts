@@ -1,15 +1,24 @@
 import { execFileSync } from 'node:child_process';
 import { cpus, loadavg } from 'node:os';
+import { runDynamodb } from './dynamodb.js';
+import { runFanout } from './fanout.js';
 import { runMatch } from './match.js';
+import { runOutbox } from './outbox.js';
 import { runPipeline } from './pipeline.js';
 import { printTable, type TargetCheck } from './util.js';
 
 /**
- * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`) runs one.
+ * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `fanout`, `dynamodb`) runs one.
  * Each suite prints its own table; this prints the machine first and the targets last.
  */
 
-const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = { match: runMatch, pipeline: runPipeline };
+const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = {
+  match: runMatch,
+  pipeline: runPipeline,
+  outbox: runOutbox,
+  fanout: runFanout,
+  dynamodb: runDynamodb,
+};
 
 async function main(): Promise<void> {
   const asked = process.argv.slice(2).filter((a) => a !== '--');

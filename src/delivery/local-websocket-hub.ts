@@ -48,6 +48,8 @@ export class LocalWebSocketHub implements WebSocketPort {
   readonly #metrics: Metrics;
   readonly #pinger: NodeJS.Timeout;
   #handler: MessageHandler | undefined;
+  #lastText = '';
+  #lastData = Buffer.alloc(0);
 
   constructor(deps: { logger: Logger; metrics: Metrics; limits?: Partial<HubLimits> }) {
     this.#limits = { ...DEFAULT_HUB_LIMITS, ...deps.limits };
@@ -56,6 +58,18 @@ export class LocalWebSocketHub implements WebSocketPort {
     this.#pinger = setInterval(() => this.#pingAll(), this.#limits.pingIntervalMs);
     this.#pinger.unref();
     deps.metrics.gauge('broker_websocket_connections', () => this.#sockets.size);
+  }
+
+  /**
+   * One notification goes to many sockets as the same string: encode it once, not per socket
+   * (a 10,000-socket fan-out otherwise spends its time re-encoding).
+   */
+  #encode(text: string): Buffer {
+    if (text !== this.#lastText) {
+      this.#lastText = text;
+      this.#lastData = Buffer.from(text, 'utf8');
+    }
+    return this.#lastData;
   }
 
   handle(handler: MessageHandler): void {
@@ -91,7 +105,8 @@ export class LocalWebSocketHub implements WebSocketPort {
   async send(connectionId: string, text: string): Promise<SendOutcome> {
     const socket = this.#sockets.get(connectionId);
     if (socket === undefined || socket.ws.readyState !== socket.ws.OPEN) return 'gone';
-    if (socket.ws.bufferedAmount + Buffer.byteLength(text) > this.#limits.maxBufferedBytes) {
+    const data = this.#encode(text);
+    if (socket.ws.bufferedAmount + data.byteLength > this.#limits.maxBufferedBytes) {
       this.#metrics.inc('broker_websocket_closed_total', { reason: 'slow-consumer' });
       this.#logger.warn('websocket slow consumer closed', {
         connection: connectionId,
@@ -102,7 +117,7 @@ export class LocalWebSocketHub implements WebSocketPort {
       setTimeout(() => socket.ws.terminate(), 1000).unref();
       return 'gone';
     }
-    socket.ws.send(text);
+    socket.ws.send(data, { binary: false });
     return 'sent';
   }
 

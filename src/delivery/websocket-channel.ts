@@ -41,10 +41,10 @@ export class WebSocketChannel {
   readonly #logger: Logger;
   readonly #metrics: Metrics;
   readonly #fhirBase: string;
-  /** `${connectionId} ${subscriptionId}` → messages held while that binding catches up. */
-  readonly #catchingUp = new Map<string, Held[]>();
-  /** `${connectionId} ${subscriptionId}` → highest event number its catch-up sent (later live copies are skipped). */
-  readonly #caughtUpTo = new Map<string, number>();
+  /** Connection → subscription → messages held while that binding catches up. */
+  readonly #catchingUp = new PerConnection<Held[]>();
+  /** Connection → subscription → highest event number its catch-up sent (later live copies are skipped). */
+  readonly #caughtUpTo = new PerConnection<number>();
 
   constructor(deps: {
     port: WebSocketPort;
@@ -99,9 +99,8 @@ export class WebSocketChannel {
   }
 
   async onClose(connectionId: string): Promise<void> {
-    for (const map of [this.#catchingUp, this.#caughtUpTo]) {
-      for (const key of [...map.keys()]) if (key.startsWith(`${connectionId} `)) map.delete(key);
-    }
+    this.#catchingUp.forget(connectionId);
+    this.#caughtUpTo.forget(connectionId);
     await this.#bindings.unbind(connectionId);
   }
 
@@ -114,7 +113,8 @@ export class WebSocketChannel {
     if (bindings.length === 0) return 0;
     const last = notes[notes.length - 1]?.eventNumber ?? 0;
     let bundleText: string | undefined;
-    let reached = 0;
+    // Sends start together (a local socket write completes in the call); one await for all.
+    const sends: Promise<boolean>[] = [];
     for (const b of bindings) {
       let text: string;
       if (b.mode === 'r4') {
@@ -124,15 +124,15 @@ export class WebSocketChannel {
         bundleText ??= JSON.stringify(this.#bundle(sub, type, notes, last));
         text = bundleText;
       }
-      const key = `${b.connectionId} ${sub.id}`;
-      const held = this.#catchingUp.get(key);
+      const held = this.#catchingUp.get(b.connectionId, sub.id);
       if (held !== undefined) {
         held.push({ text, lastEventNumber: last });
         continue;
       }
-      if (type === 'event-notification' && last <= (this.#caughtUpTo.get(key) ?? 0)) continue;
-      if (await this.#sendOrForget(b, text)) reached++;
+      if (type === 'event-notification' && last <= (this.#caughtUpTo.get(b.connectionId, sub.id) ?? 0)) continue;
+      sends.push(this.#sendOrForget(b, text));
     }
+    const reached = (await Promise.all(sends)).filter(Boolean).length;
     this.#metrics.inc('broker_websocket_messages_total', { outcome: 'sent' }, reached);
     return reached;
   }
@@ -169,10 +169,9 @@ export class WebSocketChannel {
   }
 
   async #bindOne(connectionId: string, sub: SubscriptionRecord, lastSeen: number | undefined): Promise<void> {
-    const key = `${connectionId} ${sub.id}`;
     const binding: Binding = { connectionId, subscriptionId: sub.id, mode: 'bundle' };
     // Hold live messages from the moment of binding until the stored range has been sent.
-    if (lastSeen !== undefined) this.#catchingUp.set(key, []);
+    if (lastSeen !== undefined) this.#catchingUp.set(connectionId, sub.id, []);
     await this.#bindings.bind(binding);
     const current = this.#registry.get(sub.id) ?? sub;
     await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
@@ -196,14 +195,14 @@ export class WebSocketChannel {
         sent = note.eventNumber;
       }
     } finally {
-      const held = this.#catchingUp.get(key) ?? [];
-      this.#catchingUp.delete(key);
+      const held = this.#catchingUp.get(connectionId, sub.id) ?? [];
+      this.#catchingUp.delete(connectionId, sub.id);
       for (const h of held) {
         if (h.lastEventNumber <= sent) continue;
         if (!(await this.#sendOrForget(binding, h.text))) break;
         sent = h.lastEventNumber;
       }
-      this.#caughtUpTo.set(key, sent);
+      this.#caughtUpTo.set(connectionId, sub.id, sent);
     }
   }
 
@@ -245,5 +244,33 @@ export class WebSocketChannel {
         timestamp: new Date(this.#clock.now()).toISOString(),
       },
     );
+  }
+}
+
+/** Per-connection state keyed by subscription, so closing a connection forgets it in one step. */
+class PerConnection<V> {
+  readonly #byConnection = new Map<string, Map<string, V>>();
+
+  get(connectionId: string, subscriptionId: string): V | undefined {
+    return this.#byConnection.get(connectionId)?.get(subscriptionId);
+  }
+
+  set(connectionId: string, subscriptionId: string, value: V): void {
+    let inner = this.#byConnection.get(connectionId);
+    if (inner === undefined) {
+      inner = new Map();
+      this.#byConnection.set(connectionId, inner);
+    }
+    inner.set(subscriptionId, value);
+  }
+
+  delete(connectionId: string, subscriptionId: string): void {
+    const inner = this.#byConnection.get(connectionId);
+    inner?.delete(subscriptionId);
+    if (inner?.size === 0) this.#byConnection.delete(connectionId);
+  }
+
+  forget(connectionId: string): void {
+    this.#byConnection.delete(connectionId);
   }
 }
