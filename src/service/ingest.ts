@@ -40,6 +40,8 @@ export class IngestService {
   readonly #metrics: Metrics;
   #pending: PendingCommit[] = [];
   #scheduled = false;
+  /** One commit at a time: what arrives meanwhile waits and joins the next, larger commit. */
+  #committing = false;
 
   constructor(deps: {
     store: Store;
@@ -108,17 +110,24 @@ export class IngestService {
   #commit(items: readonly AcceptItem[]): Promise<AcceptOutcome[]> {
     return new Promise((resolve, reject) => {
       this.#pending.push({ items, resolve, reject });
-      if (!this.#scheduled) {
-        this.#scheduled = true;
-        setImmediate(() => void this.#flush());
-      }
+      this.#schedule();
+    });
+  }
+
+  #schedule(): void {
+    if (this.#scheduled || this.#committing) return;
+    this.#scheduled = true;
+    setImmediate(() => {
+      this.#scheduled = false;
+      void this.#flush();
     });
   }
 
   async #flush(): Promise<void> {
+    if (this.#committing || this.#pending.length === 0) return;
+    this.#committing = true;
     const batch = this.#pending;
     this.#pending = [];
-    this.#scheduled = false;
     const all = batch.flatMap((p) => p.items);
     try {
       const outcomes = await this.#store.acceptChanges(all, this.#clock.now());
@@ -131,6 +140,9 @@ export class IngestService {
       this.#logger.error('could not commit events; the senders will retry', { err: err as Error, events: all.length });
       const failure = new BrokerError('STORE_UNAVAILABLE', 'The events could not be stored; retry', { cause: err });
       for (const p of batch) p.reject(failure);
+    } finally {
+      this.#committing = false;
+      if (this.#pending.length > 0) this.#schedule();
     }
   }
 }

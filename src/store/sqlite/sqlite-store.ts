@@ -6,7 +6,6 @@ import type {
   DeliveryState,
   FhirResource,
   MatchSpec,
-  Notification,
   ResourceChange,
   StoredNotification,
   SubscriptionKind,
@@ -14,6 +13,7 @@ import type {
   SubscriptionStatus,
 } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate, StatusUpdate, Store } from '../store.js';
+import { SqliteWriter } from './sqlite-writer.js';
 
 /**
  * The embedded store: one SQLite file in WAL mode. `synchronous = FULL` makes a commit durable
@@ -87,23 +87,25 @@ interface NotificationRow {
   last_error: string | null;
 }
 
-/** Statuses that still collect notifications; mirrors the matching index. */
-const COLLECTING = "('requested', 'active', 'error')";
-
 export class SqliteStore implements Store {
   readonly #db: Database.Database;
   readonly #stmt;
   readonly #synchronous: 'FULL' | 'NORMAL';
 
+  readonly #writer: SqliteWriter;
+
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
     mkdirSync(dataDir, { recursive: true });
-    this.#db = new Database(join(dataDir, 'broker.sqlite3'));
+    const file = join(dataDir, 'broker.sqlite3');
+    this.#db = new Database(file);
     this.#db.pragma('journal_mode = WAL');
     this.#synchronous = options.synchronous ?? 'FULL';
     this.#db.pragma(`synchronous = ${this.#synchronous}`);
     this.#db.pragma('busy_timeout = 5000');
     this.#db.pragma('foreign_keys = ON');
     this.#db.exec(SCHEMA);
+    // The schema exists before the writer opens its own connection.
+    this.#writer = new SqliteWriter(file, this.#synchronous);
     const db = this.#db;
     this.#stmt = {
       insertSub: db.prepare(`INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
@@ -123,23 +125,12 @@ export class SqliteStore implements Store {
       setStatus: db.prepare('UPDATE subscriptions SET status = ?, error = ?, updated_at = ? WHERE id = ?'),
       deleteSub: db.prepare('DELETE FROM subscriptions WHERE id = ?'),
       deleteNotes: db.prepare('DELETE FROM notifications WHERE subscription_id = ?'),
-      seen: db.prepare('INSERT OR IGNORE INTO seen_events (event_id, received_at) VALUES (?, ?)'),
-      bump: db.prepare<[string], { n: number }>(
-        `UPDATE subscriptions SET events_since_start = events_since_start + 1
-         WHERE id = ? AND status IN ${COLLECTING} RETURNING events_since_start AS n`,
-      ),
-      insertNote: db.prepare(`INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts,
-        due_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)`),
       pending: db.prepare<[string, number, number], NotificationRow>(
         `SELECT * FROM notifications WHERE subscription_id = ? AND state = 'pending' AND event_number > ?
          ORDER BY event_number LIMIT ?`,
       ),
       withPending: db.prepare<[], { subscription_id: string }>(
         "SELECT DISTINCT subscription_id FROM notifications WHERE state = 'pending'",
-      ),
-      delivery: db.prepare(
-        `UPDATE notifications SET state = @state, attempts = @attempts, due_at = @dueAt, last_error = @lastError
-         WHERE subscription_id = @subscriptionId AND event_number = @eventNumber`,
       ),
       range: db.prepare<[string, number, number, number], NotificationRow>(
         `SELECT * FROM notifications WHERE subscription_id = ? AND event_number BETWEEN ? AND ?
@@ -192,23 +183,9 @@ export class SqliteStore implements Store {
     })();
   }
 
-  async acceptChanges(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
-    return this.#db.transaction(() =>
-      items.map((item): AcceptOutcome => {
-        if (this.#stmt.seen.run(item.change.eventId, receivedAt).changes === 0) {
-          return { duplicate: true, notifications: [] };
-        }
-        const notifications: Notification[] = [];
-        const changeJson = JSON.stringify(item.change);
-        for (const subscriptionId of item.subscriptionIds) {
-          const bumped = this.#stmt.bump.get(subscriptionId);
-          if (bumped === undefined) continue; // deleted or switched off since it was matched
-          this.#stmt.insertNote.run(subscriptionId, bumped.n, changeJson, receivedAt, receivedAt);
-          notifications.push({ subscriptionId, eventNumber: bumped.n, change: item.change });
-        }
-        return { duplicate: false, notifications };
-      }),
-    )();
+  /** On the writer thread: one transaction, committed (fsync'd with FULL) before this resolves. */
+  acceptChanges(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
+    return this.#writer.accept(items, receivedAt);
   }
 
   async pendingNotifications(
@@ -224,20 +201,11 @@ export class SqliteStore implements Store {
   }
 
   /**
-   * Delivery states commit without their own fsync (`synchronous = NORMAL` for this transaction):
-   * the next event commit (FULL) makes them durable, and one lost to a power cut only means a
-   * redelivery, which at-least-once allows. This keeps the event loop off the disk.
+   * On the writer thread, without an fsync of their own: the next event commit makes them durable,
+   * and one lost to a power cut only means a redelivery, which at-least-once allows.
    */
-  async recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
-    const full = this.#synchronous === 'FULL';
-    if (full) this.#db.pragma('synchronous = NORMAL');
-    try {
-      this.#db.transaction(() => {
-        for (const u of updates) this.#stmt.delivery.run({ ...u, lastError: u.lastError ?? null });
-      })();
-    } finally {
-      if (full) this.#db.pragma('synchronous = FULL');
-    }
+  recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
+    return this.#writer.recordDeliveries(updates);
   }
 
   async notificationsInRange(
@@ -265,6 +233,7 @@ export class SqliteStore implements Store {
   }
 
   async close(): Promise<void> {
+    await this.#writer.close();
     if (this.#db.open) this.#db.close();
   }
 }

@@ -1,0 +1,136 @@
+import { createRequire } from 'node:module';
+import { Worker } from 'node:worker_threads';
+import type { Notification } from '../../core/types.js';
+import type { AcceptItem, AcceptOutcome, DeliveryUpdate } from '../store.js';
+
+/**
+ * The hot writes of the embedded store — accepting events (a durable, fsync'd commit) and
+ * recording delivery states — run on a worker thread with its own SQLite connection, so the event
+ * loop that serves HTTP and sends webhooks never waits for the disk. Requests are answered in order;
+ * the caller (ingest) groups concurrent requests into one call, so one fsync covers many events.
+ *
+ * The worker is plain JavaScript evaluated from a string: it loads better-sqlite3 by absolute path
+ * and needs no TypeScript loader, so it runs the same under tsx, vitest and a bundle.
+ */
+
+const WORKER_SOURCE = `
+const { parentPort, workerData } = require('node:worker_threads');
+const Database = require(workerData.sqlitePath);
+const db = new Database(workerData.file);
+db.pragma('journal_mode = WAL');
+db.pragma('synchronous = ' + workerData.synchronous);
+db.pragma('busy_timeout = 5000');
+const seen = db.prepare('INSERT OR IGNORE INTO seen_events (event_id, received_at) VALUES (?, ?)');
+const bump = db.prepare("UPDATE subscriptions SET events_since_start = events_since_start + 1 WHERE id = ? AND status IN ('requested', 'active', 'error') RETURNING events_since_start AS n");
+const insertNote = db.prepare("INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts, due_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)");
+const delivery = db.prepare('UPDATE notifications SET state = @state, attempts = @attempts, due_at = @dueAt, last_error = @lastError WHERE subscription_id = @subscriptionId AND event_number = @eventNumber');
+const accept = db.transaction((items, receivedAt) => items.map((item) => {
+  if (seen.run(item.change.eventId, receivedAt).changes === 0) return { duplicate: true, numbers: [] };
+  const changeJson = JSON.stringify(item.change);
+  const numbers = [];
+  for (const id of item.subscriptionIds) {
+    const bumped = bump.get(id);
+    if (bumped === undefined) continue; // deleted or switched off since it was matched
+    insertNote.run(id, bumped.n, changeJson, receivedAt, receivedAt);
+    numbers.push([id, bumped.n]);
+  }
+  return { duplicate: false, numbers };
+}));
+const record = db.transaction((updates) => {
+  for (const u of updates) delivery.run({ ...u, lastError: u.lastError ?? null });
+});
+parentPort.on('message', (msg) => {
+  try {
+    if (msg.op === 'accept') {
+      parentPort.postMessage({ id: msg.id, result: accept(msg.items, msg.receivedAt) });
+    } else if (msg.op === 'deliveries') {
+      // Delivery states ride on the next durable commit: no fsync of their own.
+      if (workerData.synchronous === 'FULL') db.pragma('synchronous = NORMAL');
+      try { record(msg.updates); } finally { if (workerData.synchronous === 'FULL') db.pragma('synchronous = FULL'); }
+      parentPort.postMessage({ id: msg.id, result: null });
+    } else if (msg.op === 'close') {
+      db.close();
+      parentPort.postMessage({ id: msg.id, result: null });
+    } else {
+      parentPort.postMessage({ id: msg.id, error: 'unknown op ' + msg.op });
+    }
+  } catch (err) {
+    parentPort.postMessage({ id: msg.id, error: String(err && err.message || err) });
+  }
+});
+`;
+
+interface Pending {
+  readonly resolve: (value: unknown) => void;
+  readonly reject: (err: Error) => void;
+}
+
+export class SqliteWriterError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'SqliteWriterError';
+  }
+}
+
+export class SqliteWriter {
+  readonly #worker: Worker;
+  readonly #pending = new Map<number, Pending>();
+  #next = 1;
+  #failed: Error | undefined;
+
+  constructor(file: string, synchronous: 'FULL' | 'NORMAL') {
+    const sqlitePath = createRequire(import.meta.url).resolve('better-sqlite3');
+    this.#worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { file, synchronous, sqlitePath } });
+    this.#worker.on('message', (msg: { id: number; result?: unknown; error?: string }) => {
+      const p = this.#pending.get(msg.id);
+      if (p === undefined) return;
+      this.#pending.delete(msg.id);
+      if (msg.error === undefined) p.resolve(msg.result);
+      else p.reject(new SqliteWriterError(msg.error));
+    });
+    this.#worker.on('error', (err) => this.#fail(err));
+    this.#worker.on('exit', (code) => this.#fail(new SqliteWriterError(`the SQLite writer stopped (exit ${code})`)));
+  }
+
+  async accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
+    const raw = (await this.#call({ op: 'accept', items, receivedAt })) as {
+      duplicate: boolean;
+      numbers: [string, number][];
+    }[];
+    return raw.map((r, i) => ({
+      duplicate: r.duplicate,
+      notifications: r.numbers.map(
+        ([subscriptionId, eventNumber]): Notification => ({
+          subscriptionId,
+          eventNumber,
+          change: (items[i] as AcceptItem).change,
+        }),
+      ),
+    }));
+  }
+
+  async recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
+    await this.#call({ op: 'deliveries', updates });
+  }
+
+  async close(): Promise<void> {
+    if (this.#failed === undefined) await this.#call({ op: 'close' });
+    this.#failed ??= new SqliteWriterError('the SQLite writer is closed');
+    await this.#worker.terminate();
+  }
+
+  #call(msg: Record<string, unknown>): Promise<unknown> {
+    if (this.#failed !== undefined) return Promise.reject(this.#failed);
+    const id = this.#next++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject });
+      this.#worker.postMessage({ ...msg, id });
+    });
+  }
+
+  #fail(err: Error): void {
+    this.#failed ??= err;
+    for (const p of this.#pending.values()) p.reject(err);
+    this.#pending.clear();
+  }
+}
