@@ -180,6 +180,28 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(await store.listSubscriptions('mallory')).toEqual([]);
     });
 
+    it('replaces only when status and updatedAt are still as expected (compare-and-set)', async () => {
+      const original = record('s1', { status: 'active' });
+      await store.insertSubscription(original);
+      const seen = { status: original.status, updatedAt: original.updatedAt };
+      // The broker moves it to error in between: the client's stale replace must not undo that.
+      await store.updateStatus('s1', { status: 'error', error: 'dead letter' }, '2030-03-01T00:00:00.000Z');
+      const stale = { ...original, topic: 'changed-by-the-client', updatedAt: '2030-03-02T00:00:00.000Z' };
+      expect(await store.replaceSubscription(stale, seen)).toBeUndefined();
+      expect((await store.getSubscription('s1'))?.status).toBe('error');
+      const fresh = await store.getSubscription('s1');
+      const next = { ...original, status: 'requested' as const, updatedAt: '2030-03-03T00:00:00.000Z' };
+      const replaced = await store.replaceSubscription(next, {
+        status: fresh?.status ?? 'error',
+        updatedAt: fresh?.updatedAt ?? '',
+      });
+      expect([replaced?.status, replaced?.updatedAt, replaced?.error]).toEqual([
+        'requested',
+        '2030-03-03T00:00:00.000Z',
+        undefined,
+      ]);
+    });
+
     it('answers undefined when replacing an unknown subscription, and creates nothing', async () => {
       expect(await store.replaceSubscription(record('ghost'))).toBeUndefined();
       expect(await store.getSubscription('ghost')).toBeUndefined();

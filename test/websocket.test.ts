@@ -238,6 +238,17 @@ describe('websocket channel (real server, real ws clients)', () => {
     expect(notificationsOf(again, id).map(eventNumbers)).toEqual([[3], [4], [5], [6]]);
   });
 
+  it('catches up across pages when more than a page of events was missed', async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=many'] }));
+    const events = Array.from({ length: 1200 }, (_, i) => eventLike('healthlake-update-patient', `many-${i}`, 'many'));
+    expect((await alice.postEvents(events.slice(0, 1000), INGEST_TOKEN)).status).toBe(202);
+    expect((await alice.postEvents(events.slice(1000), INGEST_TOKEN)).status).toBe(202);
+    const c = await connect();
+    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await token(id), lastEventNumber: 0 } }));
+    await c.waitFor(() => notificationsOf(c, id).length === 1200, 'all 1,200', 30_000);
+    expect(notificationsOf(c, id).flatMap(eventNumbers)).toEqual(Array.from({ length: 1200 }, (_, i) => i + 1));
+  });
+
   it('closes sockets that send binary junk, huge or unknown messages or floods, and no other', async () => {
     const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=survivor'] }));
     const healthy = await connect();

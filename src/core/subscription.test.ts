@@ -409,6 +409,8 @@ describe('parseSubscription: refusals', () => {
     ['a header name with a space', 'X Api: v'],
     ['a value smuggling a second header', 'X-A: a\r\nHost: evil'],
     ['a value with a NUL', 'X-A: a\u0000b'],
+    ['a value with another control character', 'X-A: a\u0007b'],
+    ['a value with DEL', 'X-A: a\u007fb'],
   ])('refuses %s with INVALID_HEADER', (_name, header) => {
     expect(errorCode(topicSub({ channel: { header: [header] } }))).toBe('INVALID_HEADER');
   });

@@ -378,7 +378,8 @@ function parseHeaders(headers: readonly string[]): string[] {
     const colon = h.indexOf(':');
     const name = colon === -1 ? '' : h.slice(0, colon).trim();
     const value = colon === -1 ? '' : h.slice(colon + 1).trim();
-    if (!HEADER_NAME.test(name) || /[\r\n\0]/.test(value)) {
+    // Visible ASCII, space, tab and obs-text only: anything else undici refuses on every attempt.
+    if (!HEADER_NAME.test(name) || !/^[\t\x20-\x7e\x80-\xff]*$/.test(value)) {
       throw new BrokerError('INVALID_HEADER', `channel.header "${name || h.slice(0, 40)}" is not "Name: value"`, {
         expression: 'Subscription.channel.header',
       });

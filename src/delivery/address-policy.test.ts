@@ -35,6 +35,10 @@ describe('blockedReason', () => {
     ['::ffff:169.254.169.254', 'link-local (cloud metadata) (IPv4 in IPv6)'],
     ['::127.0.0.1', 'loopback (IPv4 in IPv6)'],
     ['64:ff9b:1::1', 'local NAT64'],
+    // Outside 2000::/3 (global unicast): the SIIT form that embeds 127.0.0.1, and unassigned space.
+    ['::ffff:0:7f00:1', 'non-global (outside 2000::/3)'],
+    ['5f00::1', 'non-global (outside 2000::/3)'],
+    ['4000::1', 'non-global (outside 2000::/3)'],
   ])('blocks %s as %s', (ip, reason) => {
     expect(blockedReason(ip)).toBe(reason);
   });

@@ -89,7 +89,10 @@ export function blockedReason(ip: string): string | undefined {
     const reason = blockedReason(asV4);
     return reason === undefined ? undefined : `${reason} (IPv4 in IPv6)`;
   }
-  return v6.find((r) => inRange(value, 128, r))?.reason;
+  const reserved = v6.find((r) => inRange(value, 128, r))?.reason;
+  if (reserved !== undefined) return reserved;
+  // Only global unicast (2000::/3) is routable on the internet; everything else is special-purpose.
+  return value >> 125n === 1n ? undefined : 'non-global (outside 2000::/3)';
 }
 
 /** Hosts or CIDRs exempt from the block (`BROKER_ENDPOINT_ALLOWLIST`). */

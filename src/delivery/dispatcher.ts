@@ -49,6 +49,10 @@ class Lane {
   backlog = false;
   /** Highest event number delivered or dead-lettered here: never read back from the store again. */
   done = 0;
+  /** A store read for this lane is under way. */
+  reloading = false;
+  /** Something was enqueued while `reloading`: read the store again afterwards. */
+  missed = false;
   timer: NodeJS.Timeout | undefined;
   /** Epoch ms of the last successful request to the endpoint (notification or heartbeat). */
   lastSentAt = 0;
@@ -119,6 +123,8 @@ export class Dispatcher {
       onActivated: (id) => this.#wake(id, true),
       onRemoved: (id) => this.#forget(id),
       onChanged: (id) => this.#scheduleHeartbeat(id),
+      beforeRequeue: () => this.flush(),
+      onRequeued: (id) => this.requeued(id),
     });
   }
 
@@ -139,7 +145,11 @@ export class Dispatcher {
     const touched = new Set<string>();
     for (const n of notifications) {
       const lane = this.#lane(n.subscriptionId);
-      if (lane.backlog || lane.queue.length >= this.#opts.laneBuffer) {
+      if (n.eventNumber <= lane.done || lane.queue.some((q) => q.note.eventNumber === n.eventNumber)) continue;
+      if (lane.reloading) {
+        // A reload is reading the store right now and may or may not see this one: read again after it.
+        lane.missed = true;
+      } else if (lane.backlog || lane.queue.length >= this.#opts.laneBuffer) {
         lane.backlog = true;
       } else {
         lane.queue.push({ note: { ...n, state: 'pending', attempts: 0, dueAt: acceptedAt }, acceptedAt });
@@ -231,9 +241,13 @@ export class Dispatcher {
     this.#track(this.#drain(id, lane));
   }
 
+  /** Every background task is tracked (for idle/close) and can never become an unhandled rejection. */
   #track(p: Promise<unknown>): void {
-    this.#running.add(p);
-    void p.finally(() => this.#running.delete(p));
+    const q = p.catch((err: unknown) => {
+      if (!(err instanceof DispatcherClosedError)) this.#logger.error('dispatcher task failed', { err: err as Error });
+    });
+    this.#running.add(q);
+    void q.finally(() => this.#running.delete(q));
   }
 
   async #drain(id: string, lane: Lane): Promise<void> {
@@ -260,18 +274,45 @@ export class Dispatcher {
         if (!(await this.#settle(sub, lane, batch, result))) return;
       }
     } catch (err) {
-      this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
+      if (!(err instanceof DispatcherClosedError))
+        this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
     } finally {
       lane.running = false;
     }
   }
 
   async #reload(id: string, lane: Lane): Promise<void> {
-    const rows = await this.#store.pendingNotifications(id, lane.done, this.#opts.laneBuffer);
+    lane.reloading = true;
+    lane.missed = false;
+    let rows: StoredNotification[];
+    try {
+      rows = await this.#store.pendingNotifications(id, lane.done, this.#opts.laneBuffer);
+    } finally {
+      lane.reloading = false;
+    }
     const queued = new Set(lane.queue.map((q) => q.note.eventNumber));
-    for (const note of rows) if (!queued.has(note.eventNumber)) lane.queue.push({ note });
+    for (const note of rows)
+      if (!queued.has(note.eventNumber) && note.eventNumber > lane.done) lane.queue.push({ note });
     lane.queue.sort((a, b) => a.note.eventNumber - b.note.eventNumber);
-    lane.backlog = rows.length === this.#opts.laneBuffer;
+    lane.backlog = rows.length === this.#opts.laneBuffer || lane.missed;
+  }
+
+  /**
+   * Dead letters of `id` were put back in the queue (re-activation): forget what the lane holds
+   * and rebuild it from the store, so they go out first and in order.
+   */
+  requeued(id: string): void {
+    const lane = this.#lane(id);
+    clearTimeout(lane.timer);
+    lane.timer = undefined;
+    lane.queue = [];
+    lane.done = 0;
+    lane.backlog = true;
+  }
+
+  /** Write pending delivery states now (before a requeue reads them, for one). */
+  flush(): Promise<void> {
+    return this.#flush();
   }
 
   /** Apply an attempt's outcome; true when the lane may go on sending now. */
@@ -314,9 +355,9 @@ export class Dispatcher {
       this.#metrics.inc('broker_notifications_total', { outcome: 'gone' }, batch.length);
       return false;
     }
-    const delay = result.permanent
-      ? undefined
-      : (result.retryAfterMs ?? nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random()));
+    // Retry-After may ask for a longer pause, never for more attempts or a shorter one.
+    const scheduled = result.permanent ? undefined : nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random());
+    const delay = scheduled === undefined ? undefined : Math.max(scheduled, result.retryAfterMs ?? 0);
     if (delay === undefined) {
       lane.queue.splice(0, batch.length);
       for (const q of batch) {
@@ -345,7 +386,7 @@ export class Dispatcher {
       this.#record(note);
     });
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
-    lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
+    if (!this.#closed) lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
     return false;
   }
 
@@ -427,10 +468,13 @@ export class Dispatcher {
     // Local socket writes need no network slot.
     if (sub.channel.type === 'websocket') return fn();
     const origin = originOf(sub.channel.endpoint);
-    if (this.#canStart(origin) || this.#closed) this.#reserve(origin);
+    if (this.#closed) throw new DispatcherClosedError();
+    if (this.#canStart(origin)) this.#reserve(origin);
     // Otherwise the slot is reserved for us by whoever frees it (#wakeNext).
     else await new Promise<void>((resolve) => this.#slotWaiters.push({ origin, resolve }));
     try {
+      // Woken by close(): give the slot back without sending.
+      if (this.#closed) throw new DispatcherClosedError();
       return await fn();
     } finally {
       this.#inFlight--;
@@ -526,6 +570,14 @@ export class Dispatcher {
     } catch (err) {
       this.#logger.error('could not record delivery states; they will be redelivered', { err: err as Error });
     }
+  }
+}
+
+/** Thrown inside the dispatcher when it closes while a task waits for a slot: nothing is sent. */
+class DispatcherClosedError extends Error {
+  constructor() {
+    super('dispatcher closed');
+    this.name = 'DispatcherClosedError';
   }
 }
 

@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { Agent, request, errors as undiciErrors } from 'undici';
 import type { Clock } from '../core/types.js';
 import { type EndpointGuard, EndpointRefusedError } from './endpoint-guard.js';
@@ -46,7 +47,10 @@ export class RestHookSender implements Sender {
   readonly #clock: Clock;
   readonly #userAgent: string;
 
+  readonly #guard: EndpointGuard;
+
   constructor(guard: EndpointGuard, clock: Clock, options: { connections?: number; userAgent?: string } = {}) {
+    this.#guard = guard;
     this.#clock = clock;
     this.#userAgent = options.userAgent ?? 'fhir-subscription-broker';
     this.#agent = new Agent({
@@ -70,6 +74,10 @@ export class RestHookSender implements Sender {
       headers[h.slice(0, colon).trim().toLowerCase()] = h.slice(colon + 1).trim();
     }
     try {
+      // Sockets skip `lookup` for IP literals: vet those here, on every attempt, so an
+      // allow-list change applies to endpoints registered before it.
+      const host = new URL(req.endpoint).hostname.replace(/^\[|\]$/g, '');
+      if (isIP(host) !== 0) await this.#guard.vet(host);
       const res = await request(req.endpoint, {
         method: 'POST',
         headers,

@@ -22,8 +22,8 @@ export interface Connection {
   readonly apiOwner?: string;
 }
 
-/** Most stored notifications one catch-up sends: beyond this the client should use `$events`. */
-const MAX_CATCH_UP = 1000;
+/** Stored notifications read per page during a catch-up. */
+const CATCH_UP_PAGE = 500;
 
 interface Held {
   readonly text: string;
@@ -78,6 +78,13 @@ export class WebSocketChannel {
         return this.#bindWithToken(conn, msg);
       case 'unbind':
         await this.#bindings.unbind(conn.id, msg.subscriptionId);
+        if (msg.subscriptionId === undefined) {
+          this.#catchingUp.forget(conn.id);
+          this.#caughtUpTo.forget(conn.id);
+        } else {
+          this.#catchingUp.delete(conn.id, msg.subscriptionId);
+          this.#caughtUpTo.delete(conn.id, msg.subscriptionId);
+        }
         await this.#port.send(
           conn.id,
           msg.json
@@ -177,32 +184,41 @@ export class WebSocketChannel {
     await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
     if (lastSeen === undefined) return;
     let sent = lastSeen;
+    let alive = true;
     try {
-      const stored = await this.#store.notificationsInRange(
-        sub.id,
-        lastSeen + 1,
-        Number.MAX_SAFE_INTEGER,
-        MAX_CATCH_UP,
-      );
-      for (const note of stored) {
-        if (
-          !(await this.#sendOrForget(
+      // Page through everything stored after lastSeen (within retention), in order.
+      for (;;) {
+        const page = await this.#store.notificationsInRange(sub.id, sent + 1, Number.MAX_SAFE_INTEGER, CATCH_UP_PAGE);
+        for (const note of page) {
+          alive = await this.#sendOrForget(
             binding,
             JSON.stringify(this.#bundle(current, 'event-notification', [note], note.eventNumber)),
-          ))
-        )
-          return;
-        sent = note.eventNumber;
+          );
+          if (!alive) return;
+          sent = note.eventNumber;
+        }
+        if (page.length < CATCH_UP_PAGE) break;
       }
     } finally {
+      // Flush what live delivery held meanwhile. The hold stays in place until it is empty, and
+      // the high-water mark moves with every send, so a concurrent deliver() either joins the hold
+      // or is recognised as already sent: no gap, no duplicate, no reordering.
       const held = this.#catchingUp.get(connectionId, sub.id) ?? [];
-      this.#catchingUp.delete(connectionId, sub.id);
-      for (const h of held) {
-        if (h.lastEventNumber <= sent) continue;
-        if (!(await this.#sendOrForget(binding, h.text))) break;
-        sent = h.lastEventNumber;
-      }
       this.#caughtUpTo.set(connectionId, sub.id, sent);
+      while (alive && held.length > 0) {
+        const h = held.shift() as Held;
+        if (h.lastEventNumber <= sent) continue;
+        alive = await this.#sendOrForget(binding, h.text);
+        if (alive) {
+          sent = h.lastEventNumber;
+          this.#caughtUpTo.set(connectionId, sub.id, sent);
+        }
+      }
+      this.#catchingUp.delete(connectionId, sub.id);
+      // A connection that went away meanwhile leaves nothing behind.
+      if (!alive) {
+        this.#caughtUpTo.delete(connectionId, sub.id);
+      }
     }
   }
 

@@ -28,6 +28,9 @@ export interface FhirRouteDeps {
   readonly websocketUrl: string;
 }
 
+/** 100: subscriptions one binding token may name (a socket binds them all at once). */
+const MAX_BINDING_SUBSCRIPTIONS = 100;
+
 /** 1,000: the most stored notifications one `$events` call returns; page with eventsSinceNumber. */
 const MAX_EVENTS_PAGE = 1000;
 
@@ -121,13 +124,28 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
 
   const wsUrl = deps.websocketUrl;
   const bindingToken = async (owner: string, ids: readonly string[] | undefined): Promise<Response> => {
+    const unique = ids === undefined ? undefined : [...new Set(ids)];
+    if (unique !== undefined && unique.length > MAX_BINDING_SUBSCRIPTIONS) {
+      throw new BrokerError(
+        'INVALID_PARAMETER',
+        `At most ${MAX_BINDING_SUBSCRIPTIONS} subscriptions per binding token`,
+      );
+    }
     const subs =
-      ids === undefined
-        ? (await registry.search(owner)).filter((s) => s.channel.type === 'websocket' && s.status !== 'off')
-        : await Promise.all(ids.map((id) => registry.read(owner, id)));
+      unique === undefined
+        ? (await registry.search(owner))
+            .filter((s) => s.channel.type === 'websocket' && s.status !== 'off')
+            .slice(0, MAX_BINDING_SUBSCRIPTIONS)
+        : await Promise.all(unique.map((id) => registry.read(owner, id)));
     for (const s of subs) {
       if (s.channel.type !== 'websocket') {
         throw new BrokerError('UNSUPPORTED_CHANNEL', `Subscription/${s.id} is not a websocket subscription`);
+      }
+      if (s.status === 'off') {
+        throw new BrokerError(
+          'INVALID_STATUS_CHANGE',
+          `Subscription/${s.id} is off; set it to requested to bind again`,
+        );
       }
     }
     if (subs.length === 0) throw new BrokerError('NOT_FOUND', 'No websocket subscriptions to bind');

@@ -25,7 +25,14 @@ export interface RegistryListener {
   onRemoved(id: string): void;
   /** Anything else about the subscription changed (status, channel, heartbeat period). */
   onChanged(id: string): void;
+  /** Before dead letters are re-queued: make every delivery state known so far durable. */
+  beforeRequeue(id: string): Promise<void>;
+  /** Dead letters were re-queued: whatever is held in memory for the subscription is stale. */
+  onRequeued(id: string): void;
 }
+
+/** Attempts of a client update that raced with a broker status change before answering 409. */
+const UPDATE_ATTEMPTS = 3;
 
 /** 24 h: how long a rotated-out webhook secret keeps signing, so receivers can switch without a gap. */
 export const SECRET_OVERLAP_MS = 24 * 60 * 60 * 1000;
@@ -168,36 +175,56 @@ export class SubscriptionRegistry {
         expression: 'Subscription.id',
       });
     }
-    const current = await this.read(owner, id);
     const spec = parseSubscription(body, this.#topics);
-    const channelChanged =
-      JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
-    if (spec.channel.endpoint !== undefined && spec.channel.endpoint !== current.channel.endpoint) {
-      await this.#guard.checkEndpoint(spec.channel.endpoint);
+    let checkedEndpoint: string | undefined;
+    for (let attempt = 1; ; attempt++) {
+      const current = await this.read(owner, id);
+      const channelChanged =
+        JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
+      const endpoint = spec.channel.endpoint;
+      if (endpoint !== undefined && endpoint !== current.channel.endpoint && endpoint !== checkedEndpoint) {
+        await this.#guard.checkEndpoint(endpoint);
+        checkedEndpoint = endpoint;
+      }
+      const status = clientStatusChange(current.status, spec.askedStatus, channelChanged);
+      // The client's PUT never yields `error`, so a previous error reason is cleared.
+      const { error: _previousError, end: _previousEnd, ...base } = current;
+      const next: SubscriptionRecord = {
+        ...base,
+        kind: spec.kind,
+        topic: spec.topic,
+        status,
+        match: spec.match,
+        channel: spec.channel,
+        webhookSecret: spec.webhookSecret ?? current.webhookSecret,
+        ...this.#rotation(current, spec.webhookSecret),
+        ...(spec.end === undefined ? {} : { end: spec.end }),
+        updatedAt: new Date(this.#clock.now()).toISOString(),
+        resource: spec.resource,
+      };
+      const reactivating = status === 'requested' && current.status !== 'requested';
+      if (reactivating) {
+        // Re-activation: what was dead-lettered goes back in the queue, delivered after the handshake.
+        await this.#listener?.beforeRequeue(id);
+        const requeued = await this.#store.requeueDeadLetters(id, this.#clock.now());
+        if (requeued > 0) this.#logger.info('dead letters requeued', { subscription: id, count: requeued });
+      }
+      // Compare-and-set: a broker status change (dead letter, 410) made meanwhile is never overwritten.
+      const stored = await this.#store.replaceSubscription(next, {
+        status: current.status,
+        updatedAt: current.updatedAt,
+      });
+      if (stored === undefined) {
+        if (attempt < UPDATE_ATTEMPTS) continue;
+        throw new BrokerError('CONFLICT', `Subscription/${id} kept changing while it was being updated; try again`);
+      }
+      if (reactivating) this.#listener?.onRequeued(id);
+      return this.#afterUpdate(owner, current, stored);
     }
-    const status = clientStatusChange(current.status, spec.askedStatus, channelChanged);
-    // The client's PUT never yields `error`, so a previous error reason is cleared.
-    const { error: _previousError, end: _previousEnd, ...base } = current;
-    const next: SubscriptionRecord = {
-      ...base,
-      kind: spec.kind,
-      topic: spec.topic,
-      status,
-      match: spec.match,
-      channel: spec.channel,
-      webhookSecret: spec.webhookSecret ?? current.webhookSecret,
-      ...this.#rotation(current, spec.webhookSecret),
-      ...(spec.end === undefined ? {} : { end: spec.end }),
-      updatedAt: new Date(this.#clock.now()).toISOString(),
-      resource: spec.resource,
-    };
-    if (status === 'requested' && current.status !== 'requested') {
-      // Re-activation: what was dead-lettered goes back in the queue, delivered after the handshake.
-      const requeued = await this.#store.requeueDeadLetters(id, this.#clock.now());
-      if (requeued > 0) this.#logger.info('dead letters requeued', { subscription: id, count: requeued });
-    }
-    const stored = await this.#store.replaceSubscription(next);
-    if (stored === undefined) throw new BrokerError('NOT_FOUND', `Subscription/${id} not found`);
+  }
+
+  #afterUpdate(owner: string, current: SubscriptionRecord, stored: SubscriptionRecord): SubscriptionRecord {
+    const { id, status } = stored;
     this.#remember(stored);
     this.#logger.info('subscription updated', { subscription: id, owner, status });
     if (status !== current.status) {

@@ -44,8 +44,15 @@ export interface Store {
   insertSubscription(rec: SubscriptionRecord): Promise<void>;
   getSubscription(id: string): Promise<SubscriptionRecord | undefined>;
   listSubscriptions(owner?: string): Promise<SubscriptionRecord[]>;
-  /** Replace everything the client controls; the event counter is the store's and is kept. */
-  replaceSubscription(rec: SubscriptionRecord): Promise<SubscriptionRecord | undefined>;
+  /**
+   * Replace everything the client controls; the event counter is the store's and is kept.
+   * With `expected`, only when the stored status and updatedAt are still those (compare-and-set);
+   * undefined when the subscription is gone or changed meanwhile.
+   */
+  replaceSubscription(
+    rec: SubscriptionRecord,
+    expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
+  ): Promise<SubscriptionRecord | undefined>;
   updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined>;
   /** Deletes the subscription and its notifications. */
   deleteSubscription(id: string): Promise<boolean>;

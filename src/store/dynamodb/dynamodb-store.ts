@@ -154,7 +154,10 @@ export class DynamoDbStore implements Store {
     return items.map(fromSubscriptionItem).sort((a, b) => compare(a.createdAt, b.createdAt) || compare(a.id, b.id));
   }
 
-  async replaceSubscription(rec: SubscriptionRecord): Promise<SubscriptionRecord | undefined> {
+  async replaceSubscription(
+    rec: SubscriptionRecord,
+    expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
+  ): Promise<SubscriptionRecord | undefined> {
     // Owner, creation time and the event counter are the store's: not touched here.
     const e = new Expression()
       .set('kind', S(rec.kind))
@@ -172,7 +175,12 @@ export class DynamoDbStore implements Store {
       .set('updatedAt', S(rec.updatedAt))
       .set('resource', S(JSON.stringify(rec.resource)))
       .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(rec.status));
-    return this.#updateSubscription(rec.id, e, `attribute_exists(${e.name('id')})`);
+    const exists = `attribute_exists(${e.name('id')})`;
+    const condition =
+      expected === undefined
+        ? exists
+        : `${exists} AND ${e.in('status', [expected.status])} AND ${e.in('updatedAt', [expected.updatedAt])}`;
+    return this.#updateSubscription(rec.id, e, condition);
   }
 
   async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {

@@ -121,7 +121,8 @@ export class SqliteStore implements Store {
       replaceSub: db.prepare(`UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
         match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
         previous_secret_json = @previous_secret_json, end_at = @end_at,
-        updated_at = @updated_at, resource_json = @resource_json WHERE id = @id`),
+        updated_at = @updated_at, resource_json = @resource_json
+        WHERE id = @id AND (@expected_status IS NULL OR (status = @expected_status AND updated_at = @expected_updated_at))`),
       setStatus: db.prepare('UPDATE subscriptions SET status = ?, error = ?, updated_at = ? WHERE id = ?'),
       deleteSub: db.prepare('DELETE FROM subscriptions WHERE id = ?'),
       deleteNotes: db.prepare('DELETE FROM notifications WHERE subscription_id = ?'),
@@ -160,8 +161,15 @@ export class SqliteStore implements Store {
     return rows.map(fromRow);
   }
 
-  async replaceSubscription(rec: SubscriptionRecord): Promise<SubscriptionRecord | undefined> {
-    const changed = this.#stmt.replaceSub.run(toRow(rec)).changes;
+  async replaceSubscription(
+    rec: SubscriptionRecord,
+    expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
+  ): Promise<SubscriptionRecord | undefined> {
+    const changed = this.#stmt.replaceSub.run({
+      ...toRow(rec),
+      expected_status: expected?.status ?? null,
+      expected_updated_at: expected?.updatedAt ?? null,
+    }).changes;
     return changed === 0 ? undefined : this.getSubscription(rec.id);
   }
 
@@ -230,6 +238,7 @@ export class SqliteStore implements Store {
 
   async ping(): Promise<void> {
     this.#stmt.ping.get();
+    await this.#writer.ping();
   }
 
   async close(): Promise<void> {

@@ -48,6 +48,9 @@ parentPort.on('message', (msg) => {
       if (workerData.synchronous === 'FULL') db.pragma('synchronous = NORMAL');
       try { record(msg.updates); } finally { if (workerData.synchronous === 'FULL') db.pragma('synchronous = FULL'); }
       parentPort.postMessage({ id: msg.id, result: null });
+    } else if (msg.op === 'ping') {
+      db.prepare('SELECT 1').get();
+      parentPort.postMessage({ id: msg.id, result: null });
     } else if (msg.op === 'close') {
       db.close();
       parentPort.postMessage({ id: msg.id, result: null });
@@ -111,6 +114,11 @@ export class SqliteWriter {
 
   async recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
     await this.#call({ op: 'deliveries', updates });
+  }
+
+  /** Round trip through the writer: a stopped writer makes the store unhealthy. */
+  async ping(): Promise<void> {
+    await this.#call({ op: 'ping' });
   }
 
   async close(): Promise<void> {
