@@ -1,5 +1,6 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { cpus, loadavg } from 'node:os';
+import { createInterface } from 'node:readline';
 import { runDynamodb } from './dynamodb.js';
 import { runFanout } from './fanout.js';
 import { runMatch } from './match.js';
@@ -20,8 +21,18 @@ const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = {
   dynamodb: runDynamodb,
 };
 
+/** Marks the line on which a suite run in a child process hands its target checks back. */
+const TARGETS_LINE = '@@targets ';
+
 async function main(): Promise<void> {
-  const asked = process.argv.slice(2).filter((a) => a !== '--');
+  const args = process.argv.slice(2).filter((a) => a !== '--');
+  if (args[0] === '--child') {
+    // One suite in a fresh process: no heap, GC debt or sockets left over from an earlier suite.
+    const checks = await (SUITES[args[1] ?? ''] as () => Promise<TargetCheck[]>)();
+    console.log(`${TARGETS_LINE}${JSON.stringify(checks)}`);
+    return;
+  }
+  const asked = args;
   const unknown = asked.filter((a) => !(a in SUITES));
   if (unknown.length > 0) {
     console.error(`unknown suite(s): ${unknown.join(', ')}; choose from ${Object.keys(SUITES).join(', ')}`);
@@ -40,13 +51,30 @@ async function main(): Promise<void> {
   console.log(`load average at start: ${load()} (other processes on these cores skew every figure below)`);
   const started = performance.now();
   const checks: TargetCheck[] = [];
-  for (const name of names) checks.push(...(await (SUITES[name] as () => Promise<TargetCheck[]>)()));
+  for (const name of names) checks.push(...(await runInChild(name)));
   console.log('\n## targets\n');
   printTable([
     ['suite', 'target', 'measured', 'met'],
     ...checks.map((c) => [c.suite, c.target, c.measured, c.met ? 'yes' : 'NO']),
   ]);
   console.log(`\ntotal ${((performance.now() - started) / 1000).toFixed(1)} s; load average at end: ${load()}`);
+}
+
+function runInChild(name: string): Promise<TargetCheck[]> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'bench/run.ts', '--child', name], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let checks: TargetCheck[] = [];
+    createInterface({ input: child.stdout }).on('line', (line) => {
+      if (line.startsWith(TARGETS_LINE)) checks = JSON.parse(line.slice(TARGETS_LINE.length)) as TargetCheck[];
+      else console.log(line);
+    });
+    child.on('error', reject);
+    child.on('close', (code) =>
+      code === 0 ? resolve(checks) : reject(new Error(`suite ${name} exited with ${code}`)),
+    );
+  });
 }
 
 /** The commit the figures belong to, and whether src/ differs from it. */

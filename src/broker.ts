@@ -96,6 +96,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
           logger,
         }));
   const registry = new SubscriptionRegistry({
+    maxSubscriptionsPerClient: config.maxSubscriptionsPerClient,
     store,
     topics,
     guard,

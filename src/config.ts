@@ -34,6 +34,8 @@ export interface Config {
   readonly wsSendBufferBytes: number;
   readonly endpointAllowlist: readonly string[];
   readonly retryDelaysMs: readonly number[];
+  /** Subscriptions one API client may hold: a broker must not become a request amplifier. */
+  readonly maxSubscriptionsPerClient: number;
   /** Webhook requests in flight in all, and to one endpoint origin (scheme://host:port). */
   readonly maxInFlight: number;
   readonly maxInFlightPerOrigin: number;
@@ -110,6 +112,7 @@ export function loadConfig(env: Env = process.env): Config {
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 256, 1, 10_000),
+    maxSubscriptionsPerClient: int(env, 'BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT', 1000, 1, 10_000_000),
     maxInFlightPerOrigin: int(env, 'BROKER_MAX_IN_FLIGHT_PER_ORIGIN', 32, 1, 1000),
     eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),
     store: storeKind,

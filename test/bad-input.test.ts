@@ -30,6 +30,7 @@ describe('bad input', () => {
       BROKER_MAX_INGEST_BYTES: '65536',
       // Allow-listed and resolved to loopback below: handshakes stay on this machine.
       BROKER_ENDPOINT_ALLOWLIST: 'hooks.example.com',
+      BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT: '3',
     });
     // DNS is the one injected part, answering like DNS would for these names.
     broker = await createBroker(config, {
@@ -308,5 +309,17 @@ describe('bad input', () => {
       // Nothing of the refused batch was stored: the good event is new when it comes again.
       expect((await post(good)).body).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
     });
+  });
+  it('refuses a subscription beyond the per-client quota, for that client only', async () => {
+    for (const n of [1, 2]) {
+      const res = await call('POST', '/fhir/Subscription', ALICE, topicSubscription('patient-change', `https://hooks.example.com/q${n}`));
+      expect(res.status).toBe(201);
+    }
+    const before = await snapshot();
+    const over = await call('POST', '/fhir/Subscription', ALICE, topicSubscription('patient-change', 'https://hooks.example.com/q3'));
+    expect([over.status, codeOf(over.body)]).toEqual([422, 'QUOTA_EXCEEDED']);
+    expect(await snapshot()).toBe(before);
+    const bobs = await call('POST', '/fhir/Subscription', BOB, topicSubscription('patient-change', 'https://hooks.example.com/b1'));
+    expect(bobs.status).toBe(201);
   });
 });

@@ -55,8 +55,11 @@ export class SubscriptionRegistry {
   readonly #lifecycle: LifecycleSink;
   #listener: RegistryListener | undefined;
 
+  readonly #maxPerClient: number;
+
   constructor(deps: {
     lifecycle?: LifecycleSink;
+    maxSubscriptionsPerClient?: number;
     store: Store;
     topics: TopicCatalog;
     guard: EndpointGuard;
@@ -71,6 +74,7 @@ export class SubscriptionRegistry {
     this.#ids = deps.ids;
     this.#logger = deps.logger;
     this.#lifecycle = deps.lifecycle ?? noLifecycleSink;
+    this.#maxPerClient = deps.maxSubscriptionsPerClient ?? Number.POSITIVE_INFINITY;
   }
 
   listen(listener: RegistryListener): void {
@@ -128,6 +132,11 @@ export class SubscriptionRegistry {
       });
     }
     if (spec.channel.endpoint !== undefined) await this.#guard.checkEndpoint(spec.channel.endpoint);
+    // Counted from the store: on AWS other instances create subscriptions too.
+    const held = (await this.#store.listSubscriptions(owner)).length;
+    if (held >= this.#maxPerClient) {
+      throw new BrokerError('QUOTA_EXCEEDED', `Client ${owner} already has ${held} subscriptions (limit ${this.#maxPerClient})`);
+    }
     const now = new Date(this.#clock.now()).toISOString();
     const generatedSecret = spec.webhookSecret === undefined ? generateWebhookSecret() : undefined;
     const record: SubscriptionRecord = {
