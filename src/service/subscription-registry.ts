@@ -135,7 +135,10 @@ export class SubscriptionRegistry {
     // Counted from the store: on AWS other instances create subscriptions too.
     const held = (await this.#store.listSubscriptions(owner)).length;
     if (held >= this.#maxPerClient) {
-      throw new BrokerError('QUOTA_EXCEEDED', `Client ${owner} already has ${held} subscriptions (limit ${this.#maxPerClient})`);
+      throw new BrokerError(
+        'QUOTA_EXCEEDED',
+        `Client ${owner} already has ${held} subscriptions (limit ${this.#maxPerClient})`,
+      );
     }
     const now = new Date(this.#clock.now()).toISOString();
     const generatedSecret = spec.webhookSecret === undefined ? generateWebhookSecret() : undefined;
