@@ -70,6 +70,11 @@ export interface BrokerOverrides {
   readonly bindings?: BindingStore;
   readonly lifecycle?: LifecycleSink;
   readonly version?: string;
+  /**
+   * Read the subscriptions on the first `refreshSubscriptions` call instead of at creation: for
+   * Lambda containers that match through the store's type index and never need them all.
+   */
+  readonly deferSubscriptionLoad?: boolean;
 }
 
 export async function createBroker(config: Config, overrides: BrokerOverrides = {}): Promise<Broker> {
@@ -105,8 +110,11 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     logger,
     ...(lifecycle === undefined ? {} : { lifecycle }),
   });
-  await registry.load();
-  let loadedAt = clock.now();
+  let loadedAt = Number.NEGATIVE_INFINITY;
+  if (overrides.deferSubscriptionLoad !== true) {
+    await registry.load();
+    loadedAt = clock.now();
+  }
   const bindingTokens = new BindingTokens(credentials.wsTokenSecret);
   const websocketHub = new LocalWebSocketHub({
     logger,

@@ -211,6 +211,20 @@ describe('Lambda handlers on DynamoDB Local', () => {
       expect(off.status).toBe(200);
       await handlers.events(eventLike('healthlake-update-patient', 'lambda-other-2', 'other-p'));
       expect(receiver.on('/other')).toHaveLength(2);
+
+      // A fresh events container reads only the subscriptions it notifies, never all of them.
+      const fresh = await container();
+      try {
+        await createHandlers(Promise.resolve(fresh)).events(
+          eventLike('healthlake-update-patient', 'lambda-other-3', 'other-p'),
+        );
+        const cached = [...fresh.registry.all()].map((sub) => sub.id);
+        expect(cached).not.toContain(id);
+        expect(cached.length).toBeGreaterThan(0);
+        expect(cached.length).toBeLessThan((await fresh.store.listSubscriptions()).length);
+      } finally {
+        await fresh.close(0);
+      }
     } finally {
       await other.close(0);
     }

@@ -79,6 +79,8 @@ export async function createAwsBroker(
   const broker = await createBroker(config, {
     store: new DynamoDbStore(dynamodb, config.tablePrefix, { eventTtlMs: config.eventRetentionMs }),
     bindings,
+    // The events function matches through the type index and never reads them all.
+    deferSubscriptionLoad: true,
     ...options.overrides,
     logger,
     websocketPort: new ApiGatewayWebSocketPort({ client: management, logger }),
