@@ -218,5 +218,7 @@ function dynamoDbClient(config: Config): DynamoDBClient {
 /** With an endpoint override (DynamoDB Local) the broker creates its tables; on AWS the CDK stack does. */
 async function openDynamoDbStore(client: DynamoDBClient, config: Config): Promise<DynamoDbStore> {
   if (config.dynamodbEndpoint !== undefined) await ensureTables(client, config.tablePrefix);
-  return new DynamoDbStore(client, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
+  const store = new DynamoDbStore(client, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
+  await store.ensureTypeIndex();
+  return store;
 }

@@ -222,6 +222,25 @@ describe('DynamoDbStore', () => {
       expect(await candidates('Observation')).toEqual([{ id: 's1', match: observation, end }]);
     });
 
+    it('is filled once from the subscriptions of tables written before it existed', async () => {
+      await store.insertSubscription(record('s2', { status: 'off' }));
+      // As an older version left it: subscriptions, no type index items.
+      await client.send(
+        new DeleteItemCommand({
+          TableName: names().subscriptionTypes,
+          Key: { resourceType: { S: 'Patient' }, subscriptionId: { S: 's1' } },
+        }),
+      );
+      expect(await candidates('Patient')).toEqual([]);
+      expect(await store.ensureTypeIndex()).toBe(1);
+      expect(await candidates('Patient')).toEqual([{ id: 's1', match: patient }]);
+      expect(await indexItems()).toEqual(['#index/#built', 'Patient/s1']);
+      // Built: later starts only read the marker.
+      await store.updateStatus('s1', { status: 'off' }, '2030-03-01T00:00:00.000Z');
+      expect(await store.ensureTypeIndex()).toBe(0);
+      expect(await candidates('Patient')).toEqual([]);
+    });
+
     it('reads and plans again when the subscription changed between its read and its write', async () => {
       // A client that lets the broker switch s1 off just before the replace's transaction is sent.
       let raced = 0;

@@ -95,6 +95,9 @@ const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error
 /** The type index key of subscriptions on every resource type. */
 const ANY_TYPE = '*';
 
+/** Marks the type index as built (see ensureTypeIndex); `#` keeps it apart from resource types. */
+const TYPE_INDEX_MARKER: Item = { resourceType: S('#index'), subscriptionId: S('#built') };
+
 /** A planned subscription write: the record after it and its update, or (no `next`) a delete. */
 type SubscriptionPlan =
   | { readonly next: SubscriptionRecord; readonly update: Expression }
@@ -231,6 +234,35 @@ export class DynamoDbStore implements Store {
     const deleted = await this.#writeSubscription(id, () => ({ next: undefined }));
     await this.#deleteNotificationsOf(id);
     return deleted !== undefined;
+  }
+
+  /**
+   * Fills the type index from the subscriptions table unless a marker item says it was built:
+   * for tables written before the index existed. Safe alongside subscription writes (each item is
+   * written only if its subscription is unchanged since the scan) and alongside itself.
+   * Returns how many subscriptions it indexed.
+   */
+  async ensureTypeIndex(): Promise<number> {
+    const marker = { TableName: this.#tables.subscriptionTypes, Key: TYPE_INDEX_MARKER };
+    if ((await this.#client.send(new GetItemCommand({ ...marker, ConsistentRead: true }))).Item !== undefined) return 0;
+    const items = await this.#scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true });
+    const indexed = await inBursts(items, async (item) => {
+      const rec = fromSubscriptionItem(item);
+      const puts = this.#typeWrites(rec.id, undefined, rec);
+      if (puts.length === 0) return false;
+      const e = new Expression();
+      const check: TransactWriteItem = {
+        ConditionCheck: {
+          TableName: this.#tables.subscriptions,
+          Key: { id: S(rec.id) },
+          ConditionExpression: unchangedSince(e, item),
+          ...e.bindings,
+        },
+      };
+      return (await this.#transact([check, ...puts], `indexing ${rec.id}`)) === undefined;
+    });
+    await this.#client.send(new PutItemCommand({ TableName: marker.TableName, Item: marker.Key }));
+    return indexed.filter(Boolean).length;
   }
 
   async candidatesFor(resourceType: string): Promise<readonly MatchCandidate[]> {
@@ -556,13 +588,11 @@ export class DynamoDbStore implements Store {
       const planned = plan(current);
       if (planned === undefined) return undefined;
       const e = planned.next === undefined ? new Expression() : planned.update;
-      const condition = ['status', 'updatedAt', 'match', 'end']
-        .map((attr) => {
-          const value = out.Item?.[attr];
-          return value === undefined ? `attribute_not_exists(${e.name(attr)})` : `${e.name(attr)} = ${e.value(value)}`;
-        })
-        .join(' AND ');
-      const key = { TableName: this.#tables.subscriptions, Key: { id: S(id) }, ConditionExpression: condition };
+      const key = {
+        TableName: this.#tables.subscriptions,
+        Key: { id: S(id) },
+        ConditionExpression: unchangedSince(e, out.Item),
+      };
       const write: TransactWriteItem =
         planned.next === undefined
           ? { Delete: { ...key, ...e.bindings } }
@@ -813,6 +843,16 @@ function fromNotificationItem(item: Item): StoredNotification {
     dueAt: readNumber(item, 'dueAt'),
     ...(lastError === undefined ? {} : { lastError }),
   };
+}
+
+/** A condition that the subscription item still has the attributes its type index items derive from. */
+function unchangedSince(e: Expression, item: Item): string {
+  return ['status', 'updatedAt', 'match', 'end']
+    .map((attr) => {
+      const value = item[attr];
+      return value === undefined ? `attribute_not_exists(${e.name(attr)})` : `${e.name(attr)} = ${e.value(value)}`;
+    })
+    .join(' AND ');
 }
 
 /** The type index keys of a subscription: its types, or `*`; none unless it collects. */
