@@ -70,6 +70,11 @@ export interface BrokerOverrides {
   readonly bindings?: BindingStore;
   readonly lifecycle?: LifecycleSink;
   readonly version?: string;
+  /**
+   * Read the subscriptions on the first `refreshSubscriptions` call instead of at creation: for
+   * Lambda containers that match through the store's type index and never need them all.
+   */
+  readonly deferSubscriptionLoad?: boolean;
 }
 
 export async function createBroker(config: Config, overrides: BrokerOverrides = {}): Promise<Broker> {
@@ -105,8 +110,11 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     logger,
     ...(lifecycle === undefined ? {} : { lifecycle }),
   });
-  await registry.load();
-  let loadedAt = clock.now();
+  let loadedAt = Number.NEGATIVE_INFINITY;
+  if (overrides.deferSubscriptionLoad !== true) {
+    await registry.load();
+    loadedAt = clock.now();
+  }
   const bindingTokens = new BindingTokens(credentials.wsTokenSecret);
   const websocketHub = new LocalWebSocketHub({
     logger,
@@ -210,5 +218,7 @@ function dynamoDbClient(config: Config): DynamoDBClient {
 /** With an endpoint override (DynamoDB Local) the broker creates its tables; on AWS the CDK stack does. */
 async function openDynamoDbStore(client: DynamoDBClient, config: Config): Promise<DynamoDbStore> {
   if (config.dynamodbEndpoint !== undefined) await ensureTables(client, config.tablePrefix);
-  return new DynamoDbStore(client, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
+  const store = new DynamoDbStore(client, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
+  await store.ensureTypeIndex();
+  return store;
 }

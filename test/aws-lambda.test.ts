@@ -37,7 +37,21 @@ describe('Lambda handlers on DynamoDB Local', () => {
   let receiver: Receiver;
   let broker: AwsBroker;
   let handlers: Handlers;
+  let config: ReturnType<typeof loadConfig>;
   const logger = new RecordingLogger();
+
+  /** A broker as another Lambda container builds it: same tables, its own caches. */
+  const container = () =>
+    createAwsBroker({
+      config,
+      dynamodb: local.client,
+      management: new ApiGatewayManagementApiClient({
+        endpoint: management.url,
+        region: LOCAL_REGION,
+        credentials: DUMMY_CREDENTIALS,
+      }),
+      overrides: { logger },
+    });
 
   beforeAll(async () => {
     local = await startDynamoDbLocal();
@@ -45,7 +59,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
     receiver = await Receiver.start();
     const prefix = `lambda-${randomUUID().slice(0, 8)}-`;
     await ensureTables(local.client, prefix);
-    const config = loadConfig({
+    config = loadConfig({
       BROKER_STORE: 'dynamodb',
       BROKER_TABLE_PREFIX: prefix,
       BROKER_API_KEYS: `alice:${ALICE}`,
@@ -56,16 +70,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
       BROKER_WEBSOCKET_URL: 'wss://ws.example.com/prod',
       AWS_REGION: LOCAL_REGION,
     });
-    broker = await createAwsBroker({
-      config,
-      dynamodb: local.client,
-      management: new ApiGatewayManagementApiClient({
-        endpoint: management.url,
-        region: LOCAL_REGION,
-        credentials: DUMMY_CREDENTIALS,
-      }),
-      overrides: { logger },
-    });
+    broker = await container();
     handlers = createHandlers(Promise.resolve(broker));
   });
 
@@ -77,9 +82,9 @@ describe('Lambda handlers on DynamoDB Local', () => {
   });
 
   /** An API Gateway HTTP API (payload v2) event, as the $default route hands it over. */
-  async function api(method: string, path: string, body?: unknown) {
+  async function api(method: string, path: string, body?: unknown, via: Handlers = handlers) {
     const [rawPath, rawQueryString = ''] = path.split('?');
-    const res = await handlers.api(
+    const res = await via.api(
       {
         version: '2.0',
         routeKey: '$default',
@@ -165,6 +170,64 @@ describe('Lambda handlers on DynamoDB Local', () => {
       [`${HL}/Patient/a1b2c3d4-5678-90ab-cdef-EXAMPLE22222`],
       [`${HL}/Patient/a1b2c3d4-5678-90ab-cdef-EXAMPLE22222`],
     ]);
+  });
+
+  it('matches an event at once against a subscription another container created (no cache reload)', async () => {
+    const other = await container();
+    try {
+      const created = await api(
+        'POST',
+        '/fhir/Subscription',
+        topicSubscription('patient-change', `${receiver.url}/other`, { filters: ['Patient?_id=other-p'] }),
+        createHandlers(Promise.resolve(other)),
+      );
+      expect(created.status).toBe(201);
+      const id = created.body.id as string;
+      expect(receiver.on('/other')).toHaveLength(1); // the handshake, sent by the other container
+      // This container has never seen it, and its last full read of subscriptions is recent.
+      expect(broker.registry.get(id)).toBeUndefined();
+
+      const result = await handlers.events(eventLike('healthlake-update-patient', 'lambda-other-1', 'other-p'));
+      expect(result).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+      const [notification] = receiver
+        .on('/other')
+        .slice(1)
+        .map((r) => JSON.parse(r.body) as Json);
+      expect(eventNumbers(notification as Json)).toEqual([1]);
+      expect(statusOf(notification as Json).events.map(focusOf)).toEqual([`${HL}/Patient/other-p`]);
+      expect(broker.registry.get(id)?.status).toBe('active');
+
+      // Switched off through the other container: this one stops matching it at once too.
+      const off = await api(
+        'PUT',
+        `/fhir/Subscription/${id}`,
+        {
+          ...topicSubscription('patient-change', `${receiver.url}/other`, { filters: ['Patient?_id=other-p'] }),
+          id,
+          status: 'off',
+        },
+        createHandlers(Promise.resolve(other)),
+      );
+      expect(off.status).toBe(200);
+      await handlers.events(eventLike('healthlake-update-patient', 'lambda-other-2', 'other-p'));
+      expect(receiver.on('/other')).toHaveLength(2);
+
+      // A fresh events container reads only the subscriptions it notifies, never all of them.
+      const fresh = await container();
+      try {
+        await createHandlers(Promise.resolve(fresh)).events(
+          eventLike('healthlake-update-patient', 'lambda-other-3', 'other-p'),
+        );
+        const cached = [...fresh.registry.all()].map((sub) => sub.id);
+        expect(cached).not.toContain(id);
+        expect(cached.length).toBeGreaterThan(0);
+        expect(cached.length).toBeLessThan((await fresh.store.listSubscriptions()).length);
+      } finally {
+        await fresh.close(0);
+      }
+    } finally {
+      await other.close(0);
+    }
   });
 
   it('binds a WebSocket through the $connect/$default functions and pushes through the management API', async () => {

@@ -312,14 +312,29 @@ describe('bad input', () => {
   });
   it('refuses a subscription beyond the per-client quota, for that client only', async () => {
     for (const n of [1, 2]) {
-      const res = await call('POST', '/fhir/Subscription', ALICE, topicSubscription('patient-change', `https://hooks.example.com/q${n}`));
+      const res = await call(
+        'POST',
+        '/fhir/Subscription',
+        ALICE,
+        topicSubscription('patient-change', `https://hooks.example.com/q${n}`),
+      );
       expect(res.status).toBe(201);
     }
     const before = await snapshot();
-    const over = await call('POST', '/fhir/Subscription', ALICE, topicSubscription('patient-change', 'https://hooks.example.com/q3'));
+    const over = await call(
+      'POST',
+      '/fhir/Subscription',
+      ALICE,
+      topicSubscription('patient-change', 'https://hooks.example.com/q3'),
+    );
     expect([over.status, codeOf(over.body)]).toEqual([422, 'QUOTA_EXCEEDED']);
     expect(await snapshot()).toBe(before);
-    const bobs = await call('POST', '/fhir/Subscription', BOB, topicSubscription('patient-change', 'https://hooks.example.com/b1'));
+    const bobs = await call(
+      'POST',
+      '/fhir/Subscription',
+      BOB,
+      topicSubscription('patient-change', 'https://hooks.example.com/b1'),
+    );
     expect(bobs.status).toBe(201);
   });
 });

@@ -6,6 +6,8 @@ import {
   DescribeTimeToLiveCommand,
   type DynamoDBClient,
   QueryCommand,
+  ScanCommand,
+  TransactWriteItemsCommand,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -48,10 +50,10 @@ afterEach(async () => {
 const names = () => tableNames(prefix);
 
 describe('ensureTables', () => {
-  it('creates the four tables, ACTIVE, with TTL on event ids and connections', async () => {
+  it('creates the five tables, ACTIVE, with TTL on event ids and connections', async () => {
     const t = names();
     const described = await Promise.all(
-      [t.subscriptions, t.notifications, t.eventIds, t.connections].map(async (TableName) => {
+      [t.subscriptions, t.notifications, t.eventIds, t.connections, t.subscriptionTypes].map(async (TableName) => {
         const { Table } = await client.send(new DescribeTableCommand({ TableName }));
         const ttl = await client.send(new DescribeTimeToLiveCommand({ TableName }));
         return [
@@ -68,6 +70,7 @@ describe('ensureTables', () => {
       [t.notifications, 'ACTIVE', 'PAY_PER_REQUEST', [INDEX.pending], null],
       [t.eventIds, 'ACTIVE', 'PAY_PER_REQUEST', [], 'expiresAt'],
       [t.connections, 'ACTIVE', 'PAY_PER_REQUEST', [INDEX.connectionsBySubscription], 'expiresAt'],
+      [t.subscriptionTypes, 'ACTIVE', 'PAY_PER_REQUEST', [], null],
     ]);
   });
 
@@ -155,5 +158,114 @@ describe('DynamoDbStore', () => {
     await store.replaceSubscription(record('s1', { status: 'requested' }));
     await store.requeueDeadLetters('s1', RECEIVED);
     expect([await collecting(), await pending()]).toEqual([1, 2]);
+  });
+
+  describe('candidatesFor (the subscription-types index)', () => {
+    const candidates = async (type: string) =>
+      [...(await store.candidatesFor(type))].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    const patient = { resourceTypes: ['Patient'], interactions: ['create', 'update', 'delete'] } as const;
+    const indexItems = async () => {
+      const out = await client.send(new ScanCommand({ TableName: names().subscriptionTypes, ConsistentRead: true }));
+      return (out.Items ?? []).map((i) => `${i.resourceType?.S}/${i.subscriptionId?.S}`).sort();
+    };
+
+    it('returns the collecting subscriptions of a type and those on every type, with match and end', async () => {
+      const end = '2031-01-01T00:00:00.000Z';
+      const any = { resourceTypes: '*', interactions: ['create'] } as const;
+      const both = { resourceTypes: ['Patient', 'Observation', 'Patient'], interactions: ['update'] } as const;
+      await store.insertSubscription(record('s2', { match: any, end, status: 'requested' }));
+      await store.insertSubscription(record('s3', { match: both, status: 'error', error: 'x' }));
+      await store.insertSubscription(record('s4', { status: 'off' }));
+      expect(await candidates('Patient')).toEqual([
+        { id: 's1', match: patient },
+        { id: 's2', match: any, end },
+        { id: 's3', match: both },
+      ]);
+      expect(await candidates('Observation')).toEqual([
+        { id: 's2', match: any, end },
+        { id: 's3', match: both },
+      ]);
+      expect(await candidates('Encounter')).toEqual([{ id: 's2', match: any, end }]);
+      expect(await indexItems()).toEqual(['*/s2', 'Observation/s3', 'Patient/s1', 'Patient/s3']);
+    });
+
+    it('drops a subscription that stops collecting or is deleted, and takes it back when it collects again', async () => {
+      await store.insertSubscription(record('s2'));
+      await store.updateStatus('s1', { status: 'off' }, '2030-03-01T00:00:00.000Z');
+      expect((await candidates('Patient')).map((c) => c.id)).toEqual(['s2']);
+      await store.updateStatus('s1', { status: 'requested' }, '2030-03-02T00:00:00.000Z');
+      await store.updateStatus('s1', { status: 'active', expected: ['requested'] }, '2030-03-03T00:00:00.000Z');
+      expect((await candidates('Patient')).map((c) => c.id)).toEqual(['s1', 's2']);
+      expect(await store.deleteSubscription('s2')).toBe(true);
+      await store.replaceSubscription(record('s1', { status: 'off' }));
+      expect(await candidates('Patient')).toEqual([]);
+      expect(await indexItems()).toEqual([]);
+    });
+
+    it('moves a subscription when a replace changes its types or end, and not when its CAS fails', async () => {
+      const observation = { resourceTypes: ['Observation'], interactions: ['create'] } as const;
+      const end = '2031-01-01T00:00:00.000Z';
+      const replaced = await store.replaceSubscription(
+        record('s1', { match: observation, end, updatedAt: '2030-03-01T00:00:00.000Z' }),
+        { status: 'active', updatedAt: record('s1').updatedAt },
+      );
+      expect(replaced?.match).toEqual(observation);
+      expect(await candidates('Patient')).toEqual([]);
+      expect(await candidates('Observation')).toEqual([{ id: 's1', match: observation, end }]);
+      // A stale compare-and-set changes neither the subscription nor the index.
+      expect(
+        await store.replaceSubscription(record('s1'), { status: 'active', updatedAt: record('s1').updatedAt }),
+      ).toBeUndefined();
+      expect(await indexItems()).toEqual(['Observation/s1']);
+      // A status change that keeps it collecting keeps its item.
+      await store.updateStatus('s1', { status: 'error', error: 'x' }, '2030-03-02T00:00:00.000Z');
+      expect(await candidates('Observation')).toEqual([{ id: 's1', match: observation, end }]);
+    });
+
+    it('is filled once from the subscriptions of tables written before it existed', async () => {
+      await store.insertSubscription(record('s2', { status: 'off' }));
+      // As an older version left it: subscriptions, no type index items.
+      await client.send(
+        new DeleteItemCommand({
+          TableName: names().subscriptionTypes,
+          Key: { resourceType: { S: 'Patient' }, subscriptionId: { S: 's1' } },
+        }),
+      );
+      expect(await candidates('Patient')).toEqual([]);
+      expect(await store.ensureTypeIndex()).toBe(1);
+      expect(await candidates('Patient')).toEqual([{ id: 's1', match: patient }]);
+      expect(await indexItems()).toEqual(['#index/#built', 'Patient/s1']);
+      // Built: later starts only read the marker.
+      await store.updateStatus('s1', { status: 'off' }, '2030-03-01T00:00:00.000Z');
+      expect(await store.ensureTypeIndex()).toBe(0);
+      expect(await candidates('Patient')).toEqual([]);
+    });
+
+    it('reads and plans again when the subscription changed between its read and its write', async () => {
+      // A client that lets the broker switch s1 off just before the replace's transaction is sent.
+      let raced = 0;
+      const racing = {
+        send: async (command: Parameters<DynamoDBClient['send']>[0]) => {
+          if (raced % 2 === 0 && command instanceof TransactWriteItemsCommand) {
+            raced++;
+            await store.updateStatus('s1', { status: 'off' }, `2030-03-01T00:00:0${raced}.000Z`);
+          }
+          return client.send(command);
+        },
+      } as unknown as DynamoDBClient;
+      const observation = { resourceTypes: ['Observation'], interactions: ['create'] } as const;
+      const next = record('s1', { match: observation, updatedAt: '2030-03-02T00:00:00.000Z' });
+      const seen = { status: 'active', updatedAt: record('s1').updatedAt } as const;
+      expect(await new DynamoDbStore(racing, prefix).replaceSubscription(next, seen)).toBeUndefined();
+      expect(raced).toBe(1);
+      expect((await store.getSubscription('s1'))?.status).toBe('off');
+      expect(await indexItems()).toEqual([]);
+      // Without an expectation the replace applies to what is there now, index included.
+      raced = 2;
+      const replaced = await new DynamoDbStore(racing, prefix).replaceSubscription(next);
+      expect(raced).toBe(3);
+      expect([replaced?.status, replaced?.match]).toEqual(['active', observation]);
+      expect(await indexItems()).toEqual(['Observation/s1']);
+    });
   });
 });

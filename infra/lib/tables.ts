@@ -55,10 +55,11 @@ export class BrokerTables extends Construct {
       notifications: table(names.notifications),
       eventIds: table(names.eventIds),
       connections: table(names.connections),
+      subscriptionTypes: table(names.subscriptionTypes),
     };
   }
 
-  /** Item reads and writes (and their indexes) on every table: one Store spans all four. */
+  /** Item reads and writes (and their indexes) on every table: one Store spans them all. */
   grantReadWriteData(grantee: IGrantable): void {
     for (const table of Object.values(this.tables)) table.grantReadWriteData(grantee);
   }

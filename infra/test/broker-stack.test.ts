@@ -182,6 +182,7 @@ describe('BrokerStack', () => {
         'fhir-broker-connections',
         'fhir-broker-event-ids',
         'fhir-broker-notifications',
+        'fhir-broker-subscription-types',
         'fhir-broker-subscriptions',
       ]);
       for (const { input } of definitions) {
@@ -202,7 +203,7 @@ describe('BrokerStack', () => {
       }
     });
 
-    it('keys subscriptions by id, notifications by subscription and number, event ids by id and scope', () => {
+    it('keys subscriptions by id, notifications by subscription and number, event ids by id and scope, the type index by type and subscription', () => {
       const keys = (name: string) =>
         only(template, 'AWS::DynamoDB::Table', { TableName: `fhir-broker-${name}` }).resource.Properties.KeySchema;
       expect(keys('subscriptions')).toStrictEqual([{ AttributeName: 'id', KeyType: 'HASH' }]);
@@ -215,6 +216,10 @@ describe('BrokerStack', () => {
         { AttributeName: 'scope', KeyType: 'RANGE' },
       ]);
       expect(keys('connections')).toEqual(expect.arrayContaining([{ AttributeName: 'connectionId', KeyType: 'HASH' }]));
+      expect(keys('subscription-types')).toStrictEqual([
+        { AttributeName: 'resourceType', KeyType: 'HASH' },
+        { AttributeName: 'subscriptionId', KeyType: 'RANGE' },
+      ]);
     });
 
     it.each(definitions.map((d) => [d.input.TableName, d.ttl] as const))(

@@ -76,9 +76,14 @@ export async function createAwsBroker(
     new ApiGatewayManagementApiClient({ region: config.awsRegion, endpoint: config.wsManagementEndpoint });
   const logger = options.overrides?.logger ?? createLogger(config.logLevel);
   const bindings = new DynamoDbBindings({ client: dynamodb, tablePrefix: config.tablePrefix });
+  const store = new DynamoDbStore(dynamodb, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
+  // Tables from a version without the type index: fill it once (a marker read on every later start).
+  await store.ensureTypeIndex();
   const broker = await createBroker(config, {
-    store: new DynamoDbStore(dynamodb, config.tablePrefix, { eventTtlMs: config.eventRetentionMs }),
+    store,
     bindings,
+    // The events function matches through the type index and never reads them all.
+    deferSubscriptionLoad: true,
     ...options.overrides,
     logger,
     websocketPort: new ApiGatewayWebSocketPort({ client: management, logger }),

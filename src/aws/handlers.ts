@@ -9,7 +9,11 @@ import type { AwsBroker } from './aws-broker.js';
  * a broker made from the environment; tests bind them to DynamoDB Local and a management-API double.
  */
 
-/** Another instance may have changed subscriptions: re-read them when the copy is older than this. */
+/**
+ * Another instance may have changed subscriptions: re-read them when the copy is older than this.
+ * Not for events: they are matched against the store's type index, and the subscriptions they
+ * notify are re-read (IngestService), so another instance's subscription matches at once.
+ */
 const SUBSCRIPTION_CACHE_MS = 5_000;
 /** How long an invocation waits for deliveries it started (retries continue in the scheduled dispatcher). */
 const DELIVERY_BUDGET_MS = 20_000;
@@ -46,7 +50,7 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
 
   return {
     async events(event) {
-      const broker = await ready();
+      const broker = await brokerPromise;
       const result = await broker.ingest.ingest(event);
       await settle(broker);
       return result;

@@ -118,3 +118,17 @@ export function matchesSpec(spec: MatchSpec, change: ResourceChange): boolean {
   if (spec.ids !== undefined) return change.resourceId !== undefined && spec.ids.includes(change.resourceId);
   return true;
 }
+
+/**
+ * The ids among `candidates` (a store's type-index answer for the change's type) that the change
+ * matches as of `nowMs`: the same result as `MatchIndex.match` over those subscriptions.
+ */
+export function matchCandidates(
+  candidates: readonly Pick<SubscriptionRecord, 'id' | 'match' | 'end'>[],
+  change: ResourceChange,
+  nowMs: number,
+): string[] {
+  return candidates
+    .filter((c) => (c.end === undefined || Date.parse(c.end) > nowMs) && matchesSpec(c.match, change))
+    .map((c) => c.id);
+}

@@ -1,15 +1,22 @@
 import { InvalidEnvelopeError, parseEventBridgeEvent } from '../core/cloudtrail.js';
 import { BrokerError } from '../core/errors.js';
-import type { Clock, Notification } from '../core/types.js';
+import { matchCandidates } from '../core/match-index.js';
+import type { Clock, Notification, ResourceChange } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
-import type { AcceptItem, AcceptOutcome, Store } from '../store/store.js';
+import type { AcceptItem, AcceptOutcome, MatchCandidate, Store } from '../store/store.js';
 import type { SubscriptionRegistry } from './subscription-registry.js';
 
 /**
  * Ingest: EventBridge events → ResourceChange → matched once → committed with their
  * notifications → handed to the dispatcher. Requests that arrive together share one store
  * transaction (group commit), so the cost of a durable commit is paid once per batch.
+ *
+ * Matching: against the registry's in-memory index, or, when the store has a type index
+ * (`Store.candidatesFor`, DynamoDB), against the store's current candidates for each resource type
+ * of the request (one read per distinct type), so several instances sharing the store need not
+ * hold every subscription in memory nor reload them to see each other's changes. The subscriptions
+ * notified are then re-read into the registry cache, which delivery reads.
  */
 
 export interface IngestResult {
@@ -70,7 +77,7 @@ export class IngestService {
     }
     const receivedAt = this.#clock.now();
     const receivedIso = new Date(receivedAt).toISOString();
-    const items: AcceptItem[] = [];
+    const changes: ResourceChange[] = [];
     let ignored = 0;
     events.forEach((event, i) => {
       let parsed: ReturnType<typeof parseEventBridgeEvent>;
@@ -88,12 +95,16 @@ export class IngestService {
         this.#logger.info('event ignored', { eventId: parsed.eventId, reason: parsed.reason });
         return;
       }
-      items.push({ change: parsed.change, subscriptionIds: this.#registry.match(parsed.change, receivedAt) });
+      changes.push(parsed.change);
     });
 
+    const match = await this.#matcher(changes, receivedAt);
+    const items: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
     const outcomes = items.length === 0 ? [] : await this.#commit(items);
     const notifications = outcomes.flatMap((o) => o.notifications);
     const duplicates = outcomes.filter((o) => o.duplicate).length;
+    if (this.#store.candidatesFor !== undefined)
+      await this.#registry.refresh(notifications.map((n) => n.subscriptionId));
     this.#registry.noteNotifications(notifications);
     this.#sink.enqueue(notifications, receivedAt);
 
@@ -105,6 +116,21 @@ export class IngestService {
       this.#logger.debug('events accepted', { ...result, notifications: notifications.length });
     }
     return result;
+  }
+
+  /** The registry's index, or the store's type index read once per distinct resource type. */
+  async #matcher(changes: readonly ResourceChange[], nowMs: number): Promise<(change: ResourceChange) => string[]> {
+    const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
+    if (candidatesFor === undefined) return (change) => this.#registry.match(change, nowMs);
+    const types = [...new Set(changes.map((c) => c.resourceType))];
+    let candidates: Map<string, readonly MatchCandidate[]>;
+    try {
+      candidates = new Map(await Promise.all(types.map(async (t) => [t, await candidatesFor(t)] as const)));
+    } catch (err) {
+      this.#logger.error('could not read the subscriptions to match; the senders will retry', { err: err as Error });
+      throw new BrokerError('STORE_UNAVAILABLE', 'The events could not be matched; retry', { cause: err });
+    }
+    return (change) => matchCandidates(candidates.get(change.resourceType) ?? [], change, nowMs);
   }
 
   #commit(items: readonly AcceptItem[]): Promise<AcceptOutcome[]> {

@@ -98,6 +98,25 @@ export class SubscriptionRegistry {
     for (const rec of fresh) this.#remember(rec);
   }
 
+  /**
+   * Re-read these subscriptions from the store into the cache (and index): another instance may
+   * have created, changed or deleted them. For a store matched through its type index (AWS),
+   * where the cache is not reloaded as a whole before each batch of events.
+   */
+  async refresh(ids: Iterable<string>): Promise<void> {
+    await Promise.all(
+      [...new Set(ids)].map(async (id) => {
+        const rec = await this.#store.getSubscription(id);
+        if (rec !== undefined) {
+          this.#remember(rec);
+        } else {
+          this.#cache.delete(id);
+          this.#index.remove(id);
+        }
+      }),
+    );
+  }
+
   get(id: string): SubscriptionRecord | undefined {
     return this.#cache.get(id);
   }

@@ -1,5 +1,6 @@
 import type {
   DeliveryState,
+  MatchSpec,
   Notification,
   ResourceChange,
   StoredNotification,
@@ -40,6 +41,13 @@ export interface StatusUpdate {
   readonly expected?: readonly SubscriptionStatus[];
 }
 
+/** What matching needs of a subscription, as `candidatesFor` returns it. */
+export interface MatchCandidate {
+  readonly id: string;
+  readonly match: MatchSpec;
+  readonly end?: string;
+}
+
 export interface Store {
   insertSubscription(rec: SubscriptionRecord): Promise<void>;
   getSubscription(id: string): Promise<SubscriptionRecord | undefined>;
@@ -56,6 +64,13 @@ export interface Store {
   updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined>;
   /** Deletes the subscription and its notifications. */
   deleteSubscription(id: string): Promise<boolean>;
+  /**
+   * Optional: the subscriptions that collect notifications (requested, active, error) and whose
+   * match could include `resourceType` (it is among their types, or they take every type `*`),
+   * read from the store now. A store that offers it is matched against per event instead of an
+   * in-memory index of every subscription (see IngestService); `end` is not applied here.
+   */
+  candidatesFor?(resourceType: string): Promise<readonly MatchCandidate[]>;
 
   /**
    * Atomically, for each item: record its event id (a seen id makes it a duplicate and writes

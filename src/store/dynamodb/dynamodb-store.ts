@@ -2,6 +2,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import {
   BatchGetItemCommand,
   BatchWriteItemCommand,
+  type CancellationReason,
   ConditionalCheckFailedException,
   DeleteItemCommand,
   type DynamoDBClient,
@@ -12,6 +13,7 @@ import {
   ScanCommand,
   type ScanCommandInput,
   TransactionCanceledException,
+  type TransactWriteItem,
   TransactWriteItemsCommand,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
@@ -27,13 +29,13 @@ import type {
   SubscriptionRecord,
   SubscriptionStatus,
 } from '../../core/types.js';
-import type { AcceptItem, AcceptOutcome, DeliveryUpdate, StatusUpdate, Store } from '../store.js';
+import type { AcceptItem, AcceptOutcome, DeliveryUpdate, MatchCandidate, StatusUpdate, Store } from '../store.js';
 import { Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
 import { SubscriptionExistsError, UnprocessedItemsError, WriteConflictError } from './errors.js';
 import { INDEX, type TableNames, TTL_ATTRIBUTE, tableNames } from './tables.js';
 
 /**
- * The Store port on DynamoDB (low-level client, injected). Four tables, `<prefix><role>`; the
+ * The Store port on DynamoDB (low-level client, injected). Five tables, `<prefix><role>`; the
  * design and its reasons are in docs/dynamodb.md.
  *
  * - `subscriptions` (pk `id`): the record as flat attributes, JSON blobs as strings. The event
@@ -49,6 +51,10 @@ import { INDEX, type TableNames, TTL_ATTRIBUTE, tableNames } from './tables.js';
  *   `eventNumber` for this subscription". Both carry the TTL attribute `expiresAt`; TTL deletion
  *   is lazy, so reads treat an expired item as absent.
  * - `connections` (pk `connectionId`, TTL): created here, used by the API Gateway pusher.
+ * - `subscription-types` (pk `resourceType`, sk `subscriptionId`): the type index `candidatesFor`
+ *   reads. One item per resource type (or `*`) of each collecting subscription, with its `match`
+ *   and `end`; written in the same TransactWriteItems as every subscription write, which reads the
+ *   subscription first and is conditional on it being unchanged since (else it reads again).
  *
  * acceptChanges, per event, in this order:
  *   1. one consistent BatchGetItem of the dedupe keys and markers of the whole batch;
@@ -86,6 +92,19 @@ const PING_KEY = '#ping';
 /** Statuses that still collect notifications; mirrors the matching index and the SQLite adapter. */
 const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error'];
 
+/** The type index key of subscriptions on every resource type. */
+const ANY_TYPE = '*';
+
+/** Marks the type index as built (see ensureTypeIndex); `#` keeps it apart from resource types. */
+const TYPE_INDEX_MARKER: Item = { resourceType: S('#index'), subscriptionId: S('#built') };
+
+/** A planned subscription write: the record after it and its update, or (no `next`) a delete. */
+type SubscriptionPlan =
+  | { readonly next: SubscriptionRecord; readonly update: Expression }
+  | { readonly next: undefined };
+
+type IndexedFields = Pick<SubscriptionRecord, 'status' | 'match' | 'end'>;
+
 // 7 days: the default event retention (config.eventRetentionMs); purge() usually removes them first.
 const DEFAULT_EVENT_TTL_MS = 7 * 86_400_000;
 
@@ -118,18 +137,15 @@ export class DynamoDbStore implements Store {
   }
 
   async insertSubscription(rec: SubscriptionRecord): Promise<void> {
-    try {
-      await this.#client.send(
-        new PutItemCommand({
-          TableName: this.#tables.subscriptions,
-          Item: toSubscriptionItem(rec),
-          ConditionExpression: 'attribute_not_exists(id)',
-        }),
-      );
-    } catch (err) {
-      if (err instanceof ConditionalCheckFailedException) throw new SubscriptionExistsError(rec.id, { cause: err });
-      throw err;
-    }
+    const put: TransactWriteItem = {
+      Put: {
+        TableName: this.#tables.subscriptions,
+        Item: toSubscriptionItem(rec),
+        ConditionExpression: 'attribute_not_exists(id)',
+      },
+    };
+    const failed = await this.#transact([put, ...this.#typeWrites(rec.id, undefined, rec)], `creating ${rec.id}`);
+    if (failed !== undefined) throw new SubscriptionExistsError(rec.id);
   }
 
   async getSubscription(id: string): Promise<SubscriptionRecord | undefined> {
@@ -158,52 +174,115 @@ export class DynamoDbStore implements Store {
     rec: SubscriptionRecord,
     expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
   ): Promise<SubscriptionRecord | undefined> {
+    const stillExpected = (current: SubscriptionRecord) =>
+      expected === undefined || (current.status === expected.status && current.updatedAt === expected.updatedAt);
     // Owner, creation time and the event counter are the store's: not touched here.
-    const e = new Expression()
-      .set('kind', S(rec.kind))
-      .set('topic', S(rec.topic))
-      .set('status', S(rec.status))
-      .setOrRemove('error', rec.error === undefined ? undefined : S(rec.error))
-      .set('match', S(JSON.stringify(rec.match)))
-      .set('channel', S(JSON.stringify(rec.channel)))
-      .set('webhookSecret', S(rec.webhookSecret))
-      .setOrRemove(
-        'previousSecret',
-        rec.previousSecret === undefined ? undefined : S(JSON.stringify(rec.previousSecret)),
-      )
-      .setOrRemove('end', rec.end === undefined ? undefined : S(rec.end))
-      .set('updatedAt', S(rec.updatedAt))
-      .set('resource', S(JSON.stringify(rec.resource)))
-      .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(rec.status));
-    const exists = `attribute_exists(${e.name('id')})`;
-    const condition =
-      expected === undefined
-        ? exists
-        : `${exists} AND ${e.in('status', [expected.status])} AND ${e.in('updatedAt', [expected.updatedAt])}`;
-    return this.#updateSubscription(rec.id, e, condition);
+    const update = () =>
+      new Expression()
+        .set('kind', S(rec.kind))
+        .set('topic', S(rec.topic))
+        .set('status', S(rec.status))
+        .setOrRemove('error', rec.error === undefined ? undefined : S(rec.error))
+        .set('match', S(JSON.stringify(rec.match)))
+        .set('channel', S(JSON.stringify(rec.channel)))
+        .set('webhookSecret', S(rec.webhookSecret))
+        .setOrRemove(
+          'previousSecret',
+          rec.previousSecret === undefined ? undefined : S(JSON.stringify(rec.previousSecret)),
+        )
+        .setOrRemove('end', rec.end === undefined ? undefined : S(rec.end))
+        .set('updatedAt', S(rec.updatedAt))
+        .set('resource', S(JSON.stringify(rec.resource)))
+        .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(rec.status));
+    const written = await this.#writeSubscription(rec.id, (current) =>
+      stillExpected(current)
+        ? {
+            next: {
+              ...rec,
+              owner: current.owner,
+              createdAt: current.createdAt,
+              eventsSinceStart: current.eventsSinceStart,
+            },
+            update: update(),
+          }
+        : undefined,
+    );
+    return written?.next;
   }
 
   async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
-    if (update.expected !== undefined && update.expected.length === 0) return undefined;
-    const e = new Expression()
-      .set('status', S(update.status))
-      .setOrRemove('error', update.error === undefined ? undefined : S(update.error))
-      .set('updatedAt', S(at))
-      .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(update.status));
-    const exists = `attribute_exists(${e.name('id')})`;
-    const condition = update.expected === undefined ? exists : `${exists} AND ${e.in('status', update.expected)}`;
-    return this.#updateSubscription(id, e, condition);
+    const { status, error, expected } = update;
+    const written = await this.#writeSubscription(id, ({ error: _previous, ...current }) =>
+      expected === undefined || expected.includes(current.status)
+        ? {
+            next: { ...current, status, ...(error === undefined ? {} : { error }), updatedAt: at },
+            update: new Expression()
+              .set('status', S(status))
+              .setOrRemove('error', error === undefined ? undefined : S(error))
+              .set('updatedAt', S(at))
+              .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(status)),
+          }
+        : undefined,
+    );
+    return written?.next;
   }
 
   async deleteSubscription(id: string): Promise<boolean> {
     // Notifications first, then the subscription, then once more for any that an acceptance
     // committed in between (none can commit after: its transaction checks the subscription exists).
     await this.#deleteNotificationsOf(id);
-    const out = await this.#client.send(
-      new DeleteItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(id) }, ReturnValues: 'ALL_OLD' }),
-    );
+    const deleted = await this.#writeSubscription(id, () => ({ next: undefined }));
     await this.#deleteNotificationsOf(id);
-    return out.Attributes !== undefined;
+    return deleted !== undefined;
+  }
+
+  /**
+   * Fills the type index from the subscriptions table unless a marker item says it was built:
+   * for tables written before the index existed. Safe alongside subscription writes (each item is
+   * written only if its subscription is unchanged since the scan) and alongside itself.
+   * Returns how many subscriptions it indexed.
+   */
+  async ensureTypeIndex(): Promise<number> {
+    const marker = { TableName: this.#tables.subscriptionTypes, Key: TYPE_INDEX_MARKER };
+    if ((await this.#client.send(new GetItemCommand({ ...marker, ConsistentRead: true }))).Item !== undefined) return 0;
+    const items = await this.#scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true });
+    const indexed = await inBursts(items, async (item) => {
+      const rec = fromSubscriptionItem(item);
+      const puts = this.#typeWrites(rec.id, undefined, rec);
+      if (puts.length === 0) return false;
+      const e = new Expression();
+      const check: TransactWriteItem = {
+        ConditionCheck: {
+          TableName: this.#tables.subscriptions,
+          Key: { id: S(rec.id) },
+          ConditionExpression: unchangedSince(e, item),
+          ...e.bindings,
+        },
+      };
+      return (await this.#transact([check, ...puts], `indexing ${rec.id}`)) === undefined;
+    });
+    await this.#client.send(new PutItemCommand({ TableName: marker.TableName, Item: marker.Key }));
+    return indexed.filter(Boolean).length;
+  }
+
+  async candidatesFor(resourceType: string): Promise<readonly MatchCandidate[]> {
+    const query = (type: string) =>
+      this.#queryAll({
+        TableName: this.#tables.subscriptionTypes,
+        ConsistentRead: true,
+        KeyConditionExpression: 'resourceType = :t',
+        ExpressionAttributeValues: { ':t': S(type) },
+      });
+    const types = resourceType === ANY_TYPE ? [ANY_TYPE] : [resourceType, ANY_TYPE];
+    const items = (await Promise.all(types.map(query))).flat();
+    return items.map((item) => {
+      const end = readOptionalString(item, 'end');
+      return {
+        id: readString(item, 'subscriptionId'),
+        match: JSON.parse(readString(item, 'match')) as MatchSpec,
+        ...(end === undefined ? {} : { end }),
+      };
+    });
   }
 
   acceptChanges(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
@@ -428,58 +507,131 @@ export class DynamoDbStore implements Store {
       ...eventIdItem(change.eventId, subscriptionId, receivedAt, expiresAt),
       eventNumber: N(eventNumber),
     };
+    const failed = await this.#transact(
+      [
+        {
+          Put: {
+            TableName: this.#tables.notifications,
+            Item: note,
+            ConditionExpression: 'attribute_not_exists(subscriptionId)',
+          },
+        },
+        {
+          Put: {
+            TableName: this.#tables.eventIds,
+            Item: marker,
+            ConditionExpression: `attribute_not_exists(eventId) OR ${TTL_ATTRIBUTE} <= :now`,
+            ExpressionAttributeValues: { ':now': N(Math.floor(receivedAt / 1000)) },
+            ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
+          },
+        },
+        {
+          ConditionCheck: {
+            TableName: this.#tables.subscriptions,
+            Key: { id: S(subscriptionId) },
+            ConditionExpression: 'attribute_exists(id)',
+          },
+        },
+      ],
+      `queueing event ${eventNumber} for ${subscriptionId}`,
+    );
+    if (failed === undefined) return { subscriptionId, eventNumber, change };
+    const [, markerReason, subscriptionReason] = failed;
+    // Deleted since its number was taken: the number stays unused (see the caveats above).
+    if (subscriptionReason?.Code === 'ConditionalCheckFailed') return undefined;
+    // Another acceptance of the same event got there first: its notification is the one.
+    if (markerReason?.Code === 'ConditionalCheckFailed') {
+      const winner = markerReason.Item ?? (await this.#readMarker(change.eventId, subscriptionId));
+      return winner === undefined
+        ? undefined
+        : this.#existingNotification(subscriptionId, readNumber(winner, 'eventNumber'));
+    }
+    throw new Error(`notification ${eventNumber} of ${subscriptionId} already exists`);
+  }
+
+  /**
+   * One TransactWriteItems, retried while it only conflicts with other writers. Resolves
+   * undefined once written, or to the cancellation reasons when a condition did not hold.
+   */
+  async #transact(items: TransactWriteItem[], what: string): Promise<CancellationReason[] | undefined> {
     for (let attempt = 1; ; attempt++) {
       try {
-        await this.#client.send(
-          new TransactWriteItemsCommand({
-            TransactItems: [
-              {
-                Put: {
-                  TableName: this.#tables.notifications,
-                  Item: note,
-                  ConditionExpression: 'attribute_not_exists(subscriptionId)',
-                },
-              },
-              {
-                Put: {
-                  TableName: this.#tables.eventIds,
-                  Item: marker,
-                  ConditionExpression: `attribute_not_exists(eventId) OR ${TTL_ATTRIBUTE} <= :now`,
-                  ExpressionAttributeValues: { ':now': N(Math.floor(receivedAt / 1000)) },
-                  ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
-                },
-              },
-              {
-                ConditionCheck: {
-                  TableName: this.#tables.subscriptions,
-                  Key: { id: S(subscriptionId) },
-                  ConditionExpression: 'attribute_exists(id)',
-                },
-              },
-            ],
-          }),
-        );
-        return { subscriptionId, eventNumber, change };
+        await this.#client.send(new TransactWriteItemsCommand({ TransactItems: items }));
+        return undefined;
       } catch (err) {
         if (!(err instanceof TransactionCanceledException)) throw err;
-        const [noteReason, markerReason, subscriptionReason] = err.CancellationReasons ?? [];
-        // Deleted since its number was taken: the number stays unused (see the caveats above).
-        if (subscriptionReason?.Code === 'ConditionalCheckFailed') return undefined;
-        // Another acceptance of the same event got there first: its notification is the one.
-        if (markerReason?.Code === 'ConditionalCheckFailed') {
-          const winner = markerReason.Item ?? (await this.#readMarker(change.eventId, subscriptionId));
-          return winner === undefined
-            ? undefined
-            : this.#existingNotification(subscriptionId, readNumber(winner, 'eventNumber'));
-        }
-        const conflict = [noteReason, markerReason, subscriptionReason].some((r) => r?.Code === 'TransactionConflict');
-        if (!conflict) throw err;
-        if (attempt >= MAX_TRANSACTION_ATTEMPTS) {
-          throw new WriteConflictError(`queueing event ${eventNumber} for ${subscriptionId}`, attempt, { cause: err });
-        }
+        const reasons = err.CancellationReasons ?? [];
+        if (reasons.some((r) => r.Code === 'ConditionalCheckFailed')) return reasons;
+        if (!reasons.some((r) => r.Code === 'TransactionConflict')) throw err;
+        if (attempt >= MAX_TRANSACTION_ATTEMPTS) throw new WriteConflictError(what, attempt, { cause: err });
         await delay(20 * 2 ** attempt);
       }
     }
+  }
+
+  /**
+   * Changes (or, when the plan has no `next`, deletes) a subscription and its type index items in
+   * one transaction. Reads it first, consistently; the write is conditional on the attributes the
+   * plan and the index depend on being unchanged since, and is read and planned again when they
+   * changed. Undefined when the subscription does not exist or `plan` declines.
+   */
+  async #writeSubscription(
+    id: string,
+    plan: (current: SubscriptionRecord) => SubscriptionPlan | undefined,
+  ): Promise<{ readonly next: SubscriptionRecord | undefined } | undefined> {
+    for (let attempt = 1; ; attempt++) {
+      const out = await this.#client.send(
+        new GetItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(id) }, ConsistentRead: true }),
+      );
+      if (out.Item === undefined) return undefined;
+      const current = fromSubscriptionItem(out.Item);
+      const planned = plan(current);
+      if (planned === undefined) return undefined;
+      const e = planned.next === undefined ? new Expression() : planned.update;
+      const key = {
+        TableName: this.#tables.subscriptions,
+        Key: { id: S(id) },
+        ConditionExpression: unchangedSince(e, out.Item),
+      };
+      const write: TransactWriteItem =
+        planned.next === undefined
+          ? { Delete: { ...key, ...e.bindings } }
+          : { Update: { ...key, UpdateExpression: e.update, ...e.bindings } };
+      const what = `writing subscription ${id}`;
+      const failed = await this.#transact([write, ...this.#typeWrites(id, current, planned.next)], what);
+      if (failed === undefined) return { next: planned.next };
+      // Changed since the read: plan again from what is there now.
+      if (attempt >= MAX_TRANSACTION_ATTEMPTS) throw new WriteConflictError(what, attempt);
+    }
+  }
+
+  /** What moves a subscription's type index items from `before` to `after` (absent: none). */
+  #typeWrites(id: string, before: IndexedFields | undefined, after: IndexedFields | undefined): TransactWriteItem[] {
+    const old = indexedTypes(before);
+    const next = indexedTypes(after);
+    const same =
+      before !== undefined &&
+      after !== undefined &&
+      JSON.stringify(before.match) === JSON.stringify(after.match) &&
+      before.end === after.end;
+    const key = (type: string) => ({ resourceType: S(type), subscriptionId: S(id) });
+    return [
+      ...old
+        .filter((type) => !next.includes(type))
+        .map((type) => ({ Delete: { TableName: this.#tables.subscriptionTypes, Key: key(type) } })),
+      ...next
+        .filter((type) => !(same && old.includes(type)))
+        .map((type) => ({
+          Put: {
+            TableName: this.#tables.subscriptionTypes,
+            Item: {
+              ...key(type),
+              match: S(JSON.stringify(after?.match)),
+              ...(after?.end === undefined ? {} : { end: S(after.end) }),
+            },
+          },
+        })),
+    ];
   }
 
   async #readMarker(eventId: string, subscriptionId: string): Promise<Item | undefined> {
@@ -533,25 +685,6 @@ export class DynamoDbStore implements Store {
       ...note
     } = fromNotificationItem(out.Item);
     return note;
-  }
-
-  async #updateSubscription(id: string, e: Expression, condition: string): Promise<SubscriptionRecord | undefined> {
-    try {
-      const out = await this.#client.send(
-        new UpdateItemCommand({
-          TableName: this.#tables.subscriptions,
-          Key: { id: S(id) },
-          UpdateExpression: e.update,
-          ConditionExpression: condition,
-          ReturnValues: 'ALL_NEW',
-          ...e.bindings,
-        }),
-      );
-      return out.Attributes === undefined ? undefined : fromSubscriptionItem(out.Attributes);
-    } catch (err) {
-      if (err instanceof ConditionalCheckFailedException) return undefined;
-      throw err;
-    }
   }
 
   async #recordDelivery(u: DeliveryUpdate): Promise<boolean> {
@@ -710,6 +843,22 @@ function fromNotificationItem(item: Item): StoredNotification {
     dueAt: readNumber(item, 'dueAt'),
     ...(lastError === undefined ? {} : { lastError }),
   };
+}
+
+/** A condition that the subscription item still has the attributes its type index items derive from. */
+function unchangedSince(e: Expression, item: Item): string {
+  return ['status', 'updatedAt', 'match', 'end']
+    .map((attr) => {
+      const value = item[attr];
+      return value === undefined ? `attribute_not_exists(${e.name(attr)})` : `${e.name(attr)} = ${e.value(value)}`;
+    })
+    .join(' AND ');
+}
+
+/** The type index keys of a subscription: its types, or `*`; none unless it collects. */
+function indexedTypes(sub: IndexedFields | undefined): string[] {
+  if (sub === undefined || !COLLECTING.includes(sub.status)) return [];
+  return sub.match.resourceTypes === ANY_TYPE ? [ANY_TYPE] : [...new Set(sub.match.resourceTypes)];
 }
 
 function notificationKey(item: Item): Item {

@@ -20,6 +20,7 @@ export interface TableNames {
   readonly notifications: string;
   readonly eventIds: string;
   readonly connections: string;
+  readonly subscriptionTypes: string;
 }
 
 export const INDEX = {
@@ -42,6 +43,7 @@ export function tableNames(prefix: string): TableNames {
     notifications: `${prefix}notifications`,
     eventIds: `${prefix}event-ids`,
     connections: `${prefix}connections`,
+    subscriptionTypes: `${prefix}subscription-types`,
   };
 }
 
@@ -152,6 +154,22 @@ export function tableDefinitions(prefix: string): TableDefinition[] {
             ],
             Projection: all,
           },
+        ],
+      },
+    },
+    {
+      ttl: false,
+      input: {
+        TableName: names.subscriptionTypes,
+        BillingMode: 'PAY_PER_REQUEST',
+        // Sparse by construction: one item per resource type (or `*`) of each collecting subscription.
+        AttributeDefinitions: [
+          { AttributeName: 'resourceType', AttributeType: 'S' },
+          { AttributeName: 'subscriptionId', AttributeType: 'S' },
+        ],
+        KeySchema: [
+          { AttributeName: 'resourceType', KeyType: 'HASH' },
+          { AttributeName: 'subscriptionId', KeyType: 'RANGE' },
         ],
       },
     },
