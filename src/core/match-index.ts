@@ -1,4 +1,4 @@
-import type { MatchSpec, ResourceChange, SubscriptionRecord, SubscriptionStatus } from './types.js';
+import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, SubscriptionStatus } from './types.js';
 
 /**
  * In-memory matching index, kept in step with the store by the subscription registry.
@@ -14,22 +14,60 @@ const ANY = '*';
 /** Statuses whose subscriptions still collect notifications (delivery waits until `active`). */
 const MATCHING: ReadonlySet<SubscriptionStatus> = new Set(['requested', 'active', 'error']);
 
-/** Subscription id → its end (epoch ms), kept in the bucket so a match needs no second look-up. */
-type Bucket = Map<string, number>;
+/**
+ * Subscription ids with their end (epoch ms) in parallel arrays: a match walks plain arrays (no
+ * iterator or entry allocation, cache-friendly) and needs no second look-up for the end.
+ */
+class Bucket {
+  readonly ids: string[] = [];
+  readonly ends: number[] = [];
 
-/** One `type + interaction` slot: subscriptions on every id, and those filtered to some ids. */
-interface Slot {
-  readonly all: Bucket;
-  readonly byId: Map<string, Bucket>;
+  add(id: string, endMs: number): void {
+    this.ids.push(id);
+    this.ends.push(endMs);
+  }
+
+  /** Swap-remove: order inside a bucket carries no meaning. */
+  delete(id: string): void {
+    const k = this.ids.indexOf(id);
+    if (k === -1) return;
+    const last = this.ids.length - 1;
+    this.ids[k] = this.ids[last] as string;
+    this.ends[k] = this.ends[last] as number;
+    this.ids.pop();
+    this.ends.pop();
+  }
+
+  get size(): number {
+    return this.ids.length;
+  }
+
+  collect(nowMs: number, out: string[]): void {
+    const { ids, ends } = this;
+    for (let k = 0; k < ids.length; k++) if ((ends[k] as number) > nowMs) out.push(ids[k] as string);
+  }
 }
 
+/**
+ * One `type + interaction` slot: subscriptions on every id, and those filtered to some ids. The
+ * common case — one subscription on a resource id, without an end — is stored as the bare
+ * subscription id, so a match costs one hash look-up and no further memory reads.
+ */
+interface Slot {
+  readonly all: Bucket;
+  readonly byId: Map<string, string | Bucket>;
+}
+
+type Place = readonly [type: string, interaction: Interaction, resourceId: string | undefined];
+
 interface Entry {
-  /** Where the subscription is filed: slot key and, for id filters, the resource id. */
-  readonly places: readonly (readonly [string, string | undefined])[];
+  /** Where the subscription is filed. */
+  readonly places: readonly Place[];
 }
 
 export class MatchIndex {
-  readonly #slots = new Map<string, Slot>();
+  /** resource type (or `*`) → interaction → slot: two look-ups, no key strings built per event. */
+  readonly #slots = new Map<string, Map<Interaction, Slot>>();
   readonly #entries = new Map<string, Entry>();
 
   /** Add, replace or (for statuses that no longer match) remove a subscription. */
@@ -38,21 +76,29 @@ export class MatchIndex {
     if (!MATCHING.has(sub.status)) return;
     const endMs = sub.end === undefined ? Number.POSITIVE_INFINITY : Date.parse(sub.end);
     const places = placesOf(sub.match);
-    for (const [key, resourceId] of places) {
-      let slot = this.#slots.get(key);
+    for (const [type, interaction, resourceId] of places) {
+      let byInteraction = this.#slots.get(type);
+      if (byInteraction === undefined) {
+        byInteraction = new Map();
+        this.#slots.set(type, byInteraction);
+      }
+      let slot = byInteraction.get(interaction);
       if (slot === undefined) {
-        slot = { all: new Map(), byId: new Map() };
-        this.#slots.set(key, slot);
+        slot = { all: new Bucket(), byId: new Map() };
+        byInteraction.set(interaction, slot);
       }
       if (resourceId === undefined) {
-        slot.all.set(sub.id, endMs);
+        slot.all.add(sub.id, endMs);
       } else {
-        let bucket = slot.byId.get(resourceId);
-        if (bucket === undefined) {
-          bucket = new Map();
+        const held = slot.byId.get(resourceId);
+        if (held === undefined && endMs === Number.POSITIVE_INFINITY) {
+          slot.byId.set(resourceId, sub.id);
+        } else {
+          const bucket = held instanceof Bucket ? held : new Bucket();
+          if (typeof held === 'string') bucket.add(held, Number.POSITIVE_INFINITY);
+          bucket.add(sub.id, endMs);
           slot.byId.set(resourceId, bucket);
         }
-        bucket.set(sub.id, endMs);
       }
     }
     this.#entries.set(sub.id, { places });
@@ -61,17 +107,22 @@ export class MatchIndex {
   remove(id: string): void {
     const entry = this.#entries.get(id);
     if (entry === undefined) return;
-    for (const [key, resourceId] of entry.places) {
-      const slot = this.#slots.get(key);
-      if (slot === undefined) continue;
+    for (const [type, interaction, resourceId] of entry.places) {
+      const byInteraction = this.#slots.get(type);
+      const slot = byInteraction?.get(interaction);
+      if (byInteraction === undefined || slot === undefined) continue;
       if (resourceId === undefined) {
         slot.all.delete(id);
       } else {
-        const bucket = slot.byId.get(resourceId);
-        bucket?.delete(id);
-        if (bucket?.size === 0) slot.byId.delete(resourceId);
+        const held = slot.byId.get(resourceId);
+        if (held === id) slot.byId.delete(resourceId);
+        else if (held instanceof Bucket) {
+          held.delete(id);
+          if (held.size === 0) slot.byId.delete(resourceId);
+        }
       }
-      if (slot.all.size === 0 && slot.byId.size === 0) this.#slots.delete(key);
+      if (slot.all.size === 0 && slot.byId.size === 0) byInteraction.delete(interaction);
+      if (byInteraction.size === 0) this.#slots.delete(type);
     }
     this.#entries.delete(id);
   }
@@ -80,8 +131,8 @@ export class MatchIndex {
   match(change: ResourceChange, nowMs: number): string[] {
     const out: string[] = [];
     const { resourceType: type, interaction: i, resourceId: id } = change;
-    this.#collect(this.#slots.get(`${type}\u0000${i}`), id, nowMs, out);
-    this.#collect(this.#slots.get(`${ANY}\u0000${i}`), id, nowMs, out);
+    this.#collect(this.#slots.get(type)?.get(i), id, nowMs, out);
+    this.#collect(this.#slots.get(ANY)?.get(i), id, nowMs, out);
     return out;
   }
 
@@ -91,21 +142,21 @@ export class MatchIndex {
 
   #collect(slot: Slot | undefined, resourceId: string | undefined, nowMs: number, out: string[]): void {
     if (slot === undefined) return;
-    for (const [sub, endMs] of slot.all) if (endMs > nowMs) out.push(sub);
+    slot.all.collect(nowMs, out);
     if (resourceId === undefined || slot.byId.size === 0) return;
-    const bucket = slot.byId.get(resourceId);
-    if (bucket !== undefined) for (const [sub, endMs] of bucket) if (endMs > nowMs) out.push(sub);
+    const held = slot.byId.get(resourceId);
+    if (typeof held === 'string') out.push(held);
+    else held?.collect(nowMs, out);
   }
 }
 
-function placesOf(spec: MatchSpec): [string, string | undefined][] {
+function placesOf(spec: MatchSpec): Place[] {
   const types = spec.resourceTypes === '*' ? [ANY] : spec.resourceTypes;
-  const places: [string, string | undefined][] = [];
+  const places: Place[] = [];
   for (const type of types) {
     for (const i of spec.interactions) {
-      const key = `${type}\u0000${i}`;
-      if (spec.ids === undefined) places.push([key, undefined]);
-      else for (const id of spec.ids) places.push([key, id]);
+      if (spec.ids === undefined) places.push([type, i, undefined]);
+      else for (const id of spec.ids) places.push([type, i, id]);
     }
   }
   return places;
