@@ -1,16 +1,7 @@
 /** Shared bench helpers: a seeded PRNG, percentiles, a tiny table printer. No broker imports. */
 
-/** mulberry32: small, fast, deterministic; good enough to shape a workload. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32, shared with the tests: small, fast, deterministic; good enough to shape a workload. */
+export { prng } from '../test/support/prng.js';
 
 export function pick<T>(rand: () => number, items: readonly T[]): T {
   return items[Math.floor(rand() * items.length)] as T;
