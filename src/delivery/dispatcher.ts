@@ -6,6 +6,7 @@ import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { DeliveryUpdate, Store } from '../store/store.js';
+import { LimiterClosedError, OriginLimiter } from './origin-limiter.js';
 import type { Sender, SendResult } from './rest-hook-sender.js';
 
 /**
@@ -78,11 +79,9 @@ export class Dispatcher {
   readonly #metrics: Metrics;
   readonly #opts: Required<DispatcherOptions>;
   readonly #lanes = new Map<string, Lane>();
-  readonly #slotWaiters: { readonly origin: string; readonly resolve: () => void }[] = [];
-  readonly #perOrigin = new Map<string, number>();
+  readonly #limiter: OriginLimiter;
   #purgeTimer: NodeJS.Timeout | undefined;
   readonly #running = new Set<Promise<unknown>>();
-  #inFlight = 0;
   #closed = false;
   #updates: DeliveryUpdate[] = [];
   #flushing: Promise<void> | undefined;
@@ -118,6 +117,7 @@ export class Dispatcher {
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
       ...deps.options,
     };
+    this.#limiter = new OriginLimiter({ total: this.#opts.maxInFlight, perOrigin: this.#opts.maxInFlightPerOrigin });
     deps.registry.listen({
       onRequested: (id) => this.#track(this.#handshake(id)),
       onActivated: (id) => this.#wake(id, true),
@@ -205,10 +205,7 @@ export class Dispatcher {
       clearTimeout(lane.timer);
       clearTimeout(lane.heartbeat);
     }
-    for (const w of this.#slotWaiters.splice(0)) {
-      this.#reserve(w.origin);
-      w.resolve();
-    }
+    this.#limiter.close();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
     await this.#flush();
   }
@@ -244,7 +241,7 @@ export class Dispatcher {
   /** Every background task is tracked (for idle/close) and can never become an unhandled rejection. */
   #track(p: Promise<unknown>): void {
     const q = p.catch((err: unknown) => {
-      if (!(err instanceof DispatcherClosedError)) this.#logger.error('dispatcher task failed', { err: err as Error });
+      if (!(err instanceof LimiterClosedError)) this.#logger.error('dispatcher task failed', { err: err as Error });
     });
     this.#running.add(q);
     void q.finally(() => this.#running.delete(q));
@@ -274,7 +271,7 @@ export class Dispatcher {
         if (!(await this.#settle(sub, lane, batch, result))) return;
       }
     } catch (err) {
-      if (!(err instanceof DispatcherClosedError))
+      if (!(err instanceof LimiterClosedError))
         this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
     } finally {
       lane.running = false;
@@ -459,50 +456,9 @@ export class Dispatcher {
     });
   }
 
-  /**
-   * Runs `fn` within the global and per-origin in-flight caps. Waiters queue first-in first-out;
-   * a freed slot wakes the oldest waiter whose origin is under its cap, so one busy origin
-   * cannot starve the others and no waiter is woken for nothing.
-   */
-  async #withSlot<T>(sub: SubscriptionRecord, fn: () => Promise<T>): Promise<T> {
-    // Local socket writes need no network slot.
-    if (sub.channel.type === 'websocket') return fn();
-    const origin = originOf(sub.channel.endpoint);
-    if (this.#closed) throw new DispatcherClosedError();
-    if (this.#canStart(origin)) this.#reserve(origin);
-    // Otherwise the slot is reserved for us by whoever frees it (#wakeNext).
-    else await new Promise<void>((resolve) => this.#slotWaiters.push({ origin, resolve }));
-    try {
-      // Woken by close(): give the slot back without sending.
-      if (this.#closed) throw new DispatcherClosedError();
-      return await fn();
-    } finally {
-      this.#inFlight--;
-      const left = (this.#perOrigin.get(origin) ?? 1) - 1;
-      if (left === 0) this.#perOrigin.delete(origin);
-      else this.#perOrigin.set(origin, left);
-      this.#wakeNext();
-    }
-  }
-
-  #canStart(origin: string): boolean {
-    return (
-      this.#inFlight < this.#opts.maxInFlight && (this.#perOrigin.get(origin) ?? 0) < this.#opts.maxInFlightPerOrigin
-    );
-  }
-
-  #wakeNext(): void {
-    const i = this.#slotWaiters.findIndex((w) => this.#canStart(w.origin));
-    if (i === -1) return;
-    const [next] = this.#slotWaiters.splice(i, 1);
-    if (next === undefined) return;
-    this.#reserve(next.origin);
-    next.resolve();
-  }
-
-  #reserve(origin: string): void {
-    this.#inFlight++;
-    this.#perOrigin.set(origin, (this.#perOrigin.get(origin) ?? 0) + 1);
+  /** Runs `fn` within the in-flight caps; local socket writes need no network slot. */
+  #withSlot<T>(sub: SubscriptionRecord, fn: () => Promise<T>): Promise<T> {
+    return sub.channel.type === 'websocket' ? fn() : this.#limiter.run(originOf(sub.channel.endpoint), fn);
   }
 
   /**
@@ -570,14 +526,6 @@ export class Dispatcher {
     } catch (err) {
       this.#logger.error('could not record delivery states; they will be redelivered', { err: err as Error });
     }
-  }
-}
-
-/** Thrown inside the dispatcher when it closes while a task waits for a slot: nothing is sent. */
-class DispatcherClosedError extends Error {
-  constructor() {
-    super('dispatcher closed');
-    this.name = 'DispatcherClosedError';
   }
 }
 
