@@ -31,7 +31,11 @@ const wsSubscription = (topic: string, options: { filters?: string[]; channel?: 
   return { ...sub, channel: { ...channel, type: 'websocket' } };
 };
 
-describe('websocket channel (real server, real ws clients)', () => {
+// Both local socket layers: the in-process hub (default) and two socket processes.
+describe.each([
+  ['in-process hub', '0'],
+  ['2 socket processes', '2'],
+])('websocket channel (real server, real ws clients, %s)', (_mode, wsProcesses) => {
   let broker: BrokerProcess;
   let alice: Client;
   let bob: Client;
@@ -39,7 +43,11 @@ describe('websocket channel (real server, real ws clients)', () => {
   const sockets: WsClient[] = [];
 
   beforeAll(async () => {
-    broker = await startBroker({ BROKER_WS_TOKEN_SECRET: WS_SECRET, BROKER_WS_SEND_BUFFER: '4096' });
+    broker = await startBroker({
+      BROKER_WS_TOKEN_SECRET: WS_SECRET,
+      BROKER_WS_SEND_BUFFER: '4096',
+      BROKER_WS_PROCESSES: wsProcesses,
+    });
     alice = new Client(broker.url, API_KEYS.alice);
     bob = new Client(broker.url, API_KEYS.bob);
   });
