@@ -93,13 +93,16 @@ export class SocketProcessHub implements LocalSockets {
     const id = randomUUID();
     this.#connections.set(id, { child, conn: { id, ...(owner === undefined ? {} : { apiOwner: owner }) } });
     child.connections.add(id);
+    const rest = stopReading(socket as Socket);
+    // The API key was checked here; the child needs only what the WebSocket handshake reads.
+    const { authorization: _authorization, cookie: _cookie, ...headers } = req.headers;
     const msg: ToSocketProcess = {
       t: 'up',
       id,
       ...(owner === undefined ? {} : { owner }),
       url: req.url ?? '/ws',
-      headers: req.headers,
-      head: head.toString('base64'),
+      headers,
+      head: (rest === undefined ? head : Buffer.concat([head, rest])).toString('base64'),
     };
     child.process.send(msg, socket as Socket, (err) => {
       if (err === null || err === undefined) return;
@@ -262,4 +265,25 @@ export class SocketProcessHub implements LocalSockets {
     );
     restart.unref();
   }
+}
+
+/**
+ * The HTTP server left the upgraded socket reading. Until the hand-off completes and this process
+ * closes its copy of the descriptor, both processes would read the same connection and a client
+ * frame could land here (and be dropped). Stop reading first (`child.send` does not), and pass on
+ * whatever this side had already buffered.
+ */
+function stopReading(socket: Socket): Buffer | undefined {
+  const handle = (socket as unknown as { _handle?: { reading?: boolean; readStop?: () => number } })._handle;
+  const stop = (): void => {
+    if (handle?.readStop === undefined) return;
+    handle.reading = false;
+    handle.readStop();
+  };
+  stop();
+  if (socket.readableLength === 0) return undefined;
+  const rest = socket.read(socket.readableLength) as Buffer | null;
+  // read() may have asked the handle to read again.
+  stop();
+  return rest ?? undefined;
 }
