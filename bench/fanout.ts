@@ -1,5 +1,5 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -96,6 +96,41 @@ function startClients(env: Record<string, string>): { child: ChildProcess; next:
   return { child, next };
 }
 
+/** The broker's socket processes (`BROKER_WS_PROCESSES`): its direct children. */
+function childPids(pid: number): number[] {
+  try {
+    return readdirSync(`/proc/${pid}/task`).flatMap((tid) =>
+      readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number),
+    );
+  } catch {
+    return [];
+  }
+}
+
+/** VmRSS and VmHWM of the broker and its socket processes, summed (the peaks are an upper bound). */
+function brokerMemory(pids: readonly number[]): { rssKb: number; hwmKb: number } {
+  let rssKb = 0;
+  let hwmKb = 0;
+  for (const p of pids) {
+    const s = procStatus(p);
+    rssKb += s.rssKb;
+    hwmKb += s.hwmKb;
+  }
+  return { rssKb, hwmKb };
+}
+
+const brokerCpu = (pids: readonly number[]): number => pids.reduce((sum, p) => sum + cpuSeconds(p), 0);
+
+/** Kernel (system) CPU seconds of the processes so far. */
+function systemSeconds(pids: readonly number[]): number {
+  let sum = 0;
+  for (const p of pids) {
+    const fields = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
+    sum += Number(fields[12]) / 100;
+  }
+  return sum;
+}
+
 function nofileLimits(): string {
   try {
     return execFileSync('bash', ['-c', `echo "soft $(ulimit -Sn), hard $(ulimit -Hn)"`], { encoding: 'utf8' }).trim();
@@ -117,7 +152,12 @@ export async function runFanout(): Promise<TargetCheck[]> {
   };
   process.once('exit', killOnExit);
   try {
-    broker = await startBroker(dataDir, { nofile: NOFILE });
+    // BENCH_WS_PROCESSES sets the broker's BROKER_WS_PROCESSES (unset: the broker's default).
+    const wsProcesses = process.env.BENCH_WS_PROCESSES;
+    broker = await startBroker(dataDir, {
+      nofile: NOFILE,
+      ...(wsProcesses === undefined ? {} : { env: { BROKER_WS_PROCESSES: wsProcesses } }),
+    });
     const pid = broker.child.pid as number;
     pool = new Pool(`http://127.0.0.1:${broker.port}`, { connections: 4, pipelining: 1 });
     const created = await json(pool, '/fhir/Subscription', 'POST', API_TOKEN, websocketSubscription);
@@ -133,7 +173,9 @@ export async function runFanout(): Promise<TargetCheck[]> {
     const wsUrl = params.find((p) => p.name === 'websocket-url')?.valueUrl;
     if (token === undefined || wsUrl === undefined) throw new Error('no binding token / websocket-url');
     await sleep(1000);
-    const rss0 = procStatus(pid).rssKb;
+    const pids = [pid, ...childPids(pid)];
+    console.log(`broker processes: main + ${pids.length - 1} socket process(es) (BROKER_WS_PROCESSES)`);
+    const rss0 = brokerMemory(pids).rssKb;
 
     const started = startClients({
       WS_URL: wsUrl,
@@ -146,14 +188,17 @@ export async function runFanout(): Promise<TargetCheck[]> {
     if (ready.type !== 'ready') throw new Error(`ws clients: ${JSON.stringify(ready)}`);
     const connectMs = ready.ms;
     await sleep(2000);
-    const rss1 = procStatus(pid).rssKb;
+    const rss1 = brokerMemory(pids).rssKb;
     const kbPerSocket = (rss1 - rss0) / SOCKETS;
 
     const allMs: number[] = [];
     const firstMs: number[] = [];
     let incomplete = 0;
     let closed = 0;
-    const cpu0 = cpuSeconds(pid);
+    const clientPid = clients.pid as number;
+    const clientCpu0 = cpuSeconds(clientPid);
+    const cpu0 = brokerCpu(pids);
+    const sys0 = systemSeconds(pids);
     let busy = 0;
     for (let t = 0; t < TRIALS; t++) {
       clients.send({ type: 'arm', trial: t });
@@ -172,8 +217,10 @@ export async function runFanout(): Promise<TargetCheck[]> {
       firstMs.push((done.first - t0) / 1e6);
       await sleep(300);
     }
-    const cpu1 = cpuSeconds(pid);
-    const after = procStatus(pid);
+    const cpu1 = brokerCpu(pids);
+    const clientCpu1 = cpuSeconds(clientPid);
+    const sys1 = systemSeconds(pids);
+    const after = brokerMemory(pids);
     const sorted = Float64Array.from(allMs).sort();
     const firstSorted = Float64Array.from(firstMs).sort();
     printTable([
@@ -206,7 +253,7 @@ export async function runFanout(): Promise<TargetCheck[]> {
         'RSS after trials',
       ],
       [
-        'VmRSS',
+        pids.length > 1 ? `VmRSS, main + ${pids.length - 1} socket processes` : 'VmRSS',
         fmt(rss0 / 1024, 1),
         fmt(rss1 / 1024, 1),
         fmt(kbPerSocket, 1),
@@ -214,7 +261,7 @@ export async function runFanout(): Promise<TargetCheck[]> {
       ],
     ]);
     console.log(
-      `\nconnect + bind ${fmt(SOCKETS)} sockets in batches of ${BATCH}: ${fmt(connectMs / 1000, 1)} s; client process RSS ${fmt(ready.rssKb / 1024, 1)} MiB; broker CPU during the trials ${fmt((100 * (cpu1 - cpu0)) / (busy / 1000))}% of the time from each POST to the last socket; sockets closed unexpectedly: ${closed}`,
+      `\nconnect + bind ${fmt(SOCKETS)} sockets in batches of ${BATCH}: ${fmt(connectMs / 1000, 1)} s; client process RSS ${fmt(ready.rssKb / 1024, 1)} MiB; broker CPU (all its processes) during the trials ${fmt((100 * (cpu1 - cpu0)) / (busy / 1000))}% of the time from each POST to the last socket (${fmt((100 * (sys1 - sys0)) / Math.max(cpu1 - cpu0, 0.01))}% of it in the kernel), client process CPU ${fmt((100 * (clientCpu1 - clientCpu0)) / (busy / 1000))}%; sockets closed unexpectedly: ${closed}`,
     );
     if (broker.warnings.length > 0)
       console.log(`broker warnings/errors:\n  ${broker.warnings.slice(0, 5).join('\n  ')}`);

@@ -10,7 +10,7 @@ import { type Credentials, resolveCredentials } from './credentials.js';
 import { Allowlist } from './delivery/address-policy.js';
 import { Dispatcher } from './delivery/dispatcher.js';
 import { EndpointGuard, type Resolver, systemResolver } from './delivery/endpoint-guard.js';
-import { LocalWebSocketHub } from './delivery/local-websocket-hub.js';
+import { type HubLimits, type LocalSockets, LocalWebSocketHub } from './delivery/local-websocket-hub.js';
 import { RestHookSender } from './delivery/rest-hook-sender.js';
 import { WebSocketChannel } from './delivery/websocket-channel.js';
 import { type BindingStore, InMemoryBindings, type WebSocketPort } from './delivery/websocket-port.js';
@@ -37,8 +37,8 @@ export interface Broker {
   readonly store: Store;
   readonly registry: SubscriptionRegistry;
   readonly dispatcher: Dispatcher;
-  /** The local WebSocket hub: `main.ts` hands it the sockets upgraded on `/ws`. */
-  readonly websocketHub: LocalWebSocketHub;
+  /** The local WebSocket layer: `main.ts` hands it the upgrade requests on `/ws`. */
+  readonly websocketHub: LocalSockets;
   readonly apiAuth: ApiKeyAuth;
   readonly ingest: IngestService;
   /** The websocket channel (binding protocol and delivery), whatever the socket layer. */
@@ -68,6 +68,15 @@ export interface BrokerOverrides {
   /** Where WebSocket messages go: the local hub by default, API Gateway on AWS. */
   readonly websocketPort?: WebSocketPort;
   readonly bindings?: BindingStore;
+  /**
+   * Builds the local WebSocket layer instead of the in-process hub (`main.ts`: socket processes
+   * when `BROKER_WS_PROCESSES` > 0).
+   */
+  readonly localSockets?: (deps: {
+    logger: Logger;
+    metrics: Metrics;
+    limits: Partial<HubLimits>;
+  }) => Promise<LocalSockets>;
   readonly lifecycle?: LifecycleSink;
   readonly version?: string;
   /**
@@ -116,11 +125,11 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     loadedAt = clock.now();
   }
   const bindingTokens = new BindingTokens(credentials.wsTokenSecret);
-  const websocketHub = new LocalWebSocketHub({
-    logger,
-    metrics,
-    limits: { maxBufferedBytes: config.wsSendBufferBytes },
-  });
+  const hubLimits: Partial<HubLimits> = { maxBufferedBytes: config.wsSendBufferBytes };
+  const websocketHub: LocalSockets =
+    overrides.localSockets === undefined
+      ? new LocalWebSocketHub({ logger, metrics, limits: hubLimits })
+      : await overrides.localSockets({ logger, metrics, limits: hubLimits });
   const websocket = new WebSocketChannel({
     port: overrides.websocketPort ?? websocketHub,
     bindings: overrides.bindings ?? new InMemoryBindings(),

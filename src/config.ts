@@ -32,6 +32,11 @@ export interface Config {
   readonly wsTokenTtlMs: number;
   /** Bytes queued to one WebSocket before its reader counts as too slow and is closed. */
   readonly wsSendBufferBytes: number;
+  /**
+   * Socket processes that own the local WebSocket connections and do their writes (`npm start`
+   * only); 0 keeps every socket on the main thread.
+   */
+  readonly wsProcesses: number;
   readonly endpointAllowlist: readonly string[];
   readonly retryDelaysMs: readonly number[];
   /** Subscriptions one API client may hold: a broker must not become a request amplifier. */
@@ -109,6 +114,8 @@ export function loadConfig(env: Env = process.env): Config {
     wsTokenTtlMs: singleDuration(env, 'BROKER_WS_TOKEN_TTL', 10 * 60_000, 1000),
     // 1 MiB: dozens of bundles; a reader further behind than that is not keeping up.
     wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
+    // 0 by default: on the 2-core bench machine the in-process hub was the faster (bench/README.md, fanout).
+    wsProcesses: int(env, 'BROKER_WS_PROCESSES', 0, 0, 64),
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 256, 1, 10_000),

@@ -6,6 +6,7 @@ import { createAdaptorServer } from '@hono/node-server';
 import { type Broker, createBroker } from './broker.js';
 import { defaultPublicUrl, loadConfig } from './config.js';
 import type { Credentials } from './credentials.js';
+import { SocketProcessHub } from './delivery/socket-process-hub.js';
 import { attachWebSocket } from './http/websocket-upgrade.js';
 
 /**
@@ -35,7 +36,14 @@ async function main(): Promise<void> {
     config = { ...config, publicUrl, websocketUrl };
   }
 
-  broker = await createBroker(config, { version });
+  const { wsProcesses, logLevel } = config;
+  broker = await createBroker(config, {
+    version,
+    // Several cores write to the local WebSockets: the main thread sends one IPC message per fan-out.
+    ...(wsProcesses > 0
+      ? { localSockets: (deps) => SocketProcessHub.start({ ...deps, processes: wsProcesses, logLevel }) }
+      : {}),
+  });
   const { logger } = broker;
   attachWebSocket(server as Server, { hub: broker.websocketHub, apiAuth: broker.apiAuth, logger });
   logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });

@@ -1,9 +1,11 @@
 import { randomUUID } from 'node:crypto';
-import type { WebSocket } from 'ws';
+import type { IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { type WebSocket, WebSocketServer } from 'ws';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { Connection } from './websocket-channel.js';
-import { CLOSE, type SendOutcome, type WebSocketPort } from './websocket-port.js';
+import { CLOSE, type ManyOutcome, type SendOutcome, type WebSocketPort } from './websocket-port.js';
 
 /**
  * The local WebSocket adapter: sockets accepted on the broker's own port. Sockets are hostile by
@@ -11,6 +13,9 @@ import { CLOSE, type SendOutcome, type WebSocketPort } from './websocket-port.js
  * (a slow reader is closed rather than let memory grow), ping/pong with dead-socket cleanup, and
  * every callback guarded so one bad socket never affects another.
  */
+
+// 16 KiB: a bind message with a token is a few hundred bytes; nothing a client sends is larger.
+export const MAX_CLIENT_MESSAGE_BYTES = 16 * 1024;
 
 export interface HubLimits {
   /** Bytes a socket may have queued for sending before it counts as a slow consumer. */
@@ -30,6 +35,8 @@ export const DEFAULT_HUB_LIMITS: HubLimits = {
 
 interface Socket {
   readonly ws: WebSocket;
+  /** The TCP socket under `ws` when the hub upgraded it: pre-built frames are written to it directly. */
+  readonly raw: Duplex | undefined;
   readonly conn: Connection;
   alive: boolean;
   tokens: number;
@@ -41,15 +48,30 @@ export interface MessageHandler {
   onClose(connectionId: string): Promise<void>;
 }
 
-export class LocalWebSocketHub implements WebSocketPort {
+/**
+ * The broker's own socket layer as `main.ts` and `createBroker` see it: a WebSocketPort that also
+ * takes upgraded sockets, reports client messages to one handler and closes everything at shutdown.
+ * Implemented in process (LocalWebSocketHub) and over socket-writer processes (SocketProcessHub).
+ */
+export interface LocalSockets extends WebSocketPort {
+  handle(handler: MessageHandler): void;
+  /** Take over an HTTP upgrade request for `/ws` that passed the path and auth checks. */
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, owner: string | undefined): void;
+  closeAll(code?: number, reason?: string): void;
+  readonly size: number;
+}
+
+export class LocalWebSocketHub implements LocalSockets {
   readonly #sockets = new Map<string, Socket>();
   readonly #limits: HubLimits;
   readonly #logger: Logger;
   readonly #metrics: Metrics;
   readonly #pinger: NodeJS.Timeout;
   #handler: MessageHandler | undefined;
+  #wss: WebSocketServer | undefined;
   #lastText = '';
-  #lastData = Buffer.alloc(0);
+  #lastData: Buffer = Buffer.alloc(0);
+  #lastFrame: Buffer = Buffer.alloc(0);
 
   constructor(deps: { logger: Logger; metrics: Metrics; limits?: Partial<HubLimits> }) {
     this.#limits = { ...DEFAULT_HUB_LIMITS, ...deps.limits };
@@ -68,6 +90,7 @@ export class LocalWebSocketHub implements WebSocketPort {
     if (text !== this.#lastText) {
       this.#lastText = text;
       this.#lastData = Buffer.from(text, 'utf8');
+      this.#lastFrame = textFrame(this.#lastData);
     }
     return this.#lastData;
   }
@@ -80,10 +103,23 @@ export class LocalWebSocketHub implements WebSocketPort {
     return this.#sockets.size;
   }
 
-  accept(ws: WebSocket, apiOwner?: string): string {
-    const id = randomUUID();
+  /** Completes the WebSocket handshake on `socket` and accepts it (with `id` when the caller chose one). */
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, owner: string | undefined, id?: string): void {
+    this.#wss ??= new WebSocketServer({
+      noServer: true,
+      maxPayload: MAX_CLIENT_MESSAGE_BYTES,
+      perMessageDeflate: false,
+    });
+    this.#wss.handleUpgrade(req, socket, head, (ws) => {
+      const accepted = this.accept(ws, owner, id, socket);
+      this.#logger.debug('websocket connected', { connection: accepted, owner: owner ?? null });
+    });
+  }
+
+  accept(ws: WebSocket, apiOwner?: string, id: string = randomUUID(), raw?: Duplex): string {
     const socket: Socket = {
       ws,
+      raw,
       conn: { id, ...(apiOwner === undefined ? {} : { apiOwner }) },
       alive: true,
       tokens: this.#limits.maxMessagesPerSecond,
@@ -103,6 +139,26 @@ export class LocalWebSocketHub implements WebSocketPort {
   }
 
   async send(connectionId: string, text: string): Promise<SendOutcome> {
+    return this.sendNow(connectionId, text);
+  }
+
+  /** One text to many connections in one synchronous pass (no promise per socket). */
+  async sendMany(connectionIds: readonly string[], text: string): Promise<ManyOutcome> {
+    return this.sendManyNow(connectionIds, text);
+  }
+
+  sendManyNow(connectionIds: readonly string[], text: string): ManyOutcome {
+    let sent = 0;
+    const gone: string[] = [];
+    for (const id of connectionIds) {
+      const outcome = this.sendNow(id, text);
+      if (outcome === 'sent') sent++;
+      else if (outcome === 'gone') gone.push(id);
+    }
+    return { sent, gone };
+  }
+
+  sendNow(connectionId: string, text: string): SendOutcome {
     const socket = this.#sockets.get(connectionId);
     if (socket === undefined || socket.ws.readyState !== socket.ws.OPEN) return 'gone';
     const data = this.#encode(text);
@@ -117,7 +173,10 @@ export class LocalWebSocketHub implements WebSocketPort {
       setTimeout(() => socket.ws.terminate(), 1000).unref();
       return 'gone';
     }
-    socket.ws.send(data, { binary: false });
+    if (socket.raw === undefined) socket.ws.send(data, { binary: false });
+    // The same server frame (unmasked, uncompressed) for every socket: framed once, written as one
+    // buffer. Same write queue as ws's own frames, so order holds; ws never queues (no deflate).
+    else socket.raw.write(this.#lastFrame);
     return 'sent';
   }
 
@@ -129,6 +188,10 @@ export class LocalWebSocketHub implements WebSocketPort {
   }
 
   async isOpen(connectionId: string): Promise<boolean> {
+    return this.isOpenNow(connectionId);
+  }
+
+  isOpenNow(connectionId: string): boolean {
     const socket = this.#sockets.get(connectionId);
     return socket !== undefined && socket.ws.readyState === socket.ws.OPEN;
   }
@@ -193,4 +256,23 @@ export class LocalWebSocketHub implements WebSocketPort {
       this.#sockets.get(id)?.ws.terminate();
     });
   }
+}
+
+/** A final, unmasked RFC 6455 text frame (what `ws` sends for a server text message without compression). */
+function textFrame(payload: Buffer): Buffer {
+  const n = payload.byteLength;
+  const headerLength = n < 126 ? 2 : n < 65_536 ? 4 : 10;
+  const frame = Buffer.allocUnsafe(headerLength + n);
+  frame[0] = 0x81; // FIN + opcode 1 (text)
+  if (n < 126) frame[1] = n;
+  else if (n < 65_536) {
+    frame[1] = 126;
+    frame.writeUInt16BE(n, 2);
+  } else {
+    frame[1] = 127;
+    frame.writeUInt32BE(Math.floor(n / 2 ** 32), 2);
+    frame.writeUInt32BE(n >>> 0, 6);
+  }
+  payload.copy(frame, headerLength);
+  return frame;
 }

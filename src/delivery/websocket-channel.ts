@@ -120,8 +120,8 @@ export class WebSocketChannel {
     if (bindings.length === 0) return 0;
     const last = notes[notes.length - 1]?.eventNumber ?? 0;
     let bundleText: string | undefined;
-    // Sends start together (a local socket write completes in the call); one await for all.
-    const sends: Promise<boolean>[] = [];
+    // Connections per text (the bundle, or the R4 ping): with `sendMany` one call per text.
+    const targets = new Map<string, string[]>();
     for (const b of bindings) {
       let text: string;
       if (b.mode === 'r4') {
@@ -137,9 +137,29 @@ export class WebSocketChannel {
         continue;
       }
       if (type === 'event-notification' && last <= (this.#caughtUpTo.get(b.connectionId, sub.id) ?? 0)) continue;
-      sends.push(this.#sendOrForget(b, text));
+      let ids = targets.get(text);
+      if (ids === undefined) {
+        ids = [];
+        targets.set(text, ids);
+      }
+      ids.push(b.connectionId);
     }
-    const reached = (await Promise.all(sends)).filter(Boolean).length;
+    let reached = 0;
+    const port = this.#port;
+    if (port.sendMany !== undefined) {
+      const outcomes = await Promise.all([...targets].map(([text, ids]) => port.sendMany?.(ids, text)));
+      for (const outcome of outcomes) {
+        if (outcome === undefined) continue;
+        reached += outcome.sent;
+        for (const id of outcome.gone) await this.onClose(id);
+      }
+    } else {
+      // Sends start together (a local socket write completes in the call); one await for all.
+      const sends: Promise<boolean>[] = [];
+      for (const [text, ids] of targets)
+        for (const connectionId of ids) sends.push(this.#sendOrForget({ connectionId }, text));
+      reached = (await Promise.all(sends)).filter(Boolean).length;
+    }
     this.#metrics.inc('broker_websocket_messages_total', { outcome: 'sent' }, reached);
     return reached;
   }
@@ -242,7 +262,7 @@ export class WebSocketChannel {
     await this.#port.send(conn.id, `bound ${id}`);
   }
 
-  async #sendOrForget(b: Binding, text: string): Promise<boolean> {
+  async #sendOrForget(b: Pick<Binding, 'connectionId'>, text: string): Promise<boolean> {
     const outcome = await this.#port.send(b.connectionId, text);
     if (outcome === 'gone') await this.onClose(b.connectionId);
     return outcome === 'sent';

@@ -7,8 +7,19 @@
 /** `sent`; `gone`: the connection no longer exists (forget it); `refused`: alive but not taking more. */
 export type SendOutcome = 'sent' | 'gone' | 'refused';
 
+/** What `sendMany` did: how many were sent, and which connections no longer exist (forget them). */
+export interface ManyOutcome {
+  readonly sent: number;
+  readonly gone: readonly string[];
+}
+
 export interface WebSocketPort {
   send(connectionId: string, text: string): Promise<SendOutcome>;
+  /**
+   * Optional: the same text to many connections as one operation (one IPC message per socket
+   * process instead of one per connection). Per connection, ordered with `send`.
+   */
+  sendMany?(connectionIds: readonly string[], text: string): Promise<ManyOutcome>;
   close(connectionId: string, code: number, reason: string): Promise<void>;
   isOpen(connectionId: string): Promise<boolean>;
 }

@@ -1,7 +1,6 @@
 import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { WebSocketServer } from 'ws';
-import type { LocalWebSocketHub } from '../delivery/local-websocket-hub.js';
+import { type LocalSockets, MAX_CLIENT_MESSAGE_BYTES } from '../delivery/local-websocket-hub.js';
 import type { Logger } from '../observability/logger.js';
 import type { ApiKeyAuth } from './auth.js';
 
@@ -11,14 +10,12 @@ import type { ApiKeyAuth } from './auth.js';
  * proves the owner for the classic R4 `bind <id>`.
  */
 
-// 16 KiB: a bind message with a token is a few hundred bytes; nothing a client sends is larger.
-export const MAX_CLIENT_MESSAGE_BYTES = 16 * 1024;
+export { MAX_CLIENT_MESSAGE_BYTES };
 
 export function attachWebSocket(
   server: Server,
-  deps: { hub: LocalWebSocketHub; apiAuth: ApiKeyAuth; logger: Logger },
-): WebSocketServer {
-  const wss = new WebSocketServer({ noServer: true, maxPayload: MAX_CLIENT_MESSAGE_BYTES, perMessageDeflate: false });
+  deps: { hub: LocalSockets; apiAuth: ApiKeyAuth; logger: Logger },
+): void {
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on('error', () => socket.destroy());
     const path = (req.url ?? '/').split('?')[0];
@@ -31,12 +28,8 @@ export function attachWebSocket(
         return refuse(socket, 401, 'Unauthorized');
       }
     }
-    wss.handleUpgrade(req, socket, head, (ws) => {
-      const id = deps.hub.accept(ws, owner);
-      deps.logger.debug('websocket connected', { connection: id, owner: owner ?? null });
-    });
+    deps.hub.upgrade(req, socket, head, owner);
   });
-  return wss;
 }
 
 function refuse(socket: Duplex, status: number, text: string): void {

@@ -46,6 +46,10 @@ export async function startBroker(env: Record<string, string> = {}, dataDir = ne
       BROKER_INGEST_TOKEN: INGEST_TOKEN,
       BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
       BROKER_LOG_LEVEL: 'info',
+      // `BROKER_WS_PROCESSES=2 npx vitest run` runs every real-process test over socket processes.
+      ...(process.env.BROKER_WS_PROCESSES === undefined
+        ? {}
+        : { BROKER_WS_PROCESSES: process.env.BROKER_WS_PROCESSES }),
       ...env,
     },
     stdio: ['ignore', 'pipe', 'pipe'],
