@@ -172,7 +172,6 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     store,
     topics,
     auth: apiAuth,
-    apiAuth,
     ingestAuth: new IngestAuth(credentials.ingestToken),
     ingest,
     clock,

@@ -3,7 +3,7 @@ import { BrokerError } from '../core/errors.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { IngestService } from '../service/ingest.js';
-import type { ApiKeyAuth, IngestAuth } from './auth.js';
+import type { IngestAuth } from './auth.js';
 import { readJsonBody } from './body.js';
 import { type FhirRouteDeps, mountFhirRoutes } from './fhir-routes.js';
 import { loadLivePage } from './live-page.js';
@@ -14,7 +14,6 @@ import { fhirResponse, operationOutcome, outcomeOf } from './outcome.js';
 export interface AppDeps extends FhirRouteDeps {
   readonly ingest: IngestService;
   readonly ingestAuth: IngestAuth;
-  readonly apiAuth: ApiKeyAuth;
   readonly metrics: Metrics;
   readonly logger: Logger;
   readonly maxIngestBodyBytes: number;
@@ -53,7 +52,7 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
   });
 
   app.get('/metrics', (c) => {
-    deps.apiAuth.authenticate(c.req.header('authorization'));
+    deps.auth.authenticate(c.req.header('authorization'));
     return new Response(deps.metrics.render(), { headers: { 'content-type': 'text/plain; version=0.0.4' } });
   });
 

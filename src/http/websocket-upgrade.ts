@@ -1,6 +1,6 @@
 import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { type LocalSockets, MAX_CLIENT_MESSAGE_BYTES } from '../delivery/local-websocket-hub.js';
+import type { LocalSockets } from '../delivery/local-websocket-hub.js';
 import type { Logger } from '../observability/logger.js';
 import type { ApiKeyAuth } from './auth.js';
 
@@ -9,8 +9,6 @@ import type { ApiKeyAuth } from './auth.js';
  * optional (binding tokens authenticate `bind-with-token`); when present it must be valid and it
  * proves the owner for the classic R4 `bind <id>`.
  */
-
-export { MAX_CLIENT_MESSAGE_BYTES };
 
 export function attachWebSocket(
   server: Server,

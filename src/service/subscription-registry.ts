@@ -92,8 +92,7 @@ export class SubscriptionRegistry {
     const ids = new Set(fresh.map((r) => r.id));
     for (const id of [...this.#cache.keys()]) {
       if (ids.has(id)) continue;
-      this.#cache.delete(id);
-      this.#index.remove(id);
+      this.#forget(id);
     }
     for (const rec of fresh) this.#remember(rec);
   }
@@ -110,8 +109,7 @@ export class SubscriptionRegistry {
         if (rec !== undefined) {
           this.#remember(rec);
         } else {
-          this.#cache.delete(id);
-          this.#index.remove(id);
+          this.#forget(id);
         }
       }),
     );
@@ -277,8 +275,7 @@ export class SubscriptionRegistry {
   async delete(owner: string, id: string): Promise<void> {
     await this.read(owner, id);
     await this.#store.deleteSubscription(id);
-    this.#cache.delete(id);
-    this.#index.remove(id);
+    this.#forget(id);
     this.#listener?.onRemoved(id);
     this.#logger.info('subscription deleted', { subscription: id, owner });
   }
@@ -351,6 +348,11 @@ export class SubscriptionRegistry {
       ...(rec.error === undefined ? {} : { error: rec.error }),
       channel,
     };
+  }
+
+  #forget(id: string): void {
+    this.#cache.delete(id);
+    this.#index.remove(id);
   }
 
   #remember(rec: SubscriptionRecord): void {
