@@ -1,19 +1,8 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Pool } from 'undici';
 import { type DynamoDbLocal, dynamoDbEnv, startDynamoDbLocal } from '../test/support/dynamodb-local.js';
-import {
-  type Broker,
-  type BurstResult,
-  burst,
-  procStatus,
-  Receiver,
-  SUBSCRIPTIONS,
-  startBroker,
-  stopBroker,
-  subscribe,
-} from './pipeline.js';
+import { type BurstResult, burst, procStatus, Receiver, SUBSCRIPTIONS, subscribe, withBroker } from './pipeline.js';
 import { fmt, printTable, type TargetCheck } from './util.js';
 
 /**
@@ -38,14 +27,8 @@ interface StoreResult {
 
 async function runStore(receiver: Receiver, receiverPort: number, env: Record<string, string>, label: string) {
   const dataDir = mkdtempSync(join(tmpdir(), 'broker-bench-ddb-'));
-  let broker: Broker | undefined;
-  let pool: Pool | undefined;
-  const killOnExit = (): void => void broker?.child.kill('SIGKILL');
-  process.once('exit', killOnExit);
-  try {
-    broker = await startBroker(dataDir, { env });
+  return withBroker(dataDir, { env, connections: 16 }, async (broker, pool) => {
     const pid = broker.child.pid as number;
-    pool = new Pool(`http://127.0.0.1:${broker.port}`, { connections: 16, pipelining: 1 });
     const t = performance.now();
     await subscribe(pool, receiverPort);
     const subscribeSeconds = (performance.now() - t) / 1000;
@@ -58,15 +41,7 @@ async function runStore(receiver: Receiver, receiverPort: number, env: Record<st
     if (broker.warnings.length > 0)
       console.log(`${label} warnings/errors:\n  ${broker.warnings.slice(0, 5).join('\n  ')}`);
     return { store: label, bursts, subscribeSeconds, rssMiB: procStatus(pid).rssKb / 1024 };
-  } catch (err) {
-    const exited = broker?.exited();
-    throw exited === undefined ? err : new Error(`${exited}\n(while the bench saw: ${(err as Error).message})`);
-  } finally {
-    await pool?.close().catch(() => undefined);
-    if (broker !== undefined) await stopBroker(broker.child);
-    process.removeListener('exit', killOnExit);
-    rmSync(dataDir, { recursive: true, force: true });
-  }
+  });
 }
 
 export async function runDynamodb(): Promise<TargetCheck[]> {

@@ -1,10 +1,9 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Pool } from 'undici';
+import type { Pool } from 'undici';
 import {
   API_TOKEN,
-  type Broker,
   BURST_CONCURRENCY,
   BURST_EVENTS,
   type BurstResult,
@@ -17,10 +16,10 @@ import {
   RATE_SECONDS,
   type RateResult,
   Receiver,
+  type StartOptions,
   SUBSCRIPTIONS,
-  startBroker,
-  stopBroker,
   subscribe,
+  withBroker,
 } from './pipeline.js';
 import { fmt, percentile, printTable, type TargetCheck } from './util.js';
 
@@ -77,20 +76,14 @@ async function runConfig(
   kind: 'forwarder' | 'healthy' | 'failing',
 ): Promise<ConfigResult> {
   const dataDir = mkdtempSync(join(tmpdir(), 'broker-bench-outbox-'));
-  let broker: Broker | undefined;
-  let pool: Pool | undefined;
-  const killOnExit = (): void => void broker?.child.kill('SIGKILL');
-  process.once('exit', killOnExit);
-  try {
-    broker =
-      kind === 'forwarder'
-        ? await startBroker(dataDir, {
-            script: 'bench/forwarder.ts',
-            env: { FORWARD_TO: `http://127.0.0.1:${receiverPort}` },
-          })
-        : await startBroker(dataDir, kind === 'failing' ? { env: { BROKER_RETRY_DELAYS: RETRY_DELAYS } } : {});
+  const start: StartOptions =
+    kind === 'forwarder'
+      ? { script: 'bench/forwarder.ts', env: { FORWARD_TO: `http://127.0.0.1:${receiverPort}` } }
+      : kind === 'failing'
+        ? { env: { BROKER_RETRY_DELAYS: RETRY_DELAYS } }
+        : {};
+  return withBroker(dataDir, { ...start, connections: BURST_CONCURRENCY }, async (broker, pool) => {
     const pid = broker.child.pid as number;
-    pool = new Pool(`http://127.0.0.1:${broker.port}`, { connections: BURST_CONCURRENCY, pipelining: 1 });
     if (kind !== 'forwarder') {
       await subscribe(pool, receiverPort, (n) => (kind === 'failing' && failing(n) ? `/fail/${n}` : `/hook/${n}`));
     }
@@ -127,15 +120,7 @@ async function runConfig(
       retried,
       rssMiB: procStatus(pid).rssKb / 1024,
     };
-  } catch (err) {
-    const exited = broker?.exited();
-    throw exited === undefined ? err : new Error(`${exited}\n(while the bench saw: ${(err as Error).message})`);
-  } finally {
-    await pool?.close().catch(() => undefined);
-    if (broker !== undefined) await stopBroker(broker.child);
-    process.removeListener('exit', killOnExit);
-    rmSync(dataDir, { recursive: true, force: true });
-  }
+  });
 }
 
 export async function runOutbox(): Promise<TargetCheck[]> {

@@ -262,6 +262,35 @@ export async function stopBroker(child: ChildProcess): Promise<void> {
   clearTimeout(timer);
 }
 
+/**
+ * Runs `body` against a broker child started in `dataDir` with a keep-alive pool of `connections`:
+ * the child is killed on every exit path (even the bench's own exit), the pool closed, `dataDir`
+ * removed, and a failure caused by the broker dying says so with its stderr.
+ */
+export async function withBroker<T>(
+  dataDir: string,
+  options: StartOptions & { readonly connections: number },
+  body: (broker: Broker, pool: Pool) => Promise<T>,
+): Promise<T> {
+  let broker: Broker | undefined;
+  let pool: Pool | undefined;
+  const killOnExit = (): void => void broker?.child.kill('SIGKILL');
+  process.once('exit', killOnExit);
+  try {
+    broker = await startBroker(dataDir, options);
+    pool = new Pool(`http://127.0.0.1:${broker.port}`, { connections: options.connections, pipelining: 1 });
+    return await body(broker, pool);
+  } catch (err) {
+    const exited = broker?.exited();
+    throw exited === undefined ? err : new Error(`${exited}\n(while the bench saw: ${(err as Error).message})`);
+  } finally {
+    await pool?.close().catch(() => undefined);
+    if (broker !== undefined) await stopBroker(broker.child);
+    process.removeListener('exit', killOnExit);
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
 /** Latency of a durable (synchronous=FULL, WAL) one-row SQLite commit in `dir`: the disk's fsync cost. */
 export function fsyncProbe(dir: string): { p50: number; p99: number } {
   const db = new Database(join(dir, 'probe.sqlite3'));
@@ -547,10 +576,6 @@ export async function runPipeline(): Promise<TargetCheck[]> {
   console.log('\n## pipeline: real broker (child process, SQLite) → real webhook receiver, all on 127.0.0.1\n');
   const dataDir = mkdtempSync(join(tmpdir(), 'broker-bench-'));
   const receiver = new Receiver();
-  let broker: Broker | undefined;
-  let pool: Pool | undefined;
-  const killOnExit = (): void => void broker?.child.kill('SIGKILL');
-  process.once('exit', killOnExit);
   try {
     const probe = fsyncProbe(dataDir);
     const steal0 = stealJiffies();
@@ -558,99 +583,93 @@ export async function runPipeline(): Promise<TargetCheck[]> {
       `durable SQLite commit in ${tmpdir()} (fsync probe): p50 ${fmt(probe.p50, 2)} ms, p99 ${fmt(probe.p99, 2)} ms`,
     );
     const receiverPort = await receiver.listen();
-    broker = await startBroker(dataDir);
-    const pid = broker.child.pid as number;
-    pool = new Pool(`http://127.0.0.1:${broker.port}`, { connections: BURST_CONCURRENCY, pipelining: 1 });
-    const rssIdle = procStatus(pid).rssKb / 1024;
-    const tSub = performance.now();
-    await subscribe(pool, receiverPort);
-    console.log(
-      `${SUBSCRIPTIONS} subscriptions active in ${fmt((performance.now() - tSub) / 1000, 2)} s (${receiver.handshakes} handshakes); broker RSS ${fmt(rssIdle, 1)} MiB at start, ${fmt(procStatus(pid).rssKb / 1024, 1)} MiB with subscriptions`,
-    );
-    const run = `bench-${Date.now().toString(36)}`;
-    const bursts = [
-      await burst(pool, receiver, pid, run, 1, BURST_EVENTS, BURST_CONCURRENCY),
-      await burst(pool, receiver, pid, run, 10, BURST_EVENTS, BURST_CONCURRENCY / 2),
-    ];
-    printTable([
-      [
-        'max ingest',
-        'events',
-        'requests',
-        'events/s accepted',
-        'notifications',
-        'notifications/s delivered',
-        'drain after last 202 (s)',
-        'broker CPU',
-        'RSS after (MiB)',
-        'failures',
-      ],
-      ...bursts.map((b) => [
-        `${b.label}, ${b.label.startsWith('1 ') ? BURST_CONCURRENCY : BURST_CONCURRENCY / 2} clients`,
-        fmt(b.events),
-        fmt(b.requests),
-        fmt(b.events / b.ingestSeconds),
-        fmt(b.notifications),
-        fmt(b.notifications / b.deliverSeconds),
-        fmt(b.deliverSeconds - b.ingestSeconds, 2),
-        `${fmt(b.brokerCpu * 100)}%`,
-        fmt(b.rssMiB, 1),
-        fmt(b.failures),
-      ]),
-    ]);
+    return await withBroker(dataDir, { connections: BURST_CONCURRENCY }, async (broker, pool) => {
+      const pid = broker.child.pid as number;
+      const rssIdle = procStatus(pid).rssKb / 1024;
+      const tSub = performance.now();
+      await subscribe(pool, receiverPort);
+      console.log(
+        `${SUBSCRIPTIONS} subscriptions active in ${fmt((performance.now() - tSub) / 1000, 2)} s (${receiver.handshakes} handshakes); broker RSS ${fmt(rssIdle, 1)} MiB at start, ${fmt(procStatus(pid).rssKb / 1024, 1)} MiB with subscriptions`,
+      );
+      const run = `bench-${Date.now().toString(36)}`;
+      const bursts = [
+        await burst(pool, receiver, pid, run, 1, BURST_EVENTS, BURST_CONCURRENCY),
+        await burst(pool, receiver, pid, run, 10, BURST_EVENTS, BURST_CONCURRENCY / 2),
+      ];
+      printTable([
+        [
+          'max ingest',
+          'events',
+          'requests',
+          'events/s accepted',
+          'notifications',
+          'notifications/s delivered',
+          'drain after last 202 (s)',
+          'broker CPU',
+          'RSS after (MiB)',
+          'failures',
+        ],
+        ...bursts.map((b) => [
+          `${b.label}, ${b.label.startsWith('1 ') ? BURST_CONCURRENCY : BURST_CONCURRENCY / 2} clients`,
+          fmt(b.events),
+          fmt(b.requests),
+          fmt(b.events / b.ingestSeconds),
+          fmt(b.notifications),
+          fmt(b.notifications / b.deliverSeconds),
+          fmt(b.deliverSeconds - b.ingestSeconds, 2),
+          `${fmt(b.brokerCpu * 100)}%`,
+          fmt(b.rssMiB, 1),
+          fmt(b.failures),
+        ]),
+      ]);
 
-    const r = await openLoop(pool, receiver, pid, run);
-    const mem = procStatus(pid);
-    const p = (q: number): string => fmt(percentile(r.latencies, q), 1);
-    const pi = (q: number): string => fmt(percentile(r.ingest, q), 1);
-    console.log('');
-    printTable([
-      [
-        `open loop ${RATE} events/s`,
-        'events',
-        'seconds',
-        'notifications',
-        'p50 ms',
-        'p90 ms',
-        'p99 ms',
-        'max ms',
-        'broker CPU',
-      ],
-      [
-        'ingest → webhook received',
-        fmt(r.events),
-        fmt(r.seconds, 1),
-        fmt(r.latencies.length),
-        p(50),
-        p(90),
-        p(99),
-        p(100),
-        `${fmt(r.brokerCpu * 100)}%`,
-      ],
-      ['POST /events → 202', fmt(r.events), '', '', pi(50), pi(90), pi(99), pi(100), ''],
-    ]);
-    console.log(
-      `\nclient schedule lag max ${fmt(r.maxLagMs, 1)} ms; failed requests ${r.failures}; unexpected notifications ${r.unexpected}; broker RSS ${fmt(mem.rssKb / 1024, 1)} MiB (peak ${fmt(mem.hwmKb / 1024, 1)} MiB)`,
-    );
-    const steal1 = stealJiffies();
-    console.log(`CPU steal during the suite: ${fmt((100 * (steal1[0] - steal0[0])) / (steal1[1] - steal0[1]), 1)}%`);
-    if (broker.warnings.length > 0) console.log(`broker warnings/errors:\n  ${broker.warnings.join('\n  ')}`);
-    const p99 = percentile(r.latencies, 99);
-    return [
-      {
-        suite: 'pipeline',
-        target: `p99 ingest→webhook < ${P99_TARGET_MS} ms at ${RATE} events/s`,
-        measured: `${fmt(p99, 1)} ms`,
-        met: p99 < P99_TARGET_MS && r.failures === 0 && r.notifications === r.latencies.length,
-      },
-    ];
-  } catch (err) {
-    const exited = broker?.exited();
-    throw exited === undefined ? err : new Error(`${exited}\n(while the bench saw: ${(err as Error).message})`);
+      const r = await openLoop(pool, receiver, pid, run);
+      const mem = procStatus(pid);
+      const p = (q: number): string => fmt(percentile(r.latencies, q), 1);
+      const pi = (q: number): string => fmt(percentile(r.ingest, q), 1);
+      console.log('');
+      printTable([
+        [
+          `open loop ${RATE} events/s`,
+          'events',
+          'seconds',
+          'notifications',
+          'p50 ms',
+          'p90 ms',
+          'p99 ms',
+          'max ms',
+          'broker CPU',
+        ],
+        [
+          'ingest → webhook received',
+          fmt(r.events),
+          fmt(r.seconds, 1),
+          fmt(r.latencies.length),
+          p(50),
+          p(90),
+          p(99),
+          p(100),
+          `${fmt(r.brokerCpu * 100)}%`,
+        ],
+        ['POST /events → 202', fmt(r.events), '', '', pi(50), pi(90), pi(99), pi(100), ''],
+      ]);
+      console.log(
+        `\nclient schedule lag max ${fmt(r.maxLagMs, 1)} ms; failed requests ${r.failures}; unexpected notifications ${r.unexpected}; broker RSS ${fmt(mem.rssKb / 1024, 1)} MiB (peak ${fmt(mem.hwmKb / 1024, 1)} MiB)`,
+      );
+      const steal1 = stealJiffies();
+      console.log(`CPU steal during the suite: ${fmt((100 * (steal1[0] - steal0[0])) / (steal1[1] - steal0[1]), 1)}%`);
+      if (broker.warnings.length > 0) console.log(`broker warnings/errors:\n  ${broker.warnings.join('\n  ')}`);
+      const p99 = percentile(r.latencies, 99);
+      return [
+        {
+          suite: 'pipeline',
+          target: `p99 ingest→webhook < ${P99_TARGET_MS} ms at ${RATE} events/s`,
+          measured: `${fmt(p99, 1)} ms`,
+          met: p99 < P99_TARGET_MS && r.failures === 0 && r.notifications === r.latencies.length,
+        },
+      ];
+    });
   } finally {
-    await pool?.close().catch(() => undefined);
-    if (broker !== undefined) await stopBroker(broker.child);
-    process.removeListener('exit', killOnExit);
     await receiver.close();
     rmSync(dataDir, { recursive: true, force: true });
   }
