@@ -4,15 +4,28 @@ import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, Subscr
  * In-memory matching index, kept in step with the store by the subscription registry.
  *
  * Stage one of matching: what a CloudTrail event carries (type, interaction, id). Each subscription
- * is filed under exact keys, so one event costs at most four map look-ups plus the size of the
- * answer, whatever the number of subscriptions that cannot match. A content stage (search
+ * is filed under exact keys, so one event costs two type look-ups, one id look-up and the size of
+ * the answer, whatever the number of subscriptions that cannot match. A content stage (search
  * parameters over the fetched resource) will filter these candidates when it exists.
+ *
+ * Layout, chosen for memory latency (at 100k subscriptions the index no longer fits the caches, and
+ * every dependent read that misses costs more than the rest of a match):
+ * - per resource type (or `*`), one bucket per interaction for subscriptions on every id;
+ * - per resource type, ONE map from resource id to a flat posting list `[subId, flags, subId, flags…]`
+ *   where `flags` holds the interactions as bits. One id look-up serves all three interactions, so
+ *   the map has a key per (type, id), not per (type, interaction, id), and a hit costs one array
+ *   read. Posting lists are copied on write, so an array and its elements are allocated together.
  */
 
 const ANY = '*';
 
 /** Statuses whose subscriptions still collect notifications (delivery waits until `active`). */
 const MATCHING: ReadonlySet<SubscriptionStatus> = new Set(['requested', 'active', 'error']);
+
+const BIT: Readonly<Record<Interaction, number>> = { create: 1, update: 2, delete: 4 };
+/** Flag on a posting whose subscription has an `end`: look it up in `#ends` before matching. */
+const HAS_END = 8;
+const NO_END = Number.POSITIVE_INFINITY;
 
 /**
  * Subscription ids with their end (epoch ms) in parallel arrays: a match walks plain arrays (no
@@ -48,82 +61,80 @@ class Bucket {
   }
 }
 
-/**
- * One `type + interaction` slot: subscriptions on every id, and those filtered to some ids. The
- * common case — one subscription on a resource id, without an end — is stored as the bare
- * subscription id, so a match costs one hash look-up and no further memory reads.
- */
-interface Slot {
-  readonly all: Bucket;
-  readonly byId: Map<string, string | Bucket>;
+/** `[subId, flags, subId, flags, …]`; never mutated in place (copy on write). */
+type Postings = readonly (string | number)[];
+
+/** Everything filed under one resource type (or `*`). */
+class TypeSlot {
+  /** Subscriptions on every id of the type, by interaction. */
+  readonly create = new Bucket();
+  readonly update = new Bucket();
+  readonly delete = new Bucket();
+  /** Subscriptions filtered to some ids: resource id → posting list. */
+  readonly byId = new Map<string, Postings>();
+
+  get empty(): boolean {
+    return this.create.size === 0 && this.update.size === 0 && this.delete.size === 0 && this.byId.size === 0;
+  }
 }
 
-type Place = readonly [type: string, interaction: Interaction, resourceId: string | undefined];
-
 interface Entry {
-  /** Where the subscription is filed. */
-  readonly places: readonly Place[];
+  readonly types: readonly string[];
+  readonly interactions: readonly Interaction[];
+  readonly ids: readonly string[] | undefined;
 }
 
 export class MatchIndex {
-  /** resource type (or `*`) → interaction → slot: two look-ups, no key strings built per event. */
-  readonly #slots = new Map<string, Map<Interaction, Slot>>();
+  readonly #slots = new Map<string, TypeSlot>();
   readonly #entries = new Map<string, Entry>();
+  /** End (epoch ms) of the id-filtered subscriptions that have one (postings flagged HAS_END). */
+  readonly #ends = new Map<string, number>();
 
   /** Add, replace or (for statuses that no longer match) remove a subscription. */
   upsert(sub: Pick<SubscriptionRecord, 'id' | 'status' | 'match' | 'end'>): void {
     this.remove(sub.id);
     if (!MATCHING.has(sub.status)) return;
-    const endMs = sub.end === undefined ? Number.POSITIVE_INFINITY : Date.parse(sub.end);
-    const places = placesOf(sub.match);
-    for (const [type, interaction, resourceId] of places) {
-      let byInteraction = this.#slots.get(type);
-      if (byInteraction === undefined) {
-        byInteraction = new Map();
-        this.#slots.set(type, byInteraction);
-      }
-      let slot = byInteraction.get(interaction);
+    const endMs = sub.end === undefined ? NO_END : Date.parse(sub.end);
+    const entry = entryOf(sub.match);
+    let flags = 0;
+    for (const i of entry.interactions) flags |= BIT[i];
+    if (endMs !== NO_END) {
+      flags |= HAS_END;
+      if (entry.ids !== undefined) this.#ends.set(sub.id, endMs);
+    }
+    for (const type of entry.types) {
+      let slot = this.#slots.get(type);
       if (slot === undefined) {
-        slot = { all: new Bucket(), byId: new Map() };
-        byInteraction.set(interaction, slot);
+        slot = new TypeSlot();
+        this.#slots.set(type, slot);
       }
-      if (resourceId === undefined) {
-        slot.all.add(sub.id, endMs);
+      if (entry.ids === undefined) {
+        for (const i of entry.interactions) slot[i].add(sub.id, endMs);
       } else {
-        const held = slot.byId.get(resourceId);
-        if (held === undefined && endMs === Number.POSITIVE_INFINITY) {
-          slot.byId.set(resourceId, sub.id);
-        } else {
-          const bucket = held instanceof Bucket ? held : new Bucket();
-          if (typeof held === 'string') bucket.add(held, Number.POSITIVE_INFINITY);
-          bucket.add(sub.id, endMs);
-          slot.byId.set(resourceId, bucket);
-        }
+        for (const id of entry.ids) slot.byId.set(id, [...(slot.byId.get(id) ?? []), sub.id, flags]);
       }
     }
-    this.#entries.set(sub.id, { places });
+    this.#entries.set(sub.id, entry);
   }
 
   remove(id: string): void {
     const entry = this.#entries.get(id);
     if (entry === undefined) return;
-    for (const [type, interaction, resourceId] of entry.places) {
-      const byInteraction = this.#slots.get(type);
-      const slot = byInteraction?.get(interaction);
-      if (byInteraction === undefined || slot === undefined) continue;
-      if (resourceId === undefined) {
-        slot.all.delete(id);
+    for (const type of entry.types) {
+      const slot = this.#slots.get(type);
+      if (slot === undefined) continue;
+      if (entry.ids === undefined) {
+        for (const i of entry.interactions) slot[i].delete(id);
       } else {
-        const held = slot.byId.get(resourceId);
-        if (held === id) slot.byId.delete(resourceId);
-        else if (held instanceof Bucket) {
-          held.delete(id);
-          if (held.size === 0) slot.byId.delete(resourceId);
+        for (const resourceId of entry.ids) {
+          const kept = withoutSub(slot.byId.get(resourceId) ?? [], id);
+          if (kept.length === 0) slot.byId.delete(resourceId);
+          else slot.byId.set(resourceId, kept);
         }
       }
-      if (slot.all.size === 0 && slot.byId.size === 0) byInteraction.delete(interaction);
-      if (byInteraction.size === 0) this.#slots.delete(type);
+      if (slot.empty) this.#slots.delete(type);
     }
+    this.#ends.delete(id);
     this.#entries.delete(id);
   }
 
@@ -131,8 +142,10 @@ export class MatchIndex {
   match(change: ResourceChange, nowMs: number): string[] {
     const out: string[] = [];
     const { resourceType: type, interaction: i, resourceId: id } = change;
-    this.#collect(this.#slots.get(type)?.get(i), id, nowMs, out);
-    this.#collect(this.#slots.get(ANY)?.get(i), id, nowMs, out);
+    const typed = this.#slots.get(type);
+    if (typed !== undefined) this.#collect(typed, i, id, nowMs, out);
+    const any = this.#slots.get(ANY);
+    if (any !== undefined) this.#collect(any, i, id, nowMs, out);
     return out;
   }
 
@@ -140,28 +153,37 @@ export class MatchIndex {
     return this.#entries.size;
   }
 
-  #collect(slot: Slot | undefined, resourceId: string | undefined, nowMs: number, out: string[]): void {
-    if (slot === undefined) return;
-    slot.all.collect(nowMs, out);
+  #collect(slot: TypeSlot, i: Interaction, resourceId: string | undefined, nowMs: number, out: string[]): void {
+    slot[i].collect(nowMs, out);
     if (resourceId === undefined || slot.byId.size === 0) return;
-    const held = slot.byId.get(resourceId);
-    if (typeof held === 'string') out.push(held);
-    else held?.collect(nowMs, out);
-  }
-}
-
-function placesOf(spec: MatchSpec): Place[] {
-  const types = spec.resourceTypes === '*' ? [ANY] : spec.resourceTypes;
-  const places: Place[] = [];
-  for (const type of types) {
-    for (const i of spec.interactions) {
-      if (spec.ids === undefined) places.push([type, i, undefined]);
-      else for (const id of spec.ids) places.push([type, i, id]);
+    const postings = slot.byId.get(resourceId);
+    if (postings === undefined) return;
+    const bit = BIT[i];
+    for (let k = 0; k < postings.length; k += 2) {
+      const flags = postings[k + 1] as number;
+      if ((flags & bit) === 0) continue;
+      const subId = postings[k] as string;
+      if ((flags & HAS_END) !== 0 && (this.#ends.get(subId) as number) <= nowMs) continue;
+      out.push(subId);
     }
   }
-  return places;
 }
 
+function entryOf(spec: MatchSpec): Entry {
+  return {
+    types: spec.resourceTypes === '*' ? [ANY] : [...new Set(spec.resourceTypes)],
+    interactions: [...new Set(spec.interactions)],
+    ids: spec.ids === undefined ? undefined : [...new Set(spec.ids)],
+  };
+}
+
+function withoutSub(postings: Postings, subId: string): Postings {
+  const kept: (string | number)[] = [];
+  for (let k = 0; k < postings.length; k += 2) {
+    if (postings[k] !== subId) kept.push(postings[k] as string, postings[k + 1] as number);
+  }
+  return kept;
+}
 /** The reference semantics the index must agree with; also the bench's linear-scan baseline. */
 export function matchesSpec(spec: MatchSpec, change: ResourceChange): boolean {
   if (spec.resourceTypes !== '*' && !spec.resourceTypes.includes(change.resourceType)) return false;
