@@ -22,8 +22,9 @@ async function main(): Promise<void> {
   };
   let broker: Broker | undefined;
   const server = createAdaptorServer({
-    fetch: (req: Request) =>
-      broker === undefined ? Response.json({ status: 'starting' }, { status: 503 }) : broker.app.fetch(req),
+    // The Node bindings (`incoming`, `outgoing`) travel with the request: body reads use them.
+    fetch: (req: Request, env: unknown) =>
+      broker === undefined ? Response.json({ status: 'starting' }, { status: 503 }) : broker.app.fetch(req, env),
   });
   server.listen(config.port, config.host);
   await once(server, 'listening');

@@ -65,6 +65,9 @@ const PURGE_INTERVAL_MS = 60 * 60 * 1000;
 
 // 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
 const DEFAULT_TIMEOUT_MS = 10_000;
+/** Delivery-state write-behind: at most this late, or sooner once this many are waiting. */
+const RECORD_DELAY_MS = 10;
+const RECORD_BATCH = 512;
 
 export class Dispatcher {
   readonly #store: Store;
@@ -501,7 +504,11 @@ export class Dispatcher {
     }
   }
 
-  /** Delivery states are written behind, batched: losing one to a crash only means a redelivery. */
+  /**
+   * Delivery states are written behind, batched: losing one to a crash only means a redelivery.
+   * One write per RECORD_DELAY_MS (sooner past RECORD_BATCH updates), not one per loop turn: under
+   * load the writer thread's time goes to event commits, which the 202s wait for.
+   */
   #record(note: StoredNotification): void {
     this.#updates.push({
       subscriptionId: note.subscriptionId,
@@ -511,8 +518,9 @@ export class Dispatcher {
       dueAt: note.dueAt,
       ...(note.lastError === undefined ? {} : { lastError: note.lastError }),
     });
-    if (this.#flushing === undefined) {
-      this.#flushing = new Promise<void>((resolve) => setImmediate(resolve)).then(() => this.#flush());
+    if (this.#updates.length >= RECORD_BATCH) void this.#flush();
+    else if (this.#flushing === undefined) {
+      this.#flushing = new Promise<void>((resolve) => setTimeout(resolve, RECORD_DELAY_MS)).then(() => this.#flush());
     }
   }
 

@@ -1,5 +1,5 @@
 import { isIP } from 'node:net';
-import { Agent, request, errors as undiciErrors } from 'undici';
+import { Agent, errors as undiciErrors } from 'undici';
 import type { Clock } from '../core/types.js';
 import { type EndpointGuard, EndpointRefusedError } from './endpoint-guard.js';
 import { signWebhook } from './webhook-signature.js';
@@ -42,12 +42,22 @@ export interface Sender {
 
 const MAX_RESPONSE_BYTES = 64 * 1024;
 
+interface Target {
+  readonly origin: string;
+  /** Path and query, as sent in the request line. */
+  readonly path: string;
+  /** Set when the endpoint names an IP address (vetted on every attempt). */
+  readonly ipLiteral?: string;
+}
+
 export class RestHookSender implements Sender {
   readonly #agent: Agent;
   readonly #clock: Clock;
   readonly #userAgent: string;
 
   readonly #guard: EndpointGuard;
+  /** Parsed endpoints: the URL is parsed once, not on every attempt. */
+  readonly #targets = new Map<string, Target>();
 
   constructor(guard: EndpointGuard, clock: Clock, options: { connections?: number; userAgent?: string } = {}) {
     this.#guard = guard;
@@ -74,20 +84,28 @@ export class RestHookSender implements Sender {
       headers[h.slice(0, colon).trim().toLowerCase()] = h.slice(colon + 1).trim();
     }
     try {
+      const target = this.#target(req.endpoint);
       // Sockets skip `lookup` for IP literals: vet those here, on every attempt, so an
       // allow-list change applies to endpoints registered before it.
-      const host = new URL(req.endpoint).hostname.replace(/^\[|\]$/g, '');
-      if (isIP(host) !== 0) await this.#guard.vet(host);
-      const res = await request(req.endpoint, {
+      if (target.ipLiteral !== undefined) await this.#guard.vet(target.ipLiteral);
+      const deadline = this.#clock.now() + req.timeoutMs;
+      // headersTimeout bounds the wait for the answer; the timer below bounds reading its body.
+      // (No AbortSignal per attempt: creating one cost more than signing the request.)
+      const res = await this.#agent.request({
+        origin: target.origin,
+        path: target.path,
         method: 'POST',
         headers,
         body: req.body,
-        dispatcher: this.#agent,
         headersTimeout: req.timeoutMs,
         bodyTimeout: req.timeoutMs,
-        signal: AbortSignal.timeout(req.timeoutMs),
       });
+      const timer = setTimeout(
+        () => res.body.destroy(new undiciErrors.BodyTimeoutError()),
+        Math.max(deadline - this.#clock.now(), 0),
+      );
       await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
+      clearTimeout(timer);
       if (res.statusCode >= 200 && res.statusCode < 300) return { ok: true, status: res.statusCode };
       const retryAfterMs = parseRetryAfter(res.headers['retry-after'], this.#clock.now());
       const error =
@@ -98,6 +116,23 @@ export class RestHookSender implements Sender {
     } catch (err) {
       return describeFailure(err, req.timeoutMs);
     }
+  }
+
+  #target(endpoint: string): Target {
+    let target = this.#targets.get(endpoint);
+    if (target === undefined) {
+      const url = new URL(endpoint);
+      const host = url.hostname.replace(/^\[|\]$/g, '');
+      target = {
+        origin: url.origin,
+        path: `${url.pathname}${url.search}`,
+        ...(isIP(host) === 0 ? {} : { ipLiteral: host }),
+      };
+      // Endpoints come from subscriptions: bounded, but never let the cache grow without limit.
+      if (this.#targets.size >= 10_000) this.#targets.clear();
+      this.#targets.set(endpoint, target);
+    }
+    return target;
   }
 
   /** Aborts whatever is still in flight: callers give attempts their grace period first. */

@@ -32,6 +32,9 @@ export interface NotificationSink {
 /** 1,000: ten times EventBridge's largest PutEvents batch; a request beyond it is refused whole. */
 export const MAX_EVENTS_PER_REQUEST = 1000;
 
+/** Group commits in flight at once (see `IngestService#inFlight`). */
+const MAX_IN_FLIGHT = 2;
+
 interface PendingCommit {
   readonly items: readonly AcceptItem[];
   readonly resolve: (outcomes: AcceptOutcome[]) => void;
@@ -47,8 +50,13 @@ export class IngestService {
   readonly #metrics: Metrics;
   #pending: PendingCommit[] = [];
   #scheduled = false;
-  /** One commit at a time: what arrives meanwhile waits and joins the next, larger commit. */
-  #committing = false;
+  /**
+   * Commits handed to the store and not yet answered. Up to MAX_IN_FLIGHT at once, so the store
+   * (the SQLite writer thread) starts the next commit as soon as one is durable instead of waiting
+   * for this thread to take the answer; what arrives beyond that waits and joins a larger commit.
+   * The store answers commits in order, so notifications reach the dispatcher in commit order.
+   */
+  #inFlight = 0;
 
   constructor(deps: {
     store: Store;
@@ -141,7 +149,7 @@ export class IngestService {
   }
 
   #schedule(): void {
-    if (this.#scheduled || this.#committing) return;
+    if (this.#scheduled || this.#inFlight >= MAX_IN_FLIGHT) return;
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
@@ -150,8 +158,8 @@ export class IngestService {
   }
 
   async #flush(): Promise<void> {
-    if (this.#committing || this.#pending.length === 0) return;
-    this.#committing = true;
+    if (this.#inFlight >= MAX_IN_FLIGHT || this.#pending.length === 0) return;
+    this.#inFlight++;
     const batch = this.#pending;
     this.#pending = [];
     const all = batch.flatMap((p) => p.items);
@@ -167,7 +175,7 @@ export class IngestService {
       const failure = new BrokerError('STORE_UNAVAILABLE', 'The events could not be stored; retry', { cause: err });
       for (const p of batch) p.reject(failure);
     } finally {
-      this.#committing = false;
+      this.#inFlight--;
       if (this.#pending.length > 0) this.#schedule();
     }
   }

@@ -1,0 +1,105 @@
+import { describe, expect, it } from 'vitest';
+import { eventLike } from '../../test/support/fhir-client.js';
+import type { Notification, ResourceChange } from '../core/types.js';
+import { silentLogger } from '../observability/logger.js';
+import { Metrics } from '../observability/metrics.js';
+import type { AcceptItem, AcceptOutcome, Store } from '../store/store.js';
+import { IngestService } from './ingest.js';
+import type { SubscriptionRegistry } from './subscription-registry.js';
+
+/**
+ * The group commit: requests that arrive while commits are in flight share the next one; at most
+ * two commits are in flight; notifications reach the dispatcher in commit order; a failed commit
+ * refuses its own requests only.
+ */
+
+interface Call {
+  readonly items: readonly AcceptItem[];
+  readonly resolve: (outcomes: AcceptOutcome[]) => void;
+  readonly reject: (err: Error) => void;
+}
+
+/** A store whose commits finish when the test says so. */
+function controlledStore(): { store: Store; calls: Call[] } {
+  const calls: Call[] = [];
+  const store = {
+    acceptChanges: (items: readonly AcceptItem[]) =>
+      new Promise<AcceptOutcome[]>((resolve, reject) => calls.push({ items, resolve, reject })),
+  } as unknown as Store;
+  return { store, calls };
+}
+
+const event = (id: string, resourceId: string): unknown => eventLike('healthlake-update-patient', id, resourceId);
+
+/** Every change matches subscription `s1`; a committed item becomes one notification numbered by order. */
+function setup() {
+  const { store, calls } = controlledStore();
+  const enqueued: Notification[] = [];
+  const registry = {
+    match: () => ['s1'],
+    noteNotifications: () => undefined,
+    refresh: async () => undefined,
+  } as unknown as SubscriptionRegistry;
+  const ingest = new IngestService({
+    store,
+    registry,
+    sink: { enqueue: (notes) => void enqueued.push(...notes) },
+    clock: { now: () => Date.parse('2026-01-01T00:00:00Z') },
+    logger: silentLogger,
+    metrics: new Metrics(),
+  });
+  let number = 0;
+  const answer = (call: Call): void =>
+    call.resolve(
+      call.items.map((item) => ({
+        duplicate: false,
+        notifications: [{ subscriptionId: 's1', eventNumber: ++number, change: item.change as ResourceChange }],
+      })),
+    );
+  return { ingest, calls, enqueued, answer };
+}
+
+/** Lets the request reach the commit queue and the scheduled commit start (a few loop turns). */
+async function tick(): Promise<void> {
+  for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+}
+
+describe('IngestService group commit', () => {
+  it('keeps at most two commits in flight and groups what waits into the next one', async () => {
+    const { ingest, calls, enqueued, answer } = setup();
+    const results = Array.from({ length: 6 }, (_, i) => ingest.ingest(event(`e${i}`, `p${i}`)));
+    await tick();
+    // All six arrived in the same turn: one commit holds them.
+    expect(calls.map((c) => c.items.length)).toEqual([6]);
+    const more = [ingest.ingest(event('e6', 'p6'))];
+    await tick();
+    expect(calls.map((c) => c.items.length)).toEqual([6, 1]);
+    more.push(ingest.ingest(event('e7', 'p7')), ingest.ingest(event('e8', 'p8')));
+    await tick();
+    // Two in flight: the third waits, and grows, until one is answered.
+    expect(calls.map((c) => c.items.length)).toEqual([6, 1]);
+    answer(calls[0] as Call);
+    await Promise.all(results);
+    await tick();
+    expect(calls.map((c) => c.items.length)).toEqual([6, 1, 2]);
+    answer(calls[1] as Call);
+    answer(calls[2] as Call);
+    expect(await Promise.all(more)).toEqual(Array(3).fill({ accepted: 1, ignored: 0, duplicates: 0 }));
+    expect(enqueued.map((n) => n.change.resourceId)).toEqual(['p0', 'p1', 'p2', 'p3', 'p4', 'p5', 'p6', 'p7', 'p8']);
+    expect(enqueued.map((n) => n.eventNumber)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+  });
+
+  it('refuses the requests of a failed commit only', async () => {
+    const { ingest, calls, enqueued, answer } = setup();
+    const first = ingest.ingest(event('e0', 'p0'));
+    await tick();
+    const second = ingest.ingest(event('e1', 'p1'));
+    await tick();
+    expect(calls).toHaveLength(2);
+    (calls[0] as Call).reject(new Error('disk full'));
+    answer(calls[1] as Call);
+    await expect(first).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE' });
+    expect(await second).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+    expect(enqueued.map((n) => n.change.resourceId)).toEqual(['p1']);
+  });
+});
