@@ -1,0 +1,227 @@
+/**
+ * Resource id → posting list (subscription id + 4 flag bits), as an open-addressing hash table whose
+ * cells hold the key and the first postings inline.
+ *
+ * Why this layout: at 100k subscriptions the index no longer fits the CPU caches, so a look-up costs
+ * what its chain of dependent memory reads costs. A `Map<string, postings>` walks bucket → entry →
+ * key string (to compare) → posting array → its elements: four or five misses in a row. Here a cell is
+ * 8 consecutive slots of one array `[fingerprint, id, flags, sub0, sub1, sub2, sub3, more]`, found from
+ * a fingerprint computed in JS: the first read compares the fingerprint (a small integer, no pointer to
+ * follow) and brings the postings with it. The exact key check reads the id string, but nothing waits
+ * for it except a branch the CPU predicts, so it overlaps with the rest of the match.
+ *
+ * Linear probing keeps a collision chain in neighbouring cells (the next cache line); deletions shift
+ * the chain back instead of leaving tombstones, so a look-up never walks cells nobody uses.
+ */
+
+/** Slots per cell, and the offset of each field in a cell. */
+const STRIDE = 8;
+const FP = 0;
+const KEY = 1;
+const FLAGS = 2;
+const SUBS = 3;
+const INLINE = 4;
+const MORE = 7;
+
+/** Bits of flags per posting; the flags of inline posting k are `(cell[FLAGS] >>> (4 * k)) & 0xf`. */
+const FLAG_BITS = 4;
+const FLAG_MASK = 0xf;
+
+/** Flag a caller may set on a posting whose subscription has an end: `collect` then checks it. */
+export const HAS_END = 8;
+
+/** Grow once more than this share of the cells is in use (linear probing degrades fast above ~0.7). */
+const MAX_LOAD = 0.5;
+const MIN_CAPACITY = 8;
+
+/** 0 marks a free cell in FP, an unused inline posting, and an absent `more` list. */
+const FREE = 0;
+
+/** `[subId, flags, subId, flags, …]`: postings beyond the inline ones. */
+type More = (string | number)[];
+type Slot = string | number | More;
+
+/** How many characters of an id the fingerprint reads, from its end. */
+const SAMPLED_CHARS = 8;
+
+/**
+ * A non-zero 32-bit hash of the length and the last 8 characters of `id`.
+ *
+ * Bounded work on purpose: hashing a 36-character HealthLake UUID in full costs ~70–120 ns in JS,
+ * as much as the rest of a match. The tail is where ids differ: the last 8 characters of a random
+ * UUID carry 32 random bits, and sequential ids (`pat-000123`) vary at their end. Ids that differ only
+ * before their last 8 characters and share a length collide; that costs probing, never correctness
+ * (every hit compares the whole id).
+ */
+export function idFingerprint(id: string): number {
+  const n = id.length;
+  let h = Math.imul(n, 0x9e3779b1);
+  for (let i = n > SAMPLED_CHARS ? n - SAMPLED_CHARS : 0; i < n; i++) h = Math.imul(h ^ id.charCodeAt(i), 0x01000193);
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  return h === FREE ? 1 : h;
+}
+
+export class IdTable {
+  #cells = freeCells(MIN_CAPACITY);
+  #mask = MIN_CAPACITY - 1;
+  #ids = 0;
+
+  /** Number of ids with at least one posting. */
+  get size(): number {
+    return this.#ids;
+  }
+
+  /** Files `subId` under `id` with `flags` (non-zero, 4 bits); the caller never files a pair twice. */
+  add(id: string, subId: string, flags: number): void {
+    const fp = idFingerprint(id);
+    let base = this.#find(id, fp);
+    if (base === -1) {
+      if ((this.#ids + 1) / (this.#mask + 1) > MAX_LOAD) this.#resize(2 * (this.#mask + 1));
+      base = this.#insert(id, fp);
+    }
+    const cells = this.#cells;
+    const inline = cells[base + FLAGS] as number;
+    for (let k = 0; k < INLINE; k++) {
+      if (((inline >>> (FLAG_BITS * k)) & FLAG_MASK) === 0) {
+        cells[base + SUBS + k] = subId;
+        cells[base + FLAGS] = inline | (flags << (FLAG_BITS * k));
+        return;
+      }
+    }
+    const more = cells[base + MORE];
+    if (more === FREE) cells[base + MORE] = [subId, flags];
+    else (more as More).push(subId, flags);
+  }
+
+  /** Drops the posting of `subId` under `id`, and `id` with its last posting; absent ones are ignored. */
+  remove(id: string, subId: string): void {
+    const base = this.#find(id, idFingerprint(id));
+    if (base === -1) return;
+    const cells = this.#cells;
+    const more = cells[base + MORE] as More | typeof FREE;
+    if (more !== FREE) {
+      const k = more.indexOf(subId);
+      if (k !== -1) {
+        more[k] = more[more.length - 2] as string;
+        more[k + 1] = more[more.length - 1] as number;
+        more.length -= 2;
+        if (more.length === 0) cells[base + MORE] = FREE;
+        return;
+      }
+    }
+    const inline = cells[base + FLAGS] as number;
+    let used = 0;
+    while (used < INLINE && ((inline >>> (FLAG_BITS * used)) & FLAG_MASK) !== 0) used++;
+    for (let k = 0; k < used; k++) {
+      if (cells[base + SUBS + k] !== subId) continue;
+      // Keep inline postings in front: the last one, or the first of `more`, takes the place freed.
+      let flags = inline & ~(FLAG_MASK << (FLAG_BITS * k));
+      if (more !== FREE) {
+        flags |= (more.pop() as number) << (FLAG_BITS * k);
+        cells[base + SUBS + k] = more.pop() as string;
+        if (more.length === 0) cells[base + MORE] = FREE;
+      } else {
+        const last = used - 1;
+        cells[base + SUBS + k] = cells[base + SUBS + last] as string;
+        flags |= ((inline >>> (FLAG_BITS * last)) & FLAG_MASK) << (FLAG_BITS * k);
+        flags &= ~(FLAG_MASK << (FLAG_BITS * last));
+        cells[base + SUBS + last] = FREE;
+      }
+      cells[base + FLAGS] = flags;
+      if (flags === 0) this.#deleteAt(base);
+      return;
+    }
+  }
+
+  /**
+   * Pushes onto `out` the subscriptions filed under `id` whose flags share a bit with `bit`, skipping
+   * those flagged HAS_END whose end in `ends` is at or before `nowMs`. `fp` is `idFingerprint(id)`
+   * (the caller computes it once for the type's table and the `*` table).
+   */
+  collect(id: string, fp: number, bit: number, nowMs: number, ends: ReadonlyMap<string, number>, out: string[]): void {
+    if (this.#ids === 0) return;
+    const base = this.#find(id, fp);
+    if (base === -1) return;
+    const cells = this.#cells;
+    const inline = cells[base + FLAGS] as number;
+    for (let k = 0; k < INLINE; k++) {
+      const flags = (inline >>> (FLAG_BITS * k)) & FLAG_MASK;
+      if ((flags & bit) !== 0) push(cells[base + SUBS + k] as string, flags, nowMs, ends, out);
+    }
+    const more = cells[base + MORE];
+    if (more === FREE) return;
+    const list = more as More;
+    for (let k = 0; k < list.length; k += 2) {
+      const flags = list[k + 1] as number;
+      if ((flags & bit) !== 0) push(list[k] as string, flags, nowMs, ends, out);
+    }
+  }
+
+  /** The first slot of the cell holding `id`, or -1. */
+  #find(id: string, fp: number): number {
+    const cells = this.#cells;
+    const mask = this.#mask;
+    for (let cell = fp & mask; ; cell = (cell + 1) & mask) {
+      const base = cell * STRIDE;
+      const f = cells[base + FP];
+      if (f === FREE) return -1;
+      if (f === fp && cells[base + KEY] === id) return base;
+    }
+  }
+
+  /** Claims the first free cell of `fp`'s chain for `id` (absent, and a free cell exists). */
+  #insert(id: string, fp: number): number {
+    const cells = this.#cells;
+    const mask = this.#mask;
+    let cell = fp & mask;
+    while (cells[cell * STRIDE + FP] !== FREE) cell = (cell + 1) & mask;
+    const base = cell * STRIDE;
+    cells[base + FP] = fp;
+    cells[base + KEY] = id;
+    this.#ids++;
+    return base;
+  }
+
+  /** Frees the cell at `base`, moving later cells of the chain back so no look-up stops early. */
+  #deleteAt(base: number): void {
+    const cells = this.#cells;
+    const mask = this.#mask;
+    let hole = base / STRIDE;
+    for (let cell = (hole + 1) & mask; cells[cell * STRIDE + FP] !== FREE; cell = (cell + 1) & mask) {
+      const home = (cells[cell * STRIDE + FP] as number) & mask;
+      // The cell may fill the hole if the hole lies on its probe path (between home and itself).
+      if (((cell - home) & mask) >= ((cell - hole) & mask)) {
+        for (let s = 0; s < STRIDE; s++) cells[hole * STRIDE + s] = cells[cell * STRIDE + s] as Slot;
+        hole = cell;
+      }
+    }
+    for (let s = 0; s < STRIDE; s++) cells[hole * STRIDE + s] = FREE;
+    this.#ids--;
+  }
+
+  #resize(capacity: number): void {
+    const old = this.#cells;
+    this.#cells = freeCells(capacity);
+    this.#mask = capacity - 1;
+    this.#ids = 0;
+    for (let base = 0; base < old.length; base += STRIDE) {
+      if (old[base + FP] === FREE) continue;
+      const to = this.#insert(old[base + KEY] as string, old[base + FP] as number);
+      for (let s = FLAGS; s < STRIDE; s++) this.#cells[to + s] = old[base + s] as Slot;
+    }
+  }
+}
+
+/** Built by pushes, so the array is packed (`new Array(n)` would be holey: a hole check per read). */
+function freeCells(capacity: number): Slot[] {
+  const cells: Slot[] = [];
+  for (let s = 0; s < capacity * STRIDE; s++) cells.push(FREE);
+  return cells;
+}
+
+function push(subId: string, flags: number, nowMs: number, ends: ReadonlyMap<string, number>, out: string[]): void {
+  if ((flags & HAS_END) !== 0 && (ends.get(subId) as number) <= nowMs) return;
+  out.push(subId);
+}
