@@ -23,15 +23,19 @@ const SUBS = 3;
 const INLINE = 4;
 const MORE = 7;
 
-/** Bits of flags per posting; the flags of inline posting k are `(cell[FLAGS] >>> (4 * k)) & 0xf`. */
+/** Bits of flags per posting: inline posting k has `(cell[FLAGS] >>> (4 * k)) & 0xf`, 0 if the slot is free. */
 const FLAG_BITS = 4;
 const FLAG_MASK = 0xf;
 
 /** Flag a caller may set on a posting whose subscription has an end: `collect` then checks it. */
 export const HAS_END = 8;
 
-/** Grow once more than this share of the cells is in use (linear probing degrades fast above ~0.7). */
+/**
+ * Grow once more than this share of the cells is in use (linear probing degrades fast above ~0.7);
+ * shrink once less than MIN_LOAD is, so a table emptied by removals gives its memory back.
+ */
 const MAX_LOAD = 0.5;
+const MIN_LOAD = 0.125;
 const MIN_CAPACITY = 8;
 
 /** 0 marks a free cell in FP, an unused inline posting, and an absent `more` list. */
@@ -101,36 +105,32 @@ export class IdTable {
     if (base === -1) return;
     const cells = this.#cells;
     const more = cells[base + MORE] as More | typeof FREE;
-    if (more !== FREE) {
-      const k = more.indexOf(subId);
-      if (k !== -1) {
-        more[k] = more[more.length - 2] as string;
-        more[k + 1] = more[more.length - 1] as number;
-        more.length -= 2;
-        if (more.length === 0) cells[base + MORE] = FREE;
-        return;
-      }
+    const k = more === FREE ? -1 : more.indexOf(subId);
+    if (k !== -1) {
+      const list = more as More;
+      list[k] = list[list.length - 2] as string;
+      list[k + 1] = list[list.length - 1] as number;
+      list.length -= 2;
+      if (list.length === 0) cells[base + MORE] = FREE;
+      return;
     }
-    const inline = cells[base + FLAGS] as number;
-    let used = 0;
-    while (used < INLINE && ((inline >>> (FLAG_BITS * used)) & FLAG_MASK) !== 0) used++;
-    for (let k = 0; k < used; k++) {
-      if (cells[base + SUBS + k] !== subId) continue;
-      // Keep inline postings in front: the last one, or the first of `more`, takes the place freed.
-      let flags = inline & ~(FLAG_MASK << (FLAG_BITS * k));
-      if (more !== FREE) {
-        flags |= (more.pop() as number) << (FLAG_BITS * k);
-        cells[base + SUBS + k] = more.pop() as string;
-        if (more.length === 0) cells[base + MORE] = FREE;
+    for (let slot = 0; slot < INLINE; slot++) {
+      if (cells[base + SUBS + slot] !== subId) continue;
+      const shift = FLAG_BITS * slot;
+      let flags = (cells[base + FLAGS] as number) & ~(FLAG_MASK << shift);
+      if (more === FREE) {
+        cells[base + SUBS + slot] = FREE;
       } else {
-        const last = used - 1;
-        cells[base + SUBS + k] = cells[base + SUBS + last] as string;
-        flags |= ((inline >>> (FLAG_BITS * last)) & FLAG_MASK) << (FLAG_BITS * k);
-        flags &= ~(FLAG_MASK << (FLAG_BITS * last));
-        cells[base + SUBS + last] = FREE;
+        // Refill the slot from `more`, which then holds postings only while all four slots are taken.
+        flags |= (more.pop() as number) << shift;
+        cells[base + SUBS + slot] = more.pop() as string;
+        if (more.length === 0) cells[base + MORE] = FREE;
       }
       cells[base + FLAGS] = flags;
-      if (flags === 0) this.#deleteAt(base);
+      if (flags !== 0) return;
+      this.#deleteAt(base);
+      const capacity = this.#mask + 1;
+      if (capacity > MIN_CAPACITY && this.#ids < capacity * MIN_LOAD) this.#resize(capacity / 2);
       return;
     }
   }
