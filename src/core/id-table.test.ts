@@ -38,7 +38,7 @@ class Model {
 
 function collected(table: IdTable, id: string, bit: number, ends: ReadonlyMap<string, number>): string[] {
   const out: string[] = [];
-  table.collect(id, idFingerprint(id), bit, NOW, ends, out);
+  table.collect(id, bit, NOW, ends, out);
   return out.sort();
 }
 
@@ -58,6 +58,7 @@ describe('idFingerprint', () => {
       expect(fp | 0).toBe(fp);
     }
     expect(idFingerprint('aaa-12345678')).toBe(idFingerprint('bbb-12345678'));
+    expect(idFingerprint('aaa-12345678', true)).not.toBe(idFingerprint('bbb-12345678', true));
     expect(idFingerprint('a-12345678')).not.toBe(idFingerprint('aa-12345678'));
     expect(idFingerprint('r1')).not.toBe(idFingerprint('r2'));
   });
@@ -111,19 +112,41 @@ describe('IdTable', () => {
 
   it('tells apart ids with the same fingerprint', () => {
     const table = new IdTable();
-    const ids = family('00000001', 40);
-    expect(new Set(ids.map(idFingerprint)).size).toBe(1);
+    const ids = family('00000001', 8);
+    expect(new Set(ids.map((id) => idFingerprint(id))).size).toBe(1);
     for (const [k, id] of ids.entries()) table.add(id, `s${k}`, 1);
+    expect(table.fingerprintsWholeIds).toBe(false);
     for (const [k, id] of ids.entries()) expect(collected(table, id, 1, new Map())).toEqual([`s${k}`]);
-    expect(collected(table, family('00000001', 41)[40] as string, 1, new Map())).toEqual([]);
+    expect(collected(table, family('00000001', 9)[8] as string, 1, new Map())).toEqual([]);
+  });
+
+  it('fingerprints whole ids once more than eight ids share one fingerprint, and keeps every posting', () => {
+    const table = new IdTable();
+    const ids = family('00000001', 40);
+    for (const [k, id] of ids.entries()) {
+      table.add(id, `s${k}`, 1);
+      table.add(id, `t${k}`, 2);
+      expect(table.fingerprintsWholeIds).toBe(k >= 8);
+    }
+    for (const [k, id] of ids.entries()) {
+      expect(collected(table, id, 1, new Map())).toEqual([`s${k}`]);
+      expect(collected(table, id, 2, new Map())).toEqual([`t${k}`]);
+    }
   });
 
   // Random adds and removes against the model, over ids that collide on purpose (families sharing a
   // fingerprint) and by chance (many ids in few slots), through growth and backward-shift deletions.
-  for (const [name, ids] of [
-    ['random short ids', Array.from({ length: 600 }, (_, k) => `r${(k * 7919).toString(36)}`)],
-    ['fingerprint families', ['a', 'b', 'c', 'd', 'e', 'f'].flatMap((c) => family(c.repeat(8), 60))],
-    ['one family', family('zzzzzzzz', 200)],
+  // Families of up to 8 ids stay on tail fingerprints (collision chains); larger ones switch the table
+  // to whole ids in the middle of the run.
+  const tails = Array.from({ length: 60 }, (_, k) => k.toString(36).padStart(8, '-'));
+  for (const [name, ids, wholeIds] of [
+    ['random short ids', Array.from({ length: 600 }, (_, k) => `r${(k * 7919).toString(36)}`), false],
+    ['families of 8 sharing a fingerprint', tails.flatMap((tail) => family(tail, 8)), false],
+    [
+      'families of 60 sharing a fingerprint',
+      ['a', 'b', 'c', 'd', 'e', 'f'].flatMap((c) => family(c.repeat(8), 60)),
+      true,
+    ],
   ] as const) {
     it(`agrees with a model under random adds and removes: ${name}`, () => {
       const random = prng(ids.length);
@@ -160,6 +183,7 @@ describe('IdTable', () => {
         if (step % 1000 === 999) check();
       }
       check();
+      expect(table.fingerprintsWholeIds).toBe(wholeIds);
       for (const [id, subId] of live) table.remove(id, subId);
       expect(table.size).toBe(0);
       for (const id of ids) expect(collected(table, id, 7, ends)).toEqual([]);

@@ -45,22 +45,28 @@ const FREE = 0;
 type More = (string | number)[];
 type Slot = string | number | More;
 
-/** How many characters of an id the fingerprint reads, from its end. */
+/** How many characters of an id the fingerprint reads, from its end, until a table needs them all. */
 const SAMPLED_CHARS = 8;
 
+/** An insert that passes this many ids of its own fingerprint switches its table to whole ids. */
+const MAX_SAME_FINGERPRINT = 8;
+
 /**
- * A non-zero 32-bit hash of the length and the last 8 characters of `id`.
+ * A non-zero 32-bit hash of the length and the last 8 characters of `id` (all of them if `whole`).
  *
- * Bounded work on purpose: hashing a 36-character HealthLake UUID in full costs ~70–120 ns in JS,
- * as much as the rest of a match. The tail is where ids differ: the last 8 characters of a random
- * UUID carry 32 random bits, and sequential ids (`pat-000123`) vary at their end. Ids that differ only
- * before their last 8 characters and share a length collide; that costs probing, never correctness
- * (every hit compares the whole id).
+ * Bounded work on purpose: hashing a 36-character HealthLake UUID in full costs ~50–120 ns in JS,
+ * as much as the rest of a match; 8 characters cost ~15 ns, 2–4 characters ~8 ns. The tail is where
+ * ids differ: the last 8 characters of a random UUID carry 32 random bits, and sequential ids
+ * (`pat-000123`) vary at their end. Ids of one length that differ only before their last 8 characters
+ * collide, which costs probing, never correctness (every hit compares the whole id); a table that would
+ * hold more than MAX_SAME_FINGERPRINT of them switches to whole ids, so they cannot pile up.
  */
-export function idFingerprint(id: string): number {
+export function idFingerprint(id: string, whole = false): number {
   const n = id.length;
   let h = Math.imul(n, 0x9e3779b1);
-  for (let i = n > SAMPLED_CHARS ? n - SAMPLED_CHARS : 0; i < n; i++) h = Math.imul(h ^ id.charCodeAt(i), 0x01000193);
+  for (let i = whole || n <= SAMPLED_CHARS ? 0 : n - SAMPLED_CHARS; i < n; i++) {
+    h = Math.imul(h ^ id.charCodeAt(i), 0x01000193);
+  }
   h ^= h >>> 16;
   h = Math.imul(h, 0x85ebca6b);
   h ^= h >>> 13;
@@ -71,15 +77,21 @@ export class IdTable {
   #cells = freeCells(MIN_CAPACITY);
   #mask = MIN_CAPACITY - 1;
   #ids = 0;
+  #wholeIds = false;
 
   /** Number of ids with at least one posting. */
   get size(): number {
     return this.#ids;
   }
 
+  /** Whether the table fingerprints whole ids (it saw too many ids sharing a tail); for tests. */
+  get fingerprintsWholeIds(): boolean {
+    return this.#wholeIds;
+  }
+
   /** Files `subId` under `id` with `flags` (non-zero, 4 bits); the caller never files a pair twice. */
   add(id: string, subId: string, flags: number): void {
-    const fp = idFingerprint(id);
+    const fp = idFingerprint(id, this.#wholeIds);
     let base = this.#find(id, fp);
     if (base === -1) {
       if ((this.#ids + 1) / (this.#mask + 1) > MAX_LOAD) this.#resize(2 * (this.#mask + 1));
@@ -101,7 +113,7 @@ export class IdTable {
 
   /** Drops the posting of `subId` under `id`, and `id` with its last posting; absent ones are ignored. */
   remove(id: string, subId: string): void {
-    const base = this.#find(id, idFingerprint(id));
+    const base = this.#find(id, idFingerprint(id, this.#wholeIds));
     if (base === -1) return;
     const cells = this.#cells;
     const more = cells[base + MORE] as More | typeof FREE;
@@ -137,12 +149,11 @@ export class IdTable {
 
   /**
    * Pushes onto `out` the subscriptions filed under `id` whose flags share a bit with `bit`, skipping
-   * those flagged HAS_END whose end in `ends` is at or before `nowMs`. `fp` is `idFingerprint(id)`
-   * (the caller computes it once for the type's table and the `*` table).
+   * those flagged HAS_END whose end in `ends` is at or before `nowMs`.
    */
-  collect(id: string, fp: number, bit: number, nowMs: number, ends: ReadonlyMap<string, number>, out: string[]): void {
+  collect(id: string, bit: number, nowMs: number, ends: ReadonlyMap<string, number>, out: string[]): void {
     if (this.#ids === 0) return;
-    const base = this.#find(id, fp);
+    const base = this.#find(id, idFingerprint(id, this.#wholeIds));
     if (base === -1) return;
     const cells = this.#cells;
     const inline = cells[base + FLAGS] as number;
@@ -171,12 +182,22 @@ export class IdTable {
     }
   }
 
-  /** Claims the first free cell of `fp`'s chain for `id` (absent, and a free cell exists). */
+  /**
+   * Claims the first free cell of `fp`'s chain for `id` (absent, and a free cell exists) and returns
+   * its first slot. If the chain holds too many other ids of the same fingerprint, first switches the
+   * table to whole-id fingerprints (rehashing it), then files `id` under its new fingerprint.
+   */
   #insert(id: string, fp: number): number {
     const cells = this.#cells;
     const mask = this.#mask;
     let cell = fp & mask;
-    while (cells[cell * STRIDE + FP] !== FREE) cell = (cell + 1) & mask;
+    let same = 0;
+    for (; cells[cell * STRIDE + FP] !== FREE; cell = (cell + 1) & mask) if (cells[cell * STRIDE + FP] === fp) same++;
+    if (same >= MAX_SAME_FINGERPRINT && !this.#wholeIds) {
+      this.#wholeIds = true;
+      this.#resize(mask + 1);
+      return this.#insert(id, idFingerprint(id, true));
+    }
     const base = cell * STRIDE;
     cells[base + FP] = fp;
     cells[base + KEY] = id;
@@ -208,7 +229,8 @@ export class IdTable {
     this.#ids = 0;
     for (let base = 0; base < old.length; base += STRIDE) {
       if (old[base + FP] === FREE) continue;
-      const to = this.#insert(old[base + KEY] as string, old[base + FP] as number);
+      const id = old[base + KEY] as string;
+      const to = this.#insert(id, this.#wholeIds ? idFingerprint(id, true) : (old[base + FP] as number));
       for (let s = FLAGS; s < STRIDE; s++) this.#cells[to + s] = old[base + s] as Slot;
     }
   }

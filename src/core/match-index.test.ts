@@ -107,9 +107,14 @@ describe('MatchIndex agrees with matchesSpec', () => {
 describe('MatchIndex agrees with matchesSpec under churn', () => {
   // Ids of one length that differ only before their last 8 characters share a fingerprint (see
   // idFingerprint), so these families put many ids on one probe chain of the id tables.
-  const families = ['00000000', 'a1b2c3d4', 'zzzzzzzz'].flatMap((tail) =>
-    Array.from({ length: 15 }, (_, k) => `${String.fromCharCode(97 + k)}-${tail}`),
-  );
+  // The two families of 8 stay on one chain each; the family of 20 makes a table switch to whole ids.
+  const families = (
+    [
+      ['00000000', 8],
+      ['a1b2c3d4', 8],
+      ['zzzzzzzz', 20],
+    ] as const
+  ).flatMap(([tail, n]) => Array.from({ length: n }, (_, k) => `${String.fromCharCode(97 + k)}-${tail}`));
   const IDS = [...families, ...Array.from({ length: 60 }, (_, k) => `r${(k * 7919).toString(36)}`)];
   const TYPES = ['Patient', 'Observation', 'Encounter'];
 

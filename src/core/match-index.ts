@@ -1,4 +1,4 @@
-import { HAS_END, IdTable, idFingerprint } from './id-table.js';
+import { HAS_END, IdTable } from './id-table.js';
 import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, SubscriptionStatus } from './types.js';
 
 /**
@@ -85,8 +85,6 @@ export class MatchIndex {
   readonly #entries = new Map<string, Entry>();
   /** End (epoch ms) of the id-filtered subscriptions that have one (postings flagged HAS_END). */
   readonly #ends = new Map<string, number>();
-  /** Indexed subscriptions filed by id: while there are none, a match skips fingerprinting the id. */
-  #idFiltered = 0;
 
   /** Add, replace or (for statuses that no longer match) remove a subscription. */
   upsert(sub: Pick<SubscriptionRecord, 'id' | 'status' | 'match' | 'end'>): void {
@@ -97,7 +95,6 @@ export class MatchIndex {
     this.#entries.set(sub.id, entry);
     // Nothing can match a subscription without interactions; postings need a non-zero flag.
     if (entry.interactions.length === 0) return;
-    if (entry.ids !== undefined) this.#idFiltered++;
     let flags = 0;
     for (const i of entry.interactions) flags |= BIT[i];
     if (endMs !== NO_END) {
@@ -123,7 +120,6 @@ export class MatchIndex {
     if (entry === undefined) return;
     this.#entries.delete(id);
     if (entry.interactions.length === 0) return;
-    if (entry.ids !== undefined) this.#idFiltered--;
     for (const type of entry.types) {
       const slot = this.#slots.get(type);
       if (slot === undefined) continue;
@@ -145,10 +141,9 @@ export class MatchIndex {
     const any = this.#slots.get(ANY);
     if (typed !== undefined) typed[i].collect(nowMs, out);
     if (any !== undefined) any[i].collect(nowMs, out);
-    if (id === undefined || this.#idFiltered === 0) return out;
-    const fp = idFingerprint(id);
-    if (typed !== undefined) typed.byId.collect(id, fp, BIT[i], nowMs, this.#ends, out);
-    if (any !== undefined) any.byId.collect(id, fp, BIT[i], nowMs, this.#ends, out);
+    if (id === undefined) return out;
+    if (typed !== undefined) typed.byId.collect(id, BIT[i], nowMs, this.#ends, out);
+    if (any !== undefined) any.byId.collect(id, BIT[i], nowMs, this.#ends, out);
     return out;
   }
 
