@@ -6,9 +6,10 @@
  * what its chain of dependent memory reads costs. A `Map<string, postings>` walks bucket → entry →
  * key string (to compare) → posting array → its elements: four or five misses in a row. Here a cell is
  * 8 consecutive slots of one array `[fingerprint, id, flags, sub0, sub1, sub2, sub3, more]`, found from
- * a fingerprint computed in JS: the first read compares the fingerprint (a small integer, no pointer to
- * follow) and brings the postings with it. The exact key check reads the id string, but nothing waits
- * for it except a branch the CPU predicts, so it overlaps with the rest of the match.
+ * a fingerprint computed in JS: one read brings the fingerprint to compare (a small integer, no pointer
+ * to follow) and the postings. Only the exact key check follows a pointer, to the id string: two
+ * dependent reads per hit (at 100k subscriptions on the bench machine, ~60 ns for the cell and ~25 ns
+ * for the key with 2–4 character ids, ~90 ns with 36-character UUIDs).
  *
  * Linear probing keeps a collision chain in neighbouring cells (the next cache line); deletions shift
  * the chain back instead of leaving tombstones, so a look-up never walks cells nobody uses.

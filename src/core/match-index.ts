@@ -14,8 +14,8 @@ import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, Subscr
  * - per resource type (or `*`), one bucket per interaction for subscriptions on every id;
  * - per resource type, ONE id table (see id-table.ts) from resource id to postings (subscription id,
  *   interactions as bits). One id look-up serves all three interactions, so the table has a key per
- *   (type, id), not per (type, interaction, id), and a hit is one cache line read after the hash: the
- *   key's fingerprint and the first four postings sit side by side.
+ *   (type, id), not per (type, interaction, id), and a hit reads one cell (the key's fingerprint and
+ *   its first four postings side by side) and then the id string to confirm it.
  */
 
 const ANY = '*';
