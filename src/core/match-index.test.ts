@@ -104,6 +104,84 @@ describe('MatchIndex agrees with matchesSpec', () => {
   });
 });
 
+describe('MatchIndex agrees with matchesSpec under churn', () => {
+  // Ids of one length that differ only before their last 8 characters share a fingerprint (see
+  // idFingerprint), so these families put many ids on one probe chain of the id tables.
+  // The two families of 8 stay on one chain each; the family of 20 makes a table switch to whole ids.
+  const families = (
+    [
+      ['00000000', 8],
+      ['a1b2c3d4', 8],
+      ['zzzzzzzz', 20],
+    ] as const
+  ).flatMap(([tail, n]) => Array.from({ length: n }, (_, k) => `${String.fromCharCode(97 + k)}-${tail}`));
+  const IDS = [...families, ...Array.from({ length: 60 }, (_, k) => `r${(k * 7919).toString(36)}`)];
+  const TYPES = ['Patient', 'Observation', 'Encounter'];
+
+  it('returns exactly the reference answer through thousands of upserts, re-upserts and removals', () => {
+    const random = prng(4_242);
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(random() * xs.length)] as T;
+    const someOf = <T>(xs: readonly T[], p: number): T[] => {
+      const chosen = xs.filter(() => random() < p);
+      return chosen.length === 0 ? [pick(xs)] : chosen;
+    };
+    const randomSub = (id: string): IndexedSub => {
+      const resourceTypes = random() < 0.1 ? '*' : someOf(TYPES, 0.3);
+      const interactions = random() < 0.4 ? [...ALL] : someOf(ALL, 0.4);
+      // Mostly id-filtered, sometimes naming an id twice.
+      const ids = random() < 0.85 ? Array.from({ length: 1 + Math.floor(random() * 4) }, () => pick(IDS)) : undefined;
+      const end =
+        random() < 0.3
+          ? new Date(NOW + (random() < 0.5 ? -1 : 1) * Math.floor(random() * 1e6)).toISOString()
+          : undefined;
+      const status = random() < 0.1 ? 'off' : 'active';
+      return sub(
+        id,
+        ids === undefined ? { resourceTypes, interactions } : { resourceTypes, interactions, ids },
+        status,
+        end,
+      );
+    };
+    const changes = Array.from({ length: 300 }, () =>
+      change(pick([...TYPES, 'Practitioner']), pick(ALL), random() < 0.1 ? undefined : pick([...IDS, 'other'])),
+    );
+    const expected = (c: ResourceChange, population: Iterable<IndexedSub>): string[] =>
+      [...population]
+        .filter(
+          (s) => s.status !== 'off' && (s.end === undefined || Date.parse(s.end) > NOW) && matchesSpec(s.match, c),
+        )
+        .map((s) => s.id)
+        .sort();
+
+    const index = new MatchIndex();
+    const current = new Map<string, IndexedSub>();
+    const subIds = Array.from({ length: 400 }, (_, k) => `s${k}`);
+    for (let step = 0; step < 6_000; step++) {
+      const id = pick(subIds);
+      // Grow towards ~300 subscriptions, then churn: replace, re-upsert unchanged, remove.
+      const r = random();
+      if (r < 0.6) {
+        const next = randomSub(id);
+        index.upsert(next);
+        if (next.status === 'off') current.delete(id);
+        else current.set(id, next);
+      } else if (r < 0.7 && current.has(id)) {
+        index.upsert(current.get(id) as IndexedSub);
+      } else {
+        index.remove(id);
+        current.delete(id);
+      }
+      if (step % 500 === 499) {
+        expect(index.size).toBe(current.size);
+        for (const c of changes) expect(index.match(c, NOW).sort()).toEqual(expected(c, current.values()));
+      }
+    }
+    for (const id of subIds) index.remove(id);
+    expect(index.size).toBe(0);
+    for (const c of changes) expect(index.match(c, NOW)).toEqual([]);
+  });
+});
+
 describe('MatchIndex', () => {
   const patientAll: MatchSpec = { resourceTypes: ['Patient'], interactions: ALL };
 
@@ -195,6 +273,19 @@ describe('MatchIndex', () => {
     index.upsert(sub('type', patientAll));
     index.upsert(sub('ids', { resourceTypes: ['Patient'], interactions: ALL, ids: ['p1'] }));
     expect(index.match(change('Patient', 'update'), NOW)).toEqual(['type']);
+  });
+
+  it('counts but never matches a subscription without interactions, and removes it', () => {
+    const index = new MatchIndex();
+    index.upsert(
+      sub('none', { resourceTypes: ['Patient'], interactions: [], ids: ['p1'] }, 'active', '2031-01-01T00:00:00Z'),
+    );
+    index.upsert(sub('typeOnly', { resourceTypes: '*', interactions: [] }));
+    expect(index.size).toBe(2);
+    for (const i of ALL) expect(index.match(change('Patient', i, 'p1'), NOW)).toEqual([]);
+    index.remove('none');
+    index.remove('typeOnly');
+    expect(index.size).toBe(0);
   });
 
   it('never indexes a subscription whose ids are empty', () => {

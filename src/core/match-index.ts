@@ -1,3 +1,4 @@
+import { HAS_END, IdTable } from './id-table.js';
 import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, SubscriptionStatus } from './types.js';
 
 /**
@@ -11,10 +12,10 @@ import type { Interaction, MatchSpec, ResourceChange, SubscriptionRecord, Subscr
  * Layout, chosen for memory latency (at 100k subscriptions the index no longer fits the caches, and
  * every dependent read that misses costs more than the rest of a match):
  * - per resource type (or `*`), one bucket per interaction for subscriptions on every id;
- * - per resource type, ONE map from resource id to a flat posting list `[subId, flags, subId, flags…]`
- *   where `flags` holds the interactions as bits. One id look-up serves all three interactions, so
- *   the map has a key per (type, id), not per (type, interaction, id), and a hit costs one array
- *   read. Posting lists are copied on write, so an array and its elements are allocated together.
+ * - per resource type, ONE id table (see id-table.ts) from resource id to postings (subscription id,
+ *   interactions as bits). One id look-up serves all three interactions, so the table has a key per
+ *   (type, id), not per (type, interaction, id), and a hit reads one cell (the key's fingerprint and
+ *   its first four postings side by side) and then the id string to confirm it.
  */
 
 const ANY = '*';
@@ -23,8 +24,6 @@ const ANY = '*';
 const MATCHING: ReadonlySet<SubscriptionStatus> = new Set(['requested', 'active', 'error']);
 
 const BIT: Readonly<Record<Interaction, number>> = { create: 1, update: 2, delete: 4 };
-/** Flag on a posting whose subscription has an `end`: look it up in `#ends` before matching. */
-const HAS_END = 8;
 const NO_END = Number.POSITIVE_INFINITY;
 
 /**
@@ -61,17 +60,14 @@ class Bucket {
   }
 }
 
-/** `[subId, flags, subId, flags, …]`; never mutated in place (copy on write). */
-type Postings = readonly (string | number)[];
-
 /** Everything filed under one resource type (or `*`). */
 class TypeSlot {
   /** Subscriptions on every id of the type, by interaction. */
   readonly create = new Bucket();
   readonly update = new Bucket();
   readonly delete = new Bucket();
-  /** Subscriptions filtered to some ids: resource id → posting list. */
-  readonly byId = new Map<string, Postings>();
+  /** Subscriptions filtered to some ids: resource id → postings (subscription id, interaction bits). */
+  readonly byId = new IdTable();
 
   get empty(): boolean {
     return this.create.size === 0 && this.update.size === 0 && this.delete.size === 0 && this.byId.size === 0;
@@ -96,6 +92,9 @@ export class MatchIndex {
     if (!MATCHING.has(sub.status)) return;
     const endMs = sub.end === undefined ? NO_END : Date.parse(sub.end);
     const entry = entryOf(sub.match);
+    this.#entries.set(sub.id, entry);
+    // Nothing can match a subscription without interactions; postings need a non-zero flag.
+    if (entry.interactions.length === 0) return;
     let flags = 0;
     for (const i of entry.interactions) flags |= BIT[i];
     if (endMs !== NO_END) {
@@ -111,31 +110,27 @@ export class MatchIndex {
       if (entry.ids === undefined) {
         for (const i of entry.interactions) slot[i].add(sub.id, endMs);
       } else {
-        for (const id of entry.ids) slot.byId.set(id, [...(slot.byId.get(id) ?? []), sub.id, flags]);
+        for (const id of entry.ids) slot.byId.add(id, sub.id, flags);
       }
     }
-    this.#entries.set(sub.id, entry);
   }
 
   remove(id: string): void {
     const entry = this.#entries.get(id);
     if (entry === undefined) return;
+    this.#entries.delete(id);
+    if (entry.interactions.length === 0) return;
     for (const type of entry.types) {
       const slot = this.#slots.get(type);
       if (slot === undefined) continue;
       if (entry.ids === undefined) {
         for (const i of entry.interactions) slot[i].delete(id);
       } else {
-        for (const resourceId of entry.ids) {
-          const kept = withoutSub(slot.byId.get(resourceId) ?? [], id);
-          if (kept.length === 0) slot.byId.delete(resourceId);
-          else slot.byId.set(resourceId, kept);
-        }
+        for (const resourceId of entry.ids) slot.byId.remove(resourceId, id);
       }
       if (slot.empty) this.#slots.delete(type);
     }
     this.#ends.delete(id);
-    this.#entries.delete(id);
   }
 
   /** Ids of the subscriptions the change matches, each once, as of `nowMs` (expired ones skipped). */
@@ -143,29 +138,17 @@ export class MatchIndex {
     const out: string[] = [];
     const { resourceType: type, interaction: i, resourceId: id } = change;
     const typed = this.#slots.get(type);
-    if (typed !== undefined) this.#collect(typed, i, id, nowMs, out);
     const any = this.#slots.get(ANY);
-    if (any !== undefined) this.#collect(any, i, id, nowMs, out);
+    if (typed !== undefined) typed[i].collect(nowMs, out);
+    if (any !== undefined) any[i].collect(nowMs, out);
+    if (id === undefined) return out;
+    if (typed !== undefined) typed.byId.collect(id, BIT[i], nowMs, this.#ends, out);
+    if (any !== undefined) any.byId.collect(id, BIT[i], nowMs, this.#ends, out);
     return out;
   }
 
   get size(): number {
     return this.#entries.size;
-  }
-
-  #collect(slot: TypeSlot, i: Interaction, resourceId: string | undefined, nowMs: number, out: string[]): void {
-    slot[i].collect(nowMs, out);
-    if (resourceId === undefined || slot.byId.size === 0) return;
-    const postings = slot.byId.get(resourceId);
-    if (postings === undefined) return;
-    const bit = BIT[i];
-    for (let k = 0; k < postings.length; k += 2) {
-      const flags = postings[k + 1] as number;
-      if ((flags & bit) === 0) continue;
-      const subId = postings[k] as string;
-      if ((flags & HAS_END) !== 0 && (this.#ends.get(subId) as number) <= nowMs) continue;
-      out.push(subId);
-    }
   }
 }
 
@@ -177,13 +160,6 @@ function entryOf(spec: MatchSpec): Entry {
   };
 }
 
-function withoutSub(postings: Postings, subId: string): Postings {
-  const kept: (string | number)[] = [];
-  for (let k = 0; k < postings.length; k += 2) {
-    if (postings[k] !== subId) kept.push(postings[k] as string, postings[k + 1] as number);
-  }
-  return kept;
-}
 /** The reference semantics the index must agree with; also the bench's linear-scan baseline. */
 export function matchesSpec(spec: MatchSpec, change: ResourceChange): boolean {
   if (spec.resourceTypes !== '*' && !spec.resourceTypes.includes(change.resourceType)) return false;
