@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 /**
  * Resource id → posting list (subscription id + 4 flag bits), as an open-addressing hash table whose
  * cells hold the key and the first postings inline.
@@ -46,6 +47,12 @@ const FREE = 0;
 type More = (string | number)[];
 type Slot = string | number | More;
 
+/**
+ * Per-process seed: whole-id fingerprints cannot be precomputed by someone registering crafted ids to
+ * lengthen one probe chain (the per-client subscription quota bounds how many they could file anyway).
+ */
+const SEED = randomBytes(4).readUInt32LE(0);
+
 /** How many characters of an id the fingerprint reads, from its end, until a table needs them all. */
 const SAMPLED_CHARS = 8;
 
@@ -64,7 +71,7 @@ const MAX_SAME_FINGERPRINT = 8;
  */
 export function idFingerprint(id: string, whole = false): number {
   const n = id.length;
-  let h = Math.imul(n, 0x9e3779b1);
+  let h = Math.imul(n ^ SEED, 0x9e3779b1);
   for (let i = whole || n <= SAMPLED_CHARS ? 0 : n - SAMPLED_CHARS; i < n; i++) {
     h = Math.imul(h ^ id.charCodeAt(i), 0x01000193);
   }
