@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+
 /**
  * Resource id → posting list (subscription id + 4 flag bits), as an open-addressing hash table whose
  * cells hold the key and the first postings inline.
