@@ -256,7 +256,12 @@ export class Dispatcher {
       while (!this.#closed && this.#lanes.get(id) === lane) {
         const sub = this.#registry.get(id);
         if (sub === undefined || sub.status !== 'active') return;
-        if (lane.queue.length === 0 && lane.backlog) await this.#reload(id, lane);
+        if (lane.queue.length === 0 && lane.backlog) {
+          await this.#reload(id, lane);
+          // Notifications committed while the store was being read set `missed` (their wake-up
+          // found this lane running): read again rather than stop with them in the store.
+          if (lane.queue.length === 0 && lane.backlog) continue;
+        }
         const head = lane.queue[0];
         if (head === undefined) return;
         const now = this.#clock.now();

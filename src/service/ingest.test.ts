@@ -31,14 +31,23 @@ function controlledStore(): { store: Store; calls: Call[] } {
 
 const event = (id: string, resourceId: string): unknown => eventLike('healthlake-update-patient', id, resourceId);
 
-/** Every change matches subscription `s1`; a committed item becomes one notification numbered by order. */
-function setup() {
+/**
+ * Every change matches subscription `s1`; a committed item becomes one notification numbered by
+ * order. `refresh`, when given, makes the store look like DynamoDB's (a type index to match with,
+ * and a registry refresh between commit and hand-over).
+ */
+function setup(refresh?: (ids: readonly string[]) => Promise<void>) {
   const { store, calls } = controlledStore();
+  if (refresh !== undefined) {
+    (store as { candidatesFor?: Store['candidatesFor'] }).candidatesFor = async () => [
+      { id: 's1', match: { resourceTypes: ['Patient'], interactions: ['create', 'update', 'delete'] } },
+    ];
+  }
   const enqueued: Notification[] = [];
   const registry = {
     match: () => ['s1'],
     noteNotifications: () => undefined,
-    refresh: async () => undefined,
+    refresh: refresh ?? (async () => undefined),
   } as unknown as SubscriptionRegistry;
   const ingest = new IngestService({
     store,
@@ -101,5 +110,29 @@ describe('IngestService group commit', () => {
     await expect(first).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE' });
     expect(await second).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
     expect(enqueued.map((n) => n.change.resourceId)).toEqual(['p1']);
+  });
+
+  it('hands notifications over in commit order even when a later request refreshes first', async () => {
+    // The first request's registry refresh (a store read) is slow; any later one answers at once.
+    let release = (): void => undefined;
+    let refreshes = 0;
+    const { ingest, calls, enqueued, answer } = setup(() =>
+      ++refreshes === 1 ? new Promise<void>((resolve) => (release = resolve)) : Promise.resolve(),
+    );
+    const first = ingest.ingest(event('e0', 'p0'));
+    await tick();
+    const second = ingest.ingest(event('e1', 'p1'));
+    await tick();
+    answer(calls[0] as Call);
+    answer(calls[1] as Call);
+    await tick();
+    // Event 2 is committed and its refresh would be quick, but event 1 is not handed over yet.
+    expect(enqueued).toEqual([]);
+    release();
+    await Promise.all([first, second]);
+    expect(enqueued.map((n) => [n.change.resourceId, n.eventNumber])).toEqual([
+      ['p0', 1],
+      ['p1', 2],
+    ]);
   });
 });

@@ -57,6 +57,8 @@ export class IngestService {
    * The store answers commits in order, so notifications reach the dispatcher in commit order.
    */
   #inFlight = 0;
+  /** Tail of the post-commit hand-overs (see `#inCommitOrder`). */
+  #handoff: Promise<void> = Promise.resolve();
 
   constructor(deps: {
     store: Store;
@@ -111,10 +113,12 @@ export class IngestService {
     const outcomes = items.length === 0 ? [] : await this.#commit(items);
     const notifications = outcomes.flatMap((o) => o.notifications);
     const duplicates = outcomes.filter((o) => o.duplicate).length;
-    if (this.#store.candidatesFor !== undefined)
-      await this.#registry.refresh(notifications.map((n) => n.subscriptionId));
-    this.#registry.noteNotifications(notifications);
-    this.#sink.enqueue(notifications, receivedAt);
+    await this.#inCommitOrder(async () => {
+      if (this.#store.candidatesFor !== undefined)
+        await this.#registry.refresh(notifications.map((n) => n.subscriptionId));
+      this.#registry.noteNotifications(notifications);
+      this.#sink.enqueue(notifications, receivedAt);
+    });
 
     const result = { accepted: outcomes.length - duplicates, ignored, duplicates };
     this.#metrics.inc('broker_events_total', { outcome: 'accepted' }, result.accepted);
@@ -139,6 +143,18 @@ export class IngestService {
       throw new BrokerError('STORE_UNAVAILABLE', 'The events could not be matched; retry', { cause: err });
     }
     return (change) => matchCandidates(candidates.get(change.resourceType) ?? [], change, nowMs);
+  }
+
+  /**
+   * Runs the hand-over to the dispatcher of each request in the order its commit was answered (the
+   * order requests reach this call). Without it, a request whose registry refresh (a store read)
+   * finished late would enqueue event 4 after event 5 of the same subscription had been delivered,
+   * and the lane, which counts delivered numbers, would take 4 for done: left pending in the store.
+   */
+  #inCommitOrder(step: () => Promise<void>): Promise<void> {
+    const run = this.#handoff.then(step);
+    this.#handoff = run.catch(() => undefined);
+    return run;
   }
 
   #commit(items: readonly AcceptItem[]): Promise<AcceptOutcome[]> {
