@@ -70,4 +70,42 @@ describe('dispatcher lane reload', () => {
     await receiver.waitFor(() => events().length === 1, 'the event notification', 5_000);
     expect(events().map(focusOf)).toEqual([expect.stringMatching(/\/Patient\/race-patient$/)]);
   });
+
+  it('delivers a pending notification numbered below what the lane already delivered (another instance committed it)', async () => {
+    receiver = await Receiver.start();
+    t = await inProcessBroker();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/hook`));
+    const id = sub.id as string;
+    await receiver.waitFor(() => receiver!.on('/hook').length === 1, 'the handshake');
+    // Another instance sharing the store accepts an event for this subscription (number 1) and
+    // leaves it pending, e.g. frozen before it could deliver; this instance's dispatcher never saw it.
+    await t.broker.store.acceptChanges(
+      [
+        {
+          change: {
+            eventId: 'other-instance-1',
+            resourceType: 'Patient',
+            resourceId: 'elsewhere',
+            interaction: 'update',
+            datastoreId: 'abcdef01234567890abcdef012345678',
+            fhirBase: 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4',
+            time: '2026-01-01T00:00:00.000Z',
+          },
+          subscriptionIds: [id],
+        },
+      ],
+      Date.now(),
+    );
+    // This instance accepts and delivers number 2.
+    await t.post(eventLike('healthlake-update-patient', 'this-instance-2', 'here'));
+    const events = (): Json[] => receiver!.on('/hook').flatMap((r) => statusOf(JSON.parse(r.body) as Json).events);
+    await receiver.waitFor(() => events().length === 1, 'event 2');
+    // The scheduled dispatch (what the AWS dispatcher function runs every minute) resumes pending work.
+    await t.broker.dispatcher.start();
+    await receiver.waitFor(() => events().length === 2, 'event 1, left pending by the other instance', 5_000);
+    expect(events().map(focusOf)).toEqual([
+      expect.stringMatching(/\/Patient\/here$/),
+      expect.stringMatching(/\/Patient\/elsewhere$/),
+    ]);
+  });
 });

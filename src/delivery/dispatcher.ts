@@ -48,8 +48,13 @@ class Lane {
   running = false;
   /** The store holds pending notifications beyond what `queue` has. */
   backlog = false;
-  /** Highest event number delivered or dead-lettered here: never read back from the store again. */
+  /** Highest event number delivered or dead-lettered here: reads of the backlog start above it. */
   done = 0;
+  /**
+   * The next backlog read starts from the lowest pending number instead (set by `start`): another
+   * instance sharing the store may have left a number below `done` pending.
+   */
+  rescan = false;
   /** A store read for this lane is under way. */
   reloading = false;
   /** Something was enqueued while `reloading`: read the store again afterwards. */
@@ -88,6 +93,8 @@ export class Dispatcher {
   #closed = false;
   #updates: DeliveryUpdate[] = [];
   #flushing: Promise<void> | undefined;
+  /** Tail of the delivery-state writes: batches are written one after another, in order. */
+  #recorded: Promise<void> = Promise.resolve();
 
   constructor(deps: {
     store: Store;
@@ -134,7 +141,10 @@ export class Dispatcher {
   /** Resume after a restart: handshakes still owed, and every lane with pending notifications. */
   async start(): Promise<void> {
     for (const sub of this.#registry.all()) if (sub.status === 'requested') this.#track(this.#handshake(sub.id));
-    for (const id of await this.#store.subscriptionsWithPending()) this.#wake(id, true);
+    for (const id of await this.#store.subscriptionsWithPending()) {
+      this.#lane(id).rescan = true;
+      this.#wake(id, true);
+    }
     for (const sub of this.#registry.all()) this.#scheduleHeartbeat(sub.id);
     await this.#purge();
     if (this.#purgeTimer === undefined) {
@@ -286,18 +296,27 @@ export class Dispatcher {
     }
   }
 
+  /**
+   * Reads the lane's backlog from the store: the pending notifications above what this lane
+   * delivered, or, on a rescan, all of them from the lowest number (another instance sharing the
+   * store may have left a lower number pending: numbers interleave across instances, and it must
+   * still go out, late rather than never). A rescan first writes the delivery states still waiting
+   * in the write-behind, so a row read as pending is one no attempt of this process delivered.
+   */
   async #reload(id: string, lane: Lane): Promise<void> {
     lane.reloading = true;
     lane.missed = false;
+    const rescan = lane.rescan;
+    lane.rescan = false;
     let rows: StoredNotification[];
     try {
-      rows = await this.#store.pendingNotifications(id, lane.done, this.#opts.laneBuffer);
+      if (rescan) await this.#flush();
+      rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, this.#opts.laneBuffer);
     } finally {
       lane.reloading = false;
     }
     const queued = new Set(lane.queue.map((q) => q.note.eventNumber));
-    for (const note of rows)
-      if (!queued.has(note.eventNumber) && note.eventNumber > lane.done) lane.queue.push({ note });
+    for (const note of rows) if (!queued.has(note.eventNumber)) lane.queue.push({ note });
     lane.queue.sort((a, b) => a.note.eventNumber - b.note.eventNumber);
     lane.backlog = rows.length === this.#opts.laneBuffer || lane.missed;
   }
@@ -529,16 +548,19 @@ export class Dispatcher {
     }
   }
 
-  async #flush(): Promise<void> {
+  /** Hands the waiting delivery states to the store; resolves once they and every earlier batch are written. */
+  #flush(): Promise<void> {
     const updates = this.#updates;
     this.#updates = [];
     this.#flushing = undefined;
-    if (updates.length === 0) return;
-    try {
-      await this.#store.recordDeliveries(updates);
-    } catch (err) {
-      this.#logger.error('could not record delivery states; they will be redelivered', { err: err as Error });
+    if (updates.length > 0) {
+      this.#recorded = this.#recorded
+        .then(() => this.#store.recordDeliveries(updates))
+        .catch((err: unknown) => {
+          this.#logger.error('could not record delivery states; they will be redelivered', { err: err as Error });
+        });
     }
+    return this.#recorded;
   }
 }
 
