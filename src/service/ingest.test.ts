@@ -135,4 +135,13 @@ describe('IngestService group commit', () => {
       ['p1', 2],
     ]);
   });
+
+  it('answers for committed events even when the registry re-read fails, and still hands them over', async () => {
+    const { ingest, calls, enqueued, answer } = setup(() => Promise.reject(new Error('throttled')));
+    const result = ingest.ingest(event('e0', 'p0'));
+    await tick();
+    answer(calls[0] as Call);
+    expect(await result).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+    expect(enqueued.map((n) => n.change.resourceId)).toEqual(['p0']);
+  });
 });

@@ -114,8 +114,16 @@ export class IngestService {
     const notifications = outcomes.flatMap((o) => o.notifications);
     const duplicates = outcomes.filter((o) => o.duplicate).length;
     await this.#inCommitOrder(async () => {
-      if (this.#store.candidatesFor !== undefined)
-        await this.#registry.refresh(notifications.map((n) => n.subscriptionId));
+      if (this.#store.candidatesFor !== undefined) {
+        // The events are committed: a failed re-read must not turn the answer into an error (the
+        // sender would retry, see duplicates and nothing would enqueue them). Delivery goes on with
+        // the cached records; a subscription not cached yet is picked up by the next resume.
+        await this.#registry.refresh(notifications.map((n) => n.subscriptionId)).catch((err: unknown) => {
+          this.#logger.warn('could not re-read the notified subscriptions; delivering from the cache', {
+            err: err as Error,
+          });
+        });
+      }
       this.#registry.noteNotifications(notifications);
       this.#sink.enqueue(notifications, receivedAt);
     });
