@@ -103,6 +103,9 @@ export class SqliteStore implements Store {
     this.#db.pragma(`synchronous = ${this.#synchronous}`);
     this.#db.pragma('busy_timeout = 5000');
     this.#db.pragma('foreign_keys = ON');
+    // Checkpoints are the writer thread's (see CHECKPOINT_PAGES): a commit on this connection (the
+    // event loop's) must never run one.
+    this.#db.pragma('wal_autocheckpoint = 0');
     this.#db.exec(SCHEMA);
     // The schema exists before the writer opens its own connection.
     this.#writer = new SqliteWriter(file, this.#synchronous);
