@@ -11,7 +11,7 @@ import { Allowlist } from './delivery/address-policy.js';
 import { Dispatcher } from './delivery/dispatcher.js';
 import { EndpointGuard, type Resolver, systemResolver } from './delivery/endpoint-guard.js';
 import { type HubLimits, type LocalSockets, LocalWebSocketHub } from './delivery/local-websocket-hub.js';
-import { RestHookSender } from './delivery/rest-hook-sender.js';
+import { RestHookSender, type Sender } from './delivery/rest-hook-sender.js';
 import { WebSocketChannel } from './delivery/websocket-channel.js';
 import { type BindingStore, InMemoryBindings, type WebSocketPort } from './delivery/websocket-port.js';
 import { BindingTokens } from './delivery/ws-binding-token.js';
@@ -80,6 +80,11 @@ export interface BrokerOverrides {
   readonly lifecycle?: LifecycleSink;
   readonly version?: string;
   /**
+   * Builds the webhook sender instead of the in-thread `RestHookSender` (`main.ts`: sender threads
+   * when `BROKER_WEBHOOK_THREADS` > 0).
+   */
+  readonly sender?: (deps: { logger: Logger; userAgent: string }) => Sender;
+  /**
    * Read the subscriptions on the first `refreshSubscriptions` call instead of at creation: for
    * Lambda containers that match through the store's type index and never need them all.
    */
@@ -99,7 +104,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     (dynamodb === undefined ? new SqliteStore(config.dataDir) : await openDynamoDbStore(dynamodb, config));
   const topics = loadTopicCatalog(config.topicsDir);
   const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? systemResolver);
-  const sender = new RestHookSender(guard, clock, { userAgent: `fhir-subscription-broker/${version}` });
+  const userAgent = `fhir-subscription-broker/${version}`;
+  const sender = overrides.sender?.({ logger, userAgent }) ?? new RestHookSender(guard, clock, { userAgent });
   const lifecycle =
     overrides.lifecycle ??
     (config.eventBus === undefined

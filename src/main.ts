@@ -7,6 +7,7 @@ import { type Broker, createBroker } from './broker.js';
 import { defaultPublicUrl, loadConfig } from './config.js';
 import type { Credentials } from './credentials.js';
 import { SocketProcessHub } from './delivery/socket-process-hub.js';
+import { ThreadedSender } from './delivery/threaded-sender.js';
 import { attachWebSocket } from './http/websocket-upgrade.js';
 
 /**
@@ -37,9 +38,16 @@ async function main(): Promise<void> {
     config = { ...config, publicUrl, websocketUrl };
   }
 
-  const { wsProcesses, logLevel } = config;
+  const { wsProcesses, logLevel, webhookThreads, endpointAllowlist } = config;
   broker = await createBroker(config, {
     version,
+    // The main thread parses events and runs the lanes; signing and sending webhooks happen beside it.
+    ...(webhookThreads > 0
+      ? {
+          sender: ({ logger: log, userAgent }) =>
+            new ThreadedSender({ threads: webhookThreads, allowlist: endpointAllowlist, userAgent, logger: log }),
+        }
+      : {}),
     // Several cores write to the local WebSockets: the main thread sends one IPC message per fan-out.
     ...(wsProcesses > 0
       ? { localSockets: (deps) => SocketProcessHub.start({ ...deps, processes: wsProcesses, logLevel }) }

@@ -1,0 +1,94 @@
+import { Worker } from 'node:worker_threads';
+import type { Logger } from '../observability/logger.js';
+import type { Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
+
+/**
+ * A `Sender` whose webhook requests are signed and sent on worker threads, each running its own
+ * `RestHookSender` (own undici pool, own SSRF guard built from the same allow-list, system DNS).
+ * The event loop that parses `POST /events` and runs the delivery lanes then only posts a request
+ * and takes back its `SendResult`: on the bench machine this took HMAC, undici and the socket
+ * writes of webhooks off it (+~15% outbox throughput, bench/README.md).
+ *
+ * Requests go to the threads in turn. A thread that dies answers its requests as failed (the lanes
+ * retry them on their schedule) and is started again by the next request.
+ */
+
+export interface ThreadedSenderOptions {
+  readonly threads: number;
+  readonly allowlist: readonly string[];
+  readonly userAgent: string;
+  readonly logger: Logger;
+}
+
+interface Thread {
+  worker: Worker;
+  /** Exited: started again by the next request (not at once, so a thread that cannot start cannot spin). */
+  stopped: boolean;
+  readonly pending: Map<number, (result: SendResult) => void>;
+}
+
+/** The worker's entry, next to this file (`.ts` under tsx, `.js` once compiled). */
+const ENTRY = new URL(`./sender-thread${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url);
+
+/** Under tsx the worker registers tsx's loader before importing its TypeScript entry. */
+function workerSource(): string {
+  const load = `import(${JSON.stringify(ENTRY.href)})`;
+  if (!ENTRY.pathname.endsWith('.ts')) return load;
+  const tsx = import.meta.resolve('tsx/esm/api');
+  return `import(${JSON.stringify(tsx)}).then((m) => m.register()).then(() => ${load})`;
+}
+
+export class ThreadedSender implements Sender {
+  readonly #options: ThreadedSenderOptions;
+  readonly #threads: Thread[] = [];
+  #next = 0;
+  #ids = 1;
+  #closed = false;
+
+  constructor(options: ThreadedSenderOptions) {
+    this.#options = options;
+    for (let i = 0; i < Math.max(1, options.threads); i++) this.#threads.push(this.#start(i));
+  }
+
+  send(req: WebhookRequest): Promise<SendResult> {
+    if (this.#closed) return Promise.resolve({ ok: false, error: 'the broker is shutting down' });
+    const index = this.#next;
+    this.#next = (this.#next + 1) % this.#threads.length;
+    const thread = this.#threads[index] as Thread;
+    if (thread.stopped) this.#start(index);
+    const id = this.#ids++;
+    return new Promise((resolve) => {
+      thread.pending.set(id, resolve);
+      thread.worker.postMessage({ id, req });
+    });
+  }
+
+  /** Ends the threads; attempts still in flight are answered as failed (callers give them their grace first). */
+  async close(): Promise<void> {
+    this.#closed = true;
+    await Promise.all(this.#threads.map((t) => t.worker.terminate()));
+  }
+
+  #start(index: number): Thread {
+    const { allowlist, userAgent } = this.#options;
+    const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent } });
+    worker.unref();
+    const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map() };
+    thread.worker = worker;
+    thread.stopped = false;
+    worker.on('message', (msg: { id: number; result: SendResult }) => {
+      const resolve = thread.pending.get(msg.id);
+      thread.pending.delete(msg.id);
+      resolve?.(msg.result);
+    });
+    worker.on('error', (err) => this.#options.logger.error('webhook sender thread failed', { err }));
+    worker.on('exit', (code) => {
+      for (const resolve of thread.pending.values()) {
+        resolve({ ok: false, error: `webhook sender thread stopped (exit ${code})` });
+      }
+      thread.pending.clear();
+      if (thread.worker === worker) thread.stopped = true;
+    });
+    return thread;
+  }
+}

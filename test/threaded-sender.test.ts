@@ -1,0 +1,94 @@
+import { createHmac } from 'node:crypto';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { WebhookRequest } from '../src/delivery/rest-hook-sender.js';
+import { ThreadedSender } from '../src/delivery/threaded-sender.js';
+import { Receiver } from './support/receiver.js';
+import { RecordingLogger } from './support/recording-logger.js';
+
+/**
+ * The webhook sender on worker threads (what `npm start` uses): real threads, a real receiver. It
+ * must sign and send like the in-thread sender, keep the SSRF guard (the allow-list travels to the
+ * threads), and answer — never hang — when a thread dies.
+ */
+
+const SECRET = `whsec_${Buffer.alloc(32, 7).toString('base64')}`;
+
+function request(endpoint: string, over: Partial<WebhookRequest> = {}): WebhookRequest {
+  return {
+    endpoint,
+    headers: ['X-App: one'],
+    contentType: 'application/fhir+json',
+    body: '{"resourceType":"Bundle"}',
+    webhookId: 'sub-1-1',
+    secrets: [SECRET],
+    timeoutMs: 2000,
+    ...over,
+  };
+}
+
+describe('ThreadedSender', () => {
+  let sender: ThreadedSender | undefined;
+  let receiver: Receiver | undefined;
+
+  afterEach(async () => {
+    await sender?.close();
+    await receiver?.close();
+  });
+
+  it('sends signed requests from its threads and returns their results', async () => {
+    receiver = await Receiver.start();
+    receiver.respond = (req) => ({ status: req.path === '/gone' ? 410 : 204 });
+    sender = new ThreadedSender({
+      threads: 2,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua-test',
+      logger: new RecordingLogger(),
+    });
+    const results = await Promise.all([
+      sender.send(request(`${receiver.url}/a`)),
+      sender.send(request(`${receiver.url}/b`, { webhookId: 'sub-1-2' })),
+      sender.send(request(`${receiver.url}/gone`, { webhookId: 'sub-1-3' })),
+    ]);
+    expect(results).toEqual([
+      { ok: true, status: 204 },
+      { ok: true, status: 204 },
+      { ok: false, status: 410, error: 'HTTP 410' },
+    ]);
+    const a = receiver.on('/a')[0];
+    expect(a?.headers['user-agent']).toBe('ua-test');
+    expect(a?.headers['x-app']).toBe('one');
+    const timestamp = a?.headers['webhook-timestamp'] as string;
+    const mac = createHmac('sha256', Buffer.alloc(32, 7))
+      .update(`sub-1-1.${timestamp}.{"resourceType":"Bundle"}`)
+      .digest('base64');
+    expect(a?.headers['webhook-signature']).toBe(`v1,${mac}`);
+  });
+
+  it('refuses endpoints the allow-list does not cover, in the thread, as permanent', async () => {
+    receiver = await Receiver.start();
+    sender = new ThreadedSender({ threads: 1, allowlist: [], userAgent: 'ua', logger: new RecordingLogger() });
+    const result = await sender.send(request(`${receiver.url}/private`));
+    expect(result).toMatchObject({ ok: false, permanent: true });
+    expect((result as { error: string }).error).toMatch(/^endpoint refused: /);
+    expect(receiver.requests).toEqual([]);
+  });
+
+  it('answers requests as failed when the broker shuts it down, instead of leaving them hanging', async () => {
+    receiver = await Receiver.start();
+    receiver.respond = () => ({ status: 204, delayMs: 5000 });
+    sender = new ThreadedSender({
+      threads: 1,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua',
+      logger: new RecordingLogger(),
+    });
+    const pending = sender.send(request(`${receiver.url}/slow`));
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    await sender.close();
+    expect(await pending).toMatchObject({ ok: false, error: expect.stringMatching(/^webhook sender thread stopped/) });
+    expect(await sender.send(request(`${receiver.url}/late`))).toEqual({
+      ok: false,
+      error: 'the broker is shutting down',
+    });
+  });
+});
