@@ -73,6 +73,19 @@ describe('ThreadedSender', () => {
     expect(receiver.requests).toEqual([]);
   });
 
+  it('answers a request its sender throws on, and keeps serving', async () => {
+    receiver = await Receiver.start();
+    sender = new ThreadedSender({
+      threads: 1,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua',
+      logger: new RecordingLogger(),
+    });
+    const broken = { ...request(`${receiver.url}/x`), headers: null } as unknown as WebhookRequest;
+    expect(await sender.send(broken)).toMatchObject({ ok: false, error: expect.stringMatching(/^sender failed: /) });
+    expect(await sender.send(request(`${receiver.url}/after`))).toEqual({ ok: true, status: 204 });
+  });
+
   it('answers requests as failed when the broker shuts it down, instead of leaving them hanging', async () => {
     receiver = await Receiver.start();
     receiver.respond = () => ({ status: 204, delayMs: 5000 });

@@ -12,5 +12,9 @@ const { allowlist, userAgent } = workerData as { allowlist: readonly string[]; u
 const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), systemResolver), Date, { userAgent });
 
 parentPort?.on('message', (msg: { id: number; req: WebhookRequest }) => {
-  void sender.send(msg.req).then((result) => parentPort?.postMessage({ id: msg.id, result }));
+  // `send` answers failures as results; anything it throws still gets an answer, and the thread lives on.
+  void sender
+    .send(msg.req)
+    .catch((err: unknown) => ({ ok: false as const, error: `sender failed: ${(err as Error).message}` }))
+    .then((result) => parentPort?.postMessage({ id: msg.id, result }));
 });
