@@ -49,6 +49,8 @@ const RETRY_DELAYS = '200ms,1s,5s,5s,5s,5s';
 const THROUGHPUT_TARGET = 0.5;
 const P99_FACTOR_TARGET = 3;
 
+/** Notifications delivered per second of a burst: the figure compared with the forwarder's. */
+const notificationsPerSecond = (b: BurstResult): number => b.notifications / b.deliverSeconds;
 const failing = (n: number): boolean => n % FAIL_EVERY === FAIL_EVERY - 1;
 const healthyCount = (i: number): number => panelsOf(i).filter((n) => !failing(n)).length;
 
@@ -114,9 +116,10 @@ async function runConfig(
         ),
       );
     }
-    const perSecond = (r: BurstResult): number => r.notifications / r.deliverSeconds;
-    const b = [...bursts].sort((x, y) => perSecond(x) - perSecond(y))[Math.floor(BURSTS / 2)] as BurstResult;
-    const spread = bursts.map((r) => fmt(perSecond(r))).join(' / ');
+    const b = [...bursts].sort((x, y) => notificationsPerSecond(x) - notificationsPerSecond(y))[
+      Math.floor(BURSTS / 2)
+    ] as BurstResult;
+    const spread = bursts.map((r) => fmt(notificationsPerSecond(r))).join(' / ');
     const retried =
       kind === 'forwarder'
         ? '-'
@@ -160,7 +163,7 @@ export async function runOutbox(): Promise<TargetCheck[]> {
     await receiver.close();
   }
   const [fwd, healthy, failingRun] = results as [ConfigResult, ConfigResult, ConfigResult];
-  const thr = (r: ConfigResult): number => r.burst.notifications / r.burst.deliverSeconds;
+  const thr = (r: ConfigResult): number => notificationsPerSecond(r.burst);
   const p = (r: ConfigResult, q: number): number => percentile(r.rate.latencies, q);
   printTable([
     [
