@@ -20,6 +20,19 @@ import { SqliteWriter } from './sqlite-writer.js';
  * against power loss, not only a process crash; ingest batches requests so the fsync is shared.
  */
 
+/**
+ * Schema version 2 (`PRAGMA user_version`). Shaped for the hot commit, which must dirty as few
+ * pages as it can (each dirty page is written whole to the WAL and fsync'd):
+ * - the event counters live in a narrow `subscription_counters` table (100 counters fit in a page
+ *   or two) instead of on the wide subscription rows, which a commit would otherwise rewrite one
+ *   page each;
+ * - notifications are appended in rowid order (a commit fills the last page or two), with a unique
+ *   index on (subscription, event number) for the lanes and `$events`.
+ * Measured on the writer's statements alone (15-event commits, 100 subscribers): 107 → 48 µs of
+ * CPU per event against version 1.
+ */
+const SCHEMA_VERSION = 2;
+
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS subscriptions (
   id TEXT PRIMARY KEY,
@@ -33,17 +46,21 @@ CREATE TABLE IF NOT EXISTS subscriptions (
   webhook_secret TEXT NOT NULL,
   previous_secret_json TEXT,
   end_at TEXT,
-  events_since_start INTEGER NOT NULL DEFAULT 0,
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL,
   resource_json TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS subscriptions_owner ON subscriptions(owner);
+CREATE TABLE IF NOT EXISTS subscription_counters (
+  subscription_id TEXT PRIMARY KEY,
+  events_since_start INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen_events (
   event_id TEXT PRIMARY KEY,
   received_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS notifications (
+  seq INTEGER PRIMARY KEY,
   subscription_id TEXT NOT NULL,
   event_number INTEGER NOT NULL,
   change_json TEXT NOT NULL,
@@ -51,13 +68,71 @@ CREATE TABLE IF NOT EXISTS notifications (
   attempts INTEGER NOT NULL DEFAULT 0,
   due_at INTEGER NOT NULL,
   last_error TEXT,
-  created_at INTEGER NOT NULL,
-  PRIMARY KEY (subscription_id, event_number)
-) WITHOUT ROWID;
+  created_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscription_id, event_number);
 CREATE INDEX IF NOT EXISTS notifications_pending ON notifications(subscription_id) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
 CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
 `;
+
+/**
+ * Version 1 (until 2026-11-26) kept `events_since_start` on the subscription row and notifications
+ * in a WITHOUT ROWID table keyed by (subscription, event number). Moved over in one transaction,
+ * so a data dir is either wholly version 1 or wholly version 2.
+ */
+const MIGRATE_1_TO_2 = `
+CREATE TABLE subscription_counters (
+  subscription_id TEXT PRIMARY KEY,
+  events_since_start INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO subscription_counters (subscription_id, events_since_start) SELECT id, events_since_start FROM subscriptions;
+ALTER TABLE subscriptions DROP COLUMN events_since_start;
+ALTER TABLE notifications RENAME TO notifications_v1;
+DROP INDEX IF EXISTS notifications_pending;
+DROP INDEX IF EXISTS notifications_created;
+CREATE TABLE notifications (
+  seq INTEGER PRIMARY KEY,
+  subscription_id TEXT NOT NULL,
+  event_number INTEGER NOT NULL,
+  change_json TEXT NOT NULL,
+  state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  due_at INTEGER NOT NULL,
+  last_error TEXT,
+  created_at INTEGER NOT NULL
+);
+INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts, due_at, last_error, created_at)
+  SELECT subscription_id, event_number, change_json, state, attempts, due_at, last_error, created_at
+  FROM notifications_v1 ORDER BY created_at, subscription_id, event_number;
+DROP TABLE notifications_v1;
+`;
+
+/** Before anything is written to the file: a newer broker's data is left as it is. */
+function refuseNewer(db: Database.Database): void {
+  const version = db.pragma('user_version', { simple: true }) as number;
+  if (version > SCHEMA_VERSION) {
+    throw new Error(
+      `the data dir was written by a newer broker (schema version ${version}; this one knows ${SCHEMA_VERSION})`,
+    );
+  }
+}
+
+/** Brings the file to SCHEMA_VERSION. */
+function migrate(db: Database.Database): void {
+  db.transaction(() => {
+    const version = db.pragma('user_version', { simple: true }) as number;
+    const hasSubscriptions =
+      db.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'subscriptions'").get() !== undefined;
+    if (version < 2 && hasSubscriptions) db.exec(MIGRATE_1_TO_2);
+    db.exec(SCHEMA);
+    db.pragma(`user_version = ${SCHEMA_VERSION}`);
+  }).immediate();
+}
+
+/** A subscription row with its counter. */
+const SELECT_SUBSCRIPTION = `SELECT s.*, c.events_since_start FROM subscriptions s
+  JOIN subscription_counters c ON c.subscription_id = s.id`;
 
 interface SubscriptionRow {
   id: string;
@@ -98,6 +173,12 @@ export class SqliteStore implements Store {
     mkdirSync(dataDir, { recursive: true });
     const file = join(dataDir, 'broker.sqlite3');
     this.#db = new Database(file);
+    try {
+      refuseNewer(this.#db);
+    } catch (err) {
+      this.#db.close();
+      throw err;
+    }
     this.#db.pragma('journal_mode = WAL');
     this.#synchronous = options.synchronous ?? 'FULL';
     this.#db.pragma(`synchronous = ${this.#synchronous}`);
@@ -106,20 +187,22 @@ export class SqliteStore implements Store {
     // Checkpoints are the writer thread's (see CHECKPOINT_PAGES): a commit on this connection (the
     // event loop's) must never run one.
     this.#db.pragma('wal_autocheckpoint = 0');
-    this.#db.exec(SCHEMA);
+    migrate(this.#db);
     // The schema exists before the writer opens its own connection.
     this.#writer = new SqliteWriter(file, this.#synchronous);
     const db = this.#db;
     this.#stmt = {
       insertSub: db.prepare(`INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
-        webhook_secret, previous_secret_json, end_at, events_since_start, created_at, updated_at, resource_json)
+        webhook_secret, previous_secret_json, end_at, created_at, updated_at, resource_json)
         VALUES (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret,
-        @previous_secret_json, @end_at,
-        @events_since_start, @created_at, @updated_at, @resource_json)`),
-      getSub: db.prepare<[string], SubscriptionRow>('SELECT * FROM subscriptions WHERE id = ?'),
-      listAll: db.prepare<[], SubscriptionRow>('SELECT * FROM subscriptions ORDER BY created_at, id'),
+        @previous_secret_json, @end_at, @created_at, @updated_at, @resource_json)`),
+      insertCounter: db.prepare(
+        'INSERT INTO subscription_counters (subscription_id, events_since_start) VALUES (?, ?)',
+      ),
+      getSub: db.prepare<[string], SubscriptionRow>(`${SELECT_SUBSCRIPTION} WHERE s.id = ?`),
+      listAll: db.prepare<[], SubscriptionRow>(`${SELECT_SUBSCRIPTION} ORDER BY s.created_at, s.id`),
       listOwner: db.prepare<[string], SubscriptionRow>(
-        'SELECT * FROM subscriptions WHERE owner = ? ORDER BY created_at, id',
+        `${SELECT_SUBSCRIPTION} WHERE s.owner = ? ORDER BY s.created_at, s.id`,
       ),
       replaceSub: db.prepare(`UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
         match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
@@ -128,6 +211,7 @@ export class SqliteStore implements Store {
         WHERE id = @id AND (@expected_status IS NULL OR (status = @expected_status AND updated_at = @expected_updated_at))`),
       setStatus: db.prepare('UPDATE subscriptions SET status = ?, error = ?, updated_at = ? WHERE id = ?'),
       deleteSub: db.prepare('DELETE FROM subscriptions WHERE id = ?'),
+      deleteCounter: db.prepare('DELETE FROM subscription_counters WHERE subscription_id = ?'),
       deleteNotes: db.prepare('DELETE FROM notifications WHERE subscription_id = ?'),
       pending: db.prepare<[string, number, number], NotificationRow>(
         `SELECT * FROM notifications WHERE subscription_id = ? AND state = 'pending' AND event_number > ?
@@ -151,7 +235,10 @@ export class SqliteStore implements Store {
   }
 
   async insertSubscription(rec: SubscriptionRecord): Promise<void> {
-    this.#stmt.insertSub.run(toRow(rec));
+    this.#db.transaction(() => {
+      this.#stmt.insertSub.run(toRow(rec));
+      this.#stmt.insertCounter.run(rec.id, rec.eventsSinceStart);
+    })();
   }
 
   async getSubscription(id: string): Promise<SubscriptionRecord | undefined> {
@@ -190,6 +277,7 @@ export class SqliteStore implements Store {
   async deleteSubscription(id: string): Promise<boolean> {
     return this.#db.transaction(() => {
       this.#stmt.deleteNotes.run(id);
+      this.#stmt.deleteCounter.run(id);
       return this.#stmt.deleteSub.run(id).changes > 0;
     })();
   }
@@ -250,7 +338,7 @@ export class SqliteStore implements Store {
   }
 }
 
-function toRow(rec: SubscriptionRecord): SubscriptionRow {
+function toRow(rec: SubscriptionRecord): Omit<SubscriptionRow, 'events_since_start'> {
   return {
     id: rec.id,
     owner: rec.owner,
@@ -263,7 +351,6 @@ function toRow(rec: SubscriptionRecord): SubscriptionRow {
     webhook_secret: rec.webhookSecret,
     previous_secret_json: rec.previousSecret === undefined ? null : JSON.stringify(rec.previousSecret),
     end_at: rec.end ?? null,
-    events_since_start: rec.eventsSinceStart,
     created_at: rec.createdAt,
     updated_at: rec.updatedAt,
     resource_json: JSON.stringify(rec.resource),

@@ -23,23 +23,31 @@ db.pragma('busy_timeout = 5000');
 db.pragma('wal_autocheckpoint = ' + workerData.checkpointPages);
 db.pragma('journal_size_limit = ' + workerData.checkpointPages * 4096 * 2);
 const seen = db.prepare('INSERT OR IGNORE INTO seen_events (event_id, received_at) VALUES (?, ?)');
-const bump = db.prepare("UPDATE subscriptions SET events_since_start = events_since_start + 1 WHERE id = ? AND status IN ('requested', 'active', 'error') RETURNING events_since_start AS n");
+// The counter moves only while the subscription collects (it may have been switched off or deleted since matching).
+const bump = db.prepare("UPDATE subscription_counters SET events_since_start = events_since_start + 1 WHERE subscription_id = ? AND EXISTS (SELECT 1 FROM subscriptions WHERE id = ? AND status IN ('requested', 'active', 'error')) RETURNING events_since_start AS n");
 const insertNote = db.prepare("INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts, due_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)");
-const delivery = db.prepare('UPDATE notifications SET state = @state, attempts = @attempts, due_at = @dueAt, last_error = @lastError WHERE subscription_id = @subscriptionId AND event_number = @eventNumber');
-const accept = db.transaction((items, receivedAt) => items.map((item) => {
-  if (seen.run(item.change.eventId, receivedAt).changes === 0) return { duplicate: true, numbers: [] };
-  const changeJson = JSON.stringify(item.change);
-  const numbers = [];
-  for (const id of item.subscriptionIds) {
-    const bumped = bump.get(id);
-    if (bumped === undefined) continue; // deleted or switched off since it was matched
-    insertNote.run(id, bumped.n, changeJson, receivedAt, receivedAt);
-    numbers.push([id, bumped.n]);
+const delivery = db.prepare('UPDATE notifications SET state = ?, attempts = ?, due_at = ?, last_error = ? WHERE subscription_id = ? AND event_number = ?');
+// items: [eventId, changeJson, k, subscriptionId × k]...; answer per item: -1 (a duplicate), or 1 then k event
+// numbers (0: that subscription no longer collects).
+const accept = db.transaction((items, receivedAt) => {
+  const out = [];
+  for (let i = 0; i < items.length; ) {
+    const eventId = items[i], changeJson = items[i + 1], k = items[i + 2];
+    i += 3;
+    if (seen.run(eventId, receivedAt).changes === 0) { out.push(-1); i += k; continue; }
+    out.push(1);
+    for (const end = i + k; i < end; i++) {
+      const bumped = bump.get(items[i], items[i]);
+      if (bumped === undefined) { out.push(0); continue; }
+      insertNote.run(items[i], bumped.n, changeJson, receivedAt, receivedAt);
+      out.push(bumped.n);
+    }
   }
-  return { duplicate: false, numbers };
-}));
-const record = db.transaction((updates) => {
-  for (const u of updates) delivery.run({ ...u, lastError: u.lastError ?? null });
+  return out;
+});
+// updates: [subscriptionId, eventNumber, state, attempts, dueAt, lastError | null]...
+const record = db.transaction((u) => {
+  for (let i = 0; i < u.length; i += 6) delivery.run(u[i + 2], u[i + 3], u[i + 4], u[i + 5], u[i], u[i + 1]);
 });
 parentPort.on('message', (msg) => {
   try {
@@ -110,25 +118,33 @@ export class SqliteWriter {
     this.#worker.on('exit', (code) => this.#fail(new SqliteWriterError(`the SQLite writer stopped (exit ${code})`)));
   }
 
+  /**
+   * Across the thread boundary in flat arrays of strings and numbers: cloning those costs a
+   * fraction of cloning objects, on both sides.
+   */
   async accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
-    const raw = (await this.#call({ op: 'accept', items, receivedAt })) as {
-      duplicate: boolean;
-      numbers: [string, number][];
-    }[];
-    return raw.map((r, i) => ({
-      duplicate: r.duplicate,
-      notifications: r.numbers.map(
-        ([subscriptionId, eventNumber]): Notification => ({
-          subscriptionId,
-          eventNumber,
-          change: (items[i] as AcceptItem).change,
-        }),
-      ),
-    }));
+    const flat: (string | number)[] = [];
+    for (const item of items) {
+      flat.push(item.change.eventId, JSON.stringify(item.change), item.subscriptionIds.length, ...item.subscriptionIds);
+    }
+    const numbers = (await this.#call({ op: 'accept', items: flat, receivedAt })) as number[];
+    let at = 0;
+    return items.map((item): AcceptOutcome => {
+      if (numbers[at++] === -1) return { duplicate: true, notifications: [] };
+      const notifications: Notification[] = [];
+      for (const subscriptionId of item.subscriptionIds) {
+        const eventNumber = numbers[at++] as number;
+        if (eventNumber > 0) notifications.push({ subscriptionId, eventNumber, change: item.change });
+      }
+      return { duplicate: false, notifications };
+    });
   }
 
   async recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
-    await this.#call({ op: 'deliveries', updates });
+    const flat: (string | number | null)[] = [];
+    for (const u of updates)
+      flat.push(u.subscriptionId, u.eventNumber, u.state, u.attempts, u.dueAt, u.lastError ?? null);
+    await this.#call({ op: 'deliveries', updates: flat });
   }
 
   /** Round trip through the writer: a stopped writer makes the store unhealthy. */

@@ -1,0 +1,150 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
+import { change, item, RECEIVED, record } from './support/store-fixtures.js';
+
+/**
+ * A data dir written by the first broker release (schema version 1: the event counter on the
+ * subscription row, notifications WITHOUT ROWID) opens under the current one with nothing lost:
+ * counters, pending / delivered / dead notifications, seen event ids.
+ */
+
+// The version-1 schema as the first release created it (kept verbatim: it is what is on disk).
+const SCHEMA_V1 = `
+CREATE TABLE subscriptions (
+  id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL, topic TEXT NOT NULL, status TEXT NOT NULL,
+  error TEXT, match_json TEXT NOT NULL, channel_json TEXT NOT NULL, webhook_secret TEXT NOT NULL,
+  previous_secret_json TEXT, end_at TEXT, events_since_start INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL, updated_at TEXT NOT NULL, resource_json TEXT NOT NULL
+);
+CREATE INDEX subscriptions_owner ON subscriptions(owner);
+CREATE TABLE seen_events (event_id TEXT PRIMARY KEY, received_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE notifications (
+  subscription_id TEXT NOT NULL, event_number INTEGER NOT NULL, change_json TEXT NOT NULL, state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, due_at INTEGER NOT NULL, last_error TEXT, created_at INTEGER NOT NULL,
+  PRIMARY KEY (subscription_id, event_number)
+) WITHOUT ROWID;
+CREATE INDEX notifications_pending ON notifications(subscription_id) WHERE state = 'pending';
+CREATE INDEX notifications_created ON notifications(created_at);
+CREATE INDEX seen_events_received ON seen_events(received_at);
+`;
+
+let dir: string;
+let store: SqliteStore | undefined;
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'broker-migration-'));
+});
+
+afterEach(async () => {
+  await store?.close();
+  store = undefined;
+  rmSync(dir, { recursive: true, force: true });
+});
+
+function writeVersion1(): void {
+  const db = new Database(join(dir, 'broker.sqlite3'));
+  db.exec(SCHEMA_V1);
+  const insertSub = db.prepare(`INSERT INTO subscriptions VALUES
+    (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret, NULL, NULL,
+     @events_since_start, @created_at, @updated_at, @resource_json)`);
+  for (const [id, count, status] of [
+    ['s1', 3, 'active'],
+    ['s2', 1, 'error'],
+  ] as const) {
+    const rec = record(id, { status, eventsSinceStart: count });
+    insertSub.run({
+      id,
+      owner: rec.owner,
+      kind: rec.kind,
+      topic: rec.topic,
+      status,
+      error: status === 'error' ? 'delivery failed' : null,
+      match_json: JSON.stringify(rec.match),
+      channel_json: JSON.stringify(rec.channel),
+      webhook_secret: rec.webhookSecret,
+      events_since_start: count,
+      created_at: rec.createdAt,
+      updated_at: rec.updatedAt,
+      resource_json: JSON.stringify(rec.resource),
+    });
+  }
+  const note = db.prepare('INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
+  note.run('s1', 1, JSON.stringify(change('e1', 'p1')), 'delivered', 1, RECEIVED, null, RECEIVED);
+  note.run('s1', 2, JSON.stringify(change('e2', 'p2')), 'pending', 2, RECEIVED + 5, 'HTTP 503', RECEIVED);
+  note.run('s1', 3, JSON.stringify(change('e3', 'p3')), 'pending', 0, RECEIVED, null, RECEIVED);
+  note.run('s2', 1, JSON.stringify(change('e1', 'p1')), 'dead', 9, RECEIVED, 'HTTP 500', RECEIVED);
+  for (const e of ['e1', 'e2', 'e3']) db.prepare('INSERT INTO seen_events VALUES (?, ?)').run(e, RECEIVED);
+  db.close();
+}
+
+describe('SQLite data dir from schema version 1', () => {
+  it('keeps counters, notifications and seen event ids, and numbering goes on', async () => {
+    writeVersion1();
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+
+    const subs = await store.listSubscriptions();
+    expect(subs.map((s) => [s.id, s.status, s.eventsSinceStart, s.error])).toEqual([
+      ['s1', 'active', 3, undefined],
+      ['s2', 'error', 1, 'delivery failed'],
+    ]);
+    expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+    const pending = await store.pendingNotifications('s1', 0, 10);
+    expect(pending.map((n) => [n.eventNumber, n.attempts, n.dueAt, n.lastError, n.change.eventId])).toEqual([
+      [2, 2, RECEIVED + 5, 'HTTP 503', 'e2'],
+      [3, 0, RECEIVED, undefined, 'e3'],
+    ]);
+    const all = await store.notificationsInRange('s1', 1, 3, 10);
+    expect(all.map((n) => n.state)).toEqual(['delivered', 'pending', 'pending']);
+    expect(await store.requeueDeadLetters('s2', RECEIVED + 1)).toBe(1);
+
+    // A seen id stays a duplicate; a new event takes the next number on both subscriptions.
+    const [dup, fresh] = await store.acceptChanges([item('e2', ['s1']), item('e4', ['s1', 's2'])], RECEIVED);
+    expect(dup?.duplicate).toBe(true);
+    expect(fresh?.notifications.map((n) => [n.subscriptionId, n.eventNumber])).toEqual([
+      ['s1', 4],
+      ['s2', 2],
+    ]);
+    expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(4);
+
+    await store.close();
+    store = undefined;
+    const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
+    try {
+      expect(db.pragma('user_version', { simple: true })).toBe(2);
+      const columns = (db.pragma('table_info(subscriptions)') as { name: string }[]).map((c) => c.name);
+      expect(columns).not.toContain('events_since_start');
+      expect(db.prepare("SELECT name FROM sqlite_master WHERE name = 'notifications_v1'").get()).toBeUndefined();
+    } finally {
+      db.close();
+    }
+  });
+
+  it('opens a migrated data dir again without migrating twice', async () => {
+    writeVersion1();
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    await store.close();
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(3);
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([2, 3]);
+  });
+
+  it('refuses a data dir written by a newer broker, leaving it untouched', () => {
+    const db = new Database(join(dir, 'broker.sqlite3'));
+    db.exec('CREATE TABLE future (x)');
+    db.pragma('user_version = 99');
+    db.close();
+    expect(() => new SqliteStore(dir, { synchronous: 'NORMAL' })).toThrow(/newer broker \(schema version 99/);
+    const again = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
+    try {
+      expect(again.pragma('user_version', { simple: true })).toBe(99);
+      expect(again.pragma('journal_mode', { simple: true })).toBe('delete');
+      expect(again.prepare("SELECT name FROM sqlite_master WHERE name = 'subscriptions'").get()).toBeUndefined();
+    } finally {
+      again.close();
+    }
+  });
+});
