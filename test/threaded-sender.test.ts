@@ -81,7 +81,7 @@ describe('ThreadedSender', () => {
       userAgent: 'ua',
       logger: new RecordingLogger(),
     });
-    const broken = { ...request(`${receiver.url}/x`), headers: null } as unknown as WebhookRequest;
+    const broken = { ...request(`${receiver.url}/x`), secrets: [42] } as unknown as WebhookRequest;
     expect(await sender.send(broken)).toMatchObject({ ok: false, error: expect.stringMatching(/^sender failed: /) });
     expect(await sender.send(request(`${receiver.url}/after`))).toEqual({ ok: true, status: 204 });
   });

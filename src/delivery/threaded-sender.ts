@@ -1,6 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Logger } from '../observability/logger.js';
 import type { Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
+import { decodeResults, encodeRequest, type Wire } from './sender-thread-protocol.js';
 
 /**
  * A `Sender` whose webhook requests are signed and sent on worker threads, each running its own
@@ -9,8 +10,10 @@ import type { Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
  * and takes back its `SendResult`: on the bench machine this took HMAC, undici and the socket
  * writes of webhooks off it (+~15% outbox throughput, bench/README.md).
  *
- * Requests go to the threads in turn. A thread that dies answers its requests as failed (the lanes
- * retry them on their schedule) and is started again by the next request.
+ * Requests go to the threads in turn, and travel in batches: what the event loop sends during one
+ * turn goes to each thread in one message (`sender-thread-protocol.ts`). A thread that dies answers
+ * its requests as failed (the lanes retry them on their schedule) and is started again by the next
+ * request.
  */
 
 export interface ThreadedSenderOptions {
@@ -25,6 +28,8 @@ interface Thread {
   /** Exited: started again by the next request (not at once, so a thread that cannot start cannot spin). */
   stopped: boolean;
   readonly pending: Map<number, (result: SendResult) => void>;
+  /** Requests of this turn, not posted yet. */
+  outbox: Wire;
 }
 
 /** The worker's entry, next to this file (`.ts` under tsx, `.js` once compiled). */
@@ -44,6 +49,7 @@ export class ThreadedSender implements Sender {
   #next = 0;
   #ids = 1;
   #closed = false;
+  #scheduled = false;
 
   constructor(options: ThreadedSenderOptions) {
     this.#options = options;
@@ -59,8 +65,21 @@ export class ThreadedSender implements Sender {
     const id = this.#ids++;
     return new Promise((resolve) => {
       thread.pending.set(id, resolve);
-      thread.worker.postMessage({ id, req });
+      encodeRequest(thread.outbox, id, req);
+      if (!this.#scheduled) {
+        this.#scheduled = true;
+        setImmediate(() => this.#post());
+      }
     });
+  }
+
+  #post(): void {
+    this.#scheduled = false;
+    for (const thread of this.#threads) {
+      if (thread.outbox.length === 0) continue;
+      thread.worker.postMessage(thread.outbox);
+      thread.outbox = [];
+    }
   }
 
   /** Ends the threads; attempts still in flight are answered as failed (callers give them their grace first). */
@@ -73,14 +92,16 @@ export class ThreadedSender implements Sender {
     const { allowlist, userAgent } = this.#options;
     const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent } });
     worker.unref();
-    const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map() };
+    const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map(), outbox: [] };
     thread.worker = worker;
     thread.stopped = false;
-    worker.on('message', (msg: { id: number; result: SendResult }) => {
-      const resolve = thread.pending.get(msg.id);
-      thread.pending.delete(msg.id);
-      resolve?.(msg.result);
-    });
+    worker.on('message', (wire: Wire) =>
+      decodeResults(wire, (id, result) => {
+        const resolve = thread.pending.get(id);
+        thread.pending.delete(id);
+        resolve?.(result);
+      }),
+    );
     worker.on('error', (err) => this.#options.logger.error('webhook sender thread failed', { err }));
     worker.on('exit', (code) => {
       for (const resolve of thread.pending.values()) {
