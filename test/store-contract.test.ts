@@ -403,6 +403,33 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(await store.pendingNotifications('s2', 0, 10)).toEqual([]);
     });
 
+    it('lists pending notifications from the start past delivered and dead ones, whatever other subscriptions hold', async () => {
+      await store.acceptChanges(
+        ['e6', 'e7', 'e8'].map((id) => item(id, ['s2', 's1'], `p-${id}`)),
+        RECEIVED,
+      );
+      const outcome = (subscriptionId: string, eventNumber: number, state: 'delivered' | 'dead') => ({
+        subscriptionId,
+        eventNumber,
+        state,
+        attempts: 1,
+        dueAt: RECEIVED,
+      });
+      await store.recordDeliveries([
+        outcome('s1', 1, 'delivered'),
+        outcome('s1', 2, 'delivered'),
+        outcome('s1', 3, 'dead'),
+        outcome('s1', 5, 'delivered'),
+        outcome('s2', 1, 'delivered'),
+      ]);
+      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([4, 6, 7, 8]);
+      expect((await store.pendingNotifications('s1', 0, 2)).map((n) => n.eventNumber)).toEqual([4, 6]);
+      expect((await store.pendingNotifications('s2', 0, 10)).map((n) => n.eventNumber)).toEqual([2, 3]);
+      await store.recordDeliveries([outcome('s2', 2, 'delivered'), outcome('s2', 3, 'delivered')]);
+      expect(await store.pendingNotifications('s2', 0, 10)).toEqual([]);
+      expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+    });
+
     it('lists the subscriptions with pending notifications, each once', async () => {
       expect(await store.subscriptionsWithPending()).toEqual(['s1']);
       await store.acceptChanges([item('e6', ['s2', 's1'])], RECEIVED);

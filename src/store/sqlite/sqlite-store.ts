@@ -27,9 +27,11 @@ import { SqliteWriter } from './sqlite-writer.js';
  *   or two) instead of on the wide subscription rows, which a commit would otherwise rewrite one
  *   page each;
  * - notifications are appended in rowid order (a commit fills the last page or two), with a unique
- *   index on (subscription, event number) for the lanes and `$events`.
- * Measured on the writer's statements alone (15-event commits, 100 subscribers): 107 → 48 µs of
- * CPU per event against version 1.
+ *   index on (subscription, event number) for the lanes and `$events`, and the pending ones listed
+ *   in a partial index in the same order (appended too, where an index by subscription would dirty
+ *   a page per subscriber).
+ * Measured on the writer's statements alone (13-event commits, 100 subscribers): 107 → 36 µs of
+ * CPU per event against version 1, 65 → 42 pages written per commit.
  */
 const SCHEMA_VERSION = 2;
 
@@ -71,7 +73,7 @@ CREATE TABLE IF NOT EXISTS notifications (
   created_at INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscription_id, event_number);
-CREATE INDEX IF NOT EXISTS notifications_pending ON notifications(subscription_id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS notifications_pending ON notifications(seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
 CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
 `;
@@ -217,8 +219,14 @@ export class SqliteStore implements Store {
         `SELECT * FROM notifications WHERE subscription_id = ? AND state = 'pending' AND event_number > ?
          ORDER BY event_number LIMIT ?`,
       ),
+      // The pending list, not a scan of every notification kept for `$events`.
       withPending: db.prepare<[], { subscription_id: string }>(
-        "SELECT DISTINCT subscription_id FROM notifications WHERE state = 'pending'",
+        "SELECT DISTINCT subscription_id FROM notifications INDEXED BY notifications_pending WHERE state = 'pending'",
+      ),
+      // Numbers are taken in commit order, so a subscription's first pending row by seq is its lowest.
+      lowestPending: db.prepare<[string], { event_number: number }>(
+        `SELECT event_number FROM notifications INDEXED BY notifications_pending
+         WHERE state = 'pending' AND subscription_id = ? ORDER BY seq LIMIT 1`,
       ),
       range: db.prepare<[string, number, number, number], NotificationRow>(
         `SELECT * FROM notifications WHERE subscription_id = ? AND event_number BETWEEN ? AND ?
@@ -292,7 +300,15 @@ export class SqliteStore implements Store {
     afterEventNumber: number,
     limit: number,
   ): Promise<StoredNotification[]> {
-    return this.#stmt.pending.all(subscriptionId, afterEventNumber, limit).map(fromNotificationRow);
+    let after = afterEventNumber;
+    if (after === 0) {
+      // From the start: begin at the lowest pending number rather than walk the subscription's
+      // delivered history (days of it, kept for `$events`).
+      const lowest = this.#stmt.lowestPending.get(subscriptionId);
+      if (lowest === undefined) return [];
+      after = lowest.event_number - 1;
+    }
+    return this.#stmt.pending.all(subscriptionId, after, limit).map(fromNotificationRow);
   }
 
   async subscriptionsWithPending(): Promise<string[]> {
