@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
 import type { Hono } from 'hono';
@@ -17,6 +18,7 @@ import { type BindingStore, InMemoryBindings, type WebSocketPort } from './deliv
 import { BindingTokens } from './delivery/ws-binding-token.js';
 import { createApp } from './http/app.js';
 import { ApiKeyAuth, IngestAuth } from './http/auth.js';
+import { serveIngest } from './http/ingest-listener.js';
 import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
 import { IngestService } from './service/ingest.js';
@@ -34,6 +36,8 @@ import { loadTopicCatalog } from './store/topic-files.js';
 
 export interface Broker {
   readonly app: Hono<{ Variables: { owner: string } }>;
+  /** `POST /events` straight from a Node server's request (`main.ts` routes it here, ahead of `app`). */
+  serveIngest(req: IncomingMessage, res: ServerResponse): Promise<void>;
   readonly store: Store;
   readonly registry: SubscriptionRegistry;
   readonly dispatcher: Dispatcher;
@@ -173,12 +177,13 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   metrics.gauge('broker_subscriptions', () => registry.size);
   const apiAuth = new ApiKeyAuth(credentials.apiClients);
 
+  const ingestAuth = new IngestAuth(credentials.ingestToken);
   const app = createApp({
     registry,
     store,
     topics,
     auth: apiAuth,
-    ingestAuth: new IngestAuth(credentials.ingestToken),
+    ingestAuth,
     ingest,
     clock,
     ids,
@@ -193,8 +198,10 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     websocketUrl: config.websocketUrl,
   });
 
+  const ingestDeps = { ingest, ingestAuth, maxIngestBodyBytes: config.maxIngestBodyBytes, logger };
   return {
     app,
+    serveIngest: (req, res) => serveIngest(ingestDeps, req, res),
     store,
     registry,
     dispatcher,

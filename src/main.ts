@@ -1,13 +1,14 @@
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
-import type { Server } from 'node:http';
+import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { createAdaptorServer } from '@hono/node-server';
+import { getRequestListener } from '@hono/node-server';
 import { type Broker, createBroker } from './broker.js';
 import { defaultPublicUrl, loadConfig } from './config.js';
 import type { Credentials } from './credentials.js';
 import { SocketProcessHub } from './delivery/socket-process-hub.js';
 import { ThreadedSender } from './delivery/threaded-sender.js';
+import { isIngestRequest } from './http/ingest-listener.js';
 import { attachWebSocket } from './http/websocket-upgrade.js';
 
 /**
@@ -22,10 +23,14 @@ async function main(): Promise<void> {
     version: string;
   };
   let broker: Broker | undefined;
-  const server = createAdaptorServer({
-    // The Node bindings (`incoming`, `outgoing`) travel with the request: body reads use them.
-    fetch: (req: Request, env: unknown) =>
-      broker === undefined ? Response.json({ status: 'starting' }, { status: 503 }) : broker.app.fetch(req, env),
+  // The Node bindings (`incoming`, `outgoing`) travel with the request: body reads use them.
+  const hono = getRequestListener((req: Request, env: unknown) =>
+    broker === undefined ? Response.json({ status: 'starting' }, { status: 503 }) : broker.app.fetch(req, env),
+  );
+  // `POST /events` skips the hono app (see http/ingest-listener.ts); everything else goes through it.
+  const server = createServer((req, res) => {
+    if (broker !== undefined && isIngestRequest(req)) void broker.serveIngest(req, res);
+    else void hono(req, res);
   });
   server.listen(config.port, config.host);
   await once(server, 'listening');
@@ -54,7 +59,7 @@ async function main(): Promise<void> {
       : {}),
   });
   const { logger } = broker;
-  attachWebSocket(server as Server, { hub: broker.websocketHub, apiAuth: broker.apiAuth, logger });
+  attachWebSocket(server, { hub: broker.websocketHub, apiAuth: broker.apiAuth, logger });
   logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
   printLocalCredentials(broker.credentials.local, config.dataDir);
   await broker.start();

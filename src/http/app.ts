@@ -1,5 +1,6 @@
 import { Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
+import type { FhirResource } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { IngestService } from '../service/ingest.js';
@@ -90,18 +91,29 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
   app.notFound((c) => fhirResponse(operationOutcome('NOT_FOUND', `No route for ${c.req.method} ${c.req.path}`), 404));
 
   app.onError((err, c) => {
-    const { status, body } = outcomeOf(err);
-    if (status >= 500) deps.logger.error('request failed', { method: c.req.method, path: c.req.path, err });
-    const headers: Record<string, string> = {};
-    if (err instanceof BrokerError && err.code === 'UNAUTHORIZED') headers['www-authenticate'] = 'Bearer';
-    if (err instanceof BrokerError && err.code === 'METHOD_NOT_ALLOWED') {
-      const route = ROUTES.find(([p]) => matchPath(p, c.req.path));
-      if (route !== undefined) headers.allow = route[1].join(', ');
-    }
+    const { status, body, headers } = errorAnswer(err, c.req.method, c.req.path, deps.logger);
     return fhirResponse(body, status, headers);
   });
 
   return app;
+}
+
+/** A failed request's answer (OperationOutcome, status, headers), whichever front door it came through. */
+export function errorAnswer(
+  err: unknown,
+  method: string,
+  path: string,
+  logger: Logger,
+): { status: number; body: FhirResource; headers: Record<string, string> } {
+  const { status, body } = outcomeOf(err);
+  if (status >= 500) logger.error('request failed', { method, path, err: err as Error });
+  const headers: Record<string, string> = {};
+  if (err instanceof BrokerError && err.code === 'UNAUTHORIZED') headers['www-authenticate'] = 'Bearer';
+  if (err instanceof BrokerError && err.code === 'METHOD_NOT_ALLOWED') {
+    const route = ROUTES.find(([p]) => matchPath(p, path));
+    if (route !== undefined) headers.allow = route[1].join(', ');
+  }
+  return { status, body, headers };
 }
 
 function matchPath(pattern: string, path: string): boolean {

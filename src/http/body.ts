@@ -19,20 +19,32 @@ interface NodeBindings {
 }
 
 export async function readJsonBody(c: Context, maxBytes: number): Promise<unknown> {
-  const type = (c.req.header('content-type') ?? '').split(';')[0]?.trim().toLowerCase() ?? '';
+  checkJsonRequest(c.req.header('content-type'), c.req.header('content-length'), maxBytes);
+  const node = c.env as NodeBindings | undefined;
+  const bytes =
+    node?.incoming !== undefined
+      ? await readNodeBody(node.incoming, node.outgoing, maxBytes)
+      : await readWebBody(c.req.raw.body, maxBytes);
+  return parseJsonBody(bytes);
+}
+
+/** Media type and declared length, before a byte is read: 415 or 413. */
+export function checkJsonRequest(
+  contentType: string | undefined,
+  contentLength: string | undefined,
+  maxBytes: number,
+): void {
+  const type = (contentType ?? '').split(';')[0]?.trim().toLowerCase() ?? '';
   if (!JSON_TYPES.has(type)) {
     throw new BrokerError(
       'UNSUPPORTED_MEDIA_TYPE',
       `Content-Type ${type === '' ? '(none)' : type} is not accepted; send application/fhir+json or application/json`,
     );
   }
-  const declared = Number(c.req.header('content-length') ?? Number.NaN);
-  if (declared > maxBytes) throw tooLarge(maxBytes);
-  const node = c.env as NodeBindings | undefined;
-  const bytes =
-    node?.incoming !== undefined
-      ? await readNodeBody(node.incoming, node.outgoing, maxBytes)
-      : await readWebBody(c.req.raw.body, maxBytes);
+  if (Number(contentLength ?? Number.NaN) > maxBytes) throw tooLarge(maxBytes);
+}
+
+export function parseJsonBody(bytes: Buffer): unknown {
   const text = bytes.toString('utf8');
   if (text.trim() === '') throw new BrokerError('BAD_JSON', 'The body is empty');
   try {
@@ -42,7 +54,8 @@ export async function readJsonBody(c: Context, maxBytes: number): Promise<unknow
   }
 }
 
-function readNodeBody(
+/** Reads at most `maxBytes` from the socket stream; past that, 413 and the connection closes after the answer. */
+export function readNodeBody(
   incoming: IncomingMessage,
   outgoing: ServerResponse | undefined,
   maxBytes: number,
