@@ -2,7 +2,7 @@ import { isIP } from 'node:net';
 import { Agent, errors as undiciErrors } from 'undici';
 import type { Clock } from '../core/types.js';
 import { type EndpointGuard, EndpointRefusedError } from './endpoint-guard.js';
-import { signWebhook } from './webhook-signature.js';
+import { secretKey, signWithKeys } from './webhook-signature.js';
 
 /**
  * Sends one signed HTTP POST to a rest-hook endpoint. One undici Agent (keep-alive pool) for the
@@ -58,6 +58,8 @@ export class RestHookSender implements Sender {
   readonly #guard: EndpointGuard;
   /** Parsed endpoints: the URL is parsed once, not on every attempt. */
   readonly #targets = new Map<string, Target>();
+  /** Decoded signing keys, per secret. */
+  readonly #keys = new Map<string, Buffer>();
 
   constructor(guard: EndpointGuard, clock: Clock, options: { connections?: number; userAgent?: string } = {}) {
     this.#guard = guard;
@@ -76,7 +78,7 @@ export class RestHookSender implements Sender {
       'user-agent': this.#userAgent,
       'webhook-id': req.webhookId,
       'webhook-timestamp': String(timestamp),
-      'webhook-signature': signWebhook(req.secrets, req.webhookId, timestamp, req.body),
+      'webhook-signature': signWithKeys(this.#keysOf(req.secrets), req.webhookId, timestamp, req.body),
     };
     if (req.contentType !== undefined) headers['content-type'] = req.contentType;
     for (const h of req.headers) {
@@ -116,6 +118,19 @@ export class RestHookSender implements Sender {
     } catch (err) {
       return describeFailure(err, req.timeoutMs);
     }
+  }
+
+  #keysOf(secrets: readonly string[]): Buffer[] {
+    return secrets.map((secret) => {
+      let key = this.#keys.get(secret);
+      if (key === undefined) {
+        key = secretKey(secret);
+        // Bounded by the subscriptions' secrets; cleared rather than grown past that.
+        if (this.#keys.size >= 10_000) this.#keys.clear();
+        this.#keys.set(secret, key);
+      }
+      return key;
+    });
   }
 
   #target(endpoint: string): Target {

@@ -12,14 +12,24 @@ export function generateWebhookSecret(): string {
 }
 
 export function signWebhook(secrets: readonly string[], id: string, timestampSeconds: number, body: string): string {
-  return secrets
-    .map((secret) => {
-      const key = Buffer.from(
-        secret.startsWith(WEBHOOK_SECRET_PREFIX) ? secret.slice(WEBHOOK_SECRET_PREFIX.length) : secret,
-        'base64',
-      );
-      const mac = createHmac('sha256', key).update(`${id}.${timestampSeconds}.${body}`).digest('base64');
-      return `v1,${mac}`;
-    })
-    .join(' ');
+  return signWithKeys(secrets.map(secretKey), id, timestampSeconds, body);
+}
+
+/** The HMAC key of a `whsec_<base64>` secret (its decoded bytes). */
+export function secretKey(secret: string): Buffer {
+  return Buffer.from(
+    secret.startsWith(WEBHOOK_SECRET_PREFIX) ? secret.slice(WEBHOOK_SECRET_PREFIX.length) : secret,
+    'base64',
+  );
+}
+
+/** `signWebhook` with keys already decoded (a sender keeps them per secret). */
+export function signWithKeys(keys: readonly Buffer[], id: string, timestampSeconds: number, body: string): string {
+  const signed = `${id}.${timestampSeconds}.${body}`;
+  let out = '';
+  for (const key of keys) {
+    const mac = createHmac('sha256', key).update(signed).digest('base64');
+    out += out === '' ? `v1,${mac}` : ` v1,${mac}`;
+  }
+  return out;
 }

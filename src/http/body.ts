@@ -46,10 +46,10 @@ export function checkJsonRequest(
 
 export function parseJsonBody(bytes: Buffer): unknown {
   const text = bytes.toString('utf8');
-  if (text.trim() === '') throw new BrokerError('BAD_JSON', 'The body is empty');
   try {
     return JSON.parse(text) as unknown;
   } catch (err) {
+    if (text.trim() === '') throw new BrokerError('BAD_JSON', 'The body is empty');
     throw new BrokerError('BAD_JSON', `The body is not valid JSON: ${(err as Error).message}`, { cause: err });
   }
 }

@@ -30,9 +30,10 @@ export class Metrics {
   readonly #counters = new Map<string, number>();
   readonly #gauges = new Map<MetricName, () => number>();
   readonly #histograms = new Map<string, { buckets: number[]; sum: number; count: number }>();
+  readonly #keys = new Map<MetricName, Map<string, string>>();
 
   inc(name: MetricName, labels: Labels = {}, by = 1): void {
-    const key = seriesKey(name, labels);
+    const key = this.#key(name, labels);
     this.#counters.set(key, (this.#counters.get(key) ?? 0) + by);
   }
 
@@ -53,7 +54,34 @@ export class Metrics {
   }
 
   value(name: MetricName, labels: Labels = {}): number {
-    return this.#counters.get(seriesKey(name, labels)) ?? 0;
+    return this.#counters.get(this.#key(name, labels)) ?? 0;
+  }
+
+  /**
+   * Series keys of one-label series are built once: `inc` runs several times per event, and
+   * building `name{label="value"}` each time cost more than the counting.
+   */
+  #key(name: MetricName, labels: Labels): string {
+    let only: string | undefined;
+    for (const k in labels) {
+      if (only !== undefined) return seriesKey(name, labels);
+      only = k;
+    }
+    if (only === undefined) return name;
+    const value = labels[only] as string;
+    let byLabel = this.#keys.get(name);
+    if (byLabel === undefined) {
+      byLabel = new Map();
+      this.#keys.set(name, byLabel);
+    }
+    const cacheKey = `${only}=${value}`;
+    let key = byLabel.get(cacheKey);
+    if (key === undefined) {
+      key = seriesKey(name, labels);
+      // Label values are a small fixed set (outcomes, reasons); never let a stray one grow this.
+      if (byLabel.size < 1000) byLabel.set(cacheKey, key);
+    }
+    return key;
   }
 
   render(): string {
