@@ -1,14 +1,17 @@
 import { describe, expect, it } from 'vitest';
 import { validateFhir } from '../../test/support/fhir-schema.js';
+import { prng } from '../../test/support/prng.js';
 import { BACKPORT_PROFILE } from './fhir-urls.js';
 import {
   type BundleContext,
   buildNotificationBundle,
   buildStatusBundle,
   buildStatusParameters,
+  type NotificationType,
+  notificationBundleJson,
   type StatusSource,
 } from './notification.js';
-import type { FhirResource, Interaction, Notification } from './types.js';
+import type { FhirResource, Interaction, Notification, PayloadContent, SubscriptionStatus } from './types.js';
 
 const BROKER = 'http://127.0.0.1:8080/fhir';
 const HEALTHLAKE = 'https://healthlake.us-east-1.amazonaws.com/datastore/ds1/r4';
@@ -332,5 +335,75 @@ describe('validateFhir', () => {
   it('rejects something that is not a resource', () => {
     expect(validateFhir({ type: 'history' }).length).toBeGreaterThan(0);
     expect(validateFhir('Bundle').length).toBeGreaterThan(0);
+  });
+});
+
+describe('notificationBundleJson', () => {
+  const TYPES: NotificationType[] = ['handshake', 'heartbeat', 'event-notification', 'query-status', 'query-event'];
+  const STATUSES: SubscriptionStatus[] = ['requested', 'active', 'error', 'off'];
+  const CONTENTS: PayloadContent[] = ['empty', 'id-only', 'full-resource'];
+  const INTERACTIONS: Interaction[] = ['create', 'update', 'delete'];
+  // Strings that JSON must escape, or that look like JSON themselves.
+  const AWKWARD = [
+    'plain',
+    'with "quotes"',
+    'back\\slash',
+    'line\nbreak',
+    'tab\t',
+    'ctl\u0001',
+    'sep\u2028',
+    'ünï 😀',
+    '},{"x":1',
+  ];
+
+  it('writes the same bytes as JSON.stringify(buildNotificationBundle(...)), over random inputs', () => {
+    const random = prng(20261126);
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(random() * xs.length)] as T;
+    for (let i = 0; i < 3000; i++) {
+      const status = pick(STATUSES);
+      const sub: StatusSource = {
+        id: `sub-${pick(AWKWARD)}`,
+        kind: random() < 0.5 ? 'topic' : 'classic',
+        topic: pick(AWKWARD),
+        status,
+        eventsSinceStart: Math.floor(random() * 1e9),
+        ...(random() < 0.5 ? { error: pick(AWKWARD) } : {}),
+      };
+      const events: Notification[] = Array.from({ length: Math.floor(random() * 4) }, (_, k) => {
+        const resourceId = random() < 0.8 ? pick(AWKWARD) : undefined;
+        return {
+          subscriptionId: sub.id,
+          eventNumber: k + 1 + Math.floor(random() * 1000),
+          change: {
+            eventId: `e${k}`,
+            resourceType: pick(['Patient', 'Observation', pick(AWKWARD)]),
+            ...(resourceId === undefined ? {} : { resourceId }),
+            interaction: pick(INTERACTIONS),
+            datastoreId: 'ds',
+            fhirBase: pick([HEALTHLAKE, `https://h.example/${pick(AWKWARD)}`]),
+            time: pick(['2030-01-01T00:00:00Z', pick(AWKWARD)]),
+          },
+        };
+      });
+      const type = pick(TYPES);
+      const content = pick(CONTENTS);
+      // Each side gets its own context with the same id sequence: ids must be drawn in the same order.
+      const base = random() < 0.5 ? BROKER : `http://b/${pick(AWKWARD)}`;
+      const expected = JSON.stringify(
+        buildNotificationBundle(sub, type, events, content, { ...context(), fhirBase: base }),
+      );
+      expect(notificationBundleJson(sub, type, events, content, { ...context(), fhirBase: base })).toBe(expected);
+    }
+  });
+
+  it('is a valid notification bundle for a typical event', () => {
+    const json = notificationBundleJson(
+      topicSub,
+      'event-notification',
+      [note(4, 'update', 'p1')],
+      'id-only',
+      context(),
+    );
+    expect(validateFhir(JSON.parse(json) as FhirResource)).toEqual([]);
   });
 });

@@ -100,6 +100,55 @@ export function buildNotificationBundle(
   };
 }
 
+/**
+ * `JSON.stringify(buildNotificationBundle(...))`, written straight to a string: the same bytes
+ * (notification.test.ts compares them over thousands of random inputs), without building the
+ * objects first. Every webhook body goes through here; building and serializing the objects cost
+ * about as much as the rest of handing a notification to the sender.
+ */
+export function notificationBundleJson(
+  sub: StatusSource,
+  type: NotificationType,
+  events: readonly Notification[],
+  content: PayloadContent,
+  ctx: BundleContext,
+): string {
+  const q = JSON.stringify;
+  const statusId = ctx.newId();
+  const subscriptionUrl = `${ctx.fhirBase}/Subscription/${sub.id}`;
+  let params = `{"name":"subscription","valueReference":{"reference":${q(subscriptionUrl)}}}`;
+  if (sub.kind === 'topic') params += `,{"name":"topic","valueCanonical":${q(sub.topic)}}`;
+  params +=
+    `,{"name":"status","valueCode":${q(sub.status)}},{"name":"type","valueCode":${q(type)}}` +
+    `,{"name":"events-since-subscription-start","valueString":${q(String(sub.eventsSinceStart))}}`;
+  let focusEntries = '';
+  for (const n of events) {
+    const time = q(n.change.time);
+    const focus = focusOf(n, content);
+    params += `,{"name":"notification-event","part":[{"name":"event-number","valueString":${q(String(n.eventNumber))}},{"name":"timestamp","valueInstant":${time}}`;
+    if (focus === undefined) {
+      params += ']}';
+      continue;
+    }
+    const ref = q(focus);
+    params += `,{"name":"focus","valueReference":{"reference":${ref}}}]}`;
+    const { resourceType, resourceId, interaction } = n.change;
+    const req = REQUEST[interaction];
+    const url = interaction === 'create' ? resourceType : `${resourceType}/${resourceId}`;
+    focusEntries += `,{"fullUrl":${ref},"request":{"method":"${req.method}","url":${q(url)}},"response":{"status":"${req.status}","lastModified":${time}}}`;
+  }
+  if (sub.status === 'error' && sub.error !== undefined) {
+    params += `,{"name":"error","valueCodeableConcept":{"text":${q(sub.error)}}}`;
+  }
+  const status = `{"resourceType":"Parameters","id":${q(statusId)},"meta":{"profile":[${q(BACKPORT_PROFILE.status)}]},"parameter":[${params}]}`;
+  const bundleId = ctx.newId();
+  return (
+    `{"resourceType":"Bundle","id":${q(bundleId)},"meta":{"profile":[${q(BACKPORT_PROFILE.notification)}]}` +
+    `,"type":"history","timestamp":${q(ctx.timestamp)},"entry":[{"fullUrl":${q(`urn:uuid:${statusId}`)},"resource":${status}` +
+    `,"request":{"method":"GET","url":${q(`${subscriptionUrl}/$status`)}},"response":{"status":"200"}}${focusEntries}]}`
+  );
+}
+
 /** `$status` answer: a searchset of status Parameters, one per subscription. */
 export function buildStatusBundle(subs: readonly StatusSource[], ctx: BundleContext): FhirResource {
   return {

@@ -1,5 +1,5 @@
 import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
-import { buildNotificationBundle, type NotificationType } from '../core/notification.js';
+import { type NotificationType, notificationBundleJson } from '../core/notification.js';
 import { nextRetryDelay } from '../core/retry.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
@@ -95,6 +95,8 @@ export class Dispatcher {
   #flushing: Promise<void> | undefined;
   /** Tail of the delivery-state writes: batches are written one after another, in order. */
   #recorded: Promise<void> = Promise.resolve();
+  readonly #origins = new Map<string, string>();
+  readonly #newId = (): string => this.#ids.uuid();
 
   constructor(deps: {
     store: Store;
@@ -459,18 +461,19 @@ export class Dispatcher {
     const body =
       sub.kind === 'classic'
         ? ''
-        : JSON.stringify(
-            buildNotificationBundle(
-              { ...sub, eventsSinceStart: Math.max(sub.eventsSinceStart, lastNumber ?? 0) },
-              type,
-              notes,
-              sub.channel.content,
-              {
-                fhirBase: this.#opts.fhirBase,
-                newId: () => this.#ids.uuid(),
-                timestamp: new Date(this.#clock.now()).toISOString(),
-              },
-            ),
+        : notificationBundleJson(
+            {
+              id: sub.id,
+              kind: sub.kind,
+              topic: sub.topic,
+              status: sub.status,
+              eventsSinceStart: Math.max(sub.eventsSinceStart, lastNumber ?? 0),
+              ...(sub.error === undefined ? {} : { error: sub.error }),
+            },
+            type,
+            notes,
+            sub.channel.content,
+            { fhirBase: this.#opts.fhirBase, newId: this.#newId, timestamp: new Date(this.#clock.now()).toISOString() },
           );
     return this.#sender.send({
       endpoint,
@@ -485,7 +488,19 @@ export class Dispatcher {
 
   /** Runs `fn` within the in-flight caps; local socket writes need no network slot. */
   #withSlot<T>(sub: SubscriptionRecord, fn: () => Promise<T>): Promise<T> {
-    return sub.channel.type === 'websocket' ? fn() : this.#limiter.run(originOf(sub.channel.endpoint), fn);
+    return sub.channel.type === 'websocket' ? fn() : this.#limiter.run(this.#originOf(sub.channel.endpoint), fn);
+  }
+
+  /** Endpoint → origin, parsed once per endpoint rather than once per request. */
+  #originOf(endpoint: string | undefined): string {
+    if (endpoint === undefined) return '';
+    let origin = this.#origins.get(endpoint);
+    if (origin === undefined) {
+      origin = originOf(endpoint);
+      if (this.#origins.size >= 10_000) this.#origins.clear();
+      this.#origins.set(endpoint, origin);
+    }
+    return origin;
   }
 
   /**
