@@ -1,4 +1,5 @@
 import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
+import { memo } from '../core/memo.js';
 import { type NotificationType, notificationBundleJson } from '../core/notification.js';
 import { nextRetryDelay } from '../core/retry.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
@@ -493,14 +494,7 @@ export class Dispatcher {
 
   /** Endpoint → origin, parsed once per endpoint rather than once per request. */
   #originOf(endpoint: string | undefined): string {
-    if (endpoint === undefined) return '';
-    let origin = this.#origins.get(endpoint);
-    if (origin === undefined) {
-      origin = originOf(endpoint);
-      if (this.#origins.size >= 10_000) this.#origins.clear();
-      this.#origins.set(endpoint, origin);
-    }
-    return origin;
+    return endpoint === undefined ? '' : memo(this.#origins, endpoint, originOf);
   }
 
   /**

@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import { Agent, errors as undiciErrors } from 'undici';
+import { memo } from '../core/memo.js';
 import type { Clock } from '../core/types.js';
 import { type EndpointGuard, EndpointRefusedError } from './endpoint-guard.js';
 import { secretKey, signWithKeys } from './webhook-signature.js';
@@ -121,39 +122,27 @@ export class RestHookSender implements Sender {
   }
 
   #keysOf(secrets: readonly string[]): Buffer[] {
-    return secrets.map((secret) => {
-      let key = this.#keys.get(secret);
-      if (key === undefined) {
-        key = secretKey(secret);
-        // Bounded by the subscriptions' secrets; cleared rather than grown past that.
-        if (this.#keys.size >= 10_000) this.#keys.clear();
-        this.#keys.set(secret, key);
-      }
-      return key;
-    });
+    return secrets.map((secret) => memo(this.#keys, secret, secretKey));
   }
 
   #target(endpoint: string): Target {
-    let target = this.#targets.get(endpoint);
-    if (target === undefined) {
-      const url = new URL(endpoint);
-      const host = url.hostname.replace(/^\[|\]$/g, '');
-      target = {
-        origin: url.origin,
-        path: `${url.pathname}${url.search}`,
-        ...(isIP(host) === 0 ? {} : { ipLiteral: host }),
-      };
-      // Endpoints come from subscriptions: bounded, but never let the cache grow without limit.
-      if (this.#targets.size >= 10_000) this.#targets.clear();
-      this.#targets.set(endpoint, target);
-    }
-    return target;
+    return memo(this.#targets, endpoint, parseTarget);
   }
 
   /** Aborts whatever is still in flight: callers give attempts their grace period first. */
   async close(): Promise<void> {
     await this.#agent.destroy();
   }
+}
+
+function parseTarget(endpoint: string): Target {
+  const url = new URL(endpoint);
+  const host = url.hostname.replace(/^\[|\]$/g, '');
+  return {
+    origin: url.origin,
+    path: `${url.pathname}${url.search}`,
+    ...(isIP(host) === 0 ? {} : { ipLiteral: host }),
+  };
 }
 
 function describeFailure(err: unknown, timeoutMs: number): SendResult {

@@ -80,30 +80,18 @@ CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
 
 /**
  * Version 1 (until 2026-11-26) kept `events_since_start` on the subscription row and notifications
- * in a WITHOUT ROWID table keyed by (subscription, event number). Moved over in one transaction,
- * so a data dir is either wholly version 1 or wholly version 2.
+ * in a WITHOUT ROWID table keyed by (subscription, event number). In one transaction: the old
+ * notifications table steps aside, SCHEMA creates the version-2 tables, the rows move over; so a
+ * data dir is either wholly version 1 or wholly version 2.
  */
-const MIGRATE_1_TO_2 = `
-CREATE TABLE subscription_counters (
-  subscription_id TEXT PRIMARY KEY,
-  events_since_start INTEGER NOT NULL
-) WITHOUT ROWID;
-INSERT INTO subscription_counters (subscription_id, events_since_start) SELECT id, events_since_start FROM subscriptions;
-ALTER TABLE subscriptions DROP COLUMN events_since_start;
+const MIGRATE_1_TO_2_BEFORE = `
 ALTER TABLE notifications RENAME TO notifications_v1;
 DROP INDEX IF EXISTS notifications_pending;
 DROP INDEX IF EXISTS notifications_created;
-CREATE TABLE notifications (
-  seq INTEGER PRIMARY KEY,
-  subscription_id TEXT NOT NULL,
-  event_number INTEGER NOT NULL,
-  change_json TEXT NOT NULL,
-  state TEXT NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0,
-  due_at INTEGER NOT NULL,
-  last_error TEXT,
-  created_at INTEGER NOT NULL
-);
+`;
+const MIGRATE_1_TO_2_AFTER = `
+INSERT INTO subscription_counters (subscription_id, events_since_start) SELECT id, events_since_start FROM subscriptions;
+ALTER TABLE subscriptions DROP COLUMN events_since_start;
 INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts, due_at, last_error, created_at)
   SELECT subscription_id, event_number, change_json, state, attempts, due_at, last_error, created_at
   FROM notifications_v1 ORDER BY created_at, subscription_id, event_number;
@@ -126,8 +114,10 @@ function migrate(db: Database.Database): void {
     const version = db.pragma('user_version', { simple: true }) as number;
     const hasSubscriptions =
       db.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'subscriptions'").get() !== undefined;
-    if (version < 2 && hasSubscriptions) db.exec(MIGRATE_1_TO_2);
+    const fromVersion1 = version < 2 && hasSubscriptions;
+    if (fromVersion1) db.exec(MIGRATE_1_TO_2_BEFORE);
     db.exec(SCHEMA);
+    if (fromVersion1) db.exec(MIGRATE_1_TO_2_AFTER);
     db.pragma(`user_version = ${SCHEMA_VERSION}`);
   }).immediate();
 }
