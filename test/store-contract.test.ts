@@ -145,6 +145,9 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect((await store.listSubscriptions()).map((s) => s.id)).toEqual(['c', 'a', 'b']);
       expect((await store.listSubscriptions('alice')).map((s) => s.id)).toEqual(['a', 'b']);
       expect((await store.listSubscriptions('bob')).map((s) => s.id)).toEqual(['c']);
+      expect(await store.countSubscriptions('alice')).toBe(2);
+      expect(await store.countSubscriptions('bob')).toBe(1);
+      expect(await store.countSubscriptions('carol')).toBe(0);
       expect(await store.listSubscriptions('carol')).toEqual([]);
     });
 

@@ -150,7 +150,7 @@ export class SubscriptionRegistry {
     }
     if (spec.channel.endpoint !== undefined) await this.#guard.checkEndpoint(spec.channel.endpoint);
     // Counted from the store: on AWS other instances create subscriptions too.
-    const held = (await this.#store.listSubscriptions(owner)).length;
+    const held = await this.#store.countSubscriptions(owner);
     if (held >= this.#maxPerClient) {
       throw new BrokerError(
         'QUOTA_EXCEEDED',

@@ -52,6 +52,8 @@ export interface Store {
   insertSubscription(rec: SubscriptionRecord): Promise<void>;
   getSubscription(id: string): Promise<SubscriptionRecord | undefined>;
   listSubscriptions(owner?: string): Promise<SubscriptionRecord[]>;
+  /** How many subscriptions `owner` holds (the quota check), without reading them. */
+  countSubscriptions(owner: string): Promise<number>;
   /**
    * Replace everything the client controls; the event counter is the store's and is kept.
    * With `expected`, only when the stored status and updatedAt are still those (compare-and-set);

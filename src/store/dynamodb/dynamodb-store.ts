@@ -170,6 +170,27 @@ export class DynamoDbStore implements Store {
     return items.map(fromSubscriptionItem).sort((a, b) => compare(a.createdAt, b.createdAt) || compare(a.id, b.id));
   }
 
+  async countSubscriptions(owner: string): Promise<number> {
+    let count = 0;
+    let start: Item | undefined;
+    do {
+      const out = await this.#client.send(
+        new QueryCommand({
+          TableName: this.#tables.subscriptions,
+          IndexName: INDEX.byOwner,
+          KeyConditionExpression: '#owner = :owner',
+          ExpressionAttributeNames: { '#owner': 'owner' },
+          ExpressionAttributeValues: { ':owner': S(owner) },
+          Select: 'COUNT',
+          ...(start === undefined ? {} : { ExclusiveStartKey: start }),
+        }),
+      );
+      count += out.Count ?? 0;
+      start = out.LastEvaluatedKey;
+    } while (start !== undefined);
+    return count;
+  }
+
   async replaceSubscription(
     rec: SubscriptionRecord,
     expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },

@@ -204,6 +204,7 @@ export class SqliteStore implements Store {
       setStatus: db.prepare('UPDATE subscriptions SET status = ?, error = ?, updated_at = ? WHERE id = ?'),
       deleteSub: db.prepare('DELETE FROM subscriptions WHERE id = ?'),
       deleteCounter: db.prepare('DELETE FROM subscription_counters WHERE subscription_id = ?'),
+      countOwner: db.prepare<[string], { n: number }>('SELECT COUNT(*) AS n FROM subscriptions WHERE owner = ?'),
       deleteNotes: db.prepare('DELETE FROM notifications WHERE subscription_id = ?'),
       pending: db.prepare<[string, number, number], NotificationRow>(
         `SELECT * FROM notifications WHERE subscription_id = ? AND state = 'pending' AND event_number > ?
@@ -247,6 +248,10 @@ export class SqliteStore implements Store {
   async listSubscriptions(owner?: string): Promise<SubscriptionRecord[]> {
     const rows = owner === undefined ? this.#stmt.listAll.all() : this.#stmt.listOwner.all(owner);
     return rows.map(fromRow);
+  }
+
+  async countSubscriptions(owner: string): Promise<number> {
+    return this.#stmt.countOwner.get(owner)?.n ?? 0;
   }
 
   async replaceSubscription(
