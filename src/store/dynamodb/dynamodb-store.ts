@@ -10,6 +10,7 @@ import {
   PutItemCommand,
   QueryCommand,
   type QueryCommandInput,
+  type QueryCommandOutput,
   ScanCommand,
   type ScanCommandInput,
   TransactionCanceledException,
@@ -159,36 +160,31 @@ export class DynamoDbStore implements Store {
     const items =
       owner === undefined
         ? await this.#scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true })
-        : await this.#queryAll({
-            TableName: this.#tables.subscriptions,
-            IndexName: INDEX.byOwner,
-            KeyConditionExpression: '#owner = :owner',
-            ExpressionAttributeNames: { '#owner': 'owner' },
-            ExpressionAttributeValues: { ':owner': S(owner) },
-          });
+        : await this.#queryAll(this.#byOwner(owner));
     // Same order as SQLite's `ORDER BY created_at, id` (binary string comparison).
     return items.map(fromSubscriptionItem).sort((a, b) => compare(a.createdAt, b.createdAt) || compare(a.id, b.id));
   }
 
   async countSubscriptions(owner: string): Promise<number> {
     let count = 0;
-    let start: Item | undefined;
-    do {
-      const out = await this.#client.send(
-        new QueryCommand({
-          TableName: this.#tables.subscriptions,
-          IndexName: INDEX.byOwner,
-          KeyConditionExpression: '#owner = :owner',
-          ExpressionAttributeNames: { '#owner': 'owner' },
-          ExpressionAttributeValues: { ':owner': S(owner) },
-          Select: 'COUNT',
-          ...(start === undefined ? {} : { ExclusiveStartKey: start }),
-        }),
-      );
-      count += out.Count ?? 0;
-      start = out.LastEvaluatedKey;
-    } while (start !== undefined);
+    await this.#eachPage(
+      { ...this.#byOwner(owner), Select: 'COUNT' },
+      () => Number.POSITIVE_INFINITY,
+      (out) => {
+        count += out.Count ?? 0;
+      },
+    );
     return count;
+  }
+
+  #byOwner(owner: string): QueryCommandInput {
+    return {
+      TableName: this.#tables.subscriptions,
+      IndexName: INDEX.byOwner,
+      KeyConditionExpression: '#owner = :owner',
+      ExpressionAttributeNames: { '#owner': 'owner' },
+      ExpressionAttributeValues: { ':owner': S(owner) },
+    };
   }
 
   async replaceSubscription(
@@ -775,20 +771,33 @@ export class DynamoDbStore implements Store {
   /** Every page of a query, or pages until `limit` items. */
   async #queryAll(input: QueryCommandInput, limit = Number.POSITIVE_INFINITY): Promise<Item[]> {
     const items: Item[] = [];
+    await this.#eachPage(
+      input,
+      () => limit - items.length,
+      (out) => items.push(...(out.Items ?? [])),
+    );
+    return items;
+  }
+
+  /** Runs a query page after page while `left()` (items still wanted, the next page's `Limit`) is above 0. */
+  async #eachPage(
+    input: QueryCommandInput,
+    left: () => number,
+    each: (out: QueryCommandOutput) => void,
+  ): Promise<void> {
     let start: Item | undefined;
     do {
-      const left = limit - items.length;
+      const wanted = left();
       const out = await this.#client.send(
         new QueryCommand({
           ...input,
-          ...(Number.isFinite(left) ? { Limit: left } : {}),
+          ...(Number.isFinite(wanted) ? { Limit: wanted } : {}),
           ...(start === undefined ? {} : { ExclusiveStartKey: start }),
         }),
       );
-      items.push(...(out.Items ?? []));
+      each(out);
       start = out.LastEvaluatedKey;
-    } while (start !== undefined && items.length < limit);
-    return items;
+    } while (start !== undefined && left() > 0);
   }
 
   async #scanAll(input: ScanCommandInput): Promise<Item[]> {
