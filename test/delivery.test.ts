@@ -176,8 +176,10 @@ describe('giving up', () => {
     const good = await t.create(topicSubscription('patient-change', `${receiver.url}/up`));
     await t.logger.waitForStatus(bad.id as string, 'active');
     await t.logger.waitForStatus(good.id as string, 'active');
-    // The bad endpoint hangs past its timeout on every notification (and then fails anyway).
-    receiver.respond = (req) => (req.path === '/down' ? { status: 503, delayMs: 1500 } : { status: 204 });
+    // The bad endpoint hangs past its timeout on every notification (and then fails anyway). Its 503
+    // comes 3 s late: well past the 1 s timeout even when undici's coarse timers fire it ~0.5 s late
+    // on a loaded machine (at 1.5 s the 503 could win the race and change the recorded reason).
+    receiver.respond = (req) => (req.path === '/down' ? { status: 503, delayMs: 3000 } : { status: 204 });
     await t.post(patientEvents('dl', 20));
     // The healthy subscriber has all twenty while the bad one is still on its first attempt.
     await receiver.waitFor(() => notificationsOn(receiver, '/up').length === 20, 'healthy subscriber');
