@@ -87,7 +87,7 @@ export interface BrokerOverrides {
    * Builds the webhook sender instead of the in-thread `RestHookSender` (`main.ts`: sender threads
    * when `BROKER_WEBHOOK_THREADS` > 0).
    */
-  readonly sender?: (deps: { logger: Logger; userAgent: string }) => Sender;
+  readonly sender?: (deps: { logger: Logger; userAgent: string; connectionsPerOrigin: number }) => Sender;
   /**
    * Read the subscriptions on the first `refreshSubscriptions` call instead of at creation: for
    * Lambda containers that match through the store's type index and never need them all.
@@ -109,7 +109,9 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const topics = loadTopicCatalog(config.topicsDir);
   const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? systemResolver);
   const userAgent = `fhir-subscription-broker/${version}`;
-  const sender = overrides.sender?.({ logger, userAgent }) ?? new RestHookSender(guard, clock, { userAgent });
+  const sender =
+    overrides.sender?.({ logger, userAgent, connectionsPerOrigin: config.maxInFlightPerOrigin }) ??
+    new RestHookSender(guard, clock, { userAgent, connections: config.maxInFlightPerOrigin });
   const lifecycle =
     overrides.lifecycle ??
     (config.eventBus === undefined

@@ -122,7 +122,7 @@ export function loadConfig(env: Env = process.env): Config {
     webhookThreads: int(env, 'BROKER_WEBHOOK_THREADS', 1, 0, 16),
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
-    maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 256, 1, 10_000),
+    maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 512, 1, 10_000),
     maxSubscriptionsPerClient: int(env, 'BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT', 1000, 1, 10_000_000),
     maxInFlightPerOrigin: int(env, 'BROKER_MAX_IN_FLIGHT_PER_ORIGIN', 32, 1, 1000),
     eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),

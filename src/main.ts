@@ -49,8 +49,14 @@ async function main(): Promise<void> {
     // The main thread parses events and runs the lanes; signing and sending webhooks happen beside it.
     ...(webhookThreads > 0
       ? {
-          sender: ({ logger: log, userAgent }) =>
-            new ThreadedSender({ threads: webhookThreads, allowlist: endpointAllowlist, userAgent, logger: log }),
+          sender: ({ logger: log, userAgent, connectionsPerOrigin }) =>
+            new ThreadedSender({
+              threads: webhookThreads,
+              allowlist: endpointAllowlist,
+              userAgent,
+              connectionsPerOrigin,
+              logger: log,
+            }),
         }
       : {}),
     // Several cores write to the local WebSockets: the main thread sends one IPC message per fan-out.

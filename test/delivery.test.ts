@@ -209,6 +209,29 @@ describe('giving up', () => {
   });
 });
 
+describe('per-origin limit', () => {
+  it('never has more than BROKER_MAX_IN_FLIGHT_PER_ORIGIN requests on the wire to one origin', async () => {
+    const { t, receiver } = await setup({ BROKER_MAX_IN_FLIGHT_PER_ORIGIN: '2' });
+    const subs: Json[] = [];
+    for (let i = 0; i < 6; i++) subs.push(await t.create(topicSubscription('patient-change', `${receiver.url}/o${i}`)));
+    for (const sub of subs) await t.logger.waitForStatus(sub.id as string, 'active');
+    const holdMs = 250;
+    receiver.respond = () => ({ status: 204, delayMs: holdMs });
+    await t.post(eventLike('healthlake-update-patient', 'origin-1', 'origin-p1'));
+    const notes = () => receiver.requests.filter((r) => r.body.includes('"event-notification"'));
+    await receiver.waitFor(() => notes().length === 6, 'six notifications');
+    // A third request can only start once one of the two before it was answered (held 250 ms).
+    const arrivals = notes()
+      .map((r) => r.at)
+      .sort((a, b) => a - b);
+    for (let i = 0; i + 2 < arrivals.length; i++) {
+      expect((arrivals[i + 2] as number) - (arrivals[i] as number)).toBeGreaterThanOrEqual(holdMs - 5);
+    }
+    // ...and two did run at once.
+    expect((arrivals[1] as number) - (arrivals[0] as number)).toBeLessThan(holdMs);
+  });
+});
+
 describe('$events', () => {
   it('returns exactly the requested range of stored notifications', async () => {
     const { t, receiver } = await setup();

@@ -42,6 +42,7 @@ describe('ThreadedSender', () => {
       threads: 2,
       allowlist: ['127.0.0.1'],
       userAgent: 'ua-test',
+      connectionsPerOrigin: 32,
       logger: new RecordingLogger(),
     });
     const results = await Promise.all([
@@ -64,9 +65,37 @@ describe('ThreadedSender', () => {
     expect(a?.headers['webhook-signature']).toBe(`v1,${mac}`);
   });
 
+  it('keeps at most connectionsPerOrigin requests on the wire to one origin, queueing the rest', async () => {
+    receiver = await Receiver.start();
+    const holdMs = 200;
+    receiver.respond = () => ({ status: 204, delayMs: holdMs });
+    sender = new ThreadedSender({
+      threads: 1,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua',
+      connectionsPerOrigin: 2,
+      logger: new RecordingLogger(),
+    });
+    const results = await Promise.all(
+      Array.from({ length: 5 }, (_, i) => sender?.send(request(`${receiver?.url}/q${i}`, { webhookId: `q-${i}` }))),
+    );
+    expect(results.every((r) => r?.ok === true)).toBe(true);
+    const arrivals = (receiver.requests.map((r) => r.at) as number[]).sort((a, b) => a - b);
+    expect(arrivals).toHaveLength(5);
+    for (let i = 0; i + 2 < arrivals.length; i++) {
+      expect((arrivals[i + 2] as number) - (arrivals[i] as number)).toBeGreaterThanOrEqual(holdMs - 5);
+    }
+  });
+
   it('refuses endpoints the allow-list does not cover, in the thread, as permanent', async () => {
     receiver = await Receiver.start();
-    sender = new ThreadedSender({ threads: 1, allowlist: [], userAgent: 'ua', logger: new RecordingLogger() });
+    sender = new ThreadedSender({
+      threads: 1,
+      allowlist: [],
+      userAgent: 'ua',
+      connectionsPerOrigin: 32,
+      logger: new RecordingLogger(),
+    });
     const result = await sender.send(request(`${receiver.url}/private`));
     expect(result).toMatchObject({ ok: false, permanent: true });
     expect((result as { error: string }).error).toMatch(/^endpoint refused: /);
@@ -79,6 +108,7 @@ describe('ThreadedSender', () => {
       threads: 1,
       allowlist: ['127.0.0.1'],
       userAgent: 'ua',
+      connectionsPerOrigin: 32,
       logger: new RecordingLogger(),
     });
     const broken = { ...request(`${receiver.url}/x`), secrets: [42] } as unknown as WebhookRequest;
@@ -93,6 +123,7 @@ describe('ThreadedSender', () => {
       threads: 1,
       allowlist: ['127.0.0.1'],
       userAgent: 'ua',
+      connectionsPerOrigin: 32,
       logger: new RecordingLogger(),
     });
     const pending = sender.send(request(`${receiver.url}/slow`));

@@ -22,9 +22,12 @@ import type { Sender, SendResult } from './rest-hook-sender.js';
 export interface DispatcherOptions {
   readonly fhirBase: string;
   readonly retryDelaysMs: readonly number[];
-  /** Requests in flight across all lanes. */
+  /** Requests handed to the sender across all lanes (on the wire or queued for a connection). */
   readonly maxInFlight?: number;
-  /** Requests in flight to one endpoint origin (scheme://host:port), however many subscriptions share it. */
+  /**
+   * Requests on the wire to one endpoint origin (scheme://host:port), however many subscriptions
+   * share it: the sender's connections per origin. Twice as many may be handed over (see below).
+   */
   readonly maxInFlightPerOrigin?: number;
   /** How long delivered notifications stay for `$events`; older ones are purged hourly. */
   readonly retentionMs?: number;
@@ -71,6 +74,8 @@ const PURGE_INTERVAL_MS = 60 * 60 * 1000;
 
 // 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
 const DEFAULT_TIMEOUT_MS = 10_000;
+/** Requests handed to the sender per connection to an origin: one on the wire, one waiting behind it. */
+const HANDOVER_PER_CONNECTION = 2;
 /** Delivery-state write-behind: at most this late, or sooner once this many are waiting. */
 const RECORD_DELAY_MS = 10;
 const RECORD_BATCH = 512;
@@ -123,14 +128,22 @@ export class Dispatcher {
     this.#logger = deps.logger;
     this.#metrics = deps.metrics;
     this.#opts = {
-      maxInFlight: 256,
+      maxInFlight: 512,
       maxInFlightPerOrigin: 32,
       retentionMs: 7 * 86_400_000,
       laneBuffer: 256,
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
       ...deps.options,
     };
-    this.#limiter = new OriginLimiter({ total: this.#opts.maxInFlight, perOrigin: this.#opts.maxInFlightPerOrigin });
+    // A request holds its slot from hand-over until this thread has taken its result: with the
+    // sender on another thread, two thread hops longer than its time on the wire. Twice the
+    // origin's connections in hand-over keep each connection's next request already waiting in
+    // the sender's pool, so the origin's connections stay busy; the origin still never sees more
+    // than `maxInFlightPerOrigin` at once (the pool's connection cap).
+    this.#limiter = new OriginLimiter({
+      total: this.#opts.maxInFlight,
+      perOrigin: HANDOVER_PER_CONNECTION * this.#opts.maxInFlightPerOrigin,
+    });
     deps.registry.listen({
       onRequested: (id) => this.#track(this.#handshake(id)),
       onActivated: (id) => this.#wake(id, true),

@@ -10,8 +10,15 @@ import { decodeRequests, encodeResult, type Wire } from './sender-thread-protoco
  * results that come in during one turn of this thread's loop go back in one message.
  */
 
-const { allowlist, userAgent } = workerData as { allowlist: readonly string[]; userAgent: string };
-const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), systemResolver), Date, { userAgent });
+const { allowlist, userAgent, connections } = workerData as {
+  allowlist: readonly string[];
+  userAgent: string;
+  connections: number;
+};
+const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), systemResolver), Date, {
+  userAgent,
+  connections,
+});
 
 let results: Wire = [];
 let scheduled = false;

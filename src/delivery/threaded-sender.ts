@@ -20,6 +20,8 @@ export interface ThreadedSenderOptions {
   readonly threads: number;
   readonly allowlist: readonly string[];
   readonly userAgent: string;
+  /** Connections to one origin, across the threads (each keeps its share, at least one). */
+  readonly connectionsPerOrigin: number;
   readonly logger: Logger;
 }
 
@@ -89,8 +91,9 @@ export class ThreadedSender implements Sender {
   }
 
   #start(index: number): Thread {
-    const { allowlist, userAgent } = this.#options;
-    const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent } });
+    const { allowlist, userAgent, threads, connectionsPerOrigin } = this.#options;
+    const connections = Math.max(1, Math.floor(connectionsPerOrigin / Math.max(1, threads)));
+    const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent, connections } });
     worker.unref();
     const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map(), outbox: [] };
     thread.worker = worker;
