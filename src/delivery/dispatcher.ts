@@ -6,7 +6,8 @@ import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRec
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
-import type { DeliveryUpdate, Store } from '../store/store.js';
+import type { Store } from '../store/store.js';
+import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter } from './origin-limiter.js';
 import type { Sender, SendResult } from './rest-hook-sender.js';
 
@@ -76,9 +77,6 @@ const PURGE_INTERVAL_MS = 60 * 60 * 1000;
 const DEFAULT_TIMEOUT_MS = 10_000;
 /** Requests handed to the sender per connection to an origin: one on the wire, one waiting behind it. */
 const HANDOVER_PER_CONNECTION = 2;
-/** Delivery-state write-behind: at most this late, or sooner once this many are waiting. */
-const RECORD_DELAY_MS = 10;
-const RECORD_BATCH = 512;
 
 export class Dispatcher {
   readonly #store: Store;
@@ -97,10 +95,8 @@ export class Dispatcher {
   #purgeTimer: NodeJS.Timeout | undefined;
   readonly #running = new Set<Promise<unknown>>();
   #closed = false;
-  #updates: DeliveryUpdate[] = [];
-  #flushing: Promise<void> | undefined;
-  /** Tail of the delivery-state writes: batches are written one after another, in order. */
-  #recorded: Promise<void> = Promise.resolve();
+  /** Delivery states, written behind (see DeliveryStateLog). */
+  readonly #states: DeliveryStateLog;
   readonly #origins = new Map<string, string>();
   readonly #newId = (): string => this.#ids.uuid();
 
@@ -140,6 +136,7 @@ export class Dispatcher {
     // origin's connections in hand-over keep each connection's next request already waiting in
     // the sender's pool, so the origin's connections stay busy; the origin still never sees more
     // than `maxInFlightPerOrigin` at once (the pool's connection cap).
+    this.#states = new DeliveryStateLog({ store: deps.store, logger: deps.logger });
     this.#limiter = new OriginLimiter({
       total: this.#opts.maxInFlight,
       perOrigin: HANDOVER_PER_CONNECTION * this.#opts.maxInFlightPerOrigin,
@@ -198,7 +195,7 @@ export class Dispatcher {
       const left = deadline - this.#clock.now();
       await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, left).unref())]);
     }
-    await this.#flush();
+    await this.#states.flush();
   }
 
   /**
@@ -236,7 +233,7 @@ export class Dispatcher {
     }
     this.#limiter.close();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
-    await this.#flush();
+    await this.#states.flush();
   }
 
   #lane(id: string): Lane {
@@ -326,7 +323,7 @@ export class Dispatcher {
     lane.rescan = false;
     let rows: StoredNotification[];
     try {
-      if (rescan) await this.#flush();
+      if (rescan) await this.#states.flush();
       rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, this.#opts.laneBuffer);
     } finally {
       lane.reloading = false;
@@ -352,7 +349,7 @@ export class Dispatcher {
 
   /** Write pending delivery states now (before a requeue reads them, for one). */
   flush(): Promise<void> {
-    return this.#flush();
+    return this.#states.flush();
   }
 
   /** Apply an attempt's outcome; true when the lane may go on sending now. */
@@ -368,7 +365,7 @@ export class Dispatcher {
       lane.queue.splice(0, batch.length);
       for (const q of batch) {
         lane.done = Math.max(lane.done, q.note.eventNumber);
-        this.#record({ ...q.note, state: 'delivered', attempts: q.note.attempts + 1, dueAt: now });
+        this.#states.record({ ...q.note, state: 'delivered', attempts: q.note.attempts + 1, dueAt: now });
         if (q.acceptedAt !== undefined)
           this.#metrics.observe('broker_delivery_latency_seconds', (now - q.acceptedAt) / 1000);
       }
@@ -402,7 +399,7 @@ export class Dispatcher {
       lane.queue.splice(0, batch.length);
       for (const q of batch) {
         lane.done = Math.max(lane.done, q.note.eventNumber);
-        this.#record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
+        this.#states.record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
       }
       this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);
       this.#lifecycle.publish({
@@ -423,7 +420,7 @@ export class Dispatcher {
     batch.forEach((q, i) => {
       const note: StoredNotification = { ...q.note, attempts, dueAt, lastError: result.error };
       lane.queue[i] = { ...q, note };
-      this.#record(note);
+      this.#states.record(note);
     });
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
     if (!this.#closed) lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
@@ -548,41 +545,6 @@ export class Dispatcher {
     } catch (err) {
       this.#logger.error('retention purge failed', { err: err as Error });
     }
-  }
-
-  /**
-   * Delivery states are written behind, batched: losing one to a crash only means a redelivery.
-   * One write per RECORD_DELAY_MS (sooner past RECORD_BATCH updates), not one per loop turn: under
-   * load the writer thread's time goes to event commits, which the 202s wait for.
-   */
-  #record(note: StoredNotification): void {
-    this.#updates.push({
-      subscriptionId: note.subscriptionId,
-      eventNumber: note.eventNumber,
-      state: note.state,
-      attempts: note.attempts,
-      dueAt: note.dueAt,
-      ...(note.lastError === undefined ? {} : { lastError: note.lastError }),
-    });
-    if (this.#updates.length >= RECORD_BATCH) void this.#flush();
-    else if (this.#flushing === undefined) {
-      this.#flushing = new Promise<void>((resolve) => setTimeout(resolve, RECORD_DELAY_MS)).then(() => this.#flush());
-    }
-  }
-
-  /** Hands the waiting delivery states to the store; resolves once they and every earlier batch are written. */
-  #flush(): Promise<void> {
-    const updates = this.#updates;
-    this.#updates = [];
-    this.#flushing = undefined;
-    if (updates.length > 0) {
-      this.#recorded = this.#recorded
-        .then(() => this.#store.recordDeliveries(updates))
-        .catch((err: unknown) => {
-          this.#logger.error('could not record delivery states; they will be redelivered', { err: err as Error });
-        });
-    }
-    return this.#recorded;
   }
 }
 
