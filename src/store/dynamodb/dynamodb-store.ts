@@ -1,39 +1,41 @@
 import { setTimeout as delay } from 'node:timers/promises';
 import {
-  BatchGetItemCommand,
   BatchWriteItemCommand,
-  type CancellationReason,
-  ConditionalCheckFailedException,
   DeleteItemCommand,
   type DynamoDBClient,
   GetItemCommand,
   PutItemCommand,
-  QueryCommand,
   type QueryCommandInput,
-  type QueryCommandOutput,
-  ScanCommand,
-  type ScanCommandInput,
-  TransactionCanceledException,
   type TransactWriteItem,
-  TransactWriteItemsCommand,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
-import type {
-  Channel,
-  DeliveryState,
-  FhirResource,
-  MatchSpec,
-  Notification,
-  ResourceChange,
-  StoredNotification,
-  SubscriptionKind,
-  SubscriptionRecord,
-  SubscriptionStatus,
-} from '../../core/types.js';
+import type { MatchSpec, StoredNotification, SubscriptionRecord, SubscriptionStatus } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate, MatchCandidate, StatusUpdate, Store } from '../store.js';
-import { Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
+import { EventAcceptance } from './acceptance.js';
+import { Expression, type Item, N, readOptionalString, readString, S } from './attributes.js';
 import { SubscriptionExistsError, UnprocessedItemsError, WriteConflictError } from './errors.js';
-import { INDEX, type TableNames, TTL_ATTRIBUTE, tableNames } from './tables.js';
+import {
+  ANY_TYPE,
+  COLLECTING,
+  compare,
+  EVENT_SCOPE,
+  fromNotificationItem,
+  fromSubscriptionItem,
+  type IndexedFields,
+  indexedTypes,
+  notificationKey,
+  toSubscriptionItem,
+  unchangedSince,
+} from './items.js';
+import {
+  BATCH_WRITE_MAX,
+  conditionHeld,
+  DynamoDbRequests,
+  inBursts,
+  MAX_BATCH_ATTEMPTS,
+  MAX_TRANSACTION_ATTEMPTS,
+} from './requests.js';
+import { INDEX, type TableNames, tableNames } from './tables.js';
 
 /**
  * The Store port on DynamoDB (low-level client, injected). Five tables, `<prefix><role>`; the
@@ -57,15 +59,10 @@ import { INDEX, type TableNames, TTL_ATTRIBUTE, tableNames } from './tables.js';
  *   and `end`; written in the same TransactWriteItems as every subscription write, which reads the
  *   subscription first and is conditional on it being unchanged since (else it reads again).
  *
- * acceptChanges, per event, in this order:
- *   1. one consistent BatchGetItem of the dedupe keys and markers of the whole batch;
- *   2. a live `#event` key ⇒ duplicate, nothing written;
- *   3. per matched subscription: a live marker ⇒ reuse its notification (a retry of a
- *      half-finished acceptance); else take the next number (conditional ADD) and write the
- *      notification and its marker in one TransactWriteItems, with a ConditionCheck that the
- *      subscription still exists (so a concurrent delete cannot leave an orphan);
- *   4. write the `#event` key last. Until it is written, a retry redoes only what is missing.
- * Every write is acknowledged by DynamoDB before the method resolves: an accepted event is durable.
+ * acceptChanges is `EventAcceptance` (acceptance.ts): the batch's dedupe keys and markers read
+ * first, one transaction per notification, the `#event` key written last; every write is
+ * acknowledged before it resolves. The request patterns (retried transactions and batches,
+ * paging) are in requests.ts, the record ↔ item mapping in items.ts.
  *
  * Caveats, honestly:
  * - Event numbers can have gaps. A process that dies between step 3's counter increment and its
@@ -84,17 +81,8 @@ import { INDEX, type TableNames, TTL_ATTRIBUTE, tableNames } from './tables.js';
  *   delete; a crash in between can leave notifications of a deleted subscription behind.
  */
 
-/** The `scope` of the item that marks an EventBridge id as accepted (FHIR ids cannot contain `#`). */
-const EVENT_SCOPE = '#event';
-
 /** A subscription id that cannot exist (FHIR ids have no `#`): what `ping` reads. */
 const PING_KEY = '#ping';
-
-/** Statuses that still collect notifications; mirrors the matching index and the SQLite adapter. */
-const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error'];
-
-/** The type index key of subscriptions on every resource type. */
-const ANY_TYPE = '*';
 
 /** Marks the type index as built (see ensureTypeIndex); `#` keeps it apart from resource types. */
 const TYPE_INDEX_MARKER: Item = { resourceType: S('#index'), subscriptionId: S('#built') };
@@ -104,20 +92,8 @@ type SubscriptionPlan =
   | { readonly next: SubscriptionRecord; readonly update: Expression }
   | { readonly next: undefined };
 
-type IndexedFields = Pick<SubscriptionRecord, 'status' | 'match' | 'end'>;
-
 // 7 days: the default event retention (config.eventRetentionMs); purge() usually removes them first.
 const DEFAULT_EVENT_TTL_MS = 7 * 86_400_000;
-
-// DynamoDB's own request limits.
-const BATCH_GET_MAX = 100;
-const BATCH_WRITE_MAX = 25;
-/** Parallel single-item writes per burst: enough to overlap round trips, few enough not to throttle. */
-const WRITE_CONCURRENCY = 16;
-/** Transaction conflicts (another writer on the same subscription item) are retried this often. */
-const MAX_TRANSACTION_ATTEMPTS = 5;
-/** Unprocessed batch items are retried this often, with a growing pause as DynamoDB advises. */
-const MAX_BATCH_ATTEMPTS = 8;
 
 export interface DynamoDbStoreOptions {
   /** How long an accepted event id (and its markers) deduplicates; the TTL of those items. */
@@ -127,14 +103,21 @@ export interface DynamoDbStoreOptions {
 export class DynamoDbStore implements Store {
   readonly #client: DynamoDBClient;
   readonly #tables: TableNames;
-  readonly #eventTtlMs: number;
+  readonly #requests: DynamoDbRequests;
+  readonly #acceptance: EventAcceptance;
   /** Tail of the acceptChanges chain: calls on one instance run one after another. */
   #accepting: Promise<unknown> = Promise.resolve();
 
   constructor(client: DynamoDBClient, tablePrefix: string, options: DynamoDbStoreOptions = {}) {
     this.#client = client;
     this.#tables = tableNames(tablePrefix);
-    this.#eventTtlMs = options.eventTtlMs ?? DEFAULT_EVENT_TTL_MS;
+    this.#requests = new DynamoDbRequests(client);
+    this.#acceptance = new EventAcceptance({
+      client,
+      requests: this.#requests,
+      tables: this.#tables,
+      eventTtlMs: options.eventTtlMs ?? DEFAULT_EVENT_TTL_MS,
+    });
   }
 
   async insertSubscription(rec: SubscriptionRecord): Promise<void> {
@@ -145,7 +128,10 @@ export class DynamoDbStore implements Store {
         ConditionExpression: 'attribute_not_exists(id)',
       },
     };
-    const failed = await this.#transact([put, ...this.#typeWrites(rec.id, undefined, rec)], `creating ${rec.id}`);
+    const failed = await this.#requests.transact(
+      [put, ...this.#typeWrites(rec.id, undefined, rec)],
+      `creating ${rec.id}`,
+    );
     if (failed !== undefined) throw new SubscriptionExistsError(rec.id);
   }
 
@@ -159,15 +145,15 @@ export class DynamoDbStore implements Store {
   async listSubscriptions(owner?: string): Promise<SubscriptionRecord[]> {
     const items =
       owner === undefined
-        ? await this.#scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true })
-        : await this.#queryAll(this.#byOwner(owner));
+        ? await this.#requests.scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true })
+        : await this.#requests.queryAll(this.#byOwner(owner));
     // Same order as SQLite's `ORDER BY created_at, id` (binary string comparison).
     return items.map(fromSubscriptionItem).sort((a, b) => compare(a.createdAt, b.createdAt) || compare(a.id, b.id));
   }
 
   async countSubscriptions(owner: string): Promise<number> {
     let count = 0;
-    await this.#eachPage(
+    await this.#requests.eachPage(
       { ...this.#byOwner(owner), Select: 'COUNT' },
       () => Number.POSITIVE_INFINITY,
       (out) => {
@@ -262,7 +248,7 @@ export class DynamoDbStore implements Store {
   async ensureTypeIndex(): Promise<number> {
     const marker = { TableName: this.#tables.subscriptionTypes, Key: TYPE_INDEX_MARKER };
     if ((await this.#client.send(new GetItemCommand({ ...marker, ConsistentRead: true }))).Item !== undefined) return 0;
-    const items = await this.#scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true });
+    const items = await this.#requests.scanAll({ TableName: this.#tables.subscriptions, ConsistentRead: true });
     const indexed = await inBursts(items, async (item) => {
       const rec = fromSubscriptionItem(item);
       const puts = this.#typeWrites(rec.id, undefined, rec);
@@ -276,7 +262,7 @@ export class DynamoDbStore implements Store {
           ...e.bindings,
         },
       };
-      return (await this.#transact([check, ...puts], `indexing ${rec.id}`)) === undefined;
+      return (await this.#requests.transact([check, ...puts], `indexing ${rec.id}`)) === undefined;
     });
     await this.#client.send(new PutItemCommand({ TableName: marker.TableName, Item: marker.Key }));
     return indexed.filter(Boolean).length;
@@ -284,7 +270,7 @@ export class DynamoDbStore implements Store {
 
   async candidatesFor(resourceType: string): Promise<readonly MatchCandidate[]> {
     const query = (type: string) =>
-      this.#queryAll({
+      this.#requests.queryAll({
         TableName: this.#tables.subscriptionTypes,
         ConsistentRead: true,
         KeyConditionExpression: 'resourceType = :t',
@@ -303,7 +289,7 @@ export class DynamoDbStore implements Store {
   }
 
   acceptChanges(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
-    const run = this.#accepting.then(() => this.#accept(items, receivedAt));
+    const run = this.#accepting.then(() => this.#acceptance.accept(items, receivedAt));
     this.#accepting = run.catch(() => undefined);
     return run;
   }
@@ -314,7 +300,7 @@ export class DynamoDbStore implements Store {
     limit: number,
   ): Promise<StoredNotification[]> {
     if (limit <= 0) return [];
-    const items = await this.#queryAll(
+    const items = await this.#requests.queryAll(
       {
         TableName: this.#tables.notifications,
         IndexName: INDEX.pending,
@@ -327,7 +313,7 @@ export class DynamoDbStore implements Store {
   }
 
   async subscriptionsWithPending(): Promise<string[]> {
-    const items = await this.#scanAll({
+    const items = await this.#requests.scanAll({
       TableName: this.#tables.notifications,
       IndexName: INDEX.pending,
       ProjectionExpression: 'pendingSubscriptionId',
@@ -350,7 +336,7 @@ export class DynamoDbStore implements Store {
   ): Promise<StoredNotification[]> {
     // DynamoDB rejects BETWEEN with a lower bound above the upper one.
     if (from > to || limit <= 0) return [];
-    const items = await this.#queryAll(
+    const items = await this.#requests.queryAll(
       {
         TableName: this.#tables.notifications,
         ConsistentRead: true,
@@ -363,7 +349,7 @@ export class DynamoDbStore implements Store {
   }
 
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
-    const dead = await this.#queryAll({
+    const dead = await this.#requests.queryAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
       KeyConditionExpression: 'subscriptionId = :s',
@@ -396,7 +382,7 @@ export class DynamoDbStore implements Store {
   }
 
   async purge(before: number): Promise<{ notifications: number; eventIds: number }> {
-    const oldNotes = await this.#scanAll({
+    const oldNotes = await this.#requests.scanAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
       FilterExpression: '#state IN (:delivered, :dead) AND createdAt < :before',
@@ -418,7 +404,7 @@ export class DynamoDbStore implements Store {
         ),
       ),
     );
-    const oldIds = await this.#scanAll({
+    const oldIds = await this.#requests.scanAll({
       TableName: this.#tables.eventIds,
       ConsistentRead: true,
       FilterExpression: 'receivedAt < :before',
@@ -454,138 +440,6 @@ export class DynamoDbStore implements Store {
     await this.#accepting;
   }
 
-  async #accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
-    const expiresAt = Math.ceil((receivedAt + this.#eventTtlMs) / 1000);
-    const known = await this.#readEventIds(items, receivedAt);
-    const acceptedHere = new Set<string>();
-    const outcomes: AcceptOutcome[] = [];
-    for (const { change, subscriptionIds } of items) {
-      if (acceptedHere.has(change.eventId) || known.has(eventIdKey(change.eventId, EVENT_SCOPE))) {
-        outcomes.push({ duplicate: true, notifications: [] });
-        continue;
-      }
-      acceptedHere.add(change.eventId);
-      const created = await Promise.all(
-        [...new Set(subscriptionIds)].map((subscriptionId) => {
-          const marker = known.get(eventIdKey(change.eventId, subscriptionId));
-          return marker === undefined
-            ? this.#notify(change, subscriptionId, receivedAt, expiresAt)
-            : this.#existingNotification(subscriptionId, marker);
-        }),
-      );
-      await this.#client.send(
-        new PutItemCommand({
-          TableName: this.#tables.eventIds,
-          Item: eventIdItem(change.eventId, EVENT_SCOPE, receivedAt, expiresAt),
-        }),
-      );
-      outcomes.push({ duplicate: false, notifications: created.filter((n) => n !== undefined) });
-    }
-    return outcomes;
-  }
-
-  /** Live (unexpired) event-id items for every event and (event, subscription) pair of a batch. */
-  async #readEventIds(items: readonly AcceptItem[], receivedAt: number): Promise<Map<string, number>> {
-    const keys = new Map<string, Item>();
-    for (const { change, subscriptionIds } of items) {
-      for (const scope of [EVENT_SCOPE, ...subscriptionIds]) {
-        keys.set(eventIdKey(change.eventId, scope), { eventId: S(change.eventId), scope: S(scope) });
-      }
-    }
-    const found = new Map<string, number>();
-    for (const item of await this.#batchGet(this.#tables.eventIds, [...keys.values()])) {
-      if (readNumber(item, TTL_ATTRIBUTE) * 1000 <= receivedAt) continue; // expired, not yet deleted by TTL
-      const key = eventIdKey(readString(item, 'eventId'), readString(item, 'scope'));
-      found.set(key, item.eventNumber === undefined ? 0 : readNumber(item, 'eventNumber'));
-    }
-    return found;
-  }
-
-  /** Number and queue one notification; undefined when the subscription no longer collects. */
-  async #notify(
-    change: ResourceChange,
-    subscriptionId: string,
-    receivedAt: number,
-    expiresAt: number,
-  ): Promise<Notification | undefined> {
-    const eventNumber = await this.#takeEventNumber(subscriptionId);
-    if (eventNumber === undefined) return undefined;
-    const note: Item = {
-      subscriptionId: S(subscriptionId),
-      eventNumber: N(eventNumber),
-      change: S(JSON.stringify(change)),
-      state: S('pending'),
-      attempts: N(0),
-      dueAt: N(receivedAt),
-      createdAt: N(receivedAt),
-      pendingSubscriptionId: S(subscriptionId),
-    };
-    const marker = {
-      ...eventIdItem(change.eventId, subscriptionId, receivedAt, expiresAt),
-      eventNumber: N(eventNumber),
-    };
-    const failed = await this.#transact(
-      [
-        {
-          Put: {
-            TableName: this.#tables.notifications,
-            Item: note,
-            ConditionExpression: 'attribute_not_exists(subscriptionId)',
-          },
-        },
-        {
-          Put: {
-            TableName: this.#tables.eventIds,
-            Item: marker,
-            ConditionExpression: `attribute_not_exists(eventId) OR ${TTL_ATTRIBUTE} <= :now`,
-            ExpressionAttributeValues: { ':now': N(Math.floor(receivedAt / 1000)) },
-            ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
-          },
-        },
-        {
-          ConditionCheck: {
-            TableName: this.#tables.subscriptions,
-            Key: { id: S(subscriptionId) },
-            ConditionExpression: 'attribute_exists(id)',
-          },
-        },
-      ],
-      `queueing event ${eventNumber} for ${subscriptionId}`,
-    );
-    if (failed === undefined) return { subscriptionId, eventNumber, change };
-    const [, markerReason, subscriptionReason] = failed;
-    // Deleted since its number was taken: the number stays unused (see the caveats above).
-    if (subscriptionReason?.Code === 'ConditionalCheckFailed') return undefined;
-    // Another acceptance of the same event got there first: its notification is the one.
-    if (markerReason?.Code === 'ConditionalCheckFailed') {
-      const winner = markerReason.Item ?? (await this.#readMarker(change.eventId, subscriptionId));
-      return winner === undefined
-        ? undefined
-        : this.#existingNotification(subscriptionId, readNumber(winner, 'eventNumber'));
-    }
-    throw new Error(`notification ${eventNumber} of ${subscriptionId} already exists`);
-  }
-
-  /**
-   * One TransactWriteItems, retried while it only conflicts with other writers. Resolves
-   * undefined once written, or to the cancellation reasons when a condition did not hold.
-   */
-  async #transact(items: TransactWriteItem[], what: string): Promise<CancellationReason[] | undefined> {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        await this.#client.send(new TransactWriteItemsCommand({ TransactItems: items }));
-        return undefined;
-      } catch (err) {
-        if (!(err instanceof TransactionCanceledException)) throw err;
-        const reasons = err.CancellationReasons ?? [];
-        if (reasons.some((r) => r.Code === 'ConditionalCheckFailed')) return reasons;
-        if (!reasons.some((r) => r.Code === 'TransactionConflict')) throw err;
-        if (attempt >= MAX_TRANSACTION_ATTEMPTS) throw new WriteConflictError(what, attempt, { cause: err });
-        await delay(20 * 2 ** attempt);
-      }
-    }
-  }
-
   /**
    * Changes (or, when the plan has no `next`, deletes) a subscription and its type index items in
    * one transaction. Reads it first, consistently; the write is conditional on the attributes the
@@ -615,7 +469,7 @@ export class DynamoDbStore implements Store {
           ? { Delete: { ...key, ...e.bindings } }
           : { Update: { ...key, UpdateExpression: e.update, ...e.bindings } };
       const what = `writing subscription ${id}`;
-      const failed = await this.#transact([write, ...this.#typeWrites(id, current, planned.next)], what);
+      const failed = await this.#requests.transact([write, ...this.#typeWrites(id, current, planned.next)], what);
       if (failed === undefined) return { next: planned.next };
       // Changed since the read: plan again from what is there now.
       if (attempt >= MAX_TRANSACTION_ATTEMPTS) throw new WriteConflictError(what, attempt);
@@ -651,59 +505,6 @@ export class DynamoDbStore implements Store {
     ];
   }
 
-  async #readMarker(eventId: string, subscriptionId: string): Promise<Item | undefined> {
-    const out = await this.#client.send(
-      new GetItemCommand({
-        TableName: this.#tables.eventIds,
-        Key: { eventId: S(eventId), scope: S(subscriptionId) },
-        ConsistentRead: true,
-      }),
-    );
-    return out.Item;
-  }
-
-  /** `ADD eventsSinceStart 1` if the subscription still collects; undefined if not (or gone). */
-  async #takeEventNumber(subscriptionId: string): Promise<number | undefined> {
-    const e = new Expression().add('eventsSinceStart', N(1));
-    const condition = `attribute_exists(${e.name('id')}) AND ${e.in('status', COLLECTING)}`;
-    try {
-      const out = await this.#client.send(
-        new UpdateItemCommand({
-          TableName: this.#tables.subscriptions,
-          Key: { id: S(subscriptionId) },
-          UpdateExpression: e.update,
-          ConditionExpression: condition,
-          ReturnValues: 'UPDATED_NEW',
-          ...e.bindings,
-        }),
-      );
-      return readNumber(out.Attributes ?? {}, 'eventsSinceStart');
-    } catch (err) {
-      if (err instanceof ConditionalCheckFailedException) return undefined;
-      throw err;
-    }
-  }
-
-  /** The notification an earlier (half-finished) acceptance queued; undefined if it is gone since. */
-  async #existingNotification(subscriptionId: string, eventNumber: number): Promise<Notification | undefined> {
-    const out = await this.#client.send(
-      new GetItemCommand({
-        TableName: this.#tables.notifications,
-        Key: { subscriptionId: S(subscriptionId), eventNumber: N(eventNumber) },
-        ConsistentRead: true,
-      }),
-    );
-    if (out.Item === undefined) return undefined;
-    const {
-      state: _state,
-      attempts: _attempts,
-      dueAt: _dueAt,
-      lastError: _lastError,
-      ...note
-    } = fromNotificationItem(out.Item);
-    return note;
-  }
-
   async #recordDelivery(u: DeliveryUpdate): Promise<boolean> {
     const e = new Expression()
       .set('state', S(u.state))
@@ -726,7 +527,7 @@ export class DynamoDbStore implements Store {
   }
 
   async #deleteNotificationsOf(subscriptionId: string): Promise<void> {
-    const keys = await this.#queryAll({
+    const keys = await this.#requests.queryAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
       KeyConditionExpression: 'subscriptionId = :s',
@@ -750,179 +551,4 @@ export class DynamoDbStore implements Store {
       }
     }
   }
-
-  async #batchGet(table: string, keys: readonly Item[]): Promise<Item[]> {
-    const found: Item[] = [];
-    for (let i = 0; i < keys.length; i += BATCH_GET_MAX) {
-      let pending: Item[] = keys.slice(i, i + BATCH_GET_MAX);
-      for (let attempt = 1; pending.length > 0; attempt++) {
-        if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError('BatchGetItem', pending.length);
-        if (attempt > 1) await delay(50 * 2 ** attempt);
-        const out = await this.#client.send(
-          new BatchGetItemCommand({ RequestItems: { [table]: { Keys: pending, ConsistentRead: true } } }),
-        );
-        found.push(...(out.Responses?.[table] ?? []));
-        pending = out.UnprocessedKeys?.[table]?.Keys ?? [];
-      }
-    }
-    return found;
-  }
-
-  /** Every page of a query, or pages until `limit` items. */
-  async #queryAll(input: QueryCommandInput, limit = Number.POSITIVE_INFINITY): Promise<Item[]> {
-    const items: Item[] = [];
-    await this.#eachPage(
-      input,
-      () => limit - items.length,
-      (out) => items.push(...(out.Items ?? [])),
-    );
-    return items;
-  }
-
-  /** Runs a query page after page while `left()` (items still wanted, the next page's `Limit`) is above 0. */
-  async #eachPage(
-    input: QueryCommandInput,
-    left: () => number,
-    each: (out: QueryCommandOutput) => void,
-  ): Promise<void> {
-    let start: Item | undefined;
-    do {
-      const wanted = left();
-      const out = await this.#client.send(
-        new QueryCommand({
-          ...input,
-          ...(Number.isFinite(wanted) ? { Limit: wanted } : {}),
-          ...(start === undefined ? {} : { ExclusiveStartKey: start }),
-        }),
-      );
-      each(out);
-      start = out.LastEvaluatedKey;
-    } while (start !== undefined && left() > 0);
-  }
-
-  async #scanAll(input: ScanCommandInput): Promise<Item[]> {
-    const items: Item[] = [];
-    let start: Item | undefined;
-    do {
-      const out = await this.#client.send(
-        new ScanCommand({ ...input, ...(start === undefined ? {} : { ExclusiveStartKey: start }) }),
-      );
-      items.push(...(out.Items ?? []));
-      start = out.LastEvaluatedKey;
-    } while (start !== undefined);
-    return items;
-  }
-}
-
-function toSubscriptionItem(rec: SubscriptionRecord): Item {
-  return {
-    id: S(rec.id),
-    owner: S(rec.owner),
-    kind: S(rec.kind),
-    topic: S(rec.topic),
-    status: S(rec.status),
-    ...(rec.error === undefined ? {} : { error: S(rec.error) }),
-    match: S(JSON.stringify(rec.match)),
-    channel: S(JSON.stringify(rec.channel)),
-    webhookSecret: S(rec.webhookSecret),
-    ...(rec.previousSecret === undefined ? {} : { previousSecret: S(JSON.stringify(rec.previousSecret)) }),
-    ...(rec.end === undefined ? {} : { end: S(rec.end) }),
-    eventsSinceStart: N(rec.eventsSinceStart),
-    createdAt: S(rec.createdAt),
-    updatedAt: S(rec.updatedAt),
-    resource: S(JSON.stringify(rec.resource)),
-    ...(COLLECTING.includes(rec.status) ? { collectingOwner: S(rec.owner) } : {}),
-  };
-}
-
-// Items are written only by this adapter from validated records, so reading them back is trusted
-// as far as their JSON goes; missing or mistyped attributes fail loudly (CorruptItemError).
-function fromSubscriptionItem(item: Item): SubscriptionRecord {
-  const error = readOptionalString(item, 'error');
-  const previousSecret = readOptionalString(item, 'previousSecret');
-  const end = readOptionalString(item, 'end');
-  return {
-    id: readString(item, 'id'),
-    owner: readString(item, 'owner'),
-    kind: readString(item, 'kind') as SubscriptionKind,
-    topic: readString(item, 'topic'),
-    status: readString(item, 'status') as SubscriptionStatus,
-    ...(error === undefined ? {} : { error }),
-    match: JSON.parse(readString(item, 'match')) as MatchSpec,
-    channel: JSON.parse(readString(item, 'channel')) as Channel,
-    webhookSecret: readString(item, 'webhookSecret'),
-    ...(previousSecret === undefined
-      ? {}
-      : { previousSecret: JSON.parse(previousSecret) as { secret: string; until: string } }),
-    ...(end === undefined ? {} : { end }),
-    eventsSinceStart: readNumber(item, 'eventsSinceStart'),
-    createdAt: readString(item, 'createdAt'),
-    updatedAt: readString(item, 'updatedAt'),
-    resource: JSON.parse(readString(item, 'resource')) as FhirResource,
-  };
-}
-
-function fromNotificationItem(item: Item): StoredNotification {
-  const lastError = readOptionalString(item, 'lastError');
-  return {
-    subscriptionId: readString(item, 'subscriptionId'),
-    eventNumber: readNumber(item, 'eventNumber'),
-    change: JSON.parse(readString(item, 'change')) as ResourceChange,
-    state: readString(item, 'state') as DeliveryState,
-    attempts: readNumber(item, 'attempts'),
-    dueAt: readNumber(item, 'dueAt'),
-    ...(lastError === undefined ? {} : { lastError }),
-  };
-}
-
-/** A condition that the subscription item still has the attributes its type index items derive from. */
-function unchangedSince(e: Expression, item: Item): string {
-  return ['status', 'updatedAt', 'match', 'end']
-    .map((attr) => {
-      const value = item[attr];
-      return value === undefined ? `attribute_not_exists(${e.name(attr)})` : `${e.name(attr)} = ${e.value(value)}`;
-    })
-    .join(' AND ');
-}
-
-/** The type index keys of a subscription: its types, or `*`; none unless it collects. */
-function indexedTypes(sub: IndexedFields | undefined): string[] {
-  if (sub === undefined || !COLLECTING.includes(sub.status)) return [];
-  return sub.match.resourceTypes === ANY_TYPE ? [ANY_TYPE] : [...new Set(sub.match.resourceTypes)];
-}
-
-function notificationKey(item: Item): Item {
-  return { subscriptionId: S(readString(item, 'subscriptionId')), eventNumber: N(readNumber(item, 'eventNumber')) };
-}
-
-function eventIdItem(eventId: string, scope: string, receivedAt: number, expiresAt: number): Item {
-  return { eventId: S(eventId), scope: S(scope), receivedAt: N(receivedAt), [TTL_ATTRIBUTE]: N(expiresAt) };
-}
-
-function eventIdKey(eventId: string, scope: string): string {
-  return `${scope}\n${eventId}`;
-}
-
-/** Awaits a conditional write; false when its condition did not hold. */
-async function conditionHeld(write: Promise<unknown>): Promise<boolean> {
-  try {
-    await write;
-    return true;
-  } catch (err) {
-    if (err instanceof ConditionalCheckFailedException) return false;
-    throw err;
-  }
-}
-
-function compare(a: string, b: string): number {
-  return a < b ? -1 : a > b ? 1 : 0;
-}
-
-/** Runs `fn` over `items`, at most WRITE_CONCURRENCY at a time; results in input order. */
-async function inBursts<T, R>(items: readonly T[], fn: (item: T) => Promise<R>): Promise<R[]> {
-  const results: R[] = [];
-  for (let i = 0; i < items.length; i += WRITE_CONCURRENCY) {
-    results.push(...(await Promise.all(items.slice(i, i + WRITE_CONCURRENCY).map(fn))));
-  }
-  return results;
 }

@@ -1,0 +1,204 @@
+import {
+  ConditionalCheckFailedException,
+  type DynamoDBClient,
+  GetItemCommand,
+  PutItemCommand,
+  UpdateItemCommand,
+} from '@aws-sdk/client-dynamodb';
+import type { Notification, ResourceChange } from '../../core/types.js';
+import type { AcceptItem, AcceptOutcome } from '../store.js';
+import { Expression, type Item, N, readNumber, readString, S } from './attributes.js';
+import { COLLECTING, EVENT_SCOPE, eventIdItem, eventIdKey, fromNotificationItem } from './items.js';
+import type { DynamoDbRequests } from './requests.js';
+import { type TableNames, TTL_ATTRIBUTE } from './tables.js';
+
+/**
+ * `acceptChanges` of the DynamoDB store, per event, in this order:
+ *   1. one consistent BatchGetItem of the dedupe keys and markers of the whole batch;
+ *   2. a live `#event` key ⇒ duplicate, nothing written;
+ *   3. per matched subscription: a live marker ⇒ reuse its notification (a retry of a
+ *      half-finished acceptance); else take the next number (conditional ADD) and write the
+ *      notification and its marker in one TransactWriteItems, with a ConditionCheck that the
+ *      subscription still exists (so a concurrent delete cannot leave an orphan);
+ *   4. write the `#event` key last. Until it is written, a retry redoes only what is missing.
+ * Every write is acknowledged by DynamoDB before `accept` resolves: an accepted event is durable.
+ * The caveats (gaps in event numbers, interleaving across processes) are in dynamodb-store.ts.
+ */
+export class EventAcceptance {
+  readonly #client: DynamoDBClient;
+  readonly #requests: DynamoDbRequests;
+  readonly #tables: TableNames;
+  readonly #eventTtlMs: number;
+
+  constructor(deps: { client: DynamoDBClient; requests: DynamoDbRequests; tables: TableNames; eventTtlMs: number }) {
+    this.#client = deps.client;
+    this.#requests = deps.requests;
+    this.#tables = deps.tables;
+    this.#eventTtlMs = deps.eventTtlMs;
+  }
+
+  async accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
+    const expiresAt = Math.ceil((receivedAt + this.#eventTtlMs) / 1000);
+    const known = await this.#readEventIds(items, receivedAt);
+    const acceptedHere = new Set<string>();
+    const outcomes: AcceptOutcome[] = [];
+    for (const { change, subscriptionIds } of items) {
+      if (acceptedHere.has(change.eventId) || known.has(eventIdKey(change.eventId, EVENT_SCOPE))) {
+        outcomes.push({ duplicate: true, notifications: [] });
+        continue;
+      }
+      acceptedHere.add(change.eventId);
+      const created = await Promise.all(
+        [...new Set(subscriptionIds)].map((subscriptionId) => {
+          const marker = known.get(eventIdKey(change.eventId, subscriptionId));
+          return marker === undefined
+            ? this.#notify(change, subscriptionId, receivedAt, expiresAt)
+            : this.#existingNotification(subscriptionId, marker);
+        }),
+      );
+      await this.#client.send(
+        new PutItemCommand({
+          TableName: this.#tables.eventIds,
+          Item: eventIdItem(change.eventId, EVENT_SCOPE, receivedAt, expiresAt),
+        }),
+      );
+      outcomes.push({ duplicate: false, notifications: created.filter((n) => n !== undefined) });
+    }
+    return outcomes;
+  }
+
+  /** Live (unexpired) event-id items for every event and (event, subscription) pair of a batch. */
+  async #readEventIds(items: readonly AcceptItem[], receivedAt: number): Promise<Map<string, number>> {
+    const keys = new Map<string, Item>();
+    for (const { change, subscriptionIds } of items) {
+      for (const scope of [EVENT_SCOPE, ...subscriptionIds]) {
+        keys.set(eventIdKey(change.eventId, scope), { eventId: S(change.eventId), scope: S(scope) });
+      }
+    }
+    const found = new Map<string, number>();
+    for (const item of await this.#requests.batchGet(this.#tables.eventIds, [...keys.values()])) {
+      if (readNumber(item, TTL_ATTRIBUTE) * 1000 <= receivedAt) continue; // expired, not yet deleted by TTL
+      const key = eventIdKey(readString(item, 'eventId'), readString(item, 'scope'));
+      found.set(key, item.eventNumber === undefined ? 0 : readNumber(item, 'eventNumber'));
+    }
+    return found;
+  }
+
+  /** Number and queue one notification; undefined when the subscription no longer collects. */
+  async #notify(
+    change: ResourceChange,
+    subscriptionId: string,
+    receivedAt: number,
+    expiresAt: number,
+  ): Promise<Notification | undefined> {
+    const eventNumber = await this.#takeEventNumber(subscriptionId);
+    if (eventNumber === undefined) return undefined;
+    const note: Item = {
+      subscriptionId: S(subscriptionId),
+      eventNumber: N(eventNumber),
+      change: S(JSON.stringify(change)),
+      state: S('pending'),
+      attempts: N(0),
+      dueAt: N(receivedAt),
+      createdAt: N(receivedAt),
+      pendingSubscriptionId: S(subscriptionId),
+    };
+    const marker = {
+      ...eventIdItem(change.eventId, subscriptionId, receivedAt, expiresAt),
+      eventNumber: N(eventNumber),
+    };
+    const failed = await this.#requests.transact(
+      [
+        {
+          Put: {
+            TableName: this.#tables.notifications,
+            Item: note,
+            ConditionExpression: 'attribute_not_exists(subscriptionId)',
+          },
+        },
+        {
+          Put: {
+            TableName: this.#tables.eventIds,
+            Item: marker,
+            ConditionExpression: `attribute_not_exists(eventId) OR ${TTL_ATTRIBUTE} <= :now`,
+            ExpressionAttributeValues: { ':now': N(Math.floor(receivedAt / 1000)) },
+            ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
+          },
+        },
+        {
+          ConditionCheck: {
+            TableName: this.#tables.subscriptions,
+            Key: { id: S(subscriptionId) },
+            ConditionExpression: 'attribute_exists(id)',
+          },
+        },
+      ],
+      `queueing event ${eventNumber} for ${subscriptionId}`,
+    );
+    if (failed === undefined) return { subscriptionId, eventNumber, change };
+    const [, markerReason, subscriptionReason] = failed;
+    // Deleted since its number was taken: the number stays unused (see the caveats above).
+    if (subscriptionReason?.Code === 'ConditionalCheckFailed') return undefined;
+    // Another acceptance of the same event got there first: its notification is the one.
+    if (markerReason?.Code === 'ConditionalCheckFailed') {
+      const winner = markerReason.Item ?? (await this.#readMarker(change.eventId, subscriptionId));
+      return winner === undefined
+        ? undefined
+        : this.#existingNotification(subscriptionId, readNumber(winner, 'eventNumber'));
+    }
+    throw new Error(`notification ${eventNumber} of ${subscriptionId} already exists`);
+  }
+
+  async #readMarker(eventId: string, subscriptionId: string): Promise<Item | undefined> {
+    const out = await this.#client.send(
+      new GetItemCommand({
+        TableName: this.#tables.eventIds,
+        Key: { eventId: S(eventId), scope: S(subscriptionId) },
+        ConsistentRead: true,
+      }),
+    );
+    return out.Item;
+  }
+
+  /** `ADD eventsSinceStart 1` if the subscription still collects; undefined if not (or gone). */
+  async #takeEventNumber(subscriptionId: string): Promise<number | undefined> {
+    const e = new Expression().add('eventsSinceStart', N(1));
+    const condition = `attribute_exists(${e.name('id')}) AND ${e.in('status', COLLECTING)}`;
+    try {
+      const out = await this.#client.send(
+        new UpdateItemCommand({
+          TableName: this.#tables.subscriptions,
+          Key: { id: S(subscriptionId) },
+          UpdateExpression: e.update,
+          ConditionExpression: condition,
+          ReturnValues: 'UPDATED_NEW',
+          ...e.bindings,
+        }),
+      );
+      return readNumber(out.Attributes ?? {}, 'eventsSinceStart');
+    } catch (err) {
+      if (err instanceof ConditionalCheckFailedException) return undefined;
+      throw err;
+    }
+  }
+
+  /** The notification an earlier (half-finished) acceptance queued; undefined if it is gone since. */
+  async #existingNotification(subscriptionId: string, eventNumber: number): Promise<Notification | undefined> {
+    const out = await this.#client.send(
+      new GetItemCommand({
+        TableName: this.#tables.notifications,
+        Key: { subscriptionId: S(subscriptionId), eventNumber: N(eventNumber) },
+        ConsistentRead: true,
+      }),
+    );
+    if (out.Item === undefined) return undefined;
+    const {
+      state: _state,
+      attempts: _attempts,
+      dueAt: _dueAt,
+      lastError: _lastError,
+      ...note
+    } = fromNotificationItem(out.Item);
+    return note;
+  }
+}

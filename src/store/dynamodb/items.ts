@@ -1,0 +1,119 @@
+import type {
+  Channel,
+  DeliveryState,
+  FhirResource,
+  MatchSpec,
+  ResourceChange,
+  StoredNotification,
+  SubscriptionKind,
+  SubscriptionRecord,
+  SubscriptionStatus,
+} from '../../core/types.js';
+import { type Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
+import { TTL_ATTRIBUTE } from './tables.js';
+
+/** How records become DynamoDB items and back, and the keys and scopes items are found by. */
+
+/** The `scope` of the item that marks an EventBridge id as accepted (FHIR ids cannot contain `#`). */
+export const EVENT_SCOPE = '#event';
+
+/** Statuses that still collect notifications; mirrors the matching index and the SQLite adapter. */
+export const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error'];
+
+/** The type index key of subscriptions on every resource type. */
+export const ANY_TYPE = '*';
+
+export type IndexedFields = Pick<SubscriptionRecord, 'status' | 'match' | 'end'>;
+
+export function toSubscriptionItem(rec: SubscriptionRecord): Item {
+  return {
+    id: S(rec.id),
+    owner: S(rec.owner),
+    kind: S(rec.kind),
+    topic: S(rec.topic),
+    status: S(rec.status),
+    ...(rec.error === undefined ? {} : { error: S(rec.error) }),
+    match: S(JSON.stringify(rec.match)),
+    channel: S(JSON.stringify(rec.channel)),
+    webhookSecret: S(rec.webhookSecret),
+    ...(rec.previousSecret === undefined ? {} : { previousSecret: S(JSON.stringify(rec.previousSecret)) }),
+    ...(rec.end === undefined ? {} : { end: S(rec.end) }),
+    eventsSinceStart: N(rec.eventsSinceStart),
+    createdAt: S(rec.createdAt),
+    updatedAt: S(rec.updatedAt),
+    resource: S(JSON.stringify(rec.resource)),
+    ...(COLLECTING.includes(rec.status) ? { collectingOwner: S(rec.owner) } : {}),
+  };
+}
+
+// Items are written only by this adapter from validated records, so reading them back is trusted
+// as far as their JSON goes; missing or mistyped attributes fail loudly (CorruptItemError).
+export function fromSubscriptionItem(item: Item): SubscriptionRecord {
+  const error = readOptionalString(item, 'error');
+  const previousSecret = readOptionalString(item, 'previousSecret');
+  const end = readOptionalString(item, 'end');
+  return {
+    id: readString(item, 'id'),
+    owner: readString(item, 'owner'),
+    kind: readString(item, 'kind') as SubscriptionKind,
+    topic: readString(item, 'topic'),
+    status: readString(item, 'status') as SubscriptionStatus,
+    ...(error === undefined ? {} : { error }),
+    match: JSON.parse(readString(item, 'match')) as MatchSpec,
+    channel: JSON.parse(readString(item, 'channel')) as Channel,
+    webhookSecret: readString(item, 'webhookSecret'),
+    ...(previousSecret === undefined
+      ? {}
+      : { previousSecret: JSON.parse(previousSecret) as { secret: string; until: string } }),
+    ...(end === undefined ? {} : { end }),
+    eventsSinceStart: readNumber(item, 'eventsSinceStart'),
+    createdAt: readString(item, 'createdAt'),
+    updatedAt: readString(item, 'updatedAt'),
+    resource: JSON.parse(readString(item, 'resource')) as FhirResource,
+  };
+}
+
+export function fromNotificationItem(item: Item): StoredNotification {
+  const lastError = readOptionalString(item, 'lastError');
+  return {
+    subscriptionId: readString(item, 'subscriptionId'),
+    eventNumber: readNumber(item, 'eventNumber'),
+    change: JSON.parse(readString(item, 'change')) as ResourceChange,
+    state: readString(item, 'state') as DeliveryState,
+    attempts: readNumber(item, 'attempts'),
+    dueAt: readNumber(item, 'dueAt'),
+    ...(lastError === undefined ? {} : { lastError }),
+  };
+}
+
+/** A condition that the subscription item still has the attributes its type index items derive from. */
+export function unchangedSince(e: Expression, item: Item): string {
+  return ['status', 'updatedAt', 'match', 'end']
+    .map((attr) => {
+      const value = item[attr];
+      return value === undefined ? `attribute_not_exists(${e.name(attr)})` : `${e.name(attr)} = ${e.value(value)}`;
+    })
+    .join(' AND ');
+}
+
+/** The type index keys of a subscription: its types, or `*`; none unless it collects. */
+export function indexedTypes(sub: IndexedFields | undefined): string[] {
+  if (sub === undefined || !COLLECTING.includes(sub.status)) return [];
+  return sub.match.resourceTypes === ANY_TYPE ? [ANY_TYPE] : [...new Set(sub.match.resourceTypes)];
+}
+
+export function notificationKey(item: Item): Item {
+  return { subscriptionId: S(readString(item, 'subscriptionId')), eventNumber: N(readNumber(item, 'eventNumber')) };
+}
+
+export function eventIdItem(eventId: string, scope: string, receivedAt: number, expiresAt: number): Item {
+  return { eventId: S(eventId), scope: S(scope), receivedAt: N(receivedAt), [TTL_ATTRIBUTE]: N(expiresAt) };
+}
+
+export function eventIdKey(eventId: string, scope: string): string {
+  return `${scope}\n${eventId}`;
+}
+
+export function compare(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
