@@ -131,12 +131,12 @@ export class Dispatcher {
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
       ...deps.options,
     };
+    this.#states = new DeliveryStateLog({ store: deps.store, logger: deps.logger });
     // A request holds its slot from hand-over until this thread has taken its result: with the
     // sender on another thread, two thread hops longer than its time on the wire. Twice the
     // origin's connections in hand-over keep each connection's next request already waiting in
     // the sender's pool, so the origin's connections stay busy; the origin still never sees more
     // than `maxInFlightPerOrigin` at once (the pool's connection cap).
-    this.#states = new DeliveryStateLog({ store: deps.store, logger: deps.logger });
     this.#limiter = new OriginLimiter({
       total: this.#opts.maxInFlight,
       perOrigin: HANDOVER_PER_CONNECTION * this.#opts.maxInFlightPerOrigin,
