@@ -93,7 +93,11 @@ export class RestHookSender implements Sender {
       if (target.ipLiteral !== undefined) await this.#guard.vet(target.ipLiteral);
       const deadline = this.#clock.now() + req.timeoutMs;
       // headersTimeout bounds the wait for the answer; the timer below bounds reading its body.
-      // (No AbortSignal per attempt: creating one cost more than signing the request.)
+      // (No AbortSignal per attempt: creating one cost more than signing the request.) Neither
+      // counts time queued for a connection: the dispatcher hands an origin at most twice as many
+      // requests as it has connections, so a queued request waits at most for one attempt ahead
+      // of it, and the endpoint still gets its whole timeout once its request is on the wire.
+      // Connecting is bounded separately (connect.timeout, 10 s).
       const res = await this.#agent.request({
         origin: target.origin,
         path: target.path,
