@@ -97,6 +97,14 @@ export function loadConfig(env: Env = process.env): Config {
       `${awsRegion} is not an AWS region`,
     );
   }
+  const webhookThreads = int(env, 'BROKER_WEBHOOK_THREADS', 1, 0, 16);
+  const maxInFlightPerOrigin = int(env, 'BROKER_MAX_IN_FLIGHT_PER_ORIGIN', 32, 1, 1000);
+  if (webhookThreads > maxInFlightPerOrigin) {
+    throw new ConfigError(
+      'BROKER_WEBHOOK_THREADS',
+      `must not exceed BROKER_MAX_IN_FLIGHT_PER_ORIGIN (${maxInFlightPerOrigin}): each sender thread keeps at least one connection per origin`,
+    );
+  }
   const wsTokenSecret = str(env, 'BROKER_WS_TOKEN_SECRET');
   if (wsTokenSecret !== undefined && wsTokenSecret.length < 32) {
     throw new ConfigError('BROKER_WS_TOKEN_SECRET', 'must be at least 32 characters');
@@ -119,12 +127,12 @@ export function loadConfig(env: Env = process.env): Config {
     // 0 by default: on the 2-core bench machine the in-process hub was the faster (bench/README.md, fanout).
     wsProcesses: int(env, 'BROKER_WS_PROCESSES', 0, 0, 64),
     // 1: ~15% more outbox throughput on the 2-core bench machine than sending from the main thread.
-    webhookThreads: int(env, 'BROKER_WEBHOOK_THREADS', 1, 0, 16),
+    webhookThreads,
     endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 512, 1, 10_000),
     maxSubscriptionsPerClient: int(env, 'BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT', 1000, 1, 10_000_000),
-    maxInFlightPerOrigin: int(env, 'BROKER_MAX_IN_FLIGHT_PER_ORIGIN', 32, 1, 1000),
+    maxInFlightPerOrigin,
     eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),
     store: storeKind,
     ...(dynamodbEndpoint === undefined ? {} : { dynamodbEndpoint }),

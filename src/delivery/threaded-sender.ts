@@ -20,7 +20,10 @@ export interface ThreadedSenderOptions {
   readonly threads: number;
   readonly allowlist: readonly string[];
   readonly userAgent: string;
-  /** Connections to one origin, across the threads (each keeps its share, at least one). */
+  /**
+   * Connections to one origin, across the threads: split as evenly as whole numbers allow, so
+   * together they never exceed it. At most this many threads start (each needs one).
+   */
   readonly connectionsPerOrigin: number;
   readonly logger: Logger;
 }
@@ -55,7 +58,8 @@ export class ThreadedSender implements Sender {
 
   constructor(options: ThreadedSenderOptions) {
     this.#options = options;
-    for (let i = 0; i < Math.max(1, options.threads); i++) this.#threads.push(this.#start(i));
+    const threads = Math.max(1, Math.min(options.threads, options.connectionsPerOrigin));
+    for (let i = 0; i < threads; i++) this.#threads.push(this.#start(i, threads));
   }
 
   send(req: WebhookRequest): Promise<SendResult> {
@@ -63,7 +67,7 @@ export class ThreadedSender implements Sender {
     const index = this.#next;
     this.#next = (this.#next + 1) % this.#threads.length;
     const thread = this.#threads[index] as Thread;
-    if (thread.stopped) this.#start(index);
+    if (thread.stopped) this.#start(index, this.#threads.length);
     const id = this.#ids++;
     return new Promise((resolve) => {
       thread.pending.set(id, resolve);
@@ -90,9 +94,9 @@ export class ThreadedSender implements Sender {
     await Promise.all(this.#threads.map((t) => t.worker.terminate()));
   }
 
-  #start(index: number): Thread {
-    const { allowlist, userAgent, threads, connectionsPerOrigin } = this.#options;
-    const connections = Math.max(1, Math.floor(connectionsPerOrigin / Math.max(1, threads)));
+  #start(index: number, threads: number): Thread {
+    const { allowlist, userAgent, connectionsPerOrigin } = this.#options;
+    const connections = connectionsForThread(connectionsPerOrigin, threads, index);
     const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent, connections } });
     worker.unref();
     const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map(), outbox: [] };
@@ -115,4 +119,9 @@ export class ThreadedSender implements Sender {
     });
     return thread;
   }
+}
+
+/** Thread `index`'s share of an origin's connections: the shares differ by at most one and sum to `total`. */
+export function connectionsForThread(total: number, threads: number, index: number): number {
+  return Math.floor(total / threads) + (index < total % threads ? 1 : 0);
 }
