@@ -129,7 +129,23 @@ describe('DeliveryStateLog', () => {
     const log = new DeliveryStateLog({ store, logger, delayMs: 10 });
     log.record(note(1));
     void log.flush();
+    expect(vi.getTimerCount()).toBe(0);
     await vi.advanceTimersByTimeAsync(50);
+    expect(store.calls).toHaveLength(1);
+  });
+
+  it('writes what waits on close, then drops later states without touching the store', async () => {
+    const store = new HeldStore();
+    const log = new DeliveryStateLog({ store, logger, delayMs: 10 });
+    log.record(note(1));
+    const closed = log.close();
+    await vi.advanceTimersByTimeAsync(0);
+    store.finish(0);
+    await closed;
+    log.record(note(2));
+    expect(vi.getTimerCount()).toBe(0);
+    await vi.advanceTimersByTimeAsync(50);
+    expect(store.written).toEqual([[1]]);
     expect(store.calls).toHaveLength(1);
   });
 });

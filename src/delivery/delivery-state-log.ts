@@ -17,6 +17,7 @@ export class DeliveryStateLog {
   #timer: NodeJS.Timeout | undefined;
   /** Tail of the writes handed to the store. */
   #written: Promise<void> = Promise.resolve();
+  #closed = false;
 
   constructor(deps: {
     store: Pick<Store, 'recordDeliveries'>;
@@ -32,7 +33,9 @@ export class DeliveryStateLog {
     this.#batch = deps.batch ?? 512;
   }
 
+  /** After `close`, dropped: the store may be closing, and an unrecorded state only means a redelivery. */
   record(note: StoredNotification): void {
+    if (this.#closed) return;
     this.#waiting.push({
       subscriptionId: note.subscriptionId,
       eventNumber: note.eventNumber,
@@ -59,5 +62,11 @@ export class DeliveryStateLog {
         });
     }
     return this.#written;
+  }
+
+  /** Writes what waits and takes no more: an attempt that ends after this is redelivered on restart. */
+  close(): Promise<void> {
+    this.#closed = true;
+    return this.flush();
   }
 }

@@ -233,7 +233,7 @@ export class Dispatcher {
     }
     this.#limiter.close();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
-    await this.#states.flush();
+    await this.#states.close();
   }
 
   #lane(id: string): Lane {

@@ -137,7 +137,7 @@ export class EventAcceptance {
     );
     if (failed === undefined) return { subscriptionId, eventNumber, change };
     const [, markerReason, subscriptionReason] = failed;
-    // Deleted since its number was taken: the number stays unused (see the caveats above).
+    // Deleted since its number was taken: the number stays unused (see the caveats in dynamodb-store.ts).
     if (subscriptionReason?.Code === 'ConditionalCheckFailed') return undefined;
     // Another acceptance of the same event got there first: its notification is the one.
     if (markerReason?.Code === 'ConditionalCheckFailed') {

@@ -65,8 +65,9 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  * paging) are in requests.ts, the record ↔ item mapping in items.ts.
  *
  * Caveats, honestly:
- * - Event numbers can have gaps. A process that dies between step 3's counter increment and its
- *   transaction, or a subscription deleted in between, consumes a number no notification carries.
+ * - Event numbers can have gaps. A process that dies between a counter increment and its
+ *   transaction (step 3 in acceptance.ts), or a subscription deleted in between, consumes a number
+ *   no notification carries.
  *   The Backport IG lets a client see a gap in `events-since-subscription-start` and ask `$events`,
  *   which then has nothing for that number. SQLite never has gaps.
  * - Calls within one store instance are serialised, so numbers follow acceptance order. Across
