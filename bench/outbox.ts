@@ -105,12 +105,26 @@ async function metric(pool: Pool, name: string, outcome: string): Promise<string
   }
 }
 
-/** Runs `fn` with `others` stopped (SIGSTOP), and continues them whatever happens. */
+/**
+ * Runs `fn` with `others` stopped (SIGSTOP), and continues them whatever happens. A Ctrl-C
+ * meanwhile kills them: a stopped child would not act on its own SIGINT, and would be left behind.
+ */
 async function alone<T>(others: readonly ChildProcess[], fn: () => Promise<T>): Promise<T> {
+  const interrupted = (signal: NodeJS.Signals): void => {
+    for (const c of others) {
+      c.kill('SIGCONT');
+      c.kill('SIGKILL');
+    }
+    process.kill(process.pid, signal);
+  };
+  process.once('SIGINT', interrupted);
+  process.once('SIGTERM', interrupted);
   for (const c of others) c.kill('SIGSTOP');
   try {
     return await fn();
   } finally {
+    process.off('SIGINT', interrupted);
+    process.off('SIGTERM', interrupted);
     for (const c of others) c.kill('SIGCONT');
   }
 }
@@ -301,7 +315,7 @@ export async function runOutbox(): Promise<TargetCheck[]> {
     `\nlatency, open loop ${RATE} events/s for ${RATE_SECONDS} s, each side alone (ms, ingest → webhook received):`,
   );
   printTable([
-    ['side', 'p50', 'p90', 'p99', 'max', 'p99 vs fwd', 'CPU', 'RSS MiB', '503s answered', 'broker counters'],
+    ['side', 'p50', 'p90', 'p99', 'max', 'p99 vs fwd', 'CPU', 'RSS MiB', '503s to broker (≈)', 'broker counters'],
     ...results.flatMap((r) => [
       [
         `forwarder ${r.label}`,
