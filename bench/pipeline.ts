@@ -145,7 +145,12 @@ export class Receiver {
     });
   }
 
-  #record(bundle: Bundle, at: number): void {
+  #record(bundle: Bundle | ForwardedEvent, at: number): void {
+    if ('detail-type' in bundle) {
+      // The forwarder's notification: the event itself.
+      this.#notified(bundle.detail?.additionalEventData?.resourceId ?? '', at);
+      return;
+    }
     const params = bundle.entry?.[0]?.resource?.parameter ?? [];
     const type = params.find((p) => p.name === 'type')?.valueCode;
     if (type === 'handshake') {
@@ -158,14 +163,24 @@ export class Receiver {
     }
     for (const p of params) {
       if (p.name !== 'notification-event') continue;
-      this.notifications++;
-      this.lastAt = at;
       const focus = p.part?.find((q) => q.name === 'focus')?.valueReference?.reference ?? '';
-      const sentAt = this.sendTimes?.get(focus.slice(focus.lastIndexOf('/') + 1));
-      if (sentAt !== undefined) this.latencies.push(at - sentAt);
-      else if (this.sendTimes !== undefined) this.unexpected++;
+      this.#notified(focus.slice(focus.lastIndexOf('/') + 1), at);
     }
   }
+
+  #notified(resourceId: string, at: number): void {
+    this.notifications++;
+    this.lastAt = at;
+    const sentAt = this.sendTimes?.get(resourceId);
+    if (sentAt !== undefined) this.latencies.push(at - sentAt);
+    else if (this.sendTimes !== undefined) this.unexpected++;
+  }
+}
+
+/** What the forwarder POSTs: the EventBridge event as it came. */
+interface ForwardedEvent {
+  'detail-type': string;
+  detail?: { additionalEventData?: { resourceId?: string } };
 }
 
 interface Parameter {
