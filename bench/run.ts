@@ -6,10 +6,11 @@ import { runFanout } from './fanout.js';
 import { runMatch } from './match.js';
 import { runOutbox } from './outbox.js';
 import { runPipeline } from './pipeline.js';
+import { runRetention } from './retention.js';
 import { printTable, type TargetCheck } from './util.js';
 
 /**
- * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `fanout`, `dynamodb`) runs one.
+ * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `fanout`, `dynamodb`, `retention`) runs one.
  * Each suite prints its own table; this prints the machine first and the targets last.
  */
 
@@ -19,6 +20,7 @@ const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = {
   outbox: runOutbox,
   fanout: runFanout,
   dynamodb: runDynamodb,
+  retention: runRetention,
 };
 
 /** Marks the line on which a suite run in a child process hands its target checks back. */

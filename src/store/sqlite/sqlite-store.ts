@@ -227,8 +227,6 @@ export class SqliteStore implements Store {
         `UPDATE notifications SET state = 'pending', attempts = 0, due_at = ?, last_error = NULL
          WHERE subscription_id = ? AND state = 'dead'`,
       ),
-      purgeNotes: db.prepare("DELETE FROM notifications WHERE state IN ('delivered', 'dead') AND created_at < ?"),
-      purgeSeen: db.prepare('DELETE FROM seen_events WHERE received_at < ?'),
       ping: db.prepare('SELECT 1'),
     };
   }
@@ -331,11 +329,9 @@ export class SqliteStore implements Store {
     return this.#stmt.requeue.run(dueAt, subscriptionId).changes;
   }
 
-  async purge(before: number): Promise<{ notifications: number; eventIds: number }> {
-    return this.#db.transaction(() => ({
-      notifications: this.#stmt.purgeNotes.run(before).changes,
-      eventIds: this.#stmt.purgeSeen.run(before).changes,
-    }))();
+  /** On the writer thread, in bounded batches between event commits. */
+  purge(before: number, batch?: number): Promise<{ notifications: number; eventIds: number }> {
+    return this.#writer.purge(before, batch);
   }
 
   async ping(): Promise<void> {

@@ -49,15 +49,26 @@ const accept = db.transaction((items, receivedAt) => {
 const record = db.transaction((u) => {
   for (let i = 0; i < u.length; i += 6) delivery.run(u[i + 2], u[i + 3], u[i + 4], u[i + 5], u[i], u[i + 1]);
 });
+// Retention, a bounded batch at a time: pending notifications are never purged.
+const purgeNotes = db.prepare("DELETE FROM notifications WHERE seq IN (SELECT seq FROM notifications WHERE created_at < ? AND state IN ('delivered', 'dead') LIMIT ?)");
+const purgeSeen = db.prepare('DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM seen_events WHERE received_at < ? LIMIT ?)');
+const purge = db.transaction((before, limit) => [purgeNotes.run(before, limit).changes, purgeSeen.run(before, limit).changes]);
+// Writes whose loss to a power cut costs nothing but a redelivery or a purge redone: no fsync of their own.
+function withoutFsync(fn) {
+  if (workerData.synchronous !== 'FULL') return fn();
+  db.pragma('synchronous = NORMAL');
+  try { return fn(); } finally { db.pragma('synchronous = FULL'); }
+}
 parentPort.on('message', (msg) => {
   try {
     if (msg.op === 'accept') {
       parentPort.postMessage({ id: msg.id, result: accept(msg.items, msg.receivedAt) });
     } else if (msg.op === 'deliveries') {
-      // Delivery states ride on the next durable commit: no fsync of their own.
-      if (workerData.synchronous === 'FULL') db.pragma('synchronous = NORMAL');
-      try { record(msg.updates); } finally { if (workerData.synchronous === 'FULL') db.pragma('synchronous = FULL'); }
+      // Delivery states ride on the next durable commit.
+      withoutFsync(() => record(msg.updates));
       parentPort.postMessage({ id: msg.id, result: null });
+    } else if (msg.op === 'purge') {
+      parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.before, msg.limit)) });
     } else if (msg.op === 'ping') {
       db.prepare('SELECT 1').get();
       parentPort.postMessage({ id: msg.id, result: null });
@@ -120,6 +131,13 @@ parentPort.on('message', () => {
   parentPort.postMessage('closed');
 });
 `;
+
+/**
+ * Rows per table per purge transaction: ~3 ms of the writer's time, so an event commit waits at
+ * most about that long behind one (suite `retention`: commit p50 2.5 ms while 400,000 rows go, where
+ * 2,000 per batch gave 6.8 ms).
+ */
+const PURGE_BATCH = 500;
 
 /** 100 ms: a tenth of a second of commits (a few hundred pages under load) per pass. */
 const CHECKPOINT_INTERVAL_MS = 100;
@@ -203,6 +221,22 @@ export class SqliteWriter {
     for (const u of updates)
       flat.push(u.subscriptionId, u.eventNumber, u.state, u.attempts, u.dueAt, u.lastError ?? null);
     await this.#call({ op: 'deliveries', updates: flat });
+  }
+
+  /**
+   * Deletes what retention allows, in transactions of at most `batch` rows per table, each its own
+   * message: event commits queued meanwhile go between the batches, and neither the event loop nor
+   * ingest waits for one long delete (200,000 rows in one transaction held the event loop ~0.4 s).
+   */
+  async purge(before: number, batch = PURGE_BATCH): Promise<{ notifications: number; eventIds: number }> {
+    let notifications = 0;
+    let eventIds = 0;
+    for (;;) {
+      const [notes, seen] = (await this.#call({ op: 'purge', before, limit: batch })) as [number, number];
+      notifications += notes;
+      eventIds += seen;
+      if (notes < batch && seen < batch) return { notifications, eventIds };
+    }
   }
 
   /** Round trip through the writer: a stopped writer makes the store unhealthy. */
