@@ -73,10 +73,15 @@ describe('dispatcher lane reload', () => {
 
   it('delivers a pending notification numbered below what the lane already delivered (another instance committed it)', async () => {
     receiver = await Receiver.start();
-    t = await inProcessBroker();
+    const { store, arm } = gatedStore();
+    t = await inProcessBroker({}, { store });
+    // Activation makes the lane read its backlog (nothing yet); once that read is done, the lane
+    // holds no pending work and has no reason to read again.
+    const activated = arm();
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/hook`));
     const id = sub.id as string;
-    await receiver.waitFor(() => receiver!.on('/hook').length === 1, 'the handshake');
+    await activated.reached;
+    activated.release();
     // Another instance sharing the store accepts an event for this subscription (number 1) and
     // leaves it pending, e.g. frozen before it could deliver; this instance's dispatcher never saw it.
     await t.broker.store.acceptChanges(

@@ -122,6 +122,29 @@ function migrate(db: Database.Database): void {
   }).immediate();
 }
 
+/** The writes, run on the writer thread (`SqliteWriter.steps`). */
+const SQL = {
+  insertSub: `INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
+    webhook_secret, previous_secret_json, end_at, created_at, updated_at, resource_json)
+    VALUES (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret,
+    @previous_secret_json, @end_at, @created_at, @updated_at, @resource_json)`,
+  insertCounter: 'INSERT INTO subscription_counters (subscription_id, events_since_start) VALUES (?, ?)',
+  replaceSub: `UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
+    match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
+    previous_secret_json = @previous_secret_json, end_at = @end_at,
+    updated_at = @updated_at, resource_json = @resource_json
+    WHERE id = @id AND (@expected_status IS NULL OR (status = @expected_status AND updated_at = @expected_updated_at))`,
+  // The status moves only from one of the expected ones (a JSON array; NULL: from any).
+  setStatus: `UPDATE subscriptions SET status = ?, error = ?, updated_at = ?
+    WHERE id = ? AND (? IS NULL OR status IN (SELECT value FROM json_each(?))) RETURNING *`,
+  counterOf: 'SELECT events_since_start FROM subscription_counters WHERE subscription_id = ?',
+  deleteNotes: 'DELETE FROM notifications WHERE subscription_id = ?',
+  deleteCounter: 'DELETE FROM subscription_counters WHERE subscription_id = ?',
+  deleteSub: 'DELETE FROM subscriptions WHERE id = ?',
+  requeue: `UPDATE notifications SET state = 'pending', attempts = 0, due_at = ?, last_error = NULL
+    WHERE subscription_id = ? AND state = 'dead'`,
+} as const;
+
 /** A subscription row with its counter. */
 const SELECT_SUBSCRIPTION = `SELECT s.*, c.events_since_start FROM subscriptions s
   JOIN subscription_counters c ON c.subscription_id = s.id`;
@@ -175,37 +198,22 @@ export class SqliteStore implements Store {
     this.#synchronous = options.synchronous ?? 'FULL';
     this.#db.pragma(`synchronous = ${this.#synchronous}`);
     this.#db.pragma('busy_timeout = 5000');
-    this.#db.pragma('foreign_keys = ON');
-    // Checkpoints are the writer thread's (see CHECKPOINT_PAGES): a commit on this connection (the
-    // event loop's) must never run one.
+    // Checkpoints are the writer thread's (see CHECKPOINT_PAGES).
     this.#db.pragma('wal_autocheckpoint = 0');
     migrate(this.#db);
+    // From here on this connection (the event loop's) only reads: every write goes through the
+    // writer thread, in one order, and a write here by mistake fails instead of taking the lock.
+    this.#db.pragma('query_only = ON');
     // The schema exists before the writer opens its own connection.
     this.#writer = new SqliteWriter(file, this.#synchronous);
     const db = this.#db;
     this.#stmt = {
-      insertSub: db.prepare(`INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
-        webhook_secret, previous_secret_json, end_at, created_at, updated_at, resource_json)
-        VALUES (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret,
-        @previous_secret_json, @end_at, @created_at, @updated_at, @resource_json)`),
-      insertCounter: db.prepare(
-        'INSERT INTO subscription_counters (subscription_id, events_since_start) VALUES (?, ?)',
-      ),
       getSub: db.prepare<[string], SubscriptionRow>(`${SELECT_SUBSCRIPTION} WHERE s.id = ?`),
       listAll: db.prepare<[], SubscriptionRow>(`${SELECT_SUBSCRIPTION} ORDER BY s.created_at, s.id`),
       listOwner: db.prepare<[string], SubscriptionRow>(
         `${SELECT_SUBSCRIPTION} WHERE s.owner = ? ORDER BY s.created_at, s.id`,
       ),
-      replaceSub: db.prepare(`UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
-        match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
-        previous_secret_json = @previous_secret_json, end_at = @end_at,
-        updated_at = @updated_at, resource_json = @resource_json
-        WHERE id = @id AND (@expected_status IS NULL OR (status = @expected_status AND updated_at = @expected_updated_at))`),
-      setStatus: db.prepare('UPDATE subscriptions SET status = ?, error = ?, updated_at = ? WHERE id = ?'),
-      deleteSub: db.prepare('DELETE FROM subscriptions WHERE id = ?'),
-      deleteCounter: db.prepare('DELETE FROM subscription_counters WHERE subscription_id = ?'),
       countOwner: db.prepare<[string], { n: number }>('SELECT COUNT(*) AS n FROM subscriptions WHERE owner = ?'),
-      deleteNotes: db.prepare('DELETE FROM notifications WHERE subscription_id = ?'),
       pending: db.prepare<[string, number, number], NotificationRow>(
         `SELECT * FROM notifications WHERE subscription_id = ? AND state = 'pending' AND event_number > ?
          ORDER BY event_number LIMIT ?`,
@@ -223,19 +231,15 @@ export class SqliteStore implements Store {
         `SELECT * FROM notifications WHERE subscription_id = ? AND event_number BETWEEN ? AND ?
          ORDER BY event_number LIMIT ?`,
       ),
-      requeue: db.prepare(
-        `UPDATE notifications SET state = 'pending', attempts = 0, due_at = ?, last_error = NULL
-         WHERE subscription_id = ? AND state = 'dead'`,
-      ),
       ping: db.prepare('SELECT 1'),
     };
   }
 
   async insertSubscription(rec: SubscriptionRecord): Promise<void> {
-    this.#db.transaction(() => {
-      this.#stmt.insertSub.run(toRow(rec));
-      this.#stmt.insertCounter.run(rec.id, rec.eventsSinceStart);
-    })();
+    await this.#writer.steps([
+      [SQL.insertSub, toRow(rec), 'run'],
+      [SQL.insertCounter, [rec.id, rec.eventsSinceStart], 'run'],
+    ]);
   }
 
   async getSubscription(id: string): Promise<SubscriptionRecord | undefined> {
@@ -256,31 +260,31 @@ export class SqliteStore implements Store {
     rec: SubscriptionRecord,
     expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
   ): Promise<SubscriptionRecord | undefined> {
-    const changed = this.#stmt.replaceSub.run({
+    const row = {
       ...toRow(rec),
       expected_status: expected?.status ?? null,
       expected_updated_at: expected?.updatedAt ?? null,
-    }).changes;
+    };
+    const [changed] = await this.#writer.steps([[SQL.replaceSub, row, 'run']]);
     return changed === 0 ? undefined : this.getSubscription(rec.id);
   }
 
   async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
-    return this.#db.transaction(() => {
-      const row = this.#stmt.getSub.get(id);
-      if (row === undefined) return undefined;
-      if (update.expected !== undefined && !update.expected.includes(row.status as SubscriptionStatus))
-        return undefined;
-      this.#stmt.setStatus.run(update.status, update.error ?? null, at, id);
-      return fromRow({ ...row, status: update.status, error: update.error ?? null, updated_at: at });
-    })();
+    const expected = update.expected === undefined ? null : JSON.stringify(update.expected);
+    const [row, counter] = (await this.#writer.steps([
+      [SQL.setStatus, [update.status, update.error ?? null, at, id, expected, expected], 'get'],
+      [SQL.counterOf, [id], 'get'],
+    ])) as [Omit<SubscriptionRow, 'events_since_start'> | undefined, { events_since_start: number } | undefined];
+    return row === undefined || counter === undefined ? undefined : fromRow({ ...row, ...counter });
   }
 
   async deleteSubscription(id: string): Promise<boolean> {
-    return this.#db.transaction(() => {
-      this.#stmt.deleteNotes.run(id);
-      this.#stmt.deleteCounter.run(id);
-      return this.#stmt.deleteSub.run(id).changes > 0;
-    })();
+    const [, , deleted] = await this.#writer.steps([
+      [SQL.deleteNotes, [id], 'run'],
+      [SQL.deleteCounter, [id], 'run'],
+      [SQL.deleteSub, [id], 'run'],
+    ]);
+    return (deleted as number) > 0;
   }
 
   /** On the writer thread: one transaction, committed (fsync'd with FULL) before this resolves. */
@@ -326,7 +330,8 @@ export class SqliteStore implements Store {
   }
 
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
-    return this.#stmt.requeue.run(dueAt, subscriptionId).changes;
+    const [requeued] = await this.#writer.steps([[SQL.requeue, [dueAt, subscriptionId], 'run']]);
+    return requeued as number;
   }
 
   /** On the writer thread, in bounded batches between event commits. */

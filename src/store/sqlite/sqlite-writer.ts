@@ -4,10 +4,11 @@ import type { Notification } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate } from '../store.js';
 
 /**
- * The hot writes of the embedded store — accepting events (a durable, fsync'd commit) and
- * recording delivery states — run on a worker thread with its own SQLite connection, so the event
- * loop that serves HTTP and sends webhooks never waits for the disk. Requests are answered in order;
- * the caller (ingest) groups concurrent requests into one call, so one fsync covers many events.
+ * Every write of the embedded store — accepting events (a durable, fsync'd commit), recording
+ * delivery states, the retention purge, and the rare subscription and status writes — runs on a
+ * worker thread with its own SQLite connection, so the event loop that serves HTTP and sends
+ * webhooks never waits for the disk or for the write lock. Requests are answered in order; the
+ * caller (ingest) groups concurrent requests into one call, so one fsync covers many events.
  *
  * The worker is plain JavaScript evaluated from a string: it loads better-sqlite3 by absolute path
  * and needs no TypeScript loader, so it runs the same under tsx, vitest and a bundle.
@@ -53,6 +54,19 @@ const record = db.transaction((u) => {
 const purgeNotes = db.prepare("DELETE FROM notifications WHERE seq IN (SELECT seq FROM notifications WHERE created_at < ? AND state IN ('delivered', 'dead') LIMIT ?)");
 const purgeSeen = db.prepare('DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM seen_events WHERE received_at < ? LIMIT ?)');
 const purge = db.transaction((before, limit) => [purgeNotes.run(before, limit).changes, purgeSeen.run(before, limit).changes]);
+// The store's other writes (subscriptions, statuses, re-queues), rare and small: statements by SQL text,
+// prepared once. steps: [sql, params (array, or object for named ones), 'run' | 'get'].
+const prepared = new Map();
+function statement(sql) {
+  let st = prepared.get(sql);
+  if (st === undefined) { st = db.prepare(sql); prepared.set(sql, st); }
+  return st;
+}
+const steps = db.transaction((list) => list.map(([sql, params, kind]) => {
+  const st = statement(sql);
+  const args = Array.isArray(params) ? params : [params];
+  return kind === 'get' ? st.get(...args) : st.run(...args).changes;
+}));
 // Writes whose loss to a power cut costs nothing but a redelivery or a purge redone: no fsync of their own.
 function withoutFsync(fn) {
   if (workerData.synchronous !== 'FULL') return fn();
@@ -67,6 +81,8 @@ parentPort.on('message', (msg) => {
       // Delivery states ride on the next durable commit.
       withoutFsync(() => record(msg.updates));
       parentPort.postMessage({ id: msg.id, result: null });
+    } else if (msg.op === 'steps') {
+      parentPort.postMessage({ id: msg.id, result: steps.immediate(msg.steps) });
     } else if (msg.op === 'purge') {
       parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.before, msg.limit)) });
     } else if (msg.op === 'ping') {
@@ -141,6 +157,13 @@ const PURGE_BATCH = 500;
 
 /** 100 ms: a tenth of a second of commits (a few hundred pages under load) per pass. */
 const CHECKPOINT_INTERVAL_MS = 100;
+
+/** One statement of `steps`: SQL, its parameters (positional, or one object of named ones), what to answer. */
+export type Step = readonly [
+  sql: string,
+  params: readonly unknown[] | Readonly<Record<string, unknown>>,
+  kind: 'run' | 'get',
+];
 
 interface Pending {
   readonly resolve: (value: unknown) => void;
@@ -221,6 +244,16 @@ export class SqliteWriter {
     for (const u of updates)
       flat.push(u.subscriptionId, u.eventNumber, u.state, u.attempts, u.dueAt, u.lastError ?? null);
     await this.#call({ op: 'deliveries', updates: flat });
+  }
+
+  /**
+   * Statements in one durable transaction on the writer's connection, each answered by its changes
+   * (`run`) or its first row (`get`). Every write of the store goes through this thread, in one
+   * order: the event loop's connection only reads, so it never waits for the write lock (nor meets
+   * SQLITE_BUSY upgrading a read to a write) and never waits for an fsync.
+   */
+  async steps(list: readonly Step[]): Promise<unknown[]> {
+    return (await this.#call({ op: 'steps', steps: list })) as unknown[];
   }
 
   /**

@@ -5,10 +5,15 @@ import { afterEach, expect, it } from 'vitest';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { item, RECEIVED, record } from './support/store-fixtures.js';
 
+const RECEIVED_ISO = new Date(RECEIVED).toISOString();
+
 /**
- * The retention purge runs on the writer thread in bounded batches, not as one long delete on the
- * event loop: an hour of notifications under load is millions of rows. (What it deletes is the
- * Store contract's `purge` suite, for both stores.)
+ * Every write of the embedded store runs on the writer thread, in one order. The retention purge
+ * goes in bounded batches, not as one long delete on the event loop (an hour of notifications
+ * under load is millions of rows). Status and subscription writes no longer race the writer for
+ * the lock: on the event loop's connection a read-then-write transaction met SQLITE_BUSY as soon
+ * as an event commit landed between its read and its write. (What each write does is the Store
+ * contract suite, for both stores.)
  */
 
 let dir: string | undefined;
@@ -67,4 +72,42 @@ it('lets event commits in between its batches instead of holding them until it i
   expect(a[0]?.notifications.map((n) => n.eventNumber)).toEqual([301]);
   // The new notification is pending and newer than the cut-off: kept.
   expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([301]);
+});
+
+it('changes statuses and subscriptions while event commits run back to back, without SQLITE_BUSY', async () => {
+  dir = mkdtempSync(join(tmpdir(), 'broker-writes-'));
+  const s = new SqliteStore(dir);
+  store = s;
+  const subs = Array.from({ length: 20 }, (_, i) => `s${i}`);
+  for (const id of subs) await s.insertSubscription(record(id));
+  let running = true;
+  let accepted = 0;
+  const load = async (lane: number): Promise<void> => {
+    for (let k = 0; running; k++) {
+      const items = Array.from({ length: 10 }, (_, i) => item(`l${lane}-${k}-${i}`, [subs[i] as string], `p-${i}`));
+      accepted += (await s.acceptChanges(items, RECEIVED)).length;
+    }
+  };
+  const loads = [load(1), load(2)];
+  try {
+    for (let i = 0; i < 300; i++) {
+      const id = subs[i % 20] as string;
+      const status = i % 2 === 0 ? 'error' : 'active';
+      const updated = await s.updateStatus(id, { status, error: `round ${i}` }, RECEIVED_ISO);
+      expect(updated?.status).toBe(status);
+      expect(updated?.eventsSinceStart).toBeGreaterThanOrEqual(0);
+      // Let the commit loops go on between the writes.
+      await new Promise((resolve) => setImmediate(resolve));
+      if (i % 5 === 0) {
+        await s.insertSubscription(record(`extra-${i}`));
+        expect(await s.deleteSubscription(`extra-${i}`)).toBe(true);
+      }
+    }
+  } finally {
+    running = false;
+    await Promise.all(loads);
+  }
+  expect(accepted).toBeGreaterThan(0);
+  expect((await s.getSubscription('s19'))?.status).toBe('active');
+  expect(await s.getSubscription('extra-295')).toBeUndefined();
 });
