@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
-import { item, RECEIVED, record } from '../test/support/store-fixtures.js';
+import { deliveredAll, item, RECEIVED, record } from '../test/support/store-fixtures.js';
 import { fmt, percentile, printTable, type TargetCheck } from './util.js';
 
 /**
@@ -30,17 +30,7 @@ export async function runRetention(): Promise<TargetCheck[]> {
         return item(`expired-${e}`, [subs[e % SUBSCRIPTIONS] as string], `p-${e % 5000}`);
       });
       const outcomes = await store.acceptChanges(items, RECEIVED);
-      await store.recordDeliveries(
-        outcomes.flatMap((o) =>
-          o.notifications.map((x) => ({
-            subscriptionId: x.subscriptionId,
-            eventNumber: x.eventNumber,
-            state: 'delivered' as const,
-            attempts: 1,
-            dueAt: RECEIVED,
-          })),
-        ),
-      );
+      await store.recordDeliveries(deliveredAll(outcomes, RECEIVED));
       done += n;
     }
     let last = performance.now();

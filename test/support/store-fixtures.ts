@@ -1,5 +1,5 @@
 import type { Interaction, ResourceChange, SubscriptionRecord } from '../../src/core/types.js';
-import type { AcceptItem } from '../../src/store/store.js';
+import type { AcceptItem, AcceptOutcome, DeliveryUpdate } from '../../src/store/store.js';
 
 /** Records and changes for the Store contract suite and adapter-specific store tests. */
 
@@ -49,4 +49,17 @@ export function change(eventId: string, resourceId?: string, interaction: Intera
 
 export function item(eventId: string, subscriptionIds: string[], resourceId = 'p1'): AcceptItem {
   return { change: change(eventId, resourceId), subscriptionIds };
+}
+
+/** The updates that mark every notification of `outcomes` delivered on its first attempt, at `at`. */
+export function deliveredAll(outcomes: readonly AcceptOutcome[], at: number): DeliveryUpdate[] {
+  return outcomes.flatMap((o) =>
+    o.notifications.map((n) => ({
+      subscriptionId: n.subscriptionId,
+      eventNumber: n.eventNumber,
+      state: 'delivered' as const,
+      attempts: 1,
+      dueAt: at,
+    })),
+  );
 }
