@@ -67,6 +67,15 @@ it('lets event commits in between its batches instead of holding them until it i
   expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([301]);
 });
 
+it('stops purging between batches when the store closes, and refuses a batch size that would never end', async () => {
+  const s = await storeWithOldDeliveries(300);
+  await expect(s.purge(RECEIVED + 1, 0)).rejects.toThrow(RangeError);
+  const purging = s.purge(RECEIVED + 1, 10);
+  await s.close();
+  // The batch already asked for finished; none after it was started.
+  expect(await purging).toEqual({ notifications: 10, eventIds: 10 });
+});
+
 it('changes statuses and subscriptions while event commits run back to back, without SQLITE_BUSY', async () => {
   dir = mkdtempSync(join(tmpdir(), 'broker-writes-'));
   const s = new SqliteStore(dir);

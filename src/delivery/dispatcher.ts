@@ -93,6 +93,7 @@ export class Dispatcher {
   readonly #lanes = new Map<string, Lane>();
   readonly #limiter: OriginLimiter;
   #purgeTimer: NodeJS.Timeout | undefined;
+  #purging = false;
   readonly #running = new Set<Promise<unknown>>();
   #closed = false;
   /** Delivery states, written behind (see DeliveryStateLog). */
@@ -159,9 +160,11 @@ export class Dispatcher {
       this.#wake(id, true);
     }
     for (const sub of this.#registry.all()) this.#scheduleHeartbeat(sub.id);
-    await this.#purge();
+    // Not awaited: after a long stop the first purge may be big, and start-up (the server's signal
+    // handlers, a Lambda's deliveries) must not wait for it. `idle` and `close` do.
+    this.#startPurge();
     if (this.#purgeTimer === undefined) {
-      this.#purgeTimer = setInterval(() => void this.#purge(), PURGE_INTERVAL_MS);
+      this.#purgeTimer = setInterval(() => this.#startPurge(), PURGE_INTERVAL_MS);
       this.#purgeTimer.unref();
     }
   }
@@ -536,6 +539,13 @@ export class Dispatcher {
       else this.#logger.warn('heartbeat failed', { subscription: id, error: result.error });
     }
     this.#scheduleHeartbeat(id);
+  }
+
+  /** One purge at a time: a purge still going when the timer fires again is left to finish. */
+  #startPurge(): void {
+    if (this.#closed || this.#purging) return;
+    this.#purging = true;
+    this.#track(this.#purge().finally(() => (this.#purging = false)));
   }
 
   async #purge(): Promise<void> {

@@ -74,7 +74,10 @@ CREATE TABLE IF NOT EXISTS notifications (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscription_id, event_number);
 CREATE INDEX IF NOT EXISTS notifications_pending ON notifications(seq) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
+-- What retention may purge, oldest first (pending rows, however old, are not in it). It replaced
+-- notifications_created (2026-11-27): indexes only, so no schema version of its own.
+CREATE INDEX IF NOT EXISTS notifications_expirable ON notifications(created_at) WHERE state IN ('delivered', 'dead');
+DROP INDEX IF EXISTS notifications_created;
 CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
 `;
 
@@ -122,6 +125,15 @@ function migrate(db: Database.Database): void {
   }).immediate();
 }
 
+/**
+ * An updated subscription as a `SubscriptionRow`, read in the same statement (what a later read
+ * returned could already carry another write). A subscription without its counter row is left
+ * alone, as the joined read (SELECT_SUBSCRIPTION) would not see it either.
+ */
+const RETURNING_ROW = `AND EXISTS (SELECT 1 FROM subscription_counters c WHERE c.subscription_id = subscriptions.id)
+  RETURNING *, (SELECT c.events_since_start FROM subscription_counters c WHERE c.subscription_id = subscriptions.id)
+    AS events_since_start`;
+
 /** The writes, run on the writer thread (`SqliteWriter.steps`). */
 const SQL = {
   insertSub: `INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
@@ -133,11 +145,11 @@ const SQL = {
     match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
     previous_secret_json = @previous_secret_json, end_at = @end_at,
     updated_at = @updated_at, resource_json = @resource_json
-    WHERE id = @id AND (@expected_status IS NULL OR (status = @expected_status AND updated_at = @expected_updated_at))`,
+    WHERE id = @id AND (@expected_status IS NULL OR (status = @expected_status AND updated_at = @expected_updated_at))
+    ${RETURNING_ROW}`,
   // The status moves only from one of the expected ones (a JSON array; NULL: from any).
   setStatus: `UPDATE subscriptions SET status = ?, error = ?, updated_at = ?
-    WHERE id = ? AND (? IS NULL OR status IN (SELECT value FROM json_each(?))) RETURNING *`,
-  counterOf: 'SELECT events_since_start FROM subscription_counters WHERE subscription_id = ?',
+    WHERE id = ? AND (? IS NULL OR status IN (SELECT value FROM json_each(?))) ${RETURNING_ROW}`,
   deleteNotes: 'DELETE FROM notifications WHERE subscription_id = ?',
   deleteCounter: 'DELETE FROM subscription_counters WHERE subscription_id = ?',
   deleteSub: 'DELETE FROM subscriptions WHERE id = ?',
@@ -260,22 +272,21 @@ export class SqliteStore implements Store {
     rec: SubscriptionRecord,
     expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
   ): Promise<SubscriptionRecord | undefined> {
-    const row = {
+    const params = {
       ...toRow(rec),
       expected_status: expected?.status ?? null,
       expected_updated_at: expected?.updatedAt ?? null,
     };
-    const [changed] = await this.#writer.steps([[SQL.replaceSub, row, 'run']]);
-    return changed === 0 ? undefined : this.getSubscription(rec.id);
+    const [row] = (await this.#writer.steps([[SQL.replaceSub, params, 'get']])) as [SubscriptionRow | undefined];
+    return row === undefined ? undefined : fromRow(row);
   }
 
   async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
     const expected = update.expected === undefined ? null : JSON.stringify(update.expected);
-    const [row, counter] = (await this.#writer.steps([
+    const [row] = (await this.#writer.steps([
       [SQL.setStatus, [update.status, update.error ?? null, at, id, expected, expected], 'get'],
-      [SQL.counterOf, [id], 'get'],
-    ])) as [Omit<SubscriptionRow, 'events_since_start'> | undefined, { events_since_start: number } | undefined];
-    return row === undefined || counter === undefined ? undefined : fromRow({ ...row, ...counter });
+    ])) as [SubscriptionRow | undefined];
+    return row === undefined ? undefined : fromRow(row);
   }
 
   async deleteSubscription(id: string): Promise<boolean> {

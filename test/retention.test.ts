@@ -1,0 +1,75 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, expect, it } from 'vitest';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
+import type { Store } from '../src/store/store.js';
+import { inProcessBroker, type TestBroker } from './support/in-process.js';
+import { deliveredAll, item, RECEIVED, record } from './support/store-fixtures.js';
+
+/**
+ * The dispatcher's retention purge (BROKER_EVENT_RETENTION, default 7 days): run at start and
+ * hourly, in the background. After a long stop the first purge can be large; start-up must not
+ * wait for it, and shutdown must not leave it writing to a closed store.
+ */
+
+const EIGHT_DAYS_LATER = RECEIVED + 8 * 86_400_000;
+
+/** A real SQLite store holding 50 delivered notifications 8 days old, whose `purge` waits until released. */
+async function heldPurgeStore(): Promise<{ store: Store; started: Promise<void>; release: () => void }> {
+  const real = new SqliteStore(mkdtempSync(join(tmpdir(), 'fsb-retention-')));
+  await real.insertSubscription(record('old-sub'));
+  const outcomes = await real.acceptChanges(
+    Array.from({ length: 50 }, (_, i) => item(`old-${i}`, ['old-sub'], `p-${i}`)),
+    RECEIVED,
+  );
+  await real.recordDeliveries(deliveredAll(outcomes, RECEIVED));
+  let started = (): void => undefined;
+  let release = (): void => undefined;
+  const startedP = new Promise<void>((resolve) => (started = resolve));
+  const released = new Promise<void>((resolve) => (release = resolve));
+  const store = new Proxy(real, {
+    get(target, prop) {
+      if (prop === 'purge') {
+        return async (before: number) => {
+          started();
+          await released;
+          return target.purge(before);
+        };
+      }
+      const value = Reflect.get(target, prop, target) as unknown;
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  }) as Store;
+  return { store, started: startedP, release };
+}
+
+let t: TestBroker | undefined;
+
+afterEach(async () => {
+  await t?.broker.close(0);
+  t = undefined;
+});
+
+it('purges what is past retention in the background: start-up does not wait for it', async () => {
+  const { store, started, release } = await heldPurgeStore();
+  // inProcessBroker awaits broker.start(): it returns while the purge is still held.
+  t = await inProcessBroker({}, { store, clock: { now: () => EIGHT_DAYS_LATER } });
+  await started;
+  expect(t.logger.records.some((r) => r.msg === 'retention purge')).toBe(false);
+  release();
+  const logged = await t.logger.waitFor((r) => r.msg === 'retention purge', 'the purge');
+  expect(logged).toMatchObject({ notifications: 50, eventIds: 50 });
+  expect(await store.notificationsInRange('old-sub', 0, 100, 100)).toEqual([]);
+});
+
+it('waits for a purge in progress when it closes, within its grace period, instead of failing it', async () => {
+  const { store, started, release } = await heldPurgeStore();
+  const broker = await inProcessBroker({}, { store, clock: { now: () => EIGHT_DAYS_LATER } });
+  await started;
+  const closed = broker.broker.close(5000);
+  release();
+  await closed;
+  expect(broker.logger.records.filter((r) => r.level === 'error')).toEqual([]);
+  expect(broker.logger.records.some((r) => r.msg === 'retention purge')).toBe(true);
+});
