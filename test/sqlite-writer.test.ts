@@ -5,6 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
 import { afterEach, expect, it } from 'vitest';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
+import { SqliteWriter } from '../src/store/sqlite/sqlite-writer.js';
 import { deliveredAll, item, RECEIVED, record } from './support/store-fixtures.js';
 
 const RECEIVED_ISO = new Date(RECEIVED).toISOString();
@@ -74,6 +75,32 @@ it('stops purging between batches when the store closes, and refuses a batch siz
   await s.close();
   // The batch already asked for finished; none after it was started.
   expect(await purging).toEqual({ notifications: 10, eventIds: 10 });
+});
+
+it("answers a failed write with SQLite's message and code, and keeps nothing of its transaction", async () => {
+  dir = mkdtempSync(join(tmpdir(), 'broker-writes-'));
+  store = new SqliteStore(dir);
+  await store.insertSubscription(record('s1'));
+  await expect(store.insertSubscription(record('s1'))).rejects.toMatchObject({
+    name: 'SqliteWriterError',
+    code: 'SQLITE_CONSTRAINT_PRIMARYKEY',
+    message: expect.stringContaining('UNIQUE constraint failed: subscriptions.id'),
+  });
+  // A second writer on the same file (the store's own is private): its first statement succeeds,
+  // its second fails, and the first is rolled back with it.
+  const writer = new SqliteWriter(join(dir, 'broker.sqlite3'), 'FULL');
+  try {
+    await expect(
+      writer.steps([
+        ['DELETE FROM subscription_counters WHERE subscription_id = ?', ['s1'], 'run'],
+        ['INSERT INTO subscription_counters (subscription_id, events_since_start) VALUES (?, ?)', ['s1', null], 'run'],
+      ]),
+    ).rejects.toMatchObject({ code: 'SQLITE_CONSTRAINT_NOTNULL' });
+  } finally {
+    await writer.close();
+  }
+  expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(0);
+  expect(await store.listSubscriptions()).toHaveLength(1);
 });
 
 it('changes statuses and subscriptions while event commits run back to back, without SQLITE_BUSY', async () => {

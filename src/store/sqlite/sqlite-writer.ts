@@ -97,7 +97,7 @@ parentPort.on('message', (msg) => {
       parentPort.postMessage({ id: msg.id, error: 'unknown op ' + msg.op });
     }
   } catch (err) {
-    parentPort.postMessage({ id: msg.id, error: String(err && err.message || err) });
+    parentPort.postMessage({ id: msg.id, error: String(err && err.message || err), code: err && err.code });
   }
 });
 `;
@@ -174,9 +174,13 @@ interface Pending {
 }
 
 export class SqliteWriterError extends Error {
-  constructor(message: string) {
+  /** SQLite's extended result code when SQLite raised it (e.g. `SQLITE_CONSTRAINT_PRIMARYKEY`). */
+  readonly code: string | undefined;
+
+  constructor(message: string, code?: string) {
     super(message);
     this.name = 'SqliteWriterError';
+    this.code = code;
   }
 }
 
@@ -195,12 +199,12 @@ export class SqliteWriter {
       eval: true,
       workerData: { file, synchronous, sqlitePath, checkpointPages: CHECKPOINT_PAGES },
     });
-    this.#worker.on('message', (msg: { id: number; result?: unknown; error?: string }) => {
+    this.#worker.on('message', (msg: { id: number; result?: unknown; error?: string; code?: string }) => {
       const p = this.#pending.get(msg.id);
       if (p === undefined) return;
       this.#pending.delete(msg.id);
       if (msg.error === undefined) p.resolve(msg.result);
-      else p.reject(new SqliteWriterError(msg.error));
+      else p.reject(new SqliteWriterError(msg.error, typeof msg.code === 'string' ? msg.code : undefined));
     });
     this.#worker.on('error', (err) => this.#fail(err));
     this.#worker.on('exit', (code) => this.#fail(new SqliteWriterError(`the SQLite writer stopped (exit ${code})`)));
