@@ -1,4 +1,4 @@
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -14,9 +14,13 @@ import { Receiver } from './support/receiver.js';
  * instead of going idle with the notification left pending (it used to wait for the next event).
  */
 
+const dirs: string[] = [];
+
 /** A real SQLite store whose next `pendingNotifications` read, once armed, holds its answer until released. */
 function gatedStore(): { store: Store; arm: () => { reached: Promise<void>; release: () => void } } {
-  const real = new SqliteStore(mkdtempSync(join(tmpdir(), 'fsb-gate-')));
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-gate-'));
+  dirs.push(dir);
+  const real = new SqliteStore(dir);
   let gate: { reached: () => void; released: Promise<void> } | undefined;
   const store = new Proxy(real, {
     get(target, prop) {
@@ -54,6 +58,7 @@ describe('dispatcher lane reload', () => {
   afterEach(async () => {
     await t?.broker.close(0);
     await receiver?.close();
+    for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
   });
 
   it('delivers a notification committed while the lane was reading the store', async () => {

@@ -1,4 +1,4 @@
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, expect, it } from 'vitest';
@@ -10,14 +10,27 @@ import { deliveredAll, item, RECEIVED, record } from './support/store-fixtures.j
 /**
  * The dispatcher's retention purge (BROKER_EVENT_RETENTION, default 7 days): run at start and
  * hourly, in the background. After a long stop the first purge can be large; start-up must not
- * wait for it, and shutdown must not leave it writing to a closed store.
+ * wait for it, and shutdown must stop it rather than wait for it or leave it writing to a closed store.
  */
 
 const EIGHT_DAYS_LATER = RECEIVED + 8 * 86_400_000;
+const dirs: string[] = [];
+let t: TestBroker | undefined;
 
-/** A real SQLite store holding 50 delivered notifications 8 days old, whose `purge` waits until released. */
-async function heldPurgeStore(): Promise<{ store: Store; started: Promise<void>; release: () => void }> {
-  const real = new SqliteStore(mkdtempSync(join(tmpdir(), 'fsb-retention-')));
+afterEach(async () => {
+  await t?.broker.close(0);
+  t = undefined;
+  for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+});
+
+/**
+ * A real SQLite store holding 50 delivered notifications 8 days old, whose `purge` waits until
+ * released (or until its signal is aborted: the dispatcher's close), then runs for real.
+ */
+async function heldPurgeStore(): Promise<{ dir: string; store: Store; started: Promise<void>; release: () => void }> {
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-retention-'));
+  dirs.push(dir);
+  const real = new SqliteStore(dir);
   await real.insertSubscription(record('old-sub'));
   const outcomes = await real.acceptChanges(
     Array.from({ length: 50 }, (_, i) => item(`old-${i}`, ['old-sub'], `p-${i}`)),
@@ -31,25 +44,19 @@ async function heldPurgeStore(): Promise<{ store: Store; started: Promise<void>;
   const store = new Proxy(real, {
     get(target, prop) {
       if (prop === 'purge') {
-        return async (before: number) => {
+        return async (before: number, signal?: AbortSignal) => {
           started();
-          await released;
-          return target.purge(before);
+          const aborted = new Promise<void>((resolve) => signal?.addEventListener('abort', () => resolve()));
+          await Promise.race([released, aborted]);
+          return target.purge(before, signal);
         };
       }
       const value = Reflect.get(target, prop, target) as unknown;
       return typeof value === 'function' ? value.bind(target) : value;
     },
   }) as Store;
-  return { store, started: startedP, release };
+  return { dir, store, started: startedP, release };
 }
-
-let t: TestBroker | undefined;
-
-afterEach(async () => {
-  await t?.broker.close(0);
-  t = undefined;
-});
 
 it('purges what is past retention in the background: start-up does not wait for it', async () => {
   const { store, started, release } = await heldPurgeStore();
@@ -63,13 +70,20 @@ it('purges what is past retention in the background: start-up does not wait for 
   expect(await store.notificationsInRange('old-sub', 0, 100, 100)).toEqual([]);
 });
 
-it('waits for a purge in progress when it closes, within its grace period, instead of failing it', async () => {
-  const { store, started, release } = await heldPurgeStore();
+it('stops a purge in progress when it closes, instead of waiting out its grace period for it', async () => {
+  const { dir, store, started } = await heldPurgeStore();
   const broker = await inProcessBroker({}, { store, clock: { now: () => EIGHT_DAYS_LATER } });
   await started;
-  const closed = broker.broker.close(5000);
-  release();
-  await closed;
+  // Never released: only the abort from close lets the purge go on, and it then stops before its
+  // first batch. Without the abort, close would wait the whole minute of grace (beyond the test's timeout).
+  await broker.broker.close(60_000);
   expect(broker.logger.records.filter((r) => r.level === 'error')).toEqual([]);
-  expect(broker.logger.records.some((r) => r.msg === 'retention purge')).toBe(true);
+  expect(broker.logger.records.some((r) => r.msg === 'retention purge')).toBe(false);
+  // Nothing was purged: it waits for the next start.
+  const reopened = new SqliteStore(dir);
+  try {
+    expect(await reopened.notificationsInRange('old-sub', 0, 100, 100)).toHaveLength(50);
+  } finally {
+    await reopened.close();
+  }
 });

@@ -663,6 +663,12 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       ]);
     });
 
+    it('purges nothing once its signal is aborted, and keeps what it would have taken for the next purge', async () => {
+      expect(await store.purge(RECEIVED + 1, AbortSignal.abort())).toEqual({ notifications: 0, eventIds: 0 });
+      expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => n.eventNumber)).toEqual([1, 2, 3, 4]);
+      expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 2, eventIds: 4 });
+    });
+
     it('keeps everything at or after the cut-off', async () => {
       expect(await store.purge(RECEIVED)).toEqual({ notifications: 0, eventIds: 0 });
       expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => n.eventNumber)).toEqual([1, 2, 3, 4]);

@@ -94,6 +94,8 @@ export class Dispatcher {
   readonly #limiter: OriginLimiter;
   #purgeTimer: NodeJS.Timeout | undefined;
   #purging = false;
+  /** Aborted by `close`: a purge in progress stops at its next batch instead of holding shutdown. */
+  readonly #purgeAbort = new AbortController();
   readonly #running = new Set<Promise<unknown>>();
   #closed = false;
   /** Delivery states, written behind (see DeliveryStateLog). */
@@ -230,6 +232,7 @@ export class Dispatcher {
   async close(graceMs = 5000): Promise<void> {
     this.#closed = true;
     clearInterval(this.#purgeTimer);
+    this.#purgeAbort.abort();
     for (const lane of this.#lanes.values()) {
       clearTimeout(lane.timer);
       clearTimeout(lane.heartbeat);
@@ -550,7 +553,7 @@ export class Dispatcher {
 
   async #purge(): Promise<void> {
     try {
-      const purged = await this.#store.purge(this.#clock.now() - this.#opts.retentionMs);
+      const purged = await this.#store.purge(this.#clock.now() - this.#opts.retentionMs, this.#purgeAbort.signal);
       if (purged.notifications > 0 || purged.eventIds > 0) this.#logger.info('retention purge', purged);
     } catch (err) {
       this.#logger.error('retention purge failed', { err: err as Error });

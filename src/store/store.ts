@@ -93,9 +93,10 @@ export interface Store {
   /**
    * Forget what is older than `before` (epoch ms): delivered and dead-lettered notifications
    * (the `$events` retention window) and seen event ids (the deduplication window). Pending
-   * notifications are never purged.
+   * notifications are never purged. Once `signal` is aborted the store stops at its next batch
+   * boundary and answers what it purged so far (the rest waits for the next purge).
    */
-  purge(before: number): Promise<{ notifications: number; eventIds: number }>;
+  purge(before: number, signal?: AbortSignal): Promise<{ notifications: number; eventIds: number }>;
 
   ping(): Promise<void>;
   close(): Promise<void>;

@@ -382,7 +382,9 @@ export class DynamoDbStore implements Store {
     return requeued.filter(Boolean).length;
   }
 
-  async purge(before: number): Promise<{ notifications: number; eventIds: number }> {
+  /** Two phases (notifications, then event ids); an aborted `signal` skips what has not started. */
+  async purge(before: number, signal?: AbortSignal): Promise<{ notifications: number; eventIds: number }> {
+    if (isAborted(signal)) return { notifications: 0, eventIds: 0 };
     const oldNotes = await this.#requests.scanAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
@@ -405,6 +407,7 @@ export class DynamoDbStore implements Store {
         ),
       ),
     );
+    if (isAborted(signal)) return { notifications: notes.filter(Boolean).length, eventIds: 0 };
     const oldIds = await this.#requests.scanAll({
       TableName: this.#tables.eventIds,
       ConsistentRead: true,
@@ -552,4 +555,9 @@ export class DynamoDbStore implements Store {
       }
     }
   }
+}
+
+/** A function, so that a check after an await is not narrowed away by the one before it. */
+function isAborted(signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true;
 }

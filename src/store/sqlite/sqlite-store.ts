@@ -210,7 +210,8 @@ export class SqliteStore implements Store {
     this.#synchronous = options.synchronous ?? 'FULL';
     this.#db.pragma(`synchronous = ${this.#synchronous}`);
     this.#db.pragma('busy_timeout = 5000');
-    // Checkpoints are the writer thread's (see CHECKPOINT_PAGES).
+    // Checkpoints are the writer thread's (see CHECKPOINT_PAGES): the migration is the only commit
+    // on this connection, and even a large one leaves the copying to them.
     this.#db.pragma('wal_autocheckpoint = 0');
     migrate(this.#db);
     // From here on this connection (the event loop's) only reads: every write goes through the
@@ -346,8 +347,8 @@ export class SqliteStore implements Store {
   }
 
   /** On the writer thread, in bounded batches between event commits. */
-  purge(before: number, batch?: number): Promise<{ notifications: number; eventIds: number }> {
-    return this.#writer.purge(before, batch);
+  purge(before: number, signal?: AbortSignal, batch?: number): Promise<{ notifications: number; eventIds: number }> {
+    return this.#writer.purge(before, signal, batch);
   }
 
   async ping(): Promise<void> {
