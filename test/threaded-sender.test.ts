@@ -1,7 +1,7 @@
 import { createHmac } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { WebhookRequest } from '../src/delivery/rest-hook-sender.js';
-import { ThreadedSender } from '../src/delivery/threaded-sender.js';
+import { dealingOrder, ThreadedSender } from '../src/delivery/threaded-sender.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
 
@@ -25,6 +25,20 @@ function request(endpoint: string, over: Partial<WebhookRequest> = {}): WebhookR
     ...over,
   };
 }
+
+describe('dealingOrder', () => {
+  it.each([
+    { shares: [16, 16], start: [0, 1, 0, 1] },
+    { shares: [2, 1], start: [0, 1, 0] },
+    { shares: [3], start: [0, 0, 0] },
+    { shares: [11, 11, 10], start: [0, 1, 2, 0, 1, 2] },
+  ])('deals $shares starting $start, each thread as often as its share', ({ shares, start }) => {
+    const order = dealingOrder(shares);
+    expect(order.slice(0, start.length)).toEqual(start);
+    expect(order).toHaveLength(shares.reduce((a, b) => a + b, 0));
+    expect(shares.map((_, i) => order.filter((t) => t === i).length)).toEqual(shares);
+  });
+});
 
 describe('ThreadedSender', () => {
   let sender: ThreadedSender | undefined;
@@ -104,6 +118,10 @@ describe('ThreadedSender', () => {
       expect(arrivals).toHaveLength(count);
       // Every connection used (the shares add up), none beyond the cap (no thread over its share).
       expect(peakOnTheWire(arrivals, holdMs)).toBe(connectionsPerOrigin);
+      // Three rounds of the whole cap, so the last request starts two holds after the first: requests
+      // were dealt by share (round robin gives the one-connection thread 4 of 9: a fourth round).
+      const sorted = [...arrivals].sort((a, b) => a - b);
+      expect((sorted.at(-1) as number) - (sorted[0] as number)).toBeLessThan(2.5 * holdMs);
     },
   );
 

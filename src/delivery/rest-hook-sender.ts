@@ -95,8 +95,9 @@ export class RestHookSender implements Sender {
       // headersTimeout bounds the wait for the answer; the timer below bounds reading its body.
       // (No AbortSignal per attempt: creating one cost more than signing the request.) Neither
       // counts time queued for a connection: the dispatcher hands an origin at most twice as many
-      // requests as it has connections, so a queued request waits at most for one attempt ahead
-      // of it, and the endpoint still gets its whole timeout once its request is on the wire.
+      // requests as it has connections (and sender threads get them in proportion to their
+      // shares), so a queued request waits about one attempt ahead of it, and the endpoint still
+      // gets its whole timeout once its request is on the wire.
       // Connecting is bounded separately (connect.timeout, 10 s).
       const res = await this.#agent.request({
         origin: target.origin,

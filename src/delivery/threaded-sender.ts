@@ -10,7 +10,8 @@ import { decodeResults, encodeRequest, type Wire } from './sender-thread-protoco
  * and takes back its `SendResult`: on the bench machine this took HMAC, undici and the socket
  * writes of webhooks off it (+~15% outbox throughput, bench/README.md).
  *
- * Requests go to the threads in turn, and travel in batches: what the event loop sends during one
+ * Requests are dealt to the threads in proportion to their shares of an origin's connections
+ * (`dealingOrder`), and travel in batches: what the event loop sends during one
  * turn goes to each thread in one message (`sender-thread-protocol.ts`). A thread that dies answers
  * its requests as failed (the lanes retry them on their schedule) and is started again by the next
  * request.
@@ -51,6 +52,8 @@ function workerSource(): string {
 export class ThreadedSender implements Sender {
   readonly #options: ThreadedSenderOptions;
   readonly #threads: Thread[] = [];
+  /** Thread indexes in the order requests are dealt: each as often as its share of connections. */
+  readonly #deal: readonly number[];
   #next = 0;
   #ids = 1;
   #closed = false;
@@ -60,12 +63,15 @@ export class ThreadedSender implements Sender {
     this.#options = options;
     const threads = Math.max(1, Math.min(options.threads, options.connectionsPerOrigin));
     for (let i = 0; i < threads; i++) this.#threads.push(this.#start(i, threads));
+    this.#deal = dealingOrder(
+      Array.from({ length: threads }, (_, i) => connectionsForThread(options.connectionsPerOrigin, threads, i)),
+    );
   }
 
   send(req: WebhookRequest): Promise<SendResult> {
     if (this.#closed) return Promise.resolve({ ok: false, error: 'the broker is shutting down' });
-    const index = this.#next;
-    this.#next = (this.#next + 1) % this.#threads.length;
+    const index = this.#deal[this.#next] as number;
+    this.#next = (this.#next + 1) % this.#deal.length;
     const thread = this.#threads[index] as Thread;
     if (thread.stopped) this.#start(index, this.#threads.length);
     const id = this.#ids++;
@@ -122,6 +128,27 @@ export class ThreadedSender implements Sender {
 }
 
 /** Thread `index`'s share of an origin's connections: the shares differ by at most one and sum to `total`. */
-export function connectionsForThread(total: number, threads: number, index: number): number {
+function connectionsForThread(total: number, threads: number, index: number): number {
   return Math.floor(total / threads) + (index < total % threads ? 1 : 0);
+}
+
+/**
+ * Smooth weighted round robin over the threads' shares ([2, 1] → 0, 1, 0): a thread gets requests
+ * in proportion to its connections, spread out rather than in runs, so no thread's queue grows
+ * faster than its connections drain it.
+ */
+export function dealingOrder(shares: readonly number[]): number[] {
+  const total = shares.reduce((a, b) => a + b, 0);
+  const current = shares.map(() => 0);
+  const order: number[] = [];
+  for (let k = 0; k < total; k++) {
+    let best = 0;
+    for (let i = 0; i < shares.length; i++) {
+      current[i] = (current[i] as number) + (shares[i] as number);
+      if ((current[i] as number) > (current[best] as number)) best = i;
+    }
+    current[best] = (current[best] as number) - total;
+    order.push(best);
+  }
+  return order;
 }
