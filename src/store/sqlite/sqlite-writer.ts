@@ -152,7 +152,7 @@ parentPort.on('message', () => {
 
 /**
  * Rows per table per purge transaction (so up to 1,000 deletions): ~3 ms of the writer's time, so
- * an event commit waits at most about that long behind one (suite `retention`: commit p50 2.0–2.5
+ * an event commit waits at most about that long behind one (suite `retention`: commit p50 2.0–2.6
  * ms while 450,000 rows go; 2,000 per batch gave 6.8 ms). The partial index the purge reads lists
  * only purgeable rows, so old pending ones cannot make a batch slower.
  */
@@ -162,11 +162,7 @@ const PURGE_BATCH = 500;
 const CHECKPOINT_INTERVAL_MS = 100;
 
 /** One statement of `steps`: SQL, its parameters (positional, or one object of named ones), what to answer. */
-export type Step = readonly [
-  sql: string,
-  params: readonly unknown[] | Readonly<Record<string, unknown>>,
-  kind: 'run' | 'get',
-];
+type Step = readonly [sql: string, params: readonly unknown[] | Readonly<Record<string, unknown>>, kind: 'run' | 'get'];
 
 interface Pending {
   readonly resolve: (value: unknown) => void;
@@ -269,13 +265,17 @@ export class SqliteWriter {
    * message: event commits queued meanwhile go between the batches, and neither the event loop nor
    * ingest waits for one long delete (200,000 rows in one transaction held the event loop ~0.4 s).
    */
-  async purge(before: number, batch = PURGE_BATCH): Promise<{ notifications: number; eventIds: number }> {
+  async purge(
+    before: number,
+    signal?: AbortSignal,
+    batch = PURGE_BATCH,
+  ): Promise<{ notifications: number; eventIds: number }> {
     if (!Number.isInteger(batch) || batch < 1)
       throw new RangeError(`purge batch must be a positive integer, not ${batch}`);
     let notifications = 0;
     let eventIds = 0;
-    // Closing: what is left waits for the next purge.
-    while (!this.#closing) {
+    // Aborted or closing: what is left waits for the next purge.
+    while (!this.#closing && signal?.aborted !== true) {
       const [notes, seen] = (await this.#call({ op: 'purge', before, limit: batch })) as [number, number];
       notifications += notes;
       eventIds += seen;
