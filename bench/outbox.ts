@@ -18,6 +18,7 @@ import {
   type RateResult,
   Receiver,
   SUBSCRIPTIONS,
+  settleDisk,
   subscribe,
   withBroker,
 } from './pipeline.js';
@@ -88,6 +89,8 @@ interface ConfigResult {
   readonly refused: number;
   readonly retried: string;
   readonly rssMiB: number;
+  /** Seconds `settleDisk` took before the forwarder's and the broker's latency runs. */
+  readonly settled: readonly [number, number];
 }
 
 async function metric(pool: Pool, name: string, outcome: string): Promise<string> {
@@ -226,12 +229,15 @@ async function runConfig(receiver: Receiver, receiverPort: number, kind: Kind): 
       const run = `outbox-${kind}-${Date.now().toString(36)}`;
       const countOf = kind === 'failing' ? healthyCount : undefined;
       const counted = countOf === undefined ? {} : { countOf };
+      const settled: [number, number] = [0, 0];
       const forwarderRate = await alone([broker.child], async () => {
         await warmUp(fwdPool, receiver, fwd, `${run}-fwd`, countOf);
+        settled[0] = settleDisk(fwdDir);
         return openLoop(fwdPool, receiver, fwd.child.pid as number, `${run}-fwd`, counted);
       });
       const rate = await brokerPhase(async () => {
         await warmUp(pool, receiver, broker, run, countOf);
+        settled[1] = settleDisk(dataDir);
         return openLoop(pool, receiver, pid, run, counted);
       });
       const pairs: Pair[] = [];
@@ -268,6 +274,7 @@ async function runConfig(receiver: Receiver, receiverPort: number, kind: Kind): 
         refused,
         retried,
         rssMiB: procStatus(pid).rssKb / 1024,
+        settled,
       };
     });
   });
@@ -315,7 +322,20 @@ export async function runOutbox(): Promise<TargetCheck[]> {
     `\nlatency, open loop ${RATE} events/s for ${RATE_SECONDS} s, each side alone (ms, ingest → webhook received):`,
   );
   printTable([
-    ['side', 'p50', 'p90', 'p99', 'max', 'p99 vs fwd', 'CPU', 'RSS MiB', '503s to broker (≈)', 'broker counters'],
+    [
+      'side',
+      'p50',
+      'p90',
+      'p99',
+      'max',
+      'p99 vs fwd',
+      '202 p99',
+      'send lag max',
+      'CPU',
+      'RSS MiB',
+      '503s to broker (≈)',
+      'broker counters',
+    ],
     ...results.flatMap((r) => [
       [
         `forwarder ${r.label}`,
@@ -324,6 +344,8 @@ export async function runOutbox(): Promise<TargetCheck[]> {
         fmt(p(r.forwarderRate, 99), 1),
         fmt(p(r.forwarderRate, 100), 1),
         '1.0x',
+        fmt(percentile(r.forwarderRate.ingest, 99), 1),
+        fmt(r.forwarderRate.maxLagMs, 1),
         `${fmt(r.forwarderRate.brokerCpu * 100)}%`,
         fmt(r.forwarderRssMiB, 1),
         '-',
@@ -336,6 +358,8 @@ export async function runOutbox(): Promise<TargetCheck[]> {
         fmt(p(r.rate, 99), 1),
         fmt(p(r.rate, 100), 1),
         `${fmt(p(r.rate, 99) / p(r.forwarderRate, 99), 1)}x`,
+        fmt(percentile(r.rate.ingest, 99), 1),
+        fmt(r.rate.maxLagMs, 1),
         `${fmt(r.rate.brokerCpu * 100)}%`,
         fmt(r.rssMiB, 1),
         fmt(r.refused),
@@ -343,6 +367,11 @@ export async function runOutbox(): Promise<TargetCheck[]> {
       ],
     ]),
   ]);
+  console.log(
+    `before each latency run: sync, then 20 fdatasyncs in a row under 5 ms (earlier phases' deleted data dirs stall fsyncs on this VM): ${results
+      .map((r) => `${r.label} ${fmt(r.settled[0], 1)} s / ${fmt(r.settled[1], 1)} s`)
+      .join(', ')} (forwarder / broker)`,
+  );
 
   console.log(
     `\nthroughput, closed loop: bursts of ${fmt(BURST_EVENTS)} single-event requests, forwarder and broker alternating (the other stopped), median of ${BURSTS} per row:`,

@@ -1,5 +1,5 @@
-import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { closeSync, fdatasyncSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -328,6 +328,34 @@ export function fsyncProbe(dir: string): { p50: number; p99: number } {
   }
 }
 
+/**
+ * Before a latency measurement: flush what earlier phases left for the disk (`sync`), then wait
+ * until 20 fdatasyncs in a row take under 5 ms each, at most `timeoutMs`. On this VM an fsync
+ * waits behind the ext4 journal, and removing an earlier phase's data dir (a 40 MB WAL and its
+ * database) made commits wait 30–110 ms seconds later: an independent fsync probe stalled at the
+ * same instants as the broker's commits. Returns the seconds it took.
+ */
+export function settleDisk(dir: string, timeoutMs = 10_000): number {
+  const started = performance.now();
+  execFileSync('sync');
+  const file = join(dir, 'settle.probe');
+  const fd = openSync(file, 'w');
+  const block = Buffer.alloc(4096, 1);
+  try {
+    let quiet = 0;
+    for (let i = 0; quiet < 20 && performance.now() - started < timeoutMs; i++) {
+      writeSync(fd, block, 0, block.length, (i % 64) * 4096);
+      const t0 = performance.now();
+      fdatasyncSync(fd);
+      quiet = performance.now() - t0 < 5 ? quiet + 1 : 0;
+    }
+  } finally {
+    closeSync(fd);
+    rmSync(file, { force: true });
+  }
+  return (performance.now() - started) / 1000;
+}
+
 /** [steal, total] jiffies of all CPUs: how much the hypervisor took from this VM. */
 export function stealJiffies(): [number, number] {
   const cpu = readFileSync('/proc/stat', 'utf8').split('\n')[0]?.trim().split(/\s+/).slice(1).map(Number) ?? [];
@@ -638,6 +666,7 @@ export async function runPipeline(): Promise<TargetCheck[]> {
         ]),
       ]);
 
+      const settled = settleDisk(dataDir);
       const r = await openLoop(pool, receiver, pid, run);
       const mem = procStatus(pid);
       const p = (q: number): string => fmt(percentile(r.latencies, q), 1);
@@ -669,7 +698,7 @@ export async function runPipeline(): Promise<TargetCheck[]> {
         ['POST /events → 202', fmt(r.events), '', '', pi(50), pi(90), pi(99), pi(100), ''],
       ]);
       console.log(
-        `\nclient schedule lag max ${fmt(r.maxLagMs, 1)} ms; failed requests ${r.failures}; unexpected notifications ${r.unexpected}; broker RSS ${fmt(mem.rssKb / 1024, 1)} MiB (peak ${fmt(mem.hwmKb / 1024, 1)} MiB)`,
+        `\ndisk settled in ${fmt(settled, 1)} s before it (sync, 20 quiet fdatasyncs); client schedule lag max ${fmt(r.maxLagMs, 1)} ms; failed requests ${r.failures}; unexpected notifications ${r.unexpected}; broker RSS ${fmt(mem.rssKb / 1024, 1)} MiB (peak ${fmt(mem.hwmKb / 1024, 1)} MiB)`,
       );
       const steal1 = stealJiffies();
       console.log(`CPU steal during the suite: ${fmt((100 * (steal1[0] - steal0[0])) / (steal1[1] - steal0[1]), 1)}%`);
