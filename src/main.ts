@@ -32,6 +32,13 @@ async function main(): Promise<void> {
     if (broker !== undefined && isIngestRequest(req)) void broker.serveIngest(req, res);
     else void hono(req, res);
   });
+  // Idle keep-alive connections stay open 65 s (Node's default is 5 s), longer than clients' own
+  // idle timeouts (60 s for an AWS load balancer, ~4 s for undici), so the client closes first: a
+  // server that closes first races the client's next request on that socket, which then fails
+  // with "other side closed" (seen in this repo's tests under load). Headers must still arrive
+  // within 66 s of a request's start.
+  server.keepAliveTimeout = 65_000;
+  server.headersTimeout = 66_000;
   server.listen(config.port, config.host);
   await once(server, 'listening');
   const port = (server.address() as AddressInfo).port;

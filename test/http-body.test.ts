@@ -107,3 +107,21 @@ describe.each([
     expect(res.status).toBe(202);
   });
 });
+
+describe('keep-alive (real server)', () => {
+  let broker: BrokerProcess;
+
+  beforeAll(async () => {
+    broker = await startBroker();
+  });
+
+  afterAll(async () => {
+    await broker?.kill('SIGTERM');
+  });
+
+  it('keeps idle connections 65 s, so a client with a shorter idle timeout always closes first', async () => {
+    const res = await fetch(`${broker.url}/healthz`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get('keep-alive')).toBe('timeout=65');
+  });
+});
