@@ -7,6 +7,7 @@ import type { Store } from '../src/store/store.js';
 import { eventLike, focusOf, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
+import { withMethod } from './support/store-fixtures.js';
 
 /**
  * A lane reading its backlog from the store while a new notification is committed: the commit's
@@ -22,24 +23,16 @@ function gatedStore(): { store: Store; arm: () => { reached: Promise<void>; rele
   dirs.push(dir);
   const real = new SqliteStore(dir);
   let gate: { reached: () => void; released: Promise<void> } | undefined;
-  const store = new Proxy(real, {
-    get(target, prop) {
-      if (prop === 'pendingNotifications') {
-        return async (...args: Parameters<Store['pendingNotifications']>) => {
-          const rows = await target.pendingNotifications(...args);
-          const g = gate;
-          gate = undefined;
-          if (g !== undefined) {
-            g.reached();
-            await g.released;
-          }
-          return rows;
-        };
-      }
-      const value = Reflect.get(target, prop, target) as unknown;
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  }) as Store;
+  const store = withMethod(real, 'pendingNotifications', async (...args) => {
+    const rows = await real.pendingNotifications(...args);
+    const g = gate;
+    gate = undefined;
+    if (g !== undefined) {
+      g.reached();
+      await g.released;
+    }
+    return rows;
+  });
   const arm = () => {
     let reached = (): void => undefined;
     let release = (): void => undefined;

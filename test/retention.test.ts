@@ -5,7 +5,7 @@ import { afterEach, expect, it } from 'vitest';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import type { Store } from '../src/store/store.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
-import { deliveredAll, item, RECEIVED, record } from './support/store-fixtures.js';
+import { RECEIVED, seedDelivered, withMethod } from './support/store-fixtures.js';
 
 /**
  * The dispatcher's retention purge (BROKER_EVENT_RETENTION, default 7 days): run at start and
@@ -31,30 +31,17 @@ async function heldPurgeStore(): Promise<{ dir: string; store: Store; started: P
   const dir = mkdtempSync(join(tmpdir(), 'fsb-retention-'));
   dirs.push(dir);
   const real = new SqliteStore(dir);
-  await real.insertSubscription(record('old-sub'));
-  const outcomes = await real.acceptChanges(
-    Array.from({ length: 50 }, (_, i) => item(`old-${i}`, ['old-sub'], `p-${i}`)),
-    RECEIVED,
-  );
-  await real.recordDeliveries(deliveredAll(outcomes, RECEIVED));
+  await seedDelivered(real, 'old-sub', 50);
   let started = (): void => undefined;
   let release = (): void => undefined;
   const startedP = new Promise<void>((resolve) => (started = resolve));
   const released = new Promise<void>((resolve) => (release = resolve));
-  const store = new Proxy(real, {
-    get(target, prop) {
-      if (prop === 'purge') {
-        return async (before: number, signal?: AbortSignal) => {
-          started();
-          const aborted = new Promise<void>((resolve) => signal?.addEventListener('abort', () => resolve()));
-          await Promise.race([released, aborted]);
-          return target.purge(before, signal);
-        };
-      }
-      const value = Reflect.get(target, prop, target) as unknown;
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  }) as Store;
+  const store = withMethod(real, 'purge', async (before, signal) => {
+    started();
+    const aborted = new Promise<void>((resolve) => signal?.addEventListener('abort', () => resolve()));
+    await Promise.race([released, aborted]);
+    return real.purge(before, signal);
+  });
   return { dir, store, started: startedP, release };
 }
 

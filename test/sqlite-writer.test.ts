@@ -6,7 +6,7 @@ import Database from 'better-sqlite3';
 import { afterEach, expect, it } from 'vitest';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { SqliteWriter } from '../src/store/sqlite/sqlite-writer.js';
-import { deliveredAll, item, RECEIVED, record } from './support/store-fixtures.js';
+import { item, RECEIVED, record, seedDelivered } from './support/store-fixtures.js';
 
 const RECEIVED_ISO = new Date(RECEIVED).toISOString();
 
@@ -32,12 +32,7 @@ afterEach(async () => {
 async function storeWithOldDeliveries(count: number): Promise<SqliteStore> {
   dir = mkdtempSync(join(tmpdir(), 'broker-purge-'));
   const s = new SqliteStore(dir);
-  await s.insertSubscription(record('s1'));
-  const outcomes = await s.acceptChanges(
-    Array.from({ length: count }, (_, i) => item(`old-${i}`, ['s1'], `p-${i}`)),
-    RECEIVED,
-  );
-  await s.recordDeliveries(deliveredAll(outcomes, RECEIVED));
+  await seedDelivered(s, 's1', count);
   return s;
 }
 

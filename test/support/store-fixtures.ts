@@ -1,5 +1,5 @@
 import type { Interaction, ResourceChange, SubscriptionRecord } from '../../src/core/types.js';
-import type { AcceptItem, AcceptOutcome, DeliveryUpdate } from '../../src/store/store.js';
+import type { AcceptItem, AcceptOutcome, DeliveryUpdate, Store } from '../../src/store/store.js';
 
 /** Records and changes for the Store contract suite and adapter-specific store tests. */
 
@@ -62,4 +62,25 @@ export function deliveredAll(outcomes: readonly AcceptOutcome[], at: number): De
       dueAt: at,
     })),
   );
+}
+
+/** Subscription `subscriptionId` with `count` notifications received at RECEIVED and delivered: all past a later cut-off. */
+export async function seedDelivered(store: Store, subscriptionId: string, count: number): Promise<void> {
+  await store.insertSubscription(record(subscriptionId));
+  const outcomes = await store.acceptChanges(
+    Array.from({ length: count }, (_, i) => item(`old-${i}`, [subscriptionId], `p-${i}`)),
+    RECEIVED,
+  );
+  await store.recordDeliveries(deliveredAll(outcomes, RECEIVED));
+}
+
+/** `real` with one method replaced (the others bound to `real`): a store a test can hold at one point. */
+export function withMethod<K extends keyof Store>(real: Store, name: K, impl: Store[K]): Store {
+  return new Proxy(real, {
+    get(target, prop) {
+      if (prop === name) return impl;
+      const value = Reflect.get(target, prop, target) as unknown;
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
 }
