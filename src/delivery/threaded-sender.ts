@@ -52,6 +52,8 @@ function workerSource(): string {
 export class ThreadedSender implements Sender {
   readonly #options: ThreadedSenderOptions;
   readonly #threads: Thread[] = [];
+  /** Each thread's share of an origin's connections (one entry per thread). */
+  readonly #shares: readonly number[];
   /** Thread indexes in the order requests are dealt: each as often as its share of connections. */
   readonly #deal: readonly number[];
   #next = 0;
@@ -62,10 +64,11 @@ export class ThreadedSender implements Sender {
   constructor(options: ThreadedSenderOptions) {
     this.#options = options;
     const threads = Math.max(1, Math.min(options.threads, options.connectionsPerOrigin));
-    for (let i = 0; i < threads; i++) this.#threads.push(this.#start(i, threads));
-    this.#deal = dealingOrder(
-      Array.from({ length: threads }, (_, i) => connectionsForThread(options.connectionsPerOrigin, threads, i)),
+    this.#shares = Array.from({ length: threads }, (_, i) =>
+      connectionsForThread(options.connectionsPerOrigin, threads, i),
     );
+    this.#deal = dealingOrder(this.#shares);
+    for (let i = 0; i < threads; i++) this.#threads.push(this.#start(i));
   }
 
   send(req: WebhookRequest): Promise<SendResult> {
@@ -73,7 +76,7 @@ export class ThreadedSender implements Sender {
     const index = this.#deal[this.#next] as number;
     this.#next = (this.#next + 1) % this.#deal.length;
     const thread = this.#threads[index] as Thread;
-    if (thread.stopped) this.#start(index, this.#threads.length);
+    if (thread.stopped) this.#start(index);
     const id = this.#ids++;
     return new Promise((resolve) => {
       thread.pending.set(id, resolve);
@@ -100,9 +103,9 @@ export class ThreadedSender implements Sender {
     await Promise.all(this.#threads.map((t) => t.worker.terminate()));
   }
 
-  #start(index: number, threads: number): Thread {
-    const { allowlist, userAgent, connectionsPerOrigin } = this.#options;
-    const connections = connectionsForThread(connectionsPerOrigin, threads, index);
+  #start(index: number): Thread {
+    const { allowlist, userAgent } = this.#options;
+    const connections = this.#shares[index] as number;
     const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent, connections } });
     worker.unref();
     const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map(), outbox: [] };
