@@ -331,9 +331,9 @@ export function fsyncProbe(dir: string): { p50: number; p99: number } {
 /**
  * Before a latency measurement: flush what earlier phases left for the disk (`sync`), then wait
  * until 20 fdatasyncs in a row take under 5 ms each, at most `timeoutMs`. On this VM an fsync
- * waits behind the ext4 journal, and removing an earlier phase's data dir (a 40 MB WAL and its
- * database) made commits wait 30–110 ms seconds later: an independent fsync probe stalled at the
- * same instants as the broker's commits. Returns the seconds it took.
+ * waits behind the ext4 journal: after an earlier phase's data dir (a 40 MB WAL and its database)
+ * was removed, commits waited 30–110 ms, and an independent fsync probe stalled at the same
+ * instants as the broker's commits. Returns the seconds it took.
  */
 export function settleDisk(dir: string, timeoutMs = 10_000): number {
   const started = performance.now();
