@@ -7,9 +7,10 @@ import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { change, item, RECEIVED, record } from './support/store-fixtures.js';
 
 /**
- * A data dir written by the first broker release (schema version 1: the event counter on the
- * subscription row, notifications WITHOUT ROWID) opens under the current one with nothing lost:
- * counters, pending / delivered / dead notifications, seen event ids.
+ * Data dirs written by earlier releases open under the current one with nothing lost: counters,
+ * pending / delivered / dead notifications, seen event ids. Version 1: the event counter on the
+ * subscription row, notifications WITHOUT ROWID. Version 2: every delivery state on its row, with
+ * partial indexes of pending and of purgeable rows; version 3 keeps a per-subscription watermark.
  */
 
 // The version-1 schema as the first release created it (kept verbatim: it is what is on disk).
@@ -30,6 +31,31 @@ CREATE TABLE notifications (
 CREATE INDEX notifications_pending ON notifications(subscription_id) WHERE state = 'pending';
 CREATE INDEX notifications_created ON notifications(created_at);
 CREATE INDEX seen_events_received ON seen_events(received_at);
+`;
+
+// The version-2 schema as the release of 2026-11-27 created it (verbatim).
+const SCHEMA_V2 = `
+CREATE TABLE subscriptions (
+  id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL, topic TEXT NOT NULL, status TEXT NOT NULL,
+  error TEXT, match_json TEXT NOT NULL, channel_json TEXT NOT NULL, webhook_secret TEXT NOT NULL,
+  previous_secret_json TEXT, end_at TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+  resource_json TEXT NOT NULL
+);
+CREATE INDEX subscriptions_owner ON subscriptions(owner);
+CREATE TABLE subscription_counters (
+  subscription_id TEXT PRIMARY KEY, events_since_start INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE seen_events (event_id TEXT PRIMARY KEY, received_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE notifications (
+  seq INTEGER PRIMARY KEY, subscription_id TEXT NOT NULL, event_number INTEGER NOT NULL,
+  change_json TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+  due_at INTEGER NOT NULL, last_error TEXT, created_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX notifications_key ON notifications(subscription_id, event_number);
+CREATE INDEX notifications_pending ON notifications(seq) WHERE state = 'pending';
+CREATE INDEX notifications_expirable ON notifications(created_at) WHERE state IN ('delivered', 'dead');
+CREATE INDEX seen_events_received ON seen_events(received_at);
+PRAGMA user_version = 2;
 `;
 
 let dir: string;
@@ -81,6 +107,126 @@ function writeVersion1(): void {
   db.close();
 }
 
+function writeVersion2(): void {
+  const db = new Database(join(dir, 'broker.sqlite3'));
+  db.exec(SCHEMA_V2);
+  for (const [id, count] of [
+    ['s1', 6],
+    ['s2', 2],
+    ['s3', 0],
+  ] as const) {
+    const rec = record(id);
+    db.prepare(
+      `INSERT INTO subscriptions VALUES (@id, @owner, @kind, @topic, 'active', NULL, @match_json, @channel_json,
+        @webhook_secret, NULL, NULL, @created_at, @updated_at, @resource_json)`,
+    ).run({
+      id,
+      owner: rec.owner,
+      kind: rec.kind,
+      topic: rec.topic,
+      match_json: JSON.stringify(rec.match),
+      channel_json: JSON.stringify(rec.channel),
+      webhook_secret: rec.webhookSecret,
+      created_at: rec.createdAt,
+      updated_at: rec.updatedAt,
+      resource_json: JSON.stringify(rec.resource),
+    });
+    db.prepare('INSERT INTO subscription_counters VALUES (?, ?)').run(id, count);
+  }
+  const note = db.prepare(
+    `INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts, due_at, last_error,
+     created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+  );
+  const rows: [string, number, string, number, string | null][] = [
+    ['s1', 1, 'delivered', 1, null],
+    ['s2', 1, 'delivered', 1, null],
+    ['s1', 2, 'delivered', 1, null],
+    ['s1', 3, 'dead', 7, 'HTTP 500'],
+    ['s1', 4, 'pending', 2, 'HTTP 503'],
+    ['s2', 2, 'delivered', 1, null],
+    ['s1', 5, 'pending', 0, null],
+    ['s1', 6, 'delivered', 1, null],
+  ];
+  for (const [sub, n, state, attempts, lastError] of rows)
+    note.run(sub, n, JSON.stringify(change(`e${n}`, `p${n}`)), state, attempts, RECEIVED, lastError, RECEIVED);
+  db.prepare('INSERT INTO seen_events VALUES (?, ?)').run('e1', RECEIVED);
+  db.close();
+}
+
+describe('SQLite data dir from schema version 2', () => {
+  it('sets each watermark below the lowest pending notification and reads every state as written', async () => {
+    writeVersion2();
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+
+    expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => [n.eventNumber, n.attempts])).toEqual([
+      [4, 2],
+      [5, 0],
+    ]);
+    const states = async (id: string) =>
+      (await store?.notificationsInRange(id, 1, 100, 100))?.map((n) => [n.eventNumber, n.state, n.attempts]);
+    expect(await states('s1')).toEqual([
+      [1, 'delivered', 1],
+      [2, 'delivered', 1],
+      [3, 'dead', 7],
+      [4, 'pending', 2],
+      [5, 'pending', 0],
+      [6, 'delivered', 1],
+    ]);
+    expect(await store.pendingNotifications('s2', 0, 10)).toEqual([]);
+
+    // Deliveries go on from there; a requeued dead letter goes out again; a new event takes number 7.
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 4, state: 'delivered', attempts: 3, dueAt: RECEIVED },
+      { subscriptionId: 's1', eventNumber: 5, state: 'delivered', attempts: 1, dueAt: RECEIVED },
+    ]);
+    expect(await store.subscriptionsWithPending()).toEqual([]);
+    expect(await store.requeueDeadLetters('s1', RECEIVED + 1)).toBe(1);
+    const [fresh] = await store.acceptChanges([item('e7', ['s1'])], RECEIVED + 2);
+    expect(fresh?.notifications.map((n) => n.eventNumber)).toEqual([7]);
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([3, 7]);
+    expect(await states('s1')).toEqual([
+      [1, 'delivered', 1],
+      [2, 'delivered', 1],
+      [3, 'pending', 0],
+      [4, 'delivered', 3],
+      [5, 'delivered', 1],
+      [6, 'delivered', 1],
+      [7, 'pending', 0],
+    ]);
+
+    await store.close();
+    store = undefined;
+    const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
+    try {
+      expect(db.pragma('user_version', { simple: true })).toBe(3);
+      const indexes = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications' ORDER BY name")
+        .all();
+      expect(indexes).toEqual([{ name: 'notifications_key' }]);
+    } finally {
+      db.close();
+    }
+  });
+
+  it('a migrated subscription with nothing pending has its watermark at its counter', async () => {
+    writeVersion2();
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    await store.close();
+    store = undefined;
+    const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
+    try {
+      expect(db.prepare('SELECT * FROM subscription_counters ORDER BY subscription_id').all()).toEqual([
+        { subscription_id: 's1', events_since_start: 6, done_through: 3 },
+        { subscription_id: 's2', events_since_start: 2, done_through: 2 },
+        { subscription_id: 's3', events_since_start: 0, done_through: 0 },
+      ]);
+    } finally {
+      db.close();
+    }
+  });
+});
+
 describe('SQLite data dir from schema version 1', () => {
   it('keeps counters, notifications and seen event ids, and numbering goes on', async () => {
     writeVersion1();
@@ -114,7 +260,7 @@ describe('SQLite data dir from schema version 1', () => {
     store = undefined;
     const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
     try {
-      expect(db.pragma('user_version', { simple: true })).toBe(2);
+      expect(db.pragma('user_version', { simple: true })).toBe(3);
       const columns = (db.pragma('table_info(subscriptions)') as { name: string }[]).map((c) => c.name);
       expect(columns).not.toContain('events_since_start');
       expect(db.prepare("SELECT name FROM sqlite_master WHERE name = 'notifications_v1'").get()).toBeUndefined();

@@ -84,6 +84,13 @@ export interface Store {
   /** Pending notifications of one subscription, oldest event number first. */
   pendingNotifications(subscriptionId: string, afterEventNumber: number, limit: number): Promise<StoredNotification[]>;
   subscriptionsWithPending(): Promise<string[]>;
+  /**
+   * Applies delivery outcomes in the order given. An update's `attempts` counts the attempts made
+   * so far, this one included: one with `attempts: 1` reports a notification's first attempt, so no
+   * outcome of it was recorded before (what lets the embedded store mark such deliveries with a
+   * per-subscription watermark instead of a row write). The `dueAt` of a delivered notification
+   * is not kept by every store.
+   */
   recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void>;
   /** Stored notifications with `from <= eventNumber <= to`, oldest first. */
   notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]>;

@@ -29,6 +29,10 @@ const seen = db.prepare('INSERT OR IGNORE INTO seen_events (event_id, received_a
 const bump = db.prepare("UPDATE subscription_counters SET events_since_start = events_since_start + 1 WHERE subscription_id = ? AND EXISTS (SELECT 1 FROM subscriptions WHERE id = ? AND status IN ('requested', 'active', 'error')) RETURNING events_since_start AS n");
 const insertNote = db.prepare("INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts, due_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)");
 const delivery = db.prepare('UPDATE notifications SET state = ?, attempts = ?, due_at = ?, last_error = ? WHERE subscription_id = ? AND event_number = ?');
+// Each subscription's watermark and counter as the database holds them, for the subscriptions delivery outcomes
+// touched lately: this thread is the store's only writer, so they stay right while its transactions commit. A
+// transaction that fails, and every \`steps\` write (subscriptions, statuses, re-queues), empties it.
+const marks = new Map();
 // items: [eventId, changeJson, k, subscriptionId × k]...; answer per item: -1 (a duplicate), or 1 then k event
 // numbers (0: that subscription no longer collects).
 const accept = db.transaction((items, receivedAt) => {
@@ -42,20 +46,74 @@ const accept = db.transaction((items, receivedAt) => {
       const bumped = bump.get(items[i], items[i]);
       if (bumped === undefined) { out.push(0); continue; }
       insertNote.run(items[i], bumped.n, changeJson, receivedAt, receivedAt);
+      const mark = marks.get(items[i]);
+      if (mark !== undefined) mark.top = bumped.n;
       out.push(bumped.n);
     }
   }
   return out;
 });
-// updates: [subscriptionId, eventNumber, state, attempts, dueAt, lastError | null]...
+// Delivery outcomes. A subscription's notifications are done (delivered or dead) through its watermark
+// subscription_counters.done_through: a row there still in state 'pending' was delivered at its first attempt.
+// The common outcome, a first attempt delivered right after the watermark, only moves the watermark (one narrow
+// counter row per subscription per batch, on pages every event commit dirties anyway) instead of rewriting the row
+// and its index entries. Everything else is written on the row: retries, dead letters, later attempts, and a
+// delivery above a truly pending row (the watermark never passes one). A retry of a number at or below the watermark
+// first lowers the watermark below it, writing the rows it passes as the delivered ones they are.
+const markOf = db.prepare('SELECT done_through AS w, events_since_start AS top FROM subscription_counters WHERE subscription_id = ?');
+const setMark = db.prepare('UPDATE subscription_counters SET done_through = ? WHERE subscription_id = ?');
+const pendingBetween = db.prepare("SELECT 1 FROM notifications WHERE subscription_id = ? AND event_number > ? AND event_number < ? AND state = 'pending' LIMIT 1");
+const materialise = db.prepare("UPDATE notifications SET state = 'delivered', attempts = MAX(attempts, 1) WHERE subscription_id = ? AND event_number > ? AND event_number <= ? AND state = 'pending'");
+// updates: [subscriptionId, eventNumber, state, attempts, dueAt, lastError | null]...; answers the moved watermarks.
 const record = db.transaction((u) => {
-  for (let i = 0; i < u.length; i += 6) delivery.run(u[i + 2], u[i + 3], u[i + 4], u[i + 5], u[i], u[i + 1]);
+  const moved = new Map();
+  for (let i = 0; i < u.length; i += 6) {
+    const sub = u[i], n = u[i + 1], state = u[i + 2], attempts = u[i + 3], lastError = u[i + 5];
+    let mark = moved.get(sub);
+    if (mark === undefined) {
+      const known = marks.get(sub) ?? markOf.get(sub);
+      if (known === undefined) continue; // a deleted subscription: nothing of it is left to record
+      mark = { w: known.w, top: known.top, w0: known.w };
+      moved.set(sub, mark);
+    }
+    if (state === 'pending') {
+      if (n <= mark.w) { materialise.run(sub, n - 1, mark.w); mark.w = n - 1; }
+      delivery.run(state, attempts, u[i + 4], lastError, sub, n);
+      continue;
+    }
+    // (An outcome for a number never taken, above the counter, moves nothing.)
+    const advances = n > mark.w && n <= mark.top && (n === mark.w + 1 || pendingBetween.get(sub, mark.w, n) === undefined);
+    if (!advances || state !== 'delivered' || attempts !== 1 || lastError !== null) delivery.run(state, attempts, u[i + 4], lastError, sub, n);
+    if (advances) mark.w = n;
+  }
+  for (const [sub, mark] of moved) if (mark.w !== mark.w0) setMark.run(mark.w, sub);
+  return moved;
 });
-// Retention, a bounded batch at a time: pending notifications are never purged, and the partial index
-// notifications_expirable lists only the others, so a batch never walks past old pending rows.
-const purgeNotes = db.prepare("DELETE FROM notifications WHERE seq IN (SELECT seq FROM notifications INDEXED BY notifications_expirable WHERE state IN ('delivered', 'dead') AND created_at < ? LIMIT ?)");
+function recordDeliveries(u) {
+  let moved;
+  try { moved = record(u); } catch (err) { marks.clear(); throw err; }
+  if (marks.size > 100000) marks.clear();
+  for (const [sub, mark] of moved) marks.set(sub, { w: mark.w, top: mark.top });
+}
+// Retention, a bounded batch at a time. Notifications are walked in seq order (the order they were received) from
+// a cursor the caller keeps, up to \`limit\` rows or the first one received at or after \`before\`; those done
+// (explicitly, or at or below their subscription's watermark) go, pending ones stay and are walked past.
+const purgeWalk = db.prepare(\`SELECT n.seq, n.event_number, n.state, n.created_at, c.done_through FROM notifications n
+  LEFT JOIN subscription_counters c ON c.subscription_id = n.subscription_id WHERE n.seq > ? ORDER BY n.seq LIMIT ?\`);
+const purgeNote = db.prepare('DELETE FROM notifications WHERE seq = ?');
 const purgeSeen = db.prepare('DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM seen_events WHERE received_at < ? LIMIT ?)');
-const purge = db.transaction((before, limit) => [purgeNotes.run(before, limit).changes, purgeSeen.run(before, limit).changes]);
+// Answers [notifications deleted, event ids deleted, cursor, whether the notifications walk reached its end].
+const purge = db.transaction((after, before, limit) => {
+  const rows = purgeWalk.all(after, limit);
+  let cursor = after, deleted = 0, end = rows.length < limit;
+  for (const r of rows) {
+    if (r.created_at >= before) { end = true; break; }
+    cursor = r.seq;
+    const done = r.state !== 'pending' || (r.done_through !== null && r.event_number <= r.done_through);
+    if (done) deleted += purgeNote.run(r.seq).changes;
+  }
+  return [deleted, purgeSeen.run(before, limit).changes, cursor, end];
+});
 // The store's other writes (subscriptions, statuses, re-queues), rare and small: statements by SQL text,
 // prepared once. steps: [sql, params (array, or object for named ones), 'run' | 'get'].
 const prepared = new Map();
@@ -78,15 +136,18 @@ function withoutFsync(fn) {
 parentPort.on('message', (msg) => {
   try {
     if (msg.op === 'accept') {
-      parentPort.postMessage({ id: msg.id, result: accept(msg.items, msg.receivedAt) });
+      let result;
+      try { result = accept(msg.items, msg.receivedAt); } catch (err) { marks.clear(); throw err; }
+      parentPort.postMessage({ id: msg.id, result });
     } else if (msg.op === 'deliveries') {
       // Delivery states ride on the next durable commit.
-      withoutFsync(() => record(msg.updates));
+      withoutFsync(() => recordDeliveries(msg.updates));
       parentPort.postMessage({ id: msg.id, result: null });
     } else if (msg.op === 'steps') {
+      marks.clear();
       parentPort.postMessage({ id: msg.id, result: steps.immediate(msg.steps) });
     } else if (msg.op === 'purge') {
-      parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.before, msg.limit)) });
+      parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.after, msg.before, msg.limit)) });
     } else if (msg.op === 'ping') {
       db.prepare('SELECT 1').get();
       parentPort.postMessage({ id: msg.id, result: null });
@@ -153,8 +214,8 @@ parentPort.on('message', () => {
 /**
  * Rows per table per purge transaction (so up to 1,000 deletions): ~3 ms of the writer's time, so
  * an event commit waits at most about that long behind one (suite `retention`: commit p50 2.0–2.6
- * ms while 450,000 rows go; 2,000 per batch gave 6.8 ms). The partial index the purge reads lists
- * only purgeable rows, so old pending ones cannot make a batch slower.
+ * ms while 450,000 rows go; 2,000 per batch gave 6.8 ms). Rows walked past (pending ones) count
+ * towards the batch too, so old pending rows ahead cannot make a batch slower.
  */
 const PURGE_BATCH = 500;
 
@@ -274,12 +335,21 @@ export class SqliteWriter {
       throw new RangeError(`purge batch must be a positive integer, not ${batch}`);
     let notifications = 0;
     let eventIds = 0;
+    let after = 0;
+    let walked = false;
     // Aborted or closing: what is left waits for the next purge.
     while (!this.#closing && signal?.aborted !== true) {
-      const [notes, seen] = (await this.#call({ op: 'purge', before, limit: batch })) as [number, number];
+      const [notes, seen, cursor, end] = (await this.#call({ op: 'purge', after, before, limit: batch })) as [
+        number,
+        number,
+        number,
+        boolean,
+      ];
       notifications += notes;
       eventIds += seen;
-      if (notes < batch && seen < batch) break;
+      after = cursor;
+      walked ||= end;
+      if (walked && seen < batch) break;
     }
     return { notifications, eventIds };
   }
