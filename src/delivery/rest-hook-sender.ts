@@ -61,6 +61,11 @@ export class RestHookSender implements Sender {
   readonly #targets = new Map<string, Target>();
   /** Decoded signing keys, per secret. */
   readonly #keys = new Map<string, Buffer>();
+  /**
+   * IP-literal hosts the guard passed. Its verdict on an address is fixed for its life (the
+   * allow-list is read at start-up), so it is asked once per address, not on every attempt.
+   */
+  readonly #vetted = new Set<string>();
 
   constructor(guard: EndpointGuard, clock: Clock, options: { connections?: number; userAgent?: string } = {}) {
     this.#guard = guard;
@@ -88,9 +93,13 @@ export class RestHookSender implements Sender {
     }
     try {
       const target = this.#target(req.endpoint);
-      // Sockets skip `lookup` for IP literals: vet those here, on every attempt, so an
-      // allow-list change applies to endpoints registered before it.
-      if (target.ipLiteral !== undefined) await this.#guard.vet(target.ipLiteral);
+      // Sockets skip `lookup` for IP literals: vet those here, before the first attempt of this
+      // process, so an allow-list changed by a restart applies to endpoints registered before it.
+      const literal = target.ipLiteral;
+      if (literal !== undefined && !this.#vetted.has(literal)) {
+        await this.#guard.vet(literal);
+        this.#vetted.add(literal);
+      }
       const deadline = this.#clock.now() + req.timeoutMs;
       // headersTimeout bounds the wait for the answer; the timer below bounds reading its body.
       // (No AbortSignal per attempt: creating one cost more than signing the request.) Neither
@@ -108,12 +117,17 @@ export class RestHookSender implements Sender {
         headersTimeout: req.timeoutMs,
         bodyTimeout: req.timeoutMs,
       });
-      const timer = setTimeout(
-        () => res.body.destroy(new undiciErrors.BodyTimeoutError()),
-        Math.max(deadline - this.#clock.now(), 0),
-      );
-      await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
-      clearTimeout(timer);
+      if (res.statusCode === 204 || res.headers['content-length'] === '0') {
+        // Nothing to read (the usual answer): no timer to arm.
+        await res.body.dump().catch(() => undefined);
+      } else {
+        const timer = setTimeout(
+          () => res.body.destroy(new undiciErrors.BodyTimeoutError()),
+          Math.max(deadline - this.#clock.now(), 0),
+        );
+        await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
+        clearTimeout(timer);
+      }
       if (res.statusCode >= 200 && res.statusCode < 300) return { ok: true, status: res.statusCode };
       const retryAfterMs = parseRetryAfter(res.headers['retry-after'], this.#clock.now());
       const error =
