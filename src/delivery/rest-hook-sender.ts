@@ -80,11 +80,13 @@ export class RestHookSender implements Sender {
 
   async send(req: WebhookRequest): Promise<SendResult> {
     const timestamp = Math.floor(this.#clock.now() / 1000);
+    // Encoded once: the bytes signed are the bytes sent.
+    const body = Buffer.from(req.body);
     const headers: Record<string, string> = {
       'user-agent': this.#userAgent,
       'webhook-id': req.webhookId,
       'webhook-timestamp': String(timestamp),
-      'webhook-signature': signWithKeys(this.#keysOf(req.secrets), req.webhookId, timestamp, req.body),
+      'webhook-signature': signWithKeys(this.#keysOf(req.secrets), req.webhookId, timestamp, body),
     };
     if (req.contentType !== undefined) headers['content-type'] = req.contentType;
     for (const h of req.headers) {
@@ -113,7 +115,7 @@ export class RestHookSender implements Sender {
         path: target.path,
         method: 'POST',
         headers,
-        body: req.body,
+        body,
         headersTimeout: req.timeoutMs,
         bodyTimeout: req.timeoutMs,
       });

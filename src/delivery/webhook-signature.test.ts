@@ -40,6 +40,14 @@ describe('signWebhook', () => {
     expect(signWebhook([SECRET_A], MESSAGE_ID, 1_700_000_000, BODY)).toBe(`v1,${mac}`);
   });
 
+  it('signs a body given as its UTF-8 bytes as it signs the string, non-ASCII text included', () => {
+    const ts = 1_700_000_000;
+    const text = JSON.stringify({ resourceType: 'Patient', name: [{ text: 'Zoë Ødegård 患者 🩺' }] });
+    const signature = signWebhook([SECRET_A], MESSAGE_ID, ts, Buffer.from(text));
+    expect(signature).toBe(signWebhook([SECRET_A], MESSAGE_ID, ts, text));
+    expect(signature).toBe(new Webhook(SECRET_A).sign(MESSAGE_ID, new Date(ts * 1000), text));
+  });
+
   it('gives two space-separated signatures for two secrets, each verifiable on its own', () => {
     const ts = nowSeconds();
     const signature = signWebhook([SECRET_A, SECRET_B], MESSAGE_ID, ts, BODY);

@@ -11,7 +11,12 @@ export function generateWebhookSecret(): string {
   return `${WEBHOOK_SECRET_PREFIX}${randomBytes(32).toString('base64')}`;
 }
 
-export function signWebhook(secrets: readonly string[], id: string, timestampSeconds: number, body: string): string {
+export function signWebhook(
+  secrets: readonly string[],
+  id: string,
+  timestampSeconds: number,
+  body: string | Buffer,
+): string {
   return signWithKeys(secrets.map(secretKey), id, timestampSeconds, body);
 }
 
@@ -23,12 +28,20 @@ export function secretKey(secret: string): Buffer {
   );
 }
 
-/** `signWebhook` with keys already decoded (a sender keeps them per secret). */
-export function signWithKeys(keys: readonly Buffer[], id: string, timestampSeconds: number, body: string): string {
-  const signed = `${id}.${timestampSeconds}.${body}`;
+/**
+ * `signWebhook` with keys already decoded (a sender keeps them per secret). The body is fed as
+ * it is (the UTF-8 bytes of a string), not joined to the prefix first: no 1–2 KB copy per request.
+ */
+export function signWithKeys(
+  keys: readonly Buffer[],
+  id: string,
+  timestampSeconds: number,
+  body: string | Buffer,
+): string {
+  const prefix = `${id}.${timestampSeconds}.`;
   let out = '';
   for (const key of keys) {
-    const mac = createHmac('sha256', key).update(signed).digest('base64');
+    const mac = createHmac('sha256', key).update(prefix).update(body).digest('base64');
     out += out === '' ? `v1,${mac}` : ` v1,${mac}`;
   }
   return out;
