@@ -203,7 +203,7 @@ describe('SQLite data dir from schema version 2', () => {
       const indexes = db
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications' ORDER BY name")
         .all();
-      expect(indexes).toEqual([{ name: 'notifications_key' }]);
+      expect(indexes).toEqual([{ name: 'notifications_created' }, { name: 'notifications_key' }]);
     } finally {
       db.close();
     }

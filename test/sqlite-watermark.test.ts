@@ -161,6 +161,15 @@ describe('SQLite delivery watermark', () => {
     ]);
   });
 
+  it('purges by time received: a wall clock that jumped ahead for a while holds back only what came meanwhile', async () => {
+    const DAY = 86_400_000;
+    await store.acceptChanges([item('e6', ['s1'])], RECEIVED + 365 * DAY); // the clock a year ahead, then corrected
+    await store.acceptChanges([item('e7', ['s1'])], RECEIVED + 1);
+    await store.recordDeliveries([1, 2, 3, 4, 5, 6, 7].map((n) => delivered('s1', n)));
+    expect(await store.purge(RECEIVED + 8 * DAY)).toEqual({ notifications: 6, eventIds: 6 });
+    expect((await states('s1')).map(([n]) => n)).toEqual([6]);
+  });
+
   it('purges what the watermark marks delivered, and keeps what is pending', async () => {
     await store.recordDeliveries([delivered('s1', 1), delivered('s1', 2), delivered('s1', 4)]);
     expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 3, eventIds: 5 });

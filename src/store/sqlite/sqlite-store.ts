@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS notifications (
   created_at INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscription_id, event_number);
+-- The retention purge's walk, oldest first. Appended to (a commit's rows share one time), never
+-- changed by a delivery; by time rather than by seq, so a wall clock that jumped ahead for a while
+-- delays only the rows received meanwhile, not every row after them.
+CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
 CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
 `;
 
@@ -103,12 +107,14 @@ INSERT INTO notifications (subscription_id, event_number, change_json, state, at
 DROP TABLE notifications_v1;
 `;
 
-/** Version 2 (until 2026-11-27): no watermark, and two partial indexes that followed the states. */
+/**
+ * Version 2 (until 2026-11-27): no watermark, and two partial indexes that followed the states
+ * (early version-2 files have a plain `notifications_created`, which SCHEMA keeps).
+ */
 const MIGRATE_2_TO_3 = `
 ALTER TABLE subscription_counters ADD COLUMN done_through INTEGER NOT NULL DEFAULT 0;
 DROP INDEX IF EXISTS notifications_pending;
 DROP INDEX IF EXISTS notifications_expirable;
-DROP INDEX IF EXISTS notifications_created;
 `;
 
 /**

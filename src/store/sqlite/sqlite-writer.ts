@@ -95,24 +95,31 @@ function recordDeliveries(u) {
   if (marks.size > 100000) marks.clear();
   for (const [sub, mark] of moved) marks.set(sub, { w: mark.w, top: mark.top });
 }
-// Retention, a bounded batch at a time. Notifications are walked in seq order (the order they were received) from
-// a cursor the caller keeps, up to \`limit\` rows or the first one received at or after \`before\`; those done
-// (explicitly, or at or below their subscription's watermark) go, pending ones stay and are walked past.
-const purgeWalk = db.prepare(\`SELECT n.seq, n.event_number, n.state, n.created_at, c.done_through FROM notifications n
-  LEFT JOIN subscription_counters c ON c.subscription_id = n.subscription_id WHERE n.seq > ? ORDER BY n.seq LIMIT ?\`);
+// Retention, a bounded batch at a time. Notifications are walked oldest first through notifications_created, from
+// a (created_at, seq) cursor the caller keeps, up to \`limit\` rows or the first one received at or after \`before\`;
+// those done (on the row, or at or below their subscription's watermark) go, pending ones stay and are walked past.
+// Two statements, so each seeks: the rest of the cursor's time (rows received in the same millisecond, by seq), then
+// the times after it. (A row value \`(created_at, seq) > (?, ?)\` seeks on created_at alone: with many rows of one
+// time, every batch walked again past the pending ones already seen.)
+const PURGE_COLUMNS = \`SELECT n.seq, n.event_number, n.state, n.created_at, c.done_through
+  FROM notifications n INDEXED BY notifications_created
+  LEFT JOIN subscription_counters c ON c.subscription_id = n.subscription_id\`;
+const purgeSameTime = db.prepare(\`\${PURGE_COLUMNS} WHERE n.created_at = @at AND n.created_at < @before AND n.seq > @seq ORDER BY n.seq LIMIT @limit\`);
+const purgeLater = db.prepare(\`\${PURGE_COLUMNS} WHERE n.created_at > @at AND n.created_at < @before ORDER BY n.created_at, n.seq LIMIT @limit\`);
 const purgeNote = db.prepare('DELETE FROM notifications WHERE seq = ?');
 const purgeSeen = db.prepare('DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM seen_events WHERE received_at < ? LIMIT ?)');
-// Answers [notifications deleted, event ids deleted, cursor, whether the notifications walk reached its end].
-const purge = db.transaction((after, before, limit) => {
-  const rows = purgeWalk.all(after, limit);
-  let cursor = after, deleted = 0, end = rows.length < limit;
+// cursor: [created_at, seq] of the last row walked. Answers [notifications deleted, event ids deleted, cursor,
+// whether the walk reached its end].
+const purge = db.transaction((cursor, before, limit) => {
+  let rows = purgeSameTime.all({ at: cursor[0], seq: cursor[1], before, limit });
+  if (rows.length < limit) rows = rows.concat(purgeLater.all({ at: cursor[0], before, limit: limit - rows.length }));
+  let deleted = 0, last = cursor;
   for (const r of rows) {
-    if (r.created_at >= before) { end = true; break; }
-    cursor = r.seq;
+    last = [r.created_at, r.seq];
     const done = r.state !== 'pending' || (r.done_through !== null && r.event_number <= r.done_through);
     if (done) deleted += purgeNote.run(r.seq).changes;
   }
-  return [deleted, purgeSeen.run(before, limit).changes, cursor, end];
+  return [deleted, purgeSeen.run(before, limit).changes, last, rows.length < limit];
 });
 // The store's other writes (subscriptions, statuses, re-queues), rare and small: statements by SQL text,
 // prepared once. steps: [sql, params (array, or object for named ones), 'run' | 'get'].
@@ -147,7 +154,7 @@ parentPort.on('message', (msg) => {
       marks.clear();
       parentPort.postMessage({ id: msg.id, result: steps.immediate(msg.steps) });
     } else if (msg.op === 'purge') {
-      parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.after, msg.before, msg.limit)) });
+      parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.cursor, msg.before, msg.limit)) });
     } else if (msg.op === 'ping') {
       db.prepare('SELECT 1').get();
       parentPort.postMessage({ id: msg.id, result: null });
@@ -335,19 +342,19 @@ export class SqliteWriter {
       throw new RangeError(`purge batch must be a positive integer, not ${batch}`);
     let notifications = 0;
     let eventIds = 0;
-    let after = 0;
+    let cursor: [number, number] = [Number.MIN_SAFE_INTEGER, 0];
     let walked = false;
     // Aborted or closing: what is left waits for the next purge.
     while (!this.#closing && signal?.aborted !== true) {
-      const [notes, seen, cursor, end] = (await this.#call({ op: 'purge', after, before, limit: batch })) as [
+      const [notes, seen, last, end] = (await this.#call({ op: 'purge', cursor, before, limit: batch })) as [
         number,
         number,
-        number,
+        [number, number],
         boolean,
       ];
       notifications += notes;
       eventIds += seen;
-      after = cursor;
+      cursor = last;
       walked ||= end;
       if (walked && seen < batch) break;
     }
