@@ -112,3 +112,87 @@ describe('dispatcher lane reload', () => {
     ]);
   });
 });
+
+describe('dispatcher lane requeue', () => {
+  let receiver: Receiver | undefined;
+  let t: TestBroker | undefined;
+
+  afterEach(async () => {
+    await t?.broker.close(0);
+    await receiver?.close();
+    for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('delivers dead letters requeued while an attempt of the same lane was on the wire', async () => {
+    receiver = await Receiver.start();
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-requeue-'));
+    dirs.push(dir);
+    t = await inProcessBroker({}, { store: new SqliteStore(dir) });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/hook`));
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    // The lane's read at activation is over: nothing reads the store until the next event.
+    await t.broker.dispatcher.idle(5_000);
+    // Number 1: a dead letter (left by an earlier failure; the subscription is active again).
+    const [first] = await t.broker.store.acceptChanges(
+      [{ change: { ...changeOf('dead-1', 'was-dead') }, subscriptionIds: [id] }],
+      Date.now(),
+    );
+    expect(first?.notifications.map((n) => n.eventNumber)).toEqual([1]);
+    await t.broker.store.recordDeliveries([
+      { subscriptionId: id, eventNumber: 1, state: 'dead', attempts: 7, dueAt: Date.now(), lastError: 'HTTP 500' },
+    ]);
+    // Number 2 goes out; the endpoint holds its answer while number 1 is requeued.
+    let onWire = (): void => undefined;
+    const reached = new Promise<void>((resolve) => (onWire = resolve));
+    receiver.respond = (req) => {
+      if (!req.body.includes('event-notification')) return { status: 204 };
+      onWire();
+      return { status: 204, delayMs: 300 };
+    };
+    await t.post(eventLike('healthlake-update-patient', 'live-2', 'live'));
+    await reached;
+    expect(await t.broker.store.requeueDeadLetters(id, Date.now())).toBe(1);
+    t.broker.dispatcher.requeued(id);
+    const events = (): Json[] => receiver!.on('/hook').flatMap((r) => statusOf(JSON.parse(r.body) as Json).events);
+    await receiver.waitFor(() => events().length === 2, 'number 2, then the requeued number 1', 5_000);
+    expect(events().map(focusOf)).toEqual([
+      expect.stringMatching(/\/Patient\/live$/),
+      expect.stringMatching(/\/Patient\/was-dead$/),
+    ]);
+  });
+
+  it('reads again when dead letters were requeued while the lane was reading the store', async () => {
+    receiver = await Receiver.start();
+    const { store, arm } = gatedStore();
+    t = await inProcessBroker({}, { store });
+    // Activation makes the lane read its backlog: that read (nothing) is held once it has read.
+    const gate = arm();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/hook`));
+    const id = sub.id as string;
+    await gate.reached;
+    // Meanwhile number 1 is stored, dead-lettered and requeued.
+    await t.broker.store.acceptChanges([{ change: changeOf('dead-1', 'was-dead'), subscriptionIds: [id] }], Date.now());
+    await t.broker.store.recordDeliveries([
+      { subscriptionId: id, eventNumber: 1, state: 'dead', attempts: 7, dueAt: Date.now(), lastError: 'HTTP 500' },
+    ]);
+    expect(await t.broker.store.requeueDeadLetters(id, Date.now())).toBe(1);
+    t.broker.dispatcher.requeued(id);
+    gate.release();
+    const events = (): Json[] => receiver!.on('/hook').flatMap((r) => statusOf(JSON.parse(r.body) as Json).events);
+    await receiver.waitFor(() => events().length === 1, 'the requeued number 1', 5_000);
+    expect(events().map(focusOf)).toEqual([expect.stringMatching(/\/Patient\/was-dead$/)]);
+  });
+});
+
+function changeOf(eventId: string, resourceId: string) {
+  return {
+    eventId,
+    resourceType: 'Patient',
+    resourceId,
+    interaction: 'update' as const,
+    datastoreId: 'abcdef01234567890abcdef012345678',
+    fhirBase: 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4',
+    time: '2026-01-01T00:00:00.000Z',
+  };
+}

@@ -67,6 +67,11 @@ class Lane {
   timer: NodeJS.Timeout | undefined;
   /** Epoch ms of the last successful request to the endpoint (notification or heartbeat). */
   lastSentAt = 0;
+  /**
+   * Counts rebuilds (`requeued`): an attempt that was on the wire across one records its outcome
+   * but leaves the rebuilt queue and `done` alone (it would lift `done` over the requeued numbers).
+   */
+  generation = 0;
   heartbeat: NodeJS.Timeout | undefined;
 }
 
@@ -299,13 +304,14 @@ export class Dispatcher {
           return;
         }
         const batch = takeDue(lane.queue, sub.channel.maxCount ?? 1, now);
+        const generation = lane.generation;
         const result = await this.#withSlot(sub, () =>
           this.#sendNotifications(
             sub,
             batch.map((q) => q.note),
           ),
         );
-        if (!(await this.#settle(sub, lane, batch, result))) return;
+        if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation))) return;
       }
     } catch (err) {
       if (!(err instanceof LimiterClosedError))
@@ -327,6 +333,7 @@ export class Dispatcher {
     lane.missed = false;
     const rescan = lane.rescan;
     lane.rescan = false;
+    const generation = lane.generation;
     let rows: StoredNotification[];
     try {
       if (rescan) await this.#states.flush();
@@ -334,6 +341,8 @@ export class Dispatcher {
     } finally {
       lane.reloading = false;
     }
+    // Rebuilt (`requeued`) meanwhile: this read may predate the re-queue; the next one will not.
+    if (lane.generation !== generation) return;
     const queued = new Set(lane.queue.map((q) => q.note.eventNumber));
     for (const note of rows) if (!queued.has(note.eventNumber)) lane.queue.push({ note });
     lane.queue.sort((a, b) => a.note.eventNumber - b.note.eventNumber);
@@ -351,6 +360,9 @@ export class Dispatcher {
     lane.queue = [];
     lane.done = 0;
     lane.backlog = true;
+    // An attempt on the wire now records its outcome after this: the read waits for that write.
+    lane.rescan = true;
+    lane.generation++;
   }
 
   /** Write pending delivery states now (before a requeue reads them, for one). */
@@ -358,19 +370,23 @@ export class Dispatcher {
     return this.#states.flush();
   }
 
-  /** Apply an attempt's outcome; true when the lane may go on sending now. */
+  /**
+   * Apply an attempt's outcome; true when the lane may go on sending now. `current`: the lane was
+   * not rebuilt while the attempt was on the wire (else only the outcome is recorded).
+   */
   async #settle(
     sub: SubscriptionRecord,
     lane: Lane,
     batch: QueuedNotification[],
     result: SendResult,
+    current: boolean,
   ): Promise<boolean> {
     const now = this.#clock.now();
     if (result.ok) {
       lane.lastSentAt = now;
-      lane.queue.splice(0, batch.length);
+      if (current) lane.queue.splice(0, batch.length);
       for (const q of batch) {
-        lane.done = Math.max(lane.done, q.note.eventNumber);
+        if (current) lane.done = Math.max(lane.done, q.note.eventNumber);
         this.#states.record({ ...q.note, state: 'delivered', attempts: q.note.attempts + 1, dueAt: now });
         if (q.acceptedAt !== undefined)
           this.#metrics.observe('broker_delivery_latency_seconds', (now - q.acceptedAt) / 1000);
@@ -402,9 +418,9 @@ export class Dispatcher {
     const scheduled = result.permanent ? undefined : nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random());
     const delay = scheduled === undefined ? undefined : Math.max(scheduled, result.retryAfterMs ?? 0);
     if (delay === undefined) {
-      lane.queue.splice(0, batch.length);
+      if (current) lane.queue.splice(0, batch.length);
       for (const q of batch) {
-        lane.done = Math.max(lane.done, q.note.eventNumber);
+        if (current) lane.done = Math.max(lane.done, q.note.eventNumber);
         this.#states.record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
       }
       this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);
@@ -425,10 +441,12 @@ export class Dispatcher {
     const dueAt = now + delay;
     batch.forEach((q, i) => {
       const note: StoredNotification = { ...q.note, attempts, dueAt, lastError: result.error };
-      lane.queue[i] = { ...q, note };
+      if (current) lane.queue[i] = { ...q, note };
       this.#states.record(note);
     });
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
+    // A rebuilt lane reads the retry back from the store (its rescan writes this state first).
+    if (!current) return true;
     if (!this.#closed) lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
     return false;
   }
