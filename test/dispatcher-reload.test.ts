@@ -2,6 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import type { ResourceChange } from '../src/core/types.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import type { Store } from '../src/store/store.js';
 import { eventLike, focusOf, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
@@ -44,16 +45,18 @@ function gatedStore(): { store: Store; arm: () => { reached: Promise<void>; rele
   return { store, arm };
 }
 
+let receiver: Receiver | undefined;
+let t: TestBroker | undefined;
+
+afterEach(async () => {
+  await t?.broker.close(0);
+  await receiver?.close();
+  t = undefined;
+  receiver = undefined;
+  for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+});
+
 describe('dispatcher lane reload', () => {
-  let receiver: Receiver | undefined;
-  let t: TestBroker | undefined;
-
-  afterEach(async () => {
-    await t?.broker.close(0);
-    await receiver?.close();
-    for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
-  });
-
   it('delivers a notification committed while the lane was reading the store', async () => {
     receiver = await Receiver.start();
     const { store, arm } = gatedStore();
@@ -83,20 +86,7 @@ describe('dispatcher lane reload', () => {
     // Another instance sharing the store accepts an event for this subscription (number 1) and
     // leaves it pending, e.g. frozen before it could deliver; this instance's dispatcher never saw it.
     await t.broker.store.acceptChanges(
-      [
-        {
-          change: {
-            eventId: 'other-instance-1',
-            resourceType: 'Patient',
-            resourceId: 'elsewhere',
-            interaction: 'update',
-            datastoreId: 'abcdef01234567890abcdef012345678',
-            fhirBase: 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4',
-            time: '2026-01-01T00:00:00.000Z',
-          },
-          subscriptionIds: [id],
-        },
-      ],
+      [{ change: changeOf('other-instance-1', 'elsewhere'), subscriptionIds: [id] }],
       Date.now(),
     );
     // This instance accepts and delivers number 2.
@@ -114,15 +104,6 @@ describe('dispatcher lane reload', () => {
 });
 
 describe('dispatcher lane requeue', () => {
-  let receiver: Receiver | undefined;
-  let t: TestBroker | undefined;
-
-  afterEach(async () => {
-    await t?.broker.close(0);
-    await receiver?.close();
-    for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
-  });
-
   it('delivers dead letters requeued while an attempt of the same lane was on the wire', async () => {
     receiver = await Receiver.start();
     const dir = mkdtempSync(join(tmpdir(), 'fsb-requeue-'));
@@ -135,7 +116,7 @@ describe('dispatcher lane requeue', () => {
     await t.broker.dispatcher.idle(5_000);
     // Number 1: a dead letter (left by an earlier failure; the subscription is active again).
     const [first] = await t.broker.store.acceptChanges(
-      [{ change: { ...changeOf('dead-1', 'was-dead') }, subscriptionIds: [id] }],
+      [{ change: changeOf('dead-1', 'was-dead'), subscriptionIds: [id] }],
       Date.now(),
     );
     expect(first?.notifications.map((n) => n.eventNumber)).toEqual([1]);
@@ -185,12 +166,13 @@ describe('dispatcher lane requeue', () => {
   });
 });
 
-function changeOf(eventId: string, resourceId: string) {
+/** A Patient update as the ingest path stores it. */
+function changeOf(eventId: string, resourceId: string): ResourceChange {
   return {
     eventId,
     resourceType: 'Patient',
     resourceId,
-    interaction: 'update' as const,
+    interaction: 'update',
     datastoreId: 'abcdef01234567890abcdef012345678',
     fhirBase: 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4',
     time: '2026-01-01T00:00:00.000Z',

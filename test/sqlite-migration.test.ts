@@ -61,6 +61,18 @@ PRAGMA user_version = 2;
 let dir: string;
 let store: SqliteStore | undefined;
 
+/** `check` on the data dir's file, opened read-only (the store closed first). */
+async function onDisk(check: (db: Database.Database) => void): Promise<void> {
+  await store?.close();
+  store = undefined;
+  const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
+  try {
+    check(db);
+  } finally {
+    db.close();
+  }
+}
+
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), 'broker-migration-'));
 });
@@ -195,35 +207,25 @@ describe('SQLite data dir from schema version 2', () => {
       [7, 'pending', 0],
     ]);
 
-    await store.close();
-    store = undefined;
-    const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
-    try {
+    await onDisk((db) => {
       expect(db.pragma('user_version', { simple: true })).toBe(3);
       const indexes = db
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications' ORDER BY name")
         .all();
       expect(indexes).toEqual([{ name: 'notifications_created' }, { name: 'notifications_key' }]);
-    } finally {
-      db.close();
-    }
+    });
   });
 
   it('a migrated subscription with nothing pending has its watermark at its counter', async () => {
     writeVersion2();
     store = new SqliteStore(dir, { synchronous: 'NORMAL' });
-    await store.close();
-    store = undefined;
-    const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
-    try {
+    await onDisk((db) => {
       expect(db.prepare('SELECT * FROM subscription_counters ORDER BY subscription_id').all()).toEqual([
         { subscription_id: 's1', events_since_start: 6, done_through: 3 },
         { subscription_id: 's2', events_since_start: 2, done_through: 2 },
         { subscription_id: 's3', events_since_start: 0, done_through: 0 },
       ]);
-    } finally {
-      db.close();
-    }
+    });
   });
 });
 
@@ -256,17 +258,12 @@ describe('SQLite data dir from schema version 1', () => {
     ]);
     expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(4);
 
-    await store.close();
-    store = undefined;
-    const db = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
-    try {
+    await onDisk((db) => {
       expect(db.pragma('user_version', { simple: true })).toBe(3);
       const columns = (db.pragma('table_info(subscriptions)') as { name: string }[]).map((c) => c.name);
       expect(columns).not.toContain('events_since_start');
       expect(db.prepare("SELECT name FROM sqlite_master WHERE name = 'notifications_v1'").get()).toBeUndefined();
-    } finally {
-      db.close();
-    }
+    });
   });
 
   it('opens a migrated data dir again without migrating twice', async () => {
@@ -278,19 +275,16 @@ describe('SQLite data dir from schema version 1', () => {
     expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([2, 3]);
   });
 
-  it('refuses a data dir written by a newer broker, leaving it untouched', () => {
+  it('refuses a data dir written by a newer broker, leaving it untouched', async () => {
     const db = new Database(join(dir, 'broker.sqlite3'));
     db.exec('CREATE TABLE future (x)');
     db.pragma('user_version = 99');
     db.close();
     expect(() => new SqliteStore(dir, { synchronous: 'NORMAL' })).toThrow(/newer broker \(schema version 99/);
-    const again = new Database(join(dir, 'broker.sqlite3'), { readonly: true });
-    try {
+    await onDisk((again) => {
       expect(again.pragma('user_version', { simple: true })).toBe(99);
       expect(again.pragma('journal_mode', { simple: true })).toBe('delete');
       expect(again.prepare("SELECT name FROM sqlite_master WHERE name = 'subscriptions'").get()).toBeUndefined();
-    } finally {
-      again.close();
-    }
+    });
   });
 });
