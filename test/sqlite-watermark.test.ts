@@ -227,31 +227,25 @@ describe('SQLite delivery watermark against a model', () => {
           // Outcomes of attempts, as lanes report them: mostly the lowest pending number, sometimes a later one
           // (a hand-over race), several subscriptions in one batch.
           const updates: DeliveryUpdate[] = [];
+          // Reports an outcome, and applies it to the model when the number is there (the store ignores the others).
+          const outcome = (s: string, number: number, note: ModelNote | undefined, state: DeliveryState): ModelNote => {
+            const attempts = (note?.attempts ?? 0) + 1;
+            const lastError = state === 'delivered' ? undefined : pick(['HTTP 503', 'timeout']);
+            const error = lastError === undefined ? {} : { lastError };
+            updates.push({ subscriptionId: s, eventNumber: number, state, attempts, dueAt: clock, ...error });
+            const next = { state, attempts, createdAt: note?.createdAt ?? clock, ...error };
+            if (note !== undefined) model.get(s)?.set(number, next);
+            return next;
+          };
           for (const s of subs) {
             const notes = model.get(s) as Map<number, ModelNote>;
             const open = [...notes].filter(([, n]) => n.state === 'pending').sort((x, y) => x[0] - y[0]);
             for (let k = 0; k < 3 && open.length > 0; k++) {
               const at = rnd() < 0.85 || open.length < 2 ? 0 : 1 + Math.floor(rnd() * (open.length - 1));
               const [number, note] = open.splice(at, 1)[0] as [number, ModelNote];
-              const attempts = note.attempts + 1;
               const r = rnd();
               const state: DeliveryState = r < 0.7 ? 'delivered' : r < 0.9 ? 'pending' : 'dead';
-              const lastError = state === 'delivered' ? undefined : pick(['HTTP 503', 'timeout']);
-              updates.push({
-                subscriptionId: s,
-                eventNumber: number,
-                state,
-                attempts,
-                dueAt: clock,
-                ...(lastError === undefined ? {} : { lastError }),
-              });
-              notes.set(number, {
-                state,
-                attempts,
-                createdAt: note.createdAt,
-                ...(lastError === undefined ? {} : { lastError }),
-              });
-              if (state === 'pending') break; // the lane waits for the retry
+              if (outcome(s, number, note, state).state === 'pending') break; // the lane waits for the retry
             }
             if (rnd() < 0.15) {
               // A late outcome for a number already done (a redelivery after a crash), or one for a number not yet
@@ -260,24 +254,7 @@ describe('SQLite delivery watermark against a model', () => {
               const top = Math.max(0, ...notes.keys());
               const [number, note] =
                 known.length > 0 && rnd() < 0.7 ? (pick(known) as [number, ModelNote]) : [top + 1, undefined];
-              const state: DeliveryState = rnd() < 0.5 ? 'delivered' : 'pending';
-              const attempts = (note?.attempts ?? 0) + 1;
-              const lastError = state === 'pending' ? 'HTTP 503' : undefined;
-              updates.push({
-                subscriptionId: s,
-                eventNumber: number,
-                state,
-                attempts,
-                dueAt: clock,
-                ...(lastError === undefined ? {} : { lastError }),
-              });
-              if (note !== undefined)
-                notes.set(number, {
-                  ...(lastError === undefined ? {} : { lastError }),
-                  state,
-                  attempts,
-                  createdAt: note.createdAt,
-                });
+              outcome(s, number, note, rnd() < 0.5 ? 'delivered' : 'pending');
             }
           }
           await store.recordDeliveries(updates);
