@@ -184,18 +184,6 @@ const SQL = {
   deleteNotes: 'DELETE FROM notifications WHERE subscription_id = ?',
   deleteCounter: 'DELETE FROM subscription_counters WHERE subscription_id = ?',
   deleteSub: 'DELETE FROM subscriptions WHERE id = ?',
-  // Re-queueing dead letters: the watermark goes below the lowest of them, and the rows it passes on
-  // the way that it alone marked delivered are marked on the row.
-  requeueMaterialise: `UPDATE notifications SET state = 'delivered', attempts = MAX(attempts, 1)
-    WHERE subscription_id = @id AND state = 'pending'
-    AND event_number > (SELECT MIN(event_number) FROM notifications WHERE subscription_id = @id AND state = 'dead')
-    AND event_number <= (SELECT done_through FROM subscription_counters WHERE subscription_id = @id)`,
-  requeueMark: `UPDATE subscription_counters SET done_through = MIN(done_through,
-    (SELECT MIN(event_number) - 1 FROM notifications WHERE subscription_id = @id AND state = 'dead'))
-    WHERE subscription_id = @id
-    AND EXISTS (SELECT 1 FROM notifications WHERE subscription_id = @id AND state = 'dead')`,
-  requeue: `UPDATE notifications SET state = 'pending', attempts = 0, due_at = @due, last_error = NULL
-    WHERE subscription_id = @id AND state = 'dead'`,
 } as const;
 
 /** A subscription row with its counter. */
@@ -382,12 +370,7 @@ export class SqliteStore implements Store {
   }
 
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
-    const [, , requeued] = await this.#writer.steps([
-      [SQL.requeueMaterialise, { id: subscriptionId }, 'run'],
-      [SQL.requeueMark, { id: subscriptionId }, 'run'],
-      [SQL.requeue, { id: subscriptionId, due: dueAt }, 'run'],
-    ]);
-    return requeued as number;
+    return this.#writer.requeue(subscriptionId, dueAt);
   }
 
   /** On the writer thread, in bounded batches between event commits. */

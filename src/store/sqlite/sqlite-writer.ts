@@ -89,6 +89,21 @@ const record = db.transaction((u) => {
   for (const [sub, mark] of moved) if (mark.w !== mark.w0) setMark.run(mark.w, sub);
   return moved;
 });
+// Re-queueing a subscription's dead letters (durable, like \`steps\`): the watermark goes below the lowest of them,
+// by the same statement a retry below it uses, then they are pending again, due at \`dueAt\`.
+const lowestDead = db.prepare("SELECT MIN(event_number) AS n FROM notifications WHERE subscription_id = ? AND state = 'dead'");
+const requeueDead = db.prepare("UPDATE notifications SET state = 'pending', attempts = 0, due_at = ?, last_error = NULL WHERE subscription_id = ? AND state = 'dead'");
+const requeue = db.transaction((sub, dueAt) => {
+  marks.delete(sub);
+  const dead = lowestDead.get(sub).n;
+  if (dead === null) return 0;
+  const mark = markOf.get(sub);
+  if (mark !== undefined && dead <= mark.w) {
+    materialise.run(sub, dead - 1, mark.w);
+    setMark.run(dead - 1, sub);
+  }
+  return requeueDead.run(dueAt, sub).changes;
+});
 function recordDeliveries(u) {
   let moved;
   try { moved = record(u); } catch (err) { marks.clear(); throw err; }
@@ -153,6 +168,10 @@ parentPort.on('message', (msg) => {
     } else if (msg.op === 'steps') {
       marks.clear();
       parentPort.postMessage({ id: msg.id, result: steps.immediate(msg.steps) });
+    } else if (msg.op === 'requeue') {
+      let result;
+      try { result = requeue.immediate(msg.subscriptionId, msg.dueAt); } catch (err) { marks.clear(); throw err; }
+      parentPort.postMessage({ id: msg.id, result });
     } else if (msg.op === 'purge') {
       parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.cursor, msg.before, msg.limit)) });
     } else if (msg.op === 'ping') {
@@ -326,6 +345,11 @@ export class SqliteWriter {
    */
   async steps(list: readonly Step[]): Promise<unknown[]> {
     return (await this.#call({ op: 'steps', steps: list })) as unknown[];
+  }
+
+  /** Dead letters of a subscription pending again, due at `dueAt`, in one durable transaction; answers how many. */
+  async requeue(subscriptionId: string, dueAt: number): Promise<number> {
+    return (await this.#call({ op: 'requeue', subscriptionId, dueAt })) as number;
   }
 
   /**
