@@ -75,6 +75,12 @@ class Lane {
   heartbeat: NodeJS.Timeout | undefined;
 }
 
+/** `batch`, the head of the lane's queue, is done with (delivered or dead-lettered). */
+function retire(lane: Lane, batch: readonly QueuedNotification[]): void {
+  lane.queue.splice(0, batch.length);
+  for (const q of batch) lane.done = Math.max(lane.done, q.note.eventNumber);
+}
+
 // 1 h: purging is cheap and retention is counted in days.
 const PURGE_INTERVAL_MS = 60 * 60 * 1000;
 
@@ -384,9 +390,8 @@ export class Dispatcher {
     const now = this.#clock.now();
     if (result.ok) {
       lane.lastSentAt = now;
-      if (current) lane.queue.splice(0, batch.length);
+      if (current) retire(lane, batch);
       for (const q of batch) {
-        if (current) lane.done = Math.max(lane.done, q.note.eventNumber);
         this.#states.record({ ...q.note, state: 'delivered', attempts: q.note.attempts + 1, dueAt: now });
         if (q.acceptedAt !== undefined)
           this.#metrics.observe('broker_delivery_latency_seconds', (now - q.acceptedAt) / 1000);
@@ -418,9 +423,8 @@ export class Dispatcher {
     const scheduled = result.permanent ? undefined : nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random());
     const delay = scheduled === undefined ? undefined : Math.max(scheduled, result.retryAfterMs ?? 0);
     if (delay === undefined) {
-      if (current) lane.queue.splice(0, batch.length);
+      if (current) retire(lane, batch);
       for (const q of batch) {
-        if (current) lane.done = Math.max(lane.done, q.note.eventNumber);
         this.#states.record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
       }
       this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);

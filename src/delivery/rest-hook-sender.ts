@@ -119,17 +119,16 @@ export class RestHookSender implements Sender {
         headersTimeout: req.timeoutMs,
         bodyTimeout: req.timeoutMs,
       });
-      if (res.statusCode === 204 || res.headers['content-length'] === '0') {
-        // Nothing to read (the usual answer): no timer to arm.
-        await res.body.dump().catch(() => undefined);
-      } else {
-        const timer = setTimeout(
-          () => res.body.destroy(new undiciErrors.BodyTimeoutError()),
-          Math.max(deadline - this.#clock.now(), 0),
-        );
-        await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
-        clearTimeout(timer);
-      }
+      // Nothing to read (the usual answer): no timer to arm.
+      const empty = res.statusCode === 204 || res.headers['content-length'] === '0';
+      const timer = empty
+        ? undefined
+        : setTimeout(
+            () => res.body.destroy(new undiciErrors.BodyTimeoutError()),
+            Math.max(deadline - this.#clock.now(), 0),
+          );
+      await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
+      clearTimeout(timer);
       if (res.statusCode >= 200 && res.statusCode < 300) return { ok: true, status: res.statusCode };
       const retryAfterMs = parseRetryAfter(res.headers['retry-after'], this.#clock.now());
       const error =
