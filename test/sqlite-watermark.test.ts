@@ -6,6 +6,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { DeliveryState } from '../src/core/types.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import type { DeliveryUpdate } from '../src/store/store.js';
+import { prng } from './support/prng.js';
 import { item, RECEIVED, record, T0 } from './support/store-fixtures.js';
 
 /**
@@ -180,17 +181,6 @@ describe('SQLite delivery watermark', () => {
   });
 });
 
-/** A small seeded generator (mulberry32), so a failure can be replayed. */
-function random(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 interface ModelNote {
   state: DeliveryState;
   attempts: number;
@@ -201,7 +191,7 @@ interface ModelNote {
 describe('SQLite delivery watermark against a model', () => {
   for (const seed of [1, 2, 3, 4, 5, 6]) {
     it(`answers as the model does through random deliveries, retries, late outcomes, dead letters, re-queues, restarts and purges (seed ${seed})`, async () => {
-      const rnd = random(seed);
+      const rnd = prng(seed);
       const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)] as T;
       const subs = ['a', 'b', 'c'];
       for (const s of subs) await store.insertSubscription(record(s));

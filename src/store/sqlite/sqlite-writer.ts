@@ -31,7 +31,8 @@ const insertNote = db.prepare("INSERT INTO notifications (subscription_id, event
 const delivery = db.prepare('UPDATE notifications SET state = ?, attempts = ?, due_at = ?, last_error = ? WHERE subscription_id = ? AND event_number = ?');
 // Each subscription's watermark and counter as the database holds them, for the subscriptions delivery outcomes
 // touched lately: this thread is the store's only writer, so they stay right while its transactions commit. A
-// transaction that fails, and every \`steps\` write (subscriptions, statuses, re-queues), empties it.
+// re-queue drops its subscription's; a transaction that fails, and every \`steps\` write (subscriptions, statuses),
+// empties it.
 const marks = new Map();
 // items: [eventId, changeJson, k, subscriptionId × k]...; answer per item: -1 (a duplicate), or 1 then k event
 // numbers (0: that subscription no longer collects).
