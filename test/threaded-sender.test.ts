@@ -125,6 +125,41 @@ describe('ThreadedSender', () => {
     },
   );
 
+  it('sends a run in order, one request at a time, and ends it at the first failure or after stop', async () => {
+    receiver = await Receiver.start();
+    receiver.respond = (req) => ({ status: req.path === '/r4' ? 503 : 204, delayMs: 5 });
+    sender = new ThreadedSender({
+      threads: 2,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua',
+      connectionsPerOrigin: 32,
+      logger: new RecordingLogger(),
+    });
+    const run = (prefix: string, n: number) =>
+      Array.from({ length: n }, (_, i) =>
+        request(`${receiver?.url}/${prefix}${i + 1}`, { webhookId: `${prefix}-${i + 1}` }),
+      );
+    expect(await sender.sendInOrder(run('r', 6), 60_000)).toEqual([
+      { ok: true, status: 204 },
+      { ok: true, status: 204 },
+      { ok: true, status: 204 },
+      { ok: false, status: 503, error: 'HTTP 503' },
+    ]);
+    const paths = [...receiver.requests, ...receiver.failures].sort((a, b) => a.at - b.at).map((r) => r.path);
+    expect(paths).toEqual(['/r1', '/r2', '/r3', '/r4']);
+
+    // Stopped while the second request of a long run is on the wire: the run ends with it.
+    receiver.respond = (req) => {
+      if (req.path === '/s2') sender?.stop();
+      return { status: 204, delayMs: 50 };
+    };
+    expect(await sender.sendInOrder(run('s', 20), 60_000)).toHaveLength(2);
+    expect(receiver.on('/s3')).toEqual([]);
+    // Both threads got the word: new runs send their first request only.
+    const after = await Promise.all([sender.sendInOrder(run('t', 3), 60_000), sender.sendInOrder(run('u', 3), 60_000)]);
+    expect(after).toEqual([[{ ok: true, status: 204 }], [{ ok: true, status: 204 }]]);
+  });
+
   it('refuses endpoints the allow-list does not cover, in the thread, as permanent', async () => {
     receiver = await Receiver.start();
     sender = new ThreadedSender({

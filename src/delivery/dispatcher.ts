@@ -9,7 +9,7 @@ import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter } from './origin-limiter.js';
-import type { Sender, SendResult } from './rest-hook-sender.js';
+import type { Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
 
 /**
  * Delivers what the outbox holds. It never re-evaluates a subscription's criteria: matching
@@ -88,6 +88,14 @@ const PURGE_INTERVAL_MS = 60 * 60 * 1000;
 const DEFAULT_TIMEOUT_MS = 10_000;
 /** Requests handed to the sender per connection to an origin: one on the wire, one waiting behind it. */
 const HANDOVER_PER_CONNECTION = 2;
+/**
+ * A lane with a backlog hands the sender up to RUN_LENGTH bundles at once, sent one after another
+ * on the sender's side (`sendInOrder`) with no trip back to this thread between them: a backlog
+ * drains ~1.5x faster (bench/README.md). None starts later than RUN_WITHIN_MS into the run, which
+ * bounds how long a status change, a deletion or a shutdown waits for the run to end.
+ */
+const RUN_LENGTH = 16;
+const RUN_WITHIN_MS = 1000;
 
 export class Dispatcher {
   readonly #store: Store;
@@ -249,6 +257,7 @@ export class Dispatcher {
       clearTimeout(lane.heartbeat);
     }
     this.#limiter.close();
+    this.#sender.stop();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
     await this.#states.close();
   }
@@ -309,15 +318,13 @@ export class Dispatcher {
           lane.timer = setTimeout(() => this.#wake(id, false), head.note.dueAt - now);
           return;
         }
-        const batch = takeDue(lane.queue, sub.channel.maxCount ?? 1, now);
+        const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
         const generation = lane.generation;
-        const result = await this.#withSlot(sub, () =>
-          this.#sendNotifications(
-            sub,
-            batch.map((q) => q.note),
-          ),
-        );
-        if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation))) return;
+        const results = await this.#withSlot(sub, () => this.#sendNotifications(sub, batches));
+        for (const [i, result] of results.entries()) {
+          const batch = batches[i] as QueuedNotification[];
+          if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation))) return;
+        }
       }
     } catch (err) {
       if (!(err instanceof LimiterClosedError))
@@ -475,11 +482,33 @@ export class Dispatcher {
     }
   }
 
-  #sendNotifications(sub: SubscriptionRecord, notes: readonly StoredNotification[]): Promise<SendResult> {
-    const first = notes[0]?.eventNumber ?? 0;
-    const last = notes[notes.length - 1]?.eventNumber ?? first;
-    const webhookId = first === last ? `${sub.id}-${first}` : `${sub.id}-${first}-${last}`;
-    return this.#sendBundle(sub, 'event-notification', notes, webhookId);
+  /**
+   * Sends `batches` (each one bundle) in order, each once the one before it was delivered: results
+   * of the bundles attempted, successes then at most one failure.
+   */
+  async #sendNotifications(sub: SubscriptionRecord, batches: readonly QueuedNotification[][]): Promise<SendResult[]> {
+    const bundles = batches.map((batch) => {
+      const notes = batch.map((q) => q.note);
+      const first = notes[0]?.eventNumber ?? 0;
+      const last = notes[notes.length - 1]?.eventNumber ?? first;
+      return { notes, webhookId: first === last ? `${sub.id}-${first}` : `${sub.id}-${first}-${last}` };
+    });
+    if (sub.channel.type === 'websocket') {
+      const results: SendResult[] = [];
+      for (const b of bundles) {
+        const result = await this.#sendBundle(sub, 'event-notification', b.notes, b.webhookId);
+        results.push(result);
+        if (!result.ok) break;
+      }
+      return results;
+    }
+    const requests: WebhookRequest[] = [];
+    for (const b of bundles) {
+      const req = this.#request(sub, 'event-notification', b.notes, b.webhookId);
+      if ('ok' in req) return [req];
+      requests.push(req);
+    }
+    return this.#sender.sendInOrder(requests, RUN_WITHIN_MS);
   }
 
   #sendBundle(
@@ -493,8 +522,19 @@ export class Dispatcher {
       if (ws === undefined) return Promise.resolve({ ok: false, error: 'no websocket channel', permanent: true });
       return ws.deliver(sub, type, notes).then((reached) => ({ ok: true, status: reached }));
     }
+    const req = this.#request(sub, type, notes, webhookId);
+    return 'ok' in req ? Promise.resolve(req) : this.#sender.send(req);
+  }
+
+  /** The signed POST of one bundle to a rest-hook endpoint, or why there is none. */
+  #request(
+    sub: SubscriptionRecord,
+    type: NotificationType,
+    notes: readonly Notification[],
+    webhookId: string,
+  ): WebhookRequest | SendResult {
     const endpoint = sub.channel.endpoint;
-    if (endpoint === undefined) return Promise.resolve({ ok: false, error: 'no endpoint', permanent: true });
+    if (endpoint === undefined) return { ok: false, error: 'no endpoint', permanent: true };
     const lastNumber = notes[notes.length - 1]?.eventNumber;
     // Classic subscriptions without payload get an empty POST, as R4 prescribes.
     const body =
@@ -514,7 +554,7 @@ export class Dispatcher {
             sub.channel.content,
             { fhirBase: this.#opts.fhirBase, newId: this.#newId, timestamp: new Date(this.#clock.now()).toISOString() },
           );
-    return this.#sender.send({
+    return {
       endpoint,
       headers: sub.channel.headers,
       ...(sub.kind === 'classic' ? {} : { contentType: sub.channel.payload ?? 'application/fhir+json' }),
@@ -522,7 +562,7 @@ export class Dispatcher {
       webhookId,
       secrets: this.#registry.signingSecrets(sub),
       timeoutMs: (sub.channel.timeoutSeconds ?? 0) * 1000 || this.#opts.defaultTimeoutMs,
-    });
+    };
   }
 
   /** Runs `fn` within the in-flight caps; local socket writes need no network slot. */
@@ -591,11 +631,27 @@ function originOf(endpoint: string | undefined): string {
   }
 }
 
-function takeDue(queue: readonly QueuedNotification[], max: number, now: number): QueuedNotification[] {
-  const out: QueuedNotification[] = [];
+/**
+ * The due head of the queue as up to `bundles` bundles of up to `max` notifications each, in order:
+ * what one `sendInOrder` run sends.
+ */
+function takeRun(
+  queue: readonly QueuedNotification[],
+  max: number,
+  bundles: number,
+  now: number,
+): QueuedNotification[][] {
+  const out: QueuedNotification[][] = [];
+  let current: QueuedNotification[] = [];
   for (const q of queue) {
-    if (out.length >= max || q.note.dueAt > now) break;
-    out.push(q);
+    if (q.note.dueAt > now) break;
+    if (current.length === max) {
+      out.push(current);
+      if (out.length === bundles) return out;
+      current = [];
+    }
+    current.push(q);
   }
+  if (current.length > 0) out.push(current);
   return out;
 }

@@ -1,4 +1,4 @@
-import { createServer, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Allowlist } from './address-policy.js';
@@ -25,11 +25,11 @@ afterEach(async () => {
   server = undefined;
 });
 
-/** A receiver on 127.0.0.1 answering each request with `answer`. */
-async function receiver(answer: (res: import('node:http').ServerResponse) => void): Promise<string> {
+/** A receiver on 127.0.0.1 answering each request with `answer` once its body is in. */
+async function receiver(answer: (res: ServerResponse, req: IncomingMessage) => void): Promise<string> {
   server = createServer((req, res) => {
     req.resume();
-    req.on('end', () => answer(res));
+    req.on('end', () => answer(res, req));
   });
   await new Promise<void>((resolve) => server?.listen(0, '127.0.0.1', resolve));
   return `http://127.0.0.1:${(server.address() as AddressInfo).port}/hook`;
@@ -92,5 +92,73 @@ describe('RestHookSender', () => {
     // The answer's status came in time: the attempt counts as delivered once the body is given up on.
     expect(await sender.send(request(endless, 300))).toEqual({ ok: true, status: 200 });
     expect(Date.now() - started).toBeGreaterThanOrEqual(250);
+  });
+
+  describe('sendInOrder', () => {
+    /**
+     * A receiver recording webhook-ids in arrival order and the most requests it held at once;
+     * `onRequest` runs at each arrival, and each answer (`status`) comes 5 ms later.
+     */
+    async function orderedReceiver(status: (id: string) => number, onRequest: () => void = () => undefined) {
+      const seen: string[] = [];
+      let held = 0;
+      let peak = 0;
+      const endpoint = await receiver((res, req) => {
+        held++;
+        peak = Math.max(peak, held);
+        const id = String(req.headers['webhook-id']);
+        seen.push(id);
+        onRequest();
+        setTimeout(() => {
+          held--;
+          res.writeHead(status(id)).end();
+        }, 5);
+      });
+      return { endpoint, seen, peak: () => peak };
+    }
+    const run = (endpoint: string, n: number) =>
+      Array.from({ length: n }, (_, i) => ({ ...request(endpoint), webhookId: `w${i + 1}` }));
+
+    it('sends one request at a time, in order, and stops at the first failure', async () => {
+      const r = await orderedReceiver((id) => (id === 'w3' ? 503 : 204));
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);
+      expect(await sender.sendInOrder(run(r.endpoint, 5), 60_000)).toEqual([
+        { ok: true, status: 204 },
+        { ok: true, status: 204 },
+        { ok: false, status: 503, error: 'HTTP 503' },
+      ]);
+      expect(r.seen).toEqual(['w1', 'w2', 'w3']);
+      expect(r.peak()).toBe(1);
+    });
+
+    it('starts no request once withinMs have passed since the run began', async () => {
+      // Each arrival moves this clock a second on: the third request would start at 2 s.
+      let now = 0;
+      const clock = { now: () => now };
+      const r = await orderedReceiver(
+        () => 204,
+        () => {
+          now += 1000;
+        },
+      );
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), clock);
+      expect(await sender.sendInOrder(run(r.endpoint, 5), 1500)).toHaveLength(2);
+      expect(r.seen).toEqual(['w1', 'w2']);
+      // The first request of a run goes out whatever the budget.
+      expect(await sender.sendInOrder(run(r.endpoint, 2), 0)).toEqual([{ ok: true, status: 204 }]);
+    });
+
+    it('after stop, starts no further request of a run, and only the first of a new one', async () => {
+      const r = await orderedReceiver(
+        () => 204,
+        () => {
+          if (r.seen.length === 2) sender?.stop();
+        },
+      );
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);
+      expect(await sender.sendInOrder(run(r.endpoint, 5), 60_000)).toHaveLength(2);
+      expect(r.seen).toEqual(['w1', 'w2']);
+      expect(await sender.sendInOrder(run(r.endpoint, 3), 60_000)).toEqual([{ ok: true, status: 204 }]);
+    });
   });
 });

@@ -38,7 +38,36 @@ export type SendResult =
 
 export interface Sender {
   send(req: WebhookRequest): Promise<SendResult>;
+  /**
+   * Sends `reqs` one after another, each once the one before it succeeded: a subscription's
+   * notifications in order, with no trip back to the caller between them. Answers the results of
+   * the requests attempted, in order: successes, then at most one failure (the run stops there).
+   * The first request is always attempted; no later one starts once `withinMs` have passed since
+   * the run began, or after `stop`.
+   */
+  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number): Promise<SendResult[]>;
+  /** Shutting down: runs in progress start no further request (each answers what it attempted). */
+  stop(): void;
   close(): Promise<void>;
+}
+
+/** `Sender.sendInOrder` over a single-request `send`. */
+export async function sendInOrder(
+  send: (req: WebhookRequest) => Promise<SendResult>,
+  reqs: readonly WebhookRequest[],
+  withinMs: number,
+  clock: Clock,
+  stopped: () => boolean,
+): Promise<SendResult[]> {
+  const results: SendResult[] = [];
+  const until = clock.now() + withinMs;
+  for (const req of reqs) {
+    if (results.length > 0 && (stopped() || clock.now() >= until)) break;
+    const result = await send(req);
+    results.push(result);
+    if (!result.ok) break;
+  }
+  return results;
 }
 
 const MAX_RESPONSE_BYTES = 64 * 1024;
@@ -66,6 +95,7 @@ export class RestHookSender implements Sender {
    * allow-list is read at start-up), so it is asked once per address, not on every attempt.
    */
   readonly #vetted = new Set<string>();
+  #stopped = false;
 
   constructor(guard: EndpointGuard, clock: Clock, options: { connections?: number; userAgent?: string } = {}) {
     this.#guard = guard;
@@ -139,6 +169,20 @@ export class RestHookSender implements Sender {
     } catch (err) {
       return describeFailure(err, req.timeoutMs);
     }
+  }
+
+  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number): Promise<SendResult[]> {
+    return sendInOrder(
+      (req) => this.send(req),
+      reqs,
+      withinMs,
+      this.#clock,
+      () => this.#stopped,
+    );
+  }
+
+  stop(): void {
+    this.#stopped = true;
   }
 
   #keysOf(secrets: readonly string[]): Buffer[] {

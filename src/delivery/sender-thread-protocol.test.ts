@@ -1,38 +1,44 @@
 import { describe, expect, it } from 'vitest';
 import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
-import { decodeRequests, decodeResults, encodeRequest, encodeResult, type Wire } from './sender-thread-protocol.js';
+import { decodeResults, decodeRuns, encodeResults, encodeRun, type Wire } from './sender-thread-protocol.js';
 
 describe('sender thread wire format', () => {
-  it('carries a batch of requests through unchanged, whatever their headers and secrets', () => {
-    const requests: WebhookRequest[] = [
-      {
-        endpoint: 'https://a.example/hook?x=1',
-        headers: ['Authorization: Bearer t', 'X-Two: 2'],
-        contentType: 'application/fhir+json',
-        body: '{"resourceType":"Bundle"}',
-        webhookId: 's1-4',
-        secrets: ['whsec_AAAA', 'whsec_BBBB'],
-        timeoutMs: 10_000,
-      },
-      { endpoint: 'https://b.example/', headers: [], body: '', webhookId: 's2-1', secrets: [], timeoutMs: 1 },
-      {
-        endpoint: 'https://c.example/',
-        headers: ['H: v'],
-        body: 'x',
-        webhookId: 's3-9-12',
-        secrets: ['k'],
-        timeoutMs: 5,
-      },
-    ];
+  it('carries a batch of runs through unchanged, whatever their length, headers and secrets', () => {
+    const a: WebhookRequest = {
+      endpoint: 'https://a.example/hook?x=1',
+      headers: ['Authorization: Bearer t', 'X-Two: 2'],
+      contentType: 'application/fhir+json',
+      body: '{"resourceType":"Bundle"}',
+      webhookId: 's1-4',
+      secrets: ['whsec_AAAA', 'whsec_BBBB'],
+      timeoutMs: 10_000,
+    };
+    const b: WebhookRequest = {
+      endpoint: 'https://b.example/',
+      headers: [],
+      body: '',
+      webhookId: 's2-1',
+      secrets: [],
+      timeoutMs: 1,
+    };
+    const c: WebhookRequest = {
+      endpoint: 'https://c.example/',
+      headers: ['H: v'],
+      body: 'x',
+      webhookId: 's3-9-12',
+      secrets: ['k'],
+      timeoutMs: 5,
+    };
+    const runs: WebhookRequest[][] = [[a], [b, c, a], [c]];
     const wire: Wire = [];
-    for (const [i, r] of requests.entries()) encodeRequest(wire, 100 + i, r);
-    const back: [number, WebhookRequest][] = [];
-    decodeRequests(structuredClone(wire), (id, req) => back.push([id, req]));
-    expect(back).toEqual(requests.map((r, i) => [100 + i, r]));
-    expect('contentType' in (back[1]?.[1] ?? {})).toBe(false);
+    for (const [i, run] of runs.entries()) encodeRun(wire, 100 + i, run, 250 * i);
+    const back: [number, WebhookRequest[], number][] = [];
+    decodeRuns(structuredClone(wire), (id, reqs, withinMs) => back.push([id, reqs, withinMs]));
+    expect(back).toEqual(runs.map((run, i) => [100 + i, run, 250 * i]));
+    expect('contentType' in (back[1]?.[1][0] ?? {})).toBe(false);
   });
 
-  it('carries every shape of result through unchanged', () => {
+  it('carries every shape of result through unchanged, in runs of any length', () => {
     const results: SendResult[] = [
       { ok: true, status: 204 },
       { ok: false, status: 410, error: 'HTTP 410' },
@@ -41,11 +47,15 @@ describe('sender thread wire format', () => {
       { ok: false, error: 'timeout after 10000 ms' },
       { ok: false, error: 'endpoint refused: 10.0.0.1 is a private address', permanent: true },
     ];
+    const ok: SendResult = { ok: true, status: 200 };
+    // One run per shape (alone), then each failure after two successes, as a run ends.
+    const runs = [...results.map((r) => [r]), ...results.slice(1).map((r) => [ok, ok, r])];
     const wire: Wire = [];
-    for (const [i, r] of results.entries()) encodeResult(wire, i + 1, r);
-    const back: [number, SendResult][] = [];
+    for (const [i, run] of runs.entries()) encodeResults(wire, i + 1, run);
+    const back: [number, SendResult[]][] = [];
     decodeResults(structuredClone(wire), (id, r) => back.push([id, r]));
-    expect(back).toEqual(results.map((r, i) => [i + 1, r]));
-    for (const [, r] of back) if (!r.ok && r.status === undefined) expect('status' in r).toBe(false);
+    expect(back).toEqual(runs.map((run, i) => [i + 1, run]));
+    for (const [, run] of back)
+      for (const r of run) if (!r.ok && r.status === undefined) expect('status' in r).toBe(false);
   });
 });

@@ -1,63 +1,88 @@
 import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
 
 /**
- * What crosses between the event loop and a webhook sender thread: batches of requests one way,
- * batches of results the other, each a flat array of strings and numbers. One message per batch
- * (not per request) saves a thread wake-up each; flat arrays clone for a fraction of what objects do.
+ * What crosses between the event loop and a webhook sender thread: batches of runs one way,
+ * batches of their results the other, each a flat array of strings and numbers. One message per
+ * batch (not per request) saves a thread wake-up each; flat arrays clone for a fraction of what
+ * objects do. A run is the requests of `Sender.sendInOrder`: one or more, sent one after another.
  *
- * Request: id, endpoint, contentType | null, body, webhookId, timeoutMs, h, header × h, s, secret × s.
- * Result:  id, ok (1 | 0), status (0: none), error | null, retryAfterMs (-1: none), permanent (1 | 0).
+ * Run:     id, withinMs, n, request × n.
+ * Request: endpoint, contentType | null, body, webhookId, timeoutMs, h, header × h, s, secret × s.
+ * Results: id, n, result × n (n ≥ 1: the requests attempted).
+ * Result:  ok (1 | 0), status (0: none), error | null, retryAfterMs (-1: none), permanent (1 | 0).
+ * Stop:    the string 'stop' instead of an array: start no further request of any run.
  */
 
 export type Wire = (string | number | null)[];
 
-export function encodeRequest(out: Wire, id: number, req: WebhookRequest): void {
-  out.push(id, req.endpoint, req.contentType ?? null, req.body, req.webhookId, req.timeoutMs, req.headers.length);
-  for (const h of req.headers) out.push(h);
-  out.push(req.secrets.length);
-  for (const s of req.secrets) out.push(s);
-}
+export const STOP = 'stop';
 
-export function decodeRequests(wire: Wire, each: (id: number, req: WebhookRequest) => void): void {
-  for (let i = 0; i < wire.length; ) {
-    const id = wire[i] as number;
-    const contentType = wire[i + 2] as string | null;
-    const base = {
-      endpoint: wire[i + 1] as string,
-      body: wire[i + 3] as string,
-      webhookId: wire[i + 4] as string,
-      timeoutMs: wire[i + 5] as number,
-    };
-    const h = wire[i + 6] as number;
-    const headers = wire.slice(i + 7, i + 7 + h) as string[];
-    i += 7 + h;
-    const s = wire[i] as number;
-    const secrets = wire.slice(i + 1, i + 1 + s) as string[];
-    i += 1 + s;
-    each(id, { ...base, headers, secrets, ...(contentType === null ? {} : { contentType }) });
+export function encodeRun(out: Wire, id: number, reqs: readonly WebhookRequest[], withinMs: number): void {
+  out.push(id, withinMs, reqs.length);
+  for (const req of reqs) {
+    out.push(req.endpoint, req.contentType ?? null, req.body, req.webhookId, req.timeoutMs, req.headers.length);
+    for (const h of req.headers) out.push(h);
+    out.push(req.secrets.length);
+    for (const s of req.secrets) out.push(s);
   }
 }
 
-export function encodeResult(out: Wire, id: number, r: SendResult): void {
-  if (r.ok) out.push(id, 1, r.status, null, -1, 0);
-  else out.push(id, 0, r.status ?? 0, r.error, r.retryAfterMs ?? -1, r.permanent === true ? 1 : 0);
+export function decodeRuns(wire: Wire, each: (id: number, reqs: WebhookRequest[], withinMs: number) => void): void {
+  for (let i = 0; i < wire.length; ) {
+    const id = wire[i] as number;
+    const withinMs = wire[i + 1] as number;
+    const n = wire[i + 2] as number;
+    i += 3;
+    const reqs: WebhookRequest[] = [];
+    for (let k = 0; k < n; k++) {
+      const contentType = wire[i + 1] as string | null;
+      const base = {
+        endpoint: wire[i] as string,
+        body: wire[i + 2] as string,
+        webhookId: wire[i + 3] as string,
+        timeoutMs: wire[i + 4] as number,
+      };
+      const h = wire[i + 5] as number;
+      const headers = wire.slice(i + 6, i + 6 + h) as string[];
+      i += 6 + h;
+      const s = wire[i] as number;
+      const secrets = wire.slice(i + 1, i + 1 + s) as string[];
+      i += 1 + s;
+      reqs.push({ ...base, headers, secrets, ...(contentType === null ? {} : { contentType }) });
+    }
+    each(id, reqs, withinMs);
+  }
 }
 
-export function decodeResults(wire: Wire, each: (id: number, result: SendResult) => void): void {
-  for (let i = 0; i < wire.length; i += 6) {
+export function encodeResults(out: Wire, id: number, results: readonly SendResult[]): void {
+  out.push(id, results.length);
+  for (const r of results) {
+    if (r.ok) out.push(1, r.status, null, -1, 0);
+    else out.push(0, r.status ?? 0, r.error, r.retryAfterMs ?? -1, r.permanent === true ? 1 : 0);
+  }
+}
+
+export function decodeResults(wire: Wire, each: (id: number, results: SendResult[]) => void): void {
+  for (let i = 0; i < wire.length; ) {
     const id = wire[i] as number;
-    const status = wire[i + 2] as number;
-    if (wire[i + 1] === 1) {
-      each(id, { ok: true, status });
-      continue;
+    const n = wire[i + 1] as number;
+    i += 2;
+    const results: SendResult[] = [];
+    for (let k = 0; k < n; k++, i += 5) {
+      const status = wire[i + 1] as number;
+      if (wire[i] === 1) {
+        results.push({ ok: true, status });
+        continue;
+      }
+      const retryAfterMs = wire[i + 3] as number;
+      results.push({
+        ok: false,
+        ...(status === 0 ? {} : { status }),
+        error: wire[i + 2] as string,
+        ...(retryAfterMs === -1 ? {} : { retryAfterMs }),
+        ...(wire[i + 4] === 1 ? { permanent: true } : {}),
+      });
     }
-    const retryAfterMs = wire[i + 4] as number;
-    each(id, {
-      ok: false,
-      ...(status === 0 ? {} : { status }),
-      error: wire[i + 3] as string,
-      ...(retryAfterMs === -1 ? {} : { retryAfterMs }),
-      ...(wire[i + 5] === 1 ? { permanent: true } : {}),
-    });
+    each(id, results);
   }
 }

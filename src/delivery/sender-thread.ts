@@ -2,12 +2,12 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { Allowlist } from './address-policy.js';
 import { EndpointGuard, systemResolver } from './endpoint-guard.js';
 import { RestHookSender, type SendResult } from './rest-hook-sender.js';
-import { decodeRequests, encodeResult, type Wire } from './sender-thread-protocol.js';
+import { decodeRuns, encodeResults, STOP, type Wire } from './sender-thread-protocol.js';
 
 /**
  * Entry of a `ThreadedSender` worker: one `RestHookSender` (SSRF guard with the broker's allow-list
- * and the system resolver) taking batches of requests and answering with batches of results: the
- * results that come in during one turn of this thread's loop go back in one message.
+ * and the system resolver) taking batches of runs (`sendInOrder`) and answering with batches of
+ * results: the runs that end during one turn of this thread's loop go back in one message.
  */
 
 const { allowlist, userAgent, connections } = workerData as {
@@ -23,8 +23,8 @@ const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), sy
 let results: Wire = [];
 let scheduled = false;
 
-function answer(id: number, result: SendResult): void {
-  encodeResult(results, id, result);
+function answer(id: number, result: SendResult[]): void {
+  encodeResults(results, id, result);
   if (scheduled) return;
   scheduled = true;
   setImmediate(() => {
@@ -35,12 +35,16 @@ function answer(id: number, result: SendResult): void {
   });
 }
 
-parentPort?.on('message', (wire: Wire) => {
-  decodeRequests(wire, (id, req) => {
+parentPort?.on('message', (wire: Wire | typeof STOP) => {
+  if (wire === STOP) {
+    sender.stop();
+    return;
+  }
+  decodeRuns(wire, (id, reqs, withinMs) => {
     // `send` answers failures as results; anything it throws still gets an answer, and the thread lives on.
     void sender
-      .send(req)
-      .catch((err: unknown) => ({ ok: false as const, error: `sender failed: ${(err as Error).message}` }))
+      .sendInOrder(reqs, withinMs)
+      .catch((err: unknown) => [{ ok: false as const, error: `sender failed: ${(err as Error).message}` }])
       .then((result) => answer(id, result));
   });
 });

@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Logger } from '../observability/logger.js';
 import type { Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
-import { decodeResults, encodeRequest, type Wire } from './sender-thread-protocol.js';
+import { decodeResults, encodeRun, STOP, type Wire } from './sender-thread-protocol.js';
 
 /**
  * A `Sender` whose webhook requests are signed and sent on worker threads, each running its own
@@ -33,7 +33,7 @@ interface Thread {
   worker: Worker;
   /** Exited: started again by the next request (not at once, so a thread that cannot start cannot spin). */
   stopped: boolean;
-  readonly pending: Map<number, (result: SendResult) => void>;
+  readonly pending: Map<number, (results: SendResult[]) => void>;
   /** Requests of this turn, not posted yet. */
   outbox: Wire;
 }
@@ -59,6 +59,8 @@ export class ThreadedSender implements Sender {
   #next = 0;
   #ids = 1;
   #closed = false;
+  /** `stop` was called: a thread started after it is told too. */
+  #stopping = false;
   #scheduled = false;
 
   constructor(options: ThreadedSenderOptions) {
@@ -72,7 +74,11 @@ export class ThreadedSender implements Sender {
   }
 
   send(req: WebhookRequest): Promise<SendResult> {
-    if (this.#closed) return Promise.resolve({ ok: false, error: 'the broker is shutting down' });
+    return this.sendInOrder([req], 0).then((results) => results[0] as SendResult);
+  }
+
+  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number): Promise<SendResult[]> {
+    if (this.#closed) return Promise.resolve([{ ok: false, error: 'the broker is shutting down' }]);
     const index = this.#deal[this.#next] as number;
     this.#next = (this.#next + 1) % this.#deal.length;
     const thread = this.#threads[index] as Thread;
@@ -80,7 +86,7 @@ export class ThreadedSender implements Sender {
     const id = this.#ids++;
     return new Promise((resolve) => {
       thread.pending.set(id, resolve);
-      encodeRequest(thread.outbox, id, req);
+      encodeRun(thread.outbox, id, reqs, withinMs);
       if (!this.#scheduled) {
         this.#scheduled = true;
         setImmediate(() => this.#post());
@@ -97,6 +103,11 @@ export class ThreadedSender implements Sender {
     }
   }
 
+  stop(): void {
+    this.#stopping = true;
+    for (const thread of this.#threads) if (!thread.stopped) thread.worker.postMessage(STOP);
+  }
+
   /** Ends the threads; attempts still in flight are answered as failed (callers give them their grace first). */
   async close(): Promise<void> {
     this.#closed = true;
@@ -108,20 +119,21 @@ export class ThreadedSender implements Sender {
     const connections = this.#shares[index] as number;
     const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent, connections } });
     worker.unref();
+    if (this.#stopping) worker.postMessage(STOP);
     const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map(), outbox: [] };
     thread.worker = worker;
     thread.stopped = false;
     worker.on('message', (wire: Wire) =>
-      decodeResults(wire, (id, result) => {
+      decodeResults(wire, (id, results) => {
         const resolve = thread.pending.get(id);
         thread.pending.delete(id);
-        resolve?.(result);
+        resolve?.(results);
       }),
     );
     worker.on('error', (err) => this.#options.logger.error('webhook sender thread failed', { err }));
     worker.on('exit', (code) => {
       for (const resolve of thread.pending.values()) {
-        resolve({ ok: false, error: `webhook sender thread stopped (exit ${code})` });
+        resolve([{ ok: false, error: `webhook sender thread stopped (exit ${code})` }]);
       }
       thread.pending.clear();
       if (thread.worker === worker) thread.stopped = true;
