@@ -1,6 +1,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { cpus, loadavg } from 'node:os';
 import { createInterface } from 'node:readline';
+import { runCatchup } from './catchup.js';
 import { runDynamodb } from './dynamodb.js';
 import { runFanout } from './fanout.js';
 import { runMatch } from './match.js';
@@ -10,7 +11,7 @@ import { runRetention } from './retention.js';
 import { printTable, type TargetCheck } from './util.js';
 
 /**
- * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `fanout`, `dynamodb`, `retention`) runs one.
+ * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `catchup`, `fanout`, `dynamodb`, `retention`) runs one.
  * Each suite prints its own table; this prints the machine first and the targets last.
  */
 
@@ -18,6 +19,7 @@ const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = {
   match: runMatch,
   pipeline: runPipeline,
   outbox: runOutbox,
+  catchup: runCatchup,
   fanout: runFanout,
   dynamodb: runDynamodb,
   retention: runRetention,
