@@ -51,7 +51,7 @@ import { fmt, median, percentile, printTable, type TargetCheck } from './util.js
 
 const FAIL_EVERY = 10;
 /** Closed-loop client counts (requests in flight). */
-const CLIENTS = [32, 64] as const;
+const CLIENTS = [32, 64, 128] as const;
 /** Bursts per side and client count; the median (by notifications/s) is reported. */
 const BURSTS = 3;
 const RETRY_DELAYS = '200ms,1s,5s,5s,5s,5s';

@@ -11,7 +11,7 @@ import { Pool } from 'undici';
 import { fmt, percentile, printTable, prng, shuffle, type TargetCheck } from './util.js';
 
 /**
- * Suite `pipeline`: the real broker as a child process (`node --import tsx src/main.ts`, embedded
+ * Suite `pipeline`: the real broker as a child process (as `npm start` runs it: `node <flags> --import tsx src/main.ts`, embedded
  * SQLite in a fresh temp dir) fed over HTTP on 127.0.0.1, delivering to a real node:http receiver
  * on 127.0.0.1 that answers 204. Phases:
  *   1. max ingest: bounded closed-loop bursts of single-event and 10-event requests, then the time
@@ -213,6 +213,22 @@ export interface StartOptions {
   readonly nofile?: number;
 }
 
+/**
+ * The Node flags `npm start` runs the broker with (package.json `start`: `node <flags> --import tsx
+ * src/main.ts`), so that the bench measures the process a user runs. The forwarder gets them too:
+ * both sides of a comparison run on the same runtime settings.
+ */
+const START_FLAGS: readonly string[] = (() => {
+  const start = (
+    JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: { start: string } }
+  ).scripts.start
+    .trim()
+    .split(/\s+/);
+  if (start[0] !== 'node' || !start.includes('--import'))
+    throw new Error(`unexpected start script: ${start.join(' ')}`);
+  return start.slice(1, start.indexOf('--import'));
+})();
+
 export function startBroker(dataDir: string, options: StartOptions = {}): Promise<Broker> {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BROKER_') && k !== 'PORT') env[k] = v;
@@ -227,7 +243,7 @@ export function startBroker(dataDir: string, options: StartOptions = {}): Promis
     ...options.env,
   });
   const nodeArgs = process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
-  const args = [...nodeArgs, '--import', 'tsx', options.script ?? 'src/main.ts'];
+  const args = [...START_FLAGS, ...nodeArgs, '--import', 'tsx', options.script ?? 'src/main.ts'];
   const child =
     options.nofile === undefined
       ? spawn(process.execPath, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
