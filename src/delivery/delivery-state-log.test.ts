@@ -1,21 +1,11 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import type { StoredNotification } from '../core/types.js';
 import type { LogLevel } from '../observability/logger.js';
 import type { DeliveryUpdate } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
 
-const note = (eventNumber: number, over: Partial<StoredNotification> = {}): StoredNotification => ({
+const note = (eventNumber: number, over: Partial<DeliveryUpdate> = {}): DeliveryUpdate => ({
   subscriptionId: 's1',
   eventNumber,
-  change: {
-    eventId: `e${eventNumber}`,
-    resourceType: 'Patient',
-    resourceId: 'p1',
-    interaction: 'update',
-    datastoreId: 'ds',
-    fhirBase: 'https://fhir.example.com/r4',
-    time: '2030-01-01T00:00:00.000Z',
-  },
   state: 'delivered',
   attempts: 1,
   dueAt: 1000 + eventNumber,

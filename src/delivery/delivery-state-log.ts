@@ -1,4 +1,3 @@
-import type { StoredNotification } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { DeliveryUpdate, Store } from '../store/store.js';
 
@@ -34,16 +33,9 @@ export class DeliveryStateLog {
   }
 
   /** After `close`, dropped: the store may be closing, and an unrecorded state only means a redelivery. */
-  record(note: StoredNotification): void {
+  record(update: DeliveryUpdate): void {
     if (this.#closed) return;
-    this.#waiting.push({
-      subscriptionId: note.subscriptionId,
-      eventNumber: note.eventNumber,
-      state: note.state,
-      attempts: note.attempts,
-      dueAt: note.dueAt,
-      ...(note.lastError === undefined ? {} : { lastError: note.lastError }),
-    });
+    this.#waiting.push(update);
     if (this.#waiting.length >= this.#batch) void this.flush();
     else this.#timer ??= setTimeout(() => void this.flush(), this.#delayMs);
   }

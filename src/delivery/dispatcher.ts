@@ -55,6 +55,8 @@ class Lane {
   backlog = false;
   /** Highest event number delivered or dead-lettered here: reads of the backlog start above it. */
   done = 0;
+  /** Highest event number put in `queue` since it was last emptied by a rebuild: above it, none is queued. */
+  queuedThrough = 0;
   /**
    * The next backlog read starts from the lowest pending number instead (set by `start`): another
    * instance sharing the store may have left a number below `done` pending.
@@ -195,14 +197,23 @@ export class Dispatcher {
     const touched = new Set<string>();
     for (const n of notifications) {
       const lane = this.#lane(n.subscriptionId);
-      if (n.eventNumber <= lane.done || lane.queue.some((q) => q.note.eventNumber === n.eventNumber)) continue;
+      if (
+        n.eventNumber <= lane.done ||
+        (n.eventNumber <= lane.queuedThrough && lane.queue.some((q) => q.note.eventNumber === n.eventNumber))
+      )
+        continue;
       if (lane.reloading) {
         // A reload is reading the store right now and may or may not see this one: read again after it.
         lane.missed = true;
       } else if (lane.backlog || lane.queue.length >= this.#opts.laneBuffer) {
         lane.backlog = true;
       } else {
-        lane.queue.push({ note: { ...n, state: 'pending', attempts: 0, dueAt: acceptedAt }, acceptedAt });
+        const { subscriptionId, eventNumber, change } = n;
+        lane.queue.push({
+          note: { subscriptionId, eventNumber, change, state: 'pending', attempts: 0, dueAt: acceptedAt },
+          acceptedAt,
+        });
+        lane.queuedThrough = Math.max(lane.queuedThrough, eventNumber);
       }
       touched.add(n.subscriptionId);
     }
@@ -357,7 +368,11 @@ export class Dispatcher {
     // Rebuilt (`requeued`) meanwhile: this read may predate the re-queue; the next one will not.
     if (lane.generation !== generation) return;
     const queued = new Set(lane.queue.map((q) => q.note.eventNumber));
-    for (const note of rows) if (!queued.has(note.eventNumber)) lane.queue.push({ note });
+    for (const note of rows) {
+      if (queued.has(note.eventNumber)) continue;
+      lane.queue.push({ note });
+      lane.queuedThrough = Math.max(lane.queuedThrough, note.eventNumber);
+    }
     lane.queue.sort((a, b) => a.note.eventNumber - b.note.eventNumber);
     lane.backlog = rows.length === this.#opts.laneBuffer || lane.missed;
   }
@@ -371,6 +386,7 @@ export class Dispatcher {
     clearTimeout(lane.timer);
     lane.timer = undefined;
     lane.queue = [];
+    lane.queuedThrough = 0;
     lane.done = 0;
     lane.backlog = true;
     // An attempt on the wire now records its outcome after this: the read waits for that write.
@@ -398,10 +414,17 @@ export class Dispatcher {
     if (result.ok) {
       lane.lastSentAt = now;
       if (current) retire(lane, batch);
-      for (const q of batch) {
-        this.#states.record({ ...q.note, state: 'delivered', attempts: q.note.attempts + 1, dueAt: now });
-        if (q.acceptedAt !== undefined)
-          this.#metrics.observe('broker_delivery_latency_seconds', (now - q.acceptedAt) / 1000);
+      for (const { note, acceptedAt } of batch) {
+        const { subscriptionId, eventNumber } = note;
+        this.#states.record({
+          subscriptionId,
+          eventNumber,
+          state: 'delivered',
+          attempts: note.attempts + 1,
+          dueAt: now,
+        });
+        if (acceptedAt !== undefined)
+          this.#metrics.observe('broker_delivery_latency_seconds', (now - acceptedAt) / 1000);
       }
       this.#metrics.inc('broker_notifications_total', { outcome: 'delivered' }, batch.length);
       return true;
@@ -535,20 +558,14 @@ export class Dispatcher {
   ): WebhookRequest | SendResult {
     const endpoint = sub.channel.endpoint;
     if (endpoint === undefined) return { ok: false, error: 'no endpoint', permanent: true };
-    const lastNumber = notes[notes.length - 1]?.eventNumber;
+    const lastNumber = notes[notes.length - 1]?.eventNumber ?? 0;
     // Classic subscriptions without payload get an empty POST, as R4 prescribes.
     const body =
       sub.kind === 'classic'
         ? ''
         : notificationBundleJson(
-            {
-              id: sub.id,
-              kind: sub.kind,
-              topic: sub.topic,
-              status: sub.status,
-              eventsSinceStart: Math.max(sub.eventsSinceStart, lastNumber ?? 0),
-              ...(sub.error === undefined ? {} : { error: sub.error }),
-            },
+            // The count includes this bundle's events (the registry's may lag behind a restart).
+            lastNumber > sub.eventsSinceStart ? { ...sub, eventsSinceStart: lastNumber } : sub,
             type,
             notes,
             sub.channel.content,
