@@ -17,6 +17,8 @@ export type Wire = (string | number | null)[];
 
 export const STOP = 'stop';
 
+const NONE: readonly string[] = Object.freeze([]);
+
 export function encodeRun(out: Wire, id: number, reqs: readonly WebhookRequest[], withinMs: number): void {
   out.push(id, withinMs, reqs.length);
   for (const req of reqs) {
@@ -36,19 +38,21 @@ export function decodeRuns(wire: Wire, each: (id: number, reqs: WebhookRequest[]
     const reqs: WebhookRequest[] = [];
     for (let k = 0; k < n; k++) {
       const contentType = wire[i + 1] as string | null;
-      const base = {
-        endpoint: wire[i] as string,
-        body: wire[i + 2] as string,
-        webhookId: wire[i + 3] as string,
-        timeoutMs: wire[i + 4] as number,
-      };
+      const endpoint = wire[i] as string;
+      const body = wire[i + 2] as string;
+      const webhookId = wire[i + 3] as string;
+      const timeoutMs = wire[i + 4] as number;
       const h = wire[i + 5] as number;
-      const headers = wire.slice(i + 6, i + 6 + h) as string[];
+      const headers = h === 0 ? NONE : (wire.slice(i + 6, i + 6 + h) as string[]);
       i += 6 + h;
       const s = wire[i] as number;
-      const secrets = wire.slice(i + 1, i + 1 + s) as string[];
+      const secrets = s === 0 ? NONE : (wire.slice(i + 1, i + 1 + s) as string[]);
       i += 1 + s;
-      reqs.push({ ...base, headers, secrets, ...(contentType === null ? {} : { contentType }) });
+      reqs.push(
+        contentType === null
+          ? { endpoint, headers, body, webhookId, secrets, timeoutMs }
+          : { endpoint, headers, contentType, body, webhookId, secrets, timeoutMs },
+      );
     }
     each(id, reqs, withinMs);
   }
