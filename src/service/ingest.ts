@@ -37,6 +37,8 @@ const MAX_IN_FLIGHT = 2;
 
 interface PendingCommit {
   readonly items: readonly AcceptItem[];
+  /** Epoch ms the request came in (the delivery latency histogram starts there). */
+  readonly receivedAt: number;
   readonly resolve: (outcomes: AcceptOutcome[]) => void;
   readonly reject: (err: unknown) => void;
 }
@@ -108,38 +110,35 @@ export class IngestService {
       changes.push(parsed.change);
     });
 
-    const match = await this.#matcher(changes, receivedAt);
+    const match =
+      this.#store.candidatesFor === undefined
+        ? (change: ResourceChange) => this.#registry.match(change, receivedAt)
+        : await this.#storeMatcher(changes, receivedAt);
     const items: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
-    const outcomes = items.length === 0 ? [] : await this.#commit(items);
-    const notifications = outcomes.flatMap((o) => o.notifications);
-    const duplicates = outcomes.filter((o) => o.duplicate).length;
-    await this.#inCommitOrder(async () => {
-      if (this.#store.candidatesFor !== undefined) {
-        // The events are committed: a failed re-read must not turn the answer into an error (the
-        // sender would retry, see duplicates and nothing would enqueue them). Delivery goes on with
-        // the cached records; a subscription not cached yet is picked up by the next resume.
-        await this.#registry.refresh(notifications.map((n) => n.subscriptionId)).catch((err: unknown) => {
-          this.#logger.warn('could not re-read the notified subscriptions; delivering from the cache', {
-            err: err as Error,
-          });
-        });
-      }
-      this.#registry.noteNotifications(notifications);
-      this.#sink.enqueue(notifications, receivedAt);
-    });
+    // Answered once committed and handed to the dispatcher (see `#flush`).
+    const outcomes = items.length === 0 ? [] : await this.#commit(items, receivedAt);
+    let notifications = 0;
+    let duplicates = 0;
+    for (const o of outcomes) {
+      notifications += o.notifications.length;
+      if (o.duplicate) duplicates++;
+    }
 
     const result = { accepted: outcomes.length - duplicates, ignored, duplicates };
     this.#metrics.inc('broker_events_total', { outcome: 'accepted' }, result.accepted);
     this.#metrics.inc('broker_events_total', { outcome: 'ignored' }, result.ignored);
     this.#metrics.inc('broker_events_total', { outcome: 'duplicate' }, result.duplicates);
     if (result.accepted > 0 || duplicates > 0) {
-      this.#logger.debug('events accepted', { ...result, notifications: notifications.length });
+      this.#logger.debug('events accepted', { ...result, notifications });
     }
     return result;
   }
 
-  /** The registry's index, or the store's type index read once per distinct resource type. */
-  async #matcher(changes: readonly ResourceChange[], nowMs: number): Promise<(change: ResourceChange) => string[]> {
+  /** Matching against the store's type index, read once per distinct resource type. */
+  async #storeMatcher(
+    changes: readonly ResourceChange[],
+    nowMs: number,
+  ): Promise<(change: ResourceChange) => string[]> {
     const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
     if (candidatesFor === undefined) return (change) => this.#registry.match(change, nowMs);
     const types = [...new Set(changes.map((c) => c.resourceType))];
@@ -154,8 +153,8 @@ export class IngestService {
   }
 
   /**
-   * Runs the hand-over to the dispatcher of each request in the order its commit was answered (the
-   * order requests reach this call). Without it, a request whose registry refresh (a store read)
+   * Runs the hand-over to the dispatcher of each commit in the order commits were answered (the
+   * order they reach this call). Without it, a commit whose registry refresh (a store read)
    * finished late would enqueue event 4 after event 5 of the same subscription had been delivered,
    * and the lane, which counts delivered numbers, would take 4 for done: left pending in the store.
    */
@@ -165,9 +164,32 @@ export class IngestService {
     return run;
   }
 
-  #commit(items: readonly AcceptItem[]): Promise<AcceptOutcome[]> {
+  /**
+   * The commit's notifications to the registry's counters and the dispatcher's lanes, request by
+   * request (each with its own received time).
+   */
+  async #handOver(batch: readonly PendingCommit[], answers: readonly AcceptOutcome[][]): Promise<void> {
+    const notifications = answers.flatMap((outcomes) => outcomes.flatMap((o) => o.notifications));
+    if (this.#store.candidatesFor !== undefined && notifications.length > 0) {
+      // The events are committed: a failed re-read must not turn the answer into an error (the
+      // sender would retry, see duplicates and nothing would enqueue them). Delivery goes on with
+      // the cached records; a subscription not cached yet is picked up by the next resume.
+      await this.#registry.refresh(notifications.map((n) => n.subscriptionId)).catch((err: unknown) => {
+        this.#logger.warn('could not re-read the notified subscriptions; delivering from the cache', {
+          err: err as Error,
+        });
+      });
+    }
+    this.#registry.noteNotifications(notifications);
+    batch.forEach((p, i) => {
+      const notes = (answers[i] as AcceptOutcome[]).flatMap((o) => o.notifications);
+      if (notes.length > 0) this.#sink.enqueue(notes, p.receivedAt);
+    });
+  }
+
+  #commit(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
     return new Promise((resolve, reject) => {
-      this.#pending.push({ items, resolve, reject });
+      this.#pending.push({ items, receivedAt, resolve, reject });
       this.#schedule();
     });
   }
@@ -187,20 +209,33 @@ export class IngestService {
     const batch = this.#pending;
     this.#pending = [];
     const all = batch.flatMap((p) => p.items);
+    let outcomes: AcceptOutcome[];
     try {
-      const outcomes = await this.#store.acceptChanges(all, this.#clock.now());
-      let offset = 0;
-      for (const p of batch) {
-        p.resolve(outcomes.slice(offset, offset + p.items.length));
-        offset += p.items.length;
-      }
+      outcomes = await this.#store.acceptChanges(all, this.#clock.now());
     } catch (err) {
       this.#logger.error('could not commit events; the senders will retry', { err: err as Error, events: all.length });
       const failure = new BrokerError('STORE_UNAVAILABLE', 'The events could not be stored; retry', { cause: err });
       for (const p of batch) p.reject(failure);
+      return;
     } finally {
       this.#inFlight--;
       if (this.#pending.length > 0) this.#schedule();
     }
+    const answers: AcceptOutcome[][] = [];
+    let offset = 0;
+    for (const p of batch) {
+      answers.push(outcomes.slice(offset, offset + p.items.length));
+      offset += p.items.length;
+    }
+    // One hand-over per commit, then every request of it is answered.
+    try {
+      await this.#inCommitOrder(() => this.#handOver(batch, answers));
+    } catch (err) {
+      for (const p of batch) p.reject(err);
+      return;
+    }
+    batch.forEach((p, i) => {
+      p.resolve(answers[i] as AcceptOutcome[]);
+    });
   }
 }
