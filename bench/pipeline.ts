@@ -8,6 +8,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { Pool } from 'undici';
+import { startNodeFlags } from '../src/start-command.js';
 import { fmt, percentile, printTable, prng, shuffle, type TargetCheck } from './util.js';
 
 /**
@@ -213,21 +214,8 @@ export interface StartOptions {
   readonly nofile?: number;
 }
 
-/**
- * The Node flags `npm start` runs the broker with (package.json `start`: `node <flags> --import tsx
- * src/main.ts`), so that the bench measures the process a user runs. The forwarder gets them too:
- * both sides of a comparison run on the same runtime settings.
- */
-const START_FLAGS: readonly string[] = (() => {
-  const start = (
-    JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: { start: string } }
-  ).scripts.start
-    .trim()
-    .split(/\s+/);
-  if (start[0] !== 'node' || !start.includes('--import'))
-    throw new Error(`unexpected start script: ${start.join(' ')}`);
-  return start.slice(1, start.indexOf('--import'));
-})();
+/** `npm start`'s Node flags: the bench measures the process a user runs, and gives the forwarder the same. */
+const START_FLAGS = startNodeFlags();
 
 export function startBroker(dataDir: string, options: StartOptions = {}): Promise<Broker> {
   const env: NodeJS.ProcessEnv = {};

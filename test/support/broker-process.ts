@@ -3,11 +3,12 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { startNodeFlags } from '../../src/start-command.js';
 import { Waiters } from './waiters.js';
 
 /**
- * Starts the real broker (`node --import tsx src/main.ts`) on port 0 and learns its port from the
- * `listening` log line. Kill it with SIGKILL to simulate a crash, or stop it with SIGTERM.
+ * Starts the real broker as `npm start` runs it (`node <flags> --import tsx src/main.ts`) on port 0
+ * and learns its port from the `listening` log line. Kill it with SIGKILL to simulate a crash, or stop it with SIGTERM.
  */
 
 export const API_KEYS = { alice: 'alice-token-0123456789abcdef', bob: 'bob-token-0123456789abcdef01' } as const;
@@ -35,7 +36,7 @@ export function newDataDir(): string {
 }
 
 export async function startBroker(env: Record<string, string> = {}, dataDir = newDataDir()): Promise<BrokerProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/main.ts'], {
+  const child = spawn(process.execPath, [...startNodeFlags(), '--import', 'tsx', 'src/main.ts'], {
     cwd: process.cwd(),
     env: {
       PATH: process.env.PATH ?? '',

@@ -1,0 +1,23 @@
+import { readFileSync } from 'node:fs';
+
+/**
+ * The Node flags `npm start` runs the broker with: package.json `start` is `node <flags> --import tsx
+ * src/main.ts`. The bench and the tests that start a real broker process read them here, so that
+ * they run the process a user runs.
+ */
+export function startNodeFlags(): string[] {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
+    scripts: { start: string };
+  };
+  return nodeFlagsOf(pkg.scripts.start);
+}
+
+/** The flags of a `node <flags> --import tsx src/main.ts` command line. */
+export function nodeFlagsOf(command: string): string[] {
+  const words = command.trim().split(/\s+/);
+  const tsx = words.indexOf('--import');
+  if (words[0] !== 'node' || tsx === -1 || words[tsx + 1] !== 'tsx' || words[tsx + 2] !== 'src/main.ts') {
+    throw new Error(`expected "node <flags> --import tsx src/main.ts", got: ${command}`);
+  }
+  return words.slice(1, tsx);
+}
