@@ -160,6 +160,36 @@ describe('ThreadedSender', () => {
     expect(after).toEqual([[{ ok: true, status: 204 }], [{ ok: true, status: 204 }]]);
   });
 
+  it('answers a run its thread died in with what the thread saw delivered, then the one it was on, failed', async () => {
+    receiver = await Receiver.start();
+    // The third request of the run is held far longer than the test; its arrival means the thread
+    // took the second answer (and counted it) and moved on.
+    let third = (): void => undefined;
+    const thirdArrived = new Promise<void>((resolve) => (third = resolve));
+    receiver.respond = (req) => {
+      if (req.path !== '/d3') return { status: 204, delayMs: 5 };
+      third();
+      return { status: 204, delayMs: 60_000 };
+    };
+    sender = new ThreadedSender({
+      threads: 1,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua',
+      connectionsPerOrigin: 32,
+      logger: new RecordingLogger(),
+    });
+    const run = Array.from({ length: 5 }, (_, i) => request(`${receiver?.url}/d${i + 1}`, { webhookId: `d-${i + 1}` }));
+    const pending = sender.sendInOrder(run, 60_000);
+    await thirdArrived;
+    await sender.close(); // the thread ends as a crash would end it: no answer
+    expect(receiver.requests.map((r) => r.path)).toEqual(['/d1', '/d2']);
+    expect(await pending).toEqual([
+      { ok: true, status: 204 },
+      { ok: true, status: 204 },
+      { ok: false, error: expect.stringMatching(/^webhook sender thread stopped/) },
+    ]);
+  });
+
   it('refuses endpoints the allow-list does not cover, in the thread, as permanent', async () => {
     receiver = await Receiver.start();
     sender = new ThreadedSender({

@@ -9,7 +9,7 @@ import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter } from './origin-limiter.js';
-import type { Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
+import { type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
 
 /**
  * Delivers what the outbox holds. It never re-evaluates a subscription's criteria: matching
@@ -517,13 +517,12 @@ export class Dispatcher {
       return { notes, webhookId: first === last ? `${sub.id}-${first}` : `${sub.id}-${first}-${last}` };
     });
     if (sub.channel.type === 'websocket') {
-      const results: SendResult[] = [];
-      for (const b of bundles) {
-        const result = await this.#sendBundle(sub, 'event-notification', b.notes, b.webhookId);
-        results.push(result);
-        if (!result.ok) break;
-      }
-      return results;
+      // The same rules as the sender's runs; a push that throws (a store read on AWS) is a failure, retried.
+      const push = (b: (typeof bundles)[number]): Promise<SendResult> =>
+        this.#sendBundle(sub, 'event-notification', b.notes, b.webhookId).catch(
+          (err: unknown): SendResult => ({ ok: false, error: `websocket delivery failed: ${(err as Error).message}` }),
+        );
+      return sendInOrder(push, bundles, RUN_WITHIN_MS, this.#clock, () => this.#closed);
     }
     const requests: WebhookRequest[] = [];
     for (const b of bundles) {

@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Allowlist } from './address-policy.js';
 import { EndpointGuard } from './endpoint-guard.js';
-import { RestHookSender, type WebhookRequest } from './rest-hook-sender.js';
+import { RestHookSender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
 
 /** A guard that counts what it is asked to vet. */
 class CountingGuard extends EndpointGuard {
@@ -159,6 +159,31 @@ describe('RestHookSender', () => {
       expect(await sender.sendInOrder(run(r.endpoint, 5), 60_000)).toHaveLength(2);
       expect(r.seen).toEqual(['w1', 'w2']);
       expect(await sender.sendInOrder(run(r.endpoint, 3), 60_000)).toEqual([{ ok: true, status: 204 }]);
+    });
+
+    it('ends a run at a request whose send throws, keeping what went before, and reports each success', async () => {
+      const seen: [number, number][] = [];
+      const send = async (n: number): Promise<SendResult> => {
+        if (n === 3) throw new Error('boom');
+        return { ok: true, status: 200 + n };
+      };
+      const results = await sendInOrder(
+        send,
+        [1, 2, 3, 4],
+        60_000,
+        Date,
+        () => false,
+        (count, status) => seen.push([count, status]),
+      );
+      expect(results).toEqual([
+        { ok: true, status: 201 },
+        { ok: true, status: 202 },
+        { ok: false, error: 'sender failed: boom' },
+      ]);
+      expect(seen).toEqual([
+        [1, 201],
+        [2, 202],
+      ]);
     });
   });
 });

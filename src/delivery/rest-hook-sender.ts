@@ -51,21 +51,30 @@ export interface Sender {
   close(): Promise<void>;
 }
 
-/** `Sender.sendInOrder` over a single-request `send`. */
-export async function sendInOrder(
-  send: (req: WebhookRequest) => Promise<SendResult>,
-  reqs: readonly WebhookRequest[],
+/**
+ * `Sender.sendInOrder` over a single-request `send`. A `send` that throws ends the run with that
+ * request failed (the ones before it keep their results). `delivered` hears each success as it
+ * comes (how many so far, and its status), for a caller that must know how far a run got should
+ * it never answer.
+ */
+export async function sendInOrder<R>(
+  send: (req: R) => Promise<SendResult>,
+  reqs: readonly R[],
   withinMs: number,
   clock: Clock,
   stopped: () => boolean,
+  delivered?: (count: number, status: number) => void,
 ): Promise<SendResult[]> {
   const results: SendResult[] = [];
   const until = clock.now() + withinMs;
   for (const req of reqs) {
     if (results.length > 0 && (stopped() || clock.now() >= until)) break;
-    const result = await send(req);
+    const result = await send(req).catch(
+      (err: unknown): SendResult => ({ ok: false, error: `sender failed: ${(err as Error).message}` }),
+    );
     results.push(result);
     if (!result.ok) break;
+    delivered?.(results.length, result.status);
   }
   return results;
 }
@@ -171,13 +180,18 @@ export class RestHookSender implements Sender {
     }
   }
 
-  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number): Promise<SendResult[]> {
+  sendInOrder(
+    reqs: readonly WebhookRequest[],
+    withinMs: number,
+    delivered?: (count: number, status: number) => void,
+  ): Promise<SendResult[]> {
     return sendInOrder(
       (req) => this.send(req),
       reqs,
       withinMs,
       this.#clock,
       () => this.#stopped,
+      delivered,
     );
   }
 

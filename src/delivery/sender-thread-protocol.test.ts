@@ -31,11 +31,12 @@ describe('sender thread wire format', () => {
     };
     const runs: WebhookRequest[][] = [[a], [b, c, a], [c]];
     const wire: Wire = [];
-    for (const [i, run] of runs.entries()) encodeRun(wire, 100 + i, run, 250 * i);
-    const back: [number, WebhookRequest[], number][] = [];
-    decodeRuns(structuredClone(wire), (id, reqs, withinMs) => back.push([id, reqs, withinMs]));
-    expect(back).toEqual(runs.map((run, i) => [100 + i, run, 250 * i]));
-    expect('contentType' in (back[1]?.[1][0] ?? {})).toBe(false);
+    const slot = (i: number) => (i === 1 ? -1 : 7 * i);
+    for (const [i, run] of runs.entries()) encodeRun(wire, 100 + i, slot(i), run, 250 * i);
+    const back: [number, number, WebhookRequest[], number][] = [];
+    decodeRuns(structuredClone(wire), (id, s, reqs, withinMs) => back.push([id, s, reqs, withinMs]));
+    expect(back).toEqual(runs.map((run, i) => [100 + i, slot(i), run, 250 * i]));
+    expect('contentType' in (back[1]?.[2][0] ?? {})).toBe(false);
   });
 
   it('carries every shape of result through unchanged, in runs of any length', () => {

@@ -6,7 +6,8 @@ import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
  * batch (not per request) saves a thread wake-up each; flat arrays clone for a fraction of what
  * objects do. A run is the requests of `Sender.sendInOrder`: one or more, sent one after another.
  *
- * Run:     id, withinMs, n, request × n.
+ * Run:     id, slot, withinMs, n, request × n (slot: where the thread counts the run's successes as they come,
+ *          see `ThreadedSender`; -1: none).
  * Request: endpoint, contentType | null, body, webhookId, timeoutMs, h, header × h, s, secret × s.
  * Results: id, n, result × n (n ≥ 1: the requests attempted).
  * Result:  ok (1 | 0), status (0: none), error | null, retryAfterMs (-1: none), permanent (1 | 0).
@@ -19,8 +20,14 @@ export const STOP = 'stop';
 
 const NONE: readonly string[] = Object.freeze([]);
 
-export function encodeRun(out: Wire, id: number, reqs: readonly WebhookRequest[], withinMs: number): void {
-  out.push(id, withinMs, reqs.length);
+export function encodeRun(
+  out: Wire,
+  id: number,
+  slot: number,
+  reqs: readonly WebhookRequest[],
+  withinMs: number,
+): void {
+  out.push(id, slot, withinMs, reqs.length);
   for (const req of reqs) {
     out.push(req.endpoint, req.contentType ?? null, req.body, req.webhookId, req.timeoutMs, req.headers.length);
     for (const h of req.headers) out.push(h);
@@ -29,12 +36,16 @@ export function encodeRun(out: Wire, id: number, reqs: readonly WebhookRequest[]
   }
 }
 
-export function decodeRuns(wire: Wire, each: (id: number, reqs: WebhookRequest[], withinMs: number) => void): void {
+export function decodeRuns(
+  wire: Wire,
+  each: (id: number, slot: number, reqs: WebhookRequest[], withinMs: number) => void,
+): void {
   for (let i = 0; i < wire.length; ) {
     const id = wire[i] as number;
-    const withinMs = wire[i + 1] as number;
-    const n = wire[i + 2] as number;
-    i += 3;
+    const slot = wire[i + 1] as number;
+    const withinMs = wire[i + 2] as number;
+    const n = wire[i + 3] as number;
+    i += 4;
     const reqs: WebhookRequest[] = [];
     for (let k = 0; k < n; k++) {
       const contentType = wire[i + 1] as string | null;
@@ -54,7 +65,7 @@ export function decodeRuns(wire: Wire, each: (id: number, reqs: WebhookRequest[]
           : { endpoint, headers, contentType, body, webhookId, secrets, timeoutMs },
       );
     }
-    each(id, reqs, withinMs);
+    each(id, slot, reqs, withinMs);
   }
 }
 

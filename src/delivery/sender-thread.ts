@@ -10,11 +10,14 @@ import { decodeRuns, encodeResults, STOP, type Wire } from './sender-thread-prot
  * results: the runs that end during one turn of this thread's loop go back in one message.
  */
 
-const { allowlist, userAgent, connections } = workerData as {
+const { allowlist, userAgent, connections, progress } = workerData as {
   allowlist: readonly string[];
   userAgent: string;
   connections: number;
+  /** Per run slot: [successes so far, status of the last one] (see `ThreadedSender`). */
+  progress: SharedArrayBuffer;
 };
+const counts = new Int32Array(progress);
 const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), systemResolver), Date, {
   userAgent,
   connections,
@@ -40,10 +43,17 @@ parentPort?.on('message', (wire: Wire | typeof STOP) => {
     sender.stop();
     return;
   }
-  decodeRuns(wire, (id, reqs, withinMs) => {
+  decodeRuns(wire, (id, slot, reqs, withinMs) => {
+    const delivered =
+      slot < 0
+        ? undefined
+        : (count: number, status: number) => {
+            Atomics.store(counts, 2 * slot + 1, status);
+            Atomics.store(counts, 2 * slot, count);
+          };
     // `send` answers failures as results; anything it throws still gets an answer, and the thread lives on.
     void sender
-      .sendInOrder(reqs, withinMs)
+      .sendInOrder(reqs, withinMs, delivered)
       .catch((err: unknown) => [{ ok: false as const, error: `sender failed: ${(err as Error).message}` }])
       .then((result) => answer(id, result));
   });

@@ -29,14 +29,32 @@ export interface ThreadedSenderOptions {
   readonly logger: Logger;
 }
 
+interface Run {
+  readonly resolve: (results: SendResult[]) => void;
+  /** Its slot in `progress`, or -1. */
+  readonly slot: number;
+  readonly length: number;
+}
+
 interface Thread {
   worker: Worker;
   /** Exited: started again by the next request (not at once, so a thread that cannot start cannot spin). */
   stopped: boolean;
-  readonly pending: Map<number, (results: SendResult[]) => void>;
+  readonly pending: Map<number, Run>;
   /** Requests of this turn, not posted yet. */
   outbox: Wire;
+  /**
+   * Shared with the thread: per run slot, [successes so far, status of the last one], written by the
+   * thread as each request of a run succeeds. A thread that dies mid-run never answers; this says
+   * how far its runs got, so what was delivered is not charged with the failure and sent again.
+   */
+  readonly progress: Int32Array;
+  /** Slots not in use. */
+  readonly free: number[];
 }
+
+/** Progress slots per thread: more than the runs the dispatcher ever has in flight (512 by default). */
+const SLOTS = 1024;
 
 /** The worker's entry, next to this file (`.ts` under tsx, `.js` once compiled). */
 const ENTRY = new URL(`./sender-thread${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url);
@@ -84,9 +102,11 @@ export class ThreadedSender implements Sender {
     const thread = this.#threads[index] as Thread;
     if (thread.stopped) this.#start(index);
     const id = this.#ids++;
+    const slot = thread.free.pop() ?? -1;
+    if (slot >= 0) Atomics.store(thread.progress, 2 * slot, 0);
     return new Promise((resolve) => {
-      thread.pending.set(id, resolve);
-      encodeRun(thread.outbox, id, reqs, withinMs);
+      thread.pending.set(id, { resolve, slot, length: reqs.length });
+      encodeRun(thread.outbox, id, slot, reqs, withinMs);
       if (!this.#scheduled) {
         this.#scheduled = true;
         setImmediate(() => this.#post());
@@ -117,23 +137,43 @@ export class ThreadedSender implements Sender {
   #start(index: number): Thread {
     const { allowlist, userAgent } = this.#options;
     const connections = this.#shares[index] as number;
-    const worker = new Worker(workerSource(), { eval: true, workerData: { allowlist, userAgent, connections } });
+    const existing = this.#threads[index];
+    const progress = existing?.progress ?? new Int32Array(new SharedArrayBuffer(2 * SLOTS * 4));
+    const worker = new Worker(workerSource(), {
+      eval: true,
+      workerData: { allowlist, userAgent, connections, progress: progress.buffer },
+    });
     worker.unref();
     if (this.#stopping) worker.postMessage(STOP);
-    const thread: Thread = this.#threads[index] ?? { worker, stopped: false, pending: new Map(), outbox: [] };
+    const thread: Thread = existing ?? {
+      worker,
+      stopped: false,
+      pending: new Map(),
+      outbox: [],
+      progress,
+      free: Array.from({ length: SLOTS }, (_, i) => SLOTS - 1 - i),
+    };
     thread.worker = worker;
     thread.stopped = false;
     worker.on('message', (wire: Wire) =>
       decodeResults(wire, (id, results) => {
-        const resolve = thread.pending.get(id);
+        const run = thread.pending.get(id);
+        if (run === undefined) return;
         thread.pending.delete(id);
-        resolve?.(results);
+        if (run.slot >= 0) thread.free.push(run.slot);
+        run.resolve(results);
       }),
     );
     worker.on('error', (err) => this.#options.logger.error('webhook sender thread failed', { err }));
     worker.on('exit', (code) => {
-      for (const resolve of thread.pending.values()) {
-        resolve([{ ok: false, error: `webhook sender thread stopped (exit ${code})` }]);
+      // Each run: the requests the thread saw succeed, then the one it was on, failed.
+      for (const run of thread.pending.values()) {
+        const count = run.slot < 0 ? 0 : Atomics.load(thread.progress, 2 * run.slot);
+        const status = run.slot < 0 ? 0 : Atomics.load(thread.progress, 2 * run.slot + 1);
+        const results: SendResult[] = Array.from({ length: count }, () => ({ ok: true, status }));
+        if (count < run.length) results.push({ ok: false, error: `webhook sender thread stopped (exit ${code})` });
+        if (run.slot >= 0) thread.free.push(run.slot);
+        run.resolve(results);
       }
       thread.pending.clear();
       if (thread.worker === worker) thread.stopped = true;
