@@ -135,4 +135,41 @@ describe('delivery runs', () => {
     await receiver.waitFor(() => delivered(receiver, '/stop').length >= 30, 'the rest after the restart', 10_000);
     expect(delivered(receiver, '/stop')).toEqual(range(30));
   });
+
+  it('puts a notification whose last attempt fails during a re-activation back with the re-queued ones', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    // Two attempts in all (one retry).
+    const t = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_RETRY_DELAYS: '30ms' });
+    cleanups.push(() => t.broker.close(0));
+    const created = await t.create(topicSubscription('patient-change', `${receiver.url}/reactivated`));
+    const id = created.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    // First attempt: 503. The last one: the client asks for the subscription again (PUT requested)
+    // while it is on the wire, then it fails too. Every later attempt succeeds.
+    let attempts = 0;
+    let put: Promise<unknown> | undefined;
+    receiver.respond = (req) => {
+      if (!req.body.includes('"event-notification"')) return { status: 204 };
+      attempts++;
+      if (attempts === 1) return { status: 503 };
+      if (attempts === 2) {
+        put = t.call('PUT', `/fhir/Subscription/${id}`, {
+          ...topicSubscription('patient-change', `${receiver.url}/reactivated`),
+          id,
+          status: 'requested',
+        });
+        return { status: 503, delayMs: 300 };
+      }
+      return { status: 204 };
+    };
+    await t.post([eventLike('healthlake-update-patient', 'reactivated-1', 'p-reactivated')]);
+    await receiver.waitFor(() => delivered(receiver, '/reactivated').length === 1, 'the notification', 10_000);
+    expect(await put).toMatchObject({ status: 200 });
+    expect(delivered(receiver, '/reactivated')).toEqual([1]);
+    await t.logger.waitForStatus(id, 'active');
+    expect(t.broker.metrics.value('broker_notifications_total', { outcome: 'dead-lettered' })).toBe(0);
+  });
 });

@@ -452,8 +452,27 @@ export class Dispatcher {
     // Retry-After may ask for a longer pause, never for more attempts or a shorter one.
     const scheduled = result.permanent ? undefined : nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random());
     const delay = scheduled === undefined ? undefined : Math.max(scheduled, result.retryAfterMs ?? 0);
+    if (delay === undefined && !current) {
+      // The client re-activated the subscription while this last attempt was on the wire, and the
+      // re-activation put its dead letters back in the queue: this one goes back with them rather
+      // than die after them (it would stay dead until the next re-activation). The rebuilt lane
+      // reads it from the store, after this state (its rescan writes what is waiting first).
+      for (const { note } of batch) {
+        const { subscriptionId, eventNumber } = note;
+        this.#states.record({
+          subscriptionId,
+          eventNumber,
+          state: 'pending',
+          attempts: 0,
+          dueAt: now,
+          lastError: result.error,
+        });
+      }
+      this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
+      return true;
+    }
     if (delay === undefined) {
-      if (current) retire(lane, batch);
+      retire(lane, batch);
       for (const q of batch) {
         this.#states.record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
       }
