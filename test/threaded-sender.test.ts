@@ -40,6 +40,16 @@ describe('dealingOrder', () => {
   });
 });
 
+/** One sender thread, 32 connections per origin, the given allow-list. */
+const oneThread = (allowlist: readonly string[] = ['127.0.0.1']): ThreadedSender =>
+  new ThreadedSender({
+    threads: 1,
+    allowlist,
+    userAgent: 'ua',
+    connectionsPerOrigin: 32,
+    logger: new RecordingLogger(),
+  });
+
 describe('ThreadedSender', () => {
   let sender: ThreadedSender | undefined;
   let receiver: Receiver | undefined;
@@ -171,13 +181,7 @@ describe('ThreadedSender', () => {
       third();
       return { status: 204, delayMs: 60_000 };
     };
-    sender = new ThreadedSender({
-      threads: 1,
-      allowlist: ['127.0.0.1'],
-      userAgent: 'ua',
-      connectionsPerOrigin: 32,
-      logger: new RecordingLogger(),
-    });
+    sender = oneThread();
     const run = Array.from({ length: 5 }, (_, i) => request(`${receiver?.url}/d${i + 1}`, { webhookId: `d-${i + 1}` }));
     const pending = sender.sendInOrder(run, 60_000);
     await thirdArrived;
@@ -192,13 +196,7 @@ describe('ThreadedSender', () => {
 
   it('refuses endpoints the allow-list does not cover, in the thread, as permanent', async () => {
     receiver = await Receiver.start();
-    sender = new ThreadedSender({
-      threads: 1,
-      allowlist: [],
-      userAgent: 'ua',
-      connectionsPerOrigin: 32,
-      logger: new RecordingLogger(),
-    });
+    sender = oneThread([]);
     const result = await sender.send(request(`${receiver.url}/private`));
     expect(result).toMatchObject({ ok: false, permanent: true });
     expect((result as { error: string }).error).toMatch(/^endpoint refused: /);
@@ -207,13 +205,7 @@ describe('ThreadedSender', () => {
 
   it('answers a request its sender throws on, and keeps serving', async () => {
     receiver = await Receiver.start();
-    sender = new ThreadedSender({
-      threads: 1,
-      allowlist: ['127.0.0.1'],
-      userAgent: 'ua',
-      connectionsPerOrigin: 32,
-      logger: new RecordingLogger(),
-    });
+    sender = oneThread();
     const broken = { ...request(`${receiver.url}/x`), secrets: [42] } as unknown as WebhookRequest;
     expect(await sender.send(broken)).toMatchObject({ ok: false, error: expect.stringMatching(/^sender failed: /) });
     expect(await sender.send(request(`${receiver.url}/after`))).toEqual({ ok: true, status: 204 });
@@ -222,13 +214,7 @@ describe('ThreadedSender', () => {
   it('answers requests as failed when the broker shuts it down, instead of leaving them hanging', async () => {
     receiver = await Receiver.start();
     receiver.respond = () => ({ status: 204, delayMs: 5000 });
-    sender = new ThreadedSender({
-      threads: 1,
-      allowlist: ['127.0.0.1'],
-      userAgent: 'ua',
-      connectionsPerOrigin: 32,
-      logger: new RecordingLogger(),
-    });
+    sender = oneThread();
     const pending = sender.send(request(`${receiver.url}/slow`));
     await new Promise((resolve) => setTimeout(resolve, 300));
     await sender.close();
