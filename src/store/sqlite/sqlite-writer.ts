@@ -105,9 +105,12 @@ const requeue = db.transaction((sub, dueAt) => {
   }
   return requeueDead.run(dueAt, sub).changes;
 });
+// A transaction that failed may have left the cached watermarks ahead of the database: forget them all.
+function forgettingMarksOnFailure(fn) {
+  try { return fn(); } catch (err) { marks.clear(); throw err; }
+}
 function recordDeliveries(u) {
-  let moved;
-  try { moved = record(u); } catch (err) { marks.clear(); throw err; }
+  const moved = forgettingMarksOnFailure(() => record(u));
   if (marks.size > 100000) marks.clear();
   for (const [sub, mark] of moved) marks.set(sub, { w: mark.w, top: mark.top });
 }
@@ -159,9 +162,7 @@ function withoutFsync(fn) {
 parentPort.on('message', (msg) => {
   try {
     if (msg.op === 'accept') {
-      let result;
-      try { result = accept(msg.items, msg.receivedAt); } catch (err) { marks.clear(); throw err; }
-      parentPort.postMessage({ id: msg.id, result });
+      parentPort.postMessage({ id: msg.id, result: forgettingMarksOnFailure(() => accept(msg.items, msg.receivedAt)) });
     } else if (msg.op === 'deliveries') {
       // Delivery states ride on the next durable commit.
       withoutFsync(() => recordDeliveries(msg.updates));
@@ -170,8 +171,7 @@ parentPort.on('message', (msg) => {
       marks.clear();
       parentPort.postMessage({ id: msg.id, result: steps.immediate(msg.steps) });
     } else if (msg.op === 'requeue') {
-      let result;
-      try { result = requeue.immediate(msg.subscriptionId, msg.dueAt); } catch (err) { marks.clear(); throw err; }
+      const result = forgettingMarksOnFailure(() => requeue.immediate(msg.subscriptionId, msg.dueAt));
       parentPort.postMessage({ id: msg.id, result });
     } else if (msg.op === 'purge') {
       parentPort.postMessage({ id: msg.id, result: withoutFsync(() => purge(msg.cursor, msg.before, msg.limit)) });
