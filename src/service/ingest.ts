@@ -110,10 +110,11 @@ export class IngestService {
       changes.push(parsed.change);
     });
 
+    const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
     const match =
-      this.#store.candidatesFor === undefined
+      candidatesFor === undefined
         ? (change: ResourceChange) => this.#registry.match(change, receivedAt)
-        : await this.#storeMatcher(changes, receivedAt);
+        : await this.#storeMatcher(candidatesFor, changes, receivedAt);
     const items: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
     // Answered once committed and handed to the dispatcher (see `#flush`).
     const outcomes = items.length === 0 ? [] : await this.#commit(items, receivedAt);
@@ -136,11 +137,10 @@ export class IngestService {
 
   /** Matching against the store's type index, read once per distinct resource type. */
   async #storeMatcher(
+    candidatesFor: NonNullable<Store['candidatesFor']>,
     changes: readonly ResourceChange[],
     nowMs: number,
   ): Promise<(change: ResourceChange) => string[]> {
-    const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
-    if (candidatesFor === undefined) return (change) => this.#registry.match(change, nowMs);
     const types = [...new Set(changes.map((c) => c.resourceType))];
     let candidates: Map<string, readonly MatchCandidate[]>;
     try {
@@ -169,7 +169,8 @@ export class IngestService {
    * request (each with its own received time).
    */
   async #handOver(batch: readonly PendingCommit[], answers: readonly AcceptOutcome[][]): Promise<void> {
-    const notifications = answers.flatMap((outcomes) => outcomes.flatMap((o) => o.notifications));
+    const perRequest = answers.map((outcomes) => outcomes.flatMap((o) => o.notifications));
+    const notifications = perRequest.flat();
     if (this.#store.candidatesFor !== undefined && notifications.length > 0) {
       // The events are committed: a failed re-read must not turn the answer into an error (the
       // sender would retry, see duplicates and nothing would enqueue them). Delivery goes on with
@@ -182,7 +183,7 @@ export class IngestService {
     }
     this.#registry.noteNotifications(notifications);
     batch.forEach((p, i) => {
-      const notes = (answers[i] as AcceptOutcome[]).flatMap((o) => o.notifications);
+      const notes = perRequest[i] as Notification[];
       if (notes.length > 0) this.#sink.enqueue(notes, p.receivedAt);
     });
   }
