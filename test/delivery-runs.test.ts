@@ -4,7 +4,13 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Allowlist } from '../src/delivery/address-policy.js';
 import { EndpointGuard } from '../src/delivery/endpoint-guard.js';
-import { RestHookSender, type Sender, type SendResult, type WebhookRequest } from '../src/delivery/rest-hook-sender.js';
+import {
+  RestHookSender,
+  type RunStop,
+  type Sender,
+  type SendResult,
+  type WebhookRequest,
+} from '../src/delivery/rest-hook-sender.js';
 import { eventLike, eventNumbers, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
@@ -23,9 +29,9 @@ class NotingSender implements Sender {
   send(req: WebhookRequest): Promise<SendResult> {
     return this.#inner.send(req);
   }
-  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number): Promise<SendResult[]> {
+  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number, run?: RunStop): Promise<SendResult[]> {
     this.runs.push(reqs.length);
-    return this.#inner.sendInOrder(reqs, withinMs);
+    return this.#inner.sendInOrder(reqs, withinMs, run);
   }
   stop(): void {
     this.#inner.stop();
@@ -134,6 +140,94 @@ describe('delivery runs', () => {
     await start(dir, new NotingSender());
     await receiver.waitFor(() => delivered(receiver, '/stop').length >= 30, 'the rest after the restart', 10_000);
     expect(delivered(receiver, '/stop')).toEqual(range(30));
+  });
+
+  it('stops a run when the client moves the endpoint: the old one gets at most the request on the wire', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    const t = await start(dir, new NotingSender());
+    const { sub, recover } = await backlog(t, receiver, '/old', 30);
+    const id = sub.id as string;
+    const answer = receiver.respond;
+    receiver.respond = (req) => ({ ...answer(req), delayMs: 30 });
+    recover();
+    await receiver.waitFor(() => delivered(receiver, '/old').length >= 3, 'three notifications');
+    // A run of up to 16 is under way (each request takes 30 ms, a run may go on for 1 s).
+    const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/new`),
+      id,
+    });
+    expect(moved.status).toBe(200);
+    const atChange = delivered(receiver, '/old').length;
+    await receiver.waitFor(
+      () => delivered(receiver, '/old').length + delivered(receiver, '/new').length >= 30,
+      'the rest at the new endpoint',
+      10_000,
+    );
+    expect(delivered(receiver, '/old').length).toBeLessThanOrEqual(atChange + 1);
+    // Every notification once, in order, wherever it went.
+    expect([...delivered(receiver, '/old'), ...delivered(receiver, '/new')]).toEqual(range(30));
+  });
+
+  it('stops a run when the client deletes the subscription: nothing after the request on the wire', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    const t = await start(dir, new NotingSender());
+    const { sub, recover } = await backlog(t, receiver, '/deleted', 30);
+    const answer = receiver.respond;
+    receiver.respond = (req) => ({ ...answer(req), delayMs: 30 });
+    recover();
+    await receiver.waitFor(() => delivered(receiver, '/deleted').length >= 3, 'three notifications');
+    expect((await t.call('DELETE', `/fhir/Subscription/${sub.id}`)).status).toBe(204);
+    const atDelete = delivered(receiver, '/deleted').length;
+    // Longer than the rest of a run would take (16 × 30 ms) had it gone on.
+    await new Promise((r) => setTimeout(r, 700));
+    expect(delivered(receiver, '/deleted').length).toBeLessThanOrEqual(atDelete + 1);
+    expect(delivered(receiver, '/deleted')).toEqual(range(delivered(receiver, '/deleted').length));
+  });
+
+  it('sends nothing of a run that was waiting for a connection slot when the client moved the endpoint', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    // One connection per origin: two requests in hand (one on the wire, one behind it), the rest wait for a slot.
+    const t = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_MAX_IN_FLIGHT_PER_ORIGIN: '1' });
+    cleanups.push(() => t.broker.close(0));
+    const ids: Record<string, string> = {};
+    for (const name of ['a', 'b', 'c']) {
+      const sub = await t.create(
+        topicSubscription('patient-change', `${receiver.url}/${name}`, { filters: [`Patient?_id=p-${name}`] }),
+      );
+      ids[name] = sub.id as string;
+      await t.logger.waitForStatus(ids[name], 'active');
+    }
+    // The notifications of a and b take both slots of the origin (a on the wire for 800 ms, b behind it).
+    const arrived = new Set<string>();
+    receiver.respond = (req) => {
+      if (!req.body.includes('"event-notification"')) return { status: 204 };
+      arrived.add(req.path);
+      return { status: 204, delayMs: req.path === '/a' || req.path === '/b' ? 800 : 0 };
+    };
+    await t.post([eventLike('healthlake-update-patient', 'slot-a', 'p-a')]);
+    await t.post([eventLike('healthlake-update-patient', 'slot-b', 'p-b')]);
+    await receiver.waitFor(() => arrived.has('/a'), 'a on the wire');
+    await t.post([eventLike('healthlake-update-patient', 'slot-c', 'p-c')]);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(arrived.has('/b')).toBe(false);
+    // c's notification waits for a slot; the client moves c's endpoint meanwhile.
+    const moved = await t.call('PUT', `/fhir/Subscription/${ids.c}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/c-new`, { filters: ['Patient?_id=p-c'] }),
+      id: ids.c,
+    });
+    expect(moved.status).toBe(200);
+    await receiver.waitFor(() => delivered(receiver, '/c-new').length === 1, 'c at its new endpoint', 10_000);
+    expect(delivered(receiver, '/c-new')).toEqual([1]);
+    expect(arrived.has('/c')).toBe(false);
   });
 
   it('puts a notification whose last attempt fails during a re-activation back with the re-queued ones', async () => {

@@ -1,6 +1,6 @@
 import { createHmac } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { WebhookRequest } from '../src/delivery/rest-hook-sender.js';
+import { RunStop, type WebhookRequest } from '../src/delivery/rest-hook-sender.js';
 import { dealingOrder, ThreadedSender } from '../src/delivery/threaded-sender.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
@@ -168,6 +168,43 @@ describe('ThreadedSender', () => {
     // Both threads got the word: new runs send their first request only.
     const after = await Promise.all([sender.sendInOrder(run('t', 3), 60_000), sender.sendInOrder(run('u', 3), 60_000)]);
     expect(after).toEqual([[{ ok: true, status: 204 }], [{ ok: true, status: 204 }]]);
+  });
+
+  it('stops one run at its RunStop, on its thread, after the request on the wire; the others go on', async () => {
+    receiver = await Receiver.start();
+    const stopped = new RunStop();
+    receiver.respond = (req) => {
+      if (req.path === '/c2') stopped.stop();
+      return { status: 204, delayMs: 20 };
+    };
+    sender = new ThreadedSender({
+      threads: 2,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua',
+      connectionsPerOrigin: 32,
+      logger: new RecordingLogger(),
+    });
+    const run = (prefix: string, n: number) =>
+      Array.from({ length: n }, (_, i) =>
+        request(`${receiver?.url}/${prefix}${i + 1}`, { webhookId: `${prefix}-${i + 1}` }),
+      );
+    // Beside it, on the other thread, a run that is not stopped.
+    const [cut, whole] = await Promise.all([
+      sender.sendInOrder(run('c', 20), 60_000, stopped),
+      sender.sendInOrder(run('w', 6), 60_000, new RunStop()),
+    ]);
+    expect(cut).toEqual([
+      { ok: true, status: 204 },
+      { ok: true, status: 204 },
+    ]);
+    expect(whole).toHaveLength(6);
+    expect(receiver.requests.map((r) => r.path).filter((p) => p.startsWith('/c'))).toEqual(['/c1', '/c2']);
+    // A stop after its run ended reaches nothing: the runs after it go out whole.
+    const late = new RunStop();
+    expect(await sender.sendInOrder(run('x', 2), 60_000, late)).toHaveLength(2);
+    late.stop();
+    const next = await Promise.all([sender.sendInOrder(run('n', 3), 60_000), sender.sendInOrder(run('m', 3), 60_000)]);
+    expect(next.map((r) => r.length)).toEqual([3, 3]);
   });
 
   it('answers a run its thread died in with what the thread saw delivered, then the one it was on, failed', async () => {

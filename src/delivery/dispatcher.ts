@@ -9,7 +9,7 @@ import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter } from './origin-limiter.js';
-import { type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
+import { RunStop, type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
 
 /**
  * Delivers what the outbox holds. It never re-evaluates a subscription's criteria: matching
@@ -75,6 +75,8 @@ class Lane {
    */
   generation = 0;
   heartbeat: NodeJS.Timeout | undefined;
+  /** The run being sent (or waiting for a connection slot): stopped when the client deletes or changes the subscription. */
+  run: RunStop | undefined;
 }
 
 /** `batch`, the head of the lane's queue, is done with (delivered or dead-lettered). */
@@ -93,8 +95,10 @@ const HANDOVER_PER_CONNECTION = 2;
 /**
  * A lane with a backlog hands the sender up to RUN_LENGTH bundles at once, sent one after another
  * on the sender's side (`sendInOrder`) with no trip back to this thread between them: a backlog
- * drains ~1.5x faster (bench/README.md). None starts later than RUN_WITHIN_MS into the run, which
- * bounds how long a status change, a deletion or a shutdown waits for the run to end.
+ * drains ~1.5x faster (bench/README.md). A deletion or a change by the client stops the run at
+ * once (`Lane.run`), a shutdown stops every run; none starts later than RUN_WITHIN_MS into the
+ * run, which bounds how long the lane keeps a subscription as it was when the run began (a change
+ * made through another instance sharing the store is seen only when this one reads it again).
  */
 const RUN_LENGTH = 16;
 const RUN_WITHIN_MS = 1000;
@@ -169,7 +173,11 @@ export class Dispatcher {
       onRequested: (id) => this.#track(this.#handshake(id)),
       onActivated: (id) => this.#wake(id, true),
       onRemoved: (id) => this.#forget(id),
-      onChanged: (id) => this.#scheduleHeartbeat(id),
+      onChanged: (id) => {
+        // Whatever changed (endpoint, headers, secret, status), the rest of the run goes out as the subscription is now.
+        this.#lanes.get(id)?.run?.stop();
+        this.#scheduleHeartbeat(id);
+      },
       beforeRequeue: () => this.flush(),
       onRequeued: (id) => this.requeued(id),
     });
@@ -287,6 +295,7 @@ export class Dispatcher {
     if (lane !== undefined) {
       clearTimeout(lane.timer);
       clearTimeout(lane.heartbeat);
+      lane.run?.stop();
     }
     this.#lanes.delete(id);
   }
@@ -331,7 +340,14 @@ export class Dispatcher {
         }
         const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
         const generation = lane.generation;
-        const results = await this.#withSlot(sub, () => this.#sendNotifications(sub, batches));
+        const run = new RunStop();
+        lane.run = run;
+        let results: SendResult[];
+        try {
+          results = await this.#withSlot(sub, () => this.#sendNotifications(sub, batches, run));
+        } finally {
+          lane.run = undefined;
+        }
         for (const [i, result] of results.entries()) {
           const batch = batches[i] as QueuedNotification[];
           if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation))) return;
@@ -526,9 +542,16 @@ export class Dispatcher {
 
   /**
    * Sends `batches` (each one bundle) in order, each once the one before it was delivered: results
-   * of the bundles attempted, successes then at most one failure.
+   * of the bundles attempted, successes then at most one failure. None once `run` is stopped (the
+   * subscription was deleted or changed while the run waited for a connection slot): `sub` is
+   * what it was before.
    */
-  async #sendNotifications(sub: SubscriptionRecord, batches: readonly QueuedNotification[][]): Promise<SendResult[]> {
+  async #sendNotifications(
+    sub: SubscriptionRecord,
+    batches: readonly QueuedNotification[][],
+    run: RunStop,
+  ): Promise<SendResult[]> {
+    if (run.stopped) return [];
     const bundles = batches.map((batch) => {
       const notes = batch.map((q) => q.note);
       const first = notes[0]?.eventNumber ?? 0;
@@ -541,7 +564,7 @@ export class Dispatcher {
         this.#sendBundle(sub, 'event-notification', b.notes, b.webhookId).catch(
           (err: unknown): SendResult => ({ ok: false, error: `websocket delivery failed: ${(err as Error).message}` }),
         );
-      return sendInOrder(push, bundles, RUN_WITHIN_MS, this.#clock, () => this.#closed);
+      return sendInOrder(push, bundles, RUN_WITHIN_MS, this.#clock, () => this.#closed || run.stopped);
     }
     const requests: WebhookRequest[] = [];
     for (const b of bundles) {
@@ -549,7 +572,7 @@ export class Dispatcher {
       if ('ok' in req) return [req];
       requests.push(req);
     }
-    return this.#sender.sendInOrder(requests, RUN_WITHIN_MS);
+    return this.#sender.sendInOrder(requests, RUN_WITHIN_MS, run);
   }
 
   #sendBundle(

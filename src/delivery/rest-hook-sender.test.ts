@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Allowlist } from './address-policy.js';
 import { EndpointGuard } from './endpoint-guard.js';
-import { RestHookSender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
+import { RestHookSender, RunStop, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
 
 /** A guard that counts what it is asked to vet. */
 class CountingGuard extends EndpointGuard {
@@ -159,6 +159,29 @@ describe('RestHookSender', () => {
       expect(await sender.sendInOrder(run(r.endpoint, 5), 60_000)).toHaveLength(2);
       expect(r.seen).toEqual(['w1', 'w2']);
       expect(await sender.sendInOrder(run(r.endpoint, 3), 60_000)).toEqual([{ ok: true, status: 204 }]);
+    });
+
+    it('once its RunStop is stopped, starts no further request of that run; other runs go on', async () => {
+      const stopped = new RunStop();
+      let heard = 0;
+      stopped.onStop(() => heard++);
+      const r = await orderedReceiver(
+        () => 204,
+        () => {
+          if (r.seen.length === 2) stopped.stop();
+        },
+      );
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);
+      const other = new RunStop();
+      expect(await sender.sendInOrder(run(r.endpoint, 5), 60_000, stopped)).toEqual([
+        { ok: true, status: 204 },
+        { ok: true, status: 204 },
+      ]);
+      expect(r.seen).toEqual(['w1', 'w2']);
+      stopped.stop();
+      expect(heard).toBe(1);
+      expect(await sender.sendInOrder(run(r.endpoint, 3), 60_000, other)).toHaveLength(3);
+      expect(r.seen).toEqual(['w1', 'w2', 'w1', 'w2', 'w3']);
     });
 
     it('ends a run at a request whose send throws, keeping what went before, and reports each success', async () => {

@@ -43,12 +43,37 @@ export interface Sender {
    * notifications in order, with no trip back to the caller between them. Answers the results of
    * the requests attempted, in order: successes, then at most one failure (the run stops there).
    * The first request is always attempted; no later one starts once `withinMs` have passed since
-   * the run began, or after `stop`.
+   * the run began, after `stop`, or after `run.stop()`.
    */
-  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number): Promise<SendResult[]>;
+  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number, run?: RunStop): Promise<SendResult[]>;
   /** Shutting down: runs in progress start no further request (each answers what it attempted). */
   stop(): void;
   close(): Promise<void>;
+}
+
+/**
+ * Ends one run early: once `stop()` is called no further request of the run starts (the one on the
+ * wire finishes and is answered). The dispatcher stops a subscription's run when the client
+ * deletes or changes the subscription, so its notifications stop going to an endpoint it left.
+ */
+export class RunStop {
+  #stopped = false;
+  #listener: (() => void) | undefined;
+
+  get stopped(): boolean {
+    return this.#stopped;
+  }
+
+  stop(): void {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    this.#listener?.();
+  }
+
+  /** For a sender that must pass the stop on (to another thread): `fn` runs once, at `stop()`. */
+  onStop(fn: () => void): void {
+    this.#listener = fn;
+  }
 }
 
 /**
@@ -183,6 +208,7 @@ export class RestHookSender implements Sender {
   sendInOrder(
     reqs: readonly WebhookRequest[],
     withinMs: number,
+    run?: RunStop,
     delivered?: (count: number, status: number) => void,
   ): Promise<SendResult[]> {
     return sendInOrder(
@@ -190,7 +216,7 @@ export class RestHookSender implements Sender {
       reqs,
       withinMs,
       this.#clock,
-      () => this.#stopped,
+      () => this.#stopped || run?.stopped === true,
       delivered,
     );
   }

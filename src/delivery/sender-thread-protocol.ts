@@ -12,11 +12,19 @@ import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
  * Results: id, n, result × n (n ≥ 1: the requests attempted).
  * Result:  ok (1 | 0), status (0: none), error | null, retryAfterMs (-1: none), permanent (1 | 0).
  * Stop:    the string 'stop' instead of an array: start no further request of any run.
+ * Cancel:  `{ cancel: [id...] }`: start no further request of these runs (`RunStop`); posted after the
+ *          batch that carried them, so a run is never cancelled before the thread has it.
  */
 
 export type Wire = (string | number | null)[];
 
 export const STOP = 'stop';
+
+export interface Cancel {
+  readonly cancel: readonly number[];
+}
+
+export type ToThread = Wire | typeof STOP | Cancel;
 
 const NONE: readonly string[] = Object.freeze([]);
 

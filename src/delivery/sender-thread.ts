@@ -1,8 +1,8 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { Allowlist } from './address-policy.js';
 import { EndpointGuard, systemResolver } from './endpoint-guard.js';
-import { RestHookSender, type SendResult } from './rest-hook-sender.js';
-import { decodeRuns, encodeResults, STOP, type Wire } from './sender-thread-protocol.js';
+import { RestHookSender, RunStop, type SendResult } from './rest-hook-sender.js';
+import { decodeRuns, encodeResults, STOP, type ToThread, type Wire } from './sender-thread-protocol.js';
 
 /**
  * Entry of a `ThreadedSender` worker: one `RestHookSender` (SSRF guard with the broker's allow-list
@@ -25,6 +25,8 @@ const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), sy
 
 let results: Wire = [];
 let scheduled = false;
+/** Runs under way, by id, for a cancel to find. */
+const runs = new Map<number, RunStop>();
 
 function answer(id: number, result: SendResult[]): void {
   encodeResults(results, id, result);
@@ -38,12 +40,18 @@ function answer(id: number, result: SendResult[]): void {
   });
 }
 
-parentPort?.on('message', (wire: Wire | typeof STOP) => {
+parentPort?.on('message', (wire: ToThread) => {
   if (wire === STOP) {
     sender.stop();
     return;
   }
+  if (!Array.isArray(wire)) {
+    for (const id of wire.cancel) runs.get(id)?.stop();
+    return;
+  }
   decodeRuns(wire, (id, slot, reqs, withinMs) => {
+    const run = new RunStop();
+    runs.set(id, run);
     const delivered =
       slot < 0
         ? undefined
@@ -53,8 +61,11 @@ parentPort?.on('message', (wire: Wire | typeof STOP) => {
           };
     // `send` answers failures as results; anything it throws still gets an answer, and the thread lives on.
     void sender
-      .sendInOrder(reqs, withinMs, delivered)
+      .sendInOrder(reqs, withinMs, run, delivered)
       .catch((err: unknown) => [{ ok: false as const, error: `sender failed: ${(err as Error).message}` }])
-      .then((result) => answer(id, result));
+      .then((result) => {
+        runs.delete(id);
+        answer(id, result);
+      });
   });
 });

@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import type { Logger } from '../observability/logger.js';
-import type { Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
+import type { RunStop, Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
 import { decodeResults, encodeRun, STOP, type Wire } from './sender-thread-protocol.js';
 
 /**
@@ -43,6 +43,8 @@ interface Thread {
   readonly pending: Map<number, Run>;
   /** Requests of this turn, not posted yet. */
   outbox: Wire;
+  /** Runs stopped during this turn: posted after `outbox`, which may still hold them. */
+  cancels: number[];
   /**
    * Shared with the thread: per run slot, [successes so far, status of the last one], written by the
    * thread as each request of a run succeeds. A thread that dies mid-run never answers; this says
@@ -95,7 +97,7 @@ export class ThreadedSender implements Sender {
     return this.sendInOrder([req], 0).then((results) => results[0] as SendResult);
   }
 
-  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number): Promise<SendResult[]> {
+  sendInOrder(reqs: readonly WebhookRequest[], withinMs: number, run?: RunStop): Promise<SendResult[]> {
     if (this.#closed) return Promise.resolve([{ ok: false, error: 'the broker is shutting down' }]);
     const index = this.#deal[this.#next] as number;
     this.#next = (this.#next + 1) % this.#deal.length;
@@ -104,22 +106,38 @@ export class ThreadedSender implements Sender {
     const id = this.#ids++;
     const slot = thread.free.pop() ?? -1;
     if (slot >= 0) Atomics.store(thread.progress, 2 * slot, 0);
+    // Only a run that has requests left to start is worth telling the thread about.
+    if (reqs.length > 1) run?.onStop(() => this.#cancel(thread, id));
     return new Promise((resolve) => {
       thread.pending.set(id, { resolve, slot, length: reqs.length });
       encodeRun(thread.outbox, id, slot, reqs, withinMs);
-      if (!this.#scheduled) {
-        this.#scheduled = true;
-        setImmediate(() => this.#post());
-      }
+      this.#schedule();
     });
+  }
+
+  #cancel(thread: Thread, id: number): void {
+    if (!thread.pending.has(id)) return;
+    thread.cancels.push(id);
+    this.#schedule();
+  }
+
+  #schedule(): void {
+    if (this.#scheduled) return;
+    this.#scheduled = true;
+    setImmediate(() => this.#post());
   }
 
   #post(): void {
     this.#scheduled = false;
     for (const thread of this.#threads) {
-      if (thread.outbox.length === 0) continue;
-      thread.worker.postMessage(thread.outbox);
-      thread.outbox = [];
+      if (thread.outbox.length > 0) {
+        thread.worker.postMessage(thread.outbox);
+        thread.outbox = [];
+      }
+      if (thread.cancels.length > 0) {
+        thread.worker.postMessage({ cancel: thread.cancels });
+        thread.cancels = [];
+      }
     }
   }
 
@@ -150,6 +168,7 @@ export class ThreadedSender implements Sender {
       stopped: false,
       pending: new Map(),
       outbox: [],
+      cancels: [],
       progress,
       free: Array.from({ length: SLOTS }, (_, i) => SLOTS - 1 - i),
     };
