@@ -173,9 +173,11 @@ describe('ThreadedSender', () => {
   it('stops one run at its RunStop, on its thread, after the request on the wire; the others go on', async () => {
     receiver = await Receiver.start();
     const stopped = new RunStop();
+    // The stop comes while /c2 is on the wire, long enough for it to reach the thread.
     receiver.respond = (req) => {
-      if (req.path === '/c2') stopped.stop();
-      return { status: 204, delayMs: 20 };
+      if (req.path !== '/c2') return { status: 204, delayMs: 20 };
+      stopped.stop();
+      return { status: 204, delayMs: 300 };
     };
     sender = new ThreadedSender({
       threads: 2,
@@ -199,12 +201,15 @@ describe('ThreadedSender', () => {
     ]);
     expect(whole).toHaveLength(6);
     expect(receiver.requests.map((r) => r.path).filter((p) => p.startsWith('/c'))).toEqual(['/c1', '/c2']);
-    // A stop after its run ended reaches nothing: the runs after it go out whole.
-    const late = new RunStop();
-    expect(await sender.sendInOrder(run('x', 2), 60_000, late)).toHaveLength(2);
-    late.stop();
-    const next = await Promise.all([sender.sendInOrder(run('n', 3), 60_000), sender.sendInOrder(run('m', 3), 60_000)]);
-    expect(next.map((r) => r.length)).toEqual([3, 3]);
+    // Stopped before its batch was posted to the thread: none of it is sent.
+    const early = new RunStop();
+    const pending = sender.sendInOrder(run('e', 3), 60_000, early);
+    early.stop();
+    expect(await pending).toEqual([]);
+    // Stopped before it was handed over: none either.
+    expect(await sender.sendInOrder(run('f', 3), 60_000, early)).toEqual([]);
+    expect(await sender.sendInOrder(run('g', 2), 60_000)).toHaveLength(2);
+    expect(receiver.requests.map((r) => r.path).filter((p) => /^\/[ef]/.test(p))).toEqual([]);
   });
 
   it('answers a run its thread died in with what the thread saw delivered, then the one it was on, failed', async () => {

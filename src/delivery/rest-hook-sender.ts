@@ -42,8 +42,9 @@ export interface Sender {
    * Sends `reqs` one after another, each once the one before it succeeded: a subscription's
    * notifications in order, with no trip back to the caller between them. Answers the results of
    * the requests attempted, in order: successes, then at most one failure (the run stops there).
-   * The first request is always attempted; no later one starts once `withinMs` have passed since
-   * the run began, after `stop`, or after `run.stop()`.
+   * The first request is always attempted unless `run` was stopped before the run began (then
+   * none is: the answer is empty); no later one starts once `withinMs` have passed since the run
+   * began, after `stop`, or after `run.stop()`.
    */
   sendInOrder(reqs: readonly WebhookRequest[], withinMs: number, run?: RunStop): Promise<SendResult[]>;
   /** Shutting down: runs in progress start no further request (each answers what it attempted). */
@@ -211,6 +212,7 @@ export class RestHookSender implements Sender {
     run?: RunStop,
     delivered?: (count: number, status: number) => void,
   ): Promise<SendResult[]> {
+    if (run?.stopped === true) return Promise.resolve([]);
     return sendInOrder(
       (req) => this.send(req),
       reqs,

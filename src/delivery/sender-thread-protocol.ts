@@ -7,7 +7,7 @@ import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
  * objects do. A run is the requests of `Sender.sendInOrder`: one or more, sent one after another.
  *
  * Run:     id, slot, withinMs, n, request × n (slot: where the thread counts the run's successes as they come,
- *          see `ThreadedSender`; -1: none).
+ *          see `ThreadedSender`; -1: none. withinMs -1: the run was stopped before it was posted; send none).
  * Request: endpoint, contentType | null, body, webhookId, timeoutMs, h, header × h, s, secret × s.
  * Results: id, n, result × n (n ≥ 1: the requests attempted).
  * Result:  ok (1 | 0), status (0: none), error | null, retryAfterMs (-1: none), permanent (1 | 0).
@@ -27,6 +27,10 @@ export interface Cancel {
 export type ToThread = Wire | typeof STOP | Cancel;
 
 const NONE: readonly string[] = Object.freeze([]);
+
+/** Where, from the start of its encoding, a run keeps `withinMs` (`CANCELLED` there: send none of it). */
+export const WITHIN_AT = 2;
+export const CANCELLED = -1;
 
 export function encodeRun(
   out: Wire,

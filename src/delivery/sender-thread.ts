@@ -2,7 +2,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { Allowlist } from './address-policy.js';
 import { EndpointGuard, systemResolver } from './endpoint-guard.js';
 import { RestHookSender, RunStop, type SendResult } from './rest-hook-sender.js';
-import { decodeRuns, encodeResults, STOP, type ToThread, type Wire } from './sender-thread-protocol.js';
+import { CANCELLED, decodeRuns, encodeResults, STOP, type ToThread, type Wire } from './sender-thread-protocol.js';
 
 /**
  * Entry of a `ThreadedSender` worker: one `RestHookSender` (SSRF guard with the broker's allow-list
@@ -51,6 +51,7 @@ parentPort?.on('message', (wire: ToThread) => {
   }
   decodeRuns(wire, (id, slot, reqs, withinMs) => {
     const run = new RunStop();
+    if (withinMs === CANCELLED) run.stop();
     runs.set(id, run);
     const delivered =
       slot < 0

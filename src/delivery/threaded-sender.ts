@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Logger } from '../observability/logger.js';
 import type { RunStop, Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
-import { decodeResults, encodeRun, STOP, type Wire } from './sender-thread-protocol.js';
+import { CANCELLED, decodeResults, encodeRun, STOP, WITHIN_AT, type Wire } from './sender-thread-protocol.js';
 
 /**
  * A `Sender` whose webhook requests are signed and sent on worker threads, each running its own
@@ -34,6 +34,9 @@ interface Run {
   /** Its slot in `progress`, or -1. */
   readonly slot: number;
   readonly length: number;
+  /** `Thread.posts` when it was put in the outbox, and where its `withinMs` is there (a stop before the post clears it). */
+  readonly post: number;
+  readonly at: number;
 }
 
 interface Thread {
@@ -43,8 +46,10 @@ interface Thread {
   readonly pending: Map<number, Run>;
   /** Requests of this turn, not posted yet. */
   outbox: Wire;
-  /** Runs stopped during this turn: posted after `outbox`, which may still hold them. */
+  /** Runs stopped after they were posted: posted after `outbox`. */
   cancels: number[];
+  /** Outboxes posted so far: a run whose `post` is this one is still in `outbox`. */
+  posts: number;
   /**
    * Shared with the thread: per run slot, [successes so far, status of the last one], written by the
    * thread as each request of a run succeeds. A thread that dies mid-run never answers; this says
@@ -99,6 +104,7 @@ export class ThreadedSender implements Sender {
 
   sendInOrder(reqs: readonly WebhookRequest[], withinMs: number, run?: RunStop): Promise<SendResult[]> {
     if (this.#closed) return Promise.resolve([{ ok: false, error: 'the broker is shutting down' }]);
+    if (run?.stopped === true) return Promise.resolve([]);
     const index = this.#deal[this.#next] as number;
     this.#next = (this.#next + 1) % this.#deal.length;
     const thread = this.#threads[index] as Thread;
@@ -106,17 +112,29 @@ export class ThreadedSender implements Sender {
     const id = this.#ids++;
     const slot = thread.free.pop() ?? -1;
     if (slot >= 0) Atomics.store(thread.progress, 2 * slot, 0);
-    // Only a run that has requests left to start is worth telling the thread about.
-    if (reqs.length > 1) run?.onStop(() => this.#cancel(thread, id));
+    run?.onStop(() => this.#cancel(thread, id));
     return new Promise((resolve) => {
-      thread.pending.set(id, { resolve, slot, length: reqs.length });
+      thread.pending.set(id, {
+        resolve,
+        slot,
+        length: reqs.length,
+        post: thread.posts,
+        at: thread.outbox.length + WITHIN_AT,
+      });
       encodeRun(thread.outbox, id, slot, reqs, withinMs);
       this.#schedule();
     });
   }
 
+  /** A run stopped before it was posted goes with none of its requests to send; one posted already, by a cancel message. */
   #cancel(thread: Thread, id: number): void {
-    if (!thread.pending.has(id)) return;
+    const run = thread.pending.get(id);
+    if (run === undefined) return;
+    if (run.post === thread.posts) {
+      thread.outbox[run.at] = CANCELLED;
+      return;
+    }
+    if (run.length === 1) return; // its one request is under way already
     thread.cancels.push(id);
     this.#schedule();
   }
@@ -133,6 +151,7 @@ export class ThreadedSender implements Sender {
       if (thread.outbox.length > 0) {
         thread.worker.postMessage(thread.outbox);
         thread.outbox = [];
+        thread.posts++;
       }
       if (thread.cancels.length > 0) {
         thread.worker.postMessage({ cancel: thread.cancels });
@@ -169,6 +188,7 @@ export class ThreadedSender implements Sender {
       pending: new Map(),
       outbox: [],
       cancels: [],
+      posts: 0,
       progress,
       free: Array.from({ length: SLOTS }, (_, i) => SLOTS - 1 - i),
     };
@@ -195,7 +215,12 @@ export class ThreadedSender implements Sender {
         run.resolve(results);
       }
       thread.pending.clear();
-      if (thread.worker === worker) thread.stopped = true;
+      if (thread.worker === worker) {
+        thread.stopped = true;
+        // Runs encoded but not yet posted were just answered too: they must not reach the next thread.
+        thread.outbox = [];
+        thread.cancels = [];
+      }
     });
     return thread;
   }
