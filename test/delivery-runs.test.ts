@@ -151,10 +151,10 @@ describe('delivery runs', () => {
     const { sub, recover } = await backlog(t, receiver, '/old', 30);
     const id = sub.id as string;
     const answer = receiver.respond;
-    receiver.respond = (req) => ({ ...answer(req), delayMs: 30 });
+    receiver.respond = (req) => ({ ...answer(req), delayMs: 60 });
     recover();
     await receiver.waitFor(() => delivered(receiver, '/old').length >= 3, 'three notifications');
-    // A run of up to 16 is under way (each request takes 30 ms, a run may go on for 1 s).
+    // A run is under way: each request takes 60 ms, a run goes on for up to 1 s (16 at most).
     const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
       ...topicSubscription('patient-change', `${receiver.url}/new`),
       id,
@@ -171,6 +171,45 @@ describe('delivery runs', () => {
     expect([...delivered(receiver, '/old'), ...delivered(receiver, '/new')]).toEqual(range(30));
   });
 
+  it('stops a run when the client rotates the secret: what follows is signed with both secrets', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    const t = await start(dir, new NotingSender());
+    const { sub, recover } = await backlog(t, receiver, '/rotated', 30);
+    const answer = receiver.respond;
+    receiver.respond = (req) => ({ ...answer(req), delayMs: 60 });
+    recover();
+    await receiver.waitFor(() => delivered(receiver, '/rotated').length >= 3, 'three notifications');
+    const rotated = await t.call('PUT', `/fhir/Subscription/${sub.id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/rotated`, {
+        channel: {
+          extension: [
+            {
+              url: 'https://fhir-subscription-broker.org/fhir/StructureDefinition/webhook-secret',
+              valueString: `whsec_${Buffer.alloc(32, 9).toString('base64')}`,
+            },
+          ],
+        },
+      }),
+      id: sub.id,
+      status: 'active',
+    });
+    // A change that keeps the subscription active: its lane goes on, as the subscription is now.
+    expect(rotated.body.status).toBe('active');
+    const atChange = delivered(receiver, '/rotated').length;
+    await receiver.waitFor(() => delivered(receiver, '/rotated').length >= 30, 'the rest', 10_000);
+    expect(delivered(receiver, '/rotated')).toEqual(range(30));
+    const signatures = receiver
+      .on('/rotated')
+      .filter((r) => r.body.includes('"event-notification"'))
+      .map((r) => String(r.headers['webhook-signature']).split(' ').length);
+    // Before the change one signature each; after it at most the request on the wire still has one.
+    expect(signatures.slice(atChange + 1).every((n) => n === 2)).toBe(true);
+    expect(signatures.slice(0, atChange).every((n) => n === 1)).toBe(true);
+  });
+
   it('stops a run when the client deletes the subscription: nothing after the request on the wire', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
@@ -179,13 +218,13 @@ describe('delivery runs', () => {
     const t = await start(dir, new NotingSender());
     const { sub, recover } = await backlog(t, receiver, '/deleted', 30);
     const answer = receiver.respond;
-    receiver.respond = (req) => ({ ...answer(req), delayMs: 30 });
+    receiver.respond = (req) => ({ ...answer(req), delayMs: 60 });
     recover();
     await receiver.waitFor(() => delivered(receiver, '/deleted').length >= 3, 'three notifications');
     expect((await t.call('DELETE', `/fhir/Subscription/${sub.id}`)).status).toBe(204);
     const atDelete = delivered(receiver, '/deleted').length;
-    // Longer than the rest of a run would take (16 × 30 ms) had it gone on.
-    await new Promise((r) => setTimeout(r, 700));
+    // Longer than the rest of the run would have taken (up to 1 s) had it gone on.
+    await new Promise((r) => setTimeout(r, 1200));
     expect(delivered(receiver, '/deleted').length).toBeLessThanOrEqual(atDelete + 1);
     expect(delivered(receiver, '/deleted')).toEqual(range(delivered(receiver, '/deleted').length));
   });
@@ -206,12 +245,12 @@ describe('delivery runs', () => {
       ids[name] = sub.id as string;
       await t.logger.waitForStatus(ids[name], 'active');
     }
-    // The notifications of a and b take both slots of the origin (a on the wire for 800 ms, b behind it).
+    // The notifications of a and b take both slots of the origin (a on the wire for 2 s, b behind it).
     const arrived = new Set<string>();
     receiver.respond = (req) => {
       if (!req.body.includes('"event-notification"')) return { status: 204 };
       arrived.add(req.path);
-      return { status: 204, delayMs: req.path === '/a' || req.path === '/b' ? 800 : 0 };
+      return { status: 204, delayMs: req.path === '/a' || req.path === '/b' ? 2000 : 0 };
     };
     await t.post([eventLike('healthlake-update-patient', 'slot-a', 'p-a')]);
     await t.post([eventLike('healthlake-update-patient', 'slot-b', 'p-b')]);

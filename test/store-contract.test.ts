@@ -230,6 +230,23 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'active', updatedAt: at }));
     });
 
+    it('compare-and-sets on updatedAt: applies only while the record is the one the caller read', async () => {
+      await store.insertSubscription(record('s1', { status: 'requested' }));
+      const stored = (await store.getSubscription('s1'))?.updatedAt as string;
+      const at = '2030-03-01T00:00:00.000Z';
+      const stale = '2029-12-31T23:59:59.999Z';
+      expect(await store.updateStatus('s1', { status: 'active', unchangedSince: stale }, at)).toBeUndefined();
+      expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'requested' }));
+      expect(
+        await store.updateStatus('s1', { status: 'active', expected: ['requested'], unchangedSince: stored }, at),
+      ).toEqual(record('s1', { status: 'active', updatedAt: at }));
+      // The write moved updatedAt on: the same basis no longer applies.
+      expect(
+        await store.updateStatus('s1', { status: 'error', error: 'x', unchangedSince: stored }, at),
+      ).toBeUndefined();
+      expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'active', updatedAt: at }));
+    });
+
     it('never applies a compare-and-set that expects no status', async () => {
       await store.insertSubscription(record('s1'));
       expect(await store.updateStatus('s1', { status: 'off', expected: [] }, T0)).toBeUndefined();

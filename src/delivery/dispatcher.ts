@@ -327,9 +327,10 @@ export class Dispatcher {
         if (sub === undefined || sub.status !== 'active') return;
         if (lane.queue.length === 0 && lane.backlog) {
           await this.#reload(id, lane);
-          // Notifications committed while the store was being read set `missed` (their wake-up
-          // found this lane running): read again rather than stop with them in the store.
-          if (lane.queue.length === 0 && lane.backlog) continue;
+          // From the top: the client may have deleted or changed the subscription during the read
+          // (there was no run yet to stop), and notifications committed meanwhile set `missed`
+          // (their wake-up found this lane running), so the store is read again.
+          continue;
         }
         const head = lane.queue[0];
         if (head === undefined) return;
@@ -452,8 +453,10 @@ export class Dispatcher {
       attempt: attempts,
       error: result.error,
     });
-    if (result.status === 410) {
-      await this.#registry.transition(sub.id, { kind: 'endpoint-gone', reason: 'endpoint answered 410 Gone' });
+    // A 410 from an endpoint the client has left since (the request was on the wire) turns nothing
+    // off: the notification is retried at the endpoint the subscription has now.
+    if (result.status === 410 && this.#isCurrent(sub)) {
+      await this.#registry.transition(sub.id, { kind: 'endpoint-gone', reason: 'endpoint answered 410 Gone' }, sub);
       this.#lifecycle.publish({
         type: 'Endpoint Disabled',
         subscriptionId: sub.id,
@@ -529,15 +532,31 @@ export class Dispatcher {
       await this.#registry.transition(id, { kind: 'handshake-succeeded' });
       return;
     }
+    // Changed or deleted while this waited for a slot: a change's own handshake decides.
     const result = await this.#withSlot(sub, () =>
-      this.#sendBundle(sub, 'handshake', [], `${id}-handshake-${this.#ids.uuid()}`),
+      this.#isCurrent(sub)
+        ? this.#sendBundle(sub, 'handshake', [], `${id}-handshake-${this.#ids.uuid()}`)
+        : Promise.resolve(undefined),
     );
+    if (result === undefined) return;
     this.#metrics.inc('broker_handshakes_total', { outcome: result.ok ? 'ok' : 'failed' });
-    if (result.ok) await this.#registry.transition(id, { kind: 'handshake-succeeded' });
+    // Applied only while the subscription is still the one the handshake went out for (`sub`): the
+    // answer of an endpoint the client moved away from meanwhile neither activates nor fails it.
+    if (result.ok) await this.#registry.transition(id, { kind: 'handshake-succeeded' }, sub);
     else {
       this.#logger.warn('handshake failed', { subscription: id, error: result.error });
-      await this.#registry.transition(id, { kind: 'handshake-failed', reason: `handshake failed: ${result.error}` });
+      await this.#registry.transition(
+        id,
+        { kind: 'handshake-failed', reason: `handshake failed: ${result.error}` },
+        sub,
+      );
     }
+  }
+
+  /** `sub` is still what the registry holds: not deleted, and not changed since it was read. */
+  #isCurrent(sub: SubscriptionRecord): boolean {
+    const now = this.#registry.get(sub.id);
+    return now === sub || (now !== undefined && now.updatedAt === sub.updatedAt);
   }
 
   /**
@@ -656,10 +675,17 @@ export class Dispatcher {
     if (sub === undefined || lane === undefined || this.#closed) return;
     const now = this.#clock.now();
     if (now - lane.lastSentAt >= period && !lane.running) {
-      const result = await this.#withSlot(sub, () => this.#sendBundle(sub, 'heartbeat', [], `${id}-heartbeat-${now}`));
-      this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : 'failed' });
-      if (result.ok) lane.lastSentAt = this.#clock.now();
-      else this.#logger.warn('heartbeat failed', { subscription: id, error: result.error });
+      // Changed or deleted while this waited for a slot: no heartbeat to the endpoint it had.
+      const result = await this.#withSlot(sub, () =>
+        this.#isCurrent(sub)
+          ? this.#sendBundle(sub, 'heartbeat', [], `${id}-heartbeat-${now}`)
+          : Promise.resolve(undefined),
+      );
+      if (result !== undefined) {
+        this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : 'failed' });
+        if (result.ok) lane.lastSentAt = this.#clock.now();
+        else this.#logger.warn('heartbeat failed', { subscription: id, error: result.error });
+      }
     }
     this.#scheduleHeartbeat(id);
   }

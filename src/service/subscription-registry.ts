@@ -280,15 +280,29 @@ export class SubscriptionRegistry {
     this.#logger.info('subscription deleted', { subscription: id, owner });
   }
 
-  /** A broker-driven status change (handshake, failures, 410). Returns the new record if it applied. */
-  async transition(id: string, event: StatusEvent): Promise<SubscriptionRecord | undefined> {
+  /**
+   * A broker-driven status change (handshake, failures, 410). Returns the new record if it applied.
+   * With `basis` (the record the outcome is about: the endpoint a handshake or a 410 came from), it
+   * applies only while the subscription is still that record, in the cache and in the store: an
+   * answer from an endpoint the client has since left decides nothing.
+   */
+  async transition(
+    id: string,
+    event: StatusEvent,
+    basis?: SubscriptionRecord,
+  ): Promise<SubscriptionRecord | undefined> {
     const current = this.#cache.get(id);
     if (current === undefined) return undefined;
+    if (basis !== undefined && current.updatedAt !== basis.updatedAt) return undefined;
     const change = applyStatusEvent(current.status, event);
     if (change === undefined) return undefined;
     const updated = await this.#store.updateStatus(
       id,
-      { ...change, expected: [current.status] },
+      {
+        ...change,
+        expected: [current.status],
+        ...(basis === undefined ? {} : { unchangedSince: basis.updatedAt }),
+      },
       new Date(this.#clock.now()).toISOString(),
     );
     if (updated === undefined) return undefined;

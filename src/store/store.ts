@@ -39,6 +39,8 @@ export interface StatusUpdate {
   readonly error?: string;
   /** Apply only when the stored status is one of these (compare-and-set). */
   readonly expected?: readonly SubscriptionStatus[];
+  /** Apply only when the stored `updatedAt` is this one: the caller's record is still the current one. */
+  readonly unchangedSince?: string;
 }
 
 /** What matching needs of a subscription, as `candidatesFor` returns it. */

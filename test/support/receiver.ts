@@ -25,6 +25,8 @@ export type Responder = (req: ReceivedRequest) => {
 
 export class Receiver {
   readonly requests: ReceivedRequest[] = [];
+  /** Every request as it arrives, before it is answered (`requests` and `failures` fill as answers go out). */
+  readonly arrived: ReceivedRequest[] = [];
   respond: Responder = () => ({ status: 204 });
   readonly #server: Server;
   readonly #waiters = new Waiters();
@@ -41,6 +43,8 @@ export class Receiver {
           body: Buffer.concat(chunks).toString('utf8'),
           at: Date.now(),
         };
+        this.arrived.push(received);
+        this.#waiters.wake();
         const answer = this.respond(received);
         const reply = (): void => {
           if (answer.status >= 200 && answer.status < 300) {

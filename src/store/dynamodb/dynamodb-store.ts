@@ -215,9 +215,10 @@ export class DynamoDbStore implements Store {
   }
 
   async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
-    const { status, error, expected } = update;
+    const { status, error, expected, unchangedSince: since } = update;
     const written = await this.#writeSubscription(id, ({ error: _previous, ...current }) =>
-      expected === undefined || expected.includes(current.status)
+      (expected === undefined || expected.includes(current.status)) &&
+      (since === undefined || current.updatedAt === since)
         ? {
             next: { ...current, status, ...(error === undefined ? {} : { error }), updatedAt: at },
             update: new Expression()

@@ -180,7 +180,8 @@ const SQL = {
     ${RETURNING_ROW}`,
   // The status moves only from one of the expected ones (a JSON array; NULL: from any).
   setStatus: `UPDATE subscriptions SET status = ?, error = ?, updated_at = ?
-    WHERE id = ? AND (? IS NULL OR status IN (SELECT value FROM json_each(?))) ${RETURNING_ROW}`,
+    WHERE id = ? AND (? IS NULL OR status IN (SELECT value FROM json_each(?))) AND (? IS NULL OR updated_at = ?)
+    ${RETURNING_ROW}`,
   deleteNotes: 'DELETE FROM notifications WHERE subscription_id = ?',
   deleteCounter: 'DELETE FROM subscription_counters WHERE subscription_id = ?',
   deleteSub: 'DELETE FROM subscriptions WHERE id = ?',
@@ -320,8 +321,9 @@ export class SqliteStore implements Store {
 
   async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
     const expected = update.expected === undefined ? null : JSON.stringify(update.expected);
+    const since = update.unchangedSince ?? null;
     const [row] = (await this.#writer.steps([
-      [SQL.setStatus, [update.status, update.error ?? null, at, id, expected, expected], 'get'],
+      [SQL.setStatus, [update.status, update.error ?? null, at, id, expected, expected, since, since], 'get'],
     ])) as [SubscriptionRow | undefined];
     return row === undefined ? undefined : fromRow(row);
   }

@@ -1,0 +1,174 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
+import { eventLike, eventNumbers, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { inProcessBroker } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+
+/**
+ * What a client's change to a subscription does to the work under way for it: nothing more goes to
+ * an endpoint it left (not even a run that was being read from the store when the change came),
+ * and no answer from such an endpoint (a handshake, a 410) decides the subscription's status.
+ * (Runs stopped mid-way: test/delivery-runs.test.ts.)
+ */
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+async function setup(env: Record<string, string> = {}) {
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-changes-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const receiver = await Receiver.start();
+  cleanups.push(() => receiver.close());
+  const t = await inProcessBroker({ BROKER_DATA_DIR: dir, ...env });
+  cleanups.push(() => t.broker.close(0));
+  return { receiver, t };
+}
+
+/** Event numbers of the event notifications `path` accepted, in arrival order. */
+const delivered = (receiver: Receiver, path: string): number[] =>
+  receiver
+    .on(path)
+    .map((r) => JSON.parse(r.body) as Json)
+    .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification')
+    .flatMap(eventNumbers);
+
+/** A request for `path` (with `marker` in its body) has arrived, answered or not. */
+const arrivedAt = (receiver: Receiver, path: string, marker = ''): boolean =>
+  receiver.arrived.some((r) => r.path === path && r.body.includes(marker));
+
+const patientEvents = (prefix: string, n: number): Json[] =>
+  Array.from({ length: n }, (_, i) => eventLike('healthlake-update-patient', `${prefix}-${i + 1}`, `p${i + 1}`));
+
+/** The SQLite store, whose first read of a lane's backlog waits, once read, until `release`. */
+class HeldStore extends SqliteStore {
+  #held = false;
+  #release: () => void = () => undefined;
+  readonly #gate = new Promise<void>((resolve) => (this.#release = resolve));
+  reading = false;
+
+  override async pendingNotifications(...args: Parameters<SqliteStore['pendingNotifications']>) {
+    const rows = await super.pendingNotifications(...args);
+    if (!this.#held && rows.length > 0) {
+      this.#held = true;
+      this.reading = true;
+      await this.#gate;
+    }
+    return rows;
+  }
+
+  release(): void {
+    this.#release();
+  }
+}
+
+describe('a change while the lane reads its backlog from the store', () => {
+  for (const change of ['DELETE', 'PUT status off'] as const) {
+    it(`${change}: none of the backlog goes out`, async () => {
+      // A broker that stops with 30 notifications pending leaves them to the next one, whose lane
+      // reads them from the store when it starts; the client's change comes during that read.
+      const dir = mkdtempSync(join(tmpdir(), 'fsb-changes-'));
+      cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+      const receiver = await Receiver.start();
+      cleanups.push(() => receiver.close());
+      // Retries come soon: the second broker's lane finds the backlog due at once.
+      const env = { BROKER_DATA_DIR: dir, BROKER_RETRY_DELAYS: Array(10).fill('50ms').join(',') };
+      const first = await inProcessBroker(env);
+      const sub = await first.create(topicSubscription('patient-change', `${receiver.url}/held`));
+      const id = sub.id as string;
+      await first.logger.waitForStatus(id, 'active');
+      receiver.respond = (req) => ({ status: req.body.includes('"event-notification"') ? 503 : 204 });
+      await first.post(patientEvents('held', 30));
+      await receiver.waitFor(() => receiver.failures.length > 0, 'a refused first attempt');
+      await first.broker.close(0);
+      receiver.respond = () => ({ status: 204 });
+
+      const store = new HeldStore(dir);
+      const second = await inProcessBroker(env, { store });
+      cleanups.push(() => second.broker.close(0));
+      await receiver.waitFor(() => store.reading, 'the lane reading its backlog');
+      const answer =
+        change === 'DELETE'
+          ? await second.call('DELETE', `/fhir/Subscription/${id}`)
+          : await second.call('PUT', `/fhir/Subscription/${id}`, {
+              ...topicSubscription('patient-change', `${receiver.url}/held`),
+              id,
+              status: 'off',
+            });
+      expect(answer.status).toBe(change === 'DELETE' ? 204 : 200);
+      store.release();
+      // Longer than a run of the backlog would take to arrive.
+      await new Promise((r) => setTimeout(r, 500));
+      expect(receiver.arrived.filter((r) => r.body.includes('"event-notification"'))).toHaveLength(
+        receiver.failures.length,
+      );
+      expect(delivered(receiver, '/held')).toEqual([]);
+    });
+  }
+});
+
+describe('answers from an endpoint the client has moved away from', () => {
+  it('a failed handshake of the old endpoint does not put the moved subscription in error', async () => {
+    const { receiver, t } = await setup();
+    receiver.respond = (req) => (req.path === '/old' ? { status: 500, delayMs: 200 } : { status: 204, delayMs: 400 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
+    const id = sub.id as string;
+    await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
+    const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/new`),
+      id,
+    });
+    expect(moved.status).toBe(200);
+    await t.logger.waitForStatus(id, 'active');
+    expect(receiver.failures.map((r) => r.path)).toEqual(['/old']);
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
+    expect(t.logger.records.some((r) => r.subscription === id && r.to === 'error')).toBe(false);
+  });
+
+  it('a successful handshake of the old endpoint does not activate the moved one; its own decides', async () => {
+    const { receiver, t } = await setup();
+    receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 200 } : { status: 500, delayMs: 400 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
+    const id = sub.id as string;
+    await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
+    await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/new`),
+      id,
+    });
+    await t.logger.waitForStatus(id, 'error');
+    const now = await t.call('GET', `/fhir/Subscription/${id}`);
+    expect(now.body.status).toBe('error');
+    expect(String(now.body.error)).toContain('HTTP 500');
+    expect(t.logger.records.some((r) => r.subscription === id && r.to === 'active')).toBe(false);
+  });
+
+  it('a 410 from the old endpoint turns nothing off: the notification goes to the new one', async () => {
+    const { receiver, t } = await setup({ BROKER_RETRY_DELAYS: '50ms,50ms,50ms' });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/gone`));
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    receiver.respond = (req) =>
+      req.path === '/gone' && req.body.includes('"event-notification"')
+        ? { status: 410, delayMs: 300 }
+        : { status: 204 };
+    await t.post(patientEvents('gone', 1));
+    await receiver.waitFor(
+      () => arrivedAt(receiver, '/gone', '"event-notification"'),
+      'the notification on the wire to the old endpoint',
+    );
+    const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/moved`),
+      id,
+    });
+    expect(moved.status).toBe(200);
+    await receiver.waitFor(() => delivered(receiver, '/moved').length === 1, 'the notification at the new endpoint');
+    expect(delivered(receiver, '/moved')).toEqual([1]);
+    expect(receiver.failures.map((r) => r.path)).toEqual(['/gone']);
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
+    expect(t.logger.records.some((r) => r.subscription === id && r.to === 'off')).toBe(false);
+  });
+});
