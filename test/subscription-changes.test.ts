@@ -66,6 +66,23 @@ class HeldStore extends SqliteStore {
   }
 }
 
+/** The SQLite store, holding a subscription's replacement (a client's PUT), once written, while `hold` is set. */
+class HeldWriteStore extends SqliteStore {
+  hold = false;
+  #release: () => void = () => undefined;
+
+  override async replaceSubscription(...args: Parameters<SqliteStore['replaceSubscription']>) {
+    const written = await super.replaceSubscription(...args);
+    if (this.hold) await new Promise<void>((resolve) => (this.#release = resolve));
+    return written;
+  }
+
+  release(): void {
+    this.hold = false;
+    this.#release();
+  }
+}
+
 describe('a change while the lane reads its backlog from the store', () => {
   for (const change of ['DELETE', 'PUT status off'] as const) {
     it(`${change}: none of the backlog goes out`, async () => {
@@ -85,6 +102,8 @@ describe('a change while the lane reads its backlog from the store', () => {
       await first.post(patientEvents('held', 30));
       await receiver.waitFor(() => receiver.failures.length > 0, 'a refused first attempt');
       await first.broker.close(0);
+      // An attempt the first broker left on the wire still gets its 503.
+      await new Promise((r) => setTimeout(r, 200));
       receiver.respond = () => ({ status: 204 });
 
       const store = new HeldStore(dir);
@@ -114,7 +133,8 @@ describe('a change while the lane reads its backlog from the store', () => {
 describe('answers from an endpoint the client has moved away from', () => {
   it('a failed handshake of the old endpoint does not put the moved subscription in error', async () => {
     const { receiver, t } = await setup();
-    receiver.respond = (req) => (req.path === '/old' ? { status: 500, delayMs: 200 } : { status: 204, delayMs: 400 });
+    // The old endpoint answers after 1 s: the move lands while its handshake is on the wire.
+    receiver.respond = (req) => (req.path === '/old' ? { status: 500, delayMs: 1000 } : { status: 204, delayMs: 1200 });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
     const id = sub.id as string;
     await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
@@ -131,7 +151,7 @@ describe('answers from an endpoint the client has moved away from', () => {
 
   it('a successful handshake of the old endpoint does not activate the moved one; its own decides', async () => {
     const { receiver, t } = await setup();
-    receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 200 } : { status: 500, delayMs: 400 });
+    receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 1000 } : { status: 500, delayMs: 1200 });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
     const id = sub.id as string;
     await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
@@ -146,6 +166,31 @@ describe('answers from an endpoint the client has moved away from', () => {
     expect(t.logger.records.some((r) => r.subscription === id && r.to === 'active')).toBe(false);
   });
 
+  it('tells versions apart within one millisecond: the old handshake still decides nothing', async () => {
+    // The clock stands still while the subscription is created and moved.
+    let frozen: number | undefined = Date.now();
+    const clock = { now: () => frozen ?? Date.now() };
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-changes-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    const t = await inProcessBroker({ BROKER_DATA_DIR: dir }, { clock });
+    cleanups.push(() => t.broker.close(0));
+    receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 1000 } : { status: 500, delayMs: 1200 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
+    const id = sub.id as string;
+    await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
+    const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/new`),
+      id,
+    });
+    expect(moved.status).toBe(200);
+    frozen = undefined;
+    await t.logger.waitForStatus(id, 'error');
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('error');
+    expect(t.logger.records.some((r) => r.subscription === id && r.to === 'active')).toBe(false);
+  });
+
   it('a 410 from the old endpoint turns nothing off: the notification goes to the new one', async () => {
     const { receiver, t } = await setup({ BROKER_RETRY_DELAYS: '50ms,50ms,50ms' });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/gone`));
@@ -153,7 +198,7 @@ describe('answers from an endpoint the client has moved away from', () => {
     await t.logger.waitForStatus(id, 'active');
     receiver.respond = (req) =>
       req.path === '/gone' && req.body.includes('"event-notification"')
-        ? { status: 410, delayMs: 300 }
+        ? { status: 410, delayMs: 1000 }
         : { status: 204 };
     await t.post(patientEvents('gone', 1));
     await receiver.waitFor(
@@ -170,5 +215,59 @@ describe('answers from an endpoint the client has moved away from', () => {
     expect(receiver.failures.map((r) => r.path)).toEqual(['/gone']);
     expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
     expect(t.logger.records.some((r) => r.subscription === id && r.to === 'off')).toBe(false);
+  });
+
+  it('a 410 after a change that kept the endpoint still turns the subscription off', async () => {
+    const { receiver, t } = await setup();
+    const body = topicSubscription('patient-change', `${receiver.url}/kept`);
+    const sub = await t.create(body);
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    receiver.respond = (req) =>
+      req.body.includes('"event-notification"') ? { status: 410, delayMs: 1000 } : { status: 204 };
+    await t.post(patientEvents('kept', 1));
+    await receiver.waitFor(() => arrivedAt(receiver, '/kept', '"event-notification"'), 'the notification on the wire');
+    // Same channel, still active: only the subscription's version moves on.
+    expect(
+      (await t.call('PUT', `/fhir/Subscription/${id}`, { ...body, id, status: 'active', reason: 'edited' })).body
+        .status,
+    ).toBe('active');
+    await t.logger.waitForStatus(id, 'off');
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('off');
+    // Off at that answer, not at a retry's.
+    expect(receiver.arrived.filter((r) => r.body.includes('"event-notification"'))).toHaveLength(1);
+  });
+
+  it('a 410 that loses the race with a change in the store is retried, not left stuck', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-changes-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    const store = new HeldWriteStore(dir);
+    const t = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_RETRY_DELAYS: '50ms,50ms,50ms' }, { store });
+    cleanups.push(() => t.broker.close(0));
+    const body = topicSubscription('patient-change', `${receiver.url}/race`);
+    const sub = await t.create(body);
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    // The first attempt gets a 410 (after 300 ms); any later one a 204.
+    let first = true;
+    receiver.respond = (req) => {
+      if (!req.body.includes('"event-notification"') || !first) return { status: 204 };
+      first = false;
+      return { status: 410, delayMs: 300 };
+    };
+    await t.post(patientEvents('race', 1));
+    await receiver.waitFor(() => arrivedAt(receiver, '/race', '"event-notification"'), 'the notification on the wire');
+    // The client's PUT is written to the store but not yet to the broker's cache when the 410 comes.
+    store.hold = true;
+    const put = t.call('PUT', `/fhir/Subscription/${id}`, { ...body, id, status: 'active', reason: 'edited' });
+    await receiver.waitFor(() => receiver.failures.length === 1, 'the 410');
+    await new Promise((r) => setTimeout(r, 100));
+    store.release();
+    expect((await put).status).toBe(200);
+    await receiver.waitFor(() => delivered(receiver, '/race').length === 1, 'the notification retried');
+    expect(delivered(receiver, '/race')).toEqual([1]);
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
   });
 });

@@ -453,10 +453,19 @@ export class Dispatcher {
       attempt: attempts,
       error: result.error,
     });
-    // A 410 from an endpoint the client has left since (the request was on the wire) turns nothing
-    // off: the notification is retried at the endpoint the subscription has now.
-    if (result.status === 410 && this.#isCurrent(sub)) {
-      await this.#registry.transition(sub.id, { kind: 'endpoint-gone', reason: 'endpoint answered 410 Gone' }, sub);
+    // A 410 turns the subscription off only while it still has the endpoint that answered it (the
+    // store checks that it has not changed since): otherwise the client moved it meanwhile and the
+    // notification is retried like any failure, at the endpoint it has now.
+    const holder = result.status === 410 ? this.#registry.get(sub.id) : undefined;
+    const gone =
+      holder !== undefined &&
+      holder.channel.endpoint === sub.channel.endpoint &&
+      (await this.#registry.transition(
+        sub.id,
+        { kind: 'endpoint-gone', reason: 'endpoint answered 410 Gone' },
+        holder,
+      )) !== undefined;
+    if (gone) {
       this.#lifecycle.publish({
         type: 'Endpoint Disabled',
         subscriptionId: sub.id,
@@ -519,7 +528,9 @@ export class Dispatcher {
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
     // A rebuilt lane reads the retry back from the store (its rescan writes this state first).
     if (!current) return true;
-    if (!this.#closed) lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
+    // Not for a lane forgotten meanwhile (the subscription was deleted): waking it would make a new one.
+    if (!this.#closed && this.#lanes.get(sub.id) === lane)
+      lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
     return false;
   }
 

@@ -228,7 +228,7 @@ export class SubscriptionRegistry {
         webhookSecret: spec.webhookSecret ?? current.webhookSecret,
         ...this.#rotation(current, spec.webhookSecret),
         ...(spec.end === undefined ? {} : { end: spec.end }),
-        updatedAt: new Date(this.#clock.now()).toISOString(),
+        updatedAt: this.#nextUpdatedAt(current),
         resource: spec.resource,
       };
       const reactivating = status === 'requested' && current.status !== 'requested';
@@ -303,7 +303,7 @@ export class SubscriptionRegistry {
         expected: [current.status],
         ...(basis === undefined ? {} : { unchangedSince: basis.updatedAt }),
       },
-      new Date(this.#clock.now()).toISOString(),
+      this.#nextUpdatedAt(current),
     );
     if (updated === undefined) return undefined;
     this.#remember(updated);
@@ -325,6 +325,15 @@ export class SubscriptionRegistry {
     if (updated.status === 'active') this.#listener?.onActivated(id);
     this.#listener?.onChanged(id);
     return updated;
+  }
+
+  /**
+   * `updatedAt` for a write over `current`: now, but always after `current.updatedAt`, so that no
+   * two versions of a subscription share one (two writes within a millisecond, or a clock behind
+   * another instance's): it is what compare-and-sets and stale answers are told apart by.
+   */
+  #nextUpdatedAt(current: SubscriptionRecord): string {
+    return new Date(Math.max(this.#clock.now(), Date.parse(current.updatedAt) + 1)).toISOString();
   }
 
   /** The secrets that sign for this subscription now: the current one, and a rotated-out one for 24 h. */
