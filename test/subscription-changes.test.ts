@@ -2,9 +2,10 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import type { BrokerOverrides } from '../src/broker.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { eventLike, eventNumbers, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
-import { inProcessBroker } from './support/in-process.js';
+import { inProcessBroker, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 
 /**
@@ -19,12 +20,12 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-async function setup(env: Record<string, string> = {}) {
+async function setup(env: Record<string, string> = {}, overrides: BrokerOverrides = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'fsb-changes-'));
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
   const receiver = await Receiver.start();
   cleanups.push(() => receiver.close());
-  const t = await inProcessBroker({ BROKER_DATA_DIR: dir, ...env });
+  const t = await inProcessBroker({ BROKER_DATA_DIR: dir, ...env }, overrides);
   cleanups.push(() => t.broker.close(0));
   return { receiver, t };
 }
@@ -130,19 +131,28 @@ describe('a change while the lane reads its backlog from the store', () => {
   }
 });
 
+/**
+ * Creates a subscription at /old and, while its handshake is on the wire there (the receiver holds
+ * /old's answers), moves it to /new. Answers its id.
+ */
+async function moveDuringHandshake(t: TestBroker, receiver: Receiver): Promise<string> {
+  const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
+  const id = sub.id as string;
+  await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
+  const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
+    ...topicSubscription('patient-change', `${receiver.url}/new`),
+    id,
+  });
+  expect(moved.status).toBe(200);
+  return id;
+}
+
 describe('answers from an endpoint the client has moved away from', () => {
   it('a failed handshake of the old endpoint does not put the moved subscription in error', async () => {
     const { receiver, t } = await setup();
     // The old endpoint answers after 1 s: the move lands while its handshake is on the wire.
     receiver.respond = (req) => (req.path === '/old' ? { status: 500, delayMs: 1000 } : { status: 204, delayMs: 1200 });
-    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
-    const id = sub.id as string;
-    await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
-    const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
-      ...topicSubscription('patient-change', `${receiver.url}/new`),
-      id,
-    });
-    expect(moved.status).toBe(200);
+    const id = await moveDuringHandshake(t, receiver);
     await t.logger.waitForStatus(id, 'active');
     expect(receiver.failures.map((r) => r.path)).toEqual(['/old']);
     expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
@@ -152,13 +162,7 @@ describe('answers from an endpoint the client has moved away from', () => {
   it('a successful handshake of the old endpoint does not activate the moved one; its own decides', async () => {
     const { receiver, t } = await setup();
     receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 1000 } : { status: 500, delayMs: 1200 });
-    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
-    const id = sub.id as string;
-    await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
-    await t.call('PUT', `/fhir/Subscription/${id}`, {
-      ...topicSubscription('patient-change', `${receiver.url}/new`),
-      id,
-    });
+    const id = await moveDuringHandshake(t, receiver);
     await t.logger.waitForStatus(id, 'error');
     const now = await t.call('GET', `/fhir/Subscription/${id}`);
     expect(now.body.status).toBe('error');
@@ -169,22 +173,9 @@ describe('answers from an endpoint the client has moved away from', () => {
   it('tells versions apart within one millisecond: the old handshake still decides nothing', async () => {
     // The clock stands still while the subscription is created and moved.
     let frozen: number | undefined = Date.now();
-    const clock = { now: () => frozen ?? Date.now() };
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-changes-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
-    const t = await inProcessBroker({ BROKER_DATA_DIR: dir }, { clock });
-    cleanups.push(() => t.broker.close(0));
+    const { receiver, t } = await setup({}, { clock: { now: () => frozen ?? Date.now() } });
     receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 1000 } : { status: 500, delayMs: 1200 });
-    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
-    const id = sub.id as string;
-    await receiver.waitFor(() => arrivedAt(receiver, '/old'), 'the handshake to the old endpoint on the wire');
-    const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
-      ...topicSubscription('patient-change', `${receiver.url}/new`),
-      id,
-    });
-    expect(moved.status).toBe(200);
+    const id = await moveDuringHandshake(t, receiver);
     frozen = undefined;
     await t.logger.waitForStatus(id, 'error');
     expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('error');

@@ -50,6 +50,20 @@ const oneThread = (allowlist: readonly string[] = ['127.0.0.1']): ThreadedSender
     logger: new RecordingLogger(),
   });
 
+/** Two threads sharing an origin's 32 connections. */
+const twoThreads = (): ThreadedSender =>
+  new ThreadedSender({
+    threads: 2,
+    allowlist: ['127.0.0.1'],
+    userAgent: 'ua',
+    connectionsPerOrigin: 32,
+    logger: new RecordingLogger(),
+  });
+
+/** A run of `n` requests to `${base}/${prefix}1`…, webhook ids `${prefix}-1`…. */
+const runOf = (base: string, prefix: string, n: number): WebhookRequest[] =>
+  Array.from({ length: n }, (_, i) => request(`${base}/${prefix}${i + 1}`, { webhookId: `${prefix}-${i + 1}` }));
+
 describe('ThreadedSender', () => {
   let sender: ThreadedSender | undefined;
   let receiver: Receiver | undefined;
@@ -138,17 +152,8 @@ describe('ThreadedSender', () => {
   it('sends a run in order, one request at a time, and ends it at the first failure or after stop', async () => {
     receiver = await Receiver.start();
     receiver.respond = (req) => ({ status: req.path === '/r4' ? 503 : 204, delayMs: 5 });
-    sender = new ThreadedSender({
-      threads: 2,
-      allowlist: ['127.0.0.1'],
-      userAgent: 'ua',
-      connectionsPerOrigin: 32,
-      logger: new RecordingLogger(),
-    });
-    const run = (prefix: string, n: number) =>
-      Array.from({ length: n }, (_, i) =>
-        request(`${receiver?.url}/${prefix}${i + 1}`, { webhookId: `${prefix}-${i + 1}` }),
-      );
+    sender = twoThreads();
+    const run = (prefix: string, n: number) => runOf(receiver?.url ?? '', prefix, n);
     expect(await sender.sendInOrder(run('r', 6), 60_000)).toEqual([
       { ok: true, status: 204 },
       { ok: true, status: 204 },
@@ -179,17 +184,8 @@ describe('ThreadedSender', () => {
       stopped.stop();
       return { status: 204, delayMs: 300 };
     };
-    sender = new ThreadedSender({
-      threads: 2,
-      allowlist: ['127.0.0.1'],
-      userAgent: 'ua',
-      connectionsPerOrigin: 32,
-      logger: new RecordingLogger(),
-    });
-    const run = (prefix: string, n: number) =>
-      Array.from({ length: n }, (_, i) =>
-        request(`${receiver?.url}/${prefix}${i + 1}`, { webhookId: `${prefix}-${i + 1}` }),
-      );
+    sender = twoThreads();
+    const run = (prefix: string, n: number) => runOf(receiver?.url ?? '', prefix, n);
     // Beside it, on the other thread, a run that is not stopped.
     const [cut, whole] = await Promise.all([
       sender.sendInOrder(run('c', 20), 60_000, stopped),
