@@ -11,7 +11,7 @@ import {
   type SendResult,
   type WebhookRequest,
 } from '../src/delivery/rest-hook-sender.js';
-import { eventLike, eventNumbers, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { eventLike, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 
@@ -56,12 +56,7 @@ async function start(dataDir: string, sender: NotingSender): Promise<TestBroker>
 }
 
 /** Event numbers of the event notifications the receiver accepted (2xx), in arrival order. */
-const delivered = (receiver: Receiver, path: string): number[] =>
-  receiver
-    .on(path)
-    .map((r) => JSON.parse(r.body) as Json)
-    .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification')
-    .flatMap(eventNumbers);
+const delivered = (receiver: Receiver, path: string): number[] => notifiedNumbers(receiver.on(path));
 
 const range = (n: number): number[] => Array.from({ length: n }, (_, i) => i + 1);
 
@@ -82,6 +77,24 @@ async function backlog(t: TestBroker, receiver: Receiver, path: string, events: 
       down = false;
     },
   };
+}
+
+/**
+ * A subscription at `path` whose backlog of 30 is being delivered in runs (each request answered
+ * after 60 ms, so a run goes on for up to 1 s), three notifications in.
+ */
+async function runUnderWay(path: string) {
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const receiver = await Receiver.start();
+  cleanups.push(() => receiver.close());
+  const t = await start(dir, new NotingSender());
+  const { sub, recover } = await backlog(t, receiver, path, 30);
+  const answer = receiver.respond;
+  receiver.respond = (req) => ({ ...answer(req), delayMs: 60 });
+  recover();
+  await receiver.waitFor(() => delivered(receiver, path).length >= 3, 'three notifications');
+  return { t, receiver, id: sub.id as string };
 }
 
 describe('delivery runs', () => {
@@ -143,18 +156,7 @@ describe('delivery runs', () => {
   });
 
   it('stops a run when the client moves the endpoint: the old one gets at most the request on the wire', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
-    const t = await start(dir, new NotingSender());
-    const { sub, recover } = await backlog(t, receiver, '/old', 30);
-    const id = sub.id as string;
-    const answer = receiver.respond;
-    receiver.respond = (req) => ({ ...answer(req), delayMs: 60 });
-    recover();
-    await receiver.waitFor(() => delivered(receiver, '/old').length >= 3, 'three notifications');
-    // A run is under way: each request takes 60 ms, a run goes on for up to 1 s (16 at most).
+    const { t, receiver, id } = await runUnderWay('/old');
     const moved = await t.call('PUT', `/fhir/Subscription/${id}`, {
       ...topicSubscription('patient-change', `${receiver.url}/new`),
       id,
@@ -172,17 +174,8 @@ describe('delivery runs', () => {
   });
 
   it('stops a run when the client rotates the secret: what follows is signed with both secrets', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
-    const t = await start(dir, new NotingSender());
-    const { sub, recover } = await backlog(t, receiver, '/rotated', 30);
-    const answer = receiver.respond;
-    receiver.respond = (req) => ({ ...answer(req), delayMs: 60 });
-    recover();
-    await receiver.waitFor(() => delivered(receiver, '/rotated').length >= 3, 'three notifications');
-    const rotated = await t.call('PUT', `/fhir/Subscription/${sub.id}`, {
+    const { t, receiver, id } = await runUnderWay('/rotated');
+    const rotated = await t.call('PUT', `/fhir/Subscription/${id}`, {
       ...topicSubscription('patient-change', `${receiver.url}/rotated`, {
         channel: {
           extension: [
@@ -193,7 +186,7 @@ describe('delivery runs', () => {
           ],
         },
       }),
-      id: sub.id,
+      id,
       status: 'active',
     });
     // A change that keeps the subscription active: its lane goes on, as the subscription is now.
@@ -211,17 +204,8 @@ describe('delivery runs', () => {
   });
 
   it('stops a run when the client deletes the subscription: nothing after the request on the wire', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
-    const t = await start(dir, new NotingSender());
-    const { sub, recover } = await backlog(t, receiver, '/deleted', 30);
-    const answer = receiver.respond;
-    receiver.respond = (req) => ({ ...answer(req), delayMs: 60 });
-    recover();
-    await receiver.waitFor(() => delivered(receiver, '/deleted').length >= 3, 'three notifications');
-    expect((await t.call('DELETE', `/fhir/Subscription/${sub.id}`)).status).toBe(204);
+    const { t, receiver, id } = await runUnderWay('/deleted');
+    expect((await t.call('DELETE', `/fhir/Subscription/${id}`)).status).toBe(204);
     const atDelete = delivered(receiver, '/deleted').length;
     // Longer than the rest of the run would have taken (up to 1 s) had it gone on.
     await new Promise((r) => setTimeout(r, 1200));

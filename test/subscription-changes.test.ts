@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { BrokerOverrides } from '../src/broker.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
-import { eventLike, eventNumbers, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { eventLike, type Json, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 
@@ -31,12 +31,7 @@ async function setup(env: Record<string, string> = {}, overrides: BrokerOverride
 }
 
 /** Event numbers of the event notifications `path` accepted, in arrival order. */
-const delivered = (receiver: Receiver, path: string): number[] =>
-  receiver
-    .on(path)
-    .map((r) => JSON.parse(r.body) as Json)
-    .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification')
-    .flatMap(eventNumbers);
+const delivered = (receiver: Receiver, path: string): number[] => notifiedNumbers(receiver.on(path));
 
 /** A request for `path` (with `marker` in its body) has arrived, answered or not. */
 const arrivedAt = (receiver: Receiver, path: string, marker = ''): boolean =>

@@ -544,11 +544,7 @@ export class Dispatcher {
       return;
     }
     // Changed or deleted while this waited for a slot: a change's own handshake decides.
-    const result = await this.#withSlot(sub, () =>
-      this.#isCurrent(sub)
-        ? this.#sendBundle(sub, 'handshake', [], `${id}-handshake-${this.#ids.uuid()}`)
-        : Promise.resolve(undefined),
-    );
+    const result = await this.#sendIfCurrent(sub, 'handshake', `${id}-handshake-${this.#ids.uuid()}`);
     if (result === undefined) return;
     this.#metrics.inc('broker_handshakes_total', { outcome: result.ok ? 'ok' : 'failed' });
     // Applied only while the subscription is still the one the handshake went out for (`sub`): the
@@ -564,10 +560,14 @@ export class Dispatcher {
     }
   }
 
-  /** `sub` is still what the registry holds: not deleted, and not changed since it was read. */
-  #isCurrent(sub: SubscriptionRecord): boolean {
-    const now = this.#registry.get(sub.id);
-    return now === sub || (now !== undefined && now.updatedAt === sub.updatedAt);
+  /**
+   * One bundle without events (handshake, heartbeat), sent within the in-flight caps unless the
+   * subscription was deleted or changed while it waited for a slot (then undefined: nothing sent).
+   */
+  #sendIfCurrent(sub: SubscriptionRecord, type: NotificationType, webhookId: string): Promise<SendResult | undefined> {
+    return this.#withSlot(sub, () =>
+      this.#registry.isCurrent(sub) ? this.#sendBundle(sub, type, [], webhookId) : Promise.resolve(undefined),
+    );
   }
 
   /**
@@ -687,11 +687,7 @@ export class Dispatcher {
     const now = this.#clock.now();
     if (now - lane.lastSentAt >= period && !lane.running) {
       // Changed or deleted while this waited for a slot: no heartbeat to the endpoint it had.
-      const result = await this.#withSlot(sub, () =>
-        this.#isCurrent(sub)
-          ? this.#sendBundle(sub, 'heartbeat', [], `${id}-heartbeat-${now}`)
-          : Promise.resolve(undefined),
-      );
+      const result = await this.#sendIfCurrent(sub, 'heartbeat', `${id}-heartbeat-${now}`);
       if (result !== undefined) {
         this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : 'failed' });
         if (result.ok) lane.lastSentAt = this.#clock.now();

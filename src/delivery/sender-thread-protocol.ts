@@ -9,7 +9,7 @@ import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
  * Run:     id, slot, withinMs, n, request × n (slot: where the thread counts the run's successes as they come,
  *          see `ThreadedSender`; -1: none. withinMs -1: the run was stopped before it was posted; send none).
  * Request: endpoint, contentType | null, body, webhookId, timeoutMs, h, header × h, s, secret × s.
- * Results: id, n, result × n (n ≥ 1: the requests attempted).
+ * Results: id, n, result × n (the requests attempted: none for a run stopped before it began).
  * Result:  ok (1 | 0), status (0: none), error | null, retryAfterMs (-1: none), permanent (1 | 0).
  * Stop:    the string 'stop' instead of an array: start no further request of any run.
  * Cancel:  `{ cancel: [id...] }`: start no further request of these runs (`RunStop`); posted after the

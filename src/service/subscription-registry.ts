@@ -119,6 +119,11 @@ export class SubscriptionRegistry {
     return this.#cache.get(id);
   }
 
+  /** `rec` is still the subscription as this registry holds it: not deleted, not changed since it was read. */
+  isCurrent(rec: SubscriptionRecord): boolean {
+    return this.#cache.get(rec.id)?.updatedAt === rec.updatedAt;
+  }
+
   all(): IterableIterator<SubscriptionRecord> {
     return this.#cache.values();
   }
@@ -293,7 +298,7 @@ export class SubscriptionRegistry {
   ): Promise<SubscriptionRecord | undefined> {
     const current = this.#cache.get(id);
     if (current === undefined) return undefined;
-    if (basis !== undefined && current.updatedAt !== basis.updatedAt) return undefined;
+    if (basis !== undefined && !this.isCurrent(basis)) return undefined;
     const change = applyStatusEvent(current.status, event);
     if (change === undefined) return undefined;
     const updated = await this.#store.updateStatus(

@@ -127,6 +127,14 @@ export function eventNumbers(bundle: Json): number[] {
   );
 }
 
+/** The event numbers carried by the event-notification bundles among `requests` (handshakes, heartbeats skipped), in order. */
+export function notifiedNumbers(requests: readonly { readonly body: string }[]): number[] {
+  return requests
+    .map((r) => JSON.parse(r.body) as Json)
+    .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification')
+    .flatMap(eventNumbers);
+}
+
 export function focusOf(eventParam: Json): string | undefined {
   const focus = (eventParam.part as Json[]).find((p) => p.name === 'focus');
   return (focus?.valueReference as Json | undefined)?.reference as string | undefined;
