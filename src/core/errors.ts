@@ -32,6 +32,11 @@ export const ERROR_CODES = {
   UNSUPPORTED_FILTER: { status: 422, issue: 'not-supported', text: 'A filter the broker cannot honour.' },
   UNSUPPORTED_CRITERIA: { status: 422, issue: 'not-supported', text: 'Classic criteria the broker cannot honour.' },
   UNSUPPORTED_CHANNEL: { status: 422, issue: 'not-supported', text: 'A channel type the broker does not deliver.' },
+  UNSUPPORTED_MODIFIER: {
+    status: 422,
+    issue: 'not-supported',
+    text: 'A modifier extension the broker does not understand.',
+  },
   UNSUPPORTED_CONTENT: {
     status: 422,
     issue: 'not-supported',

@@ -411,6 +411,9 @@ describe('parseSubscription: refusals', () => {
     ['a value with a NUL', 'X-A: a\u0000b'],
     ['a value with another control character', 'X-A: a\u0007b'],
     ['a value with DEL', 'X-A: a\u007fb'],
+    ['Content-Encoding (the body the broker writes is not encoded)', 'Content-Encoding: gzip'],
+    ['Content-Range', 'Content-Range: bytes 0-1/2'],
+    ['a header in the Standard Webhooks namespace', 'Webhook-Version: 2'],
   ])('refuses %s with INVALID_HEADER', (_name, header) => {
     expect(errorCode(topicSub({ channel: { header: [header] } }))).toBe('INVALID_HEADER');
   });
@@ -444,6 +447,55 @@ describe('parseSubscription: refusals', () => {
     ['a channel without type', { resourceType: 'Subscription', criteria: 'Patient', channel: { endpoint: ENDPOINT } }],
   ])('refuses %s with INVALID_RESOURCE', (_name, input) => {
     expect(errorCode(input)).toBe('INVALID_RESOURCE');
+  });
+
+  it('says what a body of another resourceType is, before anything else', () => {
+    const err = thrown({ resourceType: 'Patient', id: 'p1' });
+    expect(err.code).toBe('INVALID_RESOURCE');
+    expect(err.message).toBe('resourceType must be Subscription (got Patient)');
+    expect(err.expression).toBe('Subscription.resourceType');
+  });
+
+  it.each<[string, Json, string]>([
+    ['an element R4 does not define', { ...classicSub('Patient'), note: 'x'.repeat(60_000) }, 'Subscription.note'],
+    ['a channel element R4 does not define', classicSub('Patient', { secret: 's' }), 'Subscription.channel.secret'],
+    ['a primitive sibling of a complex element', { ...classicSub('Patient'), _channel: {} }, 'Subscription._channel'],
+  ])('refuses %s with INVALID_RESOURCE naming it', (_name, input, where) => {
+    const err = thrown(input);
+    expect(err.code).toBe('INVALID_RESOURCE');
+    expect(err.expression).toBe(where);
+    expect(err.message).toContain('is not an element of an R4');
+  });
+
+  it('accepts the R4 elements it does not use and the primitive siblings of those it does', () => {
+    const sub = {
+      ...topicSub(),
+      language: 'en',
+      contact: [{ system: 'email', value: 'ops@example.com' }],
+      _reason: { extension: [{ url: 'http://example.org/x', valueString: 'y' }] },
+      reason: 'why',
+    };
+    expect(parse(sub).resource).toMatchObject({ language: 'en', contact: sub.contact, _reason: sub._reason });
+  });
+
+  it.each<[string, Json]>([
+    ['on the Subscription', { ...classicSub('Patient'), modifierExtension: [{ url: 'http://example.org/must' }] }],
+    ['on the channel', classicSub('Patient', { modifierExtension: [{ url: 'http://example.org/must' }] })],
+  ])('refuses a modifier extension %s with UNSUPPORTED_MODIFIER', (_name, input) => {
+    const err = thrown(input);
+    expect(err.code).toBe('UNSUPPORTED_MODIFIER');
+    expect(err.status).toBe(422);
+    expect(err.message).toContain('http://example.org/must');
+  });
+
+  it.each<[string, Json, ErrorCode]>([
+    ['classic criteria', classicSub('Patients'), 'UNSUPPORTED_CRITERIA'],
+    ['classic criteria with ids', classicSub('Foo?_id=1'), 'UNSUPPORTED_CRITERIA'],
+    ['a _type filter', topicSub({ topic: RESOURCE_TOPIC, filters: ['_type=Patinet'] }), 'UNSUPPORTED_FILTER'],
+    ['a scoped filter', topicSub({ topic: RESOURCE_TOPIC, filters: ['Patinet?_id=1'] }), 'UNSUPPORTED_FILTER'],
+    ['an R4B-only type', classicSub('SubscriptionStatus'), 'UNSUPPORTED_CRITERIA'],
+  ])('refuses a misspelt or non-R4 resource type in %s', (_name, input, code) => {
+    expect(errorCode(input)).toBe(code);
   });
 
   it('names the missing property', () => {

@@ -1,6 +1,7 @@
 import { Ajv } from 'ajv';
 import { BrokerError } from './errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
+import { R4_RESOURCE_TYPES } from './resource-types.js';
 import type { TopicCatalog, TopicDefinition } from './topics.js';
 import type {
   Channel,
@@ -101,10 +102,17 @@ ajv.addFormat('date-time', {
 });
 const validateSubscription = ajv.compile<SubscriptionJson>(subscriptionSchema);
 
-const RESOURCE_TYPE = /^[A-Z][A-Za-z]{1,63}$/;
+/** A resource type of R4: anything else could never match a change HealthLake reports. */
+const isResourceType = (name: string): boolean => R4_RESOURCE_TYPES.has(name);
 const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}$/;
-/** Headers the broker owns: hop-by-hop, framing, and the signature it computes itself. */
+/**
+ * Headers the broker owns: hop-by-hop, framing, and the signature it computes itself. Any
+ * `Content-*` header describes the body the broker writes (a `Content-Encoding: gzip` on a plain
+ * body would make every receiver refuse every delivery), and `Webhook-*` is the Standard Webhooks
+ * namespace: both prefixes are refused whole.
+ */
+const FORBIDDEN_HEADER_PREFIXES = ['content-', 'webhook-'];
 const FORBIDDEN_HEADERS = new Set([
   'host',
   'connection',
@@ -116,12 +124,7 @@ const FORBIDDEN_HEADERS = new Set([
   'trailer',
   'transfer-encoding',
   'upgrade',
-  'content-length',
-  'content-type',
   'expect',
-  'webhook-id',
-  'webhook-timestamp',
-  'webhook-signature',
 ]);
 const JSON_PAYLOADS = new Set(['application/fhir+json', 'application/json']);
 const MAX_HEARTBEAT_SECONDS = 24 * 60 * 60;
@@ -130,7 +133,66 @@ const MAX_TIMEOUT_SECONDS = 60;
 const MAX_MAX_COUNT = 1000;
 export const WEBHOOK_SECRET_PREFIX = 'whsec_';
 
+/** The elements of an R4 Subscription and of its channel; `_name` siblings are allowed for the primitive ones. */
+const ELEMENTS = {
+  Subscription: {
+    all: new Set([
+      ...['resourceType', 'id', 'meta', 'implicitRules', 'language', 'text', 'contained', 'extension'],
+      ...['modifierExtension', 'status', 'contact', 'end', 'reason', 'criteria', 'error', 'channel'],
+    ]),
+    primitive: new Set(['id', 'implicitRules', 'language', 'status', 'end', 'reason', 'criteria', 'error']),
+  },
+  'Subscription.channel': {
+    all: new Set(['id', 'extension', 'modifierExtension', 'type', 'endpoint', 'payload', 'header']),
+    primitive: new Set(['type', 'endpoint', 'payload', 'header']),
+  },
+} as const;
+
+/**
+ * Fails closed on what the broker would otherwise store without understanding: elements R4 does
+ * not define (an unknown `note` of any size would be kept and served back), and modifier
+ * extensions, which R4 says a system that does not know them SHALL refuse.
+ */
+function checkElements(input: unknown): void {
+  if (typeof input !== 'object' || input === null || Array.isArray(input)) {
+    throw new BrokerError('INVALID_RESOURCE', 'The body must be a Subscription resource (a JSON object)');
+  }
+  const type = (input as { resourceType?: unknown }).resourceType;
+  if (type !== 'Subscription') {
+    const got = typeof type === 'string' ? ` (got ${type.slice(0, 64)})` : '';
+    throw new BrokerError('INVALID_RESOURCE', `resourceType must be Subscription${got}`, {
+      expression: 'Subscription.resourceType',
+    });
+  }
+  const channel = (input as { channel?: unknown }).channel;
+  const levels: [keyof typeof ELEMENTS, unknown][] = [
+    ['Subscription', input],
+    ['Subscription.channel', channel],
+  ];
+  for (const [path, value] of levels) {
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) continue;
+    const known = ELEMENTS[path];
+    for (const name of Object.keys(value)) {
+      const element = name.startsWith('_') ? name.slice(1) : name;
+      if (name.startsWith('_') ? known.primitive.has(element) : known.all.has(name)) continue;
+      throw new BrokerError('INVALID_RESOURCE', `${path}.${name.slice(0, 64)} is not an element of an R4 ${path}`, {
+        expression: `${path}.${name.slice(0, 64)}`,
+      });
+    }
+    const modifiers = (value as { modifierExtension?: unknown }).modifierExtension;
+    if (Array.isArray(modifiers) && modifiers.length > 0) {
+      const url = (modifiers[0] as { url?: unknown } | null)?.url;
+      throw new BrokerError(
+        'UNSUPPORTED_MODIFIER',
+        `${path}.modifierExtension${typeof url === 'string' ? ` ${url.slice(0, 200)}` : ''} is not understood by this broker, so the Subscription cannot be honoured`,
+        { expression: `${path}.modifierExtension` },
+      );
+    }
+  }
+}
+
 export function parseSubscription(input: unknown, topics: TopicCatalog): SubscriptionSpec {
+  checkElements(input);
   if (!validateSubscription(input)) {
     const e = validateSubscription.errors?.[0];
     const where = `Subscription${(e?.instancePath ?? '').replaceAll('/', '.')}`;
@@ -188,7 +250,7 @@ function applyFilters(topic: TopicDefinition, filters: readonly string[]): Match
     const query = q === -1 ? (filter.includes('=') ? filter : '') : filter.slice(q + 1);
     const scope = prefix === '' || prefix === 'Resource' ? '*' : prefix;
     if (scope !== '*') {
-      if (!RESOURCE_TYPE.test(scope)) throw unsupportedFilter(filter, `${scope} is not a resource type`);
+      if (!isResourceType(scope)) throw unsupportedFilter(filter, `${scope} is not a resource type`);
       if (types !== '*' && !types.includes(scope)) {
         throw unsupportedFilter(filter, `topic ${topic.url} does not trigger on ${scope}`);
       }
@@ -208,8 +270,7 @@ function applyFilters(topic: TopicDefinition, filters: readonly string[]): Match
       const values = value.split(',').filter((v) => v !== '');
       if (values.length === 0) throw unsupportedFilter(filter, `${name} needs a value`);
       if (name === '_type') {
-        for (const v of values)
-          if (!RESOURCE_TYPE.test(v)) throw unsupportedFilter(filter, `${v} is not a resource type`);
+        for (const v of values) if (!isResourceType(v)) throw unsupportedFilter(filter, `${v} is not a resource type`);
         types = types === '*' ? values : types.filter((t) => values.includes(t));
       } else {
         for (const v of values) if (!FHIR_ID.test(v)) throw unsupportedFilter(filter, `${v} is not a FHIR id`);
@@ -255,7 +316,7 @@ function classicMatch(sub: SubscriptionJson): MatchSpec {
   const criteria = sub.criteria.trim();
   const q = criteria.indexOf('?');
   const type = q === -1 ? criteria : criteria.slice(0, q);
-  if (!RESOURCE_TYPE.test(type)) {
+  if (!isResourceType(type)) {
     throw new BrokerError('UNSUPPORTED_CRITERIA', `Criteria "${criteria}": ${type} is not a resource type`, {
       expression: 'Subscription.criteria',
     });
@@ -384,7 +445,8 @@ function parseHeaders(headers: readonly string[]): string[] {
         expression: 'Subscription.channel.header',
       });
     }
-    if (FORBIDDEN_HEADERS.has(name.toLowerCase())) {
+    const lower = name.toLowerCase();
+    if (FORBIDDEN_HEADERS.has(lower) || FORBIDDEN_HEADER_PREFIXES.some((p) => lower.startsWith(p))) {
       throw new BrokerError('INVALID_HEADER', `channel.header ${name} is set by the broker and cannot be overridden`, {
         expression: 'Subscription.channel.header',
       });
