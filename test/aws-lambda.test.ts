@@ -301,6 +301,64 @@ describe('Lambda handlers on DynamoDB Local', () => {
     expect(await broker.bindings.bindingsFor(id)).toEqual([]);
   });
 
+  it('keeps a notification pending when every bound connection refuses the push, and delivers it on retry', async () => {
+    // A container whose retries come at once, as the scheduled dispatcher would run them later.
+    const retrying = createHandlers(
+      createAwsBroker({
+        config: { ...config, retryDelaysMs: [50, 50, 50] },
+        dynamodb: local.client,
+        management: new ApiGatewayManagementApiClient({
+          endpoint: management.url,
+          region: LOCAL_REGION,
+          credentials: DUMMY_CREDENTIALS,
+        }),
+        overrides: { logger },
+      }),
+    );
+    const sub = await api('POST', '/fhir/Subscription', {
+      resourceType: 'Subscription',
+      criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
+      _criteria: {
+        extension: [
+          {
+            url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria',
+            valueString: 'Patient?_id=denied-p',
+          },
+        ],
+      },
+      channel: { type: 'websocket', payload: 'application/fhir+json' },
+    });
+    const id = sub.body.id as string;
+    const tokenParams = await api('POST', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+    const token = ((tokenParams.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
+    management.live.add('conn-denied');
+    await handlers.connect(ws('conn-denied', '$connect'));
+    await handlers.message(ws('conn-denied', '$default', { body: `bind-with-token ${String(token)}` }));
+    expect(management.posted('conn-denied')).toHaveLength(1); // the handshake
+
+    // API Gateway refuses the push (AccessDenied: the function's role lacks the grant).
+    management.denied.add('conn-denied');
+    await retrying.events(eventLike('healthlake-update-patient', 'lambda-denied-1', 'denied-p'));
+    const [stored] = await broker.store.notificationsInRange(id, 1, 1, 10);
+    expect(stored).toMatchObject({ eventNumber: 1, state: 'pending', attempts: 1 });
+    expect(stored?.lastError).toContain('refused');
+
+    // The grant is fixed: the scheduled dispatcher's retry reaches the client.
+    management.denied.delete('conn-denied');
+    await new Promise((resolve) => setTimeout(resolve, 60));
+    await retrying.dispatch(60_000);
+    // The double records every post: the handshake, the refused push, the retry it took.
+    const pushed = management.posted('conn-denied').map((b) => JSON.parse(b) as Json);
+    expect(pushed.map((b) => statusOf(b).params.get('type')?.valueCode)).toEqual([
+      'handshake',
+      'event-notification',
+      'event-notification',
+    ]);
+    expect(pushed.slice(1).map((b) => eventNumbers(b))).toEqual([[1], [1]]);
+    const [after] = await broker.store.notificationsInRange(id, 1, 1, 10);
+    expect(after?.state).toBe('delivered');
+  });
+
   it('refuses a $connect with a bad API key, and lets the owner use R4 bind', async () => {
     expect(
       await handlers.connect(ws('conn-bad', '$connect', { headers: { Authorization: 'Bearer nope-nope-nope-nope' } })),

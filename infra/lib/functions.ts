@@ -71,8 +71,10 @@ export class BrokerFunctions extends Construct {
     const all = [this.events, this.api, this.dispatcher, this.wsConnect, this.wsDisconnect, this.wsMessage];
     // Those that change subscription state or deliver, and so publish lifecycle events.
     const publishers = [this.events, this.api, this.dispatcher, this.wsMessage];
-    // Those that push to WebSocket clients (a bind answers and replays; the others deliver).
-    const pushers = [this.events, this.dispatcher, this.wsMessage];
+    // Those that push to WebSocket clients: a bind answers and replays; the others deliver (the API
+    // function too: `POST /events` there ingests and delivers, and a PUT back to `requested`
+    // handshakes; without the grant every push of its was refused and counted as sent).
+    const pushers = [this.events, this.api, this.dispatcher, this.wsMessage];
 
     const readCredentials = new PolicyStatement({
       actions: ['secretsmanager:GetSecretValue'],

@@ -446,6 +446,29 @@ describe('BrokerStack', () => {
     });
   });
 
+  describe('WebSocket pushes', () => {
+    it('lets every function that delivers or answers a bind post to connections, and no other', () => {
+      // Function logical id prefix → the role its policies attach to.
+      const roleOf = new Map<string, string>();
+      for (const [id, r] of resources(template, 'AWS::Lambda::Function')) {
+        const role = (r.Properties.Role as { 'Fn::GetAtt': [string, string] })['Fn::GetAtt'][0];
+        roleOf.set(id, role);
+      }
+      const pushingRoles = new Set<string>();
+      for (const [, r] of resources(template, 'AWS::IAM::Policy')) {
+        const doc = r.Properties.PolicyDocument as { Statement: JsonObject[] };
+        if (!doc.Statement.some((s) => list(s.Action).includes('execute-api:ManageConnections'))) continue;
+        for (const role of r.Properties.Roles as { Ref: string }[]) pushingRoles.add(role.Ref);
+      }
+      // Logical ids are Functions<Name><hash>.
+      const pushing = [...roleOf]
+        .filter(([, role]) => pushingRoles.has(role))
+        .map(([id]) => id.replace(/^Functions/, '').replace(/[0-9A-F]{8}$/, ''));
+      // The API function serves POST /events (replays, other accounts) and handshakes on a PUT.
+      expect(pushing.sort()).toStrictEqual(['Api', 'Dispatcher', 'Events', 'WsMessage']);
+    });
+  });
+
   describe('CloudTrail', () => {
     it('creates the trail, its bucket and the bucket policy only when CreateCloudTrailTrail is true', () => {
       const conditional = resources(template).filter(([, r]) => r.Condition === 'CreateCloudTrailTrailWanted');

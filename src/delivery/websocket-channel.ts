@@ -4,7 +4,7 @@ import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
-import { type Binding, type BindingStore, CLOSE, type WebSocketPort } from './websocket-port.js';
+import { type Binding, type BindingStore, CLOSE, type SendOutcome, type WebSocketPort } from './websocket-port.js';
 import { type ClientMessage, parseClientMessage } from './websocket-protocol.js';
 import { BindingTokenError, type BindingTokens } from './ws-binding-token.js';
 
@@ -155,10 +155,19 @@ export class WebSocketChannel {
       }
     } else {
       // Sends start together (a local socket write completes in the call); one await for all.
-      const sends: Promise<boolean>[] = [];
+      const sends: Promise<SendOutcome>[] = [];
       for (const [text, ids] of targets)
         for (const connectionId of ids) sends.push(this.#sendOrForget({ connectionId }, text));
-      reached = (await Promise.all(sends)).filter(Boolean).length;
+      const outcomes = await Promise.all(sends);
+      reached = outcomes.filter((o) => o === 'sent').length;
+      const refused = outcomes.filter((o) => o === 'refused').length;
+      this.#metrics.inc('broker_websocket_messages_total', { outcome: 'refused' }, refused);
+      // Every live connection refused the push (API Gateway denied or throttled it): nobody has
+      // the notification, so it is not delivered. Thrown, it is retried on the delivery schedule
+      // like a failed webhook, and dead-letters visibly if the refusals never stop.
+      if (reached === 0 && refused > 0) {
+        throw new Error(`all ${refused} bound connection(s) refused the message`);
+      }
     }
     this.#metrics.inc('broker_websocket_messages_total', { outcome: 'sent' }, reached);
     return reached;
@@ -210,10 +219,11 @@ export class WebSocketChannel {
       for (;;) {
         const page = await this.#store.notificationsInRange(sub.id, sent + 1, Number.MAX_SAFE_INTEGER, CATCH_UP_PAGE);
         for (const note of page) {
-          alive = await this.#sendOrForget(
-            binding,
-            JSON.stringify(this.#bundle(current, 'event-notification', [note], note.eventNumber)),
-          );
+          alive =
+            (await this.#sendOrForget(
+              binding,
+              JSON.stringify(this.#bundle(current, 'event-notification', [note], note.eventNumber)),
+            )) === 'sent';
           if (!alive) return;
           sent = note.eventNumber;
         }
@@ -228,7 +238,7 @@ export class WebSocketChannel {
       while (alive && held.length > 0) {
         const h = held.shift() as Held;
         if (h.lastEventNumber <= sent) continue;
-        alive = await this.#sendOrForget(binding, h.text);
+        alive = (await this.#sendOrForget(binding, h.text)) === 'sent';
         if (alive) {
           sent = h.lastEventNumber;
           this.#caughtUpTo.set(connectionId, sub.id, sent);
@@ -262,10 +272,10 @@ export class WebSocketChannel {
     await this.#port.send(conn.id, `bound ${id}`);
   }
 
-  async #sendOrForget(b: Pick<Binding, 'connectionId'>, text: string): Promise<boolean> {
+  async #sendOrForget(b: Pick<Binding, 'connectionId'>, text: string): Promise<SendOutcome> {
     const outcome = await this.#port.send(b.connectionId, text);
     if (outcome === 'gone') await this.onClose(b.connectionId);
-    return outcome === 'sent';
+    return outcome;
   }
 
   #bundle(sub: SubscriptionRecord, type: NotificationType, notes: readonly Notification[], count: number) {

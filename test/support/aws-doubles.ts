@@ -63,6 +63,8 @@ abstract class HttpDouble {
 /** API Gateway management API: connections in `live` exist; any other id is gone (410 GoneException). */
 export class ManagementApiDouble extends HttpDouble {
   readonly live = new Set<string>();
+  /** Live connections whose posts are refused with 403 AccessDeniedException (a role without the grant). */
+  readonly denied = new Set<string>();
 
   static async start(): Promise<ManagementApiDouble> {
     const d = new ManagementApiDouble();
@@ -84,6 +86,13 @@ export class ManagementApiDouble extends HttpDouble {
         status: 410,
         headers: { 'content-type': 'application/json', 'x-amzn-errortype': 'GoneException' },
         body: JSON.stringify({ message: `connection ${id} is gone` }),
+      };
+    }
+    if (req.method === 'POST' && this.denied.has(id)) {
+      return {
+        status: 403,
+        headers: { 'content-type': 'application/json', 'x-amzn-errortype': 'AccessDeniedException' },
+        body: JSON.stringify({ message: 'User is not authorized to perform: execute-api:ManageConnections' }),
       };
     }
     if (req.method === 'DELETE') this.live.delete(id);
