@@ -6,8 +6,19 @@ import { SqsDestination } from 'aws-cdk-lib/aws-lambda-destinations';
 import { Queue, QueueEncryption } from 'aws-cdk-lib/aws-sqs';
 import { Construct } from 'constructs';
 
-/** HealthLake writes the broker understands (ARCHITECTURE.md, "Events the broker understands"). */
-export const HEALTHLAKE_EVENT_NAMES = ['CreateResource', 'UpdateResource', 'DeleteResource'];
+/**
+ * HealthLake writes the broker receives (ARCHITECTURE.md, "Events the broker understands", plus
+ * `PatchResource`, an update). `ProcessBundle` cannot be turned into notifications (it names no
+ * resources) but is let through so that each one is logged and counted as ignored, with that reason:
+ * an operator sees what subscribers miss instead of the rule dropping it unseen.
+ */
+export const HEALTHLAKE_EVENT_NAMES = [
+  'CreateResource',
+  'UpdateResource',
+  'PatchResource',
+  'DeleteResource',
+  'ProcessBundle',
+];
 
 export interface HealthLakeIngestProps {
   readonly handler: LambdaFunction;

@@ -79,7 +79,7 @@ const list = (v: Json): Json[] => (Array.isArray(v) ? v : [v]);
 const HEALTHLAKE_PATTERN = {
   source: ['aws.healthlake'],
   'detail-type': ['AWS API Call via CloudTrail'],
-  detail: { eventName: ['CreateResource', 'UpdateResource', 'DeleteResource'] },
+  detail: { eventName: ['CreateResource', 'UpdateResource', 'PatchResource', 'DeleteResource', 'ProcessBundle'] },
 };
 
 describe('BrokerStack', () => {

@@ -197,9 +197,23 @@ describe('parseEventBridgeEvent details', () => {
     expect(parseEventBridgeEvent(event, RECEIVED_AT)).toEqual(ignoredBecause('toString is not a resource write'));
   });
 
-  it('skips ProcessBundle calls, which name no resource', () => {
+  it('skips ProcessBundle calls, saying they name no resource (not that they write nothing)', () => {
     const event = withDetail('healthlake-create-patient.json', { eventName: 'ProcessBundle' });
-    expect(parseEventBridgeEvent(event, RECEIVED_AT)).toEqual(ignoredBecause('ProcessBundle is not a resource write'));
+    const parsed = parseEventBridgeEvent(event, RECEIVED_AT);
+    expect(parsed.kind).toBe('ignored');
+    expect(parsed.kind === 'ignored' && parsed.reason).toMatch(
+      /^ProcessBundle .*names none of the resources it changed/,
+    );
+  });
+
+  it('reads a PatchResource (FHIR PATCH) as an update of the resource it names', () => {
+    const parsed = parseEventBridgeEvent(
+      withDetail('healthlake-update-patient.json', { eventName: 'PatchResource' }),
+      RECEIVED_AT,
+    );
+    const update = parseEventBridgeEvent(fixture('healthlake-update-patient.json'), RECEIVED_AT);
+    expect(update.kind).toBe('change');
+    expect(parsed).toEqual(update);
   });
 
   it.each([

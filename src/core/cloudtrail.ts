@@ -34,10 +34,25 @@ export interface EventBridgeEnvelope {
   detail?: Record<string, unknown>;
 }
 
+/**
+ * The HealthLake calls that change one resource. A FHIR `PATCH` (HealthLake's `PatchResource`) is
+ * an update to a subscriber: the resource has a new version, as after a `PUT`.
+ */
 const WRITE_CALLS: Readonly<Record<string, Interaction>> = {
   CreateResource: 'create',
   UpdateResource: 'update',
+  PatchResource: 'update',
   DeleteResource: 'delete',
+};
+
+/**
+ * Writes the broker sees but cannot turn into notifications: a batch or transaction Bundle is one
+ * CloudTrail event that names none of the resources it changed. Ignored with a reason that says so
+ * (and counted), rather than passed off as "not a resource write".
+ */
+const UNNAMED_WRITES: Readonly<Record<string, string>> = {
+  ProcessBundle:
+    'ProcessBundle (a batch or transaction Bundle) names none of the resources it changed: no notification can be derived from its event',
 };
 
 const RESOURCE_TYPE = /^[A-Z][A-Za-z]{1,63}$/;
@@ -71,7 +86,10 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   if (detail === undefined) return ignored('CloudTrail event without detail');
   const eventName = typeof detail.eventName === 'string' ? detail.eventName : '';
   const interaction = Object.hasOwn(WRITE_CALLS, eventName) ? WRITE_CALLS[eventName] : undefined;
-  if (interaction === undefined) return ignored(`${eventName || 'unnamed call'} is not a resource write`);
+  if (interaction === undefined) {
+    const unnamed = Object.hasOwn(UNNAMED_WRITES, eventName) ? UNNAMED_WRITES[eventName] : undefined;
+    return ignored(unnamed ?? `${eventName || 'unnamed call'} is not a resource write`);
+  }
   if (detail.errorCode !== undefined && detail.errorCode !== null)
     return ignored(`failed call (${String(detail.errorCode)})`);
   if (detail.readOnly === true) return ignored('read-only call');
