@@ -498,6 +498,14 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(input)).toBe(code);
   });
 
+  it('refuses a Subscription over 64 KiB as stored with PAYLOAD_TOO_LARGE, on every store alike', () => {
+    const contact = Array.from({ length: 700 }, (_, i) => ({ system: 'email', value: `ops-${i}@example.com` }));
+    const err = thrown({ ...classicSub('Patient'), contact: [...contact, ...contact, ...contact] });
+    expect(err.code).toBe('PAYLOAD_TOO_LARGE');
+    expect(err.status).toBe(413);
+    expect(errorCode({ ...classicSub('Patient'), contact })).toBe('no error');
+  });
+
   it('names the missing property', () => {
     const err = thrown({ resourceType: 'Subscription', criteria: PATIENT_TOPIC });
     expect(err.message).toBe("Subscription must have required property 'channel' (missing channel)");

@@ -131,6 +131,12 @@ const MAX_HEARTBEAT_SECONDS = 24 * 60 * 60;
 /** 60 s: longer than any sane webhook handler; keeps a slow endpoint from pinning a connection. */
 const MAX_TIMEOUT_SECONDS = 60;
 const MAX_MAX_COUNT = 1000;
+/**
+ * 64 KiB: the most of a client's Subscription the broker keeps, well inside a DynamoDB item's
+ * 400 KB with the broker's own attributes beside it, so both stores take the same Subscriptions
+ * (a 500 KB one had been a 201 on SQLite and a 500 on DynamoDB).
+ */
+const MAX_STORED_BYTES = 64 * 1024;
 export const WEBHOOK_SECRET_PREFIX = 'whsec_';
 
 /** The elements of an R4 Subscription and of its channel; `_name` siblings are allowed for the primitive ones. */
@@ -208,6 +214,15 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   const channel = parseChannel(sub, kind);
   const webhookSecret = parseSecret(sub.channel.extension);
   const askedStatus = sub.status as SubscriptionStatus | undefined;
+  const resource = storedResource(sub, kind);
+  const bytes = Buffer.byteLength(JSON.stringify(resource));
+  if (bytes > MAX_STORED_BYTES) {
+    throw new BrokerError(
+      'PAYLOAD_TOO_LARGE',
+      `The Subscription is ${bytes} bytes as stored; at most ${MAX_STORED_BYTES} are kept (contact, contained and extensions count)`,
+      { expression: 'Subscription' },
+    );
+  }
   return {
     kind,
     topic: sub.criteria,
@@ -216,7 +231,7 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
     ...(webhookSecret === undefined ? {} : { webhookSecret }),
     ...(askedStatus === undefined ? {} : { askedStatus }),
     ...(sub.end === undefined ? {} : { end: sub.end }),
-    resource: storedResource(sub, kind),
+    resource,
   };
 }
 
