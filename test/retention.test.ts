@@ -74,3 +74,29 @@ it('stops a purge in progress when it closes, instead of waiting out its grace p
     await reopened.close();
   }
 });
+
+it('purges at most once an hour however often start runs (the AWS dispatcher starts every minute)', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-retention-'));
+  dirs.push(dir);
+  const real = new SqliteStore(dir);
+  let purges = 0;
+  const store = withMethod(real, 'purge', async (before, signal) => {
+    purges++;
+    return real.purge(before, signal);
+  });
+  let now = EIGHT_DAYS_LATER;
+  t = await inProcessBroker({}, { store, clock: { now: () => now } });
+  await t.broker.dispatcher.idle(5_000);
+  expect(purges).toBe(1);
+  // A minute's tick, then another fifty minutes later: still within the hour.
+  for (const step of [60_000, 50 * 60_000]) {
+    now += step;
+    await t.broker.start();
+    await t.broker.dispatcher.idle(5_000);
+  }
+  expect(purges).toBe(1);
+  now += 10 * 60_000;
+  await t.broker.start();
+  await t.broker.dispatcher.idle(5_000);
+  expect(purges).toBe(2);
+});

@@ -87,6 +87,8 @@ function retire(lane: Lane, batch: readonly QueuedNotification[]): void {
 
 // 1 h: purging is cheap and retention is counted in days.
 const PURGE_INTERVAL_MS = 60 * 60 * 1000;
+/** A minute of slack: the hourly timer may fire a little early relative to a late previous run. */
+const PURGE_MIN_GAP_MS = PURGE_INTERVAL_MS - 60 * 1000;
 
 // 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
 const DEFAULT_TIMEOUT_MS = 10_000;
@@ -119,6 +121,8 @@ export class Dispatcher {
   readonly #limiter: OriginLimiter;
   #purgeTimer: NodeJS.Timeout | undefined;
   #purging = false;
+  /** When the last purge began (clock ms); undefined before the first. */
+  #purgedAt: number | undefined;
   /** Aborted by `close`: a purge in progress stops at its next batch instead of holding shutdown. */
   readonly #purgeAbort = new AbortController();
   readonly #running = new Set<Promise<unknown>>();
@@ -697,9 +701,16 @@ export class Dispatcher {
     this.#scheduleHeartbeat(id);
   }
 
-  /** One purge at a time: a purge still going when the timer fires again is left to finish. */
+  /**
+   * One purge at a time: a purge still going when the timer fires again is left to finish. At
+   * most one per PURGE_INTERVAL_MS however often `start` runs: on AWS the scheduled dispatcher
+   * calls it every minute, and each purge scans its tables.
+   */
   #startPurge(): void {
     if (this.#closed || this.#purging) return;
+    const now = this.#clock.now();
+    if (this.#purgedAt !== undefined && now - this.#purgedAt < PURGE_MIN_GAP_MS) return;
+    this.#purgedAt = now;
     this.#purging = true;
     this.#track(this.#purge().finally(() => (this.#purging = false)));
   }
