@@ -58,6 +58,12 @@ export interface Broker {
    * created or changed a subscription.
    */
   refreshSubscriptions(maxAgeMs: number): Promise<void>;
+  /**
+   * Hand over every lifecycle event published so far (EventBridge PutEvents). A Lambda handler
+   * awaits it before returning: the container freezes then, and an event still queued would wait
+   * for its next invocation, or be lost with the container.
+   */
+  flushLifecycle(): Promise<void>;
   /** Finish in-flight attempts within `graceMs`, then release the store and sockets. */
   close(graceMs?: number): Promise<void>;
 }
@@ -215,6 +221,9 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     credentials,
     logger,
     start: () => dispatcher.start(),
+    flushLifecycle: async () => {
+      await lifecycle?.flush();
+    },
     async refreshSubscriptions(maxAgeMs: number) {
       if (clock.now() - loadedAt < maxAgeMs) return;
       await registry.reload();

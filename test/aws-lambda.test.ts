@@ -1,13 +1,15 @@
 import { randomUUID } from 'node:crypto';
 import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
+import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ApiGatewayWebSocketPort, MAX_MESSAGE_BYTES } from '../src/aws/apigw-websocket-port.js';
 import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
+import { EventBridgePublisher } from '../src/aws/eventbridge-publisher.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import { loadConfig } from '../src/config.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
-import { ManagementApiDouble } from './support/aws-doubles.js';
+import { EventBridgeDouble, ManagementApiDouble } from './support/aws-doubles.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, LOCAL_REGION, startDynamoDbLocal } from './support/dynamodb-local.js';
 import {
   eventLike,
@@ -357,6 +359,45 @@ describe('Lambda handlers on DynamoDB Local', () => {
     expect(pushed.slice(1).map((b) => eventNumbers(b))).toEqual([[1], [1]]);
     const [after] = await broker.store.notificationsInRange(id, 1, 1, 10);
     expect(after?.state).toBe('delivered');
+  });
+
+  it('hands lifecycle events to EventBridge before a handler returns (the container may freeze then)', async () => {
+    const eb = await EventBridgeDouble.start();
+    eb.answerDelayMs = 200;
+    const client = new EventBridgeClient({ endpoint: eb.url, region: LOCAL_REGION, credentials: DUMMY_CREDENTIALS });
+    try {
+      const publishing = createHandlers(
+        createAwsBroker({
+          config,
+          dynamodb: local.client,
+          management: new ApiGatewayManagementApiClient({
+            endpoint: management.url,
+            region: LOCAL_REGION,
+            credentials: DUMMY_CREDENTIALS,
+          }),
+          overrides: { logger, lifecycle: new EventBridgePublisher({ client, bus: 'lifecycle-bus', logger }) },
+        }),
+      );
+      const created = await api(
+        'POST',
+        '/fhir/Subscription',
+        topicSubscription('patient-change', `${receiver.url}/lifecycle`),
+        publishing,
+      );
+      expect(created.status).toBe(201);
+      // Returned: the handshake was answered, and EventBridge has taken its status change.
+      const entries = eb.answered.flatMap((r) => (JSON.parse(r.body) as { Entries: (typeof eb.entries)[0] }).Entries);
+      expect(entries.map((e) => [e.DetailType, e.EventBusName])).toContainEqual([
+        'Subscription Status Changed',
+        'lifecycle-bus',
+      ]);
+      expect(entries.map((e) => JSON.parse(e.Detail) as Json)).toContainEqual(
+        expect.objectContaining({ subscriptionId: created.body.id, from: 'requested', to: 'active' }),
+      );
+    } finally {
+      client.destroy();
+      await eb.close();
+    }
   });
 
   it('refuses a $connect with a bad API key, and lets the owner use R4 bind', async () => {

@@ -43,8 +43,10 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
     await broker.refreshSubscriptions(SUBSCRIPTION_CACHE_MS);
     return broker;
   };
+  /** Before a handler returns (the container may freeze): deliveries under way, then lifecycle events. */
   const settle = async (broker: AwsBroker): Promise<void> => {
     await broker.dispatcher.idle(DELIVERY_BUDGET_MS);
+    await broker.flushLifecycle();
   };
   let api: ReturnType<typeof handle> | undefined;
 

@@ -23,6 +23,10 @@ interface Answer {
 
 abstract class HttpDouble {
   readonly requests: RecordedRequest[] = [];
+  /** Requests whose answer has been written, in order (after `answerDelayMs`). */
+  readonly answered: RecordedRequest[] = [];
+  /** How long each answer waits: an AWS endpoint is slower than a loopback socket. */
+  answerDelayMs = 0;
   readonly #server: Server;
 
   protected constructor() {
@@ -38,7 +42,12 @@ abstract class HttpDouble {
         };
         this.requests.push(recorded);
         const { status, headers, body } = this.answer(recorded);
-        res.writeHead(status, headers).end(body);
+        const write = (): void => {
+          res.writeHead(status, headers).end(body);
+          this.answered.push(recorded);
+        };
+        if (this.answerDelayMs > 0) setTimeout(write, this.answerDelayMs);
+        else write();
       });
     });
   }
