@@ -11,6 +11,7 @@ import {
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DynamoDbBindings } from '../src/store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { SubscriptionExistsError } from '../src/store/dynamodb/errors.js';
 import { ensureTables, INDEX, tableDefinitions, tableNames } from '../src/store/dynamodb/tables.js';
@@ -267,5 +268,25 @@ describe('DynamoDbStore', () => {
       expect([replaced?.status, replaced?.match]).toEqual(['active', observation]);
       expect(await indexItems()).toEqual(['Observation/s1']);
     });
+  });
+});
+
+describe('DynamoDbBindings', () => {
+  it('knows a connection’s owner at once, and forgets all of its bindings (more than a batch) on disconnect', async () => {
+    const bindings = new DynamoDbBindings({ client, tablePrefix: prefix });
+    await bindings.connect('conn-a', 'alice');
+    expect(await bindings.ownerOf('conn-a')).toBe('alice');
+    const subs = Array.from({ length: 60 }, (_, i) => `sub-${i}`);
+    for (const subscriptionId of subs) await bindings.bind({ connectionId: 'conn-a', subscriptionId, mode: 'bundle' });
+    await bindings.bind({ connectionId: 'conn-b', subscriptionId: 'sub-0', mode: 'r4' });
+    expect((await bindings.bindingsOf('conn-a')).map((b) => b.subscriptionId).sort()).toEqual([...subs].sort());
+    expect((await bindings.bindingsFor('sub-0')).map((b) => b.connectionId).sort()).toEqual(['conn-a', 'conn-b']);
+
+    await bindings.unbind('conn-a');
+    expect(await bindings.bindingsOf('conn-a')).toEqual([]);
+    expect(await bindings.ownerOf('conn-a')).toBeUndefined();
+    expect(await bindings.bindingsFor('sub-0')).toEqual([
+      { connectionId: 'conn-b', subscriptionId: 'sub-0', mode: 'r4' },
+    ]);
   });
 });

@@ -1,12 +1,6 @@
-import {
-  BatchWriteItemCommand,
-  DeleteItemCommand,
-  type DynamoDBClient,
-  GetItemCommand,
-  PutItemCommand,
-  QueryCommand,
-} from '@aws-sdk/client-dynamodb';
+import { DeleteItemCommand, type DynamoDBClient, GetItemCommand, PutItemCommand } from '@aws-sdk/client-dynamodb';
 import type { Binding, BindingMode, BindingStore } from '../../delivery/websocket-port.js';
+import { DynamoDbRequests } from './requests.js';
 import { INDEX } from './tables.js';
 
 /**
@@ -24,11 +18,13 @@ const CONNECTION_ITEM = '#connection';
 
 export class DynamoDbBindings implements BindingStore {
   readonly #client: DynamoDBClient;
+  readonly #requests: DynamoDbRequests;
   readonly #table: string;
   readonly #nowSeconds: () => number;
 
   constructor(deps: { client: DynamoDBClient; tablePrefix: string; nowMs?: () => number }) {
     this.#client = deps.client;
+    this.#requests = new DynamoDbRequests(deps.client);
     this.#table = `${deps.tablePrefix}connections`;
     const now = deps.nowMs ?? Date.now;
     this.#nowSeconds = () => Math.floor(now() / 1000);
@@ -49,12 +45,17 @@ export class DynamoDbBindings implements BindingStore {
     );
   }
 
-  /** The API client that opened the connection (for R4 `bind`), when it is still known. */
+  /**
+   * The API client that opened the connection (for R4 `bind`), when it is still known. Read
+   * strongly consistent: a client's first message may follow `$connect`'s write within
+   * milliseconds, and an eventually consistent read could miss it and refuse the bind.
+   */
   async ownerOf(connectionId: string): Promise<string | undefined> {
     const out = await this.#client.send(
       new GetItemCommand({
         TableName: this.#table,
         Key: { connectionId: { S: connectionId }, sk: { S: CONNECTION_ITEM } },
+        ConsistentRead: true,
       }),
     );
     if (out.Item === undefined || this.#expired(out.Item.expiresAt?.N)) return undefined;
@@ -86,63 +87,43 @@ export class DynamoDbBindings implements BindingStore {
       );
       return;
     }
-    // Without a subscription: the whole connection ($disconnect or gone).
-    const out = await this.#client.send(
-      new QueryCommand({
-        TableName: this.#table,
-        KeyConditionExpression: 'connectionId = :c',
-        ExpressionAttributeValues: { ':c': { S: connectionId } },
-        ProjectionExpression: 'connectionId, sk',
-      }),
+    // Without a subscription: the whole connection ($disconnect or gone), every page of it.
+    const keys = await this.#requests.queryAll({
+      TableName: this.#table,
+      ConsistentRead: true,
+      KeyConditionExpression: 'connectionId = :c',
+      ExpressionAttributeValues: { ':c': { S: connectionId } },
+      ProjectionExpression: 'connectionId, sk',
+    });
+    await this.#requests.deleteAll(
+      this.#table,
+      keys.map((i) => ({ connectionId: i.connectionId as { S: string }, sk: i.sk as { S: string } })),
     );
-    const keys = (out.Items ?? []).map((i) => ({
-      connectionId: i.connectionId as { S: string },
-      sk: i.sk as { S: string },
-    }));
-    for (let i = 0; i < keys.length; i += 25) {
-      await this.#client.send(
-        new BatchWriteItemCommand({
-          RequestItems: { [this.#table]: keys.slice(i, i + 25).map((Key) => ({ DeleteRequest: { Key } })) },
-        }),
-      );
-    }
   }
 
   async bindingsFor(subscriptionId: string): Promise<readonly Binding[]> {
-    const bindings: Binding[] = [];
-    let start: Record<string, import('@aws-sdk/client-dynamodb').AttributeValue> | undefined;
-    do {
-      const out = await this.#client.send(
-        new QueryCommand({
-          TableName: this.#table,
-          IndexName: CONNECTIONS_INDEX,
-          KeyConditionExpression: 'subscriptionId = :s',
-          ExpressionAttributeValues: { ':s': { S: subscriptionId } },
-          ...(start === undefined ? {} : { ExclusiveStartKey: start }),
-        }),
-      );
-      for (const item of out.Items ?? []) {
-        if (this.#expired(item.expiresAt?.N)) continue;
-        bindings.push({
-          connectionId: item.connectionId?.S ?? '',
-          subscriptionId,
-          mode: (item.mode?.S ?? 'bundle') as BindingMode,
-        });
-      }
-      start = out.LastEvaluatedKey;
-    } while (start !== undefined);
-    return bindings;
+    const items = await this.#requests.queryAll({
+      TableName: this.#table,
+      IndexName: CONNECTIONS_INDEX,
+      KeyConditionExpression: 'subscriptionId = :s',
+      ExpressionAttributeValues: { ':s': { S: subscriptionId } },
+    });
+    return items
+      .filter((item) => !this.#expired(item.expiresAt?.N))
+      .map((item) => ({
+        connectionId: item.connectionId?.S ?? '',
+        subscriptionId,
+        mode: (item.mode?.S ?? 'bundle') as BindingMode,
+      }));
   }
 
   async bindingsOf(connectionId: string): Promise<readonly Binding[]> {
-    const out = await this.#client.send(
-      new QueryCommand({
-        TableName: this.#table,
-        KeyConditionExpression: 'connectionId = :c AND begins_with(sk, :p)',
-        ExpressionAttributeValues: { ':c': { S: connectionId }, ':p': { S: 'sub#' } },
-      }),
-    );
-    return (out.Items ?? [])
+    const items = await this.#requests.queryAll({
+      TableName: this.#table,
+      KeyConditionExpression: 'connectionId = :c AND begins_with(sk, :p)',
+      ExpressionAttributeValues: { ':c': { S: connectionId }, ':p': { S: 'sub#' } },
+    });
+    return items
       .filter((item) => !this.#expired(item.expiresAt?.N))
       .map((item) => ({
         connectionId,

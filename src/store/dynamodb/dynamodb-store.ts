@@ -1,6 +1,4 @@
-import { setTimeout as delay } from 'node:timers/promises';
 import {
-  BatchWriteItemCommand,
   DeleteItemCommand,
   type DynamoDBClient,
   GetItemCommand,
@@ -13,7 +11,7 @@ import type { MatchSpec, StoredNotification, SubscriptionRecord, SubscriptionSta
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate, MatchCandidate, StatusUpdate, Store } from '../store.js';
 import { EventAcceptance } from './acceptance.js';
 import { Expression, type Item, N, readOptionalString, readString, S } from './attributes.js';
-import { SubscriptionExistsError, UnprocessedItemsError, WriteConflictError } from './errors.js';
+import { SubscriptionExistsError, WriteConflictError } from './errors.js';
 import {
   ANY_TYPE,
   COLLECTING,
@@ -27,14 +25,7 @@ import {
   toSubscriptionItem,
   unchangedSince,
 } from './items.js';
-import {
-  BATCH_WRITE_MAX,
-  conditionHeld,
-  DynamoDbRequests,
-  inBursts,
-  MAX_BATCH_ATTEMPTS,
-  MAX_TRANSACTION_ATTEMPTS,
-} from './requests.js';
+import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
 /**
@@ -539,22 +530,7 @@ export class DynamoDbStore implements Store {
       ProjectionExpression: 'subscriptionId, eventNumber',
       ExpressionAttributeValues: { ':s': S(subscriptionId) },
     });
-    for (let i = 0; i < keys.length; i += BATCH_WRITE_MAX) {
-      const requests = keys
-        .slice(i, i + BATCH_WRITE_MAX)
-        .map((key) => ({ DeleteRequest: { Key: notificationKey(key) } }));
-      let pending: typeof requests = requests;
-      for (let attempt = 1; pending.length > 0; attempt++) {
-        if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError('BatchWriteItem', pending.length);
-        if (attempt > 1) await delay(50 * 2 ** attempt);
-        const out = await this.#client.send(
-          new BatchWriteItemCommand({ RequestItems: { [this.#tables.notifications]: pending } }),
-        );
-        pending = (out.UnprocessedItems?.[this.#tables.notifications] ?? []).flatMap((r) =>
-          r.DeleteRequest?.Key === undefined ? [] : [{ DeleteRequest: { Key: r.DeleteRequest.Key } }],
-        );
-      }
-    }
+    await this.#requests.deleteAll(this.#tables.notifications, keys.map(notificationKey));
   }
 }
 

@@ -1,6 +1,7 @@
 import { setTimeout as delay } from 'node:timers/promises';
 import {
   BatchGetItemCommand,
+  BatchWriteItemCommand,
   type CancellationReason,
   ConditionalCheckFailedException,
   type DynamoDBClient,
@@ -70,6 +71,23 @@ export class DynamoDbRequests {
       }
     }
     return found;
+  }
+
+  /** Deletes every item of `keys`, 25 to a BatchWriteItem, retrying what DynamoDB leaves unprocessed. */
+  async deleteAll(table: string, keys: readonly Item[]): Promise<void> {
+    for (let i = 0; i < keys.length; i += BATCH_WRITE_MAX) {
+      let pending: Item[] = keys.slice(i, i + BATCH_WRITE_MAX);
+      for (let attempt = 1; pending.length > 0; attempt++) {
+        if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError('BatchWriteItem', pending.length);
+        if (attempt > 1) await delay(50 * 2 ** attempt);
+        const out = await this.#client.send(
+          new BatchWriteItemCommand({ RequestItems: { [table]: pending.map((Key) => ({ DeleteRequest: { Key } })) } }),
+        );
+        pending = (out.UnprocessedItems?.[table] ?? []).flatMap((r) =>
+          r.DeleteRequest?.Key === undefined ? [] : [r.DeleteRequest.Key],
+        );
+      }
+    }
   }
 
   /** Every page of a query, or pages until `limit` items. */
