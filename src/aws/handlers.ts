@@ -67,7 +67,8 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
     },
 
     async connect(event) {
-      const broker = await ready();
+      // Only the API keys and the connections table: no subscription reload on this path.
+      const broker = await brokerPromise;
       const connectionId = event.requestContext.connectionId ?? '';
       const authorization = header(event, 'authorization');
       let owner: string | undefined;
