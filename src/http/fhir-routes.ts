@@ -34,6 +34,9 @@ const MAX_BINDING_SUBSCRIPTIONS = 100;
 /** 1,000: the most stored notifications one `$events` call returns; page with eventsSinceNumber. */
 const MAX_EVENTS_PAGE = 1000;
 
+/** 1,000: the most Subscriptions one search page returns (the default page); `_count` asks for fewer. */
+const MAX_SEARCH_PAGE = 1000;
+
 type Env = { Variables: { owner: string } };
 
 export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
@@ -61,14 +64,23 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     await next();
   });
 
-  app.get('/fhir/SubscriptionTopic', () => {
-    const all = topics.all();
+  app.get('/fhir/SubscriptionTopic', (c) => {
+    const query = searchQuery(c, ['url', '_id']);
+    const urls = query.values('url');
+    const ids = query.values('_id');
+    const found = topics
+      .all()
+      .filter(
+        (t) =>
+          (urls === undefined || urls.some((u) => topics.byCanonical(u) === t)) &&
+          (ids === undefined || ids.includes(t.id)),
+      );
     return fhirResponse({
       resourceType: 'Bundle',
       type: 'searchset',
-      total: all.length,
-      link: [{ relation: 'self', url: `${fhirBase}/SubscriptionTopic` }],
-      entry: all.map((t) => ({
+      total: found.length,
+      link: [{ relation: 'self', url: `${fhirBase}/SubscriptionTopic${query.applied()}` }],
+      entry: found.map((t) => ({
         fullUrl: `${fhirBase}/SubscriptionTopic/${t.id}`,
         resource: t.resource,
         search: { mode: 'match' },
@@ -94,33 +106,60 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     );
   });
 
-  app.get('/fhir/Subscription', async (c) => {
-    const ids = c.req.queries('_id')?.flatMap((v) => v.split(','));
-    const statuses = c.req.queries('status')?.flatMap((v) => v.split(','));
+  const search = async (c: Context<Env>, query: SearchQuery): Promise<Response> => {
+    const ids = query.values('_id');
+    const statuses = query.values('status');
+    const count = countParam(query.one('_count'));
+    const offset = offsetParam(query.one('_offset'));
+    const summaryCount = query.one('_summary') === 'count';
+    if (query.one('_summary') !== undefined && !summaryCount) {
+      throw new BrokerError('INVALID_PARAMETER', '_summary supports count only');
+    }
     const subs = (await registry.search(c.get('owner'))).filter(
       (s) => (ids === undefined || ids.includes(s.id)) && (statuses === undefined || statuses.includes(s.status)),
     );
+    const page = summaryCount ? [] : subs.slice(offset, offset + count);
+    const link = [{ relation: 'self', url: `${fhirBase}/Subscription${query.applied()}` }];
+    if (!summaryCount && offset + count < subs.length) {
+      link.push({
+        relation: 'next',
+        url: `${fhirBase}/Subscription${query.applied({ _offset: String(offset + count) })}`,
+      });
+    }
     return fhirResponse({
       resourceType: 'Bundle',
       type: 'searchset',
       total: subs.length,
-      link: [{ relation: 'self', url: `${fhirBase}/Subscription` }],
-      entry: subs.map((s) => ({
-        fullUrl: `${fhirBase}/Subscription/${s.id}`,
-        resource: registry.render(s),
-        search: { mode: 'match' },
-      })),
+      link,
+      ...(summaryCount
+        ? {}
+        : {
+            entry: page.map((s) => ({
+              fullUrl: `${fhirBase}/Subscription/${s.id}`,
+              resource: registry.render(s),
+              search: { mode: 'match' },
+            })),
+          }),
     });
-  });
+  };
+  const SUBSCRIPTION_SEARCH = ['_id', 'status', '_count', '_offset', '_summary'];
+  app.get('/fhir/Subscription', (c) => search(c, searchQuery(c, SUBSCRIPTION_SEARCH)));
+  // FHIR search by POST: the parameters as a form body (and any in the URL).
+  app.post('/fhir/Subscription/_search', async (c) =>
+    search(c, searchQuery(c, SUBSCRIPTION_SEARCH, await readFormBody(c, deps.maxBodyBytes))),
+  );
 
-  app.get('/fhir/Subscription/$status', async (c) => {
-    const ids = c.req.queries('id')?.flatMap((v) => v.split(','));
-    const statuses = c.req.queries('status')?.flatMap((v) => v.split(','));
+  const typeStatus = async (c: Context<Env>): Promise<Response> => {
+    const params = await operationParams(c, deps.maxBodyBytes);
+    const ids = params.values('id');
+    const statuses = params.values('status');
     const subs = (await registry.search(c.get('owner'))).filter(
       (s) => (ids === undefined || ids.includes(s.id)) && (statuses === undefined || statuses.includes(s.status)),
     );
     return fhirResponse(buildStatusBundle(subs, ctx()));
-  });
+  };
+  app.get('/fhir/Subscription/$status', typeStatus);
+  app.post('/fhir/Subscription/$status', typeStatus);
 
   const wsUrl = deps.websocketUrl;
   const bindingToken = async (owner: string, ids: readonly string[] | undefined): Promise<Response> => {
@@ -161,40 +200,33 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
       ],
     });
   };
-  /** Type-level POST may name the subscriptions in a Parameters body (`id` parameters). */
-  const idsFromBody = async (c: Context<Env>): Promise<string[] | undefined> => {
-    if (c.req.header('content-type') === undefined) return undefined;
-    const body = (await readJsonBody(c, deps.maxBodyBytes)) as { resourceType?: unknown; parameter?: unknown };
-    if (body.resourceType !== 'Parameters')
-      throw new BrokerError('INVALID_RESOURCE', 'The body must be a Parameters resource');
-    const params = Array.isArray(body.parameter)
-      ? (body.parameter as { name?: unknown; valueString?: unknown; valueId?: unknown }[])
-      : [];
-    const ids = params.filter((p) => p.name === 'id').map((p) => String(p.valueString ?? p.valueId ?? ''));
-    return ids.length === 0 ? undefined : ids;
-  };
-  const queryIds = (c: Context<Env>) => c.req.queries('id')?.flatMap((v) => v.split(','));
-  app.get('/fhir/Subscription/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), queryIds(c)));
-  app.post('/fhir/Subscription/$get-ws-binding-token', async (c) =>
-    bindingToken(c.get('owner'), (await idsFromBody(c)) ?? queryIds(c)),
-  );
+  const tokenFor = async (c: Context<Env>): Promise<Response> =>
+    bindingToken(c.get('owner'), (await operationParams(c, deps.maxBodyBytes)).values('id'));
+  app.get('/fhir/Subscription/$get-ws-binding-token', tokenFor);
+  app.post('/fhir/Subscription/$get-ws-binding-token', tokenFor);
   app.get('/fhir/Subscription/:id/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), [c.req.param('id')]));
   app.post('/fhir/Subscription/:id/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), [c.req.param('id')]));
 
-  app.get('/fhir/Subscription/:id/$status', async (c) => {
-    const sub = await registry.read(c.get('owner'), c.req.param('id'));
+  const instanceStatus = async (c: Context<Env>): Promise<Response> => {
+    await operationParams(c, deps.maxBodyBytes);
+    const sub = await registry.read(c.get('owner'), c.req.param('id') ?? '');
     return fhirResponse(buildStatusBundle([sub], ctx()));
-  });
+  };
+  app.get('/fhir/Subscription/:id/$status', instanceStatus);
+  app.post('/fhir/Subscription/:id/$status', instanceStatus);
 
-  app.get('/fhir/Subscription/:id/$events', async (c) => {
-    const sub = await registry.read(c.get('owner'), c.req.param('id'));
-    const since = eventNumberParam(c.req.query('eventsSinceNumber'), 'eventsSinceNumber') ?? 1;
-    const until = eventNumberParam(c.req.query('eventsUntilNumber'), 'eventsUntilNumber') ?? sub.eventsSinceStart;
+  const events = async (c: Context<Env>): Promise<Response> => {
+    const params = await operationParams(c, deps.maxBodyBytes);
+    const sub = await registry.read(c.get('owner'), c.req.param('id') ?? '');
+    const since = eventNumberParam(params.one('eventsSinceNumber'), 'eventsSinceNumber') ?? 1;
+    const until = eventNumberParam(params.one('eventsUntilNumber'), 'eventsUntilNumber') ?? sub.eventsSinceStart;
     const notes = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
     const content =
-      sub.channel.content === 'empty' && c.req.query('content') === 'id-only' ? 'id-only' : sub.channel.content;
+      sub.channel.content === 'empty' && params.one('content') === 'id-only' ? 'id-only' : sub.channel.content;
     return fhirResponse(buildNotificationBundle(sub, 'query-event', notes, content, ctx()));
-  });
+  };
+  app.get('/fhir/Subscription/:id/$events', events);
+  app.post('/fhir/Subscription/:id/$events', events);
 
   app.get('/fhir/Subscription/:id', async (c) => {
     const sub = await registry.read(c.get('owner'), c.req.param('id'));
@@ -211,6 +243,109 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     await registry.delete(c.get('owner'), c.req.param('id'));
     return new Response(null, { status: 204 });
   });
+}
+
+/** Values of one parameter, comma lists split; undefined when absent. */
+interface ParameterSource {
+  values(name: string): string[] | undefined;
+  one(name: string): string | undefined;
+}
+
+/**
+ * An operation's input parameters: the query string, and for a POST with a body, a `Parameters`
+ * resource (FHIR: every operation may be invoked by POST; clients such as HAPI's generic client do
+ * by default). A body parameter's value is its `value[x]`, whatever the type.
+ */
+async function operationParams(c: Context<Env>, maxBytes: number): Promise<ParameterSource> {
+  const pairs: [string, string][] = [...new URL(c.req.url).searchParams];
+  const length = c.req.header('content-length');
+  const hasBody = c.req.header('content-type') !== undefined || (length !== undefined && length !== '0');
+  if (c.req.method === 'POST' && hasBody) {
+    const body = (await readJsonBody(c, maxBytes)) as { resourceType?: unknown; parameter?: unknown } | null;
+    if (body?.resourceType !== 'Parameters') {
+      throw new BrokerError('INVALID_RESOURCE', 'The body of an operation must be a Parameters resource');
+    }
+    for (const p of Array.isArray(body.parameter) ? (body.parameter as Record<string, unknown>[]) : []) {
+      if (typeof p?.name !== 'string') continue;
+      const key = Object.keys(p).find((k) => k.startsWith('value'));
+      const value = key === undefined ? undefined : p[key];
+      if (typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {
+        pairs.push([p.name, String(value)]);
+      }
+    }
+  }
+  return parameterSource(pairs);
+}
+
+function parameterSource(pairs: readonly [string, string][]): ParameterSource {
+  const values = (name: string): string[] | undefined => {
+    const found = pairs.filter(([k]) => k === name).flatMap(([, v]) => v.split(','));
+    return found.length === 0 ? undefined : found;
+  };
+  return { values, one: (name) => values(name)?.[0] };
+}
+
+interface SearchQuery extends ParameterSource {
+  /** The query string of the parameters applied (`?a=b&…`, or ''), with `overrides` set. */
+  applied(overrides?: Record<string, string>): string;
+}
+
+/**
+ * Search parameters from the query string (and a POST `_search` form body). Unknown ones are
+ * ignored, as FHIR search allows, and left out of the `self` link so it shows what was applied;
+ * with `Prefer: handling=strict` they are refused instead.
+ */
+function searchQuery(c: Context<Env>, known: readonly string[], form?: URLSearchParams): SearchQuery {
+  const pairs: [string, string][] = [...new URL(c.req.url).searchParams, ...(form ?? [])];
+  const unknown = [...new Set(pairs.map(([k]) => k).filter((k) => !known.includes(k)))];
+  if (unknown.length > 0 && /handling\s*=\s*strict/i.test(c.req.header('prefer') ?? '')) {
+    throw new BrokerError(
+      'INVALID_PARAMETER',
+      `Unsupported search parameter(s): ${unknown.join(', ')} (supported: ${known.join(', ')})`,
+    );
+  }
+  const used = pairs.filter(([k]) => known.includes(k));
+  return {
+    ...parameterSource(used),
+    applied(overrides = {}) {
+      const out = new URLSearchParams(used.filter(([k]) => !(k in overrides)));
+      for (const [k, v] of Object.entries(overrides)) out.set(k, v);
+      const text = out.toString();
+      return text === '' ? '' : `?${text}`;
+    },
+  };
+}
+
+const FORM = 'application/x-www-form-urlencoded';
+
+/** A `_search` body: form-encoded parameters (none when there is no body). */
+async function readFormBody(c: Context<Env>, maxBytes: number): Promise<URLSearchParams> {
+  const type = (c.req.header('content-type') ?? '').split(';')[0]?.trim().toLowerCase() ?? '';
+  if (type === '' && (c.req.header('content-length') ?? '0') === '0') return new URLSearchParams();
+  if (type !== FORM) {
+    throw new BrokerError('UNSUPPORTED_MEDIA_TYPE', `POST _search takes ${FORM}, not ${type === '' ? '(none)' : type}`);
+  }
+  if (Number(c.req.header('content-length') ?? 0) > maxBytes) {
+    throw new BrokerError('PAYLOAD_TOO_LARGE', `The body is larger than ${maxBytes} bytes`);
+  }
+  const text = await c.req.text();
+  if (Buffer.byteLength(text) > maxBytes) {
+    throw new BrokerError('PAYLOAD_TOO_LARGE', `The body is larger than ${maxBytes} bytes`);
+  }
+  return new URLSearchParams(text);
+}
+
+/** Search page size: `_count` (default and maximum 1,000). */
+function countParam(value: string | undefined): number {
+  if (value === undefined) return MAX_SEARCH_PAGE;
+  if (!/^\d{1,6}$/.test(value)) throw new BrokerError('INVALID_PARAMETER', '_count must be a non-negative integer');
+  return Math.min(Number(value), MAX_SEARCH_PAGE);
+}
+
+function offsetParam(value: string | undefined): number {
+  if (value === undefined) return 0;
+  if (!/^\d{1,9}$/.test(value)) throw new BrokerError('INVALID_PARAMETER', '_offset must be a non-negative integer');
+  return Number(value);
 }
 
 function etag(sub: SubscriptionRecord): Record<string, string> {
@@ -274,10 +409,9 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
               },
             ],
           },
-          {
-            type: 'SubscriptionTopic',
-            interaction: [{ code: 'read' }, { code: 'search-type' }],
-          },
+          // GET /fhir/SubscriptionTopic serves the topics too, but SubscriptionTopic is not an R4
+          // resource type (the binding of `type` is required): on R4 the Backport IG advertises
+          // topics as the topic-canonical extensions above.
         ],
       },
     ],

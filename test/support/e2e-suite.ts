@@ -267,6 +267,8 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
           valueUrl: `${broker.url.replace('http', 'ws')}/ws`,
         },
       ]);
+      // Only R4 resource types: SubscriptionTopic is R4B's, and `type` has a required binding.
+      expect((rest.resource as Json[]).map((r) => r.type)).toEqual(['Subscription']);
       const subscription = (rest.resource as Json[]).find((r) => r.type === 'Subscription') as Json;
       expect(subscription.supportedProfile).toEqual([
         'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription',

@@ -1,0 +1,151 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventLike, eventNumbers, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+
+/**
+ * FHIR operations and searches as standard clients call them: every operation by GET or by POST
+ * with a `Parameters` body (FHIR: servers SHALL support POST for all operations; HAPI's generic
+ * client uses it), search by `POST _search` with a form body, `_count` paging with a `next` link,
+ * `_summary=count`, and a `self` link that shows the parameters applied.
+ */
+
+const TOPIC = 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic';
+
+describe('FHIR operations and search', () => {
+  let t: TestBroker;
+  let receiver: Receiver;
+  let ids: string[];
+
+  const parameters = (...params: Json[]): Json => ({ resourceType: 'Parameters', parameter: params });
+
+  beforeAll(async () => {
+    receiver = await Receiver.start();
+    t = await inProcessBroker();
+    ids = [];
+    for (let i = 0; i < 3; i++) {
+      const sub = await t.create(
+        topicSubscription('patient-change', `${receiver.url}/ops-${i}`, { filters: [`Patient?_id=ops-${i}`] }),
+      );
+      ids.push(String(sub.id));
+    }
+    for (let n = 1; n <= 3; n++) await t.post(eventLike('healthlake-update-patient', `ops-event-${n}`, 'ops-0'));
+  });
+
+  afterAll(async () => {
+    await t?.broker.close(0);
+    await receiver?.close();
+  });
+
+  it('answers $status by POST, with or without a Parameters body, as by GET', async () => {
+    const [a, b] = ids as [string, string];
+    const byGet = await t.call('GET', `/fhir/Subscription/${a}/$status`);
+    const byPost = await t.call('POST', `/fhir/Subscription/${a}/$status`, parameters());
+    expect(byPost.status).toBe(200);
+    expect(statusOf(byPost.body).params.get('subscription')).toEqual(statusOf(byGet.body).params.get('subscription'));
+
+    const typeLevel = await t.call(
+      'POST',
+      '/fhir/Subscription/$status',
+      parameters({ name: 'id', valueString: a }, { name: 'id', valueString: b }),
+    );
+    expect(typeLevel.status).toBe(200);
+    const refs = (typeLevel.body.entry as Json[]).map(
+      (e) => statusOf({ entry: [e] }).params.get('subscription')?.valueReference as Json,
+    );
+    expect(refs.map((r) => String(r.reference).split('/').pop()).sort()).toEqual([a, b].sort());
+  });
+
+  it('answers $events by POST with the range in a Parameters body', async () => {
+    const sub = ids[0] as string;
+    const res = await t.call(
+      'POST',
+      `/fhir/Subscription/${sub}/$events`,
+      parameters({ name: 'eventsSinceNumber', valueInteger64: 2 }, { name: 'eventsUntilNumber', valueString: '3' }),
+    );
+    expect(res.status).toBe(200);
+    expect(statusOf(res.body).params.get('type')?.valueCode).toBe('query-event');
+    expect(eventNumbers(res.body)).toEqual([2, 3]);
+    const bad = await t.call(
+      'POST',
+      `/fhir/Subscription/${sub}/$events`,
+      parameters({ name: 'eventsSinceNumber', valueString: 'two' }),
+    );
+    expect(bad.status).toBe(400);
+  });
+
+  it('refuses an operation body that is not Parameters, and keeps other clients out by POST too', async () => {
+    const sub = ids[0] as string;
+    const notParameters = await t.call('POST', `/fhir/Subscription/${sub}/$status`, { resourceType: 'Patient' });
+    expect(notParameters.status).toBe(400);
+    expect(notParameters.body.resourceType).toBe('OperationOutcome');
+    for (const op of ['$status', '$events']) {
+      const res = await t.call('POST', `/fhir/Subscription/${sub}/${op}`, parameters(), TOKENS.bob);
+      expect(res.status, op).toBe(404);
+    }
+    const typeLevel = await t.call(
+      'POST',
+      '/fhir/Subscription/$status',
+      parameters({ name: 'id', valueString: sub }),
+      TOKENS.bob,
+    );
+    expect(typeLevel.body.entry ?? []).toEqual([]);
+  });
+
+  it('searches by POST _search with a form body', async () => {
+    const res = await t.broker.app.request('/fhir/Subscription/_search', {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/x-www-form-urlencoded' },
+      body: `_id=${ids[1]}`,
+    });
+    expect(res.status).toBe(200);
+    const bundle = (await res.json()) as Json;
+    expect(bundle.total).toBe(1);
+    expect(((bundle.entry as Json[])[0]?.resource as Json).id).toBe(ids[1]);
+    expect((bundle.link as Json[])[0]).toEqual({
+      relation: 'self',
+      url: `http://broker.test/fhir/Subscription?_id=${ids[1]}`,
+    });
+    const json = await t.broker.app.request('/fhir/Subscription/_search', {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/json' },
+      body: '{}',
+    });
+    expect(json.status).toBe(415);
+  });
+
+  it('pages with _count and a next link, counts with _summary=count, and shows what was applied', async () => {
+    const first = await t.call('GET', '/fhir/Subscription?_count=2&unknown=1');
+    expect(first.body.total).toBe(3);
+    expect(first.body.entry as Json[]).toHaveLength(2);
+    const links = new Map((first.body.link as Json[]).map((l) => [l.relation, String(l.url)]));
+    expect(links.get('self')).toBe('http://broker.test/fhir/Subscription?_count=2');
+    expect(links.get('next')).toBe('http://broker.test/fhir/Subscription?_count=2&_offset=2');
+    const next = await t.call('GET', '/fhir/Subscription?_count=2&_offset=2');
+    expect(next.body.entry as Json[]).toHaveLength(1);
+    expect((next.body.link as Json[]).map((l) => l.relation)).toEqual(['self']);
+    const seen = [...(first.body.entry as Json[]), ...(next.body.entry as Json[])].map((e) => (e.resource as Json).id);
+    expect(seen.sort()).toEqual([...ids].sort());
+
+    const count = await t.call('GET', '/fhir/Subscription?_summary=count');
+    expect(count.body).toMatchObject({ total: 3 });
+    expect(count.body.entry).toBeUndefined();
+    expect((await t.call('GET', '/fhir/Subscription?_count=abc')).status).toBe(400);
+  });
+
+  it('refuses unknown search parameters under Prefer: handling=strict', async () => {
+    const res = await t.broker.app.request('/fhir/Subscription?status:not=off', {
+      headers: { authorization: `Bearer ${TOKENS.alice}`, prefer: 'handling=strict' },
+    });
+    expect(res.status).toBe(400);
+    expect(JSON.stringify(await res.json())).toContain('status:not');
+  });
+
+  it('finds a SubscriptionTopic by its canonical url', async () => {
+    const res = await t.call('GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent(`${TOPIC}/patient-change`)}`);
+    expect(res.body.total).toBe(1);
+    expect(((res.body.entry as Json[])[0]?.resource as Json).url).toBe(`${TOPIC}/patient-change`);
+    const none = await t.call('GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent(`${TOPIC}/nothing`)}`);
+    expect(none.body.total).toBe(0);
+  });
+});
