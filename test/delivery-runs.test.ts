@@ -132,6 +132,45 @@ describe('delivery runs', () => {
     expect(deliveredCount()).toBe(40);
   });
 
+  it('retries a failed bundle exactly as it was, under the same webhook-id, however many events came since', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    const t = await start(dir, new NotingSender());
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/grouped`, {
+        channel: {
+          extension: [
+            {
+              url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
+              valuePositiveInt: 5,
+            },
+          ],
+        },
+      }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    // The first bundle is refused twice; events 3 and 4 arrive while it waits for its retry.
+    let refusals = 0;
+    receiver.respond = (req) =>
+      req.body.includes('"event-notification"') && refusals++ < 2 ? { status: 503, delayMs: 30 } : { status: 204 };
+    await t.post([1, 2].map((n) => eventLike('healthlake-update-patient', `grouped-${n}`, `p${n}`)));
+    await receiver.waitFor(() => receiver.failures.length > 0, 'the first refusal');
+    await t.post([3, 4].map((n) => eventLike('healthlake-update-patient', `grouped-${n}`, `p${n}`)));
+    await receiver.waitFor(() => delivered(receiver, '/grouped').length >= 4, 'four notifications', 10_000);
+    const attempts = receiver.arrived
+      .filter((r) => r.path === '/grouped' && r.body.includes('"event-notification"'))
+      .map((r) => [String(r.headers['webhook-id']).replace(`${sub.id}-`, ''), notifiedNumbers([r]).join(',')]);
+    // Every attempt of events 1–2 is the same bundle under the same id; 3–4 follow in their own.
+    expect(attempts.slice(0, 3)).toEqual([
+      ['1-2', '1,2'],
+      ['1-2', '1,2'],
+      ['1-2', '1,2'],
+    ]);
+    expect(attempts.slice(3)).toEqual([['3-4', '3,4']]);
+  });
+
   it('ends a run after the request on the wire when shutting down; a restart sends the rest, nothing twice', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));

@@ -735,7 +735,10 @@ function originOf(endpoint: string | undefined): string {
 
 /**
  * The due head of the queue as up to `bundles` bundles of up to `max` notifications each, in order:
- * what one `sendInOrder` run sends.
+ * what one `sendInOrder` run sends. A bundle that failed goes out again exactly as it was (so under
+ * the same `webhook-id`, which receivers deduplicate on): its notifications share the attempt count
+ * and due time the failure gave them, and nothing else joins them. Notifications not yet attempted
+ * group freely.
  */
 function takeRun(
   queue: readonly QueuedNotification[],
@@ -747,7 +750,8 @@ function takeRun(
   let current: QueuedNotification[] = [];
   for (const q of queue) {
     if (q.note.dueAt > now) break;
-    if (current.length === max) {
+    const head = current[0];
+    if (current.length === max || (head !== undefined && !sameAttempt(head.note, q.note))) {
       out.push(current);
       if (out.length === bundles) return out;
       current = [];
@@ -756,4 +760,9 @@ function takeRun(
   }
   if (current.length > 0) out.push(current);
   return out;
+}
+
+/** Whether two queued notifications belong in one bundle: both unattempted, or failed together. */
+function sameAttempt(a: StoredNotification, b: StoredNotification): boolean {
+  return a.attempts === 0 ? b.attempts === 0 : a.attempts === b.attempts && a.dueAt === b.dueAt;
 }
