@@ -101,7 +101,7 @@ describe('FHIR operations and search', () => {
     expect(res.status).toBe(200);
     const bundle = (await res.json()) as Json;
     expect(bundle.total).toBe(1);
-    expect(((bundle.entry as Json[])[0]?.resource as Json).id).toBe(ids[1]);
+    expect((bundle.entry as Json[]).map((e) => (e.resource as Json).id)).toEqual([ids[1]]);
     expect((bundle.link as Json[])[0]).toEqual({
       relation: 'self',
       url: `http://broker.test/fhir/Subscription?_id=${ids[1]}`,
@@ -144,7 +144,7 @@ describe('FHIR operations and search', () => {
   it('finds a SubscriptionTopic by its canonical url', async () => {
     const res = await t.call('GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent(`${TOPIC}/patient-change`)}`);
     expect(res.body.total).toBe(1);
-    expect(((res.body.entry as Json[])[0]?.resource as Json).url).toBe(`${TOPIC}/patient-change`);
+    expect((res.body.entry as Json[]).map((e) => (e.resource as Json).url)).toEqual([`${TOPIC}/patient-change`]);
     const none = await t.call('GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent(`${TOPIC}/nothing`)}`);
     expect(none.body.total).toBe(0);
   });
