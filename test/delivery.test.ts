@@ -311,6 +311,46 @@ describe('heartbeats', () => {
     expect(statusOf(hb).params.get('events-since-subscription-start')?.valueString).toBe('0');
     expect(statusOf(hb).events).toEqual([]);
   });
+
+  const heartbeatEverySecond = { extension: [{ url: `${BACKPORT}/backport-heartbeat-period`, valueUnsignedInt: 1 }] };
+  const typesOn = (receiver: Receiver, path: string) =>
+    receiver.arrived
+      .filter((r) => r.path === path)
+      .map((r) => statusOf(JSON.parse(r.body) as Json).params.get('type')?.valueCode);
+
+  it('sends no heartbeat to an endpoint whose handshake failed: it never consented', async () => {
+    const { t, receiver } = await setup();
+    receiver.respond = (req) => (req.path === '/refused' ? { status: 503 } : { status: 204 });
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/refused`, { channel: heartbeatEverySecond }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'error');
+    await new Promise((resolve) => setTimeout(resolve, 2_500));
+    expect(typesOn(receiver, '/refused')).toEqual(['handshake']);
+  });
+
+  it('turns a subscription off when its handshake answers 410 Gone', async () => {
+    const { t, receiver } = await setup();
+    receiver.respond = () => ({ status: 410 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/gone`));
+    await t.logger.waitForStatus(sub.id as string, 'off');
+    const read = await t.call('GET', `/fhir/Subscription/${sub.id}`);
+    expect(read.body).toMatchObject({ status: 'off', error: 'endpoint answered 410 Gone' });
+  });
+
+  it('turns a subscription off when a heartbeat answers 410 Gone, and sends none after', async () => {
+    const { t, receiver } = await setup();
+    receiver.respond = (req) => (req.body.includes('"heartbeat"') ? { status: 410 } : { status: 204 });
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/hb-gone`, { channel: heartbeatEverySecond }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    await t.logger.waitForStatus(sub.id as string, 'off');
+    const read = await t.call('GET', `/fhir/Subscription/${sub.id}`);
+    expect(read.body).toMatchObject({ status: 'off', error: 'endpoint answered 410 Gone' });
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    expect(typesOn(receiver, '/hb-gone')).toEqual(['handshake', 'heartbeat']);
+  });
 });
 
 describe('SSRF at delivery', () => {

@@ -1,6 +1,12 @@
 import { describe, expect, it } from 'vitest';
 import { BrokerError } from './errors.js';
-import { applyStatusEvent, clientStatusChange, type StatusEvent } from './status.js';
+import {
+  applyStatusEvent,
+  clientStatusChange,
+  HANDSHAKE_FAILED,
+  heartbeatsAllowed,
+  type StatusEvent,
+} from './status.js';
 import type { SubscriptionStatus } from './types.js';
 
 const STATUSES: readonly SubscriptionStatus[] = ['requested', 'active', 'error', 'off'];
@@ -107,5 +113,21 @@ describe('clientStatusChange', () => {
     expect((caught as BrokerError).code).toBe('INVALID_STATUS_CHANGE');
     expect((caught as BrokerError).expression).toBe('Subscription.status');
     expect((caught as BrokerError).status).toBe(422);
+  });
+});
+
+describe('heartbeatsAllowed', () => {
+  it.each<[string, { status: SubscriptionStatus; error?: string }, boolean]>([
+    ['an active subscription', { status: 'active' }, true],
+    [
+      'one in error after its deliveries failed',
+      { status: 'error', error: 'delivery failed after 7 attempt(s): HTTP 503' },
+      true,
+    ],
+    ['one in error because its handshake failed', { status: 'error', error: `${HANDSHAKE_FAILED}HTTP 503` }, false],
+    ['a requested one (not yet verified)', { status: 'requested' }, false],
+    ['an off one', { status: 'off', error: 'endpoint answered 410 Gone' }, false],
+  ])('%s', (_name, sub, allowed) => {
+    expect(heartbeatsAllowed(sub)).toBe(allowed);
   });
 });

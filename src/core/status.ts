@@ -17,6 +17,20 @@ export interface StatusChange {
   readonly error?: string;
 }
 
+/** How the error of a subscription whose handshake failed begins (the reason follows). */
+export const HANDSHAKE_FAILED = 'handshake failed: ';
+
+/**
+ * Whether heartbeats go to the subscription's endpoint: while it is active, and in `error` after
+ * its deliveries failed (a heartbeat then carries the error), but never to an endpoint whose
+ * handshake failed: it never consented with a 2xx, and heartbeats there would make the broker a
+ * source of unsolicited signed requests to any URL a client names.
+ */
+export function heartbeatsAllowed(sub: { readonly status: SubscriptionStatus; readonly error?: string }): boolean {
+  if (sub.status === 'active') return true;
+  return sub.status === 'error' && !(sub.error ?? '').startsWith(HANDSHAKE_FAILED);
+}
+
 /** Broker-driven transitions; returns undefined when the event does not apply in this status. */
 export function applyStatusEvent(current: SubscriptionStatus, event: StatusEvent): StatusChange | undefined {
   switch (event.kind) {

@@ -2,6 +2,7 @@ import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { memo } from '../core/memo.js';
 import { type NotificationType, notificationBundleJson } from '../core/notification.js';
 import { nextRetryDelay } from '../core/retry.js';
+import { HANDSHAKE_FAILED, heartbeatsAllowed } from '../core/status.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
@@ -254,13 +255,17 @@ export class Dispatcher {
     const now = this.#clock.now();
     const due = [...this.#registry.all()].filter((sub) => {
       const period = (sub.channel.heartbeatPeriodSeconds ?? 0) * 1000;
-      if (period === 0 || (sub.status !== 'active' && sub.status !== 'error')) return false;
+      if (period === 0 || !heartbeatsAllowed(sub)) return false;
       return Math.floor(now / period) !== Math.floor((now - windowMs) / period);
     });
-    const results = await Promise.all(
-      due.map((sub) => this.#withSlot(sub, () => this.#sendBundle(sub, 'heartbeat', [], `${sub.id}-heartbeat-${now}`))),
+    await Promise.all(
+      due.map(async (sub) => {
+        const result = await this.#withSlot(sub, () =>
+          this.#sendBundle(sub, 'heartbeat', [], `${sub.id}-heartbeat-${now}`),
+        );
+        await this.#heartbeatAnswered(sub, result);
+      }),
     );
-    for (const r of results) this.#metrics.inc('broker_heartbeats_total', { outcome: r.ok ? 'ok' : 'failed' });
     return due.length;
   }
 
@@ -457,27 +462,10 @@ export class Dispatcher {
       attempt: attempts,
       error: result.error,
     });
-    // A 410 turns the subscription off only while it still has the endpoint that answered it (the
-    // store checks that it has not changed since): otherwise the client moved it meanwhile and the
-    // notification is retried like any failure, at the endpoint it has now.
-    const holder = result.status === 410 ? this.#registry.get(sub.id) : undefined;
-    const gone =
-      holder !== undefined &&
-      holder.channel.endpoint === sub.channel.endpoint &&
-      (await this.#registry.transition(
-        sub.id,
-        { kind: 'endpoint-gone', reason: 'endpoint answered 410 Gone' },
-        holder,
-      )) !== undefined;
-    if (gone) {
-      this.#lifecycle.publish({
-        type: 'Endpoint Disabled',
-        subscriptionId: sub.id,
-        owner: sub.owner,
-        endpointOrigin: originOf(sub.channel.endpoint),
-        reason: 'endpoint answered 410 Gone',
-        time: new Date(now).toISOString(),
-      });
+    // A 410 turns the subscription off only while it still has the endpoint that answered it:
+    // otherwise the client moved it meanwhile and the notification is retried like any failure, at
+    // the endpoint it has now.
+    if (await this.#offIfGone(sub, result)) {
       this.#metrics.inc('broker_notifications_total', { outcome: 'gone' }, batch.length);
       return false;
     }
@@ -556,12 +544,36 @@ export class Dispatcher {
     if (result.ok) await this.#registry.transition(id, { kind: 'handshake-succeeded' }, sub);
     else {
       this.#logger.warn('handshake failed', { subscription: id, error: result.error });
+      // 410 Gone: the endpoint says it will never take notifications; off, not error.
+      if (await this.#offIfGone(sub, result)) return;
       await this.#registry.transition(
         id,
-        { kind: 'handshake-failed', reason: `handshake failed: ${result.error}` },
+        { kind: 'handshake-failed', reason: `${HANDSHAKE_FAILED}${result.error}` },
         sub,
       );
     }
+  }
+
+  /**
+   * A 410 from the endpoint turns the subscription off, provided it still has the endpoint that
+   * answered (the store checks it has not changed since `sub`). True when it did.
+   */
+  async #offIfGone(sub: SubscriptionRecord, result: SendResult): Promise<boolean> {
+    if (result.ok || result.status !== 410) return false;
+    const holder = this.#registry.get(sub.id);
+    if (holder === undefined || holder.channel.endpoint !== sub.channel.endpoint) return false;
+    const reason = 'endpoint answered 410 Gone';
+    const changed = await this.#registry.transition(sub.id, { kind: 'endpoint-gone', reason }, holder);
+    if (changed === undefined) return false;
+    this.#lifecycle.publish({
+      type: 'Endpoint Disabled',
+      subscriptionId: sub.id,
+      owner: sub.owner,
+      endpointOrigin: originOf(sub.channel.endpoint),
+      reason,
+      time: new Date(this.#clock.now()).toISOString(),
+    });
+    return true;
   }
 
   /**
@@ -676,8 +688,7 @@ export class Dispatcher {
     const period = (sub?.channel.heartbeatPeriodSeconds ?? 0) * 1000;
     const lane = this.#lanes.get(id);
     if (lane !== undefined) clearTimeout(lane.heartbeat);
-    if (sub === undefined || period === 0 || this.#closed || (sub.status !== 'active' && sub.status !== 'error'))
-      return;
+    if (sub === undefined || period === 0 || this.#closed || !heartbeatsAllowed(sub)) return;
     const owner = this.#lane(id);
     const due = Math.max(owner.lastSentAt + period - this.#clock.now(), 0) || period;
     owner.heartbeat = setTimeout(() => this.#track(this.#heartbeat(id, period)), due);
@@ -693,12 +704,21 @@ export class Dispatcher {
       // Changed or deleted while this waited for a slot: no heartbeat to the endpoint it had.
       const result = await this.#sendIfCurrent(sub, 'heartbeat', `${id}-heartbeat-${now}`);
       if (result !== undefined) {
-        this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : 'failed' });
         if (result.ok) lane.lastSentAt = this.#clock.now();
-        else this.#logger.warn('heartbeat failed', { subscription: id, error: result.error });
+        // A forbidden endpoint stays forbidden: no more heartbeats until the subscription changes.
+        if (!(await this.#heartbeatAnswered(sub, result))) return;
       }
     }
     this.#scheduleHeartbeat(id);
+  }
+
+  /** Counts and logs a heartbeat's outcome, a 410 turns the subscription off; false: send no more. */
+  async #heartbeatAnswered(sub: SubscriptionRecord, result: SendResult): Promise<boolean> {
+    this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : 'failed' });
+    if (result.ok) return true;
+    this.#logger.warn('heartbeat failed', { subscription: sub.id, error: result.error });
+    if (await this.#offIfGone(sub, result)) return false;
+    return result.permanent !== true;
   }
 
   /**
