@@ -4,12 +4,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Pool } from 'undici';
 import {
-  API_TOKEN,
   type Broker,
   BURST_EVENTS,
   type BurstResult,
   burst,
   fsyncProbe,
+  INGEST_TOKEN,
   openLoop,
   panelsOf,
   procStatus,
@@ -98,7 +98,7 @@ async function metric(pool: Pool, name: string, outcome: string): Promise<string
     const res = await pool.request({
       path: '/metrics',
       method: 'GET',
-      headers: { authorization: `Bearer ${API_TOKEN}` },
+      headers: { authorization: `Bearer ${INGEST_TOKEN}` },
     });
     const text = await res.body.text();
     const line = text.split('\n').find((l) => l.startsWith(`${name}{`) && l.includes(`outcome="${outcome}"`));

@@ -186,7 +186,15 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const apiAuth = new ApiKeyAuth(credentials.apiClients);
 
   const ingestAuth = new IngestAuth(credentials.ingestToken);
+  const metricsAuth =
+    config.metricsToken === undefined
+      ? new IngestAuth(
+          credentials.ingestToken,
+          'Send Authorization: Bearer <ingest token> (or set BROKER_METRICS_TOKEN): metrics are for the operator',
+        )
+      : new IngestAuth(config.metricsToken, 'Send Authorization: Bearer <BROKER_METRICS_TOKEN>');
   const app = createApp({
+    metricsAuth,
     registry,
     store,
     topics,

@@ -36,6 +36,7 @@ describe('loadConfig', () => {
     ['PORT', { PORT: '8o8o' }, /^PORT: must be an integer/],
     ['BROKER_STORE', { BROKER_STORE: 'postgres' }, /^BROKER_STORE: must be sqlite or dynamodb, not postgres$/],
     ['BROKER_INGEST_TOKEN', { BROKER_INGEST_TOKEN: 'short' }, /at least 16 characters/],
+    ['BROKER_METRICS_TOKEN', { BROKER_METRICS_TOKEN: 'short' }, /at least 16 characters/],
     ['AWS_REGION', { AWS_REGION: 'mars' }, /^AWS_REGION: mars is not an AWS region$/],
     ['BROKER_EVENT_RETENTION', { BROKER_EVENT_RETENTION: '10s' }, /at least 1m/],
     ['BROKER_RETRY_DELAYS', { BROKER_RETRY_DELAYS: '5s,soon' }, /^BROKER_RETRY_DELAYS: /],

@@ -26,6 +26,8 @@ export interface Config {
   /** From `BROKER_API_KEYS`; empty means "generate one and keep it in the data dir". */
   readonly apiClients: readonly ApiClient[];
   readonly ingestToken?: string;
+  /** Bearer token for `GET /metrics`; without it, the ingest token (an operator's secret, not a client's). */
+  readonly metricsToken?: string;
   /** HMAC key of WebSocket binding tokens (generated and kept in the data dir when unset). */
   readonly wsTokenSecret?: string;
   /** Lifetime of a binding token from `$get-ws-binding-token`. */
@@ -89,6 +91,10 @@ export function loadConfig(env: Env = process.env): Config {
   if (ingestToken !== undefined && ingestToken.length < 16) {
     throw new ConfigError('BROKER_INGEST_TOKEN', 'must be at least 16 characters');
   }
+  const metricsToken = str(env, 'BROKER_METRICS_TOKEN');
+  if (metricsToken !== undefined && metricsToken.length < 16) {
+    throw new ConfigError('BROKER_METRICS_TOKEN', 'must be at least 16 characters');
+  }
   const eventBus = str(env, 'BROKER_EVENT_BUS');
   const awsRegion = str(env, 'AWS_REGION') ?? str(env, 'AWS_DEFAULT_REGION') ?? 'us-east-1';
   if (!/^[a-z]{2}(-[a-z]+)+-\d+$/.test(awsRegion)) {
@@ -120,6 +126,7 @@ export function loadConfig(env: Env = process.env): Config {
     dataDir: str(env, 'BROKER_DATA_DIR') ?? './data',
     apiClients: Object.freeze(parseApiKeys(str(env, 'BROKER_API_KEYS'))),
     ...(ingestToken === undefined ? {} : { ingestToken }),
+    ...(metricsToken === undefined ? {} : { metricsToken }),
     ...(wsTokenSecret === undefined ? {} : { wsTokenSecret }),
     wsTokenTtlMs: singleDuration(env, 'BROKER_WS_TOKEN_TTL', 10 * 60_000, 1000),
     // 1 MiB: dozens of bundles; a reader further behind than that is not keeping up.

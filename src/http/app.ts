@@ -15,6 +15,8 @@ import { fhirResponse, operationOutcome, outcomeOf } from './outcome.js';
 export interface AppDeps extends FhirRouteDeps {
   readonly ingest: IngestService;
   readonly ingestAuth: IngestAuth;
+  /** `GET /metrics`: the operator's token; API clients must not see every client's totals. */
+  readonly metricsAuth: IngestAuth;
   readonly metrics: Metrics;
   readonly logger: Logger;
   readonly maxIngestBodyBytes: number;
@@ -54,7 +56,7 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
   });
 
   app.get('/metrics', (c) => {
-    deps.auth.authenticate(c.req.header('authorization'));
+    deps.metricsAuth.check(c.req.header('authorization'));
     return new Response(deps.metrics.render(), { headers: { 'content-type': 'text/plain; version=0.0.4' } });
   });
 

@@ -37,14 +37,17 @@ export class ApiKeyAuth {
 
 export class IngestAuth {
   readonly #digest: Buffer;
+  readonly #hint: string;
 
-  constructor(token: string) {
+  /** `hint`: what the 401 tells the caller to send. */
+  constructor(token: string, hint = 'Send Authorization: Bearer <ingest token> (BROKER_INGEST_TOKEN)') {
     this.#digest = digest(token);
+    this.#hint = hint;
   }
 
   check(header: string | undefined): void {
     const token = bearerToken(header);
     if (token !== undefined && timingSafeEqual(digest(token), this.#digest)) return;
-    throw new BrokerError('UNAUTHORIZED', 'Send Authorization: Bearer <ingest token> (BROKER_INGEST_TOKEN)');
+    throw new BrokerError('UNAUTHORIZED', this.#hint);
   }
 }

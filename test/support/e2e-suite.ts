@@ -292,8 +292,11 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
     it('serves health and metrics, and never writes a secret to its log', async () => {
       expect(await (await fetch(`${broker.url}/healthz`)).json()).toEqual({ status: 'ok' });
       expect((await fetch(`${broker.url}/metrics`)).status).toBe(401);
+      // The totals of every client: the operator's (ingest token), not an API client's.
+      const asClient = await fetch(`${broker.url}/metrics`, { headers: { authorization: `Bearer ${API_KEYS.alice}` } });
+      expect(asClient.status).toBe(401);
       const metrics = await (
-        await fetch(`${broker.url}/metrics`, { headers: { authorization: `Bearer ${API_KEYS.alice}` } })
+        await fetch(`${broker.url}/metrics`, { headers: { authorization: `Bearer ${INGEST_TOKEN}` } })
       ).text();
       expect(metrics).toContain('broker_events_total{outcome="accepted"} 7');
       expect(metrics).toContain('broker_events_total{outcome="duplicate"} 3');
