@@ -353,6 +353,45 @@ describe('heartbeats', () => {
   });
 });
 
+describe('Subscription.end', () => {
+  it('turns the subscription off when its end passes, and sends nothing after', async () => {
+    const { t, receiver } = await setup();
+    const end = new Date(Date.now() + 1_500).toISOString();
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/ending`, {
+        extra: { end },
+        channel: { extension: [{ url: `${BACKPORT}/backport-heartbeat-period`, valueUnsignedInt: 1 }] },
+      }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    await t.logger.waitForStatus(sub.id as string, 'off');
+    const read = await t.call('GET', `/fhir/Subscription/${sub.id}`);
+    expect(read.body).toMatchObject({ status: 'off', error: `ended at ${end} (Subscription.end)` });
+    const before = receiver.arrived.length;
+    await t.post(patientEvents('ending', 1));
+    await new Promise((resolve) => setTimeout(resolve, 1_200));
+    expect(receiver.arrived.length).toBe(before);
+  });
+
+  it('refuses an end that has passed, unless the subscription is being turned off', async () => {
+    const { t, receiver } = await setup();
+    const past = { end: '2001-01-01T00:00:00Z' };
+    const res = await t.call(
+      'POST',
+      '/fhir/Subscription',
+      topicSubscription('patient-change', `${receiver.url}/x`, { extra: past }),
+    );
+    expect(res.status).toBe(400);
+    expect(JSON.stringify(res.body)).toContain('Subscription.end 2001-01-01T00:00:00Z has passed');
+    const off = await t.call(
+      'POST',
+      '/fhir/Subscription',
+      topicSubscription('patient-change', `${receiver.url}/x`, { extra: { ...past, status: 'off' } }),
+    );
+    expect(off.status).toBe(201);
+  });
+});
+
 describe('SSRF at delivery', () => {
   it('refuses a DNS answer that changed to a private address after registration, and records why', async () => {
     let answers = 0;

@@ -16,6 +16,7 @@ describe('applyStatusEvent', () => {
   const handshakeFailed: StatusEvent = { kind: 'handshake-failed', reason: 'endpoint answered 404' };
   const exhausted: StatusEvent = { kind: 'delivery-exhausted', reason: '7 attempts failed' };
   const gone: StatusEvent = { kind: 'endpoint-gone', reason: 'endpoint answered 410' };
+  const ended: StatusEvent = { kind: 'ended', reason: 'ended at 2026-01-01T00:00:00Z' };
 
   it.each<[string, StatusEvent, SubscriptionStatus, ReturnType<typeof applyStatusEvent>]>([
     ['a successful handshake activates a requested subscription', handshakeOk, 'requested', { status: 'active' }],
@@ -59,6 +60,15 @@ describe('applyStatusEvent', () => {
       { status: 'off', error: 'endpoint answered 410' },
     ],
     ['a gone endpoint leaves an off subscription alone', gone, 'off', undefined],
+    ...(['requested', 'active', 'error'] as const).map(
+      (from): [string, StatusEvent, SubscriptionStatus, ReturnType<typeof applyStatusEvent>] => [
+        `a passed end switches a ${from} subscription off`,
+        ended,
+        from,
+        { status: 'off', error: 'ended at 2026-01-01T00:00:00Z' },
+      ],
+    ),
+    ['a passed end leaves an off subscription alone', ended, 'off', undefined],
   ])('%s', (_name, event, current, expected) => {
     expect(applyStatusEvent(current, event)).toEqual(expected);
   });

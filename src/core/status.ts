@@ -10,7 +10,9 @@ export type StatusEvent =
   | { readonly kind: 'handshake-succeeded' }
   | { readonly kind: 'handshake-failed'; readonly reason: string }
   | { readonly kind: 'delivery-exhausted'; readonly reason: string }
-  | { readonly kind: 'endpoint-gone'; readonly reason: string };
+  | { readonly kind: 'endpoint-gone'; readonly reason: string }
+  /** `Subscription.end` has passed: "the time for the server to turn the subscription off" (R4). */
+  | { readonly kind: 'ended'; readonly reason: string };
 
 export interface StatusChange {
   readonly status: SubscriptionStatus;
@@ -41,6 +43,7 @@ export function applyStatusEvent(current: SubscriptionStatus, event: StatusEvent
     case 'delivery-exhausted':
       return current === 'active' ? { status: 'error', error: event.reason } : undefined;
     case 'endpoint-gone':
+    case 'ended':
       return current === 'off' ? undefined : { status: 'off', error: event.reason };
     default: {
       const never: never = event;

@@ -88,6 +88,8 @@ function retire(lane: Lane, batch: readonly QueuedNotification[]): void {
 
 // 1 h: purging is cheap and retention is counted in days.
 const PURGE_INTERVAL_MS = 60 * 60 * 1000;
+/** The longest delay `setTimeout` takes (about 24.8 days). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** A minute of slack: the hourly timer may fire a little early relative to a late previous run. */
 const PURGE_MIN_GAP_MS = PURGE_INTERVAL_MS - 60 * 1000;
 
@@ -122,6 +124,8 @@ export class Dispatcher {
   readonly #limiter: OriginLimiter;
   #purgeTimer: NodeJS.Timeout | undefined;
   #purging = false;
+  /** Per subscription with an `end`: the timer that turns it off then. */
+  readonly #endTimers = new Map<string, NodeJS.Timeout>();
   /** When the last purge began (clock ms); undefined before the first. */
   #purgedAt: number | undefined;
   /** Aborted by `close`: a purge in progress stops at its next batch instead of holding shutdown. */
@@ -175,13 +179,17 @@ export class Dispatcher {
       perOrigin: HANDOVER_PER_CONNECTION * this.#opts.maxInFlightPerOrigin,
     });
     deps.registry.listen({
-      onRequested: (id) => this.#track(this.#handshake(id)),
+      onRequested: (id) => {
+        this.#track(this.#handshake(id));
+        this.#scheduleEnd(id);
+      },
       onActivated: (id) => this.#wake(id, true),
       onRemoved: (id) => this.#forget(id),
       onChanged: (id) => {
         // Whatever changed (endpoint, headers, secret, status), the rest of the run goes out as the subscription is now.
         this.#lanes.get(id)?.run?.stop();
         this.#scheduleHeartbeat(id);
+        this.#scheduleEnd(id);
       },
       beforeRequeue: () => this.flush(),
       onRequeued: (id) => this.requeued(id),
@@ -195,7 +203,10 @@ export class Dispatcher {
       this.#lane(id).rescan = true;
       this.#wake(id, true);
     }
-    for (const sub of this.#registry.all()) this.#scheduleHeartbeat(sub.id);
+    for (const sub of this.#registry.all()) {
+      this.#scheduleHeartbeat(sub.id);
+      this.#scheduleEnd(sub.id);
+    }
     // Not awaited: after a long stop the first purge may be big, and start-up (the server's signal
     // handlers, a Lambda's deliveries) must not wait for it. `idle` and `close` do.
     this.#startPurge();
@@ -284,6 +295,7 @@ export class Dispatcher {
       clearTimeout(lane.timer);
       clearTimeout(lane.heartbeat);
     }
+    for (const timer of this.#endTimers.values()) clearTimeout(timer);
     this.#limiter.close();
     this.#sender.stop();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
@@ -300,6 +312,8 @@ export class Dispatcher {
   }
 
   #forget(id: string): void {
+    clearTimeout(this.#endTimers.get(id));
+    this.#endTimers.delete(id);
     const lane = this.#lanes.get(id);
     if (lane !== undefined) {
       clearTimeout(lane.timer);
@@ -710,6 +724,28 @@ export class Dispatcher {
       }
     }
     this.#scheduleHeartbeat(id);
+  }
+
+  /**
+   * `Subscription.end`: the subscription goes `off` when it passes (unless it changed meanwhile;
+   * a change schedules again). Timers longer than Node allows are re-armed on the way. On AWS no
+   * timer outlives an invocation: each scheduled dispatcher run (`start`) ends what has passed.
+   */
+  #scheduleEnd(id: string): void {
+    clearTimeout(this.#endTimers.get(id));
+    this.#endTimers.delete(id);
+    const sub = this.#registry.get(id);
+    if (sub?.end === undefined || sub.status === 'off' || this.#closed) return;
+    const left = Date.parse(sub.end) - this.#clock.now();
+    if (left <= 0) {
+      this.#track(
+        this.#registry.transition(id, { kind: 'ended', reason: `ended at ${sub.end} (Subscription.end)` }, sub),
+      );
+      return;
+    }
+    const timer = setTimeout(() => this.#scheduleEnd(id), Math.min(left, MAX_TIMER_MS));
+    timer.unref();
+    this.#endTimers.set(id, timer);
   }
 
   /** Counts and logs a heartbeat's outcome, a 410 turns the subscription off; false: send no more. */

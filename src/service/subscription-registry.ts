@@ -3,7 +3,7 @@ import { BROKER_EXT } from '../core/fhir-urls.js';
 import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { MatchIndex } from '../core/match-index.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
-import { parseSubscription } from '../core/subscription.js';
+import { parseSubscription, type SubscriptionSpec } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, FhirResource, IdSource, Notification, ResourceChange, SubscriptionRecord } from '../core/types.js';
 import type { EndpointGuard } from '../delivery/endpoint-guard.js';
@@ -148,6 +148,7 @@ export class SubscriptionRegistry {
 
   async create(owner: string, body: unknown): Promise<CreateResult> {
     const spec = parseSubscription(body, this.#topics);
+    this.#checkEnd(spec);
     if (spec.askedStatus === 'error') {
       throw new BrokerError('INVALID_STATUS_CHANGE', 'Only the broker sets status error', {
         expression: 'Subscription.status',
@@ -210,6 +211,7 @@ export class SubscriptionRegistry {
       });
     }
     const spec = parseSubscription(body, this.#topics);
+    this.#checkEnd(spec);
     let checkedEndpoint: string | undefined;
     for (let attempt = 1; ; attempt++) {
       const current = await this.read(owner, id);
@@ -255,6 +257,19 @@ export class SubscriptionRegistry {
       if (reactivating) this.#listener?.onRequeued(id);
       return this.#afterUpdate(owner, current, stored);
     }
+  }
+
+  /** An `end` already past would be off at once: refused, unless the client is turning it off anyway. */
+  #checkEnd(spec: SubscriptionSpec): void {
+    if (spec.end === undefined || spec.askedStatus === 'off') return;
+    if (Date.parse(spec.end) > this.#clock.now()) return;
+    throw new BrokerError(
+      'INVALID_RESOURCE',
+      `Subscription.end ${spec.end} has passed: the subscription would be off at once`,
+      {
+        expression: 'Subscription.end',
+      },
+    );
   }
 
   #afterUpdate(owner: string, current: SubscriptionRecord, stored: SubscriptionRecord): SubscriptionRecord {
