@@ -141,6 +141,30 @@ describe('FHIR operations and search', () => {
     expect(JSON.stringify(await res.json())).toContain('status:not');
   });
 
+  it('answers 406 to a request that accepts only XML, and JSON to anything else', async () => {
+    const get = (path: string, accept?: string) =>
+      t.broker.app.request(path, {
+        headers: { authorization: `Bearer ${TOKENS.alice}`, ...(accept === undefined ? {} : { accept }) },
+      });
+    const xml = await get('/fhir/Subscription', 'application/fhir+xml');
+    expect(xml.status).toBe(406);
+    expect(((await xml.json()) as Json).resourceType).toBe('OperationOutcome');
+    expect((await get('/fhir/metadata?_format=xml')).status).toBe(406);
+    expect((await get('/fhir/metadata?_format=json', 'application/fhir+xml')).status).toBe(200);
+    expect((await get('/fhir/Subscription', 'application/fhir+xml, application/fhir+json;q=0.9')).status).toBe(200);
+    expect((await get('/fhir/Subscription', '*/*')).status).toBe(200);
+  });
+
+  it('takes application/json+fhir, the DSTU2 media type older clients send', async () => {
+    const res = await t.broker.app.request('/fhir/Subscription', {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/json+fhir' },
+      body: JSON.stringify(topicSubscription('patient-change', `${receiver.url}/legacy`)),
+    });
+    expect(res.status).toBe(201);
+    await t.call('DELETE', `/fhir/Subscription/${((await res.json()) as Json).id}`);
+  });
+
   it('finds a SubscriptionTopic by its canonical url', async () => {
     const res = await t.call('GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent(`${TOPIC}/patient-change`)}`);
     expect(res.body.total).toBe(1);

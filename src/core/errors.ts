@@ -60,6 +60,11 @@ export const ERROR_CODES = {
   UPGRADE_REQUIRED: { status: 426, issue: 'not-supported', text: 'The route is a WebSocket endpoint.' },
   METHOD_NOT_ALLOWED: { status: 405, issue: 'not-supported', text: 'The method is not allowed on this route.' },
   PAYLOAD_TOO_LARGE: { status: 413, issue: 'too-long', text: 'The body is larger than the broker accepts.' },
+  NOT_ACCEPTABLE: {
+    status: 406,
+    issue: 'not-supported',
+    text: 'The broker answers in JSON only (application/fhir+json).',
+  },
   UNSUPPORTED_MEDIA_TYPE: {
     status: 415,
     issue: 'not-supported',

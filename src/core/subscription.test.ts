@@ -192,6 +192,11 @@ describe('parseSubscription: topic-based', () => {
     expect(parse(sub).channel.content).toBe('empty');
   });
 
+  it('accepts a payload media type with parameters, and keeps it as given', () => {
+    const payload = 'application/fhir+json;fhirVersion=4.0';
+    expect(parse(topicSub({ channel: { payload } })).channel.payload).toBe(payload);
+  });
+
   it('accepts application/json as payload', () => {
     expect(parse(topicSub({ channel: { payload: 'application/json' } })).channel.payload).toBe('application/json');
   });

@@ -392,7 +392,8 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
       expression: 'Subscription.channel.endpoint',
     });
   }
-  if (ch.payload !== undefined && !JSON_PAYLOADS.has(ch.payload)) {
+  // Compared without parameters: `application/fhir+json;fhirVersion=4.0` is FHIR JSON.
+  if (ch.payload !== undefined && !JSON_PAYLOADS.has(ch.payload.split(';')[0]?.trim().toLowerCase() ?? '')) {
     throw new BrokerError(
       'UNSUPPORTED_CONTENT',
       `Payload ${ch.payload} is not supported; use application/fhir+json or application/json`,

@@ -11,7 +11,8 @@ import { BrokerError } from '../core/errors.js';
  * the rest of `POST /events` together. Elsewhere (Lambda, `app.request` in tests) the web body.
  */
 
-const JSON_TYPES = new Set(['application/json', 'application/fhir+json']);
+/** JSON, FHIR JSON, and `application/json+fhir`, the DSTU2 name older clients still send. */
+const JSON_TYPES = new Set(['application/json', 'application/fhir+json', 'application/json+fhir']);
 
 interface NodeBindings {
   readonly incoming?: IncomingMessage;

@@ -45,6 +45,12 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   const now = (): string => new Date(deps.clock.now()).toISOString();
   const ctx = () => ({ fhirBase, newId: () => deps.ids.uuid(), timestamp: now() });
 
+  // JSON is the one format: a request that accepts only XML gets 406, not JSON it cannot read.
+  app.use('/fhir/*', async (c, next) => {
+    checkAcceptable(c.req.query('_format'), c.req.header('accept'));
+    await next();
+  });
+
   app.get('/fhir/metadata', () => fhirResponse(capabilityStatement(deps, now())));
 
   app.use('/fhir/Subscription', async (c, next) => {
@@ -243,6 +249,27 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     await registry.delete(c.get('owner'), c.req.param('id'));
     return new Response(null, { status: 204 });
   });
+}
+
+const XML_FORMATS = new Set(['xml', 'text/xml', 'application/xml', 'application/fhir+xml', 'application/xml+fhir']);
+const JSON_FORMATS = new Set(['json', 'application/json', 'application/fhir+json', 'application/json+fhir']);
+
+/** `_format` (which overrides Accept, as FHIR says) or else Accept must allow JSON: 406 otherwise. */
+function checkAcceptable(format: string | undefined, accept: string | undefined): void {
+  if (format !== undefined) {
+    const type = format.split(';')[0]?.trim().toLowerCase() ?? '';
+    if (JSON_FORMATS.has(type)) return;
+    throw new BrokerError('NOT_ACCEPTABLE', `_format ${format.slice(0, 64)} is not served; use json`);
+  }
+  if (accept === undefined || accept.trim() === '') return;
+  const types = accept.split(',').map((t) => t.split(';')[0]?.trim().toLowerCase() ?? '');
+  // Only when every type named is XML: anything else (JSON, */*, application/*, unknown) gets JSON.
+  if (types.every((t) => XML_FORMATS.has(t))) {
+    throw new BrokerError(
+      'NOT_ACCEPTABLE',
+      `Accept ${accept.slice(0, 64)} names XML only; the broker answers application/fhir+json`,
+    );
+  }
 }
 
 /** Values of one parameter, comma lists split; undefined when absent. */
