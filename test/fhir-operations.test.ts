@@ -165,6 +165,45 @@ describe('FHIR operations and search', () => {
     await t.call('DELETE', `/fhir/Subscription/${((await res.json()) as Json).id}`);
   });
 
+  it('versions a subscription (meta.versionId, ETag) and refuses a PUT or DELETE of an older version with 412', async () => {
+    const created = await t.broker.app.request('/fhir/Subscription', {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/fhir+json' },
+      body: JSON.stringify(
+        topicSubscription('patient-change', `${receiver.url}/versioned`, { extra: { status: 'off' } }),
+      ),
+    });
+    const sub = (await created.json()) as Json;
+    const v1 = String((sub.meta as Json).versionId);
+    expect(created.headers.get('etag')).toBe(`W/"${v1}"`);
+    const put = (ifMatch: string, reason: string) =>
+      t.broker.app.request(`/fhir/Subscription/${sub.id}`, {
+        method: 'PUT',
+        headers: {
+          authorization: `Bearer ${TOKENS.alice}`,
+          'content-type': 'application/fhir+json',
+          'if-match': ifMatch,
+        },
+        body: JSON.stringify({ ...sub, reason }),
+      });
+    const updated = await put(`W/"${v1}"`, 'first');
+    expect(updated.status).toBe(200);
+    const v2 = String((((await updated.json()) as Json).meta as Json).versionId);
+    expect(v2).not.toBe(v1);
+    expect(updated.headers.get('etag')).toBe(`W/"${v2}"`);
+    // A lost update: the second writer still holds version 1.
+    const stale = await put(`W/"${v1}"`, 'second');
+    expect(stale.status).toBe(412);
+    expect((await t.call('GET', `/fhir/Subscription/${sub.id}`)).body.reason).toBe('first');
+    const del = (ifMatch: string) =>
+      t.broker.app.request(`/fhir/Subscription/${sub.id}`, {
+        method: 'DELETE',
+        headers: { authorization: `Bearer ${TOKENS.alice}`, 'if-match': ifMatch },
+      });
+    expect((await del(`"${v1}"`)).status).toBe(412);
+    expect((await del(`W/"${v2}"`)).status).toBe(204);
+  });
+
   it('finds a SubscriptionTopic by its canonical url', async () => {
     const res = await t.call('GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent(`${TOPIC}/patient-change`)}`);
     expect(res.body.total).toBe(1);

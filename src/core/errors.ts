@@ -56,6 +56,11 @@ export const ERROR_CODES = {
   UNAUTHORIZED: { status: 401, issue: 'login', text: 'Missing or invalid bearer token.' },
   NOT_FOUND: { status: 404, issue: 'not-found', text: 'No such resource.' },
   QUOTA_EXCEEDED: { status: 422, issue: 'business-rule', text: 'The client has as many subscriptions as it may.' },
+  PRECONDITION_FAILED: {
+    status: 412,
+    issue: 'conflict',
+    text: 'The resource is no longer the version named in If-Match.',
+  },
   CONFLICT: { status: 409, issue: 'conflict', text: 'The resource changed while the request was being applied.' },
   UPGRADE_REQUIRED: { status: 426, issue: 'not-supported', text: 'The route is a WebSocket endpoint.' },
   METHOD_NOT_ALLOWED: { status: 405, issue: 'not-supported', text: 'The method is not allowed on this route.' },

@@ -5,7 +5,7 @@ import { buildNotificationBundle, buildStatusBundle } from '../core/notification
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, IdSource, SubscriptionRecord } from '../core/types.js';
 import type { BindingTokens } from '../delivery/ws-binding-token.js';
-import type { SubscriptionRegistry } from '../service/subscription-registry.js';
+import { type SubscriptionRegistry, versionId } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import type { ApiKeyAuth } from './auth.js';
 import { readJsonBody } from './body.js';
@@ -106,9 +106,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     return fhirResponse(
       registry.render(record, generatedSecret === undefined ? {} : { secret: generatedSecret }),
       201,
-      {
-        location,
-      },
+      { location, ...etag(record) },
     );
   });
 
@@ -241,12 +239,12 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
 
   app.put('/fhir/Subscription/:id', async (c) => {
     const body = await readJsonBody(c, deps.maxBodyBytes);
-    const sub = await registry.update(c.get('owner'), c.req.param('id'), body);
+    const sub = await registry.update(c.get('owner'), c.req.param('id'), body, ifMatch(c.req.header('if-match')));
     return fhirResponse(registry.render(sub), 200, etag(sub));
   });
 
   app.delete('/fhir/Subscription/:id', async (c) => {
-    await registry.delete(c.get('owner'), c.req.param('id'));
+    await registry.delete(c.get('owner'), c.req.param('id'), ifMatch(c.req.header('if-match')));
     return new Response(null, { status: 204 });
   });
 }
@@ -375,8 +373,18 @@ function offsetParam(value: string | undefined): number {
   return Number(value);
 }
 
+/** `ETag: W/"<versionId>"` (FHIR's weak ETag of the version) and `Last-Modified`. */
 function etag(sub: SubscriptionRecord): Record<string, string> {
-  return { 'last-modified': new Date(sub.updatedAt).toUTCString() };
+  return { etag: `W/"${versionId(sub)}"`, 'last-modified': new Date(sub.updatedAt).toUTCString() };
+}
+
+/** The version an `If-Match` names (`W/"3"`, `"3"` or `3`); undefined without one. */
+function ifMatch(header: string | undefined): string | undefined {
+  if (header === undefined || header.trim() === '') return undefined;
+  return header
+    .trim()
+    .replace(/^W\//, '')
+    .replace(/^"(.*)"$/, '$1');
 }
 
 function eventNumberParam(value: string | undefined, name: string): number | undefined {

@@ -203,7 +203,8 @@ export class SubscriptionRegistry {
     return this.#store.listSubscriptions(owner);
   }
 
-  async update(owner: string, id: string, body: unknown): Promise<SubscriptionRecord> {
+  /** `ifMatch`: the version the client read (`ETag` / `meta.versionId`); another one now is a 412. */
+  async update(owner: string, id: string, body: unknown, ifMatch?: string): Promise<SubscriptionRecord> {
     const bodyId = (body as { id?: unknown } | null)?.id;
     if (bodyId !== undefined && bodyId !== id) {
       throw new BrokerError('ID_MISMATCH', `Resource id ${String(bodyId)} does not match Subscription/${id}`, {
@@ -215,6 +216,7 @@ export class SubscriptionRegistry {
     let checkedEndpoint: string | undefined;
     for (let attempt = 1; ; attempt++) {
       const current = await this.read(owner, id);
+      checkVersion(current, ifMatch);
       const channelChanged =
         JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
       const endpoint = spec.channel.endpoint;
@@ -292,8 +294,8 @@ export class SubscriptionRegistry {
     return stored;
   }
 
-  async delete(owner: string, id: string): Promise<void> {
-    await this.read(owner, id);
+  async delete(owner: string, id: string, ifMatch?: string): Promise<void> {
+    checkVersion(await this.read(owner, id), ifMatch);
     await this.#store.deleteSubscription(id);
     this.#forget(id);
     this.#listener?.onRemoved(id);
@@ -386,7 +388,7 @@ export class SubscriptionRegistry {
     return {
       ...resource,
       id: rec.id,
-      meta: { ...(resource.meta ?? {}), lastUpdated: rec.updatedAt },
+      meta: { ...(resource.meta ?? {}), versionId: versionId(rec), lastUpdated: rec.updatedAt },
       status: rec.status,
       ...(rec.error === undefined ? {} : { error: rec.error }),
       channel,
@@ -402,4 +404,20 @@ export class SubscriptionRegistry {
     this.#cache.set(rec.id, rec);
     this.#index.upsert(rec);
   }
+}
+
+/**
+ * A subscription's version: its `updatedAt` in epoch milliseconds, which every change (the
+ * client's or the broker's) moves forward by at least 1 ms.
+ */
+export function versionId(rec: Pick<SubscriptionRecord, 'updatedAt'>): string {
+  return String(Date.parse(rec.updatedAt));
+}
+
+function checkVersion(current: SubscriptionRecord, ifMatch: string | undefined): void {
+  if (ifMatch === undefined || ifMatch === versionId(current)) return;
+  throw new BrokerError(
+    'PRECONDITION_FAILED',
+    `Subscription/${current.id} is at version ${versionId(current)}, not ${ifMatch}: read it again`,
+  );
 }
