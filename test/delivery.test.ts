@@ -353,6 +353,20 @@ describe('heartbeats', () => {
   });
 });
 
+describe('duplicates', () => {
+  it('delivers once a change CloudTrail sent twice (two EventBridge ids, one CloudTrail eventID)', async () => {
+    const { t, receiver } = await setup();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/twice`));
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    const event = eventLike('healthlake-update-patient', 'twice-1', 'twice-p');
+    expect(await t.post(event)).toMatchObject({ accepted: 1, duplicates: 0 });
+    expect(await t.post({ ...event, id: 'twice-1-copy' })).toMatchObject({ accepted: 0, duplicates: 1 });
+    await receiver.waitFor(() => notificationsOn(receiver, '/twice').length >= 1, 'the notification');
+    await t.broker.dispatcher.idle(5_000);
+    expect(notificationsOn(receiver, '/twice').flatMap(eventNumbers)).toEqual([1]);
+  });
+});
+
 describe('Subscription.end', () => {
   it('turns the subscription off when its end passes, and sends nothing after', async () => {
     const { t, receiver } = await setup();

@@ -33,8 +33,10 @@ interface Case {
 const auth = { authorization: `Bearer ${TOKENS.ingest}` };
 const json = { ...auth, 'content-type': 'application/json' };
 
+/** The fixture as another API call: its own EventBridge id and CloudTrail eventID. */
 function event(name: string, id: string): Json {
-  return { ...fixture(name), id };
+  const f = fixture(name);
+  return { ...f, id, ...(f.detail === undefined ? {} : { detail: { ...(f.detail as Json), eventID: id } }) };
 }
 
 const CASES: readonly Case[] = [

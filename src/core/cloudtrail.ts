@@ -58,6 +58,8 @@ const UNNAMED_WRITES: Readonly<Record<string, string>> = {
 const RESOURCE_TYPE = /^[A-Z][A-Za-z]{1,63}$/;
 const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
 const DATASTORE_ID = /^[A-Za-z0-9-]{1,128}$/;
+/** A CloudTrail event id (a UUID in practice). */
+const EVENT_ID = /^[A-Za-z0-9-]{1,128}$/;
 const REGION = /^[a-z]{2}(-[a-z]+)+-\d$/;
 
 export type ParsedEvent =
@@ -109,10 +111,11 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   const region = regionCandidate !== undefined && REGION.test(regionCandidate) ? regionCandidate : 'us-east-1';
   const time = pickTime(detail.eventTime, event.time) ?? receivedAt;
 
+  const cloudTrailId = typeof detail.eventID === 'string' && EVENT_ID.test(detail.eventID) ? detail.eventID : undefined;
   return {
     kind: 'change',
     change: {
-      eventId: event.id,
+      eventId: cloudTrailId ?? event.id,
       resourceType,
       ...(resourceId === undefined ? {} : { resourceId }),
       interaction,

@@ -5,7 +5,11 @@ export const INTERACTIONS: readonly Interaction[] = ['create', 'update', 'delete
 
 /** One write to the FHIR server, as far as the CloudTrail event tells it. */
 export interface ResourceChange {
-  /** EventBridge event id: the deduplication key. */
+  /**
+   * The deduplication key: the CloudTrail `detail.eventID` (one per API call), else the
+   * EventBridge event `id`. EventBridge redelivers under the same `id`; CloudTrail itself may
+   * emit a call twice, and each copy gets a new EventBridge `id` but keeps its `eventID`.
+   */
   readonly eventId: string;
   readonly resourceType: string;
   /** Absent on older events that carry no `additionalEventData.resourceId`. */

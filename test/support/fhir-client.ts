@@ -11,7 +11,10 @@ export function fixture(name: string): Json {
   return JSON.parse(readFileSync(`test/fixtures/${name}.json`, 'utf8')) as Json;
 }
 
-/** A fixture with a new EventBridge id (and optionally another resource id). */
+/**
+ * A fixture as another API call: a new EventBridge id and the same new CloudTrail eventID (and
+ * optionally another resource id).
+ */
 export function eventLike(name: string, eventId: string, resourceId?: string): Json {
   const event = fixture(name);
   const detail = event.detail as Json;
@@ -21,6 +24,7 @@ export function eventLike(name: string, eventId: string, resourceId?: string): J
     id: eventId,
     detail: {
       ...detail,
+      eventID: eventId,
       ...(resourceId === undefined || extra === undefined ? {} : { additionalEventData: { ...extra, resourceId } }),
     },
   };
