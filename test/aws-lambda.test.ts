@@ -7,6 +7,7 @@ import { ApiGatewayWebSocketPort, MAX_MESSAGE_BYTES } from '../src/aws/apigw-web
 import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
 import { EventBridgePublisher } from '../src/aws/eventbridge-publisher.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
+import type { BrokerOverrides } from '../src/broker.js';
 import { loadConfig } from '../src/config.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
 import { EventBridgeDouble, ManagementApiDouble } from './support/aws-doubles.js';
@@ -33,6 +34,23 @@ const INGEST = 'ingest-token-0123456789abcdef';
 const HL = 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4';
 const context = {} as Context;
 
+/** A websocket Subscription to one patient's changes, id-only content. */
+function websocketSubscription(patientId: string): Json {
+  const backport = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
+  return {
+    resourceType: 'Subscription',
+    criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
+    _criteria: {
+      extension: [{ url: `${backport}/backport-filter-criteria`, valueString: `Patient?_id=${patientId}` }],
+    },
+    channel: {
+      type: 'websocket',
+      payload: 'application/fhir+json',
+      _payload: { extension: [{ url: `${backport}/backport-payload-content`, valueCode: 'id-only' }] },
+    },
+  };
+}
+
 describe('Lambda handlers on DynamoDB Local', () => {
   let local: DynamoDbLocal;
   let management: ManagementApiDouble;
@@ -43,16 +61,16 @@ describe('Lambda handlers on DynamoDB Local', () => {
   const logger = new RecordingLogger();
 
   /** A broker as another Lambda container builds it: same tables, its own caches. */
-  const container = () =>
+  const container = (extra: { config?: Partial<typeof config>; overrides?: BrokerOverrides } = {}) =>
     createAwsBroker({
-      config,
+      config: { ...config, ...extra.config },
       dynamodb: local.client,
       management: new ApiGatewayManagementApiClient({
         endpoint: management.url,
         region: LOCAL_REGION,
         credentials: DUMMY_CREDENTIALS,
       }),
-      overrides: { logger },
+      overrides: { logger, ...extra.overrides },
     });
 
   beforeAll(async () => {
@@ -233,30 +251,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
   });
 
   it('binds a WebSocket through the $connect/$default functions and pushes through the management API', async () => {
-    const sub = await api('POST', '/fhir/Subscription', {
-      resourceType: 'Subscription',
-      criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
-      _criteria: {
-        extension: [
-          {
-            url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria',
-            valueString: 'Patient?_id=ws-p',
-          },
-        ],
-      },
-      channel: {
-        type: 'websocket',
-        payload: 'application/fhir+json',
-        _payload: {
-          extension: [
-            {
-              url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content',
-              valueCode: 'id-only',
-            },
-          ],
-        },
-      },
-    });
+    const sub = await api('POST', '/fhir/Subscription', websocketSubscription('ws-p'));
     expect(sub.status).toBe(201);
     const id = sub.body.id as string;
     const tokenParams = await api('POST', `/fhir/Subscription/${id}/$get-ws-binding-token`);
@@ -305,31 +300,8 @@ describe('Lambda handlers on DynamoDB Local', () => {
 
   it('keeps a notification pending when every bound connection refuses the push, and delivers it on retry', async () => {
     // A container whose retries come at once, as the scheduled dispatcher would run them later.
-    const retrying = createHandlers(
-      createAwsBroker({
-        config: { ...config, retryDelaysMs: [50, 50, 50] },
-        dynamodb: local.client,
-        management: new ApiGatewayManagementApiClient({
-          endpoint: management.url,
-          region: LOCAL_REGION,
-          credentials: DUMMY_CREDENTIALS,
-        }),
-        overrides: { logger },
-      }),
-    );
-    const sub = await api('POST', '/fhir/Subscription', {
-      resourceType: 'Subscription',
-      criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
-      _criteria: {
-        extension: [
-          {
-            url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria',
-            valueString: 'Patient?_id=denied-p',
-          },
-        ],
-      },
-      channel: { type: 'websocket', payload: 'application/fhir+json' },
-    });
+    const retrying = createHandlers(container({ config: { retryDelaysMs: [50, 50, 50] } }));
+    const sub = await api('POST', '/fhir/Subscription', websocketSubscription('denied-p'));
     const id = sub.body.id as string;
     const tokenParams = await api('POST', `/fhir/Subscription/${id}/$get-ws-binding-token`);
     const token = ((tokenParams.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
@@ -367,16 +339,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
     const client = new EventBridgeClient({ endpoint: eb.url, region: LOCAL_REGION, credentials: DUMMY_CREDENTIALS });
     try {
       const publishing = createHandlers(
-        createAwsBroker({
-          config,
-          dynamodb: local.client,
-          management: new ApiGatewayManagementApiClient({
-            endpoint: management.url,
-            region: LOCAL_REGION,
-            credentials: DUMMY_CREDENTIALS,
-          }),
-          overrides: { logger, lifecycle: new EventBridgePublisher({ client, bus: 'lifecycle-bus', logger }) },
-        }),
+        container({ overrides: { lifecycle: new EventBridgePublisher({ client, bus: 'lifecycle-bus', logger }) } }),
       );
       const created = await api(
         'POST',

@@ -59,16 +59,13 @@ export class DynamoDbRequests {
   async batchGet(table: string, keys: readonly Item[]): Promise<Item[]> {
     const found: Item[] = [];
     for (let i = 0; i < keys.length; i += BATCH_GET_MAX) {
-      let pending: Item[] = keys.slice(i, i + BATCH_GET_MAX);
-      for (let attempt = 1; pending.length > 0; attempt++) {
-        if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError('BatchGetItem', pending.length);
-        if (attempt > 1) await delay(50 * 2 ** attempt);
+      await this.#untilProcessed('BatchGetItem', keys.slice(i, i + BATCH_GET_MAX), async (pending) => {
         const out = await this.#client.send(
           new BatchGetItemCommand({ RequestItems: { [table]: { Keys: pending, ConsistentRead: true } } }),
         );
         found.push(...(out.Responses?.[table] ?? []));
-        pending = out.UnprocessedKeys?.[table]?.Keys ?? [];
-      }
+        return out.UnprocessedKeys?.[table]?.Keys ?? [];
+      });
     }
     return found;
   }
@@ -76,17 +73,24 @@ export class DynamoDbRequests {
   /** Deletes every item of `keys`, 25 to a BatchWriteItem, retrying what DynamoDB leaves unprocessed. */
   async deleteAll(table: string, keys: readonly Item[]): Promise<void> {
     for (let i = 0; i < keys.length; i += BATCH_WRITE_MAX) {
-      let pending: Item[] = keys.slice(i, i + BATCH_WRITE_MAX);
-      for (let attempt = 1; pending.length > 0; attempt++) {
-        if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError('BatchWriteItem', pending.length);
-        if (attempt > 1) await delay(50 * 2 ** attempt);
+      await this.#untilProcessed('BatchWriteItem', keys.slice(i, i + BATCH_WRITE_MAX), async (pending) => {
         const out = await this.#client.send(
           new BatchWriteItemCommand({ RequestItems: { [table]: pending.map((Key) => ({ DeleteRequest: { Key } })) } }),
         );
-        pending = (out.UnprocessedItems?.[table] ?? []).flatMap((r) =>
+        return (out.UnprocessedItems?.[table] ?? []).flatMap((r) =>
           r.DeleteRequest?.Key === undefined ? [] : [r.DeleteRequest.Key],
         );
-      }
+      });
+    }
+  }
+
+  /** Sends a batch, then what DynamoDB left unprocessed, with a growing pause, up to MAX_BATCH_ATTEMPTS times. */
+  async #untilProcessed(what: string, batch: Item[], send: (pending: Item[]) => Promise<Item[]>): Promise<void> {
+    let pending = batch;
+    for (let attempt = 1; pending.length > 0; attempt++) {
+      if (attempt > MAX_BATCH_ATTEMPTS) throw new UnprocessedItemsError(what, pending.length);
+      if (attempt > 1) await delay(50 * 2 ** attempt);
+      pending = await send(pending);
     }
   }
 
