@@ -333,6 +333,29 @@ describe('Lambda handlers on DynamoDB Local', () => {
     expect(after?.state).toBe('delivered');
   });
 
+  it('runs the scheduled dispatcher to the end when every connection refuses a heartbeat', async () => {
+    const body = websocketSubscription('hb-denied-p');
+    const channel = body.channel as Json;
+    channel.extension = [
+      {
+        url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period',
+        valueUnsignedInt: 1,
+      },
+    ];
+    const id = (await api('POST', '/fhir/Subscription', body)).body.id as string;
+    const tokenParams = await api('POST', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+    const token = ((tokenParams.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
+    management.live.add('conn-hb-denied');
+    await handlers.connect(ws('conn-hb-denied', '$connect'));
+    await handlers.message(ws('conn-hb-denied', '$default', { body: `bind-with-token ${String(token)}` }));
+    management.denied.add('conn-hb-denied');
+    const result = await handlers.dispatch(60_000);
+    expect(result.heartbeats).toBeGreaterThanOrEqual(1);
+    expect(
+      management.posted('conn-hb-denied').map((b) => statusOf(JSON.parse(b) as Json).params.get('type')?.valueCode),
+    ).toContain('heartbeat');
+  });
+
   it('hands lifecycle events to EventBridge before a handler returns (the container may freeze then)', async () => {
     const eb = await EventBridgeDouble.start();
     eb.answerDelayMs = 200;

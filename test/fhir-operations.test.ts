@@ -106,6 +106,23 @@ describe('FHIR operations and search', () => {
       relation: 'self',
       url: `http://broker.test/fhir/Subscription?_id=${ids[1]}`,
     });
+    // A chunked form body past the cap is cut off at the cap, not read whole first.
+    let sent = 0;
+    const endless = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        sent += 65_536;
+        controller.enqueue(new TextEncoder().encode(`_id=${'x'.repeat(65_532)}`));
+        if (sent > 64 * 1024 * 1024) controller.close();
+      },
+    });
+    const huge = await t.broker.app.request('/fhir/Subscription/_search', {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/x-www-form-urlencoded' },
+      body: endless,
+      duplex: 'half',
+    } as RequestInit);
+    expect(huge.status).toBe(413);
+    expect(sent).toBeLessThan(4 * 1024 * 1024);
     const json = await t.broker.app.request('/fhir/Subscription/_search', {
       method: 'POST',
       headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/json' },
@@ -127,9 +144,13 @@ describe('FHIR operations and search', () => {
     const seen = [...(first.body.entry as Json[]), ...(next.body.entry as Json[])].map((e) => (e.resource as Json).id);
     expect(seen.sort()).toEqual([...ids].sort());
 
-    const count = await t.call('GET', '/fhir/Subscription?_summary=count');
-    expect(count.body).toMatchObject({ total: 3 });
-    expect(count.body.entry).toBeUndefined();
+    for (const totalOnly of ['_summary=count', '_count=0']) {
+      const count = await t.call('GET', `/fhir/Subscription?${totalOnly}`);
+      expect(count.body, totalOnly).toMatchObject({ total: 3 });
+      expect(count.body.entry, totalOnly).toBeUndefined();
+      expect((count.body.link as Json[]).map((l) => l.relation)).toEqual(['self']);
+    }
+    expect((await t.call('GET', '/fhir/Subscription?_summary=false')).body.entry as Json[]).toHaveLength(3);
     expect((await t.call('GET', '/fhir/Subscription?_count=abc')).status).toBe(400);
   });
 
@@ -139,6 +160,11 @@ describe('FHIR operations and search', () => {
     });
     expect(res.status).toBe(400);
     expect(JSON.stringify(await res.json())).toContain('status:not');
+    // The general parameters are not search parameters to refuse.
+    const general = await t.broker.app.request('/fhir/Subscription?_format=json&_pretty=true', {
+      headers: { authorization: `Bearer ${TOKENS.alice}`, prefer: 'handling=strict' },
+    });
+    expect(general.status).toBe(200);
   });
 
   it('answers 406 to a request that accepts only XML, and JSON to anything else', async () => {
@@ -151,6 +177,8 @@ describe('FHIR operations and search', () => {
     expect(((await xml.json()) as Json).resourceType).toBe('OperationOutcome');
     expect((await get('/fhir/metadata?_format=xml')).status).toBe(406);
     expect((await get('/fhir/metadata?_format=json', 'application/fhir+xml')).status).toBe(200);
+    // An unencoded + (a space once decoded) still names FHIR JSON.
+    expect((await get('/fhir/metadata?_format=application/fhir+json')).status).toBe(200);
     expect((await get('/fhir/Subscription', 'application/fhir+xml, application/fhir+json;q=0.9')).status).toBe(200);
     expect((await get('/fhir/Subscription', '*/*')).status).toBe(200);
   });
@@ -201,7 +229,8 @@ describe('FHIR operations and search', () => {
         headers: { authorization: `Bearer ${TOKENS.alice}`, 'if-match': ifMatch },
       });
     expect((await del(`"${v1}"`)).status).toBe(412);
-    expect((await del(`W/"${v2}"`)).status).toBe(204);
+    expect((await del('*')).status).toBe(204);
+    expect((await del('*')).status).toBe(404);
   });
 
   it('finds a SubscriptionTopic by its canonical url', async () => {

@@ -619,11 +619,9 @@ export class Dispatcher {
       return { notes, webhookId: first === last ? `${sub.id}-${first}` : `${sub.id}-${first}-${last}` };
     });
     if (sub.channel.type === 'websocket') {
-      // The same rules as the sender's runs; a push that throws (a store read on AWS) is a failure, retried.
+      // The same rules as the sender's runs; a push that fails is retried.
       const push = (b: (typeof bundles)[number]): Promise<SendResult> =>
-        this.#sendBundle(sub, 'event-notification', b.notes, b.webhookId).catch(
-          (err: unknown): SendResult => ({ ok: false, error: `websocket delivery failed: ${(err as Error).message}` }),
-        );
+        this.#sendBundle(sub, 'event-notification', b.notes, b.webhookId);
       return sendInOrder(push, bundles, RUN_WITHIN_MS, this.#clock, () => this.#closed || run.stopped);
     }
     const requests: WebhookRequest[] = [];
@@ -644,7 +642,11 @@ export class Dispatcher {
     if (sub.channel.type === 'websocket') {
       const ws = this.#websocket;
       if (ws === undefined) return Promise.resolve({ ok: false, error: 'no websocket channel', permanent: true });
-      return ws.deliver(sub, type, notes).then((reached) => ({ ok: true, status: reached }));
+      // A push every connection refused, or a store read that failed (AWS), is a failed send.
+      return ws.deliver(sub, type, notes).then(
+        (reached): SendResult => ({ ok: true, status: reached }),
+        (err: unknown): SendResult => ({ ok: false, error: `websocket delivery failed: ${(err as Error).message}` }),
+      );
     }
     const req = this.#request(sub, type, notes, webhookId);
     return 'ok' in req ? Promise.resolve(req) : this.#sender.send(req);

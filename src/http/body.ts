@@ -21,12 +21,16 @@ interface NodeBindings {
 
 export async function readJsonBody(c: Context, maxBytes: number): Promise<unknown> {
   checkJsonRequest(c.req.header('content-type'), c.req.header('content-length'), maxBytes);
+  return parseJsonBody(await readBody(c, maxBytes));
+}
+
+/** The body's bytes, at most `maxBytes` (413 past that, however it is sent). */
+export async function readBody(c: Context, maxBytes: number): Promise<Buffer> {
+  if (Number(c.req.header('content-length') ?? Number.NaN) > maxBytes) throw tooLarge(maxBytes);
   const node = c.env as NodeBindings | undefined;
-  const bytes =
-    node?.incoming !== undefined
-      ? await readNodeBody(node.incoming, node.outgoing, maxBytes)
-      : await readWebBody(c.req.raw.body, maxBytes);
-  return parseJsonBody(bytes);
+  return node?.incoming !== undefined
+    ? readNodeBody(node.incoming, node.outgoing, maxBytes)
+    : readWebBody(c.req.raw.body, maxBytes);
 }
 
 /** Media type and declared length, before a byte is read: 415 or 413. */
@@ -95,7 +99,7 @@ export function readNodeBody(
 }
 
 async function readWebBody(stream: ReadableStream<Uint8Array> | null, maxBytes: number): Promise<Buffer> {
-  if (stream === null) throw new BrokerError('BAD_JSON', 'The body is empty');
+  if (stream === null) return Buffer.alloc(0);
   const chunks: Uint8Array[] = [];
   let size = 0;
   const reader = stream.getReader();

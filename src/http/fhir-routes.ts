@@ -8,7 +8,7 @@ import type { BindingTokens } from '../delivery/ws-binding-token.js';
 import { type SubscriptionRegistry, versionId } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import type { ApiKeyAuth } from './auth.js';
-import { readJsonBody } from './body.js';
+import { readBody, readJsonBody } from './body.js';
 import { fhirResponse } from './outcome.js';
 
 /** The `/fhir` routes: Subscription CRUD and operations, SubscriptionTopic, metadata. */
@@ -71,7 +71,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   });
 
   app.get('/fhir/SubscriptionTopic', (c) => {
-    const query = searchQuery(c, ['url', '_id']);
+    const query = searchQuery(c, ['url', '_id', ...GENERAL_PARAMETERS]);
     const urls = query.values('url');
     const ids = query.values('_id');
     const found = topics
@@ -115,9 +115,11 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const statuses = query.values('status');
     const count = countParam(query.one('_count'));
     const offset = offsetParam(query.one('_offset'));
-    const summaryCount = query.one('_summary') === 'count';
-    if (query.one('_summary') !== undefined && !summaryCount) {
-      throw new BrokerError('INVALID_PARAMETER', '_summary supports count only');
+    // _count=0 asks for the total only, as _summary=count does (FHIR search); _summary=false is the default.
+    const summary = query.one('_summary');
+    const summaryCount = summary === 'count' || count === 0;
+    if (summary !== undefined && summary !== 'count' && summary !== 'false' && query.strict) {
+      throw new BrokerError('INVALID_PARAMETER', `_summary=${summary.slice(0, 32)} is not supported (count, false)`);
     }
     const subs = (await registry.search(c.get('owner'))).filter(
       (s) => (ids === undefined || ids.includes(s.id)) && (statuses === undefined || statuses.includes(s.status)),
@@ -146,7 +148,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
           }),
     });
   };
-  const SUBSCRIPTION_SEARCH = ['_id', 'status', '_count', '_offset', '_summary'];
+  const SUBSCRIPTION_SEARCH = ['_id', 'status', '_count', '_offset', '_summary', ...GENERAL_PARAMETERS];
   app.get('/fhir/Subscription', (c) => search(c, searchQuery(c, SUBSCRIPTION_SEARCH)));
   // FHIR search by POST: the parameters as a form body (and any in the URL).
   app.post('/fhir/Subscription/_search', async (c) =>
@@ -255,7 +257,8 @@ const JSON_FORMATS = new Set(['json', 'application/json', 'application/fhir+json
 /** `_format` (which overrides Accept, as FHIR says) or else Accept must allow JSON: 406 otherwise. */
 function checkAcceptable(format: string | undefined, accept: string | undefined): void {
   if (format !== undefined) {
-    const type = format.split(';')[0]?.trim().toLowerCase() ?? '';
+    // An unencoded `+` in a query string arrives as a space: `application/fhir json`.
+    const type = format.split(';')[0]?.trim().toLowerCase().replaceAll(' ', '+') ?? '';
     if (JSON_FORMATS.has(type)) return;
     throw new BrokerError('NOT_ACCEPTABLE', `_format ${format.slice(0, 64)} is not served; use json`);
   }
@@ -310,7 +313,12 @@ function parameterSource(pairs: readonly [string, string][]): ParameterSource {
   return { values, one: (name) => values(name)?.[0] };
 }
 
+/** Parameters of any FHIR interaction: `_format` (checked before routing) and `_pretty` (output is compact). */
+const GENERAL_PARAMETERS = ['_format', '_pretty'];
+
 interface SearchQuery extends ParameterSource {
+  /** `Prefer: handling=strict`: unsupported parameters and values are refused, not ignored. */
+  readonly strict: boolean;
   /** The query string of the parameters applied (`?a=b&…`, or ''), with `overrides` set. */
   applied(overrides?: Record<string, string>): string;
 }
@@ -323,7 +331,8 @@ interface SearchQuery extends ParameterSource {
 function searchQuery(c: Context<Env>, known: readonly string[], form?: URLSearchParams): SearchQuery {
   const pairs: [string, string][] = [...new URL(c.req.url).searchParams, ...(form ?? [])];
   const unknown = [...new Set(pairs.map(([k]) => k).filter((k) => !known.includes(k)))];
-  if (unknown.length > 0 && /handling\s*=\s*strict/i.test(c.req.header('prefer') ?? '')) {
+  const strict = /handling\s*=\s*strict/i.test(c.req.header('prefer') ?? '');
+  if (unknown.length > 0 && strict) {
     throw new BrokerError(
       'INVALID_PARAMETER',
       `Unsupported search parameter(s): ${unknown.join(', ')} (supported: ${known.join(', ')})`,
@@ -332,6 +341,7 @@ function searchQuery(c: Context<Env>, known: readonly string[], form?: URLSearch
   const used = pairs.filter(([k]) => known.includes(k));
   return {
     ...parameterSource(used),
+    strict,
     applied(overrides = {}) {
       const out = new URLSearchParams(used.filter(([k]) => !(k in overrides)));
       for (const [k, v] of Object.entries(overrides)) out.set(k, v);
@@ -343,21 +353,14 @@ function searchQuery(c: Context<Env>, known: readonly string[], form?: URLSearch
 
 const FORM = 'application/x-www-form-urlencoded';
 
-/** A `_search` body: form-encoded parameters (none when there is no body). */
+/** A `_search` body: form-encoded parameters (none when there is no body), read within the size cap. */
 async function readFormBody(c: Context<Env>, maxBytes: number): Promise<URLSearchParams> {
   const type = (c.req.header('content-type') ?? '').split(';')[0]?.trim().toLowerCase() ?? '';
   if (type === '' && (c.req.header('content-length') ?? '0') === '0') return new URLSearchParams();
   if (type !== FORM) {
     throw new BrokerError('UNSUPPORTED_MEDIA_TYPE', `POST _search takes ${FORM}, not ${type === '' ? '(none)' : type}`);
   }
-  if (Number(c.req.header('content-length') ?? 0) > maxBytes) {
-    throw new BrokerError('PAYLOAD_TOO_LARGE', `The body is larger than ${maxBytes} bytes`);
-  }
-  const text = await c.req.text();
-  if (Buffer.byteLength(text) > maxBytes) {
-    throw new BrokerError('PAYLOAD_TOO_LARGE', `The body is larger than ${maxBytes} bytes`);
-  }
-  return new URLSearchParams(text);
+  return new URLSearchParams((await readBody(c, maxBytes)).toString('utf8'));
 }
 
 /** Search page size: `_count` (default and maximum 1,000). */
@@ -378,9 +381,12 @@ function etag(sub: SubscriptionRecord): Record<string, string> {
   return { etag: `W/"${versionId(sub)}"`, 'last-modified': new Date(sub.updatedAt).toUTCString() };
 }
 
-/** The version an `If-Match` names (`W/"3"`, `"3"` or `3`); undefined without one. */
+/**
+ * The version an `If-Match` names (`W/"3"`, `"3"` or `3`); undefined without one, or for `*`
+ * (any version: the route's own 404 covers a missing subscription).
+ */
 function ifMatch(header: string | undefined): string | undefined {
-  if (header === undefined || header.trim() === '') return undefined;
+  if (header === undefined || header.trim() === '' || header.trim() === '*') return undefined;
   return header
     .trim()
     .replace(/^W\//, '')

@@ -294,6 +294,10 @@ export class SubscriptionRegistry {
     return stored;
   }
 
+  /**
+   * `ifMatch` is checked against the version read here: a change landing between that read and the
+   * delete is deleted with it (unlike `update`, which compares and sets).
+   */
   async delete(owner: string, id: string, ifMatch?: string): Promise<void> {
     checkVersion(await this.read(owner, id), ifMatch);
     await this.#store.deleteSubscription(id);
