@@ -72,6 +72,17 @@ describe('FHIR operations and search', () => {
       parameters({ name: 'eventsSinceNumber', valueString: 'two' }),
     );
     expect(bad.status).toBe(400);
+    // content: empty drops the focus; an unknown level is refused, full-resource is not available.
+    const empty = await t.call(
+      'POST',
+      `/fhir/Subscription/${sub}/$events`,
+      parameters({ name: 'content', valueCode: 'empty' }),
+    );
+    expect(eventNumbers(empty.body)).toEqual([1, 2, 3]);
+    expect(statusOf(empty.body).events.every((e) => (e.part as Json[]).every((p) => p.name !== 'focus'))).toBe(true);
+    expect((empty.body.entry as Json[]).length).toBe(1);
+    expect((await t.call('GET', `/fhir/Subscription/${sub}/$events?content=bogus`)).status).toBe(400);
+    expect((await t.call('GET', `/fhir/Subscription/${sub}/$events?content=full-resource`)).status).toBe(422);
   });
 
   it('refuses an operation body that is not Parameters, and keeps other clients out by POST too', async () => {

@@ -3,7 +3,7 @@ import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from '../core/fhir-urls.js';
 import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
 import type { TopicCatalog } from '../core/topics.js';
-import type { Clock, IdSource, SubscriptionRecord } from '../core/types.js';
+import type { Clock, IdSource, PayloadContent, SubscriptionRecord } from '../core/types.js';
 import type { BindingTokens } from '../delivery/ws-binding-token.js';
 import { type SubscriptionRegistry, versionId } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
@@ -227,8 +227,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const since = eventNumberParam(params.one('eventsSinceNumber'), 'eventsSinceNumber') ?? 1;
     const until = eventNumberParam(params.one('eventsUntilNumber'), 'eventsUntilNumber') ?? sub.eventsSinceStart;
     const notes = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
-    const content =
-      sub.channel.content === 'empty' && params.one('content') === 'id-only' ? 'id-only' : sub.channel.content;
+    const content = contentParam(params.one('content')) ?? sub.channel.content;
     return fhirResponse(buildNotificationBundle(sub, 'query-event', notes, content, ctx()));
   };
   app.get('/fhir/Subscription/:id/$events', events);
@@ -368,6 +367,18 @@ function countParam(value: string | undefined): number {
   if (value === undefined) return MAX_SEARCH_PAGE;
   if (!/^\d{1,6}$/.test(value)) throw new BrokerError('INVALID_PARAMETER', '_count must be a non-negative integer');
   return Math.min(Number(value), MAX_SEARCH_PAGE);
+}
+
+/** `$events` `content`: the level to return instead of the subscription's own (empty or id-only). */
+function contentParam(value: string | undefined): PayloadContent | undefined {
+  if (value === undefined || value === 'empty' || value === 'id-only') return value;
+  if (value === 'full-resource') {
+    throw new BrokerError(
+      'UNSUPPORTED_CONTENT',
+      'full-resource content is not available: the broker does not fetch resources from the FHIR server yet',
+    );
+  }
+  throw new BrokerError('INVALID_PARAMETER', `content must be empty or id-only, not ${value.slice(0, 32)}`);
 }
 
 function offsetParam(value: string | undefined): number {
