@@ -6,6 +6,7 @@ import { getRequestListener } from '@hono/node-server';
 import { type Broker, createBroker } from './broker.js';
 import { defaultPublicUrl, loadConfig } from './config.js';
 import type { Credentials } from './credentials.js';
+import { lockDataDir } from './data-dir-lock.js';
 import { SocketProcessHub } from './delivery/socket-process-hub.js';
 import { ThreadedSender } from './delivery/threaded-sender.js';
 import { isIngestRequest } from './http/ingest-listener.js';
@@ -19,6 +20,8 @@ import { attachWebSocket } from './http/websocket-upgrade.js';
 
 async function main(): Promise<void> {
   let config = loadConfig();
+  // The embedded store is this process's alone (a second broker would deliver everything twice).
+  const lock = config.store === 'sqlite' ? await lockDataDir(config.dataDir) : undefined;
   const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
     version: string;
   };
@@ -83,13 +86,16 @@ async function main(): Promise<void> {
     stopping = true;
     logger.info('shutting down', { signal });
     server.close();
-    broker.close(5000).then(
-      () => process.exit(0),
-      (err: unknown) => {
-        logger.error('shutdown failed', { err: err as Error });
-        process.exit(1);
-      },
-    );
+    broker
+      .close(5000)
+      .then(() => lock?.release())
+      .then(
+        () => process.exit(0),
+        (err: unknown) => {
+          logger.error('shutdown failed', { err: err as Error });
+          process.exit(1);
+        },
+      );
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
