@@ -353,6 +353,38 @@ describe('heartbeats', () => {
   });
 });
 
+describe('clock steps', () => {
+  it('retries on time when the wall clock steps back an hour meanwhile', async () => {
+    const receiver = await Receiver.start();
+    let offset = 0;
+    const t = await inProcessBroker(
+      { BROKER_RETRY_DELAYS: '300ms,300ms' },
+      { clock: { now: () => Date.now() + offset } },
+    );
+    cleanups.push(
+      () => receiver.close(),
+      () => t.broker.close(0),
+    );
+    let refused = false;
+    receiver.respond = (req) => {
+      if (!refused && req.body.includes('"event-notification"')) {
+        refused = true;
+        return { status: 503 };
+      }
+      return { status: 204 };
+    };
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/stepped`));
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    await t.post(patientEvents('stepped', 1));
+    // The retry is scheduled (its due time stored) before the clock steps.
+    await t.logger.waitFor((r) => r.msg === 'delivery failed', 'the refused first attempt');
+    offset = -3_600_000;
+    await t.post(patientEvents('stepped-later', 1));
+    await receiver.waitFor(() => notificationsOn(receiver, '/stepped').length >= 2, 'both notifications', 5_000);
+    expect(notificationsOn(receiver, '/stepped').flatMap(eventNumbers)).toEqual([1, 2]);
+  });
+});
+
 describe('duplicates', () => {
   it('delivers once a change CloudTrail sent twice (two EventBridge ids, one CloudTrail eventID)', async () => {
     const { t, receiver } = await setup();

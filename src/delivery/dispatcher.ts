@@ -68,6 +68,11 @@ class Lane {
   /** Something was enqueued while `reloading`: read the store again afterwards. */
   missed = false;
   timer: NodeJS.Timeout | undefined;
+  /**
+   * The retry this process scheduled for the head of the queue: its due time as stored (wall
+   * clock) and as `performance.now()` (monotonic), which no step of the wall clock moves.
+   */
+  retry: { readonly dueAt: number; readonly at: number } | undefined;
   /** Epoch ms of the last successful request to the endpoint (notification or heartbeat). */
   lastSentAt = 0;
   /**
@@ -357,10 +362,17 @@ export class Dispatcher {
         }
         const head = lane.queue[0];
         if (head === undefined) return;
-        const now = this.#clock.now();
+        let now = this.#clock.now();
         if (head.note.dueAt > now) {
-          lane.timer = setTimeout(() => this.#wake(id, false), head.note.dueAt - now);
-          return;
+          // A retry this process scheduled is due when its own (monotonic) time has passed: a wall
+          // clock stepped back meanwhile would otherwise hold the lane for the length of the step.
+          const own = lane.retry?.dueAt === head.note.dueAt ? lane.retry : undefined;
+          const left = own === undefined ? head.note.dueAt - now : own.at - performance.now();
+          if (left > 0) {
+            lane.timer = setTimeout(() => this.#wake(id, false), Math.min(left, MAX_TIMER_MS));
+            return;
+          }
+          now = head.note.dueAt;
         }
         const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
         const generation = lane.generation;
@@ -535,8 +547,10 @@ export class Dispatcher {
     // A rebuilt lane reads the retry back from the store (its rescan writes this state first).
     if (!current) return true;
     // Not for a lane forgotten meanwhile (the subscription was deleted): waking it would make a new one.
-    if (!this.#closed && this.#lanes.get(sub.id) === lane)
-      lane.timer = setTimeout(() => this.#wake(sub.id, false), delay);
+    if (!this.#closed && this.#lanes.get(sub.id) === lane) {
+      lane.retry = { dueAt, at: performance.now() + delay };
+      lane.timer = setTimeout(() => this.#wake(sub.id, false), Math.min(delay, MAX_TIMER_MS));
+    }
     return false;
   }
 
