@@ -511,6 +511,14 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode({ ...classicSub('Patient'), contact })).toBe('no error');
   });
 
+  it('refuses a Subscription nested too deeply to store with INVALID_RESOURCE, not a crash', () => {
+    let deep: Json = { url: 'http://example.org/leaf', valueString: 'x' };
+    for (let i = 0; i < 200_000; i++) deep = { url: 'http://example.org/nest', extension: [deep] };
+    const err = thrown({ ...classicSub('Patient'), extension: [deep] });
+    expect(err.code).toBe('INVALID_RESOURCE');
+    expect(err.message).toContain('nested too deeply');
+  });
+
   it('names the missing property', () => {
     const err = thrown({ resourceType: 'Subscription', criteria: PATIENT_TOPIC });
     expect(err.message).toBe("Subscription must have required property 'channel' (missing channel)");

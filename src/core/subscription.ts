@@ -215,7 +215,7 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   const webhookSecret = parseSecret(sub.channel.extension);
   const askedStatus = sub.status as SubscriptionStatus | undefined;
   const resource = storedResource(sub, kind);
-  const bytes = Buffer.byteLength(JSON.stringify(resource));
+  const bytes = storedSize(resource);
   if (bytes > MAX_STORED_BYTES) {
     throw new BrokerError(
       'PAYLOAD_TOO_LARGE',
@@ -233,6 +233,18 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
     ...(sub.end === undefined ? {} : { end: sub.end }),
     resource,
   };
+}
+
+/** Bytes of the resource as stored; a nesting too deep to serialize is refused, not a 500. */
+function storedSize(resource: FhirResource): number {
+  try {
+    return Buffer.byteLength(JSON.stringify(resource));
+  } catch (err) {
+    if (!(err instanceof RangeError)) throw err;
+    throw new BrokerError('INVALID_RESOURCE', 'The Subscription is nested too deeply to store', {
+      expression: 'Subscription',
+    });
+  }
 }
 
 function topicMatch(sub: SubscriptionJson, topics: TopicCatalog): MatchSpec {
