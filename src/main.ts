@@ -11,6 +11,7 @@ import { SocketProcessHub } from './delivery/socket-process-hub.js';
 import { ThreadedSender } from './delivery/threaded-sender.js';
 import { isIngestRequest } from './http/ingest-listener.js';
 import { attachWebSocket } from './http/websocket-upgrade.js';
+import { SqliteStore } from './store/sqlite/sqlite-store.js';
 
 /**
  * Composition root for `npm start`: config → listen → broker → serve, and a graceful stop.
@@ -75,6 +76,14 @@ async function main(): Promise<void> {
       : {}),
   });
   const { logger } = broker;
+  // A store that failed for good (writer crashed, database file deleted) cannot recover in place:
+  // exit, so that the service manager restarts the broker on what was committed.
+  if (broker.store instanceof SqliteStore) {
+    broker.store.onFailure((err) => {
+      logger.error('the SQLite store failed; exiting so that a restart recovers', { err });
+      process.exit(70);
+    });
+  }
   attachWebSocket(server, { hub: broker.websocketHub, apiAuth: broker.apiAuth, logger });
   logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
   printLocalCredentials(broker.credentials.local, config.dataDir);

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -47,6 +47,21 @@ describe('lockDataDir', () => {
     expect(path.startsWith(tmpdir())).toBe(true);
     expect(path).toMatch(/fhir-broker-[0-9a-f]{24}\.lock$/);
     expect(lockPathOf(deep)).toBe(path);
+  });
+});
+
+describe('a broker whose database file is deleted', () => {
+  it('stops acknowledging and exits (70) so that a restart recovers, instead of taking events into a lost file', async () => {
+    const dataDir = newDataDir();
+    const broker = await startBroker({}, dataDir);
+    cleanups.push(() => broker.kill('SIGKILL'));
+    const exited = new Promise((resolve) => broker.child.once('exit', resolve));
+    for (const f of ['broker.sqlite3', 'broker.sqlite3-wal', 'broker.sqlite3-shm'])
+      rmSync(join(dataDir, f), { force: true });
+    const health = await fetch(`${broker.url}/healthz`).catch(() => undefined);
+    expect(health?.status ?? 503).toBe(503);
+    await broker.waitForLog((r) => r.msg === 'the SQLite store failed; exiting so that a restart recovers', 'the exit');
+    expect(await exited).toBe(70);
   });
 });
 

@@ -182,3 +182,32 @@ it('copies committed pages into the database file in the background, well before
   // And the store reads back whole.
   expect(await store.pendingNotifications('s1', 0, 1000)).toHaveLength(300);
 });
+
+it('fails for good, once, with STORE_UNAVAILABLE when its database file is deleted while open', async () => {
+  dir = mkdtempSync(join(tmpdir(), 'fsb-deleted-'));
+  store = new SqliteStore(dir);
+  await store.insertSubscription(record('s1'));
+  const failures: Error[] = [];
+  store.onFailure((err) => failures.push(err));
+  for (const f of ['broker.sqlite3', 'broker.sqlite3-wal', 'broker.sqlite3-shm']) rmSync(join(dir, f), { force: true });
+  // /healthz's ping sees it at once (a timer would, within five seconds).
+  await expect(store.ping()).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE', status: 503 });
+  expect(failures.map((e) => e.message)).toEqual([expect.stringContaining('was deleted while open')]);
+  // Nothing is acknowledged into a file nobody can read again.
+  await expect(store.acceptChanges([item('e-after-delete', ['s1'])], RECEIVED)).rejects.toMatchObject({
+    code: 'STORE_UNAVAILABLE',
+  });
+  await expect(store.ping()).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE' });
+  expect(failures).toHaveLength(1);
+});
+
+it('answers every call with STORE_UNAVAILABLE once the writer thread has stopped, and says so once', async () => {
+  dir = mkdtempSync(join(tmpdir(), 'fsb-crashed-'));
+  const writer = new SqliteWriter(join(dir, 'w.sqlite3'), 'FULL');
+  const failures: Error[] = [];
+  writer.onFailure((err) => failures.push(err));
+  writer.fail(new Error('worker crashed'));
+  await expect(writer.ping()).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE', status: 503 });
+  expect(failures.map((e) => e.message)).toEqual(['the SQLite store failed: worker crashed']);
+  await writer.close();
+});

@@ -1,6 +1,7 @@
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
+import { BrokerError } from '../../core/errors.js';
 import type {
   Channel,
   DeliveryState,
@@ -219,12 +220,18 @@ interface NotificationRow {
   last_error: string | null;
 }
 
+/** How often the database path is checked against the file opened (see `#checkFile`). */
+const FILE_CHECK_MS = 5000;
+
 export class SqliteStore implements Store {
   readonly #db: Database.Database;
   readonly #stmt;
   readonly #synchronous: 'FULL' | 'NORMAL';
 
   readonly #writer: SqliteWriter;
+  readonly #file: string;
+  readonly #inode: number;
+  readonly #fileCheck: NodeJS.Timeout;
 
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
     mkdirSync(dataDir, { recursive: true });
@@ -249,6 +256,12 @@ export class SqliteStore implements Store {
     this.#db.pragma('query_only = ON');
     // The schema exists before the writer opens its own connection.
     this.#writer = new SqliteWriter(file, this.#synchronous);
+    // SQLite goes on writing to an open file that was deleted or replaced: every later commit
+    // would be lost. The path is checked against the file opened, now and then and on `ping`.
+    this.#file = file;
+    this.#inode = statSync(file).ino;
+    this.#fileCheck = setInterval(() => this.#checkFile(), FILE_CHECK_MS);
+    this.#fileCheck.unref();
     const db = this.#db;
     this.#stmt = {
       getSub: db.prepare<[string], SubscriptionRow>(`${SELECT_SUBSCRIPTION} WHERE s.id = ?`),
@@ -381,11 +394,32 @@ export class SqliteStore implements Store {
   }
 
   async ping(): Promise<void> {
+    this.#checkFile();
     this.#stmt.ping.get();
     await this.#writer.ping();
   }
 
+  /** Hears once that the store failed for good (the writer crashed, the file was deleted or replaced). */
+  onFailure(fn: (err: Error) => void): void {
+    this.#writer.onFailure(fn);
+  }
+
+  #checkFile(): void {
+    let inode: number | undefined;
+    try {
+      inode = statSync(this.#file).ino;
+    } catch {
+      inode = undefined;
+    }
+    if (inode === this.#inode) return;
+    const what = inode === undefined ? 'was deleted' : 'was replaced by another file';
+    const err = new BrokerError('STORE_UNAVAILABLE', `the SQLite database ${this.#file} ${what} while open`);
+    this.#writer.fail(err);
+    throw err;
+  }
+
   async close(): Promise<void> {
+    clearInterval(this.#fileCheck);
     await this.#writer.close();
     if (this.#db.open) this.#db.close();
   }

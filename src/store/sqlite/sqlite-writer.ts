@@ -1,5 +1,6 @@
 import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
+import { BrokerError } from '../../core/errors.js';
 import type { Notification } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate } from '../store.js';
 
@@ -276,6 +277,7 @@ export class SqliteWriter {
   readonly #pending = new Map<number, Pending>();
   #next = 1;
   #failed: Error | undefined;
+  #onFailure: ((err: Error) => void) | undefined;
 
   constructor(file: string, synchronous: 'FULL' | 'NORMAL') {
     const sqlitePath = createRequire(import.meta.url).resolve('better-sqlite3');
@@ -290,8 +292,8 @@ export class SqliteWriter {
       if (msg.error === undefined) p.resolve(msg.result);
       else p.reject(new SqliteWriterError(msg.error, typeof msg.code === 'string' ? msg.code : undefined));
     });
-    this.#worker.on('error', (err) => this.#fail(err));
-    this.#worker.on('exit', (code) => this.#fail(new SqliteWriterError(`the SQLite writer stopped (exit ${code})`)));
+    this.#worker.on('error', (err) => this.fail(err));
+    this.#worker.on('exit', (code) => this.fail(new SqliteWriterError(`the SQLite writer stopped (exit ${code})`)));
     this.#checkpointer = new Worker(CHECKPOINTER_SOURCE, {
       eval: true,
       workerData: { file, sqlitePath, intervalMs: CHECKPOINT_INTERVAL_MS },
@@ -416,9 +418,23 @@ export class SqliteWriter {
     });
   }
 
-  #fail(err: Error): void {
-    this.#failed ??= err;
-    for (const p of this.#pending.values()) p.reject(err);
+  /**
+   * The writer is gone (it crashed, or the store noticed its file was replaced): every call from
+   * now on answers STORE_UNAVAILABLE (a 503 on every route), and `onFailure` hears it once.
+   */
+  fail(err: Error): void {
+    if (this.#failed !== undefined) return;
+    this.#failed =
+      this.#closing || err instanceof BrokerError
+        ? err
+        : new BrokerError('STORE_UNAVAILABLE', `the SQLite store failed: ${err.message}`, { cause: err });
+    for (const p of this.#pending.values()) p.reject(this.#failed);
     this.#pending.clear();
+    if (!this.#closing) this.#onFailure?.(this.#failed);
+  }
+
+  /** Called once when the writer fails (not when it is closed): `main` exits so that a restart recovers. */
+  onFailure(fn: (err: Error) => void): void {
+    this.#onFailure = fn;
   }
 }
