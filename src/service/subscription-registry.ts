@@ -48,6 +48,8 @@ export class SubscriptionRegistry {
   readonly #topics: TopicCatalog;
   readonly #guard: EndpointGuard;
   readonly #clock: Clock;
+  /** Per client: the create under way, which the next one waits for. */
+  readonly #creating = new Map<string, Promise<void>>();
   readonly #ids: IdSource;
   readonly #logger: Logger;
   readonly #index = new MatchIndex();
@@ -146,7 +148,26 @@ export class SubscriptionRegistry {
     }
   }
 
+  /**
+   * One create at a time per client in this process, so that the quota's count and the insert
+   * cannot interleave (concurrent creates went past the quota). Several instances sharing a
+   * DynamoDB store can still overshoot it by the creates they race.
+   */
   async create(owner: string, body: unknown): Promise<CreateResult> {
+    const before = this.#creating.get(owner) ?? Promise.resolve();
+    let done = (): void => undefined;
+    const mine = before.then(() => new Promise<void>((resolve) => (done = resolve)));
+    this.#creating.set(owner, mine);
+    await before;
+    try {
+      return await this.#create(owner, body);
+    } finally {
+      done();
+      if (this.#creating.get(owner) === mine) this.#creating.delete(owner);
+    }
+  }
+
+  async #create(owner: string, body: unknown): Promise<CreateResult> {
     const spec = parseSubscription(body, this.#topics);
     this.#checkEnd(spec);
     if (spec.askedStatus === 'error') {

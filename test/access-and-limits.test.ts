@@ -2,8 +2,10 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 
 /**
- * `GET /metrics` counts every client's events and notifications: it is the operator's, not an API
- * client's (one client would learn of another's subscriptions and traffic).
+ * What one client may reach and hold: `GET /metrics` counts every client's events and
+ * notifications, so it is the operator's, not an API client's (one client would learn of
+ * another's subscriptions and traffic); and the per-client subscription quota holds however many
+ * creates arrive at once.
  */
 
 let t: TestBroker | undefined;
@@ -30,5 +32,25 @@ describe('GET /metrics', () => {
     expect((await metrics(t, token)).status).toBe(200);
     expect((await metrics(t, TOKENS.ingest)).status).toBe(401);
     expect((await metrics(t, TOKENS.alice)).status).toBe(401);
+  });
+});
+
+describe('the per-client quota', () => {
+  it('holds under concurrent creates', async () => {
+    t = await inProcessBroker({ BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT: '5' });
+    const body = {
+      resourceType: 'Subscription',
+      criteria: 'Patient',
+      status: 'off',
+      channel: { type: 'rest-hook', endpoint: 'http://127.0.0.1:9/quota' },
+    };
+    const broker = t;
+    const answers = await Promise.all(
+      Array.from({ length: 30 }, () => broker.call('POST', '/fhir/Subscription', body)),
+    );
+    const statuses = answers.map((a) => a.status).sort();
+    expect(statuses.filter((s) => s === 201)).toHaveLength(5);
+    expect(statuses.filter((s) => s === 422)).toHaveLength(25);
+    expect((await t.call('GET', '/fhir/Subscription?_summary=count')).body.total).toBe(5);
   });
 });
