@@ -44,7 +44,9 @@ async function main(): Promise<void> {
   server.keepAliveTimeout = 65_000;
   server.headersTimeout = 66_000;
   server.listen(config.port, config.host);
-  await once(server, 'listening');
+  await once(server, 'listening').catch((err: Error) => {
+    throw new Error(`cannot listen on HOST=${config.host} PORT=${config.port}: ${err.message}`);
+  });
   const port = (server.address() as AddressInfo).port;
   if (!config.publicUrlExplicit) {
     const derivedWs = `${config.publicUrl.replace(/^http/, 'ws')}/ws`;

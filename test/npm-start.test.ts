@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, expect, it } from 'vitest';
+import { startBroker } from './support/broker-process.js';
 
 /**
  * `npm start` as a service manager or a container runtime stops it: SIGTERM to npm alone, not to
@@ -55,4 +56,8 @@ it('stops the broker gracefully when npm start gets SIGTERM', async () => {
   for (let i = 0; i < 100 && existsSync(`/proc/${node}`); i++) await new Promise((r) => setTimeout(r, 50));
   expect(existsSync(`/proc/${node}`)).toBe(false);
   expect(logs.some((l) => l.includes('"msg":"shutting down"') && l.includes('SIGTERM'))).toBe(true);
+});
+
+it('names HOST and PORT when it cannot listen there', async () => {
+  await expect(startBroker({ HOST: '999.1.1.1' })).rejects.toThrow(/cannot listen on HOST=999\.1\.1\.1 PORT=0/);
 });

@@ -1,4 +1,4 @@
-import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -210,4 +210,15 @@ it('answers every call with STORE_UNAVAILABLE once the writer thread has stopped
   await expect(writer.ping()).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE', status: 503 });
   expect(failures.map((e) => e.message)).toEqual(['the SQLite store failed: worker crashed']);
   await writer.close();
+});
+
+it('names the database file when it cannot be used (not a database)', () => {
+  dir = mkdtempSync(join(tmpdir(), 'fsb-corrupt-'));
+  writeFileSync(
+    join(dir, 'broker.sqlite3'),
+    'this is not a SQLite database, but long enough to be read as one '.repeat(100),
+  );
+  expect(() => new SqliteStore(dir as string)).toThrow(
+    new RegExp(`cannot use the SQLite database ${join(dir, 'broker.sqlite3')}: file is not a database`),
+  );
 });

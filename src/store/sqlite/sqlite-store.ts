@@ -236,12 +236,16 @@ export class SqliteStore implements Store {
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
     mkdirSync(dataDir, { recursive: true });
     const file = join(dataDir, 'broker.sqlite3');
-    this.#db = new Database(file);
+    try {
+      this.#db = new Database(file);
+    } catch (err) {
+      throw new Error(`cannot open the SQLite database ${file}: ${(err as Error).message}`, { cause: err });
+    }
     try {
       refuseNewer(this.#db);
     } catch (err) {
       this.#db.close();
-      throw err;
+      throw new Error(`cannot use the SQLite database ${file}: ${(err as Error).message}`, { cause: err });
     }
     this.#db.pragma('journal_mode = WAL');
     this.#synchronous = options.synchronous ?? 'FULL';
