@@ -67,6 +67,14 @@ describe.each([
     await broker.waitForStatus(created.id as string, 'active');
     return created.id as string;
   };
+  const tokenFor = async (ids: string[]) => {
+    const res = await alice.call(
+      'GET',
+      `/fhir/Subscription/$get-ws-binding-token?${ids.map((i) => `id=${i}`).join('&')}`,
+    );
+    expect(res.status).toBe(200);
+    return ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString as string;
+  };
   const token = async (id: string, client: Client = alice) => {
     const res = await client.call('GET', `/fhir/Subscription/${id}/$get-ws-binding-token`);
     expect(res.status).toBe(200);
@@ -218,9 +226,61 @@ describe.each([
       other.send(`bind ${id}`);
       expect((await other.waitForClose()).code).toBe(4003);
     }
+    // Turned off: the bound socket is let go, and a new R4 bind is refused like a token bind.
+    const body = (await alice.call('GET', `/fhir/Subscription/${id}`)).body;
+    expect((await alice.call('PUT', `/fhir/Subscription/${id}`, { ...body, status: 'off' })).status).toBe(200);
+    await owner.waitFor(() => owner.messages.includes(`unbound ${id}`), 'unbound');
+    const late = await connect({ authorization: `Bearer ${API_KEYS.alice}` });
+    late.send(`bind ${id}`);
+    expect((await late.waitForClose()).code).toBe(4003);
     await expect(WsClient.connect(wsUrl(), { authorization: 'Bearer wrong-key-0123456789' })).rejects.toThrow(
       'upgrade refused: 401',
     );
+  });
+
+  it('lets go of the sockets of a subscription that is deleted, turned off or moved to rest-hook', async () => {
+    const subs = await Promise.all(
+      ['gone-deleted', 'gone-off', 'gone-moved'].map((p) =>
+        create(wsSubscription('patient-change', { filters: [`Patient?_id=${p}`] })),
+      ),
+    );
+    const [deleted, off, moved] = subs as [string, string, string];
+    const sockets = await Promise.all(subs.map(() => connect()));
+    // One more socket bound to two of them keeps the one left and stays open.
+    const both = await connect();
+    for (const [i, c] of sockets.entries()) c.send(`bind-with-token ${await token(subs[i] as string)}`);
+    both.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await tokenFor([deleted, moved]) } }));
+    for (const [i, c] of sockets.entries()) await c.waitFor(() => handshakesOf(c).includes(subs[i]), 'handshake');
+    await both.waitFor(() => handshakesOf(both).length === 2, 'two handshakes');
+
+    expect((await alice.call('DELETE', `/fhir/Subscription/${deleted}`)).status).toBe(204);
+    const offBody = (await alice.call('GET', `/fhir/Subscription/${off}`)).body;
+    expect((await alice.call('PUT', `/fhir/Subscription/${off}`, { ...offBody, status: 'off' })).status).toBe(200);
+    const movedBody = (await alice.call('GET', `/fhir/Subscription/${moved}`)).body;
+    const restHook = {
+      ...movedBody,
+      channel: { ...(movedBody.channel as Json), type: 'rest-hook', endpoint: 'http://127.0.0.1:9/x' },
+    };
+    expect((await alice.call('PUT', `/fhir/Subscription/${moved}`, restHook)).status).toBe(200);
+
+    for (const [i, c] of sockets.entries()) {
+      const closed = await c.waitForClose();
+      expect(closed.code).toBe(4003);
+      const unbound = JSON.parse(c.messages.at(-1) as string) as Json;
+      expect(unbound).toMatchObject({ type: 'unbound', payload: { subscription: subs[i] } });
+    }
+    await both.waitFor(() => both.messages.filter((m) => m.includes('"unbound"')).length === 2, 'two unbound messages');
+    expect(both.closed).toBeUndefined();
+  });
+
+  it('does not skip live events for a client claiming more than the subscription has numbered', async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=claims'] }));
+    const c = await connect();
+    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await token(id), lastEventNumber: 100 } }));
+    await c.waitFor(() => handshakesOf(c).includes(id), 'handshake');
+    await patientChange('claims');
+    await c.waitFor(() => notificationsOf(c, id).length === 1, 'the live event');
+    expect(notificationsOf(c, id).map(eventNumbers)).toEqual([[1]]);
   });
 
   it('answers the first frame of every new connection (the hand-off to a socket process loses nothing)', async () => {

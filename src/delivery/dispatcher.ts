@@ -41,6 +41,8 @@ export interface DispatcherOptions {
 /** Pushes notifications of websocket subscriptions to the sockets bound to them. */
 export interface WebSocketDeliverer {
   deliver(sub: SubscriptionRecord, type: NotificationType, notes: readonly Notification[]): Promise<number>;
+  /** The subscription was deleted or changed: let go of sockets it no longer may have. */
+  subscriptionChanged(id: string): Promise<void>;
 }
 
 interface QueuedNotification {
@@ -189,12 +191,16 @@ export class Dispatcher {
         this.#scheduleEnd(id);
       },
       onActivated: (id) => this.#wake(id, true),
-      onRemoved: (id) => this.#forget(id),
+      onRemoved: (id) => {
+        this.#forget(id);
+        this.#track(this.#websocket?.subscriptionChanged(id) ?? Promise.resolve());
+      },
       onChanged: (id) => {
         // Whatever changed (endpoint, headers, secret, status), the rest of the run goes out as the subscription is now.
         this.#lanes.get(id)?.run?.stop();
         this.#scheduleHeartbeat(id);
         this.#scheduleEnd(id);
+        this.#track(this.#websocket?.subscriptionChanged(id) ?? Promise.resolve());
       },
       beforeRequeue: () => this.flush(),
       onRequeued: (id) => this.requeued(id),

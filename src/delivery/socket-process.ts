@@ -16,7 +16,9 @@ import type { FromSocketProcess, SocketProcessConfig, ToSocketProcess } from './
 const config = JSON.parse(process.argv[2] ?? '{}') as SocketProcessConfig;
 
 const post = (msg: FromSocketProcess): void => {
-  if (process.connected) process.send?.(msg);
+  // The channel can close between the check and the write (the main process exiting): the error
+  // then goes to the callback, not out as an unhandled EPIPE; the process exits on 'disconnect'.
+  if (process.connected) process.send?.(msg, undefined, undefined, () => undefined);
 };
 
 /** Counters go to the main process's metrics (the one `/metrics` serves). */

@@ -105,6 +105,31 @@ export class WebSocketChannel {
     }
   }
 
+  /**
+   * The subscription was deleted, turned off, or moved to another channel: every socket bound to
+   * it is told (`unbound <id>`, or its JSON form for bundle clients) and unbound, as a new bind
+   * would be refused; a socket left with no binding is closed (4003). Heartbeats and events had
+   * simply stopped, and a client could not tell a quiet subscription from a dead one.
+   */
+  async subscriptionChanged(id: string): Promise<void> {
+    const sub = this.#registry.get(id);
+    if (sub !== undefined && sub.status !== 'off' && sub.channel.type === 'websocket') return;
+    const why = sub === undefined ? 'deleted' : sub.status === 'off' ? 'off' : 'no longer a websocket subscription';
+    for (const b of await this.#bindings.bindingsFor(id)) {
+      await this.#bindings.unbind(b.connectionId, id);
+      this.#catchingUp.delete(b.connectionId, id);
+      this.#caughtUpTo.delete(b.connectionId, id);
+      const text =
+        b.mode === 'r4'
+          ? `unbound ${id}`
+          : JSON.stringify({ type: 'unbound', payload: { subscription: id, reason: `Subscription/${id} is ${why}` } });
+      if ((await this.#port.send(b.connectionId, text)) !== 'sent') continue;
+      if ((await this.#bindings.bindingsOf(b.connectionId)).length === 0) {
+        await this.#port.close(b.connectionId, CLOSE.bindRefused, `Subscription/${id} is ${why}`);
+      }
+    }
+  }
+
   async onClose(connectionId: string): Promise<void> {
     this.#catchingUp.forget(connectionId);
     this.#caughtUpTo.forget(connectionId);
@@ -212,7 +237,9 @@ export class WebSocketChannel {
     const current = this.#registry.get(sub.id) ?? sub;
     await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
     if (lastSeen === undefined) return;
-    let sent = lastSeen;
+    // Event numbers are the subscription's own: a client that claims more than there are has seen
+    // them all, and must not have the next ones skipped as already seen.
+    let sent = Math.min(lastSeen, current.eventsSinceStart);
     let alive = true;
     try {
       // Page through everything stored after lastSeen (within retention), in order.
@@ -258,7 +285,8 @@ export class WebSocketChannel {
       conn.apiOwner === undefined ||
       sub === undefined ||
       sub.owner !== conn.apiOwner ||
-      sub.channel.type !== 'websocket'
+      sub.channel.type !== 'websocket' ||
+      sub.status === 'off'
     ) {
       // Another client's subscription is indistinguishable from none.
       await this.#port.send(
