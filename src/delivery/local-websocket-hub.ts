@@ -23,6 +23,11 @@ export interface HubLimits {
   readonly pingIntervalMs: number;
   /** Client messages per second (token bucket with a burst of the same size). */
   readonly maxMessagesPerSecond: number;
+  /**
+   * A connection that has sent nothing this long after opening is closed (1008) at the next ping
+   * round: a client binds at once, and a socket that never does only holds a descriptor.
+   */
+  readonly firstMessageWithinMs: number;
 }
 
 export const DEFAULT_HUB_LIMITS: HubLimits = {
@@ -31,6 +36,7 @@ export const DEFAULT_HUB_LIMITS: HubLimits = {
   // 30 s: well inside the 60 s idle timeouts of common proxies and load balancers.
   pingIntervalMs: 30_000,
   maxMessagesPerSecond: 20,
+  firstMessageWithinMs: 30_000,
 };
 
 interface Socket {
@@ -41,6 +47,9 @@ interface Socket {
   alive: boolean;
   tokens: number;
   refilledAt: number;
+  readonly openedAt: number;
+  /** It has sent a message (a bind, typically). */
+  spoke: boolean;
 }
 
 export interface MessageHandler {
@@ -124,6 +133,8 @@ export class LocalWebSocketHub implements LocalSockets {
       alive: true,
       tokens: this.#limits.maxMessagesPerSecond,
       refilledAt: Date.now(),
+      openedAt: Date.now(),
+      spoke: false,
     };
     this.#sockets.set(id, socket);
     ws.on('pong', () => {
@@ -218,6 +229,7 @@ export class LocalWebSocketHub implements LocalSockets {
       return;
     }
     socket.tokens -= 1;
+    socket.spoke = true;
     const text = Buffer.isBuffer(data)
       ? data.toString('utf8')
       : Array.isArray(data)
@@ -232,7 +244,13 @@ export class LocalWebSocketHub implements LocalSockets {
   }
 
   #pingAll(): void {
+    const now = Date.now();
     for (const [id, s] of this.#sockets) {
+      if (!s.spoke && now - s.openedAt >= this.#limits.firstMessageWithinMs) {
+        this.#metrics.inc('broker_websocket_closed_total', { reason: 'silent' });
+        s.ws.close(CLOSE.policy, `no message within ${Math.round(this.#limits.firstMessageWithinMs / 1000)} s`);
+        continue;
+      }
       if (!s.alive) {
         this.#metrics.inc('broker_websocket_closed_total', { reason: 'no-pong' });
         s.ws.terminate();
