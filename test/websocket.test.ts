@@ -245,11 +245,12 @@ describe.each([
       ),
     );
     const [deleted, off, moved] = subs as [string, string, string];
+    const stays = await create(wsSubscription('patient-change', { filters: ['Patient?_id=gone-stays'] }));
     const sockets = await Promise.all(subs.map(() => connect()));
-    // One more socket bound to two of them keeps the one left and stays open.
+    // One more socket, bound to a deleted one and one that stays, keeps the latter and stays open.
     const both = await connect();
     for (const [i, c] of sockets.entries()) c.send(`bind-with-token ${await token(subs[i] as string)}`);
-    both.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await tokenFor([deleted, moved]) } }));
+    both.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await tokenFor([deleted, stays]) } }));
     for (const [i, c] of sockets.entries()) await c.waitFor(() => handshakesOf(c).includes(subs[i]), 'handshake');
     await both.waitFor(() => handshakesOf(both).length === 2, 'two handshakes');
 
@@ -269,7 +270,9 @@ describe.each([
       const unbound = JSON.parse(c.messages.at(-1) as string) as Json;
       expect(unbound).toMatchObject({ type: 'unbound', payload: { subscription: subs[i] } });
     }
-    await both.waitFor(() => both.messages.filter((m) => m.includes('"unbound"')).length === 2, 'two unbound messages');
+    await both.waitFor(() => both.messages.some((m) => m.includes('"unbound"')), 'the unbound message');
+    await patientChange('gone-stays');
+    await both.waitFor(() => notificationsOf(both, stays).length === 1, 'the remaining subscription live');
     expect(both.closed).toBeUndefined();
   });
 

@@ -28,6 +28,8 @@ const CATCH_UP_PAGE = 500;
 interface Held {
   readonly text: string;
   readonly lastEventNumber: number;
+  /** The message without the events at or below `sent` (a bundle of several that a catch-up overlapped). */
+  readonly after: (sent: number) => string;
 }
 
 export class WebSocketChannel {
@@ -147,6 +149,13 @@ export class WebSocketChannel {
     let bundleText: string | undefined;
     // Connections per text (the bundle, or the R4 ping): with `sendMany` one call per text.
     const targets = new Map<string, string[]>();
+    // A bundle of several events (max-count) partly sent by a catch-up goes out without those.
+    const after = (sent: number): string => {
+      const rest = notes.filter((n) => n.eventNumber > sent);
+      if (rest.length < notes.length) return JSON.stringify(this.#bundle(sub, type, rest, last));
+      bundleText ??= JSON.stringify(this.#bundle(sub, type, notes, last));
+      return bundleText;
+    };
     for (const b of bindings) {
       let text: string;
       if (b.mode === 'r4') {
@@ -158,10 +167,14 @@ export class WebSocketChannel {
       }
       const held = this.#catchingUp.get(b.connectionId, sub.id);
       if (held !== undefined) {
-        held.push({ text, lastEventNumber: last });
+        held.push({ text, lastEventNumber: last, after: b.mode === 'r4' ? () => text : after });
         continue;
       }
-      if (type === 'event-notification' && last <= (this.#caughtUpTo.get(b.connectionId, sub.id) ?? 0)) continue;
+      if (type === 'event-notification') {
+        const sent = this.#caughtUpTo.get(b.connectionId, sub.id) ?? 0;
+        if (last <= sent) continue;
+        if (b.mode !== 'r4' && (notes[0]?.eventNumber ?? last) <= sent) text = after(sent);
+      }
       let ids = targets.get(text);
       if (ids === undefined) {
         ids = [];
@@ -265,7 +278,7 @@ export class WebSocketChannel {
       while (alive && held.length > 0) {
         const h = held.shift() as Held;
         if (h.lastEventNumber <= sent) continue;
-        alive = (await this.#sendOrForget(binding, h.text)) === 'sent';
+        alive = (await this.#sendOrForget(binding, h.after(sent))) === 'sent';
         if (alive) {
           sent = h.lastEventNumber;
           this.#caughtUpTo.set(connectionId, sub.id, sent);

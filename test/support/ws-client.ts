@@ -35,8 +35,12 @@ export class WsClient {
   }
 
   /** JSON frames parsed; text frames (R4 `bound`/`ping`) left out. */
+  /** The FHIR Bundles received (not the JSON protocol messages such as `unbound`). */
   get bundles(): Record<string, unknown>[] {
-    return this.messages.filter((m) => m.startsWith('{')).map((m) => JSON.parse(m) as Record<string, unknown>);
+    return this.messages
+      .filter((m) => m.startsWith('{'))
+      .map((m) => JSON.parse(m) as Record<string, unknown>)
+      .filter((m) => m.resourceType === 'Bundle');
   }
 
   async waitFor(predicate: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {

@@ -1,0 +1,100 @@
+import { expect, it } from 'vitest';
+import type { Notification, SubscriptionRecord } from '../core/types.js';
+import { silentLogger } from '../observability/logger.js';
+import { Metrics } from '../observability/metrics.js';
+import type { SubscriptionRegistry } from '../service/subscription-registry.js';
+import type { Store } from '../store/store.js';
+import { WebSocketChannel } from './websocket-channel.js';
+import { InMemoryBindings, type SendOutcome, type WebSocketPort } from './websocket-port.js';
+import { BindingTokens } from './ws-binding-token.js';
+
+/**
+ * The channel's catch-up against live delivery, with the store's read held open: a live bundle of
+ * several events (max-count) that straddles the end of the catch-up goes out without the events
+ * the catch-up already sent, so every event reaches the client once.
+ */
+
+const note = (n: number): Notification => ({
+  subscriptionId: 'S',
+  eventNumber: n,
+  change: {
+    eventId: `e${n}`,
+    resourceType: 'Patient',
+    resourceId: `p${n}`,
+    interaction: 'update',
+    datastoreId: 'd',
+    fhirBase: 'http://fhir',
+    time: '2026-11-27T00:00:00Z',
+  },
+});
+
+it('sends each event once when a multi-event bundle overlaps the end of a catch-up', async () => {
+  const sub = {
+    id: 'S',
+    owner: 'alice',
+    kind: 'topic',
+    topic: 't',
+    status: 'active',
+    match: { resourceTypes: '*', interactions: ['update'] },
+    channel: { type: 'websocket', content: 'id-only', headers: [], maxCount: 10 },
+    webhookSecret: 'x',
+    eventsSinceStart: 6,
+    createdAt: '',
+    updatedAt: '',
+    resource: { resourceType: 'Subscription' },
+  } as unknown as SubscriptionRecord;
+  const stored = [1, 2, 3, 4, 5, 6].map(note);
+  let release = (): void => undefined;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  const store = {
+    async notificationsInRange(_id: string, from: number, to: number, limit: number) {
+      const page = stored.filter((n) => n.eventNumber >= from && n.eventNumber <= to).slice(0, limit);
+      await held;
+      return page;
+    },
+  } as unknown as Store;
+  const received: number[][] = [];
+  const numbersOf = (text: string): number[] =>
+    (
+      JSON.parse(text) as { entry: { resource: { parameter: { name: string; part?: { valueString: string }[] }[] } }[] }
+    ).entry[0]?.resource.parameter
+      .filter((p) => p.name === 'notification-event')
+      .map((p) => Number(p.part?.[0]?.valueString)) ?? [];
+  const port: WebSocketPort = {
+    async send(_c, text): Promise<SendOutcome> {
+      received.push(numbersOf(text));
+      return 'sent';
+    },
+    async close() {},
+    async isOpen() {
+      return true;
+    },
+  };
+  const tokens = new BindingTokens('k'.repeat(40));
+  const channel = new WebSocketChannel({
+    port,
+    bindings: new InMemoryBindings(),
+    registry: { get: () => sub } as unknown as SubscriptionRegistry,
+    store,
+    tokens,
+    clock: { now: () => Date.now() },
+    ids: { uuid: () => 'u' },
+    logger: silentLogger,
+    metrics: new Metrics(),
+    fhirBase: 'http://b/fhir',
+  });
+  const token = tokens.issue({ owner: 'alice', subscriptions: ['S'], expiresAt: Date.now() + 60_000 });
+  // The client reconnects having seen nothing; its catch-up reads 1–6 from the store (held open).
+  const bound = channel.onMessage(
+    { id: 'c1' },
+    JSON.stringify({ type: 'bind-with-token', payload: { token, lastEventNumber: 0 } }),
+  );
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  // Meanwhile the lane delivers 5, 6 and 7 as one bundle.
+  stored.push(note(7));
+  await channel.deliver({ ...sub, eventsSinceStart: 7 }, 'event-notification', [note(5), note(6), note(7)]);
+  release();
+  await bound;
+  // The handshake (no events), 1 to 6 one by one from the catch-up, then 7 alone.
+  expect(received).toEqual([[], [1], [2], [3], [4], [5], [6], [7]]);
+});
