@@ -28,41 +28,48 @@ const note = (n: number): Notification => ({
   },
 });
 
-it('sends each event once when a multi-event bundle overlaps the end of a catch-up', async () => {
-  const sub = {
-    id: 'S',
-    owner: 'alice',
-    kind: 'topic',
-    topic: 't',
-    status: 'active',
-    match: { resourceTypes: '*', interactions: ['update'] },
-    channel: { type: 'websocket', content: 'id-only', headers: [], maxCount: 10 },
-    webhookSecret: 'x',
-    eventsSinceStart: 6,
-    createdAt: '',
-    updatedAt: '',
-    resource: { resourceType: 'Subscription' },
-  } as unknown as SubscriptionRecord;
-  const stored = [1, 2, 3, 4, 5, 6].map(note);
-  let release = (): void => undefined;
-  const held = new Promise<void>((resolve) => (release = resolve));
+const SUB = {
+  id: 'S',
+  owner: 'alice',
+  kind: 'topic',
+  topic: 't',
+  status: 'active',
+  match: { resourceTypes: '*', interactions: ['update'] },
+  channel: { type: 'websocket', content: 'id-only', headers: [], maxCount: 10 },
+  webhookSecret: 'x',
+  eventsSinceStart: 6,
+  createdAt: '',
+  updatedAt: '',
+  resource: { resourceType: 'Subscription' },
+} as unknown as SubscriptionRecord;
+
+const numbersOf = (text: string): number[] | string => {
+  if (!text.startsWith('{')) return text;
+  const bundle = JSON.parse(text) as {
+    entry?: { resource: { parameter: { name: string; part?: { valueString: string }[] }[] } }[];
+  };
+  return (
+    bundle.entry?.[0]?.resource.parameter
+      .filter((p) => p.name === 'notification-event')
+      .map((p) => Number(p.part?.[0]?.valueString)) ?? text
+  );
+};
+
+/** The real channel over in-memory bindings, a store of `stored` notifications and a port that records what it sends. */
+function channelWith(stored: Notification[], options: { held?: Promise<void>; onSend?: (n: number) => void } = {}) {
   const store = {
     async notificationsInRange(_id: string, from: number, to: number, limit: number) {
       const page = stored.filter((n) => n.eventNumber >= from && n.eventNumber <= to).slice(0, limit);
-      await held;
+      await options.held;
       return page;
     },
   } as unknown as Store;
-  const received: number[][] = [];
-  const numbersOf = (text: string): number[] =>
-    (
-      JSON.parse(text) as { entry: { resource: { parameter: { name: string; part?: { valueString: string }[] }[] } }[] }
-    ).entry[0]?.resource.parameter
-      .filter((p) => p.name === 'notification-event')
-      .map((p) => Number(p.part?.[0]?.valueString)) ?? [];
+  const received: (number[] | string)[] = [];
   const port: WebSocketPort = {
     async send(_c, text): Promise<SendOutcome> {
       received.push(numbersOf(text));
+      options.onSend?.(received.length);
+      await new Promise((resolve) => setImmediate(resolve));
       return 'sent';
     },
     async close() {},
@@ -74,7 +81,7 @@ it('sends each event once when a multi-event bundle overlaps the end of a catch-
   const channel = new WebSocketChannel({
     port,
     bindings: new InMemoryBindings(),
-    registry: { get: () => sub } as unknown as SubscriptionRegistry,
+    registry: { get: () => SUB } as unknown as SubscriptionRegistry,
     store,
     tokens,
     clock: { now: () => Date.now() },
@@ -83,18 +90,47 @@ it('sends each event once when a multi-event bundle overlaps the end of a catch-
     metrics: new Metrics(),
     fhirBase: 'http://b/fhir',
   });
-  const token = tokens.issue({ owner: 'alice', subscriptions: ['S'], expiresAt: Date.now() + 60_000 });
+  const bind = (lastEventNumber: number) =>
+    channel.onMessage(
+      { id: 'c1' },
+      JSON.stringify({
+        type: 'bind-with-token',
+        payload: {
+          token: tokens.issue({ owner: 'alice', subscriptions: ['S'], expiresAt: Date.now() + 60_000 }),
+          lastEventNumber,
+        },
+      }),
+    );
+  return { channel, received, bind };
+}
+
+it('sends each event once when a multi-event bundle overlaps the end of a catch-up', async () => {
+  const stored = [1, 2, 3, 4, 5, 6].map(note);
+  let release = (): void => undefined;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  const { channel, received, bind } = channelWith(stored, { held });
   // The client reconnects having seen nothing; its catch-up reads 1–6 from the store (held open).
-  const bound = channel.onMessage(
-    { id: 'c1' },
-    JSON.stringify({ type: 'bind-with-token', payload: { token, lastEventNumber: 0 } }),
-  );
+  const bound = bind(0);
   await new Promise((resolve) => setTimeout(resolve, 10));
   // Meanwhile the lane delivers 5, 6 and 7 as one bundle.
   stored.push(note(7));
-  await channel.deliver({ ...sub, eventsSinceStart: 7 }, 'event-notification', [note(5), note(6), note(7)]);
+  await channel.deliver({ ...SUB, eventsSinceStart: 7 }, 'event-notification', [note(5), note(6), note(7)]);
   release();
   await bound;
   // The handshake (no events), 1 to 6 one by one from the catch-up, then 7 alone.
   expect(received).toEqual([[], [1], [2], [3], [4], [5], [6], [7]]);
+});
+
+it('stops a catch-up when the client unbinds during it', async () => {
+  let unbind = (): void => undefined;
+  const { channel, received, bind } = channelWith(
+    Array.from({ length: 50 }, (_, i) => note(i + 1)),
+    { onSend: (n) => n === 4 && unbind() },
+  );
+  unbind = () => void channel.onMessage({ id: 'c1' }, 'unbind S');
+  await bind(0);
+  const at = received.indexOf('unbound S');
+  expect(at).toBeGreaterThan(0);
+  // At most the message already on its way after the unbound answer; not the other ~45.
+  expect(received.slice(at + 1).length).toBeLessThanOrEqual(1);
 });

@@ -244,8 +244,12 @@ export class WebSocketChannel {
 
   async #bindOne(connectionId: string, sub: SubscriptionRecord, lastSeen: number | undefined): Promise<void> {
     const binding: Binding = { connectionId, subscriptionId: sub.id, mode: 'bundle' };
-    // Hold live messages from the moment of binding until the stored range has been sent.
-    if (lastSeen !== undefined) this.#catchingUp.set(connectionId, sub.id, []);
+    // Hold live messages from the moment of binding until the stored range has been sent. The hold
+    // is this bind's own: an `unbind` (or a new bind) meanwhile replaces or drops it, and the
+    // catch-up stops there.
+    const hold: Held[] = [];
+    const ours = (): boolean => this.#catchingUp.get(connectionId, sub.id) === hold;
+    if (lastSeen !== undefined) this.#catchingUp.set(connectionId, sub.id, hold);
     await this.#bindings.bind(binding);
     const current = this.#registry.get(sub.id) ?? sub;
     await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
@@ -259,6 +263,7 @@ export class WebSocketChannel {
       for (;;) {
         const page = await this.#store.notificationsInRange(sub.id, sent + 1, Number.MAX_SAFE_INTEGER, CATCH_UP_PAGE);
         for (const note of page) {
+          if (!ours()) return;
           alive =
             (await this.#sendOrForget(
               binding,
@@ -272,23 +277,30 @@ export class WebSocketChannel {
     } finally {
       // Flush what live delivery held meanwhile. The hold stays in place until it is empty, and
       // the high-water mark moves with every send, so a concurrent deliver() either joins the hold
-      // or is recognised as already sent: no gap, no duplicate, no reordering.
-      const held = this.#catchingUp.get(connectionId, sub.id) ?? [];
-      this.#caughtUpTo.set(connectionId, sub.id, sent);
-      while (alive && held.length > 0) {
-        const h = held.shift() as Held;
-        if (h.lastEventNumber <= sent) continue;
-        alive = (await this.#sendOrForget(binding, h.after(sent))) === 'sent';
-        if (alive) {
-          sent = h.lastEventNumber;
-          this.#caughtUpTo.set(connectionId, sub.id, sent);
-        }
+      // or is recognised as already sent: no gap, no duplicate, no reordering. Unbound or bound
+      // anew meanwhile: the state is no longer this bind's to touch.
+      if (ours()) await this.#flushHold(binding, hold, sent, alive);
+    }
+  }
+
+  async #flushHold(binding: Binding, held: Held[], caughtUp: number, open: boolean): Promise<void> {
+    const { connectionId, subscriptionId } = binding;
+    let sent = caughtUp;
+    let alive = open;
+    this.#caughtUpTo.set(connectionId, subscriptionId, sent);
+    while (alive && held.length > 0) {
+      const h = held.shift() as Held;
+      if (h.lastEventNumber <= sent) continue;
+      alive = (await this.#sendOrForget(binding, h.after(sent))) === 'sent';
+      if (alive) {
+        sent = h.lastEventNumber;
+        this.#caughtUpTo.set(connectionId, subscriptionId, sent);
       }
-      this.#catchingUp.delete(connectionId, sub.id);
-      // A connection that went away meanwhile leaves nothing behind.
-      if (!alive) {
-        this.#caughtUpTo.delete(connectionId, sub.id);
-      }
+    }
+    this.#catchingUp.delete(connectionId, subscriptionId);
+    // A connection that went away meanwhile leaves nothing behind.
+    if (!alive) {
+      this.#caughtUpTo.delete(connectionId, subscriptionId);
     }
   }
 
