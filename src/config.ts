@@ -34,6 +34,8 @@ export interface Config {
   readonly wsTokenTtlMs: number;
   /** Bytes queued to one WebSocket before its reader counts as too slow and is closed. */
   readonly wsSendBufferBytes: number;
+  /** Open local WebSockets at most; upgrades past it get 503. */
+  readonly wsMaxConnections: number;
   /**
    * Socket processes that own the local WebSocket connections and do their writes (`npm start`
    * only); 0 keeps every socket on the main thread.
@@ -131,6 +133,8 @@ export function loadConfig(env: Env = process.env): Config {
     wsTokenTtlMs: singleDuration(env, 'BROKER_WS_TOKEN_TTL', 10 * 60_000, 1000),
     // 1 MiB: dozens of bundles; a reader further behind than that is not keeping up.
     wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
+    // 20,000: twice the fan-out bench's 10,000 sockets, within a default 64k descriptor limit.
+    wsMaxConnections: int(env, 'BROKER_WS_MAX_CONNECTIONS', 20_000, 1, 1_000_000),
     // 0 by default: on the 2-core bench machine the in-process hub was the faster (bench/README.md, fanout).
     wsProcesses: int(env, 'BROKER_WS_PROCESSES', 0, 0, 64),
     // 1: ~15% more outbox throughput on the 2-core bench machine than sending from the main thread.

@@ -86,7 +86,12 @@ async function main(): Promise<void> {
       process.exit(70);
     });
   }
-  attachWebSocket(server, { hub: broker.websocketHub, apiAuth: broker.apiAuth, logger });
+  attachWebSocket(server, {
+    hub: broker.websocketHub,
+    apiAuth: broker.apiAuth,
+    logger,
+    maxConnections: config.wsMaxConnections,
+  });
   logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
   printLocalCredentials(broker.credentials.local, config.dataDir);
   await broker.start();

@@ -379,3 +379,21 @@ describe.each([
     expect((await slow.waitForClose()).code).toBe(4001);
   });
 });
+
+describe('websocket connection cap', () => {
+  it('answers 503 to an upgrade past BROKER_WS_MAX_CONNECTIONS, and takes one again once a socket closed', async () => {
+    const broker = await startBroker({ BROKER_WS_MAX_CONNECTIONS: '2' });
+    const url = `${broker.url.replace('http', 'ws')}/ws`;
+    const open: WsClient[] = [];
+    try {
+      for (let i = 0; i < 2; i++) open.push(await WsClient.connect(url));
+      await expect(WsClient.connect(url)).rejects.toThrow('upgrade refused: 503');
+      open.shift()?.close();
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      open.push(await WsClient.connect(url));
+    } finally {
+      for (const c of open) c.close();
+      await broker.kill('SIGTERM');
+    }
+  });
+});

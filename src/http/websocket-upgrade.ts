@@ -12,12 +12,15 @@ import type { ApiKeyAuth } from './auth.js';
 
 export function attachWebSocket(
   server: Server,
-  deps: { hub: LocalSockets; apiAuth: ApiKeyAuth; logger: Logger },
+  deps: { hub: LocalSockets; apiAuth: ApiKeyAuth; logger: Logger; maxConnections?: number },
 ): void {
+  const max = deps.maxConnections ?? Number.POSITIVE_INFINITY;
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on('error', () => socket.destroy());
     const path = (req.url ?? '/').split('?')[0];
     if (path !== '/ws') return refuse(socket, 404, 'Not Found');
+    // A cap on open sockets (BROKER_WS_MAX_CONNECTIONS): past it, clients retry later.
+    if (deps.hub.size >= max) return refuse(socket, 503, 'Service Unavailable');
     let owner: string | undefined;
     if (req.headers.authorization !== undefined) {
       try {
