@@ -37,6 +37,7 @@ describe('loadConfig', () => {
     ['BROKER_STORE', { BROKER_STORE: 'postgres' }, /^BROKER_STORE: must be sqlite or dynamodb, not postgres$/],
     ['BROKER_INGEST_TOKEN', { BROKER_INGEST_TOKEN: 'short' }, /at least 16 characters/],
     ['BROKER_METRICS_TOKEN', { BROKER_METRICS_TOKEN: 'short' }, /at least 16 characters/],
+    ['BROKER_WS_MAX_CONNECTIONS', { BROKER_WS_MAX_CONNECTIONS: '0' }, /^BROKER_WS_MAX_CONNECTIONS: /],
     ['AWS_REGION', { AWS_REGION: 'mars' }, /^AWS_REGION: mars is not an AWS region$/],
     ['BROKER_EVENT_RETENTION', { BROKER_EVENT_RETENTION: '10s' }, /at least 1m/],
     ['BROKER_RETRY_DELAYS', { BROKER_RETRY_DELAYS: '5s,soon' }, /^BROKER_RETRY_DELAYS: /],
