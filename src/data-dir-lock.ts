@@ -1,15 +1,14 @@
-import { createHash } from 'node:crypto';
-import { mkdirSync, realpathSync, unlinkSync } from 'node:fs';
-import { connect, createServer, type Server } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
 
 /**
  * One broker per data directory. Two processes on one SQLite store would each deliver every
  * pending notification (duplicates at the receivers) and each drive the subscriptions' statuses.
- * The lock is a Unix socket the holder listens on: the kernel closes it when the process dies,
- * however it dies (SIGKILL included), so a stale socket file only refuses connections and is
- * taken over, and a live holder answers and keeps the second broker out.
+ * The lock is an exclusive SQLite lock on `broker.lock` (a small database of its own): taken in one
+ * atomic step by the kernel's file locking, held while the connection is open, and released by the
+ * kernel when the process ends, however it ends (SIGKILL included). A second broker's write meets
+ * SQLITE_BUSY at once.
  */
 
 export class DataDirInUseError extends Error {
@@ -19,54 +18,21 @@ export class DataDirInUseError extends Error {
   }
 }
 
-/** Unix socket paths are limited to ~104 bytes: a long data dir gets one in the temp dir named by its hash. */
-const MAX_SOCKET_PATH = 100;
+export const LOCK_FILE = 'broker.lock';
 
-export function lockPathOf(dataDir: string): string {
-  const dir = realpathSync(resolve(dataDir));
-  const inDir = join(dir, 'broker.lock');
-  if (Buffer.byteLength(inDir) <= MAX_SOCKET_PATH) return inDir;
-  return join(tmpdir(), `fhir-broker-${createHash('sha256').update(dir).digest('hex').slice(0, 24)}.lock`);
-}
-
-/** Holds the data dir until `release` (or the process's end). Rejects with DataDirInUseError. */
-export async function lockDataDir(dataDir: string): Promise<{ release(): Promise<void> }> {
+/** Holds the data dir until `release` (or the process's end). Throws DataDirInUseError. */
+export function lockDataDir(dataDir: string): { release(): void } {
   mkdirSync(dataDir, { recursive: true });
-  if (process.platform === 'win32') return { release: async () => {} };
-  const path = lockPathOf(dataDir);
-  let server = await listen(path).catch((err: NodeJS.ErrnoException) => err);
-  if (server instanceof Error) {
-    if (server.code !== 'EADDRINUSE') throw server;
-    if (await answers(path)) throw new DataDirInUseError(dataDir);
-    // Left by a process that died: nobody listens on it.
-    unlinkSync(path);
-    server = await listen(path);
+  const db = new Database(join(dataDir, LOCK_FILE), { timeout: 0 });
+  try {
+    // In exclusive locking mode the lock a write takes is kept until the connection closes.
+    db.pragma('locking_mode = EXCLUSIVE');
+    db.exec('CREATE TABLE IF NOT EXISTS holder (pid INTEGER)');
+    db.prepare('INSERT OR REPLACE INTO holder (rowid, pid) VALUES (1, ?)').run(process.pid);
+  } catch (err) {
+    db.close();
+    if ((err as { code?: string }).code === 'SQLITE_BUSY') throw new DataDirInUseError(dataDir);
+    throw err;
   }
-  const held = server;
-  held.unref();
-  return {
-    release: () => new Promise<void>((done) => held.close(() => done())),
-  };
-}
-
-function listen(path: string): Promise<Server> {
-  return new Promise((resolveListen, reject) => {
-    const server = createServer((socket) => socket.end());
-    server.once('error', reject);
-    server.listen(path, () => {
-      server.off('error', reject);
-      resolveListen(server);
-    });
-  });
-}
-
-function answers(path: string): Promise<boolean> {
-  return new Promise((done) => {
-    const socket = connect(path);
-    socket.once('connect', () => {
-      socket.destroy();
-      done(true);
-    });
-    socket.once('error', () => done(false));
-  });
+  return { release: () => db.close() };
 }

@@ -22,7 +22,7 @@ import { SqliteStore } from './store/sqlite/sqlite-store.js';
 async function main(): Promise<void> {
   let config = loadConfig();
   // The embedded store is this process's alone (a second broker would deliver everything twice).
-  const lock = config.store === 'sqlite' ? await lockDataDir(config.dataDir) : undefined;
+  const lock = config.store === 'sqlite' ? lockDataDir(config.dataDir) : undefined;
   const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
     version: string;
   };

@@ -1,10 +1,11 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { DataDirInUseError, lockDataDir, lockPathOf } from '../src/data-dir-lock.js';
+import { DataDirInUseError, LOCK_FILE, lockDataDir } from '../src/data-dir-lock.js';
 import { type BrokerProcess, newDataDir, startBroker } from './support/broker-process.js';
 
 /** One broker per data directory: a second is refused while the first lives, however the first ends. */
@@ -15,38 +16,53 @@ afterEach(async () => {
 });
 
 describe('lockDataDir', () => {
-  it('refuses a second holder while the first holds it, and lets one in after release', async () => {
+  it('refuses a second holder while the first holds it, and lets one in after release', () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
-    const first = await lockDataDir(dir);
-    await expect(lockDataDir(dir)).rejects.toBeInstanceOf(DataDirInUseError);
-    await first.release();
-    const second = await lockDataDir(dir);
-    await second.release();
+    const first = lockDataDir(dir);
+    expect(() => lockDataDir(dir)).toThrow(DataDirInUseError);
+    first.release();
+    lockDataDir(dir).release();
   });
 
-  it('takes over the lock of a process that was killed (SIGKILL leaves the socket file behind)', async () => {
+  it('is free again once its holder was killed (the kernel drops the lock with the process)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
-    const path = lockPathOf(dir);
+    const sqlite = createRequire(import.meta.url).resolve('better-sqlite3');
     const holder = spawn(process.execPath, [
       '-e',
-      `require('net').createServer().listen(${JSON.stringify(path)}, () => console.log('held'))`,
+      `const db = new (require(${JSON.stringify(sqlite)}))(${JSON.stringify(join(dir, LOCK_FILE))});
+       db.pragma('locking_mode = EXCLUSIVE');
+       db.exec('CREATE TABLE IF NOT EXISTS holder (pid INTEGER)');
+       db.prepare('INSERT INTO holder (pid) VALUES (?)').run(process.pid);
+       console.log('held'); setInterval(() => {}, 1000);`,
     ]);
     await once(holder.stdout, 'data');
-    await expect(lockDataDir(dir)).rejects.toBeInstanceOf(DataDirInUseError);
+    expect(() => lockDataDir(dir)).toThrow(DataDirInUseError);
     holder.kill('SIGKILL');
     await once(holder, 'exit');
-    expect(existsSync(path)).toBe(true);
-    const lock = await lockDataDir(dir);
-    await lock.release();
+    lockDataDir(dir).release();
   });
 
-  it('keeps the socket in the temp dir, named by the data dir, when the data dir path is too long for one', () => {
-    const deep = join(mkdtempSync(join(tmpdir(), 'fsb-lock-')), 'x'.repeat(60), 'y'.repeat(60));
-    mkdirSync(deep, { recursive: true });
-    const path = lockPathOf(deep);
-    expect(path.startsWith(tmpdir())).toBe(true);
-    expect(path).toMatch(/fhir-broker-[0-9a-f]{24}\.lock$/);
-    expect(lockPathOf(deep)).toBe(path);
+  it('lets exactly one of many holders in at once', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
+    const sqlite = createRequire(import.meta.url).resolve('better-sqlite3');
+    const script = `const db = new (require(${JSON.stringify(sqlite)}))(${JSON.stringify(join(dir, LOCK_FILE))}, { timeout: 0 });
+      try { db.pragma('locking_mode = EXCLUSIVE'); db.exec('CREATE TABLE IF NOT EXISTS holder (pid INTEGER)');
+        db.prepare('INSERT INTO holder (pid) VALUES (?)').run(process.pid); console.log('HELD');
+        setTimeout(() => process.exit(0), 3000); }
+      catch (e) { console.log(e.code); process.exit(0); }`;
+    const outputs = await Promise.all(
+      Array.from({ length: 6 }, async () => {
+        const p = spawn(process.execPath, ['-e', script]);
+        let out = '';
+        p.stdout.on('data', (c: Buffer) => {
+          out += c.toString();
+        });
+        await once(p, 'exit');
+        return out.trim();
+      }),
+    );
+    expect(outputs.filter((o) => o === 'HELD')).toHaveLength(1);
+    expect(outputs.filter((o) => o !== 'HELD').every((o) => o === 'SQLITE_BUSY')).toBe(true);
   });
 });
 
