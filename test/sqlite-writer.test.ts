@@ -192,7 +192,7 @@ it('fails for good, once, with STORE_UNAVAILABLE when its database file is delet
   for (const f of ['broker.sqlite3', 'broker.sqlite3-wal', 'broker.sqlite3-shm']) rmSync(join(dir, f), { force: true });
   // /healthz's ping sees it at once (a timer would, within five seconds).
   await expect(store.ping()).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE', status: 503 });
-  expect(failures.map((e) => e.message)).toEqual([expect.stringContaining('was deleted while open')]);
+  expect(failures.map((e) => e.message)).toEqual([expect.stringContaining('was deleted or replaced while open')]);
   // Nothing is acknowledged into a file nobody can read again.
   await expect(store.acceptChanges([item('e-after-delete', ['s1'])], RECEIVED)).rejects.toMatchObject({
     code: 'STORE_UNAVAILABLE',

@@ -257,3 +257,30 @@ describe('answers from an endpoint the client has moved away from', () => {
     expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
   });
 });
+
+describe('sockets of a changed subscription', () => {
+  it('looks for bound sockets only when the subscription was a websocket one (on AWS each look is a query)', async () => {
+    const { receiver, t } = await setup();
+    const looked: string[] = [];
+    const channel = t.broker.websocket;
+    const original = channel.subscriptionChanged.bind(channel);
+    channel.subscriptionChanged = async (id: string) => {
+      looked.push(id);
+      await original(id);
+    };
+    const hook = await t.create(topicSubscription('patient-change', `${receiver.url}/looked`));
+    await t.logger.waitForStatus(hook.id as string, 'active');
+    const hookBody = (await t.call('GET', `/fhir/Subscription/${hook.id}`)).body;
+    expect((await t.call('PUT', `/fhir/Subscription/${hook.id}`, { ...hookBody, status: 'off' })).status).toBe(200);
+    expect((await t.call('DELETE', `/fhir/Subscription/${hook.id}`)).status).toBe(204);
+    const ws = await t.create({
+      resourceType: 'Subscription',
+      criteria: 'Patient',
+      channel: { type: 'websocket' },
+    });
+    expect((await t.call('DELETE', `/fhir/Subscription/${ws.id}`)).status).toBe(204);
+    await t.broker.dispatcher.idle(2_000);
+    // The websocket subscription's activation (a change) and its deletion; nothing for the rest-hook one.
+    expect(looked).toEqual([ws.id, ws.id]);
+  });
+});

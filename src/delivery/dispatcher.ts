@@ -191,16 +191,16 @@ export class Dispatcher {
         this.#scheduleEnd(id);
       },
       onActivated: (id) => this.#wake(id, true),
-      onRemoved: (id) => {
+      onRemoved: (id, before) => {
         this.#forget(id);
-        this.#track(this.#websocket?.subscriptionChanged(id) ?? Promise.resolve());
+        this.#letGoOfSockets(before);
       },
-      onChanged: (id) => {
+      onChanged: (id, before) => {
         // Whatever changed (endpoint, headers, secret, status), the rest of the run goes out as the subscription is now.
         this.#lanes.get(id)?.run?.stop();
         this.#scheduleHeartbeat(id);
         this.#scheduleEnd(id);
-        this.#track(this.#websocket?.subscriptionChanged(id) ?? Promise.resolve());
+        this.#letGoOfSockets(before);
       },
       beforeRequeue: () => this.flush(),
       onRequeued: (id) => this.requeued(id),
@@ -320,6 +320,13 @@ export class Dispatcher {
       this.#lanes.set(id, lane);
     }
     return lane;
+  }
+
+  /** Only a websocket subscription has sockets to let go of (on AWS, finding them is a query). */
+  #letGoOfSockets(before: SubscriptionRecord): void {
+    if (before.channel.type === 'websocket' && this.#websocket !== undefined) {
+      this.#track(this.#websocket.subscriptionChanged(before.id));
+    }
   }
 
   #forget(id: string): void {

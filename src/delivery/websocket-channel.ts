@@ -255,8 +255,13 @@ export class WebSocketChannel {
     await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
     if (lastSeen === undefined) return;
     // Event numbers are the subscription's own: a client that claims more than there are has seen
-    // them all, and must not have the next ones skipped as already seen.
-    let sent = Math.min(lastSeen, current.eventsSinceStart);
+    // them all, and must not have the next ones skipped as already seen. The count is read afresh
+    // before a claim above the cached one is cut (on AWS another function numbers the events).
+    const count =
+      lastSeen > current.eventsSinceStart
+        ? ((await this.#store.getSubscription(sub.id))?.eventsSinceStart ?? current.eventsSinceStart)
+        : current.eventsSinceStart;
+    let sent = Math.min(lastSeen, count);
     let alive = true;
     try {
       // Page through everything stored after lastSeen (within retention), in order.

@@ -22,9 +22,10 @@ export interface RegistryListener {
   onRequested(id: string): void;
   /** A subscription became active: pending notifications may flow. */
   onActivated(id: string): void;
-  onRemoved(id: string): void;
-  /** Anything else about the subscription changed (status, channel, heartbeat period). */
-  onChanged(id: string): void;
+  /** The client deleted the subscription; `before` is what it was. */
+  onRemoved(id: string, before: SubscriptionRecord): void;
+  /** Anything else about the subscription changed (status, channel, heartbeat period); `before` is what it was. */
+  onChanged(id: string, before: SubscriptionRecord): void;
   /** Before dead letters are re-queued: make every delivery state known so far durable. */
   beforeRequeue(id: string): Promise<void>;
   /** Dead letters were re-queued: whatever is held in memory for the subscription is stale. */
@@ -148,26 +149,7 @@ export class SubscriptionRegistry {
     }
   }
 
-  /**
-   * One create at a time per client in this process, so that the quota's count and the insert
-   * cannot interleave (concurrent creates went past the quota). Several instances sharing a
-   * DynamoDB store can still overshoot it by the creates they race.
-   */
   async create(owner: string, body: unknown): Promise<CreateResult> {
-    const before = this.#creating.get(owner) ?? Promise.resolve();
-    let done = (): void => undefined;
-    const mine = before.then(() => new Promise<void>((resolve) => (done = resolve)));
-    this.#creating.set(owner, mine);
-    await before;
-    try {
-      return await this.#create(owner, body);
-    } finally {
-      done();
-      if (this.#creating.get(owner) === mine) this.#creating.delete(owner);
-    }
-  }
-
-  async #create(owner: string, body: unknown): Promise<CreateResult> {
     const spec = parseSubscription(body, this.#topics);
     this.#checkEnd(spec);
     if (spec.askedStatus === 'error') {
@@ -175,7 +157,32 @@ export class SubscriptionRegistry {
         expression: 'Subscription.status',
       });
     }
+    // Vetted (a DNS lookup) before queueing: a slow lookup holds up no other create.
     if (spec.channel.endpoint !== undefined) await this.#guard.checkEndpoint(spec.channel.endpoint);
+    return this.#oneAtATime(owner, () => this.#insert(owner, spec));
+  }
+
+  /**
+   * One create at a time per client in this process, so that the quota's count and the insert
+   * cannot interleave (concurrent creates went past the quota). Several instances sharing a
+   * DynamoDB store, whose by-owner count is an eventually consistent index read, can still
+   * overshoot it by the creates they race.
+   */
+  async #oneAtATime<T>(owner: string, fn: () => Promise<T>): Promise<T> {
+    const before = this.#creating.get(owner) ?? Promise.resolve();
+    let done = (): void => undefined;
+    const mine = before.then(() => new Promise<void>((resolve) => (done = resolve)));
+    this.#creating.set(owner, mine);
+    await before;
+    try {
+      return await fn();
+    } finally {
+      done();
+      if (this.#creating.get(owner) === mine) this.#creating.delete(owner);
+    }
+  }
+
+  async #insert(owner: string, spec: SubscriptionSpec): Promise<CreateResult> {
     // Counted from the store: on AWS other instances create subscriptions too.
     const held = await this.#store.countSubscriptions(owner);
     if (held >= this.#maxPerClient) {
@@ -311,7 +318,7 @@ export class SubscriptionRegistry {
       });
     }
     if (status === 'requested') this.#listener?.onRequested(id);
-    this.#listener?.onChanged(id);
+    this.#listener?.onChanged(id, current);
     return stored;
   }
 
@@ -320,10 +327,11 @@ export class SubscriptionRegistry {
    * delete is deleted with it (unlike `update`, which compares and sets).
    */
   async delete(owner: string, id: string, ifMatch?: string): Promise<void> {
-    checkVersion(await this.read(owner, id), ifMatch);
+    const before = await this.read(owner, id);
+    checkVersion(before, ifMatch);
     await this.#store.deleteSubscription(id);
     this.#forget(id);
-    this.#listener?.onRemoved(id);
+    this.#listener?.onRemoved(id, before);
     this.#logger.info('subscription deleted', { subscription: id, owner });
   }
 
@@ -370,7 +378,7 @@ export class SubscriptionRegistry {
       time: updated.updatedAt,
     });
     if (updated.status === 'active') this.#listener?.onActivated(id);
-    this.#listener?.onChanged(id);
+    this.#listener?.onChanged(id, current);
     return updated;
   }
 

@@ -264,7 +264,14 @@ export class SqliteStore implements Store {
     // would be lost. The path is checked against the file opened, now and then and on `ping`.
     this.#file = file;
     this.#inode = statSync(file).ino;
-    this.#fileCheck = setInterval(() => this.#checkFile(), FILE_CHECK_MS);
+    this.#fileCheck = setInterval(() => {
+      try {
+        this.#checkFile();
+      } catch {
+        // Failed for good: `onFailure` has heard it, and every call answers STORE_UNAVAILABLE.
+        clearInterval(this.#fileCheck);
+      }
+    }, FILE_CHECK_MS);
     this.#fileCheck.unref();
     const db = this.#db;
     this.#stmt = {
@@ -416,8 +423,11 @@ export class SqliteStore implements Store {
       inode = undefined;
     }
     if (inode === this.#inode) return;
-    const what = inode === undefined ? 'was deleted' : 'was replaced by another file';
-    const err = new BrokerError('STORE_UNAVAILABLE', `the SQLite database ${this.#file} ${what} while open`);
+    // (Deleted, it may already be back as a new, empty file: SQLite recreates a missing one.)
+    const err = new BrokerError(
+      'STORE_UNAVAILABLE',
+      `the SQLite database ${this.#file} was deleted or replaced while open`,
+    );
     this.#writer.fail(err);
     throw err;
   }

@@ -427,7 +427,7 @@ export class SqliteWriter {
     this.#failed =
       this.#closing || err instanceof BrokerError
         ? err
-        : new BrokerError('STORE_UNAVAILABLE', `the SQLite store failed: ${err.message}`, { cause: err });
+        : new BrokerError('STORE_UNAVAILABLE', `the SQLite store failed: ${describe(err)}`, { cause: err });
     for (const p of this.#pending.values()) p.reject(this.#failed);
     this.#pending.clear();
     if (!this.#closing) this.#onFailure?.(this.#failed);
@@ -437,4 +437,10 @@ export class SqliteWriter {
   onFailure(fn: (err: Error) => void): void {
     this.#onFailure = fn;
   }
+}
+
+/** An error's message, else its code (a worker's SQLite error can arrive with only `code`). */
+function describe(err: Error): string {
+  const code = (err as { code?: unknown }).code;
+  return err.message || (typeof code === 'string' ? code : String(err));
 }
