@@ -1,4 +1,4 @@
-import { mkdirSync } from 'node:fs';
+import { lstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 
@@ -23,12 +23,18 @@ export const LOCK_FILE = 'broker.lock';
 /** Holds the data dir until `release` (or the process's end). Throws DataDirInUseError. */
 export function lockDataDir(dataDir: string): { release(): void } {
   mkdirSync(dataDir, { recursive: true });
-  const db = new Database(join(dataDir, LOCK_FILE), { timeout: 0 });
+  const path = join(dataDir, LOCK_FILE);
+  // A Unix socket of that name is what an earlier build of this session left behind: not a lock.
+  if (lstatSync(path, { throwIfNoEntry: false })?.isSocket() === true) unlinkSync(path);
+  const db = new Database(path, { timeout: 0 });
   try {
-    // In exclusive locking mode the lock a write takes is kept until the connection closes.
+    // In exclusive locking mode the lock a write takes is kept until the connection closes. The
+    // exclusive lock is asked for first, in one step, so that two starters never both hold a read lock.
     db.pragma('locking_mode = EXCLUSIVE');
+    db.exec('BEGIN EXCLUSIVE');
     db.exec('CREATE TABLE IF NOT EXISTS holder (pid INTEGER)');
     db.prepare('INSERT OR REPLACE INTO holder (rowid, pid) VALUES (1, ?)').run(process.pid);
+    db.exec('COMMIT');
   } catch (err) {
     db.close();
     if ((err as { code?: string }).code === 'SQLITE_BUSY') throw new DataDirInUseError(dataDir);

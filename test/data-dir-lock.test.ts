@@ -42,27 +42,43 @@ describe('lockDataDir', () => {
     lockDataDir(dir).release();
   });
 
-  it('lets exactly one of many holders in at once', async () => {
+  it('lets exactly one of many brokers in at once, on a new lock file and on one left from before', async () => {
+    const module = join(process.cwd(), 'src', 'data-dir-lock.ts');
+    for (const leftOver of [false, true]) {
+      const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
+      if (leftOver) lockDataDir(dir).release();
+      const script = `const { lockDataDir } = await import(${JSON.stringify(module)});
+        try { lockDataDir(${JSON.stringify(dir)}); console.log('HELD'); setTimeout(() => process.exit(0), 3000); }
+        catch (e) { console.log(e.name); process.exit(0); }`;
+      const outputs = await Promise.all(
+        Array.from({ length: 5 }, async () => {
+          const p = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script]);
+          let out = '';
+          p.stdout.on('data', (c: Buffer) => {
+            out += c.toString();
+          });
+          await once(p, 'exit');
+          return out.trim();
+        }),
+      );
+      expect(
+        outputs.filter((o) => o === 'HELD'),
+        `left over: ${leftOver}`,
+      ).toHaveLength(1);
+      expect(outputs.filter((o) => o !== 'HELD').every((o) => o === 'DataDirInUseError')).toBe(true);
+    }
+  });
+
+  it('replaces a Unix socket an earlier build left at broker.lock', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
-    const sqlite = createRequire(import.meta.url).resolve('better-sqlite3');
-    const script = `const db = new (require(${JSON.stringify(sqlite)}))(${JSON.stringify(join(dir, LOCK_FILE))}, { timeout: 0 });
-      try { db.pragma('locking_mode = EXCLUSIVE'); db.exec('CREATE TABLE IF NOT EXISTS holder (pid INTEGER)');
-        db.prepare('INSERT INTO holder (pid) VALUES (?)').run(process.pid); console.log('HELD');
-        setTimeout(() => process.exit(0), 3000); }
-      catch (e) { console.log(e.code); process.exit(0); }`;
-    const outputs = await Promise.all(
-      Array.from({ length: 6 }, async () => {
-        const p = spawn(process.execPath, ['-e', script]);
-        let out = '';
-        p.stdout.on('data', (c: Buffer) => {
-          out += c.toString();
-        });
-        await once(p, 'exit');
-        return out.trim();
-      }),
-    );
-    expect(outputs.filter((o) => o === 'HELD')).toHaveLength(1);
-    expect(outputs.filter((o) => o !== 'HELD').every((o) => o === 'SQLITE_BUSY')).toBe(true);
+    const holder = spawn(process.execPath, [
+      '-e',
+      `require('net').createServer().listen(${JSON.stringify(join(dir, LOCK_FILE))}, () => console.log('listening'))`,
+    ]);
+    await once(holder.stdout, 'data');
+    holder.kill('SIGKILL');
+    await once(holder, 'exit');
+    lockDataDir(dir).release();
   });
 });
 

@@ -322,11 +322,14 @@ export class Dispatcher {
     return lane;
   }
 
-  /** Only a websocket subscription has sockets to let go of (on AWS, finding them is a query). */
+  /**
+   * Only a subscription that was or is a websocket one, or is gone, can have sockets to let go of
+   * (on AWS, finding them is a query): a bind that raced a change may have left one behind.
+   */
   #letGoOfSockets(before: SubscriptionRecord): void {
-    if (before.channel.type === 'websocket' && this.#websocket !== undefined) {
-      this.#track(this.#websocket.subscriptionChanged(before.id));
-    }
+    const now = this.#registry.get(before.id);
+    const maybe = before.channel.type === 'websocket' || now === undefined || now.channel.type === 'websocket';
+    if (maybe && this.#websocket !== undefined) this.#track(this.#websocket.subscriptionChanged(before.id));
   }
 
   #forget(id: string): void {

@@ -134,3 +134,88 @@ it('stops a catch-up when the client unbinds during it', async () => {
   // At most the message already on its way after the unbound answer; not the other ~45.
   expect(received.slice(at + 1).length).toBeLessThanOrEqual(1);
 });
+
+it('hands a rebind the events held for it when the client unbinds and binds again during a flush', async () => {
+  const stored = [1, 2, 3].map(note);
+  let readNo = 0;
+  const opened: (() => void)[] = [];
+  const reads = [0, 1].map(() => new Promise<void>((resolve) => opened.push(resolve)));
+  const store = {
+    async notificationsInRange(_id: string, from: number, to: number, limit: number) {
+      const read = reads[readNo++];
+      const page = stored.filter((n) => n.eventNumber >= from && n.eventNumber <= to).slice(0, limit);
+      await read;
+      return page;
+    },
+    async getSubscription() {
+      return { ...SUB, eventsSinceStart: stored.length };
+    },
+  } as unknown as Store;
+  const received: (number[] | string)[] = [];
+  let onSend: (numbers: number[] | string) => Promise<void> = async () => undefined;
+  const port: WebSocketPort = {
+    async send(_c, text): Promise<SendOutcome> {
+      const numbers = numbersOf(text);
+      received.push(numbers);
+      await onSend(numbers);
+      await new Promise((resolve) => setImmediate(resolve));
+      return 'sent';
+    },
+    async close() {},
+    async isOpen() {
+      return true;
+    },
+  };
+  const tokens = new BindingTokens('k'.repeat(40));
+  const channel = new WebSocketChannel({
+    port,
+    bindings: new InMemoryBindings(),
+    registry: { get: () => ({ ...SUB, eventsSinceStart: stored.length }) } as unknown as SubscriptionRegistry,
+    store,
+    tokens,
+    clock: { now: () => Date.now() },
+    ids: { uuid: () => 'u' },
+    logger: silentLogger,
+    metrics: new Metrics(),
+    fhirBase: 'http://b/fhir',
+  });
+  const bind = (lastEventNumber: number) =>
+    channel.onMessage(
+      { id: 'c1' },
+      JSON.stringify({
+        type: 'bind-with-token',
+        payload: {
+          token: tokens.issue({ owner: 'alice', subscriptions: ['S'], expiresAt: Date.now() + 60_000 }),
+          lastEventNumber,
+        },
+      }),
+    );
+  const live = async (n: number) => {
+    stored.push(note(n));
+    await channel.deliver({ ...SUB, eventsSinceStart: n }, 'event-notification', [note(n)]);
+  };
+  const first = bind(0);
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  await live(4);
+  await live(5);
+  let second: Promise<void> | undefined;
+  onSend = async (numbers) => {
+    if (JSON.stringify(numbers) !== '[4]' || second !== undefined) return;
+    // The first bind is flushing its hold (4 sent): the client unbinds and binds again, having seen 4.
+    await channel.onMessage({ id: 'c1' }, 'unbind S');
+    second = bind(4);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    await live(6);
+  };
+  opened[0]?.();
+  await first;
+  opened[1]?.();
+  await second;
+  const events = (received.filter(Array.isArray) as number[][]).flat();
+  expect(events.filter((n) => n === 6)).toEqual([6]);
+  // Nothing of the first bind's hold after the client was told it was unbound.
+  const unbound = received.indexOf('unbound S');
+  expect(received.slice(unbound + 1).filter((m) => Array.isArray(m) && m.includes(5) && !m.includes(6))).toHaveLength(
+    1,
+  );
+});

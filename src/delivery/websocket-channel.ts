@@ -284,11 +284,18 @@ export class WebSocketChannel {
       // the high-water mark moves with every send, so a concurrent deliver() either joins the hold
       // or is recognised as already sent: no gap, no duplicate, no reordering. Unbound or bound
       // anew meanwhile: the state is no longer this bind's to touch.
-      if (ours()) await this.#flushHold(binding, hold, sent, alive);
+      if (ours()) await this.#flushHold(binding, hold, sent, alive, ours);
     }
   }
 
-  async #flushHold(binding: Binding, held: Held[], caughtUp: number, open: boolean): Promise<void> {
+  /** Sends what was held, while the hold is still this bind's (`ours`): an unbind or a new bind ends it. */
+  async #flushHold(
+    binding: Binding,
+    held: Held[],
+    caughtUp: number,
+    open: boolean,
+    ours: () => boolean,
+  ): Promise<void> {
     const { connectionId, subscriptionId } = binding;
     let sent = caughtUp;
     let alive = open;
@@ -297,6 +304,7 @@ export class WebSocketChannel {
       const h = held.shift() as Held;
       if (h.lastEventNumber <= sent) continue;
       alive = (await this.#sendOrForget(binding, h.after(sent))) === 'sent';
+      if (!ours()) return;
       if (alive) {
         sent = h.lastEventNumber;
         this.#caughtUpTo.set(connectionId, subscriptionId, sent);
