@@ -92,10 +92,8 @@ async function main(): Promise<void> {
     logger,
     maxConnections: config.wsMaxConnections,
   });
-  logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
-  printLocalCredentials(broker.credentials.local, config.dataDir);
-  await broker.start();
-
+  // Signals are heard from here on, before `listening` is announced: a stop right after it (a
+  // supervisor, a test) is a clean shutdown, not the default death by SIGTERM.
   let stopping = false;
   const stop = (signal: string): void => {
     if (stopping || broker === undefined) return;
@@ -115,6 +113,9 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
+  printLocalCredentials(broker.credentials.local, config.dataDir);
+  await broker.start();
 }
 
 /** Generated credentials go to stderr at start, for the person at the terminal; never to the JSON log. */
