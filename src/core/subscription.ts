@@ -1,6 +1,7 @@
 import { Ajv } from 'ajv';
 import { BrokerError } from './errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
+import { mediaType } from './media-type.js';
 import { R4_RESOURCE_TYPES } from './resource-types.js';
 import type { TopicCatalog, TopicDefinition } from './topics.js';
 import type {
@@ -405,7 +406,7 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
     });
   }
   // Compared without parameters: `application/fhir+json;fhirVersion=4.0` is FHIR JSON.
-  if (ch.payload !== undefined && !JSON_PAYLOADS.has(ch.payload.split(';')[0]?.trim().toLowerCase() ?? '')) {
+  if (ch.payload !== undefined && !JSON_PAYLOADS.has(mediaType(ch.payload))) {
     throw new BrokerError(
       'UNSUPPORTED_CONTENT',
       `Payload ${ch.payload} is not supported; use application/fhir+json or application/json`,

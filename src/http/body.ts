@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Context } from 'hono';
 import { BrokerError } from '../core/errors.js';
+import { mediaType } from '../core/media-type.js';
 
 /**
  * Reads a JSON body with a hard byte cap (checked on Content-Length and again while reading, so a
@@ -39,7 +40,7 @@ export function checkJsonRequest(
   contentLength: string | undefined,
   maxBytes: number,
 ): void {
-  const type = (contentType ?? '').split(';')[0]?.trim().toLowerCase() ?? '';
+  const type = mediaType(contentType);
   if (!JSON_TYPES.has(type)) {
     throw new BrokerError(
       'UNSUPPORTED_MEDIA_TYPE',

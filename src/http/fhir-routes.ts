@@ -1,6 +1,7 @@
 import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from '../core/fhir-urls.js';
+import { mediaType } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, IdSource, PayloadContent, SubscriptionRecord } from '../core/types.js';
@@ -257,12 +258,12 @@ const JSON_FORMATS = new Set(['json', 'application/json', 'application/fhir+json
 function checkAcceptable(format: string | undefined, accept: string | undefined): void {
   if (format !== undefined) {
     // An unencoded `+` in a query string arrives as a space: `application/fhir json`.
-    const type = format.split(';')[0]?.trim().toLowerCase().replaceAll(' ', '+') ?? '';
+    const type = mediaType(format).replaceAll(' ', '+');
     if (JSON_FORMATS.has(type)) return;
     throw new BrokerError('NOT_ACCEPTABLE', `_format ${format.slice(0, 64)} is not served; use json`);
   }
   if (accept === undefined || accept.trim() === '') return;
-  const types = accept.split(',').map((t) => t.split(';')[0]?.trim().toLowerCase() ?? '');
+  const types = accept.split(',').map(mediaType);
   // Only when every type named is XML: anything else (JSON, */*, application/*, unknown) gets JSON.
   if (types.every((t) => XML_FORMATS.has(t))) {
     throw new BrokerError(
@@ -270,6 +271,12 @@ function checkAcceptable(format: string | undefined, accept: string | undefined)
       `Accept ${accept.slice(0, 64)} names XML only; the broker answers application/fhir+json`,
     );
   }
+}
+
+/** Whether the request came with a body: a media type, or a length other than 0. */
+function sentBody(c: Context<Env>): boolean {
+  const length = c.req.header('content-length');
+  return c.req.header('content-type') !== undefined || (length !== undefined && length !== '0');
 }
 
 /** Values of one parameter, comma lists split; undefined when absent. */
@@ -285,9 +292,7 @@ interface ParameterSource {
  */
 async function operationParams(c: Context<Env>, maxBytes: number): Promise<ParameterSource> {
   const pairs: [string, string][] = [...new URL(c.req.url).searchParams];
-  const length = c.req.header('content-length');
-  const hasBody = c.req.header('content-type') !== undefined || (length !== undefined && length !== '0');
-  if (c.req.method === 'POST' && hasBody) {
+  if (c.req.method === 'POST' && sentBody(c)) {
     const body = (await readJsonBody(c, maxBytes)) as { resourceType?: unknown; parameter?: unknown } | null;
     if (body?.resourceType !== 'Parameters') {
       throw new BrokerError('INVALID_RESOURCE', 'The body of an operation must be a Parameters resource');
@@ -354,8 +359,8 @@ const FORM = 'application/x-www-form-urlencoded';
 
 /** A `_search` body: form-encoded parameters (none when there is no body), read within the size cap. */
 async function readFormBody(c: Context<Env>, maxBytes: number): Promise<URLSearchParams> {
-  const type = (c.req.header('content-type') ?? '').split(';')[0]?.trim().toLowerCase() ?? '';
-  if (type === '' && (c.req.header('content-length') ?? '0') === '0') return new URLSearchParams();
+  if (!sentBody(c)) return new URLSearchParams();
+  const type = mediaType(c.req.header('content-type'));
   if (type !== FORM) {
     throw new BrokerError('UNSUPPORTED_MEDIA_TYPE', `POST _search takes ${FORM}, not ${type === '' ? '(none)' : type}`);
   }
