@@ -1,7 +1,6 @@
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -15,6 +14,27 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
+/**
+ * A child process that takes the lock with the real `lockDataDir` and holds it `holdMs`; `said` is
+ * its first line: `HELD`, or the name of the error it met.
+ */
+function lockInChild(dir: string, holdMs: number): { child: ChildProcess; said: Promise<string> } {
+  const module = join(process.cwd(), 'src', 'data-dir-lock.ts');
+  const script = `const { lockDataDir } = await import(${JSON.stringify(module)});
+    try { lockDataDir(${JSON.stringify(dir)}); console.log('HELD'); setTimeout(() => process.exit(0), ${holdMs}); }
+    catch (e) { console.log(e.name); process.exit(0); }`;
+  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script]);
+  const said = new Promise<string>((resolve) => {
+    let out = '';
+    child.stdout.on('data', (c: Buffer) => {
+      out += c.toString();
+      if (out.includes('\n')) resolve(out.trim());
+    });
+    child.once('exit', () => resolve(out.trim()));
+  });
+  return { child, said };
+}
+
 describe('lockDataDir', () => {
   it('refuses a second holder while the first holds it, and lets one in after release', () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
@@ -26,41 +46,19 @@ describe('lockDataDir', () => {
 
   it('is free again once its holder was killed (the kernel drops the lock with the process)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
-    const sqlite = createRequire(import.meta.url).resolve('better-sqlite3');
-    const holder = spawn(process.execPath, [
-      '-e',
-      `const db = new (require(${JSON.stringify(sqlite)}))(${JSON.stringify(join(dir, LOCK_FILE))});
-       db.pragma('locking_mode = EXCLUSIVE');
-       db.exec('CREATE TABLE IF NOT EXISTS holder (pid INTEGER)');
-       db.prepare('INSERT INTO holder (pid) VALUES (?)').run(process.pid);
-       console.log('held'); setInterval(() => {}, 1000);`,
-    ]);
-    await once(holder.stdout, 'data');
+    const holder = lockInChild(dir, 60_000);
+    expect(await holder.said).toBe('HELD');
     expect(() => lockDataDir(dir)).toThrow(DataDirInUseError);
-    holder.kill('SIGKILL');
-    await once(holder, 'exit');
+    holder.child.kill('SIGKILL');
+    await once(holder.child, 'exit');
     lockDataDir(dir).release();
   });
 
   it('lets exactly one of many brokers in at once, on a new lock file and on one left from before', async () => {
-    const module = join(process.cwd(), 'src', 'data-dir-lock.ts');
     for (const leftOver of [false, true]) {
       const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
       if (leftOver) lockDataDir(dir).release();
-      const script = `const { lockDataDir } = await import(${JSON.stringify(module)});
-        try { lockDataDir(${JSON.stringify(dir)}); console.log('HELD'); setTimeout(() => process.exit(0), 3000); }
-        catch (e) { console.log(e.name); process.exit(0); }`;
-      const outputs = await Promise.all(
-        Array.from({ length: 5 }, async () => {
-          const p = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script]);
-          let out = '';
-          p.stdout.on('data', (c: Buffer) => {
-            out += c.toString();
-          });
-          await once(p, 'exit');
-          return out.trim();
-        }),
-      );
+      const outputs = await Promise.all(Array.from({ length: 5 }, () => lockInChild(dir, 3000).said));
       expect(
         outputs.filter((o) => o === 'HELD'),
         `left over: ${leftOver}`,
