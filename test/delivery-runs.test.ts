@@ -46,6 +46,15 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
+/** A data dir and a webhook receiver for one test, both removed after it. */
+async function dirAndReceiver(): Promise<{ dir: string; receiver: Receiver }> {
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const receiver = await Receiver.start();
+  cleanups.push(() => receiver.close());
+  return { dir, receiver };
+}
+
 async function start(dataDir: string, sender: NotingSender): Promise<TestBroker> {
   const t = await inProcessBroker(
     { BROKER_DATA_DIR: dataDir, BROKER_RETRY_DELAYS: '50ms,50ms,50ms,50ms,50ms,50ms,50ms,50ms' },
@@ -84,10 +93,7 @@ async function backlog(t: TestBroker, receiver: Receiver, path: string, events: 
  * after 60 ms, so a run goes on for up to 1 s), three notifications in.
  */
 async function runUnderWay(path: string) {
-  const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-  const receiver = await Receiver.start();
-  cleanups.push(() => receiver.close());
+  const { dir, receiver } = await dirAndReceiver();
   const t = await start(dir, new NotingSender());
   const { sub, recover } = await backlog(t, receiver, path, 30);
   const answer = receiver.respond;
@@ -99,26 +105,18 @@ async function runUnderWay(path: string) {
 
 describe('delivery runs', () => {
   it('drains a backlog in runs: each notification delivered once, in order, a failure retried in place', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
+    const { dir, receiver } = await dirAndReceiver();
     const sender = new NotingSender();
     const t = await start(dir, sender);
     // After the outage, the notification numbered 20 fails once more, in the middle of a run.
-    let failedTwenty = false;
-    receiver.respond = (req) => {
-      if (!failedTwenty && req.body.includes('"valueString":"20"},{"name":"timestamp"')) {
-        failedTwenty = true;
-        return { status: 503 };
-      }
-      return { status: 204 };
-    };
+    const twenty = receiver.answerOnce((req) => req.body.includes('"valueString":"20"},{"name":"timestamp"'), {
+      status: 503,
+    });
     const { sub, recover } = await backlog(t, receiver, '/runs', 40);
     const runsBefore = sender.runs.length;
     recover();
     await receiver.waitFor(() => delivered(receiver, '/runs').length >= 40, 'forty notifications', 10_000);
-    expect(failedTwenty).toBe(true);
+    expect(twenty.given).toBe(true);
     expect(delivered(receiver, '/runs')).toEqual(range(40));
     // The backlog went out in runs of more than one bundle, none longer than 16.
     const runs = sender.runs.slice(runsBefore);
@@ -133,10 +131,7 @@ describe('delivery runs', () => {
   });
 
   it('retries a failed bundle exactly as it was, under the same webhook-id, however many events came since', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
+    const { dir, receiver } = await dirAndReceiver();
     const t = await start(dir, new NotingSender());
     const sub = await t.create(
       topicSubscription('patient-change', `${receiver.url}/grouped`, {
@@ -172,10 +167,7 @@ describe('delivery runs', () => {
   });
 
   it('ends a run after the request on the wire when shutting down; a restart sends the rest, nothing twice', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
+    const { dir, receiver } = await dirAndReceiver();
     receiver.respond = () => ({ status: 204, delayMs: 20 });
     const first = await start(dir, new NotingSender());
     const { recover } = await backlog(first, receiver, '/stop', 30);
@@ -253,10 +245,7 @@ describe('delivery runs', () => {
   });
 
   it('sends nothing of a run that was waiting for a connection slot when the client moved the endpoint', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
+    const { dir, receiver } = await dirAndReceiver();
     // One connection per origin: two requests in hand (one on the wire, one behind it), the rest wait for a slot.
     const t = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_MAX_IN_FLIGHT_PER_ORIGIN: '1' });
     cleanups.push(() => t.broker.close(0));
@@ -293,10 +282,7 @@ describe('delivery runs', () => {
   });
 
   it('puts a notification whose last attempt fails during a re-activation back with the re-queued ones', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-runs-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const receiver = await Receiver.start();
-    cleanups.push(() => receiver.close());
+    const { dir, receiver } = await dirAndReceiver();
     // Two attempts in all (one retry).
     const t = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_RETRY_DELAYS: '30ms' });
     cleanups.push(() => t.broker.close(0));

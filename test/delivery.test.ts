@@ -151,12 +151,7 @@ describe('retries', () => {
     const { t, receiver } = await setup();
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/later`));
     await t.logger.waitForStatus(sub.id as string, 'active');
-    let first = true;
-    receiver.respond = () => {
-      if (!first) return { status: 204 };
-      first = false;
-      return { status: 429, headers: { 'retry-after': '1' } };
-    };
+    receiver.answerOnce(() => true, { status: 429, headers: { 'retry-after': '1' } });
     await t.post(patientEvents('ra', 1));
     await receiver.waitFor(() => receiver.requests.length >= 2, 'the retry');
     const [refused] = receiver.failures;
@@ -365,14 +360,7 @@ describe('clock steps', () => {
       () => receiver.close(),
       () => t.broker.close(0),
     );
-    let refused = false;
-    receiver.respond = (req) => {
-      if (!refused && req.body.includes('"event-notification"')) {
-        refused = true;
-        return { status: 503 };
-      }
-      return { status: 204 };
-    };
+    receiver.answerOnce((req) => req.body.includes('"event-notification"'), { status: 503 });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/stepped`));
     await t.logger.waitForStatus(sub.id as string, 'active');
     await t.post(patientEvents('stepped', 1));

@@ -237,12 +237,7 @@ describe('answers from an endpoint the client has moved away from', () => {
     const id = sub.id as string;
     await t.logger.waitForStatus(id, 'active');
     // The first attempt gets a 410 (after 300 ms); any later one a 204.
-    let first = true;
-    receiver.respond = (req) => {
-      if (!req.body.includes('"event-notification"') || !first) return { status: 204 };
-      first = false;
-      return { status: 410, delayMs: 300 };
-    };
+    receiver.answerOnce((req) => req.body.includes('"event-notification"'), { status: 410, delayMs: 300 });
     await t.post(patientEvents('race', 1));
     await receiver.waitFor(() => arrivedAt(receiver, '/race', '"event-notification"'), 'the notification on the wire');
     // The client's PUT is written to the store but not yet to the broker's cache when the 410 comes.

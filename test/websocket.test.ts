@@ -93,6 +93,16 @@ describe.each([
       (b) =>
         statusOf(b).params.get('type')?.valueCode === 'event-notification' && subscriptionRef(b).endsWith(`/${sub}`),
     );
+  /** An event for `patientId` reaches socket `c` on subscription `sub`, and `c` is still open. */
+  const stillServed = async (c: WsClient, sub: string, patientId: string) => {
+    await patientChange(patientId);
+    await c.waitFor(() => notificationsOf(c, sub).length === 1, 'the socket still served');
+    expect(c.closed).toBeUndefined();
+  };
+  const turnOff = async (id: string) => {
+    const body = (await alice.call('GET', `/fhir/Subscription/${id}`)).body;
+    expect((await alice.call('PUT', `/fhir/Subscription/${id}`, { ...body, status: 'off' })).status).toBe(200);
+  };
   const handshakesOf = (c: WsClient) =>
     c.bundles
       .filter((b) => statusOf(b).params.get('type')?.valueCode === 'handshake')
@@ -227,8 +237,7 @@ describe.each([
       expect((await other.waitForClose()).code).toBe(4003);
     }
     // Turned off: the bound socket is let go, and a new R4 bind is refused like a token bind.
-    const body = (await alice.call('GET', `/fhir/Subscription/${id}`)).body;
-    expect((await alice.call('PUT', `/fhir/Subscription/${id}`, { ...body, status: 'off' })).status).toBe(200);
+    await turnOff(id);
     await owner.waitFor(() => owner.messages.includes(`unbound ${id}`), 'unbound');
     const late = await connect({ authorization: `Bearer ${API_KEYS.alice}` });
     late.send(`bind ${id}`);
@@ -255,8 +264,7 @@ describe.each([
     await both.waitFor(() => handshakesOf(both).length === 2, 'two handshakes');
 
     expect((await alice.call('DELETE', `/fhir/Subscription/${deleted}`)).status).toBe(204);
-    const offBody = (await alice.call('GET', `/fhir/Subscription/${off}`)).body;
-    expect((await alice.call('PUT', `/fhir/Subscription/${off}`, { ...offBody, status: 'off' })).status).toBe(200);
+    await turnOff(off);
     const movedBody = (await alice.call('GET', `/fhir/Subscription/${moved}`)).body;
     const restHook = {
       ...movedBody,
@@ -271,9 +279,7 @@ describe.each([
       expect(unbound).toMatchObject({ type: 'unbound', payload: { subscription: subs[i] } });
     }
     await both.waitFor(() => both.messages.some((m) => m.includes('"unbound"')), 'the unbound message');
-    await patientChange('gone-stays');
-    await both.waitFor(() => notificationsOf(both, stays).length === 1, 'the remaining subscription live');
-    expect(both.closed).toBeUndefined();
+    await stillServed(both, stays, 'gone-stays');
   });
 
   it('does not skip live events for a client claiming more than the subscription has numbered', async () => {
@@ -355,9 +361,7 @@ describe.each([
     expect(await badJson.waitForClose()).toEqual({ code: 1008, reason: 'malformed JSON' });
     expect((await flood.waitForClose()).code).toBe(4002);
 
-    await patientChange('survivor');
-    await healthy.waitFor(() => notificationsOf(healthy, id).length === 1, 'healthy socket still served');
-    expect(healthy.closed).toBeUndefined();
+    await stillServed(healthy, id, 'survivor');
   });
 
   it('disconnects a slow consumer instead of buffering without bound', async () => {

@@ -75,6 +75,21 @@ export class Receiver {
     return `http://127.0.0.1:${(this.#server.address() as AddressInfo).port}`;
   }
 
+  /**
+   * The first request `match` accepts gets `answer`; every other one what `respond` answered
+   * before. `given` says whether it went out yet.
+   */
+  answerOnce(match: (req: ReceivedRequest) => boolean, answer: ReturnType<Responder>): { readonly given: boolean } {
+    const before = this.respond;
+    const state = { given: false };
+    this.respond = (req) => {
+      if (state.given || !match(req)) return before(req);
+      state.given = true;
+      return answer;
+    };
+    return state;
+  }
+
   on(path: string): ReceivedRequest[] {
     return this.requests.filter((r) => r.path === path);
   }
