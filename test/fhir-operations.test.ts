@@ -1,7 +1,12 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { eventLike, eventNumbers, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
+import { withMethod } from './support/store-fixtures.js';
 
 /**
  * FHIR operations and searches as standard clients call them: every operation by GET or by POST
@@ -250,5 +255,55 @@ describe('FHIR operations and search', () => {
     expect((res.body.entry as Json[]).map((e) => (e.resource as Json).url)).toEqual([`${TOPIC}/patient-change`]);
     const none = await t.call('GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent(`${TOPIC}/nothing`)}`);
     expect(none.body.total).toBe(0);
+  });
+});
+
+describe('DELETE with If-Match', () => {
+  let t: TestBroker | undefined;
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-if-match-'));
+
+  afterAll(async () => {
+    await t?.broker.close(0);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('is a compare-and-delete: a PUT landing between the version check and the delete is a 412, and nothing is deleted', async () => {
+    const real = new SqliteStore(dir);
+    let interleave: (() => Promise<void>) | undefined;
+    const store = withMethod(real, 'deleteSubscription', async (...args) => {
+      const landing = interleave;
+      interleave = undefined;
+      await landing?.();
+      return real.deleteSubscription(...args);
+    });
+    t = await inProcessBroker({}, { store });
+    const broker = t;
+    const sub = await broker.create(
+      topicSubscription('patient-change', 'http://127.0.0.1:9/raced', { extra: { status: 'off' } }),
+    );
+    await broker.post(eventLike('healthlake-update-patient', 'raced-event-1'));
+    const v1 = String((sub.meta as Json).versionId);
+    interleave = async () => {
+      const put = await broker.call('PUT', `/fhir/Subscription/${sub.id}`, { ...sub, reason: 'changed meanwhile' });
+      expect(put.status).toBe(200);
+    };
+    const res = await broker.broker.app.request(`/fhir/Subscription/${sub.id}`, {
+      method: 'DELETE',
+      headers: { authorization: `Bearer ${TOKENS.alice}`, 'if-match': `W/"${v1}"` },
+    });
+    expect(interleave).toBeUndefined();
+    expect(res.status).toBe(412);
+    expect(JSON.stringify(await res.json())).toContain('PRECONDITION_FAILED');
+    const now = await broker.call('GET', `/fhir/Subscription/${sub.id}`);
+    expect(now.body.reason).toBe('changed meanwhile');
+    const v2 = String((now.body.meta as Json).versionId);
+    expect(v2).not.toBe(v1);
+    // Deleted once the client names the version it has now read.
+    const again = await broker.broker.app.request(`/fhir/Subscription/${sub.id}`, {
+      method: 'DELETE',
+      headers: { authorization: `Bearer ${TOKENS.alice}`, 'if-match': `W/"${v2}"` },
+    });
+    expect(again.status).toBe(204);
+    expect((await broker.call('GET', `/fhir/Subscription/${sub.id}`)).status).toBe(404);
   });
 });

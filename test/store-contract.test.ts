@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DeleteTableCommand } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import type { SubscriptionRecord } from '../src/core/types.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables, tableDefinitions } from '../src/store/dynamodb/tables.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
@@ -280,6 +281,22 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(await store.notificationsInRange('s1', 0, 100, 100)).toEqual([]);
       expect(await store.subscriptionsWithPending()).toEqual(['s2']);
       expect((await store.pendingNotifications('s2', 0, 100)).map((n) => n.eventNumber)).toEqual([1]);
+    });
+
+    it('deletes only the version named (compare-and-delete): a changed subscription keeps everything', async () => {
+      await store.insertSubscription(record('s1'));
+      await store.acceptChanges([item('e1', ['s1'])], RECEIVED);
+      const read = (await store.getSubscription('s1')) as SubscriptionRecord;
+      const changed = await store.updateStatus('s1', { status: 'active' }, '2030-01-01T00:00:09.000Z');
+      expect(changed?.updatedAt).not.toBe(read.updatedAt);
+      expect(await store.deleteSubscription('s1', read.updatedAt)).toBe(false);
+      expect(await store.getSubscription('s1')).toEqual(changed);
+      expect((await store.pendingNotifications('s1', 0, 100)).map((n) => n.eventNumber)).toEqual([1]);
+      expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+      expect(await store.deleteSubscription('s1', changed?.updatedAt)).toBe(true);
+      expect(await store.getSubscription('s1')).toBeUndefined();
+      expect(await store.pendingNotifications('s1', 0, 100)).toEqual([]);
+      expect(await store.deleteSubscription('s1', changed?.updatedAt)).toBe(false);
     });
 
     it('answers false when deleting an unknown subscription', async () => {

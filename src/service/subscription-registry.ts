@@ -323,13 +323,22 @@ export class SubscriptionRegistry {
   }
 
   /**
-   * `ifMatch` is checked against the version read here: a change landing between that read and the
-   * delete is deleted with it (unlike `update`, which compares and sets).
+   * With `ifMatch`, compare-and-delete: the store deletes only while the subscription is still the
+   * version read here, so a change landing in between (a PUT, the broker's handshake) is a 412,
+   * not deleted with it.
    */
   async delete(owner: string, id: string, ifMatch?: string): Promise<void> {
     const before = await this.read(owner, id);
     checkVersion(before, ifMatch);
-    await this.#store.deleteSubscription(id);
+    const deleted = await this.#store.deleteSubscription(id, ifMatch === undefined ? undefined : before.updatedAt);
+    if (!deleted) {
+      // Changed meanwhile: a 412 naming its version now. Gone meanwhile (another DELETE): deleted.
+      const now = await this.#store.getSubscription(id);
+      if (now !== undefined) {
+        checkVersion(now, ifMatch);
+        throw new BrokerError('CONFLICT', `Subscription/${id} changed while it was being deleted; try again`);
+      }
+    }
     this.#forget(id);
     this.#listener?.onRemoved(id, before);
     this.#logger.info('subscription deleted', { subscription: id, owner });

@@ -66,8 +66,12 @@ export interface Store {
     expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
   ): Promise<SubscriptionRecord | undefined>;
   updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined>;
-  /** Deletes the subscription and its notifications. */
-  deleteSubscription(id: string): Promise<boolean>;
+  /**
+   * Deletes the subscription and its notifications; false when there was none. With
+   * `expectedUpdatedAt`, only while the stored `updatedAt` is still that one (compare-and-delete:
+   * false, and nothing deleted, when it changed meanwhile).
+   */
+  deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean>;
   /**
    * Optional: the subscriptions that collect notifications (requested, active, error) and whose
    * match could include `resourceType` (it is among their types, or they take every type `*`),

@@ -223,12 +223,16 @@ export class DynamoDbStore implements Store {
     return written?.next;
   }
 
-  async deleteSubscription(id: string): Promise<boolean> {
+  async deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean> {
     // Notifications first, then the subscription, then once more for any that an acceptance
     // committed in between (none can commit after: its transaction checks the subscription exists).
-    await this.#deleteNotificationsOf(id);
-    const deleted = await this.#writeSubscription(id, () => ({ next: undefined }));
-    await this.#deleteNotificationsOf(id);
+    // A compare-and-delete must not touch the notifications before its condition held: the
+    // subscription goes first (the write is conditioned on the item as read), then its notifications.
+    if (expectedUpdatedAt === undefined) await this.#deleteNotificationsOf(id);
+    const deleted = await this.#writeSubscription(id, (current) =>
+      expectedUpdatedAt === undefined || current.updatedAt === expectedUpdatedAt ? { next: undefined } : undefined,
+    );
+    if (deleted !== undefined || expectedUpdatedAt === undefined) await this.#deleteNotificationsOf(id);
     return deleted !== undefined;
   }
 

@@ -183,9 +183,13 @@ const SQL = {
   setStatus: `UPDATE subscriptions SET status = ?, error = ?, updated_at = ?
     WHERE id = ? AND (? IS NULL OR status IN (SELECT value FROM json_each(?))) AND (? IS NULL OR updated_at = ?)
     ${RETURNING_ROW}`,
-  deleteNotes: 'DELETE FROM notifications WHERE subscription_id = ?',
-  deleteCounter: 'DELETE FROM subscription_counters WHERE subscription_id = ?',
-  deleteSub: 'DELETE FROM subscriptions WHERE id = ?',
+  // With a version (updated_at) given, each statement deletes only while the subscription is still at it: in one
+  // transaction, so a subscription changed since the caller read it keeps everything.
+  deleteNotes: `DELETE FROM notifications WHERE subscription_id = @id
+    AND (@version IS NULL OR EXISTS (SELECT 1 FROM subscriptions WHERE id = @id AND updated_at = @version))`,
+  deleteCounter: `DELETE FROM subscription_counters WHERE subscription_id = @id
+    AND (@version IS NULL OR EXISTS (SELECT 1 FROM subscriptions WHERE id = @id AND updated_at = @version))`,
+  deleteSub: 'DELETE FROM subscriptions WHERE id = @id AND (@version IS NULL OR updated_at = @version)',
 } as const;
 
 /** A subscription row with its counter. */
@@ -352,11 +356,12 @@ export class SqliteStore implements Store {
     return row === undefined ? undefined : fromRow(row);
   }
 
-  async deleteSubscription(id: string): Promise<boolean> {
+  async deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean> {
+    const params = { id, version: expectedUpdatedAt ?? null };
     const [, , deleted] = await this.#writer.steps([
-      [SQL.deleteNotes, [id], 'run'],
-      [SQL.deleteCounter, [id], 'run'],
-      [SQL.deleteSub, [id], 'run'],
+      [SQL.deleteNotes, params, 'run'],
+      [SQL.deleteCounter, params, 'run'],
+      [SQL.deleteSub, params, 'run'],
     ]);
     return (deleted as number) > 0;
   }
