@@ -167,7 +167,11 @@ describe('DynamoDbStore', () => {
     const patient = { resourceTypes: ['Patient'], interactions: ['create', 'update', 'delete'] } as const;
     const indexItems = async () => {
       const out = await client.send(new ScanCommand({ TableName: names().subscriptionTypes, ConsistentRead: true }));
-      return (out.Items ?? []).map((i) => `${i.resourceType?.S}/${i.subscriptionId?.S}`).sort();
+      // The owners' subscription counts share the table (partition `#owner`): not index items.
+      return (out.Items ?? [])
+        .filter((i) => i.resourceType?.S !== '#owner')
+        .map((i) => `${i.resourceType?.S}/${i.subscriptionId?.S}`)
+        .sort();
     };
 
     it('returns the collecting subscriptions of a type and those on every type, with match and end', async () => {
@@ -288,5 +292,94 @@ describe('DynamoDbBindings', () => {
     expect(await bindings.bindingsFor('sub-0')).toEqual([
       { connectionId: 'conn-b', subscriptionId: 'sub-0', mode: 'r4' },
     ]);
+  });
+});
+
+describe('the per-owner quota', () => {
+  const countItems = async () => {
+    const out = await client.send(
+      new QueryCommand({
+        TableName: names().subscriptionTypes,
+        ConsistentRead: true,
+        KeyConditionExpression: 'resourceType = :o',
+        ExpressionAttributeValues: { ':o': { S: '#owner' } },
+      }),
+    );
+    // `#counted`: the marker that every owner of an older table was counted.
+    return Object.fromEntries(
+      (out.Items ?? [])
+        .filter((i) => i.subscriptionId?.S !== '#counted')
+        .map((i) => [i.subscriptionId?.S, Number(i.held?.N)]),
+    );
+  };
+
+  it('holds across instances: creates racing on two stores never pass it', async () => {
+    const other = new DynamoDbStore(client, prefix);
+    const ids = Array.from({ length: 12 }, (_, i) => `r${i}`);
+    const results = await Promise.all(
+      ids.map((id, i) => (i % 2 === 0 ? store : other).insertSubscription(record(id, { owner: 'racer' }), 4)),
+    );
+    expect(results.filter(Boolean)).toHaveLength(4);
+    expect(await store.listSubscriptions('racer')).toHaveLength(4);
+    expect((await countItems()).racer).toBe(4);
+    await other.close();
+  });
+
+  it('counts the subscriptions of tables written before the counts existed, exactly, once', async () => {
+    await store.insertSubscription(record('s2'));
+    await store.insertSubscription(record('b1', { owner: 'bob' }));
+    // As an older version left it: alice's s1 and s2, bob's b1, no count items and no marker.
+    const remove = (resourceType: string, subscriptionId: string) =>
+      client.send(
+        new DeleteItemCommand({
+          TableName: names().subscriptionTypes,
+          Key: { resourceType: { S: resourceType }, subscriptionId: { S: subscriptionId } },
+        }),
+      );
+    await remove('#owner', 'alice');
+    await remove('#owner', 'bob');
+    await remove('#owner', '#counted');
+    expect(await countItems()).toEqual({});
+    // The first create counts every owner, then goes by its own count.
+    expect(await store.insertSubscription(record('s3'), 3)).toBe(true);
+    expect(await countItems()).toEqual({ alice: 3, bob: 1 });
+    expect(await store.insertSubscription(record('s4'), 3)).toBe(false);
+    expect(await store.insertSubscription(record('b2', { owner: 'bob' }), 2)).toBe(true);
+    expect(await store.insertSubscription(record('b3', { owner: 'bob' }), 2)).toBe(false);
+    // Done once: later calls only read the marker; a new owner starts at 0; deletes give places back.
+    expect(await store.ensureOwnerCounts()).toBe(-1);
+    expect(await store.insertSubscription(record('c1', { owner: 'carol' }), 1)).toBe(true);
+    expect(await store.insertSubscription(record('c2', { owner: 'carol' }), 1)).toBe(false);
+    expect(await store.deleteSubscription('b1')).toBe(true);
+    expect(await countItems()).toEqual({ alice: 3, bob: 1, carol: 1 });
+  });
+
+  it('counts older tables right when the first writes race on two instances', async () => {
+    await store.insertSubscription(record('s2'));
+    await client.send(
+      new DeleteItemCommand({
+        TableName: names().subscriptionTypes,
+        Key: { resourceType: { S: '#owner' }, subscriptionId: { S: 'alice' } },
+      }),
+    );
+    await client.send(
+      new DeleteItemCommand({
+        TableName: names().subscriptionTypes,
+        Key: { resourceType: { S: '#owner' }, subscriptionId: { S: '#counted' } },
+      }),
+    );
+    const other = new DynamoDbStore(client, prefix);
+    const results = await Promise.all([
+      store.insertSubscription(record('x1'), 4),
+      other.insertSubscription(record('x2'), 4),
+      store.deleteSubscription('s1'),
+      other.insertSubscription(record('x3'), 4),
+      store.insertSubscription(record('x4'), 4),
+    ]);
+    const held = (await store.listSubscriptions('alice')).length;
+    expect(held).toBeLessThanOrEqual(4);
+    expect(results.filter((r) => r === true).length - 1).toBe(held - 1);
+    expect(await countItems()).toEqual({ alice: held });
+    await other.close();
   });
 });

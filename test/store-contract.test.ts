@@ -139,6 +139,31 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(await store.getSubscription('s1')).toEqual(record('s1'));
     });
 
+    it('inserts with a quota only below it, counted with the insert; a delete gives its place back', async () => {
+      expect(await store.insertSubscription(record('a1'), 2)).toBe(true);
+      expect(await store.insertSubscription(record('a2'), 2)).toBe(true);
+      expect(await store.insertSubscription(record('a3'), 2)).toBe(false);
+      expect(await store.getSubscription('a3')).toBeUndefined();
+      expect(await store.insertSubscription(record('b1', { owner: 'bob' }), 2)).toBe(true);
+      expect(await store.deleteSubscription('a1')).toBe(true);
+      expect(await store.insertSubscription(record('a3'), 2)).toBe(true);
+      expect(await store.insertSubscription(record('a4'), 2)).toBe(false);
+      // A delete refused by its version gives nothing back.
+      const a2 = (await store.getSubscription('a2')) as SubscriptionRecord;
+      expect(await store.deleteSubscription('a2', '2030-12-31T00:00:00.000Z')).toBe(false);
+      expect(await store.insertSubscription(record('a4'), 2)).toBe(false);
+      expect(await store.deleteSubscription('a2', a2.updatedAt)).toBe(true);
+      expect(await store.insertSubscription(record('a4'), 2)).toBe(true);
+      expect((await store.listSubscriptions('alice')).map((s) => s.id).sort()).toEqual(['a3', 'a4']);
+    });
+
+    it('never lets concurrent creates of one owner past the quota', async () => {
+      const ids = Array.from({ length: 8 }, (_, i) => `c${i}`);
+      const results = await Promise.all(ids.map((id) => store.insertSubscription(record(id, { owner: 'carol' }), 3)));
+      expect(results.filter(Boolean)).toHaveLength(3);
+      expect(await store.listSubscriptions('carol')).toHaveLength(3);
+    });
+
     it('lists all subscriptions or one owner’s, oldest first, ties by id', async () => {
       await store.insertSubscription(record('b', { createdAt: '2030-01-01T00:00:02.000Z' }));
       await store.insertSubscription(record('a', { createdAt: '2030-01-01T00:00:02.000Z' }));
@@ -146,9 +171,6 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect((await store.listSubscriptions()).map((s) => s.id)).toEqual(['c', 'a', 'b']);
       expect((await store.listSubscriptions('alice')).map((s) => s.id)).toEqual(['a', 'b']);
       expect((await store.listSubscriptions('bob')).map((s) => s.id)).toEqual(['c']);
-      expect(await store.countSubscriptions('alice')).toBe(2);
-      expect(await store.countSubscriptions('bob')).toBe(1);
-      expect(await store.countSubscriptions('carol')).toBe(0);
       expect(await store.listSubscriptions('carol')).toEqual([]);
     });
 

@@ -163,10 +163,9 @@ export class SubscriptionRegistry {
   }
 
   /**
-   * One create at a time per client in this process, so that the quota's count and the insert
-   * cannot interleave (concurrent creates went past the quota). Several instances sharing a
-   * DynamoDB store, whose by-owner count is an eventually consistent index read, can still
-   * overshoot it by the creates they race.
+   * One create at a time per client in this process: the store checks the quota atomically with
+   * each insert (on any number of instances), and creates of one client queued here do not race
+   * each other for its count (on DynamoDB a lost race is a retry).
    */
   async #oneAtATime<T>(owner: string, fn: () => Promise<T>): Promise<T> {
     const before = this.#creating.get(owner) ?? Promise.resolve();
@@ -183,14 +182,6 @@ export class SubscriptionRegistry {
   }
 
   async #insert(owner: string, spec: SubscriptionSpec): Promise<CreateResult> {
-    // Counted from the store: on AWS other instances create subscriptions too.
-    const held = await this.#store.countSubscriptions(owner);
-    if (held >= this.#maxPerClient) {
-      throw new BrokerError(
-        'QUOTA_EXCEEDED',
-        `Client ${owner} already has ${held} subscriptions (limit ${this.#maxPerClient})`,
-      );
-    }
     const now = new Date(this.#clock.now()).toISOString();
     const generatedSecret = spec.webhookSecret === undefined ? generateWebhookSecret() : undefined;
     const record: SubscriptionRecord = {
@@ -208,7 +199,13 @@ export class SubscriptionRegistry {
       updatedAt: now,
       resource: spec.resource,
     };
-    await this.#store.insertSubscription(record);
+    // The quota is counted by the store, atomically with the insert: on AWS other instances create too.
+    if (!(await this.#store.insertSubscription(record, this.#maxPerClient))) {
+      throw new BrokerError(
+        'QUOTA_EXCEEDED',
+        `Client ${owner} already has ${this.#maxPerClient} subscriptions, its limit (BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT)`,
+      );
+    }
     this.#remember(record);
     this.#logger.info('subscription created', {
       subscription: record.id,

@@ -51,11 +51,14 @@ export interface MatchCandidate {
 }
 
 export interface Store {
-  insertSubscription(rec: SubscriptionRecord): Promise<void>;
+  /**
+   * Stores a new subscription. With `quota`, only while its owner holds fewer than that many,
+   * counted atomically with the insert (concurrent creates, on any number of instances, cannot go
+   * past it): false, and nothing written, when it holds that many already.
+   */
+  insertSubscription(rec: SubscriptionRecord, quota?: number): Promise<boolean>;
   getSubscription(id: string): Promise<SubscriptionRecord | undefined>;
   listSubscriptions(owner?: string): Promise<SubscriptionRecord[]>;
-  /** How many subscriptions `owner` holds (the quota check), without reading them. */
-  countSubscriptions(owner: string): Promise<number>;
   /**
    * Replace everything the client controls; the event counter is the store's and is kept.
    * With `expected`, only when the stored status and updatedAt are still those (compare-and-set);

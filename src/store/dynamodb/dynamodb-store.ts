@@ -1,3 +1,4 @@
+import { setTimeout as delay } from 'node:timers/promises';
 import {
   DeleteItemCommand,
   type DynamoDBClient,
@@ -10,7 +11,7 @@ import {
 import type { MatchSpec, StoredNotification, SubscriptionRecord, SubscriptionStatus } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate, MatchCandidate, StatusUpdate, Store } from '../store.js';
 import { EventAcceptance } from './acceptance.js';
-import { Expression, type Item, N, readOptionalString, readString, S } from './attributes.js';
+import { Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
 import { SubscriptionExistsError, WriteConflictError } from './errors.js';
 import {
   ANY_TYPE,
@@ -77,7 +78,20 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
 const PING_KEY = '#ping';
 
 /** Marks the type index as built (see ensureTypeIndex); `#` keeps it apart from resource types. */
+/** Creates of one owner racing on several instances: each round lets one through, so more than a transaction's attempts. */
+const COUNT_ATTEMPTS = 20;
+
 const TYPE_INDEX_MARKER: Item = { resourceType: S('#index'), subscriptionId: S('#built') };
+
+/**
+ * Each owner's subscription count (attribute `held`) is an item of the type index table under
+ * the partition `#owner` (never a resource type, so never matched): creates and deletes move it
+ * in their transactions, which is what makes the quota exact across instances.
+ */
+const ownerCountKey = (owner: string): Item => ({ resourceType: S('#owner'), subscriptionId: S(owner) });
+
+/** Marks the owner counts as complete (see ensureOwnerCounts); `#` keeps it apart from client ids. */
+const OWNER_COUNTS_MARKER: Item = { resourceType: S('#owner'), subscriptionId: S('#counted') };
 
 /** A planned subscription write: the record after it and its update, or (no `next`) a delete. */
 type SubscriptionPlan =
@@ -112,7 +126,7 @@ export class DynamoDbStore implements Store {
     });
   }
 
-  async insertSubscription(rec: SubscriptionRecord): Promise<void> {
+  async insertSubscription(rec: SubscriptionRecord, quota?: number): Promise<boolean> {
     const put: TransactWriteItem = {
       Put: {
         TableName: this.#tables.subscriptions,
@@ -120,11 +134,96 @@ export class DynamoDbStore implements Store {
         ConditionExpression: 'attribute_not_exists(id)',
       },
     };
-    const failed = await this.#requests.transact(
-      [put, ...this.#typeWrites(rec.id, undefined, rec)],
-      `creating ${rec.id}`,
+    const what = `creating ${rec.id}`;
+    for (let attempt = 1; ; attempt++) {
+      const count = await this.#countWrite(rec.owner, 1, quota);
+      if (count === undefined) return false;
+      const failed = await this.#requests.transact([put, count, ...this.#typeWrites(rec.id, undefined, rec)], what);
+      if (failed === undefined) return true;
+      if (failed[0]?.Code === 'ConditionalCheckFailed') throw new SubscriptionExistsError(rec.id);
+      // The owner's count moved meanwhile (another create or delete, on any instance): count again,
+      // after a short random pause (each such round lets at least one of the racing writes through).
+      if (attempt >= COUNT_ATTEMPTS) throw new WriteConflictError(what, attempt);
+      await delay(Math.random() * 5 * attempt);
+    }
+  }
+
+  /**
+   * The transaction item that moves `owner`'s subscription count by `delta`: an update of its
+   * count item, conditioned on the count being the one read (so with `quota`, a create can never
+   * take it past the quota, whatever other instances do meanwhile); undefined when the owner holds
+   * `quota` already. An owner without a count item holds none (once `ensureOwnerCounts` has
+   * counted the owners of older tables) and gets one, conditioned on there still being none.
+   */
+  async #countWrite(owner: string, delta: 1 | -1, quota?: number): Promise<TransactWriteItem | undefined> {
+    const key = ownerCountKey(owner);
+    const TableName = this.#tables.subscriptionTypes;
+    const read = () => this.#client.send(new GetItemCommand({ TableName, Key: key, ConsistentRead: true }));
+    let item = (await read()).Item;
+    if (item === undefined && (await this.ensureOwnerCounts()) >= 0) item = (await read()).Item;
+    const held = item === undefined ? 0 : readNumber(item, 'held');
+    if (delta > 0 && quota !== undefined && held >= quota) return undefined;
+    const e = new Expression();
+    if (item === undefined) {
+      return {
+        Put: {
+          TableName,
+          Item: { ...key, held: N(Math.max(delta, 0)) },
+          ConditionExpression: `attribute_not_exists(${e.name('held')})`,
+          ...e.bindings,
+        },
+      };
+    }
+    e.set('held', N(Math.max(held + delta, 0)));
+    return {
+      Update: {
+        TableName,
+        Key: key,
+        UpdateExpression: e.update,
+        ConditionExpression: `${e.name('held')} = ${e.value(N(held))}`,
+        ...e.bindings,
+      },
+    };
+  }
+
+  /**
+   * Gives every owner a count item unless a marker says it was done: for tables written before
+   * the counts were kept (the quota check counted a GSI then, which lags). Run by the first create
+   * or delete that finds its owner without one, so only what writes subscriptions writes counts.
+   * Safe alongside creates and deletes on other instances: no write changes a count before its
+   * item exists and count items are never removed, so an item written here (only if there is none
+   * yet) holds an exact count. Returns how many it wrote, and -1 when it was done already.
+   */
+  async ensureOwnerCounts(): Promise<number> {
+    const TableName = this.#tables.subscriptionTypes;
+    const marker = await this.#client.send(
+      new GetItemCommand({ TableName, Key: OWNER_COUNTS_MARKER, ConsistentRead: true }),
     );
-    if (failed !== undefined) throw new SubscriptionExistsError(rec.id);
+    if (marker.Item !== undefined) return -1;
+    const held = new Map<string, number>();
+    const items = await this.#requests.scanAll({
+      TableName: this.#tables.subscriptions,
+      ConsistentRead: true,
+      ProjectionExpression: '#owner',
+      ExpressionAttributeNames: { '#owner': 'owner' },
+    });
+    for (const item of items) {
+      const owner = readString(item, 'owner');
+      held.set(owner, (held.get(owner) ?? 0) + 1);
+    }
+    const written = await inBursts([...held], ([owner, n]) =>
+      conditionHeld(
+        this.#client.send(
+          new PutItemCommand({
+            TableName,
+            Item: { ...ownerCountKey(owner), held: N(n) },
+            ConditionExpression: 'attribute_not_exists(held)',
+          }),
+        ),
+      ),
+    );
+    await this.#client.send(new PutItemCommand({ TableName, Item: OWNER_COUNTS_MARKER }));
+    return written.filter(Boolean).length;
   }
 
   async getSubscription(id: string): Promise<SubscriptionRecord | undefined> {
@@ -141,18 +240,6 @@ export class DynamoDbStore implements Store {
         : await this.#requests.queryAll(this.#byOwner(owner));
     // Same order as SQLite's `ORDER BY created_at, id` (binary string comparison).
     return items.map(fromSubscriptionItem).sort((a, b) => compare(a.createdAt, b.createdAt) || compare(a.id, b.id));
-  }
-
-  async countSubscriptions(owner: string): Promise<number> {
-    let count = 0;
-    await this.#requests.eachPage(
-      { ...this.#byOwner(owner), Select: 'COUNT' },
-      () => Number.POSITIVE_INFINITY,
-      (out) => {
-        count += out.Count ?? 0;
-      },
-    );
-    return count;
   }
 
   #byOwner(owner: string): QueryCommandInput {
@@ -468,8 +555,14 @@ export class DynamoDbStore implements Store {
         planned.next === undefined
           ? { Delete: { ...key, ...e.bindings } }
           : { Update: { ...key, UpdateExpression: e.update, ...e.bindings } };
+      // A delete gives its owner's count back in the same transaction.
+      const count =
+        planned.next === undefined ? [(await this.#countWrite(current.owner, -1)) as TransactWriteItem] : [];
       const what = `writing subscription ${id}`;
-      const failed = await this.#requests.transact([write, ...this.#typeWrites(id, current, planned.next)], what);
+      const failed = await this.#requests.transact(
+        [write, ...count, ...this.#typeWrites(id, current, planned.next)],
+        what,
+      );
       if (failed === undefined) return { next: planned.next };
       // Changed since the read: plan again from what is there now.
       if (attempt >= MAX_TRANSACTION_ATTEMPTS) throw new WriteConflictError(what, attempt);

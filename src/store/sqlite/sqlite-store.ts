@@ -168,11 +168,14 @@ const RETURNING_ROW = `AND EXISTS (SELECT 1 FROM subscription_counters c WHERE c
 
 /** The writes, run on the writer thread (`SqliteWriter.steps`). */
 const SQL = {
+  // Only while the owner holds fewer than @quota (null: no limit), counted in the same transaction.
   insertSub: `INSERT INTO subscriptions (id, owner, kind, topic, status, error, match_json, channel_json,
     webhook_secret, previous_secret_json, end_at, created_at, updated_at, resource_json)
-    VALUES (@id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret,
-    @previous_secret_json, @end_at, @created_at, @updated_at, @resource_json)`,
-  insertCounter: 'INSERT INTO subscription_counters (subscription_id, events_since_start) VALUES (?, ?)',
+    SELECT @id, @owner, @kind, @topic, @status, @error, @match_json, @channel_json, @webhook_secret,
+    @previous_secret_json, @end_at, @created_at, @updated_at, @resource_json
+    WHERE @quota IS NULL OR (SELECT COUNT(*) FROM subscriptions WHERE owner = @owner) < @quota`,
+  insertCounter: `INSERT INTO subscription_counters (subscription_id, events_since_start)
+    SELECT ?, ? WHERE EXISTS (SELECT 1 FROM subscriptions WHERE id = ?)`,
   replaceSub: `UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
     match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
     previous_secret_json = @previous_secret_json, end_at = @end_at,
@@ -284,7 +287,6 @@ export class SqliteStore implements Store {
       listOwner: db.prepare<[string], SubscriptionRow>(
         `${SELECT_SUBSCRIPTION} WHERE s.owner = ? ORDER BY s.created_at, s.id`,
       ),
-      countOwner: db.prepare<[string], { n: number }>('SELECT COUNT(*) AS n FROM subscriptions WHERE owner = ?'),
       // Above the watermark (or `after`, when higher): a walk of what is not yet done, not of the
       // delivered history kept for `$events`.
       pending: db.prepare<{ id: string; after: number; limit: number }, NotificationRow>(
@@ -313,11 +315,12 @@ export class SqliteStore implements Store {
     };
   }
 
-  async insertSubscription(rec: SubscriptionRecord): Promise<void> {
-    await this.#writer.steps([
-      [SQL.insertSub, toRow(rec), 'run'],
-      [SQL.insertCounter, [rec.id, rec.eventsSinceStart], 'run'],
+  async insertSubscription(rec: SubscriptionRecord, quota?: number): Promise<boolean> {
+    const [inserted] = await this.#writer.steps([
+      [SQL.insertSub, { ...toRow(rec), quota: quota === undefined || quota === Infinity ? null : quota }, 'run'],
+      [SQL.insertCounter, [rec.id, rec.eventsSinceStart, rec.id], 'run'],
     ]);
+    return (inserted as number) > 0;
   }
 
   async getSubscription(id: string): Promise<SubscriptionRecord | undefined> {
@@ -328,10 +331,6 @@ export class SqliteStore implements Store {
   async listSubscriptions(owner?: string): Promise<SubscriptionRecord[]> {
     const rows = owner === undefined ? this.#stmt.listAll.all() : this.#stmt.listOwner.all(owner);
     return rows.map(fromRow);
-  }
-
-  async countSubscriptions(owner: string): Promise<number> {
-    return this.#stmt.countOwner.get(owner)?.n ?? 0;
   }
 
   async replaceSubscription(
