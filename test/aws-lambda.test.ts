@@ -9,6 +9,7 @@ import { EventBridgePublisher } from '../src/aws/eventbridge-publisher.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
 import { loadConfig } from '../src/config.js';
+import type { LifecycleEvent } from '../src/core/lifecycle.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
 import { EventBridgeDouble, ManagementApiDouble } from './support/aws-doubles.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, LOCAL_REGION, startDynamoDbLocal } from './support/dynamodb-local.js';
@@ -446,5 +447,85 @@ describe('Lambda handlers on DynamoDB Local', () => {
       .on('/heartbeat')
       .map((r) => statusOf(JSON.parse(r.body) as Json).params.get('type')?.valueCode);
     expect(types).toEqual(['handshake', 'heartbeat']);
+  });
+
+  it('puts a subscription in error once the SSRF guard refuses its heartbeat; no scheduled run after tries again', async () => {
+    // Tables of its own: the narrowed allow-list would refuse the other tests' receivers too.
+    const tablePrefix = `lambda-${randomUUID().slice(0, 8)}-`;
+    await ensureTables(local.client, tablePrefix);
+    const log = new RecordingLogger();
+    const allowed = await container({ config: { tablePrefix }, overrides: { logger: log } });
+    let id: string;
+    try {
+      const viaAllowed = createHandlers(Promise.resolve(allowed));
+      const created = await api(
+        'POST',
+        '/fhir/Subscription',
+        topicSubscription('patient-change', `${receiver.url}/hb-refused`, {
+          channel: {
+            extension: [
+              {
+                url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period',
+                valueUnsignedInt: 1,
+              },
+            ],
+          },
+        }),
+        viaAllowed,
+      );
+      id = created.body.id as string;
+      expect(await viaAllowed.dispatch(60_000)).toEqual({ heartbeats: 1 });
+    } finally {
+      await allowed.close(0);
+    }
+
+    // The operator took 127.0.0.1 off BROKER_ENDPOINT_ALLOWLIST: new containers refuse it (loopback).
+    const lifecycle: LifecycleEvent[] = [];
+    const narrowed = {
+      config: { tablePrefix, endpointAllowlist: [] },
+      overrides: {
+        logger: log,
+        lifecycle: { publish: (e: LifecycleEvent) => lifecycle.push(e), flush: async () => {} },
+      },
+    };
+    const first = await container(narrowed);
+    const second = await container(narrowed);
+    try {
+      const viaFirst = createHandlers(Promise.resolve(first));
+      const viaSecond = createHandlers(Promise.resolve(second));
+      // Scheduled runs on one container and on another one that read the subscription afterwards.
+      const runs: number[] = [];
+      for (const via of [viaFirst, viaFirst, viaSecond, viaFirst]) runs.push((await via.dispatch(60_000)).heartbeats);
+      expect(runs).toEqual([1, 0, 0, 0]);
+
+      const reason = 'heartbeat failed: endpoint refused: 127.0.0.1 is a loopback address';
+      const read = await api('GET', `/fhir/Subscription/${id}`, undefined, viaSecond);
+      expect(read.body).toMatchObject({ status: 'error', error: reason });
+      expect(lifecycle).toEqual([
+        expect.objectContaining({
+          type: 'Subscription Status Changed',
+          subscriptionId: id,
+          from: 'active',
+          to: 'error',
+          reason,
+        }),
+      ]);
+      const heartbeats = (b: AwsBroker) =>
+        ['ok', 'failed', 'refused'].map((outcome) => b.metrics.value('broker_heartbeats_total', { outcome }));
+      expect([heartbeats(first), heartbeats(second)]).toEqual([
+        [0, 0, 1],
+        [0, 0, 0],
+      ]);
+      expect(log.records.filter((r) => r.msg === 'heartbeat failed')).toEqual([
+        expect.objectContaining({ subscription: id, error: 'endpoint refused: 127.0.0.1 is a loopback address' }),
+      ]);
+      const types = receiver
+        .on('/hb-refused')
+        .map((r) => statusOf(JSON.parse(r.body) as Json).params.get('type')?.valueCode);
+      expect(types).toEqual(['handshake', 'heartbeat']);
+    } finally {
+      await first.close(0);
+      await second.close(0);
+    }
   });
 });

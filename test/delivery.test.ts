@@ -1,7 +1,11 @@
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Webhook } from 'standardwebhooks';
 import { afterEach, describe, expect, it } from 'vitest';
+import type { LifecycleEvent } from '../src/core/lifecycle.js';
 import {
   eventLike,
   eventNumbers,
@@ -24,6 +28,8 @@ const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinit
 const timeoutExt = (seconds: number) => ({
   extension: [{ url: `${BACKPORT}/backport-timeout`, valueUnsignedInt: seconds }],
 });
+
+const heartbeatEverySecond = { extension: [{ url: `${BACKPORT}/backport-heartbeat-period`, valueUnsignedInt: 1 }] };
 
 const cleanups: (() => Promise<void>)[] = [];
 afterEach(async () => {
@@ -307,7 +313,6 @@ describe('heartbeats', () => {
     expect(statusOf(hb).events).toEqual([]);
   });
 
-  const heartbeatEverySecond = { extension: [{ url: `${BACKPORT}/backport-heartbeat-period`, valueUnsignedInt: 1 }] };
   const typesOn = (receiver: Receiver, path: string) =>
     receiver.arrived
       .filter((r) => r.path === path)
@@ -345,6 +350,120 @@ describe('heartbeats', () => {
     expect(read.body).toMatchObject({ status: 'off', error: 'endpoint answered 410 Gone' });
     await new Promise((resolve) => setTimeout(resolve, 1_500));
     expect(typesOn(receiver, '/hb-gone')).toEqual(['handshake', 'heartbeat']);
+  });
+});
+
+describe('heartbeats to an endpoint the SSRF guard came to refuse', () => {
+  const REFUSED = 'endpoint refused: 127.0.0.1 is a loopback address';
+  const heartbeatCounts = (t: TestBroker) =>
+    Object.fromEntries(
+      ['ok', 'failed', 'refused'].map((outcome) => [
+        outcome,
+        t.broker.metrics.value('broker_heartbeats_total', { outcome }),
+      ]),
+    );
+  const heartbeatWarnings = (t: TestBroker) => t.logger.records.filter((r) => r.msg === 'heartbeat failed');
+
+  /**
+   * One data dir, restarted with the allow-list the operator has set now: the receiver is on
+   * 127.0.0.1, which the guard refuses (loopback) once the allow-list no longer names it.
+   */
+  async function restartable() {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-hb-refused-'));
+    const receiver = await Receiver.start();
+    let current: TestBroker | undefined;
+    cleanups.push(
+      async () => rmSync(dir, { recursive: true, force: true }),
+      () => receiver.close(),
+      async () => current?.broker.close(0),
+    );
+    const restart = async (allowlist: string, lifecycle: LifecycleEvent[] = []): Promise<TestBroker> => {
+      await current?.broker.close(0);
+      current = undefined;
+      current = await inProcessBroker(
+        { BROKER_DATA_DIR: dir, BROKER_ENDPOINT_ALLOWLIST: allowlist },
+        { lifecycle: { publish: (e) => lifecycle.push(e), flush: async () => {} } },
+      );
+      return current;
+    };
+    const body = topicSubscription('patient-change', `${receiver.url}/hb`, { channel: heartbeatEverySecond });
+    const first = await restart('127.0.0.1');
+    const id = (await first.create(body)).id as string;
+    await first.logger.waitForStatus(id, 'active');
+    await receiver.waitFor(() => receiver.arrived.some((r) => r.body.includes('"heartbeat"')), 'a heartbeat');
+    return { receiver, restart, id, body };
+  }
+
+  it('puts the subscription in error with the guard reason, and tries no heartbeat after, across restarts', async () => {
+    const { receiver, restart, id } = await restartable();
+    const lifecycle: LifecycleEvent[] = [];
+    const narrowed = await restart('', lifecycle);
+    const arrived = receiver.arrived.length;
+    const failed = await narrowed.logger.waitForStatus(id, 'error', 5_000);
+    expect(failed).toMatchObject({ from: 'active', reason: `heartbeat failed: ${REFUSED}` });
+    const read = await narrowed.call('GET', `/fhir/Subscription/${id}`);
+    expect(read.body).toMatchObject({ status: 'error', error: `heartbeat failed: ${REFUSED}` });
+    const status = await narrowed.call('GET', `/fhir/Subscription/${id}/$status`);
+    expect(statusOf(status.body).params.get('error')?.valueCodeableConcept).toEqual({ text: read.body.error });
+    expect(lifecycle).toEqual([
+      expect.objectContaining({
+        type: 'Subscription Status Changed',
+        subscriptionId: id,
+        from: 'active',
+        to: 'error',
+        reason: `heartbeat failed: ${REFUSED}`,
+      }),
+    ]);
+    // Three more heartbeat periods: nothing attempted, counted or logged after the refusal.
+    await new Promise((resolve) => setTimeout(resolve, 3_000));
+    expect(heartbeatCounts(narrowed)).toEqual({ ok: 0, failed: 0, refused: 1 });
+    expect(heartbeatWarnings(narrowed)).toEqual([expect.objectContaining({ subscription: id, error: REFUSED })]);
+    expect(receiver.arrived.length).toBe(arrived);
+
+    // Restarted again: the refusal was kept with the subscription, so its heartbeats stay stopped.
+    const again = await restart('');
+    await new Promise((resolve) => setTimeout(resolve, 2_000));
+    expect(heartbeatCounts(again)).toEqual({ ok: 0, failed: 0, refused: 0 });
+    expect(heartbeatWarnings(again)).toEqual([]);
+    expect((await again.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('error');
+  });
+
+  it('stops the heartbeats of a subscription already in error after its deliveries failed', async () => {
+    const { restart, id } = await restartable();
+    const narrowed = await restart('');
+    // Before the first heartbeat (a period after the start): the notification is refused and dead-lettered.
+    await narrowed.post(patientEvents('refused', 1));
+    const dead = await narrowed.logger.waitForStatus(id, 'error', 5_000);
+    expect(dead.reason).toBe(`delivery failed after 1 attempt(s): ${REFUSED}`);
+    // Heartbeats still go to a subscription in error after failed deliveries: the first one is refused.
+    const stopped = await narrowed.logger.waitForStatus(id, 'error', 5_000, narrowed.logger.records.indexOf(dead) + 1);
+    expect(stopped).toMatchObject({ from: 'error', reason: `heartbeat failed: ${REFUSED}` });
+    await new Promise((resolve) => setTimeout(resolve, 2_000));
+    expect(heartbeatCounts(narrowed)).toEqual({ ok: 0, failed: 0, refused: 1 });
+    expect(narrowed.broker.metrics.value('broker_notifications_total', { outcome: 'dead-lettered' })).toBe(1);
+  });
+
+  it('comes back by re-activation: its handshake fails while still refused, heartbeats resume once allowed', async () => {
+    const { receiver, restart, id, body } = await restartable();
+    const narrowed = await restart('');
+    await narrowed.logger.waitForStatus(id, 'error', 5_000);
+    const reactivate = async (t: TestBroker) => {
+      const since = t.logger.mark();
+      const put = await t.call('PUT', `/fhir/Subscription/${id}`, { ...body, id, status: 'requested' });
+      expect(put.status).toBe(200);
+      return since;
+    };
+    const since = await reactivate(narrowed);
+    const failed = await narrowed.logger.waitForStatus(id, 'error', 5_000, since);
+    expect(failed).toMatchObject({ from: 'requested', reason: `handshake failed: ${REFUSED}` });
+
+    const widened = await restart('127.0.0.1');
+    const heartbeats = () => receiver.arrived.filter((r) => r.body.includes('"heartbeat"'));
+    const before = heartbeats().length;
+    await widened.logger.waitForStatus(id, 'active', 5_000, await reactivate(widened));
+    await receiver.waitFor(() => heartbeats().length > before, 'a heartbeat after re-activation');
+    const resumed = JSON.parse(heartbeats()[before]?.body ?? '{}') as Json;
+    expect(statusOf(resumed).params.get('status')?.valueCode).toBe('active');
   });
 });
 

@@ -4,6 +4,7 @@ import {
   applyStatusEvent,
   clientStatusChange,
   HANDSHAKE_FAILED,
+  HEARTBEAT_FAILED,
   heartbeatsAllowed,
   type StatusEvent,
 } from './status.js';
@@ -16,6 +17,7 @@ describe('applyStatusEvent', () => {
   const handshakeFailed: StatusEvent = { kind: 'handshake-failed', reason: 'endpoint answered 404' };
   const exhausted: StatusEvent = { kind: 'delivery-exhausted', reason: '7 attempts failed' };
   const gone: StatusEvent = { kind: 'endpoint-gone', reason: 'endpoint answered 410' };
+  const refused: StatusEvent = { kind: 'heartbeat-refused', reason: 'endpoint refused: 10.0.0.1 is a private address' };
   const ended: StatusEvent = { kind: 'ended', reason: 'ended at 2026-01-01T00:00:00Z' };
 
   it.each<[string, StatusEvent, SubscriptionStatus, ReturnType<typeof applyStatusEvent>]>([
@@ -41,6 +43,20 @@ describe('applyStatusEvent', () => {
     ],
     ['exhausted delivery does nothing when already in error', exhausted, 'error', undefined],
     ['exhausted delivery does nothing when off', exhausted, 'off', undefined],
+    ['a refused heartbeat does nothing while requested', refused, 'requested', undefined],
+    [
+      'a refused heartbeat puts an active subscription in error',
+      refused,
+      'active',
+      { status: 'error', error: 'endpoint refused: 10.0.0.1 is a private address' },
+    ],
+    [
+      'a refused heartbeat replaces the reason of a subscription in error (heartbeats stop by it)',
+      refused,
+      'error',
+      { status: 'error', error: 'endpoint refused: 10.0.0.1 is a private address' },
+    ],
+    ['a refused heartbeat does nothing when off', refused, 'off', undefined],
     [
       'a gone endpoint switches a requested subscription off',
       gone,
@@ -74,7 +90,7 @@ describe('applyStatusEvent', () => {
   });
 
   it('never moves a subscription back to requested', () => {
-    const events: StatusEvent[] = [handshakeOk, handshakeFailed, exhausted, gone];
+    const events: StatusEvent[] = [handshakeOk, handshakeFailed, exhausted, refused, gone, ended];
     for (const current of STATUSES) {
       for (const event of events) expect(applyStatusEvent(current, event)?.status).not.toBe('requested');
     }
@@ -135,6 +151,11 @@ describe('heartbeatsAllowed', () => {
       true,
     ],
     ['one in error because its handshake failed', { status: 'error', error: `${HANDSHAKE_FAILED}HTTP 503` }, false],
+    [
+      'one in error because the SSRF guard refused a heartbeat',
+      { status: 'error', error: `${HEARTBEAT_FAILED}endpoint refused: 10.0.0.1 is a private address` },
+      false,
+    ],
     ['a requested one (not yet verified)', { status: 'requested' }, false],
     ['an off one', { status: 'off', error: 'endpoint answered 410 Gone' }, false],
   ])('%s', (_name, sub, allowed) => {

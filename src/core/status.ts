@@ -11,6 +11,8 @@ export type StatusEvent =
   | { readonly kind: 'handshake-failed'; readonly reason: string }
   | { readonly kind: 'delivery-exhausted'; readonly reason: string }
   | { readonly kind: 'endpoint-gone'; readonly reason: string }
+  /** The SSRF guard refused a heartbeat's endpoint (say, its name now resolves to a private address). */
+  | { readonly kind: 'heartbeat-refused'; readonly reason: string }
   /** `Subscription.end` has passed: "the time for the server to turn the subscription off" (R4). */
   | { readonly kind: 'ended'; readonly reason: string };
 
@@ -23,14 +25,23 @@ export interface StatusChange {
 export const HANDSHAKE_FAILED = 'handshake failed: ';
 
 /**
+ * How the error of a subscription whose heartbeat the SSRF guard refused begins (the guard's reason
+ * follows). Only a refusal is recorded: a heartbeat that merely failed changes no status.
+ */
+export const HEARTBEAT_FAILED = 'heartbeat failed: ';
+
+/**
  * Whether heartbeats go to the subscription's endpoint: while it is active, and in `error` after
  * its deliveries failed (a heartbeat then carries the error), but never to an endpoint whose
  * handshake failed: it never consented with a 2xx, and heartbeats there would make the broker a
- * source of unsolicited signed requests to any URL a client names.
+ * source of unsolicited signed requests to any URL a client names. Nor to one the SSRF guard
+ * refused a heartbeat: the refusal is kept in the subscription's error, so it holds across
+ * restarts and on every instance (on AWS each scheduled run decides afresh from the store).
  */
 export function heartbeatsAllowed(sub: { readonly status: SubscriptionStatus; readonly error?: string }): boolean {
   if (sub.status === 'active') return true;
-  return sub.status === 'error' && !(sub.error ?? '').startsWith(HANDSHAKE_FAILED);
+  const error = sub.error ?? '';
+  return sub.status === 'error' && !error.startsWith(HANDSHAKE_FAILED) && !error.startsWith(HEARTBEAT_FAILED);
 }
 
 /** Broker-driven transitions; returns undefined when the event does not apply in this status. */
@@ -42,6 +53,10 @@ export function applyStatusEvent(current: SubscriptionStatus, event: StatusEvent
       return current === 'requested' ? { status: 'error', error: event.reason } : undefined;
     case 'delivery-exhausted':
       return current === 'active' ? { status: 'error', error: event.reason } : undefined;
+    case 'heartbeat-refused':
+      // From `error` too: heartbeats still go to a subscription whose deliveries failed, and only the
+      // new reason stops them.
+      return current === 'active' || current === 'error' ? { status: 'error', error: event.reason } : undefined;
     case 'endpoint-gone':
     case 'ended':
       return current === 'off' ? undefined : { status: 'off', error: event.reason };

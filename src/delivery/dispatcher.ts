@@ -2,7 +2,7 @@ import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { memo } from '../core/memo.js';
 import { type NotificationType, notificationBundleJson } from '../core/notification.js';
 import { nextRetryDelay } from '../core/retry.js';
-import { HANDSHAKE_FAILED, heartbeatsAllowed } from '../core/status.js';
+import { HANDSHAKE_FAILED, HEARTBEAT_FAILED, heartbeatsAllowed } from '../core/status.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
@@ -751,7 +751,7 @@ export class Dispatcher {
       const result = await this.#sendIfCurrent(sub, 'heartbeat', `${id}-heartbeat-${now}`);
       if (result !== undefined) {
         if (result.ok) lane.lastSentAt = this.#clock.now();
-        // A forbidden endpoint stays forbidden: no more heartbeats until the subscription changes.
+        // Off (410) or refused by the SSRF guard: none until the subscription changes (which schedules again).
         if (!(await this.#heartbeatAnswered(sub, result))) return;
       }
     }
@@ -780,13 +780,26 @@ export class Dispatcher {
     this.#endTimers.set(id, timer);
   }
 
-  /** Counts and logs a heartbeat's outcome, a 410 turns the subscription off; false: send no more. */
+  /**
+   * Counts and logs a heartbeat's outcome; false: send no more. A 410 turns the subscription off.
+   * An endpoint the SSRF guard refused puts it in `error` with the guard's reason, provided it is
+   * still the subscription the heartbeat went out for (`sub`): a timer that merely stopped would be
+   * armed again by the next start, and on AWS every scheduled run is one, so the refusal must be
+   * kept in the store for `heartbeatsAllowed` to see. The client re-activates it as after any error.
+   */
   async #heartbeatAnswered(sub: SubscriptionRecord, result: SendResult): Promise<boolean> {
-    this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : 'failed' });
+    const refused = !result.ok && result.permanent === true;
+    this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : refused ? 'refused' : 'failed' });
     if (result.ok) return true;
     this.#logger.warn('heartbeat failed', { subscription: sub.id, error: result.error });
     if (await this.#offIfGone(sub, result)) return false;
-    return result.permanent !== true;
+    if (!refused) return true;
+    await this.#registry.transition(
+      sub.id,
+      { kind: 'heartbeat-refused', reason: `${HEARTBEAT_FAILED}${result.error}` },
+      sub,
+    );
+    return false;
   }
 
   /**
