@@ -6,7 +6,61 @@ import type { ISecret } from 'aws-cdk-lib/aws-secretsmanager';
 import { Construct } from 'constructs';
 import type { BrokerApis } from './apis.js';
 import { brokerFunction } from './broker-function.js';
+import { type DataAccess, FUNCTION_ACCESS, type FunctionName, type TableRole } from './function-access.js';
 import type { BrokerTables } from './tables.js';
+
+export interface FunctionEntry {
+  /** The entry module in src/aws/. */
+  readonly entry: string;
+  /** Its exported handler. */
+  readonly handler: string;
+  readonly description: string;
+  readonly timeout: Duration;
+}
+
+/** The six functions over the four entry modules; the construct id is the name, capitalized. */
+export const FUNCTION_ENTRIES: Readonly<Record<FunctionName, FunctionEntry>> = {
+  // 60 s: several webhook attempts of up to 10 s each after the event is stored.
+  events: {
+    entry: 'lambda-events.ts',
+    handler: 'handler',
+    description: 'HealthLake change events',
+    timeout: Duration.seconds(60),
+  },
+  // 29 s: API Gateway gives up on an integration after 30 s anyway.
+  api: {
+    entry: 'lambda-api.ts',
+    handler: 'handler',
+    description: 'REST API (/fhir, /events, ...)',
+    timeout: Duration.seconds(29),
+  },
+  // 55 s: finish before the next one-minute tick starts another run.
+  dispatcher: {
+    entry: 'lambda-dispatcher.ts',
+    handler: 'handler',
+    description: 'Retries, handshakes, heartbeats, purge',
+    timeout: Duration.seconds(55),
+  },
+  wsConnect: {
+    entry: 'lambda-ws.ts',
+    handler: 'connect',
+    description: 'WebSocket $connect',
+    timeout: Duration.seconds(10),
+  },
+  wsDisconnect: {
+    entry: 'lambda-ws.ts',
+    handler: 'disconnect',
+    description: 'WebSocket $disconnect',
+    timeout: Duration.seconds(10),
+  },
+  // 29 s: a bind replays missed notifications; API Gateway's integration limit is 29 s.
+  wsMessage: {
+    entry: 'lambda-ws.ts',
+    handler: 'message',
+    description: 'WebSocket messages',
+    timeout: Duration.seconds(29),
+  },
+};
 
 export interface BrokerFunctionsProps {
   readonly tablePrefix: string;
@@ -18,7 +72,8 @@ export interface BrokerFunctionsProps {
 
 /**
  * The six Lambda functions over the four entry modules in src/aws/. Every function gets the same
- * environment (one config loader serves them all); permissions follow what each one does.
+ * environment (one config loader serves them all); permissions follow what each one does
+ * (function-access.ts, proven against the handlers by test/aws-iam.test.ts).
  */
 export class BrokerFunctions extends Construct {
   /** EventBridge target for HealthLake events; also attempts delivery of what it accepted. */
@@ -48,43 +103,39 @@ export class BrokerFunctions extends Construct {
       BROKER_MAX_INGEST_BYTES: String(6 * 1000 * 1000),
       NODE_OPTIONS: '--enable-source-maps',
     };
-    const fn = (fnId: string, entry: string, handler: string, description: string, timeout: Duration) =>
-      brokerFunction(this, fnId, { entry: `src/aws/${entry}`, handler, description, environment, timeout });
+    const fn = (name: FunctionName) => {
+      const { entry, ...rest } = FUNCTION_ENTRIES[name];
+      const fnId = name.charAt(0).toUpperCase() + name.slice(1);
+      return brokerFunction(this, fnId, { ...rest, entry: `src/aws/${entry}`, environment });
+    };
+    this.events = fn('events');
+    this.api = fn('api');
+    this.dispatcher = fn('dispatcher');
+    this.wsConnect = fn('wsConnect');
+    this.wsDisconnect = fn('wsDisconnect');
+    this.wsMessage = fn('wsMessage');
 
-    // 60 s: several webhook attempts of up to 10 s each after the event is stored.
-    this.events = fn('Events', 'lambda-events.ts', 'handler', 'HealthLake change events', Duration.seconds(60));
-    // 29 s: API Gateway gives up on an integration after 30 s anyway.
-    this.api = fn('Api', 'lambda-api.ts', 'handler', 'REST API (/fhir, /events, ...)', Duration.seconds(29));
-    // 55 s: finish before the next one-minute tick starts another run.
-    this.dispatcher = fn(
-      'Dispatcher',
-      'lambda-dispatcher.ts',
-      'handler',
-      'Retries, handshakes, heartbeats, purge',
-      Duration.seconds(55),
-    );
-    this.wsConnect = fn('WsConnect', 'lambda-ws.ts', 'connect', 'WebSocket $connect', Duration.seconds(10));
-    this.wsDisconnect = fn('WsDisconnect', 'lambda-ws.ts', 'disconnect', 'WebSocket $disconnect', Duration.seconds(10));
-    // 29 s: a bind replays missed notifications; API Gateway's integration limit is 29 s.
-    this.wsMessage = fn('WsMessage', 'lambda-ws.ts', 'message', 'WebSocket messages', Duration.seconds(29));
-
-    const all = [this.events, this.api, this.dispatcher, this.wsConnect, this.wsDisconnect, this.wsMessage];
-    // Those that change subscription state or deliver, and so publish lifecycle events.
-    const publishers = [this.events, this.api, this.dispatcher, this.wsMessage];
-    // Those that push to WebSocket clients: a bind answers and replays; the others deliver (the API
-    // function too: `POST /events` there ingests and delivers, and a PUT back to `requested`
-    // handshakes; without the grant every push of its was refused and counted as sent).
-    const pushers = [this.events, this.api, this.dispatcher, this.wsMessage];
-
+    const byName: Readonly<Record<FunctionName, LambdaFunction>> = {
+      events: this.events,
+      api: this.api,
+      dispatcher: this.dispatcher,
+      wsConnect: this.wsConnect,
+      wsDisconnect: this.wsDisconnect,
+      wsMessage: this.wsMessage,
+    };
+    // Every function reads the credentials at start-up (aws-broker.ts), whatever it does next.
     const readCredentials = new PolicyStatement({
       actions: ['secretsmanager:GetSecretValue'],
       resources: [props.credentials.secretArn],
     });
-    for (const f of all) {
-      props.tables.grantReadWriteData(f);
+    for (const [name, f] of Object.entries(byName) as [FunctionName, LambdaFunction][]) {
+      const access = FUNCTION_ACCESS[name];
+      for (const [role, data] of Object.entries(access.tables) as [TableRole, DataAccess][]) {
+        props.tables.grant(f, role, data);
+      }
       f.addToRolePolicy(readCredentials);
+      if (access.putEvents) props.eventBus.grantPutEventsTo(f);
+      if (access.manageConnections) apis.webSocketStage.grantManagementApiAccess(f);
     }
-    for (const f of publishers) props.eventBus.grantPutEventsTo(f);
-    for (const f of pushers) apis.webSocketStage.grantManagementApiAccess(f);
   }
 }

@@ -4,6 +4,7 @@ import { type Attribute, AttributeType, BillingMode, Table, TableEncryption } fr
 import type { IGrantable } from 'aws-cdk-lib/aws-iam';
 import { Construct } from 'constructs';
 import { type TableNames, TTL_ATTRIBUTE, tableDefinitions, tableNames } from '../../src/store/dynamodb/tables.js';
+import type { DataAccess, TableRole } from './function-access.js';
 
 /**
  * The broker's DynamoDB tables, built from the store adapter's own definitions
@@ -59,9 +60,20 @@ export class BrokerTables extends Construct {
     };
   }
 
-  /** Item reads and writes (and their indexes) on every table: one Store spans them all. */
-  grantReadWriteData(grantee: IGrantable): void {
-    for (const table of Object.values(this.tables)) table.grantReadWriteData(grantee);
+  /** Item-level access to one table and its indexes (never `CreateTable` and the like: the stack owns the tables). */
+  grant(grantee: IGrantable, role: TableRole, access: DataAccess): void {
+    const table = this.tables[role];
+    switch (access) {
+      case 'read':
+        table.grantReadData(grantee);
+        return;
+      case 'write':
+        table.grantWriteData(grantee);
+        return;
+      case 'read-write':
+        table.grantReadWriteData(grantee);
+        return;
+    }
   }
 }
 

@@ -4,9 +4,10 @@ import { join } from 'node:path';
 import { App } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { TTL_ATTRIBUTE, tableDefinitions } from '../../src/store/dynamodb/tables.js';
+import { TTL_ATTRIBUTE, tableDefinitions, tableNames } from '../../src/store/dynamodb/tables.js';
 import { SKIP_BUNDLING_CONTEXT } from '../lib/broker-function.js';
 import { BrokerStack, type BrokerStackProps } from '../lib/broker-stack.js';
+import { FUNCTION_ACCESS, type FunctionName } from '../lib/function-access.js';
 
 type Json = unknown;
 type JsonObject = Record<string, Json>;
@@ -443,6 +444,77 @@ describe('BrokerStack', () => {
           ],
         }),
       ]);
+    });
+  });
+
+  describe('IAM per function', () => {
+    const idOf: Record<FunctionName, keyof typeof ids> = {
+      events: 'events',
+      api: 'api',
+      dispatcher: 'dispatcher',
+      wsConnect: 'connect',
+      wsDisconnect: 'disconnect',
+      wsMessage: 'message',
+    };
+    /** The statements of the policies attached to the function's role. */
+    const statementsOf = (functionId: string): JsonObject[] => {
+      const role = (template.toJSON().Resources[functionId].Properties.Role as { 'Fn::GetAtt': [string] })[
+        'Fn::GetAtt'
+      ][0];
+      return resources(template, 'AWS::IAM::Policy')
+        .filter(([, r]) => (r.Properties.Roles as { Ref: string }[]).some((ref) => ref.Ref === role))
+        .flatMap(([, r]) => (r.Properties.PolicyDocument as { Statement: JsonObject[] }).Statement);
+    };
+
+    // test/aws-iam.test.ts proves these grants against what the handlers do; this pins the synthesis.
+    it.each(Object.keys(FUNCTION_ACCESS) as FunctionName[])(
+      'grants the %s function item access to exactly the tables function-access.ts names',
+      (name) => {
+        const roleOfTable = new Map(
+          Object.entries(tableNames('fhir-broker-')).map(([role, tableName]) => [
+            only(template, 'AWS::DynamoDB::Table', { TableName: tableName }).id,
+            role,
+          ]),
+        );
+        const granted: Record<string, Set<string>> = {};
+        for (const s of statementsOf(ids[idOf[name]])) {
+          const actions = list(s.Action).map(String);
+          const kinds = [
+            ...(actions.some((a) => ['dynamodb:GetItem', 'dynamodb:Query', 'dynamodb:Scan'].includes(a))
+              ? ['read']
+              : []),
+            ...(actions.some((a) => ['dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:DeleteItem'].includes(a))
+              ? ['write']
+              : []),
+          ];
+          for (const resource of list(s.Resource)) {
+            const getAtt = JSON.stringify(resource).match(/"Fn::GetAtt":\["([^"]+)","Arn"\]/)?.[1] ?? '';
+            const role = roleOfTable.get(getAtt);
+            if (role === undefined) continue;
+            granted[role] ??= new Set();
+            for (const kind of kinds) granted[role].add(kind);
+          }
+        }
+        // ['read', 'write'] → 'read-write', as function-access.ts spells it.
+        const asNamed = Object.fromEntries(Object.entries(granted).map(([role, k]) => [role, [...k].sort().join('-')]));
+        expect(asNamed).toStrictEqual(FUNCTION_ACCESS[name].tables);
+      },
+    );
+
+    it('lets only the functions that change subscription state publish lifecycle events', () => {
+      const publishing = (Object.keys(idOf) as FunctionName[]).filter((name) =>
+        statementsOf(ids[idOf[name]]).some((s) => list(s.Action).includes('events:PutEvents')),
+      );
+      expect(publishing.sort()).toStrictEqual(['api', 'dispatcher', 'events']);
+    });
+
+    it('lets every function read the credentials secret, and nothing else of Secrets Manager', () => {
+      for (const name of Object.keys(idOf) as FunctionName[]) {
+        const actions = statementsOf(ids[idOf[name]])
+          .flatMap((s) => list(s.Action).map(String))
+          .filter((a) => a.startsWith('secretsmanager:'));
+        expect(actions, name).toStrictEqual(['secretsmanager:GetSecretValue']);
+      }
     });
   });
 
