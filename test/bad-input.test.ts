@@ -311,6 +311,7 @@ describe('bad input', () => {
     });
   });
   it('refuses a subscription beyond the per-client quota, for that client only', async () => {
+    const ids: string[] = [];
     for (const n of [1, 2]) {
       const res = await call(
         'POST',
@@ -319,6 +320,15 @@ describe('bad input', () => {
         topicSubscription('patient-change', `https://hooks.example.com/q${n}`),
       );
       expect(res.status).toBe(201);
+      ids.push(String(res.body.id));
+    }
+    // Their handshakes (nothing listens on 127.0.0.1:443) must be over before the snapshot: each
+    // moves its subscription to `error`, a change the refused create has nothing to do with.
+    const settled = async () => (await broker.store.listSubscriptions('alice')).filter((s) => ids.includes(s.id));
+    const deadline = Date.now() + 10_000;
+    while ((await settled()).some((s) => s.status === 'requested')) {
+      if (Date.now() > deadline) throw new Error('the handshakes did not end within 10 s');
+      await new Promise((resolve) => setTimeout(resolve, 10));
     }
     const before = await snapshot();
     const over = await call(

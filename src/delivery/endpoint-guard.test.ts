@@ -2,7 +2,7 @@ import type { LookupAddress } from 'node:dns';
 import { describe, expect, it } from 'vitest';
 import { BrokerError, type ErrorCode } from '../core/errors.js';
 import { Allowlist } from './address-policy.js';
-import { EndpointGuard, EndpointRefusedError, type Resolver } from './endpoint-guard.js';
+import { EndpointGuard, EndpointRefusedError, EndpointUnresolvedError, type Resolver } from './endpoint-guard.js';
 
 const PUBLIC_V4: LookupAddress = { address: '93.184.216.34', family: 4 };
 const PUBLIC_V6: LookupAddress = { address: '2606:2800:220:1:248:1893:25c8:1946', family: 6 };
@@ -238,9 +238,13 @@ describe('EndpointGuard.lookup', () => {
     expect(asked).toEqual([]);
   });
 
-  it('fails a name that does not resolve', async () => {
+  it('fails a name that does not resolve as unresolved, not refused (a DNS outage passes)', async () => {
     const answer = await lookup(guard().guard, 'nxdomain.example.com', {});
+    expect(answer.err).toBeInstanceOf(EndpointUnresolvedError);
+    expect(answer.err).not.toBeInstanceOf(EndpointRefusedError);
     expect(answer.err?.message).toBe('does not resolve (ENOTFOUND)');
+    const empty = await lookup(guard().guard, 'empty.example.com', { all: true });
+    expect(empty.err).toBeInstanceOf(EndpointUnresolvedError);
   });
 
   it('resolves an allow-listed host even when it answers with a private address', async () => {

@@ -17,10 +17,27 @@ export const systemResolver: Resolver = (host) =>
     dnsLookup(host, { all: true, verbatim: true }, (err, addresses) => (err ? reject(err) : resolve(addresses)));
   });
 
+/** The endpoint's address is forbidden by the address policy: retrying cannot help. */
 export class EndpointRefusedError extends Error {
   constructor(message: string) {
     super(message);
     this.name = 'EndpointRefusedError';
+  }
+}
+
+/**
+ * The endpoint's name did not resolve (NXDOMAIN, a DNS server down, an empty answer). A refusal at
+ * registration; at delivery a failure like a refused connection, retried on the schedule: a DNS
+ * outage of a few minutes must not dead-letter notifications or end heartbeats.
+ */
+export class EndpointUnresolvedError extends Error {
+  /** The resolver's error code (`ENOTFOUND`, `EAI_AGAIN`, ...), when it gave one. */
+  readonly code: string | undefined;
+
+  constructor(code: string | undefined) {
+    super(code === undefined ? 'does not resolve' : `does not resolve (${code})`);
+    this.name = 'EndpointUnresolvedError';
+    this.code = code;
   }
 }
 
@@ -64,7 +81,10 @@ export class EndpointGuard {
     return url;
   }
 
-  /** Resolve `host` and return the addresses a socket may use; throws EndpointRefusedError. */
+  /**
+   * Resolve `host` and return the addresses a socket may use; throws EndpointRefusedError (a
+   * forbidden address) or EndpointUnresolvedError (no answer).
+   */
   async vet(host: string): Promise<readonly LookupAddress[]> {
     const literal = isIP(host);
     if (literal !== 0) {
@@ -76,9 +96,9 @@ export class EndpointGuard {
     try {
       addresses = await this.#resolve(host);
     } catch (err) {
-      throw new EndpointRefusedError(`does not resolve (${(err as NodeJS.ErrnoException).code ?? 'DNS error'})`);
+      throw new EndpointUnresolvedError((err as NodeJS.ErrnoException).code ?? 'DNS error');
     }
-    if (addresses.length === 0) throw new EndpointRefusedError('does not resolve');
+    if (addresses.length === 0) throw new EndpointUnresolvedError(undefined);
     // Every answer must pass: a round-robin record with one private address is a rebinding tool.
     for (const a of addresses) this.#assertAllowed(a.address);
     return addresses;

@@ -75,6 +75,20 @@ describe('RestHookSender', () => {
     expect(reached).toBe(0);
   });
 
+  it('fails a name that does not resolve without calling it permanent, and sends once it resolves', async () => {
+    const endpoint = await receiver((res) => res.writeHead(204).end());
+    let down = true;
+    const guard = new EndpointGuard(new Allowlist(['127.0.0.1']), async () => {
+      if (down) throw Object.assign(new Error('getaddrinfo EAI_AGAIN hooks.example.com'), { code: 'EAI_AGAIN' });
+      return [{ address: '127.0.0.1', family: 4 }];
+    });
+    sender = new RestHookSender(guard, Date);
+    const named = endpoint.replace('127.0.0.1', 'hooks.example.com');
+    expect(await sender.send(request(named))).toEqual({ ok: false, error: 'endpoint does not resolve (EAI_AGAIN)' });
+    down = false;
+    expect(await sender.send(request(named))).toEqual({ ok: true, status: 204 });
+  });
+
   it('answers at once for an empty 200, and times out a body that never ends', async () => {
     const empty = await receiver((res) => res.writeHead(200, { 'content-length': '0' }).end());
     sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);

@@ -2,7 +2,7 @@ import { isIP } from 'node:net';
 import { Agent, errors as undiciErrors } from 'undici';
 import { memo } from '../core/memo.js';
 import type { Clock } from '../core/types.js';
-import { type EndpointGuard, EndpointRefusedError } from './endpoint-guard.js';
+import { type EndpointGuard, EndpointRefusedError, EndpointUnresolvedError } from './endpoint-guard.js';
 import { secretKey, signWithKeys } from './webhook-signature.js';
 
 /**
@@ -256,6 +256,11 @@ function describeFailure(err: unknown, timeoutMs: number): SendResult {
   if (err instanceof EndpointRefusedError || cause instanceof EndpointRefusedError) {
     const refused = err instanceof EndpointRefusedError ? err : (cause as EndpointRefusedError);
     return { ok: false, error: `endpoint refused: ${refused.message}`, permanent: true };
+  }
+  // Not permanent: DNS comes back, and the attempt is retried on the schedule.
+  if (err instanceof EndpointUnresolvedError || cause instanceof EndpointUnresolvedError) {
+    const unresolved = err instanceof EndpointUnresolvedError ? err : (cause as EndpointUnresolvedError);
+    return { ok: false, error: `endpoint ${unresolved.message}` };
   }
   if (
     err instanceof undiciErrors.HeadersTimeoutError ||
