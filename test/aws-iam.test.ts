@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
-import { DeleteItemCommand, GetItemCommand, PutItemCommand } from '@aws-sdk/client-dynamodb';
+import { DeleteItemCommand, GetItemCommand, PutItemCommand, QueryCommand } from '@aws-sdk/client-dynamodb';
 import { App } from 'aws-cdk-lib';
 import { Template } from 'aws-cdk-lib/assertions';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -11,7 +11,7 @@ import { FUNCTION_ENTRIES } from '../infra/lib/functions.js';
 import { parseSubscription } from '../src/core/subscription.js';
 import type { SubscriptionRecord } from '../src/core/types.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
-import { ensureTables, tableNames } from '../src/store/dynamodb/tables.js';
+import { ensureTables, type TableNames, tableNames } from '../src/store/dynamodb/tables.js';
 import { loadTopicCatalog } from '../src/store/topic-files.js';
 import { EventBridgeDouble, ManagementApiDouble } from './support/aws-doubles.js';
 import { grantedAccess, permissionsOf, type Targets, targetsOf, unaccountedGrants } from './support/aws-permissions.js';
@@ -106,6 +106,7 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     await ensureTables(local.client, prefix());
     await seed();
     receiver.respond = (req) => {
+      if (req.path === '/gone-at-handshake') return { status: 410 };
       if (bundleType(req.body) !== 'event-notification') return { status: 204 };
       const attempts = receiver.arrived.filter(
         (r) => r.path === req.path && bundleType(r.body) === 'event-notification',
@@ -136,8 +137,8 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
   }
 
   /**
-   * Two subscriptions whose handshakes are owed (the API function's container was frozen before
-   * it sent them), and a delivered notification and an event id from before the retention window.
+   * Three subscriptions whose handshakes are owed (the API function's container was frozen before
+   * it sent them), from tables whose type index was never built, and a delivered notification and an event id from before the retention window.
    */
   async function seed(): Promise<void> {
     const store = new DynamoDbStore(local.client, prefix());
@@ -146,6 +147,7 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     for (const [id, path] of [
       ['owed-retry', 'retry'],
       ['owed-dead', 'dead'],
+      ['owed-gone', 'gone-at-handshake'],
     ] as const) {
       const spec = parseSubscription(
         topicSubscription('patient-change', `${receiver.url}/${path}`, { filters: [`Patient?_id=p-${path}`] }),
@@ -166,6 +168,14 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
         resource: spec.resource,
       };
       await store.insertSubscription(record);
+      // Written before the type index existed: the subscription is in no index item (and no
+      // marker says the index was built) until a function that matches events builds it.
+      await local.client.send(
+        new DeleteItemCommand({
+          TableName: tableNames(prefix()).subscriptionTypes,
+          Key: { resourceType: { S: 'Patient' }, subscriptionId: { S: id } },
+        }),
+      );
     }
     const names = tableNames(prefix());
     await local.client.send(
@@ -197,8 +207,8 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
 
   /**
    * A new container for the function. It starts as the first one after an upgrade would: on
-   * tables whose type index is not built yet, so its start-up builds it (whichever function
-   * starts first does, and so needs the access).
+   * tables whose type index is not built yet (no marker). Its start-up must not need the index;
+   * its first match of events (the events function, the API's `POST /events`) builds it.
    */
   async function start(name: FunctionName): Promise<LambdaContainer> {
     await local.client.send(
@@ -289,6 +299,44 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
   const posted = (connectionId: string) => management.posted(connectionId);
   const notificationsTo = (path: string) =>
     receiver.on(path).filter((r) => bundleType(r.body) === 'event-notification').length;
+  /** Whether the marker says the type index is built. */
+  const indexBuilt = async () =>
+    (
+      await local.client.send(
+        new GetItemCommand({ TableName: tableNames(prefix()).subscriptionTypes, Key: TYPE_INDEX_MARKER }),
+      )
+    ).Item !== undefined;
+  /** The subscriptions the type index offers for a Patient change. */
+  const indexed = async () => {
+    const out = await local.client.send(
+      new QueryCommand({
+        TableName: tableNames(prefix()).subscriptionTypes,
+        KeyConditionExpression: 'resourceType = :t',
+        ExpressionAttributeValues: { ':t': { S: 'Patient' } },
+      }),
+    );
+    return (out.Items ?? []).map((item) => String(item.subscriptionId?.S));
+  };
+  const storedNotifications = async (subscriptionId: string) =>
+    (
+      await local.client.send(
+        new QueryCommand({
+          TableName: tableNames(prefix()).notifications,
+          KeyConditionExpression: 'subscriptionId = :s',
+          ExpressionAttributeValues: { ':s': { S: subscriptionId } },
+        }),
+      )
+    ).Items?.length ?? 0;
+  /** The tables the function's recorded DynamoDB requests named, whatever its role allows. */
+  const tablesReached = (name: FunctionName): (keyof TableNames)[] => {
+    const r = running.get(name);
+    if (r === undefined) throw new Error(`${name} never ran`);
+    const roles = r.recorder.calls
+      .filter((call) => call.service === 'dynamodb')
+      .flatMap((call) => permissionsOf(call, r.targets))
+      .map((p) => p.access.split(':')[0] as keyof TableNames);
+    return [...new Set(roles)].sort();
+  };
 
   it('runs every function through its start-up and its typical and edge operations', async () => {
     // The API function: health, subscriptions of every kind, reads, searches, operations.
@@ -346,17 +394,27 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     expect(management.live.has('conn-noise')).toBe(false);
     // The client goes away without a $disconnect.
     management.live.delete('conn-gone');
+    // The WebSocket functions started and served on tables whose type index was never built, and
+    // left it so: the subscriptions from before it are in no index item yet.
+    expect(await indexBuilt()).toBe(false);
+    expect(await indexed()).not.toContain('owed-retry');
 
     // The events function: ignored, delivered (webhook and sockets), 410, held for owed
     // handshakes, a duplicate, a retry of a half-finished acceptance, a malformed event.
     await start('events');
     expect(await events(fixture('healthlake-read-patient'))).toEqual({ accepted: 0, ignored: 1, duplicates: 0 });
+    // Nothing to match yet, so nothing built; the first match builds the type index.
+    expect(await indexBuilt()).toBe(false);
     expect(await events(eventLike('healthlake-update-patient', 'iam-hook-1', 'p-hook'))).toEqual({
       accepted: 1,
       ignored: 0,
       duplicates: 0,
     });
     expect(notificationsTo('/hook')).toBe(1);
+    expect(await indexBuilt()).toBe(true);
+    expect((await indexed()).sort()).toEqual(
+      [beating, gone, hook, 'owed-dead', 'owed-gone', 'owed-retry', socket].sort(),
+    );
     await events(eventLike('healthlake-update-patient', 'iam-ws-1', 'p-ws'));
     expect(posted('conn-1').map(bundleType)).toEqual(['handshake', 'event-notification']);
     expect(posted('conn-r4')).toEqual([`bound ${socket}`, `ping ${socket}`]);
@@ -368,6 +426,9 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
         eventLike('healthlake-update-patient', 'iam-dead-1', 'p-dead'),
       ]),
     ).toEqual({ accepted: 2, ignored: 0, duplicates: 0 });
+    // Matched through the index the events function built: queued, held for the owed handshakes.
+    expect(await storedNotifications('owed-retry')).toBe(1);
+    expect(await storedNotifications('owed-dead')).toBe(1);
     expect(receiver.on('/retry')).toEqual([]);
     expect(await events(eventLike('healthlake-update-patient', 'iam-hook-1', 'p-hook'))).toEqual({
       accepted: 0,
@@ -421,6 +482,9 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     expect(receiver.on('/heartbeat').map((r) => bundleType(r.body))).toEqual(['handshake', 'heartbeat', 'heartbeat']);
     expect((await api('GET', '/fhir/Subscription/owed-dead')).body.status).toBe('error');
     expect(eventBridge.entries.flat().map((e) => e.DetailType)).toContain('Notification Dead-Lettered');
+    // A handshake answered 410: off, and out of the type index in the same transaction.
+    expect((await api('GET', '/fhir/Subscription/owed-gone')).body.status).toBe('off');
+    expect(await indexed()).not.toContain('owed-gone');
 
     // Back to the API: $events, type-level $status, POST /events, re-activation (requeues the
     // dead letter), off, deleting a WebSocket subscription (unbinds and closes its socket), a
@@ -456,6 +520,12 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     await ws('conn-2', '$connect');
     await ws('conn-2', '$default', { body: 'unbind' });
     expect(await ws('conn-2', '$disconnect')).toEqual({ statusCode: 200 });
+
+    // Whatever the roles say: the WebSocket functions reached no table beyond their own paths
+    // (no type index build at start-up, which would read subscriptions and subscription-types).
+    expect(tablesReached('wsConnect')).toEqual(['connections']);
+    expect(tablesReached('wsDisconnect')).toEqual(['connections']);
+    expect(tablesReached('wsMessage')).toEqual(['connections', 'notifications', 'subscriptions']);
     ranToTheEnd = true;
   });
 

@@ -4,7 +4,7 @@ import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ApiGatewayWebSocketPort, MAX_MESSAGE_BYTES } from '../src/aws/apigw-websocket-port.js';
-import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
+import { type AwsBroker, createAwsBroker, MatchIndexedStore } from '../src/aws/aws-broker.js';
 import { EventBridgePublisher } from '../src/aws/eventbridge-publisher.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
@@ -527,5 +527,20 @@ describe('Lambda handlers on DynamoDB Local', () => {
       await first.close(0);
       await second.close(0);
     }
+  });
+
+  it('builds the type index before the first match only, and again after a build that failed', async () => {
+    const store = new MatchIndexedStore(local.client, config.tablePrefix);
+    const build = store.ensureTypeIndex.bind(store);
+    let builds = 0;
+    store.ensureTypeIndex = async () => {
+      builds++;
+      if (builds === 1) throw new Error('throttled');
+      return build();
+    };
+    await expect(store.candidatesFor('Patient')).rejects.toThrow('throttled');
+    await Promise.all([store.candidatesFor('Patient'), store.candidatesFor('Observation')]);
+    await store.candidatesFor('Patient');
+    expect(builds).toBe(2);
   });
 });

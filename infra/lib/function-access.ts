@@ -22,12 +22,13 @@ export interface FunctionAccess {
 }
 
 /**
- * Every cold start (createAwsBroker in src/aws/aws-broker.ts) runs `ensureTypeIndex`: a read of the
- * marker in `subscription-types`, and, on tables whose type index was never built (the first start
- * after an upgrade), a scan of `subscriptions` and writes to `subscription-types`. Whichever
- * function starts first builds it, so every function needs this, the WebSocket ones included.
+ * The type index (`subscription-types`) is made complete where it is read: before the first match
+ * of a container (`MatchIndexedStore` in src/aws/aws-broker.ts), on tables whose index was never
+ * built (the first match after an upgrade) a scan of `subscriptions` and writes of the index, a
+ * marker read after that. Only what matches events does that (the events function, the API's
+ * `POST /events`); no function builds it at start-up, so the WebSocket functions and the
+ * dispatcher reach neither table for it.
  */
-const START_UP: FunctionAccess['tables'] = { subscriptions: 'read', subscriptionTypes: 'read-write' };
 
 const EVERY_TABLE: FunctionAccess['tables'] = {
   subscriptions: 'read-write',
@@ -46,26 +47,22 @@ export const FUNCTION_ACCESS: Readonly<Record<FunctionName, FunctionAccess>> = {
   // deleting a WebSocket subscription unbinds and closes its sockets.
   api: { tables: EVERY_TABLE, putEvents: true, manageConnections: true },
   // Owed handshakes, pending and retried deliveries, heartbeats, and the purge of old notifications
-  // and event ids.
-  dispatcher: { tables: EVERY_TABLE, putEvents: true, manageConnections: true },
-  // `$connect` writes the connection item; it reads nothing else after start-up.
-  wsConnect: { tables: merge(START_UP, { connections: 'write' }), putEvents: false, manageConnections: false },
+  // and event ids. It matches no events, so it never reads the type index; a 410 turning a
+  // subscription off deletes the subscription's index items in the same transaction (a write).
+  dispatcher: {
+    tables: { ...EVERY_TABLE, subscriptionTypes: 'write' },
+    putEvents: true,
+    manageConnections: true,
+  },
+  // `$connect` (internet-facing) writes the connection item, and reads nothing.
+  wsConnect: { tables: { connections: 'write' }, putEvents: false, manageConnections: false },
   // `$disconnect` queries the connection's items and deletes them.
-  wsDisconnect: { tables: merge(START_UP, { connections: 'read-write' }), putEvents: false, manageConnections: false },
+  wsDisconnect: { tables: { connections: 'read-write' }, putEvents: false, manageConnections: false },
   // A bind reads the subscriptions (the registry) and the stored notifications it replays, and
   // writes the binding; it answers and replays over the management API. It changes no status.
   wsMessage: {
-    tables: merge(START_UP, { subscriptions: 'read', notifications: 'read', connections: 'read-write' }),
+    tables: { subscriptions: 'read', notifications: 'read', connections: 'read-write' },
     putEvents: false,
     manageConnections: true,
   },
 };
-
-function merge(a: FunctionAccess['tables'], b: FunctionAccess['tables']): FunctionAccess['tables'] {
-  const out: Partial<Record<TableRole, DataAccess>> = { ...a };
-  for (const [role, access] of Object.entries(b) as [TableRole, DataAccess][]) {
-    const before = out[role];
-    out[role] = before === undefined || before === access ? access : 'read-write';
-  }
-  return out;
-}

@@ -6,6 +6,7 @@ import { type Config, loadConfigWith } from '../config.js';
 import { createLogger } from '../observability/logger.js';
 import { DynamoDbBindings } from '../store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../store/dynamodb/dynamodb-store.js';
+import type { MatchCandidate } from '../store/store.js';
 import { ApiGatewayWebSocketPort } from './apigw-websocket-port.js';
 
 /**
@@ -43,6 +44,28 @@ export async function secretEnv(secretArn: string, client: SecretsManagerClient)
   return env;
 }
 
+/**
+ * The DynamoDB store whose type index is made complete (`ensureTypeIndex`: on tables from a version
+ * without it, a scan of `subscriptions` and writes to `subscription-types`; a marker read after
+ * that) before the first match that reads it, once per container, and not at start-up. So only a
+ * container that matches events (the events function, the API's `POST /events`) reads the
+ * subscriptions for it or writes the index; the WebSocket and dispatcher functions never call
+ * `candidatesFor`, and their roles need neither (infra/lib/function-access.ts).
+ */
+export class MatchIndexedStore extends DynamoDbStore {
+  #indexed: Promise<unknown> | undefined;
+
+  override async candidatesFor(resourceType: string): Promise<readonly MatchCandidate[]> {
+    // A failed build is tried again by the next match (the failed one is retried by its sender).
+    this.#indexed ??= this.ensureTypeIndex().catch((err: unknown) => {
+      this.#indexed = undefined;
+      throw err;
+    });
+    await this.#indexed;
+    return super.candidatesFor(resourceType);
+  }
+}
+
 /** Clients are injectable for tests (DynamoDB Local, a management API double); by default made here, once. */
 export async function createAwsBroker(
   options: {
@@ -76,9 +99,8 @@ export async function createAwsBroker(
     new ApiGatewayManagementApiClient({ region: config.awsRegion, endpoint: config.wsManagementEndpoint });
   const logger = options.overrides?.logger ?? createLogger(config.logLevel);
   const bindings = new DynamoDbBindings({ client: dynamodb, tablePrefix: config.tablePrefix });
-  const store = new DynamoDbStore(dynamodb, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
-  // Tables from a version without the type index: fill it once (a marker read on every later start).
-  await store.ensureTypeIndex();
+  // Tables from a version without the type index get it filled by the first match (see above).
+  const store = new MatchIndexedStore(dynamodb, config.tablePrefix, { eventTtlMs: config.eventRetentionMs });
   const broker = await createBroker(config, {
     store,
     bindings,
