@@ -14,7 +14,8 @@ import { type Broker, burst, Receiver, subscribe, withBroker } from './pipeline.
  *   npx tsx bench/ab.ts PAIRS CLIENTS VARIANT...
  *
  * VARIANT: `broker`; `env:K=V,K2=V2` (the broker with that environment); `batch` (the broker's
- * threads under SCHED_BATCH, `chrt -a -b`); `fwd` / `fwdbatch` (bench/forwarder.ts, likewise).
+ * threads under SCHED_BATCH, `chrt -a -b`); `maxcount:N` (subscribers with backport-max-count N);
+ * `fwd` / `fwdbatch` (bench/forwarder.ts, likewise).
  */
 
 interface Side {
@@ -60,7 +61,8 @@ async function start(i: number): Promise<void> {
   await withBroker(dir, options, async (broker, pool) => {
     const pid = broker.child.pid as number;
     if (variant.endsWith('batch')) execFileSync('chrt', ['-a', '-b', '-p', '0', String(pid)]);
-    if (!forwarder) await subscribe(pool, port);
+    const maxCount = variant.startsWith('maxcount:') ? Number(variant.slice(9)) : undefined;
+    if (!forwarder) await subscribe(pool, port, undefined, maxCount);
     sides.push({ name: variant, broker, pool, rows: [] });
     await burst(pool, receiver, pid, `warm-${i}-${Date.now()}`, 1, 3_000, Number(clients));
     broker.child.kill('SIGSTOP');

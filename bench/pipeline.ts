@@ -47,7 +47,8 @@ export function panelsOf(i: number): number[] {
   return [first, (first + 1 + (Math.floor(i / SUBSCRIPTIONS) % (SUBSCRIPTIONS - 1))) % SUBSCRIPTIONS];
 }
 
-export function subscriptionBody(n: number, endpoint: string, ids: readonly string[]): unknown {
+/** `maxCount`: the channel's `backport-max-count` (events one bundle may carry; the IG's default is 1). */
+export function subscriptionBody(n: number, endpoint: string, ids: readonly string[], maxCount?: number): unknown {
   return {
     resourceType: 'Subscription',
     meta: { profile: [`${BACKPORT}/backport-subscription`] },
@@ -62,6 +63,9 @@ export function subscriptionBody(n: number, endpoint: string, ids: readonly stri
       endpoint,
       payload: 'application/fhir+json',
       _payload: { extension: [{ url: `${BACKPORT}/backport-payload-content`, valueCode: 'id-only' }] },
+      ...(maxCount === undefined
+        ? {}
+        : { extension: [{ url: `${BACKPORT}/backport-max-count`, valuePositiveInt: maxCount }] }),
     },
   };
 }
@@ -405,6 +409,7 @@ export async function subscribe(
   pool: Pool,
   receiverPort: number,
   pathOf: (n: number) => string = (n) => `/hook/${n}`,
+  maxCount?: number,
 ): Promise<string[]> {
   const panels: string[][] = Array.from({ length: SUBSCRIPTIONS }, () => []);
   for (let i = 0; i < PATIENTS; i++) for (const s of panelsOf(i)) panels[s]?.push(patientId(i));
@@ -415,7 +420,7 @@ export async function subscribe(
       '/fhir/Subscription',
       'POST',
       API_TOKEN,
-      subscriptionBody(n, `http://127.0.0.1:${receiverPort}${pathOf(n)}`, panel),
+      subscriptionBody(n, `http://127.0.0.1:${receiverPort}${pathOf(n)}`, panel, maxCount),
     );
     if (res.status !== 201) throw new Error(`create subscription ${n}: HTTP ${res.status} ${JSON.stringify(res.body)}`);
     ids.push(String(res.body?.id));
