@@ -19,6 +19,7 @@ import {
   fixture,
   focusOf,
   type Json,
+  notifiedNumbers,
   statusOf,
   topicSubscription,
 } from './support/fhir-client.js';
@@ -191,6 +192,60 @@ describe('Lambda handlers on DynamoDB Local', () => {
       [`${HL}/Patient/a1b2c3d4-5678-90ab-cdef-EXAMPLE22222`],
       [`${HL}/Patient/a1b2c3d4-5678-90ab-cdef-EXAMPLE22222`],
     ]);
+  });
+
+  it('keeps event-number order across containers: one left pending for a retry goes before a later one', async () => {
+    // A retry 1.5 s on (±20%), sent by a scheduled run: container A is frozen (closed) after its
+    // invocation, as Lambda freezes it, so its own timer never fires.
+    const slow = { config: { retryDelaysMs: [1_500, 60_000] } };
+    const first = await container(slow);
+    const a = createHandlers(Promise.resolve(first));
+    const created = await api(
+      'POST',
+      '/fhir/Subscription',
+      topicSubscription('patient-change', `${receiver.url}/order`, { filters: ['Patient?_id=order-p'] }),
+      a,
+    );
+    const id = created.body.id as string;
+    await receiver.waitFor(() => receiver.on('/order').length === 1, 'the handshake');
+    receiver.answerOnce((r) => r.path === '/order' && r.body.includes('event-notification'), { status: 503 });
+    await a.events(eventLike('healthlake-update-patient', 'order-1', 'order-p'));
+    await first.close(0);
+    // Number 1 failed once and waits for its retry; number 2 comes to another container.
+    const b = createHandlers(container(slow));
+    await b.events(eventLike('healthlake-update-patient', 'order-2', 'order-p'));
+    const delivered = () => notifiedNumbers(receiver.on('/order'));
+    expect(delivered()).toEqual([]);
+    const pending = async () =>
+      (await broker.store.notificationsInRange(id, 1, 10, 10)).map((n) => `${n.eventNumber}:${n.state}`);
+    expect(await pending()).toEqual(['1:pending', '2:pending']);
+    // Once 1 is due, a scheduled run sends 1, then 2.
+    await new Promise((resolve) => setTimeout(resolve, 1_900));
+    await createHandlers(container()).dispatch();
+    expect(delivered()).toEqual([1, 2]);
+    expect(await pending()).toEqual(['1:delivered', '2:delivered']);
+  });
+
+  it('does not send again from another container a notification whose first attempt is on the wire', async () => {
+    const a = createHandlers(container());
+    const created = await api(
+      'POST',
+      '/fhir/Subscription',
+      topicSubscription('patient-change', `${receiver.url}/in-flight`, { filters: ['Patient?_id=in-flight-p'] }),
+      a,
+    );
+    expect(created.status).toBe(201);
+    await receiver.waitFor(() => receiver.on('/in-flight').length === 1, 'the handshake');
+    // Number 1 is answered only after 1.5 s: it is on the wire while number 2 comes to container B.
+    receiver.answerOnce((r) => r.path === '/in-flight' && r.body.includes('event-notification'), {
+      status: 204,
+      delayMs: 1_500,
+    });
+    const first = a.events(eventLike('healthlake-update-patient', 'in-flight-1', 'in-flight-p'));
+    await receiver.waitFor(() => receiver.arrived.filter((r) => r.path === '/in-flight').length === 2, '1 on the wire');
+    await createHandlers(container()).events(eventLike('healthlake-update-patient', 'in-flight-2', 'in-flight-p'));
+    await first;
+    expect(notifiedNumbers(receiver.on('/in-flight')).sort()).toEqual([1, 2]);
   });
 
   it('matches an event at once against a subscription another container created (no cache reload)', async () => {

@@ -65,6 +65,13 @@ class Lane {
    * instance sharing the store may have left a number below `done` pending.
    */
   rescan = false;
+  /**
+   * Like `rescan`, but only for what another instance left behind (a store shared by instances):
+   * pending notifications it attempted, or accepted longer ago than an attempt of it can still be
+   * on the wire. A fresh one no attempt has been recorded for is presumably on the wire there:
+   * sent again from here it would reach the endpoint twice at once.
+   */
+  peek = false;
   /** A store read for this lane is under way. */
   reloading = false;
   /** Something was enqueued while `reloading`: read the store again afterwards. */
@@ -114,6 +121,12 @@ const HANDOVER_PER_CONNECTION = 2;
  */
 const RUN_LENGTH = 16;
 const RUN_WITHIN_MS = 1000;
+/**
+ * How long after its acceptance a notification no attempt has been recorded for may still be on
+ * the wire at another instance sharing the store (`Lane.peek`): an AWS events invocation runs at
+ * most 60 s. One older than that was left behind (its instance died) and is sent from here.
+ */
+const ELSEWHERE_IN_FLIGHT_MS = 60_000;
 
 export class Dispatcher {
   readonly #store: Store;
@@ -232,6 +245,15 @@ export class Dispatcher {
     const touched = new Set<string>();
     for (const n of notifications) {
       const lane = this.#lane(n.subscriptionId);
+      // Idle here, but another instance sharing the store may have left a lower number pending (a
+      // retry not yet due, an attempt it never finished): the lane looks at the store's pending
+      // ones before it sends (`peek`), so the lower one goes first (or, not due yet, holds this one
+      // behind it). The read is the `pending` index, which on AWS may lag a just-committed row, but
+      // not one left pending by an earlier attempt; this one is queued from here either way.
+      if (this.#store.sharedByInstances === true && !lane.running && lane.queue.length === 0) {
+        lane.peek = true;
+        touched.add(n.subscriptionId);
+      }
       if (
         n.eventNumber <= lane.done ||
         (n.eventNumber <= lane.queuedThrough && lane.queue.some((q) => q.note.eventNumber === n.eventNumber))
@@ -369,7 +391,7 @@ export class Dispatcher {
       while (!this.#closed && this.#lanes.get(id) === lane) {
         const sub = this.#registry.get(id);
         if (sub === undefined || sub.status !== 'active') return;
-        if (lane.queue.length === 0 && lane.backlog) {
+        if ((lane.queue.length === 0 && lane.backlog) || lane.rescan || lane.peek) {
           await this.#reload(id, lane);
           // From the top: the client may have deleted or changed the subscription during the read
           // (there was no run yet to stop), and notifications committed meanwhile set `missed`
@@ -424,14 +446,21 @@ export class Dispatcher {
     lane.reloading = true;
     lane.missed = false;
     const rescan = lane.rescan;
+    const peek = lane.peek && !rescan;
     lane.rescan = false;
+    lane.peek = false;
     const generation = lane.generation;
     let rows: StoredNotification[];
     try {
-      if (rescan) await this.#states.flush();
-      rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, this.#opts.laneBuffer);
+      if (rescan || peek) await this.#states.flush();
+      rows = await this.#store.pendingNotifications(id, rescan || peek ? 0 : lane.done, this.#opts.laneBuffer);
     } finally {
       lane.reloading = false;
+    }
+    const full = rows.length === this.#opts.laneBuffer;
+    if (peek) {
+      const onTheWireSince = this.#clock.now() - ELSEWHERE_IN_FLIGHT_MS;
+      rows = rows.filter((note) => note.attempts > 0 || note.dueAt <= onTheWireSince);
     }
     // Rebuilt (`requeued`) meanwhile: this read may predate the re-queue; the next one will not.
     if (lane.generation !== generation) return;
@@ -442,7 +471,7 @@ export class Dispatcher {
       lane.queuedThrough = Math.max(lane.queuedThrough, note.eventNumber);
     }
     lane.queue.sort((a, b) => a.note.eventNumber - b.note.eventNumber);
-    lane.backlog = rows.length === this.#opts.laneBuffer || lane.missed;
+    lane.backlog = full || lane.missed;
   }
 
   /**

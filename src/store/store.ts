@@ -52,6 +52,14 @@ export interface MatchCandidate {
 
 export interface Store {
   /**
+   * Other processes may accept events into this store and deliver from it at the same time (the
+   * DynamoDB store, on AWS: one per Lambda container). Then a process's lanes are not the whole
+   * story: another may have left a lower event number pending (a retry not yet due), which must
+   * still go out first. Absent or false: this process is the store's only user (SQLite: the data
+   * directory's lock), and its lanes know every pending notification.
+   */
+  readonly sharedByInstances?: boolean;
+  /**
    * Stores a new subscription. With `quota`, only while its owner holds fewer than that many,
    * counted atomically with the insert (concurrent creates, on any number of instances, cannot go
    * past it): false, and nothing written, when it holds that many already.

@@ -107,6 +107,7 @@ export interface DynamoDbStoreOptions {
 }
 
 export class DynamoDbStore implements Store {
+  readonly sharedByInstances = true;
   readonly #client: DynamoDBClient;
   readonly #tables: TableNames;
   readonly #requests: DynamoDbRequests;
