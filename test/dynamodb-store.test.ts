@@ -7,6 +7,7 @@ import {
   type DynamoDBClient,
   QueryCommand,
   ScanCommand,
+  TransactionCanceledException,
   TransactWriteItemsCommand,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
@@ -381,5 +382,50 @@ describe('the per-owner quota', () => {
     expect(results.filter((r) => r === true).length - 1).toBe(held - 1);
     expect(await countItems()).toEqual({ alice: held });
     await other.close();
+  });
+});
+
+describe('acceptChanges under throttling and concurrent duplicates', () => {
+  /** A client whose TransactWriteItems calls go through `before` first (DynamoDB Local never throttles). */
+  const withTransactHook = (before: (n: number) => Promise<void>): DynamoDBClient => {
+    let n = 0;
+    return {
+      send: async (command: Parameters<DynamoDBClient['send']>[0]) => {
+        if (command instanceof TransactWriteItemsCommand) await before(++n);
+        return client.send(command);
+      },
+    } as unknown as DynamoDBClient;
+  };
+
+  it('tries a transaction cancelled by throttling again, so the event keeps the number it took', async () => {
+    const throttledOnce = withTransactHook(async (n) => {
+      if (n > 1) return;
+      // What DynamoDB answers when one item's partition or index is throttled.
+      throw new TransactionCanceledException({
+        message: 'Transaction cancelled [None, ThrottlingError, None]',
+        $metadata: { httpStatusCode: 400 },
+        CancellationReasons: [{ Code: 'None' }, { Code: 'ThrottlingError' }, { Code: 'None' }],
+      });
+    });
+    const outcomes = await new DynamoDbStore(throttledOnce, prefix).acceptChanges([item('e1', ['s1'])], RECEIVED);
+    expect(outcomes.map((o) => o.notifications.map((n) => n.eventNumber))).toEqual([[1]]);
+    expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(1);
+    expect((await store.notificationsInRange('s1', 1, 10, 10)).map((n) => n.eventNumber)).toEqual([1]);
+  });
+
+  it('accepts an event delivered twice at the same moment once: the other copy is a duplicate', async () => {
+    // Both copies read "not seen"; one's transaction lands later.
+    const slower = new DynamoDbStore(
+      withTransactHook(() => new Promise((resolve) => setTimeout(resolve, 200))),
+      prefix,
+    );
+    const outcomes = await Promise.all([
+      slower.acceptChanges([item('twice', ['s1'])], RECEIVED),
+      store.acceptChanges([item('twice', ['s1'])], RECEIVED),
+    ]);
+    const flat = outcomes.flat();
+    expect(flat.map((o) => o.duplicate).sort()).toEqual([false, true]);
+    expect(flat.flatMap((o) => o.notifications)).toHaveLength(1);
+    expect((await store.notificationsInRange('s1', 1, 10, 10)).map((n) => n.state)).toEqual(['pending']);
   });
 });

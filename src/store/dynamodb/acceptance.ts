@@ -9,7 +9,7 @@ import type { Notification, ResourceChange } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome } from '../store.js';
 import { Expression, type Item, N, readNumber, readString, S } from './attributes.js';
 import { COLLECTING, EVENT_SCOPE, eventIdItem, eventIdKey, fromNotificationItem } from './items.js';
-import type { DynamoDbRequests } from './requests.js';
+import { conditionHeld, type DynamoDbRequests } from './requests.js';
 import { type TableNames, TTL_ATTRIBUTE } from './tables.js';
 
 /**
@@ -56,13 +56,25 @@ export class EventAcceptance {
             : this.#existingNotification(subscriptionId, marker);
         }),
       );
-      await this.#client.send(
-        new PutItemCommand({
-          TableName: this.#tables.eventIds,
-          Item: eventIdItem(change.eventId, EVENT_SCOPE, receivedAt, expiresAt),
-        }),
+      // Conditional: the same event accepted at the same moment elsewhere (EventBridge delivers at
+      // least once; both read "not seen") is accepted by whichever writes this key first. Both
+      // queued the same notifications (the markers settled that); the other reports a duplicate
+      // and hands nothing on, so the event is counted and enqueued once.
+      const first = await conditionHeld(
+        this.#client.send(
+          new PutItemCommand({
+            TableName: this.#tables.eventIds,
+            Item: eventIdItem(change.eventId, EVENT_SCOPE, receivedAt, expiresAt),
+            ConditionExpression: `attribute_not_exists(eventId) OR ${TTL_ATTRIBUTE} <= :now`,
+            ExpressionAttributeValues: { ':now': N(Math.floor(receivedAt / 1000)) },
+          }),
+        ),
       );
-      outcomes.push({ duplicate: false, notifications: created.filter((n) => n !== undefined) });
+      outcomes.push(
+        first
+          ? { duplicate: false, notifications: created.filter((n) => n !== undefined) }
+          : { duplicate: true, notifications: [] },
+      );
     }
     return outcomes;
   }

@@ -58,8 +58,9 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  *
  * Caveats, honestly:
  * - Event numbers can have gaps. A process that dies between a counter increment and its
- *   transaction (step 3 in acceptance.ts), or a subscription deleted in between, consumes a number
- *   no notification carries.
+ *   transaction (step 3 in acceptance.ts), a subscription deleted in between, a transaction failing
+ *   past its retries, or a copy of the event accepted at the same moment elsewhere consumes a
+ *   number no notification carries.
  *   The Backport IG lets a client see a gap in `events-since-subscription-start` and ask `$events`,
  *   which then has nothing for that number. SQLite never has gaps.
  * - Calls within one store instance are serialised, so numbers follow acceptance order. Across

@@ -24,8 +24,19 @@ const BATCH_GET_MAX = 100;
 export const BATCH_WRITE_MAX = 25;
 /** Parallel single-item writes per burst: enough to overlap round trips, few enough not to throttle. */
 const WRITE_CONCURRENCY = 16;
-/** Transaction conflicts (another writer on the same subscription item) are retried this often. */
-export const MAX_TRANSACTION_ATTEMPTS = 5;
+/** Transaction conflicts (another writer on the same item) and throttled transactions are tried this often. */
+export const MAX_TRANSACTION_ATTEMPTS = 6;
+/**
+ * Cancellation reasons that mean "try the same transaction again": a conflict with another
+ * writer, or an item's partition or index throttled (`ThrottlingError` on on-demand tables,
+ * `ProvisionedThroughputExceeded` on provisioned ones).
+ */
+const RETRIED_CANCELLATIONS = new Set([
+  'TransactionConflict',
+  'ThrottlingError',
+  'ProvisionedThroughputExceeded',
+  'RequestLimitExceeded',
+]);
 /** Unprocessed batch items are retried this often, with a growing pause as DynamoDB advises. */
 export const MAX_BATCH_ATTEMPTS = 8;
 
@@ -37,8 +48,9 @@ export class DynamoDbRequests {
   }
 
   /**
-   * One TransactWriteItems, retried while it only conflicts with other writers. Resolves
-   * undefined once written, or to the cancellation reasons when a condition did not hold.
+   * One TransactWriteItems, retried (the same items) while it was cancelled only by conflicts with
+   * other writers or by throttling: the SDK retries neither. Resolves undefined once written, or to
+   * the cancellation reasons when a condition did not hold.
    */
   async transact(items: TransactWriteItem[], what: string): Promise<CancellationReason[] | undefined> {
     for (let attempt = 1; ; attempt++) {
@@ -49,9 +61,11 @@ export class DynamoDbRequests {
         if (!(err instanceof TransactionCanceledException)) throw err;
         const reasons = err.CancellationReasons ?? [];
         if (reasons.some((r) => r.Code === 'ConditionalCheckFailed')) return reasons;
-        if (!reasons.some((r) => r.Code === 'TransactionConflict')) throw err;
+        const passing = reasons.filter((r) => r.Code !== undefined && r.Code !== 'None');
+        if (passing.length === 0 || !passing.every((r) => RETRIED_CANCELLATIONS.has(r.Code as string))) throw err;
         if (attempt >= MAX_TRANSACTION_ATTEMPTS) throw new WriteConflictError(what, attempt, { cause: err });
-        await delay(20 * 2 ** attempt);
+        // Exponential with full jitter (as AWS advises for throttling), 40 ms to ~1.3 s.
+        await delay(Math.random() * 20 * 2 ** attempt);
       }
     }
   }
