@@ -565,7 +565,7 @@ describe('SSRF at delivery', () => {
     );
     const sub = await t.create(topicSubscription('patient-change', 'https://rebind.example.com/hook'));
     const failed = await t.logger.waitForStatus(sub.id as string, 'error');
-    expect(failed.reason).toBe('handshake failed: endpoint refused: 10.0.0.8 is a private address');
+    expect(failed.reason).toBe('handshake failed: endpoint refused: resolves to a private address');
     expect(answers).toBe(2);
   });
 

@@ -113,10 +113,10 @@ describe('EndpointGuard.checkEndpoint', () => {
   });
 
   it.each([
-    ['internal.example.com', '10.0.0.7 is a private address'],
-    ['metadata.example.com', '169.254.169.254 is a link-local (cloud metadata) address'],
-    ['mapped.example.com', '::ffff:192.168.0.1 is a private (IPv4 in IPv6) address'],
-  ])('refuses %s, which resolves to a private address', async (host, why) => {
+    ['internal.example.com', 'resolves to a private address'],
+    ['metadata.example.com', 'resolves to a link-local (cloud metadata) address'],
+    ['mapped.example.com', 'resolves to a private (IPv4 in IPv6) address'],
+  ])('refuses %s, which resolves to a private address, without naming the address', async (host, why) => {
     expect(await refusal(guard().guard, `https://${host}/x`)).toEqual({
       code: 'ENDPOINT_FORBIDDEN',
       message: `channel.endpoint ${host}: ${why}`,
@@ -126,7 +126,7 @@ describe('EndpointGuard.checkEndpoint', () => {
   it('refuses a host when any one of its answers is private', async () => {
     expect(await refusal(guard().guard, 'https://rebind.example.com/x')).toEqual({
       code: 'ENDPOINT_FORBIDDEN',
-      message: 'channel.endpoint rebind.example.com: 127.0.0.1 is a loopback address',
+      message: 'channel.endpoint rebind.example.com: resolves to a loopback address',
     });
   });
 
@@ -222,7 +222,7 @@ describe('EndpointGuard.lookup', () => {
   it('fails a private answer with EndpointRefusedError and an empty address', async () => {
     const single = await lookup(guard().guard, 'rebind.example.com', {});
     expect(single.err).toBeInstanceOf(EndpointRefusedError);
-    expect(single.err?.message).toBe('127.0.0.1 is a loopback address');
+    expect(single.err?.message).toBe('resolves to a loopback address');
     expect(single.address).toBe('');
     expect(single.family).toBe(0);
 

@@ -100,7 +100,7 @@ export class EndpointGuard {
     }
     if (addresses.length === 0) throw new EndpointUnresolvedError(undefined);
     // Every answer must pass: a round-robin record with one private address is a rebinding tool.
-    for (const a of addresses) this.#assertAllowed(a.address);
+    for (const a of addresses) this.#assertAllowed(a.address, host);
     return addresses;
   }
 
@@ -121,10 +121,18 @@ export class EndpointGuard {
     );
   };
 
-  #assertAllowed(ip: string): void {
+  /**
+   * For a name (`host`), the refusal says what kind of address it resolves to, not which: the
+   * reason reaches the client (a 422, `Subscription.error`), and naming the address would let any
+   * API client map the internal addresses of names it guesses.
+   */
+  #assertAllowed(ip: string, host?: string): void {
     if (this.#allow.hasAddress(ip)) return;
     const reason = blockedReason(ip);
-    if (reason !== undefined) throw new EndpointRefusedError(`${ip} is a ${reason} address`);
+    if (reason === undefined) return;
+    throw new EndpointRefusedError(
+      host === undefined ? `${ip} is a ${reason} address` : `resolves to a ${reason} address`,
+    );
   }
 }
 
