@@ -1,6 +1,7 @@
 import { type CfnCondition, Duration } from 'aws-cdk-lib';
-import { Alarm, ComparisonOperator, type IMetric, TreatMissingData } from 'aws-cdk-lib/aws-cloudwatch';
+import { Alarm, ComparisonOperator, type IMetric, Metric, TreatMissingData } from 'aws-cdk-lib/aws-cloudwatch';
 import { SnsAction } from 'aws-cdk-lib/aws-cloudwatch-actions';
+import type { IRule } from 'aws-cdk-lib/aws-events';
 import type { IFunction } from 'aws-cdk-lib/aws-lambda';
 import { CfnSubscription, Topic } from 'aws-cdk-lib/aws-sns';
 import type { IQueue } from 'aws-cdk-lib/aws-sqs';
@@ -8,6 +9,9 @@ import { Construct } from 'constructs';
 
 export interface BrokerAlarmsProps {
   readonly deadLetterQueue: IQueue;
+  /** The HealthLake rule (on the default bus), whose target dead-letters into `deadLetterQueue`. */
+  readonly ingestRule: IRule;
+  /** Its target, whose on-failure destination is `deadLetterQueue`. */
   readonly eventsFunction: IFunction;
   readonly dispatcherFunction: IFunction;
   /** The `AlarmEmail` parameter's value; subscribed only when `emailSet` holds. */
@@ -17,7 +21,9 @@ export interface BrokerAlarmsProps {
 
 /**
  * Alarms on the things that mean "a change may not reach its subscribers": a dead-lettered event,
- * a failing events function, a failing dispatcher. Each one fires on the first occurrence.
+ * a failing events function, a failing dispatcher, and a dead letter that could not be written (by
+ * EventBridge or by Lambda's on-failure destination: the event is then lost with no other trace).
+ * Each one fires on the first occurrence.
  */
 export class BrokerAlarms extends Construct {
   readonly topic: Topic;
@@ -55,6 +61,23 @@ export class BrokerAlarms extends Construct {
       'EventsErrors',
       'The events function failed: HealthLake changes are being retried or dead-lettered',
       props.eventsFunction.metricErrors({ period, statistic: 'Sum' }),
+    );
+    alarm(
+      'DeadLetterDeliveryFailures',
+      'An event the events function failed on could not be written to the dead-letter queue: it is lost',
+      props.eventsFunction.metric('DestinationDeliveryFailures', { period, statistic: 'Sum' }),
+    );
+    alarm(
+      'RuleDeadLetterFailures',
+      'An event EventBridge could not deliver could not be written to the dead-letter queue: it is lost',
+      new Metric({
+        namespace: 'AWS/Events',
+        metricName: 'InvocationsFailedToBeSentToDlq',
+        // A rule on the default bus: its metrics carry the rule name alone.
+        dimensionsMap: { RuleName: props.ingestRule.ruleName },
+        period,
+        statistic: 'Sum',
+      }),
     );
     alarm(
       'DispatcherErrors',

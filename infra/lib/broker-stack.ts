@@ -11,6 +11,11 @@ import { BrokerTables } from './tables.js';
 import { ConditionalTrail } from './trail.js';
 
 export const DEFAULT_TABLE_PREFIX = 'fhir-broker-';
+/**
+ * The functions' BROKER_EVENT_RETENTION (the code's default, set explicitly): event ids are kept
+ * this long for deduplication, and the dead-letter queue keeps messages a day less (ingest.ts).
+ */
+export const EVENT_RETENTION = Duration.days(7);
 
 export interface BrokerStackProps extends StackProps {
   /** Prefix of table and event bus names; change it to run a second broker in one account and region. */
@@ -54,7 +59,14 @@ export class BrokerStack extends Stack {
     const eventBus = new EventBus(this, 'EventBus', { eventBusName: `${tablePrefix}events` });
     const credentials = new CredentialsSecret(this, 'Secret').secret;
     const apis = new BrokerApis(this, 'Apis');
-    const functions = new BrokerFunctions(this, 'Functions', { tablePrefix, tables, apis, eventBus, credentials });
+    const functions = new BrokerFunctions(this, 'Functions', {
+      tablePrefix,
+      eventRetention: EVENT_RETENTION,
+      tables,
+      apis,
+      eventBus,
+      credentials,
+    });
     apis.route({
       http: functions.api,
       connect: functions.wsConnect,
@@ -64,6 +76,7 @@ export class BrokerStack extends Stack {
 
     const ingest = new HealthLakeIngest(this, 'HealthLake', {
       handler: functions.events,
+      eventRetention: EVENT_RETENTION,
       datastoreId: datastoreId.valueAsString,
       datastoreIdSet,
     });
@@ -77,6 +90,7 @@ export class BrokerStack extends Stack {
     new ConditionalTrail(this, 'CloudTrail', trailWanted);
     new BrokerAlarms(this, 'Alarms', {
       deadLetterQueue: ingest.deadLetterQueue,
+      ingestRule: ingest.rule,
       eventsFunction: functions.events,
       dispatcherFunction: functions.dispatcher,
       email: alarmEmail.valueAsString,

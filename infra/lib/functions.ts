@@ -64,6 +64,11 @@ export const FUNCTION_ENTRIES: Readonly<Record<FunctionName, FunctionEntry>> = {
 
 export interface BrokerFunctionsProps {
   readonly tablePrefix: string;
+  /**
+   * `BROKER_EVENT_RETENTION`: how long event ids are kept for deduplication (and delivered
+   * notifications for `$events`). Whole days.
+   */
+  readonly eventRetention: Duration;
   readonly tables: BrokerTables;
   readonly apis: BrokerApis;
   readonly eventBus: IEventBus;
@@ -97,6 +102,8 @@ export class BrokerFunctions extends Construct {
       BROKER_WS_MANAGEMENT_ENDPOINT: apis.managementEndpoint,
       BROKER_EVENT_BUS: props.eventBus.eventBusName,
       BROKER_SECRET_ARN: props.credentials.secretArn,
+      // Set here, not left to the code's default: the dead-letter queue keeps messages for less (ingest.ts).
+      BROKER_EVENT_RETENTION: `${props.eventRetention.toDays()}d`,
       // Copied next to each bundle by its afterBundling hook (see broker-function.ts).
       BROKER_TOPICS_DIR: '/var/task/subscriptions/topics',
       // 6 MB: Lambda's own request payload limit, below the broker's 10 MiB default.

@@ -20,8 +20,28 @@ export const HEALTHLAKE_EVENT_NAMES = [
   'ProcessBundle',
 ];
 
+/**
+ * How much sooner than event ids expire a dead letter does: a failure record reaches the queue up
+ * to 6 h (Lambda's maximum event age) after the event's id was stored, and DynamoDB deletes expired
+ * items late, never early. One day covers both.
+ */
+export const DEAD_LETTER_MARGIN = Duration.days(1);
+
+/**
+ * How long the dead-letter queue keeps a message: shorter than event ids are kept for
+ * deduplication (`eventRetention`, the functions' BROKER_EVENT_RETENTION) by DEAD_LETTER_MARGIN,
+ * so that every replay from the queue is still recognised as a duplicate if it was stored before.
+ * Within SQS's bounds (1 minute to 14 days).
+ */
+export function deadLetterRetention(eventRetention: Duration): Duration {
+  const minutes = eventRetention.toMinutes() - DEAD_LETTER_MARGIN.toMinutes();
+  return Duration.minutes(Math.min(Math.max(minutes, 1), Duration.days(14).toMinutes()));
+}
+
 export interface HealthLakeIngestProps {
   readonly handler: LambdaFunction;
+  /** The functions' BROKER_EVENT_RETENTION: the queue keeps dead letters for less (`deadLetterRetention`). */
+  readonly eventRetention: Duration;
   /** The `HealthLakeDatastoreId` parameter's value; only read when `datastoreIdSet` holds. */
   readonly datastoreId: string;
   readonly datastoreIdSet: CfnCondition;
@@ -42,8 +62,9 @@ export class HealthLakeIngest extends Construct {
       // SSE-SQS, not KMS: EventBridge and Lambda can write to it without a key policy.
       encryption: QueueEncryption.SQS_MANAGED,
       enforceSSL: true,
-      // 14 days, SQS's maximum: time to notice the alarm and redrive.
-      retentionPeriod: Duration.days(14),
+      // Time to notice the alarm and replay, but no longer than a replay is deduplicated: a day less
+      // than event ids are kept (6 days by default). SQS would keep messages up to 14 days.
+      retentionPeriod: deadLetterRetention(props.eventRetention),
     });
 
     const detail = { eventName: HEALTHLAKE_EVENT_NAMES };

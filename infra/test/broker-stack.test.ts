@@ -6,7 +6,7 @@ import { Match, Template } from 'aws-cdk-lib/assertions';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { TTL_ATTRIBUTE, tableDefinitions, tableNames } from '../../src/store/dynamodb/tables.js';
 import { SKIP_BUNDLING_CONTEXT } from '../lib/broker-function.js';
-import { BrokerStack, type BrokerStackProps } from '../lib/broker-stack.js';
+import { BrokerStack, type BrokerStackProps, EVENT_RETENTION } from '../lib/broker-stack.js';
 import { FUNCTION_ACCESS, type FunctionName } from '../lib/function-access.js';
 
 type Json = unknown;
@@ -143,10 +143,10 @@ describe('BrokerStack', () => {
       });
     });
 
-    it('keeps a dead-letter queue that is encrypted, TLS-only, holds 14 days and admits only the rule', () => {
+    it('keeps a dead-letter queue that is encrypted, TLS-only, holds 6 days and admits only the rule', () => {
       template.hasResourceProperties('AWS::SQS::Queue', {
         SqsManagedSseEnabled: true,
-        MessageRetentionPeriod: 1_209_600,
+        MessageRetentionPeriod: 6 * 86_400,
       });
       template.hasResourceProperties('AWS::SQS::QueuePolicy', {
         Queues: [{ Ref: dlq }],
@@ -162,6 +162,21 @@ describe('BrokerStack', () => {
           ]),
         },
       });
+    });
+
+    it('drops dead letters a day before their event ids expire, so a replay from the queue is never delivered twice', () => {
+      const retention = template.toJSON().Resources[dlq].Properties.MessageRetentionPeriod as number;
+      // What every function is given as BROKER_EVENT_RETENTION (the dedupe ids' lifetime).
+      const eventRetention = new Set(
+        Object.values(ids).map(
+          (id) => template.toJSON().Resources[id].Properties.Environment.Variables.BROKER_EVENT_RETENTION as string,
+        ),
+      );
+      expect([...eventRetention]).toStrictEqual([`${EVENT_RETENTION.toDays()}d`]);
+      const eventRetentionSeconds = EVENT_RETENTION.toSeconds();
+      // A failure record reaches the queue up to 6 h (Lambda's maximum event age) after its id was stored.
+      expect(retention + 6 * 3600).toBeLessThan(eventRetentionSeconds);
+      expect(retention).toBe(eventRetentionSeconds - 86_400);
     });
 
     it('sends events the function fails on to the same dead-letter queue', () => {
@@ -341,6 +356,7 @@ describe('BrokerStack', () => {
           BROKER_WS_MANAGEMENT_ENDPOINT: wsUrl('https'),
           BROKER_EVENT_BUS: { Ref: bus },
           BROKER_SECRET_ARN: { Ref: secret },
+          BROKER_EVENT_RETENTION: '7d',
           BROKER_TOPICS_DIR: '/var/task/subscriptions/topics',
           BROKER_MAX_INGEST_BYTES: '6000000',
           NODE_OPTIONS: '--enable-source-maps',
@@ -588,7 +604,7 @@ describe('BrokerStack', () => {
   });
 
   describe('alarms', () => {
-    it('alarms on any dead letter, events-function error and dispatcher error', () => {
+    it('alarms on any dead letter, events-function error, dispatcher error and dead letter that could not be written', () => {
       const topic = only(template, 'AWS::SNS::Topic').id;
       const alarm = (namespace: string, metric: string, dimension: JsonObject) =>
         template.hasResourceProperties('AWS::CloudWatch::Alarm', {
@@ -607,7 +623,11 @@ describe('BrokerStack', () => {
       });
       alarm('AWS/Lambda', 'Errors', { Name: 'FunctionName', Value: { Ref: ids.events } });
       alarm('AWS/Lambda', 'Errors', { Name: 'FunctionName', Value: { Ref: ids.dispatcher } });
-      template.resourceCountIs('AWS::CloudWatch::Alarm', 3);
+      // The only ways left to lose an event silently: Lambda could not write the failure record to
+      // the on-failure destination, or EventBridge could not write an undeliverable event to the DLQ.
+      alarm('AWS/Lambda', 'DestinationDeliveryFailures', { Name: 'FunctionName', Value: { Ref: ids.events } });
+      alarm('AWS/Events', 'InvocationsFailedToBeSentToDlq', { Name: 'RuleName', Value: { Ref: rule } });
+      template.resourceCountIs('AWS::CloudWatch::Alarm', 5);
     });
 
     it('subscribes AlarmEmail to the alarm topic only when it is given', () => {

@@ -15,8 +15,21 @@ import type { AwsBroker } from './aws-broker.js';
  * notify are re-read (IngestService), so another instance's subscription matches at once.
  */
 const SUBSCRIPTION_CACHE_MS = 5_000;
-/** How long an invocation waits for deliveries it started (retries continue in the scheduled dispatcher). */
+/**
+ * How long an invocation's attempts (deliveries, handshakes, heartbeats) may take, counted from when
+ * its broker is ready: one not answered by then is recorded as failed and retried by the scheduled
+ * dispatcher (a heartbeat goes out with the next run). Whatever an endpoint does, no invocation
+ * waits for it longer, so none is held past its function's timeout.
+ */
 const DELIVERY_BUDGET_MS = 20_000;
+/**
+ * Kept free before the function's timeout (`context.getRemainingTimeInMillis()`): after its
+ * attempts are over, an invocation applies their outcomes and writes delivery states and
+ * lifecycle events. The budget shrinks to fit a function with less time left than both.
+ */
+const FLUSH_MARGIN_MS = 5_000;
+/** After the attempts' end (and the dispatcher's cut shortly after it): time for their outcomes to be applied. */
+const SETTLE_GRACE_MS = 1_000;
 
 /** The parts of API Gateway WebSocket events the handlers read. */
 export interface WebSocketEvent {
@@ -26,15 +39,24 @@ export interface WebSocketEvent {
   readonly isBase64Encoded?: boolean;
 }
 
+/**
+ * What the handlers read of the Lambda context: the time left before the function's timeout.
+ * Absent (a test, a caller without it): only the delivery budget bounds the attempts.
+ */
+export type InvocationContext = Partial<Pick<Context, 'getRemainingTimeInMillis'>>;
+
 export interface Handlers {
   /** EventBridge target: one event (or an array). Throws when the store fails, so EventBridge retries. */
-  events(event: unknown): Promise<{ accepted: number; ignored: number; duplicates: number }>;
+  events(
+    event: unknown,
+    context?: InvocationContext,
+  ): Promise<{ accepted: number; ignored: number; duplicates: number }>;
   api(event: Parameters<ReturnType<typeof handle>>[0], context: Context): ReturnType<ReturnType<typeof handle>>;
   connect(event: WebSocketEvent): Promise<APIGatewayProxyStructuredResultV2>;
   disconnect(event: WebSocketEvent): Promise<APIGatewayProxyStructuredResultV2>;
-  message(event: WebSocketEvent): Promise<APIGatewayProxyStructuredResultV2>;
+  message(event: WebSocketEvent, context?: InvocationContext): Promise<APIGatewayProxyStructuredResultV2>;
   /** Scheduled every `windowMs`: owed handshakes, retries, heartbeats, retention. */
-  dispatch(windowMs?: number): Promise<{ heartbeats: number }>;
+  dispatch(windowMs?: number, context?: InvocationContext): Promise<{ heartbeats: number }>;
 }
 
 export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
@@ -43,26 +65,45 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
     await broker.refreshSubscriptions(SUBSCRIPTION_CACHE_MS);
     return broker;
   };
-  /** Before a handler returns (the container may freeze): deliveries under way, then lifecycle events. */
-  const settle = async (broker: AwsBroker): Promise<void> => {
-    await broker.dispatcher.idle(DELIVERY_BUDGET_MS);
+  /**
+   * At the start of an invocation that may make attempts: they are over within the delivery budget,
+   * and FLUSH_MARGIN_MS before the function's timeout (see DELIVERY_BUDGET_MS). When, as
+   * `performance.now()`.
+   */
+  const begin = (broker: AwsBroker, context: InvocationContext | undefined): number => {
+    const remaining =
+      typeof context?.getRemainingTimeInMillis === 'function'
+        ? context.getRemainingTimeInMillis()
+        : Number.POSITIVE_INFINITY;
+    const budget = Math.max(Math.min(DELIVERY_BUDGET_MS, remaining - FLUSH_MARGIN_MS), 0);
+    broker.dispatcher.endAttemptsWithin(budget);
+    return performance.now() + budget;
+  };
+  /**
+   * Before a handler returns (the container may freeze): attempts under way (over by `attemptsEnd`,
+   * failed ones recorded for a retry), delivery states, then lifecycle events.
+   */
+  const settle = async (broker: AwsBroker, attemptsEnd: number): Promise<void> => {
+    await broker.dispatcher.idle(Math.max(attemptsEnd - performance.now(), 0) + SETTLE_GRACE_MS);
     await broker.flushLifecycle();
   };
   let api: ReturnType<typeof handle> | undefined;
 
   return {
-    async events(event) {
+    async events(event, context) {
       const broker = await brokerPromise;
+      const attemptsEnd = begin(broker, context);
       const result = await broker.ingest.ingest(event);
-      await settle(broker);
+      await settle(broker, attemptsEnd);
       return result;
     },
 
     async api(event, context) {
       const broker = await ready();
+      const attemptsEnd = begin(broker, context);
       api ??= handle(broker.app);
       const response = await api(event, context);
-      await settle(broker);
+      await settle(broker, attemptsEnd);
       return response;
     },
 
@@ -90,22 +131,25 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
       return { statusCode: 200 };
     },
 
-    async message(event) {
+    async message(event, context) {
       const broker = await ready();
+      const attemptsEnd = begin(broker, context);
       const connectionId = event.requestContext.connectionId ?? '';
       const raw = event.body ?? '';
       const text = event.isBase64Encoded === true ? Buffer.from(raw, 'base64').toString('utf8') : raw;
       const owner = await broker.bindings.ownerOf(connectionId);
       await broker.websocket.onMessage({ id: connectionId, ...(owner === undefined ? {} : { apiOwner: owner }) }, text);
-      await settle(broker);
+      await settle(broker, attemptsEnd);
       return { statusCode: 200 };
     },
 
-    async dispatch(windowMs = 60_000) {
+    async dispatch(windowMs = 60_000, context) {
       const broker = await ready();
+      const attemptsEnd = begin(broker, context);
       await broker.start();
+      // Heartbeats, like every attempt of the run, end within its budget (see DELIVERY_BUDGET_MS).
       const heartbeats = await broker.dispatcher.sendDueHeartbeats(windowMs);
-      await settle(broker);
+      await settle(broker, attemptsEnd);
       return { heartbeats };
     },
   };

@@ -1,7 +1,8 @@
+import type { Context } from 'aws-lambda';
 import { createAwsBroker } from './aws-broker.js';
 import { createHandlers } from './handlers.js';
 
 /** Scheduled every minute: handshakes still owed, due retries, heartbeats, retention purge. */
 const handlers = createHandlers(createAwsBroker());
 
-export const handler = () => handlers.dispatch(60_000);
+export const handler = (_event: unknown, context?: Context) => handlers.dispatch(60_000, context);

@@ -1,3 +1,4 @@
+import type { Context } from 'aws-lambda';
 import { createAwsBroker } from './aws-broker.js';
 import { createHandlers, type WebSocketEvent } from './handlers.js';
 
@@ -6,4 +7,4 @@ const handlers = createHandlers(createAwsBroker());
 
 export const connect = (event: WebSocketEvent) => handlers.connect(event);
 export const disconnect = (event: WebSocketEvent) => handlers.disconnect(event);
-export const message = (event: WebSocketEvent) => handlers.message(event);
+export const message = (event: WebSocketEvent, context?: Context) => handlers.message(event, context);

@@ -127,6 +127,18 @@ const RUN_WITHIN_MS = 1000;
  * most 60 s. One older than that was left behind (its instance died) and is sent from here.
  */
 const ELSEWHERE_IN_FLIGHT_MS = 60_000;
+/**
+ * An attempt not over when the invocation's attempts must be (`endAttemptsWithin`) counts as this
+ * failure: not permanent, so a notification is retried on its schedule and a heartbeat goes out
+ * with the next one.
+ */
+const ATTEMPT_CUT: SendResult = { ok: false, error: "timeout: no answer within the invocation's time for attempts" };
+/**
+ * The cut comes this long after the invocation's time for attempts: a request's own timeout is
+ * capped at that time, so the sender usually answers first, with what a run delivered before it.
+ * The cut is for what that cap does not bound (connecting, waiting for a slot, a WebSocket push).
+ */
+const CUT_GRACE_MS = 200;
 
 export class Dispatcher {
   readonly #store: Store;
@@ -156,6 +168,11 @@ export class Dispatcher {
   readonly #states: DeliveryStateLog;
   readonly #origins = new Map<string, string>();
   readonly #newId = (): string => this.#ids.uuid();
+  /**
+   * When (`performance.now()`) the attempts of the running Lambda invocation must be over; see
+   * `endAttemptsWithin`. Undefined (a server): each attempt ends by its own timeout.
+   */
+  #attemptsEndAt: number | undefined;
 
   constructor(deps: {
     store: Store;
@@ -291,6 +308,48 @@ export class Dispatcher {
   }
 
   /**
+   * For a Lambda invocation, which is killed at its timeout and frozen once it returns: every
+   * attempt under way or made from now on is over within `ms` (undefined: no bound). One not
+   * answered by then counts as failed (a timeout: recorded, and retried on the schedule) and its
+   * late answer is ignored; none starts after it (a lane stops, its notifications stay pending in
+   * the store for the next scheduled run). Stays in force until called again: a timer that fires
+   * after the invocation (or as a frozen container thaws, before the next one sets its own) starts
+   * no attempt that nobody waits for.
+   */
+  endAttemptsWithin(ms: number | undefined): void {
+    this.#attemptsEndAt = ms === undefined ? undefined : performance.now() + ms;
+  }
+
+  /** Milliseconds left for attempts in this invocation (Infinity: no bound). */
+  #timeLeft(): number {
+    return this.#attemptsEndAt === undefined ? Number.POSITIVE_INFINITY : this.#attemptsEndAt - performance.now();
+  }
+
+  /** `send()`, unless the time for attempts is over (then undefined: nothing sent). */
+  #inTime<T>(send: () => Promise<T>): Promise<T | undefined> {
+    return this.#timeLeft() > 0 ? send() : Promise.resolve(undefined);
+  }
+
+  /** What `attempt` answers, or `cut()` if it has not answered shortly after the time for attempts is over. */
+  #bounded<T>(attempt: Promise<T>, cut: () => T): Promise<T> {
+    const left = this.#timeLeft();
+    if (left === Number.POSITIVE_INFINITY) return attempt;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => resolve(cut()), Math.max(left, 0) + CUT_GRACE_MS);
+      attempt.then(
+        (value) => {
+          clearTimeout(timer);
+          resolve(value);
+        },
+        (err: unknown) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      );
+    });
+  }
+
+  /**
    * For a scheduler that runs every `windowMs` (the AWS dispatcher function): send a heartbeat to
    * each subscription whose heartbeat period boundary fell within the last window. Stateless, so
    * any instance may run it; granularity is the window.
@@ -302,12 +361,17 @@ export class Dispatcher {
       if (period === 0 || !heartbeatsAllowed(sub)) return false;
       return Math.floor(now / period) !== Math.floor((now - windowMs) / period);
     });
+    // Within the invocation's time for attempts: one the endpoint has not answered by then fails
+    // (the next run sends the next heartbeat), so a slow endpoint cannot hold the run.
     await Promise.all(
       due.map(async (sub) => {
-        const result = await this.#withSlot(sub, () =>
-          this.#sendBundle(sub, 'heartbeat', [], `${sub.id}-heartbeat-${now}`),
+        const result = await this.#bounded(
+          this.#withSlot(sub, () =>
+            this.#inTime(() => this.#sendBundle(sub, 'heartbeat', [], `${sub.id}-heartbeat-${now}`)),
+          ),
+          () => ATTEMPT_CUT,
         );
-        await this.#heartbeatAnswered(sub, result);
+        if (result !== undefined) await this.#heartbeatAnswered(sub, result);
       }),
     );
     return due.length;
@@ -412,13 +476,24 @@ export class Dispatcher {
           }
           now = head.note.dueAt;
         }
+        // The invocation's time for attempts is over: the rest stays pending for a later run.
+        if (this.#timeLeft() <= 0) return;
         const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
         const generation = lane.generation;
         const run = new RunStop();
         lane.run = run;
         let results: SendResult[];
         try {
-          results = await this.#withSlot(sub, () => this.#sendNotifications(sub, batches, run));
+          // Cut when the invocation's time for attempts is over: the first bundle counts as failed
+          // (one the run delivered before the cut goes again under its webhook-id), the rest of the
+          // run does not start.
+          results = await this.#bounded(
+            this.#withSlot(sub, () => this.#sendNotifications(sub, batches, run)),
+            () => {
+              run.stop();
+              return [ATTEMPT_CUT];
+            },
+          );
         } finally {
           lane.run = undefined;
         }
@@ -654,8 +729,14 @@ export class Dispatcher {
    * subscription was deleted or changed while it waited for a slot (then undefined: nothing sent).
    */
   #sendIfCurrent(sub: SubscriptionRecord, type: NotificationType, webhookId: string): Promise<SendResult | undefined> {
-    return this.#withSlot(sub, () =>
-      this.#registry.isCurrent(sub) ? this.#sendBundle(sub, type, [], webhookId) : Promise.resolve(undefined),
+    // Also undefined once the invocation's time for attempts is over; failed if not answered by then.
+    return this.#bounded(
+      this.#withSlot(sub, () =>
+        this.#registry.isCurrent(sub)
+          ? this.#inTime(() => this.#sendBundle(sub, type, [], webhookId))
+          : Promise.resolve(undefined),
+      ),
+      () => ATTEMPT_CUT,
     );
   }
 
@@ -670,7 +751,7 @@ export class Dispatcher {
     batches: readonly QueuedNotification[][],
     run: RunStop,
   ): Promise<SendResult[]> {
-    if (run.stopped) return [];
+    if (run.stopped || this.#timeLeft() <= 0) return [];
     const bundles = batches.map((batch) => {
       const notes = batch.map((q) => q.note);
       const first = notes[0]?.eventNumber ?? 0;
@@ -740,7 +821,11 @@ export class Dispatcher {
       body,
       webhookId,
       secrets: this.#registry.signingSecrets(sub),
-      timeoutMs: (sub.channel.timeoutSeconds ?? 0) * 1000 || this.#opts.defaultTimeoutMs,
+      // Never beyond the invocation's time for attempts (`endAttemptsWithin`).
+      timeoutMs: Math.min(
+        (sub.channel.timeoutSeconds ?? 0) * 1000 || this.#opts.defaultTimeoutMs,
+        Math.max(Math.ceil(this.#timeLeft()), 1),
+      ),
     };
   }
 
