@@ -7,7 +7,14 @@ import { silentLogger } from '../observability/logger.js';
 import { Metrics } from '../observability/metrics.js';
 import { LocalWebSocketHub } from './local-websocket-hub.js';
 
-/** The in-process hub on a real server with real `ws` clients: a socket that never speaks is let go. */
+/**
+ * The in-process hub on a real server with real `ws` clients: a socket that holds no binding for
+ * the bind window is let go, however much it talks. The handler stands in for the channel: `bind`
+ * reports the connection bound, `unbind` reports it holds none (as a bare `unbind` does, valid with
+ * no binding at all).
+ */
+
+const WINDOW_MS = 300;
 
 let server: Server | undefined;
 let hub: LocalWebSocketHub | undefined;
@@ -17,29 +24,82 @@ afterEach(async () => {
   server?.close();
 });
 
-it('closes a connection that sends nothing within the limit (1008), and keeps one that spoke', async () => {
-  const metrics = new Metrics();
+async function start(metrics = new Metrics()): Promise<string> {
   hub = new LocalWebSocketHub({
     logger: silentLogger,
     metrics,
-    limits: { pingIntervalMs: 100, firstMessageWithinMs: 250 },
+    limits: { pingIntervalMs: 100, firstMessageWithinMs: WINDOW_MS },
   });
   const local = hub;
-  local.handle({ onMessage: async () => {}, onClose: async () => {} });
+  local.handle({
+    onMessage: async (conn, text) => {
+      if (text === 'bind') local.markBound(conn.id, true);
+      if (text === 'unbind') local.markBound(conn.id, false);
+      local.sendNow(conn.id, text === 'bind' ? 'bound' : 'unbound');
+    },
+    onClose: async () => {},
+  });
   server = createServer();
   server.on('upgrade', (req, socket, head) => local.upgrade(req, socket, head, undefined));
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
-  const url = `ws://127.0.0.1:${(server.address() as AddressInfo).port}/ws`;
+  return `ws://127.0.0.1:${(server.address() as AddressInfo).port}/ws`;
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** The close of `ws`; bounded, so that a socket kept open fails the test in seconds. */
+async function closeOf(ws: WebSocket, timeoutMs = 5000): Promise<{ code: number; reason: string; at: number }> {
+  const [code, reason] = (await once(ws, 'close', { signal: AbortSignal.timeout(timeoutMs) })) as [number, Buffer];
+  return { code, reason: reason.toString(), at: Date.now() };
+}
+
+it('closes a socket that binds nothing within the window (1008), even one that keeps talking; keeps one that bound', async () => {
+  const metrics = new Metrics();
+  const url = await start(metrics);
   const silent = new WebSocket(url);
-  const speaking = new WebSocket(url);
-  await Promise.all([once(silent, 'open'), once(speaking, 'open')]);
-  speaking.send('unbind');
-  const [code, reason] = (await once(silent, 'close')) as [number, Buffer];
-  expect(code).toBe(1008);
-  expect(reason.toString()).toBe('no message within 0 s');
-  await new Promise((resolve) => setTimeout(resolve, 300));
-  expect(speaking.readyState).toBe(WebSocket.OPEN);
-  expect(metrics.value('broker_websocket_closed_total', { reason: 'silent' })).toBe(1);
-  speaking.close();
+  const talker = new WebSocket(url);
+  const bound = new WebSocket(url);
+  await Promise.all([once(silent, 'open'), once(talker, 'open'), once(bound, 'open')]);
+  const openedAt = Date.now();
+  bound.send('bind');
+  // Talking (a bare `unbind`, answered `unbound`) is not binding.
+  const keep = setInterval(() => talker.readyState === WebSocket.OPEN && talker.send('unbind'), 50);
+  const [silentClosed, talkerClosed] = await Promise.all([closeOf(silent), closeOf(talker)]);
+  clearInterval(keep);
+  for (const closed of [silentClosed, talkerClosed]) {
+    expect([closed.code, closed.reason]).toEqual([1008, `no subscription bound within ${WINDOW_MS} ms`]);
+    // Measured from the open, not from the last `unbind`, and not a ping round early.
+    expect(closed.at - openedAt).toBeGreaterThanOrEqual(WINDOW_MS - 20);
+    expect(closed.at - openedAt).toBeLessThan(WINDOW_MS + 500);
+  }
+  await sleep(3 * WINDOW_MS);
+  expect(bound.readyState).toBe(WebSocket.OPEN);
+  expect(metrics.value('broker_websocket_closed_total', { reason: 'unbound' })).toBe(2);
+  bound.close();
+});
+
+it('gives a socket that loses its last binding the window again, from the loss; a new bind within it keeps it', async () => {
+  const url = await start();
+  const leaves = new WebSocket(url);
+  const rebinds = new WebSocket(url);
+  await Promise.all([once(leaves, 'open'), once(rebinds, 'open')]);
+  leaves.send('bind');
+  rebinds.send('bind');
+  // Bound past the first window: both stay.
+  await sleep(2 * WINDOW_MS);
+  expect([leaves.readyState, rebinds.readyState]).toEqual([WebSocket.OPEN, WebSocket.OPEN]);
+
+  const lostAt = Date.now();
+  leaves.send('unbind');
+  rebinds.send('unbind');
+  await sleep(WINDOW_MS / 3);
+  rebinds.send('bind');
+  const closed = await closeOf(leaves);
+  expect([closed.code, closed.reason]).toEqual([1008, `no subscription bound within ${WINDOW_MS} ms`]);
+  expect(closed.at - lostAt).toBeGreaterThanOrEqual(WINDOW_MS - 20);
+  expect(closed.at - lostAt).toBeLessThan(WINDOW_MS + 500);
+  await sleep(2 * WINDOW_MS);
+  expect(rebinds.readyState).toBe(WebSocket.OPEN);
+  rebinds.close();
 });

@@ -10,8 +10,9 @@ import { CLOSE, type ManyOutcome, type SendOutcome, type WebSocketPort } from '.
 /**
  * The local WebSocket adapter: sockets accepted on the broker's own port. Sockets are hostile by
  * default: capped message size (set on the server), a message-rate cap, a bounded send buffer
- * (a slow reader is closed rather than let memory grow), ping/pong with dead-socket cleanup, and
- * every callback guarded so one bad socket never affects another.
+ * (a slow reader is closed rather than let memory grow), ping/pong with dead-socket cleanup, a
+ * socket that holds no binding is closed after the bind window, and every callback is guarded so
+ * one bad socket never affects another.
  */
 
 // 16 KiB: a bind message with a token is a few hundred bytes; nothing a client sends is larger.
@@ -24,8 +25,10 @@ export interface HubLimits {
   /** Client messages per second (token bucket with a burst of the same size). */
   readonly maxMessagesPerSecond: number;
   /**
-   * A connection that has sent nothing this long after opening is closed (1008) at the next ping
-   * round: a client binds at once, and a socket that never does only holds a descriptor.
+   * The bind window: a connection that holds no binding this long after opening, or after losing
+   * its last binding (`unbind`, its subscription deleted, off or moved), is closed (1008). Anyone
+   * may open a socket; only a bind is authorised (token or API key), so talking (a bare `unbind`
+   * is valid with no binding) does not keep one open. A client binds at once.
    */
   readonly firstMessageWithinMs: number;
 }
@@ -47,9 +50,10 @@ interface Socket {
   alive: boolean;
   tokens: number;
   refilledAt: number;
-  readonly openedAt: number;
-  /** It has sent a message (a bind, typically). */
-  spoke: boolean;
+  /** It holds at least one binding (as the channel reports through `markBound`). */
+  bound: boolean;
+  /** While it holds none: closes it at the end of the bind window. */
+  unboundTimer: NodeJS.Timeout | undefined;
 }
 
 export interface MessageHandler {
@@ -67,6 +71,8 @@ export interface LocalSockets extends WebSocketPort {
   /** Take over an HTTP upgrade request for `/ws` that passed the path and auth checks. */
   upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, owner: string | undefined): void;
   closeAll(code?: number, reason?: string): void;
+  /** Required here: the local layers close a socket that holds no binding for the bind window. */
+  markBound(connectionId: string, bound: boolean): void;
   readonly size: number;
 }
 
@@ -133,10 +139,11 @@ export class LocalWebSocketHub implements LocalSockets {
       alive: true,
       tokens: this.#limits.maxMessagesPerSecond,
       refilledAt: Date.now(),
-      openedAt: Date.now(),
-      spoke: false,
+      bound: false,
+      unboundTimer: undefined,
     };
     this.#sockets.set(id, socket);
+    this.#startBindWindow(id, socket);
     ws.on('pong', () => {
       socket.alive = true;
     });
@@ -191,6 +198,36 @@ export class LocalWebSocketHub implements LocalSockets {
     return 'sent';
   }
 
+  /**
+   * The channel reports whether the connection holds a binding. Losing the last one starts the
+   * bind window again; reporting `false` while already unbound does not (it counts from the open,
+   * or from the loss, however much the client talks meanwhile).
+   */
+  markBound(connectionId: string, bound: boolean): void {
+    const socket = this.#sockets.get(connectionId);
+    if (socket === undefined || socket.bound === bound) return;
+    socket.bound = bound;
+    if (bound) {
+      clearTimeout(socket.unboundTimer);
+      socket.unboundTimer = undefined;
+    } else this.#startBindWindow(connectionId, socket);
+  }
+
+  #startBindWindow(id: string, socket: Socket): void {
+    clearTimeout(socket.unboundTimer);
+    const windowMs = this.#limits.firstMessageWithinMs;
+    socket.unboundTimer = setTimeout(() => {
+      socket.unboundTimer = undefined;
+      if (socket.bound || this.#sockets.get(id) !== socket || socket.ws.readyState !== socket.ws.OPEN) return;
+      this.#metrics.inc('broker_websocket_closed_total', { reason: 'unbound' });
+      this.#logger.debug('websocket closed: nothing bound', { connection: id });
+      socket.ws.close(CLOSE.policy, `no subscription bound within ${duration(windowMs)}`);
+      // A client squatting on the socket need not finish the closing handshake either.
+      setTimeout(() => socket.ws.terminate(), 1000).unref();
+    }, windowMs);
+    socket.unboundTimer.unref();
+  }
+
   async close(connectionId: string, code: number, reason: string): Promise<void> {
     const socket = this.#sockets.get(connectionId);
     if (socket === undefined) return;
@@ -210,7 +247,10 @@ export class LocalWebSocketHub implements LocalSockets {
   /** Close every socket (shutdown). */
   closeAll(code: number = CLOSE.goingAway, reason = 'broker shutting down'): void {
     clearInterval(this.#pinger);
-    for (const s of this.#sockets.values()) s.ws.close(code, reason);
+    for (const s of this.#sockets.values()) {
+      clearTimeout(s.unboundTimer);
+      s.ws.close(code, reason);
+    }
   }
 
   async #onMessage(socket: Socket, data: unknown, isBinary: boolean): Promise<void> {
@@ -229,7 +269,6 @@ export class LocalWebSocketHub implements LocalSockets {
       return;
     }
     socket.tokens -= 1;
-    socket.spoke = true;
     const text = Buffer.isBuffer(data)
       ? data.toString('utf8')
       : Array.isArray(data)
@@ -239,20 +278,17 @@ export class LocalWebSocketHub implements LocalSockets {
   }
 
   async #onClose(id: string): Promise<void> {
+    const socket = this.#sockets.get(id);
+    if (socket !== undefined) clearTimeout(socket.unboundTimer);
     this.#sockets.delete(id);
     await this.#handler?.onClose(id);
   }
 
   #pingAll(): void {
-    const now = Date.now();
     for (const [id, s] of this.#sockets) {
-      if (!s.spoke && now - s.openedAt >= this.#limits.firstMessageWithinMs) {
-        this.#metrics.inc('broker_websocket_closed_total', { reason: 'silent' });
-        s.ws.close(CLOSE.policy, `no message within ${Math.round(this.#limits.firstMessageWithinMs / 1000)} s`);
-        continue;
-      }
       if (!s.alive) {
         this.#metrics.inc('broker_websocket_closed_total', { reason: 'no-pong' });
+        clearTimeout(s.unboundTimer);
         s.ws.terminate();
         this.#sockets.delete(id);
         this.#guard(id, () => this.#handler?.onClose(id) ?? Promise.resolve());
@@ -274,6 +310,11 @@ export class LocalWebSocketHub implements LocalSockets {
       this.#sockets.get(id)?.ws.terminate();
     });
   }
+}
+
+/** `30 s`, or `250 ms` below a second (tests). */
+function duration(ms: number): string {
+  return ms >= 1000 && ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
 }
 
 /** A final, unmasked RFC 6455 text frame (what `ws` sends for a server text message without compression). */

@@ -39,8 +39,8 @@ export class SocketProcessHub implements LocalSockets {
   readonly #logger: Logger;
   readonly #metrics: Metrics;
   readonly #children: Child[] = [];
-  /** Connection id → its child and the connection the channel sees. */
-  readonly #connections = new Map<string, { child: Child; conn: Connection }>();
+  /** Connection id → its child, the connection the channel sees, and whether it holds a binding. */
+  readonly #connections = new Map<string, { child: Child; conn: Connection; bound: boolean }>();
   #handler: MessageHandler | undefined;
   #next = 0;
   #rq = 0;
@@ -91,7 +91,11 @@ export class SocketProcessHub implements LocalSockets {
       return;
     }
     const id = randomUUID();
-    this.#connections.set(id, { child, conn: { id, ...(owner === undefined ? {} : { apiOwner: owner }) } });
+    this.#connections.set(id, {
+      child,
+      conn: { id, ...(owner === undefined ? {} : { apiOwner: owner }) },
+      bound: false,
+    });
     child.connections.add(id);
     const rest = stopReading(socket as Socket);
     // The API key was checked here; the child needs only what the WebSocket handshake reads.
@@ -153,6 +157,14 @@ export class SocketProcessHub implements LocalSockets {
     const entry = this.#connections.get(connectionId);
     if (entry === undefined || !entry.child.alive) return;
     this.#post(entry.child, { t: 'close', id: connectionId, code, reason });
+  }
+
+  /** The child runs the bind window; it hears each change of state (one IPC message, not one per bind). */
+  markBound(connectionId: string, bound: boolean): void {
+    const entry = this.#connections.get(connectionId);
+    if (entry === undefined || entry.bound === bound || !entry.child.alive) return;
+    entry.bound = bound;
+    this.#post(entry.child, { t: 'bound', id: connectionId, bound });
   }
 
   async isOpen(connectionId: string): Promise<boolean> {

@@ -8,7 +8,8 @@ import type { FromSocketProcess, SocketProcessConfig, ToSocketProcess } from './
 /**
  * A socket process (forked by SocketProcessHub): owns the WebSocket connections the main process
  * hands it, completes their handshake with `ws`, enforces every per-socket limit of the local hub
- * (size, rate, binary, slow consumer, ping/pong) and performs the writes, so a fan-out's one
+ * (size, rate, binary, slow consumer, ping/pong, the bind window: the main process reports each
+ * connection's bound state) and performs the writes, so a fan-out's one
  * syscall per socket runs on several cores. Client text messages and closes go to the main
  * process, which holds the bindings and the channel. Exits when the main process goes away.
  */
@@ -71,6 +72,9 @@ process.on('message', (msg: ToSocketProcess, handle?: unknown) => {
       return;
     case 'close':
       void hub.close(msg.id, msg.code, msg.reason);
+      return;
+    case 'bound':
+      hub.markBound(msg.id, msg.bound);
       return;
     case 'open?':
       post({ t: 're', rq: msg.rq, v: hub.isOpenNow(msg.id) });

@@ -82,7 +82,12 @@ function channelWith(
     },
   } as unknown as Store;
   const received: (number[] | string)[] = [];
+  /** What the channel told the socket layer: does the connection hold a binding. */
+  const marks: boolean[] = [];
   const port: WebSocketPort = {
+    markBound(_c, bound) {
+      marks.push(bound);
+    },
     async send(_c, text): Promise<SendOutcome> {
       const numbers = numbersOf(text);
       received.push(numbers);
@@ -123,7 +128,7 @@ function channelWith(
     stored.push(note(n));
     await channel.deliver(current(), 'event-notification', [note(n)]);
   };
-  return { channel, received, bind, live };
+  return { channel, received, bind, live, marks };
 }
 
 /** A promise and the function that resolves it. */
@@ -194,4 +199,15 @@ it('hands a rebind the events held for it when the client unbinds and binds agai
   expect(received.slice(unbound + 1).filter((m) => Array.isArray(m) && m.includes(5) && !m.includes(6))).toHaveLength(
     1,
   );
+});
+
+it('tells the socket layer when a connection holds a binding and when it holds none', async () => {
+  const { channel, bind, marks } = channelWith([]);
+  // A bare `unbind` with nothing bound: answered, and the connection still holds nothing.
+  await channel.onMessage({ id: 'c1' }, 'unbind');
+  expect(marks).toEqual([false]);
+  await bind(6);
+  expect(marks).toEqual([false, true]);
+  await channel.onMessage({ id: 'c1' }, 'unbind S');
+  expect(marks).toEqual([false, true, false]);
 });

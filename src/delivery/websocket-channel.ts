@@ -80,6 +80,9 @@ export class WebSocketChannel {
         return this.#bindWithToken(conn, msg);
       case 'unbind':
         await this.#bindings.unbind(conn.id, msg.subscriptionId);
+        // Its last binding gone, the socket has the bind window again to bind, then is closed: an
+        // `unbind` is no way to hold a socket without a binding (a bare one is valid with none).
+        await this.#reportBound(conn.id);
         if (msg.subscriptionId === undefined) {
           this.#catchingUp.forget(conn.id);
           this.#caughtUpTo.forget(conn.id);
@@ -110,8 +113,9 @@ export class WebSocketChannel {
   /**
    * The subscription was deleted, turned off, or moved to another channel: every socket bound to
    * it is told (`unbound <id>`, or its JSON form for bundle clients) and unbound, as a new bind
-   * would be refused; a socket left with no binding is closed (4003). Heartbeats and events had
-   * simply stopped, and a client could not tell a quiet subscription from a dead one.
+   * would be refused; a socket left with no binding is closed (4003) at once, so that a client
+   * (the live page) knows that binding again cannot help. Heartbeats and events had simply
+   * stopped, and a client could not tell a quiet subscription from a dead one.
    */
   async subscriptionChanged(id: string): Promise<void> {
     const sub = this.#registry.get(id);
@@ -126,9 +130,10 @@ export class WebSocketChannel {
           ? `unbound ${id}`
           : JSON.stringify({ type: 'unbound', payload: { subscription: id, reason: `Subscription/${id} is ${why}` } });
       if ((await this.#port.send(b.connectionId, text)) !== 'sent') continue;
-      if ((await this.#bindings.bindingsOf(b.connectionId)).length === 0) {
-        await this.#port.close(b.connectionId, CLOSE.bindRefused, `Subscription/${id} is ${why}`);
-      }
+      const bound = (await this.#bindings.bindingsOf(b.connectionId)).length > 0;
+      // The socket layer hears it too: should the close below not happen, its bind window does.
+      this.#port.markBound?.(b.connectionId, bound);
+      if (!bound) await this.#port.close(b.connectionId, CLOSE.bindRefused, `Subscription/${id} is ${why}`);
     }
   }
 
@@ -251,6 +256,7 @@ export class WebSocketChannel {
     const ours = (): boolean => this.#catchingUp.get(connectionId, sub.id) === hold;
     if (lastSeen !== undefined) this.#catchingUp.set(connectionId, sub.id, hold);
     await this.#bindings.bind(binding);
+    this.#port.markBound?.(connectionId, true);
     const current = this.#registry.get(sub.id) ?? sub;
     await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
     if (lastSeen === undefined) return;
@@ -335,7 +341,15 @@ export class WebSocketChannel {
       return;
     }
     await this.#bindings.bind({ connectionId: conn.id, subscriptionId: id, mode: 'r4' });
+    this.#port.markBound?.(conn.id, true);
     await this.#port.send(conn.id, `bound ${id}`);
+  }
+
+  /** Tells the socket layer whether the connection still holds a binding (when it listens: on AWS a look is a query). */
+  async #reportBound(connectionId: string): Promise<void> {
+    if (this.#port.markBound === undefined) return;
+    const bound = (await this.#bindings.bindingsOf(connectionId)).length > 0;
+    this.#port.markBound(connectionId, bound);
   }
 
   async #sendOrForget(b: Pick<Binding, 'connectionId'>, text: string): Promise<SendOutcome> {

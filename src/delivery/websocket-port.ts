@@ -22,6 +22,12 @@ export interface WebSocketPort {
   sendMany?(connectionIds: readonly string[], text: string): Promise<ManyOutcome>;
   close(connectionId: string, code: number, reason: string): Promise<void>;
   isOpen(connectionId: string): Promise<boolean>;
+  /**
+   * Optional: the connection now holds at least one binding (`true`) or none (`false`). Anyone may
+   * open a socket (the bind is what is authorised), so the local hub closes one that holds no
+   * binding for the bind window, counted from its opening or from the loss of its last binding.
+   */
+  markBound?(connectionId: string, bound: boolean): void;
 }
 
 /** `bundle`: backport notification bundles as JSON text; `r4`: the classic R4 `ping <id>`. */
