@@ -1,8 +1,9 @@
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Pool } from 'undici';
+import { threadCpu } from './outbox.js';
 import { type Broker, burst, Receiver, subscribe, withBroker } from './pipeline.js';
 
 /**
@@ -29,19 +30,6 @@ const [pairs = '4', clients = '128', ...variants] = process.argv.slice(2);
 const receiver = new Receiver();
 const port = await receiver.listen();
 const sides: Side[] = [];
-
-function threadCpu(pid: number): Map<number, number> {
-  const out = new Map<number, number>();
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
-    try {
-      const f = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
-      out.set(Number(tid), (Number(f[11]) + Number(f[12])) / 100);
-    } catch {
-      // the thread ended between the listing and the read
-    }
-  }
-  return out;
-}
 
 /** Starts variant i (and, nested, the rest), then measures them all. */
 async function start(i: number): Promise<void> {

@@ -133,7 +133,7 @@ async function alone<T>(others: readonly ChildProcess[], fn: () => Promise<T>): 
 }
 
 /** CPU seconds per thread of `pid` (user + system), by thread id. */
-function threadCpu(pid: number): Map<number, number> {
+export function threadCpu(pid: number): Map<number, number> {
   const out = new Map<number, number>();
   for (const tid of readdirSync(`/proc/${pid}/task`)) {
     try {

@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { DeleteItemCommand, GetItemCommand, PutItemCommand, QueryCommand } from '@aws-sdk/client-dynamodb';
 import { App } from 'aws-cdk-lib';
@@ -18,6 +17,7 @@ import { grantedAccess, permissionsOf, type Targets, targetsOf, unaccountedGrant
 import { AwsRecorder } from './support/aws-recorder.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { eventLike, fixture, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { httpApiEvent } from './support/http-api-event.js';
 import { LambdaContainer } from './support/lambda-container.js';
 import { Receiver } from './support/receiver.js';
 import { allows, REGION, StackIam, type TemplateJson } from './support/stack-iam.js';
@@ -254,33 +254,9 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     path: string,
     options: { body?: unknown; token?: string; headers?: Record<string, string> } = {},
   ): Promise<HttpAnswer> {
-    const [rawPath = '', rawQueryString = ''] = path.split('?');
-    const res = await fn('api').invoke<{ statusCode: number; body?: string; headers?: Record<string, string> }>({
-      version: '2.0',
-      routeKey: '$default',
-      rawPath,
-      rawQueryString,
-      headers: {
-        authorization: `Bearer ${options.token ?? ALICE}`,
-        host: 'api.example.com',
-        ...(options.body === undefined ? {} : { 'content-type': 'application/fhir+json' }),
-        ...options.headers,
-      },
-      requestContext: {
-        accountId: '111122223333',
-        apiId: 'api',
-        domainName: 'api.example.com',
-        domainPrefix: 'api',
-        http: { method, path: rawPath, protocol: 'HTTP/1.1', sourceIp: '203.0.113.1', userAgent: 'test' },
-        requestId: randomUUID(),
-        routeKey: '$default',
-        stage: '$default',
-        time: '26/Nov/2026:12:00:00 +0000',
-        timeEpoch: Date.now(),
-      },
-      isBase64Encoded: false,
-      ...(options.body === undefined ? {} : { body: JSON.stringify(options.body) }),
-    });
+    const res = await fn('api').invoke<{ statusCode: number; body?: string; headers?: Record<string, string> }>(
+      httpApiEvent(method, path, { ...options, token: options.token ?? ALICE }),
+    );
     const text = res.body ?? '';
     const json = text.startsWith('{') ? (JSON.parse(text) as Json) : {};
     return { status: res.statusCode, body: json, headers: res.headers ?? {} };

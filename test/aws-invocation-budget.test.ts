@@ -9,6 +9,7 @@ import { ensureTables } from '../src/store/dynamodb/tables.js';
 import { ManagementApiDouble } from './support/aws-doubles.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, LOCAL_REGION, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { eventLike, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { httpApiEvent } from './support/http-api-event.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
 
@@ -97,27 +98,10 @@ describe('Lambda invocations against a slow subscriber endpoint', () => {
 
   async function createSubscription(endpoint: string): Promise<string> {
     const res = await handlers.api(
-      {
-        version: '2.0',
-        routeKey: '$default',
-        rawPath: '/fhir/Subscription',
-        rawQueryString: '',
-        headers: { authorization: `Bearer ${ALICE}`, host: 'api.example.com', 'content-type': 'application/fhir+json' },
-        requestContext: {
-          accountId: '111122223333',
-          apiId: 'api',
-          domainName: 'api.example.com',
-          domainPrefix: 'api',
-          http: { method: 'POST', path: '/fhir/Subscription', protocol: 'HTTP/1.1', sourceIp: '203.0.113.1' },
-          requestId: randomUUID(),
-          routeKey: '$default',
-          stage: '$default',
-          time: '26/Nov/2026:12:00:00 +0000',
-          timeEpoch: Date.now(),
-        },
-        isBase64Encoded: false,
-        body: JSON.stringify(slowSubscription(endpoint)),
-      } as unknown as Parameters<Handlers['api']>[0],
+      httpApiEvent('POST', '/fhir/Subscription', {
+        token: ALICE,
+        body: slowSubscription(endpoint),
+      }) as unknown as Parameters<Handlers['api']>[0],
       lambdaContext(29_000) as Context,
     );
     expect(res.statusCode).toBe(201);

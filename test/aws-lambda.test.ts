@@ -23,6 +23,7 @@ import {
   statusOf,
   topicSubscription,
 } from './support/fhir-client.js';
+import { httpApiEvent } from './support/http-api-event.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
 
@@ -105,33 +106,8 @@ describe('Lambda handlers on DynamoDB Local', () => {
 
   /** An API Gateway HTTP API (payload v2) event, as the $default route hands it over. */
   async function api(method: string, path: string, body?: unknown, via: Handlers = handlers) {
-    const [rawPath, rawQueryString = ''] = path.split('?');
     const res = await via.api(
-      {
-        version: '2.0',
-        routeKey: '$default',
-        rawPath,
-        rawQueryString,
-        headers: {
-          authorization: `Bearer ${ALICE}`,
-          host: 'api.example.com',
-          ...(body === undefined ? {} : { 'content-type': 'application/fhir+json' }),
-        },
-        requestContext: {
-          accountId: '111122223333',
-          apiId: 'api',
-          domainName: 'api.example.com',
-          domainPrefix: 'api',
-          http: { method, path: rawPath, protocol: 'HTTP/1.1', sourceIp: '203.0.113.1', userAgent: 'test' },
-          requestId: randomUUID(),
-          routeKey: '$default',
-          stage: '$default',
-          time: '26/Nov/2026:12:00:00 +0000',
-          timeEpoch: Date.now(),
-        },
-        isBase64Encoded: false,
-        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-      } as unknown as Parameters<Handlers['api']>[0],
+      httpApiEvent(method, path, { token: ALICE, body }) as unknown as Parameters<Handlers['api']>[0],
       context,
     );
     const text = 'body' in res && typeof res.body === 'string' ? res.body : '';

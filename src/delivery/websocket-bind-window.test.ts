@@ -3,6 +3,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
+import { record } from '../../test/support/store-fixtures.js';
 import type { SubscriptionRecord } from '../core/types.js';
 import { ApiKeyAuth } from '../http/auth.js';
 import { attachWebSocket } from '../http/websocket-upgrade.js';
@@ -27,20 +28,10 @@ const WINDOW_MS = 400;
 const REASON = `no subscription bound within ${WINDOW_MS} ms`;
 
 const subscription = (id: string): SubscriptionRecord =>
-  ({
-    id,
-    owner: 'alice',
-    kind: 'topic',
-    topic: 't',
-    status: 'active',
+  record(id, {
     match: { resourceTypes: '*', interactions: ['update'] },
     channel: { type: 'websocket', content: 'id-only', headers: [], maxCount: 1 },
-    webhookSecret: 'x',
-    eventsSinceStart: 0,
-    createdAt: '',
-    updatedAt: '',
-    resource: { resourceType: 'Subscription' },
-  }) as unknown as SubscriptionRecord;
+  });
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 

@@ -1,4 +1,5 @@
 import { expect, it } from 'vitest';
+import { record } from '../../test/support/store-fixtures.js';
 import type { Notification, SubscriptionRecord } from '../core/types.js';
 import { silentLogger } from '../observability/logger.js';
 import { Metrics } from '../observability/metrics.js';
@@ -28,20 +29,11 @@ const note = (n: number): Notification => ({
   },
 });
 
-const SUB = {
-  id: 'S',
-  owner: 'alice',
-  kind: 'topic',
-  topic: 't',
-  status: 'active',
+const SUB = record('S', {
   match: { resourceTypes: '*', interactions: ['update'] },
   channel: { type: 'websocket', content: 'id-only', headers: [], maxCount: 10 },
-  webhookSecret: 'x',
   eventsSinceStart: 6,
-  createdAt: '',
-  updatedAt: '',
-  resource: { resourceType: 'Subscription' },
-} as unknown as SubscriptionRecord;
+});
 
 const numbersOf = (text: string): number[] | string => {
   if (!text.startsWith('{')) return text;
