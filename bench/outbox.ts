@@ -65,7 +65,14 @@ const notificationsPerSecond = (b: BurstResult): number => b.notifications / b.d
 const failing = (n: number): boolean => n % FAIL_EVERY === FAIL_EVERY - 1;
 const healthyCount = (i: number): number => panelsOf(i).filter((n) => !failing(n)).length;
 
-type Kind = 'healthy' | 'failing';
+/**
+ * (c) `batching`: all healthy, subscribers with `backport-max-count` 16, so a lane with a backlog
+ * sends several events in one bundle (issue #3: "when a backlog builds, the broker may batch
+ * several events into one bundle, up to max-count"). Reported beside (a) and (b), not a target:
+ * the forwarder posts each event on its own either way.
+ */
+type Kind = 'healthy' | 'failing' | 'batching';
+const BATCH_MAX_COUNT = 16;
 
 /** One burst of each side at one client count, back to back. */
 interface Pair {
@@ -214,7 +221,12 @@ async function runConfig(receiver: Receiver, receiverPort: number, kind: Kind): 
     const env = kind === 'failing' ? { env: { BROKER_RETRY_DELAYS: RETRY_DELAYS } } : {};
     return withBroker(dataDir, { ...env, connections }, async (broker, pool) => {
       const pid = broker.child.pid as number;
-      await subscribe(pool, receiverPort, (n) => (kind === 'failing' && failing(n) ? `/fail/${n}` : `/hook/${n}`));
+      await subscribe(
+        pool,
+        receiverPort,
+        (n) => (kind === 'failing' && failing(n) ? `/fail/${n}` : `/hook/${n}`),
+        kind === 'batching' ? BATCH_MAX_COUNT : undefined,
+      );
       // 503s the broker got from failing subscribers (the forwarder's are counted out: it is stopped
       // during the broker's phases and the other way round).
       let refused = 0;
@@ -261,7 +273,8 @@ async function runConfig(receiver: Receiver, receiverPort: number, kind: Kind): 
         }
       }
       const retried = `${await metric(pool, 'broker_notifications_total', 'retried')} retried, ${await metric(pool, 'broker_notifications_total', 'dead-lettered')} dead-lettered`;
-      const label = kind === 'healthy' ? '(a) all healthy' : '(b) 10% failing';
+      const label =
+        kind === 'healthy' ? '(a) all healthy' : kind === 'failing' ? '(b) 10% failing' : `(c) max-count ${BATCH_MAX_COUNT}`;
       if (broker.warnings.length > 0 && kind !== 'failing')
         console.log(`broker ${label} warnings/errors:\n  ${broker.warnings.slice(0, 5).join('\n  ')}`);
       return {
@@ -310,7 +323,8 @@ export async function runOutbox(): Promise<TargetCheck[]> {
   const receiverPort = await receiver.listen();
   const results: ConfigResult[] = [];
   try {
-    for (const kind of ['healthy', 'failing'] as const) results.push(await runConfig(receiver, receiverPort, kind));
+    for (const kind of ['healthy', 'failing', 'batching'] as const)
+      results.push(await runConfig(receiver, receiverPort, kind));
   } finally {
     await receiver.close();
   }
@@ -417,6 +431,9 @@ export async function runOutbox(): Promise<TargetCheck[]> {
   }
   console.log(
     `(b) counts healthy subscribers only, on both sides; broker BROKER_RETRY_DELAYS=${RETRY_DELAYS}, forwarder FORWARD_FAIL_EVERY=${FAIL_EVERY}`,
+  );
+  console.log(
+    `(c) is (a) with subscribers that allow ${BATCH_MAX_COUNT} events per bundle (backport-max-count): not a target, the forwarder posts each event on its own`,
   );
 
   // Where the CPU goes, per event, for (a): the broker's threads and this process (load generator + receiver).
