@@ -72,6 +72,8 @@ class Lane {
    * sent again from here it would reach the endpoint twice at once.
    */
   peek = false;
+  /** When (`performance.now()`) the last `peek` was asked for. */
+  peekedAt: number | undefined;
   /** A store read for this lane is under way. */
   reloading = false;
   /** Something was enqueued while `reloading`: read the store again afterwards. */
@@ -127,6 +129,8 @@ const RUN_WITHIN_MS = 1000;
  * most 60 s. One older than that was left behind (its instance died) and is sent from here.
  */
 const ELSEWHERE_IN_FLIGHT_MS = 60_000;
+/** An idle lane on a shared store looks at the store's pending notifications at most this often (`Lane.peek`). */
+const PEEK_INTERVAL_MS = 1000;
 /**
  * An attempt not over when the invocation's attempts must be (`endAttemptsWithin`) counts as this
  * failure: not permanent, so a notification is retried on its schedule and a heartbeat goes out
@@ -267,9 +271,15 @@ export class Dispatcher {
       // ones before it sends (`peek`), so the lower one goes first (or, not due yet, holds this one
       // behind it). The read is the `pending` index, which on AWS may lag a just-committed row, but
       // not one left pending by an earlier attempt; this one is queued from here either way.
+      // At most once per PEEK_INTERVAL_MS per lane: a burst of events for one subscription reads the
+      // store once, not once per event (a later one may overtake a retry left elsewhere for that long).
       if (this.#store.sharedByInstances === true && !lane.running && lane.queue.length === 0) {
-        lane.peek = true;
-        touched.add(n.subscriptionId);
+        const now = performance.now();
+        if (lane.peekedAt === undefined || now - lane.peekedAt >= PEEK_INTERVAL_MS) {
+          lane.peekedAt = now;
+          lane.peek = true;
+          touched.add(n.subscriptionId);
+        }
       }
       if (
         n.eventNumber <= lane.done ||
