@@ -274,7 +274,11 @@ async function runConfig(receiver: Receiver, receiverPort: number, kind: Kind): 
       }
       const retried = `${await metric(pool, 'broker_notifications_total', 'retried')} retried, ${await metric(pool, 'broker_notifications_total', 'dead-lettered')} dead-lettered`;
       const label =
-        kind === 'healthy' ? '(a) all healthy' : kind === 'failing' ? '(b) 10% failing' : `(c) max-count ${BATCH_MAX_COUNT}`;
+        kind === 'healthy'
+          ? '(a) all healthy'
+          : kind === 'failing'
+            ? '(b) 10% failing'
+            : `(c) max-count ${BATCH_MAX_COUNT}`;
       if (broker.warnings.length > 0 && kind !== 'failing')
         console.log(`broker ${label} warnings/errors:\n  ${broker.warnings.slice(0, 5).join('\n  ')}`);
       return {
