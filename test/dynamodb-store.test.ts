@@ -12,9 +12,10 @@ import {
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { outcomeOf } from '../src/http/outcome.js';
 import { DynamoDbBindings } from '../src/store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
-import { SubscriptionExistsError } from '../src/store/dynamodb/errors.js';
+import { SubscriptionExistsError, WriteConflictError } from '../src/store/dynamodb/errors.js';
 import { ensureTables, INDEX, tableDefinitions, tableNames } from '../src/store/dynamodb/tables.js';
 import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { change, item, RECEIVED, record } from './support/store-fixtures.js';
@@ -326,6 +327,17 @@ describe('the per-owner quota', () => {
     await other.close();
   });
 
+  it("deletes one client's subscriptions in parallel, all of them, and its count follows", async () => {
+    const ids = Array.from({ length: 40 }, (_, i) => `p${i}`);
+    for (const id of ids) expect(await store.insertSubscription(record(id, { owner: 'parallel' }), 100)).toBe(true);
+    expect((await store.acceptChanges([item('e-parallel', ids)], RECEIVED))[0]?.notifications).toHaveLength(40);
+    const results = await Promise.allSettled(ids.map((id) => store.deleteSubscription(id)));
+    expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
+    expect(await store.listSubscriptions('parallel')).toEqual([]);
+    expect((await countItems()).parallel).toBe(0);
+    for (const id of ids.slice(0, 5)) expect(await store.pendingNotifications(id, 0, 10)).toEqual([]);
+  });
+
   it('counts the subscriptions of tables written before the counts existed, exactly, once', async () => {
     await store.insertSubscription(record('s2'));
     await store.insertSubscription(record('b1', { owner: 'bob' }));
@@ -428,4 +440,10 @@ describe('acceptChanges under throttling and concurrent duplicates', () => {
     expect(flat.flatMap((o) => o.notifications)).toHaveLength(1);
     expect((await store.notificationsInRange('s1', 1, 10, 10)).map((n) => n.state)).toEqual(['pending']);
   });
+});
+
+it('answers a write that kept conflicting as 409 CONFLICT at the HTTP edge (the client may try again)', () => {
+  const { status, body } = outcomeOf(new WriteConflictError('writing subscription s1', 6));
+  expect(status).toBe(409);
+  expect(JSON.stringify(body)).toContain('still conflicting after 6 attempts; try again');
 });

@@ -71,15 +71,15 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  *   DynamoDB Local updates GSIs synchronously, so the contract suite cannot see this.
  * - `recordDeliveries` writes item by item, not in one transaction (a lost update is a redelivery).
  * - `purge` and `requeueDeadLetters` scan/query with filters: fine for the retention window of a
- *   broker, not free. `deleteSubscription` deletes notifications in batches around the subscription
- *   delete; a crash in between can leave notifications of a deleted subscription behind.
+ *   broker, not free. `deleteSubscription` deletes the subscription, then its notifications in
+ *   batches; a crash in between can leave notifications of a deleted subscription behind.
  */
 
 /** A subscription id that cannot exist (FHIR ids have no `#`): what `ping` reads. */
 const PING_KEY = '#ping';
 
 /** Marks the type index as built (see ensureTypeIndex); `#` keeps it apart from resource types. */
-/** Creates of one owner racing on several instances: each round lets one through, so more than a transaction's attempts. */
+/** Rounds of a create whose count condition failed (the quota reached, or the count item created meanwhile). */
 const COUNT_ATTEMPTS = 20;
 
 const TYPE_INDEX_MARKER: Item = { resourceType: S('#index'), subscriptionId: S('#built') };
@@ -143,19 +143,21 @@ export class DynamoDbStore implements Store {
       const failed = await this.#requests.transact([put, count, ...this.#typeWrites(rec.id, undefined, rec)], what);
       if (failed === undefined) return true;
       if (failed[0]?.Code === 'ConditionalCheckFailed') throw new SubscriptionExistsError(rec.id);
-      // The owner's count moved meanwhile (another create or delete, on any instance): count again,
-      // after a short random pause (each such round lets at least one of the racing writes through).
+      // The count reached the quota meanwhile, or its item was created meanwhile (another create,
+      // on any instance): read it again, after a short random pause.
       if (attempt >= COUNT_ATTEMPTS) throw new WriteConflictError(what, attempt);
       await delay(Math.random() * 5 * attempt);
     }
   }
 
   /**
-   * The transaction item that moves `owner`'s subscription count by `delta`: an update of its
-   * count item, conditioned on the count being the one read (so with `quota`, a create can never
-   * take it past the quota, whatever other instances do meanwhile); undefined when the owner holds
-   * `quota` already. An owner without a count item holds none (once `ensureOwnerCounts` has
-   * counted the owners of older tables) and gets one, conditioned on there still being none.
+   * The transaction item that moves `owner`'s subscription count by `delta`: `ADD`, which commutes,
+   * so creates and deletes of one client's different subscriptions never fail each other's
+   * conditions (they may still conflict, and are retried); a create's carries the condition that
+   * the count is below `quota`, so no create takes it past the quota, whatever other instances do
+   * meanwhile. Undefined when the owner holds `quota` already. An owner without a count item holds
+   * none (once `ensureOwnerCounts` has counted the owners of older tables) and gets one,
+   * conditioned on there still being none.
    */
   async #countWrite(owner: string, delta: 1 | -1, quota?: number): Promise<TransactWriteItem | undefined> {
     const key = ownerCountKey(owner);
@@ -164,7 +166,8 @@ export class DynamoDbStore implements Store {
     let item = (await read()).Item;
     if (item === undefined && (await this.ensureOwnerCounts()) >= 0) item = (await read()).Item;
     const held = item === undefined ? 0 : readNumber(item, 'held');
-    if (delta > 0 && quota !== undefined && held >= quota) return undefined;
+    const limited = delta > 0 && quota !== undefined && Number.isFinite(quota);
+    if (limited && held >= (quota as number)) return undefined;
     const e = new Expression();
     if (item === undefined) {
       return {
@@ -176,13 +179,14 @@ export class DynamoDbStore implements Store {
         },
       };
     }
-    e.set('held', N(Math.max(held + delta, 0)));
+    e.add('held', N(delta));
+    const exists = `attribute_exists(${e.name('held')})`;
     return {
       Update: {
         TableName,
         Key: key,
         UpdateExpression: e.update,
-        ConditionExpression: `${e.name('held')} = ${e.value(N(held))}`,
+        ConditionExpression: limited ? `${exists} AND ${e.name('held')} < ${e.value(N(quota as number))}` : exists,
         ...e.bindings,
       },
     };
@@ -313,11 +317,10 @@ export class DynamoDbStore implements Store {
   }
 
   async deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean> {
-    // Notifications first, then the subscription, then once more for any that an acceptance
-    // committed in between (none can commit after: its transaction checks the subscription exists).
-    // A compare-and-delete must not touch the notifications before its condition held: the
-    // subscription goes first (the write is conditioned on the item as read), then its notifications.
-    if (expectedUpdatedAt === undefined) await this.#deleteNotificationsOf(id);
+    // The subscription first (with `expectedUpdatedAt`, conditioned on the item as read), then its
+    // notifications: a delete that fails (a changed version, a conflict) keeps them all, and none
+    // can be added after (an acceptance's transaction checks that the subscription exists). A crash
+    // in between leaves notifications of a deleted subscription (never read again; see above).
     const deleted = await this.#writeSubscription(id, (current) =>
       expectedUpdatedAt === undefined || current.updatedAt === expectedUpdatedAt ? { next: undefined } : undefined,
     );

@@ -1,3 +1,5 @@
+import { BrokerError } from '../../core/errors.js';
+
 /**
  * What the DynamoDB adapter raises on purpose. Conditional-write failures the Store port defines
  * as outcomes (an unknown id, a failed compare-and-set) are answers, not errors; these are the rest.
@@ -22,10 +24,13 @@ export class CorruptItemError extends Error {
   }
 }
 
-/** A transaction kept colliding with concurrent writes to the same items. */
-export class WriteConflictError extends Error {
+/**
+ * A transaction kept colliding with concurrent writes to the same items. A `CONFLICT` (409) at the
+ * HTTP edge: nothing was written, and the client may simply try again.
+ */
+export class WriteConflictError extends BrokerError {
   constructor(what: string, attempts: number, options?: ErrorOptions) {
-    super(`${what}: still conflicting after ${attempts} attempts`, options);
+    super('CONFLICT', `${what}: still conflicting after ${attempts} attempts; try again`, options);
     this.name = 'WriteConflictError';
   }
 }
