@@ -335,17 +335,29 @@ export class Dispatcher {
     return this.#attemptsEndAt === undefined ? Number.POSITIVE_INFINITY : this.#attemptsEndAt - performance.now();
   }
 
-  /** `send()`, unless the time for attempts is over (then undefined: nothing sent). */
-  #inTime<T>(send: () => Promise<T>): Promise<T | undefined> {
-    return this.#timeLeft() > 0 ? send() : Promise.resolve(undefined);
-  }
-
-  /** What `attempt` answers, or `cut()` if it has not answered shortly after the time for attempts is over. */
-  #bounded<T>(attempt: Promise<T>, cut: () => T): Promise<T> {
+  /**
+   * One attempt within the in-flight caps (`#withSlot`) and the invocation's time for attempts:
+   * `send()` once it has a slot, unless that time is over by then. Answers undefined for one that
+   * never started (no slot in time, or the time was over: nothing sent, nothing to record, the
+   * next run makes it), and `cut()` for one that started and had no answer shortly after the time
+   * was over (a failed attempt; its late answer is ignored). Per attempt, so a slot granted after
+   * the cut (even in a later invocation) starts nothing nobody waits for.
+   */
+  #attempt<T>(sub: SubscriptionRecord, send: () => Promise<T>, cut: () => T): Promise<T | undefined> {
+    let started = false;
+    let cutOff = false;
+    const attempt = this.#withSlot(sub, (): Promise<T | undefined> => {
+      if (cutOff || this.#timeLeft() <= 0) return Promise.resolve(undefined);
+      started = true;
+      return send();
+    });
     const left = this.#timeLeft();
     if (left === Number.POSITIVE_INFINITY) return attempt;
-    return new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => resolve(cut()), Math.max(left, 0) + CUT_GRACE_MS);
+    return new Promise<T | undefined>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        cutOff = true;
+        resolve(started ? cut() : undefined);
+      }, Math.max(left, 0) + CUT_GRACE_MS);
       attempt.then(
         (value) => {
           clearTimeout(timer);
@@ -375,10 +387,9 @@ export class Dispatcher {
     // (the next run sends the next heartbeat), so a slow endpoint cannot hold the run.
     await Promise.all(
       due.map(async (sub) => {
-        const result = await this.#bounded(
-          this.#withSlot(sub, () =>
-            this.#inTime(() => this.#sendBundle(sub, 'heartbeat', [], `${sub.id}-heartbeat-${now}`)),
-          ),
+        const result = await this.#attempt(
+          sub,
+          () => this.#sendBundle(sub, 'heartbeat', [], `${sub.id}-heartbeat-${now}`),
           () => ATTEMPT_CUT,
         );
         if (result !== undefined) await this.#heartbeatAnswered(sub, result);
@@ -494,16 +505,19 @@ export class Dispatcher {
         lane.run = run;
         let results: SendResult[];
         try {
-          // Cut when the invocation's time for attempts is over: the first bundle counts as failed
-          // (one the run delivered before the cut goes again under its webhook-id), the rest of the
-          // run does not start.
-          results = await this.#bounded(
-            this.#withSlot(sub, () => this.#sendNotifications(sub, batches, run)),
-            () => {
-              run.stop();
-              return [ATTEMPT_CUT];
-            },
-          );
+          // Cut when the invocation's time for attempts is over: a run under way counts its first
+          // bundle as failed (one it delivered before the cut goes again under its webhook-id) and
+          // starts no more; one that never got a slot sends nothing and stays queued, its attempts
+          // unchanged (the loop then stops: the time is over).
+          results =
+            (await this.#attempt(
+              sub,
+              () => this.#sendNotifications(sub, batches, run),
+              () => {
+                run.stop();
+                return [ATTEMPT_CUT];
+              },
+            )) ?? [];
         } finally {
           lane.run = undefined;
         }
@@ -739,13 +753,10 @@ export class Dispatcher {
    * subscription was deleted or changed while it waited for a slot (then undefined: nothing sent).
    */
   #sendIfCurrent(sub: SubscriptionRecord, type: NotificationType, webhookId: string): Promise<SendResult | undefined> {
-    // Also undefined once the invocation's time for attempts is over; failed if not answered by then.
-    return this.#bounded(
-      this.#withSlot(sub, () =>
-        this.#registry.isCurrent(sub)
-          ? this.#inTime(() => this.#sendBundle(sub, type, [], webhookId))
-          : Promise.resolve(undefined),
-      ),
+    // Also undefined when it never started within the invocation's time for attempts (see #attempt).
+    return this.#attempt(
+      sub,
+      () => (this.#registry.isCurrent(sub) ? this.#sendBundle(sub, type, [], webhookId) : Promise.resolve(undefined)),
       () => ATTEMPT_CUT,
     );
   }
