@@ -88,10 +88,16 @@ describe('a broker whose database file is deleted', () => {
     const exited = new Promise((resolve) => broker.child.once('exit', resolve));
     for (const f of ['broker.sqlite3', 'broker.sqlite3-wal', 'broker.sqlite3-shm'])
       rmSync(join(dataDir, f), { force: true });
-    const health = await fetch(`${broker.url}/healthz`).catch(() => undefined);
-    expect(health?.status ?? 503).toBe(503);
+    // The broker may exit before it answers (then the request fails); it must not leave it hanging.
+    const health = await fetch(`${broker.url}/healthz`, { signal: AbortSignal.timeout(10_000) }).catch((err: Error) =>
+      err.name === 'TimeoutError' ? err : undefined,
+    );
+    expect(health instanceof Error ? 'no answer within 10 s' : (health?.status ?? 503)).toBe(503);
     await broker.waitForLog((r) => r.msg === 'the SQLite store failed; exiting so that a restart recovers', 'the exit');
-    expect(await exited).toBe(70);
+    const timeout = new Promise((resolve) =>
+      setTimeout(() => resolve('still running 10 s after its exit log'), 10_000),
+    );
+    expect(await Promise.race([exited, timeout])).toBe(70);
   });
 });
 

@@ -1,4 +1,4 @@
-import { mkdirSync, statSync } from 'node:fs';
+import { closeSync, fstatSync, mkdirSync, openSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { BrokerError } from '../../core/errors.js';
@@ -229,6 +229,8 @@ interface NotificationRow {
 
 /** How often the database path is checked against the file opened (see `#checkFile`). */
 const FILE_CHECK_MS = 5000;
+/** How long `ping` waits for the writer thread's answer (one purge batch or commit takes milliseconds). */
+const PING_MS = 5000;
 
 export class SqliteStore implements Store {
   readonly #db: Database.Database;
@@ -238,6 +240,13 @@ export class SqliteStore implements Store {
   readonly #writer: SqliteWriter;
   readonly #file: string;
   readonly #inode: number;
+  /**
+   * A descriptor of the file opened, only ever `fstat`ed: its link count drops to 0 when the file is
+   * deleted, even if a new file at the path got the old inode number (file systems reuse them).
+   * Closed last in `close`, after every connection: closing a descriptor of a database file drops
+   * the process's POSIX locks on it, SQLite's included.
+   */
+  readonly #fd: number;
   readonly #fileCheck: NodeJS.Timeout;
 
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
@@ -271,6 +280,7 @@ export class SqliteStore implements Store {
     // would be lost. The path is checked against the file opened, now and then and on `ping`.
     this.#file = file;
     this.#inode = statSync(file).ino;
+    this.#fd = openSync(file, 'r');
     this.#fileCheck = setInterval(() => {
       try {
         this.#checkFile();
@@ -411,7 +421,19 @@ export class SqliteStore implements Store {
   async ping(): Promise<void> {
     this.#checkFile();
     this.#stmt.ping.get();
-    await this.#writer.ping();
+    // Bounded: a health check answers (503) even when the writer thread does not.
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new BrokerError('STORE_UNAVAILABLE', `the SQLite writer did not answer within ${PING_MS} ms`)),
+        PING_MS,
+      );
+    });
+    try {
+      await Promise.race([this.#writer.ping(), late]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Hears once that the store failed for good (the writer crashed, the file was deleted or replaced). */
@@ -420,13 +442,13 @@ export class SqliteStore implements Store {
   }
 
   #checkFile(): void {
-    let inode: number | undefined;
+    let same: boolean;
     try {
-      inode = statSync(this.#file).ino;
+      same = fstatSync(this.#fd).nlink > 0 && statSync(this.#file).ino === this.#inode;
     } catch {
-      inode = undefined;
+      same = false;
     }
-    if (inode === this.#inode) return;
+    if (same) return;
     // (Deleted, it may already be back as a new, empty file: SQLite recreates a missing one.)
     const err = new BrokerError(
       'STORE_UNAVAILABLE',
@@ -438,8 +460,12 @@ export class SqliteStore implements Store {
 
   async close(): Promise<void> {
     clearInterval(this.#fileCheck);
-    await this.#writer.close();
-    if (this.#db.open) this.#db.close();
+    try {
+      await this.#writer.close();
+      if (this.#db.open) this.#db.close();
+    } finally {
+      closeSync(this.#fd);
+    }
   }
 }
 
