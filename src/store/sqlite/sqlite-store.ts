@@ -247,6 +247,7 @@ export class SqliteStore implements Store {
    * the process's POSIX locks on it, SQLite's included.
    */
   readonly #fd: number;
+  #fdClosed = false;
   readonly #fileCheck: NodeJS.Timeout;
 
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
@@ -464,7 +465,8 @@ export class SqliteStore implements Store {
       await this.#writer.close();
       if (this.#db.open) this.#db.close();
     } finally {
-      closeSync(this.#fd);
+      if (!this.#fdClosed) closeSync(this.#fd);
+      this.#fdClosed = true;
     }
   }
 }
