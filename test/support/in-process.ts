@@ -1,4 +1,4 @@
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type Broker, type BrokerOverrides, createBroker } from '../../src/broker.js';
@@ -30,8 +30,9 @@ export async function inProcessBroker(
   overrides: BrokerOverrides = {},
 ): Promise<TestBroker> {
   const logger = new RecordingLogger();
+  const dataDir = mkdtempSync(join(tmpdir(), 'fsb-ip-'));
   const config = loadConfig({
-    BROKER_DATA_DIR: mkdtempSync(join(tmpdir(), 'fsb-ip-')),
+    BROKER_DATA_DIR: dataDir,
     BROKER_API_KEYS: `alice:${TOKENS.alice},bob:${TOKENS.bob}`,
     BROKER_INGEST_TOKEN: TOKENS.ingest,
     BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
@@ -39,6 +40,15 @@ export async function inProcessBroker(
     ...env,
   });
   const broker = await createBroker(config, { logger, ...overrides });
+  // Closing it removes its data directory (every test run left one per broker in the temp dir).
+  const close = broker.close;
+  broker.close = async (graceMs) => {
+    try {
+      await close(graceMs);
+    } finally {
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  };
   await broker.start();
   const call = async (method: string, path: string, body?: unknown, token: string = TOKENS.alice) => {
     const res = await broker.app.request(path, {
