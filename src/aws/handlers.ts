@@ -66,45 +66,37 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
     return broker;
   };
   /**
-   * At the start of an invocation that may make attempts: they are over within the delivery budget,
-   * and FLUSH_MARGIN_MS before the function's timeout (see DELIVERY_BUDGET_MS). When, as
-   * `performance.now()`.
+   * An invocation that may make attempts: they are over within the delivery budget, and
+   * FLUSH_MARGIN_MS before the function's timeout (see DELIVERY_BUDGET_MS). After `work`, before
+   * the handler returns (the container may freeze): attempts under way (failed ones recorded for a
+   * retry), delivery states, then lifecycle events.
    */
-  const begin = (broker: AwsBroker, context: InvocationContext | undefined): number => {
+  const within = async <T>(broker: AwsBroker, context: InvocationContext | undefined, work: () => Promise<T>) => {
     const remaining =
       typeof context?.getRemainingTimeInMillis === 'function'
         ? context.getRemainingTimeInMillis()
         : Number.POSITIVE_INFINITY;
     const budget = Math.max(Math.min(DELIVERY_BUDGET_MS, remaining - FLUSH_MARGIN_MS), 0);
     broker.dispatcher.endAttemptsWithin(budget);
-    return performance.now() + budget;
-  };
-  /**
-   * Before a handler returns (the container may freeze): attempts under way (over by `attemptsEnd`,
-   * failed ones recorded for a retry), delivery states, then lifecycle events.
-   */
-  const settle = async (broker: AwsBroker, attemptsEnd: number): Promise<void> => {
+    const attemptsEnd = performance.now() + budget;
+    const result = await work();
     await broker.dispatcher.idle(Math.max(attemptsEnd - performance.now(), 0) + SETTLE_GRACE_MS);
     await broker.flushLifecycle();
+    return result;
   };
   let api: ReturnType<typeof handle> | undefined;
 
   return {
     async events(event, context) {
       const broker = await brokerPromise;
-      const attemptsEnd = begin(broker, context);
-      const result = await broker.ingest.ingest(event);
-      await settle(broker, attemptsEnd);
-      return result;
+      return within(broker, context, () => broker.ingest.ingest(event));
     },
 
     async api(event, context) {
       const broker = await ready();
-      const attemptsEnd = begin(broker, context);
       api ??= handle(broker.app);
-      const response = await api(event, context);
-      await settle(broker, attemptsEnd);
-      return response;
+      const app = api;
+      return within(broker, context, () => app(event, context));
     },
 
     async connect(event) {
@@ -133,24 +125,24 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
 
     async message(event, context) {
       const broker = await ready();
-      const attemptsEnd = begin(broker, context);
-      const connectionId = event.requestContext.connectionId ?? '';
-      const raw = event.body ?? '';
-      const text = event.isBase64Encoded === true ? Buffer.from(raw, 'base64').toString('utf8') : raw;
-      const owner = await broker.bindings.ownerOf(connectionId);
-      await broker.websocket.onMessage({ id: connectionId, ...(owner === undefined ? {} : { apiOwner: owner }) }, text);
-      await settle(broker, attemptsEnd);
-      return { statusCode: 200 };
+      return within(broker, context, async () => {
+        const connectionId = event.requestContext.connectionId ?? '';
+        const raw = event.body ?? '';
+        const text = event.isBase64Encoded === true ? Buffer.from(raw, 'base64').toString('utf8') : raw;
+        const owner = await broker.bindings.ownerOf(connectionId);
+        const from = { id: connectionId, ...(owner === undefined ? {} : { apiOwner: owner }) };
+        await broker.websocket.onMessage(from, text);
+        return { statusCode: 200 };
+      });
     },
 
     async dispatch(windowMs = 60_000, context) {
       const broker = await ready();
-      const attemptsEnd = begin(broker, context);
-      await broker.start();
-      // Heartbeats, like every attempt of the run, end within its budget (see DELIVERY_BUDGET_MS).
-      const heartbeats = await broker.dispatcher.sendDueHeartbeats(windowMs);
-      await settle(broker, attemptsEnd);
-      return { heartbeats };
+      return within(broker, context, async () => {
+        await broker.start();
+        // Heartbeats, like every attempt of the run, end within its budget (see DELIVERY_BUDGET_MS).
+        return { heartbeats: await broker.dispatcher.sendDueHeartbeats(windowMs) };
+      });
     },
   };
 }

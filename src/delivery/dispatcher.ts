@@ -772,7 +772,7 @@ export class Dispatcher {
     batches: readonly QueuedNotification[][],
     run: RunStop,
   ): Promise<SendResult[]> {
-    if (run.stopped || this.#timeLeft() <= 0) return [];
+    if (run.stopped) return [];
     const bundles = batches.map((batch) => {
       const notes = batch.map((q) => q.note);
       const first = notes[0]?.eventNumber ?? 0;

@@ -78,10 +78,10 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
 /** A subscription id that cannot exist (FHIR ids have no `#`): what `ping` reads. */
 const PING_KEY = '#ping';
 
-/** Marks the type index as built (see ensureTypeIndex); `#` keeps it apart from resource types. */
 /** Rounds of a create whose count condition failed (the quota reached, or the count item created meanwhile). */
 const COUNT_ATTEMPTS = 20;
 
+/** Marks the type index as built (see ensureTypeIndex); `#` keeps it apart from resource types. */
 const TYPE_INDEX_MARKER: Item = { resourceType: S('#index'), subscriptionId: S('#built') };
 
 /**
