@@ -12,6 +12,8 @@ describe('loadConfig', () => {
       dataDir: './data',
       store: 'sqlite',
       webhookThreads: 1,
+      wsMaxConnections: 20_000,
+      wsMaxUnboundPerAddress: 64,
       maxInFlight: 512,
       maxInFlightPerOrigin: 32,
       eventRetentionMs: 7 * 86_400_000,
@@ -38,6 +40,16 @@ describe('loadConfig', () => {
     ['BROKER_INGEST_TOKEN', { BROKER_INGEST_TOKEN: 'short' }, /at least 16 characters/],
     ['BROKER_METRICS_TOKEN', { BROKER_METRICS_TOKEN: 'short' }, /at least 16 characters/],
     ['BROKER_WS_MAX_CONNECTIONS', { BROKER_WS_MAX_CONNECTIONS: '0' }, /^BROKER_WS_MAX_CONNECTIONS: /],
+    [
+      'BROKER_WS_MAX_UNBOUND_PER_ADDRESS',
+      { BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '1000001' },
+      /^BROKER_WS_MAX_UNBOUND_PER_ADDRESS: must be an integer from 0 to 1000000$/,
+    ],
+    [
+      'BROKER_WS_MAX_UNBOUND_PER_ADDRESS',
+      { BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '-1' },
+      /^BROKER_WS_MAX_UNBOUND_PER_ADDRESS: must be an integer/,
+    ],
     ['AWS_REGION', { AWS_REGION: 'mars' }, /^AWS_REGION: mars is not an AWS region$/],
     ['BROKER_EVENT_RETENTION', { BROKER_EVENT_RETENTION: '10s' }, /at least 1m/],
     ['BROKER_RETRY_DELAYS', { BROKER_RETRY_DELAYS: '5s,soon' }, /^BROKER_RETRY_DELAYS: /],
@@ -62,6 +74,11 @@ describe('loadConfig', () => {
     }
     expect(message).toBe('BROKER_API_KEYS: the token of app must be at least 16 characters');
     expect(message).not.toContain('tiny-secret');
+  });
+
+  it('reads the per-address cap on unbound WebSockets, 0 turning it off', () => {
+    expect(loadConfig({ BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '3' }).wsMaxUnboundPerAddress).toBe(3);
+    expect(loadConfig({ BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '0' }).wsMaxUnboundPerAddress).toBe(0);
   });
 
   it('accepts as many sender threads as connections per origin', () => {

@@ -37,6 +37,11 @@ export interface Config {
   /** Open local WebSockets at most; upgrades past it get 503. */
   readonly wsMaxConnections: number;
   /**
+   * Open local WebSockets holding no binding, per remote address; an upgrade from an address at
+   * the cap gets 429. 0: no cap.
+   */
+  readonly wsMaxUnboundPerAddress: number;
+  /**
    * Socket processes that own the local WebSocket connections and do their writes (`npm start`
    * only); 0 keeps every socket on the main thread.
    */
@@ -135,6 +140,9 @@ export function loadConfig(env: Env = process.env): Config {
     wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
     // 20,000: twice the fan-out bench's 10,000 sockets, within a default 64k descriptor limit.
     wsMaxConnections: int(env, 'BROKER_WS_MAX_CONNECTIONS', 20_000, 1, 1_000_000),
+    // 64: a host running many live pages or clients, yet one address that opens sockets and never
+    // binds holds 64 of the 20,000, not all of them, however fast it reconnects.
+    wsMaxUnboundPerAddress: int(env, 'BROKER_WS_MAX_UNBOUND_PER_ADDRESS', 64, 0, 1_000_000),
     // 0 by default: on the 2-core bench machine the in-process hub was the faster (bench/README.md, fanout).
     wsProcesses: int(env, 'BROKER_WS_PROCESSES', 0, 0, 64),
     // 1: ~15% more outbox throughput on the 2-core bench machine than sending from the main thread.

@@ -90,7 +90,9 @@ async function main(): Promise<void> {
     hub: broker.websocketHub,
     apiAuth: broker.apiAuth,
     logger,
+    metrics: broker.metrics,
     maxConnections: config.wsMaxConnections,
+    maxUnboundPerAddress: config.wsMaxUnboundPerAddress,
   });
   // Signals are heard from here on, before `listening` is announced: a stop right after it (a
   // supervisor, a test) is a clean shutdown, not the default death by SIGTERM.

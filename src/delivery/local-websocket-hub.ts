@@ -42,11 +42,69 @@ export const DEFAULT_HUB_LIMITS: HubLimits = {
   firstMessageWithinMs: 30_000,
 };
 
+/**
+ * What a socket counts against in the per-address cap on unbound sockets: the TCP peer (behind a
+ * reverse proxy, the proxy). An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack
+ * listener reports) counts as its IPv4 form, so one IPv4 client is one key on any listener; any
+ * other IPv6 address by its /64 (`2001:db8:0:1::/64`), the block one host or site is given, so a
+ * client cannot step around the cap by using another of its addresses.
+ */
+export function remoteAddressOf(req: { readonly socket: { readonly remoteAddress?: string | undefined } }): string {
+  const address = req.socket.remoteAddress ?? '';
+  if (!address.includes(':')) return address;
+  if (address.startsWith('::ffff:') && address.includes('.')) return address.slice('::ffff:'.length);
+  return ipv6Prefix64(address);
+}
+
+/** The first four groups of an IPv6 address, without leading zeros, as `a:b:c:d::/64`. */
+function ipv6Prefix64(address: string): string {
+  const bare = address.split('%')[0] as string; // no zone index (`fe80::1%eth0`)
+  const groupsOf = (part: string): string[] =>
+    part === '' ? [] : part.split(':').flatMap((g) => (g.includes('.') ? ['0', '0'] : [g]));
+  const [head = '', tail] = bare.split('::');
+  const front = groupsOf(head);
+  const back = tail === undefined ? [] : groupsOf(tail);
+  const groups = [...front, ...Array<string>(Math.max(8 - front.length - back.length, 0)).fill('0'), ...back];
+  return `${groups
+    .slice(0, 4)
+    .map((g) => (Number.parseInt(g, 16) || 0).toString(16))
+    .join(':')}::/64`;
+}
+
+/**
+ * Open sockets holding no binding, by remote address (`LocalSockets.unboundFrom`). An address
+ * leaves the map when its count reaches 0: the map holds no more entries than unbound sockets.
+ */
+export class UnboundByAddress {
+  readonly #counts = new Map<string, number>();
+
+  of(address: string): number {
+    return this.#counts.get(address) ?? 0;
+  }
+
+  add(address: string): void {
+    this.#counts.set(address, this.of(address) + 1);
+  }
+
+  remove(address: string): void {
+    const left = this.of(address) - 1;
+    if (left > 0) this.#counts.set(address, left);
+    else this.#counts.delete(address);
+  }
+
+  /** Addresses with at least one unbound socket. */
+  get addresses(): number {
+    return this.#counts.size;
+  }
+}
+
 interface Socket {
   readonly ws: WebSocket;
   /** The TCP socket under `ws` when the hub upgraded it: pre-built frames are written to it directly. */
   readonly raw: Duplex | undefined;
   readonly conn: Connection;
+  /** `remoteAddressOf` its upgrade request: what it counts against while it holds no binding. */
+  readonly address: string;
   alive: boolean;
   tokens: number;
   refilledAt: number;
@@ -73,11 +131,17 @@ export interface LocalSockets extends WebSocketPort {
   closeAll(code?: number, reason?: string): void;
   /** Required here: the local layers close a socket that holds no binding for the bind window. */
   markBound(connectionId: string, bound: boolean): void;
+  /**
+   * Open sockets from `address` (as `remoteAddressOf` gives it) that hold no binding: from the
+   * upgrade until `markBound(id, true)`, and again from `markBound(id, false)` until the close.
+   */
+  unboundFrom(address: string): number;
   readonly size: number;
 }
 
 export class LocalWebSocketHub implements LocalSockets {
   readonly #sockets = new Map<string, Socket>();
+  readonly #unbound = new UnboundByAddress();
   readonly #limits: HubLimits;
   readonly #logger: Logger;
   readonly #metrics: Metrics;
@@ -118,6 +182,10 @@ export class LocalWebSocketHub implements LocalSockets {
     return this.#sockets.size;
   }
 
+  unboundFrom(address: string): number {
+    return this.#unbound.of(address);
+  }
+
   /** Completes the WebSocket handshake on `socket` and accepts it (with `id` when the caller chose one). */
   upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, owner: string | undefined, id?: string): void {
     this.#wss ??= new WebSocketServer({
@@ -125,17 +193,21 @@ export class LocalWebSocketHub implements LocalSockets {
       maxPayload: MAX_CLIENT_MESSAGE_BYTES,
       perMessageDeflate: false,
     });
+    const address = remoteAddressOf(req);
+    // ws completes the handshake synchronously (no verifyClient, no compression): the socket is
+    // counted unbound before the caller can check the next upgrade against the cap.
     this.#wss.handleUpgrade(req, socket, head, (ws) => {
-      const accepted = this.accept(ws, owner, id, socket);
+      const accepted = this.accept(ws, owner, id, socket, address);
       this.#logger.debug('websocket connected', { connection: accepted, owner: owner ?? null });
     });
   }
 
-  accept(ws: WebSocket, apiOwner?: string, id: string = randomUUID(), raw?: Duplex): string {
+  accept(ws: WebSocket, apiOwner?: string, id: string = randomUUID(), raw?: Duplex, address = ''): string {
     const socket: Socket = {
       ws,
       raw,
       conn: { id, ...(apiOwner === undefined ? {} : { apiOwner }) },
+      address,
       alive: true,
       tokens: this.#limits.maxMessagesPerSecond,
       refilledAt: Date.now(),
@@ -143,6 +215,7 @@ export class LocalWebSocketHub implements LocalSockets {
       unboundTimer: undefined,
     };
     this.#sockets.set(id, socket);
+    this.#unbound.add(address);
     this.#startBindWindow(id, socket);
     ws.on('pong', () => {
       socket.alive = true;
@@ -210,7 +283,11 @@ export class LocalWebSocketHub implements LocalSockets {
     if (bound) {
       clearTimeout(socket.unboundTimer);
       socket.unboundTimer = undefined;
-    } else this.#startBindWindow(connectionId, socket);
+      this.#unbound.remove(socket.address);
+    } else {
+      this.#unbound.add(socket.address);
+      this.#startBindWindow(connectionId, socket);
+    }
   }
 
   #startBindWindow(id: string, socket: Socket): void {
@@ -278,19 +355,28 @@ export class LocalWebSocketHub implements LocalSockets {
   }
 
   async #onClose(id: string): Promise<void> {
-    const socket = this.#sockets.get(id);
-    if (socket !== undefined) clearTimeout(socket.unboundTimer);
-    this.#sockets.delete(id);
+    this.#remove(id);
     await this.#handler?.onClose(id);
+  }
+
+  /**
+   * Every way out of the hub ends here (a close of any cause; a socket dropped for a missing pong,
+   * whose close event comes later): a socket leaves the unbound count once, whatever comes after.
+   */
+  #remove(id: string): void {
+    const socket = this.#sockets.get(id);
+    if (socket === undefined) return;
+    clearTimeout(socket.unboundTimer);
+    this.#sockets.delete(id);
+    if (!socket.bound) this.#unbound.remove(socket.address);
   }
 
   #pingAll(): void {
     for (const [id, s] of this.#sockets) {
       if (!s.alive) {
         this.#metrics.inc('broker_websocket_closed_total', { reason: 'no-pong' });
-        clearTimeout(s.unboundTimer);
         s.ws.terminate();
-        this.#sockets.delete(id);
+        this.#remove(id);
         this.#guard(id, () => this.#handler?.onClose(id) ?? Promise.resolve());
         continue;
       }

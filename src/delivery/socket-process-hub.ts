@@ -7,7 +7,13 @@ import type { Duplex } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
-import type { HubLimits, LocalSockets, MessageHandler } from './local-websocket-hub.js';
+import {
+  type HubLimits,
+  type LocalSockets,
+  type MessageHandler,
+  remoteAddressOf,
+  UnboundByAddress,
+} from './local-websocket-hub.js';
 import type { FromSocketProcess, SocketProcessConfig, ToSocketProcess } from './socket-process-protocol.js';
 import type { Connection } from './websocket-channel.js';
 import { CLOSE, type ManyOutcome, type SendOutcome } from './websocket-port.js';
@@ -39,8 +45,12 @@ export class SocketProcessHub implements LocalSockets {
   readonly #logger: Logger;
   readonly #metrics: Metrics;
   readonly #children: Child[] = [];
-  /** Connection id → its child, the connection the channel sees, and whether it holds a binding. */
-  readonly #connections = new Map<string, { child: Child; conn: Connection; bound: boolean }>();
+  /**
+   * Connection id → its child, the connection the channel sees, its remote address, and whether
+   * it holds a binding. Counted here, not in the children: the upgrade check runs in this process.
+   */
+  readonly #connections = new Map<string, { child: Child; conn: Connection; address: string; bound: boolean }>();
+  readonly #unbound = new UnboundByAddress();
   #handler: MessageHandler | undefined;
   #next = 0;
   #rq = 0;
@@ -76,6 +86,10 @@ export class SocketProcessHub implements LocalSockets {
     return this.#connections.size;
   }
 
+  unboundFrom(address: string): number {
+    return this.#unbound.of(address);
+  }
+
   get pids(): number[] {
     return this.#children.map((c) => c.process.pid ?? 0);
   }
@@ -91,11 +105,15 @@ export class SocketProcessHub implements LocalSockets {
       return;
     }
     const id = randomUUID();
+    const address = remoteAddressOf(req);
     this.#connections.set(id, {
       child,
       conn: { id, ...(owner === undefined ? {} : { apiOwner: owner }) },
+      address,
       bound: false,
     });
+    // Counted from the hand-off: the child reports a refused handshake as closed (`#gone`).
+    this.#unbound.add(address);
     child.connections.add(id);
     const rest = stopReading(socket as Socket);
     // The API key was checked here; the child needs only what the WebSocket handshake reads.
@@ -164,6 +182,8 @@ export class SocketProcessHub implements LocalSockets {
     const entry = this.#connections.get(connectionId);
     if (entry === undefined || entry.bound === bound || !entry.child.alive) return;
     entry.bound = bound;
+    if (bound) this.#unbound.remove(entry.address);
+    else this.#unbound.add(entry.address);
     this.#post(entry.child, { t: 'bound', id: connectionId, bound });
   }
 
@@ -256,6 +276,7 @@ export class SocketProcessHub implements LocalSockets {
     if (entry === undefined) return;
     this.#connections.delete(id);
     entry.child.connections.delete(id);
+    if (!entry.bound) this.#unbound.remove(entry.address);
     this.#handler?.onClose(id).catch((err: unknown) => {
       this.#logger.error('websocket close handler failed', { connection: id, err: err as Error });
     });
@@ -268,13 +289,13 @@ export class SocketProcessHub implements LocalSockets {
     for (const id of [...child.connections]) this.#gone(id);
     if (this.#closing) return;
     this.#logger.error('socket process exited; starting another', { child: child.index, code, signal });
-    const restart = setTimeout(
-      () =>
-        this.#spawn(child.index).catch((err: unknown) => {
-          this.#logger.error('socket process failed to start', { child: child.index, err: err as Error });
-        }),
-      1000,
-    );
+    const restart = setTimeout(() => {
+      // Shut down meanwhile: nothing to serve.
+      if (this.#closing) return;
+      this.#spawn(child.index).catch((err: unknown) => {
+        this.#logger.error('socket process failed to start', { child: child.index, err: err as Error });
+      });
+    }, 1000);
     restart.unref();
   }
 }
