@@ -606,6 +606,8 @@ export class Dispatcher {
     result: SendResult,
     current: boolean,
   ): Promise<boolean> {
+    // Left as it was (still pending, its attempts unchanged): the restart sends it again.
+    if (this.#cutByShutdown(result)) return false;
     const now = this.#clock.now();
     if (result.ok) {
       lane.lastSentAt = now;
@@ -709,7 +711,8 @@ export class Dispatcher {
     }
     // Changed or deleted while this waited for a slot: a change's own handshake decides.
     const result = await this.#sendIfCurrent(sub, 'handshake', `${id}-handshake-${this.#ids.uuid()}`);
-    if (result === undefined) return;
+    // Cut by a shutdown: still `requested`, so the next start sends the handshake again.
+    if (result === undefined || this.#cutByShutdown(result)) return;
     this.#metrics.inc('broker_handshakes_total', { outcome: result.ok ? 'ok' : 'failed' });
     // Applied only while the subscription is still the one the handshake went out for (`sub`): the
     // answer of an endpoint the client moved away from meanwhile neither activates nor fails it.
@@ -923,6 +926,7 @@ export class Dispatcher {
    * kept in the store for `heartbeatsAllowed` to see. The client re-activates it as after any error.
    */
   async #heartbeatAnswered(sub: SubscriptionRecord, result: SendResult): Promise<boolean> {
+    if (this.#cutByShutdown(result)) return false;
     const refused = !result.ok && result.permanent === true;
     this.#metrics.inc('broker_heartbeats_total', { outcome: result.ok ? 'ok' : refused ? 'refused' : 'failed' });
     if (result.ok) return true;
@@ -935,6 +939,17 @@ export class Dispatcher {
       sub,
     );
     return false;
+  }
+
+  /**
+   * An attempt that ended with no answer from the endpoint once shutdown began: `close` stopped the
+   * sender and then aborted what was still on the wire (a sender thread stopped, a destroyed
+   * connection). That is not the endpoint failing, so it counts as never made: no retry counted, no
+   * dead letter, no status change. A subscription must not come back from a graceful restart in
+   * `error` for an attempt the broker itself cut.
+   */
+  #cutByShutdown(result: SendResult): boolean {
+    return this.#closed && !result.ok && result.status === undefined;
   }
 
   /**
