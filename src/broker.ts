@@ -178,6 +178,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       retentionMs: config.eventRetentionMs,
       maxInFlight: config.maxInFlight,
       maxInFlightPerOrigin: config.maxInFlightPerOrigin,
+      maxInFlightPerClient: config.maxInFlightPerClient,
     },
   });
   const ingest = new IngestService({ store, registry, sink: dispatcher, clock, logger, metrics });

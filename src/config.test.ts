@@ -16,6 +16,7 @@ describe('loadConfig', () => {
       wsMaxUnboundPerAddress: 64,
       maxInFlight: 512,
       maxInFlightPerOrigin: 32,
+      maxInFlightPerClient: 128,
       eventRetentionMs: 7 * 86_400_000,
       awsRegion: 'us-east-1',
       logLevel: 'info',
@@ -84,5 +85,7 @@ describe('loadConfig', () => {
   it('accepts as many sender threads as connections per origin', () => {
     const c = loadConfig({ BROKER_WEBHOOK_THREADS: '2', BROKER_MAX_IN_FLIGHT_PER_ORIGIN: '2' });
     expect([c.webhookThreads, c.maxInFlightPerOrigin]).toEqual([2, 2]);
+    expect(loadConfig({ BROKER_MAX_IN_FLIGHT_PER_CLIENT: '16' }).maxInFlightPerClient).toBe(16);
+    expect(() => loadConfig({ BROKER_MAX_IN_FLIGHT_PER_CLIENT: '0' })).toThrow(/BROKER_MAX_IN_FLIGHT_PER_CLIENT/);
   });
 });

@@ -55,6 +55,8 @@ export interface Config {
   /** Webhook requests in flight in all, and to one endpoint origin (scheme://host:port). */
   readonly maxInFlight: number;
   readonly maxInFlightPerOrigin: number;
+  /** `BROKER_MAX_IN_FLIGHT_PER_CLIENT`: webhook requests in flight for one API client's subscriptions. */
+  readonly maxInFlightPerClient: number;
   /** How long delivered notifications stay available to `$events`, and event ids to deduplication. */
   readonly eventRetentionMs: number;
   readonly store: 'sqlite' | 'dynamodb';
@@ -152,6 +154,7 @@ export function loadConfig(env: Env = process.env): Config {
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 512, 1, 10_000),
     maxSubscriptionsPerClient: int(env, 'BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT', 1000, 1, 10_000_000),
     maxInFlightPerOrigin,
+    maxInFlightPerClient: int(env, 'BROKER_MAX_IN_FLIGHT_PER_CLIENT', 128, 1, 10_000),
     eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),
     store: storeKind,
     ...(dynamodbEndpoint === undefined ? {} : { dynamodbEndpoint }),

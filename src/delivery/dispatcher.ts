@@ -31,6 +31,11 @@ export interface DispatcherOptions {
    * share it: the sender's connections per origin. Twice as many may be handed over (see below).
    */
   readonly maxInFlightPerOrigin?: number;
+  /**
+   * Requests handed to the sender for one API client's subscriptions, whatever origins they name:
+   * one client's hanging endpoints cannot hold every slot of `maxInFlight` and stall the others.
+   */
+  readonly maxInFlightPerClient?: number;
   /** How long delivered notifications stay for `$events`; older ones are purged hourly. */
   readonly retentionMs?: number;
   /** Notifications a lane keeps in memory before it reads the rest back from the store. */
@@ -204,6 +209,7 @@ export class Dispatcher {
     this.#opts = {
       maxInFlight: 512,
       maxInFlightPerOrigin: 32,
+      maxInFlightPerClient: 128,
       retentionMs: 7 * 86_400_000,
       laneBuffer: 256,
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
@@ -218,6 +224,7 @@ export class Dispatcher {
     this.#limiter = new OriginLimiter({
       total: this.#opts.maxInFlight,
       perOrigin: HANDOVER_PER_CONNECTION * this.#opts.maxInFlightPerOrigin,
+      perOwner: this.#opts.maxInFlightPerClient,
     });
     deps.registry.listen({
       onRequested: (id) => {
@@ -855,7 +862,9 @@ export class Dispatcher {
 
   /** Runs `fn` within the in-flight caps; local socket writes need no network slot. */
   #withSlot<T>(sub: SubscriptionRecord, fn: () => Promise<T>): Promise<T> {
-    return sub.channel.type === 'websocket' ? fn() : this.#limiter.run(this.#originOf(sub.channel.endpoint), fn);
+    return sub.channel.type === 'websocket'
+      ? fn()
+      : this.#limiter.run(this.#originOf(sub.channel.endpoint), fn, sub.owner);
   }
 
   /** Endpoint → origin, parsed once per endpoint rather than once per request. */

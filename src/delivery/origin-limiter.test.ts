@@ -42,6 +42,43 @@ describe('OriginLimiter', () => {
     expect([limiter.inFlight, limiter.waiting]).toEqual([0, 0]);
   });
 
+  it('holds at most perOwner requests for one owner across any number of origins', async () => {
+    const limiter = new OriginLimiter({ total: 4, perOrigin: 4, perOwner: 2 });
+    const started: string[] = [];
+    const gates = Array.from({ length: 5 }, gate);
+    // Mallory's three requests go to three origins (each under its cap); bob's comes after them.
+    const calls: [origin: string, owner: string][] = [
+      ['m1', 'mallory'],
+      ['m2', 'mallory'],
+      ['m3', 'mallory'],
+      ['b1', 'bob'],
+      ['m4', 'mallory'],
+    ];
+    const runs = calls.map(([origin, owner], i) =>
+      limiter.run(
+        origin,
+        async () => {
+          started.push(origin);
+          await gates[i]?.promise;
+        },
+        owner,
+      ),
+    );
+    await tick();
+    // Mallory holds two slots of four and waits for more; bob starts at once.
+    expect(started).toEqual(['m1', 'm2', 'b1']);
+    expect([limiter.inFlight, limiter.waiting]).toEqual([3, 2]);
+    gates[0]?.open();
+    await tick();
+    await tick();
+    // A slot of mallory's freed: her oldest waiter takes it.
+    expect(started).toEqual(['m1', 'm2', 'b1', 'm3']);
+    for (const g of gates) g.open();
+    await Promise.all(runs);
+    expect(started).toEqual(['m1', 'm2', 'b1', 'm3', 'm4']);
+    expect([limiter.inFlight, limiter.waiting]).toEqual([0, 0]);
+  });
+
   it('does not let a busy origin starve another one waiting behind it', async () => {
     const limiter = new OriginLimiter({ total: 2, perOrigin: 1 });
     const order: string[] = [];

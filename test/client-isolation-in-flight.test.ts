@@ -1,0 +1,49 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { eventLike, type Json, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
+import { inProcessBroker, TOKENS } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+
+/**
+ * One API client's endpoints that hang cannot stall another client's deliveries by holding every
+ * in-flight slot (`BROKER_MAX_IN_FLIGHT`): each client holds at most `BROKER_MAX_IN_FLIGHT_PER_CLIENT`
+ * of them, however many origins its subscriptions name.
+ */
+
+const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+/** 30 s per attempt: far longer than the test waits for the other client's notification. */
+function hangingSubscription(endpoint: string): Json {
+  return topicSubscription('patient-change', endpoint, {
+    channel: { extension: [{ url: `${BACKPORT}/backport-timeout`, valueUnsignedInt: 30 }] },
+  });
+}
+
+describe('in-flight slots per API client', () => {
+  it("a client whose endpoints hang holds at most its share of the slots: another client's notification goes out at once", async () => {
+    const receiver = await Receiver.start();
+    cleanups.push(() => receiver.close());
+    // Handshakes are answered; alice's notifications hang until the test ends.
+    receiver.respond = (req) =>
+      req.body.includes('"handshake"') || req.path === '/bob' ? { status: 200 } : { status: 200, delayMs: 60_000 };
+    const t = await inProcessBroker({ BROKER_MAX_IN_FLIGHT: '8', BROKER_MAX_IN_FLIGHT_PER_CLIENT: '4' });
+    cleanups.push(() => t.broker.close(0));
+    // Alice: as many subscriptions as there are slots in all, each at its own path.
+    for (let i = 0; i < 8; i++) await t.create(hangingSubscription(`${receiver.url}/alice-${i}`), TOKENS.alice);
+    await t.create(topicSubscription('patient-change', `${receiver.url}/bob`), TOKENS.bob);
+    await receiver.waitFor(() => receiver.requests.length === 9, 'nine handshakes');
+
+    await t.post(eventLike('healthlake-update-patient', 'evt-isolation', 'p-isolation'));
+    // Alice's attempts take their 4 slots and hang; bob's goes out beside them.
+    await receiver.waitFor(() => notifiedNumbers(receiver.on('/bob')).length === 1, "bob's notification", 5_000);
+    expect(notifiedNumbers(receiver.on('/bob'))).toEqual([1]);
+    const aliceOnTheWire = () =>
+      receiver.arrived.filter((r) => r.path.startsWith('/alice-') && !r.body.includes('"handshake"')).length;
+    await receiver.waitFor(() => aliceOnTheWire() === 4, "alice's share of the slots on the wire");
+    expect(aliceOnTheWire()).toBe(4);
+  });
+});
