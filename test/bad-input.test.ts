@@ -225,8 +225,14 @@ describe('bad input', () => {
       'ID_MISMATCH',
     ],
     [
+      'an update whose body has no id',
+      () => call('PUT', `/fhir/Subscription/${aliceSub.id}`, ALICE, valid()),
+      400,
+      'ID_MISMATCH',
+    ],
+    [
       'a client setting status error',
-      () => call('PUT', `/fhir/Subscription/${aliceSub.id}`, ALICE, { ...valid(), status: 'error' }),
+      () => call('PUT', `/fhir/Subscription/${aliceSub.id}`, ALICE, { ...valid(), id: aliceSub.id, status: 'error' }),
       422,
       'INVALID_STATUS_CHANGE',
     ],

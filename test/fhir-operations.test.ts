@@ -77,7 +77,7 @@ describe('FHIR operations and search', () => {
       parameters({ name: 'eventsSinceNumber', valueString: 'two' }),
     );
     expect(bad.status).toBe(400);
-    // content: empty drops the focus; an unknown level is refused, full-resource is not available.
+    // content: empty drops the focus; an unknown level is refused, full-resource (a hint) is ignored.
     const empty = await t.call(
       'POST',
       `/fhir/Subscription/${sub}/$events`,
@@ -87,7 +87,9 @@ describe('FHIR operations and search', () => {
     expect(statusOf(empty.body).events.every((e) => (e.part as Json[]).every((p) => p.name !== 'focus'))).toBe(true);
     expect((empty.body.entry as Json[]).length).toBe(1);
     expect((await t.call('GET', `/fhir/Subscription/${sub}/$events?content=bogus`)).status).toBe(400);
-    expect((await t.call('GET', `/fhir/Subscription/${sub}/$events?content=full-resource`)).status).toBe(422);
+    const full = await t.call('GET', `/fhir/Subscription/${sub}/$events?content=full-resource`);
+    expect(full.status).toBe(200);
+    expect(eventNumbers(full.body)).toEqual([1, 2, 3]);
   });
 
   it('refuses an operation body that is not Parameters, and keeps other clients out by POST too', async () => {

@@ -69,17 +69,29 @@ export function applyStatusEvent(current: SubscriptionStatus, event: StatusEvent
 
 /**
  * The status a client's PUT leads to. `channelChanged`: a new endpoint must be verified again.
- * Asking for `active` on an inactive subscription is taken as asking to re-activate it.
+ * Asking for `active` on an inactive subscription is taken as asking to re-activate it. `error`
+ * is the broker's to set, but a client that read a subscription in `error` and PUTs it back
+ * (read-modify-write) echoes it: that changes no status. `endpointChanged`: not with a new
+ * endpoint, which has answered no handshake (a subscription in `error` still gets heartbeats).
  */
 export function clientStatusChange(
   current: SubscriptionStatus,
   asked: SubscriptionStatus | undefined,
   channelChanged: boolean,
+  endpointChanged = false,
 ): SubscriptionStatus {
   switch (asked) {
     case 'off':
       return 'off';
     case 'error':
+      if (current === 'error' && endpointChanged) {
+        throw new BrokerError(
+          'INVALID_STATUS_CHANGE',
+          'A new endpoint must answer a handshake first: send status requested to move the subscription and re-activate it',
+          { expression: 'Subscription.status' },
+        );
+      }
+      if (current === 'error') return 'error';
       throw new BrokerError(
         'INVALID_STATUS_CHANGE',
         'Only the broker sets status error; send requested to re-activate',

@@ -379,6 +379,25 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(topicSub({ channel: { type } }))).toBe('UNSUPPORTED_CHANNEL');
   });
 
+  it.each([
+    ['on a rest-hook channel (the IG’s subscription-zulip)', 'rest-hook', { code: 'zulip' }, 'zulip'],
+    ['on a websocket channel', 'websocket', { code: 'zulip' }, 'zulip'],
+    ['without a code', 'rest-hook', undefined, '(no code)'],
+  ])('refuses a custom channel type %s with UNSUPPORTED_CHANNEL, pointing at it', (_name, type, coding, named) => {
+    const ext = { url: BACKPORT_EXT.channelType, ...(coding === undefined ? {} : { valueCoding: coding }) };
+    const err = thrown(topicSub({ channel: { type, _type: { extension: [ext] } } }));
+    expect([err.code, err.message, err.expression]).toEqual([
+      'UNSUPPORTED_CHANNEL',
+      `Custom channel type ${named} (backport-channel-type) is not supported; use rest-hook or websocket without it`,
+      'Subscription.channel._type',
+    ]);
+  });
+
+  it('accepts other extensions on channel.type', () => {
+    const sub = topicSub({ channel: { _type: { extension: [{ url: 'http://example.org/note', valueString: 'x' }] } } });
+    expect(parse(sub).channel.type).toBe('rest-hook');
+  });
+
   it('refuses full-resource content with UNSUPPORTED_CONTENT', () => {
     const sub = topicSub({
       channel: { _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'full-resource' }] } },

@@ -54,6 +54,7 @@ interface SubscriptionJson {
   reason?: string;
   channel: {
     type: string;
+    _type?: { extension?: Extension[] };
     endpoint?: string;
     payload?: string;
     _payload?: { extension?: Extension[] };
@@ -86,6 +87,7 @@ const subscriptionSchema = {
       required: ['type'],
       properties: {
         type: { type: 'string' },
+        _type: { type: 'object', properties: { extension: extensions } },
         endpoint: { type: 'string', maxLength: 2048 },
         payload: { type: 'string', maxLength: 256 },
         _payload: { type: 'object', properties: { extension: extensions } },
@@ -397,6 +399,18 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
       {
         expression: 'Subscription.channel.type',
       },
+    );
+  }
+  // A backport-channel-type extension names the channel the client means (the IG's
+  // subscription-zulip example: `type` rest-hook, `_type` zulip): delivering by `type` regardless
+  // would send webhooks to an endpoint that expects something else.
+  const custom = ch._type?.extension?.find((e) => e.url === BACKPORT_EXT.channelType);
+  if (custom !== undefined) {
+    const code = (custom.valueCoding as { code?: unknown } | undefined)?.code;
+    throw new BrokerError(
+      'UNSUPPORTED_CHANNEL',
+      `Custom channel type ${typeof code === 'string' ? code.slice(0, 64) : '(no code)'} (backport-channel-type) is not supported; use rest-hook or websocket without it`,
+      { expression: 'Subscription.channel._type' },
     );
   }
   const type: ChannelType = ch.type;

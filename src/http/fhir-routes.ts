@@ -103,7 +103,8 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   app.post('/fhir/Subscription', async (c) => {
     const body = await readJsonBody(c, deps.maxBodyBytes);
     const { record, generatedSecret } = await registry.create(c.get('owner'), body);
-    const location = `${fhirBase}/Subscription/${record.id}`;
+    // R4 http.html#create: Location carries the id and the version id.
+    const location = `${fhirBase}/Subscription/${record.id}/_history/${versionId(record)}`;
     return fhirResponse(
       registry.render(record, generatedSecret === undefined ? {} : { secret: generatedSecret }),
       201,
@@ -114,16 +115,26 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   const search = async (c: Context<Env>, query: SearchQuery): Promise<Response> => {
     const ids = query.values('_id');
     const statuses = query.values('status');
+    // `url` (uri): exact match on channel.endpoint, as the R4 Subscription-url SearchParameter defines it.
+    const urls = query.values('url');
     const count = countParam(query.one('_count'));
     const offset = offsetParam(query.one('_offset'));
-    // _count=0 asks for the total only, as _summary=count does (FHIR search); _summary=false is the default.
+    // _count=0 asks for the total only, as _summary=count does (FHIR search); _summary=false is the
+    // default. The other values (true, text, data) would subset the resources, which the broker
+    // does not do: refused, not ignored, since the `self` link would claim them applied.
     const summary = query.one('_summary');
     const summaryCount = summary === 'count' || count === 0;
-    if (summary !== undefined && summary !== 'count' && summary !== 'false' && query.strict) {
-      throw new BrokerError('INVALID_PARAMETER', `_summary=${summary.slice(0, 32)} is not supported (count, false)`);
+    if (summary !== undefined && summary !== 'count' && summary !== 'false') {
+      throw new BrokerError(
+        'INVALID_PARAMETER',
+        `_summary=${summary.slice(0, 32)} is not supported; use count or false`,
+      );
     }
     const subs = (await registry.search(c.get('owner'))).filter(
-      (s) => (ids === undefined || ids.includes(s.id)) && (statuses === undefined || statuses.includes(s.status)),
+      (s) =>
+        (ids === undefined || ids.includes(s.id)) &&
+        (statuses === undefined || statuses.includes(s.status)) &&
+        (urls === undefined || (s.channel.endpoint !== undefined && urls.includes(s.channel.endpoint))),
     );
     const page = summaryCount ? [] : subs.slice(offset, offset + count);
     const link = [{ relation: 'self', url: `${fhirBase}/Subscription${query.applied()}` }];
@@ -149,7 +160,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
           }),
     });
   };
-  const SUBSCRIPTION_SEARCH = ['_id', 'status', '_count', '_offset', '_summary', ...GENERAL_PARAMETERS];
+  const SUBSCRIPTION_SEARCH = ['_id', 'status', 'url', '_count', '_offset', '_summary', ...GENERAL_PARAMETERS];
   app.get('/fhir/Subscription', (c) => search(c, searchQuery(c, SUBSCRIPTION_SEARCH)));
   // FHIR search by POST: the parameters as a form body (and any in the URL).
   app.post('/fhir/Subscription/_search', async (c) =>
@@ -239,6 +250,20 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     return fhirResponse(registry.render(sub), 200, etag(sub));
   });
 
+  // vread: only the current version is kept, so only it can be read.
+  app.get('/fhir/Subscription/:id/_history/:vid', async (c) => {
+    const id = c.req.param('id');
+    const sub = await registry.read(c.get('owner'), id);
+    const vid = c.req.param('vid');
+    if (vid !== versionId(sub)) {
+      throw new BrokerError(
+        'NOT_FOUND',
+        `Subscription/${id}/_history/${vid.slice(0, 64)} not found: the broker keeps only the current version of a Subscription`,
+      );
+    }
+    return fhirResponse(registry.render(sub), 200, etag(sub));
+  });
+
   app.put('/fhir/Subscription/:id', async (c) => {
     const body = await readJsonBody(c, deps.maxBodyBytes);
     const sub = await registry.update(c.get('owner'), c.req.param('id'), body, ifMatch(c.req.header('if-match')));
@@ -311,18 +336,40 @@ async function operationParams(c: Context<Env>, maxBytes: number): Promise<Param
 
 function parameterSource(pairs: readonly [string, string][]): ParameterSource {
   const values = (name: string): string[] | undefined => {
-    const found = pairs.filter(([k]) => k === name).flatMap(([, v]) => v.split(','));
+    const found = pairs.filter(([k]) => k === name).flatMap(([, v]) => splitValues(v));
     return found.length === 0 ? undefined : found;
   };
   return { values, one: (name) => values(name)?.[0] };
+}
+
+/**
+ * A parameter's comma-separated values (any one matches). As FHIR search escapes them, `\,` is a
+ * comma within a value (an endpoint URL may have one), and `\\`, `\$`, `\|` stand for themselves.
+ */
+function splitValues(text: string): string[] {
+  const out: string[] = [];
+  let value = '';
+  for (let i = 0; i < text.length; i++) {
+    const ch = text[i] as string;
+    const next = text[i + 1];
+    if (ch === '\\' && next !== undefined && ',\\$|'.includes(next)) {
+      value += next;
+      i++;
+    } else if (ch === ',') {
+      out.push(value);
+      value = '';
+    } else {
+      value += ch;
+    }
+  }
+  out.push(value);
+  return out;
 }
 
 /** Parameters of any FHIR interaction: `_format` (checked before routing) and `_pretty` (output is compact). */
 const GENERAL_PARAMETERS = ['_format', '_pretty'];
 
 interface SearchQuery extends ParameterSource {
-  /** `Prefer: handling=strict`: unsupported parameters and values are refused, not ignored. */
-  readonly strict: boolean;
   /** The query string of the parameters applied (`?a=b&…`, or ''), with `overrides` set. */
   applied(overrides?: Record<string, string>): string;
 }
@@ -345,7 +392,6 @@ function searchQuery(c: Context<Env>, known: readonly string[], form?: URLSearch
   const used = pairs.filter(([k]) => known.includes(k));
   return {
     ...parameterSource(used),
-    strict,
     applied(overrides = {}) {
       const out = new URLSearchParams(used.filter(([k]) => !(k in overrides)));
       for (const [k, v] of Object.entries(overrides)) out.set(k, v);
@@ -374,16 +420,18 @@ function countParam(value: string | undefined): number {
   return Math.min(Number(value), MAX_SEARCH_PAGE);
 }
 
-/** `$events` `content`: the level to return instead of the subscription's own (empty or id-only). */
+/**
+ * `$events` `content`: the level to return instead of the subscription's own (empty or id-only).
+ * The IG's OperationDefinition makes it "a hint ... and MAY be ignored": full-resource, which the
+ * broker cannot produce (it does not fetch resources), is ignored; a code outside the value set is refused.
+ */
 function contentParam(value: string | undefined): PayloadContent | undefined {
   if (value === undefined || value === 'empty' || value === 'id-only') return value;
-  if (value === 'full-resource') {
-    throw new BrokerError(
-      'UNSUPPORTED_CONTENT',
-      'full-resource content is not available: the broker does not fetch resources from the FHIR server yet',
-    );
-  }
-  throw new BrokerError('INVALID_PARAMETER', `content must be empty or id-only, not ${value.slice(0, 32)}`);
+  if (value === 'full-resource') return undefined;
+  throw new BrokerError(
+    'INVALID_PARAMETER',
+    `content must be empty, id-only or full-resource, not ${value.slice(0, 32)}`,
+  );
 }
 
 function offsetParam(value: string | undefined): number {
@@ -443,10 +491,11 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
             extension: deps.topics.all().map((t) => ({ url: BACKPORT_EXT.topicCanonical, valueCanonical: t.url })),
             type: 'Subscription',
             supportedProfile: [BACKPORT_PROFILE.subscription],
-            interaction: ['create', 'read', 'update', 'delete', 'search-type'].map((code) => ({ code })),
+            interaction: ['create', 'read', 'vread', 'update', 'delete', 'search-type'].map((code) => ({ code })),
             searchParam: [
               { name: '_id', type: 'token' },
               { name: 'status', type: 'token' },
+              { name: 'url', type: 'uri', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-url' },
             ],
             operation: [
               {

@@ -230,12 +230,7 @@ export class SubscriptionRegistry {
 
   /** `ifMatch`: the version the client read (`ETag` / `meta.versionId`); another one now is a 412. */
   async update(owner: string, id: string, body: unknown, ifMatch?: string): Promise<SubscriptionRecord> {
-    const bodyId = (body as { id?: unknown } | null)?.id;
-    if (bodyId !== undefined && bodyId !== id) {
-      throw new BrokerError('ID_MISMATCH', `Resource id ${String(bodyId)} does not match Subscription/${id}`, {
-        expression: 'Subscription.id',
-      });
-    }
+    checkBodyId(body, id);
     const spec = parseSubscription(body, this.#topics);
     this.#checkEnd(spec);
     let checkedEndpoint: string | undefined;
@@ -249,14 +244,22 @@ export class SubscriptionRegistry {
         await this.#guard.checkEndpoint(endpoint);
         checkedEndpoint = endpoint;
       }
-      const status = clientStatusChange(current.status, spec.askedStatus, channelChanged);
-      // The client's PUT never yields `error`, so a previous error reason is cleared.
-      const { error: _previousError, end: _previousEnd, ...base } = current;
+      const status = clientStatusChange(
+        current.status,
+        spec.askedStatus,
+        channelChanged,
+        endpoint !== current.channel.endpoint,
+      );
+      // Left in `error` (the client echoed it), the subscription keeps the broker's reason; in any
+      // other status a previous one is cleared.
+      const { error: previousError, end: _previousEnd, ...base } = current;
+      const error = status === 'error' ? previousError : undefined;
       const next: SubscriptionRecord = {
         ...base,
         kind: spec.kind,
         topic: spec.topic,
         status,
+        ...(error === undefined ? {} : { error }),
         match: spec.match,
         channel: spec.channel,
         webhookSecret: spec.webhookSecret ?? current.webhookSecret,
@@ -451,6 +454,25 @@ export class SubscriptionRegistry {
  */
 export function versionId(rec: Pick<SubscriptionRecord, 'updatedAt'>): string {
   return String(Date.parse(rec.updatedAt));
+}
+
+/**
+ * FHIR update (R4 http.html#update): the body SHALL carry an id, the one in the URL. A body that is
+ * not an object is left to `parseSubscription`, which says what it is instead.
+ */
+function checkBodyId(body: unknown, id: string): void {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return;
+  const bodyId = (body as { id?: unknown }).id;
+  if (bodyId === undefined) {
+    throw new BrokerError('ID_MISMATCH', `The body has no id: a PUT to Subscription/${id} must carry "id": "${id}"`, {
+      expression: 'Subscription.id',
+    });
+  }
+  if (bodyId !== id) {
+    throw new BrokerError('ID_MISMATCH', `Resource id ${String(bodyId)} does not match Subscription/${id}`, {
+      expression: 'Subscription.id',
+    });
+  }
 }
 
 function checkVersion(current: SubscriptionRecord, ifMatch: string | undefined): void {

@@ -1,0 +1,421 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { heartbeatsAllowed } from '../src/core/status.js';
+import type { SubscriptionRecord } from '../src/core/types.js';
+import { operationOutcome } from '../src/http/outcome.js';
+import {
+  eventLike,
+  eventNumbers,
+  focusOf,
+  type Json,
+  notifiedNumbers,
+  statusOf,
+  topicSubscription,
+} from './support/fhir-client.js';
+import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+
+/**
+ * Where the broker met FHIR R4 REST and the Backport IG only in part: search by `url`, an update
+ * whose body has no id, `$events` `content` as a hint, custom channel types, `_summary` values it
+ * cannot apply, a versioned `Location` with vread, and a client's read-modify-write of a
+ * subscription in `error`.
+ */
+
+const BASE = 'http://broker.test/fhir';
+const HL = 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4';
+const CHANNEL_TYPE = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-channel-type';
+
+describe('FHIR conformance', () => {
+  let t: TestBroker;
+  let receiver: Receiver;
+
+  beforeAll(async () => {
+    receiver = await Receiver.start();
+    // /failing refuses everything (its handshake fails); /dies only notifications (its deliveries fail).
+    receiver.respond = (req) =>
+      req.path === '/failing' || (req.path === '/dies' && req.body.includes('"event-notification"'))
+        ? { status: 500 }
+        : { status: 204 };
+    // Two attempts 10 ms apart: a failing delivery dead-letters at once.
+    t = await inProcessBroker({ BROKER_RETRY_DELAYS: '10ms' });
+  });
+
+  afterAll(async () => {
+    await t?.broker.close(0);
+    await receiver?.close();
+  });
+
+  async function request(
+    method: string,
+    path: string,
+    options: { body?: unknown; token?: string; headers?: Record<string, string> } = {},
+  ): Promise<{ status: number; body: Json; headers: Headers }> {
+    const { body, token = TOKENS.alice, headers = {} } = options;
+    const res = await t.broker.app.request(path, {
+      method,
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/fhir+json' }),
+        ...headers,
+      },
+      ...(body === undefined ? {} : { body: typeof body === 'string' ? body : JSON.stringify(body) }),
+    });
+    const text = await res.text();
+    return { status: res.status, body: (text === '' ? {} : JSON.parse(text)) as Json, headers: res.headers };
+  }
+
+  const off = { extra: { status: 'off' } };
+  const idsOf = (bundle: Json): unknown[] =>
+    ((bundle.entry as Json[] | undefined) ?? []).map((e) => (e.resource as Json).id).sort();
+  const query = (params: Record<string, string>): string => new URLSearchParams(params).toString();
+  const subscriptionResource = async (): Promise<Json> => {
+    const metadata = await request('GET', '/fhir/metadata');
+    const rest = (metadata.body.rest as Json[])[0] as Json;
+    return (rest.resource as Json[])[0] as Json;
+  };
+
+  describe('search by url', () => {
+    const hook = (name: string): string => `${receiver.url}/search/${name}`;
+
+    it('finds the Subscriptions whose channel.endpoint is exactly the url, any of a comma list, with the other parameters and paging', async () => {
+      const a1 = await t.create(topicSubscription('patient-change', hook('a'), off));
+      const a2 = await t.create(topicSubscription('patient-change', hook('a'), off));
+      const b = await t.create(topicSubscription('patient-change', hook('b'), off));
+      await t.create(topicSubscription('patient-change', hook('a'), off), TOKENS.bob);
+
+      const exact = await request('GET', `/fhir/Subscription?${query({ url: hook('a') })}`);
+      expect(exact.status).toBe(200);
+      expect(exact.body.total).toBe(2);
+      expect(idsOf(exact.body)).toEqual([a1.id, a2.id].sort());
+      expect(exact.body.link).toEqual([{ relation: 'self', url: `${BASE}/Subscription?${query({ url: hook('a') })}` }]);
+
+      const either = await request('GET', `/fhir/Subscription?${query({ url: `${hook('a')},${hook('b')}` })}`);
+      expect(idsOf(either.body)).toEqual([a1.id, a2.id, b.id].sort());
+
+      // Exact: no prefix, no trailing slash, no case folding.
+      for (const near of [`${receiver.url}/search`, `${hook('a')}/`, hook('A')]) {
+        const res = await request('GET', `/fhir/Subscription?${query({ url: near })}`);
+        expect([near, res.status, res.body.total]).toEqual([near, 200, 0]);
+      }
+
+      const paged = await request('GET', `/fhir/Subscription?${query({ url: hook('a'), status: 'off', _count: '1' })}`);
+      expect(paged.body.total).toBe(2);
+      expect(paged.body.entry as Json[]).toHaveLength(1);
+      expect(paged.body.link).toEqual([
+        { relation: 'self', url: `${BASE}/Subscription?${query({ url: hook('a'), status: 'off', _count: '1' })}` },
+        {
+          relation: 'next',
+          url: `${BASE}/Subscription?${query({ url: hook('a'), status: 'off', _count: '1', _offset: '1' })}`,
+        },
+      ]);
+      const active = await request('GET', `/fhir/Subscription?${query({ url: hook('a'), status: 'active' })}`);
+      expect(active.body.total).toBe(0);
+
+      const byPost = await t.broker.app.request('/fhir/Subscription/_search', {
+        method: 'POST',
+        headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/x-www-form-urlencoded' },
+        body: query({ url: hook('b') }),
+      });
+      expect(byPost.status).toBe(200);
+      expect(idsOf((await byPost.json()) as Json)).toEqual([b.id]);
+    });
+
+    it('shows another client only its own Subscriptions at the same url', async () => {
+      const bobs = await t.create(topicSubscription('patient-change', hook('shared'), off), TOKENS.bob);
+      await t.create(topicSubscription('patient-change', hook('shared'), off));
+      const res = await request('GET', `/fhir/Subscription?${query({ url: hook('shared') })}`, { token: TOKENS.bob });
+      expect(res.status).toBe(200);
+      expect(res.body.total).toBe(1);
+      expect(idsOf(res.body)).toEqual([bobs.id]);
+    });
+
+    it('takes an escaped comma as part of the url', async () => {
+      const comma = await t.create(topicSubscription('patient-change', `${hook('c')}?x=1,2`, off));
+      const escaped = await request('GET', `/fhir/Subscription?${query({ url: `${hook('c')}?x=1\\,2` })}`);
+      expect(idsOf(escaped.body)).toEqual([comma.id]);
+      // Unescaped, the comma separates two urls, neither of them the endpoint.
+      const split = await request('GET', `/fhir/Subscription?${query({ url: `${hook('c')}?x=1,2` })}`);
+      expect(split.body.total).toBe(0);
+    });
+
+    it('treats url:below as other unsupported modifiers: ignored and left out of self, refused under handling=strict', async () => {
+      const all = await request('GET', '/fhir/Subscription');
+      const below = await request('GET', `/fhir/Subscription?${query({ 'url:below': receiver.url })}`);
+      expect(below.status).toBe(200);
+      expect(below.body.total).toBe(all.body.total);
+      expect(below.body.link).toEqual([{ relation: 'self', url: `${BASE}/Subscription` }]);
+      const strict = await request('GET', `/fhir/Subscription?${query({ 'url:below': receiver.url })}`, {
+        headers: { prefer: 'handling=strict' },
+      });
+      expect(strict.status).toBe(400);
+      expect(strict.body).toEqual(
+        operationOutcome(
+          'INVALID_PARAMETER',
+          'Unsupported search parameter(s): url:below (supported: _id, status, url, _count, _offset, _summary, _format, _pretty)',
+        ),
+      );
+    });
+
+    it('declares url in the CapabilityStatement with its definition', async () => {
+      expect((await subscriptionResource()).searchParam).toEqual([
+        { name: '_id', type: 'token' },
+        { name: 'status', type: 'token' },
+        { name: 'url', type: 'uri', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-url' },
+      ]);
+    });
+  });
+
+  describe('update', () => {
+    it('refuses a PUT whose body has no id with 400 ID_MISMATCH, and changes nothing', async () => {
+      const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/no-id`, off));
+      const { id: _id, ...withoutId } = sub;
+      const res = await request('PUT', `/fhir/Subscription/${sub.id}`, { body: { ...withoutId, reason: 'changed' } });
+      expect(res.status).toBe(400);
+      expect(res.body).toEqual(
+        operationOutcome(
+          'ID_MISMATCH',
+          `The body has no id: a PUT to Subscription/${sub.id} must carry "id": "${sub.id}"`,
+          'Subscription.id',
+        ),
+      );
+      const now = await request('GET', `/fhir/Subscription/${sub.id}`);
+      expect([now.body.reason, (now.body.meta as Json).versionId]).toEqual(['test', (sub.meta as Json).versionId]);
+      // With the id it is an update.
+      const withId = await request('PUT', `/fhir/Subscription/${sub.id}`, { body: { ...sub, reason: 'changed' } });
+      expect([withId.status, withId.body.reason]).toEqual([200, 'changed']);
+    });
+  });
+
+  describe('$events', () => {
+    /** A notification bundle without what differs from call to call (ids, timestamp). */
+    const stable = (bundle: Json): Json =>
+      JSON.parse(
+        JSON.stringify(bundle)
+          .replace(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/g, 'ID')
+          .replace(/"timestamp":"[^"]+"/g, '"timestamp":"T"'),
+      ) as Json;
+
+    it('takes content=full-resource as the hint it is: the subscription’s own content, by GET and by POST', async () => {
+      const sub = await t.create(
+        topicSubscription('patient-change', `${receiver.url}/events`, { filters: ['Patient?_id=conf-p'] }),
+      );
+      await t.post(eventLike('healthlake-update-patient', 'conf-event-1', 'conf-p'));
+      const own = await request('GET', `/fhir/Subscription/${sub.id}/$events`);
+      expect(own.status).toBe(200);
+      expect(eventNumbers(own.body)).toEqual([1]);
+      expect(statusOf(own.body).events.map(focusOf)).toEqual([`${HL}/Patient/conf-p`]);
+
+      const byGet = await request('GET', `/fhir/Subscription/${sub.id}/$events?content=full-resource`);
+      const byPost = await request('POST', `/fhir/Subscription/${sub.id}/$events`, {
+        body: { resourceType: 'Parameters', parameter: [{ name: 'content', valueCode: 'full-resource' }] },
+      });
+      for (const res of [byGet, byPost]) {
+        expect(res.status).toBe(200);
+        expect(stable(res.body)).toEqual(stable(own.body));
+      }
+
+      const unknown = await request('GET', `/fhir/Subscription/${sub.id}/$events?content=bogus`);
+      expect(unknown.status).toBe(400);
+      expect(unknown.body).toEqual(
+        operationOutcome('INVALID_PARAMETER', 'content must be empty, id-only or full-resource, not bogus'),
+      );
+    });
+  });
+
+  describe('a custom channel type (backport-channel-type)', () => {
+    const zulip = (extra: Json = {}): Json =>
+      topicSubscription('patient-change', `${receiver.url}/zulip`, {
+        channel: {
+          _type: {
+            extension: [
+              {
+                url: CHANNEL_TYPE,
+                valueCoding: {
+                  system: 'http://example.org/subscription-channel-type',
+                  code: 'zulip',
+                  display: 'Zulip Notification Channel',
+                },
+              },
+            ],
+          },
+        },
+        extra,
+      });
+    const refusal = operationOutcome(
+      'UNSUPPORTED_CHANNEL',
+      'Custom channel type zulip (backport-channel-type) is not supported; use rest-hook or websocket without it',
+      'Subscription.channel._type',
+    );
+
+    it('is refused with 422 on create, and nothing is stored', async () => {
+      const before = await request('GET', '/fhir/Subscription?_summary=count');
+      const res = await request('POST', '/fhir/Subscription', { body: zulip() });
+      expect(res.status).toBe(422);
+      expect(res.body).toEqual(refusal);
+      expect((await request('GET', '/fhir/Subscription?_summary=count')).body.total).toBe(before.body.total);
+    });
+
+    it('is refused with 422 on update, and the subscription is left as it was', async () => {
+      const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/zulip`, off));
+      const res = await request('PUT', `/fhir/Subscription/${sub.id}`, { body: zulip({ id: sub.id, status: 'off' }) });
+      expect(res.status).toBe(422);
+      expect(res.body).toEqual(refusal);
+      const now = await request('GET', `/fhir/Subscription/${sub.id}`);
+      expect((now.body.meta as Json).versionId).toBe((sub.meta as Json).versionId);
+      expect((now.body.channel as Json)._type).toBeUndefined();
+    });
+  });
+
+  describe('_summary', () => {
+    it.each(['true', 'text', 'data'])('refuses _summary=%s with 400 instead of ignoring it', async (value) => {
+      const res = await request('GET', `/fhir/Subscription?_summary=${value}`);
+      expect(res.status).toBe(400);
+      expect(res.body).toEqual(
+        operationOutcome('INVALID_PARAMETER', `_summary=${value} is not supported; use count or false`),
+      );
+    });
+
+    it('refuses _summary=true in a POST _search too', async () => {
+      const res = await t.broker.app.request('/fhir/Subscription/_search', {
+        method: 'POST',
+        headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/x-www-form-urlencoded' },
+        body: '_summary=true',
+      });
+      expect(res.status).toBe(400);
+      expect(await res.json()).toEqual(
+        operationOutcome('INVALID_PARAMETER', '_summary=true is not supported; use count or false'),
+      );
+    });
+  });
+
+  describe('versions', () => {
+    it('answers a create with a Location naming the version, which vread serves while it is current', async () => {
+      const created = await request('POST', '/fhir/Subscription', {
+        body: topicSubscription('patient-change', `${receiver.url}/versioned`, off),
+      });
+      expect(created.status).toBe(201);
+      const id = String(created.body.id);
+      const v1 = String((created.body.meta as Json).versionId);
+      expect(created.headers.get('location')).toBe(`${BASE}/Subscription/${id}/_history/${v1}`);
+
+      const read = await request('GET', `/fhir/Subscription/${id}`);
+      const vread = await request('GET', `/fhir/Subscription/${id}/_history/${v1}`);
+      expect(vread.status).toBe(200);
+      expect(vread.body).toEqual(read.body);
+      expect(vread.headers.get('etag')).toBe(`W/"${v1}"`);
+      expect(vread.headers.get('last-modified')).toBe(read.headers.get('last-modified'));
+
+      const updated = await request('PUT', `/fhir/Subscription/${id}`, { body: { ...read.body, reason: 'v2' } });
+      const v2 = String((updated.body.meta as Json).versionId);
+      const old = await request('GET', `/fhir/Subscription/${id}/_history/${v1}`);
+      expect(old.status).toBe(404);
+      expect(old.body).toEqual(
+        operationOutcome(
+          'NOT_FOUND',
+          `Subscription/${id}/_history/${v1} not found: the broker keeps only the current version of a Subscription`,
+        ),
+      );
+      const current = await request('GET', `/fhir/Subscription/${id}/_history/${v2}`);
+      expect([current.status, current.body.reason]).toEqual([200, 'v2']);
+
+      // Another client: not found, as for a read, whichever version it names.
+      for (const vid of [v1, v2]) {
+        const bob = await request('GET', `/fhir/Subscription/${id}/_history/${vid}`, { token: TOKENS.bob });
+        expect(bob.status).toBe(404);
+        expect(bob.body).toEqual(operationOutcome('NOT_FOUND', `Subscription/${id} not found`));
+      }
+    });
+
+    it('declares vread in the CapabilityStatement', async () => {
+      expect(((await subscriptionResource()).interaction as Json[]).map((i) => i.code)).toEqual([
+        'create',
+        'read',
+        'vread',
+        'update',
+        'delete',
+        'search-type',
+      ]);
+    });
+  });
+
+  describe('a subscription in error, read and PUT back', () => {
+    it('stays in error with the broker’s reason, and the other changes apply', async () => {
+      const created = await t.create(topicSubscription('patient-change', `${receiver.url}/failing`));
+      const id = String(created.id);
+      await t.logger.waitForStatus(id, 'error');
+      const read = await request('GET', `/fhir/Subscription/${id}`);
+      expect([read.body.status, read.body.error]).toEqual(['error', 'handshake failed: HTTP 500']);
+
+      const since = t.logger.mark();
+      const put = await request('PUT', `/fhir/Subscription/${id}`, { body: { ...read.body, reason: 'edited' } });
+      expect(put.status).toBe(200);
+      const v2 = String((put.body.meta as Json).versionId);
+      expect(v2).not.toBe((read.body.meta as Json).versionId);
+      expect(put.body).toEqual({
+        ...read.body,
+        reason: 'edited',
+        meta: { ...(read.body.meta as Json), versionId: v2, lastUpdated: (put.body.meta as Json).lastUpdated },
+      });
+      expect((await request('GET', `/fhir/Subscription/${id}`)).body).toEqual(put.body);
+      // No status change: nothing but the update happened to it.
+      expect(t.logger.records.slice(since).filter((r) => r.subscription === id)).toEqual([
+        { level: 'info', msg: 'subscription updated', subscription: id, owner: 'alice', status: 'error' },
+      ]);
+    });
+
+    it('moved to another endpoint with status error is refused: the move goes with requested, which verifies it', async () => {
+      const created = await t.create(
+        topicSubscription('patient-change', `${receiver.url}/dies`, { filters: ['Patient?_id=dies-p'] }),
+      );
+      const id = String(created.id);
+      await t.logger.waitForStatus(id, 'active');
+      await t.post(eventLike('healthlake-update-patient', 'dies-event-1', 'dies-p'));
+      await t.logger.waitForStatus(id, 'error');
+      // After failed deliveries heartbeats still go to the endpoint that answered the handshake.
+      expect(heartbeatsAllowed(t.broker.registry.get(id) as SubscriptionRecord)).toBe(true);
+
+      const read = await request('GET', `/fhir/Subscription/${id}`);
+      expect(read.body.error).toBe('delivery failed after 2 attempt(s): HTTP 500');
+      const channel = { ...(read.body.channel as Json), endpoint: `${receiver.url}/moved` };
+      const refused = await request('PUT', `/fhir/Subscription/${id}`, { body: { ...read.body, channel } });
+      expect(refused.status).toBe(422);
+      expect(refused.body).toEqual(
+        operationOutcome(
+          'INVALID_STATUS_CHANGE',
+          'A new endpoint must answer a handshake first: send status requested to move the subscription and re-activate it',
+          'Subscription.status',
+        ),
+      );
+      // Nothing changed, nothing went to the new endpoint.
+      expect((await request('GET', `/fhir/Subscription/${id}`)).body).toEqual(read.body);
+      expect(receiver.arrived.filter((r) => r.path === '/moved')).toEqual([]);
+
+      // With `requested` the move goes: the handshake, then the dead letter.
+      const since = t.logger.mark();
+      const reactivated = await request('PUT', `/fhir/Subscription/${id}`, {
+        body: { ...read.body, channel, status: 'requested' },
+      });
+      expect([reactivated.status, reactivated.body.status, reactivated.body.error]).toEqual([
+        200,
+        'requested',
+        undefined,
+      ]);
+      await t.logger.waitForStatus(id, 'active', undefined, since);
+      await receiver.waitFor(() => notifiedNumbers(receiver.on('/moved')).length === 1, 'the dead letter at /moved');
+      expect(notifiedNumbers(receiver.on('/moved'))).toEqual([1]);
+    });
+
+    it('still refuses error asked of a subscription in any other status', async () => {
+      const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/not-in-error`, off));
+      const res = await request('PUT', `/fhir/Subscription/${sub.id}`, { body: { ...sub, status: 'error' } });
+      expect(res.status).toBe(422);
+      expect(res.body).toEqual(
+        operationOutcome(
+          'INVALID_STATUS_CHANGE',
+          'Only the broker sets status error; send requested to re-activate',
+          'Subscription.status',
+        ),
+      );
+    });
+  });
+});
