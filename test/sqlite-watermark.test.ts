@@ -259,10 +259,11 @@ describe('SQLite delivery watermark against a model', () => {
           const s = pick(subs);
           const notes = model.get(s) as Map<number, ModelNote>;
           let dead = 0;
+          // Dead letters go back, and retries start over: both with no attempt made and no error.
           for (const [number, note] of notes)
-            if (note.state === 'dead') {
+            if (note.state === 'dead' || (note.state === 'pending' && note.attempts > 0)) {
               notes.set(number, { state: 'pending', attempts: 0, createdAt: note.createdAt });
-              dead++;
+              if (note.state === 'dead') dead++;
             }
           expect(await store.requeueDeadLetters(s, clock)).toBe(dead);
         } else {

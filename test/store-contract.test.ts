@@ -680,6 +680,73 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect((await store.notificationsInRange('s2', 1, 1, 1)).map((n) => n.state)).toEqual(['dead']);
     });
 
+    it('starts the pending retries of that subscription over, due at the same time; untried ones keep theirs', async () => {
+      const due = RECEIVED + 60_000;
+      const later = RECEIVED + 3_600_000;
+      await store.acceptChanges([item('e5', ['s1'], 'p-e5')], RECEIVED + 1);
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 4, state: 'pending', attempts: 2, dueAt: later, lastError: 'HTTP 503' },
+        { subscriptionId: 's2', eventNumber: 2, state: 'pending', attempts: 2, dueAt: later, lastError: 'HTTP 503' },
+      ]);
+      // Only the dead letters are counted.
+      expect(await store.requeueDeadLetters('s1', due)).toBe(2);
+      const fresh = (eventNumber: number, dueAt: number) => ({
+        subscriptionId: 's1',
+        eventNumber,
+        change: change(`e${eventNumber}`, `p-e${eventNumber}`),
+        state: 'pending',
+        attempts: 0,
+        dueAt,
+      });
+      expect(await store.notificationsInRange('s1', 2, 5, 10)).toEqual([
+        fresh(2, due),
+        fresh(3, due),
+        fresh(4, due),
+        fresh(5, RECEIVED + 1),
+      ]);
+      expect(await store.pendingNotifications('s1', 0, 10)).toEqual([
+        fresh(2, due),
+        fresh(3, due),
+        fresh(4, due),
+        fresh(5, RECEIVED + 1),
+      ]);
+      // Another subscription's retry keeps its attempts and its due time.
+      expect(await store.notificationsInRange('s2', 2, 2, 1)).toEqual([
+        {
+          subscriptionId: 's2',
+          eventNumber: 2,
+          change: change('e2', 'p-e2'),
+          state: 'pending',
+          attempts: 2,
+          dueAt: later,
+          lastError: 'HTTP 503',
+        },
+      ]);
+    });
+
+    it('starts the pending retries over when nothing is dead, answering 0', async () => {
+      expect(await store.requeueDeadLetters('s2', RECEIVED)).toBe(1);
+      await store.recordDeliveries([
+        {
+          subscriptionId: 's2',
+          eventNumber: 3,
+          state: 'pending',
+          attempts: 1,
+          dueAt: RECEIVED + 5_000,
+          lastError: 'x',
+        },
+      ]);
+      expect(await store.requeueDeadLetters('s2', RECEIVED + 10)).toBe(0);
+      expect(
+        (await store.pendingNotifications('s2', 0, 10)).map((n) => [n.eventNumber, n.attempts, n.dueAt, n.lastError]),
+      ).toEqual([
+        [1, 0, RECEIVED, undefined],
+        [2, 0, RECEIVED, undefined],
+        [3, 0, RECEIVED + 10, undefined],
+        [4, 0, RECEIVED, undefined],
+      ]);
+    });
+
     it('answers 0 when there is nothing dead to requeue', async () => {
       expect(await store.requeueDeadLetters('s1', RECEIVED)).toBe(2);
       expect(await store.requeueDeadLetters('s1', RECEIVED)).toBe(0);

@@ -253,6 +253,87 @@ describe('answers from an endpoint the client has moved away from', () => {
   });
 });
 
+describe('retries pending when the client re-activates the subscription', () => {
+  /** Answers 503 to event notifications at `path` while `failing` says so, 204 to everything else. */
+  const failingAt = (path: string, failing: () => boolean) => (req: { path: string; body: string }) =>
+    failing() && req.path === path && req.body.includes('"event-notification"') ? { status: 503 } : { status: 204 };
+
+  /**
+   * The broker has stored notification 1's `attempts`-th failure (the receiver has only sent it):
+   * the client's change then comes after that outcome, not while it is on its way back.
+   */
+  async function failureStored(t: TestBroker, id: string, attempts: number): Promise<void> {
+    await t.logger.waitFor(
+      (r) => r.msg === 'delivery failed' && r.subscription === id && r.attempt === attempts,
+      `failed attempt ${attempts}`,
+    );
+    for (const deadline = Date.now() + 5_000; Date.now() < deadline; ) {
+      await t.broker.dispatcher.flush();
+      const [note] = await t.broker.store.notificationsInRange(id, 1, 1, 1);
+      if (note?.attempts === attempts) return;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    throw new Error(`attempt ${attempts} of Subscription/${id} was never stored`);
+  }
+
+  for (const change of ['a new endpoint', 'status requested at the same endpoint'] as const) {
+    it(`${change}: the notifications go out once it is verified, not when the old retry falls due`, async () => {
+      // The second attempt fails too: the next retry is 24-36 s away.
+      const { receiver, t } = await setup({ BROKER_RETRY_DELAYS: '50ms,30s,30s' });
+      const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
+      const id = sub.id as string;
+      await t.logger.waitForStatus(id, 'active');
+      let failing = true;
+      receiver.respond = failingAt('/old', () => failing);
+      await t.post(patientEvents('backoff', 1));
+      await failureStored(t, id, 2);
+      await t.post(patientEvents('behind', 2));
+      failing = false;
+      const path = change === 'a new endpoint' ? '/new' : '/old';
+      const put = await t.call('PUT', `/fhir/Subscription/${id}`, {
+        ...topicSubscription('patient-change', `${receiver.url}${path}`),
+        id,
+        status: change === 'a new endpoint' ? 'active' : 'requested',
+      });
+      expect(put.status).toBe(200);
+      // Bounded far below the old retry's due time.
+      await receiver.waitFor(
+        () => delivered(receiver, path).length === 3,
+        'the notifications after the handshake',
+        5_000,
+      );
+      expect(delivered(receiver, path)).toEqual([1, 2, 3]);
+      expect(receiver.failures).toHaveLength(2);
+    });
+  }
+
+  it('a new endpoint gets the whole retry schedule, whatever the old one used up', async () => {
+    // Three of the four attempts fail at the old endpoint; the last one would be ~2 s later.
+    const { receiver, t } = await setup({ BROKER_RETRY_DELAYS: '50ms,50ms,2s' });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    receiver.respond = failingAt('/old', () => true);
+    await t.post(patientEvents('used-up', 1));
+    await failureStored(t, id, 3);
+    // The new endpoint refuses its first notification once.
+    receiver.answerOnce((req) => req.path === '/new' && req.body.includes('"event-notification"'), { status: 503 });
+    const put = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/new`),
+      id,
+    });
+    expect(put.status).toBe(200);
+    // Bounded; if it never comes, the status below says why.
+    await receiver
+      .waitFor(() => delivered(receiver, '/new').length === 1, 'the notification retried at the new endpoint', 5_000)
+      .catch(() => undefined);
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
+    expect(delivered(receiver, '/new')).toEqual([1]);
+    expect(receiver.failures.map((r) => r.path)).toEqual(['/old', '/old', '/old', '/new']);
+    expect(t.logger.records.some((r) => r.subscription === id && r.to === 'error')).toBe(false);
+  });
+});
+
 describe('sockets of a changed subscription', () => {
   it('looks for bound sockets only for a websocket subscription or a deleted one (on AWS each look is a query)', async () => {
     const { receiver, t } = await setup();

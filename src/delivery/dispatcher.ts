@@ -651,11 +651,12 @@ export class Dispatcher {
     // Retry-After may ask for a longer pause, never for more attempts or a shorter one.
     const scheduled = result.permanent ? undefined : nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random());
     const delay = scheduled === undefined ? undefined : Math.max(scheduled, result.retryAfterMs ?? 0);
-    if (delay === undefined && !current) {
-      // The client re-activated the subscription while this last attempt was on the wire, and the
-      // re-activation put its dead letters back in the queue: this one goes back with them rather
-      // than die after them (it would stay dead until the next re-activation). The rebuilt lane
-      // reads it from the store, after this state (its rescan writes what is waiting first).
+    if (!current) {
+      // The client re-activated the subscription while this attempt was on the wire: the
+      // re-activation put its dead letters back in the queue and started its retries over, so this
+      // one starts over with them (no attempt counted, due now) rather than keep the old endpoint's
+      // schedule, or die after them if it was the last (dead until the next re-activation). The
+      // rebuilt lane reads it from the store, after this state (its rescan writes what is waiting first).
       for (const { note } of batch) {
         const { subscriptionId, eventNumber } = note;
         this.#states.record({

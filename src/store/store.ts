@@ -104,15 +104,21 @@ export interface Store {
   /**
    * Applies delivery outcomes in the order given. An update's `attempts` counts the attempts made
    * so far, this one included: one with `attempts: 1` reports a notification's first attempt, so no
-   * outcome of it was recorded before (what lets the embedded store mark such deliveries with a
-   * per-subscription watermark instead of a row write). The `dueAt` of a delivered notification
-   * is not kept by every store.
+   * outcome of it was recorded before, or since `requeueDeadLetters` started it over (what lets the
+   * embedded store mark such deliveries with a per-subscription watermark instead of a row write).
+   * The `dueAt` of a delivered notification is not kept by every store.
    */
   recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void>;
   /** Stored notifications with `from <= eventNumber <= to`, oldest first. */
   notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]>;
 
-  /** Dead-lettered notifications of a subscription become pending again, due at `dueAt`; returns how many. */
+  /**
+   * Re-activation: the subscription's dead-lettered notifications become pending again, and its
+   * pending ones that have failed attempts (retries backing off, perhaps for an endpoint the client
+   * has just left) start over; all of them with no attempt made and no error, due at `dueAt`, so
+   * the endpoint gets the whole retry schedule. Pending notifications never attempted are left as
+   * they are. Returns how many dead letters were re-queued.
+   */
   requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number>;
   /**
    * Forget what is older than `before` (epoch ms): delivered and dead-lettered notifications

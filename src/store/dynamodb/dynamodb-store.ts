@@ -437,25 +437,38 @@ export class DynamoDbStore implements Store {
     return items.map(fromNotificationItem);
   }
 
+  /**
+   * One consistent query of the subscription's notifications, then one conditional update per dead
+   * letter or pending retry: each is reset only if it is still what the query read, so an outcome
+   * recorded meanwhile (a delivery, a dead letter) is not undone.
+   */
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
-    const dead = await this.#requests.queryAll({
+    const requeuable = await this.#requests.queryAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
       KeyConditionExpression: 'subscriptionId = :s',
-      FilterExpression: '#state = :dead',
-      ProjectionExpression: 'subscriptionId, eventNumber',
+      FilterExpression: '#state = :dead OR (#state = :pending AND attempts > :none)',
+      ProjectionExpression: 'subscriptionId, eventNumber, #state',
       ExpressionAttributeNames: { '#state': 'state' },
-      ExpressionAttributeValues: { ':s': S(subscriptionId), ':dead': S('dead') },
+      ExpressionAttributeValues: {
+        ':s': S(subscriptionId),
+        ':dead': S('dead'),
+        ':pending': S('pending'),
+        ':none': N(0),
+      },
     });
-    const requeued = await inBursts(dead, async (key) => {
+    const requeued = await inBursts(requeuable, async (key) => {
+      const wasDead = readString(key, 'state') === 'dead';
       const e = new Expression()
         .set('state', S('pending'))
         .set('attempts', N(0))
         .set('dueAt', N(dueAt))
         .setOrRemove('lastError', undefined)
         .copyOrRemove('pendingSubscriptionId', 'subscriptionId', true);
-      const condition = `${e.name('state')} = ${e.value(S('dead'))}`;
-      return conditionHeld(
+      const condition = wasDead
+        ? `${e.name('state')} = ${e.value(S('dead'))}`
+        : `${e.name('state')} = ${e.value(S('pending'))} AND ${e.name('attempts')} > ${e.value(N(0))}`;
+      const held = await conditionHeld(
         this.#client.send(
           new UpdateItemCommand({
             TableName: this.#tables.notifications,
@@ -466,6 +479,7 @@ export class DynamoDbStore implements Store {
           }),
         ),
       );
+      return held && wasDead;
     });
     return requeued.filter(Boolean).length;
   }

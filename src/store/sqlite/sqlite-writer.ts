@@ -91,20 +91,26 @@ const record = db.transaction((u) => {
   for (const [sub, mark] of moved) if (mark.w !== mark.w0) setMark.run(mark.w, sub);
   return moved;
 });
-// Re-queueing a subscription's dead letters (durable, like \`steps\`): the watermark goes below the lowest of them,
-// by the same statement a retry below it uses, then they are pending again, due at \`dueAt\`.
+// Re-queueing a subscription (durable, like \`steps\`): the watermark goes below the lowest dead letter, by the same
+// statement a retry below it uses, then the dead letters are pending again and the pending retries start over, all
+// with no attempt made, due at \`dueAt\`. A retry is a row written pending with attempts, always above the watermark
+// (a retry lowers it below its row, and it never passes a pending row): the reset walks only what is above it.
+// Answers how many dead letters went back.
 const lowestDead = db.prepare("SELECT MIN(event_number) AS n FROM notifications WHERE subscription_id = ? AND state = 'dead'");
 const requeueDead = db.prepare("UPDATE notifications SET state = 'pending', attempts = 0, due_at = ?, last_error = NULL WHERE subscription_id = ? AND state = 'dead'");
+const restartRetries = db.prepare("UPDATE notifications SET attempts = 0, due_at = ?, last_error = NULL WHERE subscription_id = ? AND event_number > ? AND state = 'pending' AND attempts > 0");
 const requeue = db.transaction((sub, dueAt) => {
   marks.delete(sub);
-  const dead = lowestDead.get(sub).n;
-  if (dead === null) return 0;
   const mark = markOf.get(sub);
-  if (mark !== undefined && dead <= mark.w) {
-    materialise.run(sub, dead - 1, mark.w);
+  let done = mark === undefined ? 0 : mark.w;
+  const dead = lowestDead.get(sub).n;
+  if (dead !== null && dead <= done) {
+    materialise.run(sub, dead - 1, done);
     setMark.run(dead - 1, sub);
+    done = dead - 1;
   }
-  return requeueDead.run(dueAt, sub).changes;
+  restartRetries.run(dueAt, sub, done);
+  return dead === null ? 0 : requeueDead.run(dueAt, sub).changes;
 });
 // A transaction that failed may have left the cached watermarks ahead of the database: forget them all.
 function forgettingMarksOnFailure(fn) {
@@ -350,7 +356,10 @@ export class SqliteWriter {
     return (await this.#call({ op: 'steps', steps: list })) as unknown[];
   }
 
-  /** Dead letters of a subscription pending again, due at `dueAt`, in one durable transaction; answers how many. */
+  /**
+   * Dead letters of a subscription pending again and its pending retries started over, all due at
+   * `dueAt` with no attempt made, in one durable transaction; answers how many dead letters.
+   */
   async requeue(subscriptionId: string, dueAt: number): Promise<number> {
     return (await this.#call({ op: 'requeue', subscriptionId, dueAt })) as number;
   }
