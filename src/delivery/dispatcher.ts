@@ -231,7 +231,12 @@ export class Dispatcher {
         this.#track(this.#handshake(id));
         this.#scheduleEnd(id);
       },
-      onActivated: (id) => this.#wake(id, true),
+      onActivated: (id) => {
+        // Everything pending goes, fresh ones included: while the subscription was not active no
+        // instance sent them (on a shared store `peek` would take a fresh one to be on the wire).
+        this.#lane(id).rescan = true;
+        this.#wake(id, true);
+      },
       onRemoved: (id, before) => {
         this.#forget(id);
         this.#letGoOfSockets(before);
@@ -252,7 +257,13 @@ export class Dispatcher {
   async start(): Promise<void> {
     for (const sub of this.#registry.all()) if (sub.status === 'requested') this.#track(this.#handshake(sub.id));
     for (const id of await this.#store.subscriptionsWithPending()) {
-      this.#lane(id).rescan = true;
+      // On a store shared by instances (AWS: the scheduled dispatcher, every minute), a pending
+      // notification accepted a moment ago with no attempt recorded is on the wire in the container
+      // that accepted it: `peek` leaves those (and sends them once they are old enough to have been
+      // left behind). On its own store, a starting process is the only sender: everything pending goes.
+      const lane = this.#lane(id);
+      if (this.#store.sharedByInstances === true) lane.peek = true;
+      else lane.rescan = true;
       this.#wake(id, true);
     }
     for (const sub of this.#registry.all()) {

@@ -194,7 +194,12 @@ export class EventAcceptance {
     }
   }
 
-  /** The notification an earlier (half-finished) acceptance queued; undefined if it is gone since. */
+  /**
+   * The notification an earlier (half-finished) acceptance queued, to hand on again while it is
+   * still pending; undefined if it is gone since, or already delivered or dead-lettered (the
+   * acceptance failed half-way and its retry came after delivery had dealt with it: handed on
+   * again, a delivered one would go out twice).
+   */
   async #existingNotification(subscriptionId: string, eventNumber: number): Promise<Notification | undefined> {
     const out = await this.#client.send(
       new GetItemCommand({
@@ -205,12 +210,12 @@ export class EventAcceptance {
     );
     if (out.Item === undefined) return undefined;
     const {
-      state: _state,
+      state,
       attempts: _attempts,
       dueAt: _dueAt,
       lastError: _lastError,
       ...note
     } = fromNotificationItem(out.Item);
-    return note;
+    return state === 'pending' ? note : undefined;
   }
 }
