@@ -275,4 +275,53 @@ describe('/live page in headless Chromium (real server)', () => {
     await screenshot('live-after-reconnect');
     await expectCleanPage();
   });
+
+  it('shows each event once and in number order, whatever order they arrive in', async () => {
+    requireChromium();
+    // On AWS a catch-up and a live event can reach a socket from two instances side by side: 6
+    // before 4 and 5, and 4 twice. The frames are handed to the page's socket as if they came.
+    const bundle = (n: number) =>
+      JSON.stringify({
+        resourceType: 'Bundle',
+        type: 'history',
+        entry: [
+          {
+            resource: {
+              resourceType: 'Parameters',
+              parameter: [
+                { name: 'type', valueCode: 'event-notification' },
+                {
+                  name: 'notification-event',
+                  part: [
+                    { name: 'event-number', valueString: String(n) },
+                    { name: 'timestamp', valueInstant: '2026-11-27T10:00:00Z' },
+                    { name: 'focus', valueReference: { reference: `${broker?.url}/Patient/out-of-order-${n}` } },
+                  ],
+                },
+              ],
+            },
+          },
+          {
+            fullUrl: `${broker?.url}/Patient/out-of-order-${n}`,
+            request: { method: 'PUT', url: `Patient/out-of-order-${n}` },
+          },
+        ],
+      });
+    for (const n of [6, 4, 4, 5, 6]) {
+      await page.evaluate(
+        `window.__sockets.at(-1).dispatchEvent(new MessageEvent('message', { data: ${JSON.stringify(bundle(n))} }))`,
+      );
+    }
+    expect((await rows()).map((r) => r.number)).toEqual(['6', '5', '4', '3', '2', '1']);
+    // A reconnect asks from the highest number with none missing below it.
+    expect(await pageEval<number>('window.__sockets.length')).toBe(2);
+    await page.evaluate('window.__sockets.at(-1).close()');
+    await page.waitForSelector('#state[data-state=reconnecting]', { timeout: WAIT });
+    await page.waitForSelector('#state[data-state=live]', { timeout: WAIT });
+    const binds = (await pageEval<string[]>('window.__sent')).map(
+      (m) => JSON.parse(m) as { payload: { lastEventNumber?: number } },
+    );
+    expect(binds.map((b) => b.payload.lastEventNumber)).toEqual([0, 1, 6]);
+    await expectCleanPage();
+  });
 });
