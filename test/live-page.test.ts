@@ -276,6 +276,26 @@ describe('/live page in headless Chromium (real server)', () => {
     await expectCleanPage();
   });
 
+  it('closing the page deletes its subscription', async () => {
+    requireChromium();
+    const live = async (): Promise<string[]> => {
+      const res = await ingest.call('GET', '/fhir/Subscription');
+      return ((res.body.entry as { resource: { id: string; reason?: string } }[] | undefined) ?? [])
+        .filter((e) => e.resource.reason === 'Live feed page')
+        .map((e) => e.resource.id);
+    };
+    const before = await live();
+    const other = await (context as BrowserContext).newPage();
+    await other.goto(`${broker!.url}/live`, { waitUntil: 'load', timeout: WAIT });
+    await other.fill('#apiKey', API_KEYS.alice);
+    await other.click('#connect');
+    await other.waitForSelector('#state[data-state=live]', { timeout: WAIT });
+    const opened = (await live()).filter((id) => !before.includes(id));
+    expect(opened).toHaveLength(1);
+    await other.close({ runBeforeUnload: true });
+    await expect.poll(live, { timeout: WAIT }).toEqual(before);
+  });
+
   it('shows each event once and in number order, whatever order they arrive in', async () => {
     requireChromium();
     // On AWS a catch-up and a live event can reach a socket from two instances side by side: 6
