@@ -148,6 +148,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     overrides.localSockets === undefined
       ? new LocalWebSocketHub({ logger, metrics, limits: hubLimits })
       : await overrides.localSockets({ logger, metrics, limits: hubLimits });
+  // The API clients, as ApiKeyAuth below takes them: a binding token of any other owner binds nothing.
+  const clientIds = new Set(credentials.apiClients.map((c) => c.clientId));
   const websocket = new WebSocketChannel({
     port: overrides.websocketPort ?? websocketHub,
     bindings: overrides.bindings ?? new InMemoryBindings(),
@@ -159,6 +161,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     logger,
     metrics,
     fhirBase: `${config.publicUrl}/fhir`,
+    isClient: (owner) => clientIds.has(owner),
+    maxHeldBytes: config.wsSendBufferBytes,
   });
   websocketHub.handle(websocket);
   const dispatcher = new Dispatcher({

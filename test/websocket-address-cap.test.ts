@@ -19,7 +19,6 @@ import { ApiKeyAuth } from '../src/http/auth.js';
 import { attachWebSocket } from '../src/http/websocket-upgrade.js';
 import { silentLogger } from '../src/observability/logger.js';
 import { Metrics } from '../src/observability/metrics.js';
-import type { SubscriptionRegistry } from '../src/service/subscription-registry.js';
 import type { Store } from '../src/store/store.js';
 import { INGEST_TOKEN, startBroker } from './support/broker-process.js';
 import { record } from './support/store-fixtures.js';
@@ -106,7 +105,7 @@ async function start(
   const channel = new WebSocketChannel({
     port: hub,
     bindings: new InMemoryBindings(),
-    registry: { get: (id: string) => subs.get(id) } as unknown as SubscriptionRegistry,
+    registry: { get: (id: string) => subs.get(id), refresh: async () => undefined },
     store: {} as Store,
     tokens,
     clock: { now: () => Date.now() },

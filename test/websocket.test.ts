@@ -1,6 +1,7 @@
+import type { Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BindingTokens } from '../src/delivery/ws-binding-token.js';
-import { API_KEYS, type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
+import { API_KEYS, type BrokerProcess, INGEST_TOKEN, newDataDir, startBroker } from './support/broker-process.js';
 import {
   Client,
   eventLike,
@@ -282,6 +283,29 @@ describe.each([
     await stillServed(both, stays, 'gone-stays');
   });
 
+  it('catches up a bind that arrives in one read with an unbind before it', async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=unbind-bind'] }));
+    for (let i = 0; i < 3; i++) await patientChange('unbind-bind');
+    let stored = 3;
+    for (const unbind of ['unbind', `unbind ${id}`, JSON.stringify({ type: 'unbind' })]) {
+      const bind = `bind-with-token ${await token(id)} 0`;
+      const c = await connect();
+      // Both frames in one TCP write, as two sends that coalesce: the broker reads them together.
+      const raw = (c.socket as unknown as { _socket: Socket })._socket;
+      raw.cork();
+      c.send(unbind);
+      c.send(bind);
+      raw.uncork();
+      await c.waitFor(() => notificationsOf(c, id).length === stored, `the catch-up after ${unbind}`);
+      expect(handshakesOf(c)).toEqual([id]);
+      await patientChange('unbind-bind');
+      stored++;
+      await c.waitFor(() => notificationsOf(c, id).length === stored, 'the next live event');
+      expect(notificationsOf(c, id).flatMap(eventNumbers)).toEqual(Array.from({ length: stored }, (_, i) => i + 1));
+      c.close();
+    }
+  });
+
   it('does not skip live events for a client claiming more than the subscription has numbered', async () => {
     const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=claims'] }));
     const c = await connect();
@@ -381,6 +405,40 @@ describe.each([
     }
     slow.socket.resume();
     expect((await slow.waitForClose()).code).toBe(4001);
+  });
+});
+
+describe('binding tokens of a revoked API client', () => {
+  it('refuses a token whose client was removed from BROKER_API_KEYS, as it refuses an unknown subscription', async () => {
+    const dataDir = newDataDir();
+    let broker = await startBroker({ BROKER_WS_TOKEN_SECRET: WS_SECRET }, dataDir);
+    const wsUrl = () => `${broker.url.replace('http', 'ws')}/ws`;
+    const sockets: WsClient[] = [];
+    try {
+      const alice = new Client(broker.url, API_KEYS.alice);
+      const id = (await alice.create(wsSubscription('patient-change'))).id as string;
+      const res = await alice.call('GET', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+      const token = ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString as string;
+      const before = await WsClient.connect(wsUrl());
+      sockets.push(before);
+      before.send(`bind-with-token ${token}`);
+      await before.waitFor(() => before.bundles.length === 1, 'the handshake while alice is a client');
+      await broker.kill('SIGTERM');
+
+      // The operator removes alice and restarts: her token (valid for minutes more) binds nothing.
+      broker = await startBroker(
+        { BROKER_WS_TOKEN_SECRET: WS_SECRET, BROKER_API_KEYS: `bob:${API_KEYS.bob}` },
+        dataDir,
+      );
+      const after = await WsClient.connect(wsUrl());
+      sockets.push(after);
+      after.send(`bind-with-token ${token}`);
+      const closed = await after.waitForClose();
+      expect([closed.code, after.messages]).toEqual([4003, [`error unknown subscription ${id}`]]);
+    } finally {
+      for (const s of sockets) s.close();
+      await broker.kill('SIGTERM');
+    }
   });
 });
 

@@ -272,6 +272,27 @@ export class LocalWebSocketHub implements LocalSockets {
   }
 
   /**
+   * Resolves at once while the socket's send buffer holds at most half its cap; else once all of
+   * it has gone to the kernel (a write of nothing completes after everything written before it),
+   * or the socket closed. A reader that stops reading is let go by the ping rule (no pong).
+   */
+  drained(connectionId: string): Promise<void> {
+    const socket = this.#sockets.get(connectionId);
+    if (socket === undefined || socket.ws.readyState !== socket.ws.OPEN) return Promise.resolve();
+    if (socket.ws.bufferedAmount <= this.#limits.maxBufferedBytes / 2) return Promise.resolve();
+    const { ws, raw } = socket;
+    return new Promise((resolve) => {
+      const done = (): void => {
+        ws.off('close', done);
+        resolve();
+      };
+      ws.once('close', done);
+      if (raw === undefined) setImmediate(done);
+      else raw.write(NOTHING, done);
+    });
+  }
+
+  /**
    * The channel reports whether the connection holds a binding. Losing the last one starts the
    * bind window again; reporting `false` while already unbound does not (it counts from the open,
    * or from the loss, however much the client talks meanwhile).
@@ -397,6 +418,8 @@ export class LocalWebSocketHub implements LocalSockets {
     });
   }
 }
+
+const NOTHING = Buffer.alloc(0);
 
 /** `30 s`, or `250 ms` below a second (tests). */
 function duration(ms: number): string {

@@ -177,6 +177,13 @@ export class SocketProcessHub implements LocalSockets {
     this.#post(entry.child, { t: 'close', id: connectionId, code, reason });
   }
 
+  /** The child owns the socket and its buffer: asked there (a request is answered in order after the sends before it). */
+  async drained(connectionId: string): Promise<void> {
+    const entry = this.#connections.get(connectionId);
+    if (entry === undefined) return;
+    await this.#request(entry.child, (rq) => ({ t: 'drained?', rq, id: connectionId }));
+  }
+
   /** The child runs the bind window; it hears each change of state (one IPC message, not one per bind). */
   markBound(connectionId: string, bound: boolean): void {
     const entry = this.#connections.get(connectionId);

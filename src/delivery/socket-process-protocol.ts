@@ -23,6 +23,8 @@ export type ToSocketProcess =
   | { readonly t: 'many'; readonly rq: number; readonly ids: readonly string[]; readonly text: string }
   | { readonly t: 'close'; readonly id: string; readonly code: number; readonly reason: string }
   | { readonly t: 'open?'; readonly rq: number; readonly id: string }
+  /** Answered (`true`) once the connection has room for more (LocalWebSocketHub.drained), or is gone. */
+  | { readonly t: 'drained?'; readonly rq: number; readonly id: string }
   /** The connection now holds a binding, or none (its bind window starts). */
   | { readonly t: 'bound'; readonly id: string; readonly bound: boolean }
   | { readonly t: 'closeAll'; readonly code: number; readonly reason: string };

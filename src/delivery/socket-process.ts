@@ -79,6 +79,9 @@ process.on('message', (msg: ToSocketProcess, handle?: unknown) => {
     case 'open?':
       post({ t: 're', rq: msg.rq, v: hub.isOpenNow(msg.id) });
       return;
+    case 'drained?':
+      void hub.drained(msg.id).then(() => post({ t: 're', rq: msg.rq, v: true }));
+      return;
     case 'closeAll':
       hub.closeAll(msg.code, msg.reason);
       return;

@@ -9,7 +9,6 @@ import { ApiKeyAuth } from '../http/auth.js';
 import { attachWebSocket } from '../http/websocket-upgrade.js';
 import { silentLogger } from '../observability/logger.js';
 import { Metrics } from '../observability/metrics.js';
-import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import { type LocalSockets, LocalWebSocketHub } from './local-websocket-hub.js';
 import { SocketProcessHub } from './socket-process-hub.js';
@@ -104,7 +103,7 @@ describe.each([
     channel = new WebSocketChannel({
       port: hub,
       bindings: new InMemoryBindings(),
-      registry: { get: (id: string) => subs.get(id) } as unknown as SubscriptionRegistry,
+      registry: { get: (id: string) => subs.get(id), refresh: async () => undefined },
       store: {} as Store,
       tokens,
       clock: { now: () => Date.now() },

@@ -6,7 +6,7 @@ import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
 import { type Binding, type BindingStore, CLOSE, type SendOutcome, type WebSocketPort } from './websocket-port.js';
 import { type ClientMessage, parseClientMessage } from './websocket-protocol.js';
-import { BindingTokenError, type BindingTokens } from './ws-binding-token.js';
+import { type BindingClaims, BindingTokenError, type BindingTokens } from './ws-binding-token.js';
 
 /**
  * The websocket channel of the backport IG, independent of the socket layer: binding (token or
@@ -14,6 +14,10 @@ import { BindingTokenError, type BindingTokens } from './ws-binding-token.js';
  *
  * Catch-up without gaps or duplicates: while a binding catches up, live messages for it are held;
  * once the stored range is sent, held messages newer than what was sent follow, then it is live.
+ * A connection's messages are handled one after another (an `unbind` and the bind after it, sent
+ * together, must not interleave). A connection that refuses a push (API Gateway throttled or
+ * denied it) is closed, as a slow consumer is: its client binds again with its `lastEventNumber`
+ * and catches up, instead of living with a gap it cannot see.
  */
 
 export interface Connection {
@@ -25,6 +29,9 @@ export interface Connection {
 /** Stored notifications read per page during a catch-up. */
 const CATCH_UP_PAGE = 500;
 
+/** 1 MiB: the local hub's default send-buffer cap (BROKER_WS_SEND_BUFFER), which the broker passes in. */
+const DEFAULT_MAX_HELD_BYTES = 1024 * 1024;
+
 interface Held {
   readonly text: string;
   readonly lastEventNumber: number;
@@ -32,10 +39,16 @@ interface Held {
   readonly after: (sent: number) => string;
 }
 
+/** The live messages held for one binding while it catches up, and their size. */
+interface Hold {
+  readonly held: Held[];
+  bytes: number;
+}
+
 export class WebSocketChannel {
   readonly #port: WebSocketPort;
   readonly #bindings: BindingStore;
-  readonly #registry: SubscriptionRegistry;
+  readonly #registry: Pick<SubscriptionRegistry, 'get' | 'refresh'>;
   readonly #store: Store;
   readonly #tokens: BindingTokens;
   readonly #clock: Clock;
@@ -43,15 +56,19 @@ export class WebSocketChannel {
   readonly #logger: Logger;
   readonly #metrics: Metrics;
   readonly #fhirBase: string;
+  readonly #isClient: (owner: string) => boolean;
+  readonly #maxHeldBytes: number;
   /** Connection → subscription → messages held while that binding catches up. */
-  readonly #catchingUp = new PerConnection<Held[]>();
+  readonly #catchingUp = new PerConnection<Hold>();
   /** Connection → subscription → highest event number its catch-up sent (later live copies are skipped). */
   readonly #caughtUpTo = new PerConnection<number>();
+  /** Connection → the end of its chain of messages: one is handled after the other. Idle or closed: no entry. */
+  readonly #inbox = new Map<string, Promise<void>>();
 
   constructor(deps: {
     port: WebSocketPort;
     bindings: BindingStore;
-    registry: SubscriptionRegistry;
+    registry: Pick<SubscriptionRegistry, 'get' | 'refresh'>;
     store: Store;
     tokens: BindingTokens;
     clock: Clock;
@@ -59,6 +76,17 @@ export class WebSocketChannel {
     logger: Logger;
     metrics: Metrics;
     fhirBase: string;
+    /**
+     * Whether a token's owner is still a configured API client: a token outlives the removal of
+     * its client from BROKER_API_KEYS (it is valid for minutes). Absent: every owner is.
+     */
+    isClient?: (owner: string) => boolean;
+    /**
+     * Bytes of live messages held for one connection while it catches up: past this it is not
+     * keeping up, and is closed as a slow consumer (4001), as the local hub closes one whose send
+     * buffer passes its cap (BROKER_WS_SEND_BUFFER, which the broker passes here).
+     */
+    maxHeldBytes?: number;
   }) {
     this.#port = deps.port;
     this.#bindings = deps.bindings;
@@ -70,11 +98,47 @@ export class WebSocketChannel {
     this.#logger = deps.logger;
     this.#metrics = deps.metrics;
     this.#fhirBase = deps.fhirBase;
+    this.#isClient = deps.isClient ?? (() => true);
+    this.#maxHeldBytes = deps.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES;
   }
 
-  /** One text message from a client. Protocol errors close only that connection. */
-  async onMessage(conn: Connection, text: string): Promise<void> {
+  /**
+   * One text message from a client. Protocol errors close only that connection. A connection's
+   * messages are handled in the order they came, each after the one before has finished: handled
+   * side by side, an `unbind` resuming after its `await` dropped the hold of the bind that followed
+   * it, whose catch-up then sent nothing. A failed message fails only its own promise.
+   */
+  onMessage(conn: Connection, text: string): Promise<void> {
     const msg = parseClientMessage(text);
+    // An `unbind` stops a catch-up (or a flush of held events) under way at once, rather than wait
+    // its turn behind it: the catch-up's hold is swapped for one nobody sends, so the catch-up ends
+    // at its next message and live events meanwhile wait there, dropped when the unbind's turn
+    // comes. A bind that came after it runs after it, with a hold of its own.
+    if (msg.kind === 'unbind') this.#catchingUp.replace(conn.id, msg.subscriptionId, () => ({ held: [], bytes: 0 }));
+    const handled = (this.#inbox.get(conn.id) ?? Promise.resolve()).then(() => this.#handle(conn, msg));
+    const settled = handled.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.#inbox.set(conn.id, settled);
+    // Nothing waits behind the last message: forget the chain (and the connection with it).
+    void settled.then(() => {
+      if (this.#inbox.get(conn.id) === settled) this.#inbox.delete(conn.id);
+    });
+    return handled;
+  }
+
+  #dropHolds(connectionId: string, subscriptionId: string | undefined): void {
+    if (subscriptionId === undefined) {
+      this.#catchingUp.forget(connectionId);
+      this.#caughtUpTo.forget(connectionId);
+    } else {
+      this.#catchingUp.delete(connectionId, subscriptionId);
+      this.#caughtUpTo.delete(connectionId, subscriptionId);
+    }
+  }
+
+  async #handle(conn: Connection, msg: ClientMessage): Promise<void> {
     switch (msg.kind) {
       case 'bind-with-token':
         return this.#bindWithToken(conn, msg);
@@ -83,13 +147,7 @@ export class WebSocketChannel {
         // Its last binding gone, the socket has the bind window again to bind, then is closed: an
         // `unbind` is no way to hold a socket without a binding (a bare one is valid with none).
         await this.#reportBound(conn.id);
-        if (msg.subscriptionId === undefined) {
-          this.#catchingUp.forget(conn.id);
-          this.#caughtUpTo.forget(conn.id);
-        } else {
-          this.#catchingUp.delete(conn.id, msg.subscriptionId);
-          this.#caughtUpTo.delete(conn.id, msg.subscriptionId);
-        }
+        this.#dropHolds(conn.id, msg.subscriptionId);
         await this.#port.send(
           conn.id,
           msg.json
@@ -118,28 +176,15 @@ export class WebSocketChannel {
    * stopped, and a client could not tell a quiet subscription from a dead one.
    */
   async subscriptionChanged(id: string): Promise<void> {
-    const sub = this.#registry.get(id);
-    if (sub !== undefined && sub.status !== 'off' && sub.channel.type === 'websocket') return;
-    const why = sub === undefined ? 'deleted' : sub.status === 'off' ? 'off' : 'no longer a websocket subscription';
-    for (const b of await this.#bindings.bindingsFor(id)) {
-      await this.#bindings.unbind(b.connectionId, id);
-      this.#catchingUp.delete(b.connectionId, id);
-      this.#caughtUpTo.delete(b.connectionId, id);
-      const text =
-        b.mode === 'r4'
-          ? `unbound ${id}`
-          : JSON.stringify({ type: 'unbound', payload: { subscription: id, reason: `Subscription/${id} is ${why}` } });
-      if ((await this.#port.send(b.connectionId, text)) !== 'sent') continue;
-      const bound = (await this.#bindings.bindingsOf(b.connectionId)).length > 0;
-      // The socket layer hears it too: should the close below not happen, its bind window does.
-      this.#port.markBound?.(b.connectionId, bound);
-      if (!bound) await this.#port.close(b.connectionId, CLOSE.bindRefused, `Subscription/${id} is ${why}`);
-    }
+    const why = unbindable(this.#registry.get(id));
+    if (why === undefined) return;
+    for (const b of await this.#bindings.bindingsFor(id)) await this.#letGo(b, why);
   }
 
   async onClose(connectionId: string): Promise<void> {
     this.#catchingUp.forget(connectionId);
     this.#caughtUpTo.forget(connectionId);
+    this.#inbox.delete(connectionId);
     await this.#bindings.unbind(connectionId);
   }
 
@@ -154,6 +199,9 @@ export class WebSocketChannel {
     let bundleText: string | undefined;
     // Connections per text (the bundle, or the R4 ping): with `sendMany` one call per text.
     const targets = new Map<string, string[]>();
+    // Catching up while more live messages were held for them than they may have waiting: their
+    // reader is slower than the subscription's events (a catch-up goes at the reader's pace).
+    const behind: string[] = [];
     // A bundle of several events (max-count) partly sent by a catch-up goes out without those.
     const after = (sent: number): string => {
       const rest = notes.filter((n) => n.eventNumber > sent);
@@ -170,9 +218,13 @@ export class WebSocketChannel {
         bundleText ??= JSON.stringify(this.#bundle(sub, type, notes, last));
         text = bundleText;
       }
-      const held = this.#catchingUp.get(b.connectionId, sub.id);
-      if (held !== undefined) {
-        held.push({ text, lastEventNumber: last, after: b.mode === 'r4' ? () => text : after });
+      const hold = this.#catchingUp.get(b.connectionId, sub.id);
+      if (hold !== undefined) {
+        hold.bytes += text.length;
+        if (hold.bytes > this.#maxHeldBytes) {
+          this.#catchingUp.delete(b.connectionId, sub.id);
+          behind.push(b.connectionId);
+        } else hold.held.push({ text, lastEventNumber: last, after: b.mode === 'r4' ? () => text : after });
         continue;
       }
       if (type === 'event-notification') {
@@ -187,6 +239,7 @@ export class WebSocketChannel {
       }
       ids.push(b.connectionId);
     }
+    for (const id of behind) await this.#closeLagging(id, 'slow-consumer');
     let reached = 0;
     const port = this.#port;
     if (port.sendMany !== undefined) {
@@ -198,68 +251,82 @@ export class WebSocketChannel {
       }
     } else {
       // Sends start together (a local socket write completes in the call); one await for all.
-      const sends: Promise<SendOutcome>[] = [];
-      for (const [text, ids] of targets)
-        for (const connectionId of ids) sends.push(this.#sendOrForget({ connectionId }, text));
-      const outcomes = await Promise.all(sends);
+      const ids = [...targets].flatMap(([text, of]) => of.map((connectionId) => ({ connectionId, text })));
+      const outcomes = await Promise.all(ids.map(({ connectionId, text }) => this.#sendOrForget(connectionId, text)));
       reached = outcomes.filter((o) => o === 'sent').length;
-      const refused = outcomes.filter((o) => o === 'refused').length;
-      this.#metrics.inc('broker_websocket_messages_total', { outcome: 'refused' }, refused);
+      const refused = ids.filter((_, i) => outcomes[i] === 'refused').map((t) => t.connectionId);
+      this.#metrics.inc('broker_websocket_messages_total', { outcome: 'refused' }, refused.length);
       // Every live connection refused the push (API Gateway denied or throttled it): nobody has
       // the notification, so it is not delivered. Thrown, it is retried on the delivery schedule
       // like a failed webhook, and dead-letters visibly if the refusals never stop.
-      if (reached === 0 && refused > 0) {
-        throw new Error(`all ${refused} bound connection(s) refused the message`);
+      if (reached === 0 && refused.length > 0) {
+        throw new Error(`all ${refused.length} bound connection(s) refused the message`);
       }
+      // Others have it (a retry would send it to them again): those that refused it are closed,
+      // and catch up when their clients bind again.
+      for (const id of refused) await this.#closeLagging(id, 'refused');
     }
     this.#metrics.inc('broker_websocket_messages_total', { outcome: 'sent' }, reached);
     return reached;
   }
 
   async #bindWithToken(conn: Connection, msg: Extract<ClientMessage, { kind: 'bind-with-token' }>): Promise<void> {
-    let subs: SubscriptionRecord[];
+    let claims: BindingClaims;
     try {
-      const claims = this.#tokens.verify(msg.token, this.#clock.now());
-      subs = claims.subscriptions.map((id) => {
-        const sub = this.#registry.get(id);
-        // Checked again at bind time: the subscription may have been deleted or changed since.
-        if (sub === undefined || sub.owner !== claims.owner) throw new BindingTokenError(`unknown subscription ${id}`);
-        if (sub.channel.type !== 'websocket')
-          throw new BindingTokenError(`Subscription/${id} is not a websocket subscription`);
-        if (sub.status === 'off') throw new BindingTokenError(`Subscription/${id} is off`);
-        return sub;
-      });
+      claims = this.#tokens.verify(msg.token, this.#clock.now());
     } catch (err) {
-      const reason = err instanceof BindingTokenError ? err.message : 'bind failed';
-      this.#metrics.inc('broker_websocket_binds_total', { outcome: 'refused' });
-      this.#logger.info('websocket bind refused', { connection: conn.id, reason });
-      await this.#port.send(
-        conn.id,
-        msg.json ? JSON.stringify({ type: 'error', payload: { message: reason } }) : `error ${reason}`,
-      );
-      await this.#port.close(conn.id, CLOSE.bindRefused, reason);
-      return;
+      return this.#refuseBind(conn, msg.json, err instanceof BindingTokenError ? err.message : 'bind failed');
     }
+    const ids = claims.subscriptions;
+    // A client removed from BROKER_API_KEYS binds nothing with the tokens it still holds; it is
+    // told what it would be told of a subscription that does not exist (no existence leak).
+    if (!this.#isClient(claims.owner)) return this.#refuseBind(conn, msg.json, `unknown subscription ${ids[0] ?? ''}`);
+    // Checked again at bind time: the subscription may have been created, deleted or changed since
+    // the registry last read it (on AWS another function writes them; this one re-reads every 5 s).
+    const doubtful = ids.filter((id) => refusal(this.#registry.get(id), id, claims.owner) !== undefined);
+    if (doubtful.length > 0) await this.#registry.refresh(doubtful);
+    const subs: SubscriptionRecord[] = [];
+    for (const id of ids) {
+      const sub = this.#registry.get(id);
+      const reason = refusal(sub, id, claims.owner);
+      if (sub === undefined || reason !== undefined) return this.#refuseBind(conn, msg.json, reason ?? 'bind failed');
+      subs.push(sub);
+    }
+    let bound = 0;
     for (const sub of subs) {
       const last = msg.lastEventNumbers?.[sub.id] ?? msg.lastEventNumber;
-      await this.#bindOne(conn.id, sub, last);
+      if (await this.#bindOne(conn.id, sub, last)) bound++;
     }
-    this.#metrics.inc('broker_websocket_binds_total', { outcome: 'bound' }, subs.length);
+    this.#metrics.inc('broker_websocket_binds_total', { outcome: 'bound' }, bound);
   }
 
-  async #bindOne(connectionId: string, sub: SubscriptionRecord, lastSeen: number | undefined): Promise<void> {
+  async #refuseBind(conn: Connection, json: boolean, reason: string): Promise<void> {
+    this.#metrics.inc('broker_websocket_binds_total', { outcome: 'refused' });
+    this.#logger.info('websocket bind refused', { connection: conn.id, reason });
+    await this.#port.send(
+      conn.id,
+      json ? JSON.stringify({ type: 'error', payload: { message: reason } }) : `error ${reason}`,
+    );
+    await this.#port.close(conn.id, CLOSE.bindRefused, reason);
+  }
+
+  /** Binds, sends the handshake and catches up; false when the subscription went meanwhile. */
+  async #bindOne(connectionId: string, sub: SubscriptionRecord, lastSeen: number | undefined): Promise<boolean> {
     const binding: Binding = { connectionId, subscriptionId: sub.id, mode: 'bundle' };
     // Hold live messages from the moment of binding until the stored range has been sent. The hold
-    // is this bind's own: an `unbind` (or a new bind) meanwhile replaces or drops it, and the
-    // catch-up stops there.
-    const hold: Held[] = [];
+    // is this bind's own: the subscription going, the connection closing or falling too far behind
+    // drops it meanwhile, and the catch-up stops there (an `unbind` or a new bind waits its turn).
+    const hold: Hold = { held: [], bytes: 0 };
     const ours = (): boolean => this.#catchingUp.get(connectionId, sub.id) === hold;
     if (lastSeen !== undefined) this.#catchingUp.set(connectionId, sub.id, hold);
-    await this.#bindings.bind(binding);
-    this.#port.markBound?.(connectionId, true);
-    const current = this.#registry.get(sub.id) ?? sub;
-    await this.#sendOrForget(binding, JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart)));
-    if (lastSeen === undefined) return;
+    const current = await this.#bindIfStill(binding);
+    if (current === undefined) return false;
+    const handshake = JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart));
+    if (!(await this.#push(connectionId, handshake))) {
+      if (ours()) this.#catchingUp.delete(connectionId, sub.id);
+      return true;
+    }
+    if (lastSeen === undefined) return true;
     // Event numbers are the subscription's own: a client that claims more than there are has seen
     // them all, and must not have the next ones skipped as already seen. The count is read afresh
     // before a claim above the cached one is cut (on AWS another function numbers the events).
@@ -270,46 +337,67 @@ export class WebSocketChannel {
     let sent = Math.min(lastSeen, count);
     let alive = true;
     try {
-      // Page through everything stored after lastSeen (within retention), in order.
+      // Page through everything stored after lastSeen (within retention), in order. Each send
+      // waits until the socket has room (`drained`): written in one go, a long catch-up filled the
+      // send buffer past its cap before the reader could take any of it, however fast it read.
       for (;;) {
         const page = await this.#store.notificationsInRange(sub.id, sent + 1, Number.MAX_SAFE_INTEGER, CATCH_UP_PAGE);
         for (const note of page) {
-          if (!ours()) return;
-          alive =
-            (await this.#sendOrForget(
-              binding,
-              JSON.stringify(this.#bundle(current, 'event-notification', [note], note.eventNumber)),
-            )) === 'sent';
-          if (!alive) return;
+          await this.#port.drained?.(connectionId);
+          if (!ours()) return true;
+          alive = await this.#push(
+            connectionId,
+            JSON.stringify(this.#bundle(current, 'event-notification', [note], note.eventNumber)),
+          );
+          if (!alive) return true;
           sent = note.eventNumber;
+          // Held copies of what the catch-up has now sent are no longer owed (nor counted as held).
+          while ((hold.held[0]?.lastEventNumber ?? Number.POSITIVE_INFINITY) <= sent)
+            hold.bytes -= (hold.held.shift() as Held).text.length;
         }
         if (page.length < CATCH_UP_PAGE) break;
       }
     } finally {
       // Flush what live delivery held meanwhile. The hold stays in place until it is empty, and
       // the high-water mark moves with every send, so a concurrent deliver() either joins the hold
-      // or is recognised as already sent: no gap, no duplicate, no reordering. Unbound or bound
-      // anew meanwhile: the state is no longer this bind's to touch.
+      // or is recognised as already sent: no gap, no duplicate, no reordering. Hold dropped
+      // meanwhile: the state is no longer this bind's to touch.
       if (ours()) await this.#flushHold(binding, hold, sent, alive, ours);
     }
+    return true;
   }
 
-  /** Sends what was held, while the hold is still this bind's (`ours`): an unbind or a new bind ends it. */
-  async #flushHold(
-    binding: Binding,
-    held: Held[],
-    caughtUp: number,
-    open: boolean,
-    ours: () => boolean,
-  ): Promise<void> {
+  /**
+   * Writes the binding, then reads the registry again: a subscription deleted, turned off or moved
+   * while the bind was under way (a token for several binds them one after another; `subscriptionChanged`
+   * may have run before this binding existed) is let go as `subscriptionChanged` does, not left bound.
+   * The subscription as it is now, or undefined when it was let go.
+   */
+  async #bindIfStill(binding: Binding): Promise<SubscriptionRecord | undefined> {
+    await this.#bindings.bind(binding);
+    this.#port.markBound?.(binding.connectionId, true);
+    const current = this.#registry.get(binding.subscriptionId);
+    const why = unbindable(current);
+    if (current !== undefined && why === undefined) return current;
+    await this.#letGo(binding, why ?? 'deleted');
+    return undefined;
+  }
+
+  /** Sends what was held, while the hold is still this bind's (`ours`): whatever drops it ends the flush. */
+  async #flushHold(binding: Binding, hold: Hold, caughtUp: number, open: boolean, ours: () => boolean): Promise<void> {
     const { connectionId, subscriptionId } = binding;
+    const { held } = hold;
     let sent = caughtUp;
     let alive = open;
     this.#caughtUpTo.set(connectionId, subscriptionId, sent);
     while (alive && held.length > 0) {
       const h = held.shift() as Held;
+      hold.bytes -= h.text.length;
       if (h.lastEventNumber <= sent) continue;
-      alive = (await this.#sendOrForget(binding, h.after(sent))) === 'sent';
+      // What is still held meanwhile stays behind this one (deliver() adds to the hold).
+      await this.#port.drained?.(connectionId);
+      if (!ours()) return;
+      alive = await this.#push(connectionId, h.after(sent));
       if (!ours()) return;
       if (alive) {
         sent = h.lastEventNumber;
@@ -324,14 +412,11 @@ export class WebSocketChannel {
   }
 
   async #bindR4(conn: Connection, id: string): Promise<void> {
-    const sub = this.#registry.get(id);
-    if (
-      conn.apiOwner === undefined ||
-      sub === undefined ||
-      sub.owner !== conn.apiOwner ||
-      sub.channel.type !== 'websocket' ||
-      sub.status === 'off'
-    ) {
+    const owner = conn.apiOwner !== undefined && this.#isClient(conn.apiOwner) ? conn.apiOwner : undefined;
+    // Not bindable as the registry has it: read again (it may have been created since it was read).
+    if (owner !== undefined && refusal(this.#registry.get(id), id, owner) !== undefined)
+      await this.#registry.refresh([id]);
+    if (owner === undefined || refusal(this.#registry.get(id), id, owner) !== undefined) {
       // Another client's subscription is indistinguishable from none.
       await this.#port.send(
         conn.id,
@@ -340,9 +425,29 @@ export class WebSocketChannel {
       await this.#port.close(conn.id, CLOSE.bindRefused, 'bind refused');
       return;
     }
-    await this.#bindings.bind({ connectionId: conn.id, subscriptionId: id, mode: 'r4' });
-    this.#port.markBound?.(conn.id, true);
+    if ((await this.#bindIfStill({ connectionId: conn.id, subscriptionId: id, mode: 'r4' })) === undefined) return;
     await this.#port.send(conn.id, `bound ${id}`);
+  }
+
+  /**
+   * The binding's subscription is gone, off or no longer a websocket one: unbind it and tell the
+   * socket (`unbound <id>`, or its JSON form with the reason for bundle clients); a socket left
+   * with no binding is closed (4003).
+   */
+  async #letGo(b: Binding, why: string): Promise<void> {
+    const id = b.subscriptionId;
+    await this.#bindings.unbind(b.connectionId, id);
+    this.#catchingUp.delete(b.connectionId, id);
+    this.#caughtUpTo.delete(b.connectionId, id);
+    const text =
+      b.mode === 'r4'
+        ? `unbound ${id}`
+        : JSON.stringify({ type: 'unbound', payload: { subscription: id, reason: `Subscription/${id} is ${why}` } });
+    if ((await this.#port.send(b.connectionId, text)) !== 'sent') return;
+    const bound = (await this.#bindings.bindingsOf(b.connectionId)).length > 0;
+    // The socket layer hears it too: should the close below not happen, its bind window does.
+    this.#port.markBound?.(b.connectionId, bound);
+    if (!bound) await this.#port.close(b.connectionId, CLOSE.bindRefused, `Subscription/${id} is ${why}`);
   }
 
   /** Tells the socket layer whether the connection still holds a binding (when it listens: on AWS a look is a query). */
@@ -352,10 +457,45 @@ export class WebSocketChannel {
     this.#port.markBound(connectionId, bound);
   }
 
-  async #sendOrForget(b: Pick<Binding, 'connectionId'>, text: string): Promise<SendOutcome> {
-    const outcome = await this.#port.send(b.connectionId, text);
-    if (outcome === 'gone') await this.onClose(b.connectionId);
+  /**
+   * One message of a bind (handshake, catch-up, what was held): whether the connection took it.
+   * Gone: forgotten. Refused: closed, so that its client binds again and catches up from there.
+   */
+  async #push(connectionId: string, text: string): Promise<boolean> {
+    const outcome = await this.#sendOrForget(connectionId, text);
+    if (outcome === 'refused') await this.#closeLagging(connectionId, 'refused');
+    return outcome === 'sent';
+  }
+
+  async #sendOrForget(connectionId: string, text: string): Promise<SendOutcome> {
+    const outcome = await this.#port.send(connectionId, text);
+    if (outcome === 'gone') await this.onClose(connectionId);
     return outcome;
+  }
+
+  /**
+   * A connection that missed a message it was owed (it refused the push, or more was held for it
+   * than it may have waiting) is closed (4001), as the local hub closes a slow consumer: its
+   * client reconnects and binds with its `lastEventNumber`, and the catch-up fills the gap. Not
+   * closed (the management API refused that too): it stays bound, and the next event's number
+   * shows the client the gap.
+   */
+  async #closeLagging(connectionId: string, reason: 'refused' | 'slow-consumer'): Promise<void> {
+    this.#metrics.inc('broker_websocket_closed_total', { reason });
+    this.#logger.warn('websocket closed: it missed a message', { connection: connectionId, reason });
+    try {
+      await this.#port.close(
+        connectionId,
+        CLOSE.slowConsumer,
+        reason === 'refused'
+          ? 'a message was refused: bind again with lastEventNumber'
+          : 'slow consumer: held too much',
+      );
+    } catch (err) {
+      this.#logger.warn('websocket close failed', { connection: connectionId, err: err as Error });
+      return;
+    }
+    await this.onClose(connectionId);
   }
 
   #bundle(sub: SubscriptionRecord, type: NotificationType, notes: readonly Notification[], count: number) {
@@ -399,4 +539,28 @@ class PerConnection<V> {
   forget(connectionId: string): void {
     this.#byConnection.delete(connectionId);
   }
+
+  /** Each value the connection has (only `subscriptionId`'s when given) replaced by a fresh one. */
+  replace(connectionId: string, subscriptionId: string | undefined, fresh: () => V): void {
+    const inner = this.#byConnection.get(connectionId);
+    if (inner === undefined) return;
+    for (const key of inner.keys()) if (subscriptionId === undefined || key === subscriptionId) inner.set(key, fresh());
+  }
+}
+
+/** Why a bind of `sub` is refused, for a client that is `owner`; undefined when it may bind. */
+function refusal(sub: SubscriptionRecord | undefined, id: string, owner: string): string | undefined {
+  // Another client's subscription is indistinguishable from none.
+  if (sub === undefined || sub.owner !== owner) return `unknown subscription ${id}`;
+  if (sub.channel.type !== 'websocket') return `Subscription/${id} is not a websocket subscription`;
+  if (sub.status === 'off') return `Subscription/${id} is off`;
+  return undefined;
+}
+
+/** Why sockets bound to `sub` are let go (deleted, off, another channel); undefined when they stay. */
+function unbindable(sub: SubscriptionRecord | undefined): string | undefined {
+  if (sub === undefined) return 'deleted';
+  if (sub.status === 'off') return 'off';
+  if (sub.channel.type !== 'websocket') return 'no longer a websocket subscription';
+  return undefined;
 }

@@ -21,6 +21,13 @@ export interface WebSocketPort {
    */
   sendMany?(connectionIds: readonly string[], text: string): Promise<ManyOutcome>;
   close(connectionId: string, code: number, reason: string): Promise<void>;
+  /**
+   * Optional: resolves once the connection has room for more (its send buffer at most half its
+   * cap), or is gone. A catch-up waits on it before each message, so it goes at the reader's pace:
+   * written in one go, a long one filled the buffer past the cap before the reader could take any.
+   * Absent (API Gateway): each send is a request awaited in turn, which is the pace already.
+   */
+  drained?(connectionId: string): Promise<void>;
   isOpen(connectionId: string): Promise<boolean>;
   /**
    * Optional: the connection now holds at least one binding (`true`) or none (`false`). Anyone may

@@ -44,8 +44,11 @@ export class BindingTokens {
 
   /** The claims of a genuine, unexpired token; throws BindingTokenError saying what is wrong. */
   verify(token: string, nowMs: number): BindingClaims {
-    const [version, body, mac] = token.split('.');
-    if (version !== VERSION || body === undefined || mac === undefined) throw new BindingTokenError('malformed token');
+    const parts = token.split('.');
+    // Exactly `v1.<body>.<mac>`: a genuine token with anything appended (`<token>.x`) is not that token.
+    const [version, body, mac] = parts;
+    if (parts.length !== 3 || version !== VERSION || body === undefined || mac === undefined)
+      throw new BindingTokenError('malformed token');
     const expected = Buffer.from(this.#mac(body));
     const given = Buffer.from(mac);
     if (expected.length !== given.length || !timingSafeEqual(expected, given))

@@ -1,0 +1,26 @@
+import { expect, it } from 'vitest';
+import { BindingTokens } from './ws-binding-token.js';
+
+/** Binding tokens: `v1.<claims>.<mac>`, and nothing else verifies. */
+
+const tokens = new BindingTokens('k'.repeat(40));
+const NOW = Date.parse('2030-01-01T00:00:00Z');
+const claims = { owner: 'alice', subscriptions: ['a', 'b'], expiresAt: NOW + 60_000 };
+
+it('verifies a token it issued, with its claims', () => {
+  expect(tokens.verify(tokens.issue(claims), NOW)).toEqual(claims);
+});
+
+it('refuses a genuine token with anything appended as another segment', () => {
+  const token = tokens.issue(claims);
+  for (const extra of [`${token}.x`, `${token}.`, `${token}..`, `${token}.${token}`]) {
+    expect(() => tokens.verify(extra, NOW)).toThrow('malformed token');
+  }
+});
+
+it('refuses an expired, a tampered and a foreign token', () => {
+  const token = tokens.issue(claims);
+  expect(() => tokens.verify(token, claims.expiresAt)).toThrow('token expired');
+  expect(() => tokens.verify(`${token.slice(0, -4)}AAAA`, NOW)).toThrow('invalid token');
+  expect(() => new BindingTokens('x'.repeat(40)).verify(token, NOW)).toThrow('invalid token');
+});
