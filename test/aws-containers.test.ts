@@ -113,24 +113,24 @@ describe('Lambda containers sharing the tables', () => {
   it('a retry of an event whose acceptance failed half-way does not send again what was delivered meanwhile', async () => {
     const api = createHandlers(container());
     const filters = ['Patient?_id=half-p'];
-    await create(api, topicSubscription('patient-change', `${receiver.url}/half-1`, { filters }));
+    const s1 = await create(api, topicSubscription('patient-change', `${receiver.url}/half-1`, { filters }));
     const s2 = await create(api, topicSubscription('patient-change', `${receiver.url}/half-2`, { filters }));
     await receiver.waitFor(
       () => receiver.on('/half-1').length === 1 && receiver.on('/half-2').length === 1,
       'the handshakes',
     );
-    // In the first invocation, the transaction that queues s2's notification fails (past its retries).
+    // In the first invocation, the transaction that queues s2's notification fails (past its
+    // retries) while s1's is still on its way: the invocation fails only once s1's is written.
     const flaky = localClient(local.endpoint);
     let failed = false;
     flaky.middlewareStack.add(
       (next, ctx) => async (args) => {
         const items = (args.input as { TransactItems?: { Put?: { Item?: Record<string, { S?: string }> } }[] })
           .TransactItems;
-        if (
-          !failed &&
-          ctx.commandName === 'TransactWriteItemsCommand' &&
-          items?.[0]?.Put?.Item?.subscriptionId?.S === s2
-        ) {
+        const subscription = items?.[0]?.Put?.Item?.subscriptionId?.S;
+        const transaction = ctx.commandName === 'TransactWriteItemsCommand';
+        if (transaction && subscription === s1) await new Promise((resolve) => setTimeout(resolve, 300));
+        if (!failed && transaction && subscription === s2) {
           failed = true;
           throw Object.assign(new Error('We encountered an internal error. Please try again.'), {
             name: 'InternalServerError',

@@ -48,7 +48,10 @@ export class EventAcceptance {
         continue;
       }
       acceptedHere.add(change.eventId);
-      const created = await Promise.all(
+      // All settled before a failure is thrown: no write of this event is still under way when the
+      // caller answers (a Lambda invocation that returned can be frozen mid-write), so a retry
+      // finds each subscription's notification either written, with its marker, or not at all.
+      const settled = await Promise.allSettled(
         [...new Set(subscriptionIds)].map((subscriptionId) => {
           const marker = known.get(eventIdKey(change.eventId, subscriptionId));
           return marker === undefined
@@ -56,6 +59,9 @@ export class EventAcceptance {
             : this.#existingNotification(subscriptionId, marker);
         }),
       );
+      const failed = settled.find((r) => r.status === 'rejected');
+      if (failed !== undefined) throw failed.reason;
+      const created = settled.map((r) => (r.status === 'fulfilled' ? r.value : undefined));
       // Conditional: the same event accepted at the same moment elsewhere (EventBridge delivers at
       // least once; both read "not seen") is accepted by whichever writes this key first. Both
       // queued the same notifications (the markers settled that); the other reports a duplicate
