@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
-import { loadConfig } from '../src/config.js';
+import type { loadConfig } from '../src/config.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
 import { ManagementApiDouble } from './support/aws-doubles.js';
 import {
@@ -18,6 +18,7 @@ import {
 } from './support/dynamodb-local.js';
 import { eventLike, type Json, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
 import { httpApiEvent } from './support/http-api-event.js';
+import { LAMBDA_TOKENS, lambdaConfig } from './support/lambda-stack.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
 
@@ -27,8 +28,7 @@ import { RecordingLogger } from './support/recording-logger.js';
  * and sender), as the events, API and scheduled dispatcher functions run them.
  */
 
-const ALICE = 'alice-token-0123456789abcdef';
-const INGEST = 'ingest-token-0123456789abcdef';
+const ALICE = LAMBDA_TOKENS.alice;
 const context = {} as Context;
 
 describe('Lambda containers sharing the tables', () => {
@@ -72,17 +72,7 @@ describe('Lambda containers sharing the tables', () => {
     receiver = await Receiver.start();
     const prefix = `containers-${randomUUID().slice(0, 8)}-`;
     await ensureTables(local.client, prefix);
-    config = loadConfig({
-      BROKER_STORE: 'dynamodb',
-      BROKER_TABLE_PREFIX: prefix,
-      BROKER_API_KEYS: `alice:${ALICE}`,
-      BROKER_INGEST_TOKEN: INGEST,
-      BROKER_WS_TOKEN_SECRET: 'lambda-ws-secret-0123456789abcdefghijkl',
-      BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
-      BROKER_PUBLIC_URL: 'https://api.example.com',
-      BROKER_WEBSOCKET_URL: 'wss://ws.example.com/prod',
-      AWS_REGION: LOCAL_REGION,
-    });
+    config = lambdaConfig(prefix);
   });
 
   afterAll(async () => {

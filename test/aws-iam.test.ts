@@ -19,6 +19,7 @@ import { DUMMY_CREDENTIALS, type DynamoDbLocal, startDynamoDbLocal } from './sup
 import { eventLike, fixture, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
 import { httpApiEvent } from './support/http-api-event.js';
 import { LambdaContainer } from './support/lambda-container.js';
+import { websocketSubscription as heartbeatingWebsocketSubscription } from './support/lambda-stack.js';
 import { Receiver } from './support/receiver.js';
 import { allows, REGION, StackIam, type TemplateJson } from './support/stack-iam.js';
 
@@ -62,21 +63,8 @@ interface HttpAnswer {
 
 const heartbeatEvery60s = { extension: [{ url: `${BACKPORT}/backport-heartbeat-period`, valueUnsignedInt: 60 }] };
 
-function websocketSubscription(patientId: string): Json {
-  return {
-    resourceType: 'Subscription',
-    criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
-    _criteria: {
-      extension: [{ url: `${BACKPORT}/backport-filter-criteria`, valueString: `Patient?_id=${patientId}` }],
-    },
-    channel: {
-      type: 'websocket',
-      payload: 'application/fhir+json',
-      _payload: { extension: [{ url: `${BACKPORT}/backport-payload-content`, valueCode: 'id-only' }] },
-      ...heartbeatEvery60s,
-    },
-  };
-}
+const websocketSubscription = (patientId: string): Json =>
+  heartbeatingWebsocketSubscription(patientId, heartbeatEvery60s);
 
 /** What a bundle the receiver got is: handshake, heartbeat or event-notification. */
 function bundleType(body: string): string {

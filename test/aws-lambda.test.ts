@@ -8,7 +8,7 @@ import { type AwsBroker, createAwsBroker, MatchIndexedStore } from '../src/aws/a
 import { EventBridgePublisher } from '../src/aws/eventbridge-publisher.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
-import { loadConfig } from '../src/config.js';
+import type { loadConfig } from '../src/config.js';
 import type { LifecycleEvent } from '../src/core/lifecycle.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
 import { EventBridgeDouble, ManagementApiDouble } from './support/aws-doubles.js';
@@ -24,6 +24,7 @@ import {
   topicSubscription,
 } from './support/fhir-client.js';
 import { httpApiEvent } from './support/http-api-event.js';
+import { LAMBDA_TOKENS, lambdaConfig, websocketSubscription, wsEvent } from './support/lambda-stack.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
 
@@ -32,27 +33,9 @@ import { RecordingLogger } from './support/recording-logger.js';
  * API Gateway management API that records the exact (SigV4-signed) requests the SDK sends.
  */
 
-const ALICE = 'alice-token-0123456789abcdef';
-const INGEST = 'ingest-token-0123456789abcdef';
+const ALICE = LAMBDA_TOKENS.alice;
 const HL = 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4';
 const context = {} as Context;
-
-/** A websocket Subscription to one patient's changes, id-only content. */
-function websocketSubscription(patientId: string): Json {
-  const backport = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
-  return {
-    resourceType: 'Subscription',
-    criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
-    _criteria: {
-      extension: [{ url: `${backport}/backport-filter-criteria`, valueString: `Patient?_id=${patientId}` }],
-    },
-    channel: {
-      type: 'websocket',
-      payload: 'application/fhir+json',
-      _payload: { extension: [{ url: `${backport}/backport-payload-content`, valueCode: 'id-only' }] },
-    },
-  };
-}
 
 describe('Lambda handlers on DynamoDB Local', () => {
   let local: DynamoDbLocal;
@@ -82,17 +65,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
     receiver = await Receiver.start();
     const prefix = `lambda-${randomUUID().slice(0, 8)}-`;
     await ensureTables(local.client, prefix);
-    config = loadConfig({
-      BROKER_STORE: 'dynamodb',
-      BROKER_TABLE_PREFIX: prefix,
-      BROKER_API_KEYS: `alice:${ALICE}`,
-      BROKER_INGEST_TOKEN: INGEST,
-      BROKER_WS_TOKEN_SECRET: 'lambda-ws-secret-0123456789abcdefghijkl',
-      BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
-      BROKER_PUBLIC_URL: 'https://api.example.com',
-      BROKER_WEBSOCKET_URL: 'wss://ws.example.com/prod',
-      AWS_REGION: LOCAL_REGION,
-    });
+    config = lambdaConfig(prefix);
     broker = await container();
     handlers = createHandlers(Promise.resolve(broker));
   });
@@ -114,14 +87,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
     return { status: res.statusCode, body: (text === '' ? {} : JSON.parse(text)) as Json };
   }
 
-  const ws = (
-    connectionId: string,
-    routeKey: string,
-    extra: { body?: string; headers?: Record<string, string> } = {},
-  ) => ({
-    requestContext: { connectionId, routeKey },
-    ...extra,
-  });
+  const ws = wsEvent;
 
   it('creates a subscription through the API function and activates it by handshake', async () => {
     const created = await api(

@@ -5,12 +5,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
-import { loadConfig } from '../src/config.js';
+import type { loadConfig } from '../src/config.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
 import { ManagementApiDouble, type RecordedRequest } from './support/aws-doubles.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, LOCAL_REGION, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { eventLike, eventNumbers, type Json, statusOf } from './support/fhir-client.js';
 import { httpApiEvent } from './support/http-api-event.js';
+import { LAMBDA_TOKENS, lambdaConfig, websocketSubscription, wsEvent } from './support/lambda-stack.js';
 import { RecordingLogger } from './support/recording-logger.js';
 
 /**
@@ -20,7 +21,7 @@ import { RecordingLogger } from './support/recording-logger.js';
  * the middle of a catch-up.
  */
 
-const ALICE = 'alice-token-0123456789abcdef';
+const ALICE = LAMBDA_TOKENS.alice;
 const context = {} as Context;
 
 /** The management API double, refusing posts as throttled (429 LimitExceededException) where `throttle` says. */
@@ -46,30 +47,7 @@ class ThrottlingManagementApi extends ManagementApiDouble {
   }
 }
 
-function websocketSubscription(patientId: string): Json {
-  const backport = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
-  return {
-    resourceType: 'Subscription',
-    criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
-    _criteria: {
-      extension: [{ url: `${backport}/backport-filter-criteria`, valueString: `Patient?_id=${patientId}` }],
-    },
-    channel: {
-      type: 'websocket',
-      payload: 'application/fhir+json',
-      _payload: { extension: [{ url: `${backport}/backport-payload-content`, valueCode: 'id-only' }] },
-    },
-  };
-}
-
-const ws = (
-  connectionId: string,
-  routeKey: string,
-  extra: { body?: string; headers?: Record<string, string> } = {},
-) => ({
-  requestContext: { connectionId, routeKey },
-  ...extra,
-});
+const ws = wsEvent;
 
 /** A posted bundle's type and event numbers (`handshake []`, `event-notification [2]`); any other text as it is. */
 const describePost = (body: string): string => {
@@ -131,16 +109,7 @@ describe('WebSocket functions on DynamoDB Local', () => {
     management = await ThrottlingManagementApi.startThrottling();
     const prefix = `aws-ws-${randomUUID().slice(0, 8)}-`;
     await ensureTables(local.client, prefix);
-    config = loadConfig({
-      BROKER_STORE: 'dynamodb',
-      BROKER_TABLE_PREFIX: prefix,
-      BROKER_API_KEYS: `alice:${ALICE}`,
-      BROKER_INGEST_TOKEN: 'ingest-token-0123456789abcdef',
-      BROKER_WS_TOKEN_SECRET: 'lambda-ws-secret-0123456789abcdefghijkl',
-      BROKER_PUBLIC_URL: 'https://api.example.com',
-      BROKER_WEBSOCKET_URL: 'wss://ws.example.com/prod',
-      AWS_REGION: LOCAL_REGION,
-    });
+    config = lambdaConfig(prefix);
   });
 
   afterAll(async () => {
