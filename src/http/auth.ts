@@ -31,7 +31,10 @@ export class ApiKeyAuth {
       const hit = this.#clients.get(d.toString('hex'));
       if (hit !== undefined && timingSafeEqual(hit.digest, d)) return hit.clientId;
     }
-    throw new BrokerError('UNAUTHORIZED', 'Send Authorization: Bearer <API key> with a key from BROKER_API_KEYS');
+    throw new BrokerError(
+      'UNAUTHORIZED',
+      'Send Authorization: Bearer <API key> from BROKER_API_KEYS (unset: the one in credentials.json in the data directory)',
+    );
   }
 }
 
