@@ -143,6 +143,21 @@ describe('WebSocket functions on DynamoDB Local', () => {
     expect([deletes('fresh-token'), deletes('fresh-r4')]).toEqual([0, 0]);
   });
 
+  it('refuses in a warm WebSocket container a subscription deleted elsewhere a moment ago', async () => {
+    const apiFn = createHandlers(container());
+    const id = (await api(apiFn, 'POST', '/fhir/Subscription', websocketSubscription('gone-p'))).body.id as string;
+    const token = await tokenOf(apiFn, id);
+    // The WebSocket container reads the subscriptions (this one included) and its clock stands still.
+    const frozen = Date.now();
+    const wsFn = createHandlers(container({ clock: { now: () => frozen } }));
+    await open(wsFn, 'warm-up-2', 'unbind');
+    expect((await api(apiFn, 'DELETE', `/fhir/Subscription/${id}`)).status).toBe(204);
+
+    await open(wsFn, 'stale-token', `bind-with-token ${token}`);
+    expect(management.posted('stale-token')).toEqual([`error unknown subscription ${id}`]);
+    expect(deletes('stale-token')).toBe(1);
+  });
+
   it('closes a connection whose push is refused while another got it; it catches up on its next bind', async () => {
     const broker = await container();
     const fn = createHandlers(Promise.resolve(broker));

@@ -46,7 +46,7 @@ export const ERROR_CODES = {
   ENDPOINT_FORBIDDEN: {
     status: 422,
     issue: 'security',
-    text: 'The channel endpoint names a private or reserved address.',
+    text: 'The channel endpoint is refused: it names or resolves to a private or reserved address, or does not resolve.',
   },
   INVALID_HEADER: { status: 422, issue: 'value', text: 'A channel header is malformed or not allowed.' },
   INVALID_SECRET: { status: 422, issue: 'value', text: 'The webhook secret is not a Standard Webhooks secret.' },

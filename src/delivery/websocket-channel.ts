@@ -283,7 +283,12 @@ export class WebSocketChannel {
     if (!this.#isClient(claims.owner)) return this.#refuseBind(conn, msg.json, `unknown subscription ${ids[0] ?? ''}`);
     // Checked again at bind time: the subscription may have been created, deleted or changed since
     // the registry last read it (on AWS another function writes them; this one re-reads every 5 s).
-    const doubtful = ids.filter((id) => refusal(this.#registry.get(id), id, claims.owner) !== undefined);
+    // On a store shared by instances every one is read afresh (one deleted or turned off elsewhere a
+    // moment ago must not bind); on its own store only one the registry lacks or would refuse.
+    const doubtful =
+      this.#store.sharedByInstances === true
+        ? ids
+        : ids.filter((id) => refusal(this.#registry.get(id), id, claims.owner) !== undefined);
     if (doubtful.length > 0) await this.#registry.refresh(doubtful);
     const subs: SubscriptionRecord[] = [];
     for (const id of ids) {
@@ -413,8 +418,12 @@ export class WebSocketChannel {
 
   async #bindR4(conn: Connection, id: string): Promise<void> {
     const owner = conn.apiOwner !== undefined && this.#isClient(conn.apiOwner) ? conn.apiOwner : undefined;
-    // Not bindable as the registry has it: read again (it may have been created since it was read).
-    if (owner !== undefined && refusal(this.#registry.get(id), id, owner) !== undefined)
+    // Read again when shared by instances, or not bindable as the registry has it (it may have been
+    // created since it was read).
+    if (
+      owner !== undefined &&
+      (this.#store.sharedByInstances === true || refusal(this.#registry.get(id), id, owner) !== undefined)
+    )
       await this.#registry.refresh([id]);
     if (owner === undefined || refusal(this.#registry.get(id), id, owner) !== undefined) {
       // Another client's subscription is indistinguishable from none.
