@@ -283,13 +283,7 @@ export class WebSocketChannel {
     if (!this.#isClient(claims.owner)) return this.#refuseBind(conn, msg.json, `unknown subscription ${ids[0] ?? ''}`);
     // Checked again at bind time: the subscription may have been created, deleted or changed since
     // the registry last read it (on AWS another function writes them; this one re-reads every 5 s).
-    // On a store shared by instances every one is read afresh (one deleted or turned off elsewhere a
-    // moment ago must not bind); on its own store only one the registry lacks or would refuse.
-    const doubtful =
-      this.#store.sharedByInstances === true
-        ? ids
-        : ids.filter((id) => refusal(this.#registry.get(id), id, claims.owner) !== undefined);
-    if (doubtful.length > 0) await this.#registry.refresh(doubtful);
+    await this.#readAfresh(ids, claims.owner);
     const subs: SubscriptionRecord[] = [];
     for (const id of ids) {
       const sub = this.#registry.get(id);
@@ -418,13 +412,7 @@ export class WebSocketChannel {
 
   async #bindR4(conn: Connection, id: string): Promise<void> {
     const owner = conn.apiOwner !== undefined && this.#isClient(conn.apiOwner) ? conn.apiOwner : undefined;
-    // Read again when shared by instances, or not bindable as the registry has it (it may have been
-    // created since it was read).
-    if (
-      owner !== undefined &&
-      (this.#store.sharedByInstances === true || refusal(this.#registry.get(id), id, owner) !== undefined)
-    )
-      await this.#registry.refresh([id]);
+    if (owner !== undefined) await this.#readAfresh([id], owner);
     if (owner === undefined || refusal(this.#registry.get(id), id, owner) !== undefined) {
       // Another client's subscription is indistinguishable from none.
       await this.#port.send(
@@ -436,6 +424,20 @@ export class WebSocketChannel {
     }
     if ((await this.#bindIfStill({ connectionId: conn.id, subscriptionId: id, mode: 'r4' })) === undefined) return;
     await this.#port.send(conn.id, `bound ${id}`);
+  }
+
+  /**
+   * Before a bind decides, the subscriptions it names are read again where the registry may be
+   * behind the store: on a store shared by instances every one (one deleted or turned off elsewhere
+   * a moment ago must not bind, one created a moment ago must); on its own store only one the
+   * registry lacks or would refuse.
+   */
+  async #readAfresh(ids: readonly string[], owner: string): Promise<void> {
+    const doubtful =
+      this.#store.sharedByInstances === true
+        ? ids
+        : ids.filter((id) => refusal(this.#registry.get(id), id, owner) !== undefined);
+    if (doubtful.length > 0) await this.#registry.refresh(doubtful);
   }
 
   /**
