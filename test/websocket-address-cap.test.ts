@@ -12,17 +12,15 @@ import {
   UnboundByAddress,
 } from '../src/delivery/local-websocket-hub.js';
 import { SocketProcessHub } from '../src/delivery/socket-process-hub.js';
-import { WebSocketChannel } from '../src/delivery/websocket-channel.js';
-import { InMemoryBindings } from '../src/delivery/websocket-port.js';
 import { BindingTokens } from '../src/delivery/ws-binding-token.js';
 import { ApiKeyAuth } from '../src/http/auth.js';
 import { attachWebSocket } from '../src/http/websocket-upgrade.js';
 import { silentLogger } from '../src/observability/logger.js';
 import { Metrics } from '../src/observability/metrics.js';
-import type { Store } from '../src/store/store.js';
 import { INGEST_TOKEN, startBroker } from './support/broker-process.js';
 import { record } from './support/store-fixtures.js';
 import { Waiters } from './support/waiters.js';
+import { channelOver } from './support/ws-channel.js';
 
 /**
  * The per-address cap on sockets that hold no binding (BROKER_WS_MAX_UNBOUND_PER_ADDRESS): real
@@ -102,18 +100,7 @@ async function start(
       : await SocketProcessHub.start({ processes, logger: silentLogger, metrics, limits });
   const subs = new Map<string, SubscriptionRecord>();
   const tokens = new BindingTokens('k'.repeat(40));
-  const channel = new WebSocketChannel({
-    port: hub,
-    bindings: new InMemoryBindings(),
-    registry: { get: (id: string) => subs.get(id), refresh: async () => undefined },
-    store: {} as Store,
-    tokens,
-    clock: { now: () => Date.now() },
-    ids: { uuid: () => 'u' },
-    logger: silentLogger,
-    metrics: new Metrics(),
-    fhirBase: 'http://b/fhir',
-  });
+  const channel = channelOver(hub, (id) => subs.get(id), tokens);
   // Both layers report a socket closed after it has left the unbound count.
   const waiters = new Waiters();
   let closes = 0;

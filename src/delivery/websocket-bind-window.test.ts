@@ -4,16 +4,15 @@ import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { record } from '../../test/support/store-fixtures.js';
+import { channelOver } from '../../test/support/ws-channel.js';
 import type { SubscriptionRecord } from '../core/types.js';
 import { ApiKeyAuth } from '../http/auth.js';
 import { attachWebSocket } from '../http/websocket-upgrade.js';
 import { silentLogger } from '../observability/logger.js';
 import { Metrics } from '../observability/metrics.js';
-import type { Store } from '../store/store.js';
 import { type LocalSockets, LocalWebSocketHub } from './local-websocket-hub.js';
 import { SocketProcessHub } from './socket-process-hub.js';
-import { WebSocketChannel } from './websocket-channel.js';
-import { InMemoryBindings } from './websocket-port.js';
+import type { WebSocketChannel } from './websocket-channel.js';
 import { BindingTokens } from './ws-binding-token.js';
 
 /**
@@ -100,18 +99,7 @@ describe.each([
       processes === 0
         ? new LocalWebSocketHub({ logger: silentLogger, metrics: new Metrics(), limits })
         : await SocketProcessHub.start({ processes, logger: silentLogger, metrics: new Metrics(), limits });
-    channel = new WebSocketChannel({
-      port: hub,
-      bindings: new InMemoryBindings(),
-      registry: { get: (id: string) => subs.get(id), refresh: async () => undefined },
-      store: {} as Store,
-      tokens,
-      clock: { now: () => Date.now() },
-      ids: { uuid: () => 'u' },
-      logger: silentLogger,
-      metrics: new Metrics(),
-      fhirBase: 'http://b/fhir',
-    });
+    channel = channelOver(hub, (id) => subs.get(id), tokens);
     hub.handle(channel);
     server = createServer();
     attachWebSocket(server, { hub, apiAuth: new ApiKeyAuth([]), logger: silentLogger });

@@ -1,10 +1,8 @@
 import { expect, it } from 'vitest';
 import { record } from '../../test/support/store-fixtures.js';
+import { channelOver } from '../../test/support/ws-channel.js';
 import type { Notification, SubscriptionRecord } from '../core/types.js';
-import { silentLogger } from '../observability/logger.js';
-import { Metrics } from '../observability/metrics.js';
 import type { Store } from '../store/store.js';
-import { WebSocketChannel } from './websocket-channel.js';
 import { InMemoryBindings, type SendOutcome, type WebSocketPort } from './websocket-port.js';
 import { BindingTokens } from './ws-binding-token.js';
 
@@ -109,18 +107,7 @@ function channelWith(
   };
   const tokens = new BindingTokens('k'.repeat(40));
   const bindings = new InMemoryBindings();
-  const channel = new WebSocketChannel({
-    port,
-    bindings,
-    registry: { get: () => current(), refresh: async () => undefined },
-    store,
-    tokens,
-    clock: { now: () => Date.now() },
-    ids: { uuid: () => 'u' },
-    logger: silentLogger,
-    metrics: new Metrics(),
-    fhirBase: 'http://b/fhir',
-  });
+  const channel = channelOver(port, () => current(), tokens, { store, bindings });
   const bind = (lastEventNumber: number) =>
     channel.onMessage(
       { id: 'c1' },
