@@ -1,13 +1,13 @@
 import { randomUUID } from 'node:crypto';
 import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
-import type { DynamoDBClient } from '@aws-sdk/client-dynamodb';
+import { type DynamoDBClient, UpdateItemCommand } from '@aws-sdk/client-dynamodb';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
 import type { loadConfig } from '../src/config.js';
-import { ensureTables } from '../src/store/dynamodb/tables.js';
+import { ensureTables, tableNames } from '../src/store/dynamodb/tables.js';
 import { ManagementApiDouble } from './support/aws-doubles.js';
 import {
   DUMMY_CREDENTIALS,
@@ -143,5 +143,95 @@ describe('Lambda containers sharing the tables', () => {
     expect(arrivedAt('/half-1')).toEqual([1]);
     // Number 1 of s2 went with the transaction that failed (a gap: docs/dynamodb.md, "Caveats").
     expect(arrivedAt('/half-2')).toEqual([2]);
+  });
+
+  it('numbers committed out of order in two containers reach the endpoint in order', async () => {
+    const api = createHandlers(container());
+    const id = await create(
+      api,
+      topicSubscription('patient-change', `${receiver.url}/order`, { filters: ['Patient?_id=order-p'] }),
+    );
+    await receiver.waitFor(() => receiver.on('/order').length === 1, 'the handshake');
+    // Container A takes number 1, and its transaction waits until container B has taken 2 and committed it.
+    let tookOne!: () => void;
+    const aTook = new Promise<void>((resolve) => {
+      tookOne = resolve;
+    });
+    let goOn!: () => void;
+    const bDone = new Promise<void>((resolve) => {
+      goOn = resolve;
+    });
+    const slow = localClient(local.endpoint);
+    slow.middlewareStack.add(
+      (next, ctx) => async (args) => {
+        const items = (args.input as { TransactItems?: { Put?: { Item?: Record<string, { S?: string }> } }[] })
+          .TransactItems;
+        if (ctx.commandName === 'TransactWriteItemsCommand' && items?.[0]?.Put?.Item?.subscriptionId?.S === id) {
+          tookOne();
+          await bDone;
+        }
+        return next(args);
+      },
+      { step: 'initialize' },
+    );
+    const a = createHandlers(container({ dynamodb: slow })).events(
+      eventLike('healthlake-update-patient', 'order-1', 'order-p'),
+    );
+    await aTook;
+    await createHandlers(container()).events(eventLike('healthlake-update-patient', 'order-2', 'order-p'));
+    // B committed 2, but 1 is not written yet: nothing went out.
+    expect(arrivedAt('/order')).toEqual([]);
+    goOn();
+    await a;
+    await receiver.waitFor(() => arrivedAt('/order').length === 2, 'both notifications');
+    expect(arrivedAt('/order')).toEqual([1, 2]);
+  });
+
+  it('a container that finds the lane held leaves its notification to the holder, which sends it next', async () => {
+    const api = createHandlers(container());
+    await create(api, topicSubscription('patient-change', `${receiver.url}/held`, { filters: ['Patient?_id=held-p'] }));
+    await receiver.waitFor(() => receiver.on('/held').length === 1, 'the handshake');
+    receiver.answerOnce((r) => r.path === '/held' && r.body.includes('"event-notification"'), {
+      status: 204,
+      delayMs: 1_500,
+    });
+    const a = createHandlers(container()).events(eventLike('healthlake-update-patient', 'held-1', 'held-p'));
+    await receiver.waitFor(() => arrivedAt('/held').length === 1, 'notification 1 on the wire');
+    // Another container accepts the next event while 1 is on the wire: it sends nothing itself.
+    await createHandlers(container()).events(eventLike('healthlake-update-patient', 'held-2', 'held-p'));
+    expect(arrivedAt('/held')).toEqual([1]);
+    // The holder reads the lane again before it lets go, and sends 2 after 1 was answered.
+    await a;
+    expect(arrivedAt('/held')).toEqual([1, 2]);
+    const [one, two] = receiver.on('/held').filter((r) => r.body.includes('"event-notification"'));
+    expect((two?.at ?? 0) - (one?.at ?? 0)).toBeGreaterThanOrEqual(1_400);
+  });
+
+  it('a number whose acceptance never wrote it is voided by a later run, and the rest goes out', async () => {
+    const api = createHandlers(container());
+    const id = await create(
+      api,
+      topicSubscription('patient-change', `${receiver.url}/void`, { filters: ['Patient?_id=void-p'] }),
+    );
+    await receiver.waitFor(() => receiver.on('/void').length === 1, 'the handshake');
+    // An acceptance took number 1 and its container died before writing the notification.
+    await local.client.send(
+      new UpdateItemCommand({
+        TableName: tableNames(config.tablePrefix).subscriptions,
+        Key: { id: { S: id } },
+        UpdateExpression: 'ADD eventsSinceStart :one',
+        ExpressionAttributeValues: { ':one': { N: '1' } },
+      }),
+    );
+    expect(
+      await createHandlers(container()).events(eventLike('healthlake-update-patient', 'void-2', 'void-p')),
+    ).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+    // Number 2 waits for 1; a run shortly after still waits.
+    await createHandlers(container()).dispatch(60_000);
+    expect(arrivedAt('/void')).toEqual([]);
+    // A run a minute on voids 1 and sends 2.
+    await createHandlers(container({ overrides: { clock: { now: () => Date.now() + 61_000 } } })).dispatch(60_000);
+    await receiver.waitFor(() => arrivedAt('/void').length === 1, 'notification 2');
+    expect(arrivedAt('/void')).toEqual([2]);
   });
 });

@@ -7,7 +7,7 @@ import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRec
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
-import type { Store } from '../store/store.js';
+import type { LaneHold, LaneLeases, Store } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter } from './origin-limiter.js';
 import { RunStop, type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
@@ -66,19 +66,17 @@ class Lane {
   /** Highest event number put in `queue` since it was last emptied by a rebuild: above it, none is queued. */
   queuedThrough = 0;
   /**
-   * The next backlog read starts from the lowest pending number instead (set by `start`): another
-   * instance sharing the store may have left a number below `done` pending.
+   * The next backlog read starts from the lowest pending number instead, with the delivery states
+   * written first (set at start, on re-activation and by a re-queue: numbers below `done` may be
+   * pending again). Not used under a lease, whose reads always start at the shared watermark.
    */
   rescan = false;
-  /**
-   * Like `rescan`, but only for what another instance left behind (a store shared by instances):
-   * pending notifications it attempted, or accepted longer ago than an attempt of it can still be
-   * on the wire. A fresh one no attempt has been recorded for is presumably on the wire there:
-   * sent again from here it would reach the endpoint twice at once.
-   */
-  peek = false;
-  /** When (`performance.now()`) the last `peek` was asked for. */
-  peekedAt: number | undefined;
+  /** The lane's lease while this instance holds it (a store shared by instances: `LaneLeases`). */
+  hold: LaneHold | undefined;
+  /** When (clock ms) the lease runs out unless renewed. */
+  heldUntil = 0;
+  /** Re-queued here: the lease's watermark moved, renew it (and read again) before sending. */
+  recheck = false;
   /** A store read for this lane is under way. */
   reloading = false;
   /** Something was enqueued while `reloading`: read the store again afterwards. */
@@ -129,13 +127,13 @@ const HANDOVER_PER_CONNECTION = 2;
 const RUN_LENGTH = 16;
 const RUN_WITHIN_MS = 1000;
 /**
- * How long after its acceptance a notification no attempt has been recorded for may still be on
- * the wire at another instance sharing the store (`Lane.peek`): an AWS events invocation runs at
- * most 60 s. One older than that was left behind (its instance died) and is sent from here.
+ * A lane lease (store shared by instances) lasts this long unless renewed: longer than any run (a
+ * run starts no request after RUN_WITHIN_MS, and an attempt times out within 60 s). A holder that
+ * dies holds its subscriptions' lanes until then.
  */
-const ELSEWHERE_IN_FLIGHT_MS = 60_000;
-/** An idle lane on a shared store looks at the store's pending notifications at most this often (`Lane.peek`). */
-const PEEK_INTERVAL_MS = 1000;
+const LEASE_MS = 90_000;
+/** A held lease is renewed before a run once this much of it has passed. */
+const RENEW_AFTER_MS = 15_000;
 /**
  * An attempt not over when the invocation's attempts must be (`endAttemptsWithin`) counts as this
  * failure: not permanent, so a notification is retried on its schedule and a heartbeat goes out
@@ -177,6 +175,9 @@ export class Dispatcher {
   readonly #states: DeliveryStateLog;
   readonly #origins = new Map<string, string>();
   readonly #newId = (): string => this.#ids.uuid();
+  /** A store shared by instances: lanes send under its leases, as `#holder`. */
+  readonly #leases: LaneLeases | undefined;
+  readonly #holder: string;
   /**
    * When (`performance.now()`) the attempts of the running Lambda invocation must be over; see
    * `endAttemptsWithin`. Undefined (a server): each attempt ends by its own timeout.
@@ -216,6 +217,8 @@ export class Dispatcher {
       ...deps.options,
     };
     this.#states = new DeliveryStateLog({ store: deps.store, logger: deps.logger });
+    this.#leases = deps.store.laneLeases;
+    this.#holder = deps.ids.uuid();
     // A request holds its slot from hand-over until this thread has taken its result: with the
     // sender on another thread, two thread hops longer than its time on the wire. Twice the
     // origin's connections in hand-over keep each connection's next request already waiting in
@@ -232,9 +235,8 @@ export class Dispatcher {
         this.#scheduleEnd(id);
       },
       onActivated: (id) => {
-        // Everything pending goes, fresh ones included: while the subscription was not active no
-        // instance sent them (on a shared store `peek` would take a fresh one to be on the wire).
-        this.#lane(id).rescan = true;
+        // Everything pending goes: while the subscription was not active nothing was sent.
+        if (this.#leases === undefined) this.#lane(id).rescan = true;
         this.#wake(id, true);
       },
       onRemoved: (id, before) => {
@@ -257,13 +259,9 @@ export class Dispatcher {
   async start(): Promise<void> {
     for (const sub of this.#registry.all()) if (sub.status === 'requested') this.#track(this.#handshake(sub.id));
     for (const id of await this.#store.subscriptionsWithPending()) {
-      // On a store shared by instances (AWS: the scheduled dispatcher, every minute), a pending
-      // notification accepted a moment ago with no attempt recorded is on the wire in the container
-      // that accepted it: `peek` leaves those (and sends them once they are old enough to have been
-      // left behind). On its own store, a starting process is the only sender: everything pending goes.
-      const lane = this.#lane(id);
-      if (this.#store.sharedByInstances === true) lane.peek = true;
-      else lane.rescan = true;
+      // On its own store a starting process is the only sender: everything pending goes. On a
+      // shared one (AWS: the scheduled dispatcher, every minute) the lane reads under its lease.
+      if (this.#leases === undefined) this.#lane(id).rescan = true;
       this.#wake(id, true);
     }
     for (const sub of this.#registry.all()) {
@@ -282,23 +280,15 @@ export class Dispatcher {
   /** Hand over notifications that were just committed. */
   enqueue(notifications: readonly Notification[], acceptedAt: number): void {
     const touched = new Set<string>();
+    if (this.#leases !== undefined) {
+      // A store shared by instances: the lane reads what the store holds, under its lease (numbers
+      // interleave with other instances', and an earlier one may still be written elsewhere).
+      for (const n of notifications) touched.add(n.subscriptionId);
+      for (const id of touched) this.#wake(id, true);
+      return;
+    }
     for (const n of notifications) {
       const lane = this.#lane(n.subscriptionId);
-      // Idle here, but another instance sharing the store may have left a lower number pending (a
-      // retry not yet due, an attempt it never finished): the lane looks at the store's pending
-      // ones before it sends (`peek`), so the lower one goes first (or, not due yet, holds this one
-      // behind it). The read is the `pending` index, which on AWS may lag a just-committed row, but
-      // not one left pending by an earlier attempt; this one is queued from here either way.
-      // At most once per PEEK_INTERVAL_MS per lane: a burst of events for one subscription reads the
-      // store once, not once per event (a later one may overtake a retry left elsewhere for that long).
-      if (this.#store.sharedByInstances === true && !lane.running && lane.queue.length === 0) {
-        const now = performance.now();
-        if (lane.peekedAt === undefined || now - lane.peekedAt >= PEEK_INTERVAL_MS) {
-          lane.peekedAt = now;
-          lane.peek = true;
-          touched.add(n.subscriptionId);
-        }
-      }
       if (
         n.eventNumber <= lane.done ||
         (n.eventNumber <= lane.queuedThrough && lane.queue.some((q) => q.note.eventNumber === n.eventNumber))
@@ -476,7 +466,8 @@ export class Dispatcher {
     if (lane.running) return;
     clearTimeout(lane.timer);
     lane.timer = undefined;
-    this.#track(this.#drain(id, lane));
+    const leases = this.#leases;
+    this.#track(leases === undefined ? this.#drain(id, lane) : this.#drainLeased(id, lane, leases));
   }
 
   /** Every background task is tracked (for idle/close) and can never become an unhandled rejection. */
@@ -494,7 +485,7 @@ export class Dispatcher {
       while (!this.#closed && this.#lanes.get(id) === lane) {
         const sub = this.#registry.get(id);
         if (sub === undefined || sub.status !== 'active') return;
-        if ((lane.queue.length === 0 && lane.backlog) || lane.rescan || lane.peek) {
+        if ((lane.queue.length === 0 && lane.backlog) || lane.rescan) {
           await this.#reload(id, lane);
           // From the top: the client may have deleted or changed the subscription during the read
           // (there was no run yet to stop), and notifications committed meanwhile set `missed`
@@ -503,46 +494,11 @@ export class Dispatcher {
         }
         const head = lane.queue[0];
         if (head === undefined) return;
-        let now = this.#clock.now();
-        if (head.note.dueAt > now) {
-          // A retry this process scheduled is due when its own (monotonic) time has passed: a wall
-          // clock stepped back meanwhile would otherwise hold the lane for the length of the step.
-          const own = lane.retry?.dueAt === head.note.dueAt ? lane.retry : undefined;
-          const left = own === undefined ? head.note.dueAt - now : own.at - performance.now();
-          if (left > 0) {
-            lane.timer = setTimeout(() => this.#wake(id, false), Math.min(left, MAX_TIMER_MS));
-            return;
-          }
-          now = head.note.dueAt;
-        }
-        // The invocation's time for attempts is over: the rest stays pending for a later run.
-        if (this.#timeLeft() <= 0) return;
-        const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
-        const generation = lane.generation;
-        const run = new RunStop();
-        lane.run = run;
-        let results: SendResult[];
-        try {
-          // Cut when the invocation's time for attempts is over: a run under way counts its first
-          // bundle as failed (one it delivered before the cut goes again under its webhook-id) and
-          // starts no more; one that never got a slot sends nothing and stays queued, its attempts
-          // unchanged (the loop then stops: the time is over).
-          results =
-            (await this.#attempt(
-              sub,
-              () => this.#sendNotifications(sub, batches, run),
-              () => {
-                run.stop();
-                return [ATTEMPT_CUT];
-              },
-            )) ?? [];
-        } finally {
-          lane.run = undefined;
-        }
-        for (const [i, result] of results.entries()) {
-          const batch = batches[i] as QueuedNotification[];
-          if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation))) return;
-        }
+        const now = this.#dueNow(id, lane, head);
+        // Not due yet (a timer wakes the lane), or the invocation's time for attempts is over (the
+        // rest stays pending for a later run).
+        if (now === undefined || this.#timeLeft() <= 0) return;
+        if (!(await this.#sendRun(sub, lane, now))) return;
       }
     } catch (err) {
       if (!(err instanceof LimiterClosedError))
@@ -553,32 +509,182 @@ export class Dispatcher {
   }
 
   /**
-   * Reads the lane's backlog from the store: the pending notifications above what this lane
-   * delivered, or, on a rescan, all of them from the lowest number (another instance sharing the
-   * store may have left a lower number pending: numbers interleave across instances, and it must
-   * still go out, late rather than never). A rescan first writes the delivery states still waiting
-   * in the write-behind, so a row read as pending is one no attempt of this process delivered.
+   * A lane on a store shared by instances (`LaneLeases`): it sends only while it holds the
+   * subscription's lease, and only what a consistent read of the store finds pending above the
+   * shared watermark, strictly upwards (it stops below a number taken but not yet written
+   * elsewhere: whoever writes it makes the holder read again). With nothing to send now it lets
+   * go, unless another instance asked for the lane meanwhile: then it reads again first, so what
+   * that instance committed is never left behind.
+   */
+  async #drainLeased(id: string, lane: Lane, leases: LaneLeases): Promise<void> {
+    lane.running = true;
+    try {
+      while (!this.#closed && this.#lanes.get(id) === lane && this.#timeLeft() > 0) {
+        const sub = this.#registry.get(id);
+        if (sub === undefined || sub.status !== 'active') return;
+        if (!(await this.#holdLane(id, lane, leases))) return;
+        if (lane.queue.length === 0 && lane.backlog) {
+          lane.backlog = false;
+          // Outcomes recorded here first, so the read sees them.
+          await this.#states.flush();
+          const read = await leases.read(id, lane.done, this.#opts.laneBuffer, this.#clock.now());
+          lane.done = Math.max(lane.done, read.through);
+          lane.queue = read.notes.map((note) => ({ note, ...(note.attempts === 0 ? { acceptedAt: note.dueAt } : {}) }));
+          lane.backlog = read.notes.length === this.#opts.laneBuffer;
+          continue;
+        }
+        const head = lane.queue[0];
+        const now = head === undefined ? undefined : this.#dueNow(id, lane, head);
+        if (now === undefined) {
+          // Nothing to send now: let go, unless asked to read again meanwhile.
+          if (await this.#letGo(id, lane, leases, true)) continue;
+          return;
+        }
+        if (!(await this.#sendRun(sub, lane, now))) return;
+      }
+    } catch (err) {
+      if (!(err instanceof LimiterClosedError))
+        this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
+    } finally {
+      lane.running = false;
+      // Stopped (a retry to wait for, time over, closing, the subscription changed): let go as it is.
+      if (lane.hold !== undefined) {
+        await this.#letGo(id, lane, leases, false).catch((err: unknown) =>
+          this.#logger.error('dispatcher lane lease not released', { subscription: id, err: err as Error }),
+        );
+      }
+    }
+  }
+
+  /** Takes the lane's lease, or renews it when due; false when another instance holds it (it reads again for this one). */
+  async #holdLane(id: string, lane: Lane, leases: LaneLeases): Promise<boolean> {
+    const now = this.#clock.now();
+    const held = lane.hold;
+    if (held === undefined) {
+      const hold = await leases.take(id, this.#holder, now, now + LEASE_MS);
+      if (hold === undefined) {
+        lane.queue = [];
+        return false;
+      }
+      this.#adopt(lane, hold, now);
+      return true;
+    }
+    if (!lane.recheck && lane.heldUntil - now > LEASE_MS - RENEW_AFTER_MS) return true;
+    lane.recheck = false;
+    await this.#states.flush();
+    const hold = await leases.renew(id, this.#holder, held, lane.done, now + LEASE_MS);
+    if (hold === undefined) {
+      // Ran out and taken by another instance: it sends from here on.
+      lane.hold = undefined;
+      lane.queue = [];
+      return false;
+    }
+    if (hold.epoch === held.epoch) {
+      lane.hold = hold;
+      lane.heldUntil = now + LEASE_MS;
+    } else this.#adopt(lane, hold, now);
+    return true;
+  }
+
+  /** A lease taken, or found re-queued: the lane starts over from its watermark. */
+  #adopt(lane: Lane, hold: LaneHold, now: number): void {
+    lane.hold = hold;
+    lane.heldUntil = now + LEASE_MS;
+    lane.done = hold.through;
+    lane.queue = [];
+    lane.backlog = true;
+    lane.recheck = false;
+  }
+
+  /**
+   * Lets the lane's lease go with its watermark (the delivery states written first, so the next
+   * holder reads them). With `keep`, a request to read again (or a re-queue) keeps it: true, read again.
+   */
+  async #letGo(id: string, lane: Lane, leases: LaneLeases, keep: boolean): Promise<boolean> {
+    const held = lane.hold;
+    if (held === undefined) return false;
+    await this.#states.flush();
+    const now = this.#clock.now();
+    const hold = await leases.release(id, this.#holder, held, lane.done, keep ? now + LEASE_MS : undefined);
+    if (hold === undefined) {
+      lane.hold = undefined;
+      return false;
+    }
+    if (hold.epoch === held.epoch) {
+      lane.hold = hold;
+      lane.heldUntil = now + LEASE_MS;
+      lane.backlog = true;
+    } else this.#adopt(lane, hold, now);
+    return true;
+  }
+
+  /**
+   * The clock time to send the head at, or undefined when it is not due yet (a timer wakes the
+   * lane then). A retry this process scheduled is due when its own (monotonic) time has passed: a
+   * wall clock stepped back meanwhile would otherwise hold the lane for the length of the step.
+   */
+  #dueNow(id: string, lane: Lane, head: QueuedNotification): number | undefined {
+    const now = this.#clock.now();
+    if (head.note.dueAt <= now) return now;
+    const own = lane.retry?.dueAt === head.note.dueAt ? lane.retry : undefined;
+    const left = own === undefined ? head.note.dueAt - now : own.at - performance.now();
+    if (left <= 0) return head.note.dueAt;
+    clearTimeout(lane.timer);
+    lane.timer = setTimeout(() => this.#wake(id, false), Math.min(left, MAX_TIMER_MS));
+    return undefined;
+  }
+
+  /** Sends one run from the head of the lane's queue and applies its outcomes; false when the lane must stop. */
+  async #sendRun(sub: SubscriptionRecord, lane: Lane, now: number): Promise<boolean> {
+    const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
+    const generation = lane.generation;
+    const run = new RunStop();
+    lane.run = run;
+    let results: SendResult[];
+    try {
+      // Cut when the invocation's time for attempts is over: a run under way counts its first
+      // bundle as failed (one it delivered before the cut goes again under its webhook-id) and
+      // starts no more; one that never got a slot sends nothing and stays queued, its attempts
+      // unchanged (the loop then stops: the time is over).
+      results =
+        (await this.#attempt(
+          sub,
+          () => this.#sendNotifications(sub, batches, run),
+          () => {
+            run.stop();
+            return [ATTEMPT_CUT];
+          },
+        )) ?? [];
+    } finally {
+      lane.run = undefined;
+    }
+    for (const [i, result] of results.entries()) {
+      const batch = batches[i] as QueuedNotification[];
+      if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation))) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Reads the lane's backlog from the store (this process its only sender): the pending
+   * notifications above what this lane delivered, or, on a rescan, all of them from the lowest
+   * number. A rescan first writes the delivery states still waiting in the write-behind, so a row
+   * read as pending is one no attempt of this process delivered.
    */
   async #reload(id: string, lane: Lane): Promise<void> {
     lane.reloading = true;
     lane.missed = false;
     const rescan = lane.rescan;
-    const peek = lane.peek && !rescan;
     lane.rescan = false;
-    lane.peek = false;
     const generation = lane.generation;
     let rows: StoredNotification[];
     try {
-      if (rescan || peek) await this.#states.flush();
-      rows = await this.#store.pendingNotifications(id, rescan || peek ? 0 : lane.done, this.#opts.laneBuffer);
+      if (rescan) await this.#states.flush();
+      rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, this.#opts.laneBuffer);
     } finally {
       lane.reloading = false;
     }
     const full = rows.length === this.#opts.laneBuffer;
-    if (peek) {
-      const onTheWireSince = this.#clock.now() - ELSEWHERE_IN_FLIGHT_MS;
-      rows = rows.filter((note) => note.attempts > 0 || note.dueAt <= onTheWireSince);
-    }
     // Rebuilt (`requeued`) meanwhile: this read may predate the re-queue; the next one will not.
     if (lane.generation !== generation) return;
     const queued = new Set(lane.queue.map((q) => q.note.eventNumber));
@@ -599,6 +705,14 @@ export class Dispatcher {
     const lane = this.#lane(id);
     clearTimeout(lane.timer);
     lane.timer = undefined;
+    if (this.#leases !== undefined) {
+      // The store lowered the lease's watermark: renew it (which finds that) before the next run.
+      lane.queue = [];
+      lane.backlog = true;
+      lane.recheck = true;
+      lane.generation++;
+      return;
+    }
     lane.queue = [];
     lane.queuedThrough = 0;
     lane.done = 0;

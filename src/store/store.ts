@@ -50,15 +50,82 @@ export interface MatchCandidate {
   readonly end?: string;
 }
 
+/** A lane lease as its holder took it: the lane's shared watermark, and the re-queue count it was read at. */
+export interface LaneHold {
+  /** Every event number at or below it is delivered, dead-lettered or void. */
+  readonly through: number;
+  /** Bumped by each re-queue (`requeueDeadLetters`), which also lowers `through`. */
+  readonly epoch: number;
+}
+
+/** The pending notifications a lane may send next, as `LaneLeases.read` found them. */
+export interface LaneRead {
+  /** Pending notifications, in order, with no number missing between `through` and the last. */
+  readonly notes: StoredNotification[];
+  /** The watermark, moved over the done (delivered, dead, void) notifications right above it. */
+  readonly through: number;
+  /**
+   * A number right above what `notes` end with is taken but its notification not yet written (an
+   * acceptance in flight elsewhere): nothing beyond it may go out before it. Whoever writes it
+   * sends it (its lane asks the holder to read again); a number left missing too long is voided.
+   */
+  readonly waiting: boolean;
+}
+
+/**
+ * One sender per subscription across instances sharing a store (AWS: Lambda containers). Each
+ * accepts events and takes event numbers on its own, so without this two instances could send
+ * one subscription's notifications at the same moment, and out of order; numbers also commit out
+ * of order (a number is taken before its notification is written). The holder of a subscription's
+ * lease alone sends its notifications, strictly upwards from the shared watermark.
+ */
+export interface LaneLeases {
+  /**
+   * Takes (or renews) the lease of `subscriptionId`'s lane for `holder` until `until` (epoch ms).
+   * Undefined when another instance holds it: it is then asked to read the lane again before it
+   * lets go (so what the caller committed is not left behind).
+   */
+  take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | undefined>;
+  /**
+   * Lets go, with the watermark moved to `through`. Undefined: let go (or lost: it ran out and
+   * another took it). With `keepUntil`, when another instance asked for the lane meanwhile, or a
+   * re-queue lowered the watermark (a new epoch), it stays held until then instead, and the answer
+   * is the hold to read the lane again from before letting go. Without, it lets go regardless (the
+   * request stays for the next holder; after a re-queue the lowered watermark is kept).
+   */
+  release(
+    subscriptionId: string,
+    holder: string,
+    hold: LaneHold,
+    through: number,
+    keepUntil?: number,
+  ): Promise<LaneHold | undefined>;
+  /**
+   * Extends a held lease to `until` and stores `through`. Undefined: lost (it ran out and another
+   * took it). A hold with another epoch: re-queued meanwhile, read again from its watermark.
+   */
+  renew(
+    subscriptionId: string,
+    holder: string,
+    hold: LaneHold,
+    through: number,
+    until: number,
+  ): Promise<LaneHold | undefined>;
+  /** A consistent read of up to `limit` pending notifications above `through` (see LaneRead). */
+  read(subscriptionId: string, through: number, limit: number, now: number): Promise<LaneRead>;
+}
+
 export interface Store {
   /**
    * Other processes may accept events into this store and deliver from it at the same time (the
-   * DynamoDB store, on AWS: one per Lambda container). Then a process's lanes are not the whole
-   * story: another may have left a lower event number pending (a retry not yet due), which must
-   * still go out first. Absent or false: this process is the store's only user (SQLite: the data
+   * DynamoDB store, on AWS: one per Lambda container): a process's lanes and caches are not the
+   * whole story. Such a store offers `laneLeases`, and lanes send only under a lease, from what
+   * the store holds. Absent or false: this process is the store's only user (SQLite: the data
    * directory's lock), and its lanes know every pending notification.
    */
   readonly sharedByInstances?: boolean;
+  /** For a store shared by instances: one sender per subscription at a time (see LaneLeases). */
+  readonly laneLeases?: LaneLeases;
   /**
    * Stores a new subscription. With `quota`, only while its owner holds fewer than that many,
    * counted atomically with the insert (concurrent creates, on any number of instances, cannot go

@@ -1,14 +1,17 @@
 import {
+  type CancellationReason,
   ConditionalCheckFailedException,
   type DynamoDBClient,
   GetItemCommand,
   PutItemCommand,
+  type TransactWriteItem,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
 import type { Notification, ResourceChange } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome } from '../store.js';
 import { Expression, type Item, N, readNumber, readString, S } from './attributes.js';
 import { COLLECTING, EVENT_SCOPE, eventIdItem, eventIdKey, fromNotificationItem } from './items.js';
+import { voidNumbers } from './lane-leases.js';
 import { conditionHeld, type DynamoDbRequests } from './requests.js';
 import { type TableNames, TTL_ATTRIBUTE } from './tables.js';
 
@@ -24,6 +27,11 @@ import { type TableNames, TTL_ATTRIBUTE } from './tables.js';
  * Every write is acknowledged by DynamoDB before `accept` resolves: an accepted event is durable.
  * The caveats (gaps in event numbers, interleaving across processes) are in dynamodb-store.ts.
  */
+/** `#queue`'s answer for a number voided before its notification was written. */
+const VOIDED = Symbol('voided');
+/** Numbers given up in a row for one notification before the acceptance fails (EventBridge retries it). */
+const MAX_VOIDED = 3;
+
 export class EventAcceptance {
   readonly #client: DynamoDBClient;
   readonly #requests: DynamoDbRequests;
@@ -102,15 +110,34 @@ export class EventAcceptance {
     return found;
   }
 
-  /** Number and queue one notification; undefined when the subscription no longer collects. */
+  /**
+   * Number and queue one notification; undefined when the subscription no longer collects. A
+   * number voided before its notification was written (this acceptance took longer than a lane
+   * waits for it: see lane-leases.ts) is given up for the next one.
+   */
   async #notify(
     change: ResourceChange,
     subscriptionId: string,
     receivedAt: number,
     expiresAt: number,
   ): Promise<Notification | undefined> {
-    const eventNumber = await this.#takeEventNumber(subscriptionId);
-    if (eventNumber === undefined) return undefined;
+    for (let attempt = 1; ; attempt++) {
+      const eventNumber = await this.#takeEventNumber(subscriptionId);
+      if (eventNumber === undefined) return undefined;
+      const queued = await this.#queue(change, subscriptionId, eventNumber, receivedAt, expiresAt);
+      if (queued !== VOIDED) return queued;
+      if (attempt === MAX_VOIDED) throw new Error(`event numbers of ${subscriptionId} were voided ${attempt} times`);
+    }
+  }
+
+  /** Writes the notification numbered `eventNumber` and its marker; VOIDED when that number was voided. */
+  async #queue(
+    change: ResourceChange,
+    subscriptionId: string,
+    eventNumber: number,
+    receivedAt: number,
+    expiresAt: number,
+  ): Promise<Notification | undefined | typeof VOIDED> {
     const note: Item = {
       subscriptionId: S(subscriptionId),
       eventNumber: N(eventNumber),
@@ -125,7 +152,10 @@ export class EventAcceptance {
       ...eventIdItem(change.eventId, subscriptionId, receivedAt, expiresAt),
       eventNumber: N(eventNumber),
     };
-    const failed = await this.#requests.transact(
+    const failed = await this.#transactOrVoid(
+      subscriptionId,
+      eventNumber,
+      receivedAt,
       [
         {
           Put: {
@@ -154,17 +184,44 @@ export class EventAcceptance {
       `queueing event ${eventNumber} for ${subscriptionId}`,
     );
     if (failed === undefined) return { subscriptionId, eventNumber, change };
-    const [, markerReason, subscriptionReason] = failed;
+    const [noteReason, markerReason, subscriptionReason] = failed;
     // Deleted since its number was taken: the number stays unused (see the caveats in dynamodb-store.ts).
     if (subscriptionReason?.Code === 'ConditionalCheckFailed') return undefined;
-    // Another acceptance of the same event got there first: its notification is the one.
+    // Another acceptance of the same event got there first: its notification is the one, and this
+    // number is left void (so the lane need not wait for it).
     if (markerReason?.Code === 'ConditionalCheckFailed') {
+      await voidNumbers(this.#client, this.#tables.notifications, subscriptionId, [eventNumber], receivedAt);
       const winner = markerReason.Item ?? (await this.#readMarker(change.eventId, subscriptionId));
       return winner === undefined
         ? undefined
         : this.#existingNotification(subscriptionId, readNumber(winner, 'eventNumber'));
     }
-    throw new Error(`notification ${eventNumber} of ${subscriptionId} already exists`);
+    // The number is taken by a void row: a lane waited for it too long and went on without it.
+    if (noteReason?.Code === 'ConditionalCheckFailed') return VOIDED;
+    throw new Error(`queueing event ${eventNumber} for ${subscriptionId} failed: ${JSON.stringify(failed)}`);
+  }
+
+  /**
+   * The transaction that queues a numbered notification. One that fails (past its retries) leaves
+   * its number void, so the subscription's lane need not wait for it (lane-leases.ts); the event
+   * comes back (EventBridge retries the invocation) under a new number. A void that fails too is
+   * left to the lane, which voids the number once it waited long enough.
+   */
+  async #transactOrVoid(
+    subscriptionId: string,
+    eventNumber: number,
+    now: number,
+    items: TransactWriteItem[],
+    what: string,
+  ): Promise<CancellationReason[] | undefined> {
+    try {
+      return await this.#requests.transact(items, what);
+    } catch (err) {
+      await voidNumbers(this.#client, this.#tables.notifications, subscriptionId, [eventNumber], now).catch(
+        () => undefined,
+      );
+      throw err;
+    }
   }
 
   async #readMarker(eventId: string, subscriptionId: string): Promise<Item | undefined> {

@@ -1,5 +1,6 @@
 import { setTimeout as delay } from 'node:timers/promises';
 import {
+  type AttributeValue,
   DeleteItemCommand,
   type DynamoDBClient,
   GetItemCommand,
@@ -26,6 +27,7 @@ import {
   toSubscriptionItem,
   unchangedSince,
 } from './items.js';
+import { DynamoDbLaneLeases, lowerLane } from './lane-leases.js';
 import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
@@ -60,11 +62,12 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  * - Event numbers can have gaps. A process that dies between a counter increment and its
  *   transaction (step 3 in acceptance.ts), a subscription deleted in between, a transaction failing
  *   past its retries, or a copy of the event accepted at the same moment elsewhere consumes a
- *   number no notification carries.
+ *   number no notification carries; such a number is left void (a `void` row, lane-leases.ts).
  *   The Backport IG lets a client see a gap in `events-since-subscription-start` and ask `$events`,
  *   which then has nothing for that number. SQLite never has gaps.
  * - Calls within one store instance are serialised, so numbers follow acceptance order. Across
- *   processes (several Lambdas) two batches may interleave numbers for the same subscription.
+ *   processes (several Lambdas) numbers interleave and commit out of order; delivery is still in
+ *   number order, one sender per subscription at a time (`laneLeases`, docs/dynamodb.md).
  * - GSI reads are eventually consistent on AWS: `listSubscriptions(owner)` may briefly miss a new
  *   subscription, and `pendingNotifications` / `subscriptionsWithPending` may briefly show a
  *   notification that was just delivered (a redelivery; receivers dedupe on `webhook-id`).
@@ -109,6 +112,7 @@ export interface DynamoDbStoreOptions {
 
 export class DynamoDbStore implements Store {
   readonly sharedByInstances = true;
+  readonly laneLeases: DynamoDbLaneLeases;
   readonly #client: DynamoDBClient;
   readonly #tables: TableNames;
   readonly #requests: DynamoDbRequests;
@@ -120,6 +124,7 @@ export class DynamoDbStore implements Store {
     this.#client = client;
     this.#tables = tableNames(tablePrefix);
     this.#requests = new DynamoDbRequests(client);
+    this.laneLeases = new DynamoDbLaneLeases(client, this.#tables.notifications);
     this.#acceptance = new EventAcceptance({
       client,
       requests: this.#requests,
@@ -423,14 +428,18 @@ export class DynamoDbStore implements Store {
     to: number,
     limit: number,
   ): Promise<StoredNotification[]> {
-    // DynamoDB rejects BETWEEN with a lower bound above the upper one.
-    if (from > to || limit <= 0) return [];
+    // Numbers start at 1 (0 is the lane's lease item); DynamoDB rejects BETWEEN with a lower bound above the upper one.
+    const low = Math.max(from, 1);
+    if (low > to || limit <= 0) return [];
+    // A void row (a number taken for an acceptance that never wrote it) is no notification.
     const items = await this.#requests.queryAll(
       {
         TableName: this.#tables.notifications,
         ConsistentRead: true,
         KeyConditionExpression: 'subscriptionId = :s AND eventNumber BETWEEN :from AND :to',
-        ExpressionAttributeValues: { ':s': S(subscriptionId), ':from': N(from), ':to': N(to) },
+        FilterExpression: '#state <> :void',
+        ExpressionAttributeNames: { '#state': 'state' },
+        ExpressionAttributeValues: { ':s': S(subscriptionId), ':from': N(low), ':to': N(to), ':void': S('void') },
       },
       limit,
     );
@@ -481,6 +490,11 @@ export class DynamoDbStore implements Store {
       );
       return held && wasDead;
     });
+    // Then (the rows pending first) the lane's watermark goes below them: a holder reads them.
+    if (requeuable.length > 0) {
+      const lowest = Math.min(...requeuable.map((key) => readNumber(key, 'eventNumber')));
+      await lowerLane(this.#client, this.#tables.notifications, subscriptionId, lowest);
+    }
     return requeued.filter(Boolean).length;
   }
 
@@ -490,10 +504,10 @@ export class DynamoDbStore implements Store {
     const oldNotes = await this.#requests.scanAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
-      FilterExpression: '#state IN (:delivered, :dead) AND createdAt < :before',
+      FilterExpression: '#state IN (:delivered, :dead, :void) AND createdAt < :before',
       ProjectionExpression: 'subscriptionId, eventNumber',
       ExpressionAttributeNames: { '#state': 'state' },
-      ExpressionAttributeValues: { ':delivered': S('delivered'), ':dead': S('dead'), ':before': N(before) },
+      ExpressionAttributeValues: DONE_BEFORE(before),
     });
     const notes = await inBursts(oldNotes, (key) =>
       // Re-checked on delete: a dead letter requeued since the scan is pending and stays.
@@ -502,9 +516,9 @@ export class DynamoDbStore implements Store {
           new DeleteItemCommand({
             TableName: this.#tables.notifications,
             Key: notificationKey(key),
-            ConditionExpression: '#state IN (:delivered, :dead) AND createdAt < :before',
+            ConditionExpression: '#state IN (:delivered, :dead, :void) AND createdAt < :before',
             ExpressionAttributeNames: { '#state': 'state' },
-            ExpressionAttributeValues: { ':delivered': S('delivered'), ':dead': S('dead'), ':before': N(before) },
+            ExpressionAttributeValues: DONE_BEFORE(before),
           }),
         ),
       ),
@@ -649,6 +663,14 @@ export class DynamoDbStore implements Store {
     await this.#requests.deleteAll(this.#tables.notifications, keys.map(notificationKey));
   }
 }
+
+/** Values of the purge's condition: notifications done with (and void rows) received before `before`. */
+const DONE_BEFORE = (before: number): Record<string, AttributeValue> => ({
+  ':delivered': S('delivered'),
+  ':dead': S('dead'),
+  ':void': S('void'),
+  ':before': N(before),
+});
 
 /** A function, so that a check after an await is not narrowed away by the one before it. */
 function isAborted(signal: AbortSignal | undefined): boolean {

@@ -1,0 +1,325 @@
+import {
+  type AttributeValue,
+  ConditionalCheckFailedException,
+  type DynamoDBClient,
+  PutItemCommand,
+  QueryCommand,
+  UpdateItemCommand,
+} from '@aws-sdk/client-dynamodb';
+import type { StoredNotification } from '../../core/types.js';
+import type { LaneHold, LaneLeases, LaneRead } from '../store.js';
+import { type Item, N, readNumber, readString, S } from './attributes.js';
+import { fromNotificationItem } from './items.js';
+import { inBursts } from './requests.js';
+
+/**
+ * `LaneLeases` of the DynamoDB store. A subscription's lease is an item of the `notifications`
+ * table at event number 0 (numbers start at 1, so no read of notifications meets it, and deleting
+ * a subscription's notifications deletes it too): every function that delivers reads and writes
+ * that table already. Attributes: `laneHolder` and `laneUntil` (epoch ms) while held,
+ * `laneThrough` (the watermark), `laneEpoch` (re-queues), `laneWanted` (another instance asked).
+ *
+ * A number taken for an acceptance that never wrote its notification (its container died between
+ * the two, or a write failed and the event came back under a new number) would hold the lane
+ * forever: once the notification above it is older than VOID_AFTER_MS, the reader writes a `void`
+ * row in its place. An acceptance still trying to write that number then finds it taken and takes
+ * another (see acceptance.ts): nothing is lost, and nothing goes out of order.
+ */
+
+/** Longer than any acceptance takes between taking a number and writing its notification. */
+export const VOID_AFTER_MS = 30_000;
+/** The event number of a subscription's lease item. */
+const LANE_NUMBER = 0;
+/** Notifications per page of a lane read. */
+const PAGE = 100;
+
+const NAMES = {
+  '#holder': 'laneHolder',
+  '#until': 'laneUntil',
+  '#through': 'laneThrough',
+  '#epoch': 'laneEpoch',
+  '#wanted': 'laneWanted',
+};
+
+export class DynamoDbLaneLeases implements LaneLeases {
+  readonly #client: DynamoDBClient;
+  readonly #table: string;
+
+  constructor(client: DynamoDBClient, notificationsTable: string) {
+    this.#client = client;
+    this.#table = notificationsTable;
+  }
+
+  async take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | undefined> {
+    // A few rounds at most: each lost race means the other side moved (took it, or let it go).
+    for (let round = 0; round < 4; round++) {
+      try {
+        const out = await this.#update(subscriptionId, {
+          UpdateExpression:
+            'SET #holder = :me, #until = :until, #through = if_not_exists(#through, :zero), #epoch = if_not_exists(#epoch, :zero) REMOVE #wanted',
+          ConditionExpression: 'attribute_not_exists(#holder) OR #holder = :me OR #until < :now',
+          ExpressionAttributeValues: { ':me': S(holder), ':until': N(until), ':zero': N(0), ':now': N(now) },
+          ReturnValues: 'ALL_NEW',
+        });
+        return holdOf(out.Attributes ?? {});
+      } catch (err) {
+        if (!(err instanceof ConditionalCheckFailedException)) throw err;
+      }
+      // Held elsewhere: the holder reads the lane again before it lets go (see `release`).
+      try {
+        await this.#update(subscriptionId, {
+          UpdateExpression: 'ADD #wanted :one',
+          ConditionExpression: 'attribute_exists(#holder) AND #holder <> :me AND #until >= :now',
+          ExpressionAttributeValues: { ':one': N(1), ':me': S(holder), ':now': N(now) },
+        });
+        return undefined;
+      } catch (err) {
+        if (!(err instanceof ConditionalCheckFailedException)) throw err;
+        // Let go (or ran out) in between: take it.
+      }
+    }
+    throw new Error(`the delivery lease of ${subscriptionId} kept changing hands`);
+  }
+
+  async release(
+    subscriptionId: string,
+    holder: string,
+    hold: LaneHold,
+    through: number,
+    keepUntil?: number,
+  ): Promise<LaneHold | undefined> {
+    const free = 'REMOVE #holder, #until';
+    let old: Item | undefined;
+    try {
+      await this.#update(subscriptionId, {
+        UpdateExpression: `SET #through = :through ${free}`,
+        ConditionExpression: `#holder = :me AND #epoch = :epoch${keepUntil === undefined ? '' : ' AND attribute_not_exists(#wanted)'}`,
+        ExpressionAttributeValues: { ':through': N(through), ':me': S(holder), ':epoch': N(hold.epoch) },
+        ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
+      });
+      return undefined;
+    } catch (err) {
+      if (!(err instanceof ConditionalCheckFailedException)) throw err;
+      old = err.Item;
+    }
+    // Gone with its subscription, or ran out and taken by another: nothing of it is ours.
+    if (old === undefined || old.laneHolder?.S !== holder) return undefined;
+    const current = holdOf(old);
+    if (keepUntil === undefined) {
+      // Re-queued meanwhile: let go without the watermark (the re-queue lowered it).
+      await this.#update(subscriptionId, {
+        UpdateExpression: free,
+        ConditionExpression: '#holder = :me',
+        ExpressionAttributeValues: { ':me': S(holder) },
+      }).catch(ignoreCondition);
+      return undefined;
+    }
+    return this.#keep(
+      subscriptionId,
+      holder,
+      current,
+      current.epoch === hold.epoch ? through : current.through,
+      keepUntil,
+    );
+  }
+
+  async renew(
+    subscriptionId: string,
+    holder: string,
+    hold: LaneHold,
+    through: number,
+    until: number,
+  ): Promise<LaneHold | undefined> {
+    try {
+      await this.#update(subscriptionId, {
+        UpdateExpression: 'SET #through = :through, #until = :until',
+        ConditionExpression: '#holder = :me AND #epoch = :epoch',
+        ExpressionAttributeValues: {
+          ':through': N(through),
+          ':until': N(until),
+          ':me': S(holder),
+          ':epoch': N(hold.epoch),
+        },
+        ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
+      });
+      return { through, epoch: hold.epoch };
+    } catch (err) {
+      if (!(err instanceof ConditionalCheckFailedException)) throw err;
+      const old = err.Item;
+      if (old === undefined || old.laneHolder?.S !== holder) return undefined;
+      // Re-queued: still ours, from the lowered watermark.
+      const current = holdOf(old);
+      return this.#keep(subscriptionId, holder, current, current.through, until);
+    }
+  }
+
+  /** Still held, until `until`, from `through` at `current.epoch`; the request to read again is answered. */
+  async #keep(
+    subscriptionId: string,
+    holder: string,
+    current: LaneHold,
+    through: number,
+    until: number,
+  ): Promise<LaneHold | undefined> {
+    try {
+      await this.#update(subscriptionId, {
+        UpdateExpression: 'SET #through = :through, #until = :until REMOVE #wanted',
+        ConditionExpression: '#holder = :me AND #epoch = :epoch',
+        ExpressionAttributeValues: {
+          ':through': N(through),
+          ':until': N(until),
+          ':me': S(holder),
+          ':epoch': N(current.epoch),
+        },
+      });
+      return { through, epoch: current.epoch };
+    } catch (err) {
+      if (!(err instanceof ConditionalCheckFailedException)) throw err;
+      // Re-queued again, or lost, in between: as good as lost; a later take reads it afresh.
+      return undefined;
+    }
+  }
+
+  async read(subscriptionId: string, through: number, limit: number, now: number): Promise<LaneRead> {
+    const notes: StoredNotification[] = [];
+    let mark = through;
+    let expected = through + 1;
+    let start: Record<string, AttributeValue> | undefined;
+    do {
+      const out = await this.#client.send(
+        new QueryCommand({
+          TableName: this.#table,
+          ConsistentRead: true,
+          KeyConditionExpression: 'subscriptionId = :s AND eventNumber > :after',
+          ExpressionAttributeValues: { ':s': S(subscriptionId), ':after': N(Math.max(through, LANE_NUMBER)) },
+          Limit: PAGE,
+          ...(start === undefined ? {} : { ExclusiveStartKey: start }),
+        }),
+      );
+      for (const item of out.Items ?? []) {
+        const n = readNumber(item, 'eventNumber');
+        if (n > expected) {
+          // Taken but not written: an acceptance under way (wait for it), or one that never will be.
+          const stale = readNumber(item, 'createdAt') <= now - VOID_AFTER_MS;
+          const missing = Array.from({ length: n - expected }, (_, k) => expected + k);
+          if (!stale || !(await voidNumbers(this.#client, this.#table, subscriptionId, missing, now))) {
+            return { notes, through: mark, waiting: true };
+          }
+        }
+        expected = n + 1;
+        if (readString(item, 'state') === 'pending') {
+          notes.push(fromNotificationItem(item));
+          if (notes.length >= limit) return { notes, through: mark, waiting: false };
+        } else if (notes.length === 0) {
+          mark = n;
+        }
+      }
+      start = out.LastEvaluatedKey;
+    } while (start !== undefined);
+    return { notes, through: mark, waiting: false };
+  }
+
+  #update(
+    subscriptionId: string,
+    input: {
+      UpdateExpression: string;
+      ConditionExpression: string;
+      ExpressionAttributeValues: Record<string, AttributeValue>;
+      ReturnValues?: 'ALL_NEW';
+      ReturnValuesOnConditionCheckFailure?: 'ALL_OLD';
+    },
+  ) {
+    const names = Object.fromEntries(
+      Object.entries(NAMES).filter(
+        ([k]) => input.UpdateExpression.includes(k) || input.ConditionExpression.includes(k),
+      ),
+    );
+    return this.#client.send(
+      new UpdateItemCommand({
+        TableName: this.#table,
+        Key: laneKey(subscriptionId),
+        ExpressionAttributeNames: names,
+        ...input,
+      }),
+    );
+  }
+}
+
+/**
+ * Writes void rows for `numbers` of a subscription, each only where no notification is: false when
+ * one was written meanwhile (the caller reads again). Safe at any time: an acceptance still about
+ * to write a voided number finds it taken and takes another.
+ */
+export async function voidNumbers(
+  client: DynamoDBClient,
+  table: string,
+  subscriptionId: string,
+  numbers: readonly number[],
+  now: number,
+): Promise<boolean> {
+  const written = await inBursts(numbers, async (eventNumber) => {
+    try {
+      await client.send(
+        new PutItemCommand({
+          TableName: table,
+          Item: { subscriptionId: S(subscriptionId), eventNumber: N(eventNumber), state: S('void'), createdAt: N(now) },
+          ConditionExpression: 'attribute_not_exists(subscriptionId)',
+        }),
+      );
+      return true;
+    } catch (err) {
+      if (err instanceof ConditionalCheckFailedException) return false;
+      throw err;
+    }
+  });
+  return written.every(Boolean);
+}
+
+export function laneKey(subscriptionId: string): Item {
+  return { subscriptionId: S(subscriptionId), eventNumber: N(LANE_NUMBER) };
+}
+
+/**
+ * Re-queueing (after its rows are pending again): the watermark goes below `lowest` and the epoch
+ * moves, so a holder writes no watermark it read before and reads the lane again. No lease item:
+ * no lane was ever held, and the first one reads from the start.
+ */
+export async function lowerLane(
+  client: DynamoDBClient,
+  table: string,
+  subscriptionId: string,
+  lowest: number,
+): Promise<void> {
+  const send = (update: string, condition: string, values: Record<string, AttributeValue>) =>
+    client.send(
+      new UpdateItemCommand({
+        TableName: table,
+        Key: laneKey(subscriptionId),
+        UpdateExpression: update,
+        ConditionExpression: condition,
+        ExpressionAttributeNames: { '#through': 'laneThrough', '#epoch': 'laneEpoch' },
+        ExpressionAttributeValues: values,
+      }),
+    );
+  try {
+    await send('SET #through = :low ADD #epoch :one', 'attribute_exists(#through) AND #through > :low', {
+      ':low': N(lowest - 1),
+      ':one': N(1),
+    });
+    return;
+  } catch (err) {
+    if (!(err instanceof ConditionalCheckFailedException)) throw err;
+  }
+  await send('ADD #epoch :one', 'attribute_exists(#through)', { ':one': N(1) }).catch(ignoreCondition);
+}
+
+function holdOf(item: Item): LaneHold {
+  return {
+    through: item.laneThrough === undefined ? 0 : readNumber(item, 'laneThrough'),
+    epoch: item.laneEpoch === undefined ? 0 : readNumber(item, 'laneEpoch'),
+  };
+}
+
+function ignoreCondition(err: unknown): void {
+  if (!(err instanceof ConditionalCheckFailedException)) throw err;
+}

@@ -1,0 +1,206 @@
+import { randomUUID } from 'node:crypto';
+import { DeleteItemCommand, DeleteTableCommand, type DynamoDBClient, GetItemCommand } from '@aws-sdk/client-dynamodb';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
+import { laneKey, VOID_AFTER_MS, voidNumbers } from '../src/store/dynamodb/lane-leases.js';
+import { ensureTables, tableDefinitions, tableNames } from '../src/store/dynamodb/tables.js';
+import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
+import { item, RECEIVED, record } from './support/store-fixtures.js';
+
+/**
+ * The DynamoDB store's lane leases (one sender per subscription across Lambda containers) against
+ * DynamoDB Local: who holds a lane, the request to read again, the watermark and its re-queue
+ * epoch, and the lane read that stops below a number taken but not written (and voids it once
+ * it is too old). The containers using them are in aws-containers.test.ts.
+ */
+
+let local: DynamoDbLocal;
+let client: DynamoDBClient;
+let prefix: string;
+let store: DynamoDbStore;
+
+beforeAll(async () => {
+  local = await startDynamoDbLocal();
+  client = local.client;
+});
+afterAll(() => local?.stop());
+
+beforeEach(async () => {
+  prefix = `lanes-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(client, prefix);
+  store = new DynamoDbStore(client, prefix);
+  await store.insertSubscription(record('s1'));
+});
+
+afterEach(async () => {
+  await store.close();
+  await Promise.all(
+    tableDefinitions(prefix).map((d) => client.send(new DeleteTableCommand({ TableName: d.input.TableName }))),
+  );
+});
+
+const NOW = RECEIVED + 1_000;
+const table = () => tableNames(prefix).notifications;
+const leases = () => store.laneLeases;
+
+/** Accepts `count` events for s1 (numbers 1..count), received at RECEIVED. */
+async function accept(count: number, from = 0): Promise<number[]> {
+  const outcomes = await store.acceptChanges(
+    Array.from({ length: count }, (_, i) => item(`e-${from + i}`, ['s1'], `p-${from + i}`)),
+    RECEIVED,
+  );
+  return outcomes.flatMap((o) => o.notifications.map((n) => n.eventNumber));
+}
+
+async function rowState(eventNumber: number): Promise<string | undefined> {
+  const out = await client.send(
+    new GetItemCommand({
+      TableName: table(),
+      Key: { subscriptionId: { S: 's1' }, eventNumber: { N: String(eventNumber) } },
+      ConsistentRead: true,
+    }),
+  );
+  return out.Item?.state?.S;
+}
+
+describe('who holds a lane', () => {
+  it('one holder at a time; another asks it to read again, and it keeps the lane once for that', async () => {
+    const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
+    expect(a).toEqual({ through: 0, epoch: 0 });
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toBeUndefined();
+    // B asked: A's release keeps the lane and answers the hold to read again from.
+    const again = await leases().release('s1', 'A', a!, 4, NOW + 60_000);
+    expect(again).toEqual({ through: 4, epoch: 0 });
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toBeUndefined();
+    const last = await leases().release('s1', 'A', again!, 5, NOW + 60_000);
+    expect(last).toEqual({ through: 5, epoch: 0 });
+    // Nobody asked since: let go, with the watermark.
+    expect(await leases().release('s1', 'A', last!, 6, NOW + 60_000)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 6, epoch: 0 });
+  });
+
+  it('a lease that ran out is taken over: the old holder finds it lost and writes nothing', async () => {
+    const a = await leases().take('s1', 'A', NOW, NOW + 10_000);
+    const b = await leases().take('s1', 'B', NOW + 20_000, NOW + 80_000);
+    expect(b).toEqual({ through: 0, epoch: 0 });
+    expect(await leases().renew('s1', 'A', a!, 9, NOW + 90_000)).toBeUndefined();
+    expect(await leases().release('s1', 'A', a!, 9, NOW + 90_000)).toBeUndefined();
+    expect(await leases().release('s1', 'A', a!, 9)).toBeUndefined();
+    // Still B's, its watermark untouched by A.
+    expect(await leases().take('s1', 'C', NOW + 30_000, NOW + 90_000)).toBeUndefined();
+    expect(await leases().renew('s1', 'B', b!, 2, NOW + 90_000)).toEqual({ through: 2, epoch: 0 });
+  });
+
+  it('a release without keeping lets go even when asked (the request waits for the next holder)', async () => {
+    const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toBeUndefined();
+    expect(await leases().release('s1', 'A', a!, 3)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 3, epoch: 0 });
+  });
+
+  it('the lease item goes with its subscription and is never read as a notification', async () => {
+    await accept(2);
+    await leases().take('s1', 'A', NOW, NOW + 60_000);
+    expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => n.eventNumber)).toEqual([1, 2]);
+    expect(await store.subscriptionsWithPending()).toEqual(['s1']);
+    expect(await store.deleteSubscription('s1')).toBe(true);
+    const lane = await client.send(
+      new GetItemCommand({ TableName: table(), Key: laneKey('s1'), ConsistentRead: true }),
+    );
+    expect(lane.Item).toBeUndefined();
+  });
+});
+
+describe('reading a lane', () => {
+  it('moves the watermark over what is done and answers the pending notifications in order', async () => {
+    await accept(4);
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: NOW },
+      { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
+      { subscriptionId: 's1', eventNumber: 4, state: 'delivered', attempts: 1, dueAt: NOW },
+    ]);
+    const read = await leases().read('s1', 0, 10, NOW);
+    expect(read.through).toBe(2);
+    expect(read.notes.map((n) => n.eventNumber)).toEqual([3]);
+    expect(read.waiting).toBe(false);
+    // Limited, from a watermark.
+    await accept(3, 10);
+    const limited = await leases().read('s1', 2, 2, NOW);
+    expect(limited.notes.map((n) => n.eventNumber)).toEqual([3, 5]);
+  });
+
+  it('stops below a number taken but not written, and voids it once the notification above is old enough', async () => {
+    expect(await accept(3)).toEqual([1, 2, 3]);
+    // Number 2 taken by an acceptance that has not written it (yet, or ever).
+    await client.send(
+      new DeleteItemCommand({ TableName: table(), Key: { subscriptionId: { S: 's1' }, eventNumber: { N: '2' } } }),
+    );
+    const young = await leases().read('s1', 0, 10, RECEIVED + VOID_AFTER_MS - 1);
+    expect(young.notes.map((n) => n.eventNumber)).toEqual([1]);
+    expect(young.waiting).toBe(true);
+    expect(await rowState(2)).toBeUndefined();
+
+    const old = await leases().read('s1', 0, 10, RECEIVED + VOID_AFTER_MS + 1);
+    expect(old.notes.map((n) => n.eventNumber)).toEqual([1, 3]);
+    expect(old.waiting).toBe(false);
+    expect(await rowState(2)).toBe('void');
+    // No notification for $events, none pending, and the purge takes it with the done ones.
+    expect((await store.notificationsInRange('s1', 1, 3, 10)).map((n) => n.eventNumber)).toEqual([1, 3]);
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.eventNumber)).toEqual([1, 3]);
+    expect((await store.purge(RECEIVED + VOID_AFTER_MS + 2)).notifications).toBe(1);
+    expect(await rowState(2)).toBeUndefined();
+  });
+
+  it('an acceptance whose number was voided takes the next one', async () => {
+    await accept(1);
+    // Number 2 voided before its acceptance wrote it: the acceptance gets 3.
+    expect(await voidNumbers(client, table(), 's1', [2], NOW)).toBe(true);
+    expect(await accept(1, 5)).toEqual([3]);
+    expect(await rowState(2)).toBe('void');
+    // A void never replaces a notification.
+    expect(await voidNumbers(client, table(), 's1', [3], NOW)).toBe(false);
+    expect(await rowState(3)).toBe('pending');
+  });
+});
+
+describe('re-queueing a lane', () => {
+  it('lowers the watermark under the dead letters, and a holder reads again from there', async () => {
+    await accept(3);
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: NOW },
+      { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
+      { subscriptionId: 's1', eventNumber: 3, state: 'delivered', attempts: 1, dueAt: NOW },
+    ]);
+    // A let go at watermark 3 before, and holds the lane again.
+    expect(await leases().release('s1', 'A', (await leases().take('s1', 'A', NOW, NOW + 60_000))!, 3)).toBeUndefined();
+    const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
+    expect(a).toEqual({ through: 3, epoch: 0 });
+    expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
+    // The re-queue's epoch keeps A from writing watermark 3 again: it reads from 1.
+    const again = await leases().release('s1', 'A', a!, 3, NOW + 60_000);
+    expect(again).toEqual({ through: 1, epoch: 1 });
+    const read = await leases().read('s1', again!.through, 10, NOW);
+    expect(read.notes.map((n) => n.eventNumber)).toEqual([2]);
+    expect(read.through).toBe(1);
+    // A renew answers the same to a holder that had not read it yet.
+    const b = await leases().take('s1', 'B', NOW + 70_000, NOW + 90_000);
+    expect(b).toEqual({ through: 1, epoch: 1 });
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
+    ]);
+    expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
+    expect(await leases().renew('s1', 'B', b!, 3, NOW + 95_000)).toEqual({ through: 1, epoch: 2 });
+  });
+
+  it('a holder that lets go without keeping, after a re-queue, leaves the lowered watermark', async () => {
+    await accept(2);
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
+      { subscriptionId: 's1', eventNumber: 2, state: 'delivered', attempts: 1, dueAt: NOW },
+    ]);
+    const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
+    await store.requeueDeadLetters('s1', NOW);
+    expect(await leases().release('s1', 'A', a!, 2)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 0, epoch: 1 });
+  });
+});
