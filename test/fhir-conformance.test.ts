@@ -156,10 +156,10 @@ describe('FHIR conformance', () => {
       );
     });
 
-    it('declares url in the CapabilityStatement with its definition', async () => {
+    it('declares its search parameters in the CapabilityStatement with their definitions', async () => {
       expect((await subscriptionResource()).searchParam).toEqual([
-        { name: '_id', type: 'token' },
-        { name: 'status', type: 'token' },
+        { name: '_id', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Resource-id' },
+        { name: 'status', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-status' },
         { name: 'url', type: 'uri', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-url' },
       ]);
     });
@@ -263,6 +263,42 @@ describe('FHIR conformance', () => {
       const now = await request('GET', `/fhir/Subscription/${sub.id}`);
       expect((now.body.meta as Json).versionId).toBe((sub.meta as Json).versionId);
       expect((now.body.channel as Json)._type).toBeUndefined();
+    });
+  });
+
+  describe('an extension the broker does not understand where it decides what is delivered', () => {
+    const CROSS_VERSION_FILTER =
+      'http://hl7.org/fhir/5.0/subscriptions-backport/StructureDefinition/backport-filter-criteria';
+
+    it('is refused with 422 naming it, not ignored (a cross-version filter URL would match every change)', async () => {
+      const before = await request('GET', '/fhir/Subscription?_summary=count');
+      const res = await request('POST', '/fhir/Subscription', {
+        body: topicSubscription('patient-change', `${receiver.url}/cross-version`, {
+          extra: { _criteria: { extension: [{ url: CROSS_VERSION_FILTER, valueString: 'Patient?_id=conf-only' }] } },
+        }),
+      });
+      expect(res.status).toBe(422);
+      expect(res.body).toEqual(
+        operationOutcome(
+          'UNSUPPORTED_FILTER',
+          `Extension ${CROSS_VERSION_FILTER} on Subscription.criteria cannot be honoured: the broker does not understand it there (understood: backport-filter-criteria)`,
+          'Subscription._criteria.extension',
+        ),
+      );
+      expect((await request('GET', '/fhir/Subscription?_summary=count')).body.total).toBe(before.body.total);
+    });
+
+    it('is kept as sent where it only informs (an R5 identifier on the Subscription)', async () => {
+      const identifier = {
+        url: 'http://hl7.org/fhir/5.0/StructureDefinition/extension-Subscription.identifier',
+        valueIdentifier: { system: 'urn:example', value: 'conf-42' },
+      };
+      const sub = await t.create(
+        topicSubscription('patient-change', `${receiver.url}/informed`, {
+          extra: { ...off.extra, extension: [identifier] },
+        }),
+      );
+      expect((await request('GET', `/fhir/Subscription/${sub.id}`)).body.extension).toEqual([identifier]);
     });
   });
 

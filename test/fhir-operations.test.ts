@@ -172,6 +172,18 @@ describe('FHIR operations and search', () => {
     expect((await t.call('GET', '/fhir/Subscription?_count=abc')).status).toBe(400);
   });
 
+  it.each([
+    ['$status', 'POST', '/fhir/Subscription/$status?id=none'],
+    ['a Subscription search', 'GET', '/fhir/Subscription?_id=none'],
+    ['a Subscription search past the last page', 'GET', '/fhir/Subscription?_offset=10'],
+    ['a SubscriptionTopic search', 'GET', `/fhir/SubscriptionTopic?url=${encodeURIComponent('http://x')}`],
+  ])('answers %s with no match without an entry (R4 JSON has no empty arrays)', async (_name, method, path) => {
+    const res = await t.call(method, path);
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({ resourceType: 'Bundle', type: 'searchset' });
+    expect(res.body).not.toHaveProperty('entry');
+  });
+
   it('refuses unknown search parameters under Prefer: handling=strict', async () => {
     const res = await t.broker.app.request('/fhir/Subscription?status:not=off', {
       headers: { authorization: `Bearer ${TOKENS.alice}`, prefer: 'handling=strict' },

@@ -18,6 +18,12 @@ export const BACKPORT_PROFILE = {
   status: `${BACKPORT}/backport-subscription-status-r4`,
 } as const;
 
+/** Extensions of FHIR R4 itself. */
+export const FHIR_EXT = {
+  /** On CapabilityStatement.rest: where the server takes WebSocket connections. */
+  websocket: 'http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket',
+} as const;
+
 export const BROKER_BASE = 'https://fhir-subscription-broker.org/fhir';
 
 export const BROKER_EXT = {

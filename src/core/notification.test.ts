@@ -74,14 +74,20 @@ function statusEntry(id: string, subId: string, parameter: unknown[]): unknown {
   };
 }
 
-function head(sub: StatusSource, type: string): unknown[] {
+/** The status parameters before the events; `topic` only where it belongs (not in an empty payload). */
+function head(sub: StatusSource, type: string, { topic = sub.kind === 'topic' } = {}): unknown[] {
   return [
     { name: 'subscription', valueReference: { reference: `${BROKER}/Subscription/${sub.id}` } },
-    ...(sub.kind === 'topic' ? [{ name: 'topic', valueCanonical: sub.topic }] : []),
+    ...(topic ? [{ name: 'topic', valueCanonical: sub.topic }] : []),
     { name: 'status', valueCode: sub.status },
     { name: 'type', valueCode: type },
     { name: 'events-since-subscription-start', valueString: String(sub.eventsSinceStart) },
   ];
+}
+
+function statusParameters(bundle: FhirResource): { name: string }[] {
+  const entry = (bundle.entry as { resource: { parameter: { name: string }[] } }[])[0];
+  return entry?.resource.parameter ?? [];
 }
 
 /** Asserts the bundle is valid FHIR R4 and returns it, so every built bundle is also schema-checked. */
@@ -104,9 +110,17 @@ describe('buildNotificationBundle', () => {
   });
 
   it('builds a heartbeat with no events', () => {
-    const bundle = valid(buildNotificationBundle(topicSub, 'heartbeat', [], 'empty', context()));
+    const bundle = valid(buildNotificationBundle(topicSub, 'heartbeat', [], 'id-only', context()));
     expect(bundle.entry).toEqual([statusEntry(ID1, 'sub1', head(topicSub, 'heartbeat'))]);
   });
+
+  it.each<NotificationType>(['handshake', 'heartbeat', 'event-notification', 'query-event'])(
+    'leaves the topic out of an empty %s, as the IG’s status profile says it SHOULD',
+    (type) => {
+      const bundle = valid(buildNotificationBundle(topicSub, type, [], 'empty', context()));
+      expect(bundle.entry).toEqual([statusEntry(ID1, 'sub1', head(topicSub, type, { topic: false }))]);
+    },
+  );
 
   it('builds an id-only event notification with a focus and a request/response entry per interaction', () => {
     const events = [note(1, 'create', 'p1'), note(2, 'update', 'p2'), note(3, 'delete', 'p3')];
@@ -185,7 +199,7 @@ describe('buildNotificationBundle', () => {
     const bundle = valid(buildNotificationBundle(topicSub, 'event-notification', events, 'empty', context()));
     expect(bundle.entry).toEqual([
       statusEntry(ID1, 'sub1', [
-        ...head(topicSub, 'event-notification'),
+        ...head(topicSub, 'event-notification', { topic: false }),
         {
           name: 'notification-event',
           part: [
@@ -287,14 +301,13 @@ describe('buildStatusBundle', () => {
     });
   });
 
-  it('builds an empty searchset', () => {
+  it('builds an empty searchset without an entry: R4 JSON has no empty arrays', () => {
     expect(valid(buildStatusBundle([], context()))).toEqual({
       resourceType: 'Bundle',
       id: ID1,
       type: 'searchset',
       timestamp: NOW,
       total: 0,
-      entry: [],
     });
   });
 });
@@ -393,7 +406,23 @@ describe('notificationBundleJson', () => {
         buildNotificationBundle(sub, type, events, content, { ...context(), fhirBase: base }),
       );
       expect(notificationBundleJson(sub, type, events, content, { ...context(), fhirBase: base })).toBe(expected);
+      // Both writers leave the topic out of an empty payload, and only there ($status keeps it).
+      const topicNamed = sub.kind === 'topic' && (content !== 'empty' || type === 'query-status');
+      expect(expected.includes('{"name":"topic",')).toBe(topicNamed);
     }
+  });
+
+  it.each<[NotificationType, PayloadContent, boolean]>([
+    ['handshake', 'empty', false],
+    ['heartbeat', 'empty', false],
+    ['event-notification', 'empty', false],
+    ['query-event', 'empty', false],
+    ['query-status', 'empty', true],
+    ['event-notification', 'id-only', true],
+  ])('writes a %s with %s content with the topic: %s', (type, content, named) => {
+    const json = notificationBundleJson(topicSub, type, [note(4, 'update', 'p1')], content, context());
+    const status = statusParameters(JSON.parse(json) as FhirResource);
+    expect(status.some((p) => p.name === 'topic')).toBe(named);
   });
 
   it('is a valid notification bundle for a typical event', () => {

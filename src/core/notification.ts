@@ -25,6 +25,15 @@ const REQUEST: Readonly<Record<Interaction, { method: string; status: string }>>
   delete: { method: 'DELETE', status: '204' },
 };
 
+/**
+ * Whether the status names the topic: a topic-based subscription's, except in an `empty` payload,
+ * where the IG's status profile says `topic` SHOULD NOT be present (empty content tells the channel
+ * nothing about what changed). A `$status` answer (query-status) is no payload: it keeps the topic.
+ */
+function namesTopic(sub: StatusSource, type: NotificationType, content: PayloadContent): boolean {
+  return sub.kind === 'topic' && (content !== 'empty' || type === 'query-status');
+}
+
 export function buildStatusParameters(
   sub: StatusSource,
   type: NotificationType,
@@ -35,7 +44,7 @@ export function buildStatusParameters(
   const parameter: unknown[] = [
     { name: 'subscription', valueReference: { reference: `${ctx.fhirBase}/Subscription/${sub.id}` } },
   ];
-  if (sub.kind === 'topic') parameter.push({ name: 'topic', valueCanonical: sub.topic });
+  if (namesTopic(sub, type, content)) parameter.push({ name: 'topic', valueCanonical: sub.topic });
   parameter.push(
     { name: 'status', valueCode: sub.status },
     { name: 'type', valueCode: type },
@@ -117,7 +126,7 @@ export function notificationBundleJson(
   const statusId = ctx.newId();
   const subscriptionUrl = `${ctx.fhirBase}/Subscription/${sub.id}`;
   let params = `{"name":"subscription","valueReference":{"reference":${q(subscriptionUrl)}}}`;
-  if (sub.kind === 'topic') params += `,{"name":"topic","valueCanonical":${q(sub.topic)}}`;
+  if (namesTopic(sub, type, content)) params += `,{"name":"topic","valueCanonical":${q(sub.topic)}}`;
   params +=
     `,{"name":"status","valueCode":${q(sub.status)}},{"name":"type","valueCode":${q(type)}}` +
     `,{"name":"events-since-subscription-start","valueString":${q(String(sub.eventsSinceStart))}}`;
@@ -149,19 +158,25 @@ export function notificationBundleJson(
   );
 }
 
-/** `$status` answer: a searchset of status Parameters, one per subscription. */
+/**
+ * `$status` answer: a searchset of status Parameters, one per subscription; none has no `entry`
+ * (R4 JSON has no empty arrays).
+ */
 export function buildStatusBundle(subs: readonly StatusSource[], ctx: BundleContext): FhirResource {
-  return {
+  const bundle = {
     resourceType: 'Bundle',
     id: ctx.newId(),
     type: 'searchset',
     timestamp: ctx.timestamp,
     total: subs.length,
-    entry: subs.map((sub) => {
-      const resource = buildStatusParameters(sub, 'query-status', [], 'empty', ctx);
-      return { fullUrl: `urn:uuid:${resource.id}`, resource, search: { mode: 'match' } };
-    }),
   };
+  if (subs.length === 0) return bundle;
+  const entry = subs.map((sub) => {
+    // No events, so no focus: the content level changes nothing here (query-status keeps the topic).
+    const resource = buildStatusParameters(sub, 'query-status', [], 'empty', ctx);
+    return { fullUrl: `urn:uuid:${resource.id}`, resource, search: { mode: 'match' } };
+  });
+  return { ...bundle, entry };
 }
 
 /** The changed resource's absolute URL on the FHIR server, when content and the event allow one. */

@@ -14,6 +14,8 @@ const ENDPOINT = 'https://hooks.example.com/fhir';
 const ALL = ['create', 'update', 'delete'];
 // 32 bytes of base64: a valid Standard Webhooks secret.
 const SECRET = `whsec_${Buffer.alloc(32, 7).toString('base64')}`;
+/** A cross-version URL for the backport IG's extensions: not theirs, so not understood. */
+const CROSS_VERSION = 'http://hl7.org/fhir/5.0/subscriptions-backport/StructureDefinition';
 
 type Json = Record<string, unknown>;
 
@@ -160,13 +162,24 @@ describe('parseSubscription: topic-based', () => {
     expect(parse(sub).match).toEqual({ resourceTypes: ['Observation'], interactions: ALL });
   });
 
-  it('ignores _criteria extensions that are not filter criteria', () => {
-    const sub = {
-      ...topicSub(),
-      _criteria: { extension: [{ url: 'https://example.org/other', valueString: 'Patient?name=x' }] },
-    };
-    expect(parse(sub).match).toEqual({ resourceTypes: ['Patient'], interactions: ALL });
-  });
+  it.each<[string, Json, string]>([
+    ['a cross-version filter URL', topicSub({ topic: RESOURCE_TOPIC }), `${CROSS_VERSION}/backport-filter-criteria`],
+    ['an unknown extension beside a filter', topicSub({ filters: ['Patient?_id=a'] }), 'https://example.org/other'],
+    ['a filter on a classic Subscription', classicSub('Patient'), BACKPORT_EXT.filterCriteria],
+  ])(
+    'refuses %s on _criteria with UNSUPPORTED_FILTER, naming it, instead of matching every change',
+    (_name, base, url) => {
+      const own = ((base._criteria as Json | undefined)?.extension as Json[] | undefined) ?? [];
+      const err = thrown({ ...base, _criteria: { extension: [...own, { url, valueString: 'Patient?_id=a' }] } });
+      expect([err.code, err.status, err.expression]).toEqual([
+        'UNSUPPORTED_FILTER',
+        422,
+        'Subscription._criteria.extension',
+      ]);
+      expect(err.message).toContain(`Extension ${url} on `);
+      expect(err.message).toContain('cannot be honoured');
+    },
+  );
 
   it('resolves a versioned topic canonical', () => {
     expect(parse(topicSub({ topic: `${PATIENT_TOPIC}|1.0.0` })).match).toEqual({
@@ -393,9 +406,51 @@ describe('parseSubscription: refusals', () => {
     ]);
   });
 
-  it('accepts other extensions on channel.type', () => {
-    const sub = topicSub({ channel: { _type: { extension: [{ url: 'http://example.org/note', valueString: 'x' }] } } });
-    expect(parse(sub).channel.type).toBe('rest-hook');
+  it.each<[string, Json, ErrorCode, string]>([
+    [
+      'channel.type',
+      { _type: { extension: [{ url: 'http://example.org/note', valueString: 'x' }] } },
+      'UNSUPPORTED_CHANNEL',
+      'Subscription.channel._type',
+    ],
+    [
+      'channel.payload',
+      {
+        _payload: {
+          extension: [
+            { url: BACKPORT_EXT.payloadContent, valueCode: 'id-only' },
+            { url: `${CROSS_VERSION}/backport-payload-content`, valueCode: 'empty' },
+          ],
+        },
+      },
+      'UNSUPPORTED_CONTENT',
+      'Subscription.channel._payload',
+    ],
+    [
+      'the channel',
+      {
+        extension: [
+          { url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 60 },
+          { url: 'http://example.org/note', valueString: 'x' },
+        ],
+      },
+      'UNSUPPORTED_CHANNEL',
+      'Subscription.channel.extension',
+    ],
+  ])('refuses an unknown extension on %s with 422, naming it', (_name, channel, code, expression) => {
+    const err = thrown(topicSub({ channel }));
+    expect([err.code, err.status, err.expression]).toEqual([code, 422, expression]);
+    expect(err.message).toMatch(/^Extension \S+ on \S+ cannot be honoured: the broker does not understand it there/);
+  });
+
+  it('keeps informational extensions where they only inform (Subscription, reason, end)', () => {
+    const identifier = {
+      url: 'http://hl7.org/fhir/5.0/StructureDefinition/extension-Subscription.identifier',
+      valueIdentifier: { system: 'urn:example', value: '42' },
+    };
+    const note = { extension: [{ url: 'http://example.org/note', valueString: 'x' }] };
+    const sub = { ...topicSub(), extension: [identifier], reason: 'why', _reason: note, _end: note };
+    expect(parse(sub).resource).toMatchObject({ extension: [identifier], _reason: note, _end: note });
   });
 
   it('refuses full-resource content with UNSUPPORTED_CONTENT', () => {

@@ -1,5 +1,5 @@
 import { Ajv } from 'ajv';
-import { BrokerError } from './errors.js';
+import { BrokerError, type ErrorCode } from './errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
 import { mediaType } from './media-type.js';
 import { R4_RESOURCE_TYPES } from './resource-types.js';
@@ -257,9 +257,9 @@ function topicMatch(sub: SubscriptionJson, topics: TopicCatalog): MatchSpec {
       expression: 'Subscription.criteria',
     });
   }
+  checkExtensions(sub._criteria?.extension, TOPIC_CRITERIA_EXTENSIONS);
   const filters: string[] = [];
   for (const ext of sub._criteria?.extension ?? []) {
-    if (ext.url !== BACKPORT_EXT.filterCriteria) continue;
     if (typeof ext.valueString !== 'string' || ext.valueString.trim() === '') {
       throw new BrokerError('INVALID_RESOURCE', 'backport-filter-criteria needs a valueString', {
         expression: 'Subscription._criteria.extension',
@@ -335,6 +335,63 @@ function describeFilters(topic: TopicDefinition): string {
   return parts.length === 0 ? 'none' : parts.join('; ');
 }
 
+/**
+ * Extensions the broker honours on each element that decides what is delivered, and the code that
+ * refuses any other there. Ignoring one would deliver something other than what the client asked
+ * for: a filter under a misspelt or cross-version URL (`hl7.org/fhir/5.0/...`) would widen the
+ * subscription to every change of its topic. Elsewhere (`Subscription.extension`, `_reason`, ...)
+ * extensions only inform, and are kept as sent.
+ */
+interface KnownExtensions {
+  readonly element: string;
+  readonly urls: readonly string[];
+  readonly code: ErrorCode;
+  readonly expression: string;
+}
+
+const TOPIC_CRITERIA_EXTENSIONS: KnownExtensions = {
+  element: 'Subscription.criteria',
+  urls: [BACKPORT_EXT.filterCriteria],
+  code: 'UNSUPPORTED_FILTER',
+  expression: 'Subscription._criteria.extension',
+};
+/** A classic Subscription filters in its criteria string: a backport-filter-criteria there would go unread. */
+const CLASSIC_CRITERIA_EXTENSIONS: KnownExtensions = {
+  ...TOPIC_CRITERIA_EXTENSIONS,
+  element: 'classic Subscription.criteria',
+  urls: [],
+};
+/** None: a backport-channel-type, the one the IG defines here, is refused on its own (UNSUPPORTED_CHANNEL). */
+const CHANNEL_TYPE_EXTENSIONS: KnownExtensions = {
+  element: 'Subscription.channel.type',
+  urls: [],
+  code: 'UNSUPPORTED_CHANNEL',
+  expression: 'Subscription.channel._type',
+};
+const PAYLOAD_EXTENSIONS: KnownExtensions = {
+  element: 'Subscription.channel.payload',
+  urls: [BACKPORT_EXT.payloadContent],
+  code: 'UNSUPPORTED_CONTENT',
+  expression: 'Subscription.channel._payload',
+};
+const CHANNEL_EXTENSIONS: KnownExtensions = {
+  element: 'Subscription.channel',
+  urls: [BACKPORT_EXT.heartbeatPeriod, BACKPORT_EXT.timeout, BACKPORT_EXT.maxCount, BROKER_EXT.webhookSecret],
+  code: 'UNSUPPORTED_CHANNEL',
+  expression: 'Subscription.channel.extension',
+};
+
+function checkExtensions(exts: readonly Extension[] | undefined, known: KnownExtensions): void {
+  const stray = exts?.find((e) => !known.urls.includes(e.url));
+  if (stray === undefined) return;
+  const names = known.urls.map((u) => u.split('/').pop()).join(', ') || 'none';
+  throw new BrokerError(
+    known.code,
+    `Extension ${stray.url.slice(0, 200)} on ${known.element} cannot be honoured: the broker does not understand it there (understood: ${names})`,
+    { expression: known.expression },
+  );
+}
+
 function unsupportedFilter(filter: string, why: string): BrokerError {
   return new BrokerError('UNSUPPORTED_FILTER', `Filter "${filter}" cannot be honoured: ${why}`, {
     expression: 'Subscription._criteria.extension',
@@ -343,6 +400,7 @@ function unsupportedFilter(filter: string, why: string): BrokerError {
 
 /** Classic R4 criteria: `Type` or `Type?_id=a,b`. Content filters need the resource body, which events lack. */
 function classicMatch(sub: SubscriptionJson): MatchSpec {
+  checkExtensions(sub._criteria?.extension, CLASSIC_CRITERIA_EXTENSIONS);
   const criteria = sub.criteria.trim();
   const q = criteria.indexOf('?');
   const type = q === -1 ? criteria : criteria.slice(0, q);
@@ -413,6 +471,9 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
       { expression: 'Subscription.channel._type' },
     );
   }
+  checkExtensions(ch._type?.extension, CHANNEL_TYPE_EXTENSIONS);
+  checkExtensions(ch._payload?.extension, PAYLOAD_EXTENSIONS);
+  checkExtensions(ch.extension, CHANNEL_EXTENSIONS);
   const type: ChannelType = ch.type;
   if (type === 'rest-hook' && (ch.endpoint === undefined || ch.endpoint === '')) {
     throw new BrokerError('INVALID_ENDPOINT', 'A rest-hook channel needs channel.endpoint', {

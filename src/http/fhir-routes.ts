@@ -1,6 +1,6 @@
 import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
-import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from '../core/fhir-urls.js';
+import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
 import { mediaType } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
 import type { TopicCatalog } from '../core/topics.js';
@@ -87,11 +87,16 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
       type: 'searchset',
       total: found.length,
       link: [{ relation: 'self', url: `${fhirBase}/SubscriptionTopic${query.applied()}` }],
-      entry: found.map((t) => ({
-        fullUrl: `${fhirBase}/SubscriptionTopic/${t.id}`,
-        resource: t.resource,
-        search: { mode: 'match' },
-      })),
+      // R4 JSON has no empty arrays: no match, no `entry`.
+      ...(found.length === 0
+        ? {}
+        : {
+            entry: found.map((t) => ({
+              fullUrl: `${fhirBase}/SubscriptionTopic/${t.id}`,
+              resource: t.resource,
+              search: { mode: 'match' },
+            })),
+          }),
     });
   });
   app.get('/fhir/SubscriptionTopic/:id', (c) => {
@@ -149,7 +154,8 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
       type: 'searchset',
       total: subs.length,
       link,
-      ...(summaryCount
+      // R4 JSON has no empty arrays: a count, or no match on this page, has no `entry`.
+      ...(page.length === 0
         ? {}
         : {
             entry: page.map((s) => ({
@@ -481,8 +487,12 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
     rest: [
       {
         mode: 'server',
-        // Where websocket-channel clients connect (also returned by $get-ws-binding-token).
-        extension: [{ url: BROKER_EXT.websocketUrl, valueUrl: deps.websocketUrl }],
+        // Where websocket-channel clients connect (also returned by $get-ws-binding-token): the
+        // broker's own extension, which clients already read, and R4's standard one.
+        extension: [
+          { url: BROKER_EXT.websocketUrl, valueUrl: deps.websocketUrl },
+          { url: FHIR_EXT.websocket, valueUri: deps.websocketUrl },
+        ],
         security: {
           description: 'Authorization: Bearer <API key>. Each client sees only its own Subscriptions.',
         },
@@ -493,8 +503,8 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
             supportedProfile: [BACKPORT_PROFILE.subscription],
             interaction: ['create', 'read', 'vread', 'update', 'delete', 'search-type'].map((code) => ({ code })),
             searchParam: [
-              { name: '_id', type: 'token' },
-              { name: 'status', type: 'token' },
+              { name: '_id', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Resource-id' },
+              { name: 'status', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-status' },
               { name: 'url', type: 'uri', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-url' },
             ],
             operation: [

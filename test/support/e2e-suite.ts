@@ -261,10 +261,15 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
       const cs = (await res.json()) as Json;
       expect(validateFhir(cs)).toEqual([]);
       const rest = (cs.rest as Json[])[0] as Json;
+      // The broker's own extension and R4's standard one name the same WebSocket URL.
       expect(rest.extension).toEqual([
         {
           url: 'https://fhir-subscription-broker.org/fhir/StructureDefinition/websocket-url',
           valueUrl: `${broker.url.replace('http', 'ws')}/ws`,
+        },
+        {
+          url: 'http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket',
+          valueUri: `${broker.url.replace('http', 'ws')}/ws`,
         },
       ]);
       // Only R4 resource types: SubscriptionTopic is R4B's, and `type` has a required binding.
