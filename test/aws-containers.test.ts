@@ -234,4 +234,95 @@ describe('Lambda containers sharing the tables', () => {
     await receiver.waitFor(() => arrivedAt('/void').length === 1, 'notification 2');
     expect(arrivedAt('/void')).toEqual([2]);
   });
+
+  /** A client whose requests for `id`'s lane (its lease item, its lane reads) go through `hook` first. */
+  const leaseHooked = (id: string, hook: (input: LeaseRequest, command: string) => Promise<void>): DynamoDBClient => {
+    const hooked = localClient(local.endpoint);
+    hooked.middlewareStack.add(
+      (next, ctx) => async (args) => {
+        const input = args.input as LeaseRequest;
+        const lease = input.Key?.subscriptionId?.S === id && input.Key?.eventNumber?.N === '0';
+        const laneRead =
+          input.KeyConditionExpression?.includes('eventNumber > :after') === true &&
+          input.ExpressionAttributeValues?.[':s']?.S === id;
+        if (lease || laneRead) await hook(input, ctx.commandName ?? '');
+        return next(args);
+      },
+      { step: 'initialize' },
+    );
+    return hooked;
+  };
+
+  it('an event committed in the holding container while its lane lets go is not left behind', async () => {
+    const api = createHandlers(container());
+    const id = await create(
+      api,
+      topicSubscription('patient-change', `${receiver.url}/strand`, { filters: ['Patient?_id=strand-p'] }),
+    );
+    await receiver.waitFor(() => receiver.on('/strand').length === 1, 'the handshake');
+    let broker!: AwsBroker;
+    let committed = false;
+    // While the lane lets go (after sending 1), the same process accepts event 2 (a server on the
+    // DynamoDB store takes events while its lanes run).
+    const hooked = leaseHooked(id, async (input) => {
+      if (!committed && input.UpdateExpression?.includes('REMOVE #holder') === true) {
+        committed = true;
+        await broker.ingest.ingest(eventLike('healthlake-update-patient', 'strand-2', 'strand-p'));
+      }
+    });
+    const pending = container({ dynamodb: hooked });
+    broker = await pending;
+    await createHandlers(pending).events(eventLike('healthlake-update-patient', 'strand-1', 'strand-p'));
+    await receiver.waitFor(() => arrivedAt('/strand').length === 2, 'notification 2');
+    expect(committed).toBe(true);
+    expect(arrivedAt('/strand')).toEqual([1, 2]);
+  });
+
+  it('a lane that stops holds the lease until it has let go: no second sender meanwhile', async () => {
+    const api = createHandlers(container());
+    const id = await create(
+      api,
+      topicSubscription('patient-change', `${receiver.url}/twice`, { filters: ['Patient?_id=twice-p'] }),
+    );
+    await receiver.waitFor(() => receiver.on('/twice').length === 1, 'the handshake');
+    receiver.answerOnce((r) => r.path === '/twice' && r.body.includes('"event-notification"'), {
+      status: 204,
+      delayMs: 1_500,
+    });
+    let broker!: AwsBroker;
+    let throttled = false;
+    let accepted = false;
+    let tick: Promise<unknown> | undefined;
+    const hooked = leaseHooked(id, async (input, command) => {
+      // The first lane read is throttled: the lane stops with the lease held, and lets it go.
+      if (!throttled && command === 'QueryCommand') {
+        throttled = true;
+        throw Object.assign(new Error('Throughput exceeds the current capacity'), {
+          name: 'ThrottlingException',
+          $fault: 'client',
+        });
+      }
+      // While it lets go, the same process accepts event 2, and a minute tick runs elsewhere.
+      if (!accepted && input.UpdateExpression?.includes('REMOVE #holder') === true) {
+        accepted = true;
+        await broker.ingest.ingest(eventLike('healthlake-update-patient', 'twice-2', 'twice-p'));
+        tick = createHandlers(container()).dispatch(60_000);
+      }
+    });
+    const pending = container({ dynamodb: hooked });
+    broker = await pending;
+    await createHandlers(pending).events(eventLike('healthlake-update-patient', 'twice-1', 'twice-p'));
+    await receiver.waitFor(() => arrivedAt('/twice').length >= 2, 'both notifications');
+    await tick;
+    await broker.dispatcher.idle(5_000);
+    expect(throttled && accepted).toBe(true);
+    expect(arrivedAt('/twice')).toEqual([1, 2]);
+  });
 });
+
+interface LeaseRequest {
+  readonly Key?: Record<string, { N?: string; S?: string }>;
+  readonly UpdateExpression?: string;
+  readonly KeyConditionExpression?: string;
+  readonly ExpressionAttributeValues?: Record<string, { S?: string }>;
+}

@@ -4,6 +4,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { laneKey, VOID_AFTER_MS, voidNumbers } from '../src/store/dynamodb/lane-leases.js';
 import { ensureTables, tableDefinitions, tableNames } from '../src/store/dynamodb/tables.js';
+import type { LaneHeld, LaneHold } from '../src/store/store.js';
 import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { item, RECEIVED, record } from './support/store-fixtures.js';
 
@@ -40,6 +41,12 @@ afterEach(async () => {
 });
 
 const NOW = RECEIVED + 1_000;
+
+/** The lease as taken (a test failure if another holds it, or it was lost). */
+function hold(taken: LaneHold | LaneHeld | undefined): LaneHold {
+  if (taken === undefined || !('through' in taken)) throw new Error(`not held: ${JSON.stringify(taken)}`);
+  return taken;
+}
 const table = () => tableNames(prefix).notifications;
 const leases = () => store.laneLeases;
 
@@ -67,15 +74,15 @@ describe('who holds a lane', () => {
   it('one holder at a time; another asks it to read again, and it keeps the lane once for that', async () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     expect(a).toEqual({ through: 0, epoch: 0 });
-    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ heldUntil: NOW + 60_000 });
     // B asked: A's release keeps the lane and answers the hold to read again from.
-    const again = await leases().release('s1', 'A', a!, 4, NOW + 60_000);
+    const again = await leases().release('s1', 'A', hold(a), 4, NOW + 60_000);
     expect(again).toEqual({ through: 4, epoch: 0 });
-    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toBeUndefined();
-    const last = await leases().release('s1', 'A', again!, 5, NOW + 60_000);
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ heldUntil: NOW + 60_000 });
+    const last = await leases().release('s1', 'A', hold(again), 5, NOW + 60_000);
     expect(last).toEqual({ through: 5, epoch: 0 });
     // Nobody asked since: let go, with the watermark.
-    expect(await leases().release('s1', 'A', last!, 6, NOW + 60_000)).toBeUndefined();
+    expect(await leases().release('s1', 'A', hold(last), 6, NOW + 60_000)).toBeUndefined();
     expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 6, epoch: 0 });
   });
 
@@ -83,18 +90,18 @@ describe('who holds a lane', () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 10_000);
     const b = await leases().take('s1', 'B', NOW + 20_000, NOW + 80_000);
     expect(b).toEqual({ through: 0, epoch: 0 });
-    expect(await leases().renew('s1', 'A', a!, 9, NOW + 90_000)).toBeUndefined();
-    expect(await leases().release('s1', 'A', a!, 9, NOW + 90_000)).toBeUndefined();
-    expect(await leases().release('s1', 'A', a!, 9)).toBeUndefined();
+    expect(await leases().renew('s1', 'A', hold(a), 9, NOW + 90_000)).toBeUndefined();
+    expect(await leases().release('s1', 'A', hold(a), 9, NOW + 90_000)).toBeUndefined();
+    expect(await leases().release('s1', 'A', hold(a), 9)).toBeUndefined();
     // Still B's, its watermark untouched by A.
-    expect(await leases().take('s1', 'C', NOW + 30_000, NOW + 90_000)).toBeUndefined();
-    expect(await leases().renew('s1', 'B', b!, 2, NOW + 90_000)).toEqual({ through: 2, epoch: 0 });
+    expect(await leases().take('s1', 'C', NOW + 30_000, NOW + 90_000)).toEqual({ heldUntil: NOW + 80_000 });
+    expect(await leases().renew('s1', 'B', hold(b), 2, NOW + 90_000)).toEqual({ through: 2, epoch: 0 });
   });
 
   it('a release without keeping lets go even when asked (the request waits for the next holder)', async () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
-    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toBeUndefined();
-    expect(await leases().release('s1', 'A', a!, 3)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ heldUntil: NOW + 60_000 });
+    expect(await leases().release('s1', 'A', hold(a), 3)).toBeUndefined();
     expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 3, epoch: 0 });
   });
 
@@ -122,7 +129,7 @@ describe('reading a lane', () => {
     const read = await leases().read('s1', 0, 10, NOW);
     expect(read.through).toBe(2);
     expect(read.notes.map((n) => n.eventNumber)).toEqual([3]);
-    expect(read.waiting).toBe(false);
+    expect(read.voidableAt).toBeUndefined();
     // Limited, from a watermark.
     await accept(3, 10);
     const limited = await leases().read('s1', 2, 2, NOW);
@@ -137,12 +144,12 @@ describe('reading a lane', () => {
     );
     const young = await leases().read('s1', 0, 10, RECEIVED + VOID_AFTER_MS - 1);
     expect(young.notes.map((n) => n.eventNumber)).toEqual([1]);
-    expect(young.waiting).toBe(true);
+    expect(young.voidableAt).toBe(RECEIVED + VOID_AFTER_MS);
     expect(await rowState(2)).toBeUndefined();
 
     const old = await leases().read('s1', 0, 10, RECEIVED + VOID_AFTER_MS + 1);
     expect(old.notes.map((n) => n.eventNumber)).toEqual([1, 3]);
-    expect(old.waiting).toBe(false);
+    expect(old.voidableAt).toBeUndefined();
     expect(await rowState(2)).toBe('void');
     // No notification for $events, none pending, and the purge takes it with the done ones.
     expect((await store.notificationsInRange('s1', 1, 3, 10)).map((n) => n.eventNumber)).toEqual([1, 3]);
@@ -172,14 +179,16 @@ describe('re-queueing a lane', () => {
       { subscriptionId: 's1', eventNumber: 3, state: 'delivered', attempts: 1, dueAt: NOW },
     ]);
     // A let go at watermark 3 before, and holds the lane again.
-    expect(await leases().release('s1', 'A', (await leases().take('s1', 'A', NOW, NOW + 60_000))!, 3)).toBeUndefined();
+    expect(
+      await leases().release('s1', 'A', hold(await leases().take('s1', 'A', NOW, NOW + 60_000)), 3),
+    ).toBeUndefined();
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     expect(a).toEqual({ through: 3, epoch: 0 });
     expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
     // The re-queue's epoch keeps A from writing watermark 3 again: it reads from 1.
-    const again = await leases().release('s1', 'A', a!, 3, NOW + 60_000);
+    const again = await leases().release('s1', 'A', hold(a), 3, NOW + 60_000);
     expect(again).toEqual({ through: 1, epoch: 1 });
-    const read = await leases().read('s1', again!.through, 10, NOW);
+    const read = await leases().read('s1', hold(again).through, 10, NOW);
     expect(read.notes.map((n) => n.eventNumber)).toEqual([2]);
     expect(read.through).toBe(1);
     // A renew answers the same to a holder that had not read it yet.
@@ -189,7 +198,7 @@ describe('re-queueing a lane', () => {
       { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
     ]);
     expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
-    expect(await leases().renew('s1', 'B', b!, 3, NOW + 95_000)).toEqual({ through: 1, epoch: 2 });
+    expect(await leases().renew('s1', 'B', hold(b), 3, NOW + 95_000)).toEqual({ through: 1, epoch: 2 });
   });
 
   it('a holder that lets go without keeping, after a re-queue, leaves the lowered watermark', async () => {
@@ -200,7 +209,7 @@ describe('re-queueing a lane', () => {
     ]);
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     await store.requeueDeadLetters('s1', NOW);
-    expect(await leases().release('s1', 'A', a!, 2)).toBeUndefined();
+    expect(await leases().release('s1', 'A', hold(a), 2)).toBeUndefined();
     expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 0, epoch: 1 });
   });
 });

@@ -77,6 +77,10 @@ class Lane {
   heldUntil = 0;
   /** Re-queued here: the lease's watermark moved, renew it (and read again) before sending. */
   recheck = false;
+  /** Under a lease, the last read stopped below a missing number that may be voided from then on (clock ms). */
+  voidableAt: number | undefined;
+  /** `#wake` found the lane running (a leased lane letting go checks it: the wake must not be lost). */
+  wokenWhileRunning = false;
   /** A store read for this lane is under way. */
   reloading = false;
   /** Something was enqueued while `reloading`: read the store again afterwards. */
@@ -463,7 +467,10 @@ export class Dispatcher {
     if (this.#closed) return;
     const lane = this.#lane(id);
     if (reload) lane.backlog = true;
-    if (lane.running) return;
+    if (lane.running) {
+      lane.wokenWhileRunning = true;
+      return;
+    }
     clearTimeout(lane.timer);
     lane.timer = undefined;
     const leases = this.#leases;
@@ -501,8 +508,7 @@ export class Dispatcher {
         if (!(await this.#sendRun(sub, lane, now))) return;
       }
     } catch (err) {
-      if (!(err instanceof LimiterClosedError))
-        this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
+      this.#laneFailed(id, err);
     } finally {
       lane.running = false;
     }
@@ -520,6 +526,8 @@ export class Dispatcher {
     lane.running = true;
     try {
       while (!this.#closed && this.#lanes.get(id) === lane && this.#timeLeft() > 0) {
+        // Wakes from here on (an event committed here, a timer) are this turn's to answer.
+        lane.wokenWhileRunning = false;
         const sub = this.#registry.get(id);
         if (sub === undefined || sub.status !== 'active') return;
         if (!(await this.#holdLane(id, lane, leases))) return;
@@ -530,30 +538,61 @@ export class Dispatcher {
           const read = await leases.read(id, lane.done, this.#opts.laneBuffer, this.#clock.now());
           lane.done = Math.max(lane.done, read.through);
           lane.queue = read.notes.map((note) => ({ note, ...(note.attempts === 0 ? { acceptedAt: note.dueAt } : {}) }));
-          lane.backlog = read.notes.length === this.#opts.laneBuffer;
+          // A wake during the read (an event committed here) keeps the backlog set: read again after these.
+          lane.backlog ||= read.notes.length === this.#opts.laneBuffer;
+          lane.voidableAt = read.voidableAt;
           continue;
         }
         const head = lane.queue[0];
         const now = head === undefined ? undefined : this.#dueNow(id, lane, head);
-        if (now === undefined) {
-          // Nothing to send now: let go, unless asked to read again meanwhile.
-          if (await this.#letGo(id, lane, leases, true)) continue;
-          return;
+        if (now !== undefined) {
+          if (!(await this.#sendRun(sub, lane, now))) return;
+          continue;
         }
-        if (!(await this.#sendRun(sub, lane, now))) return;
+        // Nothing to send now. Stopped below a missing number that may be voided by now (or was
+        // just written): read again.
+        const voidableAt = head === undefined ? lane.voidableAt : undefined;
+        if (voidableAt !== undefined && voidableAt <= this.#clock.now()) {
+          lane.backlog = true;
+          continue;
+        }
+        // Let go, unless another instance asked meanwhile (then read again), or this one was woken
+        // meanwhile (an event committed here, a timer): then take the lane again and go on.
+        if (await this.#letGo(id, lane, leases, true)) continue;
+        if (lane.wokenWhileRunning) continue;
+        // Below a missing number: whoever writes it asks for the lane; if nobody does, read again
+        // once it may be voided.
+        if (voidableAt !== undefined) this.#wakeAt(id, lane, voidableAt);
+        return;
       }
     } catch (err) {
-      if (!(err instanceof LimiterClosedError))
-        this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
+      this.#laneFailed(id, err);
     } finally {
-      lane.running = false;
-      // Stopped (a retry to wait for, time over, closing, the subscription changed): let go as it is.
+      // Stopped (a retry to wait for, time over, closing, the subscription changed, the lane held
+      // elsewhere): let go as it is, still running, so no second loop starts on a lease this one is
+      // letting go. A wake since this turn began (an event committed here while the lane was taken
+      // elsewhere, say) starts one after: the holder may have read before that event was written.
       if (lane.hold !== undefined) {
         await this.#letGo(id, lane, leases, false).catch((err: unknown) =>
           this.#logger.error('dispatcher lane lease not released', { subscription: id, err: err as Error }),
         );
       }
+      lane.running = false;
+      if (lane.wokenWhileRunning && this.#lanes.get(id) === lane) this.#wake(id, false);
     }
+  }
+
+  /** Wakes the lane (to read the store) at clock time `at`, in place of any timer it had. */
+  #wakeAt(id: string, lane: Lane, at: number): void {
+    clearTimeout(lane.timer);
+    const delay = Math.min(Math.max(at - this.#clock.now(), 0), MAX_TIMER_MS);
+    lane.timer = setTimeout(() => this.#wake(id, true), delay);
+  }
+
+  /** A lane's loop ended by an error: logged (a closing limiter is no error); its notifications stay pending. */
+  #laneFailed(id: string, err: unknown): void {
+    if (!(err instanceof LimiterClosedError))
+      this.#logger.error('dispatcher lane failed', { subscription: id, err: err as Error });
   }
 
   /** Takes the lane's lease, or renews it when due; false when another instance holds it (it reads again for this one). */
@@ -562,8 +601,10 @@ export class Dispatcher {
     const held = lane.hold;
     if (held === undefined) {
       const hold = await leases.take(id, this.#holder, now, now + LEASE_MS);
-      if (hold === undefined) {
+      if (!('through' in hold)) {
+        // The holder reads again before it lets go; should it die instead, take over once its lease ran out.
         lane.queue = [];
+        this.#wakeAt(id, lane, hold.heldUntil + 1000);
         return false;
       }
       this.#adopt(lane, hold, now);

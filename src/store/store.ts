@@ -65,11 +65,17 @@ export interface LaneRead {
   /** The watermark, moved over the done (delivered, dead, void) notifications right above it. */
   readonly through: number;
   /**
-   * A number right above what `notes` end with is taken but its notification not yet written (an
-   * acceptance in flight elsewhere): nothing beyond it may go out before it. Whoever writes it
-   * sends it (its lane asks the holder to read again); a number left missing too long is voided.
+   * Set when a number right above what `notes` end with is taken but its notification not yet
+   * written (an acceptance in flight elsewhere): nothing beyond it may go out before it. Whoever
+   * writes it sends it (its lane asks the holder to read again); if nobody has by this time (clock
+   * ms), the next read voids the number and goes on.
    */
-  readonly waiting: boolean;
+  readonly voidableAt?: number;
+}
+
+/** `LaneLeases.take` when another instance holds the lane: until when, unless it renews or lets go. */
+export interface LaneHeld {
+  readonly heldUntil: number;
 }
 
 /**
@@ -82,10 +88,10 @@ export interface LaneRead {
 export interface LaneLeases {
   /**
    * Takes (or renews) the lease of `subscriptionId`'s lane for `holder` until `until` (epoch ms).
-   * Undefined when another instance holds it: it is then asked to read the lane again before it
-   * lets go (so what the caller committed is not left behind).
+   * When another instance holds it, that one is asked to read the lane again before it lets go (so
+   * what the caller committed is not left behind), and the answer says until when it holds it.
    */
-  take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | undefined>;
+  take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | LaneHeld>;
   /**
    * Lets go, with the watermark moved to `through`. Undefined: let go (or lost: it ran out and
    * another took it). With `keepUntil`, when another instance asked for the lane meanwhile, or a

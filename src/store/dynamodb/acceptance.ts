@@ -271,7 +271,8 @@ export class EventAcceptance {
         ConsistentRead: true,
       }),
     );
-    if (out.Item === undefined) return undefined;
+    // (A void row carries no notification: a marker never points at one, but nothing is read from it.)
+    if (out.Item === undefined || out.Item.state?.S === 'void') return undefined;
     const {
       state,
       attempts: _attempts,

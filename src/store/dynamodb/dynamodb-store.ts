@@ -452,20 +452,18 @@ export class DynamoDbStore implements Store {
    * recorded meanwhile (a delivery, a dead letter) is not undone.
    */
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
-    const requeuable = await this.#requests.queryAll({
+    // Every dead or pending one: the pending ones never attempted stay as they are, but count for
+    // the lane's watermark below (so a re-queue repeated after a failure half-way lowers it again).
+    const outstanding = await this.#requests.queryAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
       KeyConditionExpression: 'subscriptionId = :s',
-      FilterExpression: '#state = :dead OR (#state = :pending AND attempts > :none)',
-      ProjectionExpression: 'subscriptionId, eventNumber, #state',
+      FilterExpression: '#state IN (:dead, :pending)',
+      ProjectionExpression: 'subscriptionId, eventNumber, #state, attempts',
       ExpressionAttributeNames: { '#state': 'state' },
-      ExpressionAttributeValues: {
-        ':s': S(subscriptionId),
-        ':dead': S('dead'),
-        ':pending': S('pending'),
-        ':none': N(0),
-      },
+      ExpressionAttributeValues: { ':s': S(subscriptionId), ':dead': S('dead'), ':pending': S('pending') },
     });
+    const requeuable = outstanding.filter((key) => readString(key, 'state') === 'dead' || readNumber(key, 'attempts') > 0);
     const requeued = await inBursts(requeuable, async (key) => {
       const wasDead = readString(key, 'state') === 'dead';
       const e = new Expression()
@@ -491,8 +489,8 @@ export class DynamoDbStore implements Store {
       return held && wasDead;
     });
     // Then (the rows pending first) the lane's watermark goes below them: a holder reads them.
-    if (requeuable.length > 0) {
-      const lowest = Math.min(...requeuable.map((key) => readNumber(key, 'eventNumber')));
+    if (outstanding.length > 0) {
+      const lowest = Math.min(...outstanding.map((key) => readNumber(key, 'eventNumber')));
       await lowerLane(this.#client, this.#tables.notifications, subscriptionId, lowest);
     }
     return requeued.filter(Boolean).length;

@@ -7,7 +7,7 @@ import {
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
 import type { StoredNotification } from '../../core/types.js';
-import type { LaneHold, LaneLeases, LaneRead } from '../store.js';
+import type { LaneHeld, LaneHold, LaneLeases, LaneRead } from '../store.js';
 import { type Item, N, readNumber, readString, S } from './attributes.js';
 import { fromNotificationItem } from './items.js';
 import { inBursts } from './requests.js';
@@ -50,7 +50,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
     this.#table = notificationsTable;
   }
 
-  async take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | undefined> {
+  async take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | LaneHeld> {
     // A few rounds at most: each lost race means the other side moved (took it, or let it go).
     for (let round = 0; round < 4; round++) {
       try {
@@ -67,12 +67,13 @@ export class DynamoDbLaneLeases implements LaneLeases {
       }
       // Held elsewhere: the holder reads the lane again before it lets go (see `release`).
       try {
-        await this.#update(subscriptionId, {
+        const out = await this.#update(subscriptionId, {
           UpdateExpression: 'ADD #wanted :one',
           ConditionExpression: 'attribute_exists(#holder) AND #holder <> :me AND #until >= :now',
           ExpressionAttributeValues: { ':one': N(1), ':me': S(holder), ':now': N(now) },
+          ReturnValues: 'ALL_NEW',
         });
-        return undefined;
+        return { heldUntil: readNumber(out.Attributes ?? {}, 'laneUntil') };
       } catch (err) {
         if (!(err instanceof ConditionalCheckFailedException)) throw err;
         // Let go (or ran out) in between: take it.
@@ -200,23 +201,25 @@ export class DynamoDbLaneLeases implements LaneLeases {
         const n = readNumber(item, 'eventNumber');
         if (n > expected) {
           // Taken but not written: an acceptance under way (wait for it), or one that never will be.
-          const stale = readNumber(item, 'createdAt') <= now - VOID_AFTER_MS;
           const missing = Array.from({ length: n - expected }, (_, k) => expected + k);
-          if (!stale || !(await voidNumbers(this.#client, this.#table, subscriptionId, missing, now))) {
-            return { notes, through: mark, waiting: true };
+          const createdAt = readNumber(item, 'createdAt');
+          if (createdAt > now - VOID_AFTER_MS) return { notes, through: mark, voidableAt: createdAt + VOID_AFTER_MS };
+          // Written meanwhile: read again at once.
+          if (!(await voidNumbers(this.#client, this.#table, subscriptionId, missing, now))) {
+            return { notes, through: mark, voidableAt: now };
           }
         }
         expected = n + 1;
         if (readString(item, 'state') === 'pending') {
           notes.push(fromNotificationItem(item));
-          if (notes.length >= limit) return { notes, through: mark, waiting: false };
+          if (notes.length >= limit) return { notes, through: mark };
         } else if (notes.length === 0) {
           mark = n;
         }
       }
       start = out.LastEvaluatedKey;
     } while (start !== undefined);
-    return { notes, through: mark, waiting: false };
+    return { notes, through: mark };
   }
 
   #update(
