@@ -109,7 +109,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const ids = overrides.ids ?? { uuid: () => randomUUID() };
   const metrics = new Metrics();
   const dynamodb = overrides.store === undefined && config.store === 'dynamodb' ? dynamoDbClient(config) : undefined;
-  const store =
+  const store: Store =
     overrides.store ??
     (dynamodb === undefined ? new SqliteStore(config.dataDir) : await openDynamoDbStore(dynamodb, config));
   const topics = loadTopicCatalog(config.topicsDir);
@@ -186,7 +186,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     },
   });
   const ingest = new IngestService({ store, registry, sink: dispatcher, clock, logger, metrics });
-  metrics.gauge('broker_outbox_depth', () => dispatcher.outboxDepth);
+  // From the store where it counts cheaply (a lane keeps at most its buffer in memory, the rest in the store).
+  metrics.gauge('broker_outbox_depth', () => store.countPending?.() ?? dispatcher.outboxDepth);
   metrics.gauge('broker_subscriptions', () => registry.size);
   const apiAuth = new ApiKeyAuth(credentials.apiClients);
 

@@ -172,7 +172,7 @@ describe('POST /events: the ingest listener answers as the hono app does', () =>
   });
 
   it('counts what each door accepted in the metrics', async () => {
-    const text = test.broker.metrics.render();
+    const text = await test.broker.metrics.render();
     // Per door: one event, an array of two of which one ignored, the two re-sent halves; one duplicate.
     expect(text).toContain('broker_events_total{outcome="accepted"} 8');
     expect(text).toContain('broker_events_total{outcome="ignored"} 2');

@@ -56,9 +56,9 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
     }
   });
 
-  app.get('/metrics', (c) => {
+  app.get('/metrics', async (c) => {
     deps.metricsAuth.check(c.req.header('authorization'));
-    return new Response(deps.metrics.render(), { headers: { 'content-type': 'text/plain; version=0.0.4' } });
+    return new Response(await deps.metrics.render(), { headers: { 'content-type': 'text/plain; version=0.0.4' } });
   });
 
   app.post('/events', async (c) => {

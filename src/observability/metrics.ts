@@ -29,7 +29,7 @@ export type MetricName = keyof typeof FAMILIES;
 
 export class Metrics {
   readonly #counters = new Map<string, number>();
-  readonly #gauges = new Map<MetricName, () => number>();
+  readonly #gauges = new Map<MetricName, () => number | Promise<number>>();
   readonly #histograms = new Map<string, { buckets: number[]; sum: number; count: number }>();
   readonly #keys = new Map<MetricName, Map<string, string>>();
 
@@ -38,7 +38,8 @@ export class Metrics {
     this.#counters.set(key, (this.#counters.get(key) ?? 0) + by);
   }
 
-  gauge(name: MetricName, read: () => number): void {
+  /** A gauge read when the metrics are rendered (a read may go to the store). */
+  gauge(name: MetricName, read: () => number | Promise<number>): void {
     this.#gauges.set(name, read);
   }
 
@@ -85,7 +86,7 @@ export class Metrics {
     return key;
   }
 
-  render(): string {
+  async render(): Promise<string> {
     const lines: string[] = [];
     for (const [name, family] of Object.entries(FAMILIES) as [MetricName, Family][]) {
       lines.push(`# HELP ${name} ${family.help}`, `# TYPE ${name} ${family.type}`);
@@ -94,7 +95,7 @@ export class Metrics {
           if (key === name || key.startsWith(`${name}{`)) lines.push(`${key} ${v}`);
       } else if (family.type === 'gauge') {
         const read = this.#gauges.get(name);
-        if (read !== undefined) lines.push(`${name} ${read()}`);
+        if (read !== undefined) lines.push(`${name} ${await read()}`);
       } else {
         const h = this.#histograms.get(name);
         if (h !== undefined) {

@@ -175,6 +175,11 @@ export interface Store {
   pendingNotifications(subscriptionId: string, afterEventNumber: number, limit: number): Promise<StoredNotification[]>;
   subscriptionsWithPending(): Promise<string[]>;
   /**
+   * Optional: how many notifications wait for delivery (pending), from the store, for the outbox
+   * depth gauge; offered only where that is one cheap read, never a scan of the notifications.
+   */
+  countPending?(): Promise<number>;
+  /**
    * Applies delivery outcomes in the order given. An update's `attempts` counts the attempts made
    * so far, this one included: one with `attempts: 1` reports a notification's first attempt, so no
    * outcome of it was recorded before, or since `requeueDeadLetters` started it over (what lets the

@@ -307,6 +307,12 @@ export class SqliteStore implements Store {
       ),
       // Counted above the watermark, each confirmed by a pending row there (rows above it may be done
       // on the row); the counters, not a scan of every notification kept for `$events`.
+      // Every number above a subscription's watermark is pending but for the few written done on
+      // their row above a pending one (after a re-queue, until it is delivered): an upper bound,
+      // exact in the common case, from one page of counters.
+      countPending: db.prepare<[], { n: number }>(
+        'SELECT IFNULL(SUM(events_since_start - done_through), 0) AS n FROM subscription_counters WHERE events_since_start > done_through',
+      ),
       withPending: db.prepare<[], { subscription_id: string }>(
         `SELECT c.subscription_id FROM subscription_counters c WHERE c.events_since_start > c.done_through
          AND EXISTS (SELECT 1 FROM notifications n WHERE n.subscription_id = c.subscription_id
@@ -387,6 +393,10 @@ export class SqliteStore implements Store {
     limit: number,
   ): Promise<StoredNotification[]> {
     return this.#stmt.pending.all({ id: subscriptionId, after: afterEventNumber, limit }).map(fromNotificationRow);
+  }
+
+  async countPending(): Promise<number> {
+    return this.#stmt.countPending.get()?.n ?? 0;
   }
 
   async subscriptionsWithPending(): Promise<string[]> {
