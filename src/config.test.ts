@@ -1,5 +1,19 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from './config.js';
+
+/** The error `loadConfig(env)` throws, checked to be a ConfigError. */
+function configError(env: Record<string, string>): string {
+  try {
+    loadConfig(env);
+  } catch (err) {
+    expect(err).toBeInstanceOf(ConfigError);
+    return (err as Error).message;
+  }
+  throw new Error('loadConfig accepted it');
+}
 
 describe('loadConfig', () => {
   it('gives the documented defaults for an empty environment', () => {
@@ -54,8 +68,32 @@ describe('loadConfig', () => {
     ['AWS_REGION', { AWS_REGION: 'mars' }, /^AWS_REGION: mars is not an AWS region$/],
     ['BROKER_EVENT_RETENTION', { BROKER_EVENT_RETENTION: '10s' }, /at least 1m/],
     ['BROKER_RETRY_DELAYS', { BROKER_RETRY_DELAYS: '5s,soon' }, /^BROKER_RETRY_DELAYS: /],
-    ['BROKER_API_KEYS', { BROKER_API_KEYS: 'a:aaaaaaaaaaaaaaaa,b:aaaaaaaaaaaaaaaa' }, /two clients share a token/],
-    ['BROKER_PUBLIC_URL', { BROKER_PUBLIC_URL: 'ftp://x' }, /is not an http\(s\) URL/],
+    [
+      'BROKER_API_KEYS',
+      { BROKER_API_KEYS: 'a:aaaaaaaaaaaaaaaa,b:aaaaaaaaaaaaaaaa' },
+      /^BROKER_API_KEYS: entries 1 and 2 share a token$/,
+    ],
+    ['BROKER_PUBLIC_URL', { BROKER_PUBLIC_URL: 'ftp://x' }, /^BROKER_PUBLIC_URL: ftp:\/\/x is not an http\(s\) URL/],
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: 'hooks.example.org, 10.0.0.0/33' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry 10\.0\.0\.0\/33: bad prefix$/,
+    ],
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: 'foo/8' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry foo\/8: a CIDR needs an IP address$/,
+    ],
+    [
+      'BROKER_TOPICS_DIR',
+      { BROKER_TOPICS_DIR: '/nonexistent' },
+      /^BROKER_TOPICS_DIR: cannot read the directory \/nonexistent: no such file or directory \(ENOENT\)$/,
+    ],
+    [
+      'BROKER_TOPICS_DIR',
+      { BROKER_TOPICS_DIR: 'package.json' },
+      /^BROKER_TOPICS_DIR: cannot read the directory \/.*\/package\.json: not a directory \(ENOTDIR\)$/,
+    ],
     [
       'BROKER_WEBHOOK_THREADS',
       { BROKER_WEBHOOK_THREADS: '4', BROKER_MAX_IN_FLIGHT_PER_ORIGIN: '2' },
@@ -66,15 +104,86 @@ describe('loadConfig', () => {
     expect(() => loadConfig(env)).toThrow(message);
   });
 
-  it('never echoes an API token in its error', () => {
-    let message = '';
-    try {
-      loadConfig({ BROKER_API_KEYS: 'app:tiny-secret' });
-    } catch (err) {
-      message = (err as Error).message;
-    }
-    expect(message).toBe('BROKER_API_KEYS: the token of app must be at least 16 characters');
-    expect(message).not.toContain('tiny-secret');
+  it.each([
+    // Written token:clientId: the token stands where the clientId belongs.
+    ['fsb_Zk3qL9xVt2Wm8RbN4cYp:local', /^BROKER_API_KEYS: entry 1 has a token \(after its first colon\) shorter/],
+    ['app:aaaaaaaaaaaaaaaa,fsb_Zk3qL9xVt2Wm8RbN4cYp', /^BROKER_API_KEYS: entry 2 is not clientId:token/],
+    ['app:aaaaaaaaaaaaaaaa,fsb Zk3qL9xVt2Wm8RbN4cYp:local', /^BROKER_API_KEYS: entry 2 is not clientId:token/],
+    ['app:tiny-secret', /^BROKER_API_KEYS: entry 1 has a token \(after its first colon\) shorter/],
+    ['fsb_Zk3qL9xVt2Wm8RbN4cYp:a,fsb_Zk3qL9xVt2Wm8RbN4cYp:b', /^BROKER_API_KEYS: entry 1 has a token/],
+    [
+      'fsb_Zk3qL9xVt2Wm8:aaaaaaaaaaaaaaaa,fsb_Zk3qL9xVt2Wm8:bbbbbbbbbbbbbbbb',
+      /^BROKER_API_KEYS: entries 1 and 2 have the same clientId$/,
+    ],
+  ])('names a bad API key entry by its position, never by any part of it: %s', (keys, message) => {
+    const error = configError({ BROKER_API_KEYS: keys });
+    expect(error).toMatch(message);
+    for (const part of keys.split(/[,: ]/)) if (part.length >= 3) expect(error).not.toContain(part);
+  });
+
+  it.each(['BROKER_INGEST_TOKEN', 'BROKER_METRICS_TOKEN', 'BROKER_WS_TOKEN_SECRET'])(
+    'refuses an API key that is also %s, naming both and neither token',
+    (variable) => {
+      const shared = 'shared-secret-0123456789abcdefghijklmnop';
+      const error = configError({ BROKER_API_KEYS: `a:aaaaaaaaaaaaaaaa,b:${shared}`, [variable]: shared });
+      expect(error).toBe(
+        `${variable}: is the same as the token of entry 2 of BROKER_API_KEYS: an API client must not hold an operator secret; give each its own`,
+      );
+      expect(error).not.toContain(shared);
+    },
+  );
+
+  it('lets the metrics token be the ingest token, as it is by default', () => {
+    const token = 'operator-token-0123456789';
+    const c = loadConfig({ BROKER_INGEST_TOKEN: token, BROKER_METRICS_TOKEN: token });
+    expect([c.ingestToken, c.metricsToken]).toEqual([token, token]);
+  });
+
+  it('reads a valid allow-list', () => {
+    const entries = ['hooks.example.org', '10.0.0.0/8', '[::1]', 'fd00::/8'];
+    expect(loadConfig({ BROKER_ENDPOINT_ALLOWLIST: entries.join(', ') }).endpointAllowlist).toEqual(entries);
+  });
+
+  it('reads a topics directory other than the default', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-topics-'));
+    expect(loadConfig({ BROKER_TOPICS_DIR: dir }).topicsDir).toBe(dir);
+  });
+
+  it.each([
+    ['https://broker.example.org', 'https://broker.example.org', 'wss://broker.example.org/ws'],
+    ['https://broker.example.org/', 'https://broker.example.org', 'wss://broker.example.org/ws'],
+    ['http://broker.test//', 'http://broker.test', 'ws://broker.test/ws'],
+    [
+      'https://broker.example.org:8443/base/',
+      'https://broker.example.org:8443/base',
+      'wss://broker.example.org:8443/base/ws',
+    ],
+    ['http://[::1]:8080', 'http://[::1]:8080', 'ws://[::1]:8080/ws'],
+    ['HTTPS://Broker.Example.ORG:443/Base', 'https://broker.example.org/Base', 'wss://broker.example.org/Base/ws'],
+  ])('takes BROKER_PUBLIC_URL %s as %s', (raw, publicUrl, websocketUrl) => {
+    expect(loadConfig({ BROKER_PUBLIC_URL: raw })).toMatchObject({ publicUrl, publicUrlExplicit: true, websocketUrl });
+  });
+
+  it.each([
+    ['https://broker.example.org:99999/fhir base', /contains white space$/],
+    ['https://broker.example.org:99999/fhir', /is not a valid URL/],
+    ['https://broker.example.org/fhir base', /contains white space$/],
+    ['https://broker.example.org:0', /must not have port 0$/],
+    ['https://bro ker.example.org', /contains white space$/],
+    ['https://broker..example.org:x/', /is not a valid URL/],
+    [
+      'https://ops:hunter2secret@broker.example.org',
+      /^BROKER_PUBLIC_URL: the URL must not contain a user name or password$/,
+    ],
+    ['https://broker.example.org/fhir?x=1', /must not have a query or fragment$/],
+    ['https://broker.example.org/#top', /must not have a query or fragment$/],
+    ['https:///broker.example.org', /is not an http\(s\) URL/],
+    ['broker.example.org', /is not an http\(s\) URL/],
+  ])('refuses BROKER_PUBLIC_URL %s', (raw, message) => {
+    const error = configError({ BROKER_PUBLIC_URL: raw });
+    expect(error).toMatch(/^BROKER_PUBLIC_URL: /);
+    expect(error).toMatch(message);
+    expect(error).not.toContain('hunter2');
   });
 
   it('reads the per-address cap on unbound WebSockets, 0 turning it off', () => {

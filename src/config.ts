@@ -1,4 +1,7 @@
+import { readdirSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { DEFAULT_RETRY_DELAYS_MS, parseDurations } from './core/retry.js';
+import { Allowlist } from './delivery/address-policy.js';
 
 /**
  * Environment → validated, frozen configuration. The only module that reads `process.env`;
@@ -84,9 +87,8 @@ export function loadConfig(env: Env = process.env): Config {
   const port = int(env, 'PORT', 8080, 0, 65535);
   const host = str(env, 'HOST') ?? '127.0.0.1';
   const explicitUrl = str(env, 'BROKER_PUBLIC_URL');
-  const publicUrl = (explicitUrl ?? defaultPublicUrl(host, port)).replace(/\/+$/, '');
-  if (!/^https?:\/\/[^/]+/.test(publicUrl))
-    throw new ConfigError('BROKER_PUBLIC_URL', `${publicUrl} is not an http(s) URL`);
+  // The derived URL is not parsed: a HOST that cannot be listened on is reported by the listen.
+  const publicUrl = explicitUrl === undefined ? defaultPublicUrl(host, port) : parsePublicUrl(explicitUrl);
   const storeKind = str(env, 'BROKER_STORE') ?? 'sqlite';
   if (storeKind !== 'sqlite' && storeKind !== 'dynamodb') {
     throw new ConfigError('BROKER_STORE', `must be sqlite or dynamodb, not ${storeKind}`);
@@ -124,6 +126,24 @@ export function loadConfig(env: Env = process.env): Config {
   if (wsTokenSecret !== undefined && wsTokenSecret.length < 32) {
     throw new ConfigError('BROKER_WS_TOKEN_SECRET', 'must be at least 32 characters');
   }
+  const apiClients = parseApiKeys(str(env, 'BROKER_API_KEYS'));
+  refuseOperatorSecretsAsApiKeys(apiClients, 'BROKER_API_KEYS', [
+    { source: 'BROKER_INGEST_TOKEN', value: ingestToken },
+    { source: 'BROKER_METRICS_TOKEN', value: metricsToken },
+    { source: 'BROKER_WS_TOKEN_SECRET', value: wsTokenSecret },
+  ]);
+  const endpointAllowlist = list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'));
+  try {
+    new Allowlist(endpointAllowlist);
+  } catch (err) {
+    throw new ConfigError('BROKER_ENDPOINT_ALLOWLIST', (err as Error).message.replace(/^allowlist /, ''));
+  }
+  const topicsDir = str(env, 'BROKER_TOPICS_DIR') ?? 'subscriptions/topics';
+  try {
+    readdirSync(topicsDir);
+  } catch (err) {
+    throw new ConfigError('BROKER_TOPICS_DIR', `cannot read the directory ${resolve(topicsDir)}: ${fsReason(err)}`);
+  }
   return Object.freeze({
     port,
     host,
@@ -133,7 +153,7 @@ export function loadConfig(env: Env = process.env): Config {
     ...optional('wsManagementEndpoint', str(env, 'BROKER_WS_MANAGEMENT_ENDPOINT')),
     ...optional('secretArn', str(env, 'BROKER_SECRET_ARN')),
     dataDir: str(env, 'BROKER_DATA_DIR') ?? './data',
-    apiClients: Object.freeze(parseApiKeys(str(env, 'BROKER_API_KEYS'))),
+    apiClients: Object.freeze(apiClients),
     ...(ingestToken === undefined ? {} : { ingestToken }),
     ...(metricsToken === undefined ? {} : { metricsToken }),
     ...(wsTokenSecret === undefined ? {} : { wsTokenSecret }),
@@ -149,7 +169,7 @@ export function loadConfig(env: Env = process.env): Config {
     wsProcesses: int(env, 'BROKER_WS_PROCESSES', 0, 0, 64),
     // 1: ~15% more outbox throughput on the 2-core bench machine than sending from the main thread.
     webhookThreads,
-    endpointAllowlist: Object.freeze(list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'))),
+    endpointAllowlist: Object.freeze(endpointAllowlist),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 512, 1, 10_000),
     maxSubscriptionsPerClient: int(env, 'BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT', 1000, 1, 10_000_000),
@@ -161,7 +181,7 @@ export function loadConfig(env: Env = process.env): Config {
     tablePrefix: str(env, 'BROKER_TABLE_PREFIX') ?? 'fhir-broker-',
     awsRegion,
     ...(eventBus === undefined ? {} : { eventBus }),
-    topicsDir: str(env, 'BROKER_TOPICS_DIR') ?? 'subscriptions/topics',
+    topicsDir,
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),
     // 10 MiB: 1,000 CloudTrail events of ~3 KB each, with room to spare.
@@ -205,27 +225,102 @@ function list(raw: string | undefined): string[] {
         .filter((s) => s !== '');
 }
 
+/**
+ * `clientId:token,…`. Errors name an entry by its position only: an entry written the wrong way
+ * round (`token:clientId`) puts the token where the clientId belongs, and config errors end up in logs.
+ */
 function parseApiKeys(raw: string | undefined): ApiClient[] {
-  const clients = list(raw).map((pair) => {
+  const clients = list(raw).map((pair, i) => {
     const colon = pair.indexOf(':');
     const clientId = colon === -1 ? '' : pair.slice(0, colon);
     const token = colon === -1 ? '' : pair.slice(colon + 1);
     if (!/^[A-Za-z0-9_.-]{1,64}$/.test(clientId)) {
       throw new ConfigError(
         'BROKER_API_KEYS',
-        'each entry is clientId:token with a clientId of letters, digits, _ . -',
+        `entry ${i + 1} is not clientId:token with a clientId of 1 to 64 letters, digits, _ . -`,
       );
     }
-    // Never echo the token itself: config errors end up in logs.
-    if (token.length < 16)
-      throw new ConfigError('BROKER_API_KEYS', `the token of ${clientId} must be at least 16 characters`);
+    if (token.length < 16) {
+      throw new ConfigError(
+        'BROKER_API_KEYS',
+        `entry ${i + 1} has a token (after its first colon) shorter than 16 characters; entries are clientId:token`,
+      );
+    }
     return { clientId, token };
   });
-  const ids = new Set(clients.map((c) => c.clientId));
-  const tokens = new Set(clients.map((c) => c.token));
-  if (ids.size !== clients.length) throw new ConfigError('BROKER_API_KEYS', 'a clientId appears twice');
-  if (tokens.size !== clients.length) throw new ConfigError('BROKER_API_KEYS', 'two clients share a token');
+  clients.forEach((c, i) => {
+    const first = clients.findIndex((o) => o.clientId === c.clientId);
+    if (first !== i)
+      throw new ConfigError('BROKER_API_KEYS', `entries ${first + 1} and ${i + 1} have the same clientId`);
+    const same = clients.findIndex((o) => o.token === c.token);
+    if (same !== i) throw new ConfigError('BROKER_API_KEYS', `entries ${same + 1} and ${i + 1} share a token`);
+  });
   return clients;
+}
+
+/** An operator's secret, by the variable it comes from (or where it is kept when generated). */
+export interface OperatorSecret {
+  readonly source: string;
+  readonly value: string | undefined;
+}
+
+/**
+ * README: an API key cannot post events or read `/metrics` (every client's totals), and binding
+ * tokens are the broker's to sign. An API client whose token is also the ingest token, the
+ * metrics token or the binding-token key could do all that, so the start is refused. Neither
+ * token is ever named, only where each comes from. `clientsSource` is `BROKER_API_KEYS` or where
+ * the generated API key is kept.
+ */
+export function refuseOperatorSecretsAsApiKeys(
+  clients: readonly ApiClient[],
+  clientsSource: string,
+  secrets: readonly OperatorSecret[],
+): void {
+  for (const { source, value } of secrets) {
+    const i = value === undefined ? -1 : clients.findIndex((c) => c.token === value);
+    if (i === -1) continue;
+    const client =
+      clientsSource === 'BROKER_API_KEYS' ? `the token of entry ${i + 1} of BROKER_API_KEYS` : clientsSource;
+    const why = 'an API client must not hold an operator secret; give each its own';
+    throw isVariable(source)
+      ? new ConfigError(source, `is the same as ${client}: ${why}`)
+      : new ConfigError(clientsSource, `${client} is the same as ${source}: ${why}`);
+  }
+}
+
+function isVariable(name: string): boolean {
+  return /^[A-Z][A-Z0-9_]*$/.test(name);
+}
+
+/**
+ * The base of every `fullUrl` and reference: an absolute http(s) URL with a host and a port a
+ * client can reach, no user name or password (it would be handed to every client), and no query
+ * or fragment (the broker appends paths to it). Normalised: lower-case scheme and host, default
+ * port left out, no trailing slash.
+ */
+function parsePublicUrl(raw: string): string {
+  // A URL with a user name or password in it is not repeated (it ends up in logs).
+  const shown = raw.includes('@') ? 'the URL' : raw;
+  const refuse = (what: string) => new ConfigError('BROKER_PUBLIC_URL', `${shown} ${what}`);
+  if (!/^https?:\/\/[^/\\?#]/i.test(raw)) throw refuse('is not an http(s) URL (http://host[:port][/path])');
+  if (/\s/.test(raw)) throw refuse('contains white space');
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw refuse('is not a valid URL (is its host right, and its port from 1 to 65535?)');
+  }
+  if (url.username !== '' || url.password !== '') throw refuse('must not contain a user name or password');
+  if (/[?#]/.test(raw)) throw refuse('must not have a query or fragment');
+  if (url.port === '0') throw refuse('must not have port 0');
+  return `${url.protocol}//${url.host}${url.pathname.replace(/\/+$/, '')}`;
+}
+
+/** "no such file or directory (ENOENT)" from a Node file-system error, without its syscall. */
+export function fsReason(err: unknown): string {
+  const { code, message } = err as NodeJS.ErrnoException;
+  const reason = /^[A-Z]+: ([^,]+)/.exec(message)?.[1];
+  return reason === undefined || code === undefined ? message : `${reason} (${code})`;
 }
 
 // 7 days: long enough to cover a weekend outage of a subscriber, and EventBridge's 24 h retries.

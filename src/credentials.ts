@@ -1,7 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { ApiClient, Config } from './config.js';
+import { Ajv } from 'ajv';
+import { type ApiClient, type Config, ConfigError, fsReason, refuseOperatorSecretsAsApiKeys } from './config.js';
+import { makeDataDir } from './data-dir-lock.js';
 
 /**
  * Credentials for a laptop start with no configuration: when `BROKER_API_KEYS`,
@@ -26,6 +28,25 @@ interface KeptCredentials {
 
 const FILE = 'credentials.json';
 
+// The rules of the variables the values stand in for (config.ts); other fields are left alone.
+const keptSchema = {
+  type: 'object',
+  required: ['apiClient', 'ingestToken'],
+  properties: {
+    apiClient: {
+      type: 'object',
+      required: ['clientId', 'token'],
+      properties: {
+        clientId: { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' },
+        token: { type: 'string', minLength: 16 },
+      },
+    },
+    ingestToken: { type: 'string', minLength: 16 },
+    wsTokenSecret: { type: 'string', minLength: 32 },
+  },
+};
+const validateKept = new Ajv({ strict: true }).compile<KeptCredentials>(keptSchema);
+
 export function resolveCredentials(config: Config): Credentials {
   if (config.apiClients.length > 0 && config.ingestToken !== undefined && config.wsTokenSecret !== undefined) {
     return {
@@ -35,27 +56,73 @@ export function resolveCredentials(config: Config): Credentials {
       local: {},
     };
   }
-  mkdirSync(config.dataDir, { recursive: true });
+  makeDataDir(config.dataDir);
   const path = join(config.dataDir, FILE);
-  const kept: KeptCredentials = existsSync(path)
-    ? (JSON.parse(readFileSync(path, 'utf8')) as KeptCredentials)
+  const existed = existsSync(path);
+  const kept: KeptCredentials = existed
+    ? readKept(path)
     : {
         apiClient: { clientId: 'local', token: `fsb_${randomBytes(24).toString('base64url')}` },
         ingestToken: `fsbi_${randomBytes(24).toString('base64url')}`,
       };
-  if (kept.wsTokenSecret === undefined || !existsSync(path)) {
-    kept.wsTokenSecret ??= randomBytes(32).toString('base64url');
-    writeFileSync(path, `${JSON.stringify(kept, null, 2)}\n`, { mode: 0o600 });
-  }
   const useApi = config.apiClients.length === 0;
   const useIngest = config.ingestToken === undefined;
+  const apiClients = useApi ? [kept.apiClient] : config.apiClients;
+  const ingestToken = useIngest ? kept.ingestToken : (config.ingestToken as string);
+  // loadConfig has compared the variables with each other; here what is kept meets what is set.
+  refuseOperatorSecretsAsApiKeys(apiClients, useApi ? `the API key kept in ${path}` : 'BROKER_API_KEYS', [
+    { source: useIngest ? `the ingest token kept in ${path}` : 'BROKER_INGEST_TOKEN', value: ingestToken },
+    { source: 'BROKER_METRICS_TOKEN', value: config.metricsToken },
+    {
+      source: config.wsTokenSecret === undefined ? `the binding-token key kept in ${path}` : 'BROKER_WS_TOKEN_SECRET',
+      value: config.wsTokenSecret ?? kept.wsTokenSecret,
+    },
+  ]);
+  if (kept.wsTokenSecret === undefined || !existed) {
+    kept.wsTokenSecret ??= randomBytes(32).toString('base64url');
+    try {
+      writeFileSync(path, `${JSON.stringify(kept, null, 2)}\n`, { mode: 0o600 });
+    } catch (err) {
+      throw new ConfigError('BROKER_DATA_DIR', `cannot write ${path}: ${fsReason(err)}`);
+    }
+  }
   return {
-    apiClients: useApi ? [kept.apiClient] : config.apiClients,
-    ingestToken: useIngest ? kept.ingestToken : (config.ingestToken as string),
+    apiClients,
+    ingestToken,
     wsTokenSecret: config.wsTokenSecret ?? kept.wsTokenSecret,
     local: {
       ...(useApi ? { apiClient: kept.apiClient } : {}),
       ...(useIngest ? { ingestToken: kept.ingestToken } : {}),
     },
   };
+}
+
+/**
+ * The kept file, checked before anything uses or rewrites it. Errors name the file and the field,
+ * never its contents (they are secrets; JSON.parse's own message quotes them).
+ */
+function readKept(path: string): KeptCredentials {
+  const fix =
+    'correct it, or delete it to have new credentials generated (clients then need the new API key and ingest token)';
+  const refuse = (what: string) => new ConfigError('BROKER_DATA_DIR', `${path} ${what}: ${fix}`);
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw refuse(`cannot be read (${fsReason(err)})`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    throw refuse('is not valid JSON');
+  }
+  if (!validateKept(json)) {
+    const e = validateKept.errors?.[0];
+    const field = e?.instancePath.slice(1).replaceAll('/', '.') || 'its top level';
+    throw refuse(`is not a credentials file: ${field} ${e?.message ?? 'is invalid'}`);
+  }
+  const secrets = [json.apiClient.token, json.ingestToken, json.wsTokenSecret].filter((s) => s !== undefined);
+  if (new Set(secrets).size !== secrets.length) throw refuse('holds the same token twice');
+  return json;
 }

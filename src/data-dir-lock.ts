@@ -1,6 +1,7 @@
 import { lstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
+import { ConfigError, fsReason } from './config.js';
 
 /**
  * One broker per data directory. Two processes on one SQLite store would each deliver every
@@ -20,9 +21,18 @@ export class DataDirInUseError extends Error {
 
 export const LOCK_FILE = 'broker.lock';
 
+/** Creates the data dir (and its parents) if need be; a path it cannot be made at names BROKER_DATA_DIR. */
+export function makeDataDir(dataDir: string): void {
+  try {
+    mkdirSync(dataDir, { recursive: true });
+  } catch (err) {
+    throw new ConfigError('BROKER_DATA_DIR', `cannot create the directory ${dataDir}: ${fsReason(err)}`);
+  }
+}
+
 /** Holds the data dir until `release` (or the process's end). Throws DataDirInUseError. */
 export function lockDataDir(dataDir: string): { release(): void } {
-  mkdirSync(dataDir, { recursive: true });
+  makeDataDir(dataDir);
   const path = join(dataDir, LOCK_FILE);
   // A Unix socket of that name is what an earlier build of this session left behind: not a lock.
   if (lstatSync(path, { throwIfNoEntry: false })?.isSocket() === true) unlinkSync(path);

@@ -1,9 +1,10 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { ConfigError } from '../src/config.js';
 import { DataDirInUseError, LOCK_FILE, lockDataDir } from '../src/data-dir-lock.js';
 import { type BrokerProcess, newDataDir, startBroker } from './support/broker-process.js';
 
@@ -65,6 +66,16 @@ describe('lockDataDir', () => {
       ).toHaveLength(1);
       expect(outputs.filter((o) => o !== 'HELD').every((o) => o === 'DataDirInUseError')).toBe(true);
     }
+  });
+
+  it('names BROKER_DATA_DIR when the directory cannot be made there', () => {
+    const file = join(mkdtempSync(join(tmpdir(), 'fsb-lock-')), 'a-file');
+    writeFileSync(file, '');
+    const dir = join(file, 'x');
+    expect(() => lockDataDir(dir)).toThrow(ConfigError);
+    expect(() => lockDataDir(dir)).toThrow(
+      `BROKER_DATA_DIR: cannot create the directory ${dir}: not a directory (ENOTDIR)`,
+    );
   });
 
   it('replaces a Unix socket an earlier build left at broker.lock', async () => {

@@ -1,10 +1,11 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, expect, it } from 'vitest';
-import { startBroker } from './support/broker-process.js';
+import { startNodeFlags } from '../src/start-command.js';
+import { API_KEYS, INGEST_TOKEN, newDataDir, startBroker } from './support/broker-process.js';
 
 /**
  * `npm start` as a service manager or a container runtime stops it: SIGTERM to npm alone, not to
@@ -60,4 +61,85 @@ it('stops the broker gracefully when npm start gets SIGTERM', async () => {
 
 it('names HOST and PORT when it cannot listen there', async () => {
   await expect(startBroker({ HOST: '999.1.1.1' })).rejects.toThrow(/cannot listen on HOST=999\.1\.1\.1 PORT=0/);
+});
+
+/** Runs the broker as `npm start` does and returns its exit code and all it wrote to stderr. */
+async function failedStart(env: Record<string, string>, dataDir = newDataDir()): Promise<[number | null, string]> {
+  const child = spawn(process.execPath, [...startNodeFlags(), '--import', 'tsx', 'src/main.ts'], {
+    env: {
+      PATH: process.env.PATH ?? '',
+      PORT: '0',
+      BROKER_DATA_DIR: dataDir,
+      BROKER_API_KEYS: `alice:${API_KEYS.alice}`,
+      BROKER_INGEST_TOKEN: INGEST_TOKEN,
+      ...env,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  // A broker that starts after all is stopped at once, so that the test fails instead of hanging.
+  createInterface({ input: child.stdout as NodeJS.ReadableStream }).on('line', (line) => {
+    if (line.includes('"msg":"listening"')) child.kill('SIGKILL');
+  });
+  let stderr = '';
+  child.stderr?.on('data', (chunk: Buffer) => {
+    stderr += chunk.toString();
+  });
+  // 'close': exited, and stderr read to the end.
+  const code = await new Promise<number | null>((resolve) => child.once('close', resolve));
+  return [code, stderr];
+}
+
+const secretInData = 'fsbi_kept-ingest-token-0123456789';
+
+it.each<[string, Record<string, string>, RegExp, ((dir: string) => void)?]>([
+  [
+    'an API key written token:clientId, without echoing the token',
+    { BROKER_API_KEYS: 'fsb_Zk3qL9xVt2Wm8RbN4cYp:local' },
+    /^BROKER_API_KEYS: entry 1 has a token \(after its first colon\) shorter than 16 characters; entries are clientId:token$/,
+  ],
+  [
+    'a CIDR with a bad prefix',
+    { BROKER_ENDPOINT_ALLOWLIST: '10.0.0.0/33' },
+    /^BROKER_ENDPOINT_ALLOWLIST: entry 10\.0\.0\.0\/33: bad prefix$/,
+  ],
+  [
+    'a CIDR without an address',
+    { BROKER_ENDPOINT_ALLOWLIST: 'foo/8' },
+    /^BROKER_ENDPOINT_ALLOWLIST: entry foo\/8: a CIDR needs an IP address$/,
+  ],
+  [
+    'a topics directory that does not exist',
+    { BROKER_TOPICS_DIR: '/nonexistent' },
+    /^BROKER_TOPICS_DIR: cannot read the directory \/nonexistent: no such file or directory \(ENOENT\)$/,
+  ],
+  [
+    'a data directory that cannot be made',
+    { BROKER_DATA_DIR: '/etc/passwd/x' },
+    /^BROKER_DATA_DIR: cannot create the directory \/etc\/passwd\/x: not a directory \(ENOTDIR\)$/,
+  ],
+  [
+    'a truncated credentials file, without printing it',
+    {},
+    /^BROKER_DATA_DIR: \S+\/credentials\.json is not valid JSON: correct it, or delete it to have new credentials generated/,
+    (dir) => writeFileSync(join(dir, 'credentials.json'), `{"apiClient":{"clientId":"local","token":"${secretInData}`),
+  ],
+  [
+    'a public URL with a port out of range',
+    { BROKER_PUBLIC_URL: 'https://broker.example.org:99999/fhir' },
+    /^BROKER_PUBLIC_URL: https:\/\/broker\.example\.org:99999\/fhir is not a valid URL/,
+  ],
+  [
+    'an API key that is also the ingest token, without echoing it',
+    { BROKER_INGEST_TOKEN: API_KEYS.alice },
+    /^BROKER_INGEST_TOKEN: is the same as the token of entry 1 of BROKER_API_KEYS: /,
+  ],
+])('refuses to start on %s, in one line that names the variable', async (_what, env, message, prepare) => {
+  const dataDir = newDataDir();
+  prepare?.(dataDir);
+  const [code, stderr] = await failedStart(env, dataDir);
+  expect(code).toBe(1);
+  const lines = stderr.split('\n').filter((l) => l !== '');
+  expect(lines).toHaveLength(1);
+  expect(lines[0]?.replace(/^fhir-subscription-broker failed to start: /, '')).toMatch(message);
+  for (const secret of ['fsb_Zk3qL9xVt2Wm8RbN4cYp', secretInData, API_KEYS.alice]) expect(stderr).not.toContain(secret);
 });
