@@ -235,6 +235,38 @@ describe('Lambda containers sharing the tables', () => {
     expect(arrivedAt('/void')).toEqual([2]);
   });
 
+  it('each invocation reports what it counted as CloudWatch metrics (EMF lines), once', async () => {
+    const lines: string[] = [];
+    const emitting = (broker: Promise<AwsBroker>): Handlers => createHandlers(broker, { emit: (l) => lines.push(l) });
+    await create(
+      emitting(container()),
+      topicSubscription('patient-change', `${receiver.url}/emf`, { filters: ['Patient?_id=emf-p'] }),
+    );
+    await receiver.waitFor(() => receiver.on('/emf').length === 1, 'the handshake');
+    const events = emitting(container());
+    await events.events(eventLike('healthlake-update-patient', 'emf-1', 'emf-p'));
+    await events.events(eventLike('healthlake-update-patient', 'emf-2', 'emf-p'));
+    const reported = lines.map((l) => JSON.parse(l) as Record<string, unknown> & { _aws: EmfMeta });
+    const values = (fn: string, name: string, outcome?: string): unknown[] =>
+      reported
+        .filter((m) => m.Function === fn && name in m && (outcome === undefined || m.outcome === outcome))
+        .map((m) => m[name]);
+    // The handshake went out within the API invocation that created the subscription.
+    expect(values('api', 'broker_handshakes_total', 'ok')).toEqual([1]);
+    // Each events invocation its own event and delivery, not the running total.
+    expect(values('events', 'broker_events_total', 'accepted')).toEqual([1, 1]);
+    expect(values('events', 'broker_notifications_total', 'delivered')).toEqual([1, 1]);
+    const latencies = values('events', 'broker_delivery_latency_seconds') as { Values: number[]; Counts: number[] }[];
+    expect(latencies.map((h) => h.Counts.reduce((a, b) => a + b, 0))).toEqual([1, 1]);
+    // Every line is one metric whose dimensions are all present.
+    for (const m of reported) {
+      const [directive] = m._aws.CloudWatchMetrics;
+      expect(directive?.Namespace).toBe('FhirSubscriptionBroker');
+      for (const dim of directive?.Dimensions[0] ?? []) expect(typeof m[dim]).toBe('string');
+      expect(m[directive?.Metrics[0]?.Name ?? '']).toBeDefined();
+    }
+  });
+
   /** A client whose requests for `id`'s lane (its lease item, its lane reads) go through `hook` first. */
   const leaseHooked = (id: string, hook: (input: LeaseRequest, command: string) => Promise<void>): DynamoDBClient => {
     const hooked = localClient(local.endpoint);
@@ -319,6 +351,14 @@ describe('Lambda containers sharing the tables', () => {
     expect(arrivedAt('/twice')).toEqual([1, 2]);
   });
 });
+
+interface EmfMeta {
+  readonly CloudWatchMetrics: readonly {
+    readonly Namespace: string;
+    readonly Dimensions: readonly (readonly string[])[];
+    readonly Metrics: readonly { readonly Name: string }[];
+  }[];
+}
 
 interface LeaseRequest {
   readonly Key?: Record<string, { N?: string; S?: string }>;

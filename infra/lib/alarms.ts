@@ -1,11 +1,19 @@
 import { type CfnCondition, Duration } from 'aws-cdk-lib';
-import { Alarm, ComparisonOperator, type IMetric, Metric, TreatMissingData } from 'aws-cdk-lib/aws-cloudwatch';
+import {
+  Alarm,
+  ComparisonOperator,
+  type IMetric,
+  MathExpression,
+  Metric,
+  TreatMissingData,
+} from 'aws-cdk-lib/aws-cloudwatch';
 import { SnsAction } from 'aws-cdk-lib/aws-cloudwatch-actions';
 import type { IRule } from 'aws-cdk-lib/aws-events';
 import type { IFunction } from 'aws-cdk-lib/aws-lambda';
 import { CfnSubscription, Topic } from 'aws-cdk-lib/aws-sns';
 import type { IQueue } from 'aws-cdk-lib/aws-sqs';
 import { Construct } from 'constructs';
+import { EMF_NAMESPACE } from '../../src/observability/metrics.js';
 
 export interface BrokerAlarmsProps {
   readonly deadLetterQueue: IQueue;
@@ -21,8 +29,9 @@ export interface BrokerAlarmsProps {
 
 /**
  * Alarms on the things that mean "a change may not reach its subscribers": a dead-lettered event,
- * a failing events function, a failing dispatcher, and a dead letter that could not be written (by
- * EventBridge or by Lambda's on-failure destination: the event is then lost with no other trace).
+ * a failing events function, a failing dispatcher, a dead letter that could not be written (by
+ * EventBridge or by Lambda's on-failure destination: the event is then lost with no other trace),
+ * and a notification the broker dead-lettered (its endpoint failed the whole retry schedule).
  * Each one fires on the first occurrence.
  */
 export class BrokerAlarms extends Construct {
@@ -77,6 +86,31 @@ export class BrokerAlarms extends Construct {
         dimensionsMap: { RuleName: props.ingestRule.ruleName },
         period,
         statistic: 'Sum',
+      }),
+    );
+    // The broker's own metrics, which each invocation writes to its log (Embedded Metric Format):
+    // a notification dead-lettered by whichever function's lane gave up on it.
+    const deadLettered = (fn: string) =>
+      new Metric({
+        namespace: EMF_NAMESPACE,
+        metricName: 'broker_notifications_total',
+        dimensionsMap: { Function: fn, outcome: 'dead-lettered' },
+        period,
+        statistic: 'Sum',
+      });
+    alarm(
+      'NotificationsDeadLettered',
+      'A notification was dead-lettered: its subscription is in error until the client re-activates it',
+      new MathExpression({
+        expression: 'FILL(e, 0) + FILL(a, 0) + FILL(m, 0) + FILL(d, 0)',
+        usingMetrics: {
+          e: deadLettered('events'),
+          a: deadLettered('api'),
+          m: deadLettered('message'),
+          d: deadLettered('dispatch'),
+        },
+        label: 'notifications dead-lettered',
+        period,
       }),
     );
     alarm(

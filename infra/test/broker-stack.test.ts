@@ -604,7 +604,7 @@ describe('BrokerStack', () => {
   });
 
   describe('alarms', () => {
-    it('alarms on any dead letter, events-function error, dispatcher error and dead letter that could not be written', () => {
+    it('alarms on any dead letter, events-function error, dispatcher error, dead letter that could not be written and dead-lettered notification', () => {
       const topic = only(template, 'AWS::SNS::Topic').id;
       const alarm = (namespace: string, metric: string, dimension: JsonObject) =>
         template.hasResourceProperties('AWS::CloudWatch::Alarm', {
@@ -627,7 +627,31 @@ describe('BrokerStack', () => {
       // the on-failure destination, or EventBridge could not write an undeliverable event to the DLQ.
       alarm('AWS/Lambda', 'DestinationDeliveryFailures', { Name: 'FunctionName', Value: { Ref: ids.events } });
       alarm('AWS/Events', 'InvocationsFailedToBeSentToDlq', { Name: 'RuleName', Value: { Ref: rule } });
-      template.resourceCountIs('AWS::CloudWatch::Alarm', 5);
+      // A notification dead-lettered, from the broker's own metrics (EMF) of every function with lanes.
+      const [deadLettered] = Object.values(
+        template.findResources('AWS::CloudWatch::Alarm', {
+          Properties: { AlarmDescription: Match.stringLikeRegexp('notification was dead-lettered') },
+        }),
+      ) as { Properties: { Metrics: JsonObject[]; AlarmActions: unknown } }[];
+      expect(deadLettered?.Properties.AlarmActions).toEqual([{ Ref: topic }]);
+      const stats = (deadLettered?.Properties.Metrics ?? []).flatMap((m) =>
+        m.MetricStat === undefined ? [] : [m.MetricStat],
+      );
+      expect(stats).toEqual(
+        ['events', 'api', 'message', 'dispatch'].map((fn) => ({
+          Metric: {
+            Namespace: 'FhirSubscriptionBroker',
+            MetricName: 'broker_notifications_total',
+            Dimensions: expect.arrayContaining([
+              { Name: 'Function', Value: fn },
+              { Name: 'outcome', Value: 'dead-lettered' },
+            ]),
+          },
+          Period: 300,
+          Stat: 'Sum',
+        })),
+      );
+      template.resourceCountIs('AWS::CloudWatch::Alarm', 6);
     });
 
     it('subscribes AlarmEmail to the alarm topic only when it is given', () => {

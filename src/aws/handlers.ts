@@ -59,7 +59,26 @@ export interface Handlers {
   dispatch(windowMs?: number, context?: InvocationContext): Promise<{ heartbeats: number }>;
 }
 
-export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
+export interface HandlerOptions {
+  /**
+   * Where each invocation's metrics go, as CloudWatch Embedded Metric Format lines (`Metrics.emf`):
+   * the entry points (lambda-*.ts) write them to the function's log (`toFunctionLog`); by default
+   * (tests) nowhere.
+   */
+  readonly emit?: (line: string) => void;
+}
+
+/** A line to the Lambda function's log (stdout), where CloudWatch Logs extracts EMF metrics. */
+export function toFunctionLog(line: string): void {
+  process.stdout.write(`${line}\n`);
+}
+
+export function createHandlers(brokerPromise: Promise<AwsBroker>, options: HandlerOptions = {}): Handlers {
+  const emit = options.emit ?? (() => undefined);
+  /** What the invocation counted, as metrics of the function `role` (also when it failed). */
+  const report = (broker: AwsBroker, role: string): void => {
+    for (const line of broker.metrics.emf({ Function: role }, Date.now())) emit(line);
+  };
   const ready = async (): Promise<AwsBroker> => {
     const broker = await brokerPromise;
     await broker.refreshSubscriptions(SUBSCRIPTION_CACHE_MS);
@@ -71,7 +90,23 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
    * the handler returns (the container may freeze): attempts under way (failed ones recorded for a
    * retry), delivery states, then lifecycle events.
    */
-  const within = async <T>(broker: AwsBroker, context: InvocationContext | undefined, work: () => Promise<T>) => {
+  const within = async <T>(
+    broker: AwsBroker,
+    role: string,
+    context: InvocationContext | undefined,
+    work: () => Promise<T>,
+  ) => {
+    try {
+      return await attemptsWithin(broker, context, work);
+    } finally {
+      report(broker, role);
+    }
+  };
+  const attemptsWithin = async <T>(
+    broker: AwsBroker,
+    context: InvocationContext | undefined,
+    work: () => Promise<T>,
+  ) => {
     const remaining =
       typeof context?.getRemainingTimeInMillis === 'function'
         ? context.getRemainingTimeInMillis()
@@ -89,14 +124,14 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
   return {
     async events(event, context) {
       const broker = await brokerPromise;
-      return within(broker, context, () => broker.ingest.ingest(event));
+      return within(broker, 'events', context, () => broker.ingest.ingest(event));
     },
 
     async api(event, context) {
       const broker = await ready();
       api ??= handle(broker.app);
       const app = api;
-      return within(broker, context, () => app(event, context));
+      return within(broker, 'api', context, () => app(event, context));
     },
 
     async connect(event) {
@@ -114,18 +149,20 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
         }
       }
       await broker.bindings.connect(connectionId, owner);
+      report(broker, 'connect');
       return { statusCode: 200 };
     },
 
     async disconnect(event) {
       const broker = await brokerPromise;
       await broker.websocket.onClose(event.requestContext.connectionId ?? '');
+      report(broker, 'disconnect');
       return { statusCode: 200 };
     },
 
     async message(event, context) {
       const broker = await ready();
-      return within(broker, context, async () => {
+      return within(broker, 'message', context, async () => {
         const connectionId = event.requestContext.connectionId ?? '';
         const raw = event.body ?? '';
         const text = event.isBase64Encoded === true ? Buffer.from(raw, 'base64').toString('utf8') : raw;
@@ -138,7 +175,7 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>): Handlers {
 
     async dispatch(windowMs = 60_000, context) {
       const broker = await ready();
-      return within(broker, context, async () => {
+      return within(broker, 'dispatch', context, async () => {
         await broker.start();
         // Heartbeats, like every attempt of the run, end within its budget (see DELIVERY_BUDGET_MS).
         return { heartbeats: await broker.dispatcher.sendDueHeartbeats(windowMs) };

@@ -27,15 +27,25 @@ const FAMILIES = {
 
 export type MetricName = keyof typeof FAMILIES;
 
+/** Where a Lambda function's metrics go: CloudWatch (Embedded Metric Format), under this namespace. */
+export const EMF_NAMESPACE = 'FhirSubscriptionBroker';
+
 export class Metrics {
   readonly #counters = new Map<string, number>();
+  /** Each counter series' name and labels, for `emf` (recorded once, when the series first counts). */
+  readonly #series = new Map<string, { readonly name: MetricName; readonly labels: Labels }>();
+  /** What `emf` last reported: counters by series key, histograms' buckets and count by name. */
+  readonly #reported = new Map<string, number>();
+  readonly #reportedHistograms = new Map<string, { buckets: number[]; count: number; sum: number }>();
   readonly #gauges = new Map<MetricName, () => number | Promise<number>>();
   readonly #histograms = new Map<string, { buckets: number[]; sum: number; count: number }>();
   readonly #keys = new Map<MetricName, Map<string, string>>();
 
   inc(name: MetricName, labels: Labels = {}, by = 1): void {
     const key = this.#key(name, labels);
-    this.#counters.set(key, (this.#counters.get(key) ?? 0) + by);
+    const before = this.#counters.get(key);
+    if (before === undefined) this.#series.set(key, { name, labels });
+    this.#counters.set(key, (before ?? 0) + by);
   }
 
   /** A gauge read when the metrics are rendered (a read may go to the store). */
@@ -84,6 +94,70 @@ export class Metrics {
       if (byLabel.size < 1000) byLabel.set(cacheKey, key);
     }
     return key;
+  }
+
+  /**
+   * CloudWatch Embedded Metric Format: what was counted since the last call, as JSON lines a Lambda
+   * function writes to its log (CloudWatch Logs turns them into metrics, no API call, no IAM grant).
+   * On AWS every container holds its own counts and `/metrics` would show one API container's, so
+   * each invocation reports its deltas instead, summed across containers by CloudWatch. A counter
+   * series is one line: `dimensions` and its labels as dimensions, the delta as a `Count`. A
+   * histogram is one line of `Values` (each bucket's upper bound, the last bucket's as twice the
+   * largest bound) with their `Counts`, in `Seconds`. Gauges are not reported (a per-container
+   * value CloudWatch cannot sum).
+   */
+  emf(dimensions: Readonly<Record<string, string>>, timestamp: number): string[] {
+    const lines: string[] = [];
+    const line = (name: string, labels: Labels, unit: string, value: unknown): void => {
+      const dims = { ...dimensions, ...labels };
+      lines.push(
+        JSON.stringify({
+          _aws: {
+            Timestamp: timestamp,
+            CloudWatchMetrics: [
+              { Namespace: EMF_NAMESPACE, Dimensions: [Object.keys(dims)], Metrics: [{ Name: name, Unit: unit }] },
+            ],
+          },
+          ...dims,
+          [name]: value,
+        }),
+      );
+    };
+    for (const [key, value] of this.#counters) {
+      const delta = value - (this.#reported.get(key) ?? 0);
+      const series = this.#series.get(key);
+      if (delta <= 0 || series === undefined) continue;
+      this.#reported.set(key, value);
+      line(series.name, series.labels, 'Count', delta);
+    }
+    for (const [name, h] of this.#histograms) {
+      const before = this.#reportedHistograms.get(name) ?? {
+        buckets: LATENCY_BUCKETS_S.map(() => 0),
+        count: 0,
+        sum: 0,
+      };
+      if (h.count === before.count) continue;
+      const values: number[] = [];
+      const counts: number[] = [];
+      // Buckets are cumulative (le): each one's own count is its rise over the one below.
+      let below = 0;
+      LATENCY_BUCKETS_S.forEach((le, i) => {
+        const within = (h.buckets[i] ?? 0) - (before.buckets[i] ?? 0) - below;
+        below += within;
+        if (within > 0) {
+          values.push(le);
+          counts.push(within);
+        }
+      });
+      const above = h.count - before.count - below;
+      if (above > 0) {
+        values.push(2 * (LATENCY_BUCKETS_S[LATENCY_BUCKETS_S.length - 1] as number));
+        counts.push(above);
+      }
+      this.#reportedHistograms.set(name, { buckets: [...h.buckets], count: h.count, sum: h.sum });
+      line(name, {}, 'Seconds', { Values: values, Counts: counts });
+    }
+    return lines;
   }
 
   async render(): Promise<string> {

@@ -463,7 +463,9 @@ export class DynamoDbStore implements Store {
       ExpressionAttributeNames: { '#state': 'state' },
       ExpressionAttributeValues: { ':s': S(subscriptionId), ':dead': S('dead'), ':pending': S('pending') },
     });
-    const requeuable = outstanding.filter((key) => readString(key, 'state') === 'dead' || readNumber(key, 'attempts') > 0);
+    const requeuable = outstanding.filter(
+      (key) => readString(key, 'state') === 'dead' || readNumber(key, 'attempts') > 0,
+    );
     const requeued = await inBursts(requeuable, async (key) => {
       const wasDead = readString(key, 'state') === 'dead';
       const e = new Expression()

@@ -1,0 +1,67 @@
+import { describe, expect, it } from 'vitest';
+import { EMF_NAMESPACE, Metrics } from './metrics.js';
+
+/** CloudWatch Embedded Metric Format lines: what was counted since the last report, per series. */
+
+interface Emf {
+  readonly _aws: {
+    readonly Timestamp: number;
+    readonly CloudWatchMetrics: readonly {
+      readonly Namespace: string;
+      readonly Dimensions: readonly (readonly string[])[];
+      readonly Metrics: readonly { readonly Name: string; readonly Unit: string }[];
+    }[];
+  };
+  readonly [key: string]: unknown;
+}
+
+const parse = (lines: readonly string[]): Emf[] => lines.map((l) => JSON.parse(l) as Emf);
+
+describe('Metrics.emf', () => {
+  it('reports each counter series as its own metric with its labels as dimensions, then only what is new', () => {
+    const m = new Metrics();
+    m.inc('broker_events_total', { outcome: 'accepted' }, 3);
+    m.inc('broker_events_total', { outcome: 'ignored' });
+    const first = parse(m.emf({ Function: 'events' }, 1_700_000_000_000));
+    expect(first).toEqual([
+      {
+        _aws: {
+          Timestamp: 1_700_000_000_000,
+          CloudWatchMetrics: [
+            {
+              Namespace: EMF_NAMESPACE,
+              Dimensions: [['Function', 'outcome']],
+              Metrics: [{ Name: 'broker_events_total', Unit: 'Count' }],
+            },
+          ],
+        },
+        Function: 'events',
+        outcome: 'accepted',
+        broker_events_total: 3,
+      },
+      expect.objectContaining({ outcome: 'ignored', broker_events_total: 1 }),
+    ]);
+    // Nothing new: nothing to report. Then only the rise since.
+    expect(m.emf({ Function: 'events' }, 1)).toEqual([]);
+    m.inc('broker_events_total', { outcome: 'accepted' }, 2);
+    expect(parse(m.emf({ Function: 'events' }, 2))).toEqual([
+      expect.objectContaining({ outcome: 'accepted', broker_events_total: 2 }),
+    ]);
+  });
+
+  it('reports the latency histogram as values (bucket bounds) and counts observed since the last report', async () => {
+    const m = new Metrics();
+    for (const s of [0.0005, 0.003, 0.004, 0.2, 30]) m.observe('broker_delivery_latency_seconds', s);
+    const [first] = parse(m.emf({ Function: 'dispatch' }, 1));
+    expect(first?._aws.CloudWatchMetrics[0]?.Metrics).toEqual([
+      { Name: 'broker_delivery_latency_seconds', Unit: 'Seconds' },
+    ]);
+    expect(first?._aws.CloudWatchMetrics[0]?.Dimensions).toEqual([['Function']]);
+    expect(first?.broker_delivery_latency_seconds).toEqual({ Values: [0.001, 0.005, 0.25, 20], Counts: [1, 2, 1, 1] });
+    m.observe('broker_delivery_latency_seconds', 0.004);
+    const [second] = parse(m.emf({ Function: 'dispatch' }, 2));
+    expect(second?.broker_delivery_latency_seconds).toEqual({ Values: [0.005], Counts: [1] });
+    expect(m.emf({ Function: 'dispatch' }, 3)).toEqual([]);
+    expect(await m.render()).toContain('broker_delivery_latency_seconds_count 6');
+  });
+});
