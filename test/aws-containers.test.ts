@@ -235,6 +235,50 @@ describe('Lambda containers sharing the tables', () => {
     expect(arrivedAt('/void')).toEqual([2]);
   });
 
+  it('a lane woken while its time for attempts runs out stops (no wake loop); a later run sends', async () => {
+    const api = createHandlers(container());
+    const id = await create(
+      api,
+      topicSubscription('patient-change', `${receiver.url}/late`, { filters: ['Patient?_id=late-p'] }),
+    );
+    await receiver.waitFor(() => receiver.on('/late').length === 1, 'the handshake');
+    let readHeld!: () => void;
+    const held = new Promise<void>((resolve) => {
+      readHeld = resolve;
+    });
+    let reading!: () => void;
+    const readStarted = new Promise<void>((resolve) => {
+      reading = resolve;
+    });
+    let first = true;
+    const hooked = leaseHooked(id, async (_input, command) => {
+      if (first && command === 'QueryCommand') {
+        first = false;
+        reading();
+        await held;
+      }
+    });
+    const broker = await container({ dynamodb: hooked });
+    const failures = () =>
+      logger.records.filter((r) => r.msg === 'dispatcher task failed' || r.msg === 'dispatcher lane failed');
+    const before = failures().length;
+    broker.dispatcher.endAttemptsWithin(10_000);
+    await broker.ingest.ingest(eventLike('healthlake-update-patient', 'late-1', 'late-p'));
+    await readStarted;
+    // Event 2 is committed while the lane reads, and the invocation's time for attempts runs out.
+    await broker.ingest.ingest(eventLike('healthlake-update-patient', 'late-2', 'late-p'));
+    broker.dispatcher.endAttemptsWithin(0);
+    readHeld();
+    await broker.dispatcher.idle(2_000);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(failures().length).toBe(before);
+    expect(arrivedAt('/late')).toEqual([]);
+    // The next scheduled run sends both, in order.
+    await createHandlers(container()).dispatch(60_000);
+    await receiver.waitFor(() => arrivedAt('/late').length === 2, 'both notifications');
+    expect(arrivedAt('/late')).toEqual([1, 2]);
+  });
+
   it('each invocation reports what it counted as CloudWatch metrics (EMF lines), once', async () => {
     const lines: string[] = [];
     const emitting = (broker: Promise<AwsBroker>): Handlers => createHandlers(broker, { emit: (l) => lines.push(l) });

@@ -138,6 +138,8 @@ const RUN_WITHIN_MS = 1000;
 const LEASE_MS = 90_000;
 /** A held lease is renewed before a run once this much of it has passed. */
 const RENEW_AFTER_MS = 15_000;
+/** What a run may take (RUN_WITHIN_MS, then an attempt's longest timeout, 60 s): a run starts only with this much lease left. */
+const RUN_UNDER_LEASE_MS = 62_000;
 /**
  * An attempt not over when the invocation's attempts must be (`endAttemptsWithin`) counts as this
  * failure: not permanent, so a notification is retried on its schedule and a heartbeat goes out
@@ -524,6 +526,7 @@ export class Dispatcher {
    */
   async #drainLeased(id: string, lane: Lane, leases: LaneLeases): Promise<void> {
     lane.running = true;
+    lane.wokenWhileRunning = false;
     try {
       while (!this.#closed && this.#lanes.get(id) === lane && this.#timeLeft() > 0) {
         // Wakes from here on (an event committed here, a timer) are this turn's to answer.
@@ -546,7 +549,10 @@ export class Dispatcher {
         const head = lane.queue[0];
         const now = head === undefined ? undefined : this.#dueNow(id, lane, head);
         if (now !== undefined) {
-          if (!(await this.#sendRun(sub, lane, now))) return;
+          // Not once the lease is too short for a whole run (a run that waited long for a
+          // connection slot): the next turn renews it first, or finds it lost.
+          if (!(await this.#sendRun(sub, lane, now, () => lane.heldUntil - this.#clock.now() > RUN_UNDER_LEASE_MS)))
+            return;
           continue;
         }
         // Nothing to send now. Stopped below a missing number that may be voided by now (or was
@@ -578,15 +584,22 @@ export class Dispatcher {
         );
       }
       lane.running = false;
-      if (lane.wokenWhileRunning && this.#lanes.get(id) === lane) this.#wake(id, false);
+      const woken = lane.wokenWhileRunning;
+      lane.wokenWhileRunning = false;
+      // Never from here on the stack (a loop that cannot run, its time over, must not wake itself
+      // again and again), and not once the time for attempts is over: a later run sends it.
+      if (woken && this.#lanes.get(id) === lane && this.#timeLeft() > 0) setImmediate(() => this.#wake(id, false));
     }
   }
 
   /** Wakes the lane (to read the store) at clock time `at`, in place of any timer it had. */
   #wakeAt(id: string, lane: Lane, at: number): void {
     clearTimeout(lane.timer);
+    if (this.#closed) return;
     const delay = Math.min(Math.max(at - this.#clock.now(), 0), MAX_TIMER_MS);
     lane.timer = setTimeout(() => this.#wake(id, true), delay);
+    // A wake in case another instance does not come through: it holds no process open.
+    lane.timer.unref();
   }
 
   /** A lane's loop ended by an error: logged (a closing limiter is no error); its notifications stay pending. */
@@ -675,8 +688,17 @@ export class Dispatcher {
     return undefined;
   }
 
-  /** Sends one run from the head of the lane's queue and applies its outcomes; false when the lane must stop. */
-  async #sendRun(sub: SubscriptionRecord, lane: Lane, now: number): Promise<boolean> {
+  /**
+   * Sends one run from the head of the lane's queue and applies its outcomes; false when the lane
+   * must stop. `mayStart`, asked once the run has a connection slot: false sends nothing (and
+   * changes nothing).
+   */
+  async #sendRun(
+    sub: SubscriptionRecord,
+    lane: Lane,
+    now: number,
+    mayStart: () => boolean = () => true,
+  ): Promise<boolean> {
     const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
     const generation = lane.generation;
     const run = new RunStop();
@@ -690,7 +712,7 @@ export class Dispatcher {
       results =
         (await this.#attempt(
           sub,
-          () => this.#sendNotifications(sub, batches, run),
+          () => (mayStart() ? this.#sendNotifications(sub, batches, run) : Promise.resolve([])),
           () => {
             run.stop();
             return [ATTEMPT_CUT];

@@ -57,10 +57,24 @@ describe('Metrics.emf', () => {
       { Name: 'broker_delivery_latency_seconds', Unit: 'Seconds' },
     ]);
     expect(first?._aws.CloudWatchMetrics[0]?.Dimensions).toEqual([['Function']]);
-    expect(first?.broker_delivery_latency_seconds).toEqual({ Values: [0.001, 0.005, 0.25, 20], Counts: [1, 2, 1, 1] });
+    expect(first?.broker_delivery_latency_seconds).toEqual({
+      Values: [0.001, 0.005, 0.25, 30],
+      Counts: [1, 2, 1, 1],
+      Count: 5,
+      Sum: 0.0005 + 0.003 + 0.004 + 0.2 + 30,
+      Min: 0.0005,
+      Max: 30,
+    });
     m.observe('broker_delivery_latency_seconds', 0.004);
     const [second] = parse(m.emf({ Function: 'dispatch' }, 2));
-    expect(second?.broker_delivery_latency_seconds).toEqual({ Values: [0.005], Counts: [1] });
+    expect(second?.broker_delivery_latency_seconds).toEqual({
+      Values: [0.005],
+      Counts: [1],
+      Count: 1,
+      Sum: expect.closeTo(0.004, 9),
+      Min: 0.004,
+      Max: 0.004,
+    });
     expect(m.emf({ Function: 'dispatch' }, 3)).toEqual([]);
     expect(await m.render()).toContain('broker_delivery_latency_seconds_count 6');
   });

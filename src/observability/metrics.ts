@@ -27,6 +27,16 @@ const FAMILIES = {
 
 export type MetricName = keyof typeof FAMILIES;
 
+interface Histogram {
+  /** Cumulative: observations at or below each of LATENCY_BUCKETS_S. */
+  readonly buckets: number[];
+  sum: number;
+  count: number;
+  /** The least and the largest observed since the last EMF report. */
+  min: number;
+  max: number;
+}
+
 /** Where a Lambda function's metrics go: CloudWatch (Embedded Metric Format), under this namespace. */
 export const EMF_NAMESPACE = 'FhirSubscriptionBroker';
 
@@ -38,7 +48,7 @@ export class Metrics {
   readonly #reported = new Map<string, number>();
   readonly #reportedHistograms = new Map<string, { buckets: number[]; count: number; sum: number }>();
   readonly #gauges = new Map<MetricName, () => number | Promise<number>>();
-  readonly #histograms = new Map<string, { buckets: number[]; sum: number; count: number }>();
+  readonly #histograms = new Map<string, Histogram>();
   readonly #keys = new Map<MetricName, Map<string, string>>();
 
   inc(name: MetricName, labels: Labels = {}, by = 1): void {
@@ -56,13 +66,15 @@ export class Metrics {
   observe(name: MetricName, seconds: number): void {
     let h = this.#histograms.get(name);
     if (h === undefined) {
-      h = { buckets: LATENCY_BUCKETS_S.map(() => 0), sum: 0, count: 0 };
+      h = { buckets: LATENCY_BUCKETS_S.map(() => 0), sum: 0, count: 0, min: Infinity, max: -Infinity };
       this.#histograms.set(name, h);
     }
     for (let i = 0; i < LATENCY_BUCKETS_S.length; i++)
       if (seconds <= (LATENCY_BUCKETS_S[i] as number)) h.buckets[i]! += 1;
     h.sum += seconds;
     h.count += 1;
+    if (seconds < h.min) h.min = seconds;
+    if (seconds > h.max) h.max = seconds;
   }
 
   value(name: MetricName, labels: Labels = {}): number {
@@ -102,9 +114,11 @@ export class Metrics {
    * On AWS every container holds its own counts and `/metrics` would show one API container's, so
    * each invocation reports its deltas instead, summed across containers by CloudWatch. A counter
    * series is one line: `dimensions` and its labels as dimensions, the delta as a `Count`. A
-   * histogram is one line of `Values` (each bucket's upper bound, the last bucket's as twice the
-   * largest bound) with their `Counts`, in `Seconds`. Gauges are not reported (a per-container
-   * value CloudWatch cannot sum).
+   * histogram is one line in `Seconds`, in the form AWS's EMF libraries write histograms: `Values`
+   * (each bucket's upper bound; beyond the largest, the largest observation) with their `Counts`,
+   * and `Count`, `Sum`, `Min` and `Max` of what was observed since the last report. Each metric is
+   * its own line, so one CloudWatch refused costs no other. Gauges are not reported (a
+   * per-container value CloudWatch cannot sum).
    */
   emf(dimensions: Readonly<Record<string, string>>, timestamp: number): string[] {
     const lines: string[] = [];
@@ -149,13 +163,24 @@ export class Metrics {
           counts.push(within);
         }
       });
+      // Beyond the largest bucket: the largest observed since the last report stands for them.
       const above = h.count - before.count - below;
       if (above > 0) {
-        values.push(2 * (LATENCY_BUCKETS_S[LATENCY_BUCKETS_S.length - 1] as number));
+        values.push(h.max);
         counts.push(above);
       }
       this.#reportedHistograms.set(name, { buckets: [...h.buckets], count: h.count, sum: h.sum });
-      line(name, {}, 'Seconds', { Values: values, Counts: counts });
+      line(name, {}, 'Seconds', {
+        Values: values,
+        Counts: counts,
+        Count: h.count - before.count,
+        Sum: h.sum - before.sum,
+        Min: h.min,
+        Max: h.max,
+      });
+      // Min and max are per report.
+      h.min = Infinity;
+      h.max = -Infinity;
     }
     return lines;
   }

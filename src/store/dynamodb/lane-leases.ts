@@ -176,7 +176,12 @@ export class DynamoDbLaneLeases implements LaneLeases {
       return { through, epoch: current.epoch };
     } catch (err) {
       if (!(err instanceof ConditionalCheckFailedException)) throw err;
-      // Re-queued again, or lost, in between: as good as lost; a later take reads it afresh.
+      // Re-queued again (or lost) in between: let it go, if still ours, for a later take to read afresh.
+      await this.#update(subscriptionId, {
+        UpdateExpression: 'REMOVE #holder, #until',
+        ConditionExpression: '#holder = :me',
+        ExpressionAttributeValues: { ':me': S(holder) },
+      }).catch(ignoreCondition);
       return undefined;
     }
   }
