@@ -2,6 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, expect, it } from 'vitest';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { eventLike, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
@@ -50,3 +51,61 @@ it('an attempt on the wire to the old endpoint during the move does not count ag
   expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
   expect(notifiedNumbers(receiver.on('/new'))).toEqual([1]);
 });
+
+it('an attempt that fails for good while the re-activation is being written is re-queued with the rest', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-race-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const receiver = await Receiver.start();
+  cleanups.push(() => receiver.close());
+  const real = new SqliteStore(join(dir, 'store'));
+  // The move is written at once, but its answer reaches the registry 1 s later (a busy writer).
+  let answerLater: Promise<void> | undefined;
+  const store = new Proxy(real, {
+    get(target, prop) {
+      if (prop === 'replaceSubscription') {
+        return async (...args: Parameters<SqliteStore['replaceSubscription']>) => {
+          const stored = await target.replaceSubscription(...args);
+          await answerLater;
+          return stored;
+        };
+      }
+      const value = Reflect.get(target, prop, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+  const t = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_RETRY_DELAYS: '50ms' }, { store });
+  cleanups.push(() => t.broker.close(0));
+  const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/old`));
+  const id = sub.id as string;
+  await t.logger.waitForStatus(id, 'active');
+  let attempts = 0;
+  let lastOnTheWire!: () => void;
+  const onTheWire = new Promise<void>((resolve) => {
+    lastOnTheWire = resolve;
+  });
+  receiver.respond = (req) => {
+    if (req.path !== '/old' || !req.body.includes('"event-notification"')) return { status: 204 };
+    // The old endpoint fails both attempts; the last one answers only after 600 ms.
+    if (++attempts === 2) {
+      lastOnTheWire();
+      return { status: 503, delayMs: 600 };
+    }
+    return { status: 503 };
+  };
+  await t.post([eventLike('healthlake-update-patient', 'late-dead-1', 'p1')]);
+  await onTheWire;
+  answerLater = new Promise((resolve) => setTimeout(resolve, 1_000));
+  const put = await t.call('PUT', `/fhir/Subscription/${id}`, {
+    ...topicSubscription('patient-change', `${receiver.url}/new`),
+    id,
+  });
+  answerLater = undefined;
+  expect(put.status).toBe(200);
+  await t.logger.waitForStatus(id, 'active');
+  await t.post([eventLike('healthlake-update-patient', 'late-dead-2', 'p1')]);
+  // Event 1, dead-lettered by the old endpoint's last answer during the move, goes to the new one first.
+  await receiver.waitFor(() => notifiedNumbers(receiver.on('/new')).length === 2, 'both events at /new', 6_000);
+  expect(notifiedNumbers(receiver.on('/new'))).toEqual([1, 2]);
+  // The old endpoint had its two attempts and no more once the move began.
+  expect(notifiedNumbers(receiver.arrived.filter((r) => r.path === '/old'))).toEqual([1, 1]);
+}, 20_000);

@@ -81,6 +81,8 @@ class Lane {
   voidableAt: number | undefined;
   /** `#wake` found the lane running (a leased lane letting go checks it: the wake must not be lost). */
   wokenWhileRunning = false;
+  /** A re-queue is under way (`#pauseForRequeue` until `requeued`): the lane sends nothing. */
+  paused = false;
   /** A store read for this lane is under way. */
   reloading = false;
   /** Something was enqueued while `reloading`: read the store again afterwards. */
@@ -256,7 +258,7 @@ export class Dispatcher {
         this.#scheduleEnd(id);
         this.#letGoOfSockets(before);
       },
-      beforeRequeue: () => this.flush(),
+      beforeRequeue: (id) => this.#pauseForRequeue(id),
       onRequeued: (id) => this.requeued(id),
     });
   }
@@ -491,7 +493,7 @@ export class Dispatcher {
   async #drain(id: string, lane: Lane): Promise<void> {
     lane.running = true;
     try {
-      while (!this.#closed && this.#lanes.get(id) === lane) {
+      while (!this.#closed && this.#lanes.get(id) === lane && !lane.paused) {
         const sub = this.#registry.get(id);
         if (sub === undefined || sub.status !== 'active') return;
         if ((lane.queue.length === 0 && lane.backlog) || lane.rescan) {
@@ -528,7 +530,7 @@ export class Dispatcher {
     lane.running = true;
     lane.wokenWhileRunning = false;
     try {
-      while (!this.#closed && this.#lanes.get(id) === lane && this.#timeLeft() > 0) {
+      while (!this.#closed && this.#lanes.get(id) === lane && !lane.paused && this.#timeLeft() > 0) {
         // Wakes from here on (an event committed here, a timer) are this turn's to answer.
         lane.wokenWhileRunning = false;
         const sub = this.#registry.get(id);
@@ -768,21 +770,39 @@ export class Dispatcher {
     const lane = this.#lane(id);
     clearTimeout(lane.timer);
     lane.timer = undefined;
+    lane.paused = false;
+    lane.queue = [];
+    lane.backlog = true;
+    lane.generation++;
     if (this.#leases !== undefined) {
       // The store lowered the lease's watermark: renew it (which finds that) before the next run.
-      lane.queue = [];
-      lane.backlog = true;
       lane.recheck = true;
-      lane.generation++;
-      return;
+    } else {
+      lane.queuedThrough = 0;
+      lane.done = 0;
+      // An attempt on the wire now records its outcome after this: the read waits for that write.
+      lane.rescan = true;
     }
+    // (A subscription not active, the usual case as it waits for its handshake, sends nothing yet.)
+    this.#wake(id, true);
+  }
+
+  /**
+   * Before a re-queue (re-activation): the lane stops sending until `requeued`, and an attempt
+   * that settles from here on counts as one the re-queue started over (pending, no attempt
+   * counted), whichever of the two the store writes first: one the old endpoint fails for good
+   * in that window would otherwise be dead-lettered after the re-queue and stay dead. Then the
+   * delivery states so far are written, for the re-queue to read.
+   */
+  #pauseForRequeue(id: string): Promise<void> {
+    const lane = this.#lane(id);
+    lane.run?.stop();
+    clearTimeout(lane.timer);
+    lane.timer = undefined;
+    lane.paused = true;
     lane.queue = [];
-    lane.queuedThrough = 0;
-    lane.done = 0;
-    lane.backlog = true;
-    // An attempt on the wire now records its outcome after this: the read waits for that write.
-    lane.rescan = true;
     lane.generation++;
+    return this.flush();
   }
 
   /** Write pending delivery states now (before a requeue reads them, for one). */

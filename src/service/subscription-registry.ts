@@ -26,9 +26,15 @@ export interface RegistryListener {
   onRemoved(id: string, before: SubscriptionRecord): void;
   /** Anything else about the subscription changed (status, channel, heartbeat period); `before` is what it was. */
   onChanged(id: string, before: SubscriptionRecord): void;
-  /** Before dead letters are re-queued: make every delivery state known so far durable. */
+  /**
+   * Before dead letters are re-queued: stop delivering the subscription, and make every delivery
+   * state known so far durable.
+   */
   beforeRequeue(id: string): Promise<void>;
-  /** Dead letters were re-queued: whatever is held in memory for the subscription is stale. */
+  /**
+   * Dead letters were re-queued (or the re-activation failed after `beforeRequeue`): whatever is
+   * held in memory for the subscription is stale; delivery may go on.
+   */
   onRequeued(id: string): void;
 }
 
@@ -269,22 +275,27 @@ export class SubscriptionRegistry {
         resource: spec.resource,
       };
       const reactivating = status === 'requested' && current.status !== 'requested';
-      if (reactivating) {
-        // Re-activation: what was dead-lettered goes back in the queue, delivered after the handshake.
-        await this.#listener?.beforeRequeue(id);
-        const requeued = await this.#store.requeueDeadLetters(id, this.#clock.now());
-        if (requeued > 0) this.#logger.info('dead letters requeued', { subscription: id, count: requeued });
+      let stored: SubscriptionRecord | undefined;
+      try {
+        if (reactivating) {
+          // Re-activation: what was dead-lettered goes back in the queue, delivered after the handshake.
+          await this.#listener?.beforeRequeue(id);
+          const requeued = await this.#store.requeueDeadLetters(id, this.#clock.now());
+          if (requeued > 0) this.#logger.info('dead letters requeued', { subscription: id, count: requeued });
+        }
+        // Compare-and-set: a broker status change (dead letter, 410) made meanwhile is never overwritten.
+        stored = await this.#store.replaceSubscription(next, {
+          status: current.status,
+          updatedAt: current.updatedAt,
+        });
+      } finally {
+        // Also when the change was not written (the re-queue may have been): the lane reads again.
+        if (reactivating) this.#listener?.onRequeued(id);
       }
-      // Compare-and-set: a broker status change (dead letter, 410) made meanwhile is never overwritten.
-      const stored = await this.#store.replaceSubscription(next, {
-        status: current.status,
-        updatedAt: current.updatedAt,
-      });
       if (stored === undefined) {
         if (attempt < UPDATE_ATTEMPTS) continue;
         throw new BrokerError('CONFLICT', `Subscription/${id} kept changing while it was being updated; try again`);
       }
-      if (reactivating) this.#listener?.onRequeued(id);
       return this.#afterUpdate(owner, current, stored);
     }
   }
