@@ -108,6 +108,8 @@ const DEFAULT_EVENT_TTL_MS = 7 * 86_400_000;
 export interface DynamoDbStoreOptions {
   /** How long an accepted event id (and its markers) deduplicates; the TTL of those items. */
   readonly eventTtlMs?: number;
+  /** How long a lane waits for a taken number's notification before voiding it (lane-leases.ts, VOID_AFTER_MS). */
+  readonly voidAfterMs?: number;
 }
 
 export class DynamoDbStore implements Store {
@@ -124,7 +126,7 @@ export class DynamoDbStore implements Store {
     this.#client = client;
     this.#tables = tableNames(tablePrefix);
     this.#requests = new DynamoDbRequests(client);
-    this.laneLeases = new DynamoDbLaneLeases(client, this.#tables.notifications);
+    this.laneLeases = new DynamoDbLaneLeases(client, this.#tables.notifications, options.voidAfterMs);
     this.#acceptance = new EventAcceptance({
       client,
       requests: this.#requests,

@@ -44,10 +44,12 @@ const NAMES = {
 export class DynamoDbLaneLeases implements LaneLeases {
   readonly #client: DynamoDBClient;
   readonly #table: string;
+  readonly #voidAfterMs: number;
 
-  constructor(client: DynamoDBClient, notificationsTable: string) {
+  constructor(client: DynamoDBClient, notificationsTable: string, voidAfterMs = VOID_AFTER_MS) {
     this.#client = client;
     this.#table = notificationsTable;
+    this.#voidAfterMs = voidAfterMs;
   }
 
   async take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | LaneHeld> {
@@ -208,7 +210,9 @@ export class DynamoDbLaneLeases implements LaneLeases {
           // Taken but not written: an acceptance under way (wait for it), or one that never will be.
           const missing = Array.from({ length: n - expected }, (_, k) => expected + k);
           const createdAt = readNumber(item, 'createdAt');
-          if (createdAt > now - VOID_AFTER_MS) return { notes, through: mark, voidableAt: createdAt + VOID_AFTER_MS };
+          if (createdAt > now - this.#voidAfterMs) {
+            return { notes, through: mark, voidableAt: createdAt + this.#voidAfterMs };
+          }
           // Written meanwhile: read again at once.
           if (!(await voidNumbers(this.#client, this.#table, subscriptionId, missing, now))) {
             return { notes, through: mark, voidableAt: now };

@@ -1,0 +1,61 @@
+import { randomUUID } from 'node:crypto';
+import { UpdateItemCommand } from '@aws-sdk/client-dynamodb';
+import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
+import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
+import { ensureTables, tableNames } from '../src/store/dynamodb/tables.js';
+import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
+import { eventLike, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
+import { inProcessBroker, type TestBroker } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+
+/**
+ * The broker as a server on the DynamoDB store (BROKER_STORE=dynamodb, several instances may share
+ * the tables): no scheduled run comes by, so a lane that stopped below a number another instance
+ * took but never wrote must come back by itself once that number may be voided.
+ */
+
+let local: DynamoDbLocal;
+let receiver: Receiver;
+let t: TestBroker | undefined;
+
+beforeAll(async () => {
+  local = await startDynamoDbLocal();
+  receiver = await Receiver.start();
+});
+afterEach(async () => {
+  await t?.broker.close(0);
+  t = undefined;
+});
+afterAll(async () => {
+  await receiver?.close();
+  await local?.stop();
+});
+
+it('a lane waiting below a number whose acceptance died reads again once it may be voided, and sends', async () => {
+  const prefix = `server-lanes-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(local.client, prefix);
+  t = await inProcessBroker({}, { store: new DynamoDbStore(local.client, prefix, { voidAfterMs: 1_000 }) });
+  const sub = await t.create(
+    topicSubscription('patient-change', `${receiver.url}/wait`, { filters: ['Patient?_id=w-p'] }),
+  );
+  const id = sub.id as string;
+  await t.logger.waitForStatus(id, 'active');
+  // An acceptance elsewhere took number 1, and its process died before writing the notification.
+  await local.client.send(
+    new UpdateItemCommand({
+      TableName: tableNames(prefix).subscriptions,
+      Key: { id: { S: id } },
+      UpdateExpression: 'ADD eventsSinceStart :one',
+      ExpressionAttributeValues: { ':one': { N: '1' } },
+    }),
+  );
+  const notified = () =>
+    notifiedNumbers(receiver.arrived.filter((r) => r.path === '/wait' && r.body.includes('"event-notification"')));
+  await t.post([eventLike('healthlake-update-patient', randomUUID(), 'w-p')]);
+  // Number 2 waits behind 1 ...
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  expect(notified()).toEqual([]);
+  // ... until 1 may be voided (1 s here, 30 s by default): then it goes, with nothing else to wake it.
+  await receiver.waitFor(() => notified().length === 1, 'notification 2', 10_000);
+  expect(notified()).toEqual([2]);
+});
