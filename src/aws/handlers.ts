@@ -88,7 +88,8 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
    * An invocation that may make attempts: they are over within the delivery budget, and
    * FLUSH_MARGIN_MS before the function's timeout (see DELIVERY_BUDGET_MS). After `work`, before
    * the handler returns (the container may freeze): attempts under way (failed ones recorded for a
-   * retry), delivery states, then lifecycle events.
+   * retry), delivery states, then lifecycle events; then, also when it failed, what the invocation
+   * counted (`report`).
    */
   const within = async <T>(
     broker: AwsBroker,

@@ -864,7 +864,8 @@ export class Dispatcher {
       // re-activation put its dead letters back in the queue and started its retries over, so this
       // one starts over with them (no attempt counted, due now) rather than keep the old endpoint's
       // schedule, or die after them if it was the last (dead until the next re-activation). The
-      // rebuilt lane reads it from the store, after this state (its rescan writes what is waiting first).
+      // rebuilt lane reads it from the store, after this state (its rescan, or under a lease its next
+      // read, writes what is waiting first).
       for (const { note } of batch) {
         const { subscriptionId, eventNumber } = note;
         this.#states.record({
@@ -906,7 +907,8 @@ export class Dispatcher {
       this.#states.record(note);
     });
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
-    // A rebuilt lane reads the retry back from the store (its rescan writes this state first).
+    // A rebuilt lane reads the retry back from the store (its rescan, or under a lease its next read,
+    // writes this state first).
     if (!current) return true;
     // Not for a lane forgotten meanwhile (the subscription was deleted): waking it would make a new one.
     if (!this.#closed && this.#lanes.get(sub.id) === lane) {

@@ -1,4 +1,7 @@
-/** Prometheus text-format metrics, held per broker instance (no module-level state). */
+/**
+ * The broker's metrics, held per broker instance (no module-level state): Prometheus text for
+ * `GET /metrics`, and CloudWatch Embedded Metric Format lines for each Lambda invocation (`emf`).
+ */
 
 type Labels = Readonly<Record<string, string>>;
 

@@ -15,6 +15,11 @@ import { voidNumbers } from './lane-leases.js';
 import { conditionHeld, type DynamoDbRequests } from './requests.js';
 import { type TableNames, TTL_ATTRIBUTE } from './tables.js';
 
+/** `#queue`'s answer for a number voided before its notification was written. */
+const VOIDED = Symbol('voided');
+/** Numbers given up in a row for one notification before the acceptance fails (EventBridge retries it). */
+const MAX_VOIDED = 3;
+
 /**
  * `acceptChanges` of the DynamoDB store, per event, in this order:
  *   1. one consistent BatchGetItem of the dedupe keys and markers of the whole batch;
@@ -27,11 +32,6 @@ import { type TableNames, TTL_ATTRIBUTE } from './tables.js';
  * Every write is acknowledged by DynamoDB before `accept` resolves: an accepted event is durable.
  * The caveats (gaps in event numbers, interleaving across processes) are in dynamodb-store.ts.
  */
-/** `#queue`'s answer for a number voided before its notification was written. */
-const VOIDED = Symbol('voided');
-/** Numbers given up in a row for one notification before the acceptance fails (EventBridge retries it). */
-const MAX_VOIDED = 3;
-
 export class EventAcceptance {
   readonly #client: DynamoDBClient;
   readonly #requests: DynamoDbRequests;

@@ -60,9 +60,10 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  *
  * Caveats, honestly:
  * - Event numbers can have gaps. A process that dies between a counter increment and its
- *   transaction (step 3 in acceptance.ts), a subscription deleted in between, a transaction failing
- *   past its retries, or a copy of the event accepted at the same moment elsewhere consumes a
- *   number no notification carries; such a number is left void (a `void` row, lane-leases.ts).
+ *   transaction (step 3 in acceptance.ts), a transaction failing past its retries, or a copy of the
+ *   event accepted at the same moment elsewhere consumes a number no notification carries; such a
+ *   number is left void (a `void` row, lane-leases.ts). A subscription deleted in between leaves a
+ *   gap nobody reads. (`notifications` also holds each subscription's lane lease, at number 0.)
  *   The Backport IG lets a client see a gap in `events-since-subscription-start` and ask `$events`,
  *   which then has nothing for that number. SQLite never has gaps.
  * - Calls within one store instance are serialised, so numbers follow acceptance order. Across

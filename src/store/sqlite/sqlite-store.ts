@@ -305,14 +305,14 @@ export class SqliteStore implements Store {
          AND event_number > MAX(@after, IFNULL((SELECT done_through FROM subscription_counters WHERE subscription_id = @id), 0))
          ORDER BY event_number LIMIT @limit`,
       ),
-      // Counted above the watermark, each confirmed by a pending row there (rows above it may be done
-      // on the row); the counters, not a scan of every notification kept for `$events`.
       // Every number above a subscription's watermark is pending but for the few written done on
       // their row above a pending one (after a re-queue, until it is delivered): an upper bound,
       // exact in the common case, from one page of counters.
       countPending: db.prepare<[], { n: number }>(
         'SELECT IFNULL(SUM(events_since_start - done_through), 0) AS n FROM subscription_counters WHERE events_since_start > done_through',
       ),
+      // Counted above the watermark, each confirmed by a pending row there (rows above it may be done
+      // on the row); the counters, not a scan of every notification kept for `$events`.
       withPending: db.prepare<[], { subscription_id: string }>(
         `SELECT c.subscription_id FROM subscription_counters c WHERE c.events_since_start > c.done_through
          AND EXISTS (SELECT 1 FROM notifications n WHERE n.subscription_id = c.subscription_id
