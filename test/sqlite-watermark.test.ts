@@ -94,6 +94,20 @@ describe('SQLite delivery watermark', () => {
     expect(onDisk('s1')).toEqual({ mark: 6, rows: [1, 2, 3, 4, 5, 6].map((n) => [n, 'pending', 0]) });
   });
 
+  it('shows no earlier error on a notification the watermark marks delivered', async () => {
+    // Started over (a re-activation while its attempt was on the wire): pending, no attempt, its error kept.
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'pending', attempts: 0, dueAt: RECEIVED, lastError: 'HTTP 503' },
+    ]);
+    expect((await store.notificationsInRange('s1', 1, 1, 1))[0]?.lastError).toBe('HTTP 503');
+    // Then delivered at the first attempt after: the watermark passes it, the row is not rewritten.
+    await store.recordDeliveries([delivered('s1', 1)]);
+    expect(onDisk('s1').mark).toBe(1);
+    const [note] = await store.notificationsInRange('s1', 1, 1, 1);
+    expect(note).toMatchObject({ eventNumber: 1, state: 'delivered', attempts: 1 });
+    expect(note?.lastError).toBeUndefined();
+  });
+
   it('writes a delivery above a pending notification on its row, and the watermark passes it later', async () => {
     await store.recordDeliveries([delivered('s1', 3)]);
     expect(onDisk('s1').mark).toBe(0);

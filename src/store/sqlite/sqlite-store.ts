@@ -318,9 +318,11 @@ export class SqliteStore implements Store {
          AND EXISTS (SELECT 1 FROM notifications n WHERE n.subscription_id = c.subscription_id
            AND n.event_number > c.done_through AND n.state = 'pending')`,
       ),
-      // A row at or below the watermark still in state 'pending' was delivered at its first attempt.
+      // A row at or below the watermark still in state 'pending' was delivered (at its first attempt,
+      // or at the first after a re-queue started it over): no error of an earlier attempt goes with it.
       range: db.prepare<[string, number, number, number], NotificationRow>(
-        `SELECT n.subscription_id, n.event_number, n.change_json, n.due_at, n.last_error,
+        `SELECT n.subscription_id, n.event_number, n.change_json, n.due_at,
+           CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN NULL ELSE n.last_error END AS last_error,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN 'delivered' ELSE n.state END AS state,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN MAX(n.attempts, 1) ELSE n.attempts END
              AS attempts
