@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { UpdateItemCommand } from '@aws-sdk/client-dynamodb';
+import { PutItemCommand, UpdateItemCommand } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables, tableNames } from '../src/store/dynamodb/tables.js';
@@ -58,4 +58,37 @@ it('a lane waiting below a number whose acceptance died reads again once it may 
   // ... until 1 may be voided (1 s here, 30 s by default): then it goes, with nothing else to wake it.
   await receiver.waitFor(() => notified().length === 1, 'notification 2', 10_000);
   expect(notified()).toEqual([2]);
+});
+
+it('a lane held by an instance that died is taken over once its lease runs out, with nothing else to wake it', async () => {
+  const prefix = `server-lanes-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(local.client, prefix);
+  t = await inProcessBroker({}, { store: new DynamoDbStore(local.client, prefix) });
+  const sub = await t.create(
+    topicSubscription('patient-change', `${receiver.url}/dead`, { filters: ['Patient?_id=d-p'] }),
+  );
+  const id = sub.id as string;
+  await t.logger.waitForStatus(id, 'active');
+  // Another instance holds the lane for 1.5 s more, and has died: it will neither read again nor let go.
+  await local.client.send(
+    new PutItemCommand({
+      TableName: tableNames(prefix).notifications,
+      Item: {
+        subscriptionId: { S: id },
+        eventNumber: { N: '0' },
+        laneHolder: { S: 'a-dead-instance' },
+        laneUntil: { N: String(Date.now() + 1_500) },
+        laneThrough: { N: '0' },
+        laneEpoch: { N: '0' },
+      },
+    }),
+  );
+  const notified = () =>
+    notifiedNumbers(receiver.arrived.filter((r) => r.path === '/dead' && r.body.includes('"event-notification"')));
+  await t.post([eventLike('healthlake-update-patient', randomUUID(), 'd-p')]);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  expect(notified()).toEqual([]);
+  // Once the lease ran out, this instance's lane takes it and sends.
+  await receiver.waitFor(() => notified().length === 1, 'notification 1', 10_000);
+  expect(notified()).toEqual([1]);
 });
