@@ -596,12 +596,17 @@ export class Dispatcher {
 
   /** Wakes the lane (to read the store) at clock time `at`, in place of any timer it had. */
   #wakeAt(id: string, lane: Lane, at: number): void {
-    clearTimeout(lane.timer);
-    if (this.#closed) return;
-    const delay = Math.min(Math.max(at - this.#clock.now(), 0), MAX_TIMER_MS);
-    lane.timer = setTimeout(() => this.#wake(id, true), delay);
     // A wake in case another instance does not come through: it holds no process open.
-    lane.timer.unref();
+    this.#wakeIn(id, lane, at - this.#clock.now(), true)?.unref();
+  }
+
+  /** The lane's one timer: wakes it in `ms` (capped at what a timer takes), in place of any it had; none once closed. */
+  #wakeIn(id: string, lane: Lane, ms: number, reload: boolean): NodeJS.Timeout | undefined {
+    clearTimeout(lane.timer);
+    lane.timer = undefined;
+    if (this.#closed) return undefined;
+    lane.timer = setTimeout(() => this.#wake(id, reload), Math.min(Math.max(ms, 0), MAX_TIMER_MS));
+    return lane.timer;
   }
 
   /** A lane's loop ended by an error: logged (a closing limiter is no error); its notifications stay pending. */
@@ -635,11 +640,21 @@ export class Dispatcher {
       lane.queue = [];
       return false;
     }
-    if (hold.epoch === held.epoch) {
-      lane.hold = hold;
-      lane.heldUntil = now + LEASE_MS;
-    } else this.#adopt(lane, hold, now);
+    this.#stillHeld(lane, held, hold, now);
     return true;
+  }
+
+  /**
+   * The lease is still this lane's, as `hold` says (renewed, or kept to read again): extended; if
+   * a re-queue gave it a new epoch meanwhile, the lane starts over from its lowered watermark.
+   */
+  #stillHeld(lane: Lane, held: LaneHold, hold: LaneHold, now: number): void {
+    if (hold.epoch !== held.epoch) {
+      this.#adopt(lane, hold, now);
+      return;
+    }
+    lane.hold = hold;
+    lane.heldUntil = now + LEASE_MS;
   }
 
   /** A lease taken, or found re-queued: the lane starts over from its watermark. */
@@ -666,11 +681,8 @@ export class Dispatcher {
       lane.hold = undefined;
       return false;
     }
-    if (hold.epoch === held.epoch) {
-      lane.hold = hold;
-      lane.heldUntil = now + LEASE_MS;
-      lane.backlog = true;
-    } else this.#adopt(lane, hold, now);
+    this.#stillHeld(lane, held, hold, now);
+    lane.backlog = true;
     return true;
   }
 
@@ -685,8 +697,7 @@ export class Dispatcher {
     const own = lane.retry?.dueAt === head.note.dueAt ? lane.retry : undefined;
     const left = own === undefined ? head.note.dueAt - now : own.at - performance.now();
     if (left <= 0) return head.note.dueAt;
-    clearTimeout(lane.timer);
-    lane.timer = setTimeout(() => this.#wake(id, false), Math.min(left, MAX_TIMER_MS));
+    this.#wakeIn(id, lane, left, false);
     return undefined;
   }
 
@@ -913,7 +924,7 @@ export class Dispatcher {
     // Not for a lane forgotten meanwhile (the subscription was deleted): waking it would make a new one.
     if (!this.#closed && this.#lanes.get(sub.id) === lane) {
       lane.retry = { dueAt, at: performance.now() + delay };
-      lane.timer = setTimeout(() => this.#wake(sub.id, false), Math.min(delay, MAX_TIMER_MS));
+      this.#wakeIn(sub.id, lane, delay, false);
     }
     return false;
   }

@@ -32,6 +32,8 @@ export const VOID_AFTER_MS = 30_000;
 const LANE_NUMBER = 0;
 /** Notifications per page of a lane read. */
 const PAGE = 100;
+/** The update that lets a lease go. */
+const FREE = 'REMOVE #holder, #until';
 
 const NAMES = {
   '#holder': 'laneHolder',
@@ -91,11 +93,10 @@ export class DynamoDbLaneLeases implements LaneLeases {
     through: number,
     keepUntil?: number,
   ): Promise<LaneHold | undefined> {
-    const free = 'REMOVE #holder, #until';
     let old: Item | undefined;
     try {
       await this.#update(subscriptionId, {
-        UpdateExpression: `SET #through = :through ${free}`,
+        UpdateExpression: `SET #through = :through ${FREE}`,
         ConditionExpression: `#holder = :me AND #epoch = :epoch${keepUntil === undefined ? '' : ' AND attribute_not_exists(#wanted)'}`,
         ExpressionAttributeValues: { ':through': N(through), ':me': S(holder), ':epoch': N(hold.epoch) },
         ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
@@ -110,11 +111,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
     const current = holdOf(old);
     if (keepUntil === undefined) {
       // Re-queued meanwhile: let go without the watermark (the re-queue lowered it).
-      await this.#update(subscriptionId, {
-        UpdateExpression: free,
-        ConditionExpression: '#holder = :me',
-        ExpressionAttributeValues: { ':me': S(holder) },
-      }).catch(ignoreCondition);
+      await this.#free(subscriptionId, holder);
       return undefined;
     }
     return this.#keep(
@@ -179,13 +176,18 @@ export class DynamoDbLaneLeases implements LaneLeases {
     } catch (err) {
       if (!(err instanceof ConditionalCheckFailedException)) throw err;
       // Re-queued again (or lost) in between: let it go, if still ours, for a later take to read afresh.
-      await this.#update(subscriptionId, {
-        UpdateExpression: 'REMOVE #holder, #until',
-        ConditionExpression: '#holder = :me',
-        ExpressionAttributeValues: { ':me': S(holder) },
-      }).catch(ignoreCondition);
+      await this.#free(subscriptionId, holder);
       return undefined;
     }
+  }
+
+  /** Lets the lease go if `holder` still holds it, writing nothing else (no watermark, any request kept). */
+  async #free(subscriptionId: string, holder: string): Promise<void> {
+    await this.#update(subscriptionId, {
+      UpdateExpression: FREE,
+      ConditionExpression: '#holder = :me',
+      ExpressionAttributeValues: { ':me': S(holder) },
+    }).catch(ignoreCondition);
   }
 
   async read(subscriptionId: string, through: number, limit: number, now: number): Promise<LaneRead> {
