@@ -1,12 +1,11 @@
-import { randomUUID } from 'node:crypto';
-import { DeleteItemCommand, DeleteTableCommand, type DynamoDBClient, GetItemCommand } from '@aws-sdk/client-dynamodb';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
+import { DeleteItemCommand, type DynamoDBClient, GetItemCommand } from '@aws-sdk/client-dynamodb';
+import { describe, expect, it } from 'vitest';
+import type { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { laneKey, VOID_AFTER_MS, voidNumbers } from '../src/store/dynamodb/lane-leases.js';
-import { ensureTables, tableDefinitions, tableNames } from '../src/store/dynamodb/tables.js';
+import { tableNames } from '../src/store/dynamodb/tables.js';
 import type { LaneHeld, LaneHold } from '../src/store/store.js';
-import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
-import { item, RECEIVED, record } from './support/store-fixtures.js';
+import { storePerTest } from './support/dynamodb-store-per-test.js';
+import { item, RECEIVED } from './support/store-fixtures.js';
 
 /**
  * The DynamoDB store's lane leases (one sender per subscription across Lambda containers) against
@@ -15,29 +14,12 @@ import { item, RECEIVED, record } from './support/store-fixtures.js';
  * it is too old). The containers using them are in aws-containers.test.ts.
  */
 
-let local: DynamoDbLocal;
 let client: DynamoDBClient;
 let prefix: string;
 let store: DynamoDbStore;
 
-beforeAll(async () => {
-  local = await startDynamoDbLocal();
-  client = local.client;
-});
-afterAll(() => local?.stop());
-
-beforeEach(async () => {
-  prefix = `lanes-${randomUUID().slice(0, 8)}-`;
-  await ensureTables(client, prefix);
-  store = new DynamoDbStore(client, prefix);
-  await store.insertSubscription(record('s1'));
-});
-
-afterEach(async () => {
-  await store.close();
-  await Promise.all(
-    tableDefinitions(prefix).map((d) => client.send(new DeleteTableCommand({ TableName: d.input.TableName }))),
-  );
+storePerTest('lanes', (t) => {
+  ({ client, prefix, store } = t);
 });
 
 const NOW = RECEIVED + 1_000;

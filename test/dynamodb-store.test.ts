@@ -1,7 +1,5 @@
-import { randomUUID } from 'node:crypto';
 import {
   DeleteItemCommand,
-  DeleteTableCommand,
   DescribeTableCommand,
   DescribeTimeToLiveCommand,
   type DynamoDBClient,
@@ -11,13 +9,13 @@ import {
   TransactWriteItemsCommand,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { outcomeOf } from '../src/http/outcome.js';
 import { DynamoDbBindings } from '../src/store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { SubscriptionExistsError, WriteConflictError } from '../src/store/dynamodb/errors.js';
-import { ensureTables, INDEX, tableDefinitions, tableNames } from '../src/store/dynamodb/tables.js';
-import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
+import { ensureTables, INDEX, tableNames } from '../src/store/dynamodb/tables.js';
+import { storePerTest } from './support/dynamodb-store-per-test.js';
 import { change, item, RECEIVED, record } from './support/store-fixtures.js';
 
 /**
@@ -25,29 +23,12 @@ import { change, item, RECEIVED, record } from './support/store-fixtures.js';
  * TTL-expired items, sparse indexes. The shared behaviour is in store-contract.test.ts.
  */
 
-let local: DynamoDbLocal;
 let client: DynamoDBClient;
 let prefix: string;
 let store: DynamoDbStore;
 
-beforeAll(async () => {
-  local = await startDynamoDbLocal();
-  client = local.client;
-});
-afterAll(() => local?.stop());
-
-beforeEach(async () => {
-  prefix = `ddb-${randomUUID().slice(0, 8)}-`;
-  await ensureTables(client, prefix);
-  store = new DynamoDbStore(client, prefix);
-  await store.insertSubscription(record('s1'));
-});
-
-afterEach(async () => {
-  await store.close();
-  await Promise.all(
-    tableDefinitions(prefix).map((d) => client.send(new DeleteTableCommand({ TableName: d.input.TableName }))),
-  );
+storePerTest('ddb', (t) => {
+  ({ client, prefix, store } = t);
 });
 
 const names = () => tableNames(prefix);
