@@ -99,12 +99,12 @@ export function loadConfig(env: Env = process.env): Config {
   }
   const dynamodbEndpoint = str(env, 'DYNAMODB_ENDPOINT');
   const ingestToken = str(env, 'BROKER_INGEST_TOKEN');
-  if (ingestToken !== undefined && ingestToken.length < 16) {
-    throw new ConfigError('BROKER_INGEST_TOKEN', 'must be at least 16 characters');
+  if (ingestToken !== undefined && ingestToken.length < MIN_TOKEN_CHARS) {
+    throw new ConfigError('BROKER_INGEST_TOKEN', `must be at least ${MIN_TOKEN_CHARS} characters`);
   }
   const metricsToken = str(env, 'BROKER_METRICS_TOKEN');
-  if (metricsToken !== undefined && metricsToken.length < 16) {
-    throw new ConfigError('BROKER_METRICS_TOKEN', 'must be at least 16 characters');
+  if (metricsToken !== undefined && metricsToken.length < MIN_TOKEN_CHARS) {
+    throw new ConfigError('BROKER_METRICS_TOKEN', `must be at least ${MIN_TOKEN_CHARS} characters`);
   }
   const eventBus = str(env, 'BROKER_EVENT_BUS');
   const awsRegion = str(env, 'AWS_REGION') ?? str(env, 'AWS_DEFAULT_REGION') ?? 'us-east-1';
@@ -123,8 +123,8 @@ export function loadConfig(env: Env = process.env): Config {
     );
   }
   const wsTokenSecret = str(env, 'BROKER_WS_TOKEN_SECRET');
-  if (wsTokenSecret !== undefined && wsTokenSecret.length < 32) {
-    throw new ConfigError('BROKER_WS_TOKEN_SECRET', 'must be at least 32 characters');
+  if (wsTokenSecret !== undefined && wsTokenSecret.length < MIN_WS_SECRET_CHARS) {
+    throw new ConfigError('BROKER_WS_TOKEN_SECRET', `must be at least ${MIN_WS_SECRET_CHARS} characters`);
   }
   const apiClients = parseApiKeys(str(env, 'BROKER_API_KEYS'));
   refuseOperatorSecretsAsApiKeys(apiClients, 'BROKER_API_KEYS', [
@@ -225,6 +225,13 @@ function list(raw: string | undefined): string[] {
         .filter((s) => s !== '');
 }
 
+/** An API client's id: what `BROKER_API_KEYS` and a kept credentials file may name a client. */
+export const CLIENT_ID = /^[A-Za-z0-9_.-]{1,64}$/;
+/** The shortest API key, ingest token or metrics token taken. */
+export const MIN_TOKEN_CHARS = 16;
+/** The shortest binding-token key (`BROKER_WS_TOKEN_SECRET`) taken. */
+export const MIN_WS_SECRET_CHARS = 32;
+
 /**
  * `clientId:token,…`. Errors name an entry by its position only: an entry written the wrong way
  * round (`token:clientId`) puts the token where the clientId belongs, and config errors end up in logs.
@@ -234,13 +241,13 @@ function parseApiKeys(raw: string | undefined): ApiClient[] {
     const colon = pair.indexOf(':');
     const clientId = colon === -1 ? '' : pair.slice(0, colon);
     const token = colon === -1 ? '' : pair.slice(colon + 1);
-    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(clientId)) {
+    if (!CLIENT_ID.test(clientId)) {
       throw new ConfigError(
         'BROKER_API_KEYS',
         `entry ${i + 1} is not clientId:token with a clientId of 1 to 64 letters, digits, _ . -`,
       );
     }
-    if (token.length < 16) {
+    if (token.length < MIN_TOKEN_CHARS) {
       throw new ConfigError(
         'BROKER_API_KEYS',
         `entry ${i + 1} has a token (after its first colon) shorter than 16 characters; entries are clientId:token`,

@@ -2,7 +2,16 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Ajv } from 'ajv';
-import { type ApiClient, type Config, ConfigError, fsReason, refuseOperatorSecretsAsApiKeys } from './config.js';
+import {
+  type ApiClient,
+  CLIENT_ID,
+  type Config,
+  ConfigError,
+  fsReason,
+  MIN_TOKEN_CHARS,
+  MIN_WS_SECRET_CHARS,
+  refuseOperatorSecretsAsApiKeys,
+} from './config.js';
 import { makeDataDir } from './data-dir-lock.js';
 
 /**
@@ -37,12 +46,12 @@ const keptSchema = {
       type: 'object',
       required: ['clientId', 'token'],
       properties: {
-        clientId: { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' },
-        token: { type: 'string', minLength: 16 },
+        clientId: { type: 'string', pattern: CLIENT_ID.source },
+        token: { type: 'string', minLength: MIN_TOKEN_CHARS },
       },
     },
-    ingestToken: { type: 'string', minLength: 16 },
-    wsTokenSecret: { type: 'string', minLength: 32 },
+    ingestToken: { type: 'string', minLength: MIN_TOKEN_CHARS },
+    wsTokenSecret: { type: 'string', minLength: MIN_WS_SECRET_CHARS },
   },
 };
 const validateKept = new Ajv({ strict: true }).compile<KeptCredentials>(keptSchema);
