@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
-import type { loadConfig } from '../src/config.js';
+import type { Config } from '../src/config.js';
 import { ensureTables, tableNames } from '../src/store/dynamodb/tables.js';
 import { ManagementApiDouble } from './support/aws-doubles.js';
 import {
@@ -35,13 +35,15 @@ describe('Lambda containers sharing the tables', () => {
   let local: DynamoDbLocal;
   let management: ManagementApiDouble;
   let receiver: Receiver;
-  let config: ReturnType<typeof loadConfig>;
+  let config: Config;
   const brokers: AwsBroker[] = [];
   const logger = new RecordingLogger();
 
-  const container = (extra: { overrides?: BrokerOverrides; dynamodb?: DynamoDBClient } = {}): Promise<AwsBroker> =>
+  const container = (
+    extra: { overrides?: BrokerOverrides; dynamodb?: DynamoDBClient; config?: Partial<Config> } = {},
+  ): Promise<AwsBroker> =>
     createAwsBroker({
-      config,
+      config: { ...config, ...extra.config },
       dynamodb: extra.dynamodb ?? local.client,
       management: new ApiGatewayManagementApiClient({
         endpoint: management.url,
@@ -310,6 +312,66 @@ describe('Lambda containers sharing the tables', () => {
       expect(m[directive?.Metrics[0]?.Name ?? '']).toBeDefined();
     }
   });
+
+  const call = async (via: Handlers, method: string, path: string, body?: Json) => {
+    const event = httpApiEvent(method, path, { token: ALICE, ...(body === undefined ? {} : { body }) });
+    const res = await via.api(event as unknown as Parameters<Handlers['api']>[0], context);
+    const text = 'body' in res && typeof res.body === 'string' ? res.body : '';
+    return { status: res.statusCode, body: (text === '' ? {} : JSON.parse(text)) as Json };
+  };
+
+  // Another container (the lane's holder) has an attempt to the old endpoint on the wire while the
+  // client moves the subscription (its re-queue resets the notification): the attempt's failure,
+  // settling after the re-queue, must not undo it (dead-letter it, or put the old schedule back)
+  // nor turn the re-activated subscription to `error`; the notification goes to the new endpoint.
+  for (const [what, retryDelaysMs] of [
+    ['its last attempt', [50]],
+    ['a retry', [50, 600_000]],
+  ] as const) {
+    it(`an attempt on the wire elsewhere during a re-activation settles without undoing it: ${what}`, async () => {
+      const tag = retryDelaysMs.length === 1 ? 'ra-last' : 'ra-retry';
+      const filters = [`Patient?_id=${tag}-p`];
+      const retrying = { config: { retryDelaysMs } };
+      const api = createHandlers(container(retrying));
+      const id = await create(api, topicSubscription('patient-change', `${receiver.url}/${tag}-old`, { filters }));
+      await receiver.waitFor(() => receiver.on(`/${tag}-old`).length === 1, 'the handshake');
+      let second!: () => void;
+      const onTheWire = new Promise<void>((resolve) => {
+        second = resolve;
+      });
+      let attempts = 0;
+      const before = receiver.respond;
+      receiver.respond = (req) => {
+        if (req.path !== `/${tag}-old` || !req.body.includes('"event-notification"')) return before(req);
+        // The old endpoint refuses attempt 1 at once and attempt 2 after 1.5 s.
+        if (++attempts === 2) {
+          second();
+          return { status: 503, delayMs: 1_500 };
+        }
+        return { status: 503 };
+      };
+      const events = createHandlers(container(retrying));
+      const accepted = events.events(eventLike('healthlake-update-patient', `${tag}-1`, `${tag}-p`));
+      await onTheWire;
+      // The client moves the subscription through the API function meanwhile; the new endpoint
+      // answers its handshake while attempt 2 is still on the wire.
+      const put = await call(api, 'PUT', `/fhir/Subscription/${id}`, {
+        ...topicSubscription('patient-change', `${receiver.url}/${tag}-new`, { filters }),
+        id,
+      });
+      expect(put.status).toBe(200);
+      await receiver.waitFor(() => receiver.on(`/${tag}-new`).length >= 1, 'the new handshake');
+      await accepted;
+      receiver.respond = before;
+      // The next minute tick sends it, at the latest.
+      await createHandlers(container(retrying)).dispatch(60_000);
+      await receiver.waitFor(() => arrivedAt(`/${tag}-new`).length === 1, 'notification 1 at the new endpoint');
+      expect(arrivedAt(`/${tag}-new`)).toEqual([1]);
+      expect(arrivedAt(`/${tag}-old`)).toEqual([1, 1]);
+      const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
+      expect(read.body.status).toBe('active');
+    });
+  }
 
   /** A client whose requests for `id`'s lane (its lease item, its lane reads) go through `hook` first. */
   const leaseHooked = (id: string, hook: (input: LeaseRequest, command: string) => Promise<void>): DynamoDBClient => {

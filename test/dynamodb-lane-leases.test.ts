@@ -169,18 +169,19 @@ describe('re-queueing a lane', () => {
     expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
     // The re-queue's epoch keeps A from writing watermark 3 again: it reads from 1.
     const again = await leases().release('s1', 'A', hold(a), 3, NOW + 60_000);
-    expect(again).toEqual({ through: 1, epoch: 1 });
+    // (Two epochs: one before the rows are reset, one with the lowered watermark.)
+    expect(again).toEqual({ through: 1, epoch: 2 });
     const read = await leases().read('s1', hold(again).through, 10, NOW);
     expect(read.notes.map((n) => n.eventNumber)).toEqual([2]);
     expect(read.through).toBe(1);
     // A renew answers the same to a holder that had not read it yet.
     const b = await leases().take('s1', 'B', NOW + 70_000, NOW + 90_000);
-    expect(b).toEqual({ through: 1, epoch: 1 });
+    expect(b).toEqual({ through: 1, epoch: 2 });
     await store.recordDeliveries([
       { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
     ]);
     expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
-    expect(await leases().renew('s1', 'B', hold(b), 3, NOW + 95_000)).toEqual({ through: 1, epoch: 2 });
+    expect(await leases().renew('s1', 'B', hold(b), 3, NOW + 95_000)).toEqual({ through: 1, epoch: 4 });
   });
 
   it('a holder that lets go without keeping, after a re-queue, leaves the lowered watermark', async () => {
@@ -192,6 +193,34 @@ describe('re-queueing a lane', () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     await store.requeueDeadLetters('s1', NOW);
     expect(await leases().release('s1', 'A', hold(a), 2)).toBeUndefined();
-    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 0, epoch: 1 });
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 0, epoch: 2 });
+  });
+
+  it("an attempt's failure recorded after a re-queue it began before leaves the re-queue's reset", async () => {
+    await accept(3);
+    const a = hold(await leases().take('s1', 'A', NOW, NOW + 60_000));
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'dead', attempts: 2, dueAt: NOW, lastError: 'HTTP 503' },
+      { subscriptionId: 's1', eventNumber: 2, state: 'pending', attempts: 1, dueAt: NOW + 5_000, laneEpoch: a.epoch },
+    ]);
+    expect(await store.requeueDeadLetters('s1', NOW + 1_000)).toBe(1);
+    // A's attempts at 2 and 3 began before the re-queue and fail after it: a dead letter and a retry.
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 2, dueAt: NOW + 6_000, laneEpoch: a.epoch },
+      { subscriptionId: 's1', eventNumber: 3, state: 'pending', attempts: 1, dueAt: NOW + 9_000, laneEpoch: a.epoch },
+    ]);
+    const read = await leases().read('s1', 0, 10, NOW + 2_000);
+    expect(read.notes.map((n) => [n.eventNumber, n.state, n.attempts, n.dueAt])).toEqual([
+      [1, 'pending', 0, NOW + 1_000],
+      [2, 'pending', 0, NOW + 1_000],
+      // Never attempted when the re-queue came: as accepted.
+      [3, 'pending', 0, RECEIVED],
+    ]);
+    // At the lane's epoch now, the same outcome is written.
+    const now = hold(await leases().renew('s1', 'A', a, 0, NOW + 60_000));
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 3, state: 'pending', attempts: 1, dueAt: NOW + 9_000, laneEpoch: now.epoch },
+    ]);
+    expect((await leases().read('s1', 0, 10, NOW + 2_000)).notes.map((n) => n.attempts)).toEqual([0, 0, 1]);
   });
 });

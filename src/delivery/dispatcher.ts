@@ -640,7 +640,7 @@ export class Dispatcher {
       lane.queue = [];
       return false;
     }
-    this.#stillHeld(lane, held, hold, now);
+    await this.#stillHeld(id, lane, held, hold, now);
     return true;
   }
 
@@ -648,13 +648,25 @@ export class Dispatcher {
    * The lease is still this lane's, as `hold` says (renewed, or kept to read again): extended; if
    * a re-queue gave it a new epoch meanwhile, the lane starts over from its lowered watermark.
    */
-  #stillHeld(lane: Lane, held: LaneHold, hold: LaneHold, now: number): void {
+  async #stillHeld(id: string, lane: Lane, held: LaneHold, hold: LaneHold, now: number): Promise<void> {
     if (hold.epoch !== held.epoch) {
       this.#adopt(lane, hold, now);
+      // Re-queued by a re-activation, perhaps in another instance: the subscription as it is now
+      // (a new endpoint, waiting for its handshake), not as this instance's cache last read it.
+      await this.#registry.refresh([id]);
       return;
     }
     lane.hold = hold;
     lane.heldUntil = now + LEASE_MS;
+  }
+
+  /** Under a lease: still at re-queue epoch `epoch` (renewed to find out), or lost (nothing learnt). */
+  async #sameEpoch(id: string, lane: Lane, epoch: number): Promise<boolean> {
+    const leases = this.#leases;
+    if (leases === undefined || lane.hold === undefined) return true;
+    lane.recheck = true;
+    if (!(await this.#holdLane(id, lane, leases))) return true;
+    return lane.hold?.epoch === epoch;
   }
 
   /** A lease taken, or found re-queued: the lane starts over from its watermark. */
@@ -681,7 +693,7 @@ export class Dispatcher {
       lane.hold = undefined;
       return false;
     }
-    this.#stillHeld(lane, held, hold, now);
+    await this.#stillHeld(id, lane, held, hold, now);
     lane.backlog = true;
     return true;
   }
@@ -714,6 +726,7 @@ export class Dispatcher {
   ): Promise<boolean> {
     const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
     const generation = lane.generation;
+    const epoch = lane.hold?.epoch;
     const run = new RunStop();
     lane.run = run;
     let results: SendResult[];
@@ -736,7 +749,7 @@ export class Dispatcher {
     }
     for (const [i, result] of results.entries()) {
       const batch = batches[i] as QueuedNotification[];
-      if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation))) return false;
+      if (!(await this.#settle(sub, lane, batch, result, lane.generation === generation, epoch))) return false;
     }
     return true;
   }
@@ -831,6 +844,7 @@ export class Dispatcher {
     batch: QueuedNotification[],
     result: SendResult,
     current: boolean,
+    epoch?: number,
   ): Promise<boolean> {
     // Left as it was (still pending, its attempts unchanged): the restart sends it again.
     if (this.#cutByShutdown(result)) return false;
@@ -853,6 +867,9 @@ export class Dispatcher {
       this.#metrics.inc('broker_notifications_total', { outcome: 'delivered' }, batch.length);
       return true;
     }
+    // Under a lease, a re-queue in another instance (the client re-activated the subscription
+    // there) is learnt from the lease: then this attempt counts as one the re-queue started over.
+    if (current && epoch !== undefined && !(await this.#sameEpoch(sub.id, lane, epoch))) current = false;
     const attempts = (batch[0]?.note.attempts ?? 0) + 1;
     this.#logger.warn('delivery failed', {
       subscription: sub.id,
@@ -894,7 +911,14 @@ export class Dispatcher {
     if (delay === undefined) {
       retire(lane, batch);
       for (const q of batch) {
-        this.#states.record({ ...q.note, state: 'dead', attempts, dueAt: now, lastError: result.error });
+        this.#states.record({
+          ...q.note,
+          state: 'dead',
+          attempts,
+          dueAt: now,
+          lastError: result.error,
+          laneEpoch: epoch,
+        });
       }
       this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);
       this.#lifecycle.publish({
@@ -914,8 +938,9 @@ export class Dispatcher {
     const dueAt = now + delay;
     batch.forEach((q, i) => {
       const note: StoredNotification = { ...q.note, attempts, dueAt, lastError: result.error };
-      if (current) lane.queue[i] = { ...q, note };
-      this.#states.record(note);
+      // (Not into a queue emptied meanwhile: a lease lost while the attempt was on the wire.)
+      if (current && lane.queue[i] === q) lane.queue[i] = { ...q, note };
+      this.#states.record({ ...note, laneEpoch: epoch });
     });
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
     // A rebuilt lane reads the retry back from the store (its rescan, or under a lease its next read,

@@ -32,6 +32,13 @@ export interface DeliveryUpdate {
   readonly attempts: number;
   readonly dueAt: number;
   readonly lastError?: string;
+  /**
+   * A failed attempt's outcome (a retry or a dead letter) sent under a lane lease: the lease's
+   * re-queue epoch when the attempt began. A store with leases applies it only while the lane is
+   * still at that epoch: a re-queue since (a re-activation, perhaps by another instance) started
+   * the notification over, and the old attempt's outcome must not undo that.
+   */
+  readonly laneEpoch?: number;
 }
 
 export interface StatusUpdate {

@@ -27,7 +27,7 @@ import {
   toSubscriptionItem,
   unchangedSince,
 } from './items.js';
-import { DynamoDbLaneLeases, lowerLane } from './lane-leases.js';
+import { DynamoDbLaneLeases, lowerLane, moveLaneEpoch, sameLaneEpoch } from './lane-leases.js';
 import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
@@ -455,6 +455,9 @@ export class DynamoDbStore implements Store {
    * recorded meanwhile (a delivery, a dead letter) is not undone.
    */
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
+    // First a new epoch: an attempt's failure settling from here on (in any instance) leaves the
+    // rows as this re-queue leaves them (see DeliveryUpdate.laneEpoch).
+    await moveLaneEpoch(this.#client, this.#tables.notifications, subscriptionId);
     // Every dead or pending one: the pending ones never attempted stay as they are, but count for
     // the lane's watermark below (so a re-queue repeated after a failure half-way lowers it again).
     const outstanding = await this.#requests.queryAll({
@@ -642,17 +645,18 @@ export class DynamoDbStore implements Store {
       .setOrRemove('lastError', u.lastError === undefined ? undefined : S(u.lastError))
       .copyOrRemove('pendingSubscriptionId', 'subscriptionId', u.state === 'pending');
     // An outcome for a notification that no longer exists is ignored, not written as a new item.
-    return conditionHeld(
-      this.#client.send(
-        new UpdateItemCommand({
-          TableName: this.#tables.notifications,
-          Key: { subscriptionId: S(u.subscriptionId), eventNumber: N(u.eventNumber) },
-          UpdateExpression: e.update,
-          ConditionExpression: `attribute_exists(${e.name('subscriptionId')})`,
-          ...e.bindings,
-        }),
-      ),
-    );
+    const update = {
+      TableName: this.#tables.notifications,
+      Key: { subscriptionId: S(u.subscriptionId), eventNumber: N(u.eventNumber) },
+      UpdateExpression: e.update,
+      ConditionExpression: `attribute_exists(${e.name('subscriptionId')})`,
+      ...e.bindings,
+    };
+    if (u.laneEpoch === undefined) return conditionHeld(this.#client.send(new UpdateItemCommand(update)));
+    // Only while the lane is at the epoch the attempt began in: a re-queue since started it over.
+    const check = sameLaneEpoch(this.#tables.notifications, u.subscriptionId, u.laneEpoch);
+    const what = `recording ${u.subscriptionId} #${u.eventNumber}`;
+    return (await this.#requests.transact([{ ConditionCheck: check }, { Update: update }], what)) === undefined;
   }
 
   async #deleteNotificationsOf(subscriptionId: string): Promise<void> {

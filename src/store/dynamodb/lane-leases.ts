@@ -1,6 +1,7 @@
 import {
   type AttributeValue,
   ConditionalCheckFailedException,
+  type ConditionCheck,
   type DynamoDBClient,
   PutItemCommand,
   QueryCommand,
@@ -324,7 +325,34 @@ export async function lowerLane(
   } catch (err) {
     if (!(err instanceof ConditionalCheckFailedException)) throw err;
   }
-  await send('ADD #epoch :one', 'attribute_exists(#through)', { ':one': N(1) }).catch(ignoreCondition);
+  await moveLaneEpoch(client, table, subscriptionId);
+}
+
+/** A new re-queue epoch for the lane, if it has a lease item (no lease item: no lane was ever held). */
+export async function moveLaneEpoch(client: DynamoDBClient, table: string, subscriptionId: string): Promise<void> {
+  await client
+    .send(
+      new UpdateItemCommand({
+        TableName: table,
+        Key: laneKey(subscriptionId),
+        UpdateExpression: 'ADD #epoch :one',
+        ConditionExpression: 'attribute_exists(#through)',
+        ExpressionAttributeNames: { '#through': 'laneThrough', '#epoch': 'laneEpoch' },
+        ExpressionAttributeValues: { ':one': N(1) },
+      }),
+    )
+    .catch(ignoreCondition);
+}
+
+/** A TransactWriteItems condition: the lane is still at re-queue epoch `epoch`. */
+export function sameLaneEpoch(table: string, subscriptionId: string, epoch: number): ConditionCheck {
+  return {
+    TableName: table,
+    Key: laneKey(subscriptionId),
+    ConditionExpression: '#epoch = :epoch',
+    ExpressionAttributeNames: { '#epoch': 'laneEpoch' },
+    ExpressionAttributeValues: { ':epoch': N(epoch) },
+  };
 }
 
 function holdOf(item: Item): LaneHold {
