@@ -1,5 +1,5 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { type AddressInfo, createServer as createNetServer, type Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Allowlist } from './address-policy.js';
 import { EndpointGuard } from './endpoint-guard.js';
@@ -106,6 +106,40 @@ describe('RestHookSender', () => {
     // The answer's status came in time: the attempt counts as delivered once the body is given up on.
     expect(await sender.send(request(endless, 300))).toEqual({ ok: true, status: 200 });
     expect(Date.now() - started).toBeGreaterThanOrEqual(250);
+  });
+
+  it('ends an attempt at its timeout however many interim (1xx) answers come, and takes one before a final answer', async () => {
+    // An endpoint that reads the request, then sends `102 Processing` every 100 ms (undici starts
+    // its headers timeout over at each), or, for /early, one `103 Early Hints` and then a 204.
+    const sockets = new Set<Socket>();
+    const endpoint = createNetServer((socket) => {
+      sockets.add(socket);
+      socket.on('error', () => undefined);
+      socket.once('data', (chunk: Buffer) => {
+        if (chunk.toString('latin1').startsWith('POST /early ')) {
+          socket.write('HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n');
+          setTimeout(() => socket.write('HTTP/1.1 204 No Content\r\n\r\n'), 50);
+          return;
+        }
+        const timer = setInterval(() => socket.write('HTTP/1.1 102 Processing\r\n\r\n'), 100);
+        socket.on('close', () => clearInterval(timer));
+      });
+    });
+    await new Promise<void>((resolve) => endpoint.listen(0, '127.0.0.1', resolve));
+    const base = `http://127.0.0.1:${(endpoint.address() as AddressInfo).port}`;
+    try {
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);
+      const started = Date.now();
+      expect(await sender.send(request(`${base}/hook`, 500))).toEqual({ ok: false, error: 'timeout after 500 ms' });
+      const took = Date.now() - started;
+      expect(took).toBeGreaterThanOrEqual(450);
+      // Before, undici's timer started over at every 102 and the attempt never ended.
+      expect(took).toBeLessThan(3_000);
+      expect(await sender.send(request(`${base}/early`, 500))).toEqual({ ok: true, status: 204 });
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => endpoint.close(resolve));
+    }
   });
 
   describe('sendInOrder', () => {

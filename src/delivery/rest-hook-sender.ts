@@ -158,6 +158,7 @@ export class RestHookSender implements Sender {
       const colon = h.indexOf(':');
       headers[h.slice(0, colon).trim().toLowerCase()] = h.slice(colon + 1).trim();
     }
+    let cut: InterimCut | undefined;
     try {
       const target = this.#target(req.endpoint);
       // Sockets skip `lookup` for IP literals: vet those here, before the first attempt of this
@@ -168,6 +169,8 @@ export class RestHookSender implements Sender {
         this.#vetted.add(literal);
       }
       const deadline = this.#clock.now() + req.timeoutMs;
+      const interim = new InterimCut(deadline, this.#clock);
+      cut = interim;
       // headersTimeout bounds the wait for the answer; the timer below bounds reading its body.
       // (No AbortSignal per attempt: creating one cost more than signing the request.) Neither
       // counts time queued for a connection: the dispatcher hands an origin at most twice as many
@@ -183,7 +186,10 @@ export class RestHookSender implements Sender {
         body,
         headersTimeout: req.timeoutMs,
         bodyTimeout: req.timeoutMs,
+        signal: interim,
+        onInfo: () => interim.interim(),
       });
+      interim.done();
       // Nothing to read (the usual answer): no timer to arm.
       const empty = res.statusCode === 204 || res.headers['content-length'] === '0';
       const timer = empty
@@ -202,6 +208,7 @@ export class RestHookSender implements Sender {
           : `HTTP ${res.statusCode}`;
       return { ok: false, status: res.statusCode, error, ...(retryAfterMs === undefined ? {} : { retryAfterMs }) };
     } catch (err) {
+      cut?.done();
       return describeFailure(err, req.timeoutMs);
     }
   }
@@ -238,6 +245,62 @@ export class RestHookSender implements Sender {
   /** Aborts whatever is still in flight: callers give attempts their grace period first. */
   async close(): Promise<void> {
     await this.#agent.destroy();
+  }
+}
+
+/**
+ * The attempt's deadline while it waits for its answer's status. undici's `headersTimeout` bounds
+ * that wait, but starts it over at every interim (1xx) answer: an endpoint sending `102
+ * Processing` every few seconds would hold the attempt, and its in-flight slots, for good. At the
+ * first interim answer this arms a timer for what is left of the deadline, and aborts the request
+ * through the `signal` undici was given. undici takes an emitter-like signal: this one costs an
+ * object per attempt, where an `AbortController` cost more than signing the request.
+ */
+class InterimCut {
+  readonly #deadline: number;
+  readonly #clock: Clock;
+  #abort: (() => void) | undefined;
+  #timer: NodeJS.Timeout | undefined;
+  #over = false;
+  /** What undici reads when aborted: reported as the attempt's timeout. */
+  reason: Error | undefined;
+
+  constructor(deadline: number, clock: Clock) {
+    this.#deadline = deadline;
+    this.#clock = clock;
+  }
+
+  /** An interim answer came: the attempt ends at its deadline whatever else comes. */
+  interim(): void {
+    if (this.#timer !== undefined || this.#over) return;
+    const left = Math.max(this.#deadline - this.#clock.now(), 0);
+    this.#timer = setTimeout(() => {
+      this.reason = new undiciErrors.HeadersTimeoutError();
+      this.#abort?.();
+    }, left);
+  }
+
+  /** The final answer came, or the attempt failed: nothing left to cut. */
+  done(): void {
+    this.#over = true;
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+  }
+
+  // The emitter methods undici uses for a signal (`once`, `removeListener`; `on` is checked for).
+  on(_event: 'abort', listener: () => void): this {
+    this.#abort = listener;
+    return this;
+  }
+
+  once(_event: 'abort', listener: () => void): this {
+    this.#abort = listener;
+    return this;
+  }
+
+  removeListener(): this {
+    this.#abort = undefined;
+    return this;
   }
 }
 
