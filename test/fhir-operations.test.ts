@@ -110,6 +110,28 @@ describe('FHIR operations and search', () => {
     expect(typeLevel.body.entry ?? []).toEqual([]);
   });
 
+  it('takes up to 1,000 values of one parameter, and refuses more without matching them', async () => {
+    const search = (count: number) =>
+      t.broker.app.request('/fhir/Subscription/_search', {
+        method: 'POST',
+        headers: { authorization: `Bearer ${TOKENS.alice}`, 'content-type': 'application/x-www-form-urlencoded' },
+        body: `_id=${[ids[2], ...Array.from({ length: count - 1 }, (_, i) => `other-${i}`)].join(',')}`,
+      });
+    const most = await search(1_000);
+    expect(most.status).toBe(200);
+    expect(((await most.json()) as Json).total).toBe(1);
+    const over = await search(1_001);
+    expect(over.status).toBe(400);
+    expect(JSON.stringify(await over.json())).toContain('At most 1000 values of _id per request');
+    // The same for an operation's parameters.
+    const status = await t.call(
+      'POST',
+      '/fhir/Subscription/$status',
+      parameters(...Array.from({ length: 1_001 }, (_, i) => ({ name: 'id', valueString: `s-${i}` }))),
+    );
+    expect(status.status).toBe(400);
+  });
+
   it('searches by POST _search with a form body', async () => {
     const res = await t.broker.app.request('/fhir/Subscription/_search', {
       method: 'POST',
