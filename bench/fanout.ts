@@ -160,6 +160,8 @@ export async function runFanout(): Promise<TargetCheck[]> {
         // Every client socket comes from 127.0.0.1, BATCH of them connecting at once: one address
         // standing for many clients, as behind a proxy, so no per-address cap on unbound sockets.
         BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '0',
+        // One API client holds all 10,000 sockets: above its default share (a quarter of 20,000).
+        BROKER_WS_MAX_PER_CLIENT: '0',
         ...(wsProcesses === undefined ? {} : { BROKER_WS_PROCESSES: wsProcesses }),
       },
     });

@@ -163,6 +163,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     fhirBase: `${config.publicUrl}/fhir`,
     isClient: (owner) => clientIds.has(owner),
     maxHeldBytes: config.wsSendBufferBytes,
+    // The broker's own sockets; on AWS API Gateway holds them, under its own quotas.
+    ...(overrides.websocketPort === undefined ? { maxSocketsPerClient: config.wsMaxPerClient } : {}),
   });
   websocketHub.handle(websocket);
   const dispatcher = new Dispatcher({

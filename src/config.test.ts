@@ -27,6 +27,7 @@ describe('loadConfig', () => {
       store: 'sqlite',
       webhookThreads: 1,
       wsMaxConnections: 20_000,
+      wsMaxPerClient: 5_000,
       wsMaxUnboundPerAddress: 64,
       maxInFlight: 512,
       maxInFlightPerOrigin: 32,
@@ -188,6 +189,9 @@ describe('loadConfig', () => {
 
   it('reads the per-address cap on unbound WebSockets, 0 turning it off', () => {
     expect(loadConfig({ BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '3' }).wsMaxUnboundPerAddress).toBe(3);
+    // A quarter of the socket cap unless set; 0: no cap.
+    expect(loadConfig({ BROKER_WS_MAX_CONNECTIONS: '100' }).wsMaxPerClient).toBe(25);
+    expect(loadConfig({ BROKER_WS_MAX_PER_CLIENT: '0' }).wsMaxPerClient).toBe(0);
     expect(loadConfig({ BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '0' }).wsMaxUnboundPerAddress).toBe(0);
   });
 

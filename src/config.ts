@@ -39,6 +39,8 @@ export interface Config {
   readonly wsSendBufferBytes: number;
   /** Open local WebSockets at most; upgrades past it get 503. */
   readonly wsMaxConnections: number;
+  /** Open local WebSockets bound to one API client's subscriptions; a bind past it is refused. 0: no cap. */
+  readonly wsMaxPerClient: number;
   /**
    * Open local WebSockets holding no binding, per remote address; an upgrade from an address at
    * the cap gets 429. 0: no cap.
@@ -132,6 +134,7 @@ export function loadConfig(env: Env = process.env): Config {
     { source: 'BROKER_METRICS_TOKEN', value: metricsToken },
     { source: 'BROKER_WS_TOKEN_SECRET', value: wsTokenSecret },
   ]);
+  const wsMaxConnections = int(env, 'BROKER_WS_MAX_CONNECTIONS', 20_000, 1, 1_000_000);
   const endpointAllowlist = list(str(env, 'BROKER_ENDPOINT_ALLOWLIST'));
   try {
     new Allowlist(endpointAllowlist);
@@ -161,7 +164,10 @@ export function loadConfig(env: Env = process.env): Config {
     // 1 MiB: dozens of bundles; a reader further behind than that is not keeping up.
     wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
     // 20,000: twice the fan-out bench's 10,000 sockets, within a default 64k descriptor limit.
-    wsMaxConnections: int(env, 'BROKER_WS_MAX_CONNECTIONS', 20_000, 1, 1_000_000),
+    wsMaxConnections,
+    // A quarter of the sockets: one API client binding socket after socket (a token binds any
+    // number) cannot take them all from the others.
+    wsMaxPerClient: int(env, 'BROKER_WS_MAX_PER_CLIENT', Math.floor(wsMaxConnections / 4), 0, 1_000_000),
     // 64: a host running many live pages or clients, yet one address that opens sockets and never
     // binds holds 64 of the 20,000, not all of them, however fast it reconnects.
     wsMaxUnboundPerAddress: int(env, 'BROKER_WS_MAX_UNBOUND_PER_ADDRESS', 64, 0, 1_000_000),

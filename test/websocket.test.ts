@@ -459,3 +459,63 @@ describe('websocket connection cap', () => {
     }
   });
 });
+
+// A binding token binds any number of sockets: one client must not take them all.
+describe.each([
+  ['in-process hub', '0'],
+  ['2 socket processes', '2'],
+])('websocket sockets per API client (%s)', (_mode, wsProcesses) => {
+  it('refuses a bind past BROKER_WS_MAX_PER_CLIENT for that client only, and takes one again once a socket closed', async () => {
+    const capped = await startBroker({
+      BROKER_WS_TOKEN_SECRET: WS_SECRET,
+      BROKER_WS_PROCESSES: wsProcesses,
+      BROKER_WS_MAX_PER_CLIENT: '2',
+    });
+    const url = `${capped.url.replace('http', 'ws')}/ws`;
+    const open: WsClient[] = [];
+    const ofClient = async (client: Client) => {
+      const created = await client.create(wsSubscription('patient-change'));
+      const id = created.id as string;
+      await capped.waitForStatus(id, 'active');
+      const res = await client.call('GET', `/fhir/Subscription/${id}/$get-ws-binding-token`);
+      return { id, token: ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString };
+    };
+    const bound = async (token: unknown) => {
+      const c = await WsClient.connect(url);
+      open.push(c);
+      c.send(`bind-with-token ${String(token)}`);
+      await c.waitFor(
+        () => c.bundles.some((b) => statusOf(b).params.get('type')?.valueCode === 'handshake'),
+        'the handshake',
+      );
+      return c;
+    };
+    try {
+      const mine = await ofClient(new Client(capped.url, API_KEYS.alice));
+      // One token binds any number of sockets: two, then the client's cap.
+      await bound(mine.token);
+      await bound(mine.token);
+      const third = await WsClient.connect(url);
+      open.push(third);
+      third.send(`bind-with-token ${mine.token}`);
+      expect((await third.waitForClose()).code).toBe(4003);
+      expect(third.messages).toEqual([
+        'error too many open sockets for this API client (at most 2); close some and bind again',
+      ]);
+      // Also by the classic R4 bind.
+      const r4 = await WsClient.connect(url, { authorization: `Bearer ${API_KEYS.alice}` });
+      open.push(r4);
+      r4.send(`bind ${mine.id}`);
+      expect((await r4.waitForClose()).code).toBe(4003);
+      // Another client is not held back by alice's sockets.
+      await bound((await ofClient(new Client(capped.url, API_KEYS.bob))).token);
+      // A socket that closes makes room.
+      open.shift()?.close();
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await bound(mine.token);
+    } finally {
+      for (const c of open) c.close();
+      await capped.kill('SIGTERM');
+    }
+  });
+});

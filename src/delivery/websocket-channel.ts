@@ -64,6 +64,12 @@ export class WebSocketChannel {
   readonly #caughtUpTo = new PerConnection<number>();
   /** Connection → the end of its chain of messages: one is handled after the other. Idle or closed: no entry. */
   readonly #inbox = new Map<string, Promise<void>>();
+  /** Sockets one API client may hold bound (0: no cap). */
+  readonly #maxSocketsPerClient: number;
+  /** API client → open connections that bound one of its subscriptions (until they close). */
+  readonly #socketsOf = new Map<string, Set<string>>();
+  /** Connection → the API clients it counts for. */
+  readonly #clientsOf = new Map<string, Set<string>>();
 
   constructor(deps: {
     port: WebSocketPort;
@@ -87,6 +93,13 @@ export class WebSocketChannel {
      * buffer passes its cap (BROKER_WS_SEND_BUFFER, which the broker passes here).
      */
     maxHeldBytes?: number;
+    /**
+     * Open connections that may hold bindings of one API client (BROKER_WS_MAX_PER_CLIENT): a
+     * binding token binds any number of sockets, so without it one client could fill the socket
+     * cap and lock every other out. A connection counts from its first binding of the client's
+     * until it closes. Absent or 0: no cap (on AWS, API Gateway holds the sockets).
+     */
+    maxSocketsPerClient?: number;
   }) {
     this.#port = deps.port;
     this.#bindings = deps.bindings;
@@ -100,6 +113,36 @@ export class WebSocketChannel {
     this.#fhirBase = deps.fhirBase;
     this.#isClient = deps.isClient ?? (() => true);
     this.#maxHeldBytes = deps.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES;
+    this.#maxSocketsPerClient = deps.maxSocketsPerClient ?? 0;
+  }
+
+  /** Counts the connection for `owner`; false when that would pass the client's cap (nothing counted). */
+  #countFor(connectionId: string, owner: string): boolean {
+    const sockets = this.#socketsOf.get(owner) ?? new Set<string>();
+    if (sockets.has(connectionId)) return true;
+    if (this.#maxSocketsPerClient > 0 && sockets.size >= this.#maxSocketsPerClient) return false;
+    sockets.add(connectionId);
+    this.#socketsOf.set(owner, sockets);
+    const clients = this.#clientsOf.get(connectionId) ?? new Set<string>();
+    clients.add(owner);
+    this.#clientsOf.set(connectionId, clients);
+    return true;
+  }
+
+  #uncount(connectionId: string): void {
+    for (const owner of this.#clientsOf.get(connectionId) ?? []) {
+      const sockets = this.#socketsOf.get(owner);
+      sockets?.delete(connectionId);
+      if (sockets?.size === 0) this.#socketsOf.delete(owner);
+    }
+    this.#clientsOf.delete(connectionId);
+  }
+
+  /** The refusal of a bind past the client's cap, or undefined when it may bind. */
+  #overCap(connectionId: string, owner: string): string | undefined {
+    if (this.#countFor(connectionId, owner)) return undefined;
+    this.#metrics.inc('broker_websocket_refused_total', { reason: 'max-per-client' });
+    return `too many open sockets for this API client (at most ${this.#maxSocketsPerClient}); close some and bind again`;
   }
 
   /**
@@ -182,6 +225,7 @@ export class WebSocketChannel {
   }
 
   async onClose(connectionId: string): Promise<void> {
+    this.#uncount(connectionId);
     this.#catchingUp.forget(connectionId);
     this.#caughtUpTo.forget(connectionId);
     this.#inbox.delete(connectionId);
@@ -291,6 +335,8 @@ export class WebSocketChannel {
       if (sub === undefined || reason !== undefined) return this.#refuseBind(conn, msg.json, reason ?? 'bind failed');
       subs.push(sub);
     }
+    const over = this.#overCap(conn.id, claims.owner);
+    if (over !== undefined) return this.#refuseBind(conn, msg.json, over);
     let bound = 0;
     for (const sub of subs) {
       const last = msg.lastEventNumbers?.[sub.id] ?? msg.lastEventNumber;
@@ -419,6 +465,12 @@ export class WebSocketChannel {
         conn.id,
         `error ${id} unknown subscription or not authorised (connect with Authorization: Bearer <API key>)`,
       );
+      await this.#port.close(conn.id, CLOSE.bindRefused, 'bind refused');
+      return;
+    }
+    const over = this.#overCap(conn.id, owner);
+    if (over !== undefined) {
+      await this.#port.send(conn.id, `error ${id} ${over}`);
       await this.#port.close(conn.id, CLOSE.bindRefused, 'bind refused');
       return;
     }

@@ -24,7 +24,7 @@ const FAMILIES = {
   broker_websocket_binds_total: { help: 'WebSocket binds, by outcome', type: 'counter' },
   broker_websocket_messages_total: { help: 'Notification messages pushed over WebSockets', type: 'counter' },
   broker_websocket_closed_total: { help: 'WebSockets closed by the broker, by reason', type: 'counter' },
-  broker_websocket_refused_total: { help: 'WebSocket upgrades refused by a cap, by reason', type: 'counter' },
+  broker_websocket_refused_total: { help: 'WebSocket upgrades and binds refused by a cap, by reason', type: 'counter' },
   broker_websocket_protocol_errors_total: { help: 'Client messages that broke the protocol', type: 'counter' },
 } as const satisfies Record<string, Family>;
 
