@@ -1,4 +1,4 @@
-import { type CfnCondition, Duration } from 'aws-cdk-lib';
+import { Aws, type CfnCondition, Duration } from 'aws-cdk-lib';
 import {
   Alarm,
   ComparisonOperator,
@@ -9,6 +9,7 @@ import {
 } from 'aws-cdk-lib/aws-cloudwatch';
 import { SnsAction } from 'aws-cdk-lib/aws-cloudwatch-actions';
 import type { IRule } from 'aws-cdk-lib/aws-events';
+import { PolicyStatement, ServicePrincipal } from 'aws-cdk-lib/aws-iam';
 import type { IFunction } from 'aws-cdk-lib/aws-lambda';
 import { CfnSubscription, Topic } from 'aws-cdk-lib/aws-sns';
 import type { IQueue } from 'aws-cdk-lib/aws-sqs';
@@ -22,17 +23,21 @@ export interface BrokerAlarmsProps {
   /** Its target, whose on-failure destination is `deadLetterQueue`. */
   readonly eventsFunction: IFunction;
   readonly dispatcherFunction: IFunction;
+  /** The HTTP API's function and the WebSocket messages' function: their errors and throttles are alarmed too. */
+  readonly apiFunction: IFunction;
+  readonly messageFunction: IFunction;
   /** The `AlarmEmail` parameter's value; subscribed only when `emailSet` holds. */
   readonly email: string;
   readonly emailSet: CfnCondition;
 }
 
 /**
- * Alarms on the things that mean "a change may not reach its subscribers": a dead-lettered event,
- * a failing events function, a failing dispatcher, a dead letter that could not be written (by
- * EventBridge or by Lambda's on-failure destination: the event is then lost with no other trace),
- * and a notification the broker dead-lettered (its endpoint failed the whole retry schedule).
- * Each one fires on the first occurrence.
+ * Alarms on the things that mean "a change may not reach its subscribers": a dead-lettered event
+ * (each new one, and one left in the queue for 4 days of its 6), a failing or throttled events
+ * function or one whose events wait in Lambda's queue, a failing, throttled or stopped dispatcher,
+ * a dead letter that could not be written (by EventBridge or by Lambda's on-failure destination:
+ * the event is then lost with no other trace), a notification the broker dead-lettered (its
+ * endpoint failed the whole retry schedule), and a failing or throttled API or WebSocket function.
  */
 export class BrokerAlarms extends Construct {
   readonly topic: Topic;
@@ -41,6 +46,19 @@ export class BrokerAlarms extends Construct {
     super(scope, id);
     // No KMS key: CloudWatch cannot publish to a topic encrypted with the AWS managed SNS key.
     this.topic = new Topic(this, 'Topic', { displayName: 'fhir-subscription-broker alarms', enforceSSL: true });
+    // enforceSSL gives the topic a policy of its own (a Deny without TLS), which replaces the
+    // default one: without this Allow, CloudWatch may not publish and no alarm reaches anyone.
+    this.topic.addToResourcePolicy(
+      new PolicyStatement({
+        principals: [new ServicePrincipal('cloudwatch.amazonaws.com')],
+        actions: ['sns:Publish'],
+        resources: [this.topic.topicArn],
+        conditions: {
+          ArnLike: { 'aws:SourceArn': `arn:${Aws.PARTITION}:cloudwatch:${Aws.REGION}:${Aws.ACCOUNT_ID}:alarm:*` },
+          StringEquals: { 'aws:SourceAccount': Aws.ACCOUNT_ID },
+        },
+      }),
+    );
     const email = new CfnSubscription(this, 'Email', {
       topicArn: this.topic.topicArn,
       protocol: 'email',
@@ -61,11 +79,35 @@ export class BrokerAlarms extends Construct {
       }).addAlarmAction(action);
 
     const period = Duration.minutes(5);
+    // Each new dead letter (the visible count stays above 0 and would fire once for all of them).
     alarm(
       'DeadLetters',
-      'HealthLake events in the dead-letter queue: changes that did not reach the broker',
-      props.deadLetterQueue.metricApproximateNumberOfMessagesVisible({ period, statistic: 'Maximum' }),
+      'HealthLake events sent to the dead-letter queue: changes that did not reach the broker',
+      props.deadLetterQueue.metricNumberOfMessagesSent({ period, statistic: 'Sum' }),
     );
+    new Alarm(this, 'DeadLettersAging', {
+      alarmDescription:
+        'A HealthLake event has waited 4 days in the dead-letter queue: replay it before the queue drops it (6 days)',
+      metric: props.deadLetterQueue.metricApproximateAgeOfOldestMessage({ period, statistic: 'Maximum' }),
+      threshold: Duration.days(4).toSeconds(),
+      comparisonOperator: ComparisonOperator.GREATER_THAN_THRESHOLD,
+      evaluationPeriods: 1,
+      treatMissingData: TreatMissingData.NOT_BREACHING,
+    }).addAlarmAction(action);
+    alarm(
+      'EventsThrottles',
+      "The events function was throttled (account concurrency): HealthLake changes wait in Lambda's queue",
+      props.eventsFunction.metricThrottles({ period, statistic: 'Sum' }),
+    );
+    new Alarm(this, 'EventsWaiting', {
+      alarmDescription:
+        "HealthLake changes waited over 5 minutes in Lambda's queue before the events function took them",
+      metric: props.eventsFunction.metric('AsyncEventAge', { period, statistic: 'Maximum' }),
+      threshold: Duration.minutes(5).toMilliseconds(),
+      comparisonOperator: ComparisonOperator.GREATER_THAN_THRESHOLD,
+      evaluationPeriods: 1,
+      treatMissingData: TreatMissingData.NOT_BREACHING,
+    }).addAlarmAction(action);
     alarm(
       'EventsErrors',
       'The events function failed: HealthLake changes are being retried or dead-lettered',
@@ -118,5 +160,32 @@ export class BrokerAlarms extends Construct {
       'The dispatcher failed: retries, handshakes, heartbeats and purges are not running',
       props.dispatcherFunction.metricErrors({ period, statistic: 'Sum' }),
     );
+    alarm(
+      'DispatcherThrottles',
+      'The dispatcher was throttled: retries, handshakes, heartbeats and purges are late',
+      props.dispatcherFunction.metricThrottles({ period, statistic: 'Sum' }),
+    );
+    // It runs every minute: fewer than 3 runs in 5 minutes, or none at all (no data), is a stopped
+    // schedule (a disabled rule, throttling), which no error alarm sees.
+    new Alarm(this, 'DispatcherNotRunning', {
+      alarmDescription:
+        'The dispatcher ran fewer than 3 times in 5 minutes: retries, handshakes, heartbeats and purges are not running',
+      metric: props.dispatcherFunction.metricInvocations({ period, statistic: 'Sum' }),
+      threshold: 3,
+      comparisonOperator: ComparisonOperator.LESS_THAN_THRESHOLD,
+      evaluationPeriods: 1,
+      treatMissingData: TreatMissingData.BREACHING,
+    }).addAlarmAction(action);
+    for (const [name, fn, what] of [
+      ['Api', props.apiFunction, 'The HTTP API function'],
+      ['WebSocketMessages', props.messageFunction, 'The WebSocket messages function'],
+    ] as const) {
+      alarm(`${name}Errors`, `${what} failed: clients got errors`, fn.metricErrors({ period, statistic: 'Sum' }));
+      alarm(
+        `${name}Throttles`,
+        `${what} was throttled: clients got errors`,
+        fn.metricThrottles({ period, statistic: 'Sum' }),
+      );
+    }
   }
 }

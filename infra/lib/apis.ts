@@ -1,9 +1,25 @@
-import { HttpApi, HttpRoute, HttpRouteKey, WebSocketApi, WebSocketStage } from 'aws-cdk-lib/aws-apigatewayv2';
+import {
+  type CfnStage,
+  HttpApi,
+  HttpRoute,
+  HttpRouteKey,
+  WebSocketApi,
+  WebSocketStage,
+} from 'aws-cdk-lib/aws-apigatewayv2';
 import { HttpLambdaIntegration, WebSocketLambdaIntegration } from 'aws-cdk-lib/aws-apigatewayv2-integrations';
 import type { IFunction } from 'aws-cdk-lib/aws-lambda';
 import { Construct } from 'constructs';
 
 export const WEBSOCKET_STAGE = 'prod';
+
+/**
+ * Requests per second (steady, burst) each API takes before API Gateway answers 429 itself: a flood
+ * (anonymous `$connect`s, or one client's loop) is refused at the edge instead of taking the
+ * account's Lambda concurrency from the events function and a DynamoDB write each. Well above
+ * what the bench's clients send; raise them here for a bigger deployment (or per route in the console).
+ */
+export const HTTP_THROTTLE = { rateLimit: 1_000, burstLimit: 2_000 } as const;
+export const WEBSOCKET_THROTTLE = { rateLimit: 500, burstLimit: 1_000 } as const;
 
 export interface ApiHandlers {
   /** Every HTTP request (`$default` route, payload format 2.0). */
@@ -31,6 +47,13 @@ export class BrokerApis extends Construct {
       description: 'fhir-subscription-broker REST API (/fhir, /events, /healthz, /metrics, /live)',
       createDefaultStage: true,
     });
+    // The default stage takes no throttle settings through HttpApi's props.
+    const stage = this.httpApi.defaultStage;
+    if (stage === undefined) throw new TypeError('the HTTP API has no default stage');
+    (stage.node.defaultChild as CfnStage).addPropertyOverride('DefaultRouteSettings', {
+      ThrottlingRateLimit: HTTP_THROTTLE.rateLimit,
+      ThrottlingBurstLimit: HTTP_THROTTLE.burstLimit,
+    });
     this.webSocketApi = new WebSocketApi(this, 'WebSocket', {
       apiName: 'fhir-broker-ws',
       description: 'fhir-subscription-broker WebSocket channel (bind-with-token, R4 bind)',
@@ -39,6 +62,7 @@ export class BrokerApis extends Construct {
       webSocketApi: this.webSocketApi,
       stageName: WEBSOCKET_STAGE,
       autoDeploy: true,
+      throttle: WEBSOCKET_THROTTLE,
     });
   }
 

@@ -34,6 +34,9 @@ export class BrokerStack extends Stack {
     const datastoreId = new CfnParameter(this, 'HealthLakeDatastoreId', {
       type: 'String',
       default: '',
+      // A mistyped id would make the rule match nothing, silently (no event, no dead letter, no alarm).
+      allowedPattern: '^([0-9a-f]{32})?$',
+      constraintDescription: 'a HealthLake datastore id: 32 lowercase hexadecimal characters (or empty)',
       description: 'Only this HealthLake datastore feeds the broker; empty for every datastore in the region.',
     });
     const createTrail = new CfnParameter(this, 'CreateCloudTrailTrail', {
@@ -93,6 +96,8 @@ export class BrokerStack extends Stack {
       ingestRule: ingest.rule,
       eventsFunction: functions.events,
       dispatcherFunction: functions.dispatcher,
+      apiFunction: functions.api,
+      messageFunction: functions.wsMessage,
       email: alarmEmail.valueAsString,
       emailSet: alarmEmailSet,
     });

@@ -1,4 +1,4 @@
-import { type CfnCondition, Duration, Fn } from 'aws-cdk-lib';
+import { type CfnCondition, Duration, Fn, RemovalPolicy } from 'aws-cdk-lib';
 import { type CfnRule, Rule } from 'aws-cdk-lib/aws-events';
 import { LambdaFunction as LambdaTarget } from 'aws-cdk-lib/aws-events-targets';
 import type { Function as LambdaFunction } from 'aws-cdk-lib/aws-lambda';
@@ -59,6 +59,8 @@ export class HealthLakeIngest extends Construct {
   constructor(scope: Construct, id: string, props: HealthLakeIngestProps) {
     super(scope, id);
     this.deadLetterQueue = new Queue(this, 'DeadLetterQueue', {
+      // Its messages are events not yet replayed: a stack deletion or a replacement must not take them.
+      removalPolicy: RemovalPolicy.RETAIN,
       // SSE-SQS, not KMS: EventBridge and Lambda can write to it without a key policy.
       encryption: QueueEncryption.SQS_MANAGED,
       enforceSSL: true,
@@ -67,7 +69,9 @@ export class HealthLakeIngest extends Construct {
       retentionPeriod: deadLetterRetention(props.eventRetention),
     });
 
-    const detail = { eventName: HEALTHLAKE_EVENT_NAMES };
+    // Not failed calls (CloudTrail records them with an errorCode): nothing changed, and the broker
+    // would only log and count them, at an invocation each.
+    const detail = { eventName: HEALTHLAKE_EVENT_NAMES, errorCode: [{ exists: false }] };
     this.rule = new Rule(this, 'Rule', {
       description: 'HealthLake resource writes (CloudTrail) to fhir-subscription-broker',
       eventPattern: { source: ['aws.healthlake'], detailType: ['AWS API Call via CloudTrail'], detail },

@@ -34,6 +34,8 @@ export class BrokerTables extends Construct {
         encryption: TableEncryption.AWS_MANAGED,
         ...(def.ttl ? { timeToLiveAttribute: TTL_ATTRIBUTE } : {}),
         removalPolicy: RemovalPolicy.RETAIN,
+        // RETAIN guards against CloudFormation; this against a delete from the console or the API.
+        deletionProtection: true,
       });
       for (const gsi of GlobalSecondaryIndexes ?? []) {
         if (gsi.IndexName === undefined || gsi.KeySchema === undefined) {

@@ -80,7 +80,11 @@ const list = (v: Json): Json[] => (Array.isArray(v) ? v : [v]);
 const HEALTHLAKE_PATTERN = {
   source: ['aws.healthlake'],
   'detail-type': ['AWS API Call via CloudTrail'],
-  detail: { eventName: ['CreateResource', 'UpdateResource', 'PatchResource', 'DeleteResource', 'ProcessBundle'] },
+  detail: {
+    eventName: ['CreateResource', 'UpdateResource', 'PatchResource', 'DeleteResource', 'ProcessBundle'],
+    // Failed calls changed nothing.
+    errorCode: [{ exists: false }],
+  },
 };
 
 describe('BrokerStack', () => {
@@ -112,6 +116,32 @@ describe('BrokerStack', () => {
     it('matches HealthLake writes from every datastore while HealthLakeDatastoreId is empty', () => {
       expect(pattern({})).toStrictEqual(HEALTHLAKE_PATTERN);
       expect(pattern({ HealthLakeDatastoreId: '' })).toStrictEqual(HEALTHLAKE_PATTERN);
+    });
+
+    it('takes only a well-formed datastore id (a typo would match nothing, silently)', () => {
+      const parameter = template.toJSON().Parameters.HealthLakeDatastoreId;
+      const allowed = new RegExp(parameter.AllowedPattern);
+      expect(allowed.test('')).toBe(true);
+      expect(allowed.test('0123456789abcdef0123456789abcdef')).toBe(true);
+      for (const bad of ['0123456789abcdef0123456789abcde', ' 0123456789abcdef0123456789abcdef', 'datastore-1']) {
+        expect(allowed.test(bad)).toBe(false);
+      }
+    });
+
+    it('keeps the dead-letter queue when the stack is deleted or the queue replaced', () => {
+      const queue = template.toJSON().Resources[dlq];
+      expect([queue.DeletionPolicy, queue.UpdateReplacePolicy]).toEqual(['Retain', 'Retain']);
+    });
+
+    it('throttles both APIs at their stage, before Lambda', () => {
+      template.hasResourceProperties('AWS::ApiGatewayV2::Stage', {
+        StageName: '$default',
+        DefaultRouteSettings: { ThrottlingRateLimit: 1_000, ThrottlingBurstLimit: 2_000 },
+      });
+      template.hasResourceProperties('AWS::ApiGatewayV2::Stage', {
+        StageName: 'prod',
+        DefaultRouteSettings: Match.objectLike({ ThrottlingRateLimit: 500, ThrottlingBurstLimit: 1_000 }),
+      });
     });
 
     it('matches only the named datastore when HealthLakeDatastoreId is set', () => {
@@ -239,12 +269,13 @@ describe('BrokerStack', () => {
     });
 
     it.each(definitions.map((d) => [d.input.TableName, d.ttl] as const))(
-      '%s is on demand, recoverable, encrypted with the AWS managed key and retained (TTL: %s)',
+      '%s is on demand, recoverable, encrypted with the AWS managed key, retained and protected from deletion (TTL: %s)',
       (name, ttl) => {
         const { resource } = only(template, 'AWS::DynamoDB::Table', { TableName: name });
         expect(resource.DeletionPolicy).toBe('Retain');
         expect(resource.UpdateReplacePolicy).toBe('Retain');
         expect(resource.Properties).toMatchObject({
+          DeletionProtectionEnabled: true,
           BillingMode: 'PAY_PER_REQUEST',
           PointInTimeRecoverySpecification: { PointInTimeRecoveryEnabled: true },
           SSESpecification: { SSEEnabled: true },
@@ -358,7 +389,7 @@ describe('BrokerStack', () => {
           BROKER_SECRET_ARN: { Ref: secret },
           BROKER_EVENT_RETENTION: '7d',
           BROKER_TOPICS_DIR: '/var/task/subscriptions/topics',
-          BROKER_MAX_INGEST_BYTES: '6000000',
+          BROKER_MAX_INGEST_BYTES: '5000000',
           NODE_OPTIONS: '--enable-source-maps',
         });
       },
@@ -604,28 +635,41 @@ describe('BrokerStack', () => {
   });
 
   describe('alarms', () => {
-    it('alarms on any dead letter, events-function error, dispatcher error, dead letter that could not be written and dead-lettered notification', () => {
+    it('alarms on what means a change may not reach its subscribers, each to the topic', () => {
       const topic = only(template, 'AWS::SNS::Topic').id;
-      const alarm = (namespace: string, metric: string, dimension: JsonObject) =>
+      const alarm = (
+        namespace: string,
+        metric: string,
+        dimension: JsonObject,
+        rule: { stat?: string; above?: number; below?: number; missing?: string } = {},
+      ) =>
         template.hasResourceProperties('AWS::CloudWatch::Alarm', {
           Namespace: namespace,
           MetricName: metric,
           Dimensions: [dimension],
-          ComparisonOperator: 'GreaterThanThreshold',
-          Threshold: 0,
+          Statistic: rule.stat ?? 'Sum',
+          ComparisonOperator: rule.below === undefined ? 'GreaterThanThreshold' : 'LessThanThreshold',
+          Threshold: rule.below ?? rule.above ?? 0,
           EvaluationPeriods: 1,
-          TreatMissingData: 'notBreaching',
+          TreatMissingData: rule.missing ?? 'notBreaching',
           AlarmActions: [{ Ref: topic }],
         });
-      alarm('AWS/SQS', 'ApproximateNumberOfMessagesVisible', {
-        Name: 'QueueName',
-        Value: { 'Fn::GetAtt': [dlq, 'QueueName'] },
-      });
-      alarm('AWS/Lambda', 'Errors', { Name: 'FunctionName', Value: { Ref: ids.events } });
-      alarm('AWS/Lambda', 'Errors', { Name: 'FunctionName', Value: { Ref: ids.dispatcher } });
+      const queue = { Name: 'QueueName', Value: { 'Fn::GetAtt': [dlq, 'QueueName'] } };
+      const fn = (id: string) => ({ Name: 'FunctionName', Value: { Ref: id } });
+      // Each event sent to the dead-letter queue (not once for all while it stays non-empty), and
+      // one waiting 4 of the queue's 6 days.
+      alarm('AWS/SQS', 'NumberOfMessagesSent', queue);
+      alarm('AWS/SQS', 'ApproximateAgeOfOldestMessage', queue, { stat: 'Maximum', above: 4 * 86_400 });
+      for (const id of [ids.events, ids.dispatcher, ids.api, ids.message]) {
+        alarm('AWS/Lambda', 'Errors', fn(id));
+        alarm('AWS/Lambda', 'Throttles', fn(id));
+      }
+      alarm('AWS/Lambda', 'AsyncEventAge', fn(ids.events), { stat: 'Maximum', above: 300_000 });
+      // A schedule that stopped (no data at all is the worst case).
+      alarm('AWS/Lambda', 'Invocations', fn(ids.dispatcher), { below: 3, missing: 'breaching' });
       // The only ways left to lose an event silently: Lambda could not write the failure record to
       // the on-failure destination, or EventBridge could not write an undeliverable event to the DLQ.
-      alarm('AWS/Lambda', 'DestinationDeliveryFailures', { Name: 'FunctionName', Value: { Ref: ids.events } });
+      alarm('AWS/Lambda', 'DestinationDeliveryFailures', fn(ids.events));
       alarm('AWS/Events', 'InvocationsFailedToBeSentToDlq', { Name: 'RuleName', Value: { Ref: rule } });
       // A notification dead-lettered, from the broker's own metrics (EMF) of every function with lanes.
       const [deadLettered] = Object.values(
@@ -651,7 +695,23 @@ describe('BrokerStack', () => {
           Stat: 'Sum',
         })),
       );
-      template.resourceCountIs('AWS::CloudWatch::Alarm', 6);
+      template.resourceCountIs('AWS::CloudWatch::Alarm', 15);
+    });
+
+    it('lets CloudWatch publish to the alarm topic (its TLS-only policy replaced the default one)', () => {
+      const topic = only(template, 'AWS::SNS::Topic').id;
+      const { resource } = only(template, 'AWS::SNS::TopicPolicy');
+      expect(resource.Properties.Topics).toEqual([{ Ref: topic }]);
+      const statements = (resource.Properties.PolicyDocument as { Statement: JsonObject[] }).Statement;
+      expect(statements).toContainEqual(
+        expect.objectContaining({
+          Effect: 'Allow',
+          Principal: { Service: 'cloudwatch.amazonaws.com' },
+          Action: 'sns:Publish',
+          Resource: { Ref: topic },
+          Condition: expect.objectContaining({ StringEquals: { 'aws:SourceAccount': { Ref: 'AWS::AccountId' } } }),
+        }),
+      );
     });
 
     it('subscribes AlarmEmail to the alarm topic only when it is given', () => {
