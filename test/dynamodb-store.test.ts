@@ -10,11 +10,15 @@ import {
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
 import { describe, expect, it } from 'vitest';
+import { BACKPORT_EXT } from '../src/core/fhir-urls.js';
+import { R4_RESOURCE_TYPES } from '../src/core/resource-types.js';
+import { MAX_RESOURCE_TYPES, parseSubscription } from '../src/core/subscription.js';
 import { outcomeOf } from '../src/http/outcome.js';
 import { DynamoDbBindings } from '../src/store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { SubscriptionExistsError, WriteConflictError } from '../src/store/dynamodb/errors.js';
 import { ensureTables, INDEX, tableNames } from '../src/store/dynamodb/tables.js';
+import { loadTopicCatalog } from '../src/store/topic-files.js';
 import { storePerTest } from './support/dynamodb-store-per-test.js';
 import { change, item, RECEIVED, record } from './support/store-fixtures.js';
 
@@ -227,6 +231,56 @@ describe('DynamoDbStore', () => {
       await store.updateStatus('s1', { status: 'off' }, '2030-03-01T00:00:00.000Z');
       expect(await store.ensureTypeIndex()).toBe(0);
       expect(await candidates('Patient')).toEqual([]);
+    });
+
+    it(`stores the most a Subscription may watch (${MAX_RESOURCE_TYPES} types, a match near the size cap) and moves it to ${MAX_RESOURCE_TYPES} others, one transaction each`, async () => {
+      // About the largest match the parser lets through at the type cap: short ids make a match
+      // half as large again as the filters, here 64 KiB from 44 KB.
+      const topics = loadTopicCatalog('subscriptions/topics');
+      const ids = Array.from({ length: 11_000 }, (_, i) => i.toString(36)).join(',');
+      const spec = (types: readonly string[]) =>
+        parseSubscription(
+          {
+            resourceType: 'Subscription',
+            criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/resource-change',
+            _criteria: {
+              extension: [`_type=${types.join(',')}`, `_id=${ids}`].map((valueString) => ({
+                url: BACKPORT_EXT.filterCriteria,
+                valueString,
+              })),
+            },
+            channel: { type: 'rest-hook', endpoint: 'https://hooks.example.com/x' },
+          },
+          topics,
+        );
+      const all = [...R4_RESOURCE_TYPES].slice(0, 2 * MAX_RESOURCE_TYPES);
+      const [before, after] = [all.slice(0, MAX_RESOURCE_TYPES), all.slice(MAX_RESOURCE_TYPES)];
+      const [first, second] = [spec(before), spec(after)];
+      expect(JSON.stringify(second.match).length).toBeGreaterThan(65_000);
+      const transactions: number[] = [];
+      const counting = {
+        send: (command: Parameters<DynamoDBClient['send']>[0]) => {
+          if (command instanceof TransactWriteItemsCommand) transactions.push(command.input.TransactItems?.length ?? 0);
+          return client.send(command);
+        },
+      } as unknown as DynamoDBClient;
+      const watching = async () => {
+        const found: string[] = [];
+        for (const type of all) if ((await candidates(type)).some((c) => c.id === 's2')) found.push(type);
+        return found;
+      };
+      const counted = new DynamoDbStore(counting, prefix);
+
+      await counted.insertSubscription(record('s2', { match: first.match, resource: first.resource }));
+      expect(await watching()).toEqual(before);
+      const replaced = await counted.replaceSubscription(
+        record('s2', { match: second.match, resource: second.resource }),
+      );
+      expect(replaced?.match).toEqual(second.match);
+      expect(await watching()).toEqual(after);
+      expect(await candidates(after[0] as string)).toEqual([{ id: 's2', match: second.match }]);
+      // The subscription, its owner's count and 40 types; then the subscription, 40 out and 40 in.
+      expect(transactions).toEqual([42, 81]);
     });
 
     it('reads and plans again when the subscription changed between its read and its write', async () => {

@@ -3,7 +3,8 @@ import { describe, expect, it } from 'vitest';
 import { loadTopicCatalog } from '../store/topic-files.js';
 import { BrokerError, type ErrorCode } from './errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
-import { isWebhookSecret, parseSubscription, type SubscriptionSpec } from './subscription.js';
+import { R4_RESOURCE_TYPES } from './resource-types.js';
+import { isWebhookSecret, MAX_RESOURCE_TYPES, parseSubscription, type SubscriptionSpec } from './subscription.js';
 
 const topics = loadTopicCatalog(join(import.meta.dirname, '..', '..', 'subscriptions', 'topics'));
 
@@ -619,6 +620,276 @@ describe('parseSubscription: refusals', () => {
     });
     expect(parse(one).channel.heartbeatPeriodSeconds).toBe(1);
     expect(parse(day).channel.heartbeatPeriodSeconds).toBe(86_400);
+  });
+});
+
+describe('parseSubscription: what it would store without reading', () => {
+  it.each<[string, Json, string]>([
+    [
+      'on the Subscription',
+      { ...classicSub('Patient'), modifierExtension: { url: 'http://example.org/must', valueBoolean: true } },
+      'Subscription.modifierExtension',
+    ],
+    [
+      'on the channel',
+      classicSub('Patient', { modifierExtension: { url: 'http://example.org/x' } }),
+      'Subscription.channel.modifierExtension',
+    ],
+    ['as null', { ...classicSub('Patient'), modifierExtension: null }, 'Subscription.modifierExtension'],
+    ['as a string', classicSub('Patient', { modifierExtension: 'x' }), 'Subscription.channel.modifierExtension'],
+  ])('refuses a modifierExtension that is not an array %s with INVALID_RESOURCE naming it', (_name, input, where) => {
+    const err = thrown(input);
+    expect([err.code, err.status, err.expression, err.message]).toEqual([
+      'INVALID_RESOURCE',
+      400,
+      where,
+      `${where} must be an array of Extension`,
+    ]);
+  });
+
+  it('takes an empty modifierExtension, on the Subscription and on the channel', () => {
+    expect(errorCode({ ...classicSub('Patient', { modifierExtension: [] }), modifierExtension: [] })).toBe('no error');
+  });
+
+  it.each<[string, Json, string]>([
+    ['extension as a string', { extension: 'x' }, 'Subscription.extension must be array'],
+    [
+      'an extension without a url',
+      { extension: [{ valueString: 'x' }] },
+      "Subscription.extension.0 must have required property 'url' (missing url)",
+    ],
+    ['contained as a string', { contained: 'x' }, 'Subscription.contained must be array'],
+    [
+      'a contained entry that is no resource',
+      { contained: [{ id: 'x' }] },
+      "Subscription.contained.0 must have required property 'resourceType' (missing resourceType)",
+    ],
+    ['contact as a number', { contact: 5 }, 'Subscription.contact must be array'],
+    ['a contact entry as a string', { contact: ['ops@example.com'] }, 'Subscription.contact.0 must be object'],
+    ['implicitRules as a number', { implicitRules: 7 }, 'Subscription.implicitRules must be string'],
+    ['language as an object', { language: {} }, 'Subscription.language must be string'],
+    ['meta as a string', { meta: 'x' }, 'Subscription.meta must be object'],
+    ['text as a string', { text: 'x' }, 'Subscription.text must be object'],
+    ['error as a number', { error: 1 }, 'Subscription.error must be string'],
+    ['_status as a number', { _status: 5 }, 'Subscription._status must be object'],
+    ['_end extensions as an object', { _end: { extension: {} } }, 'Subscription._end.extension must be array'],
+  ])('refuses %s with INVALID_RESOURCE naming the element', (_name, extra, message) => {
+    const err = thrown({ ...classicSub('Patient'), ...extra });
+    expect([err.code, err.status, err.message]).toEqual(['INVALID_RESOURCE', 400, message]);
+    expect(err.expression).toBe(message.split(' ')[0]);
+  });
+
+  it.each<[string, Json, string]>([
+    ['an id as a number', { id: 1 }, 'Subscription.channel.id must be string'],
+    ['_endpoint as a string', { _endpoint: 'x' }, 'Subscription.channel._endpoint must be object'],
+    [
+      '_header entries as strings',
+      { header: ['X-A: b'], _header: ['x'] },
+      'Subscription.channel._header.0 must be object,null',
+    ],
+  ])('refuses a channel with %s with INVALID_RESOURCE naming the element', (_name, channel, message) => {
+    const err = thrown(classicSub('Patient', channel));
+    expect([err.code, err.status, err.message]).toEqual(['INVALID_RESOURCE', 400, message]);
+  });
+
+  it('keeps the R4 elements it does not read when they have their R4 types', () => {
+    const kept = {
+      implicitRules: 'http://example.org/rules',
+      _implicitRules: { id: 'r' },
+      language: 'en',
+      contained: [{ resourceType: 'Basic', id: 'b' }],
+      extension: [{ url: 'http://example.org/x', valueString: 'y' }],
+      _status: { extension: [{ url: 'http://example.org/x', valueString: 'y' }] },
+    };
+    const channel = { id: 'c', header: ['X-A: b', 'X-B: c'], _header: [null, { id: 'h' }], _endpoint: {} };
+    const spec = parse({ ...classicSub('Patient', channel), ...kept });
+    const { _status: _dropped, ...stored } = kept;
+    expect(spec.resource).toMatchObject({ ...stored, channel });
+  });
+});
+
+describe('parseSubscription: single-valued extensions', () => {
+  const OTHER_SECRET = `whsec_${Buffer.alloc(32, 8).toString('base64')}`;
+
+  it.each<[string, Json, Json]>([
+    [
+      'backport-heartbeat-period',
+      { url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 60 },
+      { valueUnsignedInt: 'abc' },
+    ],
+    ['backport-timeout', { url: BACKPORT_EXT.timeout, valueUnsignedInt: 5 }, { valueUnsignedInt: 50 }],
+    ['backport-max-count', { url: BACKPORT_EXT.maxCount, valuePositiveInt: 1 }, { valuePositiveInt: 1 }],
+    ['webhook-secret', { url: BROKER_EXT.webhookSecret, valueString: SECRET }, { valueString: OTHER_SECRET }],
+  ])(
+    'refuses two copies of %s on the channel with 422 naming it, instead of reading the first',
+    (_name, first, second) => {
+      const heartbeat = { url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 30 };
+      const extension =
+        first.url === heartbeat.url ? [first, { ...first, ...second }] : [first, heartbeat, { ...first, ...second }];
+      const err = thrown(topicSub({ channel: { extension } }));
+      expect([err.code, err.status, err.expression, err.message]).toEqual([
+        'UNSUPPORTED_CHANNEL',
+        422,
+        'Subscription.channel.extension',
+        `Extension ${first.url} appears more than once on Subscription.channel; it takes a single value, so send one copy`,
+      ]);
+      expect(err.message).not.toContain('whsec_');
+    },
+  );
+
+  it('refuses two copies of backport-payload-content with UNSUPPORTED_CONTENT naming it', () => {
+    const content = (valueCode: string) => ({ url: BACKPORT_EXT.payloadContent, valueCode });
+    const err = thrown(
+      topicSub({ channel: { _payload: { extension: [content('empty'), content('full-resource')] } } }),
+    );
+    expect([err.code, err.status, err.expression, err.message]).toEqual([
+      'UNSUPPORTED_CONTENT',
+      422,
+      'Subscription.channel._payload',
+      `Extension ${BACKPORT_EXT.payloadContent} appears more than once on Subscription.channel.payload; it takes a single value, so send one copy`,
+    ]);
+  });
+
+  it('takes several backport-filter-criteria, which the IG lets repeat (all must hold)', () => {
+    expect(parse(topicSub({ filters: ['Patient?_id=a,b', '_id=b'] })).match.ids).toEqual(['b']);
+  });
+});
+
+describe('parseSubscription: topic versions', () => {
+  it.each([
+    ['a version the topic does not have', `${PATIENT_TOPIC}|9.9`],
+    ['something that is not a version', `${PATIENT_TOPIC}|not a version at all`],
+    ['an empty version', `${PATIENT_TOPIC}|`],
+  ])('refuses a canonical with %s with UNKNOWN_TOPIC, saying which version is offered', (_name, criteria) => {
+    const err = thrown(topicSub({ topic: criteria }));
+    expect([err.code, err.status, err.expression, err.message]).toEqual([
+      'UNKNOWN_TOPIC',
+      422,
+      'Subscription.criteria',
+      `Unknown topic version ${criteria}: ${PATIENT_TOPIC} is offered at version 1.0.0 only; name it without |version to take the one offered`,
+    ]);
+  });
+
+  it('takes the canonical without a version, and with the topic’s own', () => {
+    expect(parse(topicSub()).topic).toBe(PATIENT_TOPIC);
+    expect(parse(topicSub({ topic: `${PATIENT_TOPIC}|1.0.0` })).topic).toBe(`${PATIENT_TOPIC}|1.0.0`);
+  });
+});
+
+describe('parseSubscription: end', () => {
+  it.each([
+    ['February 30', '2099-02-30T00:00:00Z', 'there is no day 30 in 2099-02'],
+    ['February 29 of a common year', '2100-02-29T00:00:00Z', 'there is no day 29 in 2100-02'],
+    ['April 31', '2099-04-31T00:00:00Z', 'there is no day 31 in 2099-04'],
+    ['day 00', '2099-01-00T00:00:00Z', 'there is no day 00 in 2099-01'],
+    ['month 13', '2099-13-01T00:00:00Z', 'there is no month 13'],
+    ['month 00', '2099-00-01T00:00:00Z', 'there is no month 00'],
+    ['year 0000', '0000-01-01T00:00:00Z', 'there is no year 0000'],
+    ['hour 24', '2099-01-01T24:00:00Z', 'hour 24 is not 00–23'],
+    ['minute 60', '2099-01-01T23:60:00Z', 'minute 60 is not 00–59'],
+    ['second 60', '2099-01-01T23:59:60Z', 'second 60 is not 00–59'],
+    ['an offset past +14:00', '2099-01-01T00:00:00+14:30', 'offset +14:30 is not between -14:00 and +14:00'],
+    ['offset minutes past 59', '2099-01-01T00:00:00-01:60', 'offset -01:60 is not between -14:00 and +14:00'],
+    ['no zone', '2099-01-01T00:00:00', 'expected YYYY-MM-DDThh:mm:ss (optionally .fff) then Z or +hh:mm / -hh:mm'],
+    ['a date alone', '2099-01-01', 'expected YYYY-MM-DDThh:mm:ss (optionally .fff) then Z or +hh:mm / -hh:mm'],
+  ])('refuses %s as an invalid value, with INVALID_RESOURCE', (_name, end, why) => {
+    const err = thrown(topicSub({ extra: { end } }));
+    expect([err.code, err.status, err.expression, err.message]).toEqual([
+      'INVALID_RESOURCE',
+      400,
+      'Subscription.end',
+      `Subscription.end "${end}" is not a valid instant: ${why}`,
+    ]);
+  });
+
+  it.each([
+    '2096-02-29T00:00:00Z',
+    '2400-02-29T23:59:59.999Z',
+    '2099-12-31T23:59:59+14:00',
+    '2099-01-01T00:00:00-13:59',
+    '2099-06-30T12:00:00.123456789-00:00',
+  ])('takes %s as written', (end) => {
+    expect(parse(topicSub({ extra: { end } })).end).toBe(end);
+  });
+});
+
+describe('parseSubscription: payload media type', () => {
+  it.each([
+    ['a CR/LF after the parameters’ semicolon', 'application/fhir+json;\r\nX-Injected: yes'],
+    ['a line feed at the end', 'application/fhir+json\n'],
+    ['a NUL in a parameter', 'application/fhir+json; a=b\u0000'],
+    ['a CR/LF inside a quoted parameter', 'application/fhir+json; a="b\r\nX: y"'],
+    ['a parameter without a value', 'application/fhir+json; charset'],
+    ['a parameter value with a space', 'application/fhir+json; charset=utf 8'],
+    ['no subtype', 'application'],
+    ['a non-ASCII character', 'application/fhir+json; a=é'],
+  ])('refuses %s with UNSUPPORTED_CONTENT, showing the value escaped', (_name, payload) => {
+    const err = thrown(topicSub({ channel: { payload } }));
+    expect([err.code, err.status, err.expression, err.message]).toEqual([
+      'UNSUPPORTED_CONTENT',
+      422,
+      'Subscription.channel.payload',
+      `Payload ${JSON.stringify(payload)} is not a media type (type/subtype, then optional ;name=value parameters)`,
+    ]);
+  });
+
+  it.each([
+    'application/fhir+json; charset=utf-8',
+    'application/fhir+json ; fhirVersion=4.0 ; charset="utf-8"',
+    'Application/FHIR+JSON',
+    'application/json;',
+  ])('takes %s as given', (payload) => {
+    expect(parse(topicSub({ channel: { payload } })).channel.payload).toBe(payload);
+  });
+});
+
+describe('parseSubscription: how many resource types', () => {
+  const types = [...R4_RESOURCE_TYPES];
+  const typed = (...filters: string[]) => topicSub({ topic: RESOURCE_TOPIC, filters });
+
+  it(`takes ${MAX_RESOURCE_TYPES} types, and the same type named twice once`, () => {
+    const forty = types.slice(0, MAX_RESOURCE_TYPES);
+    expect(MAX_RESOURCE_TYPES).toBe(40);
+    expect(parse(typed(`_type=${forty.join(',')},${forty[0]}`)).match.resourceTypes).toHaveLength(41);
+  });
+
+  it.each([
+    ['in one _type filter', [`_type=${types.slice(0, 120).join(',')}`], 120],
+    ['with an _id list beside it', [`_type=${types.slice(0, 41).join(',')}`, '_id=a,b'], 41],
+  ])(
+    'refuses more types %s with UNSUPPORTED_FILTER, saying how many are allowed and how to watch all',
+    (_name, filters, n) => {
+      const err = thrown(typed(...filters));
+      expect([err.code, err.status, err.expression, err.message]).toEqual([
+        'UNSUPPORTED_FILTER',
+        422,
+        'Subscription._criteria.extension',
+        `The Subscription would watch ${n} resource types; at most 40 are allowed: drop _type to watch every resource type, or name fewer`,
+      ]);
+    },
+  );
+
+  it('counts what the filters leave: 120 types narrowed to 3 by a second filter are taken', () => {
+    const sub = typed(`_type=${types.slice(0, 120).join(',')}`, `_type=${types.slice(0, 3).join(',')}`);
+    expect(parse(sub).match.resourceTypes).toEqual(types.slice(0, 3));
+  });
+
+  it('refuses many types with so many ids that a copy of the filters per type would pass 40 × 64 KiB', () => {
+    // The shortest FHIR ids first (64 of one character, 4,096 of two, then three): 16,500 of
+    // them are 63 KB of filters, within the size cap, and 95 KB as a list, a copy per type.
+    const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.';
+    const idOf = (i: number): string => (i < 64 ? '' : idOf(Math.floor(i / 64) - 1)) + alphabet[i % 64];
+    const ids = `_id=${Array.from({ length: 16_500 }, (_, i) => idOf(i)).join(',')}`;
+    const err = thrown(typed(`_type=${types.slice(0, 40).join(',')}`, ids));
+    expect([err.code, err.status, err.expression]).toEqual([
+      'UNSUPPORTED_FILTER',
+      422,
+      'Subscription._criteria.extension',
+    ]);
+    expect(err.message).toMatch(
+      /^The filters come to 9\d{4} bytes as kept, once for each of the 40 resource types: more than the 2621440 bytes allowed in all; name fewer types or fewer ids$/,
+    );
+    expect(parse(typed('_type=Patient', ids)).match.ids).toHaveLength(16_500);
   });
 });
 

@@ -69,40 +69,73 @@ const extension = {
   required: ['url'],
   properties: { url: { type: 'string', minLength: 1 } },
 } as const;
+/** Where extensions decide what is delivered: a few are understood, so a long list is refused early. */
 const extensions = { type: 'array', items: extension, maxItems: 50 } as const;
+/** Where extensions only inform: kept as sent, bounded by the stored size alone. */
+const anyExtensions = { type: 'array', items: extension } as const;
+/** The `_name` sibling of a primitive (R4 `Element`): its id and extensions. */
+const primitiveElement = {
+  type: 'object',
+  properties: { id: { type: 'string' }, extension: anyExtensions },
+} as const;
+/** The same, on a primitive whose extensions decide what is delivered. */
+const decidingElement = { type: 'object', properties: { id: { type: 'string' }, extension: extensions } } as const;
+/** R4 JSON types of the elements the broker keeps without reading, so what it serves back is FHIR. */
+const keptElements = {
+  meta: { type: 'object' },
+  implicitRules: { type: 'string' },
+  _implicitRules: primitiveElement,
+  language: { type: 'string' },
+  _language: primitiveElement,
+  text: { type: 'object' },
+  contained: {
+    type: 'array',
+    items: { type: 'object', required: ['resourceType'], properties: { resourceType: { type: 'string' } } },
+  },
+  extension: anyExtensions,
+  contact: { type: 'array', items: { type: 'object' } },
+  error: { type: 'string' },
+  _id: primitiveElement,
+  _status: primitiveElement,
+  _end: primitiveElement,
+  _reason: primitiveElement,
+  _error: primitiveElement,
+} as const;
 
 const subscriptionSchema = {
   type: 'object',
   required: ['resourceType', 'criteria', 'channel'],
   properties: {
+    ...keptElements,
     resourceType: { const: 'Subscription' },
     id: { type: 'string', pattern: '^[A-Za-z0-9\\-.]{1,64}$' },
     status: { enum: ['requested', 'active', 'error', 'off'] },
     criteria: { type: 'string', minLength: 1, maxLength: 2048 },
-    _criteria: { type: 'object', properties: { extension: extensions } },
-    end: { type: 'string', format: 'date-time' },
+    _criteria: decidingElement,
+    // An R4 instant; `checkInstant` then refuses one that names no real moment.
+    end: { type: 'string' },
     reason: { type: 'string', maxLength: 1024 },
     channel: {
       type: 'object',
       required: ['type'],
       properties: {
-        type: { type: 'string' },
-        _type: { type: 'object', properties: { extension: extensions } },
-        endpoint: { type: 'string', maxLength: 2048 },
-        payload: { type: 'string', maxLength: 256 },
-        _payload: { type: 'object', properties: { extension: extensions } },
-        header: { type: 'array', items: { type: 'string', maxLength: 4096 }, maxItems: 20 },
+        id: { type: 'string' },
         extension: extensions,
+        type: { type: 'string' },
+        _type: decidingElement,
+        endpoint: { type: 'string', maxLength: 2048 },
+        _endpoint: primitiveElement,
+        payload: { type: 'string', maxLength: 256 },
+        _payload: decidingElement,
+        header: { type: 'array', items: { type: 'string', maxLength: 4096 }, maxItems: 20 },
+        // One entry per header, null where a header has no id or extensions.
+        _header: { type: 'array', items: { ...primitiveElement, type: ['object', 'null'] }, maxItems: 20 },
       },
     },
   },
 } as const;
 
 const ajv = new Ajv({ strict: false, allErrors: false });
-ajv.addFormat('date-time', {
-  type: 'string',
-  validate: (s: string) => /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/.test(s),
-});
 const validateSubscription = ajv.compile<SubscriptionJson>(subscriptionSchema);
 
 /** A resource type of R4: anything else could never match a change HealthLake reports. */
@@ -130,6 +163,13 @@ const FORBIDDEN_HEADERS = new Set([
   'expect',
 ]);
 const JSON_PAYLOADS = new Set(['application/fhir+json', 'application/json']);
+/** RFC 9110's token and quoted-string: no control characters, so no CR/LF. */
+const TOKEN = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+";
+const QUOTED_STRING = '"(?:[\\t !#-\\[\\]-~]|\\\\[\\t -~])*"';
+/** RFC 9110's media-type: `type/subtype *( OWS ";" OWS [ name=value ] )`, trimmed. */
+const MEDIA_TYPE = new RegExp(
+  `^[ \\t]*${TOKEN}/${TOKEN}(?:[ \\t]*;(?:[ \\t]*${TOKEN}=(?:${TOKEN}|${QUOTED_STRING}))?)*[ \\t]*$`,
+);
 const MAX_HEARTBEAT_SECONDS = 24 * 60 * 60;
 /** 60 s: longer than any sane webhook handler; keeps a slow endpoint from pinning a connection. */
 const MAX_TIMEOUT_SECONDS = 60;
@@ -140,6 +180,21 @@ const MAX_MAX_COUNT = 1000;
  * (a 500 KB one had been a 201 on SQLite and a 500 on DynamoDB).
  */
 const MAX_STORED_BYTES = 64 * 1024;
+/**
+ * The most resource types one Subscription may watch (every type, `*`, counts as one). The
+ * DynamoDB store writes a subscription in one transaction (at most 100 items and 4 MB) with an
+ * index item per type, each a copy of the whole `match`: an update to other types deletes the old
+ * items and puts the new beside the subscription and its owner's count (at most 2 × 40 + 2 items),
+ * and the copies stay within MAX_MATCH_COPIES_BYTES (2.5 MiB). Refused in parsing, on both stores
+ * alike: SQLite had taken with a 201 what DynamoDB failed with a 500.
+ */
+export const MAX_RESOURCE_TYPES = 40;
+/**
+ * The most all copies of a `match` (one per type) may come to: 40 at the stored-size cap. A match
+ * can be half as large again as the filters it comes from (`_id=a,b` is `["a","b"]`), so 40 types
+ * with some 17,000 short ids passed that cap and still came to more than DynamoDB's 4 MB.
+ */
+const MAX_MATCH_COPIES_BYTES = MAX_RESOURCE_TYPES * MAX_STORED_BYTES;
 export const WEBHOOK_SECRET_PREFIX = 'whsec_';
 
 /** The elements of an R4 Subscription and of its channel; `_name` siblings are allowed for the primitive ones. */
@@ -189,14 +244,19 @@ function checkElements(input: unknown): void {
       });
     }
     const modifiers = (value as { modifierExtension?: unknown }).modifierExtension;
-    if (Array.isArray(modifiers) && modifiers.length > 0) {
-      const url = (modifiers[0] as { url?: unknown } | null)?.url;
-      throw new BrokerError(
-        'UNSUPPORTED_MODIFIER',
-        `${path}.modifierExtension${typeof url === 'string' ? ` ${url.slice(0, 200)}` : ''} is not understood by this broker, so the Subscription cannot be honoured`,
-        { expression: `${path}.modifierExtension` },
-      );
+    if (modifiers === undefined || (Array.isArray(modifiers) && modifiers.length === 0)) continue;
+    // Not a list is not FHIR; stored, it would be served back as a modifier all the same.
+    if (!Array.isArray(modifiers)) {
+      throw new BrokerError('INVALID_RESOURCE', `${path}.modifierExtension must be an array of Extension`, {
+        expression: `${path}.modifierExtension`,
+      });
     }
+    const url = (modifiers[0] as { url?: unknown } | null)?.url;
+    throw new BrokerError(
+      'UNSUPPORTED_MODIFIER',
+      `${path}.modifierExtension${typeof url === 'string' ? ` ${url.slice(0, 200)}` : ''} is not understood by this broker, so the Subscription cannot be honoured`,
+      { expression: `${path}.modifierExtension` },
+    );
   }
 }
 
@@ -211,6 +271,7 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
     });
   }
   const sub = input;
+  if (sub.end !== undefined) checkInstant(sub.end, 'Subscription.end');
   const isTopic = /^https?:\/\//.test(sub.criteria);
   const kind: SubscriptionKind = isTopic ? 'topic' : 'classic';
   const match = isTopic ? topicMatch(sub, topics) : classicMatch(sub);
@@ -238,6 +299,44 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   };
 }
 
+/** An R4 `instant`: to the second, with a zone. */
+const INSTANT = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:Z|[+-](\d{2}):(\d{2}))$/;
+const DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+type Fields = [number, number, number, number, number, number];
+
+/**
+ * Refuses an instant that names no real moment. `Date.parse` rolls `2099-02-30` over to March 2
+ * (stored as written, it would end on another day than the one shown) and makes `2099-13-01` NaN
+ * (which reads as an `end` that "has passed").
+ */
+function checkInstant(value: string, expression: string): void {
+  const problem = instantProblem(value);
+  if (problem === undefined) return;
+  const shown = JSON.stringify(value.slice(0, 64));
+  throw new BrokerError('INVALID_RESOURCE', `${expression} ${shown} is not a valid instant: ${problem}`, {
+    expression,
+  });
+}
+
+function instantProblem(value: string): string | undefined {
+  const m = INSTANT.exec(value);
+  if (m === null) return 'expected YYYY-MM-DDThh:mm:ss (optionally .fff) then Z or +hh:mm / -hh:mm';
+  const [year, month, day, hours, minutes, seconds] = [1, 2, 3, 4, 5, 6].map((i) => Number(m[i])) as Fields;
+  if (year === 0) return 'there is no year 0000';
+  const leap = year % 4 === 0 && (year % 100 !== 0 || year % 400 === 0);
+  const days = month === 2 && leap ? 29 : DAYS_IN_MONTH[month - 1];
+  if (days === undefined) return `there is no month ${m[2]}`;
+  if (day < 1 || day > days) return `there is no day ${m[3]} in ${m[1]}-${m[2]}`;
+  if (hours > 23) return `hour ${m[4]} is not 00–23`;
+  if (minutes > 59) return `minute ${m[5]} is not 00–59`;
+  if (seconds > 59) return `second ${m[6]} is not 00–59`;
+  if (m[8] !== undefined) {
+    const offset = Number(m[8]) * 60 + Number(m[9]);
+    if (Number(m[9]) > 59 || offset > 14 * 60) return `offset ${value.slice(-6)} is not between -14:00 and +14:00`;
+  }
+  return undefined;
+}
+
 /** Bytes of the resource as stored; a nesting too deep to serialize is refused, not a 500. */
 function storedSize(resource: FhirResource): number {
   try {
@@ -253,9 +352,17 @@ function storedSize(resource: FhirResource): number {
 function topicMatch(sub: SubscriptionJson, topics: TopicCatalog): MatchSpec {
   const topic = topics.byCanonical(sub.criteria);
   if (topic === undefined) {
-    throw new BrokerError('UNKNOWN_TOPIC', `Unknown topic ${sub.criteria}; see GET /fhir/SubscriptionTopic`, {
-      expression: 'Subscription.criteria',
-    });
+    const bar = sub.criteria.indexOf('|');
+    const unversioned = bar === -1 ? undefined : topics.byUrl(sub.criteria.slice(0, bar));
+    const offered =
+      unversioned?.version === undefined ? 'has no version' : `is offered at version ${unversioned.version} only`;
+    throw new BrokerError(
+      'UNKNOWN_TOPIC',
+      unversioned === undefined
+        ? `Unknown topic ${sub.criteria}; see GET /fhir/SubscriptionTopic`
+        : `Unknown topic version ${sub.criteria}: ${unversioned.url} ${offered}; name it without |version to take the one offered`,
+      { expression: 'Subscription.criteria' },
+    );
   }
   checkExtensions(sub._criteria?.extension, TOPIC_CRITERIA_EXTENSIONS);
   const filters: string[] = [];
@@ -314,11 +421,35 @@ function applyFilters(topic: TopicDefinition, filters: readonly string[]): Match
   if (ids !== undefined && ids.size === 0) {
     throw unsupportedFilter(filters.join(' & '), 'the _id filters exclude every resource');
   }
-  return {
+  const match: MatchSpec = {
     resourceTypes: types,
     interactions: topic.interactions,
     ...(ids === undefined ? {} : { ids: [...ids] }),
   };
+  checkCopies(topic, match, filters.length === 0 ? 'Subscription.criteria' : 'Subscription._criteria.extension');
+  return match;
+}
+
+/** Refuses a match whose copies, one per resource type, a DynamoDB transaction could not write. */
+function checkCopies(topic: TopicDefinition, match: MatchSpec, expression: string): void {
+  const copies = match.resourceTypes === '*' ? 1 : new Set(match.resourceTypes).size;
+  if (copies > MAX_RESOURCE_TYPES) {
+    const instead =
+      topic.resourceTypes === '*' ? 'drop _type to watch every resource type, or name fewer' : 'name fewer with _type';
+    throw new BrokerError(
+      'UNSUPPORTED_FILTER',
+      `The Subscription would watch ${copies} resource types; at most ${MAX_RESOURCE_TYPES} are allowed: ${instead}`,
+      { expression },
+    );
+  }
+  const bytes = Buffer.byteLength(JSON.stringify(match));
+  if (copies * bytes > MAX_MATCH_COPIES_BYTES) {
+    throw new BrokerError(
+      'UNSUPPORTED_FILTER',
+      `The filters come to ${bytes} bytes as kept, once for each of the ${copies} resource types: more than the ${MAX_MATCH_COPIES_BYTES} bytes allowed in all; name fewer types or fewer ids`,
+      { expression },
+    );
+  }
 }
 
 function topicAllows(topic: TopicDefinition, scope: string, name: string): boolean {
@@ -345,13 +476,20 @@ function describeFilters(topic: TopicDefinition): string {
 interface KnownExtensions {
   readonly element: string;
   readonly urls: readonly string[];
+  /**
+   * Those of `urls` that may repeat; any other takes one value, and a second copy is refused, not
+   * read as the first (two heartbeat periods, two secrets: the broker cannot tell which was meant).
+   */
+  readonly repeatable?: readonly string[];
   readonly code: ErrorCode;
   readonly expression: string;
 }
 
+/** Several filters all hold (the IG's backport-filter-criteria is 0..*): they are ANDed. */
 const TOPIC_CRITERIA_EXTENSIONS: KnownExtensions = {
   element: 'Subscription.criteria',
   urls: [BACKPORT_EXT.filterCriteria],
+  repeatable: [BACKPORT_EXT.filterCriteria],
   code: 'UNSUPPORTED_FILTER',
   expression: 'Subscription._criteria.extension',
 };
@@ -383,13 +521,26 @@ const CHANNEL_EXTENSIONS: KnownExtensions = {
 
 function checkExtensions(exts: readonly Extension[] | undefined, known: KnownExtensions): void {
   const stray = exts?.find((e) => !known.urls.includes(e.url));
-  if (stray === undefined) return;
-  const names = known.urls.map((u) => u.split('/').pop()).join(', ') || 'none';
-  throw new BrokerError(
-    known.code,
-    `Extension ${stray.url.slice(0, 200)} on ${known.element} cannot be honoured: the broker does not understand it there (understood: ${names})`,
-    { expression: known.expression },
-  );
+  if (stray !== undefined) {
+    const names = known.urls.map((u) => u.split('/').pop()).join(', ') || 'none';
+    throw new BrokerError(
+      known.code,
+      `Extension ${stray.url.slice(0, 200)} on ${known.element} cannot be honoured: the broker does not understand it there (understood: ${names})`,
+      { expression: known.expression },
+    );
+  }
+  const seen = new Set<string>();
+  for (const { url } of exts ?? []) {
+    if (!seen.has(url) || known.repeatable?.includes(url)) {
+      seen.add(url);
+      continue;
+    }
+    throw new BrokerError(
+      known.code,
+      `Extension ${url} appears more than once on ${known.element}; it takes a single value, so send one copy`,
+      { expression: known.expression },
+    );
+  }
 }
 
 function unsupportedFilter(filter: string, why: string): BrokerError {
@@ -479,6 +630,15 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
     throw new BrokerError('INVALID_ENDPOINT', 'A rest-hook channel needs channel.endpoint', {
       expression: 'Subscription.channel.endpoint',
     });
+  }
+  // Sent as the Content-Type of every delivery: all of it must be a media type, or no request
+  // could carry it (a CR/LF after the `;` had been stored, and every attempt then failed).
+  if (ch.payload !== undefined && !MEDIA_TYPE.test(ch.payload)) {
+    throw new BrokerError(
+      'UNSUPPORTED_CONTENT',
+      `Payload ${JSON.stringify(ch.payload)} is not a media type (type/subtype, then optional ;name=value parameters)`,
+      { expression: 'Subscription.channel.payload' },
+    );
   }
   // Compared without parameters: `application/fhir+json;fhirVersion=4.0` is FHIR JSON.
   if (ch.payload !== undefined && !JSON_PAYLOADS.has(mediaType(ch.payload))) {

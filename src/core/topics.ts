@@ -14,6 +14,8 @@ export const EVENT_FILTER_PARAMETERS: ReadonlySet<string> = new Set(['_id', '_ty
 
 export interface TopicDefinition {
   readonly url: string;
+  /** The business version a canonical may name after `|`; a topic without one takes no `|version`. */
+  readonly version?: string;
   readonly id: string;
   /** `'*'` for a topic triggered by any resource type (`.../StructureDefinition/Resource`). */
   readonly resourceTypes: readonly string[] | '*';
@@ -30,6 +32,7 @@ const topicSchema = {
     resourceType: { const: 'SubscriptionTopic' },
     id: { type: 'string', pattern: '^[A-Za-z0-9\\-.]{1,64}$' },
     url: { type: 'string', minLength: 1 },
+    version: { type: 'string', minLength: 1 },
     status: { enum: ['draft', 'active', 'retired', 'unknown'] },
     resourceTrigger: {
       type: 'array',
@@ -58,6 +61,7 @@ interface TopicJson {
   resourceType: 'SubscriptionTopic';
   id: string;
   url: string;
+  version?: string;
   status: string;
   resourceTrigger: { resource: string; supportedInteraction?: Interaction[] }[];
   canFilterBy?: { resource?: string; filterParameter: string }[];
@@ -108,6 +112,7 @@ export function parseTopic(json: unknown, source: string): TopicDefinition {
   }
   return {
     url: json.url,
+    ...(json.version === undefined ? {} : { version: json.version }),
     id: json.id,
     resourceTypes: anyType ? '*' : [...types],
     interactions: INTERACTIONS.filter((i) => interactions.has(i)),
@@ -131,9 +136,20 @@ export class TopicCatalog {
     }
   }
 
+  /**
+   * The topic a canonical names: its url alone, or `url|version` with the topic's own version.
+   * Any other version is a topic the broker does not offer (a client would see it named in every
+   * status it gets).
+   */
   byCanonical(canonical: string): TopicDefinition | undefined {
     const bar = canonical.indexOf('|');
-    return this.#byUrl.get(bar === -1 ? canonical : canonical.slice(0, bar));
+    const topic = this.byUrl(bar === -1 ? canonical : canonical.slice(0, bar));
+    return bar === -1 || topic?.version === canonical.slice(bar + 1) ? topic : undefined;
+  }
+
+  /** The topic at a canonical url, whatever version follows it. */
+  byUrl(url: string): TopicDefinition | undefined {
+    return this.#byUrl.get(url);
   }
 
   byId(id: string): TopicDefinition | undefined {
