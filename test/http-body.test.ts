@@ -1,6 +1,8 @@
-import { request } from 'node:http';
+import { once } from 'node:events';
+import { Agent, request } from 'node:http';
+import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
+import { API_KEYS, type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
 import { fixture } from './support/fhir-client.js';
 
 /**
@@ -43,6 +45,77 @@ function postChunked(url: string, path: string, chunks: readonly string[]): Prom
   });
 }
 
+/** 64 MiB: far more than the kernel's socket buffers hold, so only a server that reads can take it all. */
+const FLOOD_BYTES = 64 * 1024 * 1024;
+
+interface EarlyAnswer {
+  /** What the server sent back to the start of the body: status line and headers at least. */
+  readonly answer: string;
+  /** Body bytes the client got onto the wire after the answer, before the server closed or it gave up. */
+  readonly sentAfter: number;
+  readonly closedByServer: boolean;
+}
+
+/**
+ * Writes the request `head` and one `chunk` of its body, waits for the answer, then goes on
+ * writing `chunk` while the server takes it, up to FLOOD_BYTES. Stops when the server closes the
+ * connection, or when it has taken nothing for a second (it stopped reading but kept the socket:
+ * `closedByServer` false). (Waiting for the answer first: a client still writing when the server
+ * closes on unread bytes may get the reset before it reads the answer.)
+ */
+async function answeredEarly(url: string, head: string, chunk: Buffer): Promise<EarlyAnswer> {
+  const socket = connect(Number(new URL(url).port), '127.0.0.1');
+  let answer = '';
+  let closed = false;
+  let headers: () => void = () => undefined;
+  const answered = new Promise<void>((resolve) => {
+    headers = resolve;
+  });
+  socket.setEncoding('latin1');
+  socket.on('data', (d: string) => {
+    answer += d;
+    if (answer.includes('\r\n\r\n')) headers();
+  });
+  // A write after the server closed fails (EPIPE, ECONNRESET): that is the point.
+  socket.on('error', () => undefined);
+  const gone = new Promise<boolean>((resolve) =>
+    socket.once('close', () => {
+      closed = true;
+      headers();
+      resolve(false);
+    }),
+  );
+  await once(socket, 'connect');
+  socket.write(head);
+  socket.write(chunk);
+  await answered;
+  let sentAfter = 0;
+  while (!closed && sentAfter < FLOOD_BYTES) {
+    if (!socket.write(chunk)) {
+      let timer: NodeJS.Timeout | undefined;
+      const stalled = await Promise.race([
+        new Promise<boolean>((resolve) => socket.once('drain', () => resolve(false))),
+        gone,
+        new Promise<boolean>((resolve) => {
+          timer = setTimeout(() => resolve(true), 1000);
+        }),
+      ]);
+      clearTimeout(timer);
+      if (stalled) break;
+    }
+    sentAfter += chunk.length;
+  }
+  socket.destroy();
+  return { answer, sentAfter, closedByServer: closed };
+}
+
+const floodHead = (method: string, path: string, headers: readonly string[]): string =>
+  [`${method} ${path} HTTP/1.1`, 'Host: 127.0.0.1', ...headers, '', ''].join('\r\n');
+
+/** One chunk of a chunked body of spaces (valid JSON whitespace), 64 KiB. */
+const SPACES = Buffer.alloc(64 * 1024, 0x20);
+const CHUNK = Buffer.concat([Buffer.from(`${SPACES.length.toString(16)}\r\n`), SPACES, Buffer.from('\r\n')]);
+
 // `/events` is served by the ingest listener ahead of hono; with a query string it goes through the
 // hono app and its body reader (the one every other POST and PUT uses): both must hold the cap.
 describe.each([
@@ -83,6 +156,68 @@ describe.each([
     expect(JSON.parse(again.body)).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
   });
 
+  it('refuses a request without a token before its body, closes the connection and reads no more', async () => {
+    const res = await answeredEarly(
+      broker.url,
+      floodHead('POST', path, ['Content-Type: application/json', `Content-Length: ${FLOOD_BYTES}`]),
+      SPACES,
+    );
+    expect(res.answer).toMatch(/^HTTP\/1\.1 401 /);
+    expect(res.answer.toLowerCase()).toContain('\r\nconnection: close\r\n');
+    expect(res.closedByServer).toBe(true);
+    expect(res.sentAfter).toBeLessThan(FLOOD_BYTES / 2);
+  });
+
+  it('refuses a chunked body of the wrong media type unread, closes the connection and reads no more', async () => {
+    const res = await answeredEarly(
+      broker.url,
+      floodHead('POST', path, [
+        `Authorization: Bearer ${INGEST_TOKEN}`,
+        'Content-Type: text/plain',
+        'Transfer-Encoding: chunked',
+      ]),
+      CHUNK,
+    );
+    expect(res.answer).toMatch(/^HTTP\/1\.1 415 /);
+    expect(res.answer.toLowerCase()).toContain('\r\nconnection: close\r\n');
+    expect(res.closedByServer).toBe(true);
+    expect(res.sentAfter).toBeLessThan(FLOOD_BYTES / 2);
+  });
+
+  it('keeps the connection after a 202 and after a refusal of a body it read', async () => {
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    const send = (body: string) =>
+      new Promise<{ status: number; connection: string | undefined; reused: boolean }>((resolve, reject) => {
+        const req = request(
+          `${broker.url}${path}`,
+          {
+            method: 'POST',
+            agent,
+            headers: { authorization: `Bearer ${INGEST_TOKEN}`, 'content-type': 'application/json' },
+          },
+          (res) => {
+            res.resume();
+            res.on('end', () =>
+              resolve({ status: res.statusCode ?? 0, connection: res.headers.connection, reused: req.reusedSocket }),
+            );
+          },
+        );
+        req.on('error', reject);
+        req.end(body);
+      });
+    try {
+      const text = JSON.stringify({ ...fixture('healthlake-update-patient'), id: `keep-${path.length}` });
+      const answers = [await send(text), await send('{"not": "an event"}'), await send(text)];
+      expect(answers).toEqual([
+        { status: 202, connection: 'keep-alive', reused: false },
+        { status: 400, connection: 'keep-alive', reused: true },
+        { status: 202, connection: 'keep-alive', reused: true },
+      ]);
+    } finally {
+      agent.destroy();
+    }
+  });
+
   it('keeps serving after a client hangs up mid-body', async () => {
     await new Promise<void>((resolve) => {
       const req = request(`${broker.url}${path}`, {
@@ -105,6 +240,84 @@ describe.each([
     const text = JSON.stringify(fixture('healthlake-delete-patient'));
     const res = await postChunked(broker.url, path, [text]);
     expect(res.status).toBe(202);
+  });
+});
+
+describe('request bodies on the real server, on the FHIR routes', () => {
+  let broker: BrokerProcess;
+
+  beforeAll(async () => {
+    broker = await startBroker();
+  });
+
+  afterAll(async () => {
+    await broker?.kill('SIGTERM');
+  });
+
+  it.each([
+    ['without a token', 'POST', '/fhir/Subscription', [], 401],
+    ['to no route', 'POST', '/fhir/Nothing', [`Authorization: Bearer ${API_KEYS.alice}`], 404],
+    [
+      'with a method the route does not allow',
+      'PATCH',
+      '/fhir/Subscription/x',
+      [`Authorization: Bearer ${API_KEYS.alice}`],
+      405,
+    ],
+  ])(
+    'answers a request %s before its body, closes the connection and reads no more',
+    async (_name, method, path, headers, status) => {
+      const res = await answeredEarly(
+        broker.url,
+        floodHead(method, path, [...headers, 'Content-Type: application/fhir+json', `Content-Length: ${FLOOD_BYTES}`]),
+        SPACES,
+      );
+      expect(res.answer).toMatch(new RegExp(`^HTTP/1\\.1 ${status} `));
+      expect(res.answer.toLowerCase()).toContain('\r\nconnection: close\r\n');
+      expect(res.closedByServer).toBe(true);
+      expect(res.sentAfter).toBeLessThan(FLOOD_BYTES / 2);
+    },
+  );
+
+  it('keeps the connection after a 201', async () => {
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    const body = JSON.stringify({
+      resourceType: 'Subscription',
+      status: 'requested',
+      reason: 'keep-alive',
+      criteria: 'Patient',
+      channel: { type: 'rest-hook', endpoint: 'https://hooks.example.com/k', payload: 'application/fhir+json' },
+    });
+    const send = (method: string, url: string, payload?: string) =>
+      new Promise<{ status: number; connection: string | undefined; reused: boolean }>((resolve, reject) => {
+        const req = request(
+          url,
+          {
+            method,
+            agent,
+            headers: { authorization: `Bearer ${API_KEYS.alice}`, 'content-type': 'application/fhir+json' },
+          },
+          (res) => {
+            res.resume();
+            res.on('end', () =>
+              resolve({ status: res.statusCode ?? 0, connection: res.headers.connection, reused: req.reusedSocket }),
+            );
+          },
+        );
+        req.on('error', reject);
+        req.end(payload);
+      });
+    try {
+      const first = await send('GET', `${broker.url}/fhir/metadata`);
+      const created = await send('POST', `${broker.url}/fhir/Subscription`, body);
+      expect([first, created.connection, created.reused]).toEqual([
+        { status: 200, connection: 'keep-alive', reused: false },
+        'keep-alive',
+        true,
+      ]);
+    } finally {
+      agent.destroy();
+    }
   });
 });
 

@@ -19,6 +19,8 @@ interface Answer {
   readonly status: number;
   readonly contentType: string | null;
   readonly wwwAuthenticate: string | null;
+  /** `close` when the request was refused before its body was read: not kept alive to read it. */
+  readonly connection: string | null;
   readonly body: unknown;
 }
 
@@ -28,6 +30,8 @@ interface Case {
   /** The body for a door; events get ids of their own per door so neither sees the other's as duplicates. */
   readonly body: (door: string) => string;
   readonly status: number;
+  /** Refused before its body is read: the answer closes the connection. */
+  readonly unread?: true;
 }
 
 const auth = { authorization: `Bearer ${TOKENS.ingest}` };
@@ -67,24 +71,28 @@ const CASES: readonly Case[] = [
     headers: { 'content-type': 'application/json' },
     body: (d) => JSON.stringify(event('healthlake-update-patient', `noauth-${d}`)),
     status: 401,
+    unread: true,
   },
   {
     name: 'a wrong token',
     headers: { authorization: 'Bearer nope', 'content-type': 'application/json' },
     body: (d) => JSON.stringify(event('healthlake-update-patient', `wrong-${d}`)),
     status: 401,
+    unread: true,
   },
   {
     name: 'no content type',
     headers: auth,
     body: (d) => JSON.stringify(event('healthlake-update-patient', `notype-${d}`)),
     status: 415,
+    unread: true,
   },
   {
     name: 'text/plain',
     headers: { ...auth, 'content-type': 'text/plain' },
     body: (d) => JSON.stringify(event('healthlake-update-patient', `plain-${d}`)),
     status: 415,
+    unread: true,
   },
   { name: 'an empty body', headers: json, body: () => '', status: 400 },
   { name: 'broken JSON', headers: json, body: () => '{"id": ', status: 400 },
@@ -101,6 +109,7 @@ const CASES: readonly Case[] = [
     body: (d) =>
       JSON.stringify(Array.from({ length: 8 }, (_, i) => event('healthlake-update-patient', `big-${i}-${d}`))),
     status: 413,
+    unread: true,
   },
 ];
 
@@ -111,6 +120,7 @@ async function send(url: string, c: Case, door: string): Promise<Answer> {
     status: res.status,
     contentType: res.headers.get('content-type'),
     wwwAuthenticate: res.headers.get('www-authenticate'),
+    connection: res.headers.get('connection'),
     body: text === '' ? '' : (JSON.parse(text) as unknown),
   };
 }
@@ -146,6 +156,7 @@ describe('POST /events: the ingest listener answers as the hono app does', () =>
       const listener = await send(urls.listener, c, 'listener');
       const app = await send(urls.app, c, 'app');
       expect(listener.status).toBe(c.status);
+      expect(listener.connection).toBe(c.unread ? 'close' : 'keep-alive');
       expect(listener).toEqual(app);
       if (c.status >= 400) {
         expect((listener.body as Json).resourceType).toBe('OperationOutcome');

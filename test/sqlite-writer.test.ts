@@ -222,3 +222,38 @@ it('names the database file when it cannot be used (not a database)', () => {
     new RegExp(`cannot use the SQLite database ${join(dir, 'broker.sqlite3')}: file is not a database`),
   );
 });
+
+it('commits an event that notifies 140,000 subscriptions, with the rest of its group commit', async () => {
+  dir = mkdtempSync(join(tmpdir(), 'fsb-fanout-'));
+  store = new SqliteStore(dir);
+  await store.insertSubscription(record('s0'));
+  // 139,999 more like s0, written straight into the file: through the store that takes half a minute.
+  const db = new Database(join(dir, 'broker.sqlite3'));
+  try {
+    db.pragma('busy_timeout = 5000');
+    db.exec(`
+      WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 139999)
+      INSERT INTO subscriptions SELECT 'b' || i, owner, kind, topic, status, error, match_json, channel_json,
+        webhook_secret, previous_secret_json, end_at, created_at, updated_at, resource_json
+      FROM n, subscriptions WHERE id = 's0';
+      INSERT INTO subscription_counters (subscription_id, events_since_start)
+        SELECT id, 0 FROM subscriptions WHERE id != 's0';
+    `);
+  } finally {
+    db.close();
+  }
+  const ids = ['s0', ...Array.from({ length: 139_999 }, (_, i) => `b${i + 1}`)];
+  const [fanout, other] = await store.acceptChanges(
+    [item('fan-1', ids, 'p-fan'), item('other-1', ['s0'], 'p-other')],
+    RECEIVED,
+  );
+  expect(fanout?.duplicate).toBe(false);
+  expect(fanout?.notifications).toHaveLength(140_000);
+  expect(fanout?.notifications.every((n) => n.eventNumber === 1)).toBe(true);
+  expect(other?.notifications.map((n) => [n.subscriptionId, n.eventNumber])).toEqual([['s0', 2]]);
+  expect((await store.pendingNotifications('b139999', 0, 10)).map((n) => n.change.resourceId)).toEqual(['p-fan']);
+  // Committed for good: the same event again is a duplicate.
+  expect(await store.acceptChanges([item('fan-1', ids, 'p-fan')], RECEIVED)).toEqual([
+    { duplicate: true, notifications: [] },
+  ]);
+}, 20_000);

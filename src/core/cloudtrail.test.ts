@@ -131,6 +131,10 @@ describe('parseEventBridgeEvent envelopes', () => {
     ['an empty id', { id: '', source: 'aws.healthlake', 'detail-type': 'AWS API Call via CloudTrail' }],
     ['a numeric id', { id: 7, source: 'aws.healthlake', 'detail-type': 'AWS API Call via CloudTrail' }],
     ['an id longer than 256 characters', { id: 'x'.repeat(257), source: 's', 'detail-type': 'd' }],
+    ['an id with a lone surrogate', { id: 'e-\ud800', source: 's', 'detail-type': 'd' }],
+    ['an id with a space', { id: 'e 1', source: 's', 'detail-type': 'd' }],
+    ['an id with a control character', { id: 'e\u00001', source: 's', 'detail-type': 'd' }],
+    ['an id that is not ASCII', { id: 'é1', source: 's', 'detail-type': 'd' }],
     ['no source', { id: 'e1', 'detail-type': 'AWS API Call via CloudTrail' }],
     ['no detail-type', { id: 'e1', source: 'aws.healthlake' }],
     ['a detail that is an array', { id: 'e1', source: 'aws.healthlake', 'detail-type': 'x', detail: [] }],
@@ -143,6 +147,12 @@ describe('parseEventBridgeEvent envelopes', () => {
   it('names the offending field in the envelope error', () => {
     expect(() => parseEventBridgeEvent({ id: 7, source: 's', 'detail-type': 'd' }, RECEIVED_AT)).toThrow(
       '/id must be string',
+    );
+  });
+
+  it('says what an id must be rather than quoting the pattern', () => {
+    expect(() => parseEventBridgeEvent({ id: 'e-\udc00', source: 's', 'detail-type': 'd' }, RECEIVED_AT)).toThrow(
+      new InvalidEnvelopeError('/id must be printable ASCII, without spaces'),
     );
   });
 
@@ -265,7 +275,7 @@ describe('parseEventBridgeEvent details', () => {
     );
   });
 
-  it('drops a resourceId that is not a FHIR id rather than trusting it', () => {
+  it('drops a resourceId that is not a FHIR id rather than trusting it, and says so', () => {
     const event = withDetail('healthlake-create-patient.json', { additionalEventData: { resourceId: 'a/b' } });
     const parsed = parseEventBridgeEvent(event, RECEIVED_AT);
     expect(parsed).toEqual({
@@ -278,7 +288,35 @@ describe('parseEventBridgeEvent details', () => {
         fhirBase: FHIR_BASE,
         time: EVENT_TIME,
       },
+      warnings: ['additionalEventData.resourceId (3 characters) is not a FHIR id: no focus'],
     });
+  });
+
+  it.each([
+    ['65 characters long', 'a'.repeat(65), '65 characters'],
+    ['empty', '', '0 characters'],
+    ['a number', 42, 'number'],
+  ])('warns about a resourceId that is %s, never quoting it', (_name, resourceId, shape) => {
+    const event = withDetail('healthlake-create-patient.json', { additionalEventData: { resourceId } });
+    const parsed = parseEventBridgeEvent(event, RECEIVED_AT);
+    expect(parsed.kind === 'change' && parsed.warnings).toEqual([
+      `additionalEventData.resourceId (${shape}) is not a FHIR id: no focus`,
+    ]);
+  });
+
+  it('warns about a CloudTrail eventID it cannot deduplicate on', () => {
+    const parsed = parseEventBridgeEvent(
+      withDetail('healthlake-update-patient.json', { eventID: 'a b/c' }),
+      RECEIVED_AT,
+    );
+    expect(parsed.kind === 'change' && parsed.warnings).toEqual([
+      'detail.eventID (5 characters) is not an event id: deduplicated on the id',
+    ]);
+  });
+
+  it('has no warnings for an event without a resource id (the older CloudTrail shape)', () => {
+    const parsed = parseEventBridgeEvent(fixture('healthlake-update-patient-no-resource-id.json'), RECEIVED_AT);
+    expect(parsed.kind === 'change' && Object.hasOwn(parsed, 'warnings')).toBe(false);
   });
 
   it('uses receivedAt when neither detail.eventTime nor the envelope time is given', () => {
@@ -331,5 +369,27 @@ describe('parseEventBridgeEvent details', () => {
     const badRegion = withDetail('healthlake-create-patient.json', { awsRegion: 'evil.example.com/x' });
     const parsedBad = parseEventBridgeEvent(badRegion, RECEIVED_AT);
     expect(parsedBad.kind === 'change' ? parsedBad.change.fhirBase : undefined).toBe(FHIR_BASE);
+  });
+
+  it.each([
+    ['empty', ''],
+    ['malformed', 'evil.example.com/x'],
+    ['not a string', 7],
+  ])('takes the envelope region when awsRegion is %s', (_name, awsRegion) => {
+    const event = { ...withDetail('healthlake-create-patient.json', { awsRegion }), region: 'eu-west-1' };
+    const parsed = parseEventBridgeEvent(event, RECEIVED_AT);
+    expect(parsed.kind === 'change' ? parsed.change.fhirBase : undefined).toBe(
+      `https://healthlake.eu-west-1.amazonaws.com/datastore/${DATASTORE}/r4`,
+    );
+    expect(parsed.kind === 'change' && Object.hasOwn(parsed, 'warnings')).toBe(false);
+  });
+
+  it('assumes us-east-1, and says so, when neither awsRegion nor the envelope region is a region', () => {
+    const event = { ...withDetail('healthlake-create-patient.json', { awsRegion: '' }), region: '' };
+    const parsed = parseEventBridgeEvent(event, RECEIVED_AT);
+    expect(parsed).toMatchObject({
+      change: { fhirBase: FHIR_BASE },
+      warnings: ['neither detail.awsRegion nor region is an AWS region: us-east-1 assumed'],
+    });
   });
 });

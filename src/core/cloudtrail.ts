@@ -11,7 +11,10 @@ const envelopeSchema = {
   type: 'object',
   required: ['id', 'source', 'detail-type'],
   properties: {
-    id: { type: 'string', minLength: 1, maxLength: 256 },
+    // EventBridge's ids are UUIDs. Printable ASCII keeps the deduplication key (the id, when the
+    // CloudTrail record has no eventID) byte for byte the same in every store: a lone UTF-16
+    // surrogate is not, and two ids that differ only in one were deduplicated as one.
+    id: { type: 'string', minLength: 1, maxLength: 256, pattern: '^[\\x21-\\x7e]+$' },
     source: { type: 'string', minLength: 1, maxLength: 256 },
     'detail-type': { type: 'string', minLength: 1, maxLength: 256 },
     time: { type: 'string', maxLength: 64 },
@@ -63,7 +66,12 @@ const EVENT_ID = /^[A-Za-z0-9-]{1,128}$/;
 const REGION = /^[a-z]{2}(-[a-z]+)+-\d$/;
 
 export type ParsedEvent =
-  | { readonly kind: 'change'; readonly change: ResourceChange }
+  | {
+      readonly kind: 'change';
+      readonly change: ResourceChange;
+      /** What of the event was unusable and left out or guessed, for the log. */
+      readonly warnings?: readonly string[];
+    }
   | { readonly kind: 'ignored'; readonly eventId: string; readonly reason: string };
 
 /** Thrown for a body element that is not an EventBridge event at all. */
@@ -78,7 +86,9 @@ export class InvalidEnvelopeError extends Error {
 export function parseEventBridgeEvent(input: unknown, receivedAt: string): ParsedEvent {
   if (!validateEnvelope(input)) {
     const e = validateEnvelope.errors?.[0];
-    throw new InvalidEnvelopeError(`${e?.instancePath || '(event)'} ${e?.message ?? 'is invalid'}`.trim());
+    // Ajv would quote the pattern; say what it means.
+    const message = e?.keyword === 'pattern' ? 'must be printable ASCII, without spaces' : e?.message;
+    throw new InvalidEnvelopeError(`${e?.instancePath || '(event)'} ${message ?? 'is invalid'}`.trim());
   }
   const event = input;
   const ignored = (reason: string): ParsedEvent => ({ kind: 'ignored', eventId: event.id, reason });
@@ -105,13 +115,22 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   if (typeof datastoreId !== 'string' || !DATASTORE_ID.test(datastoreId)) {
     return ignored(`${eventName} without a valid requestParameters.datastoreId`);
   }
+  // The change did happen: what of its detail is unusable is left out (or guessed) and said, not
+  // allowed to refuse the event.
+  const warnings: string[] = [];
   const rawId = asRecord(detail.additionalEventData)?.resourceId;
   const resourceId = typeof rawId === 'string' && FHIR_ID.test(rawId) ? rawId : undefined;
-  const regionCandidate = typeof detail.awsRegion === 'string' ? detail.awsRegion : event.region;
-  const region = regionCandidate !== undefined && REGION.test(regionCandidate) ? regionCandidate : 'us-east-1';
+  if (resourceId === undefined && rawId !== undefined && rawId !== null) {
+    warnings.push(`additionalEventData.resourceId (${describeValue(rawId)}) is not a FHIR id: no focus`);
+  }
+  const region = [detail.awsRegion, event.region].find((r): r is string => typeof r === 'string' && REGION.test(r));
+  if (region === undefined) warnings.push('neither detail.awsRegion nor region is an AWS region: us-east-1 assumed');
   const time = pickTime(detail.eventTime, event.time) ?? receivedAt;
 
   const cloudTrailId = typeof detail.eventID === 'string' && EVENT_ID.test(detail.eventID) ? detail.eventID : undefined;
+  if (cloudTrailId === undefined && detail.eventID !== undefined && detail.eventID !== null) {
+    warnings.push(`detail.eventID (${describeValue(detail.eventID)}) is not an event id: deduplicated on the id`);
+  }
   return {
     kind: 'change',
     change: {
@@ -120,10 +139,16 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
       ...(resourceId === undefined ? {} : { resourceId }),
       interaction,
       datastoreId,
-      fhirBase: `https://healthlake.${region}.amazonaws.com/datastore/${datastoreId}/r4`,
+      fhirBase: `https://healthlake.${region ?? 'us-east-1'}.amazonaws.com/datastore/${datastoreId}/r4`,
       time,
     },
+    ...(warnings.length === 0 ? {} : { warnings }),
   };
+}
+
+/** An untrusted value's shape, never its content (it may be long, or anything at all). */
+function describeValue(value: unknown): string {
+  return typeof value === 'string' ? `${value.length} characters` : typeof value;
 }
 
 function asRecord(value: unknown): Record<string, unknown> | undefined {

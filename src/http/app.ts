@@ -5,7 +5,7 @@ import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { IngestService } from '../service/ingest.js';
 import type { IngestAuth } from './auth.js';
-import { readJsonBody } from './body.js';
+import { closeIfBodyUnread, type NodeBindings, readJsonBody } from './body.js';
 import { type FhirRouteDeps, mountFhirRoutes } from './fhir-routes.js';
 import { loadLivePage } from './live-page.js';
 import { fhirResponse, operationOutcome, outcomeOf } from './outcome.js';
@@ -45,6 +45,14 @@ const ROUTES: readonly [string, readonly string[]][] = [
 
 export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }> {
   const app = new Hono<{ Variables: { owner: string } }>();
+
+  // Whatever the answer (an error, a 404, a route that reads no body), a body still unread closes
+  // the connection rather than being read and thrown away (see closeIfBodyUnread).
+  app.use(async (c, next) => {
+    await next();
+    const node = c.env as NodeBindings | undefined;
+    if (node?.incoming !== undefined && node.outgoing !== undefined) closeIfBodyUnread(node.incoming, node.outgoing);
+  });
 
   app.get('/healthz', async () => {
     try {

@@ -15,7 +15,7 @@ import { mediaType } from '../core/media-type.js';
 /** JSON, FHIR JSON, and `application/json+fhir`, the DSTU2 name older clients still send. */
 const JSON_TYPES = new Set(['application/json', 'application/fhir+json', 'application/json+fhir']);
 
-interface NodeBindings {
+export interface NodeBindings {
   readonly incoming?: IncomingMessage;
   readonly outgoing?: ServerResponse;
 }
@@ -48,6 +48,20 @@ export function checkJsonRequest(
     );
   }
   if (Number(contentLength ?? Number.NaN) > maxBytes) throw tooLarge(maxBytes);
+}
+
+/**
+ * Before answering a request whose body was not read to its end (refused first: 401, 415, 404,
+ * 405, 413 on its declared length): `connection: close`. Kept alive, Node would read the rest of
+ * the body to reach the next request, throwing it away: a declared 200 MiB, or a chunked body that
+ * never ends, from a client with no token. Closing, Node destroys the socket as soon as the answer
+ * is written. A body read whole, or none, keeps the connection.
+ */
+export function closeIfBodyUnread(incoming: IncomingMessage, outgoing: ServerResponse): void {
+  if (incoming.readableEnded || outgoing.headersSent) return;
+  const { 'content-length': length, 'transfer-encoding': encoding } = incoming.headers;
+  if (encoding === undefined && !(Number(length) > 0)) return;
+  outgoing.setHeader('connection', 'close');
 }
 
 export function parseJsonBody(bytes: Buffer): unknown {

@@ -3,7 +3,7 @@ import type { Logger } from '../observability/logger.js';
 import type { IngestService } from '../service/ingest.js';
 import { errorAnswer } from './app.js';
 import type { IngestAuth } from './auth.js';
-import { checkJsonRequest, parseJsonBody, readNodeBody } from './body.js';
+import { checkJsonRequest, closeIfBodyUnread, parseJsonBody, readNodeBody } from './body.js';
 import { FHIR_JSON } from './outcome.js';
 
 /**
@@ -34,6 +34,7 @@ export async function serveIngest(deps: IngestListenerDeps, req: IncomingMessage
     answer(res, 202, 'application/json', JSON.stringify(await deps.ingest.ingest(body)));
   } catch (err) {
     const { status, body, headers } = errorAnswer(err, 'POST', '/events', deps.logger);
+    closeIfBodyUnread(req, res);
     for (const [name, value] of Object.entries(headers)) res.setHeader(name, value);
     answer(res, status, FHIR_JSON, JSON.stringify(body));
   }

@@ -13,7 +13,10 @@ interface Family {
 }
 
 const FAMILIES = {
-  broker_events_total: { help: 'EventBridge events received, by outcome', type: 'counter' },
+  broker_events_total: {
+    help: 'EventBridge events received, by outcome (accepted, duplicate, ignored, refused)',
+    type: 'counter',
+  },
   broker_notifications_total: { help: 'Notification deliveries, by outcome', type: 'counter' },
   broker_handshakes_total: { help: 'Handshakes, by outcome', type: 'counter' },
   broker_heartbeats_total: { help: 'Heartbeats, by outcome', type: 'counter' },

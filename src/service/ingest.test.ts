@@ -10,7 +10,8 @@ import type { SubscriptionRegistry } from './subscription-registry.js';
 /**
  * The group commit: requests that arrive while commits are in flight share the next one; at most
  * two commits are in flight; notifications reach the dispatcher in commit order; a failed commit
- * refuses its own requests only.
+ * refuses its own requests only, and one that failed on an internal error, not the store's, is
+ * tried again request by request.
  */
 
 interface Call {
@@ -110,6 +111,49 @@ describe('IngestService group commit', () => {
     await expect(first).rejects.toMatchObject({ code: 'STORE_UNAVAILABLE' });
     expect(await second).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
     expect(enqueued.map((n) => n.change.resourceId)).toEqual(['p1']);
+  });
+
+  it('commits each request of a group alone when the group failed on an internal error, so only its own fails', async () => {
+    const { ingest, calls, enqueued, answer } = setup();
+    const good = ingest.ingest(event('e0', 'p0'));
+    const bad = ingest.ingest(event('e1', 'p1'));
+    const later = ingest.ingest(event('e2', 'p2'));
+    const settled = Promise.allSettled([good, bad, later]);
+    await tick();
+    expect(calls.map((c) => c.items.length)).toEqual([3]);
+    (calls[0] as Call).reject(new RangeError('Maximum call stack size exceeded'));
+    await tick();
+    // One request at a time, in order: the next goes once the one before is answered.
+    expect(calls.map((c) => c.items.map((i) => i.change.eventId))).toEqual([['e0', 'e1', 'e2'], ['e0']]);
+    answer(calls[1] as Call);
+    await tick();
+    (calls[2] as Call).reject(new RangeError('Maximum call stack size exceeded'));
+    await tick();
+    answer(calls[3] as Call);
+    const [first, second, third] = await settled;
+    expect(first).toEqual({ status: 'fulfilled', value: { accepted: 1, ignored: 0, duplicates: 0 } });
+    expect(second).toMatchObject({ status: 'rejected', reason: { code: 'INTERNAL', status: 500 } });
+    expect(third).toEqual({ status: 'fulfilled', value: { accepted: 1, ignored: 0, duplicates: 0 } });
+    expect(calls.map((c) => c.items.map((i) => i.change.eventId))).toEqual([
+      ['e0', 'e1', 'e2'],
+      ['e0'],
+      ['e1'],
+      ['e2'],
+    ]);
+    expect(enqueued.map((n) => [n.change.resourceId, n.eventNumber])).toEqual([
+      ['p0', 1],
+      ['p2', 2],
+    ]);
+  });
+
+  it('refuses every request of a group with STORE_UNAVAILABLE when the store fails, without trying again', async () => {
+    const { ingest, calls } = setup();
+    const results = Promise.allSettled([ingest.ingest(event('e0', 'p0')), ingest.ingest(event('e1', 'p1'))]);
+    await tick();
+    (calls[0] as Call).reject(Object.assign(new Error('disk I/O error'), { code: 'SQLITE_IOERR' }));
+    const failure = { status: 'rejected', reason: expect.objectContaining({ code: 'STORE_UNAVAILABLE', status: 503 }) };
+    expect(await results).toEqual([failure, failure]);
+    expect(calls).toHaveLength(1);
   });
 
   it('hands notifications over in commit order even when a later request refreshes first', async () => {

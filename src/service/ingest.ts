@@ -82,10 +82,9 @@ export class IngestService {
   async ingest(body: unknown): Promise<IngestResult> {
     const events = Array.isArray(body) ? body : [body];
     if (events.length > MAX_EVENTS_PER_REQUEST) {
-      throw new BrokerError(
-        'TOO_MANY_EVENTS',
-        `${events.length} events in one request; the limit is ${MAX_EVENTS_PER_REQUEST}`,
-      );
+      const reason = `${events.length} events in one request; the limit is ${MAX_EVENTS_PER_REQUEST}`;
+      this.#refused(events.length, { reason });
+      throw new BrokerError('TOO_MANY_EVENTS', reason);
     }
     const receivedAt = this.#clock.now();
     const receivedIso = new Date(receivedAt).toISOString();
@@ -97,6 +96,7 @@ export class IngestService {
         parsed = parseEventBridgeEvent(event, receivedIso);
       } catch (err) {
         if (err instanceof InvalidEnvelopeError) {
+          this.#refused(events.length, { index: i, reason: err.message });
           const where = Array.isArray(body) ? `event [${i}]` : 'event';
           throw new BrokerError('INVALID_EVENT', `${where}: ${err.message}`, { cause: err });
         }
@@ -106,6 +106,9 @@ export class IngestService {
         ignored++;
         this.#logger.info('event ignored', { eventId: parsed.eventId, reason: parsed.reason });
         return;
+      }
+      for (const warning of parsed.warnings ?? []) {
+        this.#logger.warn('event accepted with a part left out', { eventId: parsed.change.eventId, warning });
       }
       changes.push(parsed.change);
     });
@@ -133,6 +136,15 @@ export class IngestService {
       this.#logger.debug('events accepted', { ...result, notifications });
     }
     return result;
+  }
+
+  /**
+   * A request refused whole (the sender gets a 4xx and, from EventBridge, the event goes to its
+   * dead-letter queue): said and counted, with where and why but never the event itself.
+   */
+  #refused(events: number, fields: { index?: number; reason: string }): void {
+    this.#logger.warn('events refused', { events, ...fields });
+    this.#metrics.inc('broker_events_total', { outcome: 'refused' }, events);
   }
 
   /** Matching against the store's type index, read once per distinct resource type. */
@@ -209,18 +221,51 @@ export class IngestService {
     this.#inFlight++;
     const batch = this.#pending;
     this.#pending = [];
+    try {
+      await this.#commitTogether(batch);
+    } finally {
+      this.#inFlight--;
+      if (this.#pending.length > 0) this.#schedule();
+    }
+  }
+
+  /**
+   * `batch` in one store commit, then each request answered once its commit is handed over. A
+   * commit that failed on a fault in the broker's own code (see `isInternalError`), not the
+   * store's, may be one request's doing: each request is then committed alone, so the others go
+   * through, and one that fails alone gets a 500, not a 503 that blames the store. Committing again
+   * is what a sender's retry does anyway: a failed commit leaves nothing a second one would double.
+   */
+  async #commitTogether(batch: readonly PendingCommit[]): Promise<void> {
     const all = batch.flatMap((p) => p.items);
     let outcomes: AcceptOutcome[];
     try {
       outcomes = await this.#store.acceptChanges(all, this.#clock.now());
     } catch (err) {
-      this.#logger.error('could not commit events; the senders will retry', { err: err as Error, events: all.length });
-      const failure = new BrokerError('STORE_UNAVAILABLE', 'The events could not be stored; retry', { cause: err });
+      const internal = isInternalError(err);
+      if (internal && batch.length > 1) {
+        this.#logger.warn('could not commit events together; committing each request alone', {
+          err: err as Error,
+          requests: batch.length,
+        });
+        for (const p of batch) await this.#commitTogether([p]);
+        return;
+      }
+      const failure = internal
+        ? new BrokerError('INTERNAL', 'The events could not be stored: an internal error; see the broker log', {
+            cause: err,
+          })
+        : new BrokerError('STORE_UNAVAILABLE', 'The events could not be stored; retry', { cause: err });
+      this.#logger.error(
+        internal ? 'could not commit events: internal error' : 'could not commit events; the senders will retry',
+        {
+          err: err as Error,
+          events: all.length,
+          eventIds: all.slice(0, 10).map((item) => item.change.eventId),
+        },
+      );
       for (const p of batch) p.reject(failure);
       return;
-    } finally {
-      this.#inFlight--;
-      if (this.#pending.length > 0) this.#schedule();
     }
     const answers: AcceptOutcome[][] = [];
     let offset = 0;
@@ -228,15 +273,28 @@ export class IngestService {
       answers.push(outcomes.slice(offset, offset + p.items.length));
       offset += p.items.length;
     }
-    // One hand-over per commit, then every request of it is answered.
-    try {
-      await this.#inCommitOrder(() => this.#handOver(batch, answers));
-    } catch (err) {
-      for (const p of batch) p.reject(err);
-      return;
-    }
-    batch.forEach((p, i) => {
-      p.resolve(answers[i] as AcceptOutcome[]);
-    });
+    // One hand-over per commit, queued as soon as it is answered (so in commit order), then every
+    // request of it is answered.
+    void this.#inCommitOrder(() => this.#handOver(batch, answers)).then(
+      () => {
+        batch.forEach((p, i) => {
+          p.resolve(answers[i] as AcceptOutcome[]);
+        });
+      },
+      (err: unknown) => {
+        for (const p of batch) p.reject(err);
+      },
+    );
   }
+}
+
+/**
+ * JavaScript's own errors for a programming fault (a spread past the stack, a property of
+ * undefined), thrown by the broker's code around the store: they say nothing about the store's
+ * health. Anything else (SQLite's errors, the AWS SDK's, a stopped writer) is the store failing.
+ */
+function isInternalError(err: unknown): boolean {
+  return (
+    err instanceof RangeError || err instanceof TypeError || err instanceof ReferenceError || err instanceof SyntaxError
+  );
 }

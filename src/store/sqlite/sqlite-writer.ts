@@ -324,7 +324,10 @@ export class SqliteWriter {
   async accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
     const flat: (string | number)[] = [];
     for (const item of items) {
-      flat.push(item.change.eventId, JSON.stringify(item.change), item.subscriptionIds.length, ...item.subscriptionIds);
+      flat.push(item.change.eventId, JSON.stringify(item.change), item.subscriptionIds.length);
+      // One at a time: spread into push(), every id is an argument on the stack, and an event that
+      // matches ~130,000 subscriptions overflowed it (RangeError) on every retry.
+      for (const id of item.subscriptionIds) flat.push(id);
     }
     const numbers = (await this.#call({ op: 'accept', items: flat, receivedAt })) as number[];
     let at = 0;
