@@ -142,6 +142,102 @@ describe('RestHookSender', () => {
     }
   });
 
+  /** A raw endpoint on 127.0.0.1: `onRequest` gets each request's first bytes and its socket's request count. */
+  async function rawEndpoint(onRequest: (socket: Socket, head: string, nth: number) => void) {
+    const sockets = new Set<Socket>();
+    let connections = 0;
+    let requests = 0;
+    const endpoint = createNetServer((socket) => {
+      connections++;
+      sockets.add(socket);
+      socket.on('error', () => undefined);
+      let nth = 0;
+      socket.on('data', (chunk: Buffer) => {
+        const head = chunk.toString('latin1');
+        if (!/^[A-Z]+ \//.test(head)) return;
+        requests++;
+        onRequest(socket, head, ++nth);
+      });
+    });
+    await new Promise<void>((resolve) => endpoint.listen(0, '127.0.0.1', resolve));
+    return {
+      url: `http://127.0.0.1:${(endpoint.address() as AddressInfo).port}`,
+      connections: () => connections,
+      requests: () => requests,
+      close: async () => {
+        for (const socket of sockets) socket.destroy();
+        await new Promise((resolve) => endpoint.close(resolve));
+      },
+    };
+  }
+
+  it.each([
+    ['closes', (socket: Socket) => socket.end()],
+    ['resets', (socket: Socket) => socket.resetAndDestroy()],
+  ])(
+    'sends again on a new connection when the endpoint %s the kept-alive socket the request went out on',
+    async (_how, drop) => {
+      // Each socket answers its first request; a second one on it meets the endpoint closing it
+      // (its idle timeout won the race): the endpoint never took that request.
+      const endpoint = await rawEndpoint((socket, _head, nth) => {
+        if (nth === 1) socket.write('HTTP/1.1 204 No Content\r\n\r\n');
+        else drop(socket);
+      });
+      try {
+        sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);
+        expect(await sender.send(request(`${endpoint.url}/hook`))).toEqual({ ok: true, status: 204 });
+        // The first socket back in the pool, idle.
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        expect(await sender.send(request(`${endpoint.url}/hook`))).toEqual({ ok: true, status: 204 });
+        // It went out on the kept-alive socket first, then on a new one.
+        expect([endpoint.connections(), endpoint.requests()]).toEqual([2, 3]);
+      } finally {
+        await endpoint.close();
+      }
+    },
+  );
+
+  it('gives a request queued for a connection its whole timeout after an interim answer', async () => {
+    // One connection: the second request waits ~600 ms for it, then gets `102` at once and its
+    // 204 400 ms later, within its 700 ms timeout counted from the wire (not from the call).
+    const endpoint = await rawEndpoint((socket, head) => {
+      if (head.startsWith('POST /first ')) {
+        setTimeout(() => socket.write('HTTP/1.1 204 No Content\r\n\r\n'), 600);
+        return;
+      }
+      socket.write('HTTP/1.1 102 Processing\r\n\r\n');
+      setTimeout(() => socket.write('HTTP/1.1 204 No Content\r\n\r\n'), 400);
+    });
+    try {
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date, { connections: 1 });
+      const [first, second] = await Promise.all([
+        sender.send(request(`${endpoint.url}/first`, 700)),
+        sender.send(request(`${endpoint.url}/second`, 700)),
+      ]);
+      expect([first, second]).toEqual([
+        { ok: true, status: 204 },
+        { ok: true, status: 204 },
+      ]);
+    } finally {
+      await endpoint.close();
+    }
+  });
+
+  it('says a connect that timed out is the connect timeout, not the subscription timeout', async () => {
+    // https to a socket that never answers the TLS handshake.
+    const endpoint = await rawEndpoint(() => undefined);
+    try {
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date, { connectTimeoutMs: 300 });
+      const url = endpoint.url.replace('http:', 'https:');
+      expect(await sender.send(request(`${url}/hook`, 5_000))).toEqual({
+        ok: false,
+        error: 'connect timeout after 300 ms',
+      });
+    } finally {
+      await endpoint.close();
+    }
+  });
+
   describe('sendInOrder', () => {
     /**
      * A receiver recording webhook-ids in arrival order and the most requests it held at once;

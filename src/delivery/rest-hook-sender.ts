@@ -1,5 +1,5 @@
 import { isIP } from 'node:net';
-import { Agent, errors as undiciErrors } from 'undici';
+import { Agent, type Dispatcher, errors as undiciErrors } from 'undici';
 import { memo } from '../core/memo.js';
 import type { Clock } from '../core/types.js';
 import { type EndpointGuard, EndpointRefusedError, EndpointUnresolvedError } from './endpoint-guard.js';
@@ -106,6 +106,9 @@ export async function sendInOrder<R>(
 }
 
 const MAX_RESPONSE_BYTES = 64 * 1024;
+/** TCP and TLS connect, whatever the subscription's timeout. */
+const CONNECT_TIMEOUT_MS = 10_000;
+const IDLE_SOCKET_MS = 4_000;
 
 interface Target {
   readonly origin: string;
@@ -119,6 +122,7 @@ export class RestHookSender implements Sender {
   readonly #agent: Agent;
   readonly #clock: Clock;
   readonly #userAgent: string;
+  readonly #connectTimeoutMs: number;
 
   readonly #guard: EndpointGuard;
   /** Parsed endpoints: the URL is parsed once, not on every attempt. */
@@ -132,14 +136,21 @@ export class RestHookSender implements Sender {
   readonly #vetted = new Set<string>();
   #stopped = false;
 
-  constructor(guard: EndpointGuard, clock: Clock, options: { connections?: number; userAgent?: string } = {}) {
+  constructor(
+    guard: EndpointGuard,
+    clock: Clock,
+    options: { connections?: number; userAgent?: string; connectTimeoutMs?: number } = {},
+  ) {
     this.#guard = guard;
     this.#clock = clock;
     this.#userAgent = options.userAgent ?? 'fhir-subscription-broker';
+    this.#connectTimeoutMs = options.connectTimeoutMs ?? CONNECT_TIMEOUT_MS;
     this.#agent = new Agent({
       connections: options.connections ?? 32,
-      keepAliveTimeout: 30_000,
-      connect: { lookup: guard.lookup as never, timeout: 10_000 },
+      connect: { lookup: guard.lookup as never, timeout: this.#connectTimeoutMs },
+      // Idle sockets go after 4 s (undici's default): endpoints' servers close theirs after a few
+      // seconds (5 s is common), and a request sent on a socket the endpoint is closing is lost.
+      keepAliveTimeout: IDLE_SOCKET_MS,
     });
   }
 
@@ -158,7 +169,6 @@ export class RestHookSender implements Sender {
       const colon = h.indexOf(':');
       headers[h.slice(0, colon).trim().toLowerCase()] = h.slice(colon + 1).trim();
     }
-    let cut: InterimCut | undefined;
     try {
       const target = this.#target(req.endpoint);
       // Sockets skip `lookup` for IP literals: vet those here, before the first attempt of this
@@ -168,36 +178,42 @@ export class RestHookSender implements Sender {
         await this.#guard.vet(literal);
         this.#vetted.add(literal);
       }
-      const deadline = this.#clock.now() + req.timeoutMs;
-      const interim = new InterimCut(deadline, this.#clock);
-      cut = interim;
-      // headersTimeout bounds the wait for the answer; the timer below bounds reading its body.
-      // (No AbortSignal per attempt: creating one cost more than signing the request.) Neither
-      // counts time queued for a connection: the dispatcher hands an origin at most twice as many
-      // requests as it has connections (and sender threads get them in proportion to their
-      // shares), so a queued request waits about one attempt ahead of it, and the endpoint still
-      // gets its whole timeout once its request is on the wire.
-      // Connecting is bounded separately (connect.timeout, 10 s).
-      const res = await this.#agent.request({
-        origin: target.origin,
-        path: target.path,
-        method: 'POST',
-        headers,
-        body,
-        headersTimeout: req.timeoutMs,
-        bodyTimeout: req.timeoutMs,
-        signal: interim,
-        onInfo: () => interim.interim(),
+      // headersTimeout bounds the wait for the answer, from the moment the request is on the wire;
+      // the cut below bounds a wait that interim (1xx) answers keep restarting, and the timer
+      // after it reading the body. (No AbortSignal per attempt: creating one cost more than
+      // signing the request.) None counts time queued for a connection: the dispatcher hands an
+      // origin at most twice as many requests as it has connections, so a request may wait about
+      // one attempt ahead of it, and the endpoint still gets its whole timeout once its request
+      // is on the wire. Connecting is bounded separately (connect.timeout, 10 s).
+      const post = (): Promise<Dispatcher.ResponseData> => {
+        const interim = new InterimCut(req.timeoutMs);
+        return this.#agent
+          .request({
+            origin: target.origin,
+            path: target.path,
+            method: 'POST',
+            headers,
+            body,
+            headersTimeout: req.timeoutMs,
+            bodyTimeout: req.timeoutMs,
+            signal: interim,
+            onInfo: () => interim.interim(),
+          })
+          .finally(() => interim.done());
+      };
+      // A kept-alive socket the endpoint closed as this request went out (its idle timeout ran
+      // out first: servers close after a few seconds, often without saying so in Keep-Alive) took
+      // nothing: tried once more on a new connection, under the same webhook-id, rather than fail
+      // an attempt (or a handshake, which has no retry) the endpoint never saw.
+      const res = await post().catch((err: unknown) => {
+        if (!isStaleSocket(err)) throw err;
+        return post();
       });
-      interim.done();
       // Nothing to read (the usual answer): no timer to arm.
       const empty = res.statusCode === 204 || res.headers['content-length'] === '0';
       const timer = empty
         ? undefined
-        : setTimeout(
-            () => res.body.destroy(new undiciErrors.BodyTimeoutError()),
-            Math.max(deadline - this.#clock.now(), 0),
-          );
+        : setTimeout(() => res.body.destroy(new undiciErrors.BodyTimeoutError()), req.timeoutMs);
       await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
       clearTimeout(timer);
       if (res.statusCode >= 200 && res.statusCode < 300) return { ok: true, status: res.statusCode };
@@ -208,8 +224,7 @@ export class RestHookSender implements Sender {
           : `HTTP ${res.statusCode}`;
       return { ok: false, status: res.statusCode, error, ...(retryAfterMs === undefined ? {} : { retryAfterMs }) };
     } catch (err) {
-      cut?.done();
-      return describeFailure(err, req.timeoutMs);
+      return describeFailure(err, req.timeoutMs, this.#connectTimeoutMs);
     }
   }
 
@@ -252,32 +267,33 @@ export class RestHookSender implements Sender {
  * The attempt's deadline while it waits for its answer's status. undici's `headersTimeout` bounds
  * that wait, but starts it over at every interim (1xx) answer: an endpoint sending `102
  * Processing` every few seconds would hold the attempt, and its in-flight slots, for good. At the
- * first interim answer this arms a timer for what is left of the deadline, and aborts the request
- * through the `signal` undici was given. undici takes an emitter-like signal: this one costs an
+ * first interim answer this arms a timer for the timeout, and aborts the request through the
+ * `signal` undici was given. undici takes an emitter-like signal: this one costs an
  * object per attempt, where an `AbortController` cost more than signing the request.
  */
 class InterimCut {
-  readonly #deadline: number;
-  readonly #clock: Clock;
+  readonly #timeoutMs: number;
   #abort: (() => void) | undefined;
   #timer: NodeJS.Timeout | undefined;
   #over = false;
   /** What undici reads when aborted: reported as the attempt's timeout. */
   reason: Error | undefined;
 
-  constructor(deadline: number, clock: Clock) {
-    this.#deadline = deadline;
-    this.#clock = clock;
+  constructor(timeoutMs: number) {
+    this.#timeoutMs = timeoutMs;
   }
 
-  /** An interim answer came: the attempt ends at its deadline whatever else comes. */
+  /**
+   * An interim answer came: the request is on the wire, and the final answer is due within the
+   * timeout from now, whatever else comes (never from the call: the request may have waited for
+   * a connection).
+   */
   interim(): void {
     if (this.#timer !== undefined || this.#over) return;
-    const left = Math.max(this.#deadline - this.#clock.now(), 0);
     this.#timer = setTimeout(() => {
       this.reason = new undiciErrors.HeadersTimeoutError();
       this.#abort?.();
-    }, left);
+    }, this.#timeoutMs);
   }
 
   /** The final answer came, or the attempt failed: nothing left to cut. */
@@ -314,7 +330,13 @@ function parseTarget(endpoint: string): Target {
   };
 }
 
-function describeFailure(err: unknown, timeoutMs: number): SendResult {
+/** Closed or reset before any answer came: what a kept-alive socket the endpoint let go looks like. */
+function isStaleSocket(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException).code ?? (err as { cause?: NodeJS.ErrnoException }).cause?.code;
+  return code === 'UND_ERR_SOCKET' || code === 'ECONNRESET' || code === 'EPIPE';
+}
+
+function describeFailure(err: unknown, timeoutMs: number, connectTimeoutMs: number): SendResult {
   const cause = (err as { cause?: unknown }).cause;
   if (err instanceof EndpointRefusedError || cause instanceof EndpointRefusedError) {
     const refused = err instanceof EndpointRefusedError ? err : (cause as EndpointRefusedError);
@@ -325,10 +347,13 @@ function describeFailure(err: unknown, timeoutMs: number): SendResult {
     const unresolved = err instanceof EndpointUnresolvedError ? err : (cause as EndpointUnresolvedError);
     return { ok: false, error: `endpoint ${unresolved.message}` };
   }
+  if (err instanceof undiciErrors.ConnectTimeoutError) {
+    // Not the subscription's timeout: connecting has its own bound (the Agent's connect.timeout).
+    return { ok: false, error: `connect timeout after ${connectTimeoutMs} ms` };
+  }
   if (
     err instanceof undiciErrors.HeadersTimeoutError ||
     err instanceof undiciErrors.BodyTimeoutError ||
-    err instanceof undiciErrors.ConnectTimeoutError ||
     (err as Error).name === 'TimeoutError' ||
     (err as Error).name === 'AbortError'
   ) {
