@@ -4,7 +4,7 @@ import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
 import type { Hono } from 'hono';
 import { EventBridgePublisher } from './aws/eventbridge-publisher.js';
-import type { Config } from './config.js';
+import type { ApiClient, Config } from './config.js';
 import type { LifecycleSink } from './core/lifecycle.js';
 import { type Clock, type IdSource, systemClock } from './core/types.js';
 import { type Credentials, resolveCredentials } from './credentials.js';
@@ -58,6 +58,11 @@ export interface Broker {
    * created or changed a subscription.
    */
   refreshSubscriptions(maxAgeMs: number): Promise<void>;
+  /**
+   * Replace the API clients (a key revoked in the secret, another added): from now on requests and
+   * binds of only these authenticate. For instances whose credentials live outside (AWS).
+   */
+  setApiClients(clients: readonly ApiClient[]): void;
   /**
    * Hand over every lifecycle event published so far (EventBridge PutEvents). A Lambda handler
    * awaits it before returning: the container freezes then, and an event still queued would wait
@@ -149,7 +154,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       ? new LocalWebSocketHub({ logger, metrics, limits: hubLimits })
       : await overrides.localSockets({ logger, metrics, limits: hubLimits });
   // The API clients, as ApiKeyAuth below takes them: a binding token of any other owner binds nothing.
-  const clientIds = new Set(credentials.apiClients.map((c) => c.clientId));
+  let clientIds = new Set(credentials.apiClients.map((c) => c.clientId));
   const websocket = new WebSocketChannel({
     port: overrides.websocketPort ?? websocketHub,
     bindings: overrides.bindings ?? new InMemoryBindings(),
@@ -244,6 +249,10 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       if (clock.now() - loadedAt < maxAgeMs) return;
       await registry.reload();
       loadedAt = clock.now();
+    },
+    setApiClients(clients: readonly ApiClient[]) {
+      apiAuth.replace(clients);
+      clientIds = new Set(clients.map((c) => c.clientId));
     },
     async close(graceMs = 5000) {
       websocketHub.closeAll();

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
 import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
+import { SecretsManagerClient } from '@aws-sdk/client-secrets-manager';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ApiGatewayWebSocketPort, MAX_MESSAGE_BYTES } from '../src/aws/apigw-websocket-port.js';
@@ -11,7 +12,7 @@ import type { BrokerOverrides } from '../src/broker.js';
 import type { loadConfig } from '../src/config.js';
 import type { LifecycleEvent } from '../src/core/lifecycle.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
-import { EventBridgeDouble, ManagementApiDouble } from './support/aws-doubles.js';
+import { EventBridgeDouble, ManagementApiDouble, SecretsManagerDouble } from './support/aws-doubles.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, LOCAL_REGION, startDynamoDbLocal } from './support/dynamodb-local.js';
 import {
   eventLike,
@@ -47,9 +48,12 @@ describe('Lambda handlers on DynamoDB Local', () => {
   const logger = new RecordingLogger();
 
   /** A broker as another Lambda container builds it: same tables, its own caches. */
-  const container = (extra: { config?: Partial<typeof config>; overrides?: BrokerOverrides } = {}) =>
+  const container = (
+    extra: { config?: Partial<typeof config>; overrides?: BrokerOverrides; secrets?: SecretsManagerClient } = {},
+  ) =>
     createAwsBroker({
       config: { ...config, ...extra.config },
+      ...(extra.secrets === undefined ? {} : { secrets: extra.secrets }),
       dynamodb: local.client,
       management: new ApiGatewayManagementApiClient({
         endpoint: management.url,
@@ -381,6 +385,65 @@ describe('Lambda handlers on DynamoDB Local', () => {
     } finally {
       client.destroy();
       await eb.close();
+    }
+  });
+
+  it('reads the API keys from the secret again every 5 minutes: a key removed there stops working in warm containers', async () => {
+    const secrets = await SecretsManagerDouble.start();
+    try {
+      const arn = 'arn:aws:secretsmanager:us-east-1:123456789012:secret:broker-credentials';
+      const keys = (apiKeys: string) => ({
+        apiKeys,
+        ingestToken: LAMBDA_TOKENS.ingest,
+        wsTokenSecret: 'lambda-ws-secret-0123456789abcdefghijkl',
+      });
+      const BOB = 'bob-token-0123456789abcdef';
+      secrets.secret = keys(`alice:${ALICE},bob:${BOB}`);
+      let now = Date.now();
+      const warm = createHandlers(
+        container({
+          config: { secretArn: arn },
+          overrides: { clock: { now: () => now } },
+          secrets: new SecretsManagerClient({
+            endpoint: secrets.url,
+            region: LOCAL_REGION,
+            credentials: DUMMY_CREDENTIALS,
+          }),
+        }),
+      );
+      const search = async (token: string) => {
+        const event = httpApiEvent('GET', '/fhir/Subscription', { token });
+        return (await warm.api(event as unknown as Parameters<Handlers['api']>[0], context)).statusCode;
+      };
+      const connect = async (token: string) =>
+        (
+          await warm.connect(
+            wsEvent(`key-${randomUUID()}`, '$connect', { headers: { Authorization: `Bearer ${token}` } }),
+          )
+        ).statusCode;
+      // The container started with alice's key (from its config); the operator removes it.
+      expect(await search(ALICE)).toBe(200);
+      secrets.secret = keys(`bob:${BOB}`);
+      now += 4 * 60_000;
+      expect(await search(ALICE)).toBe(200);
+      expect(secrets.reads).toEqual([]);
+      // Five minutes after it last read them, the next request reads the keys again.
+      now += 61_000;
+      expect(await search(ALICE)).toBe(401);
+      expect(await connect(ALICE)).toBe(401);
+      expect(await search(BOB)).toBe(200);
+      expect(await connect(BOB)).toBe(200);
+      expect(secrets.reads).toEqual([arn]);
+      // A read that fails keeps the keys it has (and is tried again five minutes later).
+      secrets.failing = true;
+      now += 5 * 60_000 + 1;
+      expect(await search(BOB)).toBe(200);
+      expect(secrets.reads).toEqual([arn, arn]);
+      expect(logger.records.some((r) => r.msg === 'could not read the API keys again; keeping those read before')).toBe(
+        true,
+      );
+    } finally {
+      await secrets.close();
     }
   });
 

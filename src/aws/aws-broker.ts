@@ -3,6 +3,7 @@ import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { GetSecretValueCommand, SecretsManagerClient } from '@aws-sdk/client-secrets-manager';
 import { type Broker, type BrokerOverrides, createBroker } from '../broker.js';
 import { type Config, loadConfigWith } from '../config.js';
+import { systemClock } from '../core/types.js';
 import { createLogger } from '../observability/logger.js';
 import { DynamoDbBindings } from '../store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../store/dynamodb/dynamodb-store.js';
@@ -17,6 +18,13 @@ import { ApiGatewayWebSocketPort } from './apigw-websocket-port.js';
 
 export interface AwsBroker extends Broker {
   readonly bindings: DynamoDbBindings;
+  /**
+   * Reads the API keys from the credentials secret again once the last read is `maxAgeMs` old (no
+   * secret configured: nothing to do). A warm container kept the keys it started with, so a key
+   * removed from the secret went on working until every container was recycled. A failed read
+   * keeps the keys it has (logged), and is tried again after `maxAgeMs`.
+   */
+  refreshApiKeys(maxAgeMs: number): Promise<void>;
 }
 
 /** The Secrets Manager secret: `{"apiKeys": "client:token,...", "ingestToken": "...", "wsTokenSecret": "..."}`. */
@@ -72,19 +80,21 @@ export async function createAwsBroker(
     config?: Config;
     dynamodb?: DynamoDBClient;
     management?: ApiGatewayManagementApiClient;
+    secrets?: SecretsManagerClient;
     overrides?: BrokerOverrides;
   } = {},
 ): Promise<AwsBroker> {
   let config = options.config;
+  let secrets = options.secrets;
+  // Lambda's file system is read-only outside /tmp.
+  const configFrom = (fromSecret: Record<string, string>): Config =>
+    loadConfigWith({ BROKER_STORE: 'dynamodb', BROKER_DATA_DIR: '/tmp/fhir-broker', ...fromSecret });
   if (config === undefined) {
     const base = loadConfigWith({ BROKER_STORE: 'dynamodb' });
-    const fromSecret =
-      base.secretArn === undefined
-        ? {}
-        : await secretEnv(base.secretArn, new SecretsManagerClient({ region: base.awsRegion }));
-    // Lambda's file system is read-only outside /tmp.
-    config = loadConfigWith({ BROKER_STORE: 'dynamodb', BROKER_DATA_DIR: '/tmp/fhir-broker', ...fromSecret });
+    secrets ??= new SecretsManagerClient({ region: base.awsRegion });
+    config = configFrom(base.secretArn === undefined ? {} : await secretEnv(base.secretArn, secrets));
   }
+  const secretArn = config.secretArn;
   const dynamodb =
     options.dynamodb ??
     new DynamoDBClient({
@@ -110,5 +120,28 @@ export async function createAwsBroker(
     logger,
     websocketPort: new ApiGatewayWebSocketPort({ client: management, logger }),
   });
-  return { ...broker, bindings };
+  const clock = options.overrides?.clock ?? systemClock;
+  let keysReadAt = clock.now();
+  let reading: Promise<void> | undefined;
+  const readKeys = async (arn: string, client: SecretsManagerClient): Promise<void> => {
+    try {
+      // Checked as at start-up (entries, lengths, no key equal to an operator token).
+      broker.setApiClients(configFrom(await secretEnv(arn, client)).apiClients);
+    } catch (err) {
+      logger.warn('could not read the API keys again; keeping those read before', { err: err as Error });
+    } finally {
+      keysReadAt = clock.now();
+      reading = undefined;
+    }
+  };
+  return {
+    ...broker,
+    bindings,
+    async refreshApiKeys(maxAgeMs: number) {
+      if (secretArn === undefined || clock.now() - keysReadAt < maxAgeMs) return;
+      secrets ??= new SecretsManagerClient({ region: config.awsRegion });
+      reading ??= readKeys(secretArn, secrets);
+      await reading;
+    },
+  };
 }

@@ -16,6 +16,12 @@ import type { AwsBroker } from './aws-broker.js';
  */
 const SUBSCRIPTION_CACHE_MS = 5_000;
 /**
+ * The API keys are read from the credentials secret again when the copy is older than this: a key
+ * removed from the secret stops working everywhere within it. A read per warm container at most
+ * every 5 minutes (Secrets Manager bills per read).
+ */
+const API_KEYS_CACHE_MS = 5 * 60_000;
+/**
  * How long an invocation's attempts (deliveries, handshakes, heartbeats) may take, counted from when
  * its broker is ready: one not answered by then is recorded as failed and retried by the scheduled
  * dispatcher (a heartbeat goes out with the next run). Whatever an endpoint does, no invocation
@@ -79,8 +85,14 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
   const report = (broker: AwsBroker, role: string): void => {
     for (const line of broker.metrics.emf({ Function: role }, Date.now())) emit(line);
   };
-  const ready = async (): Promise<AwsBroker> => {
+  /** The broker with API keys no older than API_KEYS_CACHE_MS: for the paths that authenticate clients. */
+  const withKeys = async (): Promise<AwsBroker> => {
     const broker = await brokerPromise;
+    await broker.refreshApiKeys(API_KEYS_CACHE_MS);
+    return broker;
+  };
+  const ready = async (): Promise<AwsBroker> => {
+    const broker = await withKeys();
     await broker.refreshSubscriptions(SUBSCRIPTION_CACHE_MS);
     return broker;
   };
@@ -137,7 +149,7 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
 
     async connect(event) {
       // Only the API keys and the connections table: no subscription reload on this path.
-      const broker = await brokerPromise;
+      const broker = await withKeys();
       const connectionId = event.requestContext.connectionId ?? '';
       const authorization = header(event, 'authorization');
       let owner: string | undefined;

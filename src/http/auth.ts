@@ -14,13 +14,20 @@ export function bearerToken(header: string | undefined): string | undefined {
 }
 
 export class ApiKeyAuth {
-  readonly #clients = new Map<string, { clientId: string; digest: Buffer }>();
+  #clients = new Map<string, { clientId: string; digest: Buffer }>();
 
   constructor(clients: readonly { clientId: string; token: string }[]) {
+    this.replace(clients);
+  }
+
+  /** From now on only these keys authenticate (a key revoked, another added). */
+  replace(clients: readonly { clientId: string; token: string }[]): void {
+    const next = new Map<string, { clientId: string; digest: Buffer }>();
     for (const c of clients) {
       const d = digest(c.token);
-      this.#clients.set(d.toString('hex'), { clientId: c.clientId, digest: d });
+      next.set(d.toString('hex'), { clientId: c.clientId, digest: d });
     }
+    this.#clients = next;
   }
 
   /** The client id for an `Authorization` header; throws UNAUTHORIZED. */

@@ -3,8 +3,8 @@ import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 /**
- * Local HTTP doubles for the two AWS endpoints that cannot run here: the API Gateway management
- * API (`/@connections/{id}`) and EventBridge `PutEvents`. They record every request exactly as the
+ * Local HTTP doubles for the AWS endpoints that cannot run here: the API Gateway management
+ * API (`/@connections/{id}`), EventBridge `PutEvents` and Secrets Manager `GetSecretValue`. They record every request exactly as the
  * AWS SDK sent it (SigV4 headers included) so tests assert what would reach AWS.
  */
 
@@ -145,6 +145,41 @@ export class EventBridgeDouble extends HttpDouble {
       status: 200,
       headers: { 'content-type': 'application/x-amz-json-1.1' },
       body: JSON.stringify({ FailedEntryCount: failed, Entries: results }),
+    };
+  }
+}
+
+/** Secrets Manager GetSecretValue (AWS JSON 1.1): answers `secret` as the SecretString, or refuses (403-like AccessDenied) while `failing`. */
+export class SecretsManagerDouble extends HttpDouble {
+  secret: Record<string, string> = {};
+  failing = false;
+
+  static async start(): Promise<SecretsManagerDouble> {
+    const d = new SecretsManagerDouble();
+    await d.listen();
+    return d;
+  }
+
+  /** The SecretId of every GetSecretValue request, in order. */
+  get reads(): string[] {
+    return this.requests
+      .filter((r) => r.headers['x-amz-target'] === 'secretsmanager.GetSecretValue')
+      .map((r) => (JSON.parse(r.body) as { SecretId: string }).SecretId);
+  }
+
+  protected answer(req: RecordedRequest): Answer {
+    const { SecretId } = JSON.parse(req.body) as { SecretId: string };
+    if (this.failing) {
+      return {
+        status: 400,
+        headers: { 'content-type': 'application/x-amz-json-1.1', 'x-amzn-errortype': 'AccessDeniedException' },
+        body: JSON.stringify({ __type: 'AccessDeniedException', message: 'not authorized to GetSecretValue' }),
+      };
+    }
+    return {
+      status: 200,
+      headers: { 'content-type': 'application/x-amz-json-1.1' },
+      body: JSON.stringify({ ARN: SecretId, Name: 'broker', SecretString: JSON.stringify(this.secret) }),
     };
   }
 }
