@@ -16,7 +16,8 @@ import { type Broker, burst, Receiver, subscribe, withBroker } from './pipeline.
  *
  * VARIANT: `broker`; `env:K=V,K2=V2` (the broker with that environment); `batch` (the broker's
  * threads under SCHED_BATCH, `chrt -a -b`); `maxcount:N` (subscribers with backport-max-count N);
- * `fwd` / `fwdbatch` (bench/forwarder.ts, likewise).
+ * `fwd` / `fwdbatch` (bench/forwarder.ts, likewise); `at:DIR` (the broker of another checkout, e.g.
+ * `git worktree add /tmp/old <commit>` with `ln -s $PWD/node_modules /tmp/old/`: A/B of two commits).
  */
 
 interface Side {
@@ -45,7 +46,12 @@ async function start(i: number): Promise<void> {
   const forwarder = variant.startsWith('fwd');
   if (forwarder) env.FORWARD_TO = `http://127.0.0.1:${port}`;
   const dir = mkdtempSync(join(tmpdir(), 'bench-ab-'));
-  const options = { env, connections: Number(clients), ...(forwarder ? { script: 'bench/forwarder.ts' } : {}) };
+  const script = forwarder
+    ? 'bench/forwarder.ts'
+    : variant.startsWith('at:')
+      ? `${variant.slice(3)}/src/main.ts`
+      : undefined;
+  const options = { env, connections: Number(clients), ...(script === undefined ? {} : { script }) };
   await withBroker(dir, options, async (broker, pool) => {
     const pid = broker.child.pid as number;
     if (variant.endsWith('batch')) execFileSync('chrt', ['-a', '-b', '-p', '0', String(pid)]);
