@@ -1,7 +1,7 @@
 import { createHmac } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import { RunStop, type WebhookRequest } from '../src/delivery/rest-hook-sender.js';
-import { dealingOrder, ThreadedSender } from '../src/delivery/threaded-sender.js';
+import { ThreadedSender } from '../src/delivery/threaded-sender.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
 
@@ -25,20 +25,6 @@ function request(endpoint: string, over: Partial<WebhookRequest> = {}): WebhookR
     ...over,
   };
 }
-
-describe('dealingOrder', () => {
-  it.each([
-    { shares: [16, 16], start: [0, 1, 0, 1] },
-    { shares: [2, 1], start: [0, 1, 0] },
-    { shares: [3], start: [0, 0, 0] },
-    { shares: [11, 11, 10], start: [0, 1, 2, 0, 1, 2] },
-  ])('deals $shares starting $start, each thread as often as its share', ({ shares, start }) => {
-    const order = dealingOrder(shares);
-    expect(order.slice(0, start.length)).toEqual(start);
-    expect(order).toHaveLength(shares.reduce((a, b) => a + b, 0));
-    expect(shares.map((_, i) => order.filter((t) => t === i).length)).toEqual(shares);
-  });
-});
 
 /** One sender thread, 32 connections per origin, the given allow-list. */
 const oneThread = (allowlist: readonly string[] = ['127.0.0.1']): ThreadedSender =>
@@ -148,6 +134,33 @@ describe('ThreadedSender', () => {
       expect((sorted.at(-1) as number) - (sorted[0] as number)).toBeLessThan(2.5 * holdMs);
     },
   );
+
+  it("keeps each origin's connections on every thread busy when requests to two origins interleave", async () => {
+    receiver = await Receiver.start();
+    const other = await Receiver.start();
+    const holdMs = 300;
+    receiver.respond = () => ({ status: 204, delayMs: holdMs });
+    other.respond = () => ({ status: 204, delayMs: holdMs });
+    // Four connections per origin, two on each thread; twice as many requests to each origin, x, y, x, y….
+    sender = new ThreadedSender({
+      threads: 2,
+      allowlist: ['127.0.0.1'],
+      userAgent: 'ua',
+      connectionsPerOrigin: 4,
+      logger: new RecordingLogger(),
+    });
+    try {
+      const sends = Array.from({ length: 16 }, (_, i) =>
+        sender?.send(request(`${(i % 2 === 0 ? receiver : other)?.url}/i${i}`, { webhookId: `i-${i}` })),
+      );
+      expect((await Promise.all(sends)).every((r) => r?.ok === true)).toBe(true);
+      // Both threads' connections to each origin were used at once: four, not the two of one thread.
+      expect(peakOnTheWire(receiver.requests.map((r) => r.at) as number[], holdMs)).toBe(4);
+      expect(peakOnTheWire(other.requests.map((r) => r.at) as number[], holdMs)).toBe(4);
+    } finally {
+      await other.close();
+    }
+  });
 
   it('sends a run in order, one request at a time, and ends it at the first failure or after stop', async () => {
     receiver = await Receiver.start();

@@ -10,8 +10,11 @@ import { CANCELLED, decodeResults, encodeRun, STOP, WITHIN_AT, type Wire } from 
  * and takes back its `SendResult`: on the bench machine this took HMAC, undici and the socket
  * writes of webhooks off it (+~15% outbox throughput, bench/README.md).
  *
- * Requests are dealt to the threads in proportion to their shares of an origin's connections
- * (`dealingOrder`), and travel in batches: what the event loop sends during one
+ * Requests are dealt to the threads in proportion to their shares of an origin's connections:
+ * each goes to the thread with the fewest runs to its origin for its share (`#pick`), so every
+ * thread's connections to a busy origin stay busy however requests to different origins
+ * interleave, and a thread's queue for an origin holds no more than its share of what the
+ * dispatcher hands over. They travel in batches: what the event loop sends during one
  * turn goes to each thread in one message (`sender-thread-protocol.ts`). A thread that dies answers
  * its requests as failed (the lanes retry them on their schedule) and is started again by the next
  * request.
@@ -31,6 +34,8 @@ export interface ThreadedSenderOptions {
 
 interface Run {
   readonly resolve: (results: SendResult[]) => void;
+  /** Its endpoint's origin, as dealt (`#pick`); undefined with one thread. */
+  readonly origin: string | undefined;
   /** Its slot in `progress`, or -1. */
   readonly slot: number;
   readonly length: number;
@@ -79,8 +84,12 @@ export class ThreadedSender implements Sender {
   readonly #threads: Thread[] = [];
   /** Each thread's share of an origin's connections (one entry per thread). */
   readonly #shares: readonly number[];
-  /** Thread indexes in the order requests are dealt: each as often as its share of connections. */
-  readonly #deal: readonly number[];
+  /**
+   * Per origin with runs pending: each thread's runs to it, then their sum (the entry goes at 0, so
+   * this holds only what is in flight).
+   */
+  readonly #pending = new Map<string, number[]>();
+  /** Where the search for the least busy thread starts: turns round, so ties spread over the threads. */
   #next = 0;
   #ids = 1;
   #closed = false;
@@ -94,7 +103,6 @@ export class ThreadedSender implements Sender {
     this.#shares = Array.from({ length: threads }, (_, i) =>
       connectionsForThread(options.connectionsPerOrigin, threads, i),
     );
-    this.#deal = dealingOrder(this.#shares);
     for (let i = 0; i < threads; i++) this.#threads.push(this.#start(i));
   }
 
@@ -105,8 +113,8 @@ export class ThreadedSender implements Sender {
   sendInOrder(reqs: readonly WebhookRequest[], withinMs: number, run?: RunStop): Promise<SendResult[]> {
     if (this.#closed) return Promise.resolve([{ ok: false, error: 'the broker is shutting down' }]);
     if (run?.stopped === true) return Promise.resolve([]);
-    const index = this.#deal[this.#next] as number;
-    this.#next = (this.#next + 1) % this.#deal.length;
+    const origin = this.#threads.length === 1 ? undefined : originOf(reqs[0]?.endpoint ?? '');
+    const index = origin === undefined ? 0 : this.#pick(origin);
     const thread = this.#threads[index] as Thread;
     if (thread.stopped) this.#start(index);
     const id = this.#ids++;
@@ -116,6 +124,7 @@ export class ThreadedSender implements Sender {
     return new Promise((resolve) => {
       thread.pending.set(id, {
         resolve,
+        origin,
         slot,
         length: reqs.length,
         post: thread.posts,
@@ -124,6 +133,47 @@ export class ThreadedSender implements Sender {
       encodeRun(thread.outbox, id, slot, reqs, withinMs);
       this.#schedule();
     });
+  }
+
+  /**
+   * The thread for a run to `origin`: the one with the fewest runs pending there for its share of
+   * the origin's connections (as runs end unevenly, the next go where connections free up).
+   */
+  #pick(origin: string): number {
+    const threads = this.#threads.length;
+    let pending = this.#pending.get(origin);
+    if (pending === undefined) {
+      pending = new Array<number>(threads + 1).fill(0);
+      this.#pending.set(origin, pending);
+    }
+    let best = this.#next;
+    for (let k = 1; k < threads; k++) {
+      const i = (this.#next + k) % threads;
+      // pending[i] / shares[i] < pending[best] / shares[best], without dividing.
+      if (
+        (pending[i] as number) * (this.#shares[best] as number) <
+        (pending[best] as number) * (this.#shares[i] as number)
+      )
+        best = i;
+    }
+    this.#next = (this.#next + 1) % threads;
+    pending[best] = (pending[best] as number) + 1;
+    pending[threads] = (pending[threads] as number) + 1;
+    return best;
+  }
+
+  /** `run` on thread `index` is answered. */
+  #settle(index: number, run: Run, results: SendResult[]): void {
+    if (run.origin !== undefined) {
+      const pending = this.#pending.get(run.origin);
+      if (pending !== undefined) {
+        pending[index] = (pending[index] as number) - 1;
+        const threads = this.#threads.length;
+        pending[threads] = (pending[threads] as number) - 1;
+        if (pending[threads] === 0) this.#pending.delete(run.origin);
+      }
+    }
+    run.resolve(results);
   }
 
   /** A run stopped before it was posted goes with none of its requests to send; one posted already, by a cancel message. */
@@ -200,7 +250,7 @@ export class ThreadedSender implements Sender {
         if (run === undefined) return;
         thread.pending.delete(id);
         if (run.slot >= 0) thread.free.push(run.slot);
-        run.resolve(results);
+        this.#settle(index, run, results);
       }),
     );
     worker.on('error', (err) => this.#options.logger.error('webhook sender thread failed', { err }));
@@ -212,7 +262,7 @@ export class ThreadedSender implements Sender {
         const results: SendResult[] = Array.from({ length: count }, () => ({ ok: true, status }));
         if (count < run.length) results.push({ ok: false, error: `webhook sender thread stopped (exit ${code})` });
         if (run.slot >= 0) thread.free.push(run.slot);
-        run.resolve(results);
+        this.#settle(index, run, results);
       }
       thread.pending.clear();
       if (thread.worker === worker) {
@@ -232,22 +282,16 @@ function connectionsForThread(total: number, threads: number, index: number): nu
 }
 
 /**
- * Smooth weighted round robin over the threads' shares ([2, 1] → 0, 1, 0): a thread gets requests
- * in proportion to its connections, spread out rather than in runs, so no thread's queue grows
- * faster than its connections drain it.
+ * scheme://host[:port] of an endpoint as written, without parsing it (this runs per request): it
+ * only groups requests for dealing, so the same origin spelt two ways at worst is dealt as two.
  */
-export function dealingOrder(shares: readonly number[]): number[] {
-  const total = shares.reduce((a, b) => a + b, 0);
-  const current = shares.map(() => 0);
-  const order: number[] = [];
-  for (let k = 0; k < total; k++) {
-    let best = 0;
-    for (let i = 0; i < shares.length; i++) {
-      current[i] = (current[i] as number) + (shares[i] as number);
-      if ((current[i] as number) > (current[best] as number)) best = i;
-    }
-    current[best] = (current[best] as number) - total;
-    order.push(best);
+function originOf(endpoint: string): string {
+  const start = endpoint.indexOf('//') + 2;
+  let end = start;
+  while (end < endpoint.length) {
+    const c = endpoint.charCodeAt(end);
+    if (c === 47 || c === 63 || c === 35) break; // '/', '?', '#'
+    end++;
   }
-  return order;
+  return endpoint.slice(0, end);
 }
