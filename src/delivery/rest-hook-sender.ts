@@ -178,37 +178,22 @@ export class RestHookSender implements Sender {
         await this.#guard.vet(literal);
         this.#vetted.add(literal);
       }
-      // headersTimeout bounds the wait for the answer, from the moment the request is on the wire;
-      // the cut below bounds a wait that interim (1xx) answers keep restarting, and the timer
-      // after it reading the body. (No AbortSignal per attempt: creating one cost more than
-      // signing the request.) None counts time queued for a connection: the dispatcher hands an
-      // origin at most twice as many requests as it has connections, so a request may wait about
-      // one attempt ahead of it, and the endpoint still gets its whole timeout once its request
-      // is on the wire. Connecting is bounded separately (connect.timeout, 10 s).
-      const post = (): Promise<Dispatcher.ResponseData> => {
-        const interim = new InterimCut(req.timeoutMs);
-        return this.#agent
-          .request({
-            origin: target.origin,
-            path: target.path,
-            method: 'POST',
-            headers,
-            body,
-            headersTimeout: req.timeoutMs,
-            bodyTimeout: req.timeoutMs,
-            signal: interim,
-            onInfo: () => interim.interim(),
-          })
-          .finally(() => interim.done());
-      };
-      // A kept-alive socket the endpoint closed as this request went out (its idle timeout ran
-      // out first: servers close after a few seconds, often without saying so in Keep-Alive) took
-      // nothing: tried once more on a new connection, under the same webhook-id, rather than fail
-      // an attempt (or a handshake, which has no retry) the endpoint never saw.
-      const res = await post().catch((err: unknown) => {
+      // headersTimeout bounds the wait for the answer, from the moment the request is on the wire,
+      // and the timer below reading its body. Neither counts time queued for a connection: the
+      // dispatcher hands an origin at most twice as many requests as it has connections, so a
+      // request may wait about one attempt ahead of it, and the endpoint still gets its whole
+      // timeout once its request is on the wire. Connecting is bounded separately (connect.timeout).
+      let res: Dispatcher.ResponseData;
+      try {
+        res = await this.#post(target, headers, body, req.timeoutMs);
+      } catch (err) {
+        // A kept-alive socket the endpoint closed as this request went out (its idle timeout ran
+        // out first: servers close after a few seconds, often without saying so in Keep-Alive)
+        // took nothing: tried once more on a new connection, under the same webhook-id, rather
+        // than fail an attempt (or a handshake, which has no retry) the endpoint never saw.
         if (!isStaleSocket(err)) throw err;
-        return post();
-      });
+        res = await this.#post(target, headers, body, req.timeoutMs);
+      }
       // Nothing to read (the usual answer): no timer to arm.
       const empty = res.statusCode === 204 || res.headers['content-length'] === '0';
       const timer = empty
@@ -226,6 +211,32 @@ export class RestHookSender implements Sender {
     } catch (err) {
       return describeFailure(err, req.timeoutMs, this.#connectTimeoutMs);
     }
+  }
+
+  /**
+   * One POST. undici starts `headersTimeout` over at every interim (1xx) answer, so an endpoint
+   * sending `102 Processing` every few seconds would hold the attempt, and its in-flight slots, for
+   * good: an interim answer that comes more than the timeout after the first one ends it (thrown
+   * from `onInfo`, undici aborts the request), so the final answer is due within about twice the
+   * timeout of the first interim one. (No AbortSignal per attempt: creating one cost more than
+   * signing the request.)
+   */
+  #post(target: Target, headers: Record<string, string>, body: Buffer, timeoutMs: number) {
+    let firstInterim: number | undefined;
+    return this.#agent.request({
+      origin: target.origin,
+      path: target.path,
+      method: 'POST',
+      headers,
+      body,
+      headersTimeout: timeoutMs,
+      bodyTimeout: timeoutMs,
+      onInfo: () => {
+        const now = performance.now();
+        firstInterim ??= now;
+        if (now - firstInterim > timeoutMs) throw new undiciErrors.HeadersTimeoutError();
+      },
+    });
   }
 
   sendInOrder(
@@ -260,63 +271,6 @@ export class RestHookSender implements Sender {
   /** Aborts whatever is still in flight: callers give attempts their grace period first. */
   async close(): Promise<void> {
     await this.#agent.destroy();
-  }
-}
-
-/**
- * The attempt's deadline while it waits for its answer's status. undici's `headersTimeout` bounds
- * that wait, but starts it over at every interim (1xx) answer: an endpoint sending `102
- * Processing` every few seconds would hold the attempt, and its in-flight slots, for good. At the
- * first interim answer this arms a timer for the timeout, and aborts the request through the
- * `signal` undici was given. undici takes an emitter-like signal: this one costs an
- * object per attempt, where an `AbortController` cost more than signing the request.
- */
-class InterimCut {
-  readonly #timeoutMs: number;
-  #abort: (() => void) | undefined;
-  #timer: NodeJS.Timeout | undefined;
-  #over = false;
-  /** What undici reads when aborted: reported as the attempt's timeout. */
-  reason: Error | undefined;
-
-  constructor(timeoutMs: number) {
-    this.#timeoutMs = timeoutMs;
-  }
-
-  /**
-   * An interim answer came: the request is on the wire, and the final answer is due within the
-   * timeout from now, whatever else comes (never from the call: the request may have waited for
-   * a connection).
-   */
-  interim(): void {
-    if (this.#timer !== undefined || this.#over) return;
-    this.#timer = setTimeout(() => {
-      this.reason = new undiciErrors.HeadersTimeoutError();
-      this.#abort?.();
-    }, this.#timeoutMs);
-  }
-
-  /** The final answer came, or the attempt failed: nothing left to cut. */
-  done(): void {
-    this.#over = true;
-    clearTimeout(this.#timer);
-    this.#timer = undefined;
-  }
-
-  // The emitter methods undici uses for a signal (`once`, `removeListener`; `on` is checked for).
-  on(_event: 'abort', listener: () => void): this {
-    this.#abort = listener;
-    return this;
-  }
-
-  once(_event: 'abort', listener: () => void): this {
-    this.#abort = listener;
-    return this;
-  }
-
-  removeListener(): this {
-    this.#abort = undefined;
-    return this;
   }
 }
 
