@@ -319,19 +319,16 @@ describe('bad input', () => {
   it('refuses an EventBridge id that is not printable ASCII, so ids differing in a lone surrogate are never one', async () => {
     // No CloudTrail eventID: the EventBridge id is the deduplication key.
     const { eventID: _none, ...detail } = fixture('healthlake-update-patient').detail as Json;
-    for (const id of ['evt-\ud800', 'evt-\udc00', 'evt 1', 'évt-1']) {
+    for (const id of ['evt-\ud800', 'evt-\udc00', 'evt\t1', 'évt-1']) {
       const res = await call('POST', '/events', INGEST, { ...fixture('healthlake-update-patient'), id, detail });
       expect([res.status, codeOf(res.body)]).toEqual([400, 'INVALID_EVENT']);
-      expect(((res.body.issue as Json[])[0] as Json).diagnostics).toBe(
-        'event: /id must be printable ASCII, without spaces',
-      );
+      expect(((res.body.issue as Json[])[0] as Json).diagnostics).toBe('event: /id must be printable ASCII');
     }
-    const plain = await call('POST', '/events', INGEST, {
-      ...fixture('healthlake-update-patient'),
-      id: 'evt-1',
-      detail,
-    });
-    expect(plain.body).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+    // A space is printable: another sender's ids may have them.
+    for (const id of ['evt-1', 'replay 2026-11-27 #1']) {
+      const plain = await call('POST', '/events', INGEST, { ...fixture('healthlake-update-patient'), id, detail });
+      expect(plain.body).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+    }
   });
 
   it('refuses a subscription beyond the per-client quota, for that client only', async () => {

@@ -11,10 +11,10 @@ const envelopeSchema = {
   type: 'object',
   required: ['id', 'source', 'detail-type'],
   properties: {
-    // EventBridge's ids are UUIDs. Printable ASCII keeps the deduplication key (the id, when the
+    // EventBridge's ids are UUIDs; other senders' may have spaces. Printable ASCII keeps the deduplication key (the id, when the
     // CloudTrail record has no eventID) byte for byte the same in every store: a lone UTF-16
     // surrogate is not, and two ids that differ only in one were deduplicated as one.
-    id: { type: 'string', minLength: 1, maxLength: 256, pattern: '^[\\x21-\\x7e]+$' },
+    id: { type: 'string', minLength: 1, maxLength: 256, pattern: '^[\\x20-\\x7e]+$' },
     source: { type: 'string', minLength: 1, maxLength: 256 },
     'detail-type': { type: 'string', minLength: 1, maxLength: 256 },
     time: { type: 'string', maxLength: 64 },
@@ -87,7 +87,7 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   if (!validateEnvelope(input)) {
     const e = validateEnvelope.errors?.[0];
     // Ajv would quote the pattern; say what it means.
-    const message = e?.keyword === 'pattern' ? 'must be printable ASCII, without spaces' : e?.message;
+    const message = e?.keyword === 'pattern' ? 'must be printable ASCII' : e?.message;
     throw new InvalidEnvelopeError(`${e?.instancePath || '(event)'} ${message ?? 'is invalid'}`.trim());
   }
   const event = input;
