@@ -67,15 +67,24 @@ export class BrokerAlarms extends Construct {
     email.cfnOptions.condition = props.emailSet;
 
     const action = new SnsAction(this.topic);
-    const alarm = (alarmId: string, description: string, metric: IMetric) =>
+    /** Fires above `threshold` (0: on the first occurrence), or below it with `below`. */
+    const alarm = (
+      alarmId: string,
+      description: string,
+      metric: IMetric,
+      rule: { threshold?: number; below?: boolean } = {},
+    ) =>
       new Alarm(this, alarmId, {
         alarmDescription: description,
         metric,
-        threshold: 0,
-        comparisonOperator: ComparisonOperator.GREATER_THAN_THRESHOLD,
+        threshold: rule.threshold ?? 0,
+        comparisonOperator: rule.below
+          ? ComparisonOperator.LESS_THAN_THRESHOLD
+          : ComparisonOperator.GREATER_THAN_THRESHOLD,
         evaluationPeriods: 1,
-        // No data means no messages and no invocations: healthy.
-        treatMissingData: TreatMissingData.NOT_BREACHING,
+        // No data means no messages and no invocations: healthy; for a count that must stay up
+        // (`below`), no data is the worst case.
+        treatMissingData: rule.below ? TreatMissingData.BREACHING : TreatMissingData.NOT_BREACHING,
       }).addAlarmAction(action);
 
     const period = Duration.minutes(5);
@@ -85,29 +94,23 @@ export class BrokerAlarms extends Construct {
       'HealthLake events sent to the dead-letter queue: changes that did not reach the broker',
       props.deadLetterQueue.metricNumberOfMessagesSent({ period, statistic: 'Sum' }),
     );
-    new Alarm(this, 'DeadLettersAging', {
-      alarmDescription:
-        'A HealthLake event has waited 4 days in the dead-letter queue: replay it before the queue drops it (6 days)',
-      metric: props.deadLetterQueue.metricApproximateAgeOfOldestMessage({ period, statistic: 'Maximum' }),
-      threshold: Duration.days(4).toSeconds(),
-      comparisonOperator: ComparisonOperator.GREATER_THAN_THRESHOLD,
-      evaluationPeriods: 1,
-      treatMissingData: TreatMissingData.NOT_BREACHING,
-    }).addAlarmAction(action);
+    alarm(
+      'DeadLettersAging',
+      'A HealthLake event has waited 4 days in the dead-letter queue: replay it before the queue drops it (6 days)',
+      props.deadLetterQueue.metricApproximateAgeOfOldestMessage({ period, statistic: 'Maximum' }),
+      { threshold: Duration.days(4).toSeconds() },
+    );
     alarm(
       'EventsThrottles',
       "The events function was throttled (account concurrency): HealthLake changes wait in Lambda's queue",
       props.eventsFunction.metricThrottles({ period, statistic: 'Sum' }),
     );
-    new Alarm(this, 'EventsWaiting', {
-      alarmDescription:
-        "HealthLake changes waited over 5 minutes in Lambda's queue before the events function took them",
-      metric: props.eventsFunction.metric('AsyncEventAge', { period, statistic: 'Maximum' }),
-      threshold: Duration.minutes(5).toMilliseconds(),
-      comparisonOperator: ComparisonOperator.GREATER_THAN_THRESHOLD,
-      evaluationPeriods: 1,
-      treatMissingData: TreatMissingData.NOT_BREACHING,
-    }).addAlarmAction(action);
+    alarm(
+      'EventsWaiting',
+      "HealthLake changes waited over 5 minutes in Lambda's queue before the events function took them",
+      props.eventsFunction.metric('AsyncEventAge', { period, statistic: 'Maximum' }),
+      { threshold: Duration.minutes(5).toMilliseconds() },
+    );
     alarm(
       'EventsErrors',
       'The events function failed: HealthLake changes are being retried or dead-lettered',
@@ -167,15 +170,12 @@ export class BrokerAlarms extends Construct {
     );
     // It runs every minute: fewer than 3 runs in 5 minutes, or none at all (no data), is a stopped
     // schedule (a disabled rule, throttling), which no error alarm sees.
-    new Alarm(this, 'DispatcherNotRunning', {
-      alarmDescription:
-        'The dispatcher ran fewer than 3 times in 5 minutes: retries, handshakes, heartbeats and purges are not running',
-      metric: props.dispatcherFunction.metricInvocations({ period, statistic: 'Sum' }),
-      threshold: 3,
-      comparisonOperator: ComparisonOperator.LESS_THAN_THRESHOLD,
-      evaluationPeriods: 1,
-      treatMissingData: TreatMissingData.BREACHING,
-    }).addAlarmAction(action);
+    alarm(
+      'DispatcherNotRunning',
+      'The dispatcher ran fewer than 3 times in 5 minutes: retries, handshakes, heartbeats and purges are not running',
+      props.dispatcherFunction.metricInvocations({ period, statistic: 'Sum' }),
+      { threshold: 3, below: true },
+    );
     for (const [name, fn, what] of [
       ['Api', props.apiFunction, 'The HTTP API function'],
       ['WebSocketMessages', props.messageFunction, 'The WebSocket messages function'],
