@@ -187,24 +187,7 @@ describe.each([
   it('keeps the connection after a 202 and after a refusal of a body it read', async () => {
     const agent = new Agent({ keepAlive: true, maxSockets: 1 });
     const send = (body: string) =>
-      new Promise<{ status: number; connection: string | undefined; reused: boolean }>((resolve, reject) => {
-        const req = request(
-          `${broker.url}${path}`,
-          {
-            method: 'POST',
-            agent,
-            headers: { authorization: `Bearer ${INGEST_TOKEN}`, 'content-type': 'application/json' },
-          },
-          (res) => {
-            res.resume();
-            res.on('end', () =>
-              resolve({ status: res.statusCode ?? 0, connection: res.headers.connection, reused: req.reusedSocket }),
-            );
-          },
-        );
-        req.on('error', reject);
-        req.end(body);
-      });
+      keptAlive(agent, 'POST', `${broker.url}${path}`, INGEST_TOKEN, 'application/json', body);
     try {
       const text = JSON.stringify({ ...fixture('healthlake-update-patient'), id: `keep-${path.length}` });
       const answers = [await send(text), await send('{"not": "an event"}'), await send(text)];
@@ -289,24 +272,7 @@ describe('request bodies on the real server, on the FHIR routes', () => {
       channel: { type: 'rest-hook', endpoint: 'https://hooks.example.com/k', payload: 'application/fhir+json' },
     });
     const send = (method: string, url: string, payload?: string) =>
-      new Promise<{ status: number; connection: string | undefined; reused: boolean }>((resolve, reject) => {
-        const req = request(
-          url,
-          {
-            method,
-            agent,
-            headers: { authorization: `Bearer ${API_KEYS.alice}`, 'content-type': 'application/fhir+json' },
-          },
-          (res) => {
-            res.resume();
-            res.on('end', () =>
-              resolve({ status: res.statusCode ?? 0, connection: res.headers.connection, reused: req.reusedSocket }),
-            );
-          },
-        );
-        req.on('error', reject);
-        req.end(payload);
-      });
+      keptAlive(agent, method, url, API_KEYS.alice, 'application/fhir+json', payload);
     try {
       const first = await send('GET', `${broker.url}/fhir/metadata`);
       const created = await send('POST', `${broker.url}/fhir/Subscription`, body);
@@ -338,3 +304,28 @@ describe('keep-alive (real server)', () => {
     expect(res.headers.get('keep-alive')).toBe('timeout=65');
   });
 });
+
+/** One request on `agent` (keep-alive, one socket): its status, its `Connection` header, and whether it reused the socket. */
+function keptAlive(
+  agent: Agent,
+  method: string,
+  url: string,
+  token: string,
+  contentType: string,
+  body?: string,
+): Promise<{ status: number; connection: string | undefined; reused: boolean }> {
+  return new Promise((resolve, reject) => {
+    const req = request(
+      url,
+      { method, agent, headers: { authorization: `Bearer ${token}`, 'content-type': contentType } },
+      (res) => {
+        res.resume();
+        res.on('end', () =>
+          resolve({ status: res.statusCode ?? 0, connection: res.headers.connection, reused: req.reusedSocket }),
+        );
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
+}
