@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
-import { type DynamoDBClient, UpdateItemCommand } from '@aws-sdk/client-dynamodb';
+import { type DynamoDBClient, GetItemCommand, UpdateItemCommand } from '@aws-sdk/client-dynamodb';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AwsBroker, createAwsBroker } from '../src/aws/aws-broker.js';
@@ -372,6 +372,51 @@ describe('Lambda containers sharing the tables', () => {
       expect(read.body.status).toBe('active');
     });
   }
+
+  it('records a failed attempt even when the lease renew before it fails', async () => {
+    const retrying = { config: { retryDelaysMs: [600_000] } };
+    const api = createHandlers(container(retrying));
+    const id = await create(
+      api,
+      topicSubscription('patient-change', `${receiver.url}/renew-fails`, { filters: ['Patient?_id=renew-p'] }),
+    );
+    await receiver.waitFor(() => receiver.on('/renew-fails').length === 1, 'the handshake');
+    const answer = receiver.respond;
+    let sent = false;
+    receiver.respond = (req) => {
+      if (req.path !== '/renew-fails' || !req.body.includes('"event-notification"')) return answer(req);
+      sent = true;
+      return { status: 503 };
+    };
+    // The renew the holder makes to learn whether a re-queue came meanwhile fails once (throttled).
+    let thrown = 0;
+    const hooked = leaseHooked(id, async (input) => {
+      if (sent && thrown === 0 && input.UpdateExpression?.startsWith('SET #through = :through, #until = :until')) {
+        thrown++;
+        throw Object.assign(new Error('Throughput exceeds the current capacity'), {
+          name: 'ThrottlingException',
+          $fault: 'client',
+        });
+      }
+    });
+    try {
+      await createHandlers(container({ ...retrying, dynamodb: hooked })).events(
+        eventLike('healthlake-update-patient', 'renew-1', 'renew-p'),
+      );
+    } finally {
+      receiver.respond = answer;
+    }
+    expect(thrown).toBe(1);
+    // The attempt counts, and its retry waits its delay (before, nothing was written: due again at once).
+    const row = await local.client.send(
+      new GetItemCommand({
+        TableName: tableNames(config.tablePrefix).notifications,
+        Key: { subscriptionId: { S: id }, eventNumber: { N: '1' } },
+        ConsistentRead: true,
+      }),
+    );
+    expect([row.Item?.state?.S, row.Item?.attempts?.N, row.Item?.lastError?.S]).toEqual(['pending', '1', 'HTTP 503']);
+  });
 
   /** A client whose requests for `id`'s lane (its lease item, its lane reads) go through `hook` first. */
   const leaseHooked = (id: string, hook: (input: LeaseRequest, command: string) => Promise<void>): DynamoDBClient => {

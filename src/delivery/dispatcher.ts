@@ -660,12 +660,24 @@ export class Dispatcher {
     lane.heldUntil = now + LEASE_MS;
   }
 
-  /** Under a lease: still at re-queue epoch `epoch` (renewed to find out), or lost (nothing learnt). */
+  /**
+   * Under a lease: still at re-queue epoch `epoch` (renewed to find out), or lost, or the renew
+   * failed (nothing learnt: the failure is recorded all the same, and the store's epoch condition
+   * keeps it from undoing a re-queue).
+   */
   async #sameEpoch(id: string, lane: Lane, epoch: number): Promise<boolean> {
     const leases = this.#leases;
     if (leases === undefined || lane.hold === undefined) return true;
     lane.recheck = true;
-    if (!(await this.#holdLane(id, lane, leases))) return true;
+    try {
+      if (!(await this.#holdLane(id, lane, leases))) return true;
+    } catch (err) {
+      this.#logger.warn('dispatcher lane lease not renewed; recording the failed attempt', {
+        subscription: id,
+        err: err as Error,
+      });
+      return true;
+    }
     return lane.hold?.epoch === epoch;
   }
 

@@ -223,6 +223,30 @@ describe('RestHookSender', () => {
     }
   });
 
+  it('stops reading a slow body once the timeout from the call has run out: the attempt stays within it', async () => {
+    // The answer's head comes at 600 ms, then a chunked body that never ends.
+    const endpoint = await rawEndpoint((socket) => {
+      setTimeout(() => {
+        socket.write('HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n');
+        const timer = setInterval(() => socket.write('1\r\nx\r\n'), 50);
+        socket.on('close', () => clearInterval(timer));
+      }, 600);
+    });
+    try {
+      sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);
+      const started = performance.now();
+      expect(await sender.send(request(`${endpoint.url}/hook`, 1_000))).toEqual({
+        ok: false,
+        status: 503,
+        error: 'HTTP 503',
+      });
+      // Before, the body had a whole timeout of its own after the head: ~1.6 s.
+      expect(performance.now() - started).toBeLessThan(1_400);
+    } finally {
+      await endpoint.close();
+    }
+  });
+
   it('says a connect that timed out is the connect timeout, not the subscription timeout', async () => {
     // https to a socket that never answers the TLS handshake.
     const endpoint = await rawEndpoint(() => undefined);

@@ -178,11 +178,12 @@ export class RestHookSender implements Sender {
         await this.#guard.vet(literal);
         this.#vetted.add(literal);
       }
-      // headersTimeout bounds the wait for the answer, from the moment the request is on the wire,
-      // and the timer below reading its body. Neither counts time queued for a connection: the
-      // dispatcher hands an origin at most twice as many requests as it has connections, so a
-      // request may wait about one attempt ahead of it, and the endpoint still gets its whole
-      // timeout once its request is on the wire. Connecting is bounded separately (connect.timeout).
+      // headersTimeout bounds the wait for the answer from the moment the request is on the wire,
+      // not counting time queued for a connection: the dispatcher hands an origin at most twice as
+      // many requests as it has connections, so a request may wait about one attempt ahead of it,
+      // and the endpoint still gets its whole timeout for its answer. Connecting is bounded
+      // separately (connect.timeout).
+      const deadline = performance.now() + req.timeoutMs;
       let res: Dispatcher.ResponseData;
       try {
         res = await this.#post(target, headers, body, req.timeoutMs);
@@ -196,9 +197,14 @@ export class RestHookSender implements Sender {
       }
       // Nothing to read (the usual answer): no timer to arm.
       const empty = res.statusCode === 204 || res.headers['content-length'] === '0';
+      // Within the timeout from the call, so an attempt with a slow body stays within about one
+      // timeout of its answer (the answer's status is all that decides the outcome).
       const timer = empty
         ? undefined
-        : setTimeout(() => res.body.destroy(new undiciErrors.BodyTimeoutError()), req.timeoutMs);
+        : setTimeout(
+            () => res.body.destroy(new undiciErrors.BodyTimeoutError()),
+            Math.max(deadline - performance.now(), 0),
+          );
       await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
       clearTimeout(timer);
       if (res.statusCode >= 200 && res.statusCode < 300) return { ok: true, status: res.statusCode };
