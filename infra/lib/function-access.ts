@@ -8,8 +8,11 @@ import type { TableNames } from '../../src/store/dynamodb/tables.js';
  */
 
 export type TableRole = keyof TableNames;
-/** Item-level data access as CDK's `grantReadData` / `grantWriteData` / `grantReadWriteData` give it, indexes included. */
-export type DataAccess = 'read' | 'write' | 'read-write';
+/**
+ * Item-level data access as CDK's `grantReadData` / `grantWriteData` / `grantReadWriteData` give it,
+ * indexes included; `put`: `PutItem` alone (an internet-facing function that only adds items).
+ */
+export type DataAccess = 'read' | 'write' | 'read-write' | 'put';
 export type FunctionName = 'events' | 'api' | 'dispatcher' | 'wsConnect' | 'wsDisconnect' | 'wsMessage';
 
 export interface FunctionAccess {
@@ -54,8 +57,8 @@ export const FUNCTION_ACCESS: Readonly<Record<FunctionName, FunctionAccess>> = {
     putEvents: true,
     manageConnections: true,
   },
-  // `$connect` (internet-facing) writes the connection item, and reads nothing.
-  wsConnect: { tables: { connections: 'write' }, putEvents: false, manageConnections: false },
+  // `$connect` (internet-facing) puts the connection item, and reads, updates and deletes nothing.
+  wsConnect: { tables: { connections: 'put' }, putEvents: false, manageConnections: false },
   // `$disconnect` queries the connection's items and deletes them.
   wsDisconnect: { tables: { connections: 'read-write' }, putEvents: false, manageConnections: false },
   // A bind reads the subscriptions (the registry) and the stored notifications it replays, and

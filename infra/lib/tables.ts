@@ -75,6 +75,9 @@ export class BrokerTables extends Construct {
       case 'read-write':
         table.grantReadWriteData(grantee);
         return;
+      case 'put':
+        table.grant(grantee, 'dynamodb:PutItem');
+        return;
     }
   }
 }

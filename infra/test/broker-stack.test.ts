@@ -526,13 +526,16 @@ describe('BrokerStack', () => {
         const granted: Record<string, Set<string>> = {};
         for (const s of statementsOf(ids[idOf[name]])) {
           const actions = list(s.Action).map(String);
+          const dynamodb = actions.filter((a) => a.startsWith('dynamodb:') && a !== 'dynamodb:DescribeTable');
           const kinds = [
             ...(actions.some((a) => ['dynamodb:GetItem', 'dynamodb:Query', 'dynamodb:Scan'].includes(a))
               ? ['read']
               : []),
-            ...(actions.some((a) => ['dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:DeleteItem'].includes(a))
-              ? ['write']
-              : []),
+            ...(dynamodb.length === 1 && dynamodb[0] === 'dynamodb:PutItem'
+              ? ['put']
+              : actions.some((a) => ['dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:DeleteItem'].includes(a))
+                ? ['write']
+                : []),
           ];
           for (const resource of list(s.Resource)) {
             const getAtt = JSON.stringify(resource).match(/"Fn::GetAtt":\["([^"]+)","Arn"\]/)?.[1] ?? '';
@@ -547,6 +550,13 @@ describe('BrokerStack', () => {
         expect(asNamed).toStrictEqual(FUNCTION_ACCESS[name].tables);
       },
     );
+
+    it('lets the internet-facing $connect function put connection items and do nothing else with DynamoDB', () => {
+      const actions = statementsOf(ids.connect)
+        .flatMap((s) => list(s.Action).map(String))
+        .filter((a) => a.startsWith('dynamodb:'));
+      expect([...new Set(actions)]).toEqual(['dynamodb:PutItem']);
+    });
 
     it('lets only the functions that change subscription state publish lifecycle events', () => {
       const publishing = (Object.keys(idOf) as FunctionName[]).filter((name) =>
