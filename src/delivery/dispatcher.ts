@@ -9,7 +9,7 @@ import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { LaneHold, LaneLeases, Store } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
-import { LimiterClosedError, OriginLimiter } from './origin-limiter.js';
+import { LimiterClosedError, OriginLimiter, originOf } from './origin-limiter.js';
 import { RunStop, type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
 
 /**
@@ -1241,14 +1241,6 @@ export class Dispatcher {
     } catch (err) {
       this.#logger.error('retention purge failed', { err: err as Error });
     }
-  }
-}
-
-function originOf(endpoint: string | undefined): string {
-  try {
-    return endpoint === undefined ? '' : new URL(endpoint).origin;
-  } catch {
-    return endpoint ?? '';
   }
 }
 

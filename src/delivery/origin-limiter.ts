@@ -20,6 +20,15 @@
  * owner reaching or leaving its cap, at each origin it waits at.
  */
 
+/** An endpoint's origin (scheme://host:port, as URL normalizes it): what the caps and the sender threads count by. */
+export function originOf(endpoint: string | undefined): string {
+  try {
+    return endpoint === undefined ? '' : new URL(endpoint).origin;
+  } catch {
+    return endpoint ?? '';
+  }
+}
+
 /** The limiter was closed while a task waited: nothing may be sent. */
 export class LimiterClosedError extends Error {
   constructor() {

@@ -1,5 +1,7 @@
 import { Worker } from 'node:worker_threads';
+import { memo } from '../core/memo.js';
 import type { Logger } from '../observability/logger.js';
+import { originOf } from './origin-limiter.js';
 import type { RunStop, Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
 import { CANCELLED, decodeResults, encodeRun, STOP, WITHIN_AT, type Wire } from './sender-thread-protocol.js';
 
@@ -89,6 +91,8 @@ export class ThreadedSender implements Sender {
    * this holds only what is in flight).
    */
   readonly #pending = new Map<string, number[]>();
+  /** Endpoint → origin, parsed once per endpoint rather than once per request (as the dispatcher's caps count them). */
+  readonly #origins = new Map<string, string>();
   /** Where the search for the least busy thread starts: turns round, so ties spread over the threads. */
   #next = 0;
   #ids = 1;
@@ -113,7 +117,7 @@ export class ThreadedSender implements Sender {
   sendInOrder(reqs: readonly WebhookRequest[], withinMs: number, run?: RunStop): Promise<SendResult[]> {
     if (this.#closed) return Promise.resolve([{ ok: false, error: 'the broker is shutting down' }]);
     if (run?.stopped === true) return Promise.resolve([]);
-    const origin = this.#threads.length === 1 ? undefined : originOf(reqs[0]?.endpoint ?? '');
+    const origin = this.#threads.length === 1 ? undefined : memo(this.#origins, reqs[0]?.endpoint ?? '', originOf);
     const index = origin === undefined ? 0 : this.#pick(origin);
     const thread = this.#threads[index] as Thread;
     if (thread.stopped) this.#start(index);
@@ -279,19 +283,4 @@ export class ThreadedSender implements Sender {
 /** Thread `index`'s share of an origin's connections: the shares differ by at most one and sum to `total`. */
 function connectionsForThread(total: number, threads: number, index: number): number {
   return Math.floor(total / threads) + (index < total % threads ? 1 : 0);
-}
-
-/**
- * scheme://host[:port] of an endpoint as written, without parsing it (this runs per request): it
- * only groups requests for dealing, so the same origin spelt two ways at worst is dealt as two.
- */
-function originOf(endpoint: string): string {
-  const start = endpoint.indexOf('//') + 2;
-  let end = start;
-  while (end < endpoint.length) {
-    const c = endpoint.charCodeAt(end);
-    if (c === 47 || c === 63 || c === 35) break; // '/', '?', '#'
-    end++;
-  }
-  return endpoint.slice(0, end);
 }
