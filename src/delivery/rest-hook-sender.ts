@@ -290,9 +290,14 @@ function parseTarget(endpoint: string): Target {
   };
 }
 
+/** The error's code, or its cause's (undici wraps socket errors). */
+function errorCode(err: unknown): string | undefined {
+  return (err as NodeJS.ErrnoException).code ?? (err as { cause?: NodeJS.ErrnoException }).cause?.code;
+}
+
 /** Closed or reset before any answer came: what a kept-alive socket the endpoint let go looks like. */
 function isStaleSocket(err: unknown): boolean {
-  const code = (err as NodeJS.ErrnoException).code ?? (err as { cause?: NodeJS.ErrnoException }).cause?.code;
+  const code = errorCode(err);
   return code === 'UND_ERR_SOCKET' || code === 'ECONNRESET' || code === 'EPIPE';
 }
 
@@ -319,7 +324,7 @@ function describeFailure(err: unknown, timeoutMs: number, connectTimeoutMs: numb
   ) {
     return { ok: false, error: `timeout after ${timeoutMs} ms` };
   }
-  const code = (err as NodeJS.ErrnoException).code ?? (cause as NodeJS.ErrnoException | undefined)?.code;
+  const code = errorCode(err);
   return { ok: false, error: code === undefined ? (err as Error).message : `connection failed (${code})` };
 }
 
