@@ -116,11 +116,16 @@ export class WebSocketChannel {
     this.#maxSocketsPerClient = deps.maxSocketsPerClient ?? 0;
   }
 
-  /** Counts the connection for `owner`; false when that would pass the client's cap (nothing counted). */
+  /**
+   * Counts the connection for `owner`; false when that would pass the client's cap (nothing
+   * counted). No cap, nothing counted: on AWS a socket's close reaches another container, which
+   * would never forget it here.
+   */
   #countFor(connectionId: string, owner: string): boolean {
+    if (this.#maxSocketsPerClient === 0) return true;
     const sockets = this.#socketsOf.get(owner) ?? new Set<string>();
     if (sockets.has(connectionId)) return true;
-    if (this.#maxSocketsPerClient > 0 && sockets.size >= this.#maxSocketsPerClient) return false;
+    if (sockets.size >= this.#maxSocketsPerClient) return false;
     sockets.add(connectionId);
     this.#socketsOf.set(owner, sockets);
     const clients = this.#clientsOf.get(connectionId) ?? new Set<string>();
