@@ -11,9 +11,10 @@ const envelopeSchema = {
   type: 'object',
   required: ['id', 'source', 'detail-type'],
   properties: {
-    // EventBridge's ids are UUIDs; other senders' may have spaces. Printable ASCII keeps the deduplication key (the id, when the
-    // CloudTrail record has no eventID) byte for byte the same in every store: a lone UTF-16
-    // surrogate is not, and two ids that differ only in one were deduplicated as one.
+    // EventBridge's ids are UUIDs; other senders' may have spaces. Printable ASCII keeps the
+    // deduplication key (the id, when the CloudTrail record has no eventID) byte for byte the same
+    // in every store: a lone UTF-16 surrogate is not, and two ids that differ only in one were
+    // deduplicated as one.
     id: { type: 'string', minLength: 1, maxLength: 256, pattern: '^[\\x20-\\x7e]+$' },
     source: { type: 'string', minLength: 1, maxLength: 256 },
     'detail-type': { type: 'string', minLength: 1, maxLength: 256 },
@@ -118,19 +119,26 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   // The change did happen: what of its detail is unusable is left out (or guessed) and said, not
   // allowed to refuse the event.
   const warnings: string[] = [];
-  const rawId = asRecord(detail.additionalEventData)?.resourceId;
-  const resourceId = typeof rawId === 'string' && FHIR_ID.test(rawId) ? rawId : undefined;
-  if (resourceId === undefined && rawId !== undefined && rawId !== null) {
-    warnings.push(`additionalEventData.resourceId (${describeValue(rawId)}) is not a FHIR id: no focus`);
-  }
+  /** `value` when it matches `pattern`; undefined, and said when one was given, when not. */
+  const valid = (value: unknown, pattern: RegExp, said: (shape: string) => string): string | undefined => {
+    if (typeof value === 'string' && pattern.test(value)) return value;
+    if (value !== undefined && value !== null) warnings.push(said(describeValue(value)));
+    return undefined;
+  };
+  const resourceId = valid(
+    asRecord(detail.additionalEventData)?.resourceId,
+    FHIR_ID,
+    (shape) => `additionalEventData.resourceId (${shape}) is not a FHIR id: no focus`,
+  );
   const region = [detail.awsRegion, event.region].find((r): r is string => typeof r === 'string' && REGION.test(r));
   if (region === undefined) warnings.push('neither detail.awsRegion nor region is an AWS region: us-east-1 assumed');
   const time = pickTime(detail.eventTime, event.time) ?? receivedAt;
 
-  const cloudTrailId = typeof detail.eventID === 'string' && EVENT_ID.test(detail.eventID) ? detail.eventID : undefined;
-  if (cloudTrailId === undefined && detail.eventID !== undefined && detail.eventID !== null) {
-    warnings.push(`detail.eventID (${describeValue(detail.eventID)}) is not an event id: deduplicated on the id`);
-  }
+  const cloudTrailId = valid(
+    detail.eventID,
+    EVENT_ID,
+    (shape) => `detail.eventID (${shape}) is not an event id: deduplicated on the id`,
+  );
   return {
     kind: 'change',
     change: {
