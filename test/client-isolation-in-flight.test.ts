@@ -18,9 +18,10 @@ afterEach(async () => {
 });
 
 /** 30 s per attempt (default): far longer than the test waits for the other client's notification. */
-function hangingSubscription(endpoint: string, timeoutSeconds = 30): Json {
+function hangingSubscription(endpoint: string, timeoutSeconds = 30, filters?: string[]): Json {
   return topicSubscription('patient-change', endpoint, {
     channel: { extension: [{ url: `${BACKPORT}/backport-timeout`, valueUnsignedInt: timeoutSeconds }] },
+    ...(filters === undefined ? {} : { filters }),
   });
 }
 
@@ -58,11 +59,23 @@ describe('in-flight slots per API client', () => {
     cleanups.push(() => t.broker.close(0));
     // Alice's eight subscriptions hang for their 1 s timeout each, one after another on the one
     // connection; bob's, created after them, is on the same host:port.
-    for (let i = 0; i < 8; i++) await t.create(hangingSubscription(`${receiver.url}/alice-${i}`, 1), TOKENS.alice);
-    await t.create(topicSubscription('patient-change', `${receiver.url}/bob`), TOKENS.bob);
+    const alice = ['Patient?_id=p-alice'];
+    for (let i = 0; i < 8; i++) {
+      await t.create(hangingSubscription(`${receiver.url}/alice-${i}`, 1, alice), TOKENS.alice);
+    }
+    await t.create(
+      topicSubscription('patient-change', `${receiver.url}/bob`, { filters: ['Patient?_id=p-bob'] }),
+      TOKENS.bob,
+    );
     await receiver.waitFor(() => receiver.requests.length === 9, 'nine handshakes');
 
-    await t.post(eventLike('healthlake-update-patient', 'evt-shared-origin', 'p-shared-origin'));
+    // Alice's change first: her attempts hold the connection and queue behind it; then bob's.
+    await t.post(eventLike('healthlake-update-patient', 'evt-shared-alice', 'p-alice'));
+    await receiver.waitFor(
+      () => receiver.arrived.some((r) => r.path.startsWith('/alice-') && !r.body.includes('"handshake"')),
+      "alice's first notification on the wire",
+    );
+    await t.post(eventLike('healthlake-update-patient', 'evt-shared-bob', 'p-bob'));
     // Bob takes the first slot alice frees and goes out after the two of hers the sender had by
     // then at most (a few seconds), not after all eight of them, one timeout each.
     await receiver.waitFor(() => notifiedNumbers(receiver.on('/bob')).length === 1, "bob's notification", 5_000);
