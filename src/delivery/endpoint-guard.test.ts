@@ -46,6 +46,15 @@ async function refusal(g: EndpointGuard, endpoint: string): Promise<{ code: Erro
   throw new Error(`expected ${endpoint} to be refused`);
 }
 
+type Answer = { err: Error | null; address: string | LookupAddress[]; family?: number };
+
+/** `EndpointGuard.lookup`, the socket's resolver, as a promise of what it called back with. */
+function lookup(g: EndpointGuard, host: string, options: { all?: boolean } | number | undefined): Promise<Answer> {
+  return new Promise((resolve) => {
+    g.lookup(host, options, (err, address, family) => resolve({ err, address, family }));
+  });
+}
+
 describe('EndpointGuard.checkEndpoint', () => {
   it('accepts an https endpoint whose every address is public', async () => {
     const { guard: g, asked } = guard();
@@ -174,14 +183,6 @@ describe('EndpointGuard.checkEndpoint', () => {
 });
 
 describe('EndpointGuard.lookup', () => {
-  type Answer = { err: Error | null; address: string | LookupAddress[]; family?: number };
-
-  function lookup(g: EndpointGuard, host: string, options: { all?: boolean } | number | undefined): Promise<Answer> {
-    return new Promise((resolve) => {
-      g.lookup(host, options, (err, address, family) => resolve({ err, address, family }));
-    });
-  }
-
   it('yields the first vetted address and its family', async () => {
     expect(await lookup(guard().guard, 'hooks.example.com', {})).toEqual({
       err: null,
@@ -253,5 +254,83 @@ describe('EndpointGuard.lookup', () => {
       address: [{ address: '10.9.9.9', family: 4 }],
       family: undefined,
     });
+  });
+});
+
+describe('EndpointGuard: a name whose DNS hangs', () => {
+  /** A resolver whose `hang.example.com` answers only when the test says; every question recorded. */
+  function hangingResolver(): { resolve: Resolver; asked: string[]; answer: () => void; fail: () => void } {
+    const asked: string[] = [];
+    const waiting: { ok: () => void; err: () => void }[] = [];
+    const resolve: Resolver = (host) => {
+      asked.push(host);
+      if (host !== 'hang.example.com') return Promise.resolve([PUBLIC_V4]);
+      return new Promise((ok, err) =>
+        waiting.push({
+          ok: () => ok([PUBLIC_V6]),
+          err: () => err(Object.assign(new Error('getaddrinfo EAI_AGAIN hang.example.com'), { code: 'EAI_AGAIN' })),
+        }),
+      );
+    };
+    return {
+      resolve,
+      asked,
+      answer: () => {
+        for (const w of waiting.splice(0)) w.ok();
+      },
+      fail: () => {
+        for (const w of waiting.splice(0)) w.err();
+      },
+    };
+  }
+
+  it('asks once for every lookup of that name meanwhile, and answers them all', async () => {
+    const dns = hangingResolver();
+    const g = new EndpointGuard(new Allowlist([]), dns.resolve);
+    const answers = Array.from({ length: 32 }, () => g.vet('hang.example.com'));
+    // Another name is not held behind it.
+    expect(await g.vet('hooks.example.com')).toEqual([PUBLIC_V4]);
+    expect(dns.asked).toEqual(['hang.example.com', 'hooks.example.com']);
+    dns.answer();
+    for (const a of await Promise.all(answers)) expect(a).toEqual([PUBLIC_V6]);
+    // Settled: the next lookup asks again (nothing is cached).
+    dns.answer();
+    const again = g.vet('hang.example.com');
+    dns.answer();
+    expect(await again).toEqual([PUBLIC_V6]);
+    expect(dns.asked.filter((h) => h === 'hang.example.com')).toHaveLength(2);
+  });
+
+  it('shares a failure too, and asks again afterwards', async () => {
+    const dns = hangingResolver();
+    const g = new EndpointGuard(new Allowlist([]), dns.resolve);
+    const answers = [g.vet('hang.example.com'), g.vet('hang.example.com')].map((p) => p.catch((err: unknown) => err));
+    dns.fail();
+    for (const err of await Promise.all(answers)) expect((err as Error).message).toBe('does not resolve (EAI_AGAIN)');
+    const next = g.vet('hang.example.com');
+    dns.answer();
+    expect(await next).toEqual([PUBLIC_V6]);
+    expect(dns.asked).toEqual(['hang.example.com', 'hang.example.com']);
+  });
+
+  it('gives up after the timeout as unresolved (ETIMEOUT) without asking again while the first question hangs', async () => {
+    const dns = hangingResolver();
+    const g = new EndpointGuard(new Allowlist([]), dns.resolve, { resolveTimeoutMs: 50 });
+    const first = await lookup(g, 'hang.example.com', {});
+    expect(first.err).toBeInstanceOf(EndpointUnresolvedError);
+    expect(first.err?.message).toBe('does not resolve (ETIMEOUT)');
+    // Registration says so too, as a 422.
+    expect(await refusal(g, 'https://hang.example.com/hook')).toEqual({
+      code: 'ENDPOINT_FORBIDDEN',
+      message: 'channel.endpoint hang.example.com: does not resolve (ETIMEOUT)',
+    });
+    expect(dns.asked).toEqual(['hang.example.com']);
+    // Once the question is answered, the next lookup asks anew and gets the answer.
+    dns.answer();
+    await new Promise((resolve) => setImmediate(resolve));
+    const later = g.vet('hang.example.com');
+    dns.answer();
+    expect(await later).toEqual([PUBLIC_V6]);
+    expect(dns.asked).toEqual(['hang.example.com', 'hang.example.com']);
   });
 });

@@ -12,6 +12,15 @@ import { type Allowlist, blockedReason } from './address-policy.js';
 
 export type Resolver = (host: string) => Promise<readonly LookupAddress[]>;
 
+/**
+ * How long a name may take to resolve before the registration is refused, or the attempt fails,
+ * as unresolved (`ETIMEOUT`, retried on the schedule like any DNS failure): the attempt's connect
+ * timeout. `dns.lookup` runs getaddrinfo on libuv's thread pool (4 threads), and a name whose DNS
+ * servers do not answer holds a thread for the resolver's own timeouts (5 s a try, two tries a
+ * server, by default), which this does not shorten: see `EndpointGuard.#lookup`.
+ */
+export const RESOLVE_TIMEOUT_MS = 10_000;
+
 export const systemResolver: Resolver = (host) =>
   new Promise((resolve, reject) => {
     dnsLookup(host, { all: true, verbatim: true }, (err, addresses) => (err ? reject(err) : resolve(addresses)));
@@ -44,10 +53,14 @@ export class EndpointUnresolvedError extends Error {
 export class EndpointGuard {
   readonly #allow: Allowlist;
   readonly #resolve: Resolver;
+  readonly #timeoutMs: number;
+  /** Resolutions under way, by name: concurrent lookups of one name share one. */
+  readonly #resolving = new Map<string, Promise<readonly LookupAddress[]>>();
 
-  constructor(allow: Allowlist, resolve: Resolver = systemResolver) {
+  constructor(allow: Allowlist, resolve: Resolver = systemResolver, options: { resolveTimeoutMs?: number } = {}) {
     this.#allow = allow;
     this.#resolve = resolve;
+    this.#timeoutMs = options.resolveTimeoutMs ?? RESOLVE_TIMEOUT_MS;
   }
 
   /** Registration-time check; throws a BrokerError the HTTP edge turns into a 422. */
@@ -91,10 +104,10 @@ export class EndpointGuard {
       this.#assertAllowed(host);
       return [{ address: host, family: literal }];
     }
-    if (this.#allow.hasHost(host)) return this.#resolve(host);
+    if (this.#allow.hasHost(host)) return this.#lookup(host);
     let addresses: readonly LookupAddress[];
     try {
-      addresses = await this.#resolve(host);
+      addresses = await this.#lookup(host);
     } catch (err) {
       throw new EndpointUnresolvedError((err as NodeJS.ErrnoException).code ?? 'DNS error');
     }
@@ -102,6 +115,44 @@ export class EndpointGuard {
     // Every answer must pass: a round-robin record with one private address is a rebinding tool.
     for (const a of addresses) this.#assertAllowed(a.address, host);
     return addresses;
+  }
+
+  /**
+   * One resolution per name at a time, shared by every socket and registration that wants it
+   * meanwhile, and given up on (not cancelled) after the timeout. A name whose DNS hangs thus holds
+   * at most one of the thread pool's four threads however many connections its subscriptions open
+   * (each new connection looks the name up): before, 32 connections to one such endpoint took all
+   * four, and every other endpoint named by a hostname waited behind them.
+   */
+  #lookup(host: string): Promise<readonly LookupAddress[]> {
+    let resolving = this.#resolving.get(host);
+    if (resolving === undefined) {
+      const started = this.#resolve(host);
+      resolving = started;
+      this.#resolving.set(host, started);
+      const forget = (): void => {
+        if (this.#resolving.get(host) === started) this.#resolving.delete(host);
+      };
+      started.then(forget, forget);
+    }
+    const shared = resolving;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(Object.assign(new Error(`no answer within ${this.#timeoutMs} ms`), { code: 'ETIMEOUT' })),
+        this.#timeoutMs,
+      );
+      timer.unref();
+      shared.then(
+        (addresses) => {
+          clearTimeout(timer);
+          resolve(addresses);
+        },
+        (err: unknown) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      );
+    });
   }
 
   /** A `net.connect` / undici `connect.lookup` resolver that only ever yields vetted addresses. */

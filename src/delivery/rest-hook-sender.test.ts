@@ -89,6 +89,35 @@ describe('RestHookSender', () => {
     expect(await sender.send(request(named))).toEqual({ ok: true, status: 204 });
   });
 
+  it('opens 32 connections to a name whose DNS hangs on one question, and sends to another name meanwhile', async () => {
+    const endpoint = await receiver((res) => res.writeHead(204).end());
+    const asked: string[] = [];
+    const guard = new EndpointGuard(
+      new Allowlist(['127.0.0.1']),
+      (host) => {
+        asked.push(host);
+        // hang.example.com: no answer, ever (a DNS server that does not reply).
+        return host === 'hang.example.com'
+          ? new Promise(() => {})
+          : Promise.resolve([{ address: '127.0.0.1', family: 4 }]);
+      },
+      { resolveTimeoutMs: 300 },
+    );
+    sender = new RestHookSender(guard, Date, { connections: 32 });
+    const hanging = Array.from({ length: 32 }, () =>
+      sender?.send(request(endpoint.replace('127.0.0.1', 'hang.example.com'))),
+    );
+    expect(await sender.send(request(endpoint.replace('127.0.0.1', 'hooks.example.com')))).toEqual({
+      ok: true,
+      status: 204,
+    });
+    for (const result of await Promise.all(hanging)) {
+      expect(result).toEqual({ ok: false, error: 'endpoint does not resolve (ETIMEOUT)' });
+    }
+    // Each connection asked the socket's resolver; one question went to DNS.
+    expect(asked).toEqual(['hang.example.com', 'hooks.example.com']);
+  });
+
   it('answers at once for an empty 200, and times out a body that never ends', async () => {
     const empty = await receiver((res) => res.writeHead(200, { 'content-length': '0' }).end());
     sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date);
