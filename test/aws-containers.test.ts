@@ -373,6 +373,136 @@ describe('Lambda containers sharing the tables', () => {
     });
   }
 
+  // The same, with the holder learning of the re-queue in the moment between it and the write of the
+  // re-activated subscription (a re-queue of many dead letters takes seconds): it read the
+  // subscription as it still was, and sent the re-queued notification to the old endpoint again.
+  it('a holder that learns of a re-queue before the re-activated subscription is written sends nothing to the old endpoint', async () => {
+    const tag = 'ra-window';
+    const filters = [`Patient?_id=${tag}-p`];
+    const retrying = { config: { retryDelaysMs: [50, 600_000] } };
+    // The API container's writes of the subscriptions table wait at `gate` while `holding`.
+    let holding = false;
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let reached!: () => void;
+    const atGate = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    const subscriptionsTable = tableNames(config.tablePrefix).subscriptions;
+    const gated = localClient(local.endpoint);
+    gated.middlewareStack.add(
+      (next) => async (args) => {
+        const input = args.input as { TransactItems?: { Update?: { TableName?: string } }[] };
+        if (holding && input.TransactItems?.some((t) => t.Update?.TableName === subscriptionsTable) === true) {
+          reached();
+          await gate;
+        }
+        return next(args);
+      },
+      { step: 'initialize' },
+    );
+    const api = createHandlers(container({ ...retrying, dynamodb: gated }));
+    const id = await create(api, topicSubscription('patient-change', `${receiver.url}/${tag}-old`, { filters }));
+    await receiver.waitFor(() => receiver.on(`/${tag}-old`).length === 1, 'the handshake');
+    let second!: () => void;
+    const onTheWire = new Promise<void>((resolve) => {
+      second = resolve;
+    });
+    let attempts = 0;
+    const answer = receiver.respond;
+    receiver.respond = (req) => {
+      if (req.path !== `/${tag}-old` || !req.body.includes('"event-notification"')) return answer(req);
+      // Attempt 1 refused at once, attempt 2 after 1.5 s, any later one at once.
+      if (++attempts === 2) {
+        second();
+        return { status: 503, delayMs: 1_500 };
+      }
+      return { status: 503 };
+    };
+    try {
+      const events = createHandlers(container(retrying));
+      const accepted = events.events(eventLike('healthlake-update-patient', `${tag}-1`, `${tag}-p`));
+      await onTheWire;
+      holding = true;
+      const put = call(api, 'PUT', `/fhir/Subscription/${id}`, {
+        ...topicSubscription('patient-change', `${receiver.url}/${tag}-new`, { filters }),
+        id,
+      });
+      // Re-queued; the subscription's write waits while attempt 2 fails in the events container,
+      // which renews its lease before it logs the failure, then goes on (it had sent notification
+      // 1 to the old endpoint again within milliseconds).
+      await atGate;
+      await accepted;
+      const failed = (r: Record<string, unknown>) => r.msg === 'delivery failed' && r.subscription === id;
+      await logger.waitFor((r) => failed(r) && r.attempt === 2, 'attempt 2 failed');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      expect(logger.records.filter(failed)).toHaveLength(2);
+      expect(arrivedAt(`/${tag}-old`)).toEqual([1, 1]);
+      release();
+      expect((await put).status).toBe(200);
+      await receiver.waitFor(() => receiver.on(`/${tag}-new`).length >= 1, 'the new handshake');
+    } finally {
+      release();
+      receiver.respond = answer;
+    }
+    await createHandlers(container(retrying)).dispatch(60_000);
+    await receiver.waitFor(() => arrivedAt(`/${tag}-new`).length === 1, 'notification 1 at the new endpoint');
+    expect(arrivedAt(`/${tag}-new`)).toEqual([1]);
+    expect(arrivedAt(`/${tag}-old`)).toEqual([1, 1]);
+    const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
+    expect(read.body.status).toBe('active');
+  });
+
+  it('a container that takes a lane re-queued since it last held it reads the subscription afresh', async () => {
+    const tag = 'ra-take';
+    const filters = [`Patient?_id=${tag}-p`];
+    const retrying = { config: { retryDelaysMs: [600_000] } };
+    const api = createHandlers(container(retrying));
+    const id = await create(api, topicSubscription('patient-change', `${receiver.url}/${tag}-old`, { filters }));
+    await receiver.waitFor(() => receiver.on(`/${tag}-old`).length === 1, 'the handshake');
+    const answer = receiver.respond;
+    receiver.respond = (req) =>
+      req.path === `/${tag}-old` && req.body.includes('"event-notification"') ? { status: 503 } : answer(req);
+    try {
+      // Notification 1 fails at the old endpoint: a retry due in 10 minutes.
+      await createHandlers(container(retrying)).events(eventLike('healthlake-update-patient', `${tag}-1`, `${tag}-p`));
+      await receiver.waitFor(() => arrivedAt(`/${tag}-old`).length === 1, 'attempt 1');
+    } finally {
+      receiver.respond = answer;
+    }
+    // The scheduled dispatcher reads the subscription (nothing is due).
+    const ticker = createHandlers(container(retrying));
+    await ticker.dispatch(60_000);
+    // The client moves it, in an API container whose lanes cannot take a lease (throttled): the
+    // re-queued notification is left to the next scheduled run, within its 5 s subscription cache.
+    const throttled = leaseHooked(id, async (input) => {
+      if (input.UpdateExpression?.startsWith('SET #holder = :me') === true) {
+        throw Object.assign(new Error('Throughput exceeds the current capacity'), {
+          name: 'ThrottlingException',
+          $fault: 'client',
+        });
+      }
+    });
+    const put = await call(
+      createHandlers(container({ ...retrying, dynamodb: throttled })),
+      'PUT',
+      `/fhir/Subscription/${id}`,
+      {
+        ...topicSubscription('patient-change', `${receiver.url}/${tag}-new`, { filters }),
+        id,
+      },
+    );
+    expect(put.status).toBe(200);
+    await receiver.waitFor(() => receiver.on(`/${tag}-new`).length === 1, 'the new handshake');
+    expect(arrivedAt(`/${tag}-new`)).toEqual([]);
+    await ticker.dispatch(60_000);
+    await receiver.waitFor(() => arrivedAt(`/${tag}-new`).length === 1, 'notification 1 at the new endpoint');
+    expect(arrivedAt(`/${tag}-new`)).toEqual([1]);
+    expect(arrivedAt(`/${tag}-old`)).toEqual([1]);
+  });
+
   it('records a failed attempt even when the lease renew before it fails', async () => {
     const retrying = { config: { retryDelaysMs: [600_000] } };
     const api = createHandlers(container(retrying));

@@ -1,7 +1,7 @@
 import { DeleteItemCommand, type DynamoDBClient, GetItemCommand } from '@aws-sdk/client-dynamodb';
 import { describe, expect, it } from 'vitest';
 import type { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
-import { laneKey, VOID_AFTER_MS, voidNumbers } from '../src/store/dynamodb/lane-leases.js';
+import { FENCE_MS, laneKey, VOID_AFTER_MS, voidNumbers } from '../src/store/dynamodb/lane-leases.js';
 import { tableNames } from '../src/store/dynamodb/tables.js';
 import type { LaneHeld, LaneHold } from '../src/store/store.js';
 import { storePerTest } from './support/dynamodb-store-per-test.js';
@@ -153,7 +153,7 @@ describe('reading a lane', () => {
 });
 
 describe('re-queueing a lane', () => {
-  it('lowers the watermark under the dead letters, and a holder reads again from there', async () => {
+  it('fences the lane while it re-queues: the holder loses it and nobody takes it until the re-activation is written, then it is read from the lowered watermark', async () => {
     await accept(3);
     await store.recordDeliveries([
       { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: NOW },
@@ -167,21 +167,50 @@ describe('re-queueing a lane', () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     expect(a).toEqual({ through: 3, epoch: 0 });
     expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
-    // The re-queue's epoch keeps A from writing watermark 3 again: it reads from 1.
-    const again = await leases().release('s1', 'A', hold(a), 3, NOW + 60_000);
-    // (Two epochs: one before the rows are reset, one with the lowered watermark.)
-    expect(again).toEqual({ through: 1, epoch: 2 });
-    const read = await leases().read('s1', hold(again).through, 10, NOW);
+    // A's renew learns that a re-queue took the lane; its release finds it gone; B cannot take it.
+    const fenced = { heldUntil: NOW + FENCE_MS, requeuing: true };
+    expect(await leases().renew('s1', 'A', hold(a), 3, NOW + 60_000)).toEqual(fenced);
+    expect(await leases().release('s1', 'A', hold(a), 3, NOW + 60_000)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual(fenced);
+    // Written: B takes it, three epochs on (the fence, the lowered watermark, the fence lifted), from 1.
+    await store.requeueSettled('s1');
+    const b = await leases().take('s1', 'B', NOW + 2_000, NOW + 60_000);
+    expect(b).toEqual({ through: 1, epoch: 3 });
+    const read = await leases().read('s1', hold(b).through, 10, NOW);
     expect(read.notes.map((n) => n.eventNumber)).toEqual([2]);
     expect(read.through).toBe(1);
-    // A renew answers the same to a holder that had not read it yet.
-    const b = await leases().take('s1', 'B', NOW + 70_000, NOW + 90_000);
-    expect(b).toEqual({ through: 1, epoch: 2 });
+    // Again while B holds it: B's renew learns it the same way.
     await store.recordDeliveries([
       { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
     ]);
+    expect(await store.requeueDeadLetters('s1', NOW + 3_000)).toBe(1);
+    expect(await leases().renew('s1', 'B', hold(b), 3, NOW + 95_000)).toEqual({
+      heldUntil: NOW + 3_000 + FENCE_MS,
+      requeuing: true,
+    });
+    await store.requeueSettled('s1');
+    // (Settled twice, as a retried re-activation may: nothing more moves.)
+    await store.requeueSettled('s1');
+    expect(await leases().take('s1', 'B', NOW + 4_000, NOW + 95_000)).toEqual({ through: 1, epoch: 6 });
+  });
+
+  it('a fence whose re-activation never said it was written runs out after FENCE_MS', async () => {
+    await accept(1);
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
+    ]);
+    // No lane was ever held: the fence is made all the same, so none starts meanwhile.
     expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
-    expect(await leases().renew('s1', 'B', hold(b), 3, NOW + 95_000)).toEqual({ through: 1, epoch: 4 });
+    expect(await leases().take('s1', 'A', NOW + FENCE_MS - 1, NOW + FENCE_MS + 60_000)).toEqual({
+      heldUntil: NOW + FENCE_MS,
+      requeuing: true,
+    });
+    // (Two epochs: the fence, and the re-queue's own once its rows were reset.)
+    expect(await leases().take('s1', 'A', NOW + FENCE_MS + 1, NOW + FENCE_MS + 60_000)).toEqual({
+      through: 0,
+      epoch: 2,
+    });
+    expect((await leases().read('s1', 0, 10, NOW)).notes.map((n) => n.eventNumber)).toEqual([1]);
   });
 
   it('a holder that lets go without keeping, after a re-queue, leaves the lowered watermark', async () => {
@@ -193,7 +222,8 @@ describe('re-queueing a lane', () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     await store.requeueDeadLetters('s1', NOW);
     expect(await leases().release('s1', 'A', hold(a), 2)).toBeUndefined();
-    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 0, epoch: 2 });
+    await store.requeueSettled('s1');
+    expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 0, epoch: 3 });
   });
 
   it("an attempt's failure recorded after a re-queue it began before leaves the re-queue's reset", async () => {
@@ -217,7 +247,8 @@ describe('re-queueing a lane', () => {
       [3, 'pending', 0, RECEIVED],
     ]);
     // At the lane's epoch now, the same outcome is written.
-    const now = hold(await leases().renew('s1', 'A', a, 0, NOW + 60_000));
+    await store.requeueSettled('s1');
+    const now = hold(await leases().take('s1', 'A', NOW + 2_000, NOW + 60_000));
     await store.recordDeliveries([
       { subscriptionId: 's1', eventNumber: 3, state: 'pending', attempts: 1, dueAt: NOW + 9_000, laneEpoch: now.epoch },
     ]);

@@ -77,6 +77,10 @@ class Lane {
   heldUntil = 0;
   /** Re-queued here: the lease's watermark moved, renew it (and read again) before sending. */
   recheck = false;
+  /** The re-queue epoch of the lease when this instance last took or renewed it (none yet: 0). */
+  epochSeen: number | undefined;
+  /** The last renew found the lease taken by a re-queue under way (`#sameEpoch` reads it). */
+  requeuedAway = false;
   /** Under a lease, the last read stopped below a missing number that may be voided from then on (clock ms). */
   voidableAt: number | undefined;
   /** `#wake` found the lane running (a leased lane letting go checks it: the wake must not be lost). */
@@ -622,22 +626,33 @@ export class Dispatcher {
     if (held === undefined) {
       const hold = await leases.take(id, this.#holder, now, now + LEASE_MS);
       if (!('through' in hold)) {
-        // The holder reads again before it lets go; should it die instead, take over once its lease ran out.
+        // The holder reads again before it lets go; should it die instead, take over once its lease
+        // ran out. (Or a re-queue is under way: whoever re-queued takes it when done.)
         lane.queue = [];
         this.#wakeAt(id, lane, hold.heldUntil + 1000);
         return false;
       }
+      // Re-queued since this instance last held the lane (or ever, if it never did): re-activated,
+      // so the subscription as it is now (a new endpoint, say), not as this instance's cache has it.
+      const requeued = hold.epoch !== (lane.epochSeen ?? 0);
       this.#adopt(lane, hold, now);
+      if (requeued) await this.#registry.refresh([id]);
       return true;
     }
     if (!lane.recheck && lane.heldUntil - now > LEASE_MS - RENEW_AFTER_MS) return true;
     lane.recheck = false;
     await this.#states.flush();
     const hold = await leases.renew(id, this.#holder, held, lane.done, now + LEASE_MS);
-    if (hold === undefined) {
-      // Ran out and taken by another instance: it sends from here on.
+    if (hold === undefined || !('through' in hold)) {
+      // Ran out and taken by another instance: it sends from here on. Or taken by a re-queue (a
+      // re-activation, perhaps in another instance): whoever re-queued sends once the subscription
+      // is written; woken in case it died before.
       lane.hold = undefined;
       lane.queue = [];
+      if (hold?.requeuing === true) {
+        lane.requeuedAway = true;
+        this.#wakeAt(id, lane, hold.heldUntil + 1000);
+      }
       return false;
     }
     await this.#stillHeld(id, lane, held, hold, now);
@@ -661,16 +676,17 @@ export class Dispatcher {
   }
 
   /**
-   * Under a lease: still at re-queue epoch `epoch` (renewed to find out), or lost, or the renew
-   * failed (nothing learnt: the failure is recorded all the same, and the store's epoch condition
-   * keeps it from undoing a re-queue).
+   * Under a lease: still at re-queue epoch `epoch` (renewed to find out), or lost (but not to a
+   * re-queue), or the renew failed (nothing learnt: the failure is recorded all the same, and the
+   * store's epoch condition keeps it from undoing a re-queue).
    */
   async #sameEpoch(id: string, lane: Lane, epoch: number): Promise<boolean> {
     const leases = this.#leases;
     if (leases === undefined || lane.hold === undefined) return true;
     lane.recheck = true;
+    lane.requeuedAway = false;
     try {
-      if (!(await this.#holdLane(id, lane, leases))) return true;
+      if (!(await this.#holdLane(id, lane, leases))) return !lane.requeuedAway;
     } catch (err) {
       this.#logger.warn('dispatcher lane lease not renewed; recording the failed attempt', {
         subscription: id,
@@ -684,6 +700,7 @@ export class Dispatcher {
   /** A lease taken, or found re-queued: the lane starts over from its watermark. */
   #adopt(lane: Lane, hold: LaneHold, now: number): void {
     lane.hold = hold;
+    lane.epochSeen = hold.epoch;
     lane.heldUntil = now + LEASE_MS;
     lane.done = hold.through;
     lane.queue = [];
@@ -811,7 +828,9 @@ export class Dispatcher {
     lane.backlog = true;
     lane.generation++;
     if (this.#leases !== undefined) {
-      // The store lowered the lease's watermark: renew it (which finds that) before the next run.
+      // The store fenced the lease (it holds none now, this instance's included) and lowered its
+      // watermark: the next run takes it afresh, at the re-queue's epoch.
+      lane.hold = undefined;
       lane.recheck = true;
     } else {
       lane.queuedThrough = 0;

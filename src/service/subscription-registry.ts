@@ -289,8 +289,17 @@ export class SubscriptionRegistry {
           updatedAt: current.updatedAt,
         });
       } finally {
-        // Also when the change was not written (the re-queue may have been): the lane reads again.
-        if (reactivating) this.#listener?.onRequeued(id);
+        // Also when the change was not written (the re-queue may have been): the lane reads again,
+        // in every instance once the store lets lanes go on (a failure to say so: its fence runs out).
+        if (reactivating) {
+          await this.#store.requeueSettled?.(id).catch((err: unknown) =>
+            this.#logger.error('re-queue not settled; its lanes wait for the fence to run out', {
+              subscription: id,
+              err: err as Error,
+            }),
+          );
+          this.#listener?.onRequeued(id);
+        }
       }
       if (stored === undefined) {
         if (attempt < UPDATE_ATTEMPTS) continue;

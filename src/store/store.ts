@@ -80,9 +80,15 @@ export interface LaneRead {
   readonly voidableAt?: number;
 }
 
-/** `LaneLeases.take` when another instance holds the lane: until when, unless it renews or lets go. */
+/**
+ * `LaneLeases.take` when another instance holds the lane: until when, unless it renews or lets go.
+ * With `requeuing`, nobody holds it: a re-queue (a re-activation) is under way, and the lane waits
+ * until the re-activated subscription is written (`Store.requeueSettled`) or, should the instance
+ * re-queueing die first, until `heldUntil`.
+ */
 export interface LaneHeld {
   readonly heldUntil: number;
+  readonly requeuing?: true;
 }
 
 /**
@@ -115,7 +121,8 @@ export interface LaneLeases {
   ): Promise<LaneHold | undefined>;
   /**
    * Extends a held lease to `until` and stores `through`. Undefined: lost (it ran out and another
-   * took it). A hold with another epoch: re-queued meanwhile, read again from its watermark.
+   * took it). `LaneHeld` with `requeuing`: lost to a re-queue under way (the attempt on the wire is
+   * one it starts over). A hold with another epoch: re-queued meanwhile, read again from its watermark.
    */
   renew(
     subscriptionId: string,
@@ -123,7 +130,7 @@ export interface LaneLeases {
     hold: LaneHold,
     through: number,
     until: number,
-  ): Promise<LaneHold | undefined>;
+  ): Promise<LaneHold | LaneHeld | undefined>;
   /** A consistent read of up to `limit` pending notifications above `through` (see LaneRead). */
   read(subscriptionId: string, through: number, limit: number, now: number): Promise<LaneRead>;
 }
@@ -205,6 +212,13 @@ export interface Store {
    * they are. Returns how many dead letters were re-queued.
    */
   requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number>;
+  /**
+   * A store shared by instances: the re-activation that called `requeueDeadLetters` has written
+   * (or failed to write) the subscription. Until then no instance sends the subscription's
+   * notifications: one that read the subscription between the re-queue and its write would send
+   * the re-queued ones to the endpoint the client just moved away from.
+   */
+  requeueSettled?(subscriptionId: string): Promise<void>;
   /**
    * Forget what is older than `before` (epoch ms): delivered and dead-lettered notifications
    * (the `$events` retention window) and seen event ids (the deduplication window). Pending

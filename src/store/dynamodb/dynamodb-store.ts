@@ -27,7 +27,7 @@ import {
   toSubscriptionItem,
   unchangedSince,
 } from './items.js';
-import { DynamoDbLaneLeases, lowerLane, moveLaneEpoch, sameLaneEpoch } from './lane-leases.js';
+import { DynamoDbLaneLeases, fenceLane, lowerLane, sameLaneEpoch, unfenceLane } from './lane-leases.js';
 import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
@@ -454,10 +454,15 @@ export class DynamoDbStore implements Store {
    * letter or pending retry: each is reset only if it is still what the query read, so an outcome
    * recorded meanwhile (a delivery, a dead letter) is not undone.
    */
+  async requeueSettled(subscriptionId: string): Promise<void> {
+    await unfenceLane(this.#client, this.#tables.notifications, subscriptionId);
+  }
+
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
-    // First a new epoch: an attempt's failure settling from here on (in any instance) leaves the
-    // rows as this re-queue leaves them (see DeliveryUpdate.laneEpoch).
-    await moveLaneEpoch(this.#client, this.#tables.notifications, subscriptionId);
+    // First a new epoch, and a fence no lane passes until `requeueSettled`: an attempt's failure
+    // settling from here on (in any instance) leaves the rows as this re-queue leaves them (see
+    // DeliveryUpdate.laneEpoch), and nothing is sent before the re-activated subscription is written.
+    await fenceLane(this.#client, this.#tables.notifications, subscriptionId, dueAt);
     // Every dead or pending one: the pending ones never attempted stay as they are, but count for
     // the lane's watermark below (so a re-queue repeated after a failure half-way lowers it again).
     const outstanding = await this.#requests.queryAll({

@@ -18,7 +18,8 @@ import { inBursts } from './requests.js';
  * table at event number 0 (numbers start at 1, so no read of notifications meets it, and deleting
  * a subscription's notifications deletes it too): every function that delivers reads and writes
  * that table already. Attributes: `laneHolder` and `laneUntil` (epoch ms) while held,
- * `laneThrough` (the watermark), `laneEpoch` (re-queues), `laneWanted` (another instance asked).
+ * `laneThrough` (the watermark), `laneEpoch` (re-queues), `laneWanted` (another instance asked),
+ * `laneFence` (epoch ms: a re-queue under way since then, see `fenceLane`).
  *
  * A number taken for an acceptance that never wrote its notification (its container died between
  * the two, or a write failed and the event came back under a new number) would hold the lane
@@ -29,6 +30,11 @@ import { inBursts } from './requests.js';
 
 /** Longer than any acceptance takes between taking a number and writing its notification. */
 export const VOID_AFTER_MS = 30_000;
+/**
+ * How long a re-queue's fence holds at most: longer than the API function's 29 s, so it runs out
+ * only when the instance re-queueing died before it wrote the subscription (its lanes wait that long).
+ */
+export const FENCE_MS = 60_000;
 /** The event number of a subscription's lease item. */
 const LANE_NUMBER = 0;
 /** Notifications per page of a lane read. */
@@ -42,7 +48,10 @@ const NAMES = {
   '#through': 'laneThrough',
   '#epoch': 'laneEpoch',
   '#wanted': 'laneWanted',
+  '#fence': 'laneFence',
 };
+/** Not fenced: no re-queue under way (or one whose instance died, its fence older than FENCE_MS). */
+const UNFENCED = '(attribute_not_exists(#fence) OR #fence < :stale)';
 
 export class DynamoDbLaneLeases implements LaneLeases {
   readonly #client: DynamoDBClient;
@@ -62,13 +71,22 @@ export class DynamoDbLaneLeases implements LaneLeases {
         const out = await this.#update(subscriptionId, {
           UpdateExpression:
             'SET #holder = :me, #until = :until, #through = if_not_exists(#through, :zero), #epoch = if_not_exists(#epoch, :zero) REMOVE #wanted',
-          ConditionExpression: 'attribute_not_exists(#holder) OR #holder = :me OR #until < :now',
-          ExpressionAttributeValues: { ':me': S(holder), ':until': N(until), ':zero': N(0), ':now': N(now) },
+          ConditionExpression: `(attribute_not_exists(#holder) OR #holder = :me OR #until < :now) AND ${UNFENCED}`,
+          ExpressionAttributeValues: {
+            ':me': S(holder),
+            ':until': N(until),
+            ':zero': N(0),
+            ':now': N(now),
+            ':stale': N(now - FENCE_MS),
+          },
           ReturnValues: 'ALL_NEW',
+          ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
         });
         return holdOf(out.Attributes ?? {});
       } catch (err) {
         if (!(err instanceof ConditionalCheckFailedException)) throw err;
+        const fenced = requeuing(err.Item, now);
+        if (fenced !== undefined) return fenced;
       }
       // Held elsewhere: the holder reads the lane again before it lets go (see `release`).
       try {
@@ -115,13 +133,15 @@ export class DynamoDbLaneLeases implements LaneLeases {
       await this.#free(subscriptionId, holder);
       return undefined;
     }
-    return this.#keep(
+    const kept = await this.#keep(
       subscriptionId,
       holder,
       current,
       current.epoch === hold.epoch ? through : current.through,
       keepUntil,
     );
+    // Fenced by a re-queue in between: let go (whoever re-queued takes it when done).
+    return kept !== undefined && 'through' in kept ? kept : undefined;
   }
 
   async renew(
@@ -130,7 +150,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
     hold: LaneHold,
     through: number,
     until: number,
-  ): Promise<LaneHold | undefined> {
+  ): Promise<LaneHold | LaneHeld | undefined> {
     try {
       await this.#update(subscriptionId, {
         UpdateExpression: 'SET #through = :through, #until = :until',
@@ -147,7 +167,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
     } catch (err) {
       if (!(err instanceof ConditionalCheckFailedException)) throw err;
       const old = err.Item;
-      if (old === undefined || old.laneHolder?.S !== holder) return undefined;
+      if (old === undefined || old.laneHolder?.S !== holder) return requeuing(old);
       // Re-queued: still ours, from the lowered watermark.
       const current = holdOf(old);
       return this.#keep(subscriptionId, holder, current, current.through, until);
@@ -161,7 +181,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
     current: LaneHold,
     through: number,
     until: number,
-  ): Promise<LaneHold | undefined> {
+  ): Promise<LaneHold | LaneHeld | undefined> {
     try {
       await this.#update(subscriptionId, {
         UpdateExpression: 'SET #through = :through, #until = :until REMOVE #wanted',
@@ -172,13 +192,14 @@ export class DynamoDbLaneLeases implements LaneLeases {
           ':me': S(holder),
           ':epoch': N(current.epoch),
         },
+        ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
       });
       return { through, epoch: current.epoch };
     } catch (err) {
       if (!(err instanceof ConditionalCheckFailedException)) throw err;
       // Re-queued again (or lost) in between: let it go, if still ours, for a later take to read afresh.
       await this.#free(subscriptionId, holder);
-      return undefined;
+      return requeuing(err.Item);
     }
   }
 
@@ -325,19 +346,54 @@ export async function lowerLane(
   } catch (err) {
     if (!(err instanceof ConditionalCheckFailedException)) throw err;
   }
-  await moveLaneEpoch(client, table, subscriptionId);
+  await send('ADD #epoch :one', 'attribute_exists(#through)', { ':one': N(1) }).catch(ignoreCondition);
 }
 
-/** A new re-queue epoch for the lane, if it has a lease item (no lease item: no lane was ever held). */
-export async function moveLaneEpoch(client: DynamoDBClient, table: string, subscriptionId: string): Promise<void> {
+/**
+ * Before a re-queue: a new epoch, and a fence that takes the lease from whoever holds it and lets
+ * no instance take it until `unfenceLane` (or FENCE_MS): the holder's next renew learns that a
+ * re-queue is under way (its attempt on the wire is one the re-queue starts over) and stops, rather
+ * than read the lane again while the re-activated subscription is not yet written and send the
+ * re-queued notifications to the endpoint the client is moving away from. Made also without a
+ * lease item (none was ever held), so that no lane starts meanwhile.
+ */
+export async function fenceLane(
+  client: DynamoDBClient,
+  table: string,
+  subscriptionId: string,
+  now: number,
+): Promise<void> {
+  await client.send(
+    new UpdateItemCommand({
+      TableName: table,
+      Key: laneKey(subscriptionId),
+      UpdateExpression:
+        'SET #fence = :now, #through = if_not_exists(#through, :zero) ADD #epoch :one REMOVE #holder, #until',
+      ExpressionAttributeNames: {
+        '#fence': 'laneFence',
+        '#through': 'laneThrough',
+        '#epoch': 'laneEpoch',
+        '#holder': 'laneHolder',
+        '#until': 'laneUntil',
+      },
+      ExpressionAttributeValues: { ':now': N(now), ':zero': N(0), ':one': N(1) },
+    }),
+  );
+}
+
+/**
+ * The re-activated subscription is written (or its write failed): the lane may be taken again, at
+ * a new epoch, so that an instance that took it after a stale fence reads the subscription afresh.
+ */
+export async function unfenceLane(client: DynamoDBClient, table: string, subscriptionId: string): Promise<void> {
   await client
     .send(
       new UpdateItemCommand({
         TableName: table,
         Key: laneKey(subscriptionId),
-        UpdateExpression: 'ADD #epoch :one',
-        ConditionExpression: 'attribute_exists(#through)',
-        ExpressionAttributeNames: { '#through': 'laneThrough', '#epoch': 'laneEpoch' },
+        UpdateExpression: 'REMOVE #fence ADD #epoch :one',
+        ConditionExpression: 'attribute_exists(#fence)',
+        ExpressionAttributeNames: { '#fence': 'laneFence', '#epoch': 'laneEpoch' },
         ExpressionAttributeValues: { ':one': N(1) },
       }),
     )
@@ -353,6 +409,17 @@ export function sameLaneEpoch(table: string, subscriptionId: string, epoch: numb
     ExpressionAttributeNames: { '#epoch': 'laneEpoch' },
     ExpressionAttributeValues: { ':epoch': N(epoch) },
   };
+}
+
+/**
+ * The lease item `item` (as a failed condition returned it) is fenced by a re-queue: until when.
+ * With `now` (a take), undefined once the fence has run out; a holder that lost its lease to one
+ * (a renew) stops either way, and is woken when it runs out.
+ */
+function requeuing(item: Item | undefined, now?: number): LaneHeld | undefined {
+  if (item?.laneFence === undefined) return undefined;
+  const heldUntil = readNumber(item, 'laneFence') + FENCE_MS;
+  return now === undefined || heldUntil > now ? { heldUntil, requeuing: true } : undefined;
 }
 
 function holdOf(item: Item): LaneHold {
