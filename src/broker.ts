@@ -59,10 +59,16 @@ export interface Broker {
    */
   refreshSubscriptions(maxAgeMs: number): Promise<void>;
   /**
-   * Replace the API clients (a key revoked in the secret, another added): from now on requests and
-   * binds of only these authenticate. For instances whose credentials live outside (AWS).
+   * Replace the credentials as the operator changed them (AWS: the secret, read again): from now on
+   * requests and binds of only these API clients authenticate, only this ingest token (and, when no
+   * BROKER_METRICS_TOKEN is set, for `/metrics` too), and binding tokens are signed with this key
+   * (those signed with the one before still bind for BROKER_WS_TOKEN_TTL, their lifetime).
    */
-  setApiClients(clients: readonly ApiClient[]): void;
+  setCredentials(credentials: {
+    readonly apiClients: readonly ApiClient[];
+    readonly ingestToken: string;
+    readonly wsTokenSecret: string;
+  }): void;
   /**
    * Hand over every lifecycle event published so far (EventBridge PutEvents). A Lambda handler
    * awaits it before returning: the container freezes then, and an event still queued would wait
@@ -250,9 +256,12 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       await registry.reload();
       loadedAt = clock.now();
     },
-    setApiClients(clients: readonly ApiClient[]) {
-      apiAuth.replace(clients);
-      clientIds = new Set(clients.map((c) => c.clientId));
+    setCredentials(next) {
+      apiAuth.replace(next.apiClients);
+      clientIds = new Set(next.apiClients.map((c) => c.clientId));
+      ingestAuth.replace(next.ingestToken);
+      if (config.metricsToken === undefined) metricsAuth.replace(next.ingestToken);
+      bindingTokens.rotate(next.wsTokenSecret, clock.now(), config.wsTokenTtlMs);
     },
     async close(graceMs = 5000) {
       websocketHub.closeAll();

@@ -388,14 +388,15 @@ describe('Lambda handlers on DynamoDB Local', () => {
     }
   });
 
-  it('reads the API keys from the secret again every 5 minutes: a key removed there stops working in warm containers', async () => {
+  it('reads the credentials from the secret again every 5 minutes: a key removed there stops working in warm containers', async () => {
     const secrets = await SecretsManagerDouble.start();
     try {
       const arn = 'arn:aws:secretsmanager:us-east-1:123456789012:secret:broker-credentials';
-      const keys = (apiKeys: string) => ({
+      const ROTATED_INGEST = 'rotated-ingest-token-0123456789abcdef';
+      const keys = (apiKeys: string, rotated = false) => ({
         apiKeys,
-        ingestToken: LAMBDA_TOKENS.ingest,
-        wsTokenSecret: 'lambda-ws-secret-0123456789abcdefghijkl',
+        ingestToken: rotated ? ROTATED_INGEST : LAMBDA_TOKENS.ingest,
+        wsTokenSecret: rotated ? 'rotated-ws-secret-0123456789abcdefghijkl' : 'lambda-ws-secret-0123456789abcdefghijkl',
       });
       const BOB = 'bob-token-0123456789abcdef';
       secrets.secret = keys(`alice:${ALICE},bob:${BOB}`);
@@ -421,27 +422,57 @@ describe('Lambda handlers on DynamoDB Local', () => {
             wsEvent(`key-${randomUUID()}`, '$connect', { headers: { Authorization: `Bearer ${token}` } }),
           )
         ).statusCode;
+      const call = async (method: string, path: string, token: string, body?: Json) => {
+        const event = httpApiEvent(method, path, { token, ...(body === undefined ? {} : { body }) });
+        const res = await warm.api(event as unknown as Parameters<Handlers['api']>[0], context);
+        const text = 'body' in res && typeof res.body === 'string' ? res.body : '';
+        return { status: res.statusCode, body: (text === '' ? {} : JSON.parse(text)) as Json };
+      };
+      const bindingToken = async (id: string) => {
+        const params = (await call('POST', `/fhir/Subscription/${id}/$get-ws-binding-token`, BOB)).body;
+        return ((params.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString as string;
+      };
+      const bind = async (token: string) => {
+        const conn = `rot-${randomUUID()}`;
+        management.live.add(conn);
+        await warm.connect(wsEvent(conn, '$connect'));
+        await warm.message(wsEvent(conn, '$default', { body: `bind-with-token ${token}` }));
+        return management.posted(conn).map((b) => statusOf(JSON.parse(b) as Json).params.get('type')?.valueCode);
+      };
       // The container started with alice's key (from its config); the operator removes it.
       expect(await search(ALICE)).toBe(200);
       secrets.secret = keys(`bob:${BOB}`);
       now += 4 * 60_000;
       expect(await search(ALICE)).toBe(200);
       expect(secrets.reads).toEqual([]);
-      // Five minutes after it last read them, the next request reads the keys again.
+      // Five minutes after it last read them, the next request reads the credentials again.
       now += 61_000;
       expect(await search(ALICE)).toBe(401);
       expect(await connect(ALICE)).toBe(401);
       expect(await search(BOB)).toBe(200);
       expect(await connect(BOB)).toBe(200);
       expect(secrets.reads).toEqual([arn]);
+      // Then it rotates the ingest token and the binding-token key.
+      const sub = await call('POST', '/fhir/Subscription', BOB, websocketSubscription('rotation-p'));
+      expect(sub.status).toBe(201);
+      const tokenBefore = await bindingToken(sub.body.id as string);
+      const ingestEvent = eventLike('healthlake-update-patient', `rot-${randomUUID()}`, 'rotation-p') as Json;
+      secrets.secret = keys(`bob:${BOB}`, true);
+      now += 5 * 60_000 + 1;
+      expect((await call('POST', '/events', LAMBDA_TOKENS.ingest, ingestEvent)).status).toBe(401);
+      expect(secrets.reads).toEqual([arn, arn]);
+      expect((await call('POST', '/events', ROTATED_INGEST, ingestEvent)).status).toBe(202);
+      // A binding token fetched before the rotation still binds (within its lifetime), as do new ones.
+      expect(await bind(tokenBefore)).toEqual(['handshake']);
+      expect(await bind(await bindingToken(sub.body.id as string))).toEqual(['handshake']);
       // A read that fails keeps the keys it has (and is tried again five minutes later).
       secrets.failing = true;
       now += 5 * 60_000 + 1;
       expect(await search(BOB)).toBe(200);
-      expect(secrets.reads).toEqual([arn, arn]);
-      expect(logger.records.some((r) => r.msg === 'could not read the API keys again; keeping those read before')).toBe(
-        true,
-      );
+      expect(secrets.reads).toEqual([arn, arn, arn]);
+      expect(
+        logger.records.some((r) => r.msg === 'could not read the credentials again; keeping those read before'),
+      ).toBe(true);
     } finally {
       await secrets.close();
     }

@@ -19,12 +19,13 @@ import { ApiGatewayWebSocketPort } from './apigw-websocket-port.js';
 export interface AwsBroker extends Broker {
   readonly bindings: DynamoDbBindings;
   /**
-   * Reads the API keys from the credentials secret again once the last read is `maxAgeMs` old (no
-   * secret configured: nothing to do). A warm container kept the keys it started with, so a key
-   * removed from the secret went on working until every container was recycled. A failed read
-   * keeps the keys it has (logged), and is tried again after `maxAgeMs`.
+   * Reads the credentials secret again once the last read is `maxAgeMs` old (no secret configured:
+   * nothing to do): the API keys, the ingest token and the binding-token key (see
+   * `Broker.setCredentials`). A warm container kept those it started with, so a key removed from
+   * the secret went on working until every container was recycled. A failed read keeps what it has
+   * (logged), and is tried again after `maxAgeMs`.
    */
-  refreshApiKeys(maxAgeMs: number): Promise<void>;
+  refreshCredentials(maxAgeMs: number): Promise<void>;
 }
 
 /** The Secrets Manager secret: `{"apiKeys": "client:token,...", "ingestToken": "...", "wsTokenSecret": "..."}`. */
@@ -126,9 +127,15 @@ export async function createAwsBroker(
   const readKeys = async (arn: string, client: SecretsManagerClient): Promise<void> => {
     try {
       // Checked as at start-up (entries, lengths, no key equal to an operator token).
-      broker.setApiClients(configFrom(await secretEnv(arn, client)).apiClients);
+      const next = configFrom(await secretEnv(arn, client));
+      broker.setCredentials({
+        apiClients: next.apiClients,
+        // (secretEnv refuses a secret without them.)
+        ingestToken: next.ingestToken as string,
+        wsTokenSecret: next.wsTokenSecret as string,
+      });
     } catch (err) {
-      logger.warn('could not read the API keys again; keeping those read before', { err: err as Error });
+      logger.warn('could not read the credentials again; keeping those read before', { err: err as Error });
     } finally {
       keysReadAt = clock.now();
       reading = undefined;
@@ -137,7 +144,7 @@ export async function createAwsBroker(
   return {
     ...broker,
     bindings,
-    async refreshApiKeys(maxAgeMs: number) {
+    async refreshCredentials(maxAgeMs: number) {
       if (secretArn === undefined || clock.now() - keysReadAt < maxAgeMs) return;
       secrets ??= new SecretsManagerClient({ region: config.awsRegion });
       reading ??= readKeys(secretArn, secrets);

@@ -16,11 +16,11 @@ import type { AwsBroker } from './aws-broker.js';
  */
 const SUBSCRIPTION_CACHE_MS = 5_000;
 /**
- * The API keys are read from the credentials secret again when the copy is older than this: a key
- * removed from the secret stops working everywhere within it. A read per warm container at most
- * every 5 minutes (Secrets Manager bills per read).
+ * The credentials secret (API keys, ingest token, binding-token key) is read again when the copy
+ * is older than this: a key removed from the secret stops working everywhere within it. A read per
+ * warm container at most every 5 minutes (Secrets Manager bills per read).
  */
-const API_KEYS_CACHE_MS = 5 * 60_000;
+const CREDENTIALS_CACHE_MS = 5 * 60_000;
 /**
  * How long an invocation's attempts (deliveries, handshakes, heartbeats) may take, counted from when
  * its broker is ready: one not answered by then is recorded as failed and retried by the scheduled
@@ -85,10 +85,10 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
   const report = (broker: AwsBroker, role: string): void => {
     for (const line of broker.metrics.emf({ Function: role }, Date.now())) emit(line);
   };
-  /** The broker with API keys no older than API_KEYS_CACHE_MS: for the paths that authenticate clients. */
+  /** The broker with credentials no older than CREDENTIALS_CACHE_MS: for the paths that authenticate clients. */
   const withKeys = async (): Promise<AwsBroker> => {
     const broker = await brokerPromise;
-    await broker.refreshApiKeys(API_KEYS_CACHE_MS);
+    await broker.refreshCredentials(CREDENTIALS_CACHE_MS);
     return broker;
   };
   const ready = async (): Promise<AwsBroker> => {

@@ -24,3 +24,22 @@ it('refuses an expired, a tampered and a foreign token', () => {
   expect(() => tokens.verify(`${token.slice(0, -4)}AAAA`, NOW)).toThrow('invalid token');
   expect(() => new BindingTokens('x'.repeat(40)).verify(token, NOW)).toThrow('invalid token');
 });
+
+it('after a rotation signs with the new key, and binds tokens of the old one for the grace period only', () => {
+  const rotating = new BindingTokens('k'.repeat(40));
+  const before = rotating.issue(claims);
+  // The same key again changes nothing.
+  rotating.rotate('k'.repeat(40), NOW, 30_000);
+  expect(rotating.verify(before, NOW + 40_000)).toEqual(claims);
+  rotating.rotate('n'.repeat(40), NOW, 30_000);
+  const after = rotating.issue(claims);
+  expect(new BindingTokens('n'.repeat(40)).verify(after, NOW)).toEqual(claims);
+  expect(() => new BindingTokens('k'.repeat(40)).verify(after, NOW)).toThrow('invalid token');
+  expect(rotating.verify(before, NOW + 29_999)).toEqual(claims);
+  expect(() => rotating.verify(before, NOW + 30_000)).toThrow('invalid token');
+  // A second rotation forgets the first key at once.
+  rotating.rotate('m'.repeat(40), NOW + 1_000, 30_000);
+  expect(() => rotating.verify(before, NOW + 2_000)).toThrow('invalid token');
+  expect(rotating.verify(after, NOW + 2_000)).toEqual(claims);
+  expect(() => rotating.rotate('short', NOW, 30_000)).toThrow('at least 32 characters');
+});

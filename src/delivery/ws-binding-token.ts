@@ -23,11 +23,24 @@ export class BindingTokenError extends Error {
 const VERSION = 'v1';
 
 export class BindingTokens {
-  readonly #key: Buffer;
+  #key: Buffer;
+  /** The key before the last rotation, and until when (epoch ms) the tokens it signed still bind. */
+  #previous: { readonly key: Buffer; readonly until: number } | undefined;
 
   constructor(key: string) {
-    if (key.length < 32) throw new TypeError('the binding-token key must be at least 32 characters');
-    this.#key = Buffer.from(key, 'utf8');
+    this.#key = keyOf(key);
+  }
+
+  /**
+   * Signs with `key` from now on (the operator rotated the secret; the same key again changes
+   * nothing). Tokens signed with the key before still bind until `nowMs + graceMs` (their lifetime
+   * at most), so a client that fetched one just before the rotation is not refused.
+   */
+  rotate(key: string, nowMs: number, graceMs: number): void {
+    const next = keyOf(key);
+    if (next.equals(this.#key)) return;
+    this.#previous = { key: this.#key, until: nowMs + graceMs };
+    this.#key = next;
   }
 
   issue(claims: BindingClaims): string {
@@ -49,9 +62,13 @@ export class BindingTokens {
     const [version, body, mac] = parts;
     if (parts.length !== 3 || version !== VERSION || body === undefined || mac === undefined)
       throw new BindingTokenError('malformed token');
-    const expected = Buffer.from(this.#mac(body));
     const given = Buffer.from(mac);
-    if (expected.length !== given.length || !timingSafeEqual(expected, given))
+    const signedWith = (key: Buffer): boolean => {
+      const expected = Buffer.from(this.#mac(body, key));
+      return expected.length === given.length && timingSafeEqual(expected, given);
+    };
+    const previous = this.#previous;
+    if (!signedWith(this.#key) && !(previous !== undefined && nowMs < previous.until && signedWith(previous.key)))
       throw new BindingTokenError('invalid token');
     let parsed: { o?: unknown; s?: unknown; e?: unknown };
     try {
@@ -67,7 +84,12 @@ export class BindingTokens {
     return { owner: o, subscriptions: s as string[], expiresAt: e };
   }
 
-  #mac(body: string): string {
-    return createHmac('sha256', this.#key).update(`${VERSION}.${body}`).digest('base64url');
+  #mac(body: string, key = this.#key): string {
+    return createHmac('sha256', key).update(`${VERSION}.${body}`).digest('base64url');
   }
+}
+
+function keyOf(key: string): Buffer {
+  if (key.length < 32) throw new TypeError('the binding-token key must be at least 32 characters');
+  return Buffer.from(key, 'utf8');
 }

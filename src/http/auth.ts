@@ -46,13 +46,18 @@ export class ApiKeyAuth {
 }
 
 export class IngestAuth {
-  readonly #digest: Buffer;
+  #digest: Buffer;
   readonly #hint: string;
 
   /** `hint`: what the 401 tells the caller to send. */
   constructor(token: string, hint = 'Send Authorization: Bearer <ingest token> (BROKER_INGEST_TOKEN)') {
     this.#digest = digest(token);
     this.#hint = hint;
+  }
+
+  /** From now on only `token` authenticates (the operator rotated it). */
+  replace(token: string): void {
+    this.#digest = digest(token);
   }
 
   check(header: string | undefined): void {
