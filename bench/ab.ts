@@ -17,7 +17,8 @@ import { type Broker, burst, Receiver, subscribe, withBroker } from './pipeline.
  * VARIANT: `broker`; `env:K=V,K2=V2` (the broker with that environment); `batch` (the broker's
  * threads under SCHED_BATCH, `chrt -a -b`); `maxcount:N` (subscribers with backport-max-count N);
  * `fwd` / `fwdbatch` (bench/forwarder.ts, likewise); `at:DIR` (the broker of another checkout, e.g.
- * `git worktree add /tmp/old <commit>` with `ln -s $PWD/node_modules /tmp/old/`: A/B of two commits).
+ * `git worktree add /tmp/old <commit>` with `ln -s $PWD/node_modules /tmp/old/`: A/B of two commits);
+ * `flags:--a,--b` (the broker with Node flags beyond `npm start`'s).
  */
 
 interface Side {
@@ -51,7 +52,8 @@ async function start(i: number): Promise<void> {
     : variant.startsWith('at:')
       ? `${variant.slice(3)}/src/main.ts`
       : undefined;
-  const options = { env, connections: Number(clients), ...(script === undefined ? {} : { script }) };
+  const nodeFlags = variant.startsWith('flags:') ? variant.slice(6).split(',') : [];
+  const options = { env, connections: Number(clients), nodeFlags, ...(script === undefined ? {} : { script }) };
   await withBroker(dir, options, async (broker, pool) => {
     const pid = broker.child.pid as number;
     if (variant.endsWith('batch')) execFileSync('chrt', ['-a', '-b', '-p', '0', String(pid)]);

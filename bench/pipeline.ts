@@ -216,6 +216,8 @@ export interface StartOptions {
   readonly script?: string;
   /** Start through `bash -c 'ulimit -n N; exec node …'` (the pid is still node's). */
   readonly nofile?: number;
+  /** Node flags beyond `npm start`'s (bench/ab.ts `flags:`). */
+  readonly nodeFlags?: readonly string[];
 }
 
 /** `npm start`'s Node flags: the bench measures the process a user runs, and gives the forwarder the same. */
@@ -235,7 +237,7 @@ export function startBroker(dataDir: string, options: StartOptions = {}): Promis
     ...options.env,
   });
   const nodeArgs = process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
-  const args = [...START_FLAGS, ...nodeArgs, '--import', 'tsx', options.script ?? 'src/main.ts'];
+  const args = [...START_FLAGS, ...(options.nodeFlags ?? []), ...nodeArgs, '--import', 'tsx', options.script ?? 'src/main.ts'];
   const child =
     options.nofile === undefined
       ? spawn(process.execPath, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
