@@ -362,6 +362,12 @@ describe('Lambda containers sharing the tables', () => {
       expect(put.status).toBe(200);
       await receiver.waitFor(() => receiver.on(`/${tag}-new`).length >= 1, 'the new handshake');
       await accepted;
+      // Attempt 2 fails after the re-activation is written and its fence lifted (the holder lost
+      // its lease to the re-queue by then): it must not dead-letter nor turn the subscription to error.
+      await logger.waitFor(
+        (r) => r.msg === 'delivery failed' && r.subscription === id && r.attempt === 2,
+        'attempt 2 failed',
+      );
       receiver.respond = before;
       // The next minute tick sends it, at the latest.
       await createHandlers(container(retrying)).dispatch(60_000);
@@ -370,8 +376,49 @@ describe('Lambda containers sharing the tables', () => {
       expect(arrivedAt(`/${tag}-old`)).toEqual([1, 1]);
       const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
       expect(read.body.status).toBe('active');
+      expect(
+        logger.records.filter((r) => r.subscription === id && r.msg === 'subscription status changed').map((r) => r.to),
+      ).not.toContain('error');
     });
   }
+
+  it('a re-activation while another container drains a backlog leaves one sender at a time, each number once', async () => {
+    const tag = 'ra-drain';
+    const filters = [`Patient?_id=${tag}-p`];
+    const api = createHandlers(container());
+    const sub = topicSubscription('patient-change', `${receiver.url}/${tag}`, { filters });
+    const id = await create(api, sub);
+    await receiver.waitFor(() => receiver.on(`/${tag}`).length === 1, 'the handshake');
+    let inFlight = 0;
+    let maxInFlight = 0;
+    const answer = receiver.respond;
+    receiver.respond = (req) => {
+      if (req.path !== `/${tag}` || !req.body.includes('"event-notification"')) return answer(req);
+      inFlight++;
+      maxInFlight = Math.max(maxInFlight, inFlight);
+      setTimeout(() => inFlight--, 100);
+      return { status: 204, delayMs: 100 };
+    };
+    try {
+      const events = createHandlers(container());
+      const batch = Array.from({ length: 40 }, (_, i) =>
+        eventLike('healthlake-update-patient', `${tag}-${i + 1}`, `${tag}-p`),
+      );
+      const accepted = events.events(batch);
+      await receiver.waitFor(() => arrivedAt(`/${tag}`).length >= 3, 'the events container sending');
+      // The client asks for a new handshake (same endpoint) in the API container meanwhile.
+      expect((await call(api, 'PUT', `/fhir/Subscription/${id}`, { ...sub, id, status: 'requested' })).status).toBe(
+        200,
+      );
+      await accepted;
+      await createHandlers(container()).dispatch(60_000);
+      await receiver.waitFor(() => new Set(arrivedAt(`/${tag}`)).size === 40, 'all 40', 30_000);
+    } finally {
+      receiver.respond = answer;
+    }
+    expect(maxInFlight).toBe(1);
+    expect(arrivedAt(`/${tag}`)).toEqual(Array.from({ length: 40 }, (_, i) => i + 1));
+  });
 
   // The same, with the holder learning of the re-queue in the moment between it and the write of the
   // re-activated subscription (a re-queue of many dead letters takes seconds): it read the

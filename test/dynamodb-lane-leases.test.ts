@@ -153,7 +153,7 @@ describe('reading a lane', () => {
 });
 
 describe('re-queueing a lane', () => {
-  it('fences the lane while it re-queues: the holder loses it and nobody takes it until the re-activation is written, then it is read from the lowered watermark', async () => {
+  it('fences the lane while it re-queues: its holder lets go at its next renew, nobody takes it until the re-activation is written, then it is read from the lowered watermark', async () => {
     await accept(3);
     await store.recordDeliveries([
       { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: NOW },
@@ -167,31 +167,45 @@ describe('re-queueing a lane', () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     expect(a).toEqual({ through: 3, epoch: 0 });
     expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
-    // A's renew learns that a re-queue took the lane; its release finds it gone; B cannot take it.
+    // A still holds it (nobody else can start while A may be sending): B asks in vain.
     const fenced = { heldUntil: NOW + FENCE_MS, requeuing: true };
-    expect(await leases().renew('s1', 'A', hold(a), 3, NOW + 60_000)).toEqual(fenced);
-    expect(await leases().release('s1', 'A', hold(a), 3, NOW + 60_000)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual(fenced);
+    // A's renew learns that a re-queue is under way, and lets go; its release finds it gone.
+    expect(await leases().renew('s1', 'A', hold(a), 3, NOW + 60_000, NOW + 1_000)).toEqual(fenced);
+    expect(await leases().release('s1', 'A', hold(a), 3, NOW + 60_000, NOW + 1_000)).toBeUndefined();
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual(fenced);
+    // Only the re-queue that made the fence lifts it.
+    await store.requeueSettled('s1', NOW + 1);
     expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual(fenced);
     // Written: B takes it, three epochs on (the fence, the lowered watermark, the fence lifted), from 1.
-    await store.requeueSettled('s1');
+    await store.requeueSettled('s1', NOW);
     const b = await leases().take('s1', 'B', NOW + 2_000, NOW + 60_000);
     expect(b).toEqual({ through: 1, epoch: 3 });
     const read = await leases().read('s1', hold(b).through, 10, NOW);
     expect(read.notes.map((n) => n.eventNumber)).toEqual([2]);
     expect(read.through).toBe(1);
-    // Again while B holds it: B's renew learns it the same way.
+    // Again while B holds it, B renewing only once it is written: B goes on from the lowered watermark.
     await store.recordDeliveries([
       { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 3, dueAt: NOW, lastError: 'HTTP 503' },
     ]);
     expect(await store.requeueDeadLetters('s1', NOW + 3_000)).toBe(1);
-    expect(await leases().renew('s1', 'B', hold(b), 3, NOW + 95_000)).toEqual({
-      heldUntil: NOW + 3_000 + FENCE_MS,
+    await store.requeueSettled('s1', NOW + 3_000);
+    // (Settled twice, as a retried re-activation may: nothing more moves.)
+    await store.requeueSettled('s1', NOW + 3_000);
+    expect(await leases().renew('s1', 'B', hold(b), 3, NOW + 95_000, NOW + 4_000)).toEqual({ through: 1, epoch: 6 });
+  });
+
+  it('a holder that lost its lease, then was re-queued, counts its attempt as one the re-queue started over', async () => {
+    await accept(1);
+    const a = hold(await leases().take('s1', 'A', NOW, NOW + 10_000));
+    expect(await leases().take('s1', 'B', NOW + 20_000, NOW + 80_000)).toEqual({ through: 0, epoch: 0 });
+    // Lost, no re-queue: plainly lost.
+    expect(await leases().renew('s1', 'A', a, 0, NOW + 90_000, NOW + 30_000)).toBeUndefined();
+    await store.requeueDeadLetters('s1', NOW + 30_000);
+    expect(await leases().renew('s1', 'A', a, 0, NOW + 90_000, NOW + 31_000)).toEqual({
+      heldUntil: 0,
       requeuing: true,
     });
-    await store.requeueSettled('s1');
-    // (Settled twice, as a retried re-activation may: nothing more moves.)
-    await store.requeueSettled('s1');
-    expect(await leases().take('s1', 'B', NOW + 4_000, NOW + 95_000)).toEqual({ through: 1, epoch: 6 });
   });
 
   it('a fence whose re-activation never said it was written runs out after FENCE_MS', async () => {
@@ -222,7 +236,7 @@ describe('re-queueing a lane', () => {
     const a = await leases().take('s1', 'A', NOW, NOW + 60_000);
     await store.requeueDeadLetters('s1', NOW);
     expect(await leases().release('s1', 'A', hold(a), 2)).toBeUndefined();
-    await store.requeueSettled('s1');
+    await store.requeueSettled('s1', NOW);
     expect(await leases().take('s1', 'B', NOW, NOW + 60_000)).toEqual({ through: 0, epoch: 3 });
   });
 
@@ -247,7 +261,7 @@ describe('re-queueing a lane', () => {
       [3, 'pending', 0, RECEIVED],
     ]);
     // At the lane's epoch now, the same outcome is written.
-    await store.requeueSettled('s1');
+    await store.requeueSettled('s1', NOW + 1_000);
     const now = hold(await leases().take('s1', 'A', NOW + 2_000, NOW + 60_000));
     await store.recordDeliveries([
       { subscriptionId: 's1', eventNumber: 3, state: 'pending', attempts: 1, dueAt: NOW + 9_000, laneEpoch: now.epoch },

@@ -79,8 +79,10 @@ class Lane {
   recheck = false;
   /** The re-queue epoch of the lease when this instance last took or renewed it (none yet: 0). */
   epochSeen: number | undefined;
-  /** The last renew found the lease taken by a re-queue under way (`#sameEpoch` reads it). */
+  /** The last renew found the lane re-queued, and let the lease go (`#sameEpoch` reads it). */
   requeuedAway = false;
+  /** Re-queued by this instance (a re-activation here), and not taken since. */
+  requeuedHere = false;
   /** Under a lease, the last read stopped below a missing number that may be voided from then on (clock ms). */
   voidableAt: number | undefined;
   /** `#wake` found the lane running (a leased lane letting go checks it: the wake must not be lost). */
@@ -124,6 +126,11 @@ const PURGE_MIN_GAP_MS = PURGE_INTERVAL_MS - 60 * 1000;
 
 // 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
 const DEFAULT_TIMEOUT_MS = 10_000;
+/**
+ * A lane re-queued here that finds its lease held elsewhere asks again after this, not only when
+ * that lease runs out (90 s): the holder may let go without reading again.
+ */
+const REQUEUED_RECHECK_MS = 5_000;
 /** Requests handed to the sender per connection to an origin: one on the wire, one waiting behind it. */
 const HANDOVER_PER_CONNECTION = 2;
 /**
@@ -627,9 +634,12 @@ export class Dispatcher {
       const hold = await leases.take(id, this.#holder, now, now + LEASE_MS);
       if (!('through' in hold)) {
         // The holder reads again before it lets go; should it die instead, take over once its lease
-        // ran out. (Or a re-queue is under way: whoever re-queued takes it when done.)
+        // ran out. (Or a re-queue is under way: whoever re-queued takes it when done.) Re-queued
+        // here: the holder may let go without reading again (it finds the subscription waiting for
+        // its handshake), so ask again sooner.
         lane.queue = [];
-        this.#wakeAt(id, lane, hold.heldUntil + 1000);
+        const at = hold.heldUntil + 1000;
+        this.#wakeAt(id, lane, lane.requeuedHere ? Math.min(at, now + REQUEUED_RECHECK_MS) : at);
         return false;
       }
       // Re-queued since this instance last held the lane (or ever, if it never did): re-activated,
@@ -642,16 +652,16 @@ export class Dispatcher {
     if (!lane.recheck && lane.heldUntil - now > LEASE_MS - RENEW_AFTER_MS) return true;
     lane.recheck = false;
     await this.#states.flush();
-    const hold = await leases.renew(id, this.#holder, held, lane.done, now + LEASE_MS);
+    const hold = await leases.renew(id, this.#holder, held, lane.done, now + LEASE_MS, now);
     if (hold === undefined || !('through' in hold)) {
-      // Ran out and taken by another instance: it sends from here on. Or taken by a re-queue (a
-      // re-activation, perhaps in another instance): whoever re-queued sends once the subscription
-      // is written; woken in case it died before.
+      // Ran out and taken by another instance: it sends from here on. Or let go to a re-queue (a
+      // re-activation, perhaps in another instance) under way: whoever re-queued sends once the
+      // subscription is written; woken in case it died before.
       lane.hold = undefined;
       lane.queue = [];
       if (hold?.requeuing === true) {
         lane.requeuedAway = true;
-        this.#wakeAt(id, lane, hold.heldUntil + 1000);
+        if (hold.heldUntil > now) this.#wakeAt(id, lane, hold.heldUntil + 1000);
       }
       return false;
     }
@@ -701,6 +711,7 @@ export class Dispatcher {
   #adopt(lane: Lane, hold: LaneHold, now: number): void {
     lane.hold = hold;
     lane.epochSeen = hold.epoch;
+    lane.requeuedHere = false;
     lane.heldUntil = now + LEASE_MS;
     lane.done = hold.through;
     lane.queue = [];
@@ -717,7 +728,7 @@ export class Dispatcher {
     if (held === undefined) return false;
     await this.#states.flush();
     const now = this.#clock.now();
-    const hold = await leases.release(id, this.#holder, held, lane.done, keep ? now + LEASE_MS : undefined);
+    const hold = await leases.release(id, this.#holder, held, lane.done, keep ? now + LEASE_MS : undefined, now);
     if (hold === undefined) {
       lane.hold = undefined;
       return false;
@@ -828,10 +839,11 @@ export class Dispatcher {
     lane.backlog = true;
     lane.generation++;
     if (this.#leases !== undefined) {
-      // The store fenced the lease (it holds none now, this instance's included) and lowered its
-      // watermark: the next run takes it afresh, at the re-queue's epoch.
+      // The store lowered the lease's watermark at a new epoch: the next run takes it afresh (this
+      // instance's hold, if it had one, is let go by then, or taken again as its own).
       lane.hold = undefined;
       lane.recheck = true;
+      lane.requeuedHere = true;
     } else {
       lane.queuedThrough = 0;
       lane.done = 0;

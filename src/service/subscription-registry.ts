@@ -276,11 +276,12 @@ export class SubscriptionRegistry {
       };
       const reactivating = status === 'requested' && current.status !== 'requested';
       let stored: SubscriptionRecord | undefined;
+      const requeuedAt = this.#clock.now();
       try {
         if (reactivating) {
           // Re-activation: what was dead-lettered goes back in the queue, delivered after the handshake.
           await this.#listener?.beforeRequeue(id);
-          const requeued = await this.#store.requeueDeadLetters(id, this.#clock.now());
+          const requeued = await this.#store.requeueDeadLetters(id, requeuedAt);
           if (requeued > 0) this.#logger.info('dead letters requeued', { subscription: id, count: requeued });
         }
         // Compare-and-set: a broker status change (dead letter, 410) made meanwhile is never overwritten.
@@ -292,7 +293,7 @@ export class SubscriptionRegistry {
         // Also when the change was not written (the re-queue may have been): the lane reads again,
         // in every instance once the store lets lanes go on (a failure to say so: its fence runs out).
         if (reactivating) {
-          await this.#store.requeueSettled?.(id).catch((err: unknown) =>
+          await this.#store.requeueSettled?.(id, requeuedAt).catch((err: unknown) =>
             this.#logger.error('re-queue not settled; its lanes wait for the fence to run out', {
               subscription: id,
               err: err as Error,

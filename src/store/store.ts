@@ -82,9 +82,9 @@ export interface LaneRead {
 
 /**
  * `LaneLeases.take` when another instance holds the lane: until when, unless it renews or lets go.
- * With `requeuing`, nobody holds it: a re-queue (a re-activation) is under way, and the lane waits
- * until the re-activated subscription is written (`Store.requeueSettled`) or, should the instance
- * re-queueing die first, until `heldUntil`.
+ * With `requeuing`, a re-queue (a re-activation) is under way: no lane is taken until the
+ * re-activated subscription is written (`Store.requeueSettled`) or, should the instance re-queueing
+ * die first, until `heldUntil`.
  */
 export interface LaneHeld {
   readonly heldUntil: number;
@@ -118,11 +118,13 @@ export interface LaneLeases {
     hold: LaneHold,
     through: number,
     keepUntil?: number,
+    now?: number,
   ): Promise<LaneHold | undefined>;
   /**
    * Extends a held lease to `until` and stores `through`. Undefined: lost (it ran out and another
-   * took it). `LaneHeld` with `requeuing`: lost to a re-queue under way (the attempt on the wire is
-   * one it starts over). A hold with another epoch: re-queued meanwhile, read again from its watermark.
+   * took it). `LaneHeld` with `requeuing`: re-queued since the hold was taken (the attempt on the
+   * wire is one the re-queue starts over), and let go (lost, or the re-queue is still under way).
+   * A hold with another epoch: re-queued meanwhile, read again from its watermark.
    */
   renew(
     subscriptionId: string,
@@ -130,6 +132,7 @@ export interface LaneLeases {
     hold: LaneHold,
     through: number,
     until: number,
+    now?: number,
   ): Promise<LaneHold | LaneHeld | undefined>;
   /** A consistent read of up to `limit` pending notifications above `through` (see LaneRead). */
   read(subscriptionId: string, through: number, limit: number, now: number): Promise<LaneRead>;
@@ -213,12 +216,12 @@ export interface Store {
    */
   requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number>;
   /**
-   * A store shared by instances: the re-activation that called `requeueDeadLetters` has written
-   * (or failed to write) the subscription. Until then no instance sends the subscription's
+   * A store shared by instances: the re-activation that called `requeueDeadLetters` (with the same
+   * `dueAt`) has written (or failed to write) the subscription. Until then no instance sends the subscription's
    * notifications: one that read the subscription between the re-queue and its write would send
    * the re-queued ones to the endpoint the client just moved away from.
    */
-  requeueSettled?(subscriptionId: string): Promise<void>;
+  requeueSettled?(subscriptionId: string, dueAt: number): Promise<void>;
   /**
    * Forget what is older than `before` (epoch ms): delivered and dead-lettered notifications
    * (the `$events` retention window) and seen event ids (the deduplication window). Pending

@@ -454,8 +454,8 @@ export class DynamoDbStore implements Store {
    * letter or pending retry: each is reset only if it is still what the query read, so an outcome
    * recorded meanwhile (a delivery, a dead letter) is not undone.
    */
-  async requeueSettled(subscriptionId: string): Promise<void> {
-    await unfenceLane(this.#client, this.#tables.notifications, subscriptionId);
+  async requeueSettled(subscriptionId: string, dueAt: number): Promise<void> {
+    await unfenceLane(this.#client, this.#tables.notifications, subscriptionId, dueAt);
   }
 
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {

@@ -111,6 +111,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
     hold: LaneHold,
     through: number,
     keepUntil?: number,
+    now = Date.now(),
   ): Promise<LaneHold | undefined> {
     let old: Item | undefined;
     try {
@@ -139,6 +140,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
       current,
       current.epoch === hold.epoch ? through : current.through,
       keepUntil,
+      now,
     );
     // Fenced by a re-queue in between: let go (whoever re-queued takes it when done).
     return kept !== undefined && 'through' in kept ? kept : undefined;
@@ -150,6 +152,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
     hold: LaneHold,
     through: number,
     until: number,
+    now = Date.now(),
   ): Promise<LaneHold | LaneHeld | undefined> {
     try {
       await this.#update(subscriptionId, {
@@ -167,39 +170,51 @@ export class DynamoDbLaneLeases implements LaneLeases {
     } catch (err) {
       if (!(err instanceof ConditionalCheckFailedException)) throw err;
       const old = err.Item;
-      if (old === undefined || old.laneHolder?.S !== holder) return requeuing(old);
-      // Re-queued: still ours, from the lowered watermark.
+      if (old === undefined) return undefined;
+      if (old.laneHolder?.S !== holder) {
+        // Lost (it ran out and another took it); if re-queued since, the attempt on the wire is one
+        // the re-queue started over, whoever holds the lane now.
+        return holdOf(old).epoch === hold.epoch ? undefined : { heldUntil: 0, requeuing: true };
+      }
+      // Re-queued: still ours, from the lowered watermark; unless the re-queue is still under way.
       const current = holdOf(old);
-      return this.#keep(subscriptionId, holder, current, current.through, until);
+      return this.#keep(subscriptionId, holder, current, current.through, until, now);
     }
   }
 
-  /** Still held, until `until`, from `through` at `current.epoch`; the request to read again is answered. */
+  /**
+   * Still held, until `until`, from `through` at `current.epoch`; the request to read again is
+   * answered. A re-queue under way (fenced): let go instead, and the answer says until when it may
+   * last; whoever re-queued takes the lane once the re-activated subscription is written.
+   */
   async #keep(
     subscriptionId: string,
     holder: string,
     current: LaneHold,
     through: number,
     until: number,
+    now: number,
   ): Promise<LaneHold | LaneHeld | undefined> {
     try {
       await this.#update(subscriptionId, {
         UpdateExpression: 'SET #through = :through, #until = :until REMOVE #wanted',
-        ConditionExpression: '#holder = :me AND #epoch = :epoch',
+        ConditionExpression: `#holder = :me AND #epoch = :epoch AND ${UNFENCED}`,
         ExpressionAttributeValues: {
           ':through': N(through),
           ':until': N(until),
           ':me': S(holder),
           ':epoch': N(current.epoch),
+          ':stale': N(now - FENCE_MS),
         },
         ReturnValuesOnConditionCheckFailure: 'ALL_OLD',
       });
       return { through, epoch: current.epoch };
     } catch (err) {
       if (!(err instanceof ConditionalCheckFailedException)) throw err;
-      // Re-queued again (or lost) in between: let it go, if still ours, for a later take to read afresh.
+      // Fenced, or re-queued again (or lost) in between: let it go, if still ours, for a later take
+      // to read afresh.
       await this.#free(subscriptionId, holder);
-      return requeuing(err.Item);
+      return requeuing(err.Item, now) ?? { heldUntil: 0, requeuing: true };
     }
   }
 
@@ -350,12 +365,14 @@ export async function lowerLane(
 }
 
 /**
- * Before a re-queue: a new epoch, and a fence that takes the lease from whoever holds it and lets
- * no instance take it until `unfenceLane` (or FENCE_MS): the holder's next renew learns that a
- * re-queue is under way (its attempt on the wire is one the re-queue starts over) and stops, rather
- * than read the lane again while the re-activated subscription is not yet written and send the
- * re-queued notifications to the endpoint the client is moving away from. Made also without a
- * lease item (none was ever held), so that no lane starts meanwhile.
+ * Before a re-queue: a new epoch, and a fence that lets no instance take the lease, nor its holder
+ * go on at the new epoch, until `unfenceLane` (or FENCE_MS): the holder's next renew (before its
+ * next run, or when an attempt fails) learns that a re-queue is under way, counts an attempt on the
+ * wire as one the re-queue starts over, and lets go, rather than read the lane again while the
+ * re-activated subscription is not yet written and send the re-queued notifications to the
+ * endpoint the client is moving away from. The holder keeps the lease until then: no second sender
+ * can start while it may still be sending. Made also without a lease item (none was ever held), so
+ * that no lane starts meanwhile. `now` is the fence's mark: only the re-queue that made it lifts it.
  */
 export async function fenceLane(
   client: DynamoDBClient,
@@ -367,15 +384,8 @@ export async function fenceLane(
     new UpdateItemCommand({
       TableName: table,
       Key: laneKey(subscriptionId),
-      UpdateExpression:
-        'SET #fence = :now, #through = if_not_exists(#through, :zero) ADD #epoch :one REMOVE #holder, #until',
-      ExpressionAttributeNames: {
-        '#fence': 'laneFence',
-        '#through': 'laneThrough',
-        '#epoch': 'laneEpoch',
-        '#holder': 'laneHolder',
-        '#until': 'laneUntil',
-      },
+      UpdateExpression: 'SET #fence = :now, #through = if_not_exists(#through, :zero) ADD #epoch :one',
+      ExpressionAttributeNames: { '#fence': 'laneFence', '#through': 'laneThrough', '#epoch': 'laneEpoch' },
       ExpressionAttributeValues: { ':now': N(now), ':zero': N(0), ':one': N(1) },
     }),
   );
@@ -385,16 +395,21 @@ export async function fenceLane(
  * The re-activated subscription is written (or its write failed): the lane may be taken again, at
  * a new epoch, so that an instance that took it after a stale fence reads the subscription afresh.
  */
-export async function unfenceLane(client: DynamoDBClient, table: string, subscriptionId: string): Promise<void> {
+export async function unfenceLane(
+  client: DynamoDBClient,
+  table: string,
+  subscriptionId: string,
+  fencedAt: number,
+): Promise<void> {
   await client
     .send(
       new UpdateItemCommand({
         TableName: table,
         Key: laneKey(subscriptionId),
         UpdateExpression: 'REMOVE #fence ADD #epoch :one',
-        ConditionExpression: 'attribute_exists(#fence)',
+        ConditionExpression: '#fence = :at',
         ExpressionAttributeNames: { '#fence': 'laneFence', '#epoch': 'laneEpoch' },
-        ExpressionAttributeValues: { ':one': N(1) },
+        ExpressionAttributeValues: { ':one': N(1), ':at': N(fencedAt) },
       }),
     )
     .catch(ignoreCondition);
@@ -411,15 +426,11 @@ export function sameLaneEpoch(table: string, subscriptionId: string, epoch: numb
   };
 }
 
-/**
- * The lease item `item` (as a failed condition returned it) is fenced by a re-queue: until when.
- * With `now` (a take), undefined once the fence has run out; a holder that lost its lease to one
- * (a renew) stops either way, and is woken when it runs out.
- */
-function requeuing(item: Item | undefined, now?: number): LaneHeld | undefined {
+/** The lease item `item` (as a failed condition returned it) is fenced by a re-queue at `now`: until when. */
+function requeuing(item: Item | undefined, now: number): LaneHeld | undefined {
   if (item?.laneFence === undefined) return undefined;
   const heldUntil = readNumber(item, 'laneFence') + FENCE_MS;
-  return now === undefined || heldUntil > now ? { heldUntil, requeuing: true } : undefined;
+  return heldUntil > now ? { heldUntil, requeuing: true } : undefined;
 }
 
 function holdOf(item: Item): LaneHold {
