@@ -118,11 +118,12 @@ export class EndpointGuard {
   }
 
   /**
-   * One resolution per name at a time, shared by every socket and registration that wants it
-   * meanwhile, and given up on (not cancelled) after the timeout. A name whose DNS hangs thus holds
-   * at most one of the thread pool's four threads however many connections its subscriptions open
-   * (each new connection looks the name up): before, 32 connections to one such endpoint took all
-   * four, and every other endpoint named by a hostname waited behind them.
+   * One resolution per name at a time, shared by every socket and registration of this guard that
+   * wants it meanwhile, and given up on (not cancelled) after the timeout. A name whose DNS hangs
+   * thus holds one of the thread pool's four threads per guard (each sender thread has its own)
+   * however many connections its subscriptions open (each new connection looks the name up):
+   * before, 32 connections to one such endpoint took all four, and every other endpoint named by a
+   * hostname waited behind them.
    */
   #lookup(host: string): Promise<readonly LookupAddress[]> {
     let resolving = this.#resolving.get(host);
