@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BACKPORT_EXT, BROKER_EXT } from '../src/core/fhir-urls.js';
 import { R4_RESOURCE_TYPES } from '../src/core/resource-types.js';
-import { type Json, statusOf, TOPIC, topicSubscription } from './support/fhir-client.js';
+import { classicSubscription, type Json, statusOf, TOPIC, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
 
 /**
@@ -160,6 +160,32 @@ describe('Subscription validation', () => {
       expect(await t.broker.store.listSubscriptions('alice')).toEqual(before);
     },
   );
+
+  it('refuses a heartbeat period on a classic Subscription: R4 has none, and its empty POST would read as a change', async () => {
+    const classic = {
+      ...classicSubscription('Patient', HOOK),
+      status: 'off',
+      channel: {
+        type: 'rest-hook',
+        endpoint: HOOK,
+        extension: [{ url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 60 }],
+      },
+    };
+    const before = await t.broker.store.listSubscriptions('alice');
+    const res = await t.call('POST', '/fhir/Subscription', classic);
+    expect([res.status, issueOf(res.body).code, issueOf(res.body).expression]).toEqual([
+      422,
+      'UNSUPPORTED_CHANNEL',
+      'Subscription.channel.extension',
+    ]);
+    expect(await t.broker.store.listSubscriptions('alice')).toEqual(before);
+    // Without it, the same classic Subscription is taken.
+    const plain = await t.call('POST', '/fhir/Subscription', {
+      ...classicSubscription('Patient', HOOK),
+      status: 'off',
+    });
+    expect(plain.status).toBe(201);
+  });
 
   it('says an end in month 13 is not a valid instant, not that it has passed', async () => {
     const res = await t.call('POST', '/fhir/Subscription', { ...base, end: '2099-13-01T00:00:00Z' });

@@ -146,8 +146,14 @@ describe('clientStatusChange', () => {
 });
 
 describe('heartbeatsAllowed', () => {
-  it.each<[string, { status: SubscriptionStatus; error?: string }, boolean]>([
+  it.each<[string, { status: SubscriptionStatus; error?: string; kind?: 'topic' | 'classic' }, boolean]>([
     ['an active subscription', { status: 'active' }, true],
+    ['an active topic-based subscription', { status: 'active', kind: 'topic' }, true],
+    [
+      'an active classic R4 subscription (stored with a heartbeat period before it was refused)',
+      { status: 'active', kind: 'classic' },
+      false,
+    ],
     [
       'one in error after its deliveries failed',
       { status: 'error', error: 'delivery failed after 7 attempt(s): HTTP 503' },

@@ -38,7 +38,14 @@ export const HEARTBEAT_FAILED = 'heartbeat failed: ';
  * refused a heartbeat: the refusal is kept in the subscription's error, so it holds across
  * restarts and on every instance (on AWS each scheduled run decides afresh from the store).
  */
-export function heartbeatsAllowed(sub: { readonly status: SubscriptionStatus; readonly error?: string }): boolean {
+export function heartbeatsAllowed(sub: {
+  readonly status: SubscriptionStatus;
+  readonly error?: string;
+  readonly kind?: 'topic' | 'classic';
+}): boolean {
+  // None for a classic R4 Subscription (refused at registration; one stored before): R4 has no
+  // heartbeats, its empty POST would read as a change, and it made no handshake to consent.
+  if (sub.kind === 'classic') return false;
   if (sub.status === 'active') return true;
   const error = sub.error ?? '';
   return sub.status === 'error' && !error.startsWith(HANDSHAKE_FAILED) && !error.startsWith(HEARTBEAT_FAILED);

@@ -648,6 +648,13 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
       { expression: 'Subscription.channel.payload' },
     );
   }
+  if (kind === 'classic' && (ch.extension ?? []).some((e) => e.url === BACKPORT_EXT.heartbeatPeriod)) {
+    throw new BrokerError(
+      'UNSUPPORTED_CHANNEL',
+      'A classic Subscription gets no heartbeats: R4 has none, and its empty POST would read as a change; use a topic-based Subscription for backport-heartbeat-period',
+      { expression: 'Subscription.channel.extension' },
+    );
+  }
   const contentExt = ch._payload?.extension?.find((e) => e.url === BACKPORT_EXT.payloadContent);
   // A classic websocket Subscription only ever gets `ping <id>`: its payload is moot.
   const content = type === 'websocket' && kind === 'classic' ? 'empty' : parseContent(contentExt, kind, ch.payload);
