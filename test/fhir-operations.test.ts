@@ -92,6 +92,50 @@ describe('FHIR operations and search', () => {
     expect(eventNumbers(full.body)).toEqual([1, 2, 3]);
   });
 
+  it('pages $events past 1,000 notifications with a next link, and refuses an empty or doubled range', async () => {
+    const sub = String(
+      (
+        await t.create(
+          topicSubscription('patient-change', `${receiver.url}/ops-many`, { filters: ['Patient?_id=ops-many'] }),
+          TOKENS.bob,
+        )
+      ).id,
+    );
+    // Bob's: alice's searches below count her three.
+    const get = (path: string) => t.call('GET', path, undefined, TOKENS.bob);
+    for (let from = 0; from < 1_005; from += 335) {
+      const batch = Array.from({ length: 335 }, (_, i) =>
+        eventLike('healthlake-update-patient', `ops-many-${from + i}`, 'ops-many'),
+      );
+      await t.post(batch);
+    }
+    const first = await get(`/fhir/Subscription/${sub}/$events?eventsSinceNumber=2&content=empty`);
+    expect(first.status).toBe(200);
+    expect(eventNumbers(first.body)).toEqual(Array.from({ length: 1_000 }, (_, i) => i + 2));
+    const link = first.body.link as Json[];
+    expect(link).toEqual([
+      {
+        relation: 'next',
+        url: `http://broker.test/fhir/Subscription/${sub}/$events?eventsSinceNumber=1002&eventsUntilNumber=1005&content=empty`,
+      },
+    ]);
+    const next = await get(String(link[0]?.url).slice('http://broker.test'.length));
+    expect(eventNumbers(next.body)).toEqual([1002, 1003, 1004, 1005]);
+    expect(next.body.link).toBeUndefined();
+    // A whole page that reaches the end of the range has no link either.
+    const exact = await get(`/fhir/Subscription/${sub}/$events?eventsSinceNumber=6&eventsUntilNumber=1005`);
+    expect(eventNumbers(exact.body)).toHaveLength(1_000);
+    expect(exact.body.link).toBeUndefined();
+    for (const query of [
+      'eventsSinceNumber=10&eventsUntilNumber=5',
+      'eventsSinceNumber=3,1',
+      'eventsSinceNumber=2&eventsSinceNumber=4',
+    ]) {
+      const refused = await get(`/fhir/Subscription/${sub}/$events?${query}`);
+      expect([query, refused.status, refused.body.resourceType]).toEqual([query, 400, 'OperationOutcome']);
+    }
+  });
+
   it('refuses an operation body that is not Parameters, and keeps other clients out by POST too', async () => {
     const sub = ids[0] as string;
     const notParameters = await t.call('POST', `/fhir/Subscription/${sub}/$status`, { resourceType: 'Patient' });

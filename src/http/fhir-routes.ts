@@ -32,7 +32,7 @@ export interface FhirRouteDeps {
 /** 100: subscriptions one binding token may name (a socket binds them all at once). */
 const MAX_BINDING_SUBSCRIPTIONS = 100;
 
-/** 1,000: the most stored notifications one `$events` call returns; page with eventsSinceNumber. */
+/** 1,000: the most stored notifications one `$events` call returns; a `next` link asks for the rest. */
 const MAX_EVENTS_PAGE = 1000;
 
 /** 1,000: the most Subscriptions one search page returns (the default page); `_count` asks for fewer. */
@@ -249,9 +249,23 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const sub = await registry.read(c.get('owner'), c.req.param('id') ?? '');
     const since = eventNumberParam(params.one('eventsSinceNumber'), 'eventsSinceNumber') ?? 1;
     const until = eventNumberParam(params.one('eventsUntilNumber'), 'eventsUntilNumber') ?? sub.eventsSinceStart;
+    if (since > until) {
+      throw new BrokerError(
+        'INVALID_PARAMETER',
+        `eventsSinceNumber ${since} is above eventsUntilNumber ${until}: the range is empty`,
+      );
+    }
     const notes = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
-    const content = contentParam(params.one('content')) ?? sub.channel.content;
-    return fhirResponse(buildNotificationBundle(sub, 'query-event', notes, content, ctx()));
+    const asked = params.one('content');
+    const content = contentParam(asked) ?? sub.channel.content;
+    const { entry, ...head } = buildNotificationBundle(sub, 'query-event', notes, content, ctx());
+    // A full page that stops short of `until`: the rest is a `next` link away (as search pages are).
+    const last = notes.at(-1)?.eventNumber;
+    if (notes.length < MAX_EVENTS_PAGE || last === undefined || last >= until) return fhirResponse({ ...head, entry });
+    const next = new URLSearchParams({ eventsSinceNumber: String(last + 1), eventsUntilNumber: String(until) });
+    if (asked !== undefined) next.set('content', asked);
+    const url = `${fhirBase}/Subscription/${sub.id}/$events?${next}`;
+    return fhirResponse({ ...head, link: [{ relation: 'next', url }], entry });
   };
   app.get('/fhir/Subscription/:id/$events', events);
   app.post('/fhir/Subscription/:id/$events', events);
@@ -315,7 +329,7 @@ function sentBody(c: Context<Env>): boolean {
   return c.req.header('content-type') !== undefined || (length !== undefined && length !== '0');
 }
 
-/** Values of one parameter, comma lists split; undefined when absent. */
+/** Values of one parameter, comma lists split; undefined when absent. `one`: a single value (more is a 400). */
 interface ParameterSource {
   values(name: string): string[] | undefined;
   one(name: string): string | undefined;
@@ -361,7 +375,16 @@ function parameterSource(pairs: readonly [string, string][]): ParameterSource {
     }
     return found.length === 0 ? undefined : found;
   };
-  return { values, one: (name) => values(name)?.[0] };
+  return {
+    values,
+    one: (name) => {
+      const all = values(name);
+      if (all !== undefined && all.length > 1) {
+        throw new BrokerError('INVALID_PARAMETER', `${name} takes one value, not ${all.length}`);
+      }
+      return all?.[0];
+    },
+  };
 }
 
 /**
