@@ -248,8 +248,10 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const params = await operationParams(c, deps.maxBodyBytes);
     const sub = await registry.read(c.get('owner'), c.req.param('id') ?? '');
     const since = eventNumberParam(params.one('eventsSinceNumber'), 'eventsSinceNumber') ?? 1;
-    const until = eventNumberParam(params.one('eventsUntilNumber'), 'eventsUntilNumber') ?? sub.eventsSinceStart;
-    if (since > until) {
+    const askedUntil = eventNumberParam(params.one('eventsUntilNumber'), 'eventsUntilNumber');
+    const until = askedUntil ?? sub.eventsSinceStart;
+    // (Without an end, a start past the last number asks for what is new: nothing yet, not an error.)
+    if (askedUntil !== undefined && since > askedUntil) {
       throw new BrokerError(
         'INVALID_PARAMETER',
         `eventsSinceNumber ${since} is above eventsUntilNumber ${until}: the range is empty`,
