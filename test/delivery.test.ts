@@ -490,6 +490,28 @@ describe('clock steps', () => {
     await receiver.waitFor(() => notificationsOn(receiver, '/stepped').length >= 2, 'both notifications', 5_000);
     expect(notificationsOn(receiver, '/stepped').flatMap(eventNumbers)).toEqual([1, 2]);
   });
+
+  it('keeps the heartbeats going when the wall clock steps back an hour', async () => {
+    const receiver = await Receiver.start();
+    let offset = 0;
+    const t = await inProcessBroker({}, { clock: { now: () => Date.now() + offset } });
+    cleanups.push(
+      () => receiver.close(),
+      () => t.broker.close(0),
+    );
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/stepped-hb`, { channel: heartbeatEverySecond }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    const heartbeats = () => receiver.on('/stepped-hb').filter((r) => r.body.includes('"heartbeat"')).length;
+    await receiver.waitFor(() => heartbeats() >= 1, 'a heartbeat');
+    // Answered, and the next one scheduled, before the step.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    offset = -3_600_000;
+    const before = heartbeats();
+    // Every second still (it had waited the hour out).
+    await receiver.waitFor(() => heartbeats() >= before + 2, 'two more heartbeats', 5_000);
+  });
 });
 
 describe('duplicates', () => {

@@ -99,8 +99,12 @@ class Lane {
    * clock) and as `performance.now()` (monotonic), which no step of the wall clock moves.
    */
   retry: { readonly dueAt: number; readonly at: number } | undefined;
-  /** Epoch ms of the last successful request to the endpoint (notification or heartbeat). */
-  lastSentAt = 0;
+  /**
+   * `performance.now()` of the last successful request to the endpoint (notification or
+   * heartbeat): heartbeats are timed on the monotonic clock, so a wall clock stepped back an hour
+   * does not hold them for the hour.
+   */
+  lastSentAt = Number.NEGATIVE_INFINITY;
   /**
    * Counts rebuilds (`requeued`): an attempt that was on the wire across one records its outcome
    * but leaves the rebuilt queue and `done` alone (it would lift `done` over the requeued numbers).
@@ -893,7 +897,7 @@ export class Dispatcher {
     if (this.#cutByShutdown(result)) return false;
     const now = this.#clock.now();
     if (result.ok) {
-      lane.lastSentAt = now;
+      lane.lastSentAt = performance.now();
       if (current) retire(lane, batch);
       for (const { note, acceptedAt } of batch) {
         const { subscriptionId, eventNumber } = note;
@@ -1173,7 +1177,7 @@ export class Dispatcher {
     if (lane !== undefined) clearTimeout(lane.heartbeat);
     if (sub === undefined || period === 0 || this.#closed || !heartbeatsAllowed(sub)) return;
     const owner = this.#lane(id);
-    const due = Math.max(owner.lastSentAt + period - this.#clock.now(), 0) || period;
+    const due = Math.max(owner.lastSentAt + period - performance.now(), 0) || period;
     owner.heartbeat = setTimeout(() => this.#track(this.#heartbeat(id, period)), due);
     owner.heartbeat.unref();
   }
@@ -1183,11 +1187,11 @@ export class Dispatcher {
     const lane = this.#lanes.get(id);
     if (sub === undefined || lane === undefined || this.#closed) return;
     const now = this.#clock.now();
-    if (now - lane.lastSentAt >= period && !lane.running) {
+    if (performance.now() - lane.lastSentAt >= period && !lane.running) {
       // Changed or deleted while this waited for a slot: no heartbeat to the endpoint it had.
       const result = await this.#sendIfCurrent(sub, 'heartbeat', `${id}-heartbeat-${now}`);
       if (result !== undefined) {
-        if (result.ok) lane.lastSentAt = this.#clock.now();
+        if (result.ok) lane.lastSentAt = performance.now();
         // Off (410) or refused by the SSRF guard: none until the subscription changes (which schedules again).
         if (!(await this.#heartbeatAnswered(sub, result))) return;
       }
