@@ -320,6 +320,46 @@ describe('Lambda containers sharing the tables', () => {
     return { status: res.statusCode, body: (text === '' ? {} : JSON.parse(text)) as Json };
   };
 
+  /**
+   * `/${tag}-old` refuses event notifications: attempt 1 at once, attempt 2 after 1.5 s (`onTheWire`
+   * resolves as it goes out), any later one at once. `restore` puts the receiver's answers back.
+   */
+  const refusingOldEndpoint = (tag: string) => {
+    let second!: () => void;
+    const onTheWire = new Promise<void>((resolve) => {
+      second = resolve;
+    });
+    let attempts = 0;
+    const answer = receiver.respond;
+    receiver.respond = (req) => {
+      if (req.path !== `/${tag}-old` || !req.body.includes('"event-notification"')) return answer(req);
+      if (++attempts === 2) {
+        second();
+        return { status: 503, delayMs: 1_500 };
+      }
+      return { status: 503 };
+    };
+    return {
+      onTheWire,
+      restore: () => {
+        receiver.respond = answer;
+      },
+    };
+  };
+
+  /**
+   * Notification 1 reaches the new endpoint (the next minute tick sends it, at the latest), after
+   * the old one's two attempts, and the re-activated subscription is active.
+   */
+  const endsAtTheNewEndpoint = async (tag: string, id: string, extra: Parameters<typeof container>[0]) => {
+    await createHandlers(container(extra)).dispatch(60_000);
+    await receiver.waitFor(() => arrivedAt(`/${tag}-new`).length === 1, 'notification 1 at the new endpoint');
+    expect(arrivedAt(`/${tag}-new`)).toEqual([1]);
+    expect(arrivedAt(`/${tag}-old`)).toEqual([1, 1]);
+    const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
+    expect(read.body.status).toBe('active');
+  };
+
   // Another container (the lane's holder) has an attempt to the old endpoint on the wire while the
   // client moves the subscription (its re-queue resets the notification): the attempt's failure,
   // settling after the re-queue, must not undo it (dead-letter it, or put the old schedule back)
@@ -335,24 +375,10 @@ describe('Lambda containers sharing the tables', () => {
       const api = createHandlers(container(retrying));
       const id = await create(api, topicSubscription('patient-change', `${receiver.url}/${tag}-old`, { filters }));
       await receiver.waitFor(() => receiver.on(`/${tag}-old`).length === 1, 'the handshake');
-      let second!: () => void;
-      const onTheWire = new Promise<void>((resolve) => {
-        second = resolve;
-      });
-      let attempts = 0;
-      const before = receiver.respond;
-      receiver.respond = (req) => {
-        if (req.path !== `/${tag}-old` || !req.body.includes('"event-notification"')) return before(req);
-        // The old endpoint refuses attempt 1 at once and attempt 2 after 1.5 s.
-        if (++attempts === 2) {
-          second();
-          return { status: 503, delayMs: 1_500 };
-        }
-        return { status: 503 };
-      };
+      const old = refusingOldEndpoint(tag);
       const events = createHandlers(container(retrying));
       const accepted = events.events(eventLike('healthlake-update-patient', `${tag}-1`, `${tag}-p`));
-      await onTheWire;
+      await old.onTheWire;
       // The client moves the subscription through the API function meanwhile; the new endpoint
       // answers its handshake while attempt 2 is still on the wire.
       const put = await call(api, 'PUT', `/fhir/Subscription/${id}`, {
@@ -368,14 +394,8 @@ describe('Lambda containers sharing the tables', () => {
         (r) => r.msg === 'delivery failed' && r.subscription === id && r.attempt === 2,
         'attempt 2 failed',
       );
-      receiver.respond = before;
-      // The next minute tick sends it, at the latest.
-      await createHandlers(container(retrying)).dispatch(60_000);
-      await receiver.waitFor(() => arrivedAt(`/${tag}-new`).length === 1, 'notification 1 at the new endpoint');
-      expect(arrivedAt(`/${tag}-new`)).toEqual([1]);
-      expect(arrivedAt(`/${tag}-old`)).toEqual([1, 1]);
-      const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
-      expect(read.body.status).toBe('active');
+      old.restore();
+      await endsAtTheNewEndpoint(tag, id, retrying);
       expect(
         logger.records.filter((r) => r.subscription === id && r.msg === 'subscription status changed').map((r) => r.to),
       ).not.toContain('error');
@@ -453,25 +473,11 @@ describe('Lambda containers sharing the tables', () => {
     const api = createHandlers(container({ ...retrying, dynamodb: gated }));
     const id = await create(api, topicSubscription('patient-change', `${receiver.url}/${tag}-old`, { filters }));
     await receiver.waitFor(() => receiver.on(`/${tag}-old`).length === 1, 'the handshake');
-    let second!: () => void;
-    const onTheWire = new Promise<void>((resolve) => {
-      second = resolve;
-    });
-    let attempts = 0;
-    const answer = receiver.respond;
-    receiver.respond = (req) => {
-      if (req.path !== `/${tag}-old` || !req.body.includes('"event-notification"')) return answer(req);
-      // Attempt 1 refused at once, attempt 2 after 1.5 s, any later one at once.
-      if (++attempts === 2) {
-        second();
-        return { status: 503, delayMs: 1_500 };
-      }
-      return { status: 503 };
-    };
+    const old = refusingOldEndpoint(tag);
     try {
       const events = createHandlers(container(retrying));
       const accepted = events.events(eventLike('healthlake-update-patient', `${tag}-1`, `${tag}-p`));
-      await onTheWire;
+      await old.onTheWire;
       holding = true;
       const put = call(api, 'PUT', `/fhir/Subscription/${id}`, {
         ...topicSubscription('patient-change', `${receiver.url}/${tag}-new`, { filters }),
@@ -492,14 +498,9 @@ describe('Lambda containers sharing the tables', () => {
       await receiver.waitFor(() => receiver.on(`/${tag}-new`).length >= 1, 'the new handshake');
     } finally {
       release();
-      receiver.respond = answer;
+      old.restore();
     }
-    await createHandlers(container(retrying)).dispatch(60_000);
-    await receiver.waitFor(() => arrivedAt(`/${tag}-new`).length === 1, 'notification 1 at the new endpoint');
-    expect(arrivedAt(`/${tag}-new`)).toEqual([1]);
-    expect(arrivedAt(`/${tag}-old`)).toEqual([1, 1]);
-    const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
-    expect(read.body.status).toBe('active');
+    await endsAtTheNewEndpoint(tag, id, retrying);
   });
 
   it('a container that takes a lane re-queued since it last held it reads the subscription afresh', async () => {
