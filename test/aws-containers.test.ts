@@ -551,6 +551,96 @@ describe('Lambda containers sharing the tables', () => {
     expect(arrivedAt(`/${tag}-old`)).toEqual([1]);
   });
 
+  it('a holder draining a backlog to the old endpoint stops within about a second of the PUT that moved it', async () => {
+    const tag = 'ra-moving';
+    const filters = [`Patient?_id=${tag}-p`];
+    const api = createHandlers(container());
+    const id = await create(api, topicSubscription('patient-change', `${receiver.url}/${tag}-old`, { filters }));
+    await receiver.waitFor(() => receiver.on(`/${tag}-old`).length === 1, 'the handshake');
+    const answer = receiver.respond;
+    receiver.respond = (req) =>
+      req.path === `/${tag}-old` && req.body.includes('"event-notification"')
+        ? { status: 204, delayMs: 100 }
+        : answer(req);
+    try {
+      const events = createHandlers(container());
+      const accepted = events.events(
+        Array.from({ length: 150 }, (_, i) => eventLike('healthlake-update-patient', `${tag}-${i + 1}`, `${tag}-p`)),
+      );
+      await receiver.waitFor(() => arrivedAt(`/${tag}-old`).length >= 3, 'the events container sending');
+      const put = await call(api, 'PUT', `/fhir/Subscription/${id}`, {
+        ...topicSubscription('patient-change', `${receiver.url}/${tag}-new`, { filters }),
+        id,
+      });
+      expect(put.status).toBe(200);
+      const atPut = arrivedAt(`/${tag}-old`).length;
+      await accepted;
+      await createHandlers(container()).dispatch(60_000);
+      await receiver.waitFor(
+        () => new Set([...arrivedAt(`/${tag}-old`), ...arrivedAt(`/${tag}-new`)]).size === 150,
+        'all 150',
+        60_000,
+      );
+      // About a second of 100 ms answers (and the run on the wire): it was ~150, all of the rest.
+      expect(arrivedAt(`/${tag}-old`).length - atPut).toBeLessThan(40);
+      const old = arrivedAt(`/${tag}-old`);
+      // In order, each once, across the two endpoints.
+      expect([...old, ...arrivedAt(`/${tag}-new`)]).toEqual(Array.from({ length: 150 }, (_, i) => i + 1));
+    } finally {
+      receiver.respond = answer;
+    }
+  });
+
+  it('a last attempt whose lease renew fails after a re-activation does not turn the re-activated subscription to error', async () => {
+    const tag = 'ra-renew-fails';
+    const filters = [`Patient?_id=${tag}-p`];
+    const last = { config: { retryDelaysMs: [] as number[] } };
+    const api = createHandlers(container(last));
+    const id = await create(api, topicSubscription('patient-change', `${receiver.url}/${tag}-old`, { filters }));
+    await receiver.waitFor(() => receiver.on(`/${tag}-old`).length === 1, 'the handshake');
+    let onTheWire!: () => void;
+    const wired = new Promise<void>((resolve) => {
+      onTheWire = resolve;
+    });
+    const answer = receiver.respond;
+    receiver.respond = (req) => {
+      if (req.path !== `/${tag}-old` || !req.body.includes('"event-notification"')) return answer(req);
+      onTheWire();
+      return { status: 503, delayMs: 2_000 };
+    };
+    let thrown = 0;
+    const throttled = leaseHooked(id, async (input) => {
+      if (thrown === 0 && input.UpdateExpression === 'SET #through = :through, #until = :until') {
+        thrown++;
+        throw Object.assign(new Error('Throughput exceeds the current capacity'), {
+          name: 'ThrottlingException',
+          $fault: 'client',
+        });
+      }
+    });
+    try {
+      const accepted = createHandlers(container({ ...last, dynamodb: throttled })).events(
+        eventLike('healthlake-update-patient', `${tag}-1`, `${tag}-p`),
+      );
+      await wired;
+      const put = await call(api, 'PUT', `/fhir/Subscription/${id}`, {
+        ...topicSubscription('patient-change', `${receiver.url}/${tag}-new`, { filters }),
+        id,
+      });
+      expect(put.status).toBe(200);
+      await receiver.waitFor(() => receiver.on(`/${tag}-new`).length >= 1, 'the new handshake');
+      await accepted;
+    } finally {
+      receiver.respond = answer;
+    }
+    expect(thrown).toBe(1);
+    await createHandlers(container(last)).dispatch(60_000);
+    await receiver.waitFor(() => arrivedAt(`/${tag}-new`).length === 1, 'notification 1 at the new endpoint');
+    const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
+    expect(read.body.status).toBe('active');
+    expect(logger.records.some((r) => r.subscription === id && r.to === 'error')).toBe(false);
+  });
+
   it('records a failed attempt even when the lease renew before it fails', async () => {
     const retrying = { config: { retryDelaysMs: [600_000] } };
     const api = createHandlers(container(retrying));

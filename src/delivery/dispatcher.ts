@@ -153,8 +153,14 @@ const RUN_WITHIN_MS = 1000;
  * dies holds its subscriptions' lanes until then.
  */
 const LEASE_MS = 90_000;
-/** A held lease is renewed before a run once this much of it has passed. */
-const RENEW_AFTER_MS = 15_000;
+/**
+ * A held lease is renewed before a run once this much of it has passed: it confirms the lane was
+ * not re-queued meanwhile (a client moved the subscription, perhaps in another instance), so a lane
+ * goes on at most about a second (and one run) with the subscription as it was before. At 15 s, a
+ * holder draining a backlog sent ~150 notifications to the old endpoint after the PUT moving the
+ * subscription had returned. Costs one conditional write a second per lane that is sending.
+ */
+const RENEW_AFTER_MS = 1_000;
 /** What a run may take (RUN_WITHIN_MS, then an attempt's longest timeout, 60 s): a run starts only with this much lease left. */
 const RUN_UNDER_LEASE_MS = 62_000;
 /**
@@ -967,6 +973,10 @@ export class Dispatcher {
           laneEpoch: epoch,
         });
       }
+      // Under a lease the dead letter is written only at the epoch the attempt began in: when the
+      // renew before it failed (nothing learnt), a re-queue may have voided it, and the subscription,
+      // re-activated since, must not go to `error` for the old endpoint's failure.
+      if (epoch !== undefined && !(await this.#deadLettered(sub.id, batch))) return false;
       this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);
       this.#lifecycle.publish({
         type: 'Notification Dead-Lettered',
@@ -999,6 +1009,15 @@ export class Dispatcher {
       this.#wakeIn(sub.id, lane, delay, false);
     }
     return false;
+  }
+
+  /** The batch's dead letters are in the store (written now, with the delivery states before them). */
+  async #deadLettered(id: string, batch: readonly QueuedNotification[]): Promise<boolean> {
+    const first = batch[0]?.note.eventNumber ?? 0;
+    const last = batch.at(-1)?.note.eventNumber ?? 0;
+    await this.#states.flush();
+    const rows = await this.#store.notificationsInRange(id, first, last, batch.length);
+    return rows.length === batch.length && rows.every((r) => r.state === 'dead');
   }
 
   async #handshake(id: string): Promise<void> {

@@ -51,7 +51,7 @@ const NAMES = {
   '#fence': 'laneFence',
 };
 /** Not fenced: no re-queue under way (or one whose instance died, its fence older than FENCE_MS). */
-const UNFENCED = '(attribute_not_exists(#fence) OR #fence < :stale)';
+const UNFENCED = '(attribute_not_exists(#fence) OR #fence <= :stale)';
 
 export class DynamoDbLaneLeases implements LaneLeases {
   readonly #client: DynamoDBClient;
