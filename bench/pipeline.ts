@@ -237,7 +237,14 @@ export function startBroker(dataDir: string, options: StartOptions = {}): Promis
     ...options.env,
   });
   const nodeArgs = process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
-  const args = [...START_FLAGS, ...(options.nodeFlags ?? []), ...nodeArgs, '--import', 'tsx', options.script ?? 'src/main.ts'];
+  const args = [
+    ...START_FLAGS,
+    ...(options.nodeFlags ?? []),
+    ...nodeArgs,
+    '--import',
+    'tsx',
+    options.script ?? 'src/main.ts',
+  ];
   const child =
     options.nofile === undefined
       ? spawn(process.execPath, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
