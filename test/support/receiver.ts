@@ -1,6 +1,6 @@
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { Waiters } from './waiters.js';
 
 /**
@@ -15,6 +15,8 @@ export interface ReceivedRequest {
   readonly headers: IncomingHttpHeaders;
   readonly body: string;
   readonly at: number;
+  /** Which TCP connection carried it: 1 for the first the receiver accepted, 2 for the next…. */
+  readonly connection: number;
 }
 
 export type Responder = (req: ReceivedRequest) => {
@@ -28,11 +30,21 @@ export class Receiver {
   /** Every request as it arrives, before it is answered (`requests` and `failures` fill as answers go out). */
   readonly arrived: ReceivedRequest[] = [];
   respond: Responder = () => ({ status: 204 });
+  /** Requests arrived and not yet answered, now and at the most: exact, no timing involved. */
+  open = 0;
+  peakOpen = 0;
   readonly #server: Server;
   readonly #waiters = new Waiters();
+  readonly #connections = new WeakMap<Socket, number>();
+  #connectionCount = 0;
 
   private constructor() {
     this.#server = createServer((req, res) => {
+      let connection = this.#connections.get(req.socket);
+      if (connection === undefined) {
+        connection = ++this.#connectionCount;
+        this.#connections.set(req.socket, connection);
+      }
       const chunks: Buffer[] = [];
       req.on('data', (c: Buffer) => chunks.push(c));
       req.on('end', () => {
@@ -42,7 +54,10 @@ export class Receiver {
           headers: req.headers,
           body: Buffer.concat(chunks).toString('utf8'),
           at: Date.now(),
+          connection,
         };
+        this.open++;
+        this.peakOpen = Math.max(this.peakOpen, this.open);
         this.arrived.push(received);
         this.#waiters.wake();
         const answer = this.respond(received);
@@ -52,6 +67,7 @@ export class Receiver {
           } else {
             this.failures.push(received);
           }
+          this.open--;
           res.writeHead(answer.status, answer.headers).end();
           this.#waiters.wake();
         };
