@@ -52,7 +52,11 @@ export const ERROR_CODES = {
   INVALID_SECRET: { status: 422, issue: 'value', text: 'The webhook secret is not a Standard Webhooks secret.' },
   INVALID_STATUS_CHANGE: { status: 422, issue: 'business-rule', text: 'The status change is not allowed.' },
   ID_MISMATCH: { status: 400, issue: 'invalid', text: 'The resource id does not match the URL.' },
-  INVALID_PARAMETER: { status: 400, issue: 'invalid', text: 'A query parameter is invalid.' },
+  INVALID_PARAMETER: {
+    status: 400,
+    issue: 'invalid',
+    text: 'A parameter (in the query or a Parameters body) is invalid.',
+  },
   UNAUTHORIZED: { status: 401, issue: 'login', text: 'Missing or invalid bearer token.' },
   NOT_FOUND: { status: 404, issue: 'not-found', text: 'No such resource.' },
   QUOTA_EXCEEDED: { status: 422, issue: 'business-rule', text: 'The client has as many subscriptions as it may.' },
