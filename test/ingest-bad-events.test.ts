@@ -62,6 +62,36 @@ describe('POST /events: what bad input leaves behind', () => {
     expect(await metrics()).toContain('broker_events_total{outcome="refused"} 1004\n');
   });
 
+  it('warns about and counts a successful write it cannot notify (no resource type, a batch Bundle); a failed one stays a quiet ignore', async () => {
+    const since = test.logger.mark();
+    const noType = eventLike('healthlake-create-patient', 'no-type-1') as Json & { detail: Json };
+    noType.detail = { ...noType.detail, requestParameters: { datastoreId: 'abcdef01' } };
+    const bundle = eventLike('healthlake-create-patient', 'bundle-1') as Json & { detail: Json };
+    bundle.detail = { ...bundle.detail, eventName: 'ProcessBundle' };
+    const failed = eventLike('healthlake-create-patient', 'failed-1') as Json & { detail: Json };
+    failed.detail = { ...failed.detail, eventName: 'ProcessBundle', errorCode: 'ValidationException' };
+    const res = await post([noType, bundle, failed]);
+    expect(res).toEqual({ status: 202, body: { accepted: 0, ignored: 3, duplicates: 0 } });
+    expect(test.logger.records.slice(since).filter((r) => r.level !== 'debug')).toEqual([
+      {
+        level: 'warn',
+        msg: 'write event unusable: no notification derived',
+        eventId: 'no-type-1',
+        reason: 'CreateResource without a valid requestParameters.resourceType',
+      },
+      {
+        level: 'warn',
+        msg: 'write event unusable: no notification derived',
+        eventId: 'bundle-1',
+        reason: expect.stringMatching(/^ProcessBundle .*names none of the resources it changed/),
+      },
+      { level: 'info', msg: 'event ignored', eventId: 'failed-1', reason: 'failed call (ValidationException)' },
+    ]);
+    const text = await metrics();
+    expect(text).toContain('broker_unusable_writes_total 2\n');
+    expect(text).toContain('broker_events_total{outcome="ignored"} 3\n');
+  });
+
   it('accepts an event whose resourceId is not a FHIR id, and warns naming the event', async () => {
     const since = test.logger.mark();
     const res = await post(eventLike('healthlake-update-patient', 'odd-id-1', 'a'.repeat(65)));

@@ -178,6 +178,13 @@ describe('parseEventBridgeEvent envelopes', () => {
 describe('parseEventBridgeEvent details', () => {
   const EVENT_ID = '6f1c2a3b-1d2e-4f50-9a61-000000000001';
   const ignoredBecause = (reason: string): ParsedEvent => ({ kind: 'ignored', eventId: EVENT_ID, reason });
+  /** A write that happened but cannot be notified: marked, for the louder log line and its counter. */
+  const unusableBecause = (reason: string): ParsedEvent => ({
+    kind: 'ignored',
+    eventId: EVENT_ID,
+    reason,
+    unusableWrite: true,
+  });
 
   it('skips read-only calls even when they are named like writes', () => {
     const event = withDetail('healthlake-create-patient.json', { readOnly: true });
@@ -233,6 +240,16 @@ describe('parseEventBridgeEvent details', () => {
     expect(parsed.kind === 'ignored' && parsed.reason).toMatch(
       /^ProcessBundle .*names none of the resources it changed/,
     );
+    expect(parsed.kind === 'ignored' && parsed.unusableWrite).toBe(true);
+  });
+
+  it.each([
+    ['failed', { eventName: 'ProcessBundle', errorCode: 'ValidationException' }, 'failed call (ValidationException)'],
+    ['read-only', { eventName: 'ProcessBundle', readOnly: true }, 'read-only call'],
+    ['failed', { errorCode: 'AccessDenied', requestParameters: undefined }, 'failed call (AccessDenied)'],
+  ])('does not call a %s write unusable: it changed nothing', (_name, patch, reason) => {
+    const event = withDetail('healthlake-create-patient.json', patch);
+    expect(parseEventBridgeEvent(event, RECEIVED_AT)).toEqual(ignoredBecause(reason));
   });
 
   it('reads a PatchResource (FHIR PATCH) as an update of the resource it names', () => {
@@ -255,14 +272,14 @@ describe('parseEventBridgeEvent details', () => {
       requestParameters: { datastoreId: DATASTORE, resourceType },
     });
     expect(parseEventBridgeEvent(event, RECEIVED_AT)).toEqual(
-      ignoredBecause('CreateResource without a valid requestParameters.resourceType'),
+      unusableBecause('CreateResource without a valid requestParameters.resourceType'),
     );
   });
 
   it('ignores an event without requestParameters', () => {
     const event = withDetail('healthlake-create-patient.json', { requestParameters: undefined });
     expect(parseEventBridgeEvent(event, RECEIVED_AT)).toEqual(
-      ignoredBecause('CreateResource without a valid requestParameters.resourceType'),
+      unusableBecause('CreateResource without a valid requestParameters.resourceType'),
     );
   });
 
@@ -271,7 +288,7 @@ describe('parseEventBridgeEvent details', () => {
       requestParameters: { datastoreId: '../other', resourceType: 'Patient' },
     });
     expect(parseEventBridgeEvent(event, RECEIVED_AT)).toEqual(
-      ignoredBecause('CreateResource without a valid requestParameters.datastoreId'),
+      unusableBecause('CreateResource without a valid requestParameters.datastoreId'),
     );
   });
 

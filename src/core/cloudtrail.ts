@@ -73,7 +73,17 @@ export type ParsedEvent =
       /** What of the event was unusable and left out or guessed, for the log. */
       readonly warnings?: readonly string[];
     }
-  | { readonly kind: 'ignored'; readonly eventId: string; readonly reason: string };
+  | {
+      readonly kind: 'ignored';
+      readonly eventId: string;
+      readonly reason: string;
+      /**
+       * A successful write the broker cannot turn into notifications (a batch Bundle, or a write
+       * without a usable resource type or datastore id): a change its subscribers miss, so the
+       * operator is told louder than for a call that changed nothing.
+       */
+      readonly unusableWrite?: true;
+    };
 
 /** Thrown for a body element that is not an EventBridge event at all. */
 export class InvalidEnvelopeError extends Error {
@@ -93,28 +103,35 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   }
   const event = input;
   const ignored = (reason: string): ParsedEvent => ({ kind: 'ignored', eventId: event.id, reason });
+  const unusable = (reason: string): ParsedEvent => ({
+    kind: 'ignored',
+    eventId: event.id,
+    reason,
+    unusableWrite: true,
+  });
   if (event.source !== 'aws.healthlake') return ignored(`source ${event.source} is not aws.healthlake`);
   if (event['detail-type'] !== 'AWS API Call via CloudTrail') return ignored(`detail-type ${event['detail-type']}`);
   const detail = event.detail;
   if (detail === undefined) return ignored('CloudTrail event without detail');
   const eventName = typeof detail.eventName === 'string' ? detail.eventName : '';
   const interaction = Object.hasOwn(WRITE_CALLS, eventName) ? WRITE_CALLS[eventName] : undefined;
-  if (interaction === undefined) {
-    const unnamed = Object.hasOwn(UNNAMED_WRITES, eventName) ? UNNAMED_WRITES[eventName] : undefined;
-    return ignored(unnamed ?? `${eventName || 'unnamed call'} is not a resource write`);
+  const unnamed = Object.hasOwn(UNNAMED_WRITES, eventName) ? UNNAMED_WRITES[eventName] : undefined;
+  if (interaction === undefined && unnamed === undefined) {
+    return ignored(`${eventName || 'unnamed call'} is not a resource write`);
   }
   if (detail.errorCode !== undefined && detail.errorCode !== null)
     return ignored(`failed call (${String(detail.errorCode)})`);
   if (detail.readOnly === true) return ignored('read-only call');
+  if (interaction === undefined) return unusable(unnamed as string);
 
   const params = asRecord(detail.requestParameters);
   const resourceType = params?.resourceType;
   const datastoreId = params?.datastoreId;
   if (typeof resourceType !== 'string' || !RESOURCE_TYPE.test(resourceType)) {
-    return ignored(`${eventName} without a valid requestParameters.resourceType`);
+    return unusable(`${eventName} without a valid requestParameters.resourceType`);
   }
   if (typeof datastoreId !== 'string' || !DATASTORE_ID.test(datastoreId)) {
-    return ignored(`${eventName} without a valid requestParameters.datastoreId`);
+    return unusable(`${eventName} without a valid requestParameters.datastoreId`);
   }
   // The change did happen: what of its detail is unusable is left out (or guessed) and said, not
   // allowed to refuse the event.

@@ -17,6 +17,10 @@ const FAMILIES = {
     help: 'EventBridge events received, by outcome (accepted, duplicate, ignored, refused)',
     type: 'counter',
   },
+  broker_unusable_writes_total: {
+    help: 'Successful FHIR writes among the ignored events that no notification could be derived from (a batch Bundle, or no valid resource type or datastore id)',
+    type: 'counter',
+  },
   broker_notifications_total: { help: 'Notification deliveries, by outcome', type: 'counter' },
   broker_handshakes_total: { help: 'Handshakes, by outcome', type: 'counter' },
   broker_heartbeats_total: { help: 'Heartbeats, by outcome', type: 'counter' },

@@ -104,7 +104,13 @@ export class IngestService {
       }
       if (parsed.kind === 'ignored') {
         ignored++;
-        this.#logger.info('event ignored', { eventId: parsed.eventId, reason: parsed.reason });
+        if (parsed.unusableWrite) {
+          this.#logger.warn('write event unusable: no notification derived', {
+            eventId: parsed.eventId,
+            reason: parsed.reason,
+          });
+          this.#metrics.inc('broker_unusable_writes_total');
+        } else this.#logger.info('event ignored', { eventId: parsed.eventId, reason: parsed.reason });
         return;
       }
       for (const warning of parsed.warnings ?? []) {
