@@ -1,6 +1,6 @@
-import { DeleteItemCommand, type DynamoDBClient, GetItemCommand } from '@aws-sdk/client-dynamodb';
+import { DeleteItemCommand, type DynamoDBClient, GetItemCommand, UpdateItemCommand } from '@aws-sdk/client-dynamodb';
 import { describe, expect, it } from 'vitest';
-import type { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
+import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { FENCE_MS, laneKey, VOID_AFTER_MS, voidNumbers } from '../src/store/dynamodb/lane-leases.js';
 import { tableNames } from '../src/store/dynamodb/tables.js';
 import type { LaneHeld, LaneHold } from '../src/store/store.js';
@@ -39,6 +39,20 @@ async function accept(count: number, from = 0): Promise<number[]> {
     RECEIVED,
   );
   return outcomes.flatMap((o) => o.notifications.map((n) => n.eventNumber));
+}
+
+/** Dead-letters s1's notifications `numbers` (attempted three times, at NOW). */
+async function deadLetter(...numbers: number[]): Promise<void> {
+  await store.recordDeliveries(
+    numbers.map((eventNumber) => ({
+      subscriptionId: 's1',
+      eventNumber,
+      state: 'dead',
+      attempts: 3,
+      dueAt: NOW,
+      lastError: 'HTTP 503',
+    })),
+  );
 }
 
 async function rowState(eventNumber: number): Promise<string | undefined> {
@@ -207,6 +221,95 @@ describe('re-queueing a lane', () => {
       requeuing: true,
     });
   });
+
+  it('a re-queue lifts only its own fence, also when another instance fenced the lane in the same millisecond', async () => {
+    await accept(1);
+    await deadLetter(1);
+    const other = new DynamoDbStore(client, prefix);
+    expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
+    expect(await other.requeueDeadLetters('s1', NOW)).toBe(0);
+    // The first one settles while the second is still under way: the second's fence stands.
+    await store.requeueSettled('s1', NOW);
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({
+      heldUntil: NOW + FENCE_MS,
+      requeuing: true,
+    });
+    // Two fences, two lowered watermarks, one fence lifted.
+    await other.requeueSettled('s1', NOW);
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({ through: 0, epoch: 5 });
+  });
+
+  it('two re-queues of one instance at the same moment keep the lane fenced until both are settled', async () => {
+    await accept(1);
+    await deadLetter(1);
+    expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
+    expect(await store.requeueDeadLetters('s1', NOW)).toBe(0);
+    await store.requeueSettled('s1', NOW);
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({
+      heldUntil: NOW + FENCE_MS,
+      requeuing: true,
+    });
+    await store.requeueSettled('s1', NOW);
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({ through: 0, epoch: 5 });
+  });
+
+  it('a re-queue still resetting rows after FENCE_MS keeps its fence fresh; its settle lifts it', async () => {
+    await accept(2);
+    await deadLetter(1, 2);
+    let now = NOW;
+    let release = () => {};
+    const released = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let resetting = () => {};
+    const reached = new Promise<void>((resolve) => {
+      resetting = resolve;
+    });
+    let refreshedAt = (_at: number) => {};
+    let refreshes = 0;
+    // Row resets wait for `release`; the lease item's writes go through, but for the first refresh,
+    // which fails (and is tried again).
+    const slow = {
+      send: async (command: Parameters<DynamoDBClient['send']>[0]) => {
+        if (!(command instanceof UpdateItemCommand)) return client.send(command);
+        if (command.input.Key?.eventNumber?.N !== '0') {
+          resetting();
+          await released;
+          return client.send(command);
+        }
+        if (command.input.UpdateExpression !== 'SET #fence = :now') return client.send(command);
+        if (++refreshes === 1) throw new Error('socket hang up');
+        const out = await client.send(command);
+        refreshedAt(Number(command.input.ExpressionAttributeValues?.[':now']?.N));
+        return out;
+      },
+    } as unknown as DynamoDBClient;
+    const requeuer = new DynamoDbStore(slow, prefix, { clock: { now: () => now }, fenceRefreshMs: 10 });
+    const freshAt = (at: number) =>
+      new Promise<void>((resolve) => {
+        refreshedAt = (fresh) => {
+          if (fresh === at) resolve();
+        };
+      });
+
+    const requeue = requeuer.requeueDeadLetters('s1', NOW);
+    await reached;
+    const fresh = freshAt(NOW + FENCE_MS);
+    now = NOW + FENCE_MS;
+    await fresh;
+    // FENCE_MS after the fence was made, still resetting: still fenced.
+    expect(await leases().take('s1', 'B', NOW + FENCE_MS + 1, NOW + FENCE_MS + 60_000)).toEqual({
+      heldUntil: NOW + 2 * FENCE_MS,
+      requeuing: true,
+    });
+    release();
+    expect(await requeue).toBe(2);
+    await requeuer.requeueSettled('s1', NOW);
+    expect(await leases().take('s1', 'B', NOW + FENCE_MS + 1, NOW + FENCE_MS + 60_000)).toEqual({
+      through: 0,
+      epoch: 3,
+    });
+  }, 5_000);
 
   it('a fence whose re-activation never said it was written runs out after FENCE_MS', async () => {
     await accept(1);

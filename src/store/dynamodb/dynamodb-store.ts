@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 import {
   type AttributeValue,
@@ -9,7 +10,14 @@ import {
   type TransactWriteItem,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
-import type { MatchSpec, StoredNotification, SubscriptionRecord, SubscriptionStatus } from '../../core/types.js';
+import {
+  type Clock,
+  type MatchSpec,
+  type StoredNotification,
+  type SubscriptionRecord,
+  type SubscriptionStatus,
+  systemClock,
+} from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate, MatchCandidate, StatusUpdate, Store } from '../store.js';
 import { EventAcceptance } from './acceptance.js';
 import { Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
@@ -27,7 +35,16 @@ import {
   toSubscriptionItem,
   unchangedSince,
 } from './items.js';
-import { DynamoDbLaneLeases, fenceLane, lowerLane, sameLaneEpoch, unfenceLane } from './lane-leases.js';
+import {
+  DynamoDbLaneLeases,
+  FENCE_MS,
+  FENCE_REFRESH_MS,
+  fenceLane,
+  keepFenced,
+  lowerLane,
+  sameLaneEpoch,
+  unfenceLane,
+} from './lane-leases.js';
 import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
@@ -95,6 +112,9 @@ const TYPE_INDEX_MARKER: Item = { resourceType: S('#index'), subscriptionId: S('
  */
 const ownerCountKey = (owner: string): Item => ({ resourceType: S('#owner'), subscriptionId: S(owner) });
 
+/** A re-queue's own fence, as the Store port names it to both of its calls (FHIR ids have no space). */
+const fenceKey = (subscriptionId: string, dueAt: number): string => `${subscriptionId} ${dueAt}`;
+
 /** Marks the owner counts as complete (see ensureOwnerCounts); `#` keeps it apart from client ids. */
 const OWNER_COUNTS_MARKER: Item = { resourceType: S('#owner'), subscriptionId: S('#counted') };
 
@@ -111,6 +131,20 @@ export interface DynamoDbStoreOptions {
   readonly eventTtlMs?: number;
   /** How long a lane waits for a taken number's notification before voiding it (lane-leases.ts, VOID_AFTER_MS). */
   readonly voidAfterMs?: number;
+  /** The time a re-queue's fence is made fresh at (every other time comes with the call). */
+  readonly clock?: Clock;
+  /** How often a re-queue makes its fence fresh (lane-leases.ts, FENCE_REFRESH_MS); below FENCE_MS. */
+  readonly fenceRefreshMs?: number;
+}
+
+/**
+ * A lane fence this store made, until the re-queue that made it is settled. Two re-queues of one
+ * subscription in this process at the same `dueAt` cannot be told apart when they settle: they
+ * share the fence, lifted once both are settled.
+ */
+interface OwnFence {
+  readonly token: string;
+  requeues: number;
 }
 
 export class DynamoDbStore implements Store {
@@ -120,11 +154,21 @@ export class DynamoDbStore implements Store {
   readonly #tables: TableNames;
   readonly #requests: DynamoDbRequests;
   readonly #acceptance: EventAcceptance;
+  readonly #clock: Clock;
+  readonly #fenceRefreshMs: number;
+  /** By `fenceKey`: the Store port hands `requeueSettled` only what it handed `requeueDeadLetters`. */
+  readonly #fences = new Map<string, OwnFence>();
   /** Tail of the acceptChanges chain: calls on one instance run one after another. */
   #accepting: Promise<unknown> = Promise.resolve();
 
   constructor(client: DynamoDBClient, tablePrefix: string, options: DynamoDbStoreOptions = {}) {
+    const fenceRefreshMs = options.fenceRefreshMs ?? FENCE_REFRESH_MS;
+    if (!(fenceRefreshMs > 0 && fenceRefreshMs < FENCE_MS)) {
+      throw new TypeError(`fenceRefreshMs must be above 0 and below ${FENCE_MS}: got ${fenceRefreshMs}`);
+    }
     this.#client = client;
+    this.#clock = options.clock ?? systemClock;
+    this.#fenceRefreshMs = fenceRefreshMs;
     this.#tables = tableNames(tablePrefix);
     this.#requests = new DynamoDbRequests(client);
     this.laneLeases = new DynamoDbLaneLeases(client, this.#tables.notifications, options.voidAfterMs);
@@ -454,15 +498,45 @@ export class DynamoDbStore implements Store {
    * letter or pending retry: each is reset only if it is still what the query read, so an outcome
    * recorded meanwhile (a delivery, a dead letter) is not undone.
    */
-  async requeueSettled(subscriptionId: string, dueAt: number): Promise<void> {
-    await unfenceLane(this.#client, this.#tables.notifications, subscriptionId, dueAt);
-  }
-
   async requeueDeadLetters(subscriptionId: string, dueAt: number): Promise<number> {
+    // Counted before the fence is made: the settle that follows a failed fence write still finds it
+    // (and lifts the fence, should the write have landed after all).
+    const key = fenceKey(subscriptionId, dueAt);
+    const fence = this.#fences.get(key) ?? { token: randomUUID(), requeues: 0 };
+    fence.requeues++;
+    this.#fences.set(key, fence);
     // First a new epoch, and a fence no lane passes until `requeueSettled`: an attempt's failure
     // settling from here on (in any instance) leaves the rows as this re-queue leaves them (see
     // DeliveryUpdate.laneEpoch), and nothing is sent before the re-activated subscription is written.
-    await fenceLane(this.#client, this.#tables.notifications, subscriptionId, dueAt);
+    await fenceLane(this.#client, this.#tables.notifications, subscriptionId, fence.token, dueAt);
+    // Kept fresh only while the rows are reset: what is left before the settle is the subscription
+    // write (one request), and a fence one refresh old still stands for FENCE_MS less that refresh
+    // (45 s); a caller that never settles leaves a fence that runs out, as one that died does.
+    const stop = keepFenced(
+      this.#client,
+      this.#tables.notifications,
+      subscriptionId,
+      fence.token,
+      this.#clock,
+      this.#fenceRefreshMs,
+    );
+    try {
+      return await this.#requeue(subscriptionId, dueAt);
+    } finally {
+      stop();
+    }
+  }
+
+  /** Lifts the fence this store made for the re-queue at `dueAt`, if any (not twice, nor another's). */
+  async requeueSettled(subscriptionId: string, dueAt: number): Promise<void> {
+    const key = fenceKey(subscriptionId, dueAt);
+    const fence = this.#fences.get(key);
+    if (fence === undefined || --fence.requeues > 0) return;
+    this.#fences.delete(key);
+    await unfenceLane(this.#client, this.#tables.notifications, subscriptionId, fence.token);
+  }
+
+  async #requeue(subscriptionId: string, dueAt: number): Promise<number> {
     // Every dead or pending one: the pending ones never attempted stay as they are, but count for
     // the lane's watermark below (so a re-queue repeated after a failure half-way lowers it again).
     const outstanding = await this.#requests.queryAll({

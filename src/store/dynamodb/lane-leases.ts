@@ -7,7 +7,7 @@ import {
   QueryCommand,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
-import type { StoredNotification } from '../../core/types.js';
+import type { Clock, StoredNotification } from '../../core/types.js';
 import type { LaneHeld, LaneHold, LaneLeases, LaneRead } from '../store.js';
 import { type Item, N, readNumber, readString, S } from './attributes.js';
 import { fromNotificationItem } from './items.js';
@@ -19,7 +19,8 @@ import { inBursts } from './requests.js';
  * a subscription's notifications deletes it too): every function that delivers reads and writes
  * that table already. Attributes: `laneHolder` and `laneUntil` (epoch ms) while held,
  * `laneThrough` (the watermark), `laneEpoch` (re-queues), `laneWanted` (another instance asked),
- * `laneFence` (epoch ms: a re-queue under way since then, see `fenceLane`).
+ * `laneFence` (epoch ms: a re-queue under way, fresh then, see `fenceLane`) and `laneFenceToken`
+ * (whose fence it is).
  *
  * A number taken for an acceptance that never wrote its notification (its container died between
  * the two, or a write failed and the event came back under a new number) would hold the lane
@@ -31,10 +32,13 @@ import { inBursts } from './requests.js';
 /** Longer than any acceptance takes between taking a number and writing its notification. */
 export const VOID_AFTER_MS = 30_000;
 /**
- * How long a re-queue's fence holds at most: longer than the API function's 29 s, so it runs out
- * only when the instance re-queueing died before it wrote the subscription (its lanes wait that long).
+ * How long a re-queue's fence holds after it was last made fresh: longer than the API function's
+ * 29 s, so it runs out only when the instance re-queueing died before it wrote the subscription
+ * (its lanes wait that long).
  */
 export const FENCE_MS = 60_000;
+/** A quarter of FENCE_MS: a refresh or two may fail (or be slow) before the fence goes stale. */
+export const FENCE_REFRESH_MS = FENCE_MS / 4;
 /** The event number of a subscription's lease item. */
 const LANE_NUMBER = 0;
 /** Notifications per page of a lane read. */
@@ -50,6 +54,7 @@ const NAMES = {
   '#wanted': 'laneWanted',
   '#fence': 'laneFence',
 };
+const FENCE_NAMES = { '#fence': 'laneFence', '#token': 'laneFenceToken' };
 /** Not fenced: no re-queue under way (or one whose instance died, its fence older than FENCE_MS). */
 const UNFENCED = '(attribute_not_exists(#fence) OR #fence <= :stale)';
 
@@ -366,50 +371,100 @@ export async function lowerLane(
 
 /**
  * Before a re-queue: a new epoch, and a fence that lets no instance take the lease, nor its holder
- * go on at the new epoch, until `unfenceLane` (or FENCE_MS): the holder's next renew (before its
- * next run, or when an attempt fails) learns that a re-queue is under way, counts an attempt on the
- * wire as one the re-queue starts over, and lets go, rather than read the lane again while the
- * re-activated subscription is not yet written and send the re-queued notifications to the
- * endpoint the client is moving away from. The holder keeps the lease until then: no second sender
- * can start while it may still be sending. Made also without a lease item (none was ever held), so
- * that no lane starts meanwhile. `now` is the fence's mark: only the re-queue that made it lifts it.
+ * go on at the new epoch, until `unfenceLane` (or FENCE_MS after it was last fresh): the holder's
+ * next renew (before its next run, or when an attempt fails) learns that a re-queue is under way,
+ * counts an attempt on the wire as one the re-queue starts over, and lets go, rather than read the
+ * lane again while the re-activated subscription is not yet written and send the re-queued
+ * notifications to the endpoint the client is moving away from. The holder keeps the lease until
+ * then: no second sender can start while it may still be sending. Made also without a lease item
+ * (none was ever held), so that no lane starts meanwhile. `token` (unique per re-queue) is the
+ * fence's mark: only the re-queue that made it lifts it or keeps it fresh, even when another fenced
+ * the same lane in the same millisecond; `now` is when it was fresh.
  */
 export async function fenceLane(
   client: DynamoDBClient,
   table: string,
   subscriptionId: string,
+  token: string,
   now: number,
 ): Promise<void> {
   await client.send(
     new UpdateItemCommand({
       TableName: table,
       Key: laneKey(subscriptionId),
-      UpdateExpression: 'SET #fence = :now, #through = if_not_exists(#through, :zero) ADD #epoch :one',
-      ExpressionAttributeNames: { '#fence': 'laneFence', '#through': 'laneThrough', '#epoch': 'laneEpoch' },
-      ExpressionAttributeValues: { ':now': N(now), ':zero': N(0), ':one': N(1) },
+      UpdateExpression: 'SET #fence = :now, #token = :token, #through = if_not_exists(#through, :zero) ADD #epoch :one',
+      ExpressionAttributeNames: { ...FENCE_NAMES, '#through': 'laneThrough', '#epoch': 'laneEpoch' },
+      ExpressionAttributeValues: { ':now': N(now), ':token': S(token), ':zero': N(0), ':one': N(1) },
     }),
   );
 }
 
 /**
+ * Keeps the fence `token` fresh (`laneFence` set to `clock.now()` every `everyMs`) until the
+ * returned function is called: a re-queue of many dead letters can take longer than FENCE_MS, and
+ * a fence gone stale in its middle would let lanes go on, to the endpoint the client is leaving or
+ * out of order. An instance that dies stops refreshing, so its fence still runs out. A failed
+ * refresh is tried again at the next tick and never fails the re-queue; one that finds the fence
+ * no longer this token's (lifted, or made anew by another re-queue, which keeps its own fresh)
+ * stops. The timer does not keep the process alive.
+ */
+export function keepFenced(
+  client: DynamoDBClient,
+  table: string,
+  subscriptionId: string,
+  token: string,
+  clock: Clock,
+  everyMs: number,
+): () => void {
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
+  const schedule = () => {
+    if (!stopped) timer = setTimeout(refresh, everyMs).unref();
+  };
+  const refresh = () => {
+    void client
+      .send(
+        new UpdateItemCommand({
+          TableName: table,
+          Key: laneKey(subscriptionId),
+          UpdateExpression: 'SET #fence = :now',
+          ConditionExpression: '#token = :token',
+          ExpressionAttributeNames: FENCE_NAMES,
+          ExpressionAttributeValues: { ':now': N(clock.now()), ':token': S(token) },
+        }),
+      )
+      .then(schedule, (err: unknown) => {
+        if (!(err instanceof ConditionalCheckFailedException)) schedule();
+      });
+  };
+  schedule();
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+  };
+}
+
+/**
  * The re-activated subscription is written (or its write failed): the lane may be taken again, at
  * a new epoch, so that an instance that took it after a stale fence reads the subscription afresh.
+ * Only the fence `token`, and the token goes with it: a refresh still in flight then finds the
+ * fence gone, and never makes it anew.
  */
 export async function unfenceLane(
   client: DynamoDBClient,
   table: string,
   subscriptionId: string,
-  fencedAt: number,
+  token: string,
 ): Promise<void> {
   await client
     .send(
       new UpdateItemCommand({
         TableName: table,
         Key: laneKey(subscriptionId),
-        UpdateExpression: 'REMOVE #fence ADD #epoch :one',
-        ConditionExpression: '#fence = :at',
-        ExpressionAttributeNames: { '#fence': 'laneFence', '#epoch': 'laneEpoch' },
-        ExpressionAttributeValues: { ':one': N(1), ':at': N(fencedAt) },
+        UpdateExpression: 'REMOVE #fence, #token ADD #epoch :one',
+        ConditionExpression: '#token = :token',
+        ExpressionAttributeNames: { ...FENCE_NAMES, '#epoch': 'laneEpoch' },
+        ExpressionAttributeValues: { ':one': N(1), ':token': S(token) },
       }),
     )
     .catch(ignoreCondition);
