@@ -13,9 +13,15 @@ type Json = unknown;
 type JsonObject = Record<string, Json>;
 type Resource = { Type: string; Properties: JsonObject; Condition?: string; [key: string]: Json };
 
+/** Synthesised into a temporary directory of its own, removed once the template is read (CDK leaves its default one). */
 function synth(props: BrokerStackProps = {}): Template {
-  const app = new App({ context: { [SKIP_BUNDLING_CONTEXT]: true } });
-  return Template.fromStack(new BrokerStack(app, 'Broker', props));
+  const outdir = mkdtempSync(join(tmpdir(), 'broker-synth-'));
+  try {
+    const app = new App({ outdir, context: { [SKIP_BUNDLING_CONTEXT]: true } });
+    return Template.fromStack(new BrokerStack(app, 'Broker', props));
+  } finally {
+    rmSync(outdir, { recursive: true, force: true });
+  }
 }
 
 /** The one resource of `type` whose properties match `props`, with its logical id. */
