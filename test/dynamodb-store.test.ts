@@ -89,6 +89,23 @@ describe('DynamoDbStore', () => {
     ]);
   });
 
+  it('writes a pending outcome only over a pending row: never over a delivery another container made since', async () => {
+    await store.acceptChanges([item('e1', ['s1']), item('e2', ['s1'])], RECEIVED);
+    // Container Y, holding the lane after a re-activation, delivered #1; container X's attempt at it
+    // (on the wire when the lane changed hands) failed, and X records it started over, late.
+    await store.recordDeliveries([{ subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: 0 }]);
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'pending', attempts: 0, dueAt: 5, lastError: 'HTTP 503' },
+      { subscriptionId: 's1', eventNumber: 2, state: 'pending', attempts: 1, dueAt: 7, lastError: 'HTTP 503' },
+    ]);
+    const rows = await store.notificationsInRange('s1', 0, 10, 10);
+    expect(rows.map(({ eventNumber, state, attempts, dueAt }) => ({ eventNumber, state, attempts, dueAt }))).toEqual([
+      { eventNumber: 1, state: 'delivered', attempts: 1, dueAt: 0 },
+      // A retry of a row still pending is written as before.
+      { eventNumber: 2, state: 'pending', attempts: 1, dueAt: 7 },
+    ]);
+  });
+
   it('leaves a gap in event numbers when a process died between taking a number and queueing', async () => {
     await client.send(
       new UpdateItemCommand({

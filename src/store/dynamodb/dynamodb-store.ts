@@ -723,12 +723,18 @@ export class DynamoDbStore implements Store {
       .set('dueAt', N(u.dueAt))
       .setOrRemove('lastError', u.lastError === undefined ? undefined : S(u.lastError))
       .copyOrRemove('pendingSubscriptionId', 'subscriptionId', u.state === 'pending');
-    // An outcome for a notification that no longer exists is ignored, not written as a new item.
+    // An outcome for a notification that no longer exists is ignored, not written as a new item. A
+    // pending one (a retry, or an attempt a re-queue started over) is for a row its lane was
+    // attempting, so pending: written only while it still is, never over a delivery another
+    // container made after the lane changed hands (that would send it again, or strand it pending
+    // below the lane's watermark).
+    const exists = `attribute_exists(${e.name('subscriptionId')})`;
     const update = {
       TableName: this.#tables.notifications,
       Key: { subscriptionId: S(u.subscriptionId), eventNumber: N(u.eventNumber) },
       UpdateExpression: e.update,
-      ConditionExpression: `attribute_exists(${e.name('subscriptionId')})`,
+      ConditionExpression:
+        u.state === 'pending' ? `${exists} AND ${e.name('state')} = ${e.value(S('pending'))}` : exists,
       ...e.bindings,
     };
     if (u.laneEpoch === undefined) return conditionHeld(this.#client.send(new UpdateItemCommand(update)));
