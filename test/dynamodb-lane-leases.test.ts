@@ -222,36 +222,28 @@ describe('re-queueing a lane', () => {
     });
   });
 
-  it('a re-queue lifts only its own fence, also when another instance fenced the lane in the same millisecond', async () => {
-    await accept(1);
-    await deadLetter(1);
-    const other = new DynamoDbStore(client, prefix);
-    expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
-    expect(await other.requeueDeadLetters('s1', NOW)).toBe(0);
-    // The first one settles while the second is still under way: the second's fence stands.
-    await store.requeueSettled('s1', NOW);
-    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({
-      heldUntil: NOW + FENCE_MS,
-      requeuing: true,
-    });
-    // Two fences, two lowered watermarks, one fence lifted.
-    await other.requeueSettled('s1', NOW);
-    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({ through: 0, epoch: 5 });
-  });
-
-  it('two re-queues of one instance at the same moment keep the lane fenced until both are settled', async () => {
-    await accept(1);
-    await deadLetter(1);
-    expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
-    expect(await store.requeueDeadLetters('s1', NOW)).toBe(0);
-    await store.requeueSettled('s1', NOW);
-    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({
-      heldUntil: NOW + FENCE_MS,
-      requeuing: true,
-    });
-    await store.requeueSettled('s1', NOW);
-    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({ through: 0, epoch: 5 });
-  });
+  it.each([
+    ['another instance', () => new DynamoDbStore(client, prefix)],
+    ['the same instance', () => store],
+  ])(
+    'keeps the lane fenced until both re-queues fenced in the same millisecond are settled (the second by %s)',
+    async (_by, second) => {
+      await accept(1);
+      await deadLetter(1);
+      const other = second();
+      expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
+      expect(await other.requeueDeadLetters('s1', NOW)).toBe(0);
+      // The first one settles while the second is still under way: the second's fence stands.
+      await store.requeueSettled('s1', NOW);
+      expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({
+        heldUntil: NOW + FENCE_MS,
+        requeuing: true,
+      });
+      // Two fences, two lowered watermarks, one fence lifted.
+      await other.requeueSettled('s1', NOW);
+      expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({ through: 0, epoch: 5 });
+    },
+  );
 
   it('a re-queue still resetting rows after FENCE_MS keeps its fence fresh; its settle lifts it', async () => {
     await accept(2);
