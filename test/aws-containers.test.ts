@@ -686,6 +686,60 @@ describe('Lambda containers sharing the tables', () => {
     expect([row.Item?.state?.S, row.Item?.attempts?.N, row.Item?.lastError?.S]).toEqual(['pending', '1', 'HTTP 503']);
   });
 
+  it('a dead letter whose write fails is not passed by the watermark: attempted again, then dead-lettered, the subscription in error', async () => {
+    const tag = 'dead-write-fails';
+    const last = { config: { retryDelaysMs: [] as number[] } };
+    const api = createHandlers(container(last));
+    const id = await create(
+      api,
+      topicSubscription('patient-change', `${receiver.url}/${tag}`, { filters: [`Patient?_id=${tag}-p`] }),
+    );
+    await receiver.waitFor(() => receiver.on(`/${tag}`).length === 1, 'the handshake');
+    const answer = receiver.respond;
+    receiver.respond = (req) =>
+      req.path === `/${tag}` && req.body.includes('"event-notification"') ? { status: 400 } : answer(req);
+    // The one write recording the dead letter fails (throttled past the SDK's own retries, say).
+    const failing = localClient(local.endpoint);
+    let thrown = 0;
+    failing.middlewareStack.add(
+      (next, ctx) => async (args) => {
+        const write = ctx.commandName === 'TransactWriteItemsCommand' && JSON.stringify(args.input).includes('"dead"');
+        if (write && thrown === 0) {
+          thrown++;
+          throw Object.assign(new Error('Throughput exceeds the current capacity'), {
+            name: 'ThrottlingException',
+            $fault: 'client',
+          });
+        }
+        return next(args);
+      },
+      { step: 'initialize' },
+    );
+    try {
+      await createHandlers(container({ ...last, dynamodb: failing })).events(
+        eventLike('healthlake-update-patient', `${tag}-1`, `${tag}-p`),
+      );
+      expect(thrown).toBe(1);
+      // The next scheduled run finds it still below no watermark: one more attempt, and this time
+      // the dead letter is written and the client told.
+      await createHandlers(container(last)).dispatch(60_000);
+      await receiver.waitFor(() => arrivedAt(`/${tag}`).length === 2, 'the attempt made again');
+    } finally {
+      receiver.respond = answer;
+    }
+    const row = await local.client.send(
+      new GetItemCommand({
+        TableName: tableNames(config.tablePrefix).notifications,
+        Key: { subscriptionId: { S: id }, eventNumber: { N: '1' } },
+        ConsistentRead: true,
+      }),
+    );
+    expect(row.Item?.state?.S).toBe('dead');
+    const read = await call(createHandlers(container()), 'GET', `/fhir/Subscription/${id}`);
+    expect(read.body.status).toBe('error');
+    expect(arrivedAt(`/${tag}`)).toEqual([1, 1]);
+  });
+
   /** A client whose requests for `id`'s lane (its lease item, its lane reads) go through `hook` first. */
   const leaseHooked = (id: string, hook: (input: LeaseRequest, command: string) => Promise<void>): DynamoDBClient => {
     const hooked = localClient(local.endpoint);

@@ -128,6 +128,12 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 /** A minute of slack: the hourly timer may fire a little early relative to a late previous run. */
 const PURGE_MIN_GAP_MS = PURGE_INTERVAL_MS - 60 * 1000;
 
+/**
+ * A dead letter the store does not show written (the write failed, or a re-queue came first): its
+ * lane reads it again after this, rather than let the shared watermark pass it.
+ */
+const DEAD_LETTER_RECHECK_MS = 5_000;
+
 // 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
 const DEFAULT_TIMEOUT_MS = 10_000;
 /**
@@ -962,6 +968,7 @@ export class Dispatcher {
       return true;
     }
     if (delay === undefined) {
+      const doneBefore = lane.done;
       retire(lane, batch);
       for (const q of batch) {
         this.#states.record({
@@ -976,7 +983,18 @@ export class Dispatcher {
       // Under a lease the dead letter is written only at the epoch the attempt began in: when the
       // renew before it failed (nothing learnt), a re-queue may have voided it, and the subscription,
       // re-activated since, must not go to `error` for the old endpoint's failure.
-      if (epoch !== undefined && !(await this.#deadLettered(sub.id, batch))) return false;
+      if (epoch !== undefined && !(await this.#deadLettered(sub.id, batch))) {
+        // Not in the store as dead: re-queued since (pending again, read at the new epoch), or the
+        // write failed (pending as the last retry left it). Either way the shared watermark must
+        // not pass it, or no lane would read it again, and the subscription stays active with
+        // nothing to tell the client: the lane reads it again shortly (once more attempted, then
+        // dead-lettered again, or sent to where the re-activation moved it).
+        lane.done = doneBefore;
+        lane.queue = [];
+        lane.backlog = true;
+        if (this.#lanes.get(sub.id) === lane) this.#wakeIn(sub.id, lane, DEAD_LETTER_RECHECK_MS, true)?.unref();
+        return false;
+      }
       this.#metrics.inc('broker_notifications_total', { outcome: 'dead-lettered' }, batch.length);
       this.#lifecycle.publish({
         type: 'Notification Dead-Lettered',
@@ -1011,13 +1029,24 @@ export class Dispatcher {
     return false;
   }
 
-  /** The batch's dead letters are in the store (written now, with the delivery states before them). */
+  /**
+   * The batch's dead letters are in the store (written now, with the delivery states before them);
+   * false also when the store could not be read (as good as not written: the lane reads them again).
+   */
   async #deadLettered(id: string, batch: readonly QueuedNotification[]): Promise<boolean> {
     const first = batch[0]?.note.eventNumber ?? 0;
     const last = batch.at(-1)?.note.eventNumber ?? 0;
-    await this.#states.flush();
-    const rows = await this.#store.notificationsInRange(id, first, last, batch.length);
-    return rows.length === batch.length && rows.every((r) => r.state === 'dead');
+    try {
+      await this.#states.flush();
+      const rows = await this.#store.notificationsInRange(id, first, last, batch.length);
+      return rows.length === batch.length && rows.every((r) => r.state === 'dead');
+    } catch (err) {
+      this.#logger.warn('dead letter not confirmed in the store; its lane reads it again', {
+        subscription: id,
+        err: err as Error,
+      });
+      return false;
+    }
   }
 
   async #handshake(id: string): Promise<void> {
