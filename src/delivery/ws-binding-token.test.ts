@@ -37,9 +37,27 @@ it('after a rotation signs with the new key, and binds tokens of the old one for
   expect(() => new BindingTokens('k'.repeat(40)).verify(after, NOW)).toThrow('invalid token');
   expect(rotating.verify(before, NOW + 29_999)).toEqual(claims);
   expect(() => rotating.verify(before, NOW + 30_000)).toThrow('invalid token');
-  // A second rotation forgets the first key at once.
+  // A second rotation within the grace (a mistaken secret put right) keeps honouring the first
+  // key's tokens until their own grace ends, and the second key's until its own.
   rotating.rotate('m'.repeat(40), NOW + 1_000, 30_000);
-  expect(() => rotating.verify(before, NOW + 2_000)).toThrow('invalid token');
-  expect(rotating.verify(after, NOW + 2_000)).toEqual(claims);
+  expect(rotating.verify(before, NOW + 2_000)).toEqual(claims);
+  expect(() => rotating.verify(before, NOW + 30_000)).toThrow('invalid token');
+  expect(rotating.verify(after, NOW + 30_999)).toEqual(claims);
+  expect(() => rotating.verify(after, NOW + 31_000)).toThrow('invalid token');
   expect(() => rotating.rotate('short', NOW, 30_000)).toThrow('at least 32 characters');
+});
+
+it('honours at most the last 8 rotated-out keys, and forgets those past their grace at the next rotation', () => {
+  const rotating = new BindingTokens('a'.repeat(40));
+  const first = rotating.issue(claims);
+  for (let i = 0; i < 8; i++) rotating.rotate(String(i).repeat(40), NOW, 60_000);
+  // Eight rotations: the first key is the eighth rotated out, still honoured.
+  expect(rotating.verify(first, NOW)).toEqual(claims);
+  rotating.rotate('z'.repeat(40), NOW, 60_000);
+  expect(() => rotating.verify(first, NOW)).toThrow('invalid token');
+  // Rotating back to a key still in grace signs with it again.
+  const withZ = rotating.issue(claims);
+  rotating.rotate('7'.repeat(40), NOW + 1, 60_000);
+  expect(rotating.verify(withZ, NOW + 2)).toEqual(claims);
+  expect(new BindingTokens('7'.repeat(40)).verify(rotating.issue(claims), NOW)).toEqual(claims);
 });

@@ -21,11 +21,17 @@ export class BindingTokenError extends Error {
 }
 
 const VERSION = 'v1';
+/** Rotated-out keys still honoured (within their grace): bounds a rotation loop's cost per verify. */
+const MAX_PREVIOUS_KEYS = 8;
 
 export class BindingTokens {
   #key: Buffer;
-  /** The key before the last rotation, and until when (epoch ms) the tokens it signed still bind. */
-  #previous: { readonly key: Buffer; readonly until: number } | undefined;
+  /**
+   * The keys before the last rotations, each with until when (epoch ms) the tokens it signed still
+   * bind: every one rotated out within a token's lifetime, so two rotations in a row (a mistaken
+   * secret put right) refuse no token before it expires. At most MAX_PREVIOUS_KEYS, newest first.
+   */
+  #previous: { readonly key: Buffer; readonly until: number }[] = [];
 
   constructor(key: string) {
     this.#key = keyOf(key);
@@ -39,7 +45,8 @@ export class BindingTokens {
   rotate(key: string, nowMs: number, graceMs: number): void {
     const next = keyOf(key);
     if (next.equals(this.#key)) return;
-    this.#previous = { key: this.#key, until: nowMs + graceMs };
+    const kept = this.#previous.filter((p) => nowMs < p.until && !p.key.equals(next));
+    this.#previous = [{ key: this.#key, until: nowMs + graceMs }, ...kept].slice(0, MAX_PREVIOUS_KEYS);
     this.#key = next;
   }
 
@@ -67,8 +74,7 @@ export class BindingTokens {
       const expected = Buffer.from(this.#mac(body, key));
       return expected.length === given.length && timingSafeEqual(expected, given);
     };
-    const previous = this.#previous;
-    if (!signedWith(this.#key) && !(previous !== undefined && nowMs < previous.until && signedWith(previous.key)))
+    if (!signedWith(this.#key) && !this.#previous.some((p) => nowMs < p.until && signedWith(p.key)))
       throw new BindingTokenError('invalid token');
     let parsed: { o?: unknown; s?: unknown; e?: unknown };
     try {
