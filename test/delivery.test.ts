@@ -338,6 +338,38 @@ describe('heartbeats', () => {
     expect(read.body).toMatchObject({ status: 'off', error: 'endpoint answered 410 Gone' });
   });
 
+  it('sends a heartbeat that fell due during a notification at once when that notification fails', async () => {
+    // Retries far off: after the failure nothing else goes to the endpoint but heartbeats.
+    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '1h' });
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/hb-run`, {
+        channel: { extension: [{ url: `${BACKPORT}/backport-heartbeat-period`, valueUnsignedInt: 3 }] },
+      }),
+    );
+    await t.logger.waitForStatus(sub.id as string, 'active');
+    // The notification is answered 503 3.5 s after it arrives: the 3 s boundary passes while it is on the wire.
+    const holdMs = 3_500;
+    receiver.respond = (req) =>
+      req.body.includes('event-notification') ? { status: 503, delayMs: holdMs } : { status: 204 };
+    await t.post(patientEvents('hb-run', 1));
+    await receiver.waitFor(
+      () => typesOn(receiver, '/hb-run').filter((type) => type === 'heartbeat').length >= 1,
+      'a heartbeat',
+      10_000,
+    );
+    const arrived = receiver.arrived.filter((r) => r.path === '/hb-run');
+    expect(arrived.map((r) => statusOf(JSON.parse(r.body) as Json).params.get('type')?.valueCode)).toEqual([
+      'handshake',
+      'event-notification',
+      'heartbeat',
+    ]);
+    const [, note, heartbeat] = arrived as [unknown, (typeof arrived)[number], (typeof arrived)[number]];
+    // Right after the failure, not a whole period later (before the fix: ~2.5 s after it).
+    const afterFailure = heartbeat.at - (note.at + holdMs);
+    expect(afterFailure).toBeGreaterThanOrEqual(-50);
+    expect(afterFailure).toBeLessThan(1_500);
+  });
+
   it('turns a subscription off when a heartbeat answers 410 Gone, and sends none after', async () => {
     const { t, receiver } = await setup();
     receiver.respond = (req) => (req.body.includes('"heartbeat"') ? { status: 410 } : { status: 204 });

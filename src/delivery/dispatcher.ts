@@ -111,6 +111,11 @@ class Lane {
    */
   generation = 0;
   heartbeat: NodeJS.Timeout | undefined;
+  /**
+   * A heartbeat fell due while the lane was running: the run may reach the endpoint (and stand for
+   * it) or fail, so the lane's loop decides when it ends, rather than the next period.
+   */
+  heartbeatOwed = false;
   /** The run being sent (or waiting for a connection slot): stopped when the client deletes or changes the subscription. */
   run: RunStop | undefined;
 }
@@ -541,8 +546,16 @@ export class Dispatcher {
     } catch (err) {
       this.#laneFailed(id, err);
     } finally {
-      lane.running = false;
+      this.#endRunning(id, lane);
     }
+  }
+
+  /** The lane's loop ends: a heartbeat that fell due meanwhile is scheduled now (sent at once if nothing got through). */
+  #endRunning(id: string, lane: Lane): void {
+    lane.running = false;
+    if (!lane.heartbeatOwed) return;
+    lane.heartbeatOwed = false;
+    if (this.#lanes.get(id) === lane) this.#scheduleHeartbeat(id, true);
   }
 
   /**
@@ -612,7 +625,7 @@ export class Dispatcher {
           this.#logger.error('dispatcher lane lease not released', { subscription: id, err: err as Error }),
         );
       }
-      lane.running = false;
+      this.#endRunning(id, lane);
       const woken = lane.wokenWhileRunning;
       lane.wokenWhileRunning = false;
       // Never from here on the stack (a loop that cannot run, its time over, must not wake itself
@@ -1218,14 +1231,16 @@ export class Dispatcher {
    * Heartbeats for subscriptions with `heartbeat-period`: sent when nothing else reached the
    * endpoint within the period, carrying the current status (also while in `error`).
    */
-  #scheduleHeartbeat(id: string): void {
+  #scheduleHeartbeat(id: string, owed = false): void {
     const sub = this.#registry.get(id);
     const period = (sub?.channel.heartbeatPeriodSeconds ?? 0) * 1000;
     const lane = this.#lanes.get(id);
     if (lane !== undefined) clearTimeout(lane.heartbeat);
     if (sub === undefined || period === 0 || this.#closed || !heartbeatsAllowed(sub)) return;
     const owner = this.#lane(id);
-    const due = Math.max(owner.lastSentAt + period - performance.now(), 0) || period;
+    // Overdue: now if a loop that was running owes it, else a period on (a heartbeat that failed).
+    const left = owner.lastSentAt + period - performance.now();
+    const due = left > 0 ? left : owed ? 0 : period;
     owner.heartbeat = setTimeout(() => this.#track(this.#heartbeat(id, period)), due);
     owner.heartbeat.unref();
   }
@@ -1235,7 +1250,12 @@ export class Dispatcher {
     const lane = this.#lanes.get(id);
     if (sub === undefined || lane === undefined || this.#closed) return;
     const now = this.#clock.now();
-    if (performance.now() - lane.lastSentAt >= period && !lane.running) {
+    if (performance.now() - lane.lastSentAt >= period) {
+      if (lane.running) {
+        // A run may be on the wire: its end (`#endRunning`) sends the heartbeat unless the run got through.
+        lane.heartbeatOwed = true;
+        return;
+      }
       // Changed or deleted while this waited for a slot: no heartbeat to the endpoint it had.
       const result = await this.#sendIfCurrent(sub, 'heartbeat', `${id}-heartbeat-${now}`);
       if (result !== undefined) {
