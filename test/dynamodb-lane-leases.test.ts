@@ -222,12 +222,13 @@ describe('re-queueing a lane', () => {
     });
   });
 
+  // Epochs: two fences, two re-queues, and a lift per fence (two tokens; the same instance shares one).
   it.each([
-    ['another instance', () => new DynamoDbStore(client, prefix)],
-    ['the same instance', () => store],
+    ['another instance', () => new DynamoDbStore(client, prefix), 6],
+    ['the same instance', () => store, 5],
   ])(
     'keeps the lane fenced until both re-queues fenced in the same millisecond are settled (the second by %s)',
-    async (_by, second) => {
+    async (_by, second, epoch) => {
       await accept(1);
       await deadLetter(1);
       const other = second();
@@ -239,11 +240,43 @@ describe('re-queueing a lane', () => {
         heldUntil: NOW + FENCE_MS,
         requeuing: true,
       });
-      // Two fences, two lowered watermarks, one fence lifted.
+      // The second lift ends the fence.
       await other.requeueSettled('s1', NOW);
-      expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({ through: 0, epoch: 5 });
+      expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({ through: 0, epoch });
     },
   );
+
+  it('keeps the lane fenced while the first of two re-queues is under way, though the second settled first', async () => {
+    await accept(1);
+    await deadLetter(1);
+    const other = new DynamoDbStore(client, prefix);
+    expect(await store.requeueDeadLetters('s1', NOW)).toBe(1);
+    expect(await other.requeueDeadLetters('s1', NOW + 10)).toBe(0);
+    await other.requeueSettled('s1', NOW + 10);
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toEqual({
+      heldUntil: NOW + 10 + FENCE_MS,
+      requeuing: true,
+    });
+    await store.requeueSettled('s1', NOW);
+    expect(await leases().take('s1', 'B', NOW + 1_000, NOW + 60_000)).toMatchObject({ through: 0 });
+  });
+
+  it('makes a stale fence anew without the tokens of the re-queues that let it go stale', async () => {
+    await accept(1);
+    await deadLetter(1);
+    // A re-queue whose instance died: its token stays in the set, its fence goes stale.
+    const dead = new DynamoDbStore(client, prefix);
+    expect(await dead.requeueDeadLetters('s1', NOW)).toBe(1);
+    const later = NOW + FENCE_MS + 1;
+    expect(await store.requeueDeadLetters('s1', later)).toBe(0);
+    expect(await leases().take('s1', 'B', later + 1, later + 60_000)).toEqual({
+      heldUntil: later + FENCE_MS,
+      requeuing: true,
+    });
+    // Lifted by its own settle alone: the dead re-queue's token went with the stale fence.
+    await store.requeueSettled('s1', later);
+    expect(await leases().take('s1', 'B', later + 1, later + 60_000)).toMatchObject({ through: 0 });
+  });
 
   it('a re-queue still resetting rows after FENCE_MS keeps its fence fresh; its settle lifts it', async () => {
     await accept(2);

@@ -19,8 +19,8 @@ import { inBursts } from './requests.js';
  * a subscription's notifications deletes it too): every function that delivers reads and writes
  * that table already. Attributes: `laneHolder` and `laneUntil` (epoch ms) while held,
  * `laneThrough` (the watermark), `laneEpoch` (re-queues), `laneWanted` (another instance asked),
- * `laneFence` (epoch ms: a re-queue under way, fresh then, see `fenceLane`) and `laneFenceToken`
- * (whose fence it is).
+ * `laneFence` (epoch ms: when a re-queue's fence was last made fresh, see `fenceLane`) and
+ * `laneFenceTokens` (a string set: the re-queues under way; none, no fence).
  *
  * A number taken for an acceptance that never wrote its notification (its container died between
  * the two, or a write failed and the event came back under a new number) would hold the lane
@@ -53,10 +53,10 @@ const NAMES = {
   '#epoch': 'laneEpoch',
   '#wanted': 'laneWanted',
   '#fence': 'laneFence',
+  '#tokens': 'laneFenceTokens',
 };
-const FENCE_NAMES = { '#fence': 'laneFence', '#token': 'laneFenceToken' };
-/** Not fenced: no re-queue under way (or one whose instance died, its fence older than FENCE_MS). */
-const UNFENCED = '(attribute_not_exists(#fence) OR #fence <= :stale)';
+/** Not fenced: no re-queue under way (or only ones whose instances died, the fence older than FENCE_MS). */
+const UNFENCED = '(attribute_not_exists(#tokens) OR #fence <= :stale)';
 
 export class DynamoDbLaneLeases implements LaneLeases {
   readonly #client: DynamoDBClient;
@@ -377,9 +377,10 @@ export async function lowerLane(
  * lane again while the re-activated subscription is not yet written and send the re-queued
  * notifications to the endpoint the client is moving away from. The holder keeps the lease until
  * then: no second sender can start while it may still be sending. Made also without a lease item
- * (none was ever held), so that no lane starts meanwhile. `token` (unique per re-queue) is the
- * fence's mark: only the re-queue that made it lifts it or keeps it fresh, even when another fenced
- * the same lane in the same millisecond; `now` is when it was fresh.
+ * (none was ever held), so that no lane starts meanwhile. `token` (unique per re-queue) joins the
+ * fence's set: the fence stands until every re-queue in it lifted its token, in whatever order they
+ * end (or until none has kept it fresh for FENCE_MS). A fence gone stale is made anew, without the
+ * tokens of the re-queues that let it go stale. `now` is when it was fresh.
  */
 export async function fenceLane(
   client: DynamoDBClient,
@@ -388,15 +389,35 @@ export async function fenceLane(
   token: string,
   now: number,
 ): Promise<void> {
-  await client.send(
-    new UpdateItemCommand({
-      TableName: table,
-      Key: laneKey(subscriptionId),
-      UpdateExpression: 'SET #fence = :now, #token = :token, #through = if_not_exists(#through, :zero) ADD #epoch :one',
-      ExpressionAttributeNames: { ...FENCE_NAMES, '#through': 'laneThrough', '#epoch': 'laneEpoch' },
-      ExpressionAttributeValues: { ':now': N(now), ':token': S(token), ':zero': N(0), ':one': N(1) },
-    }),
-  );
+  const fence = (update: string, condition?: string) =>
+    client.send(
+      new UpdateItemCommand({
+        TableName: table,
+        Key: laneKey(subscriptionId),
+        UpdateExpression: `SET #fence = :now, #through = if_not_exists(#through, :zero) ${update}`,
+        ...(condition === undefined ? {} : { ConditionExpression: condition }),
+        ExpressionAttributeNames: {
+          '#fence': 'laneFence',
+          '#tokens': 'laneFenceTokens',
+          '#through': 'laneThrough',
+          '#epoch': 'laneEpoch',
+        },
+        ExpressionAttributeValues: {
+          ':now': N(now),
+          ':token': { SS: [token] },
+          ':zero': N(0),
+          ':one': N(1),
+          ...(condition === undefined ? {} : { ':stale': N(now - FENCE_MS) }),
+        },
+      }),
+    );
+  try {
+    await fence(', #tokens = :token ADD #epoch :one', UNFENCED);
+  } catch (err) {
+    if (!(err instanceof ConditionalCheckFailedException)) throw err;
+    // Another re-queue's fence stands: this one joins it.
+    await fence('ADD #epoch :one, #tokens :token');
+  }
 }
 
 /**
@@ -428,8 +449,8 @@ export function keepFenced(
           TableName: table,
           Key: laneKey(subscriptionId),
           UpdateExpression: 'SET #fence = :now',
-          ConditionExpression: '#token = :token',
-          ExpressionAttributeNames: FENCE_NAMES,
+          ConditionExpression: 'contains(#tokens, :token)',
+          ExpressionAttributeNames: { '#fence': 'laneFence', '#tokens': 'laneFenceTokens' },
           ExpressionAttributeValues: { ':now': N(clock.now()), ':token': S(token) },
         }),
       )
@@ -447,8 +468,9 @@ export function keepFenced(
 /**
  * The re-activated subscription is written (or its write failed): the lane may be taken again, at
  * a new epoch, so that an instance that took it after a stale fence reads the subscription afresh.
- * Only the fence `token`, and the token goes with it: a refresh still in flight then finds the
- * fence gone, and never makes it anew.
+ * Only the fence `token` goes (a refresh of it still in flight then finds it gone, and never makes
+ * the fence fresh again); the fence stands while another re-queue's token is in it, and goes with
+ * the last (DynamoDB removes a set left empty).
  */
 export async function unfenceLane(
   client: DynamoDBClient,
@@ -461,10 +483,10 @@ export async function unfenceLane(
       new UpdateItemCommand({
         TableName: table,
         Key: laneKey(subscriptionId),
-        UpdateExpression: 'REMOVE #fence, #token ADD #epoch :one',
-        ConditionExpression: '#token = :token',
-        ExpressionAttributeNames: { ...FENCE_NAMES, '#epoch': 'laneEpoch' },
-        ExpressionAttributeValues: { ':one': N(1), ':token': S(token) },
+        UpdateExpression: 'DELETE #tokens :set ADD #epoch :one',
+        ConditionExpression: 'contains(#tokens, :token)',
+        ExpressionAttributeNames: { '#tokens': 'laneFenceTokens', '#epoch': 'laneEpoch' },
+        ExpressionAttributeValues: { ':one': N(1), ':set': { SS: [token] }, ':token': S(token) },
       }),
     )
     .catch(ignoreCondition);
@@ -483,7 +505,7 @@ export function sameLaneEpoch(table: string, subscriptionId: string, epoch: numb
 
 /** The lease item `item` (as a failed condition returned it) is fenced by a re-queue at `now`: until when. */
 function requeuing(item: Item | undefined, now: number): LaneHeld | undefined {
-  if (item?.laneFence === undefined) return undefined;
+  if (item?.laneFenceTokens === undefined || item.laneFence === undefined) return undefined;
   const heldUntil = readNumber(item, 'laneFence') + FENCE_MS;
   return heldUntil > now ? { heldUntil, requeuing: true } : undefined;
 }
