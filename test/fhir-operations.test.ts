@@ -279,6 +279,26 @@ describe('FHIR operations and search', () => {
     expect((await get('/fhir/Subscription', '*/*')).status).toBe(200);
   });
 
+  it('answers 406 to a request that accepts only another FHIR version than R4', async () => {
+    const get = (path: string, accept: string) =>
+      t.broker.app.request(path, { headers: { authorization: `Bearer ${TOKENS.alice}`, accept } });
+    const r5 = await get('/fhir/Subscription', 'application/fhir+json; fhirVersion=5.0');
+    expect(r5.status).toBe(406);
+    const outcome = (await r5.json()) as Json;
+    expect(outcome.resourceType).toBe('OperationOutcome');
+    expect(JSON.stringify(outcome)).toContain('fhirVersion=4.0');
+    expect((await get('/fhir/metadata?_format=application/fhir%2Bjson;fhirVersion=3.0', '*/*')).status).toBe(406);
+    for (const accept of [
+      'application/fhir+json; fhirVersion=4.0',
+      'application/fhir+json;fhirVersion="4.0"',
+      'application/fhir+json; fhirVersion=4.0.1; charset=utf-8',
+      'application/fhir+json; fhirVersion=5.0, application/fhir+json; fhirVersion=4.0',
+      'application/fhir+json; fhirVersion=5.0, */*;q=0.1',
+    ]) {
+      expect((await get('/fhir/metadata', accept)).status, accept).toBe(200);
+    }
+  });
+
   it('takes application/json+fhir, the DSTU2 media type older clients send', async () => {
     const res = await t.broker.app.request('/fhir/Subscription', {
       method: 'POST',

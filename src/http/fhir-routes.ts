@@ -306,21 +306,37 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
 const XML_FORMATS = new Set(['xml', 'text/xml', 'application/xml', 'application/fhir+xml', 'application/xml+fhir']);
 const JSON_FORMATS = new Set(['json', 'application/json', 'application/fhir+json', 'application/json+fhir']);
 
-/** `_format` (which overrides Accept, as FHIR says) or else Accept must allow JSON: 406 otherwise. */
+/**
+ * Whether a media type asks for another FHIR version than R4 (`fhirVersion=5.0`): the broker speaks
+ * R4 (4.0, and 4.0.x as some clients write it) alone. No parameter: any version, R4 included.
+ */
+function otherFhirVersion(value: string): boolean {
+  for (const param of value.split(';').slice(1)) {
+    const [name, version] = param.split('=').map((part) => part.trim().replace(/^"|"$/g, ''));
+    if (name?.toLowerCase() === 'fhirversion') return !/^4\.0(\.\d+)?$/.test(version ?? '');
+  }
+  return false;
+}
+
+/**
+ * `_format` (which overrides Accept, as FHIR says) or else Accept must allow JSON of FHIR R4: 406
+ * otherwise (XML only, or only another `fhirVersion`).
+ */
 function checkAcceptable(format: string | undefined, accept: string | undefined): void {
   if (format !== undefined) {
     // An unencoded `+` in a query string arrives as a space: `application/fhir json`.
     const type = mediaType(format).replaceAll(' ', '+');
-    if (JSON_FORMATS.has(type)) return;
-    throw new BrokerError('NOT_ACCEPTABLE', `_format ${format.slice(0, 64)} is not served; use json`);
+    if (JSON_FORMATS.has(type) && !otherFhirVersion(format)) return;
+    throw new BrokerError('NOT_ACCEPTABLE', `_format ${format.slice(0, 64)} is not served; use json (FHIR R4)`);
   }
   if (accept === undefined || accept.trim() === '') return;
-  const types = accept.split(',').map(mediaType);
-  // Only when every type named is XML: anything else (JSON, */*, application/*, unknown) gets JSON.
-  if (types.every((t) => XML_FORMATS.has(t))) {
+  const ranges = accept.split(',');
+  // Only when every type named is XML or another FHIR version: anything else (JSON, */*,
+  // application/*, unknown) gets R4 JSON.
+  if (ranges.every((range) => XML_FORMATS.has(mediaType(range)) || otherFhirVersion(range))) {
     throw new BrokerError(
       'NOT_ACCEPTABLE',
-      `Accept ${accept.slice(0, 64)} names XML only; the broker answers application/fhir+json`,
+      `Accept ${accept.slice(0, 64)} names XML or another FHIR version only; the broker answers application/fhir+json of FHIR R4 (fhirVersion=4.0)`,
     );
   }
 }
