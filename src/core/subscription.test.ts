@@ -250,6 +250,7 @@ describe('parseSubscription: the stored resource', () => {
         type: 'rest-hook',
         endpoint: ENDPOINT,
         payload: 'application/fhir+json',
+        _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'id-only' }] },
         extension: [{ url: BACKPORT_EXT.heartbeatPeriod, valueUnsignedInt: 120 }],
       },
     });
@@ -258,7 +259,46 @@ describe('parseSubscription: the stored resource', () => {
 
   it('removes channel.extension entirely when the secret was the only one', () => {
     const spec = parse(topicSub({ channel: { extension: [{ url: BROKER_EXT.webhookSecret, valueString: SECRET }] } }));
-    expect(spec.resource.channel).toEqual({ type: 'rest-hook', endpoint: ENDPOINT, payload: 'application/fhir+json' });
+    expect(spec.resource.channel).toEqual({
+      type: 'rest-hook',
+      endpoint: ENDPOINT,
+      payload: 'application/fhir+json',
+      _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'id-only' }] },
+    });
+  });
+
+  it('writes in the payload and content a topic-based subscription left to their defaults, as the backport profile requires them', () => {
+    const contentOf = (channel: Json) =>
+      ((channel._payload as Json | undefined)?.extension as Json[] | undefined)?.find(
+        (e) => e.url === BACKPORT_EXT.payloadContent,
+      )?.valueCode;
+    // No payload: empty content, in FHIR JSON bundles (what the broker sends).
+    const bare = parse({
+      resourceType: 'Subscription',
+      criteria: PATIENT_TOPIC,
+      channel: { type: 'rest-hook', endpoint: ENDPOINT },
+    });
+    expect(bare.channel.content).toBe('empty');
+    expect(bare.resource.channel).toMatchObject({ payload: 'application/fhir+json' });
+    expect(contentOf(bare.resource.channel as Json)).toBe('empty');
+    // A payload without content: id-only.
+    const plain = parse(topicSub({ channel: { payload: 'application/json' } }));
+    expect(plain.resource.channel).toMatchObject({
+      payload: 'application/json',
+      _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'id-only' }] },
+    });
+    // Content given: as given.
+    const given = parse(
+      topicSub({
+        channel: { _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'empty' }] } },
+      }),
+    );
+    expect(given.resource.channel).toMatchObject({
+      _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'empty' }] },
+    });
+    // A classic subscription claims no profile: nothing written in.
+    const classic = parse(classicSub('Patient?'));
+    expect(classic.resource.channel).toEqual({ type: 'rest-hook', endpoint: ENDPOINT });
   });
 
   it('leaves webhookSecret and askedStatus out when the client sent none', () => {

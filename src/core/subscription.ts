@@ -278,7 +278,7 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   const channel = parseChannel(sub, kind);
   const webhookSecret = parseSecret(sub.channel.extension);
   const askedStatus = sub.status as SubscriptionStatus | undefined;
-  const resource = storedResource(sub, kind);
+  const resource = storedResource(sub, kind, channel.content);
   const bytes = storedSize(resource);
   if (bytes > MAX_STORED_BYTES) {
     throw new BrokerError(
@@ -765,11 +765,26 @@ export function isWebhookSecret(v: string): boolean {
   return bytes >= 24 && bytes <= 64;
 }
 
-/** The client's resource minus what the broker owns (secret, status, error, id, meta). */
-function storedResource(sub: SubscriptionJson, kind: SubscriptionKind): FhirResource {
+/**
+ * The client's resource minus what the broker owns (secret, status, error, id, meta). A topic-based
+ * one claims the backport profile, which requires `channel.payload` and its content extension: a
+ * default the client left out is written in as the broker applies it (no payload: `empty` content
+ * in `application/fhir+json` bundles; a payload without content: `id-only`).
+ */
+function storedResource(sub: SubscriptionJson, kind: SubscriptionKind, content: PayloadContent): FhirResource {
   const { id: _id, meta: _meta, status: _status, error: _error, text: _text, ...rest } = sub;
   const channelExt = (sub.channel.extension ?? []).filter((e) => e.url !== BROKER_EXT.webhookSecret);
   const { extension: _ext, ...channel } = sub.channel;
+  if (kind === 'topic') {
+    channel.payload ??= 'application/fhir+json';
+    const payloadExt = channel._payload?.extension ?? [];
+    if (!payloadExt.some((e) => e.url === BACKPORT_EXT.payloadContent)) {
+      channel._payload = {
+        ...channel._payload,
+        extension: [...payloadExt, { url: BACKPORT_EXT.payloadContent, valueCode: content }],
+      };
+    }
+  }
   return {
     ...rest,
     resourceType: 'Subscription',
