@@ -24,7 +24,8 @@ export const LOCK_FILE = 'broker.lock';
 /** Creates the data dir (and its parents) if need be; a path it cannot be made at names BROKER_DATA_DIR. */
 export function makeDataDir(dataDir: string): void {
   try {
-    mkdirSync(dataDir, { recursive: true });
+    // Only its owner's: it holds the store (webhook secrets) and credentials.json.
+    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   } catch (err) {
     throw new ConfigError('BROKER_DATA_DIR', `cannot create the directory ${dataDir}: ${fsReason(err)}`);
   }

@@ -1,11 +1,12 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ConfigError } from '../src/config.js';
 import { DataDirInUseError, LOCK_FILE, lockDataDir } from '../src/data-dir-lock.js';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { type BrokerProcess, newDataDir, startBroker } from './support/broker-process.js';
 
 /** One broker per data directory: a second is refused while the first lives, however the first ends. */
@@ -88,6 +89,38 @@ describe('lockDataDir', () => {
     holder.kill('SIGKILL');
     await once(holder, 'exit');
     lockDataDir(dir).release();
+  });
+});
+
+describe('data dir permissions', () => {
+  const modeOf = (path: string) => statSync(path).mode & 0o777;
+
+  it("makes the data dir its owner's alone, and the database with its WAL files 0600 (they hold webhook secrets)", async () => {
+    const parent = mkdtempSync(join(tmpdir(), 'fsb-modes-'));
+    cleanups.push(async () => rmSync(parent, { recursive: true, force: true }));
+    const dir = join(parent, 'new', 'data');
+    lockDataDir(dir).release();
+    expect(modeOf(dir)).toBe(0o700);
+    const store = new SqliteStore(join(parent, 'other'));
+    await store.close();
+    expect(modeOf(join(parent, 'other'))).toBe(0o700);
+    const file = join(parent, 'other', 'broker.sqlite3');
+    const files = [file, `${file}-wal`, `${file}-shm`].filter((f) => existsSync(f));
+    expect(files).toContain(file);
+    for (const f of files) expect(modeOf(f), f).toBe(0o600);
+  });
+
+  it('tightens a database (and WAL files) an earlier build left readable by others', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-modes-'));
+    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    const file = join(dir, 'broker.sqlite3');
+    await new SqliteStore(dir).close();
+    writeFileSync(`${file}-wal`, '');
+    for (const f of [file, `${file}-wal`]) chmodSync(f, 0o644);
+    const store = new SqliteStore(dir);
+    for (const f of [file, `${file}-wal`]) expect(modeOf(f), f).toBe(0o600);
+    expect(modeOf(`${file}-shm`)).toBe(0o600);
+    await store.close();
   });
 });
 

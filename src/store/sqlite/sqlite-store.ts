@@ -1,4 +1,4 @@
-import { closeSync, fstatSync, mkdirSync, openSync, statSync } from 'node:fs';
+import { chmodSync, closeSync, fstatSync, mkdirSync, openSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { BrokerError } from '../../core/errors.js';
@@ -251,9 +251,10 @@ export class SqliteStore implements Store {
   readonly #fileCheck: NodeJS.Timeout;
 
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
-    mkdirSync(dataDir, { recursive: true });
+    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     const file = join(dataDir, 'broker.sqlite3');
     try {
+      ownerOnly(file);
       this.#db = new Database(file);
     } catch (err) {
       throw new Error(`cannot open the SQLite database ${file}: ${(err as Error).message}`, { cause: err });
@@ -535,4 +536,23 @@ function fromNotificationRow(row: NotificationRow): StoredNotification {
     dueAt: row.due_at,
     ...(row.last_error === null ? {} : { lastError: row.last_error }),
   };
+}
+
+/**
+ * The database holds every client's webhook secrets and `channel.header` values: readable by its
+ * owner alone, like credentials.json. Made 0600 if new, and tightened if an earlier build (or a
+ * umask) left it open to others; SQLite gives the WAL and shared-memory files it creates the
+ * database file's mode, and those already there are tightened too (where this user may).
+ */
+function ownerOnly(file: string): void {
+  closeSync(openSync(file, 'a', 0o600));
+  for (const path of [file, `${file}-wal`, `${file}-shm`]) {
+    const mode = statSync(path, { throwIfNoEntry: false })?.mode;
+    if (mode === undefined || (mode & 0o077) === 0) continue;
+    try {
+      chmodSync(path, mode & 0o700);
+    } catch {
+      // Not this user's file (EPERM): it still opens; its owner decides who reads it.
+    }
+  }
 }
