@@ -64,6 +64,11 @@ export interface Config {
   readonly maxInFlightPerClient: number;
   /** How long delivered notifications stay available to `$events`, and event ids to deduplication. */
   readonly eventRetentionMs: number;
+  /**
+   * `BROKER_REQUEST_TIMEOUT`: an HTTP request (headers and body) must arrive within this, or its
+   * connection is closed (408): a client trickling a body cannot hold a connection for minutes.
+   */
+  readonly requestTimeoutMs: number;
   readonly store: 'sqlite' | 'dynamodb';
   readonly dynamodbEndpoint?: string;
   readonly tablePrefix: string;
@@ -161,6 +166,8 @@ export function loadConfig(env: Env = process.env): Config {
     ...(metricsToken === undefined ? {} : { metricsToken }),
     ...(wsTokenSecret === undefined ? {} : { wsTokenSecret }),
     wsTokenTtlMs: singleDuration(env, 'BROKER_WS_TOKEN_TTL', 10 * 60_000, 1000),
+    // 60 s: a 10 MiB event batch at 170 KB/s; Node's own default is 5 minutes.
+    requestTimeoutMs: singleDuration(env, 'BROKER_REQUEST_TIMEOUT', 60_000, 1000),
     // 1 MiB: dozens of bundles; a reader further behind than that is not keeping up.
     wsSendBufferBytes: int(env, 'BROKER_WS_SEND_BUFFER', 1024 * 1024, 4096, 64 * 1024 * 1024),
     // 20,000: twice the fan-out bench's 10,000 sockets, within a default 64k descriptor limit.

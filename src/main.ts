@@ -32,17 +32,26 @@ async function main(): Promise<void> {
     broker === undefined ? Response.json({ status: 'starting' }, { status: 503 }) : broker.app.fetch(req, env),
   );
   // `POST /events` skips the hono app (see http/ingest-listener.ts); everything else goes through it.
-  const server = createServer((req, res) => {
-    if (broker !== undefined && isIngestRequest(req)) void broker.serveIngest(req, res);
-    else void hono(req, res);
-  });
   // Idle keep-alive connections stay open 65 s (Node's default is 5 s), longer than clients' own
   // idle timeouts (60 s for an AWS load balancer, ~4 s for undici), so the client closes first: a
   // server that closes first races the client's next request on that socket, which then fails
-  // with "other side closed" (seen in this repo's tests under load). Headers must still arrive
-  // within 66 s of a request's start.
-  server.keepAliveTimeout = 65_000;
-  server.headersTimeout = 66_000;
+  // with "other side closed" (seen in this repo's tests under load). A request's headers must come
+  // within 30 s of its first byte, the whole request within BROKER_REQUEST_TIMEOUT (else 408 and
+  // the connection closed), checked every 2 s: a client trickling bytes holds no connection for
+  // Node's default 5 minutes.
+  const requestTimeout = config.requestTimeoutMs;
+  const server = createServer(
+    {
+      keepAliveTimeout: 65_000,
+      headersTimeout: Math.min(30_000, requestTimeout),
+      requestTimeout,
+      connectionsCheckingInterval: Math.min(2_000, requestTimeout),
+    },
+    (req, res) => {
+      if (broker !== undefined && isIngestRequest(req)) void broker.serveIngest(req, res);
+      else void hono(req, res);
+    },
+  );
   server.listen(config.port, config.host);
   await once(server, 'listening').catch((err: Error) => {
     throw new Error(`cannot listen on HOST=${config.host} PORT=${config.port}: ${err.message}`);

@@ -305,6 +305,58 @@ describe('keep-alive (real server)', () => {
   });
 });
 
+describe('slow requests (real server, BROKER_REQUEST_TIMEOUT=2s)', () => {
+  let broker: BrokerProcess;
+
+  beforeAll(async () => {
+    broker = await startBroker({ BROKER_REQUEST_TIMEOUT: '2s' });
+  });
+
+  afterAll(async () => {
+    await broker?.kill('SIGTERM');
+  });
+
+  /** Opens a raw connection, writes `head`, then `drop` every 300 ms; resolves with what came back and when the socket closed. */
+  function trickle(head: string, drop: string): Promise<{ answer: string; closedAfterMs: number }> {
+    const { port } = new URL(broker.url);
+    const socket = connect(Number(port), '127.0.0.1');
+    const started = Date.now();
+    let answer = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (c: string) => {
+      answer += c;
+    });
+    socket.on('error', () => undefined);
+    socket.write(head);
+    const drip = setInterval(() => socket.write(drop), 300);
+    return new Promise((resolve) => {
+      socket.on('close', () => {
+        clearInterval(drip);
+        resolve({ answer, closedAfterMs: Date.now() - started });
+      });
+      // Far past the timeout: a connection still open then fails the test below.
+      setTimeout(() => socket.destroy(), 20_000).unref();
+    });
+  }
+
+  it('closes a connection whose authenticated body trickles in past the timeout, with 408', async () => {
+    const { answer, closedAfterMs } = await trickle(
+      'POST /fhir/Subscription HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n' +
+        `Authorization: Bearer ${API_KEYS.alice}\r\nContent-Length: 100000\r\n\r\n{`,
+      'x',
+    );
+    expect(answer).toMatch(/^HTTP\/1\.1 408/);
+    expect(closedAfterMs).toBeLessThan(15_000);
+    // The broker goes on serving.
+    expect((await fetch(`${broker.url}/healthz`)).status).toBe(200);
+  });
+
+  it('closes a connection whose headers trickle in past the timeout', async () => {
+    const { closedAfterMs } = await trickle('GET /healthz HTTP/1.1\r\n', 'X-Slow: 1\r\n');
+    expect(closedAfterMs).toBeLessThan(15_000);
+  });
+});
+
 /** One request on `agent` (keep-alive, one socket): its status, its `Connection` header, and whether it reused the socket. */
 function keptAlive(
   agent: Agent,
