@@ -55,6 +55,29 @@ const NAMES = {
   '#fence': 'laneFence',
   '#tokens': 'laneFenceTokens',
 };
+/**
+ * An UpdateItem of the lease item of `subscriptionId`, with the names of NAMES its expressions use
+ * (DynamoDB refuses a name given and not used).
+ */
+function laneUpdate(
+  table: string,
+  subscriptionId: string,
+  input: {
+    UpdateExpression: string;
+    ConditionExpression?: string;
+    ExpressionAttributeValues: Record<string, AttributeValue>;
+    ReturnValues?: 'ALL_NEW';
+    ReturnValuesOnConditionCheckFailure?: 'ALL_OLD';
+  },
+): UpdateItemCommand {
+  const used = `${input.UpdateExpression} ${input.ConditionExpression ?? ''}`;
+  return new UpdateItemCommand({
+    TableName: table,
+    Key: laneKey(subscriptionId),
+    ExpressionAttributeNames: Object.fromEntries(Object.entries(NAMES).filter(([k]) => used.includes(k))),
+    ...input,
+  });
+}
 /** Not fenced: no re-queue under way (or only ones whose instances died, the fence older than FENCE_MS). */
 const UNFENCED = '(attribute_not_exists(#tokens) OR #fence <= :stale)';
 
@@ -285,19 +308,7 @@ export class DynamoDbLaneLeases implements LaneLeases {
       ReturnValuesOnConditionCheckFailure?: 'ALL_OLD';
     },
   ) {
-    const names = Object.fromEntries(
-      Object.entries(NAMES).filter(
-        ([k]) => input.UpdateExpression.includes(k) || input.ConditionExpression.includes(k),
-      ),
-    );
-    return this.#client.send(
-      new UpdateItemCommand({
-        TableName: this.#table,
-        Key: laneKey(subscriptionId),
-        ExpressionAttributeNames: names,
-        ...input,
-      }),
-    );
+    return this.#client.send(laneUpdate(this.#table, subscriptionId, input));
   }
 }
 
@@ -348,12 +359,9 @@ export async function lowerLane(
 ): Promise<void> {
   const send = (update: string, condition: string, values: Record<string, AttributeValue>) =>
     client.send(
-      new UpdateItemCommand({
-        TableName: table,
-        Key: laneKey(subscriptionId),
+      laneUpdate(table, subscriptionId, {
         UpdateExpression: update,
         ConditionExpression: condition,
-        ExpressionAttributeNames: { '#through': 'laneThrough', '#epoch': 'laneEpoch' },
         ExpressionAttributeValues: values,
       }),
     );
@@ -391,17 +399,9 @@ export async function fenceLane(
 ): Promise<void> {
   const fence = (update: string, condition?: string) =>
     client.send(
-      new UpdateItemCommand({
-        TableName: table,
-        Key: laneKey(subscriptionId),
+      laneUpdate(table, subscriptionId, {
         UpdateExpression: `SET #fence = :now, #through = if_not_exists(#through, :zero) ${update}`,
         ...(condition === undefined ? {} : { ConditionExpression: condition }),
-        ExpressionAttributeNames: {
-          '#fence': 'laneFence',
-          '#tokens': 'laneFenceTokens',
-          '#through': 'laneThrough',
-          '#epoch': 'laneEpoch',
-        },
         ExpressionAttributeValues: {
           ':now': N(now),
           ':token': { SS: [token] },
@@ -445,12 +445,9 @@ export function keepFenced(
   const refresh = () => {
     void client
       .send(
-        new UpdateItemCommand({
-          TableName: table,
-          Key: laneKey(subscriptionId),
+        laneUpdate(table, subscriptionId, {
           UpdateExpression: 'SET #fence = :now',
           ConditionExpression: 'contains(#tokens, :token)',
-          ExpressionAttributeNames: { '#fence': 'laneFence', '#tokens': 'laneFenceTokens' },
           ExpressionAttributeValues: { ':now': N(clock.now()), ':token': S(token) },
         }),
       )
@@ -480,12 +477,9 @@ export async function unfenceLane(
 ): Promise<void> {
   await client
     .send(
-      new UpdateItemCommand({
-        TableName: table,
-        Key: laneKey(subscriptionId),
+      laneUpdate(table, subscriptionId, {
         UpdateExpression: 'DELETE #tokens :set ADD #epoch :one',
         ConditionExpression: 'contains(#tokens, :token)',
-        ExpressionAttributeNames: { '#tokens': 'laneFenceTokens', '#epoch': 'laneEpoch' },
         ExpressionAttributeValues: { ':one': N(1), ':set': { SS: [token] }, ':token': S(token) },
       }),
     )
