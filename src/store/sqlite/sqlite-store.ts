@@ -1,4 +1,4 @@
-import { chmodSync, closeSync, fstatSync, mkdirSync, openSync, statSync } from 'node:fs';
+import { chmodSync, closeSync, fstatSync, openSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { BrokerError } from '../../core/errors.js';
@@ -13,6 +13,7 @@ import type {
   SubscriptionRecord,
   SubscriptionStatus,
 } from '../../core/types.js';
+import { makeDataDir } from '../../data-dir-lock.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate, StatusUpdate, Store } from '../store.js';
 import { SqliteWriter } from './sqlite-writer.js';
 
@@ -251,7 +252,7 @@ export class SqliteStore implements Store {
   readonly #fileCheck: NodeJS.Timeout;
 
   constructor(dataDir: string, options: { synchronous?: 'FULL' | 'NORMAL' } = {}) {
-    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    makeDataDir(dataDir);
     const file = join(dataDir, 'broker.sqlite3');
     try {
       ownerOnly(file);
