@@ -325,52 +325,127 @@ describe('FHIR conformance', () => {
   });
 
   describe('versions', () => {
-    it('answers a create with a Location naming the version, which vread serves while it is current', async () => {
+    const versionOf = (body: Json): string => String((body.meta as Json).versionId);
+    // A create's answer carries the generated webhook secret, shown that once and in no version read after.
+    const withoutSecret = (body: Json): Json => {
+      const { extension, ...channel } = body.channel as Json;
+      const rest = (extension as Json[]).filter((e) => !String(e.url).endsWith('/webhook-secret'));
+      return { ...body, channel: rest.length === 0 ? channel : { ...channel, extension: rest } };
+    };
+
+    it('serves the version a create’s Location names after the handshake changed it, and earlier versions after a PUT', async () => {
       const created = await request('POST', '/fhir/Subscription', {
-        body: topicSubscription('patient-change', `${receiver.url}/versioned`, off),
+        body: topicSubscription('patient-change', `${receiver.url}/versioned`),
       });
       expect(created.status).toBe(201);
       const id = String(created.body.id);
-      const v1 = String((created.body.meta as Json).versionId);
-      expect(created.headers.get('location')).toBe(`${BASE}/Subscription/${id}/_history/${v1}`);
-
+      const v1 = versionOf(created.body);
+      const location = `${BASE}/Subscription/${id}/_history/${v1}`;
+      expect(created.headers.get('location')).toBe(location);
+      // The handshake moves it to active: a new version, and the create's is still there to read.
+      await t.logger.waitForStatus(id, 'active');
       const read = await request('GET', `/fhir/Subscription/${id}`);
-      const vread = await request('GET', `/fhir/Subscription/${id}/_history/${v1}`);
-      expect(vread.status).toBe(200);
-      expect(vread.body).toEqual(read.body);
-      expect(vread.headers.get('etag')).toBe(`W/"${v1}"`);
-      expect(vread.headers.get('last-modified')).toBe(read.headers.get('last-modified'));
+      const v2 = versionOf(read.body);
+      expect([read.body.status, v2 === v1]).toEqual(['active', false]);
+      const first = await request('GET', location.slice('http://broker.test'.length));
+      expect(first.status).toBe(200);
+      expect(first.body).toEqual(withoutSecret(created.body));
+      expect([first.body.status, first.headers.get('etag')]).toEqual(['requested', `W/"${v1}"`]);
 
-      const updated = await request('PUT', `/fhir/Subscription/${id}`, { body: { ...read.body, reason: 'v2' } });
-      const v2 = String((updated.body.meta as Json).versionId);
-      const old = await request('GET', `/fhir/Subscription/${id}/_history/${v1}`);
-      expect(old.status).toBe(404);
-      expect(old.body).toEqual(
+      const updated = await request('PUT', `/fhir/Subscription/${id}`, { body: { ...read.body, reason: 'v3' } });
+      const v3 = versionOf(updated.body);
+      const second = await request('GET', `/fhir/Subscription/${id}/_history/${v2}`);
+      expect(second.body).toEqual(read.body);
+      expect([second.status, second.headers.get('etag'), second.headers.get('last-modified')]).toEqual([
+        200,
+        `W/"${v2}"`,
+        read.headers.get('last-modified'),
+      ]);
+      const current = await request('GET', `/fhir/Subscription/${id}/_history/${v3}`);
+      expect([current.status, current.body.reason, current.body.status]).toEqual([200, 'v3', 'active']);
+
+      const unknown = await request('GET', `/fhir/Subscription/${id}/_history/1`);
+      expect(unknown.status).toBe(404);
+      expect(unknown.body).toEqual(
         operationOutcome(
           'NOT_FOUND',
-          `Subscription/${id}/_history/${v1} not found: the broker keeps only the current version of a Subscription`,
+          `Subscription/${id}/_history/1 not found: the broker keeps the current version of a Subscription and the last 10 before it`,
         ),
       );
-      const current = await request('GET', `/fhir/Subscription/${id}/_history/${v2}`);
-      expect([current.status, current.body.reason]).toEqual([200, 'v2']);
-
       // Another client: not found, as for a read, whichever version it names.
-      for (const vid of [v1, v2]) {
+      for (const vid of [v1, v2, v3]) {
         const bob = await request('GET', `/fhir/Subscription/${id}/_history/${vid}`, { token: TOKENS.bob });
         expect(bob.status).toBe(404);
         expect(bob.body).toEqual(operationOutcome('NOT_FOUND', `Subscription/${id} not found`));
       }
     });
 
-    it('declares vread in the CapabilityStatement', async () => {
-      expect(((await subscriptionResource()).interaction as Json[]).map((i) => i.code)).toEqual([
+    it('lists the versions newest first as a history Bundle, with _count and _since', async () => {
+      const created = await request('POST', '/fhir/Subscription', {
+        body: topicSubscription('patient-change', `${receiver.url}/history`, off),
+      });
+      const id = String(created.body.id);
+      let body = withoutSecret(created.body);
+      const bodies = [body];
+      for (const reason of ['second', 'third']) {
+        body = (await request('PUT', `/fhir/Subscription/${id}`, { body: { ...body, reason } })).body;
+        bodies.unshift(body);
+      }
+      const history = await request('GET', `/fhir/Subscription/${id}/_history`);
+      expect(history.status).toBe(200);
+      expect(history.body).toEqual({
+        resourceType: 'Bundle',
+        type: 'history',
+        total: 3,
+        link: [{ relation: 'self', url: `${BASE}/Subscription/${id}/_history` }],
+        entry: bodies.map((b, i) => ({
+          fullUrl: `${BASE}/Subscription/${id}`,
+          resource: b,
+          request: i === 2 ? { method: 'POST', url: 'Subscription' } : { method: 'PUT', url: `Subscription/${id}` },
+          response: {
+            status: i === 2 ? '201 Created' : '200 OK',
+            etag: `W/"${versionOf(b)}"`,
+            lastModified: (b.meta as Json).lastUpdated,
+          },
+        })),
+      });
+
+      const since = String(((bodies[1] as Json).meta as Json).lastUpdated);
+      const recent = await request('GET', `/fhir/Subscription/${id}/_history?${query({ _since: since, _count: '1' })}`);
+      expect([recent.body.total, (recent.body.entry as Json[]).map((e) => (e.resource as Json).reason)]).toEqual([
+        2,
+        ['third'],
+      ]);
+      expect(recent.body.link).toEqual([
+        { relation: 'self', url: `${BASE}/Subscription/${id}/_history?${query({ _since: since, _count: '1' })}` },
+      ]);
+      const none = await request('GET', `/fhir/Subscription/${id}/_history?_since=2999-01-01T00:00:00Z`);
+      expect([none.status, none.body.total, none.body.entry]).toEqual([200, 0, undefined]);
+
+      const bad = await request('GET', `/fhir/Subscription/${id}/_history?_since=yesterday`);
+      expect(bad.status).toBe(400);
+      expect(bad.body).toEqual(
+        operationOutcome(
+          'INVALID_PARAMETER',
+          '_since "yesterday" is not an instant: expected YYYY-MM-DDThh:mm:ss (optionally .fff) then Z or +hh:mm / -hh:mm',
+        ),
+      );
+      const bob = await request('GET', `/fhir/Subscription/${id}/_history`, { token: TOKENS.bob });
+      expect([bob.status, bob.body]).toEqual([404, operationOutcome('NOT_FOUND', `Subscription/${id} not found`)]);
+    });
+
+    it('declares vread, history and versioned updates in the CapabilityStatement', async () => {
+      const resource = await subscriptionResource();
+      expect((resource.interaction as Json[]).map((i) => i.code)).toEqual([
         'create',
         'read',
         'vread',
         'update',
         'delete',
+        'history-instance',
         'search-type',
       ]);
+      expect([resource.versioning, resource.readHistory]).toEqual(['versioned-update', true]);
     });
   });
 

@@ -257,6 +257,11 @@ describe('SQLite data dir from schema version 1', () => {
       ['s2', 2],
     ]);
     expect((await store.getSubscription('s1'))?.eventsSinceStart).toBe(4);
+    // Earlier versions are kept from the first change on.
+    await store.updateStatus('s1', { status: 'off' }, '2031-01-01T00:00:00.000Z');
+    expect((await store.subscriptionVersions('s1')).map((v) => [v.updatedAt, v.status])).toEqual([
+      [record('s1').updatedAt, 'active'],
+    ]);
 
     await onDisk((db) => {
       expect(db.pragma('user_version', { simple: true })).toBe(3);
@@ -286,5 +291,37 @@ describe('SQLite data dir from schema version 1', () => {
       expect(again.pragma('journal_mode', { simple: true })).toBe('delete');
       expect(again.prepare("SELECT name FROM sqlite_master WHERE name = 'subscriptions'").get()).toBeUndefined();
     });
+  });
+});
+
+describe('SQLite data dir of schema version 3 from before earlier versions were kept', () => {
+  it('gains the versions table on opening, and its triggers keep it right whoever writes the file', async () => {
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    await store.insertSubscription(record('s1', { status: 'requested' }));
+    await store.close();
+    // As the release of 2026-11-27 left the file: no table, no triggers.
+    const old = new Database(join(dir, 'broker.sqlite3'));
+    old.exec(`DROP TRIGGER subscription_versions_keep; DROP TRIGGER subscription_versions_drop;
+      DROP TABLE subscription_versions;`);
+    old.close();
+
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    expect(await store.subscriptionVersions('s1')).toEqual([]);
+    await store.updateStatus('s1', { status: 'active' }, '2031-01-01T00:00:00.000Z');
+    await store.close();
+    store = undefined;
+    // A broker that knows nothing of the table (an older one, on the same file) still keeps it.
+    const older = new Database(join(dir, 'broker.sqlite3'));
+    older
+      .prepare("UPDATE subscriptions SET status = 'off', updated_at = ? WHERE id = 's1'")
+      .run('2031-01-02T00:00:00.000Z');
+    older.close();
+
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    expect((await store.subscriptionVersions('s1')).map((v) => [v.updatedAt, v.status])).toEqual([
+      ['2031-01-01T00:00:00.000Z', 'active'],
+      [record('s1').updatedAt, 'requested'],
+    ]);
+    await onDisk((db) => expect(db.pragma('user_version', { simple: true })).toBe(3));
   });
 });

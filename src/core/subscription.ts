@@ -318,7 +318,8 @@ function checkInstant(value: string, expression: string): void {
   });
 }
 
-function instantProblem(value: string): string | undefined {
+/** Why `value` is not a valid R4 instant, or undefined when it is one. */
+export function instantProblem(value: string): string | undefined {
   const m = INSTANT.exec(value);
   if (m === null) return 'expected YYYY-MM-DDThh:mm:ss (optionally .fff) then Z or +hh:mm / -hh:mm';
   const [year, month, day, hours, minutes, seconds] = [1, 2, 3, 4, 5, 6].map((i) => Number(m[i])) as Fields;

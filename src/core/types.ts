@@ -72,6 +72,18 @@ export interface SubscriptionRecord {
   readonly resource: FhirResource;
 }
 
+/**
+ * An earlier version of a subscription: what a client read until the next change (its own, or
+ * the broker's, such as the handshake's `requested` → `active`). The store keeps the last few, so
+ * a versioned `Location` or `ETag` a client holds can still be read (FHIR vread) after a change.
+ */
+export interface SubscriptionVersion {
+  readonly updatedAt: string;
+  readonly status: SubscriptionStatus;
+  readonly error?: string;
+  readonly resource: FhirResource;
+}
+
 /** One matched change queued for one subscription, numbered per subscription. */
 export interface Notification {
   readonly subscriptionId: string;

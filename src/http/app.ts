@@ -37,6 +37,7 @@ const ROUTES: readonly [string, readonly string[]][] = [
   ['/fhir/Subscription/:id/$events', ['GET', 'POST']],
   ['/fhir/Subscription/$get-ws-binding-token', ['GET', 'POST']],
   ['/fhir/Subscription/:id/$get-ws-binding-token', ['GET', 'POST']],
+  ['/fhir/Subscription/:id/_history', ['GET']],
   ['/fhir/Subscription/:id/_history/:vid', ['GET']],
   ['/ws', ['GET']],
   ['/live', ['GET']],

@@ -3,11 +3,12 @@ import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
 import { mediaType } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
+import { instantProblem } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, IdSource, PayloadContent, SubscriptionRecord } from '../core/types.js';
 import type { BindingTokens } from '../delivery/ws-binding-token.js';
 import { type SubscriptionRegistry, versionId } from '../service/subscription-registry.js';
-import type { Store } from '../store/store.js';
+import { EARLIER_VERSIONS_KEPT, type Store } from '../store/store.js';
 import type { ApiKeyAuth } from './auth.js';
 import { readBody, readJsonBody } from './body.js';
 import { fhirResponse } from './outcome.js';
@@ -277,18 +278,56 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     return fhirResponse(registry.render(sub), 200, etag(sub));
   });
 
-  // vread: only the current version is kept, so only it can be read.
+  // vread: the current version, or one of the earlier ones the store keeps (EARLIER_VERSIONS_KEPT).
   app.get('/fhir/Subscription/:id/_history/:vid', async (c) => {
     const id = c.req.param('id');
-    const sub = await registry.read(c.get('owner'), id);
     const vid = c.req.param('vid');
-    if (vid !== versionId(sub)) {
+    const found = (await registry.history(c.get('owner'), id)).find((v) => versionId(v) === vid);
+    if (found === undefined) {
       throw new BrokerError(
         'NOT_FOUND',
-        `Subscription/${id}/_history/${vid.slice(0, 64)} not found: the broker keeps only the current version of a Subscription`,
+        `Subscription/${id}/_history/${vid.slice(0, 64)} not found: the broker keeps the current version of a Subscription and the last ${EARLIER_VERSIONS_KEPT} before it`,
       );
     }
-    return fhirResponse(registry.render(sub), 200, etag(sub));
+    return fhirResponse(registry.render(found), 200, etag(found));
+  });
+
+  // history-instance: those versions, newest first (R4 http.html#history), `_since` and `_count` applied.
+  app.get('/fhir/Subscription/:id/_history', async (c) => {
+    const id = c.req.param('id');
+    const query = searchQuery(c, ['_since', '_count', ...GENERAL_PARAMETERS]);
+    const since = sinceParam(query.one('_since'));
+    const count = countParam(query.one('_count'));
+    const versions = await registry.history(c.get('owner'), id);
+    const oldest = versions.at(-1);
+    const kept = versions.filter((v) => since === undefined || Date.parse(v.updatedAt) >= since);
+    const page = kept.slice(0, count);
+    return fhirResponse({
+      resourceType: 'Bundle',
+      type: 'history',
+      total: kept.length,
+      link: [{ relation: 'self', url: `${fhirBase}/Subscription/${id}/_history${query.applied()}` }],
+      ...(page.length === 0
+        ? {}
+        : {
+            entry: page.map((v) => {
+              // The create, when it is still among the versions kept; every later one as an update.
+              const created = v === oldest && v.updatedAt === v.createdAt;
+              return {
+                fullUrl: `${fhirBase}/Subscription/${id}`,
+                resource: registry.render(v),
+                request: created
+                  ? { method: 'POST', url: 'Subscription' }
+                  : { method: 'PUT', url: `Subscription/${id}` },
+                response: {
+                  status: created ? '201 Created' : '200 OK',
+                  etag: `W/"${versionId(v)}"`,
+                  lastModified: v.updatedAt,
+                },
+              };
+            }),
+          }),
+    });
   });
 
   app.put('/fhir/Subscription/:id', async (c) => {
@@ -476,6 +515,19 @@ async function readFormBody(c: Context<Env>, maxBytes: number): Promise<URLSearc
   return new URLSearchParams((await readBody(c, maxBytes)).toString('utf8'));
 }
 
+/** `_history?_since=`: an R4 instant, as epoch ms. */
+function sinceParam(value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const problem = instantProblem(value);
+  if (problem !== undefined) {
+    throw new BrokerError(
+      'INVALID_PARAMETER',
+      `_since ${JSON.stringify(value.slice(0, 64))} is not an instant: ${problem}`,
+    );
+  }
+  return Date.parse(value);
+}
+
 /** Search page size: `_count` (default and maximum 1,000). */
 function countParam(value: string | undefined): number {
   if (value === undefined) return MAX_SEARCH_PAGE;
@@ -558,7 +610,12 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
             extension: deps.topics.all().map((t) => ({ url: BACKPORT_EXT.topicCanonical, valueCanonical: t.url })),
             type: 'Subscription',
             supportedProfile: [BACKPORT_PROFILE.subscription],
-            interaction: ['create', 'read', 'vread', 'update', 'delete', 'search-type'].map((code) => ({ code })),
+            interaction: ['create', 'read', 'vread', 'update', 'delete', 'history-instance', 'search-type'].map(
+              (code) => ({ code }),
+            ),
+            // Every change makes a version; vread serves the current one and the last few before it.
+            versioning: 'versioned-update',
+            readHistory: true,
             searchParam: [
               { name: '_id', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Resource-id' },
               { name: 'status', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-status' },

@@ -230,6 +230,23 @@ export class SubscriptionRegistry {
     return rec;
   }
 
+  /**
+   * The owner's subscription as it is, then the earlier versions the store keeps, newest first,
+   * each as the record it was (status, error, resource and version; the rest as now), or NOT_FOUND.
+   */
+  async history(owner: string, id: string): Promise<SubscriptionRecord[]> {
+    const current = await this.read(owner, id);
+    const earlier = await this.#store.subscriptionVersions(id);
+    const { error: _error, ...rest } = current;
+    return [
+      current,
+      ...earlier
+        // A version written between the two reads is the current one's successor, not its past.
+        .filter((v) => Date.parse(v.updatedAt) < Date.parse(current.updatedAt))
+        .map((v) => ({ ...rest, ...v })),
+    ];
+  }
+
   async search(owner: string): Promise<SubscriptionRecord[]> {
     return this.#store.listSubscriptions(owner);
   }

@@ -6,12 +6,16 @@ import type {
   StoredNotification,
   SubscriptionRecord,
   SubscriptionStatus,
+  SubscriptionVersion,
 } from '../core/types.js';
 
 /**
  * The Store port, owned by the core. Adapters: `sqlite/` (embedded default) and `dynamodb/`.
  * Every method is async so a network store fits the same shape.
  */
+
+/** How many earlier versions of a subscription a store keeps (`Store.subscriptionVersions`). */
+export const EARLIER_VERSIONS_KEPT = 10;
 
 export interface AcceptItem {
   readonly change: ResourceChange;
@@ -167,6 +171,13 @@ export interface Store {
     expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
   ): Promise<SubscriptionRecord | undefined>;
   updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined>;
+  /**
+   * The subscription's earlier versions, newest first: each write over it (`replaceSubscription`,
+   * `updateStatus`) keeps the version it replaced, in the same write, up to the last
+   * EARLIER_VERSIONS_KEPT (a store may keep fewer of very large ones). A delete forgets them.
+   * Empty for an unknown subscription.
+   */
+  subscriptionVersions(id: string): Promise<SubscriptionVersion[]>;
   /**
    * Deletes the subscription and its notifications; false when there was none. With
    * `expectedUpdatedAt`, only while the stored `updatedAt` is still that one (compare-and-delete:

@@ -16,6 +16,7 @@ import {
   type StoredNotification,
   type SubscriptionRecord,
   type SubscriptionStatus,
+  type SubscriptionVersion,
   systemClock,
 } from '../../core/types.js';
 import type { AcceptItem, AcceptOutcome, DeliveryUpdate, MatchCandidate, StatusUpdate, Store } from '../store.js';
@@ -32,8 +33,10 @@ import {
   type IndexedFields,
   indexedTypes,
   notificationKey,
+  readVersions,
   toSubscriptionItem,
   unchangedSince,
+  versionsAfterWrite,
 } from './items.js';
 import {
   DynamoDbLaneLeases,
@@ -368,6 +371,14 @@ export class DynamoDbStore implements Store {
     return written?.next;
   }
 
+  async subscriptionVersions(id: string): Promise<SubscriptionVersion[]> {
+    const out = await this.#client.send(
+      new GetItemCommand({ TableName: this.#tables.subscriptions, Key: { id: S(id) }, ConsistentRead: true }),
+    );
+    if (out.Item === undefined) return [];
+    return readVersions(fromSubscriptionItem(out.Item), readOptionalString(out.Item, 'versions'));
+  }
+
   async deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean> {
     // The subscription first (with `expectedUpdatedAt`, conditioned on the item as read), then its
     // notifications: a delete that fails (a changed version, a conflict) keeps them all, and none
@@ -664,6 +675,11 @@ export class DynamoDbStore implements Store {
       const planned = plan(current);
       if (planned === undefined) return undefined;
       const e = planned.next === undefined ? new Expression() : planned.update;
+      // The version replaced is kept on the item, in the same write (see versionsAfterWrite).
+      if (planned.next !== undefined) {
+        const versions = versionsAfterWrite(current, planned.next, readOptionalString(out.Item, 'versions'));
+        if (versions !== undefined) e.set('versions', S(versions));
+      }
       const key = {
         TableName: this.#tables.subscriptions,
         Key: { id: S(id) },

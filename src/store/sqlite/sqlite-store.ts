@@ -12,9 +12,17 @@ import type {
   SubscriptionKind,
   SubscriptionRecord,
   SubscriptionStatus,
+  SubscriptionVersion,
 } from '../../core/types.js';
 import { makeDataDir } from '../../data-dir-lock.js';
-import type { AcceptItem, AcceptOutcome, DeliveryUpdate, StatusUpdate, Store } from '../store.js';
+import {
+  type AcceptItem,
+  type AcceptOutcome,
+  type DeliveryUpdate,
+  EARLIER_VERSIONS_KEPT,
+  type StatusUpdate,
+  type Store,
+} from '../store.js';
 import { SqliteWriter } from './sqlite-writer.js';
 
 /**
@@ -41,6 +49,38 @@ import { SqliteWriter } from './sqlite-writer.js';
  * version 2 → 3: see bench/README.md ("Sixth session").
  */
 const SCHEMA_VERSION = 3;
+
+/**
+ * Earlier versions of each subscription (for FHIR vread), kept by triggers: the row a write
+ * replaces is copied here in the same statement, whatever wrote it, and only the last
+ * EARLIER_VERSIONS_KEPT stay; a deleted subscription's go with it. Every write moves `updated_at`
+ * on (the version id). Added to schema version 3 as it was, without a new version number: the
+ * triggers live in the file, so a broker that knows nothing of them keeps the table right too,
+ * and an older broker can still open a file a newer one wrote.
+ */
+const VERSIONS = `
+CREATE TABLE IF NOT EXISTS subscription_versions (
+  subscription_id TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  status TEXT NOT NULL,
+  error TEXT,
+  resource_json TEXT NOT NULL,
+  PRIMARY KEY (subscription_id, updated_at)
+);
+CREATE TRIGGER IF NOT EXISTS subscription_versions_keep AFTER UPDATE OF updated_at ON subscriptions
+WHEN OLD.updated_at IS NOT NEW.updated_at
+BEGIN
+  INSERT OR REPLACE INTO subscription_versions (subscription_id, updated_at, status, error, resource_json)
+    VALUES (OLD.id, OLD.updated_at, OLD.status, OLD.error, OLD.resource_json);
+  DELETE FROM subscription_versions WHERE subscription_id = OLD.id AND updated_at < (
+    SELECT v.updated_at FROM subscription_versions v WHERE v.subscription_id = OLD.id
+    ORDER BY v.updated_at DESC LIMIT 1 OFFSET ${EARLIER_VERSIONS_KEPT - 1});
+END;
+CREATE TRIGGER IF NOT EXISTS subscription_versions_drop AFTER DELETE ON subscriptions
+BEGIN
+  DELETE FROM subscription_versions WHERE subscription_id = OLD.id;
+END;
+`;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -86,7 +126,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscriptio
 -- delays only the rows received meanwhile, not every row after them.
 CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
 CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
-`;
+${VERSIONS}`;
 
 /**
  * Version 1 (until 2026-11-26) kept `events_since_start` on the subscription row and notifications
@@ -218,6 +258,8 @@ interface SubscriptionRow {
   resource_json: string;
 }
 
+type VersionRow = Pick<SubscriptionRow, 'updated_at' | 'status' | 'error' | 'resource_json'>;
+
 interface NotificationRow {
   subscription_id: string;
   event_number: number;
@@ -332,6 +374,10 @@ export class SqliteStore implements Store {
          WHERE n.subscription_id = ? AND n.event_number BETWEEN ? AND ?
          ORDER BY n.event_number LIMIT ?`,
       ),
+      versions: db.prepare<[string], VersionRow>(
+        `SELECT updated_at, status, error, resource_json FROM subscription_versions
+         WHERE subscription_id = ? ORDER BY updated_at DESC`,
+      ),
       ping: db.prepare('SELECT 1'),
     };
   }
@@ -352,6 +398,15 @@ export class SqliteStore implements Store {
   async listSubscriptions(owner?: string): Promise<SubscriptionRecord[]> {
     const rows = owner === undefined ? this.#stmt.listAll.all() : this.#stmt.listOwner.all(owner);
     return rows.map(fromRow);
+  }
+
+  async subscriptionVersions(id: string): Promise<SubscriptionVersion[]> {
+    return this.#stmt.versions.all(id).map((row) => ({
+      updatedAt: row.updated_at,
+      status: row.status as SubscriptionStatus,
+      ...(row.error === null ? {} : { error: row.error }),
+      resource: JSON.parse(row.resource_json) as FhirResource,
+    }));
   }
 
   async replaceSubscription(
