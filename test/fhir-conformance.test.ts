@@ -266,6 +266,41 @@ describe('FHIR conformance', () => {
     });
   });
 
+  describe('backport-channel-type restating the channel type', () => {
+    const R5_CHANNEL_TYPES = 'http://terminology.hl7.org/CodeSystem/subscription-channel-type';
+    const restating = (code: string): Json =>
+      topicSubscription('patient-change', `${receiver.url}/restated`, {
+        channel: { _type: { extension: [{ url: CHANNEL_TYPE, valueCoding: { system: R5_CHANNEL_TYPES, code } }] } },
+        extra: off.extra,
+      });
+
+    it('is accepted and kept when it names the same type in R5’s code system', async () => {
+      const res = await request('POST', '/fhir/Subscription', { body: restating('rest-hook') });
+      expect(res.status).toBe(201);
+      const read = await request('GET', `/fhir/Subscription/${res.body.id}`);
+      expect((read.body.channel as Json)._type).toEqual({
+        extension: [{ url: CHANNEL_TYPE, valueCoding: { system: R5_CHANNEL_TYPES, code: 'rest-hook' } }],
+      });
+    });
+
+    it('is refused when it names another type, or the same code in another system', async () => {
+      const other = await request('POST', '/fhir/Subscription', { body: restating('email') });
+      expect([other.status, other.body]).toEqual([
+        422,
+        operationOutcome(
+          'UNSUPPORTED_CHANNEL',
+          'Custom channel type email (backport-channel-type) is not supported; use rest-hook or websocket without it',
+          'Subscription.channel._type',
+        ),
+      ]);
+      const body = restating('rest-hook');
+      const ext = ((body.channel as Json)._type as Json).extension as Json[];
+      (ext[0] as Json).valueCoding = { system: 'http://example.org/channels', code: 'rest-hook' };
+      const elsewhere = await request('POST', '/fhir/Subscription', { body });
+      expect(elsewhere.status).toBe(422);
+    });
+  });
+
   describe('an extension the broker does not understand where it decides what is delivered', () => {
     const CROSS_VERSION_FILTER =
       'http://hl7.org/fhir/5.0/subscriptions-backport/StructureDefinition/backport-filter-criteria';

@@ -500,10 +500,12 @@ const CLASSIC_CRITERIA_EXTENSIONS: KnownExtensions = {
   element: 'classic Subscription.criteria',
   urls: [],
 };
-/** None: a backport-channel-type, the one the IG defines here, is refused on its own (UNSUPPORTED_CHANNEL). */
+/** R5's channel types (rest-hook, websocket, email, message), the system a backport-channel-type coding names. */
+const CHANNEL_TYPE_SYSTEM = 'http://terminology.hl7.org/CodeSystem/subscription-channel-type';
+/** backport-channel-type only as a restatement of `type` (see parseChannel); one copy. */
 const CHANNEL_TYPE_EXTENSIONS: KnownExtensions = {
   element: 'Subscription.channel.type',
-  urls: [],
+  urls: [BACKPORT_EXT.channelType],
   code: 'UNSUPPORTED_CHANNEL',
   expression: 'Subscription.channel._type',
 };
@@ -613,10 +615,12 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
   }
   // A backport-channel-type extension names the channel the client means (the IG's
   // subscription-zulip example: `type` rest-hook, `_type` zulip): delivering by `type` regardless
-  // would send webhooks to an endpoint that expects something else.
+  // would send webhooks to an endpoint that expects something else. One that names `type` itself in
+  // the R5 code system (as some clients send for every Subscription) says nothing more, and is kept.
   const custom = ch._type?.extension?.find((e) => e.url === BACKPORT_EXT.channelType);
-  if (custom !== undefined) {
-    const code = (custom.valueCoding as { code?: unknown } | undefined)?.code;
+  const coding = custom?.valueCoding as { system?: unknown; code?: unknown } | undefined;
+  if (custom !== undefined && !(coding?.system === CHANNEL_TYPE_SYSTEM && coding.code === ch.type)) {
+    const code = coding?.code;
     throw new BrokerError(
       'UNSUPPORTED_CHANNEL',
       `Custom channel type ${typeof code === 'string' ? code.slice(0, 64) : '(no code)'} (backport-channel-type) is not supported; use rest-hook or websocket without it`,
