@@ -3,7 +3,6 @@ import {
   DescribeTableCommand,
   DescribeTimeToLiveCommand,
   type DynamoDBClient,
-  GetItemCommand,
   QueryCommand,
   ScanCommand,
   TransactionCanceledException,
@@ -22,8 +21,6 @@ import { ensureTables, INDEX, tableNames } from '../src/store/dynamodb/tables.js
 import { loadTopicCatalog } from '../src/store/topic-files.js';
 import { storePerTest } from './support/dynamodb-store-per-test.js';
 import { change, item, RECEIVED, record } from './support/store-fixtures.js';
-
-const RECEIVED_ISO = new Date(RECEIVED).toISOString();
 
 /**
  * What only the DynamoDB adapter has: table creation, the crash-retry path of acceptChanges,
@@ -166,37 +163,6 @@ describe('DynamoDbStore', () => {
     await store.replaceSubscription(record('s1', { status: 'requested' }));
     await store.requeueDeadLetters('s1', RECEIVED);
     expect([await collecting(), await pending()]).toEqual([1, 2]);
-  });
-
-  it('keeps earlier versions on the item within its byte budget: large resources fewer, status changes without a copy', async () => {
-    const at = (minute: number) => new Date(Date.parse(RECEIVED_ISO) + minute * 60_000).toISOString();
-    // Near the 64 KiB a stored Subscription may take: two copies pass the budget of the list.
-    const large = (n: number) => ({
-      ...record('s2').resource,
-      reason: `v${n}`,
-      extension: [{ url: 'https://example.com/pad', valueString: 'x'.repeat(60_000) }],
-    });
-    await store.insertSubscription(record('s2', { resource: large(0), updatedAt: RECEIVED_ISO }));
-    for (let n = 1; n <= 3; n++) {
-      expect(await store.replaceSubscription(record('s2', { resource: large(n), updatedAt: at(n) }))).toBeDefined();
-    }
-    // Only the newest earlier version fits beside it.
-    expect((await store.subscriptionVersions('s2')).map((v) => [v.updatedAt, v.resource.reason])).toEqual([
-      [at(2), 'v2'],
-    ]);
-    // A status change keeps the version it replaced without a second copy of the same resource.
-    for (let n = 4; n <= 6; n++) await store.updateStatus('s2', { status: n % 2 === 0 ? 'error' : 'active' }, at(n));
-    expect((await store.subscriptionVersions('s2')).map((v) => [v.updatedAt, v.status, v.resource.reason])).toEqual([
-      [at(5), 'active', 'v3'],
-      [at(4), 'error', 'v3'],
-      [at(3), 'active', 'v3'],
-      [at(2), 'active', 'v2'],
-    ]);
-    const { Item } = await client.send(
-      new GetItemCommand({ TableName: names().subscriptions, Key: { id: { S: 's2' } }, ConsistentRead: true }),
-    );
-    expect(Buffer.byteLength(Item?.versions?.S ?? '')).toBeLessThan(64 * 1024);
-    expect((Item?.versions?.S?.match(/x{60000}/g) ?? []).length).toBe(1);
   });
 
   describe('candidatesFor (the subscription-types index)', () => {

@@ -8,9 +8,7 @@ import type {
   SubscriptionKind,
   SubscriptionRecord,
   SubscriptionStatus,
-  SubscriptionVersion,
 } from '../../core/types.js';
-import { EARLIER_VERSIONS_KEPT } from '../store.js';
 import { type Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
 import { TTL_ATTRIBUTE } from './tables.js';
 
@@ -73,68 +71,6 @@ export function fromSubscriptionItem(item: Item): SubscriptionRecord {
     updatedAt: readString(item, 'updatedAt'),
     resource: JSON.parse(readString(item, 'resource')) as FhirResource,
   };
-}
-
-/**
- * A subscription's earlier versions live on its own item, in `versions` (JSON, newest first), so a
- * write keeps the version it replaces in the same conditional UpdateItem that replaces it. An
- * entry leaves out a resource equal to the next newer version's (the handshake, a dead letter, a
- * 410 change only the status), and the list keeps at most EARLIER_VERSIONS_KEPT entries and, past
- * the newest, only as many as fit in VERSIONS_MAX_BYTES: the item stays within DynamoDB's 400 KB
- * beside the current resource (at most 64 KiB, MAX_STORED_BYTES) and what derives from it.
- */
-const VERSIONS_MAX_BYTES = 64 * 1024;
-
-/** One earlier version, with short keys (the list is stored on every write of the item). */
-interface VersionEntry {
-  /** updatedAt */
-  readonly u: string;
-  /** status */
-  readonly s: SubscriptionStatus;
-  /** error */
-  readonly e?: string;
-  /** The resource as JSON; absent: the same as the next newer version's (for the newest, the current one's). */
-  readonly r?: string;
-}
-
-/**
- * `versions` after a write replaces `current` (whose item held `stored`) with `next`. A write that
- * leaves `updatedAt` as it was makes no version (as in the SQLite store, whose trigger follows
- * `updated_at`); the registry moves it on with every change.
- */
-export function versionsAfterWrite(
-  current: SubscriptionRecord,
-  next: SubscriptionRecord,
-  stored: string | undefined,
-): string | undefined {
-  if (next.updatedAt === current.updatedAt) return stored;
-  const resource = JSON.stringify(current.resource);
-  const entry: VersionEntry = {
-    u: current.updatedAt,
-    s: current.status,
-    ...(current.error === undefined ? {} : { e: current.error }),
-    ...(resource === JSON.stringify(next.resource) ? {} : { r: resource }),
-  };
-  const entries = [entry, ...(stored === undefined ? [] : (JSON.parse(stored) as VersionEntry[]))].slice(
-    0,
-    EARLIER_VERSIONS_KEPT,
-  );
-  let json = JSON.stringify(entries);
-  while (entries.length > 1 && Buffer.byteLength(json) > VERSIONS_MAX_BYTES) {
-    entries.pop();
-    json = JSON.stringify(entries);
-  }
-  return json;
-}
-
-/** The earlier versions `versions` holds, newest first, resources filled in from `current` down. */
-export function readVersions(current: SubscriptionRecord, stored: string | undefined): SubscriptionVersion[] {
-  if (stored === undefined) return [];
-  let resource = current.resource;
-  return (JSON.parse(stored) as VersionEntry[]).map((v) => {
-    if (v.r !== undefined) resource = JSON.parse(v.r) as FhirResource;
-    return { updatedAt: v.u, status: v.s, ...(v.e === undefined ? {} : { error: v.e }), resource };
-  });
 }
 
 export function fromNotificationItem(item: Item): StoredNotification {
