@@ -174,8 +174,8 @@ export interface Store {
   /**
    * The subscription's earlier versions, newest first: each write over it (`replaceSubscription`,
    * `updateStatus`) keeps the version it replaced, in the same write, up to the last
-   * EARLIER_VERSIONS_KEPT (a store may keep fewer of very large ones). A delete forgets them.
-   * Empty for an unknown subscription.
+   * EARLIER_VERSIONS_KEPT. A delete forgets them. Empty for an unknown subscription, and always on
+   * a store that keeps none (DynamoDB: see DynamoDbStore.subscriptionVersions).
    */
   subscriptionVersions(id: string): Promise<SubscriptionVersion[]>;
   /**
