@@ -268,18 +268,22 @@ describe('FHIR conformance', () => {
 
   describe('backport-channel-type restating the channel type', () => {
     const R5_CHANNEL_TYPES = 'http://terminology.hl7.org/CodeSystem/subscription-channel-type';
-    const restating = (code: string): Json =>
+    const R4_CHANNEL_TYPES = 'http://hl7.org/fhir/subscription-channel-type';
+    const restating = (code: string, system = R5_CHANNEL_TYPES): Json =>
       topicSubscription('patient-change', `${receiver.url}/restated`, {
-        channel: { _type: { extension: [{ url: CHANNEL_TYPE, valueCoding: { system: R5_CHANNEL_TYPES, code } }] } },
+        channel: { _type: { extension: [{ url: CHANNEL_TYPE, valueCoding: { system, code } }] } },
         extra: off.extra,
       });
 
-    it('is accepted and kept when it names the same type in R5’s code system', async () => {
-      const res = await request('POST', '/fhir/Subscription', { body: restating('rest-hook') });
+    it.each([
+      ['R5’s', R5_CHANNEL_TYPES],
+      ['R4’s', R4_CHANNEL_TYPES],
+    ])('is accepted and kept when it names the same type in %s code system', async (_, system) => {
+      const res = await request('POST', '/fhir/Subscription', { body: restating('rest-hook', system) });
       expect(res.status).toBe(201);
       const read = await request('GET', `/fhir/Subscription/${res.body.id}`);
       expect((read.body.channel as Json)._type).toEqual({
-        extension: [{ url: CHANNEL_TYPE, valueCoding: { system: R5_CHANNEL_TYPES, code: 'rest-hook' } }],
+        extension: [{ url: CHANNEL_TYPE, valueCoding: { system, code: 'rest-hook' } }],
       });
     });
 

@@ -500,8 +500,14 @@ const CLASSIC_CRITERIA_EXTENSIONS: KnownExtensions = {
   element: 'classic Subscription.criteria',
   urls: [],
 };
-/** R5's channel types (rest-hook, websocket, email, message), the system a backport-channel-type coding names. */
-const CHANNEL_TYPE_SYSTEM = 'http://terminology.hl7.org/CodeSystem/subscription-channel-type';
+/**
+ * The code systems of the standard channel types a backport-channel-type coding may restate `type` in:
+ * R5's (rest-hook, websocket, email, message) and R4's own, which `Subscription.channel.type` is bound to.
+ */
+const CHANNEL_TYPE_SYSTEMS: readonly unknown[] = [
+  'http://terminology.hl7.org/CodeSystem/subscription-channel-type',
+  'http://hl7.org/fhir/subscription-channel-type',
+];
 /** backport-channel-type only as a restatement of `type` (see parseChannel); one copy. */
 const CHANNEL_TYPE_EXTENSIONS: KnownExtensions = {
   element: 'Subscription.channel.type',
@@ -616,10 +622,10 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
   // A backport-channel-type extension names the channel the client means (the IG's
   // subscription-zulip example: `type` rest-hook, `_type` zulip): delivering by `type` regardless
   // would send webhooks to an endpoint that expects something else. One that names `type` itself in
-  // the R5 code system (as some clients send for every Subscription) says nothing more, and is kept.
+  // R5's or R4's code system (as some clients send for every Subscription) says nothing more, and is kept.
   const custom = ch._type?.extension?.find((e) => e.url === BACKPORT_EXT.channelType);
   const coding = custom?.valueCoding as { system?: unknown; code?: unknown } | undefined;
-  if (custom !== undefined && !(coding?.system === CHANNEL_TYPE_SYSTEM && coding.code === ch.type)) {
+  if (custom !== undefined && !(CHANNEL_TYPE_SYSTEMS.includes(coding?.system) && coding?.code === ch.type)) {
     const code = coding?.code;
     throw new BrokerError(
       'UNSUPPORTED_CHANNEL',
