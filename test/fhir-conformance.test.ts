@@ -455,8 +455,24 @@ describe('FHIR conformance', () => {
         2,
         ['third'],
       ]);
+      const nextUrl = `${BASE}/Subscription/${id}/_history?${query({ _since: since, _count: '1', _offset: '1' })}`;
       expect(recent.body.link).toEqual([
         { relation: 'self', url: `${BASE}/Subscription/${id}/_history?${query({ _since: since, _count: '1' })}` },
+        { relation: 'next', url: nextUrl },
+      ]);
+      // The next page: the other version since then, and no further link.
+      const rest = await request('GET', nextUrl.slice('http://broker.test'.length));
+      expect([rest.body.total, (rest.body.entry as Json[]).map((e) => (e.resource as Json).reason)]).toEqual([
+        2,
+        ['second'],
+      ]);
+      expect((rest.body.link as Json[]).map((l) => l.relation)).toEqual(['self']);
+      const counted = await request('GET', `/fhir/Subscription/${id}/_history?_count=0`);
+      expect([counted.body.total, counted.body.entry, (counted.body.link as Json[]).length]).toEqual([3, undefined, 1]);
+      const badOffset = await request('GET', `/fhir/Subscription/${id}/_history?_offset=-1`);
+      expect([badOffset.status, badOffset.body]).toEqual([
+        400,
+        operationOutcome('INVALID_PARAMETER', '_offset must be a non-negative integer'),
       ]);
       const none = await request('GET', `/fhir/Subscription/${id}/_history?_since=2999-01-01T00:00:00Z`);
       expect([none.status, none.body.total, none.body.entry]).toEqual([200, 0, undefined]);

@@ -278,9 +278,23 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
 
     it('clears a previous error when the new status carries none', async () => {
       await store.insertSubscription(record('s1', { status: 'error', error: 'old' }));
-      const updated = await store.updateStatus('s1', { status: 'requested' }, T0);
-      expect(updated).toEqual(record('s1', { status: 'requested' }));
-      expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'requested' }));
+      const at = '2030-03-01T00:00:00.000Z';
+      const updated = await store.updateStatus('s1', { status: 'requested' }, at);
+      expect(updated).toEqual(record('s1', { status: 'requested', updatedAt: at }));
+      expect(await store.getSubscription('s1')).toEqual(record('s1', { status: 'requested', updatedAt: at }));
+    });
+
+    it('moves updatedAt on by 1 ms when a write names an instant not after the stored one', async () => {
+      await store.insertSubscription(record('s1', { status: 'requested' }));
+      const next = (iso: string) => new Date(Date.parse(iso) + 1).toISOString();
+      const first = await store.updateStatus('s1', { status: 'active' }, T0);
+      expect(first?.updatedAt).toBe(next(T0));
+      const earlier = '2020-01-01T00:00:00.000Z';
+      const second = await store.updateStatus('s1', { status: 'error', error: 'x' }, earlier);
+      expect(second?.updatedAt).toBe(next(next(T0)));
+      const replaced = await store.replaceSubscription(record('s1', { updatedAt: earlier }));
+      expect(replaced?.updatedAt).toBe(next(next(next(T0))));
+      expect((await store.getSubscription('s1'))?.updatedAt).toBe(replaced?.updatedAt);
     });
 
     it('answers undefined when updating the status of an unknown subscription, and creates nothing', async () => {
@@ -358,13 +372,31 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
         expect((await store.getSubscription('s1'))?.resource).toEqual(resource('v3'));
       });
 
-      it('keeps nothing for a write it declined (compare-and-set) or one that left updatedAt as it was', async () => {
+      it('keeps nothing for a write it declined (compare-and-set)', async () => {
         await store.insertSubscription(record('s1', { status: 'requested' }));
         expect(await store.updateStatus('s1', { status: 'off', expected: ['active'] }, at(1))).toBeUndefined();
         const stale = { status: 'active' as const, updatedAt: at(9) };
         expect(await store.replaceSubscription(record('s1', { updatedAt: at(2) }), stale)).toBeUndefined();
-        await store.updateStatus('s1', { status: 'active' }, T0);
         expect(await store.subscriptionVersions('s1')).toEqual([]);
+      });
+
+      it('keeps each of two writes given the same instant: the second moves the version 1 ms on', async () => {
+        // A client's PUT and a broker status change in one millisecond both ask for T+1 (each over the
+        // T it read): without the store moving the second on, one version would be lost and one
+        // version id would name two states.
+        await store.insertSubscription(record('s1', { status: 'active' }));
+        const put = await store.replaceSubscription(record('s1', { topic: 'changed', updatedAt: at(1) }), {
+          status: 'active',
+          updatedAt: T0,
+        });
+        expect(put?.updatedAt).toBe(at(1));
+        const failed = await store.updateStatus('s1', { status: 'error', error: 'x', expected: ['active'] }, at(1));
+        expect(failed?.updatedAt).toBe(new Date(Date.parse(at(1)) + 1).toISOString());
+        expect(await store.getSubscription('s1')).toEqual(failed);
+        expect((await store.subscriptionVersions('s1')).map((v) => [v.updatedAt, v.status])).toEqual([
+          [at(1), 'active'],
+          [T0, 'active'],
+        ]);
       });
 
       it(`keeps the last ${EARLIER_VERSIONS_KEPT}, and forgets them with the subscription`, async () => {

@@ -282,7 +282,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   app.get('/fhir/Subscription/:id/_history/:vid', async (c) => {
     const id = c.req.param('id');
     const vid = c.req.param('vid');
-    const found = (await registry.history(c.get('owner'), id)).find((v) => versionId(v) === vid);
+    const found = await registry.version(c.get('owner'), id, vid);
     if (found === undefined) {
       throw new BrokerError(
         'NOT_FOUND',
@@ -292,21 +292,29 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     return fhirResponse(registry.render(found), 200, etag(found));
   });
 
-  // history-instance: those versions, newest first (R4 http.html#history), `_since` and `_count` applied.
+  // history-instance: those versions, newest first (R4 http.html#history), `_since` and `_count` applied,
+  // paged by `_offset` as searches are. A version written between two pages shifts the older ones
+  // down by one: the next page may repeat a version, never skip one.
   app.get('/fhir/Subscription/:id/_history', async (c) => {
     const id = c.req.param('id');
-    const query = searchQuery(c, ['_since', '_count', ...GENERAL_PARAMETERS]);
+    const query = searchQuery(c, ['_since', '_count', '_offset', ...GENERAL_PARAMETERS]);
     const since = sinceParam(query.one('_since'));
     const count = countParam(query.one('_count'));
+    const offset = offsetParam(query.one('_offset'));
     const versions = await registry.history(c.get('owner'), id);
     const oldest = versions.at(-1);
     const kept = versions.filter((v) => since === undefined || Date.parse(v.updatedAt) >= since);
-    const page = kept.slice(0, count);
+    const page = kept.slice(offset, offset + count);
+    const url = (applied: string) => `${fhirBase}/Subscription/${id}/_history${applied}`;
+    const link = [{ relation: 'self', url: url(query.applied()) }];
+    if (count > 0 && offset + count < kept.length) {
+      link.push({ relation: 'next', url: url(query.applied({ _offset: String(offset + count) })) });
+    }
     return fhirResponse({
       resourceType: 'Bundle',
       type: 'history',
       total: kept.length,
-      link: [{ relation: 'self', url: `${fhirBase}/Subscription/${id}/_history${query.applied()}` }],
+      link,
       ...(page.length === 0
         ? {}
         : {

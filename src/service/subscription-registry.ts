@@ -247,6 +247,22 @@ export class SubscriptionRegistry {
     ];
   }
 
+  /**
+   * The owner's subscription as it was at version `vid` (`versionId`): the current one without a
+   * second read, else an earlier one the store keeps; undefined when it keeps no such version.
+   * NOT_FOUND when the subscription is not the owner's.
+   */
+  async version(owner: string, id: string, vid: string): Promise<SubscriptionRecord | undefined> {
+    const current = await this.read(owner, id);
+    if (versionId(current) === vid) return current;
+    const earlier = (await this.#store.subscriptionVersions(id)).find(
+      (v) => versionId(v) === vid && Date.parse(v.updatedAt) < Date.parse(current.updatedAt),
+    );
+    if (earlier === undefined) return undefined;
+    const { error: _error, ...rest } = current;
+    return { ...rest, ...earlier };
+  }
+
   async search(owner: string): Promise<SubscriptionRecord[]> {
     return this.#store.listSubscriptions(owner);
   }

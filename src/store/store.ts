@@ -164,12 +164,20 @@ export interface Store {
   /**
    * Replace everything the client controls; the event counter is the store's and is kept.
    * With `expected`, only when the stored status and updatedAt are still those (compare-and-set);
-   * undefined when the subscription is gone or changed meanwhile.
+   * undefined when the subscription is gone or changed meanwhile. Like `updateStatus`, it sets
+   * `updatedAt` to the one given, or to 1 ms after the stored one when that is not later: every
+   * write moves the version forward (two writes in one millisecond are two versions), and the
+   * record returned carries the one written.
    */
   replaceSubscription(
     rec: SubscriptionRecord,
     expected?: { readonly status: SubscriptionStatus; readonly updatedAt: string },
   ): Promise<SubscriptionRecord | undefined>;
+  /**
+   * A status change (and its error), at `at` or 1 ms after the stored `updatedAt` when `at` is not
+   * later (see `replaceSubscription`). Only from an `expected` status and only while `unchangedSince`
+   * is still the stored `updatedAt`, when given; undefined when it did not apply.
+   */
   updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined>;
   /**
    * The subscription's earlier versions, newest first: each write over it (`replaceSubscription`,

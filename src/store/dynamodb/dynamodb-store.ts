@@ -318,7 +318,7 @@ export class DynamoDbStore implements Store {
     const stillExpected = (current: SubscriptionRecord) =>
       expected === undefined || (current.status === expected.status && current.updatedAt === expected.updatedAt);
     // Owner, creation time and the event counter are the store's: not touched here.
-    const update = () =>
+    const update = (updatedAt: string) =>
       new Expression()
         .set('kind', S(rec.kind))
         .set('topic', S(rec.topic))
@@ -332,40 +332,39 @@ export class DynamoDbStore implements Store {
           rec.previousSecret === undefined ? undefined : S(JSON.stringify(rec.previousSecret)),
         )
         .setOrRemove('end', rec.end === undefined ? undefined : S(rec.end))
-        .set('updatedAt', S(rec.updatedAt))
+        .set('updatedAt', S(updatedAt))
         .set('resource', S(JSON.stringify(rec.resource)))
         .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(rec.status));
-    const written = await this.#writeSubscription(rec.id, (current) =>
-      stillExpected(current)
-        ? {
-            next: {
-              ...rec,
-              owner: current.owner,
-              createdAt: current.createdAt,
-              eventsSinceStart: current.eventsSinceStart,
-            },
-            update: update(),
-          }
-        : undefined,
-    );
+    const written = await this.#writeSubscription(rec.id, (current) => {
+      if (!stillExpected(current)) return undefined;
+      const updatedAt = forwardOf(rec.updatedAt, current);
+      const next = {
+        ...rec,
+        owner: current.owner,
+        createdAt: current.createdAt,
+        eventsSinceStart: current.eventsSinceStart,
+        updatedAt,
+      };
+      return { next, update: update(updatedAt) };
+    });
     return written?.next;
   }
 
   async updateStatus(id: string, update: StatusUpdate, at: string): Promise<SubscriptionRecord | undefined> {
     const { status, error, expected, unchangedSince: since } = update;
-    const written = await this.#writeSubscription(id, ({ error: _previous, ...current }) =>
-      (expected === undefined || expected.includes(current.status)) &&
-      (since === undefined || current.updatedAt === since)
-        ? {
-            next: { ...current, status, ...(error === undefined ? {} : { error }), updatedAt: at },
-            update: new Expression()
-              .set('status', S(status))
-              .setOrRemove('error', error === undefined ? undefined : S(error))
-              .set('updatedAt', S(at))
-              .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(status)),
-          }
-        : undefined,
-    );
+    const written = await this.#writeSubscription(id, ({ error: _previous, ...current }) => {
+      if (expected !== undefined && !expected.includes(current.status)) return undefined;
+      if (since !== undefined && current.updatedAt !== since) return undefined;
+      const updatedAt = forwardOf(at, current);
+      return {
+        next: { ...current, status, ...(error === undefined ? {} : { error }), updatedAt },
+        update: new Expression()
+          .set('status', S(status))
+          .setOrRemove('error', error === undefined ? undefined : S(error))
+          .set('updatedAt', S(updatedAt))
+          .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(status)),
+      };
+    });
     return written?.next;
   }
 
@@ -777,4 +776,14 @@ const DONE_BEFORE = (before: number): Record<string, AttributeValue> => ({
 /** A function, so that a check after an await is not narrowed away by the one before it. */
 function isAborted(signal: AbortSignal | undefined): boolean {
   return signal?.aborted === true;
+}
+
+/**
+ * The `updatedAt` a write sets: `at`, or 1 ms after the stored one when `at` is not later (two writes in
+ * one millisecond, a clock behind another instance's): every write moves a subscription's version
+ * forward, so no two versions share one (as SQLite's `forwardOf`).
+ */
+function forwardOf(at: string, current: Pick<SubscriptionRecord, 'updatedAt'>): string {
+  const stored = Date.parse(current.updatedAt);
+  return Date.parse(at) > stored ? at : new Date(stored + 1).toISOString();
 }

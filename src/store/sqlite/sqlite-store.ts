@@ -207,6 +207,16 @@ const RETURNING_ROW = `AND EXISTS (SELECT 1 FROM subscription_counters c WHERE c
   RETURNING *, (SELECT c.events_since_start FROM subscription_counters c WHERE c.subscription_id = subscriptions.id)
     AS events_since_start`;
 
+/**
+ * The `updated_at` a write sets: `at`, or 1 ms after the stored one when `at` is not later (two writes in
+ * one millisecond, a clock behind another instance's). Every write moves a subscription's version forward,
+ * so no two versions share one and each is kept (`subscription_versions_keep`). ISO-8601 instants of one
+ * format (`toISOString`) compare as text.
+ */
+function forwardOf(at: string): string {
+  return `CASE WHEN ${at} > updated_at THEN ${at} ELSE strftime('%Y-%m-%dT%H:%M:%fZ', updated_at, '+0.001 seconds') END`;
+}
+
 /** The writes, run on the writer thread (`SqliteWriter.steps`). */
 const SQL = {
   // Only while the owner holds fewer than @quota (null: no limit), counted in the same transaction.
@@ -220,12 +230,13 @@ const SQL = {
   replaceSub: `UPDATE subscriptions SET kind = @kind, topic = @topic, status = @status, error = @error,
     match_json = @match_json, channel_json = @channel_json, webhook_secret = @webhook_secret,
     previous_secret_json = @previous_secret_json, end_at = @end_at,
-    updated_at = @updated_at, resource_json = @resource_json
+    updated_at = ${forwardOf('@updated_at')}, resource_json = @resource_json
     WHERE id = @id AND (@expected_status IS NULL OR (status = @expected_status AND updated_at = @expected_updated_at))
     ${RETURNING_ROW}`,
   // The status moves only from one of the expected ones (a JSON array; NULL: from any).
-  setStatus: `UPDATE subscriptions SET status = ?, error = ?, updated_at = ?
-    WHERE id = ? AND (? IS NULL OR status IN (SELECT value FROM json_each(?))) AND (? IS NULL OR updated_at = ?)
+  setStatus: `UPDATE subscriptions SET status = @status, error = @error, updated_at = ${forwardOf('@at')}
+    WHERE id = @id AND (@expected IS NULL OR status IN (SELECT value FROM json_each(@expected)))
+    AND (@since IS NULL OR updated_at = @since)
     ${RETURNING_ROW}`,
   // With a version (updated_at) given, each statement deletes only while the subscription is still at it: in one
   // transaction, so a subscription changed since the caller read it keeps everything.
@@ -426,7 +437,7 @@ export class SqliteStore implements Store {
     const expected = update.expected === undefined ? null : JSON.stringify(update.expected);
     const since = update.unchangedSince ?? null;
     const [row] = (await this.#writer.steps([
-      [SQL.setStatus, [update.status, update.error ?? null, at, id, expected, expected, since, since], 'get'],
+      [SQL.setStatus, { status: update.status, error: update.error ?? null, at, id, expected, since }, 'get'],
     ])) as [SubscriptionRow | undefined];
     return row === undefined ? undefined : fromRow(row);
   }
