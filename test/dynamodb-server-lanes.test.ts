@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { PutItemCommand, UpdateItemCommand } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
+import { operationOutcome } from '../src/http/outcome.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables, tableNames } from '../src/store/dynamodb/tables.js';
 import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
@@ -91,4 +92,44 @@ it('a lane held by an instance that died is taken over once its lease runs out, 
   // Once the lease ran out, this instance's lane takes it and sends.
   await receiver.waitFor(() => notified().length === 1, 'notification 1', 10_000);
   expect(notified()).toEqual([1]);
+});
+
+it('serves the create’s version after the handshake by vread and _history on DynamoDB too', async () => {
+  const prefix = `server-versions-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(local.client, prefix);
+  t = await inProcessBroker({}, { store: new DynamoDbStore(local.client, prefix) });
+  const sub = await t.create(
+    topicSubscription('patient-change', `${receiver.url}/versions`, { filters: ['Patient?_id=v-p'] }),
+  );
+  const id = sub.id as string;
+  const created = String((sub.meta as Record<string, unknown>).versionId);
+  await t.logger.waitForStatus(id, 'active');
+  const now = await t.call('GET', `/fhir/Subscription/${id}`);
+  const current = String((now.body.meta as Record<string, unknown>).versionId);
+  expect(current).not.toBe(created);
+  const read = await t.call('GET', `/fhir/Subscription/${id}/_history/${current}`);
+  expect([read.status, read.body]).toEqual([200, now.body]);
+  const earlier = await t.call('GET', `/fhir/Subscription/${id}/_history/${created}`);
+  expect([earlier.status, earlier.body.status, (earlier.body.meta as Record<string, unknown>).versionId]).toEqual([
+    200,
+    'requested',
+    created,
+  ]);
+  const history = await t.call('GET', `/fhir/Subscription/${id}/_history`);
+  const entries = history.body.entry as { resource: Record<string, unknown>; request: { method: string } }[];
+  expect([history.body.total, entries.map((e) => [e.resource.status, e.request.method])]).toEqual([
+    2,
+    [
+      ['active', 'PUT'],
+      ['requested', 'POST'],
+    ],
+  ]);
+  const unknown = await t.call('GET', `/fhir/Subscription/${id}/_history/1`);
+  expect([unknown.status, unknown.body]).toEqual([
+    404,
+    operationOutcome(
+      'NOT_FOUND',
+      `Subscription/${id}/_history/1 not found: the broker keeps the current version of a Subscription and the last 10 before it`,
+    ),
+  ]);
 });

@@ -18,6 +18,7 @@ import { DynamoDbBindings } from '../src/store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { SubscriptionExistsError, WriteConflictError } from '../src/store/dynamodb/errors.js';
 import { ensureTables, INDEX, tableNames } from '../src/store/dynamodb/tables.js';
+import { EARLIER_VERSIONS_KEPT } from '../src/store/store.js';
 import { loadTopicCatalog } from '../src/store/topic-files.js';
 import { storePerTest } from './support/dynamodb-store-per-test.js';
 import { change, item, RECEIVED, record } from './support/store-fixtures.js';
@@ -165,15 +166,62 @@ describe('DynamoDbStore', () => {
     expect([await collecting(), await pending()]).toEqual([1, 2]);
   });
 
+  it('keeps earlier versions in a ring of 10 items beside the subscription item, ignores a same-id one’s, removes them with it', async () => {
+    const partition = async () => {
+      const out = await client.send(
+        new QueryCommand({
+          TableName: names().subscriptionTypes,
+          KeyConditionExpression: 'resourceType = :p',
+          ExpressionAttributeValues: { ':p': { S: '#versions s1' } },
+          ConsistentRead: true,
+        }),
+      );
+      return (out.Items ?? []).map((i) => [i.subscriptionId?.S, i.updatedAt?.S]);
+    };
+    const at = (i: number) => new Date(Date.parse('2030-02-01T00:00:00.000Z') + i * 1000).toISOString();
+    // s1 is there already (storePerTest).
+    for (let i = 1; i <= EARLIER_VERSIONS_KEPT + 3; i++) {
+      await store.updateStatus('s1', { status: i % 2 === 1 ? 'active' : 'error' }, at(i));
+    }
+    // 13 writes: 13 versions replaced, in 10 slots, the 3 oldest overwritten (no read, no prune).
+    const slots = await partition();
+    expect(slots).toHaveLength(EARLIER_VERSIONS_KEPT);
+    expect(slots.find(([slot]) => slot === 'v0')?.[1]).toBe(at(10));
+    expect(slots.find(([slot]) => slot === 'v3')?.[1]).toBe(at(3));
+    const raw = await client.send(
+      new QueryCommand({
+        TableName: names().subscriptions,
+        KeyConditionExpression: 'id = :id',
+        ExpressionAttributeValues: { ':id': { S: 's1' } },
+      }),
+    );
+    expect(raw.Items?.[0]?.versionsWritten).toEqual({ N: String(EARLIER_VERSIONS_KEPT + 3) });
+    expect((await store.subscriptionVersions('s1')).map((v) => v.updatedAt)).toEqual(
+      Array.from({ length: EARLIER_VERSIONS_KEPT }, (_, i) => at(EARLIER_VERSIONS_KEPT + 2 - i)),
+    );
+
+    // A delete that stopped before removing them: a new subscription under the id sees none of them.
+    await client.send(new DeleteItemCommand({ TableName: names().subscriptions, Key: { id: { S: 's1' } } }));
+    await store.insertSubscription(record('s1', { status: 'requested', createdAt: at(100), updatedAt: at(100) }));
+    expect(await store.subscriptionVersions('s1')).toEqual([]);
+    await store.updateStatus('s1', { status: 'active' }, at(101));
+    expect(await store.subscriptionVersions('s1')).toEqual([
+      { updatedAt: at(100), status: 'requested', resource: record('s1').resource },
+    ]);
+    expect(await store.deleteSubscription('s1')).toBe(true);
+    expect(await partition()).toEqual([]);
+  });
+
   describe('candidatesFor (the subscription-types index)', () => {
     const candidates = async (type: string) =>
       [...(await store.candidatesFor(type))].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
     const patient = { resourceTypes: ['Patient'], interactions: ['create', 'update', 'delete'] } as const;
     const indexItems = async () => {
       const out = await client.send(new ScanCommand({ TableName: names().subscriptionTypes, ConsistentRead: true }));
-      // The owners' subscription counts share the table (partition `#owner`): not index items.
+      // The owners' subscription counts (partition `#owner`) and earlier versions (`#versions <id>`)
+      // share the table: not index items.
       return (out.Items ?? [])
-        .filter((i) => i.resourceType?.S !== '#owner')
+        .filter((i) => i.resourceType?.S !== '#owner' && !i.resourceType?.S?.startsWith('#versions '))
         .map((i) => `${i.resourceType?.S}/${i.subscriptionId?.S}`)
         .sort();
     };
@@ -296,8 +344,9 @@ describe('DynamoDbStore', () => {
       expect(replaced?.match).toEqual(second.match);
       expect(await watching()).toEqual(after);
       expect(await candidates(after[0] as string)).toEqual([{ id: 's2', match: second.match }]);
-      // The subscription, its owner's count and 40 types; then the subscription, 40 out and 40 in.
-      expect(transactions).toEqual([42, 81]);
+      // The subscription, its owner's count and 40 types; then the subscription, the version it
+      // replaced, 40 out and 40 in.
+      expect(transactions).toEqual([42, 82]);
     });
 
     it('reads and plans again when the subscription changed between its read and its write', async () => {

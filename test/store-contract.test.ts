@@ -340,82 +340,75 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
     });
   });
 
-  // The embedded store keeps them; on DynamoDB every event updates the subscription item, whose
-  // size each such write pays for, so it keeps none there (see DynamoDbStore.subscriptionVersions).
-  if (adapter.name === 'dynamodb') {
-    it('keeps no earlier versions on DynamoDB', async () => {
+  // Each write keeps the version it replaced: SQLite by triggers, DynamoDB in a ring of items
+  // written in the subscription write's transaction (items.ts, versionKey).
+  describe('earlier versions', () => {
+    const at = (minute: number) => new Date(Date.parse(T0) + minute * 60_000).toISOString();
+    const resource = (reason: string) => ({ ...record('s1').resource, reason });
+
+    it('keeps the version each status update or replace replaced, newest first, across a reopen', async () => {
+      await store.insertSubscription(record('s1', { status: 'requested', resource: resource('v1') }));
+      expect(await store.subscriptionVersions('s1')).toEqual([]);
+      await store.updateStatus('s1', { status: 'error', error: 'handshake failed' }, at(1));
+      await store.replaceSubscription(
+        record('s1', { status: 'requested', resource: resource('v3'), updatedAt: at(2) }),
+      );
+      await store.updateStatus('s1', { status: 'active' }, at(3));
+      const earlier = [
+        { updatedAt: at(2), status: 'requested', resource: resource('v3') },
+        { updatedAt: at(1), status: 'error', error: 'handshake failed', resource: resource('v1') },
+        { updatedAt: T0, status: 'requested', resource: resource('v1') },
+      ];
+      expect(await store.subscriptionVersions('s1')).toEqual(earlier);
+      store = await opened.reopen();
+      expect(await store.subscriptionVersions('s1')).toEqual(earlier);
+      expect((await store.getSubscription('s1'))?.resource).toEqual(resource('v3'));
+    });
+
+    it('keeps nothing for a write it declined (compare-and-set)', async () => {
       await store.insertSubscription(record('s1', { status: 'requested' }));
-      await store.updateStatus('s1', { status: 'active' }, '2030-01-01T00:01:00.000Z');
+      expect(await store.updateStatus('s1', { status: 'off', expected: ['active'] }, at(1))).toBeUndefined();
+      const stale = { status: 'active' as const, updatedAt: at(9) };
+      expect(await store.replaceSubscription(record('s1', { updatedAt: at(2) }), stale)).toBeUndefined();
       expect(await store.subscriptionVersions('s1')).toEqual([]);
     });
-  } else
-    describe('earlier versions', () => {
-      const at = (minute: number) => new Date(Date.parse(T0) + minute * 60_000).toISOString();
-      const resource = (reason: string) => ({ ...record('s1').resource, reason });
 
-      it('keeps the version each status update or replace replaced, newest first, across a reopen', async () => {
-        await store.insertSubscription(record('s1', { status: 'requested', resource: resource('v1') }));
-        expect(await store.subscriptionVersions('s1')).toEqual([]);
-        await store.updateStatus('s1', { status: 'error', error: 'handshake failed' }, at(1));
-        await store.replaceSubscription(
-          record('s1', { status: 'requested', resource: resource('v3'), updatedAt: at(2) }),
-        );
-        await store.updateStatus('s1', { status: 'active' }, at(3));
-        const earlier = [
-          { updatedAt: at(2), status: 'requested', resource: resource('v3') },
-          { updatedAt: at(1), status: 'error', error: 'handshake failed', resource: resource('v1') },
-          { updatedAt: T0, status: 'requested', resource: resource('v1') },
-        ];
-        expect(await store.subscriptionVersions('s1')).toEqual(earlier);
-        store = await opened.reopen();
-        expect(await store.subscriptionVersions('s1')).toEqual(earlier);
-        expect((await store.getSubscription('s1'))?.resource).toEqual(resource('v3'));
+    it('keeps each of two writes given the same instant: the second moves the version 1 ms on', async () => {
+      // A client's PUT and a broker status change in one millisecond both ask for T+1 (each over the
+      // T it read): without the store moving the second on, one version would be lost and one
+      // version id would name two states.
+      await store.insertSubscription(record('s1', { status: 'active' }));
+      const put = await store.replaceSubscription(record('s1', { topic: 'changed', updatedAt: at(1) }), {
+        status: 'active',
+        updatedAt: T0,
       });
-
-      it('keeps nothing for a write it declined (compare-and-set)', async () => {
-        await store.insertSubscription(record('s1', { status: 'requested' }));
-        expect(await store.updateStatus('s1', { status: 'off', expected: ['active'] }, at(1))).toBeUndefined();
-        const stale = { status: 'active' as const, updatedAt: at(9) };
-        expect(await store.replaceSubscription(record('s1', { updatedAt: at(2) }), stale)).toBeUndefined();
-        expect(await store.subscriptionVersions('s1')).toEqual([]);
-      });
-
-      it('keeps each of two writes given the same instant: the second moves the version 1 ms on', async () => {
-        // A client's PUT and a broker status change in one millisecond both ask for T+1 (each over the
-        // T it read): without the store moving the second on, one version would be lost and one
-        // version id would name two states.
-        await store.insertSubscription(record('s1', { status: 'active' }));
-        const put = await store.replaceSubscription(record('s1', { topic: 'changed', updatedAt: at(1) }), {
-          status: 'active',
-          updatedAt: T0,
-        });
-        expect(put?.updatedAt).toBe(at(1));
-        const failed = await store.updateStatus('s1', { status: 'error', error: 'x', expected: ['active'] }, at(1));
-        expect(failed?.updatedAt).toBe(new Date(Date.parse(at(1)) + 1).toISOString());
-        expect(await store.getSubscription('s1')).toEqual(failed);
-        expect((await store.subscriptionVersions('s1')).map((v) => [v.updatedAt, v.status])).toEqual([
-          [at(1), 'active'],
-          [T0, 'active'],
-        ]);
-      });
-
-      it(`keeps the last ${EARLIER_VERSIONS_KEPT}, and forgets them with the subscription`, async () => {
-        await store.insertSubscription(record('s1', { status: 'requested' }));
-        for (let i = 1; i <= EARLIER_VERSIONS_KEPT + 3; i++) {
-          await store.updateStatus('s1', { status: i % 2 === 1 ? 'active' : 'error' }, at(i));
-        }
-        const kept = await store.subscriptionVersions('s1');
-        expect(kept.map((v) => v.updatedAt)).toEqual(
-          Array.from({ length: EARLIER_VERSIONS_KEPT }, (_, i) => at(EARLIER_VERSIONS_KEPT + 2 - i)),
-        );
-        expect(await store.deleteSubscription('s1')).toBe(true);
-        expect(await store.subscriptionVersions('s1')).toEqual([]);
-        // The id created anew starts with no history of the one deleted.
-        await store.insertSubscription(record('s1', { status: 'requested', updatedAt: at(50) }));
-        expect(await store.subscriptionVersions('s1')).toEqual([]);
-        expect(await store.subscriptionVersions('ghost')).toEqual([]);
-      });
+      expect(put?.updatedAt).toBe(at(1));
+      const failed = await store.updateStatus('s1', { status: 'error', error: 'x', expected: ['active'] }, at(1));
+      expect(failed?.updatedAt).toBe(new Date(Date.parse(at(1)) + 1).toISOString());
+      expect(await store.getSubscription('s1')).toEqual(failed);
+      expect((await store.subscriptionVersions('s1')).map((v) => [v.updatedAt, v.status])).toEqual([
+        [at(1), 'active'],
+        [T0, 'active'],
+      ]);
     });
+
+    it(`keeps the last ${EARLIER_VERSIONS_KEPT}, and forgets them with the subscription`, async () => {
+      await store.insertSubscription(record('s1', { status: 'requested' }));
+      for (let i = 1; i <= EARLIER_VERSIONS_KEPT + 3; i++) {
+        await store.updateStatus('s1', { status: i % 2 === 1 ? 'active' : 'error' }, at(i));
+      }
+      const kept = await store.subscriptionVersions('s1');
+      expect(kept.map((v) => v.updatedAt)).toEqual(
+        Array.from({ length: EARLIER_VERSIONS_KEPT }, (_, i) => at(EARLIER_VERSIONS_KEPT + 2 - i)),
+      );
+      expect(await store.deleteSubscription('s1')).toBe(true);
+      expect(await store.subscriptionVersions('s1')).toEqual([]);
+      // The id created anew starts with no history of the one deleted.
+      await store.insertSubscription(record('s1', { status: 'requested', updatedAt: at(50) }));
+      expect(await store.subscriptionVersions('s1')).toEqual([]);
+      expect(await store.subscriptionVersions('ghost')).toEqual([]);
+    });
+  });
 
   describe('acceptChanges', () => {
     beforeEach(async () => {

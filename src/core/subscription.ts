@@ -184,8 +184,8 @@ const MAX_STORED_BYTES = 64 * 1024;
  * The most resource types one Subscription may watch (every type, `*`, counts as one). The
  * DynamoDB store writes a subscription in one transaction (at most 100 items and 4 MB) with an
  * index item per type, each a copy of the whole `match`: an update to other types deletes the old
- * items and puts the new beside the subscription and its owner's count (at most 2 × 40 + 2 items),
- * and the copies stay within MAX_MATCH_COPIES_BYTES (2.5 MiB). Refused in parsing, on both stores
+ * items and puts the new beside the subscription and the version it replaced (a create: its owner's
+ * count), at most 2 × 40 + 2 items, and the copies stay within MAX_MATCH_COPIES_BYTES (2.5 MiB). Refused in parsing, on both stores
  * alike: SQLite had taken with a 201 what DynamoDB failed with a 500.
  */
 export const MAX_RESOURCE_TYPES = 40;

@@ -19,7 +19,15 @@ import {
   type SubscriptionVersion,
   systemClock,
 } from '../../core/types.js';
-import type { AcceptItem, AcceptOutcome, DeliveryUpdate, MatchCandidate, StatusUpdate, Store } from '../store.js';
+import {
+  type AcceptItem,
+  type AcceptOutcome,
+  type DeliveryUpdate,
+  EARLIER_VERSIONS_KEPT,
+  type MatchCandidate,
+  type StatusUpdate,
+  type Store,
+} from '../store.js';
 import { EventAcceptance } from './acceptance.js';
 import { Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
 import { SubscriptionExistsError, WriteConflictError } from './errors.js';
@@ -30,11 +38,16 @@ import {
   EVENT_SCOPE,
   fromNotificationItem,
   fromSubscriptionItem,
+  fromVersionItem,
   type IndexedFields,
   indexedTypes,
   notificationKey,
   toSubscriptionItem,
+  toVersionItem,
   unchangedSince,
+  VERSIONS_WRITTEN,
+  versionKey,
+  versionsPartition,
 } from './items.js';
 import {
   DynamoDbLaneLeases,
@@ -70,6 +83,8 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  *   reads. One item per resource type (or `*`) of each collecting subscription, with its `match`
  *   and `end`; written in the same TransactWriteItems as every subscription write, which reads the
  *   subscription first and is conditional on it being unchanged since (else it reads again).
+ *   Partitions `#owner` (each client's subscription count) and `#versions <id>` (a subscription's
+ *   earlier versions, a ring written in the same transactions: items.ts, versionKey) share it.
  *
  * acceptChanges is `EventAcceptance` (acceptance.ts): the batch's dedupe keys and markers read
  * first, one transaction per notification, the `#event` key written last; every write is
@@ -369,12 +384,25 @@ export class DynamoDbStore implements Store {
   }
 
   /**
-   * None kept: every matched event updates the subscription item (its counter, and a condition
-   * check), and DynamoDB charges those by the whole item, so versions on it would multiply the cost
-   * of every event; a separate versions item is future work (README "Not done yet").
+   * Kept apart from the subscription item (a ring in the type index table: items.ts, versionKey):
+   * every matched event updates that item, and DynamoDB charges such a write by the whole item, so
+   * versions on it would multiply the cost of every event. Versions of an earlier subscription under
+   * the same id (a delete that stopped before removing them) are told apart by `createdAt`.
    */
-  async subscriptionVersions(_id: string): Promise<SubscriptionVersion[]> {
-    return [];
+  async subscriptionVersions(id: string): Promise<SubscriptionVersion[]> {
+    const current = await this.getSubscription(id);
+    if (current === undefined) return [];
+    const items = await this.#requests.queryAll({
+      TableName: this.#tables.subscriptionTypes,
+      ConsistentRead: true,
+      KeyConditionExpression: 'resourceType = :p',
+      ExpressionAttributeValues: { ':p': S(versionsPartition(id)) },
+    });
+    return items
+      .map(fromVersionItem)
+      .filter((v) => v.createdAt === current.createdAt)
+      .sort((a, b) => compare(b.updatedAt, a.updatedAt))
+      .map(({ createdAt: _createdAt, ...version }) => version);
   }
 
   async deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean> {
@@ -385,7 +413,11 @@ export class DynamoDbStore implements Store {
     const deleted = await this.#writeSubscription(id, (current) =>
       expectedUpdatedAt === undefined || current.updatedAt === expectedUpdatedAt ? { next: undefined } : undefined,
     );
-    if (deleted !== undefined || expectedUpdatedAt === undefined) await this.#deleteNotificationsOf(id);
+    if (deleted !== undefined || expectedUpdatedAt === undefined) {
+      await this.#deleteNotificationsOf(id);
+      const slots = Array.from({ length: EARLIER_VERSIONS_KEPT }, (_, slot) => versionKey(id, slot));
+      await this.#requests.deleteAll(this.#tables.subscriptionTypes, slots);
+    }
     return deleted !== undefined;
   }
 
@@ -678,16 +710,30 @@ export class DynamoDbStore implements Store {
         Key: { id: S(id) },
         ConditionExpression: unchangedSince(e, out.Item),
       };
+      // An update keeps the version it replaces (items.ts, versionKey) in the same transaction.
+      const written = out.Item[VERSIONS_WRITTEN] === undefined ? 0 : readNumber(out.Item, VERSIONS_WRITTEN);
+      if (planned.next !== undefined) e.set(VERSIONS_WRITTEN, N(written + 1));
       const write: TransactWriteItem =
         planned.next === undefined
           ? { Delete: { ...key, ...e.bindings } }
           : { Update: { ...key, UpdateExpression: e.update, ...e.bindings } };
+      const version: TransactWriteItem[] =
+        planned.next === undefined
+          ? []
+          : [
+              {
+                Put: {
+                  TableName: this.#tables.subscriptionTypes,
+                  Item: toVersionItem(current, written % EARLIER_VERSIONS_KEPT),
+                },
+              },
+            ];
       // A delete gives its owner's count back in the same transaction.
       const count =
         planned.next === undefined ? [(await this.#countWrite(current.owner, -1)) as TransactWriteItem] : [];
       const what = `writing subscription ${id}`;
       const failed = await this.#requests.transact(
-        [write, ...count, ...this.#typeWrites(id, current, planned.next)],
+        [write, ...version, ...count, ...this.#typeWrites(id, current, planned.next)],
         what,
       );
       if (failed === undefined) return { next: planned.next };

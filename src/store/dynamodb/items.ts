@@ -8,6 +8,7 @@ import type {
   SubscriptionKind,
   SubscriptionRecord,
   SubscriptionStatus,
+  SubscriptionVersion,
 } from '../../core/types.js';
 import { type Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
 import { TTL_ATTRIBUTE } from './tables.js';
@@ -116,4 +117,44 @@ export function eventIdKey(eventId: string, scope: string): string {
 
 export function compare(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/**
+ * Earlier versions of a subscription live in the type index table (never matched: `#` is in no
+ * resource type), partition `#versions <id>`, in a ring of `slots` items (`v0`, `v1`, ...): the
+ * write that replaces version n of a subscription puts it in slot n mod slots, in its own
+ * transaction. The subscription item counts its versions (`VERSIONS_WRITTEN`), so no write reads
+ * the ring or prunes it, and a deleted subscription's are found by key.
+ */
+export const VERSIONS_WRITTEN = 'versionsWritten';
+
+export function versionsPartition(subscriptionId: string): string {
+  return `#versions ${subscriptionId}`;
+}
+
+export function versionKey(subscriptionId: string, slot: number): Item {
+  return { resourceType: S(versionsPartition(subscriptionId)), subscriptionId: S(`v${slot}`) };
+}
+
+/** The version `rec` is, for slot `slot`; `createdAt` tells it from a same-id subscription's before a delete. */
+export function toVersionItem(rec: SubscriptionRecord, slot: number): Item {
+  return {
+    ...versionKey(rec.id, slot),
+    createdAt: S(rec.createdAt),
+    updatedAt: S(rec.updatedAt),
+    status: S(rec.status),
+    ...(rec.error === undefined ? {} : { error: S(rec.error) }),
+    resource: S(JSON.stringify(rec.resource)),
+  };
+}
+
+export function fromVersionItem(item: Item): SubscriptionVersion & { readonly createdAt: string } {
+  const error = readOptionalString(item, 'error');
+  return {
+    createdAt: readString(item, 'createdAt'),
+    updatedAt: readString(item, 'updatedAt'),
+    status: readString(item, 'status') as SubscriptionStatus,
+    ...(error === undefined ? {} : { error }),
+    resource: JSON.parse(readString(item, 'resource')) as FhirResource,
+  };
 }
