@@ -15,7 +15,7 @@ import {
   statusOf,
   topicSubscription,
 } from './support/fhir-client.js';
-import { inProcessBroker, secretOf, type TestBroker } from './support/in-process.js';
+import { inProcessBroker, secretOf, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 
 /**
@@ -163,6 +163,49 @@ describe('retries', () => {
     const [refused] = receiver.failures;
     const retried = receiver.requests[1];
     expect((retried?.at ?? 0) - (refused?.at ?? 0)).toBeGreaterThanOrEqual(900);
+  });
+});
+
+describe('a pause an origin asks for', () => {
+  it('holds the client’s other subscriptions at that origin without spending their attempts, not another client’s', async () => {
+    const { t, receiver } = await setup();
+    const at = (path: string, id: string, token?: string) =>
+      t.create(
+        topicSubscription('patient-change', `${receiver.url}${path}`, { filters: [`Patient?_id=${id}`] }),
+        token,
+      );
+    const limited = await at('/a', 'a-p');
+    const neighbour = await at('/b', 'bc-p');
+    const otherClient = await at('/c', 'bc-p', TOKENS.bob);
+    for (const sub of [limited, neighbour, otherClient]) await t.logger.waitForStatus(sub.id as string, 'active');
+    const notifications = (path: string) => receiver.on(path).filter((r) => r.body.includes('"event-notification"'));
+    receiver.answerOnce((r) => r.path === '/a' && r.body.includes('"event-notification"'), {
+      status: 429,
+      headers: { 'retry-after': '3' },
+    });
+
+    await t.post([eventLike('healthlake-update-patient', 'pause-1', 'a-p')]);
+    const paused = await t.logger.waitFor((r) => r.msg === 'endpoint origin asked for a pause', 'the pause');
+    expect([paused.subscription, paused.owner, paused.origin, paused.status, paused.pauseMs]).toEqual([
+      limited.id,
+      'alice',
+      new URL(receiver.url).origin,
+      429,
+      3000,
+    ]);
+    const refusedAt = (receiver.failures[0] as { at: number }).at;
+    await t.post([eventLike('healthlake-update-patient', 'pause-2', 'bc-p')]);
+    // (The refused request is in `failures`, not among the 2xx ones `on` lists.)
+    await receiver.waitFor(() => notifications('/a').length === 1 && notifications('/b').length === 1, 'both', 10_000);
+    // The neighbour at the same origin waited out the pause, and sent once: no attempt spent on it.
+    expect((notifications('/b')[0]?.at ?? 0) - refusedAt).toBeGreaterThanOrEqual(2_900);
+    expect((notifications('/a')[0]?.at ?? 0) - refusedAt).toBeGreaterThanOrEqual(2_900);
+    expect(receiver.failures.map((r) => r.path)).toEqual(['/a']);
+    // Another client's subscription at the same origin was not held.
+    expect(notifications('/c')).toHaveLength(1);
+    expect((notifications('/c')[0]?.at ?? 0) - refusedAt).toBeLessThan(2_900);
+    const events = await t.call('GET', `/fhir/Subscription/${neighbour.id}/$status`);
+    expect(statusOf(events.body).params.get('events-since-subscription-start')?.valueString).toBe('1');
   });
 });
 

@@ -214,6 +214,14 @@ export class Dispatcher {
   /** Delivery states, written behind (see DeliveryStateLog). */
   readonly #states: DeliveryStateLog;
   readonly #origins = new Map<string, string>();
+  /**
+   * Until when (`performance.now()`) one client's notifications to one origin wait, keyed
+   * `owner\norigin`: that origin answered 429 or 503 with a Retry-After. Its other subscriptions
+   * there then send nothing until the pause is over, rather than each spend attempts of its own
+   * schedule on the same refusal. Per client, so that one client's endpoint cannot pause another's
+   * at a shared host.
+   */
+  readonly #originPauses = new Map<string, number>();
   readonly #newId = (): string => this.#ids.uuid();
   /** A store shared by instances: lanes send under its leases, as `#holder`. */
   readonly #leases: LaneLeases | undefined;
@@ -537,7 +545,7 @@ export class Dispatcher {
         }
         const head = lane.queue[0];
         if (head === undefined) return;
-        const now = this.#dueNow(id, lane, head);
+        const now = this.#dueNow(sub, lane, head);
         // Not due yet (a timer wakes the lane), or the invocation's time for attempts is over (the
         // rest stays pending for a later run).
         if (now === undefined || this.#timeLeft() <= 0) return;
@@ -589,7 +597,7 @@ export class Dispatcher {
           continue;
         }
         const head = lane.queue[0];
-        const now = head === undefined ? undefined : this.#dueNow(id, lane, head);
+        const now = head === undefined ? undefined : this.#dueNow(sub, lane, head);
         if (now !== undefined) {
           // Not once the lease is too short for a whole run (a run that waited long for a
           // connection slot): the next turn renews it first, or finds it lost.
@@ -772,14 +780,59 @@ export class Dispatcher {
    * lane then). A retry this process scheduled is due when its own (monotonic) time has passed: a
    * wall clock stepped back meanwhile would otherwise hold the lane for the length of the step.
    */
-  #dueNow(id: string, lane: Lane, head: QueuedNotification): number | undefined {
+  #dueNow(sub: SubscriptionRecord, lane: Lane, head: QueuedNotification): number | undefined {
     const now = this.#clock.now();
-    if (head.note.dueAt <= now) return now;
-    const own = lane.retry?.dueAt === head.note.dueAt ? lane.retry : undefined;
-    const left = own === undefined ? head.note.dueAt - now : own.at - performance.now();
-    if (left <= 0) return head.note.dueAt;
-    this.#wakeIn(id, lane, left, false);
-    return undefined;
+    let due = now;
+    if (head.note.dueAt > now) {
+      const own = lane.retry?.dueAt === head.note.dueAt ? lane.retry : undefined;
+      const left = own === undefined ? head.note.dueAt - now : own.at - performance.now();
+      if (left > 0) {
+        this.#wakeIn(sub.id, lane, left, false);
+        return undefined;
+      }
+      due = head.note.dueAt;
+    }
+    // Due, but its origin asked this client for a pause: no attempt now, none counted.
+    const paused = this.#pausedFor(sub);
+    if (paused > 0) {
+      this.#wakeIn(sub.id, lane, paused, false);
+      return undefined;
+    }
+    return due;
+  }
+
+  #pauseKey(sub: SubscriptionRecord): string | undefined {
+    return sub.channel.type === 'rest-hook' ? `${sub.owner}\n${this.#originOf(sub.channel.endpoint)}` : undefined;
+  }
+
+  /** How long the subscription's origin has asked its client to wait yet (ms; 0: not paused). */
+  #pausedFor(sub: SubscriptionRecord): number {
+    if (this.#originPauses.size === 0) return 0;
+    const key = this.#pauseKey(sub);
+    const until = key === undefined ? undefined : this.#originPauses.get(key);
+    if (key === undefined || until === undefined) return 0;
+    const left = until - performance.now();
+    if (left > 0) return left;
+    this.#originPauses.delete(key);
+    return 0;
+  }
+
+  /** A 429 or 503 with Retry-After: the client's other subscriptions at that origin wait as long. */
+  #pauseOrigin(sub: SubscriptionRecord, result: SendResult): void {
+    const ms = result.ok ? undefined : result.retryAfterMs;
+    if ((result.status !== 429 && result.status !== 503) || ms === undefined || ms <= 0) return;
+    const key = this.#pauseKey(sub);
+    if (key === undefined) return;
+    const until = performance.now() + ms;
+    if ((this.#originPauses.get(key) ?? 0) >= until) return;
+    this.#originPauses.set(key, until);
+    this.#logger.info('endpoint origin asked for a pause', {
+      subscription: sub.id,
+      owner: sub.owner,
+      origin: this.#originOf(sub.channel.endpoint),
+      status: result.status,
+      pauseMs: Math.round(ms),
+    });
   }
 
   /**
@@ -956,6 +1009,7 @@ export class Dispatcher {
       this.#metrics.inc('broker_notifications_total', { outcome: 'gone' }, batch.length);
       return false;
     }
+    this.#pauseOrigin(sub, result);
     // Retry-After may ask for a longer pause, never for more attempts or a shorter one.
     const scheduled = result.permanent ? undefined : nextRetryDelay(this.#opts.retryDelaysMs, attempts, this.#random());
     const delay = scheduled === undefined ? undefined : Math.max(scheduled, result.retryAfterMs ?? 0);
