@@ -236,15 +236,7 @@ export class SubscriptionRegistry {
    */
   async history(owner: string, id: string): Promise<SubscriptionRecord[]> {
     const current = await this.read(owner, id);
-    const earlier = await this.#store.subscriptionVersions(id);
-    const { error: _error, ...rest } = current;
-    return [
-      current,
-      ...earlier
-        // A version written between the two reads is the current one's successor, not its past.
-        .filter((v) => Date.parse(v.updatedAt) < Date.parse(current.updatedAt))
-        .map((v) => ({ ...rest, ...v })),
-    ];
+    return [current, ...(await this.#earlier(current))];
   }
 
   /**
@@ -255,12 +247,18 @@ export class SubscriptionRegistry {
   async version(owner: string, id: string, vid: string): Promise<SubscriptionRecord | undefined> {
     const current = await this.read(owner, id);
     if (versionId(current) === vid) return current;
-    const earlier = (await this.#store.subscriptionVersions(id)).find(
-      (v) => versionId(v) === vid && Date.parse(v.updatedAt) < Date.parse(current.updatedAt),
-    );
-    if (earlier === undefined) return undefined;
+    return (await this.#earlier(current)).find((v) => versionId(v) === vid);
+  }
+
+  /** The earlier versions the store keeps of `current`, newest first, each as the record it was. */
+  async #earlier(current: SubscriptionRecord): Promise<SubscriptionRecord[]> {
     const { error: _error, ...rest } = current;
-    return { ...rest, ...earlier };
+    return (
+      (await this.#store.subscriptionVersions(current.id))
+        // A version written between the two reads is the current one's successor, not its past.
+        .filter((v) => Date.parse(v.updatedAt) < Date.parse(current.updatedAt))
+        .map((v) => ({ ...rest, ...v }))
+    );
   }
 
   async search(owner: string): Promise<SubscriptionRecord[]> {
