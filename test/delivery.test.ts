@@ -201,11 +201,43 @@ describe('a pause an origin asks for', () => {
     expect((notifications('/b')[0]?.at ?? 0) - refusedAt).toBeGreaterThanOrEqual(2_900);
     expect((notifications('/a')[0]?.at ?? 0) - refusedAt).toBeGreaterThanOrEqual(2_900);
     expect(receiver.failures.map((r) => r.path)).toEqual(['/a']);
+    expect(t.broker.metrics.value('broker_origin_pauses_total')).toBe(1);
     // Another client's subscription at the same origin was not held.
     expect(notifications('/c')).toHaveLength(1);
     expect((notifications('/c')[0]?.at ?? 0) - refusedAt).toBeLessThan(2_900);
     const events = await t.call('GET', `/fhir/Subscription/${neighbour.id}/$status`);
     expect(statusOf(events.body).params.get('events-since-subscription-start')?.valueString).toBe('1');
+  });
+
+  it('holds heartbeats too, and holds neighbours at most 10 minutes however long the pause asked for', async () => {
+    const { t, receiver } = await setup();
+    const limited = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/limited`, { filters: ['Patient?_id=l-p'] }),
+    );
+    const beating = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/beating`, {
+        filters: ['Patient?_id=none'],
+        channel: heartbeatEverySecond,
+      }),
+    );
+    for (const sub of [limited, beating]) await t.logger.waitForStatus(sub.id as string, 'active');
+    const heartbeats = () =>
+      bundlesOn(receiver, '/beating').filter((b) => statusOf(b).params.get('type')?.valueCode === 'heartbeat');
+    await receiver.waitFor(() => heartbeats().length >= 1, 'a first heartbeat', 5_000);
+    receiver.answerOnce((r) => r.path === '/limited' && r.body.includes('"event-notification"'), {
+      status: 503,
+      headers: { 'retry-after': '3600' },
+    });
+    await t.post([eventLike('healthlake-update-patient', 'hold-1', 'l-p')]);
+    const paused = await t.logger.waitFor((r) => r.msg === 'endpoint origin asked for a pause', 'the pause');
+    expect([paused.status, paused.pauseMs]).toEqual([503, 600_000]);
+    // (A heartbeat already on the wire when the pause began lands first.)
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const before = receiver.on('/beating').length;
+    // Three heartbeat periods: none goes to the paused origin.
+    await new Promise((resolve) => setTimeout(resolve, 3_000));
+    expect(receiver.on('/beating').length).toBe(before);
+    expect(t.broker.metrics.value('broker_origin_pauses_total')).toBe(1);
   });
 });
 

@@ -133,3 +133,39 @@ it('serves the create’s version after the handshake by vread and _history on D
     ),
   ]);
 });
+
+it('keeps a pause an origin asked for in the store: another instance does not send the held notification before it ends', async () => {
+  const prefix = `server-pause-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(local.client, prefix);
+  const retries = { BROKER_RETRY_DELAYS: '20ms,20ms,20ms' };
+  t = await inProcessBroker(retries, { store: new DynamoDbStore(local.client, prefix) });
+  const other = await inProcessBroker(retries, { store: new DynamoDbStore(local.client, prefix) });
+  try {
+    const at = (path: string, id: string) =>
+      t?.create(topicSubscription('patient-change', `${receiver.url}${path}`, { filters: [`Patient?_id=${id}`] }));
+    const limited = (await at('/limited', 'l-p')) as Record<string, unknown>;
+    const neighbour = (await at('/neighbour', 'n-p')) as Record<string, unknown>;
+    for (const sub of [limited, neighbour]) await t.logger.waitForStatus(sub.id as string, 'active');
+    const notified = (path: string) =>
+      receiver.arrived.filter((r) => r.path === path && r.body.includes('"event-notification"'));
+    receiver.answerOnce((r) => r.path === '/limited' && r.body.includes('"event-notification"'), {
+      status: 429,
+      headers: { 'retry-after': '3' },
+    });
+    await t.post([eventLike('healthlake-update-patient', randomUUID(), 'l-p')]);
+    await t.logger.waitFor((r) => r.msg === 'endpoint origin asked for a pause', 'the pause');
+    const refusedAt = Date.now();
+    // This instance holds the neighbour's notification 1 and writes it due when the pause ends ...
+    await t.post([eventLike('healthlake-update-patient', randomUUID(), 'n-p')]);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // ... so the other instance, which never saw the 429, accepting notification 2 reads 1 as not due yet.
+    await other.post([eventLike('healthlake-update-patient', randomUUID(), 'n-p')]);
+    await receiver.waitFor(() => notifiedNumbers(notified('/neighbour')).length === 2, 'both notifications', 15_000);
+    expect(notifiedNumbers(notified('/neighbour'))).toEqual([1, 2]);
+    expect((notified('/neighbour')[0]?.at ?? 0) - refusedAt).toBeGreaterThanOrEqual(2_500);
+    expect(receiver.failures.filter((r) => r.path === '/neighbour')).toEqual([]);
+    expect(t.broker.metrics.value('broker_origin_pauses_total')).toBe(1);
+  } finally {
+    await other.broker.close(0);
+  }
+});

@@ -157,6 +157,13 @@ const HANDOVER_PER_CONNECTION = 2;
  * made through another instance sharing the store is seen only when this one reads it again).
  */
 const RUN_LENGTH = 16;
+/**
+ * 10 min: the longest a Retry-After holds a client's other subscriptions at the origin that sent
+ * it (the subscription it answered waits all of it). One path's long Retry-After must not silence
+ * every endpoint of the client at that host for a day; past this they try again, and a refusal
+ * pauses them anew.
+ */
+const MAX_ORIGIN_PAUSE_MS = 10 * 60 * 1000;
 const RUN_WITHIN_MS = 1000;
 /**
  * A lane lease (store shared by instances) lasts this long unless renewed: longer than any run (a
@@ -436,7 +443,7 @@ export class Dispatcher {
     const now = this.#clock.now();
     const due = [...this.#registry.all()].filter((sub) => {
       const period = (sub.channel.heartbeatPeriodSeconds ?? 0) * 1000;
-      if (period === 0 || !heartbeatsAllowed(sub)) return false;
+      if (period === 0 || !heartbeatsAllowed(sub) || this.#pausedFor(sub) > 0) return false;
       return Math.floor(now / period) !== Math.floor((now - windowMs) / period);
     });
     // Within the invocation's time for attempts: one the endpoint has not answered by then fails
@@ -792,9 +799,16 @@ export class Dispatcher {
       }
       due = head.note.dueAt;
     }
-    // Due, but its origin asked this client for a pause: no attempt now, none counted.
+    // Due, but its origin asked this client for a pause: no attempt now, none counted. The head
+    // is due again when the pause ends, in the store too: under lane leases (AWS) the instance
+    // that reads it next may not know of the pause.
     const paused = this.#pausedFor(sub);
     if (paused > 0) {
+      const dueAt = now + paused;
+      const note: StoredNotification = { ...head.note, dueAt };
+      lane.queue[0] = { ...head, note };
+      lane.retry = { dueAt, at: performance.now() + paused };
+      this.#states.record({ ...note, laneEpoch: lane.hold?.epoch });
       this.#wakeIn(sub.id, lane, paused, false);
       return undefined;
     }
@@ -817,15 +831,23 @@ export class Dispatcher {
     return 0;
   }
 
-  /** A 429 or 503 with Retry-After: the client's other subscriptions at that origin wait as long. */
+  /**
+   * A 429 or 503 with Retry-After: the client's other subscriptions at that origin wait as long
+   * (at most MAX_ORIGIN_PAUSE_MS). The answered subscription's own retry waits all of it (#settle).
+   */
   #pauseOrigin(sub: SubscriptionRecord, result: SendResult): void {
-    const ms = result.ok ? undefined : result.retryAfterMs;
-    if ((result.status !== 429 && result.status !== 503) || ms === undefined || ms <= 0) return;
+    const asked = result.ok ? undefined : result.retryAfterMs;
+    if ((result.status !== 429 && result.status !== 503) || asked === undefined || asked <= 0) return;
     const key = this.#pauseKey(sub);
     if (key === undefined) return;
-    const until = performance.now() + ms;
-    if ((this.#originPauses.get(key) ?? 0) >= until) return;
-    this.#originPauses.set(key, until);
+    const ms = Math.min(asked, MAX_ORIGIN_PAUSE_MS);
+    const now = performance.now();
+    if ((this.#originPauses.get(key) ?? 0) >= now + ms) return;
+    // Pauses over are forgotten here (set rarely) as well as when read, so the map holds only
+    // live ones, whatever became of the subscriptions that set them.
+    for (const [k, until] of this.#originPauses) if (until <= now) this.#originPauses.delete(k);
+    this.#originPauses.set(key, now + ms);
+    this.#metrics.inc('broker_origin_pauses_total');
     this.#logger.info('endpoint origin asked for a pause', {
       subscription: sub.id,
       owner: sub.owner,
@@ -1137,6 +1159,8 @@ export class Dispatcher {
       this.#logger.warn('handshake failed', { subscription: id, error: result.error });
       // 410 Gone: the endpoint says it will never take notifications; off, not error.
       if (await this.#offIfGone(sub, result)) return;
+      // Its client's other subscriptions there hold off; this one goes to `error` as any failed handshake.
+      this.#pauseOrigin(sub, result);
       await this.#registry.transition(
         id,
         { kind: 'handshake-failed', reason: `${HANDSHAKE_FAILED}${result.error}` },
@@ -1304,7 +1328,8 @@ export class Dispatcher {
     const lane = this.#lanes.get(id);
     if (sub === undefined || lane === undefined || this.#closed) return;
     const now = this.#clock.now();
-    if (performance.now() - lane.lastSentAt >= period) {
+    // Not to an origin that asked this client for a pause: the next period's turn sends it.
+    if (performance.now() - lane.lastSentAt >= period && this.#pausedFor(sub) === 0) {
       if (lane.running) {
         // A run may be on the wire: its end (`#endRunning`) sends the heartbeat unless the run got through.
         lane.heartbeatOwed = true;
@@ -1357,6 +1382,7 @@ export class Dispatcher {
     if (result.ok) return true;
     this.#logger.warn('heartbeat failed', { subscription: sub.id, error: result.error });
     if (await this.#offIfGone(sub, result)) return false;
+    this.#pauseOrigin(sub, result);
     if (!refused) return true;
     await this.#registry.transition(
       sub.id,

@@ -23,6 +23,10 @@ const FAMILIES = {
   },
   broker_notifications_total: { help: 'Notification deliveries, by outcome', type: 'counter' },
   broker_handshakes_total: { help: 'Handshakes, by outcome', type: 'counter' },
+  broker_origin_pauses_total: {
+    help: "Pauses an endpoint origin asked for (429 or 503 with Retry-After), held by the client's other subscriptions there",
+    type: 'counter',
+  },
   broker_heartbeats_total: { help: 'Heartbeats, by outcome', type: 'counter' },
   broker_delivery_latency_seconds: { help: 'Ingest to successful webhook delivery', type: 'histogram' },
   broker_outbox_depth: { help: 'Notifications waiting for delivery', type: 'gauge' },
