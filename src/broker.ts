@@ -2,8 +2,10 @@ import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
+import { SQSClient } from '@aws-sdk/client-sqs';
 import type { Hono } from 'hono';
 import { EventBridgePublisher } from './aws/eventbridge-publisher.js';
+import { SqsEventSource } from './aws/sqs-source.js';
 import type { ApiClient, Config } from './config.js';
 import type { LifecycleSink } from './core/lifecycle.js';
 import { type Clock, type IdSource, systemClock } from './core/types.js';
@@ -76,6 +78,11 @@ export interface Broker {
    */
   flushLifecycle(): Promise<void>;
   /** Finish in-flight attempts within `graceMs`, then release the store and sockets. */
+  /**
+   * Starts pulling events from `BROKER_SQS_QUEUE_URL`, when set: the server does (main.ts), a
+   * Lambda function never (EventBridge invokes it).
+   */
+  startSources(): void;
   close(graceMs?: number): Promise<void>;
 }
 
@@ -105,6 +112,8 @@ export interface BrokerOverrides {
    * when `BROKER_WEBHOOK_THREADS` > 0).
    */
   readonly sender?: (deps: { logger: Logger; userAgent: string; connectionsPerOrigin: number }) => Sender;
+  /** The SQS client for `BROKER_SQS_QUEUE_URL` (tests: one pointed at a stand-in). */
+  readonly sqs?: Pick<SQSClient, 'send' | 'destroy'>;
   /**
    * Read the subscriptions on the first `refreshSubscriptions` call instead of at creation: for
    * Lambda containers that match through the store's type index and never need them all.
@@ -234,6 +243,24 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   });
 
   const ingestDeps = { ingest, ingestAuth, maxIngestBodyBytes: config.maxIngestBodyBytes, logger };
+  const sqsClient =
+    config.sqsQueueUrl === undefined
+      ? undefined
+      : (overrides.sqs ??
+        new SQSClient({
+          region: queueRegion(config.sqsQueueUrl) ?? config.awsRegion,
+          ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
+        }));
+  const sqs =
+    config.sqsQueueUrl === undefined || sqsClient === undefined
+      ? undefined
+      : new SqsEventSource({
+          client: sqsClient,
+          queueUrl: config.sqsQueueUrl,
+          ingest: (event) => ingest.ingest(event),
+          logger,
+          metrics,
+        });
   return {
     app,
     serveIngest: (req, res) => serveIngest(ingestDeps, req, res),
@@ -248,6 +275,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     credentials,
     logger,
     start: () => dispatcher.start(),
+    startSources: () => sqs?.start(),
     flushLifecycle: async () => {
       await lifecycle?.flush();
     },
@@ -264,6 +292,9 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       bindingTokens.rotate(next.wsTokenSecret, clock.now(), config.wsTokenTtlMs);
     },
     async close(graceMs = 5000) {
+      // No more events in: a long poll is cut, what it received is committed and deleted first.
+      await sqs?.close();
+      if (overrides.sqs === undefined) sqsClient?.destroy();
       websocketHub.closeAll();
       await dispatcher.close(graceMs);
       await lifecycle?.flush();
@@ -272,6 +303,11 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       dynamodb?.destroy();
     },
   };
+}
+
+/** The region in an SQS queue URL's host (`sqs.<region>.amazonaws.com`), where the queue is. */
+function queueRegion(queueUrl: string): string | undefined {
+  return /^https:\/\/sqs\.([a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?\//.exec(queueUrl)?.[1];
 }
 
 function dynamoDbClient(config: Config): DynamoDBClient {

@@ -195,6 +195,18 @@ describe('loadConfig', () => {
     expect(loadConfig({ BROKER_WS_MAX_UNBOUND_PER_ADDRESS: '0' }).wsMaxUnboundPerAddress).toBe(0);
   });
 
+  it('reads an SQS queue URL and endpoint, off by default, and refuses what is no queue URL', () => {
+    const url = 'https://sqs.eu-west-1.amazonaws.com/111122223333/fhir-events';
+    const c = loadConfig({ BROKER_SQS_QUEUE_URL: url, SQS_ENDPOINT: 'http://127.0.0.1:9324' });
+    expect([c.sqsQueueUrl, c.sqsEndpoint]).toEqual([url, 'http://127.0.0.1:9324']);
+    expect(loadConfig({}).sqsQueueUrl).toBeUndefined();
+    for (const bad of ['fhir-events', 'arn:aws:sqs:eu-west-1:111122223333:fhir-events', 'https://sqs.example/']) {
+      expect(() => loadConfig({ BROKER_SQS_QUEUE_URL: bad })).toThrow(
+        'BROKER_SQS_QUEUE_URL: must be a queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events',
+      );
+    }
+  });
+
   it('accepts as many sender threads as connections per origin', () => {
     const c = loadConfig({ BROKER_WEBHOOK_THREADS: '2', BROKER_MAX_IN_FLIGHT_PER_ORIGIN: '2' });
     expect([c.webhookThreads, c.maxInFlightPerOrigin]).toEqual([2, 2]);

@@ -75,6 +75,10 @@ export interface Config {
   /** `AWS_REGION`, else `AWS_DEFAULT_REGION`, else us-east-1: where the AWS SDK clients go. */
   readonly awsRegion: string;
   readonly eventBus?: string;
+  /** `BROKER_SQS_QUEUE_URL`: an SQS queue the server pulls EventBridge events from (src/aws/sqs-source.ts). */
+  readonly sqsQueueUrl?: string;
+  /** `SQS_ENDPOINT`: the SQS endpoint, for a local stand-in. */
+  readonly sqsEndpoint?: string;
   readonly topicsDir: string;
   readonly maxBodyBytes: number;
   readonly maxIngestBodyBytes: number;
@@ -114,6 +118,14 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('BROKER_METRICS_TOKEN', `must be at least ${MIN_TOKEN_CHARS} characters`);
   }
   const eventBus = str(env, 'BROKER_EVENT_BUS');
+  const sqsQueueUrl = str(env, 'BROKER_SQS_QUEUE_URL');
+  if (sqsQueueUrl !== undefined && !/^https?:\/\/[^/\s]+\/\S+$/.test(sqsQueueUrl)) {
+    throw new ConfigError(
+      'BROKER_SQS_QUEUE_URL',
+      'must be a queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events',
+    );
+  }
+  const sqsEndpoint = str(env, 'SQS_ENDPOINT');
   const awsRegion = str(env, 'AWS_REGION') ?? str(env, 'AWS_DEFAULT_REGION') ?? 'us-east-1';
   if (!/^[a-z]{2}(-[a-z]+)+-\d+$/.test(awsRegion)) {
     throw new ConfigError(
@@ -194,6 +206,8 @@ export function loadConfig(env: Env = process.env): Config {
     tablePrefix: str(env, 'BROKER_TABLE_PREFIX') ?? 'fhir-broker-',
     awsRegion,
     ...(eventBus === undefined ? {} : { eventBus }),
+    ...(sqsQueueUrl === undefined ? {} : { sqsQueueUrl }),
+    ...(sqsEndpoint === undefined ? {} : { sqsEndpoint }),
     topicsDir,
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),

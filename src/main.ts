@@ -127,6 +127,7 @@ async function main(): Promise<void> {
   logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
   printLocalCredentials(broker.credentials.local, config.dataDir);
   await broker.start();
+  broker.startSources();
 }
 
 /** Generated credentials go to stderr at start, for the person at the terminal; never to the JSON log. */

@@ -1,10 +1,13 @@
+import { createHash, randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { Waiters } from './waiters.js';
 
 /**
  * Local HTTP doubles for the AWS endpoints that cannot run here: the API Gateway management
- * API (`/@connections/{id}`), EventBridge `PutEvents` and Secrets Manager `GetSecretValue`. They record every request exactly as the
+ * API (`/@connections/{id}`), EventBridge `PutEvents`, Secrets Manager `GetSecretValue` and SQS
+ * `ReceiveMessage` / `DeleteMessageBatch`. They record every request exactly as the
  * AWS SDK sent it (SigV4 headers included) so tests assert what would reach AWS.
  */
 
@@ -28,6 +31,7 @@ abstract class HttpDouble {
   /** How long each answer waits: an AWS endpoint is slower than a loopback socket. */
   answerDelayMs = 0;
   readonly #server: Server;
+  readonly #waiters = new Waiters();
 
   protected constructor() {
     this.#server = createServer((req, res) => {
@@ -41,18 +45,26 @@ abstract class HttpDouble {
           body: Buffer.concat(chunks).toString('utf8'),
         };
         this.requests.push(recorded);
-        const { status, headers, body } = this.answer(recorded);
-        const write = (): void => {
-          res.writeHead(status, headers).end(body);
-          this.answered.push(recorded);
-        };
-        if (this.answerDelayMs > 0) setTimeout(write, this.answerDelayMs);
-        else write();
+        void Promise.resolve(this.answer(recorded)).then(({ status, headers, body }) => {
+          const write = (): void => {
+            res.writeHead(status, headers).end(body);
+            this.answered.push(recorded);
+            this.#waiters.wake();
+          };
+          if (this.answerDelayMs > 0) setTimeout(write, this.answerDelayMs);
+          else write();
+        });
       });
     });
   }
 
-  protected abstract answer(req: RecordedRequest): Answer;
+  /** Resolves once `done` holds, checked as each answer goes out. */
+  waitFor(done: () => boolean, what: string, timeoutMs = 10_000): Promise<true> {
+    return this.#waiters.until(() => (done() ? true : undefined), what, timeoutMs);
+  }
+
+  /** May wait (a long poll) before it answers. */
+  protected abstract answer(req: RecordedRequest): Answer | Promise<Answer>;
 
   protected async listen(): Promise<void> {
     this.#server.listen(0, '127.0.0.1');
@@ -181,5 +193,121 @@ export class SecretsManagerDouble extends HttpDouble {
       headers: { 'content-type': 'application/x-amz-json-1.1' },
       body: JSON.stringify({ ARN: SecretId, Name: 'broker', SecretString: JSON.stringify(this.secret) }),
     };
+  }
+}
+
+interface QueuedMessage {
+  readonly MessageId: string;
+  readonly ReceiptHandle: string;
+  readonly Body: string;
+  receives: number;
+}
+
+/**
+ * SQS (AWS JSON 1.0, as `@aws-sdk/client-sqs` speaks it) for the broker's two calls: ReceiveMessage
+ * (a long poll: it answers once a message is sent or the wait asked for is over) and
+ * DeleteMessageBatch. A message handed out stays in flight until deleted; it is handed out again
+ * (as SQS does once its visibility timeout is over) when a test calls `redeliverUndeleted`.
+ */
+export class SqsDouble extends HttpDouble {
+  /** Message ids deleted, in order. */
+  readonly deleted: string[] = [];
+  /** Receipt handles whose delete is reported failed (once each). */
+  readonly failDeletes = new Set<string>();
+  #waiting: QueuedMessage[] = [];
+  readonly #inFlight = new Map<string, QueuedMessage>();
+  #wake: (() => void) | undefined;
+
+  static async start(): Promise<SqsDouble> {
+    const d = new SqsDouble();
+    await d.listen();
+    return d;
+  }
+
+  /** Each request's `X-Amz-Target` and JSON body, with its Authorization header. */
+  get calls(): { target: string; body: Record<string, unknown>; authorization: string | undefined }[] {
+    return this.requests.map((r) => ({
+      target: String(r.headers['x-amz-target'] ?? ''),
+      body: JSON.parse(r.body || '{}') as Record<string, unknown>,
+      authorization: r.headers.authorization,
+    }));
+  }
+
+  /** Queues the bodies as messages; their message ids. */
+  send(...bodies: string[]): string[] {
+    const added = bodies.map((Body) => ({ MessageId: randomUUID(), ReceiptHandle: randomUUID(), Body, receives: 0 }));
+    this.#waiting.push(...added);
+    this.#wake?.();
+    return added.map((m) => m.MessageId);
+  }
+
+  redeliverUndeleted(): void {
+    this.#waiting.push(...this.#inFlight.values());
+    this.#inFlight.clear();
+    this.#wake?.();
+  }
+
+  /** Messages not deleted: in flight, then waiting. */
+  get undeleted(): QueuedMessage[] {
+    return [...this.#inFlight.values(), ...this.#waiting];
+  }
+
+  override async close(): Promise<void> {
+    this.#wake?.();
+    await super.close();
+  }
+
+  protected async answer(req: RecordedRequest): Promise<Answer> {
+    const target = String(req.headers['x-amz-target'] ?? '');
+    const body = JSON.parse(req.body || '{}') as Record<string, unknown>;
+    const json = (status: number, out: unknown): Answer => ({
+      status,
+      headers: { 'content-type': 'application/x-amz-json-1.0' },
+      body: JSON.stringify(out),
+    });
+    if (target === 'AmazonSQS.ReceiveMessage') {
+      if (this.#waiting.length === 0) {
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, Number(body.WaitTimeSeconds ?? 0) * 1000);
+          this.#wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        this.#wake = undefined;
+      }
+      const out = this.#waiting.splice(0, Number(body.MaxNumberOfMessages ?? 1));
+      for (const m of out) {
+        m.receives++;
+        this.#inFlight.set(m.ReceiptHandle, m);
+      }
+      const Messages = out.map((m) => ({
+        MessageId: m.MessageId,
+        ReceiptHandle: m.ReceiptHandle,
+        Body: m.Body,
+        // As SQS sends it: the SDK checks it and refuses a receive whose body does not match.
+        MD5OfBody: createHash('md5').update(m.Body).digest('hex'),
+        Attributes: { ApproximateReceiveCount: String(m.receives) },
+      }));
+      return json(200, Messages.length === 0 ? {} : { Messages });
+    }
+    if (target === 'AmazonSQS.DeleteMessageBatch') {
+      const Successful: { Id: string }[] = [];
+      const Failed: { Id: string; Code: string; SenderFault: boolean; Message: string }[] = [];
+      for (const e of body.Entries as { Id: string; ReceiptHandle: string }[]) {
+        if (this.failDeletes.delete(e.ReceiptHandle)) {
+          Failed.push({ Id: e.Id, Code: 'InternalError', SenderFault: false, Message: 'try again' });
+          continue;
+        }
+        const m = this.#inFlight.get(e.ReceiptHandle);
+        if (m !== undefined) {
+          this.#inFlight.delete(e.ReceiptHandle);
+          this.deleted.push(m.MessageId);
+        }
+        Successful.push({ Id: e.Id });
+      }
+      return json(200, { Successful, ...(Failed.length === 0 ? {} : { Failed }) });
+    }
+    return json(400, { __type: 'com.amazonaws.sqs#InvalidAction', message: `unknown target ${target}` });
   }
 }
