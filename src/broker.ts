@@ -5,8 +5,8 @@ import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
 import { SQSClient } from '@aws-sdk/client-sqs';
 import type { Hono } from 'hono';
 import { EventBridgePublisher } from './aws/eventbridge-publisher.js';
-import { SqsEventSource } from './aws/sqs-source.js';
-import type { ApiClient, Config } from './config.js';
+import { SQS_WAIT_TIME_SECONDS, SqsEventSource } from './aws/sqs-source.js';
+import { type ApiClient, type Config, sqsQueueRegion } from './config.js';
 import type { LifecycleSink } from './core/lifecycle.js';
 import { type Clock, type IdSource, systemClock } from './core/types.js';
 import { type Credentials, resolveCredentials } from './credentials.js';
@@ -77,12 +77,12 @@ export interface Broker {
    * for its next invocation, or be lost with the container.
    */
   flushLifecycle(): Promise<void>;
-  /** Finish in-flight attempts within `graceMs`, then release the store and sockets. */
   /**
    * Starts pulling events from `BROKER_SQS_QUEUE_URL`, when set: the server does (main.ts), a
    * Lambda function never (EventBridge invokes it).
    */
   startSources(): void;
+  /** Stop pulling events, finish in-flight attempts within `graceMs`, then release the store and sockets. */
   close(graceMs?: number): Promise<void>;
 }
 
@@ -248,8 +248,12 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       ? undefined
       : (overrides.sqs ??
         new SQSClient({
-          region: queueRegion(config.sqsQueueUrl) ?? config.awsRegion,
+          region: sqsQueueRegion(config.sqsQueueUrl) ?? config.awsRegion,
           ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
+          // A long poll cut off silently (NAT, a firewall) fails after this, not the SDK's 15 min.
+          requestHandler: { requestTimeout: (SQS_WAIT_TIME_SECONDS + 10) * 1000 },
+          // The SDK's own warnings go to the JSON log, not to the console.
+          logger: sdkLogger(logger),
         }));
   const sqs =
     config.sqsQueueUrl === undefined || sqsClient === undefined
@@ -305,9 +309,24 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   };
 }
 
-/** The region in an SQS queue URL's host (`sqs.<region>.amazonaws.com`), where the queue is. */
-function queueRegion(queueUrl: string): string | undefined {
-  return /^https:\/\/sqs\.([a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?\//.exec(queueUrl)?.[1];
+/** The AWS SDK's logger interface, onto the broker's log (warnings and errors; its debug and info are noise). */
+function sdkLogger(logger: Logger): {
+  debug(): void;
+  info(): void;
+  warn(...a: unknown[]): void;
+  error(...a: unknown[]): void;
+} {
+  const text = (a: unknown[]) =>
+    a
+      .map((x) => (typeof x === 'string' ? x : JSON.stringify(x)))
+      .join(' ')
+      .slice(0, 500);
+  return {
+    debug: () => undefined,
+    info: () => undefined,
+    warn: (...a) => logger.warn('aws sdk', { message: text(a) }),
+    error: (...a) => logger.error('aws sdk', { message: text(a) }),
+  };
 }
 
 function dynamoDbClient(config: Config): DynamoDBClient {

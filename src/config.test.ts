@@ -2,7 +2,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig } from './config.js';
+import { ConfigError, loadConfig, sqsQueueRegion } from './config.js';
 
 /** The error `loadConfig(env)` throws, checked to be a ConfigError. */
 function configError(env: Record<string, string>): string {
@@ -200,11 +200,35 @@ describe('loadConfig', () => {
     const c = loadConfig({ BROKER_SQS_QUEUE_URL: url, SQS_ENDPOINT: 'http://127.0.0.1:9324' });
     expect([c.sqsQueueUrl, c.sqsEndpoint]).toEqual([url, 'http://127.0.0.1:9324']);
     expect(loadConfig({}).sqsQueueUrl).toBeUndefined();
-    for (const bad of ['fhir-events', 'arn:aws:sqs:eu-west-1:111122223333:fhir-events', 'https://sqs.example/']) {
+    // Another host only with SQS_ENDPOINT (a local stand-in): no signed request to a host that is neither.
+    const local = 'http://127.0.0.1:9324/000000000000/fhir-events';
+    expect(loadConfig({ BROKER_SQS_QUEUE_URL: local, SQS_ENDPOINT: 'http://127.0.0.1:9324' }).sqsQueueUrl).toBe(local);
+    for (const bad of [
+      'fhir-events',
+      'arn:aws:sqs:eu-west-1:111122223333:fhir-events',
+      'https://sqs.example/',
+      'https://evil.example.com/111122223333/fhir-events',
+      local,
+    ]) {
       expect(() => loadConfig({ BROKER_SQS_QUEUE_URL: bad })).toThrow(
-        'BROKER_SQS_QUEUE_URL: must be a queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events',
+        'BROKER_SQS_QUEUE_URL: must be an Amazon SQS queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events (another host only with SQS_ENDPOINT)',
       );
     }
+  });
+
+  it.each([
+    ['https://sqs.eu-west-1.amazonaws.com/1/q', 'eu-west-1'],
+    ['https://sqs-fips.us-east-2.amazonaws.com/1/q', 'us-east-2'],
+    ['https://sqs.cn-north-1.amazonaws.com.cn/1/q', 'cn-north-1'],
+    ['https://sqs.us-gov-west-1.amazonaws.com/1/q', 'us-gov-west-1'],
+    ['https://sqs.eu-west-1.api.aws/1/q', 'eu-west-1'],
+    ['https://vpce-0abc-xyz.sqs.eu-west-1.vpce.amazonaws.com/1/q', 'eu-west-1'],
+    ['https://us-west-2.queue.amazonaws.com/1/q', 'us-west-2'],
+    ['https://queue.amazonaws.com/1/q', 'us-east-1'],
+    ['https://evil.example.com/1/q', undefined],
+    ['http://sqs.eu-west-1.amazonaws.com/1/q', undefined],
+  ])('finds the region of the SQS queue %s: %s', (url, region) => {
+    expect(sqsQueueRegion(url)).toBe(region);
   });
 
   it('accepts as many sender threads as connections per origin', () => {

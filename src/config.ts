@@ -119,13 +119,18 @@ export function loadConfig(env: Env = process.env): Config {
   }
   const eventBus = str(env, 'BROKER_EVENT_BUS');
   const sqsQueueUrl = str(env, 'BROKER_SQS_QUEUE_URL');
-  if (sqsQueueUrl !== undefined && !/^https?:\/\/[^/\s]+\/\S+$/.test(sqsQueueUrl)) {
+  const sqsEndpoint = str(env, 'SQS_ENDPOINT');
+  // An AWS queue URL (its region is where requests are signed for), or with SQS_ENDPOINT any queue
+  // URL the endpoint names: never signed requests to a host that is neither.
+  if (
+    sqsQueueUrl !== undefined &&
+    !(/^https?:\/\/[^/\s]+\/\S+$/.test(sqsQueueUrl) && (sqsEndpoint !== undefined || sqsQueueRegion(sqsQueueUrl)))
+  ) {
     throw new ConfigError(
       'BROKER_SQS_QUEUE_URL',
-      'must be a queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events',
+      'must be an Amazon SQS queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events (another host only with SQS_ENDPOINT)',
     );
   }
-  const sqsEndpoint = str(env, 'SQS_ENDPOINT');
   const awsRegion = str(env, 'AWS_REGION') ?? str(env, 'AWS_DEFAULT_REGION') ?? 'us-east-1';
   if (!/^[a-z]{2}(-[a-z]+)+-\d+$/.test(awsRegion)) {
     throw new ConfigError(
@@ -395,4 +400,33 @@ function retryDelays(raw: string | undefined): number[] {
   } catch (err) {
     throw new ConfigError('BROKER_RETRY_DELAYS', (err as Error).message);
   }
+}
+
+/**
+ * The region of an Amazon SQS queue URL, from its host: `sqs.<region>.amazonaws.com` (`.cn`),
+ * `sqs-fips.<region>…`, `sqs.<region>.api.aws`, a VPC endpoint `….sqs.<region>.vpce.amazonaws.com`,
+ * the legacy `<region>.queue.amazonaws.com`, and `queue.amazonaws.com` (us-east-1). Undefined for
+ * any other host.
+ */
+export function sqsQueueRegion(queueUrl: string): string | undefined {
+  let host: string;
+  try {
+    const url = new URL(queueUrl);
+    if (url.protocol !== 'https:') return undefined;
+    host = url.hostname;
+  } catch {
+    return undefined;
+  }
+  if (host === 'queue.amazonaws.com') return 'us-east-1';
+  const region = '([a-z]{2}(?:-[a-z]+)+-\\d+)';
+  const forms = [
+    new RegExp(`^sqs(?:-fips)?\\.${region}\\.(?:amazonaws\\.com(?:\\.cn)?|api\\.aws)$`),
+    new RegExp(`^[a-z0-9-]+\\.sqs\\.${region}\\.vpce\\.amazonaws\\.com(?:\\.cn)?$`),
+    new RegExp(`^${region}\\.queue\\.amazonaws\\.com(?:\\.cn)?$`),
+  ];
+  for (const form of forms) {
+    const m = form.exec(host);
+    if (m !== null) return m[1];
+  }
+  return undefined;
 }

@@ -124,7 +124,7 @@ describe('the SQS source', () => {
     );
     await t.logger.waitForStatus(sub.id as string, 'active');
     const [id] = sqs.send(JSON.stringify(eventLike('healthlake-update-patient', 'sqs-again', 'again-p')));
-    sqs.failDeletes.add(sqs.undeleted[0]?.ReceiptHandle as string);
+    sqs.failDeletes.add(id as string);
     const notDeleted = await t.logger.waitFor(
       (r) => r.msg === 'sqs message not deleted; it comes back and counts as a duplicate',
       'the failed delete',
@@ -163,21 +163,19 @@ describe('the server with BROKER_SQS_QUEUE_URL', () => {
 });
 
 describe('SqsEventSource', () => {
-  it('leaves a message the store failed to take, and takes it when it comes back', async () => {
+  it('keeps a message the store failed to take in hand, invisible, and takes it once the store is back', async () => {
     const sqs = await SqsDouble.start();
     cleanups.push(() => sqs.close());
     const logger = new RecordingLogger();
-    const metrics = new Metrics();
-    let storeDown = true;
+    let failuresLeft = 2;
     const ingested: unknown[] = [];
     const source = new SqsEventSource({
       client: sqsClient(sqs),
       queueUrl: QUEUE_URL,
       logger,
-      metrics,
-      waitTimeSeconds: 1,
+      metrics: new Metrics(),
       ingest: async (event) => {
-        if (storeDown) throw new Error('disk I/O error');
+        if (failuresLeft-- > 0) throw new Error('disk I/O error');
         ingested.push(event);
         return { accepted: 1, ignored: 0, duplicates: 0 };
       },
@@ -185,16 +183,60 @@ describe('SqsEventSource', () => {
     source.start();
     cleanups.push(() => source.close());
     const [id] = sqs.send(JSON.stringify(fixture('healthlake-update-patient')));
-    const failed = await logger.waitFor(
-      (r) => r.msg === 'sqs message not taken; it comes back after its visibility timeout',
-      'the store failure',
-    );
-    expect([failed.messageId, (failed.err as Error).message]).toEqual([id, 'disk I/O error']);
-    expect(deletes(sqs)).toEqual([]);
-    storeDown = false;
-    sqs.redeliverUndeleted();
     await sqs.waitFor(() => sqs.deleted.includes(id as string), 'deleted once taken');
     expect(ingested).toEqual([fixture('healthlake-update-patient')]);
+    const failed = logger.records.filter(
+      (r) => r.msg === 'sqs messages not taken: the store failed; kept and tried again',
+    );
+    expect(failed.map((r) => [r.messageIds, r.retryInMs, (r.err as Error).message])).toEqual([
+      [[id], 1_000, 'disk I/O error'],
+      [[id], 2_000, 'disk I/O error'],
+    ]);
+    // Received once: its visibility extended before each wait, never handed out again meanwhile.
+    expect(sqs.receives.get(id as string)).toBe(1);
+    expect(
+      sqs.calls
+        .filter((c) => c.target === 'AmazonSQS.ChangeMessageVisibilityBatch')
+        .map((c) => (c.body.Entries as { VisibilityTimeout: number }[]).map((e) => e.VisibilityTimeout)),
+    ).toEqual([[31], [32]]);
+    expect(sqs.deleted).toEqual([id]);
+    expect(sqs.undeleted).toEqual([]);
+  });
+
+  it('commits and deletes what it had received before close resolves, and receives nothing after', async () => {
+    const sqs = await SqsDouble.start();
+    cleanups.push(() => sqs.close());
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let started: () => void = () => undefined;
+    const ingesting = new Promise<void>((resolve) => {
+      started = resolve;
+    });
+    const source = new SqsEventSource({
+      client: sqsClient(sqs),
+      queueUrl: QUEUE_URL,
+      logger: new RecordingLogger(),
+      metrics: new Metrics(),
+      ingest: async () => {
+        started();
+        await held;
+        return { accepted: 1, ignored: 0, duplicates: 0 };
+      },
+    });
+    source.start();
+    const ids = sqs.send(
+      JSON.stringify(eventLike('healthlake-update-patient', 'close-1', 'c-1')),
+      JSON.stringify(eventLike('healthlake-update-patient', 'close-2', 'c-2')),
+    );
+    await ingesting;
+    const closed = source.close();
+    const receivesAtClose = sqs.calls.filter((c) => c.target === 'AmazonSQS.ReceiveMessage').length;
+    release();
+    await closed;
+    expect(sqs.deleted.sort()).toEqual([...ids].sort());
+    expect(sqs.calls.filter((c) => c.target === 'AmazonSQS.ReceiveMessage')).toHaveLength(receivesAtClose);
   });
 
   it('cuts a long poll at close, and retries a failed receive with a growing pause', async () => {
@@ -211,8 +253,11 @@ describe('SqsEventSource', () => {
     });
     polling.start();
     await logger.waitFor((r) => r.msg === 'sqs source started', 'started');
-    await new Promise((resolve) => setTimeout(resolve, 100));
+    while (sqs.requests.length === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+    const closing = Date.now();
     await polling.close();
+    // Cut, not waited out (the double holds the poll its 20 s).
+    expect(Date.now() - closing).toBeLessThan(10_000);
     expect(logger.records.map((r) => r.msg)).toContain('sqs source stopped');
 
     // Nothing listens on the queue's endpoint: receives fail, each logged with its next pause.

@@ -1,5 +1,11 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { DeleteMessageBatchCommand, type Message, ReceiveMessageCommand, type SQSClient } from '@aws-sdk/client-sqs';
+import {
+  ChangeMessageVisibilityBatchCommand,
+  DeleteMessageBatchCommand,
+  type Message,
+  ReceiveMessageCommand,
+  type SQSClient,
+} from '@aws-sdk/client-sqs';
 import { BrokerError } from '../core/errors.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
@@ -11,21 +17,27 @@ import type { IngestResult } from '../service/ingest.js';
  *
  * Long polls of up to 10 messages; each message body is one EventBridge event, taken through the
  * same ingest as `POST /events` (validated, matched, committed with its notifications). A message
- * is deleted only once its event is committed (or was a duplicate or ignored), so a crash, a store
- * failure or a shutdown before that leaves it in the queue: SQS hands it out again after its
- * visibility timeout, and the EventBridge `id` deduplicates a copy that was committed before the
- * delete. A message that is not an event (not JSON, or not an EventBridge event) is logged and left
+ * is deleted only once its event is committed (or was a duplicate or ignored), so a crash or a
+ * shutdown before that leaves it in the queue: SQS hands it out again after its visibility timeout,
+ * and the EventBridge `id` deduplicates a copy that was committed before the delete. One the store
+ * failed to take is kept in hand and tried again (see #take). A message that is not an event (not JSON, or not an EventBridge event) is logged and left
  * in the queue too: the queue's redrive policy moves it to its dead-letter queue after
  * `maxReceiveCount` receives, where it can be looked at (README, "Pulling events from SQS").
  */
 
 /** 20 s: SQS's longest long poll (fewest empty receives). */
-const WAIT_TIME_SECONDS = 20;
+export const SQS_WAIT_TIME_SECONDS = 20;
 /** SQS's most per receive and per delete batch. */
 const MAX_MESSAGES = 10;
-/** After a failed receive: 1 s, doubling, at most 30 s, until one succeeds. */
-const RECEIVE_BACKOFF_MS = 1_000;
-const MAX_RECEIVE_BACKOFF_MS = 30_000;
+/** After a failed receive, or a store that failed to take messages: 1 s, doubling, at most 30 s. */
+const BACKOFF_MS = 1_000;
+const MAX_BACKOFF_MS = 30_000;
+/** A message kept in hand stays invisible this much longer than the wait before its next try. */
+const VISIBILITY_MARGIN_SECONDS = 30;
+
+function backoff(failures: number): number {
+  return Math.min(BACKOFF_MS * 2 ** (failures - 1), MAX_BACKOFF_MS);
+}
 
 export interface SqsSourceOptions {
   readonly client: Pick<SQSClient, 'send'>;
@@ -72,7 +84,7 @@ export class SqsEventSource {
           new ReceiveMessageCommand({
             QueueUrl: queueUrl,
             MaxNumberOfMessages: MAX_MESSAGES,
-            WaitTimeSeconds: this.#opts.waitTimeSeconds ?? WAIT_TIME_SECONDS,
+            WaitTimeSeconds: this.#opts.waitTimeSeconds ?? SQS_WAIT_TIME_SECONDS,
             MessageSystemAttributeNames: ['ApproximateReceiveCount'],
           }),
           { abortSignal: signal },
@@ -82,7 +94,7 @@ export class SqsEventSource {
       } catch (err) {
         if (signal.aborted) break;
         failures++;
-        const retryInMs = Math.min(RECEIVE_BACKOFF_MS * 2 ** (failures - 1), MAX_RECEIVE_BACKOFF_MS);
+        const retryInMs = backoff(failures);
         logger.error('sqs receive failed', { queueUrl, retryInMs, err: err as Error });
         await sleep(retryInMs, undefined, { signal }).catch(() => undefined);
         continue;
@@ -92,27 +104,50 @@ export class SqsEventSource {
     logger.info('sqs source stopped', { queueUrl });
   }
 
-  /** Ingests each message's event (the ingest groups them into commits) and deletes those taken. */
+  /**
+   * Ingests each message's event (the ingest groups them into commits) and deletes those taken.
+   * Those the store failed to take stay in hand and are tried again, after 1 s doubling to 30 s,
+   * their visibility extended meanwhile: were they left to come back through the queue, every
+   * retry would count a receive toward the redrive policy, and an outage of a few minutes would
+   * send good events to the dead-letter queue. Nothing new is received meanwhile. At close they
+   * are left: SQS hands them out again once the extension is over.
+   */
   async #take(messages: readonly Message[]): Promise<void> {
-    const taken: Message[] = [];
-    await Promise.all(
-      messages.map(async (message) => {
-        if (await this.#ingestOne(message)) taken.push(message);
-      }),
-    );
-    if (taken.length > 0) await this.#delete(taken);
+    const { logger } = this.#opts;
+    const signal = this.#stop.signal;
+    let inHand = messages;
+    for (let failures = 1; ; failures++) {
+      const outcomes = await Promise.all(inHand.map((m) => this.#ingestOne(m)));
+      const taken = inHand.filter((_, i) => outcomes[i] === 'taken');
+      if (taken.length > 0) await this.#delete(taken);
+      const failed = outcomes.find((o): o is { failed: Error } => typeof o === 'object');
+      inHand = inHand.filter((_, i) => typeof outcomes[i] === 'object');
+      if (failed === undefined || signal.aborted) return;
+      const retryInMs = backoff(failures);
+      logger.error('sqs messages not taken: the store failed; kept and tried again', {
+        messageIds: inHand.map((m) => m.MessageId),
+        retryInMs,
+        err: failed.failed,
+      });
+      await this.#keepInvisible(inHand, Math.ceil(retryInMs / 1000) + VISIBILITY_MARGIN_SECONDS);
+      await sleep(retryInMs, undefined, { signal }).catch(() => undefined);
+      if (signal.aborted) return;
+    }
   }
 
-  /** True when the message's event is committed, a duplicate or ignored: done with, to be deleted. */
-  async #ingestOne(message: Message): Promise<boolean> {
+  /**
+   * `taken` when the message's event is committed, a duplicate or ignored (done with: delete it);
+   * `refused` when it is no event (left in the queue); `{ failed }` when the store failed.
+   */
+  async #ingestOne(message: Message): Promise<'taken' | 'refused' | { failed: Error }> {
     const { logger, metrics } = this.#opts;
     const about = {
       messageId: message.MessageId,
       receiveCount: Number(message.Attributes?.ApproximateReceiveCount ?? 0) || undefined,
     };
-    const refuse = (reason: string): false => {
+    const refuse = (reason: string): 'refused' => {
       logger.warn('sqs message refused; left for the queue’s redrive policy', { ...about, reason });
-      return false;
+      return 'refused';
     };
     let event: unknown;
     try {
@@ -128,16 +163,35 @@ export class SqsEventSource {
     }
     try {
       await this.#opts.ingest(event);
-      return true;
+      return 'taken';
     } catch (err) {
-      // Not an event (the ingest counted it as refused), or the store failed: the message comes
-      // back after its visibility timeout either way.
+      // Not an event (the ingest counted it as refused), or the store failed.
       if (err instanceof BrokerError && err.code === 'INVALID_EVENT') return refuse(err.message);
-      logger.error('sqs message not taken; it comes back after its visibility timeout', {
-        ...about,
-        err: err as Error,
-      });
-      return false;
+      return { failed: err as Error };
+    }
+  }
+
+  /** Extends the messages' visibility timeout to `seconds` from now (a failure: they may come back sooner). */
+  async #keepInvisible(messages: readonly Message[], seconds: number): Promise<void> {
+    const { client, queueUrl, logger } = this.#opts;
+    try {
+      const out = await client.send(
+        new ChangeMessageVisibilityBatchCommand({
+          QueueUrl: queueUrl,
+          Entries: messages.map((m, i) => ({
+            Id: String(i),
+            ReceiptHandle: m.ReceiptHandle,
+            VisibilityTimeout: seconds,
+          })),
+        }),
+      );
+      if ((out.Failed ?? []).length > 0) {
+        logger.warn('sqs visibility not extended; those messages may come back meanwhile', {
+          codes: (out.Failed ?? []).map((f) => f.Code),
+        });
+      }
+    } catch (err) {
+      logger.warn('sqs visibility not extended; those messages may come back meanwhile', { err: err as Error });
     }
   }
 

@@ -198,21 +198,24 @@ export class SecretsManagerDouble extends HttpDouble {
 
 interface QueuedMessage {
   readonly MessageId: string;
-  readonly ReceiptHandle: string;
+  /** A new one on every receive, as SQS gives: a delete with an older one deletes nothing. */
+  ReceiptHandle: string;
   readonly Body: string;
   receives: number;
 }
 
 /**
- * SQS (AWS JSON 1.0, as `@aws-sdk/client-sqs` speaks it) for the broker's two calls: ReceiveMessage
- * (a long poll: it answers once a message is sent or the wait asked for is over) and
- * DeleteMessageBatch. A message handed out stays in flight until deleted; it is handed out again
+ * SQS (AWS JSON 1.0, as `@aws-sdk/client-sqs` speaks it) for the broker's calls: ReceiveMessage
+ * (a long poll: it answers once a message is sent or the wait asked for is over),
+ * DeleteMessageBatch and ChangeMessageVisibilityBatch (recorded, always successful). A message handed out stays in flight until deleted; it is handed out again
  * (as SQS does once its visibility timeout is over) when a test calls `redeliverUndeleted`.
  */
 export class SqsDouble extends HttpDouble {
   /** Message ids deleted, in order. */
   readonly deleted: string[] = [];
-  /** Receipt handles whose delete is reported failed (once each). */
+  /** How many times each message id was handed out. */
+  readonly receives = new Map<string, number>();
+  /** Message ids whose next delete is reported failed (once each). */
   readonly failDeletes = new Set<string>();
   #waiting: QueuedMessage[] = [];
   readonly #inFlight = new Map<string, QueuedMessage>();
@@ -279,6 +282,8 @@ export class SqsDouble extends HttpDouble {
       const out = this.#waiting.splice(0, Number(body.MaxNumberOfMessages ?? 1));
       for (const m of out) {
         m.receives++;
+        this.receives.set(m.MessageId, m.receives);
+        m.ReceiptHandle = randomUUID();
         this.#inFlight.set(m.ReceiptHandle, m);
       }
       const Messages = out.map((m) => ({
@@ -295,18 +300,25 @@ export class SqsDouble extends HttpDouble {
       const Successful: { Id: string }[] = [];
       const Failed: { Id: string; Code: string; SenderFault: boolean; Message: string }[] = [];
       for (const e of body.Entries as { Id: string; ReceiptHandle: string }[]) {
-        if (this.failDeletes.delete(e.ReceiptHandle)) {
+        const m = this.#inFlight.get(e.ReceiptHandle);
+        if (m === undefined) {
+          // Not the handle of the message's latest receive.
+          Failed.push({ Id: e.Id, Code: 'ReceiptHandleIsInvalid', SenderFault: true, Message: 'stale handle' });
+          continue;
+        }
+        if (this.failDeletes.delete(m.MessageId)) {
           Failed.push({ Id: e.Id, Code: 'InternalError', SenderFault: false, Message: 'try again' });
           continue;
         }
-        const m = this.#inFlight.get(e.ReceiptHandle);
-        if (m !== undefined) {
-          this.#inFlight.delete(e.ReceiptHandle);
-          this.deleted.push(m.MessageId);
-        }
+        this.#inFlight.delete(e.ReceiptHandle);
+        this.deleted.push(m.MessageId);
         Successful.push({ Id: e.Id });
       }
       return json(200, { Successful, ...(Failed.length === 0 ? {} : { Failed }) });
+    }
+    if (target === 'AmazonSQS.ChangeMessageVisibilityBatch') {
+      const entries = body.Entries as { Id: string; ReceiptHandle: string }[];
+      return json(200, { Successful: entries.map((e) => ({ Id: e.Id })) });
     }
     return json(400, { __type: 'com.amazonaws.sqs#InvalidAction', message: `unknown target ${target}` });
   }
