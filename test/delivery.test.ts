@@ -195,6 +195,8 @@ describe('a pause an origin asks for', () => {
     ]);
     const refusedAt = (receiver.failures[0] as { at: number }).at;
     await t.post([eventLike('healthlake-update-patient', 'pause-2', 'bc-p')]);
+    // A subscription the client creates there meanwhile: its handshake waits out the pause too.
+    const late = await at('/late', 'late-p');
     // (The refused request is in `failures`, not among the 2xx ones `on` lists.)
     await receiver.waitFor(() => notifications('/a').length === 1 && notifications('/b').length === 1, 'both', 10_000);
     // The neighbour at the same origin waited out the pause, and sent once: no attempt spent on it.
@@ -205,6 +207,8 @@ describe('a pause an origin asks for', () => {
     // Another client's subscription at the same origin was not held.
     expect(notifications('/c')).toHaveLength(1);
     expect((notifications('/c')[0]?.at ?? 0) - refusedAt).toBeLessThan(2_900);
+    await t.logger.waitForStatus(late.id as string, 'active', 10_000);
+    expect((receiver.on('/late')[0]?.at ?? 0) - refusedAt).toBeGreaterThanOrEqual(2_900);
     const events = await t.call('GET', `/fhir/Subscription/${neighbour.id}/$status`);
     expect(statusOf(events.body).params.get('events-since-subscription-start')?.valueString).toBe('1');
   });

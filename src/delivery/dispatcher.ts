@@ -1147,6 +1147,13 @@ export class Dispatcher {
       await this.#registry.transition(id, { kind: 'handshake-succeeded' });
       return;
     }
+    // Its origin asked this client for a pause: the handshake waits it out (sent now, its 429 would
+    // fail the subscription). On AWS no timer outlives the invocation: a later run sends it.
+    const paused = this.#pausedFor(sub);
+    if (paused > 0) {
+      setTimeout(() => this.#track(this.#handshake(id)), Math.min(paused, MAX_TIMER_MS)).unref();
+      return;
+    }
     // Changed or deleted while this waited for a slot: a change's own handshake decides.
     const result = await this.#sendIfCurrent(sub, 'handshake', `${id}-handshake-${this.#ids.uuid()}`);
     // Cut by a shutdown: still `requested`, so the next start sends the handshake again.
