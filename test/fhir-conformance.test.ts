@@ -419,6 +419,53 @@ describe('FHIR conformance', () => {
       }
     });
 
+    it('forgets the previous versions with $expunge (expungePreviousVersions), and only those', async () => {
+      const created = await request('POST', '/fhir/Subscription', {
+        body: topicSubscription('patient-change', `${receiver.url}/expunged`, off),
+      });
+      const id = String(created.body.id);
+      const v1 = versionOf(created.body);
+      const put = await request('PUT', `/fhir/Subscription/${id}`, {
+        body: {
+          ...withoutSecret(created.body),
+          channel: { ...(withoutSecret(created.body).channel as Json), header: ['X-Api-Key: retired'] },
+        },
+      });
+      const v2 = versionOf(put.body);
+      const current = await request('PUT', `/fhir/Subscription/${id}`, {
+        body: { ...put.body, channel: { ...(put.body.channel as Json), header: ['X-Api-Key: new'] } },
+      });
+      expect((await request('GET', `/fhir/Subscription/${id}/_history/${v2}`)).status).toBe(200);
+
+      const bob = await request('POST', `/fhir/Subscription/${id}/$expunge?expungePreviousVersions=true`, {
+        token: TOKENS.bob,
+      });
+      expect([bob.status, bob.body]).toEqual([404, operationOutcome('NOT_FOUND', `Subscription/${id} not found`)]);
+      const without = await request('POST', `/fhir/Subscription/${id}/$expunge`);
+      expect([without.status, without.body]).toEqual([
+        400,
+        operationOutcome(
+          'INVALID_PARAMETER',
+          "$expunge needs expungePreviousVersions=true: it forgets a Subscription's previous versions, and only those",
+        ),
+      ]);
+      const everything = await request('POST', `/fhir/Subscription/${id}/$expunge?expungeEverything=true`);
+      expect(everything.status).toBe(400);
+
+      const expunged = await request('POST', `/fhir/Subscription/${id}/$expunge`, {
+        body: { resourceType: 'Parameters', parameter: [{ name: 'expungePreviousVersions', valueBoolean: true }] },
+      });
+      expect([expunged.status, expunged.body]).toEqual([
+        200,
+        { resourceType: 'Parameters', parameter: [{ name: 'count', valueInteger: 2 }] },
+      ]);
+      for (const vid of [v1, v2])
+        expect((await request('GET', `/fhir/Subscription/${id}/_history/${vid}`)).status).toBe(404);
+      const history = await request('GET', `/fhir/Subscription/${id}/_history`);
+      expect([history.body.total, JSON.stringify(history.body).includes('retired')]).toEqual([1, false]);
+      expect((await request('GET', `/fhir/Subscription/${id}`)).body).toEqual(current.body);
+    });
+
     it('lists the versions newest first as a history Bundle, with _count and _since', async () => {
       const created = await request('POST', '/fhir/Subscription', {
         body: topicSubscription('patient-change', `${receiver.url}/history`, off),

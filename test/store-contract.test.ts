@@ -392,6 +392,18 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       ]);
     });
 
+    it('forgets the earlier versions on request, keeping the current one, and keeps the next ones again', async () => {
+      await store.insertSubscription(record('s1', { status: 'requested' }));
+      await store.updateStatus('s1', { status: 'active' }, at(1));
+      await store.updateStatus('s1', { status: 'error', error: 'x' }, at(2));
+      expect(await store.forgetSubscriptionVersions('s1')).toBe(2);
+      expect(await store.subscriptionVersions('s1')).toEqual([]);
+      expect((await store.getSubscription('s1'))?.status).toBe('error');
+      await store.updateStatus('s1', { status: 'active' }, at(3));
+      expect((await store.subscriptionVersions('s1')).map((v) => [v.updatedAt, v.status])).toEqual([[at(2), 'error']]);
+      expect(await store.forgetSubscriptionVersions('ghost')).toBe(0);
+    });
+
     it(`keeps the last ${EARLIER_VERSIONS_KEPT}, and forgets them with the subscription`, async () => {
       await store.insertSubscription(record('s1', { status: 'requested' }));
       for (let i = 1; i <= EARLIER_VERSIONS_KEPT + 3; i++) {

@@ -35,6 +35,7 @@ const ROUTES: readonly [string, readonly string[]][] = [
   ['/fhir/Subscription/$status', ['GET', 'POST']],
   ['/fhir/Subscription/:id/$status', ['GET', 'POST']],
   ['/fhir/Subscription/:id/$events', ['GET', 'POST']],
+  ['/fhir/Subscription/:id/$expunge', ['POST']],
   ['/fhir/Subscription/$get-ws-binding-token', ['GET', 'POST']],
   ['/fhir/Subscription/:id/$get-ws-binding-token', ['GET', 'POST']],
   ['/fhir/Subscription/:id/_history', ['GET']],

@@ -273,6 +273,28 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   app.get('/fhir/Subscription/:id/$events', events);
   app.post('/fhir/Subscription/:id/$events', events);
 
+  // $expunge (as HAPI FHIR names it) of a Subscription's previous versions only: POST, since it
+  // forgets; the current version stays (DELETE removes the Subscription with its versions).
+  app.post('/fhir/Subscription/:id/$expunge', async (c) => {
+    const params = await operationParams(c, deps.maxBodyBytes);
+    for (const other of ['expungeDeletedResources', 'expungeEverything']) {
+      if (params.one(other) === 'true') {
+        throw new BrokerError(
+          'INVALID_PARAMETER',
+          `${other} is not supported: a deleted Subscription keeps nothing; expunge a Subscription's previous versions with expungePreviousVersions=true`,
+        );
+      }
+    }
+    if (params.one('expungePreviousVersions') !== 'true') {
+      throw new BrokerError(
+        'INVALID_PARAMETER',
+        "$expunge needs expungePreviousVersions=true: it forgets a Subscription's previous versions, and only those",
+      );
+    }
+    const count = await registry.expungeVersions(c.get('owner'), c.req.param('id'));
+    return fhirResponse({ resourceType: 'Parameters', parameter: [{ name: 'count', valueInteger: count }] });
+  });
+
   app.get('/fhir/Subscription/:id', async (c) => {
     const sub = await registry.read(c.get('owner'), c.req.param('id'));
     return fhirResponse(registry.render(sub), 200, etag(sub));

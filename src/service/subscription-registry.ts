@@ -250,6 +250,18 @@ export class SubscriptionRegistry {
     return (await this.#earlier(current)).find((v) => versionId(v) === vid);
   }
 
+  /**
+   * `$expunge` of previous versions: the owner's subscription keeps only its current version (a
+   * header value or endpoint it retired is then readable nowhere). How many versions went; NOT_FOUND
+   * when the subscription is not the owner's.
+   */
+  async expungeVersions(owner: string, id: string): Promise<number> {
+    await this.read(owner, id);
+    const count = await this.#store.forgetSubscriptionVersions(id);
+    this.#logger.info('subscription versions expunged', { subscription: id, owner, count });
+    return count;
+  }
+
   /** The earlier versions the store keeps of `current`, newest first, each as the record it was. */
   async #earlier(current: SubscriptionRecord): Promise<SubscriptionRecord[]> {
     const { error: _error, ...rest } = current;

@@ -187,6 +187,11 @@ export interface Store {
    */
   subscriptionVersions(id: string): Promise<SubscriptionVersion[]>;
   /**
+   * Forgets the subscription's earlier versions (FHIR `$expunge` of previous versions: a header
+   * value the client retired must not stay readable); the current one stays. How many it forgot.
+   */
+  forgetSubscriptionVersions(id: string): Promise<number>;
+  /**
    * Deletes the subscription and its notifications; false when there was none. With
    * `expectedUpdatedAt`, only while the stored `updatedAt` is still that one (compare-and-delete:
    * false, and nothing deleted, when it changed meanwhile).

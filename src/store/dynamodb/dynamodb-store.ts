@@ -405,6 +405,14 @@ export class DynamoDbStore implements Store {
       .map(({ createdAt: _createdAt, ...version }) => version);
   }
 
+  /** Deletes the ring's items (those of an earlier subscription under the id too). */
+  async forgetSubscriptionVersions(id: string): Promise<number> {
+    const kept = (await this.subscriptionVersions(id)).length;
+    const slots = Array.from({ length: EARLIER_VERSIONS_KEPT }, (_, slot) => versionKey(id, slot));
+    await this.#requests.deleteAll(this.#tables.subscriptionTypes, slots);
+    return kept;
+  }
+
   async deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean> {
     // The subscription first (with `expectedUpdatedAt`, conditioned on the item as read), then its
     // notifications: a delete that fails (a changed version, a conflict) keeps them all, and none
@@ -415,8 +423,7 @@ export class DynamoDbStore implements Store {
     );
     if (deleted !== undefined || expectedUpdatedAt === undefined) {
       await this.#deleteNotificationsOf(id);
-      const slots = Array.from({ length: EARLIER_VERSIONS_KEPT }, (_, slot) => versionKey(id, slot));
-      await this.#requests.deleteAll(this.#tables.subscriptionTypes, slots);
+      await this.forgetSubscriptionVersions(id);
     }
     return deleted !== undefined;
   }

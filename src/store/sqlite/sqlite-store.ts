@@ -245,6 +245,7 @@ const SQL = {
   deleteCounter: `DELETE FROM subscription_counters WHERE subscription_id = @id
     AND (@version IS NULL OR EXISTS (SELECT 1 FROM subscriptions WHERE id = @id AND updated_at = @version))`,
   deleteSub: 'DELETE FROM subscriptions WHERE id = @id AND (@version IS NULL OR updated_at = @version)',
+  forgetVersions: 'DELETE FROM subscription_versions WHERE subscription_id = @id',
 } as const;
 
 /** A subscription row with its counter. */
@@ -418,6 +419,11 @@ export class SqliteStore implements Store {
       ...(row.error === null ? {} : { error: row.error }),
       resource: JSON.parse(row.resource_json) as FhirResource,
     }));
+  }
+
+  async forgetSubscriptionVersions(id: string): Promise<number> {
+    const [forgotten] = await this.#writer.steps([[SQL.forgetVersions, { id }, 'run']]);
+    return forgotten as number;
   }
 
   async replaceSubscription(
