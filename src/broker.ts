@@ -264,6 +264,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
           ingest: (event) => ingest.ingest(event),
           logger,
           metrics,
+          pollers: config.sqsPollers,
         });
   return {
     app,

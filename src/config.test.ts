@@ -200,6 +200,8 @@ describe('loadConfig', () => {
     const c = loadConfig({ BROKER_SQS_QUEUE_URL: url, SQS_ENDPOINT: 'http://127.0.0.1:9324' });
     expect([c.sqsQueueUrl, c.sqsEndpoint]).toEqual([url, 'http://127.0.0.1:9324']);
     expect(loadConfig({}).sqsQueueUrl).toBeUndefined();
+    expect([loadConfig({}).sqsPollers, loadConfig({ BROKER_SQS_POLLERS: '4' }).sqsPollers]).toEqual([2, 4]);
+    expect(() => loadConfig({ BROKER_SQS_POLLERS: '0' })).toThrow(/BROKER_SQS_POLLERS/);
     // Another host only with SQS_ENDPOINT (a local stand-in): no signed request to a host that is neither.
     const local = 'http://127.0.0.1:9324/000000000000/fhir-events';
     expect(loadConfig({ BROKER_SQS_QUEUE_URL: local, SQS_ENDPOINT: 'http://127.0.0.1:9324' }).sqsQueueUrl).toBe(local);

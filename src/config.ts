@@ -79,6 +79,8 @@ export interface Config {
   readonly sqsQueueUrl?: string;
   /** `SQS_ENDPOINT`: the SQS endpoint, for a local stand-in. */
   readonly sqsEndpoint?: string;
+  /** `BROKER_SQS_POLLERS`: receive loops at once (batches in flight). */
+  readonly sqsPollers: number;
   readonly topicsDir: string;
   readonly maxBodyBytes: number;
   readonly maxIngestBodyBytes: number;
@@ -213,6 +215,7 @@ export function loadConfig(env: Env = process.env): Config {
     ...(eventBus === undefined ? {} : { eventBus }),
     ...(sqsQueueUrl === undefined ? {} : { sqsQueueUrl }),
     ...(sqsEndpoint === undefined ? {} : { sqsEndpoint }),
+    sqsPollers: int(env, 'BROKER_SQS_POLLERS', 2, 1, 10),
     topicsDir,
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),

@@ -239,6 +239,35 @@ describe('SqsEventSource', () => {
     expect(sqs.calls.filter((c) => c.target === 'AmazonSQS.ReceiveMessage')).toHaveLength(receivesAtClose);
   });
 
+  it('keeps as many long polls out as it has pollers, and takes every message once', async () => {
+    const sqs = await SqsDouble.start();
+    cleanups.push(() => sqs.close());
+    const ingested: unknown[] = [];
+    const source = new SqsEventSource({
+      client: sqsClient(sqs),
+      queueUrl: QUEUE_URL,
+      logger: new RecordingLogger(),
+      metrics: new Metrics(),
+      pollers: 3,
+      ingest: async (event) => {
+        ingested.push(event);
+        return { accepted: 1, ignored: 0, duplicates: 0 };
+      },
+    });
+    source.start();
+    cleanups.push(() => source.close());
+    while (sqs.requests.length < 3) await new Promise((resolve) => setTimeout(resolve, 10));
+    // Three receives out at once, none answered yet.
+    expect([sqs.requests.length, sqs.answered.length]).toEqual([3, 0]);
+    const ids = sqs.send(
+      ...Array.from({ length: 25 }, (_, i) => JSON.stringify(eventLike('healthlake-update-patient', `many-${i}`))),
+    );
+    await sqs.waitFor(() => sqs.deleted.length === 25, 'all 25 deleted');
+    expect(sqs.deleted.sort()).toEqual([...ids].sort());
+    expect(ingested).toHaveLength(25);
+    expect([...sqs.receives.values()].every((n) => n === 1)).toBe(true);
+  });
+
   it('cuts a long poll at close, and retries a failed receive with a growing pause', async () => {
     const sqs = await SqsDouble.start();
     cleanups.push(() => sqs.close());

@@ -47,6 +47,12 @@ export interface SqsSourceOptions {
   readonly metrics: Metrics;
   /** Long poll length (tests shorten it); SQS allows 0–20. */
   readonly waitTimeSeconds?: number;
+  /**
+   * Receive loops at once (default 1): each takes its batch to the end (commit, delete) before it
+   * receives again, so more loops keep more batches in flight. A standard queue has no order to
+   * keep; the ingest joins their events into the same group commits.
+   */
+  readonly pollers?: number;
 }
 
 export class SqsEventSource {
@@ -60,7 +66,12 @@ export class SqsEventSource {
 
   /** Starts polling (once). */
   start(): void {
-    this.#loop ??= this.#run();
+    const pollers = Math.max(1, this.#opts.pollers ?? 1);
+    this.#loop ??= (async () => {
+      this.#opts.logger.info('sqs source started', { queueUrl: this.#opts.queueUrl, pollers });
+      await Promise.all(Array.from({ length: pollers }, () => this.#run()));
+      this.#opts.logger.info('sqs source stopped', { queueUrl: this.#opts.queueUrl });
+    })();
   }
 
   /**
@@ -75,7 +86,6 @@ export class SqsEventSource {
   async #run(): Promise<void> {
     const { client, queueUrl, logger } = this.#opts;
     const signal = this.#stop.signal;
-    logger.info('sqs source started', { queueUrl });
     let failures = 0;
     while (!signal.aborted) {
       let messages: Message[];
@@ -101,7 +111,6 @@ export class SqsEventSource {
       }
       if (messages.length > 0) await this.#take(messages);
     }
-    logger.info('sqs source stopped', { queueUrl });
   }
 
   /**

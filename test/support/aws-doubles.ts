@@ -219,7 +219,8 @@ export class SqsDouble extends HttpDouble {
   readonly failDeletes = new Set<string>();
   #waiting: QueuedMessage[] = [];
   readonly #inFlight = new Map<string, QueuedMessage>();
-  #wake: (() => void) | undefined;
+  /** Long polls waiting for a message. */
+  readonly #polls = new Set<() => void>();
 
   static async start(): Promise<SqsDouble> {
     const d = new SqsDouble();
@@ -240,14 +241,14 @@ export class SqsDouble extends HttpDouble {
   send(...bodies: string[]): string[] {
     const added = bodies.map((Body) => ({ MessageId: randomUUID(), ReceiptHandle: randomUUID(), Body, receives: 0 }));
     this.#waiting.push(...added);
-    this.#wake?.();
+    this.#wakePolls();
     return added.map((m) => m.MessageId);
   }
 
   redeliverUndeleted(): void {
     this.#waiting.push(...this.#inFlight.values());
     this.#inFlight.clear();
-    this.#wake?.();
+    this.#wakePolls();
   }
 
   /** Messages not deleted: in flight, then waiting. */
@@ -255,8 +256,12 @@ export class SqsDouble extends HttpDouble {
     return [...this.#inFlight.values(), ...this.#waiting];
   }
 
+  #wakePolls(): void {
+    for (const wake of [...this.#polls]) wake();
+  }
+
   override async close(): Promise<void> {
-    this.#wake?.();
+    this.#wakePolls();
     await super.close();
   }
 
@@ -271,13 +276,14 @@ export class SqsDouble extends HttpDouble {
     if (target === 'AmazonSQS.ReceiveMessage') {
       if (this.#waiting.length === 0) {
         await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, Number(body.WaitTimeSeconds ?? 0) * 1000);
-          this.#wake = () => {
+          const wake = (): void => {
             clearTimeout(timer);
+            this.#polls.delete(wake);
             resolve();
           };
+          const timer = setTimeout(wake, Number(body.WaitTimeSeconds ?? 0) * 1000);
+          this.#polls.add(wake);
         });
-        this.#wake = undefined;
       }
       const out = this.#waiting.splice(0, Number(body.MaxNumberOfMessages ?? 1));
       for (const m of out) {
