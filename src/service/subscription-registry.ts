@@ -9,7 +9,7 @@ import type { Clock, FhirResource, IdSource, Notification, ResourceChange, Subsc
 import type { EndpointGuard } from '../delivery/endpoint-guard.js';
 import { generateWebhookSecret } from '../delivery/webhook-signature.js';
 import type { Logger } from '../observability/logger.js';
-import type { Store } from '../store/store.js';
+import { nextVersionAt, type Store } from '../store/store.js';
 
 /**
  * The subscription registry: the one way subscriptions change. Each change is written to the
@@ -455,13 +455,9 @@ export class SubscriptionRegistry {
     return updated;
   }
 
-  /**
-   * `updatedAt` for a write over `current`: now, but always after `current.updatedAt`, so that no
-   * two versions of a subscription share one (two writes within a millisecond, or a clock behind
-   * another instance's): it is what compare-and-sets and stale answers are told apart by.
-   */
+  /** `updatedAt` for a write over `current`: now, but always after `current.updatedAt` (nextVersionAt). */
   #nextUpdatedAt(current: SubscriptionRecord): string {
-    return new Date(Math.max(this.#clock.now(), Date.parse(current.updatedAt) + 1)).toISOString();
+    return nextVersionAt(new Date(this.#clock.now()).toISOString(), current.updatedAt);
   }
 
   /** The secrets that sign for this subscription now: the current one, and a rotated-out one for 24 h. */

@@ -17,6 +17,18 @@ import type {
 /** How many earlier versions of a subscription a store keeps (`Store.subscriptionVersions`). */
 export const EARLIER_VERSIONS_KEPT = 10;
 
+/**
+ * The `updatedAt` a write over a subscription last written at `previous` sets: `at`, or 1 ms after
+ * `previous` when `at` is not later (two writes in one millisecond, a clock behind another
+ * instance's). Every write moves a subscription's version forward, so no two versions share one:
+ * it is what compare-and-sets and stale answers are told apart by. (SQLite applies the same rule
+ * in its UPDATE statements, `forwardOf`.)
+ */
+export function nextVersionAt(at: string, previous: string): string {
+  const stored = Date.parse(previous);
+  return Date.parse(at) > stored ? at : new Date(stored + 1).toISOString();
+}
+
 export interface AcceptItem {
   readonly change: ResourceChange;
   /** The subscriptions the change matched when it arrived (matching is never redone later). */

@@ -25,6 +25,7 @@ import {
   type DeliveryUpdate,
   EARLIER_VERSIONS_KEPT,
   type MatchCandidate,
+  nextVersionAt,
   type StatusUpdate,
   type Store,
 } from '../store.js';
@@ -352,7 +353,7 @@ export class DynamoDbStore implements Store {
         .copyOrRemove('collectingOwner', 'owner', COLLECTING.includes(rec.status));
     const written = await this.#writeSubscription(rec.id, (current) => {
       if (!stillExpected(current)) return undefined;
-      const updatedAt = forwardOf(rec.updatedAt, current);
+      const updatedAt = nextVersionAt(rec.updatedAt, current.updatedAt);
       const next = {
         ...rec,
         owner: current.owner,
@@ -370,7 +371,7 @@ export class DynamoDbStore implements Store {
     const written = await this.#writeSubscription(id, ({ error: _previous, ...current }) => {
       if (expected !== undefined && !expected.includes(current.status)) return undefined;
       if (since !== undefined && current.updatedAt !== since) return undefined;
-      const updatedAt = forwardOf(at, current);
+      const updatedAt = nextVersionAt(at, current.updatedAt);
       return {
         next: { ...current, status, ...(error === undefined ? {} : { error }), updatedAt },
         update: new Expression()
@@ -405,12 +406,17 @@ export class DynamoDbStore implements Store {
       .map(({ createdAt: _createdAt, ...version }) => version);
   }
 
-  /** Deletes the ring's items (those of an earlier subscription under the id too). */
+  /** Deletes the ring's items (those of an earlier subscription under the id too); counts the current one's. */
   async forgetSubscriptionVersions(id: string): Promise<number> {
     const kept = (await this.subscriptionVersions(id)).length;
+    await this.#deleteVersionRing(id);
+    return kept;
+  }
+
+  /** The ring's ten keys, known without a read (items.ts, versionKey). */
+  async #deleteVersionRing(id: string): Promise<void> {
     const slots = Array.from({ length: EARLIER_VERSIONS_KEPT }, (_, slot) => versionKey(id, slot));
     await this.#requests.deleteAll(this.#tables.subscriptionTypes, slots);
-    return kept;
   }
 
   async deleteSubscription(id: string, expectedUpdatedAt?: string): Promise<boolean> {
@@ -423,7 +429,7 @@ export class DynamoDbStore implements Store {
     );
     if (deleted !== undefined || expectedUpdatedAt === undefined) {
       await this.#deleteNotificationsOf(id);
-      await this.forgetSubscriptionVersions(id);
+      await this.#deleteVersionRing(id);
     }
     return deleted !== undefined;
   }
@@ -829,14 +835,4 @@ const DONE_BEFORE = (before: number): Record<string, AttributeValue> => ({
 /** A function, so that a check after an await is not narrowed away by the one before it. */
 function isAborted(signal: AbortSignal | undefined): boolean {
   return signal?.aborted === true;
-}
-
-/**
- * The `updatedAt` a write sets: `at`, or 1 ms after the stored one when `at` is not later (two writes in
- * one millisecond, a clock behind another instance's): every write moves a subscription's version
- * forward, so no two versions share one (as SQLite's `forwardOf`).
- */
-function forwardOf(at: string, current: Pick<SubscriptionRecord, 'updatedAt'>): string {
-  const stored = Date.parse(current.updatedAt);
-  return Date.parse(at) > stored ? at : new Date(stored + 1).toISOString();
 }

@@ -208,10 +208,9 @@ const RETURNING_ROW = `AND EXISTS (SELECT 1 FROM subscription_counters c WHERE c
     AS events_since_start`;
 
 /**
- * The `updated_at` a write sets: `at`, or 1 ms after the stored one when `at` is not later (two writes in
- * one millisecond, a clock behind another instance's). Every write moves a subscription's version forward,
- * so no two versions share one and each is kept (`subscription_versions_keep`). ISO-8601 instants of one
- * format (`toISOString`) compare as text.
+ * The `updated_at` a write sets, as store.ts `nextVersionAt` computes it, in SQL over the stored
+ * one: every write moves the version forward, so each is kept (`subscription_versions_keep`).
+ * ISO-8601 instants of one format (`toISOString`) compare as text.
  */
 function forwardOf(at: string): string {
   return `CASE WHEN ${at} > updated_at THEN ${at} ELSE strftime('%Y-%m-%dT%H:%M:%fZ', updated_at, '+0.001 seconds') END`;
