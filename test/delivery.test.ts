@@ -702,6 +702,49 @@ describe('SSRF at delivery', () => {
     expect(answers).toBe(2);
   });
 
+  it('stops plain http to a host taken off the allow-list by a restart: refused, nothing sent in clear text', async () => {
+    // hooks.example resolves to the receiver; registered over http while the allow-list named it.
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-plain-http-'));
+    const receiver = await Receiver.start();
+    const resolver = async () => [{ address: '127.0.0.1', family: 4 }];
+    let current: TestBroker | undefined;
+    cleanups.push(
+      async () => rmSync(dir, { recursive: true, force: true }),
+      () => receiver.close(),
+      async () => current?.broker.close(0),
+    );
+    const start = async (allowlist: string) => {
+      await current?.broker.close(0);
+      current = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_ENDPOINT_ALLOWLIST: allowlist }, { resolver });
+      return current;
+    };
+    const endpoint = `${receiver.url.replace('127.0.0.1', 'hooks.example')}/plain`;
+    const first = await start('127.0.0.1,hooks.example');
+    const id = (await first.create(topicSubscription('patient-change', endpoint))).id as string;
+    await first.logger.waitForStatus(id, 'active');
+    const arrived = receiver.arrived.length;
+    // Its address stays allowed; the name does not: a new registration is refused, and so is delivery.
+    const narrowed = await start('127.0.0.1');
+    const again = await narrowed.call('POST', '/fhir/Subscription', topicSubscription('patient-change', endpoint));
+    expect(again.status).toBe(422);
+    await narrowed.post(patientEvents('plain', 1));
+    const REFUSED = 'endpoint refused: must be https; hooks.example is not on BROKER_ENDPOINT_ALLOWLIST';
+    const failed = await narrowed.logger.waitForStatus(id, 'error', 5_000);
+    expect(failed.reason).toBe(`delivery failed after 1 attempt(s): ${REFUSED}`);
+    // Asked to try again: the handshake is refused the same way, never sent.
+    const read = await narrowed.call('GET', `/fhir/Subscription/${id}`);
+    const put = await narrowed.call('PUT', `/fhir/Subscription/${id}`, { ...read.body, status: 'requested' });
+    expect(put.status).toBe(200);
+    const handshake = await narrowed.logger.waitForStatus(
+      id,
+      'error',
+      5_000,
+      narrowed.logger.records.indexOf(failed) + 1,
+    );
+    expect(handshake.reason).toBe(`handshake failed: ${REFUSED}`);
+    expect(receiver.arrived.length).toBe(arrived);
+  });
+
   it('treats a redirect as a failure and never follows it', async () => {
     const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '10ms' });
     receiver.respond = () => ({ status: 302, headers: { location: 'http://169.254.169.254/latest/meta-data/' } });

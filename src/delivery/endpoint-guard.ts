@@ -80,18 +80,29 @@ export class EndpointGuard {
     if (url.username !== '' || url.password !== '') {
       throw refuse('INVALID_ENDPOINT', 'channel.endpoint must not carry credentials; use channel.header');
     }
+    const plainHttp = this.plainHttpRefusal(url);
+    if (plainHttp !== undefined) throw refuse('INVALID_ENDPOINT', `channel.endpoint ${plainHttp}`);
     const host = url.hostname.replace(/^\[|\]$/g, '');
-    const hostAllowed = this.#allow.hasHost(host);
-    if (url.protocol === 'http:' && !hostAllowed && !this.#allow.hasAddress(host)) {
-      throw refuse('INVALID_ENDPOINT', `channel.endpoint must be https; ${host} is not on BROKER_ENDPOINT_ALLOWLIST`);
-    }
-    if (hostAllowed) return url;
+    if (this.#allow.hasHost(host)) return url;
     try {
       await this.vet(host);
     } catch (err) {
       throw refuse('ENDPOINT_FORBIDDEN', `channel.endpoint ${host}: ${(err as Error).message}`);
     }
     return url;
+  }
+
+  /**
+   * Why `url` may not be called: plain http to a host (as written in the URL, a name or an
+   * address) that is not on the allow-list; undefined when it may. Asked at registration and, by
+   * the sender, at delivery: an endpoint registered while its host was allow-listed is not called
+   * in clear text once a restart took it off.
+   */
+  plainHttpRefusal(url: URL): string | undefined {
+    if (url.protocol !== 'http:') return undefined;
+    const host = url.hostname.replace(/^\[|\]$/g, '');
+    if (this.#allow.hasHost(host) || this.#allow.hasAddress(host)) return undefined;
+    return `must be https; ${host} is not on BROKER_ENDPOINT_ALLOWLIST`;
   }
 
   /**
@@ -104,7 +115,6 @@ export class EndpointGuard {
       this.#assertAllowed(host);
       return [{ address: host, family: literal }];
     }
-    if (this.#allow.hasHost(host)) return this.#lookup(host);
     let addresses: readonly LookupAddress[];
     try {
       addresses = await this.#lookup(host);
@@ -112,6 +122,8 @@ export class EndpointGuard {
       throw new EndpointUnresolvedError((err as NodeJS.ErrnoException).code ?? 'DNS error');
     }
     if (addresses.length === 0) throw new EndpointUnresolvedError(undefined);
+    // An allow-listed name may resolve to any address (a service on the private network).
+    if (this.#allow.hasHost(host)) return addresses;
     // Every answer must pass: a round-robin record with one private address is a rebinding tool.
     for (const a of addresses) this.#assertAllowed(a.address, host);
     return addresses;

@@ -75,10 +75,35 @@ describe('RestHookSender', () => {
     expect(reached).toBe(0);
   });
 
+  it('refuses plain http to a host off the allow-list on every attempt, though its address is allowed', async () => {
+    // Registered while hooks.example was allow-listed; a restart took it off. Its address
+    // (127.0.0.1) still is, so only the scheme rule refuses it: never called in clear text.
+    let reached = 0;
+    const endpoint = await receiver((res) => {
+      reached++;
+      res.writeHead(204).end();
+    });
+    const port = new URL(endpoint).port;
+    const guard = new EndpointGuard(new Allowlist(['127.0.0.1']), async () => [{ address: '127.0.0.1', family: 4 }]);
+    sender = new RestHookSender(guard, Date);
+    for (let i = 0; i < 2; i++) {
+      expect(await sender.send(request(`http://hooks.example:${port}/hook`))).toEqual({
+        ok: false,
+        error: 'endpoint refused: must be https; hooks.example is not on BROKER_ENDPOINT_ALLOWLIST',
+        permanent: true,
+      });
+    }
+    expect(reached).toBe(0);
+    // The same receiver by its allow-listed address is called.
+    expect(await sender.send(request(endpoint))).toEqual({ ok: true, status: 204 });
+    expect(reached).toBe(1);
+  });
+
   it('fails a name that does not resolve without calling it permanent, and sends once it resolves', async () => {
     const endpoint = await receiver((res) => res.writeHead(204).end());
     let down = true;
-    const guard = new EndpointGuard(new Allowlist(['127.0.0.1']), async () => {
+    // The name is allow-listed (as plain http to it needs), and its lookups are still checked.
+    const guard = new EndpointGuard(new Allowlist(['127.0.0.1', 'hooks.example.com']), async () => {
       if (down) throw Object.assign(new Error('getaddrinfo EAI_AGAIN hooks.example.com'), { code: 'EAI_AGAIN' });
       return [{ address: '127.0.0.1', family: 4 }];
     });
@@ -93,7 +118,7 @@ describe('RestHookSender', () => {
     const endpoint = await receiver((res) => res.writeHead(204).end());
     const asked: string[] = [];
     const guard = new EndpointGuard(
-      new Allowlist(['127.0.0.1']),
+      new Allowlist(['127.0.0.1', 'hang.example.com', 'hooks.example.com']),
       (host) => {
         asked.push(host);
         // hang.example.com: no answer, ever (a DNS server that does not reply).

@@ -116,6 +116,8 @@ interface Target {
   readonly path: string;
   /** Set when the endpoint names an IP address (vetted on every attempt). */
   readonly ipLiteral?: string;
+  /** Set when the guard refuses the endpoint as written (plain http off the allow-list). */
+  readonly refused?: string;
 }
 
 export class RestHookSender implements Sender {
@@ -178,6 +180,8 @@ export class RestHookSender implements Sender {
         await this.#guard.vet(literal);
         this.#vetted.add(literal);
       }
+      // Likewise plain http to a host taken off the allow-list: refused, never sent in clear text.
+      if (target.refused !== undefined) throw new EndpointRefusedError(target.refused);
       // headersTimeout bounds the wait for the answer from the moment the request is on the wire,
       // not counting time queued for a connection: the dispatcher hands an origin at most twice as
       // many requests as it has connections, so a request may wait about one attempt ahead of it,
@@ -271,7 +275,7 @@ export class RestHookSender implements Sender {
   }
 
   #target(endpoint: string): Target {
-    return memo(this.#targets, endpoint, parseTarget);
+    return memo(this.#targets, endpoint, (e) => parseTarget(e, this.#guard));
   }
 
   /** Aborts whatever is still in flight: callers give attempts their grace period first. */
@@ -280,13 +284,15 @@ export class RestHookSender implements Sender {
   }
 }
 
-function parseTarget(endpoint: string): Target {
+function parseTarget(endpoint: string, guard: EndpointGuard): Target {
   const url = new URL(endpoint);
   const host = url.hostname.replace(/^\[|\]$/g, '');
+  const refused = guard.plainHttpRefusal(url);
   return {
     origin: url.origin,
     path: `${url.pathname}${url.search}`,
     ...(isIP(host) === 0 ? {} : { ipLiteral: host }),
+    ...(refused === undefined ? {} : { refused }),
   };
 }
 
