@@ -580,6 +580,26 @@ describe('parseSubscription: refusals', () => {
     ['an element R4 does not define', { ...classicSub('Patient'), note: 'x'.repeat(60_000) }, 'Subscription.note'],
     ['a channel element R4 does not define', classicSub('Patient', { secret: 's' }), 'Subscription.channel.secret'],
     ['a primitive sibling of a complex element', { ...classicSub('Patient'), _channel: {} }, 'Subscription._channel'],
+    [
+      'an unknown key in a primitive sibling',
+      { ...classicSub('Patient'), _status: { x: 1 } },
+      'Subscription._status.x',
+    ],
+    [
+      'a modifierExtension on the criteria (an Element has none)',
+      { ...classicSub('Patient'), _criteria: { modifierExtension: [{ url: 'urn:x', valueString: 'y' }] } },
+      'Subscription._criteria.modifierExtension',
+    ],
+    [
+      'an unknown key in a channel primitive sibling',
+      classicSub('Patient', { _type: { foo: 'bar' } }),
+      'Subscription.channel._type.foo',
+    ],
+    [
+      'an unknown key in a header primitive sibling',
+      classicSub('Patient', { header: ['a: b'], _header: [{ foo: 1 }] }),
+      'Subscription.channel._header.0.foo',
+    ],
   ])('refuses %s with INVALID_RESOURCE naming it', (_name, input, where) => {
     const err = thrown(input);
     expect(err.code).toBe('INVALID_RESOURCE');

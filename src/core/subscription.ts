@@ -73,13 +73,21 @@ const extension = {
 const extensions = { type: 'array', items: extension, maxItems: 50 } as const;
 /** Where extensions only inform: kept as sent, bounded by the stored size alone. */
 const anyExtensions = { type: 'array', items: extension } as const;
-/** The `_name` sibling of a primitive (R4 `Element`): its id and extensions. */
+/**
+ * The `_name` sibling of a primitive (R4 `Element`): its id and extensions, nothing else (an
+ * Element has no `modifierExtension`): what the broker would keep without understanding is refused.
+ */
 const primitiveElement = {
   type: 'object',
   properties: { id: { type: 'string' }, extension: anyExtensions },
+  additionalProperties: false,
 } as const;
 /** The same, on a primitive whose extensions decide what is delivered. */
-const decidingElement = { type: 'object', properties: { id: { type: 'string' }, extension: extensions } } as const;
+const decidingElement = {
+  type: 'object',
+  properties: { id: { type: 'string' }, extension: extensions },
+  additionalProperties: false,
+} as const;
 /** R4 JSON types of the elements the broker keeps without reading, so what it serves back is FHIR. */
 const keptElements = {
   meta: { type: 'object' },
@@ -265,6 +273,11 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   if (!validateSubscription(input)) {
     const e = validateSubscription.errors?.[0];
     const where = `Subscription${(e?.instancePath ?? '').replaceAll('/', '.')}`;
+    // Only the primitives' `_name` objects are closed (R4 Element: id and extension).
+    if (e?.keyword === 'additionalProperties') {
+      const name = `${where}.${String(e.params.additionalProperty).slice(0, 64)}`;
+      throw new BrokerError('INVALID_RESOURCE', `${name} is not an element of an R4 Element`, { expression: name });
+    }
     const missing = e?.keyword === 'required' ? ` (missing ${String(e.params.missingProperty)})` : '';
     throw new BrokerError('INVALID_RESOURCE', `${where} ${e?.message ?? 'is invalid'}${missing}`, {
       expression: where,
