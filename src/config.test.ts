@@ -85,6 +85,27 @@ describe('loadConfig', () => {
       { BROKER_ENDPOINT_ALLOWLIST: 'foo/8' },
       /^BROKER_ENDPOINT_ALLOWLIST: entry foo\/8: a CIDR needs an IP address$/,
     ],
+    // Entries that would be taken and never match: a port, a scheme, a wildcard.
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1:9000' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry 127\.0\.0\.1:9000: no port \(any port of a host is allowed\); entries are host names/,
+    ],
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: '[::1]:9000' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry \[::1\]:9000: no port/,
+    ],
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: 'http://127.0.0.1' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry http:\/\/127\.0\.0\.1: no scheme; entries are host names/,
+    ],
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: 'localhost, *.example.com' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry \*\.example\.com: not a host name \(no wildcards\); entries are host names/,
+    ],
     [
       'BROKER_TOPICS_DIR',
       { BROKER_TOPICS_DIR: '/nonexistent' },
@@ -141,7 +162,7 @@ describe('loadConfig', () => {
   });
 
   it('reads a valid allow-list', () => {
-    const entries = ['hooks.example.org', '10.0.0.0/8', '[::1]', 'fd00::/8'];
+    const entries = ['hooks.example.org', '10.0.0.0/8', '[::1]', 'fd00::/8', 'localhost', 'svc_a.internal.'];
     expect(loadConfig({ BROKER_ENDPOINT_ALLOWLIST: entries.join(', ') }).endpointAllowlist).toEqual(entries);
   });
 

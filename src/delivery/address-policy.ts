@@ -95,6 +95,11 @@ export function blockedReason(ip: string): string | undefined {
   return value >> 125n === 1n ? undefined : 'non-global (outside 2000::/3)';
 }
 
+const ENTRY_FORMS = 'entries are host names (hooks.internal), IP addresses (127.0.0.1, ::1) or CIDRs (10.0.0.0/8)';
+/** A DNS name as URL parsing leaves it (lower case): labels of letters, digits, `-` and `_`. */
+const HOST_NAME =
+  /^(?=.{1,253}\.?$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$/;
+
 /** Hosts or CIDRs exempt from the block (`BROKER_ENDPOINT_ALLOWLIST`). */
 export class Allowlist {
   readonly #hosts = new Set<string>();
@@ -106,10 +111,18 @@ export class Allowlist {
         .trim()
         .toLowerCase()
         .replace(/^\[|\]$/g, '');
+      if (entry.includes('://')) {
+        throw new TypeError(`allowlist entry ${raw}: no scheme; ${ENTRY_FORMS}`);
+      }
       const [addr = '', bitsText] = entry.split('/');
       const family = isIP(addr);
       if (family === 0) {
         if (bitsText !== undefined) throw new TypeError(`allowlist entry ${raw}: a CIDR needs an IP address`);
+        // Matched against the host as written in an endpoint URL: an entry of another form never matches.
+        if (entry.includes(':'))
+          throw new TypeError(`allowlist entry ${raw}: no port (any port of a host is allowed); ${ENTRY_FORMS}`);
+        if (!HOST_NAME.test(entry))
+          throw new TypeError(`allowlist entry ${raw}: not a host name (no wildcards); ${ENTRY_FORMS}`);
         this.#hosts.add(entry);
         continue;
       }
