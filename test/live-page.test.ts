@@ -177,7 +177,10 @@ describe('/live page in headless Chromium (real server)', () => {
 
   it('watches Patient changes live and shows nothing else', async () => {
     requireChromium();
-    const res = await page.goto(`${broker!.url}/live`, { waitUntil: 'load', timeout: WAIT });
+    // Opened at the broker's root, as a user does after `npm start`: redirected to the page.
+    const res = await page.goto(`${broker!.url}/`, { waitUntil: 'load', timeout: WAIT });
+    expect(res?.request().redirectedFrom()?.url()).toBe(`${broker!.url}/`);
+    expect(page.url()).toBe(`${broker!.url}/live`);
     expect(res?.status()).toBe(200);
     expect(res?.headers()['content-security-policy']).toContain("default-src 'none'");
     await expect(page.title()).resolves.toContain('Live changes');

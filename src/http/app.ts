@@ -42,6 +42,7 @@ const ROUTES: readonly [string, readonly string[]][] = [
   ['/fhir/Subscription/:id/_history/:vid', ['GET']],
   ['/ws', ['GET']],
   ['/live', ['GET']],
+  ['/', ['GET']],
   ['/fhir/Subscription/:id', ['GET', 'PUT', 'DELETE']],
 ];
 
@@ -82,6 +83,9 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
 
   const live = loadLivePage();
   app.get('/live', () => new Response(live.html, { headers: live.headers }));
+  // The root, opened in a browser after `npm start`: the live page (relative, so a path prefix such
+  // as an API Gateway stage is kept).
+  app.get('/', () => new Response(null, { status: 302, headers: { location: './live' } }));
   // A plain GET reaches here; upgrades are taken over by the WebSocket server before routing.
   app.get('/ws', () =>
     fhirResponse(
