@@ -124,16 +124,28 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // 0.0.0.0 or :: as HOST (a container, another machine's clients) is no address to hand out: the
+  // references in bundles and the WebSocket URL (the /live page's too) would name it.
+  if (!config.publicUrlExplicit && /^(0\.0\.0\.0|::|\[::\])$/.test(config.host)) {
+    logger.warn('HOST is a wildcard address, and references and the WebSocket URL name it: set BROKER_PUBLIC_URL', {
+      host: config.host,
+      publicUrl: config.publicUrl,
+    });
+  }
   logger.info('listening', { port, host: config.host, publicUrl: config.publicUrl, store: config.store });
-  printLocalCredentials(broker.credentials.local, config.dataDir);
+  printLocalCredentials(broker.credentials.local, config.dataDir, config.publicUrl);
   await broker.start();
   broker.startSources();
 }
 
 /** Generated credentials go to stderr at start, for the person at the terminal; never to the JSON log. */
-function printLocalCredentials(local: Credentials['local'], dataDir: string): void {
+function printLocalCredentials(local: Credentials['local'], dataDir: string, publicUrl: string): void {
   if (local.apiClient === undefined && local.ingestToken === undefined) return;
-  const lines = ['', `Local credentials (kept in ${dataDir}/credentials.json):`];
+  const lines = [
+    '',
+    `Broker at ${publicUrl} (live page: ${publicUrl}/live)`,
+    `Local credentials (kept in ${dataDir}/credentials.json):`,
+  ];
   if (local.apiClient !== undefined)
     lines.push(`  API key (client "${local.apiClient.clientId}"): ${local.apiClient.token}`);
   if (local.ingestToken !== undefined) lines.push(`  Ingest token for POST /events:   ${local.ingestToken}`);

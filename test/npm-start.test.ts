@@ -63,6 +63,31 @@ it('names HOST and PORT when it cannot listen there', async () => {
   await expect(startBroker({ HOST: '999.1.1.1' })).rejects.toThrow(/cannot listen on HOST=999\.1\.1\.1 PORT=0/);
 });
 
+it('says where it is, and warns when HOST is a wildcard that references would name', async () => {
+  const WILDCARD = 'HOST is a wildcard address, and references and the WebSocket URL name it: set BROKER_PUBLIC_URL';
+  // Generated credentials, so the start banner is printed; HOST=0.0.0.0 as in a container.
+  const b = await startBroker({ HOST: '0.0.0.0', BROKER_API_KEYS: '' });
+  try {
+    const warned = await b.waitForLog((r) => r.msg === WILDCARD, 'the wildcard warning');
+    const publicUrl = `http://0.0.0.0:${new URL(b.url).port}`;
+    expect(warned).toMatchObject({ level: 'warn', host: '0.0.0.0', publicUrl });
+    for (let i = 0; i < 100 && !b.stderr.some((l) => l.startsWith('Broker at ')); i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(b.stderr).toContain(`Broker at ${publicUrl} (live page: ${publicUrl}/live)`);
+  } finally {
+    await b.kill();
+  }
+  // With BROKER_PUBLIC_URL set, nothing to warn about.
+  const named = await startBroker({ HOST: '0.0.0.0', BROKER_PUBLIC_URL: 'http://broker.internal:8080' });
+  try {
+    await named.waitForLog((r) => r.msg === 'listening', 'listening');
+    expect(named.logs.filter((r) => r.msg === WILDCARD)).toEqual([]);
+  } finally {
+    await named.kill();
+  }
+});
+
 /** Runs the broker as `npm start` does and returns its exit code and all it wrote to stderr. */
 async function failedStart(env: Record<string, string>, dataDir = newDataDir()): Promise<[number | null, string]> {
   const child = spawn(process.execPath, [...startNodeFlags(), '--import', 'tsx', 'src/main.ts'], {
