@@ -79,3 +79,40 @@ describe('Metrics.emf', () => {
     expect(await m.render()).toContain('broker_delivery_latency_seconds_count 6');
   });
 });
+
+describe('Metrics.render', () => {
+  const samples = (text: string) => text.split('\n').filter((l) => l !== '' && !l.startsWith('#'));
+
+  it('shows the known counter series and the latency histogram at 0 before anything counted', async () => {
+    const text = await new Metrics().render();
+    expect(samples(text)).toEqual(
+      expect.arrayContaining([
+        'broker_events_total{outcome="accepted"} 0',
+        'broker_events_total{outcome="refused"} 0',
+        'broker_unusable_writes_total 0',
+        'broker_notifications_total{outcome="dead-lettered"} 0',
+        'broker_handshakes_total{outcome="failed"} 0',
+        'broker_origin_pauses_total 0',
+        'broker_heartbeats_total{outcome="refused"} 0',
+        'broker_delivery_latency_seconds_bucket{le="+Inf"} 0',
+        'broker_delivery_latency_seconds_count 0',
+      ]),
+    );
+    // Each series once; nothing is sent to CloudWatch for a series that never counted.
+    expect(new Set(samples(text).map((l) => l.split(' ')[0])).size).toBe(samples(text).length);
+    expect(new Metrics().emf({ Function: 'api' }, 0)).toEqual([]);
+  });
+
+  it('shows a series that counted with its count, once', async () => {
+    const m = new Metrics();
+    m.inc('broker_unusable_writes_total');
+    m.inc('broker_events_total', { outcome: 'refused' }, 2);
+    const lines = samples(await m.render());
+    expect(lines.filter((l) => l.startsWith('broker_unusable_writes_total'))).toEqual([
+      'broker_unusable_writes_total 1',
+    ]);
+    expect(lines.filter((l) => l.startsWith('broker_events_total{outcome="refused"}'))).toEqual([
+      'broker_events_total{outcome="refused"} 2',
+    ]);
+  });
+});

@@ -10,24 +10,46 @@ const LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 interface Family {
   readonly help: string;
   readonly type: 'counter' | 'gauge' | 'histogram';
+  /**
+   * A counter's series (their labels), shown at 0 until they count: an alert on `increase()` sees
+   * no rise in a series that appears with its first count.
+   */
+  readonly zero?: readonly Labels[];
 }
+
+const byOutcome = (...outcomes: string[]): Labels[] => outcomes.map((outcome) => ({ outcome }));
 
 const FAMILIES = {
   broker_events_total: {
     help: 'EventBridge events received, by outcome (accepted, duplicate, ignored, refused)',
     type: 'counter',
+    zero: byOutcome('accepted', 'duplicate', 'ignored', 'refused'),
   },
   broker_unusable_writes_total: {
     help: 'Successful FHIR writes among the ignored events that no notification could be derived from (a batch Bundle, or no valid resource type or datastore id)',
     type: 'counter',
+    zero: [{}],
   },
-  broker_notifications_total: { help: 'Notification deliveries, by outcome', type: 'counter' },
-  broker_handshakes_total: { help: 'Handshakes, by outcome', type: 'counter' },
+  broker_notifications_total: {
+    help: 'Notification deliveries, by outcome',
+    type: 'counter',
+    zero: byOutcome('delivered', 'retried', 'dead-lettered', 'gone'),
+  },
+  broker_handshakes_total: {
+    help: 'Handshakes, by outcome',
+    type: 'counter',
+    zero: byOutcome('ok', 'failed'),
+  },
   broker_origin_pauses_total: {
     help: "Pauses an endpoint origin asked for (429 or 503 with Retry-After), held by the client's other subscriptions there",
     type: 'counter',
+    zero: [{}],
   },
-  broker_heartbeats_total: { help: 'Heartbeats, by outcome', type: 'counter' },
+  broker_heartbeats_total: {
+    help: 'Heartbeats, by outcome',
+    type: 'counter',
+    zero: byOutcome('ok', 'failed', 'refused'),
+  },
   broker_delivery_latency_seconds: { help: 'Ingest to successful webhook delivery', type: 'histogram' },
   broker_outbox_depth: { help: 'Notifications waiting for delivery', type: 'gauge' },
   broker_subscriptions: { help: 'Subscriptions in the matching index', type: 'gauge' },
@@ -204,19 +226,22 @@ export class Metrics {
     for (const [name, family] of Object.entries(FAMILIES) as [MetricName, Family][]) {
       lines.push(`# HELP ${name} ${family.help}`, `# TYPE ${name} ${family.type}`);
       if (family.type === 'counter') {
+        for (const labels of family.zero ?? []) {
+          const key = this.#key(name, labels);
+          if (!this.#counters.has(key)) lines.push(`${key} 0`);
+        }
         for (const [key, v] of this.#counters)
           if (key === name || key.startsWith(`${name}{`)) lines.push(`${key} ${v}`);
       } else if (family.type === 'gauge') {
         const read = this.#gauges.get(name);
         if (read !== undefined) lines.push(`${name} ${await read()}`);
       } else {
-        const h = this.#histograms.get(name);
-        if (h !== undefined) {
-          LATENCY_BUCKETS_S.forEach((le, i) => {
-            lines.push(`${name}_bucket{le="${le}"} ${h.buckets[i]}`);
-          });
-          lines.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
-        }
+        // Empty until the first observation, and shown so (a series that appears late hides a rise).
+        const h = this.#histograms.get(name) ?? { buckets: LATENCY_BUCKETS_S.map(() => 0), sum: 0, count: 0 };
+        LATENCY_BUCKETS_S.forEach((le, i) => {
+          lines.push(`${name}_bucket{le="${le}"} ${h.buckets[i]}`);
+        });
+        lines.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
       }
     }
     return `${lines.join('\n')}\n`;
