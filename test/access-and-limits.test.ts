@@ -40,6 +40,7 @@ describe('the per-client quota', () => {
     t = await inProcessBroker({ BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT: '5' });
     const body = {
       resourceType: 'Subscription',
+      reason: 'test',
       criteria: 'Patient',
       status: 'off',
       channel: { type: 'rest-hook', endpoint: 'http://127.0.0.1:9/quota' },

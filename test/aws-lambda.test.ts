@@ -487,6 +487,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
     });
     const sub = await api('POST', '/fhir/Subscription', {
       resourceType: 'Subscription',
+      reason: 'test',
       criteria: 'Patient?_id=r4-lambda',
       channel: { type: 'websocket' },
     });

@@ -131,6 +131,7 @@ describe('WebSocket functions on DynamoDB Local', () => {
     const r4 = (
       await api(apiFn, 'POST', '/fhir/Subscription', {
         resourceType: 'Subscription',
+        reason: 'test',
         criteria: 'Patient?_id=fresh-r4',
         channel: { type: 'websocket' },
       })

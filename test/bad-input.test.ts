@@ -147,6 +147,7 @@ describe('bad input', () => {
       () =>
         call('POST', '/fhir/Subscription', ALICE, {
           resourceType: 'Subscription',
+          reason: 'test',
           criteria: 'Observation?code=1234-5',
           channel: { type: 'rest-hook', endpoint: 'https://hooks.example.com/d' },
         }),

@@ -307,6 +307,7 @@ describe('DynamoDbStore', () => {
         parseSubscription(
           {
             resourceType: 'Subscription',
+            reason: 'test',
             criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/resource-change',
             _criteria: {
               extension: [`_type=${types.join(',')}`, `_id=${ids}`].map((valueString) => ({

@@ -351,6 +351,7 @@ describe('sockets of a changed subscription', () => {
     expect((await t.call('DELETE', `/fhir/Subscription/${hook.id}`)).status).toBe(204);
     const ws = await t.create({
       resourceType: 'Subscription',
+      reason: 'test',
       criteria: 'Patient',
       channel: { type: 'websocket' },
     });

@@ -27,6 +27,7 @@ function filter(valueString: string): Json {
 function topicSub(options: { topic?: string; filters?: string[]; channel?: Json; extra?: Json } = {}): Json {
   return {
     resourceType: 'Subscription',
+    reason: 'test',
     criteria: options.topic ?? PATIENT_TOPIC,
     ...(options.filters === undefined ? {} : { _criteria: { extension: options.filters.map(filter) } }),
     channel: { type: 'rest-hook', endpoint: ENDPOINT, payload: 'application/fhir+json', ...options.channel },
@@ -35,7 +36,12 @@ function topicSub(options: { topic?: string; filters?: string[]; channel?: Json;
 }
 
 function classicSub(criteria: string, channel: Json = {}): Json {
-  return { resourceType: 'Subscription', criteria, channel: { type: 'rest-hook', endpoint: ENDPOINT, ...channel } };
+  return {
+    resourceType: 'Subscription',
+    reason: 'test',
+    criteria,
+    channel: { type: 'rest-hook', endpoint: ENDPOINT, ...channel },
+  };
 }
 
 function parse(input: unknown): SubscriptionSpec {
@@ -193,6 +199,7 @@ describe('parseSubscription: topic-based', () => {
     expect(parse(topicSub()).channel.content).toBe('id-only');
     const noPayload = {
       resourceType: 'Subscription',
+      reason: 'test',
       criteria: PATIENT_TOPIC,
       channel: { type: 'rest-hook', endpoint: ENDPOINT },
     };
@@ -245,6 +252,7 @@ describe('parseSubscription: the stored resource', () => {
     expect(spec.resource).toEqual({
       resourceType: 'Subscription',
       meta: { profile: [BACKPORT_PROFILE.subscription] },
+      reason: 'test',
       criteria: PATIENT_TOPIC,
       channel: {
         type: 'rest-hook',
@@ -275,6 +283,7 @@ describe('parseSubscription: the stored resource', () => {
     // No payload: empty content, in FHIR JSON bundles (what the broker sends).
     const bare = parse({
       resourceType: 'Subscription',
+      reason: 'test',
       criteria: PATIENT_TOPIC,
       channel: { type: 'rest-hook', endpoint: ENDPOINT },
     });
@@ -325,6 +334,7 @@ describe('parseSubscription: classic criteria', () => {
       channel: { type: 'rest-hook', endpoint: ENDPOINT, content: 'empty', headers: [] },
       resource: {
         resourceType: 'Subscription',
+        reason: 'test',
         criteria: 'Patient',
         channel: { type: 'rest-hook', endpoint: ENDPOINT },
       },
@@ -418,6 +428,7 @@ describe('parseSubscription: refusals', () => {
     const classic = parseSubscription(
       {
         resourceType: 'Subscription',
+        reason: 'test',
         criteria: 'Patient',
         channel: { type: 'websocket', payload: 'application/fhir+json' },
       },
@@ -512,8 +523,28 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(topicSub({ channel: { payload: 'application/fhir+xml' } }))).toBe('UNSUPPORTED_CONTENT');
   });
 
+  it('refuses a Subscription without a reason (R4 1..1), and takes one given by extensions alone', () => {
+    const { reason: _reason, ...noReason } = topicSub() as Record<string, unknown>;
+    const err = thrown(noReason);
+    expect([err.code, err.expression, err.message]).toEqual([
+      'INVALID_RESOURCE',
+      'Subscription.reason',
+      'Subscription.reason is required (R4: 1..1): say what it is for',
+    ]);
+    expect(errorCode({ ...noReason, reason: '' })).toBe('INVALID_RESOURCE');
+    const absent = {
+      extension: [{ url: 'http://hl7.org/fhir/StructureDefinition/data-absent-reason', valueCode: 'unknown' }],
+    };
+    expect(parse({ ...noReason, _reason: absent }).resource).toMatchObject({ _reason: absent });
+  });
+
   it('refuses a rest-hook without endpoint with INVALID_ENDPOINT', () => {
-    const sub = { resourceType: 'Subscription', criteria: PATIENT_TOPIC, channel: { type: 'rest-hook' } };
+    const sub = {
+      resourceType: 'Subscription',
+      reason: 'test',
+      criteria: PATIENT_TOPIC,
+      channel: { type: 'rest-hook' },
+    };
     expect(errorCode(sub)).toBe('INVALID_ENDPOINT');
     expect(errorCode(topicSub({ channel: { endpoint: '' } }))).toBe('INVALID_ENDPOINT');
   });

@@ -52,6 +52,7 @@ interface SubscriptionJson {
   _criteria?: { extension?: Extension[] };
   end?: string;
   reason?: string;
+  _reason?: { extension?: Extension[] };
   channel: {
     type: string;
     _type?: { extension?: Extension[] };
@@ -122,7 +123,7 @@ const subscriptionSchema = {
     _criteria: decidingElement,
     // An R4 instant; `checkInstant` then refuses one that names no real moment.
     end: { type: 'string' },
-    reason: { type: 'string', maxLength: 1024 },
+    reason: { type: 'string', minLength: 1, maxLength: 1024 },
     channel: {
       type: 'object',
       required: ['type'],
@@ -284,6 +285,13 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
     });
   }
   const sub = input;
+  // R4 and the backport Subscription profile make `reason` 1..1 (a value, or at least `_reason`
+  // extensions): kept without one, the Subscription would be served back invalid.
+  if (sub.reason === undefined && sub._reason === undefined) {
+    throw new BrokerError('INVALID_RESOURCE', 'Subscription.reason is required (R4: 1..1): say what it is for', {
+      expression: 'Subscription.reason',
+    });
+  }
   if (sub.end !== undefined) checkInstant(sub.end, 'Subscription.end');
   const isTopic = /^https?:\/\//.test(sub.criteria);
   const kind: SubscriptionKind = isTopic ? 'topic' : 'classic';

@@ -34,6 +34,7 @@ const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinit
 export function websocketSubscription(patientId: string, channel: Json = {}): Json {
   return {
     resourceType: 'Subscription',
+    reason: 'test',
     criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
     _criteria: {
       extension: [{ url: `${BACKPORT}/backport-filter-criteria`, valueString: `Patient?_id=${patientId}` }],

@@ -28,6 +28,7 @@ export function record(id: string, overrides: Partial<SubscriptionRecord> = {}):
     updatedAt: T0,
     resource: {
       resourceType: 'Subscription',
+      reason: 'test',
       criteria: 'https://fhir-subscription-broker.org/fhir/SubscriptionTopic/patient-change',
       channel: { type: 'rest-hook', endpoint: 'https://hooks.example.com/x' },
     },
