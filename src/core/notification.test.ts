@@ -177,7 +177,7 @@ describe('buildNotificationBundle', () => {
     });
   });
 
-  it('names neither focus nor entry for an event without a resource id', () => {
+  it('names the focus of an event without a resource id by type and server, with no entry', () => {
     const events = [note(4, 'update', undefined, 'Observation')];
     const bundle = valid(buildNotificationBundle(topicSub, 'event-notification', events, 'id-only', context()));
     expect(bundle.entry).toEqual([
@@ -188,6 +188,14 @@ describe('buildNotificationBundle', () => {
           part: [
             { name: 'event-number', valueString: '4' },
             { name: 'timestamp', valueInstant: '2029-12-31T23:59:04.000Z' },
+            // id-only SHALL carry a focus (IG, Payloads): a Reference that names what it cannot point to.
+            {
+              name: 'focus',
+              valueReference: {
+                type: 'Observation',
+                display: `Observation on ${HEALTHLAKE}; the change event names no id`,
+              },
+            },
           ],
         },
       ]),

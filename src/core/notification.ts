@@ -57,6 +57,7 @@ export function buildStatusParameters(
     ];
     const focus = focusOf(n, content);
     if (focus !== undefined) part.push({ name: 'focus', valueReference: { reference: focus } });
+    else if (content !== 'empty') part.push({ name: 'focus', valueReference: unnamedFocus(n) });
     parameter.push({ name: 'notification-event', part });
   }
   if (sub.status === 'error' && sub.error !== undefined) {
@@ -136,7 +137,7 @@ export function notificationBundleJson(
     const focus = focusOf(n, content);
     params += `,{"name":"notification-event","part":[{"name":"event-number","valueString":${q(String(n.eventNumber))}},{"name":"timestamp","valueInstant":${time}}`;
     if (focus === undefined) {
-      params += ']}';
+      params += content === 'empty' ? ']}' : `,{"name":"focus","valueReference":${q(unnamedFocus(n))}}]}`;
       continue;
     }
     const ref = q(focus);
@@ -177,6 +178,16 @@ export function buildStatusBundle(subs: readonly StatusSource[], ctx: BundleCont
     return { fullUrl: `urn:uuid:${resource.id}`, resource, search: { mode: 'match' } };
   });
   return { ...bundle, entry };
+}
+
+/**
+ * The focus of an event that names no resource (an older CloudTrail shape): the IG has id-only
+ * notifications carry a focus (SHALL), and a Reference may name what it cannot point to. Its type,
+ * and which server, in words; no bundle entry, which would need the resource's URL.
+ */
+function unnamedFocus(n: Notification): { type: string; display: string } {
+  const { resourceType, fhirBase } = n.change;
+  return { type: resourceType, display: `${resourceType} on ${fhirBase}; the change event names no id` };
 }
 
 /** The changed resource's absolute URL on the FHIR server, when content and the event allow one. */

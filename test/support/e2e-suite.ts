@@ -146,6 +146,12 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
         [undefined],
         [`${HL}/Patient/someone-else`],
       ]);
+      // The id-less update's focus names what it cannot point to (id-only SHALL carry a focus).
+      const idless = ((statusOf(patient[3] as Json).events[0]?.part ?? []) as Json[]).find((p) => p.name === 'focus');
+      expect(idless?.valueReference).toEqual({
+        type: 'Patient',
+        display: `Patient on ${HL}; the change event names no id`,
+      });
       expect(
         patient.map((b) =>
           (b.entry as Json[])
