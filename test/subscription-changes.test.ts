@@ -1,11 +1,12 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Webhook } from 'standardwebhooks';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { BrokerOverrides } from '../src/broker.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { eventLike, type Json, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
-import { inProcessBroker, type TestBroker } from './support/in-process.js';
+import { inProcessBroker, secretOf, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 
 /**
@@ -360,5 +361,39 @@ describe('sockets of a changed subscription', () => {
     // Not for the rest-hook one's changes; for its deletion (a bind may have raced a change of
     // channel), and for the websocket one's activation (a change) and deletion.
     expect(looked).toEqual([hook.id, ws.id, ws.id]);
+  });
+});
+
+describe('the webhook secret of a channel that signs nothing', () => {
+  it('is not shown for a websocket subscription; made a rest-hook, the update shows the one that signs', async () => {
+    const { receiver, t } = await setup({ BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1' });
+    const body = topicSubscription('patient-change', '', { channel: { type: 'websocket' } });
+    delete (body.channel as Json).endpoint;
+    const ws = await t.create(body);
+    expect(JSON.stringify(ws)).not.toContain('webhook-secret');
+    const { channel } = topicSubscription('patient-change', `${receiver.url}/now-rest`) as { channel: Json };
+    const put = await t.call('PUT', `/fhir/Subscription/${ws.id}`, { ...ws, status: 'requested', channel });
+    expect(put.status).toBe(200);
+    const secret = secretOf(put.body);
+    expect(secret).toMatch(/^whsec_/);
+    // The handshake to the new endpoint is signed with it, and for the 24 h overlap with the kept one
+    // too (a websocket subscription created before the broker stopped showing it had it shown).
+    await receiver.waitFor(() => receiver.on('/now-rest').length >= 1, 'the handshake');
+    const [handshake] = receiver.on('/now-rest');
+    expect(() =>
+      new Webhook(secret).verify(handshake?.body ?? '', handshake?.headers as Record<string, string>),
+    ).not.toThrow();
+    expect(String(handshake?.headers['webhook-signature']).split(' ')).toHaveLength(2);
+    // Shown once: a later read, or an update that keeps the channel, does not show it.
+    const read = await t.call('GET', `/fhir/Subscription/${ws.id}`);
+    expect(JSON.stringify(read.body)).not.toContain('webhook-secret');
+    const again = await t.call('PUT', `/fhir/Subscription/${ws.id}`, { ...read.body, reason: 'still' });
+    expect(JSON.stringify(again.body)).not.toContain('webhook-secret');
+  });
+
+  it('shows the generated secret of a rest-hook at its create, as before', async () => {
+    const { receiver, t } = await setup({ BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1' });
+    const hook = await t.create(topicSubscription('patient-change', `${receiver.url}/hook`));
+    expect(secretOf(hook)).toMatch(/^whsec_/);
   });
 });

@@ -362,8 +362,17 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
 
   app.put('/fhir/Subscription/:id', async (c) => {
     const body = await readJsonBody(c, deps.maxBodyBytes);
-    const sub = await registry.update(c.get('owner'), c.req.param('id'), body, ifMatch(c.req.header('if-match')));
-    return fhirResponse(registry.render(sub), 200, etag(sub));
+    const { record, generatedSecret } = await registry.update(
+      c.get('owner'),
+      c.req.param('id'),
+      body,
+      ifMatch(c.req.header('if-match')),
+    );
+    return fhirResponse(
+      registry.render(record, generatedSecret === undefined ? {} : { secret: generatedSecret }),
+      200,
+      etag(record),
+    );
   });
 
   app.delete('/fhir/Subscription/:id', async (c) => {

@@ -46,9 +46,15 @@ export const SECRET_OVERLAP_MS = 24 * 60 * 60 * 1000;
 
 export interface CreateResult {
   readonly record: SubscriptionRecord;
-  /** Set when the broker generated the secret: shown to the client once, in the create response. */
+  /**
+   * Set when the broker generated the secret of a rest-hook: shown to the client once, in the
+   * answer to the create (or to the update that made a websocket subscription a rest-hook).
+   */
   readonly generatedSecret?: string;
 }
+
+/** Only a rest-hook's requests are signed: another channel's secret is kept, unused and unshown. */
+const signs = (spec: SubscriptionSpec): boolean => spec.channel.type === 'rest-hook';
 
 export class SubscriptionRegistry {
   readonly #store: Store;
@@ -220,7 +226,7 @@ export class SubscriptionRegistry {
       topic: record.topic,
     });
     if (record.status === 'requested') this.#listener?.onRequested(record.id);
-    return { record, ...(generatedSecret === undefined ? {} : { generatedSecret }) };
+    return { record, ...(generatedSecret === undefined || !signs(spec) ? {} : { generatedSecret }) };
   }
 
   /** The owner's subscription, fresh from the store (counters included), or NOT_FOUND. */
@@ -278,7 +284,7 @@ export class SubscriptionRegistry {
   }
 
   /** `ifMatch`: the version the client read (`ETag` / `meta.versionId`); another one now is a 412. */
-  async update(owner: string, id: string, body: unknown, ifMatch?: string): Promise<SubscriptionRecord> {
+  async update(owner: string, id: string, body: unknown, ifMatch?: string): Promise<CreateResult> {
     checkBodyId(body, id);
     const spec = parseSubscription(body, this.#topics);
     this.#checkEnd(spec);
@@ -303,6 +309,13 @@ export class SubscriptionRegistry {
       // other status a previous one is cleared.
       const { error: previousError, end: _previousEnd, ...base } = current;
       const error = status === 'error' ? previousError : undefined;
+      // A websocket subscription made a rest-hook: its kept secret was never shown, so a new one is
+      // (the old one still signs for the overlap, for a client that had it from before).
+      const fresh =
+        signs(spec) && current.channel.type !== 'rest-hook' && spec.webhookSecret === undefined
+          ? generateWebhookSecret()
+          : undefined;
+      const secret = spec.webhookSecret ?? fresh;
       const next: SubscriptionRecord = {
         ...base,
         kind: spec.kind,
@@ -311,8 +324,8 @@ export class SubscriptionRegistry {
         ...(error === undefined ? {} : { error }),
         match: spec.match,
         channel: spec.channel,
-        webhookSecret: spec.webhookSecret ?? current.webhookSecret,
-        ...this.#rotation(current, spec.webhookSecret),
+        webhookSecret: secret ?? current.webhookSecret,
+        ...this.#rotation(current, secret),
         ...(spec.end === undefined ? {} : { end: spec.end }),
         updatedAt: this.#nextUpdatedAt(current),
         resource: spec.resource,
@@ -349,7 +362,8 @@ export class SubscriptionRegistry {
         if (attempt < UPDATE_ATTEMPTS) continue;
         throw new BrokerError('CONFLICT', `Subscription/${id} kept changing while it was being updated; try again`);
       }
-      return this.#afterUpdate(owner, current, stored);
+      const record = this.#afterUpdate(owner, current, stored);
+      return { record, ...(fresh === undefined ? {} : { generatedSecret: fresh }) };
     }
   }
 
