@@ -298,7 +298,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     },
     async close(graceMs = 5000) {
       // No more events in: a long poll is cut, what it received is committed and deleted first.
-      await sqs?.close();
+      await sqs?.close(graceMs);
       if (overrides.sqs === undefined) sqsClient?.destroy();
       websocketHub.closeAll();
       await dispatcher.close(graceMs);

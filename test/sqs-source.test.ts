@@ -239,6 +239,39 @@ describe('SqsEventSource', () => {
     expect(sqs.calls.filter((c) => c.target === 'AmazonSQS.ReceiveMessage')).toHaveLength(receivesAtClose);
   });
 
+  it('does not let a store that hangs hold the shutdown: close gives up after its grace, and says so', async () => {
+    const sqs = await SqsDouble.start();
+    cleanups.push(() => sqs.close());
+    let started: () => void = () => undefined;
+    const ingesting = new Promise<void>((resolve) => {
+      started = resolve;
+    });
+    const logger = new RecordingLogger();
+    const source = new SqsEventSource({
+      client: sqsClient(sqs),
+      queueUrl: QUEUE_URL,
+      logger,
+      metrics: new Metrics(),
+      // A commit that never comes back.
+      ingest: () => {
+        started();
+        return new Promise(() => {});
+      },
+    });
+    source.start();
+    const [id] = sqs.send(JSON.stringify(eventLike('healthlake-update-patient', 'hung-1', 'h-1')));
+    await ingesting;
+    const t0 = performance.now();
+    await source.close(200);
+    expect(performance.now() - t0).toBeLessThan(5_000);
+    expect(logger.records.filter((r) => String(r.msg).startsWith('sqs source stopped with messages still'))).toEqual([
+      expect.objectContaining({ level: 'warn', queueUrl: QUEUE_URL, graceMs: 200 }),
+    ]);
+    // Not deleted: the queue hands it out again.
+    expect(sqs.deleted).toEqual([]);
+    expect(sqs.undeleted.map((m) => m.MessageId)).toEqual([id]);
+  });
+
   it('keeps as many long polls out as it has pollers, and takes every message once', async () => {
     const sqs = await SqsDouble.start();
     cleanups.push(() => sqs.close());

@@ -76,11 +76,25 @@ export class SqsEventSource {
 
   /**
    * Stops polling: a long poll under way is cut (SQS keeps what it had not handed out), and the
-   * messages already received are taken to the end, ingested and deleted, before this resolves.
+   * messages already received are taken to the end, ingested and deleted, before this resolves,
+   * for at most `graceMs`: a store that hangs does not hold the shutdown. Messages not deleted by
+   * then come back once their visibility timeout is over (a copy already committed is a duplicate).
    */
-  async close(): Promise<void> {
+  async close(graceMs = 5_000): Promise<void> {
     this.#stop.abort();
-    await this.#loop;
+    if (this.#loop === undefined) return;
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<'late'>((resolve) => {
+      timer = setTimeout(() => resolve('late'), graceMs);
+    });
+    const ended = await Promise.race([this.#loop.then(() => 'ended' as const), late]);
+    clearTimeout(timer);
+    if (ended === 'late') {
+      this.#opts.logger.warn('sqs source stopped with messages still being taken; they come back from the queue', {
+        queueUrl: this.#opts.queueUrl,
+        graceMs,
+      });
+    }
   }
 
   async #run(): Promise<void> {
