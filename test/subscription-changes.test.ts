@@ -4,10 +4,12 @@ import { join } from 'node:path';
 import { Webhook } from 'standardwebhooks';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { BrokerOverrides } from '../src/broker.js';
+import type { FhirResource } from '../src/core/types.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { eventLike, type Json, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, secretOf, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
+import { record } from './support/store-fixtures.js';
 
 /**
  * What a client's change to a subscription does to the work under way for it: nothing more goes to
@@ -376,24 +378,64 @@ describe('the webhook secret of a channel that signs nothing', () => {
     expect(put.status).toBe(200);
     const secret = secretOf(put.body);
     expect(secret).toMatch(/^whsec_/);
-    // The handshake to the new endpoint is signed with it, and for the 24 h overlap with the kept one
-    // too (a websocket subscription created before the broker stopped showing it had it shown).
+    // The handshake to the new endpoint is signed with it, and with it alone.
     await receiver.waitFor(() => receiver.on('/now-rest').length >= 1, 'the handshake');
     const [handshake] = receiver.on('/now-rest');
     expect(() =>
       new Webhook(secret).verify(handshake?.body ?? '', handshake?.headers as Record<string, string>),
     ).not.toThrow();
-    expect(String(handshake?.headers['webhook-signature']).split(' ')).toHaveLength(2);
-    // Shown once: a later read, or an update that keeps the channel, does not show it.
+    expect(String(handshake?.headers['webhook-signature']).split(' ')).toHaveLength(1);
+    // A later read, or an update that keeps the channel, does not show it.
     const read = await t.call('GET', `/fhir/Subscription/${ws.id}`);
     expect(JSON.stringify(read.body)).not.toContain('webhook-secret');
     const again = await t.call('PUT', `/fhir/Subscription/${ws.id}`, { ...read.body, reason: 'still' });
     expect(JSON.stringify(again.body)).not.toContain('webhook-secret');
   });
 
+  it('keeps the secret a rest-hook had through a spell as a websocket: the same one signs, never replaced', async () => {
+    const { receiver, t } = await setup({ BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1' });
+    const hook = await t.create(topicSubscription('patient-change', `${receiver.url}/first`));
+    const secret = secretOf(hook);
+    await receiver.waitFor(() => receiver.on('/first').length >= 1, 'the first handshake');
+    const wsChannel = { type: 'websocket', payload: 'application/fhir+json' };
+    const asWs = await t.call('PUT', `/fhir/Subscription/${hook.id}`, { ...hook, channel: wsChannel });
+    expect(asWs.status).toBe(200);
+    const { channel } = topicSubscription('patient-change', `${receiver.url}/back`) as { channel: Json };
+    const back = await t.call('PUT', `/fhir/Subscription/${hook.id}`, { ...asWs.body, status: 'requested', channel });
+    expect(secretOf(back.body)).toBe(secret);
+    await receiver.waitFor(() => receiver.on('/back').length >= 1, 'the handshake');
+    const [handshake] = receiver.on('/back');
+    expect(() =>
+      new Webhook(secret).verify(handshake?.body ?? '', handshake?.headers as Record<string, string>),
+    ).not.toThrow();
+    expect(String(handshake?.headers['webhook-signature']).split(' ')).toHaveLength(1);
+  });
+
   it('shows the generated secret of a rest-hook at its create, as before', async () => {
     const { receiver, t } = await setup({ BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1' });
     const hook = await t.create(topicSubscription('patient-change', `${receiver.url}/hook`));
     expect(secretOf(hook)).toMatch(/^whsec_/);
+  });
+});
+
+describe('Subscription.reason', () => {
+  it('is required of a create, and not of an update to one stored before the broker asked for it', async () => {
+    const { t } = await setup();
+    const { reason: _reason, ...noReason } = topicSubscription('patient-change', 'https://hooks.example.com/r');
+    const refused = await t.call('POST', '/fhir/Subscription', noReason);
+    expect(refused.status).toBe(400);
+    expect(JSON.stringify(refused.body)).toContain('Subscription.reason is required');
+    // One kept from an earlier version of the broker, without a reason: updated as read (turned off).
+    const { reason: _kept, ...resource } = record('legacy-1').resource as Json;
+    await t.broker.store.insertSubscription(record('legacy-1', { resource: resource as FhirResource }));
+    const read = await t.call('GET', '/fhir/Subscription/legacy-1');
+    expect(read.body.reason).toBeUndefined();
+    const off = await t.call('PUT', '/fhir/Subscription/legacy-1', { ...read.body, status: 'off' });
+    expect([off.status, off.body.status]).toEqual([200, 'off']);
+    // Once it has a reason, it keeps one.
+    const given = await t.call('PUT', '/fhir/Subscription/legacy-1', { ...off.body, reason: 'now said' });
+    expect(given.status).toBe(200);
+    const { reason: _dropped, ...without } = given.body;
+    expect((await t.call('PUT', '/fhir/Subscription/legacy-1', without)).status).toBe(400);
   });
 });

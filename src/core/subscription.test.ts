@@ -4,7 +4,13 @@ import { loadTopicCatalog } from '../store/topic-files.js';
 import { BrokerError, type ErrorCode } from './errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
 import { R4_RESOURCE_TYPES } from './resource-types.js';
-import { isWebhookSecret, MAX_RESOURCE_TYPES, parseSubscription, type SubscriptionSpec } from './subscription.js';
+import {
+  isWebhookSecret,
+  MAX_RESOURCE_TYPES,
+  parseSubscription,
+  requireReason,
+  type SubscriptionSpec,
+} from './subscription.js';
 
 const topics = loadTopicCatalog(join(import.meta.dirname, '..', '..', 'subscriptions', 'topics'));
 
@@ -523,19 +529,31 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(topicSub({ channel: { payload: 'application/fhir+xml' } }))).toBe('UNSUPPORTED_CONTENT');
   });
 
-  it('refuses a Subscription without a reason (R4 1..1), and takes one given by extensions alone', () => {
+  it('asks for a reason (R4 1..1): a value, or _reason extensions; an empty _reason is none', () => {
     const { reason: _reason, ...noReason } = topicSub() as Record<string, unknown>;
-    const err = thrown(noReason);
-    expect([err.code, err.expression, err.message]).toEqual([
+    const refusal = (resource: Json) => {
+      try {
+        requireReason(parse(resource).resource);
+      } catch (err) {
+        return [(err as BrokerError).code, (err as BrokerError).expression, (err as BrokerError).message];
+      }
+      return 'accepted';
+    };
+    const REFUSED = [
       'INVALID_RESOURCE',
       'Subscription.reason',
       'Subscription.reason is required (R4: 1..1): say what it is for',
-    ]);
+    ];
+    expect(refusal(noReason)).toEqual(REFUSED);
+    expect(refusal({ ...noReason, _reason: {} })).toEqual(REFUSED);
+    expect(refusal({ ...noReason, _reason: { extension: [] } })).toEqual(REFUSED);
+    expect(refusal({ ...noReason, _reason: { id: 'r' } })).toEqual(REFUSED);
     expect(errorCode({ ...noReason, reason: '' })).toBe('INVALID_RESOURCE');
     const absent = {
       extension: [{ url: 'http://hl7.org/fhir/StructureDefinition/data-absent-reason', valueCode: 'unknown' }],
     };
-    expect(parse({ ...noReason, _reason: absent }).resource).toMatchObject({ _reason: absent });
+    expect(refusal({ ...noReason, _reason: absent })).toBe('accepted');
+    expect(refusal(topicSub())).toBe('accepted');
   });
 
   it('refuses a rest-hook without endpoint with INVALID_ENDPOINT', () => {

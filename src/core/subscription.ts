@@ -269,6 +269,25 @@ function checkElements(input: unknown): void {
   }
 }
 
+/** Whether a Subscription resource has its R4 `reason` (1..1): a value, or `_reason` extensions. */
+export function hasReason(resource: FhirResource): boolean {
+  if (resource.reason !== undefined) return true;
+  const extension = (resource._reason as { extension?: unknown } | undefined)?.extension;
+  return Array.isArray(extension) && extension.length > 0;
+}
+
+/**
+ * R4 and the backport Subscription profile make `reason` 1..1: kept without one, a Subscription is
+ * served back invalid. Asked of creates, and of updates to a subscription that has one (one stored
+ * before the broker asked for it may still be updated as read, to turn it off for one).
+ */
+export function requireReason(resource: FhirResource): void {
+  if (hasReason(resource)) return;
+  throw new BrokerError('INVALID_RESOURCE', 'Subscription.reason is required (R4: 1..1): say what it is for', {
+    expression: 'Subscription.reason',
+  });
+}
+
 export function parseSubscription(input: unknown, topics: TopicCatalog): SubscriptionSpec {
   checkElements(input);
   if (!validateSubscription(input)) {
@@ -285,13 +304,6 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
     });
   }
   const sub = input;
-  // R4 and the backport Subscription profile make `reason` 1..1 (a value, or at least `_reason`
-  // extensions): kept without one, the Subscription would be served back invalid.
-  if (sub.reason === undefined && sub._reason === undefined) {
-    throw new BrokerError('INVALID_RESOURCE', 'Subscription.reason is required (R4: 1..1): say what it is for', {
-      expression: 'Subscription.reason',
-    });
-  }
   if (sub.end !== undefined) checkInstant(sub.end, 'Subscription.end');
   const isTopic = /^https?:\/\//.test(sub.criteria);
   const kind: SubscriptionKind = isTopic ? 'topic' : 'classic';

@@ -113,14 +113,10 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
 
   app.post('/fhir/Subscription', async (c) => {
     const body = await readJsonBody(c, deps.maxBodyBytes);
-    const { record, generatedSecret } = await registry.create(c.get('owner'), body);
+    const { record, shownSecret } = await registry.create(c.get('owner'), body);
     // R4 http.html#create: Location carries the id and the version id.
     const location = `${fhirBase}/Subscription/${record.id}/_history/${versionId(record)}`;
-    return fhirResponse(
-      registry.render(record, generatedSecret === undefined ? {} : { secret: generatedSecret }),
-      201,
-      { location, ...etag(record) },
-    );
+    return fhirResponse(registry.render(record, { secret: shownSecret }), 201, { location, ...etag(record) });
   });
 
   const search = async (c: Context<Env>, query: SearchQuery): Promise<Response> => {
@@ -362,17 +358,13 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
 
   app.put('/fhir/Subscription/:id', async (c) => {
     const body = await readJsonBody(c, deps.maxBodyBytes);
-    const { record, generatedSecret } = await registry.update(
+    const { record, shownSecret } = await registry.update(
       c.get('owner'),
       c.req.param('id'),
       body,
       ifMatch(c.req.header('if-match')),
     );
-    return fhirResponse(
-      registry.render(record, generatedSecret === undefined ? {} : { secret: generatedSecret }),
-      200,
-      etag(record),
-    );
+    return fhirResponse(registry.render(record, { secret: shownSecret }), 200, etag(record));
   });
 
   app.delete('/fhir/Subscription/:id', async (c) => {

@@ -3,7 +3,7 @@ import { BROKER_EXT } from '../core/fhir-urls.js';
 import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { MatchIndex } from '../core/match-index.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
-import { parseSubscription, type SubscriptionSpec } from '../core/subscription.js';
+import { hasReason, parseSubscription, requireReason, type SubscriptionSpec } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, FhirResource, IdSource, Notification, ResourceChange, SubscriptionRecord } from '../core/types.js';
 import type { EndpointGuard } from '../delivery/endpoint-guard.js';
@@ -47,10 +47,10 @@ export const SECRET_OVERLAP_MS = 24 * 60 * 60 * 1000;
 export interface CreateResult {
   readonly record: SubscriptionRecord;
   /**
-   * Set when the broker generated the secret of a rest-hook: shown to the client once, in the
-   * answer to the create (or to the update that made a websocket subscription a rest-hook).
+   * The secret to show: the one the broker generated for a rest-hook, in the answer to its create,
+   * or the one a subscription made a rest-hook by an update signs with, in that answer.
    */
-  readonly generatedSecret?: string;
+  readonly shownSecret?: string;
 }
 
 /** Only a rest-hook's requests are signed: another channel's secret is kept, unused and unshown. */
@@ -163,6 +163,7 @@ export class SubscriptionRegistry {
 
   async create(owner: string, body: unknown): Promise<CreateResult> {
     const spec = parseSubscription(body, this.#topics);
+    requireReason(spec.resource);
     this.#checkEnd(spec);
     if (spec.askedStatus === 'error') {
       throw new BrokerError('INVALID_STATUS_CHANGE', 'Only the broker sets status error', {
@@ -226,7 +227,7 @@ export class SubscriptionRegistry {
       topic: record.topic,
     });
     if (record.status === 'requested') this.#listener?.onRequested(record.id);
-    return { record, ...(generatedSecret === undefined || !signs(spec) ? {} : { generatedSecret }) };
+    return { record, ...(generatedSecret === undefined || !signs(spec) ? {} : { shownSecret: generatedSecret }) };
   }
 
   /** The owner's subscription, fresh from the store (counters included), or NOT_FOUND. */
@@ -292,6 +293,7 @@ export class SubscriptionRegistry {
     for (let attempt = 1; ; attempt++) {
       const current = await this.read(owner, id);
       checkVersion(current, ifMatch);
+      if (hasReason(current.resource)) requireReason(spec.resource);
       const channelChanged =
         JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
       const endpoint = spec.channel.endpoint;
@@ -309,13 +311,13 @@ export class SubscriptionRegistry {
       // other status a previous one is cleared.
       const { error: previousError, end: _previousEnd, ...base } = current;
       const error = status === 'error' ? previousError : undefined;
-      // A websocket subscription made a rest-hook: its kept secret was never shown, so a new one is
-      // (the old one still signs for the overlap, for a client that had it from before).
-      const fresh =
+      // A subscription made a rest-hook (from websocket) without a secret of its own keeps the one it
+      // has, which signs from now on: shown in this answer, since a websocket one's was not at its
+      // create (and one the client was shown or chose is the same secret, not a replacement).
+      const show =
         signs(spec) && current.channel.type !== 'rest-hook' && spec.webhookSecret === undefined
-          ? generateWebhookSecret()
+          ? current.webhookSecret
           : undefined;
-      const secret = spec.webhookSecret ?? fresh;
       const next: SubscriptionRecord = {
         ...base,
         kind: spec.kind,
@@ -324,8 +326,8 @@ export class SubscriptionRegistry {
         ...(error === undefined ? {} : { error }),
         match: spec.match,
         channel: spec.channel,
-        webhookSecret: secret ?? current.webhookSecret,
-        ...this.#rotation(current, secret),
+        webhookSecret: spec.webhookSecret ?? current.webhookSecret,
+        ...this.#rotation(current, spec.webhookSecret),
         ...(spec.end === undefined ? {} : { end: spec.end }),
         updatedAt: this.#nextUpdatedAt(current),
         resource: spec.resource,
@@ -363,7 +365,7 @@ export class SubscriptionRegistry {
         throw new BrokerError('CONFLICT', `Subscription/${id} kept changing while it was being updated; try again`);
       }
       const record = this.#afterUpdate(owner, current, stored);
-      return { record, ...(fresh === undefined ? {} : { generatedSecret: fresh }) };
+      return { record, ...(show === undefined ? {} : { shownSecret: show }) };
     }
   }
 
@@ -491,7 +493,7 @@ export class SubscriptionRegistry {
   }
 
   /** The FHIR Subscription a client sees: its resource plus id, meta, status and error. */
-  render(rec: SubscriptionRecord, options: { secret?: string } = {}): FhirResource {
+  render(rec: SubscriptionRecord, options: { secret?: string | undefined } = {}): FhirResource {
     const resource = rec.resource as FhirResource & {
       channel: Record<string, unknown>;
       meta?: Record<string, unknown>;
