@@ -104,7 +104,17 @@ describe('loadConfig', () => {
     [
       'BROKER_ENDPOINT_ALLOWLIST',
       { BROKER_ENDPOINT_ALLOWLIST: 'localhost, *.example.com' },
-      /^BROKER_ENDPOINT_ALLOWLIST: entry \*\.example\.com: not a host name \(no wildcards\); entries are host names/,
+      /^BROKER_ENDPOINT_ALLOWLIST: entry \*\.example\.com: no wildcards; entries are host names/,
+    ],
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: '0x7f.1' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry 0x7f\.1: write an IPv4 address as four decimal numbers; entries are host names/,
+    ],
+    [
+      'BROKER_ENDPOINT_ALLOWLIST',
+      { BROKER_ENDPOINT_ALLOWLIST: 'bücher.example' },
+      /^BROKER_ENDPOINT_ALLOWLIST: entry bücher\.example: not a host name \(letters, digits, - and _; an internationalised name in its xn-- form\)/,
     ],
     [
       'BROKER_TOPICS_DIR',

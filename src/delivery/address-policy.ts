@@ -121,8 +121,16 @@ export class Allowlist {
         // Matched against the host as written in an endpoint URL: an entry of another form never matches.
         if (entry.includes(':'))
           throw new TypeError(`allowlist entry ${raw}: no port (any port of a host is allowed); ${ENTRY_FORMS}`);
-        if (!HOST_NAME.test(entry))
-          throw new TypeError(`allowlist entry ${raw}: not a host name (no wildcards); ${ENTRY_FORMS}`);
+        if (entry.includes('*')) throw new TypeError(`allowlist entry ${raw}: no wildcards; ${ENTRY_FORMS}`);
+        // A URL reads a host whose last label is a number (1.2.3, 0x7f.1) as an IPv4 address.
+        if (/(^|\.)(0x[0-9a-f]*|\d+)\.?$/.test(entry)) {
+          throw new TypeError(`allowlist entry ${raw}: write an IPv4 address as four decimal numbers; ${ENTRY_FORMS}`);
+        }
+        if (!HOST_NAME.test(entry)) {
+          throw new TypeError(
+            `allowlist entry ${raw}: not a host name (letters, digits, - and _; an internationalised name in its xn-- form); ${ENTRY_FORMS}`,
+          );
+        }
         this.#hosts.add(entry);
         continue;
       }
