@@ -126,7 +126,8 @@ async function main(): Promise<void> {
   process.on('SIGINT', () => stop('SIGINT'));
   // 0.0.0.0 or :: as HOST (a container, another machine's clients) is no address to hand out: the
   // references in bundles and the WebSocket URL (the /live page's too) would name it.
-  if (!config.publicUrlExplicit && /^(0\.0\.0\.0|::|\[::\])$/.test(config.host)) {
+  const bound = (server.address() as AddressInfo).address;
+  if (!config.publicUrlExplicit && (bound === '0.0.0.0' || bound === '::')) {
     logger.warn('HOST is a wildcard address, and references and the WebSocket URL name it: set BROKER_PUBLIC_URL', {
       host: config.host,
       publicUrl: config.publicUrl,
@@ -138,14 +139,12 @@ async function main(): Promise<void> {
   broker.startSources();
 }
 
-/** Generated credentials go to stderr at start, for the person at the terminal; never to the JSON log. */
+/** Where the broker is, and any generated credentials, to stderr at start, for the person at the terminal; never to the JSON log. */
 function printLocalCredentials(local: Credentials['local'], dataDir: string, publicUrl: string): void {
-  if (local.apiClient === undefined && local.ingestToken === undefined) return;
-  const lines = [
-    '',
-    `Broker at ${publicUrl} (live page: ${publicUrl}/live)`,
-    `Local credentials (kept in ${dataDir}/credentials.json):`,
-  ];
+  const lines = ['', `Broker at ${publicUrl} (live page: ${publicUrl}/live)`];
+  if (local.apiClient !== undefined || local.ingestToken !== undefined) {
+    lines.push(`Local credentials (kept in ${dataDir}/credentials.json):`);
+  }
   if (local.apiClient !== undefined)
     lines.push(`  API key (client "${local.apiClient.clientId}"): ${local.apiClient.token}`);
   if (local.ingestToken !== undefined) lines.push(`  Ingest token for POST /events:   ${local.ingestToken}`);

@@ -83,6 +83,14 @@ it('says where it is, and warns when HOST is a wildcard that references would na
   try {
     await named.waitForLog((r) => r.msg === 'listening', 'listening');
     expect(named.logs.filter((r) => r.msg === WILDCARD)).toEqual([]);
+    // No credentials generated (both set): the banner still says where the broker is.
+    for (let i = 0; i < 100 && !named.stderr.some((l) => l.startsWith('Broker at ')); i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(named.stderr).toContain(
+      'Broker at http://broker.internal:8080 (live page: http://broker.internal:8080/live)',
+    );
+    expect(named.stderr.some((l) => l.startsWith('Local credentials'))).toBe(false);
   } finally {
     await named.kill();
   }
