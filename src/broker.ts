@@ -234,6 +234,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     metrics,
     logger,
     publicUrl: config.publicUrl,
+    publicUrlExplicit: config.publicUrlExplicit,
     maxBodyBytes: config.maxBodyBytes,
     maxIngestBodyBytes: config.maxIngestBodyBytes,
     version,

@@ -55,3 +55,18 @@ describe('the per-client quota', () => {
     expect((await t.call('GET', '/fhir/Subscription?_summary=count')).body.total).toBe(5);
   });
 });
+
+describe('GET /', () => {
+  it('redirects to the live page without a token: relative, or under BROKER_PUBLIC_URL when set', async () => {
+    t = await inProcessBroker({ BROKER_PUBLIC_URL: '' });
+    const plain = await t.broker.app.request('/');
+    expect([plain.status, plain.headers.get('location')]).toEqual([302, './live']);
+    await t.broker.close(0);
+    t = await inProcessBroker({ BROKER_PUBLIC_URL: 'https://broker.example.org/fhir-broker' });
+    const prefixed = await t.broker.app.request('/');
+    expect([prefixed.status, prefixed.headers.get('location')]).toEqual([
+      302,
+      'https://broker.example.org/fhir-broker/live',
+    ]);
+  });
+});

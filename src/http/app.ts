@@ -20,6 +20,8 @@ export interface AppDeps extends FhirRouteDeps {
   readonly metrics: Metrics;
   readonly logger: Logger;
   readonly maxIngestBodyBytes: number;
+  /** BROKER_PUBLIC_URL was set: the root redirects there (a proxy's path prefix and all). */
+  readonly publicUrlExplicit?: boolean;
 }
 
 /** Paths and the methods they allow, for 405 answers. */
@@ -83,9 +85,10 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
 
   const live = loadLivePage();
   app.get('/live', () => new Response(live.html, { headers: live.headers }));
-  // The root, opened in a browser after `npm start`: the live page (relative, so a path prefix such
-  // as an API Gateway stage is kept).
-  app.get('/', () => new Response(null, { status: 302, headers: { location: './live' } }));
+  // The root, opened in a browser after `npm start`: the live page, under BROKER_PUBLIC_URL when it
+  // is set (a path prefix a proxy strips is kept), else relative (an API Gateway stage is kept).
+  const liveUrl = deps.publicUrlExplicit === true ? `${deps.publicUrl}/live` : './live';
+  app.get('/', () => new Response(null, { status: 302, headers: { location: liveUrl } }));
   // A plain GET reaches here; upgrades are taken over by the WebSocket server before routing.
   app.get('/ws', () =>
     fhirResponse(
