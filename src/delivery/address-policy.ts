@@ -95,6 +95,9 @@ export function blockedReason(ip: string): string | undefined {
   return value >> 125n === 1n ? undefined : 'non-global (outside 2000::/3)';
 }
 
+/** A host as URLs write it, without the brackets of an IPv6 literal (`[::1]` → `::1`). */
+export const unbracket = (host: string): string => host.replace(/^\[|\]$/g, '');
+
 const ENTRY_FORMS = 'entries are host names (hooks.internal), IP addresses (127.0.0.1, ::1) or CIDRs (10.0.0.0/8)';
 /** A DNS name as URL parsing leaves it (lower case): labels of letters, digits, `-` and `_`. */
 const HOST_NAME =
@@ -107,10 +110,7 @@ export class Allowlist {
 
   constructor(entries: readonly string[]) {
     for (const raw of entries) {
-      const entry = raw
-        .trim()
-        .toLowerCase()
-        .replace(/^\[|\]$/g, '');
+      const entry = unbracket(raw.trim().toLowerCase());
       if (entry.includes('://')) {
         throw new TypeError(`allowlist entry ${raw}: no scheme; ${ENTRY_FORMS}`);
       }
@@ -144,13 +144,12 @@ export class Allowlist {
   }
 
   hasHost(host: string): boolean {
-    return this.#hosts.has(host.toLowerCase().replace(/^\[|\]$/g, ''));
+    return this.#hosts.has(unbracket(host.toLowerCase()));
   }
 
   hasAddress(ip: string): boolean {
     const family = isIP(ip);
     if (family === 0) return false;
-    if (this.#hosts.has(ip.toLowerCase())) return true;
     const value = family === 4 ? v4ToBig(ip) : v6ToBig(ip);
     return this.#cidrs.some((c) => c.family === family && inRange(value, family === 4 ? 32 : 128, c.range));
   }

@@ -1,7 +1,7 @@
 import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
 import { isIP } from 'node:net';
 import { BrokerError } from '../core/errors.js';
-import { type Allowlist, blockedReason } from './address-policy.js';
+import { type Allowlist, blockedReason, unbracket } from './address-policy.js';
 
 /**
  * The SSRF guard. At registration it refuses endpoints that are not https (unless allow-listed)
@@ -82,7 +82,7 @@ export class EndpointGuard {
     }
     const plainHttp = this.plainHttpRefusal(url);
     if (plainHttp !== undefined) throw refuse('INVALID_ENDPOINT', `channel.endpoint ${plainHttp}`);
-    const host = url.hostname.replace(/^\[|\]$/g, '');
+    const host = unbracket(url.hostname);
     if (this.#allow.hasHost(host)) return url;
     try {
       await this.vet(host);
@@ -100,7 +100,7 @@ export class EndpointGuard {
    */
   plainHttpRefusal(url: URL): string | undefined {
     if (url.protocol !== 'http:') return undefined;
-    const host = url.hostname.replace(/^\[|\]$/g, '');
+    const host = unbracket(url.hostname);
     if (this.#allow.hasHost(host) || this.#allow.hasAddress(host)) return undefined;
     return `must be https; ${host} is not on BROKER_ENDPOINT_ALLOWLIST`;
   }
@@ -175,7 +175,7 @@ export class EndpointGuard {
     callback: (err: Error | null, address: string | LookupAddress[], family?: number) => void,
   ): void => {
     const all = typeof options === 'object' && options !== null && options.all === true;
-    this.vet(hostname.replace(/^\[|\]$/g, '')).then(
+    this.vet(unbracket(hostname)).then(
       (addresses) => {
         const first = addresses[0] as LookupAddress;
         if (all) callback(null, [...addresses]);

@@ -2,6 +2,7 @@ import { isIP } from 'node:net';
 import { Agent, type Dispatcher, errors as undiciErrors } from 'undici';
 import { memo } from '../core/memo.js';
 import type { Clock } from '../core/types.js';
+import { unbracket } from './address-policy.js';
 import { type EndpointGuard, EndpointRefusedError, EndpointUnresolvedError } from './endpoint-guard.js';
 import { secretKey, signWithKeys } from './webhook-signature.js';
 
@@ -286,7 +287,7 @@ export class RestHookSender implements Sender {
 
 function parseTarget(endpoint: string, guard: EndpointGuard): Target {
   const url = new URL(endpoint);
-  const host = url.hostname.replace(/^\[|\]$/g, '');
+  const host = unbracket(url.hostname);
   const refused = guard.plainHttpRefusal(url);
   return {
     origin: url.origin,
