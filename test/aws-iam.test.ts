@@ -1,3 +1,6 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DeleteItemCommand, GetItemCommand, PutItemCommand, QueryCommand } from '@aws-sdk/client-dynamodb';
 import { App } from 'aws-cdk-lib';
@@ -82,8 +85,14 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
   let ranToTheEnd = false;
 
   beforeAll(async () => {
-    const app = new App({ context: { [SKIP_BUNDLING_CONTEXT]: true } });
-    stack = new StackIam(Template.fromStack(new BrokerStack(app, 'Broker')).toJSON() as TemplateJson);
+    // Synthesised into a directory of its own, removed once read (CDK's default one is left in /tmp).
+    const outdir = mkdtempSync(join(tmpdir(), 'broker-synth-'));
+    try {
+      const app = new App({ outdir, context: { [SKIP_BUNDLING_CONTEXT]: true } });
+      stack = new StackIam(Template.fromStack(new BrokerStack(app, 'Broker')).toJSON() as TemplateJson);
+    } finally {
+      rmSync(outdir, { recursive: true, force: true });
+    }
     [local, management, eventBridge, receiver] = await Promise.all([
       startDynamoDbLocal(),
       ManagementApiDouble.start(),
