@@ -366,6 +366,16 @@ describe('sockets of a changed subscription', () => {
   });
 });
 
+/** The first request to `path` (the handshake) verifies with `secret`, and carries no other signature. */
+async function expectHandshakeSignedBy(receiver: Receiver, path: string, secret: string): Promise<void> {
+  await receiver.waitFor(() => receiver.on(path).length >= 1, `the handshake to ${path}`);
+  const [handshake] = receiver.on(path);
+  expect(() =>
+    new Webhook(secret).verify(handshake?.body ?? '', handshake?.headers as Record<string, string>),
+  ).not.toThrow();
+  expect(String(handshake?.headers['webhook-signature']).split(' ')).toHaveLength(1);
+}
+
 describe('the webhook secret of a channel that signs nothing', () => {
   it('is not shown for a websocket subscription; made a rest-hook, the update shows the one that signs', async () => {
     const { receiver, t } = await setup({ BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1' });
@@ -379,12 +389,7 @@ describe('the webhook secret of a channel that signs nothing', () => {
     const secret = secretOf(put.body);
     expect(secret).toMatch(/^whsec_/);
     // The handshake to the new endpoint is signed with it, and with it alone.
-    await receiver.waitFor(() => receiver.on('/now-rest').length >= 1, 'the handshake');
-    const [handshake] = receiver.on('/now-rest');
-    expect(() =>
-      new Webhook(secret).verify(handshake?.body ?? '', handshake?.headers as Record<string, string>),
-    ).not.toThrow();
-    expect(String(handshake?.headers['webhook-signature']).split(' ')).toHaveLength(1);
+    await expectHandshakeSignedBy(receiver, '/now-rest', secret);
     // A later read, or an update that keeps the channel, does not show it.
     const read = await t.call('GET', `/fhir/Subscription/${ws.id}`);
     expect(JSON.stringify(read.body)).not.toContain('webhook-secret');
@@ -403,12 +408,7 @@ describe('the webhook secret of a channel that signs nothing', () => {
     const { channel } = topicSubscription('patient-change', `${receiver.url}/back`) as { channel: Json };
     const back = await t.call('PUT', `/fhir/Subscription/${hook.id}`, { ...asWs.body, status: 'requested', channel });
     expect(secretOf(back.body)).toBe(secret);
-    await receiver.waitFor(() => receiver.on('/back').length >= 1, 'the handshake');
-    const [handshake] = receiver.on('/back');
-    expect(() =>
-      new Webhook(secret).verify(handshake?.body ?? '', handshake?.headers as Record<string, string>),
-    ).not.toThrow();
-    expect(String(handshake?.headers['webhook-signature']).split(' ')).toHaveLength(1);
+    await expectHandshakeSignedBy(receiver, '/back', secret);
   });
 
   it('shows the generated secret of a rest-hook at its create, as before', async () => {

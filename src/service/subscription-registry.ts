@@ -44,7 +44,7 @@ const UPDATE_ATTEMPTS = 3;
 /** 24 h: how long a rotated-out webhook secret keeps signing, so receivers can switch without a gap. */
 export const SECRET_OVERLAP_MS = 24 * 60 * 60 * 1000;
 
-export interface CreateResult {
+export interface WriteResult {
   readonly record: SubscriptionRecord;
   /**
    * The secret to show: the one the broker generated for a rest-hook, in the answer to its create,
@@ -54,7 +54,7 @@ export interface CreateResult {
 }
 
 /** Only a rest-hook's requests are signed: another channel's secret is kept, unused and unshown. */
-const signs = (spec: SubscriptionSpec): boolean => spec.channel.type === 'rest-hook';
+const signs = (channel: { readonly type: string }): boolean => channel.type === 'rest-hook';
 
 export class SubscriptionRegistry {
   readonly #store: Store;
@@ -161,7 +161,7 @@ export class SubscriptionRegistry {
     }
   }
 
-  async create(owner: string, body: unknown): Promise<CreateResult> {
+  async create(owner: string, body: unknown): Promise<WriteResult> {
     const spec = parseSubscription(body, this.#topics);
     requireReason(spec.resource);
     this.#checkEnd(spec);
@@ -194,7 +194,7 @@ export class SubscriptionRegistry {
     }
   }
 
-  async #insert(owner: string, spec: SubscriptionSpec): Promise<CreateResult> {
+  async #insert(owner: string, spec: SubscriptionSpec): Promise<WriteResult> {
     const now = new Date(this.#clock.now()).toISOString();
     const generatedSecret = spec.webhookSecret === undefined ? generateWebhookSecret() : undefined;
     const record: SubscriptionRecord = {
@@ -227,7 +227,10 @@ export class SubscriptionRegistry {
       topic: record.topic,
     });
     if (record.status === 'requested') this.#listener?.onRequested(record.id);
-    return { record, ...(generatedSecret === undefined || !signs(spec) ? {} : { shownSecret: generatedSecret }) };
+    return {
+      record,
+      ...(generatedSecret === undefined || !signs(spec.channel) ? {} : { shownSecret: generatedSecret }),
+    };
   }
 
   /** The owner's subscription, fresh from the store (counters included), or NOT_FOUND. */
@@ -285,7 +288,7 @@ export class SubscriptionRegistry {
   }
 
   /** `ifMatch`: the version the client read (`ETag` / `meta.versionId`); another one now is a 412. */
-  async update(owner: string, id: string, body: unknown, ifMatch?: string): Promise<CreateResult> {
+  async update(owner: string, id: string, body: unknown, ifMatch?: string): Promise<WriteResult> {
     checkBodyId(body, id);
     const spec = parseSubscription(body, this.#topics);
     this.#checkEnd(spec);
@@ -315,7 +318,7 @@ export class SubscriptionRegistry {
       // has, which signs from now on: shown in this answer, since a websocket one's was not at its
       // create (and one the client was shown or chose is the same secret, not a replacement).
       const show =
-        signs(spec) && current.channel.type !== 'rest-hook' && spec.webhookSecret === undefined
+        signs(spec.channel) && !signs(current.channel) && spec.webhookSecret === undefined
           ? current.webhookSecret
           : undefined;
       const next: SubscriptionRecord = {
