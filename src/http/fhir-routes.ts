@@ -1,6 +1,6 @@
 import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
-import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
+import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_BASE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
 import { mediaType } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
 import { instantProblem } from '../core/subscription.js';
@@ -667,6 +667,13 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
                 name: 'get-ws-binding-token',
                 definition:
                   'http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-get-ws-binding-token',
+              },
+              {
+                // HAPI FHIR's operation, on an instance (no R4 or IG definition exists: the broker's own canonical).
+                name: 'expunge',
+                definition: `${BROKER_BASE}/OperationDefinition/Subscription-expunge`,
+                documentation:
+                  'POST /Subscription/{id}/$expunge with expungePreviousVersions=true: forgets the earlier versions, keeps the current one.',
               },
             ],
           },

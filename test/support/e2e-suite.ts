@@ -291,7 +291,11 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
         'status',
         'events',
         'get-ws-binding-token',
+        'expunge',
       ]);
+      expect((subscription.operation as Json[])[3]?.definition).toBe(
+        'https://fhir-subscription-broker.org/fhir/OperationDefinition/Subscription-expunge',
+      );
       const topics = await alice.call('GET', '/fhir/SubscriptionTopic');
       expect(topics.body.total).toBe(4);
       expect((await alice.call('GET', '/fhir/SubscriptionTopic/patient-change')).body.url).toBe(
