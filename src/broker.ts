@@ -262,7 +262,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       : new SqsEventSource({
           client: sqsClient,
           queueUrl: config.sqsQueueUrl,
-          ingest: (event) => ingest.ingest(event),
+          ingest: (event, opts) => ingest.ingest(event, opts),
           logger,
           metrics,
           pollers: config.sqsPollers,

@@ -115,6 +115,25 @@ describe('the SQS source', () => {
     expect(t.broker.metrics.value('broker_events_total', { outcome: 'refused' })).toBe(3);
     // No log line carries a message body.
     expect(JSON.stringify(t.logger.records)).not.toContain('not json');
+
+    // Handed out again (their visibility timeout over): said again, with the receive count, but
+    // counted once per message, not once per receive.
+    const mark = t.logger.mark();
+    const refusedAgain = () => t.logger.records.slice(mark).filter((r) => r.msg === refused[0]?.msg);
+    sqs.redeliverUndeleted();
+    await t.logger.waitFor(() => refusedAgain().length === 3, 'the three refused again', 10_000, mark);
+    expect(
+      refusedAgain()
+        .map((r) => [r.messageId, r.receiveCount])
+        .sort(),
+    ).toEqual(
+      [
+        [notJson, 2],
+        [notEvent, 2],
+        [array, 2],
+      ].sort(),
+    );
+    expect(t.broker.metrics.value('broker_events_total', { outcome: 'refused' })).toBe(3);
   });
 
   it('takes a committed message whose delete failed again as a duplicate: delivered once', async () => {

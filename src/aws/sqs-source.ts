@@ -9,7 +9,7 @@ import {
 import { BrokerError } from '../core/errors.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
-import type { IngestResult } from '../service/ingest.js';
+import type { IngestOptions, IngestResult } from '../service/ingest.js';
 
 /**
  * Events pulled from an Amazon SQS queue (an EventBridge rule's target) instead of pushed to
@@ -42,7 +42,7 @@ function backoff(failures: number): number {
 export interface SqsSourceOptions {
   readonly client: Pick<SQSClient, 'send'>;
   readonly queueUrl: string;
-  readonly ingest: (body: unknown) => Promise<IngestResult>;
+  readonly ingest: (body: unknown, opts?: IngestOptions) => Promise<IngestResult>;
   readonly logger: Logger;
   readonly metrics: Metrics;
   /** Long poll length (tests shorten it); SQS allows 0–20. */
@@ -168,6 +168,9 @@ export class SqsEventSource {
       messageId: message.MessageId,
       receiveCount: Number(message.Attributes?.ApproximateReceiveCount ?? 0) || undefined,
     };
+    // A refused message comes back until the redrive policy takes it: it is logged on every
+    // receive, and counted once, on its first (SQS numbers them from 1).
+    const countRefused = (about.receiveCount ?? 1) <= 1;
     const refuse = (reason: string): 'refused' => {
       logger.warn('sqs message refused; left for the queue’s redrive policy', { ...about, reason });
       return 'refused';
@@ -176,16 +179,16 @@ export class SqsEventSource {
     try {
       event = JSON.parse(message.Body ?? '');
     } catch {
-      metrics.inc('broker_events_total', { outcome: 'refused' });
+      if (countRefused) metrics.inc('broker_events_total', { outcome: 'refused' });
       return refuse('the body is not JSON');
     }
     // One event per message: an array would be several, which no EventBridge target sends.
     if (Array.isArray(event)) {
-      metrics.inc('broker_events_total', { outcome: 'refused' });
+      if (countRefused) metrics.inc('broker_events_total', { outcome: 'refused' });
       return refuse('the body is an array, not one EventBridge event');
     }
     try {
-      await this.#opts.ingest(event);
+      await this.#opts.ingest(event, { countRefused });
       return 'taken';
     } catch (err) {
       // Not an event (the ingest counted it as refused), or the store failed.

@@ -29,6 +29,11 @@ export interface NotificationSink {
   enqueue(notifications: readonly Notification[], acceptedAt: number): void;
 }
 
+export interface IngestOptions {
+  /** Count a refusal in `broker_events_total{outcome="refused"}` (default true). */
+  readonly countRefused?: boolean;
+}
+
 /** 1,000: ten times EventBridge's largest PutEvents batch; a request beyond it is refused whole. */
 export const MAX_EVENTS_PER_REQUEST = 1000;
 
@@ -78,12 +83,17 @@ export class IngestService {
     this.#metrics = deps.metrics;
   }
 
-  /** Validates every event first: one malformed element refuses the request and stores nothing. */
-  async ingest(body: unknown): Promise<IngestResult> {
+  /**
+   * Validates every event first: one malformed element refuses the request and stores nothing.
+   * `countRefused: false` (an SQS message handed out again, whose refusal was counted on its first
+   * receive) logs a refusal without counting it.
+   */
+  async ingest(body: unknown, opts: IngestOptions = {}): Promise<IngestResult> {
     const events = Array.isArray(body) ? body : [body];
+    const countRefused = opts.countRefused ?? true;
     if (events.length > MAX_EVENTS_PER_REQUEST) {
       const reason = `${events.length} events in one request; the limit is ${MAX_EVENTS_PER_REQUEST}`;
-      this.#refused(events.length, { reason });
+      this.#refused(events.length, { reason }, countRefused);
       throw new BrokerError('TOO_MANY_EVENTS', reason);
     }
     const receivedAt = this.#clock.now();
@@ -96,7 +106,7 @@ export class IngestService {
         parsed = parseEventBridgeEvent(event, receivedIso);
       } catch (err) {
         if (err instanceof InvalidEnvelopeError) {
-          this.#refused(events.length, { index: i, reason: err.message });
+          this.#refused(events.length, { index: i, reason: err.message }, countRefused);
           const where = Array.isArray(body) ? `event [${i}]` : 'event';
           throw new BrokerError('INVALID_EVENT', `${where}: ${err.message}`, { cause: err });
         }
@@ -148,9 +158,9 @@ export class IngestService {
    * A request refused whole (the sender gets a 4xx and, from EventBridge, the event goes to its
    * dead-letter queue): said and counted, with where and why but never the event itself.
    */
-  #refused(events: number, fields: { index?: number; reason: string }): void {
+  #refused(events: number, fields: { index?: number; reason: string }, count: boolean): void {
     this.#logger.warn('events refused', { events, ...fields });
-    this.#metrics.inc('broker_events_total', { outcome: 'refused' }, events);
+    if (count) this.#metrics.inc('broker_events_total', { outcome: 'refused' }, events);
   }
 
   /** Matching against the store's type index, read once per distinct resource type. */
