@@ -48,6 +48,21 @@ describe('FHIR operations and search', () => {
     const byPost = await t.call('POST', `/fhir/Subscription/${a}/$status`, parameters());
     expect(byPost.status).toBe(200);
     expect(statusOf(byPost.body).params.get('subscription')).toEqual(statusOf(byGet.body).params.get('subscription'));
+    // A POST with a FHIR media type and Content-Length: 0 (fhir-kit-client's operation() without
+    // inputs) has no body: answered as by GET, not refused as empty JSON.
+    const empty = await t.broker.app.request(`/fhir/Subscription/${a}/$status`, {
+      method: 'POST',
+      headers: {
+        authorization: `Bearer ${TOKENS.alice}`,
+        'content-type': 'application/fhir+json',
+        'content-length': '0',
+      },
+      body: '',
+    });
+    expect(empty.status).toBe(200);
+    expect(statusOf((await empty.json()) as Json).params.get('subscription')).toEqual(
+      statusOf(byGet.body).params.get('subscription'),
+    );
 
     const typeLevel = await t.call(
       'POST',

@@ -411,10 +411,15 @@ function checkAcceptable(format: string | undefined, accept: string | undefined)
   }
 }
 
-/** Whether the request came with a body: a media type, or a length other than 0. */
+/**
+ * Whether the request came with a body: a length other than 0, or without a length (chunked) a
+ * media type. `Content-Length: 0` is no body whatever the type (RFC 9110 §8.6): fhir-kit-client
+ * POSTs an operation without inputs so, `Content-Type: application/fhir+json` and nothing after it.
+ */
 function sentBody(c: Context<Env>): boolean {
   const length = c.req.header('content-length');
-  return c.req.header('content-type') !== undefined || (length !== undefined && length !== '0');
+  if (length !== undefined) return Number(length) !== 0;
+  return c.req.header('content-type') !== undefined;
 }
 
 /** Values of one parameter, comma lists split; undefined when absent. `one`: a single value (more is a 400). */
