@@ -166,6 +166,49 @@ describe('delivery runs', () => {
     expect(attempts.slice(3)).toEqual([['3-4', '3,4']]);
   });
 
+  it('keeps a failed bundle whole through an origin pause that starts while it waits for its retry', async () => {
+    const { dir, receiver } = await dirAndReceiver();
+    const t = await start(dir, new NotingSender());
+    const maxCount5 = {
+      extension: [
+        {
+          url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
+          valuePositiveInt: 5,
+        },
+      ],
+    };
+    const grouped = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/whole`, {
+        filters: ['Patient?_id=w1,w2,w3,w4,w5'],
+        channel: maxCount5,
+      }),
+    );
+    // The same client at the same origin: its 503 with Retry-After pauses the origin for 1 s.
+    const neighbour = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/pauser`, { filters: ['Patient?_id=n1'] }),
+    );
+    for (const sub of [grouped, neighbour]) await t.logger.waitForStatus(sub.id as string, 'active');
+    const isEvent = (r: { body: string }) => r.body.includes('"event-notification"');
+    // The bundle's first attempt fails after 40 ms, so its retry (50 ms later) finds the pause on.
+    receiver.answerOnce((r) => r.path === '/whole' && isEvent(r), { status: 500, delayMs: 40 });
+    receiver.answerOnce((r) => r.path === '/pauser' && isEvent(r), { status: 503, headers: { 'retry-after': '1' } });
+    await t.post([
+      ...[1, 2, 3, 4, 5].map((n) => eventLike('healthlake-update-patient', `whole-${n}`, `w${n}`)),
+      eventLike('healthlake-update-patient', 'whole-n', 'n1'),
+    ]);
+    await t.logger.waitFor((r) => r.msg === 'endpoint origin asked for a pause', 'the pause');
+    await receiver.waitFor(() => delivered(receiver, '/whole').length >= 5, 'the five notifications', 10_000);
+    const attempts = receiver.arrived
+      .filter((r) => r.path === '/whole' && isEvent(r))
+      .map((r) => [String(r.headers['webhook-id']).replace(`${grouped.id}-`, ''), notifiedNumbers([r]).join(',')]);
+    // Refused, then after the pause the same bundle under the same id: not split into 1 and 2–5.
+    expect(attempts).toEqual([
+      ['1-5', '1,2,3,4,5'],
+      ['1-5', '1,2,3,4,5'],
+    ]);
+    expect(delivered(receiver, '/whole')).toEqual([1, 2, 3, 4, 5]);
+  });
+
   it('ends a run after the request on the wire when shutting down; a restart sends the rest, nothing twice', async () => {
     const { dir, receiver } = await dirAndReceiver();
     receiver.respond = () => ({ status: 204, delayMs: 20 });

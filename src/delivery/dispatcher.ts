@@ -805,10 +805,17 @@ export class Dispatcher {
     const paused = this.#pausedFor(sub);
     if (paused > 0) {
       const dueAt = now + paused;
-      const note: StoredNotification = { ...head.note, dueAt };
-      lane.queue[0] = { ...head, note };
+      // A failed bundle moves whole with its head: moved alone, the head would no longer share
+      // the failure's due time with the rest, and the bundle would go out split, under new ids.
+      const bundle = head.note.attempts === 0 ? 1 : (sub.channel.maxCount ?? 1);
+      for (let i = 0; i < bundle && i < lane.queue.length; i++) {
+        const q = lane.queue[i] as QueuedNotification;
+        if (i > 0 && !sameAttempt(head.note, q.note)) break;
+        const note: StoredNotification = { ...q.note, dueAt };
+        lane.queue[i] = { ...q, note };
+        this.#states.record({ ...note, laneEpoch: lane.hold?.epoch });
+      }
       lane.retry = { dueAt, at: performance.now() + paused };
-      this.#states.record({ ...note, laneEpoch: lane.hold?.epoch });
       this.#wakeIn(sub.id, lane, paused, false);
       return undefined;
     }
