@@ -216,6 +216,24 @@ describe('ThreadedSender', () => {
     expect(receiver.requests.map((r) => r.path).filter((p) => /^\/[ef]/.test(p))).toEqual([]);
   });
 
+  it('sends nothing of a run stopped while its thread is still loading, not even a run of one', async () => {
+    receiver = await Receiver.start();
+    sender = oneThread();
+    // Handed over at once, as lanes resuming a backlog at start-up do, and stopped a moment later
+    // (a DELETE answered meanwhile), before the thread has loaded.
+    const stopped = new RunStop();
+    const single = sender.sendInOrder([request(`${receiver.url}/s1`, { webhookId: 's-1' })], 60_000, stopped);
+    const longer = new RunStop();
+    const several = sender.sendInOrder(runOf(receiver.url, 'm', 3), 60_000, longer);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    stopped.stop();
+    longer.stop();
+    // A run after them, not stopped: once it is answered the thread has had everything before it.
+    const after = await sender.sendInOrder([request(`${receiver.url}/after`, { webhookId: 'a-1' })], 60_000);
+    expect([await single, await several, after]).toEqual([[], [], [{ ok: true, status: 204 }]]);
+    expect(receiver.requests.map((r) => r.path)).toEqual(['/after']);
+  });
+
   it('answers a run its thread died in with what the thread saw delivered, then the one it was on, failed', async () => {
     receiver = await Receiver.start();
     // The third request of the run is held far longer than the test; its arrival means the thread

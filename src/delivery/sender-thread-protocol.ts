@@ -14,11 +14,15 @@ import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
  * Stop:    the string 'stop' instead of an array: start no further request of any run.
  * Cancel:  `{ cancel: [id...] }`: start no further request of these runs (`RunStop`); posted after the
  *          batch that carried them, so a run is never cancelled before the thread has it.
+ * Ready:   the string 'ready' from the thread, once it listens: no batch is posted to a thread before,
+ *          so a run stopped while the thread loads (~0.5 s at start-up) is stopped in place and none
+ *          of it goes out, not even its first request.
  */
 
 export type Wire = (string | number | null)[];
 
 export const STOP = 'stop';
+export const READY = 'ready';
 
 export interface Cancel {
   readonly cancel: readonly number[];

@@ -2,7 +2,15 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { Allowlist } from './address-policy.js';
 import { EndpointGuard, systemResolver } from './endpoint-guard.js';
 import { RestHookSender, RunStop, type SendResult } from './rest-hook-sender.js';
-import { CANCELLED, decodeRuns, encodeResults, STOP, type ToThread, type Wire } from './sender-thread-protocol.js';
+import {
+  CANCELLED,
+  decodeRuns,
+  encodeResults,
+  READY,
+  STOP,
+  type ToThread,
+  type Wire,
+} from './sender-thread-protocol.js';
 
 /**
  * Entry of a `ThreadedSender` worker: one `RestHookSender` (SSRF guard with the broker's allow-list
@@ -70,3 +78,6 @@ parentPort?.on('message', (wire: ToThread) => {
       });
   });
 });
+
+// Listening: the event loop posts runs from now on.
+parentPort?.postMessage(READY);

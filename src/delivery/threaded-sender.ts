@@ -3,7 +3,7 @@ import { memo } from '../core/memo.js';
 import type { Logger } from '../observability/logger.js';
 import { originOf } from './origin-limiter.js';
 import type { RunStop, Sender, SendResult, WebhookRequest } from './rest-hook-sender.js';
-import { CANCELLED, decodeResults, encodeRun, STOP, WITHIN_AT, type Wire } from './sender-thread-protocol.js';
+import { CANCELLED, decodeResults, encodeRun, READY, STOP, WITHIN_AT, type Wire } from './sender-thread-protocol.js';
 
 /**
  * A `Sender` whose webhook requests are signed and sent on worker threads, each running its own
@@ -50,6 +50,12 @@ interface Thread {
   worker: Worker;
   /** Exited: started again by the next request (not at once, so a thread that cannot start cannot spin). */
   stopped: boolean;
+  /**
+   * The thread said it listens. Until then nothing is posted to it: a run stopped meanwhile is
+   * still in `outbox` and goes with none of its requests (posted, its first would go out once the
+   * thread had loaded, after the client was told the subscription was deleted or moved).
+   */
+  ready: boolean;
   readonly pending: Map<number, Run>;
   /** Requests of this turn, not posted yet. */
   outbox: Wire;
@@ -202,6 +208,7 @@ export class ThreadedSender implements Sender {
   #post(): void {
     this.#scheduled = false;
     for (const thread of this.#threads) {
+      if (!thread.ready) continue;
       if (thread.outbox.length > 0) {
         thread.worker.postMessage(thread.outbox);
         thread.outbox = [];
@@ -239,6 +246,7 @@ export class ThreadedSender implements Sender {
     const thread: Thread = existing ?? {
       worker,
       stopped: false,
+      ready: false,
       pending: new Map(),
       outbox: [],
       cancels: [],
@@ -248,15 +256,21 @@ export class ThreadedSender implements Sender {
     };
     thread.worker = worker;
     thread.stopped = false;
-    worker.on('message', (wire: Wire) =>
+    thread.ready = false;
+    worker.on('message', (wire: Wire | typeof READY) => {
+      if (wire === READY) {
+        thread.ready = true;
+        this.#schedule();
+        return;
+      }
       decodeResults(wire, (id, results) => {
         const run = thread.pending.get(id);
         if (run === undefined) return;
         thread.pending.delete(id);
         if (run.slot >= 0) thread.free.push(run.slot);
         this.#settle(index, run, results);
-      }),
-    );
+      });
+    });
     worker.on('error', (err) => this.#options.logger.error('webhook sender thread failed', { err }));
     worker.on('exit', (code) => {
       // Each run: the requests the thread saw succeed, then the one it was on, failed.
