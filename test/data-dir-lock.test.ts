@@ -1,13 +1,13 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, existsSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ConfigError } from '../src/config.js';
 import { DataDirInUseError, LOCK_FILE, lockDataDir } from '../src/data-dir-lock.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { type BrokerProcess, newDataDir, startBroker } from './support/broker-process.js';
+import { tempDir } from './support/temp-dirs.js';
 
 /** One broker per data directory: a second is refused while the first lives, however the first ends. */
 
@@ -39,7 +39,7 @@ function lockInChild(dir: string, holdMs: number): { child: ChildProcess; said: 
 
 describe('lockDataDir', () => {
   it('refuses a second holder while the first holds it, and lets one in after release', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
+    const dir = tempDir('fsb-lock-');
     const first = lockDataDir(dir);
     expect(() => lockDataDir(dir)).toThrow(DataDirInUseError);
     first.release();
@@ -47,7 +47,7 @@ describe('lockDataDir', () => {
   });
 
   it('is free again once its holder was killed (the kernel drops the lock with the process)', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
+    const dir = tempDir('fsb-lock-');
     const holder = lockInChild(dir, 60_000);
     expect(await holder.said).toBe('HELD');
     expect(() => lockDataDir(dir)).toThrow(DataDirInUseError);
@@ -58,7 +58,7 @@ describe('lockDataDir', () => {
 
   it('lets exactly one of many brokers in at once, on a new lock file and on one left from before', async () => {
     for (const leftOver of [false, true]) {
-      const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
+      const dir = tempDir('fsb-lock-');
       if (leftOver) lockDataDir(dir).release();
       const outputs = await Promise.all(Array.from({ length: 5 }, () => lockInChild(dir, 3000).said));
       expect(
@@ -70,7 +70,7 @@ describe('lockDataDir', () => {
   });
 
   it('names BROKER_DATA_DIR when the directory cannot be made there', () => {
-    const file = join(mkdtempSync(join(tmpdir(), 'fsb-lock-')), 'a-file');
+    const file = join(tempDir('fsb-lock-'), 'a-file');
     writeFileSync(file, '');
     const dir = join(file, 'x');
     expect(() => lockDataDir(dir)).toThrow(ConfigError);
@@ -80,7 +80,7 @@ describe('lockDataDir', () => {
   });
 
   it('replaces a Unix socket an earlier build left at broker.lock', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-lock-'));
+    const dir = tempDir('fsb-lock-');
     const holder = spawn(process.execPath, [
       '-e',
       `require('net').createServer().listen(${JSON.stringify(join(dir, LOCK_FILE))}, () => console.log('listening'))`,
@@ -96,8 +96,7 @@ describe('data dir permissions', () => {
   const modeOf = (path: string) => statSync(path).mode & 0o777;
 
   it("makes the data dir its owner's alone, and the database with its WAL files 0600 (they hold webhook secrets)", async () => {
-    const parent = mkdtempSync(join(tmpdir(), 'fsb-modes-'));
-    cleanups.push(async () => rmSync(parent, { recursive: true, force: true }));
+    const parent = tempDir('fsb-modes-');
     const dir = join(parent, 'new', 'data');
     lockDataDir(dir).release();
     expect(modeOf(dir)).toBe(0o700);
@@ -111,8 +110,7 @@ describe('data dir permissions', () => {
   });
 
   it('tightens a database (and WAL files) an earlier build left readable by others', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-modes-'));
-    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    const dir = tempDir('fsb-modes-');
     const file = join(dir, 'broker.sqlite3');
     await new SqliteStore(dir).close();
     writeFileSync(`${file}-wal`, '');

@@ -1,4 +1,3 @@
-import { rmSync } from 'node:fs';
 import { MedplumClient, OperationOutcomeError } from '@medplum/core';
 import { Client as FhirKitClient } from 'fhir-kit-client';
 import { Webhook } from 'standardwebhooks';
@@ -200,7 +199,6 @@ function brokerAndReceiver(): {
   afterAll(async () => {
     await broker?.kill('SIGTERM');
     await receiver?.close();
-    if (broker !== undefined) rmSync(broker.dataDir, { recursive: true, force: true });
   });
   return {
     broker: () => broker,

@@ -1,11 +1,11 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, expect, it } from 'vitest';
 import { startNodeFlags } from '../src/start-command.js';
 import { API_KEYS, INGEST_TOKEN, newDataDir, startBroker } from './support/broker-process.js';
+import { tempDir } from './support/temp-dirs.js';
 
 /**
  * `npm start` as a service manager or a container runtime stops it: SIGTERM to npm alone, not to
@@ -30,7 +30,7 @@ function childrenOf(pid: number): number[] {
 }
 
 it('stops the broker gracefully when npm start gets SIGTERM', async () => {
-  const dataDir = mkdtempSync(join(tmpdir(), 'fsb-npm-'));
+  const dataDir = tempDir('fsb-npm-');
   npm = spawn('npm', ['start', '--silent'], {
     env: { ...process.env, PORT: '0', HOST: '127.0.0.1', BROKER_DATA_DIR: dataDir, BROKER_LOG_LEVEL: 'info' },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -1,9 +1,8 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { afterAll } from 'vitest';
 import { startNodeFlags } from '../../src/start-command.js';
+import { tempDir } from './temp-dirs.js';
 import { Waiters } from './waiters.js';
 
 /**
@@ -31,8 +30,25 @@ export interface BrokerProcess {
   waitForStatus(id: string, status: string, timeoutMs?: number): Promise<void>;
 }
 
+/** Brokers started by the test file importing this: any still running once it has run are killed. */
+const children: ChildProcess[] = [];
+afterAll(async () => {
+  // Registered after temp-dirs' hook, so this runs first: nothing writes into a dir being removed.
+  await Promise.all(
+    children.splice(0).map((child) =>
+      child.exitCode !== null || child.signalCode !== null
+        ? undefined
+        : new Promise((resolve) => {
+            child.once('exit', resolve);
+            child.kill('SIGKILL');
+          }),
+    ),
+  );
+});
+
+/** A data dir for a broker process, removed after the test file. */
 export function newDataDir(): string {
-  return mkdtempSync(join(tmpdir(), 'fsb-'));
+  return tempDir('fsb-');
 }
 
 export async function startBroker(env: Record<string, string> = {}, dataDir = newDataDir()): Promise<BrokerProcess> {
@@ -55,6 +71,7 @@ export async function startBroker(env: Record<string, string> = {}, dataDir = ne
     },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
+  children.push(child);
   const logs: Record<string, unknown>[] = [];
   const stderr: string[] = [];
   const waiters = new Waiters();
