@@ -189,8 +189,8 @@ describe('delivery runs', () => {
     );
     for (const sub of [grouped, neighbour]) await t.logger.waitForStatus(sub.id as string, 'active');
     const isEvent = (r: { body: string }) => r.body.includes('"event-notification"');
-    // The bundle's first attempt fails after 40 ms, so its retry (50 ms later) finds the pause on.
-    receiver.answerOnce((r) => r.path === '/whole' && isEvent(r), { status: 500, delayMs: 40 });
+    // The bundle's first attempt fails after 150 ms, so its retry (50 ms later) finds the pause on.
+    receiver.answerOnce((r) => r.path === '/whole' && isEvent(r), { status: 500, delayMs: 150 });
     receiver.answerOnce((r) => r.path === '/pauser' && isEvent(r), { status: 503, headers: { 'retry-after': '1' } });
     await t.post([
       ...[1, 2, 3, 4, 5].map((n) => eventLike('healthlake-update-patient', `whole-${n}`, `w${n}`)),
@@ -198,14 +198,18 @@ describe('delivery runs', () => {
     ]);
     await t.logger.waitFor((r) => r.msg === 'endpoint origin asked for a pause', 'the pause');
     await receiver.waitFor(() => delivered(receiver, '/whole').length >= 5, 'the five notifications', 10_000);
-    const attempts = receiver.arrived
-      .filter((r) => r.path === '/whole' && isEvent(r))
-      .map((r) => [String(r.headers['webhook-id']).replace(`${grouped.id}-`, ''), notifiedNumbers([r]).join(',')]);
+    const arrivals = receiver.arrived.filter((r) => r.path === '/whole' && isEvent(r));
+    const attempts = arrivals.map((r) => [
+      String(r.headers['webhook-id']).replace(`${grouped.id}-`, ''),
+      notifiedNumbers([r]).join(','),
+    ]);
     // Refused, then after the pause the same bundle under the same id: not split into 1 and 2–5.
     expect(attempts).toEqual([
       ['1-5', '1,2,3,4,5'],
       ['1-5', '1,2,3,4,5'],
     ]);
+    // The retry did wait out the pause (its own schedule alone would have sent it ~200 ms later).
+    expect((arrivals[1]?.at ?? 0) - (arrivals[0]?.at ?? 0)).toBeGreaterThanOrEqual(900);
     expect(delivered(receiver, '/whole')).toEqual([1, 2, 3, 4, 5]);
   });
 
