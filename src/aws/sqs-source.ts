@@ -34,6 +34,8 @@ const BACKOFF_MS = 1_000;
 const MAX_BACKOFF_MS = 30_000;
 /** A message kept in hand stays invisible this much longer than the wait before its next try. */
 const VISIBILITY_MARGIN_SECONDS = 30;
+/** Refused message ids remembered (a queue's redrive policy takes them after a few receives). */
+const REFUSED_KEPT = 10_000;
 
 function backoff(failures: number): number {
   return Math.min(BACKOFF_MS * 2 ** (failures - 1), MAX_BACKOFF_MS);
@@ -59,6 +61,8 @@ export class SqsEventSource {
   readonly #opts: SqsSourceOptions;
   readonly #stop = new AbortController();
   #loop: Promise<void> | undefined;
+  /** Ids of messages this process refused (the latest REFUSED_KEPT), so each counts once. */
+  readonly #refused = new Set<string>();
 
   constructor(opts: SqsSourceOptions) {
     this.#opts = opts;
@@ -169,10 +173,14 @@ export class SqsEventSource {
       receiveCount: Number(message.Attributes?.ApproximateReceiveCount ?? 0) || undefined,
     };
     // A refused message comes back until the redrive policy takes it: it is logged on every
-    // receive, and counted once, on its first (SQS numbers them from 1).
-    const countRefused = (about.receiveCount ?? 1) <= 1;
+    // receive (with SQS's receive count), and counted the first time this process refuses it
+    // (not by the receive count alone: the first receive may have gone to a process that stopped
+    // before taking it, and an SQS-compatible queue may not send the count).
+    const id = message.MessageId;
+    const countRefused = id === undefined || !this.#refused.has(id);
     const refuse = (reason: string): 'refused' => {
       logger.warn('sqs message refused; left for the queue’s redrive policy', { ...about, reason });
+      if (id !== undefined) this.#noteRefused(id);
       return 'refused';
     };
     let event: unknown;
@@ -195,6 +203,12 @@ export class SqsEventSource {
       if (err instanceof BrokerError && err.code === 'INVALID_EVENT') return refuse(err.message);
       return { failed: err as Error };
     }
+  }
+
+  #noteRefused(messageId: string): void {
+    if (this.#refused.has(messageId)) return;
+    if (this.#refused.size >= REFUSED_KEPT) this.#refused.delete(this.#refused.values().next().value as string);
+    this.#refused.add(messageId);
   }
 
   /** Extends the messages' visibility timeout to `seconds` from now (a failure: they may come back sooner). */
