@@ -14,6 +14,14 @@ import { tempDir } from './support/temp-dirs.js';
 
 let npm: ChildProcess | undefined;
 afterEach(() => {
+  // npm passes no SIGKILL on: its broker first, so none is left writing into a removed data dir.
+  for (const pid of npm?.pid === undefined ? [] : childrenOf(npm.pid)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone already
+    }
+  }
   npm?.kill('SIGKILL');
 });
 
