@@ -3,7 +3,16 @@ import { Client as FhirKitClient } from 'fhir-kit-client';
 import { Webhook } from 'standardwebhooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { API_KEYS, type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
-import { eventLike, fixture, focusOf, type Json, statusOf, TOPIC, topicSubscription } from './support/fhir-client.js';
+import {
+  eventLike,
+  expectSubscriptionCapability,
+  fixture,
+  focusOf,
+  type Json,
+  statusOf,
+  TOPIC,
+  topicSubscription,
+} from './support/fhir-client.js';
 import { type ReceivedRequest, Receiver } from './support/receiver.js';
 
 /**
@@ -104,17 +113,7 @@ function expectCapabilityStatement(cs: Json, base: string): void {
   const rest = (cs.rest as Json[])[0] as Json;
   expect(rest.mode).toBe('server');
   expect((rest.resource as Json[]).map((r) => r.type)).toEqual(['Subscription']);
-  const subscription = (rest.resource as Json[])[0] as Json;
-  expect(subscription.supportedProfile).toEqual([`${BACKPORT}/backport-subscription`]);
-  expect((subscription.extension as Json[]).map((e) => e.valueCanonical).sort()).toEqual(
-    ['encounter-change', 'observation-change', 'patient-change', 'resource-change'].map((t) => `${TOPIC}/${t}`),
-  );
-  expect((subscription.operation as Json[]).map((o) => o.name)).toEqual([
-    'status',
-    'events',
-    'get-ws-binding-token',
-    'expunge',
-  ]);
+  expectSubscriptionCapability((rest.resource as Json[])[0] as Json);
 }
 
 /** The handshake and then nothing but the event-notification for the fixture's patient, signed with `secret`. */

@@ -6,6 +6,7 @@ import {
   classicSubscription,
   eventLike,
   eventNumbers,
+  expectSubscriptionCapability,
   fixture,
   focusOf,
   type Json,
@@ -281,18 +282,7 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
       // Only R4 resource types: SubscriptionTopic is R4B's, and `type` has a required binding.
       expect((rest.resource as Json[]).map((r) => r.type)).toEqual(['Subscription']);
       const subscription = (rest.resource as Json[]).find((r) => r.type === 'Subscription') as Json;
-      expect(subscription.supportedProfile).toEqual([
-        'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription',
-      ]);
-      expect((subscription.extension as Json[]).map((e) => e.valueCanonical).sort()).toEqual(
-        ['encounter-change', 'observation-change', 'patient-change', 'resource-change'].map((t) => `${TOPIC}/${t}`),
-      );
-      expect((subscription.operation as Json[]).map((o) => o.name)).toEqual([
-        'status',
-        'events',
-        'get-ws-binding-token',
-        'expunge',
-      ]);
+      expectSubscriptionCapability(subscription);
       expect((subscription.operation as Json[])[3]?.definition).toBe(
         'https://fhir-subscription-broker.org/fhir/OperationDefinition/Subscription-expunge',
       );

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { expect } from 'vitest';
 
 /** Small helpers for driving the broker over HTTP in tests. */
 
@@ -142,4 +143,21 @@ export function notifiedNumbers(requests: readonly { readonly body: string }[]):
 export function focusOf(eventParam: Json): string | undefined {
   const focus = (eventParam.part as Json[]).find((p) => p.name === 'focus');
   return (focus?.valueReference as Json | undefined)?.reference as string | undefined;
+}
+
+/**
+ * The Subscription entry of the broker's CapabilityStatement: the backport profile, the topics as
+ * topic-canonical extensions (R4 has no SubscriptionTopic type), the operations.
+ */
+export function expectSubscriptionCapability(subscription: Json): void {
+  expect(subscription.supportedProfile).toEqual([`${BACKPORT}/backport-subscription`]);
+  expect((subscription.extension as Json[]).map((e) => e.valueCanonical).sort()).toEqual(
+    ['encounter-change', 'observation-change', 'patient-change', 'resource-change'].map((t) => `${TOPIC}/${t}`),
+  );
+  expect((subscription.operation as Json[]).map((o) => o.name)).toEqual([
+    'status',
+    'events',
+    'get-ws-binding-token',
+    'expunge',
+  ]);
 }
