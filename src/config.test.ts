@@ -1,7 +1,5 @@
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { tempDir } from '../test/support/temp-dirs.js';
 import { ConfigError, loadConfig, sqsQueueRegion } from './config.js';
 
 /** The error `loadConfig(env)` throws, checked to be a ConfigError. */
@@ -177,7 +175,7 @@ describe('loadConfig', () => {
   });
 
   it('reads a topics directory other than the default', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-topics-'));
+    const dir = tempDir('fsb-topics-');
     expect(loadConfig({ BROKER_TOPICS_DIR: dir }).topicsDir).toBe(dir);
   });
 

@@ -1,11 +1,11 @@
-import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { tempDir } from '../test/support/temp-dirs.js';
 import { ConfigError, loadConfig } from './config.js';
 import { resolveCredentials } from './credentials.js';
 
-const dataDir = () => mkdtempSync(join(tmpdir(), 'fsb-cred-'));
+const dataDir = () => tempDir('fsb-cred-');
 
 /** The error `resolveCredentials` throws for `env`, checked to be a ConfigError. */
 function credentialsError(env: Record<string, string>): string {

@@ -1,11 +1,11 @@
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readdirSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
 import { type DynamoDbLocal, dynamoDbEnv, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { fixture } from './support/fhir-client.js';
+import { tempDir } from './support/temp-dirs.js';
 
 /**
  * What `cdk deploy` would upload actually runs: the stack is synthesized with real esbuild
@@ -19,7 +19,7 @@ describe('the Lambda bundles from `npm run synth`', () => {
   const saved = { ...process.env };
 
   beforeAll(async () => {
-    outdir = mkdtempSync(join(tmpdir(), 'fsb-cdk-'));
+    outdir = tempDir('fsb-cdk-');
     execFileSync(process.execPath, ['--import', 'tsx', 'infra/bin/app.ts'], {
       env: { ...process.env, CDK_OUTDIR: outdir },
       stdio: 'pipe',

@@ -1,11 +1,9 @@
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Broker, createBroker } from '../src/broker.js';
 import { loadConfig } from '../src/config.js';
 import { silentLogger } from '../src/observability/logger.js';
 import { fixture, type Json, topicSubscription } from './support/fhir-client.js';
+import { tempDir } from './support/temp-dirs.js';
 
 /**
  * Bad input at the front door (`app.request`, in-process, real SQLite): each gets a clear
@@ -21,7 +19,7 @@ describe('bad input', () => {
   let aliceSub: Json;
 
   beforeAll(async () => {
-    const dataDir = mkdtempSync(join(tmpdir(), 'fsb-bad-'));
+    const dataDir = tempDir('fsb-bad-');
     const config = loadConfig({
       BROKER_DATA_DIR: dataDir,
       BROKER_API_KEYS: `alice:${ALICE},bob:${BOB}`,
