@@ -805,12 +805,15 @@ export class Dispatcher {
     const paused = this.#pausedFor(sub);
     if (paused > 0) {
       const dueAt = now + paused;
-      // A failed bundle moves whole with its head: moved alone, the head would no longer share
-      // the failure's due time with the rest, and the bundle would go out split, under new ids.
-      const bundle = head.note.attempts === 0 ? 1 : (sub.channel.maxCount ?? 1);
-      for (let i = 0; i < bundle && i < lane.queue.length; i++) {
+      // A failed bundle moves whole with its head (what takeRun would send as its first bundle):
+      // moved alone, the head would no longer share the failure's due time with the rest, and the
+      // bundle would go out split, under new ids. A head not yet attempted moves alone.
+      const bundle =
+        head.note.attempts === 0
+          ? 1
+          : (takeRun(lane.queue, sub.channel.maxCount ?? 1, 1, Number.POSITIVE_INFINITY)[0]?.length ?? 1);
+      for (let i = 0; i < bundle; i++) {
         const q = lane.queue[i] as QueuedNotification;
-        if (i > 0 && !sameAttempt(head.note, q.note)) break;
         const note: StoredNotification = { ...q.note, dueAt };
         lane.queue[i] = { ...q, note };
         this.#states.record({ ...note, laneEpoch: lane.hold?.epoch });
