@@ -178,8 +178,10 @@ export class SqsEventSource {
     // before taking it, and an SQS-compatible queue may not send the count).
     const id = message.MessageId;
     const countRefused = id === undefined || !this.#refused.has(id);
-    const refuse = (reason: string): 'refused' => {
+    /** `counted`: the ingest has counted it (or not) already. */
+    const refuse = (reason: string, counted = false): 'refused' => {
       logger.warn('sqs message refused; left for the queue’s redrive policy', { ...about, reason });
+      if (!counted && countRefused) metrics.inc('broker_events_total', { outcome: 'refused' });
       if (id !== undefined) this.#noteRefused(id);
       return 'refused';
     };
@@ -187,20 +189,16 @@ export class SqsEventSource {
     try {
       event = JSON.parse(message.Body ?? '');
     } catch {
-      if (countRefused) metrics.inc('broker_events_total', { outcome: 'refused' });
       return refuse('the body is not JSON');
     }
     // One event per message: an array would be several, which no EventBridge target sends.
-    if (Array.isArray(event)) {
-      if (countRefused) metrics.inc('broker_events_total', { outcome: 'refused' });
-      return refuse('the body is an array, not one EventBridge event');
-    }
+    if (Array.isArray(event)) return refuse('the body is an array, not one EventBridge event');
     try {
       await this.#opts.ingest(event, { countRefused });
       return 'taken';
     } catch (err) {
       // Not an event (the ingest counted it as refused), or the store failed.
-      if (err instanceof BrokerError && err.code === 'INVALID_EVENT') return refuse(err.message);
+      if (err instanceof BrokerError && err.code === 'INVALID_EVENT') return refuse(err.message, true);
       return { failed: err as Error };
     }
   }
