@@ -68,6 +68,15 @@ async function start(dataDir: string, sender: NotingSender): Promise<TestBroker>
 const delivered = (receiver: Receiver, path: string): number[] => notifiedNumbers(receiver.on(path));
 
 const range = (n: number): number[] => Array.from({ length: n }, (_, i) => i + 1);
+/** A channel whose bundles carry up to 5 events (`backport-max-count`). */
+const BUNDLES_OF_5 = {
+  extension: [
+    {
+      url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
+      valuePositiveInt: 5,
+    },
+  ],
+};
 
 /** A subscription whose endpoint answers 503 until `recover`, with `events` patient changes behind it. */
 async function backlog(t: TestBroker, receiver: Receiver, path: string, events: number) {
@@ -135,14 +144,7 @@ describe('delivery runs', () => {
     const t = await start(dir, new NotingSender());
     const sub = await t.create(
       topicSubscription('patient-change', `${receiver.url}/grouped`, {
-        channel: {
-          extension: [
-            {
-              url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
-              valuePositiveInt: 5,
-            },
-          ],
-        },
+        channel: BUNDLES_OF_5,
       }),
     );
     await t.logger.waitForStatus(sub.id as string, 'active');
@@ -169,18 +171,10 @@ describe('delivery runs', () => {
   it('keeps a failed bundle whole through an origin pause that starts while it waits for its retry', async () => {
     const { dir, receiver } = await dirAndReceiver();
     const t = await start(dir, new NotingSender());
-    const maxCount5 = {
-      extension: [
-        {
-          url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
-          valuePositiveInt: 5,
-        },
-      ],
-    };
     const grouped = await t.create(
       topicSubscription('patient-change', `${receiver.url}/whole`, {
         filters: ['Patient?_id=w1,w2,w3,w4,w5'],
-        channel: maxCount5,
+        channel: BUNDLES_OF_5,
       }),
     );
     // The same client at the same origin: its 503 with Retry-After pauses the origin for 1 s.
