@@ -51,6 +51,35 @@ async function setup(): Promise<{ t: TestBroker; sqs: SqsDouble; receiver: Recei
   return { t, sqs, receiver };
 }
 
+/**
+ * A started SQS source on its own queue stand-in whose ingest resolves `ingesting` when it is
+ * first called, then answers only once `until` has resolved.
+ */
+async function sourceWithHeldIngest(
+  until: Promise<unknown>,
+  logger = new RecordingLogger(),
+): Promise<{ sqs: SqsDouble; source: SqsEventSource; ingesting: Promise<void> }> {
+  const sqs = await SqsDouble.start();
+  cleanups.push(() => sqs.close());
+  let started: () => void = () => undefined;
+  const ingesting = new Promise<void>((resolve) => {
+    started = resolve;
+  });
+  const source = new SqsEventSource({
+    client: sqsClient(sqs),
+    queueUrl: QUEUE_URL,
+    logger,
+    metrics: new Metrics(),
+    ingest: async () => {
+      started();
+      await until;
+      return { accepted: 1, ignored: 0, duplicates: 0 };
+    },
+  });
+  source.start();
+  return { sqs, source, ingesting };
+}
+
 const deletes = (sqs: SqsDouble) => sqs.calls.filter((c) => c.target === 'AmazonSQS.DeleteMessageBatch');
 
 describe('the SQS source', () => {
@@ -223,28 +252,11 @@ describe('SqsEventSource', () => {
   });
 
   it('commits and deletes what it had received before close resolves, and receives nothing after', async () => {
-    const sqs = await SqsDouble.start();
-    cleanups.push(() => sqs.close());
     let release: () => void = () => undefined;
     const held = new Promise<void>((resolve) => {
       release = resolve;
     });
-    let started: () => void = () => undefined;
-    const ingesting = new Promise<void>((resolve) => {
-      started = resolve;
-    });
-    const source = new SqsEventSource({
-      client: sqsClient(sqs),
-      queueUrl: QUEUE_URL,
-      logger: new RecordingLogger(),
-      metrics: new Metrics(),
-      ingest: async () => {
-        started();
-        await held;
-        return { accepted: 1, ignored: 0, duplicates: 0 };
-      },
-    });
-    source.start();
+    const { sqs, source, ingesting } = await sourceWithHeldIngest(held);
     const ids = sqs.send(
       JSON.stringify(eventLike('healthlake-update-patient', 'close-1', 'c-1')),
       JSON.stringify(eventLike('healthlake-update-patient', 'close-2', 'c-2')),
@@ -259,25 +271,9 @@ describe('SqsEventSource', () => {
   });
 
   it('does not let a store that hangs hold the shutdown: close gives up after its grace, and says so', async () => {
-    const sqs = await SqsDouble.start();
-    cleanups.push(() => sqs.close());
-    let started: () => void = () => undefined;
-    const ingesting = new Promise<void>((resolve) => {
-      started = resolve;
-    });
     const logger = new RecordingLogger();
-    const source = new SqsEventSource({
-      client: sqsClient(sqs),
-      queueUrl: QUEUE_URL,
-      logger,
-      metrics: new Metrics(),
-      // A commit that never comes back.
-      ingest: () => {
-        started();
-        return new Promise(() => {});
-      },
-    });
-    source.start();
+    // A commit that never comes back.
+    const { sqs, source, ingesting } = await sourceWithHeldIngest(new Promise(() => {}), logger);
     const [id] = sqs.send(JSON.stringify(eventLike('healthlake-update-patient', 'hung-1', 'h-1')));
     await ingesting;
     const t0 = performance.now();
