@@ -10,7 +10,8 @@ import { change, item, RECEIVED, record } from './support/store-fixtures.js';
  * Data dirs written by earlier releases open under the current one with nothing lost: counters,
  * pending / delivered / dead notifications, seen event ids. Version 1: the event counter on the
  * subscription row, notifications WITHOUT ROWID. Version 2: every delivery state on its row, with
- * partial indexes of pending and of purgeable rows; version 3 keeps a per-subscription watermark.
+ * partial indexes of pending and of purgeable rows; version 3 keeps a per-subscription watermark;
+ * version 4 marks where bundles end (`bundle_last`).
  */
 
 // The version-1 schema as the first release created it (kept verbatim: it is what is on disk).
@@ -208,7 +209,7 @@ describe('SQLite data dir from schema version 2', () => {
     ]);
 
     await onDisk((db) => {
-      expect(db.pragma('user_version', { simple: true })).toBe(3);
+      expect(db.pragma('user_version', { simple: true })).toBe(4);
       const indexes = db
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications' ORDER BY name")
         .all();
@@ -264,7 +265,7 @@ describe('SQLite data dir from schema version 1', () => {
     ]);
 
     await onDisk((db) => {
-      expect(db.pragma('user_version', { simple: true })).toBe(3);
+      expect(db.pragma('user_version', { simple: true })).toBe(4);
       const columns = (db.pragma('table_info(subscriptions)') as { name: string }[]).map((c) => c.name);
       expect(columns).not.toContain('events_since_start');
       expect(db.prepare("SELECT name FROM sqlite_master WHERE name = 'notifications_v1'").get()).toBeUndefined();
@@ -322,6 +323,41 @@ describe('SQLite data dir of schema version 3 from before earlier versions were 
       ['2031-01-01T00:00:00.000Z', 'active'],
       [record('s1').updatedAt, 'requested'],
     ]);
-    await onDisk((db) => expect(db.pragma('user_version', { simple: true })).toBe(3));
+    await onDisk((db) => expect(db.pragma('user_version', { simple: true })).toBe(4));
+  });
+});
+
+describe('SQLite data dir from schema version 3', () => {
+  it('gains the bundle marks column, keeps every notification, and marks bundles from then on', async () => {
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    await store.insertSubscription(record('s1'));
+    await store.acceptChanges(
+      ['e1', 'e2', 'e3'].map((id) => item(id, ['s1'], `p-${id}`)),
+      RECEIVED,
+    );
+    await store.close();
+    store = undefined;
+    // As the release of 2026-11-28 left the file: no bundle_last column, user_version 3.
+    const old = new Database(join(dir, 'broker.sqlite3'));
+    old.exec('ALTER TABLE notifications DROP COLUMN bundle_last; PRAGMA user_version = 3;');
+    old.close();
+
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    const pending = await store.pendingNotifications('s1', 0, 10);
+    expect(pending.map((n) => [n.eventNumber, n.bundleLast])).toEqual([
+      [1, undefined],
+      [2, undefined],
+      [3, undefined],
+    ]);
+    await store.markBundles([{ subscriptionId: 's1', eventNumber: 1, last: 2 }]);
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.bundleLast)).toEqual([2, undefined, undefined]);
+    await onDisk((db) => {
+      expect(db.pragma('user_version', { simple: true })).toBe(4);
+      expect(db.prepare('SELECT event_number, bundle_last FROM notifications ORDER BY event_number').all()).toEqual([
+        { event_number: 1, bundle_last: 2 },
+        { event_number: 2, bundle_last: null },
+        { event_number: 3, bundle_last: null },
+      ]);
+    });
   });
 });

@@ -705,6 +705,56 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(await store.subscriptionsWithPending()).toEqual(['s1']);
     });
 
+    it('stores where a bundle ends on its first notification, kept across a reopen and a re-queue', async () => {
+      await store.markBundles([
+        { subscriptionId: 's1', eventNumber: 1, last: 3 },
+        { subscriptionId: 's1', eventNumber: 4, last: 5 },
+      ]);
+      const marks = async () =>
+        (await store.pendingNotifications('s1', 0, 10)).map((n) => [n.eventNumber, n.bundleLast]);
+      const marked = [
+        [1, 3],
+        [2, undefined],
+        [3, undefined],
+        [4, 5],
+        [5, undefined],
+      ];
+      expect(await marks()).toEqual(marked);
+      expect((await store.notificationsInRange('s1', 1, 5, 10)).map((n) => n.bundleLast)).toEqual([
+        3,
+        undefined,
+        undefined,
+        5,
+        undefined,
+      ]);
+      store = await opened.reopen();
+      expect(await marks()).toEqual(marked);
+      // A bundle dead-lettered keeps its mark (a mark for a notification no longer pending is not
+      // written), and goes out as it was once re-queued.
+      await store.recordDeliveries(
+        [4, 5].map((eventNumber) => ({
+          subscriptionId: 's1',
+          eventNumber,
+          state: 'dead' as const,
+          attempts: 3,
+          dueAt: RECEIVED,
+          lastError: 'HTTP 500',
+        })),
+      );
+      await store.markBundles([{ subscriptionId: 's1', eventNumber: 4, last: 4 }]);
+      expect(await store.requeueDeadLetters('s1', RECEIVED + 1)).toBe(2);
+      expect(await marks()).toEqual(marked);
+      // One for a notification that does not exist writes nothing.
+      await store.markBundles([
+        { subscriptionId: 's1', eventNumber: 99, last: 100 },
+        { subscriptionId: 'ghost', eventNumber: 1, last: 2 },
+      ]);
+      expect((await store.notificationsInRange('s1', 0, 1000, 1000)).map((n) => n.eventNumber)).toEqual([
+        1, 2, 3, 4, 5,
+      ]);
+      expect(await store.notificationsInRange('ghost', 0, 1000, 1000)).toEqual([]);
+    });
+
     it('lists stored notifications in an inclusive range whatever their state, up to a limit', async () => {
       await store.recordDeliveries([
         { subscriptionId: 's1', eventNumber: 2, state: 'delivered', attempts: 1, dueAt: 0 },

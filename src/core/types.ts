@@ -99,6 +99,13 @@ export interface StoredNotification extends Notification {
   /** Epoch ms when the next attempt is due. */
   readonly dueAt: number;
   readonly lastError?: string;
+  /**
+   * Set on the first notification of a bundle before the bundle's first attempt (rest-hook
+   * subscriptions with `max-count` above 1): the last event number of that bundle. The bundle goes
+   * out again exactly so, under the same `webhook-id`, after a restart or on another instance,
+   * rather than regrouped with what arrived since.
+   */
+  readonly bundleLast?: number;
 }
 
 /** A FHIR resource as untyped JSON: the broker reads only the fields it validates. */

@@ -57,6 +57,16 @@ export interface DeliveryUpdate {
   readonly laneEpoch?: number;
 }
 
+/**
+ * A bundle about to go out for the first time: `eventNumber` (its first notification) up to
+ * `last`. Stored before the attempt (see `Store.markBundles`).
+ */
+export interface BundleMark {
+  readonly subscriptionId: string;
+  readonly eventNumber: number;
+  readonly last: number;
+}
+
 export interface StatusUpdate {
   readonly status: SubscriptionStatus;
   readonly error?: string;
@@ -240,6 +250,15 @@ export interface Store {
    * The `dueAt` of a delivered notification is not kept by every store.
    */
   recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void>;
+  /**
+   * Records where bundles end before their first attempt (`StoredNotification.bundleLast` of
+   * each mark's first notification, while it is pending), so what a restart or another instance
+   * reads back goes out in the same bundles, under the same `webhook-id`s. Resolves once written
+   * so a process killed after it keeps them (SQLite: committed to the WAL without an fsync of its
+   * own; a power cut may lose one, and then the bundle is regrouped: delivered again, under
+   * another id, which at-least-once allows).
+   */
+  markBundles(marks: readonly BundleMark[]): Promise<void>;
   /** Stored notifications with `from <= eventNumber <= to`, oldest first. */
   notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]>;
 

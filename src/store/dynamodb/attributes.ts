@@ -31,6 +31,10 @@ export function readNumber(item: Item, name: string): number {
   return value;
 }
 
+export function readOptionalNumber(item: Item, name: string): number | undefined {
+  return item[name] === undefined ? undefined : readNumber(item, name);
+}
+
 /**
  * Builds an update (and its condition) with every attribute name and value bound to a
  * placeholder, so reserved words (`status`, `end`, `owner`) never need special care.

@@ -22,6 +22,7 @@ import {
 import {
   type AcceptItem,
   type AcceptOutcome,
+  type BundleMark,
   type DeliveryUpdate,
   EARLIER_VERSIONS_KEPT,
   type MatchCandidate,
@@ -521,6 +522,27 @@ export class DynamoDbStore implements Store {
     const last = new Map<string, DeliveryUpdate>();
     for (const u of updates) last.set(`${u.subscriptionId}\n${u.eventNumber}`, u);
     await inBursts([...last.values()], (u) => this.#recordDelivery(u));
+  }
+
+  /**
+   * One conditional update per bundle, on its first notification while it is pending (one a
+   * delivery or a dead letter got to first keeps no mark: it is not sent again).
+   */
+  async markBundles(marks: readonly BundleMark[]): Promise<void> {
+    await inBursts(marks, (m) => {
+      const e = new Expression().set('bundleLast', N(m.last));
+      return conditionHeld(
+        this.#client.send(
+          new UpdateItemCommand({
+            TableName: this.#tables.notifications,
+            Key: { subscriptionId: S(m.subscriptionId), eventNumber: N(m.eventNumber) },
+            UpdateExpression: e.update,
+            ConditionExpression: `${e.name('state')} = ${e.value(S('pending'))}`,
+            ...e.bindings,
+          }),
+        ),
+      );
+    });
   }
 
   async notificationsInRange(

@@ -10,7 +10,16 @@ import type {
   SubscriptionStatus,
   SubscriptionVersion,
 } from '../../core/types.js';
-import { type Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
+import {
+  type Expression,
+  type Item,
+  N,
+  readNumber,
+  readOptionalNumber,
+  readOptionalString,
+  readString,
+  S,
+} from './attributes.js';
 import { TTL_ATTRIBUTE } from './tables.js';
 
 /** How records become DynamoDB items and back, and the keys and scopes items are found by. */
@@ -76,6 +85,7 @@ export function fromSubscriptionItem(item: Item): SubscriptionRecord {
 
 export function fromNotificationItem(item: Item): StoredNotification {
   const lastError = readOptionalString(item, 'lastError');
+  const bundleLast = readOptionalNumber(item, 'bundleLast');
   return {
     subscriptionId: readString(item, 'subscriptionId'),
     eventNumber: readNumber(item, 'eventNumber'),
@@ -84,6 +94,7 @@ export function fromNotificationItem(item: Item): StoredNotification {
     attempts: readNumber(item, 'attempts'),
     dueAt: readNumber(item, 'dueAt'),
     ...(lastError === undefined ? {} : { lastError }),
+    ...(bundleLast === undefined ? {} : { bundleLast }),
   };
 }
 

@@ -18,6 +18,7 @@ import { makeDataDir } from '../../data-dir-lock.js';
 import {
   type AcceptItem,
   type AcceptOutcome,
+  type BundleMark,
   type DeliveryUpdate,
   EARLIER_VERSIONS_KEPT,
   type StatusUpdate,
@@ -31,7 +32,7 @@ import { SqliteWriter } from './sqlite-writer.js';
  */
 
 /**
- * Schema version 3 (`PRAGMA user_version`). Shaped for the hot commits, which must dirty as few
+ * Schema version 4 (`PRAGMA user_version`). Shaped for the hot commits, which must dirty as few
  * pages as they can (each dirty page is written whole to the WAL and fsync'd):
  * - the event counters live in a narrow `subscription_counters` table (100 counters fit in a page
  *   or two) instead of on the wide subscription rows, which a commit would otherwise rewrite one
@@ -46,9 +47,10 @@ import { SqliteWriter } from './sqlite-writer.js';
  *   follow a state change (version 2 kept a partial index of pending rows and one of purgeable rows,
  *   and rewrote a row and both indexes per delivery).
  * Measured on the writer's statements (12-event commits, 100 subscribers, each event delivered):
- * version 2 → 3: see bench/README.md ("Sixth session").
+ * version 2 → 3: see bench/README.md ("Sixth session"). Version 4 adds `bundle_last`, written on a
+ * bundle's first notification before its first attempt (`markBundles`), never on the hot commits.
  */
-const SCHEMA_VERSION = 3;
+const SCHEMA_VERSION = 4;
 
 /**
  * Earlier versions of each subscription (for FHIR vread), kept by triggers: the row a write
@@ -118,7 +120,8 @@ CREATE TABLE IF NOT EXISTS notifications (
   attempts INTEGER NOT NULL DEFAULT 0,
   due_at INTEGER NOT NULL,
   last_error TEXT,
-  created_at INTEGER NOT NULL
+  created_at INTEGER NOT NULL,
+  bundle_last INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscription_id, event_number);
 -- The retention purge's walk, oldest first. Appended to (a commit's rows share one time), never
@@ -171,6 +174,11 @@ UPDATE subscription_counters SET done_through = IFNULL(
   events_since_start);
 `;
 
+/** Version 3 (until 2026-11-29): bundles were not marked (see `markBundles`). */
+const MIGRATE_3_TO_4 = `
+ALTER TABLE notifications ADD COLUMN bundle_last INTEGER;
+`;
+
 /** Before anything is written to the file: a newer broker's data is left as it is. */
 function refuseNewer(db: Database.Database): void {
   const version = db.pragma('user_version', { simple: true }) as number;
@@ -189,8 +197,10 @@ function migrate(db: Database.Database): void {
       db.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'subscriptions'").get() !== undefined;
     const fromVersion1 = version < 2 && hasSubscriptions;
     const fromVersion2 = version === 2;
+    const fromVersion3 = version === 3;
     if (fromVersion1) db.exec(MIGRATE_1_TO_2_BEFORE);
     if (fromVersion2) db.exec(MIGRATE_2_TO_3);
+    if (fromVersion2 || fromVersion3) db.exec(MIGRATE_3_TO_4);
     db.exec(SCHEMA);
     if (fromVersion1) db.exec(MIGRATE_1_TO_2_AFTER);
     if (fromVersion1 || fromVersion2) db.exec(MIGRATE_TO_3_MARKS);
@@ -279,6 +289,7 @@ interface NotificationRow {
   attempts: number;
   due_at: number;
   last_error: string | null;
+  bundle_last: number | null;
 }
 
 /** How often the database path is checked against the file opened (see `#checkFile`). */
@@ -376,7 +387,7 @@ export class SqliteStore implements Store {
       // A row at or below the watermark still in state 'pending' was delivered (at its first attempt,
       // or at the first after a re-queue started it over): no error of an earlier attempt goes with it.
       range: db.prepare<[string, number, number, number], NotificationRow>(
-        `SELECT n.subscription_id, n.event_number, n.change_json, n.due_at,
+        `SELECT n.subscription_id, n.event_number, n.change_json, n.due_at, n.bundle_last,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN NULL ELSE n.last_error END AS last_error,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN 'delivered' ELSE n.state END AS state,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN MAX(n.attempts, 1) ELSE n.attempts END
@@ -484,6 +495,11 @@ export class SqliteStore implements Store {
    */
   recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void> {
     return this.#writer.recordDeliveries(updates);
+  }
+
+  /** On the writer thread, without an fsync of their own (see Store.markBundles). */
+  markBundles(marks: readonly BundleMark[]): Promise<void> {
+    return this.#writer.markBundles(marks);
   }
 
   async notificationsInRange(
@@ -607,6 +623,7 @@ function fromNotificationRow(row: NotificationRow): StoredNotification {
     attempts: row.attempts,
     dueAt: row.due_at,
     ...(row.last_error === null ? {} : { lastError: row.last_error }),
+    ...(row.bundle_last === null ? {} : { bundleLast: row.bundle_last }),
   };
 }
 

@@ -2,7 +2,7 @@ import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
 import { BrokerError } from '../../core/errors.js';
 import type { Notification } from '../../core/types.js';
-import type { AcceptItem, AcceptOutcome, DeliveryUpdate } from '../store.js';
+import type { AcceptItem, AcceptOutcome, BundleMark, DeliveryUpdate } from '../store.js';
 
 /**
  * Every write of the embedded store — accepting events (a durable, fsync'd commit), recording
@@ -112,6 +112,12 @@ const requeue = db.transaction((sub, dueAt) => {
   restartRetries.run(dueAt, sub, done);
   return dead === null ? 0 : requeueDead.run(dueAt, sub).changes;
 });
+// Where bundles end (Store.markBundles): on each one's first notification, while it is pending. marks:
+// [subscriptionId, eventNumber, last]...
+const markBundle = db.prepare("UPDATE notifications SET bundle_last = ? WHERE subscription_id = ? AND event_number = ? AND state = 'pending'");
+const markBundles = db.transaction((m) => {
+  for (let i = 0; i < m.length; i += 3) markBundle.run(m[i + 2], m[i], m[i + 1]);
+});
 // A transaction that failed may have left the cached watermarks ahead of the database: forget them all.
 function forgettingMarksOnFailure(fn) {
   try { return fn(); } catch (err) { marks.clear(); throw err; }
@@ -173,6 +179,10 @@ parentPort.on('message', (msg) => {
     } else if (msg.op === 'deliveries') {
       // Delivery states ride on the next durable commit.
       withoutFsync(() => recordDeliveries(msg.updates));
+      parentPort.postMessage({ id: msg.id, result: null });
+    } else if (msg.op === 'bundles') {
+      // Committed before the attempts they precede: a process killed after this keeps them.
+      withoutFsync(() => markBundles(msg.marks));
       parentPort.postMessage({ id: msg.id, result: null });
     } else if (msg.op === 'steps') {
       marks.clear();
@@ -347,6 +357,12 @@ export class SqliteWriter {
     for (const u of updates)
       flat.push(u.subscriptionId, u.eventNumber, u.state, u.attempts, u.dueAt, u.lastError ?? null);
     await this.#call({ op: 'deliveries', updates: flat });
+  }
+
+  async markBundles(marks: readonly BundleMark[]): Promise<void> {
+    const flat: (string | number)[] = [];
+    for (const m of marks) flat.push(m.subscriptionId, m.eventNumber, m.last);
+    await this.#call({ op: 'bundles', marks: flat });
   }
 
   /**
