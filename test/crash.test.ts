@@ -1,5 +1,6 @@
 import { rmSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { BACKPORT_EXT } from '../src/core/fhir-urls.js';
 import { API_KEYS, type BrokerProcess, INGEST_TOKEN, newDataDir, startBroker } from './support/broker-process.js';
 import { Client, eventLike, focusOf, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
 import { prng } from './support/prng.js';
@@ -30,6 +31,8 @@ interface SubSpec {
 
 interface Delivery {
   readonly n: number;
+  /** The request that carried it (its index among the receiver's requests). */
+  readonly request: number;
   readonly focus: string | undefined;
   readonly webhookId: string;
   readonly instance: 'before' | 'after';
@@ -113,6 +116,8 @@ describe('crash safety: SIGKILL mid-stream, restart on the same data dir', () =>
         { name: 'patients', matches: (e) => e.type === 'Patient' },
         { name: 'observations', matches: (e) => e.type === 'Observation' },
         { name: 'subset', matches: (e) => e.type === 'Patient' && subsetIds.includes(e.id) },
+        // Up to five events per bundle (`backport-max-count`): a bundle resent after the crash is the same bundle.
+        { name: 'bundled', matches: (e) => e.type === 'Patient' },
       ];
       const matches = (spec: SubSpec, key: string): boolean => {
         const [type, id] = key.split('/') as [string, string];
@@ -138,6 +143,13 @@ describe('crash safety: SIGKILL mid-stream, restart on the same data dir', () =>
         await alice.create(
           topicSubscription('patient-change', `${receiver.url}${path('subset')}`, {
             filters: [`Patient?_id=${subsetIds.join(',')}`],
+          }),
+        )
+      ).id as string;
+      ids.bundled = (
+        await alice.create(
+          topicSubscription('patient-change', `${receiver.url}${path('bundled')}`, {
+            channel: { extension: [{ url: BACKPORT_EXT.maxCount, valuePositiveInt: 5 }] },
           }),
         )
       ).id as string;
@@ -207,6 +219,7 @@ describe('crash safety: SIGKILL mid-stream, restart on the same data dir', () =>
             const part = (ev.part as Json[]).find((p) => p.name === 'event-number') as Json;
             out.push({
               n: Number(part.valueString),
+              request: receiver.requests.indexOf(req),
               focus: focusKey(focusOf(ev)),
               webhookId: String(req.headers['webhook-id']),
               instance: instanceOf(req, bundle),
@@ -275,6 +288,17 @@ describe('crash safety: SIGKILL mid-stream, restart on the same data dir', () =>
           )
           .map(([n, ds]) => ({ n, ds }));
         expect(badDuplicates, `${where}: duplicate deliveries`).toEqual([]);
+        // A webhook-id names one bundle: every request that carried it carried the same events.
+        const bundles = new Map<string, Map<number, number[]>>();
+        for (const d of all) {
+          const requests = bundles.get(d.webhookId) ?? new Map<number, number[]>();
+          requests.set(d.request, [...(requests.get(d.request) ?? []), d.n]);
+          bundles.set(d.webhookId, requests);
+        }
+        const regrouped = [...bundles.entries()]
+          .filter(([, requests]) => new Set([...requests.values()].map((ns) => ns.join(','))).size > 1)
+          .map(([webhookId, requests]) => ({ webhookId, bundles: [...requests.values()] }));
+        expect(regrouped, `${where}: one webhook-id, different events`).toEqual([]);
         // One event, one number: no event was committed twice.
         const numbersOf = new Map<string | undefined, Set<number>>();
         for (const d of all) numbersOf.set(d.focus, new Set([...(numbersOf.get(d.focus) ?? []), d.n]));

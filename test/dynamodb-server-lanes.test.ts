@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { PutItemCommand, UpdateItemCommand } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
+import { BACKPORT_EXT } from '../src/core/fhir-urls.js';
 import { operationOutcome } from '../src/http/outcome.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables, tableNames } from '../src/store/dynamodb/tables.js';
@@ -92,6 +93,44 @@ it('a lane held by an instance that died is taken over once its lease runs out, 
   // Once the lease ran out, this instance's lane takes it and sends.
   await receiver.waitFor(() => notified().length === 1, 'notification 1', 10_000);
   expect(notified()).toEqual([1]);
+});
+
+it('a bundle the instance that died sent goes out as it was from the instance that takes its lane over', async () => {
+  const prefix = `server-lanes-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(local.client, prefix);
+  t = await inProcessBroker({}, { store: new DynamoDbStore(local.client, prefix) });
+  const sub = await t.create(
+    topicSubscription('patient-change', `${receiver.url}/taken`, {
+      filters: ['Patient?_id=t1,t2,t3,t4'],
+      channel: { extension: [{ url: BACKPORT_EXT.maxCount, valuePositiveInt: 5 }] },
+    }),
+  );
+  const id = sub.id as string;
+  await t.logger.waitForStatus(id, 'active');
+  // Another instance holds the lane for 1.5 s more: it sent events 1–2 as one bundle (stored
+  // where it ends, before the attempt) and died with the attempt unrecorded.
+  await local.client.send(
+    new PutItemCommand({
+      TableName: tableNames(prefix).notifications,
+      Item: {
+        subscriptionId: { S: id },
+        eventNumber: { N: '0' },
+        laneHolder: { S: 'a-dead-instance' },
+        laneUntil: { N: String(Date.now() + 1_500) },
+        laneThrough: { N: '0' },
+        laneEpoch: { N: '0' },
+      },
+    }),
+  );
+  await t.post([1, 2, 3, 4].map((n) => eventLike('healthlake-update-patient', randomUUID(), `t${n}`)));
+  await t.broker.store.markBundles([{ subscriptionId: id, eventNumber: 1, last: 2 }]);
+  const arrivals = () => receiver.arrived.filter((r) => r.path === '/taken' && r.body.includes('"event-notification"'));
+  await receiver.waitFor(() => notifiedNumbers(arrivals()).length >= 4, 'the four, once the lease ran out', 10_000);
+  // Not `1-4`: the endpoint may have processed 1–2 already, and deduplicates on the id.
+  expect(arrivals().map((r) => [String(r.headers['webhook-id']), notifiedNumbers([r]).join(',')])).toEqual([
+    [`${id}-1-2`, '1,2'],
+    [`${id}-3-4`, '3,4'],
+  ]);
 });
 
 it('serves the create’s version after the handshake by vread and _history on DynamoDB too', async () => {

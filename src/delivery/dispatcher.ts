@@ -7,7 +7,7 @@ import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRec
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
-import type { LaneHold, LaneLeases, Store } from '../store/store.js';
+import type { BundleMark, LaneHold, LaneLeases, Store } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter, originOf } from './origin-limiter.js';
 import { RunStop, type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
@@ -220,6 +220,9 @@ export class Dispatcher {
   #closed = false;
   /** Delivery states, written behind (see DeliveryStateLog). */
   readonly #states: DeliveryStateLog;
+  /** Bundle marks asked for in this turn of the event loop, and their one write (see `#writeMarks`). */
+  #marks: BundleMark[] = [];
+  #marksWritten: Promise<void> | undefined;
   readonly #origins = new Map<string, string>();
   /**
    * Until when (`performance.now()`) one client's notifications to one origin wait, keyed
@@ -597,10 +600,13 @@ export class Dispatcher {
           await this.#states.flush();
           const read = await leases.read(id, lane.done, this.#opts.laneBuffer, this.#clock.now());
           lane.done = Math.max(lane.done, read.through);
-          lane.queue = read.notes.map((note) => ({ note, ...(note.attempts === 0 ? { acceptedAt: note.dueAt } : {}) }));
+          const full = read.notes.length === this.#opts.laneBuffer;
+          const notes = wholeBundles(read.notes, full);
+          lane.queue = notes.map((note) => ({ note, ...(note.attempts === 0 ? { acceptedAt: note.dueAt } : {}) }));
           // A wake during the read (an event committed here) keeps the backlog set: read again after these.
-          lane.backlog ||= read.notes.length === this.#opts.laneBuffer;
-          lane.voidableAt = read.voidableAt;
+          lane.backlog ||= full;
+          // (A bundle left for the next read stands between these and any missing number.)
+          lane.voidableAt = notes.length === read.notes.length ? read.voidableAt : undefined;
           continue;
         }
         const head = lane.queue[0];
@@ -878,13 +884,19 @@ export class Dispatcher {
     now: number,
     mayStart: () => boolean = () => true,
   ): Promise<boolean> {
-    const batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
+    const max = sub.channel.maxCount ?? 1;
+    let batches = takeRun(lane.queue, max, RUN_LENGTH, now);
     const generation = lane.generation;
     const epoch = lane.hold?.epoch;
     const run = new RunStop();
     lane.run = run;
     let results: SendResult[];
     try {
+      if (max > 1 && sub.channel.type === 'rest-hook') {
+        batches = await this.#markBundles(sub.id, lane, batches);
+        // Rebuilt meanwhile (a re-queue): the loop starts over from the lane as it is now.
+        if (lane.generation !== generation) return true;
+      }
       // Cut when the invocation's time for attempts is over: a run under way counts its first
       // bundle as failed (one it delivered before the cut goes again under its webhook-id) and
       // starts no more; one that never got a slot sends nothing and stays queued, its attempts
@@ -909,6 +921,55 @@ export class Dispatcher {
   }
 
   /**
+   * Before a run's first attempt, where each of its bundles ends is stored (on the bundle's first
+   * notification, `bundleLast`), unless it is already: a webhook-id names a bundle's first and
+   * last event numbers, and without the mark a restart (or, on AWS, the next holder of the lane)
+   * would group what it reads back with what arrived since, and send events the endpoint may
+   * already have under another id. Answers the batches with their heads marked, as the queue now
+   * holds them. (With `max-count` 1 every bundle is one notification: nothing to store.)
+   */
+  async #markBundles(id: string, lane: Lane, batches: QueuedNotification[][]): Promise<QueuedNotification[][]> {
+    const marks: BundleMark[] = [];
+    for (const batch of batches) {
+      const head = (batch[0] as QueuedNotification).note;
+      const last = (batch[batch.length - 1] as QueuedNotification).note.eventNumber;
+      if (head.bundleLast !== last) marks.push({ subscriptionId: id, eventNumber: head.eventNumber, last });
+    }
+    if (marks.length === 0) return batches;
+    const generation = lane.generation;
+    const first = batches[0]?.[0];
+    await this.#writeMarks(marks);
+    // The queue still starts with these batches unless it was rebuilt meanwhile (the caller sees that).
+    if (lane.generation !== generation || lane.queue[0] !== first) return batches;
+    let at = 0;
+    return batches.map((batch) => {
+      const start = at;
+      at += batch.length;
+      const head = batch[0] as QueuedNotification;
+      const last = (batch[batch.length - 1] as QueuedNotification).note.eventNumber;
+      if (head.note.bundleLast === last) return batch;
+      const marked: QueuedNotification = { ...head, note: { ...head.note, bundleLast: last } };
+      lane.queue[start] = marked;
+      return [marked, ...batch.slice(1)];
+    });
+  }
+
+  /**
+   * The marks of every lane starting a run in this turn of the event loop, in one store write (a
+   * group commit wakes many lanes at once): resolves once they are all written.
+   */
+  #writeMarks(marks: readonly BundleMark[]): Promise<void> {
+    for (const m of marks) this.#marks.push(m);
+    this.#marksWritten ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => {
+      const all = this.#marks;
+      this.#marks = [];
+      this.#marksWritten = undefined;
+      return this.#store.markBundles(all);
+    });
+    return this.#marksWritten;
+  }
+
+  /**
    * Reads the lane's backlog from the store (this process its only sender): the pending
    * notifications above what this lane delivered, or, on a rescan, all of them from the lowest
    * number. A rescan first writes the delivery states still waiting in the write-behind, so a row
@@ -928,6 +989,7 @@ export class Dispatcher {
       lane.reloading = false;
     }
     const full = rows.length === this.#opts.laneBuffer;
+    rows = wholeBundles(rows, full);
     // Rebuilt (`requeued`) meanwhile: this read may predate the re-queue; the next one will not.
     if (lane.generation !== generation) return;
     const queued = new Set(lane.queue.map((q) => q.note.eventNumber));
@@ -1446,10 +1508,12 @@ export class Dispatcher {
 
 /**
  * The due head of the queue as up to `bundles` bundles of up to `max` notifications each, in order:
- * what one `sendInOrder` run sends. A bundle that failed goes out again exactly as it was (so under
- * the same `webhook-id`, which receivers deduplicate on): its notifications share the attempt count
- * and due time the failure gave them, and nothing else joins them. Notifications not yet attempted
- * group freely.
+ * what one `sendInOrder` run sends. A bundle that went out before goes out again exactly as it was
+ * (so under the same `webhook-id`, which receivers deduplicate on): its first notification carries
+ * where it ends (`bundleLast`, stored before its first attempt, so also after a restart), and its
+ * notifications share the attempt count and due time a failure gave them; nothing else joins it.
+ * Notifications not yet attempted group freely. A mark longer than `max` (the client lowered
+ * `max-count` since) is not kept to: that bundle is grouped and marked afresh.
  */
 function takeRun(
   queue: readonly QueuedNotification[],
@@ -1459,18 +1523,45 @@ function takeRun(
 ): QueuedNotification[][] {
   const out: QueuedNotification[][] = [];
   let current: QueuedNotification[] = [];
+  let last = Number.POSITIVE_INFINITY;
   for (const q of queue) {
     if (q.note.dueAt > now) break;
+    const mark = markOf(q.note, max);
     const head = current[0];
-    if (current.length === max || (head !== undefined && !sameAttempt(head.note, q.note))) {
+    if (
+      head !== undefined &&
+      (current.length === max || mark !== undefined || q.note.eventNumber > last || !sameAttempt(head.note, q.note))
+    ) {
       out.push(current);
       if (out.length === bundles) return out;
       current = [];
     }
+    if (current.length === 0) last = mark ?? Number.POSITIVE_INFINITY;
     current.push(q);
   }
   if (current.length > 0) out.push(current);
   return out;
+}
+
+/** The stored last event number of the bundle `note` starts, if it has one that fits within `max`. */
+function markOf(note: StoredNotification, max: number): number | undefined {
+  const last = note.bundleLast;
+  return last !== undefined && last >= note.eventNumber && last - note.eventNumber < max ? last : undefined;
+}
+
+/**
+ * What a full read of a lane's backlog (`full`) may send: not a bundle it cuts short (a stored
+ * mark beyond its last number), which would go out under another `webhook-id`; that one is left
+ * for the next read, unless it is the first (then it is all there is to send).
+ */
+function wholeBundles(notes: StoredNotification[], full: boolean): StoredNotification[] {
+  if (!full) return notes;
+  const end = notes[notes.length - 1]?.eventNumber ?? 0;
+  for (let i = notes.length - 1; i > 0; i--) {
+    const last = (notes[i] as StoredNotification).bundleLast;
+    if (last !== undefined) return last > end ? notes.slice(0, i) : notes;
+  }
+  return notes;
 }
 
 /** Whether two queued notifications belong in one bundle: both unattempted, or failed together. */
