@@ -107,6 +107,35 @@ describe('DynamoDbStore', () => {
     ]);
   });
 
+  it('writes a marked bundle’s first notification after the rest of its states: a death between leaves its mark', async () => {
+    await store.acceptChanges([item('e1', ['s1']), item('e2', ['s1']), item('e3', ['s1'])], RECEIVED);
+    expect(await store.markBundles([{ subscriptionId: 's1', eventNumber: 1, last: 3 }])).toEqual([true]);
+    // The process dies as it writes the first notification's state.
+    const order: number[] = [];
+    const dying = {
+      send: async (command: Parameters<DynamoDBClient['send']>[0]) => {
+        if (command instanceof UpdateItemCommand) {
+          const n = Number(command.input.Key?.eventNumber?.N);
+          order.push(n);
+          if (n === 1) throw new Error('the process died');
+        }
+        return client.send(command);
+      },
+    } as unknown as DynamoDBClient;
+    const delivered = [1, 2, 3].map((eventNumber) => ({
+      subscriptionId: 's1',
+      eventNumber,
+      state: 'delivered' as const,
+      attempts: 1,
+      dueAt: RECEIVED,
+      ...(eventNumber === 1 ? { bundleHead: true as const } : {}),
+    }));
+    await expect(new DynamoDbStore(dying, prefix).recordDeliveries(delivered)).rejects.toThrow('the process died');
+    expect(order).toEqual([2, 3, 1]);
+    // What is left pending still names its bundle: it goes again under that bundle's id.
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => [n.eventNumber, n.bundleLast])).toEqual([[1, 3]]);
+  });
+
   it('leaves a gap in event numbers when a process died between taking a number and queueing', async () => {
     await client.send(
       new UpdateItemCommand({

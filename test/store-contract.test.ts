@@ -706,10 +706,20 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
     });
 
     it('stores where a bundle ends on its first notification, kept across a reopen and a re-queue', async () => {
-      await store.markBundles([
-        { subscriptionId: 's1', eventNumber: 1, last: 3 },
-        { subscriptionId: 's1', eventNumber: 4, last: 5 },
-      ]);
+      expect(
+        await store.markBundles([
+          { subscriptionId: 's1', eventNumber: 1, last: 3 },
+          { subscriptionId: 's1', eventNumber: 4, last: 4 },
+        ]),
+      ).toEqual([true, true]);
+      // Over a mark only while it is the one the caller read.
+      expect(
+        await store.markBundles([
+          { subscriptionId: 's1', eventNumber: 4, last: 5, previous: 4 },
+          { subscriptionId: 's1', eventNumber: 1, last: 2 },
+          { subscriptionId: 's1', eventNumber: 1, last: 2, previous: 2 },
+        ]),
+      ).toEqual([true, false, false]);
       const marks = async () =>
         (await store.pendingNotifications('s1', 0, 10)).map((n) => [n.eventNumber, n.bundleLast]);
       const marked = [
@@ -741,14 +751,18 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
           lastError: 'HTTP 500',
         })),
       );
-      await store.markBundles([{ subscriptionId: 's1', eventNumber: 4, last: 4 }]);
+      expect(await store.markBundles([{ subscriptionId: 's1', eventNumber: 4, last: 4, previous: 5 }])).toEqual([
+        false,
+      ]);
       expect(await store.requeueDeadLetters('s1', RECEIVED + 1)).toBe(2);
       expect(await marks()).toEqual(marked);
       // One for a notification that does not exist writes nothing.
-      await store.markBundles([
-        { subscriptionId: 's1', eventNumber: 99, last: 100 },
-        { subscriptionId: 'ghost', eventNumber: 1, last: 2 },
-      ]);
+      expect(
+        await store.markBundles([
+          { subscriptionId: 's1', eventNumber: 99, last: 100 },
+          { subscriptionId: 'ghost', eventNumber: 1, last: 2 },
+        ]),
+      ).toEqual([false, false]);
       expect((await store.notificationsInRange('s1', 0, 1000, 1000)).map((n) => n.eventNumber)).toEqual([
         1, 2, 3, 4, 5,
       ]);

@@ -80,6 +80,20 @@ describe('DeliveryStateLog', () => {
     expect(store.calls.map((c) => c.map((u) => u.eventNumber))).toEqual([[1, 2, 3], [4]]);
   });
 
+  it('writes the states of one bundle in one call, even past a full batch', async () => {
+    const store = new HeldStore();
+    const log = new DeliveryStateLog({ store, logger, delayMs: 10, batch: 3 });
+    log.record(note(1));
+    log.record(note(2), note(3), note(4), note(5));
+    log.record(note(6));
+    await vi.advanceTimersByTimeAsync(0);
+    // Not [1, 2, 3] then [4, 5, 6]: a crash between two writes would leave the bundle 2–5 half recorded.
+    expect(store.calls.map((c) => c.map((u) => u.eventNumber))).toEqual([[1, 2, 3, 4, 5]]);
+    store.finish(0);
+    await vi.advanceTimersByTimeAsync(10);
+    expect(store.calls.map((c) => c.map((u) => u.eventNumber))).toEqual([[1, 2, 3, 4, 5], [6]]);
+  });
+
   it('hands a batch to the store only after the one before it is written', async () => {
     const store = new HeldStore();
     const log = new DeliveryStateLog({ store, logger, delayMs: 10 });

@@ -32,10 +32,14 @@ export class DeliveryStateLog {
     this.#batch = deps.batch ?? 512;
   }
 
-  /** After `close`, dropped: the store may be closing, and an unrecorded state only means a redelivery. */
-  record(update: DeliveryUpdate): void {
+  /**
+   * The states of one bundle (or one notification), written in one store write: a process killed
+   * meanwhile never leaves part of a bundle recorded (SQLite: one transaction). After `close`,
+   * dropped: the store may be closing, and an unrecorded state only means a redelivery.
+   */
+  record(...updates: DeliveryUpdate[]): void {
     if (this.#closed) return;
-    this.#waiting.push(update);
+    for (const u of updates) this.#waiting.push(u);
     if (this.#waiting.length >= this.#batch) void this.flush();
     else this.#timer ??= setTimeout(() => void this.flush(), this.#delayMs);
   }

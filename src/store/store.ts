@@ -55,6 +55,13 @@ export interface DeliveryUpdate {
    * the notification over, and the old attempt's outcome must not undo that.
    */
   readonly laneEpoch?: number;
+  /**
+   * The update of a marked bundle's first notification (see `StoredNotification.bundleLast`). A
+   * store that writes a batch's updates one at a time writes these after the others: a process
+   * that dies in between leaves the bundle findable by its mark, never the rest of it pending
+   * without one (and regrouped under another id).
+   */
+  readonly bundleHead?: true;
 }
 
 /**
@@ -65,6 +72,12 @@ export interface BundleMark {
   readonly subscriptionId: string;
   readonly eventNumber: number;
   readonly last: number;
+  /**
+   * The mark the caller read on that notification (absent: none). Written only while it is still
+   * that one: a lane holder that stalled past its lease cannot overwrite the mark of a bundle the
+   * next holder sent meanwhile.
+   */
+  readonly previous?: number;
 }
 
 export interface StatusUpdate {
@@ -252,13 +265,15 @@ export interface Store {
   recordDeliveries(updates: readonly DeliveryUpdate[]): Promise<void>;
   /**
    * Records where bundles end before their first attempt (`StoredNotification.bundleLast` of
-   * each mark's first notification, while it is pending), so what a restart or another instance
-   * reads back goes out in the same bundles, under the same `webhook-id`s. Resolves once written
-   * so a process killed after it keeps them (SQLite: committed to the WAL without an fsync of its
-   * own; a power cut may lose one, and then the bundle is regrouped: delivered again, under
-   * another id, which at-least-once allows).
+   * each mark's first notification, while it is pending and still carries `previous`), so what a
+   * restart or another instance reads back goes out in the same bundles, under the same
+   * `webhook-id`s. Answers, per mark, whether it was written. Resolves once written so a process
+   * killed after it keeps them (SQLite: committed to the WAL without an fsync of its own; a power
+   * cut may lose one, and then the bundle is regrouped: delivered again, under another id, which
+   * at-least-once allows). Whether a notification already delivered or dead-lettered takes a
+   * mark is the store's (it is not sent again either way).
    */
-  markBundles(marks: readonly BundleMark[]): Promise<void>;
+  markBundles(marks: readonly BundleMark[]): Promise<boolean[]>;
   /** Stored notifications with `from <= eventNumber <= to`, oldest first. */
   notificationsInRange(subscriptionId: string, from: number, to: number, limit: number): Promise<StoredNotification[]>;
 

@@ -521,23 +521,37 @@ export class DynamoDbStore implements Store {
     // Writes run in parallel, so keep only the last outcome per notification (SQLite applies in order).
     const last = new Map<string, DeliveryUpdate>();
     for (const u of updates) last.set(`${u.subscriptionId}\n${u.eventNumber}`, u);
-    await inBursts([...last.values()], (u) => this.#recordDelivery(u));
+    // Marked bundles' first notifications after the rest (DeliveryUpdate.bundleHead).
+    const all = [...last.values()];
+    await inBursts(
+      all.filter((u) => u.bundleHead !== true),
+      (u) => this.#recordDelivery(u),
+    );
+    await inBursts(
+      all.filter((u) => u.bundleHead === true),
+      (u) => this.#recordDelivery(u),
+    );
   }
 
   /**
    * One conditional update per bundle, on its first notification while it is pending (one a
-   * delivery or a dead letter got to first keeps no mark: it is not sent again).
+   * delivery or a dead letter got to first keeps no mark: it is not sent again) and still has the
+   * mark the caller read: a holder that stalled past its lease does not overwrite the next holder's.
    */
-  async markBundles(marks: readonly BundleMark[]): Promise<void> {
-    await inBursts(marks, (m) => {
+  markBundles(marks: readonly BundleMark[]): Promise<boolean[]> {
+    return inBursts(marks, (m) => {
       const e = new Expression().set('bundleLast', N(m.last));
+      const seen =
+        m.previous === undefined
+          ? `attribute_not_exists(${e.name('bundleLast')})`
+          : `${e.name('bundleLast')} = ${e.value(N(m.previous))}`;
       return conditionHeld(
         this.#client.send(
           new UpdateItemCommand({
             TableName: this.#tables.notifications,
             Key: { subscriptionId: S(m.subscriptionId), eventNumber: N(m.eventNumber) },
             UpdateExpression: e.update,
-            ConditionExpression: `${e.name('state')} = ${e.value(S('pending'))}`,
+            ConditionExpression: `${e.name('state')} = ${e.value(S('pending'))} AND ${seen}`,
             ...e.bindings,
           }),
         ),

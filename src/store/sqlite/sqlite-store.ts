@@ -498,7 +498,7 @@ export class SqliteStore implements Store {
   }
 
   /** On the writer thread, without an fsync of their own (see Store.markBundles). */
-  markBundles(marks: readonly BundleMark[]): Promise<void> {
+  markBundles(marks: readonly BundleMark[]): Promise<boolean[]> {
     return this.#writer.markBundles(marks);
   }
 

@@ -112,11 +112,13 @@ const requeue = db.transaction((sub, dueAt) => {
   restartRetries.run(dueAt, sub, done);
   return dead === null ? 0 : requeueDead.run(dueAt, sub).changes;
 });
-// Where bundles end (Store.markBundles): on each one's first notification, while it is pending. marks:
-// [subscriptionId, eventNumber, last]...
-const markBundle = db.prepare("UPDATE notifications SET bundle_last = ? WHERE subscription_id = ? AND event_number = ? AND state = 'pending'");
+// Where bundles end (Store.markBundles): on each one's first notification, while it is pending and still has the
+// mark the caller read. marks: [subscriptionId, eventNumber, last, previous | null]...; answers 1 or 0 per mark.
+const markBundle = db.prepare("UPDATE notifications SET bundle_last = ? WHERE subscription_id = ? AND event_number = ? AND state = 'pending' AND bundle_last IS ?");
 const markBundles = db.transaction((m) => {
-  for (let i = 0; i < m.length; i += 3) markBundle.run(m[i + 2], m[i], m[i + 1]);
+  const written = [];
+  for (let i = 0; i < m.length; i += 4) written.push(markBundle.run(m[i + 2], m[i], m[i + 1], m[i + 3]).changes);
+  return written;
 });
 // A transaction that failed may have left the cached watermarks ahead of the database: forget them all.
 function forgettingMarksOnFailure(fn) {
@@ -182,8 +184,7 @@ parentPort.on('message', (msg) => {
       parentPort.postMessage({ id: msg.id, result: null });
     } else if (msg.op === 'bundles') {
       // Committed before the attempts they precede: a process killed after this keeps them.
-      withoutFsync(() => markBundles(msg.marks));
-      parentPort.postMessage({ id: msg.id, result: null });
+      parentPort.postMessage({ id: msg.id, result: withoutFsync(() => markBundles(msg.marks)) });
     } else if (msg.op === 'steps') {
       marks.clear();
       parentPort.postMessage({ id: msg.id, result: steps.immediate(msg.steps) });
@@ -359,10 +360,10 @@ export class SqliteWriter {
     await this.#call({ op: 'deliveries', updates: flat });
   }
 
-  async markBundles(marks: readonly BundleMark[]): Promise<void> {
-    const flat: (string | number)[] = [];
-    for (const m of marks) flat.push(m.subscriptionId, m.eventNumber, m.last);
-    await this.#call({ op: 'bundles', marks: flat });
+  async markBundles(marks: readonly BundleMark[]): Promise<boolean[]> {
+    const flat: (string | number | null)[] = [];
+    for (const m of marks) flat.push(m.subscriptionId, m.eventNumber, m.last, m.previous ?? null);
+    return ((await this.#call({ op: 'bundles', marks: flat })) as number[]).map((changes) => changes > 0);
   }
 
   /**
