@@ -13,6 +13,7 @@ import {
   type WebhookRequest,
 } from '../src/delivery/rest-hook-sender.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
+import type { BundleMark } from '../src/store/store.js';
 import { eventLike, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
@@ -181,8 +182,8 @@ describe('delivery runs', () => {
     await first.logger.waitForStatus(id, 'active');
     const isEvent = (r: { path: string; body: string }) =>
       r.path === '/kept' && r.body.includes('"event-notification"');
-    // The first bundle (events 1–2) is held on the wire; events 3 and 4 arrive meanwhile.
-    receiver.respond = (req) => (isEvent(req) ? { status: 204, delayMs: 5_000 } : { status: 204 });
+    // The first bundle (events 1–2) is held on the wire (until the stop cuts it); events 3 and 4 arrive meanwhile.
+    receiver.respond = (req) => (isEvent(req) ? { status: 204, delayMs: 20_000 } : { status: 204 });
     await first.post([1, 2].map((n) => eventLike('healthlake-update-patient', `kept-${n}`, `p${n}`)));
     await receiver.waitFor(() => receiver.arrived.some(isEvent), 'the first bundle on the wire');
     await first.post([3, 4].map((n) => eventLike('healthlake-update-patient', `kept-${n}`, `p${n}`)));
@@ -217,6 +218,40 @@ describe('delivery runs', () => {
     ]);
   });
 
+  it('sends nothing unmarked when the mark cannot be written: the lane tries again shortly', async () => {
+    const { dir, receiver } = await dirAndReceiver();
+    /** The embedded store, its first mark write failing as a full disk would fail it. */
+    class FailingOnce extends SqliteStore {
+      failures = 1;
+      override markBundles(marks: readonly BundleMark[]): Promise<boolean[]> {
+        if (this.failures-- > 0) return Promise.reject(new Error('SQLITE_FULL: database or disk is full'));
+        return super.markBundles(marks);
+      }
+    }
+    const store = new FailingOnce(dir);
+    const t = await inProcessBroker({ BROKER_DATA_DIR: dir }, { store, sender: () => new NotingSender() });
+    cleanups.push(() => t.broker.close(0));
+    const sub = await t.create(
+      topicSubscription('patient-change', `${receiver.url}/retried`, { channel: BUNDLES_OF_5 }),
+    );
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    await t.post([1, 2].map((n) => eventLike('healthlake-update-patient', `retried-${n}`, `p${n}`)));
+    const warned = await t.logger.waitFor(
+      (r) => r.msg === 'could not store where bundles end; the lane tries again shortly' && r.subscription === id,
+      'the failed mark write',
+    );
+    const warnedAt = Date.now();
+    expect(String(warned.err)).toContain('SQLITE_FULL');
+    await receiver.waitFor(() => delivered(receiver, '/retried').length >= 2, 'the two, once marked', 10_000);
+    const arrivals = receiver.arrived.filter((r) => r.path === '/retried' && r.body.includes('"event-notification"'));
+    expect(arrivals.map((r) => [String(r.headers['webhook-id']), notifiedNumbers([r]).join(',')])).toEqual([
+      [`${id}-1-2`, '1,2'],
+    ]);
+    // Not before the lane's retry (1 s): nothing went out while its mark was not written.
+    expect((arrivals[0]?.at ?? 0) - warnedAt).toBeGreaterThanOrEqual(800);
+  });
+
   it('leaves a bundle that a full read of the backlog cuts short for the next read', async () => {
     const { dir, receiver } = await dirAndReceiver();
     const first = await start(dir, new NotingSender());
@@ -246,6 +281,85 @@ describe('delivery runs', () => {
       .filter((r) => r.path === '/paged' && r.body.includes('"event-notification"'))
       .map((r) => String(r.headers['webhook-id']).replace(`${id}-`, ''));
     expect(ids).toEqual(range(60).map((k) => `${5 * k - 4}-${5 * k}`));
+  });
+
+  it('sends a marked bundle whose states a crash left half written as it was, under its first id', async () => {
+    const { dir, receiver } = await dirAndReceiver();
+    const first = await start(dir, new NotingSender());
+    const a = await first.create(
+      topicSubscription('patient-change', `${receiver.url}/half`, {
+        filters: ['Patient?_id=p'],
+        channel: BUNDLES_OF_5,
+      }),
+    );
+    const bundlesOf2 = { extension: [{ ...BUNDLES_OF_5.extension[0], valuePositiveInt: 2 }] };
+    const b = await first.create(
+      topicSubscription('patient-change', `${receiver.url}/lowered`, {
+        filters: ['Patient?_id=q'],
+        channel: bundlesOf2,
+      }),
+    );
+    const [ida, idb] = [a.id as string, b.id as string];
+    for (const id of [ida, idb]) await first.logger.waitForStatus(id, 'active');
+    await first.broker.close(0);
+    // As a crash could leave them on a store that writes states one by one (DynamoDB):
+    const store = new SqliteStore(dir);
+    const now = Date.now();
+    try {
+      await store.acceptChanges(
+        range(12).map((n) => ({ change: change(`half-${n}`, 'p'), subscriptionIds: [ida] })),
+        now,
+      );
+      await store.acceptChanges(
+        range(5).map((n) => ({ change: change(`lowered-${n}`, 'q'), subscriptionIds: [idb] })),
+        now,
+      );
+      await store.markBundles([
+        { subscriptionId: ida, eventNumber: 1, last: 5 },
+        { subscriptionId: ida, eventNumber: 6, last: 8 },
+        // Marked when its max-count was 5; the client has lowered it to 2 since.
+        { subscriptionId: idb, eventNumber: 1, last: 5 },
+      ]);
+      await store.recordDeliveries([
+        // Bundle 1–5 delivered, its first notification's state not written.
+        ...[2, 3, 4, 5].map((eventNumber) => ({
+          subscriptionId: ida,
+          eventNumber,
+          state: 'delivered' as const,
+          attempts: 1,
+          dueAt: now,
+        })),
+        // Bundle 6–8 refused, only its first notification's state written.
+        { subscriptionId: ida, eventNumber: 6, state: 'pending', attempts: 1, dueAt: now, lastError: 'HTTP 503' },
+      ]);
+    } finally {
+      await store.close();
+    }
+
+    await start(dir, new NotingSender());
+    await receiver.waitFor(
+      () => delivered(receiver, '/half').length >= 8 && delivered(receiver, '/lowered').length >= 5,
+      'the rest after the restart',
+      10_000,
+    );
+    const sent = (path: string, id: string) =>
+      receiver
+        .on(path)
+        .filter((r) => r.body.includes('"event-notification"'))
+        .map((r) => [String(r.headers['webhook-id']).replace(`${id}-`, ''), notifiedNumbers([r]).join(',')]);
+    // 1 under the id of the bundle it went out in (its endpoint has it, and deduplicates); 6–8
+    // whole, though their states differ; what follows grouped afresh.
+    expect(sent('/half', ida)).toEqual([
+      ['1-5', '1'],
+      ['6-8', '6,7,8'],
+      ['9-12', '9,10,11,12'],
+    ]);
+    // At most max-count events per bundle, whatever was marked before.
+    expect(sent('/lowered', idb)).toEqual([
+      ['1-2', '1,2'],
+      ['3-4', '3,4'],
+      ['5', '5'],
+    ]);
   });
 
   it('keeps a failed bundle whole through an origin pause that starts while it waits for its retry', async () => {

@@ -101,35 +101,38 @@ it('a bundle the instance that died sent goes out as it was from the instance th
   t = await inProcessBroker({}, { store: new DynamoDbStore(local.client, prefix) });
   const sub = await t.create(
     topicSubscription('patient-change', `${receiver.url}/taken`, {
-      filters: ['Patient?_id=t1,t2,t3,t4'],
+      filters: ['Patient?_id=t1,t2,t3,t4,t5'],
       channel: { extension: [{ url: BACKPORT_EXT.maxCount, valuePositiveInt: 5 }] },
     }),
   );
   const id = sub.id as string;
   await t.logger.waitForStatus(id, 'active');
-  // Another instance holds the lane for 1.5 s more: it sent events 1–2 as one bundle (stored
-  // where it ends, before the attempt) and died with the attempt unrecorded.
-  await local.client.send(
+  // Another instance holds the lane: it sent events 1–2 as one bundle (stored where it ends, before
+  // the attempt) and died with the attempt unrecorded.
+  const lease = (until: number) =>
     new PutItemCommand({
       TableName: tableNames(prefix).notifications,
       Item: {
         subscriptionId: { S: id },
         eventNumber: { N: '0' },
         laneHolder: { S: 'a-dead-instance' },
-        laneUntil: { N: String(Date.now() + 1_500) },
+        laneUntil: { N: String(until) },
         laneThrough: { N: '0' },
         laneEpoch: { N: '0' },
       },
-    }),
-  );
+    });
+  await local.client.send(lease(Date.now() + 60_000));
   await t.post([1, 2, 3, 4].map((n) => eventLike('healthlake-update-patient', randomUUID(), `t${n}`)));
-  await t.broker.store.markBundles([{ subscriptionId: id, eventNumber: 1, last: 2 }]);
+  expect(await t.broker.store.markBundles([{ subscriptionId: id, eventNumber: 1, last: 2 }])).toEqual([true]);
+  // Its lease runs out in 1.5 s; a fifth event wakes this instance's lane, which takes it then.
+  await local.client.send(lease(Date.now() + 1_500));
+  await t.post([eventLike('healthlake-update-patient', randomUUID(), 't5')]);
   const arrivals = () => receiver.arrived.filter((r) => r.path === '/taken' && r.body.includes('"event-notification"'));
-  await receiver.waitFor(() => notifiedNumbers(arrivals()).length >= 4, 'the four, once the lease ran out', 10_000);
-  // Not `1-4`: the endpoint may have processed 1–2 already, and deduplicates on the id.
+  await receiver.waitFor(() => notifiedNumbers(arrivals()).length >= 5, 'the five, once the lease ran out', 10_000);
+  // Not `1-5`: the endpoint may have processed 1–2 already, and deduplicates on the id.
   expect(arrivals().map((r) => [String(r.headers['webhook-id']), notifiedNumbers([r]).join(',')])).toEqual([
     [`${id}-1-2`, '1,2'],
-    [`${id}-3-4`, '3,4'],
+    [`${id}-3-5`, '3,4,5'],
   ]);
 });
 

@@ -7,7 +7,7 @@ import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRec
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
-import type { BundleMark, LaneHold, LaneLeases, Store } from '../store/store.js';
+import type { BundleMark, DeliveryUpdate, LaneHold, LaneLeases, Store } from '../store/store.js';
 import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter, originOf } from './origin-limiter.js';
 import { RunStop, type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
@@ -139,6 +139,9 @@ const PURGE_MIN_GAP_MS = PURGE_INTERVAL_MS - 60 * 1000;
  */
 const DEAD_LETTER_RECHECK_MS = 5_000;
 
+/** A lane whose bundle marks could not be written (the store failed) tries again after this. */
+const MARK_RETRY_MS = 1_000;
+
 // 10 s: the default per-attempt timeout when a subscription sets no backport-timeout.
 const DEFAULT_TIMEOUT_MS = 10_000;
 /**
@@ -222,7 +225,7 @@ export class Dispatcher {
   readonly #states: DeliveryStateLog;
   /** Bundle marks asked for in this turn of the event loop, and their one write (see `#writeMarks`). */
   #marks: BundleMark[] = [];
-  #marksWritten: Promise<void> | undefined;
+  #marksWritten: Promise<boolean[]> | undefined;
   readonly #origins = new Map<string, string>();
   /**
    * Until when (`performance.now()`) one client's notifications to one origin wait, keyed
@@ -818,12 +821,12 @@ export class Dispatcher {
         head.note.attempts === 0
           ? 1
           : (takeRun(lane.queue, sub.channel.maxCount ?? 1, 1, Number.POSITIVE_INFINITY)[0]?.length ?? 1);
+      const moved = lane.queue.slice(0, bundle);
       for (let i = 0; i < bundle; i++) {
         const q = lane.queue[i] as QueuedNotification;
-        const note: StoredNotification = { ...q.note, dueAt };
-        lane.queue[i] = { ...q, note };
-        this.#states.record({ ...note, laneEpoch: lane.hold?.epoch });
+        lane.queue[i] = { ...q, note: { ...q.note, dueAt } };
       }
+      this.#recordBundle(moved, (note) => ({ ...note, dueAt, laneEpoch: lane.hold?.epoch }));
       lane.retry = { dueAt, at: performance.now() + paused };
       this.#wakeIn(sub.id, lane, paused, false);
       return undefined;
@@ -893,9 +896,27 @@ export class Dispatcher {
     let results: SendResult[];
     try {
       if (max > 1 && sub.channel.type === 'rest-hook') {
-        batches = await this.#markBundles(sub.id, lane, batches);
+        let marked: QueuedNotification[][] | undefined;
+        try {
+          marked = await this.#markBundles(sub.id, lane, batches);
+        } catch (err) {
+          // Nothing is sent unmarked: the lane tries again shortly (its notifications stay pending).
+          this.#logger.warn('could not store where bundles end; the lane tries again shortly', {
+            subscription: sub.id,
+            err: err as Error,
+          });
+          if (!this.#closed && this.#lanes.get(sub.id) === lane) this.#wakeIn(sub.id, lane, MARK_RETRY_MS, false);
+          return false;
+        }
         // Rebuilt meanwhile (a re-queue): the loop starts over from the lane as it is now.
         if (lane.generation !== generation) return true;
+        if (marked === undefined) {
+          // A mark the store holds is not the one this lane read (on AWS, another holder sent from
+          // the lane meanwhile): read the lane again, from the store.
+          this.#rebuild(lane);
+          return true;
+        }
+        batches = marked;
       }
       // Cut when the invocation's time for attempts is over: a run under way counts its first
       // bundle as failed (one it delivered before the cut goes again under its webhook-id) and
@@ -925,29 +946,46 @@ export class Dispatcher {
    * notification, `bundleLast`), unless it is already: a webhook-id names a bundle's first and
    * last event numbers, and without the mark a restart (or, on AWS, the next holder of the lane)
    * would group what it reads back with what arrived since, and send events the endpoint may
-   * already have under another id. Answers the batches with their heads marked, as the queue now
-   * holds them. (With `max-count` 1 every bundle is one notification: nothing to store.)
+   * already have under another id. A stored mark is kept when the bundle holds every queued
+   * notification within it (those missing were recorded done: the bundle goes again under its
+   * first id, and its endpoint, which had it, deduplicates); one the bundle ends before (the client
+   * lowered `max-count`) is replaced. Answers the batches with their heads marked, as the queue
+   * now holds them, or undefined when the store holds another mark than the one read (see
+   * `BundleMark.previous`). (With `max-count` 1 every bundle is one notification: nothing to store.)
    */
-  async #markBundles(id: string, lane: Lane, batches: QueuedNotification[][]): Promise<QueuedNotification[][]> {
+  async #markBundles(
+    id: string,
+    lane: Lane,
+    batches: QueuedNotification[][],
+  ): Promise<QueuedNotification[][] | undefined> {
     const marks: BundleMark[] = [];
+    let end = 0;
     for (const batch of batches) {
       const head = (batch[0] as QueuedNotification).note;
       const last = (batch[batch.length - 1] as QueuedNotification).note.eventNumber;
-      if (head.bundleLast !== last) marks.push({ subscriptionId: id, eventNumber: head.eventNumber, last });
+      end += batch.length;
+      const after = lane.queue[end]?.note.eventNumber ?? Number.POSITIVE_INFINITY;
+      const kept = head.bundleLast !== undefined && head.bundleLast >= last && after > head.bundleLast;
+      if (!kept) {
+        const previous = head.bundleLast === undefined ? {} : { previous: head.bundleLast };
+        marks.push({ subscriptionId: id, eventNumber: head.eventNumber, last, ...previous });
+      }
     }
     if (marks.length === 0) return batches;
     const generation = lane.generation;
     const first = batches[0]?.[0];
-    await this.#writeMarks(marks);
+    const written = await this.#writeMarks(marks);
+    if (written.includes(false)) return undefined;
     // The queue still starts with these batches unless it was rebuilt meanwhile (the caller sees that).
     if (lane.generation !== generation || lane.queue[0] !== first) return batches;
+    const lasts = new Map(marks.map((m) => [m.eventNumber, m.last]));
     let at = 0;
     return batches.map((batch) => {
       const start = at;
       at += batch.length;
       const head = batch[0] as QueuedNotification;
-      const last = (batch[batch.length - 1] as QueuedNotification).note.eventNumber;
-      if (head.note.bundleLast === last) return batch;
+      const last = lasts.get(head.note.eventNumber);
+      if (last === undefined) return batch;
       const marked: QueuedNotification = { ...head, note: { ...head.note, bundleLast: last } };
       lane.queue[start] = marked;
       return [marked, ...batch.slice(1)];
@@ -956,9 +994,11 @@ export class Dispatcher {
 
   /**
    * The marks of every lane starting a run in this turn of the event loop, in one store write (a
-   * group commit wakes many lanes at once): resolves once they are all written.
+   * group commit wakes many lanes at once): resolves, once they are all written, with whether each
+   * of `marks` was.
    */
-  #writeMarks(marks: readonly BundleMark[]): Promise<void> {
+  async #writeMarks(marks: readonly BundleMark[]): Promise<boolean[]> {
+    const from = this.#marks.length;
     for (const m of marks) this.#marks.push(m);
     this.#marksWritten ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => {
       const all = this.#marks;
@@ -966,7 +1006,20 @@ export class Dispatcher {
       this.#marksWritten = undefined;
       return this.#store.markBundles(all);
     });
-    return this.#marksWritten;
+    return (await this.#marksWritten).slice(from, from + marks.length);
+  }
+
+  /** The lane forgets what it holds and reads it again from the store. */
+  #rebuild(lane: Lane): void {
+    lane.queue = [];
+    lane.backlog = true;
+    lane.generation++;
+    if (this.#leases !== undefined) {
+      lane.recheck = true;
+    } else {
+      lane.queuedThrough = 0;
+      lane.rescan = true;
+    }
   }
 
   /**
@@ -1071,15 +1124,14 @@ export class Dispatcher {
     if (result.ok) {
       lane.lastSentAt = performance.now();
       if (current) retire(lane, batch);
-      for (const { note, acceptedAt } of batch) {
-        const { subscriptionId, eventNumber } = note;
-        this.#states.record({
-          subscriptionId,
-          eventNumber,
-          state: 'delivered',
-          attempts: note.attempts + 1,
-          dueAt: now,
-        });
+      this.#recordBundle(batch, ({ subscriptionId, eventNumber, attempts }) => ({
+        subscriptionId,
+        eventNumber,
+        state: 'delivered',
+        attempts: attempts + 1,
+        dueAt: now,
+      }));
+      for (const { acceptedAt } of batch) {
         if (acceptedAt !== undefined)
           this.#metrics.observe('broker_delivery_latency_seconds', (now - acceptedAt) / 1000);
       }
@@ -1114,33 +1166,28 @@ export class Dispatcher {
       // schedule, or die after them if it was the last (dead until the next re-activation). The
       // rebuilt lane reads it from the store, after this state (its rescan, or under a lease its next
       // read, writes what is waiting first).
-      for (const { note } of batch) {
-        const { subscriptionId, eventNumber } = note;
-        this.#states.record({
-          subscriptionId,
-          eventNumber,
-          state: 'pending',
-          attempts: 0,
-          dueAt: now,
-          lastError: result.error,
-        });
-      }
+      this.#recordBundle(batch, ({ subscriptionId, eventNumber }) => ({
+        subscriptionId,
+        eventNumber,
+        state: 'pending',
+        attempts: 0,
+        dueAt: now,
+        lastError: result.error,
+      }));
       this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
       return true;
     }
     if (delay === undefined) {
       const doneBefore = lane.done;
       retire(lane, batch);
-      for (const q of batch) {
-        this.#states.record({
-          ...q.note,
-          state: 'dead',
-          attempts,
-          dueAt: now,
-          lastError: result.error,
-          laneEpoch: epoch,
-        });
-      }
+      this.#recordBundle(batch, (note) => ({
+        ...note,
+        state: 'dead',
+        attempts,
+        dueAt: now,
+        lastError: result.error,
+        laneEpoch: epoch,
+      }));
       // Under a lease the dead letter is written only at the epoch the attempt began in: when the
       // renew before it failed (nothing learnt), a re-queue may have voided it, and the subscription,
       // re-activated since, must not go to `error` for the old endpoint's failure.
@@ -1176,8 +1223,8 @@ export class Dispatcher {
       const note: StoredNotification = { ...q.note, attempts, dueAt, lastError: result.error };
       // (Not into a queue emptied meanwhile: a lease lost while the attempt was on the wire.)
       if (current && lane.queue[i] === q) lane.queue[i] = { ...q, note };
-      this.#states.record({ ...note, laneEpoch: epoch });
     });
+    this.#recordBundle(batch, (note) => ({ ...note, attempts, dueAt, lastError: result.error, laneEpoch: epoch }));
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
     // A rebuilt lane reads the retry back from the store (its rescan, or under a lease its next read,
     // writes this state first).
@@ -1188,6 +1235,19 @@ export class Dispatcher {
       this.#wakeIn(sub.id, lane, delay, false);
     }
     return false;
+  }
+
+  /**
+   * One state per notification of `batch`, all in one write of the state log (a bundle is never
+   * part recorded), a marked first notification flagged to go last (`DeliveryUpdate.bundleHead`).
+   */
+  #recordBundle(batch: readonly QueuedNotification[], state: (note: StoredNotification) => DeliveryUpdate): void {
+    this.#states.record(
+      ...batch.map((q, i): DeliveryUpdate => {
+        const update = state(q.note);
+        return i === 0 && q.note.bundleLast !== undefined ? { ...update, bundleHead: true } : update;
+      }),
+    );
   }
 
   /**
@@ -1295,10 +1355,13 @@ export class Dispatcher {
     run: RunStop,
   ): Promise<SendResult[]> {
     if (run.stopped) return [];
+    // Marked (`#markBundles`): the id names the bundle as first sent, also when part of it was
+    // recorded done before a crash and is not sent again.
+    const marked = (sub.channel.maxCount ?? 1) > 1 && sub.channel.type === 'rest-hook';
     const bundles = batches.map((batch) => {
       const notes = batch.map((q) => q.note);
       const first = notes[0]?.eventNumber ?? 0;
-      const last = notes[notes.length - 1]?.eventNumber ?? first;
+      const last = (marked ? notes[0]?.bundleLast : undefined) ?? notes[notes.length - 1]?.eventNumber ?? first;
       return { notes, webhookId: first === last ? `${sub.id}-${first}` : `${sub.id}-${first}-${last}` };
     });
     if (sub.channel.type === 'websocket') {
@@ -1508,12 +1571,13 @@ export class Dispatcher {
 
 /**
  * The due head of the queue as up to `bundles` bundles of up to `max` notifications each, in order:
- * what one `sendInOrder` run sends. A bundle that went out before goes out again exactly as it was
- * (so under the same `webhook-id`, which receivers deduplicate on): its first notification carries
- * where it ends (`bundleLast`, stored before its first attempt, so also after a restart), and its
- * notifications share the attempt count and due time a failure gave them; nothing else joins it.
+ * what one `sendInOrder` run sends. A bundle that went out before goes out again as it was (so
+ * under the same `webhook-id`, which receivers deduplicate on): its first notification carries
+ * where it ends (`bundleLast`, stored before its first attempt, so also after a restart), and what
+ * is queued up to there goes with it, nothing beyond. Without a mark (legacy rows, `max-count` 1),
+ * a failed bundle is held together by the attempt count and due time its failure gave it.
  * Notifications not yet attempted group freely. A mark longer than `max` (the client lowered
- * `max-count` since) is not kept to: that bundle is grouped and marked afresh.
+ * `max-count` since) is cut at `max`, and `#markBundles` marks the part sent afresh.
  */
 function takeRun(
   queue: readonly QueuedNotification[],
@@ -1523,30 +1587,31 @@ function takeRun(
 ): QueuedNotification[][] {
   const out: QueuedNotification[][] = [];
   let current: QueuedNotification[] = [];
-  let last = Number.POSITIVE_INFINITY;
+  /** The stored end of the bundle `current` is (event numbers start at 1), or 0: none. */
+  let last = 0;
   for (const q of queue) {
+    const n = q.note.eventNumber;
+    // Within a marked bundle, what is queued goes with its head, whatever of its states was
+    // written before a crash (attempts, due time): up to `max`, which the client may have lowered.
+    if (n <= last && current.length < max) {
+      current.push(q);
+      continue;
+    }
     if (q.note.dueAt > now) break;
-    const mark = markOf(q.note, max);
     const head = current[0];
     if (
       head !== undefined &&
-      (current.length === max || mark !== undefined || q.note.eventNumber > last || !sameAttempt(head.note, q.note))
+      (last > 0 || current.length === max || q.note.bundleLast !== undefined || !sameAttempt(head.note, q.note))
     ) {
       out.push(current);
       if (out.length === bundles) return out;
       current = [];
     }
-    if (current.length === 0) last = mark ?? Number.POSITIVE_INFINITY;
+    if (current.length === 0) last = q.note.bundleLast ?? 0;
     current.push(q);
   }
   if (current.length > 0) out.push(current);
   return out;
-}
-
-/** The stored last event number of the bundle `note` starts, if it has one that fits within `max`. */
-function markOf(note: StoredNotification, max: number): number | undefined {
-  const last = note.bundleLast;
-  return last !== undefined && last >= note.eventNumber && last - note.eventNumber < max ? last : undefined;
 }
 
 /**
