@@ -17,7 +17,8 @@ import { type Broker, burst, Receiver, subscribe, withBroker } from './pipeline.
  * VARIANT: `broker`; `env:K=V,K2=V2` (the broker with that environment); `batch` (the broker's
  * threads under SCHED_BATCH, `chrt -a -b`); `maxcount:N` (subscribers with backport-max-count N);
  * `fwd` / `fwdbatch` (bench/forwarder.ts, likewise); `at:DIR` (the broker of another checkout, e.g.
- * `git worktree add /tmp/old <commit>` with `ln -s $PWD/node_modules /tmp/old/`: A/B of two commits);
+ * `git worktree add /tmp/old <commit>` with `ln -s $PWD/node_modules /tmp/old/`: A/B of two commits;
+ * `at:DIR+maxcount:N` for both);
  * `flags:--a,--b` (the broker with Node flags beyond `npm start`'s).
  */
 
@@ -50,14 +51,16 @@ async function start(i: number): Promise<void> {
   const script = forwarder
     ? 'bench/forwarder.ts'
     : variant.startsWith('at:')
-      ? `${variant.slice(3)}/src/main.ts`
+      ? `${variant.slice(3).split('+')[0]}/src/main.ts`
       : undefined;
   const nodeFlags = variant.startsWith('flags:') ? variant.slice(6).split(',') : [];
   const options = { env, connections: Number(clients), nodeFlags, ...(script === undefined ? {} : { script }) };
   await withBroker(dir, options, async (broker, pool) => {
     const pid = broker.child.pid as number;
     if (variant.endsWith('batch')) execFileSync('chrt', ['-a', '-b', '-p', '0', String(pid)]);
-    const maxCount = variant.startsWith('maxcount:') ? Number(variant.slice(9)) : undefined;
+    // `maxcount:N` alone, or after another variant: `at:DIR+maxcount:16`.
+    const maxCountAt = variant.indexOf('maxcount:');
+    const maxCount = maxCountAt >= 0 ? Number(variant.slice(maxCountAt + 9)) : undefined;
     if (!forwarder) await subscribe(pool, port, undefined, maxCount);
     sides.push({ name: variant, broker, pool, rows: [] });
     await burst(pool, receiver, pid, `warm-${i}-${Date.now()}`, 1, 3_000, Number(clients));
