@@ -237,19 +237,55 @@ describe('delivery runs', () => {
     const id = sub.id as string;
     await t.logger.waitForStatus(id, 'active');
     await t.post([1, 2].map((n) => eventLike('healthlake-update-patient', `retried-${n}`, `p${n}`)));
+    const isEvent = (r: { path: string; body: string }) =>
+      r.path === '/retried' && r.body.includes('"event-notification"');
     const warned = await t.logger.waitFor(
       (r) => r.msg === 'could not store where bundles end; the lane tries again shortly' && r.subscription === id,
       'the failed mark write',
     );
-    const warnedAt = Date.now();
     expect(String(warned.err)).toContain('SQLITE_FULL');
+    // Nothing went out unmarked (the lane tries again 1 s after the failure).
+    expect(receiver.arrived.filter(isEvent)).toEqual([]);
     await receiver.waitFor(() => delivered(receiver, '/retried').length >= 2, 'the two, once marked', 10_000);
-    const arrivals = receiver.arrived.filter((r) => r.path === '/retried' && r.body.includes('"event-notification"'));
+    const arrivals = receiver.arrived.filter(isEvent);
     expect(arrivals.map((r) => [String(r.headers['webhook-id']), notifiedNumbers([r]).join(',')])).toEqual([
       [`${id}-1-2`, '1,2'],
     ]);
-    // Not before the lane's retry (1 s): nothing went out while its mark was not written.
-    expect((arrivals[0]?.at ?? 0) - warnedAt).toBeGreaterThanOrEqual(800);
+  });
+
+  it('reads the lane again when the store holds another mark than the one it read, and sends by that one', async () => {
+    const { dir, receiver } = await dirAndReceiver();
+    /** The embedded store, another writer marking event 1 alone just before the lane's first mark. */
+    class Interfering extends SqliteStore {
+      interfere = true;
+      override async markBundles(marks: readonly BundleMark[]): Promise<boolean[]> {
+        const m = marks[0];
+        if (this.interfere && m !== undefined) {
+          this.interfere = false;
+          expect(await super.markBundles([{ subscriptionId: m.subscriptionId, eventNumber: 1, last: 1 }])).toEqual([
+            true,
+          ]);
+        }
+        return super.markBundles(marks);
+      }
+    }
+    const store = new Interfering(dir);
+    const t = await inProcessBroker({ BROKER_DATA_DIR: dir }, { store, sender: () => new NotingSender() });
+    cleanups.push(() => t.broker.close(0));
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/other`, { channel: BUNDLES_OF_5 }));
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    await t.post([1, 2].map((n) => eventLike('healthlake-update-patient', `other-${n}`, `p${n}`)));
+    await receiver.waitFor(() => delivered(receiver, '/other').length >= 2, 'the two', 10_000);
+    const sent = receiver
+      .on('/other')
+      .filter((r) => r.body.includes('"event-notification"'))
+      .map((r) => [String(r.headers['webhook-id']).replace(`${id}-`, ''), notifiedNumbers([r]).join(',')]);
+    // Not `1-2`, which the lane had grouped before its mark was refused.
+    expect(sent).toEqual([
+      ['1', '1'],
+      ['2', '2'],
+    ]);
   });
 
   it('leaves a bundle that a full read of the backlog cuts short for the next read', async () => {

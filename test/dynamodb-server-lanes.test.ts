@@ -9,6 +9,7 @@ import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local
 import { eventLike, notifiedNumbers, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
+import { change } from './support/store-fixtures.js';
 
 /**
  * The broker as a server on the DynamoDB store (BROKER_STORE=dynamodb, several instances may share
@@ -133,6 +134,55 @@ it('a bundle the instance that died sent goes out as it was from the instance th
   expect(arrivals().map((r) => [String(r.headers['webhook-id']), notifiedNumbers([r]).join(',')])).toEqual([
     [`${id}-1-2`, '1,2'],
     [`${id}-3-5`, '3,4,5'],
+  ]);
+});
+
+it('dead-letters a marked bundle resent in part (the rest recorded delivered before a death), and says so', async () => {
+  const prefix = `server-lanes-${randomUUID().slice(0, 8)}-`;
+  await ensureTables(local.client, prefix);
+  t = await inProcessBroker({ BROKER_RETRY_DELAYS: '50ms' }, { store: new DynamoDbStore(local.client, prefix) });
+  const sub = await t.create(
+    topicSubscription('patient-change', `${receiver.url}/gaps`, {
+      filters: ['Patient?_id=g'],
+      channel: { extension: [{ url: BACKPORT_EXT.maxCount, valuePositiveInt: 5 }] },
+    }),
+  );
+  const id = sub.id as string;
+  await t.logger.waitForStatus(id, 'active');
+  const isEvent = (r: { path: string; body: string }) => r.path === '/gaps' && r.body.includes('"event-notification"');
+  const answer = receiver.respond;
+  receiver.respond = (req) => (isEvent(req) ? { status: 500 } : answer(req));
+  try {
+    // An instance sent 1–5 as one bundle, and died writing its states: 2–4 recorded delivered, 1 and 5 not.
+    const store = t.broker.store;
+    await store.acceptChanges(
+      [1, 2, 3, 4, 5].map((n) => ({ change: change(`gaps-${n}-${randomUUID()}`, 'g'), subscriptionIds: [id] })),
+      Date.now(),
+    );
+    expect(await store.markBundles([{ subscriptionId: id, eventNumber: 1, last: 5 }])).toEqual([true]);
+    await store.recordDeliveries(
+      [2, 3, 4].map((eventNumber) => ({ subscriptionId: id, eventNumber, state: 'delivered', attempts: 1, dueAt: 0 })),
+    );
+    // This instance's scheduled run finds the rest, and the endpoint now fails for good.
+    await t.broker.dispatcher.start();
+    await t.logger.waitForStatus(id, 'error', 10_000);
+  } finally {
+    receiver.respond = answer;
+  }
+  // Under the bundle's id, twice (the attempt and its one retry), then dead-lettered: counted and told.
+  expect(
+    receiver.arrived.filter(isEvent).map((r) => [String(r.headers['webhook-id']), notifiedNumbers([r]).join(',')]),
+  ).toEqual([
+    [`${id}-1-5`, '1,5'],
+    [`${id}-1-5`, '1,5'],
+  ]);
+  expect(t.broker.metrics.value('broker_notifications_total', { outcome: 'dead-lettered' })).toBe(2);
+  expect((await t.broker.store.notificationsInRange(id, 1, 5, 5)).map((n) => n.state)).toEqual([
+    'dead',
+    'delivered',
+    'delivered',
+    'delivered',
+    'dead',
   ]);
 });
 

@@ -974,10 +974,14 @@ export class Dispatcher {
     if (marks.length === 0) return batches;
     const generation = lane.generation;
     const first = batches[0]?.[0];
-    const written = await this.#writeMarks(marks);
-    if (written.includes(false)) return undefined;
-    // The queue still starts with these batches unless it was rebuilt meanwhile (the caller sees that).
-    if (lane.generation !== generation || lane.queue[0] !== first) return batches;
+    // On a store shared by instances each mark is its own write: this lane's alone, so it waits for
+    // nobody else's (on SQLite, one transaction for the marks of every lane starting a run now).
+    const written = await (this.#leases === undefined ? this.#writeMarks(marks) : this.#store.markBundles(marks));
+    // Rebuilt meanwhile (a re-queue): the caller sees it and starts over.
+    if (lane.generation !== generation) return batches;
+    // Refused (the store holds another mark than the one read), or the queue changed meanwhile:
+    // read the lane again rather than send with a mark the store may not hold.
+    if (written.includes(false) || lane.queue[0] !== first) return undefined;
     const lasts = new Map(marks.map((m) => [m.eventNumber, m.last]));
     let at = 0;
     return batches.map((batch) => {
@@ -1259,8 +1263,10 @@ export class Dispatcher {
     const last = batch.at(-1)?.note.eventNumber ?? 0;
     try {
       await this.#states.flush();
-      const rows = await this.#store.notificationsInRange(id, first, last, batch.length);
-      return rows.length === batch.length && rows.every((r) => r.state === 'dead');
+      // The batch may have gaps (a marked bundle resent in part): its own numbers, each dead.
+      const rows = await this.#store.notificationsInRange(id, first, last, last - first + 1);
+      const dead = new Set(rows.filter((r) => r.state === 'dead').map((r) => r.eventNumber));
+      return batch.every((q) => dead.has(q.note.eventNumber));
     } catch (err) {
       this.#logger.warn('dead letter not confirmed in the store; its lane reads it again', {
         subscription: id,
