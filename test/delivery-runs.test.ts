@@ -72,6 +72,15 @@ async function start(dataDir: string, sender: NotingSender): Promise<TestBroker>
 const delivered = (receiver: Receiver, path: string): number[] => notifiedNumbers(receiver.on(path));
 
 const range = (n: number): number[] => Array.from({ length: n }, (_, i) => i + 1);
+
+/**
+ * Every event notification that reached `path` (answered or not), in arrival order, as its
+ * `webhook-id` without the subscription's `id-` and its event numbers.
+ */
+const bundlesAt = (receiver: Receiver, path: string, id: string): string[][] =>
+  receiver.arrived
+    .filter((r) => r.path === path && r.body.includes('"event-notification"'))
+    .map((r) => [String(r.headers['webhook-id']).replace(`${id}-`, ''), notifiedNumbers([r]).join(',')]);
 /** A channel whose bundles carry up to 5 events (`backport-max-count`). */
 const BUNDLES_OF_5 = {
   extension: [
@@ -160,9 +169,7 @@ describe('delivery runs', () => {
     await receiver.waitFor(() => receiver.failures.length > 0, 'the first refusal');
     await t.post([3, 4].map((n) => eventLike('healthlake-update-patient', `grouped-${n}`, `p${n}`)));
     await receiver.waitFor(() => delivered(receiver, '/grouped').length >= 4, 'four notifications', 10_000);
-    const attempts = receiver.arrived
-      .filter((r) => r.path === '/grouped' && r.body.includes('"event-notification"'))
-      .map((r) => [String(r.headers['webhook-id']).replace(`${sub.id}-`, ''), notifiedNumbers([r]).join(',')]);
+    const attempts = bundlesAt(receiver, '/grouped', sub.id as string);
     // Every attempt of events 1–2 is the same bundle under the same id; 3–4 follow in their own.
     expect(attempts.slice(0, 3)).toEqual([
       ['1-2', '1,2'],
@@ -207,9 +214,7 @@ describe('delivery runs', () => {
     receiver.respond = () => ({ status: 204 });
     await start(dir, new NotingSender());
     await receiver.waitFor(() => delivered(receiver, '/kept').length >= 4, 'the four after the restart', 10_000);
-    const attempts = receiver.arrived
-      .filter(isEvent)
-      .map((r) => [String(r.headers['webhook-id']).replace(`${id}-`, ''), notifiedNumbers([r]).join(',')]);
+    const attempts = bundlesAt(receiver, '/kept', id);
     // Not `1-4`: the endpoint may have processed 1–2 already, and deduplicates on the id.
     expect(attempts).toEqual([
       ['1-2', '1,2'],
@@ -247,10 +252,7 @@ describe('delivery runs', () => {
     // Nothing went out unmarked (the lane tries again 1 s after the failure).
     expect(receiver.arrived.filter(isEvent)).toEqual([]);
     await receiver.waitFor(() => delivered(receiver, '/retried').length >= 2, 'the two, once marked', 10_000);
-    const arrivals = receiver.arrived.filter(isEvent);
-    expect(arrivals.map((r) => [String(r.headers['webhook-id']), notifiedNumbers([r]).join(',')])).toEqual([
-      [`${id}-1-2`, '1,2'],
-    ]);
+    expect(bundlesAt(receiver, '/retried', id)).toEqual([['1-2', '1,2']]);
   });
 
   it('reads the lane again when the store holds another mark than the one it read, and sends by that one', async () => {
@@ -277,12 +279,8 @@ describe('delivery runs', () => {
     await t.logger.waitForStatus(id, 'active');
     await t.post([1, 2].map((n) => eventLike('healthlake-update-patient', `other-${n}`, `p${n}`)));
     await receiver.waitFor(() => delivered(receiver, '/other').length >= 2, 'the two', 10_000);
-    const sent = receiver
-      .on('/other')
-      .filter((r) => r.body.includes('"event-notification"'))
-      .map((r) => [String(r.headers['webhook-id']).replace(`${id}-`, ''), notifiedNumbers([r]).join(',')]);
     // Not `1-2`, which the lane had grouped before its mark was refused.
-    expect(sent).toEqual([
+    expect(bundlesAt(receiver, '/other', id)).toEqual([
       ['1', '1'],
       ['2', '2'],
     ]);
@@ -378,20 +376,15 @@ describe('delivery runs', () => {
       'the rest after the restart',
       10_000,
     );
-    const sent = (path: string, id: string) =>
-      receiver
-        .on(path)
-        .filter((r) => r.body.includes('"event-notification"'))
-        .map((r) => [String(r.headers['webhook-id']).replace(`${id}-`, ''), notifiedNumbers([r]).join(',')]);
     // 1 under the id of the bundle it went out in (its endpoint has it, and deduplicates); 6–8
     // whole, though their states differ; what follows grouped afresh.
-    expect(sent('/half', ida)).toEqual([
+    expect(bundlesAt(receiver, '/half', ida)).toEqual([
       ['1-5', '1'],
       ['6-8', '6,7,8'],
       ['9-12', '9,10,11,12'],
     ]);
     // At most max-count events per bundle, whatever was marked before.
-    expect(sent('/lowered', idb)).toEqual([
+    expect(bundlesAt(receiver, '/lowered', idb)).toEqual([
       ['1-2', '1,2'],
       ['3-4', '3,4'],
       ['5', '5'],
@@ -423,12 +416,8 @@ describe('delivery runs', () => {
     await t.logger.waitFor((r) => r.msg === 'endpoint origin asked for a pause', 'the pause');
     await receiver.waitFor(() => delivered(receiver, '/whole').length >= 5, 'the five notifications', 10_000);
     const arrivals = receiver.arrived.filter((r) => r.path === '/whole' && isEvent(r));
-    const attempts = arrivals.map((r) => [
-      String(r.headers['webhook-id']).replace(`${grouped.id}-`, ''),
-      notifiedNumbers([r]).join(','),
-    ]);
     // Refused, then after the pause the same bundle under the same id: not split into 1 and 2–5.
-    expect(attempts).toEqual([
+    expect(bundlesAt(receiver, '/whole', grouped.id as string)).toEqual([
       ['1-5', '1,2,3,4,5'],
       ['1-5', '1,2,3,4,5'],
     ]);

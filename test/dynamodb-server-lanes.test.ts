@@ -63,6 +63,21 @@ it('a lane waiting below a number whose acceptance died reads again once it may 
   expect(notified()).toEqual([2]);
 });
 
+/** The lease of subscription `id`'s lane, held until `until` by an instance that died (watermark 0, epoch 0). */
+function deadHoldersLease(prefix: string, id: string, until: number): PutItemCommand {
+  return new PutItemCommand({
+    TableName: tableNames(prefix).notifications,
+    Item: {
+      subscriptionId: { S: id },
+      eventNumber: { N: '0' },
+      laneHolder: { S: 'a-dead-instance' },
+      laneUntil: { N: String(until) },
+      laneThrough: { N: '0' },
+      laneEpoch: { N: '0' },
+    },
+  });
+}
+
 it('a lane held by an instance that died is taken over once its lease runs out, with nothing else to wake it', async () => {
   const prefix = `server-lanes-${randomUUID().slice(0, 8)}-`;
   await ensureTables(local.client, prefix);
@@ -73,19 +88,7 @@ it('a lane held by an instance that died is taken over once its lease runs out, 
   const id = sub.id as string;
   await t.logger.waitForStatus(id, 'active');
   // Another instance holds the lane for 1.5 s more, and has died: it will neither read again nor let go.
-  await local.client.send(
-    new PutItemCommand({
-      TableName: tableNames(prefix).notifications,
-      Item: {
-        subscriptionId: { S: id },
-        eventNumber: { N: '0' },
-        laneHolder: { S: 'a-dead-instance' },
-        laneUntil: { N: String(Date.now() + 1_500) },
-        laneThrough: { N: '0' },
-        laneEpoch: { N: '0' },
-      },
-    }),
-  );
+  await local.client.send(deadHoldersLease(prefix, id, Date.now() + 1_500));
   const notified = () =>
     notifiedNumbers(receiver.arrived.filter((r) => r.path === '/dead' && r.body.includes('"event-notification"')));
   await t.post([eventLike('healthlake-update-patient', randomUUID(), 'd-p')]);
@@ -96,38 +99,40 @@ it('a lane held by an instance that died is taken over once its lease runs out, 
   expect(notified()).toEqual([1]);
 });
 
-it('a bundle the instance that died sent goes out as it was from the instance that takes its lane over', async () => {
+/**
+ * A broker on fresh tables (also `t`, for the clean-up) with one active subscription at `path` for the patients `ids`,
+ * up to five events per bundle: its id and tables' prefix.
+ */
+async function bundledSubscription(
+  path: string,
+  ids: string,
+  env: Record<string, string> = {},
+): Promise<{ broker: TestBroker; id: string; prefix: string }> {
   const prefix = `server-lanes-${randomUUID().slice(0, 8)}-`;
   await ensureTables(local.client, prefix);
-  t = await inProcessBroker({}, { store: new DynamoDbStore(local.client, prefix) });
-  const sub = await t.create(
-    topicSubscription('patient-change', `${receiver.url}/taken`, {
-      filters: ['Patient?_id=t1,t2,t3,t4,t5'],
+  const broker = await inProcessBroker(env, { store: new DynamoDbStore(local.client, prefix) });
+  t = broker;
+  const sub = await broker.create(
+    topicSubscription('patient-change', `${receiver.url}${path}`, {
+      filters: [`Patient?_id=${ids}`],
       channel: { extension: [{ url: BACKPORT_EXT.maxCount, valuePositiveInt: 5 }] },
     }),
   );
   const id = sub.id as string;
-  await t.logger.waitForStatus(id, 'active');
+  await broker.logger.waitForStatus(id, 'active');
+  return { broker, id, prefix };
+}
+
+it('a bundle the instance that died sent goes out as it was from the instance that takes its lane over', async () => {
+  const { broker: b, id, prefix } = await bundledSubscription('/taken', 't1,t2,t3,t4,t5');
   // Another instance holds the lane: it sent events 1–2 as one bundle (stored where it ends, before
   // the attempt) and died with the attempt unrecorded.
-  const lease = (until: number) =>
-    new PutItemCommand({
-      TableName: tableNames(prefix).notifications,
-      Item: {
-        subscriptionId: { S: id },
-        eventNumber: { N: '0' },
-        laneHolder: { S: 'a-dead-instance' },
-        laneUntil: { N: String(until) },
-        laneThrough: { N: '0' },
-        laneEpoch: { N: '0' },
-      },
-    });
-  await local.client.send(lease(Date.now() + 60_000));
-  await t.post([1, 2, 3, 4].map((n) => eventLike('healthlake-update-patient', randomUUID(), `t${n}`)));
-  expect(await t.broker.store.markBundles([{ subscriptionId: id, eventNumber: 1, last: 2 }])).toEqual([true]);
+  await local.client.send(deadHoldersLease(prefix, id, Date.now() + 60_000));
+  await b.post([1, 2, 3, 4].map((n) => eventLike('healthlake-update-patient', randomUUID(), `t${n}`)));
+  expect(await b.broker.store.markBundles([{ subscriptionId: id, eventNumber: 1, last: 2 }])).toEqual([true]);
   // Its lease runs out in 1.5 s; a fifth event wakes this instance's lane, which takes it then.
-  await local.client.send(lease(Date.now() + 1_500));
-  await t.post([eventLike('healthlake-update-patient', randomUUID(), 't5')]);
+  await local.client.send(deadHoldersLease(prefix, id, Date.now() + 1_500));
+  await b.post([eventLike('healthlake-update-patient', randomUUID(), 't5')]);
   const arrivals = () => receiver.arrived.filter((r) => r.path === '/taken' && r.body.includes('"event-notification"'));
   await receiver.waitFor(() => notifiedNumbers(arrivals()).length >= 5, 'the five, once the lease ran out', 10_000);
   // Not `1-5`: the endpoint may have processed 1–2 already, and deduplicates on the id.
@@ -138,23 +143,13 @@ it('a bundle the instance that died sent goes out as it was from the instance th
 });
 
 it('dead-letters a marked bundle resent in part (the rest recorded delivered before a death), and says so', async () => {
-  const prefix = `server-lanes-${randomUUID().slice(0, 8)}-`;
-  await ensureTables(local.client, prefix);
-  t = await inProcessBroker({ BROKER_RETRY_DELAYS: '50ms' }, { store: new DynamoDbStore(local.client, prefix) });
-  const sub = await t.create(
-    topicSubscription('patient-change', `${receiver.url}/gaps`, {
-      filters: ['Patient?_id=g'],
-      channel: { extension: [{ url: BACKPORT_EXT.maxCount, valuePositiveInt: 5 }] },
-    }),
-  );
-  const id = sub.id as string;
-  await t.logger.waitForStatus(id, 'active');
+  const { broker: b, id } = await bundledSubscription('/gaps', 'g', { BROKER_RETRY_DELAYS: '50ms' });
   const isEvent = (r: { path: string; body: string }) => r.path === '/gaps' && r.body.includes('"event-notification"');
   const answer = receiver.respond;
   receiver.respond = (req) => (isEvent(req) ? { status: 500 } : answer(req));
   try {
     // An instance sent 1–5 as one bundle, and died writing its states: 2–4 recorded delivered, 1 and 5 not.
-    const store = t.broker.store;
+    const store = b.broker.store;
     await store.acceptChanges(
       [1, 2, 3, 4, 5].map((n) => ({ change: change(`gaps-${n}-${randomUUID()}`, 'g'), subscriptionIds: [id] })),
       Date.now(),
@@ -164,8 +159,8 @@ it('dead-letters a marked bundle resent in part (the rest recorded delivered bef
       [2, 3, 4].map((eventNumber) => ({ subscriptionId: id, eventNumber, state: 'delivered', attempts: 1, dueAt: 0 })),
     );
     // This instance's scheduled run finds the rest, and the endpoint now fails for good.
-    await t.broker.dispatcher.start();
-    await t.logger.waitForStatus(id, 'error', 10_000);
+    await b.broker.dispatcher.start();
+    await b.logger.waitForStatus(id, 'error', 10_000);
   } finally {
     receiver.respond = answer;
   }
@@ -176,8 +171,8 @@ it('dead-letters a marked bundle resent in part (the rest recorded delivered bef
     [`${id}-1-5`, '1,5'],
     [`${id}-1-5`, '1,5'],
   ]);
-  expect(t.broker.metrics.value('broker_notifications_total', { outcome: 'dead-lettered' })).toBe(2);
-  expect((await t.broker.store.notificationsInRange(id, 1, 5, 5)).map((n) => n.state)).toEqual([
+  expect(b.broker.metrics.value('broker_notifications_total', { outcome: 'dead-lettered' })).toBe(2);
+  expect((await b.broker.store.notificationsInRange(id, 1, 5, 5)).map((n) => n.state)).toEqual([
     'dead',
     'delivered',
     'delivered',
