@@ -137,6 +137,28 @@ async function main(): Promise<void> {
   printLocalCredentials(broker.credentials.local, config.dataDir, config.publicUrl);
   await broker.start();
   broker.startSources();
+  warnOfRefusedEndpoints(broker);
+}
+
+/**
+ * Stored subscriptions whose endpoints the address policy refuses now (the broker restarted
+ * without the allow-list they were registered under, say): said once at start, not at their first
+ * failed delivery, which turns them to `error`. In the background: names are resolved.
+ */
+function warnOfRefusedEndpoints(b: Broker): void {
+  b.registry.refusedEndpoints().then(
+    (refused) => {
+      b.logger.info('endpoints of stored subscriptions checked', { refused: refused.length });
+      for (const { id, owner, reason } of refused) {
+        b.logger.warn('a subscription names an endpoint the address policy refuses: its deliveries will fail', {
+          subscription: id,
+          owner,
+          reason,
+        });
+      }
+    },
+    (err: unknown) => b.logger.error('endpoints of stored subscriptions not checked', { err: err as Error }),
+  );
 }
 
 /** Where the broker is, and any generated credentials, to stderr at start, for the person at the terminal; never to the JSON log. */

@@ -143,6 +143,32 @@ export class SubscriptionRegistry {
     return this.#cache.values();
   }
 
+  /**
+   * The rest-hook subscriptions that send (requested, active) to an endpoint the address policy
+   * refuses now, each with the reason: registered under another allow-list (a restart without
+   * it), or a name that now resolves to a private address. Their next attempt will fail.
+   */
+  async refusedEndpoints(): Promise<{ id: string; owner: string; reason: string }[]> {
+    const sending = [...this.#cache.values()].filter(
+      (sub) =>
+        sub.channel.type === 'rest-hook' &&
+        sub.channel.endpoint !== undefined &&
+        (sub.status === 'requested' || sub.status === 'active'),
+    );
+    const reasons = await Promise.all(
+      sending.map((sub) =>
+        this.#guard.checkEndpoint(sub.channel.endpoint as string).then(
+          () => undefined,
+          (err: unknown) => (err as Error).message,
+        ),
+      ),
+    );
+    return sending.flatMap((sub, i) => {
+      const reason = reasons[i];
+      return reason === undefined ? [] : [{ id: sub.id, owner: sub.owner, reason }];
+    });
+  }
+
   get size(): number {
     return this.#index.size;
   }
