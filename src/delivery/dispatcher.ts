@@ -821,12 +821,9 @@ export class Dispatcher {
         head.note.attempts === 0
           ? 1
           : (takeRun(lane.queue, sub.channel.maxCount ?? 1, 1, Number.POSITIVE_INFINITY)[0]?.length ?? 1);
-      const moved = lane.queue.slice(0, bundle);
-      for (let i = 0; i < bundle; i++) {
-        const q = lane.queue[i] as QueuedNotification;
-        lane.queue[i] = { ...q, note: { ...q.note, dueAt } };
-      }
-      this.#recordBundle(moved, (note) => ({ ...note, dueAt, laneEpoch: lane.hold?.epoch }));
+      const moved = lane.queue.slice(0, bundle).map((q) => ({ ...q, note: { ...q.note, dueAt } }));
+      lane.queue.splice(0, bundle, ...moved);
+      this.#recordBundle(moved, (note) => ({ ...note, laneEpoch: lane.hold?.epoch }));
       lane.retry = { dueAt, at: performance.now() + paused };
       this.#wakeIn(sub.id, lane, paused, false);
       return undefined;
@@ -887,15 +884,14 @@ export class Dispatcher {
     now: number,
     mayStart: () => boolean = () => true,
   ): Promise<boolean> {
-    const max = sub.channel.maxCount ?? 1;
-    let batches = takeRun(lane.queue, max, RUN_LENGTH, now);
+    let batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
     const generation = lane.generation;
     const epoch = lane.hold?.epoch;
     const run = new RunStop();
     lane.run = run;
     let results: SendResult[];
     try {
-      if (max > 1 && sub.channel.type === 'rest-hook') {
+      if (marksBundles(sub)) {
         let marked: QueuedNotification[][] | undefined;
         try {
           marked = await this.#markBundles(sub.id, lane, batches);
@@ -1223,12 +1219,12 @@ export class Dispatcher {
       return false;
     }
     const dueAt = now + delay;
-    batch.forEach((q, i) => {
-      const note: StoredNotification = { ...q.note, attempts, dueAt, lastError: result.error };
+    const failed = batch.map((q) => ({ ...q, note: { ...q.note, attempts, dueAt, lastError: result.error } }));
+    failed.forEach((f, i) => {
       // (Not into a queue emptied meanwhile: a lease lost while the attempt was on the wire.)
-      if (current && lane.queue[i] === q) lane.queue[i] = { ...q, note };
+      if (current && lane.queue[i] === batch[i]) lane.queue[i] = f;
     });
-    this.#recordBundle(batch, (note) => ({ ...note, attempts, dueAt, lastError: result.error, laneEpoch: epoch }));
+    this.#recordBundle(failed, (note) => ({ ...note, laneEpoch: epoch }));
     this.#metrics.inc('broker_notifications_total', { outcome: 'retried' }, batch.length);
     // A rebuilt lane reads the retry back from the store (its rescan, or under a lease its next read,
     // writes this state first).
@@ -1363,7 +1359,7 @@ export class Dispatcher {
     if (run.stopped) return [];
     // Marked (`#markBundles`): the id names the bundle as first sent, also when part of it was
     // recorded done before a crash and is not sent again.
-    const marked = (sub.channel.maxCount ?? 1) > 1 && sub.channel.type === 'rest-hook';
+    const marked = marksBundles(sub);
     const bundles = batches.map((batch) => {
       const notes = batch.map((q) => q.note);
       const first = notes[0]?.eventNumber ?? 0;
@@ -1633,6 +1629,14 @@ function wholeBundles(notes: StoredNotification[], full: boolean): StoredNotific
     if (last !== undefined) return last > end ? notes.slice(0, i) : notes;
   }
   return notes;
+}
+
+/**
+ * Whether the subscription's lanes store where their bundles end (`#markBundles`): rest-hooks whose
+ * bundles may carry more than one notification (a webhook-id names their first and last).
+ */
+function marksBundles(sub: SubscriptionRecord): boolean {
+  return (sub.channel.maxCount ?? 1) > 1 && sub.channel.type === 'rest-hook';
 }
 
 /** Whether two queued notifications belong in one bundle: both unattempted, or failed together. */
