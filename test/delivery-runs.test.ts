@@ -517,13 +517,19 @@ describe('delivery runs', () => {
       ids[name] = sub.id as string;
       await t.logger.waitForStatus(ids[name], 'active');
     }
-    // The notifications of a and b take both slots of the origin (a on the wire for 2 s, b behind it).
+    // The notifications of a and b take both slots of the origin (a on the wire until the test lets
+    // it go, b behind it): no timing, so a slow commit under load cannot free a slot early.
     const arrived = new Set<string>();
+    let release = (): void => undefined;
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
     receiver.respond = (req) => {
       if (!req.body.includes('"event-notification"')) return { status: 204 };
       arrived.add(req.path);
-      return { status: 204, delayMs: req.path === '/a' || req.path === '/b' ? 2000 : 0 };
+      return req.path === '/a' || req.path === '/b' ? { status: 204, until: held } : { status: 204 };
     };
+    cleanups.push(release);
     await t.post([eventLike('healthlake-update-patient', 'slot-a', 'p-a')]);
     await t.post([eventLike('healthlake-update-patient', 'slot-b', 'p-b')]);
     await receiver.waitFor(() => arrived.has('/a'), 'a on the wire');
@@ -536,6 +542,7 @@ describe('delivery runs', () => {
       id: ids.c,
     });
     expect(moved.status).toBe(200);
+    release();
     await receiver.waitFor(() => delivered(receiver, '/c-new').length === 1, 'c at its new endpoint', 10_000);
     expect(delivered(receiver, '/c-new')).toEqual([1]);
     expect(arrived.has('/c')).toBe(false);

@@ -23,6 +23,8 @@ export type Responder = (req: ReceivedRequest) => {
   status: number;
   headers?: Record<string, string>;
   delayMs?: number;
+  /** Answer once this settles (after `delayMs`, if both): a request held for exactly as long as a test needs. */
+  until?: Promise<unknown>;
 };
 
 export class Receiver {
@@ -71,8 +73,12 @@ export class Receiver {
           res.writeHead(answer.status, answer.headers).end();
           this.#waiters.wake();
         };
-        if (answer.delayMs === undefined) reply();
-        else setTimeout(reply, answer.delayMs);
+        const held = (): void => {
+          if (answer.until === undefined) reply();
+          else void answer.until.finally(reply);
+        };
+        if (answer.delayMs === undefined) held();
+        else setTimeout(held, answer.delayMs);
       });
     });
   }
