@@ -312,7 +312,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
 }
 
 /** The AWS SDK's logger interface, onto the broker's log (warnings and errors; its debug and info are noise). */
-function sdkLogger(logger: Logger): {
+export function sdkLogger(logger: Logger): {
   debug(): void;
   info(): void;
   warn(...a: unknown[]): void;

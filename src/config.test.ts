@@ -247,6 +247,19 @@ describe('loadConfig', () => {
     }
   });
 
+  it('reads the dead-letter queue URL of the Lambda events function, off by default, by the same rule', () => {
+    const url = 'https://sqs.eu-west-1.amazonaws.com/111122223333/broker-dead-letters';
+    expect(loadConfig({ BROKER_DEAD_LETTER_QUEUE_URL: url }).deadLetterQueueUrl).toBe(url);
+    expect(loadConfig({}).deadLetterQueueUrl).toBeUndefined();
+    const local = 'http://127.0.0.1:9324/000000000000/dead-letters';
+    expect(
+      loadConfig({ BROKER_DEAD_LETTER_QUEUE_URL: local, SQS_ENDPOINT: 'http://127.0.0.1:9324' }).deadLetterQueueUrl,
+    ).toBe(local);
+    expect(() => loadConfig({ BROKER_DEAD_LETTER_QUEUE_URL: local })).toThrow(
+      'BROKER_DEAD_LETTER_QUEUE_URL: must be an Amazon SQS queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events (another host only with SQS_ENDPOINT)',
+    );
+  });
+
   it.each([
     ['https://sqs.eu-west-1.amazonaws.com/1/q', 'eu-west-1'],
     ['https://sqs-fips.us-east-2.amazonaws.com/1/q', 'us-east-2'],

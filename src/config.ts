@@ -81,6 +81,11 @@ export interface Config {
   readonly sqsEndpoint?: string;
   /** `BROKER_SQS_POLLERS`: receive loops at once (batches in flight). */
   readonly sqsPollers: number;
+  /**
+   * `BROKER_DEAD_LETTER_QUEUE_URL` (the Lambda events function): an SQS queue the function sends an
+   * event the broker refuses to, at once, instead of failing the invocation (src/aws/refused-events.ts).
+   */
+  readonly deadLetterQueueUrl?: string;
   readonly topicsDir: string;
   readonly maxBodyBytes: number;
   readonly maxIngestBodyBytes: number;
@@ -120,19 +125,24 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('BROKER_METRICS_TOKEN', `must be at least ${MIN_TOKEN_CHARS} characters`);
   }
   const eventBus = str(env, 'BROKER_EVENT_BUS');
-  const sqsQueueUrl = str(env, 'BROKER_SQS_QUEUE_URL');
   const sqsEndpoint = str(env, 'SQS_ENDPOINT');
   // An AWS queue URL (its region is where requests are signed for), or with SQS_ENDPOINT any queue
   // URL the endpoint names: never signed requests to a host that is neither.
-  if (
-    sqsQueueUrl !== undefined &&
-    !(/^https?:\/\/[^/\s]+\/\S+$/.test(sqsQueueUrl) && (sqsEndpoint !== undefined || sqsQueueRegion(sqsQueueUrl)))
-  ) {
-    throw new ConfigError(
-      'BROKER_SQS_QUEUE_URL',
-      'must be an Amazon SQS queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events (another host only with SQS_ENDPOINT)',
-    );
-  }
+  const queueUrl = (name: string): string | undefined => {
+    const url = str(env, name);
+    if (
+      url !== undefined &&
+      !(/^https?:\/\/[^/\s]+\/\S+$/.test(url) && (sqsEndpoint !== undefined || sqsQueueRegion(url)))
+    ) {
+      throw new ConfigError(
+        name,
+        'must be an Amazon SQS queue URL, such as https://sqs.us-east-1.amazonaws.com/111122223333/fhir-events (another host only with SQS_ENDPOINT)',
+      );
+    }
+    return url;
+  };
+  const sqsQueueUrl = queueUrl('BROKER_SQS_QUEUE_URL');
+  const deadLetterQueueUrl = queueUrl('BROKER_DEAD_LETTER_QUEUE_URL');
   const awsRegion = str(env, 'AWS_REGION') ?? str(env, 'AWS_DEFAULT_REGION') ?? 'us-east-1';
   if (!/^[a-z]{2}(-[a-z]+)+-\d+$/.test(awsRegion)) {
     throw new ConfigError(
@@ -216,6 +226,7 @@ export function loadConfig(env: Env = process.env): Config {
     ...(sqsQueueUrl === undefined ? {} : { sqsQueueUrl }),
     ...(sqsEndpoint === undefined ? {} : { sqsEndpoint }),
     sqsPollers: int(env, 'BROKER_SQS_POLLERS', 2, 1, 10),
+    ...(deadLetterQueueUrl === undefined ? {} : { deadLetterQueueUrl }),
     topicsDir,
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),

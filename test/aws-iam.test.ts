@@ -227,6 +227,8 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
       BROKER_WS_MANAGEMENT_ENDPOINT: `${recorder.url}/${targets.stage}`,
       BROKER_TOPICS_DIR: TOPICS_DIR,
       AWS_ENDPOINT_URL: recorder.url,
+      // The SQS client sends to its queue URL's host unless given an endpoint of its own.
+      SQS_ENDPOINT: recorder.url,
       AWS_ACCESS_KEY_ID: DUMMY_CREDENTIALS.accessKeyId,
       AWS_SECRET_ACCESS_KEY: DUMMY_CREDENTIALS.secretAccessKey,
       AWS_REGION: REGION,
@@ -421,8 +423,15 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
       duplicates: 0,
     });
     expect(notificationsTo('/hook')).toBe(1);
-    // Malformed: thrown, so that EventBridge retries and then dead-letters it.
-    await expect(events({ detail: 'not an event' })).rejects.toThrow(/BrokerError: event: .*required property 'id'/);
+    // Malformed: on the dead-letter queue at once, as a failure record, and the invocation succeeds.
+    expect(await events({ detail: 'not an event' })).toEqual({ accepted: 0, ignored: 0, duplicates: 0, refused: 1 });
+    const eventsRecorder = running.get('events')?.recorder;
+    expect(eventsRecorder?.sqsMessages.map((m) => [m.QueueUrl, JSON.parse(m.MessageBody).requestPayload])).toEqual([
+      [
+        stack.environment(running.get('events')?.functionId ?? '').BROKER_DEAD_LETTER_QUEUE_URL,
+        { detail: 'not an event' },
+      ],
+    ]);
 
     // A socket bound after that delivery, gone before the dispatcher's heartbeat reaches it.
     management.live.add('conn-late');

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
 import { EventBridgeClient } from '@aws-sdk/client-eventbridge';
 import { SecretsManagerClient } from '@aws-sdk/client-secrets-manager';
+import { SQSClient } from '@aws-sdk/client-sqs';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ApiGatewayWebSocketPort, MAX_MESSAGE_BYTES } from '../src/aws/apigw-websocket-port.js';
@@ -12,7 +13,7 @@ import type { BrokerOverrides } from '../src/broker.js';
 import type { loadConfig } from '../src/config.js';
 import type { LifecycleEvent } from '../src/core/lifecycle.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
-import { EventBridgeDouble, ManagementApiDouble, SecretsManagerDouble } from './support/aws-doubles.js';
+import { EventBridgeDouble, ManagementApiDouble, SecretsManagerDouble, SqsDouble } from './support/aws-doubles.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, LOCAL_REGION, startDynamoDbLocal } from './support/dynamodb-local.js';
 import {
   eventLike,
@@ -49,11 +50,17 @@ describe('Lambda handlers on DynamoDB Local', () => {
 
   /** A broker as another Lambda container builds it: same tables, its own caches. */
   const container = (
-    extra: { config?: Partial<typeof config>; overrides?: BrokerOverrides; secrets?: SecretsManagerClient } = {},
+    extra: {
+      config?: Partial<typeof config>;
+      overrides?: BrokerOverrides;
+      secrets?: SecretsManagerClient;
+      sqs?: SQSClient;
+    } = {},
   ) =>
     createAwsBroker({
       config: { ...config, ...extra.config },
       ...(extra.secrets === undefined ? {} : { secrets: extra.secrets }),
+      ...(extra.sqs === undefined ? {} : { sqs: extra.sqs }),
       dynamodb: local.client,
       management: new ApiGatewayManagementApiClient({
         endpoint: management.url,
@@ -619,6 +626,116 @@ describe('Lambda handlers on DynamoDB Local', () => {
       await first.close(0);
       await second.close(0);
     }
+  });
+
+  describe('an event the broker refuses, with BROKER_DEAD_LETTER_QUEUE_URL', () => {
+    const QUEUE = 'https://sqs.us-east-1.amazonaws.com/111122223333/broker-dead-letters';
+    const invocation = {
+      awsRequestId: 'c0ffee00-0000-4000-8000-000000000001',
+      invokedFunctionArn: 'arn:aws:lambda:us-east-1:111122223333:function:broker-events',
+    };
+
+    /** A container whose dead-letter queue is a stand-in (SQS does not run here); its log and EMF lines. */
+    async function refusing() {
+      const sqs = await SqsDouble.start();
+      const client = new SQSClient({ region: LOCAL_REGION, endpoint: sqs.url, credentials: DUMMY_CREDENTIALS });
+      const log = new RecordingLogger();
+      const b = await container({ config: { deadLetterQueueUrl: QUEUE }, sqs: client, overrides: { logger: log } });
+      const lines: string[] = [];
+      const h = createHandlers(Promise.resolve(b), { emit: (line) => lines.push(line) });
+      const close = async () => {
+        await b.close(0);
+        client.destroy();
+        await sqs.close();
+      };
+      return { sqs, log, b, h, lines, close };
+    }
+
+    const refusedCount = (lines: readonly string[]): number[] =>
+      lines
+        .map((l) => JSON.parse(l) as Record<string, unknown>)
+        .filter((m) => m.outcome === 'refused' && 'broker_events_total' in m)
+        .map((m) => m.broker_events_total as number);
+
+    it('puts it on the queue at once, as a failure record names it, and the invocation succeeds: counted once', async () => {
+      const { sqs, log, h, lines, close } = await refusing();
+      try {
+        const notAnEvent = { detail: 'not an event' };
+        expect(await h.events(notAnEvent, invocation)).toEqual({ accepted: 0, ignored: 0, duplicates: 0, refused: 1 });
+        // One request, exactly: SendMessage to the queue, the record as its body.
+        expect(sqs.calls.map((c) => [c.target, Object.keys(c.body).sort(), c.body.QueueUrl])).toEqual([
+          ['AmazonSQS.SendMessage', ['MessageBody', 'QueueUrl'], QUEUE],
+        ]);
+        const record = JSON.parse(String(sqs.calls[0]?.body.MessageBody)) as Json;
+        expect(record).toEqual({
+          version: '1.0',
+          timestamp: expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/),
+          requestContext: {
+            condition: 'Refused',
+            requestId: invocation.awsRequestId,
+            functionArn: invocation.invokedFunctionArn,
+          },
+          requestPayload: notAnEvent,
+          responsePayload: { errorType: 'INVALID_EVENT', errorMessage: expect.stringMatching(/^event: .*'id'/) },
+        });
+        expect(refusedCount(lines)).toEqual([1]);
+        const messageId = sqs.undeleted[0]?.MessageId;
+        expect(log.records.filter((r) => String(r.msg).includes('dead-letter'))).toEqual([
+          expect.objectContaining({ level: 'warn', code: 'INVALID_EVENT', messageId }),
+        ]);
+
+        // Too many events in one call: the whole call is refused, each event counted once.
+        const many = Array.from({ length: 1001 }, (_, i) =>
+          eventLike('healthlake-update-patient', `too-many-${i}`, 'p'),
+        );
+        lines.length = 0;
+        expect(await h.events(many, {})).toEqual({ accepted: 0, ignored: 0, duplicates: 0, refused: 1001 });
+        const second = JSON.parse(String(sqs.calls[1]?.body.MessageBody)) as Json;
+        expect([second.requestContext, (second.requestPayload as Json[]).length, second.responsePayload]).toEqual([
+          { condition: 'Refused' },
+          1001,
+          { errorType: 'TOO_MANY_EVENTS', errorMessage: '1001 events in one request; the limit is 1000' },
+        ]);
+        expect(refusedCount(lines)).toEqual([1001]);
+        // Nothing of either was stored: the next good event is number 1 of nothing, and no duplicate.
+        expect(await h.events(eventLike('healthlake-update-patient', 'too-many-0', 'p'))).toEqual({
+          accepted: 1,
+          ignored: 0,
+          duplicates: 0,
+        });
+      } finally {
+        await close();
+      }
+    });
+
+    it('fails the invocation as before when the queue does not take it (Lambda retries, then its own record)', async () => {
+      const { sqs, log, h, close } = await refusing();
+      try {
+        sqs.failSends = true;
+        await expect(h.events({ detail: 'not an event' }, invocation)).rejects.toThrow(/^event: .*'id'/);
+        expect(sqs.calls.map((c) => c.target)).toEqual(['AmazonSQS.SendMessage']);
+        expect(log.records.filter((r) => String(r.msg).includes('dead-letter'))).toEqual([
+          expect.objectContaining({
+            level: 'error',
+            msg: 'could not send a refused event to the dead-letter queue; the invocation fails',
+          }),
+        ]);
+        // A store failure is no refusal: it fails the invocation without a message (Lambda retries it).
+        sqs.failSends = false;
+        const broken = await refusing();
+        try {
+          broken.b.store.acceptChanges = async () => {
+            throw new Error('throttled');
+          };
+          await expect(broken.h.events(eventLike('healthlake-update-patient', 'store-down', 'p'))).rejects.toThrow();
+          expect(broken.sqs.calls).toEqual([]);
+        } finally {
+          await broken.close();
+        }
+      } finally {
+        await close();
+      }
+    });
   });
 
   it('builds the type index before the first match only, and again after a build that failed', async () => {

@@ -102,5 +102,9 @@ export class HealthLakeIngest extends Construct {
       maxEventAge: Duration.hours(6),
       onFailure: new SqsDestination(this.deadLetterQueue),
     });
+    // An event the broker refuses (not an EventBridge event) fails the same way however often it is
+    // tried: the function puts it on the queue itself, at once, as a failure record, and succeeds
+    // (src/aws/refused-events.ts). The destination's grant (sqs:SendMessage on the queue) covers it.
+    props.handler.addEnvironment('BROKER_DEAD_LETTER_QUEUE_URL', this.deadLetterQueue.queueUrl);
   }
 }

@@ -397,6 +397,8 @@ describe('BrokerStack', () => {
           BROKER_TOPICS_DIR: '/var/task/subscriptions/topics',
           BROKER_MAX_INGEST_BYTES: '5000000',
           NODE_OPTIONS: '--enable-source-maps',
+          // The events function puts an event the broker refuses on the dead-letter queue itself.
+          ...(name === 'events' ? { BROKER_DEAD_LETTER_QUEUE_URL: { Ref: dlq } } : {}),
         });
       },
     );

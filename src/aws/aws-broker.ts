@@ -1,14 +1,16 @@
 import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { GetSecretValueCommand, SecretsManagerClient } from '@aws-sdk/client-secrets-manager';
-import { type Broker, type BrokerOverrides, createBroker } from '../broker.js';
-import { type Config, loadConfigWith } from '../config.js';
+import { SQSClient } from '@aws-sdk/client-sqs';
+import { type Broker, type BrokerOverrides, createBroker, sdkLogger } from '../broker.js';
+import { type Config, loadConfigWith, sqsQueueRegion } from '../config.js';
 import { systemClock } from '../core/types.js';
 import { createLogger } from '../observability/logger.js';
 import { DynamoDbBindings } from '../store/dynamodb/dynamodb-bindings.js';
 import { DynamoDbStore } from '../store/dynamodb/dynamodb-store.js';
 import type { MatchCandidate } from '../store/store.js';
 import { ApiGatewayWebSocketPort } from './apigw-websocket-port.js';
+import { RefusedEventQueue } from './refused-events.js';
 
 /**
  * The broker as Lambda functions see it: DynamoDB store and bindings, API Gateway as the
@@ -26,6 +28,8 @@ export interface AwsBroker extends Broker {
    * (logged), and is tried again after `maxAgeMs`.
    */
   refreshCredentials(maxAgeMs: number): Promise<void>;
+  /** Where the events function puts an event it refuses (BROKER_DEAD_LETTER_QUEUE_URL); none without it. */
+  readonly refusedEvents?: RefusedEventQueue;
 }
 
 /** The Secrets Manager secret: `{"apiKeys": "client:token,...", "ingestToken": "...", "wsTokenSecret": "..."}`. */
@@ -82,6 +86,8 @@ export async function createAwsBroker(
     dynamodb?: DynamoDBClient;
     management?: ApiGatewayManagementApiClient;
     secrets?: SecretsManagerClient;
+    /** The client for BROKER_DEAD_LETTER_QUEUE_URL (made from the config when absent). */
+    sqs?: SQSClient;
     overrides?: BrokerOverrides;
   } = {},
 ): Promise<AwsBroker> {
@@ -141,9 +147,26 @@ export async function createAwsBroker(
       reading = undefined;
     }
   };
+  const deadLetterQueueUrl = config.deadLetterQueueUrl;
+  const sqs =
+    deadLetterQueueUrl === undefined
+      ? undefined
+      : (options.sqs ??
+        new SQSClient({
+          region: sqsQueueRegion(deadLetterQueueUrl) ?? config.awsRegion,
+          ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
+          logger: sdkLogger(logger),
+        }));
   return {
     ...broker,
     bindings,
+    ...(sqs === undefined || deadLetterQueueUrl === undefined
+      ? {}
+      : { refusedEvents: new RefusedEventQueue(sqs, deadLetterQueueUrl) }),
+    async close(graceMs?: number) {
+      await broker.close(graceMs);
+      if (options.sqs === undefined) sqs?.destroy();
+    },
     async refreshCredentials(maxAgeMs: number) {
       if (secretArn === undefined || clock.now() - keysReadAt < maxAgeMs) return;
       secrets ??= new SecretsManagerClient({ region: config.awsRegion });

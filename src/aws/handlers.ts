@@ -2,6 +2,7 @@ import type { APIGatewayProxyStructuredResultV2, Context } from 'aws-lambda';
 import { handle } from 'hono/aws-lambda';
 import { BrokerError } from '../core/errors.js';
 import type { AwsBroker } from './aws-broker.js';
+import { isRefusal, type RefusingInvocation } from './refused-events.js';
 
 /**
  * The Lambda entry points, as functions of one broker (built once per container). Each awaits
@@ -46,17 +47,30 @@ export interface WebSocketEvent {
 }
 
 /**
- * What the handlers read of the Lambda context: the time left before the function's timeout.
- * Absent (a test, a caller without it): only the delivery budget bounds the attempts.
+ * What the handlers read of the Lambda context: the time left before the function's timeout
+ * (absent, as in a test or a caller without it: only the delivery budget bounds the attempts), and
+ * which invocation this is (named in a refused event's dead letter).
  */
-export type InvocationContext = Partial<Pick<Context, 'getRemainingTimeInMillis'>>;
+export type InvocationContext = Partial<Pick<Context, 'getRemainingTimeInMillis'>> & RefusingInvocation;
+
+/** What the events function did with its event(s). */
+export interface EventsResult {
+  readonly accepted: number;
+  readonly ignored: number;
+  readonly duplicates: number;
+  /**
+   * Events refused and put on the dead-letter queue (BROKER_DEAD_LETTER_QUEUE_URL); present only
+   * then. Without the queue a refusal fails the invocation, as a store failure does.
+   */
+  readonly refused?: number;
+}
 
 export interface Handlers {
-  /** EventBridge target: one event (or an array). Throws when the store fails, so EventBridge retries. */
-  events(
-    event: unknown,
-    context?: InvocationContext,
-  ): Promise<{ accepted: number; ignored: number; duplicates: number }>;
+  /**
+   * EventBridge target: one event (or an array). Throws when the store fails, so that Lambda
+   * retries; an event the broker refuses goes to the dead-letter queue (see EventsResult.refused).
+   */
+  events(event: unknown, context?: InvocationContext): Promise<EventsResult>;
   api(event: Parameters<ReturnType<typeof handle>>[0], context: Context): ReturnType<ReturnType<typeof handle>>;
   connect(event: WebSocketEvent): Promise<APIGatewayProxyStructuredResultV2>;
   disconnect(event: WebSocketEvent): Promise<APIGatewayProxyStructuredResultV2>;
@@ -137,7 +151,25 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
   return {
     async events(event, context) {
       const broker = await brokerPromise;
-      return within(broker, 'events', context, () => broker.ingest.ingest(event));
+      return within(broker, 'events', context, async (): Promise<EventsResult> => {
+        try {
+          return await broker.ingest.ingest(event);
+        } catch (err) {
+          const queue = broker.refusedEvents;
+          if (queue === undefined || !isRefusal(err)) throw err;
+          try {
+            const messageId = await queue.put(event, err, context ?? {}, new Date());
+            broker.logger.warn('refused event sent to the dead-letter queue', { code: err.code, messageId });
+          } catch (sendErr) {
+            // Failing the invocation is the way left: Lambda retries it, then sends its own failure record.
+            broker.logger.error('could not send a refused event to the dead-letter queue; the invocation fails', {
+              err: sendErr as Error,
+            });
+            throw err;
+          }
+          return { accepted: 0, ignored: 0, duplicates: 0, refused: Array.isArray(event) ? event.length : 1 };
+        }
+      });
     },
 
     async api(event, context) {

@@ -217,6 +217,8 @@ export class SqsDouble extends HttpDouble {
   readonly receives = new Map<string, number>();
   /** Message ids whose next delete is reported failed (once each). */
   readonly failDeletes = new Set<string>();
+  /** While set, every SendMessage is answered QueueDoesNotExist (not retried by the SDK). */
+  failSends = false;
   #waiting: QueuedMessage[] = [];
   readonly #inFlight = new Map<string, QueuedMessage>();
   /** Long polls waiting for a message. */
@@ -321,6 +323,18 @@ export class SqsDouble extends HttpDouble {
         Successful.push({ Id: e.Id });
       }
       return json(200, { Successful, ...(Failed.length === 0 ? {} : { Failed }) });
+    }
+    if (target === 'AmazonSQS.SendMessage') {
+      if (this.failSends) {
+        return json(400, {
+          __type: 'com.amazonaws.sqs#QueueDoesNotExist',
+          message: 'The specified queue does not exist.',
+        });
+      }
+      const messageBody = String(body.MessageBody);
+      const [MessageId] = this.send(messageBody);
+      // As SQS answers: the SDK checks the digest against what it sent.
+      return json(200, { MessageId, MD5OfMessageBody: createHash('md5').update(messageBody).digest('hex') });
     }
     if (target === 'AmazonSQS.ChangeMessageVisibilityBatch') {
       const entries = body.Entries as { Id: string; ReceiptHandle: string }[];

@@ -6,7 +6,8 @@ import { ACCOUNT, allows, connectionArn, eventBusArn, REGION, type Statement, ta
  * What IAM asks of a recorded AWS call, and which kinds of access a role grants, in one
  * vocabulary: `<table>:read` and `<table>:write` (by the table's role in `tableNames`), as CDK's
  * `grantReadData` / `grantWriteData` divide DynamoDB's actions; `secret:read`; `bus:put`;
- * `connections:manage`; `failures:send` (the Lambda service's on-failure destination).
+ * `connections:manage`; `failures:send` (the on-failure destination: the Lambda service sends a
+ * failed invocation there, the events function a refused event).
  */
 
 /** CDK's read and write data actions (aws-cdk-lib/aws-dynamodb perms); `DescribeTable` comes with either. */
@@ -83,6 +84,8 @@ export function permissionsOf(call: AwsCall, targets: Targets): Permission[] {
           access: 'connections:manage',
         },
       ];
+    case 'sqs':
+      return [{ action: `sqs:${call.operation}`, resource: queueArn(String(input.QueueUrl)), access: 'failures:send' }];
     case 'unknown':
       return [{ action: call.operation, resource: '?', access: 'unknown' }];
   }
@@ -131,6 +134,13 @@ export function unaccountedGrants(statements: readonly Statement[], targets: Tar
         .map((resource) => `${s.where}: ${action} on ${resource}`),
     ),
   );
+}
+
+/** `https://sqs.<region>.amazonaws.com/<account>/<name>` → `arn:aws:sqs:<region>:<account>:<name>`. */
+function queueArn(queueUrl: string): string {
+  const url = new URL(queueUrl);
+  const [, account = '', name = ''] = url.pathname.split('/');
+  return `arn:aws:sqs:${url.hostname.split('.')[1]}:${account}:${name}`;
 }
 
 /** The parts of a DynamoDB request that name tables and indexes. */

@@ -1,3 +1,4 @@
+import { createHash, randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, type IncomingMessage, request, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -7,11 +8,11 @@ import type { AddressInfo } from 'node:net';
  * pointed here (`AWS_ENDPOINT_URL`, and the WebSocket management endpoint), and every request is
  * recorded (service, operation, JSON input) before it is passed on: DynamoDB to DynamoDB Local,
  * PutEvents to an EventBridge double, `@connections` calls to a management API double. Secrets
- * Manager's GetSecretValue is answered here. A request for anything else is recorded as
+ * Manager's GetSecretValue and SQS's SendMessage (kept in `sqsMessages`) are answered here. A request for anything else is recorded as
  * `unknown` and refused, so a new kind of AWS call cannot go unnoticed.
  */
 
-export type AwsService = 'dynamodb' | 'secretsmanager' | 'events' | 'execute-api' | 'unknown';
+export type AwsService = 'dynamodb' | 'secretsmanager' | 'events' | 'execute-api' | 'sqs' | 'unknown';
 
 export interface AwsCall {
   readonly service: AwsService;
@@ -36,6 +37,8 @@ const CONNECTIONS_PATH = /^\/([^/]+)\/@connections\/([^/?]+)$/;
 
 export class AwsRecorder {
   readonly calls: AwsCall[] = [];
+  /** SendMessage requests answered, as sent (QueueUrl, MessageBody). */
+  readonly sqsMessages: { QueueUrl: string; MessageBody: string }[] = [];
   readonly #targets: RecorderTargets;
   readonly #server: Server;
 
@@ -85,6 +88,17 @@ export class AwsRecorder {
       const input = json();
       this.calls.push({ service: 'secretsmanager', operation, input });
       return this.#answerSecret(String(input.SecretId), res);
+    }
+    if (target === 'AmazonSQS.SendMessage') {
+      const input = json();
+      this.calls.push({ service: 'sqs', operation, input });
+      const message = { QueueUrl: String(input.QueueUrl), MessageBody: String(input.MessageBody) };
+      this.sqsMessages.push(message);
+      const md5 = createHash('md5').update(message.MessageBody).digest('hex');
+      res
+        .writeHead(200, { 'content-type': 'application/x-amz-json-1.0' })
+        .end(JSON.stringify({ MessageId: randomUUID(), MD5OfMessageBody: md5 }));
+      return;
     }
     const connection = CONNECTIONS_PATH.exec(req.url ?? '');
     if (connection !== null) {

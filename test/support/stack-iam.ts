@@ -131,6 +131,8 @@ export class StackIam {
         return id.toLowerCase();
       case 'AWS::ApiGatewayV2::Stage':
         return String(r.Properties?.StageName);
+      case 'AWS::SQS::Queue':
+        return `https://sqs.${REGION}.amazonaws.com/${ACCOUNT}/${id}`;
       default:
         throw new TypeError(`cannot resolve Ref ${id} (${r?.Type})`);
     }
