@@ -12,7 +12,7 @@ const envelopeSchema = {
   required: ['id', 'source', 'detail-type'],
   properties: {
     // EventBridge's ids are UUIDs; other senders' may have spaces. Printable ASCII keeps the
-    // deduplication key (the id, when the CloudTrail record has no eventID) byte for byte the same
+    // deduplication key (the id) byte for byte the same
     // in every store: a lone UTF-16 surrogate is not, and two ids that differ only in one were
     // deduplicated as one.
     id: { type: 'string', minLength: 1, maxLength: 256, pattern: '^[\\x20-\\x7e]+$' },
@@ -62,8 +62,6 @@ const UNNAMED_WRITES: Readonly<Record<string, string>> = {
 const RESOURCE_TYPE = /^[A-Z][A-Za-z]{1,63}$/;
 const FHIR_ID = /^[A-Za-z0-9\-.]{1,64}$/;
 const DATASTORE_ID = /^[A-Za-z0-9-]{1,128}$/;
-/** A CloudTrail event id (a UUID in practice). */
-const EVENT_ID = /^[A-Za-z0-9-]{1,128}$/;
 const REGION = /^[a-z]{2}(-[a-z]+)+-\d$/;
 
 export type ParsedEvent =
@@ -151,15 +149,11 @@ export function parseEventBridgeEvent(input: unknown, receivedAt: string): Parse
   if (region === undefined) warnings.push('neither detail.awsRegion nor region is an AWS region: us-east-1 assumed');
   const time = pickTime(detail.eventTime, event.time) ?? receivedAt;
 
-  const cloudTrailId = valid(
-    detail.eventID,
-    EVENT_ID,
-    (shape) => `detail.eventID (${shape}) is not an event id: deduplicated on the id`,
-  );
   return {
     kind: 'change',
     change: {
-      eventId: cloudTrailId ?? event.id,
+      // ARCHITECTURE.md: deduplicate on the EventBridge id (not the CloudTrail eventID; see types.ts).
+      eventId: event.id,
       resourceType,
       ...(resourceId === undefined ? {} : { resourceId }),
       interaction,

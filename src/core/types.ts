@@ -6,9 +6,12 @@ export const INTERACTIONS: readonly Interaction[] = ['create', 'update', 'delete
 /** One write to the FHIR server, as far as the CloudTrail event tells it. */
 export interface ResourceChange {
   /**
-   * The deduplication key: the CloudTrail `detail.eventID` (one per API call), else the
-   * EventBridge event `id`. EventBridge redelivers under the same `id`; CloudTrail itself may
-   * emit a call twice, and each copy gets a new EventBridge `id` but keeps its `eventID`.
+   * The deduplication key: the EventBridge event `id`, as ARCHITECTURE.md has it (EventBridge
+   * redelivers under the same `id`). Not the CloudTrail `detail.eventID`: an event that differs
+   * from another only in its `id` is another event to every sender that follows the contract
+   * (tests and replay tools that copy a sample event and give it a new id), and keying on the
+   * eventID dropped them as duplicates. A call CloudTrail itself recorded twice, which reaches
+   * EventBridge under two ids, is notified twice: at least once, as webhooks are.
    */
   readonly eventId: string;
   readonly resourceType: string;

@@ -13,7 +13,7 @@ export function fixture(name: string): Json {
 }
 
 /**
- * A fixture as another API call: a new EventBridge id and the same new CloudTrail eventID (and
+ * A fixture as another API call: a new EventBridge id (the deduplication key) and the same new CloudTrail eventID (and
  * optionally another resource id).
  */
 export function eventLike(name: string, eventId: string, resourceId?: string): Json {
