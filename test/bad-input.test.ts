@@ -212,6 +212,13 @@ describe('bad input', () => {
       'NOT_FOUND',
     ],
     [
+      // No update-as-create (CapabilityStatement updateCreate false): the same answer as above.
+      'an update of an id that is nobody’s',
+      () => call('PUT', '/fhir/Subscription/nobody-has-this-id', ALICE, { ...valid(), id: 'nobody-has-this-id' }),
+      404,
+      'NOT_FOUND',
+    ],
+    [
       'another client’s subscription (delete)',
       () => call('DELETE', `/fhir/Subscription/${aliceSub.id}`, BOB),
       404,

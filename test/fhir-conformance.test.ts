@@ -547,7 +547,11 @@ describe('FHIR conformance', () => {
         'history-instance',
         'search-type',
       ]);
-      expect([resource.versioning, resource.readHistory]).toEqual(['versioned-update', true]);
+      expect([resource.versioning, resource.readHistory, resource.updateCreate]).toEqual([
+        'versioned-update',
+        true,
+        false,
+      ]);
     });
   });
 

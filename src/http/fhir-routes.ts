@@ -652,6 +652,9 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
             // Every change makes a version; vread serves the current one and the last few before it.
             versioning: 'versioned-update',
             readHistory: true,
+            // Ids are the broker's (POST): a PUT to an id that is nobody's is a 404, as one to another
+            // client's is, so a PUT cannot tell whether an id is taken.
+            updateCreate: false,
             searchParam: [
               { name: '_id', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Resource-id' },
               { name: 'status', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-status' },
