@@ -1,6 +1,6 @@
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
-import { createServer } from 'node:http';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { getRequestListener } from '@hono/node-server';
 import { type Broker, createBroker } from './broker.js';
@@ -9,6 +9,7 @@ import type { Credentials } from './credentials.js';
 import { lockDataDir } from './data-dir-lock.js';
 import { SocketProcessHub } from './delivery/socket-process-hub.js';
 import { ThreadedSender } from './delivery/threaded-sender.js';
+import { awaitingContinue } from './http/body.js';
 import { isIngestRequest } from './http/ingest-listener.js';
 import { attachWebSocket } from './http/websocket-upgrade.js';
 import { SqliteStore } from './store/sqlite/sqlite-store.js';
@@ -40,6 +41,10 @@ async function main(): Promise<void> {
   // the connection closed), checked every 2 s: a client trickling bytes holds no connection for
   // Node's default 5 minutes.
   const requestTimeout = config.requestTimeoutMs;
+  const serve = (req: IncomingMessage, res: ServerResponse): void => {
+    if (broker !== undefined && isIngestRequest(req)) void broker.serveIngest(req, res);
+    else void hono(req, res);
+  };
   const server = createServer(
     {
       keepAliveTimeout: 65_000,
@@ -47,11 +52,13 @@ async function main(): Promise<void> {
       requestTimeout,
       connectionsCheckingInterval: Math.min(2_000, requestTimeout),
     },
-    (req, res) => {
-      if (broker !== undefined && isIngestRequest(req)) void broker.serveIngest(req, res);
-      else void hono(req, res);
-    },
+    serve,
   );
+  // `Expect: 100-continue`: no `100 Continue` until the route reads the body (see awaitingContinue).
+  server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
+    awaitingContinue.add(req);
+    serve(req, res);
+  });
   server.listen(config.port, config.host);
   await once(server, 'listening').catch((err: Error) => {
     throw new Error(`cannot listen on HOST=${config.host} PORT=${config.port}: ${err.message}`);

@@ -109,6 +109,49 @@ async function answeredEarly(url: string, head: string, chunk: Buffer): Promise<
   return { answer, sentAfter, closedByServer: closed };
 }
 
+/**
+ * A request that asks to wait before its body (`Expect: 100-continue`): writes `head`, reads the
+ * first answer's status line; sends `body` only after a `100`, then reads the final status line.
+ */
+async function withContinue(url: string, head: string, body: string): Promise<{ first: string; final: string }> {
+  const socket = connect(Number(new URL(url).port), '127.0.0.1');
+  socket.setEncoding('latin1');
+  socket.on('error', () => undefined);
+  let received = '';
+  const heads: string[] = [];
+  let wake: () => void = () => undefined;
+  socket.on('data', (d: string) => {
+    received += d;
+    for (let end = received.indexOf('\r\n\r\n'); end >= 0; end = received.indexOf('\r\n\r\n')) {
+      heads.push(received.slice(0, received.indexOf('\r\n')));
+      // The final answer's body, if any, follows; only status lines are compared.
+      received = received.slice(end + 4).replace(/^[^H]*/, '');
+    }
+    wake();
+  });
+  socket.once('close', () => wake());
+  const nthHead = async (n: number): Promise<string> => {
+    const deadline = Date.now() + 5_000;
+    while (heads.length < n && !socket.destroyed && Date.now() < deadline) {
+      await new Promise<void>((resolve) => {
+        wake = resolve;
+        setTimeout(resolve, 100);
+      });
+    }
+    return heads[n - 1] ?? '(none)';
+  };
+  try {
+    await once(socket, 'connect');
+    socket.write(head);
+    const first = await nthHead(1);
+    if (!first.startsWith('HTTP/1.1 100 ')) return { first, final: first };
+    socket.write(body);
+    return { first, final: await nthHead(2) };
+  } finally {
+    socket.destroy();
+  }
+}
+
 const floodHead = (method: string, path: string, headers: readonly string[]): string =>
   [`${method} ${path} HTTP/1.1`, 'Host: 127.0.0.1', ...headers, '', ''].join('\r\n');
 
@@ -166,6 +209,27 @@ describe.each([
     expect(res.answer.toLowerCase()).toContain('\r\nconnection: close\r\n');
     expect(res.closedByServer).toBe(true);
     expect(res.sentAfter).toBeLessThan(FLOOD_BYTES / 2);
+  });
+
+  it('answers Expect: 100-continue only once the checks that need no body have passed', async () => {
+    const body = JSON.stringify({ ...fixture('healthlake-update-patient'), id: `continue-${path.length}` });
+    const head = (headers: readonly string[]) =>
+      floodHead('POST', path, ['Content-Type: application/json', 'Expect: 100-continue', ...headers]);
+    const auth = `Authorization: Bearer ${INGEST_TOKEN}`;
+    // Authorized and within the cap: told to go on, then the answer to the body.
+    expect(await withContinue(broker.url, head([auth, `Content-Length: ${Buffer.byteLength(body)}`]), body)).toEqual({
+      first: 'HTTP/1.1 100 Continue',
+      final: 'HTTP/1.1 202 Accepted',
+    });
+    // Declared over the cap (8 KiB here), or no token: the refusal instead, so the body is never sent.
+    expect(await withContinue(broker.url, head([auth, 'Content-Length: 100000']), body)).toEqual({
+      first: 'HTTP/1.1 413 Payload Too Large',
+      final: 'HTTP/1.1 413 Payload Too Large',
+    });
+    expect(await withContinue(broker.url, head([`Content-Length: ${Buffer.byteLength(body)}`]), body)).toEqual({
+      first: 'HTTP/1.1 401 Unauthorized',
+      final: 'HTTP/1.1 401 Unauthorized',
+    });
   });
 
   it('refuses a chunked body of the wrong media type unread, closes the connection and reads no more', async () => {

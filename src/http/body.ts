@@ -74,12 +74,22 @@ export function parseJsonBody(bytes: Buffer): unknown {
   }
 }
 
+/**
+ * Requests that asked to wait before sending their body (`Expect: 100-continue`) and have not been
+ * told to go on: the server's `checkContinue` listener (main.ts) adds them instead of letting Node
+ * answer `100 Continue` at once, and the body read below sends it. So the checks that need no body
+ * (token, media type, declared length) come first, and a refused upload is never sent: a client
+ * waiting for `100` gets the `401`/`413` instead of a reset in the middle of its upload.
+ */
+export const awaitingContinue = new WeakSet<IncomingMessage>();
+
 /** Reads at most `maxBytes` from the socket stream; past that, 413 and the connection closes after the answer. */
 export function readNodeBody(
   incoming: IncomingMessage,
   outgoing: ServerResponse | undefined,
   maxBytes: number,
 ): Promise<Buffer> {
+  if (awaitingContinue.delete(incoming) && outgoing !== undefined && !outgoing.headersSent) outgoing.writeContinue();
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
