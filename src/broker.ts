@@ -252,7 +252,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
           region: sqsQueueRegion(config.sqsQueueUrl) ?? config.awsRegion,
           ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
           // A long poll cut off silently (NAT, a firewall) fails after this, not the SDK's 15 min.
-          requestHandler: { requestTimeout: (SQS_WAIT_TIME_SECONDS + 10) * 1000 },
+          // (throwOnRequestTimeout: without it the SDK only logs that the time is up, and waits on.)
+          requestHandler: { requestTimeout: (SQS_WAIT_TIME_SECONDS + 10) * 1000, throwOnRequestTimeout: true },
           // The SDK's own warnings go to the JSON log, not to the console.
           logger: sdkLogger(logger),
         }));

@@ -684,19 +684,35 @@ describe('Lambda handlers on DynamoDB Local', () => {
           expect.objectContaining({ level: 'warn', code: 'INVALID_EVENT', messageId }),
         ]);
 
-        // Too many events in one call: the whole call is refused, each event counted once.
+        // Too many events in one call: the whole call is refused, each event counted once. The
+        // record would not fit in a message (~950 KB against 256 KiB): the events are left out
+        // and named instead, so the refusal still reaches the queue.
         const many = Array.from({ length: 1001 }, (_, i) =>
           eventLike('healthlake-update-patient', `too-many-${i}`, 'p'),
         );
         lines.length = 0;
         expect(await h.events(many, {})).toEqual({ accepted: 0, ignored: 0, duplicates: 0, refused: 1001 });
         const second = JSON.parse(String(sqs.calls[1]?.body.MessageBody)) as Json;
-        expect([second.requestContext, (second.requestPayload as Json[]).length, second.responsePayload]).toEqual([
-          { condition: 'Refused' },
-          1001,
-          { errorType: 'TOO_MANY_EVENTS', errorMessage: '1001 events in one request; the limit is 1000' },
-        ]);
+        expect(second).toEqual({
+          version: '1.0',
+          timestamp: expect.any(String),
+          requestContext: { condition: 'Refused' },
+          requestPayloadOmitted: {
+            bytes: expect.any(Number),
+            events: 1001,
+            ids: Array.from({ length: 100 }, (_, i) => `too-many-${i}`),
+          },
+          responsePayload: {
+            errorType: 'TOO_MANY_EVENTS',
+            errorMessage: '1001 events in one request; the limit is 1000',
+          },
+        });
+        expect((second.requestPayloadOmitted as Json).bytes).toBeGreaterThan(256 * 1024);
         expect(refusedCount(lines)).toEqual([1001]);
+        // Characters SQS refuses in a message (U+FFFE, U+FFFF) go escaped, and read back the same.
+        const odd = { id: 'odd\uffff', detail: 'x\ufffe' };
+        expect(await h.events(odd, {})).toMatchObject({ refused: 1 });
+        expect((JSON.parse(String(sqs.calls[2]?.body.MessageBody)) as Json).requestPayload).toEqual(odd);
         // Nothing of either was stored: the next good event is number 1 of nothing, and no duplicate.
         expect(await h.events(eventLike('healthlake-update-patient', 'too-many-0', 'p'))).toEqual({
           accepted: 1,

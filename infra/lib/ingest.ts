@@ -104,7 +104,9 @@ export class HealthLakeIngest extends Construct {
     });
     // An event the broker refuses (not an EventBridge event) fails the same way however often it is
     // tried: the function puts it on the queue itself, at once, as a failure record, and succeeds
-    // (src/aws/refused-events.ts). The destination's grant (sqs:SendMessage on the queue) covers it.
+    // (src/aws/refused-events.ts). The destination makes the same grant; said here too, so that a
+    // change of destination cannot take it away.
     props.handler.addEnvironment('BROKER_DEAD_LETTER_QUEUE_URL', this.deadLetterQueue.queueUrl);
+    this.deadLetterQueue.grantSendMessages(props.handler);
   }
 }

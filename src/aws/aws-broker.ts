@@ -18,6 +18,9 @@ import { RefusedEventQueue } from './refused-events.js';
  * of each handler) and reused across invocations.
  */
 
+/** How long one SendMessage of a refused event may take (the SDK retries a failed one within its attempts). */
+const DEAD_LETTER_SEND_TIMEOUT_MS = 5_000;
+
 export interface AwsBroker extends Broker {
   readonly bindings: DynamoDbBindings;
   /**
@@ -155,6 +158,9 @@ export async function createAwsBroker(
         new SQSClient({
           region: sqsQueueRegion(deadLetterQueueUrl) ?? config.awsRegion,
           ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
+          // A send that stalls fails (and the invocation with it, so Lambda retries) instead of
+          // holding the invocation to its timeout. Without throwOnRequestTimeout the SDK only logs.
+          requestHandler: { requestTimeout: DEAD_LETTER_SEND_TIMEOUT_MS, throwOnRequestTimeout: true },
           logger: sdkLogger(logger),
         }));
   return {

@@ -219,6 +219,8 @@ export class SqsDouble extends HttpDouble {
   readonly failDeletes = new Set<string>();
   /** While set, every SendMessage is answered QueueDoesNotExist (not retried by the SDK). */
   failSends = false;
+  /** A queue's MaximumMessageSize: a larger SendMessage body is refused, as SQS refuses it. */
+  maxMessageBytes = 256 * 1024;
   #waiting: QueuedMessage[] = [];
   readonly #inFlight = new Map<string, QueuedMessage>();
   /** Long polls waiting for a message. */
@@ -332,6 +334,13 @@ export class SqsDouble extends HttpDouble {
         });
       }
       const messageBody = String(body.MessageBody);
+      // SQS's rules: the size, and only these characters (#x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD #x10000-).
+      if (
+        Buffer.byteLength(messageBody) > this.maxMessageBytes ||
+        /[^\t\n\r\x20-\ud7ff\ue000-\ufffd\u{10000}-\u{10ffff}]/u.test(messageBody)
+      ) {
+        return json(400, { __type: 'com.amazonaws.sqs#InvalidParameterValue', message: 'invalid message body' });
+      }
       const [MessageId] = this.send(messageBody);
       // As SQS answers: the SDK checks the digest against what it sent.
       return json(200, { MessageId, MD5OfMessageBody: createHash('md5').update(messageBody).digest('hex') });

@@ -75,7 +75,7 @@ export class Receiver {
         };
         const held = (): void => {
           if (answer.until === undefined) reply();
-          else void answer.until.finally(reply);
+          else void answer.until.then(reply, reply);
         };
         if (answer.delayMs === undefined) held();
         else setTimeout(held, answer.delayMs);
