@@ -12,7 +12,7 @@ import { type Clock, type IdSource, systemClock } from './core/types.js';
 import { type Credentials, resolveCredentials } from './credentials.js';
 import { Allowlist } from './delivery/address-policy.js';
 import { Dispatcher } from './delivery/dispatcher.js';
-import { EndpointGuard, type Resolver, systemResolver } from './delivery/endpoint-guard.js';
+import { defaultResolver, EndpointGuard, type Resolver } from './delivery/endpoint-guard.js';
 import { type HubLimits, type LocalSockets, LocalWebSocketHub } from './delivery/local-websocket-hub.js';
 import { RestHookSender, type Sender } from './delivery/rest-hook-sender.js';
 import { WebSocketChannel } from './delivery/websocket-channel.js';
@@ -133,7 +133,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     overrides.store ??
     (dynamodb === undefined ? new SqliteStore(config.dataDir) : await openDynamoDbStore(dynamodb, config));
   const topics = loadTopicCatalog(config.topicsDir);
-  const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? systemResolver);
+  const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? defaultResolver);
   const userAgent = `fhir-subscription-broker/${version}`;
   const sender =
     overrides.sender?.({ logger, userAgent, connectionsPerOrigin: config.maxInFlightPerOrigin }) ??

@@ -1,7 +1,10 @@
-import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
+import type { LookupAddress } from 'node:dns';
 import { isIP } from 'node:net';
 import { BrokerError } from '../core/errors.js';
 import { type Allowlist, blockedReason, unbracket } from './address-policy.js';
+import { dnsResolver, type Resolver, systemResolver } from './dns-resolver.js';
+
+export type { Resolver } from './dns-resolver.js';
 
 /**
  * The SSRF guard. At registration it refuses endpoints that are not https (unless allow-listed)
@@ -10,21 +13,21 @@ import { type Allowlist, blockedReason, unbracket } from './address-policy.js';
  * vetted address itself, so there is no window between check and use.
  */
 
-export type Resolver = (host: string) => Promise<readonly LookupAddress[]>;
-
 /**
  * How long a name may take to resolve before the registration is refused, or the attempt fails,
  * as unresolved (`ETIMEOUT`, retried on the schedule like any DNS failure): the attempt's connect
- * timeout. `dns.lookup` runs getaddrinfo on libuv's thread pool (4 threads), and a name whose DNS
- * servers do not answer holds a thread for the resolver's own timeouts (5 s a try, two tries a
- * server, by default), which this does not shorten: see `EndpointGuard.#lookup`.
+ * timeout. Names a client chose are resolved off the thread pool (dns-resolver.ts), so one that
+ * hangs holds nothing but its own promise; an allow-listed name's getaddrinfo may hold a thread
+ * for the system resolver's own timeouts, which this does not shorten (see `EndpointGuard.#lookup`).
  */
 export const RESOLVE_TIMEOUT_MS = 10_000;
 
-export const systemResolver: Resolver = (host) =>
-  new Promise((resolve, reject) => {
-    dnsLookup(host, { all: true, verbatim: true }, (err, addresses) => (err ? reject(err) : resolve(addresses)));
-  });
+/** The resolver of names a client chose, one per process (or sender thread): see dns-resolver.ts. */
+let clientNames: Resolver | undefined;
+export const defaultResolver: Resolver = (host) => {
+  clientNames ??= dnsResolver();
+  return clientNames(host);
+};
 
 /** The endpoint's address is forbidden by the address policy: retrying cannot help. */
 export class EndpointRefusedError extends Error {
@@ -52,14 +55,23 @@ export class EndpointUnresolvedError extends Error {
 
 export class EndpointGuard {
   readonly #allow: Allowlist;
+  /** Names a client chose. */
   readonly #resolve: Resolver;
+  /** Allow-listed names: the operator's, resolved as the system does (search domains, nsswitch). */
+  readonly #resolveAllowed: Resolver;
   readonly #timeoutMs: number;
   /** Resolutions under way, by name: concurrent lookups of one name share one. */
   readonly #resolving = new Map<string, Promise<readonly LookupAddress[]>>();
 
-  constructor(allow: Allowlist, resolve: Resolver = systemResolver, options: { resolveTimeoutMs?: number } = {}) {
+  constructor(
+    allow: Allowlist,
+    resolve: Resolver = defaultResolver,
+    options: { resolveTimeoutMs?: number; resolveAllowed?: Resolver } = {},
+  ) {
     this.#allow = allow;
     this.#resolve = resolve;
+    // One resolver given (a test's): it answers for every name.
+    this.#resolveAllowed = options.resolveAllowed ?? (resolve === defaultResolver ? systemResolver : resolve);
     this.#timeoutMs = options.resolveTimeoutMs ?? RESOLVE_TIMEOUT_MS;
   }
 
@@ -131,16 +143,15 @@ export class EndpointGuard {
 
   /**
    * One resolution per name at a time, shared by every socket and registration of this guard that
-   * wants it meanwhile, and given up on (not cancelled) after the timeout. A name whose DNS hangs
-   * thus holds one of the thread pool's four threads per guard (each sender thread has its own)
-   * however many connections its subscriptions open (each new connection looks the name up):
-   * before, 32 connections to one such endpoint took all four, and every other endpoint named by a
-   * hostname waited behind them.
+   * wants it meanwhile, and given up on (not cancelled) after the timeout. For an allow-listed name
+   * (getaddrinfo, on the thread pool) whose DNS hangs, that is one of the pool's four threads per
+   * guard (each sender thread has its own) however many connections want it; a client's names
+   * take no thread at all (dns-resolver.ts).
    */
   #lookup(host: string): Promise<readonly LookupAddress[]> {
     let resolving = this.#resolving.get(host);
     if (resolving === undefined) {
-      const started = this.#resolve(host);
+      const started = this.#allow.hasHost(host) ? this.#resolveAllowed(host) : this.#resolve(host);
       resolving = started;
       this.#resolving.set(host, started);
       const forget = (): void => {

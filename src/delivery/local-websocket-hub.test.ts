@@ -57,11 +57,13 @@ async function closeOf(ws: WebSocket, timeoutMs = 5000): Promise<{ code: number;
 it('closes a socket that binds nothing within the window (1008), even one that keeps talking; keeps one that bound', async () => {
   const metrics = new Metrics();
   const url = await start(metrics);
+  // Before the upgrades: the window starts at each upgrade, so no close can come sooner than this
+  // plus the window, however late this loaded machine runs the client's 'open' events.
+  const createdAt = Date.now();
   const silent = new WebSocket(url);
   const talker = new WebSocket(url);
   const bound = new WebSocket(url);
   await Promise.all([once(silent, 'open'), once(talker, 'open'), once(bound, 'open')]);
-  const openedAt = Date.now();
   bound.send('bind');
   // Talking (a bare `unbind`, answered `unbound`) is not binding.
   const keep = setInterval(() => talker.readyState === WebSocket.OPEN && talker.send('unbind'), 50);
@@ -69,9 +71,9 @@ it('closes a socket that binds nothing within the window (1008), even one that k
   clearInterval(keep);
   for (const closed of [silentClosed, talkerClosed]) {
     expect([closed.code, closed.reason]).toEqual([1008, `no subscription bound within ${WINDOW_MS} ms`]);
-    // Measured from the open, not from the last `unbind`, and not a ping round early.
-    expect(closed.at - openedAt).toBeGreaterThanOrEqual(WINDOW_MS - 20);
-    expect(closed.at - openedAt).toBeLessThan(WINDOW_MS + 500);
+    // Not a ping round early; and measured from the open, not from the last `unbind` (the talker,
+    // which sends one every 50 ms, would never be closed: `closeOf` gives up after 5 s).
+    expect(closed.at - createdAt).toBeGreaterThanOrEqual(WINDOW_MS - 2);
   }
   await sleep(3 * WINDOW_MS);
   expect(bound.readyState).toBe(WebSocket.OPEN);

@@ -1,6 +1,6 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { Allowlist } from './address-policy.js';
-import { EndpointGuard, systemResolver } from './endpoint-guard.js';
+import { defaultResolver, EndpointGuard } from './endpoint-guard.js';
 import { RestHookSender, RunStop, type SendResult } from './rest-hook-sender.js';
 import {
   CANCELLED,
@@ -26,7 +26,7 @@ const { allowlist, userAgent, connections, progress } = workerData as {
   progress: SharedArrayBuffer;
 };
 const counts = new Int32Array(progress);
-const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), systemResolver), Date, {
+const sender = new RestHookSender(new EndpointGuard(new Allowlist(allowlist), defaultResolver), Date, {
   userAgent,
   connections,
 });
