@@ -100,7 +100,7 @@ it('gives a socket that loses its last binding the window again, from the loss; 
   const closed = await closeOf(leaves);
   expect([closed.code, closed.reason]).toEqual([1008, `no subscription bound within ${WINDOW_MS} ms`]);
   expect(closed.at - lostAt).toBeGreaterThanOrEqual(WINDOW_MS - 20);
-  expect(closed.at - lostAt).toBeLessThan(WINDOW_MS + 500);
+  expect(closed.at - lostAt).toBeLessThan(WINDOW_MS + 3000);
   await sleep(2 * WINDOW_MS);
   expect(rebinds.readyState).toBe(WebSocket.OPEN);
   rebinds.close();
