@@ -587,6 +587,17 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(topicSub({ channel: { header: [header] } }))).toBe('INVALID_HEADER');
   });
 
+  it('refuses a header given twice (any case) with INVALID_HEADER, and takes distinct ones', () => {
+    expect(errorCode(topicSub({ channel: { header: ['X-Dup: 1', 'x-dup: 2'] } }))).toBe('INVALID_HEADER');
+    expect(thrown(topicSub({ channel: { header: ['X-Dup: 1', 'X-Dup: 2'] } })).message).toBe(
+      'channel.header X-Dup is given twice; give it once',
+    );
+    expect(parse(topicSub({ channel: { header: ['X-A: 1', 'X-B: 2'] } })).channel.headers).toEqual([
+      'X-A: 1',
+      'X-B: 2',
+    ]);
+  });
+
   it.each([
     ['without the whsec_ prefix', Buffer.alloc(32, 1).toString('base64')],
     ['too short', `whsec_${Buffer.alloc(8, 1).toString('base64')}`],

@@ -750,6 +750,7 @@ function parseContent(ext: Extension | undefined, kind: SubscriptionKind, payloa
 }
 
 function parseHeaders(headers: readonly string[]): string[] {
+  const seen = new Set<string>();
   return headers.map((h) => {
     const colon = h.indexOf(':');
     const name = colon === -1 ? '' : h.slice(0, colon).trim();
@@ -766,6 +767,13 @@ function parseHeaders(headers: readonly string[]): string[] {
         expression: 'Subscription.channel.header',
       });
     }
+    // The sender keys headers by name: a second one would silently replace the first.
+    if (seen.has(lower)) {
+      throw new BrokerError('INVALID_HEADER', `channel.header ${name} is given twice; give it once`, {
+        expression: 'Subscription.channel.header',
+      });
+    }
+    seen.add(lower);
     return `${name}: ${value}`;
   });
 }
