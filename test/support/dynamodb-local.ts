@@ -36,8 +36,24 @@ const START_TIMEOUT_MS = 60_000;
 const PROBE_INTERVAL_MS = 100;
 const STOP_TIMEOUT_MS = 5_000;
 
+/**
+ * Starts DynamoDB Local; once more on another port if it exits before answering: the port is free
+ * when chosen but the JVM binds it seconds later, and with test files running side by side another
+ * one's `listen(0)` may take it in between.
+ */
 export async function startDynamoDbLocal(): Promise<DynamoDbLocal> {
-  const port = await freePort();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce(await freePort());
+    } catch (err) {
+      if (attempt >= 3 || !(err instanceof ExitedEarly)) throw err;
+    }
+  }
+}
+
+class ExitedEarly extends Error {}
+
+async function startOnce(port: number): Promise<DynamoDbLocal> {
   const endpoint = `http://127.0.0.1:${port}`;
   // sharedDb: one database whatever the credentials, so the broker process and the tests agree.
   const child = spawn({ port, sharedDb: true });
@@ -58,7 +74,8 @@ export async function startDynamoDbLocal(): Promise<DynamoDbLocal> {
         await probe.send(new ListTablesCommand({ Limit: 1 }));
         break;
       } catch (err) {
-        if (exited) throw new Error(`DynamoDB Local exited before answering:\n${output.join('')}`, { cause: err });
+        if (exited)
+          throw new ExitedEarly(`DynamoDB Local exited before answering:\n${output.join('')}`, { cause: err });
         if (Date.now() > deadline) {
           throw new Error(`DynamoDB Local did not answer within ${START_TIMEOUT_MS} ms`, { cause: err });
         }
