@@ -3,6 +3,7 @@ import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Slots } from '../src/core/slots.js';
 import { Allowlist } from '../src/delivery/address-policy.js';
 import { dnsResolver, parseHosts } from '../src/delivery/dns-resolver.js';
 import { EndpointGuard } from '../src/delivery/endpoint-guard.js';
@@ -44,7 +45,8 @@ describe('the resolver of client-chosen endpoint names', () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  const resolver = (timeoutMs = 300) => dnsResolver({ servers: [dns.address], hostsFile, timeoutMs, tries: 1 });
+  const resolver = (timeoutMs = 300, maxInFlight?: number) =>
+    dnsResolver({ servers: [dns.address], hostsFile, timeoutMs, tries: 1, ...(maxInFlight ? { maxInFlight } : {}) });
 
   it('answers A and AAAA records from DNS, and the hosts file first (any case, a trailing dot)', async () => {
     const resolve = resolver();
@@ -98,7 +100,9 @@ describe('the resolver of client-chosen endpoint names', () => {
   });
 
   it("one client's registrations of names that hang do not hold up another client's", async () => {
-    const t = await inProcessBroker({}, { resolver: resolver(1_500) });
+    // Room for five names over DNS at once: Alice's checks go four at a time (the registry's cap
+    // per client), so the fifth is there for Bob; without that cap her eight would take all five.
+    const t = await inProcessBroker({}, { resolver: resolver(1_000, 5) });
     try {
       const order: string[] = [];
       const alice = Array.from({ length: 8 }, (_, i) =>
@@ -120,5 +124,38 @@ describe('the resolver of client-chosen endpoint names', () => {
     } finally {
       await t.broker.close(0);
     }
+  });
+});
+
+describe('Slots', () => {
+  it('runs at most its number of tasks at once, the rest in order, and says when it is idle', async () => {
+    const slots = new Slots(2);
+    const log: string[] = [];
+    let running = 0;
+    let peak = 0;
+    const releases: (() => void)[] = [];
+    const task = (name: string) =>
+      slots.run(async () => {
+        running++;
+        peak = Math.max(peak, running);
+        log.push(`start ${name}`);
+        await new Promise<void>((resolve) => releases.push(resolve));
+        running--;
+        log.push(`end ${name}`);
+      });
+    const all = ['a', 'b', 'c', 'd'].map(task);
+    expect(slots.idle).toBe(false);
+    while (log.length < 8) {
+      await new Promise((r) => setImmediate(r));
+      releases.shift()?.();
+    }
+    await Promise.all(all);
+    expect(peak).toBe(2);
+    expect(log.slice(0, 2)).toEqual(['start a', 'start b']);
+    expect(log.filter((l) => l.startsWith('start'))).toEqual(['start a', 'start b', 'start c', 'start d']);
+    expect(slots.idle).toBe(true);
+    // A failed task frees its slot too.
+    await expect(slots.run(() => Promise.reject(new Error('no')))).rejects.toThrow('no');
+    expect(slots.idle).toBe(true);
   });
 });

@@ -43,7 +43,7 @@ export class EndpointRefusedError extends Error {
  * outage of a few minutes must not dead-letter notifications or end heartbeats.
  */
 export class EndpointUnresolvedError extends Error {
-  /** The resolver's error code (`ENOTFOUND`, `EAI_AGAIN`, ...), when it gave one. */
+  /** The resolver's error code (`ENOTFOUND`, `ENODATA`, `ETIMEOUT`, `ESERVFAIL`, ...), when it gave one. */
   readonly code: string | undefined;
 
   constructor(code: string | undefined) {

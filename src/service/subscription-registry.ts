@@ -2,6 +2,7 @@ import { BrokerError } from '../core/errors.js';
 import { BROKER_EXT } from '../core/fhir-urls.js';
 import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { MatchIndex } from '../core/match-index.js';
+import { Slots } from '../core/slots.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
 import { hasReason, parseSubscription, requireReason, type SubscriptionSpec } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
@@ -40,6 +41,8 @@ export interface RegistryListener {
 
 /** Attempts of a client update that raced with a broker status change before answering 409. */
 const UPDATE_ATTEMPTS = 3;
+/** One client's endpoint checks (DNS lookups) at once; see `#vet`. */
+const VETTING_PER_CLIENT = 4;
 
 /** 24 h: how long a rotated-out webhook secret keeps signing, so receivers can switch without a gap. */
 export const SECRET_OVERLAP_MS = 24 * 60 * 60 * 1000;
@@ -63,6 +66,8 @@ export class SubscriptionRegistry {
   readonly #clock: Clock;
   /** Per client: the create under way, which the next one waits for. */
   readonly #creating = new Map<string, Promise<void>>();
+  /** Per client: its endpoint checks under way (see `#vet`). */
+  readonly #vetting = new Map<string, Slots>();
   readonly #ids: IdSource;
   readonly #logger: Logger;
   readonly #index = new MatchIndex();
@@ -197,8 +202,27 @@ export class SubscriptionRegistry {
       });
     }
     // Vetted (a DNS lookup) before queueing: a slow lookup holds up no other create.
-    if (spec.channel.endpoint !== undefined) await this.#guard.checkEndpoint(spec.channel.endpoint);
+    if (spec.channel.endpoint !== undefined) await this.#vet(owner, spec.channel.endpoint);
     return this.#oneAtATime(owner, () => this.#insert(owner, spec));
+  }
+
+  /**
+   * The guard's check of a client's endpoint, at most VETTING_PER_CLIENT of one client's at once
+   * (the rest wait their turn): a client registering many names whose DNS does not answer holds a
+   * few of the resolver's slots (dns-resolver.ts, MAX_IN_FLIGHT), never all of them.
+   */
+  async #vet(owner: string, endpoint: string): Promise<void> {
+    let slots = this.#vetting.get(owner);
+    if (slots === undefined) {
+      slots = new Slots(VETTING_PER_CLIENT);
+      this.#vetting.set(owner, slots);
+    }
+    const mine = slots;
+    try {
+      await mine.run(() => this.#guard.checkEndpoint(endpoint));
+    } finally {
+      if (mine.idle) this.#vetting.delete(owner);
+    }
   }
 
   /**
@@ -327,7 +351,7 @@ export class SubscriptionRegistry {
         JSON.stringify(spec.channel) !== JSON.stringify(current.channel) || spec.topic !== current.topic;
       const endpoint = spec.channel.endpoint;
       if (endpoint !== undefined && endpoint !== current.channel.endpoint && endpoint !== checkedEndpoint) {
-        await this.#guard.checkEndpoint(endpoint);
+        await this.#vet(owner, endpoint);
         checkedEndpoint = endpoint;
       }
       const status = clientStatusChange(
