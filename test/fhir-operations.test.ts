@@ -292,6 +292,13 @@ describe('FHIR operations and search', () => {
     expect((await get('/fhir/metadata?_format=application/fhir+json')).status).toBe(200);
     expect((await get('/fhir/Subscription', 'application/fhir+xml, application/fhir+json;q=0.9')).status).toBe(200);
     expect((await get('/fhir/Subscription', '*/*')).status).toBe(200);
+    // Without a token: 401 first, whatever it accepts (the metadata, open to all, still says 406).
+    for (const path of ['/fhir/Subscription', '/fhir/Subscription/any-id', '/fhir/SubscriptionTopic']) {
+      const anonymous = await t.broker.app.request(path, { headers: { accept: 'application/fhir+xml' } });
+      expect([path, anonymous.status]).toEqual([path, 401]);
+    }
+    const openXml = await t.broker.app.request('/fhir/metadata', { headers: { accept: 'application/fhir+xml' } });
+    expect(openXml.status).toBe(406);
   });
 
   it('answers 406 to a request that accepts only another FHIR version than R4', async () => {

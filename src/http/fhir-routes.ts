@@ -52,14 +52,8 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   const now = (): string => new Date(deps.clock.now()).toISOString();
   const ctx = () => ({ fhirBase, newId: () => deps.ids.uuid(), timestamp: now() });
 
-  // JSON is the one format: a request that accepts only XML gets 406, not JSON it cannot read.
-  app.use('/fhir/*', async (c, next) => {
-    checkAcceptable(c.req.query('_format'), c.req.header('accept'));
-    await next();
-  });
-
-  app.get('/fhir/metadata', () => fhirResponse(capabilityStatement(deps, now())));
-
+  // Authentication first (hono runs middleware in the order it is added): a request without a
+  // valid token learns nothing else, not even that its Accept would have been a 406.
   app.use('/fhir/Subscription', async (c, next) => {
     c.set('owner', auth.authenticate(c.req.header('authorization')));
     await next();
@@ -76,6 +70,14 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     auth.authenticate(c.req.header('authorization'));
     await next();
   });
+
+  // JSON is the one format: a request that accepts only XML gets 406, not JSON it cannot read.
+  app.use('/fhir/*', async (c, next) => {
+    checkAcceptable(c.req.query('_format'), c.req.header('accept'));
+    await next();
+  });
+
+  app.get('/fhir/metadata', () => fhirResponse(capabilityStatement(deps, now())));
 
   app.get('/fhir/SubscriptionTopic', (c) => {
     const query = searchQuery(c, ['url', '_id', ...GENERAL_PARAMETERS]);
