@@ -247,16 +247,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const sqsClient =
     config.sqsQueueUrl === undefined
       ? undefined
-      : (overrides.sqs ??
-        new SQSClient({
-          region: sqsQueueRegion(config.sqsQueueUrl) ?? config.awsRegion,
-          ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
-          // A long poll cut off silently (NAT, a firewall) fails after this, not the SDK's 15 min.
-          // (throwOnRequestTimeout: without it the SDK only logs that the time is up, and waits on.)
-          requestHandler: { requestTimeout: (SQS_WAIT_TIME_SECONDS + 10) * 1000, throwOnRequestTimeout: true },
-          // The SDK's own warnings go to the JSON log, not to the console.
-          logger: sdkLogger(logger),
-        }));
+      : // A long poll cut off silently (NAT, a firewall) fails after this, not the SDK's 15 min.
+        (overrides.sqs ?? sqsClientFor(config, config.sqsQueueUrl, (SQS_WAIT_TIME_SECONDS + 10) * 1000, logger));
   const sqs =
     config.sqsQueueUrl === undefined || sqsClient === undefined
       ? undefined
@@ -312,8 +304,23 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   };
 }
 
+/**
+ * An SQS client for `queueUrl`: signed for the queue's region (SQS_ENDPOINT, for a local stand-in,
+ * overrides where it goes), a request that takes longer than `requestTimeoutMs` fails
+ * (throwOnRequestTimeout: without it the SDK only logs that the time is up, and waits on), and the
+ * SDK's own warnings go to the JSON log, not to the console.
+ */
+export function sqsClientFor(config: Config, queueUrl: string, requestTimeoutMs: number, logger: Logger): SQSClient {
+  return new SQSClient({
+    region: sqsQueueRegion(queueUrl) ?? config.awsRegion,
+    ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
+    requestHandler: { requestTimeout: requestTimeoutMs, throwOnRequestTimeout: true },
+    logger: sdkLogger(logger),
+  });
+}
+
 /** The AWS SDK's logger interface, onto the broker's log (warnings and errors; its debug and info are noise). */
-export function sdkLogger(logger: Logger): {
+function sdkLogger(logger: Logger): {
   debug(): void;
   info(): void;
   warn(...a: unknown[]): void;

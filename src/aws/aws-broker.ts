@@ -1,9 +1,9 @@
 import { ApiGatewayManagementApiClient } from '@aws-sdk/client-apigatewaymanagementapi';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { GetSecretValueCommand, SecretsManagerClient } from '@aws-sdk/client-secrets-manager';
-import { SQSClient } from '@aws-sdk/client-sqs';
-import { type Broker, type BrokerOverrides, createBroker, sdkLogger } from '../broker.js';
-import { type Config, loadConfigWith, sqsQueueRegion } from '../config.js';
+import type { SQSClient } from '@aws-sdk/client-sqs';
+import { type Broker, type BrokerOverrides, createBroker, sqsClientFor } from '../broker.js';
+import { type Config, loadConfigWith } from '../config.js';
 import { systemClock } from '../core/types.js';
 import { createLogger } from '../observability/logger.js';
 import { DynamoDbBindings } from '../store/dynamodb/dynamodb-bindings.js';
@@ -154,15 +154,9 @@ export async function createAwsBroker(
   const sqs =
     deadLetterQueueUrl === undefined
       ? undefined
-      : (options.sqs ??
-        new SQSClient({
-          region: sqsQueueRegion(deadLetterQueueUrl) ?? config.awsRegion,
-          ...(config.sqsEndpoint === undefined ? {} : { endpoint: config.sqsEndpoint }),
-          // A send that stalls fails (and the invocation with it, so Lambda retries) instead of
-          // holding the invocation to its timeout. Without throwOnRequestTimeout the SDK only logs.
-          requestHandler: { requestTimeout: DEAD_LETTER_SEND_TIMEOUT_MS, throwOnRequestTimeout: true },
-          logger: sdkLogger(logger),
-        }));
+      : // A send that stalls fails (and the invocation with it, so Lambda retries) instead of
+        // holding the invocation to its timeout.
+        (options.sqs ?? sqsClientFor(config, deadLetterQueueUrl, DEAD_LETTER_SEND_TIMEOUT_MS, logger));
   return {
     ...broker,
     bindings,
