@@ -1064,20 +1064,16 @@ export class Dispatcher {
     clearTimeout(lane.timer);
     lane.timer = undefined;
     lane.paused = false;
-    lane.queue = [];
-    lane.backlog = true;
-    lane.generation++;
+    // (Rebuilt without a lease, the read is a rescan: an attempt on the wire now records its outcome
+    // after this, and the read waits for that write.)
+    this.#rebuild(lane);
     if (this.#leases !== undefined) {
       // The store lowered the lease's watermark at a new epoch: the next run takes it afresh (this
       // instance's hold, if it had one, is let go by then, or taken again as its own).
       lane.hold = undefined;
-      lane.recheck = true;
       lane.requeuedHere = true;
     } else {
-      lane.queuedThrough = 0;
       lane.done = 0;
-      // An attempt on the wire now records its outcome after this: the read waits for that write.
-      lane.rescan = true;
     }
     // (A subscription not active, the usual case as it waits for its handshake, sends nothing yet.)
     this.#wake(id, true);
