@@ -1,4 +1,5 @@
 import { once } from 'node:events';
+import { readdir, readFile, readlink } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { setTimeout as delay } from 'node:timers/promises';
 import { DynamoDBClient, ListTablesCommand } from '@aws-sdk/client-dynamodb';
@@ -72,7 +73,11 @@ async function startOnce(port: number): Promise<DynamoDbLocal> {
     for (;;) {
       try {
         await probe.send(new ListTablesCommand({ Limit: 1 }));
-        break;
+        // An answer on the port is not proof it is this JVM's: another test file's DynamoDB Local,
+        // given the same free port a moment earlier, may hold it while this one fails to bind and
+        // exits; this file would then lose its database when the other file stops that one.
+        if (await listensOn(child.pid, port)) break;
+        throw new Error(`port ${port} answers, but not from this DynamoDB Local (yet)`);
       } catch (err) {
         if (exited)
           throw new ExitedEarly(`DynamoDB Local exited before answering:\n${output.join('')}`, { cause: err });
@@ -110,6 +115,39 @@ export function localClient(endpoint: string, maxAttempts?: number): DynamoDBCli
     credentials: DUMMY_CREDENTIALS,
     ...(maxAttempts === undefined ? {} : { maxAttempts }),
   });
+}
+
+/**
+ * Whether process `pid` holds the listening TCP socket on `port` (Linux: `/proc/net/tcp{,6}` for
+ * the socket's inode, `/proc/<pid>/fd` for the process's sockets). True where `/proc` cannot tell.
+ */
+async function listensOn(pid: number | undefined, port: number): Promise<boolean> {
+  if (pid === undefined) return false;
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
+  const inodes = new Set<string>();
+  try {
+    for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+      for (const line of (await readFile(table, 'utf8')).split('\n').slice(1)) {
+        const cols = line.trim().split(/\s+/);
+        // local_address is ADDR:PORT in hex; st 0A is LISTEN; the inode is the tenth column.
+        if (cols[1]?.endsWith(`:${hexPort}`) && cols[3] === '0A' && cols[9] !== undefined) inodes.add(cols[9]);
+      }
+    }
+  } catch {
+    return true;
+  }
+  let fds: string[];
+  try {
+    fds = await readdir(`/proc/${pid}/fd`);
+  } catch {
+    return false;
+  }
+  for (const fd of fds) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+    const inode = /^socket:\[(\d+)\]$/.exec(target)?.[1];
+    if (inode !== undefined && inodes.has(inode)) return true;
+  }
+  return false;
 }
 
 async function freePort(): Promise<number> {
