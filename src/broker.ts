@@ -201,6 +201,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     options: {
       fhirBase: `${config.publicUrl}/fhir`,
       retryDelaysMs: config.retryDelaysMs,
+      handshakeRetryDelaysMs: config.handshakeRetryDelaysMs,
       retentionMs: config.eventRetentionMs,
       maxInFlight: config.maxInFlight,
       maxInFlightPerOrigin: config.maxInFlightPerOrigin,

@@ -31,6 +31,7 @@ describe('loadConfig', () => {
       maxInFlightPerOrigin: 32,
       maxInFlightPerClient: 128,
       eventRetentionMs: 7 * 86_400_000,
+      handshakeRetryDelaysMs: [1000, 5000, 30_000, 60_000],
       awsRegion: 'us-east-1',
       logLevel: 'info',
     });
@@ -67,6 +68,16 @@ describe('loadConfig', () => {
     ['AWS_REGION', { AWS_REGION: 'mars' }, /^AWS_REGION: mars is not an AWS region$/],
     ['BROKER_EVENT_RETENTION', { BROKER_EVENT_RETENTION: '10s' }, /at least 1m/],
     ['BROKER_RETRY_DELAYS', { BROKER_RETRY_DELAYS: '5s,soon' }, /^BROKER_RETRY_DELAYS: /],
+    [
+      'BROKER_HANDSHAKE_RETRY_DELAYS',
+      { BROKER_HANDSHAKE_RETRY_DELAYS: 'never' },
+      /^BROKER_HANDSHAKE_RETRY_DELAYS: "never" is not a duration like .*, or none$/,
+    ],
+    [
+      'BROKER_HANDSHAKE_RETRY_DELAYS',
+      { BROKER_HANDSHAKE_RETRY_DELAYS: '30m,31m' },
+      /^BROKER_HANDSHAKE_RETRY_DELAYS: must add up to at most 1h$/,
+    ],
     [
       'BROKER_API_KEYS',
       { BROKER_API_KEYS: 'a:aaaaaaaaaaaaaaaa,b:aaaaaaaaaaaaaaaa' },
@@ -167,6 +178,14 @@ describe('loadConfig', () => {
     const token = 'operator-token-0123456789';
     const c = loadConfig({ BROKER_INGEST_TOKEN: token, BROKER_METRICS_TOKEN: token });
     expect([c.ingestToken, c.metricsToken]).toEqual([token, token]);
+  });
+
+  it('reads a handshake retry schedule, none for a single attempt', () => {
+    expect(loadConfig({ BROKER_HANDSHAKE_RETRY_DELAYS: '500ms, 2s' }).handshakeRetryDelaysMs).toEqual([500, 2000]);
+    expect(loadConfig({ BROKER_HANDSHAKE_RETRY_DELAYS: 'none' }).handshakeRetryDelaysMs).toEqual([]);
+    expect(loadConfig({ BROKER_HANDSHAKE_RETRY_DELAYS: '30m,30m' }).handshakeRetryDelaysMs).toEqual([
+      1_800_000, 1_800_000,
+    ]);
   });
 
   it('reads a valid allow-list', () => {

@@ -1,6 +1,6 @@
 import { readdirSync } from 'node:fs';
 import { resolve } from 'node:path';
-import { DEFAULT_RETRY_DELAYS_MS, parseDurations } from './core/retry.js';
+import { DEFAULT_HANDSHAKE_RETRY_DELAYS_MS, DEFAULT_RETRY_DELAYS_MS, parseDurations } from './core/retry.js';
 import { Allowlist } from './delivery/address-policy.js';
 
 /**
@@ -55,6 +55,8 @@ export interface Config {
   readonly webhookThreads: number;
   readonly endpointAllowlist: readonly string[];
   readonly retryDelaysMs: readonly number[];
+  /** `BROKER_HANDSHAKE_RETRY_DELAYS`: a failed handshake is tried again at these delays; none: it fails at once. */
+  readonly handshakeRetryDelaysMs: readonly number[];
   /** Subscriptions one API client may hold: a broker must not become a request amplifier. */
   readonly maxSubscriptionsPerClient: number;
   /** Webhook requests in flight in all, and to one endpoint origin (scheme://host:port). */
@@ -213,6 +215,7 @@ export function loadConfig(env: Env = process.env): Config {
     webhookThreads,
     endpointAllowlist: Object.freeze(endpointAllowlist),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
+    handshakeRetryDelaysMs: Object.freeze(handshakeRetryDelays(str(env, 'BROKER_HANDSHAKE_RETRY_DELAYS'))),
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 512, 1, 10_000),
     maxSubscriptionsPerClient: int(env, 'BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT', 1000, 1, 10_000_000),
     maxInFlightPerOrigin,
@@ -414,6 +417,25 @@ function retryDelays(raw: string | undefined): number[] {
   } catch (err) {
     throw new ConfigError('BROKER_RETRY_DELAYS', (err as Error).message);
   }
+}
+
+/**
+ * `none` for a single attempt. At most an hour in all: a subscription that waits longer for its
+ * endpoint shows `requested` to its client with no hint of why (the error comes at the end).
+ */
+function handshakeRetryDelays(raw: string | undefined): number[] {
+  if (raw === undefined) return [...DEFAULT_HANDSHAKE_RETRY_DELAYS_MS];
+  if (raw.trim() === 'none') return [];
+  let delays: number[];
+  try {
+    delays = parseDurations(raw);
+  } catch (err) {
+    throw new ConfigError('BROKER_HANDSHAKE_RETRY_DELAYS', `${(err as Error).message}, or none`);
+  }
+  if (delays.reduce((a, b) => a + b, 0) > 3_600_000) {
+    throw new ConfigError('BROKER_HANDSHAKE_RETRY_DELAYS', 'must add up to at most 1h');
+  }
+  return delays;
 }
 
 /**

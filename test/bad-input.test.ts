@@ -29,6 +29,8 @@ describe('bad input', () => {
       // Allow-listed and resolved to loopback below: handshakes stay on this machine.
       BROKER_ENDPOINT_ALLOWLIST: 'hooks.example.com',
       BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT: '3',
+      // One handshake attempt: the quota test waits for its subscriptions' handshakes to be over.
+      BROKER_HANDSHAKE_RETRY_DELAYS: 'none',
     });
     // DNS is the one injected part, answering like DNS would for these names.
     broker = await createBroker(config, {

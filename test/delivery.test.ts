@@ -166,6 +166,93 @@ describe('retries', () => {
   });
 });
 
+describe('handshake retries', () => {
+  const handshakesOn = (receiver: Receiver, path: string) =>
+    receiver.arrived.filter((r) => r.path === path && r.body.includes('"handshake"'));
+  const retriesLogged = (t: TestBroker, id: string) =>
+    t.logger.records.filter((r) => r.msg === 'handshake failed; tried again' && r.subscription === id);
+
+  it('tries a handshake again when nobody listened yet, as a test kit that starts listening after the 201', async () => {
+    // The default schedule: again after 1 s. The endpoint fails the first handshake (Inferno's
+    // answers 500 until it has stored its wait, which it does once the create has returned).
+    const { t, receiver } = await setup();
+    receiver.respond = () => (receiver.arrived.length === 1 ? { status: 500 } : { status: 204 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/late`));
+    const id = sub.id as string;
+    await t.logger.waitFor((r) => r.msg === 'handshake failed; tried again' && r.subscription === id, 'a retry');
+    // Still `requested` while it waits, with no error to show.
+    const waiting = await t.call('GET', `/fhir/Subscription/${id}`);
+    expect([waiting.body.status, waiting.body.error]).toEqual(['requested', undefined]);
+    await t.logger.waitForStatus(id, 'active', 5_000);
+    // Two handshakes: the first answered 500, the second 204.
+    expect(handshakesOn(receiver, '/late')).toHaveLength(2);
+    expect(receiver.failures.map((r) => r.path)).toEqual(['/late']);
+    const [retry] = retriesLogged(t, id);
+    expect(retry).toMatchObject({ level: 'warn', error: 'HTTP 500' });
+    expect(retry?.retryInMs).toBeGreaterThan(0);
+    expect(retry?.retryInMs).toBeLessThanOrEqual(1000);
+    expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'retried' })).toBe(1);
+    expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'ok' })).toBe(1);
+    expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'failed' })).toBe(0);
+    // Then it delivers as any active subscription.
+    await t.post(patientEvents('late', 1));
+    await receiver.waitFor(() => notificationsOn(receiver, '/late').length === 1, 'the notification');
+  });
+
+  it('leaves a handshake due again to its timer when the dispatcher starts meanwhile, as each AWS run does', async () => {
+    const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '600ms' });
+    receiver.respond = () => (receiver.arrived.length === 1 ? { status: 500 } : { status: 204 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/owed`));
+    const id = sub.id as string;
+    await t.logger.waitFor((r) => r.msg === 'handshake failed; tried again' && r.subscription === id, 'a retry');
+    // A start sends the handshakes still owed, but not this one: it is due at 600 ms.
+    await t.broker.start();
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(handshakesOn(receiver, '/owed')).toHaveLength(1);
+    await t.logger.waitForStatus(id, 'active');
+    expect(handshakesOn(receiver, '/owed')).toHaveLength(2);
+  });
+
+  it('gives up once the schedule is over: error with the last reason', async () => {
+    const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '300ms,300ms' });
+    receiver.respond = () => ({ status: 503 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/down`));
+    const id = sub.id as string;
+    const failed = await t.logger.waitForStatus(id, 'error');
+    expect(failed.reason).toBe('handshake failed: HTTP 503');
+    expect(handshakesOn(receiver, '/down')).toHaveLength(3);
+    expect(retriesLogged(t, id)).toHaveLength(2);
+    expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'retried' })).toBe(2);
+    expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'failed' })).toBe(1);
+    // Nothing more after the error.
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(handshakesOn(receiver, '/down')).toHaveLength(3);
+  });
+
+  it('drops the old schedule when the client moves the endpoint or deletes the subscription meanwhile', async () => {
+    const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '400ms' });
+    receiver.respond = (req) => (req.path.startsWith('/old') ? { status: 500 } : { status: 204 });
+    const moved = await t.create(topicSubscription('patient-change', `${receiver.url}/old-1`));
+    const deleted = await t.create(topicSubscription('patient-change', `${receiver.url}/old-2`));
+    const [movedId, deletedId] = [moved.id as string, deleted.id as string];
+    await t.logger.waitFor((r) => r.msg === 'handshake failed; tried again' && r.subscription === movedId, 'a retry');
+    await t.logger.waitFor((r) => r.msg === 'handshake failed; tried again' && r.subscription === deletedId, 'a retry');
+    const read = await t.call('GET', `/fhir/Subscription/${movedId}`);
+    const put = await t.call('PUT', `/fhir/Subscription/${movedId}`, {
+      ...read.body,
+      channel: { ...(read.body.channel as Json), endpoint: `${receiver.url}/new` },
+    });
+    expect(put.status).toBe(200);
+    expect((await t.call('DELETE', `/fhir/Subscription/${deletedId}`)).status).toBe(204);
+    await t.logger.waitForStatus(movedId, 'active');
+    // Past when the old endpoints' retries were due: neither was tried again.
+    await new Promise((resolve) => setTimeout(resolve, 800));
+    expect(handshakesOn(receiver, '/old-1')).toHaveLength(1);
+    expect(handshakesOn(receiver, '/old-2')).toHaveLength(1);
+    expect(handshakesOn(receiver, '/new')).toHaveLength(1);
+  });
+});
+
 describe('a pause an origin asks for', () => {
   it('holds the client’s other subscriptions at that origin without spending their attempts, not another client’s', async () => {
     const { t, receiver } = await setup();
@@ -398,14 +485,15 @@ describe('heartbeats', () => {
       .map((r) => statusOf(JSON.parse(r.body) as Json).params.get('type')?.valueCode);
 
   it('sends no heartbeat to an endpoint whose handshake failed: it never consented', async () => {
-    const { t, receiver } = await setup();
+    const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '300ms' });
     receiver.respond = (req) => (req.path === '/refused' ? { status: 503 } : { status: 204 });
     const sub = await t.create(
       topicSubscription('patient-change', `${receiver.url}/refused`, { channel: heartbeatEverySecond }),
     );
     await t.logger.waitForStatus(sub.id as string, 'error');
     await new Promise((resolve) => setTimeout(resolve, 2_500));
-    expect(typesOn(receiver, '/refused')).toEqual(['handshake']);
+    // Its handshake and the one retry: no heartbeat while it was `requested`, nor after.
+    expect(typesOn(receiver, '/refused')).toEqual(['handshake', 'handshake']);
   });
 
   it('turns a subscription off when its handshake answers 410 Gone', async () => {
@@ -415,6 +503,8 @@ describe('heartbeats', () => {
     await t.logger.waitForStatus(sub.id as string, 'off');
     const read = await t.call('GET', `/fhir/Subscription/${sub.id}`);
     expect(read.body).toMatchObject({ status: 'off', error: 'endpoint answered 410 Gone' });
+    // Not tried again: a 410 is the endpoint's final word.
+    expect(receiver.arrived.map((r) => r.path)).toEqual(['/gone']);
   });
 
   it('sends a heartbeat that fell due during a notification at once when that notification fails', async () => {
@@ -750,11 +840,12 @@ describe('SSRF at delivery', () => {
   });
 
   it('treats a redirect as a failure and never follows it', async () => {
-    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '10ms' });
+    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '10ms', BROKER_HANDSHAKE_RETRY_DELAYS: '300ms' });
     receiver.respond = () => ({ status: 302, headers: { location: 'http://169.254.169.254/latest/meta-data/' } });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/redirect`));
     const failed = await t.logger.waitForStatus(sub.id as string, 'error');
     expect(failed.reason).toBe('handshake failed: HTTP 302 redirect (not followed)');
-    expect(receiver.failures.map((r) => r.path)).toEqual(['/redirect']);
+    // The handshake and its retry, neither followed.
+    expect(receiver.failures.map((r) => r.path)).toEqual(['/redirect', '/redirect']);
   });
 });

@@ -37,7 +37,8 @@ describe('FHIR conformance', () => {
         ? { status: 500 }
         : { status: 204 };
     // Two attempts 10 ms apart: a failing delivery dead-letters at once.
-    t = await inProcessBroker({ BROKER_RETRY_DELAYS: '10ms' });
+    // A failed handshake fails at once here (`none`): the tests read the error it leaves.
+    t = await inProcessBroker({ BROKER_RETRY_DELAYS: '10ms', BROKER_HANDSHAKE_RETRY_DELAYS: 'none' });
   });
 
   afterAll(async () => {

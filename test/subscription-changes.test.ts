@@ -158,7 +158,8 @@ describe('answers from an endpoint the client has moved away from', () => {
   });
 
   it('a successful handshake of the old endpoint does not activate the moved one; its own decides', async () => {
-    const { receiver, t } = await setup();
+    // The new endpoint's failed handshake is its last (`none`): it decides at once.
+    const { receiver, t } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: 'none' });
     receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 1000 } : { status: 500, delayMs: 1200 });
     const id = await moveDuringHandshake(t, receiver);
     await t.logger.waitForStatus(id, 'error');
@@ -171,7 +172,10 @@ describe('answers from an endpoint the client has moved away from', () => {
   it('tells versions apart within one millisecond: the old handshake still decides nothing', async () => {
     // The clock stands still while the subscription is created and moved.
     let frozen: number | undefined = Date.now();
-    const { receiver, t } = await setup({}, { clock: { now: () => frozen ?? Date.now() } });
+    const { receiver, t } = await setup(
+      { BROKER_HANDSHAKE_RETRY_DELAYS: 'none' },
+      { clock: { now: () => frozen ?? Date.now() } },
+    );
     receiver.respond = (req) => (req.path === '/old' ? { status: 204, delayMs: 1000 } : { status: 500, delayMs: 1200 });
     const id = await moveDuringHandshake(t, receiver);
     frozen = undefined;

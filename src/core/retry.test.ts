@@ -1,5 +1,36 @@
 import { describe, expect, it } from 'vitest';
-import { DEFAULT_RETRY_DELAYS_MS, nextRetryDelay, parseDurations } from './retry.js';
+import {
+  DEFAULT_HANDSHAKE_RETRY_DELAYS_MS,
+  DEFAULT_RETRY_DELAYS_MS,
+  nextHandshakeIn,
+  nextRetryDelay,
+  parseDurations,
+} from './retry.js';
+
+describe('nextHandshakeIn', () => {
+  it('is due at the running sums of the delays, counted from when the subscription was requested', () => {
+    const delays = [1000, 5000, 30_000];
+    expect(nextHandshakeIn(delays, 40)).toBe(960);
+    expect(nextHandshakeIn(delays, 1000)).toBe(5000);
+    expect(nextHandshakeIn(delays, 1020)).toBe(4980);
+    expect(nextHandshakeIn(delays, 6000)).toBe(30_000);
+  });
+
+  it('skips a due time that passed while an attempt was on the wire', () => {
+    // A first attempt that timed out after 10 s: the next is the one due at 36 s.
+    expect(nextHandshakeIn([1000, 5000, 30_000], 10_000)).toBe(26_000);
+  });
+
+  it('is over once the last due time has passed, in any process that reads the subscription', () => {
+    expect(nextHandshakeIn([1000, 5000, 30_000], 36_000)).toBeUndefined();
+    expect(nextHandshakeIn([1000, 5000, 30_000], 3_600_000)).toBeUndefined();
+    expect(nextHandshakeIn([], 0)).toBeUndefined();
+  });
+
+  it('gives about a minute and a half by default', () => {
+    expect(DEFAULT_HANDSHAKE_RETRY_DELAYS_MS.reduce((a, b) => a + b, 0)).toBe(96_000);
+  });
+});
 
 describe('parseDurations', () => {
   it('parses every unit to milliseconds', () => {

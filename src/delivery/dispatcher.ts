@@ -1,7 +1,7 @@
 import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { memo } from '../core/memo.js';
 import { type NotificationType, notificationBundleJson } from '../core/notification.js';
-import { nextRetryDelay } from '../core/retry.js';
+import { DEFAULT_HANDSHAKE_RETRY_DELAYS_MS, nextHandshakeIn, nextRetryDelay } from '../core/retry.js';
 import { HANDSHAKE_FAILED, HEARTBEAT_FAILED, heartbeatsAllowed } from '../core/status.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
@@ -24,6 +24,8 @@ import { RunStop, type Sender, type SendResult, sendInOrder, type WebhookRequest
 export interface DispatcherOptions {
   readonly fhirBase: string;
   readonly retryDelaysMs: readonly number[];
+  /** A failed handshake is tried again at these delays (see `nextHandshakeIn`) before `error`. */
+  readonly handshakeRetryDelaysMs?: readonly number[];
   /** Requests handed to the sender across all lanes (on the wire or queued for a connection). */
   readonly maxInFlight?: number;
   /**
@@ -235,6 +237,8 @@ export class Dispatcher {
    * at a shared host.
    */
   readonly #originPauses = new Map<string, number>();
+  /** Handshakes that failed and are due again (`#handshake`), by subscription. */
+  readonly #handshakeRetries = new Map<string, NodeJS.Timeout>();
   readonly #newId = (): string => this.#ids.uuid();
   /** A store shared by instances: lanes send under its leases, as `#holder`. */
   readonly #leases: LaneLeases | undefined;
@@ -275,6 +279,7 @@ export class Dispatcher {
       retentionMs: 7 * 86_400_000,
       laneBuffer: 256,
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
+      handshakeRetryDelaysMs: DEFAULT_HANDSHAKE_RETRY_DELAYS_MS,
       ...deps.options,
     };
     this.#states = new DeliveryStateLog({ store: deps.store, logger: deps.logger });
@@ -292,6 +297,8 @@ export class Dispatcher {
     });
     deps.registry.listen({
       onRequested: (id) => {
+        // A new handshake starts a new schedule: a retry due for the one before is dropped.
+        this.#dropHandshakeRetry(id);
         this.#track(this.#handshake(id));
         this.#scheduleEnd(id);
       },
@@ -301,6 +308,7 @@ export class Dispatcher {
         this.#wake(id, true);
       },
       onRemoved: (id, before) => {
+        this.#dropHandshakeRetry(id);
         this.#forget(id);
         this.#letGoOfSockets(before);
       },
@@ -318,7 +326,10 @@ export class Dispatcher {
 
   /** Resume after a restart: handshakes still owed, and every lane with pending notifications. */
   async start(): Promise<void> {
-    for (const sub of this.#registry.all()) if (sub.status === 'requested') this.#track(this.#handshake(sub.id));
+    // On AWS every scheduled run starts: a handshake already due again in this instance is left to its timer.
+    for (const sub of this.#registry.all()) {
+      if (sub.status === 'requested' && !this.#handshakeRetries.has(sub.id)) this.#track(this.#handshake(sub.id));
+    }
     for (const id of await this.#store.subscriptionsWithPending()) {
       // On its own store a starting process is the only sender: everything pending goes. On a
       // shared one (AWS: the scheduled dispatcher, every minute) the lane reads under its lease.
@@ -483,6 +494,7 @@ export class Dispatcher {
       clearTimeout(lane.heartbeat);
     }
     for (const timer of this.#endTimers.values()) clearTimeout(timer);
+    for (const timer of this.#handshakeRetries.values()) clearTimeout(timer);
     this.#limiter.close();
     this.#sender.stop();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
@@ -1278,7 +1290,7 @@ export class Dispatcher {
       return;
     }
     // Its origin asked this client for a pause: the handshake waits it out (sent now, its 429 would
-    // fail the subscription). On AWS no timer outlives the invocation: a later run sends it.
+    // spend an attempt of its schedule). On AWS no timer outlives the invocation: a later run sends it.
     const paused = this.#pausedFor(sub);
     if (paused > 0) {
       setTimeout(() => this.#track(this.#handshake(id)), Math.min(paused, MAX_TIMER_MS)).unref();
@@ -1288,15 +1300,32 @@ export class Dispatcher {
     const result = await this.#sendIfCurrent(sub, 'handshake', `${id}-handshake-${this.#ids.uuid()}`);
     // Cut by a shutdown: still `requested`, so the next start sends the handshake again.
     if (result === undefined || this.#cutByShutdown(result)) return;
-    this.#metrics.inc('broker_handshakes_total', { outcome: result.ok ? 'ok' : 'failed' });
     // Applied only while the subscription is still the one the handshake went out for (`sub`): the
     // answer of an endpoint the client moved away from meanwhile neither activates nor fails it.
-    if (result.ok) await this.#registry.transition(id, { kind: 'handshake-succeeded' }, sub);
-    else {
+    if (result.ok) {
+      this.#metrics.inc('broker_handshakes_total', { outcome: 'ok' });
+      await this.#registry.transition(id, { kind: 'handshake-succeeded' }, sub);
+    } else {
+      // Nobody listening yet, or a moment's outage: tried again while the schedule lasts, still
+      // `requested`. Not after a 410 (the endpoint will never take notifications) nor when the SSRF
+      // guard refused the endpoint (that answer would not change).
+      const retryIn = result.status === 410 || result.permanent === true ? undefined : this.#handshakeDueIn(sub);
+      if (retryIn !== undefined && this.#registry.isCurrent(sub)) {
+        // Its client's other subscriptions there hold off; so does this retry (`#pausedFor` above).
+        this.#pauseOrigin(sub, result);
+        this.#metrics.inc('broker_handshakes_total', { outcome: 'retried' });
+        this.#logger.warn('handshake failed; tried again', {
+          subscription: id,
+          error: result.error,
+          retryInMs: retryIn,
+        });
+        this.#retryHandshakeIn(id, retryIn);
+        return;
+      }
+      this.#metrics.inc('broker_handshakes_total', { outcome: 'failed' });
       this.#logger.warn('handshake failed', { subscription: id, error: result.error });
-      // 410 Gone: the endpoint says it will never take notifications; off, not error.
+      // 410 Gone: off, not error.
       if (await this.#offIfGone(sub, result)) return;
-      // Its client's other subscriptions there hold off; this one goes to `error` as any failed handshake.
       this.#pauseOrigin(sub, result);
       await this.#registry.transition(
         id,
@@ -1304,6 +1333,36 @@ export class Dispatcher {
         sub,
       );
     }
+  }
+
+  /**
+   * How long until the subscription's next handshake is due, counted from when it became
+   * `requested` (its `updatedAt`: a failed attempt writes nothing), or undefined when its schedule
+   * is over. On AWS a scheduled run that finds it still `requested` tries it anyway, and gives up
+   * the same way once the schedule is over.
+   */
+  #handshakeDueIn(sub: SubscriptionRecord): number | undefined {
+    const since = Date.parse(sub.updatedAt);
+    const elapsed = Number.isNaN(since) ? Number.POSITIVE_INFINITY : this.#clock.now() - since;
+    return nextHandshakeIn(this.#opts.handshakeRetryDelaysMs, elapsed);
+  }
+
+  #retryHandshakeIn(id: string, ms: number): void {
+    this.#dropHandshakeRetry(id);
+    const timer = setTimeout(
+      () => {
+        this.#handshakeRetries.delete(id);
+        this.#track(this.#handshake(id));
+      },
+      Math.min(ms, MAX_TIMER_MS),
+    );
+    timer.unref();
+    this.#handshakeRetries.set(id, timer);
+  }
+
+  #dropHandshakeRetry(id: string): void {
+    clearTimeout(this.#handshakeRetries.get(id));
+    this.#handshakeRetries.delete(id);
   }
 
   /**

@@ -91,6 +91,7 @@ describe('Metrics.render', () => {
         'broker_events_total{outcome="refused"} 0',
         'broker_unusable_writes_total 0',
         'broker_notifications_total{outcome="dead-lettered"} 0',
+        'broker_handshakes_total{outcome="retried"} 0',
         'broker_handshakes_total{outcome="failed"} 0',
         'broker_origin_pauses_total 0',
         'broker_heartbeats_total{outcome="refused"} 0',

@@ -36,9 +36,9 @@ const FAMILIES = {
     zero: byOutcome('delivered', 'retried', 'dead-lettered', 'gone'),
   },
   broker_handshakes_total: {
-    help: 'Handshakes, by outcome',
+    help: 'Handshake attempts, by outcome (retried: failed, tried again)',
     type: 'counter',
-    zero: byOutcome('ok', 'failed'),
+    zero: byOutcome('ok', 'retried', 'failed'),
   },
   broker_origin_pauses_total: {
     help: "Pauses an endpoint origin asked for (429 or 503 with Retry-After), held by the client's other subscriptions there",
