@@ -177,15 +177,22 @@ describe('handshake retries', () => {
     // answers 500 until it has stored its wait, which it does once the create has returned).
     const { t, receiver } = await setup();
     receiver.respond = () => (receiver.arrived.length === 1 ? { status: 500 } : { status: 204 });
-    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/late`));
+    // As the kit sends it: its sample's Authorization, then its own appended.
+    const header = ['Authorization: Bearer SAMPLE_TOKEN', 'Authorization: Bearer inferno-token'];
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/late`, { channel: { header } }));
     const id = sub.id as string;
+    // The last value of a header given twice is the one kept and sent.
+    expect((sub.channel as Json).header).toEqual(['Authorization: Bearer inferno-token']);
     await t.logger.waitFor((r) => r.msg === 'handshake failed; tried again' && r.subscription === id, 'a retry');
     // Still `requested` while it waits, with no error to show.
     const waiting = await t.call('GET', `/fhir/Subscription/${id}`);
     expect([waiting.body.status, waiting.body.error]).toEqual(['requested', undefined]);
     await t.logger.waitForStatus(id, 'active', 5_000);
     // Two handshakes: the first answered 500, the second 204.
-    expect(handshakesOn(receiver, '/late')).toHaveLength(2);
+    expect(handshakesOn(receiver, '/late').map((r) => r.headers.authorization)).toEqual([
+      'Bearer inferno-token',
+      'Bearer inferno-token',
+    ]);
     expect(receiver.failures.map((r) => r.path)).toEqual(['/late']);
     const [retry] = retriesLogged(t, id);
     expect(retry).toMatchObject({ level: 'warn', error: 'HTTP 500' });

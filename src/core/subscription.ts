@@ -311,7 +311,7 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   const channel = parseChannel(sub, kind);
   const webhookSecret = parseSecret(sub.channel.extension);
   const askedStatus = sub.status as SubscriptionStatus | undefined;
-  const resource = storedResource(sub, kind, channel.content);
+  const resource = storedResource(sub, kind, channel);
   const bytes = storedSize(resource);
   if (bytes > MAX_STORED_BYTES) {
     throw new BrokerError(
@@ -749,9 +749,13 @@ function parseContent(ext: Extension | undefined, kind: SubscriptionKind, payloa
   });
 }
 
+/**
+ * The headers as sent: a name given more than once (in any case) keeps its last value only, as an
+ * HTTP client's "set" would. Inferno's Subscriptions test kit appends its own `Authorization` to
+ * the tester's Subscription, which its samples already give one, and expects its own to be used.
+ */
 function parseHeaders(headers: readonly string[]): string[] {
-  const seen = new Set<string>();
-  return headers.map((h) => {
+  const parsed = headers.map((h) => {
     const colon = h.indexOf(':');
     const name = colon === -1 ? '' : h.slice(0, colon).trim();
     const value = colon === -1 ? '' : h.slice(colon + 1).trim();
@@ -767,15 +771,10 @@ function parseHeaders(headers: readonly string[]): string[] {
         expression: 'Subscription.channel.header',
       });
     }
-    // The sender keys headers by name: a second one would silently replace the first.
-    if (seen.has(lower)) {
-      throw new BrokerError('INVALID_HEADER', `channel.header ${name} is given twice; give it once`, {
-        expression: 'Subscription.channel.header',
-      });
-    }
-    seen.add(lower);
-    return `${name}: ${value}`;
+    return { lower, header: `${name}: ${value}` };
   });
+  const last = new Map(parsed.map((p, i) => [p.lower, i]));
+  return parsed.filter((p, i) => last.get(p.lower) === i).map((p) => p.header);
 }
 
 function optionalInt<K extends string>(
@@ -823,10 +822,15 @@ export function isWebhookSecret(v: string): boolean {
  * default the client left out is written in as the broker applies it (no payload: `empty` content
  * in `application/fhir+json` bundles; a payload without content: `id-only`).
  */
-function storedResource(sub: SubscriptionJson, kind: SubscriptionKind, content: PayloadContent): FhirResource {
+function storedResource(sub: SubscriptionJson, kind: SubscriptionKind, parsed: Channel): FhirResource {
+  const content = parsed.content;
   const { id: _id, meta: _meta, status: _status, error: _error, text: _text, ...rest } = sub;
   const channelExt = (sub.channel.extension ?? []).filter((e) => e.url !== BROKER_EXT.webhookSecret);
   const { extension: _ext, ...channel } = sub.channel;
+  // A header name given more than once: stored as sent, its last value only (see parseHeaders).
+  if (channel.header !== undefined && channel.header.length !== parsed.headers.length) {
+    channel.header = [...parsed.headers];
+  }
   if (kind === 'topic') {
     channel.payload ??= 'application/fhir+json';
     const payloadExt = channel._payload?.extension ?? [];
