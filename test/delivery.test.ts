@@ -220,6 +220,48 @@ describe('handshake retries', () => {
     expect(handshakesOn(receiver, '/owed')).toHaveLength(2);
   });
 
+  it('counts the schedule on the monotonic clock: a wall clock stepped back an hour neither holds nor repeats it', async () => {
+    let offset = 0;
+    const receiver = await Receiver.start();
+    const t = await inProcessBroker(
+      { BROKER_HANDSHAKE_RETRY_DELAYS: '300ms,300ms' },
+      { clock: { now: () => Date.now() + offset } },
+    );
+    cleanups.push(
+      () => receiver.close(),
+      () => t.broker.close(0),
+    );
+    receiver.respond = () => ({ status: 503 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/stepped`));
+    offset = -3_600_000;
+    // Three attempts, as without the step, then `error`: not one every 300 ms for the hour.
+    const failed = await t.logger.waitForStatus(sub.id as string, 'error');
+    expect(failed.reason).toBe('handshake failed: HTTP 503');
+    expect(handshakesOn(receiver, '/stepped')).toHaveLength(3);
+  });
+
+  it('sends at a start a handshake whose retry is due, as a thawed AWS container’s run does', async () => {
+    let offset = 0;
+    const receiver = await Receiver.start();
+    const t = await inProcessBroker(
+      { BROKER_HANDSHAKE_RETRY_DELAYS: '5s' },
+      { clock: { now: () => Date.now() + offset } },
+    );
+    cleanups.push(
+      () => receiver.close(),
+      () => t.broker.close(0),
+    );
+    receiver.respond = () => (receiver.arrived.length === 1 ? { status: 500 } : { status: 204 });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/thawed`));
+    const id = sub.id as string;
+    await t.logger.waitFor((r) => r.msg === 'handshake failed; tried again' && r.subscription === id, 'a retry');
+    // The container was frozen past the retry's time: its timer has not fired, the run's start sends it.
+    offset = 10_000;
+    await t.broker.start();
+    await t.logger.waitForStatus(id, 'active', 2_000);
+    expect(handshakesOn(receiver, '/thawed')).toHaveLength(2);
+  });
+
   it('gives up once the schedule is over: error with the last reason', async () => {
     const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '300ms,300ms' });
     receiver.respond = () => ({ status: 503 });

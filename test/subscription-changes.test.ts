@@ -155,6 +155,12 @@ describe('answers from an endpoint the client has moved away from', () => {
     expect(receiver.failures.map((r) => r.path)).toEqual(['/old']);
     expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
     expect(t.logger.records.some((r) => r.subscription === id && r.to === 'error')).toBe(false);
+    // Nor is it a failed handshake to log, count or try again: the old endpoint is not the subscription's.
+    await receiver.waitFor(() => receiver.failures.length === 1 && receiver.open === 0, 'the old answer out');
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(t.logger.records.filter((r) => String(r.msg).startsWith('handshake failed'))).toEqual([]);
+    expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'failed' })).toBe(0);
+    expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'retried' })).toBe(0);
   });
 
   it('a successful handshake of the old endpoint does not activate the moved one; its own decides', async () => {

@@ -597,6 +597,11 @@ describe('parseSubscription: refusals', () => {
       'X-A: 1',
       'X-B: 2',
     ]);
+    // Stored as given, the ones dropped with their `_header` elements.
+    const header = ['X-A:1', 'X-B: 2', 'x-a: 3'];
+    const stored = parse(topicSub({ channel: { header, _header: [{ id: 'a1' }, null, { id: 'a3' }] } })).resource;
+    expect(stored.channel).toMatchObject({ header: ['X-B: 2', 'x-a: 3'], _header: [null, { id: 'a3' }] });
+    expect(parse(topicSub({ channel: { header: ['X-A:1'] } })).resource.channel).toMatchObject({ header: ['X-A:1'] });
     // Each one is still checked: a bad earlier one is refused, not dropped.
     expect(errorCode(topicSub({ channel: { header: ['Host: x', 'Host: y'] } }))).toBe('INVALID_HEADER');
   });

@@ -771,10 +771,21 @@ function parseHeaders(headers: readonly string[]): string[] {
         expression: 'Subscription.channel.header',
       });
     }
-    return { lower, header: `${name}: ${value}` };
+    return `${name}: ${value}`;
   });
-  const last = new Map(parsed.map((p, i) => [p.lower, i]));
-  return parsed.filter((p, i) => last.get(p.lower) === i).map((p) => p.header);
+  return keptHeaders(headers).map((i) => parsed[i] as string);
+}
+
+/** Indexes of the headers sent: of a name given more than once (any case), the last. */
+function keptHeaders(headers: readonly string[]): number[] {
+  const names = headers.map((h) =>
+    h
+      .slice(0, Math.max(h.indexOf(':'), 0))
+      .trim()
+      .toLowerCase(),
+  );
+  const last = new Map(names.map((name, i) => [name, i]));
+  return names.flatMap((name, i) => (last.get(name) === i ? [i] : []));
 }
 
 function optionalInt<K extends string>(
@@ -827,9 +838,14 @@ function storedResource(sub: SubscriptionJson, kind: SubscriptionKind, parsed: C
   const { id: _id, meta: _meta, status: _status, error: _error, text: _text, ...rest } = sub;
   const channelExt = (sub.channel.extension ?? []).filter((e) => e.url !== BROKER_EXT.webhookSecret);
   const { extension: _ext, ...channel } = sub.channel;
-  // A header name given more than once: stored as sent, its last value only (see parseHeaders).
+  // A header name given more than once: stored with its last value only, as sent (see
+  // parseHeaders), and the `_header` elements that went with the ones dropped dropped too.
   if (channel.header !== undefined && channel.header.length !== parsed.headers.length) {
-    channel.header = [...parsed.headers];
+    const kept = keptHeaders(channel.header);
+    const raw = channel.header;
+    channel.header = kept.map((i) => raw[i] as string);
+    const elements = (channel as { _header?: unknown[] })._header;
+    if (elements !== undefined) (channel as { _header?: unknown[] })._header = kept.map((i) => elements[i] ?? null);
   }
   if (kind === 'topic') {
     channel.payload ??= 'application/fhir+json';

@@ -237,8 +237,14 @@ export class Dispatcher {
    * at a shared host.
    */
   readonly #originPauses = new Map<string, number>();
-  /** Handshakes that failed and are due again (`#handshake`), by subscription. */
-  readonly #handshakeRetries = new Map<string, NodeJS.Timeout>();
+  /** Handshakes due again (failed, or held by an origin's pause), by subscription: the timer and when (epoch ms). */
+  readonly #handshakeRetries = new Map<string, { readonly timer: NodeJS.Timeout; readonly dueAt: number }>();
+  /**
+   * Where this process's count of a subscription's handshake schedule starts (`performance.now()`),
+   * for the version (`updatedAt`) it was requested as: set at its first failed attempt here from
+   * the wall clock, then counted on the monotonic one, which no clock step moves.
+   */
+  readonly #handshakeStarts = new Map<string, { readonly updatedAt: string; readonly at: number }>();
   readonly #newId = (): string => this.#ids.uuid();
   /** A store shared by instances: lanes send under its leases, as `#holder`. */
   readonly #leases: LaneLeases | undefined;
@@ -299,6 +305,7 @@ export class Dispatcher {
       onRequested: (id) => {
         // A new handshake starts a new schedule: a retry due for the one before is dropped.
         this.#dropHandshakeRetry(id);
+        this.#handshakeStarts.delete(id);
         this.#track(this.#handshake(id));
         this.#scheduleEnd(id);
       },
@@ -309,6 +316,7 @@ export class Dispatcher {
       },
       onRemoved: (id, before) => {
         this.#dropHandshakeRetry(id);
+        this.#handshakeStarts.delete(id);
         this.#forget(id);
         this.#letGoOfSockets(before);
       },
@@ -326,9 +334,15 @@ export class Dispatcher {
 
   /** Resume after a restart: handshakes still owed, and every lane with pending notifications. */
   async start(): Promise<void> {
-    // On AWS every scheduled run starts: a handshake already due again in this instance is left to its timer.
+    // On AWS every scheduled run starts: a handshake due again later in this instance is left to
+    // its timer; one whose time has come (a timer held over by a frozen container) goes now.
+    const now = this.#clock.now();
     for (const sub of this.#registry.all()) {
-      if (sub.status === 'requested' && !this.#handshakeRetries.has(sub.id)) this.#track(this.#handshake(sub.id));
+      if (sub.status !== 'requested') continue;
+      const retry = this.#handshakeRetries.get(sub.id);
+      if (retry !== undefined && retry.dueAt > now) continue;
+      this.#dropHandshakeRetry(sub.id);
+      this.#track(this.#handshake(sub.id));
     }
     for (const id of await this.#store.subscriptionsWithPending()) {
       // On its own store a starting process is the only sender: everything pending goes. On a
@@ -494,7 +508,7 @@ export class Dispatcher {
       clearTimeout(lane.heartbeat);
     }
     for (const timer of this.#endTimers.values()) clearTimeout(timer);
-    for (const timer of this.#handshakeRetries.values()) clearTimeout(timer);
+    for (const retry of this.#handshakeRetries.values()) clearTimeout(retry.timer);
     this.#limiter.close();
     this.#sender.stop();
     await Promise.race([Promise.allSettled([...this.#running]), new Promise((r) => setTimeout(r, graceMs).unref())]);
@@ -1293,7 +1307,7 @@ export class Dispatcher {
     // spend an attempt of its schedule). On AWS no timer outlives the invocation: a later run sends it.
     const paused = this.#pausedFor(sub);
     if (paused > 0) {
-      setTimeout(() => this.#track(this.#handshake(id)), Math.min(paused, MAX_TIMER_MS)).unref();
+      this.#retryHandshakeIn(id, paused);
       return;
     }
     // Changed or deleted while this waited for a slot: a change's own handshake decides.
@@ -1303,14 +1317,17 @@ export class Dispatcher {
     // Applied only while the subscription is still the one the handshake went out for (`sub`): the
     // answer of an endpoint the client moved away from meanwhile neither activates nor fails it.
     if (result.ok) {
+      this.#handshakeStarts.delete(id);
       this.#metrics.inc('broker_handshakes_total', { outcome: 'ok' });
       await this.#registry.transition(id, { kind: 'handshake-succeeded' }, sub);
     } else {
+      // Changed or deleted while on the wire: its answer decides nothing (the change's own handshake does).
+      if (!this.#registry.isCurrent(sub)) return;
       // Nobody listening yet, or a moment's outage: tried again while the schedule lasts, still
       // `requested`. Not after a 410 (the endpoint will never take notifications) nor when the SSRF
       // guard refused the endpoint (that answer would not change).
       const retryIn = result.status === 410 || result.permanent === true ? undefined : this.#handshakeDueIn(sub);
-      if (retryIn !== undefined && this.#registry.isCurrent(sub)) {
+      if (retryIn !== undefined) {
         // Its client's other subscriptions there hold off; so does this retry (`#pausedFor` above).
         this.#pauseOrigin(sub, result);
         this.#metrics.inc('broker_handshakes_total', { outcome: 'retried' });
@@ -1322,6 +1339,7 @@ export class Dispatcher {
         this.#retryHandshakeIn(id, retryIn);
         return;
       }
+      this.#handshakeStarts.delete(id);
       this.#metrics.inc('broker_handshakes_total', { outcome: 'failed' });
       this.#logger.warn('handshake failed', { subscription: id, error: result.error });
       // 410 Gone: off, not error.
@@ -1339,15 +1357,23 @@ export class Dispatcher {
    * How long until the subscription's next handshake is due, counted from when it became
    * `requested` (its `updatedAt`: a failed attempt writes nothing), or undefined when its schedule
    * is over. On AWS a scheduled run that finds it still `requested` tries it anyway, and gives up
-   * the same way once the schedule is over.
+   * by the same rule. Within a process the count goes on from its first failure on the monotonic
+   * clock (`#handshakeStarts`): a wall clock stepped back neither holds it back nor repeats it.
    */
   #handshakeDueIn(sub: SubscriptionRecord): number | undefined {
-    const since = Date.parse(sub.updatedAt);
-    const elapsed = Number.isNaN(since) ? Number.POSITIVE_INFINITY : this.#clock.now() - since;
-    return nextHandshakeIn(this.#opts.handshakeRetryDelaysMs, elapsed);
+    let start = this.#handshakeStarts.get(sub.id);
+    if (start === undefined || start.updatedAt !== sub.updatedAt) {
+      const since = Date.parse(sub.updatedAt);
+      // Requested "in the future" (the clock stepped back since): no time has passed yet.
+      const elapsed = Number.isNaN(since) ? Number.POSITIVE_INFINITY : Math.max(this.#clock.now() - since, 0);
+      start = { updatedAt: sub.updatedAt, at: performance.now() - elapsed };
+      this.#handshakeStarts.set(sub.id, start);
+    }
+    return nextHandshakeIn(this.#opts.handshakeRetryDelaysMs, performance.now() - start.at);
   }
 
   #retryHandshakeIn(id: string, ms: number): void {
+    if (this.#closed) return;
     this.#dropHandshakeRetry(id);
     const timer = setTimeout(
       () => {
@@ -1357,11 +1383,11 @@ export class Dispatcher {
       Math.min(ms, MAX_TIMER_MS),
     );
     timer.unref();
-    this.#handshakeRetries.set(id, timer);
+    this.#handshakeRetries.set(id, { timer, dueAt: this.#clock.now() + ms });
   }
 
   #dropHandshakeRetry(id: string): void {
-    clearTimeout(this.#handshakeRetries.get(id));
+    clearTimeout(this.#handshakeRetries.get(id)?.timer);
     this.#handshakeRetries.delete(id);
   }
 

@@ -53,6 +53,7 @@ export async function startDynamoDbLocal(): Promise<DynamoDbLocal> {
 }
 
 class ExitedEarly extends Error {}
+class NotOurs extends Error {}
 
 async function startOnce(port: number): Promise<DynamoDbLocal> {
   const endpoint = `http://127.0.0.1:${port}`;
@@ -77,10 +78,12 @@ async function startOnce(port: number): Promise<DynamoDbLocal> {
         // given the same free port a moment earlier, may hold it while this one fails to bind and
         // exits; this file would then lose its database when the other file stops that one.
         if (await listensOn(child.pid, port)) break;
-        throw new Error(`port ${port} answers, but not from this DynamoDB Local (yet)`);
+        throw new NotOurs(`port ${port} answers, but not from this DynamoDB Local (yet)`);
       } catch (err) {
         if (exited)
           throw new ExitedEarly(`DynamoDB Local exited before answering:\n${output.join('')}`, { cause: err });
+        // Another one has held the port all along: try another port, as when this one exits.
+        if (Date.now() > deadline && err instanceof NotOurs) throw new ExitedEarly(err.message, { cause: err });
         if (Date.now() > deadline) {
           throw new Error(`DynamoDB Local did not answer within ${START_TIMEOUT_MS} ms`, { cause: err });
         }
@@ -125,17 +128,19 @@ async function listensOn(pid: number | undefined, port: number): Promise<boolean
   if (pid === undefined) return false;
   const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
   const inodes = new Set<string>();
-  try {
-    for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
-      for (const line of (await readFile(table, 'utf8')).split('\n').slice(1)) {
-        const cols = line.trim().split(/\s+/);
-        // local_address is ADDR:PORT in hex; st 0A is LISTEN; the inode is the tenth column.
-        if (cols[1]?.endsWith(`:${hexPort}`) && cols[3] === '0A' && cols[9] !== undefined) inodes.add(cols[9]);
-      }
+  let tables = 0;
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    // Either may be missing (no IPv6): what the other says still counts.
+    const text = await readFile(table, 'utf8').catch(() => undefined);
+    if (text === undefined) continue;
+    tables++;
+    for (const line of text.split('\n').slice(1)) {
+      const cols = line.trim().split(/\s+/);
+      // local_address is ADDR:PORT in hex; st 0A is LISTEN; the inode is the tenth column.
+      if (cols[1]?.endsWith(`:${hexPort}`) && cols[3] === '0A' && cols[9] !== undefined) inodes.add(cols[9]);
     }
-  } catch {
-    return true;
   }
+  if (tables === 0) return true;
   let fds: string[];
   try {
     fds = await readdir(`/proc/${pid}/fd`);
