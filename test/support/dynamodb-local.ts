@@ -73,12 +73,16 @@ async function startOnce(port: number): Promise<DynamoDbLocal> {
     const deadline = Date.now() + START_TIMEOUT_MS;
     for (;;) {
       try {
+        // Probed only once this JVM holds the port. The port was free when chosen, but until the
+        // JVM binds it another test file's listen(0) may take it: a receiver (which would record the
+        // probes as requests it was sent, and answer them 204) or another DynamoDB Local (whose
+        // answers would pass, and this file would lose its database when the other one stops).
+        // This JVM then fails to bind and exits, and starts again on another port.
+        if (!(await listensOn(child.pid, port))) {
+          throw new NotOurs(`port ${port} is not (yet) this DynamoDB Local's`);
+        }
         await probe.send(new ListTablesCommand({ Limit: 1 }));
-        // An answer on the port is not proof it is this JVM's: another test file's DynamoDB Local,
-        // given the same free port a moment earlier, may hold it while this one fails to bind and
-        // exits; this file would then lose its database when the other file stops that one.
-        if (await listensOn(child.pid, port)) break;
-        throw new NotOurs(`port ${port} answers, but not from this DynamoDB Local (yet)`);
+        break;
       } catch (err) {
         if (exited)
           throw new ExitedEarly(`DynamoDB Local exited before answering:\n${output.join('')}`, { cause: err });
