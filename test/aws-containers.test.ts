@@ -102,6 +102,45 @@ describe('Lambda containers sharing the tables', () => {
     expect(arrivedAt('/slow')).toEqual([1]);
   });
 
+  it('a handshake failed in the API container goes again with a dispatcher run; past its schedule that attempt is the last', async () => {
+    const tag = randomUUID().slice(0, 8);
+    // Filtered: no other test's events reach these subscriptions.
+    const mine = { filters: [`Patient?_id=${tag}-p`] };
+    const retried = (id: string) =>
+      logger.records.filter((r) => r.msg === 'handshake failed; tried again' && r.subscription === id);
+    // Due again 60 s after the create. The API container is gone after its invocation (closed: no
+    // timer of its own fires), as a frozen one would be; a dispatcher run in another one sends it.
+    const minute = { config: { handshakeRetryDelaysMs: [60_000] } };
+    receiver.answerOnce((r) => r.path === `/${tag}-again`, { status: 500 });
+    const api = container(minute);
+    const again = await create(
+      createHandlers(api),
+      topicSubscription('patient-change', `${receiver.url}/${tag}-again`, mine),
+    );
+    expect(retried(again)).toHaveLength(1);
+    await (await api).close(0);
+    await createHandlers(container(minute)).dispatch(60_000);
+    await logger.waitForStatus(again, 'active');
+    expect(receiver.arrived.filter((r) => r.path === `/${tag}-again`)).toHaveLength(2);
+
+    // Due again 300 ms after the create; the run comes later, and its attempt fails: `error`.
+    const short = { config: { handshakeRetryDelaysMs: [300] } };
+    for (let i = 0; i < 2; i++) receiver.answerOnce((r) => r.path === `/${tag}-over`, { status: 503 });
+    const api2 = container(short);
+    const over = await create(
+      createHandlers(api2),
+      topicSubscription('patient-change', `${receiver.url}/${tag}-over`, mine),
+    );
+    expect(retried(over)).toHaveLength(1);
+    await (await api2).close(0);
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    await createHandlers(container(short)).dispatch(60_000);
+    const failed = await logger.waitForStatus(over, 'error');
+    expect(failed.reason).toBe('handshake failed: HTTP 503');
+    expect(retried(over)).toHaveLength(1);
+    expect(receiver.arrived.filter((r) => r.path === `/${tag}-over`)).toHaveLength(2);
+  });
+
   it('a retry of an event whose acceptance failed half-way does not send again what was delivered meanwhile', async () => {
     const api = createHandlers(container());
     const filters = ['Patient?_id=half-p'];
