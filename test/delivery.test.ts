@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Webhook } from 'standardwebhooks';
 import { afterEach, describe, expect, it } from 'vitest';
+import type { BrokerOverrides } from '../src/broker.js';
 import type { LifecycleEvent } from '../src/core/lifecycle.js';
 import {
   eventLike,
@@ -36,14 +37,28 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-async function setup(env: Record<string, string> = {}): Promise<{ t: TestBroker; receiver: Receiver }> {
+async function setup(
+  env: Record<string, string> = {},
+  overrides: BrokerOverrides = {},
+): Promise<{ t: TestBroker; receiver: Receiver }> {
   const receiver = await Receiver.start();
-  const t = await inProcessBroker({ BROKER_RETRY_DELAYS: '20ms,20ms,20ms,20ms,20ms,20ms', ...env });
+  const t = await inProcessBroker({ BROKER_RETRY_DELAYS: '20ms,20ms,20ms,20ms,20ms,20ms', ...env }, overrides);
   cleanups.push(
     () => receiver.close(),
     () => t.broker.close(0),
   );
   return { t, receiver };
+}
+
+/** A wall clock the test steps: the real time plus the steps made so far. */
+function steppedClock(): { readonly clock: { now(): number }; step(ms: number): void } {
+  let offset = 0;
+  return {
+    clock: { now: () => Date.now() + offset },
+    step: (ms) => {
+      offset += ms;
+    },
+  };
 }
 
 const patientEvents = (prefix: string, n: number) =>
@@ -221,19 +236,11 @@ describe('handshake retries', () => {
   });
 
   it('counts the schedule on the monotonic clock: a wall clock stepped back an hour neither holds nor repeats it', async () => {
-    let offset = 0;
-    const receiver = await Receiver.start();
-    const t = await inProcessBroker(
-      { BROKER_HANDSHAKE_RETRY_DELAYS: '300ms,300ms' },
-      { clock: { now: () => Date.now() + offset } },
-    );
-    cleanups.push(
-      () => receiver.close(),
-      () => t.broker.close(0),
-    );
+    const wall = steppedClock();
+    const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '300ms,300ms' }, { clock: wall.clock });
     receiver.respond = () => ({ status: 503 });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/stepped`));
-    offset = -3_600_000;
+    wall.step(-3_600_000);
     // Three attempts, as without the step, then `error`: not one every 300 ms for the hour.
     const failed = await t.logger.waitForStatus(sub.id as string, 'error');
     expect(failed.reason).toBe('handshake failed: HTTP 503');
@@ -241,22 +248,14 @@ describe('handshake retries', () => {
   });
 
   it('sends at a start a handshake whose retry is due, as a thawed AWS container’s run does', async () => {
-    let offset = 0;
-    const receiver = await Receiver.start();
-    const t = await inProcessBroker(
-      { BROKER_HANDSHAKE_RETRY_DELAYS: '5s' },
-      { clock: { now: () => Date.now() + offset } },
-    );
-    cleanups.push(
-      () => receiver.close(),
-      () => t.broker.close(0),
-    );
+    const wall = steppedClock();
+    const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '5s' }, { clock: wall.clock });
     receiver.respond = () => (receiver.arrived.length === 1 ? { status: 500 } : { status: 204 });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/thawed`));
     const id = sub.id as string;
     await t.logger.waitFor((r) => r.msg === 'handshake failed; tried again' && r.subscription === id, 'a retry');
     // The container was frozen past the retry's time: its timer has not fired, the run's start sends it.
-    offset = 10_000;
+    wall.step(10_000);
     await t.broker.start();
     await t.logger.waitForStatus(id, 'active', 2_000);
     expect(handshakesOn(receiver, '/thawed')).toHaveLength(2);
@@ -719,36 +718,23 @@ describe('heartbeats to an endpoint the SSRF guard came to refuse', () => {
 
 describe('clock steps', () => {
   it('retries on time when the wall clock steps back an hour meanwhile', async () => {
-    const receiver = await Receiver.start();
-    let offset = 0;
-    const t = await inProcessBroker(
-      { BROKER_RETRY_DELAYS: '300ms,300ms' },
-      { clock: { now: () => Date.now() + offset } },
-    );
-    cleanups.push(
-      () => receiver.close(),
-      () => t.broker.close(0),
-    );
+    const wall = steppedClock();
+    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '300ms,300ms' }, { clock: wall.clock });
     receiver.answerOnce((req) => req.body.includes('"event-notification"'), { status: 503 });
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/stepped`));
     await t.logger.waitForStatus(sub.id as string, 'active');
     await t.post(patientEvents('stepped', 1));
     // The retry is scheduled (its due time stored) before the clock steps.
     await t.logger.waitFor((r) => r.msg === 'delivery failed', 'the refused first attempt');
-    offset = -3_600_000;
+    wall.step(-3_600_000);
     await t.post(patientEvents('stepped-later', 1));
     await receiver.waitFor(() => notificationsOn(receiver, '/stepped').length >= 2, 'both notifications', 5_000);
     expect(notificationsOn(receiver, '/stepped').flatMap(eventNumbers)).toEqual([1, 2]);
   });
 
   it('keeps the heartbeats going when the wall clock steps back an hour', async () => {
-    const receiver = await Receiver.start();
-    let offset = 0;
-    const t = await inProcessBroker({}, { clock: { now: () => Date.now() + offset } });
-    cleanups.push(
-      () => receiver.close(),
-      () => t.broker.close(0),
-    );
+    const wall = steppedClock();
+    const { t, receiver } = await setup({}, { clock: wall.clock });
     const sub = await t.create(
       topicSubscription('patient-change', `${receiver.url}/stepped-hb`, { channel: heartbeatEverySecond }),
     );
@@ -757,7 +743,7 @@ describe('clock steps', () => {
     await receiver.waitFor(() => heartbeats() >= 1, 'a heartbeat');
     // Answered, and the next one scheduled, before the step.
     await new Promise((resolve) => setTimeout(resolve, 300));
-    offset = -3_600_000;
+    wall.step(-3_600_000);
     const before = heartbeats();
     // Every second still (it had waited the hour out).
     await receiver.waitFor(() => heartbeats() >= before + 2, 'two more heartbeats', 5_000);
