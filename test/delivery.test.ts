@@ -454,6 +454,66 @@ describe('per-origin limit', () => {
 });
 
 describe('$events', () => {
+  /** Each notification-event's `delivery` extension, as { sub-extension url: value }, by event number. */
+  const deliveryOf = (bundle: Json): Map<number, Record<string, unknown>> => {
+    const params = (((bundle.entry as Json[])[0]?.resource as Json | undefined)?.parameter ?? []) as Json[];
+    const states = new Map<number, Record<string, unknown>>();
+    for (const p of params.filter((q) => q.name === 'notification-event')) {
+      const n = Number(((p.part as Json[]).find((q) => q.name === 'event-number') as Json).valueString);
+      const [ext] = p.extension as Json[];
+      expect(ext?.url).toBe('https://fhir-subscription-broker.org/fhir/StructureDefinition/delivery');
+      const fields = ((ext?.extension ?? []) as Json[]).map((e) => {
+        const key = Object.keys(e).find((k) => k.startsWith('value')) as string;
+        return [e.url as string, e[key]] as const;
+      });
+      states.set(n, Object.fromEntries(fields));
+    }
+    return states;
+  };
+  /** `$events` once `ready` holds for its delivery states (they are written behind, within ~10 ms). */
+  const eventsWhen = async (t: TestBroker, id: string, ready: (s: Map<number, Record<string, unknown>>) => boolean) => {
+    const deadline = Date.now() + 5_000;
+    for (;;) {
+      const res = await t.call('GET', `/fhir/Subscription/${id}/$events`);
+      if (ready(deliveryOf(res.body)) || Date.now() > deadline) return deliveryOf(res.body);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+
+  it('says how each event’s delivery stands: delivered, or waiting for its next attempt and why', async () => {
+    // The second attempt's retry is an hour off: the event is caught waiting for it.
+    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '20ms,1h' });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/states`));
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    await t.post(patientEvents('st-a', 1));
+    await receiver.waitFor(() => notificationsOn(receiver, '/states').length === 1, 'event 1');
+    receiver.respond = () => ({ status: 500 });
+    const before = Date.now();
+    await t.post(patientEvents('st-b', 1));
+    const states = await eventsWhen(t, id, (s) => s.get(2)?.attempts === 2);
+    expect(states.get(1)).toEqual({ state: 'delivered', attempts: 1 });
+    const waiting = states.get(2) as Record<string, unknown>;
+    expect(waiting).toMatchObject({ state: 'pending', attempts: 2, lastError: 'HTTP 500' });
+    // Due about an hour on (±20 % jitter).
+    expect(Date.parse(String(waiting.due)) - before).toBeGreaterThan(0.75 * 3_600_000);
+  });
+
+  it('says which events were dead-lettered and why, and that those after wait for a re-activation', async () => {
+    const { t, receiver } = await setup({ BROKER_RETRY_DELAYS: '20ms' });
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/dead`));
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    receiver.respond = () => ({ status: 503 });
+    await t.post(patientEvents('dead-a', 1));
+    await t.logger.waitForStatus(id, 'error');
+    await t.post(patientEvents('dead-b', 1));
+    const states = await eventsWhen(t, id, (s) => s.get(1)?.state === 'dead' && s.has(2));
+    expect(states.get(1)).toEqual({ state: 'dead', attempts: 2, lastError: 'HTTP 503' });
+    // Not tried while the subscription is in error: no attempt, nothing due.
+    expect(states.get(2)).toEqual({ state: 'pending', attempts: 0 });
+  });
+
   it('returns exactly the requested range of stored notifications', async () => {
     const { t, receiver } = await setup();
     const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/ev`));

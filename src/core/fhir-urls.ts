@@ -30,6 +30,8 @@ export const BROKER_EXT = {
   webhookSecret: `${BROKER_BASE}/StructureDefinition/webhook-secret`,
   /** On CapabilityStatement.rest: the broker's WebSocket endpoint. */
   websocketUrl: `${BROKER_BASE}/StructureDefinition/websocket-url`,
+  /** On each `notification-event` of a `$events` answer: how that notification's delivery stands. */
+  delivery: `${BROKER_BASE}/StructureDefinition/delivery`,
 } as const;
 
 export const ERROR_CODE_SYSTEM = `${BROKER_BASE}/CodeSystem/error-code`;

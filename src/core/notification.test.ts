@@ -10,8 +10,16 @@ import {
   type NotificationType,
   notificationBundleJson,
   type StatusSource,
+  withDeliveryStates,
 } from './notification.js';
-import type { FhirResource, Interaction, Notification, PayloadContent, SubscriptionStatus } from './types.js';
+import type {
+  FhirResource,
+  Interaction,
+  Notification,
+  PayloadContent,
+  StoredNotification,
+  SubscriptionStatus,
+} from './types.js';
 
 const BROKER = 'http://127.0.0.1:8080/fhir';
 const HEALTHLAKE = 'https://healthlake.us-east-1.amazonaws.com/datastore/ds1/r4';
@@ -317,6 +325,93 @@ describe('buildStatusBundle', () => {
       timestamp: NOW,
       total: 0,
     });
+  });
+});
+
+describe('withDeliveryStates', () => {
+  const DELIVERY = 'https://fhir-subscription-broker.org/fhir/StructureDefinition/delivery';
+  const stored = (
+    n: number,
+    state: 'pending' | 'delivered' | 'dead',
+    attempts: number,
+    lastError?: string,
+  ): StoredNotification => ({
+    ...note(n, 'update', `p${n}`),
+    state,
+    attempts,
+    dueAt: Date.parse('2030-01-01T01:00:00.000Z'),
+    ...(lastError === undefined ? {} : { lastError }),
+  });
+  const notes = [
+    stored(1, 'delivered', 2, 'HTTP 503'),
+    stored(2, 'pending', 3, 'timeout after 10000 ms'),
+    stored(3, 'dead', 7, 'HTTP 500'),
+    stored(4, 'pending', 0),
+  ];
+  const deliveryOf = (bundle: FhirResource) =>
+    statusParameters(bundle)
+      .filter((p) => p.name === 'notification-event')
+      .map((p) => (p as { extension?: unknown[] }).extension);
+
+  it('adds to each notification-event its state, attempts and, while it is not delivered, the last error', () => {
+    const bundle = withDeliveryStates(
+      buildNotificationBundle(topicSub, 'query-event', notes, 'id-only', context()),
+      notes,
+      topicSub,
+    );
+    expect(deliveryOf(valid(bundle))).toEqual([
+      [
+        {
+          url: DELIVERY,
+          extension: [
+            { url: 'state', valueCode: 'delivered' },
+            { url: 'attempts', valueUnsignedInt: 2 },
+          ],
+        },
+      ],
+      [
+        {
+          url: DELIVERY,
+          extension: [
+            { url: 'state', valueCode: 'pending' },
+            { url: 'attempts', valueUnsignedInt: 3 },
+            { url: 'due', valueInstant: '2030-01-01T01:00:00.000Z' },
+            { url: 'lastError', valueString: 'timeout after 10000 ms' },
+          ],
+        },
+      ],
+      [
+        {
+          url: DELIVERY,
+          extension: [
+            { url: 'state', valueCode: 'dead' },
+            { url: 'attempts', valueUnsignedInt: 7 },
+            { url: 'lastError', valueString: 'HTTP 500' },
+          ],
+        },
+      ],
+      // Not attempted yet: nothing due to say.
+      [
+        {
+          url: DELIVERY,
+          extension: [
+            { url: 'state', valueCode: 'pending' },
+            { url: 'attempts', valueUnsignedInt: 0 },
+          ],
+        },
+      ],
+    ]);
+  });
+
+  it('says no due time while the subscription is not active (nothing is tried), and works on empty content', () => {
+    const errored: StatusSource = { ...topicSub, status: 'error', error: 'gone' };
+    const bundle = withDeliveryStates(
+      buildNotificationBundle(errored, 'query-event', notes, 'empty', context()),
+      notes,
+      errored,
+    );
+    const second = deliveryOf(valid(bundle))[1] as { extension: { url: string }[] }[];
+    expect(second[0]?.extension.map((e) => e.url)).toEqual(['state', 'attempts', 'lastError']);
   });
 });
 

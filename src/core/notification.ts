@@ -1,5 +1,12 @@
-import { BACKPORT_PROFILE } from './fhir-urls.js';
-import type { FhirResource, Interaction, Notification, PayloadContent, SubscriptionRecord } from './types.js';
+import { BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
+import type {
+  FhirResource,
+  Interaction,
+  Notification,
+  PayloadContent,
+  StoredNotification,
+  SubscriptionRecord,
+} from './types.js';
 
 /**
  * Notification bundles of the Subscriptions R5 Backport IG on R4: a `history` Bundle whose first
@@ -108,6 +115,46 @@ export function buildNotificationBundle(
     timestamp: ctx.timestamp,
     entry,
   };
+}
+
+/**
+ * Adds to each `notification-event` of a `$events` answer (`bundle`, built from `notes`) how its
+ * delivery stands, in the broker's `delivery` extension (every element takes extensions; the IG
+ * has no element for it): `state` (`pending`, `delivered`, `dead`), `attempts` made, and while it
+ * is pending or once dead-lettered, `lastError`; while pending after a failed attempt with the
+ * subscription `active`, `due`, the instant before which it is not tried again. A client that sees
+ * a gap in event numbers learns whether the missing ones are on their way or were dead-lettered,
+ * and why, without asking the operator.
+ */
+export function withDeliveryStates(
+  bundle: FhirResource,
+  notes: readonly StoredNotification[],
+  sub: Pick<SubscriptionRecord, 'status'>,
+): FhirResource {
+  const byNumber = new Map(notes.map((n) => [String(n.eventNumber), n]));
+  const status = (bundle.entry as { resource: { parameter: Param[] } }[] | undefined)?.[0]?.resource;
+  for (const param of status?.parameter ?? []) {
+    if (param.name !== 'notification-event') continue;
+    const n = byNumber.get(String(param.part?.find((p) => p.name === 'event-number')?.valueString));
+    if (n === undefined) continue;
+    const extension: unknown[] = [
+      { url: 'state', valueCode: n.state },
+      { url: 'attempts', valueUnsignedInt: n.attempts },
+    ];
+    if (n.state === 'pending' && n.attempts > 0 && sub.status === 'active') {
+      extension.push({ url: 'due', valueInstant: new Date(n.dueAt).toISOString() });
+    }
+    if (n.state !== 'delivered' && n.lastError !== undefined)
+      extension.push({ url: 'lastError', valueString: n.lastError });
+    param.extension = [{ url: BROKER_EXT.delivery, extension }];
+  }
+  return bundle;
+}
+
+interface Param {
+  name?: string;
+  part?: { name?: string; valueString?: string }[];
+  extension?: unknown[];
 }
 
 /**

@@ -2,7 +2,7 @@ import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_BASE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
 import { mediaType } from '../core/media-type.js';
-import { buildNotificationBundle, buildStatusBundle } from '../core/notification.js';
+import { buildNotificationBundle, buildStatusBundle, withDeliveryStates } from '../core/notification.js';
 import { instantProblem } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type { Clock, IdSource, PayloadContent, SubscriptionRecord } from '../core/types.js';
@@ -259,7 +259,11 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const notes = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
     const asked = params.one('content');
     const content = contentParam(asked) ?? sub.channel.content;
-    const { entry, ...head } = buildNotificationBundle(sub, 'query-event', notes, content, ctx());
+    const { entry, ...head } = withDeliveryStates(
+      buildNotificationBundle(sub, 'query-event', notes, content, ctx()),
+      notes,
+      sub,
+    );
     // A full page that stops short of `until`: the rest is a `next` link away (as search pages are).
     const last = notes.at(-1)?.eventNumber;
     if (notes.length < MAX_EVENTS_PAGE || last === undefined || last >= until) return fhirResponse({ ...head, entry });
