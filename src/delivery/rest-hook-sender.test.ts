@@ -56,6 +56,21 @@ describe('RestHookSender', () => {
     expect(guard.vetted).toEqual(['127.0.0.1']);
   });
 
+  it('sends its own User-Agent unless the subscription names one, and the subscription’s headers as given', async () => {
+    const seen: IncomingMessage['headers'][] = [];
+    const endpoint = await receiver((res, req) => {
+      seen.push(req.headers);
+      res.writeHead(204).end();
+    });
+    sender = new RestHookSender(new EndpointGuard(new Allowlist(['127.0.0.1'])), Date, { userAgent: 'broker-ua' });
+    await sender.send(request(endpoint));
+    await sender.send({ ...request(endpoint), headers: ['User-Agent: my-app/2', 'Authorization: Bearer t'] });
+    expect(seen.map((h) => [h['user-agent'], h.authorization])).toEqual([
+      ['broker-ua', undefined],
+      ['my-app/2', 'Bearer t'],
+    ]);
+  });
+
   it('refuses a forbidden IP literal on every attempt, permanently, without connecting', async () => {
     let reached = 0;
     const endpoint = await receiver((res) => {
