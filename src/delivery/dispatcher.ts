@@ -1334,7 +1334,7 @@ export class Dispatcher {
         this.#logger.warn('handshake failed; tried again', {
           subscription: id,
           error: result.error,
-          retryInMs: retryIn,
+          retryInMs: Math.round(retryIn),
         });
         this.#retryHandshakeIn(id, retryIn);
         return;
