@@ -272,6 +272,16 @@ describe('handshake retries', () => {
     expect(retriesLogged(t, id)).toHaveLength(2);
     expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'retried' })).toBe(2);
     expect(t.broker.metrics.value('broker_handshakes_total', { outcome: 'failed' })).toBe(1);
+    // What an operator alerts on: subscriptions in error, whoever's they are.
+    const text = await t.broker.metrics.render();
+    for (const [status, n] of [
+      ['requested', 0],
+      ['active', 0],
+      ['error', 1],
+      ['off', 0],
+    ] as const) {
+      expect(text).toContain(`broker_subscriptions_by_status{status="${status}"} ${n}\n`);
+    }
     // Nothing more after the error.
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect(handshakesOn(receiver, '/down')).toHaveLength(3);

@@ -83,6 +83,20 @@ describe('Metrics.emf', () => {
 describe('Metrics.render', () => {
   const samples = (text: string) => text.split('\n').filter((l) => l !== '' && !l.startsWith('#'));
 
+  it('renders a labeled gauge as one series per label value, read at each render', async () => {
+    const metrics = new Metrics();
+    let counts: Record<string, number> = { active: 2, error: 0 };
+    metrics.labeledGauge('broker_subscriptions_by_status', 'status', () => counts);
+    const text = await metrics.render();
+    expect(text).toContain('# TYPE broker_subscriptions_by_status gauge');
+    expect(samples(text).filter((l) => l.startsWith('broker_subscriptions_by_status'))).toEqual([
+      'broker_subscriptions_by_status{status="active"} 2',
+      'broker_subscriptions_by_status{status="error"} 0',
+    ]);
+    counts = { active: 1, error: 1 };
+    expect(await metrics.render()).toContain('broker_subscriptions_by_status{status="error"} 1');
+  });
+
   it('shows the known counter series and the latency histogram at 0 before anything counted', async () => {
     const text = await new Metrics().render();
     expect(samples(text)).toEqual(

@@ -53,6 +53,10 @@ const FAMILIES = {
   broker_delivery_latency_seconds: { help: 'Ingest to successful webhook delivery', type: 'histogram' },
   broker_outbox_depth: { help: 'Notifications waiting for delivery', type: 'gauge' },
   broker_subscriptions: { help: 'Subscriptions in the matching index', type: 'gauge' },
+  broker_subscriptions_by_status: {
+    help: 'Subscriptions this instance knows, by status (requested, active, error, off): alert on error',
+    type: 'gauge',
+  },
   broker_websocket_connections: { help: 'Open WebSocket connections on this instance', type: 'gauge' },
   broker_websocket_binds_total: { help: 'WebSocket binds, by outcome', type: 'counter' },
   broker_websocket_messages_total: { help: 'Notification messages pushed over WebSockets', type: 'counter' },
@@ -84,6 +88,7 @@ export class Metrics {
   readonly #reported = new Map<string, number>();
   readonly #reportedHistograms = new Map<string, { buckets: number[]; count: number; sum: number }>();
   readonly #gauges = new Map<MetricName, () => number | Promise<number>>();
+  readonly #labeledGauges = new Map<MetricName, { label: string; read: () => Readonly<Record<string, number>> }>();
   readonly #histograms = new Map<string, Histogram>();
   readonly #keys = new Map<MetricName, Map<string, string>>();
 
@@ -97,6 +102,11 @@ export class Metrics {
   /** A gauge read when the metrics are rendered (a read may go to the store). */
   gauge(name: MetricName, read: () => number | Promise<number>): void {
     this.#gauges.set(name, read);
+  }
+
+  /** A gauge with one series per value of `label`, read when the metrics are rendered. */
+  labeledGauge(name: MetricName, label: string, read: () => Readonly<Record<string, number>>): void {
+    this.#labeledGauges.set(name, { label, read });
   }
 
   observe(name: MetricName, seconds: number): void {
@@ -235,6 +245,11 @@ export class Metrics {
       } else if (family.type === 'gauge') {
         const read = this.#gauges.get(name);
         if (read !== undefined) lines.push(`${name} ${await read()}`);
+        const labeled = this.#labeledGauges.get(name);
+        if (labeled !== undefined) {
+          for (const [value, n] of Object.entries(labeled.read()))
+            lines.push(`${name}{${labeled.label}="${value}"} ${n}`);
+        }
       } else {
         // Empty until the first observation, and shown so (a series that appears late hides a rise).
         const h = this.#histograms.get(name) ?? { buckets: LATENCY_BUCKETS_S.map(() => 0), sum: 0, count: 0 };
