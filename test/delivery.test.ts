@@ -285,6 +285,8 @@ describe('handshake retries', () => {
     // Nothing more after the error.
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect(handshakesOn(receiver, '/down')).toHaveLength(3);
+    expect((await t.call('DELETE', `/fhir/Subscription/${id}`)).status).toBe(204);
+    expect(await t.broker.metrics.render()).toContain('broker_subscriptions_by_status{status="error"} 0\n');
   });
 
   it('drops the old schedule when the client moves the endpoint or deletes the subscription meanwhile', async () => {

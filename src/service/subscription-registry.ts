@@ -6,7 +6,15 @@ import { Slots } from '../core/slots.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
 import { hasReason, parseSubscription, requireReason, type SubscriptionSpec } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
-import type { Clock, FhirResource, IdSource, Notification, ResourceChange, SubscriptionRecord } from '../core/types.js';
+import type {
+  Clock,
+  FhirResource,
+  IdSource,
+  Notification,
+  ResourceChange,
+  SubscriptionRecord,
+  SubscriptionStatus,
+} from '../core/types.js';
 import type { EndpointGuard } from '../delivery/endpoint-guard.js';
 import { generateWebhookSecret } from '../delivery/webhook-signature.js';
 import type { Logger } from '../observability/logger.js';
@@ -72,6 +80,8 @@ export class SubscriptionRegistry {
   readonly #logger: Logger;
   readonly #index = new MatchIndex();
   readonly #cache = new Map<string, SubscriptionRecord>();
+  /** How many of the cached subscriptions are in each status (kept by `#remember` and `#forget`). */
+  readonly #byStatus: Record<SubscriptionStatus, number> = { requested: 0, active: 0, error: 0, off: 0 };
   readonly #lifecycle: LifecycleSink;
   #listener: RegistryListener | undefined;
 
@@ -176,6 +186,11 @@ export class SubscriptionRegistry {
 
   get size(): number {
     return this.#index.size;
+  }
+
+  /** The cached subscriptions (every client's) by status, every status present. */
+  countsByStatus(): Readonly<Record<SubscriptionStatus, number>> {
+    return { ...this.#byStatus };
   }
 
   match(change: ResourceChange, nowMs: number): string[] {
@@ -567,11 +582,16 @@ export class SubscriptionRegistry {
   }
 
   #forget(id: string): void {
+    const before = this.#cache.get(id);
+    if (before !== undefined) this.#byStatus[before.status]--;
     this.#cache.delete(id);
     this.#index.remove(id);
   }
 
   #remember(rec: SubscriptionRecord): void {
+    const before = this.#cache.get(rec.id);
+    if (before !== undefined) this.#byStatus[before.status]--;
+    this.#byStatus[rec.status]++;
     this.#cache.set(rec.id, rec);
     this.#index.upsert(rec);
   }
