@@ -132,6 +132,30 @@ describe('reading a lane', () => {
     expect(limited.notes.map((n) => n.eventNumber)).toEqual([3, 5]);
   });
 
+  it('reads a pending row at or below the watermark as delivered: its own write failed after the lane moved past it', async () => {
+    await accept(3);
+    // Number 2's attempt failed once; then it was delivered, but that write was lost (a throttle:
+    // the state log only logs it), and the holder let go with the lane past 1 and 2.
+    await store.recordDeliveries([
+      { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: NOW },
+      { subscriptionId: 's1', eventNumber: 2, state: 'pending', attempts: 1, dueAt: NOW, lastError: 'HTTP 503' },
+    ]);
+    const a = hold(await leases().take('s1', 'A', NOW, NOW + 60_000));
+    expect(await leases().release('s1', 'A', a, 2, NOW + 60_000)).toBeUndefined();
+    expect(await rowState(2)).toBe('pending');
+    const states = (await store.notificationsInRange('s1', 1, 3, 10)).map((n) => [
+      n.eventNumber,
+      n.state,
+      n.attempts,
+      n.lastError,
+    ]);
+    expect(states).toEqual([
+      [1, 'delivered', 1, undefined],
+      [2, 'delivered', 1, undefined],
+      [3, 'pending', 0, undefined],
+    ]);
+  });
+
   it('stops below a number taken but not written, and voids it once the notification above is old enough', async () => {
     expect(await accept(3)).toEqual([1, 2, 3]);
     // Number 2 taken by an acceptance that has not written it (yet, or ever).

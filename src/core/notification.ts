@@ -131,12 +131,12 @@ export function withDeliveryStates(
   notes: readonly StoredNotification[],
   sub: Pick<SubscriptionRecord, 'status'>,
 ): FhirResource {
-  const byNumber = new Map(notes.map((n) => [String(n.eventNumber), n]));
   const status = (bundle.entry as { resource: { parameter: Param[] } }[] | undefined)?.[0]?.resource;
-  for (const param of status?.parameter ?? []) {
-    if (param.name !== 'notification-event') continue;
-    const n = byNumber.get(String(param.part?.find((p) => p.name === 'event-number')?.valueString));
-    if (n === undefined) continue;
+  // One notification-event per note, in their order (buildStatusParameters), whatever the content.
+  const events = (status?.parameter ?? []).filter((p) => p.name === 'notification-event');
+  events.forEach((param, i) => {
+    const n = notes[i];
+    if (n === undefined || param.part?.[0]?.valueString !== String(n.eventNumber)) return;
     const extension: unknown[] = [
       { url: 'state', valueCode: n.state },
       { url: 'attempts', valueUnsignedInt: n.attempts },
@@ -144,10 +144,10 @@ export function withDeliveryStates(
     if (n.state === 'pending' && n.attempts > 0 && sub.status === 'active') {
       extension.push({ url: 'due', valueInstant: new Date(n.dueAt).toISOString() });
     }
-    if (n.state !== 'delivered' && n.lastError !== undefined)
-      extension.push({ url: 'lastError', valueString: n.lastError });
+    // (A FHIR string is never empty.)
+    if (n.state !== 'delivered' && n.lastError) extension.push({ url: 'lastError', valueString: n.lastError });
     param.extension = [{ url: BROKER_EXT.delivery, extension }];
-  }
+  });
   return bundle;
 }
 

@@ -31,7 +31,16 @@ import {
   type Store,
 } from '../store.js';
 import { EventAcceptance } from './acceptance.js';
-import { Expression, type Item, N, readNumber, readOptionalString, readString, S } from './attributes.js';
+import {
+  Expression,
+  type Item,
+  N,
+  readNumber,
+  readOptionalNumber,
+  readOptionalString,
+  readString,
+  S,
+} from './attributes.js';
 import { SubscriptionExistsError, WriteConflictError } from './errors.js';
 import {
   ANY_TYPE,
@@ -580,7 +589,25 @@ export class DynamoDbStore implements Store {
       },
       limit,
     );
-    return items.map(fromNotificationItem);
+    const notes = items.map(fromNotificationItem);
+    if (!notes.some((n) => n.state === 'pending')) return notes;
+    // As on SQLite: a row at or below the lane's watermark (`laneThrough`, on the lease item at
+    // number 0) still in state `pending` was delivered: its own write failed (logged) after the lane
+    // had moved past it, and nothing sends it again.
+    const lease = await this.#client.send(
+      new GetItemCommand({
+        TableName: this.#tables.notifications,
+        Key: { subscriptionId: S(subscriptionId), eventNumber: N(0) },
+        ProjectionExpression: 'laneThrough',
+        ConsistentRead: true,
+      }),
+    );
+    const through = (lease.Item === undefined ? undefined : readOptionalNumber(lease.Item, 'laneThrough')) ?? 0;
+    return notes.map((n) => {
+      if (n.state !== 'pending' || n.eventNumber > through) return n;
+      const { lastError: _stale, ...rest } = n;
+      return { ...rest, state: 'delivered', attempts: Math.max(n.attempts, 1) };
+    });
   }
 
   /**
