@@ -324,7 +324,7 @@ describe('Lambda handlers on DynamoDB Local', () => {
     await retrying.events(eventLike('healthlake-update-patient', 'lambda-denied-1', 'denied-p'));
     const [stored] = await broker.store.notificationsInRange(id, 1, 1, 10);
     expect(stored).toMatchObject({ eventNumber: 1, state: 'pending', attempts: 1 });
-    expect(stored?.lastError).toContain('refused');
+    expect(stored?.lastError).toBe('websocket delivery failed: all 1 bound connection(s) refused the message');
 
     // The grant is fixed: the scheduled dispatcher's retry reaches the client.
     management.denied.delete('conn-denied');

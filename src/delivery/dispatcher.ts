@@ -11,6 +11,7 @@ import type { BundleMark, DeliveryUpdate, LaneHold, LaneLeases, Store } from '..
 import { DeliveryStateLog } from './delivery-state-log.js';
 import { LimiterClosedError, OriginLimiter, originOf } from './origin-limiter.js';
 import { RunStop, type Sender, type SendResult, sendInOrder, type WebhookRequest } from './rest-hook-sender.js';
+import { WebSocketRefusedError } from './websocket-port.js';
 
 /**
  * Delivers what the outbox holds. It never re-evaluates a subscription's criteria: matching
@@ -1474,7 +1475,14 @@ export class Dispatcher {
       // A push every connection refused, or a store read that failed (AWS), is a failed send.
       return ws.deliver(sub, type, notes).then(
         (reached): SendResult => ({ ok: true, status: reached }),
-        (err: unknown): SendResult => ({ ok: false, error: `websocket delivery failed: ${(err as Error).message}` }),
+        (err: unknown): SendResult => {
+          if (err instanceof WebSocketRefusedError)
+            return { ok: false, error: `websocket delivery failed: ${err.message}` };
+          // A store read (AWS): its message may name an account, a role or a table, and the error is
+          // the client's to read (Subscription.error, `$events`). The log has it whole.
+          this.#logger.warn('websocket delivery failed', { subscription: sub.id, err: err as Error });
+          return { ok: false, error: 'websocket delivery failed: the broker could not read its bindings' };
+        },
       );
     }
     const req = this.#request(sub, type, notes, webhookId);

@@ -4,7 +4,14 @@ import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
-import { type Binding, type BindingStore, CLOSE, type SendOutcome, type WebSocketPort } from './websocket-port.js';
+import {
+  type Binding,
+  type BindingStore,
+  CLOSE,
+  type SendOutcome,
+  type WebSocketPort,
+  WebSocketRefusedError,
+} from './websocket-port.js';
 import { type ClientMessage, parseClientMessage } from './websocket-protocol.js';
 import { type BindingClaims, BindingTokenError, type BindingTokens } from './ws-binding-token.js';
 
@@ -309,7 +316,7 @@ export class WebSocketChannel {
       // the notification, so it is not delivered. Thrown, it is retried on the delivery schedule
       // like a failed webhook, and dead-letters visibly if the refusals never stop.
       if (reached === 0 && refused.length > 0) {
-        throw new Error(`all ${refused.length} bound connection(s) refused the message`);
+        throw new WebSocketRefusedError(`all ${refused.length} bound connection(s) refused the message`);
       }
       // Others have it (a retry would send it to them again): those that refused it are closed,
       // and catch up when their clients bind again.
