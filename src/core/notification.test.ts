@@ -347,6 +347,8 @@ describe('withDeliveryStates', () => {
     stored(2, 'pending', 3, 'timeout after 10000 ms'),
     stored(3, 'dead', 7, 'HTTP 500'),
     stored(4, 'pending', 0),
+    // Started over by a re-activation while its attempt was on the wire: that attempt's error is of before.
+    stored(5, 'pending', 0, 'HTTP 500'),
   ];
   const deliveryOf = (bundle: FhirResource) =>
     statusParameters(bundle)
@@ -391,6 +393,15 @@ describe('withDeliveryStates', () => {
         },
       ],
       // Not attempted yet: nothing due to say.
+      [
+        {
+          url: DELIVERY,
+          extension: [
+            { url: 'state', valueCode: 'pending' },
+            { url: 'attempts', valueUnsignedInt: 0 },
+          ],
+        },
+      ],
       [
         {
           url: DELIVERY,

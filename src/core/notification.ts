@@ -144,8 +144,11 @@ export function withDeliveryStates(
     if (n.state === 'pending' && n.attempts > 0 && sub.status === 'active') {
       extension.push({ url: 'due', valueInstant: new Date(n.dueAt).toISOString() });
     }
-    // (A FHIR string is never empty.)
-    if (n.state !== 'delivered' && n.lastError) extension.push({ url: 'lastError', valueString: n.lastError });
+    // Not for an attempt a re-activation started over (none made since: the error is of before it),
+    // and never empty (a FHIR string is not).
+    if (n.state !== 'delivered' && (n.attempts > 0 || n.state === 'dead') && n.lastError) {
+      extension.push({ url: 'lastError', valueString: n.lastError });
+    }
     param.extension = [{ url: BROKER_EXT.delivery, extension }];
   });
   return bundle;
