@@ -55,10 +55,10 @@ export interface BindingStore {
   bindingsOf(connectionId: string): Promise<readonly Binding[]>;
 }
 
-/** Close codes the broker uses (4000–4999 is the application range of RFC 6455). */
 /** Every connection bound to a subscription refused a push: nobody has it, so it is retried. */
 export class WebSocketRefusedError extends Error {}
 
+/** Close codes the broker uses (4000–4999 is the application range of RFC 6455). */
 export const CLOSE = {
   normal: 1000,
   goingAway: 1001,
