@@ -66,6 +66,7 @@ import {
   FENCE_REFRESH_MS,
   fenceLane,
   keepFenced,
+  laneKey,
   lowerLane,
   sameLaneEpoch,
   unfenceLane,
@@ -597,7 +598,7 @@ export class DynamoDbStore implements Store {
     const lease = await this.#client.send(
       new GetItemCommand({
         TableName: this.#tables.notifications,
-        Key: { subscriptionId: S(subscriptionId), eventNumber: N(0) },
+        Key: laneKey(subscriptionId),
         ProjectionExpression: 'laneThrough',
         ConsistentRead: true,
       }),
