@@ -305,8 +305,7 @@ export class Dispatcher {
     deps.registry.listen({
       onRequested: (id) => {
         // A new handshake starts a new schedule: a retry due for the one before is dropped.
-        this.#dropHandshakeRetry(id);
-        this.#handshakeStarts.delete(id);
+        this.#forgetHandshake(id);
         this.#track(this.#handshake(id));
         this.#scheduleEnd(id);
       },
@@ -316,8 +315,7 @@ export class Dispatcher {
         this.#wake(id, true);
       },
       onRemoved: (id, before) => {
-        this.#dropHandshakeRetry(id);
-        this.#handshakeStarts.delete(id);
+        this.#forgetHandshake(id);
         this.#forget(id);
         this.#letGoOfSockets(before);
       },
@@ -1385,6 +1383,12 @@ export class Dispatcher {
     );
     timer.unref();
     this.#handshakeRetries.set(id, { timer, dueAt: this.#clock.now() + ms });
+  }
+
+  /** The subscription's handshake schedule, retry and count both: a new one starts, or it is gone. */
+  #forgetHandshake(id: string): void {
+    this.#dropHandshakeRetry(id);
+    this.#handshakeStarts.delete(id);
   }
 
   #dropHandshakeRetry(id: string): void {
