@@ -350,6 +350,14 @@ describe('withDeliveryStates', () => {
     // Started over by a re-activation while its attempt was on the wire: that attempt's error is of before.
     stored(5, 'pending', 0, 'HTTP 500'),
   ];
+  /** The extension `withDeliveryStates` should write: state, attempts, then `more` in order. */
+  const expected = (state: string, attempts: number, ...more: unknown[]) => [
+    {
+      url: DELIVERY,
+      extension: [{ url: 'state', valueCode: state }, { url: 'attempts', valueUnsignedInt: attempts }, ...more],
+    },
+  ];
+  const lastError = (valueString: string) => ({ url: 'lastError', valueString });
   const deliveryOf = (bundle: FhirResource) =>
     statusParameters(bundle)
       .filter((p) => p.name === 'notification-event')
@@ -362,55 +370,18 @@ describe('withDeliveryStates', () => {
       topicSub,
     );
     expect(deliveryOf(valid(bundle))).toEqual([
-      [
-        {
-          url: DELIVERY,
-          extension: [
-            { url: 'state', valueCode: 'delivered' },
-            { url: 'attempts', valueUnsignedInt: 2 },
-          ],
-        },
-      ],
-      [
-        {
-          url: DELIVERY,
-          extension: [
-            { url: 'state', valueCode: 'pending' },
-            { url: 'attempts', valueUnsignedInt: 3 },
-            { url: 'due', valueInstant: '2030-01-01T01:00:00.000Z' },
-            { url: 'lastError', valueString: 'timeout after 10000 ms' },
-          ],
-        },
-      ],
-      [
-        {
-          url: DELIVERY,
-          extension: [
-            { url: 'state', valueCode: 'dead' },
-            { url: 'attempts', valueUnsignedInt: 7 },
-            { url: 'lastError', valueString: 'HTTP 500' },
-          ],
-        },
-      ],
+      expected('delivered', 2),
+      expected(
+        'pending',
+        3,
+        { url: 'due', valueInstant: '2030-01-01T01:00:00.000Z' },
+        lastError('timeout after 10000 ms'),
+      ),
+      expected('dead', 7, lastError('HTTP 500')),
       // Not attempted yet: nothing due to say.
-      [
-        {
-          url: DELIVERY,
-          extension: [
-            { url: 'state', valueCode: 'pending' },
-            { url: 'attempts', valueUnsignedInt: 0 },
-          ],
-        },
-      ],
-      [
-        {
-          url: DELIVERY,
-          extension: [
-            { url: 'state', valueCode: 'pending' },
-            { url: 'attempts', valueUnsignedInt: 0 },
-          ],
-        },
-      ],
+      expected('pending', 0),
+      // Started over by a re-activation: no error of before it.
+      expected('pending', 0),
     ]);
   });
 
