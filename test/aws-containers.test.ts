@@ -862,6 +862,42 @@ describe('Lambda containers sharing the tables', () => {
     expect(throttled && accepted).toBe(true);
     expect(arrivedAt('/twice')).toEqual([1, 2]);
   });
+
+  it('a handshake retry due in one container sends nothing once another has moved or deleted the subscription', async () => {
+    const tag = randomUUID().slice(0, 8);
+    const mine = { filters: [`Patient?_id=${tag}-p`] };
+    // Due again 3 s after the create, in the container that created them (its timer).
+    const later = { config: { handshakeRetryDelaysMs: [3_000] } };
+    receiver.answerOnce((r) => r.path === `/${tag}-moved`, { status: 500 });
+    receiver.answerOnce((r) => r.path === `/${tag}-deleted`, { status: 500 });
+    const starting = container(later);
+    const moved = await create(
+      createHandlers(starting),
+      topicSubscription('patient-change', `${receiver.url}/${tag}-moved`, mine),
+    );
+    const deleted = await create(
+      createHandlers(starting),
+      topicSubscription('patient-change', `${receiver.url}/${tag}-deleted`, mine),
+    );
+    const first = await starting;
+    // Another API container serves the client's PUT and DELETE; the first one's cache still has both.
+    const other = createHandlers(container(later));
+    const put = await call(other, 'PUT', `/fhir/Subscription/${moved}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/${tag}-new`, mine),
+      id: moved,
+    });
+    expect(put.status).toBe(200);
+    expect((await call(other, 'DELETE', `/fhir/Subscription/${deleted}`)).status).toBe(204);
+    await logger.waitForStatus(moved, 'active');
+    // The first container's timers fire: it reads both afresh and sends neither.
+    await new Promise((resolve) => setTimeout(resolve, 3_500));
+    await first.dispatcher.idle(10_000);
+    expect(receiver.arrived.filter((r) => r.path === `/${tag}-moved`)).toHaveLength(1);
+    expect(receiver.arrived.filter((r) => r.path === `/${tag}-deleted`)).toHaveLength(1);
+    expect(receiver.arrived.filter((r) => r.path === `/${tag}-new`)).toHaveLength(1);
+    expect(first.registry.get(moved)?.channel.endpoint).toBe(`${receiver.url}/${tag}-new`);
+    expect(first.registry.get(deleted)).toBeUndefined();
+  });
 });
 
 interface EmfMeta {

@@ -1306,7 +1306,7 @@ export class Dispatcher {
     // spend an attempt of its schedule). On AWS no timer outlives the invocation: a later run sends it.
     const paused = this.#pausedFor(sub);
     if (paused > 0) {
-      this.#retryHandshakeIn(id, paused);
+      this.#retryHandshakeIn(sub, paused);
       return;
     }
     // Changed or deleted while this waited for a slot: a change's own handshake decides.
@@ -1335,7 +1335,7 @@ export class Dispatcher {
           error: result.error,
           retryInMs: Math.round(retryIn),
         });
-        this.#retryHandshakeIn(id, retryIn);
+        this.#retryHandshakeIn(sub, retryIn);
         return;
       }
       this.#handshakeStarts.delete(id);
@@ -1371,18 +1371,42 @@ export class Dispatcher {
     return nextHandshakeIn(this.#opts.handshakeRetryDelaysMs, performance.now() - start.at);
   }
 
-  #retryHandshakeIn(id: string, ms: number): void {
+  /** The handshake of `sub` again in `ms`, if it is still the subscription as it is then. */
+  #retryHandshakeIn(sub: SubscriptionRecord, ms: number): void {
     if (this.#closed) return;
+    const id = sub.id;
     this.#dropHandshakeRetry(id);
     const timer = setTimeout(
       () => {
         this.#handshakeRetries.delete(id);
-        this.#track(this.#handshake(id));
+        this.#track(this.#retryHandshake(sub));
       },
       Math.min(ms, MAX_TIMER_MS),
     );
     timer.unref();
     this.#handshakeRetries.set(id, { timer, dueAt: this.#clock.now() + ms });
+  }
+
+  /**
+   * A handshake due again goes only while the subscription is the one whose attempt failed. Here a
+   * `PUT` or `DELETE` drops the timer; on a shared store (AWS) it may have been served by another
+   * instance, whose own handshake then decides, so the store is read first: no handshake goes to
+   * an endpoint the client has moved away from, or for a subscription it deleted.
+   */
+  async #retryHandshake(sub: SubscriptionRecord): Promise<void> {
+    if (this.#leases !== undefined) {
+      // Unreadable just now: the cache decides, as it did before this read (its answer decides
+      // nothing unless the store still holds `sub`: the transitions compare and set).
+      await this.#registry
+        .refresh([sub.id])
+        .catch((err: unknown) =>
+          this.#logger.warn('handshake retry: could not read the subscription', {
+            subscription: sub.id,
+            err: err as Error,
+          }),
+        );
+    }
+    if (this.#registry.isCurrent(sub)) await this.#handshake(sub.id);
   }
 
   /** The subscription's handshake schedule, retry and count both: a new one starts, or it is gone. */
