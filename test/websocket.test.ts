@@ -32,6 +32,18 @@ const wsSubscription = (topic: string, options: { filters?: string[]; channel?: 
   return { ...sub, channel: { ...channel, type: 'websocket' } };
 };
 
+/** Waits until the value of `series` on the broker's `/metrics` passes `ok` (socket processes relay theirs). */
+async function waitForMetric(b: BrokerProcess, series: string, ok: (value: number) => boolean): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const res = await fetch(`${b.url}/metrics`, { headers: { authorization: `Bearer ${INGEST_TOKEN}` } });
+    const line = (await res.text()).split('\n').find((l) => l.startsWith(`${series} `));
+    if (line !== undefined && ok(Number(line.slice(series.length + 1)))) return;
+    if (Date.now() > deadline) throw new Error(`${series}: ${line ?? 'no such series'}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
 // Both local socket layers: the in-process hub (default) and two socket processes.
 describe.each([
   ['in-process hub', '0'],
@@ -188,6 +200,11 @@ describe.each([
       const closed = await c.waitForClose();
       expect([closed.code, c.messages]).toEqual([4003, [`error ${reason}`]]);
     }
+    // Each refusal counted; only the one of a token the broker issued is logged at info: anyone
+    // can send a bad token, and one line each would let a reconnect loop fill the log.
+    const logged = broker.logs.filter((l) => l.msg === 'websocket bind refused').map((l) => l.reason);
+    expect(logged).toContain(`unknown subscription ${id}`);
+    for (const [, reason] of cases.slice(0, 3)) expect(logged).not.toContain(reason);
     await patientChange('after-refusals');
     await healthy.waitFor(() => notificationsOf(healthy, id).length >= 1, 'healthy still receives');
     expect(healthy.closed).toBeUndefined();
@@ -381,6 +398,9 @@ describe.each([
 
     expect((await binary.waitForClose()).code).toBe(1003);
     expect((await huge.waitForClose()).code).toBe(1009);
+    // Counted, not logged at info (any client can send one).
+    await waitForMetric(broker, 'broker_websocket_closed_total{reason="protocol-error"}', (v) => v >= 1);
+    expect(broker.logs.filter((l) => l.msg === 'websocket error')).toEqual([]);
     expect(await unknown.waitForClose()).toEqual({ code: 1008, reason: 'unknown command "subscribe"' });
     expect(await badJson.waitForClose()).toEqual({ code: 1008, reason: 'malformed JSON' });
     expect((await flood.waitForClose()).code).toBe(4002);

@@ -587,6 +587,13 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(topicSub({ channel: { header: [header] } }))).toBe('INVALID_HEADER');
   });
 
+  it('names a malformed header by its position, without quoting it (it may hold a credential)', () => {
+    const header = ['X-A: 1', 'Authorization Bearer s3cret-token'];
+    expect(() => parse(topicSub({ channel: { header } }))).toThrow(
+      expect.objectContaining({ code: 'INVALID_HEADER', message: 'channel.header[1] is not "Name: value"' }),
+    );
+  });
+
   it('keeps the last value of a header given more than once (any case), as Inferno appends its Authorization', () => {
     const inferno = ['Authorization: Bearer SAMPLE_TOKEN', 'X-A: 1', 'authorization: Bearer inferno-token'];
     expect(parse(topicSub({ channel: { header: inferno } })).channel.headers).toEqual([

@@ -755,13 +755,14 @@ function parseContent(ext: Extension | undefined, kind: SubscriptionKind, payloa
  * the tester's Subscription, which its samples already give one, and expects its own to be used.
  */
 function parseHeaders(headers: readonly string[]): string[] {
-  const parsed = headers.map((h) => {
+  const parsed = headers.map((h, i) => {
     const colon = h.indexOf(':');
     const name = colon === -1 ? '' : h.slice(0, colon).trim();
     const value = colon === -1 ? '' : h.slice(colon + 1).trim();
     // Visible ASCII, space, tab and obs-text only: anything else undici refuses on every attempt.
     if (!HEADER_NAME.test(name) || !/^[\t\x20-\x7e\x80-\xff]*$/.test(value)) {
-      throw new BrokerError('INVALID_HEADER', `channel.header "${name || h.slice(0, 40)}" is not "Name: value"`, {
+      // Named by position, not quoted: the entry may hold a credential, and error bodies get logged.
+      throw new BrokerError('INVALID_HEADER', `channel.header[${i}] is not "Name: value"`, {
         expression: 'Subscription.channel.header',
       });
     }

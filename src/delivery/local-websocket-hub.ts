@@ -222,8 +222,11 @@ export class LocalWebSocketHub implements LocalSockets {
     });
     ws.on('message', (data, isBinary) => this.#guard(id, () => this.#onMessage(socket, data, isBinary)));
     ws.on('close', () => this.#guard(id, () => this.#onClose(id)));
+    // A frame past the size limit, or one that breaks the protocol: any client can send one, so
+    // counted, and logged only at debug (one line each would let a reconnect loop fill the log).
     ws.on('error', (err) => {
-      this.#logger.info('websocket error', { connection: id, err });
+      this.#metrics.inc('broker_websocket_closed_total', { reason: 'protocol-error' });
+      this.#logger.debug('websocket error', { connection: id, err });
       ws.terminate();
     });
     return id;

@@ -331,7 +331,10 @@ export class WebSocketChannel {
     try {
       claims = this.#tokens.verify(msg.token, this.#clock.now());
     } catch (err) {
-      return this.#refuseBind(conn, msg.json, err instanceof BindingTokenError ? err.message : 'bind failed');
+      // Anyone can send a token: refused ones are counted, and logged only at debug (one line
+      // each would let a client that reconnects in a loop fill the log).
+      const reason = err instanceof BindingTokenError ? err.message : 'bind failed';
+      return this.#refuseBind(conn, msg.json, reason, 'debug');
     }
     const ids = claims.subscriptions;
     // A client removed from BROKER_API_KEYS binds nothing with the tokens it still holds; it is
@@ -357,9 +360,9 @@ export class WebSocketChannel {
     this.#metrics.inc('broker_websocket_binds_total', { outcome: 'bound' }, bound);
   }
 
-  async #refuseBind(conn: Connection, json: boolean, reason: string): Promise<void> {
+  async #refuseBind(conn: Connection, json: boolean, reason: string, level: 'info' | 'debug' = 'info'): Promise<void> {
     this.#metrics.inc('broker_websocket_binds_total', { outcome: 'refused' });
-    this.#logger.info('websocket bind refused', { connection: conn.id, reason });
+    this.#logger[level]('websocket bind refused', { connection: conn.id, reason });
     await this.#port.send(
       conn.id,
       json ? JSON.stringify({ type: 'error', payload: { message: reason } }) : `error ${reason}`,
