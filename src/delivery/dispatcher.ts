@@ -1397,14 +1397,12 @@ export class Dispatcher {
     if (this.#leases !== undefined) {
       // Unreadable just now: the cache decides, as it did before this read (its answer decides
       // nothing unless the store still holds `sub`: the transitions compare and set).
-      await this.#registry
-        .refresh([sub.id])
-        .catch((err: unknown) =>
-          this.#logger.warn('handshake retry: could not read the subscription', {
-            subscription: sub.id,
-            err: err as Error,
-          }),
-        );
+      await this.#registry.refresh([sub.id]).catch((err: unknown) =>
+        this.#logger.warn('handshake retry: could not read the subscription', {
+          subscription: sub.id,
+          err: err as Error,
+        }),
+      );
     }
     if (this.#registry.isCurrent(sub)) await this.#handshake(sub.id);
   }
