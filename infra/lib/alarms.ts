@@ -26,6 +26,8 @@ export interface BrokerAlarmsProps {
   /** The HTTP API's function and the WebSocket messages' function: their errors and throttles are alarmed too. */
   readonly apiFunction: IFunction;
   readonly messageFunction: IFunction;
+  /** WebSocket `$connect`: when it fails, every client's socket is refused. */
+  readonly connectFunction: IFunction;
   /** The `AlarmEmail` parameter's value; subscribed only when `emailSet` holds. */
   readonly email: string;
   readonly emailSet: CfnCondition;
@@ -179,6 +181,7 @@ export class BrokerAlarms extends Construct {
     for (const [name, fn, what] of [
       ['Api', props.apiFunction, 'The HTTP API function'],
       ['WebSocketMessages', props.messageFunction, 'The WebSocket messages function'],
+      ['WebSocketConnect', props.connectFunction, 'The WebSocket $connect function'],
     ] as const) {
       alarm(`${name}Errors`, `${what} failed: clients got errors`, fn.metricErrors({ period, statistic: 'Sum' }));
       alarm(

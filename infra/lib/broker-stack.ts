@@ -89,7 +89,9 @@ export class BrokerStack extends Stack {
       // No retries: the next tick, a minute later, does the same work.
       targets: [new LambdaTarget(functions.dispatcher, { retryAttempts: 0 })],
     });
-    functions.dispatcher.configureAsyncInvoke({ retryAttempts: 0 });
+    // Nor when Lambda throttles it: a queued tick older than a minute is dropped (left to itself,
+    // Lambda keeps one up to 6 hours, and a backlog of ticks would all run once capacity returns).
+    functions.dispatcher.configureAsyncInvoke({ retryAttempts: 0, maxEventAge: Duration.seconds(60) });
     new ConditionalTrail(this, 'CloudTrail', trailWanted);
     new BrokerAlarms(this, 'Alarms', {
       deadLetterQueue: ingest.deadLetterQueue,
@@ -98,6 +100,7 @@ export class BrokerStack extends Stack {
       dispatcherFunction: functions.dispatcher,
       apiFunction: functions.api,
       messageFunction: functions.wsMessage,
+      connectFunction: functions.wsConnect,
       email: alarmEmail.valueAsString,
       emailSet: alarmEmailSet,
     });

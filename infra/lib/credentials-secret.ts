@@ -1,4 +1,4 @@
-import { Fn, SecretValue } from 'aws-cdk-lib';
+import { Fn, RemovalPolicy, SecretValue } from 'aws-cdk-lib';
 import { Secret } from 'aws-cdk-lib/aws-secretsmanager';
 import { Construct } from 'constructs';
 
@@ -41,6 +41,10 @@ export class CredentialsSecret extends Construct {
         ingestToken,
         wsTokenSecret,
       },
+      // Kept when the stack is deleted, like the tables: the subscriptions they keep belong to its
+      // client ids, and operators edit it (clients added, tokens rotated). It holds the values
+      // themselves (CloudFormation resolves the seeds' references when it writes it).
+      removalPolicy: RemovalPolicy.RETAIN,
     });
   }
 }

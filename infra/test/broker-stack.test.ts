@@ -413,9 +413,11 @@ describe('BrokerStack', () => {
           }),
         ],
       });
+      // Nor a throttled tick held for hours: dropped after a minute, when the next one is due.
       template.hasResourceProperties('AWS::Lambda::EventInvokeConfig', {
         FunctionName: { Ref: ids.dispatcher },
         MaximumRetryAttempts: 0,
+        MaximumEventAgeInSeconds: 60,
       });
     });
   });
@@ -443,6 +445,20 @@ describe('BrokerStack', () => {
         ingestToken: `<ref:${ingest}>`,
         wsTokenSecret: `<ref:${ws}>`,
       });
+    });
+
+    it('keeps the credentials when the stack is deleted, as it keeps the tables (the seeds go)', () => {
+      const policies = resources(template, 'AWS::SecretsManager::Secret').map(([, r]) => [
+        r.Properties.GenerateSecretString === undefined ? 'credentials' : 'seed',
+        r.DeletionPolicy,
+        r.UpdateReplacePolicy,
+      ]);
+      expect(policies).toEqual([
+        ['seed', 'Delete', 'Delete'],
+        ['seed', 'Delete', 'Delete'],
+        ['seed', 'Delete', 'Delete'],
+        ['credentials', 'Retain', 'Retain'],
+      ]);
     });
   });
 
@@ -678,7 +694,7 @@ describe('BrokerStack', () => {
       // one waiting 4 of the queue's 6 days.
       alarm('AWS/SQS', 'NumberOfMessagesSent', queue);
       alarm('AWS/SQS', 'ApproximateAgeOfOldestMessage', queue, { stat: 'Maximum', above: 4 * 86_400 });
-      for (const id of [ids.events, ids.dispatcher, ids.api, ids.message]) {
+      for (const id of [ids.events, ids.dispatcher, ids.api, ids.message, ids.connect]) {
         alarm('AWS/Lambda', 'Errors', fn(id));
         alarm('AWS/Lambda', 'Throttles', fn(id));
       }
@@ -713,7 +729,7 @@ describe('BrokerStack', () => {
           Stat: 'Sum',
         })),
       );
-      template.resourceCountIs('AWS::CloudWatch::Alarm', 15);
+      template.resourceCountIs('AWS::CloudWatch::Alarm', 17);
     });
 
     it('lets CloudWatch publish to the alarm topic (its TLS-only policy replaced the default one)', () => {
