@@ -343,10 +343,12 @@ describe('Lambda containers sharing the tables', () => {
     expect(values('events', 'broker_notifications_total', 'delivered')).toEqual([1, 1]);
     const latencies = values('events', 'broker_delivery_latency_seconds') as { Values: number[]; Counts: number[] }[];
     expect(latencies.map((h) => h.Counts.reduce((a, b) => a + b, 0))).toEqual([1, 1]);
-    // Every line is one metric whose dimensions are all present.
+    // Every line is one metric whose dimensions are all present, the broker's table prefix among them.
     for (const m of reported) {
       const [directive] = m._aws.CloudWatchMetrics;
       expect(directive?.Namespace).toBe('FhirSubscriptionBroker');
+      expect(directive?.Dimensions[0]?.slice(0, 2)).toEqual(['Broker', 'Function']);
+      expect(m.Broker).toBe(config.tablePrefix);
       for (const dim of directive?.Dimensions[0] ?? []) expect(typeof m[dim]).toBe('string');
       expect(m[directive?.Metrics[0]?.Name ?? '']).toBeDefined();
     }

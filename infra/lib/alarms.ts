@@ -23,6 +23,8 @@ export interface BrokerAlarmsProps {
   /** Its target, whose on-failure destination is `deadLetterQueue`. */
   readonly eventsFunction: IFunction;
   readonly dispatcherFunction: IFunction;
+  /** The stack's table prefix: the `Broker` dimension of the broker's own metrics (aws-broker.ts). */
+  readonly brokerName: string;
   /** The HTTP API's function and the WebSocket messages' function: their errors and throttles are alarmed too. */
   readonly apiFunction: IFunction;
   readonly messageFunction: IFunction;
@@ -141,7 +143,7 @@ export class BrokerAlarms extends Construct {
       new Metric({
         namespace: EMF_NAMESPACE,
         metricName: 'broker_notifications_total',
-        dimensionsMap: { Function: fn, outcome: 'dead-lettered' },
+        dimensionsMap: { Broker: props.brokerName, Function: fn, outcome: 'dead-lettered' },
         period,
         statistic: 'Sum',
       });

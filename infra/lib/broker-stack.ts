@@ -98,6 +98,7 @@ export class BrokerStack extends Stack {
       ingestRule: ingest.rule,
       eventsFunction: functions.events,
       dispatcherFunction: functions.dispatcher,
+      brokerName: tablePrefix,
       apiFunction: functions.api,
       messageFunction: functions.wsMessage,
       connectFunction: functions.wsConnect,

@@ -721,6 +721,7 @@ describe('BrokerStack', () => {
             Namespace: 'FhirSubscriptionBroker',
             MetricName: 'broker_notifications_total',
             Dimensions: expect.arrayContaining([
+              { Name: 'Broker', Value: 'fhir-broker-' },
               { Name: 'Function', Value: fn },
               { Name: 'outcome', Value: 'dead-lettered' },
             ]),

@@ -33,6 +33,11 @@ export interface AwsBroker extends Broker {
   refreshCredentials(maxAgeMs: number): Promise<void>;
   /** Where the events function puts an event it refuses (BROKER_DEAD_LETTER_QUEUE_URL); none without it. */
   readonly refusedEvents?: RefusedEventQueue;
+  /**
+   * Which broker this is among those of one account: its table prefix (BROKER_TABLE_PREFIX), the
+   * `Broker` dimension of its CloudWatch metrics, so that two brokers' metrics and alarms stay apart.
+   */
+  readonly name: string;
 }
 
 /** The Secrets Manager secret: `{"apiKeys": "client:token,...", "ingestToken": "...", "wsTokenSecret": "..."}`. */
@@ -160,6 +165,7 @@ export async function createAwsBroker(
   return {
     ...broker,
     bindings,
+    name: config.tablePrefix,
     ...(sqs === undefined || deadLetterQueueUrl === undefined
       ? {}
       : { refusedEvents: new RefusedEventQueue(sqs, deadLetterQueueUrl) }),

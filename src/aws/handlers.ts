@@ -97,7 +97,7 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
   const emit = options.emit ?? (() => undefined);
   /** What the invocation counted, as metrics of the function `role` (also when it failed). */
   const report = (broker: AwsBroker, role: string): void => {
-    for (const line of broker.metrics.emf({ Function: role }, Date.now())) emit(line);
+    for (const line of broker.metrics.emf({ Broker: broker.name, Function: role }, Date.now())) emit(line);
   };
   /** The broker with credentials no older than CREDENTIALS_CACHE_MS: for the paths that authenticate clients. */
   const withKeys = async (): Promise<AwsBroker> => {
