@@ -37,7 +37,7 @@ export interface BrokerFunctionProps {
 
 /**
  * One broker Lambda: Node 22 on arm64, an ESM bundle built by the local esbuild (never Docker),
- * the AWS SDK left to the runtime, source maps on, and a log group with a retention.
+ * the AWS SDK bundled (the locked versions, not the runtime's), source maps on, and a log group with a retention.
  */
 export function brokerFunction(scope: Construct, id: string, props: BrokerFunctionProps): LambdaFunction {
   const common = {
@@ -73,7 +73,11 @@ export function brokerFunction(scope: Construct, id: string, props: BrokerFuncti
       mainFields: ['module', 'main'],
       minify: true,
       sourceMap: true,
-      externalModules: ['@aws-sdk/*'],
+      // The AWS SDK too (esbuild's default leaves `@aws-sdk/*` to the runtime's own copy): the
+      // functions run the versions of package-lock.json that the tests ran, not whichever the
+      // runtime has (the dead-letter send's timeout needs `throwOnRequestTimeout`, which older
+      // SDKs ignore).
+      externalModules: [],
       banner: ESM_REQUIRE_SHIM,
       // Files the broker reads at run time: the SubscriptionTopic definitions (BROKER_TOPICS_DIR)
       // and the /live page, which src/http/live-page.ts finds next to the module (live/live.html).
