@@ -91,6 +91,13 @@ describe('EndpointGuard.checkEndpoint', () => {
     },
   );
 
+  it('does not quote an endpoint that is not a URL back (it may carry a token)', async () => {
+    expect(await refusal(guard().guard, 'hooks.example.com/x?token=s3cret')).toEqual({
+      code: 'INVALID_ENDPOINT',
+      message: 'channel.endpoint is not an absolute URL (https://host/path)',
+    });
+  });
+
   it('refuses credentials in the URL', async () => {
     expect(await refusal(guard().guard, 'https://user:secret@hooks.example.com/x')).toEqual({
       code: 'INVALID_ENDPOINT',

@@ -81,10 +81,9 @@ export class EndpointGuard {
     try {
       url = new URL(endpoint);
     } catch {
-      throw refuse(
-        'INVALID_ENDPOINT',
-        `channel.endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not an absolute URL`,
-      );
+      // Not quoted back: an endpoint may carry a token (in its query, or its path as chat webhooks
+      // do), and error bodies get logged along the way.
+      throw refuse('INVALID_ENDPOINT', 'channel.endpoint is not an absolute URL (https://host/path)');
     }
     if (url.protocol !== 'https:' && url.protocol !== 'http:') {
       throw refuse('INVALID_ENDPOINT', `channel.endpoint must be https, not ${url.protocol.replace(':', '')}`);
