@@ -1,0 +1,147 @@
+import { spawn } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
+import { eventLike } from './support/fhir-client.js';
+import { tempDir } from './support/temp-dirs.js';
+
+/**
+ * `npm run replay` (src/replay/main.ts) as an operator runs it, against a real broker process:
+ * dead letters in the forms AWS keeps them, sent once, then again (duplicates), and what it
+ * refuses or cannot read reported without stopping the rest.
+ */
+
+interface Run {
+  readonly code: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+function replay(args: string[], env: Record<string, string> = {}, stdin?: string): Promise<Run> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/replay/main.ts', ...args], {
+    cwd: process.cwd(),
+    env: { PATH: process.env.PATH ?? '', ...env },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (c: Buffer) => (stdout += c));
+  child.stderr.on('data', (c: Buffer) => (stderr += c));
+  child.stdin.end(stdin ?? '');
+  return new Promise((resolve) => child.once('close', (code) => resolve({ code, stdout, stderr })));
+}
+
+describe('npm run replay', () => {
+  let broker: BrokerProcess;
+  let dir: string;
+  const withToken = { BROKER_INGEST_TOKEN: INGEST_TOKEN };
+
+  beforeAll(async () => {
+    broker = await startBroker();
+    dir = tempDir('fsb-replay-');
+  });
+  afterAll(async () => {
+    await broker?.kill('SIGTERM');
+  });
+
+  const file = (name: string, content: unknown): string => {
+    const path = join(dir, name);
+    writeFileSync(path, typeof content === 'string' ? content : JSON.stringify(content));
+    return path;
+  };
+  const failureRecord = (payload: unknown) => ({
+    version: '1.0',
+    timestamp: '2026-11-29T10:00:00.000Z',
+    requestContext: {
+      requestId: 'r',
+      functionArn: 'arn:aws:lambda:us-east-1:1:function:events',
+      condition: 'RetriesExhausted',
+    },
+    requestPayload: payload,
+    responsePayload: { errorType: 'Error', errorMessage: 'boom' },
+  });
+
+  it('sends the dead letters of an SQS dump once: a second run finds them all duplicates', async () => {
+    const dump = file('dlq.json', {
+      Messages: [
+        { MessageId: 'm1', Body: JSON.stringify(eventLike('healthlake-create-patient', 'rp-1', 'rp-a')) },
+        {
+          MessageId: 'm2',
+          Body: JSON.stringify(failureRecord(eventLike('healthlake-update-patient', 'rp-2', 'rp-a'))),
+        },
+        {
+          MessageId: 'm3',
+          Body: JSON.stringify(
+            failureRecord([
+              eventLike('healthlake-delete-patient', 'rp-3', 'rp-a'),
+              eventLike('healthlake-read-patient', 'rp-4', 'rp-a'),
+            ]),
+          ),
+        },
+      ],
+    });
+    const first = await replay(['--url', broker.url, dump], withToken);
+    expect(first).toMatchObject({ code: 0, stderr: '' });
+    expect(first.stdout).toBe('accepted 3, duplicates 0, ignored 1\n');
+    const again = await replay(['--url', broker.url, dump], withToken);
+    expect(again.stdout).toBe('accepted 0, duplicates 3, ignored 1\n');
+    expect(again.code).toBe(0);
+  });
+
+  it('reads NDJSON and stdin, and the token from the data dir as npm start keeps it', async () => {
+    const lines = [
+      eventLike('healthlake-create-patient', 'rp-10', 'rp-b'),
+      eventLike('healthlake-update-patient', 'rp-11', 'rp-b'),
+    ]
+      .map((e) => JSON.stringify(e))
+      .join('\n');
+    const dataDir = join(dir, 'data');
+    mkdirSync(dataDir);
+    writeFileSync(join(dataDir, 'credentials.json'), JSON.stringify({ ingestToken: INGEST_TOKEN }));
+    // No BROKER_INGEST_TOKEN: the broker's data dir has it. PORT and HOST as `npm start` reads them.
+    const port = new URL(broker.url).port;
+    const fromDataDir = await replay(['-'], { BROKER_DATA_DIR: dataDir, PORT: port }, lines);
+    expect(fromDataDir).toMatchObject({ code: 0, stdout: 'accepted 2, duplicates 0, ignored 0\n' });
+  });
+
+  it('reports what the broker refuses and what it cannot read, sends the rest, and exits 1', async () => {
+    const mixed = file(
+      'mixed.ndjson',
+      [
+        JSON.stringify({ not: 'an event' }),
+        '{"id": broken',
+        JSON.stringify(eventLike('healthlake-create-patient', 'rp-20', 'rp-c')),
+      ].join('\n'),
+    );
+    const run = await replay(['--url', broker.url, mixed, join(dir, 'missing.json')], withToken);
+    expect(run.code).toBe(1);
+    expect(run.stdout).toBe('accepted 1, duplicates 0, ignored 0\n');
+    const errors = run.stderr.trim().split('\n');
+    expect(errors).toHaveLength(3);
+    expect(errors[0]).toMatch(/^.*mixed\.ndjson:2: not sent: not JSON \(/);
+    expect(errors[1]).toMatch(/^.*mixed\.ndjson:1: refused \(400\): .+/);
+    expect(errors[2]).toMatch(/^.*missing\.json: not read: ENOENT$/);
+  });
+
+  it('stops at once when the broker refuses the token, without printing it', async () => {
+    const one = file('one.json', eventLike('healthlake-create-patient', 'rp-30', 'rp-d'));
+    const run = await replay(['--url', broker.url, one, one], { BROKER_INGEST_TOKEN: 'wrong-token-0123456789abcdef' });
+    expect(run.code).toBe(1);
+    expect(run.stderr).toBe(`the broker at ${broker.url} refused the ingest token (401): nothing more sent\n`);
+    expect(run.stdout).toBe('accepted 0, duplicates 0, ignored 0\n');
+    expect(`${run.stdout}${run.stderr}`).not.toContain('wrong-token');
+  });
+
+  it('says what is missing before sending anything', async () => {
+    expect(await replay([], withToken)).toMatchObject({
+      code: 1,
+      stderr: 'no file given; usage: npm run replay -- [--url BASE] FILE...\n',
+    });
+    const noToken = await replay(['x.json'], { BROKER_DATA_DIR: join(dir, 'nowhere') });
+    expect(noToken.code).toBe(1);
+    expect(noToken.stderr).toMatch(
+      /^no ingest token: set BROKER_INGEST_TOKEN, or run where the broker keeps .*credentials\.json \(ENOENT\)\n$/,
+    );
+  });
+});
