@@ -124,11 +124,25 @@ describe('npm run replay', () => {
     expect(errors[2]).toMatch(/^.*missing\.json: not read: ENOENT$/);
   });
 
+  it('sends the rest of an array when the broker refuses one event in it, naming that one', async () => {
+    const events = [
+      eventLike('healthlake-create-patient', 'rp-40', 'rp-e'),
+      { not: 'an event' },
+      eventLike('healthlake-update-patient', 'rp-41', 'rp-e'),
+    ];
+    const run = await replay(['--url', broker.url, file('array.json', events)], withToken);
+    expect(run.code).toBe(1);
+    expect(run.stdout).toBe('accepted 2, duplicates 0, ignored 0\n');
+    expect(run.stderr).toMatch(/^.*array\.json#1: refused \(400\): .+\n$/);
+  });
+
   it('stops at once when the broker refuses the token, without printing it', async () => {
     const one = file('one.json', eventLike('healthlake-create-patient', 'rp-30', 'rp-d'));
     const run = await replay(['--url', broker.url, one, one], { BROKER_INGEST_TOKEN: 'wrong-token-0123456789abcdef' });
     expect(run.code).toBe(1);
-    expect(run.stderr).toBe(`the broker at ${broker.url} refused the ingest token (401): nothing more sent\n`);
+    expect(run.stderr).toBe(
+      `the broker at ${broker.url} refused the ingest token (401): nothing more sent (a broker started with BROKER_INGEST_TOKEN uses that, not the one its credentials.json keeps)\n`,
+    );
     expect(run.stdout).toBe('accepted 0, duplicates 0, ignored 0\n');
     expect(`${run.stdout}${run.stderr}`).not.toContain('wrong-token');
   });
@@ -138,6 +152,17 @@ describe('npm run replay', () => {
       code: 1,
       stderr: 'no file given; usage: npm run replay -- [--url BASE] FILE...\n',
     });
+    // Neither a token that no header can carry, nor a kept file that is no JSON, is quoted.
+    const multiline = await replay(['x.json'], { BROKER_INGEST_TOKEN: 'fsbi_SECRETPART1\nSECRETPART2' });
+    expect(multiline).toMatchObject({
+      code: 1,
+      stderr: 'BROKER_INGEST_TOKEN is not a token: visible ASCII only, no spaces\n',
+    });
+    const broken = join(dir, 'broken');
+    mkdirSync(broken);
+    writeFileSync(join(broken, 'credentials.json'), '{"ingestToken": fsbi_SECRETPART3}');
+    const unreadable = await replay(['x.json'], { BROKER_DATA_DIR: broken });
+    expect(unreadable).toMatchObject({ code: 1, stderr: `${join(broken, 'credentials.json')} is not valid JSON\n` });
     const noToken = await replay(['x.json'], { BROKER_DATA_DIR: join(dir, 'nowhere') });
     expect(noToken.code).toBe(1);
     expect(noToken.stderr).toMatch(

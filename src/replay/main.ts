@@ -16,6 +16,7 @@ import { type ReplayBatch, readReplayInput } from './replay-input.js';
  */
 
 const RETRIES_MS = [1_000, 2_000, 4_000];
+const REQUEST_TIMEOUT_MS = 30_000;
 
 interface Counts {
   accepted: number;
@@ -34,7 +35,7 @@ async function main(argv: readonly string[]): Promise<number> {
   const config = loadConfig();
   const base = (url ?? config.publicUrl).replace(/\/+$/, '');
   const token = ingestToken(config);
-  const total: Counts = { accepted: 0, ignored: 0, duplicates: 0 };
+  let total = NONE;
   let failed = 0;
   for (const file of files) {
     let text: string;
@@ -51,20 +52,18 @@ async function main(argv: readonly string[]): Promise<number> {
       console.error(`${s.source}: not sent: ${s.reason}`);
     }
     for (const batch of input.batches) {
+      let outcome: Outcome;
       try {
-        const counts = await send(base, token, batch);
-        total.accepted += counts.accepted;
-        total.ignored += counts.ignored;
-        total.duplicates += counts.duplicates;
+        outcome = await send(base, token, batch);
       } catch (err) {
-        if (err instanceof Stop) {
-          console.error(err.message);
-          console.log(summary(total));
-          return 1;
-        }
-        failed++;
-        console.error(`${batch.source}: ${(err as Error).message}`);
+        if (!(err instanceof Stop)) throw err;
+        console.error(err.message);
+        console.log(summary(total));
+        return 1;
       }
+      total = add(total, outcome.counts);
+      failed += outcome.failures.length;
+      for (const f of outcome.failures) console.error(f);
     }
   }
   console.log(summary(total));
@@ -94,58 +93,120 @@ function parseArgs(argv: readonly string[]): { url: string | undefined; files: s
 }
 
 function ingestToken(config: Config): string {
-  if (config.ingestToken !== undefined) return config.ingestToken;
+  const fromFile = config.ingestToken === undefined;
   const file = join(config.dataDir, 'credentials.json');
-  let token: unknown;
-  try {
-    token = (JSON.parse(readFileSync(file, 'utf8')) as { ingestToken?: unknown }).ingestToken;
-  } catch (err) {
-    throw new UsageError(
-      `no ingest token: set BROKER_INGEST_TOKEN, or run where the broker keeps ${file} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`,
-    );
+  let token: unknown = config.ingestToken;
+  if (fromFile) {
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (err) {
+      const reason = (err as NodeJS.ErrnoException).code ?? 'unreadable';
+      throw new UsageError(
+        `no ingest token: set BROKER_INGEST_TOKEN, or run where the broker keeps ${file} (${reason})`,
+      );
+    }
+    try {
+      token = (JSON.parse(text) as { ingestToken?: unknown } | null)?.ingestToken;
+    } catch {
+      // Not JSON.parse's message: it quotes the file, token and all.
+      throw new UsageError(`${file} is not valid JSON`);
+    }
   }
+  const where = fromFile ? `the ingestToken in ${file}` : 'BROKER_INGEST_TOKEN';
   if (typeof token !== 'string' || token === '') throw new UsageError(`${file} holds no ingestToken`);
+  // What an Authorization header can carry; said without the value (fetch's own error would quote it).
+  if (!/^[\x21-\x7e]+$/.test(token)) throw new UsageError(`${where} is not a token: visible ASCII only, no spaces`);
   return token;
 }
 
-/**
- * One batch as one request. Too large for the broker (413): sent again in halves. The broker
- * unavailable (5xx, no connection): tried again after 1, 2 and 4 s, then the replay stops.
- */
-async function send(base: string, token: string, batch: ReplayBatch): Promise<Counts> {
-  const res = await post(base, token, batch);
-  if (res.status === 202) return (await res.json()) as Counts;
-  const detail = await diagnostics(res);
-  if (res.status === 401) throw new Stop(`the broker at ${base} refused the ingest token (401): nothing more sent`);
-  if (res.status === 413 && batch.events.length > 1) {
-    const half = Math.ceil(batch.events.length / 2);
-    const first = await send(base, token, { source: batch.source, events: batch.events.slice(0, half) });
-    const second = await send(base, token, { source: batch.source, events: batch.events.slice(half) });
-    return {
-      accepted: first.accepted + second.accepted,
-      ignored: first.ignored + second.ignored,
-      duplicates: first.duplicates + second.duplicates,
-    };
-  }
-  throw new Error(`refused (${res.status}): ${detail}`);
+/** What one batch came to: the broker's counts, and each part of it that was not accepted, and why. */
+interface Outcome {
+  readonly counts: Counts;
+  readonly failures: readonly string[];
 }
 
+const NONE: Counts = { accepted: 0, ignored: 0, duplicates: 0 };
+
+/**
+ * One batch as one request. Refused as too large (413) or as bad (400), a batch of several events
+ * is sent again in halves, down to the event the broker refuses, so that one bad event holds up no
+ * other. The broker unavailable: see `post`.
+ */
+async function send(base: string, token: string, batch: ReplayBatch): Promise<Outcome> {
+  const res = await post(base, token, batch);
+  if (res.status === 202) {
+    try {
+      return { counts: (await res.json()) as Counts, failures: [] };
+    } catch {
+      return { counts: NONE, failures: [`${batch.source}: answered 202, but its counts could not be read`] };
+    }
+  }
+  const detail = await diagnostics(res);
+  if (res.status === 401) {
+    throw new Stop(
+      `the broker at ${base} refused the ingest token (401): nothing more sent (a broker started with BROKER_INGEST_TOKEN uses that, not the one its credentials.json keeps)`,
+    );
+  }
+  if (res.status === 404 || res.status === 405) {
+    throw new Stop(`${base}/events answered ${res.status}: is --url the broker's base URL? nothing more sent`);
+  }
+  if ((res.status === 413 || res.status === 400) && batch.events.length > 1) {
+    const half = Math.ceil(batch.events.length / 2);
+    const first = await send(base, token, part(batch, 0, half));
+    const second = await send(base, token, part(batch, half, batch.events.length));
+    return { counts: add(first.counts, second.counts), failures: [...first.failures, ...second.failures] };
+  }
+  return { counts: NONE, failures: [`${batch.source}: refused (${res.status}): ${detail}`] };
+}
+
+function add(a: Counts, b: Counts): Counts {
+  return { accepted: a.accepted + b.accepted, ignored: a.ignored + b.ignored, duplicates: a.duplicates + b.duplicates };
+}
+
+/** Events `from` to `to` (exclusive) of `batch`, named by their place in the file when it has one. */
+function part(batch: ReplayBatch, from: number, to: number): ReplayBatch {
+  const events = batch.events.slice(from, to);
+  if (batch.file === undefined || batch.first === undefined) return { source: batch.source, events };
+  const first = batch.first + from;
+  const last = batch.first + to - 1;
+  const source = first === last ? `${batch.file}#${first}` : `${batch.file}#${first}-${last}`;
+  return { source, events, file: batch.file, first };
+}
+
+/** Statuses of a broker that is starting, stopping or overloaded: the same request may pass later. */
+const RETRYABLE = new Set([429, 502, 503, 504]);
+
+/**
+ * The request, tried again after 1, 2 and 4 s while the broker is unavailable (no connection, no
+ * answer within 30 s, or a 429/502/503/504): then the replay stops. Sending twice is safe, as the
+ * broker deduplicates on the event `id`.
+ */
 async function post(base: string, token: string, batch: ReplayBatch): Promise<Response> {
   const body = JSON.stringify(batch.events.length === 1 ? batch.events[0] : batch.events);
   for (let attempt = 0; ; attempt++) {
-    let res: Response | undefined;
-    let error = '';
+    let error: string;
     try {
-      res = await fetch(`${base}/events`, {
+      const res = await fetch(`${base}/events`, {
         method: 'POST',
         headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
         body,
+        signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
       });
-      if (res.status < 500) return res;
+      if (!RETRYABLE.has(res.status)) return res;
       error = `HTTP ${res.status}`;
       await res.body?.cancel();
     } catch (err) {
-      error = ((err as Error).cause as Error | undefined)?.message ?? (err as Error).message;
+      const e = err as Error;
+      if (e.name === 'TimeoutError') {
+        error = `no answer within ${REQUEST_TIMEOUT_MS / 1000} s`;
+      } else if (e.cause instanceof Error) {
+        // fetch's network failures: the connection's error is the cause.
+        error = e.cause.message;
+      } else {
+        // Not the network (its message may quote the request, header values included).
+        throw new Stop(`${batch.source}: the request could not be made (${e.name}): stopped`);
+      }
     }
     const wait = RETRIES_MS[attempt];
     if (wait === undefined) throw new Stop(`${batch.source}: the broker at ${base} is unavailable (${error}): stopped`);

@@ -22,7 +22,7 @@ describe('readReplayInput', () => {
     expect(batches.map((b) => [b.source, b.events.length])).toEqual([
       ['many.json#0-99', 100],
       ['many.json#100-199', 100],
-      ['many.json#200-200', 1],
+      ['many.json#200', 1],
     ]);
     expect(batches.flatMap((b) => b.events)).toEqual(many);
   });
@@ -32,7 +32,7 @@ describe('readReplayInput', () => {
     const { batches, skipped } = readReplayInput('log.ndjson', text);
     expect(batches).toEqual([
       { source: 'log.ndjson:1', events: [event('a')] },
-      { source: 'log.ndjson:4', events: [event('b'), event('c')] },
+      { source: 'log.ndjson:4', events: [event('b'), event('c')], file: 'log.ndjson:4', first: 0 },
     ]);
     expect(skipped).toEqual([{ source: 'log.ndjson:3', reason: expect.stringMatching(/^not JSON \(/) }]);
   });
@@ -51,7 +51,7 @@ describe('readReplayInput', () => {
     expect(readReplayInput('dlq.ndjson', text)).toEqual({
       batches: [
         { source: 'dlq.ndjson:1', events: [event('a')] },
-        { source: 'dlq.ndjson:2', events: [event('b'), event('c')] },
+        { source: 'dlq.ndjson:2', events: [event('b'), event('c')], file: 'dlq.ndjson:2', first: 0 },
       ],
       skipped: [{ source: 'dlq.ndjson:3', reason: 'a record whose event was left out (too large for the queue)' }],
     });
@@ -81,12 +81,33 @@ describe('readReplayInput', () => {
     ]);
   });
 
+  it('reads a file that starts with a byte-order mark, and pretty-printed dumps appended one after another', () => {
+    expect(readReplayInput('bom.json', `\uFEFF${JSON.stringify(event('a'), null, 2)}`).batches).toEqual([
+      { source: 'bom.json', events: [event('a')] },
+    ]);
+    const dump = (id: string) =>
+      JSON.stringify({ Messages: [{ MessageId: `m-${id}`, Body: JSON.stringify(event(id)) }] }, null, 4);
+    // As `aws sqs receive-message >> dlq.json` twice leaves it; a brace inside a string does not cut it.
+    const appended = `${dump('a')}\n${dump('b}{')}\n`;
+    expect(readReplayInput('dlq.json', appended)).toEqual({
+      batches: [
+        { source: 'dlq.json#0#0', events: [event('a')] },
+        { source: 'dlq.json#1#0', events: [event('b}{')] },
+      ],
+      skipped: [],
+    });
+  });
+
   it('leaves anything else to the broker as an event, and skips what cannot be one', () => {
     // A CloudTrail log file's `Records` are no SQS messages: sent as is, for the broker to refuse.
     const trail = { Records: [{ eventSource: 'healthlake.amazonaws.com', eventName: 'CreateResource' }] };
     expect(readReplayInput('trail.json', JSON.stringify(trail)).batches).toEqual([
       { source: 'trail.json', events: [trail] },
     ]);
+    // Nor are empty lists, or `Messages` without message ids: an event that happens to have such a key.
+    for (const odd of [{ Records: [] }, { Messages: [] }, { id: 'e', Messages: [{ text: 'hi' }] }]) {
+      expect(readReplayInput('odd.json', JSON.stringify(odd)).batches).toEqual([{ source: 'odd.json', events: [odd] }]);
+    }
     expect(readReplayInput('x', '42\nnull\n"text"\n[]').skipped.map((s) => s.reason)).toEqual([
       'not an event (a JSON number)',
       'not an event (a JSON null)',
