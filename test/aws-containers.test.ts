@@ -872,6 +872,7 @@ describe('Lambda containers sharing the tables', () => {
     const later = { config: { handshakeRetryDelaysMs: [3_000] } };
     receiver.answerOnce((r) => r.path === `/${tag}-moved`, { status: 500 });
     receiver.answerOnce((r) => r.path === `/${tag}-deleted`, { status: 500 });
+    receiver.answerOnce((r) => r.path === `/${tag}-kept`, { status: 500 });
     const starting = container(later);
     const moved = await create(
       createHandlers(starting),
@@ -880,6 +881,10 @@ describe('Lambda containers sharing the tables', () => {
     const deleted = await create(
       createHandlers(starting),
       topicSubscription('patient-change', `${receiver.url}/${tag}-deleted`, mine),
+    );
+    const kept = await create(
+      createHandlers(starting),
+      topicSubscription('patient-change', `${receiver.url}/${tag}-kept`, mine),
     );
     const first = await starting;
     // Another API container serves the client's PUT and DELETE; the first one's cache still has both.
@@ -891,9 +896,10 @@ describe('Lambda containers sharing the tables', () => {
     expect(put.status).toBe(200);
     expect((await call(other, 'DELETE', `/fhir/Subscription/${deleted}`)).status).toBe(204);
     await logger.waitForStatus(moved, 'active');
-    // The first container's timers fire: it reads both afresh and sends neither.
-    await new Promise((resolve) => setTimeout(resolve, 3_500));
+    // The first container's timers fire: it reads each afresh, and sends only the unchanged one's.
+    await logger.waitForStatus(kept, 'active', 10_000);
     await first.dispatcher.idle(10_000);
+    expect(receiver.arrived.filter((r) => r.path === `/${tag}-kept`)).toHaveLength(2);
     expect(receiver.arrived.filter((r) => r.path === `/${tag}-moved`)).toHaveLength(1);
     expect(receiver.arrived.filter((r) => r.path === `/${tag}-deleted`)).toHaveLength(1);
     expect(receiver.arrived.filter((r) => r.path === `/${tag}-new`)).toHaveLength(1);

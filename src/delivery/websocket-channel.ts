@@ -332,9 +332,10 @@ export class WebSocketChannel {
       claims = this.#tokens.verify(msg.token, this.#clock.now());
     } catch (err) {
       // Anyone can send a token: refused ones are counted, and logged only at debug (one line
-      // each would let a client that reconnects in a loop fill the log).
-      const reason = err instanceof BindingTokenError ? err.message : 'bind failed';
-      return this.#refuseBind(conn, msg.json, reason, 'debug');
+      // each would let a client that reconnects in a loop fill the log). Any other error is a fault.
+      if (err instanceof BindingTokenError) return this.#refuseBind(conn, msg.json, err.message, 'debug');
+      this.#logger.error('websocket bind-token check failed', { connection: conn.id, err: err as Error });
+      return this.#refuseBind(conn, msg.json, 'bind failed');
     }
     const ids = claims.subscriptions;
     // A client removed from BROKER_API_KEYS binds nothing with the tokens it still holds; it is

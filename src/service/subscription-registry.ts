@@ -136,11 +136,13 @@ export class SubscriptionRegistry {
     await Promise.all(
       [...new Set(ids)].map(async (id) => {
         const rec = await this.#store.getSubscription(id);
-        if (rec !== undefined) {
-          this.#remember(rec);
-        } else {
+        if (rec === undefined) {
           this.#forget(id);
+          return;
         }
+        // A change this instance made while the read was on its way is newer than what it read.
+        const cached = this.#cache.get(id);
+        if (cached === undefined || Date.parse(cached.updatedAt) <= Date.parse(rec.updatedAt)) this.#remember(rec);
       }),
     );
   }
