@@ -54,6 +54,17 @@ describe('loadConfig', () => {
     ['BROKER_STORE', { BROKER_STORE: 'postgres' }, /^BROKER_STORE: must be sqlite or dynamodb, not postgres$/],
     ['BROKER_INGEST_TOKEN', { BROKER_INGEST_TOKEN: 'short' }, /at least 16 characters/],
     ['BROKER_METRICS_TOKEN', { BROKER_METRICS_TOKEN: 'short' }, /at least 16 characters/],
+    // No Authorization header carries these: a broker that started would refuse every client.
+    [
+      'BROKER_INGEST_TOKEN',
+      { BROKER_INGEST_TOKEN: 'ingest-token-0123\n456789' },
+      /^BROKER_INGEST_TOKEN: must be visible ASCII with no spaces \(it comes in an Authorization header\)$/,
+    ],
+    [
+      'BROKER_METRICS_TOKEN',
+      { BROKER_METRICS_TOKEN: 'metrics token 0123456789' },
+      /^BROKER_METRICS_TOKEN: must be visible ASCII/,
+    ],
     ['BROKER_WS_MAX_CONNECTIONS', { BROKER_WS_MAX_CONNECTIONS: '0' }, /^BROKER_WS_MAX_CONNECTIONS: /],
     [
       'BROKER_WS_MAX_UNBOUND_PER_ADDRESS',
@@ -151,6 +162,8 @@ describe('loadConfig', () => {
     ['app:aaaaaaaaaaaaaaaa,fsb_Zk3qL9xVt2Wm8RbN4cYp', /^BROKER_API_KEYS: entry 2 is not clientId:token/],
     ['app:aaaaaaaaaaaaaaaa,fsb Zk3qL9xVt2Wm8RbN4cYp:local', /^BROKER_API_KEYS: entry 2 is not clientId:token/],
     ['app:tiny-secret', /^BROKER_API_KEYS: entry 1 has a token \(after its first colon\) shorter/],
+    ['app:token-with-\u00e9-0123456789', /^BROKER_API_KEYS: entry 1 has a token with a space or a character that/],
+    ['app:token\twith\ttabs\t0123456789', /^BROKER_API_KEYS: entry 1 has a token with a space or a character that/],
     ['fsb_Zk3qL9xVt2Wm8RbN4cYp:a,fsb_Zk3qL9xVt2Wm8RbN4cYp:b', /^BROKER_API_KEYS: entry 1 has a token/],
     [
       'fsb_Zk3qL9xVt2Wm8:aaaaaaaaaaaaaaaa,fsb_Zk3qL9xVt2Wm8:bbbbbbbbbbbbbbbb',

@@ -118,14 +118,8 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('BROKER_LOG_LEVEL', 'must be debug, info, warn or error');
   }
   const dynamodbEndpoint = str(env, 'DYNAMODB_ENDPOINT');
-  const ingestToken = str(env, 'BROKER_INGEST_TOKEN');
-  if (ingestToken !== undefined && ingestToken.length < MIN_TOKEN_CHARS) {
-    throw new ConfigError('BROKER_INGEST_TOKEN', `must be at least ${MIN_TOKEN_CHARS} characters`);
-  }
-  const metricsToken = str(env, 'BROKER_METRICS_TOKEN');
-  if (metricsToken !== undefined && metricsToken.length < MIN_TOKEN_CHARS) {
-    throw new ConfigError('BROKER_METRICS_TOKEN', `must be at least ${MIN_TOKEN_CHARS} characters`);
-  }
+  const ingestToken = bearerToken(env, 'BROKER_INGEST_TOKEN');
+  const metricsToken = bearerToken(env, 'BROKER_METRICS_TOKEN');
   const eventBus = str(env, 'BROKER_EVENT_BUS');
   const sqsEndpoint = str(env, 'SQS_ENDPOINT');
   // An AWS queue URL (its region is where requests are signed for), or with SQS_ENDPOINT any queue
@@ -278,6 +272,23 @@ function list(raw: string | undefined): string[] {
 export const CLIENT_ID = /^[A-Za-z0-9_.-]{1,64}$/;
 /** The shortest API key, ingest token or metrics token taken. */
 export const MIN_TOKEN_CHARS = 16;
+/**
+ * What a bearer token may hold: visible ASCII, no space. A space, a tab or a line break (a pasted
+ * value's, say) could never come in an `Authorization` header, so the broker would start and
+ * refuse every client.
+ */
+export const TOKEN_CHARS = /^[\x21-\x7e]+$/;
+
+/** A bearer token variable: at least MIN_TOKEN_CHARS of TOKEN_CHARS. Its value is never quoted. */
+function bearerToken(env: Env, variable: string): string | undefined {
+  const token = str(env, variable);
+  if (token === undefined) return undefined;
+  if (token.length < MIN_TOKEN_CHARS) throw new ConfigError(variable, `must be at least ${MIN_TOKEN_CHARS} characters`);
+  if (!TOKEN_CHARS.test(token)) {
+    throw new ConfigError(variable, 'must be visible ASCII with no spaces (it comes in an Authorization header)');
+  }
+  return token;
+}
 /** The shortest binding-token key (`BROKER_WS_TOKEN_SECRET`) taken. */
 export const MIN_WS_SECRET_CHARS = 32;
 
@@ -300,6 +311,12 @@ function parseApiKeys(raw: string | undefined): ApiClient[] {
       throw new ConfigError(
         'BROKER_API_KEYS',
         `entry ${i + 1} has a token (after its first colon) shorter than 16 characters; entries are clientId:token`,
+      );
+    }
+    if (!TOKEN_CHARS.test(token)) {
+      throw new ConfigError(
+        'BROKER_API_KEYS',
+        `entry ${i + 1} has a token with a space or a character that is not visible ASCII (it comes in an Authorization header)`,
       );
     }
     return { clientId, token };

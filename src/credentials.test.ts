@@ -58,6 +58,12 @@ describe('resolveCredentials', () => {
       'is not a credentials file: ingestToken must NOT have fewer than 16 characters',
     ],
     [
+      // Hand-edited with a space: no Authorization header could carry it.
+      'an ingest token with a space',
+      JSON.stringify({ ...KEPT, ingestToken: `${KEPT.ingestToken} x` }),
+      'is not a credentials file: ingestToken must be visible ASCII with no spaces (it comes in an Authorization header)',
+    ],
+    [
       'a token that is not a string',
       JSON.stringify({ ...KEPT, apiClient: { clientId: 'local', token: 12 } }),
       'is not a credentials file: apiClient.token must be string',

@@ -11,6 +11,7 @@ import {
   MIN_TOKEN_CHARS,
   MIN_WS_SECRET_CHARS,
   refuseOperatorSecretsAsApiKeys,
+  TOKEN_CHARS,
 } from './config.js';
 import { makeDataDir } from './data-dir-lock.js';
 
@@ -47,10 +48,10 @@ const keptSchema = {
       required: ['clientId', 'token'],
       properties: {
         clientId: { type: 'string', pattern: CLIENT_ID.source },
-        token: { type: 'string', minLength: MIN_TOKEN_CHARS },
+        token: { type: 'string', minLength: MIN_TOKEN_CHARS, pattern: TOKEN_CHARS.source },
       },
     },
-    ingestToken: { type: 'string', minLength: MIN_TOKEN_CHARS },
+    ingestToken: { type: 'string', minLength: MIN_TOKEN_CHARS, pattern: TOKEN_CHARS.source },
     wsTokenSecret: { type: 'string', minLength: MIN_WS_SECRET_CHARS },
   },
 };
@@ -129,7 +130,10 @@ function readKept(path: string): KeptCredentials {
   if (!validateKept(json)) {
     const e = validateKept.errors?.[0];
     const field = e?.instancePath.slice(1).replaceAll('/', '.') || 'its top level';
-    throw refuse(`is not a credentials file: ${field} ${e?.message ?? 'is invalid'}`);
+    // A token's pattern in words (TOKEN_CHARS), not as Ajv quotes it.
+    const token = e?.keyword === 'pattern' && /token$/i.test(field);
+    const message = token ? 'must be visible ASCII with no spaces (it comes in an Authorization header)' : e?.message;
+    throw refuse(`is not a credentials file: ${field} ${message ?? 'is invalid'}`);
   }
   const secrets = [json.apiClient.token, json.ingestToken, json.wsTokenSecret].filter((s) => s !== undefined);
   if (new Set(secrets).size !== secrets.length) throw refuse('holds the same token twice');

@@ -156,7 +156,15 @@ describe('npm run replay', () => {
     const multiline = await replay(['x.json'], { BROKER_INGEST_TOKEN: 'fsbi_SECRETPART1\nSECRETPART2' });
     expect(multiline).toMatchObject({
       code: 1,
-      stderr: 'BROKER_INGEST_TOKEN is not a token: visible ASCII only, no spaces\n',
+      stderr: 'BROKER_INGEST_TOKEN: must be visible ASCII with no spaces (it comes in an Authorization header)\n',
+    });
+    const dataDir = join(dir, 'spaced');
+    mkdirSync(dataDir);
+    writeFileSync(join(dataDir, 'credentials.json'), JSON.stringify({ ingestToken: 'fsbi_SECRETPART4 SECRETPART5' }));
+    const spaced = await replay(['x.json'], { BROKER_DATA_DIR: dataDir });
+    expect(spaced).toMatchObject({
+      code: 1,
+      stderr: `the ingestToken in ${join(dataDir, 'credentials.json')} is not a token: visible ASCII only, no spaces\n`,
     });
     const broken = join(dir, 'broken');
     mkdirSync(broken);

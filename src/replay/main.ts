@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { type Config, ConfigError, loadConfig } from '../config.js';
+import { type Config, ConfigError, loadConfig, TOKEN_CHARS } from '../config.js';
 import { type ReplayBatch, readReplayInput } from './replay-input.js';
 
 /**
@@ -116,7 +116,7 @@ function ingestToken(config: Config): string {
   const where = fromFile ? `the ingestToken in ${file}` : 'BROKER_INGEST_TOKEN';
   if (typeof token !== 'string' || token === '') throw new UsageError(`${file} holds no ingestToken`);
   // What an Authorization header can carry; said without the value (fetch's own error would quote it).
-  if (!/^[\x21-\x7e]+$/.test(token)) throw new UsageError(`${where} is not a token: visible ASCII only, no spaces`);
+  if (!TOKEN_CHARS.test(token)) throw new UsageError(`${where} is not a token: visible ASCII only, no spaces`);
   return token;
 }
 
