@@ -36,7 +36,8 @@ interface KeptCredentials {
   wsTokenSecret?: string;
 }
 
-const FILE = 'credentials.json';
+/** The file in the data dir that keeps generated credentials. */
+export const CREDENTIALS_FILE = 'credentials.json';
 
 // The rules of the variables the values stand in for (config.ts); other fields are left alone.
 const keptSchema = {
@@ -67,7 +68,7 @@ export function resolveCredentials(config: Config): Credentials {
     };
   }
   makeDataDir(config.dataDir);
-  const path = join(config.dataDir, FILE);
+  const path = join(config.dataDir, CREDENTIALS_FILE);
   const existed = existsSync(path);
   const kept: KeptCredentials = existed
     ? readKept(path)
@@ -111,7 +112,7 @@ export function resolveCredentials(config: Config): Credentials {
  * The kept file, checked before anything uses or rewrites it. Errors name the file and the field,
  * never its contents (they are secrets; JSON.parse's own message quotes them).
  */
-function readKept(path: string): KeptCredentials {
+export function readKept(path: string): KeptCredentials {
   const fix =
     'correct it, or delete it to have new credentials generated (clients then need the new API key and ingest token)';
   const refuse = (what: string) => new ConfigError('BROKER_DATA_DIR', `${path} ${what}: ${fix}`);

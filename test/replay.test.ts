@@ -50,6 +50,9 @@ describe('npm run replay', () => {
     writeFileSync(path, typeof content === 'string' ? content : JSON.stringify(content));
     return path;
   };
+  /** A credentials file as `npm start` keeps it, with this ingest token. */
+  const kept = (ingestToken: string): string =>
+    JSON.stringify({ apiClient: { clientId: 'local', token: 'fsb_replay-test-api-key-0123' }, ingestToken });
   const failureRecord = (payload: unknown) => ({
     version: '1.0',
     timestamp: '2026-11-29T10:00:00.000Z',
@@ -98,7 +101,7 @@ describe('npm run replay', () => {
       .join('\n');
     const dataDir = join(dir, 'data');
     mkdirSync(dataDir);
-    writeFileSync(join(dataDir, 'credentials.json'), JSON.stringify({ ingestToken: INGEST_TOKEN }));
+    writeFileSync(join(dataDir, 'credentials.json'), kept(INGEST_TOKEN));
     // No BROKER_INGEST_TOKEN: the broker's data dir has it. PORT and HOST as `npm start` reads them.
     const port = new URL(broker.url).port;
     const fromDataDir = await replay(['-'], { BROKER_DATA_DIR: dataDir, PORT: port }, lines);
@@ -121,7 +124,7 @@ describe('npm run replay', () => {
     expect(errors).toHaveLength(3);
     expect(errors[0]).toMatch(/^.*mixed\.ndjson:2: not sent: not JSON \(/);
     expect(errors[1]).toMatch(/^.*mixed\.ndjson:1: refused \(400\): .+/);
-    expect(errors[2]).toMatch(/^.*missing\.json: not read: ENOENT$/);
+    expect(errors[2]).toMatch(/^.*missing\.json: not read: no such file or directory \(ENOENT\)$/);
   });
 
   it('sends the rest of an array when the broker refuses one event in it, naming that one', async () => {
@@ -160,21 +163,27 @@ describe('npm run replay', () => {
     });
     const dataDir = join(dir, 'spaced');
     mkdirSync(dataDir);
-    writeFileSync(join(dataDir, 'credentials.json'), JSON.stringify({ ingestToken: 'fsbi_SECRETPART4 SECRETPART5' }));
+    writeFileSync(join(dataDir, 'credentials.json'), kept('fsbi_SECRETPART4 SECRETPART5'));
+    // The kept file read as the broker reads it, with the broker's words.
+    const fix =
+      'correct it, or delete it to have new credentials generated (clients then need the new API key and ingest token)';
     const spaced = await replay(['x.json'], { BROKER_DATA_DIR: dataDir });
     expect(spaced).toMatchObject({
       code: 1,
-      stderr: `the ingestToken in ${join(dataDir, 'credentials.json')} is not a token: visible ASCII only, no spaces\n`,
+      stderr: `BROKER_DATA_DIR: ${join(dataDir, 'credentials.json')} is not a credentials file: ingestToken must be visible ASCII with no spaces (it comes in an Authorization header): ${fix}\n`,
     });
     const broken = join(dir, 'broken');
     mkdirSync(broken);
     writeFileSync(join(broken, 'credentials.json'), '{"ingestToken": fsbi_SECRETPART3}');
     const unreadable = await replay(['x.json'], { BROKER_DATA_DIR: broken });
-    expect(unreadable).toMatchObject({ code: 1, stderr: `${join(broken, 'credentials.json')} is not valid JSON\n` });
+    expect(unreadable).toMatchObject({
+      code: 1,
+      stderr: `BROKER_DATA_DIR: ${join(broken, 'credentials.json')} is not valid JSON: ${fix}\n`,
+    });
     const noToken = await replay(['x.json'], { BROKER_DATA_DIR: join(dir, 'nowhere') });
     expect(noToken.code).toBe(1);
     expect(noToken.stderr).toMatch(
-      /^no ingest token: set BROKER_INGEST_TOKEN, or run where the broker keeps .*credentials\.json \(ENOENT\)\n$/,
+      /^no ingest token: set BROKER_INGEST_TOKEN, or run where the broker keeps .*credentials\.json\n$/,
     );
   });
 });

@@ -1,6 +1,7 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { type Config, ConfigError, loadConfig, TOKEN_CHARS } from '../config.js';
+import { type Config, ConfigError, fsReason, loadConfig } from '../config.js';
+import { CREDENTIALS_FILE, readKept } from '../credentials.js';
 import { type ReplayBatch, readReplayInput } from './replay-input.js';
 
 /**
@@ -43,7 +44,7 @@ async function main(argv: readonly string[]): Promise<number> {
       text = readFileSync(file === '-' ? 0 : file, 'utf8');
     } catch (err) {
       failed++;
-      console.error(`${file}: not read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      console.error(`${file}: not read: ${fsReason(err)}`);
       continue;
     }
     const input = readReplayInput(file === '-' ? 'stdin' : file, text);
@@ -92,32 +93,17 @@ function parseArgs(argv: readonly string[]): { url: string | undefined; files: s
   return { url, files };
 }
 
+/**
+ * The environment's token (loadConfig has checked it), else the one `npm start` keeps, read and
+ * checked as the broker reads it (`readKept`: its errors never quote the file).
+ */
 function ingestToken(config: Config): string {
-  const fromFile = config.ingestToken === undefined;
-  const file = join(config.dataDir, 'credentials.json');
-  let token: unknown = config.ingestToken;
-  if (fromFile) {
-    let text: string;
-    try {
-      text = readFileSync(file, 'utf8');
-    } catch (err) {
-      const reason = (err as NodeJS.ErrnoException).code ?? 'unreadable';
-      throw new UsageError(
-        `no ingest token: set BROKER_INGEST_TOKEN, or run where the broker keeps ${file} (${reason})`,
-      );
-    }
-    try {
-      token = (JSON.parse(text) as { ingestToken?: unknown } | null)?.ingestToken;
-    } catch {
-      // Not JSON.parse's message: it quotes the file, token and all.
-      throw new UsageError(`${file} is not valid JSON`);
-    }
+  if (config.ingestToken !== undefined) return config.ingestToken;
+  const file = join(config.dataDir, CREDENTIALS_FILE);
+  if (!existsSync(file)) {
+    throw new UsageError(`no ingest token: set BROKER_INGEST_TOKEN, or run where the broker keeps ${file}`);
   }
-  const where = fromFile ? `the ingestToken in ${file}` : 'BROKER_INGEST_TOKEN';
-  if (typeof token !== 'string' || token === '') throw new UsageError(`${file} holds no ingestToken`);
-  // What an Authorization header can carry; said without the value (fetch's own error would quote it).
-  if (!TOKEN_CHARS.test(token)) throw new UsageError(`${where} is not a token: visible ASCII only, no spaces`);
-  return token;
+  return readKept(file).ingestToken;
 }
 
 /** What one batch came to: the broker's counts, and each part of it that was not accepted, and why. */
