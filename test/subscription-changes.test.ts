@@ -345,6 +345,45 @@ describe('retries pending when the client re-activates the subscription', () => 
     expect(receiver.failures.map((r) => r.path)).toEqual(['/old', '/old', '/old', '/new']);
     expect(t.logger.records.some((r) => r.subscription === id && r.to === 'error')).toBe(false);
   });
+
+  it('a re-queue that takes longer than the handshake schedule leaves the handshake its retries', async () => {
+    // The wall clock moves 10 minutes while the dead letters are re-queued (as a DynamoDB re-queue
+    // of many of them may take); the schedule counts from the re-activated version's `updatedAt`.
+    let offset = 0;
+    class SlowRequeueStore extends SqliteStore {
+      override async requeueDeadLetters(...args: Parameters<SqliteStore['requeueDeadLetters']>) {
+        const requeued = await super.requeueDeadLetters(...args);
+        offset += 600_000;
+        return requeued;
+      }
+    }
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-changes-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const { receiver, t } = await setup(
+      { BROKER_DATA_DIR: dir, BROKER_RETRY_DELAYS: '10ms', BROKER_HANDSHAKE_RETRY_DELAYS: '300ms' },
+      { store: new SlowRequeueStore(dir), clock: { now: () => Date.now() + offset } },
+    );
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/slow`));
+    const id = sub.id as string;
+    await t.logger.waitForStatus(id, 'active');
+    receiver.respond = failingAt('/slow', () => true);
+    await t.post(patientEvents('dead', 1));
+    await t.logger.waitForStatus(id, 'error');
+    // The re-activation's first handshake fails; its retry 300 ms later is answered.
+    let handshakes = 0;
+    receiver.respond = (req) =>
+      req.body.includes('"handshake"') && ++handshakes === 1 ? { status: 500 } : { status: 204 };
+    const put = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/slow`),
+      id,
+      status: 'requested',
+    });
+    expect(put.status).toBe(200);
+    await receiver.waitFor(() => delivered(receiver, '/slow').length === 1, 'the re-queued notification', 5_000);
+    expect(handshakes).toBe(2);
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
+    expect(t.logger.records.some((r) => r.msg === 'handshake failed' && r.subscription === id)).toBe(false);
+  });
 });
 
 describe('sockets of a changed subscription', () => {

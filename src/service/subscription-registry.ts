@@ -406,14 +406,18 @@ export class SubscriptionRegistry {
       let stored: SubscriptionRecord | undefined;
       const requeuedAt = this.#clock.now();
       try {
+        let written = next;
         if (reactivating) {
           // Re-activation: what was dead-lettered goes back in the queue, delivered after the handshake.
           await this.#listener?.beforeRequeue(id);
           const requeued = await this.#store.requeueDeadLetters(id, requeuedAt);
           if (requeued > 0) this.#logger.info('dead letters requeued', { subscription: id, count: requeued });
+          // The handshake's schedule counts from `updatedAt`: taken once the re-queue is done, so a
+          // long one (many dead letters on DynamoDB) does not use up its retries before it starts.
+          written = { ...next, updatedAt: this.#nextUpdatedAt(current) };
         }
         // Compare-and-set: a broker status change (dead letter, 410) made meanwhile is never overwritten.
-        stored = await this.#store.replaceSubscription(next, {
+        stored = await this.#store.replaceSubscription(written, {
           status: current.status,
           updatedAt: current.updatedAt,
         });
