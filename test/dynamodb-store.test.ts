@@ -241,6 +241,48 @@ describe('DynamoDbStore', () => {
     expect(await partition()).toEqual([]);
   });
 
+  it('finishes at the next purge a delete that stopped half-way, and a lease item written after a delete', async () => {
+    const rows = async (subscriptionId: string) => {
+      const out = await client.send(
+        new QueryCommand({
+          TableName: names().notifications,
+          KeyConditionExpression: 'subscriptionId = :s',
+          ExpressionAttributeValues: { ':s': { S: subscriptionId } },
+          ConsistentRead: true,
+        }),
+      );
+      return (out.Items ?? []).map((i) => Number(i.eventNumber?.N));
+    };
+    for (const id of ['s2', 's3']) await store.insertSubscription(record(id));
+    await store.acceptChanges([item('e1', ['s1', 's2']), item('e2', ['s1', 's2'])], RECEIVED);
+    for (const id of ['s1', 's2']) await store.laneLeases.take(id, 'instance-a', RECEIVED, RECEIVED + 90_000);
+    // s2: deleted by an instance that died before deleting its notifications (every batch write fails).
+    const dying = new DynamoDbStore(
+      {
+        send: (command: { constructor: { name: string } }) =>
+          command.constructor.name === 'BatchWriteItemCommand'
+            ? Promise.reject(new Error('killed'))
+            : client.send(command as never),
+      } as unknown as DynamoDBClient,
+      prefix,
+    );
+    await expect(dying.deleteSubscription('s2')).rejects.toThrow('killed');
+    expect(await rows('s2')).toEqual([0, 1, 2]);
+    // s3: deleted whole, then a lane that had not heard of it took its lease.
+    expect(await store.deleteSubscription('s3')).toBe(true);
+    await store.laneLeases.take('s3', 'instance-b', RECEIVED, RECEIVED + 90_000);
+    expect(await rows('s3')).toEqual([0]);
+
+    // Nothing past the window: the lease items lead to both, and s2's pending rows go too.
+    expect(await store.purge(RECEIVED - 1)).toEqual({ notifications: 2, eventIds: 0 });
+    expect(await rows('s2')).toEqual([]);
+    expect(await rows('s3')).toEqual([]);
+    // s1 is untouched: its pending rows wait for delivery, its lease stays.
+    expect(await rows('s1')).toEqual([0, 1, 2]);
+    expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 0, eventIds: 2 });
+    expect(await rows('s1')).toEqual([0, 1, 2]);
+  });
+
   describe('candidatesFor (the subscription-types index)', () => {
     const candidates = async (type: string) =>
       [...(await store.candidatesFor(type))].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));

@@ -121,7 +121,8 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  * - `recordDeliveries` writes item by item, not in one transaction (a lost update is a redelivery).
  * - `purge` and `requeueDeadLetters` scan/query with filters: fine for the retention window of a
  *   broker, not free. `deleteSubscription` deletes the subscription, then its notifications in
- *   batches; a crash in between can leave notifications of a deleted subscription behind.
+ *   batches; a crash in between leaves notifications of a deleted subscription behind until the
+ *   next purge, which deletes them (and a lease item a lane wrote after the delete).
  */
 
 /** A subscription id that cannot exist (FHIR ids have no `#`): what `ping` reads. */
@@ -434,7 +435,7 @@ export class DynamoDbStore implements Store {
     // The subscription first (with `expectedUpdatedAt`, conditioned on the item as read), then its
     // notifications: a delete that fails (a changed version, a conflict) keeps them all, and none
     // can be added after (an acceptance's transaction checks that the subscription exists). A crash
-    // in between leaves notifications of a deleted subscription (never read again; see above).
+    // in between leaves notifications of a deleted subscription (never read again; `purge` takes them).
     const deleted = await this.#writeSubscription(id, (current) =>
       expectedUpdatedAt === undefined || current.updatedAt === expectedUpdatedAt ? { next: undefined } : undefined,
     );
@@ -702,16 +703,36 @@ export class DynamoDbStore implements Store {
   }
 
   /** Two phases (notifications, then event ids); an aborted `signal` skips what has not started. */
+  /**
+   * Also finishes deletes that did not finish: the rows and lease item of a subscription no longer
+   * in the store (a crash between a delete and the delete of its notifications, or a lane that
+   * renewed its lease just after another instance deleted the subscription) go too, pending ones
+   * included, and count among the notifications purged. Lease items are read on every purge (one
+   * per subscription that ever delivered) to find those.
+   */
   async purge(before: number, signal?: AbortSignal): Promise<{ notifications: number; eventIds: number }> {
     if (isAborted(signal)) return { notifications: 0, eventIds: 0 };
-    const oldNotes = await this.#requests.scanAll({
+    const scanned = await this.#requests.scanAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
-      FilterExpression: '#state IN (:delivered, :dead, :void) AND createdAt < :before',
-      ProjectionExpression: 'subscriptionId, eventNumber',
+      FilterExpression: 'createdAt < :before OR eventNumber = :lane',
+      ProjectionExpression: 'subscriptionId, eventNumber, #state',
       ExpressionAttributeNames: { '#state': 'state' },
-      ExpressionAttributeValues: DONE_BEFORE(before),
+      ExpressionAttributeValues: { ':before': N(before), ':lane': N(0) },
     });
+    const gone = await this.#deletedSubscriptions(scanned.map((item) => readString(item, 'subscriptionId')));
+    let swept = 0;
+    for (const id of gone) {
+      if (isAborted(signal)) return { notifications: swept, eventIds: 0 };
+      swept += await this.#deleteNotificationsOf(id);
+      await this.#deleteVersionRing(id);
+    }
+    const oldNotes = scanned.filter(
+      (item) =>
+        !gone.has(readString(item, 'subscriptionId')) &&
+        readNumber(item, 'eventNumber') !== 0 &&
+        DONE_STATES.has(readString(item, 'state')),
+    );
     const notes = await inBursts(oldNotes, (key) =>
       // Re-checked on delete: a dead letter requeued since the scan is pending and stays.
       conditionHeld(
@@ -726,7 +747,8 @@ export class DynamoDbStore implements Store {
         ),
       ),
     );
-    if (isAborted(signal)) return { notifications: notes.filter(Boolean).length, eventIds: 0 };
+    const purged = swept + notes.filter(Boolean).length;
+    if (isAborted(signal)) return { notifications: purged, eventIds: 0 };
     const oldIds = await this.#requests.scanAll({
       TableName: this.#tables.eventIds,
       ConsistentRead: true,
@@ -747,7 +769,7 @@ export class DynamoDbStore implements Store {
       ),
     );
     return {
-      notifications: notes.filter(Boolean).length,
+      notifications: purged,
       // Markers go with their event id but are not event ids themselves.
       eventIds: oldIds.filter((key, i) => ids[i] === true && readString(key, 'scope') === EVENT_SCOPE).length,
     };
@@ -876,7 +898,8 @@ export class DynamoDbStore implements Store {
     return (await this.#requests.transact([{ ConditionCheck: check }, { Update: update }], what)) === undefined;
   }
 
-  async #deleteNotificationsOf(subscriptionId: string): Promise<void> {
+  /** Deletes every row of the subscription, its lease item included; answers how many were notifications. */
+  async #deleteNotificationsOf(subscriptionId: string): Promise<number> {
     const keys = await this.#requests.queryAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
@@ -885,10 +908,25 @@ export class DynamoDbStore implements Store {
       ExpressionAttributeValues: { ':s': S(subscriptionId) },
     });
     await this.#requests.deleteAll(this.#tables.notifications, keys.map(notificationKey));
+    return keys.filter((key) => readNumber(key, 'eventNumber') !== 0).length;
+  }
+
+  /** Which of `ids` the subscriptions table no longer holds (a consistent read). */
+  async #deletedSubscriptions(ids: readonly string[]): Promise<Set<string>> {
+    const gone = new Set(ids);
+    const found = await this.#requests.batchGet(
+      this.#tables.subscriptions,
+      [...gone].map((id) => ({ id: S(id) })),
+    );
+    for (const item of found) gone.delete(readString(item, 'id'));
+    return gone;
   }
 }
 
 /** Values of the purge's condition: notifications done with (and void rows) received before `before`. */
+/** The states of a row the retention purge may take (a pending one waits for its delivery). */
+const DONE_STATES: ReadonlySet<string> = new Set(['delivered', 'dead', 'void']);
+
 const DONE_BEFORE = (before: number): Record<string, AttributeValue> => ({
   ':delivered': S('delivered'),
   ':dead': S('dead'),
