@@ -221,12 +221,6 @@ describe('bad input', () => {
       'NOT_FOUND',
     ],
     [
-      'another client’s subscription (delete)',
-      () => call('DELETE', `/fhir/Subscription/${aliceSub.id}`, BOB),
-      404,
-      'NOT_FOUND',
-    ],
-    [
       'an id that does not match the URL',
       () => call('PUT', `/fhir/Subscription/${aliceSub.id}`, ALICE, { ...valid(), id: 'other-id' }),
       400,

@@ -548,10 +548,11 @@ describe('FHIR conformance', () => {
         'history-instance',
         'search-type',
       ]);
-      expect([resource.versioning, resource.readHistory, resource.updateCreate]).toEqual([
+      expect([resource.versioning, resource.readHistory, resource.updateCreate, resource.conditionalCreate]).toEqual([
         'versioned-update',
         true,
         false,
+        true,
       ]);
     });
   });

@@ -368,6 +368,7 @@ describe('FHIR operations and search', () => {
       });
     expect((await del(`"${v1}"`)).status).toBe(412);
     expect((await del('*')).status).toBe(204);
+    // With If-Match (even `*`) a Subscription not there is a 404; without, a 204 (test/fhir-interactions.test.ts).
     expect((await del('*')).status).toBe(404);
   });
 

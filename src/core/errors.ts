@@ -63,7 +63,7 @@ export const ERROR_CODES = {
   PRECONDITION_FAILED: {
     status: 412,
     issue: 'conflict',
-    text: 'The resource is no longer the version named in If-Match.',
+    text: 'A precondition of the request (If-Match, If-None-Exist) does not hold.',
   },
   CONFLICT: { status: 409, issue: 'conflict', text: 'The resource changed while the request was being applied.' },
   UPGRADE_REQUIRED: { status: 426, issue: 'not-supported', text: 'The route is a WebSocket endpoint.' },

@@ -31,6 +31,7 @@ const ROUTES: readonly [string, readonly string[]][] = [
   ['/metrics', ['GET']],
   ['/fhir/metadata', ['GET']],
   ['/fhir/SubscriptionTopic', ['GET']],
+  ['/fhir/SubscriptionTopic/_search', ['POST']],
   ['/fhir/SubscriptionTopic/:id', ['GET']],
   ['/fhir/Subscription', ['GET', 'POST']],
   ['/fhir/Subscription/_search', ['POST']],

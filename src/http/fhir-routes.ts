@@ -79,16 +79,16 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
 
   app.get('/fhir/metadata', () => fhirResponse(capabilityStatement(deps, now())));
 
-  app.get('/fhir/SubscriptionTopic', (c) => {
-    const query = searchQuery(c, ['url', '_id', ...GENERAL_PARAMETERS]);
-    const urls = query.values('url');
-    const ids = query.values('_id');
+  const TOPIC_SEARCH = ['url', '_id', ...GENERAL_PARAMETERS];
+  const topicSearch = (query: SearchQuery): Response => {
+    const urls = query.groups('url');
+    const ids = query.groups('_id');
     const found = topics
       .all()
       .filter(
         (t) =>
-          (urls === undefined || urls.some((u) => topics.byCanonical(u) === t)) &&
-          (ids === undefined || ids.includes(t.id)),
+          (urls === undefined || urls.every((group) => group.some((u) => topics.byCanonical(u) === t))) &&
+          everyHas(ids, t.id),
       );
     return fhirResponse({
       resourceType: 'Bundle',
@@ -106,7 +106,11 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
             })),
           }),
     });
-  });
+  };
+  app.get('/fhir/SubscriptionTopic', (c) => topicSearch(searchQuery(c, TOPIC_SEARCH)));
+  app.post('/fhir/SubscriptionTopic/_search', async (c) =>
+    topicSearch(searchQuery(c, TOPIC_SEARCH, await readFormBody(c, deps.maxBodyBytes))),
+  );
   app.get('/fhir/SubscriptionTopic/:id', (c) => {
     const topic = topics.byId(c.req.param('id'));
     if (topic === undefined) throw new BrokerError('NOT_FOUND', `SubscriptionTopic/${c.req.param('id')} not found`);
@@ -114,18 +118,28 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   });
 
   app.post('/fhir/Subscription', async (c) => {
+    const condition = conditionalCreate(c.req.header('if-none-exist'));
     const body = await readJsonBody(c, deps.maxBodyBytes);
-    const { record, shownSecret } = await registry.create(c.get('owner'), body);
+    const { record, shownSecret, existing } = await registry.create(
+      c.get('owner'),
+      body,
+      condition === undefined ? undefined : (subs) => subs.filter(condition),
+    );
     // R4 http.html#create: Location carries the id and the version id.
     const location = `${fhirBase}/Subscription/${record.id}/_history/${versionId(record)}`;
-    return fhirResponse(registry.render(record, { secret: shownSecret }), 201, { location, ...etag(record) });
+    return preferredReturn(
+      c,
+      registry.render(record, { secret: shownSecret }),
+      existing === true ? 200 : 201,
+      { location, ...etag(record) },
+      shownSecret !== undefined,
+      existing === true
+        ? `Subscription/${record.id} matches If-None-Exist: nothing created`
+        : `Subscription/${record.id} created`,
+    );
   });
 
   const search = async (c: Context<Env>, query: SearchQuery): Promise<Response> => {
-    const ids = valueSet(query.values('_id'));
-    const statuses = valueSet(query.values('status'));
-    // `url` (uri): exact match on channel.endpoint, as the R4 Subscription-url SearchParameter defines it.
-    const urls = valueSet(query.values('url'));
     const count = countParam(query.one('_count'));
     const offset = offsetParam(query.one('_offset'));
     // _count=0 asks for the total only, as _summary=count does (FHIR search); _summary=false is the
@@ -139,12 +153,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
         `_summary=${summary.slice(0, 32)} is not supported; use count or false`,
       );
     }
-    const subs = (await registry.search(c.get('owner'))).filter(
-      (s) =>
-        (ids === undefined || ids.has(s.id)) &&
-        (statuses === undefined || statuses.has(s.status)) &&
-        (urls === undefined || (s.channel.endpoint !== undefined && urls.has(s.channel.endpoint))),
-    );
+    const subs = (await registry.search(c.get('owner'))).filter(subscriptionFilter(query));
     const page = summaryCount ? [] : subs.slice(offset, offset + count);
     const link = [{ relation: 'self', url: `${fhirBase}/Subscription${query.applied()}` }];
     if (!summaryCount && offset + count < subs.length) {
@@ -370,11 +379,26 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
       body,
       ifMatch(c.req.header('if-match')),
     );
-    return fhirResponse(registry.render(record, { secret: shownSecret }), 200, etag(record));
+    return preferredReturn(
+      c,
+      registry.render(record, { secret: shownSecret }),
+      200,
+      etag(record),
+      shownSecret !== undefined,
+      `Subscription/${record.id} updated`,
+    );
   });
 
   app.delete('/fhir/Subscription/:id', async (c) => {
-    await registry.delete(c.get('owner'), c.req.param('id'), ifMatch(c.req.header('if-match')));
+    const condition = c.req.header('if-match');
+    try {
+      await registry.delete(c.get('owner'), c.req.param('id'), ifMatch(condition));
+    } catch (err) {
+      // R4 http.html#delete: 204 also "if the resource does not exist at all", so a DELETE tried
+      // again after a lost answer is no error. Another client's is answered the same, untouched.
+      // With If-Match (`*` too) there is nothing to match: the 404 stays.
+      if (!(err instanceof BrokerError && err.code === 'NOT_FOUND' && condition === undefined)) throw err;
+    }
     return new Response(null, { status: 204 });
   });
 }
@@ -431,7 +455,84 @@ function sentBody(c: Context<Env>): boolean {
 /** Values of one parameter, comma lists split; undefined when absent. `one`: a single value (more is a 400). */
 interface ParameterSource {
   values(name: string): string[] | undefined;
+  /**
+   * Each occurrence's values, comma lists split: FHIR search ANDs repeats (`status=a&status=b`)
+   * and ORs a comma list (`status=a,b`). Undefined when absent.
+   */
+  groups(name: string): string[][] | undefined;
   one(name: string): string | undefined;
+}
+
+/** The Subscription search parameters that select (`_id`, `status`, `url`), as a filter. */
+function subscriptionFilter(query: ParameterSource): (s: SubscriptionRecord) => boolean {
+  const ids = query.groups('_id');
+  const statuses = query.groups('status')?.map((group) => group.map(statusCode));
+  // `url` (uri): exact match on channel.endpoint, as the R4 Subscription-url SearchParameter defines it.
+  const urls = query.groups('url');
+  return (s) => everyHas(ids, s.id) && everyHas(statuses, s.status) && everyHas(urls, s.channel.endpoint);
+}
+
+/**
+ * `If-None-Exist` (R4 http.html#ccreate): search parameters that select (`_id`, `status`, `url`),
+ * as a filter. Any other parameter, or none, is a 400: ignored, it would create a duplicate or match
+ * every subscription.
+ */
+function conditionalCreate(header: string | undefined): ((s: SubscriptionRecord) => boolean) | undefined {
+  if (header === undefined) return undefined;
+  const pairs = [...new URLSearchParams(header.trim().replace(/^(Subscription)?\?/, ''))].filter(([, v]) => v !== '');
+  const other = [...new Set(pairs.map(([k]) => k).filter((k) => !CONDITION_PARAMETERS.includes(k)))];
+  if (pairs.length === 0 || other.length > 0) {
+    throw new BrokerError(
+      'INVALID_PARAMETER',
+      `If-None-Exist takes ${CONDITION_PARAMETERS.join(', ')}${other.length > 0 ? `, not ${other.join(', ').slice(0, 64)}` : ''}`,
+    );
+  }
+  return subscriptionFilter(parameterSource(pairs));
+}
+
+const CONDITION_PARAMETERS = ['_id', 'status', 'url'];
+
+/**
+ * The answer to a create or update as `Prefer: return=` asks (R4 http.html "Managing Return
+ * Content"): `representation` (the default), `minimal` (no body) or `OperationOutcome`. An answer
+ * that shows a generated webhook secret carries the resource whatever is asked: it is the only time
+ * the secret is shown.
+ */
+function preferredReturn(
+  c: Context<Env>,
+  resource: unknown,
+  status: number,
+  headers: Record<string, string>,
+  showsSecret: boolean,
+  outcome: string,
+): Response {
+  const asked = /return\s*=\s*(minimal|OperationOutcome)/i.exec(c.req.header('prefer') ?? '')?.[1]?.toLowerCase();
+  if (showsSecret || asked === undefined) return fhirResponse(resource, status, headers);
+  if (asked === 'minimal') return new Response(null, { status, headers });
+  return fhirResponse(
+    {
+      resourceType: 'OperationOutcome',
+      issue: [{ severity: 'information', code: 'informational', diagnostics: outcome }],
+    },
+    status,
+    headers,
+  );
+}
+
+/** Whether every group (an AND of ORs, see `groups`) has `value`; no groups, no condition. */
+function everyHas(groups: readonly (readonly string[])[] | undefined, value: string | undefined): boolean {
+  return groups === undefined || groups.every((group) => value !== undefined && group.includes(value));
+}
+
+/** R4's system of Subscription.status codes: `status` as a token may name it (`system|code`). */
+const STATUS_SYSTEM = 'http://hl7.org/fhir/subscription-status';
+
+/** A `status` token's code: `active`, or `http://hl7.org/fhir/subscription-status|active`. */
+function statusCode(token: string): string {
+  const bar = token.indexOf('|');
+  if (bar < 0) return token;
+  // Another system (or `|code`, no system) names no status: left as it is, it matches none.
+  return token.slice(0, bar) === STATUS_SYSTEM ? token.slice(bar + 1) : token;
 }
 
 /**
@@ -446,13 +547,29 @@ async function operationParams(c: Context<Env>, maxBytes: number): Promise<Param
     if (body?.resourceType !== 'Parameters') {
       throw new BrokerError('INVALID_RESOURCE', 'The body of an operation must be a Parameters resource');
     }
-    for (const p of Array.isArray(body.parameter) ? (body.parameter as Record<string, unknown>[]) : []) {
-      if (typeof p?.name !== 'string') continue;
-      const key = Object.keys(p).find((k) => k.startsWith('value'));
-      const value = key === undefined ? undefined : p[key];
-      if (typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean') {
-        pairs.push([p.name, String(value)]);
+    if (body.parameter !== undefined && !Array.isArray(body.parameter)) {
+      throw new BrokerError('INVALID_RESOURCE', 'Parameters.parameter must be an array', {
+        expression: 'Parameters.parameter',
+      });
+    }
+    // Every input of these operations is a primitive: one given otherwise (a `resource`, `part`s,
+    // no name) is refused, not skipped, since the answer would claim it applied.
+    for (const [i, p] of ((body.parameter ?? []) as unknown[]).entries()) {
+      const where = `Parameters.parameter[${i}]`;
+      const param = (typeof p === 'object' && p !== null ? p : {}) as Record<string, unknown>;
+      if (typeof param.name !== 'string') {
+        throw new BrokerError('INVALID_RESOURCE', `${where} has no name`, { expression: where });
       }
+      const key = Object.keys(param).find((k) => k.startsWith('value'));
+      const value = key === undefined ? undefined : param[key];
+      if (typeof value !== 'string' && typeof value !== 'number' && typeof value !== 'boolean') {
+        throw new BrokerError(
+          'INVALID_RESOURCE',
+          `${where} (${param.name.slice(0, 64)}) needs a value[x] of a primitive type (valueString, valueInteger, …)`,
+          { expression: where },
+        );
+      }
+      pairs.push([param.name, String(value)]);
     }
   }
   return parameterSource(pairs);
@@ -463,19 +580,24 @@ function valueSet(values: readonly string[] | undefined): ReadonlySet<string> | 
 }
 
 function parameterSource(pairs: readonly [string, string][]): ParameterSource {
-  const values = (name: string): string[] | undefined => {
-    const found: string[] = [];
+  const groups = (name: string): string[][] | undefined => {
+    const found: string[][] = [];
+    let count = 0;
     for (const [k, v] of pairs) {
       if (k !== name) continue;
-      for (const value of splitValues(v)) found.push(value);
-      if (found.length > MAX_PARAMETER_VALUES) {
+      const group = splitValues(v);
+      found.push(group);
+      count += group.length;
+      if (count > MAX_PARAMETER_VALUES) {
         throw new BrokerError('INVALID_PARAMETER', `At most ${MAX_PARAMETER_VALUES} values of ${name} per request`);
       }
     }
     return found.length === 0 ? undefined : found;
   };
+  const values = (name: string): string[] | undefined => groups(name)?.flat();
   return {
     values,
+    groups,
     one: (name) => {
       const all = values(name);
       if (all !== undefined && all.length > 1) {
@@ -524,7 +646,8 @@ interface SearchQuery extends ParameterSource {
  * with `Prefer: handling=strict` they are refused instead.
  */
 function searchQuery(c: Context<Env>, known: readonly string[], form?: URLSearchParams): SearchQuery {
-  const pairs: [string, string][] = [...new URL(c.req.url).searchParams, ...(form ?? [])];
+  // "Empty parameters are not an error - they are just ignored" (FHIR search, Handling Errors).
+  const pairs = [...new URL(c.req.url).searchParams, ...(form ?? [])].filter(([, v]) => v !== '');
   const unknown = [...new Set(pairs.map(([k]) => k).filter((k) => !known.includes(k)))];
   const strict = /handling\s*=\s*strict/i.test(c.req.header('prefer') ?? '');
   if (unknown.length > 0 && strict) {
@@ -570,10 +693,10 @@ function sinceParam(value: string | undefined): number | undefined {
   return Date.parse(value);
 }
 
-/** Search page size: `_count` (default and maximum 1,000). */
+/** Search page size: `_count` (default and maximum 1,000: more asks for a page of 1,000, as FHIR search lets a server). */
 function countParam(value: string | undefined): number {
   if (value === undefined) return MAX_SEARCH_PAGE;
-  if (!/^\d{1,6}$/.test(value)) throw new BrokerError('INVALID_PARAMETER', '_count must be a non-negative integer');
+  if (!/^\d+$/.test(value)) throw new BrokerError('INVALID_PARAMETER', '_count must be a non-negative integer');
   return Math.min(Number(value), MAX_SEARCH_PAGE);
 }
 
@@ -603,15 +726,18 @@ function etag(sub: SubscriptionRecord): Record<string, string> {
 }
 
 /**
- * The version an `If-Match` names (`W/"3"`, `"3"` or `3`); undefined without one, or for `*`
- * (any version: the route's own 404 covers a missing subscription).
+ * The versions an `If-Match` names (`W/"3"`, `"3"` or `3`, or a list of them: any one matches, RFC
+ * 9110 §13.1.1); undefined without one, or for `*` (any version: the route's own 404 covers a
+ * missing subscription).
  */
-function ifMatch(header: string | undefined): string | undefined {
+function ifMatch(header: string | undefined): string[] | undefined {
   if (header === undefined || header.trim() === '' || header.trim() === '*') return undefined;
-  return header
-    .trim()
-    .replace(/^W\//, '')
-    .replace(/^"(.*)"$/, '$1');
+  return header.split(',').map((tag) =>
+    tag
+      .trim()
+      .replace(/^W\//, '')
+      .replace(/^"(.*)"$/, '$1'),
+  );
 }
 
 function eventNumberParam(value: string | undefined, name: string): number | undefined {
@@ -661,6 +787,8 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
             // Ids are the broker's (POST): a PUT to an id that is nobody's is a 404, as one to another
             // client's is, so a PUT cannot tell whether an id is taken.
             updateCreate: false,
+            // If-None-Exist on _id, status and url (a 412 when several match).
+            conditionalCreate: true,
             searchParam: [
               { name: '_id', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Resource-id' },
               { name: 'status', type: 'token', definition: 'http://hl7.org/fhir/SearchParameter/Subscription-status' },

@@ -62,6 +62,8 @@ export interface WriteResult {
    * or the one a subscription made a rest-hook by an update signs with, in that answer.
    */
   readonly shownSecret?: string;
+  /** A conditional create (`If-None-Exist`) found this subscription: nothing was created. */
+  readonly existing?: true;
 }
 
 /** Only a rest-hook's requests are signed: another channel's secret is kept, unused and unshown. */
@@ -209,7 +211,16 @@ export class SubscriptionRegistry {
     }
   }
 
-  async create(owner: string, body: unknown): Promise<WriteResult> {
+  /**
+   * `unlessExists` (a conditional create): which of the client's subscriptions its condition
+   * matches, asked in turn with the client's other creates, so two of them racing in this process
+   * create one. One match: nothing is created and it is the answer; more than one: a 412.
+   */
+  async create(
+    owner: string,
+    body: unknown,
+    unlessExists?: (subs: readonly SubscriptionRecord[]) => readonly SubscriptionRecord[],
+  ): Promise<WriteResult> {
     const spec = parseSubscription(body, this.#topics);
     requireReason(spec.resource);
     this.#checkEnd(spec);
@@ -220,7 +231,19 @@ export class SubscriptionRegistry {
     }
     // Vetted (a DNS lookup) before queueing: a slow lookup holds up no other create.
     if (spec.channel.endpoint !== undefined) await this.#vet(owner, spec.channel.endpoint);
-    return this.#oneAtATime(owner, () => this.#insert(owner, spec));
+    return this.#oneAtATime(owner, async () => {
+      if (unlessExists !== undefined) {
+        const found = unlessExists(await this.#store.listSubscriptions(owner));
+        if (found.length > 1) {
+          throw new BrokerError(
+            'PRECONDITION_FAILED',
+            `If-None-Exist matches ${found.length} subscriptions; a conditional create needs at most one`,
+          );
+        }
+        if (found[0] !== undefined) return { record: found[0], existing: true };
+      }
+      return this.#insert(owner, spec);
+    });
   }
 
   /**
@@ -354,8 +377,8 @@ export class SubscriptionRegistry {
     return this.#store.listSubscriptions(owner);
   }
 
-  /** `ifMatch`: the version the client read (`ETag` / `meta.versionId`); another one now is a 412. */
-  async update(owner: string, id: string, body: unknown, ifMatch?: string): Promise<WriteResult> {
+  /** `ifMatch`: the versions the client read (`ETag` / `meta.versionId`); another one now is a 412. */
+  async update(owner: string, id: string, body: unknown, ifMatch?: readonly string[]): Promise<WriteResult> {
     checkBodyId(body, id);
     const spec = parseSubscription(body, this.#topics);
     this.#checkEnd(spec);
@@ -481,7 +504,7 @@ export class SubscriptionRegistry {
    * version read here, so a change landing in between (a PUT, the broker's handshake) is a 412,
    * not deleted with it.
    */
-  async delete(owner: string, id: string, ifMatch?: string): Promise<void> {
+  async delete(owner: string, id: string, ifMatch?: readonly string[]): Promise<void> {
     const before = await this.read(owner, id);
     checkVersion(before, ifMatch);
     const deleted = await this.#store.deleteSubscription(id, ifMatch === undefined ? undefined : before.updatedAt);
@@ -630,10 +653,10 @@ function checkBodyId(body: unknown, id: string): void {
   }
 }
 
-function checkVersion(current: SubscriptionRecord, ifMatch: string | undefined): void {
-  if (ifMatch === undefined || ifMatch === versionId(current)) return;
+function checkVersion(current: SubscriptionRecord, ifMatch: readonly string[] | undefined): void {
+  if (ifMatch === undefined || ifMatch.includes(versionId(current))) return;
   throw new BrokerError(
     'PRECONDITION_FAILED',
-    `Subscription/${current.id} is at version ${versionId(current)}, not ${ifMatch}: read it again`,
+    `Subscription/${current.id} is at version ${versionId(current)}, not ${ifMatch.join(', ').slice(0, 64)}: read it again`,
   );
 }

@@ -244,11 +244,16 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
         ['GET', `/fhir/Subscription/${id}`],
         ['GET', `/fhir/Subscription/${id}/$status`],
         ['GET', `/fhir/Subscription/${id}/$events`],
-        ['DELETE', `/fhir/Subscription/${id}`],
       ] as const) {
         const res = await bob.call(method, path);
         expect([method, path, res.status]).toEqual([method, path, 404]);
         expect(res.body.resourceType).toBe('OperationOutcome');
+      }
+      // A DELETE of what is not there is a 204 (R4 http.html#delete): the same for alice's (which
+      // stays, as checked below) as for an id that is nobody's.
+      for (const path of [`/fhir/Subscription/${id}`, '/fhir/Subscription/nobody-has-this-id']) {
+        const res = await bob.call('DELETE', path);
+        expect([path, res.status, res.body]).toEqual([path, 204, {}]);
       }
       const put = await bob.call('PUT', `/fhir/Subscription/${id}`, {
         ...topicSubscription('patient-change', hook('x')),
