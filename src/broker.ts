@@ -238,6 +238,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     logger,
     publicUrl: config.publicUrl,
     publicUrlExplicit: config.publicUrlExplicit,
+    corsOrigins: config.corsOrigins,
     maxBodyBytes: config.maxBodyBytes,
     maxIngestBodyBytes: config.maxIngestBodyBytes,
     version,

@@ -96,6 +96,21 @@ describe('loadConfig', () => {
     ],
     ['BROKER_PUBLIC_URL', { BROKER_PUBLIC_URL: 'ftp://x' }, /^BROKER_PUBLIC_URL: ftp:\/\/x is not an http\(s\) URL/],
     [
+      'BROKER_CORS_ORIGINS',
+      { BROKER_CORS_ORIGINS: 'https://app.example.org, https://app.example.org/' },
+      /^BROKER_CORS_ORIGINS: https:\/\/app\.example\.org\/ is not an origin \(scheme:\/\/host\[:port\], no path or trailing slash\)$/,
+    ],
+    [
+      'BROKER_CORS_ORIGINS',
+      { BROKER_CORS_ORIGINS: 'app.example.org' },
+      /^BROKER_CORS_ORIGINS: app\.example\.org is not an origin/,
+    ],
+    [
+      'BROKER_CORS_ORIGINS',
+      { BROKER_CORS_ORIGINS: '*, https://a.example' },
+      /^BROKER_CORS_ORIGINS: \* allows every origin: give it alone$/,
+    ],
+    [
       'BROKER_ENDPOINT_ALLOWLIST',
       { BROKER_ENDPOINT_ALLOWLIST: 'hooks.example.org, 10.0.0.0/33' },
       /^BROKER_ENDPOINT_ALLOWLIST: entry 10\.0\.0\.0\/33: bad prefix$/,
@@ -199,6 +214,15 @@ describe('loadConfig', () => {
     expect(loadConfig({ BROKER_HANDSHAKE_RETRY_DELAYS: '30m,30m' }).handshakeRetryDelaysMs).toEqual([
       1_800_000, 1_800_000,
     ]);
+  });
+
+  it('reads CORS origins: none by default, a list, or * alone', () => {
+    expect(loadConfig({}).corsOrigins).toEqual([]);
+    expect(loadConfig({ BROKER_CORS_ORIGINS: 'https://app.example.org, http://localhost:5173' }).corsOrigins).toEqual([
+      'https://app.example.org',
+      'http://localhost:5173',
+    ]);
+    expect(loadConfig({ BROKER_CORS_ORIGINS: '*' }).corsOrigins).toEqual(['*']);
   });
 
   it('reads a valid allow-list', () => {

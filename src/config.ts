@@ -54,6 +54,8 @@ export interface Config {
   /** Worker threads that sign and send webhooks (`npm start` only); 0 sends from the main thread. */
   readonly webhookThreads: number;
   readonly endpointAllowlist: readonly string[];
+  /** `BROKER_CORS_ORIGINS`: browser origins allowed to call the FHIR routes (`*`: any); none, no CORS. */
+  readonly corsOrigins: readonly string[];
   readonly retryDelaysMs: readonly number[];
   /** `BROKER_HANDSHAKE_RETRY_DELAYS`: a failed handshake is tried again at these delays; none: it fails at once. */
   readonly handshakeRetryDelaysMs: readonly number[];
@@ -171,6 +173,16 @@ export function loadConfig(env: Env = process.env): Config {
   } catch (err) {
     throw new ConfigError('BROKER_ENDPOINT_ALLOWLIST', (err as Error).message.replace(/^allowlist /, ''));
   }
+  const corsOrigins = list(str(env, 'BROKER_CORS_ORIGINS'));
+  for (const origin of corsOrigins) {
+    if (origin === '*' ? corsOrigins.length === 1 : isOrigin(origin)) continue;
+    throw new ConfigError(
+      'BROKER_CORS_ORIGINS',
+      origin === '*'
+        ? '* allows every origin: give it alone'
+        : `${origin.slice(0, 80)} is not an origin (scheme://host[:port], no path or trailing slash)`,
+    );
+  }
   const topicsDir = str(env, 'BROKER_TOPICS_DIR') ?? 'subscriptions/topics';
   try {
     readdirSync(topicsDir);
@@ -208,6 +220,7 @@ export function loadConfig(env: Env = process.env): Config {
     // 1: ~15% more outbox throughput on the 2-core bench machine than sending from the main thread.
     webhookThreads,
     endpointAllowlist: Object.freeze(endpointAllowlist),
+    corsOrigins: Object.freeze(corsOrigins),
     retryDelaysMs: Object.freeze(retryDelays(str(env, 'BROKER_RETRY_DELAYS'))),
     handshakeRetryDelaysMs: Object.freeze(handshakeRetryDelays(str(env, 'BROKER_HANDSHAKE_RETRY_DELAYS'))),
     maxInFlight: int(env, 'BROKER_MAX_IN_FLIGHT', 512, 1, 10_000),
@@ -257,6 +270,16 @@ function int(env: Env, name: string, fallback: number, min: number, max: number)
   const n = Number(raw);
   if (!/^\d+$/.test(raw) || n < min || n > max) throw new ConfigError(name, `must be an integer from ${min} to ${max}`);
   return n;
+}
+
+/** A browser origin as an `Origin` header carries it: `https://app.example.org` or `http://localhost:5173`. */
+function isOrigin(value: string): boolean {
+  try {
+    const url = new URL(value);
+    return (url.protocol === 'https:' || url.protocol === 'http:') && url.origin === value;
+  } catch {
+    return false;
+  }
 }
 
 function list(raw: string | undefined): string[] {

@@ -7,8 +7,8 @@ import { Receiver } from './support/receiver.js';
  * FHIR R4 REST as standard clients use it, where a review found the broker short: repeated search
  * parameters (AND), empty ones (ignored), a `status` token with its system, conditional create
  * (`If-None-Exist`), `Prefer: return=`, a DELETE of what is not there, an `If-Match` list,
- * `POST SubscriptionTopic/_search`, a `_count` above the page size and `Parameters` bodies an
- * operation cannot read.
+ * `POST SubscriptionTopic/_search`, a `_count` above the page size, CORS for browser apps and
+ * `Parameters` bodies an operation cannot read.
  */
 
 const BASE = 'http://broker.test/fhir';
@@ -296,6 +296,56 @@ describe('FHIR interactions', () => {
       });
       expect(listed.status).toBe(200);
       expect(listed.body.reason).toBe('listed');
+    });
+  });
+
+  describe('CORS (BROKER_CORS_ORIGINS)', () => {
+    const APP = 'https://app.example.org';
+    const preflight = {
+      origin: APP,
+      'access-control-request-method': 'POST',
+      'access-control-request-headers': 'authorization, content-type, if-none-exist',
+    };
+
+    it('answers a preflight from an allowed origin before the token check, and marks every answer for it', async () => {
+      const c = await inProcessBroker({ BROKER_CORS_ORIGINS: `${APP}, http://localhost:5173` });
+      try {
+        const pre = await c.broker.app.request('/fhir/Subscription', { method: 'OPTIONS', headers: preflight });
+        expect(pre.status).toBe(204);
+        expect(pre.headers.get('access-control-allow-origin')).toBe(APP);
+        expect(pre.headers.get('access-control-allow-methods')).toBe('GET,HEAD,POST,PUT,DELETE');
+        expect(pre.headers.get('access-control-allow-headers')?.toLowerCase()).toContain('if-none-exist');
+        expect(pre.headers.get('access-control-allow-credentials')).toBeNull();
+        const read = await c.broker.app.request('/fhir/Subscription', {
+          headers: { origin: APP, authorization: `Bearer ${TOKENS.alice}` },
+        });
+        expect(read.status).toBe(200);
+        expect(read.headers.get('access-control-allow-origin')).toBe(APP);
+        expect(read.headers.get('access-control-expose-headers')).toContain('ETag');
+        expect(read.headers.get('vary')).toContain('Origin');
+        // An error is readable by the page too (a 401 says to sign in again).
+        const refused = await c.broker.app.request('/fhir/Subscription', {
+          headers: { origin: APP, authorization: 'Bearer wrong' },
+        });
+        expect(refused.status).toBe(401);
+        expect(refused.headers.get('access-control-allow-origin')).toBe(APP);
+        // Another origin gets no grant: the browser keeps the answer from its page.
+        const other = await c.broker.app.request('/fhir/Subscription', {
+          method: 'OPTIONS',
+          headers: { ...preflight, origin: 'https://evil.example' },
+        });
+        expect(other.headers.get('access-control-allow-origin')).toBeNull();
+      } finally {
+        await c.broker.close(0);
+      }
+    });
+
+    it('grants no origin by default: a preflight needs the token like any request', async () => {
+      const pre = await t.broker.app.request('/fhir/Subscription', { method: 'OPTIONS', headers: preflight });
+      expect(pre.status).toBe(401);
+      expect(pre.headers.get('access-control-allow-origin')).toBeNull();
+      const read = await request('GET', '/fhir/Subscription', { headers: { origin: APP } });
+      expect(read.headers.get('access-control-allow-origin')).toBeNull();
     });
   });
 

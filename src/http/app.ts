@@ -1,4 +1,5 @@
 import { Hono } from 'hono';
+import { cors } from 'hono/cors';
 import { BrokerError } from '../core/errors.js';
 import type { FhirResource } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
@@ -22,6 +23,8 @@ export interface AppDeps extends FhirRouteDeps {
   readonly maxIngestBodyBytes: number;
   /** BROKER_PUBLIC_URL was set: the root redirects there (a proxy's path prefix and all). */
   readonly publicUrlExplicit?: boolean;
+  /** `BROKER_CORS_ORIGINS`: browser origins that may call the FHIR routes (`*`: any); none, no CORS. */
+  readonly corsOrigins?: readonly string[];
 }
 
 /** Paths and the methods they allow, for 405 answers. */
@@ -82,6 +85,22 @@ export function createApp(deps: AppDeps): Hono<{ Variables: { owner: string } }>
     return c.json(result, 202);
   });
 
+  // CORS for browser apps on the origins allowed (R4 http.html: servers SHOULD): ahead of the
+  // FHIR routes' token check, since a preflight carries no token. Tokens are sent as a header, never
+  // a cookie, so no credentials mode; the headers FHIR clients send and read are listed.
+  const corsOrigins = deps.corsOrigins ?? [];
+  if (corsOrigins.length > 0) {
+    app.use(
+      '/fhir/*',
+      cors({
+        origin: corsOrigins.includes('*') ? '*' : [...corsOrigins],
+        allowMethods: ['GET', 'HEAD', 'POST', 'PUT', 'DELETE'],
+        allowHeaders: ['Authorization', 'Content-Type', 'Accept', 'If-Match', 'If-None-Exist', 'Prefer'],
+        exposeHeaders: ['Location', 'ETag', 'Last-Modified', 'Content-Location', 'WWW-Authenticate'],
+        maxAge: 600,
+      }),
+    );
+  }
   mountFhirRoutes(app, deps);
 
   const live = loadLivePage();
