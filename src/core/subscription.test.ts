@@ -236,7 +236,7 @@ describe('parseSubscription: topic-based', () => {
 });
 
 describe('parseSubscription: the stored resource', () => {
-  it('drops the webhook secret, status, id, meta, text and error, and keeps other channel extensions', () => {
+  it('drops the webhook secret, status, id, meta.versionId and error; keeps text, its profiles beside the backport one, and other channel extensions', () => {
     const input = topicSub({
       channel: {
         extension: [
@@ -257,9 +257,10 @@ describe('parseSubscription: the stored resource', () => {
     expect(spec.askedStatus).toBe('active');
     expect(spec.resource).toEqual({
       resourceType: 'Subscription',
-      meta: { profile: [BACKPORT_PROFILE.subscription] },
+      meta: { profile: ['https://example.org/other', BACKPORT_PROFILE.subscription] },
       reason: 'test',
       criteria: PATIENT_TOPIC,
+      text: { status: 'generated', div: '<div xmlns="http://www.w3.org/1999/xhtml">x</div>' },
       channel: {
         type: 'rest-hook',
         endpoint: ENDPOINT,
@@ -529,7 +530,7 @@ describe('parseSubscription: refusals', () => {
     expect(errorCode(topicSub({ channel: { payload: 'application/fhir+xml' } }))).toBe('UNSUPPORTED_CONTENT');
   });
 
-  it('asks for a reason (R4 1..1): a value, or _reason extensions; an empty _reason is none', () => {
+  it('asks for a reason (R4 1..1): a value, or _reason extensions; an empty _reason is refused', () => {
     const { reason: _reason, ...noReason } = topicSub() as Record<string, unknown>;
     const refusal = (resource: Json) => {
       try {
@@ -545,9 +546,18 @@ describe('parseSubscription: refusals', () => {
       'Subscription.reason is required (R4: 1..1): say what it is for',
     ];
     expect(refusal(noReason)).toEqual(REFUSED);
-    expect(refusal({ ...noReason, _reason: {} })).toEqual(REFUSED);
-    expect(refusal({ ...noReason, _reason: { extension: [] } })).toEqual(REFUSED);
     expect(refusal({ ...noReason, _reason: { id: 'r' } })).toEqual(REFUSED);
+    // Empty, they are no R4 JSON at all.
+    expect(refusal({ ...noReason, _reason: {} })).toEqual([
+      'INVALID_RESOURCE',
+      'Subscription._reason',
+      'Subscription._reason is empty: R4 JSON has no empty objects',
+    ]);
+    expect(refusal({ ...noReason, _reason: { extension: [] } })).toEqual([
+      'INVALID_RESOURCE',
+      'Subscription._reason.extension',
+      'Subscription._reason.extension is empty: R4 JSON has no empty arrays',
+    ]);
     expect(errorCode({ ...noReason, reason: '' })).toBe('INVALID_RESOURCE');
     const absent = {
       extension: [{ url: 'http://hl7.org/fhir/StructureDefinition/data-absent-reason', valueCode: 'unknown' }],
@@ -673,7 +683,7 @@ describe('parseSubscription: refusals', () => {
     [
       'an unknown key in a header primitive sibling',
       classicSub('Patient', { header: ['a: b'], _header: [{ foo: 1 }] }),
-      'Subscription.channel._header.0.foo',
+      'Subscription.channel._header[0].foo',
     ],
   ])('refuses %s with INVALID_RESOURCE naming it', (_name, input, where) => {
     const err = thrown(input);
@@ -782,8 +792,13 @@ describe('parseSubscription: what it would store without reading', () => {
     ]);
   });
 
-  it('takes an empty modifierExtension, on the Subscription and on the channel', () => {
-    expect(errorCode({ ...classicSub('Patient', { modifierExtension: [] }), modifierExtension: [] })).toBe('no error');
+  it('refuses an empty modifierExtension, on the Subscription and on the channel, as R4 JSON has no empty arrays', () => {
+    expect(thrown({ ...classicSub('Patient'), modifierExtension: [] }).message).toBe(
+      'Subscription.modifierExtension is empty: R4 JSON has no empty arrays',
+    );
+    expect(thrown(classicSub('Patient', { modifierExtension: [] })).message).toBe(
+      'Subscription.channel.modifierExtension is empty: R4 JSON has no empty arrays',
+    );
   });
 
   it.each<[string, Json, string]>([
@@ -791,16 +806,16 @@ describe('parseSubscription: what it would store without reading', () => {
     [
       'an extension without a url',
       { extension: [{ valueString: 'x' }] },
-      "Subscription.extension.0 must have required property 'url' (missing url)",
+      "Subscription.extension[0] must have required property 'url' (missing url)",
     ],
     ['contained as a string', { contained: 'x' }, 'Subscription.contained must be array'],
     [
       'a contained entry that is no resource',
       { contained: [{ id: 'x' }] },
-      "Subscription.contained.0 must have required property 'resourceType' (missing resourceType)",
+      "Subscription.contained[0] must have required property 'resourceType' (missing resourceType)",
     ],
     ['contact as a number', { contact: 5 }, 'Subscription.contact must be array'],
-    ['a contact entry as a string', { contact: ['ops@example.com'] }, 'Subscription.contact.0 must be object'],
+    ['a contact entry as a string', { contact: ['ops@example.com'] }, 'Subscription.contact[0] must be object'],
     ['implicitRules as a number', { implicitRules: 7 }, 'Subscription.implicitRules must be string'],
     ['language as an object', { language: {} }, 'Subscription.language must be string'],
     ['meta as a string', { meta: 'x' }, 'Subscription.meta must be object'],
@@ -820,7 +835,7 @@ describe('parseSubscription: what it would store without reading', () => {
     [
       '_header entries as strings',
       { header: ['X-A: b'], _header: ['x'] },
-      'Subscription.channel._header.0 must be object,null',
+      'Subscription.channel._header[0] must be object,null',
     ],
   ])('refuses a channel with %s with INVALID_RESOURCE naming the element', (_name, channel, message) => {
     const err = thrown(classicSub('Patient', channel));
@@ -836,10 +851,159 @@ describe('parseSubscription: what it would store without reading', () => {
       extension: [{ url: 'http://example.org/x', valueString: 'y' }],
       _status: { extension: [{ url: 'http://example.org/x', valueString: 'y' }] },
     };
-    const channel = { id: 'c', header: ['X-A: b', 'X-B: c'], _header: [null, { id: 'h' }], _endpoint: {} };
+    const channel = { id: 'c', header: ['X-A: b', 'X-B: c'], _header: [null, { id: 'h' }], _endpoint: { id: 'e' } };
     const spec = parse({ ...classicSub('Patient', channel), ...kept });
     const { _status: _dropped, ...stored } = kept;
     expect(spec.resource).toMatchObject({ ...stored, channel });
+  });
+});
+
+describe('parseSubscription: meta and text', () => {
+  const TAG = { system: 'http://example.org/tags', code: 'team-a', display: 'Team A' };
+  const LABEL = { system: 'http://terminology.hl7.org/CodeSystem/v3-Confidentiality', code: 'R', userSelected: false };
+  const TEXT = { status: 'generated', div: '<div xmlns="http://www.w3.org/1999/xhtml">Patient changes</div>' };
+
+  it("keeps the client's tags, security labels and narrative as sent, and its profiles beside the backport one", () => {
+    const meta = {
+      versionId: '7',
+      lastUpdated: '2024-01-01T00:00:00Z',
+      source: 'urn:x',
+      profile: ['https://example.org/StructureDefinition/ours', BACKPORT_PROFILE.subscription],
+      security: [LABEL],
+      tag: [TAG],
+    };
+    const stored = parse(topicSub({ extra: { meta, text: TEXT } })).resource;
+    expect([stored.meta, stored.text]).toEqual([
+      {
+        profile: ['https://example.org/StructureDefinition/ours', BACKPORT_PROFILE.subscription],
+        security: [LABEL],
+        tag: [TAG],
+      },
+      TEXT,
+    ]);
+  });
+
+  it("keeps a classic Subscription's own profiles only, and no meta when it sent none", () => {
+    const ours = 'https://example.org/StructureDefinition/ours';
+    const withMeta = {
+      ...classicSub('Patient'),
+      meta: { profile: [ours, ours, BACKPORT_PROFILE.subscription], tag: [TAG] },
+    };
+    expect(parse(withMeta).resource.meta).toEqual({ profile: [ours], tag: [TAG] });
+    expect(parse({ ...classicSub('Patient'), meta: { versionId: '2' } }).resource).not.toHaveProperty('meta');
+  });
+
+  it.each<[string, Json, string, string]>([
+    ['tag as an object', { meta: { tag: TAG } }, 'Subscription.meta.tag', 'must be array'],
+    ['a tag as a string', { meta: { tag: ['team-a'] } }, 'Subscription.meta.tag[0]', 'must be object'],
+    ['a tag code as a number', { meta: { tag: [{ code: 1 }] } }, 'Subscription.meta.tag[0].code', 'must be string'],
+    [
+      'an element no Coding has',
+      { meta: { security: [{ ...LABEL, label: 'x' }] } },
+      'Subscription.meta.security[0].label',
+      'is not an element of an R4 Coding',
+    ],
+    [
+      'profile as a string',
+      { meta: { profile: 'https://example.org/p' } },
+      'Subscription.meta.profile',
+      'must be array',
+    ],
+    [
+      'a profile with a space',
+      { meta: { profile: ['https://example.org/a b'] } },
+      'Subscription.meta.profile[0]',
+      'must match pattern "^\\S+$"',
+    ],
+    [
+      'text without a div',
+      { text: { status: 'generated' } },
+      'Subscription.text',
+      "must have required property 'div' (missing div)",
+    ],
+    [
+      'an unknown text status',
+      { text: { ...TEXT, status: 'final' } },
+      'Subscription.text.status',
+      'must be equal to one of the allowed values',
+    ],
+    [
+      'a div that is no div',
+      { text: { ...TEXT, div: '<p>x</p>' } },
+      'Subscription.text.div',
+      'must match pattern "^<div[\\s>]"',
+    ],
+    [
+      'an element no Narrative has',
+      { text: { ...TEXT, lang: 'en' } },
+      'Subscription.text.lang',
+      'is not an element of an R4 Narrative',
+    ],
+  ])('refuses %s with INVALID_RESOURCE naming the element', (_name, extra, where, problem) => {
+    const err = thrown({ ...classicSub('Patient'), ...extra });
+    expect([err.code, err.status, err.expression, err.message]).toEqual([
+      'INVALID_RESOURCE',
+      400,
+      where,
+      `${where} ${problem}`,
+    ]);
+  });
+});
+
+describe('parseSubscription: nothing empty', () => {
+  it.each<[string, Json, string]>([
+    ['contained []', { contained: [] }, 'Subscription.contained is empty: R4 JSON has no empty arrays'],
+    ['extension []', { extension: [] }, 'Subscription.extension is empty: R4 JSON has no empty arrays'],
+    [
+      'a contact {}',
+      { contact: [{ system: 'email', value: 'a@example.org' }, {}] },
+      'Subscription.contact[1] is empty: R4 JSON has no empty objects',
+    ],
+    ['_reason {}', { _reason: {} }, 'Subscription._reason is empty: R4 JSON has no empty objects'],
+    ['meta {}', { meta: {} }, 'Subscription.meta is empty: R4 JSON has no empty objects'],
+    ['meta.tag []', { meta: { tag: [] } }, 'Subscription.meta.tag is empty: R4 JSON has no empty arrays'],
+    ['a language ""', { language: '' }, 'Subscription.language is empty: R4 JSON has no empty strings'],
+    [
+      'an empty string deep in a contained resource',
+      { contained: [{ resourceType: 'Basic', code: { coding: [{ system: 'urn:x', code: '' }] } }] },
+      'Subscription.contained[0].code.coding[0].code is empty: R4 JSON has no empty strings',
+    ],
+    [
+      'channel.header []',
+      { channel: { type: 'rest-hook', endpoint: ENDPOINT, header: [] } },
+      'Subscription.channel.header is empty: R4 JSON has no empty arrays',
+    ],
+    [
+      'channel.extension []',
+      { channel: { type: 'rest-hook', endpoint: ENDPOINT, extension: [] } },
+      'Subscription.channel.extension is empty: R4 JSON has no empty arrays',
+    ],
+    [
+      'channel._endpoint {}',
+      { channel: { type: 'rest-hook', endpoint: ENDPOINT, _endpoint: {} } },
+      'Subscription.channel._endpoint is empty: R4 JSON has no empty objects',
+    ],
+  ])('refuses %s with INVALID_RESOURCE naming where', (_name, extra, message) => {
+    const err = thrown({ ...classicSub('Patient'), ...extra });
+    expect([err.code, err.status, err.expression, err.message]).toEqual([
+      'INVALID_RESOURCE',
+      400,
+      message.split(' ')[0],
+      message,
+    ]);
+  });
+
+  it("takes a null in a primitive list's _name list, and a nesting deeper than the stack is refused, not a crash", () => {
+    expect(errorCode(classicSub('Patient', { header: ['X-A: b', 'X-B: c'], _header: [null, { id: 'h' }] }))).toBe(
+      'no error',
+    );
+    let deep: unknown = { url: 'urn:x', valueString: 'y' };
+    for (let i = 0; i < 200_000; i++) deep = [deep];
+    const err = thrown({
+      ...classicSub('Patient'),
+      contained: [{ resourceType: 'Basic', extension: [{ url: 'urn:x', deep }] }],
+    });
+    expect([err.code, err.message]).toEqual(['INVALID_RESOURCE', 'The Subscription is nested too deeply to store']);
   });
 });
 

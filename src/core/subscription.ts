@@ -53,6 +53,7 @@ interface SubscriptionJson {
   end?: string;
   reason?: string;
   _reason?: { extension?: Extension[] };
+  meta?: { profile?: string[]; security?: Coding[]; tag?: Coding[] };
   channel: {
     type: string;
     _type?: { extension?: Extension[] };
@@ -64,6 +65,9 @@ interface SubscriptionJson {
   };
   [key: string]: unknown;
 }
+
+/** An R4 Coding, kept as sent (`meta.tag`, `meta.security`). */
+type Coding = Record<string, unknown>;
 
 const extension = {
   type: 'object',
@@ -89,14 +93,62 @@ const decidingElement = {
   properties: { id: { type: 'string' }, extension: extensions },
   additionalProperties: false,
 } as const;
+/** An R4 Coding: `title` names the type when an element it does not define is refused. */
+const coding = {
+  title: 'Coding',
+  type: 'object',
+  properties: {
+    id: { type: 'string' },
+    extension: anyExtensions,
+    system: { type: 'string' },
+    _system: primitiveElement,
+    version: { type: 'string' },
+    _version: primitiveElement,
+    code: { type: 'string' },
+    _code: primitiveElement,
+    display: { type: 'string' },
+    _display: primitiveElement,
+    userSelected: { type: 'boolean' },
+    _userSelected: primitiveElement,
+  },
+  additionalProperties: false,
+} as const;
+/**
+ * R4 Meta: the client's `profile`, `security` and `tag` are kept (R4 http.html: a server SHOULD
+ * return the resource as submitted); `versionId` and `lastUpdated` are the broker's, and the rest
+ * (`source`, `id`, `extension`) is not kept, as R4 lets a server do with metadata.
+ */
+const meta = {
+  type: 'object',
+  properties: {
+    // canonical: a URI, no whitespace.
+    profile: { type: 'array', items: { type: 'string', pattern: '^\\S+$' } },
+    security: { type: 'array', items: coding },
+    tag: { type: 'array', items: coding },
+  },
+} as const;
+/** R4 Narrative: its status and XHTML `div` both required. */
+const narrative = {
+  title: 'Narrative',
+  type: 'object',
+  required: ['status', 'div'],
+  properties: {
+    id: { type: 'string' },
+    extension: anyExtensions,
+    status: { enum: ['generated', 'extensions', 'additional', 'empty'] },
+    _status: primitiveElement,
+    div: { type: 'string', pattern: '^<div[\\s>]' },
+  },
+  additionalProperties: false,
+} as const;
 /** R4 JSON types of the elements the broker keeps without reading, so what it serves back is FHIR. */
 const keptElements = {
-  meta: { type: 'object' },
+  meta,
   implicitRules: { type: 'string' },
   _implicitRules: primitiveElement,
   language: { type: 'string' },
   _language: primitiveElement,
-  text: { type: 'object' },
+  text: narrative,
   contained: {
     type: 'array',
     items: { type: 'object', required: ['resourceType'], properties: { resourceType: { type: 'string' } } },
@@ -144,7 +196,8 @@ const subscriptionSchema = {
   },
 } as const;
 
-const ajv = new Ajv({ strict: false, allErrors: false });
+// verbose: a refusal's `parentSchema` carries the `title` of the type it names.
+const ajv = new Ajv({ strict: false, allErrors: false, verbose: true });
 const validateSubscription = ajv.compile<SubscriptionJson>(subscriptionSchema);
 
 /** A resource type of R4: anything else could never match a change HealthLake reports. */
@@ -292,11 +345,13 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   checkElements(input);
   if (!validateSubscription(input)) {
     const e = validateSubscription.errors?.[0];
-    const where = `Subscription${(e?.instancePath ?? '').replaceAll('/', '.')}`;
-    // Only the primitives' `_name` objects are closed (R4 Element: id and extension).
+    // FHIRPath, as `expression` is: `/contact/0` is `Subscription.contact[0]`.
+    const where = `Subscription${(e?.instancePath ?? '').replace(/\/(\d+)(?=\/|$)/g, '[$1]').replaceAll('/', '.')}`;
+    // Closed: the primitives' `_name` objects (R4 Element: id and extension), Coding and Narrative.
     if (e?.keyword === 'additionalProperties') {
       const name = `${where}.${String(e.params.additionalProperty).slice(0, 64)}`;
-      throw new BrokerError('INVALID_RESOURCE', `${name} is not an element of an R4 Element`, { expression: name });
+      const type = (e.parentSchema as { title?: string } | undefined)?.title ?? 'Element';
+      throw new BrokerError('INVALID_RESOURCE', `${name} is not an element of an R4 ${type}`, { expression: name });
     }
     const missing = e?.keyword === 'required' ? ` (missing ${String(e.params.missingProperty)})` : '';
     throw new BrokerError('INVALID_RESOURCE', `${where} ${e?.message ?? 'is invalid'}${missing}`, {
@@ -310,6 +365,7 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   const match = isTopic ? topicMatch(sub, topics) : classicMatch(sub);
   const channel = parseChannel(sub, kind);
   const webhookSecret = parseSecret(sub.channel.extension);
+  checkNothingEmpty(sub);
   const askedStatus = sub.status as SubscriptionStatus | undefined;
   const resource = storedResource(sub, kind, channel);
   const bytes = storedSize(resource);
@@ -330,6 +386,53 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
     ...(sub.end === undefined ? {} : { end: sub.end }),
     resource,
   };
+}
+
+/** A value met walking a body, and where: its path is spelt out only for the one refused. */
+interface Visit {
+  readonly value: unknown;
+  readonly parent?: Visit;
+  readonly key?: string | number;
+}
+
+/**
+ * R4 JSON has no empty objects, arrays or strings (json.html: "Omit a property if it is empty";
+ * ele-1): one sent would be stored and served back so. Anywhere in the body, `contained` and
+ * extensions included; `null`s stand in a primitive array's `_name` list. After the checks that
+ * name what an empty value means (an empty `endpoint` is `INVALID_ENDPOINT`). A loop, not
+ * recursion: a body nested deeper than the stack is refused as such when it is measured.
+ */
+function checkNothingEmpty(sub: SubscriptionJson): void {
+  const stack: Visit[] = [{ value: sub }];
+  for (let visit = stack.pop(); visit !== undefined; visit = stack.pop()) {
+    const { value } = visit;
+    let empty: string | undefined;
+    if (value === '') empty = 'strings';
+    else if (Array.isArray(value)) {
+      if (value.length === 0) empty = 'arrays';
+      for (let i = value.length - 1; i >= 0; i--) stack.push({ value: value[i], parent: visit, key: i });
+    } else if (typeof value === 'object' && value !== null) {
+      const keys = Object.keys(value);
+      if (keys.length === 0) empty = 'objects';
+      for (let i = keys.length - 1; i >= 0; i--) {
+        const key = keys[i] as string;
+        stack.push({ value: (value as Record<string, unknown>)[key], parent: visit, key });
+      }
+    }
+    if (empty === undefined) continue;
+    const path = pathOf(visit);
+    throw new BrokerError('INVALID_RESOURCE', `${path} is empty: R4 JSON has no empty ${empty}`, {
+      expression: path,
+    });
+  }
+}
+
+function pathOf(visit: Visit): string {
+  let path = '';
+  for (let v: Visit | undefined = visit; v?.key !== undefined; v = v.parent) {
+    path = typeof v.key === 'number' ? `[${v.key}]${path}` : `.${v.key.slice(0, 64)}${path}`;
+  }
+  return `Subscription${path}`;
 }
 
 /** An R4 `instant`: to the second, with a zone. */
@@ -829,14 +932,16 @@ export function isWebhookSecret(v: string): boolean {
 }
 
 /**
- * The client's resource minus what the broker owns (secret, status, error, id, meta). A topic-based
- * one claims the backport profile, which requires `channel.payload` and its content extension: a
- * default the client left out is written in as the broker applies it (no payload: `empty` content
- * in `application/fhir+json` bundles; a payload without content: `id-only`).
+ * The client's resource minus what the broker owns (secret, status, error, id, and of `meta` all
+ * but the profiles, security labels and tags). A topic-based one claims the backport profile, which
+ * requires `channel.payload` and its content extension: a default the client left out is written
+ * in as the broker applies it (no payload: `empty` content in `application/fhir+json` bundles; a
+ * payload without content: `id-only`).
  */
 function storedResource(sub: SubscriptionJson, kind: SubscriptionKind, parsed: Channel): FhirResource {
   const content = parsed.content;
-  const { id: _id, meta: _meta, status: _status, error: _error, text: _text, ...rest } = sub;
+  const { id: _id, meta: sentMeta, status: _status, error: _error, ...rest } = sub;
+  const meta = storedMeta(sentMeta, kind);
   const channelExt = (sub.channel.extension ?? []).filter((e) => e.url !== BROKER_EXT.webhookSecret);
   const { extension: _ext, ...channel } = sub.channel;
   // A header name given more than once: stored with its last value only, as sent (see
@@ -861,7 +966,25 @@ function storedResource(sub: SubscriptionJson, kind: SubscriptionKind, parsed: C
   return {
     ...rest,
     resourceType: 'Subscription',
-    ...(kind === 'topic' ? { meta: { profile: [BACKPORT_PROFILE.subscription] } } : {}),
+    ...(meta === undefined ? {} : { meta }),
     channel: channelExt.length === 0 ? channel : { ...channel, extension: channelExt },
   };
+}
+
+/**
+ * The `meta` kept: the client's profiles, each once, and a topic-based Subscription's backport
+ * profile (a classic one does not conform to it: taken off, as a topic-based one read and PUT back
+ * as classic would have it), then its security labels and tags as sent. Undefined when that is nothing.
+ */
+function storedMeta(sent: SubscriptionJson['meta'], kind: SubscriptionKind): SubscriptionJson['meta'] {
+  const own = kind === 'topic' ? [BACKPORT_PROFILE.subscription] : [];
+  const profile = [...new Set([...(sent?.profile ?? []), ...own])].filter(
+    (p) => kind === 'topic' || p !== BACKPORT_PROFILE.subscription,
+  );
+  const meta = {
+    ...(profile.length === 0 ? {} : { profile }),
+    ...(sent?.security === undefined ? {} : { security: sent.security }),
+    ...(sent?.tag === undefined ? {} : { tag: sent.tag }),
+  };
+  return Object.keys(meta).length === 0 ? undefined : meta;
 }

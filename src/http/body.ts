@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Context } from 'hono';
 import { BrokerError } from '../core/errors.js';
-import { mediaType } from '../core/media-type.js';
+import { mediaType, mediaTypeParameter, otherFhirVersion } from '../core/media-type.js';
 
 /**
  * Reads a JSON body with a hard byte cap (checked on Content-Length and again while reading, so a
@@ -34,7 +34,7 @@ export async function readBody(c: Context, maxBytes: number): Promise<Buffer> {
     : readWebBody(c.req.raw.body, maxBytes);
 }
 
-/** Media type and declared length, before a byte is read: 415 or 413. */
+/** Media type (its charset and fhirVersion too) and declared length, before a byte is read: 415 or 413. */
 export function checkJsonRequest(
   contentType: string | undefined,
   contentLength: string | undefined,
@@ -47,7 +47,29 @@ export function checkJsonRequest(
       `Content-Type ${type === '' ? '(none)' : type} is not accepted; send application/fhir+json or application/json`,
     );
   }
+  if (contentType?.includes(';') === true) checkJsonParameters(contentType);
   if (Number(contentLength ?? Number.NaN) > maxBytes) throw tooLarge(maxBytes);
+}
+
+/**
+ * A JSON body's charset is UTF-8 (RFC 8259 §8.1, R4 http.html): one in another charset would be
+ * read as UTF-8 and stored garbled. And its FHIR version is R4's, as a response's is (Accept).
+ */
+function checkJsonParameters(contentType: string): void {
+  const charset = mediaTypeParameter(contentType, 'charset');
+  if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
+    throw new BrokerError(
+      'UNSUPPORTED_MEDIA_TYPE',
+      `Content-Type charset ${charset.slice(0, 32)} is not accepted; send UTF-8 (charset=utf-8, or no charset)`,
+    );
+  }
+  if (otherFhirVersion(contentType)) {
+    const version = (mediaTypeParameter(contentType, 'fhirVersion') ?? '').slice(0, 32);
+    throw new BrokerError(
+      'UNSUPPORTED_MEDIA_TYPE',
+      `Content-Type fhirVersion=${version} is not accepted: the broker speaks FHIR 4.0 (R4); send fhirVersion=4.0 or none`,
+    );
+  }
 }
 
 /**
@@ -64,8 +86,30 @@ export function closeIfBodyUnread(incoming: IncomingMessage, outgoing: ServerRes
   outgoing.setHeader('connection', 'close');
 }
 
+/**
+ * Strict UTF-8: bytes that are not UTF-8 are refused, not read as U+FFFD. Checking and decoding are
+ * one pass (Node's is as fast as `toString('utf8')`, which checks nothing); no state is kept between
+ * calls, so one decoder serves every request. A byte order mark is kept, and refused below.
+ */
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
 export function parseJsonBody(bytes: Buffer): unknown {
-  const text = bytes.toString('utf8');
+  let text: string;
+  try {
+    text = UTF8.decode(bytes);
+  } catch (err) {
+    throw new BrokerError('BAD_JSON', 'The body is not valid UTF-8, which JSON sent between systems is', {
+      cause: err,
+    });
+  }
+  // RFC 8259 §8.1: JSON sent over a network has no byte order mark; a parser MAY ignore one, the
+  // broker refuses it, as it always has (JSON.parse does, with a message that shows nothing).
+  if (text.charCodeAt(0) === 0xfeff) {
+    throw new BrokerError(
+      'BAD_JSON',
+      'The body starts with a byte order mark (U+FEFF), which JSON must not; send it without',
+    );
+  }
   try {
     return JSON.parse(text) as unknown;
   } catch (err) {

@@ -1,7 +1,7 @@
 import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_BASE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
-import { mediaType } from '../core/media-type.js';
+import { checkAcceptable, mediaType } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle, withDeliveryStates } from '../core/notification.js';
 import { instantProblem } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
@@ -11,7 +11,7 @@ import { type SubscriptionRegistry, versionId } from '../service/subscription-re
 import { EARLIER_VERSIONS_KEPT, type Store } from '../store/store.js';
 import type { ApiKeyAuth } from './auth.js';
 import { readBody, readJsonBody } from './body.js';
-import { fhirResponse } from './outcome.js';
+import { fhirJsonRepresentation, fhirResponse } from './outcome.js';
 
 /** The `/fhir` routes: Subscription CRUD and operations, SubscriptionTopic, metadata. */
 
@@ -51,6 +51,10 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   const fhirBase = `${deps.publicUrl}/fhir`;
   const now = (): string => new Date(deps.clock.now()).toISOString();
   const ctx = () => ({ fhirBase, newId: () => deps.ids.uuid(), timestamp: now() });
+
+  // Before all else, so every answer under /fhir (a 401 too) is labelled as the request asked:
+  // application/json to a client that asked for that generic type (R4 http.html#mime-type).
+  app.use('/fhir/*', fhirJsonRepresentation);
 
   // Authentication first (hono runs middleware in the order it is added): a request without a
   // valid token learns nothing else, not even that its Accept would have been a 406.
@@ -401,44 +405,6 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     }
     return new Response(null, { status: 204 });
   });
-}
-
-const XML_FORMATS = new Set(['xml', 'text/xml', 'application/xml', 'application/fhir+xml', 'application/xml+fhir']);
-const JSON_FORMATS = new Set(['json', 'application/json', 'application/fhir+json', 'application/json+fhir']);
-
-/**
- * Whether a media type asks for another FHIR version than R4 (`fhirVersion=5.0`): the broker speaks
- * R4 (4.0, and 4.0.x as some clients write it) alone. No parameter: any version, R4 included.
- */
-function otherFhirVersion(value: string): boolean {
-  for (const param of value.split(';').slice(1)) {
-    const [name, version] = param.split('=').map((part) => part.trim().replace(/^"|"$/g, ''));
-    if (name?.toLowerCase() === 'fhirversion') return !/^4\.0(\.\d+)?$/.test(version ?? '');
-  }
-  return false;
-}
-
-/**
- * `_format` (which overrides Accept, as FHIR says) or else Accept must allow JSON of FHIR R4: 406
- * otherwise (XML only, or only another `fhirVersion`).
- */
-function checkAcceptable(format: string | undefined, accept: string | undefined): void {
-  if (format !== undefined) {
-    // An unencoded `+` in a query string arrives as a space: `application/fhir json`.
-    const type = mediaType(format).replaceAll(' ', '+');
-    if (JSON_FORMATS.has(type) && !otherFhirVersion(format)) return;
-    throw new BrokerError('NOT_ACCEPTABLE', `_format ${format.slice(0, 64)} is not served; use json (FHIR R4)`);
-  }
-  if (accept === undefined || accept.trim() === '') return;
-  const ranges = accept.split(',');
-  // Only when every type named is XML or another FHIR version: anything else (JSON, */*,
-  // application/*, unknown) gets R4 JSON.
-  if (ranges.every((range) => XML_FORMATS.has(mediaType(range)) || otherFhirVersion(range))) {
-    throw new BrokerError(
-      'NOT_ACCEPTABLE',
-      `Accept ${accept.slice(0, 64)} names XML or another FHIR version only; the broker answers application/fhir+json of FHIR R4 (fhirVersion=4.0)`,
-    );
-  }
 }
 
 /**
