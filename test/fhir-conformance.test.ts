@@ -11,7 +11,7 @@ import {
   statusOf,
   topicSubscription,
 } from './support/fhir-client.js';
-import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { request as fhirRequest, inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 
 /**
@@ -46,24 +46,8 @@ describe('FHIR conformance', () => {
     await receiver?.close();
   });
 
-  async function request(
-    method: string,
-    path: string,
-    options: { body?: unknown; token?: string; headers?: Record<string, string> } = {},
-  ): Promise<{ status: number; body: Json; headers: Headers }> {
-    const { body, token = TOKENS.alice, headers = {} } = options;
-    const res = await t.broker.app.request(path, {
-      method,
-      headers: {
-        authorization: `Bearer ${token}`,
-        ...(body === undefined ? {} : { 'content-type': 'application/fhir+json' }),
-        ...headers,
-      },
-      ...(body === undefined ? {} : { body: typeof body === 'string' ? body : JSON.stringify(body) }),
-    });
-    const text = await res.text();
-    return { status: res.status, body: (text === '' ? {} : JSON.parse(text)) as Json, headers: res.headers };
-  }
+  const request = (method: string, path: string, options?: Parameters<typeof fhirRequest>[3]) =>
+    fhirRequest(t, method, path, options);
 
   const off = { extra: { status: 'off' } };
   const idsOf = (bundle: Json): unknown[] =>

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Json, topicSubscription } from './support/fhir-client.js';
-import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { request as fhirRequest, inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 
 /**
@@ -27,25 +27,8 @@ describe('FHIR interactions', () => {
     await receiver?.close();
   });
 
-  async function request(
-    method: string,
-    path: string,
-    options: { body?: unknown; raw?: string; token?: string; headers?: Record<string, string> } = {},
-  ): Promise<{ status: number; body: Json; text: string; headers: Headers }> {
-    const { body, raw, token = TOKENS.alice, headers = {} } = options;
-    const res = await t.broker.app.request(path, {
-      method,
-      headers: {
-        authorization: `Bearer ${token}`,
-        ...(body === undefined ? {} : { 'content-type': 'application/fhir+json' }),
-        ...headers,
-      },
-      ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-      ...(raw === undefined ? {} : { body: raw }),
-    });
-    const text = await res.text();
-    return { status: res.status, text, body: (text === '' ? {} : JSON.parse(text)) as Json, headers: res.headers };
-  }
+  const request = (method: string, path: string, options?: Parameters<typeof fhirRequest>[3]) =>
+    fhirRequest(t, method, path, options);
 
   /** A subscription of alice's to its own receiver path, `active` once its handshake is answered. */
   async function created(path: string, token: string = TOKENS.alice): Promise<Json> {

@@ -25,6 +25,39 @@ export interface TestBroker {
   post(events: unknown): Promise<Json>;
 }
 
+/** An answer as a test reads it: the body as text, and parsed (`{}` when there is none). */
+export interface RawAnswer {
+  readonly status: number;
+  readonly text: string;
+  readonly body: Json;
+  readonly headers: Headers;
+}
+
+/**
+ * A request to `t`'s app with any headers: `body` sent as FHIR JSON (a string as it is), `raw`
+ * as it is with no Content-Type of its own; alice's token unless `token` says otherwise.
+ */
+export async function request(
+  t: TestBroker,
+  method: string,
+  path: string,
+  options: { body?: unknown; raw?: string; token?: string; headers?: Record<string, string> } = {},
+): Promise<RawAnswer> {
+  const { body, raw, token = TOKENS.alice, headers = {} } = options;
+  const res = await t.broker.app.request(path, {
+    method,
+    headers: {
+      authorization: `Bearer ${token}`,
+      ...(body === undefined ? {} : { 'content-type': 'application/fhir+json' }),
+      ...headers,
+    },
+    ...(body === undefined ? {} : { body: typeof body === 'string' ? body : JSON.stringify(body) }),
+    ...(raw === undefined ? {} : { body: raw }),
+  });
+  const text = await res.text();
+  return { status: res.status, text, body: (text === '' ? {} : JSON.parse(text)) as Json, headers: res.headers };
+}
+
 export async function inProcessBroker(
   env: Record<string, string> = {},
   overrides: BrokerOverrides = {},
