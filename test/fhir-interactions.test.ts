@@ -71,6 +71,18 @@ describe('FHIR interactions', () => {
         headers: { 'content-type': 'application/x-www-form-urlencoded' },
       });
       expect(idsOf(posted.body)).toEqual([b.id]);
+      // A form is UTF-8: another charset is refused, not read garbled.
+      const latin1 = await request('POST', '/fhir/Subscription/_search', {
+        raw: `_id=${b.id}`,
+        headers: { 'content-type': 'application/x-www-form-urlencoded; charset=iso-8859-1' },
+      });
+      expect(latin1.status).toBe(415);
+      expect(latin1.text).toContain('UTF-8 form');
+      const utf8 = await request('POST', '/fhir/Subscription/_search', {
+        raw: `_id=${b.id}`,
+        headers: { 'content-type': 'application/x-www-form-urlencoded; charset=UTF-8' },
+      });
+      expect(idsOf(utf8.body)).toEqual([b.id]);
     });
 
     it('ignores an empty parameter, and leaves it out of the self link', async () => {

@@ -1,7 +1,7 @@
 import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_BASE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
-import { checkAcceptable, mediaType } from '../core/media-type.js';
+import { checkAcceptable, mediaType, mediaTypeParameter } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle, withDeliveryStates } from '../core/notification.js';
 import { instantProblem } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
@@ -639,9 +639,18 @@ const FORM = 'application/x-www-form-urlencoded';
 /** A `_search` body: form-encoded parameters (none when there is no body), read within the size cap. */
 async function readFormBody(c: Context<Env>, maxBytes: number): Promise<URLSearchParams> {
   if (!sentBody(c)) return new URLSearchParams();
-  const type = mediaType(c.req.header('content-type'));
+  const contentType = c.req.header('content-type');
+  const type = mediaType(contentType);
   if (type !== FORM) {
     throw new BrokerError('UNSUPPORTED_MEDIA_TYPE', `POST _search takes ${FORM}, not ${type === '' ? '(none)' : type}`);
+  }
+  // A form is percent-encoded UTF-8 (WHATWG URL): a form in another charset would be read garbled.
+  const charset = contentType === undefined ? undefined : mediaTypeParameter(contentType, 'charset');
+  if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
+    throw new BrokerError(
+      'UNSUPPORTED_MEDIA_TYPE',
+      `POST _search takes a UTF-8 form, not charset ${charset.slice(0, 32)}`,
+    );
   }
   return new URLSearchParams((await readBody(c, maxBytes)).toString('utf8'));
 }
