@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
 import { eventLike } from './support/fhir-client.js';
@@ -137,6 +138,40 @@ describe('npm run replay', () => {
     expect(run.code).toBe(1);
     expect(run.stdout).toBe('accepted 2, duplicates 0, ignored 0\n');
     expect(run.stderr).toMatch(/^.*array\.json#1: refused \(400\): .+\n$/);
+  });
+
+  it('sends the HealthLake writes of a gzipped CloudTrail log file, once: a second run finds them duplicates', async () => {
+    const detail = (fixture: string, eventID: string, resourceId: string) => ({
+      ...(eventLike(fixture, `unused-${eventID}`, resourceId) as { detail: Record<string, unknown> }).detail,
+      eventID,
+    });
+    const trail = {
+      Records: [
+        detail('healthlake-create-patient', 'ct-1', 'rp-f'),
+        { ...detail('healthlake-read-patient', 'ct-2', 'rp-f'), readOnly: true },
+        { eventVersion: '1.09', eventSource: 's3.amazonaws.com', eventName: 'GetObject', eventID: 'ct-3' },
+        detail('healthlake-update-patient', 'ct-4', 'rp-f'),
+        // A failed call: sent, and the broker ignores it.
+        detail('healthlake-create-patient-failed', 'ct-5', 'rp-f'),
+      ],
+    };
+    const path = join(dir, '111122223333_CloudTrail_us-east-1_20261129T1000Z_abc.json.gz');
+    writeFileSync(path, gzipSync(JSON.stringify(trail)));
+    const first = await replay(['--url', broker.url, path], withToken);
+    expect(first.code).toBe(0);
+    expect(first.stdout).toBe('accepted 2, duplicates 0, ignored 1\n');
+    expect(first.stderr.trim().split('\n')).toEqual([
+      `${path}: left out 1 read-only HealthLake calls`,
+      `${path}: left out 1 calls to other services than HealthLake`,
+    ]);
+    const again = await replay(['--url', broker.url, path], withToken);
+    expect(again.stdout).toBe('accepted 0, duplicates 2, ignored 1\n');
+    // A gzip file cut short: said, and the rest goes on.
+    const cut = join(dir, 'cut.json.gz');
+    writeFileSync(cut, gzipSync(JSON.stringify(trail)).subarray(0, 40));
+    const broken = await replay(['--url', broker.url, cut], withToken);
+    expect(broken.code).toBe(1);
+    expect(broken.stderr).toMatch(/cut\.json\.gz: not read: a gzip file that does not unzip \(.+\)\n$/);
   });
 
   it('stops at once when the broker refuses the token, without printing it', async () => {

@@ -1,5 +1,6 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { gunzipSync } from 'node:zlib';
 import { type Config, ConfigError, fsReason, loadConfig } from '../config.js';
 import { CREDENTIALS_FILE, readKept } from '../credentials.js';
 import { type ReplayBatch, readReplayInput } from './replay-input.js';
@@ -7,7 +8,8 @@ import { type ReplayBatch, readReplayInput } from './replay-input.js';
 /**
  * `npm run replay -- [--url BASE] FILE...` (`-` reads stdin): sends the EventBridge events in
  * FILEs to a broker's `POST /events` again, as EventBridge would. For dead letters (the files of
- * `aws sqs receive-message`, Lambda's failure records), events saved from a log, or the fixtures.
+ * `aws sqs receive-message`, Lambda's failure records), events saved from a log, the fixtures, or a
+ * CloudTrail trail's log files (gzipped as S3 keeps them) for the hours EventBridge missed.
  * The broker deduplicates on the event `id`, so sending what it already has notifies nobody twice.
  *
  * The broker's URL: `--url`, else the one `npm start` would serve (`BROKER_PUBLIC_URL`, or
@@ -41,10 +43,10 @@ async function main(argv: readonly string[]): Promise<number> {
   for (const file of files) {
     let text: string;
     try {
-      text = readFileSync(file === '-' ? 0 : file, 'utf8');
+      text = readText(file);
     } catch (err) {
       failed++;
-      console.error(`${file}: not read: ${fsReason(err)}`);
+      console.error(`${file}: not read: ${err instanceof GzipError ? err.message : fsReason(err)}`);
       continue;
     }
     const input = readReplayInput(file === '-' ? 'stdin' : file, text);
@@ -52,6 +54,8 @@ async function main(argv: readonly string[]): Promise<number> {
       failed++;
       console.error(`${s.source}: not sent: ${s.reason}`);
     }
+    // Not failures: what a trail holds besides HealthLake writes, which the broker would ignore.
+    for (const l of input.leftOut) console.error(`${l.source}: left out ${l.count} ${l.reason}`);
     for (const batch of input.batches) {
       let outcome: Outcome;
       try {
@@ -69,6 +73,19 @@ async function main(argv: readonly string[]): Promise<number> {
   }
   console.log(summary(total));
   return failed === 0 ? 0 : 1;
+}
+
+class GzipError extends Error {}
+
+/** A file's text, gunzipped when it is gzip (a CloudTrail log file as S3 keeps it, `.json.gz`). */
+function readText(file: string): string {
+  const bytes = readFileSync(file === '-' ? 0 : file);
+  if (bytes[0] !== 0x1f || bytes[1] !== 0x8b) return bytes.toString('utf8');
+  try {
+    return gunzipSync(bytes).toString('utf8');
+  } catch (err) {
+    throw new GzipError(`a gzip file that does not unzip (${(err as Error).message})`);
+  }
 }
 
 function summary(c: Counts): string {

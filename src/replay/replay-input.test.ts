@@ -16,6 +16,7 @@ describe('readReplayInput', () => {
     expect(readReplayInput('one.json', JSON.stringify(event('a')))).toEqual({
       batches: [{ source: 'one.json', events: [event('a')] }],
       skipped: [],
+      leftOut: [],
     });
     const many = Array.from({ length: 2 * MAX_BATCH_EVENTS + 1 }, (_, i) => event(`e${i}`));
     const { batches } = readReplayInput('many.json', JSON.stringify(many));
@@ -54,6 +55,7 @@ describe('readReplayInput', () => {
         { source: 'dlq.ndjson:2', events: [event('b'), event('c')], file: 'dlq.ndjson:2', first: 0 },
       ],
       skipped: [{ source: 'dlq.ndjson:3', reason: 'a record whose event was left out (too large for the queue)' }],
+      leftOut: [],
     });
   });
 
@@ -95,11 +97,67 @@ describe('readReplayInput', () => {
         { source: 'dlq.json#1#0', events: [event('b}{')] },
       ],
       skipped: [],
+      leftOut: [],
+    });
+  });
+
+  it('makes the EventBridge event of each HealthLake write in a CloudTrail log file; leaves out, and counts, the rest', () => {
+    const record = (eventID: string, overrides: Record<string, unknown> = {}) => ({
+      eventVersion: '1.09',
+      userIdentity: { type: 'AssumedRole', accountId: '111122223333' },
+      eventTime: '2026-11-29T10:00:00Z',
+      eventSource: 'healthlake.amazonaws.com',
+      eventName: 'UpdateResource',
+      awsRegion: 'eu-west-1',
+      requestParameters: { datastoreId: 'abcdef01234567890abcdef012345678', resourceType: 'Patient' },
+      additionalEventData: { resourceId: 'p1' },
+      eventID,
+      readOnly: false,
+      recipientAccountId: '111122223333',
+      eventCategory: 'Data',
+      ...overrides,
+    });
+    const trail = {
+      Records: [
+        record('w1'),
+        record('s3', { eventSource: 's3.amazonaws.com', eventName: 'GetObject' }),
+        record('r1', { eventName: 'ReadResource', readOnly: true }),
+        record('r2', { eventName: 'SearchWithGet', readOnly: true }),
+        record('w2', { eventName: 'DeleteResource', recipientAccountId: undefined }),
+      ],
+    };
+    const { batches, skipped, leftOut } = readReplayInput('trail.json', JSON.stringify(trail));
+    expect(skipped).toEqual([]);
+    expect(leftOut).toEqual([
+      { source: 'trail.json', reason: 'calls to other services than HealthLake', count: 1 },
+      { source: 'trail.json', reason: 'read-only HealthLake calls', count: 2 },
+    ]);
+    expect(batches).toHaveLength(1);
+    const [w1, w2] = (batches[0]?.events ?? []) as Record<string, unknown>[];
+    expect(w1).toEqual({
+      version: '0',
+      id: 'cloudtrail-w1',
+      'detail-type': 'AWS API Call via CloudTrail',
+      source: 'aws.healthlake',
+      account: '111122223333',
+      time: '2026-11-29T10:00:00Z',
+      region: 'eu-west-1',
+      resources: [],
+      detail: record('w1'),
+    });
+    // No recipientAccountId: the caller's account.
+    expect([w2?.id, w2?.account]).toEqual(['cloudtrail-w2', '111122223333']);
+    // Only other services' calls: nothing to send, and nothing failed.
+    const others = { Records: [record('s', { eventSource: 'iam.amazonaws.com' })] };
+    expect(readReplayInput('iam.json', JSON.stringify(others))).toEqual({
+      batches: [],
+      skipped: [],
+      leftOut: [{ source: 'iam.json', reason: 'calls to other services than HealthLake', count: 1 }],
     });
   });
 
   it('leaves anything else to the broker as an event, and skips what cannot be one', () => {
-    // A CloudTrail log file's `Records` are no SQS messages: sent as is, for the broker to refuse.
+    // `Records` that are neither SQS messages nor CloudTrail records (no eventVersion, eventID): sent as is.
     const trail = { Records: [{ eventSource: 'healthlake.amazonaws.com', eventName: 'CreateResource' }] };
     expect(readReplayInput('trail.json', JSON.stringify(trail)).batches).toEqual([
       { source: 'trail.json', events: [trail] },
@@ -114,6 +172,6 @@ describe('readReplayInput', () => {
       'not an event (a JSON string)',
       'an empty array',
     ]);
-    expect(readReplayInput('empty', '')).toEqual({ batches: [], skipped: [] });
+    expect(readReplayInput('empty', '')).toEqual({ batches: [], skipped: [], leftOut: [] });
   });
 });

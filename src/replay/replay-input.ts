@@ -8,7 +8,11 @@
  * - a dead-letter record, Lambda's on-failure record or the broker's own `Refused` one
  *   (`requestPayload` is the invocation's event, or array of events, as received);
  * - `aws sqs receive-message` output (`{"Messages": [{"Body": "…"}]}`) and an SQS batch as Lambda
- *   hands it over (`{"Records": [{"body": "…"}]}`), whose bodies are any of the above.
+ *   hands it over (`{"Records": [{"body": "…"}]}`), whose bodies are any of the above;
+ * - a CloudTrail log file (`{"Records": [<CloudTrail record>, …]}`, as a trail writes them to S3;
+ *   main.ts unzips a `.json.gz`): each HealthLake call that is not read-only becomes the event
+ *   EventBridge makes of it, under the id `cloudtrail-<eventID>` (see `trailEvent`); calls to other
+ *   services and read-only ones are left out, and counted.
  *
  * Each record's events are one batch, sent as one request: a batch the broker refuses (a record
  * whose event was refused before, say) holds up no other. A plain array is cut into batches of
@@ -28,6 +32,14 @@ export interface ReplayInput {
   readonly batches: readonly ReplayBatch[];
   /** What was not sent, and why (a line that is not JSON, a record whose event was left out). */
   readonly skipped: readonly { readonly source: string; readonly reason: string }[];
+  /** CloudTrail records left out on purpose (other services, read-only calls): how many, and why. */
+  readonly leftOut: readonly LeftOut[];
+}
+
+export interface LeftOut {
+  readonly source: string;
+  readonly reason: string;
+  readonly count: number;
 }
 
 /** Events per request from a plain array: well under the broker's 1,000 and its body limit. */
@@ -40,6 +52,7 @@ const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null 
 export function readReplayInput(name: string, raw: string): ReplayInput {
   const batches: ReplayBatch[] = [];
   const skipped: { source: string; reason: string }[] = [];
+  const leftOut: LeftOut[] = [];
   // A byte-order mark, as some editors save: not part of the JSON.
   const text = raw.replace(/^\uFEFF/, '');
   let whole: unknown;
@@ -51,17 +64,17 @@ export function readReplayInput(name: string, raw: string): ReplayInput {
     // Pretty-printed documents one after another (appended dumps): their lines are no JSON alone.
     const values = parsed.some((p) => p.value instanceof Error) ? jsonSequence(text) : undefined;
     if (values !== undefined) {
-      for (const [i, value] of values.entries()) collect(`${name}#${i}`, value, batches, skipped);
-      return { batches, skipped };
+      for (const [i, value] of values.entries()) collect(`${name}#${i}`, value, batches, skipped, leftOut);
+      return { batches, skipped, leftOut };
     }
     for (const p of parsed) {
       if (p.value instanceof Error) skipped.push({ source: p.source, reason: `not JSON (${p.value.message})` });
-      else collect(p.source, p.value, batches, skipped);
+      else collect(p.source, p.value, batches, skipped, leftOut);
     }
-    return { batches, skipped };
+    return { batches, skipped, leftOut };
   }
-  collect(name, whole, batches, skipped);
-  return { batches, skipped };
+  collect(name, whole, batches, skipped, leftOut);
+  return { batches, skipped, leftOut };
 }
 
 function parseOrError(text: string): unknown {
@@ -117,6 +130,7 @@ function collect(
   value: unknown,
   batches: ReplayBatch[],
   skipped: { source: string; reason: string }[],
+  leftOut: LeftOut[],
   depth = 0,
 ): void {
   if (Array.isArray(value)) {
@@ -146,7 +160,7 @@ function collect(
         return;
       }
       try {
-        collect(where, JSON.parse(body), batches, skipped, depth + 1);
+        collect(where, JSON.parse(body), batches, skipped, leftOut, depth + 1);
       } catch (err) {
         skipped.push({ source: where, reason: `its body is not JSON (${(err as Error).message})` });
       }
@@ -158,10 +172,62 @@ function collect(
       skipped.push({ source, reason: 'a record whose event was left out (too large for the queue)' });
       return;
     }
-    collect(source, value.requestPayload, batches, skipped, depth + 1);
+    collect(source, value.requestPayload, batches, skipped, leftOut, depth + 1);
+    return;
+  }
+  const trail = trailRecords(value);
+  if (trail !== undefined && depth === 0) {
+    const events: unknown[] = [];
+    const left = new Map<string, number>();
+    for (const record of trail) {
+      const reason =
+        record.eventSource !== HEALTHLAKE
+          ? 'calls to other services than HealthLake'
+          : record.readOnly === true
+            ? 'read-only HealthLake calls'
+            : undefined;
+      if (reason === undefined) events.push(trailEvent(record));
+      else left.set(reason, (left.get(reason) ?? 0) + 1);
+    }
+    for (const [reason, count] of left) leftOut.push({ source, reason, count });
+    if (events.length > 0) collect(source, events, batches, skipped, leftOut, depth + 1);
     return;
   }
   batches.push({ source, events: [value] });
+}
+
+const HEALTHLAKE = 'healthlake.amazonaws.com';
+
+/** The records of a CloudTrail log file (each with an `eventVersion` and an `eventID`), or undefined. */
+function trailRecords(value: Json): Json[] | undefined {
+  const { Records: records } = value;
+  if (!Array.isArray(records) || records.length === 0) return undefined;
+  const isRecord = (r: unknown): r is Json =>
+    isObject(r) && typeof r.eventVersion === 'string' && typeof r.eventID === 'string';
+  return records.every(isRecord) ? records : undefined;
+}
+
+/**
+ * The event EventBridge makes of a CloudTrail record ("AWS API Call via CloudTrail", the record as
+ * its `detail`), under the id `cloudtrail-<eventID>`: a trail file sent twice is deduplicated. The
+ * events EventBridge delivered had ids of its own, which the trail does not keep: replay a trail for
+ * the time EventBridge did not deliver (a rule disabled, a broker gone past EventBridge's retries),
+ * or its changes are notified again.
+ */
+function trailEvent(record: Json): Json {
+  const identity = isObject(record.userIdentity) ? record.userIdentity : {};
+  const account = record.recipientAccountId ?? identity.accountId;
+  return {
+    version: '0',
+    id: `cloudtrail-${String(record.eventID)}`,
+    'detail-type': 'AWS API Call via CloudTrail',
+    source: 'aws.healthlake',
+    ...(typeof account === 'string' ? { account } : {}),
+    ...(typeof record.eventTime === 'string' ? { time: record.eventTime } : {}),
+    ...(typeof record.awsRegion === 'string' ? { region: record.awsRegion } : {}),
+    resources: [],
+    detail: record,
+  };
 }
 
 /**
