@@ -190,7 +190,7 @@ describe.each([
 
     // Closed by the broker, for a flood of messages (4002).
     const flooded = once(c, 'close');
-    for (let i = 0; i < 60; i++) c.send('unbind');
+    for (let i = 0; i < 200; i++) c.send('unbind');
     expect((await flooded)[0]).toBe(4002);
     await stack.closed(2);
     await stack.open();

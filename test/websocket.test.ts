@@ -379,6 +379,51 @@ describe.each([
     expect(notificationsOf(c, id).flatMap(eventNumbers)).toEqual(Array.from({ length: 1200 }, (_, i) => i + 1));
   });
 
+  it('binds a token naming 100 subscriptions, the most one may name', async () => {
+    const ids = await Promise.all(
+      Array.from({ length: 100 }, () => create(wsSubscription('patient-change', { filters: ['Patient?_id=hundred'] }))),
+    );
+    const hundred = await tokenFor(ids);
+    expect(hundred.length).toBeGreaterThan(4096);
+    const c = await connect();
+    c.send(`bind-with-token ${hundred}`);
+    await c.waitFor(() => handshakesOf(c).length === 100, '100 handshakes');
+    expect(new Set(handshakesOf(c))).toEqual(new Set(ids));
+    expect(c.closed).toBeUndefined();
+  });
+
+  it('binds 30 subscriptions with a token each, sent at once (the IG flow), without calling it a flood', async () => {
+    const ids = await Promise.all(
+      Array.from({ length: 30 }, () => create(wsSubscription('patient-change', { filters: ['Patient?_id=thirty'] }))),
+    );
+    const tokens = await Promise.all(ids.map((id) => token(id)));
+    const c = await connect();
+    for (const t of tokens) c.send(`bind-with-token ${t}`);
+    await c.waitFor(() => handshakesOf(c).length === 30, '30 handshakes');
+    expect(c.closed).toBeUndefined();
+  });
+
+  it('keeps a bound socket and its bindings when a later bind on it is refused', async () => {
+    const kept = await create(wsSubscription('patient-change', { filters: ['Patient?_id=kept-binding'] }));
+    const gone = await create(wsSubscription('patient-change', { filters: ['Patient?_id=kept-binding'] }));
+    const c = await connect();
+    c.send(`bind-with-token ${await token(kept)}`);
+    await c.waitFor(() => handshakesOf(c).length === 1, 'handshake');
+    // A token fetched before one of its subscriptions was deleted: refused, said, and the socket stays.
+    const both = await tokenFor([kept, gone]);
+    expect((await alice.call('DELETE', `/fhir/Subscription/${gone}`)).status).toBe(204);
+    c.send(`bind-with-token ${both}`);
+    await c.waitFor(() => c.messages.some((t) => t === `error unknown subscription ${gone}`), 'the refusal');
+    // Nor does an R4 bind refused (no API key on this socket) cost it its binding.
+    c.send(`bind ${gone}`);
+    await c.waitFor(() => c.messages.some((t) => t.startsWith(`error ${gone} unknown subscription`)), 'the R4 refusal');
+    await stillServed(c, kept, 'kept-binding');
+    // A socket with no binding is still closed by a refusal (4003).
+    const fresh = await connect();
+    fresh.send(`bind-with-token ${both}`);
+    expect((await fresh.waitForClose()).code).toBe(4003);
+  });
+
   it('closes sockets that send binary junk, huge or unknown messages or floods, and no other', async () => {
     const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=survivor'] }));
     const healthy = await connect();
@@ -394,7 +439,7 @@ describe.each([
     const badJson = await connect();
     badJson.send('{"type": "bind-with-token", ');
     const flood = await connect();
-    for (let i = 0; i < 60; i++) flood.send('unbind');
+    for (let i = 0; i < 200; i++) flood.send('unbind');
 
     expect((await binary.waitForClose()).code).toBe(1003);
     expect((await huge.waitForClose()).code).toBe(1009);

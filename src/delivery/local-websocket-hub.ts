@@ -22,8 +22,13 @@ export interface HubLimits {
   /** Bytes a socket may have queued for sending before it counts as a slow consumer. */
   readonly maxBufferedBytes: number;
   readonly pingIntervalMs: number;
-  /** Client messages per second (token bucket with a burst of the same size). */
+  /** Client messages per second (a token bucket, refilled at this rate up to `messageBurst`). */
   readonly maxMessagesPerSecond: number;
+  /**
+   * Client messages at once: the bucket's size. A client may bind each subscription with a token of
+   * its own (the IG's flow), all at once on (re)connecting: as many as one token may name.
+   */
+  readonly messageBurst: number;
   /**
    * The bind window: a connection that holds no binding this long after opening, or after losing
    * its last binding (`unbind`, its subscription deleted, off or moved), is closed (1008). Anyone
@@ -39,6 +44,8 @@ export const DEFAULT_HUB_LIMITS: HubLimits = {
   // 30 s: well inside the 60 s idle timeouts of common proxies and load balancers.
   pingIntervalMs: 30_000,
   maxMessagesPerSecond: 20,
+  // 100: the subscriptions one binding token may name (fhir-routes.ts, MAX_BINDING_SUBSCRIPTIONS).
+  messageBurst: 100,
   firstMessageWithinMs: 30_000,
 };
 
@@ -209,7 +216,7 @@ export class LocalWebSocketHub implements LocalSockets {
       conn: { id, ...(apiOwner === undefined ? {} : { apiOwner }) },
       address,
       alive: true,
-      tokens: this.#limits.maxMessagesPerSecond,
+      tokens: this.#limits.messageBurst,
       refilledAt: Date.now(),
       bound: false,
       unboundTimer: undefined,
@@ -362,7 +369,7 @@ export class LocalWebSocketHub implements LocalSockets {
     }
     const now = Date.now();
     const rate = this.#limits.maxMessagesPerSecond;
-    socket.tokens = Math.min(rate, socket.tokens + ((now - socket.refilledAt) / 1000) * rate);
+    socket.tokens = Math.min(this.#limits.messageBurst, socket.tokens + ((now - socket.refilledAt) / 1000) * rate);
     socket.refilledAt = now;
     if (socket.tokens < 1) {
       this.#metrics.inc('broker_websocket_closed_total', { reason: 'flood' });

@@ -368,7 +368,17 @@ export class WebSocketChannel {
       conn.id,
       json ? JSON.stringify({ type: 'error', payload: { message: reason } }) : `error ${reason}`,
     );
-    await this.#port.close(conn.id, CLOSE.bindRefused, reason);
+    await this.#closeIfUnbound(conn.id, reason);
+  }
+
+  /**
+   * After a refused bind: a socket with no binding is closed (4003: binding again as it did cannot
+   * help); one that has bindings keeps them, and stays open (the IG's client binds serially over one
+   * socket, and renews a token before it expires: one refused renewal must not cost it the rest).
+   */
+  async #closeIfUnbound(connectionId: string, reason: string): Promise<void> {
+    if ((await this.#bindings.bindingsOf(connectionId)).length > 0) return;
+    await this.#port.close(connectionId, CLOSE.bindRefused, reason);
   }
 
   /** Binds, sends the handshake and catches up; false when the subscription went meanwhile. */
@@ -481,13 +491,13 @@ export class WebSocketChannel {
         conn.id,
         `error ${id} unknown subscription or not authorised (connect with Authorization: Bearer <API key>)`,
       );
-      await this.#port.close(conn.id, CLOSE.bindRefused, 'bind refused');
+      await this.#closeIfUnbound(conn.id, 'bind refused');
       return;
     }
     const over = this.#overCap(conn.id, owner);
     if (over !== undefined) {
       await this.#port.send(conn.id, `error ${id} ${over}`);
-      await this.#port.close(conn.id, CLOSE.bindRefused, 'bind refused');
+      await this.#closeIfUnbound(conn.id, 'bind refused');
       return;
     }
     if ((await this.#bindIfStill({ connectionId: conn.id, subscriptionId: id, mode: 'r4' })) === undefined) return;

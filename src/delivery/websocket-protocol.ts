@@ -18,7 +18,8 @@ export type ClientMessage =
   | { readonly kind: 'invalid'; readonly reason: string };
 
 const ID = /^[A-Za-z0-9\-.]{1,64}$/;
-const TOKEN = /^[A-Za-z0-9\-._~+/=]{1,4096}$/;
+// 8,192: a token naming the most subscriptions one may (100, fhir-routes.ts) is ~5,300 characters.
+const TOKEN = /^[A-Za-z0-9\-._~+/=]{1,8192}$/;
 
 export function parseClientMessage(text: string): ClientMessage {
   const trimmed = text.trim();
