@@ -361,6 +361,12 @@ describe('FHIR interactions', () => {
         expect(res.status).toBe(400);
         expect(JSON.stringify(res.body)).toContain(says);
       }
+      // Read at instance level too, where the id is the URL's.
+      const token = await request('POST', `/fhir/Subscription/${sub.id}/$get-ws-binding-token`, {
+        body: { resourceType: 'Basic' },
+      });
+      expect(token.status).toBe(400);
+      expect(token.text).toContain('must be a Parameters resource');
       const fine = await request('POST', `/fhir/Subscription/${sub.id}/$events`, {
         body: { resourceType: 'Parameters', parameter: [{ name: 'eventsSinceNumber', valueInteger: 1 }] },
       });

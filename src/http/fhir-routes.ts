@@ -245,8 +245,13 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     bindingToken(c.get('owner'), (await operationParams(c, deps.maxBodyBytes)).values('id'));
   app.get('/fhir/Subscription/$get-ws-binding-token', tokenFor);
   app.post('/fhir/Subscription/$get-ws-binding-token', tokenFor);
-  app.get('/fhir/Subscription/:id/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), [c.req.param('id')]));
-  app.post('/fhir/Subscription/:id/$get-ws-binding-token', (c) => bindingToken(c.get('owner'), [c.req.param('id')]));
+  // At instance level the id is the URL's; a body is still read as Parameters (a bad one is a 400).
+  const instanceToken = async (c: Context<Env>): Promise<Response> => {
+    await operationParams(c, deps.maxBodyBytes);
+    return bindingToken(c.get('owner'), [c.req.param('id') ?? '']);
+  };
+  app.get('/fhir/Subscription/:id/$get-ws-binding-token', instanceToken);
+  app.post('/fhir/Subscription/:id/$get-ws-binding-token', instanceToken);
 
   const instanceStatus = async (c: Context<Env>): Promise<Response> => {
     await operationParams(c, deps.maxBodyBytes);
