@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Json, topicSubscription } from './support/fhir-client.js';
 import { request as fhirRequest, inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
+import { record } from './support/store-fixtures.js';
 
 /**
  * FHIR R4 REST as standard clients use it, where a review found the broker short: repeated search
@@ -102,10 +103,22 @@ describe('FHIR interactions', () => {
     });
 
     it('answers a page of 1,000 at most to a larger _count, instead of a 400', async () => {
-      const res = await request('GET', '/fhir/Subscription?_count=1000000');
-      expect(res.status).toBe(200);
-      expect(res.body.total).toBe(((res.body.entry ?? []) as Json[]).length);
-      expect((await request('GET', '/fhir/Subscription?_count=-1')).status).toBe(400);
+      // A broker of its own, with 1,001 subscriptions of alice's (written to its store: off, idle).
+      const many = await inProcessBroker();
+      try {
+        for (let i = 0; i < 1001; i++)
+          await many.broker.store.insertSubscription(record(`many-${i}`, { status: 'off' }));
+        for (const count of ['1000000', '5000']) {
+          const res = await fhirRequest(many, 'GET', `/fhir/Subscription?_count=${count}`);
+          expect(res.status).toBe(200);
+          expect(res.body.total).toBe(1001);
+          expect((res.body.entry as Json[]).length).toBe(1000);
+          expect((res.body.link as Json[]).map((l) => l.relation)).toEqual(['self', 'next']);
+        }
+        expect((await fhirRequest(many, 'GET', '/fhir/Subscription?_count=-1')).status).toBe(400);
+      } finally {
+        await many.broker.close(0);
+      }
     });
 
     it('searches topics by POST as by GET, repeated parameters ANDed', async () => {

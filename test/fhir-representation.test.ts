@@ -3,6 +3,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { getRequestListener } from '@hono/node-server';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { SubscriptionRecord } from '../src/core/types.js';
 import { fixture, type Json, topicSubscription } from './support/fhir-client.js';
 import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 
@@ -159,6 +160,36 @@ describe('FHIR representation', () => {
       );
       const read = (await t.call('GET', `/fhir/Subscription/${created.id}`)).body;
       expect((await t.call('PUT', `/fhir/Subscription/${created.id}`, read)).status).toBe(200);
+    });
+
+    it('serves one an older broker stored with empty values without them, so it can be PUT back (re-activated)', async () => {
+      // As a broker before 2026-11-29 stored what a client sent: empties kept.
+      const created = await t.create(subscription());
+      const stored = (await t.broker.store.getSubscription(created.id as string)) as SubscriptionRecord;
+      const resource = stored.resource as Json & { resourceType: string };
+      await t.broker.store.replaceSubscription(
+        {
+          ...stored,
+          status: 'error',
+          updatedAt: new Date(Date.parse(stored.updatedAt) + 1000).toISOString(),
+          resource: {
+            ...resource,
+            contact: [],
+            modifierExtension: [],
+            _reason: {},
+            language: '',
+            channel: { ...(resource.channel as Json), header: ['X-A: b'], _header: [{}] },
+          },
+        },
+        { status: stored.status, updatedAt: stored.updatedAt },
+      );
+      await t.broker.refreshSubscriptions(0);
+      const read = (await t.call('GET', `/fhir/Subscription/${created.id}`)).body;
+      for (const key of ['contact', 'modifierExtension', '_reason', 'language']) expect(read).not.toHaveProperty(key);
+      expect((read.channel as Json).header).toEqual(['X-A: b']);
+      expect(read.channel as Json).not.toHaveProperty('_header');
+      const put = await t.call('PUT', `/fhir/Subscription/${created.id}`, { ...read, status: 'requested' });
+      expect(put.status).toBe(200);
     });
   });
 

@@ -44,6 +44,10 @@ describe('negotiateJson', () => {
     ['application/fhir+json; fhirVersion=5.0, */*;q=0.1', 'application/fhir+json'],
     ['application/fhir+json; fhirVersion=5.0, application/fhir+json; fhirVersion=4.0', 'application/fhir+json'],
     ['application/json+fhir', 'application/fhir+json'],
+    // A malformed weight is none (1): not read as 0.
+    ['application/json;q=', 'application/json'],
+    ['application/fhir+json;q=abc', 'application/fhir+json'],
+    ['application/fhir+json;q=2, application/json;q=0.5', 'application/fhir+json'],
   ])('answers Accept %s in %s', (accept, type) => {
     expect(negotiateJson(undefined, accept)).toBe(type);
   });
@@ -67,6 +71,9 @@ describe('negotiateJson', () => {
       expect([format, negotiateJson(format, 'application/json')]).toEqual([format, 'application/fhir+json']);
     }
     expect(negotiateJson('xml', 'application/fhir+json')).toBeUndefined();
+    // An empty `_format=` is ignored, as any empty search parameter: Accept decides.
+    expect(negotiateJson('', 'application/json')).toBe('application/json');
+    expect(negotiateJson('', undefined)).toBe('application/fhir+json');
     expect(negotiateJson('application/fhir+json;fhirVersion=3.0', undefined)).toBeUndefined();
   });
 });

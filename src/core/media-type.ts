@@ -53,16 +53,20 @@ interface MediaRange {
   readonly otherVersion: boolean;
 }
 
+/** An RFC 9110 §12.4.2 weight: `0` to `1` with up to three decimals. */
+const WEIGHT = /^(0(\.\d{0,3})?|1(\.0{0,3})?)$/;
+
 function mediaRange(text: string): MediaRange {
-  const q = Number(mediaTypeParameter(text, 'q') ?? 1);
+  const weight = mediaTypeParameter(text, 'q');
+  const q = weight !== undefined && WEIGHT.test(weight) ? Number(weight) : 1;
   const parameters = text
     .split(';')
     .slice(1)
     .some((p) => p.split('=')[0]?.trim().toLowerCase() !== 'q');
   return {
     type: mediaType(text),
-    // A malformed weight is read as none (1) rather than refusing the request.
-    q: Number.isNaN(q) ? 1 : Math.min(Math.max(q, 0), 1),
+    // A malformed weight (`q=`, `q=abc`, `q=2`) is read as none (1) rather than refusing the request.
+    q,
     parameters,
     otherVersion: otherFhirVersion(text),
   };
@@ -103,7 +107,8 @@ function weightOf(ranges: readonly MediaRange[], type: JsonRepresentation): numb
  * on every type named refuses.
  */
 export function negotiateJson(format: string | undefined, accept: string | undefined): JsonRepresentation | undefined {
-  if (format !== undefined) {
+  // An empty `_format=` is ignored, as every empty search parameter is (FHIR search).
+  if (format !== undefined && format !== '') {
     // An unencoded `+` in a query string arrives as a space: `application/fhir json`.
     const type = mediaType(format).replaceAll(' ', '+');
     if (!JSON_FORMATS.has(type) || otherFhirVersion(format)) return undefined;

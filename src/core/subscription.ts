@@ -427,6 +427,39 @@ function checkNothingEmpty(sub: SubscriptionJson): void {
   }
 }
 
+/**
+ * `value` without empty arrays, objects and strings, which R4 JSON has none of: brokers before
+ * 2026-11-29 stored those a client sent, and a read serves this, so that a client can PUT back
+ * what it read (the check above refuses them now). In a primitive's `_name` list an emptied entry
+ * becomes `null`, keeping the list in step with its values. Undefined when nothing is left; the
+ * value itself (no copy) when nothing in it is empty.
+ */
+export function withoutEmpty(value: unknown, stepList = false): unknown {
+  if (value === '') return undefined;
+  if (Array.isArray(value)) {
+    let changed = false;
+    const kept: unknown[] = [];
+    for (const item of value) {
+      const v = withoutEmpty(item);
+      if (v !== item) changed = true;
+      if (v !== undefined) kept.push(v);
+      else if (stepList) kept.push(null);
+    }
+    if (kept.length === 0 || (stepList && kept.every((v) => v === null))) return undefined;
+    return changed ? kept : value;
+  }
+  if (typeof value !== 'object' || value === null) return value;
+  let changed = false;
+  const kept: Record<string, unknown> = {};
+  for (const [key, item] of Object.entries(value)) {
+    const v = withoutEmpty(item, key.startsWith('_') && Array.isArray(item));
+    if (v !== item) changed = true;
+    if (v !== undefined) kept[key] = v;
+  }
+  if (Object.keys(kept).length === 0) return undefined;
+  return changed ? kept : value;
+}
+
 function pathOf(visit: Visit): string {
   let path = '';
   for (let v: Visit | undefined = visit; v?.key !== undefined; v = v.parent) {

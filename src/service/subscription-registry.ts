@@ -4,7 +4,13 @@ import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { MatchIndex } from '../core/match-index.js';
 import { Slots } from '../core/slots.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
-import { hasReason, parseSubscription, requireReason, type SubscriptionSpec } from '../core/subscription.js';
+import {
+  hasReason,
+  parseSubscription,
+  requireReason,
+  type SubscriptionSpec,
+  withoutEmpty,
+} from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
 import type {
   Clock,
@@ -240,7 +246,12 @@ export class SubscriptionRegistry {
             `If-None-Exist matches ${found.length} subscriptions; a conditional create needs at most one`,
           );
         }
-        if (found[0] !== undefined) return { record: found[0], existing: true };
+        // Read again by id (consistently, on DynamoDB, whose owner index may lag): the match as it
+        // is now, if it still is one.
+        const match = found[0] === undefined ? undefined : await this.#store.getSubscription(found[0].id);
+        if (match !== undefined && match.owner === owner && unlessExists([match]).length === 1) {
+          return { record: match, existing: true };
+        }
       }
       return this.#insert(owner, spec);
     });
@@ -591,7 +602,8 @@ export class SubscriptionRegistry {
 
   /** The FHIR Subscription a client sees: its resource plus id, meta, status and error. */
   render(rec: SubscriptionRecord, options: { secret?: string | undefined } = {}): FhirResource {
-    const resource = rec.resource as FhirResource & {
+    // Stored by a broker that kept empty values: served without them, as R4 JSON is.
+    const resource = (withoutEmpty(rec.resource) ?? rec.resource) as FhirResource & {
       channel: Record<string, unknown>;
       meta?: Record<string, unknown>;
     };

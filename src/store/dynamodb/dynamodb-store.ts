@@ -917,6 +917,7 @@ export class DynamoDbStore implements Store {
     const found = await this.#requests.batchGet(
       this.#tables.subscriptions,
       [...gone].map((id) => ({ id: S(id) })),
+      'id',
     );
     for (const item of found) gone.delete(readString(item, 'id'));
     return gone;
