@@ -33,6 +33,12 @@ export function mediaTypeParameter(value: string, name: string): string | undefi
   return undefined;
 }
 
+/** The charset a media type names when it is not UTF-8 (`utf-8` or `utf8`, any case); undefined when it is, or names none. */
+export function otherCharset(value: string): string | undefined {
+  const charset = mediaTypeParameter(value, 'charset');
+  return charset !== undefined && !/^utf-?8$/i.test(charset) ? charset : undefined;
+}
+
 /**
  * Whether a media type names another FHIR version than R4 (`fhirVersion=5.0`): the broker speaks
  * R4 (4.0, and 4.0.x as some clients write it) alone. No parameter: any version, R4 included.

@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Context } from 'hono';
 import { BrokerError } from '../core/errors.js';
-import { mediaType, mediaTypeParameter, otherFhirVersion } from '../core/media-type.js';
+import { mediaType, mediaTypeParameter, otherCharset, otherFhirVersion } from '../core/media-type.js';
 
 /**
  * Reads a JSON body with a hard byte cap (checked on Content-Length and again while reading, so a
@@ -56,8 +56,8 @@ export function checkJsonRequest(
  * read as UTF-8 and stored garbled. And its FHIR version is R4's, as a response's is (Accept).
  */
 function checkJsonParameters(contentType: string): void {
-  const charset = mediaTypeParameter(contentType, 'charset');
-  if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
+  const charset = otherCharset(contentType);
+  if (charset !== undefined) {
     throw new BrokerError(
       'UNSUPPORTED_MEDIA_TYPE',
       `Content-Type charset ${charset.slice(0, 32)} is not accepted; send UTF-8 (charset=utf-8, or no charset)`,

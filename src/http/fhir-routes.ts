@@ -1,7 +1,7 @@
 import type { Context, Hono } from 'hono';
 import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_BASE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
-import { checkAcceptable, mediaType, mediaTypeParameter } from '../core/media-type.js';
+import { checkAcceptable, mediaType, otherCharset } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle, withDeliveryStates } from '../core/notification.js';
 import { instantProblem } from '../core/subscription.js';
 import type { TopicCatalog } from '../core/topics.js';
@@ -650,8 +650,8 @@ async function readFormBody(c: Context<Env>, maxBytes: number): Promise<URLSearc
     throw new BrokerError('UNSUPPORTED_MEDIA_TYPE', `POST _search takes ${FORM}, not ${type === '' ? '(none)' : type}`);
   }
   // A form is percent-encoded UTF-8 (WHATWG URL): a form in another charset would be read garbled.
-  const charset = contentType === undefined ? undefined : mediaTypeParameter(contentType, 'charset');
-  if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
+  const charset = contentType === undefined ? undefined : otherCharset(contentType);
+  if (charset !== undefined) {
     throw new BrokerError(
       'UNSUPPORTED_MEDIA_TYPE',
       `POST _search takes a UTF-8 form, not charset ${charset.slice(0, 32)}`,
