@@ -50,6 +50,15 @@ export class BrokerStack extends Stack {
       default: '',
       description: 'Email address subscribed to the alarm topic; empty for none.',
     });
+    const corsOrigins = new CfnParameter(this, 'CorsOrigins', {
+      type: 'String',
+      default: '',
+      // What BROKER_CORS_ORIGINS takes (README, Configuration): checked here, or a typo would stop
+      // every function at start.
+      allowedPattern: '^(\\*|https?://[^/,\\s]+(\\s*,\\s*https?://[^/,\\s]+)*)?$',
+      constraintDescription: 'browser origins (https://app.example.org), comma-separated, or * alone, or empty',
+      description: 'Origins whose browser pages may call the FHIR API (BROKER_CORS_ORIGINS); empty for none.',
+    });
     const isSet = (id: string, parameter: CfnParameter) =>
       new CfnCondition(this, id, { expression: Fn.conditionNot(Fn.conditionEquals(parameter.valueAsString, '')) });
     const datastoreIdSet = isSet('HealthLakeDatastoreIdSet', datastoreId);
@@ -69,6 +78,7 @@ export class BrokerStack extends Stack {
       apis,
       eventBus,
       credentials,
+      corsOrigins: corsOrigins.valueAsString,
     });
     apis.route({
       http: functions.api,

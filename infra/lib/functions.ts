@@ -73,6 +73,8 @@ export interface BrokerFunctionsProps {
   readonly apis: BrokerApis;
   readonly eventBus: IEventBus;
   readonly credentials: ISecret;
+  /** `BROKER_CORS_ORIGINS` (the stack's CorsOrigins parameter): empty for no CORS. */
+  readonly corsOrigins: string;
 }
 
 /**
@@ -110,6 +112,7 @@ export class BrokerFunctions extends Construct {
       // (~12% longer for CloudTrail events): a body past ~5.6 MB never reached the handler and got
       // API Gateway's error instead of the broker's 413.
       BROKER_MAX_INGEST_BYTES: String(5 * 1000 * 1000),
+      BROKER_CORS_ORIGINS: props.corsOrigins,
       NODE_OPTIONS: '--enable-source-maps',
     };
     const fn = (name: FunctionName) => {

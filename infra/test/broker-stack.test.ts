@@ -134,6 +134,18 @@ describe('BrokerStack', () => {
       }
     });
 
+    it('takes CorsOrigins only as BROKER_CORS_ORIGINS would (a typo would stop every function at start)', () => {
+      const parameter = template.toJSON().Parameters.CorsOrigins;
+      expect(parameter.Default).toBe('');
+      const allowed = new RegExp(parameter.AllowedPattern);
+      for (const good of ['', '*', 'https://app.example.org', 'https://a.example, http://localhost:5173']) {
+        expect([good, allowed.test(good)]).toEqual([good, true]);
+      }
+      for (const bad of ['app.example.org', 'https://app.example.org/', '*, https://a.example', 'https://a b']) {
+        expect([bad, allowed.test(bad)]).toEqual([bad, false]);
+      }
+    });
+
     it('keeps the dead-letter queue when the stack is deleted or the queue replaced', () => {
       const queue = template.toJSON().Resources[dlq];
       expect([queue.DeletionPolicy, queue.UpdateReplacePolicy]).toEqual(['Retain', 'Retain']);
@@ -396,6 +408,7 @@ describe('BrokerStack', () => {
           BROKER_EVENT_RETENTION: '7d',
           BROKER_TOPICS_DIR: '/var/task/subscriptions/topics',
           BROKER_MAX_INGEST_BYTES: '5000000',
+          BROKER_CORS_ORIGINS: { Ref: 'CorsOrigins' },
           NODE_OPTIONS: '--enable-source-maps',
           // The events function puts an event the broker refuses on the dead-letter queue itself.
           ...(name === 'events' ? { BROKER_DEAD_LETTER_QUEUE_URL: { Ref: dlq } } : {}),

@@ -15,6 +15,7 @@ interface Resource {
 }
 export interface TemplateJson {
   readonly Resources: Readonly<Record<string, Resource>>;
+  readonly Parameters?: Readonly<Record<string, { readonly Default?: string }>>;
 }
 
 export interface Statement {
@@ -26,9 +27,11 @@ export interface Statement {
 
 export class StackIam {
   readonly #resources: Readonly<Record<string, Resource>>;
+  readonly #parameters: Readonly<Record<string, { readonly Default?: string }>>;
 
   constructor(template: TemplateJson) {
     this.#resources = template.Resources;
+    this.#parameters = template.Parameters ?? {};
   }
 
   /** The logical id of the one Lambda function whose properties include `props`. */
@@ -119,6 +122,9 @@ export class StackIam {
       'AWS::URLSuffix': 'amazonaws.com',
     };
     if (pseudo[id] !== undefined) return pseudo[id];
+    // A stack parameter: as deployed with its default.
+    const parameter = this.#parameters[id];
+    if (parameter !== undefined) return parameter.Default ?? '';
     const r = this.#resources[id];
     switch (r?.Type) {
       case 'AWS::SecretsManager::Secret':
