@@ -343,6 +343,9 @@ describe('FHIR interactions', () => {
           headers: { ...preflight, origin: 'https://evil.example' },
         });
         expect(other.headers.get('access-control-allow-origin')).toBeNull();
+        // The CapabilityStatement says so (R4 rest.security.cors).
+        const metadata = await fhirRequest(c, 'GET', '/fhir/metadata');
+        expect((metadata.body.rest as { security: Json }[])[0]?.security.cors).toBe(true);
       } finally {
         await c.broker.close(0);
       }
@@ -354,6 +357,8 @@ describe('FHIR interactions', () => {
       expect(pre.headers.get('access-control-allow-origin')).toBeNull();
       const read = await request('GET', '/fhir/Subscription', { headers: { origin: APP } });
       expect(read.headers.get('access-control-allow-origin')).toBeNull();
+      const metadata = await request('GET', '/fhir/metadata');
+      expect((metadata.body.rest as { security: Json }[])[0]?.security.cors).toBe(false);
     });
   });
 

@@ -23,8 +23,6 @@ export interface AppDeps extends FhirRouteDeps {
   readonly maxIngestBodyBytes: number;
   /** BROKER_PUBLIC_URL was set: the root redirects there (a proxy's path prefix and all). */
   readonly publicUrlExplicit?: boolean;
-  /** `BROKER_CORS_ORIGINS`: browser origins that may call the FHIR routes (`*`: any); none, no CORS. */
-  readonly corsOrigins?: readonly string[];
 }
 
 /** Paths and the methods they allow, for 405 answers. */

@@ -28,6 +28,8 @@ export interface FhirRouteDeps {
   readonly bindingTokens: BindingTokens;
   readonly wsTokenTtlMs: number;
   readonly websocketUrl: string;
+  /** `BROKER_CORS_ORIGINS`: browser origins that may call the FHIR routes (`*`: any); none, no CORS. */
+  readonly corsOrigins?: readonly string[];
 }
 
 /** 100: subscriptions one binding token may name (a socket binds them all at once). */
@@ -751,6 +753,8 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
           { url: FHIR_EXT.websocket, valueUri: deps.websocketUrl },
         ],
         security: {
+          // R4: "Server adds CORS headers when responding to requests" (BROKER_CORS_ORIGINS).
+          cors: (deps.corsOrigins ?? []).length > 0,
           description: 'Authorization: Bearer <API key>. Each client sees only its own Subscriptions.',
         },
         resource: [
