@@ -126,11 +126,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   app.post('/fhir/Subscription', async (c) => {
     const condition = conditionalCreate(c.req.header('if-none-exist'));
     const body = await readJsonBody(c, deps.maxBodyBytes);
-    const { record, shownSecret, existing } = await registry.create(
-      c.get('owner'),
-      body,
-      condition === undefined ? undefined : (subs) => subs.filter(condition),
-    );
+    const { record, shownSecret, existing } = await registry.create(c.get('owner'), body, condition);
     // R4 http.html#create: Location carries the id and the version id.
     const location = `${fhirBase}/Subscription/${record.id}/_history/${versionId(record)}`;
     return preferredReturn(

@@ -218,14 +218,14 @@ export class SubscriptionRegistry {
   }
 
   /**
-   * `unlessExists` (a conditional create): which of the client's subscriptions its condition
-   * matches, asked in turn with the client's other creates, so two of them racing in this process
-   * create one. One match: nothing is created and it is the answer; more than one: a 412.
+   * `unlessExists` (a conditional create): the condition, tried on the client's subscriptions in
+   * turn with the client's other creates, so two of them racing in this process create one. One
+   * match: nothing is created and it is the answer; more than one: a 412.
    */
   async create(
     owner: string,
     body: unknown,
-    unlessExists?: (subs: readonly SubscriptionRecord[]) => readonly SubscriptionRecord[],
+    unlessExists?: (sub: SubscriptionRecord) => boolean,
   ): Promise<WriteResult> {
     const spec = parseSubscription(body, this.#topics);
     requireReason(spec.resource);
@@ -239,7 +239,7 @@ export class SubscriptionRegistry {
     if (spec.channel.endpoint !== undefined) await this.#vet(owner, spec.channel.endpoint);
     return this.#oneAtATime(owner, async () => {
       if (unlessExists !== undefined) {
-        const found = unlessExists(await this.#store.listSubscriptions(owner));
+        const found = (await this.#store.listSubscriptions(owner)).filter(unlessExists);
         if (found.length > 1) {
           throw new BrokerError(
             'PRECONDITION_FAILED',
@@ -249,7 +249,7 @@ export class SubscriptionRegistry {
         // Read again by id (consistently, on DynamoDB, whose owner index may lag): the match as it
         // is now, if it still is one.
         const match = found[0] === undefined ? undefined : await this.#store.getSubscription(found[0].id);
-        if (match !== undefined && match.owner === owner && unlessExists([match]).length === 1) {
+        if (match !== undefined && match.owner === owner && unlessExists(match)) {
           return { record: match, existing: true };
         }
       }
