@@ -7,7 +7,10 @@ import type { Hono } from 'hono';
 import { EventBridgePublisher } from './aws/eventbridge-publisher.js';
 import { SQS_WAIT_TIME_SECONDS, SqsEventSource } from './aws/sqs-source.js';
 import { type ApiClient, type Config, sqsQueueRegion } from './config.js';
+import { ContentUnavailableError, FhirReader, type ResourceReader } from './content/fhir-reader.js';
+import { R4SearchParameters } from './content/search-parameters.js';
 import type { LifecycleSink } from './core/lifecycle.js';
+import { InvalidTopicError } from './core/topics.js';
 import { type Clock, type IdSource, systemClock } from './core/types.js';
 import { type Credentials, resolveCredentials } from './credentials.js';
 import { Allowlist } from './delivery/address-policy.js';
@@ -23,6 +26,7 @@ import { ApiKeyAuth, IngestAuth } from './http/auth.js';
 import { serveIngest } from './http/ingest-listener.js';
 import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
+import { ContentStage } from './service/content-stage.js';
 import { IngestService } from './service/ingest.js';
 import { SubscriptionRegistry } from './service/subscription-registry.js';
 import { DynamoDbStore } from './store/dynamodb/dynamodb-store.js';
@@ -119,6 +123,8 @@ export interface BrokerOverrides {
    * Lambda containers that match through the store's type index and never need them all.
    */
   readonly deferSubscriptionLoad?: boolean;
+  /** Reads changed resources for content filters instead of a `FhirReader` (tests: a signer's clock). */
+  readonly resourceReader?: (config: NonNullable<Config['fhirRead']>) => ResourceReader;
 }
 
 export async function createBroker(config: Config, overrides: BrokerOverrides = {}): Promise<Broker> {
@@ -147,10 +153,19 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
           bus: config.eventBus,
           logger,
         }));
+  // Content filters: the search parameters and a reader, only when the broker may read the FHIR server.
+  const search = config.fhirRead === undefined ? undefined : new R4SearchParameters();
+  const topicProblems = search === undefined ? [] : topics.contentFilterProblems(search);
+  if (topicProblems.length > 0) throw new InvalidTopicError(config.topicsDir, topicProblems.join('; '));
+  const reader =
+    config.fhirRead === undefined
+      ? undefined
+      : (overrides.resourceReader?.(config.fhirRead) ?? new FhirReader(config.fhirRead));
   const registry = new SubscriptionRegistry({
     maxSubscriptionsPerClient: config.maxSubscriptionsPerClient,
     store,
     topics,
+    ...(search === undefined ? {} : { search }),
     guard,
     clock,
     ids,
@@ -208,7 +223,14 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       maxInFlightPerClient: config.maxInFlightPerClient,
     },
   });
-  const ingest = new IngestService({ store, registry, sink: dispatcher, clock, logger, metrics });
+  const content = new ContentStage({
+    ...(search === undefined ? {} : { catalog: search }),
+    ...(reader === undefined ? {} : { reader }),
+    isUnavailable: (err) => err instanceof ContentUnavailableError,
+    logger,
+    metrics,
+  });
+  const ingest = new IngestService({ store, registry, sink: dispatcher, clock, logger, metrics, content });
   // From the store where it counts cheaply (a lane keeps at most its buffer in memory, the rest in the store).
   metrics.gauge('broker_outbox_depth', () => store.countPending?.() ?? dispatcher.outboxDepth);
   metrics.gauge('broker_subscriptions', () => registry.size);
@@ -302,6 +324,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       await dispatcher.close(graceMs);
       await lifecycle?.flush();
       await sender.close();
+      await reader?.close();
       await store.close();
       dynamodb?.destroy();
     },

@@ -91,9 +91,26 @@ export interface Config {
    */
   readonly deadLetterQueueUrl?: string;
   readonly topicsDir: string;
+  /**
+   * Where the content stage reads a changed resource, for subscriptions with content filters
+   * (src/service/content-stage.ts). Unset: such filters are refused at registration.
+   */
+  readonly fhirRead?: FhirReadConfig;
   readonly maxBodyBytes: number;
   readonly maxIngestBodyBytes: number;
   readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
+}
+
+/** `BROKER_FHIR_READ*`: how the content stage reads resources from the FHIR server. */
+export interface FhirReadConfig {
+  /** A FHIR base URL; absent: each event's own HealthLake datastore (`BROKER_FHIR_READ=healthlake`). */
+  readonly baseUrl?: string;
+  readonly auth: 'sigv4' | 'bearer' | 'none';
+  /** `BROKER_FHIR_READ_TOKEN`, for `bearer`. A secret: never logged. */
+  readonly token?: string;
+  /** The SigV4 region when the URL's host does not name one (`healthlake.<region>.amazonaws.com`). */
+  readonly region: string;
+  readonly timeoutMs: number;
 }
 
 export class ConfigError extends Error {
@@ -189,6 +206,7 @@ export function loadConfig(env: Env = process.env): Config {
   } catch (err) {
     throw new ConfigError('BROKER_TOPICS_DIR', `cannot read the directory ${resolve(topicsDir)}: ${fsReason(err)}`);
   }
+  const fhirRead = fhirReadConfig(env, awsRegion);
   return Object.freeze({
     port,
     host,
@@ -238,12 +256,79 @@ export function loadConfig(env: Env = process.env): Config {
     sqsPollers: int(env, 'BROKER_SQS_POLLERS', 2, 1, 10),
     ...(deadLetterQueueUrl === undefined ? {} : { deadLetterQueueUrl }),
     topicsDir,
+    ...(fhirRead === undefined ? {} : { fhirRead: Object.freeze(fhirRead) }),
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),
     // 10 MiB: 1,000 CloudTrail events of ~3 KB each, with room to spare.
     maxIngestBodyBytes: int(env, 'BROKER_MAX_INGEST_BYTES', 10 * 1024 * 1024, 1024, 256 * 1024 * 1024),
     logLevel,
   });
+}
+
+function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined {
+  const read = str(env, 'BROKER_FHIR_READ');
+  const token = str(env, 'BROKER_FHIR_READ_TOKEN');
+  const authRaw = str(env, 'BROKER_FHIR_READ_AUTH');
+  if (read === undefined) {
+    for (const name of ['BROKER_FHIR_READ_AUTH', 'BROKER_FHIR_READ_TOKEN']) {
+      if (str(env, name) !== undefined) throw new ConfigError(name, 'is set but BROKER_FHIR_READ is not');
+    }
+    return undefined;
+  }
+  let baseUrl: string | undefined;
+  if (read !== 'healthlake') {
+    let url: URL;
+    try {
+      url = new URL(read);
+    } catch {
+      throw new ConfigError('BROKER_FHIR_READ', 'must be healthlake or an http(s) FHIR base URL');
+    }
+    if ((url.protocol !== 'https:' && url.protocol !== 'http:') || url.search !== '' || url.hash !== '') {
+      throw new ConfigError(
+        'BROKER_FHIR_READ',
+        'must be healthlake or an http(s) FHIR base URL without query or fragment',
+      );
+    }
+    if (url.username !== '' || url.password !== '') {
+      throw new ConfigError('BROKER_FHIR_READ', 'must not carry credentials; use BROKER_FHIR_READ_TOKEN');
+    }
+    baseUrl = read.replace(/\/+$/, '');
+  }
+  const fallback =
+    baseUrl === undefined || new URL(baseUrl).hostname.endsWith('.amazonaws.com')
+      ? 'sigv4'
+      : token === undefined
+        ? 'none'
+        : 'bearer';
+  const auth = authRaw ?? fallback;
+  if (auth !== 'sigv4' && auth !== 'bearer' && auth !== 'none') {
+    throw new ConfigError('BROKER_FHIR_READ_AUTH', 'must be sigv4, bearer or none');
+  }
+  if (baseUrl === undefined && auth !== 'sigv4') {
+    throw new ConfigError('BROKER_FHIR_READ_AUTH', 'HealthLake (BROKER_FHIR_READ=healthlake) is read with sigv4');
+  }
+  if (auth === 'bearer' && token === undefined)
+    throw new ConfigError('BROKER_FHIR_READ_TOKEN', 'is required with bearer');
+  if (auth !== 'bearer' && token !== undefined) {
+    throw new ConfigError('BROKER_FHIR_READ_TOKEN', `is set but BROKER_FHIR_READ_AUTH is ${auth}`);
+  }
+  if (token !== undefined && !TOKEN_CHARS.test(token)) {
+    throw new ConfigError(
+      'BROKER_FHIR_READ_TOKEN',
+      'must be visible ASCII with no spaces (it goes in an Authorization header)',
+    );
+  }
+  const region =
+    (baseUrl === undefined
+      ? undefined
+      : /^healthlake\.([a-z0-9-]+)\.amazonaws\.com$/.exec(new URL(baseUrl).hostname)?.[1]) ?? awsRegion;
+  return {
+    ...(baseUrl === undefined ? {} : { baseUrl }),
+    auth,
+    ...(token === undefined ? {} : { token }),
+    region,
+    timeoutMs: singleDuration(env, 'BROKER_FHIR_READ_TIMEOUT', 10_000, 100),
+  };
 }
 
 function optional<K extends string>(key: K, value: string | undefined): { [P in K]?: string } {

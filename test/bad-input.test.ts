@@ -265,12 +265,27 @@ describe('bad input', () => {
       'POST',
       '/fhir/Subscription',
       ALICE,
-      topicSubscription('patient-change', 'https://hooks.example.com/g', { filters: ['Patient?birthdate=2000'] }),
+      topicSubscription('patient-change', 'https://hooks.example.com/g', { filters: ['Patient?deceased=true'] }),
     );
     const issue = (res.body.issue as Json[])[0] as Json;
-    expect(issue.diagnostics).toContain('birthdate');
+    expect(issue.diagnostics).toContain('deceased');
     expect(issue.diagnostics).toContain('canFilterBy');
     expect(issue.expression).toEqual(['Subscription._criteria.extension']);
+  });
+
+  it('refuses a content filter the topic offers when the broker does not read resources (BROKER_FHIR_READ unset)', async () => {
+    const before = await snapshot();
+    const res = await call(
+      'POST',
+      '/fhir/Subscription',
+      ALICE,
+      topicSubscription('patient-change', 'https://hooks.example.com/g', { filters: ['Patient?birthdate=2000'] }),
+    );
+    expect([res.status, codeOf(res.body)]).toEqual([422, 'UNSUPPORTED_FILTER']);
+    const issue = (res.body.issue as Json[])[0] as Json;
+    expect(issue.diagnostics).toContain('birthdate is decided on the resource');
+    expect(issue.diagnostics).toContain('BROKER_FHIR_READ');
+    expect(await snapshot()).toBe(before);
   });
 
   describe('POST /events', () => {

@@ -80,6 +80,11 @@ export const ERROR_CODES = {
     text: 'The body must be application/fhir+json or application/json.',
   },
   STORE_UNAVAILABLE: { status: 503, issue: 'exception', text: 'The store could not be reached.' },
+  CONTENT_UNAVAILABLE: {
+    status: 503,
+    issue: 'exception',
+    text: 'A changed resource could not be read from the FHIR server to evaluate content filters.',
+  },
   INTERNAL: { status: 500, issue: 'exception', text: 'An unexpected error.' },
 } as const satisfies Record<string, { status: number; issue: IssueType; text: string }>;
 

@@ -3,6 +3,7 @@ import { BrokerError, type ErrorCode } from './errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_EXT } from './fhir-urls.js';
 import { mediaType } from './media-type.js';
 import { R4_RESOURCE_TYPES } from './resource-types.js';
+import { type ContentFilter, FilterError, parseContentFilter, type SearchParameterCatalog } from './search-filter.js';
 import type { TopicCatalog, TopicDefinition } from './topics.js';
 import type {
   Channel,
@@ -341,7 +342,15 @@ export function requireReason(resource: FhirResource): void {
   });
 }
 
-export function parseSubscription(input: unknown, topics: TopicCatalog): SubscriptionSpec {
+/**
+ * `search`: the search parameters content filters may use; absent when the broker is not set up to
+ * read resources from the FHIR server (`BROKER_FHIR_READ`), and such filters are then refused.
+ */
+export function parseSubscription(
+  input: unknown,
+  topics: TopicCatalog,
+  search?: SearchParameterCatalog,
+): SubscriptionSpec {
   checkElements(input);
   if (!validateSubscription(input)) {
     const e = validateSubscription.errors?.[0];
@@ -362,7 +371,7 @@ export function parseSubscription(input: unknown, topics: TopicCatalog): Subscri
   if (sub.end !== undefined) checkInstant(sub.end, 'Subscription.end');
   const isTopic = /^https?:\/\//.test(sub.criteria);
   const kind: SubscriptionKind = isTopic ? 'topic' : 'classic';
-  const match = isTopic ? topicMatch(sub, topics) : classicMatch(sub);
+  const match = isTopic ? topicMatch(sub, topics, search) : classicMatch(sub, search);
   const channel = parseChannel(sub, kind);
   const webhookSecret = parseSecret(sub.channel.extension);
   checkNothingEmpty(sub);
@@ -519,7 +528,11 @@ function storedSize(resource: FhirResource): number {
   }
 }
 
-function topicMatch(sub: SubscriptionJson, topics: TopicCatalog): MatchSpec {
+function topicMatch(
+  sub: SubscriptionJson,
+  topics: TopicCatalog,
+  search: SearchParameterCatalog | undefined,
+): MatchSpec {
   const topic = topics.byCanonical(sub.criteria);
   if (topic === undefined) {
     const bar = sub.criteria.indexOf('|');
@@ -544,13 +557,18 @@ function topicMatch(sub: SubscriptionJson, topics: TopicCatalog): MatchSpec {
     }
     filters.push(ext.valueString.trim());
   }
-  return applyFilters(topic, filters);
+  return applyFilters(topic, filters, search);
 }
 
 /** Each filter is `[Type]?param=value[&param=value]` or `param=value`; all filters must hold (AND). */
-function applyFilters(topic: TopicDefinition, filters: readonly string[]): MatchSpec {
+function applyFilters(
+  topic: TopicDefinition,
+  filters: readonly string[],
+  search: SearchParameterCatalog | undefined,
+): MatchSpec {
   let types: readonly string[] | '*' = topic.resourceTypes;
   let ids: Set<string> | undefined;
+  const content: { filter: string; name: string; value: string }[] = [];
   for (const filter of filters) {
     const q = filter.indexOf('?');
     const prefix = q === -1 ? (filter.includes('=') ? '' : filter) : filter.slice(0, q);
@@ -568,11 +586,16 @@ function applyFilters(topic: TopicDefinition, filters: readonly string[]): Match
       const bad = () => unsupportedFilter(filter, 'malformed percent-encoding');
       const name = decodeOr(eq === -1 ? pair : pair.slice(0, eq), bad);
       const value = eq === -1 ? '' : decodeOr(pair.slice(eq + 1), bad);
-      if (!topicAllows(topic, scope, name)) {
+      if (!topicAllows(topic, scope, name.split(':')[0] as string)) {
         throw unsupportedFilter(
           filter,
           `${name} is not a filter of topic ${topic.url} for ${scope === '*' ? 'its resources' : scope} (canFilterBy: ${describeFilters(topic)})`,
         );
+      }
+      if (name !== '_type' && name !== '_id') {
+        if (search === undefined) throw unsupportedFilter(filter, contentUnreadable(name));
+        content.push({ filter, name, value });
+        continue;
       }
       const values = value.split(',').filter((v) => v !== '');
       if (values.length === 0) throw unsupportedFilter(filter, `${name} needs a value`);
@@ -591,10 +614,22 @@ function applyFilters(topic: TopicDefinition, filters: readonly string[]): Match
   if (ids !== undefined && ids.size === 0) {
     throw unsupportedFilter(filters.join(' & '), 'the _id filters exclude every resource');
   }
+  const contentFilters = content.map(({ filter, name, value }) => {
+    if (types === '*' || types.length !== 1) {
+      throw unsupportedFilter(
+        filter,
+        `${name} is decided on the resource's content, which needs a single resource type: write the filter as Type?${name}=…`,
+      );
+    }
+    return contentFilterOr(types[0] as string, name, value, search as SearchParameterCatalog, (why) =>
+      unsupportedFilter(filter, why),
+    );
+  });
   const match: MatchSpec = {
     resourceTypes: types,
     interactions: topic.interactions,
     ...(ids === undefined ? {} : { ids: [...ids] }),
+    ...(contentFilters.length === 0 ? {} : { content: contentFilters }),
   };
   checkCopies(topic, match, filters.length === 0 ? 'Subscription.criteria' : 'Subscription._criteria.extension');
   return match;
@@ -721,14 +756,37 @@ function checkExtensions(exts: readonly Extension[] | undefined, known: KnownExt
   }
 }
 
+/** Why a content filter is refused by a broker that does not read resources. */
+function contentUnreadable(name: string): string {
+  return `${name} is decided on the resource's content, which a CloudTrail event does not carry, and this broker is not set up to read it from the FHIR server (BROKER_FHIR_READ)`;
+}
+
+function contentFilterOr(
+  type: string,
+  name: string,
+  value: string,
+  search: SearchParameterCatalog,
+  fail: (why: string) => BrokerError,
+): ContentFilter {
+  try {
+    return parseContentFilter(type, name, value, search);
+  } catch (err) {
+    if (err instanceof FilterError) throw fail(err.message);
+    throw err;
+  }
+}
+
 function unsupportedFilter(filter: string, why: string): BrokerError {
   return new BrokerError('UNSUPPORTED_FILTER', `Filter "${filter}" cannot be honoured: ${why}`, {
     expression: 'Subscription._criteria.extension',
   });
 }
 
-/** Classic R4 criteria: `Type` or `Type?_id=a,b`. Content filters need the resource body, which events lack. */
-function classicMatch(sub: SubscriptionJson): MatchSpec {
+/**
+ * Classic R4 criteria: `Type`, `Type?_id=a,b`, and, when the broker reads resources from the FHIR
+ * server, any search parameter of the type it can evaluate (`Observation?patient=Patient/1&code=…`).
+ */
+function classicMatch(sub: SubscriptionJson, search: SearchParameterCatalog | undefined): MatchSpec {
   checkExtensions(sub._criteria?.extension, CLASSIC_CRITERIA_EXTENSIONS);
   const criteria = sub.criteria.trim();
   const q = criteria.indexOf('?');
@@ -739,6 +797,7 @@ function classicMatch(sub: SubscriptionJson): MatchSpec {
     });
   }
   let ids: string[] | undefined;
+  const content: ContentFilter[] = [];
   for (const pair of (q === -1 ? '' : criteria.slice(q + 1)).split('&').filter((p) => p !== '')) {
     const eq = pair.indexOf('=');
     const bad = () =>
@@ -746,13 +805,16 @@ function classicMatch(sub: SubscriptionJson): MatchSpec {
         expression: 'Subscription.criteria',
       });
     const name = decodeOr(eq === -1 ? pair : pair.slice(0, eq), bad);
-    const values = (eq === -1 ? '' : decodeOr(pair.slice(eq + 1), bad)).split(',').filter((v) => v !== '');
+    const raw = eq === -1 ? '' : decodeOr(pair.slice(eq + 1), bad);
+    const values = raw.split(',').filter((v) => v !== '');
     if (name !== '_id') {
-      throw new BrokerError(
-        'UNSUPPORTED_CRITERIA',
-        `Criteria "${criteria}": search parameter ${name} cannot be evaluated from a CloudTrail event; only _id is supported`,
-        { expression: 'Subscription.criteria' },
-      );
+      const fail = (why: string) =>
+        new BrokerError('UNSUPPORTED_CRITERIA', `Criteria "${criteria}": ${why}`, {
+          expression: 'Subscription.criteria',
+        });
+      if (search === undefined) throw fail(contentUnreadable(name));
+      content.push(contentFilterOr(type, name, raw, search, fail));
+      continue;
     }
     if (values.length === 0 || !values.every((v) => FHIR_ID.test(v))) {
       throw new BrokerError('UNSUPPORTED_CRITERIA', `Criteria "${criteria}": _id needs FHIR ids`, {
@@ -766,7 +828,12 @@ function classicMatch(sub: SubscriptionJson): MatchSpec {
       expression: 'Subscription.criteria',
     });
   }
-  return { resourceTypes: [type], interactions: [...INTERACTIONS], ...(ids === undefined ? {} : { ids }) };
+  return {
+    resourceTypes: [type],
+    interactions: [...INTERACTIONS],
+    ...(ids === undefined ? {} : { ids }),
+    ...(content.length === 0 ? {} : { content }),
+  };
 }
 
 function decodeOr(text: string, fail: () => BrokerError): string {

@@ -1,9 +1,11 @@
 import { Ajv } from 'ajv';
+import { EVALUATED_TYPES, type SearchParameterCatalog } from './search-filter.js';
 import { type FhirResource, INTERACTIONS, type Interaction } from './types.js';
 
 /**
- * SubscriptionTopic definitions (R4B shape) the broker offers. Only what a CloudTrail event can
- * decide is honoured: the triggering resource type and interaction, and `_id` / `_type` filters.
+ * SubscriptionTopic definitions (R4B shape) the broker offers. Honoured: the triggering resource
+ * type and interaction, `_id` / `_type` filters (decided on the event), and search parameters the
+ * content stage decides on the resource (src/core/search-filter.ts), when the broker reads it.
  */
 
 export const BROKER_CANONICAL_BASE = 'https://fhir-subscription-broker.org/fhir';
@@ -11,6 +13,8 @@ const STRUCTURE_DEFINITION = 'http://hl7.org/fhir/StructureDefinition/';
 
 /** Filter parameters a topic may declare that the broker can evaluate from the event alone. */
 export const EVENT_FILTER_PARAMETERS: ReadonlySet<string> = new Set(['_id', '_type']);
+/** A search parameter's code, as the R4 SearchParameter definitions write them (`_tag`, `general-practitioner`). */
+const SEARCH_PARAMETER_CODE = /^_?[a-z][a-z0-9-]*$/;
 
 export interface TopicDefinition {
   readonly url: string;
@@ -98,10 +102,10 @@ export function parseTopic(json: unknown, source: string): TopicDefinition {
   }
   const filters = new Map<string, Set<string>>();
   for (const f of json.canFilterBy ?? []) {
-    if (!EVENT_FILTER_PARAMETERS.has(f.filterParameter)) {
+    if (!EVENT_FILTER_PARAMETERS.has(f.filterParameter) && !SEARCH_PARAMETER_CODE.test(f.filterParameter)) {
       throw new InvalidTopicError(
         source,
-        `canFilterBy ${f.filterParameter} cannot be evaluated from a CloudTrail event (supported: _id, _type)`,
+        `canFilterBy ${f.filterParameter} is not a search parameter code (like patient or _tag; modifiers are the client's)`,
       );
     }
     const key = f.resource === undefined ? '*' : resourceTypeOf(f.resource);
@@ -158,5 +162,33 @@ export class TopicCatalog {
 
   all(): readonly TopicDefinition[] {
     return [...this.#byUrl.values()];
+  }
+
+  /**
+   * What is wrong with the topics' content filters (canFilterBy beyond `_id` and `_type`) by the
+   * search parameters `search` knows: a parameter a resource type does not have, or one the broker
+   * cannot evaluate. Empty when all hold.
+   */
+  contentFilterProblems(search: SearchParameterCatalog): string[] {
+    const problems: string[] = [];
+    for (const t of this.all()) {
+      for (const [scope, params] of t.filters) {
+        const types = scope !== '*' ? [scope] : t.resourceTypes === '*' ? ['Resource'] : t.resourceTypes;
+        for (const param of params) {
+          if (EVENT_FILTER_PARAMETERS.has(param)) continue;
+          for (const type of types) {
+            const info = search.lookup(type, param);
+            if (info === undefined)
+              problems.push(`topic ${t.url}: canFilterBy ${param} is not a search parameter of ${type}`);
+            else if (!EVALUATED_TYPES.has(info.type)) {
+              problems.push(
+                `topic ${t.url}: canFilterBy ${param} on ${type} is a ${info.type} parameter, which the broker does not evaluate`,
+              );
+            }
+          }
+        }
+      }
+    }
+    return problems;
   }
 }

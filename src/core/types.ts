@@ -1,3 +1,4 @@
+import type { ContentFilter } from './search-filter.js';
 /** The domain vocabulary. Pure data: no I/O, no SDK types. */
 
 export type Interaction = 'create' | 'update' | 'delete';
@@ -37,6 +38,11 @@ export interface MatchSpec {
   readonly resourceTypes: readonly string[] | '*';
   readonly interactions: readonly Interaction[];
   readonly ids?: readonly string[];
+  /**
+   * Stage two: filters on the resource's content (search parameters), decided on the resource as
+   * the FHIR server holds it (src/service/content-stage.ts). Only with a single resource type.
+   */
+  readonly content?: readonly ContentFilter[];
 }
 
 export interface Channel {

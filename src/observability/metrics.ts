@@ -30,6 +30,14 @@ const FAMILIES = {
     type: 'counter',
     zero: [{}],
   },
+  broker_content_reads_total: {
+    help: 'Reads of changed resources for content filters, by outcome (read, missing, no_id, failed, unconfigured)',
+    type: 'counter',
+  },
+  broker_content_matches_total: {
+    help: 'Content-filter checks of a candidate subscription against a read resource, by outcome',
+    type: 'counter',
+  },
   broker_notifications_total: {
     help: 'Notification deliveries, by outcome',
     type: 'counter',

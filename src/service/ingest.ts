@@ -1,10 +1,11 @@
 import { InvalidEnvelopeError, parseEventBridgeEvent } from '../core/cloudtrail.js';
 import { BrokerError } from '../core/errors.js';
 import { matchCandidates } from '../core/match-index.js';
-import type { Clock, Notification, ResourceChange } from '../core/types.js';
+import type { Clock, MatchSpec, Notification, ResourceChange } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { AcceptItem, AcceptOutcome, MatchCandidate, Store } from '../store/store.js';
+import { ContentStage } from './content-stage.js';
 import type { SubscriptionRegistry } from './subscription-registry.js';
 
 /**
@@ -55,6 +56,7 @@ export class IngestService {
   readonly #clock: Clock;
   readonly #logger: Logger;
   readonly #metrics: Metrics;
+  readonly #content: ContentStage;
   #pending: PendingCommit[] = [];
   #scheduled = false;
   /**
@@ -74,7 +76,14 @@ export class IngestService {
     clock: Clock;
     logger: Logger;
     metrics: Metrics;
+    /**
+     * Stage two: content filters. Without one, candidates with content filters are left out (never
+     * delivered unfiltered), as by a stage without a reader.
+     */
+    content?: ContentStage;
   }) {
+    this.#content =
+      deps.content ?? new ContentStage({ isUnavailable: () => false, logger: deps.logger, metrics: deps.metrics });
     this.#store = deps.store;
     this.#registry = deps.registry;
     this.#sink = deps.sink;
@@ -130,11 +139,15 @@ export class IngestService {
     });
 
     const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
-    const match =
+    const { match, specOf } =
       candidatesFor === undefined
-        ? (change: ResourceChange) => this.#registry.match(change, receivedAt)
+        ? {
+            match: (change: ResourceChange) => this.#registry.match(change, receivedAt),
+            specOf: (id: string) => this.#registry.get(id)?.match,
+          }
         : await this.#storeMatcher(candidatesFor, changes, receivedAt);
-    const items: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
+    let items: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
+    items = await this.#content.narrow(items, specOf);
     // Answered once committed and handed to the dispatcher (see `#flush`).
     const outcomes = items.length === 0 ? [] : await this.#commit(items, receivedAt);
     let notifications = 0;
@@ -168,7 +181,7 @@ export class IngestService {
     candidatesFor: NonNullable<Store['candidatesFor']>,
     changes: readonly ResourceChange[],
     nowMs: number,
-  ): Promise<(change: ResourceChange) => string[]> {
+  ): Promise<{ match: (change: ResourceChange) => string[]; specOf: (id: string) => MatchSpec | undefined }> {
     const types = [...new Set(changes.map((c) => c.resourceType))];
     let candidates: Map<string, readonly MatchCandidate[]>;
     try {
@@ -177,7 +190,12 @@ export class IngestService {
       this.#logger.error('could not read the subscriptions to match; the senders will retry', { err: err as Error });
       throw new BrokerError('STORE_UNAVAILABLE', 'The events could not be matched; retry', { cause: err });
     }
-    return (change) => matchCandidates(candidates.get(change.resourceType) ?? [], change, nowMs);
+    const specs = new Map<string, MatchSpec>();
+    for (const list of candidates.values()) for (const c of list) specs.set(c.id, c.match);
+    return {
+      match: (change) => matchCandidates(candidates.get(change.resourceType) ?? [], change, nowMs),
+      specOf: (id) => specs.get(id),
+    };
   }
 
   /**

@@ -2,6 +2,7 @@ import { BrokerError } from '../core/errors.js';
 import { BROKER_EXT } from '../core/fhir-urls.js';
 import { type LifecycleSink, noLifecycleSink } from '../core/lifecycle.js';
 import { MatchIndex } from '../core/match-index.js';
+import type { SearchParameterCatalog } from '../core/search-filter.js';
 import { Slots } from '../core/slots.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
 import {
@@ -78,6 +79,7 @@ const signs = (channel: { readonly type: string }): boolean => channel.type === 
 export class SubscriptionRegistry {
   readonly #store: Store;
   readonly #topics: TopicCatalog;
+  readonly #search: SearchParameterCatalog | undefined;
   readonly #guard: EndpointGuard;
   readonly #clock: Clock;
   /** Per client: the create under way, which the next one waits for. */
@@ -100,6 +102,8 @@ export class SubscriptionRegistry {
     maxSubscriptionsPerClient?: number;
     store: Store;
     topics: TopicCatalog;
+    /** Search parameters for content filters; absent: such filters are refused. */
+    search?: SearchParameterCatalog;
     guard: EndpointGuard;
     clock: Clock;
     ids: IdSource;
@@ -107,6 +111,7 @@ export class SubscriptionRegistry {
   }) {
     this.#store = deps.store;
     this.#topics = deps.topics;
+    this.#search = deps.search;
     this.#guard = deps.guard;
     this.#clock = deps.clock;
     this.#ids = deps.ids;
@@ -227,7 +232,7 @@ export class SubscriptionRegistry {
     body: unknown,
     unlessExists?: (sub: SubscriptionRecord) => boolean,
   ): Promise<WriteResult> {
-    const spec = parseSubscription(body, this.#topics);
+    const spec = parseSubscription(body, this.#topics, this.#search);
     requireReason(spec.resource);
     this.#checkEnd(spec);
     if (spec.askedStatus === 'error') {
@@ -391,7 +396,7 @@ export class SubscriptionRegistry {
   /** `ifMatch`: the versions the client read (`ETag` / `meta.versionId`); another one now is a 412. */
   async update(owner: string, id: string, body: unknown, ifMatch?: readonly string[]): Promise<WriteResult> {
     checkBodyId(body, id);
-    const spec = parseSubscription(body, this.#topics);
+    const spec = parseSubscription(body, this.#topics, this.#search);
     this.#checkEnd(spec);
     let checkedEndpoint: string | undefined;
     for (let attempt = 1; ; attempt++) {

@@ -15,6 +15,7 @@ import {
   topicSubscription,
 } from './fhir-client.js';
 import { validateFhir } from './fhir-schema.js';
+import { FhirServer } from './fhir-server.js';
 import { Receiver } from './receiver.js';
 
 /**
@@ -26,18 +27,23 @@ import { Receiver } from './receiver.js';
 
 const HL = 'https://healthlake.us-east-1.amazonaws.com/datastore/abcdef01234567890abcdef012345678/r4';
 const PATIENT = 'a1b2c3d4-5678-90ab-cdef-EXAMPLE22222';
+/** The FHIR server's token, for the content stage's reads (a secret: never logged). */
+const FHIR_TOKEN = 'fhir-read-token-0123456789abcdef';
 
 export function runEndToEndSuite(name: string, extraEnv: () => Record<string, string> = () => ({})): void {
   describe(`broker end to end (${name}, rest-hook)`, () => {
     let broker: BrokerProcess;
     let receiver: Receiver;
+    let fhir: FhirServer;
     let alice: Client;
     let bob: Client;
     const subs: Record<string, Json> = {};
 
     beforeAll(async () => {
       receiver = await Receiver.start();
-      broker = await startBroker(extraEnv());
+      fhir = await FhirServer.start();
+      fhir.token = FHIR_TOKEN;
+      broker = await startBroker({ BROKER_FHIR_READ: fhir.url, BROKER_FHIR_READ_TOKEN: FHIR_TOKEN, ...extraEnv() });
       alice = new Client(broker.url, API_KEYS.alice);
       bob = new Client(broker.url, API_KEYS.bob);
     });
@@ -45,6 +51,7 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
     afterAll(async () => {
       await broker?.kill('SIGTERM');
       await receiver?.close();
+      await fhir?.close();
     });
 
     const hook = (name: string) => `${receiver.url}/hook/${name}`;
@@ -321,6 +328,41 @@ export function runEndToEndSuite(name: string, extraEnv: () => Record<string, st
       const written = JSON.stringify(broker.logs) + broker.stderr.join('\n');
       for (const secret of secrets) expect(written.includes(secret)).toBe(false);
       expect(broker.logs.length).toBeGreaterThan(10);
+    });
+
+    it('filters on content: notifies only the changes whose resource, read from the FHIR server, matches', async () => {
+      for (const [id, patient] of [
+        ['obs-c1', 'p-content'],
+        ['obs-c2', 'p-other'],
+        ['obs-c3', 'p-content'],
+      ] as const) {
+        fhir.put({ resourceType: 'Observation', id, status: 'final', subject: { reference: `Patient/${patient}` } });
+      }
+      subs.content = await alice.create(
+        topicSubscription('observation-change', hook('content'), {
+          filters: ['Observation?patient=Patient/p-content'],
+        }),
+      );
+      await receiver.waitFor(() => bundles('content').length === 1, 'the content subscription handshake');
+      const res = await alice.postEvents(
+        ['obs-c1', 'obs-c2', 'obs-c3'].map((id) => eventLike('healthlake-create-observation', `content-${id}`, id)),
+        INGEST_TOKEN,
+      );
+      expect(res.body).toEqual({ accepted: 3, ignored: 0, duplicates: 0 });
+      await receiver.waitFor(() => notifications('content').length === 2, 'the two matching notifications');
+      const delivered = notifications('content').map((b) => [
+        eventNumbers(b),
+        statusOf(b).events.map((e) => focusOf(e)?.split('/').slice(-2).join('/')),
+      ]);
+      expect(delivered).toEqual([
+        [[1], ['Observation/obs-c1']],
+        [[2], ['Observation/obs-c3']],
+      ]);
+      expect(fhir.requests.map((r) => `${r.path} ${r.headers.authorization}`)).toEqual(
+        ['obs-c1', 'obs-c2', 'obs-c3'].map((id) => `/fhir/Observation/${id} Bearer ${FHIR_TOKEN}`),
+      );
+      const written = JSON.stringify(broker.logs) + broker.stderr.join('\n');
+      expect(written.includes(FHIR_TOKEN)).toBe(false);
     });
 
     it('stops cleanly on SIGTERM', async () => {
