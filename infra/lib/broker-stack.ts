@@ -1,6 +1,7 @@
-import { CfnCondition, CfnOutput, CfnParameter, Duration, Fn, Stack, type StackProps } from 'aws-cdk-lib';
+import { Aws, CfnCondition, CfnOutput, CfnParameter, Duration, Fn, Stack, type StackProps } from 'aws-cdk-lib';
 import { EventBus, Rule, Schedule } from 'aws-cdk-lib/aws-events';
 import { LambdaFunction as LambdaTarget } from 'aws-cdk-lib/aws-events-targets';
+import { type CfnPolicy, Policy, PolicyStatement } from 'aws-cdk-lib/aws-iam';
 import type { Construct } from 'constructs';
 import { BrokerAlarms } from './alarms.js';
 import { BrokerApis } from './apis.js';
@@ -59,6 +60,16 @@ export class BrokerStack extends Stack {
       constraintDescription: 'browser origins (https://app.example.org), comma-separated, or * alone, or empty',
       description: 'Origins whose browser pages may call the FHIR API (BROKER_CORS_ORIGINS); empty for none.',
     });
+    const fhirRead = new CfnParameter(this, 'FhirRead', {
+      type: 'String',
+      default: '',
+      // What BROKER_FHIR_READ takes (README, Content filters): checked here, or a typo would stop
+      // every function at start.
+      allowedPattern: '^(healthlake|https?://[^\\s?#]+)?$',
+      constraintDescription: 'healthlake, an http(s) FHIR base URL, or empty',
+      description:
+        "Where content filters (patient=, code=...) read changed resources (BROKER_FHIR_READ): healthlake (each event's datastore, with SigV4), a FHIR base URL, or empty to refuse such filters.",
+    });
     const isSet = (id: string, parameter: CfnParameter) =>
       new CfnCondition(this, id, { expression: Fn.conditionNot(Fn.conditionEquals(parameter.valueAsString, '')) });
     const datastoreIdSet = isSet('HealthLakeDatastoreIdSet', datastoreId);
@@ -79,7 +90,23 @@ export class BrokerStack extends Stack {
       eventBus,
       credentials,
       corsOrigins: corsOrigins.valueAsString,
+      fhirRead: fhirRead.valueAsString,
     });
+    // Content filters on HealthLake: the functions that ingest (EventBridge's target, and POST /events)
+    // read the changed resources, and only then, from the datastore the broker is fed by when one is set.
+    const readHealthLake = new CfnCondition(this, 'FhirReadHealthLake', {
+      expression: Fn.conditionEquals(fhirRead.valueAsString, 'healthlake'),
+    });
+    const datastores = Fn.conditionIf(
+      datastoreIdSet.logicalId,
+      `arn:${Aws.PARTITION}:healthlake:${Aws.REGION}:${Aws.ACCOUNT_ID}:datastore/fhir/${datastoreId.valueAsString}`,
+      `arn:${Aws.PARTITION}:healthlake:${Aws.REGION}:${Aws.ACCOUNT_ID}:datastore/fhir/*`,
+    ).toString();
+    const readResources = new Policy(this, 'ReadHealthLakeResources', {
+      statements: [new PolicyStatement({ actions: ['healthlake:ReadResource'], resources: [datastores] })],
+      roles: [functions.events.role, functions.api.role].filter((r) => r !== undefined),
+    });
+    (readResources.node.defaultChild as CfnPolicy).cfnOptions.condition = readHealthLake;
     apis.route({
       http: functions.api,
       connect: functions.wsConnect,

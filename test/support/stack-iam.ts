@@ -12,10 +12,13 @@ type Json = unknown;
 interface Resource {
   readonly Type: string;
   readonly Properties?: Record<string, Json>;
+  /** A condition the resource exists under (a stack parameter's default decides it here). */
+  readonly Condition?: string;
 }
 export interface TemplateJson {
   readonly Resources: Readonly<Record<string, Resource>>;
   readonly Parameters?: Readonly<Record<string, { readonly Default?: string }>>;
+  readonly Conditions?: Readonly<Record<string, Json>>;
 }
 
 export interface Statement {
@@ -28,10 +31,30 @@ export interface Statement {
 export class StackIam {
   readonly #resources: Readonly<Record<string, Resource>>;
   readonly #parameters: Readonly<Record<string, { readonly Default?: string }>>;
+  readonly #conditions: Readonly<Record<string, Json>>;
 
   constructor(template: TemplateJson) {
     this.#resources = template.Resources;
     this.#parameters = template.Parameters ?? {};
+    this.#conditions = template.Conditions ?? {};
+  }
+
+  /** A named condition, with every stack parameter at its default (`Fn::Equals`, `Fn::Not`, `Fn::And`, `Fn::Or`). */
+  condition(name: string): boolean {
+    const expression = this.#conditions[name];
+    if (expression === undefined) throw new TypeError(`no condition ${name}`);
+    return this.#evaluate(expression);
+  }
+
+  #evaluate(value: Json): boolean {
+    const [key, arg] = Object.entries((value ?? {}) as Record<string, Json>)[0] ?? [];
+    const args = (Array.isArray(arg) ? arg : []) as Json[];
+    if (key === 'Fn::Equals') return this.resolve(args[0]) === this.resolve(args[1]);
+    if (key === 'Fn::Not') return !this.#evaluate(args[0]);
+    if (key === 'Fn::And') return args.every((a) => this.#evaluate(a));
+    if (key === 'Fn::Or') return args.some((a) => this.#evaluate(a));
+    if (key === 'Condition' && typeof arg === 'string') return this.condition(arg);
+    throw new TypeError(`cannot evaluate the condition ${JSON.stringify(value)}`);
   }
 
   /** The logical id of the one Lambda function whose properties include `props`. */
@@ -80,6 +103,8 @@ export class StackIam {
     const documents: [string, Json][] = [];
     for (const [id, r] of Object.entries(this.#resources)) {
       if (r.Type !== 'AWS::IAM::Policy') continue;
+      // A policy that exists only under a condition the defaults leave false is not deployed.
+      if (r.Condition !== undefined && !this.condition(r.Condition)) continue;
       const roles = (r.Properties?.Roles ?? []) as { Ref?: string }[];
       if (roles.some((ref) => ref.Ref === roleId)) documents.push([id, r.Properties?.PolicyDocument]);
     }
@@ -110,6 +135,10 @@ export class StackIam {
       return parts.map((p) => this.resolve(p)).join(separator);
     }
     if (key === 'Ref' && typeof arg === 'string') return this.#ref(arg);
+    if (key === 'Fn::If' && Array.isArray(arg)) {
+      const [name, yes, no] = arg as [string, Json, Json];
+      return this.resolve(this.condition(name) ? yes : no);
+    }
     if (key === 'Fn::GetAtt' && Array.isArray(arg)) return this.#getAtt(arg[0] as string, arg[1] as string);
     throw new TypeError(`cannot resolve ${JSON.stringify(value)}`);
   }
