@@ -52,8 +52,15 @@ export class ContentStage {
     this.#metrics = deps.metrics;
   }
 
-  /** `items` with each candidate list narrowed to the subscriptions whose content filters hold. */
-  async narrow(items: readonly AcceptItem[], specOf: (id: string) => MatchSpec | undefined): Promise<AcceptItem[]> {
+  /**
+   * `items` with each candidate list narrowed to the subscriptions whose content filters hold;
+   * `items` itself, synchronously, when no candidate has content filters (the common case costs a
+   * look-up per candidate, not a promise).
+   */
+  narrow(
+    items: readonly AcceptItem[],
+    specOf: (id: string) => MatchSpec | undefined,
+  ): readonly AcceptItem[] | Promise<AcceptItem[]> {
     const checks: { index: number; filtered: string[] }[] = [];
     items.forEach((item, index) => {
       let filtered: string[] | undefined;
@@ -64,8 +71,14 @@ export class ContentStage {
       }
       if (filtered !== undefined) checks.push({ index, filtered });
     });
-    if (checks.length === 0) return [...items];
+    return checks.length === 0 ? items : this.#narrowRead(items, checks, specOf);
+  }
 
+  async #narrowRead(
+    items: readonly AcceptItem[],
+    checks: readonly { index: number; filtered: string[] }[],
+    specOf: (id: string) => MatchSpec | undefined,
+  ): Promise<AcceptItem[]> {
     const resources = await this.#readAll(checks.map((c) => (items[c.index] as AcceptItem).change));
     const out = [...items];
     checks.forEach(({ index, filtered }, k) => {

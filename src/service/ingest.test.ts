@@ -47,6 +47,8 @@ function setup(refresh?: (ids: readonly string[]) => Promise<void>) {
   const enqueued: Notification[] = [];
   const registry = {
     match: () => ['s1'],
+    // s1 as the registry holds it: no content filters, so the content stage reads nothing.
+    get: () => ({ id: 's1', match: { resourceTypes: ['Patient'], interactions: ['create', 'update', 'delete'] } }),
     noteNotifications: () => undefined,
     refresh: refresh ?? (async () => undefined),
   } as unknown as SubscriptionRegistry;

@@ -146,8 +146,9 @@ export class IngestService {
             specOf: (id: string) => this.#registry.get(id)?.match,
           }
         : await this.#storeMatcher(candidatesFor, changes, receivedAt);
-    let items: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
-    items = await this.#content.narrow(items, specOf);
+    const matched: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
+    const narrowed = this.#content.narrow(matched, specOf);
+    const items = Array.isArray(narrowed) ? narrowed : await narrowed;
     // Answered once committed and handed to the dispatcher (see `#flush`).
     const outcomes = items.length === 0 ? [] : await this.#commit(items, receivedAt);
     let notifications = 0;
