@@ -338,3 +338,157 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ BROKER_MAX_IN_FLIGHT_PER_CLIENT: '0' })).toThrow(/BROKER_MAX_IN_FLIGHT_PER_CLIENT/);
   });
 });
+
+describe('loadConfig: BROKER_FHIR_READ (the content stage)', () => {
+  const local = 'http://127.0.0.1:8080/fhir';
+
+  it('leaves fhirRead out when BROKER_FHIR_READ is unset or blank', () => {
+    expect(loadConfig({}).fhirRead).toBeUndefined();
+    expect(loadConfig({ BROKER_FHIR_READ: '  ' }).fhirRead).toBeUndefined();
+  });
+
+  it.each(['BROKER_FHIR_READ_AUTH', 'BROKER_FHIR_READ_TOKEN'])('refuses %s without BROKER_FHIR_READ', (variable) => {
+    expect(configError({ [variable]: variable.endsWith('AUTH') ? 'bearer' : 'fhir-read-token-0123' })).toBe(
+      `${variable}: is set but BROKER_FHIR_READ is not`,
+    );
+  });
+
+  it('reads healthlake as SigV4 in AWS_REGION, each event naming its datastore', () => {
+    expect(loadConfig({ BROKER_FHIR_READ: 'healthlake' }).fhirRead).toEqual({
+      auth: 'sigv4',
+      region: 'us-east-1',
+      timeoutMs: 10_000,
+    });
+    const c = loadConfig({ BROKER_FHIR_READ: 'healthlake', AWS_REGION: 'eu-central-1' });
+    expect(c.fhirRead).toEqual({ auth: 'sigv4', region: 'eu-central-1', timeoutMs: 10_000 });
+    expect(Object.isFrozen(c.fhirRead)).toBe(true);
+    expect(loadConfig({ BROKER_FHIR_READ: 'healthlake', BROKER_FHIR_READ_AUTH: 'sigv4' }).fhirRead?.auth).toBe('sigv4');
+  });
+
+  it('reads a HealthLake datastore URL as SigV4 in the region of its host, without the trailing slash', () => {
+    const c = loadConfig({
+      BROKER_FHIR_READ: 'https://healthlake.eu-west-2.amazonaws.com/datastore/x/r4/',
+      AWS_REGION: 'us-west-2',
+    });
+    expect(c.fhirRead).toEqual({
+      baseUrl: 'https://healthlake.eu-west-2.amazonaws.com/datastore/x/r4',
+      auth: 'sigv4',
+      region: 'eu-west-2',
+      timeoutMs: 10_000,
+    });
+  });
+
+  it('reads another FHIR base URL without auth, or with a bearer token when one is given', () => {
+    expect(loadConfig({ BROKER_FHIR_READ: local }).fhirRead).toEqual({
+      baseUrl: local,
+      auth: 'none',
+      region: 'us-east-1',
+      timeoutMs: 10_000,
+    });
+    const token = 'fhir-read-token-0123456789';
+    expect(loadConfig({ BROKER_FHIR_READ: `${local}//`, BROKER_FHIR_READ_TOKEN: token }).fhirRead).toEqual({
+      baseUrl: local,
+      auth: 'bearer',
+      token,
+      region: 'us-east-1',
+      timeoutMs: 10_000,
+    });
+    expect(
+      loadConfig({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_AUTH: 'bearer', BROKER_FHIR_READ_TOKEN: token }).fhirRead
+        ?.auth,
+    ).toBe('bearer');
+    // SigV4 on a URL of another host: asked for, it is taken.
+    expect(
+      loadConfig({ BROKER_FHIR_READ: 'https://fhir.example.org/r4', BROKER_FHIR_READ_AUTH: 'sigv4' }).fhirRead,
+    ).toMatchObject({ baseUrl: 'https://fhir.example.org/r4', auth: 'sigv4', region: 'us-east-1' });
+  });
+
+  it.each([
+    [
+      'bearer without a token',
+      { BROKER_FHIR_READ: local, BROKER_FHIR_READ_AUTH: 'bearer' },
+      'BROKER_FHIR_READ_TOKEN: is required with bearer',
+    ],
+    [
+      'a token with none',
+      { BROKER_FHIR_READ: local, BROKER_FHIR_READ_AUTH: 'none', BROKER_FHIR_READ_TOKEN: 'fhir-read-token-0123' },
+      'BROKER_FHIR_READ_TOKEN: is set but BROKER_FHIR_READ_AUTH is none',
+    ],
+    [
+      'a token with a HealthLake URL (sigv4)',
+      {
+        BROKER_FHIR_READ: 'https://healthlake.eu-west-2.amazonaws.com/datastore/x/r4',
+        BROKER_FHIR_READ_TOKEN: 'fhir-read-token-0123',
+      },
+      'BROKER_FHIR_READ_TOKEN: is set but BROKER_FHIR_READ_AUTH is sigv4',
+    ],
+    [
+      'healthlake with bearer',
+      {
+        BROKER_FHIR_READ: 'healthlake',
+        BROKER_FHIR_READ_AUTH: 'bearer',
+        BROKER_FHIR_READ_TOKEN: 'fhir-read-token-0123',
+      },
+      'BROKER_FHIR_READ_AUTH: HealthLake (BROKER_FHIR_READ=healthlake) is read with sigv4',
+    ],
+    [
+      'healthlake with none',
+      { BROKER_FHIR_READ: 'healthlake', BROKER_FHIR_READ_AUTH: 'none' },
+      'BROKER_FHIR_READ_AUTH: HealthLake (BROKER_FHIR_READ=healthlake) is read with sigv4',
+    ],
+    [
+      'an unknown auth',
+      { BROKER_FHIR_READ: local, BROKER_FHIR_READ_AUTH: 'basic' },
+      'BROKER_FHIR_READ_AUTH: must be sigv4, bearer or none',
+    ],
+  ])('refuses %s', (_case, env, message) => {
+    expect(configError(env)).toBe(message);
+  });
+
+  it.each([
+    ['ftp://fhir.example.org/r4', /^BROKER_FHIR_READ: must be healthlake or an http\(s\) FHIR base URL/],
+    ['not a url', /^BROKER_FHIR_READ: must be healthlake or an http\(s\) FHIR base URL$/],
+    ['HealthLake', /^BROKER_FHIR_READ: must be healthlake or an http\(s\) FHIR base URL$/],
+    ['fhir.example.org/r4', /^BROKER_FHIR_READ: must be healthlake or an http\(s\) FHIR base URL$/],
+    ['https://fhir.example.org/r4?x=1', /^BROKER_FHIR_READ: .* without query or fragment$/],
+    ['https://fhir.example.org/r4#top', /^BROKER_FHIR_READ: .* without query or fragment$/],
+    [
+      'https://reader:hunter2secret@fhir.example.org/r4',
+      /^BROKER_FHIR_READ: must not carry credentials; use BROKER_FHIR_READ_TOKEN$/,
+    ],
+    ['https://reader@fhir.example.org/r4', /^BROKER_FHIR_READ: must not carry credentials/],
+  ])('refuses BROKER_FHIR_READ %s, naming it', (raw, message) => {
+    const error = configError({ BROKER_FHIR_READ: raw });
+    expect(error).toMatch(message);
+    expect(error).not.toContain('hunter2');
+  });
+
+  it.each([
+    ['a space', 'fhir read token 0123456789'],
+    ['a tab', 'fhir-read-token\t0123456789'],
+    ['a character outside visible ASCII', 'fhir-read-token-\u00e9-0123456789'],
+  ])('refuses a BROKER_FHIR_READ_TOKEN with %s, without repeating it', (_case, token) => {
+    const error = configError({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TOKEN: token });
+    expect(error).toBe(
+      'BROKER_FHIR_READ_TOKEN: must be visible ASCII with no spaces (it goes in an Authorization header)',
+    );
+    expect(error).not.toContain('0123456789');
+  });
+
+  it('reads BROKER_FHIR_READ_TIMEOUT as one duration of at least 100 ms', () => {
+    expect(loadConfig({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: '2s' }).fhirRead?.timeoutMs).toBe(2000);
+    expect(loadConfig({ BROKER_FHIR_READ: 'healthlake', BROKER_FHIR_READ_TIMEOUT: '250ms' }).fhirRead?.timeoutMs).toBe(
+      250,
+    );
+    expect(loadConfig({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: '1m' }).fhirRead?.timeoutMs).toBe(60_000);
+    expect(configError({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: 'soon' })).toMatch(
+      /^BROKER_FHIR_READ_TIMEOUT: "soon" is not a duration like /,
+    );
+    expect(configError({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: '50ms' })).toBe(
+      'BROKER_FHIR_READ_TIMEOUT: must be one duration of at least 100 ms',
+    );
+    expect(configError({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: '1s,2s' })).toBe(
+      'BROKER_FHIR_READ_TIMEOUT: must be one duration of at least 100 ms',
+    );
+  });
+});

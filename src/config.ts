@@ -270,7 +270,7 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
   const token = str(env, 'BROKER_FHIR_READ_TOKEN');
   const authRaw = str(env, 'BROKER_FHIR_READ_AUTH');
   if (read === undefined) {
-    for (const name of ['BROKER_FHIR_READ_AUTH', 'BROKER_FHIR_READ_TOKEN']) {
+    for (const name of ['BROKER_FHIR_READ_AUTH', 'BROKER_FHIR_READ_TOKEN', 'BROKER_FHIR_READ_TIMEOUT']) {
       if (str(env, name) !== undefined) throw new ConfigError(name, 'is set but BROKER_FHIR_READ is not');
     }
     return undefined;

@@ -1,4 +1,7 @@
+import { once } from 'node:events';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SignatureV4 } from '@smithy/signature-v4';
@@ -250,6 +253,52 @@ describe('content filters', () => {
     },
   );
 
+  it('a server that keeps no history (405 on _history) judges no delete: accepted, matched by no content filter', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.respond = (r) => (r.path.endsWith('/_history') ? 405 : undefined);
+    await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
+    await active(t, await t.create(topicSubscription('observation-change', `${receiver.url}/all`)));
+    expect(await t.post(observationEvent('d-nohist', 'o-gone', 'DeleteResource'))).toEqual({
+      accepted: 1,
+      ignored: 0,
+      duplicates: 0,
+    });
+    await receiver.waitFor(() => focusesOn(receiver, '/all').length === 1, 'the unfiltered notification');
+    expect(focusesOn(receiver, '/p1')).toEqual([]);
+    const line = logged(t, 'changed resource not found on the FHIR server: no content filter holds');
+    expect(line?.reason).toContain('answered 405: the server keeps no history to read');
+  });
+
+  it('a read that does not finish within BROKER_FHIR_READ_TIMEOUT is a 503, even while bytes keep coming', async () => {
+    // Headers at once, then a byte every 100 ms: each chunk within any per-chunk timeout.
+    const trickle = createServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/fhir+json' });
+      res.write('{');
+      const timer = setInterval(() => res.write(' '), 100);
+      res.on('close', () => clearInterval(timer));
+    });
+    trickle.listen(0, '127.0.0.1');
+    await once(trickle, 'listening');
+    cleanups.push(async () => {
+      trickle.closeAllConnections();
+      trickle.close();
+    });
+    const receiver = await Receiver.start();
+    const t = await inProcessBroker({
+      BROKER_FHIR_READ: `http://127.0.0.1:${(trickle.address() as AddressInfo).port}/fhir`,
+      BROKER_FHIR_READ_TIMEOUT: '500ms',
+    });
+    cleanups.push(
+      () => receiver.close(),
+      () => t.broker.close(0),
+    );
+    await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
+    const res = await t.call('POST', '/events', observationEvent('e-slow', 'o-slow'), TOKENS.ingest);
+    expect(res.status).toBe(503);
+    expect(((res.body.issue as Json[])[0] as Json).diagnostics).toContain('could not be read from the FHIR server');
+    // The trickle never ends: only the whole-read deadline could have answered.
+  });
+
   it('an answer that is not the resource named is a failure to read, not a match', async () => {
     const { t, fhir, receiver } = await setup();
     await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
@@ -387,7 +436,7 @@ describe('SigV4 reads (HealthLake)', () => {
       fhirBase: 'https://unused.example',
       time: '2024-01-01T00:00:00Z',
     };
-    expect((await reader.read(change))?.id).toBe('o1');
+    expect(await reader.read(change)).toEqual({ resource: expect.objectContaining({ id: 'o1' }) });
 
     const req = fhir.requests[0];
     const auth = String(req?.headers.authorization);

@@ -12,19 +12,27 @@ import type { ResourceChange } from '../core/types.js';
  * credential chain); any other FHIR server at a base URL with a bearer token or without one.
  *
  * Answers:
- * - the resource;
- * - `undefined`: the server has no version of it (never there, or expunged): nothing to match;
- * - `ContentUnavailableError`: it could not be read now (unreachable, timed out, 401/403, 429, 5xx,
- *   an answer that is not the resource). The ingest request then fails with a 503 and stores
- *   nothing, so the sender (EventBridge) tries again later; nothing is delivered unfiltered.
+ * - `{ resource }`;
+ * - `{ missing }`, with the reason: the server has no version of it (never there, or expunged), or
+ *   after a delete it cannot say what was deleted (no `_history`: 400, 405, 501). Nothing to match,
+ *   and retrying would not change that;
+ * - `ContentUnavailableError`: it could not be read now (unreachable, past the timeout, 401/403,
+ *   429, 5xx, any other refusal, an answer that is not the resource). The ingest request then fails
+ *   with a 503 and stores nothing, so the sender (EventBridge) tries again later; nothing is
+ *   delivered unfiltered.
  */
 
 export class ContentUnavailableError extends Error {}
 
+export type ReadResult = { readonly resource: Record<string, unknown> } | { readonly missing: string };
+
 export interface ResourceReader {
-  read(change: ResourceChange): Promise<Record<string, unknown> | undefined>;
+  read(change: ResourceChange): Promise<ReadResult>;
   close(): Promise<void>;
 }
+
+/** Answers to `_history` that say the server keeps no history to read, for good. */
+const NO_HISTORY = new Set([400, 405, 501]);
 
 /** 8 MiB: a FHIR resource (a Binary aside) is far smaller; a larger answer is refused, not buffered. */
 const MAX_ANSWER_BYTES = 8 * 1024 * 1024;
@@ -57,28 +65,33 @@ export class FhirReader implements ResourceReader {
           }));
   }
 
-  async read(change: ResourceChange): Promise<Record<string, unknown> | undefined> {
+  async read(change: ResourceChange): Promise<ReadResult> {
     const id = change.resourceId;
-    if (id === undefined) return undefined;
+    if (id === undefined) return { missing: 'the event names no resource id' };
     const base = this.#config.baseUrl ?? change.fhirBase.replace(/\/+$/, '');
     const path = `${base}/${change.resourceType}/${encodeURIComponent(id)}`;
     // Messages name the server and the type, never the resource id (they reach logs).
     const read = `the read of a ${change.resourceType} at ${base}`;
     if (change.interaction !== 'delete') {
       const current = await this.#get(path, read);
-      if (current.status === 200) return this.#resource(current.body, change, read);
+      if (current.status === 200) return { resource: this.#resource(current.body, change, read) };
       if (current.status !== 404 && current.status !== 410) throw unavailable(read, current.status);
     }
     // Deleted (or gone since the event): the newest version that still has the resource.
     const history = `the history read of a ${change.resourceType} at ${base}`;
     const versions = await this.#get(`${path}/_history?_count=${HISTORY_COUNT}`, history);
-    if (versions.status === 404 || versions.status === 410) return undefined;
+    if (versions.status === 404 || versions.status === 410) return { missing: 'the server has no version of it' };
+    if (NO_HISTORY.has(versions.status)) {
+      return { missing: `${history} answered ${versions.status}: the server keeps no history to read` };
+    }
     if (versions.status !== 200) throw unavailable(history, versions.status);
     const bundle = versions.body as { resourceType?: unknown; entry?: unknown };
     if (bundle?.resourceType !== 'Bundle') throw new ContentUnavailableError(`${history} did not answer a Bundle`);
     const entries = Array.isArray(bundle.entry) ? (bundle.entry as { resource?: unknown }[]) : [];
     const last = entries.find((e) => typeof e?.resource === 'object' && e.resource !== null);
-    return last === undefined ? undefined : this.#resource(last.resource, change, history);
+    return last === undefined
+      ? { missing: 'its history holds no version with the resource' }
+      : { resource: this.#resource(last.resource, change, history) };
   }
 
   close(): Promise<void> {
@@ -100,17 +113,29 @@ export class FhirReader implements ResourceReader {
     if (this.#signer !== undefined) headers = await this.#sign(target, headers);
     let res: Awaited<ReturnType<typeof request>>;
     try {
-      res = await request(target, { method: 'GET', headers, dispatcher: this.#agent });
+      // One deadline for the whole read: the Agent's timeouts are per phase (a body trickled in
+      // small chunks would pass its bodyTimeout chunk by chunk).
+      res = await request(target, {
+        method: 'GET',
+        headers,
+        dispatcher: this.#agent,
+        signal: AbortSignal.timeout(this.#config.timeoutMs),
+      });
     } catch (err) {
       throw new ContentUnavailableError(`${what} failed: ${(err as Error).message}`, { cause: err });
     }
     if (res.statusCode !== 200) {
-      await res.body.dump();
+      await res.body.dump().catch(() => undefined);
       return { status: res.statusCode, body: undefined };
     }
     try {
       return { status: 200, body: await res.body.json() };
     } catch (err) {
+      if ((err as Error).name === 'TimeoutError' || (err as Error).name === 'AbortError') {
+        throw new ContentUnavailableError(`${what} failed: no whole answer within ${this.#config.timeoutMs} ms`, {
+          cause: err,
+        });
+      }
       throw new ContentUnavailableError(`${what}: the answer is not JSON (${(err as Error).message})`, {
         cause: err,
       });

@@ -2,7 +2,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { type FhirPathAtom, parseFhirPath, toTypedValue } from '@medplum/core';
-import type { SearchParameterCatalog, SearchParameterInfo } from '../core/search-filter.js';
+import { EVALUATED_TYPES, type SearchParameterCatalog, type SearchParameterInfo } from '../core/search-filter.js';
 
 /**
  * The FHIR R4 SearchParameter definitions (the specification's `search-parameters.json`, as
@@ -66,18 +66,23 @@ export class R4SearchParameters implements SearchParameterCatalog {
       this.#compiled.set(key, null);
       return undefined;
     }
+    const info = { type: def.type, targets: def.target ?? [] };
+    if (!EVALUATED_TYPES.has(def.type)) {
+      // Known, and refused by its type (composite, quantity...), whatever its expression.
+      const known: Compiled = { info, atom: undefined };
+      this.#compiled.set(key, known);
+      return known;
+    }
     const branches = splitUnion(def.expression ?? '')
       .filter((b) => rootOf(b) === base)
-      .map((b) => (base === resourceType ? b : b.replace(`${base}.`, `${resourceType}.`)));
-    const compiled: Compiled = {
-      info: { type: def.type, targets: def.target ?? [] },
-      atom: branches.length === 0 ? undefined : parseFhirPath(branches.join(' | ')),
-    };
+      .map((b) => (base === resourceType ? b : b.replace(`${base}.`, `${resourceType}.`)))
+      .map(withoutResolve);
     // A definition whose expression names no branch for this type cannot be evaluated: unknown.
-    if (compiled.atom === undefined) {
+    if (branches.length === 0) {
       this.#compiled.set(key, null);
       return undefined;
     }
+    const compiled: Compiled = { info, atom: parseFhirPath(branches.join(' | ')) };
     this.#compiled.set(key, compiled);
     return compiled;
   }
@@ -118,6 +123,20 @@ export function splitUnion(expression: string): string[] {
   }
   out.push(expression.slice(start).trim());
   return out.filter((b) => b !== '');
+}
+
+/**
+ * `where(resolve() is Patient)` without resolving: the broker reads one resource, never what it
+ * references, and the engine's `resolve()` takes a reference's type from its first segment, so an
+ * absolute reference (`https://server/fhir/Patient/1`) would never count as a Patient. The type is
+ * the segment before the id (a version suffix allowed), or the reference's `type`.
+ */
+function withoutResolve(branch: string): string {
+  return branch.replace(
+    /resolve\(\) is ([A-Za-z]+)/g,
+    (_m, type: string) =>
+      `(reference.matches('(^|/)${type}/[A-Za-z0-9.-]{1,64}(/_history/[A-Za-z0-9.-]{1,64})?$') or type = '${type}')`,
+  );
 }
 
 /** The type a branch starts from: `(Observation.value as Quantity)` → Observation. */

@@ -244,9 +244,11 @@ function isContactPoint(v: Record<string, unknown>): boolean {
 function tokenTextMatches(target: unknown, value: string): boolean {
   if (!isObject(target)) return false;
   const texts: string[] = [];
-  if (typeof target.text === 'string') texts.push(target.text);
-  if (typeof target.display === 'string') texts.push(target.display);
-  for (const c of Array.isArray(target.coding) ? target.coding : []) {
+  // R4: CodeableConcept.text, Coding.display, or Identifier.type.text.
+  const concept = isObject(target.type) && typeof target.value === 'string' ? target.type : target;
+  if (typeof concept.text === 'string') texts.push(concept.text);
+  if (typeof concept.display === 'string') texts.push(concept.display);
+  for (const c of Array.isArray(concept.coding) ? concept.coding : []) {
     if (isObject(c) && typeof c.display === 'string') texts.push(c.display);
   }
   const want = normalize(unescapeValue(value));
@@ -268,7 +270,9 @@ function referenceMatches(
   const want = unescapeValue(value);
   if (typed) return have === (want.includes('/') ? relative(want, serverBase) : `${targets[0]}/${want}`);
   if (want.includes('/')) return have === relative(want, serverBase) || ref === want;
-  // A bare id: any reference to that id among the parameter's target types.
+  // A bare id: a local reference (relative, or under this server's base) to that id among the
+  // parameter's target types; not one to another server.
+  if (have.includes('://')) return false;
   const slash = have.lastIndexOf('/');
   if (slash === -1) return false;
   const type = have.slice(have.lastIndexOf('/', slash - 1) + 1, slash);
@@ -348,7 +352,8 @@ function dateRange(text: string): [number, number] | undefined {
   const year = Number(y);
   const month = mo === undefined ? 1 : Number(mo);
   const day = d === undefined ? 1 : Number(d);
-  if (month < 1 || month > 12 || day < 1 || day > 31) return undefined;
+  // A calendar date: 2024-02-30 is no date (Date.UTC would roll it over to March).
+  if (month < 1 || month > 12 || day < 1 || day > new Date(Date.UTC(year, month, 0)).getUTCDate()) return undefined;
   const offsetMs =
     tz === undefined || tz === 'Z'
       ? 0
@@ -379,10 +384,11 @@ function dateRange(text: string): [number, number] | undefined {
 
 function dateProblem(value: string): string | undefined {
   const prefix = value.slice(0, 2);
-  const body = /^[a-z]{2}/.test(value) ? value.slice(2) : value;
-  if (/^[a-z]{2}/.test(value) && !DATE_PREFIXES.includes(prefix as DatePrefix)) {
+  // Two letters then a digit is a prefix (ap2024); anything else lettered is no date at all.
+  if (/^[a-z]{2}\d/.test(value) && !DATE_PREFIXES.includes(prefix as DatePrefix)) {
     return `prefix ${prefix} is not supported (supported: ${DATE_PREFIXES.join(', ')})`;
   }
+  const body = DATE_PREFIXES.includes(prefix as DatePrefix) ? value.slice(2) : value;
   return dateRange(body) === undefined ? 'not a FHIR date, dateTime or instant' : undefined;
 }
 

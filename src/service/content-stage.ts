@@ -1,3 +1,4 @@
+import type { ReadResult } from '../content/fhir-reader.js';
 import { BrokerError } from '../core/errors.js';
 import { matchesContent, type SearchParameterCatalog } from '../core/search-filter.js';
 import type { MatchSpec, ResourceChange } from '../core/types.js';
@@ -19,7 +20,7 @@ import type { AcceptItem } from '../store/store.js';
  */
 
 export interface ResourceSource {
-  read(change: ResourceChange): Promise<Record<string, unknown> | undefined>;
+  read(change: ResourceChange): Promise<ReadResult>;
 }
 
 /** Reads in flight at once for one request. */
@@ -153,14 +154,17 @@ export class ContentStage {
       this.#metrics.inc('broker_content_reads_total', { outcome: 'no_id' });
       return undefined;
     }
-    const resource = await reader.read(change);
-    this.#metrics.inc('broker_content_reads_total', { outcome: resource === undefined ? 'missing' : 'read' });
-    if (resource === undefined) {
-      this.#logger.info('changed resource not found on the FHIR server: no content filter holds', {
-        eventId: change.eventId,
-        resourceType: change.resourceType,
-      });
+    const read = await reader.read(change);
+    if ('resource' in read) {
+      this.#metrics.inc('broker_content_reads_total', { outcome: 'read' });
+      return read.resource;
     }
-    return resource;
+    this.#metrics.inc('broker_content_reads_total', { outcome: 'missing' });
+    this.#logger.info('changed resource not found on the FHIR server: no content filter holds', {
+      eventId: change.eventId,
+      resourceType: change.resourceType,
+      reason: read.missing,
+    });
+    return undefined;
   }
 }
