@@ -2,6 +2,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { cpus, loadavg } from 'node:os';
 import { createInterface } from 'node:readline';
 import { runCatchup } from './catchup.js';
+import { runContent } from './content.js';
 import { runDynamodb } from './dynamodb.js';
 import { runFanout } from './fanout.js';
 import { runMatch } from './match.js';
@@ -11,7 +12,7 @@ import { runRetention } from './retention.js';
 import { printTable, type TargetCheck } from './util.js';
 
 /**
- * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `catchup`, `fanout`, `dynamodb`, `retention`) runs one.
+ * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `catchup`, `content`, `fanout`, `dynamodb`, `retention`) runs one.
  * Each suite prints its own table; this prints the machine first and the targets last.
  */
 
@@ -20,6 +21,7 @@ const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = {
   pipeline: runPipeline,
   outbox: runOutbox,
   catchup: runCatchup,
+  content: runContent,
   fanout: runFanout,
   dynamodb: runDynamodb,
   retention: runRetention,
