@@ -480,7 +480,11 @@ describe('loadConfig: BROKER_FHIR_READ (the content stage)', () => {
     expect(loadConfig({ BROKER_FHIR_READ: 'healthlake', BROKER_FHIR_READ_TIMEOUT: '250ms' }).fhirRead?.timeoutMs).toBe(
       250,
     );
-    expect(loadConfig({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: '1m' }).fhirRead?.timeoutMs).toBe(60_000);
+    expect(loadConfig({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: '25s' }).fhirRead?.timeoutMs).toBe(25_000);
+    // An ingest request waits for the read: no more than API Gateway would give a Lambda.
+    expect(configError({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: '1m' })).toBe(
+      'BROKER_FHIR_READ_TIMEOUT: must be at most 25s: an ingest request waits for the read',
+    );
     expect(configError({ BROKER_FHIR_READ: local, BROKER_FHIR_READ_TIMEOUT: 'soon' })).toMatch(
       /^BROKER_FHIR_READ_TIMEOUT: "soon" is not a duration like /,
     );

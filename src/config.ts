@@ -283,7 +283,7 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     } catch {
       throw new ConfigError('BROKER_FHIR_READ', 'must be healthlake or an http(s) FHIR base URL');
     }
-    if ((url.protocol !== 'https:' && url.protocol !== 'http:') || url.search !== '' || url.hash !== '') {
+    if ((url.protocol !== 'https:' && url.protocol !== 'http:') || read.includes('?') || read.includes('#')) {
       throw new ConfigError(
         'BROKER_FHIR_READ',
         'must be healthlake or an http(s) FHIR base URL without query or fragment',
@@ -318,6 +318,13 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
       'must be visible ASCII with no spaces (it goes in an Authorization header)',
     );
   }
+  // The token and the resources (PHI) would cross the network in clear text.
+  if (auth === 'bearer' && baseUrl?.startsWith('http:') === true && !isLoopbackHost(new URL(baseUrl).hostname)) {
+    throw new ConfigError(
+      'BROKER_FHIR_READ',
+      'must be https with a bearer token (plain http only to this machine: 127.0.0.1, ::1, localhost)',
+    );
+  }
   const region =
     (baseUrl === undefined
       ? undefined
@@ -327,8 +334,24 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     auth,
     ...(token === undefined ? {} : { token }),
     region,
-    timeoutMs: singleDuration(env, 'BROKER_FHIR_READ_TIMEOUT', 10_000, 100),
+    timeoutMs: fhirReadTimeout(env),
   };
+}
+
+/**
+ * At most 25 s: a read holds the ingest request that waits for it, and API Gateway gives a Lambda
+ * request 29 s (README, Content filters).
+ */
+function fhirReadTimeout(env: Env): number {
+  const ms = singleDuration(env, 'BROKER_FHIR_READ_TIMEOUT', 10_000, 100);
+  if (ms > 25_000) {
+    throw new ConfigError('BROKER_FHIR_READ_TIMEOUT', 'must be at most 25s: an ingest request waits for the read');
+  }
+  return ms;
+}
+
+function isLoopbackHost(host: string): boolean {
+  return host === 'localhost' || host === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
 
 function optional<K extends string>(key: K, value: string | undefined): { [P in K]?: string } {

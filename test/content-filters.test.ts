@@ -1,3 +1,4 @@
+import { createHash, createHmac } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -5,6 +6,7 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SignatureV4 } from '@smithy/signature-v4';
+import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createBroker } from '../src/broker.js';
 import { loadConfig } from '../src/config.js';
@@ -18,7 +20,7 @@ import {
   statusOf,
   topicSubscription,
 } from './support/fhir-client.js';
-import { FhirServer } from './support/fhir-server.js';
+import { type FhirRequest, FhirServer } from './support/fhir-server.js';
 import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
@@ -84,6 +86,11 @@ async function active(t: TestBroker, sub: Json): Promise<string> {
 /** A topic-based Subscription to Observation changes with one filter (its notifications name their focus). */
 const filtered = (receiver: Receiver, path: string, filter: string) =>
   topicSubscription('observation-change', `${receiver.url}${path}`, { filters: [filter] });
+
+async function waitUntil(done: () => boolean): Promise<void> {
+  for (let i = 0; i < 1000 && !done(); i++) await new Promise((r) => setTimeout(r, 10));
+  expect(done()).toBe(true);
+}
 
 const logged = (t: TestBroker, msg: string) => t.logger.records.find((r) => r.msg === msg);
 
@@ -159,11 +166,16 @@ describe('content filters', () => {
   it('reads nothing for an event no content-filtered subscription could match', async () => {
     const { t, fhir, receiver } = await setup();
     await active(t, await t.create(classicSubscription('Observation?patient=p1', `${receiver.url}/obs`)));
-    const patients = await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await t.post(eventLike('healthlake-update-patient', 'e-pat', 'pat-1'));
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    // Held: a read would hang this test, not answer it.
+    fhir.hold = new Promise(() => undefined);
+    expect(await t.post(eventLike('healthlake-update-patient', 'e-pat', 'pat-1'))).toEqual({
+      accepted: 1,
+      ignored: 0,
+      duplicates: 0,
+    });
     await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'the patient notification');
     expect(fhir.requests).toEqual([]);
-    expect(patients).toBeTypeOf('string');
   });
 
   it('judges a delete by the last version before it, from the instance history', async () => {
@@ -306,9 +318,115 @@ describe('content filters', () => {
     fhir.put(observation('o10', 'p1'), 'o9');
     const reply = await t.call('POST', '/events', observationEvent('e-wrong', 'o9'), TOKENS.ingest);
     expect(reply.status).toBe(503);
-    expect(((reply.body.issue as Json[])[0] as Json).diagnostics).toContain('did not answer the Observation itself');
+    expect(((reply.body.issue as Json[])[0] as Json).diagnostics).toContain(
+      'the answer is not the Observation the event names',
+    );
     expect(receiver.on('/p1').length).toBe(1); // the handshake only
     expect(JSON.stringify(t.logger.records)).not.toContain(FHIR_TOKEN);
+  });
+
+  it('judges a subscription changed during the read by the filters it had when the event was matched', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put(observation('o-race', 'p2'));
+    const sub = await t.create(filtered(receiver, '/p1', 'Observation?patient=p1'));
+    const id = await active(t, sub);
+    let release: (v?: unknown) => void = () => undefined;
+    fhir.hold = new Promise((r) => {
+      release = r;
+    });
+    const posting = t.call('POST', '/events', observationEvent('e-race', 'o-race'), TOKENS.ingest);
+    await waitUntil(() => fhir.requests.length === 1);
+    // While the read is held, the subscription drops its filter (patient-change, every Patient).
+    const changed = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...topicSubscription('patient-change', `${receiver.url}/p1`),
+      id,
+    });
+    expect(changed.status).toBe(200);
+    release();
+    expect((await posting).body).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+    const s = await t.call('GET', `/fhir/Subscription/${id}/$status`);
+    expect(statusOf(s.body).params.get('events-since-subscription-start')?.valueString).toBe('0');
+  });
+
+  it('a resource the FHIRPath engine cannot walk holds no content filter; the event still goes to the others', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put({ ...observation('o-odd', 'p1'), subject: { reference: 42 } });
+    await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
+    await active(t, await t.create(topicSubscription('observation-change', `${receiver.url}/all`)));
+    expect(await t.post(observationEvent('e-odd', 'o-odd'))).toEqual({ accepted: 1, ignored: 0, duplicates: 0 });
+    await receiver.waitFor(() => focusesOn(receiver, '/all').length === 1, 'the unfiltered notification');
+    expect(focusesOn(receiver, '/p1')).toEqual([]);
+    const line = logged(t, 'a changed resource could not be evaluated for content filters: no content filter holds');
+    expect(line?.resourceType).toBe('Observation');
+  });
+
+  it("counts a reference under BROKER_FHIR_READ's own base as local", async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put({ ...observation('o-abs', 'x'), subject: { reference: `${fhir.url}/Patient/p1` } });
+    await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
+    await active(t, await t.create(filtered(receiver, '/typed', 'Observation?subject=Patient/p1')));
+    await t.post(observationEvent('e-abs', 'o-abs'));
+    await receiver.waitFor(
+      () => focusesOn(receiver, '/p1').length === 1 && focusesOn(receiver, '/typed').length === 1,
+      'both notifications',
+    );
+  });
+
+  it('judges a delete by what it deleted, not by a version created after it', async () => {
+    const { t, fhir, receiver } = await setup();
+    // Deleted while about p2, then created again about p1: the delete event concerns the p2 version.
+    fhir.put(observation('o-re', 'p2'));
+    fhir.delete('Observation', 'o-re');
+    fhir.put(observation('o-re', 'p1'));
+    // The reverse: deleted while about p1, created again about p2.
+    fhir.put(observation('o-re2', 'p1'));
+    fhir.delete('Observation', 'o-re2');
+    fhir.put(observation('o-re2', 'p2'));
+    await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
+    await active(t, await t.create(topicSubscription('observation-change', `${receiver.url}/all`)));
+    await t.post([
+      observationEvent('d-re', 'o-re', 'DeleteResource'),
+      observationEvent('d-re2', 'o-re2', 'DeleteResource'),
+    ]);
+    await receiver.waitFor(() => focusesOn(receiver, '/all').length === 2, 'the unfiltered notifications');
+    await receiver.waitFor(() => focusesOn(receiver, '/p1').length === 1, 'the filtered notification');
+    expect(focusesOn(receiver, '/p1')).toEqual(['o-re2']);
+  });
+
+  it('an answer that is not JSON is a 503 that quotes nothing of it', async () => {
+    const { t, fhir, receiver } = await setup();
+    await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
+    fhir.body = () => '<html>Patient Jane Doe, MRN 12345</html>';
+    const res = await t.call('POST', '/events', observationEvent('e-html', 'o-html'), TOKENS.ingest);
+    expect(res.status).toBe(503);
+    const text = JSON.stringify(res.body) + JSON.stringify(t.logger.records);
+    expect(text).toContain('the answer is not JSON (40 characters, content-type application/fhir+json)');
+    expect(text).not.toContain('Jane');
+    expect(text).not.toContain('<html');
+  });
+
+  it('a slow FHIR server under a burst: each read has its own deadline from its turn, so none times out waiting', async () => {
+    // 64 events at once, 16 reads in flight, 200 ms a read: the last start ~0.8 s after the first,
+    // past a deadline of 600 ms counted from arrival, well within one counted from each read's turn.
+    const { t, fhir, receiver } = await setup({ BROKER_FHIR_READ_TIMEOUT: '600ms' });
+    await active(t, await t.create(filtered(receiver, '/p1', 'Observation?patient=p1')));
+    for (let i = 0; i < 64; i++) fhir.put(observation(`o-b${i}`, 'p1'));
+    fhir.delayMs = 200;
+    const answers = await Promise.all(
+      Array.from({ length: 64 }, (_, i) =>
+        t.call('POST', '/events', observationEvent(`e-b${i}`, `o-b${i}`), TOKENS.ingest),
+      ),
+    );
+    expect(answers.map((a) => a.status)).toEqual(Array.from({ length: 64 }, () => 202));
+    await receiver.waitFor(() => focusesOn(receiver, '/p1').length === 64, 'the 64 notifications');
+  });
+
+  it('logs classic criteria by their resource type only (they may hold patient data)', async () => {
+    const { t, receiver } = await setup();
+    await t.create(classicSubscription('Patient?name:exact=Jane%20Doe&birthdate=1970-01-01', `${receiver.url}/x`));
+    const created = logged(t, 'subscription created');
+    expect(created?.topic).toBe('Patient?…');
+    expect(JSON.stringify(t.logger.records)).not.toContain('Jane');
   });
 
   it('refuses filters it cannot evaluate, naming them, and stores nothing', async () => {
@@ -373,6 +491,11 @@ describe('content filters without BROKER_FHIR_READ', () => {
       await first.create(topicSubscription('observation-change', `${receiver.url}/all`)),
     );
     await first.broker.close(0);
+    // Stored so that a broker from before content filters reads it as matching nothing.
+    const db = new Database(join(dataDir, 'broker.sqlite3'), { readonly: true });
+    const stored = db.prepare('SELECT match_json FROM subscriptions WHERE id = ?').get(p1) as { match_json: string };
+    db.close();
+    expect(JSON.parse(stored.match_json)).toMatchObject({ resourceTypes: [], contentTypes: ['Observation'] });
 
     const second = await inProcessBroker({ BROKER_DATA_DIR: dataDir });
     cleanups.push(() => second.broker.close(0));
@@ -384,7 +507,8 @@ describe('content filters without BROKER_FHIR_READ', () => {
     const s = await second.call('GET', `/fhir/Subscription/${p1}/$status`);
     const params = statusOf(s.body).params;
     expect(params.get('events-since-subscription-start')?.valueString).toBe('0');
-    expect(plain).toBeTypeOf('string');
+    const all = await second.call('GET', `/fhir/Subscription/${plain}/$status`);
+    expect(statusOf(all.body).params.get('events-since-subscription-start')?.valueString).toBe('1');
   });
 
   it('a topic whose canFilterBy names a parameter the type does not have stops the start', async () => {
@@ -416,59 +540,99 @@ describe('content filters without BROKER_FHIR_READ', () => {
   });
 });
 
+/**
+ * AWS Signature Version 4, computed by hand from the request as the server received it
+ * (docs.aws.amazon.com/IAM/latest/UserGuide/create-signed-request.html): the check HealthLake makes.
+ */
+function sigV4Signature(req: FhirRequest, secretAccessKey: string, region: string): string {
+  const sha256 = (data: string) => createHash('sha256').update(data).digest('hex');
+  const hmac = (key: Buffer | string, data: string) => createHmac('sha256', key).update(data).digest();
+  const date = String(req.headers['x-amz-date']);
+  const signed = /SignedHeaders=([^,]+)/.exec(String(req.headers.authorization))?.[1]?.split(';') ?? [];
+  const query = new URLSearchParams(req.query);
+  const canonicalQuery = [...query.entries()]
+    .map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v)}`)
+    .sort()
+    .join('&');
+  const canonical = [
+    req.method,
+    req.path,
+    canonicalQuery,
+    ...signed.map((h) => `${h}:${String(req.headers[h]).trim()}`),
+    '',
+    signed.join(';'),
+    String(req.headers['x-amz-content-sha256']),
+  ].join('\n');
+  const scope = `${date.slice(0, 8)}/${region}/healthlake/aws4_request`;
+  const toSign = ['AWS4-HMAC-SHA256', date, scope, sha256(canonical)].join('\n');
+  let key = hmac(`AWS4${secretAccessKey}`, date.slice(0, 8));
+  for (const part of [region, 'healthlake', 'aws4_request']) key = hmac(key, part);
+  return createHmac('sha256', key).update(toSign).digest('hex');
+}
+
 describe('SigV4 reads (HealthLake)', () => {
-  it('signs each read as AWS SigV4 for the healthlake service, and the signature verifies', async () => {
+  const credentials = { accessKeyId: 'AKIDEXAMPLE', secretAccessKey: 'wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY' };
+  const signer = (region: string) => new SignatureV4({ service: 'healthlake', region, credentials, sha256: Sha256 });
+  const change = (fhirBase: string, interaction: 'update' | 'delete' = 'update') => ({
+    eventId: 'e1',
+    resourceType: 'Observation',
+    resourceId: 'o1',
+    interaction,
+    datastoreId: 'abcdef01234567890abcdef012345678',
+    fhirBase,
+    time: '2024-01-01T00:00:00Z',
+  });
+
+  it('signs each read (and a history read, with its query) as SigV4 for healthlake; the signature verifies by hand', async () => {
     const fhir = await FhirServer.start();
     cleanups.push(() => fhir.close());
     fhir.put(observation('o1', 'p1'));
-    const credentials = { accessKeyId: 'AKIDEXAMPLE', secretAccessKey: 'wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY' };
-    const signer = () => new SignatureV4({ service: 'healthlake', region: 'eu-west-2', credentials, sha256: Sha256 });
+    fhir.delete('Observation', 'o1');
     const config = loadConfig({ BROKER_FHIR_READ: fhir.url, BROKER_FHIR_READ_AUTH: 'sigv4', AWS_REGION: 'eu-west-2' })
       .fhirRead as NonNullable<ReturnType<typeof loadConfig>['fhirRead']>;
-    const reader = new FhirReader(config, { signer: signer() });
+    const reader = new FhirReader(config, { signer: signer('eu-west-2') });
     cleanups.push(() => reader.close());
-    const change = {
-      eventId: 'e1',
-      resourceType: 'Observation',
-      resourceId: 'o1',
-      interaction: 'update' as const,
-      datastoreId: 'd',
-      fhirBase: 'https://unused.example',
-      time: '2024-01-01T00:00:00Z',
-    };
-    expect(await reader.read(change)).toEqual({ resource: expect.objectContaining({ id: 'o1' }) });
-
-    const req = fhir.requests[0];
+    expect(await reader.read(change('https://unused.example', 'delete'))).toEqual({
+      resource: expect.objectContaining({ id: 'o1' }),
+      base: fhir.url,
+    });
+    const [req] = fhir.requests;
+    expect(`${req?.path}${req?.query}`).toBe('/fhir/Observation/o1/_history?_count=5');
     const auth = String(req?.headers.authorization);
     const date = String(req?.headers['x-amz-date']);
     expect(auth).toMatch(
       new RegExp(
-        `^AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/${date.slice(0, 8)}/eu-west-2/healthlake/aws4_request, SignedHeaders=accept;host;x-amz-content-sha256;x-amz-date, Signature=[0-9a-f]{64}$`,
+        `^AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/${date.slice(0, 8)}/eu-west-2/healthlake/aws4_request, SignedHeaders=accept;host;x-amz-content-sha256;x-amz-date, Signature=([0-9a-f]{64})$`,
       ),
     );
-    // The same request signed again at the same instant by an independent signer gives the same signature.
-    const url = new URL(`${fhir.url}/Observation/o1`);
-    const again = await signer().sign(
-      {
-        method: 'GET',
-        protocol: 'http:',
-        hostname: url.hostname,
-        port: Number(url.port),
-        path: url.pathname,
-        query: {},
-        headers: { accept: 'application/fhir+json', host: url.host },
-      },
-      {
-        signingDate: new Date(
-          `${date.slice(0, 4)}-${date.slice(4, 6)}-${date.slice(6, 11)}:${date.slice(11, 13)}:${date.slice(13, 15)}Z`,
-        ),
-      },
-    );
-    expect(again.headers.authorization).toBe(auth);
+    expect(auth.slice(-64)).toBe(sigV4Signature(req as FhirRequest, credentials.secretAccessKey, 'eu-west-2'));
   });
 
-  it('reads each HealthLake event from its own datastore', async () => {
+  it("with BROKER_FHIR_READ=healthlake, reads each event from its own datastore URL, signed for that URL's region", async () => {
+    const fhir = await FhirServer.start();
+    cleanups.push(() => fhir.close());
+    fhir.put(observation('o1', 'p1'));
     const config = loadConfig({ BROKER_FHIR_READ: 'healthlake', AWS_REGION: 'us-east-1' }).fhirRead;
     expect(config).toEqual({ auth: 'sigv4', region: 'us-east-1', timeoutMs: 10_000 });
+    const reader = new FhirReader(config as NonNullable<typeof config>, { signer: signer('us-east-1') });
+    cleanups.push(() => reader.close());
+    // The event's own base (a stand-in for its datastore's URL) is where the read goes.
+    expect(await reader.read(change(fhir.url))).toEqual({
+      resource: expect.objectContaining({ id: 'o1' }),
+      base: fhir.url,
+    });
+    expect(fhir.requests.map((r) => r.path)).toEqual(['/fhir/Observation/o1']);
+  });
+
+  it("a base URL naming one HealthLake datastore does not read another datastore's events", async () => {
+    const config = loadConfig({
+      BROKER_FHIR_READ: 'https://healthlake.eu-west-2.amazonaws.com/datastore/0123456789abcdef0123456789abcdef/r4',
+    }).fhirRead as NonNullable<ReturnType<typeof loadConfig>['fhirRead']>;
+    expect(config.region).toBe('eu-west-2');
+    const reader = new FhirReader(config, { signer: signer('eu-west-2') });
+    cleanups.push(() => reader.close());
+    expect(await reader.read(change('https://healthlake.us-east-1.amazonaws.com/datastore/x/r4'))).toEqual({
+      missing: 'the event is from another HealthLake datastore than BROKER_FHIR_READ names',
+    });
   });
 });

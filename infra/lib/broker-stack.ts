@@ -65,8 +65,10 @@ export class BrokerStack extends Stack {
       default: '',
       // What BROKER_FHIR_READ takes (README, Content filters): checked here, or a typo would stop
       // every function at start.
-      allowedPattern: '^(healthlake|https?://[^\\s?#]+)?$',
-      constraintDescription: 'healthlake, an http(s) FHIR base URL, or empty',
+      // A HealthLake URL must be given as healthlake: only that value grants the functions the read.
+      allowedPattern: '^(healthlake|https?://(?![^/]*amazonaws\\.com)[^\\s?#@/]+(/[^\\s?#]*)?)?$',
+      constraintDescription:
+        'healthlake, an http(s) FHIR base URL (no credentials, query or fragment; for HealthLake write healthlake), or empty',
       description:
         "Where content filters (patient=, code=...) read changed resources (BROKER_FHIR_READ): healthlake (each event's datastore, with SigV4), a FHIR base URL, or empty to refuse such filters.",
     });

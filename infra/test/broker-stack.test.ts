@@ -5,9 +5,11 @@ import { App } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { TTL_ATTRIBUTE, tableDefinitions, tableNames } from '../../src/store/dynamodb/tables.js';
+import { ACCOUNT, allows, REGION, StackIam, type TemplateJson } from '../../test/support/stack-iam.js';
 import { SKIP_BUNDLING_CONTEXT } from '../lib/broker-function.js';
 import { BrokerStack, type BrokerStackProps, EVENT_RETENTION } from '../lib/broker-stack.js';
 import { FUNCTION_ACCESS, type FunctionName } from '../lib/function-access.js';
+import { FUNCTION_ENTRIES } from '../lib/functions.js';
 
 type Json = unknown;
 type JsonObject = Record<string, Json>;
@@ -154,7 +156,16 @@ describe('BrokerStack', () => {
       for (const good of ['', 'healthlake', 'https://fhir.example.org/r4', 'http://10.0.0.5:8080/fhir']) {
         expect([good, allowed.test(good)]).toEqual([good, true]);
       }
-      for (const bad of ['HealthLake', 'fhir.example.org', 'https://fhir.example.org/r4?x=1', 'https://a b']) {
+      for (const bad of [
+        'HealthLake',
+        'fhir.example.org',
+        'https://fhir.example.org/r4?x=1',
+        'https://fhir.example.org/r4#x',
+        'https://a b',
+        'https://user:pass@fhir.example.org/r4',
+        // HealthLake by URL would get SigV4 but no IAM grant: it must be written healthlake.
+        'https://healthlake.us-east-1.amazonaws.com/datastore/0123456789abcdef0123456789abcdef/r4',
+      ]) {
         expect([bad, allowed.test(bad)]).toEqual([bad, false]);
       }
       expect(json.Conditions.FhirReadHealthLake).toEqual({ 'Fn::Equals': [{ Ref: 'FhirRead' }, 'healthlake'] });
@@ -177,6 +188,35 @@ describe('BrokerStack', () => {
       const roles = policy.Properties.Roles.map((r) => r.Ref).sort();
       expect(roles).toHaveLength(2);
       expect(roles.every((r) => /^Functions(Events|Api)ServiceRole/.test(r))).toBe(true);
+    });
+
+    it('grants healthlake:ReadResource to the ingesting functions only, only with FhirRead=healthlake, on the fed datastore', () => {
+      const json = template.toJSON() as TemplateJson;
+      const fnId = (name: FunctionName, iam: StackIam) => {
+        const { handler, description } = FUNCTION_ENTRIES[name];
+        return iam.functionId({ Handler: `index.${handler}`, Description: description });
+      };
+      const datastore = '0123456789abcdef0123456789abcdef';
+      const arn = (id: string) => `arn:aws:healthlake:${REGION}:${ACCOUNT}:datastore/fhir/${id}`;
+      const reads = (iam: StackIam, name: FunctionName, id: string) =>
+        allows(iam.statements(fnId(name, iam)), 'healthlake:ReadResource', arn(id));
+      const off = new StackIam(json);
+      const every = new StackIam(json, { FhirRead: 'healthlake' });
+      const one = new StackIam(json, { FhirRead: 'healthlake', HealthLakeDatastoreId: datastore });
+      for (const name of Object.keys(FUNCTION_ENTRIES) as FunctionName[]) {
+        const ingests = name === 'events' || name === 'api';
+        expect([name, reads(off, name, datastore)]).toEqual([name, false]);
+        expect([name, reads(every, name, datastore), reads(every, name, 'fedcba98765432100123456789abcdef')]).toEqual([
+          name,
+          ingests,
+          ingests,
+        ]);
+        expect([name, reads(one, name, datastore), reads(one, name, 'fedcba98765432100123456789abcdef')]).toEqual([
+          name,
+          ingests,
+          false,
+        ]);
+      }
     });
 
     it('keeps the dead-letter queue when the stack is deleted or the queue replaced', () => {

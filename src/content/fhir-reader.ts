@@ -4,6 +4,7 @@ import { SignatureV4 } from '@smithy/signature-v4';
 import { Agent, request } from 'undici';
 import type { FhirReadConfig } from '../config.js';
 import type { ResourceChange } from '../core/types.js';
+import type { ReadResult, ResourceSource } from '../service/content-stage.js';
 
 /**
  * Reads the resource an event names from the FHIR server, for the content stage: the current
@@ -24,25 +25,32 @@ import type { ResourceChange } from '../core/types.js';
 
 export class ContentUnavailableError extends Error {}
 
-export type ReadResult = { readonly resource: Record<string, unknown> } | { readonly missing: string };
-
-export interface ResourceReader {
-  read(change: ResourceChange): Promise<ReadResult>;
+export interface ResourceReader extends ResourceSource {
   close(): Promise<void>;
 }
 
 /** Answers to `_history` that say the server keeps no history to read, for good. */
 const NO_HISTORY = new Set([400, 405, 501]);
-
 /** 8 MiB: a FHIR resource (a Binary aside) is far smaller; a larger answer is refused, not buffered. */
 const MAX_ANSWER_BYTES = 8 * 1024 * 1024;
 /** Versions asked for from `_history` (newest first): the delete itself, then what it deleted. */
 const HISTORY_COUNT = 5;
+/** Reads in flight at once, in all: more wait for a turn, and their deadline starts with it. */
+const READS_IN_FLIGHT = 16;
+/** `https://healthlake.<region>.amazonaws.com/datastore/<id>/r4`: the region to sign for, and the datastore. */
+const HEALTHLAKE_URL = /^https:\/\/healthlake\.([a-z0-9-]+)\.amazonaws\.com\/datastore\/([0-9a-f]{32})\//;
+
+interface Answer {
+  readonly status: number;
+  readonly body: unknown;
+}
 
 export class FhirReader implements ResourceReader {
   readonly #config: FhirReadConfig;
   readonly #agent: Agent;
   readonly #signer: SignatureV4 | undefined;
+  #inFlight = 0;
+  readonly #waiting: (() => void)[] = [];
 
   constructor(config: FhirReadConfig, deps: { signer?: SignatureV4 } = {}) {
     this.#config = config;
@@ -51,7 +59,7 @@ export class FhirReader implements ResourceReader {
       headersTimeout: config.timeoutMs,
       bodyTimeout: config.timeoutMs,
       maxResponseSize: MAX_ANSWER_BYTES,
-      connections: 16,
+      connections: READS_IN_FLIGHT,
     });
     this.#signer =
       config.auth !== 'sigv4'
@@ -69,92 +77,132 @@ export class FhirReader implements ResourceReader {
     const id = change.resourceId;
     if (id === undefined) return { missing: 'the event names no resource id' };
     const base = this.#config.baseUrl ?? change.fhirBase.replace(/\/+$/, '');
-    const path = `${base}/${change.resourceType}/${encodeURIComponent(id)}`;
-    // Messages name the server and the type, never the resource id (they reach logs).
-    const read = `the read of a ${change.resourceType} at ${base}`;
-    if (change.interaction !== 'delete') {
-      const current = await this.#get(path, read);
-      if (current.status === 200) return { resource: this.#resource(current.body, change, read) };
-      if (current.status !== 404 && current.status !== 410) throw unavailable(read, current.status);
+    // A base URL naming one HealthLake datastore serves that datastore's events only: another
+    // datastore's resource of the same id is another resource.
+    const named = HEALTHLAKE_URL.exec(`${base}/`)?.[2];
+    if (named !== undefined && named !== change.datastoreId) {
+      return { missing: `the event is from another HealthLake datastore than BROKER_FHIR_READ names` };
     }
-    // Deleted (or gone since the event): the newest version that still has the resource.
-    const history = `the history read of a ${change.resourceType} at ${base}`;
-    const versions = await this.#get(`${path}/_history?_count=${HISTORY_COUNT}`, history);
+    await this.#turn();
+    try {
+      // One deadline for the whole read, the history read after a 404 included, from its turn on.
+      return await this.#read(change, id, base, AbortSignal.timeout(this.#config.timeoutMs));
+    } finally {
+      this.#release();
+    }
+  }
+
+  async #read(change: ResourceChange, id: string, base: string, signal: AbortSignal): Promise<ReadResult> {
+    const path = `${base}/${change.resourceType}/${encodeURIComponent(id)}`;
+    // Messages name the server and the type, never the resource id (they reach logs and answers).
+    const what = `reading a ${change.resourceType} resource from ${base}`;
+    if (change.interaction !== 'delete') {
+      const current = await this.#get(path, what, signal);
+      if (current.status === 200) return { resource: this.#resource(current.body, change, what), base };
+      if (current.status !== 404 && current.status !== 410) throw unavailable(what, current.status);
+    }
+    const history = `reading the history of a ${change.resourceType} resource from ${base}`;
+    const versions = await this.#get(`${path}/_history?_count=${HISTORY_COUNT}`, history, signal);
     if (versions.status === 404 || versions.status === 410) return { missing: 'the server has no version of it' };
     if (NO_HISTORY.has(versions.status)) {
       return { missing: `${history} answered ${versions.status}: the server keeps no history to read` };
     }
     if (versions.status !== 200) throw unavailable(history, versions.status);
     const bundle = versions.body as { resourceType?: unknown; entry?: unknown };
-    if (bundle?.resourceType !== 'Bundle') throw new ContentUnavailableError(`${history} did not answer a Bundle`);
-    const entries = Array.isArray(bundle.entry) ? (bundle.entry as { resource?: unknown }[]) : [];
-    const last = entries.find((e) => typeof e?.resource === 'object' && e.resource !== null);
-    return last === undefined
+    if (bundle?.resourceType !== 'Bundle') throw new ContentUnavailableError(`${history}: the answer is not a Bundle`);
+    const entries = (Array.isArray(bundle.entry) ? bundle.entry : []) as {
+      resource?: unknown;
+      request?: { method?: unknown };
+    }[];
+    // Newest first. After a delete, what it deleted: the first version with the resource after the
+    // newest delete (a later re-creation is another version, judged by its own event). Otherwise
+    // (gone since the event) the newest version with the resource.
+    const lastDelete = change.interaction === 'delete' ? entries.findIndex((e) => e?.request?.method === 'DELETE') : -1;
+    const version = entries
+      .slice(lastDelete + 1)
+      .find((e) => typeof e?.resource === 'object' && e.resource !== null && !Array.isArray(e.resource));
+    return version === undefined
       ? { missing: 'its history holds no version with the resource' }
-      : { resource: this.#resource(last.resource, change, history) };
+      : { resource: this.#resource(version.resource, change, history), base };
   }
 
   close(): Promise<void> {
     return this.#agent.close();
   }
 
-  #resource(body: unknown, change: ResourceChange, where: string): Record<string, unknown> {
+  async #turn(): Promise<void> {
+    if (this.#inFlight < READS_IN_FLIGHT) {
+      this.#inFlight++;
+      return;
+    }
+    await new Promise<void>((resolve) => this.#waiting.push(resolve));
+  }
+
+  #release(): void {
+    const next = this.#waiting.shift();
+    if (next === undefined) this.#inFlight--;
+    else next();
+  }
+
+  #resource(body: unknown, change: ResourceChange, what: string): Record<string, unknown> {
     const r = body as Record<string, unknown> | null;
     if (r?.resourceType !== change.resourceType || r.id !== change.resourceId) {
-      throw new ContentUnavailableError(`${where} did not answer the ${change.resourceType} itself`);
+      throw new ContentUnavailableError(`${what}: the answer is not the ${change.resourceType} the event names`);
     }
     return r;
   }
 
-  async #get(url: string, what: string): Promise<{ status: number; body: unknown }> {
+  async #get(url: string, what: string, signal: AbortSignal): Promise<Answer> {
     const target = new URL(url);
     let headers: Record<string, string> = { accept: 'application/fhir+json' };
     if (this.#config.auth === 'bearer') headers.authorization = `Bearer ${this.#config.token}`;
     if (this.#signer !== undefined) headers = await this.#sign(target, headers);
     let res: Awaited<ReturnType<typeof request>>;
     try {
-      // One deadline for the whole read: the Agent's timeouts are per phase (a body trickled in
-      // small chunks would pass its bodyTimeout chunk by chunk).
-      res = await request(target, {
-        method: 'GET',
-        headers,
-        dispatcher: this.#agent,
-        signal: AbortSignal.timeout(this.#config.timeoutMs),
-      });
+      res = await request(target, { method: 'GET', headers, dispatcher: this.#agent, signal });
     } catch (err) {
-      throw new ContentUnavailableError(`${what} failed: ${(err as Error).message}`, { cause: err });
+      throw new ContentUnavailableError(`${what} failed: ${failure(err, this.#config.timeoutMs)}`, { cause: err });
     }
     if (res.statusCode !== 200) {
       await res.body.dump().catch(() => undefined);
       return { status: res.statusCode, body: undefined };
     }
+    let text: string;
     try {
-      return { status: 200, body: await res.body.json() };
+      text = await res.body.text();
     } catch (err) {
-      if ((err as Error).name === 'TimeoutError' || (err as Error).name === 'AbortError') {
-        throw new ContentUnavailableError(`${what} failed: no whole answer within ${this.#config.timeoutMs} ms`, {
-          cause: err,
-        });
-      }
-      throw new ContentUnavailableError(`${what}: the answer is not JSON (${(err as Error).message})`, {
-        cause: err,
-      });
+      throw new ContentUnavailableError(`${what} failed: ${failure(err, this.#config.timeoutMs)}`, { cause: err });
+    }
+    try {
+      return { status: 200, body: JSON.parse(text) };
+    } catch {
+      // Never the parser's message: it quotes the start of the body (an error page, PHI).
+      const type = String(res.headers['content-type'] ?? 'none').slice(0, 60);
+      throw new ContentUnavailableError(
+        `${what}: the answer is not JSON (${text.length} characters, content-type ${type})`,
+      );
     }
   }
 
   async #sign(url: URL, headers: Record<string, string>): Promise<Record<string, string>> {
     const query: Record<string, string> = {};
     for (const [k, v] of url.searchParams) query[k] = v;
+    // HealthLake is signed for its own region, which its host names (an event's datastore may be in
+    // another region than the broker's default).
+    const region = /^healthlake\.([a-z0-9-]+)\.amazonaws\.com$/.exec(url.hostname)?.[1] ?? this.#config.region;
     try {
-      const signed = await (this.#signer as SignatureV4).sign({
-        method: 'GET',
-        protocol: url.protocol,
-        hostname: url.hostname,
-        ...(url.port === '' ? {} : { port: Number(url.port) }),
-        path: url.pathname,
-        query,
-        headers: { ...headers, host: url.host },
-      });
+      const signed = await (this.#signer as SignatureV4).sign(
+        {
+          method: 'GET',
+          protocol: url.protocol,
+          hostname: url.hostname,
+          ...(url.port === '' ? {} : { port: Number(url.port) }),
+          path: url.pathname,
+          query,
+          headers: { ...headers, host: url.host },
+        },
+        { signingRegion: region },
+      );
       return signed.headers as Record<string, string>;
     } catch (err) {
       // No credentials in the chain, say: a fault to fix, and the events wait for it.
@@ -164,7 +212,12 @@ export class FhirReader implements ResourceReader {
 }
 
 function unavailable(what: string, status: number): ContentUnavailableError {
-  return new ContentUnavailableError(`${what} answered ${status}`);
+  return new ContentUnavailableError(`${what}: the server answered ${status}`);
+}
+
+function failure(err: unknown, timeoutMs: number): string {
+  const e = err as Error;
+  return e.name === 'TimeoutError' || e.name === 'AbortError' ? `no whole answer within ${timeoutMs} ms` : e.message;
 }
 
 type SourceData = string | ArrayBuffer | ArrayBufferView;

@@ -326,7 +326,10 @@ describe('reference parameters', () => {
     const group = withSubject({ reference: 'Group/123' });
     expect(matches(group, 'patient', 'Patient/123')).toBe(false);
     expect(matches(group, 'patient', '123')).toBe(false);
-    expect(matches(group, 'patient', 'Group/123')).toBe(false);
+    // A value naming a type the parameter cannot point to never matches: refused outright.
+    expect(filterError('Observation', 'patient', 'Group/123')).toBe(
+      'patient=Group/123: patient points to Patient, not Group',
+    );
     expect(matches(group, 'patient:missing', 'true')).toBe(true);
     expect(matches(observation, 'patient:missing', 'true')).toBe(false);
     expect(matches(observation, 'patient:missing', 'false')).toBe(true);

@@ -16,6 +16,7 @@ export type IssueType =
   | 'too-long'
   | 'conflict'
   | 'exception'
+  | 'transient'
   | 'processing'
   | 'business-rule';
 
@@ -82,7 +83,7 @@ export const ERROR_CODES = {
   STORE_UNAVAILABLE: { status: 503, issue: 'exception', text: 'The store could not be reached.' },
   CONTENT_UNAVAILABLE: {
     status: 503,
-    issue: 'exception',
+    issue: 'transient',
     text: 'A changed resource could not be read from the FHIR server to evaluate content filters.',
   },
   INTERNAL: { status: 500, issue: 'exception', text: 'An unexpected error.' },

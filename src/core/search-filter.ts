@@ -113,6 +113,13 @@ export function parseContentFilter(
     } else if (type === 'date') {
       const problem = dateProblem(v);
       if (problem !== undefined) throw new FilterError(`${name}=${v}: ${problem}`);
+    } else if (type === 'reference' && modifier !== 'identifier') {
+      // `Type/id` must name a type the parameter can point to (`subject:Patient=Group/9`,
+      // `patient=Group/1`): a value that can never match is a mistake, not a filter.
+      const named = /^([A-Z][A-Za-z]+)\/[^/]+$/.exec(unescapeValue(v))?.[1];
+      if (named !== undefined && targets.length > 0 && !targets.includes(named)) {
+        throw new FilterError(`${name}=${v}: ${param} points to ${targets.join(', ')}, not ${named}`);
+      }
     }
   }
   return {
@@ -208,10 +215,14 @@ function tokenMatches(target: unknown, value: string): boolean {
     if (system === undefined) return p.code === code;
     if (code === '') return p.system === system;
     if (system === '') return p.system === undefined && p.code === code;
-    // A bare code (Observation.status) takes its system from its binding: any system names it.
-    return p.code === code && (p.system === system || p.implicit);
+    // A bare code (Observation.status) takes its system from its binding, which for such codes is
+    // one of FHIR's own code systems (http://hl7.org/fhir/observation-status): only those name it.
+    return p.code === code && (p.system === system || (p.implicit === true && system.startsWith(FHIR_CODE_SYSTEMS)));
   });
 }
+
+/** Where the code systems of FHIR's required bindings live (`http://hl7.org/fhir/administrative-gender`). */
+const FHIR_CODE_SYSTEMS = 'http://hl7.org/fhir/';
 
 interface TokenPair {
   readonly system?: string;
@@ -352,14 +363,25 @@ function dateRange(text: string): [number, number] | undefined {
   const year = Number(y);
   const month = mo === undefined ? 1 : Number(mo);
   const day = d === undefined ? 1 : Number(d);
-  // A calendar date: 2024-02-30 is no date (Date.UTC would roll it over to March).
-  if (month < 1 || month > 12 || day < 1 || day > new Date(Date.UTC(year, month, 0)).getUTCDate()) return undefined;
+  // A calendar date: 2024-02-30 is no date (Date.UTC would roll it over to March). Year 0001 on.
+  if (year < 1 || month < 1 || month > 12 || day < 1 || day > daysIn(year, month)) return undefined;
+  if (
+    tz !== undefined &&
+    tz !== 'Z' &&
+    (Number(tz.slice(1, 3)) * 60 + Number(tz.slice(4, 6)) > 14 * 60 || Number(tz.slice(4, 6)) > 59)
+  ) {
+    return undefined;
+  }
   const offsetMs =
     tz === undefined || tz === 'Z'
       ? 0
       : (tz.startsWith('-') ? -1 : 1) * (Number(tz.slice(1, 3)) * 60 + Number(tz.slice(4, 6))) * 60_000;
-  const at = (yy: number, mm: number, dd: number, hh = 0, mn = 0, ss = 0, ms = 0) =>
-    Date.UTC(yy, mm - 1, dd, hh, mn, ss, ms) - offsetMs;
+  const at = (yy: number, mm: number, dd: number, hh = 0, mn = 0, ss = 0, ms = 0) => {
+    // Date.UTC reads years 0–99 as 1900–1999: set the full year apart.
+    const t = new Date(Date.UTC(2000, mm - 1, dd, hh, mn, ss, ms));
+    t.setUTCFullYear(yy);
+    return t.getTime() - offsetMs;
+  };
   if (mo === undefined) return [at(year, 1, 1), at(year + 1, 1, 1)];
   if (d === undefined) return [at(year, month, 1), at(month === 12 ? year + 1 : year, month === 12 ? 1 : month + 1, 1)];
   if (h === undefined) {
@@ -380,6 +402,12 @@ function dateRange(text: string): [number, number] | undefined {
   const ms = Number(frac.slice(0, 3).padEnd(3, '0'));
   const start = at(year, month, day, hour, minute, Number(s), ms);
   return [start, start + 1];
+}
+
+function daysIn(year: number, month: number): number {
+  const t = new Date(Date.UTC(2000, month, 0));
+  t.setUTCFullYear(year, month, 0);
+  return t.getUTCDate();
 }
 
 function dateProblem(value: string): string | undefined {

@@ -614,6 +614,7 @@ function applyFilters(
   if (ids !== undefined && ids.size === 0) {
     throw unsupportedFilter(filters.join(' & '), 'the _id filters exclude every resource');
   }
+  checkContentCount(content.length, 'Subscription._criteria.extension');
   const contentFilters = content.map(({ filter, name, value }) => {
     if (types === '*' || types.length !== 1) {
       throw unsupportedFilter(
@@ -756,6 +757,22 @@ function checkExtensions(exts: readonly Extension[] | undefined, known: KnownExt
   }
 }
 
+/**
+ * Content filters one Subscription may hold: each is decided on every candidate event, so a client
+ * must not be able to make one event cost thousands of evaluations.
+ */
+export const MAX_CONTENT_FILTERS = 20;
+
+function checkContentCount(count: number, expression: string): void {
+  if (count > MAX_CONTENT_FILTERS) {
+    throw new BrokerError(
+      expression === 'Subscription.criteria' ? 'UNSUPPORTED_CRITERIA' : 'UNSUPPORTED_FILTER',
+      `The Subscription has ${count} content filters (search parameters other than _id and _type); at most ${MAX_CONTENT_FILTERS} are allowed`,
+      { expression },
+    );
+  }
+}
+
 /** Why a content filter is refused by a broker that does not read resources. */
 function contentUnreadable(name: string): string {
   return `${name} is decided on the resource's content, which a CloudTrail event does not carry, and this broker is not set up to read it from the FHIR server (BROKER_FHIR_READ)`;
@@ -828,6 +845,7 @@ function classicMatch(sub: SubscriptionJson, search: SearchParameterCatalog | un
       expression: 'Subscription.criteria',
     });
   }
+  checkContentCount(content.length, 'Subscription.criteria');
   return {
     resourceTypes: [type],
     interactions: [...INTERACTIONS],

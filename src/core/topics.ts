@@ -102,6 +102,13 @@ export function parseTopic(json: unknown, source: string): TopicDefinition {
   }
   const filters = new Map<string, Set<string>>();
   for (const f of json.canFilterBy ?? []) {
+    // R4B's canFilterBy.modifier would narrow what a client may send; the broker would not enforce it.
+    if ((f as { modifier?: unknown }).modifier !== undefined) {
+      throw new InvalidTopicError(
+        source,
+        `canFilterBy ${f.filterParameter} has a modifier list, which the broker does not enforce; leave it out`,
+      );
+    }
     if (!EVENT_FILTER_PARAMETERS.has(f.filterParameter) && !SEARCH_PARAMETER_CODE.test(f.filterParameter)) {
       throw new InvalidTopicError(
         source,

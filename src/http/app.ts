@@ -145,7 +145,9 @@ export function errorAnswer(
   logger: Logger,
 ): { status: number; body: FhirResource; headers: Record<string, string> } {
   const { status, body } = outcomeOf(err);
-  if (status >= 500) logger.error('request failed', { method, path, err: err as Error });
+  // A content read that failed is logged where it failed, at warn: transient, the sender retries.
+  const transient = err instanceof BrokerError && err.code === 'CONTENT_UNAVAILABLE';
+  if (status >= 500 && !transient) logger.error('request failed', { method, path, err: err as Error });
   const headers: Record<string, string> = {};
   if (err instanceof BrokerError && err.code === 'UNAUTHORIZED') headers['www-authenticate'] = 'Bearer';
   if (err instanceof BrokerError && err.code === 'METHOD_NOT_ALLOWED') {

@@ -1,6 +1,5 @@
-import type { ReadResult } from '../content/fhir-reader.js';
 import { BrokerError } from '../core/errors.js';
-import { matchesContent, type SearchParameterCatalog } from '../core/search-filter.js';
+import { type ContentFilter, matchesContent, type SearchParameterCatalog } from '../core/search-filter.js';
 import type { MatchSpec, ResourceChange } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
@@ -19,8 +18,27 @@ import type { AcceptItem } from '../store/store.js';
  * Nothing is ever delivered unfiltered.
  */
 
+/**
+ * What a read answers: the resource with the base it was read from (references to that server
+ * count as local), or why there is nothing to judge.
+ */
+export type ReadResult =
+  | { readonly resource: Record<string, unknown>; readonly base: string }
+  | { readonly missing: string };
+
 export interface ResourceSource {
   read(change: ResourceChange): Promise<ReadResult>;
+}
+
+interface Check {
+  readonly index: number;
+  /** The candidates with content filters, and those filters as they were when stage one chose them. */
+  readonly filtered: readonly { readonly id: string; readonly content: readonly ContentFilter[] }[];
+}
+
+interface Read {
+  readonly resource: Record<string, unknown>;
+  readonly base: string;
 }
 
 /** Reads in flight at once for one request. */
@@ -62,51 +80,85 @@ export class ContentStage {
     items: readonly AcceptItem[],
     specOf: (id: string) => MatchSpec | undefined,
   ): readonly AcceptItem[] | Promise<AcceptItem[]> {
-    const checks: { index: number; filtered: string[] }[] = [];
+    const checks: Check[] = [];
     items.forEach((item, index) => {
-      let filtered: string[] | undefined;
+      let filtered: { id: string; content: readonly ContentFilter[] }[] | undefined;
       for (const id of item.subscriptionIds) {
-        if (specOf(id)?.content === undefined) continue;
+        // The filters as stage one saw the subscription: one updated during the read is judged by
+        // what it was when the event was matched, never by another spec (or none).
+        const content = specOf(id)?.content;
+        if (content === undefined) continue;
         filtered ??= [];
-        filtered.push(id);
+        filtered.push({ id, content });
       }
       if (filtered !== undefined) checks.push({ index, filtered });
     });
-    return checks.length === 0 ? items : this.#narrowRead(items, checks, specOf);
+    return checks.length === 0 ? items : this.#narrowRead(items, checks);
   }
 
-  async #narrowRead(
-    items: readonly AcceptItem[],
-    checks: readonly { index: number; filtered: string[] }[],
-    specOf: (id: string) => MatchSpec | undefined,
-  ): Promise<AcceptItem[]> {
-    const resources = await this.#readAll(checks.map((c) => (items[c.index] as AcceptItem).change));
+  async #narrowRead(items: readonly AcceptItem[], checks: readonly Check[]): Promise<AcceptItem[]> {
+    const reads = await this.#readAll(checks.map((c) => (items[c.index] as AcceptItem).change));
     const out = [...items];
     checks.forEach(({ index, filtered }, k) => {
       const item = items[index] as AcceptItem;
-      const resource = resources[k];
-      const checked = new Set(filtered);
-      const keep = new Set(
-        resource === undefined || this.#catalog === undefined
-          ? []
-          : filtered.filter((id) =>
-              matchesContent(
-                resource,
-                specOf(id)?.content ?? [],
-                this.#catalog as SearchParameterCatalog,
-                item.change.fhirBase,
-              ),
-            ),
-      );
-      this.#metrics.inc('broker_content_matches_total', { outcome: 'matched' }, keep.size);
-      this.#metrics.inc('broker_content_matches_total', { outcome: 'not_matched' }, filtered.length - keep.size);
+      const read = reads[k];
+      const catalog = this.#catalog;
+      const judge = read === undefined || catalog === undefined ? undefined : this.#judge(read, catalog, item.change);
+      const keep = new Set(filtered.filter((f) => judge?.(f.content) === true).map((f) => f.id));
+      const checked = new Set(filtered.map((f) => f.id));
+      if (judge !== undefined) {
+        this.#metrics.inc('broker_content_matches_total', { outcome: 'matched' }, keep.size);
+        this.#metrics.inc('broker_content_matches_total', { outcome: 'not_matched' }, filtered.length - keep.size);
+      }
       out[index] = { ...item, subscriptionIds: item.subscriptionIds.filter((id) => keep.has(id) || !checked.has(id)) };
     });
     return out;
   }
 
+  /**
+   * Decides filters on one resource. Each parameter's values are taken from the resource once and
+   * shared by every subscription that filters on it (ten thousand subscriptions on `patient` cost
+   * one FHIRPath evaluation). An evaluation that throws (a resource the engine cannot walk, such as
+   * a `reference` that is a number, or nested too deep) holds for no filter: logged, counted, never
+   * delivered, and the event still goes to every other subscription.
+   */
+  #judge(
+    read: Read,
+    catalog: SearchParameterCatalog,
+    change: ResourceChange,
+  ): (content: readonly ContentFilter[]) => boolean {
+    const memo = new Map<string, readonly unknown[]>();
+    const shared: SearchParameterCatalog = {
+      lookup: (type, code) => catalog.lookup(type, code),
+      values: (resource, code) => {
+        let values = memo.get(code);
+        if (values === undefined) {
+          values = catalog.values(resource, code);
+          memo.set(code, values);
+        }
+        return values;
+      },
+    };
+    let failed = false;
+    return (content) => {
+      if (failed) return false;
+      try {
+        return matchesContent(read.resource, content, shared, read.base);
+      } catch (err) {
+        failed = true;
+        this.#metrics.inc('broker_content_reads_total', { outcome: 'unevaluable' });
+        this.#logger.warn('a changed resource could not be evaluated for content filters: no content filter holds', {
+          eventId: change.eventId,
+          resourceType: change.resourceType,
+          reason: (err as Error).message.slice(0, 200),
+        });
+        return false;
+      }
+    };
+  }
+
   /** One read per distinct (server, resource, deleted or not); `undefined` where there is nothing to match. */
-  async #readAll(changes: readonly ResourceChange[]): Promise<(Record<string, unknown> | undefined)[]> {
+  async #readAll(changes: readonly ResourceChange[]): Promise<(Read | undefined)[]> {
     const reader = this.#reader;
     if (reader === undefined) {
       this.#logger.warn('subscriptions with content filters left out: BROKER_FHIR_READ is not set', {
@@ -120,7 +172,7 @@ export class ContentStage {
     const distinct = new Map<string, ResourceChange>();
     for (const c of changes) if (!distinct.has(keyOf(c))) distinct.set(keyOf(c), c);
     const queue = [...distinct.entries()];
-    const read = new Map<string, Record<string, unknown> | undefined>();
+    const read = new Map<string, Read | undefined>();
     let failure: unknown;
     const worker = async () => {
       for (let next = queue.shift(); next !== undefined && failure === undefined; next = queue.shift()) {
@@ -148,7 +200,7 @@ export class ContentStage {
     return changes.map((c) => read.get(keyOf(c)));
   }
 
-  async #readOne(reader: ResourceSource, change: ResourceChange): Promise<Record<string, unknown> | undefined> {
+  async #readOne(reader: ResourceSource, change: ResourceChange): Promise<Read | undefined> {
     if (change.resourceId === undefined) {
       // An older event without a resource id: nothing to read, so no content filter can hold.
       this.#metrics.inc('broker_content_reads_total', { outcome: 'no_id' });
@@ -157,7 +209,7 @@ export class ContentStage {
     const read = await reader.read(change);
     if ('resource' in read) {
       this.#metrics.inc('broker_content_reads_total', { outcome: 'read' });
-      return read.resource;
+      return read;
     }
     this.#metrics.inc('broker_content_reads_total', { outcome: 'missing' });
     this.#logger.info('changed resource not found on the FHIR server: no content filter holds', {

@@ -330,7 +330,8 @@ export class SubscriptionRegistry {
       subscription: record.id,
       owner,
       kind: record.kind,
-      topic: record.topic,
+      // Classic criteria may hold patient data (`Patient?name:exact=…`): their resource type only.
+      topic: record.kind === 'classic' ? record.topic.replace(/\?.*$/s, '?…') : record.topic,
     });
     if (record.status === 'requested') this.#listener?.onRequested(record.id);
     return {

@@ -26,14 +26,21 @@ export class FhirServer {
   readonly requests: FhirRequest[] = [];
   token: string | undefined;
   respond: (req: FhirRequest) => number | undefined = () => undefined;
+  /** Held before answering (a slow server), or until a promise settles (a read held for a test's step). */
+  delayMs = 0;
+  hold: Promise<unknown> | undefined;
+  /** Served instead of the stored version (a body the broker must cope with): raw text. */
+  body: ((req: FhirRequest) => string | undefined) | undefined;
   readonly #versions = new Map<string, Version[]>();
   readonly #server: Server;
 
   private constructor() {
-    this.#server = createServer((req, res) => {
+    this.#server = createServer(async (req, res) => {
       const url = new URL(req.url ?? '/', 'http://x');
       const r: FhirRequest = { method: req.method ?? '', path: url.pathname, query: url.search, headers: req.headers };
       this.requests.push(r);
+      if (this.delayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.delayMs));
+      if (this.hold !== undefined) await this.hold;
       const answer = (status: number, body?: Json) => {
         res.writeHead(status, body === undefined ? {} : { 'content-type': 'application/fhir+json' });
         res.end(body === undefined ? undefined : JSON.stringify(body));
@@ -41,6 +48,11 @@ export class FhirServer {
       if (this.token !== undefined && req.headers.authorization !== `Bearer ${this.token}`) return answer(401);
       const override = this.respond(r);
       if (override !== undefined) return answer(override);
+      const raw = this.body?.(r);
+      if (raw !== undefined) {
+        res.writeHead(200, { 'content-type': 'application/fhir+json' });
+        return void res.end(raw);
+      }
       const m = /^\/fhir\/([A-Za-z]+)\/([A-Za-z0-9.-]+)(\/_history)?$/.exec(url.pathname);
       if (req.method !== 'GET' || m === null) return answer(400);
       const versions = this.#versions.get(`${m[1]}/${m[2]}`) ?? [];

@@ -32,11 +32,14 @@ export class StackIam {
   readonly #resources: Readonly<Record<string, Resource>>;
   readonly #parameters: Readonly<Record<string, { readonly Default?: string }>>;
   readonly #conditions: Readonly<Record<string, Json>>;
+  readonly #values: Readonly<Record<string, string>>;
 
-  constructor(template: TemplateJson) {
+  /** `parameters`: stack parameter values as deployed; any other parameter takes its default. */
+  constructor(template: TemplateJson, parameters: Readonly<Record<string, string>> = {}) {
     this.#resources = template.Resources;
     this.#parameters = template.Parameters ?? {};
     this.#conditions = template.Conditions ?? {};
+    this.#values = parameters;
   }
 
   /** A named condition, with every stack parameter at its default (`Fn::Equals`, `Fn::Not`, `Fn::And`, `Fn::Or`). */
@@ -151,9 +154,9 @@ export class StackIam {
       'AWS::URLSuffix': 'amazonaws.com',
     };
     if (pseudo[id] !== undefined) return pseudo[id];
-    // A stack parameter: as deployed with its default.
+    // A stack parameter: as deployed, with its default unless given.
     const parameter = this.#parameters[id];
-    if (parameter !== undefined) return parameter.Default ?? '';
+    if (parameter !== undefined) return this.#values[id] ?? parameter.Default ?? '';
     const r = this.#resources[id];
     switch (r?.Type) {
       case 'AWS::SecretsManager::Secret':

@@ -10,9 +10,9 @@ import {
   type TransactWriteItem,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
+import { matchFromStore, storedMatch } from '../../core/stored-match.js';
 import {
   type Clock,
-  type MatchSpec,
   type StoredNotification,
   type SubscriptionRecord,
   type SubscriptionStatus,
@@ -41,6 +41,7 @@ import {
   readString,
   S,
 } from './attributes.js';
+
 import { SubscriptionExistsError, WriteConflictError } from './errors.js';
 import {
   ANY_TYPE,
@@ -352,7 +353,7 @@ export class DynamoDbStore implements Store {
         .set('topic', S(rec.topic))
         .set('status', S(rec.status))
         .setOrRemove('error', rec.error === undefined ? undefined : S(rec.error))
-        .set('match', S(JSON.stringify(rec.match)))
+        .set('match', S(storedMatch(rec.match)))
         .set('channel', S(JSON.stringify(rec.channel)))
         .set('webhookSecret', S(rec.webhookSecret))
         .setOrRemove(
@@ -489,7 +490,7 @@ export class DynamoDbStore implements Store {
       const end = readOptionalString(item, 'end');
       return {
         id: readString(item, 'subscriptionId'),
-        match: JSON.parse(readString(item, 'match')) as MatchSpec,
+        match: matchFromStore(readString(item, 'match')),
         ...(end === undefined ? {} : { end }),
       };
     });
@@ -862,7 +863,7 @@ export class DynamoDbStore implements Store {
             TableName: this.#tables.subscriptionTypes,
             Item: {
               ...key(type),
-              match: S(JSON.stringify(after?.match)),
+              match: S(storedMatch((after as IndexedFields).match)),
               ...(after?.end === undefined ? {} : { end: S(after.end) }),
             },
           },

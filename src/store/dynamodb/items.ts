@@ -1,8 +1,8 @@
+import { matchFromStore, storedMatch } from '../../core/stored-match.js';
 import type {
   Channel,
   DeliveryState,
   FhirResource,
-  MatchSpec,
   ResourceChange,
   StoredNotification,
   SubscriptionKind,
@@ -43,7 +43,7 @@ export function toSubscriptionItem(rec: SubscriptionRecord): Item {
     topic: S(rec.topic),
     status: S(rec.status),
     ...(rec.error === undefined ? {} : { error: S(rec.error) }),
-    match: S(JSON.stringify(rec.match)),
+    match: S(storedMatch(rec.match)),
     channel: S(JSON.stringify(rec.channel)),
     webhookSecret: S(rec.webhookSecret),
     ...(rec.previousSecret === undefined ? {} : { previousSecret: S(JSON.stringify(rec.previousSecret)) }),
@@ -69,7 +69,7 @@ export function fromSubscriptionItem(item: Item): SubscriptionRecord {
     topic: readString(item, 'topic'),
     status: readString(item, 'status') as SubscriptionStatus,
     ...(error === undefined ? {} : { error }),
-    match: JSON.parse(readString(item, 'match')) as MatchSpec,
+    match: matchFromStore(readString(item, 'match')),
     channel: JSON.parse(readString(item, 'channel')) as Channel,
     webhookSecret: readString(item, 'webhookSecret'),
     ...(previousSecret === undefined

@@ -2,11 +2,11 @@ import { chmodSync, closeSync, fstatSync, openSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { BrokerError } from '../../core/errors.js';
+import { matchFromStore, storedMatch } from '../../core/stored-match.js';
 import type {
   Channel,
   DeliveryState,
   FhirResource,
-  MatchSpec,
   ResourceChange,
   StoredNotification,
   SubscriptionKind,
@@ -580,7 +580,7 @@ function toRow(rec: SubscriptionRecord): Omit<SubscriptionRow, 'events_since_sta
     topic: rec.topic,
     status: rec.status,
     error: rec.error ?? null,
-    match_json: JSON.stringify(rec.match),
+    match_json: storedMatch(rec.match),
     channel_json: JSON.stringify(rec.channel),
     webhook_secret: rec.webhookSecret,
     previous_secret_json: rec.previousSecret === undefined ? null : JSON.stringify(rec.previousSecret),
@@ -600,7 +600,7 @@ function fromRow(row: SubscriptionRow): SubscriptionRecord {
     topic: row.topic,
     status: row.status as SubscriptionStatus,
     ...(row.error === null ? {} : { error: row.error }),
-    match: JSON.parse(row.match_json) as MatchSpec,
+    match: matchFromStore(row.match_json),
     channel: JSON.parse(row.channel_json) as Channel,
     webhookSecret: row.webhook_secret,
     ...(row.previous_secret_json === null
