@@ -261,6 +261,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     publicUrl: config.publicUrl,
     publicUrlExplicit: config.publicUrlExplicit,
     corsOrigins: config.corsOrigins,
+    contentFilters: search !== undefined,
     maxBodyBytes: config.maxBodyBytes,
     maxIngestBodyBytes: config.maxIngestBodyBytes,
     version,

@@ -511,6 +511,18 @@ describe('content filters without BROKER_FHIR_READ', () => {
     expect(statusOf(all.body).params.get('events-since-subscription-start')?.valueString).toBe('1');
   });
 
+  it('offers only the filters decided on the event in its topics (a client never picks one it would be refused)', async () => {
+    const t = await inProcessBroker();
+    cleanups.push(() => t.broker.close(0));
+    const one = await t.call('GET', '/fhir/SubscriptionTopic/observation-change');
+    expect((one.body.canFilterBy as Json[]).map((f) => f.filterParameter)).toEqual(['_id']);
+    const all = await t.call('GET', '/fhir/SubscriptionTopic');
+    for (const entry of all.body.entry as Json[]) {
+      const params = ((entry.resource as Json).canFilterBy as Json[] | undefined)?.map((f) => f.filterParameter) ?? [];
+      expect(params.every((p) => p === '_id' || p === '_type')).toBe(true);
+    }
+  });
+
   it('a topic whose canFilterBy names a parameter the type does not have stops the start', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsb-topics-'));
     const dataDir = join(dir, 'data');

@@ -27,6 +27,12 @@ export interface TopicDefinition {
   /** Allowed filter parameters by resource type (`'*'` key: any of the topic's types). */
   readonly filters: ReadonlyMap<string, ReadonlySet<string>>;
   readonly resource: FhirResource;
+  /**
+   * The resource with `canFilterBy` cut to what the event decides (`_id`, `_type`): what a broker
+   * that does not read resources (no `BROKER_FHIR_READ`) offers, so a client never picks a filter
+   * it would then be refused.
+   */
+  readonly eventOnlyResource: FhirResource;
 }
 
 const topicSchema = {
@@ -129,7 +135,15 @@ export function parseTopic(json: unknown, source: string): TopicDefinition {
     interactions: INTERACTIONS.filter((i) => interactions.has(i)),
     filters,
     resource: json as unknown as FhirResource,
+    eventOnlyResource: eventOnly(json),
   };
+}
+
+function eventOnly(json: TopicJson): FhirResource {
+  const { canFilterBy, ...rest } = json;
+  const kept = (canFilterBy ?? []).filter((f) => EVENT_FILTER_PARAMETERS.has(f.filterParameter));
+  // R4B JSON has no empty arrays: no filter left, no canFilterBy.
+  return (kept.length === 0 ? rest : { ...rest, canFilterBy: kept }) as unknown as FhirResource;
 }
 
 /** The topics the broker offers, by canonical URL (with or without `|version`). */

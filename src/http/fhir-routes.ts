@@ -4,7 +4,7 @@ import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_BASE, BROKER_EXT, FHIR_EXT } fro
 import { checkAcceptable, mediaType, otherCharset } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle, withDeliveryStates } from '../core/notification.js';
 import { instantProblem } from '../core/subscription.js';
-import type { TopicCatalog } from '../core/topics.js';
+import type { TopicCatalog, TopicDefinition } from '../core/topics.js';
 import type { Clock, IdSource, PayloadContent, SubscriptionRecord } from '../core/types.js';
 import type { BindingTokens } from '../delivery/ws-binding-token.js';
 import { type SubscriptionRegistry, versionId } from '../service/subscription-registry.js';
@@ -30,6 +30,8 @@ export interface FhirRouteDeps {
   readonly websocketUrl: string;
   /** `BROKER_CORS_ORIGINS`: browser origins that may call the FHIR routes (`*`: any); none, no CORS. */
   readonly corsOrigins?: readonly string[];
+  /** The broker reads resources (`BROKER_FHIR_READ`): topics offer their content filters too. */
+  readonly contentFilters?: boolean;
 }
 
 /** 100: subscriptions one binding token may name (a socket binds them all at once). */
@@ -86,6 +88,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   app.get('/fhir/metadata', () => fhirResponse(capabilityStatement(deps, now())));
 
   const TOPIC_SEARCH = ['url', '_id', ...GENERAL_PARAMETERS];
+  const served = (t: TopicDefinition) => (deps.contentFilters === true ? t.resource : t.eventOnlyResource);
   const topicSearch = (query: SearchQuery): Response => {
     const urls = query.groups('url');
     const ids = query.groups('_id');
@@ -107,7 +110,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
         : {
             entry: found.map((t) => ({
               fullUrl: `${fhirBase}/SubscriptionTopic/${t.id}`,
-              resource: t.resource,
+              resource: served(t),
               search: { mode: 'match' },
             })),
           }),
@@ -120,7 +123,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
   app.get('/fhir/SubscriptionTopic/:id', (c) => {
     const topic = topics.byId(c.req.param('id'));
     if (topic === undefined) throw new BrokerError('NOT_FOUND', `SubscriptionTopic/${c.req.param('id')} not found`);
-    return fhirResponse(topic.resource);
+    return fhirResponse(served(topic));
   });
 
   app.post('/fhir/Subscription', async (c) => {
