@@ -167,7 +167,7 @@ export async function runContent(): Promise<TargetCheck[]> {
   ]);
   return results.map((r) => ({
     suite: 'content',
-    target: `${r.label}: every event to its one subscriber, once (reported: throughput, latency)`,
+    target: `${r.label}: every event to its one subscriber, once; ${r.label.startsWith('_id') ? 'nothing read' : 'each resource read once'} (reported: throughput, latency)`,
     measured: `${fmt(r.eventsPerSecond)} events/s, p99 ${fmt(r.p99, 1)} ms`,
     met: r.exact,
   }));

@@ -134,11 +134,16 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const clock = overrides.clock ?? systemClock;
   const ids = overrides.ids ?? { uuid: () => randomUUID() };
   const metrics = new Metrics();
+  // What can stop the start comes before anything that would then need closing (the store).
+  const topics = loadTopicCatalog(config.topicsDir);
+  // Content filters: the search parameters and a reader, only when the broker may read the FHIR server.
+  const search = config.fhirRead === undefined ? undefined : new R4SearchParameters();
+  const topicProblems = search === undefined ? [] : topics.contentFilterProblems(search);
+  if (topicProblems.length > 0) throw new InvalidTopicError(config.topicsDir, topicProblems.join('; '));
   const dynamodb = overrides.store === undefined && config.store === 'dynamodb' ? dynamoDbClient(config) : undefined;
   const store: Store =
     overrides.store ??
     (dynamodb === undefined ? new SqliteStore(config.dataDir) : await openDynamoDbStore(dynamodb, config));
-  const topics = loadTopicCatalog(config.topicsDir);
   const guard = new EndpointGuard(new Allowlist(config.endpointAllowlist), overrides.resolver ?? defaultResolver);
   const userAgent = `fhir-subscription-broker/${version}`;
   const sender =
@@ -153,10 +158,6 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
           bus: config.eventBus,
           logger,
         }));
-  // Content filters: the search parameters and a reader, only when the broker may read the FHIR server.
-  const search = config.fhirRead === undefined ? undefined : new R4SearchParameters();
-  const topicProblems = search === undefined ? [] : topics.contentFilterProblems(search);
-  if (topicProblems.length > 0) throw new InvalidTopicError(config.topicsDir, topicProblems.join('; '));
   const reader =
     config.fhirRead === undefined
       ? undefined

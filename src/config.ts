@@ -283,11 +283,11 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     } catch {
       throw new ConfigError('BROKER_FHIR_READ', 'must be healthlake or an http(s) FHIR base URL');
     }
-    if ((url.protocol !== 'https:' && url.protocol !== 'http:') || read.includes('?') || read.includes('#')) {
-      throw new ConfigError(
-        'BROKER_FHIR_READ',
-        'must be healthlake or an http(s) FHIR base URL without query or fragment',
-      );
+    if (url.protocol !== 'https:' && url.protocol !== 'http:') {
+      throw new ConfigError('BROKER_FHIR_READ', `must be healthlake or an http(s) FHIR base URL, not ${url.protocol}`);
+    }
+    if (read.includes('?') || read.includes('#')) {
+      throw new ConfigError('BROKER_FHIR_READ', 'must be a FHIR base URL without query or fragment');
     }
     if (url.username !== '' || url.password !== '') {
       throw new ConfigError('BROKER_FHIR_READ', 'must not carry credentials; use BROKER_FHIR_READ_TOKEN');

@@ -95,13 +95,13 @@ export class FhirReader implements ResourceReader {
   async #read(change: ResourceChange, id: string, base: string, signal: AbortSignal): Promise<ReadResult> {
     const path = `${base}/${change.resourceType}/${encodeURIComponent(id)}`;
     // Messages name the server and the type, never the resource id (they reach logs and answers).
-    const what = `reading a ${change.resourceType} resource from ${base}`;
+    const what = `reading the ${change.resourceType} from ${base}`;
     if (change.interaction !== 'delete') {
       const current = await this.#get(path, what, signal);
       if (current.status === 200) return { resource: this.#resource(current.body, change, what), base };
       if (current.status !== 404 && current.status !== 410) throw unavailable(what, current.status);
     }
-    const history = `reading the history of a ${change.resourceType} resource from ${base}`;
+    const history = `reading the ${change.resourceType}'s history from ${base}`;
     const versions = await this.#get(`${path}/_history?_count=${HISTORY_COUNT}`, history, signal);
     if (versions.status === 404 || versions.status === 410) return { missing: 'the server has no version of it' };
     if (NO_HISTORY.has(versions.status)) {
