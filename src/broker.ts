@@ -175,7 +175,14 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   });
   let loadedAt = Number.NEGATIVE_INFINITY;
   if (overrides.deferSubscriptionLoad !== true) {
-    await registry.load();
+    try {
+      await registry.load();
+    } catch (err) {
+      // A start refused here leaves nothing open behind it (the store's files, its threads, sockets).
+      await Promise.allSettled([sender.close(), reader?.close(), store.close()]);
+      dynamodb?.destroy();
+      throw err;
+    }
     loadedAt = clock.now();
   }
   const bindingTokens = new BindingTokens(credentials.wsTokenSecret);

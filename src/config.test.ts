@@ -496,3 +496,19 @@ describe('loadConfig: BROKER_FHIR_READ (the content stage)', () => {
     );
   });
 });
+
+describe('BROKER_FHIR_READ as a URL, canonical', () => {
+  it('keeps the URL in its canonical form (scheme and host lower-cased, default port dropped, no trailing slash)', () => {
+    const config = loadConfig({ BROKER_FHIR_READ: 'HTTPS://FHIR.Example.ORG:443/R4/' }).fhirRead;
+    expect(config?.baseUrl).toBe('https://fhir.example.org/R4');
+  });
+
+  it('refuses a bearer token over plain http however the scheme is written', () => {
+    expect(() => loadConfig({ BROKER_FHIR_READ: 'HTTP://fhir.example.org/r4', BROKER_FHIR_READ_TOKEN: 'abc' })).toThrow(
+      /^BROKER_FHIR_READ: must be https with a bearer token/,
+    );
+    expect(
+      loadConfig({ BROKER_FHIR_READ: 'HTTP://127.0.0.1:8080/fhir', BROKER_FHIR_READ_TOKEN: 'abc' }).fhirRead?.auth,
+    ).toBe('bearer');
+  });
+});

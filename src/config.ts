@@ -292,7 +292,8 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     if (url.username !== '' || url.password !== '') {
       throw new ConfigError('BROKER_FHIR_READ', 'must not carry credentials; use BROKER_FHIR_READ_TOKEN');
     }
-    baseUrl = read.replace(/\/+$/, '');
+    // Canonical (scheme and host lower-cased, a default port dropped): later checks read it as such.
+    baseUrl = url.href.replace(/\/+$/, '');
   }
   const fallback =
     baseUrl === undefined || new URL(baseUrl).hostname.endsWith('.amazonaws.com')
@@ -319,7 +320,12 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     );
   }
   // The token and the resources (PHI) would cross the network in clear text.
-  if (auth === 'bearer' && baseUrl?.startsWith('http:') === true && !isLoopbackHost(new URL(baseUrl).hostname)) {
+  if (
+    auth === 'bearer' &&
+    baseUrl !== undefined &&
+    new URL(baseUrl).protocol === 'http:' &&
+    !isLoopbackHost(new URL(baseUrl).hostname)
+  ) {
     throw new ConfigError(
       'BROKER_FHIR_READ',
       'must be https with a bearer token (plain http only to this machine: 127.0.0.1, ::1, localhost)',

@@ -66,7 +66,9 @@ export class BrokerStack extends Stack {
       // What BROKER_FHIR_READ takes (README, Content filters): checked here, or a typo would stop
       // every function at start.
       // A HealthLake URL must be given as healthlake: only that value grants the functions the read.
-      allowedPattern: '^(healthlake|https?://(?![^/]*amazonaws\\.com)[^\\s?#@/]+(/[^\\s?#]*)?)?$',
+      // (No inline (?i): the host's case spelled out, and no %-escapes in it, so no spelling slips by.)
+      allowedPattern:
+        '^(healthlake|https?://(?![^/]*[aA][mM][aA][zZ][oO][nN][aA][wW][sS]\\.[cC][oO][mM])[^\\s?#@/%]+(/[^\\s?#]*)?)?$',
       constraintDescription:
         'healthlake, an http(s) FHIR base URL (no credentials, query or fragment; for HealthLake write healthlake), or empty',
       description:
@@ -105,7 +107,14 @@ export class BrokerStack extends Stack {
       `arn:${Aws.PARTITION}:healthlake:${Aws.REGION}:${Aws.ACCOUNT_ID}:datastore/fhir/*`,
     ).toString();
     const readResources = new Policy(this, 'ReadHealthLakeResources', {
-      statements: [new PolicyStatement({ actions: ['healthlake:ReadResource'], resources: [datastores] })],
+      // The read, and the instance history read after a delete: AWS lists no action of its own for
+      // history, and its read-only managed policy (AmazonHealthLakeReadOnlyAccess) reads with these two.
+      statements: [
+        new PolicyStatement({
+          actions: ['healthlake:ReadResource', 'healthlake:SearchWithGet'],
+          resources: [datastores],
+        }),
+      ],
       roles: [functions.events.role, functions.api.role].filter((r) => r !== undefined),
     });
     (readResources.node.defaultChild as CfnPolicy).cfnOptions.condition = readHealthLake;

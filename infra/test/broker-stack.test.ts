@@ -165,6 +165,8 @@ describe('BrokerStack', () => {
         'https://user:pass@fhir.example.org/r4',
         // HealthLake by URL would get SigV4 but no IAM grant: it must be written healthlake.
         'https://healthlake.us-east-1.amazonaws.com/datastore/0123456789abcdef0123456789abcdef/r4',
+        'https://HEALTHLAKE.US-EAST-1.AMAZONAWS.COM/datastore/0123456789abcdef0123456789abcdef/r4',
+        'https://healthlake.us-east-1.amazonaws%2Ecom/datastore/0123456789abcdef0123456789abcdef/r4',
       ]) {
         expect([bad, allowed.test(bad)]).toEqual([bad, false]);
       }
@@ -183,7 +185,7 @@ describe('BrokerStack', () => {
       expect(id).toMatch(/^ReadHealthLakeResources/);
       const statements = policy.Properties.PolicyDocument.Statement;
       expect(statements).toHaveLength(1);
-      expect(statements[0]?.Action).toBe('healthlake:ReadResource');
+      expect(statements[0]?.Action).toEqual(['healthlake:ReadResource', 'healthlake:SearchWithGet']);
       expect(JSON.stringify(statements[0]?.Resource)).toContain('HealthLakeDatastoreIdSet');
       const roles = policy.Properties.Roles.map((r) => r.Ref).sort();
       expect(roles).toHaveLength(2);

@@ -151,11 +151,13 @@ export class SqsEventSource {
       inHand = inHand.filter((_, i) => typeof outcomes[i] === 'object');
       if (failed === undefined || signal.aborted) return;
       const retryInMs = backoff(failures);
-      logger.error('sqs messages not taken: the store failed; kept and tried again', {
-        messageIds: inHand.map((m) => m.MessageId),
-        retryInMs,
-        err: failed.failed,
-      });
+      const fields = { messageIds: inHand.map((m) => m.MessageId), retryInMs, err: failed.failed };
+      // A content read that failed is transient and already logged where it failed (at warn).
+      if (failed.failed instanceof BrokerError && failed.failed.code === 'CONTENT_UNAVAILABLE') {
+        logger.warn('sqs messages not taken: a changed resource could not be read; kept and tried again', fields);
+      } else {
+        logger.error('sqs messages not taken: the store failed; kept and tried again', fields);
+      }
       await this.#keepInvisible(inHand, Math.ceil(retryInMs / 1000) + VISIBILITY_MARGIN_SECONDS);
       await sleep(retryInMs, undefined, { signal }).catch(() => undefined);
       if (signal.aborted) return;

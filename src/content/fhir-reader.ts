@@ -33,8 +33,14 @@ export interface ResourceReader extends ResourceSource {
 const NO_HISTORY = new Set([400, 405, 501]);
 /** 8 MiB: a FHIR resource (a Binary aside) is far smaller; a larger answer is refused, not buffered. */
 const MAX_ANSWER_BYTES = 8 * 1024 * 1024;
-/** Versions asked for from `_history` (newest first): the delete itself, then what it deleted. */
-const HISTORY_COUNT = 5;
+/** Versions asked for from `_history` (newest first): the delete, what it deleted, and some after. */
+const HISTORY_COUNT = 10;
+/**
+ * Answers that say "not now" (the sender should try again later): credentials the operator must
+ * fix, throttling, the server's own failures. Any other refusal will not change on a retry.
+ */
+const TRANSIENT = (status: number) =>
+  status === 401 || status === 403 || status === 408 || status === 429 || status >= 500;
 /** Reads in flight at once, in all: more wait for a turn, and their deadline starts with it. */
 const READS_IN_FLIGHT = 16;
 /** `https://healthlake.<region>.amazonaws.com/datastore/<id>/r4`: the region to sign for, and the datastore. */
@@ -43,6 +49,14 @@ const HEALTHLAKE_URL = /^https:\/\/healthlake\.([a-z0-9-]+)\.amazonaws\.com\/dat
 interface Answer {
   readonly status: number;
   readonly body: unknown;
+  /** A 200 whose body cannot be taken (not JSON, too large): why. */
+  readonly unusable?: string;
+}
+
+interface HistoryEntry {
+  readonly resource?: unknown;
+  readonly request?: { readonly method?: unknown };
+  readonly response?: { readonly lastModified?: unknown };
 }
 
 export class FhirReader implements ResourceReader {
@@ -98,8 +112,8 @@ export class FhirReader implements ResourceReader {
     const what = `reading the ${change.resourceType} from ${base}`;
     if (change.interaction !== 'delete') {
       const current = await this.#get(path, what, signal);
-      if (current.status === 200) return { resource: this.#resource(current.body, change, what), base };
-      if (current.status !== 404 && current.status !== 410) throw unavailable(what, current.status);
+      if (current.status === 200) return this.#taken(current, change, what, base);
+      if (current.status !== 404 && current.status !== 410) return refused(what, current.status);
     }
     const history = `reading the ${change.resourceType}'s history from ${base}`;
     const versions = await this.#get(`${path}/_history?_count=${HISTORY_COUNT}`, history, signal);
@@ -107,23 +121,24 @@ export class FhirReader implements ResourceReader {
     if (NO_HISTORY.has(versions.status)) {
       return { missing: `${history} answered ${versions.status}: the server keeps no history to read` };
     }
-    if (versions.status !== 200) throw unavailable(history, versions.status);
+    if (versions.status !== 200) return refused(history, versions.status);
+    if (versions.unusable !== undefined) return { missing: `${history}: ${versions.unusable}`, anomaly: true };
     const bundle = versions.body as { resourceType?: unknown; entry?: unknown };
-    if (bundle?.resourceType !== 'Bundle') throw new ContentUnavailableError(`${history}: the answer is not a Bundle`);
-    const entries = (Array.isArray(bundle.entry) ? bundle.entry : []) as {
-      resource?: unknown;
-      request?: { method?: unknown };
-    }[];
-    // Newest first. After a delete, what it deleted: the first version with the resource after the
-    // newest delete (a later re-creation is another version, judged by its own event). Otherwise
-    // (gone since the event) the newest version with the resource.
-    const lastDelete = change.interaction === 'delete' ? entries.findIndex((e) => e?.request?.method === 'DELETE') : -1;
-    const version = entries
-      .slice(lastDelete + 1)
-      .find((e) => typeof e?.resource === 'object' && e.resource !== null && !Array.isArray(e.resource));
+    if (bundle?.resourceType !== 'Bundle') return { missing: `${history}: the answer is not a Bundle`, anomaly: true };
+    const version = versionAt((Array.isArray(bundle.entry) ? bundle.entry : []) as HistoryEntry[], change);
     return version === undefined
-      ? { missing: 'its history holds no version with the resource' }
-      : { resource: this.#resource(version.resource, change, history), base };
+      ? { missing: 'its history holds no version of it from before the event' }
+      : this.#taken({ status: 200, body: version }, change, history, base);
+  }
+
+  /** The answer as the resource the event names, or why it is not (a fault of the server's, for good). */
+  #taken(answer: Answer, change: ResourceChange, what: string, base: string): ReadResult {
+    if (answer.unusable !== undefined) return { missing: `${what}: ${answer.unusable}`, anomaly: true };
+    const r = answer.body as Record<string, unknown> | null;
+    if (r?.resourceType !== change.resourceType || r.id !== change.resourceId) {
+      return { missing: `${what}: the answer is not the ${change.resourceType} the event names`, anomaly: true };
+    }
+    return { resource: r, base };
   }
 
   close(): Promise<void> {
@@ -142,14 +157,6 @@ export class FhirReader implements ResourceReader {
     const next = this.#waiting.shift();
     if (next === undefined) this.#inFlight--;
     else next();
-  }
-
-  #resource(body: unknown, change: ResourceChange, what: string): Record<string, unknown> {
-    const r = body as Record<string, unknown> | null;
-    if (r?.resourceType !== change.resourceType || r.id !== change.resourceId) {
-      throw new ContentUnavailableError(`${what}: the answer is not the ${change.resourceType} the event names`);
-    }
-    return r;
   }
 
   async #get(url: string, what: string, signal: AbortSignal): Promise<Answer> {
@@ -171,6 +178,9 @@ export class FhirReader implements ResourceReader {
     try {
       text = await res.body.text();
     } catch (err) {
+      if ((err as { code?: unknown }).code === 'UND_ERR_RES_EXCEEDED_MAX_SIZE') {
+        return { status: 200, body: undefined, unusable: `the answer is larger than ${MAX_ANSWER_BYTES} bytes` };
+      }
       throw new ContentUnavailableError(`${what} failed: ${failure(err, this.#config.timeoutMs)}`, { cause: err });
     }
     try {
@@ -178,9 +188,11 @@ export class FhirReader implements ResourceReader {
     } catch {
       // Never the parser's message: it quotes the start of the body (an error page, PHI).
       const type = String(res.headers['content-type'] ?? 'none').slice(0, 60);
-      throw new ContentUnavailableError(
-        `${what}: the answer is not JSON (${text.length} characters, content-type ${type})`,
-      );
+      return {
+        status: 200,
+        body: undefined,
+        unusable: `the answer is not JSON (${text.length} characters, content-type ${type})`,
+      };
     }
   }
 
@@ -211,8 +223,46 @@ export class FhirReader implements ResourceReader {
   }
 }
 
-function unavailable(what: string, status: number): ContentUnavailableError {
-  return new ContentUnavailableError(`${what}: the server answered ${status}`);
+/** A refusal: "not now" is a 503 for the sender to retry; any other will not change, and judges nothing. */
+function refused(what: string, status: number): ReadResult {
+  if (TRANSIENT(status)) throw new ContentUnavailableError(`${what}: the server answered ${status}`);
+  return { missing: `${what}: the server answered ${status}`, anomaly: true };
+}
+
+/** CloudTrail's event times have whole seconds: a version written in the event's second is before it. */
+const EVENT_TIME_SLACK_MS = 1000;
+
+/**
+ * The version an event concerns, from an instance history: the newest version with the resource
+ * written at or before the event (its second included). A delete so gets what it deleted, not a
+ * re-creation after it; an update whose resource is gone since gets what it wrote. Entries are
+ * ordered by their own times (`meta.lastUpdated`, or the entry's `response.lastModified`), not the
+ * server's order. Without times to go by: after a delete, the first version past the newest delete
+ * marker (an entry without a resource, or a DELETE request), none without a marker on the page;
+ * otherwise the newest version.
+ */
+function versionAt(entries: readonly HistoryEntry[], change: ResourceChange): unknown {
+  const withResource = entries.filter(
+    (e) => typeof e?.resource === 'object' && e.resource !== null && !Array.isArray(e.resource),
+  );
+  const timeOf = (e: HistoryEntry): number => {
+    const meta = (e.resource as { meta?: { lastUpdated?: unknown } } | undefined)?.meta;
+    const at = typeof meta?.lastUpdated === 'string' ? meta.lastUpdated : e.response?.lastModified;
+    return typeof at === 'string' ? Date.parse(at) : Number.NaN;
+  };
+  const eventAt = Date.parse(change.time);
+  if (!Number.isNaN(eventAt) && withResource.length > 0 && withResource.every((e) => !Number.isNaN(timeOf(e)))) {
+    const before = withResource
+      .filter((e) => timeOf(e) <= eventAt + EVENT_TIME_SLACK_MS)
+      .sort((a, b) => timeOf(b) - timeOf(a));
+    return before[0]?.resource;
+  }
+  if (change.interaction !== 'delete') return withResource[0]?.resource;
+  const marker = entries.findIndex((e) => e?.request?.method === 'DELETE' || e?.resource === undefined);
+  if (marker === -1) return undefined;
+  return entries
+    .slice(marker + 1)
+    .find((e) => typeof e?.resource === 'object' && e.resource !== null && !Array.isArray(e.resource))?.resource;
 }
 
 function failure(err: unknown, timeoutMs: number): string {

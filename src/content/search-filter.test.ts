@@ -1055,3 +1055,27 @@ describe('the cases a first version got wrong', () => {
     expect(filterError('Observation', 'code-value-quantity', 'x')).toContain('is a composite parameter');
   });
 });
+
+describe('token systems and periods, after a second review', () => {
+  it('ContactPoint takes its system as the token system (phone|555-1234), or none', () => {
+    const patient: Resource = { resourceType: 'Patient', telecom: [{ system: 'phone', value: '555-1234' }] };
+    expect(matches(patient, 'telecom', '555-1234')).toBe(true);
+    expect(matches(patient, 'telecom', 'phone|555-1234')).toBe(true);
+    expect(matches(patient, 'telecom', 'email|555-1234')).toBe(false);
+  });
+
+  it('a bare code matches a system of the kinds its binding may name, and no other', () => {
+    const composition: Resource = { resourceType: 'Composition', confidentiality: 'N' };
+    const thoConfidentiality = 'http://terminology.hl7.org/CodeSystem/v3-Confidentiality';
+    expect(matches(composition, 'confidentiality', `${thoConfidentiality}|N`)).toBe(true);
+    expect(matches(observation, 'status', 'http://hl7.org/fhir/observation-status|final')).toBe(true);
+    expect(matches(observation, 'status', 'http://example.org/local-status|final')).toBe(false);
+  });
+
+  it('a Period whose bound is there but is no date is no range at all (not open on that side)', () => {
+    const encounter: Resource = { resourceType: 'Encounter', period: { start: '0000-01-01', end: '2024-12-31' } };
+    for (const value of ['lt2024-06-01', 'le2024-06-01', 'eb2025', 'ne2024']) {
+      expect([value, matches(encounter, 'date', value)]).toEqual([value, false]);
+    }
+  });
+});

@@ -215,14 +215,22 @@ function tokenMatches(target: unknown, value: string): boolean {
     if (system === undefined) return p.code === code;
     if (code === '') return p.system === system;
     if (system === '') return p.system === undefined && p.code === code;
-    // A bare code (Observation.status) takes its system from its binding, which for such codes is
-    // one of FHIR's own code systems (http://hl7.org/fhir/observation-status): only those name it.
-    return p.code === code && (p.system === system || (p.implicit === true && system.startsWith(FHIR_CODE_SYSTEMS)));
+    // A bare code (Observation.status) takes its system from its binding, which the data does not
+    // carry: a system of the kinds such bindings use (FHIR's own, HL7 terminology, IETF BCP codes)
+    // names it; any other (a local URL) cannot.
+    return (
+      p.code === code &&
+      (p.system === system || (p.implicit === true && BOUND_SYSTEMS.some((s) => system.startsWith(s))))
+    );
   });
 }
 
-/** Where the code systems of FHIR's required bindings live (`http://hl7.org/fhir/administrative-gender`). */
-const FHIR_CODE_SYSTEMS = 'http://hl7.org/fhir/';
+/**
+ * Where the code systems of the bindings of bare codes live: FHIR's own (`http://hl7.org/fhir/administrative-gender`),
+ * HL7 terminology (`http://terminology.hl7.org/CodeSystem/v3-Confidentiality`), IETF BCP codes
+ * (`urn:ietf:bcp:13` media types, `urn:ietf:bcp:47` languages).
+ */
+const BOUND_SYSTEMS = ['http://hl7.org/fhir/', 'http://terminology.hl7.org/', 'urn:ietf:bcp:'];
 
 interface TokenPair {
   readonly system?: string;
@@ -239,16 +247,9 @@ function tokenPairs(target: unknown): TokenPair[] {
   if (Array.isArray(target.coding)) return target.coding.flatMap(tokenPairs);
   const system = typeof target.system === 'string' ? target.system : undefined;
   if (typeof target.code === 'string') return [{ system, code: target.code }];
-  if (typeof target.value === 'string') {
-    // Identifier: system + value. ContactPoint's system is a kind (phone, email), not a namespace.
-    return isContactPoint(target) ? [{ code: target.value, implicit: true }] : [{ system, code: target.value }];
-  }
+  // Identifier: system + value; ContactPoint too (its system is a kind: `phone|555-1234`).
+  if (typeof target.value === 'string') return [{ system, code: target.value }];
   return [];
-}
-
-const CONTACT_SYSTEMS = new Set(['phone', 'fax', 'email', 'pager', 'url', 'sms', 'other']);
-function isContactPoint(v: Record<string, unknown>): boolean {
-  return typeof v.system === 'string' && CONTACT_SYSTEMS.has(v.system);
 }
 
 /** `:text`: the CodeableConcept's text or a coding's display starts with the value (case- and accent-blind). */
@@ -431,6 +432,9 @@ function targetRanges(target: unknown): [number, number][] {
   if ('start' in target || 'end' in target) {
     const start = typeof target.start === 'string' ? dateRange(target.start)?.[0] : undefined;
     const end = typeof target.end === 'string' ? dateRange(target.end)?.[1] : undefined;
+    // A bound that is there but is no date leaves the period unknown, not open on that side.
+    if ((target.start !== undefined && start === undefined) || (target.end !== undefined && end === undefined))
+      return [];
     if (start === undefined && end === undefined) return [];
     return [[start ?? Number.NEGATIVE_INFINITY, end ?? Number.POSITIVE_INFINITY]];
   }

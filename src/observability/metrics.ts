@@ -31,15 +31,15 @@ const FAMILIES = {
     zero: [{}],
   },
   broker_content_reads_total: {
-    help: 'Reads of changed resources for content filters, by outcome (read, missing, no_id, failed, unevaluable, unconfigured)',
+    help: 'Reads of changed resources for content filters, by outcome (read, missing, no_id, failed, unconfigured)',
     type: 'counter',
     // At 0 from the start, so an alert on increase(failed) or increase(missing) sees the first one.
-    zero: byOutcome('read', 'missing', 'no_id', 'failed', 'unevaluable', 'unconfigured'),
+    zero: byOutcome('read', 'missing', 'no_id', 'failed', 'unconfigured'),
   },
   broker_content_matches_total: {
     help: 'Content-filter checks of a candidate subscription against a read resource, by outcome',
     type: 'counter',
-    zero: byOutcome('matched', 'not_matched'),
+    zero: byOutcome('matched', 'not_matched', 'unevaluable'),
   },
   broker_notifications_total: {
     help: 'Notification deliveries, by outcome',

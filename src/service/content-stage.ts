@@ -24,7 +24,8 @@ import type { AcceptItem } from '../store/store.js';
  */
 export type ReadResult =
   | { readonly resource: Record<string, unknown>; readonly base: string }
-  | { readonly missing: string };
+  /** `anomaly`: the server answered something that is not a resource (logged at warn, not info). */
+  | { readonly missing: string; readonly anomaly?: true };
 
 export interface ResourceSource {
   read(change: ResourceChange): Promise<ReadResult>;
@@ -104,11 +105,14 @@ export class ContentStage {
       const read = reads[k];
       const catalog = this.#catalog;
       const judge = read === undefined || catalog === undefined ? undefined : this.#judge(read, catalog, item.change);
-      const keep = new Set(filtered.filter((f) => judge?.(f.content) === true).map((f) => f.id));
+      const verdicts = filtered.map((f) => judge?.(f.content));
+      const keep = new Set(filtered.filter((_f, i) => verdicts[i] === true).map((f) => f.id));
       const checked = new Set(filtered.map((f) => f.id));
       if (judge !== undefined) {
-        this.#metrics.inc('broker_content_matches_total', { outcome: 'matched' }, keep.size);
-        this.#metrics.inc('broker_content_matches_total', { outcome: 'not_matched' }, filtered.length - keep.size);
+        const count = (v: boolean | 'unevaluable') => verdicts.filter((x) => x === v).length;
+        this.#metrics.inc('broker_content_matches_total', { outcome: 'matched' }, count(true));
+        this.#metrics.inc('broker_content_matches_total', { outcome: 'not_matched' }, count(false));
+        this.#metrics.inc('broker_content_matches_total', { outcome: 'unevaluable' }, count('unevaluable'));
       }
       out[index] = { ...item, subscriptionIds: item.subscriptionIds.filter((id) => keep.has(id) || !checked.has(id)) };
     });
@@ -126,33 +130,42 @@ export class ContentStage {
     read: Read,
     catalog: SearchParameterCatalog,
     change: ResourceChange,
-  ): (content: readonly ContentFilter[]) => boolean {
-    const memo = new Map<string, readonly unknown[]>();
+  ): (content: readonly ContentFilter[]) => boolean | 'unevaluable' {
+    // Per parameter: its values, or the error its evaluation threw (the same for every subscription).
+    const memo = new Map<string, readonly unknown[] | Error>();
     const shared: SearchParameterCatalog = {
       lookup: (type, code) => catalog.lookup(type, code),
       values: (resource, code) => {
+        if (resource !== read.resource) throw new Error('the content stage judges one resource at a time');
         let values = memo.get(code);
         if (values === undefined) {
-          values = catalog.values(resource, code);
+          try {
+            values = catalog.values(resource, code);
+          } catch (err) {
+            values = err instanceof Error ? err : new Error(String(err));
+            this.#logger.warn(
+              'a changed resource could not be evaluated for a content filter: the filter does not hold',
+              {
+                eventId: change.eventId,
+                resourceType: change.resourceType,
+                parameter: code,
+                reason: values.message.slice(0, 200),
+              },
+            );
+          }
           memo.set(code, values);
         }
+        if (values instanceof Error) throw values;
         return values;
       },
     };
-    let failed = false;
+    // A subscription whose filters need a parameter that cannot be evaluated is not notified; the
+    // others are judged on their own parameters, whatever the order.
     return (content) => {
-      if (failed) return false;
       try {
         return matchesContent(read.resource, content, shared, read.base);
-      } catch (err) {
-        failed = true;
-        this.#metrics.inc('broker_content_reads_total', { outcome: 'unevaluable' });
-        this.#logger.warn('a changed resource could not be evaluated for content filters: no content filter holds', {
-          eventId: change.eventId,
-          resourceType: change.resourceType,
-          reason: (err as Error).message.slice(0, 200),
-        });
-        return false;
+      } catch {
+        return 'unevaluable';
       }
     };
   }
@@ -212,11 +225,15 @@ export class ContentStage {
       return read;
     }
     this.#metrics.inc('broker_content_reads_total', { outcome: 'missing' });
-    this.#logger.info('changed resource not found on the FHIR server: no content filter holds', {
-      eventId: change.eventId,
-      resourceType: change.resourceType,
-      reason: read.missing,
-    });
+    const fields = { eventId: change.eventId, resourceType: change.resourceType, reason: read.missing };
+    if (read.anomaly === true) {
+      this.#logger.warn(
+        'the FHIR server answered something other than the changed resource: no content filter holds',
+        fields,
+      );
+    } else {
+      this.#logger.info('changed resource not found on the FHIR server: no content filter holds', fields);
+    }
     return undefined;
   }
 }

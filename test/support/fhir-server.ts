@@ -89,7 +89,8 @@ export class FhirServer {
   put(resource: Json, asId?: string): void {
     const key = `${resource.resourceType}/${asId ?? resource.id}`;
     const versions = this.#versions.get(key) ?? [];
-    versions.push({ resource: { ...resource, meta: { versionId: String(versions.length + 1) } } });
+    const meta = { ...(resource.meta as Json | undefined), versionId: String(versions.length + 1) };
+    versions.push({ resource: { ...resource, meta } });
     this.#versions.set(key, versions);
   }
 
