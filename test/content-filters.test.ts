@@ -317,10 +317,18 @@ describe('content filters', () => {
       (fhir: FhirServer) => fhir.put(observation('o10', 'p1'), 'o9'),
       'the answer is not the Observation the event names',
     ],
-    ['a 400', (fhir: FhirServer) => void (fhir.respond = () => 400), 'the server answered 400'],
+    [
+      'a 400',
+      (fhir: FhirServer) => {
+        fhir.respond = () => 400;
+      },
+      'the server answered 400',
+    ],
     [
       'an answer that is not JSON',
-      (fhir: FhirServer) => void (fhir.body = () => '<html>Patient Jane Doe, MRN 12345</html>'),
+      (fhir: FhirServer) => {
+        fhir.body = () => '<html>Patient Jane Doe, MRN 12345</html>';
+      },
       'the answer is not JSON (40 characters, content-type application/fhir+json)',
     ],
   ])(
