@@ -37,12 +37,12 @@ interface Check {
   readonly filtered: readonly { readonly id: string; readonly content: readonly ContentFilter[] }[];
 }
 
-interface Read {
-  readonly resource: Record<string, unknown>;
-  readonly base: string;
-}
+type Read = Extract<ReadResult, { readonly resource: unknown }>;
 
-/** Reads in flight at once for one request. */
+/**
+ * Reads in flight at once for one request (the reader caps them per process too): a request of many
+ * events takes turns with the others instead of queueing all its reads ahead of theirs.
+ */
 const READS_AT_ONCE = 16;
 
 export class ContentStage {
