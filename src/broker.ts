@@ -7,7 +7,7 @@ import type { Hono } from 'hono';
 import { EventBridgePublisher } from './aws/eventbridge-publisher.js';
 import { SQS_WAIT_TIME_SECONDS, SqsEventSource } from './aws/sqs-source.js';
 import { type ApiClient, type Config, sqsQueueRegion } from './config.js';
-import { ContentUnavailableError, FhirReader, type ResourceReader } from './content/fhir-reader.js';
+import { FhirReader, type ResourceReader } from './content/fhir-reader.js';
 import { R4SearchParameters } from './content/search-parameters.js';
 import type { LifecycleSink } from './core/lifecycle.js';
 import { InvalidTopicError } from './core/topics.js';
@@ -234,7 +234,6 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const content = new ContentStage({
     ...(search === undefined ? {} : { catalog: search }),
     ...(reader === undefined ? {} : { reader }),
-    isUnavailable: (err) => err instanceof ContentUnavailableError,
     logger,
     metrics,
   });

@@ -276,8 +276,9 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     return undefined;
   }
   let baseUrl: string | undefined;
+  // The base URL, parsed once.
+  let url: URL | undefined;
   if (read !== 'healthlake') {
-    let url: URL;
     try {
       url = new URL(read);
     } catch {
@@ -296,11 +297,7 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     baseUrl = url.href.replace(/\/+$/, '');
   }
   const fallback =
-    baseUrl === undefined || new URL(baseUrl).hostname.endsWith('.amazonaws.com')
-      ? 'sigv4'
-      : token === undefined
-        ? 'none'
-        : 'bearer';
+    url === undefined || url.hostname.endsWith('.amazonaws.com') ? 'sigv4' : token === undefined ? 'none' : 'bearer';
   const auth = authRaw ?? fallback;
   if (auth !== 'sigv4' && auth !== 'bearer' && auth !== 'none') {
     throw new ConfigError('BROKER_FHIR_READ_AUTH', 'must be sigv4, bearer or none');
@@ -320,21 +317,14 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
     );
   }
   // The token and the resources (PHI) would cross the network in clear text.
-  if (
-    auth === 'bearer' &&
-    baseUrl !== undefined &&
-    new URL(baseUrl).protocol === 'http:' &&
-    !isLoopbackHost(new URL(baseUrl).hostname)
-  ) {
+  if (auth === 'bearer' && url?.protocol === 'http:' && !isLoopbackHost(url.hostname)) {
     throw new ConfigError(
       'BROKER_FHIR_READ',
       'must be https with a bearer token (plain http only to this machine: 127.0.0.1, ::1, localhost)',
     );
   }
   const region =
-    (baseUrl === undefined
-      ? undefined
-      : /^healthlake\.([a-z0-9-]+)\.amazonaws\.com$/.exec(new URL(baseUrl).hostname)?.[1]) ?? awsRegion;
+    (url === undefined ? undefined : /^healthlake\.([a-z0-9-]+)\.amazonaws\.com$/.exec(url.hostname)?.[1]) ?? awsRegion;
   return {
     ...(baseUrl === undefined ? {} : { baseUrl }),
     auth,

@@ -4,7 +4,7 @@ import { SignatureV4 } from '@smithy/signature-v4';
 import { Agent, request } from 'undici';
 import type { FhirReadConfig } from '../config.js';
 import type { ResourceChange } from '../core/types.js';
-import type { ReadResult, ResourceSource } from '../service/content-stage.js';
+import { ContentUnavailableError, type ReadResult, type ResourceSource } from '../service/content-stage.js';
 
 /**
  * Reads the resource an event names from the FHIR server, for the content stage: the current
@@ -22,8 +22,6 @@ import type { ReadResult, ResourceSource } from '../service/content-stage.js';
  *   with a 503 and stores nothing, so the sender (EventBridge) tries again later; nothing is
  *   delivered unfiltered.
  */
-
-export class ContentUnavailableError extends Error {}
 
 export interface ResourceReader extends ResourceSource {
   close(): Promise<void>;

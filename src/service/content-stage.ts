@@ -27,6 +27,10 @@ export type ReadResult =
   /** `anomaly`: the server answered something that is not a resource (logged at warn, not info). */
   | { readonly missing: string; readonly anomaly?: true };
 
+/** A read that cannot be done now (the server unreachable, slow, refusing for now): the request is a 503. */
+export class ContentUnavailableError extends Error {}
+
+/** Reads changed resources; throws `ContentUnavailableError` when one cannot be read now. */
 export interface ResourceSource {
   read(change: ResourceChange): Promise<ReadResult>;
 }
@@ -48,7 +52,6 @@ const READS_AT_ONCE = 16;
 export class ContentStage {
   readonly #catalog: SearchParameterCatalog | undefined;
   readonly #reader: ResourceSource | undefined;
-  readonly #isUnavailable: (err: unknown) => boolean;
   readonly #logger: Logger;
   readonly #metrics: Metrics;
 
@@ -60,14 +63,11 @@ export class ContentStage {
   constructor(deps: {
     catalog?: SearchParameterCatalog;
     reader?: ResourceSource;
-    /** The reader's "cannot read now" error (a 503), as opposed to a fault of the broker. */
-    isUnavailable: (err: unknown) => boolean;
     logger: Logger;
     metrics: Metrics;
   }) {
     this.#catalog = deps.catalog;
     this.#reader = deps.reader;
-    this.#isUnavailable = deps.isUnavailable;
     this.#logger = deps.logger;
     this.#metrics = deps.metrics;
   }
@@ -199,7 +199,7 @@ export class ContentStage {
     };
     await Promise.all(Array.from({ length: Math.min(READS_AT_ONCE, queue.length) }, worker));
     if (failure !== undefined) {
-      if (!this.#isUnavailable(failure)) throw failure;
+      if (!(failure instanceof ContentUnavailableError)) throw failure;
       this.#metrics.inc('broker_content_reads_total', { outcome: 'failed' });
       this.#logger.warn('a changed resource could not be read for content filters; the sender will retry', {
         err: failure as Error,

@@ -82,8 +82,7 @@ export class IngestService {
      */
     content?: ContentStage;
   }) {
-    this.#content =
-      deps.content ?? new ContentStage({ isUnavailable: () => false, logger: deps.logger, metrics: deps.metrics });
+    this.#content = deps.content ?? new ContentStage({ logger: deps.logger, metrics: deps.metrics });
     this.#store = deps.store;
     this.#registry = deps.registry;
     this.#sink = deps.sink;
