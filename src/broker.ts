@@ -28,6 +28,7 @@ import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
 import { ContentStage } from './service/content-stage.js';
 import { IngestService } from './service/ingest.js';
+import { Reconciler } from './service/reconciler.js';
 import { SubscriptionRegistry } from './service/subscription-registry.js';
 import { DynamoDbStore } from './store/dynamodb/dynamodb-store.js';
 import { ensureTables } from './store/dynamodb/tables.js';
@@ -82,10 +83,15 @@ export interface Broker {
    */
   flushLifecycle(): Promise<void>;
   /**
-   * Starts pulling events from `BROKER_SQS_QUEUE_URL`, when set: the server does (main.ts), a
-   * Lambda function never (EventBridge invokes it).
+   * Starts pulling events from `BROKER_SQS_QUEUE_URL` and the reconciler's timer, each when set: the
+   * server does (main.ts), a Lambda function never (EventBridge invokes it).
    */
   startSources(): void;
+  /**
+   * The reconciler, when `BROKER_RECONCILE_EVERY` is set: `startSources` starts its timer (the
+   * server); the AWS reconcile function calls `run` once per scheduled invocation.
+   */
+  readonly reconciler?: Reconciler;
   /** Stop pulling events, finish in-flight attempts within `graceMs`, then release the store and sockets. */
   close(graceMs?: number): Promise<void>;
 }
@@ -294,8 +300,23 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
           metrics,
           pollers: config.sqsPollers,
         });
+  const reconciler =
+    config.reconcile === undefined || reader === undefined || config.fhirRead?.baseUrl === undefined
+      ? undefined
+      : new Reconciler({
+          store,
+          sink: ingest,
+          feed: reader,
+          now: () => clock.now(),
+          logger,
+          metrics,
+          base: config.fhirRead.baseUrl,
+          everyMs: config.reconcile.everyMs,
+          lagMs: config.reconcile.lagMs,
+        });
   return {
     app,
+    ...(reconciler === undefined ? {} : { reconciler }),
     serveIngest: (req, res) => serveIngest(ingestDeps, req, res),
     store,
     registry,
@@ -308,7 +329,10 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     credentials,
     logger,
     start: () => dispatcher.start(),
-    startSources: () => sqs?.start(),
+    startSources: () => {
+      sqs?.start();
+      reconciler?.start();
+    },
     flushLifecycle: async () => {
       await lifecycle?.flush();
     },
@@ -328,6 +352,8 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       // No more events in: a long poll is cut, what it received is committed and deleted first.
       await sqs?.close(graceMs);
       if (overrides.sqs === undefined) sqsClient?.destroy();
+      // A run under way stops between two pages; what it committed is delivered like any event.
+      await reconciler?.close();
       websocketHub.closeAll();
       await dispatcher.close(graceMs);
       await lifecycle?.flush();

@@ -512,3 +512,47 @@ describe('BROKER_FHIR_READ as a URL, canonical', () => {
     ).toBe('bearer');
   });
 });
+
+describe('loadConfig: BROKER_RECONCILE_EVERY and BROKER_RECONCILE_LAG (the reconciler)', () => {
+  const base = 'https://fhir.example.org/r4';
+
+  it('leaves reconciliation off when BROKER_RECONCILE_EVERY is unset', () => {
+    expect(loadConfig({ BROKER_FHIR_READ: base }).reconcile).toBeUndefined();
+  });
+
+  it('reads the interval, and a lag of 15 minutes unless set', () => {
+    expect(loadConfig({ BROKER_FHIR_READ: base, BROKER_RECONCILE_EVERY: '5m' }).reconcile).toEqual({
+      everyMs: 300_000,
+      lagMs: 900_000,
+    });
+    expect(
+      loadConfig({ BROKER_FHIR_READ: base, BROKER_RECONCILE_EVERY: '30s', BROKER_RECONCILE_LAG: '0s' }).reconcile,
+    ).toEqual({ everyMs: 30_000, lagMs: 0 });
+  });
+
+  it('needs BROKER_FHIR_READ as a base URL: it says whose changes to read', () => {
+    for (const env of [{}, { BROKER_FHIR_READ: 'healthlake' }]) {
+      expect(() => loadConfig({ ...env, BROKER_RECONCILE_EVERY: '5m' })).toThrow(
+        /^BROKER_RECONCILE_EVERY: needs BROKER_FHIR_READ set to the FHIR base URL/,
+      );
+    }
+  });
+
+  it('refuses a lag without an interval, and bad or out-of-range durations', () => {
+    expect(() => loadConfig({ BROKER_FHIR_READ: base, BROKER_RECONCILE_LAG: '1m' })).toThrow(
+      'BROKER_RECONCILE_LAG: is set but BROKER_RECONCILE_EVERY is not',
+    );
+    for (const [variable, value] of [
+      ['BROKER_RECONCILE_EVERY', '500ms'],
+      ['BROKER_RECONCILE_EVERY', 'often'],
+      ['BROKER_RECONCILE_EVERY', '2d'],
+      ['BROKER_RECONCILE_EVERY', '1m,2m'],
+      ['BROKER_RECONCILE_LAG', '2d'],
+      ['BROKER_RECONCILE_LAG', '-1m'],
+    ] as const) {
+      expect(() => loadConfig({ BROKER_FHIR_READ: base, BROKER_RECONCILE_EVERY: '5m', [variable]: value })).toThrow(
+        new RegExp(`^${variable}: `),
+      );
+    }
+  });
+});

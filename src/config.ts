@@ -96,6 +96,11 @@ export interface Config {
    * (src/service/content-stage.ts). Unset: such filters are refused at registration.
    */
   readonly fhirRead?: FhirReadConfig;
+  /**
+   * `BROKER_RECONCILE_EVERY` and `BROKER_RECONCILE_LAG`: the reconciler (src/service/reconciler.ts)
+   * reads the changes of the FHIR server at `fhirRead.baseUrl`. Unset: no reconciliation.
+   */
+  readonly reconcile?: ReconcileConfig;
   readonly maxBodyBytes: number;
   readonly maxIngestBodyBytes: number;
   readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
@@ -111,6 +116,13 @@ export interface FhirReadConfig {
   /** The SigV4 region when the URL's host does not name one (`healthlake.<region>.amazonaws.com`). */
   readonly region: string;
   readonly timeoutMs: number;
+}
+
+/** How often the reconciler runs, and how far behind the present its windows end. */
+export interface ReconcileConfig {
+  readonly everyMs: number;
+  /** A change younger than this is left to its CloudTrail event, which may still be on its way. */
+  readonly lagMs: number;
 }
 
 export class ConfigError extends Error {
@@ -257,6 +269,7 @@ export function loadConfig(env: Env = process.env): Config {
     ...(deadLetterQueueUrl === undefined ? {} : { deadLetterQueueUrl }),
     topicsDir,
     ...(fhirRead === undefined ? {} : { fhirRead: Object.freeze(fhirRead) }),
+    ...optionalObject('reconcile', reconcileConfig(env, fhirRead)),
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),
     // 10 MiB: 1,000 CloudTrail events of ~3 KB each, with room to spare.
@@ -338,6 +351,36 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
  * At most 25 s: a read holds the ingest request that waits for it, and API Gateway gives a Lambda
  * request 29 s (README, Content filters).
  */
+function reconcileConfig(env: Env, fhirRead: FhirReadConfig | undefined): ReconcileConfig | undefined {
+  if (str(env, 'BROKER_RECONCILE_EVERY') === undefined) {
+    if (str(env, 'BROKER_RECONCILE_LAG') !== undefined) {
+      throw new ConfigError('BROKER_RECONCILE_LAG', 'is set but BROKER_RECONCILE_EVERY is not');
+    }
+    return undefined;
+  }
+  if (fhirRead?.baseUrl === undefined) {
+    throw new ConfigError(
+      'BROKER_RECONCILE_EVERY',
+      'needs BROKER_FHIR_READ set to the FHIR base URL whose changes it reads (HealthLake: https://healthlake.<region>.amazonaws.com/datastore/<id>/r4)',
+    );
+  }
+  const everyMs = singleDuration(env, 'BROKER_RECONCILE_EVERY', 0, 1000);
+  if (everyMs > 86_400_000) throw new ConfigError('BROKER_RECONCILE_EVERY', 'must be at most 1d');
+  const lagMs = singleDuration(env, 'BROKER_RECONCILE_LAG', DEFAULT_RECONCILE_LAG_MS, 0);
+  if (lagMs > 86_400_000) throw new ConfigError('BROKER_RECONCILE_LAG', 'must be at most 1d');
+  return Object.freeze({ everyMs, lagMs });
+}
+
+/**
+ * 15 minutes: CloudTrail hands most events to EventBridge within a few minutes; a change younger
+ * than this may still have its event on the way, and the reconciler would notify it twice.
+ */
+const DEFAULT_RECONCILE_LAG_MS = 15 * 60_000;
+
+function optionalObject<K extends string, V>(key: K, value: V | undefined): { [P in K]?: V } {
+  return value === undefined ? {} : ({ [key]: value } as { [P in K]?: V });
+}
+
 function fhirReadTimeout(env: Env): number {
   const ms = singleDuration(env, 'BROKER_FHIR_READ_TIMEOUT', 10_000, 100);
   if (ms > 25_000) {

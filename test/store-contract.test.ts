@@ -8,7 +8,13 @@ import type { SubscriptionRecord } from '../src/core/types.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables, tableDefinitions } from '../src/store/dynamodb/tables.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
-import { EARLIER_VERSIONS_KEPT, type Store } from '../src/store/store.js';
+import {
+  type AcceptItem,
+  EARLIER_VERSIONS_KEPT,
+  NOTIFIED_SCAN_SLACK_MS,
+  type NotifiedCheck,
+  type Store,
+} from '../src/store/store.js';
 import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { change, item, RECEIVED, record, T0 } from './support/store-fixtures.js';
 
@@ -956,6 +962,174 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(await store.purge(RECEIVED)).toEqual({ notifications: 0, eventIds: 0 });
       expect((await store.notificationsInRange('s1', 0, 10, 10)).map((n) => n.eventNumber)).toEqual([1, 2, 3, 4]);
       expect(await store.acceptChanges([item('e1', ['s1'])], LATER)).toEqual([{ duplicate: true, notifications: [] }]);
+    });
+  });
+
+  describe('reconciliation', () => {
+    const SINCE = RECEIVED;
+    const SLACK = NOTIFIED_SCAN_SLACK_MS;
+
+    /** A change of `type`/`resourceId` that happened at `time` (epoch ms), for `subscriptionIds`. */
+    const changedAt = (
+      eventId: string,
+      subscriptionIds: string[],
+      resourceId: string,
+      time: number,
+      resourceType = 'Patient',
+    ): AcceptItem => ({
+      change: { ...change(eventId, resourceId), resourceType, time: new Date(time).toISOString() },
+      subscriptionIds,
+    });
+    const check = (subscriptionId: string, resourceId: string, since = SINCE, resourceType = 'Patient') =>
+      ({ subscriptionId, resourceType, resourceId, since }) satisfies NotifiedCheck;
+
+    beforeEach(async () => {
+      await store.insertSubscription(record('s1'));
+      await store.insertSubscription(record('s2'));
+    });
+
+    it('finds a notification about the resource whose change happened at or after since', async () => {
+      await store.acceptChanges(
+        [changedAt('e1', ['s1'], 'p1', SINCE), changedAt('e2', ['s1'], 'p2', SINCE + 1)],
+        SINCE,
+      );
+      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p2'), check('s1', 'p2', SINCE + 1)])).toEqual([
+        true,
+        true,
+        true,
+      ]);
+    });
+
+    it('finds nothing for another resource id, another type, another subscription, an earlier change or an unknown subscription', async () => {
+      await store.acceptChanges(
+        [
+          changedAt('e1', ['s1'], 'p1', SINCE),
+          changedAt('e2', ['s1'], 'o1', SINCE, 'Observation'),
+          changedAt('e3', ['s1'], 'p3', SINCE - 1),
+          changedAt('e4', ['s2'], 'p4', SINCE),
+        ],
+        SINCE,
+      );
+      expect(
+        await store.notifiedSince([
+          check('s1', 'p2'),
+          check('s1', 'p1', SINCE, 'Observation'),
+          check('s1', 'o1'),
+          check('s2', 'p1'),
+          check('s1', 'p3'),
+          check('s1', 'p1', SINCE + 1),
+          check('ghost', 'p1'),
+        ]),
+      ).toEqual([false, false, false, false, false, false, false]);
+      // The same store answers true for what it holds.
+      expect(
+        await store.notifiedSince([check('s1', 'p1'), check('s1', 'o1', SINCE, 'Observation'), check('s2', 'p4')]),
+      ).toEqual([true, true, true]);
+    });
+
+    it('finds delivered and dead-lettered notifications as well as pending ones', async () => {
+      await store.acceptChanges(
+        ['p1', 'p2', 'p3'].map((id, i) => changedAt(`e${i}`, ['s1'], id, SINCE)),
+        SINCE,
+      );
+      await store.recordDeliveries([
+        { subscriptionId: 's1', eventNumber: 1, state: 'delivered', attempts: 1, dueAt: SINCE },
+        { subscriptionId: 's1', eventNumber: 2, state: 'dead', attempts: 7, dueAt: SINCE, lastError: 'HTTP 500' },
+      ]);
+      // Where the store has lanes, one held (DynamoDB keeps its lease beside the notifications).
+      await store.laneLeases?.take('s1', 'holder', SINCE, SINCE + 60_000);
+      expect((await store.notificationsInRange('s1', 1, 3, 10)).map((n) => n.state)).toEqual([
+        'delivered',
+        'dead',
+        'pending',
+      ]);
+      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p2'), check('s1', 'p3')])).toEqual([
+        true,
+        true,
+        true,
+      ]);
+    });
+
+    it('answers many checks across many subscriptions in the order of the checks', async () => {
+      const ids = Array.from({ length: 12 }, (_, i) => `m${i}`);
+      for (const id of ids) await store.insertSubscription(record(id));
+      // Subscription m<i> was told about p<i> and p<i+1>; even ones before since, odd ones after.
+      await store.acceptChanges(
+        ids.map((id, i) => ({
+          change: { ...change(`e${i}`, `p${i}`), time: new Date(SINCE + (i % 2 === 0 ? -1 : 1)).toISOString() },
+          subscriptionIds: [id],
+        })),
+        SINCE,
+      );
+      await store.acceptChanges(
+        ids.map((id, i) => changedAt(`f${i}`, [id], `p${i + 1}`, SINCE)),
+        SINCE + 1,
+      );
+      const checks = ids.flatMap((id, i) => [check(id, `p${i + 2}`), check(id, `p${i}`), check(id, `p${i + 1}`)]);
+      expect(await store.notifiedSince(checks)).toEqual(ids.flatMap((_, i) => [false, i % 2 === 1, true]));
+      expect(await store.notifiedSince([])).toEqual([]);
+    });
+
+    it('reads on past the newest notifications to an older one still within the window', async () => {
+      await store.acceptChanges([changedAt('e0', ['s1'], 'p0', SINCE)], SINCE);
+      await store.acceptChanges(
+        Array.from({ length: 110 }, (_, i) => changedAt(`e${i + 1}`, ['s1'], `q${i}`, SINCE)),
+        SINCE + 1,
+      );
+      expect(await store.notifiedSince([check('s1', 'p0'), check('s1', 'q0'), check('s1', 'p1')])).toEqual([
+        true,
+        true,
+        false,
+      ]);
+    });
+
+    it('does not look at notifications accepted more than NOTIFIED_SCAN_SLACK_MS before since, whatever their change time', async () => {
+      // Each change happened at `since`: only when it was accepted tells them apart.
+      await store.acceptChanges([changedAt('e1', ['s1'], 'p1', SINCE)], SINCE - SLACK - 1);
+      await store.acceptChanges([changedAt('e2', ['s1'], 'p2', SINCE)], SINCE - SLACK);
+      await store.acceptChanges([changedAt('e3', ['s1'], 'p3', SINCE)], SINCE);
+      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p2'), check('s1', 'p3')])).toEqual([
+        false,
+        true,
+        true,
+      ]);
+      // An earlier since reaches it; asked together, each check keeps its own bound.
+      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p1', SINCE - 1)])).toEqual([false, true]);
+    });
+
+    it('has no checkpoint for a source never saved', async () => {
+      expect(await store.reconcileCheckpoint('fhir:never')).toBeUndefined();
+    });
+
+    it('reads back the checkpoint it saved, and moves it only forward', async () => {
+      const source = `fhir:${'0123456789abcdef'.repeat(2)}`;
+      await store.saveReconcileCheckpoint(source, SINCE);
+      expect(await store.reconcileCheckpoint(source)).toBe(SINCE);
+      await store.saveReconcileCheckpoint(source, SINCE - 1);
+      expect(await store.reconcileCheckpoint(source)).toBe(SINCE);
+      await store.saveReconcileCheckpoint(source, SINCE);
+      expect(await store.reconcileCheckpoint(source)).toBe(SINCE);
+      await store.saveReconcileCheckpoint(source, SINCE + 1);
+      expect(await store.reconcileCheckpoint(source)).toBe(SINCE + 1);
+    });
+
+    it('keeps the checkpoints of different sources apart, a long source included', async () => {
+      const long = `fhir:${'a'.repeat(295)}`;
+      await store.saveReconcileCheckpoint('fhir:a', SINCE + 2);
+      await store.saveReconcileCheckpoint(long, SINCE);
+      await store.saveReconcileCheckpoint('fhir:b', SINCE + 1);
+      expect(await store.reconcileCheckpoint('fhir:a')).toBe(SINCE + 2);
+      expect(await store.reconcileCheckpoint('fhir:b')).toBe(SINCE + 1);
+      expect(await store.reconcileCheckpoint(long)).toBe(SINCE);
+    });
+
+    it('keeps checkpoints across a purge of everything and across close and reopen', async () => {
+      await store.saveReconcileCheckpoint('fhir:a', SINCE);
+      await store.purge(SINCE + 365 * 86_400_000);
+      store = await opened.reopen();
+      expect(await store.reconcileCheckpoint('fhir:a')).toBe(SINCE);
+      await store.saveReconcileCheckpoint('fhir:a', SINCE - 1);
+      expect(await store.reconcileCheckpoint('fhir:a')).toBe(SINCE);
     });
   });
 

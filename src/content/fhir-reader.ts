@@ -5,6 +5,7 @@ import { Agent, request } from 'undici';
 import type { FhirReadConfig } from '../config.js';
 import type { ResourceChange } from '../core/types.js';
 import { ContentUnavailableError, type ReadResult, type ResourceSource } from '../service/content-stage.js';
+import { type ChangeFeed, type FoundResource, PAGE } from '../service/reconciler.js';
 
 /**
  * Reads the resource an event names from the FHIR server, for the content stage: the current
@@ -23,7 +24,7 @@ import { ContentUnavailableError, type ReadResult, type ResourceSource } from '.
  *   delivered unfiltered.
  */
 
-export interface ResourceReader extends ResourceSource {
+export interface ResourceReader extends ResourceSource, ChangeFeed {
   close(): Promise<void>;
 }
 
@@ -139,6 +140,55 @@ export class FhirReader implements ResourceReader {
     return { resource: r, base };
   }
 
+  /**
+   * The reconciler's feed (src/service/reconciler.ts): `GET [base]/[type]?_lastUpdated=ge…&
+   * _lastUpdated=lt…&_count=100`, then each page's `next` link, which must stay under the base URL
+   * (a link elsewhere is not followed: the credentials would go with it). Each page read with its
+   * own deadline and turn among the reads in flight. An answer that is not a searchset Bundle, or a
+   * refusal, throws: the run fails and its window is done again by the next.
+   */
+  async *changed(
+    type: string,
+    fromMs: number,
+    toMs: number,
+    signal: AbortSignal,
+  ): AsyncGenerator<readonly FoundResource[]> {
+    const base = this.#config.baseUrl;
+    if (base === undefined) throw new Error('reconciliation reads a FHIR base URL (BROKER_FHIR_READ)');
+    const what = `searching the ${type}s changed in a window at ${base}`;
+    const query = new URLSearchParams([
+      ['_lastUpdated', `ge${new Date(fromMs).toISOString()}`],
+      ['_lastUpdated', `lt${new Date(toMs).toISOString()}`],
+      ['_count', String(PAGE)],
+    ]);
+    let url: string | undefined = `${base}/${type}?${query}`;
+    for (let pages = 0; url !== undefined && !signal.aborted; pages++) {
+      if (pages === MAX_PAGES) throw new Error(`${what}: more than ${MAX_PAGES} pages; stopped`);
+      await this.#turn();
+      let answer: Answer;
+      try {
+        answer = await this.#get(url, what, AbortSignal.any([signal, AbortSignal.timeout(this.#config.timeoutMs)]));
+      } finally {
+        this.#release();
+      }
+      if (answer.status !== 200) throw new Error(`${what}: the server answered ${answer.status}`);
+      if (answer.unusable !== undefined) throw new Error(`${what}: ${answer.unusable}`);
+      const bundle = answer.body as { resourceType?: unknown; entry?: unknown; link?: unknown } | null;
+      if (bundle?.resourceType !== 'Bundle') throw new Error(`${what}: the answer is not a Bundle`);
+      const entries = Array.isArray(bundle.entry) ? (bundle.entry as { resource?: unknown; search?: unknown }[]) : [];
+      yield entries.flatMap((e) => {
+        const r = e?.resource;
+        const mode = (e?.search as { mode?: unknown } | undefined)?.mode;
+        // Included resources (`search.mode` include) are not the type's changes.
+        if (typeof r !== 'object' || r === null || Array.isArray(r) || (mode !== undefined && mode !== 'match')) {
+          return [];
+        }
+        return [{ resource: r as Record<string, unknown> }];
+      });
+      url = nextLink(bundle.link, base, what);
+    }
+  }
+
   close(): Promise<void> {
     return this.#agent.close();
   }
@@ -195,8 +245,12 @@ export class FhirReader implements ResourceReader {
   }
 
   async #sign(url: URL, headers: Record<string, string>): Promise<Record<string, string>> {
-    const query: Record<string, string> = {};
-    for (const [k, v] of url.searchParams) query[k] = v;
+    // A repeated parameter (`_lastUpdated=ge…&_lastUpdated=lt…`) is signed with every value.
+    const query: Record<string, string | string[]> = {};
+    for (const [k, v] of url.searchParams) {
+      const before = query[k];
+      query[k] = before === undefined ? v : [...(Array.isArray(before) ? before : [before]), v];
+    }
     // HealthLake is signed for its own region, which its host names (an event's datastore may be in
     // another region than the broker's default).
     const region = /^healthlake\.([a-z0-9-]+)\.amazonaws\.com$/.exec(url.hostname)?.[1] ?? this.#config.region;
@@ -219,6 +273,27 @@ export class FhirReader implements ResourceReader {
       throw new ContentUnavailableError(`cannot sign the FHIR read (SigV4): ${(err as Error).message}`, { cause: err });
     }
   }
+}
+
+/** Pages of one type's changes in one window: a server whose `next` links never end is stopped. */
+const MAX_PAGES = 10_000;
+
+/** A page's `next` link, only under `base` (absolute, or relative to it); undefined on the last page. */
+function nextLink(links: unknown, base: string, what: string): string | undefined {
+  const next = (Array.isArray(links) ? links : []).find((l: { relation?: unknown } | null) => l?.relation === 'next') as
+    | { url?: unknown }
+    | undefined;
+  if (typeof next?.url !== 'string') return undefined;
+  let url: URL;
+  try {
+    url = new URL(next.url, `${base}/`);
+  } catch {
+    throw new Error(`${what}: the next page's link is not a URL`);
+  }
+  if (url.origin !== new URL(base).origin || !`${url.origin}${url.pathname}`.startsWith(`${base}/`)) {
+    throw new Error(`${what}: the next page's link leads away from ${base}; not followed`);
+  }
+  return url.href;
 }
 
 /** A refusal: "not now" is a 503 for the sender to retry; any other will not change, and judges nothing. */

@@ -41,6 +41,16 @@ const FAMILIES = {
     type: 'counter',
     zero: byOutcome('matched', 'not_matched', 'unevaluable'),
   },
+  // Seeded at 0 by the reconciler when BROKER_RECONCILE_EVERY is set (absent otherwise).
+  broker_reconcile_runs_total: { help: 'Reconciliation runs, by outcome (completed, failed)', type: 'counter' },
+  broker_reconcile_resources_total: {
+    help: 'Changed resources the reconciler found, by outcome (notified, already_notified, not_matched, skipped)',
+    type: 'counter',
+  },
+  broker_reconcile_checkpoint_age_seconds: {
+    help: 'How far behind the present the reconciliation checkpoint is (lag included): alert when it keeps growing',
+    type: 'gauge',
+  },
   broker_notifications_total: {
     help: 'Notification deliveries, by outcome',
     type: 'counter',

@@ -75,11 +75,13 @@ export class ContentStage {
   /**
    * `items` with each candidate list narrowed to the subscriptions whose content filters hold;
    * `items` itself, synchronously, when no candidate has content filters (the common case costs a
-   * look-up per candidate, not a promise).
+   * look-up per candidate, not a promise). Resources come from `source`: the FHIR server, or what the
+   * reconciler found there.
    */
   narrow(
     items: readonly AcceptItem[],
     specOf: (id: string) => MatchSpec | undefined,
+    source: ResourceSource | undefined = this.#reader,
   ): readonly AcceptItem[] | Promise<AcceptItem[]> {
     const checks: Check[] = [];
     items.forEach((item, index) => {
@@ -94,11 +96,18 @@ export class ContentStage {
       }
       if (filtered !== undefined) checks.push({ index, filtered });
     });
-    return checks.length === 0 ? items : this.#narrowRead(items, checks);
+    return checks.length === 0 ? items : this.#narrowRead(items, checks, source);
   }
 
-  async #narrowRead(items: readonly AcceptItem[], checks: readonly Check[]): Promise<AcceptItem[]> {
-    const reads = await this.#readAll(checks.map((c) => (items[c.index] as AcceptItem).change));
+  async #narrowRead(
+    items: readonly AcceptItem[],
+    checks: readonly Check[],
+    source: ResourceSource | undefined,
+  ): Promise<AcceptItem[]> {
+    const reads = await this.#readAll(
+      checks.map((c) => (items[c.index] as AcceptItem).change),
+      source,
+    );
     const out = [...items];
     checks.forEach(({ index, filtered }, k) => {
       const item = items[index] as AcceptItem;
@@ -171,8 +180,10 @@ export class ContentStage {
   }
 
   /** One read per distinct (server, resource, deleted or not); `undefined` where there is nothing to match. */
-  async #readAll(changes: readonly ResourceChange[]): Promise<(Read | undefined)[]> {
-    const reader = this.#reader;
+  async #readAll(
+    changes: readonly ResourceChange[],
+    reader: ResourceSource | undefined,
+  ): Promise<(Read | undefined)[]> {
     if (reader === undefined) {
       this.#logger.warn('subscriptions with content filters left out: BROKER_FHIR_READ is not set', {
         events: changes.length,

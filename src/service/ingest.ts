@@ -5,7 +5,7 @@ import type { Clock, MatchSpec, Notification, ResourceChange } from '../core/typ
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { AcceptItem, AcceptOutcome, MatchCandidate, Store } from '../store/store.js';
-import { ContentStage } from './content-stage.js';
+import { ContentStage, type ReadResult } from './content-stage.js';
 import type { SubscriptionRegistry } from './subscription-registry.js';
 
 /**
@@ -24,6 +24,12 @@ export interface IngestResult {
   readonly accepted: number;
   readonly ignored: number;
   readonly duplicates: number;
+}
+
+/** A change the reconciler found, with the resource as found (content filters are judged on it). */
+export interface FoundChange {
+  readonly change: ResourceChange;
+  readonly read: ReadResult;
 }
 
 export interface NotificationSink {
@@ -137,14 +143,7 @@ export class IngestService {
       changes.push(parsed.change);
     });
 
-    const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
-    const { match, specOf } =
-      candidatesFor === undefined
-        ? {
-            match: (change: ResourceChange) => this.#registry.match(change, receivedAt),
-            specOf: (id: string) => this.#registry.get(id)?.match,
-          }
-        : await this.#storeMatcher(candidatesFor, changes, receivedAt);
+    const { match, specOf } = await this.#matcher(changes, receivedAt);
     const matched: AcceptItem[] = changes.map((change) => ({ change, subscriptionIds: match(change) }));
     const narrowed = this.#content.narrow(matched, specOf);
     const items = Array.isArray(narrowed) ? narrowed : await narrowed;
@@ -165,6 +164,50 @@ export class IngestService {
       this.#logger.debug('events accepted', { ...result, notifications });
     }
     return result;
+  }
+
+  /**
+   * Changes the reconciler found on the FHIR server (src/service/reconciler.ts), through the same
+   * pipeline as events: matched (stage one, then content filters judged on the resource found, not
+   * read again), `select` keeps of each item the subscriptions to notify (those not yet told), and
+   * what is left is committed in the group commits and handed to delivery. Counted in the
+   * reconciler's metrics, not as events.
+   */
+  async acceptFound(
+    found: readonly FoundChange[],
+    select: (items: readonly AcceptItem[]) => Promise<AcceptItem[]>,
+  ): Promise<{ readonly notifications: number }> {
+    const receivedAt = this.#clock.now();
+    const changes = found.map((f) => f.change);
+    const { match, specOf } = await this.#matcher(changes, receivedAt);
+    const reads = new Map(found.map((f) => [f.change.eventId, f.read]));
+    const source = {
+      read: async (change: ResourceChange): Promise<ReadResult> =>
+        reads.get(change.eventId) ?? { missing: 'not found by the reconciler' },
+    };
+    const matched = changes
+      .map((change) => ({ change, subscriptionIds: match(change) }))
+      .filter((item) => item.subscriptionIds.length > 0);
+    const narrowed = await this.#content.narrow(matched, specOf, source);
+    const items = (await select(narrowed.filter((item) => item.subscriptionIds.length > 0))).filter(
+      (item) => item.subscriptionIds.length > 0,
+    );
+    const outcomes = items.length === 0 ? [] : await this.#commit(items, receivedAt);
+    return { notifications: outcomes.reduce((n, o) => n + o.notifications.length, 0) };
+  }
+
+  /** Stage one: the in-memory index, or the store's type index when it has one (see the class comment). */
+  async #matcher(
+    changes: readonly ResourceChange[],
+    receivedAt: number,
+  ): Promise<{ match: (change: ResourceChange) => string[]; specOf: (id: string) => MatchSpec | undefined }> {
+    const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
+    return candidatesFor === undefined
+      ? {
+          match: (change: ResourceChange) => this.#registry.match(change, receivedAt),
+          specOf: (id: string) => this.#registry.get(id)?.match,
+        }
+      : await this.#storeMatcher(candidatesFor, changes, receivedAt);
   }
 
   /**

@@ -31,6 +31,12 @@ export class FhirServer {
   hold: Promise<unknown> | undefined;
   /** Served instead of the stored version (a body the broker must cope with): raw text. */
   body: ((req: FhirRequest) => string | undefined) | undefined;
+  /** Search pages hold at most this many entries (a server may page below the `_count` asked for). */
+  pageSize = 100;
+  /** Searches answer every current resource of the type, whatever `_lastUpdated` asks (a faulty server). */
+  ignoreLastUpdated = false;
+  /** The `next` link of a search page instead of the server's own (a link elsewhere). */
+  nextLink: ((own: string) => string) | undefined;
   readonly #versions = new Map<string, Version[]>();
   readonly #server: Server;
 
@@ -53,6 +59,8 @@ export class FhirServer {
         res.writeHead(200, { 'content-type': 'application/fhir+json' });
         return void res.end(raw);
       }
+      const search = /^\/fhir\/([A-Za-z]+)$/.exec(url.pathname);
+      if (req.method === 'GET' && search !== null) return answer(200, this.#search(search[1] as string, url));
       const m = /^\/fhir\/([A-Za-z]+)\/([A-Za-z0-9.-]+)(\/_history)?$/.exec(url.pathname);
       if (req.method !== 'GET' || m === null) return answer(400);
       const versions = this.#versions.get(`${m[1]}/${m[2]}`) ?? [];
@@ -71,6 +79,49 @@ export class FhirServer {
       if (last.resource === undefined) return answer(410);
       return answer(200, last.resource);
     });
+  }
+
+  /**
+   * A type search on `_lastUpdated` (`ge` `gt` `le` `lt` instants): the current version of each
+   * resource of the type, oldest change first, `_count` (and `pageSize`) per page, `_page` for the
+   * next ones.
+   */
+  #search(type: string, url: URL): Json {
+    const bounds = url.searchParams
+      .getAll('_lastUpdated')
+      .map((v) => ({ op: v.slice(0, 2), at: Date.parse(v.slice(2)) }));
+    const holds = (at: number) =>
+      bounds.every(({ op, at: b }) =>
+        op === 'ge' ? at >= b : op === 'gt' ? at > b : op === 'le' ? at <= b : op === 'lt' ? at < b : false,
+      );
+    const current = [...this.#versions.entries()]
+      .filter(([key]) => key.startsWith(`${type}/`))
+      .map(([, versions]) => versions.at(-1)?.resource)
+      .filter((r): r is Json => r !== undefined)
+      .map((r) => ({ r, at: Date.parse(String((r.meta as Json | undefined)?.lastUpdated)) }))
+      .filter(({ at }) => this.ignoreLastUpdated || (!Number.isNaN(at) && holds(at)))
+      .sort((a, b) => a.at - b.at);
+    const count = Math.min(Number(url.searchParams.get('_count') ?? 100), this.pageSize);
+    const page = Number(url.searchParams.get('_page') ?? 1);
+    const entries = current.slice((page - 1) * count, page * count);
+    const link: Json[] = [{ relation: 'self', url: `${this.url}${url.pathname.slice(5)}${url.search}` }];
+    if (page * count < current.length) {
+      const next = new URL(url.href);
+      next.searchParams.set('_page', String(page + 1));
+      const own = `${this.url}${next.pathname.slice(5)}${next.search}`;
+      link.push({ relation: 'next', url: this.nextLink?.(own) ?? own });
+    }
+    return {
+      resourceType: 'Bundle',
+      type: 'searchset',
+      total: current.length,
+      link,
+      entry: entries.map(({ r }) => ({
+        fullUrl: `${this.url}/${type}/${r.id}`,
+        resource: r,
+        search: { mode: 'match' },
+      })),
+    };
   }
 
   static async start(): Promise<FhirServer> {

@@ -13,6 +13,7 @@ import {
 import { matchFromStore, storedMatch } from '../../core/stored-match.js';
 import {
   type Clock,
+  type ResourceChange,
   type StoredNotification,
   type SubscriptionRecord,
   type SubscriptionStatus,
@@ -26,6 +27,8 @@ import {
   type DeliveryUpdate,
   EARLIER_VERSIONS_KEPT,
   type MatchCandidate,
+  NOTIFIED_SCAN_SLACK_MS,
+  type NotifiedCheck,
   nextVersionAt,
   type StatusUpdate,
   type Store,
@@ -45,7 +48,9 @@ import {
 import { SubscriptionExistsError, WriteConflictError } from './errors.js';
 import {
   ANY_TYPE,
+  CHECKPOINT_ATTRIBUTE,
   COLLECTING,
+  checkpointKey,
   compare,
   EVENT_SCOPE,
   fromNotificationItem,
@@ -72,7 +77,7 @@ import {
   sameLaneEpoch,
   unfenceLane,
 } from './lane-leases.js';
-import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
+import { conditionHeld, DynamoDbRequests, inBursts, inPool, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
 /**
@@ -90,7 +95,8 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  * - `event-ids` (pk `eventId`, sk `scope`): scope `#event` marks an EventBridge id as accepted
  *   (the dedupe key); scope `<subscriptionId>` is the marker "this event already has notification
  *   `eventNumber` for this subscription". Both carry the TTL attribute `expiresAt`; TTL deletion
- *   is lazy, so reads treat an expired item as absent.
+ *   is lazy, so reads treat an expired item as absent. Scope `#reconcile` holds the reconciler's
+ *   checkpoint of each source (pk the source), without a TTL (items.ts, checkpointKey).
  * - `connections` (pk `connectionId`, TTL): created here, used by the API Gateway pusher.
  * - `subscription-types` (pk `resourceType`, sk `subscriptionId`): the type index `candidatesFor`
  *   reads. One item per resource type (or `*`) of each collecting subscription, with its `match`
@@ -128,6 +134,11 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
 
 /** A subscription id that cannot exist (FHIR ids have no `#`): what `ping` reads. */
 const PING_KEY = '#ping';
+
+/** Subscriptions `notifiedSince` reads at once: enough to overlap round trips, few enough not to throttle. */
+const NOTIFIED_CONCURRENCY = 8;
+/** Notifications per page of a `notifiedSince` read: what it reads past its stop is paid for, so not DynamoDB's 1 MB. */
+const NOTIFIED_PAGE = 100;
 
 /** Rounds of a create whose count condition failed (the quota reached, or the count item created meanwhile). */
 const COUNT_ATTEMPTS = 20;
@@ -774,6 +785,113 @@ export class DynamoDbStore implements Store {
       // Markers go with their event id but are not event ids themselves.
       eventIds: oldIds.filter((key, i) => ids[i] === true && readString(key, 'scope') === EVENT_SCOPE).length,
     };
+  }
+
+  /**
+   * One read per subscription asked about, shared by its checks (the reconciler asks about many
+   * resources of one subscription): its notifications newest event number first, page by page,
+   * until each check is answered or a notification was accepted (`createdAt`: the acceptance's
+   * `receivedAt`, which every notification carries and nothing rewrites) before the lowest bound
+   * (`since` - NOTIFIED_SCAN_SLACK_MS) of its checks. A notification counts for a check only when
+   * accepted at or after that check's own bound, so an answer does not depend on what else was
+   * asked. Numbers follow acceptance order within a process but may interleave across processes
+   * (see the caveats above): one accepted after the bound yet numbered below one accepted before
+   * it is not read; the reconciler then notifies again, which at-least-once allows. Void rows and
+   * the lease item (number 0) are no notifications. A subscription without notifications answers
+   * false; one deleted by a delete that crashed before its notifications went (purge takes them)
+   * is read like any other: the reconciler notifies no deleted subscription either way.
+   */
+  async notifiedSince(checks: readonly NotifiedCheck[]): Promise<boolean[]> {
+    const bySubscription = new Map<string, number[]>();
+    checks.forEach((check, i) => {
+      const asked = bySubscription.get(check.subscriptionId);
+      if (asked === undefined) bySubscription.set(check.subscriptionId, [i]);
+      else asked.push(i);
+    });
+    const answers = checks.map(() => false);
+    await inPool([...bySubscription.values()], NOTIFIED_CONCURRENCY, async (asked) => {
+      const found = await this.#notified(asked.map((i) => checks[i] as NotifiedCheck));
+      asked.forEach((i, k) => {
+        answers[i] = found[k] === true;
+      });
+    });
+    return answers;
+  }
+
+  /** `notifiedSince` for checks of one subscription. */
+  async #notified(checks: readonly NotifiedCheck[]): Promise<boolean[]> {
+    const found = checks.map(() => false);
+    // By resource (FHIR types have no `/`), so each notification read is matched once.
+    const byResource = new Map<string, number[]>();
+    checks.forEach((check, k) => {
+      const key = `${check.resourceType}/${check.resourceId}`;
+      byResource.set(key, [...(byResource.get(key) ?? []), k]);
+    });
+    const bounds = checks.map((check) => check.since - NOTIFIED_SCAN_SLACK_MS);
+    const lowest = Math.min(...bounds);
+    let open = checks.length;
+    await this.#requests.eachPage(
+      {
+        TableName: this.#tables.notifications,
+        ConsistentRead: true,
+        // Above the lease item (number 0); newest first.
+        KeyConditionExpression: 'subscriptionId = :s AND eventNumber > :lane',
+        ScanIndexForward: false,
+        ProjectionExpression: 'createdAt, #state, #change',
+        ExpressionAttributeNames: { '#state': 'state', '#change': 'change' },
+        ExpressionAttributeValues: { ':s': S((checks[0] as NotifiedCheck).subscriptionId), ':lane': N(0) },
+      },
+      () => (open > 0 ? NOTIFIED_PAGE : 0),
+      (out) => {
+        for (const item of out.Items ?? []) {
+          if (readString(item, 'state') === 'void') continue;
+          const acceptedAt = readNumber(item, 'createdAt');
+          if (acceptedAt < lowest) {
+            open = 0;
+            return;
+          }
+          const note = JSON.parse(readString(item, 'change')) as ResourceChange;
+          const time = Date.parse(note.time);
+          for (const k of byResource.get(`${note.resourceType}/${note.resourceId}`) ?? []) {
+            const check = checks[k] as NotifiedCheck;
+            if (found[k] || acceptedAt < (bounds[k] as number) || !(time >= check.since)) continue;
+            found[k] = true;
+            open--;
+          }
+          if (open === 0) return;
+        }
+      },
+    );
+    return found;
+  }
+
+  async reconcileCheckpoint(source: string): Promise<number | undefined> {
+    const out = await this.#client.send(
+      new GetItemCommand({
+        TableName: this.#tables.eventIds,
+        Key: checkpointKey(source),
+        ProjectionExpression: '#through',
+        ExpressionAttributeNames: { '#through': CHECKPOINT_ATTRIBUTE },
+        ConsistentRead: true,
+      }),
+    );
+    return out.Item === undefined ? undefined : readOptionalNumber(out.Item, CHECKPOINT_ATTRIBUTE);
+  }
+
+  /** A save that finds a checkpoint at or past `through` (its condition fails) leaves it: that is its answer. */
+  async saveReconcileCheckpoint(source: string, through: number): Promise<void> {
+    await conditionHeld(
+      this.#client.send(
+        new UpdateItemCommand({
+          TableName: this.#tables.eventIds,
+          Key: checkpointKey(source),
+          UpdateExpression: 'SET #through = :through',
+          ConditionExpression: 'attribute_not_exists(#through) OR #through < :through',
+          ExpressionAttributeNames: { '#through': CHECKPOINT_ATTRIBUTE },
+          ExpressionAttributeValues: { ':through': N(through) },
+        }),
+      ),
+    );
   }
 
   async ping(): Promise<void> {

@@ -122,6 +122,27 @@ export function eventIdItem(eventId: string, scope: string, receivedAt: number, 
   return { eventId: S(eventId), scope: S(scope), receivedAt: N(receivedAt), [TTL_ATTRIBUTE]: N(expiresAt) };
 }
 
+/**
+ * The reconciler's checkpoints are event-id items under this scope: every function that may
+ * reconcile accepts changes, so it holds that table already, and no acceptance writes or reads
+ * the scope (`#` is in no FHIR id). The item carries neither `expiresAt` (the table's TTL) nor
+ * `receivedAt` (what `purge` takes): it stays until a later save moves it on.
+ */
+export const CHECKPOINT_SCOPE = '#reconcile';
+/** The checkpoint's attribute (epoch ms: every change before it was reconciled). */
+export const CHECKPOINT_ATTRIBUTE = 'reconciledThrough';
+/** DynamoDB's limit on a partition key value, in UTF-8 bytes. */
+const PARTITION_KEY_MAX_BYTES = 2048;
+
+/** The key of `source`'s checkpoint; the source is the partition key, whose limit is the larger. */
+export function checkpointKey(source: string): Item {
+  const bytes = Buffer.byteLength(source, 'utf8');
+  if (bytes === 0 || bytes > PARTITION_KEY_MAX_BYTES) {
+    throw new TypeError(`a reconcile source must be 1 to ${PARTITION_KEY_MAX_BYTES} UTF-8 bytes: got ${bytes}`);
+  }
+  return { eventId: S(source), scope: S(CHECKPOINT_SCOPE) };
+}
+
 export function eventIdKey(eventId: string, scope: string): string {
   return `${scope}\n${eventId}`;
 }

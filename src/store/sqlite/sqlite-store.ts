@@ -21,6 +21,8 @@ import {
   type BundleMark,
   type DeliveryUpdate,
   EARLIER_VERSIONS_KEPT,
+  NOTIFIED_SCAN_SLACK_MS,
+  type NotifiedCheck,
   type StatusUpdate,
   type Store,
 } from '../store.js';
@@ -84,6 +86,17 @@ BEGIN
 END;
 `;
 
+/**
+ * The reconciler's checkpoints (src/service/reconciler.ts), one per FHIR server read. Added to
+ * schema version 4 as it was, like VERSIONS: a broker that knows nothing of it never reads it.
+ */
+const RECONCILE = `
+CREATE TABLE IF NOT EXISTS reconcile_checkpoints (
+  source TEXT PRIMARY KEY,
+  through INTEGER NOT NULL
+) WITHOUT ROWID;
+`;
+
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS subscriptions (
   id TEXT PRIMARY KEY,
@@ -129,7 +142,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscriptio
 -- delays only the rows received meanwhile, not every row after them.
 CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
 CREATE INDEX IF NOT EXISTS seen_events_received ON seen_events(received_at);
-${VERSIONS}`;
+${VERSIONS}${RECONCILE}`;
 
 /**
  * Version 1 (until 2026-11-26) kept `events_since_start` on the subscription row and notifications
@@ -255,6 +268,9 @@ const SQL = {
     AND (@version IS NULL OR EXISTS (SELECT 1 FROM subscriptions WHERE id = @id AND updated_at = @version))`,
   deleteSub: 'DELETE FROM subscriptions WHERE id = @id AND (@version IS NULL OR updated_at = @version)',
   forgetVersions: 'DELETE FROM subscription_versions WHERE subscription_id = @id',
+  // Only forward: a run that started before another finished cannot move it back.
+  saveCheckpoint: `INSERT INTO reconcile_checkpoints (source, through) VALUES (@source, @through)
+    ON CONFLICT (source) DO UPDATE SET through = excluded.through WHERE excluded.through > through`,
 } as const;
 
 /** A subscription row with its counter. */
@@ -400,6 +416,14 @@ export class SqliteStore implements Store {
         `SELECT updated_at, status, error, resource_json FROM subscription_versions
          WHERE subscription_id = ? ORDER BY updated_at DESC`,
       ),
+      // Newest first through (subscription, event number): the walk stops at the first row accepted
+      // before the caller's bound, so it reads what the subscription accepted since then.
+      newestFirst: db.prepare<[string], { change_json: string; created_at: number }>(
+        'SELECT change_json, created_at FROM notifications WHERE subscription_id = ? ORDER BY event_number DESC',
+      ),
+      checkpoint: db.prepare<[string], { through: number }>(
+        'SELECT through FROM reconcile_checkpoints WHERE source = ?',
+      ),
       ping: db.prepare('SELECT 1'),
     };
   }
@@ -518,6 +542,32 @@ export class SqliteStore implements Store {
   /** On the writer thread, in bounded batches between event commits. */
   purge(before: number, signal?: AbortSignal, batch?: number): Promise<{ notifications: number; eventIds: number }> {
     return this.#writer.purge(before, signal, batch);
+  }
+
+  async notifiedSince(checks: readonly NotifiedCheck[]): Promise<boolean[]> {
+    return checks.map((check) => {
+      const bound = check.since - NOTIFIED_SCAN_SLACK_MS;
+      for (const row of this.#stmt.newestFirst.iterate(check.subscriptionId)) {
+        if (row.created_at < bound) return false;
+        const change = JSON.parse(row.change_json) as ResourceChange;
+        if (
+          change.resourceId === check.resourceId &&
+          change.resourceType === check.resourceType &&
+          Date.parse(change.time) >= check.since
+        ) {
+          return true;
+        }
+      }
+      return false;
+    });
+  }
+
+  async reconcileCheckpoint(source: string): Promise<number | undefined> {
+    return this.#stmt.checkpoint.get(source)?.through;
+  }
+
+  async saveReconcileCheckpoint(source: string, through: number): Promise<void> {
+    await this.#writer.steps([[SQL.saveCheckpoint, { source, through }, 'run']]);
   }
 
   async ping(): Promise<void> {

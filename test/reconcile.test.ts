@@ -1,0 +1,344 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { SignatureV4 } from '@smithy/signature-v4';
+import { afterEach, describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
+import { FhirReader, Sha256 } from '../src/content/fhir-reader.js';
+import type { Reconciler } from '../src/service/reconciler.js';
+import { eventLike, focusOf, type Json, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
+import { FhirServer } from './support/fhir-server.js';
+import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+import { sigV4Signature } from './support/sigv4.js';
+
+/**
+ * Reconciliation end to end: a real FHIR server (searched on `_lastUpdated`), the in-process broker
+ * on SQLite, a real receiver. Changes whose CloudTrail event never came are notified once, in the
+ * subscription's event-number order; those whose event came are not notified again; content
+ * filters are judged on the resource the search found; a failed run leaves its window for the next.
+ */
+
+const cleanups: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+async function setup(
+  env: Record<string, string> = {},
+): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
+  const fhir = await FhirServer.start();
+  const receiver = await Receiver.start();
+  const t = await inProcessBroker({
+    BROKER_FHIR_READ: fhir.url,
+    BROKER_RECONCILE_EVERY: '1h',
+    BROKER_RECONCILE_LAG: '0s',
+    ...env,
+  });
+  cleanups.push(
+    () => fhir.close(),
+    () => receiver.close(),
+    () => t.broker.close(0),
+  );
+  return { t, fhir, receiver };
+}
+
+const reconcilerOf = (t: TestBroker): Reconciler => {
+  const r = t.broker.reconciler;
+  if (r === undefined) throw new Error('no reconciler');
+  return r;
+};
+
+/** A moment later: what is written now is after the checkpoint, and before the next run's end. */
+const tick = () => new Promise((r) => setTimeout(r, 5));
+
+/** A resource as the FHIR server stores it now (`meta.lastUpdated`: now). */
+function at(resource: Json, lastUpdated = new Date().toISOString()): Json {
+  return { ...resource, meta: { lastUpdated } };
+}
+
+const patient = (id: string, family = 'Doe') => ({ resourceType: 'Patient', id, name: [{ family }] });
+
+async function active(t: TestBroker, sub: Json): Promise<string> {
+  await t.logger.waitForStatus(sub.id as string, 'active');
+  return sub.id as string;
+}
+
+/** The focus ids notified at `path`, in delivery order. */
+const focusesOn = (receiver: Receiver, path: string) =>
+  receiver
+    .on(path)
+    .map((r) => JSON.parse(r.body) as Json)
+    .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification')
+    .flatMap((b) => statusOf(b).events.map((e) => focusOf(e)));
+
+function metric(text: string, line: string): number {
+  const found = text.split('\n').find((l) => l.startsWith(`${line} `));
+  return found === undefined ? Number.NaN : Number(found.slice(line.length + 1));
+}
+
+async function metrics(t: TestBroker): Promise<string> {
+  const res = await t.broker.app.request('/metrics', { headers: { authorization: `Bearer ${TOKENS.ingest}` } });
+  return res.text();
+}
+
+describe('reconciliation', () => {
+  it('notifies the changes whose events never came, once, and not those whose events came', async () => {
+    const { t, fhir, receiver } = await setup();
+    const sub = await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    // The first run starts reconciliation from now: nothing before it is looked at.
+    fhir.put(at(patient('before'), new Date(Date.now() - 60_000).toISOString()));
+    expect(await reconcilerOf(t).run()).toEqual({ found: 0, notifications: 0 });
+    await tick();
+
+    // p2's event arrives (its CloudTrail time in whole seconds, as CloudTrail writes it); p1's and
+    // p3's never do, and p3 is at its second version.
+    const p2At = new Date();
+    fhir.put(at(patient('p1')));
+    fhir.put(at(patient('p2'), p2At.toISOString()));
+    fhir.put(at(patient('p3')));
+    fhir.put(at(patient('p3', 'Roe')));
+    const event = eventLike('healthlake-update-patient', 'evt-p2', 'p2');
+    const seconds = `${p2At.toISOString().slice(0, 19)}Z`;
+    expect(await t.post({ ...event, detail: { ...(event.detail as Json), eventTime: seconds } })).toEqual({
+      accepted: 1,
+      ignored: 0,
+      duplicates: 0,
+    });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, "p2's notification");
+    await tick();
+
+    const report = await reconcilerOf(t).run();
+    expect(report).toMatchObject({ found: 3, notifications: 2 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 3, 'the reconciled notifications');
+    const focuses = focusesOn(receiver, '/patients');
+    expect(focuses[0]).toMatch(/\/Patient\/p2$/);
+    expect(focuses.slice(1).sort()).toEqual([`${fhir.url}/Patient/p1`, `${fhir.url}/Patient/p3`]);
+    expect(notifiedNumbers(receiver.on('/patients'))).toEqual([1, 2, 3]);
+
+    // Done: the next run finds nothing new in its window, and the window before is not read again.
+    await tick();
+    const searches = fhir.requests.length;
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 0, notifications: 0 });
+    expect(fhir.requests.length).toBe(searches + 1);
+    const query = new URLSearchParams(fhir.requests.at(-1)?.query);
+    expect(fhir.requests.at(-1)?.path).toBe('/fhir/Patient');
+    expect(query.getAll('_lastUpdated').map((v) => v.slice(0, 2))).toEqual(['ge', 'lt']);
+    expect(Date.parse(query.getAll('_lastUpdated')[0]?.slice(2) ?? '')).toBe(report.to);
+
+    const status = statusOf((await t.call('GET', `/fhir/Subscription/${sub}/$status`)).body).params;
+    expect(status.get('events-since-subscription-start')?.valueString).toBe('3');
+    const text = await metrics(t);
+    expect(metric(text, 'broker_reconcile_resources_total{outcome="notified"}')).toBe(2);
+    expect(metric(text, 'broker_reconcile_resources_total{outcome="already_notified"}')).toBe(1);
+    expect(metric(text, 'broker_reconcile_runs_total{outcome="completed"}')).toBe(3);
+    expect(metric(text, 'broker_reconcile_runs_total{outcome="failed"}')).toBe(0);
+  });
+
+  it('does not notify a subscription of a change made before it existed, nor a type nobody asked for', async () => {
+    const { t, fhir, receiver } = await setup();
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.put(at(patient('early')));
+    fhir.put(at({ resourceType: 'Observation', id: 'o1', status: 'final', code: { text: 'x' } }));
+    await tick();
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/late`)));
+    await tick();
+    fhir.put(at(patient('later')));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/late').length === 1, 'the later change');
+    expect(focusesOn(receiver, '/late')).toEqual([`${fhir.url}/Patient/later`]);
+    // Only the types some subscription could match are searched.
+    expect(fhir.requests.filter((r) => r.path === '/fhir/Observation')).toEqual([]);
+  });
+
+  it('judges content filters on the resource found, without reading it again', async () => {
+    const { t, fhir, receiver } = await setup();
+    await active(
+      t,
+      await t.create(
+        topicSubscription('observation-change', `${receiver.url}/p1`, { filters: ['Observation?patient=Patient/p1'] }),
+      ),
+    );
+    await reconcilerOf(t).run();
+    await tick();
+    const obs = (id: string, p: string) => ({
+      resourceType: 'Observation',
+      id,
+      status: 'final',
+      code: { text: 'x' },
+      subject: { reference: `Patient/${p}` },
+    });
+    fhir.put(at(obs('o1', 'p1')));
+    fhir.put(at(obs('o2', 'p2')));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/p1').length === 1, 'the matching observation');
+    expect(focusesOn(receiver, '/p1')).toEqual([`${fhir.url}/Observation/o1`]);
+    expect(fhir.requests.map((r) => r.path)).toEqual(['/fhir/Observation']);
+  });
+
+  it('follows next links page by page, and refuses one that leads away from the server', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.pageSize = 2;
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(t).run();
+    await tick();
+    for (const id of ['a', 'b', 'c', 'd', 'e']) fhir.put(at(patient(id)));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 5, notifications: 5 });
+    expect(fhir.requests.filter((r) => r.path === '/fhir/Patient')).toHaveLength(3);
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 5, 'five notifications');
+
+    await tick();
+    for (const id of ['f', 'g', 'h']) fhir.put(at(patient(id)));
+    fhir.nextLink = (own) => own.replace('127.0.0.1', 'localhost');
+    await tick();
+    const failed = await reconcilerOf(t).run();
+    expect(failed.notifications).toBe(2);
+    const warning = t.logger.records.find(
+      (r) => r.msg === 'reconciliation failed; the next run starts from the last window done',
+    );
+    expect(String((warning?.err as Error | undefined)?.message)).toContain('leads away from');
+    // Done again by the next run, which follows the server's own links: only h is new to the subscriber.
+    fhir.nextLink = undefined;
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 3, notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 8, 'eight notifications');
+    expect(new Set(focusesOn(receiver, '/patients')).size).toBe(8);
+  });
+
+  it('leaves a window whose search failed for the next run, and loses nothing of it', async () => {
+    const { t, fhir, receiver } = await setup();
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.put(at(patient('p1')));
+    fhir.respond = (req) => (req.path === '/fhir/Patient' ? 503 : undefined);
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 0, notifications: 0 });
+    const text = await metrics(t);
+    expect(metric(text, 'broker_reconcile_runs_total{outcome="failed"}')).toBe(1);
+    expect(metric(text, 'broker_reconcile_checkpoint_age_seconds')).toBeGreaterThanOrEqual(0);
+
+    fhir.respond = () => undefined;
+    fhir.put(at(patient('p2')));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 2 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 2, 'both changes');
+  });
+
+  it('trusts nothing outside the window: a server that ignores _lastUpdated gets nothing notified twice', async () => {
+    const { t, fhir, receiver } = await setup();
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    fhir.put(at(patient('old'), new Date(Date.now() - 3_600_000).toISOString()));
+    fhir.put({ resourceType: 'Patient', id: 'undated' });
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.ignoreLastUpdated = true;
+    fhir.put(at(patient('new')));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 1, notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'the change in the window');
+    expect(focusesOn(receiver, '/patients')).toEqual([`${fhir.url}/Patient/new`]);
+    // The old one and the one without meta.lastUpdated.
+    expect(metric(await metrics(t), 'broker_reconcile_resources_total{outcome="skipped"}')).toBe(2);
+  });
+
+  it('resumes from its checkpoint after a restart', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-reconcile-'));
+    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    const fhir = await FhirServer.start();
+    const receiver = await Receiver.start();
+    cleanups.push(
+      () => fhir.close(),
+      () => receiver.close(),
+    );
+    const env = {
+      BROKER_DATA_DIR: dir,
+      BROKER_FHIR_READ: fhir.url,
+      BROKER_RECONCILE_EVERY: '1h',
+      BROKER_RECONCILE_LAG: '0s',
+    };
+    const first = await inProcessBroker(env);
+    await active(first, await first.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(first).run();
+    await first.broker.close(0);
+    await tick();
+    fhir.put(at(patient('while-down')));
+    await tick();
+
+    const again = await inProcessBroker(env);
+    cleanups.push(() => again.broker.close(0));
+    expect(await reconcilerOf(again).run()).toMatchObject({ found: 1, notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'the change made while down');
+    expect(notifiedNumbers(receiver.on('/patients'))).toEqual([1]);
+  });
+
+  it('runs by itself every BROKER_RECONCILE_EVERY once the sources start, and stops on close', async () => {
+    const { t, fhir, receiver } = await setup({ BROKER_RECONCILE_EVERY: '1s' });
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    t.broker.startSources();
+    await t.logger.waitFor((r) => r.msg === 'reconciliation starts', 'the first run');
+    await tick();
+    fhir.put(at(patient('timed')));
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'a run on the timer', 10_000);
+    await reconcilerOf(t).close();
+    const searches = fhir.requests.length;
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(fhir.requests.length).toBe(searches);
+  });
+});
+
+describe('the change feed (FhirReader.changed)', () => {
+  const credentials = { accessKeyId: 'AKIDEXAMPLE', secretAccessKey: 'wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY' };
+
+  it('signs each search page as SigV4 with both _lastUpdated bounds; the signatures verify by hand', async () => {
+    const fhir = await FhirServer.start();
+    cleanups.push(() => fhir.close());
+    fhir.pageSize = 1;
+    const from = Date.parse('2026-01-01T00:00:00Z');
+    fhir.put(at(patient('a'), '2026-01-01T00:00:01.000Z'));
+    fhir.put(at(patient('b'), '2026-01-01T00:00:02.000Z'));
+    fhir.put(at(patient('c'), '2026-01-01T00:01:00.000Z'));
+    const config = loadConfig({ BROKER_FHIR_READ: fhir.url, BROKER_FHIR_READ_AUTH: 'sigv4', AWS_REGION: 'eu-west-2' })
+      .fhirRead as NonNullable<ReturnType<typeof loadConfig>['fhirRead']>;
+    const signer = new SignatureV4({ service: 'healthlake', region: 'eu-west-2', credentials, sha256: Sha256 });
+    const reader = new FhirReader(config, { signer });
+    cleanups.push(() => reader.close());
+    const pages: string[][] = [];
+    for await (const page of reader.changed('Patient', from, from + 60_000, new AbortController().signal)) {
+      pages.push(page.map((f) => String(f.resource.id)));
+    }
+    expect(pages).toEqual([['a'], ['b']]);
+    expect(fhir.requests.map((r) => new URLSearchParams(r.query).getAll('_lastUpdated'))).toEqual([
+      ['ge2026-01-01T00:00:00.000Z', 'lt2026-01-01T00:01:00.000Z'],
+      ['ge2026-01-01T00:00:00.000Z', 'lt2026-01-01T00:01:00.000Z'],
+    ]);
+    for (const req of fhir.requests) {
+      expect(String(req.headers.authorization).slice(-64)).toBe(
+        sigV4Signature(req, credentials.secretAccessKey, 'eu-west-2'),
+      );
+    }
+  });
+
+  it('throws on an answer that is not a Bundle, and on a refusal, naming the server but no resource', async () => {
+    const fhir = await FhirServer.start();
+    cleanups.push(() => fhir.close());
+    const config = loadConfig({ BROKER_FHIR_READ: fhir.url }).fhirRead as NonNullable<
+      ReturnType<typeof loadConfig>['fhirRead']
+    >;
+    const reader = new FhirReader(config);
+    cleanups.push(() => reader.close());
+    const drain = async () => {
+      for await (const _ of reader.changed('Patient', 0, 1000, new AbortController().signal));
+    };
+    fhir.body = () => JSON.stringify({ resourceType: 'Patient', id: 'p1' });
+    await expect(drain()).rejects.toThrow(
+      `searching the Patients changed in a window at ${fhir.url}: the answer is not a Bundle`,
+    );
+    fhir.body = undefined;
+    fhir.respond = () => 400;
+    await expect(drain()).rejects.toThrow('the server answered 400');
+  });
+});
