@@ -228,6 +228,31 @@ describe('reconciliation', () => {
     await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 2, 'both changes');
   });
 
+  it('stops between pages when its signal aborts (a Lambda running out of time); the next run goes on', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.pageSize = 1;
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.put(at(patient('first')));
+    fhir.put(at(patient('second')));
+    await tick();
+    const stop = new AbortController();
+    fhir.respond = (req) => {
+      if (req.query.includes('_page=2')) stop.abort();
+      return undefined;
+    };
+    expect(await reconcilerOf(t).run({ signal: stop.signal })).toMatchObject({ found: 1, notifications: 1 });
+    expect(
+      t.logger.records.some((r) => r.msg === 'reconciliation stopped; the next run goes on from the last window done'),
+    ).toBe(true);
+    expect(metric(await metrics(t), 'broker_reconcile_runs_total{outcome="failed"}')).toBe(0);
+    fhir.respond = () => undefined;
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 2, 'both, once each');
+    expect(focusesOn(receiver, '/patients')).toEqual([`${fhir.url}/Patient/first`, `${fhir.url}/Patient/second`]);
+  });
+
   it('trusts nothing outside the window: a server that ignores _lastUpdated gets nothing notified twice', async () => {
     const { t, fhir, receiver } = await setup();
     await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));

@@ -136,10 +136,13 @@ export class Reconciler {
   /**
    * One run: every window from the checkpoint to now − lag. Never throws: a failure is logged and
    * counted, and the next run starts from the last window done. A run asked for while one is under
-   * way answers that one.
+   * way answers that one. `signal` stops it between two pages (a Lambda invocation's time running
+   * out): the windows done are kept, the one under way is done again by the next run.
    */
-  run(): Promise<ReconcileReport> {
-    this.#running ??= this.#run().finally(() => {
+  run(options: { signal?: AbortSignal } = {}): Promise<ReconcileReport> {
+    const signal =
+      options.signal === undefined ? this.#closing.signal : AbortSignal.any([this.#closing.signal, options.signal]);
+    this.#running ??= this.#run(signal).finally(() => {
       this.#running = undefined;
     });
     return this.#running;
@@ -152,7 +155,7 @@ export class Reconciler {
     await this.#running;
   }
 
-  async #run(): Promise<ReconcileReport> {
+  async #run(signal: AbortSignal): Promise<ReconcileReport> {
     const to = this.#now() - this.#lagMs;
     let found = 0;
     let notifications = 0;
@@ -174,18 +177,18 @@ export class Reconciler {
       }
       const types = await this.#types();
       // Windows of at most `everyMs`: after a long stop the checkpoint moves on as each is done.
-      for (let start = from; start < to && !this.#closing.signal.aborted; ) {
+      for (let start = from; start < to && !signal.aborted; ) {
         const end = Math.min(start + this.#everyMs, to);
         for (const type of types) {
-          for await (const page of this.#feed.changed(type, start, end, this.#closing.signal)) {
+          for await (const page of this.#feed.changed(type, start, end, signal)) {
             const done = await this.#reconcilePage(type, page, start, end);
             found += done.found;
             notifications += done.notifications;
-            if (this.#closing.signal.aborted) break;
+            if (signal.aborted) break;
           }
-          if (this.#closing.signal.aborted) break;
+          if (signal.aborted) break;
         }
-        if (this.#closing.signal.aborted) break;
+        if (signal.aborted) break;
         await this.#store.saveReconcileCheckpoint(this.#source, end);
         this.#checkpoint = end;
         start = end;
@@ -201,6 +204,12 @@ export class Reconciler {
       }
       return { from, to, found, notifications };
     } catch (err) {
+      if (signal.aborted) {
+        this.#logger.info('reconciliation stopped; the next run goes on from the last window done', {
+          ...(this.#checkpoint === undefined ? {} : { checkpoint: new Date(this.#checkpoint).toISOString() }),
+        });
+        return { ...(from === undefined ? {} : { from }), to, found, notifications };
+      }
       this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'failed' });
       this.#logger.warn('reconciliation failed; the next run starts from the last window done', {
         err: err as Error,
