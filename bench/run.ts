@@ -8,11 +8,12 @@ import { runFanout } from './fanout.js';
 import { runMatch } from './match.js';
 import { runOutbox } from './outbox.js';
 import { runPipeline } from './pipeline.js';
+import { runReconcile } from './reconcile.js';
 import { runRetention } from './retention.js';
 import { printTable, type TargetCheck } from './util.js';
 
 /**
- * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `catchup`, `content`, `fanout`, `dynamodb`, `retention`) runs one.
+ * `npm run bench` runs every suite in order; `npm run bench -- match` (or `pipeline`, `outbox`, `catchup`, `content`, `reconcile`, `fanout`, `dynamodb`, `retention`) runs one.
  * Each suite prints its own table; this prints the machine first and the targets last.
  */
 
@@ -22,6 +23,7 @@ const SUITES: Readonly<Record<string, () => Promise<TargetCheck[]>>> = {
   outbox: runOutbox,
   catchup: runCatchup,
   content: runContent,
+  reconcile: runReconcile,
   fanout: runFanout,
   dynamodb: runDynamodb,
   retention: runRetention,

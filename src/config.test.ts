@@ -556,3 +556,17 @@ describe('loadConfig: BROKER_RECONCILE_EVERY and BROKER_RECONCILE_LAG (the recon
     }
   });
 });
+
+describe('loadConfig: BROKER_EVENT_RETENTION beside the reconciler', () => {
+  it('refuses a retention shorter than the reconciler needs to tell what was notified', () => {
+    const env = { BROKER_FHIR_READ: 'https://fhir.example.org/r4', BROKER_RECONCILE_EVERY: '5m' };
+    // The lag (15m), a window of an hour, a minute of slack: 76 minutes and a bit.
+    expect(() => loadConfig({ ...env, BROKER_EVENT_RETENTION: '1h' })).toThrow(
+      /^BROKER_EVENT_RETENTION: must be at least 77m with BROKER_RECONCILE_EVERY/,
+    );
+    expect(loadConfig({ ...env, BROKER_EVENT_RETENTION: '77m' }).eventRetentionMs).toBe(77 * 60_000);
+    expect(() => loadConfig({ ...env, BROKER_RECONCILE_EVERY: '1d', BROKER_EVENT_RETENTION: '1d' })).toThrow(
+      /^BROKER_EVENT_RETENTION: must be at least/,
+    );
+  });
+});

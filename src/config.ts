@@ -2,6 +2,7 @@ import { readdirSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { DEFAULT_HANDSHAKE_RETRY_DELAYS_MS, DEFAULT_RETRY_DELAYS_MS, parseDurations } from './core/retry.js';
 import { Allowlist } from './delivery/address-policy.js';
+import { reconcileRetentionFloorMs } from './service/reconciler.js';
 
 /**
  * Environment → validated, frozen configuration. The only module that reads `process.env`;
@@ -219,6 +220,19 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('BROKER_TOPICS_DIR', `cannot read the directory ${resolve(topicsDir)}: ${fsReason(err)}`);
   }
   const fhirRead = fhirReadConfig(env, awsRegion);
+  const eventRetentionMs = retention(str(env, 'BROKER_EVENT_RETENTION'));
+  const reconcile = reconcileConfig(env, fhirRead);
+  if (reconcile !== undefined) {
+    // The reconciler tells "already notified" from the notifications kept: purged too early, every
+    // change whose event came would be notified again.
+    const floor = reconcileRetentionFloorMs(reconcile.everyMs, reconcile.lagMs);
+    if (eventRetentionMs < floor) {
+      throw new ConfigError(
+        'BROKER_EVENT_RETENTION',
+        `must be at least ${Math.ceil(floor / 60_000)}m with BROKER_RECONCILE_EVERY and BROKER_RECONCILE_LAG as set (the lag, a window of at least an hour, and a minute of slack): the reconciler reads what was notified from what is kept`,
+      );
+    }
+  }
   return Object.freeze({
     port,
     host,
@@ -257,7 +271,7 @@ export function loadConfig(env: Env = process.env): Config {
     maxSubscriptionsPerClient: int(env, 'BROKER_MAX_SUBSCRIPTIONS_PER_CLIENT', 1000, 1, 10_000_000),
     maxInFlightPerOrigin,
     maxInFlightPerClient: int(env, 'BROKER_MAX_IN_FLIGHT_PER_CLIENT', 128, 1, 10_000),
-    eventRetentionMs: retention(str(env, 'BROKER_EVENT_RETENTION')),
+    eventRetentionMs,
     store: storeKind,
     ...(dynamodbEndpoint === undefined ? {} : { dynamodbEndpoint }),
     tablePrefix: str(env, 'BROKER_TABLE_PREFIX') ?? 'fhir-broker-',
@@ -269,7 +283,7 @@ export function loadConfig(env: Env = process.env): Config {
     ...(deadLetterQueueUrl === undefined ? {} : { deadLetterQueueUrl }),
     topicsDir,
     ...(fhirRead === undefined ? {} : { fhirRead: Object.freeze(fhirRead) }),
-    ...optionalObject('reconcile', reconcileConfig(env, fhirRead)),
+    ...optionalObject('reconcile', reconcile),
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),
     // 10 MiB: 1,000 CloudTrail events of ~3 KB each, with room to spare.

@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SignatureV4 } from '@smithy/signature-v4';
@@ -7,7 +7,7 @@ import { loadConfig } from '../src/config.js';
 import { FhirReader, Sha256 } from '../src/content/fhir-reader.js';
 import type { Reconciler } from '../src/service/reconciler.js';
 import { eventLike, focusOf, type Json, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
-import { FhirServer } from './support/fhir-server.js';
+import { type FhirRequest, FhirServer } from './support/fhir-server.js';
 import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 import { sigV4Signature } from './support/sigv4.js';
@@ -247,6 +247,7 @@ describe('reconciliation', () => {
       t.logger.records.some((r) => r.msg === 'reconciliation stopped; the next run goes on from the last window done'),
     ).toBe(true);
     expect(metric(await metrics(t), 'broker_reconcile_runs_total{outcome="failed"}')).toBe(0);
+    expect(metric(await metrics(t), 'broker_reconcile_runs_total{outcome="stopped"}')).toBe(1);
     fhir.respond = () => undefined;
     expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 1 });
     await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 2, 'both, once each');
@@ -347,6 +348,27 @@ describe('the change feed (FhirReader.changed)', () => {
     }
   });
 
+  it('signs a next link as it is sent: a + is a plus, %2B and %20 as written', async () => {
+    const fhir = await FhirServer.start();
+    cleanups.push(() => fhir.close());
+    fhir.pageSize = 1;
+    fhir.nextLink = (own) => `${own}&cursor=AbC+dEf%2Bg%20h`;
+    const from = Date.parse('2026-01-01T00:00:00Z');
+    fhir.put(at(patient('a'), '2026-01-01T00:00:01.000Z'));
+    fhir.put(at(patient('b'), '2026-01-01T00:00:02.000Z'));
+    const config = loadConfig({ BROKER_FHIR_READ: fhir.url, BROKER_FHIR_READ_AUTH: 'sigv4', AWS_REGION: 'eu-west-2' })
+      .fhirRead as NonNullable<ReturnType<typeof loadConfig>['fhirRead']>;
+    const signer = new SignatureV4({ service: 'healthlake', region: 'eu-west-2', credentials, sha256: Sha256 });
+    const reader = new FhirReader(config, { signer });
+    cleanups.push(() => reader.close());
+    for await (const _ of reader.changed('Patient', from, from + 60_000, new AbortController().signal));
+    const second = fhir.requests[1];
+    expect(second?.query).toContain('cursor=AbC+dEf%2Bg%20h');
+    expect(String(second?.headers.authorization).slice(-64)).toBe(
+      sigV4Signature(second as FhirRequest, credentials.secretAccessKey, 'eu-west-2'),
+    );
+  });
+
   it('throws on an answer that is not a Bundle, and on a refusal, naming the server but no resource', async () => {
     const fhir = await FhirServer.start();
     cleanups.push(() => fhir.close());
@@ -365,5 +387,163 @@ describe('the change feed (FhirReader.changed)', () => {
     fhir.body = undefined;
     fhir.respond = () => 400;
     await expect(drain()).rejects.toThrow('the server answered 400');
+  });
+});
+
+describe('reconciliation against servers as they are', () => {
+  it('follows a next link that is the base URL with a query (HAPI pages so)', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.pageSize = 2;
+    fhir.nextLink = (own) => {
+      const u = new URL(own);
+      if (u.searchParams.has('_getpages')) return own;
+      return `${fhir.url}?_getpages=${u.pathname.split('/').pop()}&${u.searchParams}`;
+    };
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(t).run();
+    await tick();
+    for (const id of ['a', 'b', 'c']) fhir.put(at(patient(id)));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 3, notifications: 3 });
+    expect(
+      fhir.requests.filter((r) => r.path === '/fhir').map((r) => new URLSearchParams(r.query).get('_getpages')),
+    ).toEqual(['Patient']);
+  });
+
+  it('skips for one window a type the server refuses to search, and goes on with the others', async () => {
+    const { t, fhir, receiver } = await setup();
+    await active(t, await t.create(topicSubscription('resource-change', `${receiver.url}/all`)));
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.put(at(patient('p1')));
+    fhir.respond = (req) => (req.path === '/fhir/Parameters' ? 404 : undefined);
+    fhir.body = (req) => (req.path === '/fhir/Binary' ? '<html>proxy error</html>' : undefined);
+    await tick();
+    // Every R4 type is searched for a subscription that takes every type.
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 1, notifications: 1 });
+    const skipped = t.logger.records.filter(
+      (r) => r.msg === 'reconciliation skips a type for one window: the FHIR server refuses its search',
+    );
+    expect(skipped.map((r) => r.resourceType).sort()).toEqual(['Binary', 'Parameters']);
+    expect(metric(await metrics(t), 'broker_reconcile_searches_refused_total')).toBe(2);
+    // The window is done: the next run starts after it.
+    await tick();
+    const searched = fhir.requests.length;
+    await reconcilerOf(t).run();
+    expect(
+      Date.parse(new URLSearchParams(fhir.requests[searched]?.query).getAll('_lastUpdated')[0]?.slice(2) ?? ''),
+    ).toBeGreaterThan(Date.parse(String((at(patient('x')).meta as Json).lastUpdated)) - 1000);
+  });
+
+  it('starts a search over when its window changed while it was paged, so an offset pager misses nothing', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.pageSize = 2;
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(t).run();
+    await tick();
+    for (const id of ['a', 'b', 'c', 'd', 'e']) fhir.put(at(patient(id)));
+    await tick();
+    let edited = false;
+    fhir.respond = (req) => {
+      if (!edited && req.query.includes('_page=2')) {
+        edited = true;
+        // `a` changes again: it leaves the window, and every later page would start one late.
+        fhir.put(at(patient('a', 'Changed'), new Date(Date.now() + 60_000).toISOString()));
+      }
+      return undefined;
+    };
+    expect(await reconcilerOf(t).run()).toMatchObject({ notifications: 5 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 5, 'every change, once');
+    expect(
+      focusesOn(receiver, '/patients')
+        .map((f) => f?.split('/').pop())
+        .sort(),
+    ).toEqual(['a', 'b', 'c', 'd', 'e']);
+  });
+
+  it('catches up after a long stop an hour per search, not BROKER_RECONCILE_EVERY per search', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-reconcile-'));
+    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    const fhir = await FhirServer.start();
+    const receiver = await Receiver.start();
+    cleanups.push(
+      () => fhir.close(),
+      () => receiver.close(),
+    );
+    const env = { BROKER_DATA_DIR: dir, BROKER_FHIR_READ: fhir.url, BROKER_RECONCILE_EVERY: '1s' };
+    // A checkpoint three hours back: the first run of a broker whose lag was three hours.
+    const first = await inProcessBroker({ ...env, BROKER_RECONCILE_LAG: '3h' });
+    await active(first, await first.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(first).run();
+    await first.broker.close(0);
+    await tick();
+    fhir.put(at(patient('later')));
+    await tick();
+    const again = await inProcessBroker({ ...env, BROKER_RECONCILE_LAG: '0s' });
+    cleanups.push(() => again.broker.close(0));
+    expect(await reconcilerOf(again).run()).toMatchObject({ found: 1, notifications: 1 });
+    expect(fhir.requests.filter((r) => r.path === '/fhir/Patient').length).toBeLessThanOrEqual(4);
+  });
+
+  it('does not notify a subscription of a change made while it was off, once it is active again', async () => {
+    const { t, fhir, receiver } = await setup();
+    const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/patients`));
+    const id = await active(t, sub);
+    await reconcilerOf(t).run();
+    const current = (await t.call('GET', `/fhir/Subscription/${id}`)).body;
+    expect((await t.call('PUT', `/fhir/Subscription/${id}`, { ...current, status: 'off' })).status).toBe(200);
+    await tick();
+    fhir.put(at(patient('while-off')));
+    await tick();
+    const off = (await t.call('GET', `/fhir/Subscription/${id}`)).body;
+    const since = t.logger.records.length;
+    expect((await t.call('PUT', `/fhir/Subscription/${id}`, { ...off, status: 'requested' })).status).toBe(200);
+    await t.logger.waitForStatus(id, 'active', undefined, since);
+    await tick();
+    fhir.put(at(patient('after')));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'the change made after');
+    expect(focusesOn(receiver, '/patients')).toEqual([`${fhir.url}/Patient/after`]);
+  });
+
+  it('sends a version that may be a create or an update (an opaque versionId) only to subscriptions that take both', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-topics-'));
+    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    const topic = (id: string, interactions: string[]) => ({
+      resourceType: 'SubscriptionTopic',
+      id,
+      url: `https://fhir-subscription-broker.org/fhir/SubscriptionTopic/${id}`,
+      status: 'active',
+      resourceTrigger: [
+        { resource: 'http://hl7.org/fhir/StructureDefinition/Patient', supportedInteraction: interactions },
+      ],
+    });
+    writeFileSync(join(dir, 'created.json'), JSON.stringify(topic('patient-created', ['create'])));
+    writeFileSync(join(dir, 'written.json'), JSON.stringify(topic('patient-written', ['create', 'update'])));
+    const { t, fhir, receiver } = await setup({ BROKER_TOPICS_DIR: dir });
+    await active(t, await t.create(topicSubscription('patient-created', `${receiver.url}/created`)));
+    await active(t, await t.create(topicSubscription('patient-written', `${receiver.url}/written`)));
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.put(at(patient('counted')));
+    fhir.put({ ...patient('opaque'), meta: { versionId: 'b3f1c2d4-9e8f', lastUpdated: new Date().toISOString() } });
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 3 });
+    await receiver.waitFor(() => focusesOn(receiver, '/written').length === 2, 'both to the create-and-update topic');
+    await receiver.waitFor(() => focusesOn(receiver, '/created').length === 1, 'the counted create');
+    expect(focusesOn(receiver, '/created')).toEqual([`${fhir.url}/Patient/counted`]);
+  });
+
+  it('keeps resource ids out of the log', async () => {
+    const { t, fhir, receiver } = await setup();
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.put(at(patient('mrn-0012345')));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ notifications: 1 });
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'the notification');
+    expect(t.logger.records.filter((r) => JSON.stringify(r).includes('mrn-0012345'))).toEqual([]);
   });
 });

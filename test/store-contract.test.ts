@@ -8,13 +8,7 @@ import type { SubscriptionRecord } from '../src/core/types.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables, tableDefinitions } from '../src/store/dynamodb/tables.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
-import {
-  type AcceptItem,
-  EARLIER_VERSIONS_KEPT,
-  NOTIFIED_SCAN_SLACK_MS,
-  type NotifiedCheck,
-  type Store,
-} from '../src/store/store.js';
+import { type AcceptItem, EARLIER_VERSIONS_KEPT, NOTIFIED_SCAN_SLACK_MS, type Store } from '../src/store/store.js';
 import { type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { change, item, RECEIVED, record, T0 } from './support/store-fixtures.js';
 
@@ -980,54 +974,50 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       change: { ...change(eventId, resourceId), resourceType, time: new Date(time).toISOString() },
       subscriptionIds,
     });
-    const check = (subscriptionId: string, resourceId: string, since = SINCE, resourceType = 'Patient') =>
-      ({ subscriptionId, resourceType, resourceId, since }) satisfies NotifiedCheck;
 
     beforeEach(async () => {
       await store.insertSubscription(record('s1'));
       await store.insertSubscription(record('s2'));
     });
 
-    it('finds a notification about the resource whose change happened at or after since', async () => {
-      await store.acceptChanges(
-        [changedAt('e1', ['s1'], 'p1', SINCE), changedAt('e2', ['s1'], 'p2', SINCE + 1)],
-        SINCE,
-      );
-      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p2'), check('s1', 'p2', SINCE + 1)])).toEqual([
-        true,
-        true,
-        true,
-      ]);
-    });
-
-    it('finds nothing for another resource id, another type, another subscription, an earlier change or an unknown subscription', async () => {
+    it('maps each resource notified to the latest change time at or after since, by type and id', async () => {
       await store.acceptChanges(
         [
-          changedAt('e1', ['s1'], 'p1', SINCE),
-          changedAt('e2', ['s1'], 'o1', SINCE, 'Observation'),
-          changedAt('e3', ['s1'], 'p3', SINCE - 1),
-          changedAt('e4', ['s2'], 'p4', SINCE),
+          // Two notifications of each resource: the later change time counts, whichever came first.
+          changedAt('e1', ['s1'], 'p1', SINCE + 2),
+          changedAt('e2', ['s1'], 'p1', SINCE + 1),
+          changedAt('e3', ['s1'], 'p2', SINCE),
+          changedAt('e4', ['s1'], 'p2', SINCE + 3),
+          changedAt('e5', ['s1'], 'p1', SINCE, 'Observation'),
         ],
         SINCE,
       );
-      expect(
-        await store.notifiedSince([
-          check('s1', 'p2'),
-          check('s1', 'p1', SINCE, 'Observation'),
-          check('s1', 'o1'),
-          check('s2', 'p1'),
-          check('s1', 'p3'),
-          check('s1', 'p1', SINCE + 1),
-          check('ghost', 'p1'),
+      expect(await store.notifiedResources('s1', SINCE)).toEqual(
+        new Map([
+          ['Patient/p1', SINCE + 2],
+          ['Patient/p2', SINCE + 3],
+          ['Observation/p1', SINCE],
         ]),
-      ).toEqual([false, false, false, false, false, false, false]);
-      // The same store answers true for what it holds.
-      expect(
-        await store.notifiedSince([check('s1', 'p1'), check('s1', 'o1', SINCE, 'Observation'), check('s2', 'p4')]),
-      ).toEqual([true, true, true]);
+      );
     });
 
-    it('finds delivered and dead-lettered notifications as well as pending ones', async () => {
+    it('leaves out changes before since, other subscriptions, and answers empty for an unknown subscription', async () => {
+      await store.acceptChanges(
+        [
+          changedAt('e1', ['s1'], 'p1', SINCE - 1),
+          changedAt('e2', ['s1'], 'p2', SINCE - 1),
+          changedAt('e3', ['s1'], 'p2', SINCE),
+          changedAt('e4', ['s2'], 'p3', SINCE),
+        ],
+        SINCE,
+      );
+      expect(await store.notifiedResources('s1', SINCE)).toEqual(new Map([['Patient/p2', SINCE]]));
+      expect(await store.notifiedResources('s1', SINCE + 1)).toEqual(new Map());
+      expect(await store.notifiedResources('s2', SINCE)).toEqual(new Map([['Patient/p3', SINCE]]));
+      expect(await store.notifiedResources('ghost', SINCE)).toEqual(new Map());
+    });
+
+    it('counts delivered and dead-lettered notifications as well as pending ones', async () => {
       await store.acceptChanges(
         ['p1', 'p2', 'p3'].map((id, i) => changedAt(`e${i}`, ['s1'], id, SINCE)),
         SINCE,
@@ -1043,58 +1033,56 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
         'dead',
         'pending',
       ]);
-      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p2'), check('s1', 'p3')])).toEqual([
-        true,
-        true,
-        true,
-      ]);
+      expect(await store.notifiedResources('s1', SINCE)).toEqual(
+        new Map([
+          ['Patient/p1', SINCE],
+          ['Patient/p2', SINCE],
+          ['Patient/p3', SINCE],
+        ]),
+      );
     });
 
-    it('answers many checks across many subscriptions in the order of the checks', async () => {
-      const ids = Array.from({ length: 12 }, (_, i) => `m${i}`);
-      for (const id of ids) await store.insertSubscription(record(id));
-      // Subscription m<i> was told about p<i> and p<i+1>; even ones before since, odd ones after.
+    it('leaves out a notification of an event without a resource id', async () => {
       await store.acceptChanges(
-        ids.map((id, i) => ({
-          change: { ...change(`e${i}`, `p${i}`), time: new Date(SINCE + (i % 2 === 0 ? -1 : 1)).toISOString() },
-          subscriptionIds: [id],
-        })),
+        [
+          { change: { ...change('e1'), time: new Date(SINCE).toISOString() }, subscriptionIds: ['s1'] },
+          changedAt('e2', ['s1'], 'p1', SINCE),
+        ],
         SINCE,
       );
-      await store.acceptChanges(
-        ids.map((id, i) => changedAt(`f${i}`, [id], `p${i + 1}`, SINCE)),
-        SINCE + 1,
-      );
-      const checks = ids.flatMap((id, i) => [check(id, `p${i + 2}`), check(id, `p${i}`), check(id, `p${i + 1}`)]);
-      expect(await store.notifiedSince(checks)).toEqual(ids.flatMap((_, i) => [false, i % 2 === 1, true]));
-      expect(await store.notifiedSince([])).toEqual([]);
+      expect(await store.notifiedResources('s1', SINCE)).toEqual(new Map([['Patient/p1', SINCE]]));
     });
 
-    it('reads on past the newest notifications to an older one still within the window', async () => {
-      await store.acceptChanges([changedAt('e0', ['s1'], 'p0', SINCE)], SINCE);
+    it('reads past many pages to the oldest notification within the window', async () => {
+      // p0 first, at the bound, with the latest change; then 1,200 more (above SQLite's 500-row
+      // step and DynamoDB's 100-item page), p0 among them again with an earlier change.
+      await store.acceptChanges([changedAt('e0', ['s1'], 'p0', SINCE + 5)], SINCE - SLACK);
+      const count = 1_200;
       await store.acceptChanges(
-        Array.from({ length: 110 }, (_, i) => changedAt(`e${i + 1}`, ['s1'], `q${i}`, SINCE)),
-        SINCE + 1,
+        Array.from({ length: count }, (_, i) => changedAt(`e${i + 1}`, ['s1'], `q${i}`, SINCE + 1)),
+        SINCE,
       );
-      expect(await store.notifiedSince([check('s1', 'p0'), check('s1', 'q0'), check('s1', 'p1')])).toEqual([
-        true,
-        true,
-        false,
-      ]);
+      await store.acceptChanges([changedAt('f0', ['s1'], 'p0', SINCE + 1)], SINCE + 1);
+      const found = await store.notifiedResources('s1', SINCE);
+      expect(found.size).toBe(count + 1);
+      expect(found.get('Patient/p0')).toBe(SINCE + 5);
+      expect(found.get('Patient/q0')).toBe(SINCE + 1);
+      expect(found.get(`Patient/q${count - 1}`)).toBe(SINCE + 1);
     });
 
-    it('does not look at notifications accepted more than NOTIFIED_SCAN_SLACK_MS before since, whatever their change time', async () => {
+    it('stops at notifications accepted more than NOTIFIED_SCAN_SLACK_MS before since, whatever their change time', async () => {
       // Each change happened at `since`: only when it was accepted tells them apart.
       await store.acceptChanges([changedAt('e1', ['s1'], 'p1', SINCE)], SINCE - SLACK - 1);
       await store.acceptChanges([changedAt('e2', ['s1'], 'p2', SINCE)], SINCE - SLACK);
       await store.acceptChanges([changedAt('e3', ['s1'], 'p3', SINCE)], SINCE);
-      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p2'), check('s1', 'p3')])).toEqual([
-        false,
-        true,
-        true,
-      ]);
-      // An earlier since reaches it; asked together, each check keeps its own bound.
-      expect(await store.notifiedSince([check('s1', 'p1'), check('s1', 'p1', SINCE - 1)])).toEqual([false, true]);
+      expect(await store.notifiedResources('s1', SINCE)).toEqual(
+        new Map([
+          ['Patient/p2', SINCE],
+          ['Patient/p3', SINCE],
+        ]),
+      );
+      // An earlier since reaches it.
+      expect((await store.notifiedResources('s1', SINCE - 1)).get('Patient/p1')).toBe(SINCE);
     });
 
     it('has no checkpoint for a source never saved', async () => {

@@ -5,7 +5,7 @@ import { Agent, request } from 'undici';
 import type { FhirReadConfig } from '../config.js';
 import type { ResourceChange } from '../core/types.js';
 import { ContentUnavailableError, type ReadResult, type ResourceSource } from '../service/content-stage.js';
-import { type ChangeFeed, type FoundResource, PAGE } from '../service/reconciler.js';
+import { type ChangeFeed, type FoundResource, PAGE, SearchRefusedError } from '../service/reconciler.js';
 
 /**
  * Reads the resource an event names from the FHIR server, for the content stage: the current
@@ -142,10 +142,18 @@ export class FhirReader implements ResourceReader {
 
   /**
    * The reconciler's feed (src/service/reconciler.ts): `GET [base]/[type]?_lastUpdated=ge…&
-   * _lastUpdated=lt…&_count=100`, then each page's `next` link, which must stay under the base URL
-   * (a link elsewhere is not followed: the credentials would go with it). Each page read with its
-   * own deadline and turn among the reads in flight. An answer that is not a searchset Bundle, or a
-   * refusal, throws: the run fails and its window is done again by the next.
+   * _lastUpdated=lt…&_count=100`, then each page's `next` link, which must stay on the base URL
+   * (under it, or it with a query, as HAPI pages; a link elsewhere is not followed: the credentials
+   * would go with it). Each page read with its own deadline and turn among the reads in flight.
+   *
+   * The window is in the past, so a resource can only leave it while it is paged (changed again,
+   * deleted), and on a server that pages by offset every later page then starts one resource late:
+   * when a page's `total` differs from the first's, the search starts over (what was found twice is
+   * notified once), up to RESTARTS times, then the run fails and its window is done again later.
+   *
+   * Throws `SearchRefusedError` for what a retry would not change (a refusal such as 400, 404, 405
+   * or 501 for a type the server does not search; a page that is not JSON, not a Bundle or larger
+   * than 8 MiB; more than MAX_PAGES pages), anything else when the server cannot answer now.
    */
   async *changed(
     type: string,
@@ -161,9 +169,12 @@ export class FhirReader implements ResourceReader {
       ['_lastUpdated', `lt${new Date(toMs).toISOString()}`],
       ['_count', String(PAGE)],
     ]);
-    let url: string | undefined = `${base}/${type}?${query}`;
+    const first = `${base}/${type}?${query}`;
+    let url: string | undefined = first;
+    let total: unknown;
+    let restarts = 0;
     for (let pages = 0; url !== undefined && !signal.aborted; pages++) {
-      if (pages === MAX_PAGES) throw new Error(`${what}: more than ${MAX_PAGES} pages; stopped`);
+      if (pages === MAX_PAGES) throw new SearchRefusedError(`${what}: more than ${MAX_PAGES} pages; stopped`);
       await this.#turn();
       let answer: Answer;
       try {
@@ -171,10 +182,19 @@ export class FhirReader implements ResourceReader {
       } finally {
         this.#release();
       }
-      if (answer.status !== 200) throw new Error(`${what}: the server answered ${answer.status}`);
-      if (answer.unusable !== undefined) throw new Error(`${what}: ${answer.unusable}`);
-      const bundle = answer.body as { resourceType?: unknown; entry?: unknown; link?: unknown } | null;
-      if (bundle?.resourceType !== 'Bundle') throw new Error(`${what}: the answer is not a Bundle`);
+      if (answer.status !== 200) {
+        const message = `${what}: the server answered ${answer.status}`;
+        throw TRANSIENT(answer.status) && answer.status !== 501 ? new Error(message) : new SearchRefusedError(message);
+      }
+      if (answer.unusable !== undefined) throw new SearchRefusedError(`${what}: ${answer.unusable}`);
+      const bundle = answer.body as { resourceType?: unknown; entry?: unknown; link?: unknown; total?: unknown } | null;
+      if (bundle?.resourceType !== 'Bundle') throw new SearchRefusedError(`${what}: the answer is not a Bundle`);
+      if (url === first) total = bundle.total;
+      else if (typeof bundle.total === 'number' && typeof total === 'number' && bundle.total !== total) {
+        if (++restarts > RESTARTS) throw new Error(`${what}: the window kept changing while it was paged`);
+        url = first;
+        continue;
+      }
       const entries = Array.isArray(bundle.entry) ? (bundle.entry as { resource?: unknown; search?: unknown }[]) : [];
       yield entries.flatMap((e) => {
         const r = e?.resource;
@@ -245,9 +265,14 @@ export class FhirReader implements ResourceReader {
   }
 
   async #sign(url: URL, headers: Record<string, string>): Promise<Record<string, string>> {
-    // A repeated parameter (`_lastUpdated=ge…&_lastUpdated=lt…`) is signed with every value.
+    // The query as sent, decoded as AWS reads it (RFC 3986: a `+` is a plus, not a space; what
+    // URLSearchParams would make of it), each value of a repeated parameter signed.
     const query: Record<string, string | string[]> = {};
-    for (const [k, v] of url.searchParams) {
+    for (const pair of url.search.slice(1).split('&')) {
+      if (pair === '') continue;
+      const cut = pair.indexOf('=');
+      const k = decodeComponent(cut === -1 ? pair : pair.slice(0, cut));
+      const v = cut === -1 ? '' : decodeComponent(pair.slice(cut + 1));
       const before = query[k];
       query[k] = before === undefined ? v : [...(Array.isArray(before) ? before : [before]), v];
     }
@@ -277,6 +302,8 @@ export class FhirReader implements ResourceReader {
 
 /** Pages of one type's changes in one window: a server whose `next` links never end is stopped. */
 const MAX_PAGES = 10_000;
+/** Times a type's search starts over when its window changed while it was paged. */
+const RESTARTS = 3;
 
 /** A page's `next` link, only under `base` (absolute, or relative to it); undefined on the last page. */
 function nextLink(links: unknown, base: string, what: string): string | undefined {
@@ -290,7 +317,8 @@ function nextLink(links: unknown, base: string, what: string): string | undefine
   } catch {
     throw new Error(`${what}: the next page's link is not a URL`);
   }
-  if (url.origin !== new URL(base).origin || !`${url.origin}${url.pathname}`.startsWith(`${base}/`)) {
+  const path = `${url.origin}${url.pathname}`;
+  if (url.origin !== new URL(base).origin || (path !== base && !path.startsWith(`${base}/`))) {
     throw new Error(`${what}: the next page's link leads away from ${base}; not followed`);
   }
   return url.href;
@@ -336,6 +364,15 @@ function versionAt(entries: readonly HistoryEntry[], change: ResourceChange): un
   return entries
     .slice(marker + 1)
     .find((e) => typeof e?.resource === 'object' && e.resource !== null && !Array.isArray(e.resource))?.resource;
+}
+
+/** `%XX` decoded; a malformed escape left as it is (signed as sent). */
+function decodeComponent(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
 }
 
 function failure(err: unknown, timeoutMs: number): string {

@@ -42,7 +42,14 @@ const FAMILIES = {
     zero: byOutcome('matched', 'not_matched', 'unevaluable'),
   },
   // Seeded at 0 by the reconciler when BROKER_RECONCILE_EVERY is set (absent otherwise).
-  broker_reconcile_runs_total: { help: 'Reconciliation runs, by outcome (completed, failed)', type: 'counter' },
+  broker_reconcile_runs_total: {
+    help: 'Reconciliation runs, by outcome (completed, stopped: cut short by close or the invocation time, failed)',
+    type: 'counter',
+  },
+  broker_reconcile_searches_refused_total: {
+    help: 'Type searches the FHIR server refused for good, each skipping its type for one window (see the log)',
+    type: 'counter',
+  },
   broker_reconcile_resources_total: {
     help: 'Changed resources the reconciler found, by outcome (notified, already_notified, not_matched, skipped)',
     type: 'counter',

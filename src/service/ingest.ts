@@ -1,7 +1,7 @@
 import { InvalidEnvelopeError, parseEventBridgeEvent } from '../core/cloudtrail.js';
 import { BrokerError } from '../core/errors.js';
 import { matchCandidates } from '../core/match-index.js';
-import type { Clock, MatchSpec, Notification, ResourceChange } from '../core/types.js';
+import type { Clock, Interaction, MatchSpec, Notification, ResourceChange } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { AcceptItem, AcceptOutcome, MatchCandidate, Store } from '../store/store.js';
@@ -30,6 +30,11 @@ export interface IngestResult {
 export interface FoundChange {
   readonly change: ResourceChange;
   readonly read: ReadResult;
+  /**
+   * A subscription must match the change as this interaction too (a version that may be a create
+   * or an update goes only to subscriptions that take both).
+   */
+  readonly alsoAs?: Interaction;
 }
 
 export interface NotificationSink {
@@ -168,10 +173,10 @@ export class IngestService {
 
   /**
    * Changes the reconciler found on the FHIR server (src/service/reconciler.ts), through the same
-   * pipeline as events: matched (stage one, then content filters judged on the resource found, not
-   * read again), `select` keeps of each item the subscriptions to notify (those not yet told), and
-   * what is left is committed in the group commits and handed to delivery. Counted in the
-   * reconciler's metrics, not as events.
+   * pipeline as events: matched as of when each happened (stage one, `end` at that time; then
+   * content filters judged on the resource found, not read again), `select` keeps of each item the
+   * subscriptions to notify (those not yet told), and what is left is committed in the group
+   * commits and handed to delivery. Counted in the reconciler's metrics, not as events.
    */
   async acceptFound(
     found: readonly FoundChange[],
@@ -185,8 +190,14 @@ export class IngestService {
       read: async (change: ResourceChange): Promise<ReadResult> =>
         reads.get(change.eventId) ?? { missing: 'not found by the reconciler' },
     };
-    const matched = changes
-      .map((change) => ({ change, subscriptionIds: match(change) }))
+    const matched = found
+      .map(({ change, alsoAs }) => {
+        const at = Date.parse(change.time);
+        const ids = match(change, at);
+        if (alsoAs === undefined) return { change, subscriptionIds: ids };
+        const both = new Set(match({ ...change, interaction: alsoAs }, at));
+        return { change, subscriptionIds: ids.filter((id) => both.has(id)) };
+      })
       .filter((item) => item.subscriptionIds.length > 0);
     const narrowed = await this.#content.narrow(matched, specOf, source);
     const items = (await select(narrowed.filter((item) => item.subscriptionIds.length > 0))).filter(
@@ -200,11 +211,14 @@ export class IngestService {
   async #matcher(
     changes: readonly ResourceChange[],
     receivedAt: number,
-  ): Promise<{ match: (change: ResourceChange) => string[]; specOf: (id: string) => MatchSpec | undefined }> {
+  ): Promise<{
+    match: (change: ResourceChange, at?: number) => string[];
+    specOf: (id: string) => MatchSpec | undefined;
+  }> {
     const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
     return candidatesFor === undefined
       ? {
-          match: (change: ResourceChange) => this.#registry.match(change, receivedAt),
+          match: (change: ResourceChange, at = receivedAt) => this.#registry.match(change, at),
           specOf: (id: string) => this.#registry.get(id)?.match,
         }
       : await this.#storeMatcher(candidatesFor, changes, receivedAt);
@@ -224,7 +238,10 @@ export class IngestService {
     candidatesFor: NonNullable<Store['candidatesFor']>,
     changes: readonly ResourceChange[],
     nowMs: number,
-  ): Promise<{ match: (change: ResourceChange) => string[]; specOf: (id: string) => MatchSpec | undefined }> {
+  ): Promise<{
+    match: (change: ResourceChange, at?: number) => string[];
+    specOf: (id: string) => MatchSpec | undefined;
+  }> {
     const types = [...new Set(changes.map((c) => c.resourceType))];
     let candidates: Map<string, readonly MatchCandidate[]>;
     try {
@@ -236,7 +253,7 @@ export class IngestService {
     const specs = new Map<string, MatchSpec>();
     for (const list of candidates.values()) for (const c of list) specs.set(c.id, c.match);
     return {
-      match: (change) => matchCandidates(candidates.get(change.resourceType) ?? [], change, nowMs),
+      match: (change, at = nowMs) => matchCandidates(candidates.get(change.resourceType) ?? [], change, at),
       specOf: (id) => specs.get(id),
     };
   }

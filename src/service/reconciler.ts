@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto';
 import { R4_RESOURCE_TYPES } from '../core/resource-types.js';
-import type { ResourceChange, SubscriptionRecord, SubscriptionStatus } from '../core/types.js';
+import type { Interaction, ResourceChange, SubscriptionRecord, SubscriptionStatus } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
-import type { AcceptItem, Store } from '../store/store.js';
+import { type AcceptItem, NOTIFIED_SCAN_SLACK_MS, type Store } from '../store/store.js';
 import type { FoundChange } from './ingest.js';
 
 /**
@@ -14,23 +14,27 @@ import type { FoundChange } from './ingest.js';
  *
  * Each run reads, for every resource type a subscription could match, the resources the server
  * last updated in the window [checkpoint, now − lag) (a search on `_lastUpdated`), page by page.
- * A found resource is matched like an event (stage one on type, interaction and id; content
- * filters judged on the resource found, not read again); a matched subscription is notified only
- * if it existed when the change happened and holds no notification about that resource from that
- * moment on (its own event, or an earlier run's). The checkpoint moves past a window only once the
- * whole window is done, so a run that fails (the server unreachable) is done again by the next.
+ * A found resource is matched like an event, as of the moment it changed (stage one on type,
+ * interaction and id, `end` at that moment; content filters judged on the resource found, not read
+ * again); a matched subscription is notified only if it existed and collected notifications then,
+ * and holds no notification about that resource from that moment on (its own event, or an earlier
+ * run's). The checkpoint moves past a window only once the whole window is done, so a run that
+ * fails (the server unreachable) is done again by the next. A type whose search the server refuses
+ * for good (a type it does not host, a page too large to take) is skipped for that window, said
+ * and counted, so one such type cannot hold every other back.
  *
  * What it cannot see: deletes (a search finds no deleted resource), and versions overwritten
- * within the window (the search finds the current one; a subscriber told of it is told the
- * resource changed). A change is notified twice when its CloudTrail event arrives later than the
- * lag (the event's id is another than the reconciler's), which at-least-once delivery allows.
+ * before their window is searched (the search finds the current one; a subscriber told of it is
+ * told the resource changed). A change is notified twice when its CloudTrail event arrives later
+ * than the lag (the event's id is another than the reconciler's), which at-least-once allows.
  */
 
 /** Reads what a FHIR server changed (the `FhirReader`; tests: any server). */
 export interface ChangeFeed {
   /**
    * The resources of `type` whose `meta.lastUpdated` is in [fromMs, toMs), as the server holds
-   * them now, page by page. Throws when the server cannot answer (the run fails and is done again).
+   * them now, page by page. Throws `SearchRefusedError` when the server refuses the search in a way
+   * a retry would not change, anything else when it cannot answer now.
    */
   changed(type: string, fromMs: number, toMs: number, signal: AbortSignal): AsyncIterable<readonly FoundResource[]>;
 }
@@ -38,6 +42,9 @@ export interface ChangeFeed {
 export interface FoundResource {
   readonly resource: Record<string, unknown>;
 }
+
+/** A search the server refuses for good (a type it does not host, a page past the size limit). */
+export class SearchRefusedError extends Error {}
 
 /** What the reconciler needs of the ingest pipeline (`IngestService.acceptFound`). */
 export interface FoundChangeSink {
@@ -48,7 +55,7 @@ export interface FoundChangeSink {
 }
 
 export interface ReconcileReport {
-  /** The window done, epoch ms; absent when there was none to do (the first run sets the checkpoint). */
+  /** The windows done, epoch ms: from the checkpoint the run started at to where it left it. */
   readonly from?: number;
   readonly to?: number;
   readonly found: number;
@@ -62,11 +69,22 @@ export interface ReconcileReport {
  */
 export const VERSION_SLACK_MS = 2000;
 
+/**
+ * The longest window one search per type covers: after a stop longer than `everyMs`, the broker
+ * catches up an hour per search rather than `everyMs` per search.
+ */
+export const MIN_WINDOW_CAP_MS = 3_600_000;
+
 /** Statuses that collect notifications (the matching index's). */
 const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error'];
 
 /** Found resources judged and committed together (a search page is asked for with this `_count`). */
 export const PAGE = 100;
+
+/** How long windows may be for a reconciler run every `everyMs`. */
+export function windowCapMs(everyMs: number): number {
+  return Math.max(everyMs, MIN_WINDOW_CAP_MS);
+}
 
 export class Reconciler {
   readonly #store: Store;
@@ -106,13 +124,16 @@ export class Reconciler {
     this.#base = deps.base.replace(/\/+$/, '');
     this.#datastoreId = /\/datastore\/([0-9a-f]{32})\/r4$/.exec(this.#base)?.[1] ?? '';
     // One checkpoint per server read: another BROKER_FHIR_READ starts its own from the present.
-    this.#source = `fhir:${createHash('sha256').update(this.#base).digest('hex').slice(0, 32)}`;
+    this.#source = `fhir:${sha256(this.#base).slice(0, 32)}`;
     this.#everyMs = deps.everyMs;
     this.#lagMs = deps.lagMs;
     for (const outcome of ['notified', 'already_notified', 'not_matched', 'skipped']) {
       this.#metrics.inc('broker_reconcile_resources_total', { outcome }, 0);
     }
-    for (const outcome of ['completed', 'failed']) this.#metrics.inc('broker_reconcile_runs_total', { outcome }, 0);
+    for (const outcome of ['completed', 'stopped', 'failed']) {
+      this.#metrics.inc('broker_reconcile_runs_total', { outcome }, 0);
+    }
+    this.#metrics.inc('broker_reconcile_searches_refused_total', {}, 0);
     this.#metrics.gauge('broker_reconcile_checkpoint_age_seconds', () =>
       this.#checkpoint === undefined ? 0 : Math.max(0, Math.round((this.#now() - this.#checkpoint) / 1000)),
     );
@@ -157,13 +178,17 @@ export class Reconciler {
 
   async #run(signal: AbortSignal): Promise<ReconcileReport> {
     const to = this.#now() - this.#lagMs;
-    let found = 0;
-    let notifications = 0;
+    const tally = { found: 0, notifications: 0 };
     let from: number | undefined;
+    const report = () => ({
+      ...(from === undefined ? {} : { from }),
+      ...(this.#checkpoint === undefined ? {} : { to: this.#checkpoint }),
+      ...tally,
+    });
     try {
       from = await this.#store.reconcileCheckpoint(this.#source);
       if (from === undefined) {
-        // Reconciliation starts now: the changes before it were the events' to notify.
+        // Reconciliation starts here: the changes before it were the events' to notify.
         await this.#store.saveReconcileCheckpoint(this.#source, to);
         this.#checkpoint = to;
         this.#logger.info('reconciliation starts', { base: this.#base, from: new Date(to).toISOString() });
@@ -171,51 +196,78 @@ export class Reconciler {
         return { found: 0, notifications: 0 };
       }
       this.#checkpoint = from;
-      if (from >= to) {
-        this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'completed' });
-        return { found: 0, notifications: 0 };
-      }
-      const types = await this.#types();
-      // Windows of at most `everyMs`: after a long stop the checkpoint moves on as each is done.
+      const types = from < to ? await this.#types() : [];
+      // What each subscription was told, loaded once per run (see `#told`).
+      const told = new Map<string, Promise<Map<string, number>>>();
+      const cap = windowCapMs(this.#everyMs);
       for (let start = from; start < to && !signal.aborted; ) {
-        const end = Math.min(start + this.#everyMs, to);
+        const end = Math.min(start + cap, to);
+        const run: RunState = { start, end, told: (id) => this.#told(told, id, from as number) };
         for (const type of types) {
-          for await (const page of this.#feed.changed(type, start, end, signal)) {
-            const done = await this.#reconcilePage(type, page, start, end);
-            found += done.found;
-            notifications += done.notifications;
-            if (signal.aborted) break;
-          }
           if (signal.aborted) break;
+          await this.#searchType(type, run, signal, tally);
         }
         if (signal.aborted) break;
         await this.#store.saveReconcileCheckpoint(this.#source, end);
         this.#checkpoint = end;
         start = end;
       }
-      this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'completed' });
-      if (found > 0 || notifications > 0) {
-        this.#logger.info('reconciled', {
-          from: new Date(from).toISOString(),
-          to: new Date(to).toISOString(),
-          found,
-          notifications,
-        });
-      }
-      return { from, to, found, notifications };
     } catch (err) {
-      if (signal.aborted) {
-        this.#logger.info('reconciliation stopped; the next run goes on from the last window done', {
-          ...(this.#checkpoint === undefined ? {} : { checkpoint: new Date(this.#checkpoint).toISOString() }),
+      if (!signal.aborted) {
+        this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'failed' });
+        this.#logger.warn('reconciliation failed; the next run starts from the last window done', {
+          err: err as Error,
+          ...this.#checkpointField(),
         });
-        return { ...(from === undefined ? {} : { from }), to, found, notifications };
+        return report();
       }
-      this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'failed' });
-      this.#logger.warn('reconciliation failed; the next run starts from the last window done', {
-        err: err as Error,
-        ...(this.#checkpoint === undefined ? {} : { checkpoint: new Date(this.#checkpoint).toISOString() }),
+    }
+    if (signal.aborted) {
+      this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'stopped' });
+      this.#logger.info('reconciliation stopped; the next run goes on from the last window done', {
+        ...this.#checkpointField(),
+        ...tally,
       });
-      return { ...(from === undefined ? {} : { from }), to, found, notifications };
+      return report();
+    }
+    this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'completed' });
+    if (tally.found > 0) {
+      this.#logger.info('reconciled', {
+        from: new Date(from as number).toISOString(),
+        ...this.#checkpointField(),
+        ...tally,
+      });
+    }
+    return report();
+  }
+
+  #checkpointField(): { checkpoint?: string } {
+    return this.#checkpoint === undefined ? {} : { checkpoint: new Date(this.#checkpoint).toISOString() };
+  }
+
+  /** One type's changes in one window; a search refused for good skips the type for this window. */
+  async #searchType(
+    type: string,
+    run: RunState,
+    signal: AbortSignal,
+    tally: { found: number; notifications: number },
+  ): Promise<void> {
+    try {
+      for await (const page of readAhead(this.#feed.changed(type, run.start, run.end, signal))) {
+        const done = await this.#reconcilePage(type, page, run);
+        tally.found += done.found;
+        tally.notifications += done.notifications;
+        if (signal.aborted) return;
+      }
+    } catch (err) {
+      if (!(err instanceof SearchRefusedError)) throw err;
+      this.#metrics.inc('broker_reconcile_searches_refused_total');
+      this.#logger.warn('reconciliation skips a type for one window: the FHIR server refuses its search', {
+        resourceType: type,
+        reason: err.message,
+        from: new Date(run.start).toISOString(),
+        to: new Date(run.end).toISOString(),
+      });
     }
   }
 
@@ -231,17 +283,30 @@ export class Reconciler {
     return [...types].sort();
   }
 
+  /**
+   * What `subscriptionId` was told of, from `since` − VERSION_SLACK_MS on (every version a run
+   * judges is from its first window on): read once per run, then kept up to date with what the run
+   * itself notifies. `Type/id` → the latest change time.
+   */
+  #told(cache: Map<string, Promise<Map<string, number>>>, subscriptionId: string, since: number) {
+    let told = cache.get(subscriptionId);
+    if (told === undefined) {
+      told = this.#store.notifiedResources(subscriptionId, since - VERSION_SLACK_MS);
+      cache.set(subscriptionId, told);
+    }
+    return told;
+  }
+
   async #reconcilePage(
     type: string,
     page: readonly FoundResource[],
-    from: number,
-    to: number,
+    run: RunState,
   ): Promise<{ found: number; notifications: number }> {
     const found: FoundChange[] = [];
     for (const { resource } of page) {
-      const change = this.#changeOf(type, resource, from, to);
+      const change = this.#changeOf(type, resource, run);
       if (change === undefined) this.#metrics.inc('broker_reconcile_resources_total', { outcome: 'skipped' });
-      else found.push({ change, read: { resource, base: this.#base } });
+      else found.push(change);
     }
     let notifications = 0;
     for (let i = 0; i < found.length; i += PAGE) {
@@ -249,7 +314,7 @@ export class Reconciler {
       let matched = 0;
       let selected = 0;
       const done = await this.#sink.acceptFound(chunk, async (items) => {
-        const kept = await this.#unnotified(items);
+        const kept = await this.#untold(items, run);
         matched = items.length;
         selected = kept.length;
         return kept;
@@ -267,62 +332,114 @@ export class Reconciler {
    * an id that is no FHIR id, no `meta.lastUpdated`, or one outside the window (a server that
    * ignored the `_lastUpdated` search parameter must not have everything it holds notified).
    */
-  #changeOf(type: string, resource: Record<string, unknown>, from: number, to: number): ResourceChange | undefined {
+  #changeOf(type: string, resource: Record<string, unknown>, run: RunState): FoundChange | undefined {
     const id = resource.id;
     const meta = resource.meta as { versionId?: unknown; lastUpdated?: unknown } | undefined;
     const at = typeof meta?.lastUpdated === 'string' ? Date.parse(meta.lastUpdated) : Number.NaN;
     if (resource.resourceType !== type || typeof id !== 'string' || !/^[A-Za-z0-9\-.]{1,64}$/.test(id)) {
       return undefined;
     }
-    if (!(at >= from && at < to)) return undefined;
+    if (!(at >= run.start && at < run.end)) return undefined;
     const version = typeof meta?.versionId === 'string' && meta.versionId.length <= 64 ? meta.versionId : undefined;
-    return {
-      // The same version found twice (a window done again after a crash) is one event.
-      eventId: `reconcile:${this.#source}:${type}/${id}/_history/${version ?? `@${at}`}`,
+    // Counted versions (HealthLake, HAPI): 1 is the create. An opaque one (a UUID) says nothing:
+    // such a change goes only to subscriptions that take both creates and updates.
+    const counted = version !== undefined && /^[1-9][0-9]{0,15}$/.test(version);
+    const interaction: Interaction = counted && version === '1' ? 'create' : 'update';
+    const change: ResourceChange = {
+      // The same version found twice (a window done again after a crash) is one event. Hashed: the
+      // event id reaches logs, the resource id must not.
+      eventId: `reconcile:${this.#source}:${sha256(`${type}/${id}/${version ?? `@${at}`}`).slice(0, 40)}`,
       resourceType: type,
       resourceId: id,
-      // A first version is a create; any later one an update (a resource created and updated within
-      // the window is found at its update).
-      interaction: version === '1' ? 'create' : 'update',
+      interaction,
       datastoreId: this.#datastoreId,
       fhirBase: this.#base,
       time: new Date(at).toISOString(),
     };
+    return {
+      change,
+      read: { resource, base: this.#base },
+      ...(counted ? {} : { alsoAs: 'create' as const }),
+    };
   }
 
   /**
-   * Of each matched item, the subscriptions to notify: those that existed when the change happened
-   * and hold no notification about the resource from then on.
+   * Of each matched item, the subscriptions to notify: those that existed and collected
+   * notifications when the change happened, and hold no notification about the resource from then
+   * on. What is kept is noted as told, so a resource found twice in a run is notified once.
    */
-  async #unnotified(items: readonly AcceptItem[]): Promise<AcceptItem[]> {
-    const created = new Map<string, number>();
-    const records = await Promise.all(
-      [...new Set(items.flatMap((i) => i.subscriptionIds))].map((id) => this.#store.getSubscription(id)),
-    );
-    for (const rec of records.filter((r): r is SubscriptionRecord => r !== undefined)) {
-      created.set(rec.id, Date.parse(rec.createdAt));
+  async #untold(items: readonly AcceptItem[], run: RunState): Promise<AcceptItem[]> {
+    const ids = [...new Set(items.flatMap((i) => i.subscriptionIds))];
+    const records = new Map<string, SubscriptionRecord>();
+    for (const rec of await Promise.all(ids.map((id) => this.#store.getSubscription(id)))) {
+      if (rec !== undefined) records.set(rec.id, rec);
     }
-    const candidates = items.flatMap((item) => {
+    const kept: AcceptItem[] = [];
+    for (const item of items) {
       const at = Date.parse(item.change.time);
-      return item.subscriptionIds
-        .filter((id) => (created.get(id) ?? Number.POSITIVE_INFINITY) <= at)
-        .map((subscriptionId) => ({ item, subscriptionId, since: at - VERSION_SLACK_MS }));
-    });
-    const told = await this.#store.notifiedSince(
-      candidates.map((c) => ({
-        subscriptionId: c.subscriptionId,
-        resourceType: c.item.change.resourceType,
-        resourceId: c.item.change.resourceId as string,
-        since: c.since,
-      })),
-    );
-    const keep = new Map<AcceptItem, string[]>();
-    candidates.forEach((c, i) => {
-      if (told[i] === true) return;
-      const ids = keep.get(c.item) ?? [];
-      ids.push(c.subscriptionId);
-      keep.set(c.item, ids);
-    });
-    return [...keep].map(([item, subscriptionIds]) => ({ ...item, subscriptionIds }));
+      const key = `${item.change.resourceType}/${item.change.resourceId}`;
+      const keep: string[] = [];
+      for (const id of item.subscriptionIds) {
+        const rec = records.get(id);
+        if (rec === undefined || !(await this.#collectedAt(rec, at))) continue;
+        const told = await run.told(id);
+        if ((told.get(key) ?? Number.NEGATIVE_INFINITY) >= at - VERSION_SLACK_MS) continue;
+        told.set(key, at);
+        keep.push(id);
+      }
+      if (keep.length > 0) kept.push({ ...item, subscriptionIds: keep });
+    }
+    return kept;
   }
+
+  /**
+   * Whether the subscription existed and collected notifications at `at`: created by then, and in a
+   * collecting status in the version in effect then (the store's earlier versions; where they do
+   * not reach back that far, or the store keeps none, the oldest version known).
+   */
+  async #collectedAt(rec: SubscriptionRecord, at: number): Promise<boolean> {
+    if (Date.parse(rec.createdAt) > at) return false;
+    if (Date.parse(rec.updatedAt) <= at) return COLLECTING.includes(rec.status);
+    const earlier = await this.#store.subscriptionVersions(rec.id);
+    const then = earlier.find((v) => Date.parse(v.updatedAt) <= at) ?? earlier.at(-1);
+    return COLLECTING.includes(then?.status ?? rec.status);
+  }
+}
+
+interface RunState {
+  readonly start: number;
+  readonly end: number;
+  told(subscriptionId: string): Promise<Map<string, number>>;
+}
+
+function sha256(text: string): string {
+  return createHash('sha256').update(text).digest('hex');
+}
+
+/**
+ * The pages of `pages`, each next one asked for as soon as the one before is handed out: the
+ * search round trip runs while the page before is matched and committed. A failure of the page
+ * read ahead surfaces when it is reached; leaving early lets the source go.
+ */
+async function* readAhead<T>(pages: AsyncIterable<T>): AsyncGenerator<T> {
+  const source = pages[Symbol.asyncIterator]();
+  let next = source.next();
+  try {
+    for (;;) {
+      const page = await next;
+      if (page.done === true) return;
+      next = source.next();
+      // Not yet awaited: a rejection waits for its turn rather than going unhandled.
+      next.catch(() => undefined);
+      yield page.value;
+    }
+  } finally {
+    // An async generator runs one step at a time: a `return` queues behind the read in flight.
+    await source.return?.();
+  }
+}
+
+/** For config checks: how long delivered notifications must be kept for reconciliation to see them. */
+export function reconcileRetentionFloorMs(everyMs: number, lagMs: number): number {
+  return lagMs + windowCapMs(everyMs) + VERSION_SLACK_MS + NOTIFIED_SCAN_SLACK_MS;
 }

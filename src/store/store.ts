@@ -301,14 +301,15 @@ export interface Store {
   purge(before: number, signal?: AbortSignal): Promise<{ notifications: number; eventIds: number }>;
 
   /**
-   * Reconciliation (src/service/reconciler.ts): for each check, whether the subscription holds a
-   * notification about that resource (`change.resourceType` and `change.resourceId`) whose change
-   * happened (`change.time`) at or after `since` (epoch ms), among those it accepted from
-   * NOTIFIED_SCAN_SLACK_MS before `since` on and still keeps (delivered, dead-lettered or pending;
-   * retention purges the oldest). Read newest first, so what is read is bounded by what the
-   * subscription accepted since then. A subscription unknown to the store answers false.
+   * Reconciliation (src/service/reconciler.ts): the resources the subscription holds notifications
+   * about whose change happened (`change.time`) at or after `since` (epoch ms), among the
+   * notifications it accepted from NOTIFIED_SCAN_SLACK_MS before `since` on and still keeps
+   * (delivered, dead-lettered or pending; retention purges the oldest): `Type/id` → the latest such
+   * change time (epoch ms). Read newest first, so what is read is bounded by what the subscription
+   * accepted since then, and in steps (an embedded store yields to the event loop between them).
+   * Empty for a subscription unknown to the store, and for notifications without a resource id.
    */
-  notifiedSince(checks: readonly NotifiedCheck[]): Promise<boolean[]>;
+  notifiedResources(subscriptionId: string, since: number): Promise<Map<string, number>>;
   /** The reconciler's checkpoint for `source` (epoch ms: every change before it was reconciled), if any. */
   reconcileCheckpoint(source: string): Promise<number | undefined>;
   /**
@@ -322,16 +323,7 @@ export interface Store {
 }
 
 /**
- * How far before `since` `Store.notifiedSince` still looks at accepted times: the broker's clock
- * (which stamps acceptance) may be behind the FHIR server's (which stamps changes).
+ * How far before `since` `Store.notifiedResources` still looks at accepted times: the broker's
+ * clock (which stamps acceptance) may be behind the FHIR server's (which stamps changes).
  */
 export const NOTIFIED_SCAN_SLACK_MS = 60_000;
-
-/** One question of `Store.notifiedSince`. */
-export interface NotifiedCheck {
-  readonly subscriptionId: string;
-  readonly resourceType: string;
-  readonly resourceId: string;
-  /** Epoch ms. */
-  readonly since: number;
-}

@@ -59,8 +59,11 @@ export class FhirServer {
         res.writeHead(200, { 'content-type': 'application/fhir+json' });
         return void res.end(raw);
       }
-      const search = /^\/fhir\/([A-Za-z]+)$/.exec(url.pathname);
-      if (req.method === 'GET' && search !== null) return answer(200, this.#search(search[1] as string, url));
+      // A type search, or a page of one as HAPI links it (`[base]?_getpages=…`).
+      const search =
+        /^\/fhir\/([A-Za-z]+)$/.exec(url.pathname)?.[1] ??
+        (url.pathname === '/fhir' ? url.searchParams.get('_getpages') : null);
+      if (req.method === 'GET' && search !== null) return answer(200, this.#search(search, url));
       const m = /^\/fhir\/([A-Za-z]+)\/([A-Za-z0-9.-]+)(\/_history)?$/.exec(url.pathname);
       if (req.method !== 'GET' || m === null) return answer(400);
       const versions = this.#versions.get(`${m[1]}/${m[2]}`) ?? [];
@@ -136,11 +139,15 @@ export class FhirServer {
     return `http://127.0.0.1:${(this.#server.address() as AddressInfo).port}/fhir`;
   }
 
-  /** A new version of the resource (created or updated); `asId` files it under another id (a faulty server). */
+  /**
+   * A new version of the resource (created or updated), numbered unless it carries a `versionId` of
+   * its own (an opaque one, as some servers give); `asId` files it under another id (a faulty server).
+   */
   put(resource: Json, asId?: string): void {
     const key = `${resource.resourceType}/${asId ?? resource.id}`;
     const versions = this.#versions.get(key) ?? [];
-    const meta = { ...(resource.meta as Json | undefined), versionId: String(versions.length + 1) };
+    const given = (resource.meta as Json | undefined)?.versionId;
+    const meta = { ...(resource.meta as Json | undefined), versionId: given ?? String(versions.length + 1) };
     versions.push({ resource: { ...resource, meta } });
     this.#versions.set(key, versions);
   }

@@ -10,9 +10,19 @@ export function sigV4Signature(req: FhirRequest, secretAccessKey: string, region
   const hmac = (key: Buffer | string, data: string) => createHmac('sha256', key).update(data).digest();
   const date = String(req.headers['x-amz-date']);
   const signed = /SignedHeaders=([^,]+)/.exec(String(req.headers.authorization))?.[1]?.split(';') ?? [];
-  const query = new URLSearchParams(req.query);
-  const canonicalQuery = [...query.entries()]
-    .map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v)}`)
+  // As AWS reads a query (RFC 3986): `%XX` decoded, a `+` a plus sign; then each part encoded with
+  // only the unreserved characters left as they are.
+  const encode = (s: string) =>
+    encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+  const canonicalQuery = req.query
+    .slice(1)
+    .split('&')
+    .filter((pair) => pair !== '')
+    .map((pair) => {
+      const cut = pair.indexOf('=');
+      const [k, v] = cut === -1 ? [pair, ''] : [pair.slice(0, cut), pair.slice(cut + 1)];
+      return `${encode(decodeURIComponent(k))}=${encode(decodeURIComponent(v))}`;
+    })
     .sort()
     .join('&');
   const canonical = [

@@ -28,7 +28,6 @@ import {
   EARLIER_VERSIONS_KEPT,
   type MatchCandidate,
   NOTIFIED_SCAN_SLACK_MS,
-  type NotifiedCheck,
   nextVersionAt,
   type StatusUpdate,
   type Store,
@@ -77,7 +76,7 @@ import {
   sameLaneEpoch,
   unfenceLane,
 } from './lane-leases.js';
-import { conditionHeld, DynamoDbRequests, inBursts, inPool, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
+import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
 /**
@@ -135,9 +134,7 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
 /** A subscription id that cannot exist (FHIR ids have no `#`): what `ping` reads. */
 const PING_KEY = '#ping';
 
-/** Subscriptions `notifiedSince` reads at once: enough to overlap round trips, few enough not to throttle. */
-const NOTIFIED_CONCURRENCY = 8;
-/** Notifications per page of a `notifiedSince` read: what it reads past its stop is paid for, so not DynamoDB's 1 MB. */
+/** Notifications per page of a `notifiedResources` read: what it reads past its stop is paid for, so not DynamoDB's 1 MB. */
 const NOTIFIED_PAGE = 100;
 
 /** Rounds of a create whose count condition failed (the quota reached, or the count item created meanwhile). */
@@ -788,48 +785,20 @@ export class DynamoDbStore implements Store {
   }
 
   /**
-   * One read per subscription asked about, shared by its checks (the reconciler asks about many
-   * resources of one subscription): its notifications newest event number first, page by page,
-   * until each check is answered or a notification was accepted (`createdAt`: the acceptance's
-   * `receivedAt`, which every notification carries and nothing rewrites) before the lowest bound
-   * (`since` - NOTIFIED_SCAN_SLACK_MS) of its checks. A notification counts for a check only when
-   * accepted at or after that check's own bound, so an answer does not depend on what else was
-   * asked. Numbers follow acceptance order within a process but may interleave across processes
-   * (see the caveats above): one accepted after the bound yet numbered below one accepted before
-   * it is not read; the reconciler then notifies again, which at-least-once allows. Void rows and
-   * the lease item (number 0) are no notifications. A subscription without notifications answers
-   * false; one deleted by a delete that crashed before its notifications went (purge takes them)
-   * is read like any other: the reconciler notifies no deleted subscription either way.
+   * One read of the subscription's notifications, newest event number first, NOTIFIED_PAGE a page,
+   * until one accepted (`createdAt`: the acceptance's `receivedAt`, which every notification
+   * carries and nothing rewrites) before the bound (`since` - NOTIFIED_SCAN_SLACK_MS). Numbers
+   * follow acceptance order within a process but may interleave across processes (see the caveats
+   * above): one accepted after the bound yet numbered below one accepted before it is not read; the
+   * reconciler then notifies again, which at-least-once allows. Void rows and the lease item
+   * (number 0) are no notifications. A subscription without notifications answers an empty map;
+   * one deleted by a delete that crashed before its notifications went (purge takes them) is read
+   * like any other: the reconciler notifies no deleted subscription either way.
    */
-  async notifiedSince(checks: readonly NotifiedCheck[]): Promise<boolean[]> {
-    const bySubscription = new Map<string, number[]>();
-    checks.forEach((check, i) => {
-      const asked = bySubscription.get(check.subscriptionId);
-      if (asked === undefined) bySubscription.set(check.subscriptionId, [i]);
-      else asked.push(i);
-    });
-    const answers = checks.map(() => false);
-    await inPool([...bySubscription.values()], NOTIFIED_CONCURRENCY, async (asked) => {
-      const found = await this.#notified(asked.map((i) => checks[i] as NotifiedCheck));
-      asked.forEach((i, k) => {
-        answers[i] = found[k] === true;
-      });
-    });
-    return answers;
-  }
-
-  /** `notifiedSince` for checks of one subscription. */
-  async #notified(checks: readonly NotifiedCheck[]): Promise<boolean[]> {
-    const found = checks.map(() => false);
-    // By resource (FHIR types have no `/`), so each notification read is matched once.
-    const byResource = new Map<string, number[]>();
-    checks.forEach((check, k) => {
-      const key = `${check.resourceType}/${check.resourceId}`;
-      byResource.set(key, [...(byResource.get(key) ?? []), k]);
-    });
-    const bounds = checks.map((check) => check.since - NOTIFIED_SCAN_SLACK_MS);
-    const lowest = Math.min(...bounds);
-    let open = checks.length;
+  async notifiedResources(subscriptionId: string, since: number): Promise<Map<string, number>> {
+    const found = new Map<string, number>();
+    const bound = since - NOTIFIED_SCAN_SLACK_MS;
+    let done = false;
     await this.#requests.eachPage(
       {
         TableName: this.#tables.notifications,
@@ -839,26 +808,22 @@ export class DynamoDbStore implements Store {
         ScanIndexForward: false,
         ProjectionExpression: 'createdAt, #state, #change',
         ExpressionAttributeNames: { '#state': 'state', '#change': 'change' },
-        ExpressionAttributeValues: { ':s': S((checks[0] as NotifiedCheck).subscriptionId), ':lane': N(0) },
+        ExpressionAttributeValues: { ':s': S(subscriptionId), ':lane': N(0) },
       },
-      () => (open > 0 ? NOTIFIED_PAGE : 0),
+      () => (done ? 0 : NOTIFIED_PAGE),
       (out) => {
         for (const item of out.Items ?? []) {
           if (readString(item, 'state') === 'void') continue;
-          const acceptedAt = readNumber(item, 'createdAt');
-          if (acceptedAt < lowest) {
-            open = 0;
+          if (readNumber(item, 'createdAt') < bound) {
+            done = true;
             return;
           }
-          const note = JSON.parse(readString(item, 'change')) as ResourceChange;
-          const time = Date.parse(note.time);
-          for (const k of byResource.get(`${note.resourceType}/${note.resourceId}`) ?? []) {
-            const check = checks[k] as NotifiedCheck;
-            if (found[k] || acceptedAt < (bounds[k] as number) || !(time >= check.since)) continue;
-            found[k] = true;
-            open--;
-          }
-          if (open === 0) return;
+          const change = JSON.parse(readString(item, 'change')) as ResourceChange;
+          const time = Date.parse(change.time);
+          if (change.resourceId === undefined || !(time >= since)) continue;
+          // FHIR types have no `/`.
+          const key = `${change.resourceType}/${change.resourceId}`;
+          if (!(time <= (found.get(key) ?? Number.NEGATIVE_INFINITY))) found.set(key, time);
         }
       },
     );

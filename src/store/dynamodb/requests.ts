@@ -178,17 +178,3 @@ export async function inBursts<T, R>(items: readonly T[], fn: (item: T) => Promi
   }
   return results;
 }
-
-/**
- * Runs `fn` over `items`, at most `limit` at once, each starting as another ends (a call may take
- * several round trips, so bursts would wait on their slowest); results in input order.
- */
-export async function inPool<T, R>(items: readonly T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
-  const results: R[] = new Array(items.length);
-  let next = 0;
-  const worker = async (): Promise<void> => {
-    for (let i = next++; i < items.length; i = next++) results[i] = await fn(items[i] as T);
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return results;
-}

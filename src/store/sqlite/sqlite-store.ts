@@ -22,7 +22,6 @@ import {
   type DeliveryUpdate,
   EARLIER_VERSIONS_KEPT,
   NOTIFIED_SCAN_SLACK_MS,
-  type NotifiedCheck,
   type StatusUpdate,
   type Store,
 } from '../store.js';
@@ -308,6 +307,9 @@ interface NotificationRow {
   bundle_last: number | null;
 }
 
+/** Rows `notifiedResources` reads at a time, between turns of the event loop. */
+const NOTIFIED_STEP = 500;
+
 /** How often the database path is checked against the file opened (see `#checkFile`). */
 const FILE_CHECK_MS = 5000;
 /** How long `ping` waits for the writer thread's answer (one purge batch or commit takes milliseconds). */
@@ -418,8 +420,12 @@ export class SqliteStore implements Store {
       ),
       // Newest first through (subscription, event number): the walk stops at the first row accepted
       // before the caller's bound, so it reads what the subscription accepted since then.
-      newestFirst: db.prepare<[string], { change_json: string; created_at: number }>(
-        'SELECT change_json, created_at FROM notifications WHERE subscription_id = ? ORDER BY event_number DESC',
+      newestFirst: db.prepare<
+        [string, number, number],
+        { event_number: number; change_json: string; created_at: number }
+      >(
+        `SELECT event_number, change_json, created_at FROM notifications
+         WHERE subscription_id = ? AND event_number < ? ORDER BY event_number DESC LIMIT ?`,
       ),
       checkpoint: db.prepare<[string], { through: number }>(
         'SELECT through FROM reconcile_checkpoints WHERE source = ?',
@@ -544,22 +550,29 @@ export class SqliteStore implements Store {
     return this.#writer.purge(before, signal, batch);
   }
 
-  async notifiedSince(checks: readonly NotifiedCheck[]): Promise<boolean[]> {
-    return checks.map((check) => {
-      const bound = check.since - NOTIFIED_SCAN_SLACK_MS;
-      for (const row of this.#stmt.newestFirst.iterate(check.subscriptionId)) {
-        if (row.created_at < bound) return false;
+  /**
+   * Newest first through (subscription, event number), NOTIFIED_STEP rows a read, yielding to the
+   * event loop between reads (a busy subscription holds thousands of rows in the window), until a
+   * row accepted before the bound.
+   */
+  async notifiedResources(subscriptionId: string, since: number): Promise<Map<string, number>> {
+    const found = new Map<string, number>();
+    const bound = since - NOTIFIED_SCAN_SLACK_MS;
+    let below = Number.MAX_SAFE_INTEGER;
+    for (;;) {
+      const rows = this.#stmt.newestFirst.all(subscriptionId, below, NOTIFIED_STEP);
+      for (const row of rows) {
+        if (row.created_at < bound) return found;
         const change = JSON.parse(row.change_json) as ResourceChange;
-        if (
-          change.resourceId === check.resourceId &&
-          change.resourceType === check.resourceType &&
-          Date.parse(change.time) >= check.since
-        ) {
-          return true;
-        }
+        const time = Date.parse(change.time);
+        if (change.resourceId === undefined || !(time >= since)) continue;
+        const key = `${change.resourceType}/${change.resourceId}`;
+        if (!(time <= (found.get(key) ?? Number.NEGATIVE_INFINITY))) found.set(key, time);
       }
-      return false;
-    });
+      if (rows.length < NOTIFIED_STEP) return found;
+      below = (rows.at(-1) as { event_number: number }).event_number;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
   }
 
   async reconcileCheckpoint(source: string): Promise<number | undefined> {
