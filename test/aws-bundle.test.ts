@@ -1,10 +1,16 @@
 import { execFileSync } from 'node:child_process';
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FUNCTION_ENTRIES } from '../infra/lib/functions.js';
+import { parseSubscription } from '../src/core/subscription.js';
+import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables } from '../src/store/dynamodb/tables.js';
+import { loadTopicCatalog } from '../src/store/topic-files.js';
 import { type DynamoDbLocal, dynamoDbEnv, startDynamoDbLocal } from './support/dynamodb-local.js';
-import { fixture } from './support/fhir-client.js';
+import { fixture, statusOf, topicSubscription } from './support/fhir-client.js';
+import { FhirServer } from './support/fhir-server.js';
+import { Receiver } from './support/receiver.js';
 import { tempDir } from './support/temp-dirs.js';
 
 /**
@@ -34,6 +40,18 @@ describe('the Lambda bundles from `npm run synth`', () => {
     await local?.stop();
   });
 
+  /** The asset folder of the function built from `entry` (the template names its code by asset hash). */
+  function assetOf(entry: string): string {
+    const template = JSON.parse(readFileSync(join(outdir, 'FhirSubscriptionBroker.template.json'), 'utf8')) as {
+      Resources: Record<string, { Type: string; Properties: { Description?: string; Code?: { S3Key?: string } } }>;
+    };
+    const description = Object.values(FUNCTION_ENTRIES).find((e) => e.entry === entry)?.description;
+    const fn = Object.values(template.Resources).find(
+      (r) => r.Type === 'AWS::Lambda::Function' && r.Properties.Description === description,
+    );
+    return `asset.${String(fn?.Properties.Code?.S3Key).replace(/\.zip$/, '')}`;
+  }
+
   it('load, and handle an EventBridge event, an HTTP API request and a scheduler tick', async () => {
     Object.assign(process.env, dynamoDbEnv(local.endpoint, 'bundle-'), {
       BROKER_API_KEYS: 'alice:alice-token-0123456789abcdef',
@@ -46,9 +64,13 @@ describe('the Lambda bundles from `npm run synth`', () => {
       BROKER_FHIR_READ: 'healthlake',
     });
     // The deployed functions find their files under /var/task; here, inside the asset folders.
-    const byEntry = readdirSync(outdir).filter((d) => d.startsWith('asset.'));
-    expect(byEntry).toHaveLength(4);
-    for (const asset of byEntry) {
+    const all = readdirSync(outdir).filter((d) => d.startsWith('asset.'));
+    expect(all).toHaveLength(5);
+    // The reconcile bundle is loaded with its own environment, below.
+    const reconcile = assetOf('lambda-reconcile.ts');
+    expect(all).toContain(reconcile);
+    const byEntry = all.filter((a) => a !== reconcile);
+    for (const asset of all) {
       expect(readdirSync(join(outdir, asset, 'subscriptions', 'topics')).sort()).toEqual([
         'encounter-change.json',
         'observation-change.json',
@@ -98,5 +120,62 @@ describe('the Lambda bundles from `npm run synth`', () => {
       ignored: 0,
       duplicates: 0,
     });
+  });
+
+  it('load the reconcile function, whose scheduled runs search the FHIR server and deliver what they find', async () => {
+    const [fhir, receiver] = await Promise.all([FhirServer.start(), Receiver.start()]);
+    try {
+      const topics = join(outdir, assetOf('lambda-reconcile.ts'), 'subscriptions', 'topics');
+      const spec = parseSubscription(
+        topicSubscription('patient-change', `${receiver.url}/bundled`, { filters: ['Patient?_id=bundled'] }),
+        loadTopicCatalog(topics),
+      );
+      const created = new Date(Date.now() - 1000).toISOString();
+      await new DynamoDbStore(local.client, 'bundle-').insertSubscription({
+        id: 'bundled',
+        owner: 'alice',
+        kind: spec.kind,
+        topic: spec.topic,
+        status: 'active',
+        match: spec.match,
+        channel: spec.channel,
+        webhookSecret: 'bundled-secret-0123456789abcdef',
+        eventsSinceStart: 0,
+        createdAt: created,
+        updatedAt: created,
+        resource: spec.resource,
+      });
+      Object.assign(process.env, dynamoDbEnv(local.endpoint, 'bundle-'), {
+        BROKER_API_KEYS: 'alice:alice-token-0123456789abcdef',
+        BROKER_INGEST_TOKEN: 'ingest-token-0123456789abcdef',
+        BROKER_WS_TOKEN_SECRET: 'bundle-ws-secret-0123456789abcdefghij',
+        BROKER_WS_MANAGEMENT_ENDPOINT: 'http://127.0.0.1:9',
+        BROKER_PUBLIC_URL: 'https://api.example.com',
+        BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
+        BROKER_LOG_LEVEL: 'error',
+        // As the stack sets them, but the lag: what the server changed is looked for at once.
+        BROKER_FHIR_READ: fhir.url,
+        BROKER_RECONCILE_EVERY: '5m',
+        BROKER_RECONCILE_LAG: '0s',
+        BROKER_TOPICS_DIR: topics,
+      });
+      const mod = (await import(join(outdir, assetOf('lambda-reconcile.ts'), 'index.mjs'))) as {
+        handler: (e: unknown, c?: unknown) => Promise<unknown>;
+      };
+      const scheduled = { source: 'aws.events', 'detail-type': 'Scheduled Event', detail: {} };
+      const context = { getRemainingTimeInMillis: () => 240_000 };
+      // The first run sets the checkpoint; the next finds the change after it, and delivers it.
+      expect(await mod.handler(scheduled, context)).toEqual({ found: 0, notifications: 0 });
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      fhir.put({ resourceType: 'Patient', id: 'bundled', meta: { lastUpdated: new Date().toISOString() } });
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      expect(await mod.handler(scheduled, context)).toMatchObject({ found: 1, notifications: 1 });
+      expect(fhir.requests.map((r) => r.path)).toEqual(['/fhir/Patient']);
+      expect(receiver.on('/bundled').map((r) => statusOf(JSON.parse(r.body)).params.get('type')?.valueCode)).toEqual([
+        'event-notification',
+      ]);
+    } finally {
+      await Promise.all([fhir.close(), receiver.close()]);
+    }
   });
 });

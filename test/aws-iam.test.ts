@@ -20,6 +20,7 @@ import { grantedAccess, permissionsOf, type Targets, targetsOf, unaccountedGrant
 import { AwsRecorder } from './support/aws-recorder.js';
 import { DUMMY_CREDENTIALS, type DynamoDbLocal, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { eventLike, fixture, type Json, statusOf, topicSubscription } from './support/fhir-client.js';
+import { FhirServer } from './support/fhir-server.js';
 import { httpApiEvent } from './support/http-api-event.js';
 import { LambdaContainer } from './support/lambda-container.js';
 import { websocketSubscription as heartbeatingWebsocketSubscription } from './support/lambda-stack.js';
@@ -49,11 +50,21 @@ const TOPICS_DIR = fileURLToPath(new URL('../subscriptions/topics', import.meta.
 const TYPE_INDEX_MARKER = { resourceType: { S: '#index' }, subscriptionId: { S: '#built' } };
 /** 8 days: past the default 7-day retention, so the dispatcher's purge deletes it. */
 const LONG_AGO = Date.now() - 8 * 86_400_000;
-const NAMES: readonly FunctionName[] = ['api', 'events', 'dispatcher', 'wsConnect', 'wsDisconnect', 'wsMessage'];
+const NAMES: readonly FunctionName[] = [
+  'api',
+  'events',
+  'dispatcher',
+  'wsConnect',
+  'wsDisconnect',
+  'wsMessage',
+  'reconcile',
+];
 
 interface Running {
   readonly container: LambdaContainer;
   readonly recorder: AwsRecorder;
+  /** The stack as deployed for this function (the reconcile function exists only with ReconcileEveryMinutes set). */
+  readonly stack: StackIam;
   readonly functionId: string;
   readonly targets: Targets;
 }
@@ -76,6 +87,9 @@ function bundleType(body: string): string {
 
 describe('IAM per Lambda function, against the real handlers on DynamoDB Local', () => {
   let stack: StackIam;
+  /** The same template deployed with reconciliation on, searching `fhir`. */
+  let reconciling: StackIam;
+  let fhir: FhirServer;
   let local: DynamoDbLocal;
   let management: ManagementApiDouble;
   let eventBridge: EventBridgeDouble;
@@ -87,18 +101,22 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
   beforeAll(async () => {
     // Synthesised into a directory of its own, removed once read (CDK's default one is left in /tmp).
     const outdir = mkdtempSync(join(tmpdir(), 'broker-synth-'));
+    let template: TemplateJson;
     try {
       const app = new App({ outdir, context: { [SKIP_BUNDLING_CONTEXT]: true } });
-      stack = new StackIam(Template.fromStack(new BrokerStack(app, 'Broker')).toJSON() as TemplateJson);
+      template = Template.fromStack(new BrokerStack(app, 'Broker')).toJSON() as TemplateJson;
     } finally {
       rmSync(outdir, { recursive: true, force: true });
     }
-    [local, management, eventBridge, receiver] = await Promise.all([
+    [local, management, eventBridge, receiver, fhir] = await Promise.all([
       startDynamoDbLocal(),
       ManagementApiDouble.start(),
       EventBridgeDouble.start(),
       Receiver.start(),
+      FhirServer.start(),
     ]);
+    stack = new StackIam(template);
+    reconciling = new StackIam(template, { ReconcileEveryMinutes: '5', FhirRead: fhir.url });
     // The stack creates the tables; the functions never do.
     await ensureTables(local.client, prefix());
     await seed();
@@ -121,6 +139,7 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     await management?.close();
     await eventBridge?.close();
     await receiver?.close();
+    await fhir?.close();
     await local?.stop();
   });
 
@@ -128,9 +147,13 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     return String(stack.environment(functionIdOf('api')).BROKER_TABLE_PREFIX);
   }
 
+  function stackOf(name: FunctionName): StackIam {
+    return name === 'reconcile' ? reconciling : stack;
+  }
+
   function functionIdOf(name: FunctionName): string {
     const { handler, description } = FUNCTION_ENTRIES[name];
-    return stack.functionId({ Handler: `index.${handler}`, Description: description });
+    return stackOf(name).functionId({ Handler: `index.${handler}`, Description: description });
   }
 
   /**
@@ -212,8 +235,8 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
       new DeleteItemCommand({ TableName: tableNames(prefix()).subscriptionTypes, Key: TYPE_INDEX_MARKER }),
     );
     const functionId = functionIdOf(name);
-    const env = stack.environment(functionId);
-    const targets = targetsOf(env, stack.failureDestinations(functionId));
+    const env = stackOf(name).environment(functionId);
+    const targets = targetsOf(env, stackOf(name).failureDestinations(functionId));
     const recorder = await AwsRecorder.start({
       dynamodb: local.endpoint,
       management: management.url,
@@ -236,8 +259,10 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
       BROKER_ENDPOINT_ALLOWLIST: '127.0.0.1',
       BROKER_RETRY_DELAYS: '100ms',
       BROKER_LOG_LEVEL: 'error',
+      // Reconciliation looks for a change at once, not after the 15 minutes left to its event.
+      ...(env.BROKER_RECONCILE_LAG === undefined ? {} : { BROKER_RECONCILE_LAG: '0s' }),
     });
-    running.set(name, { container, recorder, functionId, targets });
+    running.set(name, { container, recorder, stack: stackOf(name), functionId, targets });
     return container;
   }
 
@@ -503,6 +528,39 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     await ws('conn-2', '$default', { body: 'unbind' });
     expect(await ws('conn-2', '$disconnect')).toEqual({ statusCode: 200 });
 
+    // Reconciliation: changes whose events never came, for a webhook that answers 410 (off, out of
+    // the type index, a lifecycle event) and a WebSocket subscription bound to a live socket and a
+    // gone one (pushed, and unbound). Its container starts on tables whose type index is not built:
+    // its first match builds it, as the events function's does.
+    const reconGone = await create(
+      topicSubscription('patient-change', `${receiver.url}/gone`, { filters: ['Patient?_id=p-recon-gone'] }),
+    );
+    const reconSocket = await create(websocketSubscription('p-recon-ws'));
+    const reconToken = await api('POST', `/fhir/Subscription/${reconSocket}/$get-ws-binding-token`);
+    const reconBinding = String(
+      ((reconToken.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString,
+    );
+    for (const id of ['conn-recon', 'conn-recon-gone']) {
+      management.live.add(id);
+      await ws(id, '$connect');
+      await ws(id, '$default', { body: `bind-with-token ${reconBinding}` });
+    }
+    management.live.delete('conn-recon-gone');
+    await start('reconcile');
+    const reconcile = () => fn('reconcile').invoke<Json>({ source: 'aws.events', 'detail-type': 'Scheduled Event' });
+    expect(await reconcile()).toEqual({ found: 0, notifications: 0 });
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    for (const id of ['p-recon-gone', 'p-recon-ws']) {
+      fhir.put({ resourceType: 'Patient', id, meta: { lastUpdated: new Date().toISOString() } });
+    }
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const goneBefore = receiver.failures.filter((r) => r.path === '/gone').length;
+    expect(await reconcile()).toMatchObject({ found: 2, notifications: 2 });
+    expect(receiver.failures.filter((r) => r.path === '/gone').length).toBe(goneBefore + 1);
+    expect((await api('GET', `/fhir/Subscription/${reconGone}`)).body.status).toBe('off');
+    expect(posted('conn-recon').map(bundleType)).toEqual(['handshake', 'event-notification']);
+    expect(fhir.requests.map((r) => r.path)).toEqual(['/fhir/Patient']);
+
     // Whatever the roles say: the WebSocket functions reached no table beyond their own paths
     // (no type index build at start-up, which would read subscriptions and subscription-types).
     expect(tablesReached('wsConnect')).toEqual(['connections']);
@@ -515,7 +573,7 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     expect(ranToTheEnd, 'the run above got to its end').toBe(true);
     const r = running.get(name);
     if (r === undefined) throw new Error(`${name} never ran`);
-    const statements = stack.statements(r.functionId);
+    const statements = r.stack.statements(r.functionId);
     const needed = r.recorder.calls.flatMap((call) => permissionsOf(call, r.targets));
     expect(needed.length).toBeGreaterThan(0);
     const denied = needed.filter((p) => !allows(statements, p.action, p.resource));
@@ -529,7 +587,7 @@ describe('IAM per Lambda function, against the real handlers on DynamoDB Local',
     const used = [...new Set([...needed.map((p) => p.access), ...configured])].sort();
     expect(grantedAccess(statements, r.targets), 'granted access vs. access used').toStrictEqual(used);
     expect(unaccountedGrants(statements, r.targets)).toStrictEqual([]);
-    expect(stack.managedPolicies(r.functionId)).toStrictEqual([
+    expect(r.stack.managedPolicies(r.functionId)).toStrictEqual([
       'arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole',
     ]);
   });

@@ -1,6 +1,7 @@
 import { Aws, type CfnCondition, Duration } from 'aws-cdk-lib';
 import {
   Alarm,
+  type CfnAlarm,
   ComparisonOperator,
   type IMetric,
   MathExpression,
@@ -30,6 +31,8 @@ export interface BrokerAlarmsProps {
   readonly messageFunction: IFunction;
   /** WebSocket `$connect`: when it fails, every client's socket is refused. */
   readonly connectFunction: IFunction;
+  /** The reconcile function, which exists only under `on`: so do its alarms. */
+  readonly reconcile: { readonly handler: IFunction; readonly on: CfnCondition };
   /** The `AlarmEmail` parameter's value; subscribed only when `emailSet` holds. */
   readonly email: string;
   readonly emailSet: CfnCondition;
@@ -41,7 +44,8 @@ export interface BrokerAlarmsProps {
  * function or one whose events wait in Lambda's queue, a failing, throttled or stopped dispatcher,
  * a dead letter that could not be written (by EventBridge or by Lambda's on-failure destination:
  * the event is then lost with no other trace), a notification the broker dead-lettered (its
- * endpoint failed the whole retry schedule), and a failing or throttled API or WebSocket function.
+ * endpoint failed the whole retry schedule), a failing or throttled API or WebSocket function, and,
+ * with reconciliation on, a failing reconcile function or reconciliation run.
  */
 export class BrokerAlarms extends Construct {
   readonly topic: Topic;
@@ -77,8 +81,8 @@ export class BrokerAlarms extends Construct {
       description: string,
       metric: IMetric,
       rule: { threshold?: number; below?: boolean } = {},
-    ) =>
-      new Alarm(this, alarmId, {
+    ): Alarm => {
+      const made = new Alarm(this, alarmId, {
         alarmDescription: description,
         metric,
         threshold: rule.threshold ?? 0,
@@ -89,9 +93,21 @@ export class BrokerAlarms extends Construct {
         // No data means no messages and no invocations: healthy; for a count that must stay up
         // (`below`), no data is the worst case.
         treatMissingData: rule.below ? TreatMissingData.BREACHING : TreatMissingData.NOT_BREACHING,
-      }).addAlarmAction(action);
+      });
+      made.addAlarmAction(action);
+      return made;
+    };
 
     const period = Duration.minutes(5);
+    // The broker's own metrics, which each invocation writes to its log (Embedded Metric Format).
+    const brokerMetric = (metricName: string, fn: string, outcome: string) =>
+      new Metric({
+        namespace: EMF_NAMESPACE,
+        metricName,
+        dimensionsMap: { Broker: props.brokerName, Function: fn, outcome },
+        period,
+        statistic: 'Sum',
+      });
     // Each new dead letter (the visible count stays above 0 and would fire once for all of them).
     alarm(
       'DeadLetters',
@@ -137,26 +153,19 @@ export class BrokerAlarms extends Construct {
         statistic: 'Sum',
       }),
     );
-    // The broker's own metrics, which each invocation writes to its log (Embedded Metric Format):
-    // a notification dead-lettered by whichever function's lane gave up on it.
-    const deadLettered = (fn: string) =>
-      new Metric({
-        namespace: EMF_NAMESPACE,
-        metricName: 'broker_notifications_total',
-        dimensionsMap: { Broker: props.brokerName, Function: fn, outcome: 'dead-lettered' },
-        period,
-        statistic: 'Sum',
-      });
+    // A notification dead-lettered by whichever function's lane gave up on it.
+    const deadLettered = (fn: string) => brokerMetric('broker_notifications_total', fn, 'dead-lettered');
     alarm(
       'NotificationsDeadLettered',
       'A notification was dead-lettered: its subscription is in error until the client re-activates it',
       new MathExpression({
-        expression: 'FILL(e, 0) + FILL(a, 0) + FILL(m, 0) + FILL(d, 0)',
+        expression: 'FILL(e, 0) + FILL(a, 0) + FILL(m, 0) + FILL(d, 0) + FILL(r, 0)',
         usingMetrics: {
           e: deadLettered('events'),
           a: deadLettered('api'),
           m: deadLettered('message'),
           d: deadLettered('dispatch'),
+          r: deadLettered('reconcile'),
         },
         label: 'notifications dead-lettered',
         period,
@@ -192,5 +201,22 @@ export class BrokerAlarms extends Construct {
         fn.metricThrottles({ period, statistic: 'Sum' }),
       );
     }
+    // Reconciliation: the function failed (it could not start, or ran into its timeout), or a run
+    // failed (the FHIR server unreachable, or refusing the search); the next run does the window
+    // again, so a single one is no loss yet, but every one is a change not found while it lasts.
+    // No throttle alarm: a throttled tick is dropped and the next run does its work.
+    const reconcileAlarms = [
+      alarm(
+        'ReconcileErrors',
+        'The reconcile function failed: changes whose CloudTrail event never came are not being found',
+        props.reconcile.handler.metricErrors({ period, statistic: 'Sum' }),
+      ),
+      alarm(
+        'ReconcileRunsFailed',
+        'A reconciliation run failed (the FHIR server unreachable or refusing the search): see the reconcile function log',
+        brokerMetric('broker_reconcile_runs_total', 'reconcile', 'failed'),
+      ),
+    ];
+    for (const a of reconcileAlarms) (a.node.defaultChild as CfnAlarm).cfnOptions.condition = props.reconcile.on;
   }
 }

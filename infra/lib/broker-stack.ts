@@ -8,6 +8,7 @@ import { BrokerApis } from './apis.js';
 import { CredentialsSecret } from './credentials-secret.js';
 import { BrokerFunctions } from './functions.js';
 import { HealthLakeIngest } from './ingest.js';
+import { RECONCILE_EVERY_MINUTES, ReconcileSchedule, reconcileFhirBase } from './reconcile.js';
 import { BrokerTables } from './tables.js';
 import { ConditionalTrail } from './trail.js';
 
@@ -74,12 +75,36 @@ export class BrokerStack extends Stack {
       description:
         "Where content filters (patient=, code=...) read changed resources (BROKER_FHIR_READ): healthlake (each event's datastore, with SigV4), a FHIR base URL, or empty to refuse such filters.",
     });
+    const reconcileEvery = new CfnParameter(this, 'ReconcileEveryMinutes', {
+      type: 'String',
+      default: '0',
+      allowedValues: RECONCILE_EVERY_MINUTES,
+      description:
+        'Minutes between reconciliation runs, which notify the changes whose CloudTrail event never came (BROKER_RECONCILE_EVERY); 0 for none. Needs FhirRead (with healthlake, HealthLakeDatastoreId).',
+    });
+    const reconcileLag = new CfnParameter(this, 'ReconcileLagMinutes', {
+      type: 'Number',
+      default: 15,
+      minValue: 0,
+      maxValue: 1440,
+      description:
+        'Minutes a change is left to its own CloudTrail event before reconciliation looks for it (BROKER_RECONCILE_LAG).',
+    });
     const isSet = (id: string, parameter: CfnParameter) =>
       new CfnCondition(this, id, { expression: Fn.conditionNot(Fn.conditionEquals(parameter.valueAsString, '')) });
     const datastoreIdSet = isSet('HealthLakeDatastoreIdSet', datastoreId);
     const alarmEmailSet = isSet('AlarmEmailSet', alarmEmail);
     const trailWanted = new CfnCondition(this, 'CreateCloudTrailTrailWanted', {
       expression: Fn.conditionEquals(createTrail.valueAsString, 'true'),
+    });
+    const readHealthLake = new CfnCondition(this, 'FhirReadHealthLake', {
+      expression: Fn.conditionEquals(fhirRead.valueAsString, 'healthlake'),
+    });
+    const reconcileOn = new CfnCondition(this, 'ReconcileOn', {
+      expression: Fn.conditionNot(Fn.conditionEquals(reconcileEvery.valueAsString, '0')),
+    });
+    const reconcileSearchesHealthLake = new CfnCondition(this, 'ReconcileSearchesHealthLake', {
+      expression: Fn.conditionAnd(reconcileOn, readHealthLake),
     });
 
     const tables = new BrokerTables(this, 'Tables', tablePrefix);
@@ -95,12 +120,17 @@ export class BrokerStack extends Stack {
       credentials,
       corsOrigins: corsOrigins.valueAsString,
       fhirRead: fhirRead.valueAsString,
+      reconcile: {
+        condition: reconcileOn,
+        environment: {
+          BROKER_RECONCILE_EVERY: `${reconcileEvery.valueAsString}m`,
+          BROKER_RECONCILE_LAG: `${reconcileLag.valueAsString}m`,
+          BROKER_FHIR_READ: reconcileFhirBase(readHealthLake, fhirRead.valueAsString, datastoreId.valueAsString),
+        },
+      },
     });
     // Content filters on HealthLake: the functions that ingest (EventBridge's target, and POST /events)
     // read the changed resources, and only then, from the datastore the broker is fed by when one is set.
-    const readHealthLake = new CfnCondition(this, 'FhirReadHealthLake', {
-      expression: Fn.conditionEquals(fhirRead.valueAsString, 'healthlake'),
-    });
     const datastores = Fn.conditionIf(
       datastoreIdSet.logicalId,
       `arn:${Aws.PARTITION}:healthlake:${Aws.REGION}:${Aws.ACCOUNT_ID}:datastore/fhir/${datastoreId.valueAsString}`,
@@ -140,6 +170,14 @@ export class BrokerStack extends Stack {
     // Nor when Lambda throttles it: a queued tick older than a minute is dropped (left to itself,
     // Lambda keeps one up to 6 hours, and a backlog of ticks would all run once capacity returns).
     functions.dispatcher.configureAsyncInvoke({ retryAttempts: 0, maxEventAge: Duration.seconds(60) });
+    new ReconcileSchedule(this, 'Reconcile', {
+      handler: functions.reconcile,
+      everyMinutes: reconcileEvery.valueAsString,
+      on: reconcileOn,
+      fhirRead: fhirRead.valueAsString,
+      datastoreId: datastoreId.valueAsString,
+      searchesHealthLake: reconcileSearchesHealthLake,
+    });
     new ConditionalTrail(this, 'CloudTrail', trailWanted);
     new BrokerAlarms(this, 'Alarms', {
       deadLetterQueue: ingest.deadLetterQueue,
@@ -150,6 +188,7 @@ export class BrokerStack extends Stack {
       apiFunction: functions.api,
       messageFunction: functions.wsMessage,
       connectFunction: functions.wsConnect,
+      reconcile: { handler: functions.reconcile, on: reconcileOn },
       email: alarmEmail.valueAsString,
       emailSet: alarmEmailSet,
     });

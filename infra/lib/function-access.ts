@@ -4,7 +4,8 @@ import type { TableNames } from '../../src/store/dynamodb/tables.js';
  * What each Lambda function may reach, read off the code paths of its entry point (src/aws/) and
  * proven against the real handlers by test/aws-iam.test.ts: every DynamoDB request they send there
  * must be allowed by the synthesized role, and the role must allow nothing they did not use.
- * Every function also reads the credentials secret at start-up; that grant is not listed here.
+ * Every function also reads the credentials secret at start-up; that grant is not listed here, nor
+ * the HealthLake reads, which depend on the FhirRead parameter (broker-stack.ts, reconcile.ts).
  */
 
 export type TableRole = keyof TableNames;
@@ -13,7 +14,7 @@ export type TableRole = keyof TableNames;
  * indexes included; `put`: `PutItem` alone (an internet-facing function that only adds items).
  */
 export type DataAccess = 'read' | 'write' | 'read-write' | 'put';
-export type FunctionName = 'events' | 'api' | 'dispatcher' | 'wsConnect' | 'wsDisconnect' | 'wsMessage';
+export type FunctionName = 'events' | 'api' | 'dispatcher' | 'wsConnect' | 'wsDisconnect' | 'wsMessage' | 'reconcile';
 
 export interface FunctionAccess {
   /** The tables the function reaches; one not named is out of its reach. */
@@ -68,4 +69,10 @@ export const FUNCTION_ACCESS: Readonly<Record<FunctionName, FunctionAccess>> = {
     putEvents: false,
     manageConnections: true,
   },
+  // What the events function does with a change (it accepts through the same pipeline and delivers
+  // at once), plus what the reconciler reads: the subscriptions it lists (the types to search) and
+  // reads again (created before the change?), the notifications it queries (already told?), and its
+  // checkpoint, an item of `event-ids` (read, and moved on as each window is done). All within the
+  // events function's grants: nothing beyond them.
+  reconcile: { tables: EVERY_TABLE, putEvents: true, manageConnections: true },
 };

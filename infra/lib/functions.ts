@@ -1,4 +1,4 @@
-import { Duration } from 'aws-cdk-lib';
+import { type CfnCondition, Duration } from 'aws-cdk-lib';
 import type { IEventBus } from 'aws-cdk-lib/aws-events';
 import { PolicyStatement } from 'aws-cdk-lib/aws-iam';
 import type { Function as LambdaFunction } from 'aws-cdk-lib/aws-lambda';
@@ -7,6 +7,7 @@ import { Construct } from 'constructs';
 import type { BrokerApis } from './apis.js';
 import { brokerFunction } from './broker-function.js';
 import { type DataAccess, FUNCTION_ACCESS, type FunctionName, type TableRole } from './function-access.js';
+import { onlyIf } from './only-if.js';
 import type { BrokerTables } from './tables.js';
 
 export interface FunctionEntry {
@@ -18,7 +19,7 @@ export interface FunctionEntry {
   readonly timeout: Duration;
 }
 
-/** The six functions over the four entry modules; the construct id is the name, capitalized. */
+/** The seven functions over the five entry modules; the construct id is the name, capitalized. */
 export const FUNCTION_ENTRIES: Readonly<Record<FunctionName, FunctionEntry>> = {
   // 60 s: several webhook attempts of up to 10 s each after the event is stored.
   events: {
@@ -60,6 +61,16 @@ export const FUNCTION_ENTRIES: Readonly<Record<FunctionName, FunctionEntry>> = {
     description: 'WebSocket messages',
     timeout: Duration.seconds(29),
   },
+  // 4 min: with the minute a throttled tick may wait (reconcile.ts), over before the next tick of
+  // the shortest schedule (5 min), so runs do not overlap, without reserved concurrency (README,
+  // Limits). A run stops 30 s before it (RECONCILE_STOP_MS, src/aws/handlers.ts) and the next run
+  // goes on from there: after a long stop, the checkpoint catches up over several runs.
+  reconcile: {
+    entry: 'lambda-reconcile.ts',
+    handler: 'handler',
+    description: 'Reconciliation: changes whose event never came',
+    timeout: Duration.minutes(4),
+  },
 };
 
 export interface BrokerFunctionsProps {
@@ -77,10 +88,16 @@ export interface BrokerFunctionsProps {
   readonly corsOrigins: string;
   /** `BROKER_FHIR_READ` (the stack's FhirRead parameter): empty refuses content filters. */
   readonly fhirRead: string;
+  /**
+   * The reconcile function: its environment on top of the others' (`BROKER_RECONCILE_*`, and its
+   * own `BROKER_FHIR_READ`, the FHIR base URL it searches), and the condition it exists under
+   * (with everything that is its own: role, policies, log group, invoke configuration).
+   */
+  readonly reconcile: { readonly environment: Readonly<Record<string, string>>; readonly condition: CfnCondition };
 }
 
 /**
- * The six Lambda functions over the four entry modules in src/aws/. Every function gets the same
+ * The seven Lambda functions over the five entry modules in src/aws/. Every function gets the same
  * environment (one config loader serves them all); permissions follow what each one does
  * (function-access.ts, proven against the handlers by test/aws-iam.test.ts).
  */
@@ -94,6 +111,8 @@ export class BrokerFunctions extends Construct {
   readonly wsConnect: LambdaFunction;
   readonly wsDisconnect: LambdaFunction;
   readonly wsMessage: LambdaFunction;
+  /** Scheduled (ReconcileEveryMinutes): changes whose event never came. Exists only under its condition. */
+  readonly reconcile: LambdaFunction;
 
   constructor(scope: Construct, id: string, props: BrokerFunctionsProps) {
     super(scope, id);
@@ -118,10 +137,14 @@ export class BrokerFunctions extends Construct {
       BROKER_FHIR_READ: props.fhirRead,
       NODE_OPTIONS: '--enable-source-maps',
     };
-    const fn = (name: FunctionName) => {
+    const fn = (name: FunctionName, extra: Readonly<Record<string, string>> = {}) => {
       const { entry, ...rest } = FUNCTION_ENTRIES[name];
       const fnId = name.charAt(0).toUpperCase() + name.slice(1);
-      return brokerFunction(this, fnId, { ...rest, entry: `src/aws/${entry}`, environment });
+      return brokerFunction(this, fnId, {
+        ...rest,
+        entry: `src/aws/${entry}`,
+        environment: { ...environment, ...extra },
+      });
     };
     this.events = fn('events');
     this.api = fn('api');
@@ -129,6 +152,9 @@ export class BrokerFunctions extends Construct {
     this.wsConnect = fn('wsConnect');
     this.wsDisconnect = fn('wsDisconnect');
     this.wsMessage = fn('wsMessage');
+    this.reconcile = fn('reconcile', props.reconcile.environment);
+    // With its role, grants and invoke configuration; its log group is made beside it.
+    onlyIf(props.reconcile.condition, this.reconcile, this.reconcile.logGroup);
 
     const byName: Readonly<Record<FunctionName, LambdaFunction>> = {
       events: this.events,
@@ -137,6 +163,7 @@ export class BrokerFunctions extends Construct {
       wsConnect: this.wsConnect,
       wsDisconnect: this.wsDisconnect,
       wsMessage: this.wsMessage,
+      reconcile: this.reconcile,
     };
     // Every function reads the credentials at start-up (aws-broker.ts), whatever it does next.
     const readCredentials = new PolicyStatement({

@@ -1,15 +1,19 @@
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { App } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { loadConfig } from '../../src/config.js';
 import { TTL_ATTRIBUTE, tableDefinitions, tableNames } from '../../src/store/dynamodb/tables.js';
+import { grantedAccess, targetsOf, unaccountedGrants } from '../../test/support/aws-permissions.js';
 import { ACCOUNT, allows, REGION, StackIam, type TemplateJson } from '../../test/support/stack-iam.js';
 import { SKIP_BUNDLING_CONTEXT } from '../lib/broker-function.js';
 import { BrokerStack, type BrokerStackProps, EVENT_RETENTION } from '../lib/broker-stack.js';
 import { FUNCTION_ACCESS, type FunctionName } from '../lib/function-access.js';
 import { FUNCTION_ENTRIES } from '../lib/functions.js';
+import { RECONCILE_EVERY_MINUTES } from '../lib/reconcile.js';
 
 type Json = unknown;
 type JsonObject = Record<string, Json>;
@@ -41,14 +45,15 @@ function resources(template: Template, type?: string): [string, Resource][] {
 
 /**
  * Evaluates what CloudFormation would: parameter Refs (defaults, then `overrides`), conditions,
- * Fn::If, Fn::Equals, Fn::Not. Everything else is returned as it is.
+ * Fn::If, Fn::Equals, Fn::Not, Fn::And, Fn::Or, and Fn::Join of what resolved to strings.
+ * Everything else is returned as it is.
  */
 function evaluate(template: Template, value: Json, overrides: Record<string, string>): Json {
   const json = template.toJSON() as {
-    Parameters: Record<string, { Default?: string }>;
+    Parameters: Record<string, { Default?: string | number }>;
     Conditions: Record<string, Json>;
   };
-  const params: Record<string, string | undefined> = {
+  const params: Record<string, Json> = {
     ...Object.fromEntries(Object.entries(json.Parameters).map(([name, p]) => [name, p.Default])),
     ...overrides,
   };
@@ -62,8 +67,15 @@ function evaluate(template: Template, value: Json, overrides: Record<string, str
       if (key === 'Fn::If') return ev(condition(arg[0] as string) ? arg[1] : arg[2]);
       if (key === 'Fn::Equals') return ev(arg[0]) === ev(arg[1]);
       if (key === 'Fn::Not') return ev(arg[0]) !== true;
+      if (key === 'Fn::And') return arg.every((a) => ev(a) === true);
+      if (key === 'Fn::Or') return arg.some((a) => ev(a) === true);
+      if (key === 'Fn::Join') {
+        const parts = (arg[1] as Json[]).map(ev);
+        if (parts.every((p) => typeof p === 'string')) return parts.join(arg[0] as string);
+      }
     }
-    if (key === 'Ref' && typeof arg === 'string' && params[arg] !== undefined) return params[arg];
+    if (key === 'Condition' && typeof arg === 'string') return condition(arg);
+    if (key === 'Ref' && typeof arg === 'string' && params[arg] !== undefined) return String(params[arg]);
     return Object.fromEntries(entries.map(([k, x]) => [k, ev(x)]));
   };
   return ev(value);
@@ -85,6 +97,12 @@ function statements(template: Template): { where: string; statement: JsonObject 
 
 const list = (v: Json): Json[] => (Array.isArray(v) ? v : [v]);
 
+/** The logical id of the function `name` in an evaluated template. */
+function fnIdOf(iam: StackIam, name: FunctionName): string {
+  const { handler, description } = FUNCTION_ENTRIES[name];
+  return iam.functionId({ Handler: `index.${handler}`, Description: description });
+}
+
 const HEALTHLAKE_PATTERN = {
   source: ['aws.healthlake'],
   'detail-type': ['AWS API Call via CloudTrail'],
@@ -97,7 +115,7 @@ const HEALTHLAKE_PATTERN = {
 
 describe('BrokerStack', () => {
   let template: Template;
-  let ids: Record<'events' | 'api' | 'dispatcher' | 'connect' | 'disconnect' | 'message', string>;
+  let ids: Record<'events' | 'api' | 'dispatcher' | 'connect' | 'disconnect' | 'message' | 'reconcile', string>;
   let dlq: string;
   let rule: string;
 
@@ -112,6 +130,7 @@ describe('BrokerStack', () => {
       connect: fn('index.connect', 'WebSocket $connect'),
       disconnect: fn('index.disconnect', 'WebSocket $disconnect'),
       message: fn('index.message', 'WebSocket messages'),
+      reconcile: fn('index.handler', 'Reconciliation: changes whose event never came'),
     };
     dlq = only(template, 'AWS::SQS::Queue').id;
     rule = only(template, 'AWS::Events::Rule', { EventPattern: Match.objectLike({ source: ['aws.healthlake'] }) }).id;
@@ -615,6 +634,7 @@ describe('BrokerStack', () => {
       wsConnect: 'connect',
       wsDisconnect: 'disconnect',
       wsMessage: 'message',
+      reconcile: 'reconcile',
     };
     /** The statements of the policies attached to the function's role. */
     const statementsOf = (functionId: string): JsonObject[] => {
@@ -675,7 +695,7 @@ describe('BrokerStack', () => {
       const publishing = (Object.keys(idOf) as FunctionName[]).filter((name) =>
         statementsOf(ids[idOf[name]]).some((s) => list(s.Action).includes('events:PutEvents')),
       );
-      expect(publishing.sort()).toStrictEqual(['api', 'dispatcher', 'events']);
+      expect(publishing.sort()).toStrictEqual(['api', 'dispatcher', 'events', 'reconcile']);
     });
 
     it('lets every function read the credentials secret, and nothing else of Secrets Manager', () => {
@@ -706,8 +726,9 @@ describe('BrokerStack', () => {
       const pushing = [...roleOf]
         .filter(([, role]) => pushingRoles.has(role))
         .map(([id]) => id.replace(/^Functions/, '').replace(/[0-9A-F]{8}$/, ''));
-      // The API function serves POST /events (replays, other accounts) and handshakes on a PUT.
-      expect(pushing.sort()).toStrictEqual(['Api', 'Dispatcher', 'Events', 'WsMessage']);
+      // The API function serves POST /events (replays, other accounts) and handshakes on a PUT; the
+      // reconcile function delivers what it accepted, as the events function does.
+      expect(pushing.sort()).toStrictEqual(['Api', 'Dispatcher', 'Events', 'Reconcile', 'WsMessage']);
     });
   });
 
@@ -787,6 +808,8 @@ describe('BrokerStack', () => {
         alarm('AWS/Lambda', 'Errors', fn(id));
         alarm('AWS/Lambda', 'Throttles', fn(id));
       }
+      // Reconciliation (its alarms exist with it): the function failed, or a run did.
+      alarm('AWS/Lambda', 'Errors', fn(ids.reconcile));
       alarm('AWS/Lambda', 'AsyncEventAge', fn(ids.events), { stat: 'Maximum', above: 300_000 });
       // A schedule that stopped (no data at all is the worst case).
       alarm('AWS/Lambda', 'Invocations', fn(ids.dispatcher), { below: 3, missing: 'breaching' });
@@ -805,7 +828,7 @@ describe('BrokerStack', () => {
         m.MetricStat === undefined ? [] : [m.MetricStat],
       );
       expect(stats).toEqual(
-        ['events', 'api', 'message', 'dispatch'].map((fn) => ({
+        ['events', 'api', 'message', 'dispatch', 'reconcile'].map((fn) => ({
           Metric: {
             Namespace: 'FhirSubscriptionBroker',
             MetricName: 'broker_notifications_total',
@@ -819,7 +842,29 @@ describe('BrokerStack', () => {
           Stat: 'Sum',
         })),
       );
-      template.resourceCountIs('AWS::CloudWatch::Alarm', 17);
+      template.resourceCountIs('AWS::CloudWatch::Alarm', 19);
+      const reconcileAlarms = resources(template, 'AWS::CloudWatch::Alarm').filter(
+        ([, r]) => r.Condition !== undefined,
+      );
+      expect(reconcileAlarms.map(([id, r]) => [id.replace(/[0-9A-F]{8}$/, ''), r.Condition])).toEqual([
+        ['AlarmsReconcileErrors', 'ReconcileOn'],
+        ['AlarmsReconcileRunsFailed', 'ReconcileOn'],
+      ]);
+      // The failed runs, as the reconcile function's invocations write them (test/aws-reconcile.test.ts).
+      template.hasResourceProperties('AWS::CloudWatch::Alarm', {
+        Namespace: 'FhirSubscriptionBroker',
+        MetricName: 'broker_reconcile_runs_total',
+        Dimensions: [
+          { Name: 'Broker', Value: 'fhir-broker-' },
+          { Name: 'Function', Value: 'reconcile' },
+          { Name: 'outcome', Value: 'failed' },
+        ],
+        Statistic: 'Sum',
+        ComparisonOperator: 'GreaterThanThreshold',
+        Threshold: 0,
+        TreatMissingData: 'notBreaching',
+        AlarmActions: [{ Ref: topic }],
+      });
     });
 
     it('lets CloudWatch publish to the alarm topic (its TLS-only policy replaced the default one)', () => {
@@ -846,6 +891,257 @@ describe('BrokerStack', () => {
       const condition = template.toJSON().Conditions.AlarmEmailSet;
       expect(evaluate(template, condition, {})).toBe(false);
       expect(evaluate(template, condition, { AlarmEmail: 'ops@example.org' })).toBe(true);
+    });
+  });
+
+  describe('reconciliation', () => {
+    const DATASTORE = '0123456789abcdef0123456789abcdef';
+    const ON = { ReconcileEveryMinutes: '5' };
+    const datastoreArn = (id: string) => `arn:aws:healthlake:${REGION}:${ACCOUNT}:datastore/fhir/${id}`;
+    const reconcileId = (iam: StackIam) => {
+      const { handler, description } = FUNCTION_ENTRIES.reconcile;
+      return iam.functionId({ Handler: `index.${handler}`, Description: description });
+    };
+
+    it('takes ReconcileEveryMinutes from a fixed list (0, the default, is off) and ReconcileLagMinutes up to a day', () => {
+      template.hasParameter('ReconcileEveryMinutes', {
+        Type: 'String',
+        Default: '0',
+        AllowedValues: ['0', '5', '10', '15', '30', '60'],
+      });
+      expect(RECONCILE_EVERY_MINUTES).toEqual(['0', '5', '10', '15', '30', '60']);
+      template.hasParameter('ReconcileLagMinutes', { Type: 'Number', Default: 15, MinValue: 0, MaxValue: 1440 });
+      const on = template.toJSON().Conditions.ReconcileOn;
+      expect(evaluate(template, on, {})).toBe(false);
+      for (const minutes of RECONCILE_EVERY_MINUTES) {
+        expect([minutes, evaluate(template, on, { ReconcileEveryMinutes: minutes })]).toEqual([
+          minutes,
+          minutes !== '0',
+        ]);
+      }
+    });
+
+    it('creates the function, its role, grants, log group, schedule and alarms only when it is on', () => {
+      const conditional = resources(template)
+        .filter(([, r]) => r.Condition?.startsWith('Reconcile'))
+        .map(([id, r]) => `${r.Type} ${id.replace(/[0-9A-F]{8}$/, '')} if ${r.Condition}`);
+      expect(conditional.sort()).toStrictEqual(
+        [
+          'AWS::CloudWatch::Alarm AlarmsReconcileErrors if ReconcileOn',
+          'AWS::CloudWatch::Alarm AlarmsReconcileRunsFailed if ReconcileOn',
+          'AWS::Events::Rule ReconcileSchedule if ReconcileOn',
+          'AWS::IAM::Policy FunctionsReconcileServiceRoleDefaultPolicy if ReconcileOn',
+          'AWS::IAM::Policy ReconcileSearchHealthLake if ReconcileSearchesHealthLake',
+          'AWS::IAM::Role FunctionsReconcileServiceRole if ReconcileOn',
+          'AWS::Lambda::EventInvokeConfig FunctionsReconcileEventInvokeConfig if ReconcileOn',
+          'AWS::Lambda::Function FunctionsReconcile if ReconcileOn',
+          'AWS::Lambda::Permission ReconcileScheduleAllowEventRuleBrokerFunctionsReconcile1CC39936 if ReconcileOn',
+          'AWS::Logs::LogGroup FunctionsReconcileLogs if ReconcileOn',
+        ].sort(),
+      );
+      const json = template.toJSON();
+      expect(json.Conditions.ReconcileSearchesHealthLake).toEqual({
+        'Fn::And': [{ Condition: 'ReconcileOn' }, { Condition: 'FhirReadHealthLake' }],
+      });
+      // Off (the defaults), the role the function would have is not there: nothing is granted.
+      expect(new StackIam(json as TemplateJson).statements(reconcileId(new StackIam(json as TemplateJson)))).toEqual(
+        [],
+      );
+    });
+
+    it('lets no resource refer to one that may not exist (a deploy with reconciliation off would fail)', () => {
+      const json = template.toJSON() as { Resources: Record<string, Resource>; Conditions: Record<string, Json> };
+      /** Whether `a` holding means `b` holds: the same, or `a` is an Fn::And of `b` and more. */
+      const implies = (a: string | undefined, b: string): boolean =>
+        a === b ||
+        (a !== undefined &&
+          ((json.Conditions[a] as { 'Fn::And'?: Json[] })['Fn::And'] ?? []).some(
+            (c) => (c as { Condition?: string }).Condition === b || implies((c as { Condition?: string }).Condition, b),
+          ));
+      const refs = (v: Json, out: Set<string>): Set<string> => {
+        if (Array.isArray(v)) for (const x of v) refs(x, out);
+        else if (v !== null && typeof v === 'object') {
+          for (const [k, x] of Object.entries(v)) {
+            if (k === 'Ref' && typeof x === 'string') out.add(x);
+            else if (k === 'Fn::GetAtt' && Array.isArray(x)) out.add(x[0] as string);
+            else refs(x, out);
+          }
+        }
+        return out;
+      };
+      const dangling: string[] = [];
+      for (const [id, r] of Object.entries(json.Resources)) {
+        for (const target of refs(r.Properties, new Set())) {
+          const condition = json.Resources[target]?.Condition;
+          if (condition !== undefined && !implies(r.Condition, condition)) dangling.push(`${id} → ${target}`);
+        }
+        for (const target of list(r.DependsOn ?? []) as string[]) {
+          const condition = json.Resources[target]?.Condition;
+          if (condition !== undefined && !implies(r.Condition, condition)) dangling.push(`${id} depends on ${target}`);
+        }
+      }
+      expect(dangling).toStrictEqual([]);
+    });
+
+    it('runs the function every ReconcileEveryMinutes minutes, without retries, and each run is over before the next', () => {
+      const { id: ruleId, resource } = only(template, 'AWS::Events::Rule', {
+        Targets: [Match.objectLike({ Arn: { 'Fn::GetAtt': [ids.reconcile, 'Arn'] } })],
+      });
+      expect(resource.Condition).toBe('ReconcileOn');
+      for (const minutes of RECONCILE_EVERY_MINUTES.filter((m) => m !== '0')) {
+        expect(evaluate(template, resource.Properties.ScheduleExpression, { ReconcileEveryMinutes: minutes })).toBe(
+          `rate(${minutes} minutes)`,
+        );
+      }
+      expect(resource.Properties.Targets).toStrictEqual([
+        { Id: 'Target0', Arn: { 'Fn::GetAtt': [ids.reconcile, 'Arn'] }, RetryPolicy: { MaximumRetryAttempts: 0 } },
+      ]);
+      template.hasResourceProperties('AWS::Lambda::Permission', {
+        Action: 'lambda:InvokeFunction',
+        FunctionName: { 'Fn::GetAtt': [ids.reconcile, 'Arn'] },
+        Principal: 'events.amazonaws.com',
+        SourceArn: { 'Fn::GetAtt': [ruleId, 'Arn'] },
+      });
+      template.hasResourceProperties('AWS::Lambda::EventInvokeConfig', {
+        FunctionName: { Ref: ids.reconcile },
+        MaximumRetryAttempts: 0,
+        MaximumEventAgeInSeconds: 60,
+      });
+      const props = template.toJSON().Resources[ids.reconcile].Properties;
+      expect([props.Runtime, props.Architectures, props.MemorySize, props.Timeout]).toStrictEqual([
+        'nodejs22.x',
+        ['arm64'],
+        512,
+        240,
+      ]);
+      // A tick that waited its whole minute and then ran to the timeout is over when the next tick
+      // of the shortest schedule comes: no reserved concurrency needed for one run at a time.
+      expect(60 + props.Timeout).toBeLessThanOrEqual(5 * 60);
+      expect(props.ReservedConcurrentExecutions).toBeUndefined();
+    });
+
+    it('configures the function as the broker reads it: the datastore it searches, BROKER_RECONCILE_EVERY and BROKER_RECONCILE_LAG', () => {
+      const json = template.toJSON() as TemplateJson;
+      const topicsDir = fileURLToPath(new URL('../../subscriptions/topics', import.meta.url));
+      const secrets = {
+        BROKER_API_KEYS: 'local:local-token-0123456789abcdef',
+        BROKER_INGEST_TOKEN: 'ingest-token-0123456789abcdef',
+        BROKER_WS_TOKEN_SECRET: 'ws-secret-0123456789abcdefghijklmnop',
+      };
+      const cases = [
+        [
+          { ...ON, FhirRead: 'healthlake', HealthLakeDatastoreId: DATASTORE },
+          `https://healthlake.${REGION}.amazonaws.com/datastore/${DATASTORE}/r4`,
+          '5m',
+          '15m',
+        ],
+        [
+          { ReconcileEveryMinutes: '60', ReconcileLagMinutes: '0', FhirRead: 'https://fhir.example.org/r4' },
+          'https://fhir.example.org/r4',
+          '60m',
+          '0m',
+        ],
+      ] as const;
+      for (const [parameters, base, every, lag] of cases) {
+        const iam = new StackIam(json, parameters);
+        const env = iam.environment(reconcileId(iam));
+        const events = iam.environment(fnIdOf(iam, 'events'));
+        const { BROKER_DEAD_LETTER_QUEUE_URL: _queue, ...shared } = events;
+        // The other functions' environment, and its own three.
+        expect(env).toStrictEqual({
+          ...shared,
+          BROKER_FHIR_READ: base,
+          BROKER_RECONCILE_EVERY: every,
+          BROKER_RECONCILE_LAG: lag,
+        });
+        // What the broker makes of it (a typo here would stop every run at start).
+        const config = loadConfig({ ...env, ...secrets, BROKER_TOPICS_DIR: topicsDir, AWS_REGION: REGION });
+        expect(config.reconcile).toEqual({
+          everyMs: Number.parseInt(every, 10) * 60_000,
+          lagMs: Number.parseInt(lag, 10) * 60_000,
+        });
+        expect(config.fhirRead).toMatchObject({
+          baseUrl: base,
+          auth: base.includes('healthlake') ? 'sigv4' : 'none',
+          region: REGION,
+        });
+      }
+    });
+
+    it('refuses a schedule with nothing to search: no FhirRead, or healthlake without HealthLakeDatastoreId', () => {
+      const rules = (template.toJSON() as { Rules: Record<string, Json> }).Rules;
+      const [ruleId, rule] = Object.entries(rules).find(([id]) => id.startsWith('ReconcileReadsAServer')) as [
+        string,
+        { RuleCondition: Json; Assertions: { Assert: Json; AssertDescription: string }[] },
+      ];
+      expect(ruleId).toMatch(/^ReconcileReadsAServer/);
+      /** What CloudFormation would refuse the parameters with (the failing assertions' descriptions). */
+      const refusals = (parameters: Record<string, string>): string[] =>
+        evaluate(template, rule.RuleCondition, parameters) === true
+          ? rule.Assertions.filter((a) => evaluate(template, a.Assert, parameters) !== true).map(
+              (a) => a.AssertDescription,
+            )
+          : [];
+      const noServer =
+        'ReconcileEveryMinutes needs FhirRead: healthlake (with HealthLakeDatastoreId) or the FHIR base URL whose changes it searches';
+      const noDatastore =
+        'ReconcileEveryMinutes with FhirRead=healthlake needs HealthLakeDatastoreId: the datastore whose changes it searches';
+      expect(refusals({})).toEqual([]);
+      expect(refusals({ FhirRead: 'healthlake' })).toEqual([]);
+      expect(refusals(ON)).toEqual([noServer]);
+      expect(refusals({ ...ON, HealthLakeDatastoreId: DATASTORE })).toEqual([noServer]);
+      expect(refusals({ ...ON, FhirRead: 'healthlake' })).toEqual([noDatastore]);
+      expect(refusals({ ...ON, FhirRead: 'healthlake', HealthLakeDatastoreId: DATASTORE })).toEqual([]);
+      expect(refusals({ ...ON, FhirRead: 'https://fhir.example.org/r4' })).toEqual([]);
+    });
+
+    it('grants what the events function has to accept and deliver, and SearchWithGet on the one datastore with FhirRead=healthlake', () => {
+      const json = template.toJSON() as TemplateJson;
+      const granted = (parameters: Record<string, string>) => {
+        const iam = new StackIam(json, parameters);
+        const id = reconcileId(iam);
+        const statements = iam.statements(id);
+        const targets = targetsOf(iam.environment(id), iam.failureDestinations(id));
+        return {
+          statements,
+          access: grantedAccess(statements, targets),
+          unaccounted: unaccountedGrants(statements, targets).map((g) => g.replace(/^[^:]+: /, '')),
+          events: grantedAccess(iam.statements(fnIdOf(iam, 'events')), targets),
+        };
+      };
+      const healthlake = granted({ ...ON, FhirRead: 'healthlake', HealthLakeDatastoreId: DATASTORE });
+      // The events function's access but its on-failure destination (the schedule has none).
+      expect(healthlake.access).toStrictEqual(healthlake.events.filter((a) => a !== 'failures:send'));
+      expect(healthlake.access).toStrictEqual([
+        'bus:put',
+        'connections:manage',
+        'connections:read',
+        'connections:write',
+        'eventIds:read',
+        'eventIds:write',
+        'notifications:read',
+        'notifications:write',
+        'secret:read',
+        'subscriptionTypes:read',
+        'subscriptionTypes:write',
+        'subscriptions:read',
+        'subscriptions:write',
+      ]);
+      // And beyond those, only the search, on the one datastore.
+      expect(healthlake.unaccounted).toStrictEqual([`healthlake:SearchWithGet on ${datastoreArn(DATASTORE)}`]);
+      expect(allows(healthlake.statements, 'healthlake:SearchWithGet', datastoreArn(DATASTORE))).toBe(true);
+      expect(
+        allows(healthlake.statements, 'healthlake:SearchWithGet', datastoreArn('fedcba98765432100123456789abcdef')),
+      ).toBe(false);
+      expect(allows(healthlake.statements, 'healthlake:ReadResource', datastoreArn(DATASTORE))).toBe(false);
+
+      // Another FHIR server: the same table access, nothing of HealthLake.
+      const url = granted({ ...ON, FhirRead: 'https://fhir.example.org/r4' });
+      expect(url.access).toStrictEqual(healthlake.access);
+      expect(url.unaccounted).toStrictEqual([]);
+
+      // Off: nothing at all.
+      expect(granted({ FhirRead: 'healthlake', HealthLakeDatastoreId: DATASTORE }).statements).toStrictEqual([]);
     });
   });
 
@@ -898,7 +1194,7 @@ describe('BrokerStack', () => {
       const stack = new BrokerStack(app, 'Bundled');
       app.synth();
       const functions = resources(Template.fromStack(stack), 'AWS::Lambda::Function');
-      expect(functions).toHaveLength(6);
+      expect(functions).toHaveLength(7);
       for (const [id, fn] of functions) {
         const handler = String(fn.Properties.Handler).replace(/^index\./, '');
         const asset = join(outdir, `asset.${String((fn.Properties.Code as JsonObject).S3Key).replace(/\.zip$/, '')}`);

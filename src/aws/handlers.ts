@@ -1,6 +1,7 @@
 import type { APIGatewayProxyStructuredResultV2, Context } from 'aws-lambda';
 import { handle } from 'hono/aws-lambda';
 import { BrokerError } from '../core/errors.js';
+import type { ReconcileReport } from '../service/reconciler.js';
 import type { AwsBroker } from './aws-broker.js';
 import { isRefusal, type RefusingInvocation } from './refused-events.js';
 
@@ -37,6 +38,18 @@ const DELIVERY_BUDGET_MS = 20_000;
 const FLUSH_MARGIN_MS = 5_000;
 /** After the attempts' end (and the dispatcher's cut shortly after it): time for their outcomes to be applied. */
 const SETTLE_GRACE_MS = 1_000;
+/**
+ * What a reconciliation page still takes once the run is told to stop: its search is cut at once
+ * (the signal aborts it), but a page being committed (a few DynamoDB requests) is finished.
+ */
+const RECONCILE_COMMIT_MS = 5_000;
+/**
+ * A reconcile invocation stops its run this long before the function's timeout (30 s): the page
+ * under way is committed, the notifications committed last get the attempts an event's get
+ * (DELIVERY_BUDGET_MS), and delivery states and lifecycle events are written (FLUSH_MARGIN_MS).
+ * The windows not done are the next run's.
+ */
+export const RECONCILE_STOP_MS = RECONCILE_COMMIT_MS + DELIVERY_BUDGET_MS + FLUSH_MARGIN_MS;
 
 /** The parts of API Gateway WebSocket events the handlers read. */
 export interface WebSocketEvent {
@@ -65,6 +78,13 @@ export interface EventsResult {
   readonly refused?: number;
 }
 
+/**
+ * What the reconcile function did: the run's report, with `stopped` when the invocation's time ran
+ * out first (the next run goes on from the last window done); `off` when the broker has no
+ * reconciler (BROKER_RECONCILE_EVERY unset), so there was nothing to do.
+ */
+export type ReconcileResult = (ReconcileReport & { readonly stopped?: true }) | { readonly off: true };
+
 export interface Handlers {
   /**
    * EventBridge target: one event (or an array). Throws when the store fails, so that Lambda
@@ -77,6 +97,13 @@ export interface Handlers {
   message(event: WebSocketEvent, context?: InvocationContext): Promise<APIGatewayProxyStructuredResultV2>;
   /** Scheduled every `windowMs`: owed handshakes, retries, heartbeats, retention. */
   dispatch(windowMs?: number, context?: InvocationContext): Promise<{ heartbeats: number }>;
+  /**
+   * Scheduled every BROKER_RECONCILE_EVERY: one reconciliation run (src/service/reconciler.ts),
+   * stopped RECONCILE_STOP_MS before the function's timeout; its notifications are attempted as
+   * they are committed, and the invocation waits for those attempts. Never throws for a failed run
+   * (the reconciler logs and counts it, and the next run does the window again).
+   */
+  reconcile(context?: InvocationContext): Promise<ReconcileResult>;
 }
 
 export interface HandlerOptions {
@@ -134,10 +161,7 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
     context: InvocationContext | undefined,
     work: () => Promise<T>,
   ) => {
-    const remaining =
-      typeof context?.getRemainingTimeInMillis === 'function'
-        ? context.getRemainingTimeInMillis()
-        : Number.POSITIVE_INFINITY;
+    const remaining = remainingOf(context);
     const budget = Math.max(Math.min(DELIVERY_BUDGET_MS, remaining - FLUSH_MARGIN_MS), 0);
     broker.dispatcher.endAttemptsWithin(budget);
     const attemptsEnd = performance.now() + budget;
@@ -226,7 +250,54 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
         return { heartbeats: await broker.dispatcher.sendDueHeartbeats(windowMs) };
       });
     },
+
+    async reconcile(context) {
+      const broker = await brokerPromise;
+      const reconciler = broker.reconciler;
+      if (reconciler === undefined) {
+        broker.logger.warn(
+          'reconciliation is off (BROKER_RECONCILE_EVERY is not set, or BROKER_FHIR_READ is no FHIR base URL): nothing to do',
+        );
+        return { off: true };
+      }
+      try {
+        const remaining = remainingOf(context);
+        if (remaining === Number.POSITIVE_INFINITY) {
+          // No timeout to keep to (not on Lambda): attempts unbounded while the run goes on, then
+          // those it left get the delivery budget, as an event's do.
+          broker.dispatcher.endAttemptsWithin(undefined);
+          const done = await reconciler.run();
+          return await attemptsWithin(broker, context, async () => done);
+        }
+        // One time for attempts, the invocation's but FLUSH_MARGIN_MS: each notification is
+        // attempted as soon as its page is committed, however long the run has gone on.
+        const attemptsEnd = performance.now() + Math.max(remaining - FLUSH_MARGIN_MS, 0);
+        broker.dispatcher.endAttemptsWithin(attemptsEnd - performance.now());
+        const stop = new AbortController();
+        const timer = setTimeout(() => stop.abort(), Math.max(remaining - RECONCILE_STOP_MS, 0));
+        let done: ReconcileReport;
+        try {
+          done = await reconciler.run({ signal: stop.signal });
+        } finally {
+          clearTimeout(timer);
+        }
+        // Then as after an event: the attempts under way end (by that time at the latest), their
+        // delivery states are written, then lifecycle events.
+        await broker.dispatcher.idle(Math.max(attemptsEnd - performance.now(), 0) + SETTLE_GRACE_MS);
+        await broker.flushLifecycle();
+        return stop.signal.aborted ? { ...done, stopped: true } : done;
+      } finally {
+        report(broker, 'reconcile');
+      }
+    },
   };
+}
+
+/** Milliseconds before the function's timeout; Infinity without a Lambda context. */
+function remainingOf(context: InvocationContext | undefined): number {
+  return typeof context?.getRemainingTimeInMillis === 'function'
+    ? context.getRemainingTimeInMillis()
+    : Number.POSITIVE_INFINITY;
 }
 
 function header(event: WebSocketEvent, name: string): string | undefined {

@@ -13,8 +13,11 @@ export const LAMBDA_TOKENS = {
   ingest: 'ingest-token-0123456789abcdef',
 } as const;
 
-/** The stack's configuration: DynamoDB tables named `<prefix>…`, alice as the API client, webhooks to 127.0.0.1. */
-export function lambdaConfig(prefix: string): Config {
+/**
+ * The stack's configuration: DynamoDB tables named `<prefix>…`, alice as the API client, webhooks
+ * to 127.0.0.1; `extra` adds to (or replaces) those variables.
+ */
+export function lambdaConfig(prefix: string, extra: Readonly<Record<string, string>> = {}): Config {
   return loadConfig({
     BROKER_STORE: 'dynamodb',
     BROKER_TABLE_PREFIX: prefix,
@@ -25,6 +28,7 @@ export function lambdaConfig(prefix: string): Config {
     BROKER_PUBLIC_URL: 'https://api.example.com',
     BROKER_WEBSOCKET_URL: 'wss://ws.example.com/prod',
     AWS_REGION: LOCAL_REGION,
+    ...extra,
   });
 }
 
