@@ -64,6 +64,21 @@ async function active(t: TestBroker, sub: Json): Promise<string> {
   return sub.id as string;
 }
 
+/**
+ * `setup`, an active Patient subscriber at `/patients`, and the first run done (the checkpoint set):
+ * what the FHIR server is given from here on is in the next run's window.
+ */
+async function watching(
+  options: { pageSize?: number } = {},
+): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
+  const s = await setup();
+  if (options.pageSize !== undefined) s.fhir.pageSize = options.pageSize;
+  await active(s.t, await s.t.create(topicSubscription('patient-change', `${s.receiver.url}/patients`)));
+  await reconcilerOf(s.t).run();
+  await tick();
+  return s;
+}
+
 /** The focus ids notified at `path`, in delivery order. */
 const focusesOn = (receiver: Receiver, path: string) =>
   receiver
@@ -180,11 +195,7 @@ describe('reconciliation', () => {
   });
 
   it('follows next links page by page, and refuses one that leads away from the server', async () => {
-    const { t, fhir, receiver } = await setup();
-    fhir.pageSize = 2;
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await reconcilerOf(t).run();
-    await tick();
+    const { t, fhir, receiver } = await watching({ pageSize: 2 });
     for (const id of ['a', 'b', 'c', 'd', 'e']) fhir.put(at(patient(id)));
     await tick();
     expect(await reconcilerOf(t).run()).toMatchObject({ found: 5, notifications: 5 });
@@ -209,10 +220,7 @@ describe('reconciliation', () => {
   });
 
   it('leaves a window whose search failed for the next run, and loses nothing of it', async () => {
-    const { t, fhir, receiver } = await setup();
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await reconcilerOf(t).run();
-    await tick();
+    const { t, fhir, receiver } = await watching();
     fhir.put(at(patient('p1')));
     fhir.respond = (req) => (req.path === '/fhir/Patient' ? 503 : undefined);
     await tick();
@@ -229,11 +237,7 @@ describe('reconciliation', () => {
   });
 
   it('stops between pages when its signal aborts (a Lambda running out of time); the next run goes on', async () => {
-    const { t, fhir, receiver } = await setup();
-    fhir.pageSize = 1;
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await reconcilerOf(t).run();
-    await tick();
+    const { t, fhir, receiver } = await watching({ pageSize: 1 });
     fhir.put(at(patient('first')));
     fhir.put(at(patient('second')));
     await tick();
@@ -436,11 +440,7 @@ describe('reconciliation against servers as they are', () => {
   });
 
   it('starts a search over when its window changed while it was paged, so an offset pager misses nothing', async () => {
-    const { t, fhir, receiver } = await setup();
-    fhir.pageSize = 2;
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await reconcilerOf(t).run();
-    await tick();
+    const { t, fhir, receiver } = await watching({ pageSize: 2 });
     for (const id of ['a', 'b', 'c', 'd', 'e']) fhir.put(at(patient(id)));
     await tick();
     let edited = false;
@@ -536,10 +536,7 @@ describe('reconciliation against servers as they are', () => {
   });
 
   it('keeps resource ids out of the log', async () => {
-    const { t, fhir, receiver } = await setup();
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await reconcilerOf(t).run();
-    await tick();
+    const { t, fhir, receiver } = await watching();
     fhir.put(at(patient('mrn-0012345')));
     await tick();
     expect(await reconcilerOf(t).run()).toMatchObject({ notifications: 1 });
