@@ -419,7 +419,8 @@ describe('reconciliation against servers as they are', () => {
     await active(t, await t.create(topicSubscription('resource-change', `${receiver.url}/all`)));
     await reconcilerOf(t).run();
     await tick();
-    fhir.put(at(patient('p1')));
+    const p1At = Date.now();
+    fhir.put(at(patient('p1'), new Date(p1At).toISOString()));
     fhir.respond = (req) => (req.path === '/fhir/Parameters' ? 404 : undefined);
     fhir.body = (req) => (req.path === '/fhir/Binary' ? '<html>proxy error</html>' : undefined);
     await tick();
@@ -430,13 +431,15 @@ describe('reconciliation against servers as they are', () => {
     );
     expect(skipped.map((r) => r.resourceType).sort()).toEqual(['Binary', 'Parameters']);
     expect(metric(await metrics(t), 'broker_reconcile_searches_refused_total')).toBe(2);
-    // The window is done: the next run starts after it.
+    // The window is done, the refused types' too: the next run starts after it for every type.
     await tick();
     const searched = fhir.requests.length;
     await reconcilerOf(t).run();
-    expect(
-      Date.parse(new URLSearchParams(fhir.requests[searched]?.query).getAll('_lastUpdated')[0]?.slice(2) ?? ''),
-    ).toBeGreaterThan(Date.parse(String((at(patient('x')).meta as Json).lastUpdated)) - 1000);
+    const starts = fhir.requests
+      .slice(searched)
+      .map((r) => Date.parse(new URLSearchParams(r.query).getAll('_lastUpdated')[0]?.slice(2) ?? ''));
+    expect(starts.length).toBeGreaterThan(100);
+    expect(starts.every((s) => s > p1At)).toBe(true);
   });
 
   it('starts a search over when its window changed while it was paged, so an offset pager misses nothing', async () => {
@@ -542,5 +545,136 @@ describe('reconciliation against servers as they are', () => {
     expect(await reconcilerOf(t).run()).toMatchObject({ notifications: 1 });
     await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'the notification');
     expect(t.logger.records.filter((r) => JSON.stringify(r).includes('mrn-0012345'))).toEqual([]);
+  });
+});
+
+describe('reconciliation that cannot do a window at once', () => {
+  const observation = (id: string) => ({ resourceType: 'Observation', id, status: 'final', code: { text: 'x' } });
+
+  it('keeps each type’s progress: a run stopped in one type does not search the types done again', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.pageSize = 1;
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await active(t, await t.create(topicSubscription('observation-change', `${receiver.url}/observations`)));
+    await reconcilerOf(t).run();
+    await tick();
+    const changedAt = Date.now();
+    fhir.put(at(observation('o1'), new Date(changedAt).toISOString()));
+    fhir.put(at(patient('p1'), new Date(changedAt).toISOString()));
+    fhir.put(at(patient('p2'), new Date(changedAt).toISOString()));
+    await tick();
+    const stop = new AbortController();
+    fhir.respond = (req) => {
+      if (req.path === '/fhir/Patient' && req.query.includes('_page=2')) stop.abort();
+      return undefined;
+    };
+    // Observation first (types in order), then Patient, stopped on its second page.
+    expect(await reconcilerOf(t).run({ signal: stop.signal })).toMatchObject({ found: 2, notifications: 2 });
+    fhir.respond = () => undefined;
+    const before = fhir.requests.length;
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 1 });
+    const since = (path: string) =>
+      fhir.requests
+        .slice(before)
+        .filter((r) => r.path === path)
+        .map((r) => Date.parse(new URLSearchParams(r.query).getAll('_lastUpdated')[0]?.slice(2) ?? ''));
+    // Observation goes on from where its window ended; Patient does its window again.
+    expect(since('/fhir/Observation')).toHaveLength(1);
+    expect(since('/fhir/Observation')[0]).toBeGreaterThan(changedAt);
+    expect(since('/fhir/Patient').length).toBeGreaterThan(0);
+    expect(since('/fhir/Patient').every((s) => s <= changedAt)).toBe(true);
+    await receiver.waitFor(
+      () => focusesOn(receiver, '/patients').length === 2 && focusesOn(receiver, '/observations').length === 1,
+      'each change once',
+    );
+  });
+
+  it('asks for smaller pages when a page is larger than 8 MiB, down to one resource a page', async () => {
+    const { t, fhir, receiver } = await watching();
+    fhir.put(at(patient('p1')));
+    fhir.put(at(patient('p2')));
+    await tick();
+    fhir.body = (req) =>
+      Number(new URLSearchParams(req.query).get('_count')) >= 50 ? 'x'.repeat(9 * 1024 * 1024) : undefined;
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 2, notifications: 2 });
+    expect(
+      fhir.requests.filter((r) => r.path === '/fhir/Patient').map((r) => new URLSearchParams(r.query).get('_count')),
+    ).toEqual(['100', '50', '25']);
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 2, 'both');
+  });
+
+  it('searches a window that keeps changing while it is paged in shorter windows, then skips it, and goes on with the other types', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.pageSize = 1;
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await active(t, await t.create(topicSubscription('observation-change', `${receiver.url}/observations`)));
+    await reconcilerOf(t).run();
+    await tick();
+    for (let i = 0; i < 200; i++) fhir.put(at(observation(`o${i}`)));
+    fhir.put(at(patient('p1')));
+    await tick();
+    let moved = 0;
+    fhir.respond = (req) => {
+      // Each second page of an Observation search: one of them changes again, out of the window.
+      if (req.path === '/fhir/Observation' && req.query.includes('_page=2')) {
+        fhir.put(at(observation(`o${moved++}`), new Date(Date.now() + 3_600_000).toISOString()));
+      }
+      return undefined;
+    };
+    const report = await reconcilerOf(t).run();
+    expect(report.notifications).toBeGreaterThanOrEqual(1);
+    await receiver.waitFor(() => focusesOn(receiver, '/patients').length === 1, 'the Patient');
+    const text = await metrics(t);
+    expect(metric(text, 'broker_reconcile_runs_total{outcome="failed"}')).toBe(0);
+    expect(metric(text, 'broker_reconcile_searches_refused_total')).toBe(1);
+    const skipped = t.logger.records.find(
+      (r) => r.msg === 'reconciliation skips a type for one window: the FHIR server refuses its search',
+    );
+    expect(String(skipped?.reason)).toContain('kept changing while it was paged');
+  });
+});
+
+describe('a window too large for one run', () => {
+  it('is halved for the next run, in whatever process: the halving is stored with the window start', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsb-reconcile-'));
+    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    const fhir = await FhirServer.start();
+    const receiver = await Receiver.start();
+    cleanups.push(
+      () => fhir.close(),
+      () => receiver.close(),
+    );
+    fhir.pageSize = 1;
+    const env = { BROKER_DATA_DIR: dir, BROKER_FHIR_READ: fhir.url, BROKER_RECONCILE_EVERY: '5m' };
+    // The checkpoint three hours back (a broker with a three-hour lag ran first).
+    const first = await inProcessBroker({ ...env, BROKER_RECONCILE_LAG: '3h' });
+    await active(first, await first.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
+    await reconcilerOf(first).run();
+    await first.broker.close(0);
+    const checkpoint = Date.now() - 3 * 3_600_000;
+    // Two changes in the first hour-long window: two pages; a run has time for one.
+    fhir.put(at(patient('r1'), new Date(checkpoint + 10 * 60_000).toISOString()));
+    fhir.put(at(patient('r2'), new Date(checkpoint + 40 * 60_000).toISOString()));
+
+    const second = await inProcessBroker({ ...env, BROKER_RECONCILE_LAG: '0s' });
+    const stop = new AbortController();
+    fhir.respond = (req) => {
+      if (req.query.includes('_page=2')) stop.abort();
+      return undefined;
+    };
+    expect(await reconcilerOf(second).run({ signal: stop.signal })).toMatchObject({ found: 1 });
+    await second.broker.close(0);
+
+    // Another process: its first window is the half hour that holds r1 alone, then r2's.
+    const third = await inProcessBroker({ ...env, BROKER_RECONCILE_LAG: '0s' });
+    cleanups.push(() => third.broker.close(0));
+    const before = fhir.requests.length;
+    const report = await reconcilerOf(third).run({ signal: new AbortController().signal });
+    expect(report).toMatchObject({ found: 2 });
+    expect(fhir.requests.slice(before).some((r) => r.query.includes('_page=2'))).toBe(false);
+    const bounds = fhir.requests
+      .slice(before)
+      .map((r) => new URLSearchParams(r.query).getAll('_lastUpdated').map((v) => Date.parse(v.slice(2))));
+    expect(((bounds[0]?.[1] ?? 0) - (bounds[0]?.[0] ?? 0)) / 60_000).toBeCloseTo(30, 0);
   });
 });

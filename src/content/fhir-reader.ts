@@ -5,7 +5,13 @@ import { Agent, request } from 'undici';
 import type { FhirReadConfig } from '../config.js';
 import type { ResourceChange } from '../core/types.js';
 import { ContentUnavailableError, type ReadResult, type ResourceSource } from '../service/content-stage.js';
-import { type ChangeFeed, type FoundResource, PAGE, SearchRefusedError } from '../service/reconciler.js';
+import {
+  type ChangeFeed,
+  type FoundResource,
+  PAGE,
+  SearchRefusedError,
+  WindowChangingError,
+} from '../service/reconciler.js';
 
 /**
  * Reads the resource an event names from the FHIR server, for the content stage: the current
@@ -50,6 +56,8 @@ interface Answer {
   readonly body: unknown;
   /** A 200 whose body cannot be taken (not JSON, too large): why. */
   readonly unusable?: string;
+  /** The body was larger than MAX_ANSWER_BYTES. */
+  readonly tooLarge?: true;
 }
 
 interface HistoryEntry {
@@ -149,11 +157,14 @@ export class FhirReader implements ResourceReader {
    * The window is in the past, so a resource can only leave it while it is paged (changed again,
    * deleted), and on a server that pages by offset every later page then starts one resource late:
    * when a page's `total` differs from the first's, the search starts over (what was found twice is
-   * notified once), up to RESTARTS times, then the run fails and its window is done again later.
+   * notified once), up to RESTARTS times, then `WindowChangingError` (the reconciler searches
+   * shorter windows). A page larger than 8 MiB starts the search over with half the `_count`, down
+   * to one resource a page.
    *
    * Throws `SearchRefusedError` for what a retry would not change (a refusal such as 400, 404, 405
-   * or 501 for a type the server does not search; a page that is not JSON, not a Bundle or larger
-   * than 8 MiB; more than MAX_PAGES pages), anything else when the server cannot answer now.
+   * or 501 for a type the server does not search; a page that is not JSON or not a Bundle; one
+   * resource larger than 8 MiB; more than MAX_PAGES pages), anything else when the server cannot
+   * answer now.
    */
   async *changed(
     type: string,
@@ -164,12 +175,14 @@ export class FhirReader implements ResourceReader {
     const base = this.#config.baseUrl;
     if (base === undefined) throw new Error('reconciliation reads a FHIR base URL (BROKER_FHIR_READ)');
     const what = `searching the ${type}s changed in a window at ${base}`;
-    const query = new URLSearchParams([
-      ['_lastUpdated', `ge${new Date(fromMs).toISOString()}`],
-      ['_lastUpdated', `lt${new Date(toMs).toISOString()}`],
-      ['_count', String(PAGE)],
-    ]);
-    const first = `${base}/${type}?${query}`;
+    const firstPage = (count: number) =>
+      `${base}/${type}?${new URLSearchParams([
+        ['_lastUpdated', `ge${new Date(fromMs).toISOString()}`],
+        ['_lastUpdated', `lt${new Date(toMs).toISOString()}`],
+        ['_count', String(count)],
+      ])}`;
+    let count = PAGE;
+    let first = firstPage(count);
     let url: string | undefined = first;
     let total: unknown;
     let restarts = 0;
@@ -186,12 +199,18 @@ export class FhirReader implements ResourceReader {
         const message = `${what}: the server answered ${answer.status}`;
         throw TRANSIENT(answer.status) && answer.status !== 501 ? new Error(message) : new SearchRefusedError(message);
       }
+      if (answer.tooLarge === true && count > 1) {
+        count = Math.floor(count / 2);
+        url = first = firstPage(count);
+        continue;
+      }
       if (answer.unusable !== undefined) throw new SearchRefusedError(`${what}: ${answer.unusable}`);
       const bundle = answer.body as { resourceType?: unknown; entry?: unknown; link?: unknown; total?: unknown } | null;
       if (bundle?.resourceType !== 'Bundle') throw new SearchRefusedError(`${what}: the answer is not a Bundle`);
       if (url === first) total = bundle.total;
       else if (typeof bundle.total === 'number' && typeof total === 'number' && bundle.total !== total) {
-        if (++restarts > RESTARTS) throw new Error(`${what}: the window kept changing while it was paged`);
+        if (++restarts > RESTARTS)
+          throw new WindowChangingError(`${what}: the window kept changing while it was paged`);
         url = first;
         continue;
       }
@@ -247,7 +266,12 @@ export class FhirReader implements ResourceReader {
       text = await res.body.text();
     } catch (err) {
       if ((err as { code?: unknown }).code === 'UND_ERR_RES_EXCEEDED_MAX_SIZE') {
-        return { status: 200, body: undefined, unusable: `the answer is larger than ${MAX_ANSWER_BYTES} bytes` };
+        return {
+          status: 200,
+          body: undefined,
+          unusable: `the answer is larger than ${MAX_ANSWER_BYTES} bytes`,
+          tooLarge: true,
+        };
       }
       throw new ContentUnavailableError(`${what} failed: ${failure(err, this.#config.timeoutMs)}`, { cause: err });
     }

@@ -1,6 +1,12 @@
 import { createHash } from 'node:crypto';
 import { R4_RESOURCE_TYPES } from '../core/resource-types.js';
-import type { Interaction, ResourceChange, SubscriptionRecord, SubscriptionStatus } from '../core/types.js';
+import type {
+  Interaction,
+  ResourceChange,
+  SubscriptionRecord,
+  SubscriptionStatus,
+  SubscriptionVersion,
+} from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import { type AcceptItem, NOTIFIED_SCAN_SLACK_MS, type Store } from '../store/store.js';
@@ -45,6 +51,9 @@ export interface FoundResource {
 
 /** A search the server refuses for good (a type it does not host, a page past the size limit). */
 export class SearchRefusedError extends Error {}
+
+/** A window whose resources kept changing while it was paged: to be searched in shorter windows. */
+export class WindowChangingError extends Error {}
 
 /** What the reconciler needs of the ingest pipeline (`IngestService.acceptFound`). */
 export interface FoundChangeSink {
@@ -195,22 +204,23 @@ export class Reconciler {
         this.#metrics.inc('broker_reconcile_runs_total', { outcome: 'completed' });
         return { found: 0, notifications: 0 };
       }
-      this.#checkpoint = from;
-      const types = from < to ? await this.#types() : [];
-      // What each subscription was told, loaded once per run (see `#told`).
-      const told = new Map<string, Promise<Map<string, number>>>();
-      const cap = windowCapMs(this.#everyMs);
-      for (let start = from; start < to && !signal.aborted; ) {
-        const end = Math.min(start + cap, to);
-        const run: RunState = { start, end, told: (id) => this.#told(told, id, from as number) };
-        for (const type of types) {
-          if (signal.aborted) break;
-          await this.#searchType(type, run, signal, tally);
-        }
+      const global = from;
+      this.#checkpoint = global;
+      const types = global < to ? await this.#types() : [];
+      // Each type moves on by its own checkpoint: a type stopped or failing does not hold the others.
+      const starts = new Map<string, number>();
+      for (const type of types) {
+        starts.set(type, Math.max(global, (await this.#store.reconcileCheckpoint(this.#typeSource(type))) ?? global));
+      }
+      this.#checkpoint = Math.min(global, ...starts.values());
+      const state: RunState = { since: this.#checkpoint, signal, told: new Map(), versions: new Map() };
+      for (const type of types) {
         if (signal.aborted) break;
-        await this.#store.saveReconcileCheckpoint(this.#source, end);
-        this.#checkpoint = end;
-        start = end;
+        await this.#reconcileType(type, starts.get(type) as number, to, state, tally);
+      }
+      if (!signal.aborted && global < to) {
+        await this.#store.saveReconcileCheckpoint(this.#source, to);
+        this.#checkpoint = to;
       }
     } catch (err) {
       if (!signal.aborted) {
@@ -241,34 +251,85 @@ export class Reconciler {
     return report();
   }
 
+  /** The checkpoint of one type's windows (beside the source's, which every type starts from). */
+  #typeSource(type: string): string {
+    return `${this.#source}:${type}`;
+  }
+
+  /** How many times the type's window starting at `start` was halved (see `#reconcileType`). */
+  #halvingSource(type: string, start: number): string {
+    return `${this.#source}:${type}@${start}`;
+  }
+
   #checkpointField(): { checkpoint?: string } {
     return this.#checkpoint === undefined ? {} : { checkpoint: new Date(this.#checkpoint).toISOString() };
   }
 
-  /** One type's changes in one window; a search refused for good skips the type for this window. */
-  async #searchType(
+  /**
+   * One type's windows from `start` to `to`, its checkpoint saved after each. A window starting
+   * where one could not be done (the run stopped in it, or it kept changing while it was paged) is
+   * halved, and the halving is stored with that start (a checkpoint only ever moves forward, so a
+   * key per start: `…@start` → halvings), so the next run, in whatever process, tries the shorter
+   * one; the window after a halved one done starts one halving up. So a window with more changes
+   * than a run can page through still gets done, in parts. A search refused for good skips the type
+   * for that window.
+   */
+  async #reconcileType(
     type: string,
-    run: RunState,
-    signal: AbortSignal,
+    from: number,
+    to: number,
+    state: RunState,
     tally: { found: number; notifications: number },
   ): Promise<void> {
-    try {
-      for await (const page of readAhead(this.#feed.changed(type, run.start, run.end, signal))) {
-        const done = await this.#reconcilePage(type, page, run);
-        tally.found += done.found;
-        tally.notifications += done.notifications;
-        if (signal.aborted) return;
+    const { signal } = state;
+    const cap = windowCapMs(this.#everyMs);
+    for (let start = from; start < to && !signal.aborted; ) {
+      const halvings = (await this.#store.reconcileCheckpoint(this.#halvingSource(type, start))) ?? 0;
+      const length = Math.max(1000, Math.floor(cap / 2 ** halvings / 1000) * 1000);
+      const window = { start, end: Math.min(start + length, to) };
+      try {
+        for await (const page of readAhead(this.#feed.changed(type, window.start, window.end, signal))) {
+          const done = await this.#reconcilePage(type, page, window, state);
+          tally.found += done.found;
+          tally.notifications += done.notifications;
+          if (signal.aborted) break;
+        }
+      } catch (err) {
+        // Stopped in a read: as stopped between pages, below.
+        if (!signal.aborted) {
+          if (err instanceof WindowChangingError && length > 1000) {
+            await this.#store.saveReconcileCheckpoint(this.#halvingSource(type, start), halvings + 1);
+            continue;
+          }
+          if (!(err instanceof SearchRefusedError || err instanceof WindowChangingError)) throw err;
+          this.#refused(type, window, err.message);
+        }
       }
-    } catch (err) {
-      if (!(err instanceof SearchRefusedError)) throw err;
-      this.#metrics.inc('broker_reconcile_searches_refused_total');
-      this.#logger.warn('reconciliation skips a type for one window: the FHIR server refuses its search', {
-        resourceType: type,
-        reason: err.message,
-        from: new Date(run.start).toISOString(),
-        to: new Date(run.end).toISOString(),
-      });
+      if (signal.aborted) {
+        // Perhaps too long to be done in one run's time: shorter next time. (The store may be
+        // what stopped, with the run: the next run tries again either way.)
+        if (length > 1000) {
+          await this.#store
+            .saveReconcileCheckpoint(this.#halvingSource(type, start), halvings + 1)
+            .catch(() => undefined);
+        }
+        return;
+      }
+      if (halvings > 0) await this.#store.saveReconcileCheckpoint(this.#halvingSource(type, window.end), halvings - 1);
+      await this.#store.saveReconcileCheckpoint(this.#typeSource(type), window.end);
+      start = window.end;
     }
+  }
+
+  /** A type's search refused for good: the window is skipped for it, said and counted. */
+  #refused(type: string, window: Window, reason: string): void {
+    this.#metrics.inc('broker_reconcile_searches_refused_total');
+    this.#logger.warn('reconciliation skips a type for one window: the FHIR server refuses its search', {
+      resourceType: type,
+      reason,
+      from: new Date(window.start).toISOString(),
+      to: new Date(window.end).toISOString(),
+    });
   }
 
   /** The resource types a subscription collecting notifications could match; every type for `*`. */
@@ -284,15 +345,15 @@ export class Reconciler {
   }
 
   /**
-   * What `subscriptionId` was told of, from `since` − VERSION_SLACK_MS on (every version a run
-   * judges is from its first window on): read once per run, then kept up to date with what the run
-   * itself notifies. `Type/id` → the latest change time.
+   * What `subscriptionId` was told of, from the run's oldest window start − VERSION_SLACK_MS on
+   * (every version the run judges is from then on): read once per run (stopped with the run),
+   * then kept up to date with what the run itself notifies. `Type/id` → the latest change time.
    */
-  #told(cache: Map<string, Promise<Map<string, number>>>, subscriptionId: string, since: number) {
-    let told = cache.get(subscriptionId);
+  #told(state: RunState, subscriptionId: string): Promise<Map<string, number>> {
+    let told = state.told.get(subscriptionId);
     if (told === undefined) {
-      told = this.#store.notifiedResources(subscriptionId, since - VERSION_SLACK_MS);
-      cache.set(subscriptionId, told);
+      told = this.#store.notifiedResources(subscriptionId, state.since - VERSION_SLACK_MS, state.signal);
+      state.told.set(subscriptionId, told);
     }
     return told;
   }
@@ -300,11 +361,12 @@ export class Reconciler {
   async #reconcilePage(
     type: string,
     page: readonly FoundResource[],
-    run: RunState,
+    window: Window,
+    state: RunState,
   ): Promise<{ found: number; notifications: number }> {
     const found: FoundChange[] = [];
     for (const { resource } of page) {
-      const change = this.#changeOf(type, resource, run);
+      const change = this.#changeOf(type, resource, window);
       if (change === undefined) this.#metrics.inc('broker_reconcile_resources_total', { outcome: 'skipped' });
       else found.push(change);
     }
@@ -314,7 +376,7 @@ export class Reconciler {
       let matched = 0;
       let selected = 0;
       const done = await this.#sink.acceptFound(chunk, async (items) => {
-        const kept = await this.#untold(items, run);
+        const kept = await this.#untold(items, state);
         matched = items.length;
         selected = kept.length;
         return kept;
@@ -332,14 +394,18 @@ export class Reconciler {
    * an id that is no FHIR id, no `meta.lastUpdated`, or one outside the window (a server that
    * ignored the `_lastUpdated` search parameter must not have everything it holds notified).
    */
-  #changeOf(type: string, resource: Record<string, unknown>, run: RunState): FoundChange | undefined {
+  #changeOf(type: string, resource: Record<string, unknown>, window: Window): FoundChange | undefined {
     const id = resource.id;
     const meta = resource.meta as { versionId?: unknown; lastUpdated?: unknown } | undefined;
     const at = typeof meta?.lastUpdated === 'string' ? Date.parse(meta.lastUpdated) : Number.NaN;
     if (resource.resourceType !== type || typeof id !== 'string' || !/^[A-Za-z0-9\-.]{1,64}$/.test(id)) {
       return undefined;
     }
-    if (!(at >= run.start && at < run.end)) return undefined;
+    // A server may read `_lastUpdated` bounds to the second (HealthLake: "the boundary precision is
+    // the server's"): what it returns from the seconds a window's edges fall in is taken, so a
+    // change in the last part-second of a window, left out by its `lt`, is found by the next one's
+    // `ge`. Found twice, it is notified once.
+    if (!(at >= Math.floor(window.start / 1000) * 1000 && at < Math.ceil(window.end / 1000) * 1000)) return undefined;
     const version = typeof meta?.versionId === 'string' && meta.versionId.length <= 64 ? meta.versionId : undefined;
     // Counted versions (HealthLake, HAPI): 1 is the create. An opaque one (a UUID) says nothing:
     // such a change goes only to subscriptions that take both creates and updates.
@@ -368,7 +434,7 @@ export class Reconciler {
    * notifications when the change happened, and hold no notification about the resource from then
    * on. What is kept is noted as told, so a resource found twice in a run is notified once.
    */
-  async #untold(items: readonly AcceptItem[], run: RunState): Promise<AcceptItem[]> {
+  async #untold(items: readonly AcceptItem[], state: RunState): Promise<AcceptItem[]> {
     const ids = [...new Set(items.flatMap((i) => i.subscriptionIds))];
     const records = new Map<string, SubscriptionRecord>();
     for (const rec of await Promise.all(ids.map((id) => this.#store.getSubscription(id)))) {
@@ -381,8 +447,8 @@ export class Reconciler {
       const keep: string[] = [];
       for (const id of item.subscriptionIds) {
         const rec = records.get(id);
-        if (rec === undefined || !(await this.#collectedAt(rec, at))) continue;
-        const told = await run.told(id);
+        if (rec === undefined || !(await this.#collectedAt(rec, at, state))) continue;
+        const told = await this.#told(state, id);
         if ((told.get(key) ?? Number.NEGATIVE_INFINITY) >= at - VERSION_SLACK_MS) continue;
         told.set(key, at);
         keep.push(id);
@@ -394,22 +460,35 @@ export class Reconciler {
 
   /**
    * Whether the subscription existed and collected notifications at `at`: created by then, and in a
-   * collecting status in the version in effect then (the store's earlier versions; where they do
-   * not reach back that far, or the store keeps none, the oldest version known).
+   * collecting status in the version in effect then (the store's last earlier versions, read once
+   * per run; where they do not reach back that far, the oldest version known).
    */
-  async #collectedAt(rec: SubscriptionRecord, at: number): Promise<boolean> {
+  async #collectedAt(rec: SubscriptionRecord, at: number, state: RunState): Promise<boolean> {
     if (Date.parse(rec.createdAt) > at) return false;
     if (Date.parse(rec.updatedAt) <= at) return COLLECTING.includes(rec.status);
-    const earlier = await this.#store.subscriptionVersions(rec.id);
+    let versions = state.versions.get(rec.id);
+    if (versions === undefined) {
+      versions = this.#store.subscriptionVersions(rec.id);
+      state.versions.set(rec.id, versions);
+    }
+    const earlier = await versions;
     const then = earlier.find((v) => Date.parse(v.updatedAt) <= at) ?? earlier.at(-1);
     return COLLECTING.includes(then?.status ?? rec.status);
   }
 }
 
+/** What one run reads once and shares across its windows. */
 interface RunState {
+  /** The oldest window start of the run. */
+  readonly since: number;
+  readonly signal: AbortSignal;
+  readonly told: Map<string, Promise<Map<string, number>>>;
+  readonly versions: Map<string, Promise<SubscriptionVersion[]>>;
+}
+
+interface Window {
   readonly start: number;
   readonly end: number;
-  told(subscriptionId: string): Promise<Map<string, number>>;
 }
 
 function sha256(text: string): string {
@@ -434,8 +513,9 @@ async function* readAhead<T>(pages: AsyncIterable<T>): AsyncGenerator<T> {
       yield page.value;
     }
   } finally {
-    // An async generator runs one step at a time: a `return` queues behind the read in flight.
-    await source.return?.();
+    // An async generator runs one step at a time: a `return` queues behind the read in flight, and
+    // answers that read's failure, which nobody is left to take.
+    await source.return?.().catch(() => undefined);
   }
 }
 

@@ -308,8 +308,10 @@ export interface Store {
    * change time (epoch ms). Read newest first, so what is read is bounded by what the subscription
    * accepted since then, and in steps (an embedded store yields to the event loop between them).
    * Empty for a subscription unknown to the store, and for notifications without a resource id.
+   * Once `signal` is aborted it stops at its next step and rejects (a part of the answer would
+   * read as "not told").
    */
-  notifiedResources(subscriptionId: string, since: number): Promise<Map<string, number>>;
+  notifiedResources(subscriptionId: string, since: number, signal?: AbortSignal): Promise<Map<string, number>>;
   /** The reconciler's checkpoint for `source` (epoch ms: every change before it was reconciled), if any. */
   reconcileCheckpoint(source: string): Promise<number | undefined>;
   /**

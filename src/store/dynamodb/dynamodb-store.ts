@@ -795,7 +795,7 @@ export class DynamoDbStore implements Store {
    * one deleted by a delete that crashed before its notifications went (purge takes them) is read
    * like any other: the reconciler notifies no deleted subscription either way.
    */
-  async notifiedResources(subscriptionId: string, since: number): Promise<Map<string, number>> {
+  async notifiedResources(subscriptionId: string, since: number, signal?: AbortSignal): Promise<Map<string, number>> {
     const found = new Map<string, number>();
     const bound = since - NOTIFIED_SCAN_SLACK_MS;
     let done = false;
@@ -810,7 +810,7 @@ export class DynamoDbStore implements Store {
         ExpressionAttributeNames: { '#state': 'state', '#change': 'change' },
         ExpressionAttributeValues: { ':s': S(subscriptionId), ':lane': N(0) },
       },
-      () => (done ? 0 : NOTIFIED_PAGE),
+      () => (done || signal?.aborted === true ? 0 : NOTIFIED_PAGE),
       (out) => {
         for (const item of out.Items ?? []) {
           if (readString(item, 'state') === 'void') continue;
@@ -827,6 +827,7 @@ export class DynamoDbStore implements Store {
         }
       },
     );
+    if (!done) signal?.throwIfAborted();
     return found;
   }
 

@@ -555,7 +555,7 @@ export class SqliteStore implements Store {
    * event loop between reads (a busy subscription holds thousands of rows in the window), until a
    * row accepted before the bound.
    */
-  async notifiedResources(subscriptionId: string, since: number): Promise<Map<string, number>> {
+  async notifiedResources(subscriptionId: string, since: number, signal?: AbortSignal): Promise<Map<string, number>> {
     const found = new Map<string, number>();
     const bound = since - NOTIFIED_SCAN_SLACK_MS;
     let below = Number.MAX_SAFE_INTEGER;
@@ -572,6 +572,7 @@ export class SqliteStore implements Store {
       if (rows.length < NOTIFIED_STEP) return found;
       below = (rows.at(-1) as { event_number: number }).event_number;
       await new Promise((resolve) => setImmediate(resolve));
+      signal?.throwIfAborted();
     }
   }
 
