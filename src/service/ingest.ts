@@ -37,6 +37,12 @@ export interface FoundChange {
   readonly alsoAs?: Interaction;
 }
 
+/** Stage one's answer for a request: the subscriptions a change matches (at a time, by default the request's), and their specs. */
+interface Matcher {
+  match(change: ResourceChange, at?: number): string[];
+  specOf(id: string): MatchSpec | undefined;
+}
+
 export interface NotificationSink {
   enqueue(notifications: readonly Notification[], acceptedAt: number): void;
 }
@@ -208,13 +214,7 @@ export class IngestService {
   }
 
   /** Stage one: the in-memory index, or the store's type index when it has one (see the class comment). */
-  async #matcher(
-    changes: readonly ResourceChange[],
-    receivedAt: number,
-  ): Promise<{
-    match: (change: ResourceChange, at?: number) => string[];
-    specOf: (id: string) => MatchSpec | undefined;
-  }> {
+  async #matcher(changes: readonly ResourceChange[], receivedAt: number): Promise<Matcher> {
     const candidatesFor = this.#store.candidatesFor?.bind(this.#store);
     return candidatesFor === undefined
       ? {
@@ -238,10 +238,7 @@ export class IngestService {
     candidatesFor: NonNullable<Store['candidatesFor']>,
     changes: readonly ResourceChange[],
     nowMs: number,
-  ): Promise<{
-    match: (change: ResourceChange, at?: number) => string[];
-    specOf: (id: string) => MatchSpec | undefined;
-  }> {
+  ): Promise<Matcher> {
     const types = [...new Set(changes.map((c) => c.resourceType))];
     let candidates: Map<string, readonly MatchCandidate[]>;
     try {
