@@ -678,3 +678,29 @@ describe('a window too large for one run', () => {
     expect(((bounds[0]?.[1] ?? 0) - (bounds[0]?.[0] ?? 0)) / 60_000).toBeCloseTo(30, 0);
   });
 });
+
+describe('a window stopped in every run', () => {
+  it('comes down to a second, then is given up, said and counted, so its type moves on', async () => {
+    const { t, fhir } = await watching({ pageSize: 1 });
+    const now = new Date().toISOString();
+    // Two changes in one millisecond: two pages however short the window; a run has time for one.
+    for (const id of ['r1', 'r2']) fhir.put({ resourceType: 'Patient', id, meta: { lastUpdated: now } });
+    await tick();
+    const reports = [];
+    for (let i = 0; i < 6; i++) {
+      const stop = new AbortController();
+      fhir.respond = (req) => {
+        if (req.query.includes('_page=2')) stop.abort();
+        return undefined;
+      };
+      reports.push(await reconcilerOf(t).run({ signal: stop.signal }));
+    }
+    const given = t.logger.records.filter(
+      (r) => r.msg === 'reconciliation skips a type for one window: the FHIR server refuses its search',
+    );
+    expect(given).toHaveLength(1);
+    expect(String(given[0]?.reason)).toContain('the window was not done in 3 runs');
+    // The checkpoint moved past the window given up.
+    expect(reports.at(-1)?.to).toBeGreaterThan(Date.parse(now));
+  });
+});

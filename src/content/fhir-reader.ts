@@ -158,13 +158,12 @@ export class FhirReader implements ResourceReader {
    * deleted), and on a server that pages by offset every later page then starts one resource late:
    * when a page's `total` differs from the first's, the search starts over (what was found twice is
    * notified once), up to RESTARTS times, then `WindowChangingError` (the reconciler searches
-   * shorter windows). A page larger than 8 MiB starts the search over with half the `_count`, down
-   * to one resource a page.
+   * shorter windows), as after MAX_PAGES pages. A page larger than 8 MiB starts the search over
+   * with half the `_count`, down to one resource a page.
    *
    * Throws `SearchRefusedError` for what a retry would not change (a refusal such as 400, 404, 405
    * or 501 for a type the server does not search; a page that is not JSON or not a Bundle; one
-   * resource larger than 8 MiB; more than MAX_PAGES pages), anything else when the server cannot
-   * answer now.
+   * resource larger than 8 MiB), anything else when the server cannot answer now.
    */
   async *changed(
     type: string,
@@ -187,7 +186,8 @@ export class FhirReader implements ResourceReader {
     let total: unknown;
     let restarts = 0;
     for (let pages = 0; url !== undefined && !signal.aborted; pages++) {
-      if (pages === MAX_PAGES) throw new SearchRefusedError(`${what}: more than ${MAX_PAGES} pages; stopped`);
+      // Too many pages for one search: the reconciler searches shorter windows.
+      if (pages === MAX_PAGES) throw new WindowChangingError(`${what}: more than ${MAX_PAGES} pages; stopped`);
       await this.#turn();
       let answer: Answer;
       try {
@@ -202,6 +202,7 @@ export class FhirReader implements ResourceReader {
       if (answer.tooLarge === true && count > 1) {
         count = Math.floor(count / 2);
         url = first = firstPage(count);
+        pages = -1;
         continue;
       }
       if (answer.unusable !== undefined) throw new SearchRefusedError(`${what}: ${answer.unusable}`);
@@ -212,6 +213,7 @@ export class FhirReader implements ResourceReader {
         if (++restarts > RESTARTS)
           throw new WindowChangingError(`${what}: the window kept changing while it was paged`);
         url = first;
+        pages = -1;
         continue;
       }
       const entries = Array.isArray(bundle.entry) ? (bundle.entry as { resource?: unknown; search?: unknown }[]) : [];

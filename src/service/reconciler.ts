@@ -84,6 +84,9 @@ export const VERSION_SLACK_MS = 2000;
  */
 export const MIN_WINDOW_CAP_MS = 3_600_000;
 
+/** Runs a window halved down to a second may still be stopped in before it is given up as refused. */
+const STOPS_AT_A_SECOND = 3;
+
 /** Statuses that collect notifications (the matching index's). */
 const COLLECTING: readonly SubscriptionStatus[] = ['requested', 'active', 'error'];
 
@@ -212,15 +215,22 @@ export class Reconciler {
       for (const type of types) {
         starts.set(type, Math.max(global, (await this.#store.reconcileCheckpoint(this.#typeSource(type))) ?? global));
       }
-      this.#checkpoint = Math.min(global, ...starts.values());
-      const state: RunState = { since: this.#checkpoint, signal, told: new Map(), versions: new Map() };
-      for (const type of types) {
-        if (signal.aborted) break;
-        await this.#reconcileType(type, starts.get(type) as number, to, state, tally);
-      }
-      if (!signal.aborted && global < to) {
-        await this.#store.saveReconcileCheckpoint(this.#source, to);
-        this.#checkpoint = to;
+      const since = types.length === 0 ? global : Math.min(...starts.values());
+      this.#checkpoint = since;
+      const state: RunState = { since, signal, told: new Map(), versions: new Map() };
+      try {
+        for (const type of types) {
+          if (signal.aborted) break;
+          starts.set(type, await this.#reconcileType(type, starts.get(type) as number, to, state, tally));
+        }
+      } finally {
+        // The source's checkpoint follows the type furthest behind (stopped, failed or not): what the
+        // next run's told read starts from, the age reported, and where a type new to the run starts.
+        const reached = types.length === 0 ? to : Math.min(...starts.values());
+        if (reached > global) {
+          await this.#store.saveReconcileCheckpoint(this.#source, reached).catch(() => undefined);
+          this.#checkpoint = reached;
+        }
       }
     } catch (err) {
       if (!signal.aborted) {
@@ -280,13 +290,24 @@ export class Reconciler {
     to: number,
     state: RunState,
     tally: { found: number; notifications: number },
-  ): Promise<void> {
+  ): Promise<number> {
     const { signal } = state;
     const cap = windowCapMs(this.#everyMs);
-    for (let start = from; start < to && !signal.aborted; ) {
+    let start = from;
+    while (start < to && !signal.aborted) {
       const halvings = (await this.#store.reconcileCheckpoint(this.#halvingSource(type, start))) ?? 0;
-      const length = Math.max(1000, Math.floor(cap / 2 ** halvings / 1000) * 1000);
+      // Halved from what this run could try (the cap, or less at the tail): each halving shortens it.
+      const length = Math.max(1000, Math.floor(Math.min(cap, to - start) / 2 ** halvings));
       const window = { start, end: Math.min(start + length, to) };
+      // Stopped STOPS_AT_A_SECOND times more once halved to a second: given up, said and counted, so
+      // the type moves on.
+      const toASecond = Math.max(0, Math.ceil(Math.log2(Math.min(cap, to - start) / 1000)));
+      if (halvings >= toASecond + STOPS_AT_A_SECOND) {
+        this.#refused(type, window, `the window was not done in ${halvings} runs, the last ones a second long`);
+        await this.#store.saveReconcileCheckpoint(this.#typeSource(type), window.end);
+        start = window.end;
+        continue;
+      }
       try {
         for await (const page of readAhead(this.#feed.changed(type, window.start, window.end, signal))) {
           const done = await this.#reconcilePage(type, page, window, state);
@@ -297,7 +318,7 @@ export class Reconciler {
       } catch (err) {
         // Stopped in a read: as stopped between pages, below.
         if (!signal.aborted) {
-          if (err instanceof WindowChangingError && length > 1000) {
+          if (err instanceof WindowChangingError && window.end - window.start > 1000) {
             await this.#store.saveReconcileCheckpoint(this.#halvingSource(type, start), halvings + 1);
             continue;
           }
@@ -306,19 +327,19 @@ export class Reconciler {
         }
       }
       if (signal.aborted) {
-        // Perhaps too long to be done in one run's time: shorter next time. (The store may be
-        // what stopped, with the run: the next run tries again either way.)
-        if (length > 1000) {
-          await this.#store
-            .saveReconcileCheckpoint(this.#halvingSource(type, start), halvings + 1)
-            .catch(() => undefined);
-        }
-        return;
+        // Perhaps too long to be done in one run's time: shorter next time (counted at a second
+        // too, towards MAX_HALVINGS). The store may be what stopped, with the run: the next run
+        // tries again either way.
+        await this.#store
+          .saveReconcileCheckpoint(this.#halvingSource(type, start), halvings + 1)
+          .catch(() => undefined);
+        return start;
       }
       if (halvings > 0) await this.#store.saveReconcileCheckpoint(this.#halvingSource(type, window.end), halvings - 1);
       await this.#store.saveReconcileCheckpoint(this.#typeSource(type), window.end);
       start = window.end;
     }
+    return start;
   }
 
   /** A type's search refused for good: the window is skipped for it, said and counted. */
@@ -466,10 +487,12 @@ export class Reconciler {
   async #collectedAt(rec: SubscriptionRecord, at: number, state: RunState): Promise<boolean> {
     if (Date.parse(rec.createdAt) > at) return false;
     if (Date.parse(rec.updatedAt) <= at) return COLLECTING.includes(rec.status);
-    let versions = state.versions.get(rec.id);
+    // Read again when the subscription was written since (a handshake, a PUT during the run).
+    const key = `${rec.id}@${rec.updatedAt}`;
+    let versions = state.versions.get(key);
     if (versions === undefined) {
       versions = this.#store.subscriptionVersions(rec.id);
-      state.versions.set(rec.id, versions);
+      state.versions.set(key, versions);
     }
     const earlier = await versions;
     const then = earlier.find((v) => Date.parse(v.updatedAt) <= at) ?? earlier.at(-1);
