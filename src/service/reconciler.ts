@@ -24,8 +24,8 @@ import type { FoundChange } from './ingest.js';
  * interaction and id, `end` at that moment; content filters judged on the resource found, not read
  * again); a matched subscription is notified only if it existed and collected notifications then,
  * and holds no notification about that resource from that moment on (its own event, or an earlier
- * run's). The checkpoint moves past a window only once the whole window is done, so a run that
- * fails (the server unreachable) is done again by the next. A type whose search the server refuses
+ * run's). Each type's checkpoint moves past a window only once the whole window is done, so a run
+ * that fails (the server unreachable) is done again by the next. A type whose search the server refuses
  * for good (a type it does not host, a page too large to take) is skipped for that window, said
  * and counted, so one such type cannot hold every other back.
  *
@@ -281,8 +281,9 @@ export class Reconciler {
    * halved, and the halving is stored with that start (a checkpoint only ever moves forward, so a
    * key per start: `…@start` → halvings), so the next run, in whatever process, tries the shorter
    * one; the window after a halved one done starts one halving up. So a window with more changes
-   * than a run can page through still gets done, in parts. A search refused for good skips the type
-   * for that window.
+   * than a run can page through still gets done, in parts; one still stopped STOPS_AT_A_SECOND runs
+   * after it came down to a second is given up. A search refused for good skips the type for that
+   * window. Answers where the type's windows got to.
    */
   async #reconcileType(
     type: string,
@@ -328,8 +329,8 @@ export class Reconciler {
       }
       if (signal.aborted) {
         // Perhaps too long to be done in one run's time: shorter next time (counted at a second
-        // too, towards MAX_HALVINGS). The store may be what stopped, with the run: the next run
-        // tries again either way.
+        // too, towards STOPS_AT_A_SECOND). The store may be what stopped, with the run: the next
+        // run tries again either way.
         await this.#store
           .saveReconcileCheckpoint(this.#halvingSource(type, start), halvings + 1)
           .catch(() => undefined);
