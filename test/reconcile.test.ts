@@ -43,6 +43,22 @@ async function setup(
   return { t, fhir, receiver };
 }
 
+/**
+ * A data dir, a FHIR server and a receiver that outlive the brokers a test starts one after another
+ * on them (a restart, another process).
+ */
+async function acrossBrokers(): Promise<{ dir: string; fhir: FhirServer; receiver: Receiver }> {
+  const dir = mkdtempSync(join(tmpdir(), 'fsb-reconcile-'));
+  cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+  const fhir = await FhirServer.start();
+  const receiver = await Receiver.start();
+  cleanups.push(
+    () => fhir.close(),
+    () => receiver.close(),
+  );
+  return { dir, fhir, receiver };
+}
+
 const reconcilerOf = (t: TestBroker): Reconciler => {
   const r = t.broker.reconciler;
   if (r === undefined) throw new Error('no reconciler');
@@ -276,14 +292,7 @@ describe('reconciliation', () => {
   });
 
   it('resumes from its checkpoint after a restart', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-reconcile-'));
-    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
-    const fhir = await FhirServer.start();
-    const receiver = await Receiver.start();
-    cleanups.push(
-      () => fhir.close(),
-      () => receiver.close(),
-    );
+    const { dir, fhir, receiver } = await acrossBrokers();
     const env = {
       BROKER_DATA_DIR: dir,
       BROKER_FHIR_READ: fhir.url,
@@ -465,14 +474,7 @@ describe('reconciliation against servers as they are', () => {
   });
 
   it('catches up after a long stop an hour per search, not BROKER_RECONCILE_EVERY per search', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-reconcile-'));
-    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
-    const fhir = await FhirServer.start();
-    const receiver = await Receiver.start();
-    cleanups.push(
-      () => fhir.close(),
-      () => receiver.close(),
-    );
+    const { dir, fhir, receiver } = await acrossBrokers();
     const env = { BROKER_DATA_DIR: dir, BROKER_FHIR_READ: fhir.url, BROKER_RECONCILE_EVERY: '1s' };
     // A checkpoint three hours back: the first run of a broker whose lag was three hours.
     const first = await inProcessBroker({ ...env, BROKER_RECONCILE_LAG: '3h' });
@@ -636,14 +638,7 @@ describe('reconciliation that cannot do a window at once', () => {
 
 describe('a window too large for one run', () => {
   it('is halved for the next run, in whatever process: the halving is stored with the window start', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsb-reconcile-'));
-    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
-    const fhir = await FhirServer.start();
-    const receiver = await Receiver.start();
-    cleanups.push(
-      () => fhir.close(),
-      () => receiver.close(),
-    );
+    const { dir, fhir, receiver } = await acrossBrokers();
     fhir.pageSize = 1;
     const env = { BROKER_DATA_DIR: dir, BROKER_FHIR_READ: fhir.url, BROKER_RECONCILE_EVERY: '5m' };
     // The checkpoint three hours back (a broker with a three-hour lag ran first).

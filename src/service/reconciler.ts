@@ -211,10 +211,14 @@ export class Reconciler {
       this.#checkpoint = global;
       const types = global < to ? await this.#types() : [];
       // Each type moves on by its own checkpoint: a type stopped or failing does not hold the others.
-      const starts = new Map<string, number>();
-      for (const type of types) {
-        starts.set(type, Math.max(global, (await this.#store.reconcileCheckpoint(this.#typeSource(type))) ?? global));
-      }
+      const starts = new Map(
+        await Promise.all(
+          types.map(async (type) => {
+            const own = await this.#store.reconcileCheckpoint(this.#typeSource(type));
+            return [type, Math.max(global, own ?? global)] as const;
+          }),
+        ),
+      );
       const since = types.length === 0 ? global : Math.min(...starts.values());
       this.#checkpoint = since;
       const state: RunState = { since, signal, told: new Map(), versions: new Map() };
