@@ -37,6 +37,13 @@ function lockInChild(dir: string, holdMs: number): { child: ChildProcess; said: 
   return { child, said };
 }
 
+async function kill(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = once(child, 'exit');
+  child.kill('SIGKILL');
+  await exited;
+}
+
 describe('lockDataDir', () => {
   it('refuses a second holder while the first holds it, and lets one in after release', () => {
     const dir = tempDir('fsb-lock-');
@@ -60,7 +67,12 @@ describe('lockDataDir', () => {
     for (const leftOver of [false, true]) {
       const dir = tempDir('fsb-lock-');
       if (leftOver) lockDataDir(dir).release();
-      const outputs = await Promise.all(Array.from({ length: 5 }, () => lockInChild(dir, 3000).said));
+      // Each holds until all have spoken (killed then): under load one started late must still find
+      // the first holding, not a lock its holder already let go of.
+      const children = Array.from({ length: 5 }, () => lockInChild(dir, 120_000));
+      for (const { child } of children) cleanups.push(() => kill(child));
+      const outputs = await Promise.all(children.map((c) => c.said));
+      await Promise.all(children.map(({ child }) => kill(child)));
       expect(
         outputs.filter((o) => o === 'HELD'),
         `left over: ${leftOver}`,
