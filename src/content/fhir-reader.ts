@@ -69,6 +69,7 @@ interface HistoryEntry {
 export class FhirReader implements ResourceReader {
   readonly #config: FhirReadConfig;
   readonly #agent: Agent;
+  #closed: Promise<void> | undefined;
   readonly #signer: SignatureV4 | undefined;
   #inFlight = 0;
   readonly #waiting: (() => void)[] = [];
@@ -230,8 +231,10 @@ export class FhirReader implements ResourceReader {
     }
   }
 
+  /** Idempotent: a broker closed twice (a test's explicit close, then its clean-up) closes it once. */
   close(): Promise<void> {
-    return this.#agent.close();
+    this.#closed ??= this.#agent.close();
+    return this.#closed;
   }
 
   async #turn(): Promise<void> {
