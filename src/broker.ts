@@ -173,6 +173,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     store,
     topics,
     ...(search === undefined ? {} : { search }),
+    fullResourceClients: config.fullResourceClients,
     guard,
     clock,
     ids,
@@ -210,6 +211,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     logger,
     metrics,
     fhirBase: `${config.publicUrl}/fhir`,
+    fullResourceClients: config.fullResourceClients,
     isClient: (owner) => clientIds.has(owner),
     maxHeldBytes: config.wsSendBufferBytes,
     // The broker's own sockets; on AWS API Gateway holds them, under its own quotas.
@@ -229,6 +231,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     ...(overrides.random === undefined ? {} : { random: overrides.random }),
     options: {
       fhirBase: `${config.publicUrl}/fhir`,
+      fullResourceClients: config.fullResourceClients,
       retryDelaysMs: config.retryDelaysMs,
       handshakeRetryDelaysMs: config.handshakeRetryDelaysMs,
       retentionMs: config.eventRetentionMs,
@@ -240,6 +243,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
   const content = new ContentStage({
     ...(search === undefined ? {} : { catalog: search }),
     ...(reader === undefined ? {} : { reader }),
+    fullResourceClients: config.fullResourceClients,
     logger,
     metrics,
   });
@@ -275,6 +279,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     publicUrlExplicit: config.publicUrlExplicit,
     corsOrigins: config.corsOrigins,
     contentFilters: search !== undefined,
+    fullResourceClients: config.fullResourceClients,
     maxBodyBytes: config.maxBodyBytes,
     maxIngestBodyBytes: config.maxIngestBodyBytes,
     version,

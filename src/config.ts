@@ -98,6 +98,11 @@ export interface Config {
    */
   readonly fhirRead?: FhirReadConfig;
   /**
+   * `BROKER_FULL_RESOURCE_CLIENTS`: the API clients whose subscriptions may ask for `full-resource`
+   * content (`*`: every client). Empty: none may; their endpoints would receive the resources (PHI).
+   */
+  readonly fullResourceClients: readonly string[] | '*';
+  /**
    * `BROKER_RECONCILE_EVERY` and `BROKER_RECONCILE_LAG`: the reconciler (src/service/reconciler.ts)
    * reads the changes of the FHIR server at `fhirRead.baseUrl`. Unset: no reconciliation.
    */
@@ -222,6 +227,7 @@ export function loadConfig(env: Env = process.env): Config {
   const fhirRead = fhirReadConfig(env, awsRegion);
   const eventRetentionMs = retention(str(env, 'BROKER_EVENT_RETENTION'));
   const reconcile = reconcileConfig(env, fhirRead);
+  const fullResourceClients = fullResourceClientsConfig(env, fhirRead);
   if (reconcile !== undefined) {
     // The reconciler tells "already notified" from the notifications kept: purged too early, every
     // change whose event came would be notified again.
@@ -284,6 +290,7 @@ export function loadConfig(env: Env = process.env): Config {
     topicsDir,
     ...(fhirRead === undefined ? {} : { fhirRead: Object.freeze(fhirRead) }),
     ...optionalObject('reconcile', reconcile),
+    fullResourceClients,
     // 1 MiB: a Subscription is a few KB; anything near this is a mistake or an attack.
     maxBodyBytes: int(env, 'BROKER_MAX_BODY_BYTES', 1024 * 1024, 1024, 64 * 1024 * 1024),
     // 10 MiB: 1,000 CloudTrail events of ~3 KB each, with room to spare.
@@ -365,6 +372,28 @@ function fhirReadConfig(env: Env, awsRegion: string): FhirReadConfig | undefined
  * At most 25 s: a read holds the ingest request that waits for it, and API Gateway gives a Lambda
  * request 29 s (README, Content filters).
  */
+/** A list of client ids, or `*`; it needs `BROKER_FHIR_READ` (the resources are read there). */
+function fullResourceClientsConfig(env: Env, fhirRead: FhirReadConfig | undefined): readonly string[] | '*' {
+  const raw = str(env, 'BROKER_FULL_RESOURCE_CLIENTS');
+  if (raw === undefined) return Object.freeze([]);
+  if (fhirRead === undefined) {
+    throw new ConfigError(
+      'BROKER_FULL_RESOURCE_CLIENTS',
+      'needs BROKER_FHIR_READ: full-resource notifications carry the resource as read from the FHIR server',
+    );
+  }
+  if (raw.trim() === '*') return '*';
+  const ids = list(raw);
+  const bad = ids.find((id) => !CLIENT_ID.test(id));
+  if (bad !== undefined || ids.length === 0) {
+    throw new ConfigError(
+      'BROKER_FULL_RESOURCE_CLIENTS',
+      `must be * or a comma-separated list of API client ids (letters, digits, '.', '_', '-'; at most 64)${bad === undefined ? '' : `, not ${JSON.stringify(bad.slice(0, 64))}`}`,
+    );
+  }
+  return Object.freeze(ids);
+}
+
 function reconcileConfig(env: Env, fhirRead: FhirReadConfig | undefined): ReconcileConfig | undefined {
   if (str(env, 'BROKER_RECONCILE_EVERY') === undefined) {
     if (str(env, 'BROKER_RECONCILE_LAG') !== undefined) {

@@ -218,7 +218,9 @@ describe('content filters', () => {
       '/fhir/Observation/ghost',
       '/fhir/Observation/ghost/_history',
     ]);
-    expect(logged(t, 'changed resource not found on the FHIR server: no content filter holds')).toBeDefined();
+    expect(
+      logged(t, 'changed resource not found on the FHIR server: no content filter holds, no resource carried'),
+    ).toBeDefined();
   });
 
   it.each([
@@ -260,7 +262,7 @@ describe('content filters', () => {
       expect(focusesOn(receiver, '/p1')).toEqual(['o7']);
       expect(notifiedNumbers(receiver.on('/all'))).toEqual([1, 2]);
       expect(
-        logged(t, 'a changed resource could not be read for content filters; the sender will retry'),
+        logged(t, 'a changed resource could not be read (content filters, full-resource); the sender will retry'),
       ).toBeDefined();
     },
   );
@@ -277,7 +279,10 @@ describe('content filters', () => {
     });
     await receiver.waitFor(() => focusesOn(receiver, '/all').length === 1, 'the unfiltered notification');
     expect(focusesOn(receiver, '/p1')).toEqual([]);
-    const line = logged(t, 'changed resource not found on the FHIR server: no content filter holds');
+    const line = logged(
+      t,
+      'changed resource not found on the FHIR server: no content filter holds, no resource carried',
+    );
     expect(line?.reason).toContain('answered 405: the server keeps no history to read');
   });
 
@@ -343,7 +348,7 @@ describe('content filters', () => {
       expect(focusesOn(receiver, '/p1')).toEqual([]);
       const line = logged(
         t,
-        'the FHIR server answered something other than the changed resource: no content filter holds',
+        'the FHIR server answered something other than the changed resource: no content filter holds, no resource carried',
       );
       expect(line?.level).toBe('warn');
       expect(String(line?.reason)).toContain(reason);

@@ -210,6 +210,25 @@ describe('reconciliation', () => {
     expect(fhir.requests.map((r) => r.path)).toEqual(['/fhir/Observation']);
   });
 
+  it('gives full-resource subscribers the version found, without reading it again', async () => {
+    const { t, fhir, receiver } = await setup({ BROKER_FULL_RESOURCE_CLIENTS: 'alice' });
+    await active(
+      t,
+      await t.create(topicSubscription('patient-change', `${receiver.url}/full`, { content: 'full-resource' })),
+    );
+    await reconcilerOf(t).run();
+    await tick();
+    fhir.put(at(patient('p1')));
+    fhir.put(at(patient('p1', 'Roe')));
+    await tick();
+    expect(await reconcilerOf(t).run()).toMatchObject({ found: 1, notifications: 1 });
+    await receiver.waitFor(() => receiver.on('/full').length === 2, 'the handshake and the notification');
+    const bundle = JSON.parse(receiver.on('/full')[1]?.body ?? '{}') as { entry: Json[] };
+    expect(bundle.entry[1]?.resource).toEqual(fhir.current('Patient', 'p1'));
+    expect(bundle.entry[1]?.resource).toMatchObject({ name: [{ family: 'Roe' }], meta: { versionId: '2' } });
+    expect(fhir.requests.map((r) => r.path)).toEqual(['/fhir/Patient']);
+  });
+
   it('follows next links page by page, and refuses one that leads away from the server', async () => {
     const { t, fhir, receiver } = await watching({ pageSize: 2 });
     for (const id of ['a', 'b', 'c', 'd', 'e']) fhir.put(at(patient(id)));

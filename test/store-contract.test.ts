@@ -531,6 +531,26 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(outcome?.notifications).toEqual([{ subscriptionId: 's1', eventNumber: 2, change: change('e3', 'p1') }]);
     });
 
+    it('keeps the resource with the notifications of the subscriptions that take it, and only theirs', async () => {
+      await store.insertSubscription(record('s3'));
+      // Non-ASCII and JSON's escapes survive both stores; a duplicate of the event writes nothing.
+      const json = JSON.stringify({ resourceType: 'Patient', id: 'p1', name: [{ text: 'Zoë "Q" \\ \u2028' }] });
+      const withResource = { ...change('e1', 'p1'), resource: json };
+      const accepted = { ...item('e1', ['s1', 's2', 's3']), resource: { json, for: new Set(['s1', 's3']) } };
+      const [outcome] = await store.acceptChanges([accepted, { ...accepted }], RECEIVED);
+      expect(outcome?.notifications).toEqual([
+        { subscriptionId: 's1', eventNumber: 1, change: withResource },
+        { subscriptionId: 's2', eventNumber: 1, change: change('e1', 'p1') },
+        { subscriptionId: 's3', eventNumber: 1, change: withResource },
+      ]);
+      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.change)).toEqual([withResource]);
+      expect((await store.pendingNotifications('s2', 0, 10)).map((n) => n.change)).toEqual([change('e1', 'p1')]);
+      expect((await store.notificationsInRange('s3', 1, 1, 10)).map((n) => n.change)).toEqual([withResource]);
+      // The next event, without one, is stored without one for every subscription.
+      await store.acceptChanges([item('e2', ['s1', 's2'])], RECEIVED);
+      expect((await store.notificationsInRange('s1', 2, 2, 10)).map((n) => n.change)).toEqual([change('e2', 'p1')]);
+    });
+
     it('round-trips a change without a resource id', async () => {
       await store.acceptChanges([{ change: change('e1'), subscriptionIds: ['s1'] }], RECEIVED);
       const [n] = await store.pendingNotifications('s1', 0, 10);

@@ -1,4 +1,4 @@
-import { Aws, CfnCondition, CfnOutput, CfnParameter, Duration, Fn, Stack, type StackProps } from 'aws-cdk-lib';
+import { Aws, CfnCondition, CfnOutput, CfnParameter, CfnRule, Duration, Fn, Stack, type StackProps } from 'aws-cdk-lib';
 import { EventBus, Rule, Schedule } from 'aws-cdk-lib/aws-events';
 import { LambdaFunction as LambdaTarget } from 'aws-cdk-lib/aws-events-targets';
 import { type CfnPolicy, Policy, PolicyStatement } from 'aws-cdk-lib/aws-iam';
@@ -75,6 +75,26 @@ export class BrokerStack extends Stack {
       description:
         "Where content filters (patient=, code=...) read changed resources (BROKER_FHIR_READ): healthlake (each event's datastore, with SigV4), a FHIR base URL, or empty to refuse such filters.",
     });
+    const fullResourceClients = new CfnParameter(this, 'FullResourceClients', {
+      type: 'String',
+      default: '',
+      // What BROKER_FULL_RESOURCE_CLIENTS takes: checked here, or a typo would stop every function at start.
+      allowedPattern: '^(\\*|[A-Za-z0-9_.-]{1,64}(\\s*,\\s*[A-Za-z0-9_.-]{1,64})*)?$',
+      constraintDescription: 'API client ids, comma-separated, or * alone, or empty',
+      description:
+        'API clients whose subscriptions may ask for full-resource content, the resource read from FhirRead put in each notification (BROKER_FULL_RESOURCE_CLIENTS); * for all, empty for none. Needs FhirRead.',
+    });
+    // Refused here rather than deployed into functions that all stop at start (the config needs both).
+    new CfnRule(this, 'FullResourceReadsAServer', {
+      ruleCondition: Fn.conditionNot(Fn.conditionEquals(fullResourceClients.valueAsString, '')),
+      assertions: [
+        {
+          assert: Fn.conditionNot(Fn.conditionEquals(fhirRead.valueAsString, '')),
+          assertDescription:
+            'FullResourceClients needs FhirRead: healthlake or the FHIR base URL the resources are read from',
+        },
+      ],
+    });
     const reconcileEvery = new CfnParameter(this, 'ReconcileEveryMinutes', {
       type: 'String',
       default: '0',
@@ -120,6 +140,7 @@ export class BrokerStack extends Stack {
       credentials,
       corsOrigins: corsOrigins.valueAsString,
       fhirRead: fhirRead.valueAsString,
+      fullResourceClients: fullResourceClients.valueAsString,
       reconcile: {
         condition: reconcileOn,
         environment: {

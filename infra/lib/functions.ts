@@ -88,6 +88,8 @@ export interface BrokerFunctionsProps {
   readonly corsOrigins: string;
   /** `BROKER_FHIR_READ` (the stack's FhirRead parameter): empty refuses content filters. */
   readonly fhirRead: string;
+  /** `BROKER_FULL_RESOURCE_CLIENTS` (the stack's FullResourceClients parameter): empty for none. */
+  readonly fullResourceClients: string;
   /**
    * The reconcile function: its environment on top of the others' (`BROKER_RECONCILE_*`, and its
    * own `BROKER_FHIR_READ`, the FHIR base URL it searches), and the condition it exists under
@@ -135,6 +137,7 @@ export class BrokerFunctions extends Construct {
       BROKER_MAX_INGEST_BYTES: String(5 * 1000 * 1000),
       BROKER_CORS_ORIGINS: props.corsOrigins,
       BROKER_FHIR_READ: props.fhirRead,
+      BROKER_FULL_RESOURCE_CLIENTS: props.fullResourceClients,
       NODE_OPTIONS: '--enable-source-maps',
     };
     const fn = (name: FunctionName, extra: Readonly<Record<string, string>> = {}) => {

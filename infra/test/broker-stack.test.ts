@@ -167,6 +167,34 @@ describe('BrokerStack', () => {
       }
     });
 
+    it('takes FullResourceClients only as BROKER_FULL_RESOURCE_CLIENTS would, and only with FhirRead', () => {
+      const json = template.toJSON();
+      const parameter = json.Parameters.FullResourceClients;
+      expect(parameter.Default).toBe('');
+      const allowed = new RegExp(parameter.AllowedPattern);
+      for (const good of ['', '*', 'alice', 'alice, bob.smith,c_3']) {
+        expect([good, allowed.test(good)]).toEqual([good, true]);
+      }
+      for (const bad of ['*, alice', 'al ice', 'alice,', ',alice', 'a'.repeat(65)]) {
+        expect([bad, allowed.test(bad)]).toEqual([bad, false]);
+      }
+      // The pattern and the config agree on both sides.
+      const config = (value: string) => () =>
+        loadConfig({ BROKER_FHIR_READ: 'healthlake', BROKER_FULL_RESOURCE_CLIENTS: value, AWS_REGION: REGION });
+      for (const good of ['*', 'alice', 'alice, bob.smith,c_3']) expect(config(good)).not.toThrow();
+      for (const bad of ['al ice', 'a'.repeat(65)]) expect(config(bad)).toThrow(/BROKER_FULL_RESOURCE_CLIENTS/);
+      expect(json.Rules.FullResourceReadsAServer).toEqual({
+        RuleCondition: { 'Fn::Not': [{ 'Fn::Equals': [{ Ref: 'FullResourceClients' }, ''] }] },
+        Assertions: [
+          {
+            Assert: { 'Fn::Not': [{ 'Fn::Equals': [{ Ref: 'FhirRead' }, ''] }] },
+            AssertDescription:
+              'FullResourceClients needs FhirRead: healthlake or the FHIR base URL the resources are read from',
+          },
+        ],
+      });
+    });
+
     it('takes FhirRead only as BROKER_FHIR_READ would, and lets the ingesting functions read HealthLake only when it says healthlake', () => {
       const json = template.toJSON();
       const parameter = json.Parameters.FhirRead;
@@ -504,6 +532,7 @@ describe('BrokerStack', () => {
           BROKER_MAX_INGEST_BYTES: '5000000',
           BROKER_CORS_ORIGINS: { Ref: 'CorsOrigins' },
           BROKER_FHIR_READ: { Ref: 'FhirRead' },
+          BROKER_FULL_RESOURCE_CLIENTS: { Ref: 'FullResourceClients' },
           NODE_OPTIONS: '--enable-source-maps',
           // The events function puts an event the broker refuses on the dead-letter queue itself.
           ...(name === 'events' ? { BROKER_DEAD_LETTER_QUEUE_URL: { Ref: dlq } } : {}),

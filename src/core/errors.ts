@@ -84,7 +84,7 @@ export const ERROR_CODES = {
   CONTENT_UNAVAILABLE: {
     status: 503,
     issue: 'transient',
-    text: 'A changed resource could not be read from the FHIR server to evaluate content filters.',
+    text: 'A changed resource could not be read from the FHIR server (content filters, full-resource content).',
   },
   INTERNAL: { status: 500, issue: 'exception', text: 'An unexpected error.' },
 } as const satisfies Record<string, { status: number; issue: IssueType; text: string }>;

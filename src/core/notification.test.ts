@@ -480,6 +480,15 @@ describe('notificationBundleJson', () => {
             datastoreId: 'ds',
             fhirBase: pick([HEALTHLAKE, `https://h.example/${pick(AWKWARD)}`]),
             time: pick(['2030-01-01T00:00:00Z', pick(AWKWARD)]),
+            ...(random() < 0.5
+              ? {
+                  resource: JSON.stringify({
+                    resourceType: 'Patient',
+                    id: pick(AWKWARD),
+                    name: [{ text: pick(AWKWARD) }],
+                  }),
+                }
+              : {}),
           },
         };
       });
@@ -508,6 +517,30 @@ describe('notificationBundleJson', () => {
     const json = notificationBundleJson(topicSub, type, [note(4, 'update', 'p1')], content, context());
     const status = statusParameters(JSON.parse(json) as FhirResource);
     expect(status.some((p) => p.name === 'topic')).toBe(named);
+  });
+
+  it('carries the resource in a full-resource notification, in its focus entry (not for a delete, nor for id-only)', () => {
+    const patient = { resourceType: 'Patient', id: 'p1', meta: { versionId: '2' }, name: [{ family: 'Chalmers' }] };
+    const carrying = (interaction: Interaction, content: PayloadContent) => {
+      const n = note(4, interaction, 'p1');
+      const events = [{ ...n, change: { ...n.change, resource: JSON.stringify(patient) } }];
+      const bundle = JSON.parse(notificationBundleJson(topicSub, 'event-notification', events, content, context()));
+      expect(validateFhir(bundle)).toEqual([]);
+      return bundle.entry[1];
+    };
+    const update = carrying('update', 'full-resource');
+    expect(Object.keys(update)).toEqual(['fullUrl', 'resource', 'request', 'response']);
+    expect(update.resource).toEqual(patient);
+    expect(update.fullUrl).toBe(`${HEALTHLAKE}/Patient/p1`);
+    expect(carrying('create', 'full-resource').resource).toEqual(patient);
+    expect(carrying('delete', 'full-resource')).not.toHaveProperty('resource');
+    expect(carrying('update', 'id-only')).not.toHaveProperty('resource');
+    // One that could not be read goes without, as id-only would.
+    const bare = JSON.parse(
+      notificationBundleJson(topicSub, 'event-notification', [note(4, 'update', 'p1')], 'full-resource', context()),
+    );
+    expect(bare.entry[1]).not.toHaveProperty('resource');
+    expect(bare.entry[1].fullUrl).toBe(`${HEALTHLAKE}/Patient/p1`);
   });
 
   it('is a valid notification bundle for a typical event', () => {

@@ -10,8 +10,9 @@ import type {
 
 /**
  * Notification bundles of the Subscriptions R5 Backport IG on R4: a `history` Bundle whose first
- * entry is the `Parameters` subscription status, then one entry per focus resource (id-only) with
- * `request` and `response` as a history Bundle requires (bdl-3, bdl-4).
+ * entry is the `Parameters` subscription status, then one entry per focus resource (id-only and
+ * full-resource; the latter with the resource in it, when the broker could read it) with `request`
+ * and `response` as a history Bundle requires (bdl-3, bdl-4).
  */
 
 export type NotificationType = 'handshake' | 'heartbeat' | 'event-notification' | 'query-status' | 'query-event';
@@ -100,8 +101,10 @@ export function buildNotificationBundle(
       if (focus === undefined) continue;
       const { resourceType, resourceId, interaction } = n.change;
       const req = REQUEST[interaction];
+      const resource = carried(n, content);
       entry.push({
         fullUrl: focus,
+        ...(resource === undefined ? {} : { resource: JSON.parse(resource) as unknown }),
         request: { method: req.method, url: interaction === 'create' ? resourceType : `${resourceType}/${resourceId}` },
         response: { status: req.status, lastModified: n.change.time },
       });
@@ -195,7 +198,8 @@ export function notificationBundleJson(
     const { resourceType, resourceId, interaction } = n.change;
     const req = REQUEST[interaction];
     const url = interaction === 'create' ? resourceType : `${resourceType}/${resourceId}`;
-    focusEntries += `,{"fullUrl":${ref},"request":{"method":"${req.method}","url":${q(url)}},"response":{"status":"${req.status}","lastModified":${time}}}`;
+    const resource = carried(n, content);
+    focusEntries += `,{"fullUrl":${ref}${resource === undefined ? '' : `,"resource":${resource}`},"request":{"method":"${req.method}","url":${q(url)}},"response":{"status":"${req.status}","lastModified":${time}}}`;
   }
   if (sub.status === 'error' && sub.error !== undefined) {
     params += `,{"name":"error","valueCodeableConcept":{"text":${q(sub.error)}}}`;
@@ -238,6 +242,11 @@ export function buildStatusBundle(subs: readonly StatusSource[], ctx: BundleCont
 function unnamedFocus(n: Notification): { type: string; display: string } {
   const { resourceType, fhirBase } = n.change;
   return { type: resourceType, display: `${resourceType} on ${fhirBase}; the change event names no id` };
+}
+
+/** The resource's JSON, when the content is full-resource and the notification carries it (never a delete's). */
+function carried(n: Notification, content: PayloadContent): string | undefined {
+  return content === 'full-resource' && n.change.interaction !== 'delete' ? n.change.resource : undefined;
 }
 
 /** The changed resource's absolute URL on the FHIR server, when content and the event allow one. */

@@ -512,11 +512,11 @@ describe('parseSubscription: refusals', () => {
     expect(parse(sub).resource).toMatchObject({ extension: [identifier], _reason: note, _end: note });
   });
 
-  it('refuses full-resource content with UNSUPPORTED_CONTENT', () => {
+  it('parses full-resource content (whether the client may have it is for the registry to say)', () => {
     const sub = topicSub({
       channel: { _payload: { extension: [{ url: BACKPORT_EXT.payloadContent, valueCode: 'full-resource' }] } },
     });
-    expect(errorCode(sub)).toBe('UNSUPPORTED_CONTENT');
+    expect(parse(sub).channel.content).toBe('full-resource');
   });
 
   it('refuses an unknown content code with UNSUPPORTED_CONTENT', () => {

@@ -12,6 +12,7 @@ import type {
   MatchSpec,
   PayloadContent,
   SubscriptionKind,
+  SubscriptionRecord,
   SubscriptionStatus,
 } from './types.js';
 import { INTERACTIONS } from './types.js';
@@ -957,17 +958,15 @@ function parseContent(ext: Extension | undefined, kind: SubscriptionKind, payloa
   }
   if (ext === undefined) return payload === undefined ? 'empty' : 'id-only';
   const code = ext.valueCode;
-  if (code === 'empty' || code === 'id-only') return code;
-  if (code === 'full-resource') {
-    throw new BrokerError(
-      'UNSUPPORTED_CONTENT',
-      'full-resource content is not available: the broker does not fetch resources from the FHIR server yet; use id-only',
-      { expression: 'Subscription.channel._payload' },
-    );
-  }
-  throw new BrokerError('UNSUPPORTED_CONTENT', `Unknown payload content ${String(code)} (empty, id-only)`, {
-    expression: 'Subscription.channel._payload',
-  });
+  // full-resource: whether this client may have it is the registry's to decide (fullResourceFor).
+  if (code === 'empty' || code === 'id-only' || code === 'full-resource') return code;
+  throw new BrokerError(
+    'UNSUPPORTED_CONTENT',
+    `Unknown payload content ${String(code)} (empty, id-only, full-resource)`,
+    {
+      expression: 'Subscription.channel._payload',
+    },
+  );
 }
 
 /**
@@ -1105,4 +1104,22 @@ function storedMeta(sent: SubscriptionJson['meta'], kind: SubscriptionKind): Sub
     ...(sent?.tag === undefined ? {} : { tag: sent.tag }),
   };
   return Object.keys(meta).length === 0 ? undefined : meta;
+}
+
+/** Whether `BROKER_FULL_RESOURCE_CLIENTS` (as `list`) lets `owner` have full resources. */
+export function mayHaveFullResources(list: readonly string[] | '*', owner: string): boolean {
+  return list === '*' || list.includes(owner);
+}
+
+/**
+ * The content `sub`'s payloads are written with now: a full-resource subscription whose client was
+ * taken off `BROKER_FULL_RESOURCE_CLIENTS` since gets id-only, even for notifications stored with
+ * the resource (a retry, a backlog, `$events`).
+ */
+export function contentNow(
+  sub: Pick<SubscriptionRecord, 'owner' | 'channel'>,
+  fullResourceClients: readonly string[] | '*',
+): PayloadContent {
+  const { content } = sub.channel;
+  return content === 'full-resource' && !mayHaveFullResources(fullResourceClients, sub.owner) ? 'id-only' : content;
 }

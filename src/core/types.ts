@@ -24,6 +24,11 @@ export interface ResourceChange {
   readonly fhirBase: string;
   /** When the write happened (ISO 8601). */
   readonly time: string;
+  /**
+   * The changed resource's JSON as the broker read it from the FHIR server, on the notifications
+   * of `full-resource` subscriptions only (src/service/content-stage.ts); never on a delete.
+   */
+  readonly resource?: string;
 }
 
 export type SubscriptionStatus = 'requested' | 'active' | 'error' | 'off';
@@ -43,6 +48,11 @@ export interface MatchSpec {
    * the FHIR server holds it (src/service/content-stage.ts). Only with a single resource type.
    */
   readonly content?: readonly ContentFilter[];
+  /**
+   * A `full-resource` subscription: stage two reads the changed resource (as for content filters)
+   * and its notifications carry it, while `owner` is one of `BROKER_FULL_RESOURCE_CLIENTS`.
+   */
+  readonly fullResource?: { readonly owner: string };
 }
 
 export interface Channel {

@@ -3,6 +3,7 @@ import { memo } from '../core/memo.js';
 import { type NotificationType, notificationBundleJson } from '../core/notification.js';
 import { DEFAULT_HANDSHAKE_RETRY_DELAYS_MS, nextHandshakeIn, nextRetryDelay } from '../core/retry.js';
 import { HANDSHAKE_FAILED, HEARTBEAT_FAILED, heartbeatsAllowed } from '../core/status.js';
+import { contentNow } from '../core/subscription.js';
 import type { Clock, IdSource, Notification, StoredNotification, SubscriptionRecord } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
@@ -44,6 +45,8 @@ export interface DispatcherOptions {
   /** Notifications a lane keeps in memory before it reads the rest back from the store. */
   readonly laneBuffer?: number;
   readonly defaultTimeoutMs?: number;
+  /** `BROKER_FULL_RESOURCE_CLIENTS`: a full-resource subscription of another client is sent id-only. */
+  readonly fullResourceClients?: readonly string[] | '*';
 }
 
 /** Pushes notifications of websocket subscriptions to the sockets bound to them. */
@@ -283,6 +286,7 @@ export class Dispatcher {
       maxInFlight: 512,
       maxInFlightPerOrigin: 32,
       maxInFlightPerClient: 128,
+      fullResourceClients: [],
       retentionMs: 7 * 86_400_000,
       laneBuffer: 256,
       defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
@@ -1534,7 +1538,7 @@ export class Dispatcher {
             lastNumber > sub.eventsSinceStart ? { ...sub, eventsSinceStart: lastNumber } : sub,
             type,
             notes,
-            sub.channel.content,
+            contentNow(sub, this.#opts.fullResourceClients),
             { fhirBase: this.#opts.fhirBase, newId: this.#newId, timestamp: new Date(this.#clock.now()).toISOString() },
           );
     return {

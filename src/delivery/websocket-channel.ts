@@ -1,4 +1,5 @@
 import { buildNotificationBundle, type NotificationType } from '../core/notification.js';
+import { contentNow } from '../core/subscription.js';
 import type { Clock, IdSource, Notification, SubscriptionRecord } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
@@ -63,6 +64,7 @@ export class WebSocketChannel {
   readonly #logger: Logger;
   readonly #metrics: Metrics;
   readonly #fhirBase: string;
+  readonly #fullResourceClients: readonly string[] | '*';
   readonly #isClient: (owner: string) => boolean;
   readonly #maxHeldBytes: number;
   /** Connection → subscription → messages held while that binding catches up. */
@@ -89,6 +91,8 @@ export class WebSocketChannel {
     logger: Logger;
     metrics: Metrics;
     fhirBase: string;
+    /** `BROKER_FULL_RESOURCE_CLIENTS`: a full-resource subscription of another client is sent id-only. */
+    fullResourceClients?: readonly string[] | '*';
     /**
      * Whether a token's owner is still a configured API client: a token outlives the removal of
      * its client from BROKER_API_KEYS (it is valid for minutes). Absent: every owner is.
@@ -118,6 +122,7 @@ export class WebSocketChannel {
     this.#logger = deps.logger;
     this.#metrics = deps.metrics;
     this.#fhirBase = deps.fhirBase;
+    this.#fullResourceClients = deps.fullResourceClients ?? [];
     this.#isClient = deps.isClient ?? (() => true);
     this.#maxHeldBytes = deps.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES;
     this.#maxSocketsPerClient = deps.maxSocketsPerClient ?? 0;
@@ -592,7 +597,7 @@ export class WebSocketChannel {
       { ...sub, eventsSinceStart: Math.max(sub.eventsSinceStart, count) },
       type,
       notes,
-      sub.channel.content,
+      contentNow(sub, this.#fullResourceClients),
       {
         fhirBase: this.#fhirBase,
         newId: () => this.#ids.uuid(),

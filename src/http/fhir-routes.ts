@@ -3,9 +3,9 @@ import { BrokerError } from '../core/errors.js';
 import { BACKPORT_EXT, BACKPORT_PROFILE, BROKER_BASE, BROKER_EXT, FHIR_EXT } from '../core/fhir-urls.js';
 import { checkAcceptable, mediaType, otherCharset } from '../core/media-type.js';
 import { buildNotificationBundle, buildStatusBundle, withDeliveryStates } from '../core/notification.js';
-import { instantProblem } from '../core/subscription.js';
+import { contentNow, instantProblem } from '../core/subscription.js';
 import type { TopicCatalog, TopicDefinition } from '../core/topics.js';
-import type { Clock, IdSource, PayloadContent, SubscriptionRecord } from '../core/types.js';
+import type { Clock, IdSource, Notification, PayloadContent, SubscriptionRecord } from '../core/types.js';
 import type { BindingTokens } from '../delivery/ws-binding-token.js';
 import { type SubscriptionRegistry, versionId } from '../service/subscription-registry.js';
 import { EARLIER_VERSIONS_KEPT, type Store } from '../store/store.js';
@@ -28,6 +28,8 @@ export interface FhirRouteDeps {
   readonly bindingTokens: BindingTokens;
   readonly wsTokenTtlMs: number;
   readonly websocketUrl: string;
+  /** `BROKER_FULL_RESOURCE_CLIENTS`: `$events` of another client's full-resource subscription is id-only. */
+  readonly fullResourceClients?: readonly string[] | '*';
   /** `BROKER_CORS_ORIGINS`: browser origins that may call the FHIR routes (`*`: any); none, no CORS. */
   readonly corsOrigins?: readonly string[];
   /** The broker reads resources (`BROKER_FHIR_READ`): topics offer their content filters too. */
@@ -275,17 +277,21 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
         `eventsSinceNumber ${since} is above eventsUntilNumber ${until}: the range is empty`,
       );
     }
-    const notes = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
     const asked = params.one('content');
-    const content = contentParam(asked) ?? sub.channel.content;
+    const own = contentNow(sub, deps.fullResourceClients ?? []);
+    const content = contentParam(asked) ?? own;
+    const read = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
+    const notes = content === 'full-resource' ? withinResourceBudget(read) : read;
     const { entry, ...head } = withDeliveryStates(
       buildNotificationBundle(sub, 'query-event', notes, content, ctx()),
       notes,
       sub,
     );
-    // A full page that stops short of `until`: the rest is a `next` link away (as search pages are).
+    // A full page (in count, or in resource bytes) that stops short of `until`: the rest is a `next`
+    // link away (as search pages are).
     const last = notes.at(-1)?.eventNumber;
-    if (notes.length < MAX_EVENTS_PAGE || last === undefined || last >= until) return fhirResponse({ ...head, entry });
+    const full = notes.length === MAX_EVENTS_PAGE || notes.length < read.length;
+    if (!full || last === undefined || last >= until) return fhirResponse({ ...head, entry });
     const next = new URLSearchParams({ eventsSinceNumber: String(last + 1), eventsUntilNumber: String(until) });
     if (asked !== undefined) next.set('content', asked);
     const url = `${fhirBase}/Subscription/${sub.id}/$events?${next}`;
@@ -683,8 +689,9 @@ function countParam(value: string | undefined): number {
 
 /**
  * `$events` `content`: the level to return instead of the subscription's own (empty or id-only).
- * The IG's OperationDefinition makes it "a hint ... and MAY be ignored": full-resource, which the
- * broker cannot produce (it does not fetch resources), is ignored; a code outside the value set is refused.
+ * The IG's OperationDefinition makes it "a hint ... and MAY be ignored": full-resource is ignored
+ * (only a full-resource subscription's notifications were stored with their resources, and its
+ * own content gives them); a code outside the value set is refused.
  */
 function contentParam(value: string | undefined): PayloadContent | undefined {
   if (value === undefined || value === 'empty' || value === 'id-only') return value;
@@ -809,4 +816,17 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
       },
     ],
   };
+}
+
+/** Resource bytes one `$events` page carries at most (at least one notification, however large). */
+const EVENTS_PAGE_RESOURCE_BYTES = 16 * 1024 * 1024;
+
+/** The first notifications of `notes` whose resources fit the page's budget; a `next` link gives the rest. */
+function withinResourceBudget<T extends Notification>(notes: readonly T[]): readonly T[] {
+  let bytes = 0;
+  for (let i = 0; i < notes.length; i++) {
+    bytes += (notes[i] as T).change.resource?.length ?? 0;
+    if (bytes > EVENTS_PAGE_RESOURCE_BYTES && i > 0) return notes.slice(0, i);
+  }
+  return notes;
 }

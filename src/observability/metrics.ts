@@ -41,6 +41,11 @@ const FAMILIES = {
     type: 'counter',
     zero: byOutcome('matched', 'not_matched', 'unevaluable'),
   },
+  broker_full_resources_total: {
+    help: 'Changes with full-resource subscribers, by whether their notifications carry the resource (not_allowed: per subscriber whose client is no longer in BROKER_FULL_RESOURCE_CLIENTS)',
+    type: 'counter',
+    zero: byOutcome('included', 'missing', 'too_large', 'not_allowed'),
+  },
   // Seeded at 0 by the reconciler when BROKER_RECONCILE_EVERY is set (absent otherwise).
   broker_reconcile_runs_total: {
     help: 'Reconciliation runs, by outcome (completed, stopped: cut short by close or the invocation time, failed)',

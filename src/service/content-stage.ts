@@ -1,5 +1,6 @@
 import { BrokerError } from '../core/errors.js';
 import { type ContentFilter, matchesContent, type SearchParameterCatalog } from '../core/search-filter.js';
+import { mayHaveFullResources } from '../core/subscription.js';
 import type { MatchSpec, ResourceChange } from '../core/types.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
@@ -16,7 +17,19 @@ import type { AcceptItem } from '../store/store.js';
  * now, the whole request fails with a 503 and nothing is stored: the sender (EventBridge, the SQS
  * source) delivers it again later, and the duplicate check keeps a retry from doubling anything.
  * Nothing is ever delivered unfiltered.
+ *
+ * The same read serves `full-resource` subscriptions: the resource as read goes into their
+ * notifications (stored with them, so a retry, a restart and `$events` send the same bytes), while
+ * their owner is one of `BROKER_FULL_RESOURCE_CLIENTS`. A delete carries none; a resource the
+ * server no longer has, or one over `MAX_FULL_RESOURCE_BYTES`, is notified without it (logged and
+ * counted), as id-only content would be.
  */
+
+/**
+ * The largest resource a notification carries (its JSON, in UTF-8 bytes). It is stored with each
+ * full-resource notification: a DynamoDB item holds at most 400 KB.
+ */
+export const MAX_FULL_RESOURCE_BYTES = 256 * 1024;
 
 /**
  * What a read answers: the resource with the base it was read from (references to that server
@@ -39,6 +52,8 @@ interface Check {
   readonly index: number;
   /** The candidates with content filters, and those filters as they were when stage one chose them. */
   readonly filtered: readonly { readonly id: string; readonly content: readonly ContentFilter[] }[];
+  /** The candidates whose notifications carry the resource. */
+  readonly full: readonly string[];
 }
 
 type Read = Extract<ReadResult, { readonly resource: unknown }>;
@@ -54,6 +69,7 @@ export class ContentStage {
   readonly #reader: ResourceSource | undefined;
   readonly #logger: Logger;
   readonly #metrics: Metrics;
+  readonly #fullResourceClients: readonly string[] | '*';
 
   /**
    * Without a reader (`BROKER_FHIR_READ` unset) no subscription can be registered with content
@@ -63,19 +79,23 @@ export class ContentStage {
   constructor(deps: {
     catalog?: SearchParameterCatalog;
     reader?: ResourceSource;
+    /** `BROKER_FULL_RESOURCE_CLIENTS`: whose full-resource subscriptions get the resource now. */
+    fullResourceClients?: readonly string[] | '*';
     logger: Logger;
     metrics: Metrics;
   }) {
     this.#catalog = deps.catalog;
     this.#reader = deps.reader;
+    this.#fullResourceClients = deps.fullResourceClients ?? [];
     this.#logger = deps.logger;
     this.#metrics = deps.metrics;
   }
 
   /**
-   * `items` with each candidate list narrowed to the subscriptions whose content filters hold;
-   * `items` itself, synchronously, when no candidate has content filters (the common case costs a
-   * look-up per candidate, not a promise). Resources come from `source`: the FHIR server, or what the
+   * `items` with each candidate list narrowed to the subscriptions whose content filters hold, and
+   * the resource for those of them that take it whole; `items` itself, synchronously, when no
+   * candidate has content filters or full-resource content (the common case costs a look-up per
+   * candidate, not a promise). Resources come from `source`: the FHIR server, or what the
    * reconciler found there.
    */
   narrow(
@@ -86,15 +106,28 @@ export class ContentStage {
     const checks: Check[] = [];
     items.forEach((item, index) => {
       let filtered: { id: string; content: readonly ContentFilter[] }[] | undefined;
+      let full: string[] | undefined;
+      const carries = item.change.interaction !== 'delete' && item.change.resourceId !== undefined;
       for (const id of item.subscriptionIds) {
         // The filters as stage one saw the subscription: one updated during the read is judged by
         // what it was when the event was matched, never by another spec (or none).
-        const content = specOf(id)?.content;
-        if (content === undefined) continue;
-        filtered ??= [];
-        filtered.push({ id, content });
+        const spec = specOf(id);
+        if (spec === undefined) continue;
+        if (spec.content !== undefined) {
+          filtered ??= [];
+          filtered.push({ id, content: spec.content });
+        }
+        if (carries && spec.fullResource !== undefined) {
+          if (mayHaveFullResources(this.#fullResourceClients, spec.fullResource.owner)) {
+            full ??= [];
+            full.push(id);
+          } else {
+            this.#metrics.inc('broker_full_resources_total', { outcome: 'not_allowed' });
+          }
+        }
       }
-      if (filtered !== undefined) checks.push({ index, filtered });
+      if (filtered !== undefined || full !== undefined)
+        checks.push({ index, filtered: filtered ?? [], full: full ?? [] });
     });
     return checks.length === 0 ? items : this.#narrowRead(items, checks, source);
   }
@@ -109,7 +142,7 @@ export class ContentStage {
       source,
     );
     const out = [...items];
-    checks.forEach(({ index, filtered }, k) => {
+    checks.forEach(({ index, filtered, full }, k) => {
       const item = items[index] as AcceptItem;
       const read = reads[k];
       const catalog = this.#catalog;
@@ -123,9 +156,37 @@ export class ContentStage {
         this.#metrics.inc('broker_content_matches_total', { outcome: 'not_matched' }, count(false));
         this.#metrics.inc('broker_content_matches_total', { outcome: 'unevaluable' }, count('unevaluable'));
       }
-      out[index] = { ...item, subscriptionIds: item.subscriptionIds.filter((id) => keep.has(id) || !checked.has(id)) };
+      const subscriptionIds = item.subscriptionIds.filter((id) => keep.has(id) || !checked.has(id));
+      const takers = full.filter((id) => keep.has(id) || !checked.has(id));
+      const json = takers.length === 0 ? undefined : this.#fullResource(read, item.change);
+      out[index] =
+        json === undefined
+          ? { change: item.change, subscriptionIds }
+          : { change: item.change, subscriptionIds, resource: { json, for: new Set(takers) } };
     });
     return out;
+  }
+
+  /** The resource's JSON for full-resource notifications, or `undefined` (said why) when they go without. */
+  #fullResource(read: Read | undefined, change: ResourceChange): string | undefined {
+    if (read === undefined) {
+      this.#metrics.inc('broker_full_resources_total', { outcome: 'missing' });
+      return undefined;
+    }
+    const json = JSON.stringify(read.resource);
+    const bytes = Buffer.byteLength(json);
+    if (bytes > MAX_FULL_RESOURCE_BYTES) {
+      this.#metrics.inc('broker_full_resources_total', { outcome: 'too_large' });
+      this.#logger.warn('a changed resource is too large to carry: its full-resource notifications go without it', {
+        eventId: change.eventId,
+        resourceType: change.resourceType,
+        bytes,
+        limit: MAX_FULL_RESOURCE_BYTES,
+      });
+      return undefined;
+    }
+    this.#metrics.inc('broker_full_resources_total', { outcome: 'included' });
+    return json;
   }
 
   /**
@@ -212,12 +273,15 @@ export class ContentStage {
     if (failure !== undefined) {
       if (!(failure instanceof ContentUnavailableError)) throw failure;
       this.#metrics.inc('broker_content_reads_total', { outcome: 'failed' });
-      this.#logger.warn('a changed resource could not be read for content filters; the sender will retry', {
-        err: failure as Error,
-      });
+      this.#logger.warn(
+        'a changed resource could not be read (content filters, full-resource); the sender will retry',
+        {
+          err: failure as Error,
+        },
+      );
       throw new BrokerError(
         'CONTENT_UNAVAILABLE',
-        `A changed resource could not be read from the FHIR server to evaluate content filters; retry (${(failure as Error).message})`,
+        `A changed resource could not be read from the FHIR server for content filters or full-resource content; retry (${(failure as Error).message})`,
         { cause: failure },
       );
     }
@@ -239,11 +303,14 @@ export class ContentStage {
     const fields = { eventId: change.eventId, resourceType: change.resourceType, reason: read.missing };
     if (read.anomaly === true) {
       this.#logger.warn(
-        'the FHIR server answered something other than the changed resource: no content filter holds',
+        'the FHIR server answered something other than the changed resource: no content filter holds, no resource carried',
         fields,
       );
     } else {
-      this.#logger.info('changed resource not found on the FHIR server: no content filter holds', fields);
+      this.#logger.info(
+        'changed resource not found on the FHIR server: no content filter holds, no resource carried',
+        fields,
+      );
     }
     return undefined;
   }

@@ -7,6 +7,7 @@ import { Slots } from '../core/slots.js';
 import { applyStatusEvent, clientStatusChange, type StatusEvent } from '../core/status.js';
 import {
   hasReason,
+  mayHaveFullResources,
   parseSubscription,
   requireReason,
   type SubscriptionSpec,
@@ -96,6 +97,7 @@ export class SubscriptionRegistry {
   #listener: RegistryListener | undefined;
 
   readonly #maxPerClient: number;
+  readonly #fullResourceClients: readonly string[] | '*';
 
   constructor(deps: {
     lifecycle?: LifecycleSink;
@@ -104,6 +106,8 @@ export class SubscriptionRegistry {
     topics: TopicCatalog;
     /** Search parameters for content filters; absent: such filters are refused. */
     search?: SearchParameterCatalog;
+    /** `BROKER_FULL_RESOURCE_CLIENTS`: who may ask for `full-resource` content (default: no one). */
+    fullResourceClients?: readonly string[] | '*';
     guard: EndpointGuard;
     clock: Clock;
     ids: IdSource;
@@ -118,6 +122,7 @@ export class SubscriptionRegistry {
     this.#logger = deps.logger;
     this.#lifecycle = deps.lifecycle ?? noLifecycleSink;
     this.#maxPerClient = deps.maxSubscriptionsPerClient ?? Number.POSITIVE_INFINITY;
+    this.#fullResourceClients = deps.fullResourceClients ?? [];
   }
 
   listen(listener: RegistryListener): void {
@@ -232,7 +237,7 @@ export class SubscriptionRegistry {
     body: unknown,
     unlessExists?: (sub: SubscriptionRecord) => boolean,
   ): Promise<WriteResult> {
-    const spec = parseSubscription(body, this.#topics, this.#search);
+    const spec = this.#withContent(owner, parseSubscription(body, this.#topics, this.#search));
     requireReason(spec.resource);
     this.#checkEnd(spec);
     if (spec.askedStatus === 'error') {
@@ -397,7 +402,7 @@ export class SubscriptionRegistry {
   /** `ifMatch`: the versions the client read (`ETag` / `meta.versionId`); another one now is a 412. */
   async update(owner: string, id: string, body: unknown, ifMatch?: readonly string[]): Promise<WriteResult> {
     checkBodyId(body, id);
-    const spec = parseSubscription(body, this.#topics, this.#search);
+    const spec = this.#withContent(owner, parseSubscription(body, this.#topics, this.#search));
     this.#checkEnd(spec);
     let checkedEndpoint: string | undefined;
     for (let attempt = 1; ; attempt++) {
@@ -481,6 +486,34 @@ export class SubscriptionRegistry {
       const record = this.#afterUpdate(owner, current, stored);
       return { record, ...(show === undefined ? {} : { shownSecret: show }) };
     }
+  }
+
+  /**
+   * `full-resource` content only for the clients `BROKER_FULL_RESOURCE_CLIENTS` names (their
+   * endpoints receive the resources, PHI, as the broker reads them), and only where the broker
+   * reads resources (`BROKER_FHIR_READ`). A write that turns such a subscription off is taken
+   * whoever asks: a client taken off the list can still stop what it has. The spec then carries
+   * the owner, so the content stage reads for it and checks the list again at each event.
+   */
+  #withContent(owner: string, spec: SubscriptionSpec): SubscriptionSpec {
+    if (spec.channel.content !== 'full-resource') return spec;
+    if (spec.askedStatus !== 'off') {
+      if (this.#search === undefined) {
+        throw new BrokerError(
+          'UNSUPPORTED_CONTENT',
+          'full-resource content needs the broker to read resources from the FHIR server, and it is not set up to (BROKER_FHIR_READ); use id-only',
+          { expression: 'Subscription.channel._payload' },
+        );
+      }
+      if (!mayHaveFullResources(this.#fullResourceClients, owner)) {
+        throw new BrokerError(
+          'UNSUPPORTED_CONTENT',
+          `full-resource content is not enabled for client ${owner}: its endpoint would receive the resources themselves, which the operator allows per client (BROKER_FULL_RESOURCE_CLIENTS); use id-only and read the resource yourself`,
+          { expression: 'Subscription.channel._payload' },
+        );
+      }
+    }
+    return { ...spec, match: { ...spec.match, fullResource: { owner } } };
   }
 
   /** An `end` already past would be off at once: refused, unless the client is turning it off anyway. */

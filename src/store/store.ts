@@ -33,6 +33,19 @@ export interface AcceptItem {
   readonly change: ResourceChange;
   /** The subscriptions the change matched when it arrived (matching is never redone later). */
   readonly subscriptionIds: readonly string[];
+  /**
+   * The resource as read, for the notifications of the subscriptions in `for` (full-resource
+   * content): theirs are stored with `change.resource` set to `json`, the others without it.
+   */
+  readonly resource?: { readonly json: string; readonly for: ReadonlySet<string> };
+}
+
+/** `item`'s change as `subscriptionId`'s notification keeps it (with the resource, if it takes it). */
+export function changesOf(item: AcceptItem): (subscriptionId: string) => ResourceChange {
+  const { resource } = item;
+  if (resource === undefined) return () => item.change;
+  const full: ResourceChange = { ...item.change, resource: resource.json };
+  return (subscriptionId) => (resource.for.has(subscriptionId) ? full : item.change);
 }
 
 export interface AcceptOutcome {

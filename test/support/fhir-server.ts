@@ -156,6 +156,11 @@ export class FhirServer {
     this.#versions.get(`${type}/${id}`)?.push({});
   }
 
+  /** The resource as a read of it answers now (its last version), or undefined. */
+  current(type: string, id: string): Json | undefined {
+    return this.#versions.get(`${type}/${id}`)?.at(-1)?.resource;
+  }
+
   /** Requests for one resource (its read and its history). */
   requestsFor(type: string, id: string): FhirRequest[] {
     const path = `/fhir/${type}/${id}`;

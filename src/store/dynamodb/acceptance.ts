@@ -8,7 +8,7 @@ import {
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
 import type { Notification, ResourceChange } from '../../core/types.js';
-import type { AcceptItem, AcceptOutcome } from '../store.js';
+import { type AcceptItem, type AcceptOutcome, changesOf } from '../store.js';
 import { Expression, type Item, N, readNumber, readString, S } from './attributes.js';
 import { COLLECTING, EVENT_SCOPE, eventIdItem, eventIdKey, fromNotificationItem } from './items.js';
 import { voidNumbers } from './lane-leases.js';
@@ -50,7 +50,9 @@ export class EventAcceptance {
     const known = await this.#readEventIds(items, receivedAt);
     const acceptedHere = new Set<string>();
     const outcomes: AcceptOutcome[] = [];
-    for (const { change, subscriptionIds } of items) {
+    for (const item of items) {
+      const { change, subscriptionIds } = item;
+      const changeOf = changesOf(item);
       if (acceptedHere.has(change.eventId) || known.has(eventIdKey(change.eventId, EVENT_SCOPE))) {
         outcomes.push({ duplicate: true, notifications: [] });
         continue;
@@ -63,7 +65,7 @@ export class EventAcceptance {
         [...new Set(subscriptionIds)].map((subscriptionId) => {
           const marker = known.get(eventIdKey(change.eventId, subscriptionId));
           return marker === undefined
-            ? this.#notify(change, subscriptionId, receivedAt, expiresAt)
+            ? this.#notify(changeOf(subscriptionId), subscriptionId, receivedAt, expiresAt)
             : this.#existingNotification(subscriptionId, marker);
         }),
       );

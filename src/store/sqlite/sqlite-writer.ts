@@ -2,7 +2,7 @@ import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
 import { BrokerError } from '../../core/errors.js';
 import type { Notification } from '../../core/types.js';
-import type { AcceptItem, AcceptOutcome, BundleMark, DeliveryUpdate } from '../store.js';
+import { type AcceptItem, type AcceptOutcome, type BundleMark, changesOf, type DeliveryUpdate } from '../store.js';
 
 /**
  * Every write of the embedded store — accepting events (a durable, fsync'd commit), recording
@@ -35,19 +35,22 @@ const delivery = db.prepare('UPDATE notifications SET state = ?, attempts = ?, d
 // re-queue drops its subscription's; a transaction that fails, and every \`steps\` write (subscriptions, statuses),
 // empties it.
 const marks = new Map();
-// items: [eventId, changeJson, k, subscriptionId × k]...; answer per item: -1 (a duplicate), or 1 then k event
-// numbers (0: that subscription no longer collects).
+// items: [eventId, changeJson, k, subscriptionId × k]...; a negative k (-k) marks an item whose subscriptions each
+// follow with the change JSON to keep for it (full-resource ones carry the resource): [eventId, changeJson, -k,
+// (subscriptionId, changeJson) × k]. Answer per item: -1 (a duplicate), or 1 then k event numbers (0: that
+// subscription no longer collects).
 const accept = db.transaction((items, receivedAt) => {
   const out = [];
   for (let i = 0; i < items.length; ) {
-    const eventId = items[i], changeJson = items[i + 1], k = items[i + 2];
+    const eventId = items[i], changeJson = items[i + 1], each = items[i + 2] < 0, k = Math.abs(items[i + 2]);
+    const step = each ? 2 : 1;
     i += 3;
-    if (seen.run(eventId, receivedAt).changes === 0) { out.push(-1); i += k; continue; }
+    if (seen.run(eventId, receivedAt).changes === 0) { out.push(-1); i += k * step; continue; }
     out.push(1);
-    for (const end = i + k; i < end; i++) {
+    for (const end = i + k * step; i < end; i += step) {
       const bumped = bump.get(items[i], items[i]);
       if (bumped === undefined) { out.push(0); continue; }
-      insertNote.run(items[i], bumped.n, changeJson, receivedAt, receivedAt);
+      insertNote.run(items[i], bumped.n, each ? items[i + 1] : changeJson, receivedAt, receivedAt);
       const mark = marks.get(items[i]);
       if (mark !== undefined) mark.top = bumped.n;
       out.push(bumped.n);
@@ -335,19 +338,29 @@ export class SqliteWriter {
   async accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
     const flat: (string | number)[] = [];
     for (const item of items) {
-      flat.push(item.change.eventId, JSON.stringify(item.change), item.subscriptionIds.length);
-      // One at a time: spread into push(), every id is an argument on the stack, and an event that
-      // matches ~130,000 subscriptions overflowed it (RangeError) on every retry.
-      for (const id of item.subscriptionIds) flat.push(id);
+      const changeJson = JSON.stringify(item.change);
+      const k = item.subscriptionIds.length;
+      if (item.resource === undefined) {
+        flat.push(item.change.eventId, changeJson, k);
+        // One at a time: spread into push(), every id is an argument on the stack, and an event that
+        // matches ~130,000 subscriptions overflowed it (RangeError) on every retry.
+        for (const id of item.subscriptionIds) flat.push(id);
+        continue;
+      }
+      // Full-resource subscriptions keep the change with the resource; the others without it.
+      const withResource = JSON.stringify({ ...item.change, resource: item.resource.json });
+      flat.push(item.change.eventId, changeJson, -k);
+      for (const id of item.subscriptionIds) flat.push(id, item.resource.for.has(id) ? withResource : changeJson);
     }
     const numbers = (await this.#call({ op: 'accept', items: flat, receivedAt })) as number[];
     let at = 0;
     return items.map((item): AcceptOutcome => {
       if (numbers[at++] === -1) return { duplicate: true, notifications: [] };
       const notifications: Notification[] = [];
+      const changeOf = changesOf(item);
       for (const subscriptionId of item.subscriptionIds) {
         const eventNumber = numbers[at++] as number;
-        if (eventNumber > 0) notifications.push({ subscriptionId, eventNumber, change: item.change });
+        if (eventNumber > 0) notifications.push({ subscriptionId, eventNumber, change: changeOf(subscriptionId) });
       }
       return { duplicate: false, notifications };
     });

@@ -1,0 +1,330 @@
+import { once } from 'node:events';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../src/config.js';
+import { attachWebSocket } from '../src/http/websocket-upgrade.js';
+import { MAX_FULL_RESOURCE_BYTES } from '../src/service/content-stage.js';
+import { eventLike, type Json, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
+import { validateFhir } from './support/fhir-schema.js';
+import { FhirServer } from './support/fhir-server.js';
+import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { Receiver } from './support/receiver.js';
+import { tempDir } from './support/temp-dirs.js';
+import { WsClient } from './support/ws-client.js';
+
+/**
+ * `full-resource` content end to end: the broker reads the changed resource from a real FHIR
+ * server over HTTP (the content stage's read), stores it with the notifications of the
+ * subscriptions that take it, and sends it in their bundles' focus entries, on retries, after a
+ * restart and in `$events`; only for the API clients BROKER_FULL_RESOURCE_CLIENTS names.
+ */
+
+const FHIR_TOKEN = 'fhir-server-token-0123456789';
+
+const cleanups: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+function patient(id: string, family: string, extra: Json = {}): Json {
+  return { resourceType: 'Patient', id, name: [{ family }], ...extra };
+}
+
+async function setup(
+  env: Record<string, string> = {},
+  fhirServer?: FhirServer,
+): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
+  const fhir = fhirServer ?? (await FhirServer.start());
+  fhir.token = FHIR_TOKEN;
+  const receiver = await Receiver.start();
+  const t = await inProcessBroker({
+    BROKER_FHIR_READ: fhir.url,
+    BROKER_FHIR_READ_TOKEN: FHIR_TOKEN,
+    BROKER_FULL_RESOURCE_CLIENTS: 'alice',
+    BROKER_RETRY_DELAYS: '20ms,20ms,20ms',
+    ...env,
+  });
+  cleanups.push(
+    ...(fhirServer === undefined ? [() => fhir.close()] : []),
+    () => receiver.close(),
+    () => t.broker.close(0),
+  );
+  return { t, fhir, receiver };
+}
+
+const full = (receiver: Receiver, path: string, options: { filters?: string[] } = {}) =>
+  topicSubscription('patient-change', `${receiver.url}${path}`, { ...options, content: 'full-resource' });
+
+async function active(t: TestBroker, sub: Json): Promise<string> {
+  await t.logger.waitForStatus(sub.id as string, 'active');
+  return sub.id as string;
+}
+
+/** The event notifications `path` received, as bundles. */
+const bundlesOn = (receiver: Receiver, path: string): Json[] =>
+  receiver
+    .on(path)
+    .map((r) => JSON.parse(r.body) as Json)
+    .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification');
+
+/** Each focus entry of the event notifications `path` received. */
+const focusEntries = (receiver: Receiver, path: string): Json[] =>
+  bundlesOn(receiver, path).flatMap((b) => (b.entry as Json[]).slice(1));
+
+const metric = async (t: TestBroker, line: string): Promise<number | undefined> => {
+  const res = await t.broker.app.request('/metrics', { headers: { authorization: `Bearer ${TOKENS.ingest}` } });
+  const text = await res.text();
+  const found = text.split('\n').find((l) => l.startsWith(`${line} `));
+  return found === undefined ? undefined : Number(found.split(' ')[1]);
+};
+
+describe('full-resource content', () => {
+  it('carries the resource as read (one read for every subscriber), never to id-only subscribers, never on a delete', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put(patient('p1', 'Chalmers'));
+    fhir.put(patient('p2', 'Windsor'));
+    const whole = await active(t, await t.create(full(receiver, '/full')));
+    await active(t, await t.create(full(receiver, '/full2')));
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/ids`)));
+
+    await t.post([
+      eventLike('healthlake-update-patient', 'u1', 'p1'),
+      eventLike('healthlake-create-patient', 'c2', 'p2'),
+      eventLike('healthlake-delete-patient', 'd1', 'p1'),
+    ]);
+    await receiver.waitFor(
+      () => ['/full', '/full2', '/ids'].every((p) => focusEntries(receiver, p).length === 3),
+      'three notifications each',
+    );
+    const entries = focusEntries(receiver, '/full');
+    expect(entries.map((e) => e.resource)).toEqual([
+      fhir.current('Patient', 'p1'),
+      fhir.current('Patient', 'p2'),
+      undefined,
+    ]);
+    expect(entries[0]?.resource).toMatchObject({ name: [{ family: 'Chalmers' }] });
+    expect(entries.map((e) => (e.request as Json).method)).toEqual(['PUT', 'POST', 'DELETE']);
+    expect(focusEntries(receiver, '/full2').map((e) => e.resource)).toEqual(entries.map((e) => e.resource));
+    expect(focusEntries(receiver, '/ids').every((e) => !('resource' in e))).toBe(true);
+    for (const b of bundlesOn(receiver, '/full')) expect(validateFhir(b)).toEqual([]);
+    expect(notifiedNumbers(receiver.on('/full'))).toEqual([1, 2, 3]);
+    // One read per changed resource, with the configured token; none for the delete.
+    expect(fhir.requests.map((r) => `${r.method} ${r.path}`)).toEqual(['GET /fhir/Patient/p1', 'GET /fhir/Patient/p2']);
+    expect(fhir.requests[0]?.headers.authorization).toBe(`Bearer ${FHIR_TOKEN}`);
+    expect(await metric(t, 'broker_full_resources_total{outcome="included"}')).toBe(2);
+
+    // $events gives the same resources back, and pages by their size too.
+    const events = await t.call('GET', `/fhir/Subscription/${whole}/$events`);
+    expect(events.status).toBe(200);
+    expect((events.body.entry as Json[]).slice(1).map((e) => e.resource)).toEqual([
+      fhir.current('Patient', 'p1'),
+      fhir.current('Patient', 'p2'),
+      undefined,
+    ]);
+  });
+
+  it('reads nothing for an event only id-only subscriptions match', async () => {
+    const { t, fhir, receiver } = await setup();
+    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/ids`)));
+    fhir.hold = new Promise(() => undefined);
+    await t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
+    await receiver.waitFor(() => focusEntries(receiver, '/ids').length === 1, 'the notification');
+    expect(fhir.requests).toEqual([]);
+  });
+
+  it('one read serves content filters and the payload; a filtered-out subscriber gets nothing', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put(patient('p1', 'Chalmers', { gender: 'male' }));
+    await active(t, await t.create(full(receiver, '/male', { filters: ['Patient?gender=male'] })));
+    await active(t, await t.create(full(receiver, '/female', { filters: ['Patient?gender=female'] })));
+    await active(t, await t.create(full(receiver, '/all')));
+    await t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
+    await receiver.waitFor(
+      () => focusEntries(receiver, '/male').length === 1 && focusEntries(receiver, '/all').length === 1,
+      'the two notifications',
+    );
+    expect(focusEntries(receiver, '/male')[0]?.resource).toEqual(fhir.current('Patient', 'p1'));
+    expect(focusEntries(receiver, '/all')[0]?.resource).toEqual(fhir.current('Patient', 'p1'));
+    expect(bundlesOn(receiver, '/female')).toEqual([]);
+    expect(fhir.requests).toHaveLength(1);
+  });
+
+  it('refuses the request whole (503, nothing stored) while the resource cannot be read, and carries it once the sender retries', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put(patient('p1', 'Chalmers'));
+    const id = await active(t, await t.create(full(receiver, '/full')));
+    fhir.respond = () => 503;
+    const refused = await t.call('POST', '/events', eventLike('healthlake-update-patient', 'u1', 'p1'), TOKENS.ingest);
+    expect(refused.status).toBe(503);
+    expect(JSON.stringify(refused.body)).toContain('could not be read from the FHIR server');
+    const status = await t.call('GET', `/fhir/Subscription/${id}/$status`);
+    expect(statusOf(status.body).params.get('events-since-subscription-start')?.valueString).toBe('0');
+
+    fhir.respond = () => undefined;
+    await t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
+    await receiver.waitFor(() => focusEntries(receiver, '/full').length === 1, 'the notification');
+    expect(focusEntries(receiver, '/full')[0]?.resource).toEqual(fhir.current('Patient', 'p1'));
+    expect(notifiedNumbers(receiver.on('/full'))).toEqual([1]);
+  });
+
+  it('notifies without the resource when the server has none, or it is too large to carry', async () => {
+    const { t, fhir, receiver } = await setup();
+    const big = 'x'.repeat(MAX_FULL_RESOURCE_BYTES);
+    fhir.put(patient('big', 'Large', { text: { status: 'generated', div: `<div>${big}</div>` } }));
+    await active(t, await t.create(full(receiver, '/full')));
+    await t.post([
+      eventLike('healthlake-update-patient', 'u-ghost', 'ghost'),
+      eventLike('healthlake-update-patient', 'u-big', 'big'),
+    ]);
+    await receiver.waitFor(() => focusEntries(receiver, '/full').length === 2, 'both notifications');
+    const entries = focusEntries(receiver, '/full');
+    expect(entries.map((e) => String(e.fullUrl).split('/').slice(-2).join('/'))).toEqual([
+      'Patient/ghost',
+      'Patient/big',
+    ]);
+    expect(entries.every((e) => !('resource' in e))).toBe(true);
+    expect(await metric(t, 'broker_full_resources_total{outcome="missing"}')).toBe(1);
+    expect(await metric(t, 'broker_full_resources_total{outcome="too_large"}')).toBe(1);
+    const warned = t.logger.records.find(
+      (r) => r.msg === 'a changed resource is too large to carry: its full-resource notifications go without it',
+    );
+    expect(warned).toMatchObject({ resourceType: 'Patient', limit: MAX_FULL_RESOURCE_BYTES });
+    expect(warned?.bytes).toBeGreaterThan(MAX_FULL_RESOURCE_BYTES);
+  });
+
+  it('sends the stored resource on a retry after a restart, not a fresh read', async () => {
+    const fhir = await FhirServer.start();
+    cleanups.push(() => fhir.close());
+    const dataDir = tempDir('fsb-full-');
+    const first = await setup({ BROKER_DATA_DIR: dataDir, BROKER_RETRY_DELAYS: '1s' }, fhir);
+    fhir.put(patient('p1', 'Chalmers'));
+    await active(first.t, await first.t.create(full(first.receiver, '/full')));
+    const failed = first.receiver.answerOnce((req) => req.body.includes('event-notification'), { status: 503 });
+    await first.t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
+    await first.receiver.waitFor(() => failed.given && first.receiver.failures.length === 1, 'the failed attempt');
+    const [attempt] = first.receiver.failures.map((r) => (JSON.parse(r.body) as { entry: Json[] }).entry[1]);
+    expect(attempt?.resource).toEqual(fhir.current('Patient', 'p1'));
+    await first.t.broker.close(0);
+    // The resource changes on the server; the notification stays of the version read when it came.
+    fhir.put(patient('p1', 'Changed'));
+    const reads = fhir.requests.length;
+    await setup({ BROKER_DATA_DIR: dataDir }, fhir);
+    await first.receiver.waitFor(() => focusEntries(first.receiver, '/full').length === 1, 'the retried notification');
+    expect(focusEntries(first.receiver, '/full')[0]).toEqual(attempt);
+    expect(fhir.requests.length).toBe(reads);
+  });
+});
+
+describe('full-resource over a WebSocket', () => {
+  it('carries the resource in the catch-up (from the store) and in live notifications', async () => {
+    const { t, fhir } = await setup();
+    const server = createServer();
+    attachWebSocket(server, { hub: t.broker.websocketHub, apiAuth: t.broker.apiAuth, logger: t.logger });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    cleanups.push(async () => {
+      server.closeAllConnections();
+      server.close();
+    });
+    fhir.put(patient('p1', 'Chalmers'));
+    const sub = topicSubscription('patient-change', 'unused', { content: 'full-resource' });
+    const { endpoint: _endpoint, ...channel } = sub.channel as Json;
+    const id = (await t.create({ ...sub, channel: { ...channel, type: 'websocket' } })).id as string;
+    await t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
+    const res = await t.call('GET', `/fhir/Subscription/$get-ws-binding-token?id=${id}`);
+    const token = ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
+    const c = await WsClient.connect(`ws://127.0.0.1:${(server.address() as AddressInfo).port}/ws`);
+    cleanups.push(async () => c.close());
+    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token, lastEventNumber: 0 } }));
+    const resources = () =>
+      c.bundles
+        .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification')
+        .map((b) => (b.entry as Json[])[1]?.resource);
+    await c.waitFor(() => resources().length === 1, 'the catch-up');
+    fhir.put(patient('p1', 'Changed'));
+    await t.post(eventLike('healthlake-update-patient', 'u2', 'p1'));
+    await c.waitFor(() => resources().length === 2, 'the live notification');
+    expect(resources().map((r) => (r as Json | undefined)?.name)).toEqual([
+      [{ family: 'Chalmers' }],
+      [{ family: 'Changed' }],
+    ]);
+  });
+});
+
+describe('who may have full resources', () => {
+  it('refuses full-resource content to a client BROKER_FULL_RESOURCE_CLIENTS does not name, and where nothing is read', async () => {
+    const { t, receiver } = await setup();
+    const bob = await t.call('POST', '/fhir/Subscription', full(receiver, '/bob'), TOKENS.bob);
+    expect(bob.status).toBe(422);
+    const issue = (bob.body.issue as Json[])[0] as Json;
+    expect(issue.diagnostics).toContain('full-resource content is not enabled for client bob');
+    expect(issue.diagnostics).toContain('BROKER_FULL_RESOURCE_CLIENTS');
+    expect(issue.expression).toEqual(['Subscription.channel._payload']);
+    expect((await t.call('GET', '/fhir/Subscription', undefined, TOKENS.bob)).body.total).toBe(0);
+
+    const everyone = await setup({ BROKER_FULL_RESOURCE_CLIENTS: '*' });
+    expect((await everyone.t.call('POST', '/fhir/Subscription', full(receiver, '/bob'), TOKENS.bob)).status).toBe(201);
+
+    const unread = await inProcessBroker({});
+    cleanups.push(() => unread.broker.close(0));
+    const refused = await unread.call('POST', '/fhir/Subscription', full(receiver, '/x'));
+    expect(refused.status).toBe(422);
+    expect(((refused.body.issue as Json[])[0] as Json).diagnostics).toContain('BROKER_FHIR_READ');
+  });
+
+  it('a client taken off the list gets id-only (no read, nothing stored, $events too) and may still turn its subscription off', async () => {
+    const fhir = await FhirServer.start();
+    cleanups.push(() => fhir.close());
+    const dataDir = tempDir('fsb-full-');
+    const first = await setup({ BROKER_DATA_DIR: dataDir }, fhir);
+    fhir.put(patient('p1', 'Chalmers'));
+    const id = await active(first.t, await first.t.create(full(first.receiver, '/full')));
+    await first.t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
+    await first.receiver.waitFor(() => focusEntries(first.receiver, '/full').length === 1, 'the notification');
+    await first.t.broker.close(0);
+
+    const { t } = await setup({ BROKER_DATA_DIR: dataDir, BROKER_FULL_RESOURCE_CLIENTS: 'carol' }, fhir);
+    const [entry] = (await t.call('GET', '/fhir/Subscription')).body.entry as Json[];
+    const here = entry?.resource as Json;
+    // Kept full-resource: refused; turned off: taken.
+    const kept = await t.call('PUT', `/fhir/Subscription/${id}`, here);
+    expect(kept.status).toBe(422);
+    expect(JSON.stringify(kept.body)).toContain('not enabled for client alice');
+
+    // Events meanwhile go id-only, and the notification stored with the resource is given id-only too.
+    const reads = fhir.requests.length;
+    await t.post(eventLike('healthlake-update-patient', 'u2', 'p1'));
+    expect(fhir.requests.length).toBe(reads);
+    expect(await metric(t, 'broker_full_resources_total{outcome="not_allowed"}')).toBe(1);
+    const events = await t.call('GET', `/fhir/Subscription/${id}/$events`);
+    const entries = (events.body.entry as Json[]).slice(1);
+    expect(entries).toHaveLength(2);
+    expect(entries.every((e) => !('resource' in e))).toBe(true);
+
+    const off = await t.call('PUT', `/fhir/Subscription/${id}`, { ...here, status: 'off' });
+    expect(off.status).toBe(200);
+    expect(off.body.status).toBe('off');
+  });
+
+  it('BROKER_FULL_RESOURCE_CLIENTS: needs BROKER_FHIR_READ, and takes * or client ids', () => {
+    const base = { BROKER_API_KEYS: `alice:${TOKENS.alice}`, BROKER_DATA_DIR: tempDir('fsb-full-') };
+    const read = { BROKER_FHIR_READ: 'https://fhir.example.org/r4' };
+    expect(loadConfig(base).fullResourceClients).toEqual([]);
+    expect(loadConfig({ ...base, ...read, BROKER_FULL_RESOURCE_CLIENTS: 'alice, bob' }).fullResourceClients).toEqual([
+      'alice',
+      'bob',
+    ]);
+    expect(loadConfig({ ...base, ...read, BROKER_FULL_RESOURCE_CLIENTS: '*' }).fullResourceClients).toBe('*');
+    expect(() => loadConfig({ ...base, BROKER_FULL_RESOURCE_CLIENTS: 'alice' })).toThrow(
+      new ConfigError(
+        'BROKER_FULL_RESOURCE_CLIENTS',
+        'needs BROKER_FHIR_READ: full-resource notifications carry the resource as read from the FHIR server',
+      ),
+    );
+    expect(() => loadConfig({ ...base, ...read, BROKER_FULL_RESOURCE_CLIENTS: 'al ice' })).toThrow(
+      /BROKER_FULL_RESOURCE_CLIENTS.*not "al ice"/,
+    );
+    expect(() => loadConfig({ ...base, ...read, BROKER_FULL_RESOURCE_CLIENTS: ' , ' })).toThrow(ConfigError);
+  });
+});
