@@ -25,7 +25,9 @@ import { fmt, percentile, printTable, type TargetCheck } from './util.js';
  * in 100 patients, filtered two ways back to back:
  * - by `_id` (stage one: decided on the event, nothing read);
  * - by `general-practitioner` (stage two: every event's Patient is read from a FHIR server over
- *   HTTP before the commit, and the filter decided on it).
+ *   HTTP before the commit, and the filter decided on it);
+ * - the same with `full-resource` content: the Patient read is also stored with the notification
+ *   and sent in it.
  * The FHIR server is in this process (node:http on 127.0.0.1, answers from memory), beside the load
  * generator and the receiver. No target: the issue-free figure is the price of a read per event.
  */
@@ -73,12 +75,20 @@ interface Result {
   readonly exact: boolean;
 }
 
-async function register(pool: Pool, receiverPort: number, content: boolean): Promise<void> {
+/** How the 100 subscribers are filtered, and what their notifications carry. */
+type Variant = 'id' | 'gp' | 'gp-full';
+
+async function register(pool: Pool, receiverPort: number, variant: Variant): Promise<void> {
+  const content = variant !== 'id';
   const ids: string[] = [];
   for (let n = 0; n < SUBSCRIPTIONS; n++) {
     const endpoint = `http://127.0.0.1:${receiverPort}/content/${n}`;
     const body = subscriptionBody(n, endpoint, []) as { _criteria: { extension: { valueString: string }[] } };
     const ext = body._criteria.extension[0] as { valueString: string };
+    if (variant === 'gp-full') {
+      const channel = body as unknown as { channel: { _payload: { extension: { valueCode: string }[] } } };
+      (channel.channel._payload.extension[0] as { valueCode: string }).valueCode = 'full-resource';
+    }
     ext.valueString = content
       ? `Patient?general-practitioner=Practitioner/gp-${n}`
       : `Patient?_id=${Array.from({ length: PATIENTS / SUBSCRIPTIONS }, (_, k) => patientId(k * SUBSCRIPTIONS + n)).join(',')}`;
@@ -93,22 +103,31 @@ async function register(pool: Pool, receiverPort: number, content: boolean): Pro
   });
 }
 
-async function measure(fhir: PatientServer, fhirUrl: string, receiver: Receiver, content: boolean): Promise<Result> {
+const LABELS: Record<Variant, string> = {
+  id: '_id= (nothing read)',
+  gp: 'general-practitioner= (a read per event)',
+  'gp-full': 'general-practitioner=, full-resource (read, stored, sent)',
+};
+
+async function measure(fhir: PatientServer, fhirUrl: string, receiver: Receiver, variant: Variant): Promise<Result> {
+  const content = variant !== 'id';
   const receiverPort = (receiver.server.address() as AddressInfo).port;
   const dataDir = mkdtempSync(join(tmpdir(), 'broker-bench-content-'));
-  return withBroker(dataDir, { env: { BROKER_FHIR_READ: fhirUrl }, connections: CLIENTS }, async (broker, pool) => {
+  const env = { BROKER_FHIR_READ: fhirUrl, BROKER_FULL_RESOURCE_CLIENTS: 'bench' };
+  return withBroker(dataDir, { env, connections: CLIENTS }, async (broker, pool) => {
     const pid = broker.child.pid as number;
-    await register(pool, receiverPort, content);
-    const run = `content-${content ? 'gp' : 'id'}-${Date.now().toString(36)}`;
+    await register(pool, receiverPort, variant);
+    const run = `content-${variant}-${Date.now().toString(36)}`;
     const one = () => 1;
     await burst(pool, receiver, pid, `${run}-warm`, 1, 1_000, CLIENTS, { countOf: one });
     const reads0 = fhir.reads;
+    const resources0 = receiver.resources;
     const b = await burst(pool, receiver, pid, run, 1, BURST, CLIENTS, { countOf: one });
     const readsPerEvent = (fhir.reads - reads0) / b.events;
     settleDisk(dataDir);
     const r = await openLoop(pool, receiver, pid, run, { countOf: one, rate: RATE, seconds: SECONDS });
     return {
-      label: content ? 'general-practitioner= (a read per event)' : '_id= (nothing read)',
+      label: LABELS[variant],
       eventsPerSecond: b.events / b.ingestSeconds,
       notificationsPerSecond: b.notifications / b.deliverSeconds,
       brokerCpu: b.brokerCpu,
@@ -122,7 +141,8 @@ async function measure(fhir: PatientServer, fhirUrl: string, receiver: Receiver,
         r.failures === 0 &&
         r.unexpected === 0 &&
         r.notifications === r.events &&
-        (content ? Math.abs(readsPerEvent - 1) < 1e-9 : readsPerEvent === 0),
+        (content ? Math.abs(readsPerEvent - 1) < 1e-9 : readsPerEvent === 0) &&
+        receiver.resources - resources0 === (variant === 'gp-full' ? b.notifications + r.notifications : 0),
     };
   });
 }
@@ -137,7 +157,8 @@ export async function runContent(): Promise<TargetCheck[]> {
   await receiver.listen();
   const results: Result[] = [];
   try {
-    for (const content of [false, true]) results.push(await measure(fhir, fhirUrl, receiver, content));
+    for (const variant of ['id', 'gp', 'gp-full'] as const)
+      results.push(await measure(fhir, fhirUrl, receiver, variant));
   } finally {
     await receiver.close();
     fhir.server.closeAllConnections();
@@ -167,7 +188,7 @@ export async function runContent(): Promise<TargetCheck[]> {
   ]);
   return results.map((r) => ({
     suite: 'content',
-    target: `${r.label}: every event to its one subscriber, once; ${r.label.startsWith('_id') ? 'nothing read' : 'each resource read once'} (reported: throughput, latency)`,
+    target: `${r.label}: every event to its one subscriber, once; ${r.label.startsWith('_id') ? 'nothing read' : 'each resource read once'}${r.label.includes('full-resource') ? ', and in every notification' : ''} (reported: throughput, latency)`,
     measured: `${fmt(r.eventsPerSecond)} events/s, p99 ${fmt(r.p99, 1)} ms`,
     met: r.exact,
   }));

@@ -112,6 +112,8 @@ export class Receiver {
   unexpected = 0;
   /** Event notifications answered 503 on a `/fail/` path (a failing subscriber; its handshake gets 204). */
   refused = 0;
+  /** Focus entries that carried the resource (full-resource content). */
+  resources = 0;
 
   constructor() {
     this.server = createServer((req, res) => this.#handle(req, res));
@@ -166,6 +168,7 @@ export class Receiver {
       this.unexpected++;
       return;
     }
+    for (const e of bundle.entry?.slice(1) ?? []) if (e.resource !== undefined) this.resources++;
     for (const p of params) {
       if (p.name !== 'notification-event') continue;
       const focus = p.part?.find((q) => q.name === 'focus')?.valueReference?.reference ?? '';

@@ -193,6 +193,46 @@ describe('full-resource content', () => {
     expect(warned?.bytes).toBeGreaterThan(MAX_FULL_RESOURCE_BYTES);
   });
 
+  it('splits a max-count backlog of large resources into bundles of about 1 MiB, and pages $events by about 2 MiB', async () => {
+    const { t, fhir, receiver } = await setup();
+    const ids = Array.from({ length: 12 }, (_, i) => `big${i}`);
+    // ~200 KB each: 2.4 MB in all.
+    for (const id of ids)
+      fhir.put(patient(id, 'Large', { text: { status: 'generated', div: `<div>${'x'.repeat(200_000)}</div>` } }));
+    const sub = full(receiver, '/batched');
+    const channel = sub.channel as Json;
+    const maxCount = {
+      url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
+      valuePositiveInt: 100,
+    };
+    const id = await active(t, await t.create({ ...sub, channel: { ...channel, extension: [maxCount] } }));
+    await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `u${i}`, p)));
+    await receiver.waitFor(() => focusEntries(receiver, '/batched').length === 12, 'all twelve');
+    const bundles = bundlesOn(receiver, '/batched');
+    expect(bundles.length).toBeGreaterThan(2);
+    for (const b of bundles) expect(JSON.stringify(b).length).toBeLessThan(1024 * 1024 + 250_000);
+    expect(notifiedNumbers(receiver.on('/batched'))).toEqual(Array.from({ length: 12 }, (_, i) => i + 1));
+    expect(focusEntries(receiver, '/batched').map((e) => (e.resource as Json).id)).toEqual(ids);
+
+    // $events: pages of at most ~2 MiB of resources, the rest a next link away, each event once.
+    const seen: number[] = [];
+    let url: string | undefined = `/fhir/Subscription/${id}/$events`;
+    for (let pages = 0; url !== undefined; pages++) {
+      expect(pages).toBeLessThan(12);
+      const page = await t.call('GET', url);
+      expect(page.status).toBe(200);
+      expect(JSON.stringify(page.body).length).toBeLessThan(2 * 1024 * 1024 + 250_000);
+      const entries = (page.body.entry as Json[]).slice(1);
+      expect(entries.every((e) => (e.resource as Json | undefined)?.resourceType === 'Patient')).toBe(true);
+      seen.push(...statusOf(page.body).events.map((e) => Number((e.part as Json[])[0]?.valueString)));
+      const next = (page.body.link as Json[] | undefined)?.find((l) => l.relation === 'next')?.url as
+        | string
+        | undefined;
+      url = next?.slice(next.indexOf('/fhir/'));
+    }
+    expect(seen).toEqual(Array.from({ length: 12 }, (_, i) => i + 1));
+  });
+
   it('sends the stored resource on a retry after a restart, not a fresh read', async () => {
     const fhir = await FhirServer.start();
     cleanups.push(() => fhir.close());

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { DeleteTableCommand } from '@aws-sdk/client-dynamodb';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { SubscriptionRecord } from '../src/core/types.js';
+import { MAX_FULL_RESOURCE_BYTES } from '../src/service/content-stage.js';
 import { DynamoDbStore } from '../src/store/dynamodb/dynamodb-store.js';
 import { ensureTables, tableDefinitions } from '../src/store/dynamodb/tables.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
@@ -549,6 +550,17 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       // The next event, without one, is stored without one for every subscription.
       await store.acceptChanges([item('e2', ['s1', 's2'])], RECEIVED);
       expect((await store.notificationsInRange('s1', 2, 2, 10)).map((n) => n.change)).toEqual([change('e2', 'p1')]);
+    });
+
+    it("keeps a resource at the size cap whose JSON is mostly escapes (not escaped twice, past a DynamoDB item's 400 KB)", async () => {
+      const payload = JSON.stringify(Array.from({ length: 10_500 }, () => ({ a: '', b: '' })));
+      const json = JSON.stringify({ resourceType: 'Observation', id: 'o1', status: 'final', valueString: payload });
+      expect(Buffer.byteLength(json)).toBeLessThanOrEqual(MAX_FULL_RESOURCE_BYTES);
+      expect(Buffer.byteLength(json)).toBeGreaterThan(MAX_FULL_RESOURCE_BYTES * 0.9);
+      const accepted = { ...item('e1', ['s1']), resource: { json, for: new Set(['s1']) } };
+      await store.acceptChanges([accepted], RECEIVED);
+      const [n] = await store.pendingNotifications('s1', 0, 10);
+      expect(n?.change.resource).toBe(json);
     });
 
     it('round-trips a change without a resource id', async () => {

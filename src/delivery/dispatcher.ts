@@ -1691,6 +1691,13 @@ export class Dispatcher {
 }
 
 /**
+ * The resources one bundle of several events carries at most (full-resource content; UTF-16 units
+ * of their JSON): a backlog of large resources goes out in several bundles, not in one body of up
+ * to `max-count` × 256 KiB. A single event's bundle carries its resource whatever its size.
+ */
+const BUNDLE_RESOURCES = 1024 * 1024;
+
+/**
  * The due head of the queue as up to `bundles` bundles of up to `max` notifications each, in order:
  * what one `sendInOrder` run sends. A bundle that went out before goes out again as it was (so
  * under the same `webhook-id`, which receivers deduplicate on): its first notification carries
@@ -1710,26 +1717,36 @@ function takeRun(
   let current: QueuedNotification[] = [];
   /** The stored end of the bundle `current` is (event numbers start at 1), or 0: none. */
   let last = 0;
+  /** The resources `current` carries (full-resource content), in UTF-16 units. */
+  let carried = 0;
   for (const q of queue) {
+    const size = q.note.change.resource?.length ?? 0;
     const n = q.note.eventNumber;
     // Within a marked bundle, what is queued goes with its head, whatever of its states was
     // written before a crash (attempts, due time): up to `max`, which the client may have lowered.
     if (n <= last && current.length < max) {
       current.push(q);
+      carried += size;
       continue;
     }
     if (q.note.dueAt > now) break;
     const head = current[0];
     if (
       head !== undefined &&
-      (last > 0 || current.length === max || q.note.bundleLast !== undefined || !sameAttempt(head.note, q.note))
+      (last > 0 ||
+        current.length === max ||
+        carried + size > BUNDLE_RESOURCES ||
+        q.note.bundleLast !== undefined ||
+        !sameAttempt(head.note, q.note))
     ) {
       out.push(current);
       if (out.length === bundles) return out;
       current = [];
+      carried = 0;
     }
     if (current.length === 0) last = q.note.bundleLast ?? 0;
     current.push(q);
+    carried += size;
   }
   if (current.length > 0) out.push(current);
   return out;

@@ -5,7 +5,7 @@ import { checkAcceptable, mediaType, otherCharset } from '../core/media-type.js'
 import { buildNotificationBundle, buildStatusBundle, withDeliveryStates } from '../core/notification.js';
 import { contentNow, instantProblem } from '../core/subscription.js';
 import type { TopicCatalog, TopicDefinition } from '../core/topics.js';
-import type { Clock, IdSource, Notification, PayloadContent, SubscriptionRecord } from '../core/types.js';
+import type { Clock, IdSource, PayloadContent, StoredNotification, SubscriptionRecord } from '../core/types.js';
 import type { BindingTokens } from '../delivery/ws-binding-token.js';
 import { type SubscriptionRegistry, versionId } from '../service/subscription-registry.js';
 import { EARLIER_VERSIONS_KEPT, type Store } from '../store/store.js';
@@ -280,8 +280,10 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const asked = params.one('content');
     const own = contentNow(sub, deps.fullResourceClients ?? []);
     const content = contentParam(asked) ?? own;
-    const read = await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE);
-    const notes = content === 'full-resource' ? withinResourceBudget(read) : read;
+    const { notes, cut } =
+      content === 'full-resource'
+        ? await withinResourceBudget(deps.store, sub.id, since, until)
+        : { notes: await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE), cut: false };
     const { entry, ...head } = withDeliveryStates(
       buildNotificationBundle(sub, 'query-event', notes, content, ctx()),
       notes,
@@ -290,7 +292,7 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     // A full page (in count, or in resource bytes) that stops short of `until`: the rest is a `next`
     // link away (as search pages are).
     const last = notes.at(-1)?.eventNumber;
-    const full = notes.length === MAX_EVENTS_PAGE || notes.length < read.length;
+    const full = notes.length === MAX_EVENTS_PAGE || cut;
     if (!full || last === undefined || last >= until) return fhirResponse({ ...head, entry });
     const next = new URLSearchParams({ eventsSinceNumber: String(last + 1), eventsUntilNumber: String(until) });
     if (asked !== undefined) next.set('content', asked);
@@ -818,15 +820,39 @@ function capabilityStatement(deps: FhirRouteDeps, date: string): unknown {
   };
 }
 
-/** Resource bytes one `$events` page carries at most (at least one notification, however large). */
-const EVENTS_PAGE_RESOURCE_BYTES = 16 * 1024 * 1024;
+/**
+ * Resource bytes (UTF-8) one full-resource `$events` page carries at most, at least one
+ * notification however large: on AWS the API function's answer, its body escaped once more in
+ * Lambda's response, must stay under Lambda's 6 MB.
+ */
+const EVENTS_PAGE_RESOURCE_BYTES = 2 * 1024 * 1024;
+/** Notifications read at a time for a full-resource page: up to 256 KiB each, never a thousand at once. */
+const EVENTS_RESOURCE_READ = 16;
 
-/** The first notifications of `notes` whose resources fit the page's budget; a `next` link gives the rest. */
-function withinResourceBudget<T extends Notification>(notes: readonly T[]): readonly T[] {
+/**
+ * The first notifications from `since` to `until` whose resources fit a page's budget, read a few
+ * at a time; `cut`: the budget (not the range or the page's count) ended it.
+ */
+async function withinResourceBudget(
+  store: Store,
+  subscriptionId: string,
+  since: number,
+  until: number,
+): Promise<{ notes: StoredNotification[]; cut: boolean }> {
+  const notes: StoredNotification[] = [];
   let bytes = 0;
-  for (let i = 0; i < notes.length; i++) {
-    bytes += (notes[i] as T).change.resource?.length ?? 0;
-    if (bytes > EVENTS_PAGE_RESOURCE_BYTES && i > 0) return notes.slice(0, i);
+  for (let from = since; from <= until && notes.length < MAX_EVENTS_PAGE; ) {
+    const want = Math.min(EVENTS_RESOURCE_READ, MAX_EVENTS_PAGE - notes.length);
+    const read = await store.notificationsInRange(subscriptionId, from, until, want);
+    for (const n of read) {
+      const size = n.change.resource === undefined ? 0 : Buffer.byteLength(n.change.resource);
+      if (notes.length > 0 && bytes + size > EVENTS_PAGE_RESOURCE_BYTES) return { notes, cut: true };
+      bytes += size;
+      notes.push(n);
+    }
+    const last = read.at(-1);
+    if (read.length < want || last === undefined) break;
+    from = last.eventNumber + 1;
   }
-  return notes;
+  return { notes, cut: false };
 }

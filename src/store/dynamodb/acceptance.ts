@@ -140,10 +140,14 @@ export class EventAcceptance {
     receivedAt: number,
     expiresAt: number,
   ): Promise<Notification | undefined | typeof VOIDED> {
+    // The resource (full-resource content) as an attribute of its own: inside `change` its JSON
+    // would be escaped again, up to twice its size, past the 400 KB an item holds.
+    const { resource, ...bare } = change;
     const note: Item = {
       subscriptionId: S(subscriptionId),
       eventNumber: N(eventNumber),
-      change: S(JSON.stringify(change)),
+      change: S(JSON.stringify(bare)),
+      ...(resource === undefined ? {} : { resource: S(resource) }),
       state: S('pending'),
       attempts: N(0),
       dueAt: N(receivedAt),

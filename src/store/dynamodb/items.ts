@@ -86,10 +86,12 @@ export function fromSubscriptionItem(item: Item): SubscriptionRecord {
 export function fromNotificationItem(item: Item): StoredNotification {
   const lastError = readOptionalString(item, 'lastError');
   const bundleLast = readOptionalNumber(item, 'bundleLast');
+  const resource = readOptionalString(item, 'resource');
+  const change = JSON.parse(readString(item, 'change')) as ResourceChange;
   return {
     subscriptionId: readString(item, 'subscriptionId'),
     eventNumber: readNumber(item, 'eventNumber'),
-    change: JSON.parse(readString(item, 'change')) as ResourceChange,
+    change: resource === undefined ? change : { ...change, resource },
     state: readString(item, 'state') as DeliveryState,
     attempts: readNumber(item, 'attempts'),
     dueAt: readNumber(item, 'dueAt'),
