@@ -388,7 +388,7 @@ function fullResourceClientsConfig(env: Env, fhirRead: FhirReadConfig | undefine
   if (bad !== undefined || ids.length === 0) {
     throw new ConfigError(
       'BROKER_FULL_RESOURCE_CLIENTS',
-      `must be * or a comma-separated list of API client ids (letters, digits, '.', '_', '-'; at most 64)${bad === undefined ? '' : `, not ${JSON.stringify(bad.slice(0, 64))}`}`,
+      `must be * or a comma-separated list of API client ids (letters, digits, '.', '_', '-'; at most 64)${bad === undefined ? '' : bad === '*' ? ': * stands alone' : `, not ${JSON.stringify(bad.slice(0, 64))}`}`,
     );
   }
   return Object.freeze(ids);

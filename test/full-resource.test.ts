@@ -186,6 +186,18 @@ describe('full-resource content', () => {
     expect(entries.every((e) => !('resource' in e))).toBe(true);
     expect(await metric(t, 'broker_full_resources_total{outcome="missing"}')).toBe(1);
     expect(await metric(t, 'broker_full_resources_total{outcome="too_large"}')).toBe(1);
+
+    // An older event that names no resource: nothing to read, notified without, said and counted.
+    const reads = fhir.requests.length;
+    await t.post(eventLike('healthlake-update-patient-no-resource-id', 'u-noid'));
+    await receiver.waitFor(() => bundlesOn(receiver, '/full').length === 3, 'the third notification');
+    expect(fhir.requests.length).toBe(reads);
+    expect(await metric(t, 'broker_full_resources_total{outcome="missing"}')).toBe(2);
+    expect(
+      t.logger.records.find(
+        (r) => r.msg === 'full-resource notifications without the resource: the event names no resource id',
+      ),
+    ).toMatchObject({ eventId: 'u-noid', resourceType: 'Patient' });
     const warned = t.logger.records.find(
       (r) => r.msg === 'a changed resource is too large to carry: its full-resource notifications go without it',
     );
@@ -364,6 +376,9 @@ describe('who may have full resources', () => {
     );
     expect(() => loadConfig({ ...base, ...read, BROKER_FULL_RESOURCE_CLIENTS: 'al ice' })).toThrow(
       /BROKER_FULL_RESOURCE_CLIENTS.*not "al ice"/,
+    );
+    expect(() => loadConfig({ ...base, ...read, BROKER_FULL_RESOURCE_CLIENTS: '*, alice' })).toThrow(
+      /BROKER_FULL_RESOURCE_CLIENTS.*: \* stands alone$/,
     );
     expect(() => loadConfig({ ...base, ...read, BROKER_FULL_RESOURCE_CLIENTS: ' , ' })).toThrow(ConfigError);
   });

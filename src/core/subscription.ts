@@ -950,7 +950,7 @@ function parseContent(ext: Extension | undefined, kind: SubscriptionKind, payloa
     if (payload !== undefined) {
       throw new BrokerError(
         'UNSUPPORTED_CONTENT',
-        'A classic Subscription with channel.payload would carry the full resource, which a CloudTrail event does not include; omit payload (empty POST) or use a topic-based Subscription with id-only content',
+        'A classic Subscription with channel.payload would carry the full resource; omit payload (empty POST), or use a topic-based Subscription with id-only content (or full-resource, where the operator allows it: BROKER_FULL_RESOURCE_CLIENTS)',
         { expression: 'Subscription.channel.payload' },
       );
     }

@@ -107,7 +107,7 @@ export class ContentStage {
     items.forEach((item, index) => {
       let filtered: { id: string; content: readonly ContentFilter[] }[] | undefined;
       let full: string[] | undefined;
-      const carries = item.change.interaction !== 'delete' && item.change.resourceId !== undefined;
+      let unnamed = false;
       for (const id of item.subscriptionIds) {
         // The filters as stage one saw the subscription: one updated during the read is judged by
         // what it was when the event was matched, never by another spec (or none).
@@ -117,14 +117,23 @@ export class ContentStage {
           filtered ??= [];
           filtered.push({ id, content: spec.content });
         }
-        if (carries && spec.fullResource !== undefined) {
-          if (mayHaveFullResources(this.#fullResourceClients, spec.fullResource.owner)) {
-            full ??= [];
-            full.push(id);
-          } else {
-            this.#metrics.inc('broker_full_resources_total', { outcome: 'not_allowed' });
-          }
+        // A delete carries no resource.
+        if (spec.fullResource === undefined || item.change.interaction === 'delete') continue;
+        if (item.change.resourceId === undefined) unnamed = true;
+        else if (mayHaveFullResources(this.#fullResourceClients, spec.fullResource.owner)) {
+          full ??= [];
+          full.push(id);
+        } else {
+          this.#metrics.inc('broker_full_resources_total', { outcome: 'not_allowed' });
         }
+      }
+      if (unnamed) {
+        // An older event that names no resource: nothing to read, the notification goes without.
+        this.#metrics.inc('broker_full_resources_total', { outcome: 'missing' });
+        this.#logger.info('full-resource notifications without the resource: the event names no resource id', {
+          eventId: item.change.eventId,
+          resourceType: item.change.resourceType,
+        });
       }
       if (filtered !== undefined || full !== undefined)
         checks.push({ index, filtered: filtered ?? [], full: full ?? [] });
