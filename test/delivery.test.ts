@@ -261,6 +261,30 @@ describe('handshake retries', () => {
     expect(handshakesOn(receiver, '/thawed')).toHaveLength(2);
   });
 
+  it('keeps to the schedule when its timers fire early (a busy event loop), one attempt per step', async () => {
+    // Timers count from the event loop's cached time: after a long turn they fire early by as much.
+    // Here every timer of 250–350 ms fires 120 ms early, as after a 120 ms turn.
+    const real = globalThis.setTimeout;
+    const early = ((fn: () => void, ms?: number) =>
+      real(fn, ms !== undefined && ms >= 250 && ms <= 350 ? ms - 120 : ms)) as typeof setTimeout;
+    globalThis.setTimeout = early;
+    try {
+      const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '300ms,300ms' });
+      receiver.respond = () => ({ status: 503 });
+      const sub = await t.create(topicSubscription('patient-change', `${receiver.url}/early`));
+      const failed = await t.logger.waitForStatus(sub.id as string, 'error');
+      expect(failed.reason).toBe('handshake failed: HTTP 503');
+      const arrivals = handshakesOn(receiver, '/early').map((r) => r.at);
+      expect(arrivals).toHaveLength(3);
+      // Each retry at its step (300 ms, 600 ms after the subscription was requested), not early.
+      const requested = Date.parse((sub.meta as { lastUpdated: string }).lastUpdated);
+      expect((arrivals[1] as number) - requested).toBeGreaterThanOrEqual(295);
+      expect((arrivals[2] as number) - requested).toBeGreaterThanOrEqual(595);
+    } finally {
+      globalThis.setTimeout = real;
+    }
+  });
+
   it('gives up once the schedule is over: error with the last reason', async () => {
     const { t, receiver } = await setup({ BROKER_HANDSHAKE_RETRY_DELAYS: '300ms,300ms' });
     receiver.respond = () => ({ status: 503 });

@@ -1380,8 +1380,14 @@ export class Dispatcher {
     if (this.#closed) return;
     const id = sub.id;
     this.#dropHandshakeRetry(id);
+    const at = performance.now() + ms;
     const timer = setTimeout(
       () => {
+        // A timer counts from the event loop's cached time, which a busy turn leaves behind: it can
+        // fire tens of ms early. Sent early, an attempt that fails fast finds the schedule's step
+        // not yet passed, and one attempt too many follows; so it waits out the rest first.
+        const early = at - performance.now();
+        if (early > 0) return this.#retryHandshakeIn(sub, early);
         this.#handshakeRetries.delete(id);
         this.#track(this.#retryHandshake(sub));
       },
