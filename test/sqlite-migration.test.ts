@@ -361,3 +361,35 @@ describe('SQLite data dir from schema version 3', () => {
     });
   });
 });
+
+describe('SQLite data dir of schema version 4 from before full-resource content', () => {
+  it('gains the resource column on opening, keeps every notification, and keeps resources from then on', async () => {
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    await store.insertSubscription(record('s1'));
+    await store.acceptChanges([item('e1', ['s1'], 'p1')], RECEIVED);
+    await store.close();
+    store = undefined;
+    // As the release of 2026-11-30 left the file: no resource_json column.
+    const old = new Database(join(dir, 'broker.sqlite3'));
+    old.exec('ALTER TABLE notifications DROP COLUMN resource_json;');
+    old.close();
+
+    store = new SqliteStore(dir, { synchronous: 'NORMAL' });
+    const json = JSON.stringify({ resourceType: 'Patient', id: 'p2' });
+    await store.acceptChanges([{ ...item('e2', ['s1'], 'p2'), resource: { json, for: new Set(['s1']) } }], RECEIVED);
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => [n.eventNumber, n.change.resource])).toEqual([
+      [1, undefined],
+      [2, json],
+    ]);
+    await onDisk((db) => {
+      expect(db.pragma('user_version', { simple: true })).toBe(4);
+      // Beside the change, not inside its JSON.
+      expect(
+        db.prepare('SELECT event_number, change_json, resource_json FROM notifications ORDER BY event_number').all(),
+      ).toEqual([
+        { event_number: 1, change_json: JSON.stringify(item('e1', ['s1'], 'p1').change), resource_json: null },
+        { event_number: 2, change_json: JSON.stringify(item('e2', ['s1'], 'p2').change), resource_json: json },
+      ]);
+    });
+  });
+});

@@ -133,7 +133,8 @@ CREATE TABLE IF NOT EXISTS notifications (
   due_at INTEGER NOT NULL,
   last_error TEXT,
   created_at INTEGER NOT NULL,
-  bundle_last INTEGER
+  bundle_last INTEGER,
+  resource_json TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS notifications_key ON notifications(subscription_id, event_number);
 -- The retention purge's walk, oldest first. Appended to (a commit's rows share one time), never
@@ -191,6 +192,12 @@ const MIGRATE_3_TO_4 = `
 ALTER TABLE notifications ADD COLUMN bundle_last INTEGER;
 `;
 
+/**
+ * Full-resource notifications keep the resource beside the change, not inside its JSON (escaped
+ * again there, and parsed by every read of the change, the reconciler's "told" walk included).
+ */
+const ADD_RESOURCE_COLUMN = 'ALTER TABLE notifications ADD COLUMN resource_json TEXT;';
+
 /** Before anything is written to the file: a newer broker's data is left as it is. */
 function refuseNewer(db: Database.Database): void {
   const version = db.pragma('user_version', { simple: true }) as number;
@@ -214,6 +221,10 @@ function migrate(db: Database.Database): void {
     if (fromVersion2) db.exec(MIGRATE_2_TO_3);
     if (fromVersion2 || fromVersion3) db.exec(MIGRATE_3_TO_4);
     db.exec(SCHEMA);
+    // Added to version 4 without a bump (as the versions and checkpoint tables were): an older
+    // broker on the same file names its columns and never reads this one.
+    const columns = db.prepare<[], { name: string }>("SELECT name FROM pragma_table_info('notifications')").all();
+    if (!columns.some((c) => c.name === 'resource_json')) db.exec(ADD_RESOURCE_COLUMN);
     if (fromVersion1) db.exec(MIGRATE_1_TO_2_AFTER);
     if (fromVersion1 || fromVersion2) db.exec(MIGRATE_TO_3_MARKS);
     db.pragma(`user_version = ${SCHEMA_VERSION}`);
@@ -305,6 +316,7 @@ interface NotificationRow {
   due_at: number;
   last_error: string | null;
   bundle_last: number | null;
+  resource_json: string | null;
 }
 
 /** Rows `notifiedResources` reads at a time, between turns of the event loop. */
@@ -405,7 +417,7 @@ export class SqliteStore implements Store {
       // A row at or below the watermark still in state 'pending' was delivered (at its first attempt,
       // or at the first after a re-queue started it over): no error of an earlier attempt goes with it.
       range: db.prepare<[string, number, number, number], NotificationRow>(
-        `SELECT n.subscription_id, n.event_number, n.change_json, n.due_at, n.bundle_last,
+        `SELECT n.subscription_id, n.event_number, n.change_json, n.resource_json, n.due_at, n.bundle_last,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN NULL ELSE n.last_error END AS last_error,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN 'delivered' ELSE n.state END AS state,
            CASE WHEN n.state = 'pending' AND n.event_number <= c.done_through THEN MAX(n.attempts, 1) ELSE n.attempts END
@@ -679,10 +691,11 @@ function fromRow(row: SubscriptionRow): SubscriptionRecord {
 }
 
 function fromNotificationRow(row: NotificationRow): StoredNotification {
+  const change = JSON.parse(row.change_json) as ResourceChange;
   return {
     subscriptionId: row.subscription_id,
     eventNumber: row.event_number,
-    change: JSON.parse(row.change_json) as ResourceChange,
+    change: row.resource_json === null ? change : { ...change, resource: row.resource_json },
     state: row.state as DeliveryState,
     attempts: row.attempts,
     dueAt: row.due_at,

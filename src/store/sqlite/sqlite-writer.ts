@@ -28,7 +28,7 @@ db.pragma('journal_size_limit = ' + workerData.checkpointPages * 4096 * 2);
 const seen = db.prepare('INSERT OR IGNORE INTO seen_events (event_id, received_at) VALUES (?, ?)');
 // The counter moves only while the subscription collects (it may have been switched off or deleted since matching).
 const bump = db.prepare("UPDATE subscription_counters SET events_since_start = events_since_start + 1 WHERE subscription_id = ? AND EXISTS (SELECT 1 FROM subscriptions WHERE id = ? AND status IN ('requested', 'active', 'error')) RETURNING events_since_start AS n");
-const insertNote = db.prepare("INSERT INTO notifications (subscription_id, event_number, change_json, state, attempts, due_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)");
+const insertNote = db.prepare("INSERT INTO notifications (subscription_id, event_number, change_json, resource_json, state, attempts, due_at, created_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?)");
 const delivery = db.prepare('UPDATE notifications SET state = ?, attempts = ?, due_at = ?, last_error = ? WHERE subscription_id = ? AND event_number = ?');
 // Each subscription's watermark and counter as the database holds them, for the subscriptions delivery outcomes
 // touched lately: this thread is the store's only writer, so they stay right while its transactions commit. A
@@ -36,8 +36,8 @@ const delivery = db.prepare('UPDATE notifications SET state = ?, attempts = ?, d
 // empties it.
 const marks = new Map();
 // items: [eventId, changeJson, k, subscriptionId × k]...; a negative k (-k) marks an item whose subscriptions each
-// follow with the change JSON to keep for it (full-resource ones carry the resource): [eventId, changeJson, -k,
-// (subscriptionId, changeJson) × k]. Answer per item: -1 (a duplicate), or 1 then k event numbers (0: that
+// follow with the resource JSON to keep with it, or null (full-resource ones take it): [eventId, changeJson, -k,
+// (subscriptionId, resourceJson | null) × k]. Answer per item: -1 (a duplicate), or 1 then k event numbers (0: that
 // subscription no longer collects).
 const accept = db.transaction((items, receivedAt) => {
   const out = [];
@@ -50,7 +50,7 @@ const accept = db.transaction((items, receivedAt) => {
     for (const end = i + k * step; i < end; i += step) {
       const bumped = bump.get(items[i], items[i]);
       if (bumped === undefined) { out.push(0); continue; }
-      insertNote.run(items[i], bumped.n, each ? items[i + 1] : changeJson, receivedAt, receivedAt);
+      insertNote.run(items[i], bumped.n, changeJson, each ? items[i + 1] : null, receivedAt, receivedAt);
       const mark = marks.get(items[i]);
       if (mark !== undefined) mark.top = bumped.n;
       out.push(bumped.n);
@@ -336,7 +336,7 @@ export class SqliteWriter {
    * fraction of cloning objects, on both sides.
    */
   async accept(items: readonly AcceptItem[], receivedAt: number): Promise<AcceptOutcome[]> {
-    const flat: (string | number)[] = [];
+    const flat: (string | number | null)[] = [];
     for (const item of items) {
       const changeJson = JSON.stringify(item.change);
       const k = item.subscriptionIds.length;
@@ -347,10 +347,10 @@ export class SqliteWriter {
         for (const id of item.subscriptionIds) flat.push(id);
         continue;
       }
-      // Full-resource subscriptions keep the change with the resource; the others without it.
-      const withResource = JSON.stringify({ ...item.change, resource: item.resource.json });
+      // Full-resource subscriptions keep the resource beside the change; the others nothing.
+      const { json, for: takers } = item.resource;
       flat.push(item.change.eventId, changeJson, -k);
-      for (const id of item.subscriptionIds) flat.push(id, item.resource.for.has(id) ? withResource : changeJson);
+      for (const id of item.subscriptionIds) flat.push(id, takers.has(id) ? json : null);
     }
     const numbers = (await this.#call({ op: 'accept', items: flat, receivedAt })) as number[];
     let at = 0;
