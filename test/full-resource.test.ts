@@ -5,6 +5,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { attachWebSocket } from '../src/http/websocket-upgrade.js';
 import { MAX_FULL_RESOURCE_BYTES } from '../src/service/content-stage.js';
+import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { eventLike, type Json, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
 import { validateFhir } from './support/fhir-schema.js';
 import { FhirServer } from './support/fhir-server.js';
@@ -301,6 +302,63 @@ describe('full-resource over a WebSocket', () => {
       [{ family: 'Chalmers' }],
       [{ family: 'Changed' }],
     ]);
+  });
+});
+
+describe('reading stored resources a few at a time', () => {
+  it('$events in any content, and a WebSocket catch-up, read a full-resource subscription 16 notifications at a time', async () => {
+    /** The SQLite store, recording how many notifications each range read returned. */
+    class Recording extends SqliteStore {
+      readonly reads: number[] = [];
+      override async notificationsInRange(id: string, from: number, to: number, limit: number) {
+        const page = await super.notificationsInRange(id, from, to, limit);
+        this.reads.push(page.length);
+        return page;
+      }
+    }
+    const store = new Recording(tempDir('fsb-full-'));
+    const fhir = await FhirServer.start();
+    fhir.token = FHIR_TOKEN;
+    cleanups.push(() => fhir.close());
+    const t = await inProcessBroker(
+      { BROKER_FHIR_READ: fhir.url, BROKER_FHIR_READ_TOKEN: FHIR_TOKEN, BROKER_FULL_RESOURCE_CLIENTS: 'alice' },
+      { store },
+    );
+    cleanups.push(() => t.broker.close(0));
+    const ids = Array.from({ length: 40 }, (_, i) => `p${i}`);
+    for (const id of ids) fhir.put(patient(id, 'Doe'));
+    const sub = topicSubscription('patient-change', 'unused', { content: 'full-resource' });
+    const { endpoint: _endpoint, ...channel } = sub.channel as Json;
+    const id = (await t.create({ ...sub, channel: { ...channel, type: 'websocket' } })).id as string;
+    await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `u${i}`, p)));
+
+    for (const content of ['id-only', 'empty', 'full-resource']) {
+      store.reads.length = 0;
+      const page = await t.call('GET', `/fhir/Subscription/${id}/$events?content=${content}`);
+      expect(statusOf(page.body).events).toHaveLength(40);
+      expect(store.reads.length).toBeGreaterThan(2);
+      expect(Math.max(...store.reads)).toBeLessThanOrEqual(16);
+    }
+
+    const server = createServer();
+    attachWebSocket(server, { hub: t.broker.websocketHub, apiAuth: t.broker.apiAuth, logger: t.logger });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    cleanups.push(async () => {
+      server.closeAllConnections();
+      server.close();
+    });
+    const res = await t.call('GET', `/fhir/Subscription/$get-ws-binding-token?id=${id}`);
+    const token = ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
+    const c = await WsClient.connect(`ws://127.0.0.1:${(server.address() as AddressInfo).port}/ws`);
+    cleanups.push(async () => c.close());
+    store.reads.length = 0;
+    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token, lastEventNumber: 0 } }));
+    await c.waitFor(
+      () => c.bundles.filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification').length === 40,
+      'the catch-up',
+    );
+    expect(Math.max(...store.reads)).toBeLessThanOrEqual(16);
   });
 });
 

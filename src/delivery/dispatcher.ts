@@ -849,7 +849,8 @@ export class Dispatcher {
       const bundle =
         head.note.attempts === 0
           ? 1
-          : (takeRun(lane.queue, sub.channel.maxCount ?? 1, 1, Number.POSITIVE_INFINITY)[0]?.length ?? 1);
+          : (takeRun(lane.queue, sub.channel.maxCount ?? 1, 1, Number.POSITIVE_INFINITY, this.#carries(sub))[0]
+              ?.length ?? 1);
       const moved = lane.queue.slice(0, bundle).map((q) => ({ ...q, note: { ...q.note, dueAt } }));
       lane.queue.splice(0, bundle, ...moved);
       this.#recordBundle(moved, (note) => ({ ...note, laneEpoch: lane.hold?.epoch }));
@@ -913,7 +914,7 @@ export class Dispatcher {
     now: number,
     mayStart: () => boolean = () => true,
   ): Promise<boolean> {
-    let batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now);
+    let batches = takeRun(lane.queue, sub.channel.maxCount ?? 1, RUN_LENGTH, now, this.#carries(sub));
     const generation = lane.generation;
     const epoch = lane.hold?.epoch;
     const run = new RunStop();
@@ -1525,6 +1526,11 @@ export class Dispatcher {
     return 'ok' in req ? Promise.resolve(req) : this.#sender.send(req);
   }
 
+  /** Whether `sub`'s bundles carry their resources now (full-resource, its client still allowed). */
+  #carries(sub: SubscriptionRecord): boolean {
+    return contentNow(sub, this.#opts.fullResourceClients) === 'full-resource';
+  }
+
   /** The signed POST of one bundle to a rest-hook endpoint, or why there is none. */
   #request(
     sub: SubscriptionRecord,
@@ -1718,6 +1724,8 @@ function takeRun(
   max: number,
   bundles: number,
   now: number,
+  /** Whether the bundles carry the resources (full-resource content as sent now): only then do they count. */
+  carries: boolean,
 ): QueuedNotification[][] {
   const out: QueuedNotification[][] = [];
   let current: QueuedNotification[] = [];
@@ -1726,7 +1734,7 @@ function takeRun(
   /** The resources `current` carries (full-resource content), in UTF-16 units. */
   let carried = 0;
   for (const q of queue) {
-    const size = q.note.change.resource?.length ?? 0;
+    const size = carries ? (q.note.change.resource?.length ?? 0) : 0;
     const n = q.note.eventNumber;
     // Within a marked bundle, what is queued goes with its head, whatever of its states was
     // written before a crash (attempts, due time): up to `max`, which the client may have lowered.

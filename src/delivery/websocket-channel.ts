@@ -36,6 +36,8 @@ export interface Connection {
 
 /** Stored notifications read per page during a catch-up. */
 const CATCH_UP_PAGE = 500;
+/** The same for a full-resource subscription: up to 256 KiB each, a few at a time. */
+const CATCH_UP_PAGE_WITH_RESOURCES = 16;
 
 /** 1 MiB: the local hub's default send-buffer cap (BROKER_WS_SEND_BUFFER), which the broker passes in. */
 const DEFAULT_MAX_HELD_BYTES = 1024 * 1024;
@@ -416,8 +418,9 @@ export class WebSocketChannel {
       // Page through everything stored after lastSeen (within retention), in order. Each send
       // waits until the socket has room (`drained`): written in one go, a long catch-up filled the
       // send buffer past its cap before the reader could take any of it, however fast it read.
+      const pageSize = current.channel.content === 'full-resource' ? CATCH_UP_PAGE_WITH_RESOURCES : CATCH_UP_PAGE;
       for (;;) {
-        const page = await this.#store.notificationsInRange(sub.id, sent + 1, Number.MAX_SAFE_INTEGER, CATCH_UP_PAGE);
+        const page = await this.#store.notificationsInRange(sub.id, sent + 1, Number.MAX_SAFE_INTEGER, pageSize);
         for (const note of page) {
           await this.#port.drained?.(connectionId);
           if (!ours()) return true;
@@ -431,7 +434,7 @@ export class WebSocketChannel {
           while ((hold.held[0]?.lastEventNumber ?? Number.POSITIVE_INFINITY) <= sent)
             hold.bytes -= (hold.held.shift() as Held).text.length;
         }
-        if (page.length < CATCH_UP_PAGE) break;
+        if (page.length < pageSize) break;
       }
     } finally {
       // Flush what live delivery held meanwhile. The hold stays in place until it is empty, and

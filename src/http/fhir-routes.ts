@@ -280,8 +280,9 @@ export function mountFhirRoutes(app: Hono<Env>, deps: FhirRouteDeps): void {
     const asked = params.one('content');
     const own = contentNow(sub, deps.fullResourceClients ?? []);
     const content = contentParam(asked) ?? own;
+    // Stored with their resources (whatever this answer shows of them): read a few at a time.
     const { notes, cut } =
-      content === 'full-resource'
+      sub.channel.content === 'full-resource'
         ? await withinResourceBudget(deps.store, sub.id, since, until)
         : { notes: await deps.store.notificationsInRange(sub.id, since, until, MAX_EVENTS_PAGE), cut: false };
     const { entry, ...head } = withDeliveryStates(
