@@ -1,6 +1,7 @@
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { Webhook } from 'standardwebhooks';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { attachWebSocket } from '../src/http/websocket-upgrade.js';
@@ -9,7 +10,7 @@ import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
 import { eventLike, type Json, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
 import { validateFhir } from './support/fhir-schema.js';
 import { FhirServer } from './support/fhir-server.js';
-import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { inProcessBroker, secretOf, type TestBroker, TOKENS } from './support/in-process.js';
 import { Receiver } from './support/receiver.js';
 import { tempDir } from './support/temp-dirs.js';
 import { WsClient } from './support/ws-client.js';
@@ -266,6 +267,50 @@ describe('full-resource content', () => {
     await first.receiver.waitFor(() => focusEntries(first.receiver, '/full').length === 1, 'the retried notification');
     expect(focusEntries(first.receiver, '/full')[0]).toEqual(attempt);
     expect(fhir.requests.length).toBe(reads);
+  });
+});
+
+describe('a classic R4 Subscription with a payload', () => {
+  it('updates the resource on the endpoint as a FHIR base: PUT [endpoint]/[type]/[id] with it, DELETE for a delete, signed', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put(patient('p1', 'Chalmers'));
+    const classic = {
+      resourceType: 'Subscription',
+      status: 'requested',
+      reason: 'replicate',
+      criteria: 'Patient',
+      channel: { type: 'rest-hook', endpoint: `${receiver.url}/replica/?k=1`, payload: 'application/fhir+json' },
+    };
+    const created = await t.create(classic);
+    expect((created.channel as Json).payload).toBe('application/fhir+json');
+    await active(t, created);
+    await t.post([
+      eventLike('healthlake-update-patient', 'u1', 'p1'),
+      eventLike('healthlake-delete-patient', 'd1', 'p1'),
+      // Not on the server: nothing to send but that something changed (the empty POST).
+      eventLike('healthlake-update-patient', 'u2', 'ghost'),
+    ]);
+    const got = () => [...receiver.requests, ...receiver.failures].filter((r) => r.path.startsWith('/replica'));
+    await receiver.waitFor(() => got().length === 3, 'three requests');
+    expect(got().map((r) => `${r.method} ${r.path}`)).toEqual([
+      'PUT /replica/Patient/p1?k=1',
+      'DELETE /replica/Patient/p1?k=1',
+      'POST /replica/?k=1',
+    ]);
+    const [put, del, post] = got();
+    expect(JSON.parse(put?.body ?? '')).toEqual(fhir.current('Patient', 'p1'));
+    expect(put?.headers['content-type']).toBe('application/fhir+json');
+    expect([del?.body, post?.body]).toEqual(['', '']);
+    for (const r of got()) {
+      expect(() => new Webhook(secretOf(created)).verify(r.body, r.headers as Record<string, string>)).not.toThrow();
+    }
+    // Only for the clients BROKER_FULL_RESOURCE_CLIENTS names.
+    const bob = await t.call('POST', '/fhir/Subscription', classic, TOKENS.bob);
+    expect(bob.status).toBe(422);
+    const issue = (bob.body.issue as Json[])[0] as Json;
+    expect(issue.diagnostics).toContain('A classic Subscription with channel.payload');
+    expect(issue.diagnostics).toContain('not enabled for client bob');
+    expect(issue.expression).toEqual(['Subscription.channel.payload']);
   });
 });
 

@@ -375,8 +375,14 @@ describe('parseSubscription: classic criteria', () => {
     expect(errorCode(classicSub(criteria))).toBe('UNSUPPORTED_CRITERIA');
   });
 
-  it('refuses a classic subscription with a payload (it would promise the full resource)', () => {
-    expect(errorCode(classicSub('Patient', { payload: 'application/fhir+json' }))).toBe('UNSUPPORTED_CONTENT');
+  it('reads a classic subscription with a payload as full-resource (R4: the resource goes to the endpoint), without max-count', () => {
+    expect(parse(classicSub('Patient', { payload: 'application/fhir+json' })).channel.content).toBe('full-resource');
+    expect(parse(classicSub('Patient')).channel.content).toBe('empty');
+    expect(errorCode(classicSub('Patient', { payload: 'application/fhir+xml' }))).toBe('UNSUPPORTED_CONTENT');
+    const maxCount = { url: BACKPORT_EXT.maxCount, valuePositiveInt: 5 };
+    const err = thrown(classicSub('Patient', { payload: 'application/fhir+json', extension: [maxCount] }));
+    expect([err.code, err.expression]).toEqual(['UNSUPPORTED_CHANNEL', 'Subscription.channel.extension']);
+    expect(err.message).toContain('backport-max-count does not apply');
   });
 
   it('refuses malformed percent-encoding in classic criteria as UNSUPPORTED_CRITERIA, not a URIError', () => {

@@ -914,6 +914,18 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
       { expression: 'Subscription.channel.payload' },
     );
   }
+  if (
+    kind === 'classic' &&
+    type === 'rest-hook' &&
+    ch.payload !== undefined &&
+    (ch.extension ?? []).some((e) => e.url === BACKPORT_EXT.maxCount)
+  ) {
+    throw new BrokerError(
+      'UNSUPPORTED_CHANNEL',
+      'A classic Subscription with channel.payload sends each change as its own update of the resource (PUT [endpoint]/[type]/[id]): backport-max-count does not apply; leave it out',
+      { expression: 'Subscription.channel.extension' },
+    );
+  }
   if (kind === 'classic' && (ch.extension ?? []).some((e) => e.url === BACKPORT_EXT.heartbeatPeriod)) {
     throw new BrokerError(
       'UNSUPPORTED_CHANNEL',
@@ -946,16 +958,9 @@ function parseChannel(sub: SubscriptionJson, kind: SubscriptionKind): Channel {
 }
 
 function parseContent(ext: Extension | undefined, kind: SubscriptionKind, payload: string | undefined): PayloadContent {
-  if (kind === 'classic') {
-    if (payload !== undefined) {
-      throw new BrokerError(
-        'UNSUPPORTED_CONTENT',
-        'A classic Subscription with channel.payload would carry the full resource; omit payload (empty POST), or use a topic-based Subscription with id-only content (or full-resource, where the operator allows it: BROKER_FULL_RESOURCE_CLIENTS)',
-        { expression: 'Subscription.channel.payload' },
-      );
-    }
-    return 'empty';
-  }
+  // R4: with a payload, the resource itself goes to the endpoint (a FHIR service base, updated
+  // with it); whether this client may have it is the registry's to decide (`#withContent`).
+  if (kind === 'classic') return payload === undefined ? 'empty' : 'full-resource';
   if (ext === undefined) return payload === undefined ? 'empty' : 'id-only';
   const code = ext.valueCode;
   // full-resource: whether this client may have it is the registry's to decide (fullResourceFor).

@@ -1541,6 +1541,10 @@ export class Dispatcher {
     const endpoint = sub.channel.endpoint;
     if (endpoint === undefined) return { ok: false, error: 'no endpoint', permanent: true };
     const lastNumber = notes[notes.length - 1]?.eventNumber ?? 0;
+    if (sub.kind === 'classic') {
+      const update = this.#classicUpdate(sub, notes);
+      if (update !== undefined) return { ...update, ...this.#requestOf(sub, webhookId) };
+    }
     // Classic subscriptions without payload get an empty POST, as R4 prescribes.
     const body =
       sub.kind === 'classic'
@@ -1555,9 +1559,16 @@ export class Dispatcher {
           );
     return {
       endpoint,
-      headers: sub.channel.headers,
       ...(sub.kind === 'classic' ? {} : { contentType: sub.channel.payload ?? 'application/fhir+json' }),
       body,
+      ...this.#requestOf(sub, webhookId),
+    };
+  }
+
+  /** What every request of `sub` carries: its headers, id, signing secrets and timeout. */
+  #requestOf(sub: SubscriptionRecord, webhookId: string) {
+    return {
+      headers: sub.channel.headers,
       webhookId,
       secrets: this.#registry.signingSecrets(sub),
       // Never beyond the invocation's time for attempts (`endAttemptsWithin`).
@@ -1566,6 +1577,28 @@ export class Dispatcher {
         Math.max(Math.ceil(this.#timeLeft()), 1),
       ),
     };
+  }
+
+  /**
+   * A classic Subscription with a payload (full-resource content): R4 has its endpoint be a FHIR
+   * service base, updated with the resource, `PUT [endpoint]/[type]/[id]` (as HAPI FHIR sends it),
+   * and `DELETE` there for a delete. Undefined when the notification carries no resource (not
+   * read, too large, no id, or its client taken off BROKER_FULL_RESOURCE_CLIENTS): the empty POST
+   * of a classic notification then says that something changed.
+   */
+  #classicUpdate(
+    sub: SubscriptionRecord,
+    notes: readonly Notification[],
+  ): Pick<WebhookRequest, 'endpoint' | 'method' | 'resourcePath' | 'contentType' | 'body'> | undefined {
+    const change = notes[0]?.change;
+    const endpoint = sub.channel.endpoint;
+    if (change?.resourceId === undefined || endpoint === undefined) return undefined;
+    if (contentNow(sub, this.#opts.fullResourceClients) !== 'full-resource') return undefined;
+    const resourcePath = `/${change.resourceType}/${encodeURIComponent(change.resourceId)}`;
+    if (change.interaction === 'delete') return { endpoint, method: 'DELETE', resourcePath, body: '' };
+    if (change.resource === undefined) return undefined;
+    const contentType = sub.channel.payload ?? 'application/fhir+json';
+    return { endpoint, method: 'PUT', resourcePath, contentType, body: change.resource };
   }
 
   /** Runs `fn` within the in-flight caps; local socket writes need no network slot. */

@@ -14,6 +14,13 @@ import { secretKey, signWithKeys } from './webhook-signature.js';
 
 export interface WebhookRequest {
   readonly endpoint: string;
+  /**
+   * Absent: POST to the endpoint. A classic Subscription with a payload (R4: the endpoint is a FHIR
+   * service base) updates the resource there instead: `PUT` (or `DELETE`) to the endpoint's path
+   * plus `resourcePath` (`/Patient/123`), its query kept.
+   */
+  readonly method?: 'PUT' | 'DELETE';
+  readonly resourcePath?: string;
   /** `Name: value` pairs from `channel.header`. */
   readonly headers: readonly string[];
   /** Absent: an empty-body POST (classic subscription without payload). */
@@ -115,6 +122,9 @@ interface Target {
   readonly origin: string;
   /** Path and query, as sent in the request line. */
   readonly path: string;
+  /** The path alone, without a trailing `/`, and the query (`?…` or empty): for a `resourcePath`. */
+  readonly base: string;
+  readonly query: string;
   /** Set when the endpoint names an IP address (vetted on every attempt). */
   readonly ipLiteral?: string;
   /** Set when the guard refuses the endpoint as written (plain http off the allow-list). */
@@ -191,14 +201,14 @@ export class RestHookSender implements Sender {
       const deadline = performance.now() + req.timeoutMs;
       let res: Dispatcher.ResponseData;
       try {
-        res = await this.#post(target, headers, body, req.timeoutMs);
+        res = await this.#post(target, req, headers, body);
       } catch (err) {
         // A kept-alive socket the endpoint closed as this request went out (its idle timeout ran
         // out first: servers close after a few seconds, often without saying so in Keep-Alive)
         // took nothing: tried once more on a new connection, under the same webhook-id, rather
         // than fail an attempt (or a handshake, which has no retry) the endpoint never saw.
         if (!isStaleSocket(err)) throw err;
-        res = await this.#post(target, headers, body, req.timeoutMs);
+        res = await this.#post(target, req, headers, body);
       }
       // Nothing to read (the usual answer): no timer to arm.
       const empty = res.statusCode === 204 || res.headers['content-length'] === '0';
@@ -232,12 +242,13 @@ export class RestHookSender implements Sender {
    * timeout of the first interim one. (No AbortSignal per attempt: creating one cost more than
    * signing the request.)
    */
-  #post(target: Target, headers: Record<string, string>, body: Buffer, timeoutMs: number) {
+  #post(target: Target, req: WebhookRequest, headers: Record<string, string>, body: Buffer) {
+    const timeoutMs = req.timeoutMs;
     let firstInterim: number | undefined;
     return this.#agent.request({
       origin: target.origin,
-      path: target.path,
-      method: 'POST',
+      path: req.resourcePath === undefined ? target.path : `${target.base}${req.resourcePath}${target.query}`,
+      method: req.method ?? 'POST',
       headers,
       body,
       headersTimeout: timeoutMs,
@@ -292,6 +303,8 @@ function parseTarget(endpoint: string, guard: EndpointGuard): Target {
   return {
     origin: url.origin,
     path: `${url.pathname}${url.search}`,
+    base: url.pathname.replace(/\/+$/, ''),
+    query: url.search,
     ...(isIP(host) === 0 ? {} : { ipLiteral: host }),
     ...(refused === undefined ? {} : { refused }),
   };

@@ -29,7 +29,20 @@ describe('sender thread wire format', () => {
       secrets: ['k'],
       timeoutMs: 5,
     };
-    const runs: WebhookRequest[][] = [[a], [b, c, a], [c]];
+    // A classic Subscription's update of the resource on a FHIR service base.
+    const d: WebhookRequest = {
+      endpoint: 'https://d.example/fhir?k=1',
+      method: 'PUT',
+      resourcePath: '/Patient/p-1',
+      headers: [],
+      contentType: 'application/fhir+json',
+      body: '{"resourceType":"Patient","id":"p-1"}',
+      webhookId: 's4-2',
+      secrets: ['k'],
+      timeoutMs: 5,
+    };
+    const e: WebhookRequest = { ...b, method: 'DELETE', resourcePath: '/Patient/p-1' };
+    const runs: WebhookRequest[][] = [[a], [b, c, a], [c], [d, e]];
     const wire: Wire = [];
     const slot = (i: number) => (i === 1 ? -1 : 7 * i);
     for (const [i, run] of runs.entries()) encodeRun(wire, 100 + i, slot(i), run, 250 * i);

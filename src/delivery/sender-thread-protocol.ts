@@ -8,7 +8,8 @@ import type { SendResult, WebhookRequest } from './rest-hook-sender.js';
  *
  * Run:     id, slot, withinMs, n, request × n (slot: where the thread counts the run's successes as they come,
  *          see `ThreadedSender`; -1: none. withinMs -1: the run was stopped before it was posted; send none).
- * Request: endpoint, contentType | null, body, webhookId, timeoutMs, h, header × h, s, secret × s.
+ * Request: endpoint, contentType | null, body, webhookId, timeoutMs, method | null, resourcePath | null, h,
+ *          header × h, s, secret × s.
  * Results: id, n, result × n (the requests attempted: none for a run stopped before it began).
  * Result:  ok (1 | 0), status (0: none), error | null, retryAfterMs (-1: none), permanent (1 | 0).
  * Stop:    the string 'stop' instead of an array: start no further request of any run.
@@ -45,7 +46,16 @@ export function encodeRun(
 ): void {
   out.push(id, slot, withinMs, reqs.length);
   for (const req of reqs) {
-    out.push(req.endpoint, req.contentType ?? null, req.body, req.webhookId, req.timeoutMs, req.headers.length);
+    out.push(
+      req.endpoint,
+      req.contentType ?? null,
+      req.body,
+      req.webhookId,
+      req.timeoutMs,
+      req.method ?? null,
+      req.resourcePath ?? null,
+      req.headers.length,
+    );
     for (const h of req.headers) out.push(h);
     out.push(req.secrets.length);
     for (const s of req.secrets) out.push(s);
@@ -69,17 +79,19 @@ export function decodeRuns(
       const body = wire[i + 2] as string;
       const webhookId = wire[i + 3] as string;
       const timeoutMs = wire[i + 4] as number;
-      const h = wire[i + 5] as number;
-      const headers = h === 0 ? NONE : (wire.slice(i + 6, i + 6 + h) as string[]);
-      i += 6 + h;
+      const method = wire[i + 5] as WebhookRequest['method'] | null;
+      const resourcePath = wire[i + 6] as string | null;
+      const h = wire[i + 7] as number;
+      const headers = h === 0 ? NONE : (wire.slice(i + 8, i + 8 + h) as string[]);
+      i += 8 + h;
       const s = wire[i] as number;
       const secrets = s === 0 ? NONE : (wire.slice(i + 1, i + 1 + s) as string[]);
       i += 1 + s;
-      reqs.push(
+      const req: WebhookRequest =
         contentType === null
           ? { endpoint, headers, body, webhookId, secrets, timeoutMs }
-          : { endpoint, headers, contentType, body, webhookId, secrets, timeoutMs },
-      );
+          : { endpoint, headers, contentType, body, webhookId, secrets, timeoutMs };
+      reqs.push(method === null ? req : { ...req, method, ...(resourcePath === null ? {} : { resourcePath }) });
     }
     each(id, slot, reqs, withinMs);
   }

@@ -498,18 +498,25 @@ export class SubscriptionRegistry {
   #withContent(owner: string, spec: SubscriptionSpec): SubscriptionSpec {
     if (spec.channel.content !== 'full-resource') return spec;
     if (spec.askedStatus !== 'off') {
+      // A classic Subscription asks for it with channel.payload (R4: the resource goes to the endpoint).
+      const classic = spec.kind === 'classic';
+      const what = classic
+        ? 'A classic Subscription with channel.payload (the resource itself sent to the endpoint)'
+        : 'full-resource content';
+      const instead = classic ? 'omit payload (an empty POST per change)' : 'use id-only';
+      const expression = classic ? 'Subscription.channel.payload' : 'Subscription.channel._payload';
       if (this.#search === undefined) {
         throw new BrokerError(
           'UNSUPPORTED_CONTENT',
-          'full-resource content needs the broker to read resources from the FHIR server, and it is not set up to (BROKER_FHIR_READ); use id-only',
-          { expression: 'Subscription.channel._payload' },
+          `${what} needs the broker to read resources from the FHIR server, and it is not set up to (BROKER_FHIR_READ); ${instead}`,
+          { expression },
         );
       }
       if (!mayHaveFullResources(this.#fullResourceClients, owner)) {
         throw new BrokerError(
           'UNSUPPORTED_CONTENT',
-          `full-resource content is not enabled for client ${owner}: its endpoint would receive the resources themselves, which the operator allows per client (BROKER_FULL_RESOURCE_CLIENTS); use id-only and read the resource yourself`,
-          { expression: 'Subscription.channel._payload' },
+          `${what} is not enabled for client ${owner}: its endpoint would receive the resources themselves, which the operator allows per client (BROKER_FULL_RESOURCE_CLIENTS); ${instead}`,
+          { expression },
         );
       }
     }
