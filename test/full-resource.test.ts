@@ -290,7 +290,7 @@ describe('a classic R4 Subscription with a payload', () => {
       // Not on the server: nothing to send but that something changed (the empty POST).
       eventLike('healthlake-update-patient', 'u2', 'ghost'),
     ]);
-    const got = () => [...receiver.requests, ...receiver.failures].filter((r) => r.path.startsWith('/replica'));
+    const got = () => receiver.arrived.filter((r) => r.path.startsWith('/replica'));
     await receiver.waitFor(() => got().length === 3, 'three requests');
     expect(got().map((r) => `${r.method} ${r.path}`)).toEqual([
       'PUT /replica/Patient/p1?k=1',
@@ -304,6 +304,21 @@ describe('a classic R4 Subscription with a payload', () => {
     for (const r of got()) {
       expect(() => new Webhook(secretOf(created)).verify(r.body, r.headers as Record<string, string>)).not.toThrow();
     }
+    // A delete the replica has nothing for (FHIR lets it answer 404 or 410) is done: the
+    // subscription stays active, and what follows goes on.
+    receiver.respond = (r) => (r.method === 'DELETE' ? { status: 410 } : { status: 204 });
+    await t.post([
+      eventLike('healthlake-delete-patient', 'd2', 'p1'),
+      eventLike('healthlake-update-patient', 'u3', 'p1'),
+    ]);
+    await receiver.waitFor(() => got().length === 5, 'five requests');
+    expect(
+      got()
+        .map((r) => `${r.method} ${r.path}`)
+        .slice(3),
+    ).toEqual(['DELETE /replica/Patient/p1?k=1', 'PUT /replica/Patient/p1?k=1']);
+    expect((await t.call('GET', `/fhir/Subscription/${created.id}`)).body.status).toBe('active');
+
     // Only for the clients BROKER_FULL_RESOURCE_CLIENTS names.
     const bob = await t.call('POST', '/fhir/Subscription', classic, TOKENS.bob);
     expect(bob.status).toBe(422);

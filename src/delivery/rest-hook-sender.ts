@@ -223,6 +223,11 @@ export class RestHookSender implements Sender {
       await res.body.dump({ limit: MAX_RESPONSE_BYTES }).catch(() => undefined);
       clearTimeout(timer);
       if (res.statusCode >= 200 && res.statusCode < 300) return { ok: true, status: res.statusCode };
+      // A delete on a FHIR server that no longer has the resource (FHIR lets it answer 404 or 410)
+      // is done: not a failure to retry, and its 410 is not the endpoint gone.
+      if (req.method === 'DELETE' && (res.statusCode === 404 || res.statusCode === 410)) {
+        return { ok: true, status: res.statusCode };
+      }
       const retryAfterMs = parseRetryAfter(res.headers['retry-after'], this.#clock.now());
       const error =
         res.statusCode >= 300 && res.statusCode < 400
