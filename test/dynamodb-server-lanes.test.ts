@@ -120,6 +120,9 @@ async function bundledSubscription(
   );
   const id = sub.id as string;
   await broker.logger.waitForStatus(id, 'active');
+  // The lane the activation woke has read (nothing yet): a test that writes notifications to the
+  // store itself is not raced by that read (which took them, and marked their bundles, first).
+  await broker.broker.dispatcher.idle(5_000);
   return { broker, id, prefix };
 }
 
