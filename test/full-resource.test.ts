@@ -271,61 +271,115 @@ describe('full-resource content', () => {
 });
 
 describe('a classic R4 Subscription with a payload', () => {
+  const classic = (receiver: Receiver, path = '/replica/?k=1') => ({
+    resourceType: 'Subscription',
+    status: 'requested',
+    reason: 'replicate',
+    criteria: 'Patient',
+    channel: { type: 'rest-hook', endpoint: `${receiver.url}${path}`, payload: 'application/fhir+json' },
+  });
+  const sent = (receiver: Receiver) =>
+    receiver.arrived.filter((r) => r.path.startsWith('/replica')).map((r) => `${r.method} ${r.path}`);
+
   it('updates the resource on the endpoint as a FHIR base: PUT [endpoint]/[type]/[id] with it, DELETE for a delete, signed', async () => {
     const { t, fhir, receiver } = await setup();
     fhir.put(patient('p1', 'Chalmers'));
-    const classic = {
-      resourceType: 'Subscription',
-      status: 'requested',
-      reason: 'replicate',
-      criteria: 'Patient',
-      channel: { type: 'rest-hook', endpoint: `${receiver.url}/replica/?k=1`, payload: 'application/fhir+json' },
-    };
-    const created = await t.create(classic);
+    const created = await t.create(classic(receiver));
     expect((created.channel as Json).payload).toBe('application/fhir+json');
     await active(t, created);
     await t.post([
       eventLike('healthlake-update-patient', 'u1', 'p1'),
       eventLike('healthlake-delete-patient', 'd1', 'p1'),
-      // Not on the server: nothing to send but that something changed (the empty POST).
+      // Not on the server: nothing to put there (a FHIR base takes no empty POST), said in the log.
       eventLike('healthlake-update-patient', 'u2', 'ghost'),
-    ]);
-    const got = () => receiver.arrived.filter((r) => r.path.startsWith('/replica'));
-    await receiver.waitFor(() => got().length === 3, 'three requests');
-    expect(got().map((r) => `${r.method} ${r.path}`)).toEqual([
-      'PUT /replica/Patient/p1?k=1',
-      'DELETE /replica/Patient/p1?k=1',
-      'POST /replica/?k=1',
-    ]);
-    const [put, del, post] = got();
-    expect(JSON.parse(put?.body ?? '')).toEqual(fhir.current('Patient', 'p1'));
-    expect(put?.headers['content-type']).toBe('application/fhir+json');
-    expect([del?.body, post?.body]).toEqual(['', '']);
-    for (const r of got()) {
-      expect(() => new Webhook(secretOf(created)).verify(r.body, r.headers as Record<string, string>)).not.toThrow();
-    }
-    // A delete the replica has nothing for (FHIR lets it answer 404 or 410) is done: the
-    // subscription stays active, and what follows goes on.
-    receiver.respond = (r) => (r.method === 'DELETE' ? { status: 410 } : { status: 204 });
-    await t.post([
-      eventLike('healthlake-delete-patient', 'd2', 'p1'),
       eventLike('healthlake-update-patient', 'u3', 'p1'),
     ]);
-    await receiver.waitFor(() => got().length === 5, 'five requests');
+    await receiver.waitFor(() => sent(receiver).length === 3, 'three requests');
+    expect(sent(receiver)).toEqual([
+      'PUT /replica/Patient/p1?k=1',
+      'DELETE /replica/Patient/p1?k=1',
+      'PUT /replica/Patient/p1?k=1',
+    ]);
+    const got = receiver.arrived.filter((r) => r.path.startsWith('/replica'));
+    expect(JSON.parse(got[0]?.body ?? '')).toEqual(fhir.current('Patient', 'p1'));
+    expect(got[0]?.headers['content-type']).toBe('application/fhir+json');
+    expect(got[1]?.body).toBe('');
+    for (const r of got) {
+      expect(() => new Webhook(secretOf(created)).verify(r.body, r.headers as Record<string, string>)).not.toThrow();
+    }
     expect(
-      got()
-        .map((r) => `${r.method} ${r.path}`)
-        .slice(3),
-    ).toEqual(['DELETE /replica/Patient/p1?k=1', 'PUT /replica/Patient/p1?k=1']);
-    expect((await t.call('GET', `/fhir/Subscription/${created.id}`)).body.status).toBe('active');
+      t.logger.records.find(
+        (r) => r.msg === "a change was not sent to a classic subscription's FHIR base: it carries no resource",
+      ),
+    ).toMatchObject({
+      eventNumber: 3,
+      resourceType: 'Patient',
+      reason: 'the resource could not be read, or is over the size cap',
+    });
 
     // Only for the clients BROKER_FULL_RESOURCE_CLIENTS names.
-    const bob = await t.call('POST', '/fhir/Subscription', classic, TOKENS.bob);
+    const bob = await t.call('POST', '/fhir/Subscription', classic(receiver), TOKENS.bob);
     expect(bob.status).toBe(422);
     const issue = (bob.body.issue as Json[])[0] as Json;
     expect(issue.diagnostics).toContain('A classic Subscription with channel.payload');
     expect(issue.diagnostics).toContain('not enabled for client bob');
     expect(issue.expression).toEqual(['Subscription.channel.payload']);
+  });
+
+  it('sends a DELETE for an update read after its delete (events out of order), and never a dot segment for an id', async () => {
+    const { t, fhir, receiver } = await setup();
+    fhir.put(patient('p1', 'Chalmers'));
+    fhir.delete('Patient', 'p1');
+    await active(t, await t.create(classic(receiver)));
+    // The delete's event came first; the update's read finds the resource gone (its last version in history).
+    await t.post(eventLike('healthlake-delete-patient', 'd1', 'p1'));
+    await t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
+    await t.post(eventLike('healthlake-delete-patient', 'd-dots', '..'));
+    await t.post(eventLike('healthlake-update-patient', 'u-after', 'p1'));
+    await receiver.waitFor(() => sent(receiver).length === 3, 'three requests');
+    expect(sent(receiver)).toEqual([
+      'DELETE /replica/Patient/p1?k=1',
+      'DELETE /replica/Patient/p1?k=1',
+      'DELETE /replica/Patient/p1?k=1',
+    ]);
+  });
+
+  it('a 404 or 410 to a DELETE is the delete done, a 410 to a PUT an ordinary failure; a client taken off the list fails for good, saying why', async () => {
+    const fhir = await FhirServer.start();
+    cleanups.push(() => fhir.close());
+    const dataDir = tempDir('fsb-full-');
+    const { t, receiver } = await setup({ BROKER_DATA_DIR: dataDir, BROKER_RETRY_DELAYS: '20ms' }, fhir);
+    fhir.put(patient('p1', 'Chalmers'));
+    fhir.put(patient('p2', 'Windsor'));
+    const created = await t.create(classic(receiver));
+    const id = await active(t, created);
+    const putP1 = receiver.answerOnce((r) => r.method === 'PUT' && r.path.includes('/p1'), { status: 410 });
+    receiver.respond = (
+      (before) => (r: Parameters<typeof before>[0]) =>
+        r.method === 'DELETE' ? { status: 410 } : before(r)
+    )(receiver.respond);
+    await t.post([
+      eventLike('healthlake-update-patient', 'u1', 'p1'),
+      eventLike('healthlake-delete-patient', 'd2', 'p2'),
+      eventLike('healthlake-update-patient', 'u2', 'p2'),
+    ]);
+    await receiver.waitFor(() => sent(receiver).length === 4, 'four requests');
+    expect(putP1.given).toBe(true);
+    expect(sent(receiver)).toEqual([
+      'PUT /replica/Patient/p1?k=1',
+      'PUT /replica/Patient/p1?k=1',
+      'DELETE /replica/Patient/p2?k=1',
+      'PUT /replica/Patient/p2?k=1',
+    ]);
+    expect((await t.call('GET', `/fhir/Subscription/${id}`)).body.status).toBe('active');
+    await t.broker.close(0);
+
+    // Restarted with the client off the list: the next change fails for good, and the subscription says why.
+    const second = await setup({ BROKER_DATA_DIR: dataDir, BROKER_FULL_RESOURCE_CLIENTS: 'carol' }, fhir);
+    await second.t.post(eventLike('healthlake-update-patient', 'u3', 'p1'));
+    const failed = await second.t.logger.waitForStatus(id, 'error');
+    expect(failed.reason).toContain('full resources are not enabled for client alice (BROKER_FULL_RESOURCE_CLIENTS)');
+    expect(sent(receiver)).toHaveLength(4);
   });
 });
 

@@ -134,9 +134,10 @@ export class FhirReader implements ResourceReader {
     const bundle = versions.body as { resourceType?: unknown; entry?: unknown };
     if (bundle?.resourceType !== 'Bundle') return { missing: `${history}: the answer is not a Bundle`, anomaly: true };
     const version = versionAt((Array.isArray(bundle.entry) ? bundle.entry : []) as HistoryEntry[], change);
-    return version === undefined
-      ? { missing: 'its history holds no version of it from before the event' }
-      : this.#taken({ status: 200, body: version }, change, history, base);
+    if (version === undefined) return { missing: 'its history holds no version of it from before the event' };
+    const taken = this.#taken({ status: 200, body: version }, change, history, base);
+    // A create or update read after the resource was deleted: its last version, and that it is gone.
+    return change.interaction !== 'delete' && 'resource' in taken ? { ...taken, gone: true } : taken;
   }
 
   /** The answer as the resource the event names, or why it is not (a fault of the server's, for good). */

@@ -29,6 +29,12 @@ export interface ResourceChange {
    * of `full-resource` subscriptions only (src/service/content-stage.ts); never on a delete.
    */
   readonly resource?: string;
+  /**
+   * Set on a create or update whose resource, when the broker read it for full-resource
+   * subscribers, the server had deleted since (`resource` is then its last version, from history):
+   * a classic Subscription replicating the server sends a `DELETE`, not that version.
+   */
+  readonly resourceGone?: true;
 }
 
 export type SubscriptionStatus = 'requested' | 'active' | 'error' | 'off';

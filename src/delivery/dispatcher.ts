@@ -1435,6 +1435,9 @@ export class Dispatcher {
    */
   async #offIfGone(sub: SubscriptionRecord, result: SendResult): Promise<boolean> {
     if (result.ok || result.status !== 410) return false;
+    // To a classic Subscription's update of one resource on a FHIR base, a 410 speaks of that
+    // resource, not of the endpoint: an ordinary failure.
+    if (sub.kind === 'classic' && sub.channel.content === 'full-resource') return false;
     const holder = this.#registry.get(sub.id);
     if (holder === undefined || holder.channel.endpoint !== sub.channel.endpoint) return false;
     const reason = 'endpoint answered 410 Gone';
@@ -1494,7 +1497,12 @@ export class Dispatcher {
     const requests: WebhookRequest[] = [];
     for (const b of bundles) {
       const req = this.#request(sub, 'event-notification', b.notes, b.webhookId);
-      if ('ok' in req) return [req];
+      // An outcome without a request (nothing to send for it, or it cannot be sent): the run
+      // stops before it, and it is the first of the next run.
+      if ('ok' in req) {
+        if (requests.length === 0) return [req];
+        break;
+      }
       requests.push(req);
     }
     return this.#sender.sendInOrder(requests, RUN_WITHIN_MS, run);
@@ -1541,9 +1549,9 @@ export class Dispatcher {
     const endpoint = sub.channel.endpoint;
     if (endpoint === undefined) return { ok: false, error: 'no endpoint', permanent: true };
     const lastNumber = notes[notes.length - 1]?.eventNumber ?? 0;
-    if (sub.kind === 'classic') {
+    if (sub.kind === 'classic' && sub.channel.content === 'full-resource') {
       const update = this.#classicUpdate(sub, notes);
-      if (update !== undefined) return { ...update, ...this.#requestOf(sub, webhookId) };
+      return 'ok' in update ? update : { ...update, ...this.#requestOf(sub, webhookId) };
     }
     // Classic subscriptions without payload get an empty POST, as R4 prescribes.
     const body =
@@ -1582,23 +1590,50 @@ export class Dispatcher {
   /**
    * A classic Subscription with a payload (full-resource content): R4 has its endpoint be a FHIR
    * service base, updated with the resource, `PUT [endpoint]/[type]/[id]` (as HAPI FHIR sends it),
-   * and `DELETE` there for a delete. Undefined when the notification carries no resource (not
-   * read, too large, no id, or its client taken off BROKER_FULL_RESOURCE_CLIENTS): the empty POST
-   * of a classic notification then says that something changed.
+   * and `DELETE` there for a delete, or for a change read after the resource was deleted (events
+   * may come out of order: its delete may have gone already). A FHIR base takes no empty `POST`, so
+   * a change that carries no resource (not found, over the size cap, an id that names no path
+   * segment) is not sent (logged; done, so what follows goes on); a client taken off
+   * BROKER_FULL_RESOURCE_CLIENTS fails for good (dead-lettered, the subscription in `error`, with why).
    */
   #classicUpdate(
     sub: SubscriptionRecord,
     notes: readonly Notification[],
-  ): Pick<WebhookRequest, 'endpoint' | 'method' | 'resourcePath' | 'contentType' | 'body'> | undefined {
-    const change = notes[0]?.change;
+  ): Pick<WebhookRequest, 'endpoint' | 'method' | 'resourcePath' | 'contentType' | 'body'> | SendResult {
+    const note = notes[0];
     const endpoint = sub.channel.endpoint;
-    if (change?.resourceId === undefined || endpoint === undefined) return undefined;
-    if (contentNow(sub, this.#opts.fullResourceClients) !== 'full-resource') return undefined;
-    const resourcePath = `/${change.resourceType}/${encodeURIComponent(change.resourceId)}`;
-    if (change.interaction === 'delete') return { endpoint, method: 'DELETE', resourcePath, body: '' };
-    if (change.resource === undefined) return undefined;
+    if (note === undefined || endpoint === undefined) return { ok: false, error: 'no endpoint', permanent: true };
+    if (contentNow(sub, this.#opts.fullResourceClients) !== 'full-resource') {
+      return {
+        ok: false,
+        error: `full resources are not enabled for client ${sub.owner} (BROKER_FULL_RESOURCE_CLIENTS): the change cannot be sent`,
+        permanent: true,
+      };
+    }
+    const { change } = note;
+    // `.` and `..` are FHIR ids, and path segments a server or proxy resolves: never sent as one.
+    const id = change.resourceId;
+    const unsendable =
+      id === undefined || /^\.+$/.test(id)
+        ? 'its event names no resource id that can be a path segment'
+        : change.interaction !== 'delete' && change.resource === undefined
+          ? 'the resource could not be read, or is over the size cap'
+          : undefined;
+    if (unsendable !== undefined || id === undefined) {
+      this.#logger.warn("a change was not sent to a classic subscription's FHIR base: it carries no resource", {
+        subscription: sub.id,
+        eventNumber: note.eventNumber,
+        resourceType: change.resourceType,
+        reason: unsendable,
+      });
+      return { ok: true, status: 0 };
+    }
+    const resourcePath = `/${change.resourceType}/${encodeURIComponent(id)}`;
+    if (change.interaction === 'delete' || change.resourceGone === true) {
+      return { endpoint, method: 'DELETE', resourcePath, body: '' };
+    }
     const contentType = sub.channel.payload ?? 'application/fhir+json';
-    return { endpoint, method: 'PUT', resourcePath, contentType, body: change.resource };
+    return { endpoint, method: 'PUT', resourcePath, contentType, body: change.resource as string };
   }
 
   /** Runs `fn` within the in-flight caps; local socket writes need no network slot. */

@@ -36,7 +36,8 @@ export const MAX_FULL_RESOURCE_BYTES = 256 * 1024;
  * count as local), or why there is nothing to judge.
  */
 export type ReadResult =
-  | { readonly resource: Record<string, unknown>; readonly base: string }
+  /** `gone`: the server had deleted it since the change; `resource` is its last version (history). */
+  | { readonly resource: Record<string, unknown>; readonly base: string; readonly gone?: true }
   /** `anomaly`: the server answered something that is not a resource (logged at warn, not info). */
   | { readonly missing: string; readonly anomaly?: true };
 
@@ -168,10 +169,12 @@ export class ContentStage {
       const subscriptionIds = item.subscriptionIds.filter((id) => keep.has(id) || !checked.has(id));
       const takers = full.filter((id) => keep.has(id) || !checked.has(id));
       const json = takers.length === 0 ? undefined : this.#fullResource(read, item.change);
+      const change =
+        json !== undefined && read?.gone === true ? { ...item.change, resourceGone: true as const } : item.change;
       out[index] =
         json === undefined
-          ? { change: item.change, subscriptionIds }
-          : { change: item.change, subscriptionIds, resource: { json, for: new Set(takers) } };
+          ? { change, subscriptionIds }
+          : { change, subscriptionIds, resource: { json, for: new Set(takers) } };
     });
     return out;
   }
