@@ -81,6 +81,31 @@ const metric = async (t: TestBroker, line: string): Promise<number | undefined> 
   return found === undefined ? undefined : Number(found.split(' ')[1]);
 };
 
+/** A topic-based websocket Subscription to Patient changes with full-resource content. */
+function wsFullSubscription(): Json {
+  const sub = topicSubscription('patient-change', 'unused', { content: 'full-resource' });
+  const { endpoint: _endpoint, ...channel } = sub.channel as Json;
+  return { ...sub, channel: { ...channel, type: 'websocket' } };
+}
+
+/** A real socket on `t`'s hub (behind a server on port 0), bound to `id` from its first event. */
+async function boundSocket(t: TestBroker, id: string): Promise<WsClient> {
+  const server = createServer();
+  attachWebSocket(server, { hub: t.broker.websocketHub, apiAuth: t.broker.apiAuth, logger: t.logger });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  cleanups.push(async () => {
+    server.closeAllConnections();
+    server.close();
+  });
+  const res = await t.call('GET', `/fhir/Subscription/$get-ws-binding-token?id=${id}`);
+  const token = ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
+  const c = await WsClient.connect(`ws://127.0.0.1:${(server.address() as AddressInfo).port}/ws`);
+  cleanups.push(async () => c.close());
+  c.send(JSON.stringify({ type: 'bind-with-token', payload: { token, lastEventNumber: 0 } }));
+  return c;
+}
+
 describe('full-resource content', () => {
   it('carries the resource as read (one read for every subscriber), never to id-only subscribers, never on a delete', async () => {
     const { t, fhir, receiver } = await setup();
@@ -386,24 +411,10 @@ describe('a classic R4 Subscription with a payload', () => {
 describe('full-resource over a WebSocket', () => {
   it('carries the resource in the catch-up (from the store) and in live notifications', async () => {
     const { t, fhir } = await setup();
-    const server = createServer();
-    attachWebSocket(server, { hub: t.broker.websocketHub, apiAuth: t.broker.apiAuth, logger: t.logger });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    cleanups.push(async () => {
-      server.closeAllConnections();
-      server.close();
-    });
     fhir.put(patient('p1', 'Chalmers'));
-    const sub = topicSubscription('patient-change', 'unused', { content: 'full-resource' });
-    const { endpoint: _endpoint, ...channel } = sub.channel as Json;
-    const id = (await t.create({ ...sub, channel: { ...channel, type: 'websocket' } })).id as string;
+    const id = (await t.create(wsFullSubscription())).id as string;
     await t.post(eventLike('healthlake-update-patient', 'u1', 'p1'));
-    const res = await t.call('GET', `/fhir/Subscription/$get-ws-binding-token?id=${id}`);
-    const token = ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
-    const c = await WsClient.connect(`ws://127.0.0.1:${(server.address() as AddressInfo).port}/ws`);
-    cleanups.push(async () => c.close());
-    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token, lastEventNumber: 0 } }));
+    const c = await boundSocket(t, id);
     const resources = () =>
       c.bundles
         .filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification')
@@ -441,9 +452,7 @@ describe('reading stored resources a few at a time', () => {
     cleanups.push(() => t.broker.close(0));
     const ids = Array.from({ length: 40 }, (_, i) => `p${i}`);
     for (const id of ids) fhir.put(patient(id, 'Doe'));
-    const sub = topicSubscription('patient-change', 'unused', { content: 'full-resource' });
-    const { endpoint: _endpoint, ...channel } = sub.channel as Json;
-    const id = (await t.create({ ...sub, channel: { ...channel, type: 'websocket' } })).id as string;
+    const id = (await t.create(wsFullSubscription())).id as string;
     await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `u${i}`, p)));
 
     for (const content of ['id-only', 'empty', 'full-resource']) {
@@ -454,20 +463,8 @@ describe('reading stored resources a few at a time', () => {
       expect(Math.max(...store.reads)).toBeLessThanOrEqual(16);
     }
 
-    const server = createServer();
-    attachWebSocket(server, { hub: t.broker.websocketHub, apiAuth: t.broker.apiAuth, logger: t.logger });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    cleanups.push(async () => {
-      server.closeAllConnections();
-      server.close();
-    });
-    const res = await t.call('GET', `/fhir/Subscription/$get-ws-binding-token?id=${id}`);
-    const token = ((res.body.parameter as Json[]).find((p) => p.name === 'token') as Json).valueString;
-    const c = await WsClient.connect(`ws://127.0.0.1:${(server.address() as AddressInfo).port}/ws`);
-    cleanups.push(async () => c.close());
     store.reads.length = 0;
-    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token, lastEventNumber: 0 } }));
+    const c = await boundSocket(t, id);
     await c.waitFor(
       () => c.bundles.filter((b) => statusOf(b).params.get('type')?.valueCode === 'event-notification').length === 40,
       'the catch-up',
