@@ -1617,7 +1617,7 @@ export class Dispatcher {
       id === undefined || /^\.+$/.test(id)
         ? 'its event names no resource id that can be a path segment'
         : change.interaction !== 'delete' && change.resource === undefined
-          ? 'the resource could not be read, or is over the size cap'
+          ? 'no resource was stored with it (not found on the server, over the size cap, or its client was not allowed full resources when it came)'
           : undefined;
     if (unsendable !== undefined || id === undefined) {
       this.#logger.warn("a change was not sent to a classic subscription's FHIR base: it carries no resource", {
