@@ -32,7 +32,11 @@ export const ERROR_CODES = {
   },
   UNSUPPORTED_FILTER: { status: 422, issue: 'not-supported', text: 'A filter the broker cannot honour.' },
   UNSUPPORTED_CRITERIA: { status: 422, issue: 'not-supported', text: 'Classic criteria the broker cannot honour.' },
-  UNSUPPORTED_CHANNEL: { status: 422, issue: 'not-supported', text: 'A channel type the broker does not deliver.' },
+  UNSUPPORTED_CHANNEL: {
+    status: 422,
+    issue: 'not-supported',
+    text: 'A channel the broker does not deliver as asked (its type, or an extension on it).',
+  },
   UNSUPPORTED_MODIFIER: {
     status: 422,
     issue: 'not-supported',
@@ -41,7 +45,7 @@ export const ERROR_CODES = {
   UNSUPPORTED_CONTENT: {
     status: 422,
     issue: 'not-supported',
-    text: 'A payload content level the broker cannot produce.',
+    text: 'A payload the broker does not deliver as asked (its media type, or its content level for this client or broker).',
   },
   INVALID_ENDPOINT: { status: 422, issue: 'value', text: 'The channel endpoint is not an acceptable URL.' },
   ENDPOINT_FORBIDDEN: {
