@@ -520,7 +520,8 @@ export class SubscriptionRegistry {
         );
       }
     }
-    return { ...spec, match: { ...spec.match, fullResource: { owner } } };
+    const latest = spec.kind === 'classic' ? { latest: true as const } : {};
+    return { ...spec, match: { ...spec.match, fullResource: { owner, ...latest } } };
   }
 
   /** An `end` already past would be off at once: refused, unless the client is turning it off anyway. */
