@@ -388,32 +388,6 @@ describe('a classic R4 Subscription with a payload', () => {
     expect(issue.expression).toEqual(['Subscription.channel.payload']);
   });
 
-  it('replicates the resource as it is now when the change was written over since (events out of order), while a topic subscriber gets what the change wrote', async () => {
-    const { t, fhir, receiver } = await setup();
-    const at = (s: string) => ({ lastUpdated: `2030-01-01T12:${s}Z` });
-    fhir.put(patient('p1', 'Chalmers', { meta: at('00:00.400') }));
-    fhir.put(patient('p1', 'Changed', { meta: at('05:00.000') }));
-    await active(t, await t.create(classic(receiver)));
-    await active(t, await t.create(full(receiver, '/topic')));
-    const event = (id: string, time: string) => {
-      const e = eventLike('healthlake-update-patient', id, 'p1');
-      return { ...e, time, detail: { ...(e.detail as Json), eventTime: time } };
-    };
-    // The later change's event first, then the earlier one's.
-    await t.post(event('u2', '2030-01-01T12:05:00Z'));
-    await t.post(event('u1', '2030-01-01T12:00:00Z'));
-    await receiver.waitFor(
-      () => sent(receiver).length === 2 && focusEntries(receiver, '/topic').length === 2,
-      'both, to both',
-    );
-    const puts = receiver.arrived.filter((r) => r.path.startsWith('/replica')).map((r) => JSON.parse(r.body) as Json);
-    expect(puts.map((p) => (p.name as Json[])[0])).toEqual([{ family: 'Changed' }, { family: 'Changed' }]);
-    expect(focusEntries(receiver, '/topic').map((e) => ((e.resource as Json).name as Json[])[0])).toEqual([
-      { family: 'Changed' },
-      { family: 'Chalmers' },
-    ]);
-  });
-
   it('sends a DELETE for an update read after its delete (events out of order), and never a dot segment for an id', async () => {
     const { t, fhir, receiver } = await setup();
     fhir.put(patient('p1', 'Chalmers'));

@@ -563,19 +563,6 @@ describe.each([sqliteAdapter(), dynamoDbAdapter()])('Store contract: $name', (ad
       expect(n?.change.resource).toBe(json);
     });
 
-    it("keeps for the subscriptions in latest the resource as it is now, for those in resource the change's", async () => {
-      const then = JSON.stringify({ resourceType: 'Patient', id: 'p1', meta: { versionId: '1' } });
-      const now = JSON.stringify({ resourceType: 'Patient', id: 'p1', meta: { versionId: '2' } });
-      const accepted = {
-        ...item('e1', ['s1', 's2']),
-        resource: { json: then, for: new Set(['s1']) },
-        latest: { json: now, for: new Set(['s2']) },
-      };
-      await store.acceptChanges([accepted], RECEIVED);
-      expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.change.resource)).toEqual([then]);
-      expect((await store.pendingNotifications('s2', 0, 10)).map((n) => n.change.resource)).toEqual([now]);
-    });
-
     it('round-trips a change without a resource id', async () => {
       await store.acceptChanges([{ change: change('e1'), subscriptionIds: ['s1'] }], RECEIVED);
       const [n] = await store.pendingNotifications('s1', 0, 10);

@@ -133,7 +133,7 @@ export class FhirReader implements ResourceReader {
         const version = versionAt((Array.isArray(bundle.entry) ? bundle.entry : []) as HistoryEntry[], change);
         if (version === undefined) return taken;
         const then = this.#taken({ status: 200, body: version }, change, history, base);
-        return 'resource' in then ? { ...then, latest: taken.resource } : taken;
+        return 'resource' in then ? then : taken;
       }
       if (current.status !== 404 && current.status !== 410) return refused(what, current.status);
     }

@@ -57,10 +57,8 @@ export interface MatchSpec {
   /**
    * A `full-resource` subscription: stage two reads the changed resource (as for content filters)
    * and its notifications carry it, while `owner` is one of `BROKER_FULL_RESOURCE_CLIENTS`.
-   * `latest`: it takes the resource as it is now rather than as the change wrote it (a classic
-   * Subscription replicating the server: out-of-order events must not leave an older version).
    */
-  readonly fullResource?: { readonly owner: string; readonly latest?: true };
+  readonly fullResource?: { readonly owner: string };
 }
 
 export interface Channel {

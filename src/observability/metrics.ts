@@ -42,7 +42,7 @@ const FAMILIES = {
     zero: byOutcome('matched', 'not_matched', 'unevaluable'),
   },
   broker_full_resources_total: {
-    help: 'Resources for full-resource subscribers, per change, by whether their notifications carry it (two for a change whose version and the current one both go out; not_allowed: per subscriber whose client is no longer in BROKER_FULL_RESOURCE_CLIENTS)',
+    help: 'Changes with full-resource subscribers, by whether their notifications carry the resource (not_allowed: per subscriber whose client is no longer in BROKER_FULL_RESOURCE_CLIENTS)',
     type: 'counter',
     zero: byOutcome('included', 'missing', 'too_large', 'not_allowed'),
   },

@@ -36,17 +36,8 @@ export const MAX_FULL_RESOURCE_BYTES = 256 * 1024;
  * count as local), or why there is nothing to judge.
  */
 export type ReadResult =
-  /**
-   * `gone`: the server had deleted it since the change; `resource` is its last version (history).
-   * `latest`: the version current when read, where `resource` is an older one (the change's, from
-   * history: the resource was written again since).
-   */
-  | {
-      readonly resource: Record<string, unknown>;
-      readonly base: string;
-      readonly gone?: true;
-      readonly latest?: Record<string, unknown>;
-    }
+  /** `gone`: the server had deleted it since the change; `resource` is its last version (history). */
+  | { readonly resource: Record<string, unknown>; readonly base: string; readonly gone?: true }
   /** `anomaly`: the server answered something that is not a resource (logged at warn, not info). */
   | { readonly missing: string; readonly anomaly?: true };
 
@@ -64,8 +55,6 @@ interface Check {
   readonly filtered: readonly { readonly id: string; readonly content: readonly ContentFilter[] }[];
   /** The candidates whose notifications carry the resource. */
   readonly full: readonly string[];
-  /** Those of them that take it as it is now (`MatchSpec.fullResource.latest`). */
-  readonly latest: ReadonlySet<string>;
 }
 
 type Read = Extract<ReadResult, { readonly resource: unknown }>;
@@ -119,7 +108,6 @@ export class ContentStage {
     items.forEach((item, index) => {
       let filtered: { id: string; content: readonly ContentFilter[] }[] | undefined;
       let full: string[] | undefined;
-      let latest: Set<string> | undefined;
       let unnamed = false;
       for (const id of item.subscriptionIds) {
         // The filters as stage one saw the subscription: one updated during the read is judged by
@@ -136,10 +124,6 @@ export class ContentStage {
         else if (mayHaveFullResources(this.#fullResourceClients, spec.fullResource.owner)) {
           full ??= [];
           full.push(id);
-          if (spec.fullResource.latest === true) {
-            latest ??= new Set();
-            latest.add(id);
-          }
         } else {
           this.#metrics.inc('broker_full_resources_total', { outcome: 'not_allowed' });
         }
@@ -153,7 +137,7 @@ export class ContentStage {
         });
       }
       if (filtered !== undefined || full !== undefined)
-        checks.push({ index, filtered: filtered ?? [], full: full ?? [], latest: latest ?? new Set() });
+        checks.push({ index, filtered: filtered ?? [], full: full ?? [] });
     });
     return checks.length === 0 ? items : this.#narrowRead(items, checks, source);
   }
@@ -168,7 +152,7 @@ export class ContentStage {
       source,
     );
     const out = [...items];
-    checks.forEach(({ index, filtered, full, latest }, k) => {
+    checks.forEach(({ index, filtered, full }, k) => {
       const item = items[index] as AcceptItem;
       const read = reads[k];
       const catalog = this.#catalog;
@@ -184,24 +168,13 @@ export class ContentStage {
       }
       const subscriptionIds = item.subscriptionIds.filter((id) => keep.has(id) || !checked.has(id));
       const takers = full.filter((id) => keep.has(id) || !checked.has(id));
-      // Those that take the resource as it is now get the current version where the change's is older.
-      const now = read?.latest === undefined ? [] : takers.filter((id) => latest.has(id));
-      const then = now.length === 0 ? takers : takers.filter((id) => !latest.has(id));
-      const json = then.length === 0 ? undefined : this.#fullResource(read, item.change);
-      const latestJson =
-        now.length === 0 || read?.latest === undefined
-          ? undefined
-          : this.#fullResource({ ...read, resource: read.latest }, item.change);
+      const json = takers.length === 0 ? undefined : this.#fullResource(read, item.change);
       const change =
-        (json !== undefined || latestJson !== undefined) && read?.gone === true
-          ? { ...item.change, resourceGone: true as const }
-          : item.change;
-      out[index] = {
-        change,
-        subscriptionIds,
-        ...(json === undefined ? {} : { resource: { json, for: new Set(then) } }),
-        ...(latestJson === undefined ? {} : { latest: { json: latestJson, for: new Set(now) } }),
-      };
+        json !== undefined && read?.gone === true ? { ...item.change, resourceGone: true as const } : item.change;
+      out[index] =
+        json === undefined
+          ? { change, subscriptionIds }
+          : { change, subscriptionIds, resource: { json, for: new Set(takers) } };
     });
     return out;
   }

@@ -520,8 +520,7 @@ export class SubscriptionRegistry {
         );
       }
     }
-    const latest = spec.kind === 'classic' ? { latest: true as const } : {};
-    return { ...spec, match: { ...spec.match, fullResource: { owner, ...latest } } };
+    return { ...spec, match: { ...spec.match, fullResource: { owner } } };
   }
 
   /** An `end` already past would be off at once: refused, unless the client is turning it off anyway. */

@@ -38,19 +38,14 @@ export interface AcceptItem {
    * content): theirs are stored with `change.resource` set to `json`, the others without it.
    */
   readonly resource?: { readonly json: string; readonly for: ReadonlySet<string> };
-  /** For the subscriptions in `for`, the resource as it is now, where it differs from `resource`'s. */
-  readonly latest?: { readonly json: string; readonly for: ReadonlySet<string> };
 }
 
 /** `item`'s change as `subscriptionId`'s notification keeps it (with the resource, if it takes it). */
 export function changesOf(item: AcceptItem): (subscriptionId: string) => ResourceChange {
-  const { resource, latest } = item;
-  if (resource === undefined && latest === undefined) return () => item.change;
-  const full: ResourceChange | undefined = resource && { ...item.change, resource: resource.json };
-  const now: ResourceChange | undefined = latest && { ...item.change, resource: latest.json };
-  return (subscriptionId) =>
-    (now !== undefined && latest?.for.has(subscriptionId) === true ? now : undefined) ??
-    (full !== undefined && resource?.for.has(subscriptionId) === true ? full : item.change);
+  const { resource } = item;
+  if (resource === undefined) return () => item.change;
+  const full: ResourceChange = { ...item.change, resource: resource.json };
+  return (subscriptionId) => (resource.for.has(subscriptionId) ? full : item.change);
 }
 
 export interface AcceptOutcome {

@@ -340,7 +340,7 @@ export class SqliteWriter {
     for (const item of items) {
       const changeJson = JSON.stringify(item.change);
       const k = item.subscriptionIds.length;
-      if (item.resource === undefined && item.latest === undefined) {
+      if (item.resource === undefined) {
         flat.push(item.change.eventId, changeJson, k);
         // One at a time: spread into push(), every id is an argument on the stack, and an event that
         // matches ~130,000 subscriptions overflowed it (RangeError) on every retry.
@@ -348,9 +348,9 @@ export class SqliteWriter {
         continue;
       }
       // Full-resource subscriptions keep the resource beside the change; the others nothing.
-      const changeOf = changesOf(item);
+      const { json, for: takers } = item.resource;
       flat.push(item.change.eventId, changeJson, -k);
-      for (const id of item.subscriptionIds) flat.push(id, changeOf(id).resource ?? null);
+      for (const id of item.subscriptionIds) flat.push(id, takers.has(id) ? json : null);
     }
     const numbers = (await this.#call({ op: 'accept', items: flat, receivedAt })) as number[];
     let at = 0;
