@@ -160,43 +160,6 @@ describe('full-resource content', () => {
     expect(fhir.requests).toEqual([]);
   });
 
-  it('carries the version the event wrote when the resource was written again since (from its history), and filters on it', async () => {
-    const { t, fhir, receiver } = await setup();
-    // The event is of 12:00:00 (CloudTrail's whole seconds); the first version was written in that second.
-    const at = (s: string) => ({ lastUpdated: `2030-01-01T12:${s}Z` });
-    fhir.put(patient('p1', 'Chalmers', { gender: 'male', meta: at('00:00.400') }));
-    fhir.put(patient('p1', 'Changed', { gender: 'female', meta: at('05:00.000') }));
-    await active(t, await t.create(full(receiver, '/male', { filters: ['Patient?gender=male'] })));
-    await active(t, await t.create(full(receiver, '/female', { filters: ['Patient?gender=female'] })));
-    const event = eventLike('healthlake-update-patient', 'u1', 'p1');
-    await t.post({
-      ...event,
-      time: '2030-01-01T12:00:00Z',
-      detail: { ...(event.detail as Json), eventTime: '2030-01-01T12:00:00Z' },
-    });
-    await receiver.waitFor(() => focusEntries(receiver, '/male').length === 1, 'the notification');
-    expect(focusEntries(receiver, '/male')[0]?.resource).toMatchObject({
-      name: [{ family: 'Chalmers' }],
-      meta: { versionId: '1' },
-    });
-    expect(bundlesOn(receiver, '/female')).toEqual([]);
-    expect(fhir.requests.map((r) => `${r.path}${r.query}`)).toEqual([
-      '/fhir/Patient/p1',
-      '/fhir/Patient/p1/_history?_count=10',
-    ]);
-
-    // Written in the event's second: the current version stands, and no history is read.
-    fhir.put(patient('p2', 'Windsor', { gender: 'male', meta: at('10:00.900') }));
-    const second = eventLike('healthlake-update-patient', 'u2', 'p2');
-    await t.post({
-      ...second,
-      time: '2030-01-01T12:10:00Z',
-      detail: { ...(second.detail as Json), eventTime: '2030-01-01T12:10:00Z' },
-    });
-    await receiver.waitFor(() => focusEntries(receiver, '/male').length === 2, 'the second notification');
-    expect(fhir.requests.map((r) => r.path).slice(2)).toEqual(['/fhir/Patient/p2']);
-  });
-
   it('one read serves content filters and the payload; a filtered-out subscriber gets nothing', async () => {
     const { t, fhir, receiver } = await setup();
     fhir.put(patient('p1', 'Chalmers', { gender: 'male' }));

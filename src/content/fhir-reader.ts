@@ -118,25 +118,12 @@ export class FhirReader implements ResourceReader {
     const path = `${base}/${change.resourceType}/${encodeURIComponent(id)}`;
     // Messages name the server and the type, never the resource id (they reach logs and answers).
     const what = `reading the ${change.resourceType} from ${base}`;
-    const history = `reading the ${change.resourceType}'s history from ${base}`;
     if (change.interaction !== 'delete') {
       const current = await this.#get(path, what, signal);
-      if (current.status === 200) {
-        const taken = this.#taken(current, change, what, base);
-        // Written again since the event (the event came late, or was retried after an outage):
-        // the version the event wrote is in the history; the current one stands if it is not there.
-        if (!('resource' in taken) || !writtenAfter(taken.resource, change)) return taken;
-        const versions = await this.#get(`${path}/_history?_count=${HISTORY_COUNT}`, history, signal);
-        if (versions.status !== 200 || versions.unusable !== undefined) return taken;
-        const bundle = versions.body as { resourceType?: unknown; entry?: unknown };
-        if (bundle?.resourceType !== 'Bundle') return taken;
-        const version = versionAt((Array.isArray(bundle.entry) ? bundle.entry : []) as HistoryEntry[], change);
-        if (version === undefined) return taken;
-        const then = this.#taken({ status: 200, body: version }, change, history, base);
-        return 'resource' in then ? then : taken;
-      }
+      if (current.status === 200) return this.#taken(current, change, what, base);
       if (current.status !== 404 && current.status !== 410) return refused(what, current.status);
     }
+    const history = `reading the ${change.resourceType}'s history from ${base}`;
     const versions = await this.#get(`${path}/_history?_count=${HISTORY_COUNT}`, history, signal);
     if (versions.status === 404 || versions.status === 410) return { missing: 'the server has no version of it' };
     if (NO_HISTORY.has(versions.status)) {
@@ -375,14 +362,6 @@ function refused(what: string, status: number): ReadResult {
 
 /** CloudTrail's event times have whole seconds: a version written in the event's second is before it. */
 const EVENT_TIME_SLACK_MS = 1000;
-
-/** Whether `resource` (its `meta.lastUpdated`) was written after the second of `change`'s event. */
-function writtenAfter(resource: Record<string, unknown>, change: ResourceChange): boolean {
-  const lastUpdated = (resource.meta as { lastUpdated?: unknown } | undefined)?.lastUpdated;
-  const at = typeof lastUpdated === 'string' ? Date.parse(lastUpdated) : Number.NaN;
-  const eventAt = Date.parse(change.time);
-  return !Number.isNaN(at) && !Number.isNaN(eventAt) && at > eventAt + EVENT_TIME_SLACK_MS;
-}
 
 /**
  * The version an event concerns, from an instance history: the newest version with the resource
