@@ -21,6 +21,7 @@ import {
 } from './support/fhir-client.js';
 import { type FhirRequest, FhirServer } from './support/fhir-server.js';
 import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { readingBroker } from './support/reading-broker.js';
 import { Receiver } from './support/receiver.js';
 import { RecordingLogger } from './support/recording-logger.js';
 import { sigV4Signature } from './support/sigv4.js';
@@ -58,25 +59,8 @@ function observationEvent(eventId: string, resourceId: string, eventName = 'Crea
   return { ...event, detail: { ...(event.detail as Json), eventName } };
 }
 
-async function setup(
-  env: Record<string, string> = {},
-): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
-  const fhir = await FhirServer.start();
-  fhir.token = FHIR_TOKEN;
-  const receiver = await Receiver.start();
-  const t = await inProcessBroker({
-    BROKER_FHIR_READ: fhir.url,
-    BROKER_FHIR_READ_TOKEN: FHIR_TOKEN,
-    BROKER_RETRY_DELAYS: '20ms,20ms,20ms',
-    ...env,
-  });
-  cleanups.push(
-    () => fhir.close(),
-    () => receiver.close(),
-    () => t.broker.close(0),
-  );
-  return { t, fhir, receiver };
-}
+const setup = (env: Record<string, string> = {}) =>
+  readingBroker(cleanups, { BROKER_RETRY_DELAYS: '20ms,20ms,20ms', ...env }, { token: FHIR_TOKEN });
 
 async function active(t: TestBroker, sub: Json): Promise<string> {
   await t.logger.waitForStatus(sub.id as string, 'active');

@@ -11,7 +11,8 @@ import { eventLike, type Json, notifiedNumbers, statusOf, topicSubscription } fr
 import { validateFhir } from './support/fhir-schema.js';
 import { FhirServer } from './support/fhir-server.js';
 import { inProcessBroker, secretOf, type TestBroker, TOKENS } from './support/in-process.js';
-import { Receiver } from './support/receiver.js';
+import { readingBroker } from './support/reading-broker.js';
+import type { Receiver } from './support/receiver.js';
 import { tempDir } from './support/temp-dirs.js';
 import { WsClient } from './support/ws-client.js';
 
@@ -33,27 +34,12 @@ function patient(id: string, family: string, extra: Json = {}): Json {
   return { resourceType: 'Patient', id, name: [{ family }], ...extra };
 }
 
-async function setup(
-  env: Record<string, string> = {},
-  fhirServer?: FhirServer,
-): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
-  const fhir = fhirServer ?? (await FhirServer.start());
-  fhir.token = FHIR_TOKEN;
-  const receiver = await Receiver.start();
-  const t = await inProcessBroker({
-    BROKER_FHIR_READ: fhir.url,
-    BROKER_FHIR_READ_TOKEN: FHIR_TOKEN,
-    BROKER_FULL_RESOURCE_CLIENTS: 'alice',
-    BROKER_RETRY_DELAYS: '20ms,20ms,20ms',
-    ...env,
-  });
-  cleanups.push(
-    ...(fhirServer === undefined ? [() => fhir.close()] : []),
-    () => receiver.close(),
-    () => t.broker.close(0),
+const setup = (env: Record<string, string> = {}, fhir?: FhirServer) =>
+  readingBroker(
+    cleanups,
+    { BROKER_FULL_RESOURCE_CLIENTS: 'alice', BROKER_RETRY_DELAYS: '20ms,20ms,20ms', ...env },
+    { token: FHIR_TOKEN, ...(fhir === undefined ? {} : { fhir }) },
   );
-  return { t, fhir, receiver };
-}
 
 const full = (receiver: Receiver, path: string, options: { filters?: string[] } = {}) =>
   topicSubscription('patient-change', `${receiver.url}${path}`, { ...options, content: 'full-resource' });

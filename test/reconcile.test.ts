@@ -9,6 +9,7 @@ import type { Reconciler } from '../src/service/reconciler.js';
 import { eventLike, focusOf, type Json, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
 import { type FhirRequest, FhirServer } from './support/fhir-server.js';
 import { inProcessBroker, type TestBroker, TOKENS } from './support/in-process.js';
+import { readingBroker } from './support/reading-broker.js';
 import { Receiver } from './support/receiver.js';
 import { sigV4Signature } from './support/sigv4.js';
 
@@ -24,24 +25,8 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-async function setup(
-  env: Record<string, string> = {},
-): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
-  const fhir = await FhirServer.start();
-  const receiver = await Receiver.start();
-  const t = await inProcessBroker({
-    BROKER_FHIR_READ: fhir.url,
-    BROKER_RECONCILE_EVERY: '1h',
-    BROKER_RECONCILE_LAG: '0s',
-    ...env,
-  });
-  cleanups.push(
-    () => fhir.close(),
-    () => receiver.close(),
-    () => t.broker.close(0),
-  );
-  return { t, fhir, receiver };
-}
+const setup = (env: Record<string, string> = {}) =>
+  readingBroker(cleanups, { BROKER_RECONCILE_EVERY: '1h', BROKER_RECONCILE_LAG: '0s', ...env });
 
 /**
  * A data dir, a FHIR server and a receiver that outlive the brokers a test starts one after another
@@ -81,15 +66,18 @@ async function active(t: TestBroker, sub: Json): Promise<string> {
 }
 
 /**
- * `setup`, an active Patient subscriber at `/patients`, and the first run done (the checkpoint set):
+ * `setup`, an active Patient subscriber at `/patients` (and Observation at `/observations`, when asked), and the first run done (the checkpoint set):
  * what the FHIR server is given from here on is in the next run's window.
  */
 async function watching(
-  options: { pageSize?: number } = {},
+  options: { pageSize?: number; observations?: true } = {},
 ): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
   const s = await setup();
   if (options.pageSize !== undefined) s.fhir.pageSize = options.pageSize;
   await active(s.t, await s.t.create(topicSubscription('patient-change', `${s.receiver.url}/patients`)));
+  if (options.observations === true) {
+    await active(s.t, await s.t.create(topicSubscription('observation-change', `${s.receiver.url}/observations`)));
+  }
   await reconcilerOf(s.t).run();
   await tick();
   return s;
@@ -573,12 +561,7 @@ describe('reconciliation that cannot do a window at once', () => {
   const observation = (id: string) => ({ resourceType: 'Observation', id, status: 'final', code: { text: 'x' } });
 
   it('keeps each type’s progress: a run stopped in one type does not search the types done again', async () => {
-    const { t, fhir, receiver } = await setup();
-    fhir.pageSize = 1;
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await active(t, await t.create(topicSubscription('observation-change', `${receiver.url}/observations`)));
-    await reconcilerOf(t).run();
-    await tick();
+    const { t, fhir, receiver } = await watching({ pageSize: 1, observations: true });
     const changedAt = Date.now();
     fhir.put(at(observation('o1'), new Date(changedAt).toISOString()));
     fhir.put(at(patient('p1'), new Date(changedAt).toISOString()));
@@ -625,12 +608,7 @@ describe('reconciliation that cannot do a window at once', () => {
   });
 
   it('searches a window that keeps changing while it is paged in shorter windows, then skips it, and goes on with the other types', async () => {
-    const { t, fhir, receiver } = await setup();
-    fhir.pageSize = 1;
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/patients`)));
-    await active(t, await t.create(topicSubscription('observation-change', `${receiver.url}/observations`)));
-    await reconcilerOf(t).run();
-    await tick();
+    const { t, fhir, receiver } = await watching({ pageSize: 1, observations: true });
     for (let i = 0; i < 200; i++) fhir.put(at(observation(`o${i}`)));
     fhir.put(at(patient('p1')));
     await tick();
