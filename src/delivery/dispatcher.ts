@@ -1550,7 +1550,7 @@ export class Dispatcher {
     if (endpoint === undefined) return { ok: false, error: 'no endpoint', permanent: true };
     const lastNumber = notes[notes.length - 1]?.eventNumber ?? 0;
     if (sub.kind === 'classic' && sub.channel.content === 'full-resource') {
-      const update = this.#classicUpdate(sub, notes);
+      const update = this.#classicUpdate(sub, endpoint, notes);
       return 'ok' in update ? update : { ...update, ...this.#requestOf(sub, webhookId) };
     }
     // Classic subscriptions without payload get an empty POST, as R4 prescribes.
@@ -1598,11 +1598,12 @@ export class Dispatcher {
    */
   #classicUpdate(
     sub: SubscriptionRecord,
+    endpoint: string,
     notes: readonly Notification[],
   ): Pick<WebhookRequest, 'endpoint' | 'method' | 'resourcePath' | 'contentType' | 'body'> | SendResult {
+    // One notification per request (a classic Subscription with a payload takes no max-count).
     const note = notes[0];
-    const endpoint = sub.channel.endpoint;
-    if (note === undefined || endpoint === undefined) return { ok: false, error: 'no endpoint', permanent: true };
+    if (note === undefined) return { ok: false, error: 'no notification to send', permanent: true };
     if (contentNow(sub, this.#opts.fullResourceClients) !== 'full-resource') {
       return {
         ok: false,
