@@ -3,6 +3,8 @@ import {
   DescribeTableCommand,
   DescribeTimeToLiveCommand,
   type DynamoDBClient,
+  GetItemCommand,
+  PutItemCommand,
   QueryCommand,
   ScanCommand,
   TransactionCanceledException,
@@ -447,6 +449,145 @@ describe('DynamoDbStore', () => {
       expect([replaced?.status, replaced?.match]).toEqual(['active', observation]);
       expect(await indexItems()).toEqual(['Observation/s1']);
     });
+  });
+});
+
+describe("a full-resource notification's resource item", () => {
+  const json = JSON.stringify({ resourceType: 'Patient', id: 'p1', name: [{ text: 'Zoë' }] });
+  const withResource = { ...change('e1', 'p1'), resource: json };
+  /** e1 for s1 (with the resource) and s2 (without), e2 for s1 (without). */
+  const accept = async () => {
+    await store.insertSubscription(record('s2'));
+    await store.acceptChanges(
+      [{ ...item('e1', ['s1', 's2']), resource: { json, for: new Set(['s1']) } }, item('e2', ['s1'])],
+      RECEIVED,
+    );
+  };
+  /** Every item of the subscription's partition: event number and attribute names. */
+  const partition = async (subscriptionId: string) => {
+    const out = await client.send(
+      new QueryCommand({
+        TableName: names().notifications,
+        KeyConditionExpression: 'subscriptionId = :s',
+        ExpressionAttributeValues: { ':s': { S: subscriptionId } },
+        ConsistentRead: true,
+      }),
+    );
+    return (out.Items ?? []).map((i) => [Number(i.eventNumber?.N), Object.keys(i).sort()]);
+  };
+  const delivered = (eventNumber: number, subscriptionId = 's1') => ({
+    subscriptionId,
+    eventNumber,
+    state: 'delivered' as const,
+    attempts: 1,
+    dueAt: RECEIVED,
+  });
+
+  it('is written beside its notification, at the number negated, and never copied into the pending index', async () => {
+    await accept();
+    const notification = ['attempts', 'change', 'createdAt', 'dueAt', 'eventNumber', 'pendingSubscriptionId'];
+    expect(await partition('s1')).toEqual([
+      [-1, ['createdAt', 'eventNumber', 'resource', 'subscriptionId']],
+      [1, [...notification, 'resourceBytes', 'state', 'subscriptionId'].sort()],
+      [2, [...notification, 'state', 'subscriptionId'].sort()],
+    ]);
+    expect(await partition('s2')).toEqual([[1, [...notification, 'state', 'subscriptionId'].sort()]]);
+    const indexed = await client.send(new ScanCommand({ TableName: names().notifications, IndexName: INDEX.pending }));
+    expect(indexed.Items?.map((i) => [i.subscriptionId?.S, Number(i.eventNumber?.N), i.resource?.S])).toEqual(
+      expect.arrayContaining([
+        ['s1', 1, undefined],
+        ['s1', 2, undefined],
+        ['s2', 1, undefined],
+      ]),
+    );
+    expect(indexed.Items).toHaveLength(3);
+    const first = await client.send(
+      new GetItemCommand({
+        TableName: names().notifications,
+        Key: { subscriptionId: { S: 's1' }, eventNumber: { N: '1' } },
+      }),
+    );
+    expect(first.Item?.resourceBytes?.N).toBe(String(Buffer.byteLength(json)));
+  });
+
+  it('is read with its notification by every read that sends or answers one', async () => {
+    await accept();
+    const changes = (notes: readonly { change: unknown }[]) => notes.map((n) => n.change);
+    expect(changes(await store.pendingNotifications('s1', 0, 10))).toEqual([withResource, change('e2', 'p1')]);
+    expect(changes(await store.notificationsInRange('s1', 1, 2, 10))).toEqual([withResource, change('e2', 'p1')]);
+    expect(changes((await store.laneLeases.read('s1', 0, 10, RECEIVED)).notes)).toEqual([
+      withResource,
+      change('e2', 'p1'),
+    ]);
+    expect(changes(await store.pendingNotifications('s2', 0, 10))).toEqual([change('e1', 'p1')]);
+    // A retry of a half-done acceptance (the event's key never written) hands on the queued one, resource included.
+    await client.send(
+      new DeleteItemCommand({ TableName: names().eventIds, Key: { eventId: { S: 'e1' }, scope: { S: '#event' } } }),
+    );
+    const [again] = await store.acceptChanges(
+      [{ ...item('e1', ['s1', 's2']), resource: { json, for: new Set(['s1']) } }],
+      RECEIVED + 1,
+    );
+    expect(again?.notifications).toEqual([
+      { subscriptionId: 's1', eventNumber: 1, change: withResource },
+      { subscriptionId: 's2', eventNumber: 1, change: change('e1', 'p1') },
+    ]);
+    // Dead-lettered and re-queued, it still has it.
+    await store.recordDeliveries([{ ...delivered(1), state: 'dead', lastError: 'HTTP 500' }]);
+    expect(await store.requeueDeadLetters('s1', RECEIVED + 2)).toBe(1);
+    await store.requeueSettled('s1', RECEIVED + 2);
+    expect(changes(await store.pendingNotifications('s1', 0, 1))).toEqual([withResource]);
+  });
+
+  it('still reads a resource written on the notification item itself (before resource items)', async () => {
+    const bare = { ...change('e9', 'p9') };
+    await client.send(
+      new PutItemCommand({
+        TableName: names().notifications,
+        Item: {
+          subscriptionId: { S: 's1' },
+          eventNumber: { N: '1' },
+          change: { S: JSON.stringify(bare) },
+          resource: { S: json },
+          state: { S: 'pending' },
+          attempts: { N: '0' },
+          dueAt: { N: String(RECEIVED) },
+          createdAt: { N: String(RECEIVED) },
+          pendingSubscriptionId: { S: 's1' },
+        },
+      }),
+    );
+    expect((await store.pendingNotifications('s1', 0, 10)).map((n) => n.change)).toEqual([{ ...bare, resource: json }]);
+  });
+
+  it('goes with its notification: the purge, an orphan a stopped purge left, the subscription delete', async () => {
+    await accept();
+    // Pending past the window: both stay.
+    expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 0, eventIds: 2 });
+    expect((await partition('s1')).map(([n]) => n)).toEqual([-1, 1, 2]);
+    // Delivered: the notification and its resource go, and are counted as one.
+    await store.recordDeliveries([delivered(1), delivered(2)]);
+    expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 2, eventIds: 0 });
+    expect(await partition('s1')).toEqual([]);
+
+    // A purge that stopped between the two deletes left a resource item alone: the next takes it.
+    await store.acceptChanges([{ ...item('e3', ['s1']), resource: { json, for: new Set(['s1']) } }], RECEIVED);
+    await client.send(
+      new DeleteItemCommand({
+        TableName: names().notifications,
+        Key: { subscriptionId: { S: 's1' }, eventNumber: { N: '3' } },
+      }),
+    );
+    expect(await store.purge(RECEIVED - 1)).toEqual({ notifications: 0, eventIds: 0 });
+    expect((await partition('s1')).map(([n]) => n)).toEqual([-3]);
+    expect(await store.purge(RECEIVED + 1)).toEqual({ notifications: 0, eventIds: 1 });
+    expect(await partition('s1')).toEqual([]);
+
+    // Deleting the subscription deletes its resource items, counted as nothing.
+    await store.acceptChanges([{ ...item('e4', ['s1']), resource: { json, for: new Set(['s1']) } }], RECEIVED);
+    expect((await partition('s1')).map(([n]) => n)).toEqual([-4, 4]);
+    expect(await store.deleteSubscription('s1')).toBe(true);
+    expect(await partition('s1')).toEqual([]);
   });
 });
 

@@ -1,12 +1,14 @@
+import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Webhook } from 'standardwebhooks';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { attachWebSocket } from '../src/http/websocket-upgrade.js';
 import { MAX_FULL_RESOURCE_BYTES } from '../src/service/content-stage.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
+import { type DynamoDbLocal, dynamoDbEnv, startDynamoDbLocal } from './support/dynamodb-local.js';
 import { eventLike, type Json, notifiedNumbers, statusOf, topicSubscription } from './support/fhir-client.js';
 import { validateFhir } from './support/fhir-schema.js';
 import { FhirServer } from './support/fhir-server.js';
@@ -92,50 +94,92 @@ async function boundSocket(t: TestBroker, id: string): Promise<WsClient> {
   return c;
 }
 
+/** `store`: the broker's store settings (none: SQLite in a temporary directory). */
+async function carriesAsRead(store: Record<string, string>): Promise<void> {
+  const { t, fhir, receiver } = await setup(store);
+  fhir.put(patient('p1', 'Chalmers'));
+  fhir.put(patient('p2', 'Windsor'));
+  const whole = await active(t, await t.create(full(receiver, '/full')));
+  await active(t, await t.create(full(receiver, '/full2')));
+  await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/ids`)));
+
+  await t.post([
+    eventLike('healthlake-update-patient', 'u1', 'p1'),
+    eventLike('healthlake-create-patient', 'c2', 'p2'),
+    eventLike('healthlake-delete-patient', 'd1', 'p1'),
+  ]);
+  await receiver.waitFor(
+    () => ['/full', '/full2', '/ids'].every((p) => focusEntries(receiver, p).length === 3),
+    'three notifications each',
+  );
+  const entries = focusEntries(receiver, '/full');
+  expect(entries.map((e) => e.resource)).toEqual([
+    fhir.current('Patient', 'p1'),
+    fhir.current('Patient', 'p2'),
+    undefined,
+  ]);
+  expect(entries[0]?.resource).toMatchObject({ name: [{ family: 'Chalmers' }] });
+  expect(entries.map((e) => (e.request as Json).method)).toEqual(['PUT', 'POST', 'DELETE']);
+  expect(focusEntries(receiver, '/full2').map((e) => e.resource)).toEqual(entries.map((e) => e.resource));
+  expect(focusEntries(receiver, '/ids').every((e) => !('resource' in e))).toBe(true);
+  for (const b of bundlesOn(receiver, '/full')) expect(validateFhir(b)).toEqual([]);
+  expect(notifiedNumbers(receiver.on('/full'))).toEqual([1, 2, 3]);
+  // One read per changed resource, with the configured token; none for the delete.
+  expect(fhir.requests.map((r) => `${r.method} ${r.path}`)).toEqual(['GET /fhir/Patient/p1', 'GET /fhir/Patient/p2']);
+  expect(fhir.requests[0]?.headers.authorization).toBe(`Bearer ${FHIR_TOKEN}`);
+  expect(await metric(t, 'broker_full_resources_total{outcome="included"}')).toBe(2);
+
+  // $events gives the same resources back, and pages by their size too.
+  const events = await t.call('GET', `/fhir/Subscription/${whole}/$events`);
+  expect(events.status).toBe(200);
+  expect((events.body.entry as Json[]).slice(1).map((e) => e.resource)).toEqual([
+    fhir.current('Patient', 'p1'),
+    fhir.current('Patient', 'p2'),
+    undefined,
+  ]);
+}
+
+async function splitsLargeBacklog(store: Record<string, string>): Promise<void> {
+  const { t, fhir, receiver } = await setup(store);
+  const ids = Array.from({ length: 12 }, (_, i) => `big${i}`);
+  // ~200 KB each: 2.4 MB in all.
+  for (const id of ids)
+    fhir.put(patient(id, 'Large', { text: { status: 'generated', div: `<div>${'x'.repeat(200_000)}</div>` } }));
+  const sub = full(receiver, '/batched');
+  const channel = sub.channel as Json;
+  const maxCount = {
+    url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
+    valuePositiveInt: 100,
+  };
+  const id = await active(t, await t.create({ ...sub, channel: { ...channel, extension: [maxCount] } }));
+  await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `u${i}`, p)));
+  await receiver.waitFor(() => focusEntries(receiver, '/batched').length === 12, 'all twelve');
+  const bundles = bundlesOn(receiver, '/batched');
+  expect(bundles.length).toBeGreaterThan(2);
+  for (const b of bundles) expect(JSON.stringify(b).length).toBeLessThan(1024 * 1024 + 250_000);
+  expect(notifiedNumbers(receiver.on('/batched'))).toEqual(Array.from({ length: 12 }, (_, i) => i + 1));
+  expect(focusEntries(receiver, '/batched').map((e) => (e.resource as Json).id)).toEqual(ids);
+
+  // $events: pages of at most ~2 MiB of resources, the rest a next link away, each event once.
+  const seen: number[] = [];
+  let url: string | undefined = `/fhir/Subscription/${id}/$events`;
+  for (let pages = 0; url !== undefined; pages++) {
+    expect(pages).toBeLessThan(12);
+    const page = await t.call('GET', url);
+    expect(page.status).toBe(200);
+    expect(JSON.stringify(page.body).length).toBeLessThan(2 * 1024 * 1024 + 250_000);
+    const entries = (page.body.entry as Json[]).slice(1);
+    expect(entries.every((e) => (e.resource as Json | undefined)?.resourceType === 'Patient')).toBe(true);
+    seen.push(...statusOf(page.body).events.map((e) => Number((e.part as Json[])[0]?.valueString)));
+    const next = (page.body.link as Json[] | undefined)?.find((l) => l.relation === 'next')?.url as string | undefined;
+    url = next?.slice(next.indexOf('/fhir/'));
+  }
+  expect(seen).toEqual(Array.from({ length: 12 }, (_, i) => i + 1));
+}
+
 describe('full-resource content', () => {
-  it('carries the resource as read (one read for every subscriber), never to id-only subscribers, never on a delete', async () => {
-    const { t, fhir, receiver } = await setup();
-    fhir.put(patient('p1', 'Chalmers'));
-    fhir.put(patient('p2', 'Windsor'));
-    const whole = await active(t, await t.create(full(receiver, '/full')));
-    await active(t, await t.create(full(receiver, '/full2')));
-    await active(t, await t.create(topicSubscription('patient-change', `${receiver.url}/ids`)));
-
-    await t.post([
-      eventLike('healthlake-update-patient', 'u1', 'p1'),
-      eventLike('healthlake-create-patient', 'c2', 'p2'),
-      eventLike('healthlake-delete-patient', 'd1', 'p1'),
-    ]);
-    await receiver.waitFor(
-      () => ['/full', '/full2', '/ids'].every((p) => focusEntries(receiver, p).length === 3),
-      'three notifications each',
-    );
-    const entries = focusEntries(receiver, '/full');
-    expect(entries.map((e) => e.resource)).toEqual([
-      fhir.current('Patient', 'p1'),
-      fhir.current('Patient', 'p2'),
-      undefined,
-    ]);
-    expect(entries[0]?.resource).toMatchObject({ name: [{ family: 'Chalmers' }] });
-    expect(entries.map((e) => (e.request as Json).method)).toEqual(['PUT', 'POST', 'DELETE']);
-    expect(focusEntries(receiver, '/full2').map((e) => e.resource)).toEqual(entries.map((e) => e.resource));
-    expect(focusEntries(receiver, '/ids').every((e) => !('resource' in e))).toBe(true);
-    for (const b of bundlesOn(receiver, '/full')) expect(validateFhir(b)).toEqual([]);
-    expect(notifiedNumbers(receiver.on('/full'))).toEqual([1, 2, 3]);
-    // One read per changed resource, with the configured token; none for the delete.
-    expect(fhir.requests.map((r) => `${r.method} ${r.path}`)).toEqual(['GET /fhir/Patient/p1', 'GET /fhir/Patient/p2']);
-    expect(fhir.requests[0]?.headers.authorization).toBe(`Bearer ${FHIR_TOKEN}`);
-    expect(await metric(t, 'broker_full_resources_total{outcome="included"}')).toBe(2);
-
-    // $events gives the same resources back, and pages by their size too.
-    const events = await t.call('GET', `/fhir/Subscription/${whole}/$events`);
-    expect(events.status).toBe(200);
-    expect((events.body.entry as Json[]).slice(1).map((e) => e.resource)).toEqual([
-      fhir.current('Patient', 'p1'),
-      fhir.current('Patient', 'p2'),
-      undefined,
-    ]);
-  });
+  it('carries the resource as read (one read for every subscriber), never to id-only subscribers, never on a delete', () =>
+    carriesAsRead({}));
 
   it('reads nothing for an event only id-only subscriptions match', async () => {
     const { t, fhir, receiver } = await setup();
@@ -218,45 +262,8 @@ describe('full-resource content', () => {
     expect(warned?.bytes).toBeGreaterThan(MAX_FULL_RESOURCE_BYTES);
   });
 
-  it('splits a max-count backlog of large resources into bundles of about 1 MiB, and pages $events by about 2 MiB', async () => {
-    const { t, fhir, receiver } = await setup();
-    const ids = Array.from({ length: 12 }, (_, i) => `big${i}`);
-    // ~200 KB each: 2.4 MB in all.
-    for (const id of ids)
-      fhir.put(patient(id, 'Large', { text: { status: 'generated', div: `<div>${'x'.repeat(200_000)}</div>` } }));
-    const sub = full(receiver, '/batched');
-    const channel = sub.channel as Json;
-    const maxCount = {
-      url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
-      valuePositiveInt: 100,
-    };
-    const id = await active(t, await t.create({ ...sub, channel: { ...channel, extension: [maxCount] } }));
-    await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `u${i}`, p)));
-    await receiver.waitFor(() => focusEntries(receiver, '/batched').length === 12, 'all twelve');
-    const bundles = bundlesOn(receiver, '/batched');
-    expect(bundles.length).toBeGreaterThan(2);
-    for (const b of bundles) expect(JSON.stringify(b).length).toBeLessThan(1024 * 1024 + 250_000);
-    expect(notifiedNumbers(receiver.on('/batched'))).toEqual(Array.from({ length: 12 }, (_, i) => i + 1));
-    expect(focusEntries(receiver, '/batched').map((e) => (e.resource as Json).id)).toEqual(ids);
-
-    // $events: pages of at most ~2 MiB of resources, the rest a next link away, each event once.
-    const seen: number[] = [];
-    let url: string | undefined = `/fhir/Subscription/${id}/$events`;
-    for (let pages = 0; url !== undefined; pages++) {
-      expect(pages).toBeLessThan(12);
-      const page = await t.call('GET', url);
-      expect(page.status).toBe(200);
-      expect(JSON.stringify(page.body).length).toBeLessThan(2 * 1024 * 1024 + 250_000);
-      const entries = (page.body.entry as Json[]).slice(1);
-      expect(entries.every((e) => (e.resource as Json | undefined)?.resourceType === 'Patient')).toBe(true);
-      seen.push(...statusOf(page.body).events.map((e) => Number((e.part as Json[])[0]?.valueString)));
-      const next = (page.body.link as Json[] | undefined)?.find((l) => l.relation === 'next')?.url as
-        | string
-        | undefined;
-      url = next?.slice(next.indexOf('/fhir/'));
-    }
-    expect(seen).toEqual(Array.from({ length: 12 }, (_, i) => i + 1));
-  });
+  it('splits a max-count backlog of large resources into bundles of about 1 MiB, and pages $events by about 2 MiB', () =>
+    splitsLargeBacklog({}));
 
   it('sends the stored resource on a retry after a restart, not a fresh read', async () => {
     const fhir = await FhirServer.start();
@@ -279,6 +286,29 @@ describe('full-resource content', () => {
     expect(focusEntries(first.receiver, '/full')[0]).toEqual(attempt);
     expect(fhir.requests.length).toBe(reads);
   });
+});
+
+describe('full-resource content on DynamoDB (each resource in an item of its own)', () => {
+  let local: DynamoDbLocal | undefined;
+  const saved = { ...process.env };
+  beforeAll(async () => {
+    local = await startDynamoDbLocal();
+    // The AWS SDK in this process reads its credentials and region from the environment.
+    Object.assign(process.env, onDynamoDb());
+  });
+  afterAll(async () => {
+    for (const name of Object.keys(onDynamoDb())) {
+      if (saved[name] === undefined) delete process.env[name];
+      else process.env[name] = saved[name];
+    }
+    await local?.stop();
+  });
+  const onDynamoDb = () => dynamoDbEnv((local as DynamoDbLocal).endpoint, `full-${randomUUID().slice(0, 8)}-`);
+
+  it('carries the resource as read, in webhooks and $events', () => carriesAsRead(onDynamoDb()));
+
+  it('reads a backlog of large resources for bundles of about 1 MiB and $events pages of about 2 MiB', () =>
+    splitsLargeBacklog(onDynamoDb()));
 });
 
 describe('a classic R4 Subscription with a payload', () => {

@@ -7,12 +7,13 @@ import {
   type TransactWriteItem,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
-import type { Notification, ResourceChange } from '../../core/types.js';
+import type { Notification, ResourceChange, StoredNotification } from '../../core/types.js';
 import { type AcceptItem, type AcceptOutcome, changesOf } from '../store.js';
 import { Expression, type Item, N, readNumber, readString, S } from './attributes.js';
-import { COLLECTING, EVENT_SCOPE, eventIdItem, eventIdKey, fromNotificationItem } from './items.js';
+import { COLLECTING, EVENT_SCOPE, eventIdItem, eventIdKey } from './items.js';
 import { voidNumbers } from './lane-leases.js';
 import { conditionHeld, type DynamoDbRequests } from './requests.js';
+import { RESOURCE_BYTES, resourceItem, withResources } from './resource-items.js';
 import { type TableNames, TTL_ATTRIBUTE } from './tables.js';
 
 /** `#queue`'s answer for a number voided before its notification was written. */
@@ -26,8 +27,9 @@ const MAX_VOIDED = 3;
  *   2. a live `#event` key ⇒ duplicate, nothing written;
  *   3. per matched subscription: a live marker ⇒ reuse its notification (a retry of a
  *      half-finished acceptance); else take the next number (conditional ADD) and write the
- *      notification and its marker in one TransactWriteItems, with a ConditionCheck that the
- *      subscription still exists (so a concurrent delete cannot leave an orphan);
+ *      notification and its marker (and its resource's item, see resource-items.ts) in one
+ *      TransactWriteItems, with a ConditionCheck that the subscription still exists (so a
+ *      concurrent delete cannot leave an orphan);
  *   4. write the `#event` key last. Until it is written, a retry redoes only what is missing.
  * Every write is acknowledged by DynamoDB before `accept` resolves: an accepted event is durable.
  * The caveats (gaps in event numbers, interleaving across processes) are in dynamodb-store.ts.
@@ -140,14 +142,15 @@ export class EventAcceptance {
     receivedAt: number,
     expiresAt: number,
   ): Promise<Notification | undefined | typeof VOIDED> {
-    // The resource (full-resource content) as an attribute of its own: inside `change` its JSON
-    // would be escaped again, up to twice its size, past the 400 KB an item holds.
+    // The resource (full-resource content) in an item of its own (resource-items.ts): not inside
+    // `change`, where its JSON would be escaped again, up to twice its size, past the 400 KB an
+    // item holds; not on this item, which the `pending` index copies while it is pending.
     const { resource, ...bare } = change;
     const note: Item = {
       subscriptionId: S(subscriptionId),
       eventNumber: N(eventNumber),
       change: S(JSON.stringify(bare)),
-      ...(resource === undefined ? {} : { resource: S(resource) }),
+      ...(resource === undefined ? {} : { [RESOURCE_BYTES]: N(Buffer.byteLength(resource)) }),
       state: S('pending'),
       attempts: N(0),
       dueAt: N(receivedAt),
@@ -186,6 +189,16 @@ export class EventAcceptance {
             ConditionExpression: 'attribute_exists(id)',
           },
         },
+        ...(resource === undefined
+          ? []
+          : [
+              {
+                Put: {
+                  TableName: this.#tables.notifications,
+                  Item: resourceItem(subscriptionId, eventNumber, resource, receivedAt),
+                },
+              },
+            ]),
       ],
       `queueing event ${eventNumber} for ${subscriptionId}`,
     );
@@ -279,13 +292,8 @@ export class EventAcceptance {
     );
     // (A void row carries no notification: a marker never points at one, but nothing is read from it.)
     if (out.Item === undefined || out.Item.state?.S === 'void') return undefined;
-    const {
-      state,
-      attempts: _attempts,
-      dueAt: _dueAt,
-      lastError: _lastError,
-      ...note
-    } = fromNotificationItem(out.Item);
+    const [read] = await withResources(this.#requests, this.#tables.notifications, [out.Item]);
+    const { state, attempts: _attempts, dueAt: _dueAt, lastError: _lastError, ...note } = read as StoredNotification;
     return state === 'pending' ? note : undefined;
   }
 }

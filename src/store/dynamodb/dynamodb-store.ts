@@ -52,7 +52,6 @@ import {
   checkpointKey,
   compare,
   EVENT_SCOPE,
-  fromNotificationItem,
   fromSubscriptionItem,
   fromVersionItem,
   type IndexedFields,
@@ -77,6 +76,7 @@ import {
   unfenceLane,
 } from './lane-leases.js';
 import { conditionHeld, DynamoDbRequests, inBursts, MAX_TRANSACTION_ATTEMPTS } from './requests.js';
+import { notificationKeyOf, resourceItemsToPurge, withResources } from './resource-items.js';
 import { INDEX, type TableNames, tableNames } from './tables.js';
 
 /**
@@ -91,6 +91,8 @@ import { INDEX, type TableNames, tableNames } from './tables.js';
  *   subscriptions in requested/active/error (attribute `collectingOwner`, removed otherwise).
  * - `notifications` (pk `subscriptionId`, sk `eventNumber`): state, attempts, dueAt, lastError,
  *   createdAt. Sparse GSI `pending` (attribute `pendingSubscriptionId`, present only while pending).
+ *   A full-resource notification's resource is an item of its own at the number negated
+ *   (resource-items.ts).
  * - `event-ids` (pk `eventId`, sk `scope`): scope `#event` marks an EventBridge id as accepted
  *   (the dedupe key); scope `<subscriptionId>` is the marker "this event already has notification
  *   `eventNumber` for this subscription". Both carry the TTL attribute `expiresAt`; TTL deletion
@@ -525,7 +527,7 @@ export class DynamoDbStore implements Store {
       },
       limit,
     );
-    return items.map(fromNotificationItem);
+    return withResources(this.#requests, this.#tables.notifications, items);
   }
 
   async subscriptionsWithPending(): Promise<string[]> {
@@ -600,7 +602,7 @@ export class DynamoDbStore implements Store {
       },
       limit,
     );
-    const notes = items.map(fromNotificationItem);
+    const notes = await withResources(this.#requests, this.#tables.notifications, items);
     if (!notes.some((n) => n.state === 'pending')) return notes;
     // As on SQLite: a row at or below the lane's watermark (`laneThrough`, on the lease item at
     // number 0) still in state `pending` was delivered: its own write failed (logged) after the lane
@@ -670,11 +672,17 @@ export class DynamoDbStore implements Store {
     const outstanding = await this.#requests.queryAll({
       TableName: this.#tables.notifications,
       ConsistentRead: true,
-      KeyConditionExpression: 'subscriptionId = :s',
+      // Above the lease item (0), so not through the resource items (negative numbers) either.
+      KeyConditionExpression: 'subscriptionId = :s AND eventNumber > :lane',
       FilterExpression: '#state IN (:dead, :pending)',
       ProjectionExpression: 'subscriptionId, eventNumber, #state, attempts',
       ExpressionAttributeNames: { '#state': 'state' },
-      ExpressionAttributeValues: { ':s': S(subscriptionId), ':dead': S('dead'), ':pending': S('pending') },
+      ExpressionAttributeValues: {
+        ':s': S(subscriptionId),
+        ':lane': N(0),
+        ':dead': S('dead'),
+        ':pending': S('pending'),
+      },
     });
     const requeuable = outstanding.filter(
       (key) => readString(key, 'state') === 'dead' || readNumber(key, 'attempts') > 0,
@@ -736,11 +744,9 @@ export class DynamoDbStore implements Store {
       swept += await this.#deleteNotificationsOf(id);
       await this.#deleteVersionRing(id);
     }
-    const oldNotes = scanned.filter(
-      (item) =>
-        !gone.has(readString(item, 'subscriptionId')) &&
-        readNumber(item, 'eventNumber') !== 0 &&
-        DONE_STATES.has(readString(item, 'state')),
+    const left = scanned.filter((item) => !gone.has(readString(item, 'subscriptionId')));
+    const oldNotes = left.filter(
+      (item) => readNumber(item, 'eventNumber') > 0 && DONE_STATES.has(readString(item, 'state')),
     );
     const notes = await inBursts(oldNotes, (key) =>
       // Re-checked on delete: a dead letter requeued since the scan is pending and stays.
@@ -756,6 +762,16 @@ export class DynamoDbStore implements Store {
         ),
       ),
     );
+    // Then the resource items of the notifications deleted, and of any an earlier purge deleted
+    // before it stopped: every one scanned whose notification is not still there.
+    const deleted = new Set(oldNotes.filter((_, i) => notes[i] === true).map(notificationKeyOf));
+    const kept = new Set(
+      left
+        .filter((item) => readNumber(item, 'eventNumber') > 0)
+        .map(notificationKeyOf)
+        .filter((key) => !deleted.has(key)),
+    );
+    await this.#requests.deleteAll(this.#tables.notifications, resourceItemsToPurge(left, kept).map(notificationKey));
     const purged = swept + notes.filter(Boolean).length;
     if (isAborted(signal)) return { notifications: purged, eventIds: 0 };
     const oldIds = await this.#requests.scanAll({
@@ -983,7 +999,10 @@ export class DynamoDbStore implements Store {
     return (await this.#requests.transact([{ ConditionCheck: check }, { Update: update }], what)) === undefined;
   }
 
-  /** Deletes every row of the subscription, its lease item included; answers how many were notifications. */
+  /**
+   * Deletes every row of the subscription, its lease item and resource items included; answers
+   * how many were notifications.
+   */
   async #deleteNotificationsOf(subscriptionId: string): Promise<number> {
     const keys = await this.#requests.queryAll({
       TableName: this.#tables.notifications,
@@ -993,7 +1012,7 @@ export class DynamoDbStore implements Store {
       ExpressionAttributeValues: { ':s': S(subscriptionId) },
     });
     await this.#requests.deleteAll(this.#tables.notifications, keys.map(notificationKey));
-    return keys.filter((key) => readNumber(key, 'eventNumber') !== 0).length;
+    return keys.filter((key) => readNumber(key, 'eventNumber') > 0).length;
   }
 
   /** Which of `ids` the subscriptions table no longer holds (a consistent read). */

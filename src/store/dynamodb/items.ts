@@ -83,10 +83,13 @@ export function fromSubscriptionItem(item: Item): SubscriptionRecord {
   };
 }
 
-export function fromNotificationItem(item: Item): StoredNotification {
+/** `resource`: read from its own item (resource-items.ts); else the item's own, as written before that. */
+export function fromNotificationItem(
+  item: Item,
+  resource: string | undefined = readOptionalString(item, 'resource'),
+): StoredNotification {
   const lastError = readOptionalString(item, 'lastError');
   const bundleLast = readOptionalNumber(item, 'bundleLast');
-  const resource = readOptionalString(item, 'resource');
   const change = JSON.parse(readString(item, 'change')) as ResourceChange;
   return {
     subscriptionId: readString(item, 'subscriptionId'),

@@ -7,11 +7,11 @@ import {
   QueryCommand,
   UpdateItemCommand,
 } from '@aws-sdk/client-dynamodb';
-import type { Clock, StoredNotification } from '../../core/types.js';
+import type { Clock } from '../../core/types.js';
 import type { LaneHeld, LaneHold, LaneLeases, LaneRead } from '../store.js';
 import { type Item, N, readNumber, readString, S } from './attributes.js';
-import { fromNotificationItem } from './items.js';
-import { inBursts } from './requests.js';
+import { DynamoDbRequests, inBursts } from './requests.js';
+import { withResources } from './resource-items.js';
 
 /**
  * `LaneLeases` of the DynamoDB store. A subscription's lease is an item of the `notifications`
@@ -85,11 +85,13 @@ export class DynamoDbLaneLeases implements LaneLeases {
   readonly #client: DynamoDBClient;
   readonly #table: string;
   readonly #voidAfterMs: number;
+  readonly #requests: DynamoDbRequests;
 
   constructor(client: DynamoDBClient, notificationsTable: string, voidAfterMs = VOID_AFTER_MS) {
     this.#client = client;
     this.#table = notificationsTable;
     this.#voidAfterMs = voidAfterMs;
+    this.#requests = new DynamoDbRequests(client);
   }
 
   async take(subscriptionId: string, holder: string, now: number, until: number): Promise<LaneHold | LaneHeld> {
@@ -256,7 +258,17 @@ export class DynamoDbLaneLeases implements LaneLeases {
   }
 
   async read(subscriptionId: string, through: number, limit: number, now: number): Promise<LaneRead> {
-    const notes: StoredNotification[] = [];
+    const { items, ...rest } = await this.#readItems(subscriptionId, through, limit, now);
+    return { notes: await withResources(this.#requests, this.#table, items), ...rest };
+  }
+
+  async #readItems(
+    subscriptionId: string,
+    through: number,
+    limit: number,
+    now: number,
+  ): Promise<Omit<LaneRead, 'notes'> & { items: Item[] }> {
+    const notes: Item[] = [];
     let mark = through;
     let expected = through + 1;
     let start: Record<string, AttributeValue> | undefined;
@@ -278,24 +290,24 @@ export class DynamoDbLaneLeases implements LaneLeases {
           const missing = Array.from({ length: n - expected }, (_, k) => expected + k);
           const createdAt = readNumber(item, 'createdAt');
           if (createdAt > now - this.#voidAfterMs) {
-            return { notes, through: mark, voidableAt: createdAt + this.#voidAfterMs };
+            return { items: notes, through: mark, voidableAt: createdAt + this.#voidAfterMs };
           }
           // Written meanwhile: read again at once.
           if (!(await voidNumbers(this.#client, this.#table, subscriptionId, missing, now))) {
-            return { notes, through: mark, voidableAt: now };
+            return { items: notes, through: mark, voidableAt: now };
           }
         }
         expected = n + 1;
         if (readString(item, 'state') === 'pending') {
-          notes.push(fromNotificationItem(item));
-          if (notes.length >= limit) return { notes, through: mark };
+          notes.push(item);
+          if (notes.length >= limit) return { items: notes, through: mark };
         } else if (notes.length === 0) {
           mark = n;
         }
       }
       start = out.LastEvaluatedKey;
     } while (start !== undefined);
-    return { notes, through: mark };
+    return { items: notes, through: mark };
   }
 
   #update(
