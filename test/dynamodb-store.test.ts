@@ -487,7 +487,7 @@ describe("a full-resource notification's resource item", () => {
     await accept();
     const notification = ['attempts', 'change', 'createdAt', 'dueAt', 'eventNumber', 'pendingSubscriptionId'];
     expect(await partition('s1')).toEqual([
-      [-1, ['createdAt', 'eventNumber', 'resource', 'subscriptionId']],
+      [-1, ['createdAt', 'eventNumber', 'resource', 'state', 'subscriptionId']],
       [1, [...notification, 'resourceBytes', 'state', 'subscriptionId'].sort()],
       [2, [...notification, 'state', 'subscriptionId'].sort()],
     ]);
@@ -537,6 +537,31 @@ describe("a full-resource notification's resource item", () => {
     expect(await store.requeueDeadLetters('s1', RECEIVED + 2)).toBe(1);
     await store.requeueSettled('s1', RECEIVED + 2);
     expect(changes(await store.pendingNotifications('s1', 0, 1))).toEqual([withResource]);
+  });
+
+  it('has a state no purge or re-queue takes: a broker from before resource items (a rollback) purges past it', async () => {
+    await accept();
+    await store.recordDeliveries([delivered(1), delivered(2)]);
+    // The previous release's purge reads `state` of every item its scan finds but the lease item,
+    // and deletes those delivered, dead or void; its re-queue reads dead and pending ones.
+    const scanned = await client.send(
+      new ScanCommand({
+        TableName: names().notifications,
+        ConsistentRead: true,
+        FilterExpression: 'createdAt < :before AND eventNumber <> :lane',
+        ExpressionAttributeValues: { ':before': { N: String(RECEIVED + 1) }, ':lane': { N: '0' } },
+      }),
+    );
+    expect(
+      scanned.Items?.map((i) => [i.subscriptionId?.S, Number(i.eventNumber?.N), i.state?.S]).sort((a, b) =>
+        `${a[0]}${a[1]}`.localeCompare(`${b[0]}${b[1]}`),
+      ),
+    ).toEqual([
+      ['s1', -1, 'resource'],
+      ['s1', 1, 'delivered'],
+      ['s1', 2, 'delivered'],
+      ['s2', 1, 'pending'],
+    ]);
   });
 
   it('still reads a resource written on the notification item itself (before resource items)', async () => {

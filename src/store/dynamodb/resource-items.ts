@@ -24,9 +24,19 @@ export function resourceKey(subscriptionId: string, eventNumber: number): Item {
   return { subscriptionId: S(subscriptionId), eventNumber: N(-eventNumber) };
 }
 
-/** `createdAt` as on its notification: the purge finds both in one scan (see `resourceItemsToPurge`). */
+/**
+ * `createdAt` as on its notification: the purge finds both in one scan (see `resourceItemsToPurge`).
+ * `state` is `resource`, a state no release's purge deletes and no re-queue reads: a broker from
+ * before this layout (a rollback, or old functions beside new ones during a deploy) purges past
+ * these items instead of failing on an item without a state, and leaves them to this one.
+ */
 export function resourceItem(subscriptionId: string, eventNumber: number, json: string, createdAt: number): Item {
-  return { ...resourceKey(subscriptionId, eventNumber), resource: S(json), createdAt: N(createdAt) };
+  return {
+    ...resourceKey(subscriptionId, eventNumber),
+    resource: S(json),
+    createdAt: N(createdAt),
+    state: S('resource'),
+  };
 }
 
 export function isResourceItem(item: Item): boolean {
