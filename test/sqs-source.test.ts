@@ -129,7 +129,7 @@ describe('the SQS source', () => {
     await sqs.waitFor(() => sqs.deleted.length === 1, 'the good one deleted');
     expect(sqs.deleted).toEqual([good]);
     const refused = t.logger.records.filter(
-      (r) => r.msg === 'sqs message refused; left for the queue’s redrive policy',
+      (r) => r.msg === "sqs message refused; left for the queue's redrive policy",
     );
     expect(refused.map((r) => [r.messageId, r.receiveCount, typeof r.reason]).sort()).toEqual(
       [

@@ -182,7 +182,7 @@ export class SqsEventSource {
     const countRefused = id === undefined || !this.#refused.has(id);
     /** `counted`: the ingest has counted it (or not) already. */
     const refuse = (reason: string, counted = false): 'refused' => {
-      logger.warn('sqs message refused; left for the queue’s redrive policy', { ...about, reason });
+      logger.warn("sqs message refused; left for the queue's redrive policy", { ...about, reason });
       if (!counted && countRefused) metrics.inc('broker_events_total', { outcome: 'refused' });
       if (id !== undefined) this.#noteRefused(id);
       return 'refused';
