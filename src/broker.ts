@@ -75,6 +75,8 @@ export interface Broker {
     readonly apiClients: readonly ApiClient[];
     readonly ingestToken: string;
     readonly wsTokenSecret: string;
+    /** `BROKER_FHIR_READ_TOKEN` as read again: the reads with `bearer` use it from now on. */
+    readonly fhirReadToken?: string;
   }): void;
   /**
    * Hand over every lifecycle event published so far (EventBridge PutEvents). A Lambda handler
@@ -352,6 +354,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
       ingestAuth.replace(next.ingestToken);
       if (config.metricsToken === undefined) metricsAuth.replace(next.ingestToken);
       bindingTokens.rotate(next.wsTokenSecret, clock.now(), config.wsTokenTtlMs);
+      if (next.fhirReadToken !== undefined) reader?.setToken(next.fhirReadToken);
     },
     async close(graceMs = 5000) {
       // No more events in: a long poll is cut, what it received is committed and deleted first.

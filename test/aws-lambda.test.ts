@@ -6,7 +6,7 @@ import { SQSClient } from '@aws-sdk/client-sqs';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ApiGatewayWebSocketPort, MAX_MESSAGE_BYTES } from '../src/aws/apigw-websocket-port.js';
-import { type AwsBroker, createAwsBroker, MatchIndexedStore } from '../src/aws/aws-broker.js';
+import { type AwsBroker, createAwsBroker, MatchIndexedStore, secretEnv } from '../src/aws/aws-broker.js';
 import { EventBridgePublisher } from '../src/aws/eventbridge-publisher.js';
 import { createHandlers, type Handlers } from '../src/aws/handlers.js';
 import type { BrokerOverrides } from '../src/broker.js';
@@ -25,6 +25,7 @@ import {
   statusOf,
   topicSubscription,
 } from './support/fhir-client.js';
+import { FhirServer } from './support/fhir-server.js';
 import { httpApiEvent } from './support/http-api-event.js';
 import { LAMBDA_TOKENS, lambdaConfig, websocketSubscription, wsEvent } from './support/lambda-stack.js';
 import { Receiver } from './support/receiver.js';
@@ -481,6 +482,79 @@ describe('Lambda handlers on DynamoDB Local', () => {
         logger.records.some((r) => r.msg === 'could not read the credentials again; keeping those read before'),
       ).toBe(true);
     } finally {
+      await secrets.close();
+    }
+  });
+
+  it('reads the FHIR server with the bearer token the secret holds (fhirReadToken), a rotated one within 5 minutes', async () => {
+    const secrets = await SecretsManagerDouble.start();
+    const fhir = await FhirServer.start();
+    try {
+      const arn = 'arn:aws:secretsmanager:us-east-1:123456789012:secret:broker-credentials-fhir';
+      const OLD = 'fhir-read-token-old-0123456789';
+      const NEW = 'fhir-read-token-new-0123456789';
+      const base = {
+        apiKeys: `alice:${ALICE}`,
+        ingestToken: LAMBDA_TOKENS.ingest,
+        wsTokenSecret: 'lambda-ws-secret-0123456789abcdefghijkl',
+      };
+      const client = new SecretsManagerClient({
+        endpoint: secrets.url,
+        region: LOCAL_REGION,
+        credentials: DUMMY_CREDENTIALS,
+      });
+      // A cold start takes it as BROKER_FHIR_READ_TOKEN (the stack's FhirRead the URL); a token that is no string stops it.
+      secrets.secret = { ...base, fhirReadToken: 5 } as unknown as Record<string, string>;
+      await expect(secretEnv(arn, client)).rejects.toThrow(`secret ${arn}: fhirReadToken is no string`);
+      secrets.secret = { ...base, fhirReadToken: OLD };
+      const env = await secretEnv(arn, client);
+      expect(env.BROKER_FHIR_READ_TOKEN).toBe(OLD);
+      const { fhirRead } = lambdaConfig(config.tablePrefix, { ...env, BROKER_FHIR_READ: fhir.url });
+      expect(fhirRead).toMatchObject({ auth: 'bearer', token: OLD });
+
+      // As the stack sets it in every function's environment: the credentials read again are checked with it.
+      process.env.BROKER_FHIR_READ = fhir.url;
+      fhir.token = OLD;
+      fhir.put({ resourceType: 'Patient', id: 'tok-p', generalPractitioner: [{ reference: 'Practitioner/gp1' }] });
+      let now = Date.now();
+      const warm = createHandlers(
+        container({
+          config: { secretArn: arn, ...(fhirRead === undefined ? {} : { fhirRead }) },
+          overrides: { clock: { now: () => now } },
+          secrets: client,
+        }),
+      );
+      const call = async (method: string, path: string, token: string, body: Json) => {
+        const event = httpApiEvent(method, path, { token, body });
+        return (await warm.api(event as unknown as Parameters<Handlers['api']>[0], context)).statusCode;
+      };
+      const filtered = topicSubscription('patient-change', `${receiver.url}/fhir-token`, {
+        filters: ['Patient?general-practitioner=Practitioner/gp1'],
+      });
+      expect(await call('POST', '/fhir/Subscription', ALICE, filtered)).toBe(201);
+      // As EventBridge invokes the events function.
+      const post = (id: string) => warm.events(eventLike('healthlake-update-patient', id, 'tok-p'), context);
+      const authorizations = () => fhir.requests.map((r) => r.headers.authorization);
+
+      expect(await post(`tok-${randomUUID()}`)).toMatchObject({ accepted: 1 });
+      expect(authorizations()).toEqual([`Bearer ${OLD}`]);
+      // The operator rotates it (the server takes only the new one); within 5 minutes the old one is
+      // still sent, refused: the invocation fails, and EventBridge tries it again.
+      secrets.secret = { ...base, fhirReadToken: NEW };
+      fhir.token = NEW;
+      now += 4 * 60_000;
+      await expect(post(`tok-${randomUUID()}`)).rejects.toThrow('could not be read');
+      expect(secrets.reads).toEqual([arn, arn]);
+      now += 61_000;
+      expect(await post(`tok-${randomUUID()}`)).toMatchObject({ accepted: 1 });
+      expect(secrets.reads).toEqual([arn, arn, arn]);
+      expect(authorizations()).toEqual([`Bearer ${OLD}`, `Bearer ${OLD}`, `Bearer ${NEW}`]);
+      // The token is in no log line.
+      expect(JSON.stringify(logger.records)).not.toContain(NEW);
+      expect(JSON.stringify(logger.records)).not.toContain(OLD);
+    } finally {
+      delete process.env.BROKER_FHIR_READ;
+      await fhir.close();
       await secrets.close();
     }
   });

@@ -40,11 +40,15 @@ export interface AwsBroker extends Broker {
   readonly name: string;
 }
 
-/** The Secrets Manager secret: `{"apiKeys": "client:token,...", "ingestToken": "...", "wsTokenSecret": "..."}`. */
+/**
+ * The Secrets Manager secret: `{"apiKeys": "client:token,...", "ingestToken": "...", "wsTokenSecret": "..."}`,
+ * and, for a FHIR server read with a bearer token, `"fhirReadToken": "..."` (`BROKER_FHIR_READ_TOKEN`).
+ */
 interface BrokerSecret {
   apiKeys?: unknown;
   ingestToken?: unknown;
   wsTokenSecret?: unknown;
+  fhirReadToken?: unknown;
 }
 
 export async function secretEnv(secretArn: string, client: SecretsManagerClient): Promise<Record<string, string>> {
@@ -61,6 +65,10 @@ export async function secretEnv(secretArn: string, client: SecretsManagerClient)
   if (typeof secret.wsTokenSecret === 'string') env.BROKER_WS_TOKEN_SECRET = secret.wsTokenSecret;
   for (const key of ['BROKER_API_KEYS', 'BROKER_INGEST_TOKEN', 'BROKER_WS_TOKEN_SECRET']) {
     if (env[key] === undefined) throw new Error(`secret ${secretArn} lacks ${key}`);
+  }
+  if (secret.fhirReadToken !== undefined) {
+    if (typeof secret.fhirReadToken !== 'string') throw new Error(`secret ${secretArn}: fhirReadToken is no string`);
+    env.BROKER_FHIR_READ_TOKEN = secret.fhirReadToken;
   }
   return env;
 }
@@ -147,6 +155,10 @@ export async function createAwsBroker(
         // (secretEnv refuses a secret without them.)
         ingestToken: next.ingestToken as string,
         wsTokenSecret: next.wsTokenSecret as string,
+        // A token only where the container reads with one (its start decided how it reads).
+        ...(config.fhirRead?.auth === 'bearer' && next.fhirRead?.token !== undefined
+          ? { fhirReadToken: next.fhirRead.token }
+          : {}),
       });
     } catch (err) {
       logger.warn('could not read the credentials again; keeping those read before', { err: err as Error });

@@ -126,7 +126,10 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
   const report = (broker: AwsBroker, role: string): void => {
     for (const line of broker.metrics.emf({ Broker: broker.name, Function: role }, Date.now())) emit(line);
   };
-  /** The broker with credentials no older than CREDENTIALS_CACHE_MS: for the paths that authenticate clients. */
+  /**
+   * The broker with credentials no older than CREDENTIALS_CACHE_MS: for the paths that authenticate
+   * clients, and those that read the FHIR server (a rotated `fhirReadToken`).
+   */
   const withKeys = async (): Promise<AwsBroker> => {
     const broker = await brokerPromise;
     await broker.refreshCredentials(CREDENTIALS_CACHE_MS);
@@ -174,7 +177,7 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
 
   return {
     async events(event, context) {
-      const broker = await brokerPromise;
+      const broker = await withKeys();
       return within(broker, 'events', context, async (): Promise<EventsResult> => {
         try {
           return await broker.ingest.ingest(event);
@@ -252,7 +255,7 @@ export function createHandlers(brokerPromise: Promise<AwsBroker>, options: Handl
     },
 
     async reconcile(context) {
-      const broker = await brokerPromise;
+      const broker = await withKeys();
       const reconciler = broker.reconciler;
       if (reconciler === undefined) {
         broker.logger.warn(

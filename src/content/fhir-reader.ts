@@ -31,6 +31,8 @@ import {
  */
 
 export interface ResourceReader extends ResourceSource, ChangeFeed {
+  /** A new bearer token (a rotated `BROKER_FHIR_READ_TOKEN`) for the reads from now on; ignored unless it reads with `bearer`. */
+  setToken(token: string): void;
   close(): Promise<void>;
 }
 
@@ -71,11 +73,14 @@ export class FhirReader implements ResourceReader {
   readonly #agent: Agent;
   #closed: Promise<void> | undefined;
   readonly #signer: SignatureV4 | undefined;
+  /** The bearer token (`bearer` auth), replaced when the credentials are read again (AWS). */
+  #token: string | undefined;
   #inFlight = 0;
   readonly #waiting: (() => void)[] = [];
 
   constructor(config: FhirReadConfig, deps: { signer?: SignatureV4 } = {}) {
     this.#config = config;
+    this.#token = config.token;
     this.#agent = new Agent({
       connect: { timeout: config.timeoutMs },
       headersTimeout: config.timeoutMs,
@@ -93,6 +98,10 @@ export class FhirReader implements ResourceReader {
             credentials: defaultProvider(),
             sha256: Sha256,
           }));
+  }
+
+  setToken(token: string): void {
+    if (this.#config.auth === 'bearer') this.#token = token;
   }
 
   async read(change: ResourceChange): Promise<ReadResult> {
@@ -255,7 +264,7 @@ export class FhirReader implements ResourceReader {
   async #get(url: string, what: string, signal: AbortSignal): Promise<Answer> {
     const target = new URL(url);
     let headers: Record<string, string> = { accept: 'application/fhir+json' };
-    if (this.#config.auth === 'bearer') headers.authorization = `Bearer ${this.#config.token}`;
+    if (this.#config.auth === 'bearer') headers.authorization = `Bearer ${this.#token}`;
     if (this.#signer !== undefined) headers = await this.#sign(target, headers);
     let res: Awaited<ReturnType<typeof request>>;
     try {
