@@ -40,6 +40,19 @@ storePerTest('ddb', (t) => {
 
 const names = () => tableNames(prefix);
 
+/** Every item of a subscription's partition of `notifications`, by event number. */
+const notificationItems = async (subscriptionId: string) => {
+  const out = await client.send(
+    new QueryCommand({
+      TableName: names().notifications,
+      KeyConditionExpression: 'subscriptionId = :s',
+      ExpressionAttributeValues: { ':s': { S: subscriptionId } },
+      ConsistentRead: true,
+    }),
+  );
+  return out.Items ?? [];
+};
+
 describe('ensureTables', () => {
   it('creates the five tables, ACTIVE, with TTL on event ids and connections', async () => {
     const t = names();
@@ -244,17 +257,8 @@ describe('DynamoDbStore', () => {
   });
 
   it('finishes at the next purge a delete that stopped half-way, and a lease item written after a delete', async () => {
-    const rows = async (subscriptionId: string) => {
-      const out = await client.send(
-        new QueryCommand({
-          TableName: names().notifications,
-          KeyConditionExpression: 'subscriptionId = :s',
-          ExpressionAttributeValues: { ':s': { S: subscriptionId } },
-          ConsistentRead: true,
-        }),
-      );
-      return (out.Items ?? []).map((i) => Number(i.eventNumber?.N));
-    };
+    const rows = async (subscriptionId: string) =>
+      (await notificationItems(subscriptionId)).map((i) => Number(i.eventNumber?.N));
     for (const id of ['s2', 's3']) await store.insertSubscription(record(id));
     await store.acceptChanges([item('e1', ['s1', 's2']), item('e2', ['s1', 's2'])], RECEIVED);
     for (const id of ['s1', 's2']) await store.laneLeases.take(id, 'instance-a', RECEIVED, RECEIVED + 90_000);
@@ -464,17 +468,8 @@ describe("a full-resource notification's resource item", () => {
     );
   };
   /** Every item of the subscription's partition: event number and attribute names. */
-  const partition = async (subscriptionId: string) => {
-    const out = await client.send(
-      new QueryCommand({
-        TableName: names().notifications,
-        KeyConditionExpression: 'subscriptionId = :s',
-        ExpressionAttributeValues: { ':s': { S: subscriptionId } },
-        ConsistentRead: true,
-      }),
-    );
-    return (out.Items ?? []).map((i) => [Number(i.eventNumber?.N), Object.keys(i).sort()]);
-  };
+  const partition = async (subscriptionId: string) =>
+    (await notificationItems(subscriptionId)).map((i) => [Number(i.eventNumber?.N), Object.keys(i).sort()]);
   const delivered = (eventNumber: number, subscriptionId = 's1') => ({
     subscriptionId,
     eventNumber,
