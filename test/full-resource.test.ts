@@ -4,6 +4,7 @@ import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Webhook } from 'standardwebhooks';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import type { BrokerOverrides } from '../src/broker.js';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { attachWebSocket } from '../src/http/websocket-upgrade.js';
 import { MAX_FULL_RESOURCE_BYTES } from '../src/service/content-stage.js';
@@ -15,6 +16,7 @@ import { FhirServer } from './support/fhir-server.js';
 import { inProcessBroker, secretOf, type TestBroker, TOKENS } from './support/in-process.js';
 import { readingBroker } from './support/reading-broker.js';
 import type { Receiver } from './support/receiver.js';
+import { withMethod } from './support/store-fixtures.js';
 import { tempDir } from './support/temp-dirs.js';
 import { WsClient } from './support/ws-client.js';
 
@@ -36,11 +38,11 @@ function patient(id: string, family: string, extra: Json = {}): Json {
   return { resourceType: 'Patient', id, name: [{ family }], ...extra };
 }
 
-const setup = (env: Record<string, string> = {}, fhir?: FhirServer) =>
+const setup = (env: Record<string, string> = {}, fhir?: FhirServer, overrides?: BrokerOverrides) =>
   readingBroker(
     cleanups,
     { BROKER_FULL_RESOURCE_CLIENTS: 'alice', BROKER_RETRY_DELAYS: '20ms,20ms,20ms', ...env },
-    { token: FHIR_TOKEN, ...(fhir === undefined ? {} : { fhir }) },
+    { token: FHIR_TOKEN, ...(fhir === undefined ? {} : { fhir }), ...(overrides === undefined ? {} : { overrides }) },
   );
 
 const full = (receiver: Receiver, path: string, options: { filters?: string[] } = {}) =>
@@ -264,6 +266,33 @@ describe('full-resource content', () => {
 
   it('splits a max-count backlog of large resources into bundles of about 1 MiB, and pages $events by about 2 MiB', () =>
     splitsLargeBacklog({}));
+
+  it('holds a backlog of resources 32 notifications at a time (not 256): a lane reads that many from its store', async () => {
+    const store = new SqliteStore(tempDir('fsb-full-lane-'));
+    cleanups.push(() => store.close());
+    const limits: number[] = [];
+    const watched = withMethod(store, 'pendingNotifications', (id, after, limit) => {
+      limits.push(limit);
+      return store.pendingNotifications(id, after, limit);
+    });
+    const { t, fhir, receiver } = await setup({ BROKER_RETRY_DELAYS: Array(20).fill('100ms').join(',') }, undefined, {
+      store: watched,
+    });
+    await active(t, await t.create(full(receiver, '/lane')));
+    // The endpoint is down while 80 changes come: the lane keeps 32, the rest wait in the store.
+    receiver.respond = (req) => ({ status: req.body.includes('event-notification') ? 503 : 204 });
+    const ids = Array.from({ length: 80 }, (_, i) => `lane${i}`);
+    for (const id of ids) fhir.put(patient(id, 'Backlog'));
+    await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `l${i}`, p)));
+    await receiver.waitFor(() => receiver.failures.length > 0, 'a failed attempt');
+    receiver.respond = () => ({ status: 204 });
+    await receiver.waitFor(() => focusEntries(receiver, '/lane').length === 80, 'all 80, once the endpoint is back');
+    expect(notifiedNumbers(receiver.on('/lane'))).toEqual(Array.from({ length: 80 }, (_, i) => i + 1));
+    expect(focusEntries(receiver, '/lane').map((e) => (e.resource as Json).id)).toEqual(ids);
+    // Read from the store in pages of 32: 80 - 32 queued live, at least two reads.
+    expect(limits.length).toBeGreaterThanOrEqual(2);
+    expect(new Set(limits)).toEqual(new Set([32]));
+  });
 
   it('sends the stored resource on a retry after a restart, not a fresh read', async () => {
     const fhir = await FhirServer.start();

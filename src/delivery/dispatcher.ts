@@ -386,7 +386,7 @@ export class Dispatcher {
       if (lane.reloading) {
         // A reload is reading the store right now and may or may not see this one: read again after it.
         lane.missed = true;
-      } else if (lane.backlog || lane.queue.length >= this.#opts.laneBuffer) {
+      } else if (lane.backlog || lane.queue.length >= this.#laneBuffer(n.subscriptionId)) {
         lane.backlog = true;
       } else {
         const { subscriptionId, eventNumber, change } = n;
@@ -630,9 +630,10 @@ export class Dispatcher {
           lane.backlog = false;
           // Outcomes recorded here first, so the read sees them.
           await this.#states.flush();
-          const read = await leases.read(id, lane.done, this.#opts.laneBuffer, this.#clock.now());
+          const limit = this.#laneBuffer(id);
+          const read = await leases.read(id, lane.done, limit, this.#clock.now());
           lane.done = Math.max(lane.done, read.through);
-          const full = read.notes.length === this.#opts.laneBuffer;
+          const full = read.notes.length === limit;
           const notes = wholeBundles(read.notes, full);
           lane.queue = notes.map((note) => ({ note, ...(note.attempts === 0 ? { acceptedAt: note.dueAt } : {}) }));
           // A wake during the read (an event committed here) keeps the backlog set: read again after these.
@@ -1065,13 +1066,14 @@ export class Dispatcher {
     lane.rescan = false;
     const generation = lane.generation;
     let rows: StoredNotification[];
+    const limit = this.#laneBuffer(id);
     try {
       if (rescan) await this.#states.flush();
-      rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, this.#opts.laneBuffer);
+      rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, limit);
     } finally {
       lane.reloading = false;
     }
-    const full = rows.length === this.#opts.laneBuffer;
+    const full = rows.length === limit;
     rows = wholeBundles(rows, full);
     // Rebuilt (`requeued`) meanwhile: this read may predate the re-queue; the next one will not.
     if (lane.generation !== generation) return;
@@ -1535,6 +1537,18 @@ export class Dispatcher {
   }
 
   /** Whether `sub`'s bundles carry their resources now (full-resource, its client still allowed). */
+  /**
+   * How many notifications a lane holds at once: LANE_RESOURCE_BUFFER for a subscription whose
+   * notifications are stored with their resources (up to 256 KiB each; as stored, whether or not
+   * its client may still have them), so a backlog of large resources is held a few MiB at a time.
+   */
+  #laneBuffer(id: string): number {
+    const sub = this.#registry.get(id);
+    return sub?.channel.content === 'full-resource'
+      ? Math.min(LANE_RESOURCE_BUFFER, this.#opts.laneBuffer)
+      : this.#opts.laneBuffer;
+  }
+
   #carries(sub: SubscriptionRecord): boolean {
     return contentNow(sub, this.#opts.fullResourceClients) === 'full-resource';
   }
@@ -1777,6 +1791,8 @@ export class Dispatcher {
  * to `max-count` × 256 KiB. A single event's bundle carries its resource whatever its size.
  */
 const BUNDLE_RESOURCES = 1024 * 1024;
+/** Notifications of a full-resource subscription a lane holds at once (see `#laneBuffer`): at most 8 MiB of resources. */
+const LANE_RESOURCE_BUFFER = 32;
 
 /**
  * The due head of the queue as up to `bundles` bundles of up to `max` notifications each, in order:

@@ -1,3 +1,4 @@
+import type { BrokerOverrides } from '../../src/broker.js';
 import { FhirServer } from './fhir-server.js';
 import { inProcessBroker, type TestBroker } from './in-process.js';
 import { Receiver } from './receiver.js';
@@ -11,16 +12,19 @@ import { Receiver } from './receiver.js';
 export async function readingBroker(
   cleanups: (() => Promise<void>)[],
   env: Record<string, string>,
-  options: { token?: string; fhir?: FhirServer } = {},
+  options: { token?: string; fhir?: FhirServer; overrides?: BrokerOverrides } = {},
 ): Promise<{ t: TestBroker; fhir: FhirServer; receiver: Receiver }> {
   const fhir = options.fhir ?? (await FhirServer.start());
   if (options.token !== undefined) fhir.token = options.token;
   const receiver = await Receiver.start();
-  const t = await inProcessBroker({
-    BROKER_FHIR_READ: fhir.url,
-    ...(options.token === undefined ? {} : { BROKER_FHIR_READ_TOKEN: options.token }),
-    ...env,
-  });
+  const t = await inProcessBroker(
+    {
+      BROKER_FHIR_READ: fhir.url,
+      ...(options.token === undefined ? {} : { BROKER_FHIR_READ_TOKEN: options.token }),
+      ...env,
+    },
+    options.overrides,
+  );
   cleanups.push(
     ...(options.fhir === undefined ? [() => fhir.close()] : []),
     () => receiver.close(),
