@@ -395,11 +395,17 @@ function sdkLogger(logger: Logger): {
   warn(...a: unknown[]): void;
   error(...a: unknown[]): void;
 } {
-  const text = (a: unknown[]) =>
-    a
-      .map((x) => (typeof x === 'string' ? x : JSON.stringify(x)))
-      .join(' ')
-      .slice(0, 500);
+  // The SDK logs a failed command as `{clientName, commandName, input, error, metadata}`: its
+  // `input` is never written (a dead-letter SendMessage's body is a refused event; a batch's entries
+  // carry receipt handles), only which command failed and how.
+  const part = (x: unknown): string => {
+    if (typeof x === 'string') return x;
+    if (x === null || typeof x !== 'object') return String(x);
+    const { clientName, commandName, error } = x as { clientName?: unknown; commandName?: unknown; error?: unknown };
+    const failure = error instanceof Error ? `${error.name}: ${error.message}` : undefined;
+    return [clientName, commandName, failure].filter((v) => typeof v === 'string').join(' ') || '(no detail)';
+  };
+  const text = (a: unknown[]) => a.map(part).join(' ').slice(0, 500);
   return {
     debug: () => undefined,
     info: () => undefined,
