@@ -510,9 +510,22 @@ describe('delivery runs', () => {
     const t = await inProcessBroker({ BROKER_DATA_DIR: dir, BROKER_MAX_IN_FLIGHT_PER_ORIGIN: '1' });
     cleanups.push(() => t.broker.close(0));
     const ids: Record<string, string> = {};
+    // A held request's attempt may last 60 s (the longest backport-timeout): under a loaded CI
+    // machine the steps below once took over the default 10 s, a's attempt timed out, and b took its slot.
+    const longTimeout = {
+      extension: [
+        {
+          url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-timeout',
+          valueUnsignedInt: 60,
+        },
+      ],
+    };
     for (const name of ['a', 'b', 'c']) {
       const sub = await t.create(
-        topicSubscription('patient-change', `${receiver.url}/${name}`, { filters: [`Patient?_id=p-${name}`] }),
+        topicSubscription('patient-change', `${receiver.url}/${name}`, {
+          filters: [`Patient?_id=p-${name}`],
+          channel: longTimeout,
+        }),
       );
       ids[name] = sub.id as string;
       await t.logger.waitForStatus(ids[name], 'active');
