@@ -8,6 +8,7 @@ import { BrokerApis } from './apis.js';
 import { CredentialsSecret } from './credentials-secret.js';
 import { BrokerFunctions } from './functions.js';
 import { HealthLakeIngest } from './ingest.js';
+import { CORS_ORIGINS_PATTERN, FHIR_READ_PATTERN } from './parameter-patterns.js';
 import { RECONCILE_EVERY_MINUTES, ReconcileSchedule, reconcileFhirBase } from './reconcile.js';
 import { BrokerTables } from './tables.js';
 import { ConditionalTrail } from './trail.js';
@@ -57,21 +58,20 @@ export class BrokerStack extends Stack {
       default: '',
       // What BROKER_CORS_ORIGINS takes (README, Configuration): checked here, or a typo would stop
       // every function at start.
-      allowedPattern: '^(\\*|https?://[^/,\\s]+(\\s*,\\s*https?://[^/,\\s]+)*)?$',
-      constraintDescription: 'browser origins (https://app.example.org), comma-separated, or * alone, or empty',
+      allowedPattern: CORS_ORIGINS_PATTERN,
+      constraintDescription:
+        'browser origins as a browser sends them (https://app.example.org, http://localhost:5173: scheme and host in lower case, no default port, no path), comma-separated, or * alone, or empty',
       description: 'Origins whose browser pages may call the FHIR API (BROKER_CORS_ORIGINS); empty for none.',
     });
     const fhirRead = new CfnParameter(this, 'FhirRead', {
       type: 'String',
       default: '',
       // What BROKER_FHIR_READ takes (README, Content filters): checked here, or a typo would stop
-      // every function at start.
-      // A HealthLake URL must be given as healthlake: only that value grants the functions the read.
-      // (No inline (?i): the host's case spelled out, and no %-escapes in it, so no spelling slips by.)
-      allowedPattern:
-        '^(healthlake|https?://(?![^/]*[aA][mM][aA][zZ][oO][nN][aA][wW][sS]\\.[cC][oO][mM])[^\\s?#@/%]+(/[^\\s?#]*)?)?$',
+      // every function at start. A HealthLake URL must be given as healthlake: only that value
+      // grants the functions the read.
+      allowedPattern: FHIR_READ_PATTERN,
       constraintDescription:
-        'healthlake, an http(s) FHIR base URL (no credentials, query or fragment; for HealthLake write healthlake), or empty',
+        'healthlake, an http(s) FHIR base URL (a host name or address, a numeric port, no credentials, query or fragment; for HealthLake write healthlake), or empty',
       description:
         "Where content filters (patient=, code=...) read changed resources (BROKER_FHIR_READ): healthlake (each event's datastore, with SigV4), a FHIR base URL, or empty to refuse such filters.",
     });

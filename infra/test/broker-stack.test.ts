@@ -165,6 +165,36 @@ describe('BrokerStack', () => {
       for (const bad of ['app.example.org', 'https://app.example.org/', '*, https://a.example', 'https://a b']) {
         expect([bad, allowed.test(bad)]).toEqual([bad, false]);
       }
+      // Whatever the pattern lets through, the config takes (so a deploy never stops every function at
+      // start), also where a URL would rewrite the value (case, a default port, a port out of range);
+      // the pattern may refuse a few odd spellings the config takes (`https://a..b`): the deploy says so.
+      const config = (value: string) => {
+        try {
+          loadConfig({ BROKER_CORS_ORIGINS: value });
+          return true;
+        } catch {
+          return false;
+        }
+      };
+      const usual = [
+        ...['', ' ', ',', '*', ' * ', '*,', 'https://a.example,,http://b.example', 'https://a.example, '],
+        ...['http://localhost:5173', 'https://app.example.org:8443', 'http://127.0.0.1:8080', 'https://[::1]:3000'],
+        ...['https://my_app.example.org', 'https://app.example.org.', 'http://a.example:0', 'https://a.example:65535'],
+        ...['https://xn--nxasmq6b.example', 'https://a-b.example', 'http://10.1.2.3'],
+      ];
+      const refused = [
+        ...['https://App.example.org', 'HTTPS://app.example.org', 'https://app.example.org:443', 'http://a.example:80'],
+        ...['https://a.example:65536', 'https://a.example:0443', 'https://a.example:', 'https://a.example:x'],
+        ...['https://a.example/', 'https://a.example/x', 'https://a.example?x', 'https://a.example#x'],
+        ...['https://u@a.example', 'ftp://a.example', 'https://a.example https://b.example', '*, *'],
+        ...['https://a.1', 'https://1.2.3', 'http://010.1.2.3', 'https://256.1.1.1', 'https://a.0x1f'],
+        ...['https://a%2eexample', 'https://[0:0::1]'],
+      ];
+      for (const value of usual) expect([value, allowed.test(value), config(value)]).toEqual([value, true, true]);
+      for (const value of refused) expect([value, allowed.test(value), config(value)]).toEqual([value, false, false]);
+      for (const value of ['https://a..b', 'https://.a', 'https://a!b.c', 'https://[fd00::5]']) {
+        expect([value, allowed.test(value) && !config(value)]).toEqual([value, false]);
+      }
     });
 
     it('takes FullResourceClients only as BROKER_FULL_RESOURCE_CLIENTS would, and only with FhirRead', () => {
@@ -216,6 +246,48 @@ describe('BrokerStack', () => {
         'https://healthlake.us-east-1.amazonaws%2Ecom/datastore/0123456789abcdef0123456789abcdef/r4',
       ]) {
         expect([bad, allowed.test(bad)]).toEqual([bad, false]);
+      }
+      // Whatever else the pattern lets through, the config takes; what the config refuses, the
+      // pattern does (it may refuse some spellings the config takes: `https:fhir.example.org`).
+      const config = (value: string) => {
+        try {
+          loadConfig({ BROKER_FHIR_READ: value, AWS_REGION: REGION });
+          return true;
+        } catch {
+          return false;
+        }
+      };
+      const usual = [
+        ...['healthlake', 'https://fhir.example.org/r4', 'https://FHIR.Example.org/R4', 'http://fhir.internal:0080/'],
+        ...[
+          'https://fhir.example.org:8443',
+          'https://fhir.example.org:/r4',
+          'http://[::1]:8080/fhir',
+          'https://a.b./r4',
+        ],
+        ...['https://fhir.example.org/r4/', 'http://10.0.0.5:8080/fhir'],
+      ];
+      const refused = [
+        ...['https://fhir.example.org:abc/r4', 'https://fhir.example.org:65536/r4', 'https://fhir.1/r4'],
+        ...['https://fhir example.org/r4', 'https://fh|ir.example.org', 'ftp://fhir.example.org', 'https://'],
+        ...[
+          'https://[1:2]/r4',
+          'https://fhir.0x10/r4',
+          'https://fhir.example.org/r4?x',
+          'https://fhir.example.org/r4#x',
+        ],
+      ];
+      for (const value of usual) expect([value, allowed.test(value), config(value)]).toEqual([value, true, true]);
+      for (const value of refused) expect([value, allowed.test(value), config(value)]).toEqual([value, false, false]);
+      for (const value of [
+        'HTTPS://fhir.example.org',
+        'https:///r4',
+        'https://[fd00::5]/r4',
+        'https:fhir.example.org/r4',
+        'https://1.2.3/r4',
+        'https://a..b/r4',
+      ]) {
+        expect([value, allowed.test(value) && !config(value)]).toEqual([value, false]);
       }
       expect(json.Conditions.FhirReadHealthLake).toEqual({ 'Fn::Equals': [{ Ref: 'FhirRead' }, 'healthlake'] });
       interface PolicyResource {
