@@ -16,7 +16,7 @@ import { FhirServer } from './support/fhir-server.js';
 import { inProcessBroker, secretOf, type TestBroker, TOKENS } from './support/in-process.js';
 import { readingBroker } from './support/reading-broker.js';
 import type { Receiver } from './support/receiver.js';
-import { withMethod } from './support/store-fixtures.js';
+import { change, withMethod } from './support/store-fixtures.js';
 import { tempDir } from './support/temp-dirs.js';
 import { WsClient } from './support/ws-client.js';
 
@@ -45,8 +45,22 @@ const setup = (env: Record<string, string> = {}, fhir?: FhirServer, overrides?: 
     { token: FHIR_TOKEN, ...(fhir === undefined ? {} : { fhir }), ...(overrides === undefined ? {} : { overrides }) },
   );
 
-const full = (receiver: Receiver, path: string, options: { filters?: string[] } = {}) =>
-  topicSubscription('patient-change', `${receiver.url}${path}`, { ...options, content: 'full-resource' });
+/** `backport-max-count` as a channel extension. */
+const maxCountOf = (n: number): Json => ({
+  extension: [
+    {
+      url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
+      valuePositiveInt: n,
+    },
+  ],
+});
+
+const full = (receiver: Receiver, path: string, options: { filters?: string[]; maxCount?: number } = {}) =>
+  topicSubscription('patient-change', `${receiver.url}${path}`, {
+    ...(options.filters === undefined ? {} : { filters: options.filters }),
+    ...(options.maxCount === undefined ? {} : { channel: maxCountOf(options.maxCount) }),
+    content: 'full-resource',
+  });
 
 async function active(t: TestBroker, sub: Json): Promise<string> {
   await t.logger.waitForStatus(sub.id as string, 'active');
@@ -294,6 +308,31 @@ describe('full-resource content', () => {
     expect(new Set(limits)).toEqual(new Set([32]));
   });
 
+  it('sends a bundle marked longer than its lane holds (32) whole, under its one webhook-id', async () => {
+    // Marked 1-40 by a build whose lanes held 256 (or while the subscription was id-only), pending.
+    const dataDir = tempDir('fsb-full-mark-');
+    const first = await setup({ BROKER_DATA_DIR: dataDir });
+    const id = await active(first.t, await first.t.create(full(first.receiver, '/marked', { maxCount: 100 })));
+    await first.t.broker.close(0);
+    const store = new SqliteStore(dataDir);
+    const ids = Array.from({ length: 40 }, (_, i) => `m${i + 1}`);
+    await store.acceptChanges(
+      ids.map((p, i) => ({
+        change: { ...change(`mark-${i}`, p), resource: JSON.stringify(patient(p, 'Marked')) },
+        subscriptionIds: [id],
+      })),
+      Date.now(),
+    );
+    await store.markBundles([{ subscriptionId: id, eventNumber: 1, last: 40 }]);
+    await store.close();
+    await setup({ BROKER_DATA_DIR: dataDir }, first.fhir);
+    const receiver = first.receiver;
+    await receiver.waitFor(() => focusEntries(receiver, '/marked').length === 40, 'the bundle');
+    const sent = receiver.on('/marked').filter((r) => r.body.includes('"event-notification"'));
+    expect(sent.map((r) => [r.headers['webhook-id'], notifiedNumbers([r]).length])).toEqual([[`${id}-1-40`, 40]]);
+    expect(focusEntries(receiver, '/marked').map((e) => (e.resource as Json).id)).toEqual(ids);
+  });
+
   it('sends the stored resource on a retry after a restart, not a fresh read', async () => {
     const fhir = await FhirServer.start();
     cleanups.push(() => fhir.close());
@@ -338,6 +377,27 @@ describe('full-resource content on DynamoDB (each resource in an item of its own
 
   it('reads a backlog of large resources for bundles of about 1 MiB and $events pages of about 2 MiB', () =>
     splitsLargeBacklog(onDynamoDb()));
+
+  it('retries a bundle marked while id-only (40 events) whole after the client takes full resources (lanes of 32)', async () => {
+    const { t, fhir, receiver } = await setup({ ...onDynamoDb(), BROKER_RETRY_DELAYS: '500ms,500ms,500ms' });
+    const ids = Array.from({ length: 40 }, (_, i) => `d${i + 1}`);
+    for (const p of ids) fhir.put(patient(p, 'Switched'));
+    const idOnly = topicSubscription('patient-change', `${receiver.url}/switched`, { channel: maxCountOf(100) });
+    const id = await active(t, await t.create(idOnly));
+    let down = true;
+    receiver.respond = (req) => ({ status: down && req.body.includes('event-notification') ? 503 : 204 });
+    await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `sw${i}`, p)));
+    await receiver.waitFor(() => receiver.failures.length > 0, 'the bundle refused');
+    const switched = await t.call('PUT', `/fhir/Subscription/${id}`, {
+      ...full(receiver, '/switched', { maxCount: 100 }),
+      id,
+    });
+    expect(switched.status).toBe(200);
+    down = false;
+    await receiver.waitFor(() => notifiedNumbers(receiver.on('/switched')).length === 40, 'the bundle, once back');
+    const sent = receiver.on('/switched').filter((r) => r.body.includes('"event-notification"'));
+    expect(sent.map((r) => [r.headers['webhook-id'], notifiedNumbers([r]).length])).toEqual([[`${id}-1-40`, 40]]);
+  });
 });
 
 describe('a classic R4 Subscription with a payload', () => {
