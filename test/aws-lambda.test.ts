@@ -549,6 +549,28 @@ describe('Lambda handlers on DynamoDB Local', () => {
       expect(await post(`tok-${randomUUID()}`)).toMatchObject({ accepted: 1 });
       expect(secrets.reads).toEqual([arn, arn, arn]);
       expect(authorizations()).toEqual([`Bearer ${OLD}`, `Bearer ${OLD}`, `Bearer ${NEW}`]);
+
+      // A container that started before the operator added a token (the stack makes the secret
+      // without one) reads without, and takes the token once it reads the secret again.
+      secrets.secret = base;
+      fhir.token = undefined;
+      const plain = lambdaConfig(config.tablePrefix, { BROKER_FHIR_READ: fhir.url }).fhirRead;
+      expect(plain).toMatchObject({ auth: 'none' });
+      const started = now;
+      const earlier = createHandlers(
+        container({
+          config: { secretArn: arn, ...(plain === undefined ? {} : { fhirRead: plain }) },
+          overrides: { clock: { now: () => now } },
+          secrets: client,
+        }),
+      );
+      const postTo = (id: string) => earlier.events(eventLike('healthlake-update-patient', id, 'tok-p'), context);
+      expect(await postTo(`tok-${randomUUID()}`)).toMatchObject({ accepted: 1 });
+      secrets.secret = { ...base, fhirReadToken: NEW };
+      fhir.token = NEW;
+      now = started + 5 * 60_000 + 1;
+      expect(await postTo(`tok-${randomUUID()}`)).toMatchObject({ accepted: 1 });
+      expect(authorizations().slice(3)).toEqual([undefined, `Bearer ${NEW}`]);
       // The token is in no log line.
       expect(JSON.stringify(logger.records)).not.toContain(NEW);
       expect(JSON.stringify(logger.records)).not.toContain(OLD);

@@ -155,10 +155,9 @@ export async function createAwsBroker(
         // (secretEnv refuses a secret without them.)
         ingestToken: next.ingestToken as string,
         wsTokenSecret: next.wsTokenSecret as string,
-        // A token only where the container reads with one (its start decided how it reads).
-        ...(config.fhirRead?.auth === 'bearer' && next.fhirRead?.token !== undefined
-          ? { fhirReadToken: next.fhirRead.token }
-          : {}),
+        // Rotated, or added since this container started (it read without one until now). A token
+        // taken out of the secret leaves the one in use: the container's next start goes without.
+        ...(next.fhirRead?.token === undefined ? {} : { fhirReadToken: next.fhirRead.token }),
       });
     } catch (err) {
       logger.warn('could not read the credentials again; keeping those read before', { err: err as Error });

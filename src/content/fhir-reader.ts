@@ -31,7 +31,10 @@ import {
  */
 
 export interface ResourceReader extends ResourceSource, ChangeFeed {
-  /** A new bearer token (a rotated `BROKER_FHIR_READ_TOKEN`) for the reads from now on; ignored unless it reads with `bearer`. */
+  /**
+   * A bearer token (`BROKER_FHIR_READ_TOKEN` read again: rotated, or added since the start) for the
+   * reads from now on; ignored by a reader that signs with SigV4.
+   */
   setToken(token: string): void;
   close(): Promise<void>;
 }
@@ -73,7 +76,7 @@ export class FhirReader implements ResourceReader {
   readonly #agent: Agent;
   #closed: Promise<void> | undefined;
   readonly #signer: SignatureV4 | undefined;
-  /** The bearer token (`bearer` auth), replaced when the credentials are read again (AWS). */
+  /** The bearer token: from the start (`bearer` auth), or set when the credentials are read again (AWS). */
   #token: string | undefined;
   #inFlight = 0;
   readonly #waiting: (() => void)[] = [];
@@ -101,7 +104,7 @@ export class FhirReader implements ResourceReader {
   }
 
   setToken(token: string): void {
-    if (this.#config.auth === 'bearer') this.#token = token;
+    if (this.#config.auth !== 'sigv4') this.#token = token;
   }
 
   async read(change: ResourceChange): Promise<ReadResult> {
@@ -264,7 +267,7 @@ export class FhirReader implements ResourceReader {
   async #get(url: string, what: string, signal: AbortSignal): Promise<Answer> {
     const target = new URL(url);
     let headers: Record<string, string> = { accept: 'application/fhir+json' };
-    if (this.#config.auth === 'bearer') headers.authorization = `Bearer ${this.#token}`;
+    if (this.#token !== undefined) headers.authorization = `Bearer ${this.#token}`;
     if (this.#signer !== undefined) headers = await this.#sign(target, headers);
     let res: Awaited<ReturnType<typeof request>>;
     try {
