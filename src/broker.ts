@@ -398,12 +398,20 @@ function sdkLogger(logger: Logger): {
   // The SDK logs a failed command as `{clientName, commandName, input, error, metadata}`: its
   // `input` is never written (a dead-letter SendMessage's body is a refused event; a batch's entries
   // carry receipt handles), only which command failed and how.
+  /** An error's name and message (an Error, or a thrown object that has them). */
+  const failure = (e: unknown): string | undefined => {
+    if (e === null || typeof e !== 'object') return undefined;
+    const { name, message } = e as { name?: unknown; message?: unknown };
+    const said = [name, message].filter((v) => typeof v === 'string');
+    return said.length === 0 ? undefined : said.join(': ');
+  };
   const part = (x: unknown): string => {
     if (typeof x === 'string') return x;
     if (x === null || typeof x !== 'object') return String(x);
+    // An error handed over on its own (the SQS queue-URL check, a credentials refresh).
+    if (x instanceof Error) return failure(x) as string;
     const { clientName, commandName, error } = x as { clientName?: unknown; commandName?: unknown; error?: unknown };
-    const failure = error instanceof Error ? `${error.name}: ${error.message}` : undefined;
-    return [clientName, commandName, failure].filter((v) => typeof v === 'string').join(' ') || '(no detail)';
+    return [clientName, commandName, failure(error)].filter((v) => typeof v === 'string').join(' ') || '(no detail)';
   };
   const text = (a: unknown[]) => a.map(part).join(' ').slice(0, 500);
   return {

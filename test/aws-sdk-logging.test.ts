@@ -72,3 +72,32 @@ it('a failed dead-letter send logs the command and the failure, not the refused 
   expect(lines.join('\n')).not.toContain('jane-doe-1970');
   expect(lines.join('\n')).not.toContain('MessageBody');
 });
+
+it('says what failed in every shape the SDK logs, never the input', () => {
+  const lines: string[] = [];
+  const logger = createLogger('debug', (line) => lines.push(line));
+  const config = loadConfig({ BROKER_DATA_DIR: tempDir('fsb-sdkshape-') });
+  const client = sqsClientFor(config, 'https://sqs.us-east-1.amazonaws.com/123456789012/dlq', 5000, logger);
+  const sdk = client.config.logger as { warn(...a: unknown[]): void; error(...a: unknown[]): void };
+  try {
+    // @aws-sdk/middleware-sdk-sqs: `logger.warn(e)` (a queue URL that is no URL).
+    sdk.warn(new TypeError('Invalid URL'));
+    // @smithy/credential-provider-imds: `logger.warn("Credential renew failed: ", e)`.
+    sdk.warn('Credential renew failed: ', new Error('connect ECONNREFUSED 169.254.169.254:80'));
+    // The logger middleware, with something thrown that is no Error instance.
+    sdk.error({
+      clientName: 'SQSClient',
+      commandName: 'SendMessageCommand',
+      input: { MessageBody: 'a refused event' },
+      error: { name: 'X', message: 'refused' },
+    });
+  } finally {
+    client.destroy();
+  }
+  expect(lines.map((l) => (JSON.parse(l) as { message: string }).message)).toEqual([
+    'TypeError: Invalid URL',
+    'Credential renew failed:  Error: connect ECONNREFUSED 169.254.169.254:80',
+    'SQSClient SendMessageCommand X: refused',
+  ]);
+  expect(lines.join('\n')).not.toContain('a refused event');
+});
