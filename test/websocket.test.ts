@@ -179,6 +179,38 @@ describe.each([
     expect(notificationsOf(one, a)).toHaveLength(1);
   });
 
+  it("answers Medplum's JSON keep-alive and unbind-from-token (an expired token too), keeping the socket", async () => {
+    const a = await create(wsSubscription('patient-change', { filters: ['Patient?_id=mp-a'] }));
+    const b = await create(wsSubscription('patient-change', { filters: ['Patient?_id=mp-b'] }));
+    const c = await connect();
+    const aToken = await token(a);
+    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token: aToken } }));
+    c.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await token(b) } }));
+    await c.waitFor(() => handshakesOf(c).length === 2, 'two handshakes');
+    c.send(JSON.stringify({ type: 'ping' }));
+    await c.waitFor(() => c.messages.includes('{"type":"pong"}'), 'the pong');
+    // The token that bound a, as Medplum's client sends it when it drops a criteria.
+    c.send(JSON.stringify({ type: 'unbind-from-token', payload: { token: aToken } }));
+    await c.waitFor(() => c.messages.some((m) => m.includes('"unbound"') && m.includes(a)), 'a unbound');
+    await patientChange('mp-a');
+    await stillServed(c, b, 'mp-b');
+    expect(notificationsOf(c, a)).toHaveLength(0);
+    // Expired, it still lets go of what it names; one this broker did not sign is a protocol error.
+    const tokens = new BindingTokens(WS_SECRET);
+    const expired = tokens.issue({ owner: 'alice', subscriptions: [b], expiresAt: Date.now() - 1000 });
+    c.send(JSON.stringify({ type: 'unbind-from-token', payload: { token: expired } }));
+    await c.waitFor(() => c.messages.some((m) => m.includes('"unbound"') && m.includes(b)), 'b unbound');
+    const foreign = new BindingTokens('another-secret-0123456789abcdefghijkl').issue({
+      owner: 'alice',
+      subscriptions: [b],
+      expiresAt: Date.now() + 60_000,
+    });
+    const d = await connect();
+    d.send(JSON.stringify({ type: 'unbind-from-token', payload: { token: foreign } }));
+    expect((await d.waitForClose()).code).toBe(1008);
+    expect(c.closed).toBeUndefined();
+  });
+
   it('refuses a bad, an expired and a foreign token, closing only that socket', async () => {
     const id = await create(wsSubscription('patient-change'));
     const tokens = new BindingTokens(WS_SECRET);

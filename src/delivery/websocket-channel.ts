@@ -16,6 +16,9 @@ import {
 import { type ClientMessage, parseClientMessage } from './websocket-protocol.js';
 import { type BindingClaims, BindingTokenError, type BindingTokens } from './ws-binding-token.js';
 
+/** The answer to a client's JSON keep-alive, `{"type":"ping"}`. */
+const PONG = JSON.stringify({ type: 'pong' });
+
 /**
  * The websocket channel of the backport IG, independent of the socket layer: binding (token or
  * R4 `bind`), handshake, catch-up from stored notifications, and live delivery.
@@ -177,6 +180,8 @@ export class WebSocketChannel {
     // at its next message and live events meanwhile wait there, dropped when the unbind's turn
     // comes. A bind that came after it runs after it, with a hold of its own.
     if (msg.kind === 'unbind') this.#catchingUp.replace(conn.id, msg.subscriptionId, () => ({ held: [], bytes: 0 }));
+    // A keep-alive is answered at once, not behind a catch-up under way (it would seem gone).
+    if (msg.kind === 'ping') return this.#port.send(conn.id, PONG).then(() => undefined);
     const handled = (this.#inbox.get(conn.id) ?? Promise.resolve()).then(() => this.#handle(conn, msg));
     const settled = handled.then(
       () => undefined,
@@ -219,6 +224,10 @@ export class WebSocketChannel {
         return;
       case 'bind':
         return this.#bindR4(conn, msg.subscriptionId);
+      case 'unbind-from-token':
+        return this.#unbindToken(conn, msg.token);
+      case 'ping':
+        return;
       case 'invalid':
         this.#metrics.inc('broker_websocket_protocol_errors_total');
         await this.#port.close(conn.id, CLOSE.policy, msg.reason.slice(0, 120));
@@ -366,6 +375,24 @@ export class WebSocketChannel {
       if (await this.#bindOne(conn.id, sub, last)) bound++;
     }
     this.#metrics.inc('broker_websocket_binds_total', { outcome: 'bound' }, bound);
+  }
+
+  /**
+   * Medplum's `unbind-from-token`: this socket's bindings of the subscriptions the token names (one
+   * this broker signed, expired or not: a socket may always let go of its own), each answered as an
+   * `unbind` of it is. A token it did not sign is a protocol error.
+   */
+  async #unbindToken(conn: Connection, token: string): Promise<void> {
+    let ids: readonly string[];
+    try {
+      ids = this.#tokens.verify(token, this.#clock.now(), true).subscriptions;
+    } catch (err) {
+      if (!(err instanceof BindingTokenError)) throw err;
+      this.#metrics.inc('broker_websocket_protocol_errors_total');
+      await this.#port.close(conn.id, CLOSE.policy, err.message);
+      return;
+    }
+    for (const id of ids) await this.#handle(conn, { kind: 'unbind', json: true, subscriptionId: id });
   }
 
   async #refuseBind(conn: Connection, json: boolean, reason: string, level: 'info' | 'debug' = 'info'): Promise<void> {

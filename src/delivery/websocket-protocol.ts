@@ -1,6 +1,8 @@
 /**
  * The client → broker WebSocket messages: the backport IG's `bind-with-token` (text and JSON
- * forms), `unbind`, and the classic R4 `bind <id>`. Parsing is pure and fails closed.
+ * forms), `unbind`, and the classic R4 `bind <id>`; and, as Medplum's client sends them, a JSON
+ * keep-alive `{"type":"ping"}` (answered `{"type":"pong"}`) and `unbind-from-token` (the
+ * subscriptions a token names). Parsing is pure and fails closed.
  */
 
 export type ClientMessage =
@@ -14,6 +16,8 @@ export type ClientMessage =
       readonly lastEventNumbers?: Readonly<Record<string, number>>;
     }
   | { readonly kind: 'unbind'; readonly json: boolean; readonly subscriptionId?: string }
+  | { readonly kind: 'unbind-from-token'; readonly token: string }
+  | { readonly kind: 'ping' }
   | { readonly kind: 'bind'; readonly subscriptionId: string }
   | { readonly kind: 'invalid'; readonly reason: string };
 
@@ -90,6 +94,12 @@ function parseJson(text: string): ClientMessage {
       ...(last === undefined ? {} : { lastEventNumber: last }),
       ...(perSub === undefined ? {} : { lastEventNumbers: perSub }),
     };
+  }
+  if (type === 'ping') return { kind: 'ping' };
+  if (type === 'unbind-from-token') {
+    if (typeof p.token !== 'string' || !TOKEN.test(p.token))
+      return { kind: 'invalid', reason: 'payload.token is required' };
+    return { kind: 'unbind-from-token', token: p.token };
   }
   if (type === 'unbind') {
     const id = p.subscription;

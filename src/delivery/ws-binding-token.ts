@@ -62,8 +62,12 @@ export class BindingTokens {
     return `${VERSION}.${body}.${this.#mac(body)}`;
   }
 
-  /** The claims of a genuine, unexpired token; throws BindingTokenError saying what is wrong. */
-  verify(token: string, nowMs: number): BindingClaims {
+  /**
+   * The claims of a genuine, unexpired token; throws BindingTokenError saying what is wrong.
+   * `anyAge`: an expired one too, signed with any key kept (to unbind what it bound: a socket may
+   * always let go of its own bindings).
+   */
+  verify(token: string, nowMs: number, anyAge = false): BindingClaims {
     const parts = token.split('.');
     // Exactly `v1.<body>.<mac>`: a genuine token with anything appended (`<token>.x`) is not that token.
     const [version, body, mac] = parts;
@@ -74,7 +78,7 @@ export class BindingTokens {
       const expected = Buffer.from(this.#mac(body, key));
       return expected.length === given.length && timingSafeEqual(expected, given);
     };
-    if (!signedWith(this.#key) && !this.#previous.some((p) => nowMs < p.until && signedWith(p.key)))
+    if (!signedWith(this.#key) && !this.#previous.some((p) => (anyAge || nowMs < p.until) && signedWith(p.key)))
       throw new BindingTokenError('invalid token');
     let parsed: { o?: unknown; s?: unknown; e?: unknown };
     try {
@@ -86,7 +90,7 @@ export class BindingTokens {
     if (typeof o !== 'string' || !Array.isArray(s) || !s.every((x) => typeof x === 'string') || typeof e !== 'number') {
       throw new BindingTokenError('malformed token');
     }
-    if (e <= nowMs) throw new BindingTokenError('token expired');
+    if (e <= nowMs && !anyAge) throw new BindingTokenError('token expired');
     return { owner: o, subscriptions: s as string[], expiresAt: e };
   }
 
