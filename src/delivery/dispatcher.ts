@@ -1546,7 +1546,6 @@ export class Dispatcher {
     return 'ok' in req ? Promise.resolve(req) : this.#sender.send(req);
   }
 
-  /** Whether `sub`'s bundles carry their resources now (full-resource, its client still allowed). */
   /**
    * How many notifications a lane holds at once: LANE_RESOURCE_BUFFER for a subscription whose
    * notifications are stored with their resources (up to 256 KiB each; as stored, whether or not
@@ -1559,6 +1558,7 @@ export class Dispatcher {
       : this.#opts.laneBuffer;
   }
 
+  /** Whether `sub`'s bundles carry their resources now (full-resource, its client still allowed). */
   #carries(sub: SubscriptionRecord): boolean {
     return contentNow(sub, this.#opts.fullResourceClients) === 'full-resource';
   }
