@@ -42,6 +42,8 @@ async function main(): Promise<void> {
   // Node's default 5 minutes.
   const requestTimeout = config.requestTimeoutMs;
   const serve = (req: IncomingMessage, res: ServerResponse): void => {
+    // `/fhir/R4/…` is `/fhir/…`: Medplum's client asks its subscription manager's binding token there.
+    if (req.url !== undefined && /^\/fhir\/R4(?=[/?]|$)/.test(req.url)) req.url = `/fhir${req.url.slice(8)}`;
     if (broker !== undefined && isIngestRequest(req)) void broker.serveIngest(req, res);
     else void hono(req, res);
   };

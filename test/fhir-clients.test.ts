@@ -2,6 +2,7 @@ import { MedplumClient, OperationOutcomeError } from '@medplum/core';
 import { Client as FhirKitClient } from 'fhir-kit-client';
 import { Webhook } from 'standardwebhooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { WebSocket } from 'ws';
 import { API_KEYS, type BrokerProcess, INGEST_TOKEN, startBroker } from './support/broker-process.js';
 import {
   eventLike,
@@ -96,6 +97,14 @@ function secretOf(created: Json): string {
 }
 
 /** POST /events with the ingest token: not FHIR, so plain fetch. */
+/** Resolves once `ok()` holds (polled every 20 ms); fails after 10 s saying what it waited for. */
+async function until(ok: () => boolean, what: string): Promise<void> {
+  for (const deadline = Date.now() + 10_000; !ok(); ) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 async function postEvent(broker: BrokerProcess, event: Json): Promise<{ status: number; body: unknown }> {
   const res = await fetch(`${broker.url}/events`, {
     method: 'POST',
@@ -586,5 +595,57 @@ describe('@medplum/core MedplumClient against the broker', () => {
       }),
     ).toEqual([`GET /fhir/Subscription/${id} 404`]);
     expect((await alice.search('Subscription')).total).toBe(0);
+  });
+
+  it("subscribeToCriteria: its subscription manager binds on Medplum's socket path and gets each change as Medplum routes it", async () => {
+    // Node 20 has no global WebSocket; the manager takes the browser's, which `ws` implements.
+    const globals = globalThis as { WebSocket?: unknown };
+    const before = globals.WebSocket;
+    globals.WebSocket = WebSocket;
+    // Its default FHIR path (`fhir/R4`), as an app has it: the manager asks `fhir/R4/…` whatever it is.
+    const medplum = new MedplumClient({ baseUrl: env.broker().url, cacheTime: 0, accessToken: API_KEYS.alice });
+    const seen: { type: string; payload?: unknown }[] = [];
+    try {
+      const emitter = medplum.subscribeToCriteria(`Patient?_id=${PATIENT}`);
+      for (const type of ['connect', 'message', 'error'] as const) {
+        emitter.addEventListener(type, (e) => seen.push(e as { type: string; payload?: unknown }));
+      }
+      // The handshake of the classic websocket Subscription it created reaches this criteria's emitter.
+      await until(() => seen.some((e) => e.type === 'connect'), 'connect');
+      const connected = seen.find((e) => e.type === 'connect')?.payload as { subscriptionId: string } | undefined;
+      const subscriptionId = connected?.subscriptionId ?? '';
+      const created = await alice.readResource('Subscription', subscriptionId);
+      expect([created.channel?.type, created.criteria]).toEqual(['websocket', `Patient?_id=${PATIENT}`]);
+      // (An event of its own: the fixture's id was taken by the tests above, and would be a duplicate.)
+      await postEvent(env.broker(), eventLike('healthlake-update-patient', 'medplum-ws', PATIENT));
+      await until(() => seen.some((e) => e.type === 'message'), 'the change');
+      const bundle = seen.find((e) => e.type === 'message')?.payload as Json;
+      const status = (bundle.entry as Json[])[0]?.resource as Json;
+      expect(status).toMatchObject({
+        resourceType: 'SubscriptionStatus',
+        type: 'event-notification',
+        subscription: { reference: `Subscription/${subscriptionId}` },
+        notificationEvent: [{ eventNumber: '1' }],
+      });
+      expect(seen.filter((e) => e.type === 'error')).toEqual([]);
+      // Let go of one of two: the manager unbinds with its token, unanswered on this path as
+      // Medplum's client expects (it takes any message but a pong for a bundle, and fails on it).
+      const other = medplum.subscribeToCriteria('Patient?_id=someone-else');
+      const connects = () => seen.filter((e) => e.type === 'connect').length;
+      other.addEventListener('connect', (e) => seen.push(e as { type: string; payload?: unknown }));
+      await until(() => connects() === 2, 'the second connect');
+      expect(seen.filter((e) => e.type === 'error')).toEqual([]);
+      const socket = medplum.getSubscriptionManager().getWebSocket();
+      const after: string[] = [];
+      socket.addEventListener('message', (e: { data: unknown }) => after.push(String(e.data)));
+      medplum.unsubscribeFromCriteria('Patient?_id=someone-else');
+      // Messages are handled in order: the answer to this comes after whatever the unbind was answered.
+      socket.send(JSON.stringify({ type: 'bind-with-token', payload: { token: 'v1.not.a-token' } }));
+      await until(() => after.length > 0, 'the answer to the bad bind');
+      expect(after.map((m) => (JSON.parse(m) as Json).type)).toEqual(['error']);
+    } finally {
+      medplum.getSubscriptionManager().closeWebSocket();
+      globals.WebSocket = before;
+    }
   });
 });

@@ -211,6 +211,33 @@ describe.each([
     expect(c.closed).toBeUndefined();
   });
 
+  it("speaks Medplum's shape on its path: each bundle's status an R5 SubscriptionStatus, the same bundles on /ws as before", async () => {
+    const id = await create(wsSubscription('patient-change', { filters: ['Patient?_id=mp-shape'] }));
+    const medplum = sockets[sockets.push(await WsClient.connect(`${wsUrl()}/subscriptions-r4`)) - 1] as WsClient;
+    const plain = await connect();
+    for (const c of [medplum, plain])
+      c.send(JSON.stringify({ type: 'bind-with-token', payload: { token: await token(id) } }));
+    await plain.waitFor(() => handshakesOf(plain).length === 1, 'the handshake on /ws');
+    await medplum.waitFor(() => medplum.bundles.length === 1, "the handshake on Medplum's path");
+    await patientChange('mp-shape');
+    await plain.waitFor(() => notificationsOf(plain, id).length === 1, 'the event on /ws');
+    await medplum.waitFor(() => medplum.bundles.length === 2, "the event on Medplum's path");
+    const entries = (b: Json | undefined): Json[] => (b?.entry ?? []) as Json[];
+    const statuses = medplum.bundles.map((b) => (entries(b)[0]?.resource ?? {}) as Json);
+    expect(statuses.map((r) => [r.resourceType, r.type, (r.subscription as Json).reference])).toEqual([
+      ['SubscriptionStatus', 'handshake', `Subscription/${id}`],
+      ['SubscriptionStatus', 'event-notification', `Subscription/${id}`],
+    ]);
+    expect(((statuses[1]?.notificationEvent ?? []) as Json[])[0]).toMatchObject({
+      eventNumber: '1',
+      focus: { reference: `${HL}/Patient/mp-shape` },
+    });
+    // Everything past the first entry is the bundle /ws has.
+    const [sent] = notificationsOf(plain, id);
+    expect(entries(medplum.bundles[1]).slice(1)).toEqual(entries(sent).slice(1));
+    expect(((entries(sent)[0]?.resource ?? {}) as Json).resourceType).toBe('Parameters');
+  });
+
   it('refuses a bad, an expired and a foreign token, closing only that socket', async () => {
     const id = await create(wsSubscription('patient-change'));
     const tokens = new BindingTokens(WS_SECRET);

@@ -4,6 +4,7 @@ import type { Duplex } from 'node:stream';
 import { type WebSocket, WebSocketServer } from 'ws';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
+import { dialectOf } from './medplum-dialect.js';
 import type { Connection } from './websocket-channel.js';
 import { CLOSE, type ManyOutcome, type SendOutcome, type WebSocketPort } from './websocket-port.js';
 
@@ -204,16 +205,23 @@ export class LocalWebSocketHub implements LocalSockets {
     // ws completes the handshake synchronously (no verifyClient, no compression): the socket is
     // counted unbound before the caller can check the next upgrade against the cap.
     this.#wss.handleUpgrade(req, socket, head, (ws) => {
-      const accepted = this.accept(ws, owner, id, socket, address);
+      const accepted = this.accept(ws, owner, id, socket, address, dialectOf(req));
       this.#logger.debug('websocket connected', { connection: accepted, owner: owner ?? null });
     });
   }
 
-  accept(ws: WebSocket, apiOwner?: string, id: string = randomUUID(), raw?: Duplex, address = ''): string {
+  accept(
+    ws: WebSocket,
+    apiOwner?: string,
+    id: string = randomUUID(),
+    raw?: Duplex,
+    address = '',
+    dialect?: 'medplum',
+  ): string {
     const socket: Socket = {
       ws,
       raw,
-      conn: { id, ...(apiOwner === undefined ? {} : { apiOwner }) },
+      conn: { id, ...(apiOwner === undefined ? {} : { apiOwner }), ...(dialect === undefined ? {} : { dialect }) },
       address,
       alive: true,
       tokens: this.#limits.messageBurst,

@@ -14,6 +14,7 @@ import {
   remoteAddressOf,
   UnboundByAddress,
 } from './local-websocket-hub.js';
+import { dialectOf } from './medplum-dialect.js';
 import type { FromSocketProcess, SocketProcessConfig, ToSocketProcess } from './socket-process-protocol.js';
 import type { Connection } from './websocket-channel.js';
 import { CLOSE, type ManyOutcome, type SendOutcome } from './websocket-port.js';
@@ -108,7 +109,11 @@ export class SocketProcessHub implements LocalSockets {
     const address = remoteAddressOf(req);
     this.#connections.set(id, {
       child,
-      conn: { id, ...(owner === undefined ? {} : { apiOwner: owner }) },
+      conn: {
+        id,
+        ...(owner === undefined ? {} : { apiOwner: owner }),
+        ...(dialectOf(req) === undefined ? {} : { dialect: 'medplum' as const }),
+      },
       address,
       bound: false,
     });

@@ -5,6 +5,7 @@ import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { SubscriptionRegistry } from '../service/subscription-registry.js';
 import type { Store } from '../store/store.js';
+import { withMedplumDialect } from './medplum-dialect.js';
 import {
   type Binding,
   type BindingStore,
@@ -35,6 +36,8 @@ export interface Connection {
   readonly id: string;
   /** Owner proven by `Authorization: Bearer <API key>` at upgrade (needed for R4 `bind`). */
   readonly apiOwner?: string;
+  /** Opened on MEDPLUM_WS_PATH: its bundles in Medplum's shape (medplum-dialect.ts). */
+  readonly dialect?: 'medplum';
 }
 
 /** Stored notifications read per page during a catch-up. */
@@ -60,6 +63,7 @@ interface Hold {
 
 export class WebSocketChannel {
   readonly #port: WebSocketPort;
+  readonly #dialects: ReturnType<typeof withMedplumDialect>;
   readonly #bindings: BindingStore;
   readonly #registry: Pick<SubscriptionRegistry, 'get' | 'refresh'>;
   readonly #store: Store;
@@ -117,7 +121,8 @@ export class WebSocketChannel {
      */
     maxSocketsPerClient?: number;
   }) {
-    this.#port = deps.port;
+    this.#dialects = withMedplumDialect(deps.port);
+    this.#port = this.#dialects.port;
     this.#bindings = deps.bindings;
     this.#registry = deps.registry;
     this.#store = deps.store;
@@ -174,6 +179,7 @@ export class WebSocketChannel {
    * it, whose catch-up then sent nothing. A failed message fails only its own promise.
    */
   onMessage(conn: Connection, text: string): Promise<void> {
+    if (conn.dialect === 'medplum') this.#dialects.mark(conn.id);
     const msg = parseClientMessage(text);
     // An `unbind` stops a catch-up (or a flush of held events) under way at once, rather than wait
     // its turn behind it: the catch-up's hold is swapped for one nobody sends, so the catch-up ends
@@ -253,6 +259,7 @@ export class WebSocketChannel {
   }
 
   async onClose(connectionId: string): Promise<void> {
+    this.#dialects.forget(connectionId);
     this.#uncount(connectionId);
     this.#catchingUp.forget(connectionId);
     this.#caughtUpTo.forget(connectionId);

@@ -1,6 +1,7 @@
 import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { type LocalSockets, remoteAddressOf } from '../delivery/local-websocket-hub.js';
+import { MEDPLUM_WS_PATH } from '../delivery/medplum-dialect.js';
 import type { Logger } from '../observability/logger.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { ApiKeyAuth } from './auth.js';
@@ -34,7 +35,8 @@ export function attachWebSocket(
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on('error', () => socket.destroy());
     const path = (req.url ?? '/').split('?')[0];
-    if (path !== '/ws') return refuse(socket, 404, 'Not Found');
+    // `/ws`, and Medplum's path for its client's subscription manager (medplum-dialect.ts).
+    if (path !== '/ws' && path !== MEDPLUM_WS_PATH) return refuse(socket, 404, 'Not Found');
     // A cap on open sockets (BROKER_WS_MAX_CONNECTIONS): past it, clients retry later.
     if (deps.hub.size >= max) {
       deps.metrics?.inc('broker_websocket_refused_total', { reason: 'max-connections' });
