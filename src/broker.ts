@@ -215,6 +215,7 @@ export async function createBroker(config: Config, overrides: BrokerOverrides = 
     fhirBase: `${config.publicUrl}/fhir`,
     fullResourceClients: config.fullResourceClients,
     isClient: (owner) => clientIds.has(owner),
+    deleteSubscription: (sub) => registry.delete(sub.owner, sub.id),
     maxHeldBytes: config.wsSendBufferBytes,
     // The broker's own sockets; on AWS API Gateway holds them, under its own quotas.
     ...(overrides.websocketPort === undefined ? { maxSocketsPerClient: config.wsMaxPerClient } : {}),

@@ -643,6 +643,22 @@ describe('@medplum/core MedplumClient against the broker', () => {
       socket.send(JSON.stringify({ type: 'bind-with-token', payload: { token: 'v1.not.a-token' } }));
       await until(() => after.length > 0, 'the answer to the bad bind');
       expect(after.map((m) => (JSON.parse(m) as Json).type)).toEqual(['error']);
+      // As on Medplum's server, what its client made for a socket lasts as long as it holds it:
+      // the one let go of is deleted (a reconnect makes them anew, so none piles up), and the other
+      // once the socket closes.
+      const otherId = (seen.filter((e) => e.type === 'connect')[1]?.payload as { subscriptionId?: string } | undefined)
+        ?.subscriptionId;
+      const gone = async (id: string) =>
+        await alice.readResource('Subscription', id).then(
+          () => false,
+          () => true,
+        );
+      // (The unbind was handled, deletion included, before the bad bind was answered.)
+      expect(await gone(otherId ?? '')).toBe(true);
+      expect(await gone(subscriptionId)).toBe(false);
+      medplum.getSubscriptionManager().closeWebSocket();
+      for (let i = 0; i < 100 && !(await gone(subscriptionId)); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(await gone(subscriptionId)).toBe(true);
     } finally {
       medplum.getSubscriptionManager().closeWebSocket();
       globals.WebSocket = before;

@@ -235,6 +235,11 @@ describe.each([
     // Everything past the first entry is the bundle /ws has.
     const [sent] = notificationsOf(plain, id);
     expect(entries(medplum.bundles[1]).slice(1)).toEqual(entries(sent).slice(1));
+    // Not claiming the backport IG's notification profile, whose first entry is a Parameters.
+    expect([medplum.bundles[1]?.meta, sent?.meta]).toEqual([
+      undefined,
+      expect.objectContaining({ profile: expect.any(Array) }),
+    ]);
     expect(((entries(sent)[0]?.resource ?? {}) as Json).resourceType).toBe('Parameters');
   });
 

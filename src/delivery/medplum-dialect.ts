@@ -71,7 +71,9 @@ export function medplumText(text: string): string | undefined {
     ...(one('topic')?.valueCanonical === undefined ? {} : { topic: one('topic')?.valueCanonical }),
     ...(error === undefined ? {} : { error: [error] }),
   };
-  return JSON.stringify({ ...bundle, entry: [{ ...first, resource: status }, ...(bundle.entry?.slice(1) ?? [])] });
+  // No `meta.profile`: the backport IG's notification profile has a `Parameters` there.
+  const { meta: _backportProfile, ...rest } = bundle as { meta?: unknown; entry?: Entry[] };
+  return JSON.stringify({ ...rest, entry: [{ ...first, resource: status }, ...(bundle.entry?.slice(1) ?? [])] });
 }
 
 /**
@@ -82,6 +84,7 @@ export function withMedplumDialect(port: WebSocketPort): {
   readonly port: WebSocketPort;
   mark(connectionId: string): void;
   forget(connectionId: string): void;
+  has(connectionId: string): boolean;
 } {
   const medplum = new Set<string>();
   const sendMany = port.sendMany?.bind(port);
@@ -122,5 +125,6 @@ export function withMedplumDialect(port: WebSocketPort): {
     port: wrapped,
     mark: (connectionId) => medplum.add(connectionId),
     forget: (connectionId) => medplum.delete(connectionId),
+    has: (connectionId) => medplum.has(connectionId),
   };
 }

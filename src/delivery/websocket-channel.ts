@@ -75,6 +75,7 @@ export class WebSocketChannel {
   readonly #fhirBase: string;
   readonly #fullResourceClients: readonly string[] | '*';
   readonly #isClient: (owner: string) => boolean;
+  readonly #deleteSubscription: ((sub: SubscriptionRecord) => Promise<void>) | undefined;
   readonly #maxHeldBytes: number;
   /** Connection → subscription → messages held while that binding catches up. */
   readonly #catchingUp = new PerConnection<Hold>();
@@ -108,6 +109,11 @@ export class WebSocketChannel {
      */
     isClient?: (owner: string) => boolean;
     /**
+     * Deletes a subscription Medplum's client made for one socket (see `#releaseMedplum`). Absent:
+     * none is deleted (on AWS no socket comes in on Medplum's path).
+     */
+    deleteSubscription?: (sub: SubscriptionRecord) => Promise<void>;
+    /**
      * Bytes of live messages held for one connection while it catches up: past this it is not
      * keeping up, and is closed as a slow consumer (4001), as the local hub closes one whose send
      * buffer passes its cap (BROKER_WS_SEND_BUFFER, which the broker passes here).
@@ -134,6 +140,7 @@ export class WebSocketChannel {
     this.#fhirBase = deps.fhirBase;
     this.#fullResourceClients = deps.fullResourceClients ?? [];
     this.#isClient = deps.isClient ?? (() => true);
+    this.#deleteSubscription = deps.deleteSubscription;
     this.#maxHeldBytes = deps.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES;
     this.#maxSocketsPerClient = deps.maxSocketsPerClient ?? 0;
   }
@@ -259,12 +266,39 @@ export class WebSocketChannel {
   }
 
   async onClose(connectionId: string): Promise<void> {
+    const medplum = this.#dialects.has(connectionId);
     this.#dialects.forget(connectionId);
     this.#uncount(connectionId);
     this.#catchingUp.forget(connectionId);
     this.#caughtUpTo.forget(connectionId);
     this.#inbox.delete(connectionId);
+    const held = medplum ? await this.#bindings.bindingsOf(connectionId) : [];
     await this.#bindings.unbind(connectionId);
+    await this.#releaseMedplum(held.map((b) => b.subscriptionId));
+  }
+
+  /**
+   * Medplum's client makes a classic websocket Subscription for each criteria every time its
+   * socket opens, and lets go of it (`unbind-from-token`, or the socket closing) without deleting
+   * it: Medplum's server keeps such subscriptions for the socket's life only. So does this one:
+   * a classic websocket subscription let go of on Medplum's path that no socket holds any more is
+   * deleted, or every reconnect would leave one more matching every change, up to the client's
+   * quota (then it could create none).
+   */
+  async #releaseMedplum(ids: readonly string[]): Promise<void> {
+    const remove = this.#deleteSubscription;
+    if (remove === undefined) return;
+    for (const id of ids) {
+      const sub = this.#registry.get(id);
+      if (sub?.kind !== 'classic' || sub.channel.type !== 'websocket') continue;
+      if ((await this.#bindings.bindingsFor(id)).length > 0) continue;
+      try {
+        await remove(sub);
+        this.#logger.info('medplum websocket subscription let go: deleted', { subscription: id, owner: sub.owner });
+      } catch (err) {
+        this.#logger.warn('medplum websocket subscription not deleted', { subscription: id, err: err as Error });
+      }
+    }
   }
 
   /**
@@ -400,6 +434,7 @@ export class WebSocketChannel {
       return;
     }
     for (const id of ids) await this.#handle(conn, { kind: 'unbind', json: true, subscriptionId: id });
+    if (this.#dialects.has(conn.id)) await this.#releaseMedplum(ids);
   }
 
   async #refuseBind(conn: Connection, json: boolean, reason: string, level: 'info' | 'debug' = 'info'): Promise<void> {
