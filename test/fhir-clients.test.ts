@@ -625,8 +625,16 @@ describe('@medplum/core MedplumClient against the broker', () => {
         resourceType: 'SubscriptionStatus',
         type: 'event-notification',
         subscription: { reference: `Subscription/${subscriptionId}` },
-        notificationEvent: [{ eventNumber: '1' }],
+        notificationEvent: [{ eventNumber: '1', focus: { reference: `${HL}/Patient/${PATIENT}` } }],
       });
+      // Its subscription has no payload (R4's empty content); on Medplum's path it names the change,
+      // as Medplum's server does, with the entry an id-only notification has.
+      expect((bundle.entry as Json[]).slice(1)).toEqual([
+        expect.objectContaining({
+          fullUrl: `${HL}/Patient/${PATIENT}`,
+          request: { method: 'PUT', url: `Patient/${PATIENT}` },
+        }),
+      ]);
       expect(seen.filter((e) => e.type === 'error')).toEqual([]);
       // Let go of one of two: the manager unbinds with its token, unanswered on this path as
       // Medplum's client expects (it takes any message but a pong for a bundle, and fails on it).

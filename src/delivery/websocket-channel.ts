@@ -309,27 +309,39 @@ export class WebSocketChannel {
     const bindings = await this.#bindings.bindingsFor(sub.id);
     if (bindings.length === 0) return 0;
     const last = notes[notes.length - 1]?.eventNumber ?? 0;
-    let bundleText: string | undefined;
     // Connections per text (the bundle, or the R4 ping): with `sendMany` one call per text.
     const targets = new Map<string, string[]>();
     // Catching up while more live messages were held for them than they may have waiting: their
     // reader is slower than the subscription's events (a catch-up goes at the reader's pace).
     const behind: string[] = [];
-    // A bundle of several events (max-count) partly sent by a catch-up goes out without those.
-    const after = (sent: number): string => {
-      const rest = notes.filter((n) => n.eventNumber > sent);
-      if (rest.length < notes.length) return JSON.stringify(this.#bundle(sub, type, rest, last));
-      bundleText ??= JSON.stringify(this.#bundle(sub, type, notes, last));
-      return bundleText;
+    /**
+     * The bundle as `view` has it, built once; `after`: a bundle of several events (max-count)
+     * partly sent by a catch-up goes out without those.
+     */
+    const textsOf = (view: SubscriptionRecord) => {
+      let whole: string | undefined;
+      const full = (): string => {
+        whole ??= JSON.stringify(this.#bundle(view, type, notes, last));
+        return whole;
+      };
+      const after = (sent: number): string => {
+        const rest = notes.filter((n) => n.eventNumber > sent);
+        return rest.length < notes.length ? JSON.stringify(this.#bundle(view, type, rest, last)) : full();
+      };
+      return { full, after };
     };
+    const plain = textsOf(sub);
+    // On Medplum's path a notification names its focus, as Medplum's server's do (see `namingFocus`).
+    const medplum = sub.channel.content === 'empty' ? textsOf(namingFocus(sub)) : plain;
     for (const b of bindings) {
       let text: string;
+      const texts = this.#dialects.has(b.connectionId) ? medplum : plain;
+      const after = texts.after;
       if (b.mode === 'r4') {
         if (type !== 'event-notification') continue;
         text = `ping ${sub.id}`;
       } else {
-        bundleText ??= JSON.stringify(this.#bundle(sub, type, notes, last));
-        text = bundleText;
+        text = texts.full();
       }
       const hold = this.#catchingUp.get(b.connectionId, sub.id);
       if (hold !== undefined) {
@@ -469,6 +481,9 @@ export class WebSocketChannel {
     const current = await this.#bindIfStill(binding);
     if (current === undefined) return false;
     const handshake = JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart));
+    // On Medplum's path a notification names its focus, as Medplum's server's do (see `namingFocus`).
+    const view =
+      this.#dialects.has(connectionId) && current.channel.content === 'empty' ? namingFocus(current) : current;
     if (!(await this.#push(connectionId, handshake))) {
       if (ours()) this.#catchingUp.delete(connectionId, sub.id);
       return true;
@@ -495,7 +510,7 @@ export class WebSocketChannel {
           if (!ours()) return true;
           alive = await this.#push(
             connectionId,
-            JSON.stringify(this.#bundle(current, 'event-notification', [note], note.eventNumber)),
+            JSON.stringify(this.#bundle(view, 'event-notification', [note], note.eventNumber)),
           );
           if (!alive) return true;
           sent = note.eventNumber;
@@ -677,6 +692,15 @@ export class WebSocketChannel {
       },
     );
   }
+}
+
+/**
+ * `sub` with `id-only` content where it has `empty`: what a socket on Medplum's path is sent. Its
+ * client makes classic websocket subscriptions (no payload: R4's empty content) and reads the change
+ * from the notification, which Medplum's server fills.
+ */
+function namingFocus(sub: SubscriptionRecord): SubscriptionRecord {
+  return { ...sub, channel: { ...sub.channel, content: 'id-only' } };
 }
 
 /** Per-connection state keyed by subscription, so closing a connection forgets it in one step. */
