@@ -630,13 +630,9 @@ export class Dispatcher {
           lane.backlog = false;
           // Outcomes recorded here first, so the read sees them.
           await this.#states.flush();
-          let limit = this.#laneBuffer(id);
-          let read = await leases.read(id, lane.done, limit, this.#clock.now());
-          const whole = wholeHeadLimit(read.notes, limit);
-          if (whole !== undefined) {
-            limit = whole;
-            read = await leases.read(id, lane.done, limit, this.#clock.now());
-          }
+          const { read, limit } = await readWholeHead(this.#laneBuffer(id), (n) =>
+            leases.read(id, lane.done, n, this.#clock.now()),
+          );
           lane.done = Math.max(lane.done, read.through);
           const full = read.notes.length === limit;
           const notes = wholeBundles(read.notes, full);
@@ -1071,15 +1067,15 @@ export class Dispatcher {
     lane.rescan = false;
     const generation = lane.generation;
     let rows: StoredNotification[];
-    let limit = this.#laneBuffer(id);
+    let limit: number;
     try {
       if (rescan) await this.#states.flush();
-      rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, limit);
-      const whole = wholeHeadLimit(rows, limit);
-      if (whole !== undefined) {
-        limit = whole;
-        rows = await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, limit);
-      }
+      ({
+        read: { notes: rows },
+        limit,
+      } = await readWholeHead(this.#laneBuffer(id), async (n) => ({
+        notes: await this.#store.pendingNotifications(id, rescan ? 0 : lane.done, n),
+      })));
     } finally {
       lane.reloading = false;
     }
@@ -1862,18 +1858,30 @@ function takeRun(
 }
 
 /**
- * The limit a lane's read of `limit` notifications must be made again with to hold the whole
- * bundle it starts with, when it ended inside it (a bundle marked longer than the lane's buffer:
- * marked while the subscription's lane held 256, before it took full resources, or by a build with
- * one buffer for all); undefined when it did not. Cut, the bundle's first part would go out under
- * its webhook-id and the rest under another, which an endpoint that had the whole bundle takes twice.
+ * A lane's read of `limit` notifications, made again with a larger limit when it ended inside the
+ * bundle it starts with (a bundle marked longer than the lane's buffer: marked while the
+ * subscription's lane held 256, before it took full resources, or by a build with one buffer for
+ * all), and the limit the answer was read with. Cut, the bundle's first part would go out under its
+ * webhook-id and the rest under another, which an endpoint that had the whole bundle takes twice.
  * Such a bundle is small: its resources, if it carries any, were about 1 MiB at most when it was marked.
  */
-function wholeHeadLimit(notes: readonly StoredNotification[], limit: number): number | undefined {
+async function readWholeHead<R extends { readonly notes: readonly StoredNotification[] }>(
+  limit: number,
+  read: (limit: number) => Promise<R>,
+): Promise<{ read: R; limit: number }> {
+  const first = await read(limit);
+  const { notes } = first;
   const head = notes[0];
   const last = notes[notes.length - 1];
-  if (notes.length < limit || head?.bundleLast === undefined || last === undefined) return undefined;
-  return head.bundleLast > last.eventNumber ? Math.max(limit, head.bundleLast - head.eventNumber + 1) : undefined;
+  if (
+    notes.length < limit ||
+    head?.bundleLast === undefined ||
+    last === undefined ||
+    head.bundleLast <= last.eventNumber
+  )
+    return { read: first, limit };
+  const whole = Math.max(limit, head.bundleLast - head.eventNumber + 1);
+  return { read: await read(whole), limit: whole };
 }
 
 /**
