@@ -331,11 +331,17 @@ export class WebSocketChannel {
       return { full, after };
     };
     const plain = textsOf(sub);
-    // On Medplum's path a notification names its focus, as Medplum's server's do (see `namingFocus`).
-    const medplum = sub.channel.content === 'empty' ? textsOf(namingFocus(sub)) : plain;
+    // On Medplum's path a notification names its focus, as Medplum's server's do (see `namingFocus`);
+    // built only when a socket there is bound.
+    let medplum: typeof plain | undefined;
+    const textsFor = (connectionId: string): typeof plain => {
+      if (!this.#dialects.has(connectionId)) return plain;
+      medplum ??= sub.channel.content === 'empty' ? textsOf(namingFocus(sub)) : plain;
+      return medplum;
+    };
     for (const b of bindings) {
       let text: string;
-      const texts = this.#dialects.has(b.connectionId) ? medplum : plain;
+      const texts = textsFor(b.connectionId);
       const after = texts.after;
       if (b.mode === 'r4') {
         if (type !== 'event-notification') continue;
