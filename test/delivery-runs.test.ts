@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
+import { BACKPORT_EXT } from '../src/core/fhir-urls.js';
 import { Allowlist } from '../src/delivery/address-policy.js';
 import { EndpointGuard } from '../src/delivery/endpoint-guard.js';
 import {
@@ -515,7 +516,7 @@ describe('delivery runs', () => {
     const longTimeout = {
       extension: [
         {
-          url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-timeout',
+          url: BACKPORT_EXT.timeout,
           valueUnsignedInt: 60,
         },
       ],

@@ -6,6 +6,7 @@ import { Webhook } from 'standardwebhooks';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { BrokerOverrides } from '../src/broker.js';
 import { ConfigError, loadConfig } from '../src/config.js';
+import { BACKPORT_EXT } from '../src/core/fhir-urls.js';
 import { attachWebSocket } from '../src/http/websocket-upgrade.js';
 import { MAX_FULL_RESOURCE_BYTES } from '../src/service/content-stage.js';
 import { SqliteStore } from '../src/store/sqlite/sqlite-store.js';
@@ -49,7 +50,7 @@ const setup = (env: Record<string, string> = {}, fhir?: FhirServer, overrides?: 
 const maxCountOf = (n: number): Json => ({
   extension: [
     {
-      url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
+      url: BACKPORT_EXT.maxCount,
       valuePositiveInt: n,
     },
   ],
@@ -161,13 +162,7 @@ async function splitsLargeBacklog(store: Record<string, string>): Promise<void> 
   // ~200 KB each: 2.4 MB in all.
   for (const id of ids)
     fhir.put(patient(id, 'Large', { text: { status: 'generated', div: `<div>${'x'.repeat(200_000)}</div>` } }));
-  const sub = full(receiver, '/batched');
-  const channel = sub.channel as Json;
-  const maxCount = {
-    url: 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count',
-    valuePositiveInt: 100,
-  };
-  const id = await active(t, await t.create({ ...sub, channel: { ...channel, extension: [maxCount] } }));
+  const id = await active(t, await t.create(full(receiver, '/batched', { maxCount: 100 })));
   await t.post(ids.map((p, i) => eventLike('healthlake-update-patient', `u${i}`, p)));
   await receiver.waitFor(() => focusEntries(receiver, '/batched').length === 12, 'all twelve');
   const bundles = bundlesOn(receiver, '/batched');

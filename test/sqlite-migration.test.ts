@@ -74,6 +74,18 @@ async function onDisk(check: (db: Database.Database) => void): Promise<void> {
   }
 }
 
+/** The store closed, then `sql` run on its file: the file as an older release left it. */
+async function asLeftBy(sql: string): Promise<void> {
+  await store?.close();
+  store = undefined;
+  const db = new Database(join(dir, 'broker.sqlite3'));
+  try {
+    db.exec(sql);
+  } finally {
+    db.close();
+  }
+}
+
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), 'broker-migration-'));
 });
@@ -299,12 +311,9 @@ describe('SQLite data dir of schema version 3 from before earlier versions were 
   it('gains the versions table on opening, and its triggers keep it right whoever writes the file', async () => {
     store = new SqliteStore(dir, { synchronous: 'NORMAL' });
     await store.insertSubscription(record('s1', { status: 'requested' }));
-    await store.close();
     // As the release of 2026-11-27 left the file: no table, no triggers.
-    const old = new Database(join(dir, 'broker.sqlite3'));
-    old.exec(`DROP TRIGGER subscription_versions_keep; DROP TRIGGER subscription_versions_drop;
+    await asLeftBy(`DROP TRIGGER subscription_versions_keep; DROP TRIGGER subscription_versions_drop;
       DROP TABLE subscription_versions;`);
-    old.close();
 
     store = new SqliteStore(dir, { synchronous: 'NORMAL' });
     expect(await store.subscriptionVersions('s1')).toEqual([]);
@@ -335,12 +344,8 @@ describe('SQLite data dir from schema version 3', () => {
       ['e1', 'e2', 'e3'].map((id) => item(id, ['s1'], `p-${id}`)),
       RECEIVED,
     );
-    await store.close();
-    store = undefined;
     // As the release of 2026-11-28 left the file: no bundle_last column, user_version 3.
-    const old = new Database(join(dir, 'broker.sqlite3'));
-    old.exec('ALTER TABLE notifications DROP COLUMN bundle_last; PRAGMA user_version = 3;');
-    old.close();
+    await asLeftBy('ALTER TABLE notifications DROP COLUMN bundle_last; PRAGMA user_version = 3;');
 
     store = new SqliteStore(dir, { synchronous: 'NORMAL' });
     const pending = await store.pendingNotifications('s1', 0, 10);
@@ -367,12 +372,8 @@ describe('SQLite data dir of schema version 4 from before full-resource content'
     store = new SqliteStore(dir, { synchronous: 'NORMAL' });
     await store.insertSubscription(record('s1'));
     await store.acceptChanges([item('e1', ['s1'], 'p1')], RECEIVED);
-    await store.close();
-    store = undefined;
     // As the release of 2026-11-30 left the file: no resource_json column.
-    const old = new Database(join(dir, 'broker.sqlite3'));
-    old.exec('ALTER TABLE notifications DROP COLUMN resource_json;');
-    old.close();
+    await asLeftBy('ALTER TABLE notifications DROP COLUMN resource_json;');
 
     store = new SqliteStore(dir, { synchronous: 'NORMAL' });
     const json = JSON.stringify({ resourceType: 'Patient', id: 'p2' });
