@@ -336,7 +336,10 @@ export class WebSocketChannel {
     let medplum: typeof plain | undefined;
     const textsFor = (connectionId: string): typeof plain => {
       if (!this.#dialects.has(connectionId)) return plain;
-      medplum ??= sub.channel.content === 'empty' ? textsOf(namingFocus(sub)) : plain;
+      if (medplum === undefined) {
+        const view = namingFocus(sub);
+        medplum = view === sub ? plain : textsOf(view);
+      }
       return medplum;
     };
     for (const b of bindings) {
@@ -488,8 +491,7 @@ export class WebSocketChannel {
     if (current === undefined) return false;
     const handshake = JSON.stringify(this.#bundle(current, 'handshake', [], current.eventsSinceStart));
     // On Medplum's path a notification names its focus, as Medplum's server's do (see `namingFocus`).
-    const view =
-      this.#dialects.has(connectionId) && current.channel.content === 'empty' ? namingFocus(current) : current;
+    const view = this.#dialects.has(connectionId) ? namingFocus(current) : current;
     if (!(await this.#push(connectionId, handshake))) {
       if (ours()) this.#catchingUp.delete(connectionId, sub.id);
       return true;
@@ -701,12 +703,12 @@ export class WebSocketChannel {
 }
 
 /**
- * `sub` with `id-only` content where it has `empty`: what a socket on Medplum's path is sent. Its
- * client makes classic websocket subscriptions (no payload: R4's empty content) and reads the change
- * from the notification, which Medplum's server fills.
+ * `sub` with `id-only` content where it has `empty` (else `sub` itself): what a socket on Medplum's
+ * path is sent. Its client makes classic websocket subscriptions (no payload: R4's empty content)
+ * and reads the change from the notification, which Medplum's server fills.
  */
 function namingFocus(sub: SubscriptionRecord): SubscriptionRecord {
-  return { ...sub, channel: { ...sub.channel, content: 'id-only' } };
+  return sub.channel.content === 'empty' ? { ...sub, channel: { ...sub.channel, content: 'id-only' } } : sub;
 }
 
 /** Per-connection state keyed by subscription, so closing a connection forgets it in one step. */
